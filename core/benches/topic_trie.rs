@@ -1,0 +1,2 @@
+//! Topic trie benchmarks (written with the trie).
+fn main() {}

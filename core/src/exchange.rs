@@ -1,0 +1,1 @@
+//! Exchanges (filled in next).

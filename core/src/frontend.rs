@@ -1,0 +1,160 @@
+//! The boundary between the server and the protocol frontends.
+//!
+//! The server owns listeners (TCP, TLS, WebSocket) and knows nothing about any protocol beyond
+//! picking the [`Frontend`] a listener names. It hands each accepted connection to that frontend
+//! as one [`ClientStream`] — the same type whatever the transport — with a
+//! [`ConnectionContext`].
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::message::{ConnectionId, Protocol};
+
+/// Any byte stream a listener can produce.
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+
+/// What TLS established about the peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsIdentity {
+    /// The client's certificate chain (DER), leaf first; empty when it sent none.
+    pub peer_certificates: Vec<Vec<u8>>,
+    /// The server name the client asked for (SNI).
+    pub server_name: Option<String>,
+    /// The negotiated ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// One client connection, whatever its transport: a boxed stream plus what the listener knows
+/// about the peer.
+pub struct ClientStream {
+    io: Box<dyn Transport>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// `Some` when the connection came through TLS.
+    pub tls: Option<TlsIdentity>,
+}
+
+impl ClientStream {
+    pub fn new(io: impl Transport, peer: SocketAddr, local: SocketAddr, tls: Option<TlsIdentity>) -> ClientStream {
+        ClientStream { io: Box::new(io), peer, local, tls }
+    }
+}
+
+impl fmt::Debug for ClientStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientStream").field("peer", &self.peer).field("local", &self.local).field("tls", &self.tls.is_some()).finish()
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Per-listener limits every frontend honours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest packet (MQTT) or frame (AMQP) accepted, in bytes.
+    pub max_frame_size: u32,
+    /// Time a new connection has to complete its protocol handshake (CONNECT, AMQP open).
+    pub handshake_timeout: Duration,
+    /// Deliveries waiting in one connection's outbox before the sender is held back.
+    pub outbox_capacity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        // 128 KiB frames match RabbitMQ's default frame_max (131072); 10 s handshake matches
+        // RabbitMQ's handshake_timeout; 1000 outbox entries matches Mosquitto's
+        // max_queued_messages default.
+        Limits { max_frame_size: 131_072, handshake_timeout: Duration::from_secs(10), outbox_capacity: 1000 }
+    }
+}
+
+/// What a listener tells the frontend about where a connection belongs.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// For logs: `mqtt 127.0.0.1:1883`.
+    pub name: String,
+    pub protocol: Protocol,
+    /// The vhost connections on this listener use (MQTT) or default to (AMQP).
+    pub vhost: String,
+    pub limits: Limits,
+}
+
+/// A shutdown signal: `true` once the server is stopping.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A signal and the sender that trips it.
+    pub fn channel() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+    pub fn is_shutting_down(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Resolves once shutdown starts (at once if it already has, or if the sender is gone).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|v| *v).await;
+    }
+}
+
+/// Everything a frontend needs to serve one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionContext {
+    pub id: ConnectionId,
+    pub broker: Arc<Broker>,
+    pub listener: Arc<ListenerSettings>,
+    pub shutdown: Shutdown,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("handshake not completed within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+/// A protocol implementation the server can put behind a listener.
+#[async_trait]
+pub trait Frontend: Send + Sync + 'static {
+    fn protocol(&self) -> Protocol;
+    /// Serves one connection until it closes. Must return promptly after `ctx.shutdown` fires.
+    async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError>;
+}

@@ -1,0 +1,44 @@
+//! Ferry's protocol-agnostic core.
+//!
+//! # Layout
+//!
+//! The core speaks AMQP's model — **vhost → exchange → binding → queue → consumer** — and names
+//! no packet or method of any protocol. The frontends (`ferry-mqtt`, `ferry-amqp`) map their
+//! protocol onto it.
+//!
+//! - [`message`]: the immutable, `Arc`-shared [`Message`](message::Message), its properties and
+//!   the typed header table.
+//! - [`topic`]: parsed topic patterns and the topic trie used by topic exchanges.
+//! - [`exchange`]: exchange kinds and their binding tables (direct, fanout, topic, headers).
+//! - [`queue`]: queues, consumers with credit, acks, TTL, limits, dead-lettering.
+//! - [`sink`]: direct sinks (queue-less destinations for transient subscribers) and the bounded
+//!   [`Outbox`](sink::Outbox) every connection drains.
+//! - [`retained`]: retained messages with wildcard lookup.
+//! - [`vhost`]: one namespace of exchanges and queues; routes a publish to its destinations,
+//!   carries out the effects queues return (dead letters, deletions) and writes durable changes
+//!   to the store.
+//! - [`broker`]: the vhosts and the store; what a connection gets a handle to.
+//! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit) and the in-memory store.
+//! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
+//!   and [`ConnectionContext`](frontend::ConnectionContext) that the server hands to frontends.
+//!
+//! A publish flows: frontend → [`VHost::publish`](vhost::VHost::publish) → exchange bindings
+//! (recursively through exchange-to-exchange bindings and alternate exchanges) → each queue's
+//! [`Queue::enqueue`](queue::Queue::enqueue) (which pushes to a consumer's sink if one has room)
+//! and each direct sink's outbox → the consumers' connection tasks, which drain their outboxes.
+
+pub mod broker;
+pub mod error;
+pub mod exchange;
+pub mod frontend;
+pub mod message;
+pub mod queue;
+pub mod retained;
+pub mod sink;
+pub mod store;
+pub mod topic;
+pub mod vhost;
+
+pub use broker::Broker;
+pub use error::CoreError;
+pub use message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Properties, Protocol, ShortString};

@@ -1,0 +1,427 @@
+//! The message model shared by every protocol.
+//!
+//! A [`Message`] is immutable once published and travels as `Arc<Message>`: a fan-out to a
+//! thousand destinations clones one pointer per destination, and the payload (`Bytes`) is never
+//! copied. A change on the way (dead-lettering rewrites the routing key and adds `x-death`)
+//! makes a new `Message` that still shares the payload buffer.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+/// Milliseconds since the UNIX epoch. Every time-dependent operation in the core takes the
+/// current time as an argument (no clock inside the core), so tests run on virtual time.
+pub type Millis = u64;
+
+/// The current wall-clock time in [`Millis`], for drivers (never called inside the core's logic).
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Mqtt,
+    Amqp,
+    /// Messages made by the broker itself (`$SYS`, dead letters, wills published on behalf of a
+    /// client that is gone are still attributed to that client).
+    Internal,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Mqtt => "mqtt",
+            Protocol::Amqp => "amqp",
+            Protocol::Internal => "internal",
+        })
+    }
+}
+
+/// A broker-wide unique connection number. Used for exclusive queues, MQTT no-local and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    /// A fresh id, never handed out before in this process.
+    pub fn next() -> ConnectionId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn-{}", self.0)
+    }
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub protocol: Protocol,
+    pub connection: ConnectionId,
+}
+
+impl Origin {
+    pub fn internal() -> Origin {
+        Origin { protocol: Protocol::Internal, connection: ConnectionId(0) }
+    }
+}
+
+/// A short string: at most 255 bytes on the AMQP wire, usually UTF-8 but not required to be
+/// (AMQP shortstr is a byte string). Backed by `Bytes`, so a codec can hand out a slice of the
+/// frame without copying.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ShortString(Bytes);
+
+impl ShortString {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn from_static(s: &'static str) -> ShortString {
+        ShortString(Bytes::from_static(s.as_bytes()))
+    }
+    pub fn from_bytes(b: Bytes) -> ShortString {
+        ShortString(b)
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+    /// The text, if it is valid UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+    /// The text with invalid UTF-8 replaced, for logs and keys that must be text.
+    pub fn to_string_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<&str> for ShortString {
+    fn from(s: &str) -> Self {
+        ShortString(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+impl From<String> for ShortString {
+    fn from(s: String) -> Self {
+        ShortString(Bytes::from(s.into_bytes()))
+    }
+}
+impl PartialEq<str> for ShortString {
+    fn eq(&self, other: &str) -> bool {
+        self.0.as_ref() == other.as_bytes()
+    }
+}
+impl PartialEq<&str> for ShortString {
+    fn eq(&self, other: &&str) -> bool {
+        self.0.as_ref() == other.as_bytes()
+    }
+}
+impl fmt::Debug for ShortString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.as_str() {
+            Some(s) => fmt::Debug::fmt(s, f),
+            None => write!(f, "{:?}", self.0),
+        }
+    }
+}
+impl fmt::Display for ShortString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// An AMQP decimal: `value / 10^scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decimal {
+    pub scale: u8,
+    pub value: u32,
+}
+
+/// One value of a field table. Every type that RabbitMQ and its clients put on the wire has a
+/// variant, so a table read from one client is written back to another unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue {
+    /// `t`
+    Bool(bool),
+    /// `b`
+    I8(i8),
+    /// `B`
+    U8(u8),
+    /// `s` (RabbitMQ and its clients use `s` for a signed 16-bit integer)
+    I16(i16),
+    /// `u`
+    U16(u16),
+    /// `I`
+    I32(i32),
+    /// `i`
+    U32(u32),
+    /// `l`
+    I64(i64),
+    /// `L` (sent by some clients; RabbitMQ reads it as a signed 64-bit integer)
+    U64(u64),
+    /// `f`
+    F32(f32),
+    /// `d`
+    F64(f64),
+    /// `D`
+    Decimal(Decimal),
+    /// `S`: a long string (bytes, not necessarily UTF-8)
+    LongString(Bytes),
+    /// `x`: a byte array
+    Bytes(Bytes),
+    /// `A`
+    Array(Vec<FieldValue>),
+    /// `T`: seconds since the epoch
+    Timestamp(u64),
+    /// `F`
+    Table(FieldTable),
+    /// `V`
+    Void,
+}
+
+impl FieldValue {
+    /// The value as a signed integer, for arguments that accept any integer type
+    /// (clients send `x-max-length` as `b`, `s`, `I`, `l`... depending on the value and library).
+    pub fn as_i64(&self) -> Option<i64> {
+        Some(match *self {
+            FieldValue::I8(v) => v as i64,
+            FieldValue::U8(v) => v as i64,
+            FieldValue::I16(v) => v as i64,
+            FieldValue::U16(v) => v as i64,
+            FieldValue::I32(v) => v as i64,
+            FieldValue::U32(v) => v as i64,
+            FieldValue::I64(v) => v,
+            FieldValue::U64(v) => i64::try_from(v).ok()?,
+            _ => return None,
+        })
+    }
+    /// The value as text, for string arguments (`S` long strings; UTF-8 only).
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            FieldValue::LongString(b) | FieldValue::Bytes(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            FieldValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn string(s: &str) -> FieldValue {
+        FieldValue::LongString(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+/// An ordered field table (AMQP `F`). Order is kept as received; lookups are linear because
+/// tables are small (a handful of headers or arguments).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FieldTable(Vec<(ShortString, FieldValue)>);
+
+impl FieldTable {
+    pub fn new() -> FieldTable {
+        FieldTable(Vec::new())
+    }
+    pub fn get(&self, key: &str) -> Option<&FieldValue> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+    /// Sets `key`, replacing an existing entry in place.
+    pub fn insert(&mut self, key: impl Into<ShortString>, value: FieldValue) {
+        let key = key.into();
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((key, value)),
+        }
+    }
+    pub fn remove(&mut self, key: &str) -> Option<FieldValue> {
+        let i = self.0.iter().position(|(k, _)| k == key)?;
+        Some(self.0.remove(i).1)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&ShortString, &FieldValue)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Order-insensitive equality, for declare equivalence checks (a client may send the same
+    /// arguments in another order).
+    pub fn same_entries(&self, other: &FieldTable) -> bool {
+        self.len() == other.len()
+            && self.0.iter().all(|(k, v)| other.0.iter().any(|(k2, v2)| k == k2 && v == v2))
+    }
+}
+
+impl FromIterator<(ShortString, FieldValue)> for FieldTable {
+    fn from_iter<I: IntoIterator<Item = (ShortString, FieldValue)>>(iter: I) -> Self {
+        let mut t = FieldTable::new();
+        for (k, v) in iter {
+            t.insert(k, v);
+        }
+        t
+    }
+}
+
+/// AMQP delivery mode: 1 transient, 2 persistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeliveryMode {
+    #[default]
+    Transient,
+    Persistent,
+}
+
+/// Message properties: the AMQP basic properties, which are a superset of what MQTT 5 carries
+/// (the frontends map the rest into headers, see `docs/mapping.md`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Properties {
+    pub content_type: Option<ShortString>,
+    pub content_encoding: Option<ShortString>,
+    pub headers: Option<FieldTable>,
+    /// `None` when the publisher did not say; treated as transient.
+    pub delivery_mode: Option<DeliveryMode>,
+    pub priority: Option<u8>,
+    pub correlation_id: Option<ShortString>,
+    pub reply_to: Option<ShortString>,
+    /// Per-message TTL in milliseconds, as the AMQP `expiration` string carries it.
+    pub expiration: Option<ShortString>,
+    pub message_id: Option<ShortString>,
+    /// Seconds since the epoch.
+    pub timestamp: Option<u64>,
+    /// AMQP `type`.
+    pub kind: Option<ShortString>,
+    pub user_id: Option<ShortString>,
+    pub app_id: Option<ShortString>,
+    pub cluster_id: Option<ShortString>,
+}
+
+impl Properties {
+    pub fn is_persistent(&self) -> bool {
+        self.delivery_mode == Some(DeliveryMode::Persistent)
+    }
+    /// The per-message TTL, if `expiration` holds a valid non-negative integer of milliseconds.
+    pub fn ttl_millis(&self) -> Option<u64> {
+        self.expiration.as_ref()?.as_str()?.parse().ok()
+    }
+    pub fn header(&self, key: &str) -> Option<&FieldValue> {
+        self.headers.as_ref()?.get(key)
+    }
+}
+
+/// Validates an AMQP `expiration` value: RabbitMQ refuses anything that is not a non-negative
+/// integer of milliseconds (PRECONDITION_FAILED).
+pub fn valid_expiration(s: &ShortString) -> bool {
+    s.as_str().is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && t.parse::<u64>().is_ok())
+}
+
+/// A published message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The exchange it was published to (AMQP deliveries report it).
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
+    pub properties: Properties,
+    pub payload: Bytes,
+    pub origin: Origin,
+    /// When the broker accepted it; per-message TTL counts from here.
+    pub published_at: Millis,
+}
+
+impl Message {
+    pub fn new(exchange: impl Into<ShortString>, routing_key: impl Into<ShortString>, payload: Bytes) -> Message {
+        Message {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            properties: Properties::default(),
+            payload,
+            origin: Origin::internal(),
+            published_at: 0,
+        }
+    }
+    pub fn with_properties(mut self, properties: Properties) -> Message {
+        self.properties = properties;
+        self
+    }
+    pub fn with_origin(mut self, origin: Origin) -> Message {
+        self.origin = origin;
+        self
+    }
+    pub fn at(mut self, now: Millis) -> Message {
+        self.published_at = now;
+        self
+    }
+    /// Size counted against `x-max-length-bytes` (the body only, as RabbitMQ counts it).
+    pub fn body_size(&self) -> usize {
+        self.payload.len()
+    }
+    pub fn is_persistent(&self) -> bool {
+        self.properties.is_persistent()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_table_insert_replaces_in_place() {
+        let mut t = FieldTable::new();
+        t.insert("a", FieldValue::I32(1));
+        t.insert("b", FieldValue::Bool(true));
+        t.insert("a", FieldValue::I32(2));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get("a"), Some(&FieldValue::I32(2)));
+        assert_eq!(t.iter().next().unwrap().0, "a");
+    }
+
+    #[test]
+    fn same_entries_ignores_order() {
+        let a: FieldTable = [("x".into(), FieldValue::I8(1)), ("y".into(), FieldValue::Void)].into_iter().collect();
+        let b: FieldTable = [("y".into(), FieldValue::Void), ("x".into(), FieldValue::I8(1))].into_iter().collect();
+        let c: FieldTable = [("y".into(), FieldValue::Void), ("x".into(), FieldValue::I8(2))].into_iter().collect();
+        assert!(a.same_entries(&b));
+        assert!(!a.same_entries(&c));
+    }
+
+    #[test]
+    fn integer_arguments_of_any_width_read_as_i64() {
+        for v in [FieldValue::I8(5), FieldValue::U16(5), FieldValue::I32(5), FieldValue::I64(5), FieldValue::U64(5)] {
+            assert_eq!(v.as_i64(), Some(5));
+        }
+        assert_eq!(FieldValue::U64(u64::MAX).as_i64(), None);
+        assert_eq!(FieldValue::string("5").as_i64(), None);
+    }
+
+    #[test]
+    fn expiration_must_be_digits() {
+        assert!(valid_expiration(&"1000".into()));
+        assert!(valid_expiration(&"0".into()));
+        assert!(!valid_expiration(&"-1".into()));
+        assert!(!valid_expiration(&"1e3".into()));
+        assert!(!valid_expiration(&"".into()));
+        let p = Properties { expiration: Some("250".into()), ..Default::default() };
+        assert_eq!(p.ttl_millis(), Some(250));
+    }
+
+    #[test]
+    fn short_string_keeps_non_utf8_bytes() {
+        let s = ShortString::from_bytes(Bytes::from_static(&[0xff, 0x00]));
+        assert_eq!(s.as_str(), None);
+        assert_eq!(s.as_bytes(), &[0xff, 0x00]);
+    }
+}

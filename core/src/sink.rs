@@ -1,0 +1,199 @@
+//! Direct sinks: destinations that are not queues.
+//!
+//! A transient subscriber (an MQTT clean session with no expiry) needs no queue state: routing
+//! pushes straight into its connection's bounded [`Outbox`], like RabbitMQ's QoS 0
+//! pseudo-queue. When the outbox is full the message is dropped and counted — this is what
+//! keeps a million idle sensors cheap and a slow transient subscriber from growing memory
+//! without bound. Nothing that needs an acknowledgement goes to a direct sink.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::message::{ConnectionId, Message};
+
+/// A bounded multi-producer, single-consumer mailbox for one connection's task. Producers
+/// never block: [`Outbox::try_push`] hands the item back when full. The owner waits with
+/// [`Outbox::notified`] and drains everything ready in one go (coalesced writes).
+pub struct Outbox<T> {
+    items: Mutex<VecDeque<T>>,
+    capacity: usize,
+    notify: Notify,
+}
+
+impl<T> fmt::Debug for Outbox<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox").field("len", &self.len()).field("capacity", &self.capacity).finish()
+    }
+}
+
+impl<T> Outbox<T> {
+    pub fn new(capacity: usize) -> Outbox<T> {
+        Outbox { items: Mutex::new(VecDeque::new()), capacity: capacity.max(1), notify: Notify::new() }
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    pub fn len(&self) -> usize {
+        self.items.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn has_room(&self) -> bool {
+        self.len() < self.capacity
+    }
+    /// Adds an item, or gives it back when the outbox is full.
+    pub fn try_push(&self, item: T) -> Result<(), T> {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.capacity {
+            return Err(item);
+        }
+        let was_empty = q.is_empty();
+        q.push_back(item);
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+    /// Moves every ready item into `out`; returns how many.
+    pub fn drain_into(&self, out: &mut Vec<T>) -> usize {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let n = q.len();
+        out.extend(q.drain(..));
+        n
+    }
+    /// Resolves after a push into an empty outbox (a permit is stored if none was waiting, so a
+    /// push between a drain and this call is not missed).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// Which bindings of a sink matched a message. Most messages match one binding, so that case
+/// allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cookies {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Cookies {
+    pub fn push(&mut self, c: u64) {
+        match self {
+            Cookies::One(first) => *self = Cookies::Many(vec![*first, c]),
+            Cookies::Many(v) => v.push(c),
+        }
+    }
+    pub fn as_slice(&self) -> &[u64] {
+        match self {
+            Cookies::One(c) => std::slice::from_ref(c),
+            Cookies::Many(v) => v,
+        }
+    }
+}
+
+/// A message routed to a direct sink, with the cookies of the bindings that matched it (the
+/// frontend uses them to find the subscriptions: QoS, subscription identifiers).
+#[derive(Debug, Clone)]
+pub struct SinkDelivery {
+    pub message: Arc<Message>,
+    pub cookies: Cookies,
+}
+
+/// A broker-wide unique sink number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SinkId(pub u64);
+
+/// A queue-less destination feeding one connection's outbox.
+#[derive(Debug)]
+pub struct DirectSink {
+    id: SinkId,
+    connection: ConnectionId,
+    outbox: Arc<Outbox<SinkDelivery>>,
+    dropped: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl DirectSink {
+    pub fn new(connection: ConnectionId, outbox: Arc<Outbox<SinkDelivery>>) -> Arc<DirectSink> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(DirectSink {
+            id: SinkId(NEXT.fetch_add(1, Ordering::Relaxed)),
+            connection,
+            outbox,
+            dropped: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+        })
+    }
+    pub fn id(&self) -> SinkId {
+        self.id
+    }
+    pub fn connection(&self) -> ConnectionId {
+        self.connection
+    }
+    pub fn outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
+        &self.outbox
+    }
+    /// Offers a message; returns false (and counts a drop) when the outbox is full.
+    pub fn offer(&self, delivery: SinkDelivery) -> bool {
+        match self.outbox.try_push(delivery) {
+            Ok(()) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+    /// Messages dropped because the outbox was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn delivery(n: u8) -> SinkDelivery {
+        SinkDelivery { message: Arc::new(Message::new("", "k", Bytes::from(vec![n]))), cookies: Cookies::One(7) }
+    }
+
+    #[test]
+    fn a_full_sink_drops_and_counts() {
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(2)));
+        assert!(sink.offer(delivery(1)));
+        assert!(sink.offer(delivery(2)));
+        assert!(!sink.offer(delivery(3)));
+        assert_eq!((sink.delivered(), sink.dropped()), (2, 1));
+        let mut out = Vec::new();
+        assert_eq!(sink.outbox().drain_into(&mut out), 2);
+        assert_eq!(out[0].message.payload[0], 1);
+        assert!(sink.offer(delivery(4)));
+    }
+
+    #[test]
+    fn cookies_grow_from_one_to_many() {
+        let mut c = Cookies::One(1);
+        c.push(2);
+        assert_eq!(c.as_slice(), &[1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_push_before_waiting_is_not_missed() {
+        let ob: Outbox<u8> = Outbox::new(4);
+        ob.try_push(1).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), ob.notified()).await.expect("permit stored");
+    }
+}
