@@ -75,13 +75,17 @@ pub enum StoreOp {
     DeleteBinding(BindingRecord),
     /// A persistent message entering a durable queue at `seq`.
     PutMessage { vhost: String, queue: ShortString, seq: u64, message: Arc<Message> },
-    /// A message that left a durable queue for good.
+    /// A message that left a durable queue for good. It may arrive *before* the `PutMessage` of
+    /// the same `(queue, seq)`: a consumer can receive and ack a message in the moment between
+    /// the publisher's enqueue and the publisher submitting its batch. A store must then drop
+    /// the later put (the memory store keeps a tombstone; see `MemoryState::early_deletes`).
     DeleteMessage { vhost: String, queue: ShortString, seq: u64 },
-    /// Every message of a queue (purge).
-    PurgeQueue { vhost: String, queue: ShortString },
     PutRetained { vhost: String, key: ShortString, message: Arc<Message> },
     DeleteRetained { vhost: String, key: ShortString },
 }
+
+/// The messages of each durable queue, keyed by `(vhost, queue)`, in sequence order.
+pub type StoredMessages = BTreeMap<(String, ShortString), Vec<(u64, Arc<Message>)>>;
 
 /// Everything durable, as read back at start-up.
 #[derive(Debug, Clone, Default)]
@@ -91,7 +95,7 @@ pub struct Snapshot {
     pub queues: Vec<QueueRecord>,
     pub bindings: Vec<BindingRecord>,
     /// Per `(vhost, queue)`, messages in sequence order.
-    pub messages: BTreeMap<(String, ShortString), Vec<(u64, Arc<Message>)>>,
+    pub messages: StoredMessages,
     pub retained: Vec<(String, ShortString, Arc<Message>)>,
 }
 
@@ -156,6 +160,8 @@ struct MemoryState {
     retained: BTreeMap<(String, ShortString), Arc<Message>>,
     /// Operations applied, for tests that check what reached the store.
     ops_applied: u64,
+    /// Deletes that came before their put (see [`StoreOp::DeleteMessage`]).
+    early_deletes: std::collections::BTreeSet<(String, ShortString, u64)>,
 }
 
 impl MemoryStore {
@@ -201,6 +207,7 @@ impl MemoryState {
             StoreOp::DeleteQueue { vhost, name } => {
                 self.queues.remove(&(vhost.clone(), name.clone()));
                 self.bindings.retain(|b| !(b.vhost == vhost && !b.to_exchange && b.destination == name));
+                self.early_deletes.retain(|(v, q, _)| !(*v == vhost && *q == name));
                 self.messages.remove(&(vhost, name));
             }
             StoreOp::PutBinding(r) => {
@@ -210,15 +217,15 @@ impl MemoryState {
             }
             StoreOp::DeleteBinding(r) => self.bindings.retain(|b| *b != r),
             StoreOp::PutMessage { vhost, queue, seq, message } => {
-                self.messages.entry((vhost, queue)).or_default().insert(seq, message);
-            }
-            StoreOp::DeleteMessage { vhost, queue, seq } => {
-                if let Some(m) = self.messages.get_mut(&(vhost, queue)) {
-                    m.remove(&seq);
+                if !self.early_deletes.remove(&(vhost.clone(), queue.clone(), seq)) {
+                    self.messages.entry((vhost, queue)).or_default().insert(seq, message);
                 }
             }
-            StoreOp::PurgeQueue { vhost, queue } => {
-                self.messages.remove(&(vhost, queue));
+            StoreOp::DeleteMessage { vhost, queue, seq } => {
+                let removed = self.messages.get_mut(&(vhost.clone(), queue.clone())).and_then(|m| m.remove(&seq)).is_some();
+                if !removed {
+                    self.early_deletes.insert((vhost, queue, seq));
+                }
             }
             StoreOp::PutRetained { vhost, key, message } => {
                 self.retained.insert((vhost, key), message);
@@ -271,6 +278,15 @@ mod tests {
         let snap = s.recover().unwrap();
         let seqs: Vec<u64> = snap.messages[&("/".to_string(), "q".into())].iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_delete_before_its_put_cancels_the_put() {
+        let s = MemoryStore::new();
+        let m = Arc::new(Message::new("", "q", Bytes::new()));
+        s.submit(vec![StoreOp::DeleteMessage { vhost: "/".into(), queue: "q".into(), seq: 9 }]).wait().await.unwrap();
+        s.submit(vec![StoreOp::PutMessage { vhost: "/".into(), queue: "q".into(), seq: 9, message: m }]).wait().await.unwrap();
+        assert_eq!(s.message_count("/", "q"), 0);
     }
 
     #[tokio::test]

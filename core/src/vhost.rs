@@ -1,21 +1,910 @@
-//! Virtual hosts (filled in next).
-use std::sync::Arc;
+//! Virtual hosts: a namespace of exchanges and queues, the routing of publishes, and the
+//! bookkeeping that ties exchanges, queues and the store together.
+//!
+//! Locks are short and never nested in the publish path: the exchange map is read-locked to find
+//! the exchange, the exchange's binding table is read-locked while it lists destinations, and
+//! each queue's lock is taken in turn to enqueue. Effects a queue returns (dead letters, a
+//! request to delete it) are carried out after its lock is released.
 
-use crate::store::Store;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::error::CoreError;
+use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, SinkRef};
+use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
+use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
+use crate::retained::RetainedStore;
+use crate::sink::{Cookies, DirectSink, SinkDelivery, SinkId};
+use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
+
+/// Dead letters can feed queues that dead-letter again; the queue's cycle rule stops true
+/// cycles, and this bounds any remaining chain within one operation.
+const MAX_DEAD_LETTER_HOPS: usize = 32;
+
+/// Exchanges every vhost has, as in RabbitMQ.
+pub const PREDECLARED: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+/// An exchange declaration.
+#[derive(Debug, Clone)]
+pub struct ExchangeDeclare {
+    pub name: ShortString,
+    /// The type as the client sent it (`direct`, `fanout`, `topic`, `headers`).
+    pub kind: String,
+    /// Only check that it exists.
+    pub passive: bool,
+    pub options: ExchangeOptions,
+}
+
+/// A queue declaration. An empty name asks the broker to name the queue.
+#[derive(Debug, Clone)]
+pub struct QueueDeclare {
+    pub name: ShortString,
+    pub passive: bool,
+    pub options: QueueOptions,
+    /// The declaring connection (exclusive queues are owned by it; `options.exclusive` must
+    /// name it when the client asked for an exclusive queue).
+    pub connection: ConnectionId,
+}
+
+/// What a queue declaration returns.
+#[derive(Debug, Clone)]
+pub struct QueueDeclared {
+    pub queue: Arc<Queue>,
+    pub stats: QueueStats,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// What a publish did.
+#[derive(Debug)]
+pub struct PublishOutcome {
+    /// Queues and sinks the message was routed to (0 means unroutable, for `mandatory`).
+    pub routed: usize,
+    /// A queue refused it (`x-overflow = reject-publish`): a confirming publisher gets a nack.
+    pub rejected: bool,
+    /// Resolves when the message is durable in every durable queue it reached. A confirm or
+    /// PUBACK waits on it.
+    pub commit: Commit,
+}
+
+/// Counters for statistics (`$SYS`, management).
+#[derive(Debug, Default)]
+pub struct VHostStats {
+    pub messages_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub unroutable: AtomicU64,
+    pub dropped_at_sinks: AtomicU64,
+}
 
 /// One namespace of exchanges and queues.
-#[derive(Debug)]
 pub struct VHost {
     name: String,
-    #[allow(dead_code)]
     store: Arc<dyn Store>,
+    exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
+    queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    retained: RetainedStore,
+    stats: VHostStats,
+}
+
+impl fmt::Debug for VHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VHost").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Destinations of one publish, without duplicates: a queue gets one copy however many of its
+/// bindings match; a sink gets one copy with every matching binding's cookie.
+#[derive(Default)]
+struct Targets {
+    queues: Vec<Arc<Queue>>,
+    sinks: Vec<(Arc<DirectSink>, Cookies)>,
+}
+
+impl Targets {
+    fn is_empty(&self) -> bool {
+        self.queues.is_empty() && self.sinks.is_empty()
+    }
+    fn len(&self) -> usize {
+        self.queues.len() + self.sinks.len()
+    }
+    fn add_queue(&mut self, q: &Arc<Queue>) {
+        if !self.queues.iter().any(|x| Arc::ptr_eq(x, q)) {
+            self.queues.push(q.clone());
+        }
+    }
+    fn add_sink(&mut self, s: &SinkRef) {
+        match self.sinks.iter_mut().find(|(x, _)| x.id() == s.sink.id()) {
+            Some((_, cookies)) => cookies.push(s.cookie),
+            None => self.sinks.push((s.sink.clone(), Cookies::One(s.cookie))),
+        }
+    }
+}
+
+fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
+    e.into_inner()
+}
+
+fn not_found_exchange(name: &ShortString, vhost: &str) -> CoreError {
+    CoreError::NotFound(format!("no exchange '{name}' in vhost '{vhost}'"))
+}
+
+fn not_found_queue(name: &ShortString, vhost: &str) -> CoreError {
+    CoreError::NotFound(format!("no queue '{name}' in vhost '{vhost}'"))
+}
+
+fn default_exchange_refused() -> CoreError {
+    CoreError::AccessRefused("operation not permitted on the default exchange".into())
+}
+
+/// Queue arguments whose values must match on a redeclare (RabbitMQ's list).
+const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-single-active-consumer",
+    "x-queue-type",
+];
+
+fn same_arg(a: Option<&FieldValue>, b: Option<&FieldValue>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(i), Some(j)) => i == j,
+            _ => x == y,
+        },
+        _ => false,
+    }
+}
+
+fn describe_arg(v: Option<&FieldValue>) -> String {
+    match v {
+        None => "none".into(),
+        Some(v) => match (v.as_i64(), v.as_str()) {
+            (Some(i), _) => format!("'{i}'"),
+            (_, Some(s)) => format!("'{s}'"),
+            _ => format!("{v:?}"),
+        },
+    }
+}
+
+/// A server-generated queue name, `amq.gen-` and 22 URL-safe base64 characters as RabbitMQ
+/// makes them. Unique within the process (a counter) and unlikely to repeat across restarts
+/// (mixed with the start time).
+fn generated_queue_name() -> ShortString {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let seed = crate::message::now_millis() ^ (COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // SplitMix64 twice gives 128 bits; 22 base64 characters use 132 bits, so the last one
+    // repeats a few bits, which does no harm.
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let bits = ((next() as u128) << 64) | next() as u128;
+    let mut name = String::from("amq.gen-");
+    for i in 0..22 {
+        name.push(ALPHABET[((bits >> ((i * 6) % 126)) & 63) as usize] as char);
+    }
+    ShortString::from(name)
 }
 
 impl VHost {
+    /// A vhost with the predeclared exchanges.
     pub fn new(name: &str, store: Arc<dyn Store>) -> VHost {
-        VHost { name: name.to_string(), store }
+        let exchanges = PREDECLARED
+            .iter()
+            .map(|(n, kind)| (ShortString::from(*n), Arc::new(Exchange::new(*n, *kind, ExchangeOptions::default()))))
+            .collect();
+        VHost {
+            name: name.to_string(),
+            store,
+            exchanges: RwLock::new(exchanges),
+            queues: RwLock::new(HashMap::new()),
+            retained: RetainedStore::new(),
+            stats: VHostStats::default(),
+        }
     }
+
     pub fn name(&self) -> &str {
         &self.name
     }
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    pub fn stats(&self) -> &VHostStats {
+        &self.stats
+    }
+    pub fn retained(&self) -> &RetainedStore {
+        &self.retained
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.exchanges.read().unwrap_or_else(lock_err).get(&ShortString::from(name)).cloned()
+    }
+    pub fn exchange_names(&self) -> Vec<ShortString> {
+        let mut v: Vec<_> = self.exchanges.read().unwrap_or_else(lock_err).keys().cloned().collect();
+        v.sort();
+        v
+    }
+    /// The queue, whoever owns it (management, tests). Frontends use [`VHost::queue_for`].
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().unwrap_or_else(lock_err).get(&ShortString::from(name)).cloned()
+    }
+    pub fn queue_names(&self) -> Vec<ShortString> {
+        let mut v: Vec<_> = self.queues.read().unwrap_or_else(lock_err).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The queue as `connection` may use it: 404 when missing, 405 when another connection's
+    /// exclusive queue.
+    pub fn queue_for(&self, name: &ShortString, connection: ConnectionId) -> Result<Arc<Queue>, CoreError> {
+        let q = self.queues.read().unwrap_or_else(lock_err).get(name).cloned().ok_or_else(|| not_found_queue(name, &self.name))?;
+        self.check_exclusive(&q, connection)?;
+        Ok(q)
+    }
+
+    fn check_exclusive(&self, q: &Queue, connection: ConnectionId) -> Result<(), CoreError> {
+        match q.options().exclusive {
+            Some(owner) if owner != connection => Err(CoreError::ResourceLocked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                q.name(),
+                self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn submit(&self, ops: Vec<StoreOp>) -> Commit {
+        if ops.is_empty() {
+            Commit::done(Ok(()))
+        } else {
+            self.store.submit(ops)
+        }
+    }
+
+    // ----- exchanges -------------------------------------------------------------------------
+
+    /// Declares an exchange (or checks it, when passive). A redeclare must match the existing
+    /// type, durability, auto-delete, internal flag and alternate exchange.
+    pub fn declare_exchange(&self, decl: ExchangeDeclare) -> Result<Arc<Exchange>, CoreError> {
+        if decl.passive {
+            return self.exchange_or_404(&decl.name);
+        }
+        let kind = ExchangeKind::parse(&decl.kind).ok_or_else(|| CoreError::precondition(format!("invalid exchange type '{}'", decl.kind)))?;
+        if decl.name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if let Some(existing) = self.exchange(&decl.name.to_string_lossy()) {
+            self.check_exchange_equivalence(&existing, kind, &decl.options)?;
+            return Ok(existing);
+        }
+        if decl.name.as_bytes().starts_with(b"amq.") {
+            return Err(CoreError::AccessRefused(format!("exchange name '{}' contains reserved prefix 'amq.*'", decl.name)));
+        }
+        let mut map = self.exchanges.write().unwrap_or_else(lock_err);
+        if let Some(existing) = map.get(&decl.name) {
+            // Lost a race with another declare of the same name.
+            let existing = existing.clone();
+            drop(map);
+            self.check_exchange_equivalence(&existing, kind, &decl.options)?;
+            return Ok(existing);
+        }
+        let x = Arc::new(Exchange::new(decl.name.clone(), kind, decl.options.clone()));
+        map.insert(decl.name.clone(), x.clone());
+        drop(map);
+        if decl.options.durable {
+            self.submit(vec![StoreOp::PutExchange(self.exchange_record(&x))]);
+        }
+        Ok(x)
+    }
+
+    fn exchange_record(&self, x: &Exchange) -> ExchangeRecord {
+        ExchangeRecord {
+            vhost: self.name.clone(),
+            name: x.name().clone(),
+            kind: x.kind().as_str().to_string(),
+            auto_delete: x.options().auto_delete,
+            internal: x.options().internal,
+            arguments: x.options().arguments.clone(),
+        }
+    }
+
+    fn check_exchange_equivalence(&self, x: &Exchange, kind: ExchangeKind, o: &ExchangeOptions) -> Result<(), CoreError> {
+        let cur = x.options();
+        let differ = |arg: &str, received: String, current: String| {
+            Err(CoreError::precondition(format!(
+                "inequivalent arg '{arg}' for exchange '{}' in vhost '{}': received '{received}' but current is '{current}'",
+                x.name(),
+                self.name
+            )))
+        };
+        if x.kind() != kind {
+            return differ("type", kind.to_string(), x.kind().to_string());
+        }
+        if cur.durable != o.durable {
+            return differ("durable", o.durable.to_string(), cur.durable.to_string());
+        }
+        if cur.auto_delete != o.auto_delete {
+            return differ("auto_delete", o.auto_delete.to_string(), cur.auto_delete.to_string());
+        }
+        if cur.internal != o.internal {
+            return differ("internal", o.internal.to_string(), cur.internal.to_string());
+        }
+        let (a, b) = (o.arguments.get("alternate-exchange"), cur.arguments.get("alternate-exchange"));
+        if !same_arg(a, b) {
+            return Err(CoreError::precondition(format!(
+                "inequivalent arg 'alternate-exchange' for exchange '{}' in vhost '{}': received {} but current is {}",
+                x.name(),
+                self.name,
+                describe_arg(a),
+                describe_arg(b)
+            )));
+        }
+        Ok(())
+    }
+
+    fn exchange_or_404(&self, name: &ShortString) -> Result<Arc<Exchange>, CoreError> {
+        self.exchanges.read().unwrap_or_else(lock_err).get(name).cloned().ok_or_else(|| not_found_exchange(name, &self.name))
+    }
+
+    /// Deletes an exchange. Deleting one that does not exist succeeds (as in RabbitMQ).
+    pub fn delete_exchange(&self, name: &ShortString, if_unused: bool) -> Result<(), CoreError> {
+        if name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if name.as_bytes().starts_with(b"amq.") {
+            return Err(CoreError::AccessRefused(format!("operation not permitted on exchange '{name}' in vhost '{}'", self.name)));
+        }
+        let Some(x) = self.exchange(&name.to_string_lossy()) else { return Ok(()) };
+        if if_unused && x.binding_count() > 0 {
+            return Err(CoreError::precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
+        }
+        self.remove_exchange(&x);
+        Ok(())
+    }
+
+    fn remove_exchange(&self, x: &Arc<Exchange>) {
+        let removed = self.exchanges.write().unwrap_or_else(lock_err).remove(x.name()).is_some();
+        if !removed {
+            return;
+        }
+        // Bindings that lead *to* it from other exchanges go too (and may empty an auto-delete
+        // source).
+        let name = x.name().clone();
+        self.unbind_everywhere(|d| matches!(d, Destination::Exchange(n) if *n == name));
+        if x.options().durable {
+            self.submit(vec![StoreOp::DeleteExchange { vhost: self.name.clone(), name: x.name().clone() }]);
+        }
+    }
+
+    /// Removes the bindings matching `pred` from every exchange, persists the removal, and
+    /// deletes auto-delete exchanges left without bindings.
+    fn unbind_everywhere(&self, pred: impl Fn(&Destination) -> bool) {
+        let all: Vec<Arc<Exchange>> = self.exchanges.read().unwrap_or_else(lock_err).values().cloned().collect();
+        let mut ops = Vec::new();
+        let mut emptied = Vec::new();
+        for x in all {
+            let removed = x.unbind_where(&pred);
+            if removed.is_empty() {
+                continue;
+            }
+            for b in &removed {
+                if let Some(rec) = self.binding_record(&x, b) {
+                    ops.push(StoreOp::DeleteBinding(rec));
+                }
+            }
+            if x.options().auto_delete && x.binding_count() == 0 {
+                emptied.push(x);
+            }
+        }
+        self.submit(ops);
+        for x in emptied {
+            self.remove_exchange(&x);
+        }
+    }
+
+    /// The store record of a binding, when both ends are durable.
+    fn binding_record(&self, source: &Exchange, b: &Binding) -> Option<BindingRecord> {
+        if !source.options().durable {
+            return None;
+        }
+        let (to_exchange, destination) = match &b.destination {
+            Destination::Queue(q) if q.options().durable && q.options().exclusive.is_none() => (false, q.name().clone()),
+            Destination::Exchange(n) => {
+                let durable = self.exchange(&n.to_string_lossy()).is_some_and(|x| x.options().durable);
+                if !durable {
+                    return None;
+                }
+                (true, n.clone())
+            }
+            _ => return None,
+        };
+        // Bindings with a frontend-parsed pattern (MQTT) are session state, not stored here.
+        if b.key.pattern.is_some() {
+            return None;
+        }
+        Some(BindingRecord {
+            vhost: self.name.clone(),
+            source: source.name().clone(),
+            to_exchange,
+            destination,
+            routing_key: b.key.routing_key.clone(),
+            arguments: b.key.arguments.clone(),
+        })
+    }
+
+    // ----- queues ----------------------------------------------------------------------------
+
+    /// Declares a queue (or checks it, when passive).
+    pub fn declare_queue(&self, decl: QueueDeclare, now: Millis) -> Result<QueueDeclared, CoreError> {
+        if decl.passive {
+            let q = self.queue_for(&decl.name, decl.connection)?;
+            return Ok(QueueDeclared { stats: q.stats(), queue: q, created: false });
+        }
+        let name = if decl.name.is_empty() { generated_queue_name() } else { decl.name.clone() };
+        if let Some(existing) = self.queue(&name.to_string_lossy()) {
+            return self.redeclare_queue(existing, &decl, now);
+        }
+        if name.as_bytes().starts_with(b"amq.") && !decl.name.is_empty() {
+            return Err(CoreError::AccessRefused(format!("queue name '{name}' contains reserved prefix 'amq.*'")));
+        }
+        let queue = Arc::new(Queue::new(name.clone(), decl.options.clone(), now)?);
+        let mut map = self.queues.write().unwrap_or_else(lock_err);
+        if let Some(existing) = map.get(&name) {
+            let existing = existing.clone();
+            drop(map);
+            return self.redeclare_queue(existing, &decl, now);
+        }
+        map.insert(name, queue.clone());
+        drop(map);
+        if queue.options().durable && queue.options().exclusive.is_none() {
+            self.submit(vec![StoreOp::PutQueue(QueueRecord {
+                vhost: self.name.clone(),
+                name: queue.name().clone(),
+                options: queue.options().clone(),
+            })]);
+        }
+        Ok(QueueDeclared { stats: queue.stats(), queue, created: true })
+    }
+
+    fn redeclare_queue(&self, q: Arc<Queue>, decl: &QueueDeclare, now: Millis) -> Result<QueueDeclared, CoreError> {
+        self.check_exclusive(&q, decl.connection)?;
+        let cur = q.options();
+        if cur.exclusive.is_some() != decl.options.exclusive.is_some() {
+            // RabbitMQ answers a mismatch of the exclusive flag as a lock conflict.
+            return Err(CoreError::ResourceLocked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                q.name(),
+                self.name
+            )));
+        }
+        let differ = |arg: &str, received: bool, current: bool| {
+            Err(CoreError::precondition(format!(
+                "inequivalent arg '{arg}' for queue '{}' in vhost '{}': received '{received}' but current is '{current}'",
+                q.name(),
+                self.name
+            )))
+        };
+        if cur.durable != decl.options.durable {
+            return differ("durable", decl.options.durable, cur.durable);
+        }
+        if cur.auto_delete != decl.options.auto_delete {
+            return differ("auto_delete", decl.options.auto_delete, cur.auto_delete);
+        }
+        for arg in EQUIVALENT_QUEUE_ARGS {
+            let (a, b) = (decl.options.arguments.get(arg), cur.arguments.get(arg));
+            // RabbitMQ lets a redeclare leave out `x-queue-type` of a classic queue.
+            if *arg == "x-queue-type" && (a.is_none() || b.is_none()) {
+                continue;
+            }
+            if !same_arg(a, b) {
+                return Err(CoreError::precondition(format!(
+                    "inequivalent arg '{arg}' for queue '{}' in vhost '{}': received {} but current is {}",
+                    q.name(),
+                    self.name,
+                    describe_arg(a),
+                    describe_arg(b)
+                )));
+            }
+        }
+        q.touch(now);
+        Ok(QueueDeclared { stats: q.stats(), queue: q, created: false })
+    }
+
+    /// Deletes a queue; returns the number of ready messages it held. Deleting a queue that does
+    /// not exist succeeds with 0 (as in RabbitMQ).
+    pub fn delete_queue(&self, name: &ShortString, connection: ConnectionId, if_unused: bool, if_empty: bool) -> Result<u32, CoreError> {
+        let Some(q) = self.queue(&name.to_string_lossy()) else { return Ok(0) };
+        self.check_exclusive(&q, connection)?;
+        q.check_delete(if_unused, if_empty)?;
+        Ok(self.remove_queue(&q))
+    }
+
+    fn remove_queue(&self, q: &Arc<Queue>) -> u32 {
+        let removed = {
+            let mut map = self.queues.write().unwrap_or_else(lock_err);
+            match map.get(q.name()) {
+                Some(cur) if Arc::ptr_eq(cur, q) => map.remove(q.name()).is_some(),
+                _ => false,
+            }
+        };
+        if !removed {
+            return 0;
+        }
+        let name = q.name().clone();
+        self.unbind_everywhere(|d| matches!(d, Destination::Queue(x) if *x.name() == name));
+        let (count, effects) = q.shutdown();
+        if q.options().durable && q.options().exclusive.is_none() {
+            self.submit(vec![StoreOp::DeleteQueue { vhost: self.name.clone(), name: q.name().clone() }]);
+        }
+        // Messages still held are dropped with the queue (RabbitMQ does not dead-letter them).
+        // The store dropped the queue's messages with it; nothing else to forget.
+        let mut ops = Vec::new();
+        self.carry_out(q, Effects { forgotten: Vec::new(), ..effects }, crate::message::now_millis(), 0, &mut ops);
+        self.submit(ops);
+        count
+    }
+
+    /// Removes every ready message of a queue; returns how many.
+    pub fn purge_queue(&self, name: &ShortString, connection: ConnectionId, now: Millis) -> Result<u32, CoreError> {
+        let q = self.queue_for(name, connection)?;
+        let (count, effects) = q.purge(now);
+        self.settle(&q, effects, now);
+        Ok(count)
+    }
+
+    /// Deletes the exclusive queues of a connection that closed.
+    pub fn connection_closed(&self, connection: ConnectionId) {
+        let owned: Vec<Arc<Queue>> =
+            self.queues.read().unwrap_or_else(lock_err).values().filter(|q| q.options().exclusive == Some(connection)).cloned().collect();
+        for q in owned {
+            self.remove_queue(&q);
+        }
+    }
+
+    // ----- bindings --------------------------------------------------------------------------
+
+    fn source_for_binding(&self, exchange: &ShortString) -> Result<Arc<Exchange>, CoreError> {
+        if exchange.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        self.exchange_or_404(exchange)
+    }
+
+    /// Binds a queue to an exchange.
+    pub fn bind_queue(&self, queue: &ShortString, exchange: &ShortString, key: BindingKey, connection: ConnectionId) -> Result<(), CoreError> {
+        let x = self.source_for_binding(exchange)?;
+        let q = self.queue_for(queue, connection)?;
+        let b = Binding { key, destination: Destination::Queue(q) };
+        if x.bind(b.key.clone(), b.destination.clone())? {
+            if let Some(rec) = self.binding_record(&x, &b) {
+                self.submit(vec![StoreOp::PutBinding(rec)]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unbinds a queue. Removing a binding that does not exist succeeds.
+    pub fn unbind_queue(&self, queue: &ShortString, exchange: &ShortString, key: BindingKey, connection: ConnectionId) -> Result<(), CoreError> {
+        let x = self.source_for_binding(exchange)?;
+        let q = self.queue_for(queue, connection)?;
+        self.unbind(&x, Binding { key, destination: Destination::Queue(q) });
+        Ok(())
+    }
+
+    /// Binds exchange `destination` to exchange `source`.
+    pub fn bind_exchange(&self, destination: &ShortString, source: &ShortString, key: BindingKey) -> Result<(), CoreError> {
+        let x = self.source_for_binding(source)?;
+        if destination.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        self.exchange_or_404(destination)?;
+        let b = Binding { key, destination: Destination::Exchange(destination.clone()) };
+        if x.bind(b.key.clone(), b.destination.clone())? {
+            if let Some(rec) = self.binding_record(&x, &b) {
+                self.submit(vec![StoreOp::PutBinding(rec)]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an exchange-to-exchange binding.
+    pub fn unbind_exchange(&self, destination: &ShortString, source: &ShortString, key: BindingKey) -> Result<(), CoreError> {
+        let x = self.source_for_binding(source)?;
+        if destination.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        self.exchange_or_404(destination)?;
+        self.unbind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) });
+        Ok(())
+    }
+
+    fn unbind(&self, x: &Arc<Exchange>, b: Binding) {
+        if x.unbind(&b.key, &b.destination) {
+            if let Some(rec) = self.binding_record(x, &b) {
+                self.submit(vec![StoreOp::DeleteBinding(rec)]);
+            }
+            if x.options().auto_delete && x.binding_count() == 0 {
+                self.remove_exchange(x);
+            }
+        }
+    }
+
+    /// Binds a direct sink (a transient subscription); never stored.
+    pub fn bind_sink(&self, exchange: &ShortString, key: BindingKey, sink: SinkRef) -> Result<(), CoreError> {
+        let x = self.source_for_binding(exchange)?;
+        x.bind(key, Destination::Sink(sink))?;
+        Ok(())
+    }
+
+    /// Removes one sink binding; returns whether it existed.
+    pub fn unbind_sink(&self, exchange: &ShortString, key: &BindingKey, sink: SinkRef) -> Result<bool, CoreError> {
+        let x = self.source_for_binding(exchange)?;
+        let existed = x.unbind(key, &Destination::Sink(sink));
+        if existed && x.options().auto_delete && x.binding_count() == 0 {
+            self.remove_exchange(&x);
+        }
+        Ok(existed)
+    }
+
+    /// Removes every binding of a sink (its connection closed).
+    pub fn unbind_sink_all(&self, sink: SinkId) {
+        self.unbind_everywhere(|d| matches!(d, Destination::Sink(s) if s.sink.id() == sink));
+    }
+
+    // ----- consumers -------------------------------------------------------------------------
+
+    /// Adds a consumer to a queue.
+    pub fn consume(&self, queue: &ShortString, spec: ConsumerSpec, now: Millis) -> Result<(Arc<Queue>, ConsumerId), CoreError> {
+        let q = self.queue_for(queue, spec.connection)?;
+        let (id, effects) = q.consume(spec, now)?;
+        self.settle(&q, effects, now);
+        Ok((q, id))
+    }
+
+    /// Removes a consumer (an auto-delete queue may go with its last consumer).
+    pub fn cancel(&self, queue: &Arc<Queue>, consumer: ConsumerId, now: Millis) -> Commit {
+        let effects = queue.cancel(consumer, now);
+        self.settle(queue, effects, now)
+    }
+
+    /// Carries out what a queue operation returned (ack, reject, get, release, pump…): routes
+    /// dead letters, deletes forgotten messages from the store, deletes the queue if it asked.
+    /// The commit resolves when those store changes are durable.
+    pub fn settle(&self, queue: &Arc<Queue>, effects: Effects, now: Millis) -> Commit {
+        if effects.is_empty() {
+            return Commit::done(Ok(()));
+        }
+        let mut ops = Vec::new();
+        self.carry_out(queue, effects, now, 0, &mut ops);
+        self.submit(ops)
+    }
+
+    fn carry_out(&self, queue: &Arc<Queue>, effects: Effects, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) {
+        if queue.options().durable {
+            ops.extend(effects.forgotten.into_iter().map(|seq| StoreOp::DeleteMessage { vhost: self.name.clone(), queue: queue.name().clone(), seq }));
+        }
+        for dl in effects.dead_letters {
+            if depth >= MAX_DEAD_LETTER_HOPS {
+                tracing::warn!(vhost = %self.name, queue = %queue.name(), "dead-letter chain too long; message dropped");
+                continue;
+            }
+            let Some(x) = self.exchange(&dl.exchange.to_string_lossy()) else {
+                tracing::debug!(vhost = %self.name, exchange = %dl.exchange, "dead-letter exchange does not exist; message dropped");
+                continue;
+            };
+            let message = if dl.message.routing_key == dl.routing_key {
+                dl.message
+            } else {
+                let mut m = (*dl.message).clone();
+                m.routing_key = dl.routing_key.clone();
+                Arc::new(m)
+            };
+            let targets = self.targets(&x, &message);
+            self.deliver(&targets, &message, now, depth + 1, ops);
+        }
+        if effects.delete_queue {
+            // Deleting takes the queue map lock; no queue lock is held here.
+            let name = queue.name().clone();
+            let vhost = self.name.clone();
+            tracing::debug!(%vhost, queue = %name, "queue deleted (auto-delete or x-expires)");
+            self.remove_queue(queue);
+        }
+    }
+
+    // ----- publishing ------------------------------------------------------------------------
+
+    /// Publishes a message to an exchange (`""` is the default exchange).
+    pub fn publish(&self, exchange: &ShortString, message: Message, now: Millis) -> Result<PublishOutcome, CoreError> {
+        let x = self.exchange_or_404(exchange)?;
+        if x.options().internal {
+            return Err(CoreError::AccessRefused(format!("cannot publish to internal exchange '{}' in vhost '{}'", exchange, self.name)));
+        }
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(message.payload.len() as u64, Ordering::Relaxed);
+        let message = Arc::new(message);
+        let targets = self.targets(&x, &message);
+        if targets.is_empty() {
+            self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut ops = Vec::new();
+        let rejected = self.deliver(&targets, &message, now, 0, &mut ops);
+        Ok(PublishOutcome { routed: targets.len(), rejected, commit: self.submit(ops) })
+    }
+
+    /// Every destination of a message published to `x`, following exchange-to-exchange bindings
+    /// and alternate exchanges, without cycles.
+    fn targets(&self, x: &Arc<Exchange>, message: &Message) -> Targets {
+        let mut targets = Targets::default();
+        let mut visited: Vec<ShortString> = Vec::new();
+        self.route_into(x, message, &mut targets, &mut visited);
+        targets
+    }
+
+    fn route_into(&self, x: &Arc<Exchange>, message: &Message, targets: &mut Targets, visited: &mut Vec<ShortString>) {
+        if visited.contains(x.name()) {
+            return;
+        }
+        visited.push(x.name().clone());
+        let before = targets.len();
+        if x.name().is_empty() {
+            // The default exchange: every queue is bound under its own name.
+            if let Some(q) = self.queues.read().unwrap_or_else(lock_err).get(&message.routing_key) {
+                targets.add_queue(q);
+            }
+        } else {
+            let mut next: Vec<ShortString> = Vec::new();
+            x.route(message, |d| match d {
+                Destination::Queue(q) => targets.add_queue(q),
+                Destination::Sink(s) => targets.add_sink(s),
+                Destination::Exchange(n) => {
+                    if !next.contains(n) {
+                        next.push(n.clone())
+                    }
+                }
+            });
+            for n in next {
+                if let Some(child) = self.exchange(&n.to_string_lossy()) {
+                    self.route_into(&child, message, targets, visited);
+                }
+            }
+        }
+        if targets.len() == before {
+            if let Some(ae) = x.alternate().and_then(|n| self.exchange(&n.to_string_lossy())) {
+                self.route_into(&ae, message, targets, visited);
+            }
+        }
+    }
+
+    /// Offers the message to every target; returns whether some queue rejected it.
+    fn deliver(&self, targets: &Targets, message: &Arc<Message>, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) -> bool {
+        let mut rejected = false;
+        for q in &targets.queues {
+            let (outcome, effects) = q.enqueue(message.clone(), now);
+            match outcome {
+                EnqueueOutcome::Accepted { seq } => {
+                    if q.options().durable && message.is_persistent() {
+                        ops.push(StoreOp::PutMessage { vhost: self.name.clone(), queue: q.name().clone(), seq, message: message.clone() });
+                    }
+                }
+                EnqueueOutcome::Rejected => rejected = true,
+            }
+            if !effects.is_empty() {
+                self.carry_out(q, effects, now, depth, ops);
+            }
+        }
+        for (sink, cookies) in &targets.sinks {
+            if !sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }) {
+                self.stats.dropped_at_sinks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        rejected
+    }
+
+    /// Keeps (or clears, with an empty payload) the retained message for a routing key, and
+    /// stores the change. The commit resolves when it is durable.
+    pub fn set_retained(&self, key: &ShortString, message: Arc<Message>) -> Commit {
+        let clear = message.payload.is_empty();
+        if !self.retained.set(&key.to_string_lossy(), message.clone()) {
+            return Commit::done(Ok(()));
+        }
+        let op = if clear {
+            StoreOp::DeleteRetained { vhost: self.name.clone(), key: key.clone() }
+        } else {
+            StoreOp::PutRetained { vhost: self.name.clone(), key: key.clone(), message }
+        };
+        self.submit(vec![op])
+    }
+
+    // ----- time ------------------------------------------------------------------------------
+
+    /// Expires messages and idle queues; returns the earliest next deadline.
+    pub fn tick(&self, now: Millis) -> Option<Millis> {
+        let queues: Vec<Arc<Queue>> = self.queues.read().unwrap_or_else(lock_err).values().cloned().collect();
+        let mut next: Option<Millis> = None;
+        for q in queues {
+            let (effects, deadline) = q.tick(now);
+            self.settle(&q, effects, now);
+            if let Some(d) = deadline {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        }
+        next
+    }
+
+    // ----- recovery --------------------------------------------------------------------------
+
+    /// Re-creates durable exchanges, queues and bindings read back from the store. Used by
+    /// [`Broker::recover`](crate::broker::Broker::recover); writes nothing back.
+    pub(crate) fn restore(&self, snapshot: &crate::store::Snapshot, now: Millis) {
+        {
+            let mut map = self.exchanges.write().unwrap_or_else(lock_err);
+            for r in snapshot.exchanges.iter().filter(|r| r.vhost == self.name) {
+                let Some(kind) = ExchangeKind::parse(&r.kind) else {
+                    tracing::warn!(vhost = %self.name, exchange = %r.name, kind = %r.kind, "stored exchange has an unknown type; skipped");
+                    continue;
+                };
+                let opts = ExchangeOptions { durable: true, auto_delete: r.auto_delete, internal: r.internal, arguments: r.arguments.clone() };
+                map.insert(r.name.clone(), Arc::new(Exchange::new(r.name.clone(), kind, opts)));
+            }
+        }
+        {
+            let mut map = self.queues.write().unwrap_or_else(lock_err);
+            for r in snapshot.queues.iter().filter(|r| r.vhost == self.name) {
+                match Queue::new(r.name.clone(), r.options.clone(), now) {
+                    Ok(q) => {
+                        map.insert(r.name.clone(), Arc::new(q));
+                    }
+                    Err(e) => tracing::warn!(vhost = %self.name, queue = %r.name, error = %e, "stored queue is invalid; skipped"),
+                }
+            }
+        }
+        for b in snapshot.bindings.iter().filter(|b| b.vhost == self.name) {
+            let Some(x) = self.exchange(&b.source.to_string_lossy()) else { continue };
+            let destination = if b.to_exchange {
+                Destination::Exchange(b.destination.clone())
+            } else {
+                match self.queue(&b.destination.to_string_lossy()) {
+                    Some(q) => Destination::Queue(q),
+                    None => continue,
+                }
+            };
+            let key = BindingKey { routing_key: b.routing_key.clone(), arguments: b.arguments.clone(), pattern: None };
+            if let Err(e) = x.bind(key, destination) {
+                tracing::warn!(vhost = %self.name, source = %b.source, error = %e, "stored binding is invalid; skipped");
+            }
+        }
+        for (vhost, key, message) in &snapshot.retained {
+            if *vhost == self.name {
+                self.retained.set(&key.to_string_lossy(), message.clone());
+            }
+        }
+    }
 }
+
+/// The arguments of a declare as a client would send them, for tests and tools.
+pub fn arguments(pairs: &[(&str, FieldValue)]) -> FieldTable {
+    pairs.iter().map(|(k, v)| (ShortString::from(*k), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests;

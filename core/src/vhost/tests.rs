@@ -1,0 +1,478 @@
+//! Tests of routing and declarations through a vhost: what a frontend sees.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::broker::Broker;
+use crate::message::{DeliveryMode, Properties};
+use crate::queue::{ConsumerSink, Delivery, OwnerId};
+use crate::sink::Outbox;
+use crate::store::MemoryStore;
+use crate::topic::{Level, Pattern};
+
+const C1: ConnectionId = ConnectionId(1);
+const C2: ConnectionId = ConnectionId(2);
+
+fn vhost() -> VHost {
+    VHost::new("/", Arc::new(MemoryStore::new()))
+}
+
+fn s(x: &str) -> ShortString {
+    ShortString::from(x)
+}
+
+fn exchange(name: &str, kind: &str) -> ExchangeDeclare {
+    ExchangeDeclare { name: s(name), kind: kind.into(), passive: false, options: ExchangeOptions::default() }
+}
+
+fn queue(name: &str) -> QueueDeclare {
+    QueueDeclare { name: s(name), passive: false, options: QueueOptions { durable: true, ..Default::default() }, connection: C1 }
+}
+
+fn msg(key: &str, body: &'static str) -> Message {
+    Message::new("", key, Bytes::from_static(body.as_bytes()))
+}
+
+fn persistent(key: &str, body: &'static str) -> Message {
+    msg(key, body).with_properties(Properties { delivery_mode: Some(DeliveryMode::Persistent), ..Default::default() })
+}
+
+fn ready(v: &VHost, q: &str) -> u32 {
+    v.queue(q).expect("queue exists").stats().ready
+}
+
+fn publish(v: &VHost, x: &str, m: Message) -> PublishOutcome {
+    v.publish(&s(x), m, 1_000).expect("publish")
+}
+
+#[derive(Debug, Default)]
+struct Collect {
+    got: Mutex<Vec<Delivery>>,
+    cancelled: AtomicBool,
+}
+
+impl ConsumerSink for Collect {
+    fn has_room(&self) -> bool {
+        true
+    }
+    fn deliver(&self, d: Delivery) {
+        self.got.lock().unwrap().push(d);
+    }
+    fn cancelled(&self, _q: &QueueName, _c: ConsumerId) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+}
+
+use crate::queue::QueueName;
+
+fn consumer(sink: Arc<Collect>, conn: ConnectionId) -> ConsumerSpec {
+    ConsumerSpec { tag: s("ctag"), owner: OwnerId(conn.0), connection: conn, prefetch: 0, no_ack: false, exclusive: false, priority: 0, sink }
+}
+
+#[test]
+fn predeclared_exchanges_exist_with_their_types() {
+    let v = vhost();
+    for (name, kind) in PREDECLARED {
+        assert_eq!(v.exchange(name).unwrap().kind(), *kind, "{name}");
+    }
+}
+
+#[test]
+fn default_exchange_routes_by_queue_name_and_refuses_binding() {
+    let v = vhost();
+    v.declare_queue(queue("jobs"), 0).unwrap();
+    assert_eq!(publish(&v, "", msg("jobs", "a")).routed, 1);
+    assert_eq!(publish(&v, "", msg("nothing", "a")).routed, 0);
+    assert_eq!(ready(&v, "jobs"), 1);
+    let err = v.bind_queue(&s("jobs"), &s(""), BindingKey::new("x"), C1).unwrap_err();
+    assert!(matches!(err, CoreError::AccessRefused(_)), "{err:?}");
+    assert!(matches!(v.declare_exchange(exchange("", "direct")).unwrap_err(), CoreError::AccessRefused(_)));
+    assert!(matches!(v.delete_exchange(&s(""), false).unwrap_err(), CoreError::AccessRefused(_)));
+}
+
+#[test]
+fn amq_prefix_is_reserved_but_predeclared_ones_may_be_redeclared() {
+    let v = vhost();
+    assert!(matches!(v.declare_exchange(exchange("amq.custom", "direct")).unwrap_err(), CoreError::AccessRefused(_)));
+    v.declare_exchange(exchange("amq.topic", "topic")).unwrap();
+    assert!(matches!(v.declare_exchange(exchange("amq.topic", "direct")).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert!(matches!(v.delete_exchange(&s("amq.direct"), false).unwrap_err(), CoreError::AccessRefused(_)));
+    assert!(matches!(v.declare_queue(queue("amq.q"), 0).unwrap_err(), CoreError::AccessRefused(_)));
+}
+
+#[test]
+fn unknown_exchange_type_is_a_precondition_failure() {
+    let v = vhost();
+    let err = v.declare_exchange(exchange("x", "x-consistent-hash")).unwrap_err();
+    assert_eq!(err, CoreError::PreconditionFailed("invalid exchange type 'x-consistent-hash'".into()));
+}
+
+#[test]
+fn exchange_redeclare_must_be_equivalent() {
+    let v = vhost();
+    v.declare_exchange(exchange("logs", "fanout")).unwrap();
+    v.declare_exchange(exchange("logs", "fanout")).unwrap();
+    let mut d = exchange("logs", "fanout");
+    d.options.durable = false;
+    let err = v.declare_exchange(d).unwrap_err();
+    assert_eq!(
+        err,
+        CoreError::PreconditionFailed("inequivalent arg 'durable' for exchange 'logs' in vhost '/': received 'false' but current is 'true'".into())
+    );
+    let mut d = exchange("logs", "fanout");
+    d.options.arguments = arguments(&[("alternate-exchange", FieldValue::string("ae"))]);
+    assert!(matches!(v.declare_exchange(d).unwrap_err(), CoreError::PreconditionFailed(_)));
+}
+
+#[test]
+fn passive_declare_checks_existence() {
+    let v = vhost();
+    let mut d = exchange("nope", "direct");
+    d.passive = true;
+    assert_eq!(v.declare_exchange(d).unwrap_err(), CoreError::NotFound("no exchange 'nope' in vhost '/'".into()));
+    let mut q = queue("nope");
+    q.passive = true;
+    assert_eq!(v.declare_queue(q, 0).unwrap_err(), CoreError::NotFound("no queue 'nope' in vhost '/'".into()));
+    v.declare_queue(queue("yes"), 0).unwrap();
+    let mut q = queue("yes");
+    q.passive = true;
+    q.options.durable = false; // passive ignores the other fields
+    assert!(!v.declare_queue(q, 0).unwrap().created);
+}
+
+#[test]
+fn exchange_delete_if_unused_and_missing_exchange_is_fine() {
+    let v = vhost();
+    v.declare_exchange(exchange("x", "direct")).unwrap();
+    v.declare_queue(queue("q"), 0).unwrap();
+    v.bind_queue(&s("q"), &s("x"), BindingKey::new("k"), C1).unwrap();
+    assert!(matches!(v.delete_exchange(&s("x"), true).unwrap_err(), CoreError::PreconditionFailed(_)));
+    v.delete_exchange(&s("x"), false).unwrap();
+    assert!(v.exchange("x").is_none());
+    v.delete_exchange(&s("x"), false).unwrap();
+}
+
+#[test]
+fn internal_exchange_refuses_publish_but_routes_via_exchange_binding() {
+    let v = vhost();
+    let mut d = exchange("inner", "fanout");
+    d.options.internal = true;
+    v.declare_exchange(d).unwrap();
+    v.declare_exchange(exchange("outer", "direct")).unwrap();
+    v.declare_queue(queue("q"), 0).unwrap();
+    v.bind_queue(&s("q"), &s("inner"), BindingKey::new(""), C1).unwrap();
+    v.bind_exchange(&s("inner"), &s("outer"), BindingKey::new("k")).unwrap();
+    assert!(matches!(v.publish(&s("inner"), msg("k", "x"), 0).unwrap_err(), CoreError::AccessRefused(_)));
+    assert_eq!(publish(&v, "outer", msg("k", "x")).routed, 1);
+    assert_eq!(publish(&v, "outer", msg("other", "x")).routed, 0);
+    assert_eq!(ready(&v, "q"), 1);
+}
+
+#[test]
+fn exchange_binding_cycles_deliver_once() {
+    let v = vhost();
+    v.declare_exchange(exchange("a", "fanout")).unwrap();
+    v.declare_exchange(exchange("b", "fanout")).unwrap();
+    v.declare_queue(queue("q"), 0).unwrap();
+    v.bind_exchange(&s("b"), &s("a"), BindingKey::new("")).unwrap();
+    v.bind_exchange(&s("a"), &s("b"), BindingKey::new("")).unwrap();
+    v.bind_queue(&s("q"), &s("a"), BindingKey::new(""), C1).unwrap();
+    v.bind_queue(&s("q"), &s("b"), BindingKey::new(""), C1).unwrap();
+    assert_eq!(publish(&v, "a", msg("", "x")).routed, 1);
+    assert_eq!(ready(&v, "q"), 1);
+}
+
+#[test]
+fn a_queue_matched_by_several_bindings_gets_one_copy() {
+    let v = vhost();
+    v.declare_queue(queue("q"), 0).unwrap();
+    v.bind_queue(&s("q"), &s("amq.topic"), BindingKey::new("a.*"), C1).unwrap();
+    v.bind_queue(&s("q"), &s("amq.topic"), BindingKey::new("#"), C1).unwrap();
+    assert_eq!(publish(&v, "amq.topic", msg("a.b", "x")).routed, 1);
+    assert_eq!(ready(&v, "q"), 1);
+}
+
+#[test]
+fn alternate_exchange_takes_unroutable_messages() {
+    let v = vhost();
+    v.declare_exchange(exchange("ae", "fanout")).unwrap();
+    let mut d = exchange("main", "direct");
+    d.options.arguments = arguments(&[("alternate-exchange", FieldValue::string("ae"))]);
+    v.declare_exchange(d).unwrap();
+    v.declare_queue(queue("routed"), 0).unwrap();
+    v.declare_queue(queue("unrouted"), 0).unwrap();
+    v.bind_queue(&s("routed"), &s("main"), BindingKey::new("k"), C1).unwrap();
+    v.bind_queue(&s("unrouted"), &s("ae"), BindingKey::new(""), C1).unwrap();
+    publish(&v, "main", msg("k", "1"));
+    publish(&v, "main", msg("other", "2"));
+    assert_eq!((ready(&v, "routed"), ready(&v, "unrouted")), (1, 1));
+    // A missing alternate exchange leaves the message unroutable.
+    let mut d = exchange("main2", "direct");
+    d.options.arguments = arguments(&[("alternate-exchange", FieldValue::string("missing"))]);
+    v.declare_exchange(d).unwrap();
+    assert_eq!(publish(&v, "main2", msg("k", "x")).routed, 0);
+    assert_eq!(v.stats().unroutable.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn publish_to_a_missing_exchange_is_not_found() {
+    let v = vhost();
+    assert_eq!(v.publish(&s("nope"), msg("k", "x"), 0).unwrap_err(), CoreError::NotFound("no exchange 'nope' in vhost '/'".into()));
+}
+
+#[test]
+fn server_named_queues_are_unique_amq_gen_names() {
+    let v = vhost();
+    let a = v.declare_queue(queue(""), 0).unwrap().queue;
+    let b = v.declare_queue(queue(""), 0).unwrap().queue;
+    assert!(a.name().as_str().unwrap().starts_with("amq.gen-"));
+    assert_eq!(a.name().len(), "amq.gen-".len() + 22);
+    assert_ne!(a.name(), b.name());
+}
+
+#[test]
+fn queue_redeclare_must_be_equivalent_with_integer_widths_ignored() {
+    let v = vhost();
+    let mut d = queue("q");
+    d.options.arguments = arguments(&[("x-message-ttl", FieldValue::I32(1000))]);
+    v.declare_queue(d, 0).unwrap();
+    let mut d = queue("q");
+    d.options.arguments = arguments(&[("x-message-ttl", FieldValue::I64(1000))]);
+    v.declare_queue(d, 0).unwrap();
+    let mut d = queue("q");
+    d.options.arguments = arguments(&[("x-message-ttl", FieldValue::I64(2000))]);
+    assert_eq!(
+        v.declare_queue(d, 0).unwrap_err(),
+        CoreError::PreconditionFailed("inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/': received '2000' but current is '1000'".into())
+    );
+    let mut d = queue("q");
+    d.options.durable = false;
+    assert!(matches!(v.declare_queue(d, 0).unwrap_err(), CoreError::PreconditionFailed(_)));
+}
+
+#[test]
+fn invalid_queue_arguments_are_refused() {
+    let v = vhost();
+    let mut d = queue("q");
+    d.options.arguments = arguments(&[("x-message-ttl", FieldValue::I32(-1))]);
+    assert!(matches!(v.declare_queue(d, 0).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert!(v.queue("q").is_none());
+}
+
+#[test]
+fn exclusive_queues_are_locked_to_their_connection_and_go_with_it() {
+    let v = vhost();
+    let mut d = queue("mine");
+    d.options.exclusive = Some(C1);
+    v.declare_queue(d, 0).unwrap();
+    let locked = |r: Result<_, CoreError>| matches!(r, Err(CoreError::ResourceLocked(_)));
+    let mut other = queue("mine");
+    other.connection = C2;
+    other.options.exclusive = Some(C2);
+    assert!(locked(v.declare_queue(other, 0).map(|_| ())));
+    assert!(locked(v.bind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C2)));
+    assert!(locked(v.delete_queue(&s("mine"), C2, false, false).map(|_| ())));
+    assert!(locked(v.purge_queue(&s("mine"), C2, 0).map(|_| ())));
+    assert!(locked(v.consume(&s("mine"), consumer(Arc::default(), C2), 0).map(|_| ())));
+    v.bind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C1).unwrap();
+    v.connection_closed(C2);
+    assert!(v.queue("mine").is_some());
+    v.connection_closed(C1);
+    assert!(v.queue("mine").is_none());
+    assert_eq!(publish(&v, "amq.direct", msg("k", "x")).routed, 0, "its bindings went with it");
+}
+
+#[test]
+fn queue_delete_if_empty_and_if_unused_and_missing_queue_is_fine() {
+    let v = vhost();
+    v.declare_queue(queue("q"), 0).unwrap();
+    publish(&v, "", msg("q", "x"));
+    assert!(matches!(v.delete_queue(&s("q"), C1, false, true).unwrap_err(), CoreError::PreconditionFailed(_)));
+    v.purge_queue(&s("q"), C1, 0).unwrap();
+    let sink = Arc::new(Collect::default());
+    v.consume(&s("q"), consumer(sink.clone(), C1), 0).unwrap();
+    assert!(matches!(v.delete_queue(&s("q"), C1, true, false).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false).unwrap(), 0);
+    assert!(sink.cancelled.load(Ordering::SeqCst), "consumer told of the deletion");
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false).unwrap(), 0);
+}
+
+#[test]
+fn auto_delete_queue_goes_with_its_last_consumer() {
+    let v = vhost();
+    let mut d = queue("temp");
+    d.options.auto_delete = true;
+    v.declare_queue(d, 0).unwrap();
+    let (q, a) = v.consume(&s("temp"), consumer(Arc::default(), C1), 0).unwrap();
+    let (_, b) = v.consume(&s("temp"), consumer(Arc::default(), C1), 0).unwrap();
+    v.cancel(&q, a, 0);
+    assert!(v.queue("temp").is_some());
+    v.cancel(&q, b, 0);
+    assert!(v.queue("temp").is_none());
+}
+
+#[test]
+fn auto_delete_exchange_goes_with_its_last_binding() {
+    let v = vhost();
+    let mut d = exchange("ad", "direct");
+    d.options.auto_delete = true;
+    v.declare_exchange(d).unwrap();
+    v.declare_queue(queue("q1"), 0).unwrap();
+    v.declare_queue(queue("q2"), 0).unwrap();
+    v.bind_queue(&s("q1"), &s("ad"), BindingKey::new("k"), C1).unwrap();
+    v.bind_queue(&s("q2"), &s("ad"), BindingKey::new("k"), C1).unwrap();
+    v.unbind_queue(&s("q1"), &s("ad"), BindingKey::new("k"), C1).unwrap();
+    assert!(v.exchange("ad").is_some());
+    v.delete_queue(&s("q2"), C1, false, false).unwrap();
+    assert!(v.exchange("ad").is_none(), "deleting the last bound queue removes it");
+}
+
+#[test]
+fn rejected_messages_are_dead_lettered_through_the_dlx() {
+    let v = vhost();
+    v.declare_exchange(exchange("dlx", "direct")).unwrap();
+    v.declare_queue(queue("dead"), 0).unwrap();
+    v.bind_queue(&s("dead"), &s("dlx"), BindingKey::new("failed"), C1).unwrap();
+    let mut d = queue("work");
+    d.options.arguments =
+        arguments(&[("x-dead-letter-exchange", FieldValue::string("dlx")), ("x-dead-letter-routing-key", FieldValue::string("failed"))]);
+    v.declare_queue(d, 0).unwrap();
+    publish(&v, "", msg("work", "job"));
+    let sink = Arc::new(Collect::default());
+    let (q, _) = v.consume(&s("work"), consumer(sink.clone(), C1), 0).unwrap();
+    let seq = sink.got.lock().unwrap()[0].seq;
+    let effects = q.reject(seq, false, 2_000).unwrap();
+    v.settle(&q, effects, 2_000);
+    assert_eq!(ready(&v, "dead"), 1);
+    let dq = v.queue("dead").unwrap();
+    let (d, _) = dq.get(OwnerId(9), true, 2_000).0.unwrap();
+    assert_eq!(&d.message.payload[..], b"job");
+    assert_eq!(d.message.routing_key, "failed");
+    let death = d.message.properties.header("x-death").expect("x-death set");
+    assert!(matches!(death, FieldValue::Array(a) if a.len() == 1));
+}
+
+#[test]
+fn expired_queues_are_deleted_by_tick() {
+    let v = vhost();
+    let mut d = queue("idle");
+    d.options.arguments = arguments(&[("x-expires", FieldValue::I32(500))]);
+    v.declare_queue(d, 1_000).unwrap();
+    v.tick(1_400);
+    assert!(v.queue("idle").is_some());
+    v.tick(1_600);
+    assert!(v.queue("idle").is_none());
+}
+
+#[test]
+fn message_ttl_dead_letters_on_tick() {
+    let v = vhost();
+    v.declare_queue(queue("expired"), 0).unwrap();
+    let mut d = queue("delay");
+    d.options.arguments =
+        arguments(&[("x-message-ttl", FieldValue::I32(100)), ("x-dead-letter-exchange", FieldValue::string(""))]);
+    d.options.arguments.insert("x-dead-letter-routing-key", FieldValue::string("expired"));
+    v.declare_queue(d, 0).unwrap();
+    v.publish(&s(""), msg("delay", "x"), 1_000).unwrap();
+    assert_eq!(v.tick(1_050), Some(1_100));
+    v.tick(1_100);
+    assert_eq!((ready(&v, "delay"), ready(&v, "expired")), (0, 1));
+}
+
+fn sink_ref(sink: &Arc<DirectSink>, cookie: u64) -> SinkRef {
+    SinkRef { sink: sink.clone(), cookie }
+}
+
+#[test]
+fn direct_sinks_get_one_copy_with_every_matching_cookie() {
+    let v = vhost();
+    let sink = DirectSink::new(C1, Arc::new(Outbox::new(16)));
+    let mqtt = |levels| BindingKey::new("pattern").with_pattern(Pattern { levels, dollar_rule: true });
+    let lit = |w: &str| Level::Literal(w.into());
+    v.bind_sink(&s("amq.topic"), mqtt(vec![lit("farm"), Level::One, lit("soil")]), sink_ref(&sink, 1)).unwrap();
+    v.bind_sink(&s("amq.topic"), mqtt(vec![lit("farm"), Level::Many]), sink_ref(&sink, 2)).unwrap();
+    v.bind_sink(&s("amq.topic"), mqtt(vec![Level::Many]), sink_ref(&sink, 3)).unwrap();
+    assert_eq!(publish(&v, "amq.topic", msg("farm.7.soil", "x")).routed, 1);
+    assert_eq!(publish(&v, "amq.topic", msg("$SYS.uptime", "x")).routed, 0, "the $ rule");
+    let mut out = Vec::new();
+    sink.outbox().drain_into(&mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].cookies.as_slice(), &[1, 2, 3]);
+    v.unbind_sink_all(sink.id());
+    assert_eq!(publish(&v, "amq.topic", msg("farm.7.soil", "x")).routed, 0);
+}
+
+#[test]
+fn a_full_sink_drops_and_the_vhost_counts_it() {
+    let v = vhost();
+    let sink = DirectSink::new(C1, Arc::new(Outbox::new(1)));
+    v.bind_sink(&s("amq.fanout"), BindingKey::new(""), sink_ref(&sink, 1)).unwrap();
+    publish(&v, "amq.fanout", msg("", "1"));
+    publish(&v, "amq.fanout", msg("", "2"));
+    assert_eq!(sink.dropped(), 1);
+    assert_eq!(v.stats().dropped_at_sinks.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn persistent_messages_in_durable_queues_reach_the_store_and_leave_on_ack() {
+    let store = Arc::new(MemoryStore::new());
+    let v = VHost::new("/", store.clone());
+    v.declare_queue(queue("durable"), 0).unwrap();
+    let mut t = queue("transient");
+    t.options.durable = false;
+    v.declare_queue(t, 0).unwrap();
+    v.declare_exchange(exchange("fan", "fanout")).unwrap();
+    v.bind_queue(&s("durable"), &s("fan"), BindingKey::new(""), C1).unwrap();
+    v.bind_queue(&s("transient"), &s("fan"), BindingKey::new(""), C1).unwrap();
+    publish(&v, "fan", persistent("", "p"));
+    publish(&v, "fan", msg("", "t"));
+    assert_eq!(store.message_count("/", "durable"), 1);
+    assert_eq!(store.message_count("/", "transient"), 0);
+    let q = v.queue("durable").unwrap();
+    let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+    let effects = q.ack(d.seq, 0).unwrap();
+    v.settle(&q, effects, 0);
+    assert_eq!(store.message_count("/", "durable"), 0);
+}
+
+#[test]
+fn retained_messages_are_kept_cleared_and_stored() {
+    let store = Arc::new(MemoryStore::new());
+    let v = VHost::new("/", store.clone());
+    v.set_retained(&s("a.b"), Arc::new(msg("a.b", "21.5")));
+    assert_eq!(store.recover().unwrap().retained.len(), 1);
+    v.set_retained(&s("a.b"), Arc::new(msg("a.b", "")));
+    assert!(v.retained().get("a.b").is_none());
+    assert!(store.recover().unwrap().retained.is_empty());
+}
+
+#[test]
+fn durable_objects_come_back_after_a_restart() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+    {
+        let b = Broker::new(store.clone());
+        let v = b.vhost("/").unwrap();
+        v.declare_exchange(exchange("orders", "topic")).unwrap();
+        let mut te = exchange("scratch", "topic");
+        te.options.durable = false;
+        v.declare_exchange(te).unwrap();
+        v.declare_queue(queue("payments"), 0).unwrap();
+        let mut tq = queue("tmp");
+        tq.options.durable = false;
+        v.declare_queue(tq, 0).unwrap();
+        v.bind_queue(&s("payments"), &s("orders"), BindingKey::new("order.*"), C1).unwrap();
+        v.bind_queue(&s("tmp"), &s("orders"), BindingKey::new("#"), C1).unwrap();
+        v.set_retained(&s("a.b"), Arc::new(msg("a.b", "r")));
+    }
+    let b = Broker::recover(store).unwrap();
+    let v = b.vhost("/").unwrap();
+    assert!(v.exchange("orders").is_some());
+    assert!(v.exchange("scratch").is_none());
+    assert!(v.queue("payments").is_some());
+    assert!(v.queue("tmp").is_none());
+    assert_eq!(publish(&v, "orders", msg("order.created", "x")).routed, 1);
+    assert!(v.retained().get("a.b").is_some());
+}
