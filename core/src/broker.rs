@@ -107,7 +107,8 @@ impl Broker {
         loop {
             let now = now_millis();
             let next = self.tick(now);
-            let wait = next.map_or(HOUSEKEEPING_PERIOD, |d| Duration::from_millis(d.saturating_sub(now)).min(HOUSEKEEPING_PERIOD));
+            let wait = next
+                .map_or(HOUSEKEEPING_PERIOD, |d| Duration::from_millis(d.saturating_sub(now)).min(HOUSEKEEPING_PERIOD));
             tokio::select! {
                 _ = shutdown.wait() => return,
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}

@@ -109,7 +109,9 @@ impl BindingKey {
         self
     }
     fn same(&self, other: &BindingKey) -> bool {
-        self.routing_key == other.routing_key && self.arguments.same_entries(&other.arguments) && self.pattern == other.pattern
+        self.routing_key == other.routing_key
+            && self.arguments.same_entries(&other.arguments)
+            && self.pattern == other.pattern
     }
 }
 
@@ -153,7 +155,11 @@ impl HeadersBinding {
                 Some("any") => XMatch::Any,
                 Some("all-with-x") => XMatch::AllWithX,
                 Some("any-with-x") => XMatch::AnyWithX,
-                _ => return Err(CoreError::precondition(format!("Invalid x-match field value {v:?}; expected all, any, all-with-x, or any-with-x"))),
+                _ => {
+                    return Err(CoreError::precondition(format!(
+                        "Invalid x-match field value {v:?}; expected all, any, all-with-x, or any-with-x"
+                    )))
+                }
             },
         };
         Ok(HeadersBinding { x_match, binding })
@@ -161,8 +167,12 @@ impl HeadersBinding {
 
     fn matches(&self, headers: Option<&FieldTable>) -> bool {
         let with_x = matches!(self.x_match, XMatch::AllWithX | XMatch::AnyWithX);
-        let mut wanted =
-            self.binding.key.arguments.iter().filter(|(k, _)| *k != "x-match" && (with_x || !k.as_bytes().starts_with(b"x-")));
+        let mut wanted = self
+            .binding
+            .key
+            .arguments
+            .iter()
+            .filter(|(k, _)| *k != "x-match" && (with_x || !k.as_bytes().starts_with(b"x-")));
         let present = |k: &ShortString, v: &FieldValue| {
             let Some(h) = headers.and_then(|h| h.iter().find(|(hk, _)| *hk == k).map(|(_, hv)| hv)) else {
                 return false;
@@ -241,7 +251,8 @@ impl Exchange {
     pub fn bind(&self, key: BindingKey, destination: Destination) -> Result<bool, CoreError> {
         let binding = Binding { key, destination };
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        let exists = |list: &[Binding], b: &Binding| list.iter().any(|x| x.destination == b.destination && x.key.same(&b.key));
+        let exists =
+            |list: &[Binding], b: &Binding| list.iter().any(|x| x.destination == b.destination && x.key.same(&b.key));
         match &mut *table {
             Table::Direct(map) => {
                 let list = map.entry(binding.key.routing_key.clone()).or_default();
@@ -266,7 +277,10 @@ impl Exchange {
             }
             Table::Headers(list) => {
                 let hb = HeadersBinding::parse(binding)?;
-                if list.iter().any(|x| x.binding.destination == hb.binding.destination && x.binding.key.same(&hb.binding.key)) {
+                if list
+                    .iter()
+                    .any(|x| x.binding.destination == hb.binding.destination && x.binding.key.same(&hb.binding.key))
+                {
                     return Ok(false);
                 }
                 list.push(hb);
@@ -478,7 +492,10 @@ mod tests {
         let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
         x.bind(BindingKey::new("farm.*.soil.#"), queue("amqp")).unwrap();
         // An MQTT filter `farm/*` has a literal `*` level.
-        let lit = Pattern { levels: vec![crate::topic::Level::Literal("farm".into()), crate::topic::Level::Literal("*".into())], dollar_rule: true };
+        let lit = Pattern {
+            levels: vec![crate::topic::Level::Literal("farm".into()), crate::topic::Level::Literal("*".into())],
+            dollar_rule: true,
+        };
         x.bind(BindingKey::new("farm.*").with_pattern(lit), queue("mqtt")).unwrap();
         assert_eq!(names(&x, &msg("farm.7.soil")), vec!["queue 'amqp'"]);
         assert_eq!(names(&x, &msg("farm.7.soil.ph.raw")), vec!["queue 'amqp'"]);
@@ -500,11 +517,20 @@ mod tests {
     #[test]
     fn headers_all_needs_every_non_x_argument() {
         let x = Exchange::new("x", ExchangeKind::Headers, ExchangeOptions::default());
-        x.bind(BindingKey::new("").with_arguments(args(&[("format", FieldValue::string("pdf")), ("size", FieldValue::I32(5))])), queue("q"))
-            .unwrap();
-        assert_eq!(names(&x, &with_headers(&[("format", FieldValue::string("pdf")), ("size", FieldValue::I64(5))])).len(), 1);
+        x.bind(
+            BindingKey::new("")
+                .with_arguments(args(&[("format", FieldValue::string("pdf")), ("size", FieldValue::I32(5))])),
+            queue("q"),
+        )
+        .unwrap();
+        assert_eq!(
+            names(&x, &with_headers(&[("format", FieldValue::string("pdf")), ("size", FieldValue::I64(5))])).len(),
+            1
+        );
         assert!(names(&x, &with_headers(&[("format", FieldValue::string("pdf"))])).is_empty());
-        assert!(names(&x, &with_headers(&[("format", FieldValue::string("pdf")), ("size", FieldValue::I32(6))])).is_empty());
+        assert!(
+            names(&x, &with_headers(&[("format", FieldValue::string("pdf")), ("size", FieldValue::I32(6))])).is_empty()
+        );
         assert!(names(&x, &msg("")).is_empty());
     }
 
@@ -528,7 +554,8 @@ mod tests {
     fn headers_with_x_variants_compare_x_keys_and_void_means_present() {
         let x = Exchange::new("x", ExchangeKind::Headers, ExchangeOptions::default());
         x.bind(
-            BindingKey::new("").with_arguments(args(&[("x-match", FieldValue::string("all-with-x")), ("x-k", FieldValue::Void)])),
+            BindingKey::new("")
+                .with_arguments(args(&[("x-match", FieldValue::string("all-with-x")), ("x-k", FieldValue::Void)])),
             queue("q"),
         )
         .unwrap();
@@ -546,7 +573,9 @@ mod tests {
     #[test]
     fn headers_bad_x_match_is_a_precondition_failure() {
         let x = Exchange::new("x", ExchangeKind::Headers, ExchangeOptions::default());
-        let err = x.bind(BindingKey::new("").with_arguments(args(&[("x-match", FieldValue::string("some"))])), queue("q")).unwrap_err();
+        let err = x
+            .bind(BindingKey::new("").with_arguments(args(&[("x-match", FieldValue::string("some"))])), queue("q"))
+            .unwrap_err();
         assert!(matches!(err, CoreError::PreconditionFailed(_)), "{err:?}");
     }
 
@@ -567,7 +596,10 @@ mod tests {
 
     #[test]
     fn alternate_exchange_comes_from_the_arguments() {
-        let opts = ExchangeOptions { arguments: args(&[("alternate-exchange", FieldValue::string("ae"))]), ..Default::default() };
+        let opts = ExchangeOptions {
+            arguments: args(&[("alternate-exchange", FieldValue::string("ae"))]),
+            ..Default::default()
+        };
         let x = Exchange::new("x", ExchangeKind::Direct, opts);
         assert_eq!(x.alternate().unwrap(), "ae");
     }

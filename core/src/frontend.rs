@@ -53,7 +53,11 @@ impl ClientStream {
 
 impl fmt::Debug for ClientStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientStream").field("peer", &self.peer).field("local", &self.local).field("tls", &self.tls.is_some()).finish()
+        f.debug_struct("ClientStream")
+            .field("peer", &self.peer)
+            .field("local", &self.local)
+            .field("tls", &self.tls.is_some())
+            .finish()
     }
 }
 
@@ -73,7 +77,11 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.io).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -16,10 +16,7 @@ pub type Millis = u64;
 
 /// The current wall-clock time in [`Millis`], for drivers (never called inside the core's logic).
 pub fn now_millis() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
 /// Which protocol a connection speaks.
@@ -263,8 +260,7 @@ impl FieldTable {
     /// Order-insensitive equality, for declare equivalence checks (a client may send the same
     /// arguments in another order).
     pub fn same_entries(&self, other: &FieldTable) -> bool {
-        self.len() == other.len()
-            && self.0.iter().all(|(k, v)| other.0.iter().any(|(k2, v2)| k == k2 && v == v2))
+        self.len() == other.len() && self.0.iter().all(|(k, v)| other.0.iter().any(|(k2, v2)| k == k2 && v == v2))
     }
 }
 

@@ -96,7 +96,10 @@ mod tests {
         }
         let lit = |w: &str| Level::Literal(w.into());
         let keys = |p: Pattern| s.lookup(&p).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-        assert_eq!(keys(mqtt(vec![lit("farm"), Level::One, lit("soil"), Level::Many])), vec!["farm.1.soil.moisture", "farm.2.soil"]);
+        assert_eq!(
+            keys(mqtt(vec![lit("farm"), Level::One, lit("soil"), Level::Many])),
+            vec!["farm.1.soil.moisture", "farm.2.soil"]
+        );
         assert_eq!(keys(mqtt(vec![lit("farm"), lit("2"), lit("air")])), vec!["farm.2.air"]);
         // The `$` rule: `#` alone does not see `$SYS`, but `$SYS/#` does.
         assert_eq!(keys(mqtt(vec![Level::Many])).len(), 5);

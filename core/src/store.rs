@@ -67,21 +67,43 @@ pub enum StoreOp {
     PutVhost(String),
     DeleteVhost(String),
     PutExchange(ExchangeRecord),
-    DeleteExchange { vhost: String, name: ShortString },
+    DeleteExchange {
+        vhost: String,
+        name: ShortString,
+    },
     PutQueue(QueueRecord),
     /// Deletes the queue and every message it holds.
-    DeleteQueue { vhost: String, name: ShortString },
+    DeleteQueue {
+        vhost: String,
+        name: ShortString,
+    },
     PutBinding(BindingRecord),
     DeleteBinding(BindingRecord),
     /// A persistent message entering a durable queue at `seq`.
-    PutMessage { vhost: String, queue: ShortString, seq: u64, message: Arc<Message> },
+    PutMessage {
+        vhost: String,
+        queue: ShortString,
+        seq: u64,
+        message: Arc<Message>,
+    },
     /// A message that left a durable queue for good. It may arrive *before* the `PutMessage` of
     /// the same `(queue, seq)`: a consumer can receive and ack a message in the moment between
     /// the publisher's enqueue and the publisher submitting its batch. A store must then drop
     /// the later put (the memory store keeps a tombstone; see `MemoryState::early_deletes`).
-    DeleteMessage { vhost: String, queue: ShortString, seq: u64 },
-    PutRetained { vhost: String, key: ShortString, message: Arc<Message> },
-    DeleteRetained { vhost: String, key: ShortString },
+    DeleteMessage {
+        vhost: String,
+        queue: ShortString,
+        seq: u64,
+    },
+    PutRetained {
+        vhost: String,
+        key: ShortString,
+        message: Arc<Message>,
+    },
+    DeleteRetained {
+        vhost: String,
+        key: ShortString,
+    },
 }
 
 /// The messages of each durable queue, keyed by `(vhost, queue)`, in sequence order.
@@ -199,7 +221,8 @@ impl MemoryState {
             }
             StoreOp::DeleteExchange { vhost, name } => {
                 self.exchanges.remove(&(vhost.clone(), name.clone()));
-                self.bindings.retain(|b| !(b.vhost == vhost && (b.source == name || (b.to_exchange && b.destination == name))));
+                self.bindings
+                    .retain(|b| !(b.vhost == vhost && (b.source == name || (b.to_exchange && b.destination == name))));
             }
             StoreOp::PutQueue(r) => {
                 self.queues.insert((r.vhost.clone(), r.name.clone()), r);
@@ -222,7 +245,8 @@ impl MemoryState {
                 }
             }
             StoreOp::DeleteMessage { vhost, queue, seq } => {
-                let removed = self.messages.get_mut(&(vhost.clone(), queue.clone())).and_then(|m| m.remove(&seq)).is_some();
+                let removed =
+                    self.messages.get_mut(&(vhost.clone(), queue.clone())).and_then(|m| m.remove(&seq)).is_some();
                 if !removed {
                     self.early_deletes.insert((vhost, queue, seq));
                 }
@@ -253,7 +277,11 @@ impl Store for MemoryStore {
             exchanges: st.exchanges.values().cloned().collect(),
             queues: st.queues.values().cloned().collect(),
             bindings: st.bindings.clone(),
-            messages: st.messages.iter().map(|(k, m)| (k.clone(), m.iter().map(|(s, msg)| (*s, msg.clone())).collect())).collect(),
+            messages: st
+                .messages
+                .iter()
+                .map(|(k, m)| (k.clone(), m.iter().map(|(s, msg)| (*s, msg.clone())).collect()))
+                .collect(),
             retained: st.retained.iter().map(|((v, k), m)| (v.clone(), k.clone(), m.clone())).collect(),
         })
     }
@@ -285,7 +313,10 @@ mod tests {
         let s = MemoryStore::new();
         let m = Arc::new(Message::new("", "q", Bytes::new()));
         s.submit(vec![StoreOp::DeleteMessage { vhost: "/".into(), queue: "q".into(), seq: 9 }]).wait().await.unwrap();
-        s.submit(vec![StoreOp::PutMessage { vhost: "/".into(), queue: "q".into(), seq: 9, message: m }]).wait().await.unwrap();
+        s.submit(vec![StoreOp::PutMessage { vhost: "/".into(), queue: "q".into(), seq: 9, message: m }])
+            .wait()
+            .await
+            .unwrap();
         assert_eq!(s.message_count("/", "q"), 0);
     }
 
@@ -294,7 +325,11 @@ mod tests {
         let s = MemoryStore::new();
         let m = Arc::new(Message::new("", "q", Bytes::new()));
         s.submit(vec![
-            StoreOp::PutQueue(QueueRecord { vhost: "/".into(), name: "q".into(), options: QueueOptions { durable: true, ..Default::default() } }),
+            StoreOp::PutQueue(QueueRecord {
+                vhost: "/".into(),
+                name: "q".into(),
+                options: QueueOptions { durable: true, ..Default::default() },
+            }),
             StoreOp::PutBinding(BindingRecord {
                 vhost: "/".into(),
                 source: "amq.topic".into(),

@@ -187,7 +187,8 @@ fn describe_arg(v: Option<&FieldValue>) -> String {
 fn generated_queue_name() -> ShortString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let seed = crate::message::now_millis() ^ (COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let seed =
+        crate::message::now_millis() ^ (COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     // SplitMix64 twice gives 128 bits; 22 base64 characters use 132 bits, so the last one
     // repeats a few bits, which does no harm.
     let mut state = seed;
@@ -257,7 +258,13 @@ impl VHost {
     /// The queue as `connection` may use it: 404 when missing, 405 when another connection's
     /// exclusive queue.
     pub fn queue_for(&self, name: &ShortString, connection: ConnectionId) -> Result<Arc<Queue>, CoreError> {
-        let q = self.queues.read().unwrap_or_else(lock_err).get(name).cloned().ok_or_else(|| not_found_queue(name, &self.name))?;
+        let q = self
+            .queues
+            .read()
+            .unwrap_or_else(lock_err)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found_queue(name, &self.name))?;
         self.check_exclusive(&q, connection)?;
         Ok(q)
     }
@@ -289,7 +296,8 @@ impl VHost {
         if decl.passive {
             return self.exchange_or_404(&decl.name);
         }
-        let kind = ExchangeKind::parse(&decl.kind).ok_or_else(|| CoreError::precondition(format!("invalid exchange type '{}'", decl.kind)))?;
+        let kind = ExchangeKind::parse(&decl.kind)
+            .ok_or_else(|| CoreError::precondition(format!("invalid exchange type '{}'", decl.kind)))?;
         if decl.name.is_empty() {
             return Err(default_exchange_refused());
         }
@@ -298,7 +306,10 @@ impl VHost {
             return Ok(existing);
         }
         if decl.name.as_bytes().starts_with(b"amq.") {
-            return Err(CoreError::AccessRefused(format!("exchange name '{}' contains reserved prefix 'amq.*'", decl.name)));
+            return Err(CoreError::AccessRefused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                decl.name
+            )));
         }
         let mut map = self.exchanges.write().unwrap_or_else(lock_err);
         if let Some(existing) = map.get(&decl.name) {
@@ -328,7 +339,12 @@ impl VHost {
         }
     }
 
-    fn check_exchange_equivalence(&self, x: &Exchange, kind: ExchangeKind, o: &ExchangeOptions) -> Result<(), CoreError> {
+    fn check_exchange_equivalence(
+        &self,
+        x: &Exchange,
+        kind: ExchangeKind,
+        o: &ExchangeOptions,
+    ) -> Result<(), CoreError> {
         let cur = x.options();
         let differ = |arg: &str, received: String, current: String| {
             Err(CoreError::precondition(format!(
@@ -363,7 +379,12 @@ impl VHost {
     }
 
     fn exchange_or_404(&self, name: &ShortString) -> Result<Arc<Exchange>, CoreError> {
-        self.exchanges.read().unwrap_or_else(lock_err).get(name).cloned().ok_or_else(|| not_found_exchange(name, &self.name))
+        self.exchanges
+            .read()
+            .unwrap_or_else(lock_err)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found_exchange(name, &self.name))
     }
 
     /// Deletes an exchange. Deleting one that does not exist succeeds (as in RabbitMQ).
@@ -372,7 +393,10 @@ impl VHost {
             return Err(default_exchange_refused());
         }
         if name.as_bytes().starts_with(b"amq.") {
-            return Err(CoreError::AccessRefused(format!("operation not permitted on exchange '{name}' in vhost '{}'", self.name)));
+            return Err(CoreError::AccessRefused(format!(
+                "operation not permitted on exchange '{name}' in vhost '{}'",
+                self.name
+            )));
         }
         let Some(x) = self.exchange(&name.to_string_lossy()) else { return Ok(()) };
         if if_unused && x.binding_count() > 0 {
@@ -428,7 +452,9 @@ impl VHost {
             return None;
         }
         let (to_exchange, destination) = match &b.destination {
-            Destination::Queue(q) if q.options().durable && q.options().exclusive.is_none() => (false, q.name().clone()),
+            Destination::Queue(q) if q.options().durable && q.options().exclusive.is_none() => {
+                (false, q.name().clone())
+            }
             Destination::Exchange(n) => {
                 let durable = self.exchange(&n.to_string_lossy()).is_some_and(|x| x.options().durable);
                 if !durable {
@@ -532,7 +558,13 @@ impl VHost {
 
     /// Deletes a queue; returns the number of ready messages it held. Deleting a queue that does
     /// not exist succeeds with 0 (as in RabbitMQ).
-    pub fn delete_queue(&self, name: &ShortString, connection: ConnectionId, if_unused: bool, if_empty: bool) -> Result<u32, CoreError> {
+    pub fn delete_queue(
+        &self,
+        name: &ShortString,
+        connection: ConnectionId,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, CoreError> {
         let Some(q) = self.queue(&name.to_string_lossy()) else { return Ok(0) };
         self.check_exclusive(&q, connection)?;
         q.check_delete(if_unused, if_empty)?;
@@ -574,8 +606,14 @@ impl VHost {
 
     /// Deletes the exclusive queues of a connection that closed.
     pub fn connection_closed(&self, connection: ConnectionId) {
-        let owned: Vec<Arc<Queue>> =
-            self.queues.read().unwrap_or_else(lock_err).values().filter(|q| q.options().exclusive == Some(connection)).cloned().collect();
+        let owned: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .unwrap_or_else(lock_err)
+            .values()
+            .filter(|q| q.options().exclusive == Some(connection))
+            .cloned()
+            .collect();
         for q in owned {
             self.remove_queue(&q);
         }
@@ -591,7 +629,13 @@ impl VHost {
     }
 
     /// Binds a queue to an exchange.
-    pub fn bind_queue(&self, queue: &ShortString, exchange: &ShortString, key: BindingKey, connection: ConnectionId) -> Result<(), CoreError> {
+    pub fn bind_queue(
+        &self,
+        queue: &ShortString,
+        exchange: &ShortString,
+        key: BindingKey,
+        connection: ConnectionId,
+    ) -> Result<(), CoreError> {
         let x = self.source_for_binding(exchange)?;
         let q = self.queue_for(queue, connection)?;
         let b = Binding { key, destination: Destination::Queue(q) };
@@ -604,7 +648,13 @@ impl VHost {
     }
 
     /// Unbinds a queue. Removing a binding that does not exist succeeds.
-    pub fn unbind_queue(&self, queue: &ShortString, exchange: &ShortString, key: BindingKey, connection: ConnectionId) -> Result<(), CoreError> {
+    pub fn unbind_queue(
+        &self,
+        queue: &ShortString,
+        exchange: &ShortString,
+        key: BindingKey,
+        connection: ConnectionId,
+    ) -> Result<(), CoreError> {
         let x = self.source_for_binding(exchange)?;
         let q = self.queue_for(queue, connection)?;
         self.unbind(&x, Binding { key, destination: Destination::Queue(q) });
@@ -612,7 +662,12 @@ impl VHost {
     }
 
     /// Binds exchange `destination` to exchange `source`.
-    pub fn bind_exchange(&self, destination: &ShortString, source: &ShortString, key: BindingKey) -> Result<(), CoreError> {
+    pub fn bind_exchange(
+        &self,
+        destination: &ShortString,
+        source: &ShortString,
+        key: BindingKey,
+    ) -> Result<(), CoreError> {
         let x = self.source_for_binding(source)?;
         if destination.is_empty() {
             return Err(default_exchange_refused());
@@ -628,7 +683,12 @@ impl VHost {
     }
 
     /// Removes an exchange-to-exchange binding.
-    pub fn unbind_exchange(&self, destination: &ShortString, source: &ShortString, key: BindingKey) -> Result<(), CoreError> {
+    pub fn unbind_exchange(
+        &self,
+        destination: &ShortString,
+        source: &ShortString,
+        key: BindingKey,
+    ) -> Result<(), CoreError> {
         let x = self.source_for_binding(source)?;
         if destination.is_empty() {
             return Err(default_exchange_refused());
@@ -674,7 +734,12 @@ impl VHost {
     // ----- consumers -------------------------------------------------------------------------
 
     /// Adds a consumer to a queue.
-    pub fn consume(&self, queue: &ShortString, spec: ConsumerSpec, now: Millis) -> Result<(Arc<Queue>, ConsumerId), CoreError> {
+    pub fn consume(
+        &self,
+        queue: &ShortString,
+        spec: ConsumerSpec,
+        now: Millis,
+    ) -> Result<(Arc<Queue>, ConsumerId), CoreError> {
         let q = self.queue_for(queue, spec.connection)?;
         let (id, effects) = q.consume(spec, now)?;
         self.settle(&q, effects, now);
@@ -701,7 +766,11 @@ impl VHost {
 
     fn carry_out(&self, queue: &Arc<Queue>, effects: Effects, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) {
         if queue.options().durable {
-            ops.extend(effects.forgotten.into_iter().map(|seq| StoreOp::DeleteMessage { vhost: self.name.clone(), queue: queue.name().clone(), seq }));
+            ops.extend(effects.forgotten.into_iter().map(|seq| StoreOp::DeleteMessage {
+                vhost: self.name.clone(),
+                queue: queue.name().clone(),
+                seq,
+            }));
         }
         for dl in effects.dead_letters {
             if depth >= MAX_DEAD_LETTER_HOPS {
@@ -737,7 +806,10 @@ impl VHost {
     pub fn publish(&self, exchange: &ShortString, message: Message, now: Millis) -> Result<PublishOutcome, CoreError> {
         let x = self.exchange_or_404(exchange)?;
         if x.options().internal {
-            return Err(CoreError::AccessRefused(format!("cannot publish to internal exchange '{}' in vhost '{}'", exchange, self.name)));
+            return Err(CoreError::AccessRefused(format!(
+                "cannot publish to internal exchange '{}' in vhost '{}'",
+                exchange, self.name
+            )));
         }
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(message.payload.len() as u64, Ordering::Relaxed);
@@ -796,14 +868,26 @@ impl VHost {
     }
 
     /// Offers the message to every target; returns whether some queue rejected it.
-    fn deliver(&self, targets: &Targets, message: &Arc<Message>, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) -> bool {
+    fn deliver(
+        &self,
+        targets: &Targets,
+        message: &Arc<Message>,
+        now: Millis,
+        depth: usize,
+        ops: &mut Vec<StoreOp>,
+    ) -> bool {
         let mut rejected = false;
         for q in &targets.queues {
             let (outcome, effects) = q.enqueue(message.clone(), now);
             match outcome {
                 EnqueueOutcome::Accepted { seq } => {
                     if q.options().durable && message.is_persistent() {
-                        ops.push(StoreOp::PutMessage { vhost: self.name.clone(), queue: q.name().clone(), seq, message: message.clone() });
+                        ops.push(StoreOp::PutMessage {
+                            vhost: self.name.clone(),
+                            queue: q.name().clone(),
+                            seq,
+                            message: message.clone(),
+                        });
                     }
                 }
                 EnqueueOutcome::Rejected => rejected = true,
@@ -863,7 +947,12 @@ impl VHost {
                     tracing::warn!(vhost = %self.name, exchange = %r.name, kind = %r.kind, "stored exchange has an unknown type; skipped");
                     continue;
                 };
-                let opts = ExchangeOptions { durable: true, auto_delete: r.auto_delete, internal: r.internal, arguments: r.arguments.clone() };
+                let opts = ExchangeOptions {
+                    durable: true,
+                    auto_delete: r.auto_delete,
+                    internal: r.internal,
+                    arguments: r.arguments.clone(),
+                };
                 map.insert(r.name.clone(), Arc::new(Exchange::new(r.name.clone(), kind, opts)));
             }
         }
@@ -874,7 +963,9 @@ impl VHost {
                     Ok(q) => {
                         map.insert(r.name.clone(), Arc::new(q));
                     }
-                    Err(e) => tracing::warn!(vhost = %self.name, queue = %r.name, error = %e, "stored queue is invalid; skipped"),
+                    Err(e) => {
+                        tracing::warn!(vhost = %self.name, queue = %r.name, error = %e, "stored queue is invalid; skipped")
+                    }
                 }
             }
         }

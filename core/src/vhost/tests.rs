@@ -29,7 +29,12 @@ fn exchange(name: &str, kind: &str) -> ExchangeDeclare {
 }
 
 fn queue(name: &str) -> QueueDeclare {
-    QueueDeclare { name: s(name), passive: false, options: QueueOptions { durable: true, ..Default::default() }, connection: C1 }
+    QueueDeclare {
+        name: s(name),
+        passive: false,
+        options: QueueOptions { durable: true, ..Default::default() },
+        connection: C1,
+    }
 }
 
 fn msg(key: &str, body: &'static str) -> Message {
@@ -69,7 +74,16 @@ impl ConsumerSink for Collect {
 use crate::queue::QueueName;
 
 fn consumer(sink: Arc<Collect>, conn: ConnectionId) -> ConsumerSpec {
-    ConsumerSpec { tag: s("ctag"), owner: OwnerId(conn.0), connection: conn, prefetch: 0, no_ack: false, exclusive: false, priority: 0, sink }
+    ConsumerSpec {
+        tag: s("ctag"),
+        owner: OwnerId(conn.0),
+        connection: conn,
+        prefetch: 0,
+        no_ack: false,
+        exclusive: false,
+        priority: 0,
+        sink,
+    }
 }
 
 #[test]
@@ -98,7 +112,10 @@ fn amq_prefix_is_reserved_but_predeclared_ones_may_be_redeclared() {
     let v = vhost();
     assert!(matches!(v.declare_exchange(exchange("amq.custom", "direct")).unwrap_err(), CoreError::AccessRefused(_)));
     v.declare_exchange(exchange("amq.topic", "topic")).unwrap();
-    assert!(matches!(v.declare_exchange(exchange("amq.topic", "direct")).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert!(matches!(
+        v.declare_exchange(exchange("amq.topic", "direct")).unwrap_err(),
+        CoreError::PreconditionFailed(_)
+    ));
     assert!(matches!(v.delete_exchange(&s("amq.direct"), false).unwrap_err(), CoreError::AccessRefused(_)));
     assert!(matches!(v.declare_queue(queue("amq.q"), 0).unwrap_err(), CoreError::AccessRefused(_)));
 }
@@ -120,7 +137,10 @@ fn exchange_redeclare_must_be_equivalent() {
     let err = v.declare_exchange(d).unwrap_err();
     assert_eq!(
         err,
-        CoreError::PreconditionFailed("inequivalent arg 'durable' for exchange 'logs' in vhost '/': received 'false' but current is 'true'".into())
+        CoreError::PreconditionFailed(
+            "inequivalent arg 'durable' for exchange 'logs' in vhost '/': received 'false' but current is 'true'"
+                .into()
+        )
     );
     let mut d = exchange("logs", "fanout");
     d.options.arguments = arguments(&[("alternate-exchange", FieldValue::string("ae"))]);
@@ -220,7 +240,10 @@ fn alternate_exchange_takes_unroutable_messages() {
 #[test]
 fn publish_to_a_missing_exchange_is_not_found() {
     let v = vhost();
-    assert_eq!(v.publish(&s("nope"), msg("k", "x"), 0).unwrap_err(), CoreError::NotFound("no exchange 'nope' in vhost '/'".into()));
+    assert_eq!(
+        v.publish(&s("nope"), msg("k", "x"), 0).unwrap_err(),
+        CoreError::NotFound("no exchange 'nope' in vhost '/'".into())
+    );
 }
 
 #[test]
@@ -246,7 +269,9 @@ fn queue_redeclare_must_be_equivalent_with_integer_widths_ignored() {
     d.options.arguments = arguments(&[("x-message-ttl", FieldValue::I64(2000))]);
     assert_eq!(
         v.declare_queue(d, 0).unwrap_err(),
-        CoreError::PreconditionFailed("inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/': received '2000' but current is '1000'".into())
+        CoreError::PreconditionFailed(
+            "inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/': received '2000' but current is '1000'".into()
+        )
     );
     let mut d = queue("q");
     d.options.durable = false;
@@ -337,8 +362,10 @@ fn rejected_messages_are_dead_lettered_through_the_dlx() {
     v.declare_queue(queue("dead"), 0).unwrap();
     v.bind_queue(&s("dead"), &s("dlx"), BindingKey::new("failed"), C1).unwrap();
     let mut d = queue("work");
-    d.options.arguments =
-        arguments(&[("x-dead-letter-exchange", FieldValue::string("dlx")), ("x-dead-letter-routing-key", FieldValue::string("failed"))]);
+    d.options.arguments = arguments(&[
+        ("x-dead-letter-exchange", FieldValue::string("dlx")),
+        ("x-dead-letter-routing-key", FieldValue::string("failed")),
+    ]);
     v.declare_queue(d, 0).unwrap();
     publish(&v, "", msg("work", "job"));
     let sink = Arc::new(Collect::default());
