@@ -6,12 +6,15 @@
 //! persistent messages to forget in the store, a request to delete the queue. Deliveries are
 //! pushed into each consumer's [`ConsumerSink`], which never blocks.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
 
 use crate::error::CoreError;
-use crate::message::{ConnectionId, FieldTable, Message, Millis, ShortString};
+use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 
 /// Queue names are short strings.
 pub type QueueName = ShortString;
@@ -74,11 +77,152 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
 }
 
+/// The largest `x-message-ttl` / `x-expires` RabbitMQ accepts (`?MAX_EXPIRY_TIMER`, 2^32 - 1 ms).
+const MAX_EXPIRY_MILLIS: i128 = 4_294_967_295;
+
+/// The AMQP type name RabbitMQ uses for a field value in `{unacceptable_type,…}` errors.
+fn type_name(v: &FieldValue) -> &'static str {
+    match v {
+        FieldValue::Bool(_) => "bool",
+        FieldValue::I8(_) => "byte",
+        FieldValue::U8(_) => "unsignedbyte",
+        FieldValue::I16(_) => "short",
+        FieldValue::U16(_) => "unsignedshort",
+        FieldValue::I32(_) => "signedint",
+        FieldValue::U32(_) => "unsignedint",
+        FieldValue::I64(_) | FieldValue::U64(_) => "long",
+        FieldValue::F32(_) => "float",
+        FieldValue::F64(_) => "double",
+        FieldValue::Decimal(_) => "decimal",
+        FieldValue::LongString(_) => "longstr",
+        FieldValue::Bytes(_) => "binary",
+        FieldValue::Array(_) => "array",
+        FieldValue::Timestamp(_) => "timestamp",
+        FieldValue::Table(_) => "table",
+        FieldValue::Void => "void",
+    }
+}
+
+/// Any integer width, as RabbitMQ accepts for numeric arguments (`i128` so a `u64` above
+/// `i64::MAX` is still a number, not a type error).
+fn int_value(v: &FieldValue) -> Option<i128> {
+    match *v {
+        FieldValue::U64(n) => Some(n as i128),
+        _ => v.as_i64().map(i128::from),
+    }
+}
+
+/// Reads declare arguments for one queue, wording errors as RabbitMQ does.
+struct ArgReader<'a> {
+    queue: &'a str,
+    table: &'a FieldTable,
+}
+
+impl<'a> ArgReader<'a> {
+    fn invalid(&self, key: &str, detail: impl fmt::Display) -> CoreError {
+        CoreError::PreconditionFailed(format!("invalid arg '{key}' for queue '{}': {detail}", self.queue))
+    }
+    fn unacceptable(&self, key: &str, v: &FieldValue) -> CoreError {
+        self.invalid(key, format_args!("{{unacceptable_type,{}}}", type_name(v)))
+    }
+    fn int(&self, key: &str) -> Result<Option<i128>, CoreError> {
+        match self.table.get(key) {
+            None => Ok(None),
+            Some(v) => int_value(v).map(Some).ok_or_else(|| self.unacceptable(key, v)),
+        }
+    }
+    fn non_negative(&self, key: &str) -> Result<Option<u64>, CoreError> {
+        match self.int(key)? {
+            None => Ok(None),
+            Some(n) if n < 0 => Err(self.invalid(key, format_args!("{{value_negative,{n}}}"))),
+            Some(n) => Ok(Some(u64::try_from(n).unwrap_or(u64::MAX))),
+        }
+    }
+    fn expiry(&self, key: &str, zero_allowed: bool) -> Result<Option<u64>, CoreError> {
+        match self.int(key)? {
+            None => Ok(None),
+            Some(0) if !zero_allowed => Err(self.invalid(key, "{value_zero,0}")),
+            Some(n) if n < 0 => Err(self.invalid(key, format_args!("{{value_negative,{n}}}"))),
+            Some(n) if n > MAX_EXPIRY_MILLIS => Err(self.invalid(key, format_args!("{{value_too_large,{n}}}"))),
+            Some(n) => Ok(Some(n as u64)),
+        }
+    }
+    /// A long string (`S`), kept as the bytes received.
+    fn longstr(&self, key: &str) -> Result<Option<&'a Bytes>, CoreError> {
+        match self.table.get(key) {
+            None => Ok(None),
+            Some(FieldValue::LongString(b)) => Ok(Some(b)),
+            Some(v) => Err(self.unacceptable(key, v)),
+        }
+    }
+}
+
 impl QueueArgs {
     /// Parses and validates declare arguments the way RabbitMQ does; an invalid value is a
     /// [`CoreError::PreconditionFailed`] naming the argument. Unknown arguments are ignored.
-    pub fn from_table(_table: &FieldTable) -> Result<QueueArgs, CoreError> {
-        unimplemented!("queue helper")
+    /// The queue's name is not known here, so errors say `for queue ''`; [`QueueArgs::from_table_for`]
+    /// (used by [`Queue::new`]) names it.
+    pub fn from_table(table: &FieldTable) -> Result<QueueArgs, CoreError> {
+        QueueArgs::parse("", table)
+    }
+
+    /// [`QueueArgs::from_table`] with the queue's name in error texts, as RabbitMQ words them:
+    /// `invalid arg 'x-message-ttl' for queue 'q': {value_negative,-1}`.
+    pub fn from_table_for(queue: &QueueName, table: &FieldTable) -> Result<QueueArgs, CoreError> {
+        QueueArgs::parse(&queue.to_string_lossy(), table)
+    }
+
+    fn parse(queue: &str, table: &FieldTable) -> Result<QueueArgs, CoreError> {
+        let r = ArgReader { queue, table };
+        if let Some(v) = table.get("x-queue-type") {
+            match v {
+                FieldValue::LongString(b) if b.as_ref() == b"classic" => {}
+                FieldValue::LongString(b) => {
+                    return Err(r.invalid(
+                        "x-queue-type",
+                        format_args!("{{unsupported_queue_type,{}}}", String::from_utf8_lossy(b)),
+                    ))
+                }
+                v => return Err(r.unacceptable("x-queue-type", v)),
+            }
+        }
+        let overflow = match r.longstr("x-overflow")? {
+            None => Overflow::DropHead,
+            Some(b) => match b.as_ref() {
+                b"drop-head" => Overflow::DropHead,
+                b"reject-publish" => Overflow::RejectPublish,
+                b"reject-publish-dlx" => Overflow::RejectPublishDlx,
+                _ => return Err(r.invalid("x-overflow", "invalid_overflow")),
+            },
+        };
+        let dead_letter_exchange = r.longstr("x-dead-letter-exchange")?.map(|b| ShortString::from_bytes(b.clone()));
+        let dead_letter_routing_key =
+            r.longstr("x-dead-letter-routing-key")?.map(|b| ShortString::from_bytes(b.clone()));
+        if dead_letter_routing_key.is_some() && dead_letter_exchange.is_none() {
+            return Err(r.invalid("x-dead-letter-routing-key", "routing_key_but_no_dlx_defined"));
+        }
+        let max_priority = match r.non_negative("x-max-priority")? {
+            None | Some(0) => None,
+            Some(n) => Some(
+                u8::try_from(n).map_err(|_| r.invalid("x-max-priority", format_args!("{{max_value_exceeded,{n}}}")))?,
+            ),
+        };
+        let single_active_consumer = match table.get("x-single-active-consumer") {
+            None => false,
+            Some(FieldValue::Bool(b)) => *b,
+            Some(v) => return Err(r.unacceptable("x-single-active-consumer", v)),
+        };
+        Ok(QueueArgs {
+            message_ttl: r.expiry("x-message-ttl", true)?,
+            expires: r.expiry("x-expires", false)?,
+            max_length: r.non_negative("x-max-length")?,
+            max_length_bytes: r.non_negative("x-max-length-bytes")?,
+            overflow,
+            dead_letter_exchange,
+            dead_letter_routing_key,
+            max_priority,
+            single_active_consumer,
+        })
     }
 }
 
@@ -206,22 +350,179 @@ pub struct QueueStats {
     pub ready_bytes: u64,
 }
 
+/// A message in the queue (ready, or unacked inside [`Unacked`]).
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    message: Arc<Message>,
+    /// When it expires: enqueue time + min(queue TTL, per-message TTL). Fixed at enqueue, so
+    /// a requeue does not give it more time.
+    expires_at: Option<Millis>,
+    redelivered: bool,
+}
+
+impl Entry {
+    fn is_expired(&self, now: Millis) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// A delivered message waiting for its ack.
+#[derive(Debug)]
+struct Unacked {
+    entry: Entry,
+    owner: OwnerId,
+    /// `None` for a `get`.
+    consumer: Option<ConsumerId>,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    id: ConsumerId,
+    spec: ConsumerSpec,
+    /// Unacked deliveries to this consumer, counted against `spec.prefetch`.
+    unacked: u32,
+    /// When it was last served (a queue-local counter): among consumers of equal priority the
+    /// least recently served goes next, which is round-robin.
+    last_served: u64,
+}
+
+impl Consumer {
+    fn has_credit(&self) -> bool {
+        self.spec.no_ack || self.spec.prefetch == 0 || self.unacked < self.spec.prefetch
+    }
+}
+
+#[derive(Debug)]
+struct QueueState {
+    /// Ready messages, one FIFO per priority level; the highest index is served first. A queue
+    /// without `x-max-priority` has one level.
+    levels: Vec<VecDeque<Entry>>,
+    ready_count: u64,
+    ready_bytes: u64,
+    unacked: HashMap<u64, Unacked>,
+    /// In registration order (the first is the single active consumer).
+    consumers: Vec<Consumer>,
+    next_seq: u64,
+    serve_clock: u64,
+    /// For `x-expires`: creation, consume, cancel, get, touch.
+    last_used: Millis,
+    /// For auto-delete: only a queue that has had a consumer is deleted when the last leaves.
+    had_consumer: bool,
+    /// Set by `shutdown`: the queue takes no more messages or consumers.
+    closed: bool,
+    /// A dead-letter cycle is logged once per queue, not once per message.
+    cycle_warned: bool,
+}
+
+impl QueueState {
+    fn ready_at_or_above(&self, level: usize) -> bool {
+        self.levels[level..].iter().any(|l| !l.is_empty())
+    }
+
+    /// The consumer to serve next: able to take a message (credit and room), highest priority,
+    /// least recently served. With single active consumer only the first registered qualifies.
+    fn pick_consumer(&self, single_active: bool) -> Option<usize> {
+        if single_active {
+            let c = self.consumers.first()?;
+            return (c.has_credit() && c.spec.sink.has_room()).then_some(0);
+        }
+        let mut best: Option<usize> = None;
+        for (i, c) in self.consumers.iter().enumerate() {
+            if !c.has_credit() {
+                continue;
+            }
+            if let Some(b) = best {
+                let b = &self.consumers[b];
+                let better = c.spec.priority > b.spec.priority
+                    || (c.spec.priority == b.spec.priority && c.last_served < b.last_served);
+                if !better {
+                    continue;
+                }
+            }
+            // Asked last: `has_room` may take the sink's own lock.
+            if c.spec.sink.has_room() {
+                best = Some(i);
+            }
+        }
+        best
+    }
+
+    fn push_ready(&mut self, level: usize, entry: Entry) {
+        self.ready_count += 1;
+        self.ready_bytes += entry.message.body_size() as u64;
+        self.levels[level].push_back(entry);
+    }
+
+    /// Puts a message back at its original place (by seq) in its level.
+    fn requeue(&mut self, level: usize, mut entry: Entry) {
+        entry.redelivered = true;
+        self.ready_count += 1;
+        self.ready_bytes += entry.message.body_size() as u64;
+        let l = &mut self.levels[level];
+        let at = l.partition_point(|e| e.seq < entry.seq);
+        l.insert(at, entry);
+    }
+
+    fn pop_level(&mut self, level: usize) -> Option<Entry> {
+        let e = self.levels[level].pop_front()?;
+        self.ready_count -= 1;
+        self.ready_bytes -= e.message.body_size() as u64;
+        Some(e)
+    }
+
+    /// Frees the credit an unacked message held with its consumer.
+    fn release_credit(&mut self, consumer: Option<ConsumerId>) {
+        if let Some(id) = consumer {
+            if let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) {
+                c.unacked = c.unacked.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Takes an unacked message out, freeing its consumer's credit.
+    fn take_unacked(&mut self, seq: u64) -> Result<Unacked, CoreError> {
+        let u = self
+            .unacked
+            .remove(&seq)
+            .ok_or_else(|| CoreError::PreconditionFailed(format!("unknown delivery tag {seq}")))?;
+        self.release_credit(u.consumer);
+        Ok(u)
+    }
+}
+
+fn lock_state(m: &Mutex<QueueState>) -> MutexGuard<'_, QueueState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A queue.
 #[derive(Debug)]
 pub struct Queue {
     name: QueueName,
     options: QueueOptions,
     args: QueueArgs,
-    #[allow(dead_code)]
-    state: Mutex<()>,
+    state: Mutex<QueueState>,
 }
 
 impl Queue {
     /// Makes a queue; validates `options.arguments` into [`QueueArgs`].
     pub fn new(name: QueueName, options: QueueOptions, now: Millis) -> Result<Queue, CoreError> {
-        let _ = now;
-        let args = QueueArgs::from_table(&options.arguments)?;
-        Ok(Queue { name, options, args, state: Mutex::new(()) })
+        let args = QueueArgs::from_table_for(&name, &options.arguments)?;
+        let levels = (0..=args.max_priority.unwrap_or(0)).map(|_| VecDeque::new()).collect();
+        let state = QueueState {
+            levels,
+            ready_count: 0,
+            ready_bytes: 0,
+            unacked: HashMap::new(),
+            consumers: Vec::new(),
+            next_seq: 1,
+            serve_clock: 0,
+            last_used: now,
+            had_consumer: false,
+            closed: false,
+            cycle_warned: false,
+        };
+        Ok(Queue { name, options, args, state: Mutex::new(state) })
     }
     pub fn name(&self) -> &QueueName {
         &self.name
@@ -232,61 +533,1611 @@ impl Queue {
     pub fn args(&self) -> &QueueArgs {
         &self.args
     }
-    /// Offers a message; delivers at once to a consumer with room, or keeps it ready.
-    pub fn enqueue(&self, _message: Arc<Message>, _now: Millis) -> (EnqueueOutcome, Effects) {
-        unimplemented!("queue helper")
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        lock_state(&self.state)
     }
+
+    /// The priority level of a message: its priority capped at `x-max-priority`.
+    fn level_of(&self, message: &Message) -> usize {
+        match self.args.max_priority {
+            None => 0,
+            Some(max) => message.properties.priority.unwrap_or(0).min(max) as usize,
+        }
+    }
+
+    fn expiry_of(&self, message: &Message, now: Millis) -> Option<Millis> {
+        let ttl = match (self.args.message_ttl, message.properties.ttl_millis()) {
+            (Some(q), Some(m)) => q.min(m),
+            (q, m) => q.or(m)?,
+        };
+        Some(now.saturating_add(ttl))
+    }
+
+    fn over_limits(&self, st: &QueueState, extra_count: u64, extra_bytes: u64) -> bool {
+        self.args.max_length.is_some_and(|m| st.ready_count + extra_count > m)
+            || self.args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
+    }
+
+    /// Records a message that left the queue for good, for the store.
+    fn forget(&self, message: &Message, seq: u64, fx: &mut Effects) {
+        if self.options.durable && message.is_persistent() {
+            fx.forgotten.push(seq);
+        }
+    }
+
+    /// A message leaves for good with a dead-letter reason: dead-lettered if the queue has a
+    /// dead-letter exchange, dropped otherwise.
+    fn discard(&self, st: &mut QueueState, entry: Entry, reason: DeadLetterReason, now: Millis, fx: &mut Effects) {
+        self.forget(&entry.message, entry.seq, fx);
+        self.dead_letter(st, &entry.message, reason, now, fx);
+    }
+
+    /// Hands a message to consumer `i`.
+    fn deliver_to(&self, st: &mut QueueState, i: usize, entry: Entry, fx: &mut Effects) {
+        st.serve_clock += 1;
+        let clock = st.serve_clock;
+        let c = &mut st.consumers[i];
+        c.last_served = clock;
+        let (seq, redelivered, consumer) = (entry.seq, entry.redelivered, Some(c.id));
+        if c.spec.no_ack {
+            self.forget(&entry.message, seq, fx);
+            let delivery = Delivery { queue: self.name.clone(), consumer, seq, message: entry.message, redelivered };
+            c.spec.sink.deliver(delivery);
+        } else {
+            c.unacked += 1;
+            let owner = c.spec.owner;
+            let message = entry.message.clone();
+            c.spec.sink.deliver(Delivery { queue: self.name.clone(), consumer, seq, message, redelivered });
+            st.unacked.insert(seq, Unacked { entry, owner, consumer });
+        }
+    }
+
+    /// Pops the first live ready message, expiring the expired ones met at the heads.
+    fn pop_live(&self, st: &mut QueueState, now: Millis, fx: &mut Effects) -> Option<Entry> {
+        for level in (0..st.levels.len()).rev() {
+            while let Some(e) = st.pop_level(level) {
+                if e.is_expired(now) {
+                    self.discard(st, e, DeadLetterReason::Expired, now, fx);
+                } else {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+
+    /// Removes expired messages at the head of every level.
+    fn expire_heads(&self, st: &mut QueueState, now: Millis, fx: &mut Effects) {
+        for level in 0..st.levels.len() {
+            while st.levels[level].front().is_some_and(|e| e.is_expired(now)) {
+                if let Some(e) = st.pop_level(level) {
+                    self.discard(st, e, DeadLetterReason::Expired, now, fx);
+                }
+            }
+        }
+    }
+
+    /// `drop-head`: drops (dead-letters) messages from the head until the limits hold.
+    fn drop_head_to_limits(&self, st: &mut QueueState, now: Millis, fx: &mut Effects) {
+        if self.args.overflow != Overflow::DropHead {
+            return;
+        }
+        while st.ready_count > 0 && self.over_limits(st, 0, 0) {
+            let Some(level) = st.levels.iter().rposition(|l| !l.is_empty()) else {
+                break;
+            };
+            if let Some(e) = st.pop_level(level) {
+                self.discard(st, e, DeadLetterReason::MaxLen, now, fx);
+            }
+        }
+    }
+
+    fn pump_locked(&self, st: &mut QueueState, now: Millis, fx: &mut Effects) {
+        while st.ready_count > 0 {
+            let Some(i) = st.pick_consumer(self.args.single_active_consumer) else {
+                break;
+            };
+            let Some(entry) = self.pop_live(st, now, fx) else {
+                break;
+            };
+            self.deliver_to(st, i, entry, fx);
+        }
+    }
+
+    /// Builds the dead-lettered copy of `message` and adds it to the effects (or drops it when
+    /// the queue has no dead-letter exchange or the message is in a dead-letter cycle).
+    fn dead_letter(
+        &self,
+        st: &mut QueueState,
+        message: &Message,
+        reason: DeadLetterReason,
+        now: Millis,
+        fx: &mut Effects,
+    ) {
+        let Some(dlx) = &self.args.dead_letter_exchange else {
+            return;
+        };
+        let queue = self.name.as_bytes();
+        let old_deaths = match message.properties.header("x-death") {
+            Some(FieldValue::Array(a)) => a.as_slice(),
+            _ => &[],
+        };
+        if reason != DeadLetterReason::Rejected && is_cycle(old_deaths, queue) {
+            if !st.cycle_warned {
+                st.cycle_warned = true;
+                tracing::warn!(
+                    queue = %self.name,
+                    reason = reason.as_str(),
+                    "dead-letter cycle detected, message dropped (logged once per queue)"
+                );
+            }
+            return;
+        }
+
+        let mut m = message.clone();
+        let original_expiration = m.properties.expiration.take();
+        let exchange = FieldValue::LongString(message.exchange.bytes().clone());
+        let queue_value = FieldValue::LongString(self.name.bytes().clone());
+        let reason_value = FieldValue::LongString(Bytes::from_static(reason.as_str().as_bytes()));
+        let headers = m.properties.headers.get_or_insert_with(FieldTable::new);
+        let mut deaths = match headers.remove("x-death") {
+            Some(FieldValue::Array(a)) => a,
+            _ => Vec::new(),
+        };
+        let same = deaths.iter().position(|d| match d {
+            FieldValue::Table(t) => {
+                t.get("queue").is_some_and(|q| bytes_of(q) == Some(queue))
+                    && t.get("reason").is_some_and(|r| bytes_of(r) == Some(reason.as_str().as_bytes()))
+            }
+            _ => false,
+        });
+        let death = match same {
+            Some(i) => {
+                let mut d = deaths.remove(i);
+                if let FieldValue::Table(t) = &mut d {
+                    let count = t.get("count").and_then(FieldValue::as_i64).unwrap_or(0);
+                    t.insert("count", FieldValue::I64(count.saturating_add(1)));
+                }
+                d
+            }
+            None => {
+                // Keys sorted, as RabbitMQ writes the table.
+                let mut t = FieldTable::new();
+                t.insert("count", FieldValue::I64(1));
+                t.insert("exchange", exchange.clone());
+                if let Some(exp) = &original_expiration {
+                    t.insert("original-expiration", FieldValue::LongString(exp.bytes().clone()));
+                }
+                t.insert("queue", queue_value.clone());
+                t.insert("reason", reason_value.clone());
+                t.insert(
+                    "routing-keys",
+                    FieldValue::Array(vec![FieldValue::LongString(message.routing_key.bytes().clone())]),
+                );
+                t.insert("time", FieldValue::Timestamp(now / 1000));
+                FieldValue::Table(t)
+            }
+        };
+        deaths.insert(0, death);
+        headers.insert("x-death", FieldValue::Array(deaths));
+        for (key, value) in [
+            ("x-first-death-reason", &reason_value),
+            ("x-first-death-queue", &queue_value),
+            ("x-first-death-exchange", &exchange),
+        ] {
+            if headers.get(key).is_none() {
+                headers.insert(key, value.clone());
+            }
+        }
+        headers.insert("x-last-death-reason", reason_value);
+        headers.insert("x-last-death-queue", queue_value);
+        headers.insert("x-last-death-exchange", exchange);
+
+        m.exchange = dlx.clone();
+        if let Some(rk) = &self.args.dead_letter_routing_key {
+            m.routing_key = rk.clone();
+        }
+        fx.dead_letters.push(DeadLetter {
+            exchange: m.exchange.clone(),
+            routing_key: m.routing_key.clone(),
+            message: Arc::new(m),
+        });
+    }
+
+    /// Offers a message; delivers at once to a consumer with room, or keeps it ready.
+    pub fn enqueue(&self, message: Arc<Message>, now: Millis) -> (EnqueueOutcome, Effects) {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.closed {
+            return (EnqueueOutcome::Rejected, fx);
+        }
+        let level = self.level_of(&message);
+        let expires_at = self.expiry_of(&message, now);
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let entry = Entry { seq, message, expires_at, redelivered: false };
+
+        // Straight to a consumer when nothing is ahead of it and one can take it now.
+        if !st.consumers.is_empty() {
+            if st.ready_at_or_above(level) {
+                // Credit may have come back without a pump: let the older messages go first.
+                self.pump_locked(st, now, &mut fx);
+            }
+            if !st.ready_at_or_above(level) {
+                if let Some(i) = st.pick_consumer(self.args.single_active_consumer) {
+                    self.deliver_to(st, i, entry, &mut fx);
+                    return (EnqueueOutcome::Accepted { seq }, fx);
+                }
+            }
+        }
+        // TTL 0: only a consumer ready at once would have got it.
+        if entry.is_expired(now) {
+            self.discard(st, entry, DeadLetterReason::Expired, now, &mut fx);
+            return (EnqueueOutcome::Accepted { seq }, fx);
+        }
+        let size = entry.message.body_size() as u64;
+        if self.args.overflow != Overflow::DropHead && self.over_limits(st, 1, size) {
+            self.expire_heads(st, now, &mut fx);
+            if self.over_limits(st, 1, size) {
+                // Never entered the queue: nothing for the store to forget.
+                if self.args.overflow == Overflow::RejectPublishDlx {
+                    self.dead_letter(st, &entry.message, DeadLetterReason::MaxLen, now, &mut fx);
+                }
+                return (EnqueueOutcome::Rejected, fx);
+            }
+        }
+        st.push_ready(level, entry);
+        if self.over_limits(st, 0, 0) {
+            self.expire_heads(st, now, &mut fx);
+            self.drop_head_to_limits(st, now, &mut fx);
+        }
+        (EnqueueOutcome::Accepted { seq }, fx)
+    }
+
+    /// Puts back a message recovered from the store at start-up, at its place by `seq`, marked
+    /// redelivered (it may have been delivered before the restart). Its TTL counts from `now`.
+    /// Later enqueues get higher sequence numbers. Length limits are not applied.
+    pub fn restore(&self, seq: u64, message: Arc<Message>, now: Millis) {
+        let mut st = self.lock();
+        let level = self.level_of(&message);
+        let expires_at = self.expiry_of(&message, now);
+        st.next_seq = st.next_seq.max(seq.saturating_add(1));
+        st.requeue(level, Entry { seq, message, expires_at, redelivered: true });
+    }
+
     /// Adds a consumer. Refused with `AccessRefused` when an exclusive consumer is there or
     /// when `spec.exclusive` and any consumer is there.
-    pub fn consume(&self, _spec: ConsumerSpec, _now: Millis) -> Result<(ConsumerId, Effects), CoreError> {
-        unimplemented!("queue helper")
+    pub fn consume(&self, spec: ConsumerSpec, now: Millis) -> Result<(ConsumerId, Effects), CoreError> {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.closed {
+            return Err(CoreError::NotFound(format!("no queue '{}'", self.name)));
+        }
+        if (spec.exclusive && !st.consumers.is_empty()) || st.consumers.iter().any(|c| c.spec.exclusive) {
+            return Err(CoreError::AccessRefused(format!("queue '{}' in exclusive use", self.name)));
+        }
+        let id = ConsumerId::next();
+        // A newcomer queues behind the consumers already there for round-robin.
+        st.serve_clock += 1;
+        st.consumers.push(Consumer { id, spec, unacked: 0, last_served: st.serve_clock });
+        st.had_consumer = true;
+        st.last_used = now;
+        self.pump_locked(st, now, &mut fx);
+        Ok((id, fx))
     }
+
     /// Removes a consumer; its unacked messages stay with its owner.
-    pub fn cancel(&self, _consumer: ConsumerId, _now: Millis) -> Effects {
-        unimplemented!("queue helper")
+    pub fn cancel(&self, consumer: ConsumerId, now: Millis) -> Effects {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(i) = st.consumers.iter().position(|c| c.id == consumer) else {
+            return fx;
+        };
+        st.consumers.remove(i);
+        st.last_used = now;
+        if st.consumers.is_empty() {
+            fx.delete_queue = self.options.auto_delete && st.had_consumer;
+        } else {
+            // With single active consumer the next one may just have become active.
+            self.pump_locked(st, now, &mut fx);
+        }
+        fx
     }
+
     /// Takes one ready message (AMQP basic.get), with the count of messages left.
-    pub fn get(&self, _owner: OwnerId, _no_ack: bool, _now: Millis) -> (Option<(Delivery, u32)>, Effects) {
-        unimplemented!("queue helper")
+    pub fn get(&self, owner: OwnerId, no_ack: bool, now: Millis) -> (Option<(Delivery, u32)>, Effects) {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.last_used = now;
+        let Some(entry) = self.pop_live(st, now, &mut fx) else {
+            return (None, fx);
+        };
+        let delivery = Delivery {
+            queue: self.name.clone(),
+            consumer: None,
+            seq: entry.seq,
+            message: entry.message.clone(),
+            redelivered: entry.redelivered,
+        };
+        if no_ack {
+            self.forget(&entry.message, entry.seq, &mut fx);
+        } else {
+            st.unacked.insert(entry.seq, Unacked { entry, owner, consumer: None });
+        }
+        let left = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
+        (Some((delivery, left)), fx)
     }
+
     /// Acknowledges an unacked message.
-    pub fn ack(&self, _seq: u64, _now: Millis) -> Result<Effects, CoreError> {
-        unimplemented!("queue helper")
+    pub fn ack(&self, seq: u64, now: Millis) -> Result<Effects, CoreError> {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let u = st.take_unacked(seq)?;
+        self.forget(&u.entry.message, u.entry.seq, &mut fx);
+        self.pump_locked(st, now, &mut fx);
+        Ok(fx)
     }
+
     /// Rejects an unacked message: back to its place in the queue (redelivered) or dead-lettered.
-    pub fn reject(&self, _seq: u64, _requeue: bool, _now: Millis) -> Result<Effects, CoreError> {
-        unimplemented!("queue helper")
+    pub fn reject(&self, seq: u64, requeue: bool, now: Millis) -> Result<Effects, CoreError> {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let u = st.take_unacked(seq)?;
+        if requeue {
+            st.requeue(self.level_of(&u.entry.message), u.entry);
+            self.pump_locked(st, now, &mut fx);
+            self.drop_head_to_limits(st, now, &mut fx);
+        } else {
+            self.discard(st, u.entry, DeadLetterReason::Rejected, now, &mut fx);
+            self.pump_locked(st, now, &mut fx);
+        }
+        Ok(fx)
     }
+
     /// Requeues every unacked message of `owner` (channel closed, basic.recover requeue=true).
-    pub fn release_owner(&self, _owner: OwnerId, _now: Millis) -> Effects {
-        unimplemented!("queue helper")
+    pub fn release_owner(&self, owner: OwnerId, now: Millis) -> Effects {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let seqs: Vec<u64> = st.unacked.iter().filter(|(_, u)| u.owner == owner).map(|(&s, _)| s).collect();
+        if seqs.is_empty() {
+            return fx;
+        }
+        for seq in seqs {
+            if let Ok(u) = st.take_unacked(seq) {
+                st.requeue(self.level_of(&u.entry.message), u.entry);
+            }
+        }
+        self.pump_locked(st, now, &mut fx);
+        self.drop_head_to_limits(st, now, &mut fx);
+        fx
     }
+
     /// Delivers to consumers that have room again.
-    pub fn pump(&self, _now: Millis) -> Effects {
-        unimplemented!("queue helper")
+    pub fn pump(&self, now: Millis) -> Effects {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        self.pump_locked(&mut guard, now, &mut fx);
+        fx
     }
+
     /// Expires messages whose TTL has passed, checks `x-expires`; returns the next deadline.
-    pub fn tick(&self, _now: Millis) -> (Effects, Option<Millis>) {
-        unimplemented!("queue helper")
+    pub fn tick(&self, now: Millis) -> (Effects, Option<Millis>) {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        self.expire_heads(st, now, &mut fx);
+        let mut next = st.levels.iter().filter_map(|l| l.front()?.expires_at).min();
+        if let Some(expires) = self.args.expires {
+            if st.consumers.is_empty() && !st.closed {
+                let deadline = st.last_used.saturating_add(expires);
+                if now >= deadline {
+                    fx.delete_queue = true;
+                } else {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+            }
+        }
+        (fx, next)
     }
+
     /// Marks the queue as used now (a redeclare), for `x-expires`.
-    pub fn touch(&self, _now: Millis) {
-        unimplemented!("queue helper")
+    pub fn touch(&self, now: Millis) {
+        self.lock().last_used = now;
     }
+
     /// Removes every ready message; returns how many.
     pub fn purge(&self, _now: Millis) -> (u32, Effects) {
-        unimplemented!("queue helper")
+        let mut fx = Effects::default();
+        let mut st = self.lock();
+        let count = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
+        for level in st.levels.iter_mut() {
+            for e in level.drain(..) {
+                self.forget(&e.message, e.seq, &mut fx);
+            }
+        }
+        st.ready_count = 0;
+        st.ready_bytes = 0;
+        (count, fx)
     }
+
     /// Checks delete's `if_unused` / `if_empty` conditions.
-    pub fn check_delete(&self, _if_unused: bool, _if_empty: bool) -> Result<(), CoreError> {
-        unimplemented!("queue helper")
+    pub fn check_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), CoreError> {
+        let st = self.lock();
+        if if_unused && !st.consumers.is_empty() {
+            return Err(CoreError::PreconditionFailed(format!("queue '{}' in use", self.name)));
+        }
+        if if_empty && st.ready_count > 0 {
+            return Err(CoreError::PreconditionFailed(format!("queue '{}' not empty", self.name)));
+        }
+        Ok(())
     }
+
     /// Tears the queue down: cancels every consumer (notifying their sinks) and returns the
     /// number of messages it held.
+    ///
+    /// The count is of ready messages (AMQP delete-ok's `message-count`). The effects are empty:
+    /// the store's queue deletion removes every message of the queue at once. Afterwards the
+    /// queue refuses messages (`Rejected`) and consumers (`NotFound`).
     pub fn shutdown(&self) -> (u32, Effects) {
-        unimplemented!("queue helper")
+        let mut st = self.lock();
+        let count = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
+        for c in st.consumers.drain(..) {
+            c.spec.sink.cancelled(&self.name, c.id);
+        }
+        for level in st.levels.iter_mut() {
+            level.clear();
+        }
+        st.unacked.clear();
+        st.ready_count = 0;
+        st.ready_bytes = 0;
+        st.closed = true;
+        (count, Effects::default())
     }
+
     pub fn stats(&self) -> QueueStats {
-        unimplemented!("queue helper")
+        let st = self.lock();
+        QueueStats {
+            ready: u32::try_from(st.ready_count).unwrap_or(u32::MAX),
+            unacked: u32::try_from(st.unacked.len()).unwrap_or(u32::MAX),
+            consumers: u32::try_from(st.consumers.len()).unwrap_or(u32::MAX),
+            ready_bytes: st.ready_bytes,
+        }
+    }
+}
+
+/// The bytes of a string field value (`S` or `x`).
+fn bytes_of(v: &FieldValue) -> Option<&[u8]> {
+    match v {
+        FieldValue::LongString(b) | FieldValue::Bytes(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// RabbitMQ's cycle rule: walking `x-death` from the newest entry, meeting this queue before
+/// any `rejected` death means the message went round without a client's decision — drop it.
+/// An entry that is not a table was put there by a client, so it breaks the cycle too.
+fn is_cycle(deaths: &[FieldValue], queue: &[u8]) -> bool {
+    for d in deaths {
+        let FieldValue::Table(t) = d else {
+            return false;
+        };
+        if t.get("reason").and_then(bytes_of) == Some(b"rejected".as_slice()) {
+            return false;
+        }
+        if t.get("queue").and_then(bytes_of) == Some(queue) {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{DeliveryMode, Properties};
+    use std::sync::atomic::AtomicUsize;
+
+    const UNLIMITED: usize = usize::MAX;
+
+    /// A consumer sink that takes `room` more deliveries (`UNLIMITED` for no bound).
+    #[derive(Debug)]
+    struct TestSink {
+        room: AtomicUsize,
+        got: Mutex<Vec<Delivery>>,
+        cancelled: Mutex<Vec<ConsumerId>>,
+    }
+
+    impl TestSink {
+        fn new() -> Arc<TestSink> {
+            TestSink::with_room(UNLIMITED)
+        }
+        fn with_room(room: usize) -> Arc<TestSink> {
+            Arc::new(TestSink {
+                room: AtomicUsize::new(room),
+                got: Mutex::new(Vec::new()),
+                cancelled: Mutex::new(Vec::new()),
+            })
+        }
+        fn set_room(&self, room: usize) {
+            self.room.store(room, Ordering::SeqCst);
+        }
+        fn take(&self) -> Vec<Delivery> {
+            std::mem::take(&mut *self.got.lock().unwrap())
+        }
+        fn bodies(&self) -> Vec<String> {
+            bodies(&self.take())
+        }
+    }
+
+    impl ConsumerSink for TestSink {
+        fn has_room(&self) -> bool {
+            self.room.load(Ordering::SeqCst) > 0
+        }
+        fn deliver(&self, delivery: Delivery) {
+            let _ = self
+                .room
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| (r != UNLIMITED).then(|| r.saturating_sub(1)));
+            self.got.lock().unwrap().push(delivery);
+        }
+        fn cancelled(&self, _queue: &QueueName, consumer: ConsumerId) {
+            self.cancelled.lock().unwrap().push(consumer);
+        }
+    }
+
+    fn body(d: &Delivery) -> String {
+        String::from_utf8(d.message.payload.to_vec()).unwrap()
+    }
+    fn bodies(ds: &[Delivery]) -> Vec<String> {
+        ds.iter().map(body).collect()
+    }
+
+    fn table(pairs: Vec<(&str, FieldValue)>) -> FieldTable {
+        pairs.into_iter().map(|(k, v)| (ShortString::from(k), v)).collect()
+    }
+    fn s(text: &str) -> FieldValue {
+        FieldValue::string(text)
+    }
+    fn parse(pairs: Vec<(&str, FieldValue)>) -> Result<QueueArgs, CoreError> {
+        QueueArgs::from_table_for(&"q".into(), &table(pairs))
+    }
+    fn refused(pairs: Vec<(&str, FieldValue)>) -> String {
+        match parse(pairs) {
+            Err(CoreError::PreconditionFailed(text)) => text,
+            other => panic!("expected PreconditionFailed, got {other:?}"),
+        }
+    }
+
+    fn queue(pairs: Vec<(&str, FieldValue)>) -> Queue {
+        Queue::new("q".into(), QueueOptions { arguments: table(pairs), ..Default::default() }, 0).unwrap()
+    }
+    fn durable_queue(pairs: Vec<(&str, FieldValue)>) -> Queue {
+        Queue::new("q".into(), QueueOptions { durable: true, arguments: table(pairs), ..Default::default() }, 0)
+            .unwrap()
+    }
+    fn dlx_queue(mut pairs: Vec<(&str, FieldValue)>) -> Queue {
+        pairs.push(("x-dead-letter-exchange", s("dlx")));
+        queue(pairs)
+    }
+
+    fn msg(text: &str) -> Arc<Message> {
+        msg_with(text, Properties::default())
+    }
+    fn msg_with(text: &str, properties: Properties) -> Arc<Message> {
+        Arc::new(Message::new("ex", "rk", Bytes::copy_from_slice(text.as_bytes())).with_properties(properties))
+    }
+    fn with_priority(text: &str, p: u8) -> Arc<Message> {
+        msg_with(text, Properties { priority: Some(p), ..Default::default() })
+    }
+    fn with_expiration(text: &str, ms: &str) -> Arc<Message> {
+        msg_with(text, Properties { expiration: Some(ms.into()), ..Default::default() })
+    }
+    fn persistent(text: &str) -> Arc<Message> {
+        msg_with(text, Properties { delivery_mode: Some(DeliveryMode::Persistent), ..Default::default() })
+    }
+
+    fn spec(sink: &Arc<TestSink>, owner: u64) -> ConsumerSpec {
+        ConsumerSpec {
+            tag: "ctag".into(),
+            owner: OwnerId(owner),
+            connection: ConnectionId(1),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+            sink: sink.clone(),
+        }
+    }
+
+    fn put(q: &Queue, m: Arc<Message>, now: Millis) -> u64 {
+        match q.enqueue(m, now).0 {
+            EnqueueOutcome::Accepted { seq } => seq,
+            EnqueueOutcome::Rejected => panic!("rejected"),
+        }
+    }
+    fn get_body(q: &Queue, now: Millis) -> Option<String> {
+        q.get(OwnerId(99), true, now).0.map(|(d, _)| body(&d))
+    }
+    fn drain(q: &Queue, now: Millis) -> Vec<String> {
+        std::iter::from_fn(|| get_body(q, now)).collect()
+    }
+
+    fn header_str(m: &Message, key: &str) -> Option<String> {
+        m.properties.header(key).and_then(FieldValue::as_str).map(str::to_string)
+    }
+    fn deaths(m: &Message) -> Vec<FieldTable> {
+        match m.properties.header("x-death") {
+            Some(FieldValue::Array(a)) => a
+                .iter()
+                .map(|d| match d {
+                    FieldValue::Table(t) => t.clone(),
+                    other => panic!("x-death entry is not a table: {other:?}"),
+                })
+                .collect(),
+            other => panic!("no x-death array: {other:?}"),
+        }
+    }
+    fn field_str(t: &FieldTable, key: &str) -> Option<String> {
+        t.get(key).and_then(FieldValue::as_str).map(str::to_string)
+    }
+
+    // ---- arguments ----
+
+    #[test]
+    fn absent_arguments_give_defaults() {
+        assert_eq!(parse(vec![]).unwrap(), QueueArgs::default());
+    }
+
+    #[test]
+    fn unknown_arguments_are_ignored() {
+        assert_eq!(parse(vec![("x-whatever", s("x")), ("x-queue-mode", s("lazy"))]).unwrap(), QueueArgs::default());
+    }
+
+    #[test]
+    fn integer_arguments_accept_every_width() {
+        let values = [
+            FieldValue::I8(7),
+            FieldValue::U8(7),
+            FieldValue::I16(7),
+            FieldValue::U16(7),
+            FieldValue::I32(7),
+            FieldValue::U32(7),
+            FieldValue::I64(7),
+            FieldValue::U64(7),
+        ];
+        for v in values {
+            let a = parse(vec![
+                ("x-message-ttl", v.clone()),
+                ("x-expires", v.clone()),
+                ("x-max-length", v.clone()),
+                ("x-max-length-bytes", v.clone()),
+                ("x-max-priority", v.clone()),
+            ])
+            .unwrap();
+            assert_eq!(
+                (a.message_ttl, a.expires, a.max_length, a.max_length_bytes, a.max_priority),
+                (Some(7), Some(7), Some(7), Some(7), Some(7)),
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn message_ttl_accepts_zero_and_refuses_negative_or_text() {
+        assert_eq!(parse(vec![("x-message-ttl", FieldValue::I32(0))]).unwrap().message_ttl, Some(0));
+        assert_eq!(
+            refused(vec![("x-message-ttl", FieldValue::I32(-1))]),
+            "invalid arg 'x-message-ttl' for queue 'q': {value_negative,-1}"
+        );
+        assert_eq!(
+            refused(vec![("x-message-ttl", s("1000"))]),
+            "invalid arg 'x-message-ttl' for queue 'q': {unacceptable_type,longstr}"
+        );
+        assert_eq!(
+            refused(vec![("x-message-ttl", FieldValue::I64(4_294_967_296))]),
+            "invalid arg 'x-message-ttl' for queue 'q': {value_too_large,4294967296}"
+        );
+    }
+
+    #[test]
+    fn expires_must_be_a_positive_integer() {
+        assert_eq!(parse(vec![("x-expires", FieldValue::I16(1))]).unwrap().expires, Some(1));
+        assert_eq!(
+            refused(vec![("x-expires", FieldValue::I32(0))]),
+            "invalid arg 'x-expires' for queue 'q': {value_zero,0}"
+        );
+        assert_eq!(
+            refused(vec![("x-expires", FieldValue::I8(-5))]),
+            "invalid arg 'x-expires' for queue 'q': {value_negative,-5}"
+        );
+        assert_eq!(
+            refused(vec![("x-expires", FieldValue::F64(1.0))]),
+            "invalid arg 'x-expires' for queue 'q': {unacceptable_type,double}"
+        );
+    }
+
+    #[test]
+    fn max_length_arguments_must_be_non_negative_integers() {
+        let a = parse(vec![("x-max-length", FieldValue::I32(0)), ("x-max-length-bytes", FieldValue::U64(u64::MAX))])
+            .unwrap();
+        assert_eq!((a.max_length, a.max_length_bytes), (Some(0), Some(u64::MAX)));
+        assert_eq!(
+            refused(vec![("x-max-length", FieldValue::I32(-2))]),
+            "invalid arg 'x-max-length' for queue 'q': {value_negative,-2}"
+        );
+        assert_eq!(
+            refused(vec![("x-max-length-bytes", FieldValue::Bool(true))]),
+            "invalid arg 'x-max-length-bytes' for queue 'q': {unacceptable_type,bool}"
+        );
+    }
+
+    #[test]
+    fn overflow_takes_the_three_rabbitmq_values() {
+        for (text, want) in [
+            ("drop-head", Overflow::DropHead),
+            ("reject-publish", Overflow::RejectPublish),
+            ("reject-publish-dlx", Overflow::RejectPublishDlx),
+        ] {
+            assert_eq!(parse(vec![("x-overflow", s(text))]).unwrap().overflow, want);
+        }
+        assert_eq!(
+            refused(vec![("x-overflow", s("drop-tail"))]),
+            "invalid arg 'x-overflow' for queue 'q': invalid_overflow"
+        );
+        assert_eq!(
+            refused(vec![("x-overflow", FieldValue::I8(1))]),
+            "invalid arg 'x-overflow' for queue 'q': {unacceptable_type,byte}"
+        );
+    }
+
+    #[test]
+    fn dead_letter_routing_key_needs_a_dead_letter_exchange() {
+        let a = parse(vec![("x-dead-letter-exchange", s("")), ("x-dead-letter-routing-key", s("dead"))]).unwrap();
+        assert_eq!(a.dead_letter_exchange, Some("".into()));
+        assert_eq!(a.dead_letter_routing_key, Some("dead".into()));
+        assert_eq!(
+            refused(vec![("x-dead-letter-routing-key", s("dead"))]),
+            "invalid arg 'x-dead-letter-routing-key' for queue 'q': routing_key_but_no_dlx_defined"
+        );
+        assert_eq!(
+            refused(vec![("x-dead-letter-exchange", FieldValue::I32(1))]),
+            "invalid arg 'x-dead-letter-exchange' for queue 'q': {unacceptable_type,signedint}"
+        );
+    }
+
+    #[test]
+    fn max_priority_is_capped_at_255_and_zero_means_none() {
+        assert_eq!(parse(vec![("x-max-priority", FieldValue::U8(0))]).unwrap().max_priority, None);
+        assert_eq!(parse(vec![("x-max-priority", FieldValue::I32(255))]).unwrap().max_priority, Some(255));
+        assert_eq!(
+            refused(vec![("x-max-priority", FieldValue::I32(256))]),
+            "invalid arg 'x-max-priority' for queue 'q': {max_value_exceeded,256}"
+        );
+        assert_eq!(
+            refused(vec![("x-max-priority", FieldValue::I32(-1))]),
+            "invalid arg 'x-max-priority' for queue 'q': {value_negative,-1}"
+        );
+    }
+
+    #[test]
+    fn single_active_consumer_must_be_a_bool() {
+        assert!(parse(vec![("x-single-active-consumer", FieldValue::Bool(true))]).unwrap().single_active_consumer);
+        assert_eq!(
+            refused(vec![("x-single-active-consumer", s("true"))]),
+            "invalid arg 'x-single-active-consumer' for queue 'q': {unacceptable_type,longstr}"
+        );
+    }
+
+    #[test]
+    fn queue_type_must_be_classic() {
+        assert!(parse(vec![("x-queue-type", s("classic"))]).is_ok());
+        assert_eq!(
+            refused(vec![("x-queue-type", s("quorum"))]),
+            "invalid arg 'x-queue-type' for queue 'q': {unsupported_queue_type,quorum}"
+        );
+        assert_eq!(
+            refused(vec![("x-queue-type", FieldValue::Bool(true))]),
+            "invalid arg 'x-queue-type' for queue 'q': {unacceptable_type,bool}"
+        );
+    }
+
+    #[test]
+    fn queue_new_refuses_invalid_arguments_naming_the_queue() {
+        let err = Queue::new(
+            "orders".into(),
+            QueueOptions { arguments: table(vec![("x-max-length", FieldValue::I64(-1))]), ..Default::default() },
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::PreconditionFailed("invalid arg 'x-max-length' for queue 'orders': {value_negative,-1}".into())
+        );
+    }
+
+    // ---- ready messages ----
+
+    #[test]
+    fn ready_messages_come_out_in_fifo_order() {
+        let q = queue(vec![]);
+        for b in ["a", "b", "c"] {
+            put(&q, msg(b), 0);
+        }
+        assert_eq!(drain(&q, 0), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn each_enqueue_gets_a_fresh_increasing_seq() {
+        let q = queue(vec![]);
+        assert_eq!([put(&q, msg("a"), 0), put(&q, msg("b"), 0), put(&q, msg("c"), 0)], [1, 2, 3]);
+    }
+
+    #[test]
+    fn higher_priority_levels_are_served_first_and_capped_at_max_priority() {
+        let q = queue(vec![("x-max-priority", FieldValue::U8(5))]);
+        put(&q, msg("none"), 0);
+        put(&q, with_priority("p1", 1), 0);
+        put(&q, with_priority("p9", 9), 0); // capped to 5
+        put(&q, with_priority("p5", 5), 0);
+        put(&q, with_priority("p1b", 1), 0);
+        assert_eq!(drain(&q, 0), ["p9", "p5", "p1", "p1b", "none"]);
+    }
+
+    #[test]
+    fn without_max_priority_message_priority_is_ignored() {
+        let q = queue(vec![]);
+        put(&q, with_priority("low", 0), 0);
+        put(&q, with_priority("high", 9), 0);
+        assert_eq!(drain(&q, 0), ["low", "high"]);
+    }
+
+    // ---- consumers ----
+
+    #[test]
+    fn consumers_of_equal_priority_are_served_round_robin() {
+        let q = queue(vec![]);
+        let (a, b) = (TestSink::new(), TestSink::new());
+        q.consume(spec(&a, 1), 0).unwrap();
+        q.consume(spec(&b, 1), 0).unwrap();
+        for m in ["1", "2", "3", "4", "5"] {
+            put(&q, msg(m), 0);
+        }
+        assert_eq!(a.bodies(), ["1", "3", "5"]);
+        assert_eq!(b.bodies(), ["2", "4"]);
+    }
+
+    #[test]
+    fn a_new_consumer_receives_the_ready_backlog() {
+        let q = queue(vec![]);
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        let sink = TestSink::new();
+        q.consume(spec(&sink, 1), 0).unwrap();
+        let got = sink.take();
+        assert_eq!(bodies(&got), ["a", "b"]);
+        assert_eq!((got[0].seq, got[0].consumer.is_some(), got[0].queue.clone()), (1, true, "q".into()));
+        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 2, consumers: 1, ready_bytes: 0 });
+    }
+
+    #[test]
+    fn prefetch_bounds_unacked_and_an_ack_frees_credit() {
+        let q = queue(vec![]);
+        let sink = TestSink::new();
+        q.consume(ConsumerSpec { prefetch: 2, ..spec(&sink, 1) }, 0).unwrap();
+        for m in ["a", "b", "c", "d"] {
+            put(&q, msg(m), 0);
+        }
+        let got = sink.take();
+        assert_eq!(bodies(&got), ["a", "b"]);
+        assert_eq!((q.stats().ready, q.stats().unacked), (2, 2));
+        q.ack(got[0].seq, 0).unwrap();
+        assert_eq!(sink.bodies(), ["c"]);
+        assert_eq!((q.stats().ready, q.stats().unacked), (1, 2));
+    }
+
+    #[test]
+    fn a_full_sink_stops_delivery_until_pump() {
+        let q = queue(vec![]);
+        let sink = TestSink::with_room(1);
+        q.consume(spec(&sink, 1), 0).unwrap();
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        put(&q, msg("c"), 0);
+        assert_eq!(sink.bodies(), ["a"]);
+        assert_eq!(q.stats().ready, 2);
+        assert!(q.pump(0).is_empty());
+        assert!(sink.take().is_empty(), "no room, no delivery");
+        sink.set_room(UNLIMITED);
+        q.pump(0);
+        assert_eq!(sink.bodies(), ["b", "c"]);
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn a_message_does_not_overtake_older_ready_ones_when_room_returns() {
+        let q = queue(vec![]);
+        let sink = TestSink::with_room(0);
+        q.consume(spec(&sink, 1), 0).unwrap();
+        put(&q, msg("old"), 0);
+        sink.set_room(UNLIMITED);
+        put(&q, msg("new"), 0);
+        assert_eq!(sink.bodies(), ["old", "new"]);
+    }
+
+    #[test]
+    fn higher_priority_consumer_is_served_while_it_has_credit() {
+        let q = queue(vec![]);
+        let (low, high) = (TestSink::new(), TestSink::new());
+        q.consume(spec(&low, 1), 0).unwrap();
+        q.consume(ConsumerSpec { priority: 10, prefetch: 2, ..spec(&high, 1) }, 0).unwrap();
+        for m in ["1", "2", "3", "4"] {
+            put(&q, msg(m), 0);
+        }
+        let h = high.take();
+        assert_eq!(bodies(&h), ["1", "2"]);
+        assert_eq!(low.bodies(), ["3", "4"]);
+        q.ack(h[0].seq, 0).unwrap();
+        put(&q, msg("5"), 0);
+        assert_eq!(high.bodies(), ["5"]);
+        assert!(low.take().is_empty());
+    }
+
+    #[test]
+    fn an_exclusive_consumer_refuses_others_and_needs_an_empty_queue() {
+        let q = queue(vec![]);
+        let (a, b) = (TestSink::new(), TestSink::new());
+        let refused = CoreError::AccessRefused("queue 'q' in exclusive use".into());
+        q.consume(ConsumerSpec { exclusive: true, ..spec(&a, 1) }, 0).unwrap();
+        assert_eq!(q.consume(spec(&b, 2), 0).unwrap_err(), refused);
+
+        let q2 = queue(vec![]);
+        q2.consume(spec(&a, 1), 0).unwrap();
+        assert_eq!(q2.consume(ConsumerSpec { exclusive: true, ..spec(&b, 2) }, 0).unwrap_err(), refused);
+        assert_eq!(q2.stats().consumers, 1);
+    }
+
+    #[test]
+    fn single_active_consumer_hands_over_to_the_next_registered_on_cancel() {
+        let q = queue(vec![("x-single-active-consumer", FieldValue::Bool(true))]);
+        let (a, b, c) = (TestSink::new(), TestSink::new(), TestSink::new());
+        let (ida, _) = q.consume(ConsumerSpec { prefetch: 1, ..spec(&a, 1) }, 0).unwrap();
+        q.consume(spec(&b, 2), 0).unwrap();
+        q.consume(spec(&c, 3), 0).unwrap();
+        put(&q, msg("1"), 0);
+        put(&q, msg("2"), 0);
+        put(&q, msg("3"), 0);
+        assert_eq!(a.bodies(), ["1"]);
+        assert!(b.take().is_empty() && c.take().is_empty(), "only the active consumer receives");
+        q.cancel(ida, 0);
+        assert_eq!(b.bodies(), ["2", "3"]);
+        assert!(c.take().is_empty());
+    }
+
+    #[test]
+    fn no_ack_deliveries_leave_the_queue_at_once() {
+        let q = durable_queue(vec![]);
+        let sink = TestSink::new();
+        q.consume(ConsumerSpec { no_ack: true, prefetch: 1, ..spec(&sink, 1) }, 0).unwrap();
+        let (_, fx1) = q.enqueue(persistent("a"), 0);
+        let (_, fx2) = q.enqueue(persistent("b"), 0);
+        assert_eq!(sink.bodies(), ["a", "b"], "prefetch does not apply to no-ack consumers");
+        assert_eq!((fx1.forgotten, fx2.forgotten), (vec![1], vec![2]));
+        assert_eq!(q.stats().unacked, 0);
+        assert!(q.ack(1, 0).is_err());
+    }
+
+    #[test]
+    fn get_returns_the_head_with_the_count_left_and_keeps_it_unacked() {
+        let q = queue(vec![]);
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        put(&q, msg("c"), 0);
+        let (got, _) = q.get(OwnerId(7), false, 0);
+        let (d, left) = got.unwrap();
+        assert_eq!((body(&d), left, d.consumer, d.seq, d.redelivered), ("a".to_string(), 2, None, 1, false));
+        assert_eq!((q.stats().ready, q.stats().unacked), (2, 1));
+        q.ack(d.seq, 0).unwrap();
+        assert_eq!(q.stats().unacked, 0);
+        let (d, left) = q.get(OwnerId(7), true, 0).0.unwrap();
+        assert_eq!((body(&d), left), ("b".to_string(), 1));
+        assert_eq!(q.stats().unacked, 0, "get with no-ack leaves nothing unacked");
+    }
+
+    #[test]
+    fn get_on_an_empty_queue_returns_none() {
+        let q = queue(vec![]);
+        assert!(q.get(OwnerId(1), false, 0).0.is_none());
+    }
+
+    #[test]
+    fn ack_of_an_unknown_tag_is_a_precondition_failure() {
+        let q = queue(vec![]);
+        assert_eq!(q.ack(42, 0).unwrap_err(), CoreError::PreconditionFailed("unknown delivery tag 42".into()));
+        assert_eq!(q.reject(42, true, 0).unwrap_err(), CoreError::PreconditionFailed("unknown delivery tag 42".into()));
+        let seq = put(&q, msg("a"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        q.ack(d.seq, 0).unwrap();
+        assert!(q.ack(seq, 0).is_err(), "a second ack of the same tag fails");
+    }
+
+    #[test]
+    fn reject_with_requeue_restores_the_original_position_and_marks_redelivered() {
+        let q = queue(vec![]);
+        for m in ["a", "b", "c"] {
+            put(&q, msg(m), 0);
+        }
+        let (a, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let (b, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        q.reject(b.seq, true, 0).unwrap();
+        q.reject(a.seq, true, 0).unwrap();
+        let got: Vec<(String, bool)> =
+            std::iter::from_fn(|| q.get(OwnerId(1), true, 0).0.map(|(d, _)| (body(&d), d.redelivered))).collect();
+        assert_eq!(got, [("a".to_string(), true), ("b".to_string(), true), ("c".to_string(), false)]);
+    }
+
+    #[test]
+    fn reject_without_requeue_dead_letters_with_x_death() {
+        let q = dlx_queue(vec![]);
+        put(&q, msg("a"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let fx = q.reject(d.seq, false, 7_500).unwrap();
+        assert_eq!(fx.dead_letters.len(), 1);
+        let dl = &fx.dead_letters[0];
+        assert_eq!((dl.exchange.clone(), dl.routing_key.clone()), ("dlx".into(), "rk".into()));
+        assert_eq!((dl.message.exchange.clone(), dl.message.routing_key.clone()), ("dlx".into(), "rk".into()));
+        assert_eq!(dl.message.payload, d.message.payload);
+        let x = deaths(&dl.message);
+        assert_eq!(x.len(), 1);
+        let want: FieldTable = table(vec![
+            ("count", FieldValue::I64(1)),
+            ("exchange", s("ex")),
+            ("queue", s("q")),
+            ("reason", s("rejected")),
+            ("routing-keys", FieldValue::Array(vec![s("rk")])),
+            ("time", FieldValue::Timestamp(7)),
+        ]);
+        assert_eq!(x[0], want);
+        for (key, value) in [
+            ("x-first-death-reason", "rejected"),
+            ("x-first-death-queue", "q"),
+            ("x-first-death-exchange", "ex"),
+            ("x-last-death-reason", "rejected"),
+            ("x-last-death-queue", "q"),
+            ("x-last-death-exchange", "ex"),
+        ] {
+            assert_eq!(header_str(&dl.message, key).as_deref(), Some(value), "{key}");
+        }
+        assert_eq!(q.stats(), QueueStats::default());
+    }
+
+    #[test]
+    fn dead_letter_routing_key_replaces_the_original() {
+        let q = dlx_queue(vec![("x-dead-letter-routing-key", s("dead"))]);
+        put(&q, msg("a"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let fx = q.reject(d.seq, false, 0).unwrap();
+        assert_eq!(fx.dead_letters[0].routing_key, "dead");
+        assert_eq!(fx.dead_letters[0].message.routing_key, "dead");
+        assert_eq!(deaths(&fx.dead_letters[0].message)[0].get("routing-keys"), Some(&FieldValue::Array(vec![s("rk")])));
+    }
+
+    #[test]
+    fn reject_without_requeue_and_without_dlx_drops() {
+        let q = queue(vec![]);
+        put(&q, msg("a"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let fx = q.reject(d.seq, false, 0).unwrap();
+        assert!(fx.is_empty());
+        assert_eq!(q.stats(), QueueStats::default());
+    }
+
+    #[test]
+    fn release_owner_requeues_only_that_owners_messages() {
+        let q = queue(vec![]);
+        for m in ["a", "b", "c", "d"] {
+            put(&q, msg(m), 0);
+        }
+        let (a, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let (_b, _) = q.get(OwnerId(2), false, 0).0.unwrap();
+        let (c, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        q.release_owner(OwnerId(1), 0);
+        assert_eq!((q.stats().ready, q.stats().unacked), (3, 1));
+        let got: Vec<(String, bool)> =
+            std::iter::from_fn(|| q.get(OwnerId(3), true, 0).0.map(|(d, _)| (body(&d), d.redelivered))).collect();
+        assert_eq!(got, [("a".to_string(), true), ("c".to_string(), true), ("d".to_string(), false)]);
+        assert!(q.ack(a.seq, 0).is_err() && q.ack(c.seq, 0).is_err());
+    }
+
+    #[test]
+    fn release_owner_frees_credit_and_redelivers_to_consumers() {
+        let q = queue(vec![]);
+        let sink = TestSink::new();
+        q.consume(ConsumerSpec { prefetch: 1, ..spec(&sink, 1) }, 0).unwrap();
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        assert_eq!(sink.bodies(), ["a"]);
+        q.release_owner(OwnerId(1), 0);
+        let got = sink.take();
+        assert_eq!((bodies(&got), got[0].redelivered), (vec!["a".to_string()], true));
+    }
+
+    #[test]
+    fn cancel_keeps_unacked_messages_with_their_owner() {
+        let q = queue(vec![]);
+        let sink = TestSink::new();
+        let (id, _) = q.consume(spec(&sink, 5), 0).unwrap();
+        put(&q, msg("a"), 0);
+        let seq = sink.take()[0].seq;
+        q.cancel(id, 0);
+        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0 });
+        q.release_owner(OwnerId(5), 0);
+        assert_eq!(q.stats(), QueueStats { ready: 1, unacked: 0, consumers: 0, ready_bytes: 1 });
+        let (d, _) = q.get(OwnerId(6), false, 0).0.unwrap();
+        assert_eq!((d.seq, d.redelivered), (seq, true));
+    }
+
+    #[test]
+    fn an_ack_after_cancel_still_works() {
+        let q = queue(vec![]);
+        let sink = TestSink::new();
+        let (id, _) = q.consume(spec(&sink, 5), 0).unwrap();
+        put(&q, msg("a"), 0);
+        let seq = sink.take()[0].seq;
+        q.cancel(id, 0);
+        q.ack(seq, 0).unwrap();
+        assert_eq!(q.stats().unacked, 0);
+    }
+
+    #[test]
+    fn auto_delete_is_requested_when_the_last_consumer_leaves() {
+        let q = Queue::new("q".into(), QueueOptions { auto_delete: true, ..Default::default() }, 0).unwrap();
+        let (a, b) = (TestSink::new(), TestSink::new());
+        assert!(!q.cancel(ConsumerId(u64::MAX), 0).delete_queue, "never had a consumer");
+        let (ida, _) = q.consume(spec(&a, 1), 0).unwrap();
+        let (idb, _) = q.consume(spec(&b, 1), 0).unwrap();
+        assert!(!q.cancel(ida, 0).delete_queue);
+        assert!(q.cancel(idb, 0).delete_queue);
+
+        let plain = queue(vec![]);
+        let (id, _) = plain.consume(spec(&a, 1), 0).unwrap();
+        assert!(!plain.cancel(id, 0).delete_queue, "not auto-delete");
+    }
+
+    // ---- TTL ----
+
+    #[test]
+    fn queue_ttl_expires_messages_counted_from_enqueue() {
+        let q = queue(vec![("x-message-ttl", FieldValue::I32(1000))]);
+        put(&q, msg("a"), 100);
+        put(&q, msg("b"), 500);
+        assert_eq!(get_body(&q, 1099).as_deref(), Some("a"));
+        assert_eq!(get_body(&q, 1500), None, "b expired at 1500");
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn per_message_ttl_and_queue_ttl_take_the_smaller() {
+        let q = queue(vec![("x-message-ttl", FieldValue::I32(1000))]);
+        put(&q, with_expiration("short", "200"), 0);
+        put(&q, with_expiration("long", "5000"), 0);
+        let (_, next) = q.tick(0);
+        assert_eq!(next, Some(200));
+        q.tick(200);
+        let (_, next) = q.tick(200);
+        assert_eq!(next, Some(1000), "the long one is capped by the queue TTL");
+        assert_eq!(get_body(&q, 999).as_deref(), Some("long"));
+
+        let plain = queue(vec![]);
+        put(&plain, with_expiration("m", "300"), 0);
+        assert_eq!(plain.tick(0).1, Some(300));
+        assert_eq!(get_body(&plain, 300), None);
+    }
+
+    #[test]
+    fn ttl_zero_is_delivered_only_to_a_consumer_ready_at_once() {
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(0))]);
+        let (outcome, fx) = q.enqueue(msg("nobody"), 10);
+        assert_eq!(outcome, EnqueueOutcome::Accepted { seq: 1 });
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(header_str(&fx.dead_letters[0].message, "x-first-death-reason").as_deref(), Some("expired"));
+        assert_eq!(q.stats().ready, 0);
+
+        let sink = TestSink::new();
+        q.consume(spec(&sink, 1), 10).unwrap();
+        let (_, fx) = q.enqueue(msg("taken"), 10);
+        assert!(fx.is_empty());
+        assert_eq!(sink.bodies(), ["taken"]);
+
+        sink.set_room(0);
+        let (_, fx) = q.enqueue(with_expiration("full", "0"), 10);
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn tick_expires_heads_and_returns_the_next_deadline() {
+        let q = dlx_queue(vec![("x-max-priority", FieldValue::I8(2))]);
+        put(&q, with_expiration("a", "100"), 0);
+        put(&q, with_expiration("b", "300"), 0);
+        put(
+            &q,
+            msg_with("hi", Properties { priority: Some(2), expiration: Some("250".into()), ..Default::default() }),
+            0,
+        );
+        assert_eq!(q.tick(50).1, Some(100));
+        let (fx, next) = q.tick(100);
+        assert_eq!(fx.dead_letters.iter().map(|d| d.message.payload.to_vec()).collect::<Vec<_>>(), [b"a".to_vec()]);
+        assert_eq!(next, Some(250));
+        let (fx, next) = q.tick(300);
+        assert_eq!(fx.dead_letters.len(), 2);
+        assert_eq!(next, None);
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn only_the_head_expires_even_if_a_later_message_is_past_its_ttl() {
+        let q = queue(vec![]);
+        put(&q, with_expiration("long", "1000"), 0);
+        put(&q, with_expiration("short", "10"), 0);
+        let (_, next) = q.tick(500);
+        assert_eq!(next, Some(1000));
+        assert_eq!(q.stats().ready, 2, "the expired message behind the head waits until it reaches it");
+        q.tick(1000);
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn a_requeued_message_keeps_its_enqueue_time_for_ttl() {
+        let q = queue(vec![("x-message-ttl", FieldValue::I32(100))]);
+        put(&q, msg("a"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 90).0.unwrap();
+        q.reject(d.seq, true, 150).unwrap();
+        assert_eq!(q.get(OwnerId(1), false, 150).0.map(|(d, _)| d.seq), None);
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn expired_dead_letter_keeps_original_expiration_and_drops_the_property() {
+        let q = dlx_queue(vec![]);
+        put(&q, with_expiration("a", "100"), 0);
+        let (fx, _) = q.tick(2_000);
+        let m = &fx.dead_letters[0].message;
+        assert_eq!(m.properties.expiration, None);
+        let x = deaths(m);
+        assert_eq!(field_str(&x[0], "original-expiration").as_deref(), Some("100"));
+        assert_eq!(field_str(&x[0], "reason").as_deref(), Some("expired"));
+        assert_eq!(x[0].get("time"), Some(&FieldValue::Timestamp(2)));
+    }
+
+    #[test]
+    fn queue_ttl_dead_letter_has_no_original_expiration() {
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(10))]);
+        put(&q, msg("a"), 0);
+        let (fx, _) = q.tick(10);
+        assert_eq!(deaths(&fx.dead_letters[0].message)[0].get("original-expiration"), None);
+    }
+
+    // ---- x-expires ----
+
+    #[test]
+    fn x_expires_deletes_an_unused_queue_on_tick() {
+        let q = queue(vec![("x-expires", FieldValue::I32(1000))]);
+        let (fx, next) = q.tick(0);
+        assert_eq!((fx.is_empty(), next), (true, Some(1000)));
+        q.touch(500);
+        let (fx, next) = q.tick(1200);
+        assert_eq!((fx.delete_queue, next), (false, Some(1500)));
+        q.get(OwnerId(1), false, 1400);
+        let (fx, next) = q.tick(2399);
+        assert_eq!((fx.delete_queue, next), (false, Some(2400)));
+        assert!(q.tick(2400).0.delete_queue);
+    }
+
+    #[test]
+    fn x_expires_waits_while_a_consumer_is_attached() {
+        let q = queue(vec![("x-expires", FieldValue::I32(1000))]);
+        let sink = TestSink::new();
+        let (id, _) = q.consume(spec(&sink, 1), 100).unwrap();
+        let (fx, next) = q.tick(5000);
+        assert_eq!((fx.delete_queue, next), (false, None));
+        q.cancel(id, 6000);
+        assert!(!q.tick(6999).0.delete_queue);
+        assert!(q.tick(7000).0.delete_queue);
+    }
+
+    // ---- length limits ----
+
+    #[test]
+    fn max_length_drop_head_dead_letters_the_oldest() {
+        let q = dlx_queue(vec![("x-max-length", FieldValue::I32(2))]);
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        let (outcome, fx) = q.enqueue(msg("c"), 0);
+        assert_eq!(outcome, EnqueueOutcome::Accepted { seq: 3 });
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(fx.dead_letters[0].message.payload, Bytes::from_static(b"a"));
+        assert_eq!(field_str(&deaths(&fx.dead_letters[0].message)[0], "reason").as_deref(), Some("maxlen"));
+        assert_eq!(drain(&q, 0), ["b", "c"]);
+    }
+
+    #[test]
+    fn max_length_drop_head_without_dlx_just_drops() {
+        let q = queue(vec![("x-max-length", FieldValue::I32(1))]);
+        put(&q, msg("a"), 0);
+        let (_, fx) = q.enqueue(msg("b"), 0);
+        assert!(fx.is_empty());
+        assert_eq!(drain(&q, 0), ["b"]);
+    }
+
+    #[test]
+    fn max_length_zero_drops_unless_delivered_directly() {
+        let q = dlx_queue(vec![("x-max-length", FieldValue::I32(0))]);
+        let (outcome, fx) = q.enqueue(msg("a"), 0);
+        assert_eq!(outcome, EnqueueOutcome::Accepted { seq: 1 });
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(q.stats().ready, 0);
+        let sink = TestSink::new();
+        q.consume(spec(&sink, 1), 0).unwrap();
+        let (_, fx) = q.enqueue(msg("b"), 0);
+        assert!(fx.is_empty());
+        assert_eq!(sink.bodies(), ["b"]);
+    }
+
+    #[test]
+    fn messages_delivered_directly_do_not_count_against_max_length() {
+        let q = queue(vec![("x-max-length", FieldValue::I32(1)), ("x-overflow", s("reject-publish"))]);
+        let sink = TestSink::new();
+        q.consume(spec(&sink, 1), 0).unwrap();
+        for m in ["a", "b", "c"] {
+            assert!(matches!(q.enqueue(msg(m), 0).0, EnqueueOutcome::Accepted { .. }));
+        }
+        assert_eq!(q.stats().unacked, 3);
+    }
+
+    #[test]
+    fn max_length_bytes_counts_body_bytes() {
+        let q = queue(vec![("x-max-length-bytes", FieldValue::I32(5))]);
+        put(&q, msg("aa"), 0);
+        put(&q, msg("bbb"), 0);
+        assert_eq!(q.stats().ready_bytes, 5);
+        put(&q, msg("c"), 0);
+        assert_eq!(q.stats(), QueueStats { ready: 2, unacked: 0, consumers: 0, ready_bytes: 4 });
+        assert_eq!(drain(&q, 0), ["bbb", "c"]);
+    }
+
+    #[test]
+    fn reject_publish_refuses_without_dead_lettering() {
+        let q = dlx_queue(vec![("x-max-length", FieldValue::I32(1)), ("x-overflow", s("reject-publish"))]);
+        put(&q, msg("a"), 0);
+        let (outcome, fx) = q.enqueue(msg("b"), 0);
+        assert_eq!(outcome, EnqueueOutcome::Rejected);
+        assert!(fx.is_empty());
+        assert_eq!(drain(&q, 0), ["a"]);
+    }
+
+    #[test]
+    fn reject_publish_dlx_refuses_and_dead_letters_the_new_message() {
+        let q = dlx_queue(vec![("x-max-length-bytes", FieldValue::I32(3)), ("x-overflow", s("reject-publish-dlx"))]);
+        put(&q, msg("abc"), 0);
+        let (outcome, fx) = q.enqueue(msg("d"), 0);
+        assert_eq!(outcome, EnqueueOutcome::Rejected);
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(fx.dead_letters[0].message.payload, Bytes::from_static(b"d"));
+        assert_eq!(header_str(&fx.dead_letters[0].message, "x-last-death-reason").as_deref(), Some("maxlen"));
+        assert_eq!(drain(&q, 0), ["abc"]);
+    }
+
+    // ---- dead-letter headers and cycles ----
+
+    #[test]
+    fn x_death_count_increments_for_the_same_queue_and_reason() {
+        let q = dlx_queue(vec![]);
+        let other = Queue::new(
+            "other".into(),
+            QueueOptions { arguments: table(vec![("x-dead-letter-exchange", s("dlx2"))]), ..Default::default() },
+            0,
+        )
+        .unwrap();
+        // q rejects, other rejects, then q rejects again.
+        put(&q, msg("m"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let m1 = q.reject(d.seq, false, 1000).unwrap().dead_letters.remove(0).message;
+        put(&other, m1, 0);
+        let (d, _) = other.get(OwnerId(1), false, 0).0.unwrap();
+        let m2 = other.reject(d.seq, false, 2000).unwrap().dead_letters.remove(0).message;
+        put(&q, m2, 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let m3 = q.reject(d.seq, false, 3000).unwrap().dead_letters.remove(0).message;
+        let x = deaths(&m3);
+        assert_eq!(x.len(), 2);
+        assert_eq!((field_str(&x[0], "queue").as_deref(), x[0].get("count")), (Some("q"), Some(&FieldValue::I64(2))));
+        assert_eq!(x[0].get("time"), Some(&FieldValue::Timestamp(1)), "the entry keeps its first time");
+        assert_eq!(
+            (field_str(&x[1], "queue").as_deref(), x[1].get("count")),
+            (Some("other"), Some(&FieldValue::I64(1)))
+        );
+        assert_eq!(header_str(&m3, "x-first-death-queue").as_deref(), Some("q"));
+        assert_eq!(header_str(&m3, "x-first-death-exchange").as_deref(), Some("ex"));
+        assert_eq!(header_str(&m3, "x-last-death-queue").as_deref(), Some("q"));
+        assert_eq!(header_str(&m3, "x-last-death-exchange").as_deref(), Some("dlx2"), "the exchange it came from last");
+    }
+
+    #[test]
+    fn an_automatic_dead_letter_cycle_is_dropped() {
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(10))]);
+        put(&q, msg("m"), 0);
+        let (fx, _) = q.tick(10);
+        let once = fx.dead_letters[0].message.clone();
+        put(&q, once, 10);
+        let (fx, _) = q.tick(20);
+        assert!(fx.dead_letters.is_empty(), "expired again in the same queue with no reject in between");
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn a_reject_in_the_history_breaks_the_cycle() {
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(10))]);
+        put(&q, msg("m"), 0);
+        let m1 = q.tick(10).0.dead_letters.remove(0).message;
+        put(&q, m1, 10);
+        let (d, _) = q.get(OwnerId(1), false, 10).0.unwrap();
+        let m2 = q.reject(d.seq, false, 10).unwrap().dead_letters.remove(0).message;
+        put(&q, m2, 10);
+        let (fx, _) = q.tick(20);
+        assert_eq!(fx.dead_letters.len(), 1);
+        let reasons: Vec<_> =
+            deaths(&fx.dead_letters[0].message).iter().map(|t| field_str(t, "reason").unwrap()).collect();
+        assert_eq!(reasons, ["expired", "rejected"]);
+        assert_eq!(deaths(&fx.dead_letters[0].message)[0].get("count"), Some(&FieldValue::I64(2)));
+    }
+
+    // ---- store bookkeeping ----
+
+    #[test]
+    fn forgotten_lists_only_persistent_messages_of_durable_queues() {
+        let q = durable_queue(vec![]);
+        let p = put(&q, persistent("p"), 0);
+        put(&q, msg("t"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        assert_eq!(q.ack(d.seq, 0).unwrap().forgotten, vec![p]);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        assert!(q.ack(d.seq, 0).unwrap().forgotten.is_empty(), "transient");
+
+        let transient_queue = queue(vec![]);
+        put(&transient_queue, persistent("p"), 0);
+        let (d, _) = transient_queue.get(OwnerId(1), false, 0).0.unwrap();
+        assert!(transient_queue.ack(d.seq, 0).unwrap().forgotten.is_empty(), "non-durable queue");
+    }
+
+    #[test]
+    fn forgotten_covers_every_way_out_but_requeue() {
+        let q = Queue::new(
+            "q".into(),
+            QueueOptions {
+                durable: true,
+                arguments: table(vec![("x-max-length", FieldValue::I32(3)), ("x-dead-letter-exchange", s("dlx"))]),
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+        for m in ["1", "2", "3"] {
+            put(&q, persistent(m), 0);
+        }
+        // Dropped by max-length.
+        assert_eq!(q.enqueue(persistent("4"), 0).1.forgotten, vec![1]);
+        // get no-ack.
+        assert_eq!(q.get(OwnerId(1), true, 0).1.forgotten, vec![2]);
+        // Rejected with requeue: stays; without: forgotten.
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        assert!(q.reject(d.seq, true, 0).unwrap().forgotten.is_empty());
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        assert_eq!(q.reject(d.seq, false, 0).unwrap().forgotten, vec![3]);
+        // Expired (after 4 leaves the head with a no-ack get).
+        let expiring = Properties { expiration: Some("5".into()), ..persistent("x").properties.clone() };
+        put(&q, msg_with("5", expiring), 0);
+        assert_eq!(q.get(OwnerId(1), true, 0).1.forgotten, vec![4]);
+        assert_eq!(q.tick(100).0.forgotten, vec![5]);
+    }
+
+    #[test]
+    fn forgotten_includes_purged_messages() {
+        let q = durable_queue(vec![]);
+        put(&q, persistent("a"), 0);
+        put(&q, msg("b"), 0);
+        put(&q, persistent("c"), 0);
+        let (n, fx) = q.purge(0);
+        assert_eq!((n, fx.forgotten), (3, vec![1, 3]));
+    }
+
+    #[test]
+    fn purge_removes_ready_messages_only() {
+        let q = queue(vec![]);
+        put(&q, msg("a"), 0);
+        put(&q, msg("bb"), 0);
+        put(&q, msg("c"), 0);
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        assert_eq!(q.purge(0).0, 2);
+        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0 });
+        q.ack(d.seq, 0).unwrap();
+    }
+
+    #[test]
+    fn check_delete_enforces_if_unused_and_if_empty() {
+        let q = queue(vec![]);
+        assert_eq!(q.check_delete(true, true), Ok(()));
+        put(&q, msg("a"), 0);
+        assert_eq!(q.check_delete(false, true), Err(CoreError::PreconditionFailed("queue 'q' not empty".into())));
+        assert_eq!(q.check_delete(true, false), Ok(()));
+        let sink = TestSink::with_room(0);
+        q.consume(spec(&sink, 1), 0).unwrap();
+        assert_eq!(q.check_delete(true, false), Err(CoreError::PreconditionFailed("queue 'q' in use".into())));
+        assert_eq!(q.check_delete(false, false), Ok(()));
+    }
+
+    #[test]
+    fn shutdown_cancels_every_consumer_and_returns_the_ready_count() {
+        let q = queue(vec![]);
+        let (a, b) = (TestSink::with_room(1), TestSink::with_room(0));
+        let (ida, _) = q.consume(spec(&a, 1), 0).unwrap();
+        let (idb, _) = q.consume(spec(&b, 1), 0).unwrap();
+        for m in ["1", "2", "3"] {
+            put(&q, msg(m), 0);
+        }
+        let (n, fx) = q.shutdown();
+        assert_eq!(n, 2);
+        assert!(fx.is_empty());
+        assert_eq!(*a.cancelled.lock().unwrap(), [ida]);
+        assert_eq!(*b.cancelled.lock().unwrap(), [idb]);
+        assert_eq!(q.stats(), QueueStats::default());
+        assert_eq!(q.enqueue(msg("late"), 0).0, EnqueueOutcome::Rejected);
+    }
+
+    #[test]
+    fn restore_puts_recovered_messages_in_seq_order_and_continues_numbering() {
+        let q = queue(vec![]);
+        q.restore(7, msg("b"), 0);
+        q.restore(3, msg("a"), 0);
+        assert_eq!(put(&q, msg("c"), 0), 8);
+        let got: Vec<(String, u64, bool)> =
+            std::iter::from_fn(|| q.get(OwnerId(1), true, 0).0.map(|(d, _)| (body(&d), d.seq, d.redelivered)))
+                .collect();
+        assert_eq!(got, [("a".to_string(), 3, true), ("b".to_string(), 7, true), ("c".to_string(), 8, false)]);
+    }
+
+    #[test]
+    fn a_queue_is_shared_across_threads() {
+        let q = Arc::new(queue(vec![]));
+        let sink = TestSink::new();
+        q.consume(ConsumerSpec { prefetch: 10, ..spec(&sink, 1) }, 0).unwrap();
+        let producers: Vec<_> = (0..4)
+            .map(|t| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    for i in 0..250 {
+                        put(&q, msg(&format!("{t}-{i}")), 0);
+                    }
+                })
+            })
+            .collect();
+        let mut acked = 0;
+        while acked < 1000 {
+            for d in sink.take() {
+                q.ack(d.seq, 0).unwrap();
+                acked += 1;
+            }
+            std::thread::yield_now();
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
+        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0 });
     }
 }
