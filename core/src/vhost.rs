@@ -937,7 +937,9 @@ impl VHost {
 
     // ----- recovery --------------------------------------------------------------------------
 
-    /// Re-creates durable exchanges, queues and bindings read back from the store. Used by
+    /// Re-creates durable exchanges, queues (with their persistent messages, in order and marked
+    /// redelivered, since the store does not know which were delivered), bindings and retained
+    /// messages read back from the store. Used by
     /// [`Broker::recover`](crate::broker::Broker::recover); writes nothing back.
     pub(crate) fn restore(&self, snapshot: &crate::store::Snapshot, now: Millis) {
         {
@@ -982,6 +984,18 @@ impl VHost {
             let key = BindingKey { routing_key: b.routing_key.clone(), arguments: b.arguments.clone(), pattern: None };
             if let Err(e) = x.bind(key, destination) {
                 tracing::warn!(vhost = %self.name, source = %b.source, error = %e, "stored binding is invalid; skipped");
+            }
+        }
+        for ((vhost, queue), messages) in &snapshot.messages {
+            if *vhost != self.name {
+                continue;
+            }
+            let Some(q) = self.queue(&queue.to_string_lossy()) else {
+                tracing::warn!(vhost = %self.name, queue = %queue, count = messages.len(), "stored messages of a missing queue; skipped");
+                continue;
+            };
+            for (seq, message) in messages {
+                q.restore(*seq, message.clone(), now);
             }
         }
         for (vhost, key, message) in &snapshot.retained {

@@ -503,3 +503,33 @@ fn durable_objects_come_back_after_a_restart() {
     assert_eq!(publish(&v, "orders", msg("order.created", "x")).routed, 1);
     assert!(v.retained().get("a.b").is_some());
 }
+
+#[test]
+fn persistent_messages_come_back_in_order_marked_redelivered() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+    {
+        let b = Broker::new(store.clone());
+        let v = b.vhost("/").unwrap();
+        v.declare_queue(queue("q"), 0).unwrap();
+        for body in ["1", "2", "3"] {
+            publish(&v, "", persistent("q", body));
+        }
+        publish(&v, "", msg("q", "transient"));
+        let q = v.queue("q").unwrap();
+        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
+        let effects = q.ack(d.seq, 0).unwrap();
+        v.settle(&q, effects, 0);
+    }
+    let b = Broker::recover(store).unwrap();
+    let v = b.vhost("/").unwrap();
+    let q = v.queue("q").unwrap();
+    assert_eq!(q.stats().ready, 2);
+    let (d, left) = q.get(OwnerId(1), true, 0).0.unwrap();
+    assert_eq!((&d.message.payload[..], d.redelivered, left), (&b"2"[..], true, 1));
+    // New messages are numbered after the recovered ones and come after them.
+    publish(&v, "", persistent("q", "4"));
+    let (d, _) = q.get(OwnerId(1), true, 0).0.unwrap();
+    assert_eq!(&d.message.payload[..], b"3");
+    let (d, _) = q.get(OwnerId(1), true, 0).0.unwrap();
+    assert_eq!(&d.message.payload[..], b"4");
+}
