@@ -5,6 +5,7 @@
 //! stays a literal. Routing keys are split on `.`; an empty routing key has zero levels, as in
 //! RabbitMQ.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -96,21 +97,151 @@ fn match_levels(pattern: &[Level], words: &[&str]) -> bool {
         None => words.is_empty(),
         Some((Level::Many, rest)) => (0..=words.len()).any(|skip| match_levels(rest, &words[skip..])),
         Some((Level::One, rest)) => !words.is_empty() && match_levels(rest, &words[1..]),
-        Some((Level::Literal(lit), rest)) => words.first().is_some_and(|w| **w == **lit) && match_levels(rest, &words[1..]),
+        Some((Level::Literal(lit), rest)) => {
+            words.first().is_some_and(|w| **w == **lit) && match_levels(rest, &words[1..])
+        }
     }
 }
 
 /// Binding patterns indexed for matching routing keys.
 ///
-/// Placeholder implementation (a linear scan); the trie replaces it behind the same API.
+/// # Structure
+///
+/// A trie with one edge per pattern level. Each node keeps its literal children in a
+/// `HashMap<Arc<str>, Node>` and separate slots for the `One` and `Many` children, plus the
+/// entries (`value`, `dollar_rule`) whose pattern ends at that node. Insert and remove walk one
+/// node per level; remove prunes nodes left empty, so subscribe/unsubscribe churn frees memory.
+///
+/// The `$` rule only concerns patterns whose first level is a wildcard, so those patterns
+/// (when flagged) live under a second root, `guarded`, which a lookup skips when the key's first
+/// word starts with `$`. Every other pattern lives under `root`; its flag is still stored in the
+/// entry because `(pattern, value)` identity includes it (an AMQP binding `a.#` and an MQTT
+/// subscription `a/#` with the same destination are two entries).
+///
+/// Lookup is a depth-first walk over the key's words, addressed by byte offset so the key is
+/// never split into a `Vec`. A `Many` child is tried at every resume position. A node with at
+/// most one `Many` on its path can be reached at a given position in only one way, so the walk
+/// cannot report its entries twice; only below a second `Many` (`#.#`, `#.a.#`) can the same
+/// (node, position) be reached again, and only there is a per-lookup seen set consulted. That
+/// set also bounds the work for patterns like `#.#.#.#` to polynomial in the key length.
 #[derive(Debug, Clone)]
 pub struct TopicTrie<T> {
-    entries: Vec<(Pattern, T)>,
+    /// Patterns without the `$` rule, and flagged patterns whose first level is a literal (or
+    /// that have no levels): for those the rule never applies.
+    root: Node<T>,
+    /// Flagged patterns whose first level is `One` or `Many`. Only its `one`/`many` slots are used.
+    guarded: Node<T>,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Node<T> {
+    literal: HashMap<Arc<str>, Node<T>>,
+    one: Option<Box<Node<T>>>,
+    many: Option<Box<Node<T>>>,
+    /// Entries whose pattern ends here. Usually 0 or 1 long; a Vec keeps the node small.
+    entries: Vec<Entry<T>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Entry<T> {
+    value: T,
+    dollar_rule: bool,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node { literal: HashMap::new(), one: None, many: None, entries: Vec::new() }
+    }
+}
+
+impl<T> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.literal.is_empty() && self.one.is_none() && self.many.is_none()
+    }
+
+    /// True when nothing hangs below this node: a `Many` leading here can only end at the end of
+    /// the key, so the walk need not try every resume position.
+    fn is_leaf(&self) -> bool {
+        self.literal.is_empty() && self.one.is_none() && self.many.is_none()
+    }
+
+    #[cfg(test)]
+    fn count(&self) -> usize {
+        1 + self.literal.values().map(Node::count).sum::<usize>()
+            + self.one.as_deref().map_or(0, Node::count)
+            + self.many.as_deref().map_or(0, Node::count)
+    }
+}
+
+impl<T: PartialEq> Node<T> {
+    fn descend_or_create(&mut self, level: &Level) -> &mut Node<T> {
+        match level {
+            Level::Literal(w) => {
+                // Look up by `&str` first so the common "already there" case does not touch the
+                // Arc's refcount (`entry` wants an owned key).
+                if !self.literal.contains_key(&**w) {
+                    self.literal.insert(w.clone(), Node::default());
+                }
+                self.literal.get_mut(&**w).expect("just inserted")
+            }
+            Level::One => self.one.get_or_insert_with(Box::default),
+            Level::Many => self.many.get_or_insert_with(Box::default),
+        }
+    }
+
+    /// Removes the entry at the end of `levels`, pruning children left empty on the way back up.
+    fn remove(&mut self, levels: &[Level], entry: &Entry<T>) -> bool {
+        let Some((first, rest)) = levels.split_first() else {
+            let Some(i) = self.entries.iter().position(|e| e == entry) else {
+                return false;
+            };
+            self.entries.swap_remove(i);
+            if self.entries.capacity() > 4 && self.entries.len() * 4 <= self.entries.capacity() {
+                self.entries.shrink_to_fit();
+            }
+            return true;
+        };
+        match first {
+            Level::Literal(w) => {
+                let Some(child) = self.literal.get_mut(&**w) else {
+                    return false;
+                };
+                if !child.remove(rest, entry) {
+                    return false;
+                }
+                if child.is_empty() {
+                    self.literal.remove(&**w);
+                    // A map that once held many children keeps its table otherwise; give it back
+                    // once it is mostly empty (amortised: only after shrinking by 4x).
+                    if self.literal.capacity() > 16 && self.literal.len() * 4 <= self.literal.capacity() {
+                        self.literal.shrink_to_fit();
+                    }
+                }
+                true
+            }
+            Level::One => Self::remove_boxed(&mut self.one, rest, entry),
+            Level::Many => Self::remove_boxed(&mut self.many, rest, entry),
+        }
+    }
+
+    fn remove_boxed(slot: &mut Option<Box<Node<T>>>, rest: &[Level], entry: &Entry<T>) -> bool {
+        let Some(child) = slot.as_deref_mut() else {
+            return false;
+        };
+        if !child.remove(rest, entry) {
+            return false;
+        }
+        if child.is_empty() {
+            *slot = None;
+        }
+        true
+    }
 }
 
 impl<T> Default for TopicTrie<T> {
     fn default() -> Self {
-        TopicTrie { entries: Vec::new() }
+        TopicTrie { root: Node::default(), guarded: Node::default(), len: 0 }
     }
 }
 
@@ -118,33 +249,483 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
     pub fn new() -> TopicTrie<T> {
         TopicTrie::default()
     }
+
+    /// Whether `pattern` lives under `guarded` rather than `root` (see the type's doc comment).
+    fn is_guarded(pattern: &Pattern) -> bool {
+        pattern.dollar_rule && matches!(pattern.levels.first(), Some(Level::One | Level::Many))
+    }
+
     /// Adds `value` under `pattern`; false if that exact pair is already there.
     pub fn insert(&mut self, pattern: &Pattern, value: T) -> bool {
-        if self.entries.iter().any(|(p, v)| p == pattern && *v == value) {
+        let mut node = if Self::is_guarded(pattern) { &mut self.guarded } else { &mut self.root };
+        for level in &pattern.levels {
+            node = node.descend_or_create(level);
+        }
+        let entry = Entry { value, dollar_rule: pattern.dollar_rule };
+        if node.entries.contains(&entry) {
             return false;
         }
-        self.entries.push((pattern.clone(), value));
+        node.entries.push(entry);
+        self.len += 1;
         true
     }
+
     /// Removes `value` from `pattern`; false if it was not there.
     pub fn remove(&mut self, pattern: &Pattern, value: &T) -> bool {
-        let before = self.entries.len();
-        self.entries.retain(|(p, v)| !(p == pattern && v == value));
-        before != self.entries.len()
+        let root = if Self::is_guarded(pattern) { &mut self.guarded } else { &mut self.root };
+        // The entry is compared by value, so it needs an owned T; a clone of an Arc-holding enum
+        // is a refcount bump, and remove is not the hot path.
+        let entry = Entry { value: value.clone(), dollar_rule: pattern.dollar_rule };
+        let removed = root.remove(&pattern.levels, &entry);
+        if removed {
+            self.len -= 1;
+        }
+        removed
     }
+
     /// Calls `f` once per (pattern, value) pair whose pattern matches `routing_key`.
-    pub fn for_each_match(&self, routing_key: &str, mut f: impl FnMut(&T)) {
-        for (p, v) in &self.entries {
-            if p.matches(routing_key) {
-                f(v)
-            }
+    pub fn for_each_match(&self, routing_key: &str, f: impl FnMut(&T)) {
+        let mut walk = Walk { key: routing_key, end: routing_key.len() + 1, f, seen: None };
+        // Position `end` (one past the key) means "no words left"; the empty key has no words.
+        let start = if routing_key.is_empty() { walk.end } else { 0 };
+        walk.node(&self.root, start, 0);
+        // `$`-words are hidden from flagged leading wildcards. An empty key has no first word.
+        if !routing_key.starts_with('$') {
+            walk.node(&self.guarded, start, 0);
         }
     }
+
     /// Number of (pattern, value) pairs.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
+
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
+    }
+
+    /// Nodes in both roots, the roots included (so an empty trie has 2).
+    #[cfg(test)]
+    fn node_count(&self) -> usize {
+        self.root.count() + self.guarded.count()
+    }
+}
+
+/// State of one lookup. Positions are byte offsets of the next word's start in `key`; `end`
+/// (`key.len() + 1`) means every word has been consumed. Offsets rather than a split `Vec<&str>`
+/// keep the lookup allocation-free.
+struct Walk<'k, F> {
+    key: &'k str,
+    end: usize,
+    f: F,
+    /// (node address, position) pairs already visited below two or more `Many` levels. Created
+    /// only when such a pattern is reached, so ordinary lookups neither hash nor allocate.
+    seen: Option<HashSet<(usize, usize)>>,
+}
+
+impl<F> Walk<'_, F> {
+    /// The word starting at `pos` (< end) and the position after it.
+    fn word_at(&self, pos: usize) -> (&str, usize) {
+        let rest = &self.key[pos..];
+        match rest.find('.') {
+            Some(i) => (&rest[..i], pos + i + 1),
+            None => (rest, self.end),
+        }
+    }
+
+    /// Visits `node`, whose pattern prefix has matched the words before `pos`. `manys` is the
+    /// number of `Many` levels on the path to `node`.
+    fn node<T>(&mut self, node: &Node<T>, pos: usize, manys: u32)
+    where
+        F: FnMut(&T),
+    {
+        // With at most one `Many` on the path, (node, pos) is reached at most once (the `Many`
+        // absorbs a determined number of words), so only deeper nodes need the seen set.
+        if manys >= 2 && !self.seen.get_or_insert_with(HashSet::new).insert((node as *const Node<T> as usize, pos)) {
+            return;
+        }
+        if pos == self.end {
+            for e in &node.entries {
+                (self.f)(&e.value);
+            }
+            // A trailing `#` (or `#.#`…) matches zero words.
+            if let Some(many) = node.many.as_deref() {
+                self.node(many, pos, manys + 1);
+            }
+            return;
+        }
+        let (word, next) = self.word_at(pos);
+        if let Some(child) = node.literal.get(word) {
+            self.node(child, next, manys);
+        }
+        if let Some(child) = node.one.as_deref() {
+            self.node(child, next, manys);
+        }
+        if let Some(many) = node.many.as_deref() {
+            self.many(many, pos, manys + 1);
+        }
+    }
+
+    /// Visits the child of a `Many` edge at every position from `pos` to the end: the `#` absorbs
+    /// zero, one, … or all remaining words.
+    fn many<T>(&mut self, many: &Node<T>, mut pos: usize, manys: u32)
+    where
+        F: FnMut(&T),
+    {
+        if many.is_leaf() {
+            // Only the end position can report anything (`a.#`, the common case).
+            return self.node(many, self.end, manys);
+        }
+        loop {
+            self.node(many, pos, manys);
+            if pos == self.end {
+                return;
+            }
+            pos = self.word_at(pos).1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn amqp(key: &str) -> Pattern {
+        Pattern::parse_amqp(key)
+    }
+
+    /// An AMQP-syntax pattern with MQTT's `$` rule, as the MQTT frontend builds it.
+    fn flagged(key: &str) -> Pattern {
+        Pattern::parse_amqp(key).with_dollar_rule(true)
+    }
+
+    fn trie_of(patterns: &[Pattern]) -> TopicTrie<usize> {
+        let mut t = TopicTrie::new();
+        for (i, p) in patterns.iter().enumerate() {
+            assert!(t.insert(p, i));
+        }
+        t
+    }
+
+    /// Values reported for `key`, sorted (so duplicates stay visible).
+    fn matched<T: PartialEq + Clone + Ord>(t: &TopicTrie<T>, key: &str) -> Vec<T> {
+        let mut out = Vec::new();
+        t.for_each_match(key, |v| out.push(v.clone()));
+        out.sort();
+        out
+    }
+
+    fn hits(pattern: Pattern, key: &str) -> usize {
+        matched(&trie_of(&[pattern]), key).len()
+    }
+
+    #[test]
+    fn literal_matches_only_the_same_words() {
+        let t = trie_of(&[amqp("a.b.c")]);
+        assert_eq!(matched(&t, "a.b.c"), vec![0]);
+        for key in ["a.b", "a.b.c.d", "a.b.x", "", "A.b.c"] {
+            assert!(matched(&t, key).is_empty(), "{key}");
+        }
+    }
+
+    #[test]
+    fn one_matches_exactly_one_word() {
+        let t = trie_of(&[amqp("a.*.c"), amqp("*")]);
+        assert_eq!(matched(&t, "a.b.c"), vec![0]);
+        assert_eq!(matched(&t, "a.c"), Vec::<usize>::new());
+        assert_eq!(matched(&t, "a.b.b.c"), Vec::<usize>::new());
+        assert_eq!(matched(&t, "x"), vec![1]);
+        assert_eq!(matched(&t, ""), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn many_at_end_matches_any_suffix() {
+        let t = trie_of(&[amqp("a.#")]);
+        for key in ["a", "a.b", "a.b.c.d"] {
+            assert_eq!(matched(&t, key), vec![0], "{key}");
+        }
+        assert!(matched(&t, "b.a").is_empty());
+    }
+
+    #[test]
+    fn many_at_start_matches_any_prefix() {
+        let t = trie_of(&[amqp("#.z")]);
+        for key in ["z", "a.z", "a.b.z", "z.z"] {
+            assert_eq!(matched(&t, key), vec![0], "{key}");
+        }
+        assert!(matched(&t, "z.a").is_empty());
+    }
+
+    #[test]
+    fn many_in_middle_matches_any_run() {
+        let t = trie_of(&[amqp("a.#.z")]);
+        for key in ["a.z", "a.b.z", "a.b.c.z", "a.z.z"] {
+            assert_eq!(matched(&t, key), vec![0], "{key}");
+        }
+        for key in ["a", "z", "a.z.b", "b.a.z"] {
+            assert!(matched(&t, key).is_empty(), "{key}");
+        }
+    }
+
+    #[test]
+    fn many_matches_zero_words() {
+        assert_eq!(hits(amqp("a.#"), "a"), 1);
+        assert_eq!(hits(amqp("#"), ""), 1);
+        assert_eq!(hits(amqp("#.a"), "a"), 1);
+        assert_eq!(hits(amqp("a.#.b"), "a.b"), 1);
+    }
+
+    #[test]
+    fn double_many_is_reported_once() {
+        assert_eq!(hits(amqp("#.#"), ""), 1);
+        assert_eq!(hits(amqp("#.#"), "a.b.c"), 1);
+        assert_eq!(hits(amqp("a.#.#"), "a.b"), 1);
+        assert_eq!(hits(amqp("#.a.#"), "a.a.a"), 1);
+        assert_eq!(hits(amqp("a.#.b.#"), "a.b.b.b"), 1);
+    }
+
+    #[test]
+    fn many_many_patterns_do_not_blow_up() {
+        // Without the seen set this walk would take C(40 + 10, 10) ≈ 10^10 paths.
+        let pattern = amqp(&["#"; 10].join("."));
+        let key = ["w"; 40].join(".");
+        assert_eq!(hits(pattern, &key), 1);
+    }
+
+    #[test]
+    fn empty_key_has_zero_words() {
+        let t = trie_of(&[amqp(""), amqp("#"), amqp("*"), amqp("#.#"), flagged("#")]);
+        assert_eq!(matched(&t, ""), vec![0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn keys_with_empty_words_match_empty_literals_and_wildcards() {
+        let t = trie_of(&[amqp("a..b"), amqp("a.*.b"), amqp("*.*"), amqp("."), amqp("#.b")]);
+        assert_eq!(matched(&t, "a..b"), vec![0, 1, 4]);
+        assert_eq!(matched(&t, "."), vec![2, 3]);
+        assert_eq!(matched(&t, "a.b"), vec![2, 4]);
+        assert_eq!(matched(&t, ".b"), vec![2, 4]);
+    }
+
+    #[test]
+    fn dollar_rule_hides_dollar_words_from_leading_wildcards() {
+        let t = trie_of(&[flagged("#"), flagged("*.x"), flagged("$SYS.#"), flagged("#.x")]);
+        assert_eq!(matched(&t, "$SYS.x"), vec![2]);
+        assert_eq!(matched(&t, "SYS.x"), vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn dollar_rule_applies_only_to_the_first_word() {
+        let t = trie_of(&[flagged("a.#"), flagged("#"), flagged("a.*")]);
+        assert_eq!(matched(&t, "a.$x"), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn patterns_without_the_flag_match_dollar_words() {
+        let t = trie_of(&[amqp("#"), amqp("*.x"), amqp("$SYS.x")]);
+        assert_eq!(matched(&t, "$SYS.x"), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn flag_is_part_of_an_entrys_identity() {
+        let mut t = TopicTrie::new();
+        assert!(t.insert(&amqp("#"), 7));
+        assert!(t.insert(&flagged("#"), 7));
+        assert!(t.insert(&amqp("a"), 7));
+        assert!(t.insert(&flagged("a"), 7));
+        assert_eq!(t.len(), 4);
+        assert_eq!(matched(&t, "b"), vec![7, 7]);
+        assert_eq!(matched(&t, "$b"), vec![7]);
+        assert_eq!(matched(&t, "a"), vec![7, 7, 7, 7]);
+        assert!(t.remove(&flagged("#"), &7));
+        assert_eq!(matched(&t, "b"), vec![7]);
+        assert!(t.remove(&flagged("a"), &7));
+        assert_eq!(matched(&t, "a"), vec![7, 7]);
+    }
+
+    #[test]
+    fn literal_star_word_matches_only_star() {
+        let star = Pattern { levels: vec![Level::Literal("*".into()), Level::Literal("#".into())], dollar_rule: true };
+        let t = trie_of(&[star]);
+        assert_eq!(matched(&t, "*.#"), vec![0]);
+        assert!(matched(&t, "a.b").is_empty());
+        assert!(matched(&t, "*").is_empty());
+    }
+
+    #[test]
+    fn duplicate_insert_returns_false() {
+        let mut t = TopicTrie::new();
+        assert!(t.insert(&amqp("a.*"), 1));
+        assert!(!t.insert(&amqp("a.*"), 1));
+        assert!(t.insert(&amqp("a.*"), 2));
+        assert_eq!(t.len(), 2);
+        assert_eq!(matched(&t, "a.b"), vec![1, 2]);
+    }
+
+    #[test]
+    fn remove_returns_false_when_absent() {
+        let mut t = TopicTrie::new();
+        assert!(!t.remove(&amqp("a"), &1));
+        assert!(t.insert(&amqp("a.b"), 1));
+        assert!(!t.remove(&amqp("a.b"), &2), "other value");
+        assert!(!t.remove(&amqp("a"), &1), "prefix");
+        assert!(!t.remove(&amqp("a.b.c"), &1), "extension");
+        assert!(!t.remove(&flagged("a.b"), &1), "other flag");
+        assert!(t.remove(&amqp("a.b"), &1));
+        assert!(!t.remove(&amqp("a.b"), &1), "already removed");
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn remove_prunes_empty_nodes() {
+        let mut t = TopicTrie::new();
+        let empty_nodes = t.node_count();
+        let patterns: Vec<Pattern> = (0..500)
+            .map(|i| {
+                let p = amqp(&format!("s{}.{}.*.#.m{}", i % 7, i, i % 3));
+                if i % 2 == 0 {
+                    p.with_dollar_rule(true)
+                } else {
+                    p
+                }
+            })
+            .chain([flagged("#.#"), flagged("*"), amqp(""), amqp("#")])
+            .collect();
+        for (i, p) in patterns.iter().enumerate() {
+            assert!(t.insert(p, i));
+        }
+        assert!(t.node_count() > 500);
+        for (i, p) in patterns.iter().enumerate() {
+            assert!(t.remove(p, &i));
+        }
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.node_count(), empty_nodes);
+    }
+
+    #[test]
+    fn same_value_under_two_matching_patterns_is_reported_twice() {
+        let mut t = TopicTrie::new();
+        assert!(t.insert(&amqp("a.*"), "q"));
+        assert!(t.insert(&amqp("a.#"), "q"));
+        assert_eq!(matched(&t, "a.b"), vec!["q", "q"]);
+    }
+
+    #[test]
+    fn parse_amqp_splits_words_and_wildcards() {
+        let lit = |s: &str| Level::Literal(s.into());
+        assert_eq!(amqp("a.*.#").levels, vec![lit("a"), Level::One, Level::Many]);
+        assert_eq!(amqp("").levels, vec![]);
+        assert_eq!(amqp(".").levels, vec![lit(""), lit("")]);
+        assert_eq!(amqp("a*.#b").levels, vec![lit("a*"), lit("#b")]);
+        assert!(!amqp("#").dollar_rule);
+    }
+
+    #[test]
+    fn display_round_trips_through_parse_amqp() {
+        for key in ["", "a", "a.*.#", "#.#", "a..b", ".", "$SYS.*", "*.a*.b#"] {
+            assert_eq!(amqp(key).to_string(), key);
+            assert_eq!(amqp(&amqp(key).to_string()), amqp(key));
+        }
+    }
+
+    // ---- property tests -------------------------------------------------------------------
+
+    const WORDS: [&str; 5] = ["a", "b", "$s", "", "*"];
+
+    fn level() -> impl Strategy<Value = Level> {
+        prop_oneof![
+            3 => prop::sample::select(&WORDS[..]).prop_map(|w| Level::Literal(w.into())),
+            1 => Just(Level::One),
+            2 => Just(Level::Many),
+        ]
+    }
+
+    fn pattern() -> impl Strategy<Value = Pattern> {
+        (prop::collection::vec(level(), 0..5), any::<bool>())
+            .prop_map(|(levels, dollar_rule)| Pattern { levels, dollar_rule })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(&WORDS[..]), 0..6).prop_map(|w| w.join("."))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(usize, u8),
+        Remove(usize, u8),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn trie_agrees_with_reference_matcher(
+            patterns in prop::collection::vec(pattern(), 0..24),
+            keys in prop::collection::vec(key(), 1..8),
+        ) {
+            let t = trie_of(&patterns);
+            prop_assert_eq!(t.len(), patterns.len());
+            for key in &keys {
+                let expected: Vec<usize> = (0..patterns.len()).filter(|&i| patterns[i].matches(key)).collect();
+                prop_assert_eq!(matched(&t, key), expected, "key {:?}", key);
+            }
+        }
+
+        #[test]
+        fn insert_and_remove_agree_with_a_vec_model(
+            pool in prop::collection::vec(pattern(), 1..6),
+            ops in prop::collection::vec(
+                prop_oneof![
+                    (0..6usize, 0..3u8).prop_map(|(p, v)| Op::Insert(p, v)),
+                    (0..6usize, 0..3u8).prop_map(|(p, v)| Op::Remove(p, v)),
+                ],
+                0..40,
+            ),
+            keys in prop::collection::vec(key(), 1..6),
+        ) {
+            let mut t = TopicTrie::new();
+            let mut model: Vec<(Pattern, u8)> = Vec::new();
+            for op in &ops {
+                match *op {
+                    Op::Insert(p, v) => {
+                        let p = &pool[p % pool.len()];
+                        let fresh = !model.iter().any(|(q, w)| q == p && *w == v);
+                        if fresh {
+                            model.push((p.clone(), v));
+                        }
+                        prop_assert_eq!(t.insert(p, v), fresh);
+                    }
+                    Op::Remove(p, v) => {
+                        let p = &pool[p % pool.len()];
+                        let before = model.len();
+                        model.retain(|(q, w)| !(q == p && *w == v));
+                        prop_assert_eq!(t.remove(p, &v), before != model.len());
+                    }
+                }
+                prop_assert_eq!(t.len(), model.len());
+            }
+            for key in &keys {
+                let mut expected: Vec<u8> = model.iter().filter(|(p, _)| p.matches(key)).map(|(_, v)| *v).collect();
+                expected.sort();
+                prop_assert_eq!(matched(&t, key), expected, "key {:?}", key);
+            }
+            for (p, v) in &model {
+                prop_assert!(t.remove(p, v));
+            }
+            prop_assert!(t.is_empty());
+            prop_assert_eq!(t.node_count(), TopicTrie::<u8>::new().node_count());
+        }
+
+        #[test]
+        fn display_round_trips_for_patterns_without_literal_wildcards(p in pattern()) {
+            // A single empty word displays as "", which parses as the empty pattern: the one
+            // ambiguity of AMQP's text form.
+            let plain = |l: &Level| !matches!(l, Level::Literal(w) if &**w == "*" || &**w == "#");
+            prop_assume!(p.levels.iter().all(plain));
+            prop_assume!(p.levels != [Level::Literal("".into())]);
+            let p = Pattern { dollar_rule: false, ..p };
+            prop_assert_eq!(Pattern::parse_amqp(&p.to_string()), p);
+        }
     }
 }

@@ -1,0 +1,59 @@
+//! The command line (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry: one broker for MQTT and AMQP.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// The TOML configuration file. Without it Ferry serves MQTT on 127.0.0.1:1883 and AMQP on
+    /// 127.0.0.1:5672 and keeps its data in ./ferry-data.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log filter: error, warn, info, debug, trace or an EnvFilter directive. Overrides RUST_LOG
+    /// and the config's broker.log_level.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse and validate FILE (including its TLS files) without starting; prints "FILE: ok".
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::path::Path;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_and_log_level_parse() {
+        let cli = Cli::try_parse_from(["ferry", "-c", "f.toml", "--log-level", "debug"]).unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("f.toml")));
+        assert_eq!(cli.log_level.as_deref(), Some("debug"));
+        assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn check_config_takes_a_file_and_the_global_log_level() {
+        let cli = Cli::try_parse_from(["ferry", "check-config", "f.toml", "--log-level", "warn"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::CheckConfig { file }) if file == Path::new("f.toml")));
+        assert_eq!(cli.log_level.as_deref(), Some("warn"));
+    }
+}

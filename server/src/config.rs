@@ -1,0 +1,589 @@
+//! The TOML configuration: what a file may say, the defaults for what it leaves out, and the
+//! checks that refuse a bad file with its path, the key and the reason.
+//!
+//! Parsing goes through private `Raw*` structs that mirror the file (every one
+//! `deny_unknown_fields`, so a misspelt key is an error naming it), then [`Config::from_toml_str`]
+//! validates them into the public types, resolving relative paths against the file's directory.
+//! Reading certificates and binding sockets happen at start-up, not here: see
+//! [`crate::server::check`] and [`crate::server::ServerBuilder::start`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_core::frontend::Limits;
+use ferry_core::Protocol;
+use serde::Deserialize;
+
+/// Where the data directory is when nothing says otherwise (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "./ferry-data";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_VHOST: &str = ferry_core::broker::DEFAULT_VHOST;
+/// Open connections one listener accepts before it stops accepting until one closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
+/// AMQP 0-9-1's `frame-min-size`: every peer must accept frames this large, so an AMQP listener
+/// may not be configured below it.
+pub const AMQP_FRAME_MIN_SIZE: u32 = 4096;
+
+/// Where a [`Config`] came from. Only the embedded defaults may name a protocol no frontend
+/// serves (see [`crate::server`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// No file was given: the built-in defaults.
+    Embedded,
+    /// Read from this file.
+    File(PathBuf),
+}
+
+impl ConfigSource {
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, ConfigSource::Embedded)
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::Embedded => f.write_str("built-in defaults"),
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// A validated configuration. Paths are already resolved against the file's directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub source: ConfigSource,
+    pub broker: BrokerConfig,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// The `[broker]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerConfig {
+    pub data_dir: PathBuf,
+    /// A level (`error`…`trace`) or an `EnvFilter` directive; `--log-level` and `RUST_LOG` win.
+    pub log_level: String,
+    /// How long connections get to close after shutdown starts before they are aborted.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// One `[[listeners]]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub protocol: Protocol,
+    pub bind: SocketAddr,
+    pub vhost: String,
+    pub max_connections: usize,
+    pub max_frame_size: u32,
+    pub handshake_timeout: Duration,
+    pub tls: Option<TlsConfig>,
+}
+
+impl ListenerConfig {
+    /// A listener with every optional key at its default.
+    pub fn new(protocol: Protocol, bind: SocketAddr) -> ListenerConfig {
+        let limits = Limits::default();
+        ListenerConfig {
+            protocol,
+            bind,
+            vhost: DEFAULT_VHOST.to_string(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_frame_size: limits.max_frame_size,
+            handshake_timeout: limits.handshake_timeout,
+            tls: None,
+        }
+    }
+
+    /// The limits handed to the frontend; what the file does not set keeps the core's default.
+    pub fn limits(&self) -> Limits {
+        Limits { max_frame_size: self.max_frame_size, handshake_timeout: self.handshake_timeout, ..Limits::default() }
+    }
+}
+
+/// A listener's `tls` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates are checked against.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by `client_ca`. Without it, a certificate is
+    /// asked for, checked if sent, and optional.
+    pub require_client_cert: bool,
+}
+
+/// Why a configuration was refused. Each message names the file, and the key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {error}", path.display())]
+    Read { path: PathBuf, error: io::Error },
+    /// Bad TOML, an unknown key, a missing key or a value of the wrong type: the toml error
+    /// names the key and shows the line and column.
+    #[error("{}: {error}", path.display())]
+    Parse { path: PathBuf, error: toml::de::Error },
+    /// The file parses but a value is not acceptable.
+    #[error("{}: {key}: {reason}", path.display())]
+    Invalid { path: PathBuf, key: String, reason: String },
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config::embedded_defaults()
+    }
+}
+
+impl Config {
+    /// What Ferry runs with when no file is given: MQTT on 127.0.0.1:1883, AMQP on
+    /// 127.0.0.1:5672, data in `./ferry-data`.
+    pub fn embedded_defaults() -> Config {
+        let localhost = std::net::Ipv4Addr::LOCALHOST;
+        Config {
+            source: ConfigSource::Embedded,
+            broker: BrokerConfig::default(),
+            listeners: vec![
+                ListenerConfig::new(Protocol::Mqtt, SocketAddr::from((localhost, 1883))),
+                ListenerConfig::new(Protocol::Amqp, SocketAddr::from((localhost, 5672))),
+            ],
+        }
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `path`: `path` names the file in errors and
+    /// its directory is what relative paths are resolved against.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|error| ConfigError::Parse { path: path.to_path_buf(), error })?;
+        Validator { path, base: path.parent().unwrap_or(Path::new("")) }.config(raw)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    broker: RawBroker,
+    listeners: Option<Vec<RawListener>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    data_dir: Option<PathBuf>,
+    log_level: Option<String>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProtocol {
+    Mqtt,
+    Amqp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    protocol: RawProtocol,
+    bind: SocketAddr,
+    vhost: Option<String>,
+    max_connections: Option<usize>,
+    max_frame_size: Option<u32>,
+    handshake_timeout_secs: Option<u64>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    require_client_cert: bool,
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    /// The config file's directory: relative paths in the file are relative to it.
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { path: self.path.to_path_buf(), key: key.into(), reason: reason.into() }
+    }
+
+    fn resolve(&self, key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
+        if p.as_os_str().is_empty() {
+            return Err(self.invalid(key, "must not be empty"));
+        }
+        Ok(if p.is_absolute() { p } else { self.base.join(p) })
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let broker = self.broker(raw.broker)?;
+        let raw_listeners = raw.listeners.unwrap_or_default();
+        if raw_listeners.is_empty() {
+            return Err(self.invalid("listeners", "at least one [[listeners]] table is required"));
+        }
+        let mut listeners = Vec::with_capacity(raw_listeners.len());
+        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+        for (index, raw) in raw_listeners.into_iter().enumerate() {
+            let listener = self.listener(index, raw)?;
+            // Port 0 asks the OS for a fresh port each time, so it never clashes.
+            if listener.bind.port() != 0 {
+                if let Some(first) = binds.insert(listener.bind, index) {
+                    return Err(self.invalid(
+                        format!("listeners[{index}].bind"),
+                        format!("{} is already used by listeners[{first}]", listener.bind),
+                    ));
+                }
+            }
+            listeners.push(listener);
+        }
+        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, listeners })
+    }
+
+    fn broker(&self, raw: RawBroker) -> Result<BrokerConfig, ConfigError> {
+        let mut broker = BrokerConfig::default();
+        if let Some(dir) = raw.data_dir {
+            broker.data_dir = self.resolve("broker.data_dir", dir)?;
+        }
+        if let Some(level) = raw.log_level {
+            crate::logging::parse_filter(&level).map_err(|e| self.invalid("broker.log_level", e.to_string()))?;
+            broker.log_level = level;
+        }
+        if let Some(secs) = raw.shutdown_grace_secs {
+            broker.shutdown_grace = Duration::from_secs(secs);
+        }
+        Ok(broker)
+    }
+
+    fn listener(&self, index: usize, raw: RawListener) -> Result<ListenerConfig, ConfigError> {
+        let key = |name: &str| format!("listeners[{index}].{name}");
+        let protocol = match raw.protocol {
+            RawProtocol::Mqtt => Protocol::Mqtt,
+            RawProtocol::Amqp => Protocol::Amqp,
+        };
+        let mut listener = ListenerConfig::new(protocol, raw.bind);
+        if let Some(vhost) = raw.vhost {
+            if vhost.is_empty() {
+                return Err(self.invalid(key("vhost"), "must not be empty"));
+            }
+            listener.vhost = vhost;
+        }
+        if let Some(n) = raw.max_connections {
+            if n == 0 {
+                return Err(self.invalid(key("max_connections"), "must be at least 1"));
+            }
+            if n > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(self.invalid(
+                    key("max_connections"),
+                    format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+                ));
+            }
+            listener.max_connections = n;
+        }
+        if let Some(size) = raw.max_frame_size {
+            let min = if protocol == Protocol::Amqp { AMQP_FRAME_MIN_SIZE } else { 1 };
+            if size < min {
+                let why = if protocol == Protocol::Amqp { " (AMQP 0-9-1 frame-min-size)" } else { "" };
+                return Err(self.invalid(key("max_frame_size"), format!("must be at least {min}{why}")));
+            }
+            listener.max_frame_size = size;
+        }
+        if let Some(secs) = raw.handshake_timeout_secs {
+            if secs == 0 {
+                return Err(self.invalid(key("handshake_timeout_secs"), "must be at least 1"));
+            }
+            listener.handshake_timeout = Duration::from_secs(secs);
+        }
+        if let Some(tls) = raw.tls {
+            if tls.require_client_cert && tls.client_ca.is_none() {
+                return Err(self.invalid(
+                    key("tls.require_client_cert"),
+                    format!("requires {} (the CA that signs client certificates)", key("tls.client_ca")),
+                ));
+            }
+            listener.tls = Some(TlsConfig {
+                cert: self.resolve(&key("tls.cert"), tls.cert)?,
+                key: self.resolve(&key("tls.key"), tls.key)?,
+                client_ca: tls.client_ca.map(|p| self.resolve(&key("tls.client_ca"), p)).transpose()?,
+                require_client_cert: tls.require_client_cert,
+            });
+        }
+        Ok(listener)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("/etc/ferry/ferry.toml"))
+    }
+
+    /// The error's message, asserting it names the file.
+    fn error(text: &str) -> String {
+        let err = parse(text).expect_err("config should be refused");
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/ferry/ferry.toml: "), "message does not name the file: {msg}");
+        msg
+    }
+
+    const MINIMAL: &str = "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:1883\"\n";
+
+    #[test]
+    fn embedded_defaults_listen_on_mqtt_and_amqp_ports() {
+        let c = Config::embedded_defaults();
+        assert_eq!(c.source, ConfigSource::Embedded);
+        assert_eq!(c.broker.data_dir, PathBuf::from("./ferry-data"));
+        assert_eq!(c.broker.log_level, "info");
+        assert_eq!(c.broker.shutdown_grace, Duration::from_secs(10));
+        let binds: Vec<_> = c.listeners.iter().map(|l| (l.protocol, l.bind.to_string())).collect();
+        assert_eq!(binds, vec![(Protocol::Mqtt, "127.0.0.1:1883".into()), (Protocol::Amqp, "127.0.0.1:5672".into())]);
+        assert!(c.listeners.iter().all(|l| l.tls.is_none() && l.vhost == "/"));
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_for_every_optional_key() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.source, ConfigSource::File("/etc/ferry/ferry.toml".into()));
+        assert_eq!(c.broker, BrokerConfig::default());
+        let l = &c.listeners[0];
+        assert_eq!(l.vhost, "/");
+        assert_eq!(l.max_connections, 65_536);
+        assert_eq!(l.max_frame_size, 131_072);
+        assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(l.tls, None);
+        assert_eq!(l.limits(), Limits::default());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = parse(
+            r#"
+            [broker]
+            data_dir = "/var/lib/ferry"
+            log_level = "ferry=debug,warn"
+            shutdown_grace_secs = 3
+
+            [[listeners]]
+            protocol = "amqp"
+            bind = "0.0.0.0:5671"
+            vhost = "plant"
+            max_connections = 10
+            max_frame_size = 8192
+            handshake_timeout_secs = 4
+            tls = { cert = "/tls/server.pem", key = "/tls/server.key", client_ca = "/tls/ca.pem", require_client_cert = true }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.broker,
+            BrokerConfig {
+                data_dir: "/var/lib/ferry".into(),
+                log_level: "ferry=debug,warn".into(),
+                shutdown_grace: Duration::from_secs(3)
+            }
+        );
+        let l = &c.listeners[0];
+        assert_eq!(l.protocol, Protocol::Amqp);
+        assert_eq!(l.bind, "0.0.0.0:5671".parse().unwrap());
+        assert_eq!(l.vhost, "plant");
+        assert_eq!(l.max_connections, 10);
+        assert_eq!(l.limits().max_frame_size, 8192);
+        assert_eq!(l.limits().handshake_timeout, Duration::from_secs(4));
+        assert_eq!(
+            l.tls,
+            Some(TlsConfig {
+                cert: "/tls/server.pem".into(),
+                key: "/tls/server.key".into(),
+                client_ca: Some("/tls/ca.pem".into()),
+                require_client_cert: true,
+            })
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let c = parse(
+            r#"
+            [broker]
+            data_dir = "data"
+            [[listeners]]
+            protocol = "mqtt"
+            bind = "127.0.0.1:8883"
+            tls = { cert = "tls/server.pem", key = "../keys/server.key", client_ca = "/abs/ca.pem" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.broker.data_dir, PathBuf::from("/etc/ferry/data"));
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/ferry/tls/server.pem"));
+        assert_eq!(tls.key, PathBuf::from("/etc/ferry/../keys/server.key"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/abs/ca.pem")));
+        assert!(!tls.require_client_cert);
+    }
+
+    #[test]
+    fn a_file_in_the_working_directory_resolves_against_it() {
+        let c = Config::from_toml_str(
+            "[broker]\ndata_dir = \"d\"\n[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:1\"\n",
+            Path::new("ferry.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.broker.data_dir, PathBuf::from("d"));
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let msg = error(&format!("colour = \"blue\"\n{MINIMAL}"));
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+        assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_broker_key_is_named() {
+        let msg = error(&format!("[broker]\ndata_dri = \"x\"\n{MINIMAL}"));
+        assert!(msg.contains("unknown field `data_dri`"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_listener_key_is_named() {
+        let msg = error(&format!("{MINIMAL}port = 1883\n"));
+        assert!(msg.contains("unknown field `port`"), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_tls_key_is_named() {
+        let msg = error(&format!("{MINIMAL}tls = {{ cert = \"c\", key = \"k\", verify = true }}\n"));
+        assert!(msg.contains("unknown field `verify`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_protocol_value_is_refused() {
+        let msg = error("[[listeners]]\nprotocol = \"xmpp\"\nbind = \"127.0.0.1:1\"\n");
+        assert!(msg.contains("unknown variant `xmpp`"), "{msg}");
+        assert!(msg.contains("`mqtt`") && msg.contains("`amqp`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_bind_address_is_refused() {
+        let msg = error("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"localhost\"\n");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("socket address"), "{msg}");
+    }
+
+    #[test]
+    fn missing_required_listener_key_is_named() {
+        let msg = error("[[listeners]]\nprotocol = \"mqtt\"\n");
+        assert!(msg.contains("missing field `bind`"), "{msg}");
+    }
+
+    #[test]
+    fn empty_or_missing_listeners_are_refused() {
+        for text in ["listeners = []\n", "[broker]\ndata_dir = \"x\"\n", ""] {
+            let msg = error(text);
+            assert!(msg.contains(": listeners: at least one"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn duplicate_bind_is_refused_naming_both_listeners() {
+        let msg = error(&format!("{MINIMAL}[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:1883\"\n"));
+        assert!(msg.contains("listeners[1].bind: 127.0.0.1:1883 is already used by listeners[0]"), "{msg}");
+    }
+
+    #[test]
+    fn several_listeners_on_port_zero_are_not_duplicates() {
+        let text = "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n";
+        assert_eq!(parse(text).unwrap().listeners.len(), 2);
+    }
+
+    #[test]
+    fn require_client_cert_without_client_ca_is_refused() {
+        let msg = error(&format!("{MINIMAL}tls = {{ cert = \"c\", key = \"k\", require_client_cert = true }}\n"));
+        assert!(msg.contains("listeners[0].tls.require_client_cert: requires listeners[0].tls.client_ca"), "{msg}");
+    }
+
+    #[test]
+    fn zero_values_are_refused_where_meaningless() {
+        for (line, key) in [
+            ("max_connections = 0", "listeners[0].max_connections: must be at least 1"),
+            ("max_frame_size = 0", "listeners[0].max_frame_size: must be at least 1"),
+            ("handshake_timeout_secs = 0", "listeners[0].handshake_timeout_secs: must be at least 1"),
+            ("vhost = \"\"", "listeners[0].vhost: must not be empty"),
+        ] {
+            let msg = error(&format!("{MINIMAL}{line}\n"));
+            assert!(msg.contains(key), "{line}: {msg}");
+        }
+    }
+
+    #[test]
+    fn zero_grace_is_allowed() {
+        let c = parse(&format!("[broker]\nshutdown_grace_secs = 0\n{MINIMAL}")).unwrap();
+        assert_eq!(c.broker.shutdown_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn negative_numbers_are_refused() {
+        for line in ["max_connections = -1", "max_frame_size = -5", "handshake_timeout_secs = -1"] {
+            let msg = error(&format!("{MINIMAL}{line}\n"));
+            assert!(msg.contains("invalid value: integer `-"), "{line}: {msg}");
+        }
+        let msg = error(&format!("[broker]\nshutdown_grace_secs = -1\n{MINIMAL}"));
+        assert!(msg.contains("invalid value: integer `-1`"), "{msg}");
+    }
+
+    #[test]
+    fn amqp_frame_size_below_the_protocol_minimum_is_refused() {
+        let msg = error("[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:1\"\nmax_frame_size = 1024\n");
+        assert!(msg.contains("listeners[0].max_frame_size: must be at least 4096"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_refused() {
+        let msg = error(&format!("{MINIMAL}max_connections = \"many\"\n"));
+        assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn bad_log_filter_is_refused() {
+        let msg = error(&format!("[broker]\nlog_level = \"ferry=loud\"\n{MINIMAL}"));
+        assert!(msg.contains("broker.log_level: "), "{msg}");
+    }
+
+    #[test]
+    fn unreadable_file_names_it() {
+        let err = Config::load(Path::new("/nonexistent/ferry.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err.to_string().starts_with("/nonexistent/ferry.toml: cannot read: "), "{err}");
+    }
+}

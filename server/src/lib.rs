@@ -1,0 +1,34 @@
+//! Ferry's server: the `ferry` binary's library, so tests can start a server in-process.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (`ferry`, `ferry --config FILE`, `ferry check-config FILE`).
+//! - [`config`]: the TOML file → a validated [`Config`] (or the embedded defaults), refusing bad
+//!   input with the file, the key and the reason.
+//! - [`logging`]: the `tracing` subscriber; `--log-level` > `RUST_LOG` > `broker.log_level`.
+//! - [`tls`]: a listener's `tls` table → a rustls `ServerConfig`; a session → `TlsIdentity`.
+//! - [`server`]: [`Server::builder`] takes a [`Config`] and the frontends,
+//!   [`start`](ServerBuilder::start) binds the listeners and wires them to one
+//!   [`Broker`](ferry_core::Broker); [`Server::shutdown`] stops them gracefully.
+//! - `listener`: one accept loop per listener (bounded by `max_connections`); each connection
+//!   gets TCP_NODELAY, the TLS handshake if configured, then its frontend's `serve`.
+//! - `unserved`: what a default listener whose protocol has no frontend yet answers (AMQP's
+//!   protocol header, MQTT's CONNACK "server unavailable").
+//! - [`signals`]: SIGINT / SIGTERM.
+//!
+//! A connection flows: `TcpListener::accept` (listener) → TLS (tls) → `ClientStream` +
+//! `ConnectionContext` → `Frontend::serve` (a protocol crate) → the broker core.
+
+pub mod cli;
+pub mod config;
+mod listener;
+pub mod logging;
+pub mod server;
+pub mod signals;
+pub mod tls;
+mod unserved;
+
+pub use config::{Config, ConfigError, ConfigSource, ListenerConfig, TlsConfig};
+pub use server::{
+    check, BoundListener, Server, ServerBuilder, ShutdownError, ShutdownReport, StartError, StartProblem,
+};

@@ -1,0 +1,205 @@
+//! One accept loop per listener, and the task that takes one connection through TLS to its
+//! frontend.
+//!
+//! The loop owns its connection tasks in a `JoinSet`, so that on shutdown it can wait for them
+//! (up to the grace period) and abort the rest. Accepting is bounded by a semaphore of
+//! `max_connections` permits (as mini-redis's `MAX_CONNECTIONS`): with none free the loop stops
+//! accepting, and the kernel's backlog holds new clients until a connection closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, ListenerSettings, Shutdown};
+use ferry_core::{Broker, ConnectionId, Protocol};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::tls;
+
+/// What serves a listener's connections.
+#[derive(Clone)]
+pub(crate) enum Handler {
+    Frontend(Arc<dyn Frontend>),
+    /// No frontend is built in for this protocol: answer "unavailable" and close.
+    Unserved(Protocol),
+}
+
+/// A bound listener, ready to run.
+pub(crate) struct Listener {
+    pub tcp: TcpListener,
+    pub settings: Arc<ListenerSettings>,
+    pub tls: Option<TlsAcceptor>,
+    pub handler: Handler,
+    pub max_connections: usize,
+}
+
+/// How a listener's connections ended once shutdown started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Closed by themselves within the grace period.
+    pub closed: usize,
+    /// Still open when the grace period ran out, and aborted.
+    pub aborted: usize,
+}
+
+/// Back-off after an accept error that is not about one connection (EMFILE, ENFILE, ENOBUFS):
+/// retrying at once would spin; waiting lets connections close and free descriptors.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Listener {
+    /// Accepts until `shutdown` fires, then waits up to `grace` for the connections to close.
+    pub(crate) async fn run(self, broker: Arc<Broker>, mut shutdown: Shutdown, grace: Duration) -> Drained {
+        let Listener { tcp, settings, tls, handler, max_connections } = self;
+        let name = settings.name.clone();
+        let limit = Arc::new(Semaphore::new(max_connections));
+        let mut tasks = JoinSet::new();
+        let mut backoff = ACCEPT_BACKOFF_START;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    report(&name, done);
+                    continue;
+                }
+                accepted = accept(&tcp, &limit) => accepted,
+            };
+            let (socket, peer, permit) = match accepted {
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF_START;
+                    accepted
+                }
+                Err(e) if is_per_connection(&e) => {
+                    debug!(listener = %name, "accept: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(listener = %name, "accept failed: {e}; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let id = ConnectionId::next();
+            let ctx = ConnectionContext {
+                id,
+                broker: broker.clone(),
+                listener: settings.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let span = tracing::debug_span!("connection", %id, %peer, listener = %name);
+            tasks.spawn(connection(socket, peer, permit, tls.clone(), handler.clone(), ctx).instrument(span));
+        }
+        // Closing the socket makes new clients see "connection refused" instead of waiting.
+        drop(tcp);
+        let open = tasks.len();
+        info!(listener = %name, "stopped accepting; waiting up to {grace:?} for {open} connection(s)");
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(done) = tasks.join_next().await {
+                report(&name, done);
+            }
+        })
+        .await;
+        let aborted = if drained.is_err() { tasks.len() } else { 0 };
+        if aborted > 0 {
+            warn!(listener = %name, "aborting {aborted} connection(s) still open after {grace:?}");
+            tasks.shutdown().await;
+        }
+        Drained { closed: open - aborted, aborted }
+    }
+}
+
+/// Waits for a free connection slot, then for a client. Cancel-safe: a permit or accept lost
+/// to a cancelled `select!` costs nothing.
+async fn accept(
+    tcp: &TcpListener,
+    limit: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = limit.clone().acquire_owned().await.expect("the listener never closes its semaphore");
+    let (socket, peer) = tcp.accept().await?;
+    Ok((socket, peer, permit))
+}
+
+/// Errors about one would-be connection that went away before it was accepted.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted)
+}
+
+fn report(listener: &str, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            error!(listener, "connection task panicked: {e}");
+        }
+    }
+}
+
+/// One connection: TCP options, the TLS handshake if configured, then its handler. Holds its
+/// connection slot until it returns.
+async fn connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    tls: Option<TlsAcceptor>,
+    handler: Handler,
+    mut ctx: ConnectionContext,
+) {
+    let local = match socket.local_addr() {
+        Ok(local) => local,
+        Err(e) => {
+            debug!("local_addr: {e}");
+            return;
+        }
+    };
+    if let Err(e) = socket.set_nodelay(true) {
+        debug!("set_nodelay: {e}");
+    }
+    let stream = match tls {
+        None => ClientStream::new(socket, peer, local, None),
+        Some(acceptor) => {
+            let handshake_timeout = ctx.listener.limits.handshake_timeout;
+            let handshake = tokio::select! {
+                _ = ctx.shutdown.wait() => return,
+                r = tokio::time::timeout(handshake_timeout, acceptor.accept(socket)) => r,
+            };
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let identity = tls::identity(stream.get_ref().1);
+                    ClientStream::new(stream, peer, local, Some(identity))
+                }
+                Ok(Err(e)) => {
+                    debug!("TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!("TLS handshake not completed within {handshake_timeout:?}");
+                    return;
+                }
+            }
+        }
+    };
+    match handler {
+        Handler::Frontend(frontend) => {
+            if let Err(e) = frontend.serve(stream, ctx).await {
+                debug!("connection ended: {e}");
+            }
+        }
+        Handler::Unserved(protocol) => {
+            let result = tokio::select! {
+                r = crate::unserved::serve(protocol, stream) => r,
+                _ = ctx.shutdown.wait() => Ok(()),
+            };
+            if let Err(e) = result {
+                debug!("connection ended: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! `ferry`: parse the command line, load the configuration, run until SIGINT or SIGTERM.
+//!
+//! Exit codes: 0 after a clean shutdown or a good `check-config`; 2 when the configuration or
+//! start-up is refused (and for command-line errors, from clap); 1 for anything else.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_server::cli::{Cli, Command};
+use ferry_server::signals::Signals;
+use ferry_server::{logging, Config, Server};
+use tracing::info;
+
+const REFUSED: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        None => run(cli.config.as_deref(), cli.log_level.as_deref()),
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    let checked = Config::load(file).map_err(anyhow::Error::from).and_then(|c| Ok(ferry_server::check(&c)?));
+    match checked {
+        Ok(()) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => refused(e),
+    }
+}
+
+fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
+    let config = match config_file.map(Config::load).unwrap_or_else(|| Ok(Config::embedded_defaults())) {
+        Ok(config) => config,
+        Err(e) => return refused(e.into()),
+    };
+    if let Err(e) = logging::init(log_level, &config.broker.log_level) {
+        return refused(e.into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let result = runtime.context("starting the tokio runtime").and_then(|rt| rt.block_on(serve(config)));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    let server = match Server::builder(config).start().await {
+        Ok(server) => server,
+        Err(e) => return Ok(refused(e.into())),
+    };
+    info!(version = env!("CARGO_PKG_VERSION"), "ferry ready");
+    let signal = signals.recv().await;
+    info!("received {signal}; shutting down");
+    server.shutdown().await.context("shutting down")?;
+    info!("bye");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn refused(e: anyhow::Error) -> ExitCode {
+    eprintln!("ferry: {e}");
+    ExitCode::from(REFUSED)
+}

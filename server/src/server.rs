@@ -1,0 +1,269 @@
+//! Start-up, wiring and shutdown.
+//!
+//! [`ServerBuilder::start`] checks every listener (TLS material, a frontend for its protocol,
+//! the bind) and reports all the problems it finds at once, then creates the data directory and
+//! the broker and spawns one accept loop per listener. [`Server::shutdown`] trips the shared
+//! [`Shutdown`] signal, which stops the accept loops and tells every connection; each loop
+//! waits up to the grace period for its connections and aborts the rest; then the store is
+//! flushed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::frontend::{Frontend, ListenerSettings, Shutdown};
+use ferry_core::store::{MemoryStore, StoreError};
+use ferry_core::{Broker, Protocol};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigSource};
+use crate::listener::{Drained, Handler, Listener};
+use crate::tls::{self, TlsError};
+
+/// One reason the server would not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartProblem {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("listeners[{index}].protocol: no {protocol} frontend is built into this ferry yet")]
+    NoFrontend { index: usize, protocol: Protocol },
+    #[error("listeners[{index}] ({protocol} {addr}): cannot bind: {error}")]
+    Bind { index: usize, protocol: Protocol, addr: SocketAddr, error: io::Error },
+    #[error("broker.data_dir: cannot create {}: {error}", path.display())]
+    DataDir { path: PathBuf, error: io::Error },
+}
+
+/// Why the server did not start: every problem found, each named with the config's source.
+#[derive(Debug)]
+pub struct StartError {
+    pub config: ConfigSource,
+    pub problems: Vec<StartProblem>,
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {problem}", self.config)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Why a graceful shutdown did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    #[error("flushing the store: {0}")]
+    Flush(#[from] StoreError),
+}
+
+/// How the connections ended during a shutdown.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections that closed by themselves within the grace period.
+    pub connections_closed: usize,
+    /// Connections still open after the grace period, aborted.
+    pub connections_aborted: usize,
+}
+
+/// A listener the server is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundListener {
+    pub protocol: Protocol,
+    /// The address actually bound (the port is the OS's choice when the config said 0).
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// `false` when no frontend serves the protocol and clients are refused in its own terms
+    /// (embedded defaults only).
+    pub served: bool,
+}
+
+/// What [`ServerBuilder::start`] and `ferry check-config` verify beyond parsing: that every
+/// listener's TLS files load. Binds nothing.
+pub fn check(config: &Config) -> Result<(), StartError> {
+    let problems: Vec<StartProblem> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
+        .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
+        .map(StartProblem::from)
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StartError { config: config.source.clone(), problems })
+    }
+}
+
+/// Collects the frontends and starts a [`Server`].
+pub struct ServerBuilder {
+    config: Config,
+    frontends: HashMap<Protocol, Arc<dyn Frontend>>,
+}
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("config", &self.config)
+            .field("frontends", &self.frontends.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ServerBuilder {
+    /// Registers the frontend for its [`Frontend::protocol`], replacing any registered before.
+    pub fn frontend(mut self, frontend: Arc<dyn Frontend>) -> ServerBuilder {
+        self.frontends.insert(frontend.protocol(), frontend);
+        self
+    }
+
+    /// Binds every listener and starts serving. Nothing is left running on error.
+    pub async fn start(self) -> Result<Server, StartError> {
+        let ServerBuilder { config, frontends } = self;
+        let mut problems = Vec::new();
+        let mut ready = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let tls = match &l.tls {
+                None => Ok(None),
+                Some(t) => {
+                    tls::server_config(t, &format!("listeners[{index}].tls")).map(|c| Some(TlsAcceptor::from(c)))
+                }
+            };
+            let handler = match frontends.get(&l.protocol) {
+                Some(frontend) => Some(Handler::Frontend(frontend.clone())),
+                None if config.source.is_embedded() => Some(Handler::Unserved(l.protocol)),
+                None => None,
+            };
+            let bound = TcpListener::bind(l.bind).await.and_then(|tcp| Ok((tcp.local_addr()?, tcp)));
+            match (tls, handler, bound) {
+                (Ok(tls), Some(handler), Ok((addr, tcp))) => ready.push((l, tls, handler, addr, tcp)),
+                (tls, handler, bound) => {
+                    if let Err(e) = tls {
+                        problems.push(e.into());
+                    }
+                    if handler.is_none() {
+                        problems.push(StartProblem::NoFrontend { index, protocol: l.protocol });
+                    }
+                    if let Err(error) = bound {
+                        problems.push(StartProblem::Bind { index, protocol: l.protocol, addr: l.bind, error });
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            let data_dir = &config.broker.data_dir;
+            // A few blocking syscalls, once, before anything is served.
+            if let Err(error) = std::fs::create_dir_all(data_dir) {
+                problems.push(StartProblem::DataDir { path: data_dir.clone(), error });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(StartError { config: config.source.clone(), problems });
+        }
+
+        let broker = Broker::new(Arc::new(MemoryStore::new()));
+        let (shutdown_tx, shutdown) = Shutdown::channel();
+        let grace = config.broker.shutdown_grace;
+        let mut listeners = Vec::with_capacity(ready.len());
+        let mut tasks = Vec::with_capacity(ready.len());
+        for (l, tls, handler, addr, tcp) in ready {
+            broker.add_vhost(&l.vhost);
+            let name = format!("{} {addr}", l.protocol);
+            let served = matches!(handler, Handler::Frontend(_));
+            if served {
+                info!("{name}: listening{}", if tls.is_some() { " (TLS)" } else { "" });
+            } else {
+                let refusal = match l.protocol {
+                    Protocol::Mqtt => "CONNACK 0x03",
+                    _ => "the AMQP 0-9-1 protocol header",
+                };
+                warn!(
+                    "{} listener {addr}: no {} frontend built in yet; connections are refused with {refusal}",
+                    l.protocol, l.protocol
+                );
+            }
+            listeners.push(BoundListener { protocol: l.protocol, addr, tls: tls.is_some(), served });
+            let settings =
+                Arc::new(ListenerSettings { name, protocol: l.protocol, vhost: l.vhost.clone(), limits: l.limits() });
+            let listener = Listener { tcp, settings, tls, handler, max_connections: l.max_connections };
+            tasks.push(tokio::spawn(listener.run(broker.clone(), shutdown.clone(), grace)));
+        }
+        // Message TTL and idle-queue expiry run on the broker's own timer; it ends with the
+        // shutdown signal.
+        tokio::spawn(broker.clone().run_housekeeping(shutdown.clone()));
+        info!("data directory {}", config.broker.data_dir.display());
+        Ok(Server { broker, listeners, shutdown_tx, tasks, grace })
+    }
+}
+
+/// A running server. Dropping it without [`Server::shutdown`] also stops the listeners (the
+/// shutdown signal fires when its sender goes), but nobody waits for them or flushes the store.
+#[derive(Debug)]
+pub struct Server {
+    broker: Arc<Broker>,
+    listeners: Vec<BoundListener>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Drained>>,
+    grace: Duration,
+}
+
+impl Server {
+    pub fn builder(config: Config) -> ServerBuilder {
+        ServerBuilder { config, frontends: HashMap::new() }
+    }
+
+    /// The listeners, in config order.
+    pub fn listeners(&self) -> &[BoundListener] {
+        &self.listeners
+    }
+
+    /// The address listener `index` (config order) is bound to.
+    ///
+    /// # Panics
+    /// If there is no such listener.
+    pub fn local_addr(&self, index: usize) -> SocketAddr {
+        self.listeners[index].addr
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Stops accepting, tells every connection to close, waits up to the grace period for them,
+    /// aborts the rest, and flushes the store.
+    pub async fn shutdown(self) -> Result<ShutdownReport, ShutdownError> {
+        let Server { broker, shutdown_tx, tasks, grace, .. } = self;
+        info!("shutdown: stopping listeners and closing connections (grace {grace:?})");
+        shutdown_tx.send_replace(true);
+        let mut report = ShutdownReport::default();
+        for task in tasks {
+            match task.await {
+                Ok(drained) => {
+                    report.connections_closed += drained.closed;
+                    report.connections_aborted += drained.aborted;
+                }
+                Err(e) => error!("shutdown: a listener task failed: {e}"),
+            }
+        }
+        info!(
+            "shutdown: {} connection(s) closed, {} aborted; flushing the store",
+            report.connections_closed, report.connections_aborted
+        );
+        broker.store().flush().wait().await?;
+        info!("shutdown: store flushed");
+        Ok(report)
+    }
+}
