@@ -638,13 +638,7 @@ impl VHost {
     ) -> Result<(), CoreError> {
         let x = self.source_for_binding(exchange)?;
         let q = self.queue_for(queue, connection)?;
-        let b = Binding { key, destination: Destination::Queue(q) };
-        if x.bind(b.key.clone(), b.destination.clone())? {
-            if let Some(rec) = self.binding_record(&x, &b) {
-                self.submit(vec![StoreOp::PutBinding(rec)]);
-            }
-        }
-        Ok(())
+        self.bind(&x, Binding { key, destination: Destination::Queue(q) })
     }
 
     /// Unbinds a queue. Removing a binding that does not exist succeeds.
@@ -673,13 +667,7 @@ impl VHost {
             return Err(default_exchange_refused());
         }
         self.exchange_or_404(destination)?;
-        let b = Binding { key, destination: Destination::Exchange(destination.clone()) };
-        if x.bind(b.key.clone(), b.destination.clone())? {
-            if let Some(rec) = self.binding_record(&x, &b) {
-                self.submit(vec![StoreOp::PutBinding(rec)]);
-            }
-        }
-        Ok(())
+        self.bind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) })
     }
 
     /// Removes an exchange-to-exchange binding.
@@ -695,6 +683,15 @@ impl VHost {
         }
         self.exchange_or_404(destination)?;
         self.unbind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) });
+        Ok(())
+    }
+
+    fn bind(&self, x: &Arc<Exchange>, b: Binding) -> Result<(), CoreError> {
+        if x.bind(b.key.clone(), b.destination.clone())? {
+            if let Some(rec) = self.binding_record(x, &b) {
+                self.submit(vec![StoreOp::PutBinding(rec)]);
+            }
+        }
         Ok(())
     }
 
