@@ -60,6 +60,19 @@ impl<T> Outbox<T> {
         }
         Ok(())
     }
+    /// Adds an item whatever the capacity. Only for producers that are bounded some other way:
+    /// queue consumers, whose deliveries are bounded by their prefetch credit (the queue checks
+    /// [`Outbox::has_room`] first, but two queues feeding one outbox may both pass that check).
+    pub fn push(&self, item: T) {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = q.is_empty();
+        q.push_back(item);
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
     /// Moves every ready item into `out`; returns how many.
     pub fn drain_into(&self, out: &mut Vec<T>) -> usize {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());

@@ -28,6 +28,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// AMQP 0-9-1's `frame-min-size`: every peer must accept frames this large, so an AMQP listener
 /// may not be configured below it.
 pub const AMQP_FRAME_MIN_SIZE: u32 = 4096;
+/// The request path a WebSocket listener upgrades on when the file names none: what mosquitto's
+/// and HiveMQ's WebSocket listeners use and what browser MQTT clients (MQTT.js, Paho JS) ask for.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
 
 /// Where a [`Config`] came from. Only the embedded defaults may name a protocol no frontend
 /// serves (see [`crate::server`]).
@@ -82,11 +85,37 @@ impl Default for BrokerConfig {
     }
 }
 
+/// How a listener's clients carry protocol bytes, under TLS if the listener has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Straight on the TCP (or TLS) stream.
+    Tcp,
+    /// In binary WebSocket frames after an HTTP upgrade on `path` (MQTT 5.0 §6, 3.1.1 §6).
+    WebSocket { path: String },
+}
+
+impl Transport {
+    pub fn is_websocket(&self) -> bool {
+        matches!(self, Transport::WebSocket { .. })
+    }
+}
+
+/// `tcp` or `ws`, as listener names in logs show it (`mqtt ws 127.0.0.1:8083`).
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::WebSocket { .. } => "ws",
+        })
+    }
+}
+
 /// One `[[listeners]]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub protocol: Protocol,
     pub bind: SocketAddr,
+    pub transport: Transport,
     pub vhost: String,
     pub max_connections: usize,
     pub max_frame_size: u32,
@@ -101,6 +130,7 @@ impl ListenerConfig {
         ListenerConfig {
             protocol,
             bind,
+            transport: Transport::Tcp,
             vhost: DEFAULT_VHOST.to_string(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_frame_size: limits.max_frame_size,
@@ -203,11 +233,20 @@ enum RawProtocol {
     Amqp,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawTransport {
+    Tcp,
+    Websocket,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
     protocol: RawProtocol,
     bind: SocketAddr,
+    transport: Option<RawTransport>,
+    path: Option<String>,
     vhost: Option<String>,
     max_connections: Option<usize>,
     max_frame_size: Option<u32>,
@@ -282,6 +321,33 @@ impl Validator<'_> {
         Ok(broker)
     }
 
+    fn transport(
+        &self,
+        index: usize,
+        protocol: Protocol,
+        transport: Option<RawTransport>,
+        path: Option<String>,
+    ) -> Result<Transport, ConfigError> {
+        let key = |name: &str| format!("listeners[{index}].{name}");
+        match transport.unwrap_or(RawTransport::Tcp) {
+            RawTransport::Tcp => match path {
+                None => Ok(Transport::Tcp),
+                Some(_) => Err(self.invalid(key("path"), "only valid with transport = \"websocket\"")),
+            },
+            // RabbitMQ's AMQP 0-9-1 clients connect over TCP only; AMQP over WebSocket would need a
+            // subprotocol no client here speaks.
+            RawTransport::Websocket if protocol != Protocol::Mqtt => Err(self.invalid(
+                key("transport"),
+                format!("\"websocket\" is only available with protocol = \"mqtt\", not \"{protocol}\""),
+            )),
+            RawTransport::Websocket => {
+                let path = path.unwrap_or_else(|| DEFAULT_WEBSOCKET_PATH.to_string());
+                check_websocket_path(&path).map_err(|reason| self.invalid(key("path"), reason))?;
+                Ok(Transport::WebSocket { path })
+            }
+        }
+    }
+
     fn listener(&self, index: usize, raw: RawListener) -> Result<ListenerConfig, ConfigError> {
         let key = |name: &str| format!("listeners[{index}].{name}");
         let protocol = match raw.protocol {
@@ -289,6 +355,7 @@ impl Validator<'_> {
             RawProtocol::Amqp => Protocol::Amqp,
         };
         let mut listener = ListenerConfig::new(protocol, raw.bind);
+        listener.transport = self.transport(index, protocol, raw.transport, raw.path)?;
         if let Some(vhost) = raw.vhost {
             if vhost.is_empty() {
                 return Err(self.invalid(key("vhost"), "must not be empty"));
@@ -339,6 +406,18 @@ impl Validator<'_> {
     }
 }
 
+/// A request path as it appears in an HTTP request line: absolute, and without a query, a
+/// fragment or anything a request line cannot carry.
+fn check_websocket_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with '/'"));
+    }
+    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#')) {
+        return Err(format!("{path:?} must not contain {c:?} (only the path of a URL, in printable ASCII)"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,7 +459,71 @@ mod tests {
         assert_eq!(l.max_frame_size, 131_072);
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
         assert_eq!(l.tls, None);
+        assert_eq!(l.transport, Transport::Tcp);
         assert_eq!(l.limits(), Limits::default());
+    }
+
+    #[test]
+    fn websocket_transport_defaults_to_the_mqtt_path() {
+        let c = parse(&format!("{MINIMAL}transport = \"websocket\"\n")).unwrap();
+        assert_eq!(c.listeners[0].transport, Transport::WebSocket { path: "/mqtt".into() });
+        assert_eq!(c.listeners[0].transport.to_string(), "ws");
+    }
+
+    #[test]
+    fn websocket_path_and_tls_are_read() {
+        let c = parse(&format!(
+            "{MINIMAL}transport = \"websocket\"\npath = \"/brokers/ferry/mqtt\"\ntls = {{ cert = \"c\", key = \"k\" }}\n"
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.transport, Transport::WebSocket { path: "/brokers/ferry/mqtt".into() });
+        assert!(l.tls.is_some(), "tls + websocket is wss");
+    }
+
+    #[test]
+    fn explicit_tcp_transport_is_the_default() {
+        let c = parse(&format!("{MINIMAL}transport = \"tcp\"\n")).unwrap();
+        assert_eq!(c.listeners[0].transport, Transport::Tcp);
+        assert_eq!(c.listeners[0].transport.to_string(), "tcp");
+    }
+
+    #[test]
+    fn path_without_websocket_is_refused() {
+        for transport in ["", "transport = \"tcp\"\n"] {
+            let msg = error(&format!("{MINIMAL}{transport}path = \"/mqtt\"\n"));
+            assert!(msg.contains("listeners[0].path: only valid with transport = \"websocket\""), "{msg}");
+        }
+    }
+
+    #[test]
+    fn websocket_for_amqp_is_refused_naming_the_transport() {
+        let msg = error("[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:1\"\ntransport = \"websocket\"\n");
+        assert!(
+            msg.contains("listeners[0].transport: \"websocket\" is only available with protocol = \"mqtt\""),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_websocket_paths_are_refused() {
+        for (path, why) in [
+            ("mqtt", "must start with '/'"),
+            ("", "must start with '/'"),
+            ("/mqtt?x=1", "must not contain '?'"),
+            ("/mq tt", "must not contain ' '"),
+            ("/mqtt#top", "must not contain '#'"),
+        ] {
+            let msg = error(&format!("{MINIMAL}transport = \"websocket\"\npath = \"{path}\"\n"));
+            assert!(msg.contains("listeners[0].path: ") && msg.contains(why), "{path}: {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_transport_is_refused() {
+        let msg = error(&format!("{MINIMAL}transport = \"quic\"\n"));
+        assert!(msg.contains("unknown variant `quic`"), "{msg}");
+        assert!(msg.contains("`tcp`") && msg.contains("`websocket`"), "{msg}");
     }
 
     #[test]

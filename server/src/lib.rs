@@ -11,24 +11,29 @@
 //!   [`start`](ServerBuilder::start) binds the listeners and wires them to one
 //!   [`Broker`](ferry_core::Broker); [`Server::shutdown`] stops them gracefully.
 //! - `listener`: one accept loop per listener (bounded by `max_connections`); each connection
-//!   gets TCP_NODELAY, the TLS handshake if configured, then its frontend's `serve`.
+//!   gets TCP_NODELAY, the TLS handshake if configured, the WebSocket upgrade if configured,
+//!   then its frontend's `serve`.
+//! - `websocket`: MQTT over WebSocket: the HTTP upgrade (path, `mqtt` subprotocol) and the
+//!   adapter that makes binary WebSocket messages a byte stream again.
 //! - `unserved`: what a default listener whose protocol has no frontend yet answers (AMQP's
 //!   protocol header, MQTT's CONNACK "server unavailable").
 //! - [`signals`]: SIGINT / SIGTERM.
 //!
-//! A connection flows: `TcpListener::accept` (listener) → TLS (tls) → `ClientStream` +
-//! `ConnectionContext` → `Frontend::serve` (a protocol crate) → the broker core.
+//! A connection flows: `TcpListener::accept` (listener) → TLS (tls) → WebSocket (websocket) →
+//! `ClientStream` + `ConnectionContext` → `Frontend::serve` (a protocol crate) → the broker core.
 
 pub mod cli;
 pub mod config;
+pub mod frontends;
 mod listener;
 pub mod logging;
 pub mod server;
 pub mod signals;
 pub mod tls;
 mod unserved;
+mod websocket;
 
-pub use config::{Config, ConfigError, ConfigSource, ListenerConfig, TlsConfig};
+pub use config::{Config, ConfigError, ConfigSource, ListenerConfig, TlsConfig, Transport};
 pub use server::{
     check, BoundListener, Server, ServerBuilder, ShutdownError, ShutdownReport, StartError, StartProblem,
 };

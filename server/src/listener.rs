@@ -1,5 +1,5 @@
-//! One accept loop per listener, and the task that takes one connection through TLS to its
-//! frontend.
+//! One accept loop per listener, and the task that takes one connection through TLS and the
+//! WebSocket upgrade (each if configured) to its frontend.
 //!
 //! The loop owns its connection tasks in a `JoinSet`, so that on shutdown it can wait for them
 //! (up to the grace period) and abort the rest. Accepting is bounded by a semaphore of
@@ -10,15 +10,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, ListenerSettings, Shutdown};
+use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, ListenerSettings, Shutdown, TlsIdentity};
 use ferry_core::{Broker, ConnectionId, Protocol};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::tls;
+use crate::websocket::Upgrade;
 
 /// What serves a listener's connections.
 #[derive(Clone)]
@@ -33,6 +36,8 @@ pub(crate) struct Listener {
     pub tcp: TcpListener,
     pub settings: Arc<ListenerSettings>,
     pub tls: Option<TlsAcceptor>,
+    /// `Some` on a WebSocket listener: the HTTP upgrade that follows TLS.
+    pub websocket: Option<Arc<Upgrade>>,
     pub handler: Handler,
     pub max_connections: usize,
 }
@@ -54,7 +59,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 impl Listener {
     /// Accepts until `shutdown` fires, then waits up to `grace` for the connections to close.
     pub(crate) async fn run(self, broker: Arc<Broker>, mut shutdown: Shutdown, grace: Duration) -> Drained {
-        let Listener { tcp, settings, tls, handler, max_connections } = self;
+        let Listener { tcp, settings, tls, websocket, handler, max_connections } = self;
         let name = settings.name.clone();
         let limit = Arc::new(Semaphore::new(max_connections));
         let mut tasks = JoinSet::new();
@@ -96,7 +101,8 @@ impl Listener {
                 shutdown: shutdown.clone(),
             };
             let span = tracing::debug_span!("connection", %id, %peer, listener = %name);
-            tasks.spawn(connection(socket, peer, permit, tls.clone(), handler.clone(), ctx).instrument(span));
+            let transport = Handshakes { tls: tls.clone(), websocket: websocket.clone() };
+            tasks.spawn(connection(socket, peer, permit, transport, handler.clone(), ctx).instrument(span));
         }
         // Closing the socket makes new clients see "connection refused" instead of waiting.
         drop(tcp);
@@ -142,13 +148,19 @@ fn report(listener: &str, done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// One connection: TCP options, the TLS handshake if configured, then its handler. Holds its
-/// connection slot until it returns.
+/// What a connection goes through before its handler sees it, in this order.
+struct Handshakes {
+    tls: Option<TlsAcceptor>,
+    websocket: Option<Arc<Upgrade>>,
+}
+
+/// One connection: TCP options, the TLS handshake and the WebSocket upgrade if configured, then
+/// its handler. Holds its connection slot until it returns.
 async fn connection(
     socket: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
-    tls: Option<TlsAcceptor>,
+    handshakes: Handshakes,
     handler: Handler,
     mut ctx: ConnectionContext,
 ) {
@@ -162,18 +174,22 @@ async fn connection(
     if let Err(e) = socket.set_nodelay(true) {
         debug!("set_nodelay: {e}");
     }
-    let stream = match tls {
-        None => ClientStream::new(socket, peer, local, None),
+    // One deadline for the transport's handshakes together, so that wss gets no more time than
+    // TLS alone; the protocol handshake gets its own timeout in the frontend.
+    let handshake_timeout = ctx.listener.limits.handshake_timeout;
+    let deadline = Instant::now() + handshake_timeout;
+    let websocket = handshakes.websocket.as_deref();
+    let stream = match handshakes.tls {
+        None => upgrade(socket, peer, local, None, websocket, deadline, &mut ctx).await,
         Some(acceptor) => {
-            let handshake_timeout = ctx.listener.limits.handshake_timeout;
             let handshake = tokio::select! {
                 _ = ctx.shutdown.wait() => return,
-                r = tokio::time::timeout(handshake_timeout, acceptor.accept(socket)) => r,
+                r = tokio::time::timeout_at(deadline, acceptor.accept(socket)) => r,
             };
             match handshake {
                 Ok(Ok(stream)) => {
                     let identity = tls::identity(stream.get_ref().1);
-                    ClientStream::new(stream, peer, local, Some(identity))
+                    upgrade(stream, peer, local, Some(identity), websocket, deadline, &mut ctx).await
                 }
                 Ok(Err(e)) => {
                     debug!("TLS handshake failed: {e}");
@@ -186,6 +202,7 @@ async fn connection(
             }
         }
     };
+    let Some(stream) = stream else { return };
     match handler {
         Handler::Frontend(frontend) => {
             if let Err(e) = frontend.serve(stream, ctx).await {
@@ -200,6 +217,40 @@ async fn connection(
             if let Err(e) = result {
                 debug!("connection ended: {e}");
             }
+        }
+    }
+}
+
+/// The WebSocket upgrade if the listener has one, then the `ClientStream` the handler gets;
+/// `None` when the upgrade failed, timed out or shutdown came first.
+async fn upgrade<S>(
+    io: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: Option<TlsIdentity>,
+    websocket: Option<&Upgrade>,
+    deadline: Instant,
+    ctx: &mut ConnectionContext,
+) -> Option<ClientStream>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Some(websocket) = websocket else {
+        return Some(ClientStream::new(io, peer, local, tls));
+    };
+    let upgraded = tokio::select! {
+        _ = ctx.shutdown.wait() => return None,
+        r = tokio::time::timeout_at(deadline, websocket.accept(io)) => r,
+    };
+    match upgraded {
+        Ok(Ok(ws)) => Some(ClientStream::new(ws, peer, local, tls)),
+        Ok(Err(e)) => {
+            debug!("WebSocket upgrade refused: {e}");
+            None
+        }
+        Err(_) => {
+            debug!("WebSocket upgrade not completed within {:?}", ctx.listener.limits.handshake_timeout);
+            None
         }
     }
 }

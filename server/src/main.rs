@@ -55,7 +55,11 @@ fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install().context("installing signal handlers")?;
-    let server = match Server::builder(config).start().await {
+    let mut builder = Server::builder(config);
+    for frontend in ferry_server::frontends::builtin() {
+        builder = builder.frontend(frontend);
+    }
+    let server = match builder.start().await {
         Ok(server) => server,
         Err(e) => return Ok(refused(e.into())),
     };

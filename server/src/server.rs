@@ -24,9 +24,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigSource};
+use crate::config::{Config, ConfigSource, Transport};
 use crate::listener::{Drained, Handler, Listener};
 use crate::tls::{self, TlsError};
+use crate::websocket::Upgrade;
 
 /// One reason the server would not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,8 @@ pub struct BoundListener {
     pub protocol: Protocol,
     /// The address actually bound (the port is the OS's choice when the config said 0).
     pub addr: SocketAddr,
+    /// TCP or WebSocket (with its path); with `tls`, WebSocket is wss.
+    pub transport: Transport,
     pub tls: bool,
     /// `false` when no frontend serves the protocol and clients are refused in its own terms
     /// (embedded defaults only).
@@ -181,10 +184,18 @@ impl ServerBuilder {
         let mut tasks = Vec::with_capacity(ready.len());
         for (l, tls, handler, addr, tcp) in ready {
             broker.add_vhost(&l.vhost);
-            let name = format!("{} {addr}", l.protocol);
+            let name = match (&l.transport, &tls) {
+                (Transport::Tcp, _) => format!("{} {addr}", l.protocol),
+                (Transport::WebSocket { .. }, None) => format!("{} ws {addr}", l.protocol),
+                (Transport::WebSocket { .. }, Some(_)) => format!("{} wss {addr}", l.protocol),
+            };
             let served = matches!(handler, Handler::Frontend(_));
             if served {
-                info!("{name}: listening{}", if tls.is_some() { " (TLS)" } else { "" });
+                let path = match &l.transport {
+                    Transport::WebSocket { path } => format!(" on {path}"),
+                    Transport::Tcp => String::new(),
+                };
+                info!("{name}: listening{path}{}", if tls.is_some() { " (TLS)" } else { "" });
             } else {
                 let refusal = match l.protocol {
                     Protocol::Mqtt => "CONNACK 0x03",
@@ -195,10 +206,20 @@ impl ServerBuilder {
                     l.protocol, l.protocol
                 );
             }
-            listeners.push(BoundListener { protocol: l.protocol, addr, tls: tls.is_some(), served });
+            listeners.push(BoundListener {
+                protocol: l.protocol,
+                addr,
+                transport: l.transport.clone(),
+                tls: tls.is_some(),
+                served,
+            });
             let settings =
                 Arc::new(ListenerSettings { name, protocol: l.protocol, vhost: l.vhost.clone(), limits: l.limits() });
-            let listener = Listener { tcp, settings, tls, handler, max_connections: l.max_connections };
+            let websocket = match &l.transport {
+                Transport::Tcp => None,
+                Transport::WebSocket { path } => Some(Arc::new(Upgrade::new(path.clone(), l.max_frame_size))),
+            };
+            let listener = Listener { tcp, settings, tls, websocket, handler, max_connections: l.max_connections };
             tasks.push(tokio::spawn(listener.run(broker.clone(), shutdown.clone(), grace)));
         }
         // Message TTL and idle-queue expiry run on the broker's own timer; it ends with the

@@ -1,0 +1,306 @@
+//! The connection driver: one tokio task per connection. It reads with `read_buf`
+//! (cancel-safe), feeds the decoder and the session, and writes everything the session produced
+//! in one write per wake-up. Nothing that `select!` may drop holds state: the decoder, the
+//! session and the pending commit live outside the `select!`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
+use ferry_core::message::now_millis;
+use ferry_core::store::StoreError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::codec::{reason, Connect, DecodeError, Decoder, Packet, ProtocolVersion};
+use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session};
+use crate::topic::check_topic_name;
+use crate::Shared;
+
+/// While this many acknowledgements wait for the store, the connection stops reading (the
+/// publisher is slowed instead of buffered).
+const MAX_PENDING_ACKS: usize = 1024;
+
+type CommitWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, Packet)> + Send>>;
+
+fn assigned_client_id() -> String {
+    // Unique per process (connection numbers never repeat) and across restarts (time).
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("ferry-{:x}-{:x}", now_millis(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Reads the CONNECT (bounded by the listener's handshake timeout).
+async fn read_connect(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    decoder: &mut Decoder,
+) -> Result<Option<Connect>, DecodeError> {
+    loop {
+        if let Some(p) = decoder.decode(buf)? {
+            return match p {
+                Packet::Connect(c) => Ok(Some(*c)),
+                _ => Err(DecodeError::Protocol("first packet must be CONNECT".into())),
+            };
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Serves one MQTT connection to its end.
+pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<Shared>) -> Result<(), ConnectionError> {
+    let limits = &ctx.listener.limits;
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut decoder = Decoder::new(limits.max_frame_size);
+    let connect =
+        match tokio::time::timeout(limits.handshake_timeout, read_connect(&mut stream, &mut buf, &mut decoder)).await {
+            Err(_) => return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout)),
+            Ok(Ok(Some(c))) => c,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
+                // 3.1.1 §3.1.2.2 / 5.0 §3.1.2.2: answer in the 3.1.1 form, which both understand.
+                let mut out = BytesMut::new();
+                refuse(
+                    ProtocolVersion::V311,
+                    0,
+                    connect_refusal(ProtocolVersion::V311, reason::UNSUPPORTED_PROTOCOL_VERSION),
+                    &mut out,
+                );
+                let _ = stream.write_all(&out).await;
+                return Err(ConnectionError::Protocol(format!("unsupported protocol {name:?} level {level}")));
+            }
+            Ok(Err(e)) => return Err(ConnectionError::Protocol(format!("bad CONNECT: {e}"))),
+        };
+    let version = connect.version;
+    let v5 = version == ProtocolVersion::V5;
+    let mut out = BytesMut::new();
+
+    // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
+    if v5 && connect.properties.authentication_method.is_some() {
+        refuse(version, reason::BAD_AUTHENTICATION_METHOD, 0, &mut out);
+        let _ = stream.write_all(&out).await;
+        return Err(ConnectionError::Protocol("unsupported authentication method".into()));
+    }
+    if let Some(w) = &connect.will {
+        if check_topic_name(w.topic.as_str()).is_err() {
+            refuse(version, reason::TOPIC_NAME_INVALID, 0, &mut out);
+            if v5 {
+                let _ = stream.write_all(&out).await;
+            }
+            return Err(ConnectionError::Protocol(format!("invalid will topic {:?}", w.topic.as_str())));
+        }
+    }
+    let (client_id, assigned) = if connect.client_id.is_empty() {
+        if !v5 && !connect.clean_start {
+            refuse(version, 0, connect_refusal(version, reason::CLIENT_IDENTIFIER_NOT_VALID), &mut out);
+            let _ = stream.write_all(&out).await;
+            return Err(ConnectionError::Protocol("empty client id with clean session 0".into()));
+        }
+        (assigned_client_id(), true)
+    } else {
+        (connect.client_id.as_str().to_string(), false)
+    };
+
+    let vhost_name = ctx.listener.vhost.clone();
+    let vhost = match ctx.broker.vhost(&vhost_name) {
+        Some(v) => v,
+        None => ctx.broker.add_vhost(&vhost_name),
+    };
+    let claim = shared.registry.claim(&vhost_name, &client_id, ctx.id).await;
+    if claim.expired {
+        // The session expired while its client was away; the core may not have deleted its
+        // queue yet (x-expires is checked on the broker's tick), and a queue left behind would
+        // be resumed as if the session were present.
+        let _ = vhost.delete_queue(&session_queue_name(&client_id), ctx.id, false, false);
+    }
+    let mut settings = shared.settings.clone();
+    settings.max_packet_size = limits.max_frame_size;
+    settings.outbox_capacity = limits.outbox_capacity;
+    let now = now_millis();
+    let keep_alive_requested = connect.keep_alive;
+    let mut session = match Session::start(
+        connect,
+        client_id.clone(),
+        assigned,
+        ctx.id,
+        vhost.clone(),
+        settings,
+        claim.stored,
+        now,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            shared.registry.release(&vhost_name, &client_id, ctx.id, None);
+            refuse(version, reason::SERVER_UNAVAILABLE, connect_refusal(version, reason::SERVER_UNAVAILABLE), &mut out);
+            let _ = stream.write_all(&out).await;
+            return Err(ConnectionError::Protocol(format!("session could not start: {e}")));
+        }
+    };
+    debug!(
+        conn = %ctx.id, client_id, ?version, keep_alive = keep_alive_requested, persistent = session.is_persistent(),
+        took_over = claim.took_over, "MQTT client connected"
+    );
+    shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+    shared.ensure_sys(&vhost);
+
+    let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));
+    let mut deadline = keep_alive.map(|k| Instant::now() + k);
+    let mut shutdown = ctx.shutdown.clone();
+    let kick = claim.kick.clone();
+    let sink_outbox = session.sink_outbox().clone();
+    let queue_outbox = session.queue_outbox().clone();
+    let mut waiting: Option<CommitWait> = None;
+    let mut bytes_in = buf.len() as u64;
+
+    let close = 'conn: loop {
+        // Everything ready: settle acks whose commits are done, pump deliveries, write once.
+        loop {
+            if waiting.is_none() {
+                match session.pending_acks.pop_front() {
+                    Some(p) if p.commit.is_done() => {
+                        let ok = p.commit.wait().await.is_ok();
+                        session.commit_done(p.packet, ok);
+                        continue;
+                    }
+                    Some(p) => waiting = Some(Box::pin(async move { (p.commit.wait().await, p.packet) })),
+                    None => {}
+                }
+            }
+            break;
+        }
+        session.pump(now_millis());
+        if !session.out.is_empty() {
+            let n = session.out.len();
+            if let Err(e) = stream.write_all(&session.out).await {
+                debug!(conn = %ctx.id, error = %e, "write failed");
+                session.out.clear();
+                break 'conn Close::Lost;
+            }
+            session.out.clear();
+            shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        let reading = session.pending_acks.len() < MAX_PENDING_ACKS;
+        tokio::select! {
+            r = stream.read_buf(&mut buf), if reading => {
+                match r {
+                    Ok(0) => break 'conn Close::Lost,
+                    Err(e) => {
+                        debug!(conn = %ctx.id, error = %e, "read failed");
+                        break 'conn Close::Lost;
+                    }
+                    Ok(n) => bytes_in += n as u64,
+                }
+                if let Some(k) = keep_alive {
+                    deadline = Some(Instant::now() + k);
+                }
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(p)) => {
+                            if let Err(c) = session.handle(p, now_millis()) {
+                                break 'conn c;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => break 'conn Close::Violation { reason: e.reason_code(), detail: e.to_string() },
+                    }
+                }
+            }
+            _ = sink_outbox.notified() => {}
+            _ = queue_outbox.notified() => {}
+            (result, packet) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
+                waiting = None;
+                session.commit_done(packet, result.is_ok());
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                break 'conn Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() };
+            }
+            _ = kick.kicked() => break 'conn Close::TakenOver,
+            _ = shutdown.wait() => break 'conn Close::Shutdown,
+        }
+    };
+    shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+
+    // Say why, to 5.0 clients.
+    match &close {
+        Close::Violation { reason: r, detail } => {
+            info!(conn = %ctx.id, client_id, "closing MQTT connection: {detail}");
+            session.send_disconnect(*r, detail);
+        }
+        Close::TakenOver => {
+            session.send_disconnect(reason::SESSION_TAKEN_OVER, "another connection took this client id")
+        }
+        Close::Shutdown => session.send_disconnect(0x8B, "server shutting down"),
+        Close::ClientDisconnect { .. } | Close::Lost => {}
+    }
+    // Acks still waiting for commits are sent if they complete promptly.
+    if let Some(w) = waiting.take() {
+        if let Ok((r, p)) = tokio::time::timeout(Duration::from_secs(1), w).await {
+            session.commit_done(p, r.is_ok());
+        }
+    }
+    if !session.out.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+
+    let stats = session.stats;
+    shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
+    shared.stats.messages_out.fetch_add(stats.messages_out, Ordering::Relaxed);
+    let will = session.will.take();
+    let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
+    let session_expiry = session.session_expiry;
+    let stored = session.finish(now_millis());
+    let expiry = stored.as_ref().map(|st| st.expiry);
+    shared.registry.release(&vhost_name, &client_id, ctx.id, stored);
+    if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
+        // 5.0 §3.1.2.11.2: the session (its queue and stored state) ends `secs` after the
+        // connection, unless a connection resumes it meanwhile.
+        let registry = shared.registry.clone();
+        let (vhost, client_id, generation, conn) = (vhost.clone(), client_id.clone(), claim.generation, ctx.id);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs as u64)).await;
+            registry.expire(vhost.name(), &client_id, generation, || {
+                let _ = vhost.delete_queue(&session_queue_name(&client_id), conn, false, false);
+            });
+        });
+    }
+    ctx.broker.connection_closed(ctx.id);
+
+    let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
+    if let (Some(will), true) = (will, publish) {
+        let delay = will_delay.min(session_expiry);
+        let exchange = shared.settings.exchange.clone();
+        if delay == 0 {
+            publish_will(&vhost, &exchange, &will, ctx.id, now_millis());
+        } else {
+            // 5.0 §3.1.3.2.2: wait, and publish only if the session was not resumed meanwhile.
+            let registry = shared.registry.clone();
+            let generation = claim.generation;
+            let conn = ctx.id;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                if !registry.claimed_since(vhost.name(), &client_id, generation) {
+                    publish_will(&vhost, &exchange, &will, conn, now_millis());
+                }
+            });
+        }
+    }
+    match close {
+        Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
+        _ => Ok(()),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

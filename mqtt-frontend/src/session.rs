@@ -1,0 +1,1116 @@
+//! The MQTT session state machine: one per connection, fed decoded packets, deliveries and the
+//! current time; it writes packets to send into [`Session::out`] and calls the core directly
+//! (the core is synchronous and in memory). No sockets, so it is tested without any.
+//!
+//! Where messages come from:
+//! - a clean session (3.1.1 clean session, 5.0 session expiry 0) subscribes through a **direct
+//!   sink** bound once per subscription (the binding's cookie names the subscription);
+//! - a persistent session has a durable queue `mqtt-session.<client id>` bound once per
+//!   subscription; the connection consumes it with the outbound inflight window as prefetch;
+//! - each shared subscription `$share/<group>/<filter>` consumes the group's queue
+//!   `mqtt-shared.<group>.<filter>`, shared with the group's other members (AMQP consumers too).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use ferry_core::exchange::{BindingKey, SinkRef};
+use ferry_core::message::{ConnectionId, FieldTable, Message, Millis, Origin, Protocol, ShortString};
+use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
+use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
+use ferry_core::store::Commit;
+use ferry_core::vhost::{QueueDeclare, VHost};
+use ferry_core::CoreError;
+
+use crate::codec::{
+    encode, encoded_len, reason, return_code, ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubResp, Publish,
+    QoS, Str, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Will,
+};
+use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_publish};
+use crate::registry::{StoredSession, StoredSubscription};
+use crate::topic::{check_topic_name, Filter};
+
+/// Frontend-wide MQTT settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The exchange MQTT publishes go to and subscriptions bind to.
+    pub exchange: ShortString,
+    /// Largest packet accepted from clients (advertised in 5.0 CONNACK).
+    pub max_packet_size: u32,
+    /// Unacknowledged QoS 1/2 publishes a client may have in flight to us (5.0 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Outbound inflight window for 3.1.1 clients (5.0 clients set theirs).
+    pub max_inflight: u16,
+    /// Topic aliases a client may use towards us.
+    pub topic_alias_maximum: u16,
+    /// Keep alive the server allows at most (0 = whatever the client asks).
+    pub max_keep_alive: u16,
+    /// Deliveries waiting for one connection before QoS 0 ones are dropped.
+    pub outbox_capacity: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        // Receive maximum and inflight window of 100 keep a 1→1 QoS 1 stream busy on loopback
+        // (Mosquitto's max_inflight_messages is 20); alias maximum 10 is Mosquitto's default.
+        Settings {
+            exchange: ShortString::from_static("amq.topic"),
+            max_packet_size: 268_435_455,
+            receive_maximum: 100,
+            max_inflight: 100,
+            topic_alias_maximum: 10,
+            max_keep_alive: 0,
+            outbox_capacity: 1000,
+        }
+    }
+}
+
+/// Why the session ends; decides the will and what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Close {
+    /// The client sent DISCONNECT (reason 0x04 asks for the will).
+    ClientDisconnect { with_will: bool },
+    /// The connection broke or keepalive expired: the will is published.
+    Lost,
+    /// A protocol violation: 5.0 clients get DISCONNECT with this reason, then the will.
+    Violation { reason: u8, detail: String },
+    /// Another connection took the client id over.
+    TakenOver,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// The receiving end of a queue consumer: deliveries land in the connection's outbox.
+#[derive(Debug)]
+pub struct QueueSink {
+    outbox: Arc<Outbox<Delivery>>,
+}
+
+impl ConsumerSink for QueueSink {
+    fn has_room(&self) -> bool {
+        self.outbox.has_room()
+    }
+    fn deliver(&self, delivery: Delivery) {
+        // Bounded by the consumer's prefetch (the inflight window), so never dropped.
+        self.outbox.push(delivery)
+    }
+}
+
+/// Where an outbound QoS 1/2 delivery came from, to settle it when the client acknowledges.
+#[derive(Debug, Clone)]
+enum Source {
+    Sink,
+    Queue { queue: Arc<Queue>, seq: u64 },
+}
+
+#[derive(Debug)]
+#[allow(clippy::enum_variant_names)] // the names are the packets awaited
+enum Inflight {
+    /// QoS 1 sent, PUBACK awaited.
+    AwaitingPubAck(Source),
+    /// QoS 2 sent, PUBREC awaited.
+    AwaitingPubRec(Source),
+    /// PUBREL sent, PUBCOMP awaited.
+    AwaitingPubComp,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    filter: Filter,
+    options: SubOptions,
+    identifier: Option<u32>,
+    cookie: u64,
+    /// Shared subscriptions consume the group's queue.
+    shared: Option<(Arc<Queue>, ConsumerId)>,
+}
+
+enum Mode {
+    Transient { sink: Arc<DirectSink> },
+    Persistent { queue: Arc<Queue>, consumer: ConsumerId },
+}
+
+/// A delivery taken from an outbox and not yet sent (the inflight window was full).
+enum Pending {
+    Sink(SinkDelivery),
+    Queue(Delivery),
+}
+
+/// A PUBACK/PUBREC waiting for its store commit.
+#[derive(Debug)]
+pub struct PendingAck {
+    pub commit: Commit,
+    pub packet: Packet,
+}
+
+/// An MQTT session bound to one connection.
+pub struct Session {
+    pub version: ProtocolVersion,
+    pub client_id: String,
+    connection: ConnectionId,
+    owner: OwnerId,
+    vhost: Arc<VHost>,
+    settings: Settings,
+    mode: Mode,
+    subs: HashMap<String, Subscription>,
+    next_cookie: u64,
+    pub will: Option<Will>,
+    /// Effective keep alive in seconds (0 = none).
+    pub keep_alive: u16,
+    /// Session expiry in seconds (`u32::MAX` never); 0 ends the session with the connection.
+    pub session_expiry: u32,
+    persistent: bool,
+    // Inbound state.
+    incoming_qos2: HashSet<u16>,
+    inbound_aliases: HashMap<u16, Str>,
+    // Outbound state.
+    window: u16,
+    inflight: HashMap<u16, Inflight>,
+    next_packet_id: u16,
+    client_alias_max: u16,
+    outbound_aliases: HashMap<Str, u16>,
+    client_max_packet: u32,
+    problem_info: bool,
+    /// Original packet ids of queue deliveries unacked at the last disconnect.
+    resend_ids: HashMap<u64, u16>,
+    sink_outbox: Arc<Outbox<SinkDelivery>>,
+    queue_outbox: Arc<Outbox<Delivery>>,
+    backlog: VecDeque<Pending>,
+    scratch_sink: Vec<SinkDelivery>,
+    scratch_queue: Vec<Delivery>,
+    /// Acks waiting for store commits, in order.
+    pub pending_acks: VecDeque<PendingAck>,
+    /// Bytes to write to the socket.
+    pub out: BytesMut,
+    /// Counters for `$SYS`.
+    pub stats: SessionStats,
+}
+
+/// Per-session counters the driver adds into the frontend's totals.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionStats {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub dropped_out: u64,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session").field("client_id", &self.client_id).field("version", &self.version).finish()
+    }
+}
+
+impl fmt::Debug for Pending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pending::Sink(_) => "Pending::Sink",
+            Pending::Queue(_) => "Pending::Queue",
+        })
+    }
+}
+
+pub(crate) fn session_queue_name(client_id: &str) -> QueueName {
+    QueueName::from(format!("mqtt-session.{client_id}"))
+}
+
+/// Encodes a CONNACK refusal into `out` (what a CONNECT gets when it is refused).
+pub fn refuse(version: ProtocolVersion, v5_reason: u8, v3_code: u8, out: &mut BytesMut) {
+    let code = if version == ProtocolVersion::V5 { v5_reason } else { v3_code };
+    encode(&Packet::ConnAck(ConnAck { session_present: false, code, properties: Default::default() }), version, out);
+}
+
+impl Session {
+    /// Starts a session for an accepted CONNECT whose client id is claimed (`stored` is what
+    /// the registry kept for it). Writes the CONNACK.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        connect: Connect,
+        client_id: String,
+        assigned_id: bool,
+        connection: ConnectionId,
+        vhost: Arc<VHost>,
+        settings: Settings,
+        stored: Option<StoredSession>,
+        now: Millis,
+    ) -> Result<Session, CoreError> {
+        let v5 = connect.version == ProtocolVersion::V5;
+        let p = &connect.properties;
+        let session_expiry = if v5 {
+            p.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let persistent = session_expiry > 0;
+        let owner = OwnerId::next();
+        let queue_name = session_queue_name(&client_id);
+        let sink_outbox = Arc::new(Outbox::new(settings.outbox_capacity));
+        let queue_outbox = Arc::new(Outbox::new(settings.outbox_capacity));
+        let window = if v5 { p.receive_maximum.unwrap_or(u16::MAX) } else { settings.max_inflight };
+
+        // A clean start discards any previous session.
+        let mut stored = stored;
+        if connect.clean_start {
+            stored = None;
+            vhost.delete_queue(&queue_name, connection, false, false)?;
+        }
+        let existing = vhost.queue(&queue_name.to_string_lossy());
+        let session_present = !connect.clean_start && (existing.is_some() || stored.is_some());
+        let mode = if persistent || existing.is_some() {
+            let queue = match existing {
+                Some(q) => q,
+                None => {
+                    // No `x-expires`: the expiry interval may change (a later CONNECT, or
+                    // DISCONNECT in 5.0) and may exceed x-expires' 2^32-1 ms; the driver deletes
+                    // the queue when the session expires (see `Registry::expire`).
+                    let arguments = FieldTable::new();
+                    let options = QueueOptions { durable: true, exclusive: None, auto_delete: false, arguments };
+                    vhost
+                        .declare_queue(QueueDeclare { name: queue_name, passive: false, options, connection }, now)?
+                        .queue
+                }
+            };
+            let spec = ConsumerSpec {
+                tag: ShortString::from(format!("mqtt-{}", connection.0)),
+                owner,
+                connection,
+                prefetch: window as u32,
+                no_ack: false,
+                exclusive: false,
+                priority: 0,
+                sink: Arc::new(QueueSink { outbox: queue_outbox.clone() }),
+            };
+            let (queue, consumer) = vhost.consume(queue.name(), spec, now)?;
+            Mode::Persistent { queue, consumer }
+        } else {
+            Mode::Transient { sink: DirectSink::new(connection, sink_outbox.clone()) }
+        };
+
+        let keep_alive = if settings.max_keep_alive > 0
+            && (connect.keep_alive == 0 || connect.keep_alive > settings.max_keep_alive)
+        {
+            settings.max_keep_alive
+        } else {
+            connect.keep_alive
+        };
+        let mut s = Session {
+            version: connect.version,
+            client_id: client_id.clone(),
+            connection,
+            owner,
+            vhost,
+            mode,
+            subs: HashMap::new(),
+            next_cookie: 1,
+            will: connect.will.clone(),
+            keep_alive,
+            session_expiry,
+            persistent,
+            incoming_qos2: HashSet::new(),
+            inbound_aliases: HashMap::new(),
+            window: window.max(1),
+            inflight: HashMap::new(),
+            next_packet_id: 1,
+            client_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
+            outbound_aliases: HashMap::new(),
+            client_max_packet: if v5 { p.maximum_packet_size.unwrap_or(u32::MAX) } else { u32::MAX },
+            problem_info: p.request_problem_information.unwrap_or(1) == 1,
+            resend_ids: HashMap::new(),
+            sink_outbox,
+            queue_outbox,
+            backlog: VecDeque::new(),
+            scratch_sink: Vec::new(),
+            scratch_queue: Vec::new(),
+            pending_acks: VecDeque::new(),
+            out: BytesMut::with_capacity(4096),
+            stats: SessionStats::default(),
+            settings,
+        };
+
+        let mut ack = ConnAck { session_present, code: reason::SUCCESS, properties: Default::default() };
+        if v5 {
+            let ap = &mut ack.properties;
+            ap.receive_maximum = Some(s.settings.receive_maximum);
+            ap.maximum_packet_size = Some(s.settings.max_packet_size);
+            ap.topic_alias_maximum = Some(s.settings.topic_alias_maximum);
+            if assigned_id {
+                ap.assigned_client_identifier = Some(Str::from(client_id.as_str()));
+            }
+            if keep_alive != connect.keep_alive {
+                ap.server_keep_alive = Some(keep_alive);
+            }
+        }
+        s.send(Packet::ConnAck(ack));
+
+        // Resume a stored session: its subscriptions (re-consuming shared queues), QoS 2 state,
+        // and the PUBRELs still owed.
+        if let Some(st) = stored.filter(|_| session_present) {
+            s.incoming_qos2 = st.incoming_qos2;
+            s.resend_ids = st.inflight_ids;
+            for sub in st.subscriptions {
+                if let Ok(filter) = Filter::parse(&sub.filter) {
+                    // Bindings of the session queue survived; shared consumers are per connection.
+                    let _ = s.add_subscription(filter, sub.options, sub.identifier, false, now);
+                }
+            }
+            for id in st.outgoing_pubrel {
+                s.inflight.insert(id, Inflight::AwaitingPubComp);
+                s.send(Packet::PubRel(PubResp::ok(id)));
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn sink_outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
+        &self.sink_outbox
+    }
+    pub fn queue_outbox(&self) -> &Arc<Outbox<Delivery>> {
+        &self.queue_outbox
+    }
+    pub fn is_v5(&self) -> bool {
+        self.version == ProtocolVersion::V5
+    }
+
+    fn send(&mut self, packet: Packet) {
+        encode(&packet, self.version, &mut self.out);
+    }
+
+    /// Sends a packet that may carry a reason string / user properties, dropping them when the
+    /// client asked for no problem information or when they would exceed its packet limit.
+    fn send_trimmed(&mut self, mut packet: Packet) {
+        let strip = |p: &mut Packet| {
+            let props = match p {
+                Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => &mut r.properties,
+                Packet::SubAck(a) => &mut a.properties,
+                Packet::UnsubAck(a) => &mut a.properties,
+                Packet::Disconnect(d) => &mut d.properties,
+                _ => return,
+            };
+            props.reason_string = None;
+            props.user_properties.clear();
+        };
+        if !self.problem_info && !matches!(packet, Packet::Disconnect(_)) {
+            strip(&mut packet);
+        }
+        if encoded_len(&packet, self.version) > self.client_max_packet as usize {
+            strip(&mut packet);
+        }
+        self.send(packet);
+    }
+
+    /// Sends DISCONNECT with `reason` to a 5.0 client (3.1.1 has no server DISCONNECT).
+    pub fn send_disconnect(&mut self, reason_code: u8, detail: &str) {
+        if self.is_v5() {
+            let mut d = Disconnect { reason: reason_code, properties: Default::default() };
+            if !detail.is_empty() {
+                d.properties.reason_string = Some(Str::from(detail));
+            }
+            self.send_trimmed(Packet::Disconnect(d));
+        }
+    }
+
+    fn next_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    // ----- inbound packets -------------------------------------------------------------------
+
+    /// Handles one packet from the client. `Err` ends the connection.
+    pub fn handle(&mut self, packet: Packet, now: Millis) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p, now),
+            Packet::PubAck(r) => self.on_puback(r, now),
+            Packet::PubRec(r) => self.on_pubrec(r, now),
+            Packet::PubRel(r) => {
+                let known = self.incoming_qos2.remove(&r.packet_id);
+                let code = if known || !self.is_v5() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
+                self.send(Packet::PubComp(PubResp {
+                    packet_id: r.packet_id,
+                    reason: code,
+                    properties: Default::default(),
+                }));
+                Ok(())
+            }
+            Packet::PubComp(r) => {
+                if matches!(self.inflight.get(&r.packet_id), Some(Inflight::AwaitingPubComp)) {
+                    self.inflight.remove(&r.packet_id);
+                }
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s, now),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u, now),
+            Packet::PingReq => {
+                self.send(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if self.is_v5() {
+                    if let Some(e) = d.properties.session_expiry_interval {
+                        if self.session_expiry == 0 && e > 0 {
+                            return Err(Close::Violation {
+                                reason: reason::PROTOCOL_ERROR,
+                                detail: "session expiry cannot be set on DISCONNECT when it was 0 at CONNECT".into(),
+                            });
+                        }
+                        self.session_expiry = e;
+                    }
+                }
+                Err(Close::ClientDisconnect { with_will: d.reason == reason::DISCONNECT_WITH_WILL })
+            }
+            Packet::Connect(_) => {
+                Err(Close::Violation { reason: reason::PROTOCOL_ERROR, detail: "second CONNECT".into() })
+            }
+            Packet::Auth(_) => Err(Close::Violation {
+                reason: reason::PROTOCOL_ERROR,
+                detail: "AUTH without an authentication method".into(),
+            }),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(Close::Violation {
+                reason: reason::PROTOCOL_ERROR,
+                detail: "a server-to-client packet from the client".into(),
+            }),
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Publish, now: Millis) -> Result<(), Close> {
+        let v5 = self.is_v5();
+        // Topic aliases (5.0 §3.3.2.3.4).
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.settings.topic_alias_maximum {
+                return Err(Close::Violation {
+                    reason: reason::TOPIC_ALIAS_INVALID,
+                    detail: format!("topic alias {alias}"),
+                });
+            }
+            if p.topic.is_empty() {
+                match self.inbound_aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(Close::Violation {
+                            reason: reason::PROTOCOL_ERROR,
+                            detail: format!("unknown topic alias {alias}"),
+                        })
+                    }
+                }
+            } else {
+                self.inbound_aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if let Err(e) = check_topic_name(p.topic.as_str()) {
+            return Err(Close::Violation { reason: reason::TOPIC_NAME_INVALID, detail: e.to_string() });
+        }
+        if v5 && p.qos > QoS::AtMostOnce && self.unacked_inbound() >= self.settings.receive_maximum as usize {
+            return Err(Close::Violation {
+                reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
+                detail: "more QoS 1/2 publishes in flight than Receive Maximum".into(),
+            });
+        }
+        let id = p.packet_id.unwrap_or(0);
+        if p.qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&id) {
+            // A resend of a QoS 2 publish we already have: answer again, route nothing.
+            self.queue_ack(Commit::done(Ok(())), Packet::PubRec(PubResp::ok(id)));
+            return Ok(());
+        }
+        self.stats.messages_in += 1;
+        let (routed, rejected, commit) = self.route(&p, p.topic.as_str(), now);
+        let code = if rejected {
+            reason::QUOTA_EXCEEDED
+        } else if routed == 0 && v5 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue_ack(
+                commit,
+                Packet::PubAck(PubResp { packet_id: id, reason: code, properties: Default::default() }),
+            ),
+            QoS::ExactlyOnce => {
+                if code < 0x80 {
+                    self.incoming_qos2.insert(id);
+                }
+                self.queue_ack(
+                    commit,
+                    Packet::PubRec(PubResp { packet_id: id, reason: code, properties: Default::default() }),
+                )
+            }
+        }
+        Ok(())
+    }
+
+    fn unacked_inbound(&self) -> usize {
+        self.pending_acks.len() + self.incoming_qos2.len()
+    }
+
+    /// Publishes into the core (and the retained store). Returns (routed, rejected, commit).
+    fn route(&mut self, p: &Publish, topic: &str, now: Millis) -> (usize, bool, Commit) {
+        let origin = Origin { protocol: Protocol::Mqtt, connection: self.connection };
+        let exchange = self.settings.exchange.clone();
+        let message = to_message(p, topic, &exchange, origin, now);
+        let retained_commit = if p.retain {
+            let key = message.routing_key.clone();
+            // The retained copy is delivered later with RETAIN set; its header says so already.
+            Some(self.vhost.set_retained(&key, Arc::new(message.clone())))
+        } else {
+            None
+        };
+        match self.vhost.publish(&exchange, message, now) {
+            Ok(o) => {
+                let commit = match retained_commit {
+                    Some(rc) if !rc.is_done() => rc,
+                    _ => o.commit,
+                };
+                (o.routed, o.rejected, commit)
+            }
+            Err(e) => {
+                tracing::warn!(client_id = %self.client_id, error = %e, "MQTT publish refused by the core");
+                (0, true, Commit::done(Ok(())))
+            }
+        }
+    }
+
+    fn queue_ack(&mut self, commit: Commit, packet: Packet) {
+        if commit.is_done() && self.pending_acks.is_empty() {
+            self.send(packet);
+        } else {
+            self.pending_acks.push_back(PendingAck { commit, packet });
+        }
+    }
+
+    /// Sends an acknowledgement whose commit resolved (called by the driver, in order).
+    pub fn commit_done(&mut self, packet: Packet, ok: bool) {
+        let packet = match (ok, packet) {
+            (true, p) => p,
+            // A failed commit: 5.0 clients are told; 3.1.1 has no negative PUBACK, so the
+            // packet is acknowledged only if it was stored (here it was not), and the client
+            // resends after reconnecting.
+            (false, Packet::PubAck(mut r)) if self.is_v5() => {
+                r.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+                Packet::PubAck(r)
+            }
+            (false, Packet::PubRec(mut r)) if self.is_v5() => {
+                r.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+                Packet::PubRec(r)
+            }
+            (false, _) => return,
+        };
+        self.send(packet);
+    }
+
+    fn on_puback(&mut self, r: PubResp, now: Millis) -> Result<(), Close> {
+        match self.inflight.remove(&r.packet_id) {
+            Some(Inflight::AwaitingPubAck(src)) => {
+                self.settle(src, now);
+                Ok(())
+            }
+            Some(other) => {
+                self.inflight.insert(r.packet_id, other);
+                Ok(())
+            }
+            // An ack for an id we do not know: ignore it (a duplicate after reconnect).
+            None => Ok(()),
+        }
+    }
+
+    fn on_pubrec(&mut self, r: PubResp, now: Millis) -> Result<(), Close> {
+        match self.inflight.remove(&r.packet_id) {
+            Some(Inflight::AwaitingPubRec(src)) => {
+                // The client owns the message now: settle it, then finish the handshake.
+                self.settle(src, now);
+                if r.reason < 0x80 {
+                    self.inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
+                    self.send(Packet::PubRel(PubResp::ok(r.packet_id)));
+                }
+            }
+            Some(Inflight::AwaitingPubComp) => {
+                self.inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
+                self.send(Packet::PubRel(PubResp::ok(r.packet_id)));
+            }
+            Some(other) => {
+                self.inflight.insert(r.packet_id, other);
+            }
+            None => {
+                if self.is_v5() {
+                    self.send(Packet::PubRel(PubResp {
+                        packet_id: r.packet_id,
+                        reason: reason::PACKET_IDENTIFIER_NOT_FOUND,
+                        properties: Default::default(),
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self, src: Source, now: Millis) {
+        if let Source::Queue { queue, seq } = src {
+            match queue.ack(seq, now) {
+                Ok(effects) => {
+                    self.vhost.settle(&queue, effects, now);
+                }
+                Err(e) => tracing::debug!(client_id = %self.client_id, error = %e, "ack of a queue delivery"),
+            }
+        }
+    }
+
+    // ----- subscriptions ---------------------------------------------------------------------
+
+    fn on_subscribe(&mut self, s: Subscribe, now: Millis) -> Result<(), Close> {
+        let identifier = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        for (text, options) in s.filters {
+            let code = match Filter::parse(text.as_str()) {
+                Err(_) if self.is_v5() => reason::TOPIC_FILTER_INVALID,
+                Err(_) => reason::UNSPECIFIED_ERROR,
+                Ok(filter) => {
+                    if self.is_v5() && filter.share_group.is_some() && options.no_local {
+                        // 5.0 §3.8.3.1: No Local on a shared subscription is a protocol error.
+                        return Err(Close::Violation {
+                            reason: reason::PROTOCOL_ERROR,
+                            detail: "No Local on a shared subscription".into(),
+                        });
+                    }
+                    match self.add_subscription(filter, options, identifier, true, now) {
+                        Ok(()) => options.qos as u8,
+                        Err(e) => {
+                            tracing::warn!(client_id = %self.client_id, error = %e, "subscribe failed");
+                            if self.is_v5() {
+                                reason::IMPLEMENTATION_SPECIFIC_ERROR
+                            } else {
+                                reason::UNSPECIFIED_ERROR
+                            }
+                        }
+                    }
+                }
+            };
+            reasons.push(code);
+        }
+        self.send_trimmed(Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Default::default(), reasons }));
+        Ok(())
+    }
+
+    /// Adds or replaces a subscription; with `send_retained`, delivers retained messages as
+    /// its retain handling says.
+    fn add_subscription(
+        &mut self,
+        filter: Filter,
+        options: SubOptions,
+        identifier: Option<u32>,
+        send_retained: bool,
+        now: Millis,
+    ) -> Result<(), CoreError> {
+        let exchange = self.settings.exchange.clone();
+        let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
+        let existed = self.subs.contains_key(&filter.text);
+        let cookie = match self.subs.get(&filter.text) {
+            Some(old) => old.cookie,
+            None => {
+                self.next_cookie += 1;
+                self.next_cookie
+            }
+        };
+        let mut shared = None;
+        if let Some(qname) = filter.shared_queue_name() {
+            if let Some(old) = self.subs.get_mut(&filter.text) {
+                // Same group and filter: only the options change.
+                old.options = options;
+                old.identifier = identifier;
+                return Ok(());
+            }
+            let options_q =
+                QueueOptions { durable: false, exclusive: None, auto_delete: true, arguments: FieldTable::new() };
+            let decl = QueueDeclare {
+                name: qname.as_str().into(),
+                passive: false,
+                options: options_q,
+                connection: self.connection,
+            };
+            let q = self.vhost.declare_queue(decl, now)?.queue;
+            self.vhost.bind_queue(q.name(), &exchange, key, self.connection)?;
+            let spec = ConsumerSpec {
+                tag: ShortString::from(format!("mqtt-{}-{}", self.connection.0, cookie)),
+                owner: self.owner,
+                connection: self.connection,
+                prefetch: self.window as u32,
+                no_ack: false,
+                exclusive: false,
+                priority: 0,
+                sink: Arc::new(QueueSink { outbox: self.queue_outbox.clone() }),
+            };
+            let (q, consumer) = self.vhost.consume(q.name(), spec, now)?;
+            shared = Some((q, consumer));
+        } else {
+            match &self.mode {
+                Mode::Transient { sink } => {
+                    if !existed {
+                        let sink = SinkRef { sink: sink.clone(), cookie };
+                        self.vhost.bind_sink(&exchange, key, sink)?;
+                    }
+                }
+                Mode::Persistent { queue, .. } => {
+                    let name = queue.name().clone();
+                    self.vhost.bind_queue(&name, &exchange, key, self.connection)?;
+                }
+            }
+        }
+        let retain_handling = options.retain_handling;
+        let is_shared = filter.share_group.is_some();
+        let pattern = filter.pattern();
+        self.subs.insert(filter.text.clone(), Subscription { filter, options, identifier, cookie, shared });
+        // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only for a new
+        // subscription; 2 never.
+        if send_retained && !is_shared && (retain_handling == 0 || (retain_handling == 1 && !existed)) {
+            for (_, m) in self.vhost.retained().lookup(&pattern) {
+                let qos = message_qos(&m).min(options.qos);
+                self.send_message(&m, qos, true, identifier.as_slice(), Source::Sink, false, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe, now: Millis) -> Result<(), Close> {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for f in u.filters {
+            let code = match self.subs.remove(f.as_str()) {
+                Some(sub) => {
+                    self.drop_subscription(sub, now);
+                    reason::SUCCESS
+                }
+                None => reason::NO_SUBSCRIPTION_EXISTED,
+            };
+            reasons.push(code);
+        }
+        if !self.is_v5() {
+            reasons.clear();
+        }
+        self.send_trimmed(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: Default::default(),
+            reasons,
+        }));
+        Ok(())
+    }
+
+    fn drop_subscription(&mut self, sub: Subscription, now: Millis) {
+        let exchange = self.settings.exchange.clone();
+        let key = BindingKey::new(sub.filter.binding_key()).with_pattern(sub.filter.pattern());
+        if let Some((q, consumer)) = sub.shared {
+            self.vhost.cancel(&q, consumer, now);
+            let effects = q.release_owner(self.owner, now);
+            self.vhost.settle(&q, effects, now);
+            // Our unacked deliveries from it went back to the group.
+            self.inflight.retain(|_, i| !matches!(i, Inflight::AwaitingPubAck(Source::Queue { queue, .. }) | Inflight::AwaitingPubRec(Source::Queue { queue, .. }) if Arc::ptr_eq(queue, &q)));
+            return;
+        }
+        let result = match &self.mode {
+            Mode::Transient { sink } => {
+                self.vhost.unbind_sink(&exchange, &key, SinkRef { sink: sink.clone(), cookie: sub.cookie }).map(|_| ())
+            }
+            Mode::Persistent { queue, .. } => {
+                let name = queue.name().clone();
+                self.vhost.unbind_queue(&name, &exchange, key, self.connection)
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(client_id = %self.client_id, error = %e, "unsubscribe");
+        }
+    }
+
+    // ----- outbound deliveries ---------------------------------------------------------------
+
+    /// Moves deliveries from the outboxes into PUBLISH packets, within the inflight window.
+    pub fn pump(&mut self, now: Millis) {
+        loop {
+            while let Some(p) = self.backlog.pop_front() {
+                if self.inflight.len() >= self.window as usize && self.would_need_window(&p) {
+                    self.backlog.push_front(p);
+                    return;
+                }
+                match p {
+                    Pending::Sink(d) => self.deliver_from_sink(d, now),
+                    Pending::Queue(d) => self.deliver_from_queue(d, now),
+                }
+            }
+            let mut sinks = std::mem::take(&mut self.scratch_sink);
+            let mut queues = std::mem::take(&mut self.scratch_queue);
+            self.sink_outbox.drain_into(&mut sinks);
+            self.queue_outbox.drain_into(&mut queues);
+            let drained = sinks.len() + queues.len();
+            self.backlog.extend(queues.drain(..).map(Pending::Queue));
+            self.backlog.extend(sinks.drain(..).map(Pending::Sink));
+            self.scratch_sink = sinks;
+            self.scratch_queue = queues;
+            if drained == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Whether there are deliveries waiting for the inflight window.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    fn would_need_window(&self, p: &Pending) -> bool {
+        match p {
+            Pending::Queue(d) => message_qos(&d.message) > QoS::AtMostOnce,
+            Pending::Sink(d) => message_qos(&d.message) > QoS::AtMostOnce,
+        }
+    }
+
+    fn deliver_from_sink(&mut self, d: SinkDelivery, now: Millis) {
+        let mut qos: Option<QoS> = None;
+        let mut retain = false;
+        let mut ids: Vec<u32> = Vec::new();
+        let own = d.message.origin.protocol == Protocol::Mqtt && d.message.origin.connection == self.connection;
+        for cookie in d.cookies.as_slice() {
+            let Some(sub) = self.subs.values().find(|s| s.cookie == *cookie && s.shared.is_none()) else { continue };
+            if own && sub.options.no_local {
+                continue;
+            }
+            qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
+            retain |= sub.options.retain_as_published && message_retain(&d.message);
+            if let Some(id) = sub.identifier {
+                ids.push(id);
+            }
+        }
+        let Some(sub_qos) = qos else { return };
+        let qos = message_qos(&d.message).min(sub_qos);
+        self.send_message(&d.message, qos, retain, &ids, Source::Sink, false, now);
+    }
+
+    fn deliver_from_queue(&mut self, d: Delivery, now: Millis) {
+        let queue = self.queue_of(&d);
+        let Some(queue) = queue else { return };
+        let own = d.message.origin.protocol == Protocol::Mqtt && d.message.origin.connection == self.connection;
+        let mut qos: Option<QoS> = None;
+        let mut retain = false;
+        let mut ids: Vec<u32> = Vec::new();
+        let key = d.message.routing_key.to_string_lossy();
+        let from_session_queue = matches!(&self.mode, Mode::Persistent { queue: sq, .. } if Arc::ptr_eq(sq, &queue));
+        for sub in self.subs.values() {
+            let from_this = match &sub.shared {
+                Some((q, _)) => Arc::ptr_eq(q, &queue),
+                None => from_session_queue,
+            };
+            if !from_this || !sub.filter.pattern().matches(&key) {
+                continue;
+            }
+            if own && sub.options.no_local {
+                continue;
+            }
+            qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
+            retain |= sub.options.retain_as_published && message_retain(&d.message);
+            if let Some(id) = sub.identifier {
+                ids.push(id);
+            }
+        }
+        let Some(sub_qos) = qos else {
+            // No subscription wants it any more (unsubscribed meanwhile, or no-local).
+            self.settle(Source::Queue { queue, seq: d.seq }, now);
+            return;
+        };
+        let qos = message_qos(&d.message).min(sub_qos);
+        let src = Source::Queue { queue, seq: d.seq };
+        self.send_message(&d.message, qos, retain, &ids, src, d.redelivered, now);
+    }
+
+    fn queue_of(&self, d: &Delivery) -> Option<Arc<Queue>> {
+        if let Mode::Persistent { queue, .. } = &self.mode {
+            if *queue.name() == d.queue {
+                return Some(queue.clone());
+            }
+        }
+        self.subs.values().filter_map(|s| s.shared.as_ref()).find(|(q, _)| *q.name() == d.queue).map(|(q, _)| q.clone())
+    }
+
+    /// Writes one PUBLISH for `m` at `qos`, tracking it in flight when QoS > 0.
+    #[allow(clippy::too_many_arguments)]
+    fn send_message(
+        &mut self,
+        m: &Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        sub_ids: &[u32],
+        src: Source,
+        redelivered: bool,
+        now: Millis,
+    ) {
+        if remaining_expiry(m, now) == Some(0) {
+            self.settle(src, now);
+            return;
+        }
+        let v5 = self.is_v5();
+        let mut p = to_publish(m, qos, retain, v5, now);
+        // A topic alias this packet sets up; recorded only once the packet is really sent, or
+        // a later packet would use an alias the client never learnt.
+        let mut new_alias = None;
+        if v5 {
+            p.properties.subscription_identifiers = sub_ids.to_vec();
+            if self.client_alias_max > 0 {
+                match self.outbound_aliases.get(&p.topic) {
+                    Some(&alias) => {
+                        p.properties.topic_alias = Some(alias);
+                        p.topic = Str::default();
+                    }
+                    None if self.outbound_aliases.len() < self.client_alias_max as usize => {
+                        let alias = self.outbound_aliases.len() as u16 + 1;
+                        new_alias = Some((p.topic.clone(), alias));
+                        p.properties.topic_alias = Some(alias);
+                    }
+                    None => {}
+                }
+            }
+        }
+        if qos > QoS::AtMostOnce {
+            let original = match &src {
+                Source::Queue { seq, .. } if redelivered => self.resend_ids.remove(seq),
+                _ => None,
+            };
+            let id = match original {
+                Some(id) if !self.inflight.contains_key(&id) => id,
+                _ => self.next_id(),
+            };
+            p.packet_id = Some(id);
+            p.dup = redelivered;
+        }
+        let packet = Packet::Publish(p);
+        if encoded_len(&packet, self.version) > self.client_max_packet as usize {
+            // §3.1.2.11.4: never send a packet above the client's limit; discard as if sent.
+            self.stats.dropped_out += 1;
+            self.settle(src, now);
+            return;
+        }
+        if let Some((topic, alias)) = new_alias {
+            self.outbound_aliases.insert(topic, alias);
+        }
+        self.stats.messages_out += 1;
+        match qos {
+            QoS::AtMostOnce => self.settle(src, now),
+            QoS::AtLeastOnce => {
+                let id = packet_id(&packet);
+                self.inflight.insert(id, Inflight::AwaitingPubAck(src));
+            }
+            QoS::ExactlyOnce => {
+                let id = packet_id(&packet);
+                self.inflight.insert(id, Inflight::AwaitingPubRec(src));
+            }
+        }
+        self.send(packet);
+    }
+
+    // ----- the end ---------------------------------------------------------------------------
+
+    /// Ends the session: consumers cancelled, unacked queue deliveries requeued, direct sink
+    /// unbound; a persistent session's state is returned for the registry.
+    pub fn finish(mut self, now: Millis) -> Option<StoredSession> {
+        // Subscriptions' shared consumers go back to their groups.
+        let shared: Vec<(Arc<Queue>, ConsumerId)> = self.subs.values_mut().filter_map(|s| s.shared.take()).collect();
+        for (q, consumer) in shared {
+            self.vhost.cancel(&q, consumer, now);
+            let effects = q.release_owner(self.owner, now);
+            self.vhost.settle(&q, effects, now);
+        }
+        let keep = self.session_expiry > 0;
+        match &self.mode {
+            Mode::Transient { sink } => {
+                self.vhost.unbind_sink_all(sink.id());
+                None
+            }
+            Mode::Persistent { queue, consumer } => {
+                let queue = queue.clone();
+                self.vhost.cancel(&queue, *consumer, now);
+                let mut inflight_ids = HashMap::new();
+                let mut outgoing_pubrel = Vec::new();
+                for (id, i) in &self.inflight {
+                    match i {
+                        Inflight::AwaitingPubAck(Source::Queue { queue: q, seq })
+                        | Inflight::AwaitingPubRec(Source::Queue { queue: q, seq })
+                            if Arc::ptr_eq(q, &queue) =>
+                        {
+                            inflight_ids.insert(*seq, *id);
+                        }
+                        Inflight::AwaitingPubComp => outgoing_pubrel.push(*id),
+                        _ => {}
+                    }
+                }
+                let effects = queue.release_owner(self.owner, now);
+                self.vhost.settle(&queue, effects, now);
+                if !keep {
+                    let _ = self.vhost.delete_queue(queue.name(), self.connection, false, false);
+                    return None;
+                }
+                outgoing_pubrel.sort_unstable();
+                Some(StoredSession {
+                    subscriptions: self
+                        .subs
+                        .values()
+                        .map(|s| StoredSubscription {
+                            filter: s.filter.text.clone(),
+                            options: s.options,
+                            identifier: s.identifier,
+                        })
+                        .collect(),
+                    incoming_qos2: std::mem::take(&mut self.incoming_qos2),
+                    outgoing_pubrel,
+                    inflight_ids,
+                    expiry: self.session_expiry,
+                })
+            }
+        }
+    }
+
+    /// Whether this session keeps state after the connection (for logs).
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+}
+
+fn packet_id(p: &Packet) -> u16 {
+    match p {
+        Packet::Publish(p) => p.packet_id.unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Publishes a will message (or any broker-made publish on a client's behalf).
+pub fn publish_will(vhost: &VHost, exchange: &ShortString, will: &Will, connection: ConnectionId, now: Millis) {
+    let p = Publish {
+        dup: false,
+        qos: will.qos,
+        retain: will.retain,
+        topic: will.topic.clone(),
+        packet_id: None,
+        properties: will.properties.clone(),
+        payload: will.payload.clone(),
+    };
+    let origin = Origin { protocol: Protocol::Mqtt, connection };
+    let message = to_message(&p, will.topic.as_str(), exchange, origin, now);
+    if will.retain {
+        vhost.set_retained(&message.routing_key.clone(), Arc::new(message.clone()));
+    }
+    if let Err(e) = vhost.publish(exchange, message, now) {
+        tracing::warn!(error = %e, "will message refused by the core");
+    }
+}
+
+/// The 3.1.1 return code or 5.0 reason for a refused CONNECT.
+pub fn connect_refusal(version: ProtocolVersion, v5_reason: u8) -> u8 {
+    if version == ProtocolVersion::V5 {
+        return v5_reason;
+    }
+    match v5_reason {
+        reason::UNSUPPORTED_PROTOCOL_VERSION => return_code::UNACCEPTABLE_PROTOCOL_VERSION,
+        reason::CLIENT_IDENTIFIER_NOT_VALID => return_code::IDENTIFIER_REJECTED,
+        reason::BAD_USER_NAME_OR_PASSWORD => return_code::BAD_USER_NAME_OR_PASSWORD,
+        reason::NOT_AUTHORIZED => return_code::NOT_AUTHORIZED,
+        _ => return_code::SERVER_UNAVAILABLE,
+    }
+}

@@ -1,0 +1,203 @@
+//! MQTT topic names and filters: validation, shared subscriptions, and the mapping onto the
+//! core's routing keys and patterns.
+//!
+//! Topic ↔ routing key swaps `/` and `.` character by character: `plant/7.1/temp` is routed as
+//! `plant.7/1.temp`. The swap is its own inverse and keeps levels intact, so an AMQP binding
+//! `plant.*.temp` sees MQTT levels as AMQP words. Filters are parsed into core [`Pattern`]s
+//! here, so a literal `*` in an MQTT filter stays a literal word.
+
+use std::sync::Arc;
+
+use ferry_core::topic::{Level, Pattern};
+
+/// Topics and filters deeper than this are refused: the trie and the matcher recurse per level,
+/// and no real deployment comes near it (AMQP's 255-byte keys allow at most 128 words).
+pub const MAX_LEVELS: usize = 128;
+
+/// Swaps `/` and `.` (topic → routing key, and back: the function is an involution).
+pub fn swap_separators(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
+}
+
+/// Why a topic name or filter is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicError {
+    Empty,
+    Wildcard,
+    BadWildcard,
+    TooDeep,
+    BadShare,
+}
+
+impl std::fmt::Display for TopicError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TopicError::Empty => "empty topic",
+            TopicError::Wildcard => "wildcard in a topic name",
+            TopicError::BadWildcard => "'+' and '#' must be whole levels and '#' the last level",
+            TopicError::TooDeep => "too many levels",
+            TopicError::BadShare => "invalid shared subscription ($share/<group>/<filter>)",
+        })
+    }
+}
+
+/// Checks a PUBLISH topic name (the codec already refused `+`, `#` and U+0000).
+pub fn check_topic_name(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::Wildcard);
+    }
+    if topic.split('/').count() > MAX_LEVELS {
+        return Err(TopicError::TooDeep);
+    }
+    Ok(())
+}
+
+/// Checks a topic filter (§4.7.1): `+` and `#` only as whole levels, `#` only last.
+pub fn check_filter(filter: &str) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    if levels.len() > MAX_LEVELS {
+        return Err(TopicError::TooDeep);
+    }
+    for (i, level) in levels.iter().enumerate() {
+        let is_last = i + 1 == levels.len();
+        match *level {
+            "#" if is_last => {}
+            "+" => {}
+            l if l.contains(['+', '#']) => return Err(TopicError::BadWildcard),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A subscription filter as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// The filter text as the client sent it (the subscription's key in the session).
+    pub text: String,
+    /// `Some(group)` for `$share/<group>/<filter>`.
+    pub share_group: Option<String>,
+    /// The filter without the `$share/<group>/` prefix.
+    pub topic_filter: String,
+}
+
+impl Filter {
+    /// Parses and checks a filter, including the shared-subscription form.
+    pub fn parse(text: &str) -> Result<Filter, TopicError> {
+        if let Some(rest) = text.strip_prefix("$share/") {
+            let (group, filter) = rest.split_once('/').ok_or(TopicError::BadShare)?;
+            if group.is_empty() || group.contains(['+', '#']) || filter.is_empty() {
+                return Err(TopicError::BadShare);
+            }
+            check_filter(filter)?;
+            return Ok(Filter {
+                text: text.to_string(),
+                share_group: Some(group.to_string()),
+                topic_filter: filter.to_string(),
+            });
+        }
+        check_filter(text)?;
+        Ok(Filter { text: text.to_string(), share_group: None, topic_filter: text.to_string() })
+    }
+
+    /// The core pattern: levels split on `/`, literals with `.` swapped to `/` (as routing keys
+    /// carry them), and MQTT's `$` rule on.
+    pub fn pattern(&self) -> Pattern {
+        let levels = self
+            .topic_filter
+            .split('/')
+            .map(|l| match l {
+                "+" => Level::One,
+                "#" => Level::Many,
+                lit => Level::Literal(Arc::from(swap_separators(lit))),
+            })
+            .collect();
+        Pattern { levels, dollar_rule: true }
+    }
+
+    /// The routing-key text of the binding, as AMQP tools list it (`+` shown as `*`).
+    pub fn binding_key(&self) -> String {
+        self.topic_filter
+            .split('/')
+            .map(|l| match l {
+                "+" => "*".to_string(),
+                "#" => "#".to_string(),
+                lit => swap_separators(lit),
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// The name of the queue shared by a group's members: `mqtt-shared.<group>.<filter>`.
+    pub fn shared_queue_name(&self) -> Option<String> {
+        self.share_group.as_ref().map(|g| format!("mqtt-shared.{g}.{}", self.topic_filter))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn separator_swap_is_an_involution() {
+        for t in ["a/b.c", "plant/7.1/temp", "/", "..", "$SYS/broker/uptime", ""] {
+            assert_eq!(swap_separators(&swap_separators(t)), t);
+        }
+        assert_eq!(swap_separators("a/b.c"), "a.b/c");
+    }
+
+    #[test]
+    fn topic_names_refuse_wildcards_and_emptiness() {
+        assert!(check_topic_name("a/b").is_ok());
+        assert_eq!(check_topic_name(""), Err(TopicError::Empty));
+        assert_eq!(check_topic_name("a/+"), Err(TopicError::Wildcard));
+        assert_eq!(check_topic_name(&"a/".repeat(200)), Err(TopicError::TooDeep));
+    }
+
+    #[test]
+    fn filters_need_whole_level_wildcards_and_hash_last() {
+        for ok in ["#", "+", "a/+/b", "a/#", "+/+", "/", "a//b", "$SYS/#"] {
+            assert!(check_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a+", "a/b#", "#/a", "a/+b"] {
+            assert!(check_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shared_filters_split_group_and_filter() {
+        let f = Filter::parse("$share/g1/farm/+/soil").unwrap();
+        assert_eq!(f.share_group.as_deref(), Some("g1"));
+        assert_eq!(f.topic_filter, "farm/+/soil");
+        assert_eq!(f.shared_queue_name().unwrap(), "mqtt-shared.g1.farm/+/soil");
+        for bad in ["$share/", "$share//a", "$share/g", "$share/g/", "$share/g+/a", "$share/g/a/#/b"] {
+            assert!(Filter::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns_keep_literal_stars_and_swap_dots() {
+        let f = Filter::parse("a.b/*/+/#").unwrap();
+        let p = f.pattern();
+        assert_eq!(
+            p.levels,
+            vec![Level::Literal("a/b".into()), Level::Literal("*".into()), Level::One, Level::Many]
+        );
+        assert!(p.dollar_rule);
+        assert!(p.matches(&swap_separators("a.b/*/x/y/z")));
+        assert!(!p.matches(&swap_separators("a.b/x/x/y")));
+        assert_eq!(f.binding_key(), "a/b.*.*.#");
+    }
+}
