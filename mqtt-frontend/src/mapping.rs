@@ -64,7 +64,10 @@ pub fn to_message(p: &Publish, topic: &str, exchange: &ShortString, origin: Orig
     props.content_type = mp.content_type.as_ref().map(|c| ShortString::from_bytes(c.bytes().clone()));
     props.reply_to = mp.response_topic.as_ref().map(|t| ShortString::from(swap_separators(t.as_str())));
     props.expiration = mp.message_expiry_interval.map(|s| ShortString::from((s as u64 * 1000).to_string()));
-    Message::new(exchange.clone(), swap_separators(topic), p.payload.clone()).with_properties(props).with_origin(origin).at(now)
+    Message::new(exchange.clone(), swap_separators(topic), p.payload.clone())
+        .with_properties(props)
+        .with_origin(origin)
+        .at(now)
 }
 
 /// The QoS a message was published with: the `x-mqtt-qos` header, else 1 for persistent and
@@ -116,7 +119,8 @@ pub fn to_publish(m: &Message, qos: QoS, retain: bool, v5: bool, now: Millis) ->
     if v5 {
         let mp = &m.properties;
         properties.content_type = mp.content_type.as_ref().and_then(|c| c.as_str()).map(Str::from);
-        properties.response_topic = mp.reply_to.as_ref().and_then(|r| r.as_str()).map(|r| Str::from(swap_separators(r)));
+        properties.response_topic =
+            mp.reply_to.as_ref().and_then(|r| r.as_str()).map(|r| Str::from(swap_separators(r)));
         properties.correlation_data = mp.correlation_id.as_ref().map(|c| c.bytes().clone());
         properties.message_expiry_interval = remaining_expiry(m, now);
         if let Some(h) = &mp.headers {

@@ -36,7 +36,8 @@ pub fn publish_once(shared: &Shared, vhost: &VHost) {
     let now = now_millis();
     for (topic, value) in snapshot(shared) {
         let key = swap_separators(topic);
-        let m = Message::new(exchange.clone(), key.as_str(), Bytes::from(value)).with_origin(Origin::internal()).at(now);
+        let m =
+            Message::new(exchange.clone(), key.as_str(), Bytes::from(value)).with_origin(Origin::internal()).at(now);
         vhost.set_retained(&key.as_str().into(), Arc::new(m.clone()));
         let _ = vhost.publish(&exchange, m, now);
     }

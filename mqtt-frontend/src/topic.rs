@@ -191,10 +191,7 @@ mod tests {
     fn patterns_keep_literal_stars_and_swap_dots() {
         let f = Filter::parse("a.b/*/+/#").unwrap();
         let p = f.pattern();
-        assert_eq!(
-            p.levels,
-            vec![Level::Literal("a/b".into()), Level::Literal("*".into()), Level::One, Level::Many]
-        );
+        assert_eq!(p.levels, vec![Level::Literal("a/b".into()), Level::Literal("*".into()), Level::One, Level::Many]);
         assert!(p.dollar_rule);
         assert!(p.matches(&swap_separators("a.b/*/x/y/z")));
         assert!(!p.matches(&swap_separators("a.b/x/x/y")));
