@@ -110,6 +110,9 @@ impl fmt::Display for Transport {
     }
 }
 
+/// The default largest MQTT packet, in bytes.
+pub const MQTT_DEFAULT_MAX_PACKET: u32 = 1_048_576;
+
 /// One `[[listeners]]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
@@ -127,13 +130,16 @@ impl ListenerConfig {
     /// A listener with every optional key at its default.
     pub fn new(protocol: Protocol, bind: SocketAddr) -> ListenerConfig {
         let limits = Limits::default();
+        // MQTT packets carry a whole message (AMQP splits bodies into frames), so MQTT gets a
+        // larger default: 1 MiB, EMQX's default `max_packet_size`.
+        let max_frame_size = if protocol == Protocol::Mqtt { MQTT_DEFAULT_MAX_PACKET } else { limits.max_frame_size };
         ListenerConfig {
             protocol,
             bind,
             transport: Transport::Tcp,
             vhost: DEFAULT_VHOST.to_string(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_frame_size: limits.max_frame_size,
+            max_frame_size,
             handshake_timeout: limits.handshake_timeout,
             tls: None,
         }
@@ -456,11 +462,12 @@ mod tests {
         let l = &c.listeners[0];
         assert_eq!(l.vhost, "/");
         assert_eq!(l.max_connections, 65_536);
-        assert_eq!(l.max_frame_size, 131_072);
+        assert_eq!(l.max_frame_size, MQTT_DEFAULT_MAX_PACKET, "MQTT listeners take whole messages in one packet");
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
         assert_eq!(l.tls, None);
         assert_eq!(l.transport, Transport::Tcp);
-        assert_eq!(l.limits(), Limits::default());
+        assert_eq!(l.limits(), Limits { max_frame_size: MQTT_DEFAULT_MAX_PACKET, ..Limits::default() });
+        assert_eq!(ListenerConfig::new(Protocol::Amqp, l.bind).max_frame_size, Limits::default().max_frame_size);
     }
 
     #[test]
