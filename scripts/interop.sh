@@ -113,6 +113,43 @@ while IFS= read -r line; do
   esac
 done < <(timeout 120 python3 scripts/interop_mqtt.py 127.0.0.1 1883 2>&1)
 
+# --- MQTT over WebSocket: a second broker from a config file with a ws listener ------------------
+mkdir -p "$work/ws"
+cat >"$work/ws/ferry.toml" <<'TOML'
+[broker]
+data_dir = "data"
+[[listeners]]
+protocol = "mqtt"
+bind = "127.0.0.1:18831"
+[[listeners]]
+protocol = "mqtt"
+bind = "127.0.0.1:18083"
+transport = "websocket"
+path = "/mqtt"
+TOML
+"$ferry" --config "$work/ws/ferry.toml" >"$work/ws/log" 2>&1 &
+wspid=$!
+if wait_port 18831 20 && wait_port 18083 20; then
+  while IFS= read -r line; do
+    case "$line" in
+      "ok   "*"WebSocket"*) ok "${line#ok   }" ;;
+      "FAIL "*"WebSocket"*) bad "${line#FAIL }" ;;
+      "ok   "* | "FAIL "*) ;; # the TCP cases already ran above
+      *) echo "$line" ;;
+    esac
+  done < <(timeout 60 python3 - 127.0.0.1 18831 18083 <<PY 2>&1
+import runpy, sys
+sys.argv = ["interop_mqtt.py", "127.0.0.1", "18831", "18083"]
+runpy.run_path("scripts/interop_mqtt.py", run_name="__main__")
+PY
+)
+else
+  bad "ferry with a WebSocket listener starts"
+  cat "$work/ws/log"
+fi
+kill -TERM "$wspid" 2>/dev/null
+wait "$wspid" 2>/dev/null
+
 # --- AMQP: pika sees the protocol header answer ------------------------------------------------
 python3 - <<'PY' && ok "pika is refused with a protocol-header answer" || bad "pika is refused with a protocol-header answer"
 import sys

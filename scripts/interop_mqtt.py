@@ -16,6 +16,8 @@ from paho.mqtt.properties import Properties
 
 HOST = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
 PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 1883
+# Optional: a WebSocket listener (path /mqtt) to run the WebSocket case against.
+WS_PORT = int(sys.argv[3]) if len(sys.argv) > 3 else None
 WAIT = 10.0
 failed = 0
 
@@ -37,15 +39,20 @@ def case(name):
 class Client:
     """A connected paho client that records what it receives."""
 
-    def __init__(self, v5=True, client_id=None, clean=True, will=None, props=None):
+    def __init__(self, v5=True, client_id=None, clean=True, will=None, props=None, ws_port=None):
         self.got = []
         self.cond = threading.Condition()
         proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         cid = client_id or f"interop-{uuid.uuid4().hex[:8]}"
+        transport = "websockets" if ws_port else "tcp"
         if v5:
-            self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
+            self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, transport=transport)
         else:
-            self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, clean_session=clean)
+            self.c = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, clean_session=clean, transport=transport
+            )
+        if ws_port:
+            self.c.ws_set_options(path="/mqtt")
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.session_present = None
@@ -54,10 +61,11 @@ class Client:
         self.c.on_subscribe = lambda *a: self.subscribed.set()
         if will:
             self.c.will_set(**will)
+        port = ws_port or PORT
         if v5:
-            self.c.connect(HOST, PORT, keepalive=30, clean_start=clean, properties=props)
+            self.c.connect(HOST, port, keepalive=30, clean_start=clean, properties=props)
         else:
-            self.c.connect(HOST, PORT, keepalive=30)
+            self.c.connect(HOST, port, keepalive=30)
         self.c.loop_start()
         if not self.connected.wait(WAIT):
             raise RuntimeError("no CONNACK")
@@ -228,6 +236,22 @@ def persistent_session():
     assert [m.payload for m in got] == [b"0", b"1", b"2"], got
     s.close()
     pub.close()
+
+
+if WS_PORT:
+
+    @case("paho over WebSocket: a ws client and a tcp client talk through one broker")
+    def websocket():
+        t = unique("ws")
+        ws = Client(ws_port=WS_PORT)
+        ws.subscribe(t, 1)
+        tcp = Client()
+        tcp.publish(t, "over-tcp", qos=1)
+        ws.publish(t, "over-ws", qos=1)
+        got = ws.wait_for(2)
+        assert sorted(m.payload for m in got) == [b"over-tcp", b"over-ws"], got
+        ws.close()
+        tcp.close()
 
 
 sys.exit(failed)
