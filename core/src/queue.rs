@@ -75,6 +75,11 @@ pub struct QueueArgs {
     pub max_priority: Option<u8>,
     /// `x-single-active-consumer`.
     pub single_active_consumer: bool,
+    /// `x-ferry-transient-needs-consumer` (Ferry's own): a transient message arriving while the
+    /// queue has no consumer is dropped instead of kept. MQTT persistent sessions use it so
+    /// QoS 0 messages are not queued while the client is away (Mosquitto's default,
+    /// `queue_qos0_messages false`).
+    pub transient_needs_consumer: bool,
 }
 
 /// The largest `x-message-ttl` / `x-expires` RabbitMQ accepts (`?MAX_EXPIRY_TIMER`, 2^32 - 1 ms).
@@ -212,7 +217,13 @@ impl QueueArgs {
             Some(FieldValue::Bool(b)) => *b,
             Some(v) => return Err(r.unacceptable("x-single-active-consumer", v)),
         };
+        let transient_needs_consumer = match table.get("x-ferry-transient-needs-consumer") {
+            None => false,
+            Some(FieldValue::Bool(b)) => *b,
+            Some(v) => return Err(r.unacceptable("x-ferry-transient-needs-consumer", v)),
+        };
         Ok(QueueArgs {
+            transient_needs_consumer,
             message_ttl: r.expiry("x-message-ttl", true)?,
             expires: r.expiry("x-expires", false)?,
             max_length: r.non_negative("x-max-length")?,
@@ -771,6 +782,10 @@ impl Queue {
                     return (EnqueueOutcome::Accepted { seq }, fx);
                 }
             }
+        }
+        // Nobody to take a transient message now, and the queue was asked not to keep those.
+        if self.args.transient_needs_consumer && st.consumers.is_empty() && !entry.message.is_persistent() {
+            return (EnqueueOutcome::Accepted { seq }, fx);
         }
         // TTL 0: only a consumer ready at once would have got it.
         if entry.is_expired(now) {
@@ -2139,5 +2154,25 @@ mod tests {
             p.join().unwrap();
         }
         assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0 });
+    }
+
+    #[test]
+    fn transient_messages_need_a_consumer_when_asked() {
+        let q = Queue::new(
+            "q".into(),
+            QueueOptions {
+                arguments: [("x-ferry-transient-needs-consumer".into(), FieldValue::Bool(true))].into_iter().collect(),
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+        let transient = Arc::new(Message::new("", "q", Bytes::from_static(b"t")));
+        let persistent = Arc::new(Message::new("", "q", Bytes::from_static(b"p")).with_properties(
+            crate::message::Properties { delivery_mode: Some(crate::message::DeliveryMode::Persistent), ..Default::default() },
+        ));
+        assert!(matches!(q.enqueue(transient, 0).0, EnqueueOutcome::Accepted { .. }));
+        q.enqueue(persistent, 0);
+        assert_eq!(q.stats().ready, 1, "only the persistent message is kept while nobody consumes");
     }
 }
