@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Interop: drives the `ferry` binary with third-party clients (mosquitto-clients, paho-mqtt,
-# pika) over loopback. Installs the clients itself when missing (apt-get, pip; CI runs as root).
+# amqp-tools, pika) over loopback. Installs the clients itself when missing (apt-get, pip; CI runs as root).
 #
-# MQTT is driven through mosquitto_pub/mosquitto_sub and paho-mqtt (scripts/interop_mqtt.py).
-# Until the AMQP frontend lands, the default AMQP listener answers with the AMQP protocol header;
-# pika must see exactly that. Each frontend issue adds its cases here.
+# MQTT is driven through mosquitto_pub/mosquitto_sub and paho-mqtt (scripts/interop_mqtt.py),
+# AMQP 0-9-1 through amqp-tools (librabbitmq) and pika (scripts/interop_amqp.py).
 #
 # Ends with one line "interop: N passed, N failed"; exits non-zero if any case failed.
 set -uo pipefail
@@ -17,10 +16,10 @@ ok() { pass=$((pass + 1)); printf 'ok   %s\n' "$*"; }
 bad() { fail=$((fail + 1)); printf 'FAIL %s\n' "$*"; }
 
 # --- clients ----------------------------------------------------------------------------------
-if ! command -v mosquitto_pub >/dev/null 2>&1; then
+if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v amqp-publish >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients) >/dev/null 2>&1 ||
-      echo "warning: could not install mosquitto-clients"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients amqp-tools) \
+      >/dev/null 2>&1 || echo "warning: could not install mosquitto-clients / amqp-tools"
   fi
 fi
 python3 -c 'import paho.mqtt, pika' 2>/dev/null || python3 -m pip install -q paho-mqtt pika >/dev/null 2>&1 ||
@@ -150,19 +149,32 @@ fi
 kill -TERM "$wspid" 2>/dev/null
 wait "$wspid" 2>/dev/null
 
-# --- AMQP: pika sees the protocol header answer ------------------------------------------------
-python3 - <<'PY' && ok "pika is refused with a protocol-header answer" || bad "pika is refused with a protocol-header answer"
-import sys
-import pika
-from pika import exceptions as ex
-try:
-    pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672, socket_timeout=5, connection_attempts=1))
-except (ex.IncompatibleProtocolError, ex.AMQPConnectionError, ex.StreamLostError) as e:
-    print("pika:", type(e).__name__, e)
-    sys.exit(0)
-print("pika connected, which should not happen yet")
-sys.exit(1)
-PY
+# --- AMQP: amqp-tools (librabbitmq) ----------------------------------------------------------
+if command -v amqp-publish >/dev/null 2>&1; then
+  url=amqp://guest:guest@127.0.0.1:5672
+  q="interop.tools.$$"
+  if timeout 10 amqp-declare-queue --url "$url" -d -q "$q" >/dev/null &&
+    for i in 1 2 3; do timeout 10 amqp-publish --url "$url" -r "$q" -p -C text/plain -b "tool$i" || exit 1; done; then
+    got=$(timeout 10 amqp-consume --url "$url" -q "$q" -c 3 cat 2>&1)
+    [ "$got" = "tool1tool2tool3" ] && ok "amqp-publish -> amqp-consume (persistent, content type)" ||
+      bad "amqp-consume got '$got'"
+    timeout 10 amqp-publish --url "$url" -r "$q" -b "one-more" && got=$(timeout 10 amqp-get --url "$url" -q "$q" 2>&1)
+    [ "$got" = "one-more" ] && ok "amqp-get takes one message" || bad "amqp-get got '$got'"
+  else
+    bad "amqp-tools could not declare and publish"
+  fi
+else
+  bad "amqp-tools not installed"
+fi
+
+# --- AMQP: pika (confirms, returns, routing, dead letters, TTL, limits, errors, tx, cancel) -------
+while IFS= read -r line; do
+  case "$line" in
+    "ok   "*) ok "${line#ok   }" ;;
+    "FAIL "*) bad "${line#FAIL }" ;;
+    *) echo "$line" ;;
+  esac
+done < <(timeout 180 python3 scripts/interop_amqp.py 127.0.0.1 5672 2>&1)
 
 # --- configuration errors -----------------------------------------------------------------------
 printf '[broker]\ndata_dir = "d"\ncolour = "blue"\n[[listeners]]\nprotocol = "mqtt"\nbind = "127.0.0.1:1"\n' >"$work/bad.toml"

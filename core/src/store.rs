@@ -145,6 +145,13 @@ impl Commit {
     pub fn is_done(&self) -> bool {
         matches!(self.0, CommitState::Done(_))
     }
+    /// The result, if it is resolved already (a done commit), without waiting.
+    pub fn try_result(&self) -> Option<Result<(), StoreError>> {
+        match &self.0 {
+            CommitState::Done(r) => Some(r.clone()),
+            CommitState::Pending(_) => None,
+        }
+    }
     /// Waits until the batch is durable (or failed).
     pub async fn wait(self) -> Result<(), StoreError> {
         match self.0 {

@@ -1,0 +1,167 @@
+//! The connection driver: one tokio task per connection. Reads with `read_buf` (cancel-safe),
+//! feeds frames to the [`Connection`], drains deliveries, and writes everything produced in one
+//! write per wake-up. Heartbeats both ways; the handshake is bounded in time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
+use ferry_core::message::now_millis;
+use ferry_core::store::StoreError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::channel::PendingConfirm;
+use crate::codec::{
+    check_protocol_header, encode_heartbeat, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER,
+};
+use crate::connection::{Connection, Flow, Settings};
+
+type ConfirmWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, PendingConfirm)> + Send>>;
+
+/// Serves one AMQP connection to its end.
+pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Settings) -> Result<(), ConnectionError> {
+    let limits = ctx.listener.limits.clone();
+    let handshake_deadline = Instant::now() + limits.handshake_timeout;
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+
+    // The protocol header (§4.2.2): a wrong one gets ours back, then the socket closes.
+    loop {
+        match check_protocol_header(&buf) {
+            ProtocolHeader::Ok => {
+                let _ = buf.split_to(PROTOCOL_HEADER.len());
+                break;
+            }
+            ProtocolHeader::Wrong => {
+                let _ = stream.write_all(&PROTOCOL_HEADER).await;
+                return Err(ConnectionError::Protocol("not an AMQP 0-9-1 protocol header".into()));
+            }
+            ProtocolHeader::Incomplete => {}
+        }
+        match tokio::time::timeout_at(handshake_deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout)),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
+            Ok(Ok(_)) => {}
+        }
+    }
+
+    let mut settings = settings;
+    settings.frame_max = limits.max_frame_size;
+    settings.outbox_capacity = limits.outbox_capacity;
+    let mut conn = Connection::new(ctx.id, ctx.broker.clone(), ctx.listener.vhost.clone(), settings);
+    conn.start();
+    let mut decoder = FrameDecoder::new(FRAME_MIN_SIZE);
+    let outbox = conn.outbox().clone();
+    let mut scratch = Vec::new();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut waiting: Option<ConfirmWait> = None;
+    let mut last_read = Instant::now();
+    let mut last_write = Instant::now();
+    let mut shutting_down = false;
+
+    loop {
+        // Everything ready: confirms whose commits resolved, deliveries, then one write.
+        conn.take_ready_confirms();
+        if waiting.is_none() {
+            if let Some(p) = conn.pending.pop_front() {
+                waiting = Some(Box::pin(async move {
+                    // The commit is moved into the future; the pending entry carries no commit
+                    // any more, so a done one stands in for it.
+                    let mut p = p;
+                    let commit = std::mem::replace(&mut p.commit, ferry_core::store::Commit::done(Ok(())));
+                    (commit.wait().await, p)
+                }));
+            }
+        }
+        if conn.is_open() && conn.pump(&mut scratch) {
+            conn.pump_all(now_millis());
+            conn.pump(&mut scratch);
+        }
+        if conn.frame_max != 0 {
+            decoder.max_frame_size = conn.frame_max;
+        }
+        if !conn.out.is_empty() {
+            if let Err(e) = stream.write_all(&conn.out).await {
+                tracing::debug!(conn = %ctx.id, error = %e, "write failed");
+                conn.release_all(now_millis());
+                return Ok(());
+            }
+            conn.out.clear();
+            last_write = Instant::now();
+        }
+        if conn.is_closed() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+            return Ok(());
+        }
+
+        let heartbeat = (conn.heartbeat > 0).then(|| Duration::from_secs(conn.heartbeat as u64));
+        // Send a heartbeat when we have been quiet for half the interval; give up on the
+        // client after two intervals of silence (RabbitMQ's rule).
+        let send_at = heartbeat.map(|h| last_write + h / 2);
+        let dead_at = if conn.is_open() { heartbeat.map(|h| last_read + h * 2) } else { Some(handshake_deadline) };
+
+        tokio::select! {
+            r = stream.read_buf(&mut buf) => {
+                match r {
+                    Ok(0) | Err(_) => {
+                        conn.release_all(now_millis());
+                        return Ok(());
+                    }
+                    Ok(_) => last_read = Instant::now(),
+                }
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(frame)) => {
+                            if conn.handle(frame, now_millis()) == Flow::Close {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let err = crate::errors::AmqpError {
+                                code: e.reply_code(),
+                                text: e.reply_text().to_string_lossy(),
+                                class_id: 0,
+                                method_id: 0,
+                            };
+                            conn.close_with(&err);
+                            // The stream cannot be read any further: flush the close and go.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
+                            return Err(ConnectionError::Protocol(err.text));
+                        }
+                    }
+                }
+            }
+            _ = outbox.notified() => {}
+            (result, p) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
+                waiting = None;
+                conn.confirm_done(p, result.is_ok());
+            }
+            _ = sleep_until(send_at), if send_at.is_some() => {
+                encode_heartbeat(&mut conn.out);
+            }
+            _ = sleep_until(dead_at), if dead_at.is_some() => {
+                if conn.is_open() {
+                    tracing::info!(conn = %ctx.id, "missed heartbeats from the client; closing");
+                    conn.release_all(now_millis());
+                    return Ok(());
+                }
+                conn.release_all(now_millis());
+                return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout));
+            }
+            _ = shutdown.wait(), if !shutting_down => {
+                shutting_down = true;
+                conn.shutdown();
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
