@@ -231,4 +231,26 @@ def cancel_notify():
     conn.close()
 
 
+@case("pika: RPC over direct reply-to (amq.rabbitmq.reply-to)")
+def direct_reply_to():
+    server_conn, client_conn = connect(), connect()
+    sch, cch = server_conn.channel(), client_conn.channel()
+    rpc = name("rpc")
+    sch.queue_declare(rpc)
+    replies = []
+    cch.basic_consume("amq.rabbitmq.reply-to", lambda c, m, p, b: replies.append((p.correlation_id, b)), auto_ack=True)
+    cch.basic_publish("", rpc, b"ping", pika.BasicProperties(reply_to="amq.rabbitmq.reply-to", correlation_id="c-1"))
+    req = drain(sch, rpc, 1)
+    assert req, "request did not arrive"
+    props = req[0][0]
+    assert props.reply_to.startswith("amq.rabbitmq.reply-to."), props.reply_to
+    sch.basic_publish("", props.reply_to, b"pong", pika.BasicProperties(correlation_id=props.correlation_id))
+    deadline = time.time() + 5
+    while not replies and time.time() < deadline:
+        client_conn.process_data_events(time_limit=0.1)
+    assert replies == [("c-1", b"pong")], replies
+    server_conn.close()
+    client_conn.close()
+
+
 sys.exit(failed)

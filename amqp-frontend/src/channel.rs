@@ -143,6 +143,9 @@ pub struct Channel {
     pub content: Option<PartialPublish>,
     /// The last queue declared on the channel: an empty queue name in later methods means it.
     pub last_queue: Option<ShortString>,
+    /// The channel's direct reply-to queue (`amq.rabbitmq.reply-to.<token>`), once it consumes
+    /// from the `amq.rabbitmq.reply-to` pseudo-queue.
+    pub reply_to: Option<ShortString>,
     /// Confirms (in confirm mode) not yet sent, in order.
     pub confirms: VecDeque<PendingConfirm>,
 }
@@ -162,6 +165,7 @@ impl Channel {
             tx: None,
             content: None,
             last_queue: None,
+            reply_to: None,
             confirms: VecDeque::new(),
         }
     }

@@ -69,6 +69,9 @@ pub enum Flow {
     Close,
 }
 
+/// RabbitMQ's direct reply-to pseudo-queue.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 fn consumer_tag() -> ShortString {
     static N: AtomicU64 = AtomicU64::new(1);
     ShortString::from(format!("amq.ctag-{:x}-{}", now_millis(), N.fetch_add(1, Ordering::Relaxed)))
@@ -113,6 +116,7 @@ fn capabilities() -> FieldTable {
         "authentication_failure_close",
         "per_consumer_qos",
         "consumer_priorities",
+        "direct_reply_to",
     ] {
         t.insert(cap, FieldValue::Bool(true));
     }
@@ -585,6 +589,10 @@ impl Connection {
             Method::BasicConsume(c) => self.on_consume(ch, c, now),
             Method::BasicCancel(c) => {
                 if let Some((q, id)) = self.channel(ch).consumers.remove(&c.consumer_tag) {
+                    let chan = self.channel(ch);
+                    if chan.reply_to.as_ref() == Some(q.name()) {
+                        chan.reply_to = None;
+                    }
                     self.vhost().cancel(&q, id, now);
                 }
                 if !c.nowait {
@@ -739,7 +747,8 @@ impl Connection {
 
     fn on_consume(&mut self, ch: u16, c: BasicConsume, now: Millis) -> Result<(), AmqpError> {
         let conn = self.id;
-        let qname = self.queue_name(ch, c.queue)?;
+        let qname =
+            if c.queue == REPLY_TO { self.reply_queue(ch, c.no_ack, now)? } else { self.queue_name(ch, c.queue)? };
         let tag = if c.consumer_tag.is_empty() { consumer_tag() } else { c.consumer_tag };
         if self.channel(ch).consumers.contains_key(&tag) {
             return Err(AmqpError::new(reply_code::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
@@ -786,6 +795,34 @@ impl Connection {
         };
         self.channel(ch).consumers.insert(tag, (q, id));
         Ok(())
+    }
+
+    /// Direct reply-to (RabbitMQ's `amq.rabbitmq.reply-to`): the channel gets an exclusive,
+    /// auto-delete queue `amq.rabbitmq.reply-to.<token>`; its consumer must be no-ack. Replies are
+    /// published to the default exchange with that name as routing key.
+    fn reply_queue(&mut self, ch: u16, no_ack: bool, now: Millis) -> Result<ShortString, AmqpError> {
+        if !no_ack {
+            return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "reply consumer cannot acknowledge"));
+        }
+        if let Some(q) = &self.channel(ch).reply_to {
+            return Err(AmqpError::new(
+                reply_code::PRECONDITION_FAILED,
+                format!("channel {ch} already consumes from direct reply-to ({q})"),
+            ));
+        }
+        static N: AtomicU64 = AtomicU64::new(1);
+        let name = ShortString::from(format!(
+            "{REPLY_TO}.g{:x}{:x}.{}",
+            now_millis(),
+            N.fetch_add(1, Ordering::Relaxed),
+            self.id.0
+        ));
+        let options =
+            QueueOptions { durable: false, exclusive: Some(self.id), auto_delete: true, arguments: FieldTable::new() };
+        let decl = QueueDeclare { name: name.clone(), passive: false, options, connection: self.id };
+        self.vhost().declare_reserved_queue(decl, now)?;
+        self.channel(ch).reply_to = Some(name.clone());
+        Ok(name)
     }
 
     /// Acks (requeue `None`) or rejects deliveries.
@@ -958,8 +995,20 @@ impl Connection {
             Some(b) => b,
             None => p.body_buf.freeze(),
         };
+        let mut properties = header.properties;
+        if properties.reply_to.as_ref().is_some_and(|r| *r == REPLY_TO) {
+            match &self.channel(ch).reply_to {
+                Some(q) => properties.reply_to = Some(q.clone()),
+                None => {
+                    let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "fast reply consumer does not exist")
+                        .on(60, 40);
+                    self.close_channel(ch, &e, now);
+                    return Ok(());
+                }
+            }
+        }
         let message = Message::new(p.method.exchange.clone(), p.method.routing_key.clone(), body)
-            .with_properties(header.properties)
+            .with_properties(properties)
             .with_origin(Origin { protocol: Protocol::Amqp, connection: self.id })
             .at(now);
         if let Some(exp) = &message.properties.expiration {

@@ -482,6 +482,21 @@ impl VHost {
 
     /// Declares a queue (or checks it, when passive).
     pub fn declare_queue(&self, decl: QueueDeclare, now: Millis) -> Result<QueueDeclared, CoreError> {
+        self.declare_queue_inner(decl, false, now)
+    }
+
+    /// Declares a queue whose name may use the reserved `amq.` prefix: for the broker's own
+    /// queues (the AMQP frontend's direct reply-to queues), never for a client-given name.
+    pub fn declare_reserved_queue(&self, decl: QueueDeclare, now: Millis) -> Result<QueueDeclared, CoreError> {
+        self.declare_queue_inner(decl, true, now)
+    }
+
+    fn declare_queue_inner(
+        &self,
+        decl: QueueDeclare,
+        reserved_ok: bool,
+        now: Millis,
+    ) -> Result<QueueDeclared, CoreError> {
         if decl.passive {
             let q = self.queue_for(&decl.name, decl.connection)?;
             return Ok(QueueDeclared { stats: q.stats(), queue: q, created: false });
@@ -490,7 +505,7 @@ impl VHost {
         if let Some(existing) = self.queue(&name.to_string_lossy()) {
             return self.redeclare_queue(existing, &decl, now);
         }
-        if name.as_bytes().starts_with(b"amq.") && !decl.name.is_empty() {
+        if name.as_bytes().starts_with(b"amq.") && !decl.name.is_empty() && !reserved_ok {
             return Err(CoreError::AccessRefused(format!("queue name '{name}' contains reserved prefix 'amq.*'")));
         }
         let queue = Arc::new(Queue::new(name.clone(), decl.options.clone(), now)?);
