@@ -97,6 +97,9 @@ pub struct Connection {
     pub user: Option<String>,
     /// Confirms whose commits are pending, across channels, in order.
     pub pending: VecDeque<PendingConfirm>,
+    /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity: the
+    /// driver pauses reading until they have room.
+    pub congested: Vec<Arc<Outbox<ferry_core::sink::SinkDelivery>>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -176,6 +179,7 @@ impl Connection {
             out: BytesMut::with_capacity(8 * 1024),
             user: None,
             pending: VecDeque::new(),
+            congested: Vec::new(),
             settings,
         }
     }
@@ -1038,6 +1042,7 @@ impl Connection {
         let exchange = message.exchange.clone();
         let returned = mandatory.then(|| message.clone());
         let outcome = self.vhost().publish(&exchange, message, now)?;
+        self.congested.extend(outcome.congested.iter().cloned());
         if outcome.routed == 0 {
             if let Some(m) = returned {
                 if let Err(e) = encode_return(

@@ -19,6 +19,9 @@ use crate::codec::{
 };
 use crate::connection::{Connection, Flow, Settings};
 
+/// The longest a publisher is held back by one congested subscriber before it may send again.
+const CONGESTION_PAUSE: Duration = Duration::from_millis(500);
+
 type ConfirmWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, PendingConfirm)> + Send>>;
 
 /// Serves one AMQP connection to its end.
@@ -102,8 +105,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
         let send_at = heartbeat.map(|h| last_write + h / 2);
         let dead_at = if conn.is_open() { heartbeat.map(|h| last_read + h * 2) } else { Some(handshake_deadline) };
 
+        conn.congested.retain(|o| !o.has_room());
+        let congested = conn.congested.first().cloned();
         tokio::select! {
-            r = stream.read_buf(&mut buf) => {
+            r = stream.read_buf(&mut buf), if congested.is_none() => {
                 match r {
                     Ok(0) | Err(_) => {
                         conn.release_all(now_millis());
@@ -135,6 +140,12 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                 }
             }
             _ = outbox.notified() => {}
+            // A subscriber we publish to is full: hold this publisher back (bounded, so two
+            // connections feeding each other cannot wait on each other forever).
+            _ = async { tokio::time::timeout(CONGESTION_PAUSE, congested.as_ref().expect("guarded").room()).await },
+                if congested.is_some() => {
+                conn.congested.clear();
+            }
             (result, p) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
                 waiting = None;
                 conn.confirm_done(p, result.is_ok());

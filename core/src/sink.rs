@@ -22,6 +22,8 @@ pub struct Outbox<T> {
     items: Mutex<VecDeque<T>>,
     capacity: usize,
     notify: Notify,
+    /// Woken when the owner drains: publishers held back by a full outbox wait on it.
+    drained: Notify,
 }
 
 impl<T> fmt::Debug for Outbox<T> {
@@ -32,7 +34,12 @@ impl<T> fmt::Debug for Outbox<T> {
 
 impl<T> Outbox<T> {
     pub fn new(capacity: usize) -> Outbox<T> {
-        Outbox { items: Mutex::new(VecDeque::new()), capacity: capacity.max(1), notify: Notify::new() }
+        Outbox {
+            items: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            notify: Notify::new(),
+            drained: Notify::new(),
+        }
     }
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -78,7 +85,25 @@ impl<T> Outbox<T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let n = q.len();
         out.extend(q.drain(..));
+        drop(q);
+        if n > 0 {
+            self.drained.notify_waiters();
+        }
         n
+    }
+    /// Resolves once the outbox has room (at once if it has). For publishers that were told a
+    /// destination is congested: they stop reading their socket until this resolves.
+    pub async fn room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            // Register before checking, so a drain in between is not missed.
+            drained.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            drained.await;
+        }
     }
     /// Resolves after a push into an empty outbox (a permit is stored if none was waiting, so a
     /// push between a drain and this call is not missed).
@@ -118,6 +143,16 @@ pub struct SinkDelivery {
     pub cookies: Cookies,
 }
 
+/// What became of a message offered to a direct sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Accepted,
+    /// Accepted over capacity: the publisher should wait for [`Outbox::room`].
+    Congested,
+    /// A transient message met a full outbox.
+    Dropped,
+}
+
 /// A broker-wide unique sink number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SinkId(pub u64);
@@ -152,16 +187,26 @@ impl DirectSink {
     pub fn outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
         &self.outbox
     }
-    /// Offers a message; returns false (and counts a drop) when the outbox is full.
-    pub fn offer(&self, delivery: SinkDelivery) -> bool {
+    /// Offers a message. A transient message meeting a full outbox is dropped and counted
+    /// (QoS 0 semantics). A persistent one (its publisher may already hold an acknowledgement)
+    /// is never dropped: it goes in over capacity and the result says the sink is congested, so
+    /// the publisher stops reading until [`Outbox::room`]. The overshoot is bounded by one
+    /// message per publisher.
+    pub fn offer(&self, delivery: SinkDelivery) -> Offer {
+        if delivery.message.is_persistent() {
+            let congested = !self.outbox.has_room();
+            self.outbox.push(delivery);
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            return if congested { Offer::Congested } else { Offer::Accepted };
+        }
         match self.outbox.try_push(delivery) {
             Ok(()) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
-                true
+                Offer::Accepted
             }
             Err(_) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                false
+                Offer::Dropped
             }
         }
     }
@@ -186,14 +231,36 @@ mod tests {
     #[test]
     fn a_full_sink_drops_and_counts() {
         let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(2)));
-        assert!(sink.offer(delivery(1)));
-        assert!(sink.offer(delivery(2)));
-        assert!(!sink.offer(delivery(3)));
+        assert_eq!(sink.offer(delivery(1)), Offer::Accepted);
+        assert_eq!(sink.offer(delivery(2)), Offer::Accepted);
+        assert_eq!(sink.offer(delivery(3)), Offer::Dropped);
         assert_eq!((sink.delivered(), sink.dropped()), (2, 1));
         let mut out = Vec::new();
         assert_eq!(sink.outbox().drain_into(&mut out), 2);
         assert_eq!(out[0].message.payload[0], 1);
-        assert!(sink.offer(delivery(4)));
+        assert_eq!(sink.offer(delivery(4)), Offer::Accepted);
+    }
+
+    fn persistent(n: u8) -> SinkDelivery {
+        let props = crate::message::Properties {
+            delivery_mode: Some(crate::message::DeliveryMode::Persistent),
+            ..Default::default()
+        };
+        let m = Message::new("", "k", Bytes::from(vec![n])).with_properties(props);
+        SinkDelivery { message: Arc::new(m), cookies: Cookies::One(7) }
+    }
+
+    #[tokio::test]
+    async fn a_full_sink_never_drops_persistent_messages_but_reports_congestion() {
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(1)));
+        assert_eq!(sink.offer(persistent(1)), Offer::Accepted);
+        assert_eq!(sink.offer(persistent(2)), Offer::Congested);
+        assert_eq!((sink.outbox().len(), sink.dropped()), (2, 0));
+        let outbox = sink.outbox().clone();
+        let waiter = tokio::spawn(async move { outbox.room().await });
+        let mut out = Vec::new();
+        sink.outbox().drain_into(&mut out);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("room after a drain").unwrap();
     }
 
     #[test]

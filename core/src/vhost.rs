@@ -16,7 +16,7 @@ use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, 
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
 use crate::retained::RetainedStore;
-use crate::sink::{Cookies, DirectSink, SinkDelivery, SinkId};
+use crate::sink::{Cookies, DirectSink, Offer, Outbox, SinkDelivery, SinkId};
 use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
 
 /// Dead letters can feed queues that dead-letter again; the queue's cycle rule stops true
@@ -74,6 +74,9 @@ pub struct PublishOutcome {
     /// Resolves when the message is durable in every durable queue it reached. A confirm or
     /// PUBACK waits on it.
     pub commit: Commit,
+    /// Outboxes of direct sinks that took a persistent message over capacity: the publisher
+    /// stops reading until each has room ([`Outbox::room`]). Usually empty (no allocation).
+    pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
 }
 
 /// Counters for statistics (`$SYS`, management).
@@ -801,7 +804,8 @@ impl VHost {
                 Arc::new(m)
             };
             let targets = self.targets(&x, &message);
-            self.deliver(&targets, &message, now, depth + 1, ops);
+            // No publisher to hold back here: a congested sink just takes it.
+            self.deliver(&targets, &message, now, depth + 1, ops, &mut Vec::new());
         }
         if effects.delete_queue {
             // Deleting takes the queue map lock; no queue lock is held here.
@@ -831,8 +835,9 @@ impl VHost {
             self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
         }
         let mut ops = Vec::new();
-        let rejected = self.deliver(&targets, &message, now, 0, &mut ops);
-        Ok(PublishOutcome { routed: targets.len(), rejected, commit: self.submit(ops) })
+        let mut congested = Vec::new();
+        let rejected = self.deliver(&targets, &message, now, 0, &mut ops, &mut congested);
+        Ok(PublishOutcome { routed: targets.len(), rejected, commit: self.submit(ops), congested })
     }
 
     /// Every destination of a message published to `x`, following exchange-to-exchange bindings
@@ -887,6 +892,7 @@ impl VHost {
         now: Millis,
         depth: usize,
         ops: &mut Vec<StoreOp>,
+        congested: &mut Vec<Arc<Outbox<SinkDelivery>>>,
     ) -> bool {
         let mut rejected = false;
         for q in &targets.queues {
@@ -909,8 +915,12 @@ impl VHost {
             }
         }
         for (sink, cookies) in &targets.sinks {
-            if !sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }) {
-                self.stats.dropped_at_sinks.fetch_add(1, Ordering::Relaxed);
+            match sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }) {
+                Offer::Accepted => {}
+                Offer::Congested => congested.push(sink.outbox().clone()),
+                Offer::Dropped => {
+                    self.stats.dropped_at_sinks.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         rejected

@@ -26,6 +26,9 @@ use crate::Shared;
 /// publisher is slowed instead of buffered).
 const MAX_PENDING_ACKS: usize = 1024;
 
+/// The longest a publisher is held back by one congested subscriber before it may send again.
+const CONGESTION_PAUSE: Duration = Duration::from_millis(500);
+
 type CommitWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, Packet)> + Send>>;
 
 fn assigned_client_id() -> String {
@@ -186,7 +189,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             session.out.clear();
             shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         }
-        let reading = session.pending_acks.len() < MAX_PENDING_ACKS;
+        session.congested.retain(|o| !o.has_room());
+        let congested = session.congested.first().cloned();
+        let reading = session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none();
         tokio::select! {
             r = stream.read_buf(&mut buf), if reading => {
                 match r {
@@ -213,6 +218,11 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                 }
             }
             _ = sink_outbox.notified() => {}
+            // A subscriber we publish to is full: wait for it to drain, but at most
+            // CONGESTION_PAUSE, so two clients publishing to each other cannot wait forever.
+            _ = wait_room(congested.as_deref()), if congested.is_some() => {
+                session.congested.clear();
+            }
             _ = queue_outbox.notified() => {}
             (result, packet) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
                 waiting = None;
@@ -248,7 +258,6 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     if !session.out.is_empty() {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 
     let stats = session.stats;
     shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
@@ -272,6 +281,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         });
     }
     ctx.broker.connection_closed(ctx.id);
+    // Close the socket only now: once a client sees the close, its session no longer takes
+    // deliveries and is stored for the next connection (a QoS 0 message published after that
+    // is not caught by the old consumer and requeued as if queued offline).
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 
     let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
     if let (Some(will), true) = (will, publish) {
@@ -295,6 +308,12 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     match close {
         Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
         _ => Ok(()),
+    }
+}
+
+async fn wait_room(outbox: Option<&ferry_core::sink::Outbox<ferry_core::sink::SinkDelivery>>) {
+    if let Some(o) = outbox {
+        let _ = tokio::time::timeout(CONGESTION_PAUSE, o.room()).await;
     }
 }
 

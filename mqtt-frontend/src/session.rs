@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use ferry_core::exchange::{BindingKey, SinkRef};
-use ferry_core::message::{ConnectionId, FieldTable, Message, Millis, Origin, Protocol, ShortString};
+use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
 use ferry_core::store::Commit;
@@ -48,6 +48,9 @@ pub struct Settings {
     pub max_keep_alive: u16,
     /// Deliveries waiting for one connection before QoS 0 ones are dropped.
     pub outbox_capacity: usize,
+    /// Keep QoS 0 messages for a persistent session while its client is away (Mosquitto's
+    /// `queue_qos0_messages`, off by default there and here).
+    pub queue_qos0_offline: bool,
 }
 
 impl Default for Settings {
@@ -62,6 +65,7 @@ impl Default for Settings {
             topic_alias_maximum: 10,
             max_keep_alive: 0,
             outbox_capacity: 1000,
+            queue_qos0_offline: false,
         }
     }
 }
@@ -180,6 +184,9 @@ pub struct Session {
     scratch_queue: Vec<Delivery>,
     /// Acks waiting for store commits, in order.
     pub pending_acks: VecDeque<PendingAck>,
+    /// Outboxes of subscribers that took our QoS 1/2 messages over capacity: the driver stops
+    /// reading this client until they have room (or briefly, see the driver).
+    pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
     /// Bytes to write to the socket.
     pub out: BytesMut,
     /// Counters for `$SYS`.
@@ -264,7 +271,10 @@ impl Session {
                     // No `x-expires`: the expiry interval may change (a later CONNECT, or
                     // DISCONNECT in 5.0) and may exceed x-expires' 2^32-1 ms; the driver deletes
                     // the queue when the session expires (see `Registry::expire`).
-                    let arguments = FieldTable::new();
+                    let mut arguments = FieldTable::new();
+                    if !settings.queue_qos0_offline {
+                        arguments.insert("x-ferry-transient-needs-consumer", FieldValue::Bool(true));
+                    }
                     let options = QueueOptions { durable: true, exclusive: None, auto_delete: false, arguments };
                     vhost
                         .declare_queue(QueueDeclare { name: queue_name, passive: false, options, connection }, now)?
@@ -323,6 +333,7 @@ impl Session {
             scratch_sink: Vec::new(),
             scratch_queue: Vec::new(),
             pending_acks: VecDeque::new(),
+            congested: Vec::new(),
             out: BytesMut::with_capacity(4096),
             stats: SessionStats::default(),
             settings,
@@ -563,6 +574,9 @@ impl Session {
         };
         match self.vhost.publish(&exchange, message, now) {
             Ok(o) => {
+                // Our own outbox is drained by this very task; waiting on it would deadlock.
+                let own = &self.sink_outbox;
+                self.congested.extend(o.congested.into_iter().filter(|c| !Arc::ptr_eq(c, own)));
                 let commit = match retained_commit {
                     Some(rc) if !rc.is_done() => rc,
                     _ => o.commit,
