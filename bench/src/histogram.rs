@@ -1,0 +1,135 @@
+//! A fixed-size log-linear histogram of latencies in microseconds: 64 buckets per power of two
+//! (values below 128 are exact), so a percentile is within 1.6 % of the true value and the memory
+//! is the same 30 KB whatever the number of samples. The maximum is kept exactly.
+
+/// Values below `1 << SUB_BITS` get a bucket each; above, each octave has `1 << (SUB_BITS - 1)`.
+const SUB_BITS: u32 = 7;
+const HALF: usize = 1 << (SUB_BITS - 1);
+/// Index of the top bucket for `u64::MAX`, plus one.
+const BUCKETS: usize = HALF * (64 - SUB_BITS as usize + 1) + HALF;
+
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    counts: Box<[u64]>,
+    total: u64,
+    sum: u128,
+    max: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
+}
+
+impl Histogram {
+    pub fn new() -> Histogram {
+        Histogram { counts: vec![0; BUCKETS].into_boxed_slice(), total: 0, sum: 0, max: 0 }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < (1 << SUB_BITS) {
+            return v as usize;
+        }
+        let msb = 63 - v.leading_zeros();
+        let group = msb - SUB_BITS + 1;
+        let mantissa = (v >> group) as usize; // in [HALF, 2 * HALF)
+        HALF * group as usize + mantissa
+    }
+
+    /// The largest value that falls in bucket `i`.
+    fn upper(i: usize) -> u64 {
+        if i < (1 << SUB_BITS) {
+            return i as u64;
+        }
+        let group = (i / HALF - 1) as u32;
+        let mantissa = (i - HALF * group as usize) as u128;
+        let upper = ((mantissa + 1) << group) - 1;
+        u64::try_from(upper).unwrap_or(u64::MAX)
+    }
+
+    pub fn record(&mut self, v: u64) {
+        self.counts[Self::index(v)] += 1;
+        self.total += 1;
+        self.sum += u128::from(v);
+        self.max = self.max.max(v);
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.total += other.total;
+        self.sum += other.sum;
+        self.max = self.max.max(other.max);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.total > 0).then(|| self.sum as f64 / self.total as f64)
+    }
+
+    /// The value at quantile `q` (0..=1): the upper bound of the bucket holding the
+    /// `ceil(q * count)`-th smallest sample, never above the exact maximum.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::upper(i).min(self.max));
+            }
+        }
+        Some(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_contiguous_and_bound_their_values() {
+        for v in (0..100_000u64).chain([u32::MAX as u64, u64::MAX / 3, u64::MAX]) {
+            let i = Histogram::index(v);
+            assert!(i < BUCKETS, "{v}");
+            assert!(Histogram::upper(i) >= v, "{v}");
+            if i > 0 {
+                assert!(Histogram::upper(i - 1) < v, "{v}");
+            }
+            // Relative error of the upper bound.
+            assert!((Histogram::upper(i) - v) as f64 <= v as f64 / HALF as f64, "{v}");
+        }
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut h = Histogram::new();
+        assert_eq!(h.quantile(0.5), None);
+        for v in 1..=1000 {
+            h.record(v);
+        }
+        assert_eq!(h.count(), 1000);
+        assert_eq!(h.max(), 1000);
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((500..=508).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((990..=1000).contains(&p99), "{p99}");
+        assert_eq!(h.quantile(1.0), Some(1000));
+        let mut other = Histogram::new();
+        other.record(5000);
+        h.merge(&other);
+        assert_eq!(h.max(), 5000);
+        assert_eq!(h.count(), 1001);
+    }
+}

@@ -1,0 +1,961 @@
+//! `ferry-bench mqtt`: S subscribers on one topic, P publishers sending N messages each, a minimal
+//! client loop per connection on Ferry's codec (no client library), so the generator stays cheap
+//! and can pipeline.
+//!
+//! Payload: bytes 0..8 are the send time (nanoseconds since the run's start, little-endian); when
+//! `--size` is at least 16, bytes 8..12 are the publisher's index and 12..16 the message's
+//! sequence number, which lets subscribers count duplicates; the rest is zero.
+//!
+//! Publishers encode one PUBLISH once as a template and stamp each copy in place (time, sequence,
+//! packet id): no allocation per message. QoS 0 publishers write in batches of up to
+//! [`BATCH_BYTES`]; QoS 1/2 publishers keep up to `--inflight` messages unacknowledged (less if an
+//! MQTT 5 broker's Receive Maximum is lower). Subscribers answer PUBACK (QoS 1) or PUBREC, then
+//! PUBCOMP on PUBREL (QoS 2), coalescing the answers of one read into one write.
+//!
+//! The run ends when every subscriber has every message, at `--timeout`, or `--settle` seconds
+//! after the last publisher finished if no delivery arrives meanwhile (lost QoS 0 messages never
+//! come, so there is no point waiting for the full timeout).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::{Bytes, BytesMut};
+use clap::builder::TypedValueParser as _;
+use ferry_mqtt::codec::{
+    encode, Connect, Decoder, Disconnect, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, Str, SubOptions,
+    Subscribe,
+};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+
+use crate::histogram::Histogram;
+
+/// Bytes of PUBLISH a QoS 0 publisher encodes before it writes them.
+pub const BATCH_BYTES: usize = 16 * 1024;
+/// What one read asks the socket for.
+const READ_CHUNK: usize = 64 * 1024;
+/// CONNECT→CONNACK and SUBSCRIBE→SUBACK must each complete within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Best-effort DISCONNECT at the end.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Broker address; loopback only (this is a load generator, keep it on the machine).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// QoS of the publishes and of the subscriptions.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub publishers: u32,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub subscribers: u32,
+    /// Messages per publisher.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub messages: u32,
+    /// Payload bytes (at least 8, the timestamp; 16 or more also enables duplicate counting).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=16 * 1024 * 1024))]
+    pub size: u32,
+    /// Topic every publisher sends to and every subscriber subscribes to (no wildcards).
+    #[arg(long, default_value = "bench/t")]
+    pub topic: String,
+    /// QoS 1/2: unacknowledged messages per publisher.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inflight: u16,
+    /// MQTT version: 3 (3.1.1) or 5.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::PossibleValuesParser::new(["3", "5"]).map(|s| s.parse::<u8>().unwrap_or(3)))]
+    pub version: u8,
+    /// Seconds from the first send until the run is cut short and the shortfall reported.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+    /// Seconds without a delivery, once every publisher is done, after which the rest counts as lost.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub settle: u64,
+    /// Tokio worker threads of the generator.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: u32,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    fn protocol_version(&self) -> ProtocolVersion {
+        if self.version == 5 {
+            ProtocolVersion::V5
+        } else {
+            ProtocolVersion::V311
+        }
+    }
+    fn qos(&self) -> QoS {
+        QoS::from_u8(self.qos).unwrap_or(QoS::AtMostOnce)
+    }
+    fn check(&self) -> anyhow::Result<()> {
+        if !self.host.is_loopback() {
+            bail!("--host {}: only loopback addresses are allowed", self.host);
+        }
+        if self.topic.is_empty() || self.topic.len() > 1024 || self.topic.contains(['+', '#', '\0']) {
+            bail!("--topic must be 1 to 1024 bytes without '+', '#' or NUL");
+        }
+        Ok(())
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub broker: String,
+    pub version: u8,
+    pub qos: u8,
+    pub publishers: u32,
+    pub subscribers: u32,
+    pub messages_per_publisher: u32,
+    pub size: u32,
+    pub topic: String,
+    /// QoS 1/2: the window used per publisher (the smallest over publishers).
+    pub inflight: Option<u32>,
+    pub threads: u32,
+    /// PUBLISH packets written.
+    pub sent: u64,
+    /// QoS 1/2: publishes the broker refused (reason code >= 0x80).
+    pub rejected: u64,
+    /// QoS 1/2: publishes still unacknowledged at the end.
+    pub unacked: u64,
+    pub expected_deliveries: u64,
+    /// Distinct messages received, over all subscribers.
+    pub deliveries: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+    pub loss_pct: f64,
+    /// Every subscriber got every message.
+    pub complete: bool,
+    /// The run hit `--timeout`.
+    pub timed_out: bool,
+    pub publish_secs: f64,
+    pub publish_rate: f64,
+    pub delivery_secs: Option<f64>,
+    pub delivery_rate: Option<f64>,
+    pub latency_us: Latency,
+    pub per_subscriber_min: Option<u64>,
+    pub per_subscriber_max: Option<u64>,
+    /// A few runs of missing messages (first subscribers with a loss), when payloads are 16 B or more.
+    pub missing_sample: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+    pub mean: Option<f64>,
+}
+
+impl Report {
+    /// 0: complete (or QoS 0, where loss is allowed and reported); 1: QoS 1/2 shortfall or errors.
+    pub fn exit_code(&self) -> u8 {
+        if self.errors.is_empty() && (self.complete || self.qos == 0) {
+            0
+        } else {
+            1
+        }
+    }
+
+    pub fn print_text(&self) {
+        let w = self.inflight.map(|w| format!(", inflight {w}")).unwrap_or_default();
+        println!(
+            "mqtt {} v{} qos {}: {} publisher(s) x {} msgs -> {} subscriber(s), {} B payload, topic {}{w}, {} thread(s)",
+            self.broker,
+            self.version,
+            self.qos,
+            self.publishers,
+            self.messages_per_publisher,
+            self.subscribers,
+            self.size,
+            self.topic,
+            self.threads
+        );
+        println!("  publish:    {} sent in {:.3} s = {:.0} msgs/s", self.sent, self.publish_secs, self.publish_rate);
+        if self.qos > 0 {
+            println!("  acks:       {} rejected, {} unacked", self.rejected, self.unacked);
+        }
+        match (self.delivery_secs, self.delivery_rate) {
+            (Some(s), Some(r)) => {
+                println!(
+                    "  delivery:   {} of {} in {s:.3} s = {r:.0} msgs/s",
+                    self.deliveries, self.expected_deliveries
+                )
+            }
+            _ => println!("  delivery:   {} of {}", self.deliveries, self.expected_deliveries),
+        }
+        let us = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "  latency:    p50 {} us, p99 {} us, max {} us",
+            us(self.latency_us.p50),
+            us(self.latency_us.p99),
+            us(self.latency_us.max)
+        );
+        println!("  per sub:    min {}, max {}", us(self.per_subscriber_min), us(self.per_subscriber_max));
+        let note = if self.qos == 0 && self.lost > 0 { " (QoS 0: loss allowed)" } else { "" };
+        println!(
+            "  lost:       {} ({:.3} %){note}, duplicates {}{}",
+            self.lost,
+            self.loss_pct,
+            self.duplicates,
+            if self.timed_out { ", TIMED OUT" } else { "" }
+        );
+        for m in &self.missing_sample {
+            println!("  missing:    {m}");
+        }
+        for e in &self.errors {
+            println!("  error:      {e}");
+        }
+    }
+}
+
+/// Shared by every task of a run.
+#[derive(Debug)]
+struct Ctx {
+    base: Instant,
+    deadline: Instant,
+    settle: Duration,
+    qos: QoS,
+    version: ProtocolVersion,
+    messages: u32,
+    /// Per subscriber.
+    expected: u64,
+    /// Sequence numbers in payloads (size >= 16).
+    tracked: bool,
+    publishers: u32,
+    /// Publishers still sending; the last one to finish flips `pubs_done`.
+    sending: AtomicUsize,
+    pubs_done: watch::Sender<bool>,
+    subs_done: watch::Sender<bool>,
+}
+
+impl Ctx {
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+    fn publisher_finished(&self) {
+        if self.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.pubs_done.send_replace(true);
+        }
+    }
+}
+
+/// One MQTT connection: the socket, the decoder and the two buffers.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    dec: Decoder,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    version: ProtocolVersion,
+}
+
+impl Conn {
+    async fn open(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: String,
+        max_packet: u32,
+    ) -> anyhow::Result<(Conn, Properties)> {
+        let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow!("connect to {addr}: timed out"))?
+            .with_context(|| format!("connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let mut conn = Conn {
+            stream,
+            dec: Decoder::with_version(max_packet, version),
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(BATCH_BYTES * 2),
+            version,
+        };
+        let connect = Connect {
+            version,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: Str::from(client_id),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        conn.send(&Packet::Connect(Box::new(connect))).await?;
+        match timeout(HANDSHAKE_TIMEOUT, conn.next()).await.map_err(|_| anyhow!("CONNACK: timed out"))?? {
+            Packet::ConnAck(ack) if ack.code == 0 => Ok((conn, ack.properties)),
+            Packet::ConnAck(ack) => bail!("CONNACK refused with code 0x{:02X}", ack.code),
+            other => bail!("expected CONNACK, got {}", name(&other)),
+        }
+    }
+
+    async fn send(&mut self, p: &Packet) -> anyhow::Result<()> {
+        self.wbuf.clear();
+        encode(p, self.version, &mut self.wbuf);
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.stream.write_all(&self.wbuf).await.context("write")?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// One read into `rbuf`; an error when the broker closed the connection.
+    async fn read(stream: &mut TcpStream, rbuf: &mut BytesMut) -> anyhow::Result<()> {
+        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        match stream.read_buf(rbuf).await {
+            Ok(0) => bail!("connection closed by the broker"),
+            Ok(_) => Ok(()),
+            Err(e) => Err(anyhow!("read: {e}")),
+        }
+    }
+
+    async fn next(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            if let Some(p) = self.dec.decode(&mut self.rbuf).map_err(|e| anyhow!("decode: {e}"))? {
+                return Ok(p);
+            }
+            Conn::read(&mut self.stream, &mut self.rbuf).await?;
+        }
+    }
+
+    /// Sends DISCONNECT and closes; errors do not matter any more.
+    async fn close(mut self) {
+        let d = Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() });
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            let _ = self.send(&d).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+fn name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}
+
+fn disconnect_error(p: &Packet) -> anyhow::Error {
+    match p {
+        Packet::Disconnect(d) => anyhow!("broker sent DISCONNECT with reason 0x{:02X}", d.reason),
+        other => anyhow!("unexpected {}", name(other)),
+    }
+}
+
+/// One PUBLISH encoded once; copies are stamped in place.
+#[derive(Debug)]
+struct Template {
+    bytes: Vec<u8>,
+    /// Offset of the packet identifier (QoS 1/2).
+    id_at: Option<usize>,
+    payload_at: usize,
+    tracked: bool,
+}
+
+impl Template {
+    fn new(topic: &str, qos: QoS, version: ProtocolVersion, size: usize) -> Template {
+        let publish = Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: Str::from(topic),
+            packet_id: (qos != QoS::AtMostOnce).then_some(1),
+            properties: Properties::default(),
+            payload: Bytes::from(vec![0u8; size]),
+        };
+        let mut out = BytesMut::new();
+        encode(&Packet::Publish(publish), version, &mut out);
+        let payload_at = out.len() - size;
+        // Variable header: topic, packet id (QoS > 0), then in 5.0 the properties, empty = one 0 byte.
+        let props = if version == ProtocolVersion::V5 { 1 } else { 0 };
+        let id_at = (qos != QoS::AtMostOnce).then(|| payload_at - props - 2);
+        Template { bytes: out.to_vec(), id_at, payload_at, tracked: size >= 16 }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn write(&self, out: &mut BytesMut, sent_ns: u64, publisher: u32, seq: u32, packet_id: u16) {
+        let start = out.len();
+        out.extend_from_slice(&self.bytes);
+        let p = start + self.payload_at;
+        out[p..p + 8].copy_from_slice(&sent_ns.to_le_bytes());
+        if self.tracked {
+            out[p + 8..p + 12].copy_from_slice(&publisher.to_le_bytes());
+            out[p + 12..p + 16].copy_from_slice(&seq.to_le_bytes());
+        }
+        if let Some(at) = self.id_at {
+            out[start + at..start + at + 2].copy_from_slice(&packet_id.to_be_bytes());
+        }
+    }
+}
+
+/// Packet identifiers in use by one publisher.
+#[derive(Debug)]
+struct Ids {
+    used: Vec<bool>,
+    next: u16,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        Ids { used: vec![false; 65536], next: 1 }
+    }
+    /// A free identifier; the caller keeps fewer than 65,535 in use.
+    fn take(&mut self) -> u16 {
+        while self.used[self.next as usize] {
+            self.next = self.next.checked_add(1).unwrap_or(1);
+        }
+        let id = self.next;
+        self.used[id as usize] = true;
+        self.next = self.next.checked_add(1).unwrap_or(1);
+        id
+    }
+    /// False when `id` was not in use.
+    fn release(&mut self, id: u16) -> bool {
+        std::mem::replace(&mut self.used[id as usize], false)
+    }
+}
+
+#[derive(Debug, Default)]
+struct PubResult {
+    first_send: Option<Instant>,
+    last_send: Option<Instant>,
+    sent: u64,
+    rejected: u64,
+    unacked: u64,
+    window: u32,
+    timed_out: bool,
+    error: Option<String>,
+}
+
+async fn publisher(mut conn: Conn, ctx: Arc<Ctx>, index: u32, topic: String, size: usize, window: u32) -> PubResult {
+    let mut res = PubResult { window, ..PubResult::default() };
+    let run = if ctx.qos == QoS::AtMostOnce {
+        publish_qos0(&mut conn, &ctx, index, &topic, size, &mut res).await
+    } else {
+        publish_windowed(&mut conn, &ctx, index, &topic, size, window, &mut res).await
+    };
+    if let Err(e) = run {
+        res.error = Some(format!("publisher {index}: {e:#}"));
+    }
+    ctx.publisher_finished();
+    // Stay connected until the subscribers are done, so that closing cannot race the last messages.
+    let mut done = ctx.subs_done.subscribe();
+    let _ = timeout_at(ctx.deadline + ctx.settle, done.wait_for(|d| *d)).await;
+    conn.close().await;
+    res
+}
+
+async fn publish_qos0(
+    conn: &mut Conn,
+    ctx: &Ctx,
+    index: u32,
+    topic: &str,
+    size: usize,
+    res: &mut PubResult,
+) -> anyhow::Result<()> {
+    let tpl = Template::new(topic, QoS::AtMostOnce, ctx.version, size);
+    let mut seq = 0u32;
+    while seq < ctx.messages {
+        if Instant::now() >= ctx.deadline {
+            res.timed_out = true;
+            break;
+        }
+        conn.wbuf.clear();
+        let mut batch = 0u32;
+        while seq < ctx.messages && (batch == 0 || conn.wbuf.len() + tpl.len() <= BATCH_BYTES) {
+            tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq, 0);
+            seq += 1;
+            batch += 1;
+        }
+        res.first_send.get_or_insert_with(Instant::now);
+        match timeout_at(ctx.deadline, conn.flush()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                res.timed_out = true;
+                break;
+            }
+        }
+        res.sent += u64::from(batch);
+        res.last_send = Some(Instant::now());
+    }
+    Ok(())
+}
+
+async fn publish_windowed(
+    conn: &mut Conn,
+    ctx: &Ctx,
+    index: u32,
+    topic: &str,
+    size: usize,
+    window: u32,
+    res: &mut PubResult,
+) -> anyhow::Result<()> {
+    let tpl = Template::new(topic, ctx.qos, ctx.version, size);
+    let mut ids = Ids::new();
+    let mut seq = 0u32;
+    let mut inflight = 0u32;
+    let mut completed = 0u32;
+    loop {
+        let mut wrote_publishes = false;
+        while seq < ctx.messages && inflight < window {
+            tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq, ids.take());
+            seq += 1;
+            inflight += 1;
+            wrote_publishes = true;
+        }
+        if !conn.wbuf.is_empty() {
+            if wrote_publishes {
+                res.first_send.get_or_insert_with(Instant::now);
+            }
+            match timeout_at(ctx.deadline, conn.flush()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    res.timed_out = true;
+                    break;
+                }
+            }
+            if wrote_publishes {
+                res.sent = u64::from(seq);
+                res.last_send = Some(Instant::now());
+            }
+        }
+        if completed == ctx.messages {
+            break;
+        }
+        tokio::select! {
+            r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
+            _ = sleep_until(ctx.deadline) => {
+                res.timed_out = true;
+                break;
+            }
+        }
+        while let Some(p) = conn.dec.decode(&mut conn.rbuf).map_err(|e| anyhow!("decode: {e}"))? {
+            match p {
+                Packet::PubAck(r) if ctx.qos == QoS::AtLeastOnce => {
+                    if !ids.release(r.packet_id) {
+                        bail!("PUBACK for packet id {} not in flight", r.packet_id);
+                    }
+                    inflight -= 1;
+                    completed += 1;
+                    res.rejected += u64::from(r.reason >= 0x80);
+                }
+                Packet::PubRec(r) if ctx.qos == QoS::ExactlyOnce => {
+                    if r.reason >= 0x80 {
+                        if !ids.release(r.packet_id) {
+                            bail!("PUBREC for packet id {} not in flight", r.packet_id);
+                        }
+                        inflight -= 1;
+                        completed += 1;
+                        res.rejected += 1;
+                    } else {
+                        encode(&Packet::PubRel(PubResp::ok(r.packet_id)), ctx.version, &mut conn.wbuf);
+                    }
+                }
+                Packet::PubComp(r) if ctx.qos == QoS::ExactlyOnce => {
+                    if !ids.release(r.packet_id) {
+                        bail!("PUBCOMP for packet id {} not in flight", r.packet_id);
+                    }
+                    inflight -= 1;
+                    completed += 1;
+                }
+                Packet::PingResp => {}
+                other => return Err(disconnect_error(&other)),
+            }
+        }
+    }
+    res.unacked = u64::from(inflight);
+    Ok(())
+}
+
+/// Up to `limit` runs of messages missing from `seen`, as (publisher, first seq, last seq).
+fn missing_ranges(seen: &[u64], publishers: u32, messages: u32, limit: usize) -> Vec<(u32, u32, u32)> {
+    let mut out = Vec::new();
+    if seen.is_empty() {
+        return out;
+    }
+    let has = |bit: u64| seen[(bit / 64) as usize] & (1 << (bit % 64)) != 0;
+    for p in 0..publishers {
+        let base = u64::from(p) * u64::from(messages);
+        let mut seq = 0;
+        while seq < messages && out.len() < limit {
+            if has(base + u64::from(seq)) {
+                seq += 1;
+                continue;
+            }
+            let from = seq;
+            while seq < messages && !has(base + u64::from(seq)) {
+                seq += 1;
+            }
+            out.push((p, from, seq - 1));
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+struct SubResult {
+    /// A few runs of missing messages, for diagnosis.
+    missing: Vec<String>,
+    /// Distinct messages (all messages when payloads carry no sequence number).
+    received: u64,
+    duplicates: u64,
+    latency: Histogram,
+    last_delivery: Option<Instant>,
+    timed_out: bool,
+    error: Option<String>,
+}
+
+async fn subscriber(mut conn: Conn, ctx: Arc<Ctx>, index: u32) -> SubResult {
+    let mut res = SubResult {
+        missing: Vec::new(),
+        received: 0,
+        duplicates: 0,
+        latency: Histogram::new(),
+        last_delivery: None,
+        timed_out: false,
+        error: None,
+    };
+    let mut seen = if ctx.tracked { vec![0u64; (ctx.expected as usize).div_ceil(64)] } else { Vec::new() };
+    if let Err(e) = receive(&mut conn, &ctx, &mut res, &mut seen).await {
+        res.error = Some(format!("subscriber {index}: {e:#}"));
+    }
+    res.missing = missing_ranges(&seen, ctx.publishers, ctx.messages, 4)
+        .into_iter()
+        .map(|(p, from, to)| format!("subscriber {index} publisher {p} seq {from}..={to}"))
+        .collect();
+    conn.close().await;
+    res
+}
+
+/// `seen`: one bit per (publisher, sequence) when payloads carry them, else empty.
+async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, seen: &mut [u64]) -> anyhow::Result<()> {
+    let mut pubs_done = ctx.pubs_done.subscribe();
+    let mut quiet_since: Option<Instant> = None;
+    let mut pending_rel = 0u64;
+    while res.received < ctx.expected || pending_rel > 0 {
+        let wake = match quiet_since {
+            Some(t) => (t + ctx.settle).min(ctx.deadline),
+            None => ctx.deadline,
+        };
+        tokio::select! {
+            r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
+            _ = sleep_until(wake) => {
+                res.timed_out = wake == ctx.deadline;
+                return Ok(());
+            }
+            _ = pubs_done.wait_for(|d| *d), if quiet_since.is_none() => {
+                quiet_since = Some(Instant::now());
+                continue;
+            }
+        }
+        let now = Instant::now();
+        let now_ns = now.duration_since(ctx.base).as_nanos() as u64;
+        if quiet_since.is_some() {
+            quiet_since = Some(now);
+        }
+        while let Some(p) = conn.dec.decode(&mut conn.rbuf).map_err(|e| anyhow!("decode: {e}"))? {
+            match p {
+                Packet::Publish(p) => {
+                    let payload = &p.payload[..];
+                    if payload.len() < 8 {
+                        bail!("PUBLISH with a {}-byte payload (not from this run)", payload.len());
+                    }
+                    let sent = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                    let mut fresh = true;
+                    if ctx.tracked && payload.len() >= 16 {
+                        let publisher = u32::from_le_bytes(payload[8..12].try_into().unwrap_or_default());
+                        let seq = u32::from_le_bytes(payload[12..16].try_into().unwrap_or_default());
+                        if publisher >= ctx.publishers || seq >= ctx.messages {
+                            bail!("PUBLISH from publisher {publisher} seq {seq}: not from this run");
+                        }
+                        let bit = u64::from(publisher) * u64::from(ctx.messages) + u64::from(seq);
+                        let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                        fresh = seen[word] & mask == 0;
+                        seen[word] |= mask;
+                    }
+                    if fresh {
+                        res.received += 1;
+                        res.latency.record(now_ns.saturating_sub(sent) / 1000);
+                        res.last_delivery = Some(now);
+                    } else {
+                        res.duplicates += 1;
+                    }
+                    match (p.qos, p.packet_id) {
+                        (QoS::AtLeastOnce, Some(id)) => {
+                            encode(&Packet::PubAck(PubResp::ok(id)), ctx.version, &mut conn.wbuf)
+                        }
+                        (QoS::ExactlyOnce, Some(id)) => {
+                            pending_rel += 1;
+                            encode(&Packet::PubRec(PubResp::ok(id)), ctx.version, &mut conn.wbuf)
+                        }
+                        _ => {}
+                    }
+                }
+                Packet::PubRel(r) => {
+                    pending_rel = pending_rel.saturating_sub(1);
+                    encode(&Packet::PubComp(PubResp::ok(r.packet_id)), ctx.version, &mut conn.wbuf);
+                }
+                Packet::PingResp => {}
+                other => return Err(disconnect_error(&other)),
+            }
+        }
+        if !conn.wbuf.is_empty() {
+            match timeout_at(ctx.deadline, conn.flush()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    res.timed_out = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects and subscribes S subscribers, connects P publishers, runs, reports.
+pub async fn run(args: &Args) -> anyhow::Result<Report> {
+    args.check()?;
+    let addr = SocketAddr::new(args.host, args.port);
+    let version = args.protocol_version();
+    let qos = args.qos();
+    let size = args.size as usize;
+    let max_packet = (size + args.topic.len() + 1024).max(READ_CHUNK) as u32;
+    let pid = std::process::id();
+
+    // Subscribers first, each subscribed before any publisher starts.
+    let mut setup = JoinSet::new();
+    for i in 0..args.subscribers {
+        let topic = args.topic.clone();
+        setup.spawn(async move {
+            let (mut conn, _) = Conn::open(addr, version, format!("fb{pid}-s{i}"), max_packet).await?;
+            let opts = SubOptions { qos, ..SubOptions::default() };
+            let sub = Subscribe {
+                packet_id: 1,
+                properties: Properties::default(),
+                filters: vec![(Str::from(topic.as_str()), opts)],
+            };
+            conn.send(&Packet::Subscribe(sub)).await?;
+            match timeout(HANDSHAKE_TIMEOUT, conn.next()).await.map_err(|_| anyhow!("SUBACK: timed out"))?? {
+                Packet::SubAck(ack) => match ack.reasons.first() {
+                    Some(&granted) if granted == qos as u8 => Ok::<_, anyhow::Error>((i, conn)),
+                    Some(&code) => bail!("SUBACK for QoS {} returned 0x{code:02X}", qos as u8),
+                    None => bail!("SUBACK without a reason code"),
+                },
+                other => bail!("expected SUBACK, got {}", name(&other)),
+            }
+            .with_context(|| format!("subscriber {i}"))
+        });
+    }
+    let mut subs = join_all(setup).await.context("setting up subscribers")?;
+    subs.sort_by_key(|(i, _)| *i);
+
+    let mut setup = JoinSet::new();
+    for i in 0..args.publishers {
+        setup.spawn(async move {
+            let (conn, props) = Conn::open(addr, version, format!("fb{pid}-p{i}"), max_packet)
+                .await
+                .with_context(|| format!("publisher {i}"))?;
+            Ok((i, conn, props.receive_maximum))
+        });
+    }
+    let mut pubs = join_all(setup).await.context("setting up publishers")?;
+    pubs.sort_by_key(|(i, _, _)| *i);
+
+    let base = Instant::now();
+    let ctx = Arc::new(Ctx {
+        base,
+        deadline: base + Duration::from_secs(args.timeout),
+        settle: Duration::from_secs(args.settle),
+        qos,
+        version,
+        messages: args.messages,
+        expected: u64::from(args.publishers) * u64::from(args.messages),
+        tracked: size >= 16,
+        publishers: args.publishers,
+        sending: AtomicUsize::new(args.publishers as usize),
+        pubs_done: watch::channel(false).0,
+        subs_done: watch::channel(false).0,
+    });
+
+    let mut sub_tasks = JoinSet::new();
+    for (i, conn) in subs {
+        sub_tasks.spawn(subscriber(conn, ctx.clone(), i));
+    }
+    let mut pub_tasks = JoinSet::new();
+    for (i, conn, receive_max) in pubs {
+        let window = u32::from(args.inflight.min(receive_max.unwrap_or(u16::MAX)).min(u16::MAX - 1));
+        pub_tasks.spawn(publisher(conn, ctx.clone(), i, args.topic.clone(), size, window));
+    }
+
+    let mut sub_results = Vec::new();
+    while let Some(r) = sub_tasks.join_next().await {
+        sub_results.push(r.context("subscriber task")?);
+    }
+    ctx.subs_done.send_replace(true);
+    let mut pub_results = Vec::new();
+    while let Some(r) = pub_tasks.join_next().await {
+        pub_results.push(r.context("publisher task")?);
+    }
+
+    Ok(report(args, &ctx, &pub_results, &sub_results))
+}
+
+async fn join_all<T: 'static>(mut set: JoinSet<anyhow::Result<T>>) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::with_capacity(set.len());
+    while let Some(r) = set.join_next().await {
+        out.push(r.context("setup task")??);
+    }
+    Ok(out)
+}
+
+fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Report {
+    let first_send = pubs.iter().filter_map(|p| p.first_send).min();
+    let last_send = pubs.iter().filter_map(|p| p.last_send).max();
+    let last_delivery = subs.iter().filter_map(|s| s.last_delivery).max();
+    let sent: u64 = pubs.iter().map(|p| p.sent).sum();
+    let secs = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
+        (Some(a), Some(b)) if b > a => Some(b.duration_since(a).as_secs_f64()),
+        _ => None,
+    };
+    let publish_secs = secs(first_send, last_send).unwrap_or(0.0);
+    let delivery_secs = secs(first_send, last_delivery);
+    let deliveries: u64 = subs.iter().map(|s| s.received).sum();
+    let expected = ctx.expected * u64::from(args.subscribers);
+    let lost = expected.saturating_sub(deliveries);
+    let mut latency = Histogram::new();
+    for s in subs {
+        latency.merge(&s.latency);
+    }
+    let mut errors: Vec<String> = pubs.iter().filter_map(|p| p.error.clone()).collect();
+    errors.extend(subs.iter().filter_map(|s| s.error.clone()));
+    Report {
+        broker: format!("{}:{}", args.host, args.port),
+        version: args.version,
+        qos: args.qos,
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        messages_per_publisher: args.messages,
+        size: args.size,
+        topic: args.topic.clone(),
+        inflight: (args.qos > 0).then(|| pubs.iter().map(|p| p.window).min().unwrap_or(0)),
+        threads: args.threads,
+        sent,
+        rejected: pubs.iter().map(|p| p.rejected).sum(),
+        unacked: pubs.iter().map(|p| p.unacked).sum(),
+        expected_deliveries: expected,
+        deliveries,
+        duplicates: subs.iter().map(|s| s.duplicates).sum(),
+        lost,
+        loss_pct: if expected > 0 { lost as f64 * 100.0 / expected as f64 } else { 0.0 },
+        complete: lost == 0 && sent == u64::from(args.publishers) * u64::from(args.messages),
+        timed_out: pubs.iter().any(|p| p.timed_out) || subs.iter().any(|s| s.timed_out),
+        publish_secs,
+        publish_rate: if publish_secs > 0.0 { sent as f64 / publish_secs } else { 0.0 },
+        delivery_secs,
+        delivery_rate: delivery_secs.map(|s| deliveries as f64 / s),
+        latency_us: Latency {
+            p50: latency.quantile(0.50),
+            p99: latency.quantile(0.99),
+            max: (latency.count() > 0).then(|| latency.max()),
+            mean: latency.mean(),
+        },
+        per_subscriber_min: subs.iter().map(|s| s.received).min(),
+        per_subscriber_max: subs.iter().map(|s| s.received).max(),
+        missing_sample: subs.iter().flat_map(|s| s.missing.iter().cloned()).take(4).collect(),
+        errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_stamps_decode_back() {
+        for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                for size in [8usize, 16, 64, 300] {
+                    let tpl = Template::new("bench/t", qos, version, size);
+                    let mut out = BytesMut::new();
+                    tpl.write(&mut out, 0x0102_0304_0506_0708, 7, 42, 513);
+                    tpl.write(&mut out, 99, 1, 2, 65535);
+                    let mut dec = Decoder::with_version(1 << 20, version);
+                    let Some(Packet::Publish(p)) = dec.decode(&mut out).unwrap() else { panic!("not a publish") };
+                    assert_eq!(p.topic.as_str(), "bench/t");
+                    assert_eq!(p.qos, qos);
+                    assert_eq!(p.payload.len(), size);
+                    assert_eq!(p.payload[..8], 0x0102_0304_0506_0708u64.to_le_bytes());
+                    if size >= 16 {
+                        assert_eq!(p.payload[8..12], 7u32.to_le_bytes());
+                        assert_eq!(p.payload[12..16], 42u32.to_le_bytes());
+                    }
+                    assert_eq!(p.packet_id, (qos != QoS::AtMostOnce).then_some(513));
+                    let Some(Packet::Publish(p)) = dec.decode(&mut out).unwrap() else { panic!("not a publish") };
+                    assert_eq!(p.packet_id, (qos != QoS::AtMostOnce).then_some(65535));
+                    assert!(out.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_ranges_lists_runs() {
+        // 2 publishers x 100 messages; publisher 0 misses 10..=19, publisher 1 misses 99.
+        let mut seen = vec![0u64; 200usize.div_ceil(64)];
+        for bit in (0..200u64).filter(|b| !(10..20).contains(b) && *b != 199) {
+            seen[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        assert_eq!(missing_ranges(&seen, 2, 100, 4), vec![(0, 10, 19), (1, 99, 99)]);
+        assert_eq!(missing_ranges(&seen, 2, 100, 1), vec![(0, 10, 19)]);
+        assert!(missing_ranges(&[], 2, 100, 4).is_empty());
+    }
+
+    #[test]
+    fn ids_are_unique_while_in_use() {
+        let mut ids = Ids::new();
+        let a = ids.take();
+        let b = ids.take();
+        assert_ne!(a, b);
+        assert!(ids.release(a));
+        assert!(!ids.release(a));
+        for _ in 0..70_000 {
+            let id = ids.take();
+            assert_ne!(id, 0);
+            assert_ne!(id, b);
+            ids.release(id);
+        }
+    }
+}
