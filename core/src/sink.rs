@@ -187,27 +187,25 @@ impl DirectSink {
     pub fn outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
         &self.outbox
     }
-    /// Offers a message. A transient message meeting a full outbox is dropped and counted
-    /// (QoS 0 semantics). A persistent one (its publisher may already hold an acknowledgement)
-    /// is never dropped: it goes in over capacity and the result says the sink is congested, so
-    /// the publisher stops reading until [`Outbox::room`]. The overshoot is bounded by one
-    /// message per publisher.
+    /// Offers a message. Past the outbox's capacity the sink is *congested*: the message goes in
+    /// and the publisher is told to stop reading until [`Outbox::room`], so a fast publisher is
+    /// slowed rather than its messages lost. A transient message (MQTT QoS 0) is dropped and
+    /// counted only past twice the capacity (many publishers at once, or one that does not
+    /// wait); a persistent one (QoS 1/2, whose publisher may already hold its PUBACK) is never
+    /// dropped. The overshoot is bounded by the publishers' pauses.
     pub fn offer(&self, delivery: SinkDelivery) -> Offer {
-        if delivery.message.is_persistent() {
-            let congested = !self.outbox.has_room();
-            self.outbox.push(delivery);
-            self.delivered.fetch_add(1, Ordering::Relaxed);
-            return if congested { Offer::Congested } else { Offer::Accepted };
+        let len = self.outbox.len();
+        let capacity = self.outbox.capacity();
+        if !delivery.message.is_persistent() && len >= capacity.saturating_mul(2) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Offer::Dropped;
         }
-        match self.outbox.try_push(delivery) {
-            Ok(()) => {
-                self.delivered.fetch_add(1, Ordering::Relaxed);
-                Offer::Accepted
-            }
-            Err(_) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                Offer::Dropped
-            }
+        self.outbox.push(delivery);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if len >= capacity {
+            Offer::Congested
+        } else {
+            Offer::Accepted
         }
     }
     /// Messages dropped because the outbox was full.
@@ -229,16 +227,18 @@ mod tests {
     }
 
     #[test]
-    fn a_full_sink_drops_and_counts() {
+    fn a_full_sink_slows_then_drops_transient_messages_and_counts() {
         let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(2)));
         assert_eq!(sink.offer(delivery(1)), Offer::Accepted);
         assert_eq!(sink.offer(delivery(2)), Offer::Accepted);
-        assert_eq!(sink.offer(delivery(3)), Offer::Dropped);
-        assert_eq!((sink.delivered(), sink.dropped()), (2, 1));
+        assert_eq!(sink.offer(delivery(3)), Offer::Congested, "over capacity: the publisher is slowed");
+        assert_eq!(sink.offer(delivery(4)), Offer::Congested);
+        assert_eq!(sink.offer(delivery(5)), Offer::Dropped, "past twice the capacity QoS 0 is dropped");
+        assert_eq!((sink.delivered(), sink.dropped()), (4, 1));
         let mut out = Vec::new();
-        assert_eq!(sink.outbox().drain_into(&mut out), 2);
+        assert_eq!(sink.outbox().drain_into(&mut out), 4);
         assert_eq!(out[0].message.payload[0], 1);
-        assert_eq!(sink.offer(delivery(4)), Offer::Accepted);
+        assert_eq!(sink.offer(delivery(6)), Offer::Accepted);
     }
 
     fn persistent(n: u8) -> SinkDelivery {

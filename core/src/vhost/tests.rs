@@ -433,14 +433,19 @@ fn direct_sinks_get_one_copy_with_every_matching_cookie() {
 }
 
 #[test]
-fn a_full_sink_drops_and_the_vhost_counts_it() {
+fn a_full_sink_reports_congestion_then_drops_and_the_vhost_counts_it() {
     let v = vhost();
     let sink = DirectSink::new(C1, Arc::new(Outbox::new(1)));
     v.bind_sink(&s("amq.fanout"), BindingKey::new(""), sink_ref(&sink, 1)).unwrap();
-    publish(&v, "amq.fanout", msg("", "1"));
-    publish(&v, "amq.fanout", msg("", "2"));
+    assert!(publish(&v, "amq.fanout", msg("", "1")).congested.is_empty());
+    let second = publish(&v, "amq.fanout", msg("", "2"));
+    assert_eq!(second.congested.len(), 1, "the publisher is told to wait");
+    assert!(Arc::ptr_eq(&second.congested[0], sink.outbox()));
+    publish(&v, "amq.fanout", msg("", "3"));
     assert_eq!(sink.dropped(), 1);
     assert_eq!(v.stats().dropped_at_sinks.load(Ordering::Relaxed), 1);
+    let durable = publish(&v, "amq.fanout", persistent("", "4"));
+    assert_eq!((sink.dropped(), durable.congested.len()), (1, 1), "persistent messages are never dropped");
 }
 
 #[test]
