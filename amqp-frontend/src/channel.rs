@@ -109,7 +109,7 @@ pub struct PartialPublish {
 /// What a transaction holds until commit.
 #[derive(Debug)]
 pub enum TxOp {
-    Publish { message: Message, mandatory: bool },
+    Publish { message: Box<Message>, mandatory: bool },
     Ack { tag: u64, multiple: bool },
     Reject { tag: u64, multiple: bool, requeue: bool },
 }

@@ -723,7 +723,7 @@ impl Connection {
                 };
                 for op in ops {
                     match op {
-                        TxOp::Publish { message, mandatory } => self.route(ch, message, mandatory, now)?,
+                        TxOp::Publish { message, mandatory } => self.route(ch, *message, mandatory, now)?,
                         TxOp::Ack { tag, multiple } => self.settle(ch, tag, multiple, None, now)?,
                         TxOp::Reject { tag, multiple, requeue } => {
                             self.settle(ch, tag, multiple, Some(requeue), now)?
@@ -1024,7 +1024,7 @@ impl Connection {
             }
         }
         if let Some(tx) = &mut self.channel(ch).tx {
-            tx.push(TxOp::Publish { message, mandatory: p.method.mandatory });
+            tx.push(TxOp::Publish { message: Box::new(message), mandatory: p.method.mandatory });
             return Ok(());
         }
         match self.route(ch, message, p.method.mandatory, now) {
@@ -1076,7 +1076,7 @@ impl Connection {
 
     /// Sends a confirm (or tx.commit-ok, seq 0) whose commit resolved.
     pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool) {
-        if !self.channels.get(&p.channel).is_some_and(|c| !c.closing) {
+        if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
             return;
         }
         if p.seq == 0 {

@@ -265,12 +265,31 @@ impl FieldTable {
 }
 
 impl FromIterator<(ShortString, FieldValue)> for FieldTable {
+    /// Later entries replace earlier ones with the same key, in the earlier one's place. Linear
+    /// time (a hash index past a handful of entries), so a large table from the wire costs no
+    /// quadratic work.
     fn from_iter<I: IntoIterator<Item = (ShortString, FieldValue)>>(iter: I) -> Self {
-        let mut t = FieldTable::new();
+        let mut entries: Vec<(ShortString, FieldValue)> = Vec::new();
+        let mut index: Option<std::collections::HashMap<ShortString, usize>> = None;
         for (k, v) in iter {
-            t.insert(k, v);
+            if entries.len() == 16 && index.is_none() {
+                index = Some(entries.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect());
+            }
+            let found = match &index {
+                Some(ix) => ix.get(&k).copied(),
+                None => entries.iter().position(|(x, _)| *x == k),
+            };
+            match found {
+                Some(i) => entries[i].1 = v,
+                None => {
+                    if let Some(ix) = &mut index {
+                        ix.insert(k.clone(), entries.len());
+                    }
+                    entries.push((k, v));
+                }
+            }
         }
-        t
+        FieldTable(entries)
     }
 }
 
@@ -392,6 +411,15 @@ mod tests {
         let c: FieldTable = [("y".into(), FieldValue::Void), ("x".into(), FieldValue::I8(2))].into_iter().collect();
         assert!(a.same_entries(&b));
         assert!(!a.same_entries(&c));
+    }
+
+    #[test]
+    fn a_large_table_keeps_order_and_the_last_value_of_a_repeated_key() {
+        let t: FieldTable =
+            (0..1000).map(|i| (ShortString::from(format!("k{}", i % 500)), FieldValue::I32(i))).collect();
+        assert_eq!(t.len(), 500);
+        assert_eq!(t.iter().next().unwrap().0, "k0");
+        assert_eq!(t.get("k7"), Some(&FieldValue::I32(507)));
     }
 
     #[test]
