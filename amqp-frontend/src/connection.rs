@@ -193,6 +193,10 @@ impl Connection {
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
     }
+    /// connection.close was sent; waiting for the client's close-ok.
+    pub fn is_closing(&self) -> bool {
+        self.state == State::Closing
+    }
 
     fn send(&mut self, channel: u16, method: Method) {
         if let Err(e) = encode_method_frame(channel, &method, &mut self.out) {
@@ -342,13 +346,17 @@ impl Connection {
     fn on_connection_method(&mut self, m: Method, _now: Millis) -> Result<(), AmqpError> {
         match (self.state, m) {
             (State::AwaitStartOk, Method::ConnectionStartOk(ok)) => {
+                if !matches!(ok.mechanism.as_bytes(), b"PLAIN" | b"AMQPLAIN") {
+                    // RabbitMQ: an unknown mechanism is a command error, bad credentials 403.
+                    return Err(AmqpError::new(
+                        reply_code::COMMAND_INVALID,
+                        format!("unknown authentication mechanism '{}'", ok.mechanism),
+                    ));
+                }
                 let Some((user, _password)) = parse_credentials(&ok.mechanism, &ok.response) else {
                     return Err(AmqpError::new(
                         reply_code::ACCESS_REFUSED,
-                        format!(
-                            "authentication mechanism {} is not supported or its response is malformed",
-                            ok.mechanism
-                        ),
+                        format!("malformed {} response", ok.mechanism),
                     ));
                 };
                 // Authentication against configured users arrives with the auth issue; until

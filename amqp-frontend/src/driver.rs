@@ -19,6 +19,9 @@ use crate::codec::{
 };
 use crate::connection::{Connection, Flow, Settings};
 
+/// How long a client has to answer our connection.close with close-ok.
+const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
+
 /// The longest a publisher is held back by one congested subscriber before it may send again.
 const CONGESTION_PAUSE: Duration = Duration::from_millis(500);
 
@@ -63,6 +66,8 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
     let mut last_read = Instant::now();
     let mut last_write = Instant::now();
     let mut shutting_down = false;
+    // Set once we sent connection.close: the client gets CLOSE_OK_WAIT to answer close-ok.
+    let mut closing_deadline: Option<Instant> = None;
 
     loop {
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
@@ -103,7 +108,16 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
         // Send a heartbeat when we have been quiet for half the interval; give up on the
         // client after two intervals of silence (RabbitMQ's rule).
         let send_at = heartbeat.map(|h| last_write + h / 2);
-        let dead_at = if conn.is_open() { heartbeat.map(|h| last_read + h * 2) } else { Some(handshake_deadline) };
+        if conn.is_closing() && closing_deadline.is_none() {
+            closing_deadline = Some(Instant::now() + CLOSE_OK_WAIT);
+        }
+        let dead_at = if let Some(d) = closing_deadline {
+            Some(d)
+        } else if conn.is_open() {
+            heartbeat.map(|h| last_read + h * 2)
+        } else {
+            Some(handshake_deadline)
+        };
 
         conn.congested.retain(|o| !o.has_room());
         let congested = conn.congested.first().cloned();
@@ -121,6 +135,11 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                         Ok(Some(frame)) => {
                             if conn.handle(frame, now_millis()) == Flow::Close {
                                 break;
+                            }
+                            // A tune-ok in this batch raises the limit for the frames after it:
+                            // a client may pipeline open and a large publish behind tune-ok.
+                            if conn.frame_max != 0 {
+                                decoder.max_frame_size = conn.frame_max;
                             }
                         }
                         Ok(None) => break,
@@ -154,6 +173,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                 encode_heartbeat(&mut conn.out);
             }
             _ = sleep_until(dead_at), if dead_at.is_some() => {
+                if conn.is_closing() {
+                    tracing::debug!(conn = %ctx.id, "no close-ok from the client; dropping the connection");
+                    return Ok(());
+                }
                 if conn.is_open() {
                     tracing::info!(conn = %ctx.id, "missed heartbeats from the client; closing");
                     conn.release_all(now_millis());

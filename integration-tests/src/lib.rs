@@ -8,6 +8,8 @@
 //! - [`TestServer`]: writes a config into a temporary directory and starts a server in-process
 //!   with the given frontends (listeners normally bind `127.0.0.1:0`).
 //! - [`within`]: awaits a future or fails the test after [`TIMEOUT`].
+//! - [`mqtt`]: [`TestServer::mqtt`] (the real MQTT frontend), rumqttc 3.1.1 / 5.0 clients driven
+//!   from their own tasks, and a raw client for malformed input.
 
 use std::future::Future;
 use std::path::Path;
@@ -20,6 +22,9 @@ use ferry_core::Protocol;
 use ferry_server::{Config, Server, StartError};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub mod amqp;
+pub mod mqtt;
 
 /// How long any single awaited event may take before a test fails (generous: debug builds on a
 /// shared machine).
