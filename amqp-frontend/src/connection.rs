@@ -97,6 +97,10 @@ pub struct Connection {
     pub user: Option<String>,
     /// Confirms whose commits are pending, across channels, in order.
     pub pending: VecDeque<PendingConfirm>,
+    /// The client understands connection.blocked (its capabilities say so).
+    pub blocked_capable: bool,
+    /// The connection has published: the memory alarm holds it back.
+    pub published: bool,
     /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity: the
     /// driver pauses reading until they have room.
     pub congested: Vec<Arc<Outbox<ferry_core::sink::SinkDelivery>>>,
@@ -180,6 +184,8 @@ impl Connection {
             user: None,
             pending: VecDeque::new(),
             congested: Vec::new(),
+            blocked_capable: false,
+            published: false,
             settings,
         }
     }
@@ -235,6 +241,21 @@ impl Connection {
         );
         self.state = State::Closing;
         self.release_all(now_millis());
+    }
+
+    /// Tells a client that supports it that it is blocked (memory alarm) or unblocked.
+    pub fn send_blocked(&mut self, blocked: bool) {
+        if !self.blocked_capable || self.state != State::Open {
+            return;
+        }
+        if blocked {
+            self.send(
+                0,
+                Method::ConnectionBlocked(ConnectionBlocked { reason: ShortString::from_static("low on memory") }),
+            );
+        } else {
+            self.send(0, Method::ConnectionUnblocked(ConnectionUnblocked {}));
+        }
     }
 
     /// The server is shutting down: 320 CONNECTION_FORCED.
@@ -362,6 +383,10 @@ impl Connection {
                 // Authentication against configured users arrives with the auth issue; until
                 // then every user is admitted, as a fresh RabbitMQ admits guest on loopback.
                 self.user = Some(user);
+                self.blocked_capable = matches!(
+                    ok.client_properties.get("capabilities"),
+                    Some(FieldValue::Table(t)) if t.get("connection.blocked").and_then(FieldValue::as_bool) == Some(true)
+                );
                 self.state = State::AwaitTuneOk;
                 self.send(
                     0,
@@ -1049,6 +1074,7 @@ impl Connection {
     fn route(&mut self, ch: u16, message: Message, mandatory: bool, now: Millis) -> Result<(), AmqpError> {
         let exchange = message.exchange.clone();
         let returned = mandatory.then(|| message.clone());
+        self.published = true;
         let outcome = self.vhost().publish(&exchange, message, now)?;
         self.congested.extend(outcome.congested.iter().cloned());
         if outcome.routed == 0 {

@@ -66,6 +66,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
     let mut last_read = Instant::now();
     let mut last_write = Instant::now();
     let mut shutting_down = false;
+    // The memory alarm: while it is up, connections that publish are not read (RabbitMQ's
+    // behaviour); clients that support it are told with connection.blocked / unblocked.
+    let mut alarm = ctx.broker.memory().subscribe();
+    let mut told_blocked = false;
     // Set once we sent connection.close: the client gets CLOSE_OK_WAIT to answer close-ok.
     let mut closing_deadline: Option<Instant> = None;
 
@@ -121,8 +125,16 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
 
         conn.congested.retain(|o| !o.has_room());
         let congested = conn.congested.first().cloned();
+        let alarm_up = *alarm.borrow();
+        if alarm_up != told_blocked && (conn.published || !alarm_up) {
+            conn.send_blocked(alarm_up);
+            told_blocked = alarm_up;
+            continue;
+        }
+        let held = alarm_up && conn.published;
         tokio::select! {
-            r = stream.read_buf(&mut buf), if congested.is_none() => {
+            _ = alarm.changed() => {}
+            r = stream.read_buf(&mut buf), if congested.is_none() && !held => {
                 match r {
                     Ok(0) | Err(_) => {
                         conn.release_all(now_millis());

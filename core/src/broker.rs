@@ -1,8 +1,11 @@
 //! The broker: its vhosts and its store.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
@@ -16,17 +19,72 @@ pub const DEFAULT_VHOST: &str = "/";
 /// late when no earlier deadline is known.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
+/// The memory alarm: when the message bodies held in queues pass the high watermark, the
+/// alarm goes up and the frontends stop reading from publishing connections (AMQP clients are
+/// told with connection.blocked) until consumers bring the total back under it — RabbitMQ's
+/// memory alarm, measured on what actually grows with a backlog.
+#[derive(Debug)]
+pub struct MemoryAlarm {
+    /// Bytes; 0 turns the alarm off.
+    limit: AtomicU64,
+    /// Queued body bytes at the last check.
+    used: AtomicU64,
+    raised: watch::Sender<bool>,
+}
+
+impl MemoryAlarm {
+    fn new() -> MemoryAlarm {
+        MemoryAlarm { limit: AtomicU64::new(0), used: AtomicU64::new(0), raised: watch::Sender::new(false) }
+    }
+    /// Whether the alarm is up now, and a receiver that sees it change.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.raised.subscribe()
+    }
+    pub fn is_raised(&self) -> bool {
+        *self.raised.borrow()
+    }
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+    fn update(&self, used: u64) {
+        self.used.store(used, Ordering::Relaxed);
+        let limit = self.limit();
+        let raise = limit > 0 && used > limit;
+        self.raised.send_if_modified(|r| {
+            if *r != raise {
+                if raise {
+                    tracing::warn!(
+                        used,
+                        limit,
+                        "memory alarm: queued messages above the high watermark; publishers blocked"
+                    );
+                } else {
+                    tracing::info!(used, limit, "memory alarm cleared; publishers unblocked");
+                }
+                *r = raise;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
 /// The shared state every connection holds a handle to.
 #[derive(Debug)]
 pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     store: Arc<dyn Store>,
+    memory: MemoryAlarm,
 }
 
 impl Broker {
     /// A broker with the default vhost `/` and nothing else (ignores what the store holds).
     pub fn new(store: Arc<dyn Store>) -> Arc<Broker> {
-        let b = Broker { vhosts: RwLock::new(HashMap::new()), store };
+        let b = Broker { vhosts: RwLock::new(HashMap::new()), store, memory: MemoryAlarm::new() };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
     }
@@ -35,7 +93,7 @@ impl Broker {
     /// retained messages.
     pub fn recover(store: Arc<dyn Store>) -> Result<Arc<Broker>, StoreError> {
         let snapshot = store.recover()?;
-        let b = Broker { vhosts: RwLock::new(HashMap::new()), store };
+        let b = Broker { vhosts: RwLock::new(HashMap::new()), store, memory: MemoryAlarm::new() };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
             b.add_vhost(v);
@@ -95,10 +153,23 @@ impl Broker {
         }
     }
 
-    /// Expires messages and idle queues in every vhost; returns the earliest next deadline.
+    /// The memory alarm.
+    pub fn memory(&self) -> &MemoryAlarm {
+        &self.memory
+    }
+
+    /// Sets the memory high watermark in bytes of queued message bodies (0 = off).
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.memory.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Expires messages and idle queues in every vhost, checks the memory alarm; returns the
+    /// earliest next deadline.
     pub fn tick(&self, now: Millis) -> Option<Millis> {
         let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        all.iter().filter_map(|v| v.tick(now)).min()
+        let next = all.iter().filter_map(|v| v.tick(now)).min();
+        self.memory.update(all.iter().map(|v| v.ready_bytes()).sum());
+        next
     }
 
     /// Runs [`Broker::tick`] until shutdown: at the next deadline a queue reported, and at
@@ -114,5 +185,48 @@ impl Broker {
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::queue::QueueOptions;
+    use crate::store::MemoryStore;
+    use crate::vhost::QueueDeclare;
+    use bytes::Bytes;
+
+    #[test]
+    fn the_memory_alarm_follows_queued_bytes() {
+        let b = Broker::new(Arc::new(MemoryStore::new()));
+        b.set_memory_limit(100);
+        let mut alarm = b.memory().subscribe();
+        let v = b.vhost("/").unwrap();
+        let decl = QueueDeclare {
+            name: "q".into(),
+            passive: false,
+            options: QueueOptions::default(),
+            connection: ConnectionId(1),
+        };
+        v.declare_queue(decl, 0).unwrap();
+        v.publish(&"".into(), Message::new("", "q", Bytes::from(vec![0u8; 60])), 0).unwrap();
+        b.tick(0);
+        assert!(!b.memory().is_raised());
+        v.publish(&"".into(), Message::new("", "q", Bytes::from(vec![0u8; 60])), 0).unwrap();
+        b.tick(0);
+        assert!(b.memory().is_raised() && alarm.has_changed().unwrap());
+        assert_eq!(b.memory().used(), 120);
+        alarm.mark_unchanged();
+        v.purge_queue(&"q".into(), ConnectionId(1), 0).unwrap();
+        b.tick(0);
+        assert!(!b.memory().is_raised() && alarm.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_zero_limit_never_raises_the_alarm() {
+        let b = Broker::new(Arc::new(MemoryStore::new()));
+        b.memory().update(u64::MAX);
+        assert!(!b.memory().is_raised());
     }
 }

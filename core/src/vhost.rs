@@ -943,6 +943,11 @@ impl VHost {
 
     // ----- time ------------------------------------------------------------------------------
 
+    /// Body bytes of the ready messages in every queue (what the memory alarm watches).
+    pub fn ready_bytes(&self) -> u64 {
+        self.queues.read().unwrap_or_else(lock_err).values().map(|q| q.stats().ready_bytes).sum()
+    }
+
     /// Expires messages and idle queues; returns the earliest next deadline.
     pub fn tick(&self, now: Millis) -> Option<Millis> {
         let queues: Vec<Arc<Queue>> = self.queues.read().unwrap_or_else(lock_err).values().cloned().collect();

@@ -160,6 +160,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let sink_outbox = session.sink_outbox().clone();
     let queue_outbox = session.queue_outbox().clone();
     let mut waiting: Option<CommitWait> = None;
+    let mut alarm = ctx.broker.memory().subscribe();
     let mut bytes_in = buf.len() as u64;
 
     let close = 'conn: loop {
@@ -191,7 +192,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         }
         session.congested.retain(|o| !o.has_room());
         let congested = session.congested.first().cloned();
-        let reading = session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none();
+        // The memory alarm holds back clients that publish (subscribers keep draining).
+        let held = *alarm.borrow() && session.published;
+        let reading = session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none() && !held;
         tokio::select! {
             r = stream.read_buf(&mut buf), if reading => {
                 match r {
@@ -218,6 +221,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                 }
             }
             _ = sink_outbox.notified() => {}
+            _ = alarm.changed() => {}
             // A subscriber we publish to is full: wait for it to drain, but at most
             // CONGESTION_PAUSE, so two clients publishing to each other cannot wait forever.
             _ = wait_room(congested.as_deref()), if congested.is_some() => {

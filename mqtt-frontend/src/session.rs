@@ -184,6 +184,8 @@ pub struct Session {
     scratch_queue: Vec<Delivery>,
     /// Acks waiting for store commits, in order.
     pub pending_acks: VecDeque<PendingAck>,
+    /// The client has published: the memory alarm holds it back.
+    pub published: bool,
     /// Outboxes of subscribers that took our QoS 1/2 messages over capacity: the driver stops
     /// reading this client until they have room (or briefly, see the driver).
     pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
@@ -334,6 +336,7 @@ impl Session {
             scratch_queue: Vec::new(),
             pending_acks: VecDeque::new(),
             congested: Vec::new(),
+            published: false,
             out: BytesMut::with_capacity(4096),
             stats: SessionStats::default(),
             settings,
@@ -529,6 +532,7 @@ impl Session {
             return Ok(());
         }
         self.stats.messages_in += 1;
+        self.published = true;
         let (routed, rejected, commit) = self.route(&p, p.topic.as_str(), now);
         let code = if rejected {
             reason::QUOTA_EXCEEDED

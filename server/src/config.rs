@@ -73,6 +73,30 @@ pub struct BrokerConfig {
     pub log_level: String,
     /// How long connections get to close after shutdown starts before they are aborted.
     pub shutdown_grace: Duration,
+    /// The memory alarm's high watermark for queued message bodies.
+    pub memory_high_watermark: MemoryWatermark,
+}
+
+/// When publishers are blocked (see `ferry_core::broker::MemoryAlarm`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryWatermark {
+    /// A fraction of the machine's memory (RabbitMQ's `vm_memory_high_watermark.relative`).
+    Relative(f64),
+    /// Bytes (RabbitMQ's `vm_memory_high_watermark.absolute`).
+    Absolute(u64),
+}
+
+/// RabbitMQ's default `vm_memory_high_watermark`.
+pub const DEFAULT_MEMORY_HIGH_WATERMARK: f64 = 0.4;
+
+impl MemoryWatermark {
+    /// The watermark in bytes on a machine with `total_memory` bytes.
+    pub fn bytes(self, total_memory: u64) -> u64 {
+        match self {
+            MemoryWatermark::Relative(f) => (total_memory as f64 * f) as u64,
+            MemoryWatermark::Absolute(b) => b,
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -81,6 +105,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            memory_high_watermark: MemoryWatermark::Relative(DEFAULT_MEMORY_HIGH_WATERMARK),
         }
     }
 }
@@ -230,6 +255,8 @@ struct RawBroker {
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
     shutdown_grace_secs: Option<u64>,
+    memory_high_watermark: Option<f64>,
+    memory_high_watermark_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -323,6 +350,25 @@ impl Validator<'_> {
         }
         if let Some(secs) = raw.shutdown_grace_secs {
             broker.shutdown_grace = Duration::from_secs(secs);
+        }
+        match (raw.memory_high_watermark, raw.memory_high_watermark_bytes) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "broker.memory_high_watermark_bytes",
+                    "give either memory_high_watermark (a fraction) or memory_high_watermark_bytes, not both",
+                ))
+            }
+            (Some(f), None) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(self.invalid(
+                        "broker.memory_high_watermark",
+                        format!("must be a fraction of memory above 0 and at most 1, not {f}"),
+                    ));
+                }
+                broker.memory_high_watermark = MemoryWatermark::Relative(f);
+            }
+            (None, Some(b)) => broker.memory_high_watermark = MemoryWatermark::Absolute(b),
+            (None, None) => {}
         }
         Ok(broker)
     }
@@ -534,6 +580,20 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_watermark_is_a_fraction_or_bytes_not_both() {
+        let c = parse(&format!("[broker]\nmemory_high_watermark_bytes = 1000\n{MINIMAL}")).unwrap();
+        assert_eq!(c.broker.memory_high_watermark, MemoryWatermark::Absolute(1000));
+        assert_eq!(c.broker.memory_high_watermark.bytes(1 << 30), 1000);
+        assert_eq!(MemoryWatermark::Relative(0.5).bytes(1000), 500);
+        assert!(error(&format!("[broker]\nmemory_high_watermark = 1.5\n{MINIMAL}"))
+            .contains("broker.memory_high_watermark"));
+        assert!(error(&format!("[broker]\nmemory_high_watermark = 0.0\n{MINIMAL}"))
+            .contains("broker.memory_high_watermark"));
+        let both = error(&format!("[broker]\nmemory_high_watermark = 0.5\nmemory_high_watermark_bytes = 9\n{MINIMAL}"));
+        assert!(both.contains("not both"), "{both}");
+    }
+
+    #[test]
     fn every_key_is_read() {
         let c = parse(
             r#"
@@ -541,6 +601,7 @@ mod tests {
             data_dir = "/var/lib/ferry"
             log_level = "ferry=debug,warn"
             shutdown_grace_secs = 3
+            memory_high_watermark = 0.5
 
             [[listeners]]
             protocol = "amqp"
@@ -558,7 +619,8 @@ mod tests {
             BrokerConfig {
                 data_dir: "/var/lib/ferry".into(),
                 log_level: "ferry=debug,warn".into(),
-                shutdown_grace: Duration::from_secs(3)
+                shutdown_grace: Duration::from_secs(3),
+                memory_high_watermark: MemoryWatermark::Relative(0.5),
             }
         );
         let l = &c.listeners[0];

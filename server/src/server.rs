@@ -178,6 +178,10 @@ impl ServerBuilder {
         }
 
         let broker = Broker::new(Arc::new(MemoryStore::new()));
+        let total = total_memory();
+        let watermark = config.broker.memory_high_watermark.bytes(total);
+        broker.set_memory_limit(watermark);
+        info!("memory alarm at {watermark} bytes of queued messages ({total} bytes of memory)");
         let (shutdown_tx, shutdown) = Shutdown::channel();
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());
@@ -287,4 +291,17 @@ impl Server {
         info!("shutdown: store flushed");
         Ok(report)
     }
+}
+
+/// The machine's memory in bytes (`MemTotal` in /proc/meminfo); 0 when unknown, which leaves a
+/// relative watermark off.
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(0)
 }
