@@ -2168,9 +2168,11 @@ mod tests {
         )
         .unwrap();
         let transient = Arc::new(Message::new("", "q", Bytes::from_static(b"t")));
-        let persistent = Arc::new(Message::new("", "q", Bytes::from_static(b"p")).with_properties(
-            crate::message::Properties { delivery_mode: Some(crate::message::DeliveryMode::Persistent), ..Default::default() },
-        ));
+        let persistent =
+            Arc::new(Message::new("", "q", Bytes::from_static(b"p")).with_properties(crate::message::Properties {
+                delivery_mode: Some(crate::message::DeliveryMode::Persistent),
+                ..Default::default()
+            }));
         assert!(matches!(q.enqueue(transient, 0).0, EnqueueOutcome::Accepted { .. }));
         q.enqueue(persistent, 0);
         assert_eq!(q.stats().ready, 1, "only the persistent message is kept while nobody consumes");
