@@ -67,7 +67,9 @@ pub struct AmqpConsumerSink {
 
 impl ConsumerSink for AmqpConsumerSink {
     fn has_room(&self) -> bool {
-        self.outbox.has_room() && (self.no_ack || self.credit.has_room())
+        // A full outbox is remembered so the driver prompts the queue after draining (a no-ack
+        // consumer has no acks that would).
+        self.outbox.has_room_or_starve() && (self.no_ack || self.credit.has_room())
     }
     fn deliver(&self, delivery: Delivery) {
         if !self.no_ack {

@@ -1180,10 +1180,12 @@ impl Connection {
 
     // ----- deliveries ------------------------------------------------------------------------
 
-    /// Encodes deliveries waiting in the outbox; returns whether the outbox had been full.
+    /// Encodes deliveries waiting in the outbox; returns whether a queue found it full and
+    /// stopped (the caller then prompts the queues with [`Connection::pump_all`]).
     pub fn pump(&mut self, scratch: &mut Vec<Outgoing>) -> bool {
-        let was_full = !self.outbox.has_room();
         self.outbox.drain_into(scratch);
+        let was_full = self.outbox.take_starved();
+        let mut undeliverable: Vec<(Arc<Queue>, u64)> = Vec::new();
         for o in scratch.drain(..) {
             match o {
                 Outgoing::Deliver { channel, consumer_tag, no_ack, queue, delivery } => {
@@ -1194,19 +1196,16 @@ impl Connection {
                     };
                     c.next_tag += 1;
                     let tag = c.next_tag;
-                    if !no_ack {
+                    let acked_by = if no_ack {
+                        None
+                    } else {
                         match queue.upgrade() {
-                            Some(q) => {
-                                c.unacked.insert(
-                                    tag,
-                                    crate::channel::Unacked { queue: q, seq: delivery.seq, counts_credit: true },
-                                );
-                            }
+                            Some(q) => Some(q),
                             None => continue,
                         }
-                    }
+                    };
                     let m = &delivery.message;
-                    if let Err(e) = encode_deliver(
+                    match encode_deliver(
                         &mut self.out,
                         channel,
                         &consumer_tag,
@@ -1218,7 +1217,22 @@ impl Connection {
                         &m.payload,
                         frame_max,
                     ) {
-                        tracing::warn!(conn = %self.id, error = %e, "delivery not encodable; dropped");
+                        Ok(()) => {
+                            if let Some(q) = acked_by {
+                                let unacked =
+                                    crate::channel::Unacked { queue: q, seq: delivery.seq, counts_credit: true };
+                                c.unacked.insert(tag, unacked);
+                            }
+                        }
+                        Err(e) => {
+                            // A short string over 255 bytes (an MQTT topic as routing key, say).
+                            tracing::warn!(conn = %self.id, error = %e, "delivery not encodable; dropped");
+                            // The client never sees it, so never acknowledges it: settle it
+                            // here, or it would hold the consumer's credit for good.
+                            if let Some(q) = acked_by {
+                                undeliverable.push((q, delivery.seq));
+                            }
+                        }
                     }
                 }
                 Outgoing::Cancelled { channel, consumer_tag } => {
@@ -1227,6 +1241,14 @@ impl Connection {
                             self.send(channel, Method::BasicCancel(BasicCancel { consumer_tag, nowait: true }));
                         }
                     }
+                }
+            }
+        }
+        if !undeliverable.is_empty() {
+            let now = now_millis();
+            for (q, seq) in undeliverable {
+                if let Ok(effects) = q.ack(seq, now) {
+                    self.vhost().settle(&q, effects, now);
                 }
             }
         }

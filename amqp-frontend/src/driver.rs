@@ -87,9 +87,11 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                 }));
             }
         }
+        // A queue that found the outbox full stopped; prompt it. What it delivers now lands in
+        // the (just drained) outbox, whose first push wakes this loop again, and the next pass
+        // checks for starvation again — draining twice here would lose that check.
         if conn.is_open() && conn.pump(&mut scratch) {
             conn.pump_all(now_millis());
-            conn.pump(&mut scratch);
         }
         if conn.frame_max != 0 {
             decoder.max_frame_size = conn.frame_max;

@@ -1,13 +1,17 @@
-//! `ferry-bench`: Ferry's load generator. `ferry-bench mqtt --help` for the MQTT scenario;
-//! `scripts/bench-mqtt.sh` runs it against Ferry and Mosquitto side by side
+//! `ferry-bench`: Ferry's load generator. `ferry-bench mqtt --help` and `ferry-bench amqp --help`
+//! for the scenarios; `scripts/bench-mqtt.sh` runs the MQTT one against Ferry and Mosquitto,
+//! `scripts/bench-amqp.sh` the AMQP one against Ferry and RabbitMQ, side by side
 //! (see docs/benchmarks.md).
 
+mod amqp;
 mod histogram;
 mod mqtt;
 
+use std::future::Future;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
 /// Load generator for Ferry and other brokers, loopback only.
 #[derive(Debug, Parser)]
@@ -23,42 +27,71 @@ enum Command {
     /// Exit code 0 when complete (or QoS 0, where loss is reported but allowed), 1 on a QoS 1/2
     /// shortfall or a connection error during the run, 2 when setting up failed.
     Mqtt(mqtt::Args),
+    /// P publishers send N messages each to one queue; C competing consumers receive them.
+    /// Exit code 0 when every message was sent, received (and confirmed with --confirm), 1 on a
+    /// shortfall, a nack or a connection error during the run, 2 when setting up failed.
+    Amqp(amqp::Args),
+}
+
+/// What `run` needs from a scenario's report.
+trait Report: Serialize {
+    fn print_text(&self);
+    fn exit_code(&self) -> u8;
+}
+
+impl Report for mqtt::Report {
+    fn print_text(&self) {
+        mqtt::Report::print_text(self)
+    }
+    fn exit_code(&self) -> u8 {
+        mqtt::Report::exit_code(self)
+    }
+}
+
+impl Report for amqp::Report {
+    fn print_text(&self) {
+        amqp::Report::print_text(self)
+    }
+    fn exit_code(&self) -> u8 {
+        amqp::Report::exit_code(self)
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Mqtt(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(args.threads as usize)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(&args, &anyhow::anyhow!("starting the runtime: {e}")),
-            };
-            match runtime.block_on(mqtt::run(&args)) {
-                Ok(report) => {
-                    if args.json {
-                        match serde_json::to_string(&report) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => return fail(&args, &e.into()),
-                        }
-                    } else {
-                        report.print_text();
-                    }
-                    ExitCode::from(report.exit_code())
+        Command::Mqtt(args) => run(args.threads, args.json, mqtt::run(&args)),
+        Command::Amqp(args) => run(args.threads, args.json, amqp::run(&args)),
+    }
+}
+
+/// Runs one scenario on a runtime with `threads` workers and prints its report.
+fn run<R: Report>(threads: u32, json: bool, scenario: impl Future<Output = anyhow::Result<R>>) -> ExitCode {
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(threads as usize).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return fail(json, &anyhow::anyhow!("starting the runtime: {e}")),
+        };
+    match runtime.block_on(scenario) {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => return fail(json, &e.into()),
                 }
-                Err(e) => fail(&args, &e),
+            } else {
+                report.print_text();
             }
+            ExitCode::from(report.exit_code())
         }
+        Err(e) => fail(json, &e),
     }
 }
 
 /// Setup failed: the reason on stderr, and with `--json` also as `{"error": ...}` on stdout.
-fn fail(args: &mqtt::Args, e: &anyhow::Error) -> ExitCode {
+fn fail(json: bool, e: &anyhow::Error) -> ExitCode {
     eprintln!("ferry-bench: {e:#}");
-    if args.json {
+    if json {
         println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
     }
     ExitCode::from(2)

@@ -601,7 +601,7 @@ async fn publish_windowed(
 }
 
 /// Up to `limit` runs of messages missing from `seen`, as (publisher, first seq, last seq).
-fn missing_ranges(seen: &[u64], publishers: u32, messages: u32, limit: usize) -> Vec<(u32, u32, u32)> {
+pub(crate) fn missing_ranges(seen: &[u64], publishers: u32, messages: u32, limit: usize) -> Vec<(u32, u32, u32)> {
     let mut out = Vec::new();
     if seen.is_empty() {
         return out;

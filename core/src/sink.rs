@@ -24,6 +24,9 @@ pub struct Outbox<T> {
     notify: Notify,
     /// Woken when the owner drains: publishers held back by a full outbox wait on it.
     drained: Notify,
+    /// A producer found the outbox full ([`Outbox::has_room_or_starve`]) and stopped; the owner
+    /// must prompt it again after draining ([`Outbox::take_starved`]).
+    starved: std::sync::atomic::AtomicBool,
 }
 
 impl<T> fmt::Debug for Outbox<T> {
@@ -39,6 +42,7 @@ impl<T> Outbox<T> {
             capacity: capacity.max(1),
             notify: Notify::new(),
             drained: Notify::new(),
+            starved: std::sync::atomic::AtomicBool::new(false),
         }
     }
     pub fn capacity(&self) -> usize {
@@ -52,6 +56,21 @@ impl<T> Outbox<T> {
     }
     pub fn has_room(&self) -> bool {
         self.len() < self.capacity
+    }
+    /// [`Outbox::has_room`] for a producer that stops when it is full and waits to be prompted
+    /// (a queue delivering to a consumer): a `false` is remembered, under the same lock the
+    /// owner drains with, so the owner cannot miss it.
+    pub fn has_room_or_starve(&self) -> bool {
+        let q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let room = q.len() < self.capacity;
+        if !room {
+            self.starved.store(true, Ordering::Relaxed);
+        }
+        room
+    }
+    /// Whether a producer went without room since the last call (call after draining).
+    pub fn take_starved(&self) -> bool {
+        self.starved.swap(false, Ordering::Relaxed)
     }
     /// Adds an item, or gives it back when the outbox is full.
     pub fn try_push(&self, item: T) -> Result<(), T> {
@@ -268,6 +287,18 @@ mod tests {
         let mut c = Cookies::One(1);
         c.push(2);
         assert_eq!(c.as_slice(), &[1, 2]);
+    }
+
+    #[test]
+    fn a_producer_turned_away_is_remembered_until_the_owner_asks() {
+        let ob: Outbox<u8> = Outbox::new(1);
+        assert!(ob.has_room_or_starve());
+        ob.push(1);
+        assert!(!ob.has_room_or_starve());
+        let mut out = Vec::new();
+        ob.drain_into(&mut out);
+        assert!(ob.take_starved());
+        assert!(!ob.take_starved());
     }
 
     #[tokio::test]
