@@ -3,7 +3,8 @@
 # amqp-tools, pika) over loopback. Installs the clients itself when missing (apt-get, pip; CI runs as root).
 #
 # MQTT is driven through mosquitto_pub/mosquitto_sub and paho-mqtt (scripts/interop_mqtt.py),
-# AMQP 0-9-1 through amqp-tools (librabbitmq) and pika (scripts/interop_amqp.py).
+# AMQP 0-9-1 through amqp-tools (librabbitmq) and pika (scripts/interop_amqp.py), and MQTT <-> AMQP
+# on one broker through paho-mqtt and pika together (scripts/interop_cross.py).
 #
 # Ends with one line "interop: N passed, N failed"; exits non-zero if any case failed.
 set -uo pipefail
@@ -27,7 +28,7 @@ python3 -c 'import paho.mqtt, pika' 2>/dev/null || python3 -m pip install -q pah
 
 # --- the broker -------------------------------------------------------------------------------
 cargo build -q -p ferry-server --bin ferry || { echo "interop: build failed"; exit 1; }
-ferry="$root/target/debug/ferry"
+ferry="${CARGO_TARGET_DIR:-$root/target}/debug/ferry"
 work=$(mktemp -d)
 log="$work/ferry.log"
 pid=""
@@ -175,6 +176,15 @@ while IFS= read -r line; do
     *) echo "$line" ;;
   esac
 done < <(timeout 180 python3 scripts/interop_amqp.py 127.0.0.1 5672 2>&1)
+
+# --- MQTT <-> AMQP on one broker: paho-mqtt and pika (properties, request/response, retained) ---
+while IFS= read -r line; do
+  case "$line" in
+    "ok   "*) ok "${line#ok   }" ;;
+    "FAIL "*) bad "${line#FAIL }" ;;
+    *) echo "$line" ;;
+  esac
+done < <(timeout 120 python3 scripts/interop_cross.py 127.0.0.1 1883 5672 2>&1)
 
 # --- configuration errors -----------------------------------------------------------------------
 printf '[broker]\ndata_dir = "d"\ncolour = "blue"\n[[listeners]]\nprotocol = "mqtt"\nbind = "127.0.0.1:1"\n' >"$work/bad.toml"

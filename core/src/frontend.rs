@@ -117,6 +117,9 @@ pub struct ListenerSettings {
     pub protocol: Protocol,
     /// The vhost connections on this listener use (MQTT) or default to (AMQP).
     pub vhost: String,
+    /// The exchange a protocol without exchanges of its own (MQTT) publishes to and binds its
+    /// subscriptions on; `None` leaves the frontend's default (`amq.topic` for MQTT).
+    pub exchange: Option<String>,
     pub limits: Limits,
 }
 

@@ -39,9 +39,9 @@ impl TestServer {
         TestServer::start(&format!("{AMQP_LISTENER}{listener_keys}"), &[frontend]).await
     }
 
-    /// The AMQP listener's address (listener 0).
+    /// The (first) AMQP listener's address.
     pub fn amqp_addr(&self) -> SocketAddr {
-        self.addr(0)
+        self.addr_of(ferry_core::Protocol::Amqp)
     }
 
     /// `amqp://guest:guest@<addr>/%2f` followed by `query` (`?heartbeat=1`).
@@ -85,6 +85,24 @@ pub fn assert_code<T: std::fmt::Debug>(r: Result<T, lapin::Error>, code: u16) {
     match r {
         Ok(v) => panic!("expected reply code {code}, got Ok({v:?})"),
         Err(e) => assert_eq!(reply_code(&e), Some(code), "expected reply code {code}, got {e:?}"),
+    }
+}
+
+/// Asserts that the channel was closed by the broker after an asynchronous method (publish,
+/// ack) that drew a channel error: lapin reports the close on the next method with its code
+/// (checked), or — when it processed the channel.close first — refuses the next method because
+/// the channel is closing (then no code can be read from lapin; the raw-byte tests check codes).
+#[track_caller]
+pub fn assert_closed_after_async<T: std::fmt::Debug>(r: Result<T, lapin::Error>, code: u16) {
+    match r {
+        Ok(v) => panic!("expected the channel closed with {code}, got Ok({v:?})"),
+        Err(e) => match reply_code(&e) {
+            Some(got) => assert_eq!(got, code, "expected reply code {code}, got {e:?}"),
+            None => assert!(
+                matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..)),
+                "expected reply code {code} or a closing channel, got {e:?}"
+            ),
+        },
     }
 }
 

@@ -10,6 +10,9 @@
 //! - [`within`]: awaits a future or fails the test after [`TIMEOUT`].
 //! - [`mqtt`]: [`TestServer::mqtt`] (the real MQTT frontend), rumqttc 3.1.1 / 5.0 clients driven
 //!   from their own tasks, and a raw client for malformed input.
+//! - [`amqp`]: [`TestServer::amqp`], lapin and amqprs connections, and a raw AMQP client.
+//! - [`cross`]: [`TestServer::both`] (one MQTT and one AMQP listener on one broker) and the
+//!   lapin / rumqttc 5 helpers the cross-protocol tests share.
 
 use std::future::Future;
 use std::path::Path;
@@ -24,6 +27,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod amqp;
+pub mod cross;
 pub mod mqtt;
 
 /// How long any single awaited event may take before a test fails (generous: debug builds on a
@@ -134,6 +138,12 @@ impl TestServer {
     /// The address listener `index` (config order) is bound to.
     pub fn addr(&self, index: usize) -> std::net::SocketAddr {
         self.server.local_addr(index)
+    }
+
+    /// The address of the first listener for `protocol` (listener 0 when there is none).
+    pub fn addr_of(&self, protocol: Protocol) -> std::net::SocketAddr {
+        let index = self.server.listeners().iter().position(|l| l.protocol == protocol).unwrap_or(0);
+        self.addr(index)
     }
 }
 

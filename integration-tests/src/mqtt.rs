@@ -43,9 +43,9 @@ impl TestServer {
         TestServer::start(&format!("{MQTT_LISTENER}{listener_keys}"), &[frontend]).await
     }
 
-    /// The MQTT listener's address (listener 0).
+    /// The (first) MQTT listener's address.
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.addr(0)
+        self.addr_of(ferry_core::Protocol::Mqtt)
     }
 }
 

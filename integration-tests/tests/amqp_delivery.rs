@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use ferry_amqp::codec::{reply_code, BasicPublish, Method};
 use ferry_amqp::connection::Settings;
 use ferry_core::message::ShortString;
-use ferry_integration_tests::amqp::{amqprs_args, amqprs_open, args, assert_code, lapin_channel, RawClient, QUIET};
+use ferry_integration_tests::amqp::{
+    amqprs_args, amqprs_open, args, assert_closed_after_async, assert_code, lapin_channel, RawClient, QUIET,
+};
 use ferry_integration_tests::{within, TestServer};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -291,7 +293,7 @@ async fn ack_of_an_unknown_delivery_tag_closes_the_channel_with_406() {
     within("ack", ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())).await.unwrap();
     within("ack again", ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())).await.unwrap();
     let r = within("next", ch.queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default())).await;
-    assert_code(r, 406);
+    assert_closed_after_async(r, 406);
     let other = within("channel", conn.create_channel()).await.unwrap();
     queue(&other, "").await;
 }
@@ -328,7 +330,7 @@ async fn message_above_max_message_size_closes_the_channel_with_406() {
     .await
     .unwrap();
     let r = within("next", ch.queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default())).await;
-    assert_code(r, 406);
+    assert_closed_after_async(r, 406);
     let other = within("channel", conn.create_channel()).await.unwrap();
     let m = within("get", other.basic_get("small".into(), BasicGetOptions { no_ack: true })).await.unwrap();
     assert_eq!(m.expect("the 16-byte message").delivery.data.len(), 16);
@@ -459,7 +461,7 @@ async fn publish_with_direct_reply_to_and_no_reply_consumer_is_406() {
     .await
     .unwrap();
     let r = within("next", ch.queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default())).await;
-    assert_code(r, 406);
+    assert_closed_after_async(r, 406);
 }
 
 /// The `x-death` entry of a dead-lettered message: (queue, reason, count).

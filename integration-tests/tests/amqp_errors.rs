@@ -4,7 +4,9 @@
 
 use ferry_amqp::codec::{reply_code, ChannelClose, Method, QueueDeclare};
 use ferry_core::message::ShortString;
-use ferry_integration_tests::amqp::{args, assert_code, lapin, lapin_channel, RawClient, QUIET};
+use ferry_integration_tests::amqp::{
+    args, assert_closed_after_async, assert_code, lapin, lapin_channel, RawClient, QUIET,
+};
 use ferry_integration_tests::{within, TestServer};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -152,7 +154,7 @@ async fn publish_to_a_missing_exchange_closes_the_channel_with_404() {
     .await
     .unwrap();
     // basic.publish has no reply: the channel.close arrives while the next method waits.
-    assert_code(declare(&ch, "", QueueDeclareOptions::default()).await, 404);
+    assert_closed_after_async(declare(&ch, "", QueueDeclareOptions::default()).await, 404);
     only_the_channel_closed(&conn, &ch).await;
 }
 

@@ -3,7 +3,9 @@
 //! the queue arguments the core supports.
 
 use amqprs::channel::{BasicPublishArguments, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments};
-use ferry_integration_tests::amqp::{amqprs_args, amqprs_open, args, assert_code, lapin, lapin_channel};
+use ferry_integration_tests::amqp::{
+    amqprs_args, amqprs_open, args, assert_closed_after_async, assert_code, lapin, lapin_channel,
+};
 use ferry_integration_tests::{within, TestServer};
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ExchangeBindOptions, ExchangeDeclareOptions,
@@ -219,10 +221,9 @@ async fn internal_exchange_takes_no_direct_publish_but_routes_through_a_binding(
     assert!(routed(&ch, "outer", "", "inner-q").await);
     let ch2 = within("channel", conn.create_channel()).await.unwrap();
     publish(&ch2, "inner", "", b"x").await;
-    assert_code(
-        within("next method", ch2.basic_get("inner-q".into(), BasicGetOptions::default())).await.map(|_| ()),
-        403,
-    );
+    let r = within("next method", ch2.basic_get("inner-q".into(), BasicGetOptions::default())).await;
+    assert_closed_after_async(r.map(|_| ()), 403);
+    assert!(conn.status().connected(), "a channel error must not close the connection");
 }
 
 #[tokio::test]

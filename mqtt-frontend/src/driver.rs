@@ -124,6 +124,11 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         let _ = vhost.delete_queue(&session_queue_name(&client_id), ctx.id, false, false);
     }
     let mut settings = shared.settings.clone();
+    if let Some(exchange) = &ctx.listener.exchange {
+        settings.exchange = exchange.as_str().into();
+    }
+    // Wills go to the listener's exchange too.
+    let exchange = settings.exchange.clone();
     settings.max_packet_size = limits.max_frame_size;
     settings.outbox_capacity = limits.outbox_capacity;
     let now = now_millis();
@@ -293,7 +298,6 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
     if let (Some(will), true) = (will, publish) {
         let delay = will_delay.min(session_expiry);
-        let exchange = shared.settings.exchange.clone();
         if delay == 0 {
             publish_will(&vhost, &exchange, &will, ctx.id, now_millis());
         } else {

@@ -15,8 +15,14 @@ pub const H_QOS: &str = "x-mqtt-qos";
 pub const H_RETAIN: &str = "x-mqtt-retain";
 /// The payload format indicator (0 bytes, 1 UTF-8).
 pub const H_PAYLOAD_FORMAT: &str = "x-mqtt-payload-format";
-/// Correlation data that does not fit AMQP's `correlation_id` (a short string of ≤255 bytes).
+/// Correlation data that does not fit AMQP's `correlation_id`: longer than a short string
+/// (255 bytes), or not UTF-8 (AMQP clients read `correlation_id` as text; lapin and pika fail
+/// on other bytes).
 pub const H_CORRELATION: &str = "x-correlation-data";
+/// A content type longer than AMQP's `content_type` (a short string) can hold.
+pub const H_CONTENT_TYPE: &str = "x-mqtt-content-type";
+/// A response topic longer than AMQP's `reply_to` can hold, as the MQTT topic (not swapped).
+pub const H_RESPONSE_TOPIC: &str = "x-mqtt-response-topic";
 
 fn reserved(key: &[u8]) -> bool {
     key.starts_with(b"x-mqtt-") || key == H_CORRELATION.as_bytes()
@@ -24,10 +30,9 @@ fn reserved(key: &[u8]) -> bool {
 
 /// Builds the core message for a PUBLISH on `topic` (already resolved from a topic alias).
 pub fn to_message(p: &Publish, topic: &str, exchange: &ShortString, origin: Origin, now: Millis) -> Message {
-    let mut props = Properties::default();
-    if p.qos > QoS::AtMostOnce {
-        props.delivery_mode = Some(DeliveryMode::Persistent);
-    }
+    // The delivery mode is set both ways, so AMQP consumers see 1 or 2 as from an AMQP publisher.
+    let mode = if p.qos > QoS::AtMostOnce { DeliveryMode::Persistent } else { DeliveryMode::Transient };
+    let mut props = Properties { delivery_mode: Some(mode), ..Properties::default() };
     let mp = &p.properties;
     let mut headers: Option<FieldTable> = None;
     let mut header = |k: &'static str, v: FieldValue| headers.get_or_insert_with(FieldTable::new).insert(k, v);
@@ -41,13 +46,29 @@ pub fn to_message(p: &Publish, topic: &str, exchange: &ShortString, origin: Orig
         header(H_PAYLOAD_FORMAT, FieldValue::U8(pf));
     }
     if let Some(cd) = &mp.correlation_data {
-        if cd.len() <= ShortString::MAX_LEN {
+        if cd.len() <= ShortString::MAX_LEN && std::str::from_utf8(cd).is_ok() {
             props.correlation_id = Some(ShortString::from_bytes(cd.clone()));
         } else {
             header(H_CORRELATION, FieldValue::Bytes(cd.clone()));
         }
     }
-    for (k, v) in &mp.user_properties {
+    if let Some(ct) = &mp.content_type {
+        if ct.len() <= ShortString::MAX_LEN {
+            props.content_type = Some(ShortString::from_bytes(ct.bytes().clone()));
+        } else {
+            header(H_CONTENT_TYPE, FieldValue::LongString(ct.bytes().clone()));
+        }
+    }
+    if let Some(rt) = &mp.response_topic {
+        if rt.len() <= ShortString::MAX_LEN {
+            props.reply_to = Some(ShortString::from(swap_separators(rt.as_str())));
+        } else {
+            header(H_RESPONSE_TOPIC, FieldValue::LongString(rt.bytes().clone()));
+        }
+    }
+    // User properties named like Ferry's own headers are not carried: they would change how
+    // the message is delivered (its QoS, retain flag...) and are never shown back to MQTT.
+    for (k, v) in mp.user_properties.iter().filter(|(k, _)| !reserved(k.as_str().as_bytes())) {
         let table = headers.get_or_insert_with(FieldTable::new);
         let value = FieldValue::LongString(v.bytes().clone());
         // MQTT allows a key to repeat; the values collect into an array, in order.
@@ -61,8 +82,6 @@ pub fn to_message(p: &Publish, topic: &str, exchange: &ShortString, origin: Orig
         }
     }
     props.headers = headers;
-    props.content_type = mp.content_type.as_ref().map(|c| ShortString::from_bytes(c.bytes().clone()));
-    props.reply_to = mp.response_topic.as_ref().map(|t| ShortString::from(swap_separators(t.as_str())));
     props.expiration = mp.message_expiry_interval.map(|s| ShortString::from((s as u64 * 1000).to_string()));
     Message::new(exchange.clone(), swap_separators(topic), p.payload.clone())
         .with_properties(props)
@@ -127,6 +146,8 @@ pub fn to_publish(m: &Message, qos: QoS, retain: bool, v5: bool, now: Millis) ->
             for (k, v) in h.iter() {
                 match k.as_bytes() {
                     b"x-mqtt-payload-format" => properties.payload_format_indicator = v.as_i64().map(|x| x as u8),
+                    b"x-mqtt-content-type" => properties.content_type = v.as_str().map(Str::from),
+                    b"x-mqtt-response-topic" => properties.response_topic = v.as_str().map(Str::from),
                     b"x-correlation-data" => {
                         if let FieldValue::Bytes(b) | FieldValue::LongString(b) = v {
                             properties.correlation_data = Some(b.clone());
@@ -263,5 +284,43 @@ mod tests {
             p.properties.user_properties,
             vec![(Str::from("n"), Str::from("5")), (Str::from("ok"), Str::from("true"))]
         );
+    }
+
+    #[test]
+    fn binary_correlation_data_travels_in_a_header() {
+        let cd = Bytes::from_static(&[0, 159, 255]);
+        let props = codec::Properties { correlation_data: Some(cd.clone()), ..Default::default() };
+        let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
+        assert!(m.properties.correlation_id.is_none(), "not UTF-8: AMQP clients could not read it");
+        assert_eq!(m.properties.header(H_CORRELATION), Some(&FieldValue::Bytes(cd.clone())));
+        assert_eq!(to_publish(&m, QoS::AtMostOnce, false, true, 0).properties.correlation_data, Some(cd));
+    }
+
+    #[test]
+    fn long_content_type_and_response_topic_travel_in_headers() {
+        let long = "x/".repeat(200);
+        let props = codec::Properties {
+            content_type: Some(Str::from(long.as_str())),
+            response_topic: Some(Str::from(long.as_str())),
+            ..Default::default()
+        };
+        let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
+        assert!(m.properties.content_type.is_none() && m.properties.reply_to.is_none());
+        let back = to_publish(&m, QoS::AtMostOnce, false, true, 0);
+        assert_eq!(back.properties.content_type.as_ref().map(Str::as_str), Some(long.as_str()));
+        assert_eq!(back.properties.response_topic.as_ref().map(Str::as_str), Some(long.as_str()));
+        assert!(back.properties.user_properties.is_empty());
+    }
+
+    #[test]
+    fn user_properties_named_like_ferry_headers_are_not_carried() {
+        let props = codec::Properties {
+            user_properties: vec![(Str::from(H_QOS), Str::from("0")), (Str::from("k"), Str::from("v"))],
+            ..Default::default()
+        };
+        let m = to_message(&publish(QoS::ExactlyOnce, props), "t", &"amq.topic".into(), origin(), 0);
+        assert_eq!(message_qos(&m), QoS::ExactlyOnce);
+        let back = to_publish(&m, QoS::ExactlyOnce, false, true, 0);
+        assert_eq!(back.properties.user_properties, vec![(Str::from("k"), Str::from("v"))]);
     }
 }

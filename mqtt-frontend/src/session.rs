@@ -15,12 +15,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use ferry_core::exchange::{BindingKey, SinkRef};
+use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
 use ferry_core::store::Commit;
-use ferry_core::vhost::{QueueDeclare, VHost};
+use ferry_core::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use ferry_core::CoreError;
 
 use crate::codec::{
@@ -218,6 +218,39 @@ impl fmt::Debug for Pending {
     }
 }
 
+/// The prefix of RabbitMQ-style direct reply-to queues (`amq.rabbitmq.reply-to.<token>`, made
+/// by the AMQP frontend). An AMQP requester's `reply_to` reaches an MQTT responder as the
+/// response topic `amq/rabbitmq/reply-to/<token>`; its reply is routed by the default exchange,
+/// which is the only way to reach these queues (they are bound to nothing else).
+pub const DIRECT_REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
+/// [`DIRECT_REPLY_TO_PREFIX`] as an MQTT topic (checked on the topic, so no swap per publish).
+const DIRECT_REPLY_TO_TOPIC: &str = "amq/rabbitmq/reply-to/";
+
+/// Makes sure the listener's MQTT exchange exists and routes by topic: declared durable and of
+/// type `topic` when missing (an operator may name a new exchange in `mqtt_exchange`), refused
+/// when an exchange of another type has the name.
+pub fn ensure_exchange(vhost: &VHost, name: &ShortString) -> Result<(), CoreError> {
+    let kind = match vhost.exchange(&name.to_string_lossy()) {
+        Some(x) => x.kind(),
+        None => {
+            let decl = ExchangeDeclare {
+                name: name.clone(),
+                kind: ExchangeKind::Topic.as_str().to_string(),
+                passive: false,
+                options: ExchangeOptions::default(),
+            };
+            vhost.declare_exchange(decl)?.kind()
+        }
+    };
+    if kind != ExchangeKind::Topic {
+        return Err(CoreError::precondition(format!(
+            "the MQTT exchange '{name}' is a {} exchange, not a topic exchange",
+            kind.as_str()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn session_queue_name(client_id: &str) -> QueueName {
     QueueName::from(format!("mqtt-session.{client_id}"))
 }
@@ -252,6 +285,7 @@ impl Session {
             u32::MAX
         };
         let persistent = session_expiry > 0;
+        ensure_exchange(&vhost, &settings.exchange)?;
         let owner = OwnerId::next();
         let queue_name = session_queue_name(&client_id);
         let sink_outbox = Arc::new(Outbox::new(settings.outbox_capacity));
@@ -567,7 +601,11 @@ impl Session {
     /// Publishes into the core (and the retained store). Returns (routed, rejected, commit).
     fn route(&mut self, p: &Publish, topic: &str, now: Millis) -> (usize, bool, Commit) {
         let origin = Origin { protocol: Protocol::Mqtt, connection: self.connection };
-        let exchange = self.settings.exchange.clone();
+        let exchange = if topic.starts_with(DIRECT_REPLY_TO_TOPIC) {
+            ShortString::default()
+        } else {
+            self.settings.exchange.clone()
+        };
         let message = to_message(p, topic, &exchange, origin, now);
         let retained_commit = if p.retain {
             let key = message.routing_key.clone();

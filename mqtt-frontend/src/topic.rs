@@ -197,4 +197,105 @@ mod tests {
         assert!(!p.matches(&swap_separators("a.b/x/x/y")));
         assert_eq!(f.binding_key(), "a/b.*.*.#");
     }
+
+    mod routing_props {
+        use super::*;
+        use ferry_core::topic::TopicTrie;
+        use proptest::prelude::*;
+
+        /// MQTT matching straight from the spec (§4.7), on topic and filter as MQTT writes them.
+        fn naive_mqtt_match(filter: &str, topic: &str) -> bool {
+            let f: Vec<&str> = filter.split('/').collect();
+            let t: Vec<&str> = topic.split('/').collect();
+            // §4.7.2: a leading wildcard does not match a topic starting with `$`.
+            if t[0].starts_with('$') && matches!(f[0], "+" | "#") {
+                return false;
+            }
+            let mut i = 0;
+            for level in f {
+                if level == "#" {
+                    return true; // also matches the parent level: `a/#` matches `a`
+                }
+                if i == t.len() || (level != "+" && level != t[i]) {
+                    return false;
+                }
+                i += 1;
+            }
+            i == t.len()
+        }
+
+        /// Levels made of characters that matter here: separators of the other side, AMQP's
+        /// wildcard, the `$` of system topics, and plain letters (empty levels included).
+        fn level() -> impl Strategy<Value = String> {
+            proptest::collection::vec(proptest::sample::select(vec!['a', 'b', '.', '*', '$', 'x']), 0..3)
+                .prop_map(|c| c.into_iter().collect())
+        }
+
+        fn topic() -> impl Strategy<Value = String> {
+            proptest::collection::vec(level(), 1..5).prop_map(|l| l.join("/"))
+        }
+
+        /// A filter derived from a topic (so that it often matches): each level kept, replaced
+        /// by `+` or by another literal, levels added or cut, and maybe a trailing `#`.
+        fn topic_and_filter() -> impl Strategy<Value = (String, String)> {
+            (topic(), proptest::collection::vec((0u8..4, level()), 0..6), 0usize..6, any::<bool>()).prop_map(
+                |(topic, edits, keep, hash)| {
+                    let levels: Vec<&str> = topic.split('/').collect();
+                    let mut f: Vec<String> = Vec::new();
+                    for (i, (op, other)) in edits.iter().enumerate().take(keep.max(1)) {
+                        let own = levels.get(i).map(|s| s.to_string()).unwrap_or_else(|| other.clone());
+                        f.push(match op {
+                            0 | 1 => own,
+                            2 => "+".to_string(),
+                            _ => other.clone(),
+                        });
+                    }
+                    if f.is_empty() || hash {
+                        f.push("#".to_string());
+                    }
+                    (topic, f.join("/"))
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn swap_is_an_involution_on_any_string(s in any::<String>()) {
+                prop_assert_eq!(swap_separators(&swap_separators(&s)), s.clone());
+                prop_assert_eq!(swap_separators(&s).chars().count(), s.chars().count());
+            }
+
+            #[test]
+            fn swap_keeps_levels(t in topic()) {
+                let key = swap_separators(&t);
+                let words: Vec<String> = key.split('.').map(swap_separators).collect();
+                let levels: Vec<&str> = t.split('/').collect();
+                prop_assert_eq!(words, levels);
+            }
+
+            #[test]
+            fn core_routing_agrees_with_mqtt_matching((t, f) in topic_and_filter()) {
+                prop_assume!(check_topic_name(&t).is_ok() && check_filter(&f).is_ok());
+                let want = naive_mqtt_match(&f, &t);
+                let filter = Filter::parse(&f).unwrap();
+                let key = swap_separators(&t);
+                prop_assert_eq!(filter.pattern().matches(&key), want, "pattern {:?} key {:?}", filter.pattern(), key);
+                // The trie the exchange routes with agrees too.
+                let mut trie = TopicTrie::new();
+                trie.insert(&filter.pattern(), 1u8);
+                let mut hits = 0;
+                trie.for_each_match(&key, |_| hits += 1);
+                prop_assert_eq!(hits == 1, want);
+                // An AMQP binding with the filter's binding key (`+` shown as `*`) sees the same
+                // routing keys, except where AMQP and MQTT differ by design: a literal `*` level
+                // is a wildcard to AMQP, and AMQP bindings have no `$` rule.
+                if !f.split('/').any(|l| l == "*") && !t.starts_with('$') {
+                    let amqp = ferry_core::topic::Pattern::parse_amqp(&filter.binding_key());
+                    prop_assert_eq!(amqp.matches(&key), want, "binding {:?} key {:?}", filter.binding_key(), key);
+                }
+            }
+        }
+    }
 }

@@ -145,6 +145,9 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub transport: Transport,
     pub vhost: String,
+    /// MQTT listeners: the exchange MQTT publishes go to and subscriptions bind on (`None`:
+    /// the frontend's default, `amq.topic`).
+    pub mqtt_exchange: Option<String>,
     pub max_connections: usize,
     pub max_frame_size: u32,
     pub handshake_timeout: Duration,
@@ -163,6 +166,7 @@ impl ListenerConfig {
             bind,
             transport: Transport::Tcp,
             vhost: DEFAULT_VHOST.to_string(),
+            mqtt_exchange: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_frame_size,
             handshake_timeout: limits.handshake_timeout,
@@ -281,6 +285,7 @@ struct RawListener {
     transport: Option<RawTransport>,
     path: Option<String>,
     vhost: Option<String>,
+    mqtt_exchange: Option<String>,
     max_connections: Option<usize>,
     max_frame_size: Option<u32>,
     handshake_timeout_secs: Option<u64>,
@@ -414,6 +419,10 @@ impl Validator<'_> {
             }
             listener.vhost = vhost;
         }
+        if let Some(exchange) = raw.mqtt_exchange {
+            check_mqtt_exchange(protocol, &exchange).map_err(|reason| self.invalid(key("mqtt_exchange"), reason))?;
+            listener.mqtt_exchange = Some(exchange);
+        }
         if let Some(n) = raw.max_connections {
             if n == 0 {
                 return Err(self.invalid(key("max_connections"), "must be at least 1"));
@@ -456,6 +465,24 @@ impl Validator<'_> {
         }
         Ok(listener)
     }
+}
+
+/// An MQTT listener's exchange: a name an AMQP client could declare (or `amq.topic`), since
+/// MQTT sessions declare it as a durable topic exchange when it does not exist yet.
+fn check_mqtt_exchange(protocol: Protocol, name: &str) -> Result<(), String> {
+    if protocol != Protocol::Mqtt {
+        return Err(format!("only valid with protocol = \"mqtt\", not \"{protocol}\""));
+    }
+    if name.is_empty() {
+        return Err("must not be empty (the default exchange cannot route by topic)".into());
+    }
+    if name.len() > 255 {
+        return Err(format!("{} bytes; exchange names are at most 255", name.len()));
+    }
+    if name.starts_with("amq.") && name != "amq.topic" {
+        return Err(format!("{name:?}: of the predeclared amq.* exchanges only \"amq.topic\" routes by topic"));
+    }
+    Ok(())
 }
 
 /// A request path as it appears in an HTTP request line: absolute, and without a query, a
@@ -756,6 +783,24 @@ mod tests {
             let msg = error(&format!("{MINIMAL}{line}\n"));
             assert!(msg.contains(key), "{line}: {msg}");
         }
+    }
+
+    #[test]
+    fn mqtt_exchange_is_read_for_mqtt_listeners_only() {
+        assert_eq!(parse(MINIMAL).unwrap().listeners[0].mqtt_exchange, None);
+        let c = parse(&format!("{MINIMAL}mqtt_exchange = \"iot\"\n")).unwrap();
+        assert_eq!(c.listeners[0].mqtt_exchange.as_deref(), Some("iot"));
+        let msg = error("[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:1\"\nmqtt_exchange = \"iot\"\n");
+        assert!(msg.contains("listeners[0].mqtt_exchange: only valid with protocol = \"mqtt\""), "{msg}");
+        for (value, why) in [
+            ("", "must not be empty"),
+            ("amq.direct", "only \"amq.topic\" routes by topic"),
+            (&"x".repeat(256), "at most 255"),
+        ] {
+            let msg = error(&format!("{MINIMAL}mqtt_exchange = \"{value}\"\n"));
+            assert!(msg.contains("listeners[0].mqtt_exchange: ") && msg.contains(why), "{value}: {msg}");
+        }
+        assert!(parse(&format!("{MINIMAL}mqtt_exchange = \"amq.topic\"\n")).is_ok());
     }
 
     #[test]

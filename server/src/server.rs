@@ -217,8 +217,13 @@ impl ServerBuilder {
                 tls: tls.is_some(),
                 served,
             });
-            let settings =
-                Arc::new(ListenerSettings { name, protocol: l.protocol, vhost: l.vhost.clone(), limits: l.limits() });
+            let settings = Arc::new(ListenerSettings {
+                name,
+                protocol: l.protocol,
+                vhost: l.vhost.clone(),
+                exchange: l.mqtt_exchange.clone(),
+                limits: l.limits(),
+            });
             let websocket = match &l.transport {
                 Transport::Tcp => None,
                 Transport::WebSocket { path } => Some(Arc::new(Upgrade::new(path.clone(), l.max_frame_size))),
