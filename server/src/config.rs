@@ -62,7 +62,39 @@ impl fmt::Display for ConfigSource {
 pub struct Config {
     pub source: ConfigSource,
     pub broker: BrokerConfig,
+    pub mqtt: MqttConfig,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// The `[mqtt]` table: settings of the MQTT frontend, for every MQTT listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// Keep QoS 0 messages for persistent sessions while their client is away (Mosquitto's
+    /// `queue_qos0_messages`).
+    pub queue_qos0_offline: bool,
+    /// Outbound QoS 1/2 messages in flight to a 3.1.1 client (5.0 clients set their own
+    /// Receive Maximum).
+    pub max_inflight: u16,
+    /// QoS 1/2 publishes a 5.0 client may have unacknowledged towards Ferry.
+    pub receive_maximum: u16,
+    /// Topic aliases a 5.0 client may use towards Ferry.
+    pub topic_alias_maximum: u16,
+    /// The longest keep alive allowed, seconds; 0 accepts what clients ask (a longer request,
+    /// or none, is answered with Server Keep Alive).
+    pub max_keep_alive: u16,
+}
+
+impl Default for MqttConfig {
+    fn default() -> MqttConfig {
+        let d = ferry_mqtt::Settings::default();
+        MqttConfig {
+            queue_qos0_offline: d.queue_qos0_offline,
+            max_inflight: d.max_inflight,
+            receive_maximum: d.receive_maximum,
+            topic_alias_maximum: d.topic_alias_maximum,
+            max_keep_alive: d.max_keep_alive,
+        }
+    }
 }
 
 /// The `[broker]` table.
@@ -222,6 +254,7 @@ impl Config {
         Config {
             source: ConfigSource::Embedded,
             broker: BrokerConfig::default(),
+            mqtt: MqttConfig::default(),
             listeners: vec![
                 ListenerConfig::new(Protocol::Mqtt, SocketAddr::from((localhost, 1883))),
                 ListenerConfig::new(Protocol::Amqp, SocketAddr::from((localhost, 5672))),
@@ -250,7 +283,19 @@ impl Config {
 struct RawConfig {
     #[serde(default)]
     broker: RawBroker,
+    #[serde(default)]
+    mqtt: RawMqtt,
     listeners: Option<Vec<RawListener>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    queue_qos0_offline: Option<bool>,
+    max_inflight: Option<u16>,
+    receive_maximum: Option<u16>,
+    topic_alias_maximum: Option<u16>,
+    max_keep_alive: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -322,6 +367,7 @@ impl Validator<'_> {
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let broker = self.broker(raw.broker)?;
+        let mqtt = self.mqtt(raw.mqtt)?;
         let raw_listeners = raw.listeners.unwrap_or_default();
         if raw_listeners.is_empty() {
             return Err(self.invalid("listeners", "at least one [[listeners]] table is required"));
@@ -341,7 +387,34 @@ impl Validator<'_> {
             }
             listeners.push(listener);
         }
-        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, listeners })
+        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, mqtt, listeners })
+    }
+
+    fn mqtt(&self, raw: RawMqtt) -> Result<MqttConfig, ConfigError> {
+        let mut m = MqttConfig::default();
+        if let Some(v) = raw.queue_qos0_offline {
+            m.queue_qos0_offline = v;
+        }
+        for (key, value, slot) in [
+            ("mqtt.max_inflight", raw.max_inflight, &mut m.max_inflight),
+            ("mqtt.receive_maximum", raw.receive_maximum, &mut m.receive_maximum),
+        ] {
+            if let Some(v) = value {
+                // MQTT 5 §3.1.2.11.3: a Receive Maximum of 0 is a protocol error; a window of 0
+                // would deliver nothing.
+                if v == 0 {
+                    return Err(self.invalid(key, "must be at least 1"));
+                }
+                *slot = v;
+            }
+        }
+        if let Some(v) = raw.topic_alias_maximum {
+            m.topic_alias_maximum = v;
+        }
+        if let Some(v) = raw.max_keep_alive {
+            m.max_keep_alive = v;
+        }
+        Ok(m)
     }
 
     fn broker(&self, raw: RawBroker) -> Result<BrokerConfig, ConfigError> {
@@ -604,6 +677,27 @@ mod tests {
         let msg = error(&format!("{MINIMAL}transport = \"quic\"\n"));
         assert!(msg.contains("unknown variant `quic`"), "{msg}");
         assert!(msg.contains("`tcp`") && msg.contains("`websocket`"), "{msg}");
+    }
+
+    #[test]
+    fn the_mqtt_table_sets_the_frontend() {
+        let c = parse(&format!(
+            "[mqtt]\nqueue_qos0_offline = true\nmax_inflight = 20\nreceive_maximum = 50\ntopic_alias_maximum = 0\nmax_keep_alive = 300\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.mqtt,
+            MqttConfig {
+                queue_qos0_offline: true,
+                max_inflight: 20,
+                receive_maximum: 50,
+                topic_alias_maximum: 0,
+                max_keep_alive: 300
+            }
+        );
+        assert_eq!(parse(MINIMAL).unwrap().mqtt, MqttConfig::default());
+        assert!(error(&format!("[mqtt]\nreceive_maximum = 0\n{MINIMAL}")).contains("mqtt.receive_maximum"));
+        assert!(error(&format!("[mqtt]\nqos0 = true\n{MINIMAL}")).contains("qos0"));
     }
 
     #[test]

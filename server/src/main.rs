@@ -55,8 +55,9 @@ fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install().context("installing signal handlers")?;
+    let frontends = ferry_server::frontends::builtin(&config.mqtt);
     let mut builder = Server::builder(config);
-    for frontend in ferry_server::frontends::builtin() {
+    for frontend in frontends {
         builder = builder.frontend(frontend);
     }
     let server = match builder.start().await {
