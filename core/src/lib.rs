@@ -18,7 +18,8 @@
 //!   carries out the effects queues return (dead letters, deletions) and writes durable changes
 //!   to the store.
 //! - [`broker`]: the vhosts and the store; what a connection gets a handle to.
-//! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit) and the in-memory store.
+//! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
+//!   the redb store (`store::RedbStore`, not wired into the server yet).
 //! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
 //!   and [`ConnectionContext`](frontend::ConnectionContext) that the server hands to frontends.
 //!

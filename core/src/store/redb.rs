@@ -1,0 +1,1053 @@
+//! [`RedbStore`]: durable state in one redb file, written by one thread with group commit.
+//!
+//! `docs/storage.md` describes the tables, the keys and the commit protocol.
+//!
+//! # Group commit
+//!
+//! [`Store::submit`] hands the batch to the writer thread over a bounded channel and returns a
+//! pending [`Commit`]. The writer takes the first waiting batch and then everything else already
+//! queued (up to [`MAX_GROUP_OPS`] operations or [`MAX_GROUP_BYTES`] of payload), applies them in
+//! submission order in ONE write transaction with [`Durability::Immediate`] (fsync), commits,
+//! and only then resolves every batch's commit — or fails them all with [`StoreError::Io`]. So
+//! the more connections wait on the disk, the more each fsync carries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ::redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
+use tokio::sync::oneshot;
+
+use super::codec::{self, Reader};
+use super::{Commit, ExchangeRecord, QueueRecord, Snapshot, Store, StoreError, StoreOp};
+use crate::message::{Message, ShortString};
+
+/// `key(vhost)` → empty.
+const VHOSTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vhosts");
+/// `key(vhost, name)` → kind, flags, arguments.
+const EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges");
+/// `key(vhost, name)` → queue options.
+const QUEUES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queues");
+/// `key(vhost, source, to_exchange, destination, routing key, arguments)` → empty.
+const BINDINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bindings");
+/// `key(vhost, queue) ++ seq (u64 BE)` → body id. Sorted by sequence within a queue.
+const MESSAGES: TableDefinition<&[u8], u64> = TableDefinition::new("messages");
+/// Body id → encoded message, stored once however many queues hold it.
+const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
+/// Body id → how many `MESSAGES` entries point at it. A body goes when its count reaches 0.
+const BODY_REFS: TableDefinition<u64, u64> = TableDefinition::new("body_refs");
+/// `key(vhost, key)` → encoded message.
+const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
+
+/// Batches that may wait for the writer before `submit` blocks. A full channel means the disk
+/// is behind by over a thousand batches; blocking the submitter briefly is the backpressure.
+const CHANNEL_BOUND: usize = 1024;
+/// At most this many operations in one transaction, so one commit's latency stays bounded.
+pub const MAX_GROUP_OPS: usize = 10_000;
+/// At most about this many payload bytes in one transaction (4 MiB), for the same reason.
+pub const MAX_GROUP_BYTES: usize = 4 << 20;
+/// Early deletes remembered at most (see [`Tombstones`]).
+pub const MAX_TOMBSTONES: usize = 100_000;
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+struct Request {
+    ops: Vec<StoreOp>,
+    reply: Reply,
+}
+
+fn io(e: impl fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// A [`Store`] in one redb file. See the module documentation for the commit protocol.
+///
+/// Dropping it lets the writer thread commit every batch already submitted, then joins it and
+/// closes the file.
+pub struct RedbStore {
+    db: Arc<Database>,
+    /// `None` only while dropping.
+    sender: Option<SyncSender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    transactions: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore").field("transactions", &self.transactions()).finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Opens the store at `path`, creating the file if it does not exist. redb repairs a file
+    /// that was not closed cleanly (a crash) before this returns.
+    pub fn open(path: impl AsRef<Path>) -> Result<RedbStore, StoreError> {
+        let db = Database::create(path).map_err(io)?;
+        RedbStore::start(db)
+    }
+
+    /// Opens the store over any redb storage backend (tests inject failing disks this way).
+    #[cfg(test)]
+    pub(crate) fn with_backend(backend: impl ::redb::StorageBackend) -> Result<RedbStore, StoreError> {
+        let db = Database::builder().create_with_backend(backend).map_err(io)?;
+        RedbStore::start(db)
+    }
+
+    fn start(db: Database) -> Result<RedbStore, StoreError> {
+        // Create every table, so readers never meet a missing one, and find the next body id.
+        let txn = db.begin_write().map_err(io)?;
+        let next_body = {
+            let tables = Tables::open(&txn)?;
+            let last = tables.bodies.last().map_err(io)?.map(|(k, _)| k.value());
+            last.map_or(1, |k| k + 1)
+        };
+        txn.commit().map_err(io)?;
+
+        let db = Arc::new(db);
+        let transactions = Arc::new(AtomicU64::new(0));
+        let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
+        let writer = Writer {
+            db: db.clone(),
+            receiver,
+            transactions: transactions.clone(),
+            next_body,
+            tombstones: Tombstones::default(),
+        };
+        let handle = std::thread::Builder::new().name("ferry-store".into()).spawn(move || writer.run()).map_err(io)?;
+        Ok(RedbStore { db, sender: Some(sender), writer: Some(handle), transactions })
+    }
+
+    /// Write transactions committed so far (each is one fsync).
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, ops: Vec<StoreOp>) -> Commit {
+        let Some(sender) = &self.sender else { return Commit::done(Err(StoreError::Closed)) };
+        let (reply, commit) = Commit::pending();
+        match sender.send(Request { ops, reply }) {
+            Ok(()) => commit,
+            Err(_) => Commit::done(Err(StoreError::Closed)),
+        }
+    }
+
+    #[cfg(test)]
+    fn body_count(&self) -> u64 {
+        use ::redb::ReadableTableMetadata;
+        let txn = self.db.begin_read().unwrap();
+        let n = txn.open_table(BODIES).unwrap().len().unwrap();
+        assert_eq!(n, txn.open_table(BODY_REFS).unwrap().len().unwrap(), "bodies and refs disagree");
+        n
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer once it has committed everything queued.
+        drop(self.sender.take());
+        if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Store for RedbStore {
+    /// Never waits for the disk; blocks only while the writer's channel is full
+    /// (`CHANNEL_BOUND`, 1,024 batches behind), which is the store's backpressure.
+    fn submit(&self, ops: Vec<StoreOp>) -> Commit {
+        if ops.is_empty() {
+            return Commit::done(Ok(()));
+        }
+        self.send(ops)
+    }
+
+    fn recover(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let mut snap = Snapshot::default();
+
+        for item in txn.open_table(VHOSTS).map_err(io)?.iter().map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            let mut r = Reader::new(k.value());
+            snap.vhosts.push(r.string()?);
+            r.finish()?;
+        }
+        for item in txn.open_table(EXCHANGES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let (vhost, name) = decode_pair(k.value())?;
+            let (kind, auto_delete, internal, arguments) = codec::decode_exchange(v.value())?;
+            snap.exchanges.push(ExchangeRecord { vhost, name, kind, auto_delete, internal, arguments });
+        }
+        for item in txn.open_table(QUEUES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let (vhost, name) = decode_pair(k.value())?;
+            snap.queues.push(QueueRecord { vhost, name, options: codec::decode_queue_options(v.value())? });
+        }
+        for item in txn.open_table(BINDINGS).map_err(io)?.iter().map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            snap.bindings.push(codec::decode_binding_key(k.value())?);
+        }
+
+        // One `Arc<Message>` per body, so a recovered fan-out shares its message again.
+        let bodies = txn.open_table(BODIES).map_err(io)?;
+        let mut decoded: HashMap<u64, Arc<Message>> = HashMap::new();
+        for item in txn.open_table(MESSAGES).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let (vhost, queue, seq) = codec::decode_message_key(k.value())?;
+            let id = v.value();
+            let message = match decoded.get(&id) {
+                Some(m) => m.clone(),
+                None => {
+                    let body = bodies
+                        .get(id)
+                        .map_err(io)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("message body {id} is missing")))?;
+                    let m = Arc::new(codec::decode_message(body.value())?);
+                    decoded.insert(id, m.clone());
+                    m
+                }
+            };
+            // Keys sort by (vhost, queue, seq), so each queue's list comes out in order.
+            snap.messages.entry((vhost, queue)).or_default().push((seq, message));
+        }
+
+        for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let (vhost, key) = decode_pair(k.value())?;
+            snap.retained.push((vhost, key, Arc::new(codec::decode_message(v.value())?)));
+        }
+        Ok(snap)
+    }
+
+    /// Resolves after every batch submitted before it is committed (the channel is FIFO and the
+    /// writer resolves groups in order).
+    fn flush(&self) -> Commit {
+        self.send(Vec::new())
+    }
+}
+
+fn decode_pair(k: &[u8]) -> Result<(String, ShortString), StoreError> {
+    let mut r = Reader::new(k);
+    let out = (r.string()?, r.short()?);
+    r.finish()?;
+    Ok(out)
+}
+
+/// A message's identity in the store.
+type MessageId = (String, ShortString, u64);
+
+/// `DeleteMessage`s that arrived before their `PutMessage` (see [`StoreOp::DeleteMessage`]):
+/// the put that follows is dropped. Kept in memory by the writer — after a restart the put can
+/// no longer come — and bounded by [`MAX_TOMBSTONES`]: past it the oldest are forgotten. A
+/// tombstone only outlives its put when the put never comes (a delete for a message already
+/// gone), so the bound only matters if that many such puts were still due; the cost of
+/// forgetting one is that an acked message is stored and comes back after a restart, as a
+/// redelivered duplicate — never a loss.
+#[derive(Debug, Default)]
+struct Tombstones {
+    by_id: HashMap<MessageId, u64>,
+    by_age: BTreeMap<u64, MessageId>,
+    next: u64,
+}
+
+impl Tombstones {
+    fn insert(&mut self, id: MessageId) {
+        if self.by_id.contains_key(&id) {
+            return;
+        }
+        self.next += 1;
+        self.by_id.insert(id.clone(), self.next);
+        self.by_age.insert(self.next, id);
+        while self.by_id.len() > MAX_TOMBSTONES {
+            match self.by_age.pop_first() {
+                Some((_, old)) => self.by_id.remove(&old),
+                None => break,
+            };
+        }
+    }
+    fn remove(&mut self, id: &MessageId) -> bool {
+        match self.by_id.remove(id) {
+            Some(age) => {
+                self.by_age.remove(&age);
+                true
+            }
+            None => false,
+        }
+    }
+    /// Removes the tombstones `drop` selects, returning them.
+    fn remove_where(&mut self, drop: impl Fn(&MessageId) -> bool) -> Vec<MessageId> {
+        let gone: Vec<MessageId> = self.by_id.keys().filter(|id| drop(id)).cloned().collect();
+        for id in &gone {
+            self.remove(id);
+        }
+        gone
+    }
+}
+
+/// A tombstone change made by a transaction, undone if it fails.
+enum Undo {
+    Added(MessageId),
+    Removed(MessageId),
+}
+
+struct Tables<'t> {
+    vhosts: Table<'t, &'static [u8], &'static [u8]>,
+    exchanges: Table<'t, &'static [u8], &'static [u8]>,
+    queues: Table<'t, &'static [u8], &'static [u8]>,
+    bindings: Table<'t, &'static [u8], &'static [u8]>,
+    messages: Table<'t, &'static [u8], u64>,
+    bodies: Table<'t, u64, &'static [u8]>,
+    body_refs: Table<'t, u64, u64>,
+    retained: Table<'t, &'static [u8], &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, StoreError> {
+        Ok(Tables {
+            vhosts: txn.open_table(VHOSTS).map_err(io)?,
+            exchanges: txn.open_table(EXCHANGES).map_err(io)?,
+            queues: txn.open_table(QUEUES).map_err(io)?,
+            bindings: txn.open_table(BINDINGS).map_err(io)?,
+            messages: txn.open_table(MESSAGES).map_err(io)?,
+            bodies: txn.open_table(BODIES).map_err(io)?,
+            body_refs: txn.open_table(BODY_REFS).map_err(io)?,
+            retained: txn.open_table(RETAINED).map_err(io)?,
+        })
+    }
+
+    /// Drops one reference to a body, and the body with its last one.
+    fn unref(&mut self, id: u64) -> Result<(), StoreError> {
+        let refs = self.body_refs.get(id).map_err(io)?.map(|g| g.value()).unwrap_or(0);
+        if refs > 1 {
+            self.body_refs.insert(id, refs - 1).map_err(io)?;
+        } else {
+            self.body_refs.remove(id).map_err(io)?;
+            self.bodies.remove(id).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every message of the keys starting with `prefix`, with their body references.
+    fn remove_messages(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
+        let mut gone = Vec::new();
+        for item in self.messages.range::<&[u8]>(prefix..).map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            gone.push((k.value().to_vec(), v.value()));
+        }
+        for (k, id) in gone {
+            self.messages.remove(k.as_slice()).map_err(io)?;
+            self.unref(id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the bindings of `vhost` that `drop` selects.
+    fn remove_bindings(&mut self, vhost: &str, drop: impl Fn(&super::BindingRecord) -> bool) -> Result<(), StoreError> {
+        let prefix = codec::key(&[vhost.as_bytes()]);
+        let mut gone = Vec::new();
+        for item in self.bindings.range::<&[u8]>(prefix.as_slice()..).map_err(io)? {
+            let (k, _) = item.map_err(io)?;
+            let k = k.value();
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if drop(&codec::decode_binding_key(k)?) {
+                gone.push(k.to_vec());
+            }
+        }
+        for k in gone {
+            self.bindings.remove(k.as_slice()).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes every key of `table` that starts with `prefix`.
+fn remove_prefix<V: Value + 'static>(table: &mut Table<'_, &'static [u8], V>, prefix: &[u8]) -> Result<(), StoreError> {
+    let mut gone = Vec::new();
+    for item in table.range::<&[u8]>(prefix..).map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        gone.push(k.value().to_vec());
+    }
+    for k in gone {
+        table.remove(k.as_slice()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    receiver: Receiver<Request>,
+    transactions: Arc<AtomicU64>,
+    /// The next body id; ids are never reused (one lost to a failed transaction is skipped).
+    next_body: u64,
+    tombstones: Tombstones,
+}
+
+/// What a batch weighs against [`MAX_GROUP_BYTES`]: payloads plus a little per operation.
+fn weight(ops: &[StoreOp]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            StoreOp::PutMessage { message, .. } | StoreOp::PutRetained { message, .. } => 64 + message.payload.len(),
+            _ => 64,
+        })
+        .sum()
+}
+
+impl Writer {
+    fn run(mut self) {
+        // `recv` fails once the store is dropped and the channel drained: every batch submitted
+        // before the drop is committed first.
+        while let Ok(first) = self.receiver.recv() {
+            let mut ops = first.ops.len();
+            let mut bytes = weight(&first.ops);
+            let mut group = vec![first];
+            while ops < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+                match self.receiver.try_recv() {
+                    Ok(req) => {
+                        ops += req.ops.len();
+                        bytes += weight(&req.ops);
+                        group.push(req);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // A group of flushes only has nothing to write: what came before is committed.
+            let result = if ops == 0 { Ok(()) } else { self.commit(&group) };
+            if let Err(e) = &result {
+                tracing::error!(error = %e, batches = group.len(), "store commit failed");
+            }
+            for req in group {
+                let _ = req.reply.send(result.clone());
+            }
+        }
+    }
+
+    /// Writes a group in one fsync'd transaction; on failure nothing of it is applied.
+    fn commit(&mut self, group: &[Request]) -> Result<(), StoreError> {
+        let mut undo = Vec::new();
+        let result = self.write(group, &mut undo);
+        if result.is_err() {
+            for u in undo.into_iter().rev() {
+                match u {
+                    Undo::Added(id) => {
+                        self.tombstones.remove(&id);
+                    }
+                    Undo::Removed(id) => self.tombstones.insert(id),
+                }
+            }
+        }
+        result
+    }
+
+    fn write(&mut self, group: &[Request], undo: &mut Vec<Undo>) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        {
+            let mut tables = Tables::open(&txn)?;
+            // Bodies written in this transaction, by message pointer: puts of one `Arc<Message>`
+            // (a fan-out) share one body. The pointers stay valid: `group` holds the Arcs.
+            let mut bodies: HashMap<*const Message, u64> = HashMap::new();
+            for req in group {
+                for op in &req.ops {
+                    self.apply(&mut tables, op, &mut bodies, undo)?;
+                }
+            }
+        }
+        txn.commit().map_err(io)?;
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: &StoreOp,
+        bodies: &mut HashMap<*const Message, u64>,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), StoreError> {
+        const EMPTY: &[u8] = &[];
+        match op {
+            StoreOp::PutVhost(v) => {
+                t.vhosts.insert(codec::key(&[v.as_bytes()]).as_slice(), EMPTY).map_err(io)?;
+            }
+            StoreOp::DeleteVhost(v) => {
+                let prefix = codec::key(&[v.as_bytes()]);
+                t.vhosts.remove(prefix.as_slice()).map_err(io)?;
+                remove_prefix(&mut t.exchanges, &prefix)?;
+                remove_prefix(&mut t.queues, &prefix)?;
+                remove_prefix(&mut t.bindings, &prefix)?;
+                remove_prefix(&mut t.retained, &prefix)?;
+                t.remove_messages(&prefix)?;
+                undo.extend(self.tombstones.remove_where(|(vh, _, _)| vh == v).into_iter().map(Undo::Removed));
+            }
+            StoreOp::PutExchange(r) => {
+                let k = codec::key(&[r.vhost.as_bytes(), r.name.as_bytes()]);
+                let v = codec::encode_exchange(&r.kind, r.auto_delete, r.internal, &r.arguments);
+                t.exchanges.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+            }
+            StoreOp::DeleteExchange { vhost, name } => {
+                t.exchanges.remove(codec::key(&[vhost.as_bytes(), name.as_bytes()]).as_slice()).map_err(io)?;
+                t.remove_bindings(vhost, |b| b.source == *name || (b.to_exchange && b.destination == *name))?;
+            }
+            StoreOp::PutQueue(r) => {
+                let k = codec::key(&[r.vhost.as_bytes(), r.name.as_bytes()]);
+                t.queues.insert(k.as_slice(), codec::encode_queue_options(&r.options).as_slice()).map_err(io)?;
+            }
+            StoreOp::DeleteQueue { vhost, name } => {
+                let k = codec::key(&[vhost.as_bytes(), name.as_bytes()]);
+                t.queues.remove(k.as_slice()).map_err(io)?;
+                t.remove_bindings(vhost, |b| !b.to_exchange && b.destination == *name)?;
+                t.remove_messages(&k)?;
+                let gone = self.tombstones.remove_where(|(v, q, _)| v == vhost && q == name);
+                undo.extend(gone.into_iter().map(Undo::Removed));
+            }
+            StoreOp::PutBinding(r) => {
+                t.bindings.insert(codec::binding_key(r).as_slice(), EMPTY).map_err(io)?;
+            }
+            StoreOp::DeleteBinding(r) => {
+                t.bindings.remove(codec::binding_key(r).as_slice()).map_err(io)?;
+            }
+            StoreOp::PutMessage { vhost, queue, seq, message } => {
+                if !self.tombstones.by_id.is_empty() {
+                    let id = (vhost.clone(), queue.clone(), *seq);
+                    if self.tombstones.remove(&id) {
+                        undo.push(Undo::Removed(id));
+                        return Ok(());
+                    }
+                }
+                let ptr = Arc::as_ptr(message);
+                let existing = bodies.get(&ptr).copied();
+                let refs = match existing {
+                    Some(id) => t.body_refs.get(id).map_err(io)?.map(|g| g.value()),
+                    None => None,
+                };
+                let body = match (existing, refs) {
+                    (Some(id), Some(n)) => {
+                        t.body_refs.insert(id, n + 1).map_err(io)?;
+                        id
+                    }
+                    // A new body, or one this transaction already wrote and freed again.
+                    (id, _) => {
+                        let id = id.unwrap_or_else(|| {
+                            self.next_body += 1;
+                            self.next_body - 1
+                        });
+                        t.bodies.insert(id, codec::encode_message(message).as_slice()).map_err(io)?;
+                        t.body_refs.insert(id, 1).map_err(io)?;
+                        bodies.insert(ptr, id);
+                        id
+                    }
+                };
+                let k = codec::message_key(vhost, queue, *seq);
+                let replaced = t.messages.insert(k.as_slice(), body).map_err(io)?.map(|g| g.value());
+                if let Some(old) = replaced {
+                    t.unref(old)?;
+                }
+            }
+            StoreOp::DeleteMessage { vhost, queue, seq } => {
+                let k = codec::message_key(vhost, queue, *seq);
+                let removed = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
+                match removed {
+                    Some(id) => t.unref(id)?,
+                    None => {
+                        let id = (vhost.clone(), queue.clone(), *seq);
+                        if !self.tombstones.by_id.contains_key(&id) {
+                            self.tombstones.insert(id.clone());
+                            undo.push(Undo::Added(id));
+                        }
+                    }
+                }
+            }
+            StoreOp::PutRetained { vhost, key, message } => {
+                let k = codec::key(&[vhost.as_bytes(), key.as_bytes()]);
+                t.retained.insert(k.as_slice(), codec::encode_message(message).as_slice()).map_err(io)?;
+            }
+            StoreOp::DeleteRetained { vhost, key } => {
+                t.retained.remove(codec::key(&[vhost.as_bytes(), key.as_bytes()]).as_slice()).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{FieldTable, FieldValue, Properties};
+    use crate::queue::QueueOptions;
+    use crate::store::BindingRecord;
+    use ::redb::StorageBackend;
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(30);
+
+    async fn commit(s: &RedbStore, ops: Vec<StoreOp>) {
+        tokio::time::timeout(WAIT, s.submit(ops).wait()).await.expect("commit timed out").expect("commit failed");
+    }
+
+    fn msg(body: &'static [u8]) -> Arc<Message> {
+        let mut headers = FieldTable::new();
+        headers.insert("n", FieldValue::I64(-3));
+        headers.insert("s", FieldValue::string("x"));
+        let props = Properties {
+            headers: Some(headers),
+            delivery_mode: Some(crate::message::DeliveryMode::Persistent),
+            message_id: Some("id".into()),
+            ..Default::default()
+        };
+        Arc::new(Message::new("amq.topic", "a.b", Bytes::from_static(body)).with_properties(props).at(1234))
+    }
+
+    fn put(q: &str, seq: u64, m: &Arc<Message>) -> StoreOp {
+        StoreOp::PutMessage { vhost: "/".into(), queue: q.into(), seq, message: m.clone() }
+    }
+    fn del(q: &str, seq: u64) -> StoreOp {
+        StoreOp::DeleteMessage { vhost: "/".into(), queue: q.into(), seq }
+    }
+    fn queue(vhost: &str, name: &str) -> QueueRecord {
+        let mut arguments = FieldTable::new();
+        arguments.insert("x-max-length", FieldValue::I32(10));
+        QueueRecord {
+            vhost: vhost.into(),
+            name: name.into(),
+            options: QueueOptions { durable: true, arguments, ..Default::default() },
+        }
+    }
+    fn exchange(vhost: &str, name: &str) -> ExchangeRecord {
+        ExchangeRecord {
+            vhost: vhost.into(),
+            name: name.into(),
+            kind: "topic".into(),
+            auto_delete: false,
+            internal: true,
+            arguments: [("alternate-exchange".into(), FieldValue::string("ae"))].into_iter().collect(),
+        }
+    }
+    fn binding(vhost: &str, source: &str, to_exchange: bool, dest: &str, key: &str) -> BindingRecord {
+        BindingRecord {
+            vhost: vhost.into(),
+            source: source.into(),
+            to_exchange,
+            destination: dest.into(),
+            routing_key: key.into(),
+            arguments: FieldTable::new(),
+        }
+    }
+    fn seqs(snap: &Snapshot, q: &str) -> Vec<u64> {
+        snap.messages.get(&("/".to_string(), q.into())).map_or(vec![], |m| m.iter().map(|(s, _)| *s).collect())
+    }
+    fn reopen(dir: &tempfile::TempDir) -> RedbStore {
+        RedbStore::open(dir.path().join("ferry.redb")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_put_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = msg(b"hello");
+        let r = msg(b"retained");
+        {
+            let s = reopen(&dir);
+            commit(
+                &s,
+                vec![
+                    StoreOp::PutVhost("/".into()),
+                    StoreOp::PutVhost("other".into()),
+                    StoreOp::PutExchange(exchange("/", "ex")),
+                    StoreOp::PutQueue(queue("/", "q")),
+                    StoreOp::PutBinding(binding("/", "ex", false, "q", "a.#")),
+                    StoreOp::PutBinding(binding("/", "amq.topic", true, "ex", "b.*")),
+                    put("q", 7, &m),
+                    put("q", 3, &m),
+                    StoreOp::PutRetained { vhost: "/".into(), key: "t/1".into(), message: r.clone() },
+                ],
+            )
+            .await;
+        }
+        let snap = reopen(&dir).recover().unwrap();
+        assert_eq!(snap.vhosts, vec!["/".to_string(), "other".to_string()]);
+        assert_eq!(snap.exchanges, vec![exchange("/", "ex")]);
+        assert_eq!(snap.queues, vec![queue("/", "q")]);
+        let mut bindings = snap.bindings.clone();
+        bindings.sort_by_key(|b| b.source.clone());
+        assert_eq!(bindings, vec![binding("/", "amq.topic", true, "ex", "b.*"), binding("/", "ex", false, "q", "a.#")]);
+        assert_eq!(seqs(&snap, "q"), vec![3, 7]);
+        let msgs = &snap.messages[&("/".to_string(), "q".into())];
+        assert_eq!(*msgs[0].1, *m);
+        assert!(Arc::ptr_eq(&msgs[0].1, &msgs[1].1), "one body comes back as one Arc");
+        assert_eq!(snap.retained.len(), 1);
+        assert_eq!((snap.retained[0].0.as_str(), &snap.retained[0].1), ("/", &ShortString::from("t/1")));
+        assert_eq!(*snap.retained[0].2, *r);
+    }
+
+    #[tokio::test]
+    async fn every_delete_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = msg(b"x");
+        {
+            let s = reopen(&dir);
+            commit(
+                &s,
+                vec![
+                    StoreOp::PutVhost("/".into()),
+                    StoreOp::PutVhost("gone".into()),
+                    StoreOp::PutQueue(queue("gone", "q")),
+                    StoreOp::PutExchange(exchange("/", "ex")),
+                    StoreOp::PutExchange(exchange("/", "ex2")),
+                    StoreOp::PutQueue(queue("/", "q")),
+                    StoreOp::PutQueue(queue("/", "q2")),
+                    StoreOp::PutBinding(binding("/", "ex", false, "q", "k")),
+                    StoreOp::PutBinding(binding("/", "ex2", true, "ex", "k")),
+                    StoreOp::PutBinding(binding("/", "ex2", false, "q2", "k1")),
+                    StoreOp::PutBinding(binding("/", "ex2", false, "q2", "k2")),
+                    StoreOp::PutBinding(binding("/", "ex2", false, "q", "k")),
+                    put("q", 1, &m),
+                    put("q", 2, &m),
+                    put("q2", 1, &m),
+                    StoreOp::PutRetained { vhost: "/".into(), key: "t".into(), message: m.clone() },
+                    StoreOp::PutRetained { vhost: "gone".into(), key: "t".into(), message: m.clone() },
+                ],
+            )
+            .await;
+            commit(
+                &s,
+                vec![
+                    StoreOp::DeleteVhost("gone".into()),
+                    // Drops `ex` and the bindings to and from it.
+                    StoreOp::DeleteExchange { vhost: "/".into(), name: "ex".into() },
+                    // Drops `q2`, its message and the bindings to it.
+                    StoreOp::DeleteQueue { vhost: "/".into(), name: "q2".into() },
+                    StoreOp::DeleteBinding(binding("/", "ex2", false, "q", "k")),
+                    del("q", 1),
+                    StoreOp::DeleteRetained { vhost: "/".into(), key: "t".into() },
+                ],
+            )
+            .await;
+        }
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        assert_eq!(snap.vhosts, vec!["/".to_string()]);
+        assert_eq!(snap.exchanges, vec![exchange("/", "ex2")]);
+        assert_eq!(snap.queues, vec![queue("/", "q")]);
+        assert!(snap.bindings.is_empty(), "{:?}", snap.bindings);
+        assert_eq!(seqs(&snap, "q"), vec![2]);
+        assert_eq!(snap.messages.len(), 1);
+        assert!(snap.retained.is_empty());
+        assert_eq!(s.body_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_stores_its_body_once_until_the_last_reference_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let m = msg(b"fan-out");
+        let other = msg(b"fan-out"); // equal, but another Arc: its own body
+        commit(&s, vec![put("a", 1, &m), put("b", 1, &m), put("c", 1, &m), put("d", 1, &other)]).await;
+        assert_eq!(s.body_count(), 2);
+        commit(&s, vec![del("a", 1), del("b", 1)]).await;
+        assert_eq!(s.body_count(), 2);
+        drop(s);
+        let s = reopen(&dir);
+        assert_eq!(seqs(&s.recover().unwrap(), "c"), vec![1]);
+        commit(&s, vec![del("c", 1)]).await;
+        assert_eq!(s.body_count(), 1);
+        commit(&s, vec![StoreOp::DeleteQueue { vhost: "/".into(), name: "d".into() }]).await;
+        assert_eq!(s.body_count(), 0);
+        assert!(s.recover().unwrap().messages.is_empty());
+    }
+
+    #[tokio::test]
+    async fn body_ids_are_not_reused_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m1, m2) = (msg(b"one"), msg(b"two"));
+        {
+            let s = reopen(&dir);
+            commit(&s, vec![put("q", 1, &m1)]).await;
+        }
+        let s = reopen(&dir);
+        commit(&s, vec![put("q", 2, &m2)]).await;
+        let snap = s.recover().unwrap();
+        let msgs = &snap.messages[&("/".to_string(), "q".into())];
+        assert_eq!((&*msgs[0].1, &*msgs[1].1), (&*m1, &*m2));
+    }
+
+    #[tokio::test]
+    async fn a_delete_before_its_put_cancels_the_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let m = msg(b"early");
+        commit(&s, vec![del("q", 9)]).await;
+        commit(&s, vec![put("q", 9, &m), put("q", 10, &m)]).await;
+        // In one batch too.
+        commit(&s, vec![del("q", 11), put("q", 11, &m)]).await;
+        drop(s);
+        let s = reopen(&dir);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![10]);
+        assert_eq!(s.body_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn tombstones_are_bounded_oldest_first() {
+        let mut t = Tombstones::default();
+        for seq in 0..(MAX_TOMBSTONES as u64 + 10) {
+            t.insert(("/".into(), "q".into(), seq));
+        }
+        assert_eq!(t.by_id.len(), MAX_TOMBSTONES);
+        assert_eq!(t.by_age.len(), MAX_TOMBSTONES);
+        assert!(!t.remove(&("/".into(), "q".into(), 9)));
+        assert!(t.remove(&("/".into(), "q".into(), 10)));
+    }
+
+    #[tokio::test]
+    async fn group_commit_puts_many_batches_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(reopen(&dir));
+        let m = msg(b"g");
+        let commits: Vec<Commit> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (s, m) = (&s, &m);
+                    scope.spawn(move || {
+                        (0..250u64).map(|i| s.submit(vec![put("q", t * 1000 + i, m)])).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(commits.len(), 1000);
+        for c in commits {
+            tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
+        }
+        let txns = s.transactions();
+        assert!(txns < 200, "1000 batches took {txns} transactions");
+        assert_eq!(s.recover().unwrap().messages[&("/".to_string(), "q".into())].len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_resolved_commit_is_on_disk_after_a_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = msg(b"durable");
+        {
+            let s = reopen(&dir);
+            let c = s.submit(vec![StoreOp::PutQueue(queue("/", "q")), put("q", 1, &m)]);
+            assert!(!c.is_done(), "a disk commit cannot be done before the writer ran");
+            tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
+            // Batches still pending at drop are committed too.
+            let _unwaited = s.submit(vec![put("q", 2, &m)]);
+        }
+        let snap = reopen(&dir).recover().unwrap();
+        assert_eq!(snap.queues.len(), 1);
+        assert_eq!(seqs(&snap, "q"), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn flush_resolves_after_everything_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let m = msg(b"f");
+        let before: Vec<Commit> = (0..50).map(|i| s.submit(vec![put("q", i, &m)])).collect();
+        tokio::time::timeout(WAIT, s.flush().wait()).await.unwrap().unwrap();
+        // Everything before the flush is resolved now, so `try`-style polling sees it at once.
+        for c in before {
+            tokio::time::timeout(Duration::from_millis(1), c.wait()).await.unwrap().unwrap();
+        }
+        assert_eq!(seqs(&s.recover().unwrap(), "q").len(), 50);
+    }
+
+    #[test]
+    fn opening_an_impossible_path_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a directory").unwrap();
+        assert!(matches!(RedbStore::open(file.join("ferry.redb")), Err(StoreError::Io(_))));
+    }
+
+    /// A disk that fails writes and syncs while `fail` is set.
+    #[derive(Debug)]
+    struct FailingDisk {
+        inner: ::redb::backends::InMemoryBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl FailingDisk {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("injected disk failure"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl StorageBackend for FailingDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_disk_fails_commits_without_panicking() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let s = RedbStore::with_backend(FailingDisk { inner: Default::default(), fail: fail.clone() }).unwrap();
+        let m = msg(b"doomed");
+        commit(&s, vec![put("q", 1, &m)]).await;
+        fail.store(true, Ordering::SeqCst);
+        let commits: Vec<Commit> = (2..20).map(|i| s.submit(vec![put("q", i, &m)])).collect();
+        for c in commits {
+            let r = tokio::time::timeout(WAIT, c.wait()).await.unwrap();
+            assert!(matches!(r, Err(StoreError::Io(_))), "{r:?}");
+        }
+        let r = tokio::time::timeout(WAIT, s.submit(vec![del("q", 1)]).wait()).await.unwrap();
+        assert!(matches!(r, Err(StoreError::Io(_))), "{r:?}");
+        // What was committed before the failure is still there; nothing after it is.
+        fail.store(false, Ordering::SeqCst);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1]);
+        // The store keeps answering (with an error or, once redb recovers, success) and
+        // dropping it does not hang or panic.
+        let _ = tokio::time::timeout(WAIT, s.submit(vec![put("q", 30, &m)]).wait()).await.unwrap();
+        drop(s);
+    }
+
+    mod against_the_memory_store {
+        use super::*;
+        use crate::store::MemoryStore;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = &'static str> {
+            prop_oneof![Just("a"), Just("b")]
+        }
+        fn vhost() -> impl Strategy<Value = &'static str> {
+            prop_oneof![Just("/"), Just("v")]
+        }
+
+        /// Operations over a small world, so puts and deletes often meet.
+        fn op(messages: Vec<Arc<Message>>) -> impl Strategy<Value = StoreOp> {
+            let m = proptest::sample::select(messages);
+            prop_oneof![
+                1 => vhost().prop_map(|v| StoreOp::PutVhost(v.into())),
+                1 => vhost().prop_map(|v| StoreOp::DeleteVhost(v.into())),
+                1 => (vhost(), name()).prop_map(|(v, n)| StoreOp::PutExchange(exchange(v, n))),
+                1 => (vhost(), name()).prop_map(|(v, n)| StoreOp::DeleteExchange { vhost: v.into(), name: n.into() }),
+                1 => (vhost(), name()).prop_map(|(v, n)| StoreOp::PutQueue(queue(v, n))),
+                1 => (vhost(), name()).prop_map(|(v, n)| StoreOp::DeleteQueue { vhost: v.into(), name: n.into() }),
+                1 => (vhost(), name(), any::<bool>(), name(), name())
+                    .prop_map(|(v, s, x, d, k)| StoreOp::PutBinding(binding(v, s, x, d, k))),
+                1 => (vhost(), name(), any::<bool>(), name(), name())
+                    .prop_map(|(v, s, x, d, k)| StoreOp::DeleteBinding(binding(v, s, x, d, k))),
+                3 => (vhost(), name(), 0..4u64, m.clone()).prop_map(|(v, q, seq, message)| StoreOp::PutMessage {
+                    vhost: v.into(),
+                    queue: q.into(),
+                    seq,
+                    message
+                }),
+                3 => (vhost(), name(), 0..4u64).prop_map(|(v, q, seq)| StoreOp::DeleteMessage {
+                    vhost: v.into(),
+                    queue: q.into(),
+                    seq
+                }),
+                1 => (vhost(), name(), m).prop_map(|(v, k, message)| StoreOp::PutRetained {
+                    vhost: v.into(),
+                    key: k.into(),
+                    message
+                }),
+                1 => (vhost(), name()).prop_map(|(v, k)| StoreOp::DeleteRetained { vhost: v.into(), key: k.into() }),
+            ]
+        }
+
+        /// A snapshot in a form that ignores the order of unordered parts.
+        fn normal(s: Snapshot) -> Vec<String> {
+            let mut parts: Vec<String> = s.vhosts.iter().map(|v| format!("vhost {v:?}")).collect();
+            parts.extend(s.exchanges.iter().map(|x| format!("{x:?}")));
+            parts.extend(s.queues.iter().map(|x| format!("{x:?}")));
+            parts.extend(s.bindings.iter().map(|x| format!("{x:?}")));
+            parts.extend(s.retained.iter().map(|x| format!("{x:?}")));
+            parts.sort();
+            // Messages last and in their own order: the order within a queue matters. (The memory
+            // store keeps an empty list for a queue whose messages all went.)
+            parts.extend(s.messages.iter().filter(|(_, m)| !m.is_empty()).map(|x| format!("{x:?}")));
+            parts
+        }
+
+        /// A memory store holding what `m` holds, without its tombstones.
+        fn rebuilt(m: &MemoryStore) -> MemoryStore {
+            let s = m.recover().unwrap();
+            let mut ops: Vec<StoreOp> = s.vhosts.into_iter().map(StoreOp::PutVhost).collect();
+            ops.extend(s.exchanges.into_iter().map(StoreOp::PutExchange));
+            ops.extend(s.queues.into_iter().map(StoreOp::PutQueue));
+            ops.extend(s.bindings.into_iter().map(StoreOp::PutBinding));
+            for ((vhost, queue), msgs) in s.messages {
+                ops.extend(msgs.into_iter().map(|(seq, message)| StoreOp::PutMessage {
+                    vhost: vhost.clone(),
+                    queue: queue.clone(),
+                    seq,
+                    message,
+                }));
+            }
+            ops.extend(s.retained.into_iter().map(|(vhost, key, message)| StoreOp::PutRetained {
+                vhost,
+                key,
+                message,
+            }));
+            let fresh = MemoryStore::new();
+            fresh.submit(ops);
+            fresh
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+            #[test]
+            fn recovers_what_the_memory_store_holds(
+                batches in proptest::collection::vec(
+                    proptest::collection::vec(op(vec![msg(b"one"), msg(b"two")]), 1..8), 1..6),
+                reopen_after in 0..6usize,
+            ) {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let mut memory = MemoryStore::new();
+                let mut disk = Some(super::reopen(&dir));
+                for (i, batch) in batches.into_iter().enumerate() {
+                    if i == reopen_after {
+                        // Tombstones live in the writer, so a reopen forgets them: the model
+                        // forgets its own the same way.
+                        drop(disk.take());
+                        disk = Some(super::reopen(&dir));
+                        memory = rebuilt(&memory);
+                    }
+                    memory.submit(batch.clone());
+                    let commit = disk.as_ref().unwrap().submit(batch);
+                    rt.block_on(async { tokio::time::timeout(WAIT, commit.wait()).await }).unwrap().unwrap();
+                }
+                drop(disk);
+                let disk = super::reopen(&dir);
+                prop_assert_eq!(normal(disk.recover().unwrap()), normal(memory.recover().unwrap()));
+            }
+        }
+    }
+}
