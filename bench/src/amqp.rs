@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use crate::histogram::Histogram;
+use crate::histogram::{Histogram, Latency};
 use crate::mqtt::missing_ranges;
 
 /// Bytes of publishes an unconfirmed publisher encodes before it writes them.
@@ -189,14 +189,6 @@ pub struct Report {
     /// queue.declare once every connection closed), to tell "stuck in the queue" from "dropped".
     pub left_in_queue: Option<u32>,
     pub errors: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Latency {
-    pub p50: Option<u64>,
-    pub p99: Option<u64>,
-    pub max: Option<u64>,
-    pub mean: Option<f64>,
 }
 
 impl Report {
@@ -1191,12 +1183,7 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
         publish_rate: if publish_secs > 0.0 { sent as f64 / publish_secs } else { 0.0 },
         delivery_secs,
         delivery_rate: delivery_secs.map(|s| deliveries as f64 / s),
-        latency_us: Latency {
-            p50: latency.quantile(0.50),
-            p99: latency.quantile(0.99),
-            max: (latency.count() > 0).then(|| latency.max()),
-            mean: latency.mean(),
-        },
+        latency_us: latency.summary(),
         per_consumer_min: subs.iter().map(|s| s.received).min(),
         per_consumer_max: subs.iter().map(|s| s.received).max(),
         missing_sample,

@@ -8,6 +8,15 @@ const HALF: usize = 1 << (SUB_BITS - 1);
 /// Index of the top bucket for `u64::MAX`, plus one.
 const BUCKETS: usize = HALF * (64 - SUB_BITS as usize + 1) + HALF;
 
+/// The latency figures a report prints, in microseconds.
+#[derive(Debug, serde::Serialize)]
+pub struct Latency {
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+    pub mean: Option<f64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Histogram {
     counts: Box<[u64]>,
@@ -78,6 +87,16 @@ impl Histogram {
 
     /// The value at quantile `q` (0..=1): the upper bound of the bucket holding the
     /// `ceil(q * count)`-th smallest sample, never above the exact maximum.
+    /// p50, p99, max and mean, for a report.
+    pub fn summary(&self) -> Latency {
+        Latency {
+            p50: self.quantile(0.50),
+            p99: self.quantile(0.99),
+            max: (self.count() > 0).then(|| self.max()),
+            mean: self.mean(),
+        }
+    }
+
     pub fn quantile(&self, q: f64) -> Option<u64> {
         if self.total == 0 {
             return None;

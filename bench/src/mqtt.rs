@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use crate::histogram::Histogram;
+use crate::histogram::{Histogram, Latency};
 
 /// Bytes of PUBLISH a QoS 0 publisher encodes before it writes them.
 pub const BATCH_BYTES: usize = 16 * 1024;
@@ -151,14 +151,6 @@ pub struct Report {
     /// A few runs of missing messages (first subscribers with a loss), when payloads are 16 B or more.
     pub missing_sample: Vec<String>,
     pub errors: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Latency {
-    pub p50: Option<u64>,
-    pub p99: Option<u64>,
-    pub max: Option<u64>,
-    pub mean: Option<f64>,
 }
 
 impl Report {
@@ -886,12 +878,7 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
         publish_rate: if publish_secs > 0.0 { sent as f64 / publish_secs } else { 0.0 },
         delivery_secs,
         delivery_rate: delivery_secs.map(|s| deliveries as f64 / s),
-        latency_us: Latency {
-            p50: latency.quantile(0.50),
-            p99: latency.quantile(0.99),
-            max: (latency.count() > 0).then(|| latency.max()),
-            mean: latency.mean(),
-        },
+        latency_us: latency.summary(),
         per_subscriber_min: subs.iter().map(|s| s.received).min(),
         per_subscriber_max: subs.iter().map(|s| s.received).max(),
         missing_sample: subs.iter().flat_map(|s| s.missing.iter().cloned()).take(4).collect(),
