@@ -139,6 +139,7 @@ if wait_port 18831 20 && wait_port 18083 20; then
     esac
   done < <(timeout 60 python3 - 127.0.0.1 18831 18083 <<PY 2>&1
 import runpy, sys
+sys.path.insert(0, "scripts")
 sys.argv = ["interop_mqtt.py", "127.0.0.1", "18831", "18083"]
 runpy.run_path("scripts/interop_mqtt.py", run_name="__main__")
 PY

@@ -12,23 +12,10 @@ import uuid
 import pika
 from pika.exceptions import ChannelClosedByBroker, UnroutableError, NackError
 
+from interop_case import case, finish
+
 HOST = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
 PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 5672
-failed = 0
-
-
-def case(name):
-    def wrap(fn):
-        global failed
-        try:
-            fn()
-            print(f"ok   {name}", flush=True)
-        except Exception as e:  # noqa: BLE001 - report and go on to the next case
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-        return fn
-
-    return wrap
 
 
 def connect():
@@ -253,4 +240,4 @@ def direct_reply_to():
     client_conn.close()
 
 
-sys.exit(failed)
+finish()

@@ -16,26 +16,13 @@ import pika
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from interop_case import case, finish
+
 HOST = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
 MQTT_PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 1883
 AMQP_PORT = int(sys.argv[3]) if len(sys.argv) > 3 else 5672
 WAIT = 10.0
 QUIET = 0.5
-failed = 0
-
-
-def case(name):
-    def wrap(fn):
-        global failed
-        try:
-            fn()
-            print(f"ok   {name}", flush=True)
-        except Exception as e:  # noqa: BLE001 - any failure is reported, then the next case runs
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-        return fn
-
-    return wrap
 
 
 class Mqtt:
@@ -257,4 +244,4 @@ def retained_is_mqtt_only():
     conn.close()
 
 
-sys.exit(failed)
+finish()

@@ -14,26 +14,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from interop_case import case, finish
+
 HOST = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
 PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 1883
 # Optional: a WebSocket listener (path /mqtt) to run the WebSocket case against.
 WS_PORT = int(sys.argv[3]) if len(sys.argv) > 3 else None
 WAIT = 10.0
-failed = 0
-
-
-def case(name):
-    def wrap(fn):
-        global failed
-        try:
-            fn()
-            print(f"ok   {name}", flush=True)
-        except Exception as e:  # noqa: BLE001 - any failure is reported, then the next case runs
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-        return fn
-
-    return wrap
 
 
 class Client:
@@ -254,4 +241,4 @@ if WS_PORT:
         tcp.close()
 
 
-sys.exit(failed)
+finish()
