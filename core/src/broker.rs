@@ -1,6 +1,7 @@
 //! The broker: its vhosts and its store.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
-use crate::store::{Store, StoreError, StoreOp};
+use crate::store::{SessionRecord, Store, StoreError, StoreOp};
 use crate::vhost::VHost;
 
 /// The name of the vhost that always exists.
@@ -73,27 +74,128 @@ impl MemoryAlarm {
     }
 }
 
+/// A probe of the free space where the store keeps its file, in bytes (`None`: unknown).
+pub type FreeSpaceProbe = Box<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// The disk alarm: raised when the free space where the store lives falls under the
+/// configured minimum, or while store commits fail (a full or failing disk). While it is up,
+/// new persistent publishes are refused: AMQP publishers are blocked (connection.blocked), MQTT
+/// 5.0 publishers get PUBACK/PUBREC 0x97, MQTT 3.1.1 publishers are not read. Consumers keep
+/// being served (acks free space), and publishing resumes when the alarm clears.
+pub struct DiskAlarm {
+    /// Bytes of free space under which the alarm goes up; 0 turns the free-space check off.
+    min_free: AtomicU64,
+    /// Free bytes at the last check (`u64::MAX` when unknown).
+    free: AtomicU64,
+    probe: std::sync::OnceLock<FreeSpaceProbe>,
+    raised: watch::Sender<bool>,
+}
+
+impl fmt::Debug for DiskAlarm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskAlarm")
+            .field("min_free", &self.min_free)
+            .field("free", &self.free)
+            .field("raised", &self.is_raised())
+            .finish()
+    }
+}
+
+impl DiskAlarm {
+    fn new() -> DiskAlarm {
+        DiskAlarm {
+            min_free: AtomicU64::new(0),
+            free: AtomicU64::new(u64::MAX),
+            probe: std::sync::OnceLock::new(),
+            raised: watch::Sender::new(false),
+        }
+    }
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.raised.subscribe()
+    }
+    pub fn is_raised(&self) -> bool {
+        *self.raised.borrow()
+    }
+    /// Free bytes at the last check (`u64::MAX` when unknown).
+    pub fn free(&self) -> u64 {
+        self.free.load(Ordering::Relaxed)
+    }
+    /// Sets the free-space probe (once) and the minimum free space in bytes (0 = off).
+    pub fn watch_free_space(&self, min_free: u64, probe: FreeSpaceProbe) {
+        self.min_free.store(min_free, Ordering::Relaxed);
+        let _ = self.probe.set(probe);
+    }
+    fn update(&self, store_failing: bool) {
+        let min = self.min_free.load(Ordering::Relaxed);
+        let free = self.probe.get().and_then(|p| p()).unwrap_or(u64::MAX);
+        self.free.store(free, Ordering::Relaxed);
+        let low = min > 0 && free < min;
+        let raise = low || store_failing;
+        self.raised.send_if_modified(|r| {
+            if *r == raise {
+                return false;
+            }
+            if raise {
+                tracing::warn!(
+                    free,
+                    min_free = min,
+                    store_failing,
+                    "disk alarm: persistent publishes refused until space returns"
+                );
+            } else {
+                tracing::info!(free, "disk alarm cleared; persistent publishes accepted again");
+            }
+            *r = raise;
+            true
+        });
+    }
+}
+
 /// The shared state every connection holds a handle to.
 #[derive(Debug)]
 pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     store: Arc<dyn Store>,
     memory: MemoryAlarm,
+    disk: DiskAlarm,
+    /// Either alarm is up: publishing connections are held back.
+    publishers_blocked: watch::Sender<bool>,
+    /// Frontend sessions read back by [`Broker::recover`], until the frontend takes them.
+    recovered_sessions: std::sync::Mutex<Vec<SessionRecord>>,
 }
 
 impl Broker {
     /// A broker with the default vhost `/` and nothing else (ignores what the store holds).
     pub fn new(store: Arc<dyn Store>) -> Arc<Broker> {
-        let b = Broker { vhosts: RwLock::new(HashMap::new()), store, memory: MemoryAlarm::new() };
+        let b = Broker {
+            vhosts: RwLock::new(HashMap::new()),
+            store,
+            memory: MemoryAlarm::new(),
+            disk: DiskAlarm::new(),
+            publishers_blocked: watch::Sender::new(false),
+            recovered_sessions: Default::default(),
+        };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
     }
 
-    /// A broker rebuilt from what `store` holds: vhosts, durable exchanges, queues, bindings and
-    /// retained messages.
+    /// A broker rebuilt from what `store` holds: vhosts, durable exchanges, queues (with their
+    /// persistent messages), bindings and retained messages. Frontend sessions wait in
+    /// [`Broker::take_recovered_sessions`].
     pub fn recover(store: Arc<dyn Store>) -> Result<Arc<Broker>, StoreError> {
-        let snapshot = store.recover()?;
-        let b = Broker { vhosts: RwLock::new(HashMap::new()), store, memory: MemoryAlarm::new() };
+        let started = std::time::Instant::now();
+        let mut snapshot = store.recover()?;
+        let read = started.elapsed();
+        let messages: usize = snapshot.messages.values().map(Vec::len).sum();
+        let (queues, sessions, retained) = (snapshot.queues.len(), snapshot.sessions.len(), snapshot.retained.len());
+        let b = Broker {
+            vhosts: RwLock::new(HashMap::new()),
+            store,
+            memory: MemoryAlarm::new(),
+            disk: DiskAlarm::new(),
+            publishers_blocked: watch::Sender::new(false),
+            recovered_sessions: std::sync::Mutex::new(std::mem::take(&mut snapshot.sessions)),
+        };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
             b.add_vhost(v);
@@ -102,7 +204,25 @@ impl Broker {
         for v in b.vhosts.read().unwrap_or_else(|e| e.into_inner()).values() {
             v.restore(&snapshot, now);
         }
+        tracing::info!(
+            queues,
+            messages,
+            retained,
+            sessions,
+            read_ms = read.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "recovered the store"
+        );
         Ok(Arc::new(b))
+    }
+
+    /// The stored sessions of `filter`'s choosing, taken out (a frontend calls this once, at
+    /// start-up, for the sessions it encoded).
+    pub fn take_recovered_sessions(&self, filter: impl Fn(&SessionRecord) -> bool) -> Vec<SessionRecord> {
+        let mut all = self.recovered_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let (taken, kept) = std::mem::take(&mut *all).into_iter().partition(|r| filter(r));
+        *all = kept;
+        taken
     }
 
     /// The vhost with this name, if it exists.
@@ -158,6 +278,17 @@ impl Broker {
         &self.memory
     }
 
+    /// The disk alarm.
+    pub fn disk(&self) -> &DiskAlarm {
+        &self.disk
+    }
+
+    /// `true` while the memory or the disk alarm is up: frontends stop reading from
+    /// connections that publish (AMQP tells them with connection.blocked).
+    pub fn publishers_blocked(&self) -> watch::Receiver<bool> {
+        self.publishers_blocked.subscribe()
+    }
+
     /// Sets the memory high watermark in bytes of queued message bodies (0 = off).
     pub fn set_memory_limit(&self, bytes: u64) {
         self.memory.limit.store(bytes, Ordering::Relaxed);
@@ -169,6 +300,15 @@ impl Broker {
         let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         let next = all.iter().filter_map(|v| v.tick(now)).min();
         self.memory.update(all.iter().map(|v| v.ready_bytes()).sum());
+        let failing = self.store.is_failing();
+        if failing {
+            // Nothing persistent is submitted while the alarm is up, so a small idempotent write
+            // tells when the disk takes writes again.
+            self.store.submit(vec![StoreOp::PutVhost(DEFAULT_VHOST.to_string())]);
+        }
+        self.disk.update(failing);
+        let blocked = self.memory.is_raised() || self.disk.is_raised();
+        self.publishers_blocked.send_if_modified(|b| std::mem::replace(b, blocked) != blocked);
         next
     }
 

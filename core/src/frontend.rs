@@ -166,6 +166,10 @@ pub enum ConnectionError {
 #[async_trait]
 pub trait Frontend: Send + Sync + 'static {
     fn protocol(&self) -> Protocol;
+    /// Called once at start-up, after the broker was recovered from its store and before any
+    /// connection is served: a frontend brings back what it stored itself (MQTT sessions, via
+    /// [`Broker::take_recovered_sessions`]).
+    fn recover(&self, _broker: &Arc<Broker>) {}
     /// Serves one connection until it closes. Must return promptly after `ctx.shutdown` fires.
     async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError>;
 }

@@ -327,17 +327,22 @@ pub struct Effects {
     /// Sequence numbers of persistent messages of a durable queue that left the queue for good
     /// (acked, dropped, expired, purged, dead-lettered): the store deletes them.
     pub forgotten: Vec<u64>,
+    /// Sequence numbers of persistent messages of a durable queue handed out for the first time
+    /// to a consumer that must ack them: the store marks them, so that after a restart they come
+    /// back with the redelivered flag.
+    pub delivered: Vec<u64>,
     /// The queue asks to be deleted: auto-delete after its last consumer left, or `x-expires`.
     pub delete_queue: bool,
 }
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.dead_letters.is_empty() && self.forgotten.is_empty() && !self.delete_queue
+        self.dead_letters.is_empty() && self.forgotten.is_empty() && self.delivered.is_empty() && !self.delete_queue
     }
     pub fn merge(&mut self, other: Effects) {
         self.dead_letters.extend(other.dead_letters);
         self.forgotten.extend(other.forgotten);
+        self.delivered.extend(other.delivered);
         self.delete_queue |= other.delete_queue;
     }
 }
@@ -571,8 +576,14 @@ impl Queue {
     }
 
     /// Records a message that left the queue for good, for the store.
+    /// Whether the store holds this queue and its persistent messages: durable and not
+    /// exclusive (an exclusive queue ends with its connection, so it never outlives a restart).
+    pub fn stores_messages(&self) -> bool {
+        self.options.durable && self.options.exclusive.is_none()
+    }
+
     fn forget(&self, message: &Message, seq: u64, fx: &mut Effects) {
-        if self.options.durable && message.is_persistent() {
+        if self.stores_messages() && message.is_persistent() {
             fx.forgotten.push(seq);
         }
     }
@@ -598,6 +609,9 @@ impl Queue {
         } else {
             c.unacked += 1;
             let owner = c.spec.owner;
+            if !redelivered && self.stores_messages() && entry.message.is_persistent() {
+                fx.delivered.push(seq);
+            }
             let message = entry.message.clone();
             c.spec.sink.deliver(Delivery { queue: self.name.clone(), consumer, seq, message, redelivered });
             st.unacked.insert(seq, Unacked { entry, owner, consumer });
@@ -814,12 +828,18 @@ impl Queue {
     /// Puts back a message recovered from the store at start-up, at its place by `seq`, marked
     /// redelivered (it may have been delivered before the restart). Its TTL counts from `now`.
     /// Later enqueues get higher sequence numbers. Length limits are not applied.
-    pub fn restore(&self, seq: u64, message: Arc<Message>, now: Millis) {
+    pub fn restore(&self, seq: u64, message: Arc<Message>, delivered: bool, now: Millis) {
         let mut st = self.lock();
         let level = self.level_of(&message);
         let expires_at = self.expiry_of(&message, now);
         st.next_seq = st.next_seq.max(seq.saturating_add(1));
         st.requeue(level, Entry { seq, message, expires_at, redelivered: true });
+        if !delivered {
+            // `requeue` marks it redelivered; a message never handed out is not.
+            if let Some(e) = st.levels[level].iter_mut().rev().find(|e| e.seq == seq) {
+                e.redelivered = false;
+            }
+        }
     }
 
     /// Adds a consumer. Refused with `AccessRefused` when an exclusive consumer is there or
@@ -882,6 +902,9 @@ impl Queue {
         if no_ack {
             self.forget(&entry.message, entry.seq, &mut fx);
         } else {
+            if !entry.redelivered && self.stores_messages() && entry.message.is_persistent() {
+                fx.delivered.push(entry.seq);
+            }
             st.unacked.insert(entry.seq, Unacked { entry, owner, consumer: None });
         }
         let left = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
@@ -2118,13 +2141,13 @@ mod tests {
     #[test]
     fn restore_puts_recovered_messages_in_seq_order_and_continues_numbering() {
         let q = queue(vec![]);
-        q.restore(7, msg("b"), 0);
-        q.restore(3, msg("a"), 0);
+        q.restore(7, msg("b"), false, 0);
+        q.restore(3, msg("a"), true, 0);
         assert_eq!(put(&q, msg("c"), 0), 8);
         let got: Vec<(String, u64, bool)> =
             std::iter::from_fn(|| q.get(OwnerId(1), true, 0).0.map(|(d, _)| (body(&d), d.seq, d.redelivered)))
                 .collect();
-        assert_eq!(got, [("a".to_string(), 3, true), ("b".to_string(), 7, true), ("c".to_string(), 8, false)]);
+        assert_eq!(got, [("a".to_string(), 3, true), ("b".to_string(), 7, false), ("c".to_string(), 8, false)]);
     }
 
     #[test]

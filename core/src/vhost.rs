@@ -603,13 +603,19 @@ impl VHost {
         let name = q.name().clone();
         self.unbind_everywhere(|d| matches!(d, Destination::Queue(x) if *x.name() == name));
         let (count, effects) = q.shutdown();
-        if q.options().durable && q.options().exclusive.is_none() {
+        if q.stores_messages() {
             self.submit(vec![StoreOp::DeleteQueue { vhost: self.name.clone(), name: q.name().clone() }]);
         }
         // Messages still held are dropped with the queue (RabbitMQ does not dead-letter them).
         // The store dropped the queue's messages with it; nothing else to forget.
         let mut ops = Vec::new();
-        self.carry_out(q, Effects { forgotten: Vec::new(), ..effects }, crate::message::now_millis(), 0, &mut ops);
+        self.carry_out(
+            q,
+            Effects { forgotten: Vec::new(), delivered: Vec::new(), ..effects },
+            crate::message::now_millis(),
+            0,
+            &mut ops,
+        );
         self.submit(ops);
         count
     }
@@ -780,7 +786,13 @@ impl VHost {
     }
 
     fn carry_out(&self, queue: &Arc<Queue>, effects: Effects, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) {
-        if queue.options().durable {
+        if queue.stores_messages() {
+            // Marks first: a message delivered and acked in one go is marked, then deleted.
+            ops.extend(effects.delivered.into_iter().map(|seq| StoreOp::MarkDelivered {
+                vhost: self.name.clone(),
+                queue: queue.name().clone(),
+                seq,
+            }));
             ops.extend(effects.forgotten.into_iter().map(|seq| StoreOp::DeleteMessage {
                 vhost: self.name.clone(),
                 queue: queue.name().clone(),
@@ -899,7 +911,7 @@ impl VHost {
             let (outcome, effects) = q.enqueue(message.clone(), now);
             match outcome {
                 EnqueueOutcome::Accepted { seq } => {
-                    if q.options().durable && message.is_persistent() {
+                    if q.stores_messages() && message.is_persistent() {
                         ops.push(StoreOp::PutMessage {
                             vhost: self.name.clone(),
                             queue: q.name().clone(),
@@ -964,8 +976,8 @@ impl VHost {
 
     // ----- recovery --------------------------------------------------------------------------
 
-    /// Re-creates durable exchanges, queues (with their persistent messages, in order and marked
-    /// redelivered, since the store does not know which were delivered), bindings and retained
+    /// Re-creates durable exchanges, queues (with their persistent messages, in order, those
+    /// delivered but not acked marked redelivered), bindings and retained
     /// messages read back from the store. Used by
     /// [`Broker::recover`](crate::broker::Broker::recover); writes nothing back.
     pub(crate) fn restore(&self, snapshot: &crate::store::Snapshot, now: Millis) {
@@ -1017,12 +1029,13 @@ impl VHost {
             if *vhost != self.name {
                 continue;
             }
-            let Some(q) = self.queue(&queue.to_string_lossy()) else {
-                tracing::warn!(vhost = %self.name, queue = %queue, count = messages.len(), "stored messages of a missing queue; skipped");
+            let Some(q) = self.queue(&queue.to_string_lossy()).filter(|q| q.stores_messages()) else {
+                tracing::warn!(vhost = %self.name, queue = %queue, count = messages.len(), "stored messages of a missing queue; deleted");
+                self.submit(vec![StoreOp::DeleteQueue { vhost: self.name.clone(), name: queue.clone() }]);
                 continue;
             };
-            for (seq, message) in messages {
-                q.restore(*seq, message.clone(), now);
+            for m in messages {
+                q.restore(m.seq, m.message.clone(), m.delivered, now);
             }
         }
         for (vhost, key, message) in &snapshot.retained {

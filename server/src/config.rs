@@ -107,7 +107,13 @@ pub struct BrokerConfig {
     pub shutdown_grace: Duration,
     /// The memory alarm's high watermark for queued message bodies.
     pub memory_high_watermark: MemoryWatermark,
+    /// The disk alarm goes up when the data directory's file system has less free space than
+    /// this many bytes (0 = no free-space check; failing writes still raise it).
+    pub disk_free_limit: u64,
 }
+
+/// RabbitMQ's default `disk_free_limit.absolute` (50 MB).
+pub const DEFAULT_DISK_FREE_LIMIT: u64 = 50_000_000;
 
 /// When publishers are blocked (see `ferry_core::broker::MemoryAlarm`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,6 +144,7 @@ impl Default for BrokerConfig {
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             memory_high_watermark: MemoryWatermark::Relative(DEFAULT_MEMORY_HIGH_WATERMARK),
+            disk_free_limit: DEFAULT_DISK_FREE_LIMIT,
         }
     }
 }
@@ -306,6 +313,7 @@ struct RawBroker {
     shutdown_grace_secs: Option<u64>,
     memory_high_watermark: Option<f64>,
     memory_high_watermark_bytes: Option<u64>,
+    disk_free_limit_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -447,6 +455,9 @@ impl Validator<'_> {
             }
             (None, Some(b)) => broker.memory_high_watermark = MemoryWatermark::Absolute(b),
             (None, None) => {}
+        }
+        if let Some(b) = raw.disk_free_limit_bytes {
+            broker.disk_free_limit = b;
         }
         Ok(broker)
     }
@@ -723,6 +734,7 @@ mod tests {
             log_level = "ferry=debug,warn"
             shutdown_grace_secs = 3
             memory_high_watermark = 0.5
+            disk_free_limit_bytes = 1000000
 
             [[listeners]]
             protocol = "amqp"
@@ -742,6 +754,7 @@ mod tests {
                 log_level: "ferry=debug,warn".into(),
                 shutdown_grace: Duration::from_secs(3),
                 memory_high_watermark: MemoryWatermark::Relative(0.5),
+                disk_free_limit: 1_000_000,
             }
         );
         let l = &c.listeners[0];

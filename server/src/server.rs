@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::frontend::{Frontend, ListenerSettings, Shutdown};
-use ferry_core::store::{MemoryStore, StoreError};
+use ferry_core::store::{RedbStore, Store, StoreError};
 use ferry_core::{Broker, Protocol};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -40,6 +40,8 @@ pub enum StartProblem {
     Bind { index: usize, protocol: Protocol, addr: SocketAddr, error: io::Error },
     #[error("broker.data_dir: cannot create {}: {error}", path.display())]
     DataDir { path: PathBuf, error: io::Error },
+    #[error("broker.data_dir: cannot open the store {}: {error}", path.display())]
+    Store { path: PathBuf, error: StoreError },
 }
 
 /// Why the server did not start: every problem found, each named with the config's source.
@@ -78,6 +80,9 @@ pub struct ShutdownReport {
     /// Connections still open after the grace period, aborted.
     pub connections_aborted: usize,
 }
+
+/// The store's file in the data directory.
+pub const STORE_FILE: &str = "ferry.redb";
 
 /// A listener the server is running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,7 +182,51 @@ impl ServerBuilder {
             return Err(StartError { config: config.source.clone(), problems });
         }
 
-        let broker = Broker::new(Arc::new(MemoryStore::new()));
+        // Open the store (redb repairs a file that was not closed cleanly) and rebuild the
+        // broker from it; both block, so they run off the async workers.
+        let path = config.broker.data_dir.join(STORE_FILE);
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || -> Result<Arc<Broker>, StoreError> {
+                let started = std::time::Instant::now();
+                let store = Arc::new(RedbStore::open(&path)?);
+                if let Ok(st) = store.file_stats() {
+                    info!(
+                        "store {}: {} bytes ({} stored, {} free), opened in {} ms",
+                        path.display(),
+                        st.file_bytes,
+                        st.stored_bytes,
+                        st.free_bytes,
+                        started.elapsed().as_millis()
+                    );
+                }
+                let store: Arc<dyn Store> = store;
+                Broker::recover(store)
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(format!("recovery task failed: {e}"))))
+        };
+        let broker = match opened {
+            Ok(b) => b,
+            Err(error) => {
+                return Err(StartError {
+                    config: config.source.clone(),
+                    problems: vec![StartProblem::Store { path, error }],
+                })
+            }
+        };
+        for frontend in frontends.values() {
+            frontend.recover(&broker);
+        }
+        let free_dir = config.broker.data_dir.clone();
+        broker.disk().watch_free_space(
+            config.broker.disk_free_limit,
+            Box::new(move || {
+                let st = rustix::fs::statvfs(&free_dir).ok()?;
+                Some(st.f_bavail.saturating_mul(st.f_frsize))
+            }),
+        );
+        info!("disk alarm below {} bytes free in {}", config.broker.disk_free_limit, config.broker.data_dir.display());
         let total = total_memory();
         let watermark = config.broker.memory_high_watermark.bytes(total);
         broker.set_memory_limit(watermark);
@@ -293,7 +342,10 @@ impl Server {
             report.connections_closed, report.connections_aborted
         );
         broker.store().flush().wait().await?;
-        info!("shutdown: store flushed");
+        // Tasks that outlive the connections (timers) may still hold the broker; the file is
+        // closed now all the same, so a new server can open it.
+        broker.store().close();
+        info!("shutdown: store flushed and closed");
         Ok(report)
     }
 }

@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Snapshot, Store, StoreError, StoreOp};
+use super::{
+    BindingRecord, Commit, ExchangeRecord, QueueRecord, SessionRecord, Snapshot, Store, StoreError, StoreOp,
+    StoredMessage,
+};
 use crate::message::{Message, ShortString};
 
 /// A store that keeps its "durable" state in memory: durable objects survive a broker being
@@ -20,8 +23,10 @@ struct MemoryState {
     exchanges: BTreeMap<(String, ShortString), ExchangeRecord>,
     queues: BTreeMap<(String, ShortString), QueueRecord>,
     bindings: Vec<BindingRecord>,
-    messages: BTreeMap<(String, ShortString), BTreeMap<u64, Arc<Message>>>,
+    /// Per queue: seq → (message, delivered).
+    messages: BTreeMap<(String, ShortString), BTreeMap<u64, (Arc<Message>, bool)>>,
     retained: BTreeMap<(String, ShortString), Arc<Message>>,
+    sessions: BTreeMap<(String, String), bytes::Bytes>,
     /// Operations applied, for tests that check what reached the store.
     ops_applied: u64,
     /// Deletes that came before their put (see [`StoreOp::DeleteMessage`]).
@@ -57,6 +62,7 @@ impl MemoryState {
                 self.bindings.retain(|b| b.vhost != v);
                 self.messages.retain(|(vh, _), _| *vh != v);
                 self.retained.retain(|(vh, _), _| *vh != v);
+                self.sessions.retain(|(vh, _), _| *vh != v);
                 // As for `DeleteQueue`: the vhost's queues are gone, and their tombstones with them.
                 self.early_deletes.retain(|(vh, _, _)| *vh != v);
             }
@@ -85,7 +91,7 @@ impl MemoryState {
             StoreOp::DeleteBinding(r) => self.bindings.retain(|b| *b != r),
             StoreOp::PutMessage { vhost, queue, seq, message } => {
                 if !self.early_deletes.remove(&(vhost.clone(), queue.clone(), seq)) {
-                    self.messages.entry((vhost, queue)).or_default().insert(seq, message);
+                    self.messages.entry((vhost, queue)).or_default().insert(seq, (message, false));
                 }
             }
             StoreOp::DeleteMessage { vhost, queue, seq } => {
@@ -94,6 +100,17 @@ impl MemoryState {
                 if !removed {
                     self.early_deletes.insert((vhost, queue, seq));
                 }
+            }
+            StoreOp::MarkDelivered { vhost, queue, seq } => {
+                if let Some((_, delivered)) = self.messages.get_mut(&(vhost, queue)).and_then(|m| m.get_mut(&seq)) {
+                    *delivered = true;
+                }
+            }
+            StoreOp::PutSession { vhost, client_id, state } => {
+                self.sessions.insert((vhost, client_id), state);
+            }
+            StoreOp::DeleteSession { vhost, client_id } => {
+                self.sessions.remove(&(vhost, client_id));
             }
             StoreOp::PutRetained { vhost, key, message } => {
                 self.retained.insert((vhost, key), message);
@@ -124,9 +141,20 @@ impl Store for MemoryStore {
             messages: st
                 .messages
                 .iter()
-                .map(|(k, m)| (k.clone(), m.iter().map(|(s, msg)| (*s, msg.clone())).collect()))
+                .map(|(k, m)| {
+                    let msgs = m
+                        .iter()
+                        .map(|(s, (msg, d))| StoredMessage { seq: *s, message: msg.clone(), delivered: *d })
+                        .collect();
+                    (k.clone(), msgs)
+                })
                 .collect(),
             retained: st.retained.iter().map(|((v, k), m)| (v.clone(), k.clone(), m.clone())).collect(),
+            sessions: st
+                .sessions
+                .iter()
+                .map(|((v, c), state)| SessionRecord { vhost: v.clone(), client_id: c.clone(), state: state.clone() })
+                .collect(),
         })
     }
 
@@ -150,7 +178,7 @@ mod tests {
         s.submit(vec![put(1), put(2), put(3)]).wait().await.unwrap();
         s.submit(vec![StoreOp::DeleteMessage { vhost: "/".into(), queue: "q".into(), seq: 2 }]).wait().await.unwrap();
         let snap = s.recover().unwrap();
-        let seqs: Vec<u64> = snap.messages[&("/".to_string(), "q".into())].iter().map(|(s, _)| *s).collect();
+        let seqs: Vec<u64> = snap.messages[&("/".to_string(), "q".into())].iter().map(|m| m.seq).collect();
         assert_eq!(seqs, vec![1, 3]);
     }
 

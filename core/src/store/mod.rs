@@ -1,5 +1,5 @@
 //! Persistence: the [`Store`] trait, the in-memory store ([`MemoryStore`]) and the redb store
-//! ([`RedbStore`], not wired into the server yet; see `docs/storage.md`).
+//! ([`RedbStore`], the server's store; see `docs/storage.md`).
 //!
 //! The trait is shaped for a group-committing disk store (the redb store): the
 //! broker *submits* a batch of operations and gets a [`Commit`] back at once; the store may
@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 pub(crate) mod codec;
@@ -19,7 +20,7 @@ mod memory;
 mod redb;
 
 pub use self::memory::MemoryStore;
-pub use self::redb::RedbStore;
+pub use self::redb::{FileStats, RedbStore};
 
 use crate::message::{FieldTable, Message, ShortString};
 use crate::queue::QueueOptions;
@@ -103,6 +104,14 @@ pub enum StoreOp {
         queue: ShortString,
         seq: u64,
     },
+    /// A message of a durable queue was handed to a consumer that must ack it: after a restart
+    /// it comes back with the redelivered flag. A mark for a message the store does not hold
+    /// (acked already, or its put not submitted yet) does nothing.
+    MarkDelivered {
+        vhost: String,
+        queue: ShortString,
+        seq: u64,
+    },
     PutRetained {
         vhost: String,
         key: ShortString,
@@ -112,10 +121,39 @@ pub enum StoreOp {
         vhost: String,
         key: ShortString,
     },
+    /// A frontend's session state (MQTT persistent sessions), opaque to the core: the frontend
+    /// encodes and versions it. Replaces what was stored for the same client id.
+    PutSession {
+        vhost: String,
+        client_id: String,
+        state: Bytes,
+    },
+    DeleteSession {
+        vhost: String,
+        client_id: String,
+    },
+}
+
+/// A persistent message of a durable queue, as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub message: Arc<Message>,
+    /// Handed to a consumer and not acked before the store was closed: redeliver with the
+    /// redelivered flag.
+    pub delivered: bool,
+}
+
+/// A frontend's stored session (see [`StoreOp::PutSession`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub vhost: String,
+    pub client_id: String,
+    pub state: Bytes,
 }
 
 /// The messages of each durable queue, keyed by `(vhost, queue)`, in sequence order.
-pub type StoredMessages = BTreeMap<(String, ShortString), Vec<(u64, Arc<Message>)>>;
+pub type StoredMessages = BTreeMap<(String, ShortString), Vec<StoredMessage>>;
 
 /// Everything durable, as read back at start-up.
 #[derive(Debug, Clone, Default)]
@@ -127,6 +165,7 @@ pub struct Snapshot {
     /// Per `(vhost, queue)`, messages in sequence order.
     pub messages: StoredMessages,
     pub retained: Vec<(String, ShortString, Arc<Message>)>,
+    pub sessions: Vec<SessionRecord>,
 }
 
 /// Resolves when a submitted batch is durable.
@@ -137,6 +176,7 @@ pub struct Commit(CommitState);
 enum CommitState {
     Done(Result<(), StoreError>),
     Pending(oneshot::Receiver<Result<(), StoreError>>),
+    Both(Box<Commit>, Box<Commit>),
 }
 
 impl Commit {
@@ -149,6 +189,15 @@ impl Commit {
         let (tx, rx) = oneshot::channel();
         (tx, Commit(CommitState::Pending(rx)))
     }
+    /// A commit that resolves when both have: `Ok` only if both are. A done `Ok` side is
+    /// dropped, so joining onto a done commit costs nothing.
+    pub fn join(self, other: Commit) -> Commit {
+        match (self.0, other.0) {
+            (CommitState::Done(Ok(())), o) | (o, CommitState::Done(Ok(()))) => Commit(o),
+            (e @ CommitState::Done(Err(_)), _) | (_, e @ CommitState::Done(Err(_))) => Commit(e),
+            (a, b) => Commit(CommitState::Both(Box::new(Commit(a)), Box::new(Commit(b)))),
+        }
+    }
     /// Whether it is resolved already, without waiting.
     pub fn is_done(&self) -> bool {
         matches!(self.0, CommitState::Done(_))
@@ -157,7 +206,7 @@ impl Commit {
     pub fn try_result(&self) -> Option<Result<(), StoreError>> {
         match &self.0 {
             CommitState::Done(r) => Some(r.clone()),
-            CommitState::Pending(_) => None,
+            CommitState::Pending(_) | CommitState::Both(..) => None,
         }
     }
     /// Waits until the batch is durable (or failed).
@@ -165,6 +214,10 @@ impl Commit {
         match self.0 {
             CommitState::Done(r) => r,
             CommitState::Pending(rx) => rx.await.unwrap_or(Err(StoreError::Closed)),
+            CommitState::Both(a, b) => {
+                let (a, b) = tokio::join!(Box::pin(a.wait()), Box::pin(b.wait()));
+                a.and(b)
+            }
         }
     }
 }
@@ -177,6 +230,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn recover(&self) -> Result<Snapshot, StoreError>;
     /// Resolves once everything submitted so far is durable (shutdown).
     fn flush(&self) -> Commit;
+    /// Whether the last commit failed (a full or failing disk); the disk alarm watches this.
+    fn is_failing(&self) -> bool {
+        false
+    }
+    /// Commits what was submitted and releases the storage (the file); later submits fail
+    /// with [`StoreError::Closed`]. A server calls it last in its shutdown.
+    fn close(&self) {}
 }
 
 #[cfg(test)]
@@ -192,5 +252,20 @@ mod tests {
         let (tx, c) = Commit::pending();
         drop(tx);
         assert_eq!(c.wait().await, Err(StoreError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_joined_commit_waits_for_both_and_fails_if_either_fails() {
+        assert!(Commit::done(Ok(())).join(Commit::done(Ok(()))).is_done());
+        let (_tx, pending) = Commit::pending();
+        assert_eq!(Commit::done(Err(StoreError::Full)).join(pending).try_result(), Some(Err(StoreError::Full)));
+        let (tx1, c1) = Commit::pending();
+        let (tx2, c2) = Commit::pending();
+        let both = c1.join(c2);
+        assert!(!both.is_done());
+        let waiter = tokio::spawn(both.wait());
+        tx1.send(Ok(())).unwrap();
+        tx2.send(Err(StoreError::Io("disk".into()))).unwrap();
+        assert_eq!(waiter.await.unwrap(), Err(StoreError::Io("disk".into())));
     }
 }

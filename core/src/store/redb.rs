@@ -14,16 +14,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use ::redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::codec::{self, Reader};
-use super::{Commit, ExchangeRecord, QueueRecord, Snapshot, Store, StoreError, StoreOp};
+use super::{Commit, ExchangeRecord, QueueRecord, SessionRecord, Snapshot, Store, StoreError, StoreOp, StoredMessage};
 use crate::message::{Message, ShortString};
 
 /// `key(vhost)` → empty.
@@ -34,7 +35,8 @@ const EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges
 const QUEUES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queues");
 /// `key(vhost, source, to_exchange, destination, routing key, arguments)` → empty.
 const BINDINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bindings");
-/// `key(vhost, queue) ++ seq (u64 BE)` → body id. Sorted by sequence within a queue.
+/// `key(vhost, queue) ++ seq (u64 BE)` → body id, with [`DELIVERED`] set once the message was
+/// handed to a consumer that must ack it. Sorted by sequence within a queue.
 const MESSAGES: TableDefinition<&[u8], u64> = TableDefinition::new("messages");
 /// Body id → encoded message, stored once however many queues hold it.
 const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
@@ -42,6 +44,11 @@ const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
 const BODY_REFS: TableDefinition<u64, u64> = TableDefinition::new("body_refs");
 /// `key(vhost, key)` → encoded message.
 const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
+/// `key(vhost, client id)` → a frontend's session state (opaque; MQTT encodes its own).
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+
+/// The top bit of a `MESSAGES` value: delivered, not acked (body ids never reach 2^63).
+const DELIVERED: u64 = 1 << 63;
 
 /// Batches that may wait for the writer before `submit` blocks. A full channel means the disk
 /// is behind by over a thousand batches; blocking the submitter briefly is the backpressure.
@@ -53,11 +60,32 @@ pub const MAX_GROUP_BYTES: usize = 4 << 20;
 /// Early deletes remembered at most (see [`Tombstones`]).
 pub const MAX_TOMBSTONES: usize = 100_000;
 
+/// Compaction pays when this many bytes of the file are free pages (and more than are in use).
+pub const COMPACT_MIN_FREE_BYTES: u64 = 64 << 20;
+/// The writer looks at the file's free space every this many commits (when idle).
+const COMPACT_CHECK_EVERY: u64 = 4096;
+
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 
-struct Request {
-    ops: Vec<StoreOp>,
-    reply: Reply,
+/// Work for the writer thread, which owns the database.
+enum Request {
+    Batch {
+        ops: Vec<StoreOp>,
+        reply: Reply,
+    },
+    /// A read (recovery, statistics) run on the writer thread between groups.
+    Read(Box<dyn FnOnce(&Database) + Send>),
+}
+
+/// What the store's file holds, for logs and the compaction decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FileStats {
+    /// The file's length.
+    pub file_bytes: u64,
+    /// Bytes of keys and values stored.
+    pub stored_bytes: u64,
+    /// Bytes of free pages inside the file.
+    pub free_bytes: u64,
 }
 
 fn io(e: impl fmt::Display) -> StoreError {
@@ -69,11 +97,13 @@ fn io(e: impl fmt::Display) -> StoreError {
 /// Dropping it lets the writer thread commit every batch already submitted, then joins it and
 /// closes the file.
 pub struct RedbStore {
-    db: Arc<Database>,
-    /// `None` only while dropping.
-    sender: Option<SyncSender<Request>>,
-    writer: Option<JoinHandle<()>>,
+    /// `None` once closed.
+    sender: RwLock<Option<SyncSender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
     transactions: Arc<AtomicU64>,
+    /// Set while commits fail (the disk alarm watches it); cleared by the next good commit.
+    failing: Arc<AtomicBool>,
+    compactions: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for RedbStore {
@@ -97,7 +127,7 @@ impl RedbStore {
         RedbStore::start(db)
     }
 
-    fn start(db: Database) -> Result<RedbStore, StoreError> {
+    fn start(mut db: Database) -> Result<RedbStore, StoreError> {
         // Create every table, so readers never meet a missing one, and find the next body id.
         let txn = db.begin_write().map_err(io)?;
         let next_body = {
@@ -107,18 +137,66 @@ impl RedbStore {
         };
         txn.commit().map_err(io)?;
 
-        let db = Arc::new(db);
         let transactions = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let compactions = Arc::new(AtomicU64::new(0));
+        // A file left mostly free (a backlog that drained) is compacted before anything else.
+        compact_if_it_pays(&mut db, &compactions);
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
         let writer = Writer {
-            db: db.clone(),
+            db,
             receiver,
             transactions: transactions.clone(),
+            failing: failing.clone(),
+            compactions: compactions.clone(),
             next_body,
             tombstones: Tombstones::default(),
         };
         let handle = std::thread::Builder::new().name("ferry-store".into()).spawn(move || writer.run()).map_err(io)?;
-        Ok(RedbStore { db, sender: Some(sender), writer: Some(handle), transactions })
+        Ok(RedbStore {
+            sender: RwLock::new(Some(sender)),
+            writer: Mutex::new(Some(handle)),
+            transactions,
+            failing,
+            compactions,
+        })
+    }
+
+    /// Compactions done since the store was opened (at open, or when the writer was idle).
+    pub fn compactions(&self) -> u64 {
+        self.compactions.load(Ordering::Relaxed)
+    }
+
+    /// The file's size and how much of it is in use.
+    pub fn file_stats(&self) -> Result<FileStats, StoreError> {
+        self.read(|db| file_stats(db))
+    }
+
+    /// Runs `f` on the writer thread (which owns the database), after everything submitted
+    /// before it.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let request = Request::Read(Box::new(move |db| {
+            let _ = tx.send(f(db));
+        }));
+        {
+            let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
+            let Some(sender) = sender.as_ref() else { return Err(StoreError::Closed) };
+            sender.send(request).map_err(|_| StoreError::Closed)?;
+        }
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Commits everything submitted, stops the writer and closes the file. Later submits fail
+    /// with [`StoreError::Closed`].
+    fn shut(&self) {
+        drop(self.sender.write().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = handle.join();
+        }
     }
 
     /// Write transactions committed so far (each is one fsync).
@@ -127,9 +205,10 @@ impl RedbStore {
     }
 
     fn send(&self, ops: Vec<StoreOp>) -> Commit {
-        let Some(sender) = &self.sender else { return Commit::done(Err(StoreError::Closed)) };
+        let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
+        let Some(sender) = sender.as_ref() else { return Commit::done(Err(StoreError::Closed)) };
         let (reply, commit) = Commit::pending();
-        match sender.send(Request { ops, reply }) {
+        match sender.send(Request::Batch { ops, reply }) {
             Ok(()) => commit,
             Err(_) => Commit::done(Err(StoreError::Closed)),
         }
@@ -137,21 +216,61 @@ impl RedbStore {
 
     #[cfg(test)]
     fn body_count(&self) -> u64 {
-        use ::redb::ReadableTableMetadata;
-        let txn = self.db.begin_read().unwrap();
-        let n = txn.open_table(BODIES).unwrap().len().unwrap();
-        assert_eq!(n, txn.open_table(BODY_REFS).unwrap().len().unwrap(), "bodies and refs disagree");
-        n
+        self.read(|db| {
+            use ::redb::ReadableTableMetadata;
+            let txn = db.begin_read().unwrap();
+            let n = txn.open_table(BODIES).unwrap().len().unwrap();
+            assert_eq!(n, txn.open_table(BODY_REFS).unwrap().len().unwrap(), "bodies and refs disagree");
+            Ok(n)
+        })
+        .unwrap()
+    }
+}
+
+fn file_stats(db: &Database) -> Result<FileStats, StoreError> {
+    let txn = db.begin_write().map_err(io)?;
+    let st = txn.stats().map_err(io)?;
+    txn.abort().map_err(io)?;
+    let page = st.page_size() as u64;
+    let allocated = st.allocated_pages() * page;
+    // redb does not report the file length; the pages it tracks plus the free ones are it.
+    let free = st.fragmented_bytes();
+    Ok(FileStats { file_bytes: allocated + free, stored_bytes: st.stored_bytes(), free_bytes: free })
+}
+
+/// Compacts the file when free pages are both many (over [`COMPACT_MIN_FREE_BYTES`]) and more
+/// than the pages in use. Returns whether it compacted.
+fn compact_if_it_pays(db: &mut Database, compactions: &AtomicU64) -> bool {
+    let Ok(before) = file_stats(db) else { return false };
+    if before.free_bytes < COMPACT_MIN_FREE_BYTES || before.free_bytes < before.file_bytes / 2 {
+        return false;
+    }
+    let started = Instant::now();
+    match db.compact() {
+        Ok(done) => {
+            let after = file_stats(db).unwrap_or_default();
+            compactions.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                before = before.file_bytes,
+                after = after.file_bytes,
+                stored = after.stored_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                done,
+                "store compacted"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "store compaction failed; carrying on uncompacted");
+            false
+        }
     }
 }
 
 impl Drop for RedbStore {
     fn drop(&mut self) {
         // Closing the channel ends the writer once it has committed everything queued.
-        drop(self.sender.take());
-        if let Some(handle) = self.writer.take() {
-            let _ = handle.join();
-        }
+        self.shut();
     }
 }
 
@@ -166,60 +285,15 @@ impl Store for RedbStore {
     }
 
     fn recover(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let mut snap = Snapshot::default();
+        self.read(read_snapshot)
+    }
 
-        for item in txn.open_table(VHOSTS).map_err(io)?.iter().map_err(io)? {
-            let (k, _) = item.map_err(io)?;
-            let mut r = Reader::new(k.value());
-            snap.vhosts.push(r.string()?);
-            r.finish()?;
-        }
-        for item in txn.open_table(EXCHANGES).map_err(io)?.iter().map_err(io)? {
-            let (k, v) = item.map_err(io)?;
-            let (vhost, name) = decode_pair(k.value())?;
-            let (kind, auto_delete, internal, arguments) = codec::decode_exchange(v.value())?;
-            snap.exchanges.push(ExchangeRecord { vhost, name, kind, auto_delete, internal, arguments });
-        }
-        for item in txn.open_table(QUEUES).map_err(io)?.iter().map_err(io)? {
-            let (k, v) = item.map_err(io)?;
-            let (vhost, name) = decode_pair(k.value())?;
-            snap.queues.push(QueueRecord { vhost, name, options: codec::decode_queue_options(v.value())? });
-        }
-        for item in txn.open_table(BINDINGS).map_err(io)?.iter().map_err(io)? {
-            let (k, _) = item.map_err(io)?;
-            snap.bindings.push(codec::decode_binding_key(k.value())?);
-        }
+    fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
 
-        // One `Arc<Message>` per body, so a recovered fan-out shares its message again.
-        let bodies = txn.open_table(BODIES).map_err(io)?;
-        let mut decoded: HashMap<u64, Arc<Message>> = HashMap::new();
-        for item in txn.open_table(MESSAGES).map_err(io)?.iter().map_err(io)? {
-            let (k, v) = item.map_err(io)?;
-            let (vhost, queue, seq) = codec::decode_message_key(k.value())?;
-            let id = v.value();
-            let message = match decoded.get(&id) {
-                Some(m) => m.clone(),
-                None => {
-                    let body = bodies
-                        .get(id)
-                        .map_err(io)?
-                        .ok_or_else(|| StoreError::Corrupt(format!("message body {id} is missing")))?;
-                    let m = Arc::new(codec::decode_message(body.value())?);
-                    decoded.insert(id, m.clone());
-                    m
-                }
-            };
-            // Keys sort by (vhost, queue, seq), so each queue's list comes out in order.
-            snap.messages.entry((vhost, queue)).or_default().push((seq, message));
-        }
-
-        for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
-            let (k, v) = item.map_err(io)?;
-            let (vhost, key) = decode_pair(k.value())?;
-            snap.retained.push((vhost, key, Arc::new(codec::decode_message(v.value())?)));
-        }
-        Ok(snap)
+    fn close(&self) {
+        self.shut();
     }
 
     /// Resolves after every batch submitted before it is committed (the channel is FIFO and the
@@ -227,6 +301,71 @@ impl Store for RedbStore {
     fn flush(&self) -> Commit {
         self.send(Vec::new())
     }
+}
+
+fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
+    let txn = db.begin_read().map_err(io)?;
+    let mut snap = Snapshot::default();
+
+    for item in txn.open_table(VHOSTS).map_err(io)?.iter().map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        let mut r = Reader::new(k.value());
+        snap.vhosts.push(r.string()?);
+        r.finish()?;
+    }
+    for item in txn.open_table(EXCHANGES).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let (vhost, name) = decode_pair(k.value())?;
+        let (kind, auto_delete, internal, arguments) = codec::decode_exchange(v.value())?;
+        snap.exchanges.push(ExchangeRecord { vhost, name, kind, auto_delete, internal, arguments });
+    }
+    for item in txn.open_table(QUEUES).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let (vhost, name) = decode_pair(k.value())?;
+        snap.queues.push(QueueRecord { vhost, name, options: codec::decode_queue_options(v.value())? });
+    }
+    for item in txn.open_table(BINDINGS).map_err(io)?.iter().map_err(io)? {
+        let (k, _) = item.map_err(io)?;
+        snap.bindings.push(codec::decode_binding_key(k.value())?);
+    }
+
+    // One `Arc<Message>` per body, so a recovered fan-out shares its message again.
+    let bodies = txn.open_table(BODIES).map_err(io)?;
+    let mut decoded: HashMap<u64, Arc<Message>> = HashMap::new();
+    for item in txn.open_table(MESSAGES).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let (vhost, queue, seq) = codec::decode_message_key(k.value())?;
+        let delivered = v.value() & DELIVERED != 0;
+        let id = v.value() & !DELIVERED;
+        let message = match decoded.get(&id) {
+            Some(m) => m.clone(),
+            None => {
+                let body = bodies
+                    .get(id)
+                    .map_err(io)?
+                    .ok_or_else(|| StoreError::Corrupt(format!("message body {id} is missing")))?;
+                let m = Arc::new(codec::decode_message(body.value())?);
+                decoded.insert(id, m.clone());
+                m
+            }
+        };
+        // Keys sort by (vhost, queue, seq), so each queue's list comes out in order.
+        snap.messages.entry((vhost, queue)).or_default().push(StoredMessage { seq, message, delivered });
+    }
+
+    for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let (vhost, key) = decode_pair(k.value())?;
+        snap.retained.push((vhost, key, Arc::new(codec::decode_message(v.value())?)));
+    }
+    for item in txn.open_table(SESSIONS).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let mut r = Reader::new(k.value());
+        let (vhost, client_id) = (r.string()?, r.string()?);
+        r.finish()?;
+        snap.sessions.push(SessionRecord { vhost, client_id, state: bytes::Bytes::copy_from_slice(v.value()) });
+    }
+    Ok(snap)
 }
 
 fn decode_pair(k: &[u8]) -> Result<(String, ShortString), StoreError> {
@@ -302,6 +441,7 @@ struct Tables<'t> {
     bodies: Table<'t, u64, &'static [u8]>,
     body_refs: Table<'t, u64, u64>,
     retained: Table<'t, &'static [u8], &'static [u8]>,
+    sessions: Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -315,6 +455,7 @@ impl<'t> Tables<'t> {
             bodies: txn.open_table(BODIES).map_err(io)?,
             body_refs: txn.open_table(BODY_REFS).map_err(io)?,
             retained: txn.open_table(RETAINED).map_err(io)?,
+            sessions: txn.open_table(SESSIONS).map_err(io)?,
         })
     }
 
@@ -342,7 +483,7 @@ impl<'t> Tables<'t> {
         }
         for (k, id) in gone {
             self.messages.remove(k.as_slice()).map_err(io)?;
-            self.unref(id)?;
+            self.unref(id & !DELIVERED)?;
         }
         Ok(())
     }
@@ -386,9 +527,11 @@ fn remove_prefix<V: Value + 'static>(table: &mut Table<'_, &'static [u8], V>, pr
 
 /// The writer thread's state.
 struct Writer {
-    db: Arc<Database>,
+    db: Database,
     receiver: Receiver<Request>,
     transactions: Arc<AtomicU64>,
+    failing: Arc<AtomicBool>,
+    compactions: Arc<AtomicU64>,
     /// The next body id; ids are never reused (one lost to a failed transaction is skipped).
     next_body: u64,
     tombstones: Tombstones,
@@ -406,35 +549,77 @@ fn weight(ops: &[StoreOp]) -> usize {
 
 impl Writer {
     fn run(mut self) {
-        // `recv` fails once the store is dropped and the channel drained: every batch submitted
-        // before the drop is committed first.
-        while let Ok(first) = self.receiver.recv() {
-            let mut ops = first.ops.len();
-            let mut bytes = weight(&first.ops);
-            let mut group = vec![first];
+        // `recv` fails once the store is closed and the channel drained: every batch submitted
+        // before the close is committed first.
+        let mut carried: Option<Request> = None;
+        let mut since_check = 0u64;
+        loop {
+            let first = match carried.take() {
+                Some(r) => r,
+                None => match self.receiver.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                },
+            };
+            let (ops0, reply0) = match first {
+                Request::Read(f) => {
+                    f(&self.db);
+                    continue;
+                }
+                Request::Batch { ops, reply } => (ops, reply),
+            };
+            let mut ops = ops0.len();
+            let mut bytes = weight(&ops0);
+            let mut group = vec![(ops0, reply0)];
             while ops < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
                 match self.receiver.try_recv() {
-                    Ok(req) => {
-                        ops += req.ops.len();
-                        bytes += weight(&req.ops);
-                        group.push(req);
+                    Ok(Request::Batch { ops: o, reply }) => {
+                        ops += o.len();
+                        bytes += weight(&o);
+                        group.push((o, reply));
+                    }
+                    // A read waits for the group before it, so it sees what was submitted first.
+                    Ok(read) => {
+                        carried = Some(read);
+                        break;
                     }
                     Err(_) => break,
                 }
             }
             // A group of flushes only has nothing to write: what came before is committed.
             let result = if ops == 0 { Ok(()) } else { self.commit(&group) };
-            if let Err(e) = &result {
-                tracing::error!(error = %e, batches = group.len(), "store commit failed");
+            match &result {
+                Err(e) => {
+                    if !self.failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, batches = group.len(), "store commit failed");
+                    }
+                }
+                Ok(()) if ops > 0 => {
+                    if self.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("store commits succeed again");
+                    }
+                }
+                Ok(()) => {}
             }
-            for req in group {
-                let _ = req.reply.send(result.clone());
+            for (_, reply) in group {
+                let _ = reply.send(result.clone());
+            }
+            since_check += 1;
+            // Idle after a long run of commits: see whether the file is worth compacting.
+            if since_check >= COMPACT_CHECK_EVERY && carried.is_none() {
+                match self.receiver.try_recv() {
+                    Ok(r) => carried = Some(r),
+                    Err(_) => {
+                        since_check = 0;
+                        compact_if_it_pays(&mut self.db, &self.compactions);
+                    }
+                }
             }
         }
     }
 
     /// Writes a group in one fsync'd transaction; on failure nothing of it is applied.
-    fn commit(&mut self, group: &[Request]) -> Result<(), StoreError> {
+    fn commit(&mut self, group: &[(Vec<StoreOp>, Reply)]) -> Result<(), StoreError> {
         let mut undo = Vec::new();
         let result = self.write(group, &mut undo);
         if result.is_err() {
@@ -450,7 +635,7 @@ impl Writer {
         result
     }
 
-    fn write(&mut self, group: &[Request], undo: &mut Vec<Undo>) -> Result<(), StoreError> {
+    fn write(&mut self, group: &[(Vec<StoreOp>, Reply)], undo: &mut Vec<Undo>) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;
         {
@@ -458,8 +643,8 @@ impl Writer {
             // Bodies written in this transaction, by message pointer: puts of one `Arc<Message>`
             // (a fan-out) share one body. The pointers stay valid: `group` holds the Arcs.
             let mut bodies: HashMap<*const Message, u64> = HashMap::new();
-            for req in group {
-                for op in &req.ops {
+            for (ops, _) in group {
+                for op in ops {
                     self.apply(&mut tables, op, &mut bodies, undo)?;
                 }
             }
@@ -488,6 +673,7 @@ impl Writer {
                 remove_prefix(&mut t.queues, &prefix)?;
                 remove_prefix(&mut t.bindings, &prefix)?;
                 remove_prefix(&mut t.retained, &prefix)?;
+                remove_prefix(&mut t.sessions, &prefix)?;
                 t.remove_messages(&prefix)?;
                 undo.extend(self.tombstones.remove_where(|(vh, _, _)| vh == v).into_iter().map(Undo::Removed));
             }
@@ -552,14 +738,14 @@ impl Writer {
                 let k = codec::message_key(vhost, queue, *seq);
                 let replaced = t.messages.insert(k.as_slice(), body).map_err(io)?.map(|g| g.value());
                 if let Some(old) = replaced {
-                    t.unref(old)?;
+                    t.unref(old & !DELIVERED)?;
                 }
             }
             StoreOp::DeleteMessage { vhost, queue, seq } => {
                 let k = codec::message_key(vhost, queue, *seq);
                 let removed = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
                 match removed {
-                    Some(id) => t.unref(id)?,
+                    Some(id) => t.unref(id & !DELIVERED)?,
                     None => {
                         let id = (vhost.clone(), queue.clone(), *seq);
                         if !self.tombstones.by_id.contains_key(&id) {
@@ -568,6 +754,20 @@ impl Writer {
                         }
                     }
                 }
+            }
+            StoreOp::MarkDelivered { vhost, queue, seq } => {
+                let k = codec::message_key(vhost, queue, *seq);
+                let current = t.messages.get(k.as_slice()).map_err(io)?.map(|g| g.value());
+                if let Some(id) = current.filter(|id| id & DELIVERED == 0) {
+                    t.messages.insert(k.as_slice(), id | DELIVERED).map_err(io)?;
+                }
+            }
+            StoreOp::PutSession { vhost, client_id, state } => {
+                let k = codec::key(&[vhost.as_bytes(), client_id.as_bytes()]);
+                t.sessions.insert(k.as_slice(), state.as_ref()).map_err(io)?;
+            }
+            StoreOp::DeleteSession { vhost, client_id } => {
+                t.sessions.remove(codec::key(&[vhost.as_bytes(), client_id.as_bytes()]).as_slice()).map_err(io)?;
             }
             StoreOp::PutRetained { vhost, key, message } => {
                 let k = codec::key(&[vhost.as_bytes(), key.as_bytes()]);
@@ -647,7 +847,7 @@ mod tests {
         }
     }
     fn seqs(snap: &Snapshot, q: &str) -> Vec<u64> {
-        snap.messages.get(&("/".to_string(), q.into())).map_or(vec![], |m| m.iter().map(|(s, _)| *s).collect())
+        snap.messages.get(&("/".to_string(), q.into())).map_or(vec![], |m| m.iter().map(|m| m.seq).collect())
     }
     fn reopen(dir: &tempfile::TempDir) -> RedbStore {
         RedbStore::open(dir.path().join("ferry.redb")).unwrap()
@@ -685,11 +885,46 @@ mod tests {
         assert_eq!(bindings, vec![binding("/", "amq.topic", true, "ex", "b.*"), binding("/", "ex", false, "q", "a.#")]);
         assert_eq!(seqs(&snap, "q"), vec![3, 7]);
         let msgs = &snap.messages[&("/".to_string(), "q".into())];
-        assert_eq!(*msgs[0].1, *m);
-        assert!(Arc::ptr_eq(&msgs[0].1, &msgs[1].1), "one body comes back as one Arc");
+        assert_eq!(*msgs[0].message, *m);
+        assert!(Arc::ptr_eq(&msgs[0].message, &msgs[1].message), "one body comes back as one Arc");
         assert_eq!(snap.retained.len(), 1);
         assert_eq!((snap.retained[0].0.as_str(), &snap.retained[0].1), ("/", &ShortString::from("t/1")));
         assert_eq!(*snap.retained[0].2, *r);
+    }
+
+    #[tokio::test]
+    async fn delivered_marks_and_sessions_survive_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = msg(b"x");
+        let mark = |seq| StoreOp::MarkDelivered { vhost: "/".into(), queue: "q".into(), seq };
+        let session = |c: &str, b: &'static [u8]| StoreOp::PutSession {
+            vhost: "/".into(),
+            client_id: c.into(),
+            state: Bytes::from_static(b),
+        };
+        {
+            let s = reopen(&dir);
+            // A mark before its put does nothing; a mark of a deleted message neither.
+            commit(&s, vec![mark(1), put("q", 1, &m), put("q", 2, &m), put("q", 3, &m), mark(2), mark(2)]).await;
+            commit(&s, vec![del("q", 3), mark(3), session("c1", b"one"), session("c2", b"two")]).await;
+            commit(
+                &s,
+                vec![session("c1", b"uno"), StoreOp::DeleteSession { vhost: "/".into(), client_id: "c2".into() }],
+            )
+            .await;
+        }
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let msgs: Vec<(u64, bool)> =
+            snap.messages[&("/".to_string(), "q".into())].iter().map(|m| (m.seq, m.delivered)).collect();
+        assert_eq!(msgs, vec![(1, false), (2, true)]);
+        assert_eq!(
+            snap.sessions,
+            vec![SessionRecord { vhost: "/".into(), client_id: "c1".into(), state: Bytes::from_static(b"uno") }]
+        );
+        // A delivered message's body goes with it.
+        commit(&s, vec![del("q", 2), del("q", 1)]).await;
+        assert_eq!(s.body_count(), 0);
     }
 
     #[tokio::test]
@@ -780,7 +1015,7 @@ mod tests {
         commit(&s, vec![put("q", 2, &m2)]).await;
         let snap = s.recover().unwrap();
         let msgs = &snap.messages[&("/".to_string(), "q".into())];
-        assert_eq!((&*msgs[0].1, &*msgs[1].1), (&*m1, &*m2));
+        assert_eq!((&*msgs[0].message, &*msgs[1].message), (&*m1, &*m2));
     }
 
     #[tokio::test]
@@ -978,6 +1213,17 @@ mod tests {
                     message
                 }),
                 1 => (vhost(), name()).prop_map(|(v, k)| StoreOp::DeleteRetained { vhost: v.into(), key: k.into() }),
+                2 => (vhost(), name(), 0..4u64).prop_map(|(v, q, seq)| StoreOp::MarkDelivered {
+                    vhost: v.into(),
+                    queue: q.into(),
+                    seq
+                }),
+                1 => (vhost(), name(), any::<u8>()).prop_map(|(v, c, b)| StoreOp::PutSession {
+                    vhost: v.into(),
+                    client_id: c.into(),
+                    state: Bytes::from(vec![b; 3]),
+                }),
+                1 => (vhost(), name()).prop_map(|(v, c)| StoreOp::DeleteSession { vhost: v.into(), client_id: c.into() }),
             ]
         }
 
@@ -988,6 +1234,7 @@ mod tests {
             parts.extend(s.queues.iter().map(|x| format!("{x:?}")));
             parts.extend(s.bindings.iter().map(|x| format!("{x:?}")));
             parts.extend(s.retained.iter().map(|x| format!("{x:?}")));
+            parts.extend(s.sessions.iter().map(|x| format!("{x:?}")));
             parts.sort();
             // Messages last and in their own order: the order within a queue matters. (The memory
             // store keeps an empty list for a queue whose messages all went.)
@@ -1003,17 +1250,28 @@ mod tests {
             ops.extend(s.queues.into_iter().map(StoreOp::PutQueue));
             ops.extend(s.bindings.into_iter().map(StoreOp::PutBinding));
             for ((vhost, queue), msgs) in s.messages {
-                ops.extend(msgs.into_iter().map(|(seq, message)| StoreOp::PutMessage {
-                    vhost: vhost.clone(),
-                    queue: queue.clone(),
-                    seq,
-                    message,
-                }));
+                for m in msgs {
+                    let (vhost, queue, seq) = (vhost.clone(), queue.clone(), m.seq);
+                    ops.push(StoreOp::PutMessage {
+                        vhost: vhost.clone(),
+                        queue: queue.clone(),
+                        seq,
+                        message: m.message,
+                    });
+                    if m.delivered {
+                        ops.push(StoreOp::MarkDelivered { vhost, queue, seq });
+                    }
+                }
             }
             ops.extend(s.retained.into_iter().map(|(vhost, key, message)| StoreOp::PutRetained {
                 vhost,
                 key,
                 message,
+            }));
+            ops.extend(s.sessions.into_iter().map(|r| StoreOp::PutSession {
+                vhost: r.vhost,
+                client_id: r.client_id,
+                state: r.state,
             }));
             let fresh = MemoryStore::new();
             fresh.submit(ops);

@@ -510,7 +510,7 @@ fn durable_objects_come_back_after_a_restart() {
 }
 
 #[test]
-fn persistent_messages_come_back_in_order_marked_redelivered() {
+fn persistent_messages_come_back_in_order_those_delivered_marked_redelivered() {
     let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
     {
         let b = Broker::new(store.clone());
@@ -521,8 +521,13 @@ fn persistent_messages_come_back_in_order_marked_redelivered() {
         }
         publish(&v, "", msg("q", "transient"));
         let q = v.queue("q").unwrap();
-        let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
-        let effects = q.ack(d.seq, 0).unwrap();
+        // "1" delivered and acked: gone. "2" delivered, not acked: redelivered after the restart.
+        let (got, effects) = q.get(OwnerId(1), false, 0);
+        v.settle(&q, effects, 0);
+        let effects = q.ack(got.unwrap().0.seq, 0).unwrap();
+        v.settle(&q, effects, 0);
+        let (got, effects) = q.get(OwnerId(1), false, 0);
+        assert_eq!(&got.unwrap().0.message.payload[..], b"2");
         v.settle(&q, effects, 0);
     }
     let b = Broker::recover(store).unwrap();
@@ -534,7 +539,7 @@ fn persistent_messages_come_back_in_order_marked_redelivered() {
     // New messages are numbered after the recovered ones and come after them.
     publish(&v, "", persistent("q", "4"));
     let (d, _) = q.get(OwnerId(1), true, 0).0.unwrap();
-    assert_eq!(&d.message.payload[..], b"3");
+    assert_eq!((&d.message.payload[..], d.redelivered), (&b"3"[..], false));
     let (d, _) = q.get(OwnerId(1), true, 0).0.unwrap();
     assert_eq!(&d.message.payload[..], b"4");
 }
