@@ -17,8 +17,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::codec::{reason, Connect, DecodeError, Decoder, Packet, ProtocolVersion};
+use ferry_core::message::{ConnectionId, ShortString};
+use ferry_core::store::StoreOp;
+use ferry_core::vhost::VHost;
+
+use crate::codec::{reason, Connect, DecodeError, Decoder, Packet, ProtocolVersion, Will};
 use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session};
+use crate::session_store::encode_session;
 use crate::topic::check_topic_name;
 use crate::Shared;
 
@@ -118,10 +123,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     };
     let claim = shared.registry.claim(&vhost_name, &client_id, ctx.id).await;
     if claim.expired {
-        // The session expired while its client was away; the core may not have deleted its
-        // queue yet (x-expires is checked on the broker's tick), and a queue left behind would
-        // be resumed as if the session were present.
-        let _ = vhost.delete_queue(&session_queue_name(&client_id), ctx.id, false, false);
+        // The session expired while its client was away and its timer has not ended it yet: a
+        // queue left behind would be resumed as if the session were present.
+        end_session(&vhost, &client_id, ctx.id);
     }
     let mut settings = shared.settings.clone();
     if let Some(exchange) = &ctx.listener.exchange {
@@ -166,6 +170,8 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let queue_outbox = session.queue_outbox().clone();
     let mut waiting: Option<CommitWait> = None;
     let mut alarm = ctx.broker.memory().subscribe();
+    let mut disk_alarm = ctx.broker.disk().subscribe();
+    session.set_disk_alarm(disk_alarm.clone());
     let mut bytes_in = buf.len() as u64;
 
     let close = 'conn: loop {
@@ -175,7 +181,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                 match session.pending_acks.pop_front() {
                     Some(p) if p.commit.is_done() => {
                         let ok = p.commit.wait().await.is_ok();
-                        session.commit_done(p.packet, ok);
+                        if let Err(c) = session.commit_done(p.packet, ok) {
+                            break 'conn c;
+                        }
                         continue;
                     }
                     Some(p) => waiting = Some(Box::pin(async move { (p.commit.wait().await, p.packet) })),
@@ -197,8 +205,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         }
         session.congested.retain(|o| !o.has_room());
         let congested = session.congested.first().cloned();
-        // The memory alarm holds back clients that publish (subscribers keep draining).
-        let held = *alarm.borrow() && session.published;
+        // The memory alarm holds back clients that publish (subscribers keep draining); so does
+        // the disk alarm for 3.1.1 clients (5.0 clients are answered 0x97 instead).
+        let held = session.published && (*alarm.borrow() || (*disk_alarm.borrow() && !session.is_v5()));
         let reading = session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none() && !held;
         tokio::select! {
             r = stream.read_buf(&mut buf), if reading => {
@@ -227,6 +236,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             }
             _ = sink_outbox.notified() => {}
             _ = alarm.changed() => {}
+            _ = disk_alarm.changed() => {}
             // A subscriber we publish to is full: wait for it to drain, but at most
             // CONGESTION_PAUSE, so two clients publishing to each other cannot wait forever.
             _ = wait_room(congested.as_deref()), if congested.is_some() => {
@@ -235,7 +245,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             _ = queue_outbox.notified() => {}
             (result, packet) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
                 waiting = None;
-                session.commit_done(packet, result.is_ok());
+                if let Err(c) = session.commit_done(packet, result.is_ok()) {
+                    break 'conn c;
+                }
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
                 break 'conn Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() };
@@ -261,7 +273,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     // Acks still waiting for commits are sent if they complete promptly.
     if let Some(w) = waiting.take() {
         if let Ok((r, p)) = tokio::time::timeout(Duration::from_secs(1), w).await {
-            session.commit_done(p, r.is_ok());
+            let _ = session.commit_done(p, r.is_ok());
         }
     }
     if !session.out.is_empty() {
@@ -274,20 +286,23 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let will = session.will.take();
     let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
     let session_expiry = session.session_expiry;
-    let stored = session.finish(now_millis());
+    let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
+    let will = will.filter(|_| publish);
+    let delay = will_delay.min(session_expiry);
+    // A will whose delay is still running is stored with the session, so a restart meanwhile
+    // does not lose it.
+    let delayed_will = will.clone().filter(|_| delay > 0);
+    let stored = session.finish(now_millis(), delayed_will);
     let expiry = stored.as_ref().map(|st| st.expiry);
     shared.registry.release(&vhost_name, &client_id, ctx.id, stored);
     if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
-        // 5.0 §3.1.2.11.2: the session (its queue and stored state) ends `secs` after the
-        // connection, unless a connection resumes it meanwhile.
-        let registry = shared.registry.clone();
-        let (vhost, client_id, generation, conn) = (vhost.clone(), client_id.clone(), claim.generation, ctx.id);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(secs as u64)).await;
-            registry.expire(vhost.name(), &client_id, generation, || {
-                let _ = vhost.delete_queue(&session_queue_name(&client_id), conn, false, false);
-            });
-        });
+        spawn_expiry(
+            shared.clone(),
+            vhost.clone(),
+            client_id.clone(),
+            claim.generation,
+            Duration::from_secs(secs as u64),
+        );
     }
     ctx.broker.connection_closed(ctx.id);
     // Close the socket only now: once a client sees the close, its session no longer takes
@@ -295,28 +310,71 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     // is not caught by the old consumer and requeued as if queued offline).
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 
-    let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
-    if let (Some(will), true) = (will, publish) {
-        let delay = will_delay.min(session_expiry);
+    if let Some(will) = will {
         if delay == 0 {
             publish_will(&vhost, &exchange, &will, ctx.id, now_millis());
         } else {
             // 5.0 §3.1.3.2.2: wait, and publish only if the session was not resumed meanwhile.
-            let registry = shared.registry.clone();
-            let generation = claim.generation;
-            let conn = ctx.id;
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(delay as u64)).await;
-                if !registry.claimed_since(vhost.name(), &client_id, generation) {
-                    publish_will(&vhost, &exchange, &will, conn, now_millis());
-                }
-            });
+            let at = Duration::from_secs(delay as u64);
+            spawn_will(shared.clone(), vhost.clone(), exchange, client_id.clone(), will, claim.generation, at);
         }
     }
     match close {
         Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
         _ => Ok(()),
     }
+}
+
+/// Ends a stored session: its queue and its stored state go.
+pub(crate) fn end_session(vhost: &Arc<VHost>, client_id: &str, connection: ConnectionId) {
+    let _ = vhost.delete_queue(&session_queue_name(client_id), connection, false, false);
+    vhost
+        .store()
+        .submit(vec![StoreOp::DeleteSession { vhost: vhost.name().to_string(), client_id: client_id.to_string() }]);
+}
+
+/// 5.0 §3.1.2.11.2: the session (its queue and stored state) ends `after` this, unless a
+/// connection resumes it meanwhile (claim `generation` is then no longer the latest).
+pub(crate) fn spawn_expiry(
+    shared: Arc<Shared>,
+    vhost: Arc<VHost>,
+    client_id: String,
+    generation: u64,
+    after: Duration,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        shared.registry.expire(vhost.name(), &client_id, generation, || {
+            end_session(&vhost, &client_id, ConnectionId(0));
+        });
+    });
+}
+
+/// Publishes a will `after` this unless the session was resumed meanwhile; then stores the
+/// session without it.
+pub(crate) fn spawn_will(
+    shared: Arc<Shared>,
+    vhost: Arc<VHost>,
+    exchange: ShortString,
+    client_id: String,
+    will: Will,
+    generation: u64,
+    after: Duration,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        if shared.registry.claimed_since(vhost.name(), &client_id, generation) {
+            return;
+        }
+        publish_will(&vhost, &exchange, &will, ConnectionId(0), now_millis());
+        if let Some(st) = shared.registry.will_published(vhost.name(), &client_id, generation) {
+            vhost.store().submit(vec![StoreOp::PutSession {
+                vhost: vhost.name().to_string(),
+                client_id,
+                state: encode_session(&st),
+            }]);
+        }
+    });
 }
 
 async fn wait_room(outbox: Option<&ferry_core::sink::Outbox<ferry_core::sink::SinkDelivery>>) {

@@ -19,17 +19,22 @@ pub mod driver;
 pub mod mapping;
 pub mod registry;
 pub mod session;
+pub mod session_store;
 pub mod sys;
 pub mod topic;
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use ferry_core::exchange::BindingKey;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, Frontend};
-use ferry_core::message::Protocol;
+use ferry_core::message::{now_millis, ConnectionId, Protocol, ShortString};
+use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
+use ferry_core::Broker;
 
 pub use session::Settings;
 
@@ -100,5 +105,72 @@ impl Frontend for MqttFrontend {
 
     async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError> {
         driver::run(stream, ctx, self.shared.clone()).await
+    }
+
+    /// Brings back the persistent sessions the store holds: each session queue is bound again
+    /// for its subscriptions (so messages published before the client returns are kept), the
+    /// registry holds the state for the client's return, and the expiry and will timers run
+    /// again from when the client went away (a client connected at the crash went away now).
+    fn recover(&self, broker: &Arc<Broker>) {
+        let records = broker.take_recovered_sessions(|_| true);
+        let now = now_millis();
+        let mut restored = 0usize;
+        for r in records {
+            let forget = || {
+                broker
+                    .store()
+                    .submit(vec![StoreOp::DeleteSession { vhost: r.vhost.clone(), client_id: r.client_id.clone() }]);
+            };
+            let st = match session_store::decode_session(&r.state) {
+                Ok(st) => st,
+                Err(e) => {
+                    tracing::warn!(vhost = %r.vhost, client_id = %r.client_id, error = %e, "stored MQTT session dropped");
+                    forget();
+                    continue;
+                }
+            };
+            let vhost = broker.add_vhost(&r.vhost);
+            let queue = session::session_queue_name(&r.client_id);
+            if vhost.queue(&queue.to_string_lossy()).is_none() {
+                tracing::warn!(vhost = %r.vhost, client_id = %r.client_id, "stored MQTT session without its queue; dropped");
+                forget();
+                continue;
+            }
+            let exchange = ShortString::from(st.exchange.as_str());
+            if let Err(e) = session::ensure_exchange(&vhost, &exchange) {
+                tracing::warn!(vhost = %r.vhost, exchange = %exchange, error = %e, "MQTT exchange unusable; session dropped");
+                forget();
+                continue;
+            }
+            for sub in &st.subscriptions {
+                let Ok(filter) = topic::Filter::parse(&sub.filter) else { continue };
+                // Shared subscriptions consume their group's queue per connection.
+                if filter.share_group.is_some() {
+                    continue;
+                }
+                let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
+                if let Err(e) = vhost.bind_queue(&queue, &exchange, key, ConnectionId(0)) {
+                    tracing::warn!(client_id = %r.client_id, filter = %sub.filter, error = %e, "stored subscription not bound");
+                }
+            }
+            let away = if st.disconnected_at == 0 { 0 } else { now.saturating_sub(st.disconnected_at) };
+            let away = Duration::from_millis(away);
+            let released_at = Instant::now().checked_sub(away).unwrap_or_else(Instant::now);
+            let (expiry, will) = (st.expiry, st.will.clone());
+            let generation = self.shared.registry.restore(&r.vhost, &r.client_id, st, released_at);
+            if expiry != u32::MAX {
+                let left = Duration::from_secs(expiry as u64).saturating_sub(away);
+                driver::spawn_expiry(self.shared.clone(), vhost.clone(), r.client_id.clone(), generation, left);
+            }
+            if let Some(will) = will {
+                let delay = will.properties.will_delay_interval.unwrap_or(0).min(expiry);
+                let left = Duration::from_secs(delay as u64).saturating_sub(away);
+                driver::spawn_will(self.shared.clone(), vhost, exchange, r.client_id.clone(), will, generation, left);
+            }
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::info!(sessions = restored, "MQTT persistent sessions recovered");
+        }
     }
 }

@@ -37,6 +37,13 @@ pub struct StoredSession {
     pub inflight_ids: HashMap<u64, u16>,
     /// Seconds (5.0 session expiry; `u32::MAX` never).
     pub expiry: u32,
+    /// The exchange the subscriptions are bound on (the listener's MQTT exchange).
+    pub exchange: String,
+    /// The will still to be published: stored while the client is connected (a broker crash
+    /// is a connection loss) and while a will delay runs.
+    pub will: Option<crate::codec::Will>,
+    /// When the client went away, in ms since the epoch; 0 while it is connected.
+    pub disconnected_at: u64,
 }
 
 /// Signals between a connection holding a client id and one taking it over.
@@ -179,6 +186,30 @@ impl Registry {
             // Taken over by force after a timeout: this connection's state is stale.
             _ => {}
         }
+    }
+
+    /// Puts back a session read from the store at start-up (no connection holds it), as if
+    /// released at `released_at`; returns its claim number for the expiry and will timers.
+    pub fn restore(&self, vhost: &str, client_id: &str, stored: StoredSession, released_at: Instant) -> u64 {
+        let mut slots = self.slots();
+        let slot = slots.entry((vhost.to_string(), client_id.to_string())).or_default();
+        slot.stored = Some(stored);
+        slot.released_at = Some(released_at);
+        slot.generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        slot.generation
+    }
+
+    /// The will of a stored session was published: forgets it, and returns the session's state
+    /// to store again (`None` when a connection resumed or the session ended meanwhile).
+    pub fn will_published(&self, vhost: &str, client_id: &str, generation: u64) -> Option<StoredSession> {
+        let mut slots = self.slots();
+        let slot = slots.get_mut(&(vhost.to_string(), client_id.to_string()))?;
+        if slot.generation != generation || slot.live.is_some() {
+            return None;
+        }
+        let st = slot.stored.as_mut()?;
+        st.will = None;
+        Some(st.clone())
     }
 
     /// Forgets a stored session (clean start, or its queue expired).

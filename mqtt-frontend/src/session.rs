@@ -19,7 +19,7 @@ use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
-use ferry_core::store::Commit;
+use ferry_core::store::{Commit, StoreOp};
 use ferry_core::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use ferry_core::CoreError;
 
@@ -29,6 +29,7 @@ use crate::codec::{
 };
 use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_publish};
 use crate::registry::{StoredSession, StoredSubscription};
+use crate::session_store::encode_session;
 use crate::topic::{check_topic_name, Filter};
 
 /// Frontend-wide MQTT settings.
@@ -193,6 +194,8 @@ pub struct Session {
     pub out: BytesMut,
     /// Counters for `$SYS`.
     pub stats: SessionStats,
+    /// The broker's disk alarm: while it is up, 5.0 QoS 1/2 publishes get 0x97.
+    disk_alarm: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Per-session counters the driver adds into the frontend's totals.
@@ -295,7 +298,12 @@ impl Session {
         // A clean start discards any previous session.
         let mut stored = stored;
         if connect.clean_start {
-            stored = None;
+            if stored.take().is_some() || vhost.queue(&queue_name.to_string_lossy()).is_some() {
+                vhost.store().submit(vec![StoreOp::DeleteSession {
+                    vhost: vhost.name().to_string(),
+                    client_id: client_id.clone(),
+                }]);
+            }
             vhost.delete_queue(&queue_name, connection, false, false)?;
         }
         let existing = vhost.queue(&queue_name.to_string_lossy());
@@ -374,6 +382,7 @@ impl Session {
             out: BytesMut::with_capacity(4096),
             stats: SessionStats::default(),
             settings,
+            disk_alarm: tokio::sync::watch::channel(false).1,
         };
 
         let mut ack = ConnAck { session_present, code: reason::SUCCESS, properties: Default::default() };
@@ -407,7 +416,75 @@ impl Session {
                 s.send(Packet::PubRel(PubResp::ok(id)));
             }
         }
+        // The session as it now is (with this connection's will) is stored: a broker crash
+        // from here on is this client's connection loss.
+        s.persist();
         Ok(s)
+    }
+
+    /// Watches the broker's disk alarm (set by the driver).
+    pub fn set_disk_alarm(&mut self, alarm: tokio::sync::watch::Receiver<bool>) {
+        self.disk_alarm = alarm;
+    }
+
+    /// Whether this session's state is kept in the store.
+    fn stores_state(&self) -> bool {
+        self.session_expiry > 0 && matches!(self.mode, Mode::Persistent { .. })
+    }
+
+    /// The session's state as stored: subscriptions, QoS 2 ids, packet ids in flight, expiry.
+    fn stored_state(&self, will: Option<Will>, disconnected_at: u64) -> StoredSession {
+        let mut inflight_ids = HashMap::new();
+        let mut outgoing_pubrel = Vec::new();
+        let own = match &self.mode {
+            Mode::Persistent { queue, .. } => Some(queue),
+            Mode::Transient { .. } => None,
+        };
+        for (id, i) in &self.inflight {
+            match i {
+                Inflight::AwaitingPubAck(Source::Queue { queue: q, seq })
+                | Inflight::AwaitingPubRec(Source::Queue { queue: q, seq })
+                    if own.is_some_and(|own| Arc::ptr_eq(q, own)) =>
+                {
+                    inflight_ids.insert(*seq, *id);
+                }
+                Inflight::AwaitingPubComp => outgoing_pubrel.push(*id),
+                _ => {}
+            }
+        }
+        outgoing_pubrel.sort_unstable();
+        StoredSession {
+            subscriptions: self
+                .subs
+                .values()
+                .map(|s| StoredSubscription {
+                    filter: s.filter.text.clone(),
+                    options: s.options,
+                    identifier: s.identifier,
+                })
+                .collect(),
+            incoming_qos2: self.incoming_qos2.clone(),
+            outgoing_pubrel,
+            inflight_ids,
+            expiry: self.session_expiry,
+            exchange: self.settings.exchange.to_string_lossy(),
+            will,
+            disconnected_at,
+        }
+    }
+
+    /// Stores the session's state (a no-op for a session that ends with its connection); the
+    /// commit resolves when it is durable.
+    fn persist(&self) -> Commit {
+        if !self.stores_state() {
+            return Commit::done(Ok(()));
+        }
+        let state = encode_session(&self.stored_state(self.will.clone(), 0));
+        self.vhost.store().submit(vec![StoreOp::PutSession {
+            vhost: self.vhost.name().to_string(),
+            client_id: self.client_id.clone(),
+            state,
+        }])
     }
 
     pub fn sink_outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
@@ -479,16 +556,18 @@ impl Session {
             Packet::PubRel(r) => {
                 let known = self.incoming_qos2.remove(&r.packet_id);
                 let code = if known || !self.is_v5() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
-                self.send(Packet::PubComp(PubResp {
-                    packet_id: r.packet_id,
-                    reason: code,
-                    properties: Default::default(),
-                }));
+                // The id is free again only once that is stored: else a crash would bring it back
+                // and the client's next QoS 2 message with this id would be taken for a resend.
+                let commit = if known { self.persist() } else { Commit::done(Ok(())) };
+                let packet =
+                    Packet::PubComp(PubResp { packet_id: r.packet_id, reason: code, properties: Default::default() });
+                self.queue_ack(commit, packet);
                 Ok(())
             }
             Packet::PubComp(r) => {
                 if matches!(self.inflight.get(&r.packet_id), Some(Inflight::AwaitingPubComp)) {
                     self.inflight.remove(&r.packet_id);
+                    self.persist();
                 }
                 Ok(())
             }
@@ -567,7 +646,14 @@ impl Session {
         }
         self.stats.messages_in += 1;
         self.published = true;
-        let (routed, rejected, commit) = self.route(&p, p.topic.as_str(), now);
+        if v5 && p.qos > QoS::AtMostOnce && *self.disk_alarm.borrow() {
+            // The disk alarm: refused, not routed (QoS 0 is never stored, so it still goes).
+            let packet = PubResp { packet_id: id, reason: reason::QUOTA_EXCEEDED, properties: Default::default() };
+            let packet = if p.qos == QoS::AtLeastOnce { Packet::PubAck(packet) } else { Packet::PubRec(packet) };
+            self.queue_ack(Commit::done(Ok(())), packet);
+            return Ok(());
+        }
+        let (routed, rejected, mut commit) = self.route(&p, p.topic.as_str(), now);
         let code = if rejected {
             reason::QUOTA_EXCEEDED
         } else if routed == 0 && v5 {
@@ -584,6 +670,7 @@ impl Session {
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     self.incoming_qos2.insert(id);
+                    commit = commit.join(self.persist());
                 }
                 self.queue_ack(
                     commit,
@@ -620,8 +707,8 @@ impl Session {
                 let own = &self.sink_outbox;
                 self.congested.extend(o.congested.into_iter().filter(|c| !Arc::ptr_eq(c, own)));
                 let commit = match retained_commit {
-                    Some(rc) if !rc.is_done() => rc,
-                    _ => o.commit,
+                    Some(rc) => rc.join(o.commit),
+                    None => o.commit,
                 };
                 (o.routed, o.rejected, commit)
             }
@@ -640,13 +727,13 @@ impl Session {
         }
     }
 
-    /// Sends an acknowledgement whose commit resolved (called by the driver, in order).
-    pub fn commit_done(&mut self, packet: Packet, ok: bool) {
+    /// Sends an acknowledgement whose commit resolved (called by the driver, in order). A
+    /// failed commit of a 3.1.1 publish closes the connection: 3.1.1 has no negative PUBACK, and
+    /// the client resends what was not acknowledged when it reconnects.
+    pub fn commit_done(&mut self, packet: Packet, ok: bool) -> Result<(), Close> {
         let packet = match (ok, packet) {
             (true, p) => p,
-            // A failed commit: 5.0 clients are told; 3.1.1 has no negative PUBACK, so the
-            // packet is acknowledged only if it was stored (here it was not), and the client
-            // resends after reconnecting.
+            // A failed commit: 5.0 clients are told.
             (false, Packet::PubAck(mut r)) if self.is_v5() => {
                 r.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
                 Packet::PubAck(r)
@@ -655,9 +742,17 @@ impl Session {
                 r.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
                 Packet::PubRec(r)
             }
-            (false, _) => return,
+            (false, Packet::PubAck(_) | Packet::PubRec(_)) => {
+                return Err(Close::Violation {
+                    reason: reason::IMPLEMENTATION_SPECIFIC_ERROR,
+                    detail: "a publish could not be stored".into(),
+                })
+            }
+            // The subscription (or the freed QoS 2 id) works in memory; only its storage failed.
+            (false, p) => p,
         };
-        self.send(packet);
+        self.send_trimmed(packet);
+        Ok(())
     }
 
     fn on_puback(&mut self, r: PubResp, now: Millis) -> Result<(), Close> {
@@ -682,6 +777,7 @@ impl Session {
                 self.settle(src, now);
                 if r.reason < 0x80 {
                     self.inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
+                    self.persist();
                     self.send(Packet::PubRel(PubResp::ok(r.packet_id)));
                 }
             }
@@ -748,7 +844,13 @@ impl Session {
             };
             reasons.push(code);
         }
-        self.send_trimmed(Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Default::default(), reasons }));
+        // A persistent session's subscriptions are stored before the SUBACK: what a client was
+        // told it subscribed to survives a crash.
+        let commit = self.persist();
+        self.queue_ack(
+            commit,
+            Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Default::default(), reasons }),
+        );
         Ok(())
     }
 
@@ -846,11 +948,11 @@ impl Session {
         if !self.is_v5() {
             reasons.clear();
         }
-        self.send_trimmed(Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            properties: Default::default(),
-            reasons,
-        }));
+        let commit = self.persist();
+        self.queue_ack(
+            commit,
+            Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Default::default(), reasons }),
+        );
         Ok(())
     }
 
@@ -1065,60 +1167,41 @@ impl Session {
     // ----- the end ---------------------------------------------------------------------------
 
     /// Ends the session: consumers cancelled, unacked queue deliveries requeued, direct sink
-    /// unbound; a persistent session's state is returned for the registry.
-    pub fn finish(mut self, now: Millis) -> Option<StoredSession> {
+    /// unbound; a persistent session's state is stored (with `will`, a will whose delay is still
+    /// running) and returned for the registry, an ended one's stored state deleted.
+    pub fn finish(self, now: Millis, will: Option<Will>) -> Option<StoredSession> {
+        let mut this = self;
         // Subscriptions' shared consumers go back to their groups.
-        let shared: Vec<(Arc<Queue>, ConsumerId)> = self.subs.values_mut().filter_map(|s| s.shared.take()).collect();
+        let shared: Vec<(Arc<Queue>, ConsumerId)> = this.subs.values_mut().filter_map(|s| s.shared.take()).collect();
         for (q, consumer) in shared {
-            self.vhost.cancel(&q, consumer, now);
-            let effects = q.release_owner(self.owner, now);
-            self.vhost.settle(&q, effects, now);
+            this.vhost.cancel(&q, consumer, now);
+            let effects = q.release_owner(this.owner, now);
+            this.vhost.settle(&q, effects, now);
         }
-        let keep = self.session_expiry > 0;
-        match &self.mode {
+        let keep = this.session_expiry > 0;
+        match &this.mode {
             Mode::Transient { sink } => {
-                self.vhost.unbind_sink_all(sink.id());
+                this.vhost.unbind_sink_all(sink.id());
                 None
             }
             Mode::Persistent { queue, consumer } => {
                 let queue = queue.clone();
-                self.vhost.cancel(&queue, *consumer, now);
-                let mut inflight_ids = HashMap::new();
-                let mut outgoing_pubrel = Vec::new();
-                for (id, i) in &self.inflight {
-                    match i {
-                        Inflight::AwaitingPubAck(Source::Queue { queue: q, seq })
-                        | Inflight::AwaitingPubRec(Source::Queue { queue: q, seq })
-                            if Arc::ptr_eq(q, &queue) =>
-                        {
-                            inflight_ids.insert(*seq, *id);
-                        }
-                        Inflight::AwaitingPubComp => outgoing_pubrel.push(*id),
-                        _ => {}
-                    }
-                }
-                let effects = queue.release_owner(self.owner, now);
-                self.vhost.settle(&queue, effects, now);
+                this.vhost.cancel(&queue, *consumer, now);
+                let stored = this.stored_state(will, now);
+                let effects = queue.release_owner(this.owner, now);
+                this.vhost.settle(&queue, effects, now);
+                let (vhost, client_id) = (this.vhost.name().to_string(), this.client_id.clone());
                 if !keep {
-                    let _ = self.vhost.delete_queue(queue.name(), self.connection, false, false);
+                    this.vhost.store().submit(vec![StoreOp::DeleteSession { vhost, client_id }]);
+                    let _ = this.vhost.delete_queue(queue.name(), this.connection, false, false);
                     return None;
                 }
-                outgoing_pubrel.sort_unstable();
-                Some(StoredSession {
-                    subscriptions: self
-                        .subs
-                        .values()
-                        .map(|s| StoredSubscription {
-                            filter: s.filter.text.clone(),
-                            options: s.options,
-                            identifier: s.identifier,
-                        })
-                        .collect(),
-                    incoming_qos2: std::mem::take(&mut self.incoming_qos2),
-                    outgoing_pubrel,
-                    inflight_ids,
-                    expiry: self.session_expiry,
-                })
+                this.vhost.store().submit(vec![StoreOp::PutSession {
+                    vhost,
+                    client_id,
+                    state: encode_session(&stored),
+                }]);
+                Some(stored)
             }
         }
     }
