@@ -116,18 +116,19 @@ impl RedbStore {
     /// Opens the store at `path`, creating the file if it does not exist. redb repairs a file
     /// that was not closed cleanly (a crash) before this returns.
     pub fn open(path: impl AsRef<Path>) -> Result<RedbStore, StoreError> {
-        let db = Database::create(path).map_err(io)?;
-        RedbStore::start(db)
+        let path = path.as_ref().to_path_buf();
+        let db = Database::create(&path).map_err(io)?;
+        RedbStore::start(db, Box::new(move || Database::create(&path).map_err(io)))
     }
 
     /// Opens the store over any redb storage backend (tests inject failing disks this way).
     #[cfg(test)]
-    pub(crate) fn with_backend(backend: impl ::redb::StorageBackend) -> Result<RedbStore, StoreError> {
-        let db = Database::builder().create_with_backend(backend).map_err(io)?;
-        RedbStore::start(db)
+    pub(crate) fn with_backend(backend: impl ::redb::StorageBackend + Clone) -> Result<RedbStore, StoreError> {
+        let db = Database::builder().create_with_backend(backend.clone()).map_err(io)?;
+        RedbStore::start(db, Box::new(move || Database::builder().create_with_backend(backend.clone()).map_err(io)))
     }
 
-    fn start(mut db: Database) -> Result<RedbStore, StoreError> {
+    fn start(mut db: Database, reopen: Reopen) -> Result<RedbStore, StoreError> {
         // Create every table, so readers never meet a missing one, and find the next body id.
         let txn = db.begin_write().map_err(io)?;
         let next_body = {
@@ -144,7 +145,8 @@ impl RedbStore {
         compact_if_it_pays(&mut db, &compactions);
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
         let writer = Writer {
-            db,
+            db: Some(db),
+            reopen,
             receiver,
             transactions: transactions.clone(),
             failing: failing.clone(),
@@ -526,8 +528,13 @@ fn remove_prefix<V: Value + 'static>(table: &mut Table<'_, &'static [u8], V>, pr
 }
 
 /// The writer thread's state.
+/// Opens the database again (after an I/O error redb refuses every transaction until then).
+type Reopen = Box<dyn FnMut() -> Result<Database, StoreError> + Send>;
+
 struct Writer {
-    db: Database,
+    /// `None` after a failed commit: the next request reopens it (redb's repair runs then).
+    db: Option<Database>,
+    reopen: Reopen,
     receiver: Receiver<Request>,
     transactions: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
@@ -563,7 +570,10 @@ impl Writer {
             };
             let (ops0, reply0) = match first {
                 Request::Read(f) => {
-                    f(&self.db);
+                    // Dropping `f` unanswered tells the caller the store is closed.
+                    if let Ok(db) = self.db() {
+                        f(db);
+                    }
                     continue;
                 }
                 Request::Batch { ops, reply } => (ops, reply),
@@ -611,11 +621,24 @@ impl Writer {
                     Ok(r) => carried = Some(r),
                     Err(_) => {
                         since_check = 0;
-                        compact_if_it_pays(&mut self.db, &self.compactions);
+                        let compactions = self.compactions.clone();
+                        if let Ok(db) = self.db() {
+                            compact_if_it_pays(db, &compactions);
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// The database, opened again if a failure closed it.
+    fn db(&mut self) -> Result<&mut Database, StoreError> {
+        if self.db.is_none() {
+            let db = (self.reopen)()?;
+            tracing::info!("store reopened after a failed commit");
+            self.db = Some(db);
+        }
+        Ok(self.db.as_mut().expect("just opened"))
     }
 
     /// Writes a group in one fsync'd transaction; on failure nothing of it is applied.
@@ -623,6 +646,9 @@ impl Writer {
         let mut undo = Vec::new();
         let result = self.write(group, &mut undo);
         if result.is_err() {
+            // After an I/O error redb refuses everything until it is reopened: close it now, the
+            // next request reopens it (and redb repairs what the failed commit left).
+            self.db = None;
             for u in undo.into_iter().rev() {
                 match u {
                     Undo::Added(id) => {
@@ -636,7 +662,7 @@ impl Writer {
     }
 
     fn write(&mut self, group: &[(Vec<StoreOp>, Reply)], undo: &mut Vec<Undo>) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(io)?;
+        let mut txn = self.db()?.begin_write().map_err(io)?;
         txn.set_durability(Durability::Immediate).map_err(io)?;
         {
             let mut tables = Tables::open(&txn)?;
@@ -1110,9 +1136,9 @@ mod tests {
     }
 
     /// A disk that fails writes and syncs while `fail` is set.
-    #[derive(Debug)]
+    #[derive(Debug, Clone)]
     struct FailingDisk {
-        inner: ::redb::backends::InMemoryBackend,
+        inner: Arc<::redb::backends::InMemoryBackend>,
         fail: Arc<AtomicBool>,
     }
 
@@ -1161,12 +1187,15 @@ mod tests {
         }
         let r = tokio::time::timeout(WAIT, s.submit(vec![del("q", 1)]).wait()).await.unwrap();
         assert!(matches!(r, Err(StoreError::Io(_))), "{r:?}");
+        assert!(s.is_failing(), "the disk alarm sees the failure");
         // What was committed before the failure is still there; nothing after it is.
         fail.store(false, Ordering::SeqCst);
         assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1]);
-        // The store keeps answering (with an error or, once redb recovers, success) and
-        // dropping it does not hang or panic.
-        let _ = tokio::time::timeout(WAIT, s.submit(vec![put("q", 30, &m)]).wait()).await.unwrap();
+        // Once the disk takes writes again, so does the store: the alarm clears by itself.
+        let r = tokio::time::timeout(WAIT, s.submit(vec![put("q", 30, &m)]).wait()).await.unwrap();
+        assert_eq!(r, Ok(()));
+        assert!(!s.is_failing());
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1, 30]);
         drop(s);
     }
 
