@@ -99,7 +99,7 @@ pub struct Connection {
     pub pending: VecDeque<PendingConfirm>,
     /// The client understands connection.blocked (its capabilities say so).
     pub blocked_capable: bool,
-    /// The connection has published: the memory alarm holds it back.
+    /// The connection has published: the memory and disk alarms hold it back.
     pub published: bool,
     /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity: the
     /// driver pauses reading until they have room.
@@ -138,6 +138,23 @@ fn server_properties() -> FieldTable {
     t.insert("information", FieldValue::string("MQTT 3.1.1, MQTT 5.0 and AMQP 0-9-1 on one core"));
     t.insert("capabilities", FieldValue::Table(capabilities()));
     t
+}
+
+/// connection.blocked's reason, worded as RabbitMQ words it: the alarms that are up, joined
+/// with " & " ("low on memory", "low on disk", "low on memory & low on disk").
+fn blocked_reason(broker: &Broker) -> String {
+    let mut reasons = Vec::with_capacity(2);
+    if broker.memory().is_raised() {
+        reasons.push("low on memory");
+    }
+    if broker.disk().is_raised() {
+        reasons.push("low on disk");
+    }
+    if reasons.is_empty() {
+        // The alarm went down in the instant since the driver looked; unblocked follows.
+        reasons.push("low on memory");
+    }
+    reasons.join(" & ")
 }
 
 /// The user in a PLAIN (`\0user\0password`) or AMQPLAIN (LOGIN/PASSWORD table) response.
@@ -243,16 +260,14 @@ impl Connection {
         self.release_all(now_millis());
     }
 
-    /// Tells a client that supports it that it is blocked (memory alarm) or unblocked.
+    /// Tells a client that supports it that it is blocked (memory or disk alarm) or unblocked.
     pub fn send_blocked(&mut self, blocked: bool) {
         if !self.blocked_capable || self.state != State::Open {
             return;
         }
         if blocked {
-            self.send(
-                0,
-                Method::ConnectionBlocked(ConnectionBlocked { reason: ShortString::from_static("low on memory") }),
-            );
+            let reason = ShortString::from(blocked_reason(&self.broker));
+            self.send(0, Method::ConnectionBlocked(ConnectionBlocked { reason }));
         } else {
             self.send(0, Method::ConnectionUnblocked(ConnectionUnblocked {}));
         }
@@ -754,17 +769,20 @@ impl Connection {
                 let Some(ops) = self.channel(ch).tx.as_mut().map(std::mem::take) else {
                     return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "channel is not transactional"));
                 };
+                // commit-ok follows once the published messages (and the acks) are durable; a
+                // commit that fails closes the channel instead (see `confirm_done`).
+                let mut commit = ferry_core::store::Commit::done(Ok(()));
                 for op in ops {
-                    match op {
+                    let c = match op {
                         TxOp::Publish { message, mandatory } => self.route(ch, *message, mandatory, now)?,
-                        TxOp::Ack { tag, multiple } => self.settle(ch, tag, multiple, None, now)?,
+                        TxOp::Ack { tag, multiple } => self.settle_commit(ch, tag, multiple, None, now)?,
                         TxOp::Reject { tag, multiple, requeue } => {
-                            self.settle(ch, tag, multiple, Some(requeue), now)?
+                            self.settle_commit(ch, tag, multiple, Some(requeue), now)?
                         }
-                    }
+                    };
+                    commit = commit.join(c);
                 }
-                // commit-ok follows once the published messages are durable.
-                let commit = self.vhost().store().flush();
+                let commit = commit.join(self.vhost().store().flush());
                 self.pending.push_back(PendingConfirm { channel: ch, seq: 0, nack: false, commit });
                 Ok(())
             }
@@ -871,6 +889,19 @@ impl Connection {
         requeue: Option<bool>,
         now: Millis,
     ) -> Result<(), AmqpError> {
+        self.settle_commit(ch, tag, multiple, requeue, now).map(drop)
+    }
+
+    /// [`Connection::settle`], returning the commit of what it changed in the store.
+    fn settle_commit(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+        now: Millis,
+    ) -> Result<ferry_core::store::Commit, AmqpError> {
+        let mut commit = ferry_core::store::Commit::done(Ok(()));
         let c = self.channel(ch);
         let Some(items) = c.take_unacked(tag, multiple) else {
             return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")));
@@ -886,9 +917,7 @@ impl Connection {
                 Some(rq) => u.queue.reject(u.seq, rq, now),
             };
             match r {
-                Ok(effects) => {
-                    vhost.settle(&u.queue, effects, now);
-                }
+                Ok(effects) => commit = commit.join(vhost.settle(&u.queue, effects, now)),
                 Err(e) => tracing::debug!(conn = %self.id, error = %e, "settling a delivery the queue no longer holds"),
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
@@ -898,7 +927,7 @@ impl Connection {
         if counted > 0 {
             self.pump_channel_queues(ch, now);
         }
-        Ok(())
+        Ok(commit)
     }
 
     fn recover(&mut self, ch: u16, now: Millis) {
@@ -1061,7 +1090,7 @@ impl Connection {
             return Ok(());
         }
         match self.route(ch, message, p.method.mandatory, now) {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(e) if e.is_hard() => Err(e),
             Err(e) => {
                 self.close_channel(ch, &e.on(60, 40), now);
@@ -1070,8 +1099,15 @@ impl Connection {
         }
     }
 
-    /// Publishes a complete message: mandatory returns and publisher confirms.
-    fn route(&mut self, ch: u16, message: Message, mandatory: bool, now: Millis) -> Result<(), AmqpError> {
+    /// Publishes a complete message: mandatory returns and publisher confirms. Returns the
+    /// commit of its persistent copies, unless a publisher confirm waits on it.
+    fn route(
+        &mut self,
+        ch: u16,
+        message: Message,
+        mandatory: bool,
+        now: Millis,
+    ) -> Result<ferry_core::store::Commit, AmqpError> {
         let exchange = message.exchange.clone();
         let returned = mandatory.then(|| message.clone());
         self.published = true;
@@ -1104,17 +1140,26 @@ impl Connection {
                 nack: outcome.rejected,
                 commit: outcome.commit,
             });
+            return Ok(ferry_core::store::Commit::done(Ok(())));
         }
-        Ok(())
+        Ok(outcome.commit)
     }
 
-    /// Sends a confirm (or tx.commit-ok, seq 0) whose commit resolved.
+    /// Sends a confirm (or tx.commit-ok, seq 0) whose commit resolved. A failed commit (the
+    /// store could not write: a full or failing disk) is a basic.nack, or for tx.commit the
+    /// channel error RabbitMQ gives a transaction that did not complete (406 "partial tx
+    /// completion").
     pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool) {
         if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
             return;
         }
         if p.seq == 0 {
-            self.send(p.channel, Method::TxCommitOk(TxCommitOk {}));
+            if ok {
+                self.send(p.channel, Method::TxCommitOk(TxCommitOk {}));
+            } else {
+                let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "partial tx completion").on(90, 20);
+                self.close_channel(p.channel, &e, now_millis());
+            }
             return;
         }
         if p.nack || !ok {

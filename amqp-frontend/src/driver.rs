@@ -66,9 +66,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
     let mut last_read = Instant::now();
     let mut last_write = Instant::now();
     let mut shutting_down = false;
-    // The memory alarm: while it is up, connections that publish are not read (RabbitMQ's
-    // behaviour); clients that support it are told with connection.blocked / unblocked.
-    let mut alarm = ctx.broker.memory().subscribe();
+    // The memory and disk alarms: while either is up, connections that publish are not read
+    // (RabbitMQ's behaviour); clients that support it are told with connection.blocked /
+    // unblocked. Consuming connections go on.
+    let mut alarm = ctx.broker.publishers_blocked();
     let mut told_blocked = false;
     // Set once we sent connection.close: the client gets CLOSE_OK_WAIT to answer close-ok.
     let mut closing_deadline: Option<Instant> = None;

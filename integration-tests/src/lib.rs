@@ -5,8 +5,11 @@
 //! - [`EchoFrontend`]: a test-only frontend that tells the client how many TLS peer certificates
 //!   it saw, then echoes bytes until the client closes or the server shuts down.
 //! - [`DeafFrontend`]: a frontend that ignores the shutdown signal, to exercise the grace period.
+//! - [`FailingStore`]: a [`MemoryStore`](ferry_core::store::MemoryStore) whose writes fail at
+//!   the flip of a switch (a full or failing disk), for [`TestServer::start_with_store`].
 //! - [`TestServer`]: writes a config into a temporary directory and starts a server in-process
-//!   with the given frontends (listeners normally bind `127.0.0.1:0`).
+//!   with the given frontends (listeners normally bind `127.0.0.1:0`); [`TestServer::restart`]
+//!   shuts it down gracefully and starts a new one on the same directory and store.
 //! - [`within`]: awaits a future or fails the test after [`TIMEOUT`].
 //! - [`mqtt`]: [`TestServer::mqtt`] (the real MQTT frontend), rumqttc 3.1.1 / 5.0 clients driven
 //!   from their own tasks, and a raw client for malformed input.
@@ -107,6 +110,64 @@ impl Frontend for DeafFrontend {
     }
 }
 
+/// A [`MemoryStore`](ferry_core::store::MemoryStore) whose writes can be made to fail, like a
+/// full or failing disk. While [`FailingStore::set_failing`] is on, every `submit` fails at once
+/// with `StoreError::Io` (nothing of it is applied); like the redb store, it then reports itself
+/// failing (`is_failing`, which raises the disk alarm) until a submit succeeds again — the
+/// broker's own probe write once the switch is off. `recover` and `flush` are the inner store's.
+#[derive(Debug, Default)]
+pub struct FailingStore {
+    inner: ferry_core::store::MemoryStore,
+    /// The switch: submits fail while it is on.
+    fail: std::sync::atomic::AtomicBool,
+    /// The last submit failed.
+    failing: std::sync::atomic::AtomicBool,
+    /// Submits refused so far.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl FailingStore {
+    pub fn new() -> Arc<FailingStore> {
+        Arc::new(FailingStore::default())
+    }
+    /// Turns failing writes on or off.
+    pub fn set_failing(&self, on: bool) {
+        self.fail.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// How many submits failed so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// The store underneath (what was written while the switch was off).
+    pub fn inner(&self) -> &ferry_core::store::MemoryStore {
+        &self.inner
+    }
+}
+
+impl ferry_core::store::Store for FailingStore {
+    fn submit(&self, ops: Vec<ferry_core::store::StoreOp>) -> ferry_core::store::Commit {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.fail.load(SeqCst) {
+            self.failing.store(true, SeqCst);
+            self.refused.fetch_add(1, SeqCst);
+            return ferry_core::store::Commit::done(Err(ferry_core::store::StoreError::Io(
+                "injected: no space left on device".into(),
+            )));
+        }
+        self.failing.store(false, SeqCst);
+        self.inner.submit(ops)
+    }
+    fn recover(&self) -> Result<ferry_core::store::Snapshot, ferry_core::store::StoreError> {
+        self.inner.recover()
+    }
+    fn flush(&self) -> ferry_core::store::Commit {
+        self.inner.flush()
+    }
+    fn is_failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A server started in-process from a config file in its own temporary directory.
 #[derive(Debug)]
 pub struct TestServer {
@@ -135,6 +196,22 @@ impl TestServer {
         TestServer::start_in(dir, toml, frontends).await.unwrap_or_else(|e| panic!("server did not start:\n{e}"))
     }
 
+    /// [`TestServer::start`] on `store` (a [`FailingStore`], say) instead of the redb file in the
+    /// data directory; the broker is recovered from it.
+    pub async fn start_with_store(
+        toml: &str,
+        frontends: &[Arc<dyn Frontend>],
+        store: Arc<dyn ferry_core::store::Store>,
+    ) -> TestServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut builder = Server::builder(write_config(dir.path(), toml)).store(store);
+        for frontend in frontends {
+            builder = builder.frontend(frontend.clone());
+        }
+        let server = builder.start().await.unwrap_or_else(|e| panic!("server did not start:\n{e}"));
+        TestServer { server, dir }
+    }
+
     /// The address listener `index` (config order) is bound to.
     pub fn addr(&self, index: usize) -> std::net::SocketAddr {
         self.server.local_addr(index)
@@ -145,6 +222,63 @@ impl TestServer {
         let index = self.server.listeners().iter().position(|l| l.protocol == protocol).unwrap_or(0);
         self.addr(index)
     }
+
+    /// Restarts the broker: [`TestServer::stop`], then [`TestServer::resume`] on the same
+    /// directory (same config file, same data directory and store, fresh frontends with default
+    /// settings). Listeners on port 0 get new ports: take addresses from the returned server.
+    /// A server started with [`TestServer::start_with_store`] comes back on the redb file of its
+    /// data directory, not on that store.
+    pub async fn restart(self) -> TestServer {
+        let dir = self.stop().await;
+        TestServer::resume(dir).await
+    }
+
+    /// Shuts the server down gracefully (connections told to close, the store flushed and
+    /// closed, as on SIGTERM) and hands back its directory for [`TestServer::resume`]. There is
+    /// no in-process SIGKILL; the crash test drives the `ferry` binary.
+    pub async fn stop(self) -> TempDir {
+        let TestServer { server, dir } = self;
+        // Bounded by the grace period (10 s by default) plus the usual allowance.
+        let limit = Duration::from_secs(10) + TIMEOUT;
+        match tokio::time::timeout(limit, server.shutdown()).await {
+            Ok(Ok(_report)) => {}
+            Ok(Err(e)) => panic!("shutdown failed: {e}"),
+            Err(_) => panic!("shutdown: not done within {limit:?}"),
+        }
+        dir
+    }
+
+    /// Starts a server again in a directory a stopped [`TestServer`] left: `dir/ferry.toml` as
+    /// it was, the same data directory, and a new frontend with default settings for each
+    /// protocol the config has listeners for. The old frontends are not reused: they hold
+    /// per-broker state (the MQTT session registry), which a real restart loses.
+    pub async fn resume(dir: TempDir) -> TestServer {
+        let config = write_config(dir.path(), &read_config(dir.path()));
+        // One frontend per protocol, as the `ferry` binary builds them.
+        let mut frontends: Vec<Arc<dyn Frontend>> = Vec::new();
+        for protocol in config.listeners.iter().map(|l| l.protocol) {
+            if frontends.iter().any(|f| f.protocol() == protocol) {
+                continue;
+            }
+            match protocol {
+                Protocol::Mqtt => frontends.push(Arc::new(ferry_mqtt::MqttFrontend::default())),
+                Protocol::Amqp => frontends.push(Arc::new(ferry_amqp::AmqpFrontend::default())),
+                Protocol::Internal => {}
+            }
+        }
+        TestServer::resume_with(dir, &frontends).await
+    }
+
+    /// [`TestServer::resume`] with the given (new) frontends.
+    pub async fn resume_with(dir: TempDir, frontends: &[Arc<dyn Frontend>]) -> TestServer {
+        let toml = read_config(dir.path());
+        TestServer::start_in(dir, &toml, frontends).await.unwrap_or_else(|e| panic!("server did not restart:\n{e}"))
+    }
+}
+
+/// The text of `dir/ferry.toml`.
+fn read_config(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("ferry.toml")).expect("read ferry.toml")
 }
 
 /// Writes and loads `dir/ferry.toml`, with the data directory moved into `dir/data` so that

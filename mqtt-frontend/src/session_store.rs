@@ -198,10 +198,12 @@ mod tests {
     use crate::codec::{Properties, Will};
 
     fn sample() -> StoredSession {
-        let mut will_props = Properties::default();
-        will_props.will_delay_interval = Some(30);
-        will_props.content_type = Some(Str::from("text/plain"));
-        will_props.user_properties = vec![(Str::from("k"), Str::from("v"))];
+        let will_props = Properties {
+            will_delay_interval: Some(30),
+            content_type: Some(Str::from("text/plain")),
+            user_properties: vec![(Str::from("k"), Str::from("v"))],
+            ..Default::default()
+        };
         StoredSession {
             subscriptions: vec![
                 StoredSubscription {

@@ -120,6 +120,8 @@ pub fn check(config: &Config) -> Result<(), StartError> {
 pub struct ServerBuilder {
     config: Config,
     frontends: HashMap<Protocol, Arc<dyn Frontend>>,
+    /// Replaces the store in the data directory (tests).
+    store: Option<Arc<dyn Store>>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -127,6 +129,7 @@ impl fmt::Debug for ServerBuilder {
         f.debug_struct("ServerBuilder")
             .field("config", &self.config)
             .field("frontends", &self.frontends.keys().collect::<Vec<_>>())
+            .field("store", &self.store.as_ref().map(|_| "given"))
             .finish()
     }
 }
@@ -138,9 +141,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs the server on `store` instead of opening [`STORE_FILE`] in the data directory (the
+    /// broker is still recovered from it). For tests: an injected failing store, say.
+    pub fn store(mut self, store: Arc<dyn Store>) -> ServerBuilder {
+        self.store = Some(store);
+        self
+    }
+
     /// Binds every listener and starts serving. Nothing is left running on error.
     pub async fn start(self) -> Result<Server, StartError> {
-        let ServerBuilder { config, frontends } = self;
+        let ServerBuilder { config, frontends, store: given_store } = self;
         let mut problems = Vec::new();
         let mut ready = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
@@ -188,6 +198,10 @@ impl ServerBuilder {
         let opened = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || -> Result<Arc<Broker>, StoreError> {
+                if let Some(store) = given_store {
+                    info!("store: the one given to the server ({} not opened)", path.display());
+                    return Broker::recover(store);
+                }
                 let started = std::time::Instant::now();
                 let store = Arc::new(RedbStore::open(&path)?);
                 if let Ok(st) = store.file_stats() {
@@ -301,7 +315,7 @@ pub struct Server {
 
 impl Server {
     pub fn builder(config: Config) -> ServerBuilder {
-        ServerBuilder { config, frontends: HashMap::new() }
+        ServerBuilder { config, frontends: HashMap::new(), store: None }
     }
 
     /// The listeners, in config order.

@@ -17,14 +17,16 @@ pub struct MemoryStore {
     state: Mutex<MemoryState>,
 }
 
+/// A queue's stored messages: seq → (message, delivered).
+type QueueMessages = BTreeMap<u64, (Arc<Message>, bool)>;
+
 #[derive(Debug, Default)]
 struct MemoryState {
     vhosts: BTreeMap<String, ()>,
     exchanges: BTreeMap<(String, ShortString), ExchangeRecord>,
     queues: BTreeMap<(String, ShortString), QueueRecord>,
     bindings: Vec<BindingRecord>,
-    /// Per queue: seq → (message, delivered).
-    messages: BTreeMap<(String, ShortString), BTreeMap<u64, (Arc<Message>, bool)>>,
+    messages: BTreeMap<(String, ShortString), QueueMessages>,
     retained: BTreeMap<(String, ShortString), Arc<Message>>,
     sessions: BTreeMap<(String, String), bytes::Bytes>,
     /// Operations applied, for tests that check what reached the store.

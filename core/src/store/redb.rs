@@ -171,7 +171,7 @@ impl RedbStore {
 
     /// The file's size and how much of it is in use.
     pub fn file_stats(&self) -> Result<FileStats, StoreError> {
-        self.read(|db| file_stats(db))
+        self.read(file_stats)
     }
 
     /// Runs `f` on the writer thread (which owns the database), after everything submitted
