@@ -575,13 +575,13 @@ impl Queue {
             || self.args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
     }
 
-    /// Records a message that left the queue for good, for the store.
     /// Whether the store holds this queue and its persistent messages: durable and not
     /// exclusive (an exclusive queue ends with its connection, so it never outlives a restart).
     pub fn stores_messages(&self) -> bool {
         self.options.durable && self.options.exclusive.is_none()
     }
 
+    /// Records a message that left the queue for good, for the store.
     fn forget(&self, message: &Message, seq: u64, fx: &mut Effects) {
         if self.stores_messages() && message.is_persistent() {
             fx.forgotten.push(seq);
@@ -701,6 +701,9 @@ impl Queue {
         }
 
         let mut m = message.clone();
+        // The copy enters the dead-letter queue now: TTLs there (and after a restart) count
+        // from here.
+        m.published_at = now;
         let original_expiration = m.properties.expiration.take();
         let exchange = FieldValue::LongString(message.exchange.bytes().clone());
         let queue_value = FieldValue::LongString(self.name.bytes().clone());
@@ -826,12 +829,15 @@ impl Queue {
     }
 
     /// Puts back a message recovered from the store at start-up, at its place by `seq`, marked
-    /// redelivered (it may have been delivered before the restart). Its TTL counts from `now`.
-    /// Later enqueues get higher sequence numbers. Length limits are not applied.
+    /// redelivered if it was `delivered` before the restart. Its TTL counts from when it was
+    /// published (the time the broker was down counts; an expired message goes at the next
+    /// tick, dead-lettered if the queue says so). Later enqueues get higher sequence numbers.
+    /// Length limits are not applied.
     pub fn restore(&self, seq: u64, message: Arc<Message>, delivered: bool, now: Millis) {
         let mut st = self.lock();
         let level = self.level_of(&message);
-        let expires_at = self.expiry_of(&message, now);
+        let entered = if message.published_at == 0 { now } else { message.published_at.min(now) };
+        let expires_at = self.expiry_of(&message, entered);
         st.next_seq = st.next_seq.max(seq.saturating_add(1));
         st.requeue(level, Entry { seq, message, expires_at, redelivered: true });
         if !delivered {
