@@ -74,13 +74,13 @@ enum Request {
         reply: Reply,
     },
     /// A read (recovery, statistics) run on the writer thread between groups.
-    Read(Box<dyn FnOnce(&Database) + Send>),
+    Read(Box<dyn FnOnce(&mut Database) + Send>),
 }
 
 /// What the store's file holds, for logs and the compaction decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FileStats {
-    /// The file's length.
+    /// The file's length (estimated from redb's page counts for a store that is no file).
     pub file_bytes: u64,
     /// Bytes of keys and values stored.
     pub stored_bytes: u64,
@@ -104,6 +104,8 @@ pub struct RedbStore {
     /// Set while commits fail (the disk alarm watches it); cleared by the next good commit.
     failing: Arc<AtomicBool>,
     compactions: Arc<AtomicU64>,
+    /// The file, when the store is one (its length is what `file_stats` reports).
+    path: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for RedbStore {
@@ -118,7 +120,15 @@ impl RedbStore {
     pub fn open(path: impl AsRef<Path>) -> Result<RedbStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let db = Database::create(&path).map_err(io)?;
-        RedbStore::start(db, Box::new(move || Database::create(&path).map_err(io)))
+        let mut store = RedbStore::start(
+            db,
+            Box::new({
+                let path = path.clone();
+                move || Database::create(&path).map_err(io)
+            }),
+        )?;
+        store.path = Some(path);
+        Ok(store)
     }
 
     /// Opens the store over any redb storage backend (tests inject failing disks this way).
@@ -142,7 +152,7 @@ impl RedbStore {
         let failing = Arc::new(AtomicBool::new(false));
         let compactions = Arc::new(AtomicU64::new(0));
         // A file left mostly free (a backlog that drained) is compacted before anything else.
-        compact_if_it_pays(&mut db, &compactions);
+        compact_if_it_pays(&mut db, COMPACT_MIN_FREE_BYTES, &compactions);
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
         let writer = Writer {
             db: Some(db),
@@ -161,6 +171,7 @@ impl RedbStore {
             transactions,
             failing,
             compactions,
+            path: None,
         })
     }
 
@@ -171,14 +182,26 @@ impl RedbStore {
 
     /// The file's size and how much of it is in use.
     pub fn file_stats(&self) -> Result<FileStats, StoreError> {
-        self.read(file_stats)
+        let mut st = self.read(|db| file_stats(db))?;
+        if let Some(len) = self.path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()) {
+            st.file_bytes = len;
+        }
+        Ok(st)
+    }
+
+    /// Compacts the file now if at least `min_free_bytes` of it are free pages and they are more
+    /// than half of it (the writer does this by itself with [`COMPACT_MIN_FREE_BYTES`]); returns
+    /// whether it compacted.
+    pub fn compact(&self, min_free_bytes: u64) -> Result<bool, StoreError> {
+        let compactions = self.compactions.clone();
+        self.read(move |db| Ok(compact_if_it_pays(db, min_free_bytes, &compactions)))
     }
 
     /// Runs `f` on the writer thread (which owns the database), after everything submitted
     /// before it.
     fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let request = Request::Read(Box::new(move |db| {
@@ -242,9 +265,9 @@ fn file_stats(db: &Database) -> Result<FileStats, StoreError> {
 
 /// Compacts the file when free pages are both many (over [`COMPACT_MIN_FREE_BYTES`]) and more
 /// than the pages in use. Returns whether it compacted.
-fn compact_if_it_pays(db: &mut Database, compactions: &AtomicU64) -> bool {
+fn compact_if_it_pays(db: &mut Database, min_free_bytes: u64, compactions: &AtomicU64) -> bool {
     let Ok(before) = file_stats(db) else { return false };
-    if before.free_bytes < COMPACT_MIN_FREE_BYTES || before.free_bytes < before.file_bytes / 2 {
+    if before.free_bytes < min_free_bytes || before.free_bytes < before.file_bytes / 2 {
         return false;
     }
     let started = Instant::now();
@@ -287,7 +310,7 @@ impl Store for RedbStore {
     }
 
     fn recover(&self) -> Result<Snapshot, StoreError> {
-        self.read(read_snapshot)
+        self.read(|db| read_snapshot(db))
     }
 
     fn is_failing(&self) -> bool {
@@ -623,7 +646,7 @@ impl Writer {
                         since_check = 0;
                         let compactions = self.compactions.clone();
                         if let Ok(db) = self.db() {
-                            compact_if_it_pays(db, &compactions);
+                            compact_if_it_pays(db, COMPACT_MIN_FREE_BYTES, &compactions);
                         }
                     }
                 }
@@ -951,6 +974,37 @@ mod tests {
         // A delivered message's body goes with it.
         commit(&s, vec![del("q", 2), del("q", 1)]).await;
         assert_eq!(s.body_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_drained_backlog_is_compacted_away_and_steady_churn_does_not_grow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let body: &'static [u8] = Box::leak(vec![7u8; 8 * 1024].into_boxed_slice());
+        let m = msg(body);
+        // A standing backlog of 200 messages, churned through 10 times.
+        let mut sizes = Vec::new();
+        for round in 0..10u64 {
+            let puts = (0..200).map(|i| put("q", round * 200 + i, &Arc::new((*m).clone()))).collect();
+            commit(&s, puts).await;
+            if round > 0 {
+                commit(&s, (0..200).map(|i| del("q", (round - 1) * 200 + i)).collect()).await;
+            }
+            sizes.push(s.file_stats().unwrap().file_bytes);
+        }
+        // Freed pages are reused: after the first rounds the file stops growing.
+        assert!(sizes[9] <= sizes[3] + sizes[3] / 4, "file keeps growing under churn: {sizes:?}");
+        // A big backlog, drained: mostly free pages, which a compaction gives back.
+        commit(&s, (0..2000).map(|i| put("big", i, &Arc::new((*m).clone()))).collect()).await;
+        commit(&s, (0..2000).map(|i| del("big", i)).collect()).await;
+        let before = s.file_stats().unwrap();
+        assert!(before.free_bytes > before.file_bytes / 2, "{before:?}");
+        assert!(!s.compact(u64::MAX).unwrap(), "not worth it under the threshold");
+        assert!(s.compact(1 << 20).unwrap());
+        let after = s.file_stats().unwrap();
+        assert!(after.file_bytes < before.file_bytes / 2, "{before:?} -> {after:?}");
+        assert_eq!(s.compactions(), 1);
+        assert_eq!(seqs(&s.recover().unwrap(), "q").len(), 200, "compaction keeps what is stored");
     }
 
     #[tokio::test]
