@@ -28,8 +28,6 @@ BUDGET=${BUDGET:-480}
 RABBIT_PORT=25672
 RABBIT_DIST_PORT=25680
 FERRY_PORT=25673
-NODE=bench@localhost
-RABBIT_BIN=/usr/lib/rabbitmq/bin
 
 # name|ferry-bench arguments
 scenarios=(
@@ -39,68 +37,20 @@ scenarios=(
 )
 
 # --- tools ------------------------------------------------------------------------------------
-if [ ! -x "$RABBIT_BIN/rabbitmq-server" ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "installing rabbitmq-server..."
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server) >/dev/null 2>&1 ||
-      { echo "bench: could not install rabbitmq-server"; exit 1; }
-    # The package starts (or tries to start) the system service on 5672: not ours, stop it.
-    timeout 60 service rabbitmq-server stop >/dev/null 2>&1 || true
-  else
-    echo "bench: rabbitmq-server is missing (apt-get install -y rabbitmq-server)"; exit 1
-  fi
-fi
-command -v python3 >/dev/null 2>&1 || { echo "bench: python3 is needed for the table"; exit 1; }
-
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/bench-lib.sh
+. "$root/scripts/bench-lib.sh"
+bench_need_rabbitmq
+bench_need_python
 for p in $RABBIT_PORT $RABBIT_DIST_PORT $FERRY_PORT; do
   if port_busy "$p"; then echo "bench: port $p on 127.0.0.1 is already in use"; exit 1; fi
 done
-
-echo "building (release)..."
-cargo build -q --release -p ferry-server -p ferry-bench || { echo "bench: build failed"; exit 1; }
-ferry_bin="$root/target/release/ferry"
-bench_bin="$root/target/release/ferry-bench"
+bench_build
 
 # --- brokers ----------------------------------------------------------------------------------
 work=$(mktemp -d)
-mkdir -p "$work/rabbit/home" "$work/rabbit/mnesia" "$work/rabbit/log"
-epmd_before=$(pgrep -x epmd | tr '\n' ' ')
-fpid=""
-rpid=""
-beam=""
-# The RabbitMQ tools, as root but with this run's own cookie ($HOME) and node.
-rabbit_env() {
-  env HOME="$work/rabbit/home" \
-    RABBITMQ_NODENAME=$NODE \
-    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-    RABBITMQ_NODE_PORT=$RABBIT_PORT \
-    RABBITMQ_DIST_PORT=$RABBIT_DIST_PORT \
-    RABBITMQ_MNESIA_BASE="$work/rabbit/mnesia" \
-    RABBITMQ_LOG_BASE="$work/rabbit/log" \
-    RABBITMQ_CONFIG_FILE="$work/rabbit/rabbitmq.conf" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$work/rabbit/enabled_plugins" \
-    RABBITMQ_PID_FILE="$work/rabbit/pid" \
-    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-    ERL_EPMD_ADDRESS=127.0.0.1 \
-    "$@"
-}
 cleanup() {
   [ -n "$fpid" ] && kill "$fpid" 2>/dev/null
-  if [ -n "$rpid" ]; then
-    rabbit_env timeout 30 "$RABBIT_BIN/rabbitmqctl" -q -n $NODE stop >/dev/null 2>&1
-    # `stop` returns while the VM halts; give it 10 s before forcing it.
-    for _ in $(seq 20); do
-      [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null || break
-      sleep 0.5
-    done
-    [ -n "$beam" ] && kill -9 "$beam" 2>/dev/null
-    kill "$rpid" 2>/dev/null
-  fi
-  # epmd, when this run's node started it.
-  for p in $(pgrep -x epmd); do
-    case " $epmd_before " in *" $p "*) ;; *) kill "$p" 2>/dev/null ;; esac
-  done
+  rabbit_stop
   sleep 0.5
   [ -n "$fpid" ] && kill -9 "$fpid" 2>/dev/null
   if [ "${KEEP:-0}" = 1 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
@@ -108,10 +58,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-cat >"$work/rabbit/rabbitmq.conf" <<EOF
-listeners.tcp.1 = 127.0.0.1:$RABBIT_PORT
-EOF
-echo "[]." >"$work/rabbit/enabled_plugins"
 cat >"$work/ferry.toml" <<EOF
 [broker]
 data_dir = "ferry-data"
@@ -122,38 +68,16 @@ protocol = "amqp"
 bind = "127.0.0.1:$FERRY_PORT"
 EOF
 
-(cd "$work/rabbit" && rabbit_env "$RABBIT_BIN/rabbitmq-server" >"$work/rabbitmq.out" 2>&1) &
-rpid=$!
+rabbit_start "[]"
 "$ferry_bin" -c "$work/ferry.toml" >"$work/ferry.log" 2>&1 &
 fpid=$!
 
-wait_port() {
-  for _ in $(seq "$2"); do
-    port_busy "$1" && return 0
-    sleep 0.5
-  done
-  return 1
-}
 wait_port $FERRY_PORT 20 || { echo "bench: ferry did not start"; cat "$work/ferry.log"; exit 1; }
-# Erlang takes 5-20 s to boot RabbitMQ: the node first, then its AMQP listener.
-started=$(date +%s)
-while [ $(($(date +%s) - started)) -lt 60 ]; do
-  rabbit_env timeout 10 "$RABBIT_BIN/rabbitmq-diagnostics" -q -n $NODE ping >/dev/null 2>&1 && break
-  kill -0 "$rpid" 2>/dev/null || break
-  sleep 1
-done
-if ! wait_port $RABBIT_PORT 60; then
-  echo "bench: rabbitmq did not start within $(($(date +%s) - started)) s"
-  tail -20 "$work/rabbitmq.out"
-  exit 1
-fi
-beam=$(cat "$work/rabbit/pid" 2>/dev/null)
-[ -n "$beam" ] || beam=$(pgrep -f "beam.smp.*$NODE" | head -1)
-rabbit_version=$(rabbit_env timeout 20 "$RABBIT_BIN/rabbitmqctl" -q -n $NODE version 2>/dev/null)
+rabbit_wait || exit 1
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
 echo "brokers: ferry $("$ferry_bin" --version | awk '{print $2}') on :$FERRY_PORT (pid $fpid)," \
-  "RabbitMQ ${rabbit_version:-?} on :$RABBIT_PORT (beam.smp pid ${beam:-?}, up in $(($(date +%s) - started)) s)"
+  "RabbitMQ ${rabbit_version:-?} on :$RABBIT_PORT (beam.smp pid ${beam:-?}, up in ${rabbit_up_secs:-?} s)"
 echo "generator: ferry-bench, $BENCH_THREADS thread(s), --timeout $RUN_TIMEOUT --settle 3;" \
   "defaults: prefetch 200, confirm window 500, manual acks as basic.ack multiple=true every 50"
 echo
@@ -190,7 +114,6 @@ for entry in "${scenarios[@]}"; do
 done
 
 # --- peak RSS (before the brokers are stopped) --------------------------------------------------
-rss() { [ -n "$1" ] && grep -s VmHWM "/proc/$1/status" | awk '{print $2 " " $3}'; }
 ferry_rss=$(rss "$fpid")
 rabbit_rss=$(rss "$beam")
 
@@ -226,8 +149,6 @@ for name, rnd, broker, r in rows:
         notes.append(f"{r['duplicates']} duplicates")
     if r["redelivered"]:
         notes.append(f"{r['redelivered']} redelivered")
-    if broker == "ferry" and r["persistent"]:
-        notes.append("Ferry: durable queue in memory (no redb store yet)")
     notes += r["missing_sample"][:2] + r["errors"][:2]
     lat = r["latency_us"]
     print(f"{name:<18} {rnd:>5} {broker:<9} {fmt(r['delivery_rate']):>13} {fmt(r['publish_rate']):>10} {r['lost']:>7} "
@@ -252,8 +173,8 @@ PY
 echo
 echo "peak RSS (VmHWM) after all runs: ferry ${ferry_rss:-unknown (process gone)}," \
   "rabbitmq beam.smp ${rabbit_rss:-unknown (process gone)}"
-echo "note: in the persistent scenario Ferry keeps its durable queue in memory until the redb store lands;" \
-  "RabbitMQ writes to disk and confirms after the write."
+echo "note: in the persistent scenario both brokers confirm a message after writing it to disk (Ferry: its redb" \
+  "commit, fsync included); scripts/bench-persistence.sh has more persistent scenarios."
 if ! kill -0 "$fpid" 2>/dev/null; then echo "ferry died during the runs; last log lines:"; tail -20 "$work/ferry.log"; fi
 if [ -z "$beam" ] || ! kill -0 "$beam" 2>/dev/null; then
   echo "rabbitmq died during the runs; last lines:"; tail -20 "$work/rabbitmq.out"

@@ -23,7 +23,16 @@
 //! one write.
 //!
 //! The run ends when the consumers together have every message, at `--timeout`, or `--settle`
-//! seconds after the last publisher finished if no consumer received anything meanwhile.
+//! seconds after the last publisher finished if no consumer received anything meanwhile. With
+//! `--consumers 0` nobody consumes: the run fills the queue and ends when the publishers are done
+//! (and, with `--confirm`, confirmed), leaving the messages in the queue.
+//!
+//! Steady load: `--rate R` paces the publishers (R messages per second over all of them, message
+//! `k` of a publisher due at `k / (R / P)` seconds after the start, so a late publisher catches up
+//! in a burst rather than drifting); `--backlog N` makes the consumers hold about N messages in the
+//! queue: a consumer reads only while more than N published (with `--confirm`: confirmed)
+//! messages are not yet received, so they start once the queue holds N and then follow the
+//! publishers. Once every publisher is done the consumers drain the rest.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -43,7 +52,7 @@ use ferry_core::message::{DeliveryMode, FieldTable, FieldValue, Properties};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
@@ -73,7 +82,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub publishers: u32,
     /// Consumers on the queue; they compete, so together they expect publishers x messages.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    /// 0: nobody consumes; the run fills the queue and leaves the messages there.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub consumers: u32,
     /// Messages per publisher.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
@@ -103,6 +113,16 @@ pub struct Args {
     /// Durable queue and persistent messages (delivery-mode 2).
     #[arg(long)]
     pub persistent: bool,
+    /// Publish at most this many messages per second over all publishers (0: as fast as the
+    /// broker, the window and the socket allow).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// Consumers keep about this many messages in the queue: they read only while more than N
+    /// published (with --confirm: confirmed) messages are not yet received; once every publisher
+    /// is done they drain the rest. Needs --manual-ack and a prefetch (else the backlog would
+    /// sit in socket buffers, not in the queue).
+    #[arg(long)]
+    pub backlog: Option<u64>,
     /// Seconds from the first send until the run is cut short and the shortfall reported.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
@@ -124,6 +144,9 @@ impl Args {
         }
         if self.queue.is_empty() || self.queue.len() > 255 || self.queue.starts_with("amq.") {
             bail!("--queue must be 1 to 255 bytes and not start with \"amq.\"");
+        }
+        if self.backlog.is_some() && (!self.manual_ack || self.prefetch == 0 || self.consumers == 0) {
+            bail!("--backlog needs consumers with --manual-ack and a prefetch above 0");
         }
         Ok(())
     }
@@ -150,6 +173,10 @@ pub struct Report {
     pub size: u32,
     pub queue: String,
     pub persistent: bool,
+    /// --rate: messages per second over all publishers (None: unpaced).
+    pub rate: Option<u32>,
+    /// --backlog: messages the consumers left in the queue while the publishers ran.
+    pub backlog: Option<u64>,
     /// With --confirm: the window per publisher.
     pub confirm_window: Option<u32>,
     /// With --manual-ack: deliveries per `basic.ack multiple=true` (1: one ack per message).
@@ -201,6 +228,12 @@ impl Report {
         let mut mode = Vec::new();
         if self.persistent {
             mode.push("persistent".to_string());
+        }
+        if let Some(r) = self.rate {
+            mode.push(format!("{r} msgs/s"));
+        }
+        if let Some(n) = self.backlog {
+            mode.push(format!("backlog {n}"));
         }
         if let Some(w) = self.confirm_window {
             mode.push(format!("confirms (window {w})"));
@@ -275,8 +308,16 @@ struct Ctx {
     settle: Duration,
     messages: u32,
     publishers: u32,
-    /// Over all consumers.
+    /// Over all consumers (0 without consumers).
     expected: u64,
+    /// --rate per publisher, messages per second.
+    pace: Option<f64>,
+    /// --backlog.
+    backlog: Option<u64>,
+    /// Messages published (with confirms: confirmed), over all publishers; with --backlog the
+    /// publishers wake the consumers through `progress` when it grows.
+    published: AtomicU64,
+    progress: Notify,
     /// One bit per (publisher, sequence) when bodies carry them and there are not too many.
     seen: Option<Box<[AtomicU64]>>,
     /// Distinct messages received by all consumers.
@@ -304,6 +345,41 @@ impl Ctx {
             self.pubs_done.send_replace(true);
         }
     }
+    /// `n` more messages published (or confirmed): wake consumers holding a backlog.
+    fn published(&self, n: u64) {
+        if n > 0 {
+            self.published.fetch_add(n, Ordering::AcqRel);
+            if self.backlog.is_some() {
+                self.progress.notify_waiters();
+            }
+        }
+    }
+    /// With --rate: how many messages a publisher may have sent by now.
+    fn allowed(&self) -> u32 {
+        match self.pace {
+            None => self.messages,
+            Some(per_sec) => paced_allowed(self.base.elapsed(), per_sec, self.messages),
+        }
+    }
+    /// With --rate: when message `seq` of a publisher is due.
+    fn due(&self, seq: u32) -> Instant {
+        match self.pace {
+            None => self.base,
+            Some(per_sec) => self.base + paced_due(seq, per_sec),
+        }
+    }
+}
+
+/// Messages a publisher paced at `per_sec` may have sent `elapsed` after the start (message
+/// `k` is due at `k / per_sec`), at most `messages`.
+fn paced_allowed(elapsed: Duration, per_sec: f64, messages: u32) -> u32 {
+    let n = (elapsed.as_secs_f64() * per_sec) as u64 + 1;
+    n.min(u64::from(messages)) as u32
+}
+
+/// When message `seq` of a publisher paced at `per_sec` is due, from the start.
+fn paced_due(seq: u32, per_sec: f64) -> Duration {
+    Duration::from_secs_f64(f64::from(seq) / per_sec)
 }
 
 /// A connection.close or channel.close from the server.
@@ -683,9 +759,15 @@ async fn publish_unconfirmed(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => bail!("read: {e}"),
         }
+        let limit = ctx.allowed();
+        if seq >= limit {
+            // Paced (--rate): wait for the next message's turn.
+            sleep_until(ctx.due(seq).min(ctx.deadline)).await;
+            continue;
+        }
         conn.wbuf.clear();
         let mut batch = 0u32;
-        while seq < ctx.messages && (batch == 0 || conn.wbuf.len() + tpl.len() <= BATCH_BYTES) {
+        while seq < limit && (batch == 0 || conn.wbuf.len() + tpl.len() <= BATCH_BYTES) {
             tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq);
             seq += 1;
             batch += 1;
@@ -699,6 +781,7 @@ async fn publish_unconfirmed(
             }
         }
         res.sent += u64::from(batch);
+        ctx.published(u64::from(batch));
         res.last_send = Some(Instant::now());
     }
     Ok(())
@@ -721,7 +804,8 @@ async fn publish_confirmed(
     let result = async {
         loop {
             let mut wrote = false;
-            while seq < ctx.messages && confirms.pending < u64::from(window) && conn.wbuf.len() < BATCH_BYTES {
+            let limit = ctx.allowed();
+            while seq < limit && confirms.pending < u64::from(window) && conn.wbuf.len() < BATCH_BYTES {
                 tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq);
                 confirms.push();
                 seq += 1;
@@ -739,15 +823,18 @@ async fn publish_confirmed(
                 res.sent = u64::from(seq);
                 res.last_send = Some(Instant::now());
                 // The window may still have room (a write is capped at BATCH_BYTES).
-                if seq < ctx.messages && confirms.pending < u64::from(window) {
+                if seq < limit && confirms.pending < u64::from(window) {
                     continue;
                 }
             }
             if seq == ctx.messages && confirms.pending == 0 {
                 return Ok(());
             }
+            // Paced (--rate) with room in the window: also wake when the next message is due.
+            let paced = seq < ctx.messages && seq >= limit && confirms.pending < u64::from(window);
             tokio::select! {
                 r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
+                _ = sleep_until(ctx.due(seq).min(ctx.deadline)), if paced => continue,
                 _ = sleep_until(ctx.deadline) => {
                     res.timed_out = true;
                     return Ok(());
@@ -761,7 +848,9 @@ async fn publish_confirmed(
                 };
                 match Method::decode_payload(payload).map_err(|e| anyhow!("method: {e}"))? {
                     Method::BasicAck(a) if channel == CH => {
-                        res.confirmed += confirms.settle(a.delivery_tag, a.multiple)?;
+                        let n = confirms.settle(a.delivery_tag, a.multiple)?;
+                        res.confirmed += n;
+                        ctx.published(n);
                     }
                     Method::BasicNack(n) if channel == CH => {
                         res.nacked += confirms.settle(n.delivery_tag, n.multiple)?;
@@ -859,6 +948,23 @@ async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, acks: &mut Ack
     let mut publishers_finished = false;
     let mut state = Content::Method;
     loop {
+        if let (Some(n), false) = (ctx.backlog, publishers_finished) {
+            // Hold the backlog: read only while more than N published messages are unreceived.
+            let progress = ctx.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if ctx.published.load(Ordering::Acquire) <= ctx.received.load(Ordering::Acquire) + n {
+                tokio::select! {
+                    _ = progress => {}
+                    _ = pubs_done.wait_for(|d| *d) => publishers_finished = true,
+                    _ = sleep_until(ctx.deadline) => {
+                        res.timed_out = true;
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+        }
         let wake = if publishers_finished {
             let last = ctx.last_delivery_ns.load(Ordering::Acquire).max(ctx.pubs_done_ns.load(Ordering::Acquire));
             (ctx.base + Duration::from_nanos(last) + ctx.settle).min(ctx.deadline)
@@ -1057,8 +1163,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let frame_max = pubs.first().map_or(FRAME_MIN_SIZE, |(_, c)| c.frame_max);
     let tpl = Arc::new(Template::new(&args.queue, size, args.persistent, frame_max)?);
 
-    let expected = u64::from(args.publishers) * u64::from(args.messages);
-    let tracked = size >= 16 && expected <= MAX_TRACKED;
+    let published = u64::from(args.publishers) * u64::from(args.messages);
+    let expected = if args.consumers == 0 { 0 } else { published };
+    let tracked = size >= 16 && expected > 0 && expected <= MAX_TRACKED;
     let base = Instant::now();
     let ctx = Arc::new(Ctx {
         base,
@@ -1067,6 +1174,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         messages: args.messages,
         publishers: args.publishers,
         expected,
+        pace: (args.rate > 0).then(|| f64::from(args.rate) / f64::from(args.publishers)),
+        backlog: args.backlog,
+        published: AtomicU64::new(0),
+        progress: Notify::new(),
         seen: tracked.then(|| (0..expected.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
         received: AtomicU64::new(0),
         last_delivery_ns: AtomicU64::new(0),
@@ -1163,6 +1274,8 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
         size: args.size,
         queue: args.queue.clone(),
         persistent: args.persistent,
+        rate: (args.rate > 0).then_some(args.rate),
+        backlog: args.backlog,
         confirm_window: args.confirm.then_some(args.window),
         ack_every: args.manual_ack.then(|| args.ack_batch()),
         prefetch: args.prefetch,
@@ -1177,7 +1290,7 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
         redelivered: subs.iter().map(|s| s.redelivered).sum(),
         lost,
         loss_pct: if ctx.expected > 0 { lost as f64 * 100.0 / ctx.expected as f64 } else { 0.0 },
-        complete: lost == 0 && sent == ctx.expected,
+        complete: lost == 0 && sent == u64::from(args.publishers) * u64::from(args.messages),
         timed_out: pubs.iter().any(|p| p.timed_out) || subs.iter().any(|s| s.timed_out),
         publish_secs,
         publish_rate: if publish_secs > 0.0 { sent as f64 / publish_secs } else { 0.0 },
@@ -1243,6 +1356,20 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn pacing_releases_messages_on_schedule() {
+        // 1,000 messages/s: message 0 at once, message k at k ms, never more than `messages`.
+        assert_eq!(paced_allowed(Duration::ZERO, 1000.0, 10), 1);
+        assert_eq!(paced_allowed(Duration::from_micros(2500), 1000.0, 10), 3);
+        assert_eq!(paced_allowed(Duration::from_secs(60), 1000.0, 10), 10);
+        assert_eq!(paced_due(0, 1000.0), Duration::ZERO);
+        assert_eq!(paced_due(250, 1000.0), Duration::from_millis(250));
+        // Each message is allowed from the moment it is due.
+        for seq in [1u32, 7, 999, 123_456] {
+            assert!(paced_allowed(paced_due(seq, 250.0), 250.0, u32::MAX) > seq);
         }
     }
 

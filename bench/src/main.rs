@@ -1,7 +1,8 @@
 //! `ferry-bench`: Ferry's load generator. `ferry-bench mqtt --help` and `ferry-bench amqp --help`
 //! for the scenarios; `scripts/bench-mqtt.sh` runs the MQTT one against Ferry and Mosquitto,
-//! `scripts/bench-amqp.sh` the AMQP one against Ferry and RabbitMQ, side by side
-//! (see docs/benchmarks.md).
+//! `scripts/bench-amqp.sh` the AMQP one against Ferry and RabbitMQ, side by side, and
+//! `scripts/bench-persistence.sh` both with persistent messages, a steady backlog (`--rate`,
+//! `--backlog`) and large stores (`--consumers 0`) (see docs/benchmarks.md).
 
 mod amqp;
 mod histogram;

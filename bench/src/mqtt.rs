@@ -15,6 +15,12 @@
 //! The run ends when every subscriber has every message, at `--timeout`, or `--settle` seconds
 //! after the last publisher finished if no delivery arrives meanwhile (lost QoS 0 messages never
 //! come, so there is no point waiting for the full timeout).
+//!
+//! Persistent sessions (`--clean-session false`): each subscriber first connects with a clean
+//! session under its client id (`<prefix>-s<i>`) and disconnects, which discards whatever an
+//! earlier run left in that session, then connects again with clean session off (3.1.1) or clean
+//! start off and a session expiry of one hour (5.0) and subscribes. Its messages then go through
+//! the broker's store for persistent sessions. Publishers always use clean sessions.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,6 +78,14 @@ pub struct Args {
     /// QoS 1/2: unacknowledged messages per publisher.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
     pub inflight: u16,
+    /// Subscribers' clean session flag (5.0: clean start); `false` makes persistent sessions
+    /// (5.0: session expiry 3600 s), wiped by a clean connect first. Publishers are always clean.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub clean_session: bool,
+    /// Client ids are `<prefix>-s<i>` (subscribers) and `<prefix>-p<i>` (publishers); default
+    /// `fb<pid>`. A fixed prefix gives the same persistent sessions from run to run.
+    #[arg(long)]
+    pub client_id_prefix: Option<String>,
     /// MQTT version: 3 (3.1.1) or 5.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::PossibleValuesParser::new(["3", "5"]).map(|s| s.parse::<u8>().unwrap_or(3)))]
     pub version: u8,
@@ -107,6 +121,9 @@ impl Args {
         if self.topic.is_empty() || self.topic.len() > 1024 || self.topic.contains(['+', '#', '\0']) {
             bail!("--topic must be 1 to 1024 bytes without '+', '#' or NUL");
         }
+        if self.client_id_prefix.as_ref().is_some_and(|p| p.is_empty() || p.len() > 100) {
+            bail!("--client-id-prefix must be 1 to 100 bytes");
+        }
         Ok(())
     }
 }
@@ -122,6 +139,8 @@ pub struct Report {
     pub messages_per_publisher: u32,
     pub size: u32,
     pub topic: String,
+    /// The subscribers' clean session flag (false: persistent sessions).
+    pub clean_session: bool,
     /// QoS 1/2: the window used per publisher (the smallest over publishers).
     pub inflight: Option<u32>,
     pub threads: u32,
@@ -165,8 +184,9 @@ impl Report {
 
     pub fn print_text(&self) {
         let w = self.inflight.map(|w| format!(", inflight {w}")).unwrap_or_default();
+        let session = if self.clean_session { "" } else { " (persistent sessions)" };
         println!(
-            "mqtt {} v{} qos {}: {} publisher(s) x {} msgs -> {} subscriber(s), {} B payload, topic {}{w}, {} thread(s)",
+            "mqtt {} v{} qos {}: {} publisher(s) x {} msgs -> {} subscriber(s){session}, {} B payload, topic {}{w}, {} thread(s)",
             self.broker,
             self.version,
             self.qos,
@@ -257,12 +277,25 @@ struct Conn {
 }
 
 impl Conn {
+    /// Connects with a clean session.
     async fn open(
         addr: SocketAddr,
         version: ProtocolVersion,
         client_id: String,
         max_packet: u32,
     ) -> anyhow::Result<(Conn, Properties)> {
+        Conn::open_session(addr, version, client_id, max_packet, true).await.map(|(c, p, _)| (c, p))
+    }
+
+    /// Connects; with `clean` false the session persists (5.0: expiry 3600 s). Returns the
+    /// CONNACK's properties and session-present flag.
+    async fn open_session(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: String,
+        max_packet: u32,
+        clean: bool,
+    ) -> anyhow::Result<(Conn, Properties, bool)> {
         let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("connect to {addr}: timed out"))?
@@ -275,19 +308,23 @@ impl Conn {
             wbuf: BytesMut::with_capacity(BATCH_BYTES * 2),
             version,
         };
+        let mut properties = Properties::default();
+        if !clean && version == ProtocolVersion::V5 {
+            properties.session_expiry_interval = Some(3600);
+        }
         let connect = Connect {
             version,
-            clean_start: true,
+            clean_start: clean,
             keep_alive: 0,
             client_id: Str::from(client_id),
             will: None,
             username: None,
             password: None,
-            properties: Properties::default(),
+            properties,
         };
         conn.send(&Packet::Connect(Box::new(connect))).await?;
         match timeout(HANDSHAKE_TIMEOUT, conn.next()).await.map_err(|_| anyhow!("CONNACK: timed out"))?? {
-            Packet::ConnAck(ack) if ack.code == 0 => Ok((conn, ack.properties)),
+            Packet::ConnAck(ack) if ack.code == 0 => Ok((conn, ack.properties, ack.session_present)),
             Packet::ConnAck(ack) => bail!("CONNACK refused with code 0x{:02X}", ack.code),
             other => bail!("expected CONNACK, got {}", name(&other)),
         }
@@ -745,14 +782,28 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let qos = args.qos();
     let size = args.size as usize;
     let max_packet = (size + args.topic.len() + 1024).max(READ_CHUNK) as u32;
-    let pid = std::process::id();
+    let prefix = args.client_id_prefix.clone().unwrap_or_else(|| format!("fb{}", std::process::id()));
+    let clean = args.clean_session;
 
     // Subscribers first, each subscribed before any publisher starts.
     let mut setup = JoinSet::new();
     for i in 0..args.subscribers {
         let topic = args.topic.clone();
+        let client_id = format!("{prefix}-s{i}");
         setup.spawn(async move {
-            let (mut conn, _) = Conn::open(addr, version, format!("fb{pid}-s{i}"), max_packet).await?;
+            if !clean {
+                // Discard what an earlier run left in this session: a clean connect, then DISCONNECT.
+                let (old, _) = Conn::open(addr, version, client_id.clone(), max_packet)
+                    .await
+                    .with_context(|| format!("subscriber {i}: clean connect"))?;
+                old.close().await;
+            }
+            let (mut conn, _, present) = Conn::open_session(addr, version, client_id, max_packet, clean)
+                .await
+                .with_context(|| format!("subscriber {i}"))?;
+            if present {
+                bail!("subscriber {i}: CONNACK says a session is present after it was discarded");
+            }
             let opts = SubOptions { qos, ..SubOptions::default() };
             let sub = Subscribe {
                 packet_id: 1,
@@ -776,10 +827,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
 
     let mut setup = JoinSet::new();
     for i in 0..args.publishers {
+        let client_id = format!("{prefix}-p{i}");
         setup.spawn(async move {
-            let (conn, props) = Conn::open(addr, version, format!("fb{pid}-p{i}"), max_packet)
-                .await
-                .with_context(|| format!("publisher {i}"))?;
+            let (conn, props) =
+                Conn::open(addr, version, client_id, max_packet).await.with_context(|| format!("publisher {i}"))?;
             Ok((i, conn, props.receive_maximum))
         });
     }
@@ -862,6 +913,7 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
         messages_per_publisher: args.messages,
         size: args.size,
         topic: args.topic.clone(),
+        clean_session: args.clean_session,
         inflight: (args.qos > 0).then(|| pubs.iter().map(|p| p.window).min().unwrap_or(0)),
         threads: args.threads,
         sent,
