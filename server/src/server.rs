@@ -204,16 +204,8 @@ impl ServerBuilder {
                 }
                 let started = std::time::Instant::now();
                 let store = Arc::new(RedbStore::open(&path)?);
-                if let Ok(st) = store.file_stats() {
-                    info!(
-                        "store {}: {} bytes ({} stored, {} free), opened in {} ms",
-                        path.display(),
-                        st.file_bytes,
-                        st.stored_bytes,
-                        st.free_bytes,
-                        started.elapsed().as_millis()
-                    );
-                }
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                info!("store {}: {size} bytes, opened in {} ms", path.display(), started.elapsed().as_millis());
                 let store: Arc<dyn Store> = store;
                 Broker::recover(store)
             })

@@ -62,8 +62,15 @@ pub const MAX_TOMBSTONES: usize = 100_000;
 
 /// Compaction pays when this many bytes of the file are free pages (and more than are in use).
 pub const COMPACT_MIN_FREE_BYTES: u64 = 64 << 20;
-/// The writer looks at the file's free space every this many commits (when idle).
+/// The writer looks at the file's free space after this many commits, once it has been idle for
+/// [`COMPACT_IDLE`] (and once after start-up): a compaction stops commits while it runs, so it
+/// waits for a pause in the traffic.
 const COMPACT_CHECK_EVERY: u64 = 4096;
+const COMPACT_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// redb's page cache. Every message is in memory anyway (the store is write-behind), so the cache
+/// only serves the B-tree pages commits touch and the one scan at recovery; redb's default of
+/// 1 GiB would only grow the process.
+const CACHE_BYTES: usize = 64 << 20;
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 
@@ -119,26 +126,24 @@ impl RedbStore {
     /// that was not closed cleanly (a crash) before this returns.
     pub fn open(path: impl AsRef<Path>) -> Result<RedbStore, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(io)?;
-        let mut store = RedbStore::start(
-            db,
-            Box::new({
-                let path = path.clone();
-                move || Database::create(&path).map_err(io)
-            }),
-        )?;
-        store.path = Some(path);
-        Ok(store)
+        let create = |p: &Path| Database::builder().set_cache_size(CACHE_BYTES).create(p).map_err(io);
+        let db = create(&path)?;
+        let reopen = {
+            let path = path.clone();
+            move || create(&path)
+        };
+        RedbStore::start(db, Box::new(reopen), Some(path))
     }
 
     /// Opens the store over any redb storage backend (tests inject failing disks this way).
     #[cfg(test)]
     pub(crate) fn with_backend(backend: impl ::redb::StorageBackend + Clone) -> Result<RedbStore, StoreError> {
         let db = Database::builder().create_with_backend(backend.clone()).map_err(io)?;
-        RedbStore::start(db, Box::new(move || Database::builder().create_with_backend(backend.clone()).map_err(io)))
+        let reopen = move || Database::builder().create_with_backend(backend.clone()).map_err(io);
+        RedbStore::start(db, Box::new(reopen), None)
     }
 
-    fn start(mut db: Database, reopen: Reopen) -> Result<RedbStore, StoreError> {
+    fn start(db: Database, reopen: Reopen, path: Option<std::path::PathBuf>) -> Result<RedbStore, StoreError> {
         // Create every table, so readers never meet a missing one, and find the next body id.
         let txn = db.begin_write().map_err(io)?;
         let next_body = {
@@ -151,12 +156,12 @@ impl RedbStore {
         let transactions = Arc::new(AtomicU64::new(0));
         let failing = Arc::new(AtomicBool::new(false));
         let compactions = Arc::new(AtomicU64::new(0));
-        // A file left mostly free (a backlog that drained) is compacted before anything else.
-        compact_if_it_pays(&mut db, COMPACT_MIN_FREE_BYTES, &compactions);
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
         let writer = Writer {
             db: Some(db),
             reopen,
+            path: path.clone(),
+            compact_floor: COMPACT_MIN_FREE_BYTES,
             receiver,
             transactions: transactions.clone(),
             failing: failing.clone(),
@@ -171,7 +176,7 @@ impl RedbStore {
             transactions,
             failing,
             compactions,
-            path: None,
+            path,
         })
     }
 
@@ -194,7 +199,8 @@ impl RedbStore {
     /// whether it compacted.
     pub fn compact(&self, min_free_bytes: u64) -> Result<bool, StoreError> {
         let compactions = self.compactions.clone();
-        self.read(move |db| Ok(compact_if_it_pays(db, min_free_bytes, &compactions)))
+        let path = self.path.clone();
+        self.read(move |db| Ok(compact_if_it_pays(db, min_free_bytes, path.as_deref(), &compactions).is_some()))
     }
 
     /// Runs `f` on the writer thread (which owns the database), after everything submitted
@@ -263,31 +269,39 @@ fn file_stats(db: &Database) -> Result<FileStats, StoreError> {
     Ok(FileStats { file_bytes: allocated + free, stored_bytes: st.stored_bytes(), free_bytes: free })
 }
 
-/// Compacts the file when free pages are both many (over [`COMPACT_MIN_FREE_BYTES`]) and more
-/// than the pages in use. Returns whether it compacted.
-fn compact_if_it_pays(db: &mut Database, min_free_bytes: u64, compactions: &AtomicU64) -> bool {
-    let Ok(before) = file_stats(db) else { return false };
-    if before.free_bytes < min_free_bytes || before.free_bytes < before.file_bytes / 2 {
-        return false;
+/// Compacts the file when its free pages are both many (at least `min_free_bytes`) and more
+/// than half of the file (its real length when `path` is known). Returns the file's length before
+/// and after, when it compacted.
+fn compact_if_it_pays(
+    db: &mut Database,
+    min_free_bytes: u64,
+    path: Option<&Path>,
+    compactions: &AtomicU64,
+) -> Option<(u64, u64)> {
+    let length = |st: &FileStats| path.and_then(|p| std::fs::metadata(p).ok()).map_or(st.file_bytes, |m| m.len());
+    let before = file_stats(db).ok()?;
+    let before_len = length(&before);
+    if before.free_bytes < min_free_bytes || before.free_bytes < before_len / 2 {
+        return None;
     }
     let started = Instant::now();
     match db.compact() {
-        Ok(done) => {
+        Ok(_) => {
             let after = file_stats(db).unwrap_or_default();
+            let after_len = length(&after);
             compactions.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
-                before = before.file_bytes,
-                after = after.file_bytes,
+                before = before_len,
+                after = after_len,
                 stored = after.stored_bytes,
                 ms = started.elapsed().as_millis() as u64,
-                done,
                 "store compacted"
             );
-            true
+            Some((before_len, after_len))
         }
         Err(e) => {
             tracing::warn!(error = %e, "store compaction failed; carrying on uncompacted");
-            false
+            None
         }
     }
 }
@@ -354,29 +368,46 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         snap.bindings.push(codec::decode_binding_key(k.value())?);
     }
 
-    // One `Arc<Message>` per body, so a recovered fan-out shares its message again.
-    let bodies = txn.open_table(BODIES).map_err(io)?;
-    let mut decoded: HashMap<u64, Arc<Message>> = HashMap::new();
+    // Bodies first, in one sequential scan (much faster than a lookup per message); one
+    // `Arc<Message>` per body, so a recovered fan-out shares its message again.
+    let mut decoded: HashMap<u64, Arc<Message>> = {
+        use ::redb::ReadableTableMetadata;
+        let bodies = txn.open_table(BODIES).map_err(io)?;
+        let mut map = HashMap::with_capacity(bodies.len().map_err(io)? as usize);
+        for item in bodies.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            map.insert(k.value(), Arc::new(codec::decode_message(v.value())?));
+        }
+        map
+    };
+    // Keys sort by (vhost, queue, seq): each queue's messages come in one run, in order, so the
+    // queue's name is decoded once per run rather than once per message.
+    let mut run: Option<QueueRun> = None;
     for item in txn.open_table(MESSAGES).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
-        let (vhost, queue, seq) = codec::decode_message_key(k.value())?;
+        let key = k.value();
+        let Some(prefix) = key.len().checked_sub(8).map(|n| &key[..n]) else {
+            return Err(StoreError::Corrupt("a message key is too short".into()));
+        };
+        if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
+            let (vhost, queue, _) = codec::decode_message_key(key)?;
+            if let Some((_, name, list)) = run.replace((prefix.to_vec(), (vhost, queue), Vec::new())) {
+                snap.messages.insert(name, list);
+            }
+        }
+        let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
         let delivered = v.value() & DELIVERED != 0;
         let id = v.value() & !DELIVERED;
-        let message = match decoded.get(&id) {
-            Some(m) => m.clone(),
-            None => {
-                let body = bodies
-                    .get(id)
-                    .map_err(io)?
-                    .ok_or_else(|| StoreError::Corrupt(format!("message body {id} is missing")))?;
-                let m = Arc::new(codec::decode_message(body.value())?);
-                decoded.insert(id, m.clone());
-                m
-            }
-        };
-        // Keys sort by (vhost, queue, seq), so each queue's list comes out in order.
-        snap.messages.entry((vhost, queue)).or_default().push(StoredMessage { seq, message, delivered });
+        let message =
+            decoded.get(&id).cloned().ok_or_else(|| StoreError::Corrupt(format!("message body {id} is missing")))?;
+        if let Some((_, _, list)) = run.as_mut() {
+            list.push(StoredMessage { seq, message, delivered });
+        }
     }
+    if let Some((_, name, list)) = run {
+        snap.messages.insert(name, list);
+    }
+    decoded.clear();
 
     for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
@@ -399,6 +430,9 @@ fn decode_pair(k: &[u8]) -> Result<(String, ShortString), StoreError> {
     r.finish()?;
     Ok(out)
 }
+
+/// One queue's messages while recovery reads them: the key prefix, the queue, the messages.
+type QueueRun = (Vec<u8>, (String, ShortString), Vec<StoredMessage>);
 
 /// A message's identity in the store.
 type MessageId = (String, ShortString, u64);
@@ -558,6 +592,10 @@ struct Writer {
     /// `None` after a failed commit: the next request reopens it (redb's repair runs then).
     db: Option<Database>,
     reopen: Reopen,
+    path: Option<std::path::PathBuf>,
+    /// Free bytes a compaction needs to be tried: [`COMPACT_MIN_FREE_BYTES`], raised after one
+    /// that hardly shrank the file (pages in use spread over it), so it is not retried in a loop.
+    compact_floor: u64,
     receiver: Receiver<Request>,
     transactions: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
@@ -583,9 +621,21 @@ impl Writer {
         // before the close is committed first.
         let mut carried: Option<Request> = None;
         let mut since_check = 0u64;
+        // Checked once after start-up too: a backlog drained before a restart leaves free pages.
+        let mut check_due = true;
         loop {
             let first = match carried.take() {
                 Some(r) => r,
+                None if check_due => match self.receiver.recv_timeout(COMPACT_IDLE) {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        check_due = false;
+                        since_check = 0;
+                        self.maybe_compact();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
                 None => match self.receiver.recv() {
                     Ok(r) => r,
                     Err(_) => return,
@@ -638,19 +688,24 @@ impl Writer {
                 let _ = reply.send(result.clone());
             }
             since_check += 1;
-            // Idle after a long run of commits: see whether the file is worth compacting.
-            if since_check >= COMPACT_CHECK_EVERY && carried.is_none() {
-                match self.receiver.try_recv() {
-                    Ok(r) => carried = Some(r),
-                    Err(_) => {
-                        since_check = 0;
-                        let compactions = self.compactions.clone();
-                        if let Ok(db) = self.db() {
-                            compact_if_it_pays(db, COMPACT_MIN_FREE_BYTES, &compactions);
-                        }
-                    }
-                }
+            if since_check >= COMPACT_CHECK_EVERY {
+                check_due = true;
             }
+        }
+    }
+
+    /// The idle check: compacts when it pays, backing off when it did not shrink the file.
+    fn maybe_compact(&mut self) {
+        let (floor, compactions, path) = (self.compact_floor, self.compactions.clone(), self.path.clone());
+        let Ok(db) = self.db() else { return };
+        match compact_if_it_pays(db, floor, path.as_deref(), &compactions) {
+            Some((before, after)) if after > before - before / 4 => {
+                // Hardly smaller: the pages in use are spread over the file. Wait for twice the
+                // free space before trying again.
+                self.compact_floor = floor.saturating_mul(2);
+            }
+            Some(_) => self.compact_floor = COMPACT_MIN_FREE_BYTES,
+            None => {}
         }
     }
 
