@@ -368,17 +368,30 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         snap.bindings.push(codec::decode_binding_key(k.value())?);
     }
 
-    // Bodies first, in one sequential scan (much faster than a lookup per message); one
-    // `Arc<Message>` per body, so a recovered fan-out shares its message again.
-    let mut decoded: HashMap<u64, Arc<Message>> = {
+    // Bodies first, in one sequential scan, into a vector sorted by id (the table's order); one
+    // `Arc<Message>` per body, so a recovered fan-out shares its message again. A queue's
+    // messages mostly point at increasing body ids, so the lookup below tries the next slot
+    // before a binary search (a hash map of millions of bodies was a third of recovery's time).
+    let decoded: Vec<(u64, Arc<Message>)> = {
         use ::redb::ReadableTableMetadata;
         let bodies = txn.open_table(BODIES).map_err(io)?;
-        let mut map = HashMap::with_capacity(bodies.len().map_err(io)? as usize);
+        let mut list = Vec::with_capacity(bodies.len().map_err(io)? as usize);
         for item in bodies.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            map.insert(k.value(), Arc::new(codec::decode_message(v.value())?));
+            list.push((k.value(), Arc::new(codec::decode_message(v.value())?)));
         }
-        map
+        list
+    };
+    let mut hint = 0usize;
+    let mut body = |id: u64| -> Result<Arc<Message>, StoreError> {
+        let at = match decoded.get(hint) {
+            Some((i, _)) if *i == id => hint,
+            _ => decoded
+                .binary_search_by_key(&id, |(i, _)| *i)
+                .map_err(|_| StoreError::Corrupt(format!("message body {id} is missing")))?,
+        };
+        hint = at + 1;
+        Ok(decoded[at].1.clone())
     };
     // Keys sort by (vhost, queue, seq): each queue's messages come in one run, in order, so the
     // queue's name is decoded once per run rather than once per message.
@@ -398,8 +411,7 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
         let delivered = v.value() & DELIVERED != 0;
         let id = v.value() & !DELIVERED;
-        let message =
-            decoded.get(&id).cloned().ok_or_else(|| StoreError::Corrupt(format!("message body {id} is missing")))?;
+        let message = body(id)?;
         if let Some((_, _, list)) = run.as_mut() {
             list.push(StoredMessage { seq, message, delivered });
         }
@@ -407,7 +419,6 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
     if let Some((_, name, list)) = run {
         snap.messages.insert(name, list);
     }
-    decoded.clear();
 
     for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
