@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use ferry_core::auth::{AuthError, Identity};
 use ferry_core::exchange::{BindingKey, ExchangeOptions};
 use ferry_core::message::{
     now_millis, valid_expiration, ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString,
@@ -50,6 +51,8 @@ impl Default for Settings {
 enum State {
     /// connection.start sent; waiting for start-ok.
     AwaitStartOk,
+    /// start-ok came; the driver checks the credentials ([`Connection::take_pending_login`]).
+    Authenticating,
     /// connection.tune sent; waiting for tune-ok.
     AwaitTuneOk,
     /// Waiting for connection.open.
@@ -95,6 +98,11 @@ pub struct Connection {
     pub out: BytesMut,
     /// The user name the client authenticated with (for logs and, later, permissions).
     pub user: Option<String>,
+    /// Credentials from start-ok for the driver to check (user, password, mechanism).
+    pending_login: Option<(String, Bytes, ShortString)>,
+    /// The client asked to be told of a failed login with connection.close 403
+    /// (`authentication_failure_close`); others just see the socket close, as with RabbitMQ.
+    auth_failure_close: bool,
     /// Confirms whose commits are pending, across channels, in order.
     pub pending: VecDeque<PendingConfirm>,
     /// The client understands connection.blocked (its capabilities say so).
@@ -161,10 +169,14 @@ fn blocked_reason(broker: &Broker) -> String {
 fn parse_credentials(mechanism: &ShortString, response: &Bytes) -> Option<(String, Bytes)> {
     match mechanism.as_bytes() {
         b"PLAIN" => {
+            // RFC 4616: [authzid] NUL authcid NUL passwd, no NUL inside a part.
             let mut parts = response.split(|b| *b == 0);
             let _authzid = parts.next()?;
             let user = std::str::from_utf8(parts.next()?).ok()?.to_string();
             let pass = Bytes::copy_from_slice(parts.next()?);
+            if parts.next().is_some() {
+                return None;
+            }
             Some((user, pass))
         }
         b"AMQPLAIN" => {
@@ -199,6 +211,8 @@ impl Connection {
             outbox: Arc::new(Outbox::new(settings.outbox_capacity)),
             out: BytesMut::with_capacity(8 * 1024),
             user: None,
+            pending_login: None,
+            auth_failure_close: false,
             pending: VecDeque::new(),
             congested: Vec::new(),
             blocked_capable: false,
@@ -242,6 +256,48 @@ impl Connection {
     }
 
     /// Closes the connection with an error: connection.close, then wait for close-ok.
+    /// Credentials waiting to be checked: (user, password, mechanism).
+    pub fn take_pending_login(&mut self) -> Option<(String, Bytes, ShortString)> {
+        self.pending_login.take()
+    }
+
+    /// The outcome of the login: tune on success; on failure 403 ACCESS_REFUSED in a
+    /// connection.close for clients that asked for it (`authentication_failure_close`), a
+    /// plain close of the socket for the others (RabbitMQ's behaviour).
+    pub fn login_done(&mut self, mechanism: &ShortString, result: Result<Identity, AuthError>) {
+        if self.state != State::Authenticating {
+            return;
+        }
+        match result {
+            Ok(identity) => {
+                self.user = Some(identity.user);
+                self.state = State::AwaitTuneOk;
+                self.send(
+                    0,
+                    Method::ConnectionTune(ConnectionTune {
+                        channel_max: self.settings.channel_max,
+                        frame_max: self.settings.frame_max,
+                        heartbeat: self.settings.heartbeat,
+                    }),
+                );
+            }
+            Err(e) => {
+                let text = match &e {
+                    AuthError::BadCredentials => format!(
+                        "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+                    ),
+                    other => other.to_string(),
+                };
+                tracing::info!(conn = %self.id, mechanism = %mechanism, "AMQP login refused: {e}");
+                if self.auth_failure_close {
+                    self.close_with(&AmqpError::new(reply_code::ACCESS_REFUSED, text));
+                } else {
+                    self.state = State::Closed;
+                }
+            }
+        }
+    }
+
     pub fn close_with(&mut self, e: &AmqpError) {
         if matches!(self.state, State::Closing | State::Closed) {
             return;
@@ -389,28 +445,24 @@ impl Connection {
                         format!("unknown authentication mechanism '{}'", ok.mechanism),
                     ));
                 }
-                let Some((user, _password)) = parse_credentials(&ok.mechanism, &ok.response) else {
+                let capability = |name: &str| {
+                    matches!(
+                        ok.client_properties.get("capabilities"),
+                        Some(FieldValue::Table(t)) if t.get(name).and_then(FieldValue::as_bool) == Some(true)
+                    )
+                };
+                self.blocked_capable = capability("connection.blocked");
+                self.auth_failure_close = capability("authentication_failure_close");
+                let Some((user, password)) = parse_credentials(&ok.mechanism, &ok.response) else {
                     return Err(AmqpError::new(
                         reply_code::ACCESS_REFUSED,
                         format!("malformed {} response", ok.mechanism),
                     ));
                 };
-                // Authentication against configured users arrives with the auth issue; until
-                // then every user is admitted, as a fresh RabbitMQ admits guest on loopback.
-                self.user = Some(user);
-                self.blocked_capable = matches!(
-                    ok.client_properties.get("capabilities"),
-                    Some(FieldValue::Table(t)) if t.get("connection.blocked").and_then(FieldValue::as_bool) == Some(true)
-                );
-                self.state = State::AwaitTuneOk;
-                self.send(
-                    0,
-                    Method::ConnectionTune(ConnectionTune {
-                        channel_max: self.settings.channel_max,
-                        frame_max: self.settings.frame_max,
-                        heartbeat: self.settings.heartbeat,
-                    }),
-                );
+                // The driver checks the credentials off this state machine (it takes time and
+                // runs on the blocking pool) and calls `login_done`.
+                self.pending_login = Some((user, password, ok.mechanism.clone()));
+                self.state = State::Authenticating;
                 Ok(())
             }
             (State::AwaitTuneOk, Method::ConnectionTuneOk(t)) => {

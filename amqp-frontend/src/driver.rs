@@ -151,6 +151,18 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                             if conn.handle(frame, now_millis()) == Flow::Close {
                                 break;
                             }
+                            if let Some((user, password, mechanism)) = conn.take_pending_login() {
+                                // Checked on the blocking pool, bounded; within the handshake time.
+                                let login = ctx.broker.auth().login(&ctx.listener.auth, Some(&user), Some(&password));
+                                let result = tokio::time::timeout_at(handshake_deadline, login)
+                                    .await
+                                    .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
+                                conn.login_done(&mechanism, result);
+                                // Nothing the client pipelined before the answer counts.
+                                if conn.is_closed() || conn.is_closing() {
+                                    break;
+                                }
+                            }
                             // A tune-ok in this batch raises the limit for the frames after it:
                             // a client may pipeline open and a large publish behind tune-ok.
                             if conn.frame_max != 0 {

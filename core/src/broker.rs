@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::auth::Authenticator;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
 use crate::store::{SessionRecord, Store, StoreError, StoreOp};
@@ -162,6 +163,8 @@ pub struct Broker {
     publishers_blocked: watch::Sender<bool>,
     /// Frontend sessions read back by [`Broker::recover`], until the frontend takes them.
     recovered_sessions: std::sync::Mutex<Vec<SessionRecord>>,
+    /// The users and the login check; empty until the server sets them.
+    auth: Authenticator,
 }
 
 impl Broker {
@@ -174,6 +177,7 @@ impl Broker {
             disk: DiskAlarm::new(),
             publishers_blocked: watch::Sender::new(false),
             recovered_sessions: Default::default(),
+            auth: Authenticator::default(),
         };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
@@ -195,6 +199,7 @@ impl Broker {
             disk: DiskAlarm::new(),
             publishers_blocked: watch::Sender::new(false),
             recovered_sessions: std::sync::Mutex::new(std::mem::take(&mut snapshot.sessions)),
+            auth: Authenticator::default(),
         };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
@@ -271,6 +276,11 @@ impl Broker {
         for v in all {
             v.connection_closed(connection);
         }
+    }
+
+    /// The users and the login check (users are set, and replaced on reload, by the server).
+    pub fn auth(&self) -> &Authenticator {
+        &self.auth
     }
 
     /// The memory alarm.

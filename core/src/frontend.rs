@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use crate::auth::AuthPolicy;
 use crate::broker::Broker;
 use crate::message::{ConnectionId, Protocol};
 
@@ -121,6 +122,8 @@ pub struct ListenerSettings {
     /// subscriptions on; `None` leaves the frontend's default (`amq.topic` for MQTT).
     pub exchange: Option<String>,
     pub limits: Limits,
+    /// What a client may log in with besides configured users (anonymous, `guest`).
+    pub auth: AuthPolicy,
 }
 
 /// A shutdown signal: `true` once the server is stopping.

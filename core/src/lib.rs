@@ -17,7 +17,9 @@
 //! - [`vhost`]: one namespace of exchanges and queues; routes a publish to its destinations,
 //!   carries out the effects queues return (dead letters, deletions) and writes durable changes
 //!   to the store.
-//! - [`broker`]: the vhosts and the store; what a connection gets a handle to.
+//! - [`broker`]: the vhosts, the store and the authenticator; what a connection gets a handle to.
+//! - [`auth`]: users, password hashes (argon2id; Mosquitto and RabbitMQ formats for migration)
+//!   and the bounded, off-the-workers login check every frontend calls.
 //! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
 //!   the redb store (`store::RedbStore`, not wired into the server yet).
 //! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
@@ -28,6 +30,7 @@
 //! [`Queue::enqueue`](queue::Queue::enqueue) (which pushes to a consumer's sink if one has room)
 //! and each direct sink's outbox → the consumers' connection tasks, which drain their outboxes.
 
+pub mod auth;
 pub mod broker;
 pub mod error;
 pub mod exchange;

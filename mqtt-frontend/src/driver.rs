@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_core::auth::AuthError;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::message::now_millis;
 use ferry_core::store::StoreError;
@@ -116,6 +117,24 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         (connect.client_id.as_str().to_string(), false)
     };
 
+    // Who the client is (§3.1.4: the server may check the credentials and refuse). The check
+    // runs on the blocking pool, bounded, within the handshake time.
+    let username = connect.username.as_ref().map(|u| u.as_str().to_string());
+    let login = ctx.broker.auth().login(&ctx.listener.auth, username.as_deref(), connect.password.as_deref());
+    let identity = match tokio::time::timeout(limits.handshake_timeout, login).await.unwrap_or(Err(AuthError::Busy)) {
+        Ok(identity) => identity,
+        Err(e) => {
+            let v5_reason = match e {
+                AuthError::BadCredentials => reason::BAD_USER_NAME_OR_PASSWORD,
+                AuthError::NotAllowed(_) => reason::NOT_AUTHORIZED,
+                AuthError::Busy => reason::SERVER_BUSY,
+            };
+            refuse(version, v5_reason, connect_refusal(version, v5_reason), &mut out);
+            let _ = stream.write_all(&out).await;
+            info!(conn = %ctx.id, client_id, user = username.as_deref().unwrap_or(""), "MQTT login refused: {e}");
+            return Err(ConnectionError::Protocol(format!("login refused: {e}")));
+        }
+    };
     let vhost_name = ctx.listener.vhost.clone();
     let vhost = match ctx.broker.vhost(&vhost_name) {
         Some(v) => v,
@@ -156,7 +175,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         }
     };
     debug!(
-        conn = %ctx.id, client_id, ?version, keep_alive = keep_alive_requested, persistent = session.is_persistent(),
+        conn = %ctx.id, client_id, user = %identity.user, ?version, keep_alive = keep_alive_requested, persistent = session.is_persistent(),
         took_over = claim.took_over, "MQTT client connected"
     );
     shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);

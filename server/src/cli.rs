@@ -29,6 +29,14 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Hash a password for a [[users]] table: prints its argon2id hash. The password is asked
+    /// twice at the terminal (not echoed), or read as one line from standard input when that is
+    /// not a terminal; never from the command line.
+    Passwd {
+        /// The user's name, for the ready-to-paste [[users]] table printed to stderr.
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+    },
 }
 
 #[cfg(test)]
@@ -55,5 +63,14 @@ mod tests {
         let cli = Cli::try_parse_from(["ferry", "check-config", "f.toml", "--log-level", "warn"]).unwrap();
         assert!(matches!(cli.command, Some(Command::CheckConfig { file }) if file == Path::new("f.toml")));
         assert_eq!(cli.log_level.as_deref(), Some("warn"));
+    }
+
+    #[test]
+    fn passwd_takes_an_optional_name_and_no_password() {
+        let cli = Cli::try_parse_from(["ferry", "passwd"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Passwd { name: None })));
+        let cli = Cli::try_parse_from(["ferry", "passwd", "alice"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Passwd { name: Some(n) }) if n == "alice"));
+        assert!(Cli::try_parse_from(["ferry", "passwd", "alice", "hunter2"]).is_err());
     }
 }

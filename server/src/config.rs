@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_core::auth::{AuthPolicy, PasswordHash, User};
 use ferry_core::frontend::Limits;
 use ferry_core::Protocol;
 use serde::Deserialize;
@@ -64,6 +65,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub mqtt: MqttConfig,
     pub listeners: Vec<ListenerConfig>,
+    /// The `[[users]]` tables: who may log in, with their password hashes.
+    pub users: Vec<User>,
 }
 
 /// The `[mqtt]` table: settings of the MQTT frontend, for every MQTT listener.
@@ -191,6 +194,9 @@ pub struct ListenerConfig {
     pub max_frame_size: u32,
     pub handshake_timeout: Duration,
     pub tls: Option<TlsConfig>,
+    /// Clients without credentials are let in (as `anonymous`). Defaults to whether `bind` is a
+    /// loopback address.
+    pub allow_anonymous: bool,
 }
 
 impl ListenerConfig {
@@ -210,13 +216,30 @@ impl ListenerConfig {
             max_frame_size,
             handshake_timeout: limits.handshake_timeout,
             tls: None,
+            allow_anonymous: is_loopback(bind),
         }
+    }
+
+    /// Whether the listener is only reachable from this machine (127.0.0.0/8, `::1`, or `::1`
+    /// mapped into IPv6). `0.0.0.0` and `[::]` are not: they listen on every interface.
+    pub fn is_loopback(&self) -> bool {
+        is_loopback(self.bind)
+    }
+
+    /// What clients of this listener may log in with besides configured users: anonymous as
+    /// `allow_anonymous` says, and RabbitMQ's `guest` / `guest` on loopback only.
+    pub fn auth_policy(&self) -> AuthPolicy {
+        AuthPolicy { anonymous: self.allow_anonymous, guest: self.is_loopback() }
     }
 
     /// The limits handed to the frontend; what the file does not set keeps the core's default.
     pub fn limits(&self) -> Limits {
         Limits { max_frame_size: self.max_frame_size, handshake_timeout: self.handshake_timeout, ..Limits::default() }
     }
+}
+
+fn is_loopback(bind: SocketAddr) -> bool {
+    bind.ip().to_canonical().is_loopback()
 }
 
 /// A listener's `tls` table.
@@ -266,6 +289,7 @@ impl Config {
                 ListenerConfig::new(Protocol::Mqtt, SocketAddr::from((localhost, 1883))),
                 ListenerConfig::new(Protocol::Amqp, SocketAddr::from((localhost, 5672))),
             ],
+            users: Vec::new(),
         }
     }
 
@@ -293,6 +317,22 @@ struct RawConfig {
     #[serde(default)]
     mqtt: RawMqtt,
     listeners: Option<Vec<RawListener>>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password_hash: String,
+}
+
+/// Names the user only: the hash stays out of debug output.
+impl fmt::Debug for RawUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawUser").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -343,6 +383,7 @@ struct RawListener {
     max_frame_size: Option<u32>,
     handshake_timeout_secs: Option<u64>,
     tls: Option<RawTls>,
+    allow_anonymous: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,7 +436,26 @@ impl Validator<'_> {
             }
             listeners.push(listener);
         }
-        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, mqtt, listeners })
+        let users = self.users(raw.users)?;
+        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, mqtt, listeners, users })
+    }
+
+    fn users(&self, raw: Vec<RawUser>) -> Result<Vec<User>, ConfigError> {
+        let mut users = Vec::with_capacity(raw.len());
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (index, RawUser { name, password_hash }) in raw.into_iter().enumerate() {
+            if name.is_empty() {
+                return Err(self.invalid(format!("users[{index}].name"), "must not be empty"));
+            }
+            if let Some(first) = names.insert(name.clone(), index) {
+                return Err(self.invalid(format!("users[{index}].name"), format!("{name:?} is already users[{first}]")));
+            }
+            // The reason never repeats the hash.
+            let hash = PasswordHash::parse(&password_hash)
+                .map_err(|reason| self.invalid(format!("users[{index}].password_hash"), reason))?;
+            users.push(User { name, hash });
+        }
+        Ok(users)
     }
 
     fn mqtt(&self, raw: RawMqtt) -> Result<MqttConfig, ConfigError> {
@@ -532,6 +592,9 @@ impl Validator<'_> {
                 return Err(self.invalid(key("handshake_timeout_secs"), "must be at least 1"));
             }
             listener.handshake_timeout = Duration::from_secs(secs);
+        }
+        if let Some(allow) = raw.allow_anonymous {
+            listener.allow_anonymous = allow;
         }
         if let Some(tls) = raw.tls {
             if tls.require_client_cert && tls.client_ca.is_none() {
@@ -744,6 +807,11 @@ mod tests {
             max_frame_size = 8192
             handshake_timeout_secs = 4
             tls = { cert = "/tls/server.pem", key = "/tls/server.key", client_ca = "/tls/ca.pem", require_client_cert = true }
+            allow_anonymous = true
+
+            [[users]]
+            name = "alice"
+            password_hash = "rabbitmq-sha256:kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR"
             "#,
         )
         .unwrap();
@@ -773,6 +841,69 @@ mod tests {
                 require_client_cert: true,
             })
         );
+        assert!(l.allow_anonymous);
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].name, "alice");
+        assert!(c.users[0].hash.verify(b"test12"));
+    }
+
+    const ALICE_ARGON2ID: &str =
+        "$argon2id$v=19$m=19456,t=2,p=1$p9SK88tHuRI5dj6IHt1Chg$WtT9rdVBFc6k9P0PWYnog5e4rswn0e8JBhutj9TUqco";
+    const ALICE_MOSQUITTO: &str =
+        "$7$101$AQIDBAUGBwgJCgsM$STSCmE+fzbvU6dsOSP/YYMWBLb6TpCPpOg2l6B/cibzXpYwr89dDHWD70LZ6MP80Yb+qgVcLdO6pKMCAw7FYKw==";
+
+    #[test]
+    fn users_are_read_in_every_accepted_format() {
+        let c = parse(&format!(
+            "{MINIMAL}[[users]]\nname = \"alice\"\npassword_hash = \"{ALICE_ARGON2ID}\"\n\
+             [[users]]\nname = \"bob\"\npassword_hash = \"{ALICE_MOSQUITTO}\"\n"
+        ))
+        .unwrap();
+        let users: Vec<_> = c.users.iter().map(|u| (u.name.as_str(), u.hash.scheme())).collect();
+        assert_eq!(users, vec![("alice", "argon2id"), ("bob", "mosquitto-pbkdf2-sha512")]);
+        assert!(c.users[1].hash.verify(b"s3cret pass"));
+        assert!(parse(MINIMAL).unwrap().users.is_empty());
+        assert!(Config::embedded_defaults().users.is_empty());
+    }
+
+    #[test]
+    fn bad_users_are_refused_naming_the_entry_but_not_the_hash() {
+        let user = |name: &str, hash: &str| format!("[[users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n");
+        let msg = error(&format!("{MINIMAL}{}", user("", ALICE_ARGON2ID)));
+        assert!(msg.contains("users[0].name: must not be empty"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{}{}", user("alice", ALICE_ARGON2ID), user("alice", ALICE_MOSQUITTO)));
+        assert!(msg.contains("users[1].name: \"alice\" is already users[0]"), "{msg}");
+        let truncated = &ALICE_MOSQUITTO[..40];
+        let msg = error(&format!("{MINIMAL}{}{}", user("alice", ALICE_ARGON2ID), user("bob", truncated)));
+        assert!(msg.contains("users[1].password_hash: a Mosquitto hash is"), "{msg}");
+        assert!(!msg.contains("AQIDBAUGBwgJCgsM"), "the hash is not repeated: {msg}");
+        let msg = error(&format!("{MINIMAL}{}", user("alice", "hunter2")));
+        assert!(msg.contains("users[0].password_hash: not a known hash format") && !msg.contains("hunter2"), "{msg}");
+        let msg = error(&format!("{MINIMAL}[[users]]\nname = \"alice\"\npassword = \"x\"\n"));
+        assert!(msg.contains("unknown field `password`"), "{msg}");
+    }
+
+    #[test]
+    fn anonymous_and_guest_default_to_loopback_only() {
+        let policy = |bind: &str, extra: &str| {
+            let c = parse(&format!("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"{bind}\"\n{extra}")).unwrap();
+            (c.listeners[0].allow_anonymous, c.listeners[0].auth_policy())
+        };
+        let open = AuthPolicy { anonymous: true, guest: true };
+        let closed = AuthPolicy { anonymous: false, guest: false };
+        for bind in ["127.0.0.1:1883", "127.8.9.1:1883", "[::1]:1883", "[::ffff:127.0.0.1]:1883"] {
+            assert_eq!(policy(bind, ""), (true, open), "{bind}");
+            assert_eq!(
+                policy(bind, "allow_anonymous = false\n"),
+                (false, AuthPolicy { anonymous: false, guest: true })
+            );
+        }
+        for bind in ["0.0.0.0:1883", "[::]:1883", "192.0.2.7:1883"] {
+            assert_eq!(policy(bind, ""), (false, closed), "{bind}");
+            assert_eq!(policy(bind, "allow_anonymous = true\n"), (true, AuthPolicy { anonymous: true, guest: false }));
+        }
+        let c = Config::embedded_defaults();
+        assert!(c.listeners.iter().all(|l| l.auth_policy() == open));
     }
 
     #[test]

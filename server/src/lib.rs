@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`ferry`, `ferry --config FILE`, `ferry check-config FILE`).
+//! - [`cli`]: the command line (`ferry`, `ferry --config FILE`, `ferry check-config FILE`,
+//!   `ferry passwd`).
 //! - [`config`]: the TOML file → a validated [`Config`] (or the embedded defaults), refusing bad
 //!   input with the file, the key and the reason.
+//! - [`passwd`]: `ferry passwd`: a password from the terminal or stdin → an argon2id hash.
 //! - [`logging`]: the `tracing` subscriber; `--log-level` > `RUST_LOG` > `broker.log_level`.
 //! - [`tls`]: a listener's `tls` table → a rustls `ServerConfig`; a session → `TlsIdentity`.
 //! - [`server`]: [`Server::builder`] takes a [`Config`] and the frontends,
@@ -27,6 +29,7 @@ pub mod config;
 pub mod frontends;
 mod listener;
 pub mod logging;
+pub mod passwd;
 pub mod server;
 pub mod signals;
 pub mod tls;

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Passwd { name }) => passwd(name.as_deref()),
         None => run(cli.config.as_deref(), cli.log_level.as_deref()),
     }
 }
@@ -32,6 +33,24 @@ fn check_config(file: &Path) -> ExitCode {
         }
         Err(e) => refused(e),
     }
+}
+
+fn passwd(name: Option<&str>) -> ExitCode {
+    let password = match ferry_server::passwd::read_password() {
+        Ok(p) => p,
+        Err(e @ ferry_server::passwd::PasswdError::Io(_)) => {
+            eprintln!("ferry passwd: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("ferry passwd: {e}");
+            return ExitCode::from(REFUSED);
+        }
+    };
+    let hash = ferry_core::auth::PasswordHash::argon2id(&password);
+    println!("{hash}");
+    eprintln!("{}", ferry_server::passwd::users_table(name, &hash));
+    ExitCode::SUCCESS
 }
 
 fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {

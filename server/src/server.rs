@@ -36,6 +36,13 @@ pub enum StartProblem {
     Tls(#[from] TlsError),
     #[error("listeners[{index}].protocol: no {protocol} frontend is built into this ferry yet")]
     NoFrontend { index: usize, protocol: Protocol },
+    /// Mosquitto 2's and RabbitMQ's safe default: a listener other machines can reach needs a
+    /// way to tell clients apart, or an explicit `allow_anonymous = true`.
+    #[error(
+        "listeners[{index}] ({protocol} {addr}): not on loopback and no way to authenticate: add [[users]] \
+         (see `ferry passwd`) or set allow_anonymous = true"
+    )]
+    NoAuthentication { index: usize, protocol: Protocol, addr: SocketAddr },
     #[error("listeners[{index}] ({protocol} {addr}): cannot bind: {error}")]
     Bind { index: usize, protocol: Protocol, addr: SocketAddr, error: io::Error },
     #[error("broker.data_dir: cannot create {}: {error}", path.display())]
@@ -99,21 +106,39 @@ pub struct BoundListener {
 }
 
 /// What [`ServerBuilder::start`] and `ferry check-config` verify beyond parsing: that every
-/// listener's TLS files load. Binds nothing.
+/// listener's TLS files load, and that no listener off loopback lets everyone in for want of
+/// users. Binds nothing.
 pub fn check(config: &Config) -> Result<(), StartError> {
-    let problems: Vec<StartProblem> = config
-        .listeners
-        .iter()
-        .enumerate()
-        .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
-        .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
-        .map(StartProblem::from)
-        .collect();
+    let mut problems = unauthenticated(config);
+    problems.extend(
+        config
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
+            .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
+            .map(StartProblem::from),
+    );
     if problems.is_empty() {
         Ok(())
     } else {
         Err(StartError { config: config.source.clone(), problems })
     }
+}
+
+/// The listeners reachable from other machines that refuse anonymous clients while no user is
+/// configured: nobody could log in there (until client certificates name users, issue 7).
+fn unauthenticated(config: &Config) -> Vec<StartProblem> {
+    if !config.users.is_empty() {
+        return Vec::new();
+    }
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_loopback() && !l.allow_anonymous)
+        .map(|(index, l)| StartProblem::NoAuthentication { index, protocol: l.protocol, addr: l.bind })
+        .collect()
 }
 
 /// Collects the frontends and starts a [`Server`].
@@ -151,7 +176,7 @@ impl ServerBuilder {
     /// Binds every listener and starts serving. Nothing is left running on error.
     pub async fn start(self) -> Result<Server, StartError> {
         let ServerBuilder { config, frontends, store: given_store } = self;
-        let mut problems = Vec::new();
+        let mut problems = unauthenticated(&config);
         let mut ready = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
             let tls = match &l.tls {
@@ -224,6 +249,8 @@ impl ServerBuilder {
         for frontend in frontends.values() {
             frontend.recover(&broker);
         }
+        broker.auth().replace_users(config.users.clone());
+        info!("{} user(s) configured", config.users.len());
         let free_dir = config.broker.data_dir.clone();
         broker.disk().watch_free_space(
             config.broker.disk_free_limit,
@@ -255,6 +282,9 @@ impl ServerBuilder {
                     Transport::Tcp => String::new(),
                 };
                 info!("{name}: listening{path}{}", if tls.is_some() { " (TLS)" } else { "" });
+                if l.allow_anonymous && !l.is_loopback() {
+                    warn!("{name}: allow_anonymous = true on an address other machines can reach: anyone may connect");
+                }
             } else {
                 let refusal = match l.protocol {
                     Protocol::Mqtt => "CONNACK 0x03",
@@ -278,6 +308,7 @@ impl ServerBuilder {
                 vhost: l.vhost.clone(),
                 exchange: l.mqtt_exchange.clone(),
                 limits: l.limits(),
+                auth: l.auth_policy(),
             });
             let websocket = match &l.transport {
                 Transport::Tcp => None,

@@ -196,3 +196,91 @@ fn version_is_printed() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("ferry {}\n", env!("CARGO_PKG_VERSION")));
 }
+
+/// Runs `ferry args…` with `input` on its standard input (a pipe, not a terminal).
+fn ferry_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(FERRY)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(PATIENCE) {
+        Ok(output) => output.expect("wait for ferry"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("ferry {args:?} did not exit within {PATIENCE:?}");
+        }
+    }
+}
+
+#[test]
+fn passwd_hashes_a_password_read_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry_with_input(dir.path(), &["passwd", "alice"], b"correct horse\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let phc = stdout.strip_suffix('\n').expect("one line");
+    assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$") && !phc.contains('\n'), "{stdout:?}");
+    let hash = ferry_core::auth::PasswordHash::parse(phc).unwrap();
+    assert!(hash.verify(b"correct horse"), "the trailing newline is not part of the password");
+    assert!(!hash.verify(b"correct horse\n"));
+    let err = stderr(&out);
+    assert!(err.contains("name = \"alice\"") && err.contains(&format!("password_hash = \"{phc}\"")), "{err}");
+    assert!(!err.contains("correct horse") && !stdout.contains("correct horse"), "the password is never printed");
+
+    // The printed table is a config that runs.
+    let file = write(
+        dir.path(),
+        "f.toml",
+        &format!("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"0.0.0.0:1883\"\n[[users]]\nname = \"alice\"\npassword_hash = \"{phc}\"\n"),
+    );
+    let out = ferry(dir.path(), &["check-config", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn passwd_refuses_an_empty_password() {
+    let dir = tempfile::tempdir().unwrap();
+    for input in [&b""[..], b"\n"] {
+        let out = ferry_with_input(dir.path(), &["passwd"], input);
+        assert_eq!(out.status.code(), Some(2), "{input:?}");
+        assert!(stderr(&out).contains("the password is empty"), "{}", stderr(&out));
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn a_public_listener_without_users_or_anonymous_access_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "f.toml", "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"0.0.0.0:0\"\n");
+    for args in [&["check-config", &file][..], &["--config", &file][..]] {
+        let out = ferry(dir.path(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(
+                "f.toml: listeners[0] (mqtt 0.0.0.0:0): not on loopback and no way to authenticate: add [[users]] \
+                 (see `ferry passwd`) or set allow_anonymous = true"
+            ),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!dir.path().join("ferry-data").exists(), "a refused start must not create the data directory");
+    let open = write(
+        dir.path(),
+        "open.toml",
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"0.0.0.0:0\"\nallow_anonymous = true\n",
+    );
+    let out = ferry(dir.path(), &["check-config", &open]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
