@@ -11,7 +11,8 @@
 //! - [`tls`]: a listener's `tls` table → a rustls `ServerConfig`; a session → `TlsIdentity`.
 //! - [`server`]: [`Server::builder`] takes a [`Config`] and the frontends,
 //!   [`start`](ServerBuilder::start) binds the listeners and wires them to one
-//!   [`Broker`](ferry_core::Broker); [`Server::shutdown`] stops them gracefully.
+//!   [`Broker`](ferry_core::Broker); [`Server::reload`] swaps in new TLS material and users;
+//!   [`Server::shutdown`] stops them gracefully.
 //! - `listener`: one accept loop per listener (bounded by `max_connections`); each connection
 //!   gets TCP_NODELAY, the TLS handshake if configured, the WebSocket upgrade if configured,
 //!   then its frontend's `serve`.
@@ -19,7 +20,7 @@
 //!   adapter that makes binary WebSocket messages a byte stream again.
 //! - `unserved`: what a default listener whose protocol has no frontend yet answers (AMQP's
 //!   protocol header, MQTT's CONNACK "server unavailable").
-//! - [`signals`]: SIGINT / SIGTERM.
+//! - [`signals`]: SIGINT / SIGTERM (shut down), SIGHUP (reload: [`Server::reload`]).
 //!
 //! A connection flows: `TcpListener::accept` (listener) → TLS (tls) → WebSocket (websocket) →
 //! `ClientStream` + `ConnectionContext` → `Frontend::serve` (a protocol crate) → the broker core.
@@ -38,5 +39,6 @@ mod websocket;
 
 pub use config::{Config, ConfigError, ConfigSource, ListenerConfig, TlsConfig, Transport};
 pub use server::{
-    check, BoundListener, Server, ServerBuilder, ShutdownError, ShutdownReport, StartError, StartProblem,
+    check, BoundListener, ReloadError, ReloadReport, Server, ServerBuilder, ShutdownError, ShutdownReport, StartError,
+    StartProblem,
 };

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, ListenerSettings, Shutdown, TlsIdentity};
 use ferry_core::{Broker, ConnectionId, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,7 +36,9 @@ pub(crate) enum Handler {
 pub(crate) struct Listener {
     pub tcp: TcpListener,
     pub settings: Arc<ListenerSettings>,
-    pub tls: Option<TlsAcceptor>,
+    /// The TLS configuration new connections get; a reload swaps it (connections already
+    /// established keep the one they were accepted with).
+    pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// `Some` on a WebSocket listener: the HTTP upgrade that follows TLS.
     pub websocket: Option<Arc<Upgrade>>,
     pub handler: Handler,
@@ -101,7 +104,8 @@ impl Listener {
                 shutdown: shutdown.clone(),
             };
             let span = tracing::debug_span!("connection", %id, %peer, listener = %name);
-            let transport = Handshakes { tls: tls.clone(), websocket: websocket.clone() };
+            let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
+            let transport = Handshakes { tls, websocket: websocket.clone() };
             tasks.spawn(connection(socket, peer, permit, transport, handler.clone(), ctx).instrument(span));
         }
         // Closing the socket makes new clients see "connection refused" instead of waiting.

@@ -1,4 +1,5 @@
-//! `ferry`: parse the command line, load the configuration, run until SIGINT or SIGTERM.
+//! `ferry`: parse the command line, load the configuration, run until SIGINT or SIGTERM; SIGHUP
+//! reloads the configuration file (TLS certificates and keys, users).
 //!
 //! Exit codes: 0 after a clean shutdown or a good `check-config`; 2 when the configuration or
 //! start-up is refused (and for command-line errors, from clap); 1 for anything else.
@@ -9,9 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use ferry_server::cli::{Cli, Command};
-use ferry_server::signals::Signals;
+use ferry_server::signals::{Request, Signals};
 use ferry_server::{logging, Config, Server};
-use tracing::info;
+use tracing::{error, info, warn};
 
 const REFUSED: u8 = 2;
 
@@ -62,7 +63,7 @@ fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
         return refused(e.into());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-    let result = runtime.context("starting the tokio runtime").and_then(|rt| rt.block_on(serve(config)));
+    let result = runtime.context("starting the tokio runtime").and_then(|rt| rt.block_on(serve(config, config_file)));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -72,7 +73,7 @@ fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+async fn serve(config: Config, config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install().context("installing signal handlers")?;
     let frontends = ferry_server::frontends::builtin(&config.mqtt);
     let mut builder = Server::builder(config);
@@ -84,11 +85,48 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         Err(e) => return Ok(refused(e.into())),
     };
     info!(version = env!("CARGO_PKG_VERSION"), "ferry ready");
-    let signal = signals.recv().await;
+    let signal = loop {
+        match signals.recv().await {
+            Request::Shutdown(signal) => break signal,
+            Request::Reload => reload(&server, config_file),
+        }
+    };
     info!("received {signal}; shutting down");
     server.shutdown().await.context("shutting down")?;
     info!("bye");
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: loads the config file again and applies what can change while running. Never stops
+/// the server: a file that no longer loads, or TLS material that does not, is logged and the
+/// running settings stay.
+fn reload(server: &Server, config_file: Option<&Path>) {
+    let Some(path) = config_file else {
+        info!("received SIGHUP; running on the built-in defaults, nothing to reload");
+        return;
+    };
+    info!("received SIGHUP; reloading {}", path.display());
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("reload refused, nothing changed: {e}");
+            return;
+        }
+    };
+    let report = match server.reload(&config) {
+        Ok(report) => report,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("reload: {line}");
+            }
+            e.report
+        }
+    };
+    for change in &report.needs_restart {
+        warn!("reload: {change}: needs a restart, ignored until then");
+    }
+    let users = report.users.map_or_else(|| "users kept".to_string(), |n| format!("{n} user(s) configured"));
+    info!("reload done: TLS reloaded on {} listener(s), {users}", report.tls_reloaded.len());
 }
 
 fn refused(e: anyhow::Error) -> ExitCode {

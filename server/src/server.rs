@@ -15,16 +15,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use ferry_core::auth::User;
 use ferry_core::frontend::{Frontend, ListenerSettings, Shutdown};
 use ferry_core::store::{RedbStore, Store, StoreError};
 use ferry_core::{Broker, Protocol};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigSource, Transport};
+use crate::config::{BrokerConfig, Config, ConfigSource, ListenerConfig, MqttConfig, Transport};
 use crate::listener::{Drained, Handler, Listener};
 use crate::tls::{self, TlsError};
 use crate::websocket::Upgrade;
@@ -129,11 +130,15 @@ pub fn check(config: &Config) -> Result<(), StartError> {
 /// The listeners reachable from other machines that refuse anonymous clients while no user is
 /// configured: nobody could log in there (until client certificates name users, issue 7).
 fn unauthenticated(config: &Config) -> Vec<StartProblem> {
-    if !config.users.is_empty() {
+    unauthenticated_with(&config.listeners, &config.users)
+}
+
+/// [`unauthenticated`] for `listeners` (the running ones, on a reload) and `users`.
+fn unauthenticated_with(listeners: &[ListenerConfig], users: &[User]) -> Vec<StartProblem> {
+    if !users.is_empty() {
         return Vec::new();
     }
-    config
-        .listeners
+    listeners
         .iter()
         .enumerate()
         .filter(|(_, l)| !l.is_loopback() && !l.allow_anonymous)
@@ -182,7 +187,7 @@ impl ServerBuilder {
             let tls = match &l.tls {
                 None => Ok(None),
                 Some(t) => {
-                    tls::server_config(t, &format!("listeners[{index}].tls")).map(|c| Some(TlsAcceptor::from(c)))
+                    tls::server_config(t, &format!("listeners[{index}].tls")).map(|c| Some(Arc::new(ArcSwap::new(c))))
                 }
             };
             let handler = match frontends.get(&l.protocol) {
@@ -268,7 +273,9 @@ impl ServerBuilder {
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());
         let mut tasks = Vec::with_capacity(ready.len());
+        let mut tls_slots = Vec::with_capacity(ready.len());
         for (l, tls, handler, addr, tcp) in ready {
+            tls_slots.push(tls.clone());
             broker.add_vhost(&l.vhost);
             let name = match (&l.transport, &tls) {
                 (Transport::Tcp, _) => format!("{} {addr}", l.protocol),
@@ -321,7 +328,8 @@ impl ServerBuilder {
         // shutdown signal.
         tokio::spawn(broker.clone().run_housekeeping(shutdown.clone()));
         info!("data directory {}", config.broker.data_dir.display());
-        Ok(Server { broker, listeners, shutdown_tx, tasks, grace })
+        let running = Running { broker: config.broker.clone(), mqtt: config.mqtt.clone(), listeners: config.listeners };
+        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace })
     }
 }
 
@@ -331,6 +339,11 @@ impl ServerBuilder {
 pub struct Server {
     broker: Arc<Broker>,
     listeners: Vec<BoundListener>,
+    /// The configuration started with, minus the users: what a reload compares against.
+    running: Running,
+    /// Per listener (config order), the TLS configuration new connections get: what a reload
+    /// swaps.
+    tls: Vec<Option<Arc<ArcSwap<rustls::ServerConfig>>>>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Drained>>,
     grace: Duration,
@@ -356,6 +369,71 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// Applies what can change while running from a freshly loaded `config` (the caller reads
+    /// the file): each TLS listener's certificate, key and client CA, reloaded from their files
+    /// and swapped in for new connections (established ones keep theirs), and the users.
+    /// Everything else (listeners added, removed or moved, `[broker]`, `[mqtt]`, other listener
+    /// keys) is left as it is and listed in [`ReloadReport::needs_restart`].
+    ///
+    /// A listener whose TLS files do not load keeps its current certificate; users that would
+    /// leave a listener reachable from other machines with nobody able to log in are not
+    /// applied. Either is an error, which still carries the report of what was applied.
+    pub fn reload(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
+        let mut report = ReloadReport::default();
+        let mut problems = Vec::new();
+        let running = &self.running.listeners;
+        for (index, (old, new)) in running.iter().zip(&config.listeners).enumerate() {
+            if old.protocol != new.protocol
+                || old.bind != new.bind
+                || old.transport != new.transport
+                || old.tls.is_some() != new.tls.is_some()
+            {
+                report.needs_restart.push(format!(
+                    "listeners[{index}]: protocol, bind, transport or TLS on/off changed ({} {} → {} {})",
+                    old.protocol, old.bind, new.protocol, new.bind
+                ));
+                continue;
+            }
+            let mut others = new.clone();
+            others.tls.clone_from(&old.tls);
+            if others != *old {
+                report.needs_restart.push(format!("listeners[{index}]: settings other than tls changed"));
+            }
+            let (Some(slot), Some(tls)) = (&self.tls[index], &new.tls) else { continue };
+            match tls::server_config(tls, &format!("listeners[{index}].tls")) {
+                Ok(server_config) => {
+                    slot.store(server_config);
+                    report.tls_reloaded.push(index);
+                }
+                Err(e) => problems.push(StartProblem::Tls(e)),
+            }
+        }
+        for index in config.listeners.len()..running.len() {
+            report.needs_restart.push(format!("listeners[{index}] removed"));
+        }
+        for index in running.len()..config.listeners.len() {
+            report.needs_restart.push(format!("listeners[{index}] added"));
+        }
+        if config.broker != self.running.broker {
+            report.needs_restart.push("[broker] changed".to_string());
+        }
+        if config.mqtt != self.running.mqtt {
+            report.needs_restart.push("[mqtt] changed".to_string());
+        }
+        let locked_out = unauthenticated_with(running, &config.users);
+        if locked_out.is_empty() {
+            self.broker.auth().replace_users(config.users.clone());
+            report.users = Some(config.users.len());
+        } else {
+            problems.extend(locked_out);
+        }
+        if problems.is_empty() {
+            Ok(report)
+        } else {
+            Err(ReloadError { config: config.source.clone(), problems, report })
+        }
     }
 
     /// Stops accepting, tells every connection to close, waits up to the grace period for them,
@@ -386,6 +464,48 @@ impl Server {
         Ok(report)
     }
 }
+
+/// The settings a reload cannot change, as the server started with them.
+#[derive(Debug)]
+struct Running {
+    broker: BrokerConfig,
+    mqtt: MqttConfig,
+    listeners: Vec<ListenerConfig>,
+}
+
+/// What [`Server::reload`] applied, and what it left for a restart. Names no secret.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The listeners (config indices) whose TLS certificate, key and client CA were reloaded.
+    pub tls_reloaded: Vec<usize>,
+    /// How many users are configured now; `None` when the users were kept.
+    pub users: Option<usize>,
+    /// Changes in the file that take effect only after a restart, one line each.
+    pub needs_restart: Vec<String>,
+}
+
+/// Why [`Server::reload`] applied only part of a config: every problem, named with the config's
+/// source, and what was applied all the same.
+#[derive(Debug)]
+pub struct ReloadError {
+    pub config: ConfigSource,
+    pub problems: Vec<StartProblem>,
+    pub report: ReloadReport,
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {problem}", self.config)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ReloadError {}
 
 /// The machine's memory in bytes (`MemTotal` in /proc/meminfo); 0 when unknown, which leaves a
 /// relative watermark off.

@@ -284,3 +284,75 @@ fn a_public_listener_without_users_or_anonymous_access_is_refused() {
     let out = ferry(dir.path(), &["check-config", &open]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn sighup_reloads_the_config_file_and_never_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n";
+    let file = write(dir.path(), "ferry.toml", &format!("[broker]\ndata_dir = \"data\"\n{listener}"));
+    let mut child = Command::new(FERRY)
+        .args(["--config", &file])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let pid = child.id().to_string();
+    let log = child.stderr.take().unwrap();
+    let mut running = Running(Some(child));
+    let (lines_tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(log).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str| loop {
+        match lines.recv_timeout(PATIENCE) {
+            Ok(line) => {
+                let found = line.contains(what);
+                seen.push(line);
+                if found {
+                    return seen.last().unwrap().clone();
+                }
+            }
+            Err(e) => panic!("no {what:?} in ferry's log ({e}):\n{}", seen.join("\n")),
+        }
+    };
+    let hup = || assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    wait_for("ferry ready");
+
+    // One user added: applied.
+    let hash = ferry_core::auth::PasswordHash::argon2id(b"pw");
+    let users = format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n");
+    write(dir.path(), "ferry.toml", &format!("[broker]\ndata_dir = \"data\"\n{users}{listener}"));
+    hup();
+    let done = wait_for("reload done");
+    assert!(done.contains("1 user(s) configured"), "{done}");
+    assert!(!done.contains("$argon2id"), "no hash in the log: {done}");
+
+    // A listener added: left for a restart.
+    write(dir.path(), "ferry.toml", &format!("[broker]\ndata_dir = \"data\"\n{users}{listener}{listener}"));
+    hup();
+    let restart = wait_for("needs a restart");
+    assert!(restart.contains("listeners[1] added"), "{restart}");
+    wait_for("reload done");
+
+    // A file that no longer parses: refused, the server keeps running.
+    write(dir.path(), "ferry.toml", "[broker\n");
+    hup();
+    wait_for("reload refused");
+
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut child = running.0.take().unwrap();
+    let (status_tx, status) = mpsc::channel::<ExitStatus>();
+    thread::spawn(move || {
+        let _ = status_tx.send(child.wait().unwrap());
+    });
+    let status = status.recv_timeout(Duration::from_secs(10)).expect("ferry did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+}
