@@ -173,6 +173,11 @@ pub trait Frontend: Send + Sync + 'static {
     /// connection is served: a frontend brings back what it stored itself (MQTT sessions, via
     /// [`Broker::take_recovered_sessions`]).
     fn recover(&self, _broker: &Arc<Broker>) {}
+    /// The frontend as its concrete type, for the server to hand it protocol-specific settings
+    /// (the MQTT topic ACL, on start and reload).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Serves one connection until it closes. Must return promptly after `ctx.shutdown` fires.
     async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError>;
 }

@@ -135,6 +135,17 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             return Err(ConnectionError::Protocol(format!("login refused: {e}")));
         }
     };
+    let acl = shared.acl.load_full();
+    let user = (!identity.anonymous).then(|| identity.user.clone());
+    if let Some(w) = &connect.will {
+        // Mosquitto refuses a CONNECT whose will it could not publish.
+        if !acl.can_write(user.as_deref(), &client_id, w.topic.as_str()) {
+            refuse(version, reason::NOT_AUTHORIZED, connect_refusal(version, reason::NOT_AUTHORIZED), &mut out);
+            let _ = stream.write_all(&out).await;
+            info!(conn = %ctx.id, client_id, user = %identity.user, "MQTT CONNECT refused: will topic not authorized");
+            return Err(ConnectionError::Protocol("will topic not authorized".into()));
+        }
+    }
     let vhost_name = ctx.listener.vhost.clone();
     let vhost = match ctx.broker.vhost(&vhost_name) {
         Some(v) => v,
@@ -153,6 +164,8 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     // Wills go to the listener's exchange too.
     let exchange = settings.exchange.clone();
     settings.max_packet_size = limits.max_frame_size;
+    settings.acl = acl;
+    settings.user = user;
     settings.outbox_capacity = limits.outbox_capacity;
     let now = now_millis();
     let keep_alive_requested = connect.keep_alive;

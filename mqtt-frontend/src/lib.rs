@@ -14,6 +14,7 @@
 //!
 //! [`sys`] publishes `$SYS/broker/...` statistics.
 
+pub mod acl;
 pub mod codec;
 pub mod driver;
 pub mod mapping;
@@ -54,6 +55,9 @@ pub struct Shared {
     pub settings: Settings,
     pub registry: Arc<registry::Registry>,
     pub stats: Stats,
+    /// The topic ACL (`[[acl]]`), swapped by [`MqttFrontend::set_acl`] on a reload; each
+    /// connection takes the one current at its CONNECT.
+    pub acl: arc_swap::ArcSwap<acl::Acl>,
     started: std::time::Instant,
     sys_vhosts: Mutex<HashSet<String>>,
 }
@@ -81,6 +85,7 @@ impl MqttFrontend {
                 settings,
                 registry: Arc::new(registry::Registry::new()),
                 stats: Stats::default(),
+                acl: arc_swap::ArcSwap::from_pointee(acl::Acl::default()),
                 started: std::time::Instant::now(),
                 sys_vhosts: Mutex::new(HashSet::new()),
             }),
@@ -88,6 +93,10 @@ impl MqttFrontend {
     }
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+    /// Replaces the topic ACL for connections made from now on.
+    pub fn set_acl(&self, acl: acl::Acl) {
+        self.shared.acl.store(Arc::new(acl));
     }
 }
 
@@ -101,6 +110,10 @@ impl Default for MqttFrontend {
 impl Frontend for MqttFrontend {
     fn protocol(&self) -> Protocol {
         Protocol::Mqtt
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError> {

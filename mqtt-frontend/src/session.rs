@@ -52,6 +52,10 @@ pub struct Settings {
     /// Keep QoS 0 messages for a persistent session while its client is away (Mosquitto's
     /// `queue_qos0_messages`, off by default there and here).
     pub queue_qos0_offline: bool,
+    /// The topic ACL this connection is checked against.
+    pub acl: Arc<crate::acl::Acl>,
+    /// The logged-in user (`None`: anonymous), for the ACL.
+    pub user: Option<String>,
 }
 
 impl Default for Settings {
@@ -67,6 +71,8 @@ impl Default for Settings {
             max_keep_alive: 0,
             outbox_capacity: 1000,
             queue_qos0_offline: false,
+            acl: Arc::default(),
+            user: None,
         }
     }
 }
@@ -646,6 +652,20 @@ impl Session {
         }
         self.stats.messages_in += 1;
         self.published = true;
+        if !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str()) {
+            // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
+            // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
+            tracing::debug!(client_id = %self.client_id, topic = %p.topic.as_str(), "publish denied by the ACL");
+            let code = if v5 { reason::NOT_AUTHORIZED } else { reason::SUCCESS };
+            let packet = PubResp { packet_id: id, reason: code, properties: Default::default() };
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.queue_ack(Commit::done(Ok(())), Packet::PubAck(packet)),
+                // 3.1.1 answers an unknown PUBREL with PUBCOMP anyway.
+                QoS::ExactlyOnce => self.queue_ack(Commit::done(Ok(())), Packet::PubRec(packet)),
+            }
+            return Ok(());
+        }
         if v5 && p.qos > QoS::AtMostOnce && *self.disk_alarm.borrow() {
             // The disk alarm: refused, not routed (QoS 0 is never stored, so it still goes).
             let packet = PubResp { packet_id: id, reason: reason::QUOTA_EXCEEDED, properties: Default::default() };
@@ -821,6 +841,16 @@ impl Session {
             let code = match Filter::parse(text.as_str()) {
                 Err(_) if self.is_v5() => reason::TOPIC_FILTER_INVALID,
                 Err(_) => reason::UNSPECIFIED_ERROR,
+                Ok(filter)
+                    if !self.settings.acl.can_subscribe(
+                        self.settings.user.as_deref(),
+                        &self.client_id,
+                        &filter.topic_filter,
+                    ) =>
+                {
+                    tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe denied by the ACL");
+                    reason::NOT_AUTHORIZED
+                }
                 Ok(filter) => {
                     if self.is_v5() && filter.share_group.is_some() && options.no_local {
                         // 5.0 §3.8.3.1: No Local on a shared subscription is a protocol error.
@@ -1107,6 +1137,14 @@ impl Session {
         }
         let v5 = self.is_v5();
         let mut p = to_publish(m, qos, retain, v5, now);
+        // Read access is checked on delivery too (Mosquitto does): a reload may have taken away
+        // what a subscription was granted.
+        if !self.settings.acl.is_empty()
+            && !self.settings.acl.can_read(self.settings.user.as_deref(), &self.client_id, p.topic.as_str())
+        {
+            self.settle(src, now);
+            return;
+        }
         // A topic alias this packet sets up; recorded only once the packet is really sent, or
         // a later packet would use an alias the client never learnt.
         let mut new_alias = None;

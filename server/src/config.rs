@@ -67,6 +67,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The `[[users]]` tables: who may log in, with their password hashes.
     pub users: Vec<User>,
+    /// The `[[acl]]` tables: MQTT topic access (none: everything allowed).
+    pub acl: Vec<ferry_mqtt::acl::AclEntry>,
 }
 
 /// The `[mqtt]` table: settings of the MQTT frontend, for every MQTT listener.
@@ -290,6 +292,7 @@ impl Config {
                 ListenerConfig::new(Protocol::Amqp, SocketAddr::from((localhost, 5672))),
             ],
             users: Vec::new(),
+            acl: Vec::new(),
         }
     }
 
@@ -319,6 +322,16 @@ struct RawConfig {
     listeners: Option<Vec<RawListener>>,
     #[serde(default)]
     users: Vec<RawUser>,
+    #[serde(default)]
+    acl: Vec<RawAcl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcl {
+    user: Option<String>,
+    topic: String,
+    access: String,
 }
 
 #[derive(Deserialize)]
@@ -437,7 +450,26 @@ impl Validator<'_> {
             listeners.push(listener);
         }
         let users = self.users(raw.users)?;
-        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, mqtt, listeners, users })
+        let acl = self.acl(raw.acl)?;
+        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, mqtt, listeners, users, acl })
+    }
+
+    fn acl(&self, raw: Vec<RawAcl>) -> Result<Vec<ferry_mqtt::acl::AclEntry>, ConfigError> {
+        use ferry_mqtt::acl::{Access, AclEntry};
+        let mut entries = Vec::with_capacity(raw.len());
+        for (index, RawAcl { user, topic, access }) in raw.into_iter().enumerate() {
+            if user.as_deref() == Some("") {
+                return Err(
+                    self.invalid(format!("acl[{index}].user"), "must not be empty (leave it out for all users)")
+                );
+            }
+            AclEntry::validate_topic(&topic).map_err(|reason| self.invalid(format!("acl[{index}].topic"), reason))?;
+            let access = Access::parse(&access).ok_or_else(|| {
+                self.invalid(format!("acl[{index}].access"), format!("{access:?}: expected read, write or readwrite"))
+            })?;
+            entries.push(AclEntry { user, topic, access });
+        }
+        Ok(entries)
     }
 
     fn users(&self, raw: Vec<RawUser>) -> Result<Vec<User>, ConfigError> {
@@ -864,6 +896,31 @@ mod tests {
         assert!(c.users[1].hash.verify(b"s3cret pass"));
         assert!(parse(MINIMAL).unwrap().users.is_empty());
         assert!(Config::embedded_defaults().users.is_empty());
+    }
+
+    #[test]
+    fn acl_entries_are_read_and_bad_ones_refused_naming_the_entry() {
+        use ferry_mqtt::acl::{Access, AclEntry};
+        let c = parse(&format!(
+            "{MINIMAL}[[acl]]\nuser = \"alice\"\ntopic = \"sensors/%u/#\"\naccess = \"readwrite\"\n\
+             [[acl]]\ntopic = \"public/+\"\naccess = \"read\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.acl,
+            vec![
+                AclEntry { user: Some("alice".into()), topic: "sensors/%u/#".into(), access: Access::ReadWrite },
+                AclEntry { user: None, topic: "public/+".into(), access: Access::Read },
+            ]
+        );
+        assert!(parse(MINIMAL).unwrap().acl.is_empty());
+        let entry = |topic: &str, access: &str| format!("[[acl]]\ntopic = \"{topic}\"\naccess = \"{access}\"\n");
+        let msg = error(&format!("{MINIMAL}{}{}", entry("a", "read"), entry("a/#/b", "read")));
+        assert!(msg.contains("acl[1].topic: "), "{msg}");
+        let msg = error(&format!("{MINIMAL}{}", entry("a", "all")));
+        assert!(msg.contains("acl[0].access: \"all\""), "{msg}");
+        let msg = error(&format!("{MINIMAL}[[acl]]\nuser = \"\"\ntopic = \"a\"\naccess = \"read\"\n"));
+        assert!(msg.contains("acl[0].user: "), "{msg}");
     }
 
     #[test]

@@ -256,6 +256,15 @@ impl ServerBuilder {
         }
         broker.auth().replace_users(config.users.clone());
         info!("{} user(s) configured", config.users.len());
+        let mqtt = frontends
+            .get(&Protocol::Mqtt)
+            .and_then(|f| f.as_any())
+            .and_then(|f| f.downcast_ref::<ferry_mqtt::MqttFrontend>())
+            .cloned();
+        if let Some(mqtt) = &mqtt {
+            mqtt.set_acl(ferry_mqtt::acl::Acl::new(config.acl.clone()));
+            info!("{} MQTT ACL entr(y/ies) configured", config.acl.len());
+        }
         let free_dir = config.broker.data_dir.clone();
         broker.disk().watch_free_space(
             config.broker.disk_free_limit,
@@ -329,7 +338,7 @@ impl ServerBuilder {
         tokio::spawn(broker.clone().run_housekeeping(shutdown.clone()));
         info!("data directory {}", config.broker.data_dir.display());
         let running = Running { broker: config.broker.clone(), mqtt: config.mqtt.clone(), listeners: config.listeners };
-        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace })
+        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, mqtt })
     }
 }
 
@@ -347,6 +356,8 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Drained>>,
     grace: Duration,
+    /// The MQTT frontend, if one serves: a reload hands it the new ACL.
+    mqtt: Option<ferry_mqtt::MqttFrontend>,
 }
 
 impl Server {
@@ -426,6 +437,10 @@ impl Server {
         if locked_out.is_empty() {
             self.broker.auth().replace_users(config.users.clone());
             report.users = Some(config.users.len());
+            // The ACL goes with the users (the users it names are the ones now configured).
+            if let Some(mqtt) = &self.mqtt {
+                mqtt.set_acl(ferry_mqtt::acl::Acl::new(config.acl.clone()));
+            }
         } else {
             problems.extend(locked_out);
         }

@@ -1,0 +1,235 @@
+//! Topic access control (issue 7): Mosquitto's `acl_file` semantics from the config's `[[acl]]`.
+//!
+//! With no entries everything is allowed. With any, an access is allowed only when an entry for
+//! the client's user or for all users grants it; anonymous clients match only all-user entries.
+//! `%u` in an entry's filter stands for the user name, `%c` for the client id.
+
+use crate::topic::check_filter;
+
+/// What an entry grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl Access {
+    /// Parses `read`, `write` or `readwrite`.
+    pub fn parse(s: &str) -> Option<Access> {
+        match s {
+            "read" => Some(Access::Read),
+            "write" => Some(Access::Write),
+            "readwrite" => Some(Access::ReadWrite),
+            _ => None,
+        }
+    }
+    fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::ReadWrite)
+    }
+    fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
+}
+
+/// One `[[acl]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclEntry {
+    /// `None`: every user (and anonymous clients).
+    pub user: Option<String>,
+    /// An MQTT filter, possibly with `%u` and `%c`.
+    pub topic: String,
+    pub access: Access,
+}
+
+impl AclEntry {
+    /// Checks the entry's filter (with `%u`/`%c` as they are: they fill a level's text).
+    pub fn validate_topic(topic: &str) -> Result<(), String> {
+        check_filter(topic).map_err(|e| e.to_string())
+    }
+}
+
+/// The configured entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acl {
+    entries: Vec<AclEntry>,
+}
+
+impl Acl {
+    pub fn new(entries: Vec<AclEntry>) -> Acl {
+        Acl { entries }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// May `user` (`None`: anonymous) publish to `topic`?
+    pub fn can_write(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.check(user, client_id, Access::writes, |acl| topic_matches(acl, topic))
+    }
+
+    /// May `user` subscribe to `filter` (every topic it can match must be readable)?
+    pub fn can_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        self.check(user, client_id, Access::reads, |acl| filter_covered(filter, acl))
+    }
+
+    /// May `user` receive a message on `topic`?
+    pub fn can_read(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.check(user, client_id, Access::reads, |acl| topic_matches(acl, topic))
+    }
+
+    fn check(
+        &self,
+        user: Option<&str>,
+        client_id: &str,
+        grants: fn(Access) -> bool,
+        matches: impl Fn(&str) -> bool,
+    ) -> bool {
+        if self.entries.is_empty() {
+            return true;
+        }
+        self.entries.iter().any(|e| {
+            let applies = match &e.user {
+                None => true,
+                Some(u) => user == Some(u.as_str()),
+            };
+            if !applies || !grants(e.access) {
+                return false;
+            }
+            match substitute(&e.topic, user, client_id) {
+                Some(filter) => matches(&filter),
+                None => false,
+            }
+        })
+    }
+}
+
+/// Fills `%u` and `%c`. `None` when the value would not be one plain level (Mosquitto refuses
+/// a user or client id with `+`, `#` or `/` in a pattern, so such a client gets nothing from it),
+/// or when `%u` is needed and the client is anonymous.
+fn substitute(topic: &str, user: Option<&str>, client_id: &str) -> Option<String> {
+    if !topic.contains('%') {
+        return Some(topic.to_string());
+    }
+    let plain = |s: &str| !s.is_empty() && !s.contains(['+', '#', '/']);
+    let mut out = topic.to_string();
+    if out.contains("%u") {
+        let u = user.filter(|u| plain(u))?;
+        out = out.replace("%u", u);
+    }
+    if out.contains("%c") {
+        if !plain(client_id) {
+            return None;
+        }
+        out = out.replace("%c", client_id);
+    }
+    Some(out)
+}
+
+/// Does the ACL filter `acl` match the topic name `topic`? (`$`-topics are not matched by a
+/// leading wildcard, as in subscriptions.)
+pub fn topic_matches(acl: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    let mut first = true;
+    for a in acl.split('/') {
+        let dollar_guard = first && topic.starts_with('$');
+        first = false;
+        match a {
+            "#" => return !dollar_guard,
+            "+" => match t.next() {
+                Some(_) if dollar_guard => return false,
+                Some(_) => {}
+                None => return false,
+            },
+            lit => {
+                if t.next() != Some(lit) {
+                    return false;
+                }
+            }
+        }
+    }
+    t.next().is_none()
+}
+
+/// Is every topic the subscription filter `sub` matches also matched by the ACL filter `acl`?
+/// Level by level: ACL `#` covers the rest, ACL `+` covers one level (a literal or `+`, not
+/// `#`), a literal covers only the same literal.
+pub fn filter_covered(sub: &str, acl: &str) -> bool {
+    let mut s = sub.split('/');
+    let mut first = true;
+    for a in acl.split('/') {
+        let dollar_guard = first && sub.starts_with('$');
+        first = false;
+        match a {
+            "#" => return !dollar_guard,
+            "+" => match s.next() {
+                Some("#") | None => return false,
+                Some(_) if dollar_guard => return false,
+                Some(_) => {}
+            },
+            lit => {
+                if s.next() != Some(lit) {
+                    return false;
+                }
+            }
+        }
+    }
+    s.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_matcher() {
+        assert!(filter_covered("a/b", "a/b"));
+        assert!(filter_covered("a/b", "a/+"));
+        assert!(filter_covered("a/+", "a/+"));
+        assert!(!filter_covered("a/#", "a/+"));
+        assert!(filter_covered("a/#", "a/#"));
+        assert!(filter_covered("a/b/+/c", "a/#"));
+        assert!(filter_covered("a", "a/#"));
+        assert!(!filter_covered("a/+", "a/b"));
+        assert!(!filter_covered("a/b/c", "a/+"));
+        assert!(!filter_covered("a", "a/+"));
+        assert!(!filter_covered("#", "a/#"));
+        assert!(filter_covered("#", "#"));
+        assert!(!filter_covered("$SYS/x", "#"));
+        assert!(filter_covered("$SYS/x", "$SYS/#"));
+    }
+
+    #[test]
+    fn topic_matcher() {
+        assert!(topic_matches("a/+/c", "a/b/c"));
+        assert!(topic_matches("a/#", "a"));
+        assert!(topic_matches("a/#", "a/b/c"));
+        assert!(!topic_matches("a/+", "a/b/c"));
+        assert!(!topic_matches("+/x", "$SYS/x"));
+    }
+
+    #[test]
+    fn semantics() {
+        let e = |user: Option<&str>, topic: &str, access| AclEntry {
+            user: user.map(str::to_string),
+            topic: topic.into(),
+            access,
+        };
+        assert!(Acl::default().can_write(None, "c", "x"));
+        let acl = Acl::new(vec![
+            e(Some("sensor"), "sensors/%u/#", Access::ReadWrite),
+            e(None, "public/#", Access::Read),
+            e(None, "clients/%c", Access::Write),
+        ]);
+        assert!(acl.can_write(Some("sensor"), "c", "sensors/sensor/t"));
+        assert!(!acl.can_write(Some("other"), "c", "sensors/sensor/t"));
+        assert!(acl.can_subscribe(Some("sensor"), "c", "sensors/sensor/+"));
+        assert!(!acl.can_subscribe(Some("sensor"), "c", "sensors/+/t"));
+        assert!(acl.can_subscribe(None, "c", "public/#"));
+        assert!(!acl.can_write(None, "c", "public/x"));
+        assert!(acl.can_write(None, "c1", "clients/c1"));
+        assert!(!acl.can_write(None, "c1", "clients/c2"));
+        assert!(!acl.can_write(Some("a"), "c/x", "clients/c/x"));
+    }
+}
