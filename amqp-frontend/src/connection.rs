@@ -8,15 +8,18 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use ferry_core::auth::{AuthError, Identity};
+use ferry_core::exchange::ExchangeKind;
 use ferry_core::exchange::{BindingKey, ExchangeOptions};
 use ferry_core::message::{
     now_millis, valid_expiration, ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString,
 };
+use ferry_core::permissions::{Permission, Resource};
 use ferry_core::queue::{ConsumerSpec, Queue, QueueOptions};
 use ferry_core::sink::Outbox;
-use ferry_core::vhost::{ExchangeDeclare, QueueDeclare, VHost};
+use ferry_core::vhost::{generated_queue_name, ExchangeDeclare, QueueDeclare, VHost};
 use ferry_core::Broker;
 
+use crate::access::Access;
 use crate::channel::{AmqpConsumerSink, Channel, Outgoing, PartialPublish, PendingConfirm, TxOp};
 use crate::codec::*;
 use crate::errors::AmqpError;
@@ -96,10 +99,17 @@ pub struct Connection {
     outbox: Arc<Outbox<Outgoing>>,
     /// Bytes to write.
     pub out: BytesMut,
-    /// The user name the client authenticated with (for logs and, later, permissions).
+    /// The user name the client authenticated with.
     pub user: Option<String>,
+    /// The user is the anonymous identity.
+    anonymous: bool,
+    /// What the user may do on the vhost (from connection.open).
+    access: Option<Access>,
     /// Credentials from start-ok for the driver to check (user, password, mechanism).
     pending_login: Option<(String, Bytes, ShortString)>,
+    /// The EXTERNAL mechanism is offered (a `cert_login` listener), with the identity the
+    /// client's certificate gives, or why it gives none.
+    external: Option<Result<Identity, AuthError>>,
     /// The client asked to be told of a failed login with connection.close 403
     /// (`authentication_failure_close`); others just see the socket close, as with RabbitMQ.
     auth_failure_close: bool,
@@ -211,7 +221,10 @@ impl Connection {
             outbox: Arc::new(Outbox::new(settings.outbox_capacity)),
             out: BytesMut::with_capacity(8 * 1024),
             user: None,
+            anonymous: false,
+            access: None,
             pending_login: None,
+            external: None,
             auth_failure_close: false,
             pending: VecDeque::new(),
             congested: Vec::new(),
@@ -241,15 +254,24 @@ impl Connection {
         }
     }
 
+    /// Offers SASL EXTERNAL (RabbitMQ's `rabbitmq_auth_mechanism_ssl`): a client that picks it
+    /// logs in as `identity`, the user name its verified certificate stands for. Call before
+    /// [`Connection::start`].
+    pub fn offer_external(&mut self, identity: Result<Identity, AuthError>) {
+        self.external = Some(identity);
+    }
+
     /// Writes connection.start (after the client's protocol header).
     pub fn start(&mut self) {
+        let mechanisms: &'static [u8] =
+            if self.external.is_some() { b"PLAIN AMQPLAIN EXTERNAL" } else { b"PLAIN AMQPLAIN" };
         self.send(
             0,
             Method::ConnectionStart(ConnectionStart {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: server_properties(),
-                mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+                mechanisms: Bytes::from_static(mechanisms),
                 locales: Bytes::from_static(b"en_US"),
             }),
         );
@@ -271,6 +293,7 @@ impl Connection {
         match result {
             Ok(identity) => {
                 self.user = Some(identity.user);
+                self.anonymous = identity.anonymous;
                 self.state = State::AwaitTuneOk;
                 self.send(
                     0,
@@ -438,7 +461,8 @@ impl Connection {
     fn on_connection_method(&mut self, m: Method, _now: Millis) -> Result<(), AmqpError> {
         match (self.state, m) {
             (State::AwaitStartOk, Method::ConnectionStartOk(ok)) => {
-                if !matches!(ok.mechanism.as_bytes(), b"PLAIN" | b"AMQPLAIN") {
+                let external = ok.mechanism.as_bytes() == b"EXTERNAL" && self.external.is_some();
+                if !external && !matches!(ok.mechanism.as_bytes(), b"PLAIN" | b"AMQPLAIN") {
                     // RabbitMQ: an unknown mechanism is a command error, bad credentials 403.
                     return Err(AmqpError::new(
                         reply_code::COMMAND_INVALID,
@@ -453,6 +477,14 @@ impl Connection {
                 };
                 self.blocked_capable = capability("connection.blocked");
                 self.auth_failure_close = capability("authentication_failure_close");
+                if external {
+                    // The certificate was verified in the TLS handshake; the response (an
+                    // authorization identity some clients send) is not looked at, as in RabbitMQ.
+                    let result = self.external.take().expect("offered");
+                    self.state = State::Authenticating;
+                    self.login_done(&ok.mechanism, result);
+                    return Ok(());
+                }
                 let Some((user, password)) = parse_credentials(&ok.mechanism, &ok.response) else {
                     return Err(AmqpError::new(
                         reply_code::ACCESS_REFUSED,
@@ -492,6 +524,11 @@ impl Connection {
                 let name = if name.is_empty() { self.default_vhost.clone() } else { name };
                 match self.broker.vhost(&name) {
                     Some(v) => {
+                        // RabbitMQ: the vhost must exist, then the user needs permissions on it
+                        // (530 NOT_ALLOWED "access to vhost '/' refused for user 'bob'").
+                        let user = self.user.as_deref().unwrap_or_default();
+                        let access = Access::open(&self.broker, user, self.anonymous, &name)?;
+                        self.access = Some(access);
                         self.vhost = Some(v);
                         self.state = State::Open;
                         self.send(
@@ -541,6 +578,39 @@ impl Connection {
             .ok_or_else(|| AmqpError::new(reply_code::NOT_FOUND, "no previously declared queue"))
     }
 
+    /// RabbitMQ's `check_{configure,write,read}_permitted` on an exchange or queue.
+    fn authorize(&mut self, permission: Permission, resource: Resource, name: &ShortString) -> Result<(), AmqpError> {
+        match &mut self.access {
+            Some(a) => a.check(&self.broker, permission, resource, &name.to_string_lossy()),
+            None => Ok(()),
+        }
+    }
+
+    /// RabbitMQ's topic authorisation on `exchange` for `key` (topic exchanges with a topic
+    /// permission for the user), and the MQTT ACL on MQTT exchanges.
+    fn authorize_topic(
+        &mut self,
+        permission: Permission,
+        exchange: &ShortString,
+        key: &ShortString,
+    ) -> Result<(), AmqpError> {
+        let Some(a) = &mut self.access else { return Ok(()) };
+        let exchange = exchange.to_string_lossy();
+        let vhost = self.vhost.as_ref().expect("open");
+        let is_topic = || vhost.exchange(&exchange).is_some_and(|e| e.kind() == ExchangeKind::Topic);
+        a.check_topic(&self.broker, permission, &exchange, is_topic, &key.to_string_lossy())
+    }
+
+    /// Does anything restrict this connection? (Skips every check in the common case.)
+    fn restricted(&mut self) -> bool {
+        self.access.as_mut().is_some_and(|a| !a.unrestricted(&self.broker))
+    }
+
+    /// The exchange a declare argument names (`alternate-exchange`, `x-dead-letter-exchange`).
+    fn exchange_argument(arguments: &FieldTable, key: &str) -> Option<ShortString> {
+        arguments.get(key).and_then(|v| v.as_str()).map(ShortString::from)
+    }
+
     fn on_channel_method(&mut self, ch: u16, m: Method, now: Millis) -> Result<(), AmqpError> {
         let conn = self.id;
         match m {
@@ -572,6 +642,13 @@ impl Connection {
 
             // ----- exchanges -----
             Method::ExchangeDeclare(d) => {
+                if !d.passive && self.restricted() {
+                    self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
+                    if let Some(ae) = Self::exchange_argument(&d.arguments, "alternate-exchange") {
+                        self.authorize(Permission::Read, Resource::Exchange, &d.exchange)?;
+                        self.authorize(Permission::Write, Resource::Exchange, &ae)?;
+                    }
+                }
                 let decl = ExchangeDeclare {
                     name: d.exchange.clone(),
                     kind: d.kind.to_string_lossy(),
@@ -590,6 +667,9 @@ impl Connection {
                 Ok(())
             }
             Method::ExchangeDelete(d) => {
+                if self.restricted() {
+                    self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
+                }
                 self.vhost().delete_exchange(&d.exchange, d.if_unused)?;
                 if !d.nowait {
                     self.send(ch, Method::ExchangeDeleteOk(ExchangeDeleteOk {}));
@@ -597,6 +677,11 @@ impl Connection {
                 Ok(())
             }
             Method::ExchangeBind(b) => {
+                if self.restricted() {
+                    self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
+                    self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
+                    self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
+                }
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().bind_exchange(&b.destination, &b.source, key)?;
                 if !b.nowait {
@@ -605,6 +690,11 @@ impl Connection {
                 Ok(())
             }
             Method::ExchangeUnbind(b) => {
+                if self.restricted() {
+                    self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
+                    self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
+                    self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
+                }
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().unbind_exchange(&b.destination, &b.source, key)?;
                 if !b.nowait {
@@ -615,16 +705,32 @@ impl Connection {
 
             // ----- queues -----
             Method::QueueDeclare(d) => {
-                let name = if d.passive && d.queue.is_empty() { self.queue_name(ch, d.queue)? } else { d.queue };
+                let mut name = if d.passive && d.queue.is_empty() { self.queue_name(ch, d.queue)? } else { d.queue };
+                // A server-named queue is checked under the name it will get, as RabbitMQ does.
+                let mut server_named = false;
+                if !d.passive && self.restricted() {
+                    if name.is_empty() {
+                        name = generated_queue_name();
+                        server_named = true;
+                    }
+                    self.authorize(Permission::Configure, Resource::Queue, &name)?;
+                    if let Some(dlx) = Self::exchange_argument(&d.arguments, "x-dead-letter-exchange") {
+                        self.authorize(Permission::Read, Resource::Queue, &name)?;
+                        self.authorize(Permission::Write, Resource::Exchange, &dlx)?;
+                    }
+                }
                 let options = QueueOptions {
                     durable: d.durable,
                     exclusive: d.exclusive.then_some(conn),
                     auto_delete: d.auto_delete,
                     arguments: d.arguments,
                 };
-                let declared = self
-                    .vhost()
-                    .declare_queue(QueueDeclare { name, passive: d.passive, options, connection: conn }, now)?;
+                let decl = QueueDeclare { name, passive: d.passive, options, connection: conn };
+                let declared = if server_named {
+                    self.vhost().declare_reserved_queue(decl, now)?
+                } else {
+                    self.vhost().declare_queue(decl, now)?
+                };
                 let qname = declared.queue.name().clone();
                 self.channel(ch).last_queue = Some(qname.clone());
                 if !d.nowait {
@@ -641,6 +747,11 @@ impl Connection {
             }
             Method::QueueBind(b) => {
                 let q = self.queue_name(ch, b.queue)?;
+                if self.restricted() {
+                    self.authorize(Permission::Write, Resource::Queue, &q)?;
+                    self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
+                    self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
+                }
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().bind_queue(&q, &b.exchange, key, conn)?;
                 if !b.nowait {
@@ -650,6 +761,11 @@ impl Connection {
             }
             Method::QueueUnbind(b) => {
                 let q = self.queue_name(ch, b.queue)?;
+                if self.restricted() {
+                    self.authorize(Permission::Write, Resource::Queue, &q)?;
+                    self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
+                    self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
+                }
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().unbind_queue(&q, &b.exchange, key, conn)?;
                 self.send(ch, Method::QueueUnbindOk(QueueUnbindOk {}));
@@ -657,6 +773,9 @@ impl Connection {
             }
             Method::QueuePurge(p) => {
                 let q = self.queue_name(ch, p.queue)?;
+                if self.restricted() {
+                    self.authorize(Permission::Read, Resource::Queue, &q)?;
+                }
                 let n = self.vhost().purge_queue(&q, conn, now)?;
                 if !p.nowait {
                     self.send(ch, Method::QueuePurgeOk(QueuePurgeOk { message_count: n }));
@@ -665,6 +784,9 @@ impl Connection {
             }
             Method::QueueDelete(d) => {
                 let q = self.queue_name(ch, d.queue)?;
+                if self.restricted() {
+                    self.authorize(Permission::Configure, Resource::Queue, &q)?;
+                }
                 let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty)?;
                 if !d.nowait {
                     self.send(ch, Method::QueueDeleteOk(QueueDeleteOk { message_count: n }));
@@ -708,12 +830,19 @@ impl Connection {
                 if p.immediate {
                     return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "immediate=true"));
                 }
+                if self.restricted() {
+                    self.authorize(Permission::Write, Resource::Exchange, &p.exchange)?;
+                    self.authorize_topic(Permission::Write, &p.exchange, &p.routing_key)?;
+                }
                 self.channel(ch).content =
                     Some(PartialPublish { method: p, header: None, body: None, body_buf: BytesMut::new() });
                 Ok(())
             }
             Method::BasicGet(g) => {
                 let qname = self.queue_name(ch, g.queue)?;
+                if self.restricted() {
+                    self.authorize(Permission::Read, Resource::Queue, &qname)?;
+                }
                 let q = self.vhost().queue_for(&qname, conn)?;
                 let owner = self.channel(ch).owner;
                 let (got, effects) = q.get(owner, g.no_ack, now);
@@ -854,8 +983,17 @@ impl Connection {
 
     fn on_consume(&mut self, ch: u16, c: BasicConsume, now: Millis) -> Result<(), AmqpError> {
         let conn = self.id;
-        let qname =
-            if c.queue == REPLY_TO { self.reply_queue(ch, c.no_ack, now)? } else { self.queue_name(ch, c.queue)? };
+        let qname = if c.queue == REPLY_TO {
+            // Direct reply-to needs no permission (as in RabbitMQ): the pseudo-queue is the
+            // connection's own.
+            self.reply_queue(ch, c.no_ack, now)?
+        } else {
+            let q = self.queue_name(ch, c.queue)?;
+            if self.restricted() {
+                self.authorize(Permission::Read, Resource::Queue, &q)?;
+            }
+            q
+        };
         let tag = if c.consumer_tag.is_empty() { consumer_tag() } else { c.consumer_tag };
         if self.channel(ch).consumers.contains_key(&tag) {
             return Err(AmqpError::new(reply_code::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));

@@ -57,6 +57,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
     settings.frame_max = limits.max_frame_size;
     settings.outbox_capacity = limits.outbox_capacity;
     let mut conn = Connection::new(ctx.id, ctx.broker.clone(), ctx.listener.vhost.clone(), settings);
+    if let Some(from) = ctx.listener.auth.cert_login {
+        let certificates = stream.tls.as_ref().map(|t| t.peer_certificates.as_slice()).unwrap_or_default();
+        conn.offer_external(ferry_core::cert_login::certificate_identity(certificates, from));
+    }
     conn.start();
     let mut decoder = FrameDecoder::new(FRAME_MIN_SIZE);
     let outbox = conn.outbox().clone();

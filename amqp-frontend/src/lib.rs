@@ -19,6 +19,7 @@
 //! [`connection::Connection::handle`] → core → [`codec::encode_method_frame`] /
 //! [`codec::encode_deliver`] → one `BytesMut` per wake-up → socket.
 
+pub mod access;
 pub mod channel;
 pub mod codec;
 pub mod connection;

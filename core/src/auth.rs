@@ -93,6 +93,9 @@ pub struct AuthPolicy {
     /// `guest`/`guest` is accepted when no configured user is called guest (RabbitMQ's
     /// loopback-only guest).
     pub guest: bool,
+    /// A verified client certificate is the identity ([`crate::cert_login`]): AMQP offers the
+    /// EXTERNAL mechanism, MQTT takes the user name from the certificate.
+    pub cert_login: Option<crate::cert_login::CertLogin>,
 }
 
 /// A stored password hash, in one of the accepted formats. `Debug` names the format only.
@@ -433,8 +436,8 @@ mod tests {
         User { name: name.into(), hash: PasswordHash::parse(&PasswordHash::argon2id(password.as_bytes())).unwrap() }
     }
 
-    const OPEN: AuthPolicy = AuthPolicy { anonymous: true, guest: true };
-    const CLOSED: AuthPolicy = AuthPolicy { anonymous: false, guest: false };
+    const OPEN: AuthPolicy = AuthPolicy { anonymous: true, guest: true, cert_login: None };
+    const CLOSED: AuthPolicy = AuthPolicy { anonymous: false, guest: false, cert_login: None };
 
     #[test]
     fn argon2id_round_trip() {
@@ -554,11 +557,11 @@ mod tests {
     async fn guest_only_where_the_policy_allows_it_and_no_user_is_called_guest() {
         let auth = Authenticator::default();
         let guest = Identity { user: "guest".into(), anonymous: false };
-        let loopback = AuthPolicy { anonymous: false, guest: true };
+        let loopback = AuthPolicy { anonymous: false, guest: true, cert_login: None };
         assert_eq!(auth.login(&loopback, Some("guest"), Some(b"guest")).await, Ok(guest));
         assert_eq!(auth.login(&loopback, Some("guest"), Some(b"other")).await, Err(AuthError::BadCredentials));
         assert_eq!(auth.login(&loopback, Some("guest"), None).await, Err(AuthError::BadCredentials));
-        let public = AuthPolicy { anonymous: true, guest: false };
+        let public = AuthPolicy { anonymous: true, guest: false, cert_login: None };
         assert_eq!(auth.login(&public, Some("guest"), Some(b"guest")).await, Err(AuthError::BadCredentials));
         // A configured guest has its own password, even on loopback.
         auth.replace_users(vec![user("guest", "s3cret")]);

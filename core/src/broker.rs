@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::auth::Authenticator;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
+use crate::permissions::AccessPolicy;
 use crate::store::{SessionRecord, Store, StoreError, StoreOp};
 use crate::vhost::VHost;
 
@@ -165,6 +166,8 @@ pub struct Broker {
     recovered_sessions: std::sync::Mutex<Vec<SessionRecord>>,
     /// The users and the login check; empty until the server sets them.
     auth: Authenticator,
+    /// Permissions, topic permissions and the MQTT ACL; swapped whole on a reload.
+    access: arc_swap::ArcSwap<AccessPolicy>,
 }
 
 impl Broker {
@@ -178,6 +181,7 @@ impl Broker {
             publishers_blocked: watch::Sender::new(false),
             recovered_sessions: Default::default(),
             auth: Authenticator::default(),
+            access: Default::default(),
         };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
@@ -200,6 +204,7 @@ impl Broker {
             publishers_blocked: watch::Sender::new(false),
             recovered_sessions: std::sync::Mutex::new(std::mem::take(&mut snapshot.sessions)),
             auth: Authenticator::default(),
+            access: Default::default(),
         };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
@@ -281,6 +286,22 @@ impl Broker {
     /// The users and the login check (users are set, and replaced on reload, by the server).
     pub fn auth(&self) -> &Authenticator {
         &self.auth
+    }
+
+    /// The authorization policy in force (connections resolve a
+    /// [`Grant`](crate::permissions::Grant) from it and notice when it is replaced).
+    pub fn access(&self) -> Arc<AccessPolicy> {
+        self.access.load_full()
+    }
+
+    /// Is `policy` the one in force? (Cheaper than [`Broker::access`]: no reference count.)
+    pub fn access_is(&self, policy: &Arc<AccessPolicy>) -> bool {
+        Arc::ptr_eq(&self.access.load(), policy)
+    }
+
+    /// Replaces the authorization policy (at start-up and on a reload).
+    pub fn set_access(&self, policy: AccessPolicy) {
+        self.access.store(Arc::new(policy));
     }
 
     /// The memory alarm.

@@ -20,6 +20,10 @@
 //! - [`broker`]: the vhosts, the store and the authenticator; what a connection gets a handle to.
 //! - [`auth`]: users, password hashes (argon2id; Mosquitto and RabbitMQ formats for migration)
 //!   and the bounded, off-the-workers login check every frontend calls.
+//! - [`cert_login`]: the user name a verified client certificate stands for.
+//! - [`permissions`]: RabbitMQ's vhost and topic permissions and the per-connection
+//!   [`Grant`](permissions::Grant) the frontends check operations against.
+//! - [`acl`]: the Mosquitto-style MQTT topic ACL (MQTT clients, and AMQP ones on MQTT exchanges).
 //! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
 //!   the redb store (`store::RedbStore`, not wired into the server yet).
 //! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
@@ -30,12 +34,15 @@
 //! [`Queue::enqueue`](queue::Queue::enqueue) (which pushes to a consumer's sink if one has room)
 //! and each direct sink's outbox → the consumers' connection tasks, which drain their outboxes.
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
+pub mod cert_login;
 pub mod error;
 pub mod exchange;
 pub mod frontend;
 pub mod message;
+pub mod permissions;
 pub mod queue;
 pub mod retained;
 pub mod sink;

@@ -187,7 +187,7 @@ fn describe_arg(v: Option<&FieldValue>) -> String {
 /// A server-generated queue name, `amq.gen-` and 22 URL-safe base64 characters as RabbitMQ
 /// makes them. Unique within the process (a counter) and unlikely to repeat across restarts
 /// (mixed with the start time).
-fn generated_queue_name() -> ShortString {
+pub fn generated_queue_name() -> ShortString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let seed =

@@ -119,9 +119,19 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
 
     // Who the client is (§3.1.4: the server may check the credentials and refuse). The check
     // runs on the blocking pool, bounded, within the handshake time.
+    // On a `cert_login` listener a client certificate is the identity and the CONNECT's user
+    // name and password are not looked at (Mosquitto's `use_identity_as_username`); a client
+    // without one (the certificate is optional unless `require_client_cert`) logs in as usual.
     let username = connect.username.as_ref().map(|u| u.as_str().to_string());
-    let login = ctx.broker.auth().login(&ctx.listener.auth, username.as_deref(), connect.password.as_deref());
-    let identity = match tokio::time::timeout(limits.handshake_timeout, login).await.unwrap_or(Err(AuthError::Busy)) {
+    let certificates = stream.tls.as_ref().map(|t| t.peer_certificates.as_slice()).unwrap_or_default();
+    let result = match ctx.listener.auth.cert_login {
+        Some(from) if !certificates.is_empty() => ferry_core::cert_login::certificate_identity(certificates, from),
+        _ => {
+            let login = ctx.broker.auth().login(&ctx.listener.auth, username.as_deref(), connect.password.as_deref());
+            tokio::time::timeout(limits.handshake_timeout, login).await.unwrap_or(Err(AuthError::Busy))
+        }
+    };
+    let identity = match result {
         Ok(identity) => identity,
         Err(e) => {
             let v5_reason = match e {
@@ -135,7 +145,8 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             return Err(ConnectionError::Protocol(format!("login refused: {e}")));
         }
     };
-    let acl = shared.acl.load_full();
+    // Each connection takes the ACL current at its CONNECT (a reload swaps the broker's).
+    let acl = ctx.broker.access().acl.clone();
     let user = (!identity.anonymous).then(|| identity.user.clone());
     if let Some(w) = &connect.will {
         // Mosquitto refuses a CONNECT whose will it could not publish.

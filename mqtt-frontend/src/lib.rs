@@ -14,7 +14,9 @@
 //!
 //! [`sys`] publishes `$SYS/broker/...` statistics.
 
-pub mod acl;
+/// The topic ACL lives in the core (AMQP connections are held to it on MQTT exchanges too);
+/// the broker's [`AccessPolicy`](ferry_core::permissions::AccessPolicy) carries it.
+pub use ferry_core::acl;
 pub mod codec;
 pub mod driver;
 pub mod mapping;
@@ -55,9 +57,6 @@ pub struct Shared {
     pub settings: Settings,
     pub registry: Arc<registry::Registry>,
     pub stats: Stats,
-    /// The topic ACL (`[[acl]]`), swapped by [`MqttFrontend::set_acl`] on a reload; each
-    /// connection takes the one current at its CONNECT.
-    pub acl: arc_swap::ArcSwap<acl::Acl>,
     started: std::time::Instant,
     sys_vhosts: Mutex<HashSet<String>>,
 }
@@ -85,7 +84,6 @@ impl MqttFrontend {
                 settings,
                 registry: Arc::new(registry::Registry::new()),
                 stats: Stats::default(),
-                acl: arc_swap::ArcSwap::from_pointee(acl::Acl::default()),
                 started: std::time::Instant::now(),
                 sys_vhosts: Mutex::new(HashSet::new()),
             }),
@@ -93,10 +91,6 @@ impl MqttFrontend {
     }
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-    /// Replaces the topic ACL for connections made from now on.
-    pub fn set_acl(&self, acl: acl::Acl) {
-        self.shared.acl.store(Arc::new(acl));
     }
 }
 

@@ -14,8 +14,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_core::auth::{AuthPolicy, PasswordHash, User};
+use ferry_core::auth::{AuthPolicy, PasswordHash, User, ANONYMOUS_USER, GUEST_USER};
+use ferry_core::cert_login::CertLogin;
 use ferry_core::frontend::Limits;
+use ferry_core::permissions::{AccessPolicy, MqttExchange, Pattern, TopicPermissions, VhostPermissions};
 use ferry_core::Protocol;
 use serde::Deserialize;
 
@@ -69,7 +71,36 @@ pub struct Config {
     pub users: Vec<User>,
     /// The `[[acl]]` tables: MQTT topic access (none: everything allowed).
     pub acl: Vec<ferry_mqtt::acl::AclEntry>,
+    /// The `[[permissions]]` tables: per user and vhost, RabbitMQ's configure / write / read
+    /// regexes (none: every user may do everything in every vhost).
+    pub permissions: Vec<VhostPermissions>,
+    /// The `[[topic_permissions]]` tables: per user, vhost and topic exchange.
+    pub topic_permissions: Vec<TopicPermissions>,
 }
+
+impl Config {
+    /// The authorization policy this config describes. The ACL covers AMQP connections on the
+    /// exchanges MQTT listeners publish to.
+    pub fn access_policy(&self) -> AccessPolicy {
+        let mut mqtt_exchanges: Vec<MqttExchange> = Vec::new();
+        for l in self.listeners.iter().filter(|l| l.protocol == Protocol::Mqtt) {
+            let exchange = l.mqtt_exchange.clone().unwrap_or_else(|| DEFAULT_MQTT_EXCHANGE.to_string());
+            let m = MqttExchange { vhost: l.vhost.clone(), exchange };
+            if !mqtt_exchanges.contains(&m) {
+                mqtt_exchanges.push(m);
+            }
+        }
+        AccessPolicy {
+            permissions: self.permissions.clone(),
+            topic_permissions: self.topic_permissions.clone(),
+            acl: std::sync::Arc::new(ferry_mqtt::acl::Acl::new(self.acl.clone())),
+            mqtt_exchanges,
+        }
+    }
+}
+
+/// Where MQTT listeners publish unless `mqtt_exchange` says otherwise.
+pub const DEFAULT_MQTT_EXCHANGE: &str = "amq.topic";
 
 /// The `[mqtt]` table: settings of the MQTT frontend, for every MQTT listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +230,8 @@ pub struct ListenerConfig {
     /// Clients without credentials are let in (as `anonymous`). Defaults to whether `bind` is a
     /// loopback address.
     pub allow_anonymous: bool,
+    /// A verified client certificate is the identity (`cert_login`; TLS with `client_ca` only).
+    pub cert_login: Option<CertLogin>,
 }
 
 impl ListenerConfig {
@@ -219,6 +252,7 @@ impl ListenerConfig {
             handshake_timeout: limits.handshake_timeout,
             tls: None,
             allow_anonymous: is_loopback(bind),
+            cert_login: None,
         }
     }
 
@@ -231,7 +265,7 @@ impl ListenerConfig {
     /// What clients of this listener may log in with besides configured users: anonymous as
     /// `allow_anonymous` says, and RabbitMQ's `guest` / `guest` on loopback only.
     pub fn auth_policy(&self) -> AuthPolicy {
-        AuthPolicy { anonymous: self.allow_anonymous, guest: self.is_loopback() }
+        AuthPolicy { anonymous: self.allow_anonymous, guest: self.is_loopback(), cert_login: self.cert_login }
     }
 
     /// The limits handed to the frontend; what the file does not set keeps the core's default.
@@ -293,6 +327,8 @@ impl Config {
             ],
             users: Vec::new(),
             acl: Vec::new(),
+            permissions: Vec::new(),
+            topic_permissions: Vec::new(),
         }
     }
 
@@ -324,6 +360,30 @@ struct RawConfig {
     users: Vec<RawUser>,
     #[serde(default)]
     acl: Vec<RawAcl>,
+    #[serde(default)]
+    permissions: Vec<RawPermissions>,
+    #[serde(default)]
+    topic_permissions: Vec<RawTopicPermissions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPermissions {
+    user: String,
+    vhost: Option<String>,
+    configure: String,
+    write: String,
+    read: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopicPermissions {
+    user: String,
+    vhost: Option<String>,
+    exchange: String,
+    write: String,
+    read: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,6 +457,7 @@ struct RawListener {
     handshake_timeout_secs: Option<u64>,
     tls: Option<RawTls>,
     allow_anonymous: Option<bool>,
+    cert_login: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -451,7 +512,90 @@ impl Validator<'_> {
         }
         let users = self.users(raw.users)?;
         let acl = self.acl(raw.acl)?;
-        Ok(Config { source: ConfigSource::File(self.path.to_path_buf()), broker, mqtt, listeners, users, acl })
+        let permissions = self.permissions(raw.permissions, &users)?;
+        let topic_permissions = self.topic_permissions(raw.topic_permissions, &users)?;
+        Ok(Config {
+            source: ConfigSource::File(self.path.to_path_buf()),
+            broker,
+            mqtt,
+            listeners,
+            users,
+            acl,
+            permissions,
+            topic_permissions,
+        })
+    }
+
+    /// A permission must name a user that can log in: a configured one, `guest` (on loopback
+    /// listeners) or `anonymous`. As `rabbitmqctl set_permissions`, which refuses unknown users.
+    fn known_user(&self, key: String, user: &str, users: &[User]) -> Result<(), ConfigError> {
+        if user.is_empty() {
+            return Err(self.invalid(key, "must not be empty"));
+        }
+        if users.iter().any(|u| u.name == user) || user == GUEST_USER || user == ANONYMOUS_USER {
+            return Ok(());
+        }
+        Err(self.invalid(key, format!("{user:?} is not a configured user (nor guest or anonymous)")))
+    }
+
+    fn permissions(&self, raw: Vec<RawPermissions>, users: &[User]) -> Result<Vec<VhostPermissions>, ConfigError> {
+        let mut seen: HashMap<(String, String), usize> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (index, RawPermissions { user, vhost, configure, write, read }) in raw.into_iter().enumerate() {
+            self.known_user(format!("permissions[{index}].user"), &user, users)?;
+            let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
+            if vhost.is_empty() {
+                return Err(self.invalid(format!("permissions[{index}].vhost"), "must not be empty"));
+            }
+            if let Some(first) = seen.insert((user.clone(), vhost.clone()), index) {
+                return Err(self.invalid(
+                    format!("permissions[{index}]"),
+                    format!("user {user:?} on vhost {vhost:?} is already permissions[{first}]"),
+                ));
+            }
+            let pattern = |field: &str, source: &str| {
+                Pattern::new(source).map_err(|reason| self.invalid(format!("permissions[{index}].{field}"), reason))
+            };
+            out.push(VhostPermissions {
+                configure: pattern("configure", &configure)?,
+                write: pattern("write", &write)?,
+                read: pattern("read", &read)?,
+                user,
+                vhost,
+            });
+        }
+        Ok(out)
+    }
+
+    fn topic_permissions(
+        &self,
+        raw: Vec<RawTopicPermissions>,
+        users: &[User],
+    ) -> Result<Vec<TopicPermissions>, ConfigError> {
+        let mut seen: HashMap<(String, String, String), usize> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (index, RawTopicPermissions { user, vhost, exchange, write, read }) in raw.into_iter().enumerate() {
+            self.known_user(format!("topic_permissions[{index}].user"), &user, users)?;
+            let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
+            if vhost.is_empty() {
+                return Err(self.invalid(format!("topic_permissions[{index}].vhost"), "must not be empty"));
+            }
+            if exchange.is_empty() {
+                return Err(self.invalid(format!("topic_permissions[{index}].exchange"), "must not be empty"));
+            }
+            if let Some(first) = seen.insert((user.clone(), vhost.clone(), exchange.clone()), index) {
+                return Err(self.invalid(
+                    format!("topic_permissions[{index}]"),
+                    format!("user {user:?} on exchange {exchange:?} in vhost {vhost:?} is already topic_permissions[{first}]"),
+                ));
+            }
+            for (field, template) in [("write", &write), ("read", &read)] {
+                TopicPermissions::validate(template)
+                    .map_err(|reason| self.invalid(format!("topic_permissions[{index}].{field}"), reason))?;
+            }
+            out.push(TopicPermissions { user, vhost, exchange, write, read });
+        }
+        Ok(out)
     }
 
     fn acl(&self, raw: Vec<RawAcl>) -> Result<Vec<ferry_mqtt::acl::AclEntry>, ConfigError> {
@@ -641,6 +785,18 @@ impl Validator<'_> {
                 client_ca: tls.client_ca.map(|p| self.resolve(&key("tls.client_ca"), p)).transpose()?,
                 require_client_cert: tls.require_client_cert,
             });
+        }
+        if let Some(from) = raw.cert_login {
+            let parsed = CertLogin::parse(&from).ok_or_else(|| {
+                self.invalid(key("cert_login"), format!("{from:?}: expected common_name or distinguished_name"))
+            })?;
+            if listener.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                return Err(self.invalid(
+                    key("cert_login"),
+                    format!("requires {} (client certificates are verified against it)", key("tls.client_ca")),
+                ));
+            }
+            listener.cert_login = Some(parsed);
         }
         Ok(listener)
     }
@@ -924,6 +1080,42 @@ mod tests {
     }
 
     #[test]
+    fn permissions_are_read_and_bad_ones_refused_naming_the_entry() {
+        let user = format!("[[users]]\nname = \"alice\"\npassword_hash = \"{ALICE_ARGON2ID}\"\n");
+        let c = parse(&format!(
+            "{MINIMAL}{user}[[permissions]]\nuser = \"alice\"\nconfigure = \"^alice\\\\.\"\nwrite = \".*\"\nread = \"\"\n\
+             [[permissions]]\nuser = \"guest\"\nvhost = \"plant\"\nconfigure = \"\"\nwrite = \"\"\nread = \".*\"\n\
+             [[topic_permissions]]\nuser = \"alice\"\nexchange = \"amq.topic\"\nwrite = \"^s\\\\.{{username}}\\\\.\"\nread = \".*\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.permissions.len(), 2);
+        assert_eq!((c.permissions[0].vhost.as_str(), c.permissions[0].configure.as_str()), ("/", "^alice\\."));
+        assert_eq!((c.permissions[1].user.as_str(), c.permissions[1].vhost.as_str()), ("guest", "plant"));
+        assert_eq!(c.topic_permissions[0].write, "^s\\.{username}\\.");
+        let policy = c.access_policy();
+        assert_eq!(policy.mqtt_exchanges.len(), 1, "the MQTT listener's exchange is covered by the ACL");
+        assert_eq!(policy.mqtt_exchanges[0].exchange, "amq.topic");
+
+        let perm = |u: &str, extra: &str| {
+            format!("[[permissions]]\nuser = \"{u}\"\nconfigure = \".*\"\nwrite = \".*\"\nread = \".*\"\n{extra}")
+        };
+        let msg = error(&format!("{MINIMAL}{user}{}", perm("bob", "")));
+        assert!(msg.contains("permissions[0].user: \"bob\" is not a configured user"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{user}{}{}", perm("alice", ""), perm("alice", "")));
+        assert!(msg.contains("permissions[1]: user \"alice\" on vhost \"/\" is already permissions[0]"), "{msg}");
+        let msg = error(&format!(
+            "{MINIMAL}{user}[[permissions]]\nuser = \"alice\"\nconfigure = \"(\"\nwrite = \"\"\nread = \"\"\n"
+        ));
+        assert!(msg.contains("permissions[0].configure: not a valid regular expression"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{user}[[permissions]]\nuser = \"alice\"\nconfigure = \".*\"\n"));
+        assert!(msg.contains("missing field"), "{msg}");
+        let msg = error(&format!(
+            "{MINIMAL}{user}[[topic_permissions]]\nuser = \"alice\"\nexchange = \"x\"\nwrite = \"(?=a)\"\nread = \"\"\n"
+        ));
+        assert!(msg.contains("topic_permissions[0].write: "), "{msg}");
+    }
+
+    #[test]
     fn bad_users_are_refused_naming_the_entry_but_not_the_hash() {
         let user = |name: &str, hash: &str| format!("[[users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n");
         let msg = error(&format!("{MINIMAL}{}", user("", ALICE_ARGON2ID)));
@@ -946,18 +1138,21 @@ mod tests {
             let c = parse(&format!("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"{bind}\"\n{extra}")).unwrap();
             (c.listeners[0].allow_anonymous, c.listeners[0].auth_policy())
         };
-        let open = AuthPolicy { anonymous: true, guest: true };
-        let closed = AuthPolicy { anonymous: false, guest: false };
+        let open = AuthPolicy { anonymous: true, guest: true, cert_login: None };
+        let closed = AuthPolicy { anonymous: false, guest: false, cert_login: None };
         for bind in ["127.0.0.1:1883", "127.8.9.1:1883", "[::1]:1883", "[::ffff:127.0.0.1]:1883"] {
             assert_eq!(policy(bind, ""), (true, open), "{bind}");
             assert_eq!(
                 policy(bind, "allow_anonymous = false\n"),
-                (false, AuthPolicy { anonymous: false, guest: true })
+                (false, AuthPolicy { anonymous: false, guest: true, cert_login: None })
             );
         }
         for bind in ["0.0.0.0:1883", "[::]:1883", "192.0.2.7:1883"] {
             assert_eq!(policy(bind, ""), (false, closed), "{bind}");
-            assert_eq!(policy(bind, "allow_anonymous = true\n"), (true, AuthPolicy { anonymous: true, guest: false }));
+            assert_eq!(
+                policy(bind, "allow_anonymous = true\n"),
+                (true, AuthPolicy { anonymous: true, guest: false, cert_login: None })
+            );
         }
         let c = Config::embedded_defaults();
         assert!(c.listeners.iter().all(|l| l.auth_policy() == open));

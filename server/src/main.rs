@@ -1,5 +1,5 @@
 //! `ferry`: parse the command line, load the configuration, run until SIGINT or SIGTERM; SIGHUP
-//! reloads the configuration file (TLS certificates and keys, users).
+//! reloads the configuration file (TLS certificates and keys, users, ACL and permissions).
 //!
 //! Exit codes: 0 after a clean shutdown or a good `check-config`; 2 when the configuration or
 //! start-up is refused (and for command-line errors, from clap); 1 for anything else.
@@ -119,14 +119,23 @@ fn reload(server: &Server, config_file: Option<&Path>) {
             for line in e.to_string().lines() {
                 error!("reload: {line}");
             }
-            e.report
+            *e.report
         }
     };
     for change in &report.needs_restart {
         warn!("reload: {change}: needs a restart, ignored until then");
     }
     let users = report.users.map_or_else(|| "users kept".to_string(), |n| format!("{n} user(s) configured"));
-    info!("reload done: TLS reloaded on {} listener(s), {users}", report.tls_reloaded.len());
+    let access = report.access.map_or_else(
+        || "ACL and permissions kept".to_string(),
+        |a| {
+            format!(
+                "{} ACL entr(y/ies), {} vhost and {} topic permission(s)",
+                a.acl, a.permissions, a.topic_permissions
+            )
+        },
+    );
+    info!("reload done: TLS reloaded on {} listener(s), {users}, {access}", report.tls_reloaded.len());
 }
 
 fn refused(e: anyhow::Error) -> ExitCode {

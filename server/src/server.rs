@@ -141,7 +141,8 @@ fn unauthenticated_with(listeners: &[ListenerConfig], users: &[User]) -> Vec<Sta
     listeners
         .iter()
         .enumerate()
-        .filter(|(_, l)| !l.is_loopback() && !l.allow_anonymous)
+        // A listener that takes client certificates as identities has a way in without users.
+        .filter(|(_, l)| !l.is_loopback() && !l.allow_anonymous && l.cert_login.is_none())
         .map(|(index, l)| StartProblem::NoAuthentication { index, protocol: l.protocol, addr: l.bind })
         .collect()
 }
@@ -256,15 +257,13 @@ impl ServerBuilder {
         }
         broker.auth().replace_users(config.users.clone());
         info!("{} user(s) configured", config.users.len());
-        let mqtt = frontends
-            .get(&Protocol::Mqtt)
-            .and_then(|f| f.as_any())
-            .and_then(|f| f.downcast_ref::<ferry_mqtt::MqttFrontend>())
-            .cloned();
-        if let Some(mqtt) = &mqtt {
-            mqtt.set_acl(ferry_mqtt::acl::Acl::new(config.acl.clone()));
-            info!("{} MQTT ACL entr(y/ies) configured", config.acl.len());
-        }
+        broker.set_access(config.access_policy());
+        info!(
+            "{} MQTT ACL entr(y/ies), {} vhost and {} topic permission(s) configured",
+            config.acl.len(),
+            config.permissions.len(),
+            config.topic_permissions.len()
+        );
         let free_dir = config.broker.data_dir.clone();
         broker.disk().watch_free_space(
             config.broker.disk_free_limit,
@@ -338,7 +337,7 @@ impl ServerBuilder {
         tokio::spawn(broker.clone().run_housekeeping(shutdown.clone()));
         info!("data directory {}", config.broker.data_dir.display());
         let running = Running { broker: config.broker.clone(), mqtt: config.mqtt.clone(), listeners: config.listeners };
-        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, mqtt })
+        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace })
     }
 }
 
@@ -356,8 +355,6 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Drained>>,
     grace: Duration,
-    /// The MQTT frontend, if one serves: a reload hands it the new ACL.
-    mqtt: Option<ferry_mqtt::MqttFrontend>,
 }
 
 impl Server {
@@ -384,7 +381,8 @@ impl Server {
 
     /// Applies what can change while running from a freshly loaded `config` (the caller reads
     /// the file): each TLS listener's certificate, key and client CA, reloaded from their files
-    /// and swapped in for new connections (established ones keep theirs), and the users.
+    /// and swapped in for new connections (established ones keep theirs), the users, and with
+    /// them the MQTT ACL and the vhost and topic permissions.
     /// Everything else (listeners added, removed or moved, `[broker]`, `[mqtt]`, other listener
     /// keys) is left as it is and listed in [`ReloadReport::needs_restart`].
     ///
@@ -437,17 +435,22 @@ impl Server {
         if locked_out.is_empty() {
             self.broker.auth().replace_users(config.users.clone());
             report.users = Some(config.users.len());
-            // The ACL goes with the users (the users it names are the ones now configured).
-            if let Some(mqtt) = &self.mqtt {
-                mqtt.set_acl(ferry_mqtt::acl::Acl::new(config.acl.clone()));
-            }
+            // The ACL and permissions go with the users (the users they name are the ones now
+            // configured). MQTT connections keep the ACL of their CONNECT for writes and
+            // subscriptions; AMQP connections take the new policy at their next operation.
+            self.broker.set_access(config.access_policy());
+            report.access = Some(AccessCounts {
+                acl: config.acl.len(),
+                permissions: config.permissions.len(),
+                topic_permissions: config.topic_permissions.len(),
+            });
         } else {
             problems.extend(locked_out);
         }
         if problems.is_empty() {
             Ok(report)
         } else {
-            Err(ReloadError { config: config.source.clone(), problems, report })
+            Err(ReloadError { config: config.source.clone(), problems, report: Box::new(report) })
         }
     }
 
@@ -495,8 +498,19 @@ pub struct ReloadReport {
     pub tls_reloaded: Vec<usize>,
     /// How many users are configured now; `None` when the users were kept.
     pub users: Option<usize>,
+    /// The authorization policy applied with the users: how many ACL entries, vhost
+    /// permissions and topic permissions; `None` when it was kept (with the users).
+    pub access: Option<AccessCounts>,
     /// Changes in the file that take effect only after a restart, one line each.
     pub needs_restart: Vec<String>,
+}
+
+/// What a reload applied of the authorization tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccessCounts {
+    pub acl: usize,
+    pub permissions: usize,
+    pub topic_permissions: usize,
 }
 
 /// Why [`Server::reload`] applied only part of a config: every problem, named with the config's
@@ -505,7 +519,8 @@ pub struct ReloadReport {
 pub struct ReloadError {
     pub config: ConfigSource,
     pub problems: Vec<StartProblem>,
-    pub report: ReloadReport,
+    /// Boxed: the report is large and errors travel by value.
+    pub report: Box<ReloadReport>,
 }
 
 impl fmt::Display for ReloadError {

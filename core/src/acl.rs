@@ -1,10 +1,13 @@
-//! Topic access control (issue 7): Mosquitto's `acl_file` semantics from the config's `[[acl]]`.
+//! MQTT topic access control: Mosquitto's `acl_file` semantics from the config's `[[acl]]`.
 //!
 //! With no entries everything is allowed. With any, an access is allowed only when an entry for
 //! the client's user or for all users grants it; anonymous clients match only all-user entries.
 //! `%u` in an entry's filter stands for the user name, `%c` for the client id.
-
-use crate::topic::check_filter;
+//!
+//! The ACL is about MQTT topics whichever protocol touches them: the MQTT frontend checks its
+//! PUBLISH / SUBSCRIBE / deliveries, and AMQP connections are checked with it when they publish
+//! to or bind on an MQTT exchange ([`routing_key_topic`], [`binding_key_filter`]), through
+//! [`permissions::Grant`](crate::permissions::Grant). It lives in the core for that reason.
 
 /// What an entry grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +46,24 @@ pub struct AclEntry {
 }
 
 impl AclEntry {
-    /// Checks the entry's filter (with `%u`/`%c` as they are: they fill a level's text).
+    /// Checks the entry's filter (with `%u`/`%c` as they are: they fill a level's text): not
+    /// empty, `+` and `#` only as whole levels, `#` only last (MQTT §4.7.1).
     pub fn validate_topic(topic: &str) -> Result<(), String> {
-        check_filter(topic).map_err(|e| e.to_string())
+        if topic.is_empty() {
+            return Err("empty topic".into());
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        for (i, level) in levels.iter().enumerate() {
+            match *level {
+                "#" if i + 1 == levels.len() => {}
+                "+" => {}
+                l if l.contains(['+', '#']) => {
+                    return Err("'+' and '#' must be whole levels and '#' the last level".into())
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -103,6 +121,26 @@ impl Acl {
             }
         })
     }
+}
+
+/// The MQTT topic an AMQP routing key stands for on an MQTT exchange: `/` and `.` swapped, as
+/// the MQTT frontend maps them (`docs/mapping.md`).
+pub fn routing_key_topic(routing_key: &str) -> String {
+    routing_key
+        .chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
+}
+
+/// The MQTT filter an AMQP binding key stands for: separators swapped, a `*` word becomes `+`.
+/// A `#` word not at the end (which MQTT cannot express) stays `#`, which [`filter_covered`]
+/// treats as wider than any `+` or literal, so the check errs on the side of refusing.
+pub fn binding_key_filter(binding_key: &str) -> String {
+    routing_key_topic(binding_key).split('/').map(|w| if w == "*" { "+" } else { w }).collect::<Vec<_>>().join("/")
 }
 
 /// Fills `%u` and `%c`. `None` when the value would not be one plain level (Mosquitto refuses
@@ -198,6 +236,19 @@ mod tests {
         assert!(filter_covered("#", "#"));
         assert!(!filter_covered("$SYS/x", "#"));
         assert!(filter_covered("$SYS/x", "$SYS/#"));
+    }
+
+    #[test]
+    fn amqp_keys_map_to_mqtt_topics_and_filters() {
+        assert_eq!(routing_key_topic("plant.7/1.temp"), "plant/7.1/temp");
+        assert_eq!(binding_key_filter("a.*.#"), "a/+/#");
+        assert_eq!(binding_key_filter("a.#.b"), "a/#/b");
+        assert!(!filter_covered(&binding_key_filter("a.#.b"), "a/+/b"));
+        assert!(filter_covered(&binding_key_filter("a.#.b"), "a/#"));
+        assert!(AclEntry::validate_topic("a/+/#").is_ok());
+        assert!(AclEntry::validate_topic("a/#/b").is_err());
+        assert!(AclEntry::validate_topic("a/b+").is_err());
+        assert!(AclEntry::validate_topic("").is_err());
     }
 
     #[test]

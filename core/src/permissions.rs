@@ -1,0 +1,419 @@
+//! Authorization: what an authenticated user may do, RabbitMQ's model for AMQP.
+//!
+//! - **Vhost permissions** (`[[permissions]]`, RabbitMQ's `set_permissions`): per user and vhost,
+//!   three regular expressions over resource names, for *configure*, *write* and *read*. A user
+//!   needs an entry to open the vhost at all. With no entries configured anywhere, every user may
+//!   do everything everywhere (Ferry before authorization, and Mosquitto without an ACL).
+//! - **Topic permissions** (`[[topic_permissions]]`, `set_topic_permissions`): per user, vhost
+//!   and topic exchange, a *write* regex over routing keys (checked on publish) and a *read* regex
+//!   over binding keys (checked on bind). `{username}` and `{vhost}` stand for the connection's.
+//!   No entry for an exchange: no restriction on it.
+//! - **The MQTT ACL** ([`Acl`]) on the MQTT exchanges: an AMQP connection publishing to or binding
+//!   on an exchange MQTT clients use is held to the same topic ACL as an MQTT client of that user.
+//!
+//! A connection works with a [`Grant`]: the policy resolved for its user and vhost, with topic
+//! templates expanded and compiled once. [`AccessPolicy`] is swapped whole on a reload; a
+//! connection notices (a pointer comparison) and takes a fresh grant before its next check.
+//!
+//! The regexes are Rust's `regex` crate rather than Erlang's PCRE: the same syntax for what
+//! permission patterns use (anchors, classes, alternation, repetition), no look-around or
+//! back-references (refused when the config is read), and matching in linear time. As in
+//! RabbitMQ, a match is an unanchored search and an empty pattern matches nothing (it is `^$`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use regex::{Regex, RegexBuilder};
+
+use crate::acl::{binding_key_filter, routing_key_topic, Acl};
+
+/// A compiled pattern may use at most this much memory (a config with absurd repetitions is
+/// refused instead of slowing every check).
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// The three kinds of access a vhost permission grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    Configure,
+    Write,
+    Read,
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Permission::Configure => "configure",
+            Permission::Write => "write",
+            Permission::Read => "read",
+        })
+    }
+}
+
+/// What a resource check is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Exchange,
+    Queue,
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resource::Exchange => "exchange",
+            Resource::Queue => "queue",
+        })
+    }
+}
+
+/// A permission regex as configured; `""` matches nothing (RabbitMQ reads it as `^$`).
+#[derive(Clone)]
+pub struct Pattern {
+    source: String,
+    regex: Regex,
+}
+
+impl Pattern {
+    pub fn new(source: &str) -> Result<Pattern, String> {
+        let effective = if source.is_empty() { "^$" } else { source };
+        let regex = RegexBuilder::new(effective).size_limit(REGEX_SIZE_LIMIT).build().map_err(|e| match e {
+            regex::Error::Syntax(s) => format!("not a valid regular expression: {}", s.lines().last().unwrap_or(&s)),
+            other => other.to_string(),
+        })?;
+        Ok(Pattern { source: source.to_string(), regex })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn is_match(&self, name: &str) -> bool {
+        self.regex.is_match(name)
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.source)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.source == other.source
+    }
+}
+
+/// One `[[permissions]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VhostPermissions {
+    pub user: String,
+    pub vhost: String,
+    pub configure: Pattern,
+    pub write: Pattern,
+    pub read: Pattern,
+}
+
+impl VhostPermissions {
+    fn pattern(&self, p: Permission) -> &Pattern {
+        match p {
+            Permission::Configure => &self.configure,
+            Permission::Write => &self.write,
+            Permission::Read => &self.read,
+        }
+    }
+}
+
+/// One `[[topic_permissions]]` entry. The patterns are templates: `{username}` and `{vhost}`
+/// are filled (regex-escaped) per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPermissions {
+    pub user: String,
+    pub vhost: String,
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+}
+
+impl TopicPermissions {
+    /// Checks that both templates compile (with sample values in the variables).
+    pub fn validate(template: &str) -> Result<(), String> {
+        Pattern::new(&expand(template, "user", "vhost")).map(|_| ())
+    }
+}
+
+/// Fills `{username}` and `{vhost}`, escaped: a user name with regex characters in it cannot
+/// widen its own grant. (RabbitMQ substitutes them as they are.)
+fn expand(template: &str, user: &str, vhost: &str) -> String {
+    template.replace("{username}", &regex::escape(user)).replace("{vhost}", &regex::escape(vhost))
+}
+
+/// An MQTT exchange: where MQTT clients publish, so where the ACL applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttExchange {
+    pub vhost: String,
+    pub exchange: String,
+}
+
+/// Everything the authorization checks read; the server builds it from the config and swaps it
+/// on a reload ([`Broker::set_access`](crate::Broker::set_access)).
+#[derive(Debug, Clone, Default)]
+pub struct AccessPolicy {
+    /// Empty: everyone may do everything (no `[[permissions]]` configured).
+    pub permissions: Vec<VhostPermissions>,
+    pub topic_permissions: Vec<TopicPermissions>,
+    /// The MQTT topic ACL (`[[acl]]`).
+    pub acl: Arc<Acl>,
+    /// The exchanges the ACL covers for AMQP connections.
+    pub mqtt_exchanges: Vec<MqttExchange>,
+}
+
+/// A refused check, with RabbitMQ's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied(pub String);
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AccessPolicy {
+    /// Resolves the policy for `user` on `vhost`. Refused (RabbitMQ's 530 text) when vhost
+    /// permissions are configured and none names this user and vhost. `anonymous`: the user
+    /// is the anonymous identity (which the ACL's per-user entries never match).
+    pub fn grant(self: &Arc<Self>, user: &str, anonymous: bool, vhost: &str) -> Result<Grant, Denied> {
+        let resources = if self.permissions.is_empty() {
+            None
+        } else {
+            match self.permissions.iter().find(|p| p.user == user && p.vhost == vhost) {
+                Some(p) => Some(p.clone()),
+                None => return Err(Denied(format!("access to vhost '{vhost}' refused for user '{user}'"))),
+            }
+        };
+        let topics = self
+            .topic_permissions
+            .iter()
+            .filter(|t| t.user == user && t.vhost == vhost)
+            .filter_map(|t| {
+                // The templates were validated when the config was read; escaping keeps them valid.
+                let write = Pattern::new(&expand(&t.write, user, vhost)).ok()?;
+                let read = Pattern::new(&expand(&t.read, user, vhost)).ok()?;
+                Some(TopicGrant { exchange: t.exchange.clone(), write, read })
+            })
+            .collect();
+        let acl_exchanges = if self.acl.is_empty() {
+            Vec::new()
+        } else {
+            self.mqtt_exchanges.iter().filter(|m| m.vhost == vhost).map(|m| m.exchange.clone()).collect()
+        };
+        Ok(Grant {
+            policy: self.clone(),
+            user: user.to_string(),
+            anonymous,
+            vhost: vhost.to_string(),
+            resources,
+            topics,
+            acl_exchanges,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TopicGrant {
+    exchange: String,
+    write: Pattern,
+    read: Pattern,
+}
+
+/// The policy resolved for one connection's user and vhost.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    policy: Arc<AccessPolicy>,
+    user: String,
+    anonymous: bool,
+    vhost: String,
+    /// `None`: no vhost permissions configured, everything allowed.
+    resources: Option<VhostPermissions>,
+    topics: Vec<TopicGrant>,
+    /// Exchanges of this vhost the MQTT ACL covers (empty when the ACL is).
+    acl_exchanges: Vec<String>,
+}
+
+impl Grant {
+    /// The policy this grant was resolved from (to notice a reload: compare with
+    /// [`Arc::ptr_eq`]).
+    pub fn policy(&self) -> &Arc<AccessPolicy> {
+        &self.policy
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// `true` when nothing restricts this user on this vhost (no checks needed).
+    pub fn unrestricted(&self) -> bool {
+        self.resources.is_none() && self.topics.is_empty() && self.acl_exchanges.is_empty()
+    }
+
+    /// May the user `permission` the exchange or queue `name`? The default exchange `""` is
+    /// checked as `amq.default`, as RabbitMQ does.
+    pub fn check(&self, permission: Permission, resource: Resource, name: &str) -> Result<(), Denied> {
+        let Some(p) = &self.resources else { return Ok(()) };
+        let name = if resource == Resource::Exchange && name.is_empty() { "amq.default" } else { name };
+        if p.pattern(permission).is_match(name) {
+            return Ok(());
+        }
+        Err(Denied(format!(
+            "{permission} access to {resource} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost, self.user
+        )))
+    }
+
+    /// May the user publish with `routing_key` to (`Write`), or bind with the binding key
+    /// `routing_key` on (`Read`), the exchange `exchange`? Topic permissions apply to topic
+    /// exchanges (`is_topic`, asked only when a topic permission names the exchange); the MQTT
+    /// ACL to the MQTT exchanges, whatever their type.
+    pub fn check_topic(
+        &self,
+        permission: Permission,
+        exchange: &str,
+        is_topic: impl FnOnce() -> bool,
+        routing_key: &str,
+    ) -> Result<(), Denied> {
+        let denied = || {
+            Denied(format!(
+                "{permission} access to topic '{routing_key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+                self.vhost, self.user
+            ))
+        };
+        if let Some(t) = self.topics.iter().find(|t| t.exchange == exchange) {
+            if is_topic() {
+                let pattern = if permission == Permission::Read { &t.read } else { &t.write };
+                if !pattern.is_match(routing_key) {
+                    return Err(denied());
+                }
+            }
+        }
+        if self.acl_exchanges.iter().any(|e| e == exchange) {
+            let user = (!self.anonymous).then_some(self.user.as_str());
+            let acl = &self.policy.acl;
+            let allowed = match permission {
+                Permission::Read => acl.can_subscribe(user, "", &binding_key_filter(routing_key)),
+                _ => acl.can_write(user, "", &routing_key_topic(routing_key)),
+            };
+            if !allowed {
+                return Err(denied());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{Access, AclEntry};
+
+    fn perms(user: &str, configure: &str, write: &str, read: &str) -> VhostPermissions {
+        VhostPermissions {
+            user: user.into(),
+            vhost: "/".into(),
+            configure: Pattern::new(configure).unwrap(),
+            write: Pattern::new(write).unwrap(),
+            read: Pattern::new(read).unwrap(),
+        }
+    }
+
+    #[test]
+    fn no_permissions_configured_means_everything_allowed() {
+        let policy = Arc::new(AccessPolicy::default());
+        let g = policy.grant("anyone", false, "/other").unwrap();
+        assert!(g.unrestricted());
+        assert!(g.check(Permission::Configure, Resource::Queue, "q").is_ok());
+        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "a.b").is_ok());
+    }
+
+    #[test]
+    fn vhost_access_and_resource_checks_as_rabbitmq() {
+        let policy = Arc::new(AccessPolicy {
+            permissions: vec![perms("alice", "^alice\\.", "^(alice\\.|amq\\.default$)", "")],
+            ..AccessPolicy::default()
+        });
+        assert_eq!(policy.grant("bob", false, "/").unwrap_err().0, "access to vhost '/' refused for user 'bob'");
+        assert!(policy.grant("alice", false, "other").is_err());
+        let g = policy.grant("alice", false, "/").unwrap();
+        assert!(g.check(Permission::Configure, Resource::Queue, "alice.q").is_ok());
+        assert_eq!(
+            g.check(Permission::Configure, Resource::Queue, "bob.q").unwrap_err().0,
+            "configure access to queue 'bob.q' in vhost '/' refused for user 'alice'"
+        );
+        assert!(g.check(Permission::Write, Resource::Exchange, "").is_ok(), "the default exchange is amq.default");
+        assert!(g.check(Permission::Write, Resource::Exchange, "amq.default.x").is_err());
+        // An empty pattern matches nothing, not everything.
+        assert!(g.check(Permission::Read, Resource::Queue, "alice.q").is_err());
+        // Unanchored search, as Erlang's re:run.
+        let g = Arc::new(AccessPolicy { permissions: vec![perms("u", "q", "q", "q")], ..AccessPolicy::default() })
+            .grant("u", false, "/")
+            .unwrap();
+        assert!(g.check(Permission::Read, Resource::Queue, "my-queue").is_ok());
+    }
+
+    #[test]
+    fn topic_permissions_expand_variables_escaped_and_apply_to_topic_exchanges_only() {
+        let policy = Arc::new(AccessPolicy {
+            topic_permissions: vec![TopicPermissions {
+                user: "a.b".into(),
+                vhost: "/".into(),
+                exchange: "amq.topic".into(),
+                write: "^sensors\\.{username}\\.".into(),
+                read: "^sensors\\.".into(),
+            }],
+            ..AccessPolicy::default()
+        });
+        let g = policy.grant("a.b", false, "/").unwrap();
+        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "sensors.a.b.t").is_ok());
+        // `.` in the user name is a literal dot, not "any character".
+        assert_eq!(
+            g.check_topic(Permission::Write, "amq.topic", || true, "sensors.aXb.t").unwrap_err().0,
+            "write access to topic 'sensors.aXb.t' in exchange 'amq.topic' in vhost '/' refused for user 'a.b'"
+        );
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "sensors.#").is_ok());
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "other.#").is_err());
+        assert!(g.check_topic(Permission::Write, "amq.topic", || false, "anything").is_ok(), "not a topic exchange");
+        assert!(g.check_topic(Permission::Write, "other", || true, "anything").is_ok(), "no entry for the exchange");
+        assert!(policy.grant("someone", false, "/").unwrap().unrestricted());
+    }
+
+    #[test]
+    fn the_mqtt_acl_covers_amqp_on_mqtt_exchanges() {
+        let acl = Acl::new(vec![
+            AclEntry { user: Some("alice".into()), topic: "sensors/#".into(), access: Access::ReadWrite },
+            AclEntry { user: None, topic: "public/+".into(), access: Access::Read },
+            AclEntry { user: None, topic: "c/%c".into(), access: Access::Write },
+        ]);
+        let policy = Arc::new(AccessPolicy {
+            acl: Arc::new(acl),
+            mqtt_exchanges: vec![MqttExchange { vhost: "/".into(), exchange: "amq.topic".into() }],
+            ..AccessPolicy::default()
+        });
+        let g = policy.grant("alice", false, "/").unwrap();
+        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "sensors.t1").is_ok());
+        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "public.x").is_err());
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "sensors.*").is_ok());
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "public.*").is_ok());
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "public.#").is_err());
+        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "c.").is_err(), "%c never matches AMQP");
+        assert!(g.check_topic(Permission::Write, "other", || true, "public.x").is_ok());
+        let anon = policy.grant("alice", true, "/").unwrap();
+        assert!(anon.check_topic(Permission::Write, "amq.topic", || true, "sensors.t1").is_err());
+        assert!(policy.grant("alice", false, "/v2").unwrap().unrestricted());
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        assert!(Pattern::new("(").is_err());
+        assert!(Pattern::new("^(?=x)").is_err(), "no look-ahead");
+        assert!(TopicPermissions::validate("^a\\.{username}$").is_ok());
+        assert!(TopicPermissions::validate("{username}(").is_err());
+    }
+}
