@@ -36,6 +36,8 @@ pub struct Settings {
     pub max_message_size: u64,
     /// Deliveries buffered for the connection before queues wait.
     pub outbox_capacity: usize,
+    /// Consumers one channel may have (RabbitMQ's `consumer_max_per_channel`).
+    pub consumer_max_per_channel: u32,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             heartbeat: 60,
             max_message_size: 128 * 1024 * 1024,
             outbox_capacity: 1000,
+            consumer_max_per_channel: 1024,
         }
     }
 }

@@ -99,6 +99,10 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Deliveries waiting in one connection's outbox before the sender is held back.
     pub outbox_capacity: usize,
+    /// Messages one connection may publish per second (a token bucket holding one second's
+    /// worth); past it the frontend stops reading from the connection until the bucket refills.
+    /// 0: no limit.
+    pub max_publish_rate: u32,
 }
 
 impl Default for Limits {
@@ -106,7 +110,12 @@ impl Default for Limits {
         // 128 KiB frames match RabbitMQ's default frame_max (131072); 10 s handshake matches
         // RabbitMQ's handshake_timeout; 1000 outbox entries matches Mosquitto's
         // max_queued_messages default.
-        Limits { max_frame_size: 131_072, handshake_timeout: Duration::from_secs(10), outbox_capacity: 1000 }
+        Limits {
+            max_frame_size: 131_072,
+            handshake_timeout: Duration::from_secs(10),
+            outbox_capacity: 1000,
+            max_publish_rate: 0,
+        }
     }
 }
 
@@ -152,6 +161,37 @@ pub struct ConnectionContext {
     pub broker: Arc<Broker>,
     pub listener: Arc<ListenerSettings>,
     pub shutdown: Shutdown,
+    /// `Some`: the connection is over a limit and is only to be refused, in the protocol's own
+    /// terms, after its first packet (MQTT CONNACK, AMQP connection.close at start-ok), without
+    /// checking credentials or touching any state.
+    pub refusal: Option<Refusal>,
+}
+
+/// Why a connection is refused before it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many connections: the broker's (`[broker] max_connections`) or the listener's.
+    ConnectionLimit { limit: usize, scope: LimitScope },
+}
+
+/// Whose connection limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    Broker,
+    Listener,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::ConnectionLimit { limit, scope: LimitScope::Broker } => {
+                write!(f, "connection limit ({limit}) of the broker is reached")
+            }
+            Refusal::ConnectionLimit { limit, scope: LimitScope::Listener } => {
+                write!(f, "connection limit ({limit}) of the listener is reached")
+            }
+        }
+    }
 }
 
 /// Why a connection ended abnormally.

@@ -24,6 +24,7 @@
 //! - [`permissions`]: RabbitMQ's vhost and topic permissions and the per-connection
 //!   [`Grant`](permissions::Grant) the frontends check operations against.
 //! - [`acl`]: the Mosquitto-style MQTT topic ACL (MQTT clients, and AMQP ones on MQTT exchanges).
+//! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
 //! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
 //!   the redb store (`store::RedbStore`, not wired into the server yet).
 //! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
@@ -44,6 +45,7 @@ pub mod frontend;
 pub mod message;
 pub mod permissions;
 pub mod queue;
+pub mod rate;
 pub mod retained;
 pub mod sink;
 pub mod store;

@@ -52,6 +52,9 @@ pub struct Settings {
     /// Keep QoS 0 messages for a persistent session while its client is away (Mosquitto's
     /// `queue_qos0_messages`, off by default there and here).
     pub queue_qos0_offline: bool,
+    /// Messages a session's queue may hold beyond those in flight (Mosquitto's
+    /// `max_queued_messages`, 1000 by default there and here); 0: no limit.
+    pub max_queued_messages: u32,
     /// The topic ACL this connection is checked against.
     pub acl: Arc<crate::acl::Acl>,
     /// The logged-in user (`None`: anonymous), for the ACL.
@@ -71,6 +74,7 @@ impl Default for Settings {
             max_keep_alive: 0,
             outbox_capacity: 1000,
             queue_qos0_offline: false,
+            max_queued_messages: 1000,
             acl: Arc::default(),
             user: None,
         }

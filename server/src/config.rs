@@ -28,6 +28,10 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_VHOST: &str = ferry_core::broker::DEFAULT_VHOST;
 /// Open connections one listener accepts before it stops accepting until one closes.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
+/// The most connections a limit may allow (tokio's semaphore bound).
+pub const MAX_CONNECTIONS_CEILING: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// New connections per second a listener accepts by default (EMQX's `max_conn_rate`).
+pub const DEFAULT_MAX_CONNECTION_RATE: u32 = 1000;
 /// AMQP 0-9-1's `frame-min-size`: every peer must accept frames this large, so an AMQP listener
 /// may not be configured below it.
 pub const AMQP_FRAME_MIN_SIZE: u32 = 4096;
@@ -66,6 +70,7 @@ pub struct Config {
     pub source: ConfigSource,
     pub broker: BrokerConfig,
     pub mqtt: MqttConfig,
+    pub amqp: AmqpConfig,
     pub listeners: Vec<ListenerConfig>,
     /// The `[[users]]` tables: who may log in, with their password hashes.
     pub users: Vec<User>,
@@ -118,7 +123,35 @@ pub struct MqttConfig {
     /// The longest keep alive allowed, seconds; 0 accepts what clients ask (a longer request,
     /// or none, is answered with Server Keep Alive).
     pub max_keep_alive: u16,
+    /// QoS 1/2 messages (and QoS 0 with `queue_qos0_offline`) one session may have queued
+    /// beyond those in flight (Mosquitto's `max_queued_messages`); 0: no limit.
+    pub max_queued_messages: u32,
 }
+
+/// The `[amqp]` table: settings of the AMQP frontend, for every AMQP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    /// Channels per connection (offered in connection.tune; RabbitMQ's `channel_max`).
+    pub channel_max: u16,
+    /// Consumers per channel (RabbitMQ's `consumer_max_per_channel`).
+    pub consumer_max_per_channel: u32,
+    /// The largest message body accepted (RabbitMQ's `max_message_size`).
+    pub max_message_size: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> AmqpConfig {
+        let d = ferry_amqp::connection::Settings::default();
+        AmqpConfig {
+            channel_max: d.channel_max,
+            consumer_max_per_channel: d.consumer_max_per_channel,
+            max_message_size: d.max_message_size,
+        }
+    }
+}
+
+/// RabbitMQ's hard ceiling on `max_message_size` (512 MiB).
+pub const AMQP_MAX_MESSAGE_SIZE_CEILING: u64 = 512 * 1024 * 1024;
 
 impl Default for MqttConfig {
     fn default() -> MqttConfig {
@@ -129,6 +162,7 @@ impl Default for MqttConfig {
             receive_maximum: d.receive_maximum,
             topic_alias_maximum: d.topic_alias_maximum,
             max_keep_alive: d.max_keep_alive,
+            max_queued_messages: d.max_queued_messages,
         }
     }
 }
@@ -146,6 +180,9 @@ pub struct BrokerConfig {
     /// The disk alarm goes up when the data directory's file system has less free space than
     /// this many bytes (0 = no free-space check; failing writes still raise it).
     pub disk_free_limit: u64,
+    /// Open connections on all listeners together; past it new ones are refused in their
+    /// protocol's terms.
+    pub max_connections: usize,
 }
 
 /// RabbitMQ's default `disk_free_limit.absolute` (50 MB).
@@ -181,6 +218,7 @@ impl Default for BrokerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             memory_high_watermark: MemoryWatermark::Relative(DEFAULT_MEMORY_HIGH_WATERMARK),
             disk_free_limit: DEFAULT_DISK_FREE_LIMIT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -224,6 +262,11 @@ pub struct ListenerConfig {
     /// the frontend's default, `amq.topic`).
     pub mqtt_exchange: Option<String>,
     pub max_connections: usize,
+    /// New connections accepted per second (a token bucket holding one second's worth); past
+    /// it, clients wait in the kernel's backlog. 0: no limit.
+    pub max_connection_rate: u32,
+    /// Messages one connection may publish per second; 0: no limit.
+    pub max_publish_rate: u32,
     pub max_frame_size: u32,
     pub handshake_timeout: Duration,
     pub tls: Option<TlsConfig>,
@@ -248,6 +291,8 @@ impl ListenerConfig {
             vhost: DEFAULT_VHOST.to_string(),
             mqtt_exchange: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connection_rate: DEFAULT_MAX_CONNECTION_RATE,
+            max_publish_rate: 0,
             max_frame_size,
             handshake_timeout: limits.handshake_timeout,
             tls: None,
@@ -270,7 +315,12 @@ impl ListenerConfig {
 
     /// The limits handed to the frontend; what the file does not set keeps the core's default.
     pub fn limits(&self) -> Limits {
-        Limits { max_frame_size: self.max_frame_size, handshake_timeout: self.handshake_timeout, ..Limits::default() }
+        Limits {
+            max_frame_size: self.max_frame_size,
+            handshake_timeout: self.handshake_timeout,
+            max_publish_rate: self.max_publish_rate,
+            ..Limits::default()
+        }
     }
 }
 
@@ -321,6 +371,7 @@ impl Config {
             source: ConfigSource::Embedded,
             broker: BrokerConfig::default(),
             mqtt: MqttConfig::default(),
+            amqp: AmqpConfig::default(),
             listeners: vec![
                 ListenerConfig::new(Protocol::Mqtt, SocketAddr::from((localhost, 1883))),
                 ListenerConfig::new(Protocol::Amqp, SocketAddr::from((localhost, 5672))),
@@ -355,6 +406,8 @@ struct RawConfig {
     broker: RawBroker,
     #[serde(default)]
     mqtt: RawMqtt,
+    #[serde(default)]
+    amqp: RawAmqp,
     listeners: Option<Vec<RawListener>>,
     #[serde(default)]
     users: Vec<RawUser>,
@@ -416,6 +469,15 @@ struct RawMqtt {
     receive_maximum: Option<u16>,
     topic_alias_maximum: Option<u16>,
     max_keep_alive: Option<u16>,
+    max_queued_messages: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAmqp {
+    channel_max: Option<u16>,
+    consumer_max_per_channel: Option<u32>,
+    max_message_size: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -427,6 +489,7 @@ struct RawBroker {
     memory_high_watermark: Option<f64>,
     memory_high_watermark_bytes: Option<u64>,
     disk_free_limit_bytes: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -453,6 +516,8 @@ struct RawListener {
     vhost: Option<String>,
     mqtt_exchange: Option<String>,
     max_connections: Option<usize>,
+    max_connection_rate: Option<u32>,
+    max_publish_rate: Option<u32>,
     max_frame_size: Option<u32>,
     handshake_timeout_secs: Option<u64>,
     tls: Option<RawTls>,
@@ -491,6 +556,7 @@ impl Validator<'_> {
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let broker = self.broker(raw.broker)?;
         let mqtt = self.mqtt(raw.mqtt)?;
+        let amqp = self.amqp(raw.amqp)?;
         let raw_listeners = raw.listeners.unwrap_or_default();
         if raw_listeners.is_empty() {
             return Err(self.invalid("listeners", "at least one [[listeners]] table is required"));
@@ -518,6 +584,7 @@ impl Validator<'_> {
             source: ConfigSource::File(self.path.to_path_buf()),
             broker,
             mqtt,
+            amqp,
             listeners,
             users,
             acl,
@@ -658,7 +725,36 @@ impl Validator<'_> {
         if let Some(v) = raw.max_keep_alive {
             m.max_keep_alive = v;
         }
+        if let Some(v) = raw.max_queued_messages {
+            m.max_queued_messages = v;
+        }
         Ok(m)
+    }
+
+    fn amqp(&self, raw: RawAmqp) -> Result<AmqpConfig, ConfigError> {
+        let mut a = AmqpConfig::default();
+        if let Some(v) = raw.channel_max {
+            if v == 0 {
+                return Err(self.invalid("amqp.channel_max", "must be at least 1"));
+            }
+            a.channel_max = v;
+        }
+        if let Some(v) = raw.consumer_max_per_channel {
+            if v == 0 {
+                return Err(self.invalid("amqp.consumer_max_per_channel", "must be at least 1"));
+            }
+            a.consumer_max_per_channel = v;
+        }
+        if let Some(v) = raw.max_message_size {
+            if v == 0 || v > AMQP_MAX_MESSAGE_SIZE_CEILING {
+                return Err(self.invalid(
+                    "amqp.max_message_size",
+                    format!("must be between 1 and {AMQP_MAX_MESSAGE_SIZE_CEILING} (512 MiB, RabbitMQ's ceiling)"),
+                ));
+            }
+            a.max_message_size = v;
+        }
+        Ok(a)
     }
 
     fn broker(&self, raw: RawBroker) -> Result<BrokerConfig, ConfigError> {
@@ -694,6 +790,14 @@ impl Validator<'_> {
         }
         if let Some(b) = raw.disk_free_limit_bytes {
             broker.disk_free_limit = b;
+        }
+        if let Some(n) = raw.max_connections {
+            if n == 0 || n > MAX_CONNECTIONS_CEILING {
+                return Err(
+                    self.invalid("broker.max_connections", format!("must be between 1 and {MAX_CONNECTIONS_CEILING}"))
+                );
+            }
+            broker.max_connections = n;
         }
         Ok(broker)
     }
@@ -754,6 +858,12 @@ impl Validator<'_> {
                 ));
             }
             listener.max_connections = n;
+        }
+        if let Some(rate) = raw.max_connection_rate {
+            listener.max_connection_rate = rate;
+        }
+        if let Some(rate) = raw.max_publish_rate {
+            listener.max_publish_rate = rate;
         }
         if let Some(size) = raw.max_frame_size {
             let min = if protocol == Protocol::Amqp { AMQP_FRAME_MIN_SIZE } else { 1 };
@@ -944,7 +1054,7 @@ mod tests {
     #[test]
     fn the_mqtt_table_sets_the_frontend() {
         let c = parse(&format!(
-            "[mqtt]\nqueue_qos0_offline = true\nmax_inflight = 20\nreceive_maximum = 50\ntopic_alias_maximum = 0\nmax_keep_alive = 300\n{MINIMAL}"
+            "[mqtt]\nqueue_qos0_offline = true\nmax_inflight = 20\nreceive_maximum = 50\ntopic_alias_maximum = 0\nmax_keep_alive = 300\nmax_queued_messages = 0\n{MINIMAL}"
         ))
         .unwrap();
         assert_eq!(
@@ -954,12 +1064,44 @@ mod tests {
                 max_inflight: 20,
                 receive_maximum: 50,
                 topic_alias_maximum: 0,
-                max_keep_alive: 300
+                max_keep_alive: 300,
+                max_queued_messages: 0,
             }
         );
         assert_eq!(parse(MINIMAL).unwrap().mqtt, MqttConfig::default());
         assert!(error(&format!("[mqtt]\nreceive_maximum = 0\n{MINIMAL}")).contains("mqtt.receive_maximum"));
         assert!(error(&format!("[mqtt]\nqos0 = true\n{MINIMAL}")).contains("qos0"));
+    }
+
+    #[test]
+    fn the_amqp_table_sets_the_frontend_and_limits_are_checked() {
+        let c = parse(&format!(
+            "[amqp]\nchannel_max = 16\nconsumer_max_per_channel = 8\nmax_message_size = 1048576\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.amqp, AmqpConfig { channel_max: 16, consumer_max_per_channel: 8, max_message_size: 1_048_576 });
+        let d = parse(MINIMAL).unwrap();
+        assert_eq!(
+            d.amqp,
+            AmqpConfig { channel_max: 2047, consumer_max_per_channel: 1024, max_message_size: 134_217_728 }
+        );
+        assert_eq!(d.mqtt.max_queued_messages, 1000);
+        assert_eq!(d.broker.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!((d.listeners[0].max_connection_rate, d.listeners[0].max_publish_rate), (1000, 0));
+        for (text, key) in [
+            ("[amqp]\nchannel_max = 0\n", "amqp.channel_max: must be at least 1"),
+            ("[amqp]\nconsumer_max_per_channel = 0\n", "amqp.consumer_max_per_channel: must be at least 1"),
+            ("[amqp]\nmax_message_size = 536870913\n", "amqp.max_message_size: must be between 1 and"),
+            ("[broker]\nmax_connections = 0\n", "broker.max_connections: must be between 1 and"),
+        ] {
+            let msg = error(&format!("{text}{MINIMAL}"));
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+        let c =
+            parse(&format!("[broker]\nmax_connections = 5\n{MINIMAL}max_connection_rate = 0\nmax_publish_rate = 50\n"))
+                .unwrap();
+        assert_eq!(c.broker.max_connections, 5);
+        assert_eq!((c.listeners[0].max_connection_rate, c.listeners[0].limits().max_publish_rate), (0, 50));
     }
 
     #[test]
@@ -1011,6 +1153,7 @@ mod tests {
                 shutdown_grace: Duration::from_secs(3),
                 memory_high_watermark: MemoryWatermark::Relative(0.5),
                 disk_free_limit: 1_000_000,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
             }
         );
         let l = &c.listeners[0];

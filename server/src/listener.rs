@@ -2,16 +2,28 @@
 //! WebSocket upgrade (each if configured) to its frontend.
 //!
 //! The loop owns its connection tasks in a `JoinSet`, so that on shutdown it can wait for them
-//! (up to the grace period) and abort the rest. Accepting is bounded by a semaphore of
-//! `max_connections` permits (as mini-redis's `MAX_CONNECTIONS`): with none free the loop stops
-//! accepting, and the kernel's backlog holds new clients until a connection closes.
+//! (up to the grace period) and abort the rest.
+//!
+//! Limits, in the order a new client meets them:
+//! - **Accept rate** (`max_connection_rate`): a token bucket holding one second's worth; when
+//!   it is empty the loop stops accepting until it refills, and the kernel's backlog holds the
+//!   clients meanwhile.
+//! - **Connection count**: the broker's `max_connections` and the listener's, as semaphores
+//!   (as mini-redis's `MAX_CONNECTIONS`). A client over either limit is still accepted, but
+//!   only to be refused in its protocol's terms ([`Refusal`]): MQTT CONNACK *quota exceeded* /
+//!   *server unavailable*, AMQP 530 at start-ok, without a login check. At most
+//!   [`MAX_REFUSING`] such clients are being refused at once per listener; beyond that the
+//!   socket is closed at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, ListenerSettings, Shutdown, TlsIdentity};
+use ferry_core::frontend::{
+    ClientStream, ConnectionContext, Frontend, LimitScope, ListenerSettings, Refusal, Shutdown, TlsIdentity,
+};
+use ferry_core::rate::TokenBucket;
 use ferry_core::{Broker, ConnectionId, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +55,20 @@ pub(crate) struct Listener {
     pub websocket: Option<Arc<Upgrade>>,
     pub handler: Handler,
     pub max_connections: usize,
+    /// New connections per second (0: no limit).
+    pub max_connection_rate: u32,
+    /// The broker's connection slots, shared by every listener, and how many there are.
+    pub broker_connections: Arc<Semaphore>,
+    pub broker_max_connections: usize,
+}
+
+/// Clients over a connection limit being refused at once, per listener (each costs a task, a
+/// socket and maybe a TLS handshake for up to the handshake timeout).
+pub(crate) const MAX_REFUSING: usize = 64;
+
+/// A connection's slots: the broker's and the listener's, or a refusal slot.
+struct Slots {
+    _held: [Option<OwnedSemaphorePermit>; 2],
 }
 
 /// How a listener's connections ended once shutdown started.
@@ -62,9 +88,26 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 impl Listener {
     /// Accepts until `shutdown` fires, then waits up to `grace` for the connections to close.
     pub(crate) async fn run(self, broker: Arc<Broker>, mut shutdown: Shutdown, grace: Duration) -> Drained {
-        let Listener { tcp, settings, tls, websocket, handler, max_connections } = self;
+        let Listener {
+            tcp,
+            settings,
+            tls,
+            websocket,
+            handler,
+            max_connections,
+            max_connection_rate,
+            broker_connections,
+            broker_max_connections,
+        } = self;
         let name = settings.name.clone();
         let limit = Arc::new(Semaphore::new(max_connections));
+        let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+        let mut rate = (max_connection_rate > 0)
+            .then(|| TokenBucket::new(max_connection_rate, max_connection_rate, std::time::Instant::now()));
+        // When the accept rate allows the next client.
+        let mut next_accept: Option<Instant> = None;
+        let mut refused_since_warning = 0u64;
+        let mut last_warning: Option<Instant> = None;
         let mut tasks = JoinSet::new();
         let mut backoff = ACCEPT_BACKOFF_START;
         loop {
@@ -75,9 +118,13 @@ impl Listener {
                     report(&name, done);
                     continue;
                 }
-                accepted = accept(&tcp, &limit) => accepted,
+                _ = tokio::time::sleep_until(next_accept.unwrap_or_else(Instant::now)), if next_accept.is_some() => {
+                    next_accept = None;
+                    continue;
+                }
+                accepted = tcp.accept(), if next_accept.is_none() => accepted,
             };
-            let (socket, peer, permit) = match accepted {
+            let (socket, peer) = match accepted {
                 Ok(accepted) => {
                     backoff = ACCEPT_BACKOFF_START;
                     accepted
@@ -96,17 +143,49 @@ impl Listener {
                     continue;
                 }
             };
+            if let Some(bucket) = &mut rate {
+                next_accept = bucket.take(1, std::time::Instant::now()).map(|wait| Instant::now() + wait);
+            }
+            // The broker's slot first, then the listener's: a client refused by either holds
+            // neither.
+            let admitted = match broker_connections.clone().try_acquire_owned() {
+                Err(_) => Err(Refusal::ConnectionLimit { limit: broker_max_connections, scope: LimitScope::Broker }),
+                Ok(b) => match limit.clone().try_acquire_owned() {
+                    Ok(l) => Ok(Slots { _held: [Some(b), Some(l)] }),
+                    Err(_) => Err(Refusal::ConnectionLimit { limit: max_connections, scope: LimitScope::Listener }),
+                },
+            };
+            let (slots, refusal) = match admitted {
+                Ok(slots) => (slots, None),
+                Err(refusal) => {
+                    refused_since_warning += 1;
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warn!(listener = %name, "{refusal}: refusing new connections ({refused_since_warning} since the last warning)");
+                        last_warning = Some(Instant::now());
+                        refused_since_warning = 0;
+                    }
+                    match refusing.clone().try_acquire_owned() {
+                        Ok(p) => (Slots { _held: [Some(p), None] }, Some(refusal)),
+                        Err(_) => {
+                            // Too many being refused already: close at once.
+                            debug!(listener = %name, %peer, "{refusal}; closed without an answer");
+                            continue;
+                        }
+                    }
+                }
+            };
             let id = ConnectionId::next();
             let ctx = ConnectionContext {
                 id,
                 broker: broker.clone(),
                 listener: settings.clone(),
                 shutdown: shutdown.clone(),
+                refusal,
             };
             let span = tracing::debug_span!("connection", %id, %peer, listener = %name);
             let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
             let transport = Handshakes { tls, websocket: websocket.clone() };
-            tasks.spawn(connection(socket, peer, permit, transport, handler.clone(), ctx).instrument(span));
+            tasks.spawn(connection(socket, peer, slots, transport, handler.clone(), ctx).instrument(span));
         }
         // Closing the socket makes new clients see "connection refused" instead of waiting.
         drop(tcp);
@@ -125,17 +204,6 @@ impl Listener {
         }
         Drained { closed: open - aborted, aborted }
     }
-}
-
-/// Waits for a free connection slot, then for a client. Cancel-safe: a permit or accept lost
-/// to a cancelled `select!` costs nothing.
-async fn accept(
-    tcp: &TcpListener,
-    limit: &Arc<Semaphore>,
-) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    let permit = limit.clone().acquire_owned().await.expect("the listener never closes its semaphore");
-    let (socket, peer) = tcp.accept().await?;
-    Ok((socket, peer, permit))
 }
 
 /// Errors about one would-be connection that went away before it was accepted.
@@ -163,7 +231,7 @@ struct Handshakes {
 async fn connection(
     socket: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    _slots: Slots,
     handshakes: Handshakes,
     handler: Handler,
     mut ctx: ConnectionContext,

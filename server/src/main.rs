@@ -75,7 +75,7 @@ fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
 
 async fn serve(config: Config, config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install().context("installing signal handlers")?;
-    let frontends = ferry_server::frontends::builtin(&config.mqtt);
+    let frontends = ferry_server::frontends::builtin_with(&config.mqtt, &config.amqp);
     let mut builder = Server::builder(config);
     for frontend in frontends {
         builder = builder.frontend(frontend);

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{BrokerConfig, Config, ConfigSource, ListenerConfig, MqttConfig, Transport};
+use crate::config::{AmqpConfig, BrokerConfig, Config, ConfigSource, ListenerConfig, MqttConfig, Transport};
 use crate::listener::{Drained, Handler, Listener};
 use crate::tls::{self, TlsError};
 use crate::websocket::Upgrade;
@@ -281,6 +281,7 @@ impl ServerBuilder {
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());
         let mut tasks = Vec::with_capacity(ready.len());
+        let broker_connections = Arc::new(tokio::sync::Semaphore::new(config.broker.max_connections));
         let mut tls_slots = Vec::with_capacity(ready.len());
         for (l, tls, handler, addr, tcp) in ready {
             tls_slots.push(tls.clone());
@@ -329,14 +330,29 @@ impl ServerBuilder {
                 Transport::Tcp => None,
                 Transport::WebSocket { path } => Some(Arc::new(Upgrade::new(path.clone(), l.max_frame_size))),
             };
-            let listener = Listener { tcp, settings, tls, websocket, handler, max_connections: l.max_connections };
+            let listener = Listener {
+                tcp,
+                settings,
+                tls,
+                websocket,
+                handler,
+                max_connections: l.max_connections,
+                max_connection_rate: l.max_connection_rate,
+                broker_connections: broker_connections.clone(),
+                broker_max_connections: config.broker.max_connections,
+            };
             tasks.push(tokio::spawn(listener.run(broker.clone(), shutdown.clone(), grace)));
         }
         // Message TTL and idle-queue expiry run on the broker's own timer; it ends with the
         // shutdown signal.
         tokio::spawn(broker.clone().run_housekeeping(shutdown.clone()));
         info!("data directory {}", config.broker.data_dir.display());
-        let running = Running { broker: config.broker.clone(), mqtt: config.mqtt.clone(), listeners: config.listeners };
+        let running = Running {
+            broker: config.broker.clone(),
+            mqtt: config.mqtt.clone(),
+            amqp: config.amqp.clone(),
+            listeners: config.listeners,
+        };
         Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace })
     }
 }
@@ -431,6 +447,9 @@ impl Server {
         if config.mqtt != self.running.mqtt {
             report.needs_restart.push("[mqtt] changed".to_string());
         }
+        if config.amqp != self.running.amqp {
+            report.needs_restart.push("[amqp] changed".to_string());
+        }
         let locked_out = unauthenticated_with(running, &config.users);
         if locked_out.is_empty() {
             self.broker.auth().replace_users(config.users.clone());
@@ -488,6 +507,7 @@ impl Server {
 struct Running {
     broker: BrokerConfig,
     mqtt: MqttConfig,
+    amqp: AmqpConfig,
     listeners: Vec<ListenerConfig>,
 }
 
