@@ -4,7 +4,9 @@
 #
 # MQTT is driven through mosquitto_pub/mosquitto_sub and paho-mqtt (scripts/interop_mqtt.py),
 # AMQP 0-9-1 through amqp-tools (librabbitmq) and pika (scripts/interop_amqp.py), and MQTT <-> AMQP
-# on one broker through paho-mqtt and pika together (scripts/interop_cross.py).
+# on one broker through paho-mqtt and pika together (scripts/interop_cross.py). Users, AMQP
+# permissions and client certificates as identities (cert_login) run against a broker started from
+# a config file, with certificates made by the openssl CLI (scripts/interop_auth.py).
 #
 # Ends with one line "interop: N passed, N failed"; exits non-zero if any case failed.
 set -uo pipefail
@@ -17,10 +19,11 @@ ok() { pass=$((pass + 1)); printf 'ok   %s\n' "$*"; }
 bad() { fail=$((fail + 1)); printf 'FAIL %s\n' "$*"; }
 
 # --- clients ----------------------------------------------------------------------------------
-if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v amqp-publish >/dev/null 2>&1; then
+if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v amqp-publish >/dev/null 2>&1 ||
+  ! command -v openssl >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients amqp-tools) \
-      >/dev/null 2>&1 || echo "warning: could not install mosquitto-clients / amqp-tools"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients amqp-tools openssl) \
+      >/dev/null 2>&1 || echo "warning: could not install mosquitto-clients / amqp-tools / openssl"
   fi
 fi
 python3 -c 'import paho.mqtt, pika' 2>/dev/null || python3 -m pip install -q paho-mqtt pika >/dev/null 2>&1 ||
@@ -32,8 +35,10 @@ ferry="${CARGO_TARGET_DIR:-$root/target}/debug/ferry"
 work=$(mktemp -d)
 log="$work/ferry.log"
 pid=""
+authpid=""
 cleanup() {
   [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
+  [ -n "$authpid" ] && kill -9 "$authpid" 2>/dev/null
   [ -n "${KEEP_INTEROP:-}" ] && cp "$log" /tmp/interop-ferry.log; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -186,6 +191,132 @@ while IFS= read -r line; do
     *) echo "$line" ;;
   esac
 done < <(timeout 120 python3 scripts/interop_cross.py 127.0.0.1 1883 5672 2>&1)
+
+# --- users, AMQP permissions, client certificates: a third broker from a config file -------------
+# [[users]] (hashed by `ferry passwd`), [[permissions]] for alice and sensor-7 (none for bob), an
+# [[acl]] for sensor-7, and TLS listeners with require_client_cert and cert_login = "common_name";
+# a CA, a server certificate (127.0.0.1, localhost) and a client certificate CN=sensor-7 from the
+# openssl CLI. The pika / paho cases are scripts/interop_auth.py.
+auth="$work/auth"
+mkdir -p "$auth"
+mkcerts() ( # in $auth: ca.pem, server.pem/.key, client.pem/.key (CN=sensor-7)
+  cd "$auth" || exit 1
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -days 2 -subj "/CN=Ferry interop CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash"
+  leaf() { # name, subject, extensions...
+    local name=$1 subject=$2
+    shift 2
+    openssl req -new "${ec[@]}" -keyout "$name.key" -out "$name.csr" -subj "$subject"
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" "$@" >"$name.ext"
+    openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out "$name.pem" \
+      -extfile "$name.ext"
+  }
+  leaf server "/CN=localhost" "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost"
+  leaf client "/O=Ferry interop/CN=sensor-7" "extendedKeyUsage=clientAuth"
+  [ -s ca.pem ] && [ -s server.pem ] && [ -s server.key ] && [ -s client.pem ] && [ -s client.key ]
+)
+mkconfig() { # $auth/ferry.toml; each user's password is "<name>-pw"
+  printf '[broker]\ndata_dir = "data"\n'
+  cat <<'TOML'
+[[listeners]]
+protocol = "amqp"
+bind = "127.0.0.1:18672"
+[[listeners]]
+protocol = "amqp"
+bind = "127.0.0.1:18671"
+tls = { cert = "server.pem", key = "server.key", client_ca = "ca.pem", require_client_cert = true }
+cert_login = "common_name"
+[[listeners]]
+protocol = "mqtt"
+bind = "127.0.0.1:18884"
+tls = { cert = "server.pem", key = "server.key", client_ca = "ca.pem", require_client_cert = true }
+cert_login = "common_name"
+
+[[permissions]]
+user = "alice"
+configure = "^alice\\."
+write = "^(alice\\.|amq\\.default$)"
+read = "^alice\\."
+
+[[permissions]]
+user = "sensor-7"
+configure = "^sensor-7\\."
+write = "^(sensor-7\\.|amq\\.default$)"
+read = "^sensor-7\\."
+
+[[acl]]
+user = "sensor-7"
+topic = "sensors/%u/#"
+access = "readwrite"
+TOML
+  local u hash
+  for u in alice bob sensor-7; do
+    hash=$(printf '%s-pw\n' "$u" | "$ferry" passwd "$u" 2>/dev/null) && [ -n "$hash" ] || return 1
+    printf '[[users]]\nname = "%s"\npassword_hash = "%s"\n' "$u" "$hash"
+  done
+}
+if ! mkcerts >"$auth/openssl.log" 2>&1; then
+  bad "openssl makes a CA, a server and a client certificate: $(cat "$auth/openssl.log")"
+elif ! mkconfig >"$auth/ferry.toml"; then
+  bad "ferry passwd hashes the passwords for [[users]]"
+else
+  "$ferry" --config "$auth/ferry.toml" >"$auth/log" 2>&1 &
+  authpid=$!
+  if wait_port 18672 20 && wait_port 18671 20 && wait_port 18884 20; then
+    # amqp-tools: a refused operation is an error exit (librabbitmq reports the channel close).
+    aurl=amqp://alice:alice-pw@127.0.0.1:18672
+    out=$(timeout 10 amqp-declare-queue --url "$aurl" -q bob.tools 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ] && grep -q "403.*configure access to queue 'bob.tools' in vhost '/' refused for user 'alice'" <<<"$out"; then
+      ok "amqp-declare-queue refused by [[permissions]] (403) exits non-zero"
+    else
+      bad "amqp-declare-queue bob.tools as alice: rc=$rc out=$out"
+    fi
+    out=$(timeout 10 amqp-publish --url "$aurl" -e amq.direct -r alice.x -b refused 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ] && grep -q "403.*write access to exchange 'amq.direct'" <<<"$out"; then
+      ok "amqp-publish refused by [[permissions]] (403) exits non-zero"
+    else
+      bad "amqp-publish to amq.direct as alice: rc=$rc out=$out"
+    fi
+
+    # mosquitto over TLS with the client certificate: the user is sensor-7 (the [[acl]] grants
+    # sensors/sensor-7/#), whatever user name and password the CONNECT carries.
+    mtls=(-h 127.0.0.1 -p 18884 --cafile "$auth/ca.pem" --cert "$auth/client.pem" --key "$auth/client.key")
+    timeout 10 stdbuf -oL mosquitto_sub "${mtls[@]}" -u mallory -P wrong -t 'sensors/sensor-7/#' -C 1 -v -d \
+      >"$auth/sub.out" 2>&1 &
+    sp=$!
+    sub_ready "$auth/sub.out"
+    timeout 10 mosquitto_pub "${mtls[@]}" -u mallory -P wrong -q 1 -t sensors/sensor-7/t -m from-cert >"$auth/pub.out" 2>&1
+    wait $sp
+    if grep -q '^sensors/sensor-7/t from-cert' "$auth/sub.out"; then
+      ok "mosquitto over TLS, cert_login: sensor-7's publish on sensors/sensor-7/t reaches its subscriber"
+    else
+      bad "mosquitto cert_login: $(cat "$auth/sub.out" "$auth/pub.out")"
+    fi
+    out=$(timeout 10 mosquitto_pub -h 127.0.0.1 -p 18884 --cafile "$auth/ca.pem" -q 1 -t sensors/sensor-7/t -m x 2>&1)
+    rc=$?
+    [ $rc -ne 0 ] && ok "mosquitto over TLS without a client certificate is refused (require_client_cert)" ||
+      bad "mosquitto without a client certificate: rc=$rc out=$out"
+
+    while IFS= read -r line; do
+      case "$line" in
+        "ok   "*) ok "${line#ok   }" ;;
+        "FAIL "*) bad "${line#FAIL }" ;;
+        *) echo "$line" ;;
+      esac
+    done < <(timeout 60 python3 scripts/interop_auth.py 127.0.0.1 18672 18671 18884 "$auth" 2>&1)
+  else
+    bad "ferry with users, [[permissions]] and cert_login TLS listeners starts"
+    cat "$auth/log"
+  fi
+  kill -TERM "$authpid" 2>/dev/null
+  wait "$authpid" 2>/dev/null
+  authpid=""
+fi
 
 # --- configuration errors -----------------------------------------------------------------------
 printf '[broker]\ndata_dir = "d"\ncolour = "blue"\n[[listeners]]\nprotocol = "mqtt"\nbind = "127.0.0.1:1"\n' >"$work/bad.toml"

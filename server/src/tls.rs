@@ -35,6 +35,9 @@ pub enum TlsError {
 
 /// Builds the rustls server config for one listener. `key_prefix` is the listener's `tls` key,
 /// e.g. `listeners[0].tls`, used to name the offending key in errors.
+/// What a TLS listener speaks.
+pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
 pub fn server_config(tls: &TlsConfig, key_prefix: &str) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_key = format!("{key_prefix}.cert");
     let key_key = format!("{key_prefix}.key");
@@ -42,8 +45,10 @@ pub fn server_config(tls: &TlsConfig, key_prefix: &str) -> Result<Arc<ServerConf
     let private_key = load_private_key(&key_key, &tls.key)?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // TLS 1.3 and 1.2 only, named rather than left to the library's defaults: SSL 3, TLS 1.0
+    // and 1.1 are refused with a protocol_version alert.
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(|error| TlsError::Refused { key: key_prefix.to_string(), error })?;
     let builder = match &tls.client_ca {
         None => builder.with_no_client_auth(),
@@ -114,6 +119,48 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("listeners[0].tls.cert: cannot read "), "{msg}");
         assert!(msg.contains("nope.pem"), "{msg}");
+    }
+
+    /// Drives a handshake in memory; the version agreed, or `None` when it failed.
+    fn handshake(server: Arc<ServerConfig>, client: Arc<rustls::ClientConfig>) -> Option<rustls::ProtocolVersion> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().ok()?;
+            let mut wire = Vec::new();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().ok()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return s.protocol_version();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn tls_1_2_and_1_3_are_spoken() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
+        let server = server_config(&tls(dir.path(), "c.pem", "k.pem"), "listeners[0].tls").unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            assert_eq!(handshake(server.clone(), Arc::new(client)), Some(version.version));
+        }
     }
 
     #[test]
