@@ -578,8 +578,10 @@ impl Validator<'_> {
         }
         let users = self.users(raw.users)?;
         let acl = self.acl(raw.acl)?;
-        let permissions = self.permissions(raw.permissions, &users)?;
-        let topic_permissions = self.topic_permissions(raw.topic_permissions, &users)?;
+        // With a cert_login listener any name may be a certificate's, which [[users]] never lists.
+        let certificates = listeners.iter().any(|l| l.cert_login.is_some());
+        let permissions = self.permissions(raw.permissions, &users, certificates)?;
+        let topic_permissions = self.topic_permissions(raw.topic_permissions, &users, certificates)?;
         Ok(Config {
             source: ConfigSource::File(self.path.to_path_buf()),
             broker,
@@ -594,22 +596,31 @@ impl Validator<'_> {
     }
 
     /// A permission must name a user that can log in: a configured one, `guest` (on loopback
-    /// listeners) or `anonymous`. As `rabbitmqctl set_permissions`, which refuses unknown users.
-    fn known_user(&self, key: String, user: &str, users: &[User]) -> Result<(), ConfigError> {
+    /// listeners) or `anonymous`, as `rabbitmqctl set_permissions` refuses unknown users; or,
+    /// when a listener takes client certificates as identities (`certificates`), any name.
+    fn known_user(&self, key: String, user: &str, users: &[User], certificates: bool) -> Result<(), ConfigError> {
         if user.is_empty() {
             return Err(self.invalid(key, "must not be empty"));
         }
-        if users.iter().any(|u| u.name == user) || user == GUEST_USER || user == ANONYMOUS_USER {
+        if certificates || users.iter().any(|u| u.name == user) || user == GUEST_USER || user == ANONYMOUS_USER {
             return Ok(());
         }
-        Err(self.invalid(key, format!("{user:?} is not a configured user (nor guest or anonymous)")))
+        Err(self.invalid(
+            key,
+            format!("{user:?} is not a configured user (nor guest or anonymous, and no listener has cert_login)"),
+        ))
     }
 
-    fn permissions(&self, raw: Vec<RawPermissions>, users: &[User]) -> Result<Vec<VhostPermissions>, ConfigError> {
+    fn permissions(
+        &self,
+        raw: Vec<RawPermissions>,
+        users: &[User],
+        certificates: bool,
+    ) -> Result<Vec<VhostPermissions>, ConfigError> {
         let mut seen: HashMap<(String, String), usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (index, RawPermissions { user, vhost, configure, write, read }) in raw.into_iter().enumerate() {
-            self.known_user(format!("permissions[{index}].user"), &user, users)?;
+            self.known_user(format!("permissions[{index}].user"), &user, users, certificates)?;
             let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
             if vhost.is_empty() {
                 return Err(self.invalid(format!("permissions[{index}].vhost"), "must not be empty"));
@@ -638,11 +649,12 @@ impl Validator<'_> {
         &self,
         raw: Vec<RawTopicPermissions>,
         users: &[User],
+        certificates: bool,
     ) -> Result<Vec<TopicPermissions>, ConfigError> {
         let mut seen: HashMap<(String, String, String), usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (index, RawTopicPermissions { user, vhost, exchange, write, read }) in raw.into_iter().enumerate() {
-            self.known_user(format!("topic_permissions[{index}].user"), &user, users)?;
+            self.known_user(format!("topic_permissions[{index}].user"), &user, users, certificates)?;
             let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
             if vhost.is_empty() {
                 return Err(self.invalid(format!("topic_permissions[{index}].vhost"), "must not be empty"));

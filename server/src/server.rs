@@ -41,7 +41,7 @@ pub enum StartProblem {
     /// way to tell clients apart, or an explicit `allow_anonymous = true`.
     #[error(
         "listeners[{index}] ({protocol} {addr}): not on loopback and no way to authenticate: add [[users]] \
-         (see `ferry passwd`) or set allow_anonymous = true"
+         (see `ferry passwd`), take client certificates as identities (cert_login), or set allow_anonymous = true"
     )]
     NoAuthentication { index: usize, protocol: Protocol, addr: SocketAddr },
     #[error("listeners[{index}] ({protocol} {addr}): cannot bind: {error}")]

@@ -270,7 +270,7 @@ fn a_public_listener_without_users_or_anonymous_access_is_refused() {
         assert!(
             err.contains(
                 "f.toml: listeners[0] (mqtt 0.0.0.0:0): not on loopback and no way to authenticate: add [[users]] \
-                 (see `ferry passwd`) or set allow_anonymous = true"
+                 (see `ferry passwd`), take client certificates as identities (cert_login), or set allow_anonymous = true"
             ),
             "{args:?}: {err}"
         );
