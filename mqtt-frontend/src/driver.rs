@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use ferry_core::auth::AuthError;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::message::now_millis;
+use ferry_core::rate::TokenBucket;
 use ferry_core::store::StoreError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -22,7 +23,7 @@ use ferry_core::message::{ConnectionId, ShortString};
 use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
 
-use crate::codec::{reason, Connect, DecodeError, Decoder, Packet, ProtocolVersion, Will};
+use crate::codec::{reason, return_code, Connect, DecodeError, Decoder, Packet, ProtocolVersion, Will};
 use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session};
 use crate::session_store::encode_session;
 use crate::topic::check_topic_name;
@@ -90,6 +91,18 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
     let mut out = BytesMut::new();
+
+    // Over a connection limit (the listener's or the broker's): refused before anything else,
+    // without a login check, a client id claim or any session state. 5.0 §3.2.2.2 0x97 Quota
+    // exceeded (as EMQX answers at its connection limit); 3.1.1 has no such code, and 3 Server
+    // unavailable is the closest.
+    if let Some(refusal) = &ctx.refusal {
+        refuse(version, reason::QUOTA_EXCEEDED, return_code::SERVER_UNAVAILABLE, &mut out);
+        let _ = tokio::time::timeout(limits.handshake_timeout, stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        debug!(conn = %ctx.id, client_id = connect.client_id.as_str(), ?version, "MQTT CONNECT refused: {refusal}");
+        return Ok(());
+    }
 
     // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
     if v5 && connect.properties.authentication_method.is_some() {
@@ -216,8 +229,48 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let mut disk_alarm = ctx.broker.disk().subscribe();
     session.set_disk_alarm(disk_alarm.clone());
     let mut bytes_in = buf.len() as u64;
+    // The listener's `max_publish_rate`: one token per PUBLISH. A PUBLISH taken on credit is
+    // served, then the connection stops reading (and decoding what it has read) until the debt
+    // is paid: the client's further packets wait in `buf` and in the kernel's buffers, so TCP
+    // slows the publisher down; nothing is dropped. Deliveries to the client go on meanwhile.
+    let publish_rate = limits.max_publish_rate;
+    let mut publish_bucket =
+        (publish_rate > 0).then(|| TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std()));
+    let mut throttled_until: Option<Instant> = None;
+    // Since when we have not been reading (publish rate, alarms, congestion, acks waiting for
+    // the store): our pause, not the client's silence, so the keep alive deadline moves on by as
+    // long (the client's packets meanwhile, PINGREQ too, wait unread and reset it once read).
+    let mut paused_since: Option<Instant> = None;
+    // `buf` may hold whole packets not decoded yet: those that came with the CONNECT, or those
+    // left when the publish rate paused the connection.
+    let mut undecoded = !buf.is_empty();
 
     let close = 'conn: loop {
+        // Packets read and not yet handled, unless the publish rate holds them back.
+        if undecoded && throttled_until.is_none() {
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(p)) => {
+                        let publish = matches!(p, Packet::Publish(_));
+                        if let Err(c) = session.handle(p, now_millis()) {
+                            break 'conn c;
+                        }
+                        if let (true, Some(bucket)) = (publish, publish_bucket.as_mut()) {
+                            let now = Instant::now();
+                            if let Some(wait) = bucket.take(1, now.into_std()) {
+                                throttled_until = Some(now + wait);
+                                break;
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        undecoded = false;
+                        break;
+                    }
+                    Err(e) => break 'conn Close::Violation { reason: e.reason_code(), detail: e.to_string() },
+                }
+            }
+        }
         // Everything ready: settle acks whose commits are done, pump deliveries, write once.
         loop {
             if waiting.is_none() {
@@ -251,7 +304,18 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         // The memory alarm holds back clients that publish (subscribers keep draining); so does
         // the disk alarm for 3.1.1 clients (5.0 clients are answered 0x97 instead).
         let held = session.published && (*alarm.borrow() || (*disk_alarm.borrow() && !session.is_v5()));
-        let reading = session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none() && !held;
+        let reading =
+            session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none() && !held && throttled_until.is_none();
+        match (reading, paused_since) {
+            (false, None) => paused_since = Some(Instant::now()),
+            (true, Some(since)) => {
+                if let Some(d) = deadline.as_mut() {
+                    *d += since.elapsed();
+                }
+                paused_since = None;
+            }
+            _ => {}
+        }
         tokio::select! {
             r = stream.read_buf(&mut buf), if reading => {
                 match r {
@@ -265,17 +329,11 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                 if let Some(k) = keep_alive {
                     deadline = Some(Instant::now() + k);
                 }
-                loop {
-                    match decoder.decode(&mut buf) {
-                        Ok(Some(p)) => {
-                            if let Err(c) = session.handle(p, now_millis()) {
-                                break 'conn c;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => break 'conn Close::Violation { reason: e.reason_code(), detail: e.to_string() },
-                    }
-                }
+                undecoded = true;
+            }
+            // The publish rate's pause is over.
+            _ = sleep_until(throttled_until), if throttled_until.is_some() => {
+                throttled_until = None;
             }
             _ = sink_outbox.notified() => {}
             _ = alarm.changed() => {}
@@ -292,7 +350,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                     break 'conn c;
                 }
             }
-            _ = sleep_until(deadline), if deadline.is_some() => {
+            _ = sleep_until(deadline), if deadline.is_some() && reading => {
                 break 'conn Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() };
             }
             _ = kick.kicked() => break 'conn Close::TakenOver,

@@ -320,6 +320,11 @@ impl Session {
         let session_present = !connect.clean_start && (existing.is_some() || stored.is_some());
         let mode = if persistent || existing.is_some() {
             let queue = match existing {
+                // An existing queue is resumed as it is, never declared again: its arguments
+                // are the ones it was created with (a queue's arguments cannot change, and a
+                // redeclare with others would be refused as inequivalent). So a changed
+                // `max_queued_messages`, or one introduced after the queue was made, applies to
+                // session queues created from then on.
                 Some(q) => q,
                 None => {
                     // No `x-expires`: the expiry interval may change (a later CONNECT, or
@@ -328,6 +333,15 @@ impl Session {
                     let mut arguments = FieldTable::new();
                     if !settings.queue_qos0_offline {
                         arguments.insert("x-ferry-transient-needs-consumer", FieldValue::Bool(true));
+                    }
+                    // `max_queued_messages` as `x-max-length`: it counts ready messages, not
+                    // those delivered and unacknowledged (in flight), as Mosquitto counts
+                    // queued messages beyond the inflight ones. Past it the core's default
+                    // overflow, drop-head (RabbitMQ's), drops the oldest queued message. Brokers
+                    // differ here: Mosquitto drops the newest (the incoming message), EMQX the
+                    // oldest (as here).
+                    if settings.max_queued_messages > 0 {
+                        arguments.insert("x-max-length", FieldValue::I64(i64::from(settings.max_queued_messages)));
                     }
                     let options = QueueOptions { durable: true, exclusive: None, auto_delete: false, arguments };
                     vhost
