@@ -125,6 +125,12 @@ pub struct Connection {
     /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity: the
     /// driver pauses reading until they have room.
     pub congested: Vec<Arc<Outbox<ferry_core::sink::SinkDelivery>>>,
+    /// The connection is only to be refused (over a connection limit): start-ok is answered
+    /// with connection.close 530 and this text, credentials unchecked.
+    refusal: Option<String>,
+    /// Publishes completed since the driver last asked ([`Connection::take_publishes`]), for
+    /// the listener's publish rate limit.
+    publishes: u32,
 }
 
 impl std::fmt::Debug for Connection {
@@ -233,8 +239,23 @@ impl Connection {
             congested: Vec::new(),
             blocked_capable: false,
             published: false,
+            refusal: None,
+            publishes: 0,
             settings,
         }
+    }
+
+    /// Marks the connection as one to refuse (a connection limit is reached): the client's
+    /// start-ok is answered with connection.close 530 NOT_ALLOWED and `reason`, without looking
+    /// at its credentials. Call before [`Connection::start`].
+    pub fn refuse(&mut self, reason: impl std::fmt::Display) {
+        self.refusal = Some(reason.to_string());
+    }
+
+    /// The number of publishes completed since the last call (each basic.publish whose content
+    /// arrived in full, including those in a transaction).
+    pub fn take_publishes(&mut self) -> u32 {
+        std::mem::take(&mut self.publishes)
     }
 
     pub fn outbox(&self) -> &Arc<Outbox<Outgoing>> {
@@ -329,6 +350,12 @@ impl Connection {
             return;
         }
         tracing::info!(conn = %self.id, code = e.code, text = %e.text, "closing AMQP connection");
+        self.send_close(e);
+        self.release_all(now_millis());
+    }
+
+    /// Writes connection.close; close-ok is awaited next.
+    fn send_close(&mut self, e: &AmqpError) {
         self.send(
             0,
             Method::ConnectionClose(ConnectionClose {
@@ -339,7 +366,6 @@ impl Connection {
             }),
         );
         self.state = State::Closing;
-        self.release_all(now_millis());
     }
 
     /// Tells a client that supports it that it is blocked (memory or disk alarm) or unblocked.
@@ -464,6 +490,15 @@ impl Connection {
     fn on_connection_method(&mut self, m: Method, _now: Millis) -> Result<(), AmqpError> {
         match (self.state, m) {
             (State::AwaitStartOk, Method::ConnectionStartOk(ok)) => {
+                if let Some(reason) = self.refusal.take() {
+                    // Over a connection limit: refused before anything about the client counts,
+                    // its mechanism and credentials included, and without touching the broker.
+                    // Logged at debug level: the listener warns about refusals, at most every
+                    // 10 s.
+                    tracing::debug!(conn = %self.id, "AMQP connection refused: {reason}");
+                    self.send_close(&AmqpError::new(reply_code::NOT_ALLOWED, reason).on(10, 11));
+                    return Ok(());
+                }
                 let external = ok.mechanism.as_bytes() == b"EXTERNAL" && self.external.is_some();
                 if !external && !matches!(ok.mechanism.as_bytes(), b"PLAIN" | b"AMQPLAIN") {
                     // RabbitMQ: an unknown mechanism is a command error, bad credentials 403.
@@ -986,6 +1021,16 @@ impl Connection {
 
     fn on_consume(&mut self, ch: u16, c: BasicConsume, now: Millis) -> Result<(), AmqpError> {
         let conn = self.id;
+        // RabbitMQ 3.12+ (`consumer_max_per_channel`): checked first, for a tag not in use (a
+        // reused tag gets its own error below); a connection error.
+        let max = self.settings.consumer_max_per_channel;
+        let consumers = &self.channel(ch).consumers;
+        if consumers.len() >= max as usize && !consumers.contains_key(&c.consumer_tag) {
+            return Err(AmqpError::new(
+                reply_code::NOT_ALLOWED,
+                format!("reached maximum ({max}) of consumers per channel"),
+            ));
+        }
         let qname = if c.queue == REPLY_TO {
             // Direct reply-to needs no permission (as in RabbitMQ): the pseudo-queue is the
             // connection's own.
@@ -1249,6 +1294,7 @@ impl Connection {
     fn complete_publish(&mut self, ch: u16, now: Millis) -> Result<(), AmqpError> {
         let c = self.channel(ch);
         let Some(p) = c.content.take() else { return Ok(()) };
+        self.publishes = self.publishes.saturating_add(1);
         let header = p.header.unwrap_or_default();
         let body = match p.body {
             Some(b) => b,
@@ -1500,5 +1546,160 @@ impl Connection {
             let ok = matches!(p.commit.try_result(), Some(Ok(())));
             self.confirm_done(p, ok);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::store::MemoryStore;
+
+    fn connection(settings: Settings) -> Connection {
+        let broker = Broker::new(Arc::new(MemoryStore::default()));
+        Connection::new(ConnectionId::next(), broker, "/".to_string(), settings)
+    }
+
+    fn frames(encode: impl FnOnce(&mut BytesMut)) -> Vec<Frame> {
+        let mut buf = BytesMut::new();
+        encode(&mut buf);
+        let decoder = FrameDecoder::new(1 << 20);
+        std::iter::from_fn(|| decoder.decode(&mut buf).expect("well-formed")).collect()
+    }
+
+    fn feed(c: &mut Connection, ch: u16, m: Method) {
+        for f in frames(|out| encode_method_frame(ch, &m, out).expect("encode")) {
+            c.handle(f, now_millis());
+        }
+    }
+
+    /// The methods the connection wrote since the last call.
+    fn sent(c: &mut Connection) -> Vec<(u16, Method)> {
+        let mut out = c.out.split();
+        let decoder = FrameDecoder::new(1 << 20);
+        std::iter::from_fn(|| decoder.decode(&mut out).expect("well-formed"))
+            .filter_map(|f| match f {
+                Frame::Method { channel, payload } => Some((channel, Method::decode_payload(payload).expect("known"))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn start_ok(user: &str, password: &str) -> Method {
+        Method::ConnectionStartOk(ConnectionStartOk {
+            mechanism: ShortString::from("PLAIN"),
+            response: Bytes::from(format!("\0{user}\0{password}")),
+            ..ConnectionStartOk::default()
+        })
+    }
+
+    /// A connection through the handshake (the login accepted as the driver would) with
+    /// channel 1 open.
+    fn open(settings: Settings) -> Connection {
+        let mut c = connection(settings);
+        c.start();
+        feed(&mut c, 0, start_ok("guest", "guest"));
+        let (_, _, mechanism) = c.take_pending_login().expect("credentials to check");
+        c.login_done(&mechanism, Ok(Identity { user: "guest".into(), anonymous: false }));
+        feed(
+            &mut c,
+            0,
+            Method::ConnectionTuneOk(ConnectionTuneOk { channel_max: 0, frame_max: 131_072, heartbeat: 0 }),
+        );
+        feed(
+            &mut c,
+            0,
+            Method::ConnectionOpen(ConnectionOpen {
+                virtual_host: ShortString::from("/"),
+                capabilities: ShortString::default(),
+                insist: false,
+            }),
+        );
+        feed(&mut c, 1, Method::ChannelOpen(ChannelOpen::default()));
+        assert!(c.is_open());
+        sent(&mut c);
+        c
+    }
+
+    #[test]
+    fn a_refused_connection_gets_530_at_start_ok_without_a_login() {
+        let mut c = connection(Settings::default());
+        c.refuse("connection limit (2) of the listener is reached");
+        c.start();
+        assert!(matches!(sent(&mut c).as_slice(), [(0, Method::ConnectionStart(_))]));
+        // Credentials that would be refused, and a mechanism that is not offered: neither counts.
+        feed(&mut c, 0, start_ok("nobody", "wrong"));
+        feed(&mut c, 0, Method::ConnectionStartOk(ConnectionStartOk::default()));
+        assert!(c.take_pending_login().is_none(), "no login check");
+        assert!(c.is_closing());
+        match sent(&mut c).as_slice() {
+            [(0, Method::ConnectionClose(close))] => {
+                assert_eq!(close.reply_code, reply_code::NOT_ALLOWED);
+                assert_eq!(
+                    close.reply_text.to_string_lossy(),
+                    "NOT_ALLOWED - connection limit (2) of the listener is reached"
+                );
+                assert_eq!((close.class_id, close.method_id), (10, 11));
+            }
+            other => panic!("expected one connection.close, got {other:?}"),
+        }
+        feed(&mut c, 0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
+        assert!(c.is_closed());
+    }
+
+    #[test]
+    fn consumers_per_channel_are_limited_with_a_530_connection_error() {
+        let mut c = open(Settings { consumer_max_per_channel: 2, ..Settings::default() });
+        let declare = crate::codec::QueueDeclare { queue: ShortString::from("q"), ..Default::default() };
+        feed(&mut c, 1, Method::QueueDeclare(declare));
+        sent(&mut c);
+        let consume = |tag: &str| {
+            Method::BasicConsume(BasicConsume {
+                queue: ShortString::from("q"),
+                consumer_tag: ShortString::from(tag),
+                ..BasicConsume::default()
+            })
+        };
+        for tag in ["a", "b"] {
+            feed(&mut c, 1, consume(tag));
+            assert!(matches!(sent(&mut c).as_slice(), [(1, Method::BasicConsumeOk(_))]), "{tag}");
+        }
+        // Another channel has its own count.
+        feed(&mut c, 2, Method::ChannelOpen(ChannelOpen::default()));
+        feed(&mut c, 2, consume("a"));
+        assert!(matches!(sent(&mut c).as_slice(), [(2, Method::ChannelOpenOk(_)), (2, Method::BasicConsumeOk(_))]));
+        feed(&mut c, 1, consume("c"));
+        match sent(&mut c).as_slice() {
+            [(0, Method::ConnectionClose(close))] => {
+                assert_eq!(close.reply_code, reply_code::NOT_ALLOWED);
+                assert_eq!(
+                    close.reply_text.to_string_lossy(),
+                    "NOT_ALLOWED - reached maximum (2) of consumers per channel"
+                );
+                assert_eq!((close.class_id, close.method_id), (60, 20));
+            }
+            other => panic!("expected connection.close, got {other:?}"),
+        }
+        assert!(c.is_closing());
+    }
+
+    #[test]
+    fn publishes_are_counted_when_their_content_is_complete() {
+        let mut c = open(Settings::default());
+        let publish =
+            Method::BasicPublish(BasicPublish { routing_key: ShortString::from("nowhere"), ..Default::default() });
+        for body in [&b""[..], b"0123456789"] {
+            feed(&mut c, 1, publish.clone());
+            assert_eq!(c.take_publishes(), 0, "no content yet");
+            let header = ContentHeader::basic(body.len() as u64, Default::default());
+            for f in frames(|out| {
+                encode_header_frame(1, &header, out).expect("encode");
+                encode_body_frames(out, 1, body, 4);
+            }) {
+                c.handle(f, now_millis());
+            }
+            assert_eq!(c.take_publishes(), 1);
+        }
+        assert_eq!(c.take_publishes(), 0);
+        assert!(c.is_open());
     }
 }

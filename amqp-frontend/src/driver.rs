@@ -1,6 +1,12 @@
 //! The connection driver: one tokio task per connection. Reads with `read_buf` (cancel-safe),
 //! feeds frames to the [`Connection`], drains deliveries, and writes everything produced in one
 //! write per wake-up. Heartbeats both ways; the handshake is bounded in time.
+//!
+//! Reading pauses while the connection is held back: the memory or disk alarm (a publisher),
+//! a congested subscriber it publishes to, or its publish rate (`max_publish_rate`, a token
+//! bucket; one token per completed publish — frames after the one that ran into debt stay in
+//! the buffer until the wait is over). Our heartbeats go on meanwhile, and the time not
+//! reading does not count against the client's heartbeats.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +15,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::message::now_millis;
+use ferry_core::rate::TokenBucket;
 use ferry_core::store::StoreError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -57,6 +64,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
     settings.frame_max = limits.max_frame_size;
     settings.outbox_capacity = limits.outbox_capacity;
     let mut conn = Connection::new(ctx.id, ctx.broker.clone(), ctx.listener.vhost.clone(), settings);
+    if let Some(refusal) = &ctx.refusal {
+        conn.refuse(refusal);
+    }
     if let Some(from) = ctx.listener.auth.cert_login {
         let certificates = stream.tls.as_ref().map(|t| t.peer_certificates.as_slice()).unwrap_or_default();
         conn.offer_external(ferry_core::cert_login::certificate_identity(certificates, from));
@@ -77,6 +87,13 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
     let mut told_blocked = false;
     // Set once we sent connection.close: the client gets CLOSE_OK_WAIT to answer close-ok.
     let mut closing_deadline: Option<Instant> = None;
+    // The publish rate: one token per publish; in debt, reading stops until `throttled_until`.
+    let mut publish_rate = (limits.max_publish_rate > 0)
+        .then(|| TokenBucket::new(limits.max_publish_rate, limits.max_publish_rate, Instant::now().into_std()));
+    let mut throttled_until: Option<Instant> = None;
+    // Since when reading is paused (alarm, congestion, publish rate): that time is added to
+    // `last_read` when reading resumes, so our pause does not look like a silent client.
+    let mut paused_since: Option<Instant> = None;
 
     loop {
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
@@ -120,15 +137,13 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
         // client after two intervals of silence (RabbitMQ's rule).
         let send_at = heartbeat.map(|h| last_write + h / 2);
         if conn.is_closing() && closing_deadline.is_none() {
-            closing_deadline = Some(Instant::now() + CLOSE_OK_WAIT);
+            let mut deadline = Instant::now() + CLOSE_OK_WAIT;
+            if ctx.refusal.is_some() {
+                // A refused client's whole visit fits in the handshake timeout.
+                deadline = deadline.min(handshake_deadline);
+            }
+            closing_deadline = Some(deadline);
         }
-        let dead_at = if let Some(d) = closing_deadline {
-            Some(d)
-        } else if conn.is_open() {
-            heartbeat.map(|h| last_read + h * 2)
-        } else {
-            Some(handshake_deadline)
-        };
 
         conn.congested.retain(|o| !o.has_room());
         let congested = conn.congested.first().cloned();
@@ -139,9 +154,29 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
             continue;
         }
         let held = alarm_up && conn.published;
+        let reading = congested.is_none() && !held && throttled_until.is_none();
+        match (reading, paused_since) {
+            (false, None) => paused_since = Some(Instant::now()),
+            (true, Some(since)) => {
+                last_read += since.elapsed();
+                paused_since = None;
+            }
+            _ => {}
+        }
+        let dead_at = if let Some(d) = closing_deadline {
+            Some(d)
+        } else if conn.is_open() {
+            // Not while we are the ones not reading.
+            heartbeat.filter(|_| reading).map(|h| last_read + h * 2)
+        } else {
+            Some(handshake_deadline)
+        };
+
+        // Whether to decode what is in the buffer after the select.
+        let mut decode = false;
         tokio::select! {
             _ = alarm.changed() => {}
-            r = stream.read_buf(&mut buf), if congested.is_none() && !held => {
+            r = stream.read_buf(&mut buf), if reading => {
                 match r {
                     Ok(0) | Err(_) => {
                         conn.release_all(now_millis());
@@ -149,45 +184,12 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                     }
                     Ok(_) => last_read = Instant::now(),
                 }
-                loop {
-                    match decoder.decode(&mut buf) {
-                        Ok(Some(frame)) => {
-                            if conn.handle(frame, now_millis()) == Flow::Close {
-                                break;
-                            }
-                            if let Some((user, password, mechanism)) = conn.take_pending_login() {
-                                // Checked on the blocking pool, bounded; within the handshake time.
-                                let login = ctx.broker.auth().login(&ctx.listener.auth, Some(&user), Some(&password));
-                                let result = tokio::time::timeout_at(handshake_deadline, login)
-                                    .await
-                                    .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
-                                conn.login_done(&mechanism, result);
-                                // Nothing the client pipelined before the answer counts.
-                                if conn.is_closed() || conn.is_closing() {
-                                    break;
-                                }
-                            }
-                            // A tune-ok in this batch raises the limit for the frames after it:
-                            // a client may pipeline open and a large publish behind tune-ok.
-                            if conn.frame_max != 0 {
-                                decoder.max_frame_size = conn.frame_max;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            let err = crate::errors::AmqpError {
-                                code: e.reply_code(),
-                                text: e.reply_text().to_string_lossy(),
-                                class_id: 0,
-                                method_id: 0,
-                            };
-                            conn.close_with(&err);
-                            // The stream cannot be read any further: flush the close and go.
-                            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
-                            return Err(ConnectionError::Protocol(err.text));
-                        }
-                    }
-                }
+                decode = true;
+            }
+            // The publish rate's wait is over: go on with the frames left in the buffer.
+            _ = sleep_until(throttled_until), if throttled_until.is_some() => {
+                throttled_until = None;
+                decode = true;
             }
             _ = outbox.notified() => {}
             // A subscriber we publish to is full: hold this publisher back (bounded, so two
@@ -219,6 +221,57 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
             _ = shutdown.wait(), if !shutting_down => {
                 shutting_down = true;
                 conn.shutdown();
+            }
+        }
+        if decode {
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(frame)) => {
+                        if conn.handle(frame, now_millis()) == Flow::Close {
+                            break;
+                        }
+                        if let Some((user, password, mechanism)) = conn.take_pending_login() {
+                            // Checked on the blocking pool, bounded; within the handshake time.
+                            let login = ctx.broker.auth().login(&ctx.listener.auth, Some(&user), Some(&password));
+                            let result = tokio::time::timeout_at(handshake_deadline, login)
+                                .await
+                                .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
+                            conn.login_done(&mechanism, result);
+                            // Nothing the client pipelined before the answer counts.
+                            if conn.is_closed() || conn.is_closing() {
+                                break;
+                            }
+                        }
+                        // A tune-ok in this batch raises the limit for the frames after it:
+                        // a client may pipeline open and a large publish behind tune-ok.
+                        if conn.frame_max != 0 {
+                            decoder.max_frame_size = conn.frame_max;
+                        }
+                        // Over the publish rate: the rest of the buffer waits.
+                        if let Some(bucket) = &mut publish_rate {
+                            let n = conn.take_publishes();
+                            if n > 0 {
+                                if let Some(wait) = bucket.take(n, Instant::now().into_std()) {
+                                    throttled_until = Some(Instant::now() + wait);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let err = crate::errors::AmqpError {
+                            code: e.reply_code(),
+                            text: e.reply_text().to_string_lossy(),
+                            class_id: 0,
+                            method_id: 0,
+                        };
+                        conn.close_with(&err);
+                        // The stream cannot be read any further: flush the close and go.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
+                        return Err(ConnectionError::Protocol(err.text));
+                    }
+                }
             }
         }
     }
