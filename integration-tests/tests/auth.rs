@@ -204,3 +204,89 @@ async fn a_flood_of_bad_logins_does_not_stop_the_broker_serving_its_clients() {
         let _ = f.await;
     }
 }
+
+/// Frames meant to skip the login: methods before start-ok, and a bad login with tune-ok,
+/// connection.open, channel.open and a publish pipelined behind it. None gets an answer but the
+/// close, and nothing is routed (the legitimate message sent afterwards is the queue's first).
+#[tokio::test]
+async fn amqp_frames_before_the_login_completes_get_nothing_done() {
+    use ferry_amqp::codec::{BasicGet, ChannelOpen, ConnectionOpen, ConnectionTuneOk, QueueDeclare};
+    use ferry_core::message::ShortString;
+    let s = server("127.0.0.1", "allow_anonymous = false").await;
+    let addr = amqp_addr(&s);
+    let mut admin = AmqpRaw::start(addr).await.0;
+    admin.send_method(0, Method::ConnectionStartOk(plain_start_ok("sensor", "s3cret"))).await;
+    let tune = admin.recv_tune().await;
+    let tune_ok = ConnectionTuneOk { channel_max: tune.channel_max, frame_max: tune.frame_max, heartbeat: 0 };
+    admin.send_method(0, Method::ConnectionTuneOk(tune_ok.clone())).await;
+    admin.open_vhost("/").await;
+    assert!(matches!(admin.recv_method().await, (0, Method::ConnectionOpenOk(_))));
+    admin.open_channel(1).await;
+    let declare = QueueDeclare { queue: ShortString::from("bypass.q"), ..QueueDeclare::default() };
+    admin.send_method(1, Method::QueueDeclare(declare)).await;
+    assert!(matches!(admin.recv_method().await, (1, Method::QueueDeclareOk(_))));
+
+    // A channel opened before any login: a connection error, and no channel.
+    let mut c = AmqpRaw::start(addr).await.0;
+    c.send_method(1, Method::ChannelOpen(ChannelOpen::default())).await;
+    let close = c.expect_connection_close().await;
+    assert_eq!(close.reply_code, reply_code::CHANNEL_ERROR);
+    // connection.open in place of start-ok.
+    let mut c = AmqpRaw::start(addr).await.0;
+    let open = ConnectionOpen { virtual_host: ShortString::from("/"), ..ConnectionOpen::default() };
+    c.send_method(0, Method::ConnectionOpen(open.clone())).await;
+    let close = c.expect_connection_close().await;
+    assert_eq!(close.reply_code, reply_code::COMMAND_INVALID);
+    // A bad login with everything a client would send next pipelined behind it.
+    let mut c = AmqpRaw::start(addr).await.0;
+    c.send_method(0, Method::ConnectionStartOk(start_ok_with_failure_close("sensor", "guess"))).await;
+    c.send_method(0, Method::ConnectionTuneOk(tune_ok)).await;
+    c.send_method(0, Method::ConnectionOpen(open)).await;
+    c.send_method(1, Method::ChannelOpen(ChannelOpen::default())).await;
+    c.publish(1, "", "bypass.q", b"smuggled").await;
+    let close = c.expect_connection_close().await;
+    assert_eq!(close.reply_code, reply_code::ACCESS_REFUSED, "the first answer is the refusal");
+
+    admin.publish(1, "", "bypass.q", b"legit").await;
+    admin
+        .send_method(1, Method::BasicGet(BasicGet { queue: ShortString::from("bypass.q"), ..BasicGet::default() }))
+        .await;
+    match admin.recv_method().await {
+        (1, Method::BasicGetOk(ok)) => assert_eq!(ok.message_count, 0, "only the legitimate message is queued"),
+        other => panic!("expected get-ok, got {other:?}"),
+    }
+}
+
+/// MQTT packets meant to skip the login: a PUBLISH before CONNECT, one after a refused
+/// CONNECT, and a second CONNECT with other credentials on an authenticated connection. Each
+/// connection is closed and nothing it sent is routed.
+#[tokio::test]
+async fn mqtt_packets_around_the_login_are_not_routed() {
+    let s = server("127.0.0.1", "allow_anonymous = false").await;
+    let addr = mqtt_addr(&s);
+    let mut sub = MqttRaw::connect(addr, mqtt_login(ProtocolVersion::V5, Some("sensor"), Some(b"s3cret"))).await.0;
+    sub.subscribe(1, "bypass/#", sub_options(QoS::AtMostOnce)).await;
+
+    let mut early = MqttRaw::open(addr, ProtocolVersion::V311).await;
+    early.send(&Packet::Publish(publish_packet("bypass/early", QoS::AtMostOnce, 0, b"smuggled"))).await;
+    assert!(early.closed().await.is_empty(), "closed without an answer");
+
+    let mut refused = MqttRaw::open(addr, ProtocolVersion::V311).await;
+    refused.send(&Packet::Connect(Box::new(mqtt_login(ProtocolVersion::V311, Some("sensor"), Some(b"guess"))))).await;
+    refused.send(&Packet::Publish(publish_packet("bypass/after-refusal", QoS::AtMostOnce, 0, b"smuggled"))).await;
+    match refused.closed().await.as_slice() {
+        [Packet::ConnAck(ack)] => assert_eq!(ack.code, return_code::BAD_USER_NAME_OR_PASSWORD),
+        other => panic!("expected only CONNACK 4, got {other:?}"),
+    }
+
+    let mut twice = MqttRaw::connect(addr, mqtt_login(ProtocolVersion::V311, Some("sensor"), Some(b"s3cret"))).await.0;
+    twice.send(&Packet::Connect(Box::new(mqtt_login(ProtocolVersion::V311, Some("admin"), Some(b"x"))))).await;
+    twice.send(&Packet::Publish(publish_packet("bypass/second-connect", QoS::AtMostOnce, 0, b"smuggled"))).await;
+    twice.closed().await;
+
+    let mut publisher =
+        MqttRaw::connect(addr, mqtt_login(ProtocolVersion::V5, Some("sensor"), Some(b"s3cret"))).await.0;
+    publisher.send(&Packet::Publish(publish_packet("bypass/legit", QoS::AtMostOnce, 0, b"legit"))).await;
+    let p = within("the legitimate message", sub.recv_publish()).await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("bypass/legit", &b"legit"[..]), "it is the first one routed");
+}

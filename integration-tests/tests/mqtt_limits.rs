@@ -2,8 +2,9 @@
 //! and the broker's, across protocols) refused with CONNACK 0x97 Quota exceeded (5.0) / 3
 //! Server unavailable (3.1.1); `[mqtt] max_queued_messages` keeping the newest messages of an
 //! offline session (drop-head); the listener's `max_publish_rate` slowing a publisher down
-//! without losing its messages. The accept rate (`max_connection_rate`) has no test here: it is
-//! a matter of timing, and the core's `TokenBucket` is unit-tested.
+//! without losing its messages; the listener's `max_connection_rate` making clients wait (in
+//! the backlog) rather than refusing them. (Timing is checked only as a lower bound: a limit
+//! that does nothing fails it; a slow machine never does.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -223,4 +224,19 @@ async fn max_publish_rate_slows_a_publisher_down_without_dropping() {
     assert!(took >= Duration::from_millis(1500), "60 messages at 20/s took {took:?}");
     // The publisher was paused, not dropped.
     publisher.ping().await;
+}
+
+#[tokio::test]
+async fn max_connection_rate_makes_clients_wait_and_refuses_none() {
+    let server = TestServer::start(&format!("{MQTT_LISTENER}max_connection_rate = 5\n"), &frontends(1000)).await;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    // A burst of 5, then 5 per second: the 12th is accepted no sooner than 1.4 s in.
+    for i in 0..12 {
+        let (c, ack) = RawClient::connect(server.mqtt_addr(), connect_packet(V5, &format!("rate-{i}"), true)).await;
+        assert_eq!(ack.code, 0, "client {i} is let in, only later");
+        clients.push(c);
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1200), "12 connections at 5/s took only {took:?}");
 }
