@@ -26,7 +26,7 @@
 //! - [`acl`]: the Mosquitto-style MQTT topic ACL (MQTT clients, and AMQP ones on MQTT exchanges).
 //! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
 //! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
-//!   the redb store (`store::RedbStore`, not wired into the server yet).
+//!   the redb store (`store::RedbStore`, the server's).
 //! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
 //!   and [`ConnectionContext`](frontend::ConnectionContext) that the server hands to frontends.
 //!
