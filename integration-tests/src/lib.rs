@@ -45,14 +45,19 @@ pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
     }
 }
 
-/// Sends one byte (the number of TLS peer certificates, 0 for plain TCP, capped at 255), then
-/// echoes everything until EOF or shutdown, then closes its side.
+/// Sends one byte (the number of TLS peer certificates, 0 for plain TCP, capped at 254), then
+/// echoes everything until EOF or shutdown, then closes its side. A connection the listener
+/// hands over only to be refused (over a connection limit) gets [`EchoFrontend::REFUSED`] and
+/// is closed.
 #[derive(Debug)]
 pub struct EchoFrontend {
     protocol: Protocol,
 }
 
 impl EchoFrontend {
+    /// The greeting of a refused connection.
+    pub const REFUSED: u8 = 0xFF;
+
     pub fn new(protocol: Protocol) -> Arc<EchoFrontend> {
         Arc::new(EchoFrontend { protocol })
     }
@@ -65,8 +70,13 @@ impl Frontend for EchoFrontend {
     }
 
     async fn serve(&self, mut stream: ClientStream, mut ctx: ConnectionContext) -> Result<(), ConnectionError> {
+        if ctx.refusal.is_some() {
+            stream.write_all(&[EchoFrontend::REFUSED]).await?;
+            stream.shutdown().await?;
+            return Ok(());
+        }
         let certs = stream.tls.as_ref().map_or(0, |t| t.peer_certificates.len());
-        stream.write_all(&[certs.min(255) as u8]).await?;
+        stream.write_all(&[certs.min(254) as u8]).await?;
         let mut buf = vec![0u8; 4096];
         loop {
             // `read` is cancel-safe: nothing is lost if shutdown wins the race.
