@@ -156,6 +156,11 @@ class Broker:
                 f"data_dir = {json.dumps(self.data)}\n"
                 'log_level = "info"\n'
                 f"shutdown_grace_secs = {GRACE}\n\n"
+                # The away MQTT session takes thousands of messages per round: without this,
+                # the per-session limit (1000 by default, as Mosquitto's) would drop the oldest
+                # by design, which is not what this test is about.
+                "[mqtt]\n"
+                "max_queued_messages = 0\n\n"
                 "[[listeners]]\n"
                 'protocol = "mqtt"\n'
                 f'bind = "{HOST}:{self.mqtt_port}"\n\n'
