@@ -44,10 +44,55 @@ fn assigned_client_id() -> String {
     format!("ferry-{:x}-{:x}", now_millis(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The read buffer's size. Most connections are idle most of the time, and at 10,000 of them
+/// a fixed 8 KiB buffer each was most of their memory: an idle connection keeps [`READ_MIN`];
+/// one whose reads fill its buffer gets twice as much next time (up to [`READ_MAX`]), and gives
+/// the space back once it has drained and its reads are small again.
+#[derive(Debug)]
+struct ReadSizer {
+    want: usize,
+}
+
+const READ_MIN: usize = 512;
+/// The most write buffer a connection keeps between bursts.
+const OUT_KEEP: usize = 64 * 1024;
+const READ_MAX: usize = 64 * 1024;
+
+impl ReadSizer {
+    fn new() -> ReadSizer {
+        ReadSizer { want: READ_MIN }
+    }
+
+    /// Makes room for the next read; returns the room.
+    fn prepare(&self, buf: &mut BytesMut) -> usize {
+        if buf.capacity() - buf.len() < self.want / 2 {
+            buf.reserve(self.want);
+        }
+        buf.capacity() - buf.len()
+    }
+
+    /// A read of `n` bytes into `room`.
+    fn read(&mut self, n: usize, room: usize) {
+        if n >= room {
+            self.want = (self.want * 2).min(READ_MAX);
+        } else if n < self.want / 4 {
+            self.want = (self.want / 2).max(READ_MIN);
+        }
+    }
+
+    /// Everything read was handled: a buffer much larger than needed now goes.
+    fn drained(&self, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 2 * self.want {
+            *buf = BytesMut::new();
+        }
+    }
+}
+
 /// Reads the CONNECT (bounded by the listener's handshake timeout).
 async fn read_connect(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
+    sizer: &mut ReadSizer,
     decoder: &mut Decoder,
 ) -> Result<Option<Connect>, DecodeError> {
     loop {
@@ -57,9 +102,10 @@ async fn read_connect(
                 _ => Err(DecodeError::Protocol("first packet must be CONNECT".into())),
             };
         }
+        let room = sizer.prepare(buf);
         match stream.read_buf(buf).await {
             Ok(0) | Err(_) => return Ok(None),
-            Ok(_) => {}
+            Ok(n) => sizer.read(n, room),
         }
     }
 }
@@ -67,27 +113,32 @@ async fn read_connect(
 /// Serves one MQTT connection to its end.
 pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<Shared>) -> Result<(), ConnectionError> {
     let limits = &ctx.listener.limits;
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = BytesMut::new();
+    let mut sizer = ReadSizer::new();
     let mut decoder = Decoder::new(limits.max_frame_size);
-    let connect =
-        match tokio::time::timeout(limits.handshake_timeout, read_connect(&mut stream, &mut buf, &mut decoder)).await {
-            Err(_) => return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout)),
-            Ok(Ok(Some(c))) => c,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
-                // 3.1.1 §3.1.2.2 / 5.0 §3.1.2.2: answer in the 3.1.1 form, which both understand.
-                let mut out = BytesMut::new();
-                refuse(
-                    ProtocolVersion::V311,
-                    0,
-                    connect_refusal(ProtocolVersion::V311, reason::UNSUPPORTED_PROTOCOL_VERSION),
-                    &mut out,
-                );
-                let _ = stream.write_all(&out).await;
-                return Err(ConnectionError::Protocol(format!("unsupported protocol {name:?} level {level}")));
-            }
-            Ok(Err(e)) => return Err(ConnectionError::Protocol(format!("bad CONNECT: {e}"))),
-        };
+    let connect = match tokio::time::timeout(
+        limits.handshake_timeout,
+        read_connect(&mut stream, &mut buf, &mut sizer, &mut decoder),
+    )
+    .await
+    {
+        Err(_) => return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout)),
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
+            // 3.1.1 §3.1.2.2 / 5.0 §3.1.2.2: answer in the 3.1.1 form, which both understand.
+            let mut out = BytesMut::new();
+            refuse(
+                ProtocolVersion::V311,
+                0,
+                connect_refusal(ProtocolVersion::V311, reason::UNSUPPORTED_PROTOCOL_VERSION),
+                &mut out,
+            );
+            let _ = stream.write_all(&out).await;
+            return Err(ConnectionError::Protocol(format!("unsupported protocol {name:?} level {level}")));
+        }
+        Ok(Err(e)) => return Err(ConnectionError::Protocol(format!("bad CONNECT: {e}"))),
+    };
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
     let mut out = BytesMut::new();
@@ -141,7 +192,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         Some(from) if !certificates.is_empty() => ferry_core::cert_login::certificate_identity(certificates, from),
         _ => {
             let login = ctx.broker.auth().login(&ctx.listener.auth, username.as_deref(), connect.password.as_deref());
-            tokio::time::timeout(limits.handshake_timeout, login).await.unwrap_or(Err(AuthError::Busy))
+            // Boxed: the login's state is large and needed once; inline, every connection's
+            // task would carry its room for as long as it lives.
+            Box::pin(tokio::time::timeout(limits.handshake_timeout, login)).await.unwrap_or(Err(AuthError::Busy))
         }
     };
     let identity = match result {
@@ -175,7 +228,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         Some(v) => v,
         None => ctx.broker.add_vhost(&vhost_name),
     };
-    let claim = shared.registry.claim(&vhost_name, &client_id, ctx.id).await;
+    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, ctx.id)).await;
     if claim.expired {
         // The session expired while its client was away and its timer has not ended it yet: a
         // queue left behind would be resumed as if the session were present.
@@ -265,6 +318,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                     }
                     Ok(None) => {
                         undecoded = false;
+                        sizer.drained(&mut buf);
                         break;
                     }
                     Err(e) => break 'conn Close::Violation { reason: e.reason_code(), detail: e.to_string() },
@@ -297,6 +351,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                 break 'conn Close::Lost;
             }
             session.out.clear();
+            // A burst's buffer is not kept for an idle connection.
+            if session.out.capacity() > OUT_KEEP {
+                session.out = BytesMut::new();
+            }
             shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         }
         session.congested.retain(|o| !o.has_room());
@@ -316,6 +374,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             }
             _ => {}
         }
+        let room = if reading { sizer.prepare(&mut buf) } else { 0 };
         tokio::select! {
             r = stream.read_buf(&mut buf), if reading => {
                 match r {
@@ -324,7 +383,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                         debug!(conn = %ctx.id, error = %e, "read failed");
                         break 'conn Close::Lost;
                     }
-                    Ok(n) => bytes_in += n as u64,
+                    Ok(n) => {
+                        bytes_in += n as u64;
+                        sizer.read(n, room);
+                    }
                 }
                 if let Some(k) = keep_alive {
                     deadline = Some(Instant::now() + k);
@@ -488,5 +550,42 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_buffer_grows_with_full_reads_and_shrinks_when_idle() {
+        let mut sizer = ReadSizer::new();
+        let mut buf = BytesMut::new();
+        let room = sizer.prepare(&mut buf);
+        assert!((READ_MIN..2 * READ_MIN).contains(&room), "{room}");
+        // Reads that fill the buffer double what the next one gets, up to the maximum.
+        for _ in 0..20 {
+            let room = sizer.prepare(&mut buf);
+            buf.extend_from_slice(&vec![0u8; room]);
+            sizer.read(room, room);
+            buf.clear();
+        }
+        assert_eq!(sizer.want, READ_MAX);
+        assert!(sizer.prepare(&mut buf) >= READ_MAX / 2);
+        // Small reads bring it back down, and a drained buffer much larger than that goes.
+        for _ in 0..20 {
+            sizer.read(10, READ_MAX);
+        }
+        assert_eq!(sizer.want, READ_MIN);
+        sizer.drained(&mut buf);
+        assert_eq!(buf.capacity(), 0);
+        // Not while it holds a partial packet.
+        let room = sizer.prepare(&mut buf);
+        buf.extend_from_slice(&vec![1u8; room]);
+        sizer.read(room, room);
+        sizer.prepare(&mut buf);
+        let kept = buf.capacity();
+        sizer.drained(&mut buf);
+        assert_eq!(buf.capacity(), kept);
     }
 }

@@ -403,7 +403,8 @@ impl Session {
             pending_acks: VecDeque::new(),
             congested: Vec::new(),
             published: false,
-            out: BytesMut::with_capacity(4096),
+            // Grows with what is written at once; an idle connection keeps next to nothing.
+            out: BytesMut::new(),
             stats: SessionStats::default(),
             settings,
             disk_alarm: tokio::sync::watch::channel(false).1,

@@ -246,34 +246,9 @@ async fn connection(
     if let Err(e) = socket.set_nodelay(true) {
         debug!("set_nodelay: {e}");
     }
-    // One deadline for the transport's handshakes together, so that wss gets no more time than
-    // TLS alone; the protocol handshake gets its own timeout in the frontend.
-    let handshake_timeout = ctx.listener.limits.handshake_timeout;
-    let deadline = Instant::now() + handshake_timeout;
-    let websocket = handshakes.websocket.as_deref();
-    let stream = match handshakes.tls {
-        None => upgrade(socket, peer, local, None, websocket, deadline, &mut ctx).await,
-        Some(acceptor) => {
-            let handshake = tokio::select! {
-                _ = ctx.shutdown.wait() => return,
-                r = tokio::time::timeout_at(deadline, acceptor.accept(socket)) => r,
-            };
-            match handshake {
-                Ok(Ok(stream)) => {
-                    let identity = tls::identity(stream.get_ref().1);
-                    upgrade(stream, peer, local, Some(identity), websocket, deadline, &mut ctx).await
-                }
-                Ok(Err(e)) => {
-                    debug!("TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!("TLS handshake not completed within {handshake_timeout:?}");
-                    return;
-                }
-            }
-        }
-    };
+    // Boxed: the TLS and WebSocket handshakes' state is large (about 14 KB) and only needed
+    // until they are done; inline, every connection's task would carry it for its whole life.
+    let stream = Box::pin(transport(socket, peer, local, handshakes, &mut ctx)).await;
     let Some(stream) = stream else { return };
     match handler {
         Handler::Frontend(frontend) => {
@@ -288,6 +263,45 @@ async fn connection(
             };
             if let Err(e) = result {
                 debug!("connection ended: {e}");
+            }
+        }
+    }
+}
+
+/// TLS (if the listener has it), then the WebSocket upgrade (if it has one): the stream the
+/// handler gets, or `None` when a handshake failed, timed out or shutdown came first.
+async fn transport(
+    socket: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    handshakes: Handshakes,
+    ctx: &mut ConnectionContext,
+) -> Option<ClientStream> {
+    // One deadline for the transport's handshakes together, so that wss gets no more time than
+    // TLS alone; the protocol handshake gets its own timeout in the frontend.
+    let handshake_timeout = ctx.listener.limits.handshake_timeout;
+    let deadline = Instant::now() + handshake_timeout;
+    let websocket = handshakes.websocket.as_deref();
+    match handshakes.tls {
+        None => upgrade(socket, peer, local, None, websocket, deadline, ctx).await,
+        Some(acceptor) => {
+            let handshake = tokio::select! {
+                _ = ctx.shutdown.wait() => return None,
+                r = tokio::time::timeout_at(deadline, acceptor.accept(socket)) => r,
+            };
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let identity = tls::identity(stream.get_ref().1);
+                    upgrade(stream, peer, local, Some(identity), websocket, deadline, ctx).await
+                }
+                Ok(Err(e)) => {
+                    debug!("TLS handshake failed: {e}");
+                    None
+                }
+                Err(_) => {
+                    debug!("TLS handshake not completed within {handshake_timeout:?}");
+                    None
+                }
             }
         }
     }

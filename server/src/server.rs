@@ -147,6 +147,20 @@ fn unauthenticated_with(listeners: &[ListenerConfig], users: &[User]) -> Vec<Sta
         .collect()
 }
 
+/// The listen backlog: clients the kernel holds while the accept loop catches up (a burst of
+/// connections, or the accept rate limit). `TcpListener::bind` gives 128, which a burst of a
+/// few hundred clients overflows, each overflow costing that client a 1 s SYN retransmit; the
+/// kernel caps it at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listening socket as `TcpListener::bind` does (SO_REUSEADDR), with [`LISTEN_BACKLOG`].
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Collects the frontends and starts a [`Server`].
 pub struct ServerBuilder {
     config: Config,
@@ -196,7 +210,7 @@ impl ServerBuilder {
                 None if config.source.is_embedded() => Some(Handler::Unserved(l.protocol)),
                 None => None,
             };
-            let bound = TcpListener::bind(l.bind).await.and_then(|tcp| Ok((tcp.local_addr()?, tcp)));
+            let bound = bind(l.bind).and_then(|tcp| Ok((tcp.local_addr()?, tcp)));
             match (tls, handler, bound) {
                 (Ok(tls), Some(handler), Ok((addr, tcp))) => ready.push((l, tls, handler, addr, tcp)),
                 (tls, handler, bound) => {
