@@ -33,6 +33,12 @@
 //! queue: a consumer reads only while more than N published (with `--confirm`: confirmed)
 //! messages are not yet received, so they start once the queue holds N and then follow the
 //! publishers. Once every publisher is done the consumers drain the rest.
+//!
+//! Fan-out: `--fanout-queues K` publishes to the fanout exchange [`FANOUT_EXCHANGE`] (declared
+//! non-durable and auto-delete by the setup connection) instead of the default exchange; each of
+//! K consumers declares its own server-named exclusive queue, binds it there and consumes it, so
+//! every message is expected K times (duplicates are counted per queue). `--consumers` and
+//! `--queue` are ignored then; `--backlog` is refused.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -45,8 +51,9 @@ use bytes::{Buf, BytesMut};
 use ferry_amqp::codec::{
     check_protocol_header, encode_body_frames, encode_header_frame, encode_method_frame, BasicAck, BasicConsume,
     BasicPublish, BasicQos, ChannelClose, ChannelCloseOk, ChannelOpen, ConfirmSelect, ConnectionClose,
-    ConnectionCloseOk, ConnectionOpen, ConnectionStartOk, ConnectionTuneOk, ContentHeader, Frame, FrameDecoder, Method,
-    ProtocolHeader, QueueDeclare, QueueDelete, QueuePurge, FRAME_MIN_SIZE, PROTOCOL_HEADER,
+    ConnectionCloseOk, ConnectionOpen, ConnectionStartOk, ConnectionTuneOk, ContentHeader, ExchangeDeclare,
+    ExchangeDelete, Frame, FrameDecoder, Method, ProtocolHeader, QueueBind, QueueDeclare, QueueDelete, QueuePurge,
+    FRAME_MIN_SIZE, PROTOCOL_HEADER,
 };
 use ferry_core::message::{DeliveryMode, FieldTable, FieldValue, Properties};
 use serde::Serialize;
@@ -56,7 +63,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use crate::histogram::{Histogram, Latency};
+use crate::histogram::{CpuMeter, Histogram, Latency};
 use crate::mqtt::missing_ranges;
 
 /// Bytes of publishes an unconfirmed publisher encodes before it writes them.
@@ -71,6 +78,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const CH: u16 = 1;
 /// Duplicate tracking needs one bit per message; above this many messages it is off.
 const MAX_TRACKED: u64 = 1 << 30;
+/// With `--fanout-queues`: the exchange the publishers send to.
+pub const FANOUT_EXCHANGE: &str = "bench.fanout";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -94,6 +103,11 @@ pub struct Args {
     /// The queue, declared and purged before the run, published to through the default exchange.
     #[arg(long, default_value = "bench.q")]
     pub queue: String,
+    /// Publish to the fanout exchange `bench.fanout` (non-durable, auto-delete) bound to K
+    /// server-named exclusive queues with one consumer each: every message is expected K times.
+    /// --consumers and --queue are then ignored (K consumers). 0: off, one queue.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub fanout_queues: u32,
     /// Publisher confirms (confirm.select), at most --window messages unconfirmed per publisher.
     #[arg(long)]
     pub confirm: bool,
@@ -148,7 +162,19 @@ impl Args {
         if self.backlog.is_some() && (!self.manual_ack || self.prefetch == 0 || self.consumers == 0) {
             bail!("--backlog needs consumers with --manual-ack and a prefetch above 0");
         }
+        if self.backlog.is_some() && self.fanout_queues > 0 {
+            bail!("--backlog cannot be combined with --fanout-queues");
+        }
         Ok(())
+    }
+
+    /// Consumers actually started: one per queue with --fanout-queues.
+    fn consumer_count(&self) -> u32 {
+        if self.fanout_queues > 0 {
+            self.fanout_queues
+        } else {
+            self.consumers
+        }
     }
 
     /// The ack batch actually used: never more than half the prefetch, so the broker never
@@ -172,6 +198,9 @@ pub struct Report {
     pub messages_per_publisher: u32,
     pub size: u32,
     pub queue: String,
+    /// --fanout-queues: the queues bound to `bench.fanout`, each receiving every message (`queue`
+    /// is then unused).
+    pub fanout_queues: Option<u32>,
     pub persistent: bool,
     /// --rate: messages per second over all publishers (None: unpaced).
     pub rate: Option<u32>,
@@ -215,6 +244,11 @@ pub struct Report {
     /// When messages are missing: the queue's message count after the run (passive
     /// queue.declare once every connection closed), to tell "stuck in the queue" from "dropped".
     pub left_in_queue: Option<u32>,
+    /// CPU seconds (user + system) the generator used from the start of the run (everyone
+    /// connected) to its end.
+    pub generator_cpu_secs: f64,
+    /// `generator_cpu_secs` / wall seconds x 100 (100: one core busy, 200: two).
+    pub generator_cpu_pct: f64,
     pub errors: Vec<String>,
 }
 
@@ -250,7 +284,10 @@ impl Report {
             self.publishers,
             self.messages_per_publisher,
             self.consumers,
-            self.queue,
+            match self.fanout_queues {
+                Some(k) => format!("{k} queue(s) of fanout exchange {FANOUT_EXCHANGE}"),
+                None => self.queue.clone(),
+            },
             self.size,
             mode.join(", "),
             self.prefetch,
@@ -294,22 +331,30 @@ impl Report {
         if let Some(n) = self.left_in_queue {
             println!("  in queue:   {n} messages left in {} after the run", self.queue);
         }
+        println!(
+            "  generator:  {:.3} s CPU = {:.1} % (200 % = 2 cores)",
+            self.generator_cpu_secs, self.generator_cpu_pct
+        );
         for e in &self.errors {
             println!("  error:      {e}");
         }
     }
 }
 
-/// Shared by every task of a run.
+/// Shared by every task of a run (also by `ferry-bench cross`, whose MQTT publishers feed these
+/// consumers).
 #[derive(Debug)]
-struct Ctx {
-    base: Instant,
-    deadline: Instant,
-    settle: Duration,
-    messages: u32,
+pub(crate) struct Ctx {
+    pub(crate) base: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) settle: Duration,
+    pub(crate) messages: u32,
     publishers: u32,
     /// Over all consumers (0 without consumers).
-    expected: u64,
+    pub(crate) expected: u64,
+    /// With --fanout-queues: bits per copy in `seen` (consumer `i` records at `i * copy_bits`);
+    /// 0 when the consumers compete for one queue.
+    copy_bits: u64,
     /// --rate per publisher, messages per second.
     pace: Option<f64>,
     /// --backlog.
@@ -321,9 +366,9 @@ struct Ctx {
     /// One bit per (publisher, sequence) when bodies carry them and there are not too many.
     seen: Option<Box<[AtomicU64]>>,
     /// Distinct messages received by all consumers.
-    received: AtomicU64,
+    pub(crate) received: AtomicU64,
     /// Nanoseconds since `base` of the latest delivery to any consumer.
-    last_delivery_ns: AtomicU64,
+    pub(crate) last_delivery_ns: AtomicU64,
     /// Nanoseconds since `base` when the last publisher finished.
     pubs_done_ns: AtomicU64,
     /// Publishers still sending; the last one to finish flips `pubs_done`.
@@ -332,21 +377,61 @@ struct Ctx {
     /// Flipped by the consumer that receives the last expected message.
     all_received: watch::Sender<bool>,
     /// Flipped when every consumer has stopped.
-    subs_done: watch::Sender<bool>,
+    pub(crate) subs_done: watch::Sender<bool>,
 }
 
 impl Ctx {
-    fn now_ns(&self) -> u64 {
+    /// `publishers` x `messages` published, each expected by `copies` consumers (1: competing
+    /// consumers on one queue, K: K fanout queues, 0: nobody consumes); unpaced, no backlog.
+    pub(crate) fn new(
+        base: Instant,
+        deadline: Instant,
+        settle: Duration,
+        publishers: u32,
+        messages: u32,
+        copies: u32,
+        size: usize,
+    ) -> Ctx {
+        let published = u64::from(publishers) * u64::from(messages);
+        let expected = published * u64::from(copies);
+        let tracked = size >= 16 && expected > 0 && expected <= MAX_TRACKED;
+        Ctx {
+            base,
+            deadline,
+            settle,
+            messages,
+            publishers,
+            expected,
+            copy_bits: if copies > 1 { published } else { 0 },
+            pace: None,
+            backlog: None,
+            published: AtomicU64::new(0),
+            progress: Notify::new(),
+            seen: tracked.then(|| (0..expected.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
+            received: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
+            pubs_done_ns: AtomicU64::new(0),
+            sending: AtomicUsize::new(publishers as usize),
+            pubs_done: watch::channel(false).0,
+            all_received: watch::channel(false).0,
+            subs_done: watch::channel(false).0,
+        }
+    }
+    /// Paces the publishers at `rate` messages per second over all of them (0: unpaced).
+    pub(crate) fn with_rate(self, rate: u32) -> Ctx {
+        Ctx { pace: (rate > 0).then(|| f64::from(rate) / f64::from(self.publishers)), ..self }
+    }
+    pub(crate) fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
     }
-    fn publisher_finished(&self) {
+    pub(crate) fn publisher_finished(&self) {
         if self.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.pubs_done_ns.store(self.now_ns(), Ordering::Release);
             self.pubs_done.send_replace(true);
         }
     }
     /// `n` more messages published (or confirmed): wake consumers holding a backlog.
-    fn published(&self, n: u64) {
+    pub(crate) fn published(&self, n: u64) {
         if n > 0 {
             self.published.fetch_add(n, Ordering::AcqRel);
             if self.backlog.is_some() {
@@ -355,14 +440,14 @@ impl Ctx {
         }
     }
     /// With --rate: how many messages a publisher may have sent by now.
-    fn allowed(&self) -> u32 {
+    pub(crate) fn allowed(&self) -> u32 {
         match self.pace {
             None => self.messages,
             Some(per_sec) => paced_allowed(self.base.elapsed(), per_sec, self.messages),
         }
     }
     /// With --rate: when message `seq` of a publisher is due.
-    fn due(&self, seq: u32) -> Instant {
+    pub(crate) fn due(&self, seq: u32) -> Instant {
         match self.pace {
             None => self.base,
             Some(per_sec) => self.base + paced_due(seq, per_sec),
@@ -407,18 +492,18 @@ impl std::error::Error for ServerClose {}
 
 /// One AMQP connection with channel 1 open: the socket, the decoder and the two buffers.
 #[derive(Debug)]
-struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     dec: FrameDecoder,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Negotiated; 0 = no limit.
     frame_max: u32,
-    server: String,
+    pub(crate) server: String,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, name: &str) -> anyhow::Result<Conn> {
+    pub(crate) async fn open(addr: SocketAddr, name: &str) -> anyhow::Result<Conn> {
         let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("connect to {addr}: timed out"))?
@@ -539,7 +624,7 @@ impl Conn {
 
     /// Sends a synchronous method on channel 1 and returns the server's answer. A channel.close
     /// or connection.close is answered (close-ok) and returned as a [`ServerClose`] error.
-    async fn rpc(&mut self, m: &Method) -> anyhow::Result<Method> {
+    pub(crate) async fn rpc(&mut self, m: &Method) -> anyhow::Result<Method> {
         self.send(CH, m).await?;
         let answer = timeout(HANDSHAKE_TIMEOUT, self.next_method())
             .await
@@ -559,7 +644,7 @@ impl Conn {
     }
 
     /// Sends connection.close and waits (briefly) for close-ok; errors do not matter any more.
-    async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let close = ConnectionClose { reply_code: 200, reply_text: "bye".into(), class_id: 0, method_id: 0 };
         let _ = timeout(CLOSE_TIMEOUT, async {
             self.send(0, &Method::ConnectionClose(close)).await?;
@@ -626,8 +711,15 @@ struct Template {
 }
 
 impl Template {
-    fn new(queue: &str, size: usize, persistent: bool, frame_max: u32) -> anyhow::Result<Template> {
-        let publish = BasicPublish { exchange: "".into(), routing_key: queue.into(), ..BasicPublish::default() };
+    fn new(
+        exchange: &str,
+        routing_key: &str,
+        size: usize,
+        persistent: bool,
+        frame_max: u32,
+    ) -> anyhow::Result<Template> {
+        let publish =
+            BasicPublish { exchange: exchange.into(), routing_key: routing_key.into(), ..BasicPublish::default() };
         let properties =
             Properties { delivery_mode: persistent.then_some(DeliveryMode::Persistent), ..Properties::default() };
         let mut out = BytesMut::new();
@@ -866,14 +958,16 @@ async fn publish_confirmed(
 }
 
 #[derive(Debug)]
-struct SubResult {
+pub(crate) struct SubResult {
     /// Distinct messages this consumer received first.
-    received: u64,
-    duplicates: u64,
-    redelivered: u64,
-    latency: Histogram,
-    timed_out: bool,
-    error: Option<String>,
+    pub(crate) received: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) redelivered: u64,
+    pub(crate) latency: Histogram,
+    pub(crate) timed_out: bool,
+    pub(crate) error: Option<String>,
+    /// This consumer's first bit in `Ctx::seen` (fanout queues each have their own copy).
+    offset: u64,
 }
 
 /// Where a consumer is in the frames of one delivery.
@@ -893,7 +987,7 @@ enum Content {
     },
 }
 
-async fn consumer(mut conn: Conn, ctx: Arc<Ctx>, index: u32, ack_every: Option<u32>) -> SubResult {
+pub(crate) async fn consumer(mut conn: Conn, ctx: Arc<Ctx>, index: u32, ack_every: Option<u32>) -> SubResult {
     let mut res = SubResult {
         received: 0,
         duplicates: 0,
@@ -901,6 +995,7 @@ async fn consumer(mut conn: Conn, ctx: Arc<Ctx>, index: u32, ack_every: Option<u
         latency: Histogram::new(),
         timed_out: false,
         error: None,
+        offset: u64::from(index) * ctx.copy_bits,
     };
     let mut acks = Acks { every: ack_every, last_tag: 0, pending: 0 };
     if let Err(e) = receive(&mut conn, &ctx, &mut res, &mut acks).await {
@@ -1060,7 +1155,7 @@ fn record(ctx: &Ctx, res: &mut SubResult, mut head: &[u8], now_ns: u64) -> anyho
         if publisher >= ctx.publishers || seq >= ctx.messages {
             bail!("message from publisher {publisher} seq {seq}: not from this run");
         }
-        let bit = u64::from(publisher) * u64::from(ctx.messages) + u64::from(seq);
+        let bit = res.offset + u64::from(publisher) * u64::from(ctx.messages) + u64::from(seq);
         let mask = 1u64 << (bit % 64);
         fresh = seen[(bit / 64) as usize].fetch_or(mask, Ordering::Relaxed) & mask == 0;
     }
@@ -1080,6 +1175,12 @@ fn record(ctx: &Ctx, res: &mut SubResult, mut head: &[u8], now_ns: u64) -> anyho
 /// purges it, on a connection of its own.
 async fn setup_queue(addr: SocketAddr, args: &Args) -> anyhow::Result<String> {
     let mut conn = Conn::open(addr, "ferry-bench setup").await?;
+    if args.fanout_queues > 0 {
+        setup_fanout(&mut conn).await?;
+        let server = conn.server.clone();
+        conn.close().await;
+        return Ok(server);
+    }
     let declare = Method::QueueDeclare(QueueDeclare {
         queue: args.queue.as_str().into(),
         durable: args.persistent,
@@ -1114,6 +1215,56 @@ async fn setup_queue(addr: SocketAddr, args: &Args) -> anyhow::Result<String> {
     Ok(server)
 }
 
+/// Declares [`FANOUT_EXCHANGE`] (again, after deleting it, if it exists with other flags).
+async fn setup_fanout(conn: &mut Conn) -> anyhow::Result<()> {
+    let declare = Method::ExchangeDeclare(ExchangeDeclare {
+        exchange: FANOUT_EXCHANGE.into(),
+        kind: "fanout".into(),
+        auto_delete: true,
+        ..ExchangeDeclare::default()
+    });
+    match conn.rpc(&declare).await {
+        Ok(Method::ExchangeDeclareOk(_)) => Ok(()),
+        Ok(other) => bail!("exchange.declare: got {}", other.name()),
+        Err(e) if e.downcast_ref::<ServerClose>().is_some_and(|c| !c.connection && c.code == 406) => {
+            conn.rpc(&Method::ChannelOpen(ChannelOpen::default())).await.context("channel.open")?;
+            let delete = Method::ExchangeDelete(ExchangeDelete {
+                exchange: FANOUT_EXCHANGE.into(),
+                ..ExchangeDelete::default()
+            });
+            match conn.rpc(&delete).await.context("exchange.delete")? {
+                Method::ExchangeDeleteOk(_) => {}
+                other => bail!("exchange.delete: got {}", other.name()),
+            }
+            match conn.rpc(&declare).await.context("exchange.declare after exchange.delete")? {
+                Method::ExchangeDeclareOk(_) => Ok(()),
+                other => bail!("exchange.declare: got {}", other.name()),
+            }
+        }
+        Err(e) => Err(e.context("exchange.declare")),
+    }
+}
+
+/// Declares a server-named exclusive queue, binds it to `exchange` with `routing_key` and returns
+/// its name.
+pub(crate) async fn bind_exclusive_queue(conn: &mut Conn, exchange: &str, routing_key: &str) -> anyhow::Result<String> {
+    let declare = Method::QueueDeclare(QueueDeclare { exclusive: true, auto_delete: true, ..QueueDeclare::default() });
+    let queue = match conn.rpc(&declare).await.context("queue.declare")? {
+        Method::QueueDeclareOk(ok) => ok.queue,
+        other => bail!("queue.declare: got {}", other.name()),
+    };
+    let bind = Method::QueueBind(QueueBind {
+        queue: queue.clone(),
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        ..QueueBind::default()
+    });
+    match conn.rpc(&bind).await.context("queue.bind")? {
+        Method::QueueBindOk(_) => Ok(queue.to_string_lossy()),
+        other => bail!("queue.bind: got {}", other.name()),
+    }
+}
+
 /// Sets up the queue, the consumers (each consuming before any publisher starts), the publishers;
 /// runs; reports.
 pub async fn run(args: &Args) -> anyhow::Result<Report> {
@@ -1125,11 +1276,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let ack_every = args.manual_ack.then(|| args.ack_batch());
 
     let mut setup = JoinSet::new();
-    for i in 0..args.consumers {
+    let fanout = args.fanout_queues > 0;
+    for i in 0..args.consumer_count() {
         let queue = args.queue.clone();
         let (prefetch, no_ack) = (args.prefetch, !args.manual_ack);
         setup.spawn(async move {
             let mut conn = Conn::open(addr, &format!("fb{pid}-c{i}")).await?;
+            let queue = if fanout { bind_exclusive_queue(&mut conn, FANOUT_EXCHANGE, "").await? } else { queue };
             let qos = Method::BasicQos(BasicQos { prefetch_count: prefetch, ..BasicQos::default() });
             match conn.rpc(&qos).await.context("basic.qos")? {
                 Method::BasicQosOk(_) => {}
@@ -1161,32 +1314,18 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     pubs.sort_by_key(|(i, _)| *i);
     // Every connection negotiated the same frame max with the same server.
     let frame_max = pubs.first().map_or(FRAME_MIN_SIZE, |(_, c)| c.frame_max);
-    let tpl = Arc::new(Template::new(&args.queue, size, args.persistent, frame_max)?);
-
-    let published = u64::from(args.publishers) * u64::from(args.messages);
-    let expected = if args.consumers == 0 { 0 } else { published };
-    let tracked = size >= 16 && expected > 0 && expected <= MAX_TRACKED;
-    let base = Instant::now();
-    let ctx = Arc::new(Ctx {
-        base,
-        deadline: base + Duration::from_secs(args.timeout),
-        settle: Duration::from_secs(args.settle),
-        messages: args.messages,
-        publishers: args.publishers,
-        expected,
-        pace: (args.rate > 0).then(|| f64::from(args.rate) / f64::from(args.publishers)),
-        backlog: args.backlog,
-        published: AtomicU64::new(0),
-        progress: Notify::new(),
-        seen: tracked.then(|| (0..expected.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
-        received: AtomicU64::new(0),
-        last_delivery_ns: AtomicU64::new(0),
-        pubs_done_ns: AtomicU64::new(0),
-        sending: AtomicUsize::new(args.publishers as usize),
-        pubs_done: watch::channel(false).0,
-        all_received: watch::channel(false).0,
-        subs_done: watch::channel(false).0,
+    let tpl = Arc::new(match fanout {
+        true => Template::new(FANOUT_EXCHANGE, "", size, args.persistent, frame_max)?,
+        false => Template::new("", &args.queue, size, args.persistent, frame_max)?,
     });
+
+    let copies = if fanout { args.fanout_queues } else { u32::from(args.consumers > 0) };
+    let cpu = CpuMeter::start();
+    let base = Instant::now();
+    let deadline = base + Duration::from_secs(args.timeout);
+    let settle = Duration::from_secs(args.settle);
+    let ctx = Ctx::new(base, deadline, settle, args.publishers, args.messages, copies, size).with_rate(args.rate);
+    let ctx = Arc::new(Ctx { backlog: args.backlog, ..ctx });
 
     let mut sub_tasks = JoinSet::new();
     for (i, conn) in subs {
@@ -1207,9 +1346,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     while let Some(r) = pub_tasks.join_next().await {
         pub_results.push(r.context("publisher task")?);
     }
+    let cpu = cpu.stop();
 
     let mut report = report(args, server, &ctx, &pub_results, &sub_results);
-    if report.lost > 0 {
+    report.generator_cpu_secs = cpu.secs;
+    report.generator_cpu_pct = cpu.pct;
+    if report.lost > 0 && !fanout {
         report.left_in_queue = queue_depth(addr, &args.queue).await.ok();
     }
     Ok(report)
@@ -1258,9 +1400,13 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
     let missing_sample = match &ctx.seen {
         Some(seen) if lost > 0 => {
             let bits: Vec<u64> = seen.iter().map(|w| w.load(Ordering::Relaxed)).collect();
-            missing_ranges(&bits, ctx.publishers, ctx.messages, 4)
+            let copies = if ctx.copy_bits > 0 { args.fanout_queues } else { 1 };
+            missing_ranges(&bits, ctx.publishers * copies, ctx.messages, 4)
                 .into_iter()
-                .map(|(p, from, to)| format!("publisher {p} seq {from}..={to}"))
+                .map(|(p, from, to)| match ctx.copy_bits {
+                    0 => format!("publisher {p} seq {from}..={to}"),
+                    _ => format!("queue {} publisher {} seq {from}..={to}", p / ctx.publishers, p % ctx.publishers),
+                })
                 .collect()
         }
         _ => Vec::new(),
@@ -1269,10 +1415,11 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
         broker: format!("{}:{}", args.host, args.port),
         server,
         publishers: args.publishers,
-        consumers: args.consumers,
+        consumers: args.consumer_count(),
         messages_per_publisher: args.messages,
         size: args.size,
         queue: args.queue.clone(),
+        fanout_queues: (args.fanout_queues > 0).then_some(args.fanout_queues),
         persistent: args.persistent,
         rate: (args.rate > 0).then_some(args.rate),
         backlog: args.backlog,
@@ -1301,6 +1448,8 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
         per_consumer_max: subs.iter().map(|s| s.received).max(),
         missing_sample,
         left_in_queue: None,
+        generator_cpu_secs: 0.0,
+        generator_cpu_pct: 0.0,
         errors,
     }
 }
@@ -1321,7 +1470,7 @@ mod tests {
     fn template_stamps_decode_back() {
         for (size, frame_max) in [(8usize, 4096u32), (16, 4096), (64, 131_072), (10_000, 4096), (300, 0)] {
             for persistent in [false, true] {
-                let tpl = Template::new("bench.q", size, persistent, frame_max).unwrap();
+                let tpl = Template::new("", "bench.q", size, persistent, frame_max).unwrap();
                 let mut out = BytesMut::new();
                 tpl.write(&mut out, 0x0102_0304_0506_0708, 7, 42);
                 tpl.write(&mut out, 99, 1, 2);

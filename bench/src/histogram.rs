@@ -1,6 +1,10 @@
 //! A fixed-size log-linear histogram of latencies in microseconds: 64 buckets per power of two
 //! (values below 128 are exact), so a percentile is within 1.6 % of the true value and the memory
 //! is the same 30 KB whatever the number of samples. The maximum is kept exactly.
+//!
+//! Also [`CpuMeter`]: the generator's own CPU time over a run, for the reports.
+
+use std::time::{Duration, Instant};
 
 /// Values below `1 << SUB_BITS` get a bucket each; above, each octave has `1 << (SUB_BITS - 1)`.
 const SUB_BITS: u32 = 7;
@@ -12,7 +16,10 @@ const BUCKETS: usize = HALF * (64 - SUB_BITS as usize + 1) + HALF;
 #[derive(Debug, serde::Serialize)]
 pub struct Latency {
     pub p50: Option<u64>,
+    pub p90: Option<u64>,
     pub p99: Option<u64>,
+    /// p99.9.
+    pub p999: Option<u64>,
     pub max: Option<u64>,
     pub mean: Option<f64>,
 }
@@ -85,18 +92,20 @@ impl Histogram {
         (self.total > 0).then(|| self.sum as f64 / self.total as f64)
     }
 
-    /// The value at quantile `q` (0..=1): the upper bound of the bucket holding the
-    /// `ceil(q * count)`-th smallest sample, never above the exact maximum.
-    /// p50, p99, max and mean, for a report.
+    /// p50, p90, p99, p99.9, max and mean, for a report.
     pub fn summary(&self) -> Latency {
         Latency {
             p50: self.quantile(0.50),
+            p90: self.quantile(0.90),
             p99: self.quantile(0.99),
+            p999: self.quantile(0.999),
             max: (self.count() > 0).then(|| self.max()),
             mean: self.mean(),
         }
     }
 
+    /// The value at quantile `q` (0..=1): the upper bound of the bucket holding the
+    /// `ceil(q * count)`-th smallest sample, never above the exact maximum.
     pub fn quantile(&self, q: f64) -> Option<u64> {
         if self.total == 0 {
             return None;
@@ -111,6 +120,41 @@ impl Histogram {
         }
         Some(self.max)
     }
+}
+
+/// The generator's own CPU time (user + system, all threads of the process) between `start` and
+/// `stop`, from `CLOCK_PROCESS_CPUTIME_ID` (the total `getrusage(RUSAGE_SELF)` gives, at
+/// nanosecond resolution; rustix has no `getrusage` and the workspace forbids `unsafe`).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    cpu: Duration,
+    wall: Instant,
+}
+
+/// What a [`CpuMeter`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUse {
+    /// CPU seconds, user + system.
+    pub secs: f64,
+    /// CPU seconds / wall seconds x 100: 100 is one core busy, 200 two.
+    pub pct: f64,
+}
+
+impl CpuMeter {
+    pub fn start() -> CpuMeter {
+        CpuMeter { cpu: process_cpu(), wall: Instant::now() }
+    }
+
+    pub fn stop(&self) -> CpuUse {
+        let secs = process_cpu().saturating_sub(self.cpu).as_secs_f64();
+        let wall = self.wall.elapsed().as_secs_f64();
+        CpuUse { secs, pct: if wall > 0.0 { secs * 100.0 / wall } else { 0.0 } }
+    }
+}
+
+fn process_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -150,5 +194,20 @@ mod tests {
         h.merge(&other);
         assert_eq!(h.max(), 5000);
         assert_eq!(h.count(), 1001);
+        let s = h.summary();
+        assert!(s.p50 <= s.p90 && s.p90 <= s.p99 && s.p99 <= s.p999 && s.p999 <= s.max);
+        assert_eq!(s.max, Some(5000));
+    }
+
+    #[test]
+    fn cpu_meter_counts_busy_time() {
+        let meter = CpuMeter::start();
+        let mut x = 0u64;
+        while meter.wall.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = meter.stop();
+        assert!(used.secs > 0.0 && used.secs < 10.0, "{used:?}");
+        assert!(used.pct > 0.0, "{used:?}");
     }
 }

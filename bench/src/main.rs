@@ -5,7 +5,9 @@
 //! `--backlog`) and large stores (`--consumers 0`) (see docs/benchmarks.md).
 
 mod amqp;
+mod cross;
 mod histogram;
+mod idle;
 mod mqtt;
 
 use std::future::Future;
@@ -32,6 +34,14 @@ enum Command {
     /// Exit code 0 when every message was sent, received (and confirmed with --confirm), 1 on a
     /// shortfall, a nack or a connection error during the run, 2 when setting up failed.
     Amqp(amqp::Args),
+    /// N idle MQTT 3.1.1 connections held for a while (prints `ready <connected>` once all are
+    /// connected, for sampling the broker's memory). Exit code 0 when all connected and held, 1
+    /// otherwise, 2 when setting up failed (e.g. RLIMIT_NOFILE too low).
+    Idle(idle::Args),
+    /// MQTT publishers to topic T, one AMQP consumer on a queue bound to amq.topic with T's
+    /// routing key. Exit code 0 when complete (or QoS 0), 1 on a shortfall or a connection error
+    /// during the run, 2 when setting up failed.
+    Cross(cross::Args),
 }
 
 /// What `run` needs from a scenario's report.
@@ -58,11 +68,31 @@ impl Report for amqp::Report {
     }
 }
 
+impl Report for idle::Report {
+    fn print_text(&self) {
+        idle::Report::print_text(self)
+    }
+    fn exit_code(&self) -> u8 {
+        idle::Report::exit_code(self)
+    }
+}
+
+impl Report for cross::Report {
+    fn print_text(&self) {
+        cross::Report::print_text(self)
+    }
+    fn exit_code(&self) -> u8 {
+        cross::Report::exit_code(self)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Mqtt(args) => run(args.threads, args.json, mqtt::run(&args)),
         Command::Amqp(args) => run(args.threads, args.json, amqp::run(&args)),
+        Command::Idle(args) => run(args.threads, args.json, idle::run(&args)),
+        Command::Cross(args) => run(args.threads, args.json, cross::run(&args)),
     }
 }
 

@@ -16,6 +16,21 @@
 //! after the last publisher finished if no delivery arrives meanwhile (lost QoS 0 messages never
 //! come, so there is no point waiting for the full timeout).
 //!
+//! Steady load: `--rate R` paces the publishers on an absolute schedule (R messages per second
+//! over all of them; message `k` of a publisher is due `k / (R / P)` seconds after the start). A
+//! publisher sleeps until its next message is due and never sends one early; one that fell behind
+//! (the broker or the window held it back) sends the overdue messages in writes of at most
+//! [`PACED_BURST`] worth each. The payload's timestamp is then the message's due time, not the
+//! moment it was written, so a stall anywhere shows up as latency instead of as fewer
+//! measurements (no coordinated omission). Tokio's timer has a 1 ms resolution, so a paced
+//! message may be written up to about 1 ms after it is due; that counts as latency too. Unpaced,
+//! the timestamp is the moment of the write.
+//!
+//! `--stall-subscribers`: the subscribers connect and subscribe, then never read again; they hold
+//! their connections until `--settle` seconds after the publishers are done and then drop them.
+//! Nothing is delivered to count, so the report counts only what was written: a broker's memory
+//! ceiling with consumers that do not read (the caller samples its RSS meanwhile).
+//!
 //! Persistent sessions (`--clean-session false`): each subscriber first connects with a clean
 //! session under its client id (`<prefix>-s<i>`) and disconnects, which discards whatever an
 //! earlier run left in that session, then connects again with clean session off (3.1.1) or clean
@@ -41,7 +56,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use crate::histogram::{Histogram, Latency};
+use crate::histogram::{CpuMeter, Histogram, Latency};
 
 /// Bytes of PUBLISH a QoS 0 publisher encodes before it writes them.
 pub const BATCH_BYTES: usize = 16 * 1024;
@@ -51,6 +66,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Best-effort DISCONNECT at the end.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// With `--rate`: a publisher that fell behind its schedule writes at most this much of it at once.
+const PACED_BURST: Duration = Duration::from_millis(5);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -95,6 +112,14 @@ pub struct Args {
     /// Seconds without a delivery, once every publisher is done, after which the rest counts as lost.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub settle: u64,
+    /// Publish this many messages per second over all publishers, on a fixed schedule; latency
+    /// then counts from each message's due time (0: as fast as possible, from the write).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// Subscribers connect and subscribe, then never read; they stay connected until --settle
+    /// seconds after the publishers are done. Deliveries and losses are not counted.
+    #[arg(long)]
+    pub stall_subscribers: bool,
     /// Tokio worker threads of the generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub threads: u32,
@@ -144,6 +169,12 @@ pub struct Report {
     /// QoS 1/2: the window used per publisher (the smallest over publishers).
     pub inflight: Option<u32>,
     pub threads: u32,
+    /// --rate: messages per second over all publishers (None: unpaced).
+    pub rate: Option<u32>,
+    /// --stall-subscribers: the subscribers never read; deliveries and losses are not counted
+    /// (`expected_deliveries`, `deliveries` and `lost` are 0) and `complete` means every message
+    /// was written.
+    pub stall_subscribers: bool,
     /// PUBLISH packets written.
     pub sent: u64,
     /// QoS 1/2: publishes the broker refused (reason code >= 0x80).
@@ -156,7 +187,7 @@ pub struct Report {
     pub duplicates: u64,
     pub lost: u64,
     pub loss_pct: f64,
-    /// Every subscriber got every message.
+    /// Every subscriber got every message (with --stall-subscribers: every message was written).
     pub complete: bool,
     /// The run hit `--timeout`.
     pub timed_out: bool,
@@ -169,13 +200,19 @@ pub struct Report {
     pub per_subscriber_max: Option<u64>,
     /// A few runs of missing messages (first subscribers with a loss), when payloads are 16 B or more.
     pub missing_sample: Vec<String>,
+    /// CPU seconds (user + system) the generator used from the start of the run (everyone
+    /// connected) to its end.
+    pub generator_cpu_secs: f64,
+    /// `generator_cpu_secs` / wall seconds x 100 (100: one core busy, 200: two).
+    pub generator_cpu_pct: f64,
     pub errors: Vec<String>,
 }
 
 impl Report {
-    /// 0: complete (or QoS 0, where loss is allowed and reported); 1: QoS 1/2 shortfall or errors.
+    /// 0: complete (or QoS 0, where loss is allowed and reported; or --stall-subscribers, where a
+    /// broker's back-pressure is a result); 1: QoS 1/2 shortfall or errors.
     pub fn exit_code(&self) -> u8 {
-        if self.errors.is_empty() && (self.complete || self.qos == 0) {
+        if self.errors.is_empty() && (self.complete || self.qos == 0 || self.stall_subscribers) {
             0
         } else {
             1
@@ -184,7 +221,14 @@ impl Report {
 
     pub fn print_text(&self) {
         let w = self.inflight.map(|w| format!(", inflight {w}")).unwrap_or_default();
-        let session = if self.clean_session { "" } else { " (persistent sessions)" };
+        let mut session = if self.clean_session { "" } else { " (persistent sessions)" }.to_string();
+        if self.stall_subscribers {
+            session.push_str(" (stalled: never read)");
+        }
+        let w = match self.rate {
+            Some(r) => format!("{w}, {r} msgs/s"),
+            None => w,
+        };
         println!(
             "mqtt {} v{} qos {}: {} publisher(s) x {} msgs -> {} subscriber(s){session}, {} B payload, topic {}{w}, {} thread(s)",
             self.broker,
@@ -201,6 +245,22 @@ impl Report {
         if self.qos > 0 {
             println!("  acks:       {} rejected, {} unacked", self.rejected, self.unacked);
         }
+        let cpu = format!("{:.3} s CPU = {:.1} % (200 % = 2 cores)", self.generator_cpu_secs, self.generator_cpu_pct);
+        if self.stall_subscribers {
+            let total = u64::from(self.publishers) * u64::from(self.messages_per_publisher);
+            println!(
+                "  stalled:    {} subscriber(s) never read; {} of {} written{}",
+                self.subscribers,
+                self.sent,
+                total,
+                if self.timed_out { ", TIMED OUT" } else { "" }
+            );
+            println!("  generator:  {cpu}");
+            for e in &self.errors {
+                println!("  error:      {e}");
+            }
+            return;
+        }
         match (self.delivery_secs, self.delivery_rate) {
             (Some(s), Some(r)) => {
                 println!(
@@ -212,10 +272,13 @@ impl Report {
         }
         let us = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "  latency:    p50 {} us, p99 {} us, max {} us",
+            "  latency:    p50 {} us, p90 {} us, p99 {} us, p99.9 {} us, max {} us{}",
             us(self.latency_us.p50),
+            us(self.latency_us.p90),
             us(self.latency_us.p99),
-            us(self.latency_us.max)
+            us(self.latency_us.p999),
+            us(self.latency_us.max),
+            if self.rate.is_some() { " (from the due time)" } else { "" }
         );
         println!("  per sub:    min {}, max {}", us(self.per_subscriber_min), us(self.per_subscriber_max));
         let note = if self.qos == 0 && self.lost > 0 { " (QoS 0: loss allowed)" } else { "" };
@@ -229,6 +292,7 @@ impl Report {
         for m in &self.missing_sample {
             println!("  missing:    {m}");
         }
+        println!("  generator:  {cpu}");
         for e in &self.errors {
             println!("  error:      {e}");
         }
@@ -249,6 +313,10 @@ struct Ctx {
     /// Sequence numbers in payloads (size >= 16).
     tracked: bool,
     publishers: u32,
+    /// --rate per publisher, messages per second.
+    pace: Option<f64>,
+    /// With --rate: messages a publisher behind its schedule writes at once (PACED_BURST worth).
+    burst: u32,
     /// Publishers still sending; the last one to finish flips `pubs_done`.
     sending: AtomicUsize,
     pubs_done: watch::Sender<bool>,
@@ -259,6 +327,31 @@ impl Ctx {
     fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
     }
+    /// How many messages a publisher that has written `seq` may have written by now: all of them
+    /// unpaced; with --rate those due, at most `burst` more than `seq`.
+    fn allowed(&self, seq: u32) -> u32 {
+        match self.pace {
+            None => self.messages,
+            Some(per_sec) => {
+                paced_allowed(self.base.elapsed(), per_sec, self.messages).min(seq.saturating_add(self.burst))
+            }
+        }
+    }
+    /// With --rate: when message `seq` of a publisher is due.
+    fn due(&self, seq: u32) -> Instant {
+        match self.pace {
+            None => self.base,
+            Some(per_sec) => self.base + paced_due(seq, per_sec),
+        }
+    }
+    /// The timestamp for message `seq`, in nanoseconds since `base`: its due time with --rate,
+    /// else now.
+    fn stamp(&self, seq: u32) -> u64 {
+        match self.pace {
+            None => self.now_ns(),
+            Some(per_sec) => paced_due(seq, per_sec).as_nanos() as u64,
+        }
+    }
     fn publisher_finished(&self) {
         if self.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.pubs_done.send_replace(true);
@@ -266,19 +359,31 @@ impl Ctx {
     }
 }
 
+/// Messages a publisher paced at `per_sec` may have sent `elapsed` after the start (message
+/// `k` is due at `k / per_sec`), at most `messages`.
+fn paced_allowed(elapsed: Duration, per_sec: f64, messages: u32) -> u32 {
+    let n = (elapsed.as_secs_f64() * per_sec) as u64 + 1;
+    n.min(u64::from(messages)) as u32
+}
+
+/// When message `seq` of a publisher paced at `per_sec` is due, from the start.
+fn paced_due(seq: u32, per_sec: f64) -> Duration {
+    Duration::from_secs_f64(f64::from(seq) / per_sec)
+}
+
 /// One MQTT connection: the socket, the decoder and the two buffers.
 #[derive(Debug)]
-struct Conn {
-    stream: TcpStream,
-    dec: Decoder,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) dec: Decoder,
+    pub(crate) rbuf: BytesMut,
+    pub(crate) wbuf: BytesMut,
     version: ProtocolVersion,
 }
 
 impl Conn {
     /// Connects with a clean session.
-    async fn open(
+    pub(crate) async fn open(
         addr: SocketAddr,
         version: ProtocolVersion,
         client_id: String,
@@ -336,14 +441,14 @@ impl Conn {
         self.flush().await
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn flush(&mut self) -> anyhow::Result<()> {
         self.stream.write_all(&self.wbuf).await.context("write")?;
         self.wbuf.clear();
         Ok(())
     }
 
     /// One read into `rbuf`; an error when the broker closed the connection.
-    async fn read(stream: &mut TcpStream, rbuf: &mut BytesMut) -> anyhow::Result<()> {
+    pub(crate) async fn read(stream: &mut TcpStream, rbuf: &mut BytesMut) -> anyhow::Result<()> {
         if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
             rbuf.reserve(READ_CHUNK);
         }
@@ -364,7 +469,7 @@ impl Conn {
     }
 
     /// Sends DISCONNECT and closes; errors do not matter any more.
-    async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let d = Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() });
         let _ = timeout(CLOSE_TIMEOUT, async {
             let _ = self.send(&d).await;
@@ -394,7 +499,7 @@ fn name(p: &Packet) -> &'static str {
     }
 }
 
-fn disconnect_error(p: &Packet) -> anyhow::Error {
+pub(crate) fn disconnect_error(p: &Packet) -> anyhow::Error {
     match p {
         Packet::Disconnect(d) => anyhow!("broker sent DISCONNECT with reason 0x{:02X}", d.reason),
         other => anyhow!("unexpected {}", name(other)),
@@ -403,7 +508,7 @@ fn disconnect_error(p: &Packet) -> anyhow::Error {
 
 /// One PUBLISH encoded once; copies are stamped in place.
 #[derive(Debug)]
-struct Template {
+pub(crate) struct Template {
     bytes: Vec<u8>,
     /// Offset of the packet identifier (QoS 1/2).
     id_at: Option<usize>,
@@ -412,7 +517,7 @@ struct Template {
 }
 
 impl Template {
-    fn new(topic: &str, qos: QoS, version: ProtocolVersion, size: usize) -> Template {
+    pub(crate) fn new(topic: &str, qos: QoS, version: ProtocolVersion, size: usize) -> Template {
         let publish = Publish {
             dup: false,
             qos,
@@ -431,11 +536,11 @@ impl Template {
         Template { bytes: out.to_vec(), id_at, payload_at, tracked: size >= 16 }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.bytes.len()
     }
 
-    fn write(&self, out: &mut BytesMut, sent_ns: u64, publisher: u32, seq: u32, packet_id: u16) {
+    pub(crate) fn write(&self, out: &mut BytesMut, sent_ns: u64, publisher: u32, seq: u32, packet_id: u16) {
         let start = out.len();
         out.extend_from_slice(&self.bytes);
         let p = start + self.payload_at;
@@ -452,17 +557,17 @@ impl Template {
 
 /// Packet identifiers in use by one publisher.
 #[derive(Debug)]
-struct Ids {
+pub(crate) struct Ids {
     used: Vec<bool>,
     next: u16,
 }
 
 impl Ids {
-    fn new() -> Ids {
+    pub(crate) fn new() -> Ids {
         Ids { used: vec![false; 65536], next: 1 }
     }
     /// A free identifier; the caller keeps fewer than 65,535 in use.
-    fn take(&mut self) -> u16 {
+    pub(crate) fn take(&mut self) -> u16 {
         while self.used[self.next as usize] {
             self.next = self.next.checked_add(1).unwrap_or(1);
         }
@@ -472,7 +577,7 @@ impl Ids {
         id
     }
     /// False when `id` was not in use.
-    fn release(&mut self, id: u16) -> bool {
+    pub(crate) fn release(&mut self, id: u16) -> bool {
         std::mem::replace(&mut self.used[id as usize], false)
     }
 }
@@ -522,10 +627,16 @@ async fn publish_qos0(
             res.timed_out = true;
             break;
         }
+        let limit = ctx.allowed(seq);
+        if seq >= limit {
+            // Paced (--rate): wait for the next message's turn.
+            sleep_until(ctx.due(seq).min(ctx.deadline)).await;
+            continue;
+        }
         conn.wbuf.clear();
         let mut batch = 0u32;
-        while seq < ctx.messages && (batch == 0 || conn.wbuf.len() + tpl.len() <= BATCH_BYTES) {
-            tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq, 0);
+        while seq < limit && (batch == 0 || conn.wbuf.len() + tpl.len() <= BATCH_BYTES) {
+            tpl.write(&mut conn.wbuf, ctx.stamp(seq), index, seq, 0);
             seq += 1;
             batch += 1;
         }
@@ -559,8 +670,9 @@ async fn publish_windowed(
     let mut completed = 0u32;
     loop {
         let mut wrote_publishes = false;
-        while seq < ctx.messages && inflight < window {
-            tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq, ids.take());
+        let limit = ctx.allowed(seq);
+        while seq < limit && inflight < window {
+            tpl.write(&mut conn.wbuf, ctx.stamp(seq), index, seq, ids.take());
             seq += 1;
             inflight += 1;
             wrote_publishes = true;
@@ -584,8 +696,12 @@ async fn publish_windowed(
         if completed == ctx.messages {
             break;
         }
+        // Paced (--rate) with room in the window: also wake when the next message is due (if
+        // that is before the deadline).
+        let paced = seq < ctx.messages && seq >= limit && inflight < window && ctx.due(seq) < ctx.deadline;
         tokio::select! {
             r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
+            _ = sleep_until(ctx.due(seq)), if paced => continue,
             _ = sleep_until(ctx.deadline) => {
                 res.timed_out = true;
                 break;
@@ -687,6 +803,24 @@ async fn subscriber(mut conn: Conn, ctx: Arc<Ctx>, index: u32) -> SubResult {
         .collect();
     conn.close().await;
     res
+}
+
+/// --stall-subscribers: subscribed, never reads; holds the connection until `--settle` seconds after
+/// the publishers are done (or the deadline), then drops it without a DISCONNECT.
+async fn stalled_subscriber(conn: Conn, ctx: Arc<Ctx>) -> SubResult {
+    let mut pubs_done = ctx.pubs_done.subscribe();
+    let _ = timeout_at(ctx.deadline, pubs_done.wait_for(|d| *d)).await;
+    tokio::time::sleep(ctx.settle).await;
+    drop(conn);
+    SubResult {
+        missing: Vec::new(),
+        received: 0,
+        duplicates: 0,
+        latency: Histogram::new(),
+        last_delivery: None,
+        timed_out: false,
+        error: None,
+    }
 }
 
 /// `seen`: one bit per (publisher, sequence) when payloads carry them, else empty.
@@ -837,6 +971,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let mut pubs = join_all(setup).await.context("setting up publishers")?;
     pubs.sort_by_key(|(i, _, _)| *i);
 
+    let pace = (args.rate > 0).then(|| f64::from(args.rate) / f64::from(args.publishers));
+    let cpu = CpuMeter::start();
     let base = Instant::now();
     let ctx = Arc::new(Ctx {
         base,
@@ -848,6 +984,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         expected: u64::from(args.publishers) * u64::from(args.messages),
         tracked: size >= 16,
         publishers: args.publishers,
+        pace,
+        burst: pace.map_or(u32::MAX, |per_sec| (per_sec * PACED_BURST.as_secs_f64()).ceil().clamp(1.0, 1e9) as u32),
         sending: AtomicUsize::new(args.publishers as usize),
         pubs_done: watch::channel(false).0,
         subs_done: watch::channel(false).0,
@@ -855,7 +993,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
 
     let mut sub_tasks = JoinSet::new();
     for (i, conn) in subs {
-        sub_tasks.spawn(subscriber(conn, ctx.clone(), i));
+        if args.stall_subscribers {
+            sub_tasks.spawn(stalled_subscriber(conn, ctx.clone()));
+        } else {
+            sub_tasks.spawn(subscriber(conn, ctx.clone(), i));
+        }
     }
     let mut pub_tasks = JoinSet::new();
     for (i, conn, receive_max) in pubs {
@@ -872,8 +1014,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     while let Some(r) = pub_tasks.join_next().await {
         pub_results.push(r.context("publisher task")?);
     }
+    let cpu = cpu.stop();
 
-    Ok(report(args, &ctx, &pub_results, &sub_results))
+    let mut report = report(args, &ctx, &pub_results, &sub_results);
+    report.generator_cpu_secs = cpu.secs;
+    report.generator_cpu_pct = cpu.pct;
+    Ok(report)
 }
 
 async fn join_all<T: 'static>(mut set: JoinSet<anyhow::Result<T>>) -> anyhow::Result<Vec<T>> {
@@ -896,7 +1042,8 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
     let publish_secs = secs(first_send, last_send).unwrap_or(0.0);
     let delivery_secs = secs(first_send, last_delivery);
     let deliveries: u64 = subs.iter().map(|s| s.received).sum();
-    let expected = ctx.expected * u64::from(args.subscribers);
+    let stalled = args.stall_subscribers;
+    let expected = if stalled { 0 } else { ctx.expected * u64::from(args.subscribers) };
     let lost = expected.saturating_sub(deliveries);
     let mut latency = Histogram::new();
     for s in subs {
@@ -916,6 +1063,8 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
         clean_session: args.clean_session,
         inflight: (args.qos > 0).then(|| pubs.iter().map(|p| p.window).min().unwrap_or(0)),
         threads: args.threads,
+        rate: (args.rate > 0).then_some(args.rate),
+        stall_subscribers: stalled,
         sent,
         rejected: pubs.iter().map(|p| p.rejected).sum(),
         unacked: pubs.iter().map(|p| p.unacked).sum(),
@@ -931,9 +1080,11 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
         delivery_secs,
         delivery_rate: delivery_secs.map(|s| deliveries as f64 / s),
         latency_us: latency.summary(),
-        per_subscriber_min: subs.iter().map(|s| s.received).min(),
-        per_subscriber_max: subs.iter().map(|s| s.received).max(),
+        per_subscriber_min: subs.iter().map(|s| s.received).min().filter(|_| !stalled),
+        per_subscriber_max: subs.iter().map(|s| s.received).max().filter(|_| !stalled),
         missing_sample: subs.iter().flat_map(|s| s.missing.iter().cloned()).take(4).collect(),
+        generator_cpu_secs: 0.0,
+        generator_cpu_pct: 0.0,
         errors,
     }
 }
@@ -967,6 +1118,18 @@ mod tests {
                     assert!(out.is_empty());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn pacing_releases_messages_on_schedule() {
+        assert_eq!(paced_allowed(Duration::ZERO, 1000.0, 10), 1);
+        assert_eq!(paced_allowed(Duration::from_micros(2500), 1000.0, 10), 3);
+        assert_eq!(paced_allowed(Duration::from_secs(60), 1000.0, 10), 10);
+        assert_eq!(paced_due(0, 1000.0), Duration::ZERO);
+        assert_eq!(paced_due(250, 1000.0), Duration::from_millis(250));
+        for seq in [1u32, 7, 999, 123_456] {
+            assert!(paced_allowed(paced_due(seq, 250.0), 250.0, u32::MAX) > seq);
         }
     }
 
