@@ -258,7 +258,8 @@ async fn connection(
         }
         Handler::Unserved(protocol) => {
             let result = tokio::select! {
-                r = crate::unserved::serve(protocol, stream) => r,
+                // Boxed: a rare path whose state would otherwise sit in every connection's task.
+                r = Box::pin(crate::unserved::serve(protocol, stream)) => r,
                 _ = ctx.shutdown.wait() => Ok(()),
             };
             if let Err(e) = result {
