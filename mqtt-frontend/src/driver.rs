@@ -139,6 +139,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         }
         Ok(Err(e)) => return Err(ConnectionError::Protocol(format!("bad CONNECT: {e}"))),
     };
+    // Boxed: 1 KB held across the login and the claim, then gone; inline it would be room in
+    // every connection's task for its whole life.
+    let connect = Box::new(connect);
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
     let mut out = BytesMut::new();
@@ -247,13 +250,13 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let now = now_millis();
     let keep_alive_requested = connect.keep_alive;
     let mut session = match Session::start(
-        connect,
+        *connect,
         client_id.clone(),
         assigned,
         ctx.id,
         vhost.clone(),
         settings,
-        claim.stored,
+        claim.stored.map(|b| *b),
         now,
     ) {
         Ok(s) => s,

@@ -85,7 +85,8 @@ struct Slot {
 /// What a claim gives the new connection.
 #[derive(Debug)]
 pub struct Claim {
-    pub stored: Option<StoredSession>,
+    /// Boxed: the connection's task holds the claim across awaits (see the driver).
+    pub stored: Option<Box<StoredSession>>,
     pub kick: std::sync::Arc<Kick>,
     pub generation: u64,
     /// Whether a live connection had to be taken over.
@@ -153,7 +154,7 @@ impl Registry {
         }
         slot.live = Some(Live { connection, kick: kick.clone() });
         slot.generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut stored = slot.stored.take().map(|b| *b);
+        let mut stored = slot.stored.take();
         let released_at = slot.released_at.take();
         // 5.0 §3.1.2.11.2: a session ends when its expiry interval has passed since the
         // connection closed; `u32::MAX` never expires.
