@@ -155,3 +155,57 @@ rabbit_stop() {
   done
   rpid=""
 }
+
+# --- added for scripts/bench-compare.sh ---------------------------------------------------------
+
+# bench_need_mosquitto: installs mosquitto with apt-get when missing (as root); sets $mosquitto_bin.
+# The Debian package may start a system service on 1883: not ours, stopped again.
+bench_need_mosquitto() {
+  if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "installing mosquitto..."
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto) >/dev/null 2>&1 ||
+        { echo "bench: could not install mosquitto"; exit 1; }
+      timeout 30 service mosquitto stop >/dev/null 2>&1 || true
+    else
+      echo "bench: mosquitto is missing (apt-get install -y mosquitto)"; exit 1
+    fi
+  fi
+  mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+}
+
+# free_port BASE [EXCLUDED...]: the first port from BASE up that nothing listens on 127.0.0.1 and
+# is not one of EXCLUDED (ports already handed out by this script).
+free_port() {
+  local p=$1 x taken
+  shift
+  while [ "$p" -lt 65000 ]; do
+    taken=0
+    for x in "$@"; do [ "$x" = "$p" ] && taken=1; done
+    if [ $taken = 0 ] && ! port_busy "$p"; then echo "$p"; return 0; fi
+    p=$((p + 1))
+  done
+  return 1
+}
+
+# cpu_ticks PID: user + system time of a process (all its threads) in clock ticks
+# (/proc/<pid>/stat utime + stime; getconf CLK_TCK per second); empty when it is gone.
+cpu_ticks() {
+  [ -n "${1:-}" ] || return 0
+  # The fields after the command name, which is in parentheses and may hold spaces.
+  sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}'
+}
+
+# rss_sampler PID FILE [INTERVAL]: run in the background; every INTERVAL seconds (0.2) reads the
+# process's VmRSS and keeps the largest value seen, in kB, in FILE. Stop it with kill.
+rss_sampler() {
+  local pid=$1 file=$2 every=${3:-0.2} peak=0 v
+  while kill -0 "$pid" 2>/dev/null; do
+    v=$(rss_now "$pid")
+    if [ -n "$v" ] && [ "$v" -gt "$peak" ]; then
+      peak=$v
+      echo "$peak" >"$file"
+    fi
+    sleep "$every"
+  done
+}
