@@ -61,14 +61,19 @@ pub struct StartError {
 
 impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, problem) in self.problems.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{}: {problem}", self.config)?;
-        }
-        Ok(())
+        write_problems(f, &self.config, &self.problems)
     }
+}
+
+/// One line per problem, each named with the config's source.
+fn write_problems(f: &mut fmt::Formatter<'_>, config: &ConfigSource, problems: &[StartProblem]) -> fmt::Result {
+    for (i, problem) in problems.iter().enumerate() {
+        if i > 0 {
+            f.write_str("\n")?;
+        }
+        write!(f, "{config}: {problem}")?;
+    }
+    Ok(())
 }
 
 impl std::error::Error for StartError {}
@@ -559,13 +564,7 @@ pub struct ReloadError {
 
 impl fmt::Display for ReloadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, problem) in self.problems.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{}: {problem}", self.config)?;
-        }
-        Ok(())
+        write_problems(f, &self.config, &self.problems)
     }
 }
 
