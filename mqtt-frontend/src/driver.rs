@@ -423,72 +423,77 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         }
     };
     shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+    let generation = claim.generation;
+    // Boxed: winding up (the last writes, the will) needs its room once, at the end; inline it
+    // would be reserved in every connection's task for the connection's whole life.
+    Box::pin(async move {
+        // Say why, to 5.0 clients.
+        match &close {
+            Close::Violation { reason: r, detail } => {
+                info!(conn = %ctx.id, client_id, "closing MQTT connection: {detail}");
+                session.send_disconnect(*r, detail);
+            }
+            Close::TakenOver => {
+                session.send_disconnect(reason::SESSION_TAKEN_OVER, "another connection took this client id")
+            }
+            Close::Shutdown => session.send_disconnect(0x8B, "server shutting down"),
+            Close::ClientDisconnect { .. } | Close::Lost => {}
+        }
+        // Acks still waiting for commits are sent if they complete promptly.
+        if let Some(w) = waiting.take() {
+            if let Ok((r, p)) = tokio::time::timeout(Duration::from_secs(1), w).await {
+                let _ = session.commit_done(p, r.is_ok());
+            }
+        }
+        if !session.out.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
+        }
 
-    // Say why, to 5.0 clients.
-    match &close {
-        Close::Violation { reason: r, detail } => {
-            info!(conn = %ctx.id, client_id, "closing MQTT connection: {detail}");
-            session.send_disconnect(*r, detail);
+        let stats = session.stats;
+        shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
+        shared.stats.messages_out.fetch_add(stats.messages_out, Ordering::Relaxed);
+        let will = session.will.take();
+        let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
+        let session_expiry = session.session_expiry;
+        let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
+        let will = will.filter(|_| publish);
+        let delay = will_delay.min(session_expiry);
+        // A will whose delay is still running is stored with the session, so a restart meanwhile
+        // does not lose it.
+        let delayed_will = will.clone().filter(|_| delay > 0);
+        let stored = session.finish(now_millis(), delayed_will);
+        let expiry = stored.as_ref().map(|st| st.expiry);
+        shared.registry.release(&vhost_name, &client_id, ctx.id, stored);
+        if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
+            spawn_expiry(
+                shared.clone(),
+                vhost.clone(),
+                client_id.clone(),
+                generation,
+                Duration::from_secs(secs as u64),
+            );
         }
-        Close::TakenOver => {
-            session.send_disconnect(reason::SESSION_TAKEN_OVER, "another connection took this client id")
-        }
-        Close::Shutdown => session.send_disconnect(0x8B, "server shutting down"),
-        Close::ClientDisconnect { .. } | Close::Lost => {}
-    }
-    // Acks still waiting for commits are sent if they complete promptly.
-    if let Some(w) = waiting.take() {
-        if let Ok((r, p)) = tokio::time::timeout(Duration::from_secs(1), w).await {
-            let _ = session.commit_done(p, r.is_ok());
-        }
-    }
-    if !session.out.is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
-    }
+        ctx.broker.connection_closed(ctx.id);
+        // Close the socket only now: once a client sees the close, its session no longer takes
+        // deliveries and is stored for the next connection (a QoS 0 message published after that
+        // is not caught by the old consumer and requeued as if queued offline).
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 
-    let stats = session.stats;
-    shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
-    shared.stats.messages_out.fetch_add(stats.messages_out, Ordering::Relaxed);
-    let will = session.will.take();
-    let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
-    let session_expiry = session.session_expiry;
-    let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
-    let will = will.filter(|_| publish);
-    let delay = will_delay.min(session_expiry);
-    // A will whose delay is still running is stored with the session, so a restart meanwhile
-    // does not lose it.
-    let delayed_will = will.clone().filter(|_| delay > 0);
-    let stored = session.finish(now_millis(), delayed_will);
-    let expiry = stored.as_ref().map(|st| st.expiry);
-    shared.registry.release(&vhost_name, &client_id, ctx.id, stored);
-    if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
-        spawn_expiry(
-            shared.clone(),
-            vhost.clone(),
-            client_id.clone(),
-            claim.generation,
-            Duration::from_secs(secs as u64),
-        );
-    }
-    ctx.broker.connection_closed(ctx.id);
-    // Close the socket only now: once a client sees the close, its session no longer takes
-    // deliveries and is stored for the next connection (a QoS 0 message published after that
-    // is not caught by the old consumer and requeued as if queued offline).
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-
-    if let Some(will) = will {
-        if delay == 0 {
-            publish_will(&vhost, &exchange, &will, ctx.id, now_millis());
-        } else {
-            // 5.0 §3.1.3.2.2: wait, and publish only if the session was not resumed meanwhile.
-            let at = Duration::from_secs(delay as u64);
-            spawn_will(shared.clone(), vhost.clone(), exchange, client_id.clone(), will, claim.generation, at);
+        if let Some(will) = will {
+            if delay == 0 {
+                publish_will(&vhost, &exchange, &will, ctx.id, now_millis());
+            } else {
+                // 5.0 §3.1.3.2.2: wait, and publish only if the session was not resumed meanwhile.
+                let at = Duration::from_secs(delay as u64);
+                spawn_will(shared.clone(), vhost.clone(), exchange, client_id.clone(), will, generation, at);
+            }
         }
-    }
-    match close {
-        Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
-        _ => Ok(()),
-    }
+        match close {
+            Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
+            _ => Ok(()),
+        }
+    })
+    .await
 }
 
 /// Ends a stored session: its queue and its stored state go.
