@@ -62,6 +62,12 @@ impl Access {
         self.current(broker)?.check(permission, resource, name).map_err(refused)
     }
 
+    /// Routing into an MQTT exchange (an exchange-to-exchange binding, an alternate or a
+    /// dead-letter exchange) is publishing there: the MQTT ACL's write rules, for every key.
+    pub fn check_route_into(&mut self, broker: &Broker, destination: &str, key: &str) -> Result<(), AmqpError> {
+        self.current(broker)?.check_route_into(destination, key).map_err(refused)
+    }
+
     /// RabbitMQ's `check_{write,read}_permitted_on_topic`, plus the MQTT ACL on MQTT exchanges.
     /// `is_topic` is asked only when a topic permission could apply.
     pub fn check_topic(

@@ -639,6 +639,14 @@ impl Connection {
         a.check_topic(&self.broker, permission, &exchange, is_topic, &key.to_string_lossy())
     }
 
+    /// Routing into `destination` with keys matching `key` (see [`Access::check_route_into`]).
+    fn authorize_route_into(&mut self, destination: &ShortString, key: &str) -> Result<(), AmqpError> {
+        match &mut self.access {
+            Some(a) => a.check_route_into(&self.broker, &destination.to_string_lossy(), key),
+            None => Ok(()),
+        }
+    }
+
     /// Does anything restrict this connection? (Skips every check in the common case.)
     fn restricted(&mut self) -> bool {
         self.access.as_mut().is_some_and(|a| !a.unrestricted(&self.broker))
@@ -685,6 +693,8 @@ impl Connection {
                     if let Some(ae) = Self::exchange_argument(&d.arguments, "alternate-exchange") {
                         self.authorize(Permission::Read, Resource::Exchange, &d.exchange)?;
                         self.authorize(Permission::Write, Resource::Exchange, &ae)?;
+                        // Unroutable messages go there with whatever key they have.
+                        self.authorize_route_into(&ae, "#")?;
                     }
                 }
                 let decl = ExchangeDeclare {
@@ -719,6 +729,7 @@ impl Connection {
                     self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
                     self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
                     self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
+                    self.authorize_route_into(&b.destination, &b.routing_key.to_string_lossy())?;
                 }
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().bind_exchange(&b.destination, &b.source, key)?;
@@ -755,6 +766,10 @@ impl Connection {
                     if let Some(dlx) = Self::exchange_argument(&d.arguments, "x-dead-letter-exchange") {
                         self.authorize(Permission::Read, Resource::Queue, &name)?;
                         self.authorize(Permission::Write, Resource::Exchange, &dlx)?;
+                        // Dead letters go there with the configured key, or their own (any).
+                        let key = d.arguments.get("x-dead-letter-routing-key").and_then(|v| v.as_str());
+                        let key = key.map(str::to_string).unwrap_or_else(|| "#".to_string());
+                        self.authorize_route_into(&dlx, &key)?;
                     }
                 }
                 let options = QueueOptions {

@@ -92,6 +92,12 @@ impl Acl {
         self.check(user, client_id, Access::reads, |acl| filter_covered(filter, acl))
     }
 
+    /// May `user` publish to every topic `filter` can match (an AMQP binding into an MQTT
+    /// exchange, which forwards whatever matches)?
+    pub fn can_write_all(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        self.check(user, client_id, Access::writes, |acl| filter_covered(filter, acl))
+    }
+
     /// May `user` receive a message on `topic`?
     pub fn can_read(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
         self.check(user, client_id, Access::reads, |acl| topic_matches(acl, topic))
@@ -122,6 +128,12 @@ impl Acl {
         })
     }
 }
+
+/// The queues the MQTT frontend keeps for persistent sessions (`mqtt-session.<client id>`) and
+/// for shared subscriptions (`mqtt-shared.<group>.<filter>`): what MQTT clients' subscriptions
+/// fill, so AMQP connections held to the ACL may touch them only with read access to
+/// everything.
+pub const MQTT_QUEUE_PREFIXES: [&str; 2] = ["mqtt-session.", "mqtt-shared."];
 
 /// The MQTT topic an AMQP routing key stands for on an MQTT exchange: `/` and `.` swapped, as
 /// the MQTT frontend maps them (`docs/mapping.md`).

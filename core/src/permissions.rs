@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
-use crate::acl::{binding_key_filter, routing_key_topic, Acl};
+use crate::acl::{binding_key_filter, routing_key_topic, Acl, MQTT_QUEUE_PREFIXES};
 
 /// A compiled pattern may use at most this much memory (a config with absurd repetitions is
 /// refused instead of slowing every check).
@@ -258,13 +258,47 @@ impl Grant {
     /// May the user `permission` the exchange or queue `name`? The default exchange `""` is
     /// checked as `amq.default`, as RabbitMQ does.
     pub fn check(&self, permission: Permission, resource: Resource, name: &str) -> Result<(), Denied> {
-        let Some(p) = &self.resources else { return Ok(()) };
         let name = if resource == Resource::Exchange && name.is_empty() { "amq.default" } else { name };
+        let denied = || {
+            Denied(format!(
+                "{permission} access to {resource} '{name}' in vhost '{}' refused for user '{}'",
+                self.vhost, self.user
+            ))
+        };
+        // The MQTT frontend's own queues hold what MQTT subscriptions (other clients') let
+        // through: under the ACL, only a user who may read everything may touch them.
+        if resource == Resource::Queue
+            && !self.acl_exchanges.is_empty()
+            && MQTT_QUEUE_PREFIXES.iter().any(|p| name.starts_with(p))
+            && !self.policy.acl.can_subscribe(self.acl_user(), "", "#")
+        {
+            return Err(denied());
+        }
+        let Some(p) = &self.resources else { return Ok(()) };
         if p.pattern(permission).is_match(name) {
             return Ok(());
         }
+        Err(denied())
+    }
+
+    /// The user as the ACL sees it (`None`: anonymous).
+    fn acl_user(&self) -> Option<&str> {
+        (!self.anonymous).then_some(self.user.as_str())
+    }
+
+    /// May messages be routed into the MQTT exchange `destination` with keys matching `key`
+    /// (an exchange-to-exchange binding, an alternate or a dead-letter exchange, `#` for
+    /// whatever key a message has)? Under the ACL that is publishing to every topic `key` can
+    /// match; other destinations are not the ACL's business.
+    pub fn check_route_into(&self, destination: &str, key: &str) -> Result<(), Denied> {
+        if !self.acl_exchanges.iter().any(|e| e == destination) {
+            return Ok(());
+        }
+        if self.policy.acl.can_write_all(self.acl_user(), "", &binding_key_filter(key)) {
+            return Ok(());
+        }
         Err(Denied(format!(
-            "{permission} access to {resource} '{name}' in vhost '{}' refused for user '{}'",
+            "write access to topic '{key}' in exchange '{destination}' in vhost '{}' refused for user '{}'",
             self.vhost, self.user
         )))
     }
@@ -295,10 +329,16 @@ impl Grant {
             }
         }
         if self.acl_exchanges.iter().any(|e| e == exchange) {
-            let user = (!self.anonymous).then_some(self.user.as_str());
+            let user = self.acl_user();
             let acl = &self.policy.acl;
             let allowed = match permission {
-                Permission::Read => acl.can_subscribe(user, "", &binding_key_filter(routing_key)),
+                Permission::Read => {
+                    let filter = binding_key_filter(routing_key);
+                    // An AMQP `#` or `*` first word also matches `$`-topics ($SYS), which an
+                    // MQTT wildcard does not: such a binding needs read on `$SYS/#` as well.
+                    let dollar = filter.starts_with('#') || filter.starts_with('+');
+                    acl.can_subscribe(user, "", &filter) && (!dollar || acl.can_subscribe(user, "", "$SYS/#"))
+                }
                 _ => acl.can_write(user, "", &routing_key_topic(routing_key)),
             };
             if !allowed {
@@ -407,6 +447,49 @@ mod tests {
         let anon = policy.grant("alice", true, "/").unwrap();
         assert!(anon.check_topic(Permission::Write, "amq.topic", || true, "sensors.t1").is_err());
         assert!(policy.grant("alice", false, "/v2").unwrap().unrestricted());
+    }
+
+    #[test]
+    fn under_the_acl_amqp_cannot_route_around_it_nor_read_mqtt_queues_or_sys() {
+        let acl = Acl::new(vec![
+            AclEntry { user: Some("alice".into()), topic: "alice/#".into(), access: Access::ReadWrite },
+            AclEntry { user: Some("admin".into()), topic: "#".into(), access: Access::ReadWrite },
+            AclEntry { user: Some("admin".into()), topic: "$SYS/#".into(), access: Access::Read },
+        ]);
+        let policy = Arc::new(AccessPolicy {
+            acl: Arc::new(acl),
+            mqtt_exchanges: vec![MqttExchange { vhost: "/".into(), exchange: "amq.topic".into() }],
+            ..AccessPolicy::default()
+        });
+        let alice = policy.grant("alice", false, "/").unwrap();
+        // Routing into the MQTT exchange from elsewhere is publishing there.
+        assert!(alice.check_route_into("amq.topic", "alice.#").is_ok());
+        assert_eq!(
+            alice.check_route_into("amq.topic", "#").unwrap_err().0,
+            "write access to topic '#' in exchange 'amq.topic' in vhost '/' refused for user 'alice'"
+        );
+        assert!(alice.check_route_into("amq.topic", "secret.t").is_err());
+        assert!(alice.check_route_into("other", "#").is_ok(), "not an MQTT exchange");
+        // The MQTT frontend's queues: only for who may read everything.
+        for q in ["mqtt-session.bob", "mqtt-shared.g.a/b"] {
+            assert!(alice.check(Permission::Read, Resource::Queue, q).is_err(), "{q}");
+        }
+        assert!(alice.check(Permission::Read, Resource::Queue, "alice.q").is_ok());
+        // A leading AMQP wildcard also matches $SYS, which MQTT wildcards do not.
+        assert!(alice.check_topic(Permission::Read, "amq.topic", || true, "alice.#").is_ok());
+        let admin = policy.grant("admin", false, "/").unwrap();
+        assert!(admin.check(Permission::Read, Resource::Queue, "mqtt-session.bob").is_ok());
+        assert!(admin.check_route_into("amq.topic", "#").is_ok());
+        assert!(admin.check_topic(Permission::Read, "amq.topic", || true, "#").is_ok());
+        let no_sys = Arc::new(AccessPolicy {
+            acl: Arc::new(Acl::new(vec![AclEntry { user: None, topic: "#".into(), access: Access::Read }])),
+            mqtt_exchanges: vec![MqttExchange { vhost: "/".into(), exchange: "amq.topic".into() }],
+            ..AccessPolicy::default()
+        });
+        let g = no_sys.grant("u", false, "/").unwrap();
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "#").is_err(), "# would take $SYS too");
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "*.x").is_err());
+        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "a.#").is_ok());
     }
 
     #[test]

@@ -1087,3 +1087,69 @@ async fn a_reload_replaces_the_topic_permissions_and_the_acl() {
     assert_eq!(drain(&s, "tina", "tina.q", 1).await, keyed(&[("new.y", b"t2")]));
     assert_eq!(drain(&s, "admin", "admin.q", 1).await, keyed(&[("new.y", b"a2")]));
 }
+
+/// Under the ACL an AMQP user cannot route around it: an exchange-to-exchange binding, an
+/// alternate exchange or a dead-letter exchange into the MQTT exchange is publishing there, and
+/// the MQTT frontend's session queues (filled by other clients' subscriptions) are off limits
+/// without read access to everything.
+#[tokio::test]
+async fn amqp_users_cannot_route_around_the_mqtt_acl_nor_take_mqtt_session_queues() {
+    let s = start(&format!("{ACL}\n{MQTT_LISTENER}")).await;
+    // An MQTT persistent session "bob", away: its queue exists.
+    let mut bob = ferry_integration_tests::mqtt::RawClient::connect_ok(
+        s.mqtt_addr(),
+        ferry_mqtt::codec::ProtocolVersion::V311,
+        "bob",
+        false,
+    )
+    .await;
+    bob.subscribe(1, "secret/#", ferry_integration_tests::mqtt::sub_options(ferry_mqtt::codec::QoS::AtLeastOnce)).await;
+    drop(bob);
+
+    let conn = login(&s, "alice").await;
+    let ch = channel(&conn).await;
+    declare_exchange(&ch, "alice.x", ExchangeKind::Topic, FieldTable::default()).await.unwrap();
+    let bind = |ch: Channel, key: &'static str| async move {
+        let bind = ch.exchange_bind(
+            "amq.topic".into(),
+            "alice.x".into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        );
+        within("exchange.bind", bind).await
+    };
+    bind(channel(&conn).await, "a.#").await.expect("within alice's write grant");
+    for key in ["#", "secret.t"] {
+        assert_refused(
+            bind(channel(&conn).await, key).await,
+            &format!("write access to topic '{key}' in exchange 'amq.topic' in vhost '/' refused for user 'alice'"),
+        );
+    }
+    assert_refused(
+        declare_exchange(&channel(&conn).await, "alice.ae", ExchangeKind::Direct, alternate_exchange("amq.topic"))
+            .await,
+        "write access to topic '#' in exchange 'amq.topic' in vhost '/' refused for user 'alice'",
+    );
+    let mut dlx = dead_letter_exchange("amq.topic");
+    dlx.insert("x-dead-letter-routing-key".into(), long_string("secret.t"));
+    assert_refused(
+        declare_queue(&channel(&conn).await, "alice.dl", dlx).await,
+        "write access to topic 'secret.t' in exchange 'amq.topic' in vhost '/' refused for user 'alice'",
+    );
+    let mut dlx = dead_letter_exchange("amq.topic");
+    dlx.insert("x-dead-letter-routing-key".into(), long_string("a.t"));
+    declare_queue(&channel(&conn).await, "alice.dl", dlx).await.expect("dead letters to a topic alice may write");
+
+    for q in ["mqtt-session.bob"] {
+        assert_refused(
+            get(&channel(&conn).await, q).await,
+            &format!("read access to queue '{q}' in vhost '/' refused for user 'alice'"),
+        );
+    }
+    // A binding whose first word is a wildcard also matches $SYS, which alice may not read.
+    assert_refused(
+        bind_queue(&channel(&conn).await, "alice.dl", "amq.topic", "*.t").await,
+        "read access to topic '*.t' in exchange 'amq.topic' in vhost '/' refused for user 'alice'",
+    );
+}
