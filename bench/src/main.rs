@@ -9,6 +9,7 @@ mod cross;
 mod histogram;
 mod idle;
 mod mqtt;
+mod pacing;
 
 use std::future::Future;
 use std::process::ExitCode;
