@@ -26,8 +26,7 @@ pub mod connection;
 pub mod driver;
 pub mod errors;
 
-use async_trait::async_trait;
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, Frontend};
+use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, Serving};
 use ferry_core::message::Protocol;
 
 /// The AMQP 0-9-1 frontend: serve it on `protocol = "amqp"` listeners.
@@ -42,13 +41,12 @@ impl AmqpFrontend {
     }
 }
 
-#[async_trait]
 impl Frontend for AmqpFrontend {
     fn protocol(&self) -> Protocol {
         Protocol::Amqp
     }
 
-    async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError> {
-        driver::run(stream, ctx, self.settings.clone()).await
+    fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Serving {
+        Box::pin(driver::run(stream, ctx, self.settings.clone()))
     }
 }

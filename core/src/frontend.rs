@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
@@ -42,13 +41,14 @@ pub struct ClientStream {
     io: Box<dyn Transport>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// `Some` when the connection came through TLS.
-    pub tls: Option<TlsIdentity>,
+    /// `Some` when the connection came through TLS. Boxed: it is 72 bytes, and most
+    /// connections have none.
+    pub tls: Option<Box<TlsIdentity>>,
 }
 
 impl ClientStream {
     pub fn new(io: impl Transport, peer: SocketAddr, local: SocketAddr, tls: Option<TlsIdentity>) -> ClientStream {
-        ClientStream { io: Box::new(io), peer, local, tls }
+        ClientStream { io: Box::new(io), peer, local, tls: tls.map(Box::new) }
     }
 }
 
@@ -148,6 +148,10 @@ impl Shutdown {
     pub fn is_shutting_down(&self) -> bool {
         *self.0.borrow()
     }
+    /// Whether both are the same signal.
+    pub fn same_as(&self, other: &Shutdown) -> bool {
+        self.0.same_channel(&other.0)
+    }
     /// Resolves once shutdown starts (at once if it already has, or if the sender is gone).
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|v| *v).await;
@@ -205,8 +209,12 @@ pub enum ConnectionError {
     HandshakeTimeout(Duration),
 }
 
+/// A connection being served: the future a [`Frontend`] gives for it. Boxed once, and owning
+/// everything it needs (it borrows nothing from the frontend), so that the connection's task
+/// holds only a pointer to it.
+pub type Serving = Pin<Box<dyn std::future::Future<Output = Result<(), ConnectionError>> + Send + 'static>>;
+
 /// A protocol implementation the server can put behind a listener.
-#[async_trait]
 pub trait Frontend: Send + Sync + 'static {
     fn protocol(&self) -> Protocol;
     /// Called once at start-up, after the broker was recovered from its store and before any
@@ -219,5 +227,5 @@ pub trait Frontend: Send + Sync + 'static {
         None
     }
     /// Serves one connection until it closes. Must return promptly after `ctx.shutdown` fires.
-    async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError>;
+    fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Serving;
 }

@@ -47,6 +47,7 @@ pub mod permissions;
 pub mod queue;
 pub mod rate;
 pub mod retained;
+pub mod signal;
 pub mod sink;
 pub mod store;
 pub mod topic;

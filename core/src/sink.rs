@@ -11,17 +11,21 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::task::{Context, Poll};
+
 use tokio::sync::Notify;
 
 use crate::message::{ConnectionId, Message};
+use crate::signal::Signal;
 
 /// A bounded multi-producer, single-consumer mailbox for one connection's task. Producers
 /// never block: [`Outbox::try_push`] hands the item back when full. The owner waits with
-/// [`Outbox::notified`] and drains everything ready in one go (coalesced writes).
+/// [`Outbox::notified`] (or polls [`Outbox::poll_notified`]) and drains everything ready in one
+/// go (coalesced writes).
 pub struct Outbox<T> {
     items: Mutex<VecDeque<T>>,
     capacity: usize,
-    notify: Notify,
+    notify: Signal,
     /// Woken when the owner drains: publishers held back by a full outbox wait on it.
     drained: Notify,
     /// A producer found the outbox full ([`Outbox::has_room_or_starve`]) and stopped; the owner
@@ -40,7 +44,7 @@ impl<T> Outbox<T> {
         Outbox {
             items: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
-            notify: Notify::new(),
+            notify: Signal::new(),
             drained: Notify::new(),
             starved: std::sync::atomic::AtomicBool::new(false),
         }
@@ -82,7 +86,7 @@ impl<T> Outbox<T> {
         q.push_back(item);
         drop(q);
         if was_empty {
-            self.notify.notify_one();
+            self.notify.notify();
         }
         Ok(())
     }
@@ -95,15 +99,20 @@ impl<T> Outbox<T> {
         q.push_back(item);
         drop(q);
         if was_empty {
-            self.notify.notify_one();
+            self.notify.notify();
         }
     }
 
     /// Moves every ready item into `out`; returns how many.
     pub fn drain_into(&self, out: &mut Vec<T>) -> usize {
+        self.drain_each(|item| out.push(item))
+    }
+    /// Hands every ready item to `f`, in order (under the outbox's lock: `f` must not touch
+    /// the outbox); returns how many.
+    pub fn drain_each(&self, f: impl FnMut(T)) -> usize {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let n = q.len();
-        out.extend(q.drain(..));
+        q.drain(..).for_each(f);
         drop(q);
         if n > 0 {
             self.drained.notify_waiters();
@@ -128,6 +137,11 @@ impl<T> Outbox<T> {
     /// push between a drain and this call is not missed).
     pub async fn notified(&self) {
         self.notify.notified().await
+    }
+    /// [`Outbox::notified`] without a future: `Ready` after a push into an empty outbox,
+    /// otherwise the task is woken by the next one.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.notify.poll(cx)
     }
 }
 

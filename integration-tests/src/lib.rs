@@ -22,8 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, Frontend};
+use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, Serving};
 use ferry_core::Protocol;
 use ferry_server::{Config, Server, StartError};
 use tempfile::TempDir;
@@ -63,34 +62,35 @@ impl EchoFrontend {
     }
 }
 
-#[async_trait]
 impl Frontend for EchoFrontend {
     fn protocol(&self) -> Protocol {
         self.protocol
     }
 
-    async fn serve(&self, mut stream: ClientStream, mut ctx: ConnectionContext) -> Result<(), ConnectionError> {
-        if ctx.refusal.is_some() {
-            stream.write_all(&[EchoFrontend::REFUSED]).await?;
-            stream.shutdown().await?;
-            return Ok(());
-        }
-        let certs = stream.tls.as_ref().map_or(0, |t| t.peer_certificates.len());
-        stream.write_all(&[certs.min(254) as u8]).await?;
-        let mut buf = vec![0u8; 4096];
-        loop {
-            // `read` is cancel-safe: nothing is lost if shutdown wins the race.
-            let n = tokio::select! {
-                r = stream.read(&mut buf) => r?,
-                _ = ctx.shutdown.wait() => break,
-            };
-            if n == 0 {
-                break;
+    fn serve(&self, mut stream: ClientStream, mut ctx: ConnectionContext) -> Serving {
+        Box::pin(async move {
+            if ctx.refusal.is_some() {
+                stream.write_all(&[EchoFrontend::REFUSED]).await?;
+                stream.shutdown().await?;
+                return Ok(());
             }
-            stream.write_all(&buf[..n]).await?;
-        }
-        stream.shutdown().await?;
-        Ok(())
+            let certs = stream.tls.as_ref().map_or(0, |t| t.peer_certificates.len());
+            stream.write_all(&[certs.min(254) as u8]).await?;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                // `read` is cancel-safe: nothing is lost if shutdown wins the race.
+                let n = tokio::select! {
+                    r = stream.read(&mut buf) => r?,
+                    _ = ctx.shutdown.wait() => break,
+                };
+                if n == 0 {
+                    break;
+                }
+                stream.write_all(&buf[..n]).await?;
+            }
+            stream.shutdown().await?;
+            Ok(())
+        })
     }
 }
 
@@ -106,17 +106,18 @@ impl DeafFrontend {
     }
 }
 
-#[async_trait]
 impl Frontend for DeafFrontend {
     fn protocol(&self) -> Protocol {
         self.protocol
     }
 
-    async fn serve(&self, mut stream: ClientStream, _ctx: ConnectionContext) -> Result<(), ConnectionError> {
-        stream.write_all(b"!").await?;
-        let mut buf = [0u8; 64];
-        while stream.read(&mut buf).await? > 0 {}
-        Ok(())
+    fn serve(&self, mut stream: ClientStream, _ctx: ConnectionContext) -> Serving {
+        Box::pin(async move {
+            stream.write_all(b"!").await?;
+            let mut buf = [0u8; 64];
+            while stream.read(&mut buf).await? > 0 {}
+            Ok(())
+        })
     }
 }
 

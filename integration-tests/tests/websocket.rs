@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, Frontend};
+use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, Serving};
 use ferry_core::Protocol;
 use ferry_integration_tests::{within, EchoFrontend, TestServer};
 use ferry_server::Transport;
@@ -164,24 +163,25 @@ async fn plain_mqtt_bytes_on_a_websocket_listener_are_not_served() {
 #[derive(Debug)]
 struct PacketFrontend;
 
-#[async_trait]
 impl Frontend for PacketFrontend {
     fn protocol(&self) -> Protocol {
         Protocol::Mqtt
     }
 
-    async fn serve(&self, mut stream: ClientStream, _ctx: ConnectionContext) -> Result<(), ConnectionError> {
-        loop {
-            let mut len = [0u8; 1];
-            if stream.read(&mut len).await? == 0 {
-                return Ok(());
+    fn serve(&self, mut stream: ClientStream, _ctx: ConnectionContext) -> Serving {
+        Box::pin(async move {
+            loop {
+                let mut len = [0u8; 1];
+                if stream.read(&mut len).await? == 0 {
+                    return Ok(());
+                }
+                let mut packet = vec![0u8; 1 + usize::from(len[0])];
+                packet[0] = len[0];
+                stream.read_exact(&mut packet[1..]).await?;
+                stream.write_all(&packet).await?;
+                stream.flush().await?;
             }
-            let mut packet = vec![0u8; 1 + usize::from(len[0])];
-            packet[0] = len[0];
-            stream.read_exact(&mut packet[1..]).await?;
-            stream.write_all(&packet).await?;
-            stream.flush().await?;
-        }
+        })
     }
 }
 

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -14,8 +15,10 @@ use ferry_core::auth::AuthError;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::message::now_millis;
 use ferry_core::rate::TokenBucket;
+use ferry_core::sink::{Outbox, SinkDelivery};
 use ferry_core::store::StoreError;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -24,6 +27,7 @@ use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
 
 use crate::codec::{reason, return_code, Connect, DecodeError, Decoder, Packet, ProtocolVersion, Will};
+use crate::registry::{Kick, Kicked};
 use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session};
 use crate::session_store::encode_session;
 use crate::topic::check_topic_name;
@@ -85,9 +89,11 @@ impl ReadSizer {
         }
     }
 
-    /// Everything read was handled: a buffer much larger than needed now goes.
+    /// Everything read was handled: a buffer much larger than needed now goes, and so does the
+    /// buffer of a connection whose reads are small (its next read goes through the stack, see
+    /// [`Conn::poll_idle`]).
     fn drained(&self, buf: &mut BytesMut) {
-        if buf.is_empty() && buf.capacity() > 2 * self.want {
+        if buf.is_empty() && (buf.capacity() > 2 * self.want || self.want == READ_MIN) {
             *buf = BytesMut::new();
         }
     }
@@ -116,7 +122,74 @@ async fn read_connect(
 }
 
 /// Serves one MQTT connection to its end.
-pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<Shared>) -> Result<(), ConnectionError> {
+///
+/// The task's own future stays small whatever the connection does: the CONNECT and the login
+/// run in a boxed future that ends when the session has started; everything the connection
+/// then holds is one boxed [`Conn`]; an idle connection waits in [`Conn::poll_idle`], which
+/// keeps nothing between polls; and waiting on anything else (a store commit, a congested
+/// subscriber, an alarm, the publish rate) is a boxed future made for that wait. With 10,000
+/// idle connections this is most of what each one costs (docs/benchmarks.md).
+pub fn run(
+    stream: ClientStream,
+    ctx: ConnectionContext,
+    shared: Arc<Shared>,
+) -> impl Future<Output = Result<(), ConnectionError>> + Send {
+    // Not an `async fn`: its arguments would stay in its state after being handed on.
+    let establishing = Box::pin(establish(stream, ctx, shared));
+    async move {
+        let mut conn = match establishing.await {
+            Ok(conn) => conn,
+            Err(ended) => return ended,
+        };
+        let close = conn.serve().await;
+        Box::pin(conn.wind_up(close)).await
+    }
+}
+
+/// Everything a connection holds once its session has started (see [`run`]).
+struct Conn {
+    stream: ClientStream,
+    ctx: ConnectionContext,
+    shared: Arc<Shared>,
+    session: Session,
+    decoder: Decoder,
+    buf: BytesMut,
+    sizer: ReadSizer,
+    /// 1.5 × the keep alive; `deadline` is when the client must have been heard from. The
+    /// registry enforces it (see `Registry::sweep`): the deadline is handed to `kick` whenever
+    /// it changes.
+    keep_alive: Option<Duration>,
+    deadline: Option<Instant>,
+    /// How the registry tells the connection to go: takeover, shutdown, keep alive.
+    kick: Arc<Kick>,
+    /// The oldest ack whose commit is not done yet.
+    waiting: Option<CommitWait>,
+    alarm: watch::Receiver<bool>,
+    disk_alarm: watch::Receiver<bool>,
+    bytes_in: u64,
+    // The listener's `max_publish_rate`: one token per PUBLISH. A PUBLISH taken on credit is
+    // served, then the connection stops reading (and decoding what it has read) until the debt
+    // is paid: the client's further packets wait in `buf` and in the kernel's buffers, so TCP
+    // slows the publisher down; nothing is dropped. Deliveries to the client go on meanwhile.
+    publish_bucket: Option<TokenBucket>,
+    throttled_until: Option<Instant>,
+    // Since when we have not been reading (publish rate, alarms, congestion, acks waiting for
+    // the store): our pause, not the client's silence, so the keep alive deadline moves on by as
+    // long (the client's packets meanwhile, PINGREQ too, wait unread and reset it once read).
+    paused_since: Option<Instant>,
+    // `buf` may hold whole packets not decoded yet: those that came with the CONNECT, or those
+    // left when the publish rate or an alarm paused the connection.
+    undecoded: bool,
+    generation: u64,
+}
+
+/// The CONNECT, the login, the claim of the client id and the session's start: the connection
+/// ready to serve, or how it ended.
+async fn establish(
+    mut stream: ClientStream,
+    ctx: ConnectionContext,
+    shared: Arc<Shared>,
+) -> Result<Box<Conn>, Result<(), ConnectionError>> {
     let limits = &ctx.listener.limits;
     let mut buf = BytesMut::new();
     let mut sizer = ReadSizer::new();
@@ -127,9 +200,9 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     )
     .await
     {
-        Err(_) => return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout)),
+        Err(_) => return Err(Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout))),
         Ok(Ok(Some(c))) => c,
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Err(Ok(())),
         Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
             // 3.1.1 §3.1.2.2 / 5.0 §3.1.2.2: answer in the 3.1.1 form, which both understand.
             let mut out = BytesMut::new();
@@ -140,13 +213,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
                 &mut out,
             );
             let _ = stream.write_all(&out).await;
-            return Err(ConnectionError::Protocol(format!("unsupported protocol {name:?} level {level}")));
+            return Err(Err(ConnectionError::Protocol(format!("unsupported protocol {name:?} level {level}"))));
         }
-        Ok(Err(e)) => return Err(ConnectionError::Protocol(format!("bad CONNECT: {e}"))),
+        Ok(Err(e)) => return Err(Err(ConnectionError::Protocol(format!("bad CONNECT: {e}")))),
     };
-    // Boxed: 1 KB held across the login and the claim, then gone; inline it would be room in
-    // every connection's task for its whole life.
-    let connect = Box::new(connect);
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
     let mut out = BytesMut::new();
@@ -160,14 +230,14 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         let _ = tokio::time::timeout(limits.handshake_timeout, stream.write_all(&out)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         debug!(conn = %ctx.id, client_id = connect.client_id.as_str(), ?version, "MQTT CONNECT refused: {refusal}");
-        return Ok(());
+        return Err(Ok(()));
     }
 
     // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
     if v5 && connect.properties.authentication_method.is_some() {
         refuse(version, reason::BAD_AUTHENTICATION_METHOD, 0, &mut out);
         let _ = stream.write_all(&out).await;
-        return Err(ConnectionError::Protocol("unsupported authentication method".into()));
+        return Err(Err(ConnectionError::Protocol("unsupported authentication method".into())));
     }
     if let Some(w) = &connect.will {
         if check_topic_name(w.topic.as_str()).is_err() {
@@ -175,14 +245,14 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             if v5 {
                 let _ = stream.write_all(&out).await;
             }
-            return Err(ConnectionError::Protocol(format!("invalid will topic {:?}", w.topic.as_str())));
+            return Err(Err(ConnectionError::Protocol(format!("invalid will topic {:?}", w.topic.as_str()))));
         }
     }
     let (client_id, assigned) = if connect.client_id.is_empty() {
         if !v5 && !connect.clean_start {
             refuse(version, 0, connect_refusal(version, reason::CLIENT_IDENTIFIER_NOT_VALID), &mut out);
             let _ = stream.write_all(&out).await;
-            return Err(ConnectionError::Protocol("empty client id with clean session 0".into()));
+            return Err(Err(ConnectionError::Protocol("empty client id with clean session 0".into())));
         }
         (assigned_client_id(), true)
     } else {
@@ -200,8 +270,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         Some(from) if !certificates.is_empty() => ferry_core::cert_login::certificate_identity(certificates, from),
         _ => {
             let login = ctx.broker.auth().login(&ctx.listener.auth, username.as_deref(), connect.password.as_deref());
-            // Boxed: the login's state is large and needed once; inline, every connection's
-            // task would carry its room for as long as it lives.
+            // Boxed: the login's state is large and needed once.
             Box::pin(tokio::time::timeout(limits.handshake_timeout, login)).await.unwrap_or(Err(AuthError::Busy))
         }
     };
@@ -216,7 +285,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             refuse(version, v5_reason, connect_refusal(version, v5_reason), &mut out);
             let _ = stream.write_all(&out).await;
             info!(conn = %ctx.id, client_id, user = username.as_deref().unwrap_or(""), "MQTT login refused: {e}");
-            return Err(ConnectionError::Protocol(format!("login refused: {e}")));
+            return Err(Err(ConnectionError::Protocol(format!("login refused: {e}"))));
         }
     };
     // Each connection takes the ACL current at its CONNECT (a reload swaps the broker's).
@@ -228,7 +297,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             refuse(version, reason::NOT_AUTHORIZED, connect_refusal(version, reason::NOT_AUTHORIZED), &mut out);
             let _ = stream.write_all(&out).await;
             info!(conn = %ctx.id, client_id, user = %identity.user, "MQTT CONNECT refused: will topic not authorized");
-            return Err(ConnectionError::Protocol("will topic not authorized".into()));
+            return Err(Err(ConnectionError::Protocol("will topic not authorized".into())));
         }
     }
     let vhost_name = ctx.listener.vhost.clone();
@@ -236,7 +305,8 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         Some(v) => v,
         None => ctx.broker.add_vhost(&vhost_name),
     };
-    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, ctx.id)).await;
+    let group = shared.group(&ctx.shutdown);
+    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, ctx.id, group)).await;
     if claim.expired {
         // The session expired while its client was away and its timer has not ended it yet: a
         // queue left behind would be resumed as if the session were present.
@@ -246,8 +316,6 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     if let Some(exchange) = &ctx.listener.exchange {
         settings.exchange = exchange.as_str().into();
     }
-    // Wills go to the listener's exchange too.
-    let exchange = settings.exchange.clone();
     settings.max_packet_size = limits.max_frame_size;
     settings.acl = acl;
     settings.user = user;
@@ -255,7 +323,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     let now = now_millis();
     let keep_alive_requested = connect.keep_alive;
     let mut session = match Session::start(
-        *connect,
+        connect,
         client_id.clone(),
         assigned,
         ctx.id,
@@ -269,7 +337,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             shared.registry.release(&vhost_name, &client_id, ctx.id, None);
             refuse(version, reason::SERVER_UNAVAILABLE, connect_refusal(version, reason::SERVER_UNAVAILABLE), &mut out);
             let _ = stream.write_all(&out).await;
-            return Err(ConnectionError::Protocol(format!("session could not start: {e}")));
+            return Err(Err(ConnectionError::Protocol(format!("session could not start: {e}"))));
         }
     };
     debug!(
@@ -280,162 +348,232 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
     shared.ensure_sys(&vhost);
 
     let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));
-    let mut deadline = keep_alive.map(|k| Instant::now() + k);
-    let mut shutdown = ctx.shutdown.clone();
-    let kick = claim.kick.clone();
-    let sink_outbox = session.sink_outbox().clone();
-    let queue_outbox = session.queue_outbox().clone();
-    let mut waiting: Option<CommitWait> = None;
-    let mut alarm = ctx.broker.memory().subscribe();
-    let mut disk_alarm = ctx.broker.disk().subscribe();
+    let disk_alarm = ctx.broker.disk().subscribe();
     session.set_disk_alarm(disk_alarm.clone());
-    let mut bytes_in = buf.len() as u64;
-    // The listener's `max_publish_rate`: one token per PUBLISH. A PUBLISH taken on credit is
-    // served, then the connection stops reading (and decoding what it has read) until the debt
-    // is paid: the client's further packets wait in `buf` and in the kernel's buffers, so TCP
-    // slows the publisher down; nothing is dropped. Deliveries to the client go on meanwhile.
     let publish_rate = limits.max_publish_rate;
-    let mut publish_bucket =
-        (publish_rate > 0).then(|| TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std()));
-    let mut throttled_until: Option<Instant> = None;
-    // Since when we have not been reading (publish rate, alarms, congestion, acks waiting for
-    // the store): our pause, not the client's silence, so the keep alive deadline moves on by as
-    // long (the client's packets meanwhile, PINGREQ too, wait unread and reset it once read).
-    let mut paused_since: Option<Instant> = None;
-    // `buf` may hold whole packets not decoded yet: those that came with the CONNECT, or those
-    // left when the publish rate paused the connection.
-    let mut undecoded = !buf.is_empty();
+    let deadline = keep_alive.map(|k| Instant::now() + k);
+    claim.kick.set_deadline(deadline);
+    let undecoded = !buf.is_empty();
+    sizer.drained(&mut buf);
+    Ok(Box::new(Conn {
+        deadline,
+        keep_alive,
+        kick: claim.kick,
+        waiting: None,
+        alarm: ctx.broker.memory().subscribe(),
+        disk_alarm,
+        bytes_in: buf.len() as u64,
+        publish_bucket: (publish_rate > 0)
+            .then(|| TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std())),
+        throttled_until: None,
+        paused_since: None,
+        undecoded,
+        generation: claim.generation,
+        stream,
+        ctx,
+        shared,
+        session,
+        decoder,
+        buf,
+        sizer,
+    }))
+}
 
-    let close = 'conn: loop {
-        // Packets read and not yet handled, unless the publish rate holds them back.
-        if undecoded && throttled_until.is_none() {
+impl Conn {
+    /// Serves the connection until it closes; says why.
+    async fn serve(&mut self) -> Close {
+        loop {
+            if let Err(close) = self.work().await {
+                return close;
+            }
+            self.session.congested.retain(|o| !o.has_room());
+            let congested = self.session.congested.first().cloned();
+            let reading = self.session.pending_acks.len() < MAX_PENDING_ACKS
+                && congested.is_none()
+                && !self.held()
+                && self.throttled_until.is_none();
+            match (reading, self.paused_since) {
+                (false, None) => {
+                    self.paused_since = Some(Instant::now());
+                    self.kick.set_deadline(None);
+                }
+                (true, Some(since)) => {
+                    if let Some(d) = self.deadline.as_mut() {
+                        *d += since.elapsed();
+                    }
+                    self.paused_since = None;
+                    self.kick.set_deadline(self.deadline);
+                }
+                _ => {}
+            }
+            let closed = if reading && self.waiting.is_none() {
+                std::future::poll_fn(|cx| self.poll_idle(cx)).await
+            } else {
+                Box::pin(self.wait_busy(reading, congested)).await
+            };
+            if let Some(close) = closed {
+                return close;
+            }
+        }
+    }
+
+    /// The memory alarm holds back clients that publish (subscribers keep draining); so does
+    /// the disk alarm for 3.1.1 clients (5.0 clients are answered 0x97 instead).
+    fn held(&self) -> bool {
+        self.session.published && (*self.alarm.borrow() || (*self.disk_alarm.borrow() && !self.session.is_v5()))
+    }
+
+    /// Everything ready: packets read and not yet handled (unless the publish rate or an alarm
+    /// holds them back), acks whose commits are done, deliveries; then one write.
+    async fn work(&mut self) -> Result<(), Close> {
+        if self.undecoded && self.throttled_until.is_none() && !self.held() {
             loop {
-                match decoder.decode(&mut buf) {
+                match self.decoder.decode(&mut self.buf) {
                     Ok(Some(p)) => {
                         let publish = matches!(p, Packet::Publish(_));
-                        if let Err(c) = session.handle(p, now_millis()) {
-                            break 'conn c;
-                        }
-                        if let (true, Some(bucket)) = (publish, publish_bucket.as_mut()) {
+                        self.session.handle(p, now_millis())?;
+                        if let (true, Some(bucket)) = (publish, self.publish_bucket.as_mut()) {
                             let now = Instant::now();
                             if let Some(wait) = bucket.take(1, now.into_std()) {
-                                throttled_until = Some(now + wait);
+                                self.throttled_until = Some(now + wait);
                                 break;
                             }
                         }
                     }
                     Ok(None) => {
-                        undecoded = false;
-                        sizer.drained(&mut buf);
+                        self.undecoded = false;
+                        self.sizer.drained(&mut self.buf);
                         break;
                     }
-                    Err(e) => break 'conn Close::Violation { reason: e.reason_code(), detail: e.to_string() },
+                    Err(e) => return Err(Close::Violation { reason: e.reason_code(), detail: e.to_string() }),
                 }
             }
         }
-        // Everything ready: settle acks whose commits are done, pump deliveries, write once.
-        loop {
-            if waiting.is_none() {
-                match session.pending_acks.pop_front() {
-                    Some(p) if p.commit.is_done() => {
-                        let ok = p.commit.wait().await.is_ok();
-                        if let Err(c) = session.commit_done(p.packet, ok) {
-                            break 'conn c;
-                        }
-                        continue;
-                    }
-                    Some(p) => waiting = Some(Box::pin(async move { (p.commit.wait().await, p.packet) })),
-                    None => {}
-                }
+        while self.waiting.is_none() {
+            let Some(p) = self.session.pending_acks.pop_front() else { break };
+            match p.commit.try_result() {
+                Some(result) => self.session.commit_done(p.packet, result.is_ok())?,
+                None => self.waiting = Some(Box::pin(async move { (p.commit.wait().await, p.packet) })),
             }
-            break;
         }
-        session.pump(now_millis());
-        if !session.out.is_empty() {
-            let n = session.out.len();
-            if let Err(e) = stream.write_all(&session.out).await {
-                debug!(conn = %ctx.id, error = %e, "write failed");
-                session.out.clear();
-                break 'conn Close::Lost;
+        self.session.pump(now_millis());
+        if !self.session.out.is_empty() {
+            let n = self.session.out.len();
+            if let Err(e) = self.stream.write_all(&self.session.out).await {
+                debug!(conn = %self.ctx.id, error = %e, "write failed");
+                self.session.out.clear();
+                return Err(Close::Lost);
             }
-            session.out.clear();
+            self.session.out.clear();
             // A burst's buffer is not kept for an idle connection.
-            if session.out.capacity() > OUT_KEEP {
-                session.out = BytesMut::new();
+            if self.session.out.capacity() > OUT_KEEP {
+                self.session.out = BytesMut::new();
             }
-            shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         }
-        session.congested.retain(|o| !o.has_room());
-        let congested = session.congested.first().cloned();
-        // The memory alarm holds back clients that publish (subscribers keep draining); so does
-        // the disk alarm for 3.1.1 clients (5.0 clients are answered 0x97 instead).
-        let held = session.published && (*alarm.borrow() || (*disk_alarm.borrow() && !session.is_v5()));
-        let reading =
-            session.pending_acks.len() < MAX_PENDING_ACKS && congested.is_none() && !held && throttled_until.is_none();
-        match (reading, paused_since) {
-            (false, None) => paused_since = Some(Instant::now()),
-            (true, Some(since)) => {
-                if let Some(d) = deadline.as_mut() {
-                    *d += since.elapsed();
+        Ok(())
+    }
+
+    /// A read's outcome.
+    fn on_read(&mut self, r: std::io::Result<usize>, room: usize) -> Option<Close> {
+        match r {
+            Ok(0) => Some(Close::Lost),
+            Err(e) => {
+                debug!(conn = %self.ctx.id, error = %e, "read failed");
+                Some(Close::Lost)
+            }
+            Ok(n) => {
+                self.bytes_in += n as u64;
+                self.sizer.read(n, room);
+                if let Some(k) = self.keep_alive {
+                    self.deadline = Some(Instant::now() + k);
+                    if self.paused_since.is_none() {
+                        self.kick.set_deadline(self.deadline);
+                    }
                 }
-                paused_since = None;
+                self.undecoded = true;
+                None
             }
-            _ => {}
         }
-        let room = if reading { sizer.prepare(&mut buf) } else { 0 };
+    }
+
+    /// Waiting while the connection reads and nothing else is pending, which is where an idle
+    /// connection spends its life: the socket, the two outboxes and the registry's kick
+    /// (takeover, shutdown, keep alive), polled directly so that nothing is stored between
+    /// polls. `Ready(None)`: there is work. An alarm raised meanwhile is noticed at the next
+    /// read (see [`Conn::work`]).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Close>> {
+        if let Poll::Ready(why) = self.kick.poll_kicked(cx) {
+            return Poll::Ready(Some(kicked(why)));
+        }
+        // Both polled, so both wakers are registered whichever is ready.
+        let sink = self.session.sink_outbox().poll_notified(cx).is_ready();
+        let queue = self.session.queue_outbox().poll_notified(cx).is_ready();
+        if sink || queue {
+            return Poll::Ready(None);
+        }
+        let read = if self.buf.capacity() == 0 && self.sizer.want == READ_MIN {
+            // No buffer is kept while idle: a small read goes through the stack.
+            let mut chunk = [0u8; READ_MIN];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    self.buf.extend_from_slice(rb.filled());
+                    Poll::Ready((Ok(rb.filled().len()), READ_MIN))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready((Err(e), READ_MIN)),
+                Poll::Pending => Poll::Pending,
+            }
+        } else {
+            let room = self.sizer.prepare(&mut self.buf);
+            // A `read_buf` future holds no state of its own: one made per poll loses nothing.
+            let read = self.stream.read_buf(&mut self.buf);
+            tokio::pin!(read);
+            read.poll(cx).map(|r| (r, room))
+        };
+        read.map(|(r, room)| self.on_read(r, room))
+    }
+
+    /// Waiting for anything else: a commit, a congested subscriber, an alarm to clear, the
+    /// publish rate. Boxed by the caller, so that its room is taken only while it waits.
+    async fn wait_busy(&mut self, reading: bool, congested: Option<Arc<Outbox<SinkDelivery>>>) -> Option<Close> {
+        let room = if reading { self.sizer.prepare(&mut self.buf) } else { 0 };
+        let sink_outbox = self.session.sink_outbox();
+        let queue_outbox = self.session.queue_outbox();
         tokio::select! {
-            r = stream.read_buf(&mut buf), if reading => {
-                match r {
-                    Ok(0) => break 'conn Close::Lost,
-                    Err(e) => {
-                        debug!(conn = %ctx.id, error = %e, "read failed");
-                        break 'conn Close::Lost;
-                    }
-                    Ok(n) => {
-                        bytes_in += n as u64;
-                        sizer.read(n, room);
-                    }
-                }
-                if let Some(k) = keep_alive {
-                    deadline = Some(Instant::now() + k);
-                }
-                undecoded = true;
-            }
+            r = self.stream.read_buf(&mut self.buf), if reading => return self.on_read(r, room),
             // The publish rate's pause is over.
-            _ = sleep_until(throttled_until), if throttled_until.is_some() => {
-                throttled_until = None;
+            _ = sleep_until(self.throttled_until), if self.throttled_until.is_some() => {
+                self.throttled_until = None;
             }
             _ = sink_outbox.notified() => {}
-            _ = alarm.changed() => {}
-            _ = disk_alarm.changed() => {}
+            _ = self.alarm.changed() => {}
+            _ = self.disk_alarm.changed() => {}
             // A subscriber we publish to is full: wait for it to drain, but at most
             // CONGESTION_PAUSE, so two clients publishing to each other cannot wait forever.
             _ = wait_room(congested.as_deref()), if congested.is_some() => {
-                session.congested.clear();
+                self.session.congested.clear();
             }
             _ = queue_outbox.notified() => {}
-            (result, packet) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
-                waiting = None;
-                if let Err(c) = session.commit_done(packet, result.is_ok()) {
-                    break 'conn c;
+            (result, packet) = async { self.waiting.as_mut().expect("guarded").await }, if self.waiting.is_some() => {
+                self.waiting = None;
+                if let Err(c) = self.session.commit_done(packet, result.is_ok()) {
+                    return Some(c);
                 }
             }
-            _ = sleep_until(deadline), if deadline.is_some() && reading => {
-                break 'conn Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() };
-            }
-            _ = kick.kicked() => break 'conn Close::TakenOver,
-            _ = shutdown.wait() => break 'conn Close::Shutdown,
+            why = self.kick.kicked() => return Some(kicked(why)),
         }
-    };
-    shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-    let generation = claim.generation;
-    // Boxed: winding up (the last writes, the will) needs its room once, at the end; inline it
-    // would be reserved in every connection's task for the connection's whole life.
-    Box::pin(async move {
+        None
+    }
+
+    /// The end: the last writes, the will, the session handed to the registry (or ended).
+    async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
+        let Conn { mut stream, ctx, shared, mut session, mut waiting, bytes_in, generation, .. } = *self;
+        shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
         // Say why, to 5.0 clients.
         match &close {
             Close::Violation { reason: r, detail } => {
-                info!(conn = %ctx.id, client_id, "closing MQTT connection: {detail}");
+                info!(conn = %ctx.id, client_id = session.client_id, "closing MQTT connection: {detail}");
                 session.send_disconnect(*r, detail);
             }
             Close::TakenOver => {
@@ -457,7 +595,11 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         let stats = session.stats;
         shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
         shared.stats.messages_out.fetch_add(stats.messages_out, Ordering::Relaxed);
-        let will = session.will.take();
+        let client_id = session.client_id.clone();
+        let vhost = session.vhost().clone();
+        // Wills go to the listener's exchange, as publishes do.
+        let exchange = session.exchange().clone();
+        let will = session.will.take().map(|w| *w);
         let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
         let session_expiry = session.session_expiry;
         let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
@@ -468,7 +610,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
         let delayed_will = will.clone().filter(|_| delay > 0);
         let stored = session.finish(now_millis(), delayed_will);
         let expiry = stored.as_ref().map(|st| st.expiry);
-        shared.registry.release(&vhost_name, &client_id, ctx.id, stored);
+        shared.registry.release(&ctx.listener.vhost, &client_id, ctx.id, stored);
         if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
             spawn_expiry(
                 shared.clone(),
@@ -497,8 +639,15 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, shared: Arc<S
             Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
             _ => Ok(()),
         }
-    })
-    .await
+    }
+}
+
+fn kicked(why: Kicked) -> Close {
+    match why {
+        Kicked::TakenOver => Close::TakenOver,
+        Kicked::Shutdown => Close::Shutdown,
+        Kicked::KeepAlive => Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() },
+    }
 }
 
 /// Ends a stored session: its queue and its stored state go.
@@ -553,7 +702,7 @@ pub(crate) fn spawn_will(
     });
 }
 
-async fn wait_room(outbox: Option<&ferry_core::sink::Outbox<ferry_core::sink::SinkDelivery>>) {
+async fn wait_room(outbox: Option<&Outbox<SinkDelivery>>) {
     if let Some(o) = outbox {
         let _ = tokio::time::timeout(CONGESTION_PAUSE, o.room()).await;
     }

@@ -31,9 +31,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use ferry_core::exchange::BindingKey;
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, Frontend};
+use ferry_core::frontend::{ClientStream, ConnectionContext, Frontend, Serving, Shutdown};
 use ferry_core::message::{now_millis, ConnectionId, Protocol, ShortString};
 use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
@@ -59,7 +58,14 @@ pub struct Shared {
     pub stats: Stats,
     started: std::time::Instant,
     sys_vhosts: Mutex<HashSet<String>>,
+    /// The shutdown signals of the connections served so far; a connection's group in the
+    /// registry is its signal's index here.
+    shutdowns: Mutex<Vec<Shutdown>>,
 }
+
+/// How often the registry looks for clients whose keep alive ran out: a client is closed up to
+/// this long after 1.5 × its keep alive.
+const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(250);
 
 impl Shared {
     /// Starts the `$SYS` publisher for a vhost the first time a client connects to it.
@@ -68,6 +74,32 @@ impl Shared {
         if seen.insert(vhost.name().to_string()) {
             tokio::spawn(sys::run(Arc::downgrade(self), vhost.clone()));
         }
+    }
+
+    /// The registry group of connections ended by `shutdown`. The first connection of a signal
+    /// starts its watcher: a task that checks their keep alives a few times a second and kicks
+    /// them all when the signal fires.
+    fn group(&self, shutdown: &Shutdown) -> usize {
+        let mut known = self.shutdowns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(group) = known.iter().position(|s| s.same_as(shutdown)) {
+            return group;
+        }
+        known.push(shutdown.clone());
+        let group = known.len() - 1;
+        let registry = self.registry.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(KEEP_ALIVE_SWEEP);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    _ = sweep.tick() => registry.sweep(group, registry::ticks(tokio::time::Instant::now())),
+                }
+            }
+            registry.shut_down(group);
+        });
+        group
     }
 }
 
@@ -86,6 +118,7 @@ impl MqttFrontend {
                 stats: Stats::default(),
                 started: std::time::Instant::now(),
                 sys_vhosts: Mutex::new(HashSet::new()),
+                shutdowns: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -100,7 +133,6 @@ impl Default for MqttFrontend {
     }
 }
 
-#[async_trait]
 impl Frontend for MqttFrontend {
     fn protocol(&self) -> Protocol {
         Protocol::Mqtt
@@ -110,8 +142,8 @@ impl Frontend for MqttFrontend {
         Some(self)
     }
 
-    async fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Result<(), ConnectionError> {
-        driver::run(stream, ctx, self.shared.clone()).await
+    fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Serving {
+        Box::pin(driver::run(stream, ctx, self.shared.clone()))
     }
 
     /// Brings back the persistent sessions the store holds: each session queue is bound again

@@ -5,14 +5,20 @@
 //! one is kicked (it sends DISCONNECT 0x8E in 5.0 and closes) and the claim waits, bounded, for it
 //! to [`Registry::release`] the id with its session state; the new connection then resumes that
 //! state.
+//!
+//! The registry also ends live connections for their frontend: at shutdown
+//! ([`Registry::shut_down`]) and when a client's keep alive runs out ([`Registry::sweep`], run
+//! a few times a second). Each connection then needs neither a timer nor a shutdown future of
+//! its own, only its [`Kick`], which it polls while idle.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferry_core::message::ConnectionId;
-use tokio::sync::{watch, Notify};
+use ferry_core::signal::Signal;
+use tokio::sync::Notify;
 
 use crate::codec::SubOptions;
 
@@ -46,21 +52,93 @@ pub struct StoredSession {
     pub disconnected_at: u64,
 }
 
-/// Signals between a connection holding a client id and one taking it over.
+/// Why a connection was kicked (see [`Kick::poll_kicked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kicked {
+    /// Another connection claimed its client id.
+    TakenOver,
+    /// The server is shutting down.
+    Shutdown,
+    /// Nothing was heard from the client within 1.5 × its keep alive.
+    KeepAlive,
+}
+
+/// Signals to a live connection from the registry: another connection taking its client id
+/// over, shutdown, an expired keep alive; and back, that the connection released the id.
+/// Small (no watch channel: that was 300 bytes per connection), and polled by the connection
+/// without a future.
 #[derive(Debug)]
 pub struct Kick {
-    kicked: Notify,
-    released: watch::Sender<bool>,
+    kicked: Signal,
+    /// 0 until kicked, then the first reason (a [`Kicked`] + 1).
+    why: AtomicU8,
+    /// The keep alive deadline the connection keeps here, in ms of [`ticks`]; `u64::MAX`: none.
+    deadline: AtomicU64,
+    /// Which shutdown signal ends this connection ([`Registry::shut_down`]).
+    group: usize,
+    released: AtomicBool,
+    on_release: Notify,
 }
 
 impl Kick {
-    fn new() -> Kick {
-        Kick { kicked: Notify::new(), released: watch::Sender::new(false) }
+    fn new(group: usize) -> Kick {
+        Kick {
+            kicked: Signal::new(),
+            why: AtomicU8::new(0),
+            deadline: AtomicU64::new(u64::MAX),
+            group,
+            released: AtomicBool::new(false),
+            on_release: Notify::new(),
+        }
     }
-    /// Resolves when another connection takes this client id over.
-    pub async fn kicked(&self) {
-        self.kicked.notified().await
+    /// Tells the connection to go; the first reason given is the one it sees.
+    fn kick(&self, why: Kicked) {
+        let _ = self.why.compare_exchange(0, why as u8 + 1, Ordering::AcqRel, Ordering::Acquire);
+        self.kicked.notify();
     }
+    fn reason(&self) -> Kicked {
+        match self.why.load(Ordering::Acquire) {
+            2 => Kicked::Shutdown,
+            3 => Kicked::KeepAlive,
+            _ => Kicked::TakenOver,
+        }
+    }
+    /// Resolves when the connection is to go, with why.
+    pub async fn kicked(&self) -> Kicked {
+        std::future::poll_fn(|cx| self.poll_kicked(cx)).await
+    }
+    /// [`Kick::kicked`] without a future.
+    pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Kicked> {
+        self.kicked.poll(cx).map(|()| self.reason())
+    }
+    /// The connection's keep alive deadline (`None`: none, or not counting while it pauses).
+    pub fn set_deadline(&self, deadline: Option<tokio::time::Instant>) {
+        self.deadline.store(deadline.map_or(u64::MAX, ticks), Ordering::Relaxed);
+    }
+    fn release(&self) {
+        self.released.store(true, Ordering::Release);
+        self.on_release.notify_waiters();
+    }
+    async fn released(&self) {
+        loop {
+            let notified = self.on_release.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a release in between is not missed.
+            notified.as_mut().enable();
+            if self.released.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Milliseconds of tokio's clock since the first call (so that tests with a paused clock see
+/// keep alives run out with it).
+pub(crate) fn ticks(at: tokio::time::Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(tokio::time::Instant::now);
+    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 #[derive(Debug)]
@@ -104,6 +182,9 @@ pub struct Registry {
     /// Claim numbers are unique across client ids, so a slot removed and made again never
     /// repeats one (a delayed will or expiry timer must not mistake a new claim for its own).
     next_generation: AtomicU64,
+    /// The groups [`Registry::shut_down`] has ended: a claim in one is kicked at once. Locked
+    /// after `slots`, never before.
+    down: Mutex<Vec<usize>>,
 }
 
 /// How long a takeover waits for the old connection to hand its session over.
@@ -118,8 +199,9 @@ impl Registry {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the client id for `connection`, kicking and waiting for a live holder.
-    pub async fn claim(&self, vhost: &str, client_id: &str, connection: ConnectionId) -> Claim {
+    /// Takes the client id for `connection`, kicking and waiting for a live holder. `group`
+    /// names the shutdown signal that ends the connection ([`Registry::shut_down`]).
+    pub async fn claim(&self, vhost: &str, client_id: &str, connection: ConnectionId, group: usize) -> Claim {
         let key = (vhost.to_string(), client_id.to_string());
         let mut took_over = false;
         for _ in 0..2 {
@@ -128,13 +210,12 @@ impl Registry {
                 let slot = slots.entry(key.clone()).or_default();
                 match &slot.live {
                     Some(l) if l.connection != connection => l.kick.clone(),
-                    _ => return self.take(slot, connection, took_over),
+                    _ => return self.take(slot, connection, took_over, group),
                 }
             };
             took_over = true;
-            old.kicked.notify_one();
-            let mut released = old.released.subscribe();
-            if tokio::time::timeout(TAKEOVER_WAIT, released.wait_for(|r| *r)).await.is_err() {
+            old.kick(Kicked::TakenOver);
+            if tokio::time::timeout(TAKEOVER_WAIT, old.released()).await.is_err() {
                 tracing::warn!(client_id, "session takeover: the old connection did not hand over in time");
                 break;
             }
@@ -144,11 +225,14 @@ impl Registry {
         if slot.live.take().is_some() {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        self.take(slot, connection, took_over)
+        self.take(slot, connection, took_over, group)
     }
 
-    fn take(&self, slot: &mut Slot, connection: ConnectionId, took_over: bool) -> Claim {
-        let kick = std::sync::Arc::new(Kick::new());
+    fn take(&self, slot: &mut Slot, connection: ConnectionId, took_over: bool, group: usize) -> Claim {
+        let kick = std::sync::Arc::new(Kick::new(group));
+        if self.down.lock().unwrap_or_else(|e| e.into_inner()).contains(&group) {
+            kick.kick(Kicked::Shutdown);
+        }
         if slot.live.is_none() {
             self.connected.fetch_add(1, Ordering::Relaxed);
         }
@@ -168,6 +252,29 @@ impl Registry {
         Claim { stored, kick, generation: slot.generation, took_over, expired }
     }
 
+    /// Shutdown: every live connection of `group` is kicked, and so is any that claims an id
+    /// from now on.
+    pub fn shut_down(&self, group: usize) {
+        let slots = self.slots();
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).push(group);
+        for live in slots.values().filter_map(|s| s.live.as_ref()) {
+            if live.kick.group == group {
+                live.kick.kick(Kicked::Shutdown);
+            }
+        }
+    }
+
+    /// Kicks the live connections of `group` whose keep alive deadline is before `now` (in
+    /// [`ticks`]).
+    pub fn sweep(&self, group: usize, now: u64) {
+        let slots = self.slots();
+        for live in slots.values().filter_map(|s| s.live.as_ref()) {
+            if live.kick.group == group && live.kick.deadline.load(Ordering::Relaxed) <= now {
+                live.kick.kick(Kicked::KeepAlive);
+            }
+        }
+    }
+
     /// The connection is done with the client id; `stored` is kept for a persistent session.
     pub fn release(&self, vhost: &str, client_id: &str, connection: ConnectionId, stored: Option<StoredSession>) {
         let mut slots = self.slots();
@@ -183,7 +290,7 @@ impl Registry {
                     slots.remove(&key);
                 }
                 if let Some(k) = kick {
-                    k.released.send_replace(true);
+                    k.release();
                 }
             }
             // Taken over by force after a timeout: this connection's state is stale.
@@ -272,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_claim_kicks_the_first_and_gets_its_state() {
         let r = Arc::new(Registry::new());
-        let first = r.claim("/", "c", ConnectionId(1)).await;
+        let first = r.claim("/", "c", ConnectionId(1), 0).await;
         assert!(first.stored.is_none());
         assert_eq!(r.connected(), 1);
         let r2 = r.clone();
@@ -281,7 +388,7 @@ mod tests {
             let stored = StoredSession { expiry: 60, ..Default::default() };
             r2.release("/", "c", ConnectionId(1), Some(stored));
         });
-        let second = tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", ConnectionId(2))).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", ConnectionId(2), 0)).await.unwrap();
         holder.await.unwrap();
         assert!(second.took_over);
         assert_eq!(second.stored.unwrap().expiry, 60);
@@ -292,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn release_by_a_stale_connection_is_ignored() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1)).await;
+        let _c = r.claim("/", "c", ConnectionId(1), 0).await;
         r.release("/", "c", ConnectionId(9), None);
         assert!(r.is_live("/", "c"));
         r.release("/", "c", ConnectionId(1), None);
@@ -303,28 +410,28 @@ mod tests {
     #[tokio::test]
     async fn a_stored_session_past_its_expiry_is_not_resumed() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1)).await;
+        let _c = r.claim("/", "c", ConnectionId(1), 0).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 0, ..Default::default() }));
-        let again = r.claim("/", "c", ConnectionId(2)).await;
+        let again = r.claim("/", "c", ConnectionId(2), 0).await;
         assert!(again.stored.is_none() && again.expired);
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: u32::MAX, ..Default::default() }));
-        let never = r.claim("/", "c", ConnectionId(3)).await;
+        let never = r.claim("/", "c", ConnectionId(3), 0).await;
         assert!(never.stored.is_some() && !never.expired);
     }
 
     #[tokio::test]
     async fn expire_ends_only_a_session_nobody_resumed() {
         let r = Registry::new();
-        let first = r.claim("/", "c", ConnectionId(1)).await;
+        let first = r.claim("/", "c", ConnectionId(1), 0).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 60, ..Default::default() }));
-        let second = r.claim("/", "c", ConnectionId(2)).await;
+        let second = r.claim("/", "c", ConnectionId(2), 0).await;
         assert!(r.claimed_since("/", "c", first.generation));
         assert!(!r.expire("/", "c", first.generation, || panic!("resumed: must not end")));
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: 60, ..Default::default() }));
         let mut ended = false;
         assert!(r.expire("/", "c", second.generation, || ended = true));
         assert!(ended && !r.claimed_since("/", "c", second.generation));
-        let third = r.claim("/", "c", ConnectionId(3)).await;
+        let third = r.claim("/", "c", ConnectionId(3), 0).await;
         assert!(third.stored.is_none());
         assert!(third.generation > second.generation, "claim numbers never repeat");
     }
@@ -332,8 +439,8 @@ mod tests {
     #[tokio::test]
     async fn ids_are_per_vhost() {
         let r = Registry::new();
-        let a = r.claim("/", "c", ConnectionId(1)).await;
-        let b = r.claim("other", "c", ConnectionId(2)).await;
+        let a = r.claim("/", "c", ConnectionId(1), 0).await;
+        let b = r.claim("other", "c", ConnectionId(2), 0).await;
         assert!(!a.took_over && !b.took_over);
         assert_eq!(r.connected(), 2);
     }

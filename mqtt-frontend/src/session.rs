@@ -158,6 +158,17 @@ pub struct PendingAck {
     pub packet: Packet,
 }
 
+/// See [`Session::extras`].
+#[derive(Default)]
+struct Extras {
+    /// QoS 2 packet ids received and not yet released (PUBREL).
+    incoming_qos2: HashSet<u16>,
+    inbound_aliases: HashMap<u16, Str>,
+    outbound_aliases: HashMap<Str, u16>,
+    /// Original packet ids of queue deliveries unacked at the last disconnect.
+    resend_ids: HashMap<u64, u16>,
+}
+
 /// An MQTT session bound to one connection.
 pub struct Session {
     pub version: ProtocolVersion,
@@ -169,30 +180,28 @@ pub struct Session {
     mode: Mode,
     subs: HashMap<String, Subscription>,
     next_cookie: u64,
-    pub will: Option<Will>,
+    /// Boxed: most clients have none, and inline it is 470 bytes of every session.
+    pub will: Option<Box<Will>>,
     /// Effective keep alive in seconds (0 = none).
     pub keep_alive: u16,
     /// Session expiry in seconds (`u32::MAX` never); 0 ends the session with the connection.
     pub session_expiry: u32,
     persistent: bool,
     // Inbound state.
-    incoming_qos2: HashSet<u16>,
-    inbound_aliases: HashMap<u16, Str>,
+    /// What most sessions never need (QoS 2 ids, topic aliases, resend ids), allocated on
+    /// first use: inline it was 190 bytes of every idle connection.
+    extras: Option<Box<Extras>>,
     // Outbound state.
     window: u16,
     inflight: HashMap<u16, Inflight>,
     next_packet_id: u16,
     client_alias_max: u16,
-    outbound_aliases: HashMap<Str, u16>,
     client_max_packet: u32,
     problem_info: bool,
     /// Original packet ids of queue deliveries unacked at the last disconnect.
-    resend_ids: HashMap<u64, u16>,
     sink_outbox: Arc<Outbox<SinkDelivery>>,
     queue_outbox: Arc<Outbox<Delivery>>,
     backlog: VecDeque<Pending>,
-    scratch_sink: Vec<SinkDelivery>,
-    scratch_queue: Vec<Delivery>,
     /// Acks waiting for store commits, in order.
     pub pending_acks: VecDeque<PendingAck>,
     /// The client has published: the memory alarm holds it back.
@@ -381,25 +390,20 @@ impl Session {
             mode,
             subs: HashMap::new(),
             next_cookie: 1,
-            will: connect.will.clone(),
+            will: connect.will.clone().map(Box::new),
             keep_alive,
             session_expiry,
             persistent,
-            incoming_qos2: HashSet::new(),
-            inbound_aliases: HashMap::new(),
+            extras: None,
             window: window.max(1),
             inflight: HashMap::new(),
             next_packet_id: 1,
             client_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
-            outbound_aliases: HashMap::new(),
             client_max_packet: if v5 { p.maximum_packet_size.unwrap_or(u32::MAX) } else { u32::MAX },
             problem_info: p.request_problem_information.unwrap_or(1) == 1,
-            resend_ids: HashMap::new(),
             sink_outbox,
             queue_outbox,
             backlog: VecDeque::new(),
-            scratch_sink: Vec::new(),
-            scratch_queue: Vec::new(),
             pending_acks: VecDeque::new(),
             congested: Vec::new(),
             published: false,
@@ -428,8 +432,11 @@ impl Session {
         // Resume a stored session: its subscriptions (re-consuming shared queues), QoS 2 state,
         // and the PUBRELs still owed.
         if let Some(st) = stored.filter(|_| session_present) {
-            s.incoming_qos2 = st.incoming_qos2;
-            s.resend_ids = st.inflight_ids;
+            if !st.incoming_qos2.is_empty() || !st.inflight_ids.is_empty() {
+                let extras = s.extras();
+                extras.incoming_qos2 = st.incoming_qos2;
+                extras.resend_ids = st.inflight_ids;
+            }
             for sub in st.subscriptions {
                 if let Ok(filter) = Filter::parse(&sub.filter) {
                     // Bindings of the session queue survived; shared consumers are per connection.
@@ -488,7 +495,7 @@ impl Session {
                     identifier: s.identifier,
                 })
                 .collect(),
-            incoming_qos2: self.incoming_qos2.clone(),
+            incoming_qos2: self.extras.as_ref().map(|e| e.incoming_qos2.clone()).unwrap_or_default(),
             outgoing_pubrel,
             inflight_ids,
             expiry: self.session_expiry,
@@ -504,7 +511,7 @@ impl Session {
         if !self.stores_state() {
             return Commit::done(Ok(()));
         }
-        let state = encode_session(&self.stored_state(self.will.clone(), 0));
+        let state = encode_session(&self.stored_state(self.will.as_deref().cloned(), 0));
         self.vhost.store().submit(vec![StoreOp::PutSession {
             vhost: self.vhost.name().to_string(),
             client_id: self.client_id.clone(),
@@ -512,6 +519,17 @@ impl Session {
         }])
     }
 
+    /// See the field: allocated now if it was not.
+    fn extras(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Default::default)
+    }
+    pub fn vhost(&self) -> &Arc<VHost> {
+        &self.vhost
+    }
+    /// The exchange publishes (and wills) go to.
+    pub fn exchange(&self) -> &ShortString {
+        &self.settings.exchange
+    }
     pub fn sink_outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
         &self.sink_outbox
     }
@@ -579,7 +597,7 @@ impl Session {
             Packet::PubAck(r) => self.on_puback(r, now),
             Packet::PubRec(r) => self.on_pubrec(r, now),
             Packet::PubRel(r) => {
-                let known = self.incoming_qos2.remove(&r.packet_id);
+                let known = self.extras.as_mut().is_some_and(|e| e.incoming_qos2.remove(&r.packet_id));
                 let code = if known || !self.is_v5() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
                 // The id is free again only once that is stored: else a crash would bring it back
                 // and the client's next QoS 2 message with this id would be taken for a resend.
@@ -641,7 +659,7 @@ impl Session {
                 });
             }
             if p.topic.is_empty() {
-                match self.inbound_aliases.get(&alias) {
+                match self.extras.as_ref().and_then(|e| e.inbound_aliases.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return Err(Close::Violation {
@@ -651,7 +669,7 @@ impl Session {
                     }
                 }
             } else {
-                self.inbound_aliases.insert(alias, p.topic.clone());
+                self.extras().inbound_aliases.insert(alias, p.topic.clone());
             }
         }
         if let Err(e) = check_topic_name(p.topic.as_str()) {
@@ -664,7 +682,7 @@ impl Session {
             });
         }
         let id = p.packet_id.unwrap_or(0);
-        if p.qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&id) {
+        if p.qos == QoS::ExactlyOnce && self.extras.as_ref().is_some_and(|e| e.incoming_qos2.contains(&id)) {
             // A resend of a QoS 2 publish we already have: answer again, route nothing.
             self.queue_ack(Commit::done(Ok(())), Packet::PubRec(PubResp::ok(id)));
             return Ok(());
@@ -708,7 +726,7 @@ impl Session {
             ),
             QoS::ExactlyOnce => {
                 if code < 0x80 {
-                    self.incoming_qos2.insert(id);
+                    self.extras().incoming_qos2.insert(id);
                     commit = commit.join(self.persist());
                 }
                 self.queue_ack(
@@ -721,7 +739,7 @@ impl Session {
     }
 
     fn unacked_inbound(&self) -> usize {
-        self.pending_acks.len() + self.incoming_qos2.len()
+        self.pending_acks.len() + self.extras.as_ref().map_or(0, |e| e.incoming_qos2.len())
     }
 
     /// Publishes into the core (and the retained store). Returns (routed, rejected, commit).
@@ -1045,15 +1063,9 @@ impl Session {
                     Pending::Queue(d) => self.deliver_from_queue(d, now),
                 }
             }
-            let mut sinks = std::mem::take(&mut self.scratch_sink);
-            let mut queues = std::mem::take(&mut self.scratch_queue);
-            self.sink_outbox.drain_into(&mut sinks);
-            self.queue_outbox.drain_into(&mut queues);
-            let drained = sinks.len() + queues.len();
-            self.backlog.extend(queues.drain(..).map(Pending::Queue));
-            self.backlog.extend(sinks.drain(..).map(Pending::Sink));
-            self.scratch_sink = sinks;
-            self.scratch_queue = queues;
+            let backlog = &mut self.backlog;
+            let drained = self.queue_outbox.drain_each(|d| backlog.push_back(Pending::Queue(d)))
+                + self.sink_outbox.drain_each(|d| backlog.push_back(Pending::Sink(d)));
             if drained == 0 {
                 return;
             }
@@ -1170,13 +1182,15 @@ impl Session {
         if v5 {
             p.properties.subscription_identifiers = sub_ids.to_vec();
             if self.client_alias_max > 0 {
-                match self.outbound_aliases.get(&p.topic) {
+                let max_aliases = self.client_alias_max as usize;
+                let aliases = &self.extras().outbound_aliases;
+                match aliases.get(&p.topic) {
                     Some(&alias) => {
                         p.properties.topic_alias = Some(alias);
                         p.topic = Str::default();
                     }
-                    None if self.outbound_aliases.len() < self.client_alias_max as usize => {
-                        let alias = self.outbound_aliases.len() as u16 + 1;
+                    None if aliases.len() < max_aliases => {
+                        let alias = aliases.len() as u16 + 1;
                         new_alias = Some((p.topic.clone(), alias));
                         p.properties.topic_alias = Some(alias);
                     }
@@ -1186,7 +1200,7 @@ impl Session {
         }
         if qos > QoS::AtMostOnce {
             let original = match &src {
-                Source::Queue { seq, .. } if redelivered => self.resend_ids.remove(seq),
+                Source::Queue { seq, .. } if redelivered => self.extras.as_mut().and_then(|e| e.resend_ids.remove(seq)),
                 _ => None,
             };
             let id = match original {
@@ -1204,7 +1218,7 @@ impl Session {
             return;
         }
         if let Some((topic, alias)) = new_alias {
-            self.outbound_aliases.insert(topic, alias);
+            self.extras().outbound_aliases.insert(topic, alias);
         }
         self.stats.messages_out += 1;
         match qos {

@@ -15,13 +15,16 @@
 //!   [`MAX_REFUSING`] such clients are being refused at once per listener; beyond that the
 //!   socket is closed at once.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ferry_core::frontend::{
-    ClientStream, ConnectionContext, Frontend, LimitScope, ListenerSettings, Refusal, Shutdown, TlsIdentity,
+    ClientStream, ConnectionContext, ConnectionError, Frontend, LimitScope, ListenerSettings, Refusal, Shutdown,
+    TlsIdentity,
 };
 use ferry_core::rate::TokenBucket;
 use ferry_core::{Broker, ConnectionId, Protocol};
@@ -226,47 +229,62 @@ struct Handshakes {
     websocket: Option<Arc<Upgrade>>,
 }
 
+/// A connection being served by its handler.
+type Serving = Pin<Box<dyn Future<Output = Result<(), ConnectionError>> + Send>>;
+
 /// One connection: TCP options, the TLS handshake and the WebSocket upgrade if configured, then
 /// its handler. Holds its connection slot until it returns.
-async fn connection(
+///
+/// Not an `async fn`: the task would keep room for its arguments and for the handshakes for
+/// the connection's whole life. What the task holds while the handler serves is the slot and
+/// the handler's boxed future; the rest is in a boxed future that ends with the handshakes.
+fn connection(
     socket: TcpStream,
     peer: SocketAddr,
-    _slots: Slots,
+    slots: Slots,
+    handshakes: Handshakes,
+    handler: Handler,
+    ctx: ConnectionContext,
+) -> impl Future<Output = ()> + Send {
+    let starting = Box::pin(start(socket, peer, handshakes, handler, ctx));
+    async move {
+        let _slots = slots;
+        let Some(serving) = starting.await else { return };
+        if let Err(e) = serving.await {
+            debug!("connection ended: {e}");
+        }
+    }
+}
+
+/// TCP options and the transport's handshakes; then the handler's future, not yet polled.
+async fn start(
+    socket: TcpStream,
+    peer: SocketAddr,
     handshakes: Handshakes,
     handler: Handler,
     mut ctx: ConnectionContext,
-) {
+) -> Option<Serving> {
     let local = match socket.local_addr() {
         Ok(local) => local,
         Err(e) => {
             debug!("local_addr: {e}");
-            return;
+            return None;
         }
     };
     if let Err(e) = socket.set_nodelay(true) {
         debug!("set_nodelay: {e}");
     }
-    // Boxed: the TLS and WebSocket handshakes' state is large (about 14 KB) and only needed
-    // until they are done; inline, every connection's task would carry it for its whole life.
-    let stream = Box::pin(transport(socket, peer, local, handshakes, &mut ctx)).await;
-    let Some(stream) = stream else { return };
-    match handler {
-        Handler::Frontend(frontend) => {
-            if let Err(e) = frontend.serve(stream, ctx).await {
-                debug!("connection ended: {e}");
+    let stream = transport(socket, peer, local, handshakes, &mut ctx).await?;
+    Some(match handler {
+        Handler::Frontend(frontend) => frontend.serve(stream, ctx),
+        Handler::Unserved(protocol) => Box::pin(async move {
+            let mut shutdown = ctx.shutdown;
+            tokio::select! {
+                r = crate::unserved::serve(protocol, stream) => r.map_err(ConnectionError::from),
+                _ = shutdown.wait() => Ok(()),
             }
-        }
-        Handler::Unserved(protocol) => {
-            let result = tokio::select! {
-                // Boxed: a rare path whose state would otherwise sit in every connection's task.
-                r = Box::pin(crate::unserved::serve(protocol, stream)) => r,
-                _ = ctx.shutdown.wait() => Ok(()),
-            };
-            if let Err(e) = result {
-                debug!("connection ended: {e}");
-            }
-        }
-    }
+        }),
+    })
 }
 
 /// TLS (if the listener has it), then the WebSocket upgrade (if it has one): the stream the

@@ -1,0 +1,101 @@
+//! A wake-up for one waiting task that needs no future to wait with.
+//!
+//! `tokio::sync::Notify` makes its waiter hold a `Notified` future (64 bytes) for as long as it
+//! waits; a connection task waiting on several of them carries all of them, for every idle
+//! connection. A [`Signal`] is polled instead (`poll` registers the task's waker), so a task
+//! can wait on many with one hand-written `poll_fn` and nothing stored between polls. Like
+//! `Notify::notify_one`, a notification with nobody waiting is kept as a permit, so a
+//! notification between the waiter's last check and its next poll is not missed.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+
+#[derive(Default)]
+pub struct Signal {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    permit: bool,
+    waker: Option<Waker>,
+}
+
+impl fmt::Debug for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signal").field("permit", &self.lock().permit).finish()
+    }
+}
+
+impl Signal {
+    pub fn new() -> Signal {
+        Signal::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the waiting task, or leaves a permit for its next poll.
+    pub fn notify(&self) {
+        let waker = {
+            let mut s = self.lock();
+            s.permit = true;
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// `Ready` (taking the permit) once notified; otherwise the task is woken by the next
+    /// [`Signal::notify`]. One task waits on a signal: a poll from another replaces its waker.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.permit {
+            s.permit = false;
+            return Poll::Ready(());
+        }
+        match &s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Resolves once notified (at once if a permit is stored).
+    pub async fn notified(&self) {
+        poll_fn(|cx| self.poll(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_notification_before_waiting_is_kept_once() {
+        let s = Signal::new();
+        s.notify();
+        s.notify();
+        tokio::time::timeout(Duration::from_secs(5), s.notified()).await.expect("permit kept");
+        // Two notifications make one permit.
+        assert!(tokio::time::timeout(Duration::from_millis(20), s.notified()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_task_is_woken() {
+        let s = Arc::new(Signal::new());
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.notified().await }
+        });
+        tokio::task::yield_now().await;
+        s.notify();
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+    }
+}
