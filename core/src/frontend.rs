@@ -47,6 +47,11 @@ pub struct ClientStream {
 }
 
 impl ClientStream {
+    /// The byte stream alone, for a handler that keeps no more of it (the addresses and the
+    /// TLS identity are 80 bytes).
+    pub fn into_io(self) -> Box<dyn Transport> {
+        self.io
+    }
     pub fn new(io: impl Transport, peer: SocketAddr, local: SocketAddr, tls: Option<TlsIdentity>) -> ClientStream {
         ClientStream { io: Box::new(io), peer, local, tls: tls.map(Box::new) }
     }

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_core::auth::AuthError;
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
+use ferry_core::broker::Broker;
+use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, ListenerSettings, Transport};
 use ferry_core::message::now_millis;
 use ferry_core::rate::TokenBucket;
 use ferry_core::sink::{Outbox, SinkDelivery};
 use ferry_core::store::StoreError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -148,8 +148,10 @@ pub fn run(
 
 /// Everything a connection holds once its session has started (see [`run`]).
 struct Conn {
-    stream: ClientStream,
-    ctx: ConnectionContext,
+    stream: Box<dyn Transport>,
+    id: ConnectionId,
+    broker: Arc<Broker>,
+    listener: Arc<ListenerSettings>,
     shared: Arc<Shared>,
     session: Session,
     decoder: Decoder,
@@ -164,14 +166,12 @@ struct Conn {
     kick: Arc<Kick>,
     /// The oldest ack whose commit is not done yet.
     waiting: Option<CommitWait>,
-    alarm: watch::Receiver<bool>,
-    disk_alarm: watch::Receiver<bool>,
     bytes_in: u64,
     // The listener's `max_publish_rate`: one token per PUBLISH. A PUBLISH taken on credit is
     // served, then the connection stops reading (and decoding what it has read) until the debt
     // is paid: the client's further packets wait in `buf` and in the kernel's buffers, so TCP
     // slows the publisher down; nothing is dropped. Deliveries to the client go on meanwhile.
-    publish_bucket: Option<TokenBucket>,
+    publish_bucket: Option<Box<TokenBucket>>,
     throttled_until: Option<Instant>,
     // Since when we have not been reading (publish rate, alarms, congestion, acks waiting for
     // the store): our pause, not the client's silence, so the keep alive deadline moves on by as
@@ -348,8 +348,7 @@ async fn establish(
     shared.ensure_sys(&vhost);
 
     let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));
-    let disk_alarm = ctx.broker.disk().subscribe();
-    session.set_disk_alarm(disk_alarm.clone());
+    session.set_disk_alarm(ctx.broker.disk().subscribe());
     let publish_rate = limits.max_publish_rate;
     let deadline = keep_alive.map(|k| Instant::now() + k);
     claim.kick.set_deadline(deadline);
@@ -360,17 +359,17 @@ async fn establish(
         keep_alive,
         kick: claim.kick,
         waiting: None,
-        alarm: ctx.broker.memory().subscribe(),
-        disk_alarm,
         bytes_in: buf.len() as u64,
         publish_bucket: (publish_rate > 0)
-            .then(|| TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std())),
+            .then(|| Box::new(TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std()))),
         throttled_until: None,
         paused_since: None,
         undecoded,
         generation: claim.generation,
-        stream,
-        ctx,
+        stream: stream.into_io(),
+        id: ctx.id,
+        broker: ctx.broker,
+        listener: ctx.listener,
         shared,
         session,
         decoder,
@@ -388,9 +387,10 @@ impl Conn {
             }
             self.session.congested.retain(|o| !o.has_room());
             let congested = self.session.congested.first().cloned();
+            let held = self.held();
             let reading = self.session.pending_acks.len() < MAX_PENDING_ACKS
                 && congested.is_none()
-                && !self.held()
+                && !held
                 && self.throttled_until.is_none();
             match (reading, self.paused_since) {
                 (false, None) => {
@@ -409,7 +409,7 @@ impl Conn {
             let closed = if reading && self.waiting.is_none() {
                 std::future::poll_fn(|cx| self.poll_idle(cx)).await
             } else {
-                Box::pin(self.wait_busy(reading, congested)).await
+                Box::pin(self.wait_busy(reading, held, congested)).await
             };
             if let Some(close) = closed {
                 return close;
@@ -420,7 +420,8 @@ impl Conn {
     /// The memory alarm holds back clients that publish (subscribers keep draining); so does
     /// the disk alarm for 3.1.1 clients (5.0 clients are answered 0x97 instead).
     fn held(&self) -> bool {
-        self.session.published && (*self.alarm.borrow() || (*self.disk_alarm.borrow() && !self.session.is_v5()))
+        self.session.published
+            && (self.broker.memory().is_raised() || (self.broker.disk().is_raised() && !self.session.is_v5()))
     }
 
     /// Everything ready: packets read and not yet handled (unless the publish rate or an alarm
@@ -460,7 +461,7 @@ impl Conn {
         if !self.session.out.is_empty() {
             let n = self.session.out.len();
             if let Err(e) = self.stream.write_all(&self.session.out).await {
-                debug!(conn = %self.ctx.id, error = %e, "write failed");
+                debug!(conn = %self.id, error = %e, "write failed");
                 self.session.out.clear();
                 return Err(Close::Lost);
             }
@@ -479,7 +480,7 @@ impl Conn {
         match r {
             Ok(0) => Some(Close::Lost),
             Err(e) => {
-                debug!(conn = %self.ctx.id, error = %e, "read failed");
+                debug!(conn = %self.id, error = %e, "read failed");
                 Some(Close::Lost)
             }
             Ok(n) => {
@@ -508,7 +509,7 @@ impl Conn {
         }
         // Both polled, so both wakers are registered whichever is ready.
         let sink = self.session.sink_outbox().poll_notified(cx).is_ready();
-        let queue = self.session.queue_outbox().poll_notified(cx).is_ready();
+        let queue = self.session.queue_outbox().is_some_and(|o| o.poll_notified(cx).is_ready());
         if sink || queue {
             return Poll::Ready(None);
         }
@@ -536,7 +537,19 @@ impl Conn {
 
     /// Waiting for anything else: a commit, a congested subscriber, an alarm to clear, the
     /// publish rate. Boxed by the caller, so that its room is taken only while it waits.
-    async fn wait_busy(&mut self, reading: bool, congested: Option<Arc<Outbox<SinkDelivery>>>) -> Option<Close> {
+    async fn wait_busy(
+        &mut self,
+        reading: bool,
+        held: bool,
+        congested: Option<Arc<Outbox<SinkDelivery>>>,
+    ) -> Option<Close> {
+        // The alarms' receivers are made for this wait (they are 32 bytes a connection kept
+        // otherwise); one that changed before it was made is caught by looking again.
+        let mut alarm = self.broker.memory().subscribe();
+        let mut disk_alarm = self.broker.disk().subscribe();
+        if self.held() != held {
+            return None;
+        }
         let room = if reading { self.sizer.prepare(&mut self.buf) } else { 0 };
         let sink_outbox = self.session.sink_outbox();
         let queue_outbox = self.session.queue_outbox();
@@ -547,14 +560,14 @@ impl Conn {
                 self.throttled_until = None;
             }
             _ = sink_outbox.notified() => {}
-            _ = self.alarm.changed() => {}
-            _ = self.disk_alarm.changed() => {}
+            _ = alarm.changed() => {}
+            _ = disk_alarm.changed() => {}
             // A subscriber we publish to is full: wait for it to drain, but at most
             // CONGESTION_PAUSE, so two clients publishing to each other cannot wait forever.
             _ = wait_room(congested.as_deref()), if congested.is_some() => {
                 self.session.congested.clear();
             }
-            _ = queue_outbox.notified() => {}
+            _ = async { queue_outbox.expect("guarded").notified().await }, if queue_outbox.is_some() => {}
             (result, packet) = async { self.waiting.as_mut().expect("guarded").await }, if self.waiting.is_some() => {
                 self.waiting = None;
                 if let Err(c) = self.session.commit_done(packet, result.is_ok()) {
@@ -568,12 +581,13 @@ impl Conn {
 
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
-        let Conn { mut stream, ctx, shared, mut session, mut waiting, bytes_in, generation, .. } = *self;
+        let Conn { mut stream, id, broker, listener, shared, mut session, mut waiting, bytes_in, generation, .. } =
+            *self;
         shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
         // Say why, to 5.0 clients.
         match &close {
             Close::Violation { reason: r, detail } => {
-                info!(conn = %ctx.id, client_id = session.client_id, "closing MQTT connection: {detail}");
+                info!(conn = %id, client_id = session.client_id, "closing MQTT connection: {detail}");
                 session.send_disconnect(*r, detail);
             }
             Close::TakenOver => {
@@ -610,7 +624,7 @@ impl Conn {
         let delayed_will = will.clone().filter(|_| delay > 0);
         let stored = session.finish(now_millis(), delayed_will);
         let expiry = stored.as_ref().map(|st| st.expiry);
-        shared.registry.release(&ctx.listener.vhost, &client_id, ctx.id, stored);
+        shared.registry.release(&listener.vhost, &client_id, id, stored);
         if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
             spawn_expiry(
                 shared.clone(),
@@ -620,7 +634,7 @@ impl Conn {
                 Duration::from_secs(secs as u64),
             );
         }
-        ctx.broker.connection_closed(ctx.id);
+        broker.connection_closed(id);
         // Close the socket only now: once a client sees the close, its session no longer takes
         // deliveries and is stored for the next connection (a QoS 0 message published after that
         // is not caught by the old consumer and requeued as if queued offline).
@@ -628,7 +642,7 @@ impl Conn {
 
         if let Some(will) = will {
             if delay == 0 {
-                publish_will(&vhost, &exchange, &will, ctx.id, now_millis());
+                publish_will(&vhost, &exchange, &will, id, now_millis());
             } else {
                 // 5.0 §3.1.3.2.2: wait, and publish only if the session was not resumed meanwhile.
                 let at = Duration::from_secs(delay as u64);
@@ -646,7 +660,9 @@ fn kicked(why: Kicked) -> Close {
     match why {
         Kicked::TakenOver => Close::TakenOver,
         Kicked::Shutdown => Close::Shutdown,
-        Kicked::KeepAlive => Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() },
+        Kicked::KeepAlive => {
+            Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() }
+        }
     }
 }
 

@@ -141,8 +141,14 @@ struct Subscription {
 }
 
 enum Mode {
-    Transient { sink: Arc<DirectSink> },
-    Persistent { queue: Arc<Queue>, consumer: ConsumerId },
+    /// The sink is made with the first subscription (most idle clients never subscribe).
+    Transient {
+        sink: Option<Arc<DirectSink>>,
+    },
+    Persistent {
+        queue: Arc<Queue>,
+        consumer: ConsumerId,
+    },
 }
 
 /// A delivery taken from an outbox and not yet sent (the inflight window was full).
@@ -200,7 +206,9 @@ pub struct Session {
     problem_info: bool,
     /// Original packet ids of queue deliveries unacked at the last disconnect.
     sink_outbox: Arc<Outbox<SinkDelivery>>,
-    queue_outbox: Arc<Outbox<Delivery>>,
+    /// Deliveries from queues (the session's own, shared subscriptions'); made with the first
+    /// consumer, as most clean sessions have none.
+    queue_outbox: Option<Arc<Outbox<Delivery>>>,
     backlog: VecDeque<Pending>,
     /// Acks waiting for store commits, in order.
     pub pending_acks: VecDeque<PendingAck>,
@@ -311,7 +319,7 @@ impl Session {
         let owner = OwnerId::next();
         let queue_name = session_queue_name(&client_id);
         let sink_outbox = Arc::new(Outbox::new(settings.outbox_capacity));
-        let queue_outbox = Arc::new(Outbox::new(settings.outbox_capacity));
+        let mut queue_outbox = None;
         let window = if v5 { p.receive_maximum.unwrap_or(u16::MAX) } else { settings.max_inflight };
 
         // A clean start discards any previous session.
@@ -366,12 +374,14 @@ impl Session {
                 no_ack: false,
                 exclusive: false,
                 priority: 0,
-                sink: Arc::new(QueueSink { outbox: queue_outbox.clone() }),
+                sink: Arc::new(QueueSink {
+                    outbox: queue_outbox.get_or_insert_with(|| Arc::new(Outbox::new(settings.outbox_capacity))).clone(),
+                }),
             };
             let (queue, consumer) = vhost.consume(queue.name(), spec, now)?;
             Mode::Persistent { queue, consumer }
         } else {
-            Mode::Transient { sink: DirectSink::new(connection, sink_outbox.clone()) }
+            Mode::Transient { sink: None }
         };
 
         let keep_alive = if settings.max_keep_alive > 0
@@ -533,8 +543,8 @@ impl Session {
     pub fn sink_outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
         &self.sink_outbox
     }
-    pub fn queue_outbox(&self) -> &Arc<Outbox<Delivery>> {
-        &self.queue_outbox
+    pub fn queue_outbox(&self) -> Option<&Arc<Outbox<Delivery>>> {
+        self.queue_outbox.as_ref()
     }
     pub fn is_v5(&self) -> bool {
         self.version == ProtocolVersion::V5
@@ -967,14 +977,21 @@ impl Session {
                 no_ack: false,
                 exclusive: false,
                 priority: 0,
-                sink: Arc::new(QueueSink { outbox: self.queue_outbox.clone() }),
+                sink: Arc::new(QueueSink {
+                    outbox: self
+                        .queue_outbox
+                        .get_or_insert_with(|| Arc::new(Outbox::new(self.settings.outbox_capacity)))
+                        .clone(),
+                }),
             };
             let (q, consumer) = self.vhost.consume(q.name(), spec, now)?;
             shared = Some((q, consumer));
         } else {
-            match &self.mode {
+            match &mut self.mode {
                 Mode::Transient { sink } => {
                     if !existed {
+                        let sink =
+                            sink.get_or_insert_with(|| DirectSink::new(self.connection, self.sink_outbox.clone()));
                         let sink = SinkRef { sink: sink.clone(), cookie };
                         self.vhost.bind_sink(&exchange, key, sink)?;
                     }
@@ -1035,9 +1052,11 @@ impl Session {
             return;
         }
         let result = match &self.mode {
-            Mode::Transient { sink } => {
+            Mode::Transient { sink: Some(sink) } => {
                 self.vhost.unbind_sink(&exchange, &key, SinkRef { sink: sink.clone(), cookie: sub.cookie }).map(|_| ())
             }
+            // Nothing was ever bound.
+            Mode::Transient { sink: None } => Ok(()),
             Mode::Persistent { queue, .. } => {
                 let name = queue.name().clone();
                 self.vhost.unbind_queue(&name, &exchange, key, self.connection)
@@ -1064,8 +1083,9 @@ impl Session {
                 }
             }
             let backlog = &mut self.backlog;
-            let drained = self.queue_outbox.drain_each(|d| backlog.push_back(Pending::Queue(d)))
-                + self.sink_outbox.drain_each(|d| backlog.push_back(Pending::Sink(d)));
+            let drained =
+                self.queue_outbox.as_ref().map_or(0, |o| o.drain_each(|d| backlog.push_back(Pending::Queue(d))))
+                    + self.sink_outbox.drain_each(|d| backlog.push_back(Pending::Sink(d)));
             if drained == 0 {
                 return;
             }
@@ -1252,7 +1272,9 @@ impl Session {
         let keep = this.session_expiry > 0;
         match &this.mode {
             Mode::Transient { sink } => {
-                this.vhost.unbind_sink_all(sink.id());
+                if let Some(sink) = sink {
+                    this.vhost.unbind_sink_all(sink.id());
+                }
                 None
             }
             Mode::Persistent { queue, consumer } => {
