@@ -1082,10 +1082,11 @@ impl Session {
                     Pending::Queue(d) => self.deliver_from_queue(d, now),
                 }
             }
-            let backlog = &mut self.backlog;
-            let drained =
-                self.queue_outbox.as_ref().map_or(0, |o| o.drain_each(|d| backlog.push_back(Pending::Queue(d))))
-                    + self.sink_outbox.drain_each(|d| backlog.push_back(Pending::Sink(d)));
+            let queued = self.queue_outbox.as_ref().map(|o| o.drain_all()).unwrap_or_default();
+            let sunk = self.sink_outbox.drain_all();
+            let drained = queued.len() + sunk.len();
+            self.backlog.extend(queued.into_iter().map(Pending::Queue));
+            self.backlog.extend(sunk.into_iter().map(Pending::Sink));
             if drained == 0 {
                 return;
             }
