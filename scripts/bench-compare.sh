@@ -120,6 +120,8 @@ mpid=""
 gpid=""  # a generator in the background (idle)
 spid=""  # an RSS sampler
 cleanup() {
+  # Brokers stopped for another's run (see run_one) must run again to shut down.
+  for p in $mpid $fpid ${beam:-}; do kill -CONT "$p" 2>/dev/null; done
   for p in $gpid $spid $mpid $fpid; do kill "$p" 2>/dev/null; done
   rabbit_stop
   sleep 0.5
@@ -248,7 +250,24 @@ runs_started=$(date +%s)
 index=0
 # run_one PART KEY KIND ROUND BROKER PORT_ARGS ARGS: one generator run, its JSON and what was
 # sampled around it appended to index.tsv. The idle and stall kinds get a freshly started broker.
+# One run, with the other brokers stopped (SIGSTOP) meanwhile and continued after it: both
+# brokers of a part are up for the whole part, and on 2 CPUs an idle one's background work (an
+# Erlang VM's schedulers spin for a while after each run) takes time from the one measured.
 run_one() {
+  local broker=$5 own others="" p
+  case $broker in ferry) own=$fpid ;; mosquitto) own=$mpid ;; *) own=${beam:-} ;; esac
+  for p in $fpid $mpid ${beam:-}; do
+    [ "$p" != "$own" ] && kill -0 "$p" 2>/dev/null && others="$others $p"
+  done
+  # shellcheck disable=SC2086 # a list of pids
+  [ -n "$others" ] && kill -STOP $others
+  run_one_measured "$@"
+  # shellcheck disable=SC2086
+  [ -n "$others" ] && kill -CONT $others
+  return 0
+}
+
+run_one_measured() {
   local part=$1 key=$2 kind=$3 round=$4 broker=$5 portargs=$6 args=$7 pid
   local out="$work/results/$(printf %03d $index)-$part-$key-$broker-$round.json"
   index=$((index + 1))
@@ -583,7 +602,8 @@ out.append("")
 out.append(f"Written by `scripts/bench-compare.sh` on {meta.get('date')}; the script replaces everything between "
            "the `bench-compare` markers on each run (the sections further down are from the older, "
            "per-protocol scripts). Ferry and its peer ran alternately on the same machine, over loopback, "
-           "driven by `ferry-bench`; each figure is the median over the rounds, and the ratio is the median of "
+           "driven by `ferry-bench`, the broker not measured stopped (SIGSTOP) during each run so that its "
+           "background work does not take CPU from the other; each figure is the median over the rounds, and the ratio is the median of "
            "the per-round ratios Ferry/peer (above 1: Ferry higher, which is better for rates and worse for "
            "latency, memory and CPU). CPU %: user + system time over the generator's run, from its first "
            "connection to its end, settle time included (100 % = one core busy): the generator's its own, the "
