@@ -60,12 +60,9 @@ struct ReadSizer {
 const READ_MIN: usize = 512;
 /// The most write buffer a connection keeps between bursts.
 const OUT_KEEP: usize = 64 * 1024;
-// 8 KiB, not more: a publisher handles everything one read brings before it looks at whether
-// the subscribers it feeds are congested, so bigger reads let 50 publishers at once overrun a
-// subscriber's outbox past the point where QoS 0 is dropped (64 KiB lost 3-15 % of QoS 0 in
-// fan-out 1→50 and fan-in 50→1; 8 KiB lost 0-0.03 %, and fan-out ran at 2.6M deliveries/s
-// instead of 1.7M; scripts/bench-compare.sh, same machine, 2026-11-27).
-const READ_MAX: usize = 8 * 1024;
+// A publisher stops decoding at the first publish that finds a subscriber congested (see
+// `Conn::work`), so the size of a read does not decide how far it can overrun a subscriber.
+const READ_MAX: usize = 64 * 1024;
 
 impl ReadSizer {
     fn new() -> ReadSizer {
@@ -406,6 +403,10 @@ impl Conn {
                 }
                 _ => {}
             }
+            if reading && self.undecoded {
+                // Packets read and left undecoded at a congestion that is over: they go first.
+                continue;
+            }
             let closed = if reading && self.waiting.is_none() {
                 std::future::poll_fn(|cx| self.poll_idle(cx)).await
             } else {
@@ -439,6 +440,12 @@ impl Conn {
                                 self.throttled_until = Some(now + wait);
                                 break;
                             }
+                        }
+                        // A subscriber this went to is congested: the rest of what was read
+                        // waits until it drains (see `serve`), so a read, however large, cannot
+                        // overrun it past the point where QoS 0 is dropped.
+                        if publish && !self.session.congested.is_empty() {
+                            break;
                         }
                     }
                     Ok(None) => {
