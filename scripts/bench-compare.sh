@@ -120,12 +120,8 @@ mpid=""
 gpid=""  # a generator in the background (idle)
 spid=""  # an RSS sampler
 cleanup() {
-  # Brokers stopped for another's run (see run_one) must run again to shut down.
-  for p in $mpid $fpid ${beam:-}; do kill -CONT "$p" 2>/dev/null; done
-  for p in $gpid $spid $mpid $fpid; do kill "$p" 2>/dev/null; done
-  rabbit_stop
-  sleep 0.5
-  for p in $gpid $spid $mpid $fpid; do kill -9 "$p" 2>/dev/null; done
+  # shellcheck disable=SC2086 # lists of pids, some empty
+  stop_all $gpid $spid $mpid $fpid
   if [ "${KEEP:-0}" = 1 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT

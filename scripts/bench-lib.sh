@@ -156,6 +156,18 @@ rabbit_stop() {
   rpid=""
 }
 
+# An exit trap's cleanup: asks the given processes to stop (continuing any that a benchmark
+# stopped with SIGSTOP, as they could not act on it otherwise), stops the RabbitMQ node if one
+# was started, then kills what is left.
+stop_all() {
+  local p
+  for p in "$@" ${beam:-}; do kill -CONT "$p" 2>/dev/null; done
+  for p in "$@"; do kill "$p" 2>/dev/null; done
+  rabbit_stop
+  sleep 0.5
+  for p in "$@"; do kill -9 "$p" 2>/dev/null; done
+}
+
 # --- added for scripts/bench-compare.sh ---------------------------------------------------------
 
 # bench_need_mosquitto: installs mosquitto with apt-get when missing (as root); sets $mosquitto_bin.

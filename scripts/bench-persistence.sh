@@ -88,10 +88,8 @@ gpid=""  # a generator running in the background
 spid=""  # the file-size sampler
 probe_pid=""  # the start-up probe
 cleanup() {
-  for p in $gpid $spid $probe_pid $fpid; do kill "$p" 2>/dev/null; done
-  rabbit_stop
-  sleep 0.5
-  for p in $gpid $spid $probe_pid $fpid; do kill -9 "$p" 2>/dev/null; done
+  # shellcheck disable=SC2086 # lists of pids, some empty
+  stop_all $gpid $spid $probe_pid $fpid
   if [ "${KEEP:-0}" = 1 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
