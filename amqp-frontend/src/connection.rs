@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use ferry_core::acl::QueueUse;
 use ferry_core::auth::{AuthError, Identity};
 use ferry_core::exchange::ExchangeKind;
 use ferry_core::exchange::{BindingKey, ExchangeOptions};
@@ -647,6 +648,16 @@ impl Connection {
         }
     }
 
+    /// The MQTT frontend's own queues are not for AMQP verbs, whoever asks
+    /// ([`ferry_core::acl::mqtt_queue_refusal`]): 403 ACCESS_REFUSED, a channel error.
+    fn guard_mqtt_queue(&self, name: &ShortString, what: QueueUse) -> Result<(), AmqpError> {
+        let vhost = self.vhost.as_ref().map(|v| v.name().to_string()).unwrap_or_default();
+        match ferry_core::acl::mqtt_queue_refusal(&vhost, &name.to_string_lossy(), what) {
+            Some(why) => Err(AmqpError::new(reply_code::ACCESS_REFUSED, why)),
+            None => Ok(()),
+        }
+    }
+
     /// Does anything restrict this connection? (Skips every check in the common case.)
     fn restricted(&mut self) -> bool {
         self.access.as_mut().is_some_and(|a| !a.unrestricted(&self.broker))
@@ -772,6 +783,9 @@ impl Connection {
                         self.authorize_route_into(&dlx, &key)?;
                     }
                 }
+                if !d.passive {
+                    self.guard_mqtt_queue(&name, QueueUse::Declare)?;
+                }
                 let options = QueueOptions {
                     durable: d.durable,
                     exclusive: d.exclusive.then_some(conn),
@@ -805,6 +819,7 @@ impl Connection {
                     self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
                     self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
                 }
+                self.guard_mqtt_queue(&q, QueueUse::Bind)?;
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().bind_queue(&q, &b.exchange, key, conn)?;
                 if !b.nowait {
@@ -819,6 +834,7 @@ impl Connection {
                     self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
                     self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
                 }
+                self.guard_mqtt_queue(&q, QueueUse::Unbind)?;
                 let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
                 self.vhost().unbind_queue(&q, &b.exchange, key, conn)?;
                 self.send(ch, Method::QueueUnbindOk(QueueUnbindOk {}));
@@ -829,6 +845,7 @@ impl Connection {
                 if self.restricted() {
                     self.authorize(Permission::Read, Resource::Queue, &q)?;
                 }
+                self.guard_mqtt_queue(&q, QueueUse::Purge)?;
                 let n = self.vhost().purge_queue(&q, conn, now)?;
                 if !p.nowait {
                     self.send(ch, Method::QueuePurgeOk(QueuePurgeOk { message_count: n }));
@@ -840,6 +857,7 @@ impl Connection {
                 if self.restricted() {
                     self.authorize(Permission::Configure, Resource::Queue, &q)?;
                 }
+                self.guard_mqtt_queue(&q, QueueUse::Delete)?;
                 let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty)?;
                 if !d.nowait {
                     self.send(ch, Method::QueueDeleteOk(QueueDeleteOk { message_count: n }));
@@ -887,6 +905,9 @@ impl Connection {
                     self.authorize(Permission::Write, Resource::Exchange, &p.exchange)?;
                     self.authorize_topic(Permission::Write, &p.exchange, &p.routing_key)?;
                 }
+                if p.exchange.is_empty() {
+                    self.guard_mqtt_queue(&p.routing_key, QueueUse::Publish)?;
+                }
                 self.channel(ch).content =
                     Some(PartialPublish { method: p, header: None, body: None, body_buf: BytesMut::new() });
                 Ok(())
@@ -896,6 +917,7 @@ impl Connection {
                 if self.restricted() {
                     self.authorize(Permission::Read, Resource::Queue, &qname)?;
                 }
+                self.guard_mqtt_queue(&qname, QueueUse::Consume)?;
                 let q = self.vhost().queue_for(&qname, conn)?;
                 let owner = self.channel(ch).owner;
                 let (got, effects) = q.get(owner, g.no_ack, now);
@@ -1055,6 +1077,7 @@ impl Connection {
             if self.restricted() {
                 self.authorize(Permission::Read, Resource::Queue, &q)?;
             }
+            self.guard_mqtt_queue(&q, QueueUse::Consume)?;
             q
         };
         let tag = if c.consumer_tag.is_empty() { consumer_tag() } else { c.consumer_tag };

@@ -29,9 +29,6 @@ use crate::connection::{Connection, Flow, Settings};
 /// How long a client has to answer our connection.close with close-ok.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
 
-/// The longest a publisher is held back by one congested subscriber before it may send again.
-const CONGESTION_PAUSE: Duration = Duration::from_millis(500);
-
 type ConfirmWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, PendingConfirm)> + Send>>;
 
 /// Serves one AMQP connection to its end.
@@ -192,9 +189,10 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                 decode = true;
             }
             _ = outbox.notified() => {}
-            // A subscriber we publish to is full: hold this publisher back (bounded, so two
-            // connections feeding each other cannot wait on each other forever).
-            _ = async { tokio::time::timeout(CONGESTION_PAUSE, congested.as_ref().expect("guarded").room()).await },
+            // A subscriber we publish to is full: hold this publisher back, at most
+            // CONGESTION_PAUSE; one that does not keep up is lagging and holds nobody back any
+            // more (ferry_core::sink).
+            _ = async { ferry_core::sink::wait_for_room(congested.as_deref().expect("guarded")).await },
                 if congested.is_some() => {
                 conn.congested.clear();
             }
@@ -232,7 +230,12 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                         }
                         if let Some((user, password, mechanism)) = conn.take_pending_login() {
                             // Checked on the blocking pool, bounded; within the handshake time.
-                            let login = ctx.broker.auth().login(&ctx.listener.auth, Some(&user), Some(&password));
+                            let login = ctx.broker.auth().login(
+                                &ctx.listener.auth,
+                                stream.peer.ip(),
+                                Some(&user),
+                                Some(&password),
+                            );
                             let result = tokio::time::timeout_at(handshake_deadline, login)
                                 .await
                                 .unwrap_or(Err(ferry_core::auth::AuthError::Busy));

@@ -135,6 +135,56 @@ impl Acl {
 /// everything.
 pub const MQTT_QUEUE_PREFIXES: [&str; 2] = ["mqtt-session.", "mqtt-shared."];
 
+/// Whether `name` is one of the MQTT frontend's own queues ([`MQTT_QUEUE_PREFIXES`]).
+pub fn is_mqtt_queue(name: &[u8]) -> bool {
+    MQTT_QUEUE_PREFIXES.iter().any(|p| name.starts_with(p.as_bytes()))
+}
+
+/// What an outside client (an AMQP connection) asks to do with a queue by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueUse {
+    /// `queue.declare` that may create it (not passive).
+    Declare,
+    Bind,
+    Unbind,
+    Purge,
+    Delete,
+    /// `basic.consume` or `basic.get`.
+    Consume,
+    /// A publish to the default exchange with the queue's name as the routing key.
+    Publish,
+}
+
+/// Why an outside client may not `what` the MQTT frontend's queue `name` (issue 13). Only
+/// MQTT subscriptions fill these queues, and only their clients empty them: a message that no
+/// MQTT client could have published must never reach one (it could push a client's own
+/// messages out, past `max_queued_messages`), nor may anyone else add bindings to, purge,
+/// delete or create one. Consuming from a shared subscription's queue is the one exception:
+/// AMQP consumers may join a group as its MQTT members do (under the same read checks). A
+/// passive declare, which changes nothing, is always allowed. `None`: allowed.
+pub fn mqtt_queue_refusal(vhost: &str, name: &str, what: QueueUse) -> Option<String> {
+    let session = name.starts_with(MQTT_QUEUE_PREFIXES[0]);
+    if !session && !name.starts_with(MQTT_QUEUE_PREFIXES[1]) {
+        return None;
+    }
+    if !session && what == QueueUse::Consume {
+        return None;
+    }
+    let whose = if session { "an MQTT client's session" } else { "an MQTT shared subscription" };
+    let verb = match what {
+        QueueUse::Declare => "declare",
+        QueueUse::Bind => "bind",
+        QueueUse::Unbind => "unbind",
+        QueueUse::Purge => "purge",
+        QueueUse::Delete => "delete",
+        QueueUse::Consume => "consume from",
+        QueueUse::Publish => "publish to",
+    };
+    Some(format!(
+        "cannot {verb} queue '{name}' in vhost '{vhost}': it holds {whose} and only MQTT subscriptions fill it"
+    ))
+}
+
 /// The MQTT topic an AMQP routing key stands for on an MQTT exchange: `/` and `.` swapped, as
 /// the MQTT frontend maps them (`docs/mapping.md`).
 pub fn routing_key_topic(routing_key: &str) -> String {

@@ -2,12 +2,15 @@
 //! frontend applies (issue 7).
 //!
 //! A frontend calls [`Authenticator::login`] (through [`Broker::auth`](crate::Broker::auth)) with
-//! the listener's [`AuthPolicy`] and what the client sent. Password verification is deliberately
-//! slow (argon2id takes tens of milliseconds of CPU), so it runs on tokio's blocking pool, at most
-//! [`MAX_CONCURRENT_VERIFICATIONS`] at once, with at most [`MAX_WAITING_VERIFICATIONS`] logins
-//! queued behind them; past that a login is refused at once with [`AuthError::Busy`]. A flood of
-//! bad logins therefore costs at most two cores and a bounded queue, and never stalls the async
-//! workers that serve the connected clients.
+//! the listener's [`AuthPolicy`], the client's address and what it sent. Password verification
+//! is deliberately slow (argon2id takes tens of milliseconds of CPU and 19 MiB), so it runs on
+//! [`MAX_CONCURRENT_VERIFICATIONS`] threads of its own ([`pool`]), with at most
+//! [`MAX_WAITING_VERIFICATIONS`] logins queued behind them; past that a login is refused at once
+//! with [`AuthError::Busy`]. Before a login reaches that queue, [`throttle`] slows down, then
+//! refuses, an address whose logins keep failing, so that one attacking address cannot keep
+//! good clients elsewhere out. A flood of bad logins therefore costs at most two cores, a
+//! bounded queue and no lasting memory, and never stalls the async workers that serve the
+//! connected clients.
 //!
 //! Hash formats ([`PasswordHash::parse`]):
 //! - argon2id PHC strings (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`), what
@@ -23,20 +26,26 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use argon2::password_hash::{PasswordHash as Phc, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash as Phc, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use rand_core::OsRng;
 use sha2::{Digest, Sha256, Sha512};
 use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
 
-/// Password verifications running at once (each takes one blocking-pool thread and a core).
+mod pool;
+pub mod throttle;
+
+use throttle::{Admit, LoginThrottle, Source};
+
+/// Password verifications running at once: the threads of the checking pool (each takes a core
+/// while it checks).
 pub const MAX_CONCURRENT_VERIFICATIONS: usize = 2;
 /// Logins waiting for a verification slot; one more is refused with [`AuthError::Busy`].
 pub const MAX_WAITING_VERIFICATIONS: usize = 64;
@@ -80,6 +89,9 @@ pub enum AuthError {
     BadCredentials,
     #[error("too many logins being checked; try again")]
     Busy,
+    /// The client's address has failed too often ([`throttle`]).
+    #[error("{0}")]
+    Throttled(String),
     #[error("{0}")]
     NotAllowed(String),
 }
@@ -159,10 +171,7 @@ impl PasswordHash {
     /// differ.
     pub fn verify(&self, password: &[u8]) -> bool {
         match self {
-            PasswordHash::Argon2id(phc) => match Phc::new(phc) {
-                Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
-                Err(_) => false,
-            },
+            PasswordHash::Argon2id(phc) => verify_argon2id(phc, password).unwrap_or(false),
             PasswordHash::Pbkdf2Sha512 { iterations, salt, hash } => {
                 let mut out = vec![0u8; hash.len()];
                 pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
@@ -199,6 +208,27 @@ impl PasswordHash {
             PasswordHash::RabbitSha512 { .. } => "rabbitmq-sha512",
         }
     }
+}
+
+/// An argon2id check whose working memory is given back to the system afterwards
+/// ([`pool::argon2_blocks`]). `None`: the stored string is not usable (it was checked at parse).
+fn verify_argon2id(phc: &str, password: &[u8]) -> Option<bool> {
+    let parsed = Phc::new(phc).ok()?;
+    let params = Params::try_from(&parsed).ok()?;
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).ok()?,
+        None => Version::default(),
+    };
+    let mut salt = [0u8; 64];
+    let salt = parsed.salt?.decode_b64(&mut salt).ok()?;
+    let expected = parsed.hash?;
+    let expected = expected.as_bytes();
+    let mut out = vec![0u8; expected.len()];
+    let blocks = pool::argon2_blocks(params.block_count());
+    Argon2::new(Algorithm::Argon2id, version, params)
+        .hash_password_into_with_memory(password, salt, &mut out, blocks)
+        .ok()?;
+    Some(out.ct_eq(expected).into())
 }
 
 fn argon2id_hasher() -> Argon2<'static> {
@@ -290,12 +320,14 @@ fn dummy_hash() -> &'static PasswordHash {
 /// users they started with.
 pub struct Authenticator {
     users: ArcSwap<HashMap<String, Arc<PasswordHash>>>,
-    /// One permit per verification running.
-    running: Arc<Semaphore>,
-    /// Logins running or waiting for a permit.
+    /// The checking threads, started with the first login that needs one.
+    pool: OnceLock<pool::Pool>,
+    workers: usize,
+    /// Logins being checked or queued for a check.
     admitted: Arc<AtomicUsize>,
     /// [`MAX_CONCURRENT_VERIFICATIONS`] + [`MAX_WAITING_VERIFICATIONS`] (smaller in tests).
     max_admitted: usize,
+    throttle: Arc<LoginThrottle>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -303,6 +335,7 @@ impl fmt::Debug for Authenticator {
         f.debug_struct("Authenticator")
             .field("users", &self.user_count())
             .field("verifications", &self.admitted.load(Ordering::Relaxed))
+            .field("throttled_sources", &self.throttle.len())
             .finish()
     }
 }
@@ -330,9 +363,11 @@ impl Authenticator {
     fn with_limits(users: Vec<User>, concurrent: usize, waiting: usize) -> Authenticator {
         Authenticator {
             users: ArcSwap::from_pointee(index(users)),
-            running: Arc::new(Semaphore::new(concurrent)),
+            pool: OnceLock::new(),
+            workers: concurrent,
             admitted: Arc::new(AtomicUsize::new(0)),
             max_admitted: concurrent + waiting,
+            throttle: Arc::new(LoginThrottle::new()),
         }
     }
 
@@ -345,12 +380,19 @@ impl Authenticator {
         self.users.load().len()
     }
 
-    /// `username: None` = the client sent no credentials. Verification (argon2 is ~tens of ms of
-    /// CPU) runs on tokio's blocking pool, at most [`MAX_CONCURRENT_VERIFICATIONS`] at once, with
-    /// at most [`MAX_WAITING_VERIFICATIONS`] waiting — beyond that `Err(Busy)` at once — so a
-    /// flood of bad logins cannot stall the async workers or queue without bound. An unknown user
-    /// name costs the same as a wrong password (verified against a fixed dummy argon2 hash) so
-    /// names cannot be probed by timing.
+    /// The failure scores of the addresses logins come from.
+    pub fn throttle(&self) -> &LoginThrottle {
+        &self.throttle
+    }
+
+    /// `username: None` = the client sent no credentials; `peer` is the client's address.
+    /// Verification (argon2 is ~tens of ms of CPU) runs on the checking threads, at most
+    /// [`MAX_CONCURRENT_VERIFICATIONS`] at once, with at most [`MAX_WAITING_VERIFICATIONS`]
+    /// waiting — beyond that `Err(Busy)` at once — so a flood of bad logins cannot stall the
+    /// async workers or queue without bound. An address whose checks keep failing is slowed
+    /// down and then refused ([`AuthError::Throttled`], see [`throttle`]) before it takes a
+    /// place in that queue. An unknown user name costs the same as a wrong password (verified
+    /// against a fixed dummy argon2 hash) so names cannot be probed by timing.
     ///
     /// The rules: no user name → anonymous if `policy.anonymous`, else
     /// [`AuthError::NotAllowed`]; a configured user → its password is verified (a missing
@@ -359,6 +401,7 @@ impl Authenticator {
     pub async fn login(
         &self,
         policy: &AuthPolicy,
+        peer: IpAddr,
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<Identity, AuthError> {
@@ -379,36 +422,50 @@ impl Authenticator {
             _ => None,
         };
         let real = target.is_some();
-        if self.verify(target, password.unwrap_or_default().to_vec()).await? && real {
+        if self.verify(Source::of(peer), target, password.unwrap_or_default().to_vec()).await? && real {
             Ok(Identity { user: name.to_string(), anonymous: false })
         } else {
             Err(AuthError::BadCredentials)
         }
     }
 
-    /// Verifies `password` against `hash` (`None`: the dummy hash) on the blocking pool, within
-    /// the limits.
-    async fn verify(&self, hash: Option<Arc<PasswordHash>>, password: Vec<u8>) -> Result<bool, AuthError> {
+    /// Verifies `password` against `hash` (`None`: the dummy hash) on the checking threads,
+    /// within the throttle of `source` and the pool's limits.
+    async fn verify(
+        &self,
+        source: Source,
+        hash: Option<Arc<PasswordHash>>,
+        password: Vec<u8>,
+    ) -> Result<bool, AuthError> {
+        let ticket = loop {
+            let turn = self.throttle.done();
+            tokio::pin!(turn);
+            turn.as_mut().enable();
+            match self.throttle.admit(source, std::time::Instant::now()) {
+                Admit::Go(ticket) => break ticket,
+                Admit::Refuse(why) => return Err(AuthError::Throttled(why)),
+                Admit::WaitUntil(at) => tokio::time::sleep_until(at.into()).await,
+                Admit::WaitTurn => turn.await,
+            }
+        };
         let max = self.max_admitted;
         self.admitted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .map_err(|_| AuthError::Busy)?;
         let admission = Admission(self.admitted.clone());
-        // Dropped while waiting (the client went away): the admission goes with it.
-        let permit = self.running.clone().acquire_owned().await.map_err(|_| AuthError::Busy)?;
-        // The permit and the admission live as long as the verification, even if the login is
-        // dropped meanwhile, so abandoned logins still count against the limits.
-        let task = tokio::task::spawn_blocking(move || {
-            let _held = (admission, permit);
-            match &hash {
-                Some(hash) => hash.verify(&password),
-                None => {
-                    dummy_hash().verify(&password);
-                    false
-                }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        // The admission and the ticket live as long as the check, even if the login is dropped
+        // meanwhile (a check already running still counts against the limits); one not started
+        // yet is skipped, and records no failure.
+        let after = Box::new(move |matched: Option<bool>| {
+            drop(admission);
+            match matched {
+                Some(matched) => ticket.finish(!matched, std::time::Instant::now()),
+                None => drop(ticket),
             }
         });
-        Ok(task.await.unwrap_or(false))
+        self.pool.get_or_init(|| pool::Pool::start(self.workers)).submit(pool::Job { hash, password, reply, after });
+        Ok(answer.await.unwrap_or(false))
     }
 }
 
@@ -434,6 +491,12 @@ mod tests {
 
     fn user(name: &str, password: &str) -> User {
         User { name: name.into(), hash: PasswordHash::parse(&PasswordHash::argon2id(password.as_bytes())).unwrap() }
+    }
+
+    /// A new client address for each login, so the tests of the rules are not throttled.
+    fn addr() -> IpAddr {
+        static N: AtomicUsize = AtomicUsize::new(1);
+        IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + N.fetch_add(1, Ordering::Relaxed) as u32))
     }
 
     const OPEN: AuthPolicy = AuthPolicy { anonymous: true, guest: true, cert_login: None };
@@ -529,9 +592,12 @@ mod tests {
     #[tokio::test]
     async fn no_credentials_are_anonymous_where_the_listener_allows_it() {
         let auth = Authenticator::default();
-        assert_eq!(auth.login(&OPEN, None, None).await, Ok(Identity { user: "anonymous".into(), anonymous: true }));
         assert_eq!(
-            auth.login(&CLOSED, None, Some(b"pw")).await,
+            auth.login(&OPEN, addr(), None, None).await,
+            Ok(Identity { user: "anonymous".into(), anonymous: true })
+        );
+        assert_eq!(
+            auth.login(&CLOSED, addr(), None, Some(b"pw")).await,
             Err(AuthError::NotAllowed("this listener does not accept anonymous clients".into()))
         );
     }
@@ -541,16 +607,16 @@ mod tests {
         let auth = Authenticator::new(vec![user("alice", "wonder")]);
         assert_eq!(auth.user_count(), 1);
         let alice = Identity { user: "alice".into(), anonymous: false };
-        assert_eq!(auth.login(&CLOSED, Some("alice"), Some(b"wonder")).await, Ok(alice.clone()));
-        assert_eq!(auth.login(&OPEN, Some("alice"), Some(b"wander")).await, Err(AuthError::BadCredentials));
-        assert_eq!(auth.login(&OPEN, Some("alice"), None).await, Err(AuthError::BadCredentials));
-        assert_eq!(auth.login(&OPEN, Some("bob"), Some(b"wonder")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&CLOSED, addr(), Some("alice"), Some(b"wonder")).await, Ok(alice.clone()));
+        assert_eq!(auth.login(&OPEN, addr(), Some("alice"), Some(b"wander")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&OPEN, addr(), Some("alice"), None).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&OPEN, addr(), Some("bob"), Some(b"wonder")).await, Err(AuthError::BadCredentials));
         // Migrated hashes log in the same way.
         let rabbit = User { name: "svc".into(), hash: PasswordHash::parse(RABBIT_SHA256).unwrap() };
         auth.replace_users(vec![rabbit]);
         assert_eq!(auth.user_count(), 1);
-        assert_eq!(auth.login(&CLOSED, Some("alice"), Some(b"wonder")).await, Err(AuthError::BadCredentials));
-        assert_eq!(auth.login(&CLOSED, Some("svc"), Some(b"test12")).await.unwrap().user, "svc");
+        assert_eq!(auth.login(&CLOSED, addr(), Some("alice"), Some(b"wonder")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&CLOSED, addr(), Some("svc"), Some(b"test12")).await.unwrap().user, "svc");
     }
 
     #[tokio::test]
@@ -558,15 +624,15 @@ mod tests {
         let auth = Authenticator::default();
         let guest = Identity { user: "guest".into(), anonymous: false };
         let loopback = AuthPolicy { anonymous: false, guest: true, cert_login: None };
-        assert_eq!(auth.login(&loopback, Some("guest"), Some(b"guest")).await, Ok(guest));
-        assert_eq!(auth.login(&loopback, Some("guest"), Some(b"other")).await, Err(AuthError::BadCredentials));
-        assert_eq!(auth.login(&loopback, Some("guest"), None).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&loopback, addr(), Some("guest"), Some(b"guest")).await, Ok(guest));
+        assert_eq!(auth.login(&loopback, addr(), Some("guest"), Some(b"other")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&loopback, addr(), Some("guest"), None).await, Err(AuthError::BadCredentials));
         let public = AuthPolicy { anonymous: true, guest: false, cert_login: None };
-        assert_eq!(auth.login(&public, Some("guest"), Some(b"guest")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&public, addr(), Some("guest"), Some(b"guest")).await, Err(AuthError::BadCredentials));
         // A configured guest has its own password, even on loopback.
         auth.replace_users(vec![user("guest", "s3cret")]);
-        assert_eq!(auth.login(&loopback, Some("guest"), Some(b"guest")).await, Err(AuthError::BadCredentials));
-        assert!(auth.login(&loopback, Some("guest"), Some(b"s3cret")).await.is_ok());
+        assert_eq!(auth.login(&loopback, addr(), Some("guest"), Some(b"guest")).await, Err(AuthError::BadCredentials));
+        assert!(auth.login(&loopback, addr(), Some("guest"), Some(b"s3cret")).await.is_ok());
     }
 
     /// On the current-thread runtime every spawned login is first polled (and so admitted or
@@ -579,7 +645,7 @@ mod tests {
             let auth = auth.clone();
             tasks.push(tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let r = auth.login(&CLOSED, Some("alice"), Some(b"wrong")).await;
+                let r = auth.login(&CLOSED, addr(), Some("alice"), Some(b"wrong")).await;
                 (r, started.elapsed())
             }));
         }
@@ -598,25 +664,25 @@ mod tests {
         // One running and two waiting; every other login is turned away.
         assert_eq!((bad, busy), (3, 7));
         assert_eq!(auth.admitted.load(Ordering::Acquire), 0, "every admission is given back");
-        assert!(auth.login(&CLOSED, Some("alice"), Some(b"wonder")).await.is_ok(), "the limit frees up");
+        assert!(auth.login(&CLOSED, addr(), Some("alice"), Some(b"wonder")).await.is_ok(), "the limit frees up");
     }
 
     #[tokio::test]
     async fn unknown_users_take_a_verification_slot_like_known_ones() {
         let auth = Arc::new(Authenticator::with_limits(vec![user("alice", "wonder")], 1, 0));
         let a = auth.clone();
-        let known = tokio::spawn(async move { a.login(&CLOSED, Some("alice"), Some(b"wrong")).await });
+        let known = tokio::spawn(async move { a.login(&CLOSED, addr(), Some("alice"), Some(b"wrong")).await });
         let a = auth.clone();
-        let unknown = tokio::spawn(async move { a.login(&CLOSED, Some("mallory"), Some(b"x")).await });
+        let unknown = tokio::spawn(async move { a.login(&CLOSED, addr(), Some("mallory"), Some(b"x")).await });
         assert_eq!(known.await.unwrap(), Err(AuthError::BadCredentials));
         assert_eq!(unknown.await.unwrap(), Err(AuthError::Busy), "an unknown name is verified too");
-        assert_eq!(auth.login(&CLOSED, Some("mallory"), Some(b"x")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&CLOSED, addr(), Some("mallory"), Some(b"x")).await, Err(AuthError::BadCredentials));
     }
 
     #[tokio::test]
     async fn a_dropped_login_gives_its_place_back() {
         let auth = Authenticator::with_limits(vec![user("alice", "wonder")], 1, 0);
-        let slow = auth.login(&CLOSED, Some("alice"), Some(b"wrong"));
+        let slow = auth.login(&CLOSED, addr(), Some("alice"), Some(b"wrong"));
         // Polled once (admitted, verifying), then dropped: the verification finishes on the pool
         // and then frees its slot.
         let _ = tokio::time::timeout(Duration::from_micros(1), slow).await;
@@ -625,6 +691,33 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the admission was never given back");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(auth.login(&CLOSED, Some("alice"), Some(b"wonder")).await.is_ok());
+        assert!(auth.login(&CLOSED, addr(), Some("alice"), Some(b"wonder")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_address_that_keeps_failing_is_refused_without_a_check_and_others_are_not() {
+        let auth = Authenticator::with_limits(vec![user("alice", "wonder")], 1, 0);
+        let attacker: IpAddr = "192.0.2.7".parse().unwrap();
+        auth.throttle.record_failures(Source::of(attacker), throttle::REFUSE_AT, std::time::Instant::now());
+        // The pool has room for one check only, and the refusal does not take it.
+        let started = std::time::Instant::now();
+        let r = auth.login(&CLOSED, attacker, Some("alice"), Some(b"wonder")).await;
+        assert!(matches!(&r, Err(AuthError::Throttled(why)) if why.contains("192.0.2.7")), "{r:?}");
+        assert!(started.elapsed() < Duration::from_millis(50), "refused at once");
+        assert_eq!(auth.admitted.load(Ordering::Acquire), 0);
+        let good: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(auth.login(&CLOSED, good, Some("alice"), Some(b"wonder")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn failed_checks_count_against_their_address() {
+        let auth = Authenticator::new(vec![user("alice", "wonder")]);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let source = Source::of(peer);
+        assert_eq!(auth.login(&CLOSED, peer, Some("alice"), Some(b"wrong")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.login(&CLOSED, peer, Some("mallory"), Some(b"x")).await, Err(AuthError::BadCredentials));
+        assert_eq!(auth.throttle.score(source, std::time::Instant::now()), 2);
+        assert!(auth.login(&CLOSED, peer, Some("alice"), Some(b"wonder")).await.is_ok());
+        assert_eq!(auth.throttle.score(source, std::time::Instant::now()), 2, "a success neither adds nor clears");
     }
 }

@@ -2,9 +2,18 @@
 //!
 //! A transient subscriber (an MQTT clean session with no expiry) needs no queue state: routing
 //! pushes straight into its connection's bounded [`Outbox`], like RabbitMQ's QoS 0
-//! pseudo-queue. When the outbox is full the message is dropped and counted — this is what
-//! keeps a million idle sensors cheap and a slow transient subscriber from growing memory
-//! without bound. Nothing that needs an acknowledgement goes to a direct sink.
+//! pseudo-queue. This is what keeps a million idle sensors cheap.
+//!
+//! **One slow subscriber does not slow a publisher for everyone else.** A subscriber whose
+//! outbox is full is *congested*: its publishers stop reading for a moment
+//! ([`wait_for_room`]), which is all a subscriber that keeps up needs to lose nothing in a
+//! burst. One that does not drain within [`CONGESTION_PAUSE`], or keeps taking longer than
+//! [`SLOW_DRAIN`] to, is *lagging* ([`Outbox::waited`]): for a while (1 s, doubling with every
+//! further time up to 64 s, and in any case until it drains again) it no longer holds anyone
+//! back, QoS 0 past its outbox is dropped and counted for it ([`DirectSink::dropped`]), and
+//! QoS 1/2 past `max_queued` is dropped likewise, as Mosquitto's `max_queued_messages` does.
+//! The publisher and every other subscriber keep their rate: a subscriber that never reads
+//! costs them one pause, one that reads in slow bursts a pause per lagging period.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -12,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -31,6 +41,32 @@ pub struct Outbox<T> {
     /// A producer found the outbox full ([`Outbox::has_room_or_starve`]) and stopped; the owner
     /// must prompt it again after draining ([`Outbox::take_starved`]).
     starved: std::sync::atomic::AtomicBool,
+    lag: Mutex<Lag>,
+}
+
+/// The longest a publisher waits for one congested subscriber to drain.
+pub const CONGESTION_PAUSE: Duration = Duration::from_millis(250);
+/// A subscriber that keeps its publishers waiting longer than this for room is slow, even if
+/// it drains in the end (one that reads a burst just before every [`CONGESTION_PAUSE`] would
+/// otherwise hold them to its pace). One that keeps up drains a full outbox in a millisecond or
+/// two on loopback.
+pub const SLOW_DRAIN: Duration = Duration::from_millis(100);
+const FIRST_LAG: u64 = 1_000;
+const MAX_LAG_DOUBLINGS: u32 = 6;
+/// A subscriber that has not been found slow for this long starts again from [`FIRST_LAG`].
+const LAG_MEMORY: u64 = 300_000;
+
+/// Whether (and until when) an outbox's subscriber is treated as slow, in milliseconds of the
+/// caller's clock.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lag {
+    /// Lagging until then at least.
+    until: u64,
+    /// It did not drain at all within a pause: lagging until it drains something.
+    stuck: bool,
+    /// Times found slow, and when last.
+    strikes: u32,
+    last: u64,
 }
 
 impl<T> fmt::Debug for Outbox<T> {
@@ -47,6 +83,7 @@ impl<T> Outbox<T> {
             notify: Signal::new(),
             drained: Notify::new(),
             starved: std::sync::atomic::AtomicBool::new(false),
+            lag: Mutex::new(Lag::default()),
         }
     }
     pub fn capacity(&self) -> usize {
@@ -110,7 +147,7 @@ impl<T> Outbox<T> {
         out.extend(q.drain(..));
         drop(q);
         if n > 0 {
-            self.drained.notify_waiters();
+            self.drained_some();
         }
         n
     }
@@ -124,9 +161,37 @@ impl<T> Outbox<T> {
         }
         let items: Vec<T> = q.drain(..).collect();
         drop(q);
-        self.drained.notify_waiters();
+        self.drained_some();
         items
     }
+    fn drained_some(&self) {
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).stuck = false;
+        self.drained.notify_waiters();
+    }
+
+    /// Whether the outbox's owner is treated as slow at `now_ms` (see the module's doc).
+    pub fn is_lagging(&self, now_ms: u64) -> bool {
+        let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        lag.stuck || now_ms < lag.until
+    }
+
+    /// A publisher waited `waited` for room, and got it or not: a subscriber that did not drain
+    /// within the pause, or took longer than [`SLOW_DRAIN`], is lagging from `now_ms` for 1 s,
+    /// doubling with each further time (up to 64 s), and in any case until it drains. Returns
+    /// whether it is now lagging.
+    pub fn waited(&self, got_room: bool, waited: Duration, now_ms: u64) -> bool {
+        if got_room && waited < SLOW_DRAIN {
+            return false;
+        }
+        let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        lag.strikes = if now_ms.saturating_sub(lag.last) > LAG_MEMORY { 1 } else { lag.strikes.saturating_add(1) };
+        lag.last = now_ms;
+        let hold = FIRST_LAG << (lag.strikes - 1).min(MAX_LAG_DOUBLINGS);
+        lag.until = lag.until.max(now_ms + hold);
+        lag.stuck |= !got_room;
+        true
+    }
+
     /// Resolves once the outbox has room (at once if it has). For publishers that were told a
     /// destination is congested: they stop reading their socket until this resolves.
     pub async fn room(&self) {
@@ -188,10 +253,20 @@ pub struct SinkDelivery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Accepted,
-    /// Accepted over capacity: the publisher should wait for [`Outbox::room`].
+    /// Accepted over capacity: the publisher should wait for room ([`wait_for_room`]).
     Congested,
-    /// A transient message met a full outbox.
+    /// Dropped: a transient message met a full outbox, or any message met a lagging
+    /// subscriber's full one.
     Dropped,
+}
+
+/// Waits (at most [`CONGESTION_PAUSE`]) for a congested subscriber's outbox to have room, and
+/// tells it how long that took ([`Outbox::waited`]): what a publisher does when an offer said
+/// [`Offer::Congested`], whatever its protocol. Returns whether the subscriber is now lagging.
+pub async fn wait_for_room<T>(outbox: &Outbox<T>) -> bool {
+    let started = std::time::Instant::now();
+    let got_room = tokio::time::timeout(CONGESTION_PAUSE, outbox.room()).await.is_ok();
+    outbox.waited(got_room, started.elapsed(), crate::message::now_millis())
 }
 
 /// A broker-wide unique sink number.
@@ -204,17 +279,31 @@ pub struct DirectSink {
     id: SinkId,
     connection: ConnectionId,
     outbox: Arc<Outbox<SinkDelivery>>,
+    /// Persistent messages a lagging subscriber may have waiting (MQTT's
+    /// `max_queued_messages`); 0: no limit.
+    max_queued: usize,
     dropped: AtomicU64,
     delivered: AtomicU64,
 }
 
 impl DirectSink {
     pub fn new(connection: ConnectionId, outbox: Arc<Outbox<SinkDelivery>>) -> Arc<DirectSink> {
+        DirectSink::with_max_queued(connection, outbox, 0)
+    }
+    /// A sink whose lagging subscriber keeps at most `max_queued` persistent messages waiting
+    /// (at least the outbox's capacity; 0: no limit).
+    pub fn with_max_queued(
+        connection: ConnectionId,
+        outbox: Arc<Outbox<SinkDelivery>>,
+        max_queued: usize,
+    ) -> Arc<DirectSink> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
+        let max_queued = if max_queued == 0 { 0 } else { max_queued.max(outbox.capacity()) };
         Arc::new(DirectSink {
             id: SinkId(NEXT.fetch_add(1, Ordering::Relaxed)),
             connection,
             outbox,
+            max_queued,
             dropped: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
         })
@@ -228,28 +317,37 @@ impl DirectSink {
     pub fn outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
         &self.outbox
     }
-    /// Offers a message. Past the outbox's capacity the sink is *congested*: the message goes in
-    /// and the publisher is told to stop reading until [`Outbox::room`], so a fast publisher is
-    /// slowed rather than its messages lost. A transient message (MQTT QoS 0) is dropped and
-    /// counted only past twice the capacity (many publishers at once, or one that does not
-    /// wait); a persistent one (QoS 1/2, whose publisher may already hold its PUBACK) is never
-    /// dropped. The overshoot is bounded by the publishers' pauses.
-    pub fn offer(&self, delivery: SinkDelivery) -> Offer {
+    /// Offers a message at `now_ms`. Past the outbox's capacity the sink is *congested*: the
+    /// message goes in and the publisher is told to wait for room ([`wait_for_room`]), so a
+    /// fast publisher is slowed rather than its messages lost. A transient message (MQTT QoS 0)
+    /// is dropped and counted past twice the capacity (many publishers at once, or one that
+    /// does not wait); a persistent one (QoS 1/2) is not. Once the subscriber is lagging (see
+    /// the module's doc) nobody is held back for it: a transient message past the capacity and
+    /// a persistent one past `max_queued` are dropped and counted.
+    pub fn offer(&self, delivery: SinkDelivery, now_ms: u64) -> Offer {
         let len = self.outbox.len();
         let capacity = self.outbox.capacity();
-        if !delivery.message.is_persistent() && len >= capacity.saturating_mul(2) {
+        let persistent = delivery.message.is_persistent();
+        let over = if len < capacity {
+            false
+        } else if self.outbox.is_lagging(now_ms) {
+            !persistent || (self.max_queued > 0 && len >= self.max_queued)
+        } else {
+            !persistent && len >= capacity.saturating_mul(2)
+        };
+        if over {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Offer::Dropped;
         }
         self.outbox.push(delivery);
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        if len >= capacity {
+        if len >= capacity && !self.outbox.is_lagging(now_ms) {
             Offer::Congested
         } else {
             Offer::Accepted
         }
     }
-    /// Messages dropped because the outbox was full.
+    /// Messages dropped because the outbox was full (or its subscriber lagging).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -270,16 +368,16 @@ mod tests {
     #[test]
     fn a_full_sink_slows_then_drops_transient_messages_and_counts() {
         let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(2)));
-        assert_eq!(sink.offer(delivery(1)), Offer::Accepted);
-        assert_eq!(sink.offer(delivery(2)), Offer::Accepted);
-        assert_eq!(sink.offer(delivery(3)), Offer::Congested, "over capacity: the publisher is slowed");
-        assert_eq!(sink.offer(delivery(4)), Offer::Congested);
-        assert_eq!(sink.offer(delivery(5)), Offer::Dropped, "past twice the capacity QoS 0 is dropped");
+        assert_eq!(sink.offer(delivery(1), 0), Offer::Accepted);
+        assert_eq!(sink.offer(delivery(2), 0), Offer::Accepted);
+        assert_eq!(sink.offer(delivery(3), 0), Offer::Congested, "over capacity: the publisher is slowed");
+        assert_eq!(sink.offer(delivery(4), 0), Offer::Congested);
+        assert_eq!(sink.offer(delivery(5), 0), Offer::Dropped, "past twice the capacity QoS 0 is dropped");
         assert_eq!((sink.delivered(), sink.dropped()), (4, 1));
         let mut out = Vec::new();
         assert_eq!(sink.outbox().drain_into(&mut out), 4);
         assert_eq!(out[0].message.payload[0], 1);
-        assert_eq!(sink.offer(delivery(6)), Offer::Accepted);
+        assert_eq!(sink.offer(delivery(6), 0), Offer::Accepted);
     }
 
     fn persistent(n: u8) -> SinkDelivery {
@@ -294,8 +392,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_sink_never_drops_persistent_messages_but_reports_congestion() {
         let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(1)));
-        assert_eq!(sink.offer(persistent(1)), Offer::Accepted);
-        assert_eq!(sink.offer(persistent(2)), Offer::Congested);
+        assert_eq!(sink.offer(persistent(1), 0), Offer::Accepted);
+        assert_eq!(sink.offer(persistent(2), 0), Offer::Congested);
         assert_eq!((sink.outbox().len(), sink.dropped()), (2, 0));
         let outbox = sink.outbox().clone();
         let waiter = tokio::spawn(async move { outbox.room().await });
@@ -328,5 +426,56 @@ mod tests {
         let ob: Outbox<u8> = Outbox::new(4);
         ob.try_push(1).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), ob.notified()).await.expect("permit stored");
+    }
+
+    #[test]
+    fn a_subscriber_that_does_not_drain_within_the_pause_lags_until_it_drains() {
+        let sink = DirectSink::with_max_queued(ConnectionId(1), Arc::new(Outbox::new(2)), 3);
+        for n in 0..2 {
+            assert_eq!(sink.offer(delivery(n), 0), Offer::Accepted);
+        }
+        assert_eq!(sink.offer(delivery(2), 0), Offer::Congested);
+        // The publisher waited the whole pause for nothing.
+        assert!(sink.outbox().waited(false, CONGESTION_PAUSE, 10));
+        // Nobody is held back for it any more: QoS 0 past the capacity is dropped, QoS 1/2 up
+        // to max_queued goes in without congestion, and past it is dropped too.
+        assert_eq!(sink.offer(delivery(3), 20), Offer::Dropped);
+        assert_eq!(sink.offer(persistent(4), 20), Offer::Dropped, "3 waiting: max_queued reached");
+        let mut out = Vec::new();
+        sink.outbox().drain_into(&mut out);
+        assert_eq!(sink.offer(persistent(5), 20), Offer::Accepted);
+        assert_eq!(sink.offer(persistent(6), 20), Offer::Accepted);
+        assert_eq!(sink.offer(persistent(7), 20), Offer::Accepted, "over capacity, not congested: lagging");
+        assert_eq!(sink.offer(persistent(8), 20), Offer::Dropped);
+        assert_eq!(sink.dropped(), 3);
+        // It drained, and its first lagging second is over: it holds publishers back again.
+        sink.outbox().drain_into(&mut out);
+        assert!(!sink.outbox().is_lagging(1_010));
+        sink.offer(delivery(9), 1_010);
+        sink.offer(delivery(10), 1_010);
+        assert_eq!(sink.offer(delivery(11), 1_010), Offer::Congested);
+    }
+
+    #[test]
+    fn slow_drains_lag_for_longer_each_time() {
+        let ob: Outbox<u8> = Outbox::new(1);
+        assert!(!ob.waited(true, Duration::from_millis(5), 0), "a quick drain is what keeping up looks like");
+        assert!(!ob.is_lagging(0));
+        let mut now = 0;
+        let mut holds = Vec::new();
+        for _ in 0..9 {
+            assert!(ob.waited(true, SLOW_DRAIN, now));
+            let mut t = now;
+            while ob.is_lagging(t) {
+                t += 100;
+            }
+            holds.push(t - now);
+            now = t;
+        }
+        assert_eq!(holds, [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 64_000, 64_000]);
+        // Long after, it starts again from one second.
+        now += LAG_MEMORY + 1;
+        ob.waited(true, SLOW_DRAIN, now);
+        assert!(ob.is_lagging(now + 999) && !ob.is_lagging(now + 1_000));
     }
 }

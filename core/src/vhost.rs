@@ -868,9 +868,12 @@ impl VHost {
         visited.push(x.name().clone());
         let before = targets.len();
         if x.name().is_empty() {
-            // The default exchange: every queue is bound under its own name.
+            // The default exchange: every queue is bound under its own name, except the MQTT
+            // frontend's own, which only MQTT subscriptions fill (`acl::mqtt_queue_refusal`).
             if let Some(q) = self.queues.read().unwrap_or_else(lock_err).get(&message.routing_key) {
-                targets.add_queue(q);
+                if !crate::acl::is_mqtt_queue(message.routing_key.as_bytes()) {
+                    targets.add_queue(q);
+                }
             }
         } else {
             let mut next: Vec<ShortString> = Vec::new();
@@ -927,7 +930,7 @@ impl VHost {
             }
         }
         for (sink, cookies) in &targets.sinks {
-            match sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }) {
+            match sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }, now) {
                 Offer::Accepted => {}
                 Offer::Congested => congested.push(sink.outbox().clone()),
                 Offer::Dropped => {

@@ -144,6 +144,21 @@ impl RawClient {
     /// Opens a TCP connection and sends nothing yet.
     pub async fn open(addr: SocketAddr) -> RawClient {
         let stream = within("TCP connect", TcpStream::connect(addr)).await.expect("TCP connect");
+        RawClient::over(stream)
+    }
+
+    /// [`RawClient::start`] from the local address `from`: a client on another host, as the
+    /// broker sees it.
+    pub async fn start_from(addr: SocketAddr, from: std::net::IpAddr) -> (RawClient, ConnectionStart) {
+        let mut c = RawClient::over(crate::tcp_connect_from(addr, from).await);
+        c.send_bytes(&PROTOCOL_HEADER).await;
+        match c.recv_method().await {
+            (0, Method::ConnectionStart(s)) => (c, s),
+            other => panic!("expected connection.start, got {other:?}"),
+        }
+    }
+
+    fn over(stream: TcpStream) -> RawClient {
         stream.set_nodelay(true).expect("nodelay");
         // The client accepts frames of any size the server may send.
         RawClient { stream, buf: BytesMut::new(), decoder: FrameDecoder::new(16 * 1024 * 1024), tune: None }

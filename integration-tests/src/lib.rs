@@ -44,6 +44,14 @@ pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
     }
 }
 
+/// A TCP connection to `addr` from the local address `from` (any of 127.0.0.0/8 on loopback):
+/// a client on another host, as the broker sees it (login failures count per address).
+pub async fn tcp_connect_from(addr: std::net::SocketAddr, from: std::net::IpAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(std::net::SocketAddr::new(from, 0)).expect("bind the client's address");
+    within("TCP connect", socket.connect(addr)).await.expect("TCP connect")
+}
+
 /// Sends one byte (the number of TLS peer certificates, 0 for plain TCP, capped at 254), then
 /// echoes everything until EOF or shutdown, then closes its side. A connection the listener
 /// hands over only to be refused (over a connection limit) gets [`EchoFrontend::REFUSED`] and

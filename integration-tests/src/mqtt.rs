@@ -116,6 +116,16 @@ impl RawClient {
     /// Opens a TCP connection and sends nothing yet.
     pub async fn open(addr: SocketAddr, version: ProtocolVersion) -> RawClient {
         let stream = within("TCP connect", TcpStream::connect(addr)).await.expect("TCP connect");
+        RawClient::over(stream, version)
+    }
+
+    /// [`RawClient::open`] from the local address `from` (any of 127.0.0.0/8 on loopback): a
+    /// client on another host, as the broker sees it.
+    pub async fn open_from(addr: SocketAddr, from: std::net::IpAddr, version: ProtocolVersion) -> RawClient {
+        RawClient::over(crate::tcp_connect_from(addr, from).await, version)
+    }
+
+    fn over(stream: TcpStream, version: ProtocolVersion) -> RawClient {
         stream.set_nodelay(true).expect("nodelay");
         RawClient {
             stream,
@@ -150,6 +160,11 @@ impl RawClient {
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         within("write", self.stream.write_all(bytes)).await.expect("write to the broker");
+    }
+
+    /// [`RawClient::send_bytes`] to a broker that may have closed the connection.
+    pub async fn try_send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        within("write", self.stream.write_all(bytes)).await
     }
 
     /// The next packet, `None` when the broker closed the connection; `Err` after `wait`.

@@ -154,7 +154,9 @@ async fn connections_past_the_limit_and_bad_logins_do_not_stop_the_connected_cli
     for _ in 0..bad_logins {
         let refused = logins_refused.clone();
         storm.push(tokio::spawn(async move {
-            let mut c = AmqpRaw::start(amqp).await.0;
+            // From an address of their own: failed logins slow down and then refuse the address
+            // they come from (the good logins below come from 127.0.0.1).
+            let mut c = AmqpRaw::start_from(amqp, std::net::Ipv4Addr::new(127, 0, 0, 3).into()).await.0;
             c.send_method(0, Method::ConnectionStartOk(start_ok_with_failure_close("sensor", "guess"))).await;
             match within("a bad login's answer", c.recv_method()).await {
                 (0, Method::ConnectionClose(close))

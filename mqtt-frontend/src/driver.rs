@@ -37,9 +37,6 @@ use crate::Shared;
 /// publisher is slowed instead of buffered).
 const MAX_PENDING_ACKS: usize = 1024;
 
-/// The longest a publisher is held back by one congested subscriber before it may send again.
-const CONGESTION_PAUSE: Duration = Duration::from_millis(500);
-
 type CommitWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, Packet)> + Send>>;
 
 fn assigned_client_id() -> String {
@@ -266,7 +263,12 @@ async fn establish(
     let result = match ctx.listener.auth.cert_login {
         Some(from) if !certificates.is_empty() => ferry_core::cert_login::certificate_identity(certificates, from),
         _ => {
-            let login = ctx.broker.auth().login(&ctx.listener.auth, username.as_deref(), connect.password.as_deref());
+            let login = ctx.broker.auth().login(
+                &ctx.listener.auth,
+                stream.peer.ip(),
+                username.as_deref(),
+                connect.password.as_deref(),
+            );
             // Boxed: the login's state is large and needed once.
             Box::pin(tokio::time::timeout(limits.handshake_timeout, login)).await.unwrap_or(Err(AuthError::Busy))
         }
@@ -278,10 +280,15 @@ async fn establish(
                 AuthError::BadCredentials => reason::BAD_USER_NAME_OR_PASSWORD,
                 AuthError::NotAllowed(_) => reason::NOT_AUTHORIZED,
                 AuthError::Busy => reason::SERVER_BUSY,
+                // 5.0 §3.2.2.2 0x9F: the address failed too often (3.1.1: 3 Server unavailable).
+                AuthError::Throttled(_) => reason::CONNECTION_RATE_EXCEEDED,
             };
             refuse(version, v5_reason, connect_refusal(version, v5_reason), &mut out);
             let _ = stream.write_all(&out).await;
-            info!(conn = %ctx.id, client_id, user = username.as_deref().unwrap_or(""), "MQTT login refused: {e}");
+            info!(
+                conn = %ctx.id, peer = %stream.peer, client_id, user = username.as_deref().unwrap_or(""),
+                "MQTT login refused: {e}"
+            );
             return Err(Err(ConnectionError::Protocol(format!("login refused: {e}"))));
         }
     };
@@ -429,9 +436,11 @@ impl Conn {
     /// holds them back), acks whose commits are done, deliveries; then one write.
     async fn work(&mut self) -> Result<(), Close> {
         if self.undecoded && self.throttled_until.is_none() && !self.held() {
+            let mut heard = false;
             loop {
                 match self.decoder.decode(&mut self.buf) {
                     Ok(Some(p)) => {
+                        heard = true;
                         let publish = matches!(p, Packet::Publish(_));
                         self.session.handle(p, now_millis())?;
                         if let (true, Some(bucket)) = (publish, self.publish_bucket.as_mut()) {
@@ -454,6 +463,13 @@ impl Conn {
                         break;
                     }
                     Err(e) => return Err(Close::Violation { reason: e.reason_code(), detail: e.to_string() }),
+                }
+            }
+            // §3.1.2.10: a whole control packet within 1.5 × the keep alive.
+            if let (true, Some(k)) = (heard, self.keep_alive) {
+                self.deadline = Some(Instant::now() + k);
+                if self.paused_since.is_none() {
+                    self.kick.set_deadline(self.deadline);
                 }
             }
         }
@@ -493,12 +509,8 @@ impl Conn {
             Ok(n) => {
                 self.bytes_in += n as u64;
                 self.sizer.read(n, room);
-                if let Some(k) = self.keep_alive {
-                    self.deadline = Some(Instant::now() + k);
-                    if self.paused_since.is_none() {
-                        self.kick.set_deadline(self.deadline);
-                    }
-                }
+                // The keep alive is reset by whole packets (see `Conn::work`), not by bytes: a
+                // PUBLISH trickled a byte at a time does not keep a connection open (§3.1.2.10).
                 self.undecoded = true;
                 None
             }
@@ -570,7 +582,8 @@ impl Conn {
             _ = alarm.changed() => {}
             _ = disk_alarm.changed() => {}
             // A subscriber we publish to is full: wait for it to drain, but at most
-            // CONGESTION_PAUSE, so two clients publishing to each other cannot wait forever.
+            // CONGESTION_PAUSE; one that does not keep up is lagging and holds nobody back any
+            // more (ferry_core::sink).
             _ = wait_room(congested.as_deref()), if congested.is_some() => {
                 self.session.congested.clear();
             }
@@ -727,7 +740,9 @@ pub(crate) fn spawn_will(
 
 async fn wait_room(outbox: Option<&Outbox<SinkDelivery>>) {
     if let Some(o) = outbox {
-        let _ = tokio::time::timeout(CONGESTION_PAUSE, o.room()).await;
+        if ferry_core::sink::wait_for_room(o).await {
+            debug!(len = o.len(), "a subscriber is lagging: its QoS 0 past its outbox is dropped");
+        }
     }
 }
 

@@ -990,8 +990,13 @@ impl Session {
             match &mut self.mode {
                 Mode::Transient { sink } => {
                     if !existed {
-                        let sink =
-                            sink.get_or_insert_with(|| DirectSink::new(self.connection, self.sink_outbox.clone()));
+                        let sink = sink.get_or_insert_with(|| {
+                            DirectSink::with_max_queued(
+                                self.connection,
+                                self.sink_outbox.clone(),
+                                self.settings.max_queued_messages as usize,
+                            )
+                        });
                         let sink = SinkRef { sink: sink.clone(), cookie };
                         self.vhost.bind_sink(&exchange, key, sink)?;
                     }
