@@ -21,6 +21,8 @@ use ferry_core::permissions::{AccessPolicy, MqttExchange, Pattern, TopicPermissi
 use ferry_core::Protocol;
 use serde::Deserialize;
 
+use crate::logging::LogFormat;
+
 /// Where the data directory is when nothing says otherwise (relative to the working directory).
 pub const DEFAULT_DATA_DIR: &str = "./ferry-data";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -173,6 +175,10 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// A level (`error`…`trace`) or an `EnvFilter` directive; `--log-level` and `RUST_LOG` win.
     pub log_level: String,
+    /// Text or JSON lines; `--log-format` wins.
+    pub log_format: LogFormat,
+    /// Log lines are appended to this file instead of stderr; `--log-file` wins.
+    pub log_file: Option<PathBuf>,
     /// How long connections get to close after shutdown starts before they are aborted.
     pub shutdown_grace: Duration,
     /// The memory alarm's high watermark for queued message bodies.
@@ -215,6 +221,8 @@ impl Default for BrokerConfig {
         BrokerConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
+            log_format: LogFormat::Text,
+            log_file: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             memory_high_watermark: MemoryWatermark::Relative(DEFAULT_MEMORY_HIGH_WATERMARK),
             disk_free_limit: DEFAULT_DISK_FREE_LIMIT,
@@ -485,6 +493,8 @@ struct RawAmqp {
 struct RawBroker {
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
+    log_format: Option<String>,
+    log_file: Option<PathBuf>,
     shutdown_grace_secs: Option<u64>,
     memory_high_watermark: Option<f64>,
     memory_high_watermark_bytes: Option<u64>,
@@ -777,6 +787,12 @@ impl Validator<'_> {
         if let Some(level) = raw.log_level {
             crate::logging::parse_filter(&level).map_err(|e| self.invalid("broker.log_level", e.to_string()))?;
             broker.log_level = level;
+        }
+        if let Some(format) = raw.log_format {
+            broker.log_format = format.parse().map_err(|reason: String| self.invalid("broker.log_format", reason))?;
+        }
+        if let Some(file) = raw.log_file {
+            broker.log_file = Some(self.resolve("broker.log_file", file)?);
         }
         if let Some(secs) = raw.shutdown_grace_secs {
             broker.shutdown_grace = Duration::from_secs(secs);
@@ -1162,6 +1178,8 @@ mod tests {
             BrokerConfig {
                 data_dir: "/var/lib/ferry".into(),
                 log_level: "ferry=debug,warn".into(),
+                log_format: LogFormat::Text,
+                log_file: None,
                 shutdown_grace: Duration::from_secs(3),
                 memory_high_watermark: MemoryWatermark::Relative(0.5),
                 disk_free_limit: 1_000_000,
@@ -1474,6 +1492,19 @@ mod tests {
     fn wrong_type_is_refused() {
         let msg = error(&format!("{MINIMAL}max_connections = \"many\"\n"));
         assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn log_format_and_file_are_read_and_the_file_resolved_against_the_config() {
+        let c = parse(&format!("[broker]\nlog_format = \"json\"\nlog_file = \"log/ferry.log\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.broker.log_format, LogFormat::Json);
+        assert_eq!(c.broker.log_file, Some(PathBuf::from("/etc/ferry/log/ferry.log")));
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.broker.log_format, c.broker.log_file), (LogFormat::Text, None));
+        let msg = error(&format!("[broker]\nlog_format = \"xml\"\n{MINIMAL}"));
+        assert!(msg.contains("broker.log_format: \"xml\": expected \"text\" or \"json\""), "{msg}");
+        let msg = error(&format!("[broker]\nlog_file = \"\"\n{MINIMAL}"));
+        assert!(msg.contains("broker.log_file: must not be empty"), "{msg}");
     }
 
     #[test]
