@@ -25,14 +25,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every problem of the file, one line each (the first after `ferry: `).
 fn check_config(file: &Path) -> ExitCode {
-    let checked = Config::load(file).map_err(anyhow::Error::from).and_then(|c| Ok(ferry_server::check(&c)?));
-    match checked {
+    match ferry_server::check_file(file) {
         Ok(()) => {
             println!("{}: ok", file.display());
             ExitCode::SUCCESS
         }
-        Err(e) => refused(e),
+        Err(e) => refused(e.into()),
     }
 }
 

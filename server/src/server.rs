@@ -25,7 +25,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{AmqpConfig, BrokerConfig, Config, ConfigSource, ListenerConfig, MqttConfig, Transport};
+use crate::config::{
+    AmqpConfig, BrokerConfig, Config, ConfigError, ConfigSource, ListenerConfig, MqttConfig, Transport,
+};
 use crate::listener::{Drained, Handler, Listener};
 use crate::tls::{self, TlsError};
 use crate::websocket::Upgrade;
@@ -116,20 +118,69 @@ pub struct BoundListener {
 /// users. Binds nothing.
 pub fn check(config: &Config) -> Result<(), StartError> {
     let mut problems = unauthenticated(config);
-    problems.extend(
-        config
-            .listeners
-            .iter()
-            .enumerate()
-            .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
-            .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
-            .map(StartProblem::from),
-    );
+    problems.extend(tls_problems(config));
     if problems.is_empty() {
         Ok(())
     } else {
         Err(StartError { config: config.source.clone(), problems })
     }
+}
+
+/// The listeners whose TLS files do not load.
+fn tls_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
+        .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
+        .map(StartProblem::from)
+}
+
+/// Why `ferry check-config` refused a file: every problem found, the file's values first, then
+/// what [`check`] finds (TLS files, listeners nobody could log in to).
+#[derive(Debug)]
+pub struct CheckError {
+    /// The file could not be read or parsed, or values in it are not acceptable.
+    pub config: Option<Box<ConfigError>>,
+    /// What [`check`] found in the rest.
+    pub start: Option<StartError>,
+}
+
+impl fmt::Display for CheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut lines = self.config.iter().map(|e| e as &dyn fmt::Display).chain(self.start.iter().map(|e| e as _));
+        if let Some(first) = lines.next() {
+            write!(f, "{first}")?;
+        }
+        for next in lines {
+            write!(f, "\n{next}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CheckError {}
+
+/// `ferry check-config FILE`: validates the file and runs [`check`] on it, reporting every
+/// problem in one go. Values the file gets wrong do not stop the TLS files of the other
+/// listeners from being loaded; only a file that cannot be read or parsed stops at that.
+pub fn check_file(path: &std::path::Path) -> Result<(), CheckError> {
+    let (config, problems) = match Config::load_with_problems(path) {
+        Ok(loaded) => loaded,
+        Err(e) => return Err(CheckError { config: Some(Box::new(e)), start: None }),
+    };
+    // With a user refused, "no way to authenticate" may only be its consequence.
+    let users_refused = problems.iter().any(|p| p.key.starts_with("users["));
+    let mut start = if users_refused { Vec::new() } else { unauthenticated(&config) };
+    start.extend(tls_problems(&config));
+    if problems.is_empty() && start.is_empty() {
+        return Ok(());
+    }
+    Err(CheckError {
+        config: (!problems.is_empty()).then(|| Box::new(ConfigError::Invalid { path: path.to_path_buf(), problems })),
+        start: (!start.is_empty()).then(|| StartError { config: config.source.clone(), problems: start }),
+    })
 }
 
 /// The listeners reachable from other machines that refuse anonymous clients while no user is

@@ -658,3 +658,30 @@ fn log_file_on_the_command_line_wins_over_the_config_and_gets_the_lines() {
     // The rest of the run, up to the shutdown, went to the file too.
     assert!(lines.iter().any(|l| l.contains("bye")), "no shutdown lines in the log file");
 }
+
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "f.toml",
+        "[broker]\nmax_connections = 0\n\
+         [[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:1883\"\nvhost = \"\"\n\
+         [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:5672\"\n\
+         tls = { cert = \"missing.pem\", key = \"missing.key\" }\n\
+         [[acl]]\nuser = \"carol\"\ntopic = \"a/#\"\naccess = \"read\"\n",
+    );
+    let out = ferry(dir.path(), &["check-config", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("ferry: f.toml: broker.max_connections: must be between 1 and "), "{err}");
+    assert_eq!(lines[1], "f.toml: listeners[0].vhost: must not be empty", "{err}");
+    assert!(lines[2].starts_with("f.toml: acl[0].user: \"carol\" is not a configured user"), "{err}");
+    assert!(
+        lines[3].starts_with("f.toml: listeners[1].tls.cert: cannot read ") && lines[3].contains("missing.pem"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+}
