@@ -17,6 +17,7 @@ use ferry_core::message::{
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::queue::{ConsumerSpec, Queue, QueueOptions};
 use ferry_core::sink::Outbox;
+use ferry_core::size::ByteSize;
 use ferry_core::vhost::{generated_queue_name, ExchangeDeclare, QueueDeclare, VHost};
 use ferry_core::{log_limited, Broker};
 
@@ -1355,7 +1356,11 @@ impl Connection {
         if total > expected {
             return Err(AmqpError::new(
                 reply_code::FRAME_ERROR,
-                format!("content body of {total} bytes exceeds the {expected} bytes the header declared"),
+                format!(
+                    "content body of {} exceeds the {} the header declared",
+                    ByteSize(total).exact(),
+                    ByteSize(expected).exact()
+                ),
             ));
         }
         // A body in one frame is kept as a slice of that frame (no copy).

@@ -18,6 +18,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use ferry_core::auth::User;
 use ferry_core::frontend::{Frontend, ListenerSettings, Shutdown};
+use ferry_core::size::ByteSize;
 use ferry_core::store::{RedbStore, Store, StoreError};
 use ferry_core::{Broker, Protocol};
 use tokio::net::TcpListener;
@@ -306,7 +307,13 @@ impl ServerBuilder {
                 let started = std::time::Instant::now();
                 let store = Arc::new(RedbStore::open(&path)?);
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-                info!("store {}: {size} bytes, opened in {} ms", path.display(), started.elapsed().as_millis());
+                info!(
+                    bytes = size,
+                    "store {}: {}, opened in {} ms",
+                    path.display(),
+                    ByteSize(size).exact(),
+                    started.elapsed().as_millis()
+                );
                 let store: Arc<dyn Store> = store;
                 Broker::recover(store)
             })
@@ -342,11 +349,15 @@ impl ServerBuilder {
                 Some(st.f_bavail.saturating_mul(st.f_frsize))
             }),
         );
-        info!("disk alarm below {} bytes free in {}", config.broker.disk_free_limit, config.broker.data_dir.display());
+        info!(
+            "disk alarm below {} free in {}",
+            ByteSize(config.broker.disk_free_limit),
+            config.broker.data_dir.display()
+        );
         let total = total_memory();
         let watermark = config.broker.memory_high_watermark.bytes(total);
         broker.set_memory_limit(watermark);
-        info!("memory alarm at {watermark} bytes of queued messages ({total} bytes of memory)");
+        info!("memory alarm at {} of queued messages ({} of memory)", ByteSize(watermark), ByteSize(total));
         let (shutdown_tx, shutdown) = Shutdown::channel();
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());
