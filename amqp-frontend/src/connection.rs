@@ -3,6 +3,7 @@
 //! directly. No sockets: the driver owns I/O.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -17,8 +18,9 @@ use ferry_core::message::{
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::queue::{ConsumerSpec, Queue, QueueOptions};
 use ferry_core::sink::Outbox;
+use ferry_core::size::ByteSize;
 use ferry_core::vhost::{generated_queue_name, ExchangeDeclare, QueueDeclare, VHost};
-use ferry_core::Broker;
+use ferry_core::{log_limited, Broker};
 
 use crate::access::Access;
 use crate::channel::{AmqpConsumerSink, Channel, Outgoing, PartialPublish, PendingConfirm, TxOp};
@@ -132,6 +134,16 @@ pub struct Connection {
     /// Publishes completed since the driver last asked ([`Connection::take_publishes`]), for
     /// the listener's publish rate limit.
     publishes: u32,
+    /// The client's address, for log lines (set by the driver; `None` in tests).
+    peer: Option<SocketAddr>,
+    /// When connection.open succeeded: the connection's connect line was written and a
+    /// disconnect line will be.
+    opened_at: Option<Millis>,
+    /// Why the connection ended, as its disconnect line says; the first reason given wins.
+    end: Option<String>,
+    /// The server closed the connection for an error (not for a shutdown or the client's own
+    /// close).
+    closed_for_error: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -242,6 +254,10 @@ impl Connection {
             published: false,
             refusal: None,
             publishes: 0,
+            peer: None,
+            opened_at: None,
+            end: None,
+            closed_for_error: false,
             settings,
         }
     }
@@ -251,6 +267,42 @@ impl Connection {
     /// at its credentials. Call before [`Connection::start`].
     pub fn refuse(&mut self, reason: impl std::fmt::Display) {
         self.refusal = Some(reason.to_string());
+    }
+
+    /// The client's address, for log lines.
+    pub fn set_peer(&mut self, peer: SocketAddr) {
+        self.peer = Some(peer);
+    }
+
+    /// Why the connection ended, unless a reason was given already (a close the client or
+    /// the server sent comes before the socket closing after it).
+    pub fn ended(&mut self, why: impl Into<String>) {
+        if self.end.is_none() {
+            self.end = Some(why.into());
+        }
+    }
+
+    /// The disconnect line of a connection that was opened (its connect line was written):
+    /// peer, user, vhost, how long and why. A close for an error is something a client can
+    /// provoke at will, so those lines are limited; the others are one per connection.
+    pub fn log_disconnect(&self, now: Millis) {
+        let Some(opened_at) = self.opened_at else { return };
+        let duration = std::time::Duration::from_millis(now.saturating_sub(opened_at));
+        let vhost = self.vhost.as_ref().map(|v| v.name()).unwrap_or_default();
+        let user = self.user.as_deref().unwrap_or_default();
+        let reason = self.end.as_deref().unwrap_or("connection lost");
+        if self.closed_for_error {
+            log_limited!(
+                info, "AMQP client disconnected (error)",
+                conn = %self.id, peer = self.peer.map(tracing::field::display), protocol = "AMQP", version = "0-9-1", user, vhost,
+                ?duration, reason, "AMQP client disconnected"
+            );
+        } else {
+            tracing::info!(
+                conn = %self.id, peer = self.peer.map(tracing::field::display), protocol = "AMQP", version = "0-9-1", user, vhost,
+                ?duration, reason, "AMQP client disconnected"
+            );
+        }
     }
 
     /// The number of publishes completed since the last call (each basic.publish whose content
@@ -336,7 +388,7 @@ impl Connection {
                     ),
                     other => other.to_string(),
                 };
-                tracing::info!(conn = %self.id, mechanism = %mechanism, "AMQP login refused: {e}");
+                log_limited!(info, "AMQP login refused", conn = %self.id, peer = self.peer.map(tracing::field::display), mechanism = %mechanism, "AMQP login refused: {e}");
                 if self.auth_failure_close {
                     self.close_with(&AmqpError::new(reply_code::ACCESS_REFUSED, text));
                 } else {
@@ -350,7 +402,20 @@ impl Connection {
         if matches!(self.state, State::Closing | State::Closed) {
             return;
         }
-        tracing::info!(conn = %self.id, code = e.code, text = %e.text, "closing AMQP connection");
+        if self.opened_at.is_some() {
+            // The disconnect line will say it.
+            tracing::debug!(conn = %self.id, code = e.code, text = %e.text, "closing AMQP connection");
+            if e.code != reply_code::CONNECTION_FORCED {
+                self.closed_for_error = true;
+            }
+            self.ended(format!("closed by the server: {} {}", e.code, e.text));
+        } else {
+            // Before connection.open: whatever it was, a client can repeat it at will.
+            log_limited!(
+                info, "closing AMQP connection", conn = %self.id, peer = self.peer.map(tracing::field::display), code = e.code,
+                text = %e.text, "closing AMQP connection"
+            );
+        }
         self.send_close(e);
         self.release_all(now_millis());
     }
@@ -488,7 +553,7 @@ impl Connection {
         }
     }
 
-    fn on_connection_method(&mut self, m: Method, _now: Millis) -> Result<(), AmqpError> {
+    fn on_connection_method(&mut self, m: Method, now: Millis) -> Result<(), AmqpError> {
         match (self.state, m) {
             (State::AwaitStartOk, Method::ConnectionStartOk(ok)) => {
                 if let Some(reason) = self.refusal.take() {
@@ -496,7 +561,7 @@ impl Connection {
                     // its mechanism and credentials included, and without touching the broker.
                     // Logged at debug level: the listener warns about refusals, at most every
                     // 10 s.
-                    tracing::debug!(conn = %self.id, "AMQP connection refused: {reason}");
+                    tracing::debug!(conn = %self.id, peer = self.peer.map(tracing::field::display), "AMQP connection refused: {reason}");
                     self.send_close(&AmqpError::new(reply_code::NOT_ALLOWED, reason).on(10, 11));
                     return Ok(());
                 }
@@ -568,6 +633,13 @@ impl Connection {
                         let user = self.user.as_deref().unwrap_or_default();
                         let access = Access::open(&self.broker, user, self.anonymous, &name)?;
                         self.access = Some(access);
+                        // One line per connection at `info`, and one when it ends.
+                        tracing::info!(
+                            conn = %self.id, peer = self.peer.map(tracing::field::display), protocol = "AMQP", version = "0-9-1",
+                            user, vhost = %name, heartbeat = self.heartbeat, frame_max = self.frame_max,
+                            "AMQP client connected"
+                        );
+                        self.opened_at = Some(now);
                         self.vhost = Some(v);
                         self.state = State::Open;
                         self.send(
@@ -581,6 +653,7 @@ impl Connection {
             }
             (_, Method::ConnectionClose(c)) => {
                 tracing::debug!(conn = %self.id, code = c.reply_code, text = %c.reply_text, "client closed the connection");
+                self.ended(format!("client closed the connection: {} {}", c.reply_code, c.reply_text));
                 self.release_all(now_millis());
                 self.send(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
                 self.state = State::Closed;
@@ -1306,7 +1379,11 @@ impl Connection {
         if total > expected {
             return Err(AmqpError::new(
                 reply_code::FRAME_ERROR,
-                format!("content body of {total} bytes exceeds the {expected} bytes the header declared"),
+                format!(
+                    "content body of {} exceeds the {} the header declared",
+                    ByteSize(total).exact(),
+                    ByteSize(expected).exact()
+                ),
             ));
         }
         // A body in one frame is kept as a slice of that frame (no copy).

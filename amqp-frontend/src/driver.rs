@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
+use ferry_core::log_limited;
 use ferry_core::message::now_millis;
 use ferry_core::rate::TokenBucket;
 use ferry_core::store::StoreError;
@@ -31,8 +32,25 @@ const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
 
 type ConfirmWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, PendingConfirm)> + Send>>;
 
-/// Serves one AMQP connection to its end.
-pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Settings) -> Result<(), ConnectionError> {
+/// Serves one AMQP connection to its end; an opened one ends with its disconnect line.
+pub async fn run(stream: ClientStream, ctx: ConnectionContext, settings: Settings) -> Result<(), ConnectionError> {
+    let limits = &ctx.listener.limits;
+    let mut settings = settings;
+    settings.frame_max = limits.max_frame_size;
+    settings.outbox_capacity = limits.outbox_capacity;
+    let mut conn = Connection::new(ctx.id, ctx.broker.clone(), ctx.listener.vhost.clone(), settings);
+    conn.set_peer(stream.peer);
+    let result = serve(stream, &ctx, &mut conn).await;
+    conn.log_disconnect(now_millis());
+    result
+}
+
+async fn serve(
+    mut stream: ClientStream,
+    ctx: &ConnectionContext,
+    conn: &mut Connection,
+) -> Result<(), ConnectionError> {
+    let peer = stream.peer;
     let limits = ctx.listener.limits.clone();
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -45,22 +63,23 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                 break;
             }
             ProtocolHeader::Wrong => {
+                log_limited!(info, "AMQP connection refused", conn = %ctx.id, %peer, "AMQP connection refused: not an AMQP 0-9-1 protocol header");
                 let _ = stream.write_all(&PROTOCOL_HEADER).await;
                 return Err(ConnectionError::Protocol("not an AMQP 0-9-1 protocol header".into()));
             }
             ProtocolHeader::Incomplete => {}
         }
         match tokio::time::timeout_at(handshake_deadline, stream.read_buf(&mut buf)).await {
-            Err(_) => return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout)),
+            Err(_) => {
+                let timeout = limits.handshake_timeout;
+                log_limited!(info, "AMQP handshake timeout", conn = %ctx.id, %peer, "AMQP protocol header not received within {timeout:?}");
+                return Err(ConnectionError::HandshakeTimeout(timeout));
+            }
             Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
             Ok(Ok(_)) => {}
         }
     }
 
-    let mut settings = settings;
-    settings.frame_max = limits.max_frame_size;
-    settings.outbox_capacity = limits.outbox_capacity;
-    let mut conn = Connection::new(ctx.id, ctx.broker.clone(), ctx.listener.vhost.clone(), settings);
     if let Some(refusal) = &ctx.refusal {
         conn.refuse(refusal);
     }
@@ -118,6 +137,7 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
         if !conn.out.is_empty() {
             if let Err(e) = stream.write_all(&conn.out).await {
                 tracing::debug!(conn = %ctx.id, error = %e, "write failed");
+                conn.ended(format!("connection lost: {e}"));
                 conn.release_all(now_millis());
                 return Ok(());
             }
@@ -175,7 +195,13 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
             _ = alarm.changed() => {}
             r = stream.read_buf(&mut buf), if reading => {
                 match r {
-                    Ok(0) | Err(_) => {
+                    Ok(0) => {
+                        conn.ended("connection closed by the client");
+                        conn.release_all(now_millis());
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        conn.ended(format!("connection lost: {e}"));
                         conn.release_all(now_millis());
                         return Ok(());
                     }
@@ -209,12 +235,16 @@ pub async fn run(mut stream: ClientStream, ctx: ConnectionContext, settings: Set
                     return Ok(());
                 }
                 if conn.is_open() {
-                    tracing::info!(conn = %ctx.id, "missed heartbeats from the client; closing");
+                    // The disconnect line says it.
+                    tracing::debug!(conn = %ctx.id, "missed heartbeats from the client; closing");
+                    conn.ended("missed heartbeats from the client");
                     conn.release_all(now_millis());
                     return Ok(());
                 }
+                let timeout = limits.handshake_timeout;
+                log_limited!(info, "AMQP handshake timeout", conn = %ctx.id, %peer, "AMQP connection not opened within {timeout:?}");
                 conn.release_all(now_millis());
-                return Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout));
+                return Err(ConnectionError::HandshakeTimeout(timeout));
             }
             _ = shutdown.wait(), if !shutting_down => {
                 shutting_down = true;

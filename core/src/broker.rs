@@ -12,6 +12,7 @@ use crate::auth::Authenticator;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
 use crate::permissions::AccessPolicy;
+use crate::size::ByteSize;
 use crate::store::{SessionRecord, Store, StoreError, StoreOp};
 use crate::vhost::VHost;
 
@@ -62,10 +63,18 @@ impl MemoryAlarm {
                     tracing::warn!(
                         used,
                         limit,
-                        "memory alarm: queued messages above the high watermark; publishers blocked"
+                        "memory alarm: queued messages ({}) above the high watermark ({}); publishers blocked",
+                        ByteSize(used),
+                        ByteSize(limit)
                     );
                 } else {
-                    tracing::info!(used, limit, "memory alarm cleared; publishers unblocked");
+                    tracing::info!(
+                        used,
+                        limit,
+                        "memory alarm cleared ({} queued, watermark {}); publishers unblocked",
+                        ByteSize(used),
+                        ByteSize(limit)
+                    );
                 }
                 *r = raise;
                 true
@@ -142,10 +151,16 @@ impl DiskAlarm {
                     free,
                     min_free = min,
                     store_failing,
-                    "disk alarm: persistent publishes refused until space returns"
+                    "disk alarm ({} free, limit {}): persistent publishes refused until space returns",
+                    ByteSize(free),
+                    ByteSize(min)
                 );
             } else {
-                tracing::info!(free, "disk alarm cleared; persistent publishes accepted again");
+                tracing::info!(
+                    free,
+                    "disk alarm cleared ({} free); persistent publishes accepted again",
+                    ByteSize(free)
+                );
             }
             *r = raise;
             true

@@ -25,6 +25,9 @@
 //!   [`Grant`](permissions::Grant) the frontends check operations against.
 //! - [`acl`]: the Mosquitto-style MQTT topic ACL (MQTT clients, and AMQP ones on MQTT exchanges).
 //! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
+//! - [`logging`]: [`log_limited!`] for log lines a client can trigger at will (bad logins,
+//!   refused connections, protocol errors): a burst per second per call site, then a count.
+//! - [`size`]: [`ByteSize`](size::ByteSize), byte counts in log lines and errors ("128 KiB").
 //! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
 //!   the redb store (`store::RedbStore`, the server's).
 //! - [`frontend`]: the [`Frontend`](frontend::Frontend) trait, [`ClientStream`](frontend::ClientStream)
@@ -42,6 +45,7 @@ pub mod cert_login;
 pub mod error;
 pub mod exchange;
 pub mod frontend;
+pub mod logging;
 pub mod message;
 pub mod permissions;
 pub mod queue;
@@ -49,6 +53,7 @@ pub mod rate;
 pub mod retained;
 pub mod signal;
 pub mod sink;
+pub mod size;
 pub mod store;
 pub mod topic;
 pub mod vhost;

@@ -4,6 +4,7 @@
 //! session and the pending commit live outside the `select!`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,9 +13,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_core::auth::AuthError;
+use ferry_core::auth::ANONYMOUS_USER;
 use ferry_core::broker::Broker;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, ListenerSettings, Transport};
-use ferry_core::message::now_millis;
+use ferry_core::log_limited;
+use ferry_core::message::{now_millis, Millis};
 use ferry_core::rate::TokenBucket;
 use ferry_core::sink::{Outbox, SinkDelivery};
 use ferry_core::store::StoreError;
@@ -175,6 +178,20 @@ struct Conn {
     // left when the publish rate or an alarm paused the connection.
     undecoded: bool,
     generation: u64,
+    /// For the disconnect line: who the client is and since when it was connected.
+    peer: SocketAddr,
+    connected_at: Millis,
+}
+
+/// Refuses a would-be connection for a protocol error before its session starts: logged at
+/// `info` with the peer, limited (a client can send bad CONNECTs at will).
+fn protocol_refusal(
+    id: ConnectionId,
+    peer: SocketAddr,
+    detail: String,
+) -> Result<Box<Conn>, Result<(), ConnectionError>> {
+    log_limited!(info, "MQTT connection refused", conn = %id, %peer, "MQTT connection refused: {detail}");
+    Err(Err(ConnectionError::Protocol(detail)))
 }
 
 /// The CONNECT, the login, the claim of the client id and the session's start: the connection
@@ -185,6 +202,7 @@ async fn establish(
     shared: Arc<Shared>,
 ) -> Result<Box<Conn>, Result<(), ConnectionError>> {
     let limits = &ctx.listener.limits;
+    let peer = stream.peer;
     let mut buf = BytesMut::new();
     let mut sizer = ReadSizer::new();
     let mut decoder = Decoder::new(limits.max_frame_size);
@@ -194,7 +212,11 @@ async fn establish(
     )
     .await
     {
-        Err(_) => return Err(Err(ConnectionError::HandshakeTimeout(limits.handshake_timeout))),
+        Err(_) => {
+            let timeout = limits.handshake_timeout;
+            log_limited!(info, "MQTT handshake timeout", conn = %ctx.id, %peer, "MQTT CONNECT not received within {timeout:?}");
+            return Err(Err(ConnectionError::HandshakeTimeout(timeout)));
+        }
         Ok(Ok(Some(c))) => c,
         Ok(Ok(None)) => return Err(Ok(())),
         Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
@@ -207,9 +229,9 @@ async fn establish(
                 &mut out,
             );
             let _ = stream.write_all(&out).await;
-            return Err(Err(ConnectionError::Protocol(format!("unsupported protocol {name:?} level {level}"))));
+            return protocol_refusal(ctx.id, peer, format!("unsupported protocol {name:?} level {level}"));
         }
-        Ok(Err(e)) => return Err(Err(ConnectionError::Protocol(format!("bad CONNECT: {e}")))),
+        Ok(Err(e)) => return protocol_refusal(ctx.id, peer, format!("bad CONNECT: {e}")),
     };
     let version = connect.version;
     let v5 = version == ProtocolVersion::V5;
@@ -223,7 +245,7 @@ async fn establish(
         refuse(version, reason::QUOTA_EXCEEDED, return_code::SERVER_UNAVAILABLE, &mut out);
         let _ = tokio::time::timeout(limits.handshake_timeout, stream.write_all(&out)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        debug!(conn = %ctx.id, client_id = connect.client_id.as_str(), ?version, "MQTT CONNECT refused: {refusal}");
+        debug!(conn = %ctx.id, %peer, client_id = connect.client_id.as_str(), ?version, "MQTT CONNECT refused: {refusal}");
         return Err(Ok(()));
     }
 
@@ -231,7 +253,7 @@ async fn establish(
     if v5 && connect.properties.authentication_method.is_some() {
         refuse(version, reason::BAD_AUTHENTICATION_METHOD, 0, &mut out);
         let _ = stream.write_all(&out).await;
-        return Err(Err(ConnectionError::Protocol("unsupported authentication method".into())));
+        return protocol_refusal(ctx.id, peer, "unsupported authentication method".into());
     }
     if let Some(w) = &connect.will {
         if check_topic_name(w.topic.as_str()).is_err() {
@@ -239,14 +261,14 @@ async fn establish(
             if v5 {
                 let _ = stream.write_all(&out).await;
             }
-            return Err(Err(ConnectionError::Protocol(format!("invalid will topic {:?}", w.topic.as_str()))));
+            return protocol_refusal(ctx.id, peer, format!("invalid will topic {:?}", w.topic.as_str()));
         }
     }
     let (client_id, assigned) = if connect.client_id.is_empty() {
         if !v5 && !connect.clean_start {
             refuse(version, 0, connect_refusal(version, reason::CLIENT_IDENTIFIER_NOT_VALID), &mut out);
             let _ = stream.write_all(&out).await;
-            return Err(Err(ConnectionError::Protocol("empty client id with clean session 0".into())));
+            return protocol_refusal(ctx.id, peer, "empty client id with clean session 0".into());
         }
         (assigned_client_id(), true)
     } else {
@@ -285,10 +307,7 @@ async fn establish(
             };
             refuse(version, v5_reason, connect_refusal(version, v5_reason), &mut out);
             let _ = stream.write_all(&out).await;
-            info!(
-                conn = %ctx.id, peer = %stream.peer, client_id, user = username.as_deref().unwrap_or(""),
-                "MQTT login refused: {e}"
-            );
+            log_limited!(info, "MQTT login refused", conn = %ctx.id, %peer, client_id, user = username.as_deref().unwrap_or(""), "MQTT login refused: {e}");
             return Err(Err(ConnectionError::Protocol(format!("login refused: {e}"))));
         }
     };
@@ -300,7 +319,7 @@ async fn establish(
         if !acl.can_write(user.as_deref(), &client_id, w.topic.as_str()) {
             refuse(version, reason::NOT_AUTHORIZED, connect_refusal(version, reason::NOT_AUTHORIZED), &mut out);
             let _ = stream.write_all(&out).await;
-            info!(conn = %ctx.id, client_id, user = %identity.user, "MQTT CONNECT refused: will topic not authorized");
+            log_limited!(info, "MQTT CONNECT refused", conn = %ctx.id, %peer, client_id, user = %identity.user, "MQTT CONNECT refused: will topic not authorized");
             return Err(Err(ConnectionError::Protocol("will topic not authorized".into())));
         }
     }
@@ -341,12 +360,16 @@ async fn establish(
             shared.registry.release(&vhost_name, &client_id, ctx.id, None);
             refuse(version, reason::SERVER_UNAVAILABLE, connect_refusal(version, reason::SERVER_UNAVAILABLE), &mut out);
             let _ = stream.write_all(&out).await;
+            // Not the client's doing (the store, say): not limited.
+            info!(conn = %ctx.id, %peer, client_id, "MQTT session could not start: {e}");
             return Err(Err(ConnectionError::Protocol(format!("session could not start: {e}"))));
         }
     };
-    debug!(
-        conn = %ctx.id, client_id, user = %identity.user, ?version, keep_alive = keep_alive_requested, persistent = session.is_persistent(),
-        took_over = claim.took_over, "MQTT client connected"
+    // One line per connection at `info`, and one when it ends (`Conn::wind_up`).
+    info!(
+        conn = %ctx.id, %peer, protocol = "MQTT", version = version.name(), client_id, user = %identity.user,
+        keep_alive = keep_alive_requested, persistent = session.is_persistent(), took_over = claim.took_over,
+        "MQTT client connected"
     );
     shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
     shared.ensure_sys(&vhost);
@@ -370,6 +393,8 @@ async fn establish(
         paused_since: None,
         undecoded,
         generation: claim.generation,
+        peer,
+        connected_at: now,
         stream: stream.into_io(),
         id: ctx.id,
         broker: ctx.broker,
@@ -601,15 +626,25 @@ impl Conn {
 
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
-        let Conn { mut stream, id, broker, listener, shared, mut session, mut waiting, bytes_in, generation, .. } =
-            *self;
+        let Conn {
+            mut stream,
+            id,
+            broker,
+            listener,
+            shared,
+            mut session,
+            mut waiting,
+            bytes_in,
+            generation,
+            peer,
+            connected_at,
+            ..
+        } = *self;
         shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        log_disconnect(id, peer, &session, &close, connected_at);
         // Say why, to 5.0 clients.
         match &close {
-            Close::Violation { reason: r, detail } => {
-                info!(conn = %id, client_id = session.client_id, "closing MQTT connection: {detail}");
-                session.send_disconnect(*r, detail);
-            }
+            Close::Violation { reason: r, detail } => session.send_disconnect(*r, detail),
             Close::TakenOver => {
                 session.send_disconnect(reason::SESSION_TAKEN_OVER, "another connection took this client id")
             }
@@ -674,6 +709,31 @@ impl Conn {
             _ => Ok(()),
         }
     }
+}
+
+/// The connection's last line: who, how long, and why it ended. A protocol violation (keep
+/// alive timeouts included) is something a client can repeat at will, so those lines are
+/// limited; the others are one per connection, like the connect line.
+fn log_disconnect(id: ConnectionId, peer: SocketAddr, session: &Session, close: &Close, connected_at: Millis) {
+    let duration = Duration::from_millis(now_millis().saturating_sub(connected_at));
+    let user = session.user().unwrap_or(ANONYMOUS_USER);
+    let (client_id, version) = (session.client_id.as_str(), session.version.name());
+    let reason = match close {
+        Close::Violation { detail, .. } => {
+            log_limited!(
+                info, "MQTT client disconnected (protocol violation)",
+                conn = %id, %peer, protocol = "MQTT", version, client_id, user, ?duration,
+                reason = %format_args!("protocol violation: {detail}"), "MQTT client disconnected"
+            );
+            return;
+        }
+        Close::ClientDisconnect { with_will: false } => "client disconnected",
+        Close::ClientDisconnect { with_will: true } => "client disconnected with its will",
+        Close::Lost => "connection lost",
+        Close::TakenOver => "taken over by another connection",
+        Close::Shutdown => "server shutting down",
+    };
+    info!(conn = %id, %peer, protocol = "MQTT", version, client_id, user, ?duration, reason, "MQTT client disconnected");
 }
 
 fn kicked(why: Kicked) -> Close {

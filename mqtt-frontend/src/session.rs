@@ -550,6 +550,11 @@ impl Session {
         self.version == ProtocolVersion::V5
     }
 
+    /// The user the client logged in as; `None` for an anonymous client.
+    pub fn user(&self) -> Option<&str> {
+        self.settings.user.as_deref()
+    }
+
     fn send(&mut self, packet: Packet) {
         encode(&packet, self.version, &mut self.out);
     }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::logging::LogFormat;
+
 /// Ferry: one broker for MQTT and AMQP.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, args_conflicts_with_subcommands = true)]
@@ -17,6 +19,16 @@ pub struct Cli {
     /// and the config's broker.log_level.
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// How log lines are written: text (the default) or json (one object a line). Overrides
+    /// the config's broker.log_format.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Append log lines to FILE (created if missing) instead of writing them to stderr.
+    /// Overrides the config's broker.log_file.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -56,6 +68,16 @@ mod tests {
         assert_eq!(cli.config, Some(PathBuf::from("f.toml")));
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
         assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn log_format_and_file_parse() {
+        let cli = Cli::try_parse_from(["ferry", "--log-format", "json", "--log-file", "/var/log/ferry.log"]).unwrap();
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        assert_eq!(cli.log_file.as_deref(), Some(Path::new("/var/log/ferry.log")));
+        let cli = Cli::try_parse_from(["ferry"]).unwrap();
+        assert_eq!((cli.log_format, cli.log_file), (None, None));
+        assert!(Cli::try_parse_from(["ferry", "--log-format", "xml"]).is_err());
     }
 
     #[test]

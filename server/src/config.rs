@@ -7,6 +7,7 @@
 //! Reading certificates and binding sockets happen at start-up, not here: see
 //! [`crate::server::check`] and [`crate::server::ServerBuilder::start`].
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -18,8 +19,11 @@ use ferry_core::auth::{AuthPolicy, PasswordHash, User, ANONYMOUS_USER, GUEST_USE
 use ferry_core::cert_login::CertLogin;
 use ferry_core::frontend::Limits;
 use ferry_core::permissions::{AccessPolicy, MqttExchange, Pattern, TopicPermissions, VhostPermissions};
+use ferry_core::size::ByteSize;
 use ferry_core::Protocol;
 use serde::Deserialize;
+
+use crate::logging::LogFormat;
 
 /// Where the data directory is when nothing says otherwise (relative to the working directory).
 pub const DEFAULT_DATA_DIR: &str = "./ferry-data";
@@ -173,6 +177,10 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// A level (`error`…`trace`) or an `EnvFilter` directive; `--log-level` and `RUST_LOG` win.
     pub log_level: String,
+    /// Text or JSON lines; `--log-format` wins.
+    pub log_format: LogFormat,
+    /// Log lines are appended to this file instead of stderr; `--log-file` wins.
+    pub log_file: Option<PathBuf>,
     /// How long connections get to close after shutdown starts before they are aborted.
     pub shutdown_grace: Duration,
     /// The memory alarm's high watermark for queued message bodies.
@@ -215,6 +223,8 @@ impl Default for BrokerConfig {
         BrokerConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
+            log_format: LogFormat::Text,
+            log_file: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             memory_high_watermark: MemoryWatermark::Relative(DEFAULT_MEMORY_HIGH_WATERMARK),
             disk_free_limit: DEFAULT_DISK_FREE_LIMIT,
@@ -351,9 +361,31 @@ pub enum ConfigError {
     /// names the key and shows the line and column.
     #[error("{}: {error}", path.display())]
     Parse { path: PathBuf, error: toml::de::Error },
-    /// The file parses but a value is not acceptable.
-    #[error("{}: {key}: {reason}", path.display())]
-    Invalid { path: PathBuf, key: String, reason: String },
+    /// The file parses but values are not acceptable: every one found, one line each.
+    #[error("{}", Lines(path, problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// One value that is not acceptable: the key (`listeners[0].vhost`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+/// `FILE: key: reason`, one line per problem.
+struct Lines<'a>(&'a Path, &'a [Problem]);
+
+impl fmt::Display for Lines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, Problem { key, reason }) in self.1.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {key}: {reason}", self.0.display())?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -393,9 +425,31 @@ impl Config {
     /// Parses and validates `text` as if read from `path`: `path` names the file in errors and
     /// its directory is what relative paths are resolved against.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::from_toml_str_with_problems(text, path)?;
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
+        }
+    }
+
+    /// Reads a file as far as it can be read: the configuration with every refused value left
+    /// at its default (a refused user, ACL entry or permission left out), and every problem.
+    /// For `ferry check-config`, which goes on to check what it can of the rest (TLS files).
+    /// Fails only when the file cannot be read or is not TOML of the expected shape.
+    pub fn load_with_problems(path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
+        Config::from_toml_str_with_problems(&text, path)
+    }
+
+    fn from_toml_str_with_problems(text: &str, path: &Path) -> Result<(Config, Vec<Problem>), ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|error| ConfigError::Parse { path: path.to_path_buf(), error })?;
-        Validator { path, base: path.parent().unwrap_or(Path::new("")) }.config(raw)
+        let validator =
+            Validator { path, base: path.parent().unwrap_or(Path::new("")), problems: RefCell::new(Vec::new()) };
+        let config = validator.config(raw);
+        Ok((config, validator.problems.into_inner()))
     }
 }
 
@@ -485,6 +539,8 @@ struct RawAmqp {
 struct RawBroker {
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
+    log_format: Option<String>,
+    log_file: Option<PathBuf>,
     shutdown_grace_secs: Option<u64>,
     memory_high_watermark: Option<f64>,
     memory_high_watermark_bytes: Option<u64>,
@@ -539,50 +595,65 @@ struct Validator<'a> {
     path: &'a Path,
     /// The config file's directory: relative paths in the file are relative to it.
     base: &'a Path,
+    /// Every problem found so far: validation goes on past one, so that a file is refused
+    /// with all of them at once.
+    problems: RefCell<Vec<Problem>>,
 }
 
 impl Validator<'_> {
-    fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { path: self.path.to_path_buf(), key: key.into(), reason: reason.into() }
+    fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> Problem {
+        Problem { key: key.into(), reason: reason.into() }
     }
 
-    fn resolve(&self, key: &str, p: PathBuf) -> Result<PathBuf, ConfigError> {
+    /// Records a problem; validation goes on.
+    fn report(&self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.borrow_mut().push(self.invalid(key, reason));
+    }
+
+    /// The value, or `None` with its problem recorded.
+    fn check<T>(&self, result: Result<T, Problem>) -> Option<T> {
+        result.map_err(|p| self.problems.borrow_mut().push(p)).ok()
+    }
+
+    fn resolve(&self, key: &str, p: PathBuf) -> Result<PathBuf, Problem> {
         if p.as_os_str().is_empty() {
             return Err(self.invalid(key, "must not be empty"));
         }
         Ok(if p.is_absolute() { p } else { self.base.join(p) })
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let broker = self.broker(raw.broker)?;
-        let mqtt = self.mqtt(raw.mqtt)?;
-        let amqp = self.amqp(raw.amqp)?;
+    /// The configuration, with what was refused left at its default (a listener without the
+    /// bad key, a user or an ACL entry left out); the problems are in `self.problems`.
+    fn config(&self, raw: RawConfig) -> Config {
+        let broker = self.broker(raw.broker);
+        let mqtt = self.mqtt(raw.mqtt);
+        let amqp = self.amqp(raw.amqp);
         let raw_listeners = raw.listeners.unwrap_or_default();
         if raw_listeners.is_empty() {
-            return Err(self.invalid("listeners", "at least one [[listeners]] table is required"));
+            self.report("listeners", "at least one [[listeners]] table is required");
         }
         let mut listeners = Vec::with_capacity(raw_listeners.len());
         let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
         for (index, raw) in raw_listeners.into_iter().enumerate() {
-            let listener = self.listener(index, raw)?;
+            let listener = self.listener(index, raw);
             // Port 0 asks the OS for a fresh port each time, so it never clashes.
             if listener.bind.port() != 0 {
                 if let Some(first) = binds.insert(listener.bind, index) {
-                    return Err(self.invalid(
+                    self.report(
                         format!("listeners[{index}].bind"),
                         format!("{} is already used by listeners[{first}]", listener.bind),
-                    ));
+                    );
                 }
             }
             listeners.push(listener);
         }
-        let users = self.users(raw.users)?;
-        let acl = self.acl(raw.acl)?;
+        let users = self.users(raw.users);
         // With a cert_login listener any name may be a certificate's, which [[users]] never lists.
         let certificates = listeners.iter().any(|l| l.cert_login.is_some());
-        let permissions = self.permissions(raw.permissions, &users, certificates)?;
-        let topic_permissions = self.topic_permissions(raw.topic_permissions, &users, certificates)?;
-        Ok(Config {
+        let acl = self.acl(raw.acl, &users, certificates);
+        let permissions = self.permissions(raw.permissions, &users, certificates);
+        let topic_permissions = self.topic_permissions(raw.topic_permissions, &users, certificates);
+        Config {
             source: ConfigSource::File(self.path.to_path_buf()),
             broker,
             mqtt,
@@ -592,13 +663,14 @@ impl Validator<'_> {
             acl,
             permissions,
             topic_permissions,
-        })
+        }
     }
 
-    /// A permission must name a user that can log in: a configured one, `guest` (on loopback
-    /// listeners) or `anonymous`, as `rabbitmqctl set_permissions` refuses unknown users; or,
-    /// when a listener takes client certificates as identities (`certificates`), any name.
-    fn known_user(&self, key: String, user: &str, users: &[User], certificates: bool) -> Result<(), ConfigError> {
+    /// A permission or an ACL entry must name a user that can log in: a configured one, `guest`
+    /// (on loopback listeners) or `anonymous`, as `rabbitmqctl set_permissions` refuses unknown
+    /// users; or, when a listener takes client certificates as identities (`certificates`), any
+    /// name.
+    fn known_user(&self, key: String, user: &str, users: &[User], certificates: bool) -> Result<(), Problem> {
         if user.is_empty() {
             return Err(self.invalid(key, "must not be empty"));
         }
@@ -611,38 +683,45 @@ impl Validator<'_> {
         ))
     }
 
-    fn permissions(
-        &self,
-        raw: Vec<RawPermissions>,
-        users: &[User],
-        certificates: bool,
-    ) -> Result<Vec<VhostPermissions>, ConfigError> {
+    /// A vhost named in an entry (the default one when left out).
+    fn vhost(&self, key: String, vhost: Option<String>) -> Option<String> {
+        let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
+        if vhost.is_empty() {
+            self.report(key, "must not be empty");
+            return None;
+        }
+        Some(vhost)
+    }
+
+    fn permissions(&self, raw: Vec<RawPermissions>, users: &[User], certificates: bool) -> Vec<VhostPermissions> {
         let mut seen: HashMap<(String, String), usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (index, RawPermissions { user, vhost, configure, write, read }) in raw.into_iter().enumerate() {
-            self.known_user(format!("permissions[{index}].user"), &user, users, certificates)?;
-            let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
-            if vhost.is_empty() {
-                return Err(self.invalid(format!("permissions[{index}].vhost"), "must not be empty"));
-            }
-            if let Some(first) = seen.insert((user.clone(), vhost.clone()), index) {
-                return Err(self.invalid(
-                    format!("permissions[{index}]"),
-                    format!("user {user:?} on vhost {vhost:?} is already permissions[{first}]"),
-                ));
+            let known = self.check(self.known_user(format!("permissions[{index}].user"), &user, users, certificates));
+            let vhost = self.vhost(format!("permissions[{index}].vhost"), vhost);
+            if let Some(vhost) = &vhost {
+                if let Some(first) = seen.insert((user.clone(), vhost.clone()), index) {
+                    self.report(
+                        format!("permissions[{index}]"),
+                        format!("user {user:?} on vhost {vhost:?} is already permissions[{first}]"),
+                    );
+                }
             }
             let pattern = |field: &str, source: &str| {
-                Pattern::new(source).map_err(|reason| self.invalid(format!("permissions[{index}].{field}"), reason))
+                self.check(
+                    Pattern::new(source)
+                        .map_err(|reason| self.invalid(format!("permissions[{index}].{field}"), reason)),
+                )
             };
-            out.push(VhostPermissions {
-                configure: pattern("configure", &configure)?,
-                write: pattern("write", &write)?,
-                read: pattern("read", &read)?,
-                user,
-                vhost,
-            });
+            let (configure, write, read) =
+                (pattern("configure", &configure), pattern("write", &write), pattern("read", &read));
+            if let (Some(()), Some(vhost), Some(configure), Some(write), Some(read)) =
+                (known, vhost, configure, write, read)
+            {
+                out.push(VhostPermissions { configure, write, read, user, vhost });
+            }
         }
-        Ok(out)
+        out
     }
 
     fn topic_permissions(
@@ -650,70 +729,90 @@ impl Validator<'_> {
         raw: Vec<RawTopicPermissions>,
         users: &[User],
         certificates: bool,
-    ) -> Result<Vec<TopicPermissions>, ConfigError> {
+    ) -> Vec<TopicPermissions> {
         let mut seen: HashMap<(String, String, String), usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (index, RawTopicPermissions { user, vhost, exchange, write, read }) in raw.into_iter().enumerate() {
-            self.known_user(format!("topic_permissions[{index}].user"), &user, users, certificates)?;
-            let vhost = vhost.unwrap_or_else(|| DEFAULT_VHOST.to_string());
-            if vhost.is_empty() {
-                return Err(self.invalid(format!("topic_permissions[{index}].vhost"), "must not be empty"));
-            }
+            let mut ok = self
+                .check(self.known_user(format!("topic_permissions[{index}].user"), &user, users, certificates))
+                .is_some();
+            let vhost = self.vhost(format!("topic_permissions[{index}].vhost"), vhost);
             if exchange.is_empty() {
-                return Err(self.invalid(format!("topic_permissions[{index}].exchange"), "must not be empty"));
+                self.report(format!("topic_permissions[{index}].exchange"), "must not be empty");
+                ok = false;
             }
-            if let Some(first) = seen.insert((user.clone(), vhost.clone(), exchange.clone()), index) {
-                return Err(self.invalid(
-                    format!("topic_permissions[{index}]"),
-                    format!("user {user:?} on exchange {exchange:?} in vhost {vhost:?} is already topic_permissions[{first}]"),
-                ));
+            if let Some(vhost) = &vhost {
+                if let Some(first) = seen.insert((user.clone(), vhost.clone(), exchange.clone()), index) {
+                    self.report(
+                        format!("topic_permissions[{index}]"),
+                        format!("user {user:?} on exchange {exchange:?} in vhost {vhost:?} is already topic_permissions[{first}]"),
+                    );
+                }
             }
             for (field, template) in [("write", &write), ("read", &read)] {
-                TopicPermissions::validate(template)
-                    .map_err(|reason| self.invalid(format!("topic_permissions[{index}].{field}"), reason))?;
+                let valid = TopicPermissions::validate(template)
+                    .map_err(|reason| self.invalid(format!("topic_permissions[{index}].{field}"), reason));
+                ok &= self.check(valid).is_some();
             }
-            out.push(TopicPermissions { user, vhost, exchange, write, read });
+            if let (true, Some(vhost)) = (ok, vhost) {
+                out.push(TopicPermissions { user, vhost, exchange, write, read });
+            }
         }
-        Ok(out)
+        out
     }
 
-    fn acl(&self, raw: Vec<RawAcl>) -> Result<Vec<ferry_mqtt::acl::AclEntry>, ConfigError> {
+    fn acl(&self, raw: Vec<RawAcl>, users: &[User], certificates: bool) -> Vec<ferry_mqtt::acl::AclEntry> {
         use ferry_mqtt::acl::{Access, AclEntry};
         let mut entries = Vec::with_capacity(raw.len());
         for (index, RawAcl { user, topic, access }) in raw.into_iter().enumerate() {
-            if user.as_deref() == Some("") {
-                return Err(
-                    self.invalid(format!("acl[{index}].user"), "must not be empty (leave it out for all users)")
-                );
-            }
-            AclEntry::validate_topic(&topic).map_err(|reason| self.invalid(format!("acl[{index}].topic"), reason))?;
-            let access = Access::parse(&access).ok_or_else(|| {
+            let key = format!("acl[{index}].user");
+            let known = match user.as_deref() {
+                None => true,
+                Some("") => {
+                    self.report(key, "must not be empty (leave it out for all users)");
+                    false
+                }
+                // The rule [[permissions]] follow: a name nobody can log in as is a mistake.
+                Some(name) => self.check(self.known_user(key, name, users, certificates)).is_some(),
+            };
+            let topic_ok = self.check(
+                AclEntry::validate_topic(&topic).map_err(|reason| self.invalid(format!("acl[{index}].topic"), reason)),
+            );
+            let access = self.check(Access::parse(&access).ok_or_else(|| {
                 self.invalid(format!("acl[{index}].access"), format!("{access:?}: expected read, write or readwrite"))
-            })?;
-            entries.push(AclEntry { user, topic, access });
+            }));
+            if let (true, Some(()), Some(access)) = (known, topic_ok, access) {
+                entries.push(AclEntry { user, topic, access });
+            }
         }
-        Ok(entries)
+        entries
     }
 
-    fn users(&self, raw: Vec<RawUser>) -> Result<Vec<User>, ConfigError> {
+    fn users(&self, raw: Vec<RawUser>) -> Vec<User> {
         let mut users = Vec::with_capacity(raw.len());
         let mut names: HashMap<String, usize> = HashMap::new();
         for (index, RawUser { name, password_hash }) in raw.into_iter().enumerate() {
+            let mut ok = true;
             if name.is_empty() {
-                return Err(self.invalid(format!("users[{index}].name"), "must not be empty"));
-            }
-            if let Some(first) = names.insert(name.clone(), index) {
-                return Err(self.invalid(format!("users[{index}].name"), format!("{name:?} is already users[{first}]")));
+                self.report(format!("users[{index}].name"), "must not be empty");
+                ok = false;
+            } else if let Some(first) = names.insert(name.clone(), index) {
+                self.report(format!("users[{index}].name"), format!("{name:?} is already users[{first}]"));
+                ok = false;
             }
             // The reason never repeats the hash.
-            let hash = PasswordHash::parse(&password_hash)
-                .map_err(|reason| self.invalid(format!("users[{index}].password_hash"), reason))?;
-            users.push(User { name, hash });
+            let hash = self.check(
+                PasswordHash::parse(&password_hash)
+                    .map_err(|reason| self.invalid(format!("users[{index}].password_hash"), reason)),
+            );
+            if let (true, Some(hash)) = (ok, hash) {
+                users.push(User { name, hash });
+            }
         }
-        Ok(users)
+        users
     }
 
-    fn mqtt(&self, raw: RawMqtt) -> Result<MqttConfig, ConfigError> {
+    fn mqtt(&self, raw: RawMqtt) -> MqttConfig {
         let mut m = MqttConfig::default();
         if let Some(v) = raw.queue_qos0_offline {
             m.queue_qos0_offline = v;
@@ -722,13 +821,12 @@ impl Validator<'_> {
             ("mqtt.max_inflight", raw.max_inflight, &mut m.max_inflight),
             ("mqtt.receive_maximum", raw.receive_maximum, &mut m.receive_maximum),
         ] {
-            if let Some(v) = value {
+            match value {
                 // MQTT 5 §3.1.2.11.3: a Receive Maximum of 0 is a protocol error; a window of 0
                 // would deliver nothing.
-                if v == 0 {
-                    return Err(self.invalid(key, "must be at least 1"));
-                }
-                *slot = v;
+                Some(0) => self.report(key, "must be at least 1"),
+                Some(v) => *slot = v,
+                None => {}
             }
         }
         if let Some(v) = raw.topic_alias_maximum {
@@ -740,62 +838,76 @@ impl Validator<'_> {
         if let Some(v) = raw.max_queued_messages {
             m.max_queued_messages = v;
         }
-        Ok(m)
+        m
     }
 
-    fn amqp(&self, raw: RawAmqp) -> Result<AmqpConfig, ConfigError> {
+    fn amqp(&self, raw: RawAmqp) -> AmqpConfig {
         let mut a = AmqpConfig::default();
-        if let Some(v) = raw.channel_max {
-            if v == 0 {
-                return Err(self.invalid("amqp.channel_max", "must be at least 1"));
-            }
-            a.channel_max = v;
+        match raw.channel_max {
+            Some(0) => self.report("amqp.channel_max", "must be at least 1"),
+            Some(v) => a.channel_max = v,
+            None => {}
         }
-        if let Some(v) = raw.consumer_max_per_channel {
-            if v == 0 {
-                return Err(self.invalid("amqp.consumer_max_per_channel", "must be at least 1"));
-            }
-            a.consumer_max_per_channel = v;
+        match raw.consumer_max_per_channel {
+            Some(0) => self.report("amqp.consumer_max_per_channel", "must be at least 1"),
+            Some(v) => a.consumer_max_per_channel = v,
+            None => {}
         }
         if let Some(v) = raw.max_message_size {
             if v == 0 || v > AMQP_MAX_MESSAGE_SIZE_CEILING {
-                return Err(self.invalid(
+                self.report(
                     "amqp.max_message_size",
-                    format!("must be between 1 and {AMQP_MAX_MESSAGE_SIZE_CEILING} (512 MiB, RabbitMQ's ceiling)"),
-                ));
+                    format!(
+                        "must be between 1 and {AMQP_MAX_MESSAGE_SIZE_CEILING} ({}, RabbitMQ's ceiling)",
+                        ByteSize(AMQP_MAX_MESSAGE_SIZE_CEILING)
+                    ),
+                );
+            } else {
+                a.max_message_size = v;
             }
-            a.max_message_size = v;
         }
-        Ok(a)
+        a
     }
 
-    fn broker(&self, raw: RawBroker) -> Result<BrokerConfig, ConfigError> {
+    fn broker(&self, raw: RawBroker) -> BrokerConfig {
         let mut broker = BrokerConfig::default();
         if let Some(dir) = raw.data_dir {
-            broker.data_dir = self.resolve("broker.data_dir", dir)?;
+            if let Some(dir) = self.check(self.resolve("broker.data_dir", dir)) {
+                broker.data_dir = dir;
+            }
         }
         if let Some(level) = raw.log_level {
-            crate::logging::parse_filter(&level).map_err(|e| self.invalid("broker.log_level", e.to_string()))?;
-            broker.log_level = level;
+            match crate::logging::parse_filter(&level) {
+                Ok(_) => broker.log_level = level,
+                Err(e) => self.report("broker.log_level", e.to_string()),
+            }
+        }
+        if let Some(format) = raw.log_format {
+            match format.parse() {
+                Ok(format) => broker.log_format = format,
+                Err(reason) => self.report("broker.log_format", reason),
+            }
+        }
+        if let Some(file) = raw.log_file {
+            broker.log_file = self.check(self.resolve("broker.log_file", file));
         }
         if let Some(secs) = raw.shutdown_grace_secs {
             broker.shutdown_grace = Duration::from_secs(secs);
         }
         match (raw.memory_high_watermark, raw.memory_high_watermark_bytes) {
-            (Some(_), Some(_)) => {
-                return Err(self.invalid(
-                    "broker.memory_high_watermark_bytes",
-                    "give either memory_high_watermark (a fraction) or memory_high_watermark_bytes, not both",
-                ))
-            }
+            (Some(_), Some(_)) => self.report(
+                "broker.memory_high_watermark_bytes",
+                "give either memory_high_watermark (a fraction) or memory_high_watermark_bytes, not both",
+            ),
             (Some(f), None) => {
-                if !(f > 0.0 && f <= 1.0) {
-                    return Err(self.invalid(
+                if f > 0.0 && f <= 1.0 {
+                    broker.memory_high_watermark = MemoryWatermark::Relative(f);
+                } else {
+                    self.report(
                         "broker.memory_high_watermark",
                         format!("must be a fraction of memory above 0 and at most 1, not {f}"),
-                    ));
+                    );
                 }
-                broker.memory_high_watermark = MemoryWatermark::Relative(f);
             }
             (None, Some(b)) => broker.memory_high_watermark = MemoryWatermark::Absolute(b),
             (None, None) => {}
@@ -805,13 +917,12 @@ impl Validator<'_> {
         }
         if let Some(n) = raw.max_connections {
             if n == 0 || n > MAX_CONNECTIONS_CEILING {
-                return Err(
-                    self.invalid("broker.max_connections", format!("must be between 1 and {MAX_CONNECTIONS_CEILING}"))
-                );
+                self.report("broker.max_connections", format!("must be between 1 and {MAX_CONNECTIONS_CEILING}"));
+            } else {
+                broker.max_connections = n;
             }
-            broker.max_connections = n;
         }
-        Ok(broker)
+        broker
     }
 
     fn transport(
@@ -820,7 +931,7 @@ impl Validator<'_> {
         protocol: Protocol,
         transport: Option<RawTransport>,
         path: Option<String>,
-    ) -> Result<Transport, ConfigError> {
+    ) -> Result<Transport, Problem> {
         let key = |name: &str| format!("listeners[{index}].{name}");
         match transport.unwrap_or(RawTransport::Tcp) {
             RawTransport::Tcp => match path {
@@ -841,35 +952,37 @@ impl Validator<'_> {
         }
     }
 
-    fn listener(&self, index: usize, raw: RawListener) -> Result<ListenerConfig, ConfigError> {
+    /// The listener, with any key that was refused left at its default.
+    fn listener(&self, index: usize, raw: RawListener) -> ListenerConfig {
         let key = |name: &str| format!("listeners[{index}].{name}");
         let protocol = match raw.protocol {
             RawProtocol::Mqtt => Protocol::Mqtt,
             RawProtocol::Amqp => Protocol::Amqp,
         };
         let mut listener = ListenerConfig::new(protocol, raw.bind);
-        listener.transport = self.transport(index, protocol, raw.transport, raw.path)?;
-        if let Some(vhost) = raw.vhost {
-            if vhost.is_empty() {
-                return Err(self.invalid(key("vhost"), "must not be empty"));
-            }
-            listener.vhost = vhost;
+        let client_ca_given = raw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if let Some(transport) = self.check(self.transport(index, protocol, raw.transport, raw.path)) {
+            listener.transport = transport;
+        }
+        match raw.vhost {
+            Some(vhost) if vhost.is_empty() => self.report(key("vhost"), "must not be empty"),
+            Some(vhost) => listener.vhost = vhost,
+            None => {}
         }
         if let Some(exchange) = raw.mqtt_exchange {
-            check_mqtt_exchange(protocol, &exchange).map_err(|reason| self.invalid(key("mqtt_exchange"), reason))?;
-            listener.mqtt_exchange = Some(exchange);
+            match check_mqtt_exchange(protocol, &exchange) {
+                Ok(()) => listener.mqtt_exchange = Some(exchange),
+                Err(reason) => self.report(key("mqtt_exchange"), reason),
+            }
         }
         if let Some(n) = raw.max_connections {
             if n == 0 {
-                return Err(self.invalid(key("max_connections"), "must be at least 1"));
+                self.report(key("max_connections"), "must be at least 1");
+            } else if n > tokio::sync::Semaphore::MAX_PERMITS {
+                self.report(key("max_connections"), format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS));
+            } else {
+                listener.max_connections = n;
             }
-            if n > tokio::sync::Semaphore::MAX_PERMITS {
-                return Err(self.invalid(
-                    key("max_connections"),
-                    format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
-                ));
-            }
-            listener.max_connections = n;
         }
         if let Some(rate) = raw.max_connection_rate {
             listener.max_connection_rate = rate;
@@ -881,46 +994,51 @@ impl Validator<'_> {
             let min = if protocol == Protocol::Amqp { AMQP_FRAME_MIN_SIZE } else { 1 };
             if size < min {
                 let why = if protocol == Protocol::Amqp { " (AMQP 0-9-1 frame-min-size)" } else { "" };
-                return Err(self.invalid(key("max_frame_size"), format!("must be at least {min}{why}")));
+                self.report(key("max_frame_size"), format!("must be at least {min}{why}"));
+            } else {
+                listener.max_frame_size = size;
             }
-            listener.max_frame_size = size;
         }
-        if let Some(secs) = raw.handshake_timeout_secs {
-            if secs == 0 {
-                return Err(self.invalid(key("handshake_timeout_secs"), "must be at least 1"));
-            }
-            listener.handshake_timeout = Duration::from_secs(secs);
+        match raw.handshake_timeout_secs {
+            Some(0) => self.report(key("handshake_timeout_secs"), "must be at least 1"),
+            Some(secs) => listener.handshake_timeout = Duration::from_secs(secs),
+            None => {}
         }
         if let Some(allow) = raw.allow_anonymous {
             listener.allow_anonymous = allow;
         }
         if let Some(tls) = raw.tls {
+            let mut ok = true;
             if tls.require_client_cert && tls.client_ca.is_none() {
-                return Err(self.invalid(
+                self.report(
                     key("tls.require_client_cert"),
                     format!("requires {} (the CA that signs client certificates)", key("tls.client_ca")),
-                ));
+                );
+                ok = false;
             }
-            listener.tls = Some(TlsConfig {
-                cert: self.resolve(&key("tls.cert"), tls.cert)?,
-                key: self.resolve(&key("tls.key"), tls.key)?,
-                client_ca: tls.client_ca.map(|p| self.resolve(&key("tls.client_ca"), p)).transpose()?,
-                require_client_cert: tls.require_client_cert,
-            });
+            let cert = self.check(self.resolve(&key("tls.cert"), tls.cert));
+            let tls_key = self.check(self.resolve(&key("tls.key"), tls.key));
+            let client_ca = tls.client_ca.map(|p| self.check(self.resolve(&key("tls.client_ca"), p)));
+            // A listener whose tls table was refused has none: `check` then loads no files for it.
+            if let (true, Some(cert), Some(key), Some(client_ca)) =
+                (ok, cert, tls_key, client_ca.map_or(Some(None), |c| c.map(Some)))
+            {
+                listener.tls = Some(TlsConfig { cert, key, client_ca, require_client_cert: tls.require_client_cert });
+            }
         }
         if let Some(from) = raw.cert_login {
-            let parsed = CertLogin::parse(&from).ok_or_else(|| {
-                self.invalid(key("cert_login"), format!("{from:?}: expected common_name or distinguished_name"))
-            })?;
-            if listener.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
-                return Err(self.invalid(
+            match CertLogin::parse(&from) {
+                None => self.report(key("cert_login"), format!("{from:?}: expected common_name or distinguished_name")),
+                // A client_ca in a tls table refused for another reason still counts: that is
+                // reported on its own.
+                Some(_) if !client_ca_given => self.report(
                     key("cert_login"),
                     format!("requires {} (client certificates are verified against it)", key("tls.client_ca")),
-                ));
+                ),
+                Some(parsed) => listener.cert_login = Some(parsed),
             }
-            listener.cert_login = Some(parsed);
         }
-        Ok(listener)
+        listener
     }
 }
 
@@ -1162,6 +1280,8 @@ mod tests {
             BrokerConfig {
                 data_dir: "/var/lib/ferry".into(),
                 log_level: "ferry=debug,warn".into(),
+                log_format: LogFormat::Text,
+                log_file: None,
                 shutdown_grace: Duration::from_secs(3),
                 memory_high_watermark: MemoryWatermark::Relative(0.5),
                 disk_free_limit: 1_000_000,
@@ -1213,7 +1333,8 @@ mod tests {
     fn acl_entries_are_read_and_bad_ones_refused_naming_the_entry() {
         use ferry_mqtt::acl::{Access, AclEntry};
         let c = parse(&format!(
-            "{MINIMAL}[[acl]]\nuser = \"alice\"\ntopic = \"sensors/%u/#\"\naccess = \"readwrite\"\n\
+            "{MINIMAL}[[users]]\nname = \"alice\"\npassword_hash = \"{ALICE_ARGON2ID}\"\n\
+             [[acl]]\nuser = \"alice\"\ntopic = \"sensors/%u/#\"\naccess = \"readwrite\"\n\
              [[acl]]\ntopic = \"public/+\"\naccess = \"read\"\n"
         ))
         .unwrap();
@@ -1232,6 +1353,56 @@ mod tests {
         assert!(msg.contains("acl[0].access: \"all\""), "{msg}");
         let msg = error(&format!("{MINIMAL}[[acl]]\nuser = \"\"\ntopic = \"a\"\naccess = \"read\"\n"));
         assert!(msg.contains("acl[0].user: "), "{msg}");
+    }
+
+    #[test]
+    fn an_acl_entry_must_name_a_user_that_can_log_in_unless_certificates_name_users() {
+        let acl = |user: &str| format!("[[acl]]\nuser = \"{user}\"\ntopic = \"a/#\"\naccess = \"read\"\n");
+        let msg = error(&format!("{MINIMAL}{}", acl("bob")));
+        assert!(msg.contains("acl[0].user: \"bob\" is not a configured user"), "{msg}");
+        // As [[permissions]]: guest and anonymous can log in without being configured.
+        for user in ["guest", "anonymous"] {
+            assert_eq!(parse(&format!("{MINIMAL}{}", acl(user))).unwrap().acl.len(), 1, "{user}");
+        }
+        // A cert_login listener: any name may be a certificate's.
+        let cert_listener = "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:8883\"\n\
+             tls = { cert = \"c\", key = \"k\", client_ca = \"ca\" }\ncert_login = \"common_name\"\n";
+        let c = parse(&format!("{MINIMAL}{cert_listener}{}", acl("sensor-7"))).unwrap();
+        assert_eq!(c.acl[0].user.as_deref(), Some("sensor-7"));
+    }
+
+    #[test]
+    fn every_problem_in_a_file_is_reported_at_once() {
+        let text = format!(
+            "[broker]\nlog_level = \"ferry=loud\"\nmax_connections = 0\n\
+             [amqp]\nchannel_max = 0\n\
+             {MINIMAL}vhost = \"\"\nmax_frame_size = 0\n\
+             [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:1883\"\ntransport = \"websocket\"\n\
+             [[users]]\nname = \"\"\npassword_hash = \"{ALICE_ARGON2ID}\"\n\
+             [[acl]]\nuser = \"carol\"\ntopic = \"a/#/b\"\naccess = \"all\"\n\
+             [[permissions]]\nuser = \"dave\"\nconfigure = \"(\"\nwrite = \"\"\nread = \"\"\n"
+        );
+        let msg = error(&text);
+        let lines: Vec<&str> = msg.lines().collect();
+        let expected = [
+            "broker.log_level: ",
+            "broker.max_connections: must be between 1 and ",
+            "amqp.channel_max: must be at least 1",
+            "listeners[0].vhost: must not be empty",
+            "listeners[0].max_frame_size: must be at least 1",
+            "listeners[1].transport: \"websocket\" is only available with protocol = \"mqtt\"",
+            "listeners[1].bind: 127.0.0.1:1883 is already used by listeners[0]",
+            "users[0].name: must not be empty",
+            "acl[0].user: \"carol\" is not a configured user",
+            "acl[0].topic: ",
+            "acl[0].access: \"all\"",
+            "permissions[0].user: \"dave\" is not a configured user",
+            "permissions[0].configure: not a valid regular expression",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{msg}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(line.starts_with(&format!("/etc/ferry/ferry.toml: {want}")), "{want:?} in:\n{msg}");
+        }
     }
 
     #[test]
@@ -1474,6 +1645,19 @@ mod tests {
     fn wrong_type_is_refused() {
         let msg = error(&format!("{MINIMAL}max_connections = \"many\"\n"));
         assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn log_format_and_file_are_read_and_the_file_resolved_against_the_config() {
+        let c = parse(&format!("[broker]\nlog_format = \"json\"\nlog_file = \"log/ferry.log\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.broker.log_format, LogFormat::Json);
+        assert_eq!(c.broker.log_file, Some(PathBuf::from("/etc/ferry/log/ferry.log")));
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!((c.broker.log_format, c.broker.log_file), (LogFormat::Text, None));
+        let msg = error(&format!("[broker]\nlog_format = \"xml\"\n{MINIMAL}"));
+        assert!(msg.contains("broker.log_format: \"xml\": expected \"text\" or \"json\""), "{msg}");
+        let msg = error(&format!("[broker]\nlog_file = \"\"\n{MINIMAL}"));
+        assert!(msg.contains("broker.log_file: must not be empty"), "{msg}");
     }
 
     #[test]

@@ -39,6 +39,6 @@ mod websocket;
 
 pub use config::{Config, ConfigError, ConfigSource, ListenerConfig, TlsConfig, Transport};
 pub use server::{
-    check, BoundListener, ReloadError, ReloadReport, Server, ServerBuilder, ShutdownError, ShutdownReport, StartError,
-    StartProblem,
+    check, check_file, BoundListener, CheckError, ReloadError, ReloadReport, Server, ServerBuilder, ShutdownError,
+    ShutdownReport, StartError, StartProblem,
 };

@@ -26,7 +26,9 @@ use ferry_core::frontend::{
     ClientStream, ConnectionContext, ConnectionError, Frontend, LimitScope, ListenerSettings, Refusal, Shutdown,
     TlsIdentity,
 };
+use ferry_core::logging::LogLimiter;
 use ferry_core::rate::TokenBucket;
+use ferry_core::{log_limited, log_limited_by};
 use ferry_core::{Broker, ConnectionId, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,8 +111,8 @@ impl Listener {
             .then(|| TokenBucket::new(max_connection_rate, max_connection_rate, std::time::Instant::now()));
         // When the accept rate allows the next client.
         let mut next_accept: Option<Instant> = None;
-        let mut refused_since_warning = 0u64;
-        let mut last_warning: Option<Instant> = None;
+        // One warning per 10 s while clients are refused, then a count of the rest.
+        let refusals = LogLimiter::new(1, Duration::from_secs(10));
         let mut tasks = JoinSet::new();
         let mut backoff = ACCEPT_BACKOFF_START;
         loop {
@@ -161,12 +163,10 @@ impl Listener {
             let (slots, refusal) = match admitted {
                 Ok(slots) => (slots, None),
                 Err(refusal) => {
-                    refused_since_warning += 1;
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        warn!(listener = %name, "{refusal}: refusing new connections ({refused_since_warning} since the last warning)");
-                        last_warning = Some(Instant::now());
-                        refused_since_warning = 0;
-                    }
+                    log_limited_by!(
+                        &refusals, std::time::Instant::now(), warn, format_args!("{name}: connections refused"),
+                        listener = %name, %peer, "{refusal}: refusing new connections"
+                    );
                     match refusing.clone().try_acquire_owned() {
                         Ok(p) => (Slots { _held: [Some(p), None] }, Some(refusal)),
                         Err(_) => {
@@ -314,11 +314,14 @@ async fn transport(
                     upgrade(stream, peer, local, Some(identity), websocket, deadline, ctx).await
                 }
                 Ok(Err(e)) => {
-                    debug!("TLS handshake failed: {e}");
+                    log_limited!(info, "TLS handshake failed", listener = %ctx.listener.name, %peer, "TLS handshake failed: {e}");
                     None
                 }
                 Err(_) => {
-                    debug!("TLS handshake not completed within {handshake_timeout:?}");
+                    log_limited!(
+                        info, "TLS handshake timeout", listener = %ctx.listener.name, %peer,
+                        "TLS handshake not completed within {handshake_timeout:?}"
+                    );
                     None
                 }
             }
@@ -350,11 +353,15 @@ where
     match upgraded {
         Ok(Ok(ws)) => Some(ClientStream::new(ws, peer, local, tls)),
         Ok(Err(e)) => {
-            debug!("WebSocket upgrade refused: {e}");
+            log_limited!(info, "WebSocket upgrade refused", listener = %ctx.listener.name, %peer, "WebSocket upgrade refused: {e}");
             None
         }
         Err(_) => {
-            debug!("WebSocket upgrade not completed within {:?}", ctx.listener.limits.handshake_timeout);
+            let timeout = ctx.listener.limits.handshake_timeout;
+            log_limited!(
+                info, "WebSocket upgrade timeout", listener = %ctx.listener.name, %peer,
+                "WebSocket upgrade not completed within {timeout:?}"
+            );
             None
         }
     }

@@ -1,12 +1,61 @@
-//! Logging: a `tracing-subscriber` fmt layer on stderr, filtered by an `EnvFilter`.
+//! Logging: a `tracing-subscriber` fmt layer on stderr or appended to a file, as text or one
+//! JSON object a line, filtered by an `EnvFilter`.
 //!
 //! The filter comes from the first of these that is set: `--log-level`, `RUST_LOG`, the
-//! config's `broker.log_level` (default `info`).
+//! config's `broker.log_level` (default `info`). The format and the file: `--log-format` and
+//! `--log-file` win over `broker.log_format` and `broker.log_file`.
 
 use std::fmt;
+use std::fs::File;
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
 
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
+
+/// How a log line is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00.000000Z  INFO ferry_mqtt::driver: MQTT client connected conn=7 peer=…`
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `target`, and `fields` (the message and
+    /// every key=value of the event), for log collectors.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?}: expected \"text\" or \"json\"")),
+        }
+    }
+}
+
+/// Where and how to log, after the command line and the config file were weighed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOutput {
+    pub format: LogFormat,
+    /// Appended to (created if missing); `None`: stderr.
+    pub file: Option<PathBuf>,
+}
+
+impl LogOutput {
+    /// The command line's choices win over the config file's, each on its own.
+    pub fn choose(
+        format: Option<LogFormat>,
+        file: Option<&Path>,
+        config_format: LogFormat,
+        config_file: Option<&Path>,
+    ) -> LogOutput {
+        LogOutput { format: format.unwrap_or(config_format), file: file.or(config_file).map(Path::to_path_buf) }
+    }
+}
 
 /// Which setting the log filter came from, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +79,8 @@ impl fmt::Display for FilterSource {
 pub enum LoggingError {
     #[error("{source_name}: {error}")]
     BadFilter { source_name: FilterSource, error: tracing_subscriber::filter::ParseError },
+    #[error("cannot open the log file {}: {error}", path.display())]
+    File { path: PathBuf, error: std::io::Error },
     #[error("a global logger is already installed")]
     AlreadyInstalled,
 }
@@ -53,17 +104,33 @@ pub fn choose_filter<'a>(
     }
 }
 
-/// Installs the global subscriber, writing to stderr (with colours only on a terminal).
-pub fn init(command_line: Option<&str>, config: &str) -> Result<(), LoggingError> {
+/// Opens a log file for appending, creating it if missing.
+pub fn open_log_file(path: &Path) -> Result<File, LoggingError> {
+    File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| LoggingError::File { path: path.to_path_buf(), error })
+}
+
+/// Installs the global subscriber, writing to `output`'s file or to stderr (with colours only
+/// on a terminal, and never in JSON).
+pub fn init(command_line: Option<&str>, config: &str, output: &LogOutput) -> Result<(), LoggingError> {
     let environment = std::env::var(EnvFilter::DEFAULT_ENV).ok();
     let (directive, source_name) = choose_filter(command_line, environment.as_deref(), config);
     let filter = parse_filter(directive).map_err(|error| LoggingError::BadFilter { source_name, error })?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init()
-        .map_err(|_| LoggingError::AlreadyInstalled)
+    let (writer, terminal) = match &output.file {
+        // Each line is formatted first and written with one `write` on an O_APPEND file, so
+        // lines stay whole; no lock is needed around the file.
+        Some(path) => (BoxMakeWriter::new(Arc::new(open_log_file(path)?)), false),
+        None => (BoxMakeWriter::new(std::io::stderr), std::io::stderr().is_terminal()),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match output.format {
+        LogFormat::Text => builder.with_ansi(terminal).try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    }
+    .map_err(|_| LoggingError::AlreadyInstalled)
 }
 
 #[cfg(test)]
@@ -84,6 +151,40 @@ mod tests {
     fn empty_environment_falls_back_to_config() {
         assert_eq!(choose_filter(None, Some(" "), "warn"), ("warn", FilterSource::Config));
         assert_eq!(choose_filter(None, None, "warn"), ("warn", FilterSource::Config));
+    }
+
+    #[test]
+    fn command_line_output_wins_over_config_each_on_its_own() {
+        let cli_file = Path::new("cli.log");
+        let config_file = Path::new("/var/log/ferry.log");
+        assert_eq!(
+            LogOutput::choose(Some(LogFormat::Json), None, LogFormat::Text, Some(config_file)),
+            LogOutput { format: LogFormat::Json, file: Some(config_file.into()) }
+        );
+        assert_eq!(
+            LogOutput::choose(None, Some(cli_file), LogFormat::Json, Some(config_file)),
+            LogOutput { format: LogFormat::Json, file: Some(cli_file.into()) }
+        );
+        assert_eq!(LogOutput::choose(None, None, LogFormat::Text, None), LogOutput::default());
+    }
+
+    #[test]
+    fn formats_parse() {
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert_eq!("json".parse(), Ok(LogFormat::Json));
+        assert!("JSON".parse::<LogFormat>().unwrap_err().contains("expected \"text\" or \"json\""));
+    }
+
+    #[test]
+    fn a_log_file_is_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.log");
+        std::fs::write(&path, "kept\n").unwrap();
+        use std::io::Write;
+        writeln!(open_log_file(&path).unwrap(), "added").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "kept\nadded\n");
+        let err = open_log_file(&dir.path().join("missing/ferry.log")).unwrap_err();
+        assert!(err.to_string().starts_with("cannot open the log file "), "{err}");
     }
 
     #[test]

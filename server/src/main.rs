@@ -21,18 +21,18 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Passwd { name }) => passwd(name.as_deref()),
-        None => run(cli.config.as_deref(), cli.log_level.as_deref()),
+        None => run(&cli),
     }
 }
 
+/// Every problem of the file, one line each (the first after `ferry: `).
 fn check_config(file: &Path) -> ExitCode {
-    let checked = Config::load(file).map_err(anyhow::Error::from).and_then(|c| Ok(ferry_server::check(&c)?));
-    match checked {
+    match ferry_server::check_file(file) {
         Ok(()) => {
             println!("{}: ok", file.display());
             ExitCode::SUCCESS
         }
-        Err(e) => refused(e),
+        Err(e) => refused(e.into()),
     }
 }
 
@@ -54,12 +54,19 @@ fn passwd(name: Option<&str>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(config_file: Option<&Path>, log_level: Option<&str>) -> ExitCode {
+fn run(cli: &Cli) -> ExitCode {
+    let config_file = cli.config.as_deref();
     let config = match config_file.map(Config::load).unwrap_or_else(|| Ok(Config::embedded_defaults())) {
         Ok(config) => config,
         Err(e) => return refused(e.into()),
     };
-    if let Err(e) = logging::init(log_level, &config.broker.log_level) {
+    let output = logging::LogOutput::choose(
+        cli.log_format,
+        cli.log_file.as_deref(),
+        config.broker.log_format,
+        config.broker.log_file.as_deref(),
+    );
+    if let Err(e) = logging::init(cli.log_level.as_deref(), &config.broker.log_level, &output) {
         return refused(e.into());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();

@@ -18,6 +18,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use ferry_core::auth::User;
 use ferry_core::frontend::{Frontend, ListenerSettings, Shutdown};
+use ferry_core::size::ByteSize;
 use ferry_core::store::{RedbStore, Store, StoreError};
 use ferry_core::{Broker, Protocol};
 use tokio::net::TcpListener;
@@ -25,7 +26,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{AmqpConfig, BrokerConfig, Config, ConfigSource, ListenerConfig, MqttConfig, Transport};
+use crate::config::{
+    AmqpConfig, BrokerConfig, Config, ConfigError, ConfigSource, ListenerConfig, MqttConfig, Transport,
+};
 use crate::listener::{Drained, Handler, Listener};
 use crate::tls::{self, TlsError};
 use crate::websocket::Upgrade;
@@ -116,20 +119,69 @@ pub struct BoundListener {
 /// users. Binds nothing.
 pub fn check(config: &Config) -> Result<(), StartError> {
     let mut problems = unauthenticated(config);
-    problems.extend(
-        config
-            .listeners
-            .iter()
-            .enumerate()
-            .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
-            .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
-            .map(StartProblem::from),
-    );
+    problems.extend(tls_problems(config));
     if problems.is_empty() {
         Ok(())
     } else {
         Err(StartError { config: config.source.clone(), problems })
     }
+}
+
+/// The listeners whose TLS files do not load.
+fn tls_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
+        .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
+        .map(StartProblem::from)
+}
+
+/// Why `ferry check-config` refused a file: every problem found, the file's values first, then
+/// what [`check`] finds (TLS files, listeners nobody could log in to).
+#[derive(Debug)]
+pub struct CheckError {
+    /// The file could not be read or parsed, or values in it are not acceptable.
+    pub config: Option<Box<ConfigError>>,
+    /// What [`check`] found in the rest.
+    pub start: Option<StartError>,
+}
+
+impl fmt::Display for CheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut lines = self.config.iter().map(|e| e as &dyn fmt::Display).chain(self.start.iter().map(|e| e as _));
+        if let Some(first) = lines.next() {
+            write!(f, "{first}")?;
+        }
+        for next in lines {
+            write!(f, "\n{next}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CheckError {}
+
+/// `ferry check-config FILE`: validates the file and runs [`check`] on it, reporting every
+/// problem in one go. Values the file gets wrong do not stop the TLS files of the other
+/// listeners from being loaded; only a file that cannot be read or parsed stops at that.
+pub fn check_file(path: &std::path::Path) -> Result<(), CheckError> {
+    let (config, problems) = match Config::load_with_problems(path) {
+        Ok(loaded) => loaded,
+        Err(e) => return Err(CheckError { config: Some(Box::new(e)), start: None }),
+    };
+    // With a user refused, "no way to authenticate" may only be its consequence.
+    let users_refused = problems.iter().any(|p| p.key.starts_with("users["));
+    let mut start = if users_refused { Vec::new() } else { unauthenticated(&config) };
+    start.extend(tls_problems(&config));
+    if problems.is_empty() && start.is_empty() {
+        return Ok(());
+    }
+    Err(CheckError {
+        config: (!problems.is_empty()).then(|| Box::new(ConfigError::Invalid { path: path.to_path_buf(), problems })),
+        start: (!start.is_empty()).then(|| StartError { config: config.source.clone(), problems: start }),
+    })
 }
 
 /// The listeners reachable from other machines that refuse anonymous clients while no user is
@@ -255,7 +307,13 @@ impl ServerBuilder {
                 let started = std::time::Instant::now();
                 let store = Arc::new(RedbStore::open(&path)?);
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-                info!("store {}: {size} bytes, opened in {} ms", path.display(), started.elapsed().as_millis());
+                info!(
+                    bytes = size,
+                    "store {}: {}, opened in {} ms",
+                    path.display(),
+                    ByteSize(size).exact(),
+                    started.elapsed().as_millis()
+                );
                 let store: Arc<dyn Store> = store;
                 Broker::recover(store)
             })
@@ -291,11 +349,15 @@ impl ServerBuilder {
                 Some(st.f_bavail.saturating_mul(st.f_frsize))
             }),
         );
-        info!("disk alarm below {} bytes free in {}", config.broker.disk_free_limit, config.broker.data_dir.display());
+        info!(
+            "disk alarm below {} free in {}",
+            ByteSize(config.broker.disk_free_limit),
+            config.broker.data_dir.display()
+        );
         let total = total_memory();
         let watermark = config.broker.memory_high_watermark.bytes(total);
         broker.set_memory_limit(watermark);
-        info!("memory alarm at {watermark} bytes of queued messages ({total} bytes of memory)");
+        info!("memory alarm at {} of queued messages ({} of memory)", ByteSize(watermark), ByteSize(total));
         let (shutdown_tx, shutdown) = Shutdown::channel();
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());

@@ -356,3 +356,332 @@ fn sighup_reloads_the_config_file_and_never_stops_the_server() {
     let status = status.recv_timeout(Duration::from_secs(10)).expect("ferry did not exit after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// A password's hash, from `ferry passwd`.
+fn hash(dir: &Path, password: &str) -> String {
+    let out = ferry_with_input(dir, &["passwd"], format!("{password}\n").as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `ferry args…` serving in `dir`, its log lines (from stderr) coming through a channel.
+struct Serving {
+    running: Running,
+    lines: mpsc::Receiver<String>,
+    /// Every line received so far, for failure messages.
+    seen: Vec<String>,
+}
+
+impl Serving {
+    fn start(dir: &Path, args: &[&str]) -> Serving {
+        let mut child = Command::new(FERRY)
+            .args(args)
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let log = child.stderr.take().unwrap();
+        Serving { running: Running(Some(child)), lines: read_lines(log), seen: Vec::new() }
+    }
+
+    /// The next line `matches` accepts, skipping the others (within [`PATIENCE`]).
+    fn wait_for<T>(&mut self, what: &str, mut matches: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = matches(&line);
+                    self.seen.push(line);
+                    if let Some(found) = found {
+                        return found;
+                    }
+                }
+                Err(e) => panic!("no {what} ({e}); the log:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status and every line it wrote to stderr.
+    fn stop(mut self) -> (ExitStatus, Vec<String>) {
+        let mut child = self.running.0.take().unwrap();
+        let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(killed.success());
+        let (tx, status) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(child.wait().unwrap());
+        });
+        let status = status.recv_timeout(PATIENCE).expect("ferry did not exit after SIGTERM");
+        // It exited: its stderr is closed, so the reader ends.
+        self.seen.extend(self.lines.iter());
+        (status, self.seen)
+    }
+}
+
+/// The lines of `from`, through a channel (a thread reads them).
+fn read_lines(from: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A JSON log line's event if its message is `message` (every line must be JSON).
+fn event(line: &str, message: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    (v["fields"]["message"] == message).then_some(v)
+}
+
+/// The address a listener of `protocol` bound, from its "listening" line.
+fn listening(line: &str, protocol: &str) -> Option<std::net::SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    let message = v["fields"]["message"].as_str()?;
+    message.strip_prefix(&format!("{protocol} "))?.strip_suffix(": listening")?.parse().ok()
+}
+
+/// An MQTT 3.1.1 CONNECT (clean session, keep alive 60) with optional user name and password.
+fn mqtt_connect(client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let string = |s: &str| [&(s.len() as u16).to_be_bytes()[..], s.as_bytes()].concat();
+    let flags = if login.is_some() { 0xC2 } else { 0x02 };
+    let mut body = [&[0x00, 0x04][..], b"MQTT", &[0x04, flags, 0x00, 0x3c]].concat();
+    body.extend(string(client_id));
+    if let Some((user, password)) = login {
+        body.extend(string(user));
+        body.extend(string(password));
+    }
+    assert!(body.len() < 128);
+    [&[0x10, body.len() as u8][..], &body].concat()
+}
+
+/// A connection.start-ok with PLAIN credentials (sent after connection.start came: clients
+/// wait for it).
+fn amqp_start_ok(user: &str, password: &str) -> Vec<u8> {
+    let response = format!("\0{user}\0{password}");
+    let mut payload = vec![0, 10, 0, 11, 0, 0, 0, 0, 5];
+    payload.extend(b"PLAIN");
+    payload.extend((response.len() as u32).to_be_bytes());
+    payload.extend(response.as_bytes());
+    payload.push(5);
+    payload.extend(b"en_US");
+    amqp_method(&payload)
+}
+
+/// A method frame on channel 0.
+fn amqp_method(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![1, 0, 0];
+    bytes.extend((payload.len() as u32).to_be_bytes());
+    bytes.extend(payload);
+    bytes.push(0xCE);
+    bytes
+}
+
+/// Reads one frame; returns its payload.
+fn amqp_read_frame(stream: &mut TcpStream) -> Vec<u8> {
+    let mut header = [0u8; 7];
+    stream.read_exact(&mut header).unwrap();
+    let size = u32::from_be_bytes(header[3..7].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; size + 1];
+    stream.read_exact(&mut payload).unwrap();
+    payload.truncate(size);
+    payload
+}
+
+/// The protocol header, then waits for connection.start.
+fn amqp_hello(addr: std::net::SocketAddr) -> TcpStream {
+    let mut amqp = TcpStream::connect(addr).unwrap();
+    amqp.set_read_timeout(Some(PATIENCE)).unwrap();
+    amqp.write_all(b"AMQP\x00\x00\x09\x01").unwrap();
+    assert_eq!(amqp_read_frame(&mut amqp)[..4], [0, 10, 0, 10], "connection.start");
+    amqp
+}
+
+#[test]
+fn json_logs_name_the_peer_of_every_connection_and_login_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let alice = hash(dir.path(), "test12");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    write(dir.path(), "server.pem", &certified.cert.pem());
+    write(dir.path(), "server.key", &certified.key_pair.serialize_pem());
+    let file = write(
+        dir.path(),
+        "f.toml",
+        &format!(
+            "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+             [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+             tls = {{ cert = \"server.pem\", key = \"server.key\" }}\n\
+             [[users]]\nname = \"alice\"\npassword_hash = \"{alice}\"\n"
+        ),
+    );
+    let mut ferry = Serving::start(dir.path(), &["--config", &file, "--log-format", "json"]);
+    let mqtt_addr = ferry.wait_for("MQTT listening line", |l| listening(l, "mqtt"));
+    let amqp_addr = ferry.wait_for("AMQP listening line", |l| listening(l, "amqp"));
+    let amqps_addr = ferry.wait_for("AMQP TLS listening line", |l| {
+        l.contains("(TLS)").then(|| listening(&l.replace(" (TLS)", ""), "amqp")).flatten()
+    });
+    let ready = ferry.wait_for("ready line", |l| event(l, "ferry ready"));
+    assert_eq!(ready["level"], "INFO", "{ready}");
+    assert_eq!(ready["fields"]["version"], env!("CARGO_PKG_VERSION"), "{ready}");
+    assert!(ready["timestamp"].is_string() && ready["target"].is_string(), "{ready}");
+
+    // A connection's connect and disconnect lines.
+    let mut mqtt = TcpStream::connect(mqtt_addr).unwrap();
+    mqtt.set_read_timeout(Some(PATIENCE)).unwrap();
+    let peer = mqtt.local_addr().unwrap().to_string();
+    mqtt.write_all(&mqtt_connect("sensor-1", Some(("alice", "test12")))).unwrap();
+    let mut connack = [0u8; 4];
+    mqtt.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let connected = ferry.wait_for("MQTT connect line", |l| event(l, "MQTT client connected"));
+    let f = &connected["fields"];
+    assert_eq!(connected["level"], "INFO", "{connected}");
+    assert_eq!((&f["peer"], &f["protocol"], &f["version"]), (&peer.clone().into(), &"MQTT".into(), &"3.1.1".into()));
+    assert_eq!((&f["client_id"], &f["user"]), (&"sensor-1".into(), &"alice".into()), "{connected}");
+    mqtt.write_all(&[0xE0, 0x00]).unwrap();
+    let gone = ferry.wait_for("MQTT disconnect line", |l| event(l, "MQTT client disconnected"));
+    let f = &gone["fields"];
+    assert_eq!((&f["peer"], &f["client_id"], &f["user"]), (&peer.into(), &"sensor-1".into(), &"alice".into()));
+    assert_eq!(f["reason"], "client disconnected", "{gone}");
+    assert!(f["duration"].as_str().is_some_and(|d| d.ends_with('s')), "{gone}");
+
+    // A bad MQTT login.
+    let mut mqtt = TcpStream::connect(mqtt_addr).unwrap();
+    mqtt.set_read_timeout(Some(PATIENCE)).unwrap();
+    let peer = mqtt.local_addr().unwrap().to_string();
+    mqtt.write_all(&mqtt_connect("sensor-2", Some(("alice", "wrong")))).unwrap();
+    mqtt.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x04], "bad user name or password");
+    let refused = ferry.wait_for("MQTT login line", |l| event(l, "MQTT login refused: bad user name or password"));
+    assert_eq!((&refused["level"], &refused["fields"]["peer"]), (&"INFO".into(), &peer.into()), "{refused}");
+
+    // An AMQP connection's connect and disconnect lines.
+    let mut amqp = amqp_hello(amqp_addr);
+    let peer = amqp.local_addr().unwrap().to_string();
+    amqp.write_all(&amqp_start_ok("alice", "test12")).unwrap();
+    assert_eq!(amqp_read_frame(&mut amqp)[..4], [0, 10, 0, 30], "connection.tune");
+    amqp.write_all(&amqp_method(&[0, 10, 0, 31, 0, 0, 0, 2, 0, 0, 0, 0])).unwrap();
+    amqp.write_all(&amqp_method(&[0, 10, 0, 40, 1, b'/', 0, 0])).unwrap();
+    assert_eq!(amqp_read_frame(&mut amqp)[..4], [0, 10, 0, 41], "connection.open-ok");
+    let connected = ferry.wait_for("AMQP connect line", |l| event(l, "AMQP client connected"));
+    let f = &connected["fields"];
+    assert_eq!((&f["peer"], &f["protocol"], &f["version"]), (&peer.clone().into(), &"AMQP".into(), &"0-9-1".into()));
+    assert_eq!((&f["user"], &f["vhost"]), (&"alice".into(), &"/".into()), "{connected}");
+    amqp.write_all(&amqp_method(&[0, 10, 0, 50, 0, 200, 3, b'b', b'y', b'e', 0, 0, 0, 0])).unwrap();
+    assert_eq!(amqp_read_frame(&mut amqp)[..4], [0, 10, 0, 51], "connection.close-ok");
+    let gone = ferry.wait_for("AMQP disconnect line", |l| event(l, "AMQP client disconnected"));
+    let f = &gone["fields"];
+    assert_eq!((&f["peer"], &f["user"], &f["vhost"]), (&peer.into(), &"alice".into(), &"/".into()), "{gone}");
+    assert_eq!(f["reason"], "client closed the connection: 200 bye", "{gone}");
+    assert!(f["duration"].is_string(), "{gone}");
+
+    // A bad AMQP login (the socket just closes, as RabbitMQ does).
+    let mut amqp = amqp_hello(amqp_addr);
+    let peer = amqp.local_addr().unwrap().to_string();
+    amqp.write_all(&amqp_start_ok("alice", "wrong")).unwrap();
+    let mut rest = Vec::new();
+    let _ = amqp.read_to_end(&mut rest);
+    let refused = ferry.wait_for("AMQP login line", |l| event(l, "AMQP login refused: bad user name or password"));
+    assert_eq!(refused["fields"]["peer"], peer.as_str(), "{refused}");
+    assert_eq!(refused["fields"]["mechanism"], "PLAIN", "{refused}");
+
+    // Not AMQP at all.
+    let mut amqp = TcpStream::connect(amqp_addr).unwrap();
+    amqp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let peer = amqp.local_addr().unwrap().to_string();
+    amqp.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let _ = amqp.read_to_end(&mut rest);
+    let refused =
+        ferry.wait_for("AMQP refusal line", |l| event(l, "AMQP connection refused: not an AMQP 0-9-1 protocol header"));
+    assert_eq!(refused["fields"]["peer"], peer.as_str(), "{refused}");
+
+    // Plain AMQP on the TLS listener: the handshake fails.
+    let mut amqps = TcpStream::connect(amqps_addr).unwrap();
+    amqps.set_read_timeout(Some(PATIENCE)).unwrap();
+    let peer = amqps.local_addr().unwrap().to_string();
+    amqps.write_all(b"AMQP\x00\x00\x09\x01").unwrap();
+    let _ = amqps.read_to_end(&mut rest);
+    let failed = ferry.wait_for("TLS handshake line", |l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("TLS handshake failed: ")).then_some(v)
+    });
+    assert_eq!((&failed["level"], &failed["fields"]["peer"]), (&"INFO".into(), &peer.into()), "{failed}");
+    assert_eq!(failed["fields"]["listener"], format!("amqp {amqps_addr}"), "{failed}");
+
+    let (status, _) = ferry.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn log_file_on_the_command_line_wins_over_the_config_and_gets_the_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "f.toml",
+        "[broker]\nlog_file = \"config.log\"\n[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n",
+    );
+    // A named pipe: the test reads the lines as they come, with no polling of a file.
+    let fifo = dir.path().join("cli.log");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (opened_tx, opened) = mpsc::channel();
+    {
+        let fifo = fifo.clone();
+        thread::spawn(move || {
+            let _ = opened_tx.send(read_lines(std::fs::File::open(fifo).unwrap()));
+        });
+    }
+    let ferry = Serving::start(dir.path(), &["--config", &file, "--log-file", "cli.log"]);
+    let lines = opened.recv_timeout(PATIENCE).expect("ferry did not open its --log-file");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(line) if line.contains("ferry ready") => {
+                assert!(line.contains(" INFO "), "text format by default: {line}");
+                break;
+            }
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no ready line in the log file ({e}):\n{}", seen.join("\n")),
+        }
+    }
+    assert!(!dir.path().join("config.log").exists(), "--log-file wins over broker.log_file");
+    let (status, stderr) = ferry.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(stderr.is_empty(), "nothing on stderr: {stderr:?}");
+    // The rest of the run, up to the shutdown, went to the file too.
+    assert!(lines.iter().any(|l| l.contains("bye")), "no shutdown lines in the log file");
+}
+
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "f.toml",
+        "[broker]\nmax_connections = 0\n\
+         [[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:1883\"\nvhost = \"\"\n\
+         [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:5672\"\n\
+         tls = { cert = \"missing.pem\", key = \"missing.key\" }\n\
+         [[acl]]\nuser = \"carol\"\ntopic = \"a/#\"\naccess = \"read\"\n",
+    );
+    let out = ferry(dir.path(), &["check-config", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("ferry: f.toml: broker.max_connections: must be between 1 and "), "{err}");
+    assert_eq!(lines[1], "f.toml: listeners[0].vhost: must not be empty", "{err}");
+    assert!(lines[2].starts_with("f.toml: acl[0].user: \"carol\" is not a configured user"), "{err}");
+    assert!(
+        lines[3].starts_with("f.toml: listeners[1].tls.cert: cannot read ") && lines[3].contains("missing.pem"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+}

@@ -1,5 +1,7 @@
 //! The codec's one error type and its mapping to MQTT 5.0 reason codes.
 
+use ferry_core::size::ByteSize;
+
 use super::packet::reason;
 
 /// Why a packet could not be decoded. After any error the connection must be closed (with a
@@ -8,7 +10,7 @@ use super::packet::reason;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Declared size above the limit; detected from the fixed header BEFORE buffering the body.
-    #[error("packet of {size} bytes exceeds the maximum packet size {max}")]
+    #[error("packet of {} exceeds the maximum packet size of {}", ByteSize(*size as u64).exact(), ByteSize(u64::from(*max)))]
     TooLarge { size: usize, max: u32 },
     #[error("malformed packet: {0}")]
     Malformed(String),
@@ -55,5 +57,11 @@ mod tests {
         assert_eq!(protocol("x").reason_code(), 0x82);
         assert_eq!(DecodeError::UnsupportedProtocol { name: "MQIsdp".into(), level: 3 }.reason_code(), 0x84);
         assert_eq!(DecodeError::TopicNameInvalid("a/+".into()).reason_code(), 0x90);
+    }
+
+    #[test]
+    fn a_packet_too_large_is_described_in_readable_sizes() {
+        let e = DecodeError::TooLarge { size: 2_097_152, max: 131_072 };
+        assert_eq!(e.to_string(), "packet of 2 MiB (2097152 bytes) exceeds the maximum packet size of 128 KiB");
     }
 }

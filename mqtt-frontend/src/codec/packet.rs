@@ -19,6 +19,14 @@ impl ProtocolVersion {
             ProtocolVersion::V5 => 5,
         }
     }
+
+    /// The version as the specifications name it, for logs: `3.1.1`, `5.0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProtocolVersion::V311 => "3.1.1",
+            ProtocolVersion::V5 => "5.0",
+        }
+    }
 }
 
 /// Quality of service.
