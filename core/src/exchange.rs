@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
 
 use crate::error::CoreError;
 use crate::message::{FieldTable, FieldValue, Message, ShortString};
 use crate::queue::Queue;
-use crate::sink::DirectSink;
+use crate::sink::{DirectSink, SinkId};
 use crate::topic::{Pattern, TopicTrie};
 
 /// The four exchange types of AMQP 0.9.1 (and RabbitMQ).
@@ -187,12 +188,197 @@ impl HeadersBinding {
     }
 }
 
+/// Who a binding belongs to: deleting a queue, an exchange or a sink removes every binding
+/// of its owner at once ([`Exchange::unbind_owner`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Queue(ShortString),
+    Exchange(ShortString),
+    Sink(SinkId),
+}
+
+impl Destination {
+    pub fn owner(&self) -> Owner {
+        match self {
+            Destination::Queue(q) => Owner::Queue(q.name().clone()),
+            Destination::Exchange(x) => Owner::Exchange(x.clone()),
+            Destination::Sink(s) => Owner::Sink(s.sink.id()),
+        }
+    }
+}
+
+/// Bindings with the same owner and fingerprint: one, except for bindings that differ only in
+/// their arguments (or a fingerprint collision).
 #[derive(Debug)]
-enum Table {
-    Direct(HashMap<ShortString, Vec<Binding>>),
-    Fanout(Vec<Binding>),
-    Topic { trie: TopicTrie<Destination>, list: Vec<Binding> },
+enum Bucket {
+    One(Binding),
+    Many(Vec<Binding>),
+}
+
+impl Bucket {
+    fn as_slice(&self) -> &[Binding] {
+        match self {
+            Bucket::One(b) => std::slice::from_ref(b),
+            Bucket::Many(v) => v,
+        }
+    }
+}
+
+/// Every binding of an exchange, indexed by owner and then by a fingerprint of what makes a
+/// binding distinct (destination, routing key, pattern; arguments are compared within a
+/// bucket). Adding, finding and removing one binding costs a hash of its key whatever the
+/// number of bindings, and removing an owner's bindings costs only those: a client with 60,000
+/// subscriptions no longer makes every bind a scan of the exchange's whole list (issue 13:
+/// 60,000 filters took 7.5 s to subscribe and 8.7 s to remove, under the exchange's lock).
+#[derive(Debug, Default)]
+struct BindingIndex {
+    /// Random keys: a client picks its filters, so it must not be able to pick collisions.
+    hasher: RandomState,
+    owners: HashMap<Owner, HashMap<u64, Bucket>>,
+    len: usize,
+}
+
+impl BindingIndex {
+    fn fingerprint(&self, key: &BindingKey, destination: &Destination) -> u64 {
+        let cookie = match destination {
+            Destination::Sink(s) => s.cookie,
+            _ => 0,
+        };
+        self.hasher.hash_one((cookie, &key.routing_key, &key.pattern))
+    }
+
+    fn contains(&self, key: &BindingKey, destination: &Destination) -> bool {
+        let Some(own) = self.owners.get(&destination.owner()) else { return false };
+        own.get(&self.fingerprint(key, destination))
+            .is_some_and(|b| b.as_slice().iter().any(|x| x.destination == *destination && x.key.same(key)))
+    }
+
+    /// Adds a binding known not to be there.
+    fn insert(&mut self, binding: Binding) {
+        let fp = self.fingerprint(&binding.key, &binding.destination);
+        let own = self.owners.entry(binding.destination.owner()).or_default();
+        match own.remove(&fp) {
+            None => own.insert(fp, Bucket::One(binding)),
+            Some(Bucket::One(first)) => own.insert(fp, Bucket::Many(vec![first, binding])),
+            Some(Bucket::Many(mut v)) => {
+                v.push(binding);
+                own.insert(fp, Bucket::Many(v))
+            }
+        };
+        self.len += 1;
+    }
+
+    /// Removes a binding; returns it, and whether a binding with the same destination and
+    /// pattern is left (one that differs only in its arguments shares the trie entry).
+    fn remove(&mut self, key: &BindingKey, destination: &Destination) -> Option<(Binding, bool)> {
+        let owner = destination.owner();
+        let fp = self.fingerprint(key, destination);
+        let own = self.owners.get_mut(&owner)?;
+        let bucket = own.get_mut(&fp)?;
+        let (removed, twin) = match bucket {
+            Bucket::One(b) => {
+                if !(b.destination == *destination && b.key.same(key)) {
+                    return None;
+                }
+                match own.remove(&fp) {
+                    Some(Bucket::One(b)) => (b, false),
+                    _ => return None,
+                }
+            }
+            Bucket::Many(v) => {
+                let i = v.iter().position(|x| x.destination == *destination && x.key.same(key))?;
+                let b = v.swap_remove(i);
+                let twin = v.iter().any(|x| {
+                    x.destination == b.destination
+                        && x.key.routing_key == b.key.routing_key
+                        && x.key.pattern == b.key.pattern
+                });
+                if v.is_empty() {
+                    own.remove(&fp);
+                }
+                (b, twin)
+            }
+        };
+        if own.is_empty() {
+            self.owners.remove(&owner);
+        }
+        self.len -= 1;
+        Some((removed, twin))
+    }
+
+    /// Removes and returns every binding of `owner`.
+    fn remove_owner(&mut self, owner: &Owner) -> Vec<Binding> {
+        let Some(own) = self.owners.remove(owner) else { return Vec::new() };
+        let mut out = Vec::with_capacity(own.len());
+        for bucket in own.into_values() {
+            match bucket {
+                Bucket::One(b) => out.push(b),
+                Bucket::Many(v) => out.extend(v),
+            }
+        }
+        self.len -= out.len();
+        out
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Binding> {
+        self.owners.values().flat_map(|own| own.values()).flat_map(|b| b.as_slice())
+    }
+}
+
+/// How an exchange finds the destinations of a message (its bindings are in the index).
+#[derive(Debug)]
+enum Routes {
+    Direct(HashMap<ShortString, Vec<Destination>>),
+    Fanout(Vec<Destination>),
+    Topic(TopicTrie<Destination>),
     Headers(Vec<HeadersBinding>),
+}
+
+#[derive(Debug)]
+struct Table {
+    index: BindingIndex,
+    routes: Routes,
+}
+
+impl Table {
+    /// Takes `binding` (already in the index: `shared` tells whether another binding of the
+    /// same destination and pattern is, which keeps the trie entry) out of the routes.
+    fn unroute(&mut self, binding: &Binding, shared: bool) {
+        let remove_one = |list: &mut Vec<Destination>| {
+            if let Some(i) = list.iter().position(|d| *d == binding.destination) {
+                list.swap_remove(i);
+            }
+        };
+        match &mut self.routes {
+            Routes::Direct(map) => {
+                if let Some(list) = map.get_mut(&binding.key.routing_key) {
+                    remove_one(list);
+                    if list.is_empty() {
+                        map.remove(&binding.key.routing_key);
+                    }
+                }
+            }
+            // Order is kept for fanout and headers (it is the order deliveries are offered in).
+            Routes::Fanout(list) => {
+                if let Some(i) = list.iter().position(|d| *d == binding.destination) {
+                    list.remove(i);
+                }
+            }
+            Routes::Topic(trie) => {
+                if !shared {
+                    trie.remove(&topic_pattern(&binding.key), &binding.destination);
+                }
+            }
+            Routes::Headers(list) => {
+                if let Some(i) = list
+                    .iter()
+                    .position(|h| h.binding.destination == binding.destination && h.binding.key.same(&binding.key))
+                {
+                    list.remove(i);
+                }
+            }
+        }
+    }
 }
 
 /// How an exchange was declared.
@@ -226,12 +412,13 @@ pub struct Exchange {
 impl Exchange {
     pub fn new(name: impl Into<ShortString>, kind: ExchangeKind, options: ExchangeOptions) -> Exchange {
         let alternate = options.arguments.get("alternate-exchange").and_then(|v| v.as_str()).map(ShortString::from);
-        let table = match kind {
-            ExchangeKind::Direct => Table::Direct(HashMap::new()),
-            ExchangeKind::Fanout => Table::Fanout(Vec::new()),
-            ExchangeKind::Topic => Table::Topic { trie: TopicTrie::new(), list: Vec::new() },
-            ExchangeKind::Headers => Table::Headers(Vec::new()),
+        let routes = match kind {
+            ExchangeKind::Direct => Routes::Direct(HashMap::new()),
+            ExchangeKind::Fanout => Routes::Fanout(Vec::new()),
+            ExchangeKind::Topic => Routes::Topic(TopicTrie::new()),
+            ExchangeKind::Headers => Routes::Headers(Vec::new()),
         };
+        let table = Table { index: BindingIndex::default(), routes };
         Exchange { name: name.into(), kind, options, alternate, table: RwLock::new(table) }
     }
     pub fn name(&self) -> &ShortString {
@@ -250,160 +437,77 @@ impl Exchange {
     /// Adds a binding; returns false when an identical one exists (binding is idempotent).
     pub fn bind(&self, key: BindingKey, destination: Destination) -> Result<bool, CoreError> {
         let binding = Binding { key, destination };
+        // Parsed before the lock: a bad `x-match` is refused without touching the table.
+        let headers = match self.kind {
+            ExchangeKind::Headers => Some(HeadersBinding::parse(binding.clone())?),
+            _ => None,
+        };
+        let pattern = (self.kind == ExchangeKind::Topic).then(|| topic_pattern(&binding.key));
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        let exists =
-            |list: &[Binding], b: &Binding| list.iter().any(|x| x.destination == b.destination && x.key.same(&b.key));
-        match &mut *table {
-            Table::Direct(map) => {
-                let list = map.entry(binding.key.routing_key.clone()).or_default();
-                if exists(list, &binding) {
-                    return Ok(false);
-                }
-                list.push(binding);
-            }
-            Table::Fanout(list) => {
-                if exists(list, &binding) {
-                    return Ok(false);
-                }
-                list.push(binding);
-            }
-            Table::Topic { trie, list } => {
-                if exists(list, &binding) {
-                    return Ok(false);
-                }
-                let pattern = topic_pattern(&binding.key);
-                trie.insert(&pattern, binding.destination.clone());
-                list.push(binding);
-            }
-            Table::Headers(list) => {
-                let hb = HeadersBinding::parse(binding)?;
-                if list
-                    .iter()
-                    .any(|x| x.binding.destination == hb.binding.destination && x.binding.key.same(&hb.binding.key))
-                {
-                    return Ok(false);
-                }
-                list.push(hb);
-            }
+        if table.index.contains(&binding.key, &binding.destination) {
+            return Ok(false);
         }
+        match &mut table.routes {
+            Routes::Direct(map) => {
+                map.entry(binding.key.routing_key.clone()).or_default().push(binding.destination.clone())
+            }
+            Routes::Fanout(list) => list.push(binding.destination.clone()),
+            Routes::Topic(trie) => {
+                // False when a binding differing only in its arguments holds the entry already.
+                trie.insert(&pattern.expect("topic"), binding.destination.clone());
+            }
+            Routes::Headers(list) => list.push(headers.expect("headers")),
+        }
+        table.index.insert(binding);
         Ok(true)
     }
 
     /// Removes a binding; returns false when there was no such binding.
     pub fn unbind(&self, key: &BindingKey, destination: &Destination) -> bool {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        let pos = |list: &[Binding]| list.iter().position(|x| x.destination == *destination && x.key.same(key));
-        match &mut *table {
-            Table::Direct(map) => {
-                let Some(list) = map.get_mut(&key.routing_key) else { return false };
-                let Some(i) = pos(list) else { return false };
-                list.swap_remove(i);
-                if list.is_empty() {
-                    map.remove(&key.routing_key);
-                }
+        match table.index.remove(key, destination) {
+            Some((b, shared)) => {
+                table.unroute(&b, shared);
                 true
             }
-            Table::Fanout(list) => match pos(list) {
-                Some(i) => {
-                    list.remove(i);
-                    true
-                }
-                None => false,
-            },
-            Table::Topic { trie, list } => match pos(list) {
-                Some(i) => {
-                    let b = list.swap_remove(i);
-                    trie.remove(&topic_pattern(&b.key), &b.destination);
-                    true
-                }
-                None => false,
-            },
-            Table::Headers(list) => {
-                match list.iter().position(|x| x.binding.destination == *destination && x.binding.key.same(key)) {
-                    Some(i) => {
-                        list.remove(i);
-                        true
-                    }
-                    None => false,
-                }
-            }
+            None => false,
         }
     }
 
-    /// Removes every binding whose destination satisfies `pred`; returns them.
-    pub fn unbind_where(&self, pred: impl Fn(&Destination) -> bool) -> Vec<Binding> {
-        let mut removed = Vec::new();
+    /// Removes every binding leading to `owner`'s destinations; returns them. Costs what the
+    /// owner has, not what the exchange has.
+    pub fn unbind_owner(&self, owner: &Owner) -> Vec<Binding> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        let take = |list: &mut Vec<Binding>, removed: &mut Vec<Binding>| {
-            let mut i = 0;
-            while i < list.len() {
-                if pred(&list[i].destination) {
-                    removed.push(list.remove(i));
-                } else {
-                    i += 1;
-                }
-            }
-        };
-        match &mut *table {
-            Table::Direct(map) => {
-                for list in map.values_mut() {
-                    take(list, &mut removed);
-                }
-                map.retain(|_, l| !l.is_empty());
-            }
-            Table::Fanout(list) => take(list, &mut removed),
-            Table::Topic { trie, list } => {
-                let before = removed.len();
-                take(list, &mut removed);
-                for b in &removed[before..] {
-                    trie.remove(&topic_pattern(&b.key), &b.destination);
-                }
-            }
-            Table::Headers(list) => {
-                let mut i = 0;
-                while i < list.len() {
-                    if pred(&list[i].binding.destination) {
-                        removed.push(list.remove(i).binding);
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
+        let removed = table.index.remove_owner(owner);
+        for b in &removed {
+            // All of the owner's bindings go, twins included.
+            table.unroute(b, false);
         }
         removed
     }
 
-    /// Every binding of this exchange (as source).
+    /// Every binding of this exchange (as source), in no particular order.
     pub fn bindings(&self) -> Vec<Binding> {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        match &*table {
-            Table::Direct(map) => map.values().flatten().cloned().collect(),
-            Table::Fanout(list) | Table::Topic { list, .. } => list.clone(),
-            Table::Headers(list) => list.iter().map(|h| h.binding.clone()).collect(),
-        }
+        table.index.iter().cloned().collect()
     }
 
     pub fn binding_count(&self) -> usize {
-        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        match &*table {
-            Table::Direct(map) => map.values().map(Vec::len).sum(),
-            Table::Fanout(list) | Table::Topic { list, .. } => list.len(),
-            Table::Headers(list) => list.len(),
-        }
+        self.table.read().unwrap_or_else(|e| e.into_inner()).index.len
     }
 
     /// Reports the destination of every binding that matches `message` (duplicates included;
     /// the caller removes them).
     pub fn route(&self, message: &Message, mut out: impl FnMut(&Destination)) {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        match &*table {
-            Table::Direct(map) => {
+        match &table.routes {
+            Routes::Direct(map) => {
                 if let Some(list) = map.get(&message.routing_key) {
-                    list.iter().for_each(|b| out(&b.destination));
+                    list.iter().for_each(out);
                 }
             }
-            Table::Fanout(list) => list.iter().for_each(|b| out(&b.destination)),
-            Table::Topic { trie, .. } => {
+            Routes::Fanout(list) => list.iter().for_each(out),
+            Routes::Topic(trie) => {
                 // Routing keys that are not UTF-8 cannot match a textual pattern word by word
                 // except through wildcards; match them on their lossy text.
                 match message.routing_key.as_str() {
@@ -411,7 +515,7 @@ impl Exchange {
                     None => trie.for_each_match(&message.routing_key.to_string_lossy(), out),
                 }
             }
-            Table::Headers(list) => {
+            Routes::Headers(list) => {
                 let headers = message.properties.headers.as_ref();
                 list.iter().filter(|h| h.matches(headers)).for_each(|h| out(&h.binding.destination));
             }
@@ -588,10 +692,69 @@ mod tests {
         x.bind(BindingKey::new("a.#"), d(2)).unwrap();
         x.bind(BindingKey::new("a.#"), queue("q")).unwrap();
         assert_eq!(names(&x, &msg("a.b")).len(), 3);
-        let id = sink.id();
-        let removed = x.unbind_where(|d| matches!(d, Destination::Sink(s) if s.sink.id() == id));
+        let removed = x.unbind_owner(&Owner::Sink(sink.id()));
         assert_eq!(removed.len(), 2);
         assert_eq!(names(&x, &msg("a.b")), vec!["queue 'q'"]);
+    }
+
+    #[test]
+    fn unbind_owner_removes_only_that_owners_bindings() {
+        for kind in [ExchangeKind::Direct, ExchangeKind::Fanout, ExchangeKind::Topic, ExchangeKind::Headers] {
+            let x = Exchange::new("x", kind, ExchangeOptions::default());
+            let (q1, q2) = (queue("q1"), queue("q2"));
+            for key in ["a", "b", "c"] {
+                x.bind(BindingKey::new(key), q1.clone()).unwrap();
+            }
+            x.bind(BindingKey::new("a"), q2.clone()).unwrap();
+            assert_eq!(x.binding_count(), 4, "{kind}");
+            assert_eq!(x.unbind_owner(&q1.owner()).len(), 3, "{kind}");
+            assert_eq!(x.binding_count(), 1, "{kind}");
+            assert_eq!(names(&x, &msg("a")), vec!["queue 'q2'"], "{kind}");
+            assert!(x.unbind_owner(&q1.owner()).is_empty(), "{kind}");
+            assert_eq!(x.bindings().len(), 1, "{kind}");
+        }
+    }
+
+    #[test]
+    fn bindings_differing_only_in_arguments_share_a_route_until_both_go() {
+        for kind in [ExchangeKind::Direct, ExchangeKind::Topic] {
+            let x = Exchange::new("x", kind, ExchangeOptions::default());
+            let q = queue("q");
+            let plain = BindingKey::new("a");
+            let with_args = BindingKey::new("a").with_arguments(args(&[("k", FieldValue::I8(1))]));
+            assert!(x.bind(plain.clone(), q.clone()).unwrap());
+            assert!(x.bind(with_args.clone(), q.clone()).unwrap());
+            assert!(!x.bind(with_args.clone(), q.clone()).unwrap());
+            assert_eq!(x.binding_count(), 2);
+            assert!(x.unbind(&plain, &q));
+            assert_eq!(names(&x, &msg("a")), vec!["queue 'q'"], "{kind}: the other binding still routes");
+            assert!(x.unbind(&with_args, &q));
+            assert!(names(&x, &msg("a")).is_empty(), "{kind}");
+            assert_eq!(x.binding_count(), 0);
+        }
+    }
+
+    #[test]
+    fn many_sink_bindings_are_added_and_removed_one_by_one() {
+        let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
+        let key = |i: u64| BindingKey::new(format!("t.{i}"));
+        for i in 0..2000 {
+            assert!(x.bind(key(i), d(i)).unwrap());
+        }
+        assert!(!x.bind(key(7), d(7)).unwrap());
+        // Same key, another cookie: another binding.
+        assert!(x.bind(key(7), d(9999)).unwrap());
+        assert_eq!(x.binding_count(), 2001);
+        assert_eq!(names(&x, &msg("t.7")).len(), 2);
+        for i in 0..1000 {
+            assert!(x.unbind(&key(i), &d(i)));
+        }
+        assert!(!x.unbind(&key(3), &d(3)));
+        assert_eq!(names(&x, &msg("t.7")).len(), 1);
+        assert_eq!(x.unbind_owner(&Owner::Sink(sink.id())).len(), 1001);
+        assert_eq!(x.binding_count(), 0);
     }
 
     #[test]

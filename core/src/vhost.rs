@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::CoreError;
-use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, SinkRef};
+use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, Owner, SinkRef};
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
 use crate::retained::RetainedStore;
@@ -416,21 +416,20 @@ impl VHost {
         }
         // Bindings that lead *to* it from other exchanges go too (and may empty an auto-delete
         // source).
-        let name = x.name().clone();
-        self.unbind_everywhere(|d| matches!(d, Destination::Exchange(n) if *n == name));
+        self.unbind_everywhere(&Owner::Exchange(x.name().clone()));
         if x.options().durable {
             self.submit(vec![StoreOp::DeleteExchange { vhost: self.name.clone(), name: x.name().clone() }]);
         }
     }
 
-    /// Removes the bindings matching `pred` from every exchange, persists the removal, and
-    /// deletes auto-delete exchanges left without bindings.
-    fn unbind_everywhere(&self, pred: impl Fn(&Destination) -> bool) {
+    /// Removes the bindings of `owner` from every exchange, persists the removal, and deletes
+    /// auto-delete exchanges left without bindings.
+    fn unbind_everywhere(&self, owner: &Owner) {
         let all: Vec<Arc<Exchange>> = self.exchanges.read().unwrap_or_else(lock_err).values().cloned().collect();
         let mut ops = Vec::new();
         let mut emptied = Vec::new();
         for x in all {
-            let removed = x.unbind_where(&pred);
+            let removed = x.unbind_owner(owner);
             if removed.is_empty() {
                 continue;
             }
@@ -600,8 +599,7 @@ impl VHost {
         if !removed {
             return 0;
         }
-        let name = q.name().clone();
-        self.unbind_everywhere(|d| matches!(d, Destination::Queue(x) if *x.name() == name));
+        self.unbind_everywhere(&Owner::Queue(q.name().clone()));
         let (count, effects) = q.shutdown();
         if q.stores_messages() {
             self.submit(vec![StoreOp::DeleteQueue { vhost: self.name.clone(), name: q.name().clone() }]);
@@ -749,7 +747,7 @@ impl VHost {
 
     /// Removes every binding of a sink (its connection closed).
     pub fn unbind_sink_all(&self, sink: SinkId) {
-        self.unbind_everywhere(|d| matches!(d, Destination::Sink(s) if s.sink.id() == sink));
+        self.unbind_everywhere(&Owner::Sink(sink));
     }
 
     // ----- consumers -------------------------------------------------------------------------

@@ -3,8 +3,12 @@
 //! Server unavailable (3.1.1); `[mqtt] max_queued_messages` keeping the newest messages of an
 //! offline session (drop-head); the listener's `max_publish_rate` slowing a publisher down
 //! without losing its messages; the listener's `max_connection_rate` making clients wait (in
-//! the backlog) rather than refusing them. (Timing is checked only as a lower bound: a limit
-//! that does nothing fails it; a slow machine never does.)
+//! the backlog) rather than refusing them; one SUBSCRIBE with 50,000 filters not stalling the
+//! other clients, and `[mqtt] max_subscriptions_per_client` / `max_subscriptions_per_packet`
+//! answered SUBACK 0x97 Quota exceeded (5.0) / 0x80 Failure (3.1.1). (Timing is checked only as
+//! a lower bound: a limit that does nothing fails it; a slow machine never does. The huge
+//! SUBSCRIBE's victim gets a generous upper bound per round trip, 5 s, against the 8.7 s stall
+//! it saw before issue 13.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use ferry_core::frontend::Frontend;
 use ferry_integration_tests::amqp::{lapin, AMQP_LISTENER};
 use ferry_integration_tests::mqtt::{connect_packet, publish_packet, sub_options, RawClient, MQTT_LISTENER};
 use ferry_integration_tests::{within, TestServer};
-use ferry_mqtt::codec::{Disconnect, Packet, Properties, ProtocolVersion, PubResp, QoS};
+use ferry_mqtt::codec::{Disconnect, Packet, Properties, ProtocolVersion, PubResp, QoS, Str, SubAck, Subscribe};
 use ferry_server::config::MqttConfig;
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
@@ -239,4 +243,138 @@ async fn max_connection_rate_makes_clients_wait_and_refuses_none() {
     }
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(1200), "12 connections at 5/s took only {took:?}");
+}
+
+// ----- subscriptions -----------------------------------------------------------------------------
+
+fn subscription_limits(per_client: u32, per_packet: u32) -> Vec<Arc<dyn Frontend>> {
+    ferry_server::frontends::builtin(&MqttConfig {
+        max_subscriptions_per_client: per_client,
+        max_subscriptions_per_packet: per_packet,
+        ..MqttConfig::default()
+    })
+}
+
+/// One SUBSCRIBE with `n` distinct filters `atk/<i>/x` at QoS 1.
+fn huge_subscribe(n: usize) -> Subscribe {
+    let options = sub_options(QoS::AtLeastOnce);
+    Subscribe {
+        packet_id: 7,
+        properties: Properties::default(),
+        filters: (0..n).map(|i| (Str::from(format!("atk/{i}/x").as_str()), options)).collect(),
+    }
+}
+
+/// What a round trip of the victim may take at most while the attacker works: generous (a debug
+/// build on a shared machine), and well under the seconds-long stalls a huge SUBSCRIBE caused.
+const VICTIM_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The victim's QoS 1 round trips (publish, PUBACK, its own message back) until `done` ends;
+/// each must finish within [`VICTIM_PATIENCE`]. Returns how many there were.
+async fn victim_round_trips<T>(
+    victim: &mut RawClient,
+    next_id: &mut u16,
+    done: tokio::task::JoinHandle<T>,
+) -> (usize, T) {
+    let mut rounds = 0;
+    tokio::pin!(done);
+    loop {
+        let id = *next_id;
+        *next_id = if id == u16::MAX { 1 } else { id + 1 };
+        let round = async {
+            victim.publish(publish_packet("victim/t", QoS::AtLeastOnce, id, &id.to_be_bytes())).await;
+            let p = victim
+                .expect("the victim's own message", |p| match p {
+                    Packet::Publish(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .await;
+            assert_eq!(&p.payload[..], &id.to_be_bytes(), "the victim's messages arrive, in order");
+            victim.send(&Packet::PubAck(PubResp::ok(p.packet_id.expect("QoS 1")))).await;
+        };
+        match tokio::time::timeout(VICTIM_PATIENCE, round).await {
+            Ok(()) => rounds += 1,
+            Err(_) => panic!("a victim round trip took over {VICTIM_PATIENCE:?} (after {rounds})"),
+        }
+        if done.is_finished() {
+            return (rounds, done.await.expect("the attacker's task"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_subscribe_and_its_teardown_do_not_stall_other_clients() {
+    // No per-packet limit, so that all 50,000 filters are worked on (40,000 of them bound).
+    const FILTERS: usize = 50_000;
+    const ALLOWED: usize = 40_000;
+    let server = TestServer::start(MQTT_LISTENER, &subscription_limits(ALLOWED as u32, 0)).await;
+    let addr = server.mqtt_addr();
+    let mut victim = RawClient::connect_ok(addr, V311, "victim", true).await;
+    victim.subscribe(1, "victim/t", sub_options(QoS::AtLeastOnce)).await;
+    let mut next_id = 1;
+
+    // The packet is under the default 1 MiB limit.
+    let subscribe = huge_subscribe(FILTERS);
+    let size = ferry_integration_tests::mqtt::packet_bytes(&Packet::Subscribe(subscribe.clone()), V5).len();
+    assert!(size < 1 << 20, "{size} bytes");
+    let mut attacker = RawClient::connect_ok(addr, V5, "attacker", true).await;
+    let subscribing = tokio::spawn(async move {
+        let ack: SubAck = attacker.subscribe_with(subscribe).await;
+        (attacker, ack)
+    });
+    let (during_subscribe, (mut attacker, ack)) = victim_round_trips(&mut victim, &mut next_id, subscribing).await;
+    assert_eq!(ack.reasons.len(), FILTERS);
+    assert!(ack.reasons[..ALLOWED].iter().all(|&c| c == 1), "granted QoS 1 up to the limit");
+    assert!(ack.reasons[ALLOWED..].iter().all(|&c| c == QUOTA_EXCEEDED), "0x97 past it");
+    let topic = server.server.broker().vhost("/").unwrap().exchange("amq.topic").unwrap();
+    assert_eq!(topic.binding_count(), ALLOWED + 1, "the attacker's and the victim's");
+    // The subscriptions work: a message to one of them reaches the attacker.
+    victim.publish(publish_packet("atk/39999/x", QoS::AtLeastOnce, 60_000, b"hit")).await;
+    let hit = attacker.recv_publish().await;
+    assert_eq!((hit.topic.as_str(), &hit.payload[..]), ("atk/39999/x", &b"hit"[..]));
+
+    // The attacker leaves: its 40,000 subscriptions go while the victim goes on.
+    let leaving = tokio::spawn(async move { disconnect(attacker).await });
+    let (during_teardown, ()) = victim_round_trips(&mut victim, &mut next_id, leaving).await;
+    within("the attacker's bindings are removed", async {
+        while topic.binding_count() != 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    eprintln!("victim round trips: {during_subscribe} during the subscribe, {during_teardown} during the teardown");
+    victim.ping().await;
+}
+
+#[tokio::test]
+async fn filters_past_max_subscriptions_per_packet_get_quota_exceeded_or_failure() {
+    // The defaults: 1,000 filters per SUBSCRIBE, 10,000 subscriptions per client.
+    let server = TestServer::start(MQTT_LISTENER, &frontends(1000)).await;
+    let addr = server.mqtt_addr();
+    for (version, refused) in [(V5, QUOTA_EXCEEDED), (V311, 0x80)] {
+        let mut c = RawClient::connect_ok(addr, version, &format!("many-{version:?}"), true).await;
+        let ack = c.subscribe_with(huge_subscribe(1_500)).await;
+        assert_eq!(ack.reasons.len(), 1_500);
+        assert!(ack.reasons[..1_000].iter().all(|&r| r == 1), "{version:?}");
+        assert!(ack.reasons[1_000..].iter().all(|&r| r == refused), "{version:?}");
+        disconnect(c).await;
+    }
+}
+
+#[tokio::test]
+async fn max_subscriptions_per_client_counts_new_filters_only() {
+    let server = TestServer::start(MQTT_LISTENER, &subscription_limits(3, 0)).await;
+    let addr = server.mqtt_addr();
+    for (version, refused) in [(V5, QUOTA_EXCEEDED), (V311, 0x80)] {
+        let mut c = RawClient::connect_ok(addr, version, &format!("capped-{version:?}"), true).await;
+        assert_eq!(c.subscribe_with(huge_subscribe(2)).await.reasons, vec![1, 1]);
+        // `atk/0/x` and `atk/1/x` again replace theirs; `atk/2/x` is the third; `atk/3/x` is one too many.
+        assert_eq!(c.subscribe_with(huge_subscribe(4)).await.reasons, vec![1, 1, 1, refused], "{version:?}");
+        // The refused filter was not subscribed: a message to it goes nowhere, one to a granted
+        // filter arrives.
+        c.publish(publish_packet("atk/3/x", QoS::AtMostOnce, 0, b"no")).await;
+        c.publish(publish_packet("atk/2/x", QoS::AtMostOnce, 0, b"yes")).await;
+        assert_eq!(&c.recv_publish().await.payload[..], b"yes");
+        disconnect(c).await;
+    }
 }

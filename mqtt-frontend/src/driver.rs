@@ -31,7 +31,7 @@ use ferry_core::vhost::VHost;
 
 use crate::codec::{reason, return_code, Connect, DecodeError, Decoder, Packet, ProtocolVersion, Will};
 use crate::registry::{Kick, Kicked};
-use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session};
+use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session, SUBSCRIBE_SLICE};
 use crate::session_store::encode_session;
 use crate::topic::check_topic_name;
 use crate::Shared;
@@ -468,6 +468,12 @@ impl Conn {
                         heard = true;
                         let publish = matches!(p, Packet::Publish(_));
                         self.session.handle(p, now_millis())?;
+                        // A large SUBSCRIBE is worked through in slices, other tasks running
+                        // between them (this one's deliveries wait in its outboxes).
+                        while self.session.is_subscribing() {
+                            tokio::task::yield_now().await;
+                            self.session.resume(now_millis())?;
+                        }
                         if let (true, Some(bucket)) = (publish, self.publish_bucket.as_mut()) {
                             let now = Instant::now();
                             if let Some(wait) = bucket.take(1, now.into_std()) {
@@ -677,6 +683,10 @@ impl Conn {
         // A will whose delay is still running is stored with the session, so a restart meanwhile
         // does not lose it.
         let delayed_will = will.clone().filter(|_| delay > 0);
+        // Many subscriptions are unbound in slices, other tasks running between them.
+        while session.wind_down(SUBSCRIBE_SLICE, now_millis()) {
+            tokio::task::yield_now().await;
+        }
         let stored = session.finish(now_millis(), delayed_will);
         let expiry = stored.as_ref().map(|st| st.expiry);
         shared.registry.release(&listener.vhost, &client_id, id, stored);

@@ -7,7 +7,8 @@
 //! 1. [`codec`]: packets as values and their wire form; pure functions over `BytesMut`, no tokio.
 //! 2. [`session`]: the session state machine, fed packets, deliveries and the time; it maps MQTT
 //!    onto the core (publishes to the listener's exchange, subscriptions as bindings of a direct
-//!    sink or of the session's queue, shared subscriptions as shared queues). [`topic`] converts
+//!    sink or of the session's queue, shared subscriptions as shared queues), and keeps its
+//!    subscriptions indexed by filter, cookie, queue and pattern (`subscriptions`). [`topic`] converts
 //!    topics and filters, [`mapping`] converts PUBLISH ↔ core message, [`registry`] holds client
 //!    ids (takeover) and persistent session state between connections.
 //! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced.
@@ -23,6 +24,7 @@ pub mod mapping;
 pub mod registry;
 pub mod session;
 pub mod session_store;
+mod subscriptions;
 pub mod sys;
 pub mod topic;
 

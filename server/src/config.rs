@@ -130,6 +130,11 @@ pub struct MqttConfig {
     /// QoS 1/2 messages (and QoS 0 with `queue_qos0_offline`) one session may have queued
     /// beyond those in flight (Mosquitto's `max_queued_messages`); 0: no limit.
     pub max_queued_messages: u32,
+    /// Subscriptions one client may hold; a new filter past it gets SUBACK 0x97 Quota exceeded
+    /// (5.0) / 0x80 Failure (3.1.1). 0: no limit.
+    pub max_subscriptions_per_client: u32,
+    /// Topic filters one SUBSCRIBE may carry; the ones past it get the same refusal. 0: no limit.
+    pub max_subscriptions_per_packet: u32,
 }
 
 /// The `[amqp]` table: settings of the AMQP frontend, for every AMQP listener.
@@ -167,6 +172,8 @@ impl Default for MqttConfig {
             topic_alias_maximum: d.topic_alias_maximum,
             max_keep_alive: d.max_keep_alive,
             max_queued_messages: d.max_queued_messages,
+            max_subscriptions_per_client: d.max_subscriptions_per_client,
+            max_subscriptions_per_packet: d.max_subscriptions_per_packet,
         }
     }
 }
@@ -524,6 +531,8 @@ struct RawMqtt {
     topic_alias_maximum: Option<u16>,
     max_keep_alive: Option<u16>,
     max_queued_messages: Option<u32>,
+    max_subscriptions_per_client: Option<u32>,
+    max_subscriptions_per_packet: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -837,6 +846,12 @@ impl Validator<'_> {
         }
         if let Some(v) = raw.max_queued_messages {
             m.max_queued_messages = v;
+        }
+        if let Some(v) = raw.max_subscriptions_per_client {
+            m.max_subscriptions_per_client = v;
+        }
+        if let Some(v) = raw.max_subscriptions_per_packet {
+            m.max_subscriptions_per_packet = v;
         }
         m
     }
@@ -1184,7 +1199,8 @@ mod tests {
     #[test]
     fn the_mqtt_table_sets_the_frontend() {
         let c = parse(&format!(
-            "[mqtt]\nqueue_qos0_offline = true\nmax_inflight = 20\nreceive_maximum = 50\ntopic_alias_maximum = 0\nmax_keep_alive = 300\nmax_queued_messages = 0\n{MINIMAL}"
+            "[mqtt]\nqueue_qos0_offline = true\nmax_inflight = 20\nreceive_maximum = 50\ntopic_alias_maximum = 0\nmax_keep_alive = 300\nmax_queued_messages = 0\n\
+             max_subscriptions_per_client = 50\nmax_subscriptions_per_packet = 0\n{MINIMAL}"
         ))
         .unwrap();
         assert_eq!(
@@ -1196,6 +1212,8 @@ mod tests {
                 topic_alias_maximum: 0,
                 max_keep_alive: 300,
                 max_queued_messages: 0,
+                max_subscriptions_per_client: 50,
+                max_subscriptions_per_packet: 0,
             }
         );
         assert_eq!(parse(MINIMAL).unwrap().mqtt, MqttConfig::default());
@@ -1216,6 +1234,7 @@ mod tests {
             AmqpConfig { channel_max: 2047, consumer_max_per_channel: 1024, max_message_size: 134_217_728 }
         );
         assert_eq!(d.mqtt.max_queued_messages, 1000);
+        assert_eq!((d.mqtt.max_subscriptions_per_client, d.mqtt.max_subscriptions_per_packet), (10_000, 1_000));
         assert_eq!(d.broker.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!((d.listeners[0].max_connection_rate, d.listeners[0].max_publish_rate), (1000, 0));
         for (text, key) in [

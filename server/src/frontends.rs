@@ -21,6 +21,8 @@ pub fn builtin_with(mqtt: &MqttConfig, amqp: &AmqpConfig) -> Vec<Arc<dyn Fronten
         topic_alias_maximum: mqtt.topic_alias_maximum,
         max_keep_alive: mqtt.max_keep_alive,
         max_queued_messages: mqtt.max_queued_messages,
+        max_subscriptions_per_client: mqtt.max_subscriptions_per_client,
+        max_subscriptions_per_packet: mqtt.max_subscriptions_per_packet,
         ..ferry_mqtt::Settings::default()
     };
     let amqp = ferry_amqp::connection::Settings {

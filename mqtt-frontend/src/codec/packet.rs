@@ -339,7 +339,7 @@ pub mod reason {
     pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0xA2;
 }
 
-/// MQTT 3.1.1 CONNACK return codes (§3.2.2.3).
+/// MQTT 3.1.1 return codes: CONNACK's (§3.2.2.3), and SUBACK's failure.
 pub mod return_code {
     pub const ACCEPTED: u8 = 0x00;
     pub const UNACCEPTABLE_PROTOCOL_VERSION: u8 = 0x01;
@@ -347,4 +347,6 @@ pub mod return_code {
     pub const SERVER_UNAVAILABLE: u8 = 0x03;
     pub const BAD_USER_NAME_OR_PASSWORD: u8 = 0x04;
     pub const NOT_AUTHORIZED: u8 = 0x05;
+    /// A SUBACK's Failure (3.1.1 §3.9.3): the only refusal 3.1.1 has for a topic filter.
+    pub const SUBSCRIBE_FAILURE: u8 = 0x80;
 }

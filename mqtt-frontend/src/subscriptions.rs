@@ -1,0 +1,228 @@
+//! A session's subscriptions, indexed for each way the session looks them up, so that no
+//! operation scans them all (issue 13: a client with 60,000 subscriptions made every delivery
+//! to it a scan of 60,000):
+//! - by filter text: SUBSCRIBE (replace), UNSUBSCRIBE;
+//! - by cookie: a direct sink's delivery names the bindings that matched by their cookies;
+//! - by queue name: a shared subscription's deliveries come from its group's queue;
+//! - by pattern (persistent sessions only): a delivery from the session's own queue does not say
+//!   which binding matched, so the routing key is matched again, in a trie of the session's
+//!   patterns rather than against each filter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_core::queue::{ConsumerId, Queue, QueueName};
+use ferry_core::topic::TopicTrie;
+
+use crate::codec::SubOptions;
+use crate::topic::Filter;
+
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub filter: Filter,
+    pub options: SubOptions,
+    pub identifier: Option<u32>,
+    /// Names this subscription's binding (a direct sink's deliveries carry it).
+    pub cookie: u64,
+    /// Shared subscriptions consume the group's queue.
+    pub shared: Option<(Arc<Queue>, ConsumerId)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions {
+    by_cookie: HashMap<u64, Subscription>,
+    by_filter: HashMap<String, u64>,
+    /// Shared subscriptions by the name of their group's queue.
+    by_queue: HashMap<QueueName, u64>,
+    /// Patterns of the subscriptions that are not shared, for a persistent session (a transient
+    /// one receives cookies).
+    patterns: Option<TopicTrie<u64>>,
+    last_cookie: u64,
+}
+
+impl Subscriptions {
+    /// `match_topics`: keep the pattern index (a persistent session's queue deliveries).
+    pub fn new(match_topics: bool) -> Subscriptions {
+        Subscriptions { patterns: match_topics.then(TopicTrie::new), ..Subscriptions::default() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_cookie.len()
+    }
+
+    pub fn get(&self, filter: &str) -> Option<&Subscription> {
+        self.by_filter.get(filter).and_then(|c| self.by_cookie.get(c))
+    }
+
+    pub fn get_mut(&mut self, filter: &str) -> Option<&mut Subscription> {
+        self.by_filter.get(filter).and_then(|c| self.by_cookie.get_mut(c))
+    }
+
+    /// A cookie never used by this session (one that named a removed subscription could still
+    /// be on deliveries waiting in the outbox).
+    pub fn next_cookie(&mut self) -> u64 {
+        self.last_cookie += 1;
+        self.last_cookie
+    }
+
+    /// Adds a subscription, replacing one with the same filter text.
+    pub fn insert(&mut self, sub: Subscription) {
+        if let Some(old) = self.remove(&sub.filter.text) {
+            debug_assert_eq!(old.cookie, sub.cookie, "a replacement keeps its binding's cookie");
+        }
+        let cookie = sub.cookie;
+        self.by_filter.insert(sub.filter.text.clone(), cookie);
+        match &sub.shared {
+            Some((q, _)) => {
+                self.by_queue.insert(q.name().clone(), cookie);
+            }
+            None => {
+                if let Some(trie) = &mut self.patterns {
+                    trie.insert(&sub.filter.pattern(), cookie);
+                }
+            }
+        }
+        self.by_cookie.insert(cookie, sub);
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<Subscription> {
+        let cookie = self.by_filter.remove(filter)?;
+        let sub = self.by_cookie.remove(&cookie).expect("indexed by filter, so by cookie");
+        match &sub.shared {
+            Some((q, _)) => {
+                self.by_queue.remove(q.name());
+            }
+            None => {
+                if let Some(trie) = &mut self.patterns {
+                    trie.remove(&sub.filter.pattern(), &cookie);
+                }
+            }
+        }
+        Some(sub)
+    }
+
+    /// Removes up to `n` subscriptions (any of them) and returns them.
+    pub fn take_some(&mut self, n: usize) -> Vec<Subscription> {
+        let filters: Vec<String> = self.by_filter.keys().take(n).cloned().collect();
+        filters.iter().filter_map(|f| self.remove(f)).collect()
+    }
+
+    /// The subscription whose binding has this cookie.
+    pub fn by_cookie(&self, cookie: u64) -> Option<&Subscription> {
+        self.by_cookie.get(&cookie)
+    }
+
+    /// The shared subscription consuming this queue.
+    pub fn by_queue(&self, queue: &QueueName) -> Option<&Subscription> {
+        self.by_queue.get(queue).and_then(|c| self.by_cookie.get(c))
+    }
+
+    /// Calls `f` with each subscription that is not shared and whose pattern matches
+    /// `routing_key` (persistent sessions only: none otherwise).
+    pub fn matching(&self, routing_key: &str, mut f: impl FnMut(&Subscription)) {
+        if let Some(trie) = &self.patterns {
+            trie.for_each_match(routing_key, |c| {
+                if let Some(sub) = self.by_cookie.get(c) {
+                    f(sub)
+                }
+            });
+        }
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Subscription> {
+        self.by_cookie.values()
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Subscription> {
+        self.by_cookie.values_mut()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(subs: &mut Subscriptions, filter: &str) -> Subscription {
+        let cookie = subs.next_cookie();
+        Subscription {
+            filter: Filter::parse(filter).unwrap(),
+            options: SubOptions::default(),
+            identifier: None,
+            cookie,
+            shared: None,
+        }
+    }
+
+    fn matched(subs: &Subscriptions, key: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        subs.matching(key, |s| v.push(s.filter.text.clone()));
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn found_by_filter_cookie_and_topic() {
+        let mut subs = Subscriptions::new(true);
+        let a = sub(&mut subs, "a/+");
+        let a_cookie = a.cookie;
+        subs.insert(a);
+        let b = sub(&mut subs, "a/#");
+        subs.insert(b);
+        assert_eq!(subs.len(), 2);
+        assert_eq!(subs.by_cookie(a_cookie).unwrap().filter.text, "a/+");
+        assert_eq!(subs.get("a/#").unwrap().filter.text, "a/#");
+        assert_eq!(matched(&subs, "a.b"), vec!["a/#", "a/+"]);
+        assert_eq!(matched(&subs, "a.b.c"), vec!["a/#"]);
+        let gone = subs.remove("a/+").unwrap();
+        assert_eq!(gone.cookie, a_cookie);
+        assert!(subs.by_cookie(a_cookie).is_none());
+        assert_eq!(matched(&subs, "a.b"), vec!["a/#"]);
+    }
+
+    #[test]
+    fn a_replacement_keeps_one_entry() {
+        let mut subs = Subscriptions::new(true);
+        let first = sub(&mut subs, "x/y");
+        let cookie = first.cookie;
+        subs.insert(first);
+        let mut again = sub(&mut subs, "x/y");
+        again.cookie = cookie;
+        again.identifier = Some(7);
+        subs.insert(again);
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs.by_cookie(cookie).unwrap().identifier, Some(7));
+        assert_eq!(matched(&subs, "x.y"), vec!["x/y"]);
+    }
+
+    #[test]
+    fn cookies_are_never_reused() {
+        let mut subs = Subscriptions::new(false);
+        let a = sub(&mut subs, "a");
+        let first = a.cookie;
+        subs.insert(a);
+        subs.remove("a");
+        assert_ne!(subs.next_cookie(), first);
+    }
+
+    #[test]
+    fn a_transient_session_keeps_no_pattern_index() {
+        let mut subs = Subscriptions::new(false);
+        let a = sub(&mut subs, "a");
+        subs.insert(a);
+        assert!(matched(&subs, "a").is_empty());
+    }
+
+    #[test]
+    fn take_some_empties_in_chunks() {
+        let mut subs = Subscriptions::new(true);
+        for i in 0..10 {
+            let s = sub(&mut subs, &format!("t/{i}"));
+            subs.insert(s);
+        }
+        assert_eq!(subs.take_some(4).len(), 4);
+        assert_eq!(subs.len(), 6);
+        assert_eq!(subs.take_some(100).len(), 6);
+        assert_eq!(subs.len(), 0);
+        assert!(matched(&subs, "t.1").is_empty());
+    }
+}
