@@ -7,8 +7,8 @@
 //! **One slow subscriber does not slow a publisher for everyone else.** A subscriber whose
 //! outbox is full is *congested*: its publishers stop reading for a moment
 //! ([`wait_for_room`]), which is all a subscriber that keeps up needs to lose nothing in a
-//! burst. One that does not drain within [`CONGESTION_PAUSE`], or keeps taking longer than
-//! [`SLOW_DRAIN`] to, is *lagging* ([`Outbox::waited`]): for a while (1 s, doubling with every
+//! burst. One that does not drain within [`CONGESTION_PAUSE`], or drains less often than every
+//! [`SLOW_DRAIN`] while a publisher waits, is *lagging* ([`Outbox::waited`]): for a while (1 s, doubling with every
 //! further time up to 64 s, and in any case until it drains again) it no longer holds anyone
 //! back, QoS 0 past its outbox is dropped and counted for it ([`DirectSink::dropped`]), and
 //! QoS 1/2 past `max_queued` is dropped likewise, as Mosquitto's `max_queued_messages` does.
@@ -42,14 +42,15 @@ pub struct Outbox<T> {
     /// must prompt it again after draining ([`Outbox::take_starved`]).
     starved: std::sync::atomic::AtomicBool,
     lag: Mutex<Lag>,
+    drains: AtomicU64,
 }
 
 /// The longest a publisher waits for one congested subscriber to drain.
 pub const CONGESTION_PAUSE: Duration = Duration::from_millis(250);
-/// A subscriber that keeps its publishers waiting longer than this for room is slow, even if
-/// it drains in the end (one that reads a burst just before every [`CONGESTION_PAUSE`] would
-/// otherwise hold them to its pace). One that keeps up drains a full outbox in a millisecond or
-/// two on loopback.
+/// A subscriber that drains less often than this while a publisher waits for room is slow,
+/// even if it drains in the end (one that reads a burst just before every [`CONGESTION_PAUSE`]
+/// would otherwise hold its publishers to its pace). One that keeps up drains a batch every
+/// millisecond or so on loopback, however many publishers race for the room it makes.
 pub const SLOW_DRAIN: Duration = Duration::from_millis(100);
 const FIRST_LAG: u64 = 1_000;
 const MAX_LAG_DOUBLINGS: u32 = 6;
@@ -84,6 +85,7 @@ impl<T> Outbox<T> {
             drained: Notify::new(),
             starved: std::sync::atomic::AtomicBool::new(false),
             lag: Mutex::new(Lag::default()),
+            drains: AtomicU64::new(0),
         }
     }
     pub fn capacity(&self) -> usize {
@@ -166,7 +168,13 @@ impl<T> Outbox<T> {
     }
     fn drained_some(&self) {
         self.lag.lock().unwrap_or_else(|e| e.into_inner()).stuck = false;
+        self.drains.fetch_add(1, Ordering::Relaxed);
         self.drained.notify_waiters();
+    }
+
+    /// How many times the owner has drained something.
+    pub fn drains(&self) -> u64 {
+        self.drains.load(Ordering::Relaxed)
     }
 
     /// Whether the outbox's owner is treated as slow at `now_ms` (see the module's doc).
@@ -175,12 +183,20 @@ impl<T> Outbox<T> {
         lag.stuck || now_ms < lag.until
     }
 
-    /// A publisher waited `waited` for room, and got it or not: a subscriber that did not drain
-    /// within the pause, or took longer than [`SLOW_DRAIN`], is lagging from `now_ms` for 1 s,
-    /// doubling with each further time (up to 64 s), and in any case until it drains. Returns
-    /// whether it is now lagging.
-    pub fn waited(&self, got_room: bool, waited: Duration, now_ms: u64) -> bool {
-        if got_room && waited < SLOW_DRAIN {
+    /// A publisher waited `waited` for room, and got it or not, while the owner drained `drains`
+    /// times ([`Outbox::drains`]): a subscriber that did not drain within the pause, or drained
+    /// less often than every [`SLOW_DRAIN`], is lagging from `now_ms` for 1 s, doubling with
+    /// each further time (up to 64 s), and (if it did not drain at all) until it drains.
+    /// Returns whether it is now lagging.
+    pub fn waited(&self, got_room: bool, waited: Duration, drains: u64, now_ms: u64) -> bool {
+        // Many publishers may wait on one subscriber and race for the room each drain makes: a
+        // publisher that lost a few races waited long although the subscriber kept draining. So
+        // the subscriber is judged by how often it drained meanwhile.
+        let slow = match drains {
+            0 => waited >= SLOW_DRAIN,
+            n => waited / n.min(u32::MAX as u64) as u32 >= SLOW_DRAIN,
+        };
+        if !slow {
             return false;
         }
         let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,7 +204,7 @@ impl<T> Outbox<T> {
         lag.last = now_ms;
         let hold = FIRST_LAG << (lag.strikes - 1).min(MAX_LAG_DOUBLINGS);
         lag.until = lag.until.max(now_ms + hold);
-        lag.stuck |= !got_room;
+        lag.stuck |= !got_room && drains == 0;
         true
     }
 
@@ -265,8 +281,9 @@ pub enum Offer {
 /// [`Offer::Congested`], whatever its protocol. Returns whether the subscriber is now lagging.
 pub async fn wait_for_room<T>(outbox: &Outbox<T>) -> bool {
     let started = std::time::Instant::now();
+    let drains = outbox.drains();
     let got_room = tokio::time::timeout(CONGESTION_PAUSE, outbox.room()).await.is_ok();
-    outbox.waited(got_room, started.elapsed(), crate::message::now_millis())
+    outbox.waited(got_room, started.elapsed(), outbox.drains() - drains, crate::message::now_millis())
 }
 
 /// A broker-wide unique sink number.
@@ -436,7 +453,7 @@ mod tests {
         }
         assert_eq!(sink.offer(delivery(2), 0), Offer::Congested);
         // The publisher waited the whole pause for nothing.
-        assert!(sink.outbox().waited(false, CONGESTION_PAUSE, 10));
+        assert!(sink.outbox().waited(false, CONGESTION_PAUSE, 0, 10));
         // Nobody is held back for it any more: QoS 0 past the capacity is dropped, QoS 1/2 up
         // to max_queued goes in without congestion, and past it is dropped too.
         assert_eq!(sink.offer(delivery(3), 20), Offer::Dropped);
@@ -459,12 +476,16 @@ mod tests {
     #[test]
     fn slow_drains_lag_for_longer_each_time() {
         let ob: Outbox<u8> = Outbox::new(1);
-        assert!(!ob.waited(true, Duration::from_millis(5), 0), "a quick drain is what keeping up looks like");
+        assert!(!ob.waited(true, Duration::from_millis(5), 1, 0), "a quick drain is what keeping up looks like");
+        assert!(
+            !ob.waited(false, CONGESTION_PAUSE, 50, 0),
+            "a publisher that lost the race for room 50 times: the subscriber kept draining"
+        );
         assert!(!ob.is_lagging(0));
         let mut now = 0;
         let mut holds = Vec::new();
         for _ in 0..9 {
-            assert!(ob.waited(true, SLOW_DRAIN, now));
+            assert!(ob.waited(true, SLOW_DRAIN, 1, now));
             let mut t = now;
             while ob.is_lagging(t) {
                 t += 100;
@@ -475,7 +496,7 @@ mod tests {
         assert_eq!(holds, [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 64_000, 64_000]);
         // Long after, it starts again from one second.
         now += LAG_MEMORY + 1;
-        ob.waited(true, SLOW_DRAIN, now);
+        ob.waited(true, SLOW_DRAIN, 1, now);
         assert!(ob.is_lagging(now + 999) && !ob.is_lagging(now + 1_000));
     }
 }

@@ -439,6 +439,14 @@ impl Conn {
                 // Packets read and left undecoded at a congestion that is over: they go first.
                 continue;
             }
+            if self.session.more {
+                // Deliveries left for the next write (see `Session::pump`); a kick is still
+                // heard between batches.
+                if let Poll::Ready(why) = std::future::poll_fn(|cx| Poll::Ready(self.kick.poll_kicked(cx))).await {
+                    return kicked(why);
+                }
+                continue;
+            }
             let closed = if reading && self.waiting.is_none() {
                 std::future::poll_fn(|cx| self.poll_idle(cx)).await
             } else {

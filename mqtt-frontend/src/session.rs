@@ -239,6 +239,9 @@ pub struct Session {
     /// consumer, as most clean sessions have none.
     queue_outbox: Option<Arc<Outbox<Delivery>>>,
     backlog: VecDeque<Pending>,
+    /// [`Session::pump`] stopped with deliveries ready because [`Session::out`] is full enough
+    /// for one write: the driver writes, then pumps again before it waits for anything.
+    pub more: bool,
     /// Acks waiting for store commits, in order.
     pub pending_acks: VecDeque<PendingAck>,
     /// The client has published: the memory alarm holds it back.
@@ -309,6 +312,9 @@ pub fn ensure_exchange(vhost: &VHost, name: &ShortString) -> Result<(), CoreErro
     }
     Ok(())
 }
+
+/// How much output [`Session::pump`] makes before the driver writes it.
+pub const PUMP_BATCH: usize = 64 * 1024;
 
 pub(crate) fn session_queue_name(client_id: &str) -> QueueName {
     QueueName::from(format!("mqtt-session.{client_id}"))
@@ -443,6 +449,7 @@ impl Session {
             sink_outbox,
             queue_outbox,
             backlog: VecDeque::new(),
+            more: false,
             pending_acks: VecDeque::new(),
             congested: Vec::new(),
             published: false,
@@ -1163,10 +1170,23 @@ impl Session {
 
     // ----- outbound deliveries ---------------------------------------------------------------
 
-    /// Moves deliveries from the outboxes into PUBLISH packets, within the inflight window.
+    /// Moves deliveries from the outboxes into PUBLISH packets, within the inflight window, up
+    /// to [`PUMP_BATCH`] bytes of output (then [`Session::more`] is set).
+    ///
+    /// The batch bound keeps the outboxes draining in small steps: a subscriber whose socket is
+    /// full writes one batch and comes back for more, instead of taking everything its
+    /// publishers keep adding into one ever larger write that blocks for as long as the client
+    /// takes to read it all (its publishers would wait for it that long, and treat it as
+    /// lagging, see `ferry_core::sink`).
     pub fn pump(&mut self, now: Millis) {
+        self.more = false;
         loop {
             while let Some(p) = self.backlog.pop_front() {
+                if self.out.len() >= PUMP_BATCH {
+                    self.backlog.push_front(p);
+                    self.more = true;
+                    return;
+                }
                 if self.inflight.len() >= self.window as usize && self.would_need_window(&p) {
                     self.backlog.push_front(p);
                     return;
@@ -1182,6 +1202,10 @@ impl Session {
             self.backlog.extend(queued.into_iter().map(Pending::Queue));
             self.backlog.extend(sunk.into_iter().map(Pending::Sink));
             if drained == 0 {
+                return;
+            }
+            if self.out.len() >= PUMP_BATCH {
+                self.more = true;
                 return;
             }
         }
