@@ -295,15 +295,18 @@ impl VHost {
 
     /// Declares an exchange (or checks it, when passive). A redeclare must match the existing
     /// type, durability, auto-delete, internal flag and alternate exchange.
+    ///
+    /// The default exchange `""` cannot be declared, not even passively (403, as RabbitMQ 3.10
+    /// answers whatever the type and flags).
     pub fn declare_exchange(&self, decl: ExchangeDeclare) -> Result<Arc<Exchange>, CoreError> {
+        if decl.name.is_empty() {
+            return Err(default_exchange_refused());
+        }
         if decl.passive {
             return self.exchange_or_404(&decl.name);
         }
         let kind = ExchangeKind::parse(&decl.kind)
             .ok_or_else(|| CoreError::precondition(format!("invalid exchange type '{}'", decl.kind)))?;
-        if decl.name.is_empty() {
-            return Err(default_exchange_refused());
-        }
         if let Some(existing) = self.exchange(&decl.name.to_string_lossy()) {
             self.check_exchange_equivalence(&existing, kind, &decl.options)?;
             return Ok(existing);
@@ -663,7 +666,10 @@ impl VHost {
         self.bind(&x, Binding { key, destination: Destination::Queue(q) })
     }
 
-    /// Unbinds a queue. Removing a binding that does not exist succeeds.
+    /// Unbinds a queue. Removing a binding that does not exist succeeds, and so does naming an
+    /// exchange or a queue that no longer exists (an auto-delete exchange gone with its last
+    /// binding, say): RabbitMQ 3.10 answers unbind-ok, so a client's clean-up is idempotent.
+    /// The default exchange is still refused.
     pub fn unbind_queue(
         &self,
         queue: &ShortString,
@@ -671,8 +677,17 @@ impl VHost {
         key: BindingKey,
         connection: ConnectionId,
     ) -> Result<(), CoreError> {
-        let x = self.source_for_binding(exchange)?;
-        let q = self.queue_for(queue, connection)?;
+        if exchange.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        let q = match self.queue_for(queue, connection) {
+            Ok(q) => q,
+            Err(CoreError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Ok(x) = self.exchange_or_404(exchange) else {
+            return Ok(());
+        };
         self.unbind(&x, Binding { key, destination: Destination::Queue(q) });
         Ok(())
     }
@@ -692,18 +707,24 @@ impl VHost {
         self.bind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) })
     }
 
-    /// Removes an exchange-to-exchange binding.
+    /// Removes an exchange-to-exchange binding. As [`VHost::unbind_queue`]: a missing source or
+    /// destination exchange is not an error (RabbitMQ 3.10), the default exchange is.
     pub fn unbind_exchange(
         &self,
         destination: &ShortString,
         source: &ShortString,
         key: BindingKey,
     ) -> Result<(), CoreError> {
-        let x = self.source_for_binding(source)?;
-        if destination.is_empty() {
+        if source.is_empty() || destination.is_empty() {
             return Err(default_exchange_refused());
         }
-        self.exchange_or_404(destination)?;
+        let Ok(x) = self.exchange_or_404(source) else {
+            return Ok(());
+        };
+        // A binding to a destination that is gone was removed with it; unbinding is a no-op.
+        if self.exchange_or_404(destination).is_err() {
+            return Ok(());
+        }
         self.unbind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) });
         Ok(())
     }
