@@ -843,6 +843,9 @@ impl Connection {
             }
 
             // ----- queues -----
+            Method::QueueDeclare(d) if d.queue.as_bytes().starts_with(REPLY_TO.as_bytes()) => {
+                self.declare_reply_to(ch, d.queue, d.nowait)
+            }
             Method::QueueDeclare(d) => {
                 let mut name = if d.passive && d.queue.is_empty() { self.queue_name(ch, d.queue)? } else { d.queue };
                 // A server-named queue is checked under the name it will get, as RabbitMQ does.
@@ -1204,6 +1207,25 @@ impl Connection {
             }
         };
         self.channel(ch).consumers.insert(tag, (q, id));
+        Ok(())
+    }
+
+    /// queue.declare of `amq.rabbitmq.reply-to` (passive or not, whatever the flags): the
+    /// pseudo-queue always exists, as in RabbitMQ 3.10, which answers declare-ok with 0 messages
+    /// and 1 consumer and checks no permission (FastStream / aio-pika declare it passively before
+    /// an RPC call). A channel's own reply queue name (`amq.rabbitmq.reply-to.<token>`) exists
+    /// while its consumer does; another name under the prefix is 404, never a real declaration.
+    fn declare_reply_to(&mut self, ch: u16, name: ShortString, nowait: bool) -> Result<(), AmqpError> {
+        if name != REPLY_TO && self.vhost().queue(&name.to_string_lossy()).is_none() {
+            return Err(AmqpError::new(
+                reply_code::NOT_FOUND,
+                format!("no queue '{name}' in vhost '{}'", self.vhost().name()),
+            ));
+        }
+        self.channel(ch).last_queue = Some(name.clone());
+        if !nowait {
+            self.send(ch, Method::QueueDeclareOk(QueueDeclareOk { queue: name, message_count: 0, consumer_count: 1 }));
+        }
         Ok(())
     }
 

@@ -431,6 +431,47 @@ async fn direct_reply_to_round_trip() {
     assert_eq!(next(&mut replies).await.data, b"pong");
 }
 
+/// RabbitMQ treats `amq.rabbitmq.reply-to` as a queue that always exists: a declare, passive
+/// or not, whatever the flags, answers declare-ok with 0 messages and 1 consumer. FastStream
+/// (aio-pika) declares it passively before every RPC call.
+#[tokio::test]
+async fn declaring_the_direct_reply_to_pseudo_queue_succeeds_passive_or_not() {
+    let server = TestServer::amqp().await;
+    let (_conn, ch) = lapin_channel(&server).await;
+    for options in [
+        QueueDeclareOptions { passive: true, ..Default::default() },
+        QueueDeclareOptions::default(),
+        QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+        QueueDeclareOptions { durable: true, ..Default::default() },
+    ] {
+        let q = within("queue.declare", ch.queue_declare(REPLY_TO.into(), options, FieldTable::default()))
+            .await
+            .unwrap_or_else(|e| panic!("{options:?}: {e}"));
+        assert_eq!((q.name().as_str(), q.message_count(), q.consumer_count()), (REPLY_TO, 0, 1), "{options:?}");
+    }
+    // Then the RPC itself, on the same channel, as FastStream does it.
+    queue(&ch, "rpc-after-declare").await;
+    let mut replies =
+        consume(&ch, REPLY_TO, BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await;
+    let props = BasicProperties::default().with_reply_to(REPLY_TO.into());
+    publish_with(&ch, "", "rpc-after-declare", b"ping", props).await;
+    let req = within("get", ch.basic_get("rpc-after-declare".into(), BasicGetOptions { no_ack: true }))
+        .await
+        .unwrap()
+        .expect("the request");
+    let reply_to = req.properties.reply_to().clone().expect("reply_to");
+    // The channel's own reply queue exists too; a made-up name under the prefix does not.
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let own =
+        within("declare", ch.queue_declare(reply_to.as_str().into(), passive, FieldTable::default())).await.unwrap();
+    assert_eq!(own.name().as_str(), reply_to.as_str());
+    publish_with(&ch, "", reply_to.as_str(), b"pong", BasicProperties::default()).await;
+    assert_eq!(next(&mut replies).await.data, b"pong");
+    let made_up = format!("{REPLY_TO}.no-such-token");
+    let r = within("declare", ch.queue_declare(made_up.as_str().into(), passive, FieldTable::default())).await;
+    assert_code(r, reply_code::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn direct_reply_to_consumer_must_be_no_ack_or_406() {
     let server = TestServer::amqp().await;
