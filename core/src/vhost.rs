@@ -18,6 +18,7 @@ use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, Que
 use crate::retained::RetainedStore;
 use crate::sink::{Cookies, DirectSink, Offer, Outbox, SinkDelivery, SinkId};
 use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
+use crate::timer::Timer;
 
 /// Dead letters can feed queues that dead-letter again; the queue's cycle rule stops true
 /// cycles, and this bounds any remaining chain within one operation.
@@ -96,6 +97,8 @@ pub struct VHost {
     queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
     retained: RetainedStore,
     stats: VHostStats,
+    /// The broker's timer, armed with the deadlines queues report (message TTL, `x-expires`).
+    timer: Arc<Timer>,
 }
 
 impl fmt::Debug for VHost {
@@ -211,8 +214,14 @@ pub fn generated_queue_name() -> ShortString {
 }
 
 impl VHost {
-    /// A vhost with the predeclared exchanges.
+    /// A vhost with the predeclared exchanges and a timer of its own (tests; the broker's
+    /// vhosts share the broker's, [`VHost::with_timer`]).
     pub fn new(name: &str, store: Arc<dyn Store>) -> VHost {
+        VHost::with_timer(name, store, Arc::new(Timer::new()))
+    }
+
+    /// A vhost with the predeclared exchanges whose queues' deadlines arm `timer`.
+    pub fn with_timer(name: &str, store: Arc<dyn Store>, timer: Arc<Timer>) -> VHost {
         let exchanges = PREDECLARED
             .iter()
             .map(|(n, kind)| (ShortString::from(*n), Arc::new(Exchange::new(*n, *kind, ExchangeOptions::default()))))
@@ -224,7 +233,13 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             retained: RetainedStore::new(),
             stats: VHostStats::default(),
+            timer,
         }
+    }
+
+    /// The timer this vhost's queues arm.
+    pub fn timer(&self) -> &Arc<Timer> {
+        &self.timer
     }
 
     pub fn name(&self) -> &str {
@@ -522,6 +537,9 @@ impl VHost {
         }
         map.insert(name, queue.clone());
         drop(map);
+        if let Some(deadline) = queue.arm() {
+            self.timer.arm(deadline);
+        }
         if queue.options().durable && queue.options().exclusive.is_none() {
             self.submit(vec![StoreOp::PutQueue(QueueRecord {
                 vhost: self.name.clone(),
@@ -805,6 +823,9 @@ impl VHost {
     }
 
     fn carry_out(&self, queue: &Arc<Queue>, effects: Effects, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) {
+        if let Some(deadline) = effects.deadline {
+            self.timer.arm(deadline);
+        }
         if queue.stores_messages() {
             // Marks first: a message delivered and acked in one go is marked, then deleted.
             ops.extend(effects.delivered.into_iter().map(|seq| StoreOp::MarkDelivered {
