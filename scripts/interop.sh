@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Interop: drives the `ferry` binary with third-party clients (mosquitto-clients, paho-mqtt,
-# amqp-tools, pika) over loopback. Installs the clients itself when missing (apt-get, pip; CI runs as root).
+# amqp-tools, pika, MQTT.js, amqplib, Celery, FastStream) over loopback. Installs the clients
+# itself when missing (apt-get, pip, npm; CI runs as root).
 #
 # MQTT is driven through mosquitto_pub/mosquitto_sub and paho-mqtt (scripts/interop_mqtt.py),
 # AMQP 0-9-1 through amqp-tools (librabbitmq) and pika (scripts/interop_amqp.py), and MQTT <-> AMQP
-# on one broker through paho-mqtt and pika together (scripts/interop_cross.py). Users, AMQP
+# on one broker through paho-mqtt and pika together (scripts/interop_cross.py). Node.js clients:
+# MQTT.js over TCP and WebSocket and amqplib (scripts/interop_node.js, packages from npm kept in
+# ~/.cache/ferry-interop/node); Python frameworks: Celery with the rpc:// result backend
+# (scripts/interop_celery.py) and FastStream on aio-pika, whose RPC declares amq.rabbitmq.reply-to
+# passively (scripts/interop_faststream.py). Users, AMQP
 # permissions and client certificates as identities (cert_login) run against a broker started from
 # a config file, with certificates made by the openssl CLI (scripts/interop_auth.py).
 #
@@ -28,6 +33,21 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v amqp-publish >/dev
 fi
 python3 -c 'import paho.mqtt, pika' 2>/dev/null || python3 -m pip install -q paho-mqtt pika >/dev/null 2>&1 ||
   echo "warning: could not install paho-mqtt/pika"
+python3 -c 'import celery, faststream.rabbit' 2>/dev/null ||
+  timeout 600 python3 -m pip install -q celery 'faststream[rabbit]' >/dev/null 2>&1 ||
+  echo "warning: could not install celery/faststream"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm) >/dev/null 2>&1 ||
+      echo "warning: could not install nodejs / npm"
+  fi
+fi
+node_dir="${XDG_CACHE_HOME:-$HOME/.cache}/ferry-interop/node"
+if command -v npm >/dev/null 2>&1 &&
+  ! { [ -d "$node_dir/node_modules/mqtt" ] && [ -d "$node_dir/node_modules/amqplib" ]; }; then
+  mkdir -p "$node_dir" && (cd "$node_dir" && timeout 600 npm install --no-audit --no-fund --silent mqtt amqplib) \
+    >/dev/null 2>&1 || echo "warning: could not install the npm packages mqtt / amqplib"
+fi
 
 # --- the broker -------------------------------------------------------------------------------
 cargo build -q -p ferry-server --bin ferry || { echo "interop: build failed"; exit 1; }
@@ -42,6 +62,26 @@ cleanup() {
   [ -n "${KEEP_INTEROP:-}" ] && cp "$log" /tmp/interop-ferry.log; rm -rf "$work"
 }
 trap cleanup EXIT
+
+# Reads "ok   ..." / "FAIL ..." lines of a case script into the tally; other lines pass through.
+report() {
+  local line
+  while IFS= read -r line; do
+    case "$line" in
+      "ok   "*) ok "${line#ok   }" ;;
+      "FAIL "*) bad "${line#FAIL }" ;;
+      *) echo "$line" ;;
+    esac
+  done
+}
+# Runs scripts/interop_node.js with NODE_PATH set (args: MQTT URL, MQTT WebSocket URL, AMQP URL).
+node_cases() {
+  if command -v node >/dev/null 2>&1 && [ -d "$node_dir/node_modules/mqtt" ] && [ -d "$node_dir/node_modules/amqplib" ]; then
+    NODE_PATH="$node_dir/node_modules" timeout 120 node scripts/interop_node.js "$@" 2>&1
+  else
+    echo "FAIL Node.js clients (MQTT.js, amqplib) installed: node $(node --version 2>&1), $node_dir"
+  fi
+}
 
 wait_port() { # port, seconds
   local i
@@ -149,6 +189,8 @@ sys.argv = ["interop_mqtt.py", "127.0.0.1", "18831", "18083"]
 runpy.run_path("scripts/interop_mqtt.py", run_name="__main__")
 PY
 )
+  # MQTT.js over WebSocket (Ferry's default configuration has no WebSocket listener).
+  report < <(node_cases "" ws://127.0.0.1:18083/mqtt "")
 else
   bad "ferry with a WebSocket listener starts"
   cat "$work/ws/log"
@@ -182,6 +224,13 @@ while IFS= read -r line; do
     *) echo "$line" ;;
   esac
 done < <(timeout 180 python3 scripts/interop_amqp.py 127.0.0.1 5672 2>&1)
+
+# --- Node.js: MQTT.js over TCP, amqplib (confirms, routing, errors, direct reply-to) --------------
+report < <(node_cases mqtt://127.0.0.1:1883 "" amqp://guest:guest@127.0.0.1:5672)
+
+# --- Celery (kombu / py-amqp, rpc:// results) and FastStream (aio-pika, RPC over reply-to) --------
+report < <(timeout 120 python3 scripts/interop_celery.py 127.0.0.1 5672 2>&1)
+report < <(timeout 120 python3 scripts/interop_faststream.py 127.0.0.1 5672 2>&1)
 
 # --- MQTT <-> AMQP on one broker: paho-mqtt and pika (properties, request/response, retained) ---
 while IFS= read -r line; do

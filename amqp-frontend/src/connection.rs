@@ -503,16 +503,22 @@ impl Connection {
             return Err(AmqpError::new(reply_code::CHANNEL_ERROR, format!("channel {ch} used before connection.open"))
                 .on(class_id, method_id));
         }
-        if ch > self.channel_max {
-            return Err(AmqpError::new(
-                reply_code::CHANNEL_ERROR,
-                format!("channel {ch} is above the negotiated channel_max {}", self.channel_max),
-            )
-            .on(class_id, method_id));
-        }
         match self.channels.get_mut(&ch) {
             None => {
                 if let Method::ChannelOpen(_) = m {
+                    // channel_max bounds how many channels are open, not their numbers: RabbitMQ
+                    // opens channel 65535 under channel_max 2047, and refuses one channel more
+                    // than negotiated with this connection error (class and method 0, as it sends).
+                    if self.channels.len() >= usize::from(self.channel_max) {
+                        return Err(AmqpError::new(
+                            reply_code::NOT_ALLOWED,
+                            format!(
+                                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                                self.channels.len(),
+                                self.channel_max
+                            ),
+                        ));
+                    }
                     self.channels.insert(ch, Channel::new(ch));
                     self.send(ch, Method::ChannelOpenOk(ChannelOpenOk { channel_id: Bytes::new() }));
                     return Ok(());
@@ -837,6 +843,9 @@ impl Connection {
             }
 
             // ----- queues -----
+            Method::QueueDeclare(d) if d.queue.as_bytes().starts_with(REPLY_TO.as_bytes()) => {
+                self.declare_reply_to(ch, d.queue, d.nowait)
+            }
             Method::QueueDeclare(d) => {
                 let mut name = if d.passive && d.queue.is_empty() { self.queue_name(ch, d.queue)? } else { d.queue };
                 // A server-named queue is checked under the name it will get, as RabbitMQ does.
@@ -1198,6 +1207,25 @@ impl Connection {
             }
         };
         self.channel(ch).consumers.insert(tag, (q, id));
+        Ok(())
+    }
+
+    /// queue.declare of `amq.rabbitmq.reply-to` (passive or not, whatever the flags): the
+    /// pseudo-queue always exists, as in RabbitMQ 3.10, which answers declare-ok with 0 messages
+    /// and 1 consumer and checks no permission (FastStream / aio-pika declare it passively before
+    /// an RPC call). A channel's own reply queue name (`amq.rabbitmq.reply-to.<token>`) exists
+    /// while its consumer does; another name under the prefix is 404, never a real declaration.
+    fn declare_reply_to(&mut self, ch: u16, name: ShortString, nowait: bool) -> Result<(), AmqpError> {
+        if name != REPLY_TO && self.vhost().queue(&name.to_string_lossy()).is_none() {
+            return Err(AmqpError::new(
+                reply_code::NOT_FOUND,
+                format!("no queue '{name}' in vhost '{}'", self.vhost().name()),
+            ));
+        }
+        self.channel(ch).last_queue = Some(name.clone());
+        if !nowait {
+            self.send(ch, Method::QueueDeclareOk(QueueDeclareOk { queue: name, message_count: 0, consumer_count: 1 }));
+        }
         Ok(())
     }
 
@@ -1791,6 +1819,34 @@ mod tests {
                     "NOT_ALLOWED - reached maximum (2) of consumers per channel"
                 );
                 assert_eq!((close.class_id, close.method_id), (60, 20));
+            }
+            other => panic!("expected connection.close, got {other:?}"),
+        }
+        assert!(c.is_closing());
+    }
+
+    #[test]
+    fn channel_max_counts_open_channels_whatever_their_numbers() {
+        let mut c = open(Settings { channel_max: 3, ..Settings::default() });
+        // Channel 1 is open; numbers far above channel_max are fine while the count allows.
+        for ch in [u16::MAX, 3000] {
+            feed(&mut c, ch, Method::ChannelOpen(ChannelOpen::default()));
+            assert!(matches!(sent(&mut c).as_slice(), [(n, Method::ChannelOpenOk(_))] if *n == ch), "{ch}");
+        }
+        // A closed channel no longer counts.
+        let close = ChannelClose { reply_code: 200, ..ChannelClose::default() };
+        feed(&mut c, 3000, Method::ChannelClose(close));
+        feed(&mut c, 2, Method::ChannelOpen(ChannelOpen::default()));
+        assert!(matches!(sent(&mut c).as_slice(), [(3000, Method::ChannelCloseOk(_)), (2, Method::ChannelOpenOk(_))]));
+        feed(&mut c, 4, Method::ChannelOpen(ChannelOpen::default()));
+        match sent(&mut c).as_slice() {
+            [(0, Method::ConnectionClose(close))] => {
+                assert_eq!(close.reply_code, reply_code::NOT_ALLOWED);
+                assert_eq!(
+                    close.reply_text.to_string_lossy(),
+                    "NOT_ALLOWED - number of channels opened (3) has reached the negotiated channel_max (3)"
+                );
+                assert_eq!((close.class_id, close.method_id), (0, 0));
             }
             other => panic!("expected connection.close, got {other:?}"),
         }

@@ -14,13 +14,15 @@ use crate::message::{now_millis, ConnectionId, Millis};
 use crate::permissions::AccessPolicy;
 use crate::size::ByteSize;
 use crate::store::{SessionRecord, Store, StoreError, StoreOp};
+use crate::timer::Timer;
 use crate::vhost::VHost;
 
 /// The name of the vhost that always exists.
 pub const DEFAULT_VHOST: &str = "/";
 
-/// How often housekeeping runs at the least (message TTL, `x-expires`): a TTL fires at most this
-/// late when no earlier deadline is known.
+/// How often housekeeping checks the memory and disk alarms. Queue deadlines (message TTL,
+/// `x-expires`) do not wait for it: they arm the broker's [`Timer`], which wakes housekeeping
+/// at the deadline.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
 /// The memory alarm: when the message bodies held in queues pass the high watermark, the
@@ -183,6 +185,8 @@ pub struct Broker {
     auth: Authenticator,
     /// Permissions, topic permissions and the MQTT ACL; swapped whole on a reload.
     access: arc_swap::ArcSwap<AccessPolicy>,
+    /// Queue deadlines of every vhost (see [`crate::timer`]).
+    timer: Arc<Timer>,
 }
 
 impl Broker {
@@ -197,6 +201,7 @@ impl Broker {
             recovered_sessions: Default::default(),
             auth: Authenticator::default(),
             access: Default::default(),
+            timer: Arc::new(Timer::new()),
         };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
@@ -220,6 +225,7 @@ impl Broker {
             recovered_sessions: std::sync::Mutex::new(std::mem::take(&mut snapshot.sessions)),
             auth: Authenticator::default(),
             access: Default::default(),
+            timer: Arc::new(Timer::new()),
         };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
@@ -261,7 +267,7 @@ impl Broker {
         if let Some(v) = map.get(name) {
             return v.clone();
         }
-        let v = Arc::new(VHost::new(name, self.store.clone()));
+        let v = Arc::new(VHost::with_timer(name, self.store.clone(), self.timer.clone()));
         map.insert(name.to_string(), v.clone());
         drop(map);
         self.store.submit(vec![StoreOp::PutVhost(name.to_string())]);
@@ -340,11 +346,22 @@ impl Broker {
         self.memory.limit.store(bytes, Ordering::Relaxed);
     }
 
-    /// Expires messages and idle queues in every vhost, checks the memory alarm; returns the
-    /// earliest next deadline.
-    pub fn tick(&self, now: Millis) -> Option<Millis> {
+    /// The timer the queues' deadlines arm.
+    pub fn timer(&self) -> &Arc<Timer> {
+        &self.timer
+    }
+
+    /// Expires messages and idle queues in every vhost; returns the earliest next deadline.
+    pub fn expire(&self, now: Millis) -> Option<Millis> {
         let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        let next = all.iter().filter_map(|v| v.tick(now)).min();
+        all.iter().filter_map(|v| v.tick(now)).min()
+    }
+
+    /// Expires messages and idle queues in every vhost, checks the memory and disk alarms;
+    /// returns the earliest next deadline.
+    pub fn tick(&self, now: Millis) -> Option<Millis> {
+        let next = self.expire(now);
+        let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         self.memory.update(all.iter().map(|v| v.ready_bytes()).sum());
         let failing = self.store.is_failing();
         if failing {
@@ -358,17 +375,31 @@ impl Broker {
         next
     }
 
-    /// Runs [`Broker::tick`] until shutdown: at the next deadline a queue reported, and at
-    /// least every second.
+    /// Runs until shutdown: [`Broker::expire`] at the earliest queue deadline (woken by the
+    /// [`Timer`] when a queue reports an earlier one), and the whole [`Broker::tick`] (alarms
+    /// too) every [`HOUSEKEEPING_PERIOD`].
     pub async fn run_housekeeping(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut full_at = tokio::time::Instant::now();
         loop {
+            // Before asking the queues, so that a deadline armed meanwhile is kept.
+            self.timer.start_round();
             let now = now_millis();
-            let next = self.tick(now);
-            let wait = next
-                .map_or(HOUSEKEEPING_PERIOD, |d| Duration::from_millis(d.saturating_sub(now)).min(HOUSEKEEPING_PERIOD));
+            let next = if tokio::time::Instant::now() >= full_at {
+                full_at = tokio::time::Instant::now() + HOUSEKEEPING_PERIOD;
+                self.tick(now)
+            } else {
+                self.expire(now)
+            };
+            self.timer.end_round(next);
+            let until_full = full_at.saturating_duration_since(tokio::time::Instant::now());
+            let wait = self
+                .timer
+                .next()
+                .map_or(until_full, |d| Duration::from_millis(d.saturating_sub(now_millis())).min(until_full));
             tokio::select! {
                 _ = shutdown.wait() => return,
-                _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+                _ = self.timer.woken() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -407,6 +438,26 @@ mod tests {
         v.purge_queue(&"q".into(), ConnectionId(1), 0).unwrap();
         b.tick(0);
         assert!(!b.memory().is_raised() && alarm.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_queue_deadline_arms_the_broker_timer_and_expire_meets_it() {
+        let b = Broker::new(Arc::new(MemoryStore::new()));
+        let v = b.vhost("/").unwrap();
+        let ttl = crate::vhost::arguments(&[("x-message-ttl", crate::FieldValue::I32(100))]);
+        let options = QueueOptions { arguments: ttl, ..QueueOptions::default() };
+        let decl = QueueDeclare { name: "q".into(), passive: false, options, connection: ConnectionId(1) };
+        v.declare_queue(decl, 0).unwrap();
+        b.timer().start_round();
+        b.timer().end_round(b.expire(0));
+        assert_eq!(b.timer().next(), None, "an empty queue has no deadline");
+        v.publish(&"".into(), Message::new("", "q", Bytes::from_static(b"m")), 1_000).unwrap();
+        assert_eq!(b.timer().next(), Some(1_100), "the publish armed the timer for the head's TTL");
+        b.timer().start_round();
+        assert_eq!(b.expire(1_099), Some(1_100));
+        assert_eq!(v.queue("q").unwrap().stats().ready, 1);
+        assert_eq!(b.expire(1_100), None);
+        assert_eq!(v.queue("q").unwrap().stats().ready, 0, "expired at its deadline");
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //!   carries out the effects queues return (dead letters, deletions) and writes durable changes
 //!   to the store.
 //! - [`broker`]: the vhosts, the store and the authenticator; what a connection gets a handle to.
+//!   Its housekeeping task expires messages and idle queues when the [`timer`] says.
+//! - [`timer`]: the one broker-wide timer queues arm with their next deadline (head message TTL,
+//!   `x-expires`), re-armed only when a deadline comes earlier.
 //! - [`auth`]: users, password hashes (argon2id; Mosquitto and RabbitMQ formats for migration)
 //!   and the bounded, off-the-workers login check every frontend calls.
 //! - [`cert_login`]: the user name a verified client certificate stands for.
@@ -55,6 +58,7 @@ pub mod signal;
 pub mod sink;
 pub mod size;
 pub mod store;
+pub mod timer;
 pub mod topic;
 pub mod vhost;
 

@@ -333,17 +333,28 @@ pub struct Effects {
     pub delivered: Vec<u64>,
     /// The queue asks to be deleted: auto-delete after its last consumer left, or `x-expires`.
     pub delete_queue: bool,
+    /// The queue's next deadline (its head message's TTL, `x-expires`) is now earlier than the
+    /// one it last reported: the caller arms the broker's [`Timer`](crate::timer::Timer) for it.
+    pub deadline: Option<Millis>,
 }
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.dead_letters.is_empty() && self.forgotten.is_empty() && self.delivered.is_empty() && !self.delete_queue
+        self.dead_letters.is_empty()
+            && self.forgotten.is_empty()
+            && self.delivered.is_empty()
+            && !self.delete_queue
+            && self.deadline.is_none()
     }
     pub fn merge(&mut self, other: Effects) {
         self.dead_letters.extend(other.dead_letters);
         self.forgotten.extend(other.forgotten);
         self.delivered.extend(other.delivered);
         self.delete_queue |= other.delete_queue;
+        self.deadline = match (self.deadline, other.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -429,6 +440,11 @@ struct QueueState {
     closed: bool,
     /// A dead-letter cycle is logged once per queue, not once per message.
     cycle_warned: bool,
+    /// A message with an expiry has entered (so the heads are worth looking at for deadlines).
+    timed: bool,
+    /// The deadline last reported to the broker's timer (in [`Effects::deadline`] or by
+    /// [`Queue::tick`]); only an earlier one is reported again.
+    armed: Option<Millis>,
 }
 
 impl QueueState {
@@ -537,6 +553,8 @@ impl Queue {
             had_consumer: false,
             closed: false,
             cycle_warned: false,
+            timed: args.message_ttl.is_some(),
+            armed: None,
         };
         Ok(Queue { name, options, args, state: Mutex::new(state) })
     }
@@ -654,6 +672,32 @@ impl Queue {
             };
             if let Some(e) = st.pop_level(level) {
                 self.discard(st, e, DeadLetterReason::MaxLen, now, fx);
+            }
+        }
+    }
+
+    /// The next time something is due: the earliest head message's expiry, and `x-expires`
+    /// while the queue has no consumer. RabbitMQ times the head only: a message behind the head
+    /// expires when it reaches it.
+    fn next_deadline(&self, st: &QueueState) -> Option<Millis> {
+        let heads = if st.timed { st.levels.iter().filter_map(|l| l.front()?.expires_at).min() } else { None };
+        let unused = match self.args.expires {
+            Some(expires) if st.consumers.is_empty() && !st.closed => Some(st.last_used.saturating_add(expires)),
+            _ => None,
+        };
+        match (heads, unused) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// After an operation: reports the next deadline in `fx` when it is earlier than the one
+    /// last reported (a later one needs nothing: the timer fires early and finds it).
+    fn rearm(&self, st: &mut QueueState, fx: &mut Effects) {
+        if let Some(d) = self.next_deadline(st) {
+            if st.armed.is_none_or(|a| d < a) {
+                st.armed = Some(d);
+                fx.deadline = Some(d);
             }
         }
     }
@@ -778,11 +822,24 @@ impl Queue {
         let mut fx = Effects::default();
         let mut guard = self.lock();
         let st = &mut *guard;
+        let outcome = self.enqueue_locked(st, message, now, &mut fx);
+        self.rearm(st, &mut fx);
+        (outcome, fx)
+    }
+
+    fn enqueue_locked(
+        &self,
+        st: &mut QueueState,
+        message: Arc<Message>,
+        now: Millis,
+        fx: &mut Effects,
+    ) -> EnqueueOutcome {
         if st.closed {
-            return (EnqueueOutcome::Rejected, fx);
+            return EnqueueOutcome::Rejected;
         }
         let level = self.level_of(&message);
         let expires_at = self.expiry_of(&message, now);
+        st.timed |= expires_at.is_some();
         let seq = st.next_seq;
         st.next_seq += 1;
         let entry = Entry { seq, message, expires_at, redelivered: false };
@@ -791,41 +848,41 @@ impl Queue {
         if !st.consumers.is_empty() {
             if st.ready_at_or_above(level) {
                 // Credit may have come back without a pump: let the older messages go first.
-                self.pump_locked(st, now, &mut fx);
+                self.pump_locked(st, now, fx);
             }
             if !st.ready_at_or_above(level) {
                 if let Some(i) = st.pick_consumer(self.args.single_active_consumer) {
-                    self.deliver_to(st, i, entry, &mut fx);
-                    return (EnqueueOutcome::Accepted { seq }, fx);
+                    self.deliver_to(st, i, entry, fx);
+                    return EnqueueOutcome::Accepted { seq };
                 }
             }
         }
         // Nobody to take a transient message now, and the queue was asked not to keep those.
         if self.args.transient_needs_consumer && st.consumers.is_empty() && !entry.message.is_persistent() {
-            return (EnqueueOutcome::Accepted { seq }, fx);
+            return EnqueueOutcome::Accepted { seq };
         }
         // TTL 0: only a consumer ready at once would have got it.
         if entry.is_expired(now) {
-            self.discard(st, entry, DeadLetterReason::Expired, now, &mut fx);
-            return (EnqueueOutcome::Accepted { seq }, fx);
+            self.discard(st, entry, DeadLetterReason::Expired, now, fx);
+            return EnqueueOutcome::Accepted { seq };
         }
         let size = entry.message.body_size() as u64;
         if self.args.overflow != Overflow::DropHead && self.over_limits(st, 1, size) {
-            self.expire_heads(st, now, &mut fx);
+            self.expire_heads(st, now, fx);
             if self.over_limits(st, 1, size) {
                 // Never entered the queue: nothing for the store to forget.
                 if self.args.overflow == Overflow::RejectPublishDlx {
-                    self.dead_letter(st, &entry.message, DeadLetterReason::MaxLen, now, &mut fx);
+                    self.dead_letter(st, &entry.message, DeadLetterReason::MaxLen, now, fx);
                 }
-                return (EnqueueOutcome::Rejected, fx);
+                return EnqueueOutcome::Rejected;
             }
         }
         st.push_ready(level, entry);
         if self.over_limits(st, 0, 0) {
-            self.expire_heads(st, now, &mut fx);
-            self.drop_head_to_limits(st, now, &mut fx);
+            self.expire_heads(st, now, fx);
+            self.drop_head_to_limits(st, now, fx);
         }
-        (EnqueueOutcome::Accepted { seq }, fx)
+        EnqueueOutcome::Accepted { seq }
     }
 
     /// Puts back a message recovered from the store at start-up, at its place by `seq`, marked
@@ -838,6 +895,7 @@ impl Queue {
         let level = self.level_of(&message);
         let entered = if message.published_at == 0 { now } else { message.published_at.min(now) };
         let expires_at = self.expiry_of(&message, entered);
+        st.timed |= expires_at.is_some();
         st.next_seq = st.next_seq.max(seq.saturating_add(1));
         st.requeue(level, Entry { seq, message, expires_at, redelivered: true });
         if !delivered {
@@ -867,6 +925,7 @@ impl Queue {
         st.had_consumer = true;
         st.last_used = now;
         self.pump_locked(st, now, &mut fx);
+        self.rearm(st, &mut fx);
         Ok((id, fx))
     }
 
@@ -886,6 +945,8 @@ impl Queue {
             // With single active consumer the next one may just have become active.
             self.pump_locked(st, now, &mut fx);
         }
+        // The last consumer leaving starts `x-expires`.
+        self.rearm(st, &mut fx);
         fx
     }
 
@@ -895,7 +956,9 @@ impl Queue {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.last_used = now;
-        let Some(entry) = self.pop_live(st, now, &mut fx) else {
+        let entry = self.pop_live(st, now, &mut fx);
+        self.rearm(st, &mut fx);
+        let Some(entry) = entry else {
             return (None, fx);
         };
         let delivery = Delivery {
@@ -925,6 +988,7 @@ impl Queue {
         let u = st.take_unacked(seq)?;
         self.forget(&u.entry.message, u.entry.seq, &mut fx);
         self.pump_locked(st, now, &mut fx);
+        self.rearm(st, &mut fx);
         Ok(fx)
     }
 
@@ -942,6 +1006,7 @@ impl Queue {
             self.discard(st, u.entry, DeadLetterReason::Rejected, now, &mut fx);
             self.pump_locked(st, now, &mut fx);
         }
+        self.rearm(st, &mut fx);
         Ok(fx)
     }
 
@@ -961,6 +1026,7 @@ impl Queue {
         }
         self.pump_locked(st, now, &mut fx);
         self.drop_head_to_limits(st, now, &mut fx);
+        self.rearm(st, &mut fx);
         fx
     }
 
@@ -969,6 +1035,7 @@ impl Queue {
         let mut fx = Effects::default();
         let mut guard = self.lock();
         self.pump_locked(&mut guard, now, &mut fx);
+        self.rearm(&mut guard, &mut fx);
         fx
     }
 
@@ -978,18 +1045,24 @@ impl Queue {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.expire_heads(st, now, &mut fx);
-        let mut next = st.levels.iter().filter_map(|l| l.front()?.expires_at).min();
+        let mut next = self.next_deadline(st);
         if let Some(expires) = self.args.expires {
-            if st.consumers.is_empty() && !st.closed {
-                let deadline = st.last_used.saturating_add(expires);
-                if now >= deadline {
-                    fx.delete_queue = true;
-                } else {
-                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
-                }
+            if st.consumers.is_empty() && !st.closed && now >= st.last_used.saturating_add(expires) {
+                fx.delete_queue = true;
+                next = st.levels.iter().filter_map(|l| l.front()?.expires_at).min();
             }
         }
+        // The caller arms the timer with what this returns.
+        st.armed = next;
         (fx, next)
+    }
+
+    /// The queue's next deadline, if the broker's timer is not armed for it yet (a new queue
+    /// with `x-expires`).
+    pub fn arm(&self) -> Option<Millis> {
+        let mut fx = Effects::default();
+        self.rearm(&mut self.lock(), &mut fx);
+        fx.deadline
     }
 
     /// Marks the queue as used now (a redeclare), for `x-expires`.
@@ -1866,6 +1939,59 @@ mod tests {
         put(&q, msg("a"), 0);
         let (fx, _) = q.tick(10);
         assert_eq!(deaths(&fx.dead_letters[0].message)[0].get("original-expiration"), None);
+    }
+
+    // ---- the deadlines a queue reports to the broker's timer ----
+
+    #[test]
+    fn a_message_reaching_an_empty_queue_reports_its_expiry() {
+        let q = queue(vec![("x-message-ttl", FieldValue::I32(100))]);
+        let (_, fx) = q.enqueue(msg("a"), 1_000);
+        assert_eq!(fx.deadline, Some(1_100), "the head's deadline arms the timer");
+        let (_, fx) = q.enqueue(msg("b"), 1_020);
+        assert_eq!(fx.deadline, None, "a later deadline behind the head needs no wake-up");
+        // Taking the head leaves a later head: nothing to report either.
+        assert_eq!(q.get(OwnerId(1), true, 1_050).1.deadline, None);
+        // The timer fires at 1_120 for b (what tick returns is what the broker re-arms).
+        let (fx, next) = q.tick(1_119);
+        assert_eq!((fx.dead_letters.len(), next), (0, Some(1_120)));
+        let (_, next) = q.tick(1_120);
+        assert_eq!((q.stats().ready, next), (0, None));
+        // Empty again: the next message reports its deadline again.
+        assert_eq!(q.enqueue(msg("c"), 2_000).1.deadline, Some(2_100));
+    }
+
+    #[test]
+    fn an_earlier_per_message_expiry_at_the_head_is_reported() {
+        let q = queue(vec![]);
+        assert_eq!(q.enqueue(msg("no-ttl"), 0).1.deadline, None, "no expiry, no deadline");
+        assert_eq!(q.enqueue(with_expiration("long", "5000"), 0).1.deadline, None, "not at the head");
+        assert_eq!(q.enqueue(with_expiration("short", "100"), 0).1.deadline, None, "not at the head");
+        assert_eq!(q.get(OwnerId(1), true, 10).1.deadline, Some(5_000), "long is the head now");
+        // Long handed out: short is the head, due long before 5_000.
+        let ((d, _), fx) = match q.get(OwnerId(1), false, 20) {
+            (Some(got), fx) => (got, fx),
+            (None, _) => panic!("long"),
+        };
+        assert_eq!((body(&d).as_str(), fx.deadline), ("long", Some(100)));
+        // Requeued: long is the head again, later than what was reported; nothing to wake.
+        assert_eq!(q.reject(d.seq, true, 30).unwrap().deadline, None);
+        let (fx, next) = q.tick(100);
+        assert_eq!((fx.dead_letters.len(), next, q.stats().ready), (0, Some(5_000), 2), "short waits behind long");
+    }
+
+    #[test]
+    fn x_expires_is_reported_when_the_queue_is_made_and_when_its_last_consumer_leaves() {
+        let q = queue(vec![("x-expires", FieldValue::I32(1_000))]);
+        assert_eq!(q.arm(), Some(1_000), "a new queue's x-expires");
+        assert_eq!(q.arm(), None, "reported once");
+        let sink = TestSink::new();
+        let (id, fx) = q.consume(spec(&sink, 1), 500).unwrap();
+        assert_eq!(fx.deadline, None);
+        let (_, next) = q.tick(1_000);
+        assert_eq!(next, None, "nothing is due while a consumer is attached");
+        assert_eq!(q.cancel(id, 600).deadline, Some(1_600));
+        assert!(q.tick(1_600).0.delete_queue);
     }
 
     // ---- x-expires ----

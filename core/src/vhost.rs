@@ -18,6 +18,7 @@ use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, Que
 use crate::retained::RetainedStore;
 use crate::sink::{Cookies, DirectSink, Offer, Outbox, SinkDelivery, SinkId};
 use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
+use crate::timer::Timer;
 
 /// Dead letters can feed queues that dead-letter again; the queue's cycle rule stops true
 /// cycles, and this bounds any remaining chain within one operation.
@@ -96,6 +97,8 @@ pub struct VHost {
     queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
     retained: RetainedStore,
     stats: VHostStats,
+    /// The broker's timer, armed with the deadlines queues report (message TTL, `x-expires`).
+    timer: Arc<Timer>,
 }
 
 impl fmt::Debug for VHost {
@@ -211,8 +214,14 @@ pub fn generated_queue_name() -> ShortString {
 }
 
 impl VHost {
-    /// A vhost with the predeclared exchanges.
+    /// A vhost with the predeclared exchanges and a timer of its own (tests; the broker's
+    /// vhosts share the broker's, [`VHost::with_timer`]).
     pub fn new(name: &str, store: Arc<dyn Store>) -> VHost {
+        VHost::with_timer(name, store, Arc::new(Timer::new()))
+    }
+
+    /// A vhost with the predeclared exchanges whose queues' deadlines arm `timer`.
+    pub fn with_timer(name: &str, store: Arc<dyn Store>, timer: Arc<Timer>) -> VHost {
         let exchanges = PREDECLARED
             .iter()
             .map(|(n, kind)| (ShortString::from(*n), Arc::new(Exchange::new(*n, *kind, ExchangeOptions::default()))))
@@ -224,7 +233,13 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             retained: RetainedStore::new(),
             stats: VHostStats::default(),
+            timer,
         }
+    }
+
+    /// The timer this vhost's queues arm.
+    pub fn timer(&self) -> &Arc<Timer> {
+        &self.timer
     }
 
     pub fn name(&self) -> &str {
@@ -295,15 +310,18 @@ impl VHost {
 
     /// Declares an exchange (or checks it, when passive). A redeclare must match the existing
     /// type, durability, auto-delete, internal flag and alternate exchange.
+    ///
+    /// The default exchange `""` cannot be declared, not even passively (403, as RabbitMQ 3.10
+    /// answers whatever the type and flags).
     pub fn declare_exchange(&self, decl: ExchangeDeclare) -> Result<Arc<Exchange>, CoreError> {
+        if decl.name.is_empty() {
+            return Err(default_exchange_refused());
+        }
         if decl.passive {
             return self.exchange_or_404(&decl.name);
         }
         let kind = ExchangeKind::parse(&decl.kind)
             .ok_or_else(|| CoreError::precondition(format!("invalid exchange type '{}'", decl.kind)))?;
-        if decl.name.is_empty() {
-            return Err(default_exchange_refused());
-        }
         if let Some(existing) = self.exchange(&decl.name.to_string_lossy()) {
             self.check_exchange_equivalence(&existing, kind, &decl.options)?;
             return Ok(existing);
@@ -519,6 +537,9 @@ impl VHost {
         }
         map.insert(name, queue.clone());
         drop(map);
+        if let Some(deadline) = queue.arm() {
+            self.timer.arm(deadline);
+        }
         if queue.options().durable && queue.options().exclusive.is_none() {
             self.submit(vec![StoreOp::PutQueue(QueueRecord {
                 vhost: self.name.clone(),
@@ -663,7 +684,10 @@ impl VHost {
         self.bind(&x, Binding { key, destination: Destination::Queue(q) })
     }
 
-    /// Unbinds a queue. Removing a binding that does not exist succeeds.
+    /// Unbinds a queue. Removing a binding that does not exist succeeds, and so does naming an
+    /// exchange or a queue that no longer exists (an auto-delete exchange gone with its last
+    /// binding, say): RabbitMQ 3.10 answers unbind-ok, so a client's clean-up is idempotent.
+    /// The default exchange is still refused.
     pub fn unbind_queue(
         &self,
         queue: &ShortString,
@@ -671,8 +695,17 @@ impl VHost {
         key: BindingKey,
         connection: ConnectionId,
     ) -> Result<(), CoreError> {
-        let x = self.source_for_binding(exchange)?;
-        let q = self.queue_for(queue, connection)?;
+        if exchange.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        let q = match self.queue_for(queue, connection) {
+            Ok(q) => q,
+            Err(CoreError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Ok(x) = self.exchange_or_404(exchange) else {
+            return Ok(());
+        };
         self.unbind(&x, Binding { key, destination: Destination::Queue(q) });
         Ok(())
     }
@@ -692,18 +725,24 @@ impl VHost {
         self.bind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) })
     }
 
-    /// Removes an exchange-to-exchange binding.
+    /// Removes an exchange-to-exchange binding. As [`VHost::unbind_queue`]: a missing source or
+    /// destination exchange is not an error (RabbitMQ 3.10), the default exchange is.
     pub fn unbind_exchange(
         &self,
         destination: &ShortString,
         source: &ShortString,
         key: BindingKey,
     ) -> Result<(), CoreError> {
-        let x = self.source_for_binding(source)?;
-        if destination.is_empty() {
+        if source.is_empty() || destination.is_empty() {
             return Err(default_exchange_refused());
         }
-        self.exchange_or_404(destination)?;
+        let Ok(x) = self.exchange_or_404(source) else {
+            return Ok(());
+        };
+        // A binding to a destination that is gone was removed with it; unbinding is a no-op.
+        if self.exchange_or_404(destination).is_err() {
+            return Ok(());
+        }
         self.unbind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) });
         Ok(())
     }
@@ -784,6 +823,9 @@ impl VHost {
     }
 
     fn carry_out(&self, queue: &Arc<Queue>, effects: Effects, now: Millis, depth: usize, ops: &mut Vec<StoreOp>) {
+        if let Some(deadline) = effects.deadline {
+            self.timer.arm(deadline);
+        }
         if queue.stores_messages() {
             // Marks first: a message delivered and acked in one go is marked, then deleted.
             ops.extend(effects.delivered.into_iter().map(|seq| StoreOp::MarkDelivered {

@@ -178,7 +178,7 @@ async fn method_on_a_channel_never_opened_is_504() {
 }
 
 #[tokio::test]
-async fn channel_id_above_channel_max_is_504() {
+async fn method_on_unopened_channel_65535_is_504() {
     let bytes = method_bytes(u16::MAX, &Method::QueueDeclare(QueueDeclare::default()));
     assert_eq!(close_code_after(&bytes).await, reply_code::CHANNEL_ERROR);
 }

@@ -8,7 +8,8 @@ use amqprs::channel::{BasicPublishArguments, QueueDeclareArguments};
 use amqprs::security::SecurityCredentials;
 use amqprs::BasicProperties;
 use ferry_amqp::codec::{
-    reply_code, ChannelOpen, ConnectionClose, ConnectionTuneOk, Frame, Method, FRAME_MIN_SIZE, PROTOCOL_HEADER,
+    reply_code, ChannelClose, ChannelOpen, ConnectionClose, ConnectionTuneOk, Frame, Method, FRAME_MIN_SIZE,
+    PROTOCOL_HEADER,
 };
 use ferry_amqp::connection::Settings;
 use ferry_core::message::{FieldValue, ShortString};
@@ -178,16 +179,44 @@ async fn tune_proposes_the_listener_frame_max_and_the_configured_channel_max() {
     assert_eq!((tune.channel_max, tune.frame_max, tune.heartbeat), (7, 8192, 30));
 }
 
+/// channel_max bounds how many channels are open at once, not their numbers (RabbitMQ 3.10
+/// opens channel 65535 under channel_max 2047); one more is a 530 connection error, with
+/// RabbitMQ's text and class/method 0.
 #[tokio::test]
-async fn channel_above_the_negotiated_channel_max_closes_the_connection_with_504() {
+async fn channel_max_limits_open_channels_not_their_numbers_with_530() {
     let settings = Settings { channel_max: 3, ..Settings::default() };
     let server = TestServer::amqp_with(settings, "").await;
     let mut c = RawClient::connect(server.amqp_addr()).await;
     assert_eq!(c.tune.as_ref().unwrap().channel_max, 3);
+    c.open_channel(u16::MAX).await;
+    c.open_channel(4).await;
     c.open_channel(3).await;
-    c.send_method(4, Method::ChannelOpen(ChannelOpen::default())).await;
+    c.send_method(1, Method::ChannelOpen(ChannelOpen::default())).await;
     let close = c.expect_connection_close().await;
-    assert_eq!(close.reply_code, reply_code::CHANNEL_ERROR, "{close:?}");
+    assert_eq!(
+        (close.reply_code, close.reply_text.to_string_lossy().as_str(), close.class_id, close.method_id),
+        (
+            reply_code::NOT_ALLOWED,
+            "NOT_ALLOWED - number of channels opened (3) has reached the negotiated channel_max (3)",
+            0,
+            0
+        ),
+        "{close:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_channel_frees_its_place_under_channel_max() {
+    let settings = Settings { channel_max: 1, ..Settings::default() };
+    let server = TestServer::amqp_with(settings, "").await;
+    let mut c = RawClient::connect(server.amqp_addr()).await;
+    c.open_channel(9).await;
+    let close = ChannelClose { reply_code: 200, ..ChannelClose::default() };
+    c.send_method(9, Method::ChannelClose(close)).await;
+    assert!(matches!(c.recv_method().await, (9, Method::ChannelCloseOk(_))));
+    c.open_channel(10).await;
+    c.send_method(11, Method::ChannelOpen(ChannelOpen::default())).await;
+    assert_eq!(c.expect_connection_close().await.reply_code, reply_code::NOT_ALLOWED);
 }
 
 #[tokio::test]
@@ -204,8 +233,9 @@ async fn channel_max_the_client_asks_below_the_servers_is_honoured() {
     c.open_vhost("/").await;
     assert!(matches!(c.recv_method().await, (0, Method::ConnectionOpenOk(_))));
     c.open_channel(2).await;
-    c.send_method(3, Method::ChannelOpen(ChannelOpen::default())).await;
-    assert_eq!(c.expect_connection_close().await.reply_code, reply_code::CHANNEL_ERROR);
+    c.open_channel(3).await;
+    c.send_method(4, Method::ChannelOpen(ChannelOpen::default())).await;
+    assert_eq!(c.expect_connection_close().await.reply_code, reply_code::NOT_ALLOWED);
 }
 
 #[tokio::test]

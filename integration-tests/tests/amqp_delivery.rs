@@ -2,6 +2,8 @@
 //! cancel notification, get, ack / nack / reject / recover, mandatory returns, immediate,
 //! publisher confirms, transactions, direct reply-to, dead-lettering, TTL and max-length.
 
+use std::time::{Duration, Instant};
+
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments};
 use async_trait::async_trait;
@@ -431,6 +433,47 @@ async fn direct_reply_to_round_trip() {
     assert_eq!(next(&mut replies).await.data, b"pong");
 }
 
+/// RabbitMQ treats `amq.rabbitmq.reply-to` as a queue that always exists: a declare, passive
+/// or not, whatever the flags, answers declare-ok with 0 messages and 1 consumer. FastStream
+/// (aio-pika) declares it passively before every RPC call.
+#[tokio::test]
+async fn declaring_the_direct_reply_to_pseudo_queue_succeeds_passive_or_not() {
+    let server = TestServer::amqp().await;
+    let (_conn, ch) = lapin_channel(&server).await;
+    for options in [
+        QueueDeclareOptions { passive: true, ..Default::default() },
+        QueueDeclareOptions::default(),
+        QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+        QueueDeclareOptions { durable: true, ..Default::default() },
+    ] {
+        let q = within("queue.declare", ch.queue_declare(REPLY_TO.into(), options, FieldTable::default()))
+            .await
+            .unwrap_or_else(|e| panic!("{options:?}: {e}"));
+        assert_eq!((q.name().as_str(), q.message_count(), q.consumer_count()), (REPLY_TO, 0, 1), "{options:?}");
+    }
+    // Then the RPC itself, on the same channel, as FastStream does it.
+    queue(&ch, "rpc-after-declare").await;
+    let mut replies =
+        consume(&ch, REPLY_TO, BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await;
+    let props = BasicProperties::default().with_reply_to(REPLY_TO.into());
+    publish_with(&ch, "", "rpc-after-declare", b"ping", props).await;
+    let req = within("get", ch.basic_get("rpc-after-declare".into(), BasicGetOptions { no_ack: true }))
+        .await
+        .unwrap()
+        .expect("the request");
+    let reply_to = req.properties.reply_to().clone().expect("reply_to");
+    // The channel's own reply queue exists too; a made-up name under the prefix does not.
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let own =
+        within("declare", ch.queue_declare(reply_to.as_str().into(), passive, FieldTable::default())).await.unwrap();
+    assert_eq!(own.name().as_str(), reply_to.as_str());
+    publish_with(&ch, "", reply_to.as_str(), b"pong", BasicProperties::default()).await;
+    assert_eq!(next(&mut replies).await.data, b"pong");
+    let made_up = format!("{REPLY_TO}.no-such-token");
+    let r = within("declare", ch.queue_declare(made_up.as_str().into(), passive, FieldTable::default())).await;
+    assert_code(r, reply_code::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn direct_reply_to_consumer_must_be_no_ack_or_406() {
     let server = TestServer::amqp().await;
@@ -537,6 +580,75 @@ async fn expired_message_ttl_dead_letters_with_reason_expired() {
         }
     })
     .await;
+}
+
+/// How long after publishing a message with a 100 ms TTL it reaches the consumer of its
+/// dead-letter queue. The bounds are generous for debug builds: this checks that expiry is
+/// timed on the deadline (it used to wait for a 1 s sweep: 0.65–1.0 s), not how fast it is.
+async fn ttl_round_trip(ch: &Channel, dead: &mut Consumer, queue: &str, props: BasicProperties) -> Duration {
+    let sent = Instant::now();
+    publish_with(ch, "", queue, b"late?", props).await;
+    let d = next(dead).await;
+    let took = sent.elapsed();
+    assert_eq!(x_death(&d), (queue.to_string(), "expired".to_string(), 1));
+    took
+}
+
+fn assert_on_time(what: &str, took: Duration) {
+    assert!(
+        (Duration::from_millis(100)..Duration::from_millis(400)).contains(&took),
+        "{what}: a 100 ms TTL reached the dead-letter consumer after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_100_ms_ttl_reaches_the_dead_letter_consumer_on_time() {
+    let server = TestServer::amqp().await;
+    let (_conn, ch) = lapin_channel(&server).await;
+    queue(&ch, "retry").await;
+    let dlx = |ttl: Option<i32>| {
+        let mut a = vec![("x-dead-letter-exchange", s("")), ("x-dead-letter-routing-key", s("retry"))];
+        a.extend(ttl.map(|t| ("x-message-ttl", AMQPValue::LongInt(t))));
+        args(&a)
+    };
+    queue_with(&ch, "delay-100", dlx(Some(100))).await;
+    queue_with(&ch, "delay-per-message", dlx(None)).await;
+    queue_with(&ch, "delay-900", dlx(Some(900))).await;
+    let mut dead =
+        consume(&ch, "retry", BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default()).await;
+    for _ in 0..3 {
+        let took = ttl_round_trip(&ch, &mut dead, "delay-100", BasicProperties::default()).await;
+        assert_on_time("x-message-ttl", took);
+    }
+    let per_message = BasicProperties::default().with_expiration("100".into());
+    let took = ttl_round_trip(&ch, &mut dead, "delay-per-message", per_message).await;
+    assert_on_time("expiration", took);
+    // The timer sleeps until a later deadline (900 ms): an earlier one must wake it.
+    publish_with(&ch, "", "delay-900", b"later", BasicProperties::default()).await;
+    let took = ttl_round_trip(&ch, &mut dead, "delay-100", BasicProperties::default()).await;
+    assert_on_time("an earlier deadline than the one armed", took);
+    let d = next(&mut dead).await;
+    assert_eq!((d.data.as_slice(), x_death(&d).0.as_str()), (&b"later"[..], "delay-900"));
+}
+
+#[tokio::test]
+async fn x_expires_deletes_an_unused_queue_on_time() {
+    let server = TestServer::amqp().await;
+    let (_conn, ch) = lapin_channel(&server).await;
+    let vhost = server.server.broker().vhost("/").expect("vhost");
+    // A queue with a long x-expires first: the timer sleeps until its deadline.
+    queue_with(&ch, "idle-long", args(&[("x-expires", AMQPValue::LongInt(60_000))])).await;
+    let declared = Instant::now();
+    queue_with(&ch, "idle-100", args(&[("x-expires", AMQPValue::LongInt(100))])).await;
+    within("x-expires deletes the queue", async {
+        while vhost.queue("idle-100").is_some() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let took = declared.elapsed();
+    assert!(took < Duration::from_millis(400), "x-expires 100 ms deleted the queue after {took:?}");
+    assert!(vhost.queue("idle-long").is_some());
 }
 
 #[tokio::test]

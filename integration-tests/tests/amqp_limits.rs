@@ -206,7 +206,10 @@ async fn channel_max_from_the_amqp_table_is_offered_and_enforced() {
     let close = c.expect_connection_close().await;
     assert_eq!(
         (close.reply_code, close.reply_text.to_string_lossy()),
-        (reply_code::CHANNEL_ERROR, "CHANNEL_ERROR - channel 5 is above the negotiated channel_max 4".to_string())
+        (
+            reply_code::NOT_ALLOWED,
+            "NOT_ALLOWED - number of channels opened (4) has reached the negotiated channel_max (4)".to_string()
+        )
     );
 }
 

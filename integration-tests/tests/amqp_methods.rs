@@ -434,3 +434,98 @@ async fn amqprs_declares_an_exchange_binds_and_routes() {
     assert_eq!(got.expect("routed").delivery.data, b"rs");
     within("close", conn.close()).await.unwrap();
 }
+
+/// The default exchange cannot be declared, not even passively: 403 with RabbitMQ's text, the
+/// channel closed.
+#[tokio::test]
+async fn declaring_the_default_exchange_is_refused_with_403_even_passive() {
+    let server = TestServer::amqp().await;
+    let conn = lapin(&server).await;
+    for options in [ExchangeDeclareOptions { passive: true, ..Default::default() }, ExchangeDeclareOptions::default()] {
+        let ch = within("channel", conn.create_channel()).await.unwrap();
+        let r = within(
+            "exchange.declare",
+            ch.exchange_declare("".into(), ExchangeKind::Direct, options, FieldTable::default()),
+        )
+        .await;
+        let e = r.expect_err("refused");
+        assert_eq!(ferry_integration_tests::amqp::reply_code(&e), Some(403), "{options:?}: {e}");
+        assert!(
+            e.to_string().contains("ACCESS_REFUSED - operation not permitted on the default exchange"),
+            "{options:?}: {e}"
+        );
+    }
+    // Other exchanges pass a passive declare as before.
+    let ch = within("channel", conn.create_channel()).await.unwrap();
+    let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    within(
+        "exchange.declare",
+        ch.exchange_declare("amq.direct".into(), ExchangeKind::Direct, passive, FieldTable::default()),
+    )
+    .await
+    .unwrap();
+}
+
+/// Unbinding names an exchange or a queue that no longer exists (an auto-delete exchange went
+/// with its last binding): unbind-ok, as RabbitMQ answers, so clean-up code is idempotent.
+#[tokio::test]
+async fn unbind_of_a_vanished_exchange_or_queue_is_ok_and_idempotent() {
+    let server = TestServer::amqp().await;
+    let (_conn, ch) = lapin_channel(&server).await;
+    let auto_delete = ExchangeDeclareOptions { auto_delete: true, ..Default::default() };
+    let declare_ad = |name: &'static str| {
+        within(
+            "exchange.declare",
+            ch.exchange_declare(name.into(), ExchangeKind::Direct, auto_delete, FieldTable::default()),
+        )
+    };
+    let unbind_x = |dest: &'static str, source: &'static str| {
+        within(
+            "exchange.unbind",
+            ch.exchange_unbind(
+                dest.into(),
+                source.into(),
+                "k".into(),
+                ExchangeUnbindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+    };
+    let unbind_q = |q: &'static str, x: &'static str| {
+        within("queue.unbind", ch.queue_unbind(q.into(), x.into(), "k".into(), FieldTable::default()))
+    };
+    declare_ad("ad-src").await.unwrap();
+    exchange(&ch, "ad-dest", ExchangeKind::Fanout).await;
+    within(
+        "exchange.bind",
+        ch.exchange_bind(
+            "ad-dest".into(),
+            "ad-src".into(),
+            "k".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    unbind_x("ad-dest", "ad-src").await.unwrap();
+    // The cascade removed ad-src; the same unbind again, and every missing combination.
+    unbind_x("ad-dest", "ad-src").await.expect("unbind from a vanished source");
+    unbind_x("no-such-dest", "amq.direct").await.expect("unbind of a missing destination");
+    unbind_x("no-such-dest", "no-such-src").await.expect("both missing");
+    declare_ad("ad-q-src").await.unwrap();
+    queue(&ch, "ad-q").await;
+    bind(&ch, "ad-q", "ad-q-src", "k").await;
+    unbind_q("ad-q", "ad-q-src").await.unwrap();
+    unbind_q("ad-q", "ad-q-src").await.expect("queue.unbind from a vanished exchange");
+    unbind_q("no-such-q", "amq.direct").await.expect("queue.unbind of a missing queue");
+    unbind_q("no-such-q", "no-such-x").await.expect("both missing");
+    // The channel is still open and the exchange really is gone.
+    let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    let r = within(
+        "exchange.declare",
+        ch.exchange_declare("ad-src".into(), ExchangeKind::Direct, passive, FieldTable::default()),
+    )
+    .await;
+    assert_code(r, 404);
+}

@@ -164,6 +164,60 @@ fn passive_declare_checks_existence() {
 }
 
 #[test]
+fn the_default_exchange_cannot_be_declared_even_passively() {
+    let v = vhost();
+    for (kind, passive) in [("direct", true), ("direct", false), ("fanout", false), ("bogus", true), ("bogus", false)] {
+        let mut d = exchange("", kind);
+        d.passive = passive;
+        assert_eq!(
+            v.declare_exchange(d).unwrap_err(),
+            CoreError::AccessRefused("operation not permitted on the default exchange".into()),
+            "{kind} passive={passive}"
+        );
+    }
+    let mut d = exchange("amq.direct", "");
+    d.passive = true;
+    v.declare_exchange(d).expect("a predeclared exchange passes a passive declare");
+}
+
+#[test]
+fn unbinding_from_or_to_a_missing_exchange_or_queue_succeeds() {
+    let v = vhost();
+    let mut d = exchange("ad", "direct");
+    d.options.auto_delete = true;
+    v.declare_exchange(d.clone()).unwrap();
+    v.declare_exchange(exchange("dest", "fanout")).unwrap();
+    v.declare_queue(queue("q"), 0).unwrap();
+    v.bind_exchange(&s("dest"), &s("ad"), BindingKey::new("k")).unwrap();
+    v.unbind_exchange(&s("dest"), &s("ad"), BindingKey::new("k")).unwrap();
+    assert!(v.exchange("ad").is_none(), "the auto-delete cascade removed the source");
+    // The same unbind again, idempotent, and every other missing combination.
+    v.unbind_exchange(&s("dest"), &s("ad"), BindingKey::new("k")).unwrap();
+    v.unbind_exchange(&s("gone"), &s("amq.direct"), BindingKey::new("k")).unwrap();
+    v.unbind_exchange(&s("gone"), &s("gone-too"), BindingKey::new("k")).unwrap();
+    v.declare_exchange(d).unwrap();
+    v.bind_queue(&s("q"), &s("ad"), BindingKey::new("k"), C1).unwrap();
+    v.unbind_queue(&s("q"), &s("ad"), BindingKey::new("k"), C1).unwrap();
+    assert!(v.exchange("ad").is_none());
+    v.unbind_queue(&s("q"), &s("ad"), BindingKey::new("k"), C1).unwrap();
+    v.unbind_queue(&s("no-queue"), &s("amq.direct"), BindingKey::new("k"), C1).unwrap();
+    v.unbind_queue(&s("no-queue"), &s("no-exchange"), BindingKey::new("k"), C1).unwrap();
+    // The default exchange is still refused, and an exclusive queue still belongs to its owner.
+    for e in [
+        v.unbind_queue(&s("q"), &s(""), BindingKey::new("q"), C1).unwrap_err(),
+        v.unbind_exchange(&s(""), &s("amq.direct"), BindingKey::new("k")).unwrap_err(),
+        v.unbind_exchange(&s("amq.fanout"), &s(""), BindingKey::new("k")).unwrap_err(),
+    ] {
+        assert!(matches!(e, CoreError::AccessRefused(_)), "{e:?}");
+    }
+    let mut mine = queue("mine");
+    mine.options.exclusive = Some(C1);
+    v.declare_queue(mine, 0).unwrap();
+    let e = v.unbind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C2).unwrap_err();
+    assert!(matches!(e, CoreError::ResourceLocked(_)), "{e:?}");
+}
+
+#[test]
 fn exchange_delete_if_unused_and_missing_exchange_is_fine() {
     let v = vhost();
     v.declare_exchange(exchange("x", "direct")).unwrap();
