@@ -26,10 +26,10 @@ WAIT = 10.0
 class Client:
     """A connected paho client that records what it receives."""
 
-    def __init__(self, v5=True, client_id=None, clean=True, will=None, props=None, ws_port=None):
+    def __init__(self, v5=True, client_id=None, clean=True, will=None, props=None, ws_port=None, v31=False):
         self.got = []
         self.cond = threading.Condition()
-        proto = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
+        proto = mqtt.MQTTv5 if v5 else (mqtt.MQTTv31 if v31 else mqtt.MQTTv311)
         cid = client_id or f"interop-{uuid.uuid4().hex[:8]}"
         transport = "websockets" if ws_port else "tcp"
         if v5:
@@ -223,6 +223,30 @@ def persistent_session():
     assert [m.payload for m in got] == [b"0", b"1", b"2"], got
     s.close()
     pub.close()
+
+
+@case("paho 3.1 (MQIsdp): QoS 1 with a 3.1.1 and a 5.0 client, retained, persistent session")
+def mqtt31():
+    t = unique("v31")
+    # A retained message first: the SUBACK and then the retained message.
+    keeper = Client(v5=False)
+    keeper.publish(f"{t}/kept", "kept", qos=1, retain=True)
+    old = Client(v5=False, v31=True, client_id=f"v31-{uuid.uuid4().hex[:8]}", clean=False)
+    assert old.session_present is False, old.session_present
+    old.subscribe(f"{t}/#", 1)
+    got = old.wait_for(1)
+    assert got[0].payload == b"kept" and got[0].retain, got
+    new = Client()
+    new.subscribe(f"{t}/#", 1)
+    new.publish(f"{t}/from5", "from5", qos=1)
+    old.publish(f"{t}/from31", "from31", qos=1)
+    got = old.wait_for(3)
+    assert sorted(m.payload for m in got[1:]) == [b"from31", b"from5"], got
+    got = new.wait_for(3)
+    assert sorted(m.payload for m in got) == [b"from31", b"from5", b"kept"], got
+    keeper.publish(f"{t}/kept", "", qos=1, retain=True)
+    for c in (keeper, old, new):
+        c.close()
 
 
 if WS_PORT:

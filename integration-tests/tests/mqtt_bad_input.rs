@@ -5,7 +5,7 @@
 
 use ferry_integration_tests::mqtt::{publish_packet, sub_options, RawClient};
 use ferry_integration_tests::TestServer;
-use ferry_mqtt::codec::{ProtocolVersion, QoS, Str, Subscribe};
+use ferry_mqtt::codec::{Packet, ProtocolVersion, QoS, Str, Subscribe};
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
 const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -127,21 +127,41 @@ async fn oversized_packet_is_refused_from_its_header() {
 }
 
 #[tokio::test]
-async fn v311_invalid_filter_gets_suback_0x80() {
+async fn v311_refused_share_filter_gets_suback_0x80() {
+    // Issue 14: a malformed filter closes the connection now (below); a correctly formed one
+    // Ferry does not take is still answered 0x80.
     let server = TestServer::mqtt().await;
     let mut c = RawClient::connect_ok(server.mqtt_addr(), V311, "filters", true).await;
-    for (i, filter) in ["a/#/b", "a+", "", "$share/g"].into_iter().enumerate() {
-        let ack = c.subscribe(i as u16 + 1, filter, sub_options(QoS::AtLeastOnce)).await;
-        assert_eq!(ack.reasons, [0x80], "{filter:?}");
-    }
+    let ack = c.subscribe(1, "$share/g", sub_options(QoS::AtLeastOnce)).await;
+    assert_eq!(ack.reasons, [0x80]);
     c.ping().await;
+}
+
+#[tokio::test]
+async fn malformed_filters_close_the_connection() {
+    // Issue 14 (it was SUBACK 0x80 / 0x8F): 5.0's 0x8F is for correctly formed filters; a
+    // malformed one is a Malformed Packet (DISCONNECT 0x81), and 3.1.1 §4.8 closes.
+    let server = TestServer::mqtt().await;
+    for filter in ["a/#/b", "a+", ""] {
+        for (version, reason) in [(V311, None), (V5, Some(0x81))] {
+            let mut c = RawClient::connect_ok(server.mqtt_addr(), version, "filters", true).await;
+            c.send(&Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                properties: Default::default(),
+                filters: vec![(Str::from(filter), sub_options(QoS::AtLeastOnce))],
+            }))
+            .await;
+            c.expect_close(reason).await;
+        }
+    }
 }
 
 #[tokio::test]
 async fn v5_invalid_filter_gets_suback_0x8f() {
     let server = TestServer::mqtt().await;
     let mut c = RawClient::connect_ok(server.mqtt_addr(), V5, "filters", true).await;
-    for (i, filter) in ["a/#/b", "a+", "$share/g", "$share//x"].into_iter().enumerate() {
+    // Issue 14: only correctly formed filters are answered 0x8F now ("a/#/b" and "a+" close).
+    for (i, filter) in ["$share/g", "$share//x"].into_iter().enumerate() {
         let ack = c
             .subscribe_with(Subscribe {
                 packet_id: i as u16 + 1,

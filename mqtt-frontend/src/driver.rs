@@ -265,10 +265,13 @@ async fn establish(
         }
     }
     let (client_id, assigned) = if connect.client_id.is_empty() {
-        if !v5 && !connect.clean_start {
+        // 3.1 §3.1 requires 1 to 23 characters (no assigned ids before 3.1.1); 3.1.1
+        // §3.1.3-8: an empty id needs clean session 1. Longer 3.1 ids are accepted, as
+        // Mosquitto, EMQX and RabbitMQ do (docs/conformance.md).
+        if version == ProtocolVersion::V31 || (!v5 && !connect.clean_start) {
             refuse(version, 0, connect_refusal(version, reason::CLIENT_IDENTIFIER_NOT_VALID), &mut out);
             let _ = stream.write_all(&out).await;
-            return protocol_refusal(ctx.id, peer, "empty client id with clean session 0".into());
+            return protocol_refusal(ctx.id, peer, format!("empty client id in MQTT {}", version.name()));
         }
         (assigned_client_id(), true)
     } else {
@@ -410,6 +413,13 @@ async fn establish(
 impl Conn {
     /// Serves the connection until it closes; says why.
     async fn serve(&mut self) -> Close {
+        if self.session.connack_withheld {
+            // [MQTT-3.1.2-24]: the CONNACK exceeded the client's Maximum Packet Size.
+            return Close::Violation {
+                reason: reason::PACKET_TOO_LARGE,
+                detail: "the CONNACK is larger than the client's Maximum Packet Size".into(),
+            };
+        }
         loop {
             if let Err(close) = self.work().await {
                 return close;
@@ -501,7 +511,15 @@ impl Conn {
                         self.sizer.drained(&mut self.buf);
                         break;
                     }
-                    Err(e) => return Err(Close::Violation { reason: e.reason_code(), detail: e.to_string() }),
+                    Err(e) => {
+                        // A server-to-client packet type (CONNACK, SUBACK, UNSUBACK, PINGRESP)
+                        // closes silently even when its flags are bad (see `Session::handle`);
+                        // the fixed header is refused before anything is taken from `buf`.
+                        if self.buf.first().is_some_and(|b| matches!(b >> 4, 2 | 9 | 11 | 13)) {
+                            self.session.close_quietly();
+                        }
+                        return Err(Close::Violation { reason: e.reason_code(), detail: e.to_string() });
+                    }
                 }
             }
             // §3.1.2.10: a whole control packet within 1.5 × the keep alive.

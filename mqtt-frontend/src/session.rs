@@ -31,7 +31,7 @@ use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, 
 use crate::registry::{StoredSession, StoredSubscription};
 use crate::session_store::encode_session;
 use crate::subscriptions::{Subscription, Subscriptions};
-use crate::topic::{check_topic_name, Filter};
+use crate::topic::{check_filter, check_topic_name, Filter, TopicError};
 
 /// Frontend-wide MQTT settings.
 #[derive(Debug, Clone)]
@@ -116,6 +116,18 @@ struct PendingSubscribe {
     reasons: Vec<u8>,
     /// Filters past `max_subscriptions_per_packet`, answered Quota exceeded after the others.
     refused: usize,
+    /// Retained messages owed to the new subscriptions: sent after the SUBACK.
+    retained: Vec<RetainedDue>,
+}
+
+/// A subscription's retained messages, looked up and sent once its SUBACK is out (clients and
+/// Mosquitto's tests expect the SUBACK first; 5.0 §3.8.4 asks only that the SUBACK follows the
+/// SUBSCRIBE, so either order is allowed).
+#[derive(Debug)]
+struct RetainedDue {
+    pattern: ferry_core::topic::Pattern,
+    qos: QoS,
+    identifier: Option<u32>,
 }
 
 /// Why the session ends; decides the will and what the client is told.
@@ -246,6 +258,15 @@ pub struct Session {
     pub pending_acks: VecDeque<PendingAck>,
     /// The client has published: the memory alarm holds it back.
     pub published: bool,
+    /// While sending a SUBSCRIBE's retained messages: a packet goes behind the acks waiting
+    /// for commits (the SUBACK among them) instead of straight out.
+    after_acks: bool,
+    /// The CONNACK was larger than the client's Maximum Packet Size and was not sent: the
+    /// driver closes the connection at once, sending nothing.
+    pub connack_withheld: bool,
+    /// The connection closes without a DISCONNECT (a second CONNECT, a server packet from the
+    /// client, a withheld CONNACK).
+    quiet: bool,
     /// Outboxes of subscribers that took our QoS 1/2 messages over capacity: the driver stops
     /// reading this client until they have room (or briefly, see the driver).
     pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
@@ -453,6 +474,9 @@ impl Session {
             pending_acks: VecDeque::new(),
             congested: Vec::new(),
             published: false,
+            after_acks: false,
+            connack_withheld: false,
+            quiet: false,
             // Grows with what is written at once; an idle connection keeps next to nothing.
             out: BytesMut::new(),
             stats: SessionStats::default(),
@@ -473,7 +497,16 @@ impl Session {
                 ap.server_keep_alive = Some(keep_alive);
             }
         }
-        s.send(Packet::ConnAck(ack));
+        let connack = Packet::ConnAck(ack);
+        if encoded_len(&connack, s.version) > s.client_max_packet as usize {
+            // [MQTT-3.1.2-24]: not even the CONNACK may exceed the client's Maximum Packet
+            // Size; the connection is closed without it (see `connack_withheld`), and a client
+            // that was never connected leaves no will.
+            s.connack_withheld = true;
+            s.will = None;
+            return Ok(s);
+        }
+        s.send(connack);
 
         // Resume a stored session: its subscriptions (re-consuming shared queues), QoS 2 state,
         // and the PUBRELs still owed.
@@ -486,7 +519,7 @@ impl Session {
             for sub in st.subscriptions {
                 if let Ok(filter) = Filter::parse(&sub.filter) {
                     // Bindings of the session queue survived; shared consumers are per connection.
-                    let _ = s.add_subscription(filter, sub.options, sub.identifier, false, now);
+                    let _ = s.add_subscription(filter, sub.options, sub.identifier, None, now);
                 }
             }
             for id in st.outgoing_pubrel {
@@ -615,16 +648,39 @@ impl Session {
         }
         if encoded_len(&packet, self.version) > self.client_max_packet as usize {
             strip(&mut packet);
+            if encoded_len(&packet, self.version) > self.client_max_packet as usize {
+                // [MQTT-3.1.2-24]: never above the client's limit, not even without extras.
+                return;
+            }
         }
         self.send(packet);
     }
 
+    /// An acknowledgement of the wrong type for a packet id in flight (PUBACK for QoS 2, PUBREC or
+    /// PUBCOMP for QoS 1, PUBCOMP before PUBREL): a protocol error (5.0 §4.3, §4.13), which closes
+    /// the connection without a DISCONNECT, as Mosquitto does (the DISCONNECT is a MAY); the
+    /// message stays unacknowledged and is sent again to a persistent session.
+    fn wrong_ack(&mut self, detail: &str) -> Close {
+        self.quiet = true;
+        Close::Violation { reason: reason::PROTOCOL_ERROR, detail: detail.into() }
+    }
+
+    /// The connection is to close without a DISCONNECT (see the `quiet` field).
+    pub fn close_quietly(&mut self) {
+        self.quiet = true;
+    }
+
     /// Sends DISCONNECT with `reason` to a 5.0 client (3.1.1 has no server DISCONNECT).
     pub fn send_disconnect(&mut self, reason_code: u8, detail: &str) {
-        if self.is_v5() {
+        if self.is_v5() && !self.connack_withheld && !self.quiet {
             let mut d = Disconnect { reason: reason_code, properties: Default::default() };
             if !detail.is_empty() {
-                d.properties.reason_string = Some(Str::from(detail));
+                // A detail may quote what the client sent (a 65,535-byte filter): kept short.
+                let mut end = detail.len().min(200);
+                while !detail.is_char_boundary(end) {
+                    end -= 1;
+                }
+                d.properties.reason_string = Some(Str::from(&detail[..end]));
             }
             self.send_trimmed(Packet::Disconnect(d));
         }
@@ -655,7 +711,11 @@ impl Session {
             Packet::PubRec(r) => self.on_pubrec(r, now),
             Packet::PubRel(r) => {
                 let known = self.extras.as_mut().is_some_and(|e| e.incoming_qos2.remove(&r.packet_id));
-                let code = if known || !self.is_v5() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
+                // An unknown id is answered 0x00 too, as Mosquitto does: it is most often a
+                // PUBREL sent again after a reconnect whose PUBCOMP was lost, and 0x92 would tell
+                // that client the message was lost (5.0 §4.3.3 only asks for a PUBCOMP).
+                let _ = known;
+                let code = reason::SUCCESS;
                 // The id is free again only once that is stored: else a crash would bring it back
                 // and the client's next QoS 2 message with this id would be taken for a resend.
                 let commit = if known { self.persist() } else { Commit::done(Ok(())) };
@@ -664,13 +724,17 @@ impl Session {
                 self.queue_ack(commit, packet);
                 Ok(())
             }
-            Packet::PubComp(r) => {
-                if matches!(self.inflight.get(&r.packet_id), Some(Inflight::AwaitingPubComp)) {
+            Packet::PubComp(r) => match self.inflight.get(&r.packet_id) {
+                Some(Inflight::AwaitingPubComp) => {
                     self.inflight.remove(&r.packet_id);
                     self.persist();
+                    Ok(())
                 }
-                Ok(())
-            }
+                Some(Inflight::AwaitingPubAck(_)) => Err(self.wrong_ack("PUBCOMP for a QoS 1 message")),
+                Some(Inflight::AwaitingPubRec(_)) => Err(self.wrong_ack("PUBCOMP before PUBREC/PUBREL")),
+                // An id we do not know: ignored (a duplicate after a reconnect).
+                None => Ok(()),
+            },
             Packet::Subscribe(s) => self.on_subscribe(s, now),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u, now),
             Packet::PingReq => {
@@ -692,16 +756,24 @@ impl Session {
                 Err(Close::ClientDisconnect { with_will: d.reason == reason::DISCONNECT_WITH_WILL })
             }
             Packet::Connect(_) => {
+                // [MQTT-3.1.0-2] (3.1.1 [MQTT-3.1.0-2] too): a protocol error that closes the
+                // connection. Closed without a DISCONNECT, as Mosquitto does (5.0 §4.13 makes it
+                // optional): the client is past listening to this connection (docs/conformance.md).
+                self.quiet = true;
                 Err(Close::Violation { reason: reason::PROTOCOL_ERROR, detail: "second CONNECT".into() })
             }
             Packet::Auth(_) => Err(Close::Violation {
                 reason: reason::PROTOCOL_ERROR,
                 detail: "AUTH without an authentication method".into(),
             }),
-            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(Close::Violation {
-                reason: reason::PROTOCOL_ERROR,
-                detail: "a server-to-client packet from the client".into(),
-            }),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                // Closed without a DISCONNECT, like a second CONNECT.
+                self.quiet = true;
+                Err(Close::Violation {
+                    reason: reason::PROTOCOL_ERROR,
+                    detail: "a server-to-client packet from the client".into(),
+                })
+            }
         }
     }
 
@@ -730,7 +802,10 @@ impl Session {
             }
         }
         if let Err(e) = check_topic_name(p.topic.as_str()) {
-            return Err(Close::Violation { reason: reason::TOPIC_NAME_INVALID, detail: e.to_string() });
+            // Deeper than MAX_LEVELS: a protocol error, as Mosquitto closes (0x82) past its
+            // limit of 200; the rest (empty, `$share/`) are invalid names (0x90).
+            let code = if e == TopicError::TooDeep { reason::PROTOCOL_ERROR } else { reason::TOPIC_NAME_INVALID };
+            return Err(Close::Violation { reason: code, detail: e.to_string() });
         }
         if v5 && p.qos > QoS::AtMostOnce && self.unacked_inbound() >= self.settings.receive_maximum as usize {
             return Err(Close::Violation {
@@ -746,7 +821,10 @@ impl Session {
         }
         self.stats.messages_in += 1;
         self.published = true;
-        if !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str()) {
+        // `$SYS/` is the broker's own (§4.7.2: `$` topics are for the server's use): a client
+        // cannot overwrite `$SYS/broker/uptime`, whatever the ACL says.
+        let system = p.topic.as_str().starts_with("$SYS/") || p.topic.as_str() == "$SYS";
+        if system || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str()) {
             // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
             // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
             tracing::debug!(client_id = %self.client_id, topic = %p.topic.as_str(), "publish denied by the ACL");
@@ -770,7 +848,9 @@ impl Session {
         let (routed, rejected, mut commit) = self.route(&p, p.topic.as_str(), now);
         let code = if rejected {
             reason::QUOTA_EXCEEDED
-        } else if routed == 0 && v5 {
+        } else if routed == 0 && v5 && p.qos == QoS::AtLeastOnce {
+            // 5.0 §3.4.2.1 / §3.5.2.1: 0x10 is a MAY. PUBACK says it; PUBREC says 0x00, as
+            // Mosquitto does (it routes a QoS 2 message at PUBREL) and its tests expect.
             reason::NO_MATCHING_SUBSCRIBERS
         } else {
             reason::SUCCESS
@@ -877,7 +957,7 @@ impl Session {
             }
             Some(other) => {
                 self.inflight.insert(r.packet_id, other);
-                Ok(())
+                Err(self.wrong_ack("PUBACK for a QoS 2 message"))
             }
             // An ack for an id we do not know: ignore it (a duplicate after reconnect).
             None => Ok(()),
@@ -901,6 +981,7 @@ impl Session {
             }
             Some(other) => {
                 self.inflight.insert(r.packet_id, other);
+                return Err(self.wrong_ack("PUBREC for a QoS 1 message"));
             }
             None => {
                 if self.is_v5() {
@@ -945,6 +1026,7 @@ impl Session {
             reasons: Vec::with_capacity(filters.len() + refused),
             filters: filters.into_iter(),
             refused,
+            retained: Vec::new(),
         }));
         self.resume(now)
     }
@@ -961,20 +1043,37 @@ impl Session {
         let Some(mut pending) = self.subscribing.take() else { return Ok(()) };
         for _ in 0..SUBSCRIBE_SLICE {
             let Some((text, options)) = pending.filters.next() else { break };
-            let code = self.subscribe_one(text, options, pending.identifier, now)?;
+            let code = self.subscribe_one(text, options, pending.identifier, &mut pending.retained, now)?;
             pending.reasons.push(code);
         }
         if pending.filters.len() > 0 {
             self.subscribing = Some(pending);
             return Ok(());
         }
-        let PendingSubscribe { packet_id, mut reasons, refused, .. } = *pending;
+        let PendingSubscribe { packet_id, mut reasons, refused, retained, .. } = *pending;
         let quota = self.quota_exceeded();
         reasons.resize(reasons.len() + refused, quota);
+        if self.version == ProtocolVersion::V31 && reasons.iter().any(|&r| r > 2) {
+            // 3.1's SUBACK has no failure code (0x80 came with 3.1.1): a 3.1 client would take
+            // it for a granted QoS. The only refusal left is closing (docs/conformance.md).
+            return Err(Close::Violation {
+                reason: reason::UNSPECIFIED_ERROR,
+                detail: "a topic filter was refused and MQTT 3.1 cannot say so in its SUBACK".into(),
+            });
+        }
         // A persistent session's subscriptions are stored before the SUBACK: what a client was
         // told it subscribed to survives a crash.
         let commit = self.persist();
         self.queue_ack(commit, Packet::SubAck(SubAck { packet_id, properties: Default::default(), reasons }));
+        // Then the retained messages: behind the SUBACK even when it waits for its commit.
+        self.after_acks = true;
+        for due in retained {
+            for (_, m) in self.vhost.retained().lookup(&due.pattern) {
+                let qos = message_qos(&m).min(due.qos);
+                self.send_message(&m, qos, true, due.identifier.as_slice(), Source::Sink, false, now);
+            }
+        }
+        self.after_acks = false;
         Ok(())
     }
 
@@ -993,11 +1092,15 @@ impl Session {
         text: Str,
         options: SubOptions,
         identifier: Option<u32>,
+        retained: &mut Vec<RetainedDue>,
         now: Millis,
     ) -> Result<u8, Close> {
         let filter = match Filter::parse(text.as_str()) {
-            Err(_) if self.is_v5() => return Ok(reason::TOPIC_FILTER_INVALID),
-            Err(_) => return Ok(return_code::SUBSCRIBE_FAILURE),
+            // A well-formed filter we do not take (a `$share/` without group or filter): 5.0's
+            // 0x8F is for "correctly formed" filters.
+            Err(TopicError::BadShare) if self.is_v5() => return Ok(reason::TOPIC_FILTER_INVALID),
+            Err(TopicError::BadShare) => return Ok(return_code::SUBSCRIBE_FAILURE),
+            Err(e) => return Err(malformed_filter(&text, e)),
             Ok(filter) => filter,
         };
         if !self.settings.acl.can_subscribe(self.settings.user.as_deref(), &self.client_id, &filter.topic_filter) {
@@ -1020,7 +1123,7 @@ impl Session {
                 return Ok(self.quota_exceeded());
             }
         }
-        match self.add_subscription(filter, options, identifier, true, now) {
+        match self.add_subscription(filter, options, identifier, Some(retained), now) {
             Ok(()) => Ok(options.qos as u8),
             Err(e) => {
                 tracing::warn!(client_id = %self.client_id, error = %e, "subscribe failed");
@@ -1029,14 +1132,14 @@ impl Session {
         }
     }
 
-    /// Adds or replaces a subscription; with `send_retained`, delivers retained messages as
-    /// its retain handling says.
+    /// Adds or replaces a subscription; with `retained`, notes there the retained messages its
+    /// retain handling asks for (sent after the SUBACK).
     fn add_subscription(
         &mut self,
         filter: Filter,
         options: SubOptions,
         identifier: Option<u32>,
-        send_retained: bool,
+        retained: Option<&mut Vec<RetainedDue>>,
         now: Millis,
     ) -> Result<(), CoreError> {
         let exchange = self.settings.exchange.clone();
@@ -1109,10 +1212,9 @@ impl Session {
         subs.insert(Subscription { filter, options, identifier, cookie, shared });
         // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only for a new
         // subscription; 2 never.
-        if send_retained && !is_shared && (retain_handling == 0 || (retain_handling == 1 && !existed)) {
-            for (_, m) in self.vhost.retained().lookup(&pattern) {
-                let qos = message_qos(&m).min(options.qos);
-                self.send_message(&m, qos, true, identifier.as_slice(), Source::Sink, false, now);
+        if let Some(retained) = retained {
+            if !is_shared && (retain_handling == 0 || (retain_handling == 1 && !existed)) {
+                retained.push(RetainedDue { pattern, qos: options.qos, identifier });
             }
         }
         Ok(())
@@ -1121,6 +1223,9 @@ impl Session {
     fn on_unsubscribe(&mut self, u: Unsubscribe, now: Millis) -> Result<(), Close> {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for f in u.filters {
+            if let Err(e) = check_filter(f.as_str()) {
+                return Err(malformed_filter(&f, e));
+            }
             let code = match self.subs.as_mut().and_then(|s| s.remove(f.as_str())) {
                 Some(sub) => {
                     self.drop_subscription(sub, now);
@@ -1378,7 +1483,12 @@ impl Session {
                 self.inflight.insert(id, Inflight::AwaitingPubRec(src));
             }
         }
-        self.send(packet);
+        if self.after_acks && !self.pending_acks.is_empty() {
+            // A retained message behind a SUBACK still waiting for its commit.
+            self.pending_acks.push_back(PendingAck { commit: Commit::done(Ok(())), packet });
+        } else {
+            self.send(packet);
+        }
     }
 
     // ----- the end ---------------------------------------------------------------------------
@@ -1445,6 +1555,14 @@ impl Session {
     pub fn is_persistent(&self) -> bool {
         self.persistent
     }
+}
+
+/// A topic filter that breaks §4.7 (empty, `#` not last, a wildcard inside a level) or is deeper
+/// than [`crate::topic::MAX_LEVELS`], in SUBSCRIBE or UNSUBSCRIBE: a malformed packet (5.0's
+/// SUBACK 0x8F is for correctly formed filters), which closes the connection (5.0: DISCONNECT
+/// 0x81), as Mosquitto does; 3.1.1 §4.8 closes on a protocol violation too.
+fn malformed_filter(filter: &Str, e: TopicError) -> Close {
+    Close::Violation { reason: reason::MALFORMED_PACKET, detail: format!("topic filter {filter:?}: {e}") }
 }
 
 fn packet_id(p: &Packet) -> u16 {
@@ -1698,5 +1816,246 @@ mod tests {
             // `a/500` matches `a/500` (no identifier) and `a/+` (7): one PUBLISH with both.
             assert_eq!(got, vec![("a/500".into(), vec![7]), ("a/x".into(), vec![7])], "session expiry {expiry}");
         }
+    }
+    // ----- issue 14: conformance -----------------------------------------------------------
+
+    fn publish_packet(topic: &str, qos: QoS, id: u16, retain: bool) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain,
+            topic: Str::from(topic),
+            packet_id: (qos > QoS::AtMostOnce).then_some(id),
+            properties: Properties::default(),
+            payload: bytes::Bytes::from_static(b"m"),
+        })
+    }
+
+    #[test]
+    fn suback_comes_before_the_retained_messages() {
+        let vhost = vhost();
+        let mut p = start(&vhost, V311, 2, 0, settings(0, 0));
+        p.handle(publish_packet("r/1", QoS::AtMostOnce, 0, true), 0).unwrap();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        s.handle(subscribe_packet(7, &["r/#".to_string()], None), 0).unwrap();
+        match &packets(&mut s)[..] {
+            [Packet::SubAck(a), Packet::Publish(m)] => {
+                assert_eq!(a.packet_id, 7);
+                assert!(m.retain);
+                assert_eq!(m.topic.as_str(), "r/1");
+            }
+            other => panic!("expected SUBACK then the retained PUBLISH, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn suback_waiting_for_its_commit_still_comes_before_the_retained_messages() {
+        let vhost = vhost();
+        let mut p = start(&vhost, V311, 2, 0, settings(0, 0));
+        p.handle(publish_packet("r/1", QoS::AtMostOnce, 0, true), 0).unwrap();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        // An ack already waiting for a commit puts the SUBACK behind it.
+        s.pending_acks.push_back(PendingAck { commit: Commit::done(Ok(())), packet: Packet::PingResp });
+        s.handle(subscribe_packet(7, &["r/#".to_string()], None), 0).unwrap();
+        assert!(packets(&mut s).is_empty());
+        let order: Vec<&str> = s
+            .pending_acks
+            .iter()
+            .map(|a| match a.packet {
+                Packet::PingResp => "ping",
+                Packet::SubAck(_) => "suback",
+                Packet::Publish(_) => "publish",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(order, ["ping", "suback", "publish"]);
+    }
+
+    #[test]
+    fn publishing_into_sys_is_refused() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        s.handle(publish_packet("$SYS/broker/uptime", QoS::AtLeastOnce, 3, false), 0).unwrap();
+        match &packets(&mut s)[..] {
+            [Packet::PubAck(a)] => assert_eq!(a.reason, reason::NOT_AUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+        let mut old = start(&vhost, V311, 2, 0, settings(0, 0));
+        old.handle(publish_packet("$SYS/broker/uptime", QoS::ExactlyOnce, 3, true), 0).unwrap();
+        // 3.1.1 has no refusal: acknowledged, and nothing retained.
+        assert!(matches!(packets(&mut old)[..], [Packet::PubRec(_)]));
+        assert!(vhost.retained().lookup(&Filter::parse("$SYS/#").unwrap().pattern()).is_empty());
+    }
+
+    #[test]
+    fn publishing_to_a_share_topic_is_an_invalid_topic_name() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        let close = s.handle(publish_packet("$share/g/t", QoS::AtLeastOnce, 3, false), 0).unwrap_err();
+        assert!(matches!(close, Close::Violation { reason: reason::TOPIC_NAME_INVALID, .. }));
+    }
+
+    #[test]
+    fn an_ack_of_the_wrong_type_closes_without_disconnect() {
+        let vhost = vhost();
+        for (sub_qos, wrong) in [
+            (QoS::AtLeastOnce, Packet::PubRec(PubResp::ok(1))),
+            (QoS::AtLeastOnce, Packet::PubComp(PubResp::ok(1))),
+            (QoS::ExactlyOnce, Packet::PubAck(PubResp::ok(1))),
+            (QoS::ExactlyOnce, Packet::PubComp(PubResp::ok(1))),
+        ] {
+            let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+            let options = SubOptions { qos: sub_qos, ..SubOptions::default() };
+            let sub =
+                Subscribe { packet_id: 1, properties: Properties::default(), filters: vec![("w".into(), options)] };
+            s.handle(Packet::Subscribe(sub), 0).unwrap();
+            s.handle(publish_packet("w", QoS::ExactlyOnce, 9, false), 0).unwrap();
+            s.pump(0);
+            let sent = packets(&mut s);
+            assert!(sent.iter().any(|p| matches!(p, Packet::Publish(m) if m.packet_id == Some(1))), "{sent:?}");
+            let close = s.handle(wrong.clone(), 0).unwrap_err();
+            assert!(matches!(close, Close::Violation { reason: reason::PROTOCOL_ERROR, .. }), "{wrong:?}");
+            s.send_disconnect(reason::PROTOCOL_ERROR, "x");
+            assert!(packets(&mut s).is_empty(), "no DISCONNECT after {wrong:?}");
+        }
+    }
+
+    #[test]
+    fn a_second_connect_closes_without_disconnect() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        let connect = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: "c1".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        let close = s.handle(Packet::Connect(Box::new(connect)), 0).unwrap_err();
+        assert!(matches!(close, Close::Violation { reason: reason::PROTOCOL_ERROR, .. }));
+        s.send_disconnect(reason::PROTOCOL_ERROR, "second CONNECT");
+        assert!(packets(&mut s).is_empty());
+    }
+
+    #[test]
+    fn malformed_filters_close_with_0x81() {
+        let vhost = vhost();
+        for filter in ["", "#/x", "a+/b", &"/".repeat(201)] {
+            let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+            let close = s.handle(subscribe_packet(1, &[filter.to_string()], None), 0).unwrap_err();
+            assert!(matches!(close, Close::Violation { reason: reason::MALFORMED_PACKET, .. }), "{filter:?}");
+            let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+            let u = Unsubscribe { packet_id: 1, properties: Properties::default(), filters: vec![filter.into()] };
+            let close = s.handle(Packet::Unsubscribe(u), 0).unwrap_err();
+            assert!(matches!(close, Close::Violation { reason: reason::MALFORMED_PACKET, .. }), "{filter:?}");
+        }
+        // A correctly formed filter Ferry does not take is still answered in the SUBACK.
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        assert_eq!(subscribe(&mut s, &["$share/g".to_string()]), vec![reason::TOPIC_FILTER_INVALID]);
+        // 200 separators are fine (Mosquitto's depth).
+        assert_eq!(subscribe(&mut s, &["/".repeat(200)]), vec![1]);
+    }
+
+    #[test]
+    fn a_topic_deeper_than_the_limit_is_a_protocol_error() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        let close = s.handle(publish_packet(&"/".repeat(201), QoS::AtMostOnce, 0, false), 0).unwrap_err();
+        assert!(matches!(close, Close::Violation { reason: reason::PROTOCOL_ERROR, .. }));
+    }
+
+    #[test]
+    fn pubrec_without_subscribers_is_success_and_puback_says_no_subscribers() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        s.handle(publish_packet("nobody", QoS::ExactlyOnce, 1, false), 0).unwrap();
+        s.handle(publish_packet("nobody", QoS::AtLeastOnce, 2, false), 0).unwrap();
+        match &packets(&mut s)[..] {
+            [Packet::PubRec(r), Packet::PubAck(a)] => {
+                assert_eq!(r.reason, reason::SUCCESS);
+                assert_eq!(a.reason, reason::NO_MATCHING_SUBSCRIBERS);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pubrel_for_an_unknown_id_is_answered_pubcomp_success() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        s.handle(Packet::PubRel(PubResp::ok(42)), 0).unwrap();
+        match &packets(&mut s)[..] {
+            [Packet::PubComp(c)] => assert_eq!((c.packet_id, c.reason), (42, reason::SUCCESS)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_connack_above_the_clients_maximum_packet_size_is_withheld() {
+        let vhost = vhost();
+        let properties = Properties { maximum_packet_size: Some(2), ..Default::default() };
+        let connect = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: "tiny".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties,
+        };
+        let mut s = Session::start(connect, "tiny".into(), false, ConnectionId(1), vhost, Settings::default(), None, 0)
+            .unwrap();
+        assert!(s.connack_withheld);
+        assert!(s.out.is_empty());
+        s.send_disconnect(reason::PACKET_TOO_LARGE, "x");
+        assert!(s.out.is_empty());
+    }
+
+    #[test]
+    fn mqtt31_connack_has_no_session_present_flag() {
+        let vhost = vhost();
+        let connect = |clean| Connect {
+            version: ProtocolVersion::V31,
+            clean_start: clean,
+            keep_alive: 0,
+            client_id: "old".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        let s = Session::start(
+            connect(false),
+            "old".into(),
+            false,
+            ConnectionId(1),
+            vhost.clone(),
+            Settings::default(),
+            None,
+            0,
+        )
+        .unwrap();
+        let stored = s.finish(0, None);
+        let mut s =
+            Session::start(connect(false), "old".into(), false, ConnectionId(2), vhost, Settings::default(), stored, 0)
+                .unwrap();
+        // The raw CONNACK: flags byte 0 although the session was resumed.
+        assert_eq!(&s.out[..], &[0x20, 2, 0, 0]);
+        s.out.clear();
+    }
+
+    #[test]
+    fn mqtt31_subscribe_with_a_refused_filter_closes() {
+        let vhost = vhost();
+        let mut s = start(&vhost, ProtocolVersion::V31, 1, 0, settings(1, 0));
+        assert_eq!(subscribe(&mut s, &["a".to_string()]), vec![1]);
+        // Over max_subscriptions_per_client: 3.1 has no failure code.
+        let close = s.handle(subscribe_packet(2, &["b".to_string()], None), 0).unwrap_err();
+        assert!(matches!(close, Close::Violation { .. }));
+        assert!(packets(&mut s).is_empty());
     }
 }

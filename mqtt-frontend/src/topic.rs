@@ -11,8 +11,9 @@ use std::sync::Arc;
 use ferry_core::topic::{Level, Pattern};
 
 /// Topics and filters deeper than this are refused: the trie and the matcher recurse per level,
-/// and no real deployment comes near it (AMQP's 255-byte keys allow at most 128 words).
-pub const MAX_LEVELS: usize = 128;
+/// and no real deployment comes near it. Mosquitto's limit is 200 separators (201 levels: its
+/// broker tests use `"/" * 200` and expect a close at 201 separators); MQTT itself sets none.
+pub const MAX_LEVELS: usize = 201;
 
 /// Swaps `/` and `.` (topic → routing key, and back: the function is an involution).
 pub fn swap_separators(s: &str) -> String {
@@ -33,6 +34,8 @@ pub enum TopicError {
     BadWildcard,
     TooDeep,
     BadShare,
+    /// A PUBLISH (or will) topic starting `$share/`: that prefix names shared subscriptions.
+    SharedName,
 }
 
 impl std::fmt::Display for TopicError {
@@ -43,6 +46,7 @@ impl std::fmt::Display for TopicError {
             TopicError::BadWildcard => "'+' and '#' must be whole levels and '#' the last level",
             TopicError::TooDeep => "too many levels",
             TopicError::BadShare => "invalid shared subscription ($share/<group>/<filter>)",
+            TopicError::SharedName => "a topic name cannot start with $share/ (it names shared subscriptions)",
         })
     }
 }
@@ -54,6 +58,9 @@ pub fn check_topic_name(topic: &str) -> Result<(), TopicError> {
     }
     if topic.contains(['+', '#']) {
         return Err(TopicError::Wildcard);
+    }
+    if topic.starts_with("$share/") {
+        return Err(TopicError::SharedName);
     }
     if topic.split('/').count() > MAX_LEVELS {
         return Err(TopicError::TooDeep);
@@ -163,7 +170,12 @@ mod tests {
         assert!(check_topic_name("a/b").is_ok());
         assert_eq!(check_topic_name(""), Err(TopicError::Empty));
         assert_eq!(check_topic_name("a/+"), Err(TopicError::Wildcard));
-        assert_eq!(check_topic_name(&"a/".repeat(200)), Err(TopicError::TooDeep));
+        assert_eq!(check_topic_name(&"a/".repeat(201)), Err(TopicError::TooDeep));
+        assert!(check_topic_name(&"/".repeat(200)).is_ok());
+        assert!(check_filter(&"/".repeat(200)).is_ok());
+        assert_eq!(check_filter(&"/".repeat(201)), Err(TopicError::TooDeep));
+        assert_eq!(check_topic_name("$share/g/t"), Err(TopicError::SharedName));
+        assert!(check_topic_name("$shared/t").is_ok());
     }
 
     #[test]

@@ -138,7 +138,7 @@ fn check_first_byte(first: u8, version: Option<ProtocolVersion>) -> Result<(), D
     if version.is_none() && packet_type != 1 {
         return Err(protocol("first packet must be CONNECT"));
     }
-    if packet_type == 15 && version == Some(ProtocolVersion::V311) {
+    if packet_type == 15 && version.is_some_and(|v| !v.is_v5()) {
         return Err(malformed("reserved packet type 15 (AUTH exists only in MQTT 5.0)"));
     }
     match packet_type {
@@ -151,6 +151,8 @@ fn check_first_byte(first: u8, version: Option<ProtocolVersion>) -> Result<(), D
                 return Err(malformed("PUBLISH with DUP set and QoS 0"));
             }
         }
+        // 3.1 (§2.1) sets DUP on a resent PUBREL, SUBSCRIBE or UNSUBSCRIBE; 3.1.1 fixed the bits.
+        6 | 8 | 10 if version == Some(ProtocolVersion::V31) && flags == 0b1010 => {}
         6 | 8 | 10 if flags != 0b0010 => {
             return Err(malformed(format!("packet type {packet_type} with fixed header flags {flags:#06b}")));
         }
@@ -184,6 +186,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
     let name = r.binary("protocol name")?;
     let level = r.u8("protocol level")?;
     let version = match (&name[..], level) {
+        (b"MQIsdp", 3) => ProtocolVersion::V31,
         (b"MQTT", 4) => ProtocolVersion::V311,
         (b"MQTT", 5) => ProtocolVersion::V5,
         _ => return Err(DecodeError::UnsupportedProtocol { name: String::from_utf8_lossy(&name).into_owned(), level }),
@@ -204,7 +207,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
     if !will_flag && (will_qos != QoS::AtMostOnce || will_retain) {
         return Err(malformed("will QoS or will retain set without the will flag"));
     }
-    if version == ProtocolVersion::V311 && password_flag && !username_flag {
+    if !version.is_v5() && password_flag && !username_flag {
         return Err(malformed("password flag without user name flag"));
     }
     let keep_alive = r.u16("keep alive")?;
@@ -237,7 +240,7 @@ fn decode_connack(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<ConnAck, Dec
     }
     let code = r.u8("connect return code")?;
     let properties = match v {
-        ProtocolVersion::V311 => {
+        ProtocolVersion::V31 | ProtocolVersion::V311 => {
             if code > 5 {
                 return Err(malformed(format!("CONNACK return code {code}")));
             }
@@ -260,12 +263,12 @@ fn decode_publish(first: u8, r: &mut Reader<'_>, v: ProtocolVersion) -> Result<P
     check_topic_name(&topic)?;
     let packet_id = if qos == QoS::AtMostOnce { None } else { Some(packet_id(r, "PUBLISH")?) };
     let properties = match v {
-        ProtocolVersion::V311 => Properties::default(),
+        ProtocolVersion::V31 | ProtocolVersion::V311 => Properties::default(),
         ProtocolVersion::V5 => decode_properties(r, PropCtx::Publish)?,
     };
     if topic.is_empty() {
         match v {
-            ProtocolVersion::V311 => return Err(malformed("empty topic name")),
+            ProtocolVersion::V31 | ProtocolVersion::V311 => return Err(malformed("empty topic name")),
             ProtocolVersion::V5 if properties.topic_alias.is_none() => {
                 return Err(DecodeError::TopicNameInvalid("empty topic name without a topic alias".into()))
             }
@@ -297,7 +300,7 @@ fn decode_pubresp(
 
 fn sub_options(byte: u8, v: ProtocolVersion) -> Result<SubOptions, DecodeError> {
     let reserved = match v {
-        ProtocolVersion::V311 => 0xFC,
+        ProtocolVersion::V31 | ProtocolVersion::V311 => 0xFC,
         ProtocolVersion::V5 => 0xC0,
     };
     if byte & reserved != 0 {
@@ -314,7 +317,7 @@ fn sub_options(byte: u8, v: ProtocolVersion) -> Result<SubOptions, DecodeError> 
 fn no_filters(v: ProtocolVersion, packet: &str) -> DecodeError {
     let msg = format!("{packet} without a topic filter");
     match v {
-        ProtocolVersion::V311 => malformed(msg),
+        ProtocolVersion::V31 | ProtocolVersion::V311 => malformed(msg),
         ProtocolVersion::V5 => protocol(msg),
     }
 }
@@ -322,7 +325,7 @@ fn no_filters(v: ProtocolVersion, packet: &str) -> DecodeError {
 fn decode_subscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Subscribe, DecodeError> {
     let packet_id = packet_id(r, "SUBSCRIBE")?;
     let properties = match v {
-        ProtocolVersion::V311 => Properties::default(),
+        ProtocolVersion::V31 | ProtocolVersion::V311 => Properties::default(),
         ProtocolVersion::V5 => decode_properties(r, PropCtx::Subscribe)?,
     };
     let mut filters = Vec::new();
@@ -340,7 +343,7 @@ fn decode_subscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Subscribe,
 fn decode_suback(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<SubAck, DecodeError> {
     let packet_id = packet_id(r, "SUBACK")?;
     let (properties, valid) = match v {
-        ProtocolVersion::V311 => (Properties::default(), valid_reasons::SUBACK_V311),
+        ProtocolVersion::V31 | ProtocolVersion::V311 => (Properties::default(), valid_reasons::SUBACK_V311),
         ProtocolVersion::V5 => (decode_properties(r, PropCtx::SubAck)?, valid_reasons::SUBACK),
     };
     let reasons = r.rest();
@@ -356,7 +359,7 @@ fn decode_suback(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<SubAck, Decod
 fn decode_unsubscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Unsubscribe, DecodeError> {
     let packet_id = packet_id(r, "UNSUBSCRIBE")?;
     let properties = match v {
-        ProtocolVersion::V311 => Properties::default(),
+        ProtocolVersion::V31 | ProtocolVersion::V311 => Properties::default(),
         ProtocolVersion::V5 => decode_properties(r, PropCtx::Unsubscribe)?,
     };
     let mut filters = Vec::new();
@@ -372,7 +375,7 @@ fn decode_unsubscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Unsubscr
 fn decode_unsuback(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<UnsubAck, DecodeError> {
     let packet_id = packet_id(r, "UNSUBACK")?;
     match v {
-        ProtocolVersion::V311 => {
+        ProtocolVersion::V31 | ProtocolVersion::V311 => {
             r.finish("UNSUBACK")?;
             Ok(UnsubAck { packet_id, properties: Properties::default(), reasons: Vec::new() })
         }

@@ -9,11 +9,14 @@ use super::varint::{varint_len, write_varint};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V311: ProtocolVersion = ProtocolVersion::V311;
+const V31: ProtocolVersion = ProtocolVersion::V31;
 
 /// Appends the packet's bytes. Infallible: callers ensure values are in range (string and binary
 /// lengths up to 65,535, remaining length up to 268,435,455). 3.1.1 encoding drops 5.0-only fields
 /// (properties, reason codes; a SUBACK failure becomes 0x80); AUTH does not exist in 3.1.1 and
-/// writes nothing. Properties are written as given, allowed in the packet or not.
+/// writes nothing. 3.1 is written as 3.1.1 except that CONNECT carries `MQIsdp` level 3 and
+/// CONNACK has no session present flag (its first byte is reserved there); 3.1 has no SUBACK
+/// failure code either, so the session never asks for one (it closes instead). Properties are written as given, allowed in the packet or not.
 pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) {
     match packet {
         Packet::Publish(p) => write_publish(p, version, out),
@@ -21,7 +24,7 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) {
         Packet::ConnAck(c) => {
             let (rl, plen) = connack_len(c, version);
             header(out, 0x20, rl);
-            out.put_u8(u8::from(c.session_present));
+            out.put_u8(u8::from(c.session_present && version != V31));
             out.put_u8(c.code);
             if version == V5 {
                 write_properties(out, &c.properties, plen);
@@ -57,7 +60,7 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) {
                     write_properties(out, &s.properties, plen);
                     out.put_slice(&s.reasons);
                 }
-                V311 => {
+                V31 | V311 => {
                     for &code in &s.reasons {
                         out.put_u8(if code <= 2 { code } else { 0x80 });
                     }
@@ -116,7 +119,7 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
         Packet::Disconnect(d) => reason_props_len(d.reason, &d.properties, version, 1).0,
         Packet::Auth(a) => match version {
             V5 => reason_props_len(a.reason, &a.properties, version, 2).0,
-            V311 => return 0,
+            V31 | V311 => return 0,
         },
     };
     1 + varint_len(rl) + rl
@@ -137,7 +140,7 @@ fn props(p: &Properties, version: ProtocolVersion) -> (usize, usize) {
             let len = properties_len(p);
             (properties_field_len(len), len)
         }
-        V311 => (0, 0),
+        V31 | V311 => (0, 0),
     }
 }
 
@@ -163,8 +166,8 @@ fn write_publish(p: &Publish, version: ProtocolVersion, out: &mut BytesMut) {
 
 /// (remaining length, CONNECT property length, will property length).
 fn connect_len(c: &Connect, version: ProtocolVersion) -> (usize, usize, usize) {
-    // Protocol name "MQTT" (6), level (1), flags (1), keep alive (2).
-    let mut rl = 10 + 2 + c.client_id.len();
+    // Protocol name "MQTT" (6) or "MQIsdp" (8), level (1), flags (1), keep alive (2).
+    let mut rl = 2 + version.protocol_name().len() + 4 + 2 + c.client_id.len();
     let (field, plen) = props(&c.properties, version);
     rl += field;
     let mut wlen = 0;
@@ -181,7 +184,8 @@ fn connect_len(c: &Connect, version: ProtocolVersion) -> (usize, usize, usize) {
 fn write_connect(c: &Connect, version: ProtocolVersion, out: &mut BytesMut) {
     let (rl, plen, wlen) = connect_len(c, version);
     header(out, 0x10, rl);
-    out.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', version.level()]);
+    put_bin(out, version.protocol_name());
+    out.put_u8(version.level());
     let mut flags = u8::from(c.clean_start) << 1;
     if let Some(w) = &c.will {
         flags |= 0x04 | (w.qos as u8) << 3 | u8::from(w.retain) << 5;
@@ -217,7 +221,7 @@ fn connack_len(c: &ConnAck, version: ProtocolVersion) -> (usize, usize) {
 /// properties.
 fn pubresp_len(r: &PubResp, version: ProtocolVersion) -> (usize, usize) {
     match version {
-        V311 => (2, 0),
+        V31 | V311 => (2, 0),
         V5 => {
             let plen = properties_len(&r.properties);
             if plen == 0 {
@@ -258,7 +262,7 @@ fn unsubscribe_len(u: &Unsubscribe, version: ProtocolVersion) -> (usize, usize) 
 
 fn unsuback_len(u: &UnsubAck, version: ProtocolVersion) -> (usize, usize) {
     match version {
-        V311 => (2, 0),
+        V31 | V311 => (2, 0),
         V5 => {
             let (field, plen) = props(&u.properties, version);
             (2 + field + u.reasons.len(), plen)
@@ -271,7 +275,7 @@ fn unsuback_len(u: &UnsubAck, version: ProtocolVersion) -> (usize, usize) {
 /// code; AUTH, `reason_only_len` 2, always carries the property length).
 fn reason_props_len(reason: u8, p: &Properties, version: ProtocolVersion, reason_only_len: usize) -> (usize, usize) {
     match version {
-        V311 => (0, 0),
+        V31 | V311 => (0, 0),
         V5 => {
             let plen = properties_len(p);
             if plen == 0 {

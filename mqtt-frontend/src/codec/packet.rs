@@ -6,6 +6,9 @@ use bytes::Bytes;
 /// The protocol level in CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProtocolVersion {
+    /// MQTT 3.1 (IBM's, before OASIS), protocol name `MQIsdp`, level 3: the 3.1.1 packets
+    /// without CONNACK's session present flag and SUBACK's failure code (docs/conformance.md).
+    V31,
     /// MQTT 3.1.1, protocol level 4.
     V311,
     /// MQTT 5.0, protocol level 5.
@@ -15,17 +18,31 @@ pub enum ProtocolVersion {
 impl ProtocolVersion {
     pub fn level(self) -> u8 {
         match self {
+            ProtocolVersion::V31 => 3,
             ProtocolVersion::V311 => 4,
             ProtocolVersion::V5 => 5,
         }
     }
 
-    /// The version as the specifications name it, for logs: `3.1.1`, `5.0`.
+    /// The version as the specifications name it, for logs: `3.1`, `3.1.1`, `5.0`.
     pub fn name(self) -> &'static str {
         match self {
+            ProtocolVersion::V31 => "3.1",
             ProtocolVersion::V311 => "3.1.1",
             ProtocolVersion::V5 => "5.0",
         }
+    }
+
+    /// The protocol name a CONNECT of this version carries.
+    pub fn protocol_name(self) -> &'static [u8] {
+        match self {
+            ProtocolVersion::V31 => b"MQIsdp",
+            ProtocolVersion::V311 | ProtocolVersion::V5 => b"MQTT",
+        }
+    }
+
+    pub fn is_v5(self) -> bool {
+        self == ProtocolVersion::V5
     }
 }
 
@@ -99,7 +116,7 @@ impl std::fmt::Display for Str {
 }
 
 /// MQTT 5.0 properties (§2.2.2.2). One struct for every packet; the decoder refuses a property
-/// that is not allowed in the packet it came in (protocol error) and a property given twice
+/// that is not allowed in the packet it came in (malformed, §2.2.2.2) and a property given twice
 /// where only one is allowed. 3.1.1 packets always have the default (empty) value.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Properties {

@@ -108,7 +108,9 @@ pub(crate) fn decode_properties(r: &mut Reader<'_>, ctx: PropCtx) -> Result<Prop
             return Err(malformed(format!("unknown property identifier 0x{id:02X}")));
         };
         if mask & ctx.bit() == 0 {
-            return Err(protocol(format!("property 0x{id:02X} is not allowed in {}", ctx.name())));
+            // §2.2.2.2: "A Control Packet which contains an Identifier which is not valid for
+            // its packet type ... is a Malformed Packet."
+            return Err(malformed(format!("property 0x{id:02X} is not allowed in {}", ctx.name())));
         }
         match id {
             0x01 => once(&mut p.payload_format_indicator, flag(r.u8("payload format indicator")?, id)?, id)?,
@@ -450,15 +452,19 @@ mod tests {
     }
 
     #[test]
-    fn property_not_allowed_in_the_packet_is_a_protocol_error() {
+    fn property_not_allowed_in_the_packet_is_malformed() {
+        // §2.2.2.2 (issue 14; it was a protocol error, 0x82, before).
         // Topic alias in CONNECT.
-        assert!(matches!(decode(&[3, 0x23, 0, 1], PropCtx::Connect), Err(DecodeError::Protocol(_))));
+        assert!(matches!(decode(&[3, 0x23, 0, 1], PropCtx::Connect), Err(DecodeError::Malformed(_))));
         // Will delay interval outside the will properties.
-        assert!(matches!(decode(&[5, 0x18, 0, 0, 0, 1], PropCtx::Connect), Err(DecodeError::Protocol(_))));
+        assert!(matches!(decode(&[5, 0x18, 0, 0, 0, 1], PropCtx::Connect), Err(DecodeError::Malformed(_))));
         // Session expiry interval in the will properties.
-        assert!(matches!(decode(&[5, 0x11, 0, 0, 0, 1], PropCtx::Will), Err(DecodeError::Protocol(_))));
+        assert!(matches!(decode(&[5, 0x11, 0, 0, 0, 1], PropCtx::Will), Err(DecodeError::Malformed(_))));
         // Reason string in PUBLISH.
-        assert!(matches!(decode(&[4, 0x1F, 0, 1, b'x'], PropCtx::Publish), Err(DecodeError::Protocol(_))));
+        assert!(matches!(decode(&[4, 0x1F, 0, 1, b'x'], PropCtx::Publish), Err(DecodeError::Malformed(_))));
+        // Session expiry interval in SUBSCRIBE and UNSUBSCRIBE (Mosquitto's 13-malformed-*-v5).
+        assert!(matches!(decode(&[5, 0x11, 0, 0, 0, 0], PropCtx::Subscribe), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode(&[5, 0x11, 0, 0, 0, 0], PropCtx::Unsubscribe), Err(DecodeError::Malformed(_))));
     }
 
     #[test]

@@ -679,9 +679,39 @@ mod connect {
     }
 
     #[test]
-    fn mqisdp_level_3_is_unsupported() {
-        let bytes = [0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 0, 0, 0];
-        assert_eq!(err(None, &bytes), DecodeError::UnsupportedProtocol { name: "MQIsdp".into(), level: 3 });
+    fn mqisdp_level_3_is_mqtt_31() {
+        // Issue 14: 3.1 is supported (it was refused as unsupported before).
+        let bytes = [0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 0, 0, 1, b'c'];
+        let p = Packet::Connect(Box::new(Connect {
+            version: ProtocolVersion::V31,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: s("c"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        }));
+        golden(&p, ProtocolVersion::V31, &bytes);
+        // MQIsdp at another level, and MQTT at level 3, are not.
+        let mut other = bytes;
+        other[10] = 4;
+        assert_eq!(err(None, &other), DecodeError::UnsupportedProtocol { name: "MQIsdp".into(), level: 4 });
+    }
+
+    #[test]
+    fn mqtt_31_connack_has_no_session_present_flag() {
+        let ack = Packet::ConnAck(ConnAck { session_present: true, code: 0, properties: Properties::default() });
+        assert_eq!(enc(&ack, ProtocolVersion::V31), [0x20, 2, 0, 0]);
+        assert_eq!(enc(&ack, V311), [0x20, 2, 1, 0]);
+    }
+
+    #[test]
+    fn mqtt_31_allows_dup_on_pubrel_subscribe_and_unsubscribe() {
+        let v31 = Some(ProtocolVersion::V31);
+        assert_eq!(dec(v31, &[0x6A, 2, 0, 1]).unwrap(), Some(Packet::PubRel(PubResp::ok(1))));
+        assert!(is_malformed(Some(V311), &[0x6A, 2, 0, 1]));
+        assert!(is_malformed(v31, &[0x6B, 2, 0, 1]));
     }
 
     #[test]
@@ -695,7 +725,7 @@ mod connect {
     #[test]
     fn unsupported_protocol_leaves_the_version_unknown() {
         let mut d = Decoder::new(1024);
-        let _ = d.decode(&mut BytesMut::from(&connect(3, 0x02, &[0, 0])[..]));
+        let _ = d.decode(&mut BytesMut::from(&connect(6, 0x02, &[0, 0])[..]));
         assert_eq!(d.version(), None);
     }
 
@@ -744,15 +774,17 @@ mod connect {
     }
 
     #[test]
-    fn property_not_allowed_in_connect_is_a_protocol_error() {
+    fn property_not_allowed_in_connect_is_malformed() {
+        // §2.2.2.2: malformed (issue 14; it was a protocol error before).
         // Topic alias (0x23) in CONNECT properties.
-        assert!(is_protocol(None, &connect(5, 0x02, &[3, 0x23, 0, 1, 0, 0])));
+        assert!(is_malformed(None, &connect(5, 0x02, &[3, 0x23, 0, 1, 0, 0])));
     }
 
     #[test]
-    fn will_property_not_allowed_in_will_is_a_protocol_error() {
+    fn will_property_not_allowed_in_will_is_malformed() {
+        // §2.2.2.2: malformed (issue 14; it was a protocol error before).
         // Receive maximum (0x21) in the will properties.
-        assert!(is_protocol(None, &connect(5, 0x06, &[0, 0, 0, 3, 0x21, 0, 1, 0, 1, b't', 0, 0])));
+        assert!(is_malformed(None, &connect(5, 0x06, &[0, 0, 0, 3, 0x21, 0, 1, 0, 1, b't', 0, 0])));
     }
 
     #[test]
@@ -802,9 +834,10 @@ mod publish {
     }
 
     #[test]
-    fn property_not_allowed_in_publish_is_a_protocol_error() {
+    fn property_not_allowed_in_publish_is_malformed() {
+        // §2.2.2.2: malformed (issue 14; it was a protocol error before).
         // Reason string (0x1F).
-        assert!(is_protocol(Some(V5), &[0x30, 8, 0, 1, b't', 4, 0x1F, 0, 1, b'r']));
+        assert!(is_malformed(Some(V5), &[0x30, 8, 0, 1, b't', 4, 0x1F, 0, 1, b'r']));
     }
 
     #[test]
@@ -838,8 +871,9 @@ mod acks {
     }
 
     #[test]
-    fn property_not_allowed_in_puback_is_a_protocol_error() {
-        assert!(is_protocol(Some(V5), &[0x40, 6, 0, 1, 0, 2, 0x01, 1]));
+    fn property_not_allowed_in_puback_is_malformed() {
+        // §2.2.2.2: malformed (issue 14; it was a protocol error before).
+        assert!(is_malformed(Some(V5), &[0x40, 6, 0, 1, 0, 2, 0x01, 1]));
     }
 
     #[test]
@@ -945,9 +979,10 @@ mod subscribe {
     }
 
     #[test]
-    fn property_not_allowed_in_unsubscribe_is_a_protocol_error() {
+    fn property_not_allowed_in_unsubscribe_is_malformed() {
+        // §2.2.2.2: malformed (issue 14; it was a protocol error before).
         // Subscription identifier in UNSUBSCRIBE.
-        assert!(is_protocol(Some(V5), &[0xA2, 8, 0, 1, 2, 0x0B, 1, 0, 1, b'a']));
+        assert!(is_malformed(Some(V5), &[0xA2, 8, 0, 1, 2, 0x0B, 1, 0, 1, b'a']));
     }
 }
 
@@ -991,9 +1026,10 @@ mod empty_bodies {
     }
 
     #[test]
-    fn property_not_allowed_in_disconnect_is_a_protocol_error() {
+    fn property_not_allowed_in_disconnect_is_malformed() {
+        // §2.2.2.2: malformed (issue 14; it was a protocol error before).
         // Receive maximum in DISCONNECT.
-        assert!(is_protocol(Some(V5), &[0xE0, 5, 0, 3, 0x21, 0, 1]));
+        assert!(is_malformed(Some(V5), &[0xE0, 5, 0, 3, 0x21, 0, 1]));
     }
 }
 
@@ -1097,7 +1133,7 @@ mod properties {
     fn props(v: ProtocolVersion, ctx: PropCtx) -> BoxedStrategy<Properties> {
         match v {
             ProtocolVersion::V5 => any_properties().prop_map(move |p| restrict(p, ctx)).boxed(),
-            ProtocolVersion::V311 => Just(Properties::default()).boxed(),
+            ProtocolVersion::V31 | ProtocolVersion::V311 => Just(Properties::default()).boxed(),
         }
     }
 
@@ -1105,7 +1141,7 @@ mod properties {
     fn reason(v: ProtocolVersion, valid: &'static [u8]) -> BoxedStrategy<u8> {
         match v {
             ProtocolVersion::V5 => select(valid).boxed(),
-            ProtocolVersion::V311 => Just(0).boxed(),
+            ProtocolVersion::V31 | ProtocolVersion::V311 => Just(0).boxed(),
         }
     }
 
@@ -1154,22 +1190,22 @@ mod properties {
     fn sub_options(v: ProtocolVersion) -> impl Strategy<Value = SubOptions> {
         (qos(), any::<bool>(), any::<bool>(), 0u8..=2).prop_map(move |(qos, no_local, rap, rh)| match v {
             ProtocolVersion::V5 => SubOptions { qos, no_local, retain_as_published: rap, retain_handling: rh },
-            ProtocolVersion::V311 => SubOptions { qos, ..SubOptions::default() },
+            ProtocolVersion::V31 | ProtocolVersion::V311 => SubOptions { qos, ..SubOptions::default() },
         })
     }
 
     fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         let suback_reasons = match v {
             ProtocolVersion::V5 => valid_reasons::SUBACK,
-            ProtocolVersion::V311 => valid_reasons::SUBACK_V311,
+            ProtocolVersion::V31 | ProtocolVersion::V311 => valid_reasons::SUBACK_V311,
         };
         let unsuback_reasons = match v {
             ProtocolVersion::V5 => vec(select(valid_reasons::UNSUBACK), 1..4).boxed(),
-            ProtocolVersion::V311 => Just(Vec::new()).boxed(),
+            ProtocolVersion::V31 | ProtocolVersion::V311 => Just(Vec::new()).boxed(),
         };
         let connack_code = match v {
             ProtocolVersion::V5 => select(valid_reasons::CONNACK).boxed(),
-            ProtocolVersion::V311 => (0u8..=5).boxed(),
+            ProtocolVersion::V31 | ProtocolVersion::V311 => (0u8..=5).boxed(),
         };
         let common = prop_oneof![
             connect(v),
@@ -1206,7 +1242,7 @@ mod properties {
                     .prop_map(|(reason, properties)| Packet::Auth(Auth { reason, properties })),
             ]
             .boxed(),
-            ProtocolVersion::V311 => common.boxed(),
+            ProtocolVersion::V31 | ProtocolVersion::V311 => common.boxed(),
         }
     }
 
