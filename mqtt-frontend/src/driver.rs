@@ -25,11 +25,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use ferry_core::message::{ConnectionId, ShortString};
+use ferry_core::message::ConnectionId;
 use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
 
-use crate::codec::{reason, return_code, Connect, DecodeError, Decoder, Packet, ProtocolVersion, Will};
+use crate::codec::{reason, return_code, Connect, DecodeError, Decoder, Packet, ProtocolVersion};
 use crate::registry::{Kick, Kicked};
 use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session, SUBSCRIBE_SLICE};
 use crate::session_store::encode_session;
@@ -39,6 +39,10 @@ use crate::Shared;
 /// While this many acknowledgements wait for the store, the connection stops reading (the
 /// publisher is slowed instead of buffered).
 const MAX_PENDING_ACKS: usize = 1024;
+
+/// How much a connection ending for a reason of ours still reads of what its client sent (see
+/// [`Conn::drain`]): a DISCONNECT after a few packets, not a backlog.
+const DRAIN_MAX: usize = 64 * 1024;
 
 type CommitWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, Packet)> + Send>>;
 
@@ -138,7 +142,12 @@ pub fn run(
             Ok(conn) => conn,
             Err(ended) => return ended,
         };
-        let close = conn.serve().await;
+        let mut close = conn.serve().await;
+        if matches!(close, Close::TakenOver | Close::Lost) {
+            if let Some(sent) = Box::pin(conn.drain()).await {
+                close = sent;
+            }
+        }
         Box::pin(conn.wind_up(close)).await
     }
 }
@@ -332,11 +341,16 @@ async fn establish(
         None => ctx.broker.add_vhost(&vhost_name),
     };
     let group = shared.group(&ctx.shutdown);
-    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, ctx.id, group)).await;
+    let resume = !connect.clean_start;
+    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, ctx.id, group, resume)).await;
     if claim.expired {
         // The session expired while its client was away and its timer has not ended it yet: a
         // queue left behind would be resumed as if the session were present.
         end_session(&vhost, &client_id, ctx.id);
+    }
+    if let Some(due) = &claim.ended_will {
+        // That session ended before this connection came: its will was due.
+        publish_will(&vhost, &due.exchange.as_str().into(), &due.will, ConnectionId(0), now_millis());
     }
     let mut settings = shared.settings.clone();
     if let Some(exchange) = &ctx.listener.exchange {
@@ -465,6 +479,57 @@ impl Conn {
             if let Some(close) = closed {
                 return close;
             }
+        }
+    }
+
+    /// The connection ends for a reason of ours (taken over, a failed write): what the client
+    /// sent before that still counts, above all a DISCONNECT. A client that sends DISCONNECT,
+    /// closes and connects again at once has its DISCONNECT in this socket before its new
+    /// connection's CONNECT reaches the broker, but this task may see the takeover first (the
+    /// kick is polled before the socket, and a `select!` picks among ready branches at random):
+    /// without this, 5 in 18 such reconnects published the will and up to 14 in 20 resumed a
+    /// session the DISCONNECT had ended (issue 14). So everything already readable is handled
+    /// first, without waiting and at most [`DRAIN_MAX`] bytes; what it ends with (DISCONNECT,
+    /// a protocol error) is why the connection closes.
+    async fn drain(&mut self) -> Option<Close> {
+        let mut budget = DRAIN_MAX;
+        loop {
+            loop {
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(p)) => {
+                        if let Err(close) = self.session.handle(p, now_millis()) {
+                            return Some(close);
+                        }
+                        while self.session.is_subscribing() {
+                            if let Err(close) = self.session.resume(now_millis()) {
+                                return Some(close);
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Some(Close::Violation { reason: e.reason_code(), detail: e.to_string() }),
+                }
+            }
+            if budget == 0 {
+                return None;
+            }
+            let room = self.sizer.prepare(&mut self.buf).min(budget);
+            let mut chunk = vec![0u8; room];
+            let mut rb = ReadBuf::new(&mut chunk);
+            // Polled once: only what is there now.
+            let ready = std::future::poll_fn(|cx| {
+                Poll::Ready(match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => rb.filled().len(),
+                    Poll::Ready(Err(_)) | Poll::Pending => 0,
+                })
+            })
+            .await;
+            if ready == 0 {
+                return None;
+            }
+            self.bytes_in += ready as u64;
+            budget -= ready;
+            self.buf.extend_from_slice(&chunk[..ready]);
         }
     }
 
@@ -670,6 +735,7 @@ impl Conn {
             generation,
             peer,
             connected_at,
+            kick,
             ..
         } = *self;
         shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
@@ -703,7 +769,15 @@ impl Conn {
         let will = session.will.take().map(|w| *w);
         let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
         let session_expiry = session.session_expiry;
-        let publish = !matches!(close, Close::ClientDisconnect { with_will: false });
+        let publish = match close {
+            Close::ClientDisconnect { with_will } => with_will,
+            // Taken over by a connection that resumes the session: it goes on, and the will is
+            // not due (Mosquitto's 07-will-takeover; 5.0 §3.1.2.5: a new connection for the
+            // client id came before the connection closed). A session that ends here (expiry
+            // 0, or the new connection starts clean) publishes it.
+            Close::TakenOver => !(session_expiry > 0 && kick.resumed()),
+            Close::Lost | Close::Violation { .. } | Close::Shutdown => true,
+        };
         let will = will.filter(|_| publish);
         let delay = will_delay.min(session_expiry);
         // A will whose delay is still running is stored with the session, so a restart meanwhile
@@ -715,6 +789,12 @@ impl Conn {
         }
         let stored = session.finish(now_millis(), delayed_will);
         let expiry = stored.as_ref().map(|st| st.expiry);
+        if let Some(will) = will.as_ref().filter(|_| delay == 0) {
+            // Before the client id is released: a connection taking this one over is answered
+            // after the will (as Mosquitto's 07-will-takeover expects), and the session, no
+            // longer bound, does not get its own will.
+            publish_will(&vhost, &exchange, will, id, now_millis());
+        }
         shared.registry.release(&listener.vhost, &client_id, id, stored);
         if let Some(secs) = expiry.filter(|&e| e != u32::MAX) {
             spawn_expiry(
@@ -731,14 +811,11 @@ impl Conn {
         // is not caught by the old consumer and requeued as if queued offline).
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 
-        if let Some(will) = will {
-            if delay == 0 {
-                publish_will(&vhost, &exchange, &will, id, now_millis());
-            } else {
-                // 5.0 §3.1.3.2.2: wait, and publish only if the session was not resumed meanwhile.
-                let at = Duration::from_secs(delay as u64);
-                spawn_will(shared.clone(), vhost.clone(), exchange, client_id.clone(), will, generation, at);
-            }
+        if will.is_some() && delay > 0 {
+            // 5.0 §3.1.3.2.2: wait, and publish only if no connection came meanwhile. The will
+            // waits in the stored session (`finish` above), not here.
+            let at = Duration::from_secs(delay as u64);
+            spawn_will(shared.clone(), vhost.clone(), client_id.clone(), generation, at);
         }
         match close {
             Close::Violation { detail, .. } => Err(ConnectionError::Protocol(detail)),
@@ -791,7 +868,9 @@ pub(crate) fn end_session(vhost: &Arc<VHost>, client_id: &str, connection: Conne
 }
 
 /// 5.0 §3.1.2.11.2: the session (its queue and stored state) ends `after` this, unless a
-/// connection resumes it meanwhile (claim `generation` is then no longer the latest).
+/// connection resumes it meanwhile (claim `generation` is then no longer the latest); a will it
+/// still held is published then (§3.1.3.2.2: at the will delay or the session's end, whichever
+/// comes first).
 pub(crate) fn spawn_expiry(
     shared: Arc<Shared>,
     vhost: Arc<VHost>,
@@ -801,36 +880,27 @@ pub(crate) fn spawn_expiry(
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        shared.registry.expire(vhost.name(), &client_id, generation, || {
+        let ended = shared.registry.expire(vhost.name(), &client_id, generation, || {
             end_session(&vhost, &client_id, ConnectionId(0));
         });
+        if let Some(Some(due)) = ended {
+            publish_will(&vhost, &due.exchange.as_str().into(), &due.will, ConnectionId(0), now_millis());
+        }
     });
 }
 
-/// Publishes a will `after` this unless the session was resumed meanwhile; then stores the
-/// session without it.
-pub(crate) fn spawn_will(
-    shared: Arc<Shared>,
-    vhost: Arc<VHost>,
-    exchange: ShortString,
-    client_id: String,
-    will: Will,
-    generation: u64,
-    after: Duration,
-) {
+/// Publishes the will a stored session holds `after` this unless a connection claimed the
+/// client id meanwhile (5.0 §3.1.3.2.2, [MQTT-3.1.3-9]); then stores the session without it.
+pub(crate) fn spawn_will(shared: Arc<Shared>, vhost: Arc<VHost>, client_id: String, generation: u64, after: Duration) {
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        if shared.registry.claimed_since(vhost.name(), &client_id, generation) {
-            return;
-        }
-        publish_will(&vhost, &exchange, &will, ConnectionId(0), now_millis());
-        if let Some(st) = shared.registry.will_published(vhost.name(), &client_id, generation) {
-            vhost.store().submit(vec![StoreOp::PutSession {
-                vhost: vhost.name().to_string(),
-                client_id,
-                state: encode_session(&st),
-            }]);
-        }
+        let Some((due, st)) = shared.registry.take_will(vhost.name(), &client_id, generation) else { return };
+        publish_will(&vhost, &due.exchange.as_str().into(), &due.will, ConnectionId(0), now_millis());
+        vhost.store().submit(vec![StoreOp::PutSession {
+            vhost: vhost.name().to_string(),
+            client_id,
+            state: encode_session(&st),
+        }]);
     });
 }
 

@@ -206,7 +206,7 @@ impl Frontend for MqttFrontend {
             if let Some(will) = will {
                 let delay = will.properties.will_delay_interval.unwrap_or(0).min(expiry);
                 let left = Duration::from_secs(delay as u64).saturating_sub(away);
-                driver::spawn_will(self.shared.clone(), vhost, exchange, r.client_id.clone(), will, generation, left);
+                driver::spawn_will(self.shared.clone(), vhost, r.client_id.clone(), generation, left);
             }
             restored += 1;
         }

@@ -4,7 +4,16 @@
 //! A new connection [`Registry::claim`]s its client id. If another connection holds it, that
 //! one is kicked (it sends DISCONNECT 0x8E in 5.0 and closes) and the claim waits, bounded, for it
 //! to [`Registry::release`] the id with its session state; the new connection then resumes that
-//! state.
+//! state. The kicked connection first handles what its client had already sent (see the
+//! driver's `Conn::drain`), so a DISCONNECT sent before the new connection's CONNECT counts: no
+//! will, and the session expiry it set.
+//!
+//! A will whose delay is still running lives in the stored session ([`StoredSession::will`])
+//! and nowhere else: its timer takes it from there ([`Registry::take_will`]) only if no
+//! connection claimed the client id since, the session's expiry takes it if that comes first
+//! ([`Registry::expire`]), and any claim in between (a takeover, a resume, a clean start)
+//! removes it with the stored session, so a will never outlives a new connection
+//! [MQTT-3.1.3-9].
 //!
 //! The registry also ends live connections for their frontend: at shutdown
 //! ([`Registry::shut_down`]) and when a client's keep alive runs out ([`Registry::sweep`], run
@@ -52,6 +61,21 @@ pub struct StoredSession {
     pub disconnected_at: u64,
 }
 
+/// A will to publish now, and the exchange it goes to (the session's).
+#[derive(Debug, Clone)]
+pub struct DueWill {
+    pub will: crate::codec::Will,
+    pub exchange: String,
+}
+
+impl StoredSession {
+    /// Takes the will it holds, with its exchange.
+    fn take_will(&mut self) -> Option<DueWill> {
+        let will = self.will.take()?;
+        Some(DueWill { will, exchange: self.exchange.clone() })
+    }
+}
+
 /// Why a connection was kicked (see [`Kick::poll_kicked`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kicked {
@@ -76,6 +100,10 @@ pub struct Kick {
     deadline: AtomicU64,
     /// Which shutdown signal ends this connection ([`Registry::shut_down`]).
     group: usize,
+    /// Set with a takeover: whether the new connection resumes the session (clean start 0).
+    /// The session then goes on, and the taken-over connection's will is not published (as
+    /// Mosquitto does; 5.0 §3.1.2.5: a new connection came before the will was due).
+    resumed: AtomicBool,
     released: AtomicBool,
     on_release: Notify,
 }
@@ -87,6 +115,7 @@ impl Kick {
             why: AtomicU8::new(0),
             deadline: AtomicU64::new(u64::MAX),
             group,
+            resumed: AtomicBool::new(false),
             released: AtomicBool::new(false),
             on_release: Notify::new(),
         }
@@ -110,6 +139,10 @@ impl Kick {
     /// [`Kick::kicked`] without a future.
     pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Kicked> {
         self.kicked.poll(cx).map(|()| self.reason())
+    }
+    /// After a takeover: whether the new connection resumes this session (see the field).
+    pub fn resumed(&self) -> bool {
+        self.resumed.load(Ordering::Acquire)
     }
     /// The connection's keep alive deadline (`None`: none, or not counting while it pauses).
     pub fn set_deadline(&self, deadline: Option<tokio::time::Instant>) {
@@ -172,6 +205,9 @@ pub struct Claim {
     /// Whether a stored session was dropped because its expiry interval had passed (its queue,
     /// if the core has not expired it yet, must go too).
     pub expired: bool,
+    /// The will that session still held: it ended before this connection came, so the will is
+    /// due (its timers had not run yet).
+    pub ended_will: Option<DueWill>,
 }
 
 /// Client ids → live connections and stored sessions, per vhost.
@@ -205,9 +241,19 @@ impl Registry {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the client id for `connection`, kicking and waiting for a live holder. `group`
-    /// names the shutdown signal that ends the connection ([`Registry::shut_down`]).
-    pub async fn claim(&self, vhost: &str, client_id: &str, connection: ConnectionId, group: usize) -> Claim {
+    /// Takes the client id for `connection`, kicking and waiting for a live holder (until it
+    /// has released the id, so its session state, as its last packets left it, is what this
+    /// claim gets). `group` names the shutdown signal that ends the connection
+    /// ([`Registry::shut_down`]); `resume`: the new connection resumes the session (clean start
+    /// 0), which a connection taken over is told ([`Kick::resumed`]).
+    pub async fn claim(
+        &self,
+        vhost: &str,
+        client_id: &str,
+        connection: ConnectionId,
+        group: usize,
+        resume: bool,
+    ) -> Claim {
         let key = slot_key(vhost, client_id);
         let mut took_over = false;
         for _ in 0..2 {
@@ -220,6 +266,8 @@ impl Registry {
                 }
             };
             took_over = true;
+            // Before the kick, which publishes it (Release / Acquire on `why`).
+            old.resumed.store(resume, Ordering::Release);
             old.kick(Kicked::TakenOver);
             if tokio::time::timeout(TAKEOVER_WAIT, old.released()).await.is_err() {
                 tracing::warn!(client_id, "session takeover: the old connection did not hand over in time");
@@ -252,10 +300,11 @@ impl Registry {
             (Some(st), Some(at)) if st.expiry != u32::MAX => at.elapsed() >= Duration::from_secs(st.expiry as u64),
             _ => false,
         };
+        let mut ended_will = None;
         if expired {
-            stored = None;
+            ended_will = stored.take().and_then(|mut st| st.take_will());
         }
-        Claim { stored, kick, generation: slot.generation, took_over, expired }
+        Claim { stored, kick, generation: slot.generation, took_over, expired, ended_will }
     }
 
     /// Shutdown: every live connection of `group` is kicked, and so is any that claims an id
@@ -315,17 +364,19 @@ impl Registry {
         slot.generation
     }
 
-    /// The will of a stored session was published: forgets it, and returns the session's state
-    /// to store again (`None` when a connection resumed or the session ended meanwhile).
-    pub fn will_published(&self, vhost: &str, client_id: &str, generation: u64) -> Option<StoredSession> {
+    /// The delay of a stored session's will has passed (claim `generation` released it): takes
+    /// the will, to publish, and returns it with the session's state to store again without it.
+    /// `None` when a connection claimed the client id since (the will is gone with it), or the
+    /// session ended and its expiry took the will.
+    pub fn take_will(&self, vhost: &str, client_id: &str, generation: u64) -> Option<(DueWill, StoredSession)> {
         let mut slots = self.slots();
         let slot = slots.get_mut(&slot_key(vhost, client_id))?;
         if slot.generation != generation || slot.live.is_some() {
             return None;
         }
         let st = slot.stored.as_mut()?;
-        st.will = None;
-        Some((**st).clone())
+        let will = st.take_will()?;
+        Some((will, (**st).clone()))
     }
 
     /// Forgets a stored session (clean start, or its queue expired).
@@ -343,17 +394,18 @@ impl Registry {
     /// Ends a stored session whose expiry interval has passed: if no connection claimed the
     /// client id since claim `generation`, forgets the stored state and runs `end` (which
     /// deletes the session's queue) under the registry lock, so that a concurrent claim sees
-    /// either the whole session or none of it.
-    pub fn expire(&self, vhost: &str, client_id: &str, generation: u64, end: impl FnOnce()) -> bool {
+    /// either the whole session or none of it. `Some` when it ended, with the will it still
+    /// held: the session's end makes it due (5.0 §3.1.3.2.2), whichever timer runs first.
+    pub fn expire(&self, vhost: &str, client_id: &str, generation: u64, end: impl FnOnce()) -> Option<Option<DueWill>> {
         let mut slots = self.slots();
         let key = slot_key(vhost, client_id);
-        let Some(slot) = slots.get_mut(&key) else { return false };
+        let slot = slots.get_mut(&key)?;
         if slot.generation != generation || slot.live.is_some() || slot.stored.is_none() {
-            return false;
+            return None;
         }
-        slots.remove(&key);
+        let will = slots.remove(&key).and_then(|s| s.stored).and_then(|mut st| st.take_will());
         end();
-        true
+        Some(will)
     }
 
     /// The latest claim of a client id (see [`Claim::generation`]), 0 when none is known.
@@ -385,7 +437,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_claim_kicks_the_first_and_gets_its_state() {
         let r = Arc::new(Registry::new());
-        let first = r.claim("/", "c", ConnectionId(1), 0).await;
+        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
         assert!(first.stored.is_none());
         assert_eq!(r.connected(), 1);
         let r2 = r.clone();
@@ -394,7 +446,8 @@ mod tests {
             let stored = StoredSession { expiry: 60, ..Default::default() };
             r2.release("/", "c", ConnectionId(1), Some(stored));
         });
-        let second = tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", ConnectionId(2), 0)).await.unwrap();
+        let second =
+            tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", ConnectionId(2), 0, false)).await.unwrap();
         holder.await.unwrap();
         assert!(second.took_over);
         assert_eq!(second.stored.unwrap().expiry, 60);
@@ -405,7 +458,7 @@ mod tests {
     #[tokio::test]
     async fn release_by_a_stale_connection_is_ignored() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1), 0).await;
+        let _c = r.claim("/", "c", ConnectionId(1), 0, false).await;
         r.release("/", "c", ConnectionId(9), None);
         assert!(r.is_live("/", "c"));
         r.release("/", "c", ConnectionId(1), None);
@@ -416,28 +469,28 @@ mod tests {
     #[tokio::test]
     async fn a_stored_session_past_its_expiry_is_not_resumed() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1), 0).await;
+        let _c = r.claim("/", "c", ConnectionId(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 0, ..Default::default() }));
-        let again = r.claim("/", "c", ConnectionId(2), 0).await;
+        let again = r.claim("/", "c", ConnectionId(2), 0, false).await;
         assert!(again.stored.is_none() && again.expired);
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: u32::MAX, ..Default::default() }));
-        let never = r.claim("/", "c", ConnectionId(3), 0).await;
+        let never = r.claim("/", "c", ConnectionId(3), 0, false).await;
         assert!(never.stored.is_some() && !never.expired);
     }
 
     #[tokio::test]
     async fn expire_ends_only_a_session_nobody_resumed() {
         let r = Registry::new();
-        let first = r.claim("/", "c", ConnectionId(1), 0).await;
+        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 60, ..Default::default() }));
-        let second = r.claim("/", "c", ConnectionId(2), 0).await;
+        let second = r.claim("/", "c", ConnectionId(2), 0, false).await;
         assert!(r.claimed_since("/", "c", first.generation));
-        assert!(!r.expire("/", "c", first.generation, || panic!("resumed: must not end")));
+        assert!(r.expire("/", "c", first.generation, || panic!("resumed: must not end")).is_none());
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: 60, ..Default::default() }));
         let mut ended = false;
-        assert!(r.expire("/", "c", second.generation, || ended = true));
+        assert!(r.expire("/", "c", second.generation, || ended = true).is_some());
         assert!(ended && !r.claimed_since("/", "c", second.generation));
-        let third = r.claim("/", "c", ConnectionId(3), 0).await;
+        let third = r.claim("/", "c", ConnectionId(3), 0, false).await;
         assert!(third.stored.is_none());
         assert!(third.generation > second.generation, "claim numbers never repeat");
     }
@@ -445,9 +498,122 @@ mod tests {
     #[tokio::test]
     async fn ids_are_per_vhost() {
         let r = Registry::new();
-        let a = r.claim("/", "c", ConnectionId(1), 0).await;
-        let b = r.claim("other", "c", ConnectionId(2), 0).await;
+        let a = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let b = r.claim("other", "c", ConnectionId(2), 0, false).await;
         assert!(!a.took_over && !b.took_over);
         assert_eq!(r.connected(), 2);
+    }
+
+    fn will(topic: &str) -> crate::codec::Will {
+        crate::codec::Will {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: crate::codec::QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+        }
+    }
+
+    fn with_will(expiry: u32) -> StoredSession {
+        StoredSession { expiry, will: Some(will("w")), exchange: "amq.topic".into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn a_delayed_will_is_taken_once_when_nobody_came() {
+        let r = Registry::new();
+        let c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        r.release("/", "c", ConnectionId(1), Some(with_will(60)));
+        let (due, st) = r.take_will("/", "c", c.generation).expect("due");
+        assert_eq!(due.will.topic.as_str(), "w");
+        assert_eq!(due.exchange, "amq.topic");
+        assert!(st.will.is_none(), "stored again without it");
+        assert!(r.take_will("/", "c", c.generation).is_none(), "only once");
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_cancels_a_delayed_will_even_when_its_session_ends_first() {
+        // 07-will-delay-recover: the client comes back with clean start 1 inside the delay,
+        // then leaves with session expiry 0, which removes the client id's slot: the old will
+        // must not come at its deadline [MQTT-3.1.3-9].
+        let r = Registry::new();
+        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        r.release("/", "c", ConnectionId(1), Some(with_will(60)));
+        let second = r.claim("/", "c", ConnectionId(2), 0, false).await;
+        assert!(second.stored.is_some_and(|st| st.will.is_some()), "the new connection drops it");
+        r.release("/", "c", ConnectionId(2), None);
+        assert!(r.take_will("/", "c", first.generation).is_none());
+        assert!(r.expire("/", "c", first.generation, || panic!("nothing to end")).is_none());
+        // And one resumed and stored again: the old will is not in it any more.
+        let third = r.claim("/", "c", ConnectionId(3), 0, false).await;
+        r.release("/", "c", ConnectionId(3), Some(with_will(60)));
+        let fourth = r.claim("/", "c", ConnectionId(4), 0, true).await;
+        r.release("/", "c", ConnectionId(4), Some(StoredSession { expiry: 60, ..Default::default() }));
+        assert!(r.take_will("/", "c", third.generation).is_none());
+        assert!(r.take_will("/", "c", fourth.generation).is_none(), "no will was left");
+    }
+
+    #[tokio::test]
+    async fn the_session_end_publishes_a_will_still_waiting() {
+        let r = Registry::new();
+        let c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        r.release("/", "c", ConnectionId(1), Some(with_will(5)));
+        // The expiry timer ran before the will's (both due at the same time): it takes the will.
+        let ended = r.expire("/", "c", c.generation, || {}).expect("ended");
+        assert_eq!(ended.expect("the will").will.topic.as_str(), "w");
+        assert!(r.take_will("/", "c", c.generation).is_none(), "not twice");
+        // The will's timer first: the expiry finds none.
+        let c = r.claim("/", "c", ConnectionId(2), 0, false).await;
+        r.release("/", "c", ConnectionId(2), Some(with_will(5)));
+        assert!(r.take_will("/", "c", c.generation).is_some());
+        assert!(r.expire("/", "c", c.generation, || {}).expect("ended").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_claim_after_the_expiry_gets_the_will_that_was_due() {
+        let r = Registry::new();
+        let _c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        r.release("/", "c", ConnectionId(1), Some(with_will(0)));
+        let again = r.claim("/", "c", ConnectionId(2), 0, true).await;
+        assert!(again.expired && again.stored.is_none());
+        assert_eq!(again.ended_will.expect("due").will.topic.as_str(), "w");
+    }
+
+    #[tokio::test]
+    async fn a_takeover_tells_the_old_connection_whether_the_session_goes_on() {
+        for resume in [false, true] {
+            let r = Arc::new(Registry::new());
+            let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+            assert!(!first.kick.resumed());
+            let r2 = r.clone();
+            let holder = tokio::spawn(async move {
+                assert_eq!(first.kick.kicked().await, Kicked::TakenOver);
+                let resumed = first.kick.resumed();
+                r2.release("/", "c", ConnectionId(1), None);
+                resumed
+            });
+            let second = r.claim("/", "c", ConnectionId(2), 0, resume);
+            let second = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap();
+            assert!(second.took_over);
+            assert_eq!(holder.await.unwrap(), resume);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_for_the_old_connection_to_release() {
+        let r = Arc::new(Registry::new());
+        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let claiming = tokio::spawn({
+            let r = r.clone();
+            async move { r.claim("/", "c", ConnectionId(2), 0, true).await }
+        });
+        first.kick.kicked().await;
+        // Kicked, not yet released: the claim is still waiting, and the old connection's last
+        // word (a DISCONNECT with session expiry 0: nothing stored) decides what it gets.
+        tokio::task::yield_now().await;
+        assert!(!claiming.is_finished());
+        assert!(r.is_live("/", "c"));
+        r.release("/", "c", ConnectionId(1), None);
+        let second = tokio::time::timeout(Duration::from_secs(5), claiming).await.unwrap().unwrap();
+        assert!(second.took_over && second.stored.is_none());
     }
 }
