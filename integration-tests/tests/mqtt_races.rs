@@ -1,6 +1,7 @@
-//! Races between a client's connections (issue 14): a DISCONNECT sent just before a reconnect
-//! always counts (no will, no stale session), a will delay is cancelled by any new connection,
-//! and a takeover publishes the will only when the session ends.
+//! Races between a client's connections and between clients (issue 14): a DISCONNECT sent just
+//! before a reconnect always counts (no will, no stale session), a will delay is cancelled by any
+//! new connection, a takeover publishes the will only when the session ends, and a client that
+//! has its SUBACK gets every publish that arrives after it.
 //!
 //! The races need two workers: on one thread the connections' tasks run in the order they were
 //! woken, which hides them.
@@ -196,4 +197,67 @@ async fn a_takeover_publishes_the_will_only_when_the_session_ends() {
             clear.expect_close(None).await;
         }
     }
+}
+
+// ----- ordering across connections -------------------------------------------------------------
+
+/// `rounds` times: a subscriber (a new client each round, or the same client with a new topic
+/// each round, alternately) subscribes and has its SUBACK; then another client publishes QoS 1
+/// to the topic and has its PUBACK. The subscriber must get the message, every time.
+async fn publish_after_suback(version: ProtocolVersion, persistent: bool, rounds: usize) {
+    let server = TestServer::mqtt().await;
+    let addr = server.mqtt_addr();
+    let mut publisher = RawClient::connect_ok(addr, version, "order-pub", true).await;
+    let expiry = persistent.then_some(60);
+    let (mut same, _) = RawClient::connect(addr, connect(version, "order-same", !persistent, expiry)).await;
+    for round in 0..rounds {
+        let fresh = round % 2 == 0;
+        let topic = format!("order/{round}");
+        let mut new_client = None;
+        let sub = if fresh {
+            let id = format!("order-sub-{round}");
+            let (c, ack) = RawClient::connect(addr, connect(version, &id, !persistent, expiry)).await;
+            assert_eq!(ack.code, 0);
+            new_client.insert(c)
+        } else {
+            &mut same
+        };
+        let id = (round % 60000 + 1) as u16;
+        let ack = sub.subscribe(id, &topic, sub_options(QoS::AtLeastOnce)).await;
+        assert_eq!(ack.reasons, vec![1]);
+        publisher.publish(publish_packet(&topic, QoS::AtLeastOnce, id, b"after the SUBACK")).await;
+        let p = sub.recv_publish().await;
+        assert_eq!(p.topic.as_str(), topic, "round {round}");
+        sub.send(&Packet::PubAck(ferry_mqtt::codec::PubResp::ok(p.packet_id.unwrap()))).await;
+        if let Some(mut c) = new_client {
+            // A persistent session ends too (5.0: expiry 0; 3.1.1: a clean session replaces it).
+            c.send(&disconnect(version, Some(0))).await;
+            c.expect_close(None).await;
+            if persistent && version == V311 {
+                let mut clear = RawClient::connect_ok(addr, version, &format!("order-sub-{round}"), true).await;
+                clear.send(&disconnect(version, None)).await;
+                clear.expect_close(None).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_a_publish_after_the_suback_reaches_a_clean_subscriber() {
+    publish_after_suback(V5, false, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_a_publish_after_the_suback_reaches_a_persistent_subscriber() {
+    publish_after_suback(V5, true, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_a_publish_after_the_suback_reaches_a_clean_subscriber() {
+    publish_after_suback(V311, false, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_a_publish_after_the_suback_reaches_a_persistent_subscriber() {
+    publish_after_suback(V311, true, 200).await;
 }
