@@ -511,7 +511,7 @@ impl Conn {
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return Some(Close::Violation { reason: e.reason_code(), detail: e.to_string() }),
+                    Err(e) => return Some(self.undecodable(e)),
                 }
             }
             if budget == 0 {
@@ -594,15 +594,7 @@ impl Conn {
                         self.sizer.drained(&mut self.buf);
                         break;
                     }
-                    Err(e) => {
-                        // A server-to-client packet type (CONNACK, SUBACK, UNSUBACK, PINGRESP)
-                        // closes silently even when its flags are bad (see `Session::handle`);
-                        // the fixed header is refused before anything is taken from `buf`.
-                        if self.buf.first().is_some_and(|b| matches!(b >> 4, 2 | 9 | 11 | 13)) {
-                            self.session.close_quietly();
-                        }
-                        return Err(Close::Violation { reason: e.reason_code(), detail: e.to_string() });
-                    }
+                    Err(e) => return Err(self.undecodable(e)),
                 }
             }
             // §3.1.2.10: a whole control packet within 1.5 × the keep alive.
@@ -636,6 +628,17 @@ impl Conn {
             self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// What a packet that does not decode ends the connection with.
+    fn undecodable(&mut self, e: DecodeError) -> Close {
+        // A server-to-client packet type (CONNACK, SUBACK, UNSUBACK, PINGRESP) closes silently
+        // even when its flags are bad (see `Session::handle`); the fixed header is refused
+        // before anything is taken from `buf`.
+        if self.buf.first().is_some_and(|b| matches!(b >> 4, 2 | 9 | 11 | 13)) {
+            self.session.close_quietly();
+        }
+        Close::Violation { reason: e.reason_code(), detail: e.to_string() }
     }
 
     /// A read's outcome.
