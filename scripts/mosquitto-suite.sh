@@ -14,10 +14,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-# What this tree reaches (issue 14 asks for at least 92 of 99): 88, of which the 7 kept choices
-# are listed with their reasons in docs/conformance.md and 4 are the will / takeover races
-# (07-will-*) fixed on branch mqtt-races; raise this to 92 when those land.
-min_pass=${MOSQUITTO_MIN_PASS:-88}
+# What this tree reaches (issue 14 asks for at least 92 of 99): 90; the 9 others are kept
+# choices, listed with their reasons in docs/conformance.md (two of them, 07-will-delay and
+# 07-will-delay-reconnect, assert a will delay outliving a session that has ended).
+min_pass=${MOSQUITTO_MIN_PASS:-90}
 suite=${MOSQUITTO_SUITE:-$(dirname "$root")/shared/peer-suites/mosquitto}
 if [ ! -x "$suite/run.sh" ]; then
   echo "mosquitto-suite: FAILED: the suite is missing: $suite/run.sh (CI expects shared/ beside the clone;" \
