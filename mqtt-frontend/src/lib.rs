@@ -20,6 +20,7 @@
 pub use ferry_core::acl;
 pub mod codec;
 pub mod driver;
+pub mod errors;
 pub mod mapping;
 pub mod registry;
 pub mod session;

@@ -1,8 +1,6 @@
-//! The codec's one error type and its mapping to MQTT 5.0 reason codes.
+//! The codec's one error type; [`crate::errors`] maps it to MQTT 5.0 reason codes.
 
 use ferry_core::size::ByteSize;
-
-use super::packet::reason;
 
 /// Why a packet could not be decoded. After any error the connection must be closed (with a
 /// DISCONNECT or CONNACK carrying [`DecodeError::reason_code`] in 5.0); the decoder's buffer is
@@ -26,15 +24,10 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The MQTT 5.0 reason code to send in the CONNACK or DISCONNECT that closes the connection.
+    /// The MQTT 5.0 reason code to send in the CONNACK or DISCONNECT that closes the connection
+    /// (chosen by [`crate::errors`]' table).
     pub fn reason_code(&self) -> u8 {
-        match self {
-            DecodeError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
-            DecodeError::Malformed(_) => reason::MALFORMED_PACKET,
-            DecodeError::Protocol(_) => reason::PROTOCOL_ERROR,
-            DecodeError::UnsupportedProtocol { .. } => reason::UNSUPPORTED_PROTOCOL_VERSION,
-            DecodeError::TopicNameInvalid(_) => reason::TOPIC_NAME_INVALID,
-        }
+        crate::errors::MqttError::from(self).reason()
     }
 }
 
