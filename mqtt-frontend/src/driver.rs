@@ -29,9 +29,10 @@ use ferry_core::message::ConnectionId;
 use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
 
-use crate::codec::{reason, return_code, Connect, DecodeError, Decoder, Packet, ProtocolVersion};
+use crate::codec::{Connect, DecodeError, Decoder, Packet, ProtocolVersion};
+use crate::errors::MqttError;
 use crate::registry::{Kick, Kicked};
-use crate::session::{connect_refusal, publish_will, refuse, session_queue_name, Close, Session, SUBSCRIBE_SLICE};
+use crate::session::{publish_will, refuse, session_queue_name, Close, Session, SUBSCRIBE_SLICE};
 use crate::session_store::encode_session;
 use crate::topic::check_topic_name;
 use crate::Shared;
@@ -234,12 +235,7 @@ async fn establish(
         Ok(Err(DecodeError::UnsupportedProtocol { name, level })) => {
             // 3.1.1 §3.1.2.2 / 5.0 §3.1.2.2: answer in the 3.1.1 form, which both understand.
             let mut out = BytesMut::new();
-            refuse(
-                ProtocolVersion::V311,
-                0,
-                connect_refusal(ProtocolVersion::V311, reason::UNSUPPORTED_PROTOCOL_VERSION),
-                &mut out,
-            );
+            refuse(ProtocolVersion::V311, MqttError::UnsupportedProtocolVersion, &mut out);
             let _ = stream.write_all(&out).await;
             return protocol_refusal(ctx.id, peer, format!("unsupported protocol {name:?} level {level}"));
         }
@@ -250,11 +246,9 @@ async fn establish(
     let mut out = BytesMut::new();
 
     // Over a connection limit (the listener's or the broker's): refused before anything else,
-    // without a login check, a client id claim or any session state. 5.0 §3.2.2.2 0x97 Quota
-    // exceeded (as EMQX answers at its connection limit); 3.1.1 has no such code, and 3 Server
-    // unavailable is the closest.
+    // without a login check, a client id claim or any session state.
     if let Some(refusal) = &ctx.refusal {
-        refuse(version, reason::QUOTA_EXCEEDED, return_code::SERVER_UNAVAILABLE, &mut out);
+        refuse(version, MqttError::ConnectionLimit, &mut out);
         let _ = tokio::time::timeout(limits.handshake_timeout, stream.write_all(&out)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         debug!(conn = %ctx.id, %peer, client_id = connect.client_id.as_str(), ?version, "MQTT CONNECT refused: {refusal}");
@@ -263,13 +257,13 @@ async fn establish(
 
     // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
     if v5 && connect.properties.authentication_method.is_some() {
-        refuse(version, reason::BAD_AUTHENTICATION_METHOD, 0, &mut out);
+        refuse(version, MqttError::BadAuthenticationMethod, &mut out);
         let _ = stream.write_all(&out).await;
         return protocol_refusal(ctx.id, peer, "unsupported authentication method".into());
     }
     if let Some(w) = &connect.will {
         if check_topic_name(w.topic.as_str()).is_err() {
-            refuse(version, reason::TOPIC_NAME_INVALID, 0, &mut out);
+            refuse(version, MqttError::WillTopicInvalid, &mut out);
             if v5 {
                 let _ = stream.write_all(&out).await;
             }
@@ -281,7 +275,7 @@ async fn establish(
         // §3.1.3-8: an empty id needs clean session 1. Longer 3.1 ids are accepted, as
         // Mosquitto, EMQX and RabbitMQ do (docs/conformance.md).
         if version == ProtocolVersion::V31 || (!v5 && !connect.clean_start) {
-            refuse(version, 0, connect_refusal(version, reason::CLIENT_IDENTIFIER_NOT_VALID), &mut out);
+            refuse(version, MqttError::ClientIdentifierNotValid, &mut out);
             let _ = stream.write_all(&out).await;
             return protocol_refusal(ctx.id, peer, format!("empty client id in MQTT {}", version.name()));
         }
@@ -313,14 +307,14 @@ async fn establish(
     let identity = match result {
         Ok(identity) => identity,
         Err(e) => {
-            let v5_reason = match e {
-                AuthError::BadCredentials => reason::BAD_USER_NAME_OR_PASSWORD,
-                AuthError::NotAllowed(_) => reason::NOT_AUTHORIZED,
-                AuthError::Busy => reason::SERVER_BUSY,
-                // 5.0 §3.2.2.2 0x9F: the address failed too often (3.1.1: 3 Server unavailable).
-                AuthError::Throttled(_) => reason::CONNECTION_RATE_EXCEEDED,
+            let why = match e {
+                AuthError::BadCredentials => MqttError::BadUserNameOrPassword,
+                AuthError::NotAllowed(_) => MqttError::NotAuthorized,
+                AuthError::Busy => MqttError::ServerBusy,
+                // The address failed too often.
+                AuthError::Throttled(_) => MqttError::ConnectionRateExceeded,
             };
-            refuse(version, v5_reason, connect_refusal(version, v5_reason), &mut out);
+            refuse(version, why, &mut out);
             let _ = stream.write_all(&out).await;
             log_limited!(info, "MQTT login refused", conn = %ctx.id, %peer, client_id, user = username.as_deref().unwrap_or(""), "MQTT login refused: {e}");
             return Err(Err(ConnectionError::Protocol(format!("login refused: {e}"))));
@@ -332,7 +326,7 @@ async fn establish(
     if let Some(w) = &connect.will {
         // Mosquitto refuses a CONNECT whose will it could not publish.
         if !acl.can_write(user.as_deref(), &client_id, w.topic.as_str()) {
-            refuse(version, reason::NOT_AUTHORIZED, connect_refusal(version, reason::NOT_AUTHORIZED), &mut out);
+            refuse(version, MqttError::NotAuthorized, &mut out);
             let _ = stream.write_all(&out).await;
             log_limited!(info, "MQTT CONNECT refused", conn = %ctx.id, %peer, client_id, user = %identity.user, "MQTT CONNECT refused: will topic not authorized");
             return Err(Err(ConnectionError::Protocol("will topic not authorized".into())));
@@ -378,7 +372,7 @@ async fn establish(
         Ok(s) => s,
         Err(e) => {
             shared.registry.release(&vhost_name, &client_id, ctx.id, None);
-            refuse(version, reason::SERVER_UNAVAILABLE, connect_refusal(version, reason::SERVER_UNAVAILABLE), &mut out);
+            refuse(version, MqttError::ServerUnavailable, &mut out);
             let _ = stream.write_all(&out).await;
             // Not the client's doing (the store, say): not limited.
             info!(conn = %ctx.id, %peer, client_id, "MQTT session could not start: {e}");
@@ -433,10 +427,7 @@ impl Conn {
     async fn serve(&mut self) -> Close {
         if self.session.connack_withheld {
             // [MQTT-3.1.2-24]: the CONNACK exceeded the client's Maximum Packet Size.
-            return Close::Violation {
-                reason: reason::PACKET_TOO_LARGE,
-                detail: "the CONNACK is larger than the client's Maximum Packet Size".into(),
-            };
+            return MqttError::PacketTooLarge.close("the CONNACK is larger than the client's Maximum Packet Size");
         }
         loop {
             if let Err(close) = self.work().await {
@@ -638,7 +629,7 @@ impl Conn {
         if self.buf.first().is_some_and(|b| matches!(b >> 4, 2 | 9 | 11 | 13)) {
             self.session.close_quietly();
         }
-        Close::Violation { reason: e.reason_code(), detail: e.to_string() }
+        MqttError::from(&e).close(e.to_string())
     }
 
     /// A read's outcome.
@@ -766,9 +757,9 @@ impl Conn {
         match &close {
             Close::Violation { reason: r, detail } => session.send_disconnect(*r, detail),
             Close::TakenOver => {
-                session.send_disconnect(reason::SESSION_TAKEN_OVER, "another connection took this client id")
+                session.send_disconnect(MqttError::SessionTakenOver.reason(), "another connection took this client id")
             }
-            Close::Shutdown => session.send_disconnect(0x8B, "server shutting down"),
+            Close::Shutdown => session.send_disconnect(MqttError::ServerShuttingDown.reason(), "server shutting down"),
             Close::ClientDisconnect { .. } | Close::Lost => {}
         }
         // Acks still waiting for commits are sent if they complete promptly.
@@ -875,9 +866,7 @@ fn kicked(why: Kicked) -> Close {
     match why {
         Kicked::TakenOver => Close::TakenOver,
         Kicked::Shutdown => Close::Shutdown,
-        Kicked::KeepAlive => {
-            Close::Violation { reason: reason::KEEP_ALIVE_TIMEOUT, detail: "keep alive timeout".into() }
-        }
+        Kicked::KeepAlive => MqttError::KeepAliveTimeout.close("keep alive timeout"),
     }
 }
 

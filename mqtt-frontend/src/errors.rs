@@ -196,6 +196,15 @@ impl MqttError {
         }
     }
 
+    /// The code in an acknowledgement that is sent whatever it says (PUBACK, PUBREC, SUBACK):
+    /// [`MqttError::code`], or the 5.0 reason where 3.1.1 has none (the caller closes).
+    pub const fn ack_code(self, version: ProtocolVersion) -> u8 {
+        match self.code(version) {
+            Some(code) => code,
+            None => self.reason(),
+        }
+    }
+
     /// Closes the connection for this reason (5.0: DISCONNECT with [`MqttError::reason`]).
     pub fn close(self, detail: impl Into<String>) -> Close {
         Close::Violation { reason: self.reason(), detail: detail.into() }

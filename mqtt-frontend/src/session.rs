@@ -24,9 +24,10 @@ use ferry_core::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use ferry_core::CoreError;
 
 use crate::codec::{
-    encode, encoded_len, reason, return_code, ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubResp, Publish,
-    QoS, Str, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Will,
+    encode, encoded_len, reason, ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubResp, Publish, QoS, Str,
+    SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Will,
 };
+use crate::errors::MqttError;
 use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_publish};
 use crate::registry::{StoredSession, StoredSubscription};
 use crate::session_store::encode_session;
@@ -341,10 +342,16 @@ pub(crate) fn session_queue_name(client_id: &str) -> QueueName {
     QueueName::from(format!("mqtt-session.{client_id}"))
 }
 
-/// Encodes a CONNACK refusal into `out` (what a CONNECT gets when it is refused).
-pub fn refuse(version: ProtocolVersion, v5_reason: u8, v3_code: u8, out: &mut BytesMut) {
-    let code = if version == ProtocolVersion::V5 { v5_reason } else { v3_code };
-    encode(&Packet::ConnAck(ConnAck { session_present: false, code, properties: Default::default() }), version, out);
+/// Encodes a CONNACK refusal into `out` (what a CONNECT gets when it is refused); nothing when
+/// `version` closes without a packet for `why` (see [`MqttError::codes`]).
+pub fn refuse(version: ProtocolVersion, why: MqttError, out: &mut BytesMut) {
+    if let Some(code) = why.code(version) {
+        encode(
+            &Packet::ConnAck(ConnAck { session_present: false, code, properties: Default::default() }),
+            version,
+            out,
+        );
+    }
 }
 
 impl Session {
@@ -662,7 +669,7 @@ impl Session {
     /// message stays unacknowledged and is sent again to a persistent session.
     fn wrong_ack(&mut self, detail: &str) -> Close {
         self.quiet = true;
-        Close::Violation { reason: reason::PROTOCOL_ERROR, detail: detail.into() }
+        MqttError::ProtocolError.close(detail)
     }
 
     /// The connection is to close without a DISCONNECT (see the `quiet` field).
@@ -745,10 +752,8 @@ impl Session {
                 if self.is_v5() {
                     if let Some(e) = d.properties.session_expiry_interval {
                         if self.session_expiry == 0 && e > 0 {
-                            return Err(Close::Violation {
-                                reason: reason::PROTOCOL_ERROR,
-                                detail: "session expiry cannot be set on DISCONNECT when it was 0 at CONNECT".into(),
-                            });
+                            return Err(MqttError::ProtocolError
+                                .close("session expiry cannot be set on DISCONNECT when it was 0 at CONNECT"));
                         }
                         self.session_expiry = e;
                     }
@@ -760,19 +765,13 @@ impl Session {
                 // connection. Closed without a DISCONNECT, as Mosquitto does (5.0 §4.13 makes it
                 // optional): the client is past listening to this connection (docs/conformance.md).
                 self.quiet = true;
-                Err(Close::Violation { reason: reason::PROTOCOL_ERROR, detail: "second CONNECT".into() })
+                Err(MqttError::ProtocolError.close("second CONNECT"))
             }
-            Packet::Auth(_) => Err(Close::Violation {
-                reason: reason::PROTOCOL_ERROR,
-                detail: "AUTH without an authentication method".into(),
-            }),
+            Packet::Auth(_) => Err(MqttError::ProtocolError.close("AUTH without an authentication method")),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 // Closed without a DISCONNECT, like a second CONNECT.
                 self.quiet = true;
-                Err(Close::Violation {
-                    reason: reason::PROTOCOL_ERROR,
-                    detail: "a server-to-client packet from the client".into(),
-                })
+                Err(MqttError::ProtocolError.close("a server-to-client packet from the client"))
             }
         }
     }
@@ -782,36 +781,27 @@ impl Session {
         // Topic aliases (5.0 §3.3.2.3.4).
         if let Some(alias) = p.properties.topic_alias {
             if alias == 0 || alias > self.settings.topic_alias_maximum {
-                return Err(Close::Violation {
-                    reason: reason::TOPIC_ALIAS_INVALID,
-                    detail: format!("topic alias {alias}"),
-                });
+                return Err(MqttError::TopicAliasInvalid.close(format!("topic alias {alias}")));
             }
             if p.topic.is_empty() {
                 match self.extras.as_ref().and_then(|e| e.inbound_aliases.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
-                    None => {
-                        return Err(Close::Violation {
-                            reason: reason::PROTOCOL_ERROR,
-                            detail: format!("unknown topic alias {alias}"),
-                        })
-                    }
+                    None => return Err(MqttError::ProtocolError.close(format!("unknown topic alias {alias}"))),
                 }
             } else {
                 self.extras().inbound_aliases.insert(alias, p.topic.clone());
             }
         }
         if let Err(e) = check_topic_name(p.topic.as_str()) {
-            // Deeper than MAX_LEVELS: a protocol error, as Mosquitto closes (0x82) past its
-            // limit of 200; the rest (empty, `$share/`) are invalid names (0x90).
-            let code = if e == TopicError::TooDeep { reason::PROTOCOL_ERROR } else { reason::TOPIC_NAME_INVALID };
-            return Err(Close::Violation { reason: code, detail: e.to_string() });
+            // Deeper than MAX_LEVELS: a protocol error, as Mosquitto closes past its limit of
+            // 200; the rest (empty, `$share/`) are invalid names.
+            let why = if e == TopicError::TooDeep { MqttError::TopicTooDeep } else { MqttError::TopicNameInvalid };
+            return Err(why.close(e.to_string()));
         }
         if v5 && p.qos > QoS::AtMostOnce && self.unacked_inbound() >= self.settings.receive_maximum as usize {
-            return Err(Close::Violation {
-                reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
-                detail: "more QoS 1/2 publishes in flight than Receive Maximum".into(),
-            });
+            return Err(
+                MqttError::ReceiveMaximumExceeded.close("more QoS 1/2 publishes in flight than Receive Maximum")
+            );
         }
         let id = p.packet_id.unwrap_or(0);
         if p.qos == QoS::ExactlyOnce && self.extras.as_ref().is_some_and(|e| e.incoming_qos2.contains(&id)) {
@@ -828,7 +818,7 @@ impl Session {
             // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
             // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
             tracing::debug!(client_id = %self.client_id, topic = %p.topic.as_str(), "publish denied by the ACL");
-            let code = if v5 { reason::NOT_AUTHORIZED } else { reason::SUCCESS };
+            let code = MqttError::PublishNotAuthorized.ack_code(self.version);
             let packet = PubResp { packet_id: id, reason: code, properties: Default::default() };
             match p.qos {
                 QoS::AtMostOnce => {}
@@ -840,14 +830,18 @@ impl Session {
         }
         if v5 && p.qos > QoS::AtMostOnce && *self.disk_alarm.borrow() {
             // The disk alarm: refused, not routed (QoS 0 is never stored, so it still goes).
-            let packet = PubResp { packet_id: id, reason: reason::QUOTA_EXCEEDED, properties: Default::default() };
+            let packet = PubResp {
+                packet_id: id,
+                reason: MqttError::PublishQuotaExceeded.reason(),
+                properties: Default::default(),
+            };
             let packet = if p.qos == QoS::AtLeastOnce { Packet::PubAck(packet) } else { Packet::PubRec(packet) };
             self.queue_ack(Commit::done(Ok(())), packet);
             return Ok(());
         }
         let (routed, rejected, mut commit) = self.route(&p, p.topic.as_str(), now);
         let code = if rejected {
-            reason::QUOTA_EXCEEDED
+            MqttError::PublishQuotaExceeded.ack_code(self.version)
         } else if routed == 0 && v5 && p.qos == QoS::AtLeastOnce {
             // 5.0 §3.4.2.1 / §3.5.2.1: 0x10 is a MAY. PUBACK says it; PUBREC says 0x00, as
             // Mosquitto does (it routes a QoS 2 message at PUBREL) and its tests expect.
@@ -929,18 +923,15 @@ impl Session {
             (true, p) => p,
             // A failed commit: 5.0 clients are told.
             (false, Packet::PubAck(mut r)) if self.is_v5() => {
-                r.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+                r.reason = MqttError::StoreFailed.reason();
                 Packet::PubAck(r)
             }
             (false, Packet::PubRec(mut r)) if self.is_v5() => {
-                r.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+                r.reason = MqttError::StoreFailed.reason();
                 Packet::PubRec(r)
             }
             (false, Packet::PubAck(_) | Packet::PubRec(_)) => {
-                return Err(Close::Violation {
-                    reason: reason::IMPLEMENTATION_SPECIFIC_ERROR,
-                    detail: "a publish could not be stored".into(),
-                })
+                return Err(MqttError::StoreFailed.close("a publish could not be stored"))
             }
             // The subscription (or the freed QoS 2 id) works in memory; only its storage failed.
             (false, p) => p,
@@ -984,10 +975,10 @@ impl Session {
                 return Err(self.wrong_ack("PUBREC for a QoS 1 message"));
             }
             None => {
-                if self.is_v5() {
+                if let Some(code) = MqttError::PacketIdentifierNotFound.code(self.version) {
                     self.send(Packet::PubRel(PubResp {
                         packet_id: r.packet_id,
-                        reason: reason::PACKET_IDENTIFIER_NOT_FOUND,
+                        reason: code,
                         properties: Default::default(),
                     }));
                 }
@@ -1051,15 +1042,13 @@ impl Session {
             return Ok(());
         }
         let PendingSubscribe { packet_id, mut reasons, refused, retained, .. } = *pending;
-        let quota = self.quota_exceeded();
+        let quota = self.suback_refusal(MqttError::SubscriptionQuotaExceeded);
         reasons.resize(reasons.len() + refused, quota);
         if self.version == ProtocolVersion::V31 && reasons.iter().any(|&r| r > 2) {
             // 3.1's SUBACK has no failure code (0x80 came with 3.1.1): a 3.1 client would take
             // it for a granted QoS. The only refusal left is closing (docs/conformance.md).
-            return Err(Close::Violation {
-                reason: reason::UNSPECIFIED_ERROR,
-                detail: "a topic filter was refused and MQTT 3.1 cannot say so in its SUBACK".into(),
-            });
+            let why = MqttError::SubscribeRefusedIn31;
+            return Err(why.close(why.to_string()));
         }
         // A persistent session's subscriptions are stored before the SUBACK: what a client was
         // told it subscribed to survives a crash.
@@ -1077,13 +1066,9 @@ impl Session {
         Ok(())
     }
 
-    /// The SUBACK code for a refusal over a subscription limit.
-    fn quota_exceeded(&self) -> u8 {
-        if self.is_v5() {
-            reason::QUOTA_EXCEEDED
-        } else {
-            return_code::SUBSCRIBE_FAILURE
-        }
+    /// The SUBACK code for a refused topic filter.
+    fn suback_refusal(&self, why: MqttError) -> u8 {
+        why.ack_code(self.version)
     }
 
     /// One filter of a SUBSCRIBE: its SUBACK code.
@@ -1096,23 +1081,18 @@ impl Session {
         now: Millis,
     ) -> Result<u8, Close> {
         let filter = match Filter::parse(text.as_str()) {
-            // A well-formed filter we do not take (a `$share/` without group or filter): 5.0's
-            // 0x8F is for "correctly formed" filters.
-            Err(TopicError::BadShare) if self.is_v5() => return Ok(reason::TOPIC_FILTER_INVALID),
-            Err(TopicError::BadShare) => return Ok(return_code::SUBSCRIBE_FAILURE),
+            // A well-formed filter we do not take (a `$share/` without group or filter).
+            Err(TopicError::BadShare) => return Ok(self.suback_refusal(MqttError::SharedFilterInvalid)),
             Err(e) => return Err(malformed_filter(&text, e)),
             Ok(filter) => filter,
         };
         if !self.settings.acl.can_subscribe(self.settings.user.as_deref(), &self.client_id, &filter.topic_filter) {
             tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe denied by the ACL");
-            return Ok(reason::NOT_AUTHORIZED);
+            return Ok(self.suback_refusal(MqttError::SubscribeNotAuthorized));
         }
         if self.is_v5() && filter.share_group.is_some() && options.no_local {
             // 5.0 §3.8.3.1: No Local on a shared subscription is a protocol error.
-            return Err(Close::Violation {
-                reason: reason::PROTOCOL_ERROR,
-                detail: "No Local on a shared subscription".into(),
-            });
+            return Err(MqttError::ProtocolError.close("No Local on a shared subscription"));
         }
         let limit = self.settings.max_subscriptions_per_client as usize;
         if limit > 0 {
@@ -1120,14 +1100,14 @@ impl Session {
             // A resubscription replaces the subscription: it does not count.
             if !existing && count >= limit {
                 tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe over max_subscriptions_per_client");
-                return Ok(self.quota_exceeded());
+                return Ok(self.suback_refusal(MqttError::SubscriptionQuotaExceeded));
             }
         }
         match self.add_subscription(filter, options, identifier, Some(retained), now) {
             Ok(()) => Ok(options.qos as u8),
             Err(e) => {
                 tracing::warn!(client_id = %self.client_id, error = %e, "subscribe failed");
-                Ok(if self.is_v5() { reason::IMPLEMENTATION_SPECIFIC_ERROR } else { return_code::SUBSCRIBE_FAILURE })
+                Ok(self.suback_refusal(MqttError::SubscribeFailed))
             }
         }
     }
@@ -1562,7 +1542,7 @@ impl Session {
 /// SUBACK 0x8F is for correctly formed filters), which closes the connection (5.0: DISCONNECT
 /// 0x81), as Mosquitto does; 3.1.1 §4.8 closes on a protocol violation too.
 fn malformed_filter(filter: &Str, e: TopicError) -> Close {
-    Close::Violation { reason: reason::MALFORMED_PACKET, detail: format!("topic filter {filter:?}: {e}") }
+    MqttError::MalformedPacket.close(format!("topic filter {filter:?}: {e}"))
 }
 
 fn packet_id(p: &Packet) -> u16 {
@@ -1590,20 +1570,6 @@ pub fn publish_will(vhost: &VHost, exchange: &ShortString, will: &Will, connecti
     }
     if let Err(e) = vhost.publish(exchange, message, now) {
         tracing::warn!(error = %e, "will message refused by the core");
-    }
-}
-
-/// The 3.1.1 return code or 5.0 reason for a refused CONNECT.
-pub fn connect_refusal(version: ProtocolVersion, v5_reason: u8) -> u8 {
-    if version == ProtocolVersion::V5 {
-        return v5_reason;
-    }
-    match v5_reason {
-        reason::UNSUPPORTED_PROTOCOL_VERSION => return_code::UNACCEPTABLE_PROTOCOL_VERSION,
-        reason::CLIENT_IDENTIFIER_NOT_VALID => return_code::IDENTIFIER_REJECTED,
-        reason::BAD_USER_NAME_OR_PASSWORD => return_code::BAD_USER_NAME_OR_PASSWORD,
-        reason::NOT_AUTHORIZED => return_code::NOT_AUTHORIZED,
-        _ => return_code::SERVER_UNAVAILABLE,
     }
 }
 
