@@ -13,6 +13,10 @@
 //!    ids (takeover) and persistent session state between connections.
 //! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced.
 //!
+//! [`errors`] names what the session and the driver refuse or close for ([`errors::MqttError`])
+//! and holds the one table that chooses its MQTT 5.0 reason code and its 3.1.1 / 3.1 answer
+//! among the codec's wire values (`codec::reason`, `codec::return_code`).
+//!
 //! [`sys`] publishes `$SYS/broker/...` statistics.
 
 /// The topic ACL lives in the core (AMQP connections are held to it on MQTT exchanges too);
