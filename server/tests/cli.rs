@@ -1,16 +1,15 @@
 //! The `ferry` binary, run as a user would.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{read_lines, Serving, FERRY, PATIENCE};
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
-
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-/// Generous: a debug build on a loaded machine.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Runs `ferry args…` in `dir` to completion (killed if it outlives [`PATIENCE`]).
 fn ferry(dir: &Path, args: &[&str]) -> Output {
@@ -46,49 +45,11 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     name.to_string()
 }
 
-/// Kills the child if the test fails before it exits by itself.
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn no_arguments_serves_the_default_ports_and_exits_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(FERRY)
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferry");
-    let pid = child.id();
-    let log = child.stderr.take().unwrap();
-    let mut running = Running(Some(child));
-
-    let (lines_tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(log).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        match lines.recv_timeout(PATIENCE) {
-            Ok(line) if line.contains("ferry ready") => break,
-            Ok(line) => seen.push(line),
-            Err(e) => panic!("ferry did not become ready ({e}); its log:\n{}", seen.join("\n")),
-        }
-    }
+    let mut ferry = Serving::start(dir.path(), &[]);
+    ferry.wait_for("ferry ready", |l| l.contains("ferry ready").then_some(()));
 
     assert!(dir.path().join("ferry-data").is_dir(), "data directory not created");
 
@@ -111,15 +72,7 @@ fn no_arguments_serves_the_default_ports_and_exits_cleanly_on_sigterm() {
     assert_eq!(reply, [0x20, 0x02, 0x00, 0x00]);
 
     drop((amqp, mqtt));
-    let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(killed.success());
-    let mut child = running.0.take().unwrap();
-    let (status_tx, status) = mpsc::channel::<ExitStatus>();
-    thread::spawn(move || {
-        let _ = status_tx.send(child.wait().unwrap());
-    });
-    // Default grace is 10 s; nothing is connected, so it should be far quicker.
-    let status = status.recv_timeout(Duration::from_secs(10)).expect("ferry did not exit after SIGTERM");
+    let (status, _) = ferry.stop();
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -290,39 +243,9 @@ fn sighup_reloads_the_config_file_and_never_stops_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let listener = "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n";
     let file = write(dir.path(), "ferry.toml", &format!("[broker]\ndata_dir = \"data\"\n{listener}"));
-    let mut child = Command::new(FERRY)
-        .args(["--config", &file])
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferry");
-    let pid = child.id().to_string();
-    let log = child.stderr.take().unwrap();
-    let mut running = Running(Some(child));
-    let (lines_tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(log).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let mut wait_for = |what: &str| loop {
-        match lines.recv_timeout(PATIENCE) {
-            Ok(line) => {
-                let found = line.contains(what);
-                seen.push(line);
-                if found {
-                    return seen.last().unwrap().clone();
-                }
-            }
-            Err(e) => panic!("no {what:?} in ferry's log ({e}):\n{}", seen.join("\n")),
-        }
-    };
+    let mut ferry = Serving::start(dir.path(), &["--config", &file]);
+    let pid = ferry.pid().to_string();
+    let mut wait_for = |what: &str| ferry.wait_for(what, |l| l.contains(what).then(|| l.to_string()));
     let hup = || assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     wait_for("ferry ready");
 
@@ -347,13 +270,7 @@ fn sighup_reloads_the_config_file_and_never_stops_the_server() {
     hup();
     wait_for("reload refused");
 
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let mut child = running.0.take().unwrap();
-    let (status_tx, status) = mpsc::channel::<ExitStatus>();
-    thread::spawn(move || {
-        let _ = status_tx.send(child.wait().unwrap());
-    });
-    let status = status.recv_timeout(Duration::from_secs(10)).expect("ferry did not exit after SIGTERM");
+    let (status, _) = ferry.stop();
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -362,76 +279,6 @@ fn hash(dir: &Path, password: &str) -> String {
     let out = ferry_with_input(dir, &["passwd"], format!("{password}\n").as_bytes());
     assert!(out.status.success(), "{}", stderr(&out));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// `ferry args…` serving in `dir`, its log lines (from stderr) coming through a channel.
-struct Serving {
-    running: Running,
-    lines: mpsc::Receiver<String>,
-    /// Every line received so far, for failure messages.
-    seen: Vec<String>,
-}
-
-impl Serving {
-    fn start(dir: &Path, args: &[&str]) -> Serving {
-        let mut child = Command::new(FERRY)
-            .args(args)
-            .current_dir(dir)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry");
-        let log = child.stderr.take().unwrap();
-        Serving { running: Running(Some(child)), lines: read_lines(log), seen: Vec::new() }
-    }
-
-    /// The next line `matches` accepts, skipping the others (within [`PATIENCE`]).
-    fn wait_for<T>(&mut self, what: &str, mut matches: impl FnMut(&str) -> Option<T>) -> T {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = matches(&line);
-                    self.seen.push(line);
-                    if let Some(found) = found {
-                        return found;
-                    }
-                }
-                Err(e) => panic!("no {what} ({e}); the log:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// SIGTERM, then the exit status and every line it wrote to stderr.
-    fn stop(mut self) -> (ExitStatus, Vec<String>) {
-        let mut child = self.running.0.take().unwrap();
-        let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-        assert!(killed.success());
-        let (tx, status) = mpsc::channel();
-        thread::spawn(move || {
-            let _ = tx.send(child.wait().unwrap());
-        });
-        let status = status.recv_timeout(PATIENCE).expect("ferry did not exit after SIGTERM");
-        // It exited: its stderr is closed, so the reader ends.
-        self.seen.extend(self.lines.iter());
-        (status, self.seen)
-    }
-}
-
-/// The lines of `from`, through a channel (a thread reads them).
-fn read_lines(from: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// A JSON log line's event if its message is `message` (every line must be JSON).

@@ -2,24 +2,14 @@
 //! on tokio's blocking pool 40 logins took the broker from 8 MB to 670 MB of RSS, never given
 //! back. The `ferry` binary is run as a user would, and its RSS read from /proc.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-const PATIENCE: Duration = Duration::from_secs(30);
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Serving, PATIENCE};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
@@ -61,33 +51,9 @@ fn rss_after_many_logins_stays_where_it_was() {
          [[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n"
     );
     std::fs::write(dir.path().join("ferry.toml"), config).unwrap();
-    let mut child = Command::new(FERRY)
-        .args(["--config", "ferry.toml"])
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferry");
-    let pid = child.id();
-    let log = child.stderr.take().unwrap();
-    let _running = Running(child);
-    let (tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(log).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        match lines.recv_timeout(PATIENCE) {
-            Ok(line) if line.contains("ferry ready") => break,
-            Ok(_) => {}
-            Err(e) => panic!("ferry did not become ready: {e}"),
-        }
-    }
+    let mut ferry = Serving::start(dir.path(), &["--config", "ferry.toml"]);
+    let pid = ferry.pid();
+    ferry.wait_for("ferry ready", |l| l.contains("ferry ready").then_some(()));
 
     let before = rss_kib(pid);
     // Eight clients at a time, more than the checks that run at once.
