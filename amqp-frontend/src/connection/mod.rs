@@ -506,22 +506,7 @@ impl Connection {
         match self.channels.get_mut(&ch) {
             None => {
                 if let Method::ChannelOpen(_) = m {
-                    // channel_max bounds how many channels are open, not their numbers: RabbitMQ
-                    // opens channel 65535 under channel_max 2047, and refuses one channel more
-                    // than negotiated with this connection error (class and method 0, as it sends).
-                    if self.channels.len() >= usize::from(self.channel_max) {
-                        return Err(AmqpError::new(
-                            reply_code::NOT_ALLOWED,
-                            format!(
-                                "number of channels opened ({}) has reached the negotiated channel_max ({})",
-                                self.channels.len(),
-                                self.channel_max
-                            ),
-                        ));
-                    }
-                    self.channels.insert(ch, Channel::new(ch));
-                    self.send(ch, Method::ChannelOpenOk(ChannelOpenOk { channel_id: Bytes::new() }));
-                    return Ok(());
+                    return self.open_channel(ch);
                 }
                 Err(AmqpError::new(reply_code::CHANNEL_ERROR, format!("expected 'channel.open' on channel {ch}"))
                     .on(class_id, method_id))
@@ -746,399 +731,364 @@ impl Connection {
     fn exchange_argument(arguments: &FieldTable, key: &str) -> Option<ShortString> {
         arguments.get(key).and_then(|v| v.as_str()).map(ShortString::from)
     }
-
+    /// A method on an open channel, dispatched to its class's handler (one file per class).
     fn on_channel_method(&mut self, ch: u16, m: Method, now: Millis) -> Result<(), AmqpError> {
-        let conn = self.id;
         match m {
             Method::ChannelOpen(_) => {
                 Err(AmqpError::new(reply_code::CHANNEL_ERROR, format!("second 'channel.open' seen on channel {ch}")))
             }
-            Method::ChannelClose(c) => {
-                tracing::debug!(conn = %self.id, channel = ch, code = c.reply_code, text = %c.reply_text, "client closed a channel");
-                self.release_channel(ch, now);
-                self.channels.remove(&ch);
-                self.send(ch, Method::ChannelCloseOk(ChannelCloseOk {}));
-                Ok(())
-            }
+            Method::ChannelClose(c) => self.on_channel_close(ch, c, now),
             Method::ChannelCloseOk(_) => Ok(()),
-            Method::ChannelFlow(f) => {
-                let credit = self.channel(ch).credit.clone();
-                credit.paused.store(!f.active, Ordering::Relaxed);
-                self.send(ch, Method::ChannelFlowOk(ChannelFlowOk { active: f.active }));
-                if f.active {
-                    self.pump_channel_queues(ch, now);
-                }
-                Ok(())
-            }
+            Method::ChannelFlow(f) => self.on_channel_flow(ch, f, now),
             Method::ChannelFlowOk(_) => Ok(()),
-            Method::AccessRequest(_) => {
-                self.send(ch, Method::AccessRequestOk(AccessRequestOk { ticket: 1 }));
-                Ok(())
-            }
+            Method::AccessRequest(_) => self.on_access_request(ch),
 
-            // ----- exchanges -----
-            Method::ExchangeDeclare(d) => {
-                if !d.passive && self.restricted() {
-                    self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
-                    if let Some(ae) = Self::exchange_argument(&d.arguments, "alternate-exchange") {
-                        self.authorize(Permission::Read, Resource::Exchange, &d.exchange)?;
-                        self.authorize(Permission::Write, Resource::Exchange, &ae)?;
-                        // Unroutable messages go there with whatever key they have.
-                        self.authorize_route_into(&ae, "#")?;
-                    }
-                }
-                let decl = ExchangeDeclare {
-                    name: d.exchange.clone(),
-                    kind: d.kind.to_string_lossy(),
-                    passive: d.passive,
-                    options: ExchangeOptions {
-                        durable: d.durable,
-                        auto_delete: d.auto_delete,
-                        internal: d.internal,
-                        arguments: d.arguments,
-                    },
-                };
-                self.vhost().declare_exchange(decl)?;
-                if !d.nowait {
-                    self.send(ch, Method::ExchangeDeclareOk(ExchangeDeclareOk {}));
-                }
-                Ok(())
-            }
-            Method::ExchangeDelete(d) => {
-                if self.restricted() {
-                    self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
-                }
-                self.vhost().delete_exchange(&d.exchange, d.if_unused)?;
-                if !d.nowait {
-                    self.send(ch, Method::ExchangeDeleteOk(ExchangeDeleteOk {}));
-                }
-                Ok(())
-            }
-            Method::ExchangeBind(b) => {
-                if self.restricted() {
-                    self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
-                    self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
-                    self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
-                    self.authorize_route_into(&b.destination, &b.routing_key.to_string_lossy())?;
-                }
-                let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-                self.vhost().bind_exchange(&b.destination, &b.source, key)?;
-                if !b.nowait {
-                    self.send(ch, Method::ExchangeBindOk(ExchangeBindOk {}));
-                }
-                Ok(())
-            }
-            Method::ExchangeUnbind(b) => {
-                if self.restricted() {
-                    self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
-                    self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
-                    self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
-                }
-                let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-                self.vhost().unbind_exchange(&b.destination, &b.source, key)?;
-                if !b.nowait {
-                    self.send(ch, Method::ExchangeUnbindOk(ExchangeUnbindOk {}));
-                }
-                Ok(())
-            }
+            Method::ExchangeDeclare(d) => self.on_exchange_declare(ch, d),
+            Method::ExchangeDelete(d) => self.on_exchange_delete(ch, d),
+            Method::ExchangeBind(b) => self.on_exchange_bind(ch, b),
+            Method::ExchangeUnbind(b) => self.on_exchange_unbind(ch, b),
 
-            // ----- queues -----
-            Method::QueueDeclare(d) if d.queue.as_bytes().starts_with(REPLY_TO.as_bytes()) => {
-                self.declare_reply_to(ch, d.queue, d.nowait)
-            }
-            Method::QueueDeclare(d) => {
-                let mut name = if d.passive && d.queue.is_empty() { self.queue_name(ch, d.queue)? } else { d.queue };
-                // A server-named queue is checked under the name it will get, as RabbitMQ does.
-                let mut server_named = false;
-                if !d.passive && self.restricted() {
-                    if name.is_empty() {
-                        name = generated_queue_name();
-                        server_named = true;
-                    }
-                    self.authorize(Permission::Configure, Resource::Queue, &name)?;
-                    if let Some(dlx) = Self::exchange_argument(&d.arguments, "x-dead-letter-exchange") {
-                        self.authorize(Permission::Read, Resource::Queue, &name)?;
-                        self.authorize(Permission::Write, Resource::Exchange, &dlx)?;
-                        // Dead letters go there with the configured key, or their own (any).
-                        let key = d.arguments.get("x-dead-letter-routing-key").and_then(|v| v.as_str());
-                        let key = key.map(str::to_string).unwrap_or_else(|| "#".to_string());
-                        self.authorize_route_into(&dlx, &key)?;
-                    }
-                }
-                if !d.passive {
-                    self.guard_mqtt_queue(&name, QueueUse::Declare)?;
-                }
-                let options = QueueOptions {
-                    durable: d.durable,
-                    exclusive: d.exclusive.then_some(conn),
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments,
-                };
-                let decl = QueueDeclare { name, passive: d.passive, options, connection: conn };
-                let declared = if server_named {
-                    self.vhost().declare_reserved_queue(decl, now)?
-                } else {
-                    self.vhost().declare_queue(decl, now)?
-                };
-                let qname = declared.queue.name().clone();
-                self.channel(ch).last_queue = Some(qname.clone());
-                if !d.nowait {
-                    self.send(
-                        ch,
-                        Method::QueueDeclareOk(QueueDeclareOk {
-                            queue: qname,
-                            message_count: declared.stats.ready,
-                            consumer_count: declared.stats.consumers,
-                        }),
-                    );
-                }
-                Ok(())
-            }
-            Method::QueueBind(b) => {
-                let q = self.queue_name(ch, b.queue)?;
-                if self.restricted() {
-                    self.authorize(Permission::Write, Resource::Queue, &q)?;
-                    self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
-                    self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
-                }
-                self.guard_mqtt_queue(&q, QueueUse::Bind)?;
-                let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-                self.vhost().bind_queue(&q, &b.exchange, key, conn)?;
-                if !b.nowait {
-                    self.send(ch, Method::QueueBindOk(QueueBindOk {}));
-                }
-                Ok(())
-            }
-            Method::QueueUnbind(b) => {
-                let q = self.queue_name(ch, b.queue)?;
-                if self.restricted() {
-                    self.authorize(Permission::Write, Resource::Queue, &q)?;
-                    self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
-                    self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
-                }
-                self.guard_mqtt_queue(&q, QueueUse::Unbind)?;
-                let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-                self.vhost().unbind_queue(&q, &b.exchange, key, conn)?;
-                self.send(ch, Method::QueueUnbindOk(QueueUnbindOk {}));
-                Ok(())
-            }
-            Method::QueuePurge(p) => {
-                let q = self.queue_name(ch, p.queue)?;
-                if self.restricted() {
-                    self.authorize(Permission::Read, Resource::Queue, &q)?;
-                }
-                self.guard_mqtt_queue(&q, QueueUse::Purge)?;
-                let n = self.vhost().purge_queue(&q, conn, now)?;
-                if !p.nowait {
-                    self.send(ch, Method::QueuePurgeOk(QueuePurgeOk { message_count: n }));
-                }
-                Ok(())
-            }
-            Method::QueueDelete(d) => {
-                let q = self.queue_name(ch, d.queue)?;
-                if self.restricted() {
-                    self.authorize(Permission::Configure, Resource::Queue, &q)?;
-                }
-                self.guard_mqtt_queue(&q, QueueUse::Delete)?;
-                let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty)?;
-                if !d.nowait {
-                    self.send(ch, Method::QueueDeleteOk(QueueDeleteOk { message_count: n }));
-                }
-                Ok(())
-            }
+            Method::QueueDeclare(d) => self.on_queue_declare(ch, d, now),
+            Method::QueueBind(b) => self.on_queue_bind(ch, b),
+            Method::QueueUnbind(b) => self.on_queue_unbind(ch, b),
+            Method::QueuePurge(p) => self.on_queue_purge(ch, p, now),
+            Method::QueueDelete(d) => self.on_queue_delete(ch, d),
 
-            // ----- basic -----
-            Method::BasicQos(q) => {
-                if q.prefetch_size != 0 {
-                    return Err(AmqpError::new(
-                        reply_code::NOT_IMPLEMENTED,
-                        format!("prefetch_size!=0 ({})", q.prefetch_size),
-                    ));
-                }
-                let c = self.channel(ch);
-                if q.global {
-                    c.credit.limit.store(q.prefetch_count as u32, Ordering::Relaxed);
-                } else {
-                    c.consumer_prefetch = q.prefetch_count;
-                }
-                self.send(ch, Method::BasicQosOk(BasicQosOk {}));
-                self.pump_channel_queues(ch, now);
-                Ok(())
-            }
-            Method::BasicConsume(c) => self.on_consume(ch, c, now),
-            Method::BasicCancel(c) => {
-                if let Some((q, id)) = self.channel(ch).consumers.remove(&c.consumer_tag) {
-                    let chan = self.channel(ch);
-                    if chan.reply_to.as_ref() == Some(q.name()) {
-                        chan.reply_to = None;
-                    }
-                    self.vhost().cancel(&q, id, now);
-                }
-                if !c.nowait {
-                    self.send(ch, Method::BasicCancelOk(BasicCancelOk { consumer_tag: c.consumer_tag }));
-                }
-                Ok(())
-            }
-            Method::BasicPublish(p) => {
-                if p.immediate {
-                    return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "immediate=true"));
-                }
-                if self.restricted() {
-                    self.authorize(Permission::Write, Resource::Exchange, &p.exchange)?;
-                    self.authorize_topic(Permission::Write, &p.exchange, &p.routing_key)?;
-                }
-                if p.exchange.is_empty() {
-                    self.guard_mqtt_queue(&p.routing_key, QueueUse::Publish)?;
-                }
-                self.channel(ch).content =
-                    Some(PartialPublish { method: p, header: None, body: None, body_buf: BytesMut::new() });
-                Ok(())
-            }
-            Method::BasicGet(g) => {
-                let qname = self.queue_name(ch, g.queue)?;
-                if self.restricted() {
-                    self.authorize(Permission::Read, Resource::Queue, &qname)?;
-                }
-                self.guard_mqtt_queue(&qname, QueueUse::Consume)?;
-                let q = self.vhost().queue_for(&qname, conn)?;
-                let owner = self.channel(ch).owner;
-                let (got, effects) = q.get(owner, g.no_ack, now);
-                self.vhost().settle(&q, effects, now);
-                match got {
-                    None => self.send(ch, Method::BasicGetEmpty(BasicGetEmpty { cluster_id: ShortString::default() })),
-                    Some((d, count)) => {
-                        let c = self.channel(ch);
-                        c.next_tag += 1;
-                        let tag = c.next_tag;
-                        if !g.no_ack {
-                            c.unacked.insert(
-                                tag,
-                                crate::channel::Unacked { queue: q.clone(), seq: d.seq, counts_credit: false },
-                            );
-                        }
-                        let m = &d.message;
-                        if let Err(e) = encode_get_ok(
-                            &mut self.out,
-                            ch,
-                            tag,
-                            d.redelivered,
-                            &m.exchange,
-                            &m.routing_key,
-                            count,
-                            &m.properties,
-                            &m.payload,
-                            self.frame_max,
-                        ) {
-                            tracing::warn!(conn = %self.id, error = %e, "get-ok not encodable");
-                        }
-                    }
-                }
-                Ok(())
-            }
-            Method::BasicAck(a) => {
-                if let Some(tx) = &mut self.channel(ch).tx {
-                    tx.push(TxOp::Ack { tag: a.delivery_tag, multiple: a.multiple });
-                    return Ok(());
-                }
-                self.settle(ch, a.delivery_tag, a.multiple, None, now)
-            }
-            Method::BasicReject(r) => {
-                if let Some(tx) = &mut self.channel(ch).tx {
-                    tx.push(TxOp::Reject { tag: r.delivery_tag, multiple: false, requeue: r.requeue });
-                    return Ok(());
-                }
-                self.settle(ch, r.delivery_tag, false, Some(r.requeue), now)
-            }
-            Method::BasicNack(n) => {
-                if let Some(tx) = &mut self.channel(ch).tx {
-                    tx.push(TxOp::Reject { tag: n.delivery_tag, multiple: n.multiple, requeue: n.requeue });
-                    return Ok(());
-                }
-                self.settle(ch, n.delivery_tag, n.multiple, Some(n.requeue), now)
-            }
-            Method::BasicRecover(r) => {
-                if !r.requeue {
-                    return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "requeue=false"));
-                }
-                self.recover(ch, now);
-                self.send(ch, Method::BasicRecoverOk(BasicRecoverOk {}));
-                Ok(())
-            }
-            Method::BasicRecoverAsync(r) => {
-                if !r.requeue {
-                    return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "requeue=false"));
-                }
-                self.recover(ch, now);
-                Ok(())
-            }
+            Method::BasicQos(q) => self.on_basic_qos(ch, q, now),
+            Method::BasicConsume(c) => self.on_basic_consume(ch, c, now),
+            Method::BasicCancel(c) => self.on_basic_cancel(ch, c, now),
+            Method::BasicPublish(p) => self.on_basic_publish(ch, p),
+            Method::BasicGet(g) => self.on_basic_get(ch, g, now),
+            Method::BasicAck(a) => self.on_basic_ack(ch, a, now),
+            Method::BasicReject(r) => self.on_basic_reject(ch, r, now),
+            Method::BasicNack(n) => self.on_basic_nack(ch, n, now),
+            Method::BasicRecover(r) => self.on_basic_recover(ch, r, now),
+            Method::BasicRecoverAsync(r) => self.on_basic_recover_async(ch, r, now),
 
-            // ----- confirms and transactions -----
-            Method::ConfirmSelect(s) => {
-                let c = self.channel(ch);
-                if c.tx.is_some() {
-                    return Err(AmqpError::new(
-                        reply_code::PRECONDITION_FAILED,
-                        "cannot switch from tx to confirm mode",
-                    ));
-                }
-                if c.confirm_seq.is_none() {
-                    c.confirm_seq = Some(1);
-                }
-                if !s.nowait {
-                    self.send(ch, Method::ConfirmSelectOk(ConfirmSelectOk {}));
-                }
-                Ok(())
-            }
-            Method::TxSelect(_) => {
-                let c = self.channel(ch);
-                if c.confirm_seq.is_some() {
-                    return Err(AmqpError::new(
-                        reply_code::PRECONDITION_FAILED,
-                        "cannot switch from confirm to tx mode",
-                    ));
-                }
-                if c.tx.is_none() {
-                    c.tx = Some(Vec::new());
-                }
-                self.send(ch, Method::TxSelectOk(TxSelectOk {}));
-                Ok(())
-            }
-            Method::TxCommit(_) => {
-                let Some(ops) = self.channel(ch).tx.as_mut().map(std::mem::take) else {
-                    return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "channel is not transactional"));
-                };
-                // commit-ok follows once the published messages (and the acks) are durable; a
-                // commit that fails closes the channel instead (see `confirm_done`).
-                let mut commit = ferry_core::store::Commit::done(Ok(()));
-                for op in ops {
-                    let c = match op {
-                        TxOp::Publish { message, mandatory } => self.route(ch, *message, mandatory, now)?,
-                        TxOp::Ack { tag, multiple } => self.settle_commit(ch, tag, multiple, None, now)?,
-                        TxOp::Reject { tag, multiple, requeue } => {
-                            self.settle_commit(ch, tag, multiple, Some(requeue), now)?
-                        }
-                    };
-                    commit = commit.join(c);
-                }
-                let commit = commit.join(self.vhost().store().flush());
-                self.pending.push_back(PendingConfirm { channel: ch, seq: 0, nack: false, commit });
-                Ok(())
-            }
-            Method::TxRollback(_) => {
-                match self.channel(ch).tx.as_mut() {
-                    Some(ops) => ops.clear(),
-                    None => {
-                        return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "channel is not transactional"))
-                    }
-                }
-                self.send(ch, Method::TxRollbackOk(TxRollbackOk {}));
-                Ok(())
-            }
+            Method::ConfirmSelect(s) => self.on_confirm_select(ch, s),
+            Method::TxSelect(_) => self.on_tx_select(ch),
+            Method::TxCommit(_) => self.on_tx_commit(ch, now),
+            Method::TxRollback(_) => self.on_tx_rollback(ch),
             m => Err(AmqpError::new(reply_code::COMMAND_INVALID, format!("{} is not a client method", m.name()))),
         }
     }
 
-    fn on_consume(&mut self, ch: u16, c: BasicConsume, now: Millis) -> Result<(), AmqpError> {
+    /// channel.open of a channel number not in use.
+    fn open_channel(&mut self, ch: u16) -> Result<(), AmqpError> {
+        // channel_max bounds how many channels are open, not their numbers: RabbitMQ
+        // opens channel 65535 under channel_max 2047, and refuses one channel more
+        // than negotiated with this connection error (class and method 0, as it sends).
+        if self.channels.len() >= usize::from(self.channel_max) {
+            return Err(AmqpError::new(
+                reply_code::NOT_ALLOWED,
+                format!(
+                    "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                    self.channels.len(),
+                    self.channel_max
+                ),
+            ));
+        }
+        self.channels.insert(ch, Channel::new(ch));
+        self.send(ch, Method::ChannelOpenOk(ChannelOpenOk { channel_id: Bytes::new() }));
+        Ok(())
+    }
+
+    /// channel.close from the client: releases what the channel held.
+    fn on_channel_close(&mut self, ch: u16, c: ChannelClose, now: Millis) -> Result<(), AmqpError> {
+        tracing::debug!(conn = %self.id, channel = ch, code = c.reply_code, text = %c.reply_text, "client closed a channel");
+        self.release_channel(ch, now);
+        self.channels.remove(&ch);
+        self.send(ch, Method::ChannelCloseOk(ChannelCloseOk {}));
+        Ok(())
+    }
+
+    /// channel.flow: pauses or resumes deliveries to the channel.
+    fn on_channel_flow(&mut self, ch: u16, f: ChannelFlow, now: Millis) -> Result<(), AmqpError> {
+        let credit = self.channel(ch).credit.clone();
+        credit.paused.store(!f.active, Ordering::Relaxed);
+        self.send(ch, Method::ChannelFlowOk(ChannelFlowOk { active: f.active }));
+        if f.active {
+            self.pump_channel_queues(ch, now);
+        }
+        Ok(())
+    }
+
+    /// access.request (deprecated in 0-9-1): always granted, as RabbitMQ does.
+    fn on_access_request(&mut self, ch: u16) -> Result<(), AmqpError> {
+        self.send(ch, Method::AccessRequestOk(AccessRequestOk { ticket: 1 }));
+        Ok(())
+    }
+
+    /// Closes a channel with an error (a soft error: the connection stays).
+    fn close_channel(&mut self, ch: u16, e: &AmqpError, now: Millis) {
+        tracing::debug!(conn = %self.id, channel = ch, code = e.code, text = %e.text, "closing channel");
+        self.release_channel(ch, now);
+        if let Some(c) = self.channels.get_mut(&ch) {
+            c.closing = true;
+            c.content = None;
+        }
+        self.send(
+            ch,
+            Method::ChannelClose(ChannelClose {
+                reply_code: e.code,
+                reply_text: e.reply_text(),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            }),
+        );
+    }
+
+    /// Cancels a channel's consumers and requeues its unacknowledged deliveries.
+    fn release_channel(&mut self, ch: u16, now: Millis) {
+        let Some(vhost) = self.vhost.clone() else { return };
+        let Some(c) = self.channels.get_mut(&ch) else { return };
+        let owner = c.owner;
+        let consumers: Vec<_> = c.consumers.drain().map(|(_, v)| v).collect();
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        for u in std::mem::take(&mut c.unacked).into_values() {
+            if !queues.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
+                queues.push(u.queue);
+            }
+        }
+        c.tx = None;
+        for (q, id) in consumers {
+            vhost.cancel(&q, id, now);
+            if !queues.iter().any(|x| Arc::ptr_eq(x, &q)) {
+                queues.push(q);
+            }
+        }
+        for q in queues {
+            let effects = q.release_owner(owner, now);
+            vhost.settle(&q, effects, now);
+        }
+    }
+
+    /// Releases every channel (connection closing or lost) and exclusive queues.
+    pub fn release_all(&mut self, now: Millis) {
+        let chans: Vec<u16> = self.channels.keys().copied().collect();
+        for ch in chans {
+            self.release_channel(ch, now);
+        }
+        self.channels.clear();
+        self.broker.connection_closed(self.id);
+    }
+
+    fn on_exchange_declare(&mut self, ch: u16, d: crate::codec::ExchangeDeclare) -> Result<(), AmqpError> {
+        if !d.passive && self.restricted() {
+            self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
+            if let Some(ae) = Self::exchange_argument(&d.arguments, "alternate-exchange") {
+                self.authorize(Permission::Read, Resource::Exchange, &d.exchange)?;
+                self.authorize(Permission::Write, Resource::Exchange, &ae)?;
+                // Unroutable messages go there with whatever key they have.
+                self.authorize_route_into(&ae, "#")?;
+            }
+        }
+        let decl = ExchangeDeclare {
+            name: d.exchange.clone(),
+            kind: d.kind.to_string_lossy(),
+            passive: d.passive,
+            options: ExchangeOptions {
+                durable: d.durable,
+                auto_delete: d.auto_delete,
+                internal: d.internal,
+                arguments: d.arguments,
+            },
+        };
+        self.vhost().declare_exchange(decl)?;
+        if !d.nowait {
+            self.send(ch, Method::ExchangeDeclareOk(ExchangeDeclareOk {}));
+        }
+        Ok(())
+    }
+
+    fn on_exchange_delete(&mut self, ch: u16, d: crate::codec::ExchangeDelete) -> Result<(), AmqpError> {
+        if self.restricted() {
+            self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
+        }
+        self.vhost().delete_exchange(&d.exchange, d.if_unused)?;
+        if !d.nowait {
+            self.send(ch, Method::ExchangeDeleteOk(ExchangeDeleteOk {}));
+        }
+        Ok(())
+    }
+
+    fn on_exchange_bind(&mut self, ch: u16, b: crate::codec::ExchangeBind) -> Result<(), AmqpError> {
+        if self.restricted() {
+            self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
+            self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
+            self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
+            self.authorize_route_into(&b.destination, &b.routing_key.to_string_lossy())?;
+        }
+        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
+        self.vhost().bind_exchange(&b.destination, &b.source, key)?;
+        if !b.nowait {
+            self.send(ch, Method::ExchangeBindOk(ExchangeBindOk {}));
+        }
+        Ok(())
+    }
+
+    fn on_exchange_unbind(&mut self, ch: u16, b: crate::codec::ExchangeUnbind) -> Result<(), AmqpError> {
+        if self.restricted() {
+            self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
+            self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
+            self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
+        }
+        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
+        self.vhost().unbind_exchange(&b.destination, &b.source, key)?;
+        if !b.nowait {
+            self.send(ch, Method::ExchangeUnbindOk(ExchangeUnbindOk {}));
+        }
+        Ok(())
+    }
+
+    fn on_queue_declare(&mut self, ch: u16, d: crate::codec::QueueDeclare, now: Millis) -> Result<(), AmqpError> {
+        let conn = self.id;
+        if d.queue.as_bytes().starts_with(REPLY_TO.as_bytes()) {
+            return self.declare_reply_to(ch, d.queue, d.nowait);
+        }
+        let mut name = if d.passive && d.queue.is_empty() { self.queue_name(ch, d.queue)? } else { d.queue };
+        // A server-named queue is checked under the name it will get, as RabbitMQ does.
+        let mut server_named = false;
+        if !d.passive && self.restricted() {
+            if name.is_empty() {
+                name = generated_queue_name();
+                server_named = true;
+            }
+            self.authorize(Permission::Configure, Resource::Queue, &name)?;
+            if let Some(dlx) = Self::exchange_argument(&d.arguments, "x-dead-letter-exchange") {
+                self.authorize(Permission::Read, Resource::Queue, &name)?;
+                self.authorize(Permission::Write, Resource::Exchange, &dlx)?;
+                // Dead letters go there with the configured key, or their own (any).
+                let key = d.arguments.get("x-dead-letter-routing-key").and_then(|v| v.as_str());
+                let key = key.map(str::to_string).unwrap_or_else(|| "#".to_string());
+                self.authorize_route_into(&dlx, &key)?;
+            }
+        }
+        if !d.passive {
+            self.guard_mqtt_queue(&name, QueueUse::Declare)?;
+        }
+        let options = QueueOptions {
+            durable: d.durable,
+            exclusive: d.exclusive.then_some(conn),
+            auto_delete: d.auto_delete,
+            arguments: d.arguments,
+        };
+        let decl = QueueDeclare { name, passive: d.passive, options, connection: conn };
+        let declared = if server_named {
+            self.vhost().declare_reserved_queue(decl, now)?
+        } else {
+            self.vhost().declare_queue(decl, now)?
+        };
+        let qname = declared.queue.name().clone();
+        self.channel(ch).last_queue = Some(qname.clone());
+        if !d.nowait {
+            self.send(
+                ch,
+                Method::QueueDeclareOk(QueueDeclareOk {
+                    queue: qname,
+                    message_count: declared.stats.ready,
+                    consumer_count: declared.stats.consumers,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// queue.declare of `amq.rabbitmq.reply-to` (passive or not, whatever the flags): the
+    /// pseudo-queue always exists, as in RabbitMQ 3.10, which answers declare-ok with 0 messages
+    /// and 1 consumer and checks no permission (FastStream / aio-pika declare it passively before
+    /// an RPC call). A channel's own reply queue name (`amq.rabbitmq.reply-to.<token>`) exists
+    /// while its consumer does; another name under the prefix is 404, never a real declaration.
+    fn declare_reply_to(&mut self, ch: u16, name: ShortString, nowait: bool) -> Result<(), AmqpError> {
+        if name != REPLY_TO && self.vhost().queue(&name.to_string_lossy()).is_none() {
+            return Err(AmqpError::new(
+                reply_code::NOT_FOUND,
+                format!("no queue '{name}' in vhost '{}'", self.vhost().name()),
+            ));
+        }
+        self.channel(ch).last_queue = Some(name.clone());
+        if !nowait {
+            self.send(ch, Method::QueueDeclareOk(QueueDeclareOk { queue: name, message_count: 0, consumer_count: 1 }));
+        }
+        Ok(())
+    }
+
+    fn on_queue_bind(&mut self, ch: u16, b: crate::codec::QueueBind) -> Result<(), AmqpError> {
+        let conn = self.id;
+        let q = self.queue_name(ch, b.queue)?;
+        if self.restricted() {
+            self.authorize(Permission::Write, Resource::Queue, &q)?;
+            self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
+            self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
+        }
+        self.guard_mqtt_queue(&q, QueueUse::Bind)?;
+        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
+        self.vhost().bind_queue(&q, &b.exchange, key, conn)?;
+        if !b.nowait {
+            self.send(ch, Method::QueueBindOk(QueueBindOk {}));
+        }
+        Ok(())
+    }
+
+    fn on_queue_unbind(&mut self, ch: u16, b: crate::codec::QueueUnbind) -> Result<(), AmqpError> {
+        let conn = self.id;
+        let q = self.queue_name(ch, b.queue)?;
+        if self.restricted() {
+            self.authorize(Permission::Write, Resource::Queue, &q)?;
+            self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
+            self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
+        }
+        self.guard_mqtt_queue(&q, QueueUse::Unbind)?;
+        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
+        self.vhost().unbind_queue(&q, &b.exchange, key, conn)?;
+        self.send(ch, Method::QueueUnbindOk(QueueUnbindOk {}));
+        Ok(())
+    }
+
+    fn on_queue_purge(&mut self, ch: u16, p: crate::codec::QueuePurge, now: Millis) -> Result<(), AmqpError> {
+        let conn = self.id;
+        let q = self.queue_name(ch, p.queue)?;
+        if self.restricted() {
+            self.authorize(Permission::Read, Resource::Queue, &q)?;
+        }
+        self.guard_mqtt_queue(&q, QueueUse::Purge)?;
+        let n = self.vhost().purge_queue(&q, conn, now)?;
+        if !p.nowait {
+            self.send(ch, Method::QueuePurgeOk(QueuePurgeOk { message_count: n }));
+        }
+        Ok(())
+    }
+
+    fn on_queue_delete(&mut self, ch: u16, d: crate::codec::QueueDelete) -> Result<(), AmqpError> {
+        let conn = self.id;
+        let q = self.queue_name(ch, d.queue)?;
+        if self.restricted() {
+            self.authorize(Permission::Configure, Resource::Queue, &q)?;
+        }
+        self.guard_mqtt_queue(&q, QueueUse::Delete)?;
+        let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty)?;
+        if !d.nowait {
+            self.send(ch, Method::QueueDeleteOk(QueueDeleteOk { message_count: n }));
+        }
+        Ok(())
+    }
+
+    fn on_basic_qos(&mut self, ch: u16, q: BasicQos, now: Millis) -> Result<(), AmqpError> {
+        if q.prefetch_size != 0 {
+            return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, format!("prefetch_size!=0 ({})", q.prefetch_size)));
+        }
+        let c = self.channel(ch);
+        if q.global {
+            c.credit.limit.store(q.prefetch_count as u32, Ordering::Relaxed);
+        } else {
+            c.consumer_prefetch = q.prefetch_count;
+        }
+        self.send(ch, Method::BasicQosOk(BasicQosOk {}));
+        self.pump_channel_queues(ch, now);
+        Ok(())
+    }
+
+    fn on_basic_consume(&mut self, ch: u16, c: BasicConsume, now: Millis) -> Result<(), AmqpError> {
         let conn = self.id;
         // RabbitMQ 3.12+ (`consumer_max_per_channel`): checked first, for a tag not in use (a
         // reused tag gets its own error below); a connection error.
@@ -1210,25 +1160,6 @@ impl Connection {
         Ok(())
     }
 
-    /// queue.declare of `amq.rabbitmq.reply-to` (passive or not, whatever the flags): the
-    /// pseudo-queue always exists, as in RabbitMQ 3.10, which answers declare-ok with 0 messages
-    /// and 1 consumer and checks no permission (FastStream / aio-pika declare it passively before
-    /// an RPC call). A channel's own reply queue name (`amq.rabbitmq.reply-to.<token>`) exists
-    /// while its consumer does; another name under the prefix is 404, never a real declaration.
-    fn declare_reply_to(&mut self, ch: u16, name: ShortString, nowait: bool) -> Result<(), AmqpError> {
-        if name != REPLY_TO && self.vhost().queue(&name.to_string_lossy()).is_none() {
-            return Err(AmqpError::new(
-                reply_code::NOT_FOUND,
-                format!("no queue '{name}' in vhost '{}'", self.vhost().name()),
-            ));
-        }
-        self.channel(ch).last_queue = Some(name.clone());
-        if !nowait {
-            self.send(ch, Method::QueueDeclareOk(QueueDeclareOk { queue: name, message_count: 0, consumer_count: 1 }));
-        }
-        Ok(())
-    }
-
     /// Direct reply-to (RabbitMQ's `amq.rabbitmq.reply-to`): the channel gets an exclusive,
     /// auto-delete queue `amq.rabbitmq.reply-to.<token>`; its consumer must be no-ack. Replies are
     /// published to the default exchange with that name as routing key.
@@ -1255,6 +1186,119 @@ impl Connection {
         self.vhost().declare_reserved_queue(decl, now)?;
         self.channel(ch).reply_to = Some(name.clone());
         Ok(name)
+    }
+
+    fn on_basic_cancel(&mut self, ch: u16, c: BasicCancel, now: Millis) -> Result<(), AmqpError> {
+        if let Some((q, id)) = self.channel(ch).consumers.remove(&c.consumer_tag) {
+            let chan = self.channel(ch);
+            if chan.reply_to.as_ref() == Some(q.name()) {
+                chan.reply_to = None;
+            }
+            self.vhost().cancel(&q, id, now);
+        }
+        if !c.nowait {
+            self.send(ch, Method::BasicCancelOk(BasicCancelOk { consumer_tag: c.consumer_tag }));
+        }
+        Ok(())
+    }
+
+    /// basic.publish: the message is complete once its header and body follow (`content.rs`).
+    fn on_basic_publish(&mut self, ch: u16, p: BasicPublish) -> Result<(), AmqpError> {
+        if p.immediate {
+            return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "immediate=true"));
+        }
+        if self.restricted() {
+            self.authorize(Permission::Write, Resource::Exchange, &p.exchange)?;
+            self.authorize_topic(Permission::Write, &p.exchange, &p.routing_key)?;
+        }
+        if p.exchange.is_empty() {
+            self.guard_mqtt_queue(&p.routing_key, QueueUse::Publish)?;
+        }
+        self.channel(ch).content =
+            Some(PartialPublish { method: p, header: None, body: None, body_buf: BytesMut::new() });
+        Ok(())
+    }
+
+    fn on_basic_get(&mut self, ch: u16, g: BasicGet, now: Millis) -> Result<(), AmqpError> {
+        let conn = self.id;
+        let qname = self.queue_name(ch, g.queue)?;
+        if self.restricted() {
+            self.authorize(Permission::Read, Resource::Queue, &qname)?;
+        }
+        self.guard_mqtt_queue(&qname, QueueUse::Consume)?;
+        let q = self.vhost().queue_for(&qname, conn)?;
+        let owner = self.channel(ch).owner;
+        let (got, effects) = q.get(owner, g.no_ack, now);
+        self.vhost().settle(&q, effects, now);
+        match got {
+            None => self.send(ch, Method::BasicGetEmpty(BasicGetEmpty { cluster_id: ShortString::default() })),
+            Some((d, count)) => {
+                let c = self.channel(ch);
+                c.next_tag += 1;
+                let tag = c.next_tag;
+                if !g.no_ack {
+                    c.unacked
+                        .insert(tag, crate::channel::Unacked { queue: q.clone(), seq: d.seq, counts_credit: false });
+                }
+                let m = &d.message;
+                if let Err(e) = encode_get_ok(
+                    &mut self.out,
+                    ch,
+                    tag,
+                    d.redelivered,
+                    &m.exchange,
+                    &m.routing_key,
+                    count,
+                    &m.properties,
+                    &m.payload,
+                    self.frame_max,
+                ) {
+                    tracing::warn!(conn = %self.id, error = %e, "get-ok not encodable");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_basic_ack(&mut self, ch: u16, a: BasicAck, now: Millis) -> Result<(), AmqpError> {
+        if let Some(tx) = &mut self.channel(ch).tx {
+            tx.push(TxOp::Ack { tag: a.delivery_tag, multiple: a.multiple });
+            return Ok(());
+        }
+        self.settle(ch, a.delivery_tag, a.multiple, None, now)
+    }
+
+    fn on_basic_reject(&mut self, ch: u16, r: BasicReject, now: Millis) -> Result<(), AmqpError> {
+        if let Some(tx) = &mut self.channel(ch).tx {
+            tx.push(TxOp::Reject { tag: r.delivery_tag, multiple: false, requeue: r.requeue });
+            return Ok(());
+        }
+        self.settle(ch, r.delivery_tag, false, Some(r.requeue), now)
+    }
+
+    fn on_basic_nack(&mut self, ch: u16, n: BasicNack, now: Millis) -> Result<(), AmqpError> {
+        if let Some(tx) = &mut self.channel(ch).tx {
+            tx.push(TxOp::Reject { tag: n.delivery_tag, multiple: n.multiple, requeue: n.requeue });
+            return Ok(());
+        }
+        self.settle(ch, n.delivery_tag, n.multiple, Some(n.requeue), now)
+    }
+
+    fn on_basic_recover(&mut self, ch: u16, r: BasicRecover, now: Millis) -> Result<(), AmqpError> {
+        if !r.requeue {
+            return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "requeue=false"));
+        }
+        self.recover(ch, now);
+        self.send(ch, Method::BasicRecoverOk(BasicRecoverOk {}));
+        Ok(())
+    }
+
+    fn on_basic_recover_async(&mut self, ch: u16, r: BasicRecoverAsync, now: Millis) -> Result<(), AmqpError> {
+        if !r.requeue {
+            return Err(AmqpError::new(reply_code::NOT_IMPLEMENTED, "requeue=false"));
+        }
+        self.recover(ch, now);
+        Ok(())
     }
 
     /// Acks (requeue `None`) or rejects deliveries.
@@ -1341,6 +1385,171 @@ impl Connection {
         let chans: Vec<u16> = self.channels.keys().copied().collect();
         for ch in chans {
             self.pump_channel_queues(ch, now);
+        }
+    }
+
+    // ----- deliveries ------------------------------------------------------------------------
+
+    /// Encodes deliveries waiting in the outbox; returns whether a queue found it full and
+    /// stopped (the caller then prompts the queues with [`Connection::pump_all`]).
+    pub fn pump(&mut self, scratch: &mut Vec<Outgoing>) -> bool {
+        self.outbox.drain_into(scratch);
+        let was_full = self.outbox.take_starved();
+        let mut undeliverable: Vec<(Arc<Queue>, u64)> = Vec::new();
+        for o in scratch.drain(..) {
+            match o {
+                Outgoing::Deliver { channel, consumer_tag, no_ack, queue, delivery } => {
+                    let frame_max = self.frame_max;
+                    let Some(c) = self.channels.get_mut(&channel).filter(|c| !c.closing) else {
+                        // The channel closed meanwhile: its unacked messages were requeued.
+                        continue;
+                    };
+                    c.next_tag += 1;
+                    let tag = c.next_tag;
+                    let acked_by = if no_ack {
+                        None
+                    } else {
+                        match queue.upgrade() {
+                            Some(q) => Some(q),
+                            None => continue,
+                        }
+                    };
+                    let m = &delivery.message;
+                    match encode_deliver(
+                        &mut self.out,
+                        channel,
+                        &consumer_tag,
+                        tag,
+                        delivery.redelivered,
+                        &m.exchange,
+                        &m.routing_key,
+                        &m.properties,
+                        &m.payload,
+                        frame_max,
+                    ) {
+                        Ok(()) => {
+                            if let Some(q) = acked_by {
+                                let unacked =
+                                    crate::channel::Unacked { queue: q, seq: delivery.seq, counts_credit: true };
+                                c.unacked.insert(tag, unacked);
+                            }
+                        }
+                        Err(e) => {
+                            // A short string over 255 bytes (an MQTT topic as routing key, say).
+                            tracing::warn!(conn = %self.id, error = %e, "delivery not encodable; dropped");
+                            // The client never sees it, so never acknowledges it: settle it
+                            // here, or it would hold the consumer's credit for good.
+                            if let Some(q) = acked_by {
+                                undeliverable.push((q, delivery.seq));
+                            }
+                        }
+                    }
+                }
+                Outgoing::Cancelled { channel, consumer_tag } => {
+                    if let Some(c) = self.channels.get_mut(&channel).filter(|c| !c.closing) {
+                        if c.consumers.remove(&consumer_tag).is_some() {
+                            self.send(channel, Method::BasicCancel(BasicCancel { consumer_tag, nowait: true }));
+                        }
+                    }
+                }
+            }
+        }
+        if !undeliverable.is_empty() {
+            let now = now_millis();
+            for (q, seq) in undeliverable {
+                if let Ok(effects) = q.ack(seq, now) {
+                    self.vhost().settle(&q, effects, now);
+                }
+            }
+        }
+        was_full
+    }
+
+    fn on_confirm_select(&mut self, ch: u16, s: ConfirmSelect) -> Result<(), AmqpError> {
+        let c = self.channel(ch);
+        if c.tx.is_some() {
+            return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "cannot switch from tx to confirm mode"));
+        }
+        if c.confirm_seq.is_none() {
+            c.confirm_seq = Some(1);
+        }
+        if !s.nowait {
+            self.send(ch, Method::ConfirmSelectOk(ConfirmSelectOk {}));
+        }
+        Ok(())
+    }
+
+    fn on_tx_select(&mut self, ch: u16) -> Result<(), AmqpError> {
+        let c = self.channel(ch);
+        if c.confirm_seq.is_some() {
+            return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "cannot switch from confirm to tx mode"));
+        }
+        if c.tx.is_none() {
+            c.tx = Some(Vec::new());
+        }
+        self.send(ch, Method::TxSelectOk(TxSelectOk {}));
+        Ok(())
+    }
+
+    fn on_tx_commit(&mut self, ch: u16, now: Millis) -> Result<(), AmqpError> {
+        let Some(ops) = self.channel(ch).tx.as_mut().map(std::mem::take) else {
+            return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "channel is not transactional"));
+        };
+        // commit-ok follows once the published messages (and the acks) are durable; a
+        // commit that fails closes the channel instead (see `confirm_done`).
+        let mut commit = ferry_core::store::Commit::done(Ok(()));
+        for op in ops {
+            let c = match op {
+                TxOp::Publish { message, mandatory } => self.route(ch, *message, mandatory, now)?,
+                TxOp::Ack { tag, multiple } => self.settle_commit(ch, tag, multiple, None, now)?,
+                TxOp::Reject { tag, multiple, requeue } => self.settle_commit(ch, tag, multiple, Some(requeue), now)?,
+            };
+            commit = commit.join(c);
+        }
+        let commit = commit.join(self.vhost().store().flush());
+        self.pending.push_back(PendingConfirm { channel: ch, seq: 0, nack: false, commit });
+        Ok(())
+    }
+
+    fn on_tx_rollback(&mut self, ch: u16) -> Result<(), AmqpError> {
+        match self.channel(ch).tx.as_mut() {
+            Some(ops) => ops.clear(),
+            None => return Err(AmqpError::new(reply_code::PRECONDITION_FAILED, "channel is not transactional")),
+        }
+        self.send(ch, Method::TxRollbackOk(TxRollbackOk {}));
+        Ok(())
+    }
+
+    /// Sends a confirm (or tx.commit-ok, seq 0) whose commit resolved. A failed commit (the
+    /// store could not write: a full or failing disk) is a basic.nack, or for tx.commit the
+    /// channel error RabbitMQ gives a transaction that did not complete (406 "partial tx
+    /// completion").
+    pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool) {
+        if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
+            return;
+        }
+        if p.seq == 0 {
+            if ok {
+                self.send(p.channel, Method::TxCommitOk(TxCommitOk {}));
+            } else {
+                let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "partial tx completion").on(90, 20);
+                self.close_channel(p.channel, &e, now_millis());
+            }
+            return;
+        }
+        if p.nack || !ok {
+            self.send(p.channel, Method::BasicNack(BasicNack { delivery_tag: p.seq, multiple: false, requeue: false }));
+        } else {
+            self.send(p.channel, Method::BasicAck(BasicAck { delivery_tag: p.seq, multiple: false }));
+        }
+    }
+
+    /// A commit that is already resolved is handled without waiting.
+    pub fn take_ready_confirms(&mut self) {
+        while self.pending.front().is_some_and(|p| p.commit.is_done()) {
+            let p = self.pending.pop_front().expect("checked");
+            let ok = matches!(p.commit.try_result(), Some(Ok(())));
+            self.confirm_done(p, ok);
         }
     }
 
@@ -1525,170 +1734,6 @@ impl Connection {
             return Ok(ferry_core::store::Commit::done(Ok(())));
         }
         Ok(outcome.commit)
-    }
-
-    /// Sends a confirm (or tx.commit-ok, seq 0) whose commit resolved. A failed commit (the
-    /// store could not write: a full or failing disk) is a basic.nack, or for tx.commit the
-    /// channel error RabbitMQ gives a transaction that did not complete (406 "partial tx
-    /// completion").
-    pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool) {
-        if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
-            return;
-        }
-        if p.seq == 0 {
-            if ok {
-                self.send(p.channel, Method::TxCommitOk(TxCommitOk {}));
-            } else {
-                let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "partial tx completion").on(90, 20);
-                self.close_channel(p.channel, &e, now_millis());
-            }
-            return;
-        }
-        if p.nack || !ok {
-            self.send(p.channel, Method::BasicNack(BasicNack { delivery_tag: p.seq, multiple: false, requeue: false }));
-        } else {
-            self.send(p.channel, Method::BasicAck(BasicAck { delivery_tag: p.seq, multiple: false }));
-        }
-    }
-
-    /// Closes a channel with an error (a soft error: the connection stays).
-    fn close_channel(&mut self, ch: u16, e: &AmqpError, now: Millis) {
-        tracing::debug!(conn = %self.id, channel = ch, code = e.code, text = %e.text, "closing channel");
-        self.release_channel(ch, now);
-        if let Some(c) = self.channels.get_mut(&ch) {
-            c.closing = true;
-            c.content = None;
-        }
-        self.send(
-            ch,
-            Method::ChannelClose(ChannelClose {
-                reply_code: e.code,
-                reply_text: e.reply_text(),
-                class_id: e.class_id,
-                method_id: e.method_id,
-            }),
-        );
-    }
-
-    /// Cancels a channel's consumers and requeues its unacknowledged deliveries.
-    fn release_channel(&mut self, ch: u16, now: Millis) {
-        let Some(vhost) = self.vhost.clone() else { return };
-        let Some(c) = self.channels.get_mut(&ch) else { return };
-        let owner = c.owner;
-        let consumers: Vec<_> = c.consumers.drain().map(|(_, v)| v).collect();
-        let mut queues: Vec<Arc<Queue>> = Vec::new();
-        for u in std::mem::take(&mut c.unacked).into_values() {
-            if !queues.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
-                queues.push(u.queue);
-            }
-        }
-        c.tx = None;
-        for (q, id) in consumers {
-            vhost.cancel(&q, id, now);
-            if !queues.iter().any(|x| Arc::ptr_eq(x, &q)) {
-                queues.push(q);
-            }
-        }
-        for q in queues {
-            let effects = q.release_owner(owner, now);
-            vhost.settle(&q, effects, now);
-        }
-    }
-
-    /// Releases every channel (connection closing or lost) and exclusive queues.
-    pub fn release_all(&mut self, now: Millis) {
-        let chans: Vec<u16> = self.channels.keys().copied().collect();
-        for ch in chans {
-            self.release_channel(ch, now);
-        }
-        self.channels.clear();
-        self.broker.connection_closed(self.id);
-    }
-
-    // ----- deliveries ------------------------------------------------------------------------
-
-    /// Encodes deliveries waiting in the outbox; returns whether a queue found it full and
-    /// stopped (the caller then prompts the queues with [`Connection::pump_all`]).
-    pub fn pump(&mut self, scratch: &mut Vec<Outgoing>) -> bool {
-        self.outbox.drain_into(scratch);
-        let was_full = self.outbox.take_starved();
-        let mut undeliverable: Vec<(Arc<Queue>, u64)> = Vec::new();
-        for o in scratch.drain(..) {
-            match o {
-                Outgoing::Deliver { channel, consumer_tag, no_ack, queue, delivery } => {
-                    let frame_max = self.frame_max;
-                    let Some(c) = self.channels.get_mut(&channel).filter(|c| !c.closing) else {
-                        // The channel closed meanwhile: its unacked messages were requeued.
-                        continue;
-                    };
-                    c.next_tag += 1;
-                    let tag = c.next_tag;
-                    let acked_by = if no_ack {
-                        None
-                    } else {
-                        match queue.upgrade() {
-                            Some(q) => Some(q),
-                            None => continue,
-                        }
-                    };
-                    let m = &delivery.message;
-                    match encode_deliver(
-                        &mut self.out,
-                        channel,
-                        &consumer_tag,
-                        tag,
-                        delivery.redelivered,
-                        &m.exchange,
-                        &m.routing_key,
-                        &m.properties,
-                        &m.payload,
-                        frame_max,
-                    ) {
-                        Ok(()) => {
-                            if let Some(q) = acked_by {
-                                let unacked =
-                                    crate::channel::Unacked { queue: q, seq: delivery.seq, counts_credit: true };
-                                c.unacked.insert(tag, unacked);
-                            }
-                        }
-                        Err(e) => {
-                            // A short string over 255 bytes (an MQTT topic as routing key, say).
-                            tracing::warn!(conn = %self.id, error = %e, "delivery not encodable; dropped");
-                            // The client never sees it, so never acknowledges it: settle it
-                            // here, or it would hold the consumer's credit for good.
-                            if let Some(q) = acked_by {
-                                undeliverable.push((q, delivery.seq));
-                            }
-                        }
-                    }
-                }
-                Outgoing::Cancelled { channel, consumer_tag } => {
-                    if let Some(c) = self.channels.get_mut(&channel).filter(|c| !c.closing) {
-                        if c.consumers.remove(&consumer_tag).is_some() {
-                            self.send(channel, Method::BasicCancel(BasicCancel { consumer_tag, nowait: true }));
-                        }
-                    }
-                }
-            }
-        }
-        if !undeliverable.is_empty() {
-            let now = now_millis();
-            for (q, seq) in undeliverable {
-                if let Ok(effects) = q.ack(seq, now) {
-                    self.vhost().settle(&q, effects, now);
-                }
-            }
-        }
-        was_full
-    }
-
-    /// A commit that is already resolved is handled without waiting.
-    pub fn take_ready_confirms(&mut self) {
-        while self.pending.front().is_some_and(|p| p.commit.is_done()) {
-            let p = self.pending.pop_front().expect("checked");
-            let ok = matches!(p.commit.try_result(), Some(Ok(())));
-            self.confirm_done(p, ok);
-        }
     }
 }
 
