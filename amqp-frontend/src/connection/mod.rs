@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use ferry_core::acl::QueueUse;
 use ferry_core::auth::{AuthError, Identity};
+use ferry_core::exchange::BindingKey;
 use ferry_core::exchange::ExchangeKind;
-use ferry_core::exchange::{BindingKey, ExchangeOptions};
 use ferry_core::message::{
     now_millis, valid_expiration, ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString,
 };
@@ -19,13 +19,15 @@ use ferry_core::permissions::{Permission, Resource};
 use ferry_core::queue::{ConsumerSpec, Queue, QueueOptions};
 use ferry_core::sink::Outbox;
 use ferry_core::size::ByteSize;
-use ferry_core::vhost::{generated_queue_name, ExchangeDeclare, QueueDeclare, VHost};
+use ferry_core::vhost::{generated_queue_name, QueueDeclare, VHost};
 use ferry_core::{log_limited, Broker};
 
 use crate::access::Access;
 use crate::channel::{AmqpConsumerSink, Channel, Outgoing, PartialPublish, PendingConfirm, TxOp};
 use crate::codec::*;
 use crate::errors::AmqpError;
+
+mod exchange;
 
 /// Server limits proposed in connection.tune.
 #[derive(Debug, Clone)]
@@ -871,74 +873,6 @@ impl Connection {
         }
         self.channels.clear();
         self.broker.connection_closed(self.id);
-    }
-
-    fn on_exchange_declare(&mut self, ch: u16, d: crate::codec::ExchangeDeclare) -> Result<(), AmqpError> {
-        if !d.passive && self.restricted() {
-            self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
-            if let Some(ae) = Self::exchange_argument(&d.arguments, "alternate-exchange") {
-                self.authorize(Permission::Read, Resource::Exchange, &d.exchange)?;
-                self.authorize(Permission::Write, Resource::Exchange, &ae)?;
-                // Unroutable messages go there with whatever key they have.
-                self.authorize_route_into(&ae, "#")?;
-            }
-        }
-        let decl = ExchangeDeclare {
-            name: d.exchange.clone(),
-            kind: d.kind.to_string_lossy(),
-            passive: d.passive,
-            options: ExchangeOptions {
-                durable: d.durable,
-                auto_delete: d.auto_delete,
-                internal: d.internal,
-                arguments: d.arguments,
-            },
-        };
-        self.vhost().declare_exchange(decl)?;
-        if !d.nowait {
-            self.send(ch, Method::ExchangeDeclareOk(ExchangeDeclareOk {}));
-        }
-        Ok(())
-    }
-
-    fn on_exchange_delete(&mut self, ch: u16, d: crate::codec::ExchangeDelete) -> Result<(), AmqpError> {
-        if self.restricted() {
-            self.authorize(Permission::Configure, Resource::Exchange, &d.exchange)?;
-        }
-        self.vhost().delete_exchange(&d.exchange, d.if_unused)?;
-        if !d.nowait {
-            self.send(ch, Method::ExchangeDeleteOk(ExchangeDeleteOk {}));
-        }
-        Ok(())
-    }
-
-    fn on_exchange_bind(&mut self, ch: u16, b: crate::codec::ExchangeBind) -> Result<(), AmqpError> {
-        if self.restricted() {
-            self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
-            self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
-            self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
-            self.authorize_route_into(&b.destination, &b.routing_key.to_string_lossy())?;
-        }
-        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-        self.vhost().bind_exchange(&b.destination, &b.source, key)?;
-        if !b.nowait {
-            self.send(ch, Method::ExchangeBindOk(ExchangeBindOk {}));
-        }
-        Ok(())
-    }
-
-    fn on_exchange_unbind(&mut self, ch: u16, b: crate::codec::ExchangeUnbind) -> Result<(), AmqpError> {
-        if self.restricted() {
-            self.authorize(Permission::Write, Resource::Exchange, &b.destination)?;
-            self.authorize(Permission::Read, Resource::Exchange, &b.source)?;
-            self.authorize_topic(Permission::Read, &b.source, &b.routing_key)?;
-        }
-        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-        self.vhost().unbind_exchange(&b.destination, &b.source, key)?;
-        if !b.nowait {
-            self.send(ch, Method::ExchangeUnbindOk(ExchangeUnbindOk {}));
-        }
-        Ok(())
     }
 
     fn on_queue_declare(&mut self, ch: u16, d: crate::codec::QueueDeclare, now: Millis) -> Result<(), AmqpError> {
