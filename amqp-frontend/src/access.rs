@@ -1,7 +1,7 @@
 //! Authorization of an AMQP connection's methods: the user's [`Grant`] on its vhost, refreshed
 //! when a reload replaces the broker's policy, and RabbitMQ's 403 for what it refuses. Which
-//! method needs which permission is decided where the method is handled (`connection.rs`), as
-//! in RabbitMQ's `rabbit_channel`; the table is in `docs/configuration.md`.
+//! method needs which permission is decided where the method is handled (its class's file under
+//! `connection/`), as in RabbitMQ's `rabbit_channel`; the table is in `docs/configuration.md`.
 
 use std::sync::Arc;
 

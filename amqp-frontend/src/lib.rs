@@ -7,10 +7,14 @@
 //!   hand-written hot path that writes a whole delivery ([`codec::encode_deliver`]). Pure
 //!   functions over `Bytes`/`BytesMut`; no tokio, no clock; fuzzed in `fuzz/`.
 //!
-//! - [`connection`]: the connection state machine (handshake, channels, every method, content
-//!   assembly, confirms, transactions), fed frames and the time, calling the core directly;
-//!   [`channel`] holds per-channel state (consumers, delivery tags, prefetch credit);
-//!   [`errors`] maps core errors to reply codes in one table.
+//! - [`connection`]: the connection state machine, fed frames and the time, calling the core
+//!   directly. `connection/mod.rs` holds [`connection::Connection`], its entry points, the
+//!   connection class (handshake, login, close) and the dispatch of channel methods to one file
+//!   per class: `channel.rs`, `exchange.rs`, `queue.rs`, `basic.rs` (with deliveries),
+//!   `confirm_tx.rs` (confirms, transactions) and `content.rs` (header and body assembly, the
+//!   publish into the core). [`channel`] holds per-channel state (consumers, delivery tags,
+//!   prefetch credit); [`access`] checks permissions; [`errors`] maps core errors to reply codes
+//!   in one table.
 //! - [`driver`]: the tokio task per connection: protocol header, reads, heartbeats, coalesced
 //!   writes.
 //!
