@@ -108,14 +108,7 @@ impl Args {
 
     /// The AMQP routing key of the MQTT topic: `/` and `.` swapped.
     fn routing_key(&self) -> String {
-        self.topic
-            .chars()
-            .map(|c| match c {
-                '/' => '.',
-                '.' => '/',
-                c => c,
-            })
-            .collect()
+        ferry_mqtt::topic::swap_separators(&self.topic)
     }
 
     fn ack_batch(&self) -> Option<u32> {
