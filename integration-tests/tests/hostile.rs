@@ -216,7 +216,6 @@ async fn a_bad_login_flood_from_one_address_does_not_keep_good_clients_elsewhere
         }
         slowest = slowest.max(started.elapsed());
         logins += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
