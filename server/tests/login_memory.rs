@@ -7,7 +7,6 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread;
-use std::time::Duration;
 
 use common::{Serving, PATIENCE};
 
@@ -56,33 +55,26 @@ fn rss_after_many_logins_stays_where_it_was() {
     ferry.wait_for("ferry ready", |l| l.contains("ferry ready").then_some(()));
 
     let before = rss_kib(pid);
-    // Eight clients at a time, more than the checks that run at once.
+    // Eight clients at a time, more than the checks that run at once; each reads the broker's
+    // RSS after its login, while other checks are running.
     let workers: Vec<_> = (0..8)
         .map(|w| {
             thread::spawn(move || {
+                let mut peak = 0;
                 for n in (w..LOGINS).step_by(8) {
                     assert_eq!(login(port, n, "pw"), 0, "login {n} refused");
+                    peak = peak.max(rss_kib(pid));
                 }
+                peak
             })
         })
         .collect();
-    let mut peak = before;
-    while !workers.iter().all(|w| w.is_finished()) {
-        peak = peak.max(rss_kib(pid));
-        thread::sleep(Duration::from_millis(20));
+    let peak = workers.into_iter().map(|w| w.join().unwrap()).max().unwrap_or(0).max(before);
+    // Every connection wound up (its disconnect line is logged at the end of its wind-up).
+    for n in 0..LOGINS {
+        ferry.wait_for(&format!("disconnect line {n}"), |l| l.contains("MQTT client disconnected").then_some(()));
     }
-    for w in workers {
-        w.join().unwrap();
-    }
-    // Connections closing are wound up by the broker after the client's side is gone.
-    let mut after = rss_kib(pid);
-    for _ in 0..50 {
-        if after <= before + 4 * 1024 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-        after = rss_kib(pid);
-    }
+    let after = rss_kib(pid);
     println!("RSS {before} KiB before {LOGINS} logins, peak {peak} KiB, {after} KiB after");
     assert!(
         after <= before + 4 * 1024,
