@@ -3,7 +3,7 @@
 
 use ferry_core::acl::QueueUse;
 use ferry_core::exchange::BindingKey;
-use ferry_core::message::{Millis, ShortString};
+use ferry_core::message::{FieldTable, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::queue::QueueOptions;
 use ferry_core::vhost::{generated_queue_name, QueueDeclare};
@@ -86,16 +86,8 @@ impl Connection {
     }
 
     pub(super) fn on_queue_bind(&mut self, ch: u16, b: codec::QueueBind) -> Result<(), AmqpError> {
-        let conn = self.id;
-        let q = self.queue_name(ch, b.queue)?;
-        if self.restricted() {
-            self.authorize(Permission::Write, Resource::Queue, &q)?;
-            self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
-            self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
-        }
-        self.guard_mqtt_queue(&q, QueueUse::Bind)?;
-        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-        self.vhost().bind_queue(&q, &b.exchange, key, conn)?;
+        let (q, key) = self.binding_of(ch, b.queue, &b.exchange, b.routing_key, b.arguments, QueueUse::Bind)?;
+        self.vhost().bind_queue(&q, &b.exchange, key, self.id)?;
         if !b.nowait {
             self.send(ch, Method::QueueBindOk(QueueBindOk {}));
         }
@@ -103,18 +95,32 @@ impl Connection {
     }
 
     pub(super) fn on_queue_unbind(&mut self, ch: u16, b: codec::QueueUnbind) -> Result<(), AmqpError> {
-        let conn = self.id;
-        let q = self.queue_name(ch, b.queue)?;
-        if self.restricted() {
-            self.authorize(Permission::Write, Resource::Queue, &q)?;
-            self.authorize(Permission::Read, Resource::Exchange, &b.exchange)?;
-            self.authorize_topic(Permission::Read, &b.exchange, &b.routing_key)?;
-        }
-        self.guard_mqtt_queue(&q, QueueUse::Unbind)?;
-        let key = BindingKey::new(b.routing_key).with_arguments(b.arguments);
-        self.vhost().unbind_queue(&q, &b.exchange, key, conn)?;
+        let (q, key) = self.binding_of(ch, b.queue, &b.exchange, b.routing_key, b.arguments, QueueUse::Unbind)?;
+        self.vhost().unbind_queue(&q, &b.exchange, key, self.id)?;
         self.send(ch, Method::QueueUnbindOk(QueueUnbindOk {}));
         Ok(())
+    }
+
+    /// The queue and binding key of a `queue.bind` / `queue.unbind`, once the user may make or
+    /// remove it (RabbitMQ's checks: write on the queue, read on the exchange, the topic
+    /// permission on the key) and the queue is not one of the MQTT frontend's.
+    fn binding_of(
+        &mut self,
+        ch: u16,
+        queue: ShortString,
+        exchange: &ShortString,
+        routing_key: ShortString,
+        arguments: FieldTable,
+        what: QueueUse,
+    ) -> Result<(ShortString, BindingKey), AmqpError> {
+        let q = self.queue_name(ch, queue)?;
+        if self.restricted() {
+            self.authorize(Permission::Write, Resource::Queue, &q)?;
+            self.authorize(Permission::Read, Resource::Exchange, exchange)?;
+            self.authorize_topic(Permission::Read, exchange, &routing_key)?;
+        }
+        self.guard_mqtt_queue(&q, what)?;
+        Ok((q, BindingKey::new(routing_key).with_arguments(arguments)))
     }
 
     pub(super) fn on_queue_purge(&mut self, ch: u16, p: codec::QueuePurge, now: Millis) -> Result<(), AmqpError> {
