@@ -140,11 +140,35 @@ async fn clients_cannot_publish_into_sys() {
 }
 
 #[tokio::test]
-async fn a_share_topic_name_is_invalid() {
+async fn a_share_topic_name_is_refused_as_not_authorized() {
     let server = TestServer::mqtt().await;
+    let mut s = RawClient::connect_ok(server.mqtt_addr(), V311, "share-reader", true).await;
+    s.subscribe(1, "$share/#", qos(QoS::AtMostOnce)).await;
     let mut c = RawClient::connect_ok(server.mqtt_addr(), V5, "share-writer", true).await;
-    c.send(&publish("$share/g/t", QoS::AtMostOnce, 0, false)).await;
-    c.expect_close(Some(0x90)).await;
+    c.send(&publish("$share/g/t", QoS::AtLeastOnce, 1, false)).await;
+    let code = c.expect("PUBACK", |p| if let Packet::PubAck(a) = p { Some(a.reason) } else { None }).await;
+    assert_eq!(code, 0x87);
+    // The connection stays: the next publish is answered.
+    c.send(&publish("t", QoS::AtLeastOnce, 2, false)).await;
+    c.expect("PUBACK", |p| if let Packet::PubAck(a) = p { (a.packet_id == 2).then_some(()) } else { None }).await;
+    s.quiet().await;
+}
+
+#[tokio::test]
+async fn a_mosquitto_bridge_reports_its_state_under_sys() {
+    // A Mosquitto bridge connected to Ferry publishes `$SYS/broker/connection/<id>/state`
+    // (retained, "1" / "0") when its notifications are on, the default.
+    let server = TestServer::mqtt().await;
+    let mut bridge = RawClient::connect_ok(server.mqtt_addr(), V5, "edge-1", true).await;
+    bridge.send(&publish("$SYS/broker/connection/edge-1/state", QoS::AtLeastOnce, 1, true)).await;
+    let code = bridge.expect("PUBACK", |p| if let Packet::PubAck(a) = p { Some(a.reason) } else { None }).await;
+    assert_eq!(code, 0x10, "accepted, nobody subscribed yet");
+    let mut s = RawClient::connect_ok(server.mqtt_addr(), V311, "ops", true).await;
+    s.subscribe(1, "$SYS/broker/connection/+/state", qos(QoS::AtMostOnce)).await;
+    let topic = s
+        .expect("PUBLISH", |p| if let Packet::Publish(m) = p { Some(m.topic.as_str().to_string()) } else { None })
+        .await;
+    assert_eq!(topic, "$SYS/broker/connection/edge-1/state");
 }
 
 #[tokio::test]
@@ -171,4 +195,25 @@ async fn pubrel_for_an_unknown_id_is_answered_pubcomp_success() {
     let (id, code) =
         c.expect("PUBCOMP", |p| if let Packet::PubComp(r) = p { Some((r.packet_id, r.reason)) } else { None }).await;
     assert_eq!((id, code), (77, 0));
+}
+
+#[tokio::test]
+async fn a_payload_format_indicator_is_forwarded_whatever_its_value() {
+    // §3.3.2.3.2 defines 0 and 1 and forbids nothing else; Mosquitto forwards the byte.
+    let server = TestServer::mqtt().await;
+    let mut s = RawClient::connect_ok(server.mqtt_addr(), V5, "pfi-reader", true).await;
+    s.subscribe(1, "pfi", qos(QoS::AtMostOnce)).await;
+    let mut c = RawClient::connect_ok(server.mqtt_addr(), V5, "pfi-writer", true).await;
+    let Packet::Publish(mut p) = publish("pfi", QoS::AtLeastOnce, 1, false) else { unreachable!() };
+    p.properties.payload_format_indicator = Some(0xED);
+    c.send(&Packet::Publish(p)).await;
+    let code = c.expect("PUBACK", |p| if let Packet::PubAck(a) = p { Some(a.reason) } else { None }).await;
+    assert_eq!(code, 0);
+    let pfi = s
+        .expect(
+            "PUBLISH",
+            |p| if let Packet::Publish(m) = p { Some(m.properties.payload_format_indicator) } else { None },
+        )
+        .await;
+    assert_eq!(pfi, Some(0xED));
 }

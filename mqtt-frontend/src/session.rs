@@ -32,7 +32,7 @@ use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, 
 use crate::registry::{StoredSession, StoredSubscription};
 use crate::session_store::encode_session;
 use crate::subscriptions::{Subscription, Subscriptions};
-use crate::topic::{check_filter, check_topic_name, Filter, TopicError};
+use crate::topic::{check_filter, check_topic_name, server_only, Filter, TopicError};
 
 /// Frontend-wide MQTT settings.
 #[derive(Debug, Clone)]
@@ -792,11 +792,16 @@ impl Session {
                 self.extras().inbound_aliases.insert(alias, p.topic.clone());
             }
         }
-        if let Err(e) = check_topic_name(p.topic.as_str()) {
-            // Deeper than MAX_LEVELS: a protocol error, as Mosquitto closes past its limit of
-            // 200; the rest (empty, `$share/`) are invalid names.
-            let why = if e == TopicError::TooDeep { MqttError::TopicTooDeep } else { MqttError::TopicNameInvalid };
-            return Err(why.close(e.to_string()));
+        match check_topic_name(p.topic.as_str()) {
+            // `$share/...` is refused below, as not authorized (Mosquitto's answer), and the
+            // connection stays.
+            Ok(()) | Err(TopicError::SharedName) => {}
+            Err(e) => {
+                // Deeper than MAX_LEVELS: a protocol error, as Mosquitto closes past its limit
+                // of 200; the rest (empty) are invalid names.
+                let why = if e == TopicError::TooDeep { MqttError::TopicTooDeep } else { MqttError::TopicNameInvalid };
+                return Err(why.close(e.to_string()));
+            }
         }
         if v5 && p.qos > QoS::AtMostOnce && self.unacked_inbound() >= self.settings.receive_maximum as usize {
             return Err(
@@ -811,10 +816,9 @@ impl Session {
         }
         self.stats.messages_in += 1;
         self.published = true;
-        // `$SYS/` is the broker's own (§4.7.2: `$` topics are for the server's use): a client
-        // cannot overwrite `$SYS/broker/uptime`, whatever the ACL says.
-        let system = p.topic.as_str().starts_with("$SYS/") || p.topic.as_str() == "$SYS";
-        if system || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str()) {
+        if server_only(p.topic.as_str())
+            || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str())
+        {
             // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
             // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
             tracing::debug!(client_id = %self.client_id, topic = %p.topic.as_str(), "publish denied by the ACL");
@@ -1854,11 +1858,27 @@ mod tests {
     }
 
     #[test]
-    fn publishing_to_a_share_topic_is_an_invalid_topic_name() {
+    fn publishing_to_a_share_topic_is_refused_and_the_connection_stays() {
         let vhost = vhost();
         let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
-        let close = s.handle(publish_packet("$share/g/t", QoS::AtLeastOnce, 3, false), 0).unwrap_err();
-        assert!(matches!(close, Close::Violation { reason: reason::TOPIC_NAME_INVALID, .. }));
+        s.handle(publish_packet("$share/g/t", QoS::AtLeastOnce, 3, false), 0).unwrap();
+        match &packets(&mut s)[..] {
+            [Packet::PubAck(a)] => assert_eq!(a.reason, reason::NOT_AUTHORIZED),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_mosquitto_bridge_may_report_its_state_under_sys() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        s.handle(publish_packet("$SYS/broker/connection/edge-1/state", QoS::AtLeastOnce, 3, true), 0).unwrap();
+        match &packets(&mut s)[..] {
+            [Packet::PubAck(a)] => assert_eq!(a.reason, reason::NO_MATCHING_SUBSCRIBERS),
+            other => panic!("{other:?}"),
+        }
+        let kept = vhost.retained().lookup(&Filter::parse("$SYS/broker/connection/+/state").unwrap().pattern());
+        assert_eq!(kept.len(), 1);
     }
 
     #[test]

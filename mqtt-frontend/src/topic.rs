@@ -64,6 +64,22 @@ pub fn check_topic_name(topic: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// Topics no client may publish to, whatever the ACL says; the publish is refused as not
+/// authorized (5.0 QoS 1/2: 0x87), as Mosquitto does, and the connection stays:
+/// - `$SYS` and `$SYS/...` are the broker's own (§4.7.2): a client cannot overwrite
+///   `$SYS/broker/uptime`. One exception, as in Mosquitto: `$SYS/broker/connection/<id>/state`,
+///   where a Mosquitto bridge connected to Ferry reports its link state (its `notifications`
+///   are on by default); the ACL still applies to it.
+/// - `$share/...` names shared subscriptions, not a topic (§4.8.2).
+pub fn server_only(topic: &str) -> bool {
+    if let Some(id) = topic.strip_prefix("$SYS/broker/connection/").and_then(|r| r.strip_suffix("/state")) {
+        if !id.is_empty() && !id.contains('/') {
+            return false;
+        }
+    }
+    topic == "$SYS" || topic.starts_with("$SYS/") || topic.starts_with("$share/")
+}
+
 /// Checks a topic filter (§4.7.1): `+` and `#` only as whole levels, `#` only last.
 pub fn check_filter(filter: &str) -> Result<(), TopicError> {
     if filter.is_empty() {
@@ -172,6 +188,19 @@ mod tests {
         assert_eq!(check_filter(&"/".repeat(201)), Err(TopicError::TooDeep));
         assert_eq!(check_topic_name("$share/g/t"), Err(TopicError::SharedName));
         assert!(check_topic_name("$shared/t").is_ok());
+    }
+
+    #[test]
+    fn sys_and_share_topics_are_the_servers_but_a_bridge_may_report_its_state() {
+        for own in ["$SYS", "$SYS/broker/uptime", "$SYS/broker/connection/me", "$SYS/broker/connection//state"] {
+            assert!(server_only(own), "{own}");
+        }
+        for own in ["$SYS/broker/connection/a/b/state", "$share/g/t"] {
+            assert!(server_only(own), "{own}");
+        }
+        for open in ["$SYS/broker/connection/edge-1/state", "$SYSTEM/x", "a/$SYS", "$shared/t", "t"] {
+            assert!(!server_only(open), "{open}");
+        }
     }
 
     #[test]

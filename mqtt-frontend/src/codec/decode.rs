@@ -314,12 +314,11 @@ fn sub_options(byte: u8, v: ProtocolVersion) -> Result<SubOptions, DecodeError> 
     Ok(SubOptions { qos, no_local: byte & 0x04 != 0, retain_as_published: byte & 0x08 != 0, retain_handling })
 }
 
-fn no_filters(v: ProtocolVersion, packet: &str) -> DecodeError {
-    let msg = format!("{packet} without a topic filter");
-    match v {
-        ProtocolVersion::V31 | ProtocolVersion::V311 => malformed(msg),
-        ProtocolVersion::V5 => protocol(msg),
-    }
+/// A SUBSCRIBE or UNSUBSCRIBE that ends before its first filter. 5.0 §3.8.3 calls it a Protocol
+/// Error, but §4.13.1 lets the server answer any such error with 0x81 or 0x82, and to a reader
+/// of the bytes it is a truncated packet: Malformed (0x81), as Mosquitto and 3.1.1 say.
+fn no_filters(packet: &str) -> DecodeError {
+    malformed(format!("{packet} without a topic filter"))
 }
 
 fn decode_subscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Subscribe, DecodeError> {
@@ -335,7 +334,7 @@ fn decode_subscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Subscribe,
         filters.push((filter, options));
     }
     if filters.is_empty() {
-        return Err(no_filters(v, "SUBSCRIBE"));
+        return Err(no_filters("SUBSCRIBE"));
     }
     Ok(Subscribe { packet_id, properties, filters })
 }
@@ -367,7 +366,7 @@ fn decode_unsubscribe(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<Unsubscr
         filters.push(r.string("topic filter")?);
     }
     if filters.is_empty() {
-        return Err(no_filters(v, "UNSUBSCRIBE"));
+        return Err(no_filters("UNSUBSCRIBE"));
     }
     Ok(Unsubscribe { packet_id, properties, filters })
 }

@@ -113,7 +113,10 @@ pub(crate) fn decode_properties(r: &mut Reader<'_>, ctx: PropCtx) -> Result<Prop
             return Err(malformed(format!("property 0x{id:02X} is not allowed in {}", ctx.name())));
         }
         match id {
-            0x01 => once(&mut p.payload_format_indicator, flag(r.u8("payload format indicator")?, id)?, id)?,
+            // Any byte: §3.3.2.3.2 defines 0 and 1 but, unlike the other one-byte flags, does
+            // not make other values an error, and Mosquitto forwards them unchanged. Only 1
+            // promises UTF-8.
+            0x01 => once(&mut p.payload_format_indicator, r.u8("payload format indicator")?, id)?,
             0x02 => once(&mut p.message_expiry_interval, r.u32("message expiry interval")?, id)?,
             0x03 => once(&mut p.content_type, r.string("content type")?, id)?,
             0x08 => once(&mut p.response_topic, r.string("response topic")?, id)?,
@@ -121,7 +124,9 @@ pub(crate) fn decode_properties(r: &mut Reader<'_>, ctx: PropCtx) -> Result<Prop
             0x0B => {
                 let v = r.varint("subscription identifier")?;
                 if v == 0 {
-                    return Err(protocol("subscription identifier 0"));
+                    // §3.8.2.1.2 calls 0 a Protocol Error; §4.13.1 allows 0x81 or 0x82 for
+                    // it, and Mosquitto (whose tests clients are written against) sends 0x81.
+                    return Err(malformed("subscription identifier 0"));
                 }
                 if ctx == PropCtx::Subscribe && !p.subscription_identifiers.is_empty() {
                     return Err(protocol("more than one subscription identifier in SUBSCRIBE"));
@@ -490,15 +495,14 @@ mod tests {
     }
 
     #[test]
-    fn subscription_identifier_zero_is_a_protocol_error() {
-        assert!(matches!(decode(&[2, 0x0B, 0], PropCtx::Subscribe), Err(DecodeError::Protocol(_))));
-        assert!(matches!(decode(&[2, 0x0B, 0], PropCtx::Publish), Err(DecodeError::Protocol(_))));
+    fn subscription_identifier_zero_is_malformed_as_mosquitto_says() {
+        assert!(matches!(decode(&[2, 0x0B, 0], PropCtx::Subscribe), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode(&[2, 0x0B, 0], PropCtx::Publish), Err(DecodeError::Malformed(_))));
     }
 
     #[test]
     fn out_of_range_values_are_protocol_errors() {
         let cases: &[(&[u8], PropCtx)] = &[
-            (&[2, 0x01, 2], PropCtx::Publish),          // payload format indicator
             (&[2, 0x17, 2], PropCtx::Connect),          // request problem information
             (&[2, 0x19, 2], PropCtx::Connect),          // request response information
             (&[3, 0x21, 0, 0], PropCtx::Connect),       // receive maximum 0
@@ -513,6 +517,12 @@ mod tests {
         for (bytes, ctx) in cases {
             assert!(matches!(decode(bytes, *ctx), Err(DecodeError::Protocol(_))), "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn any_payload_format_indicator_is_forwarded() {
+        assert_eq!(decode(&[2, 0x01, 0xED], PropCtx::Publish).unwrap().payload_format_indicator, Some(0xED));
+        assert_eq!(decode(&[2, 0x01, 2], PropCtx::Will).unwrap().payload_format_indicator, Some(2));
     }
 
     #[test]

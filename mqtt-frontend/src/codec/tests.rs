@@ -917,8 +917,8 @@ mod subscribe {
     use super::*;
 
     #[test]
-    fn subscribe_without_filters_is_a_protocol_error_in_5() {
-        assert!(is_protocol(Some(V5), &[0x82, 3, 0, 1, 0]));
+    fn subscribe_without_filters_is_malformed_in_5() {
+        assert!(is_malformed(Some(V5), &[0x82, 3, 0, 1, 0]));
     }
 
     #[test]
@@ -956,8 +956,8 @@ mod subscribe {
     }
 
     #[test]
-    fn subscription_identifier_0_is_a_protocol_error() {
-        assert!(is_protocol(Some(V5), &[0x82, 9, 0, 1, 2, 0x0B, 0, 0, 1, b'a', 0]));
+    fn subscription_identifier_0_is_malformed() {
+        assert!(is_malformed(Some(V5), &[0x82, 9, 0, 1, 2, 0x0B, 0, 0, 1, b'a', 0]));
     }
 
     #[test]
@@ -969,8 +969,8 @@ mod subscribe {
     }
 
     #[test]
-    fn unsubscribe_without_filters_is_a_protocol_error_in_5() {
-        assert!(is_protocol(Some(V5), &[0xA2, 3, 0, 1, 0]));
+    fn unsubscribe_without_filters_is_malformed_in_5() {
+        assert!(is_malformed(Some(V5), &[0xA2, 3, 0, 1, 0]));
     }
 
     #[test]
