@@ -12,6 +12,7 @@ use crate::auth::Authenticator;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
 use crate::permissions::AccessPolicy;
+use crate::policy::QueueUse;
 use crate::size::ByteSize;
 use crate::store::{SessionRecord, Store, StoreError, StoreOp};
 use crate::timer::Timer;
@@ -183,8 +184,9 @@ pub struct Broker {
     recovered_sessions: std::sync::Mutex<Vec<SessionRecord>>,
     /// The users and the login check; empty until the server sets them.
     auth: Authenticator,
-    /// Permissions, topic permissions and the MQTT ACL; swapped whole on a reload.
-    access: arc_swap::ArcSwap<AccessPolicy>,
+    /// Permissions, topic permissions and the frontends' topic policy; swapped whole on a
+    /// reload. The vhosts share it: the default exchange asks which queues are reserved.
+    access: Arc<arc_swap::ArcSwap<AccessPolicy>>,
     /// Queue deadlines of every vhost (see [`crate::timer`]).
     timer: Arc<Timer>,
 }
@@ -200,7 +202,7 @@ impl Broker {
             publishers_blocked: watch::Sender::new(false),
             recovered_sessions: Default::default(),
             auth: Authenticator::default(),
-            access: Default::default(),
+            access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
             timer: Arc::new(Timer::new()),
         };
         b.add_vhost(DEFAULT_VHOST);
@@ -224,7 +226,7 @@ impl Broker {
             publishers_blocked: watch::Sender::new(false),
             recovered_sessions: std::sync::Mutex::new(std::mem::take(&mut snapshot.sessions)),
             auth: Authenticator::default(),
-            access: Default::default(),
+            access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
             timer: Arc::new(Timer::new()),
         };
         b.add_vhost(DEFAULT_VHOST);
@@ -267,7 +269,8 @@ impl Broker {
         if let Some(v) = map.get(name) {
             return v.clone();
         }
-        let v = Arc::new(VHost::with_timer(name, self.store.clone(), self.timer.clone()));
+        let v =
+            Arc::new(VHost::with_timer(name, self.store.clone(), self.timer.clone()).with_access(self.access.clone()));
         map.insert(name.to_string(), v.clone());
         drop(map);
         self.store.submit(vec![StoreOp::PutVhost(name.to_string())]);
@@ -320,9 +323,22 @@ impl Broker {
         Arc::ptr_eq(&self.access.load(), policy)
     }
 
-    /// Replaces the authorization policy (at start-up and on a reload).
+    /// Replaces the authorization policy (at start-up and on a reload), with the frontends'
+    /// [`TopicPolicy`](crate::policy::TopicPolicy) in it.
     pub fn set_access(&self, policy: AccessPolicy) {
         self.access.store(Arc::new(policy));
+    }
+
+    /// Why another protocol's client may not `what` the queue `name` of `vhost`: it is one a
+    /// frontend keeps for its own clients (`None`: it may). Cheap when it is not (no
+    /// allocation, no reference count): asked on every publish to the default exchange.
+    pub fn reserved_queue_refusal(&self, vhost: &str, name: &[u8], what: QueueUse) -> Option<String> {
+        let access = self.access.load();
+        let topics = &access.topic_policy;
+        if !topics.reserves_queue(name) {
+            return None;
+        }
+        topics.queue_refusal(vhost, &String::from_utf8_lossy(name), what)
     }
 
     /// The memory alarm.

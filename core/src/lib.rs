@@ -26,7 +26,9 @@
 //! - [`cert_login`]: the user name a verified client certificate stands for.
 //! - [`permissions`]: RabbitMQ's vhost and topic permissions and the per-connection
 //!   [`Grant`](permissions::Grant) the frontends check operations against.
-//! - [`acl`]: the Mosquitto-style MQTT topic ACL (MQTT clients, and AMQP ones on MQTT exchanges).
+//! - [`policy`]: the [`TopicPolicy`](policy::TopicPolicy) trait, a frontend's rules over its
+//!   exchanges' routing keys and its own queues (the MQTT frontend's ACL implements it), which
+//!   the permission checks and the default exchange ask.
 //! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
 //! - [`logging`]: [`log_limited!`] for log lines a client can trigger at will (bad logins,
 //!   refused connections, protocol errors): a burst per second per call site, then a count.
@@ -41,7 +43,6 @@
 //! [`Queue::enqueue`](queue::Queue::enqueue) (which pushes to a consumer's sink if one has room)
 //! and each direct sink's outbox → the consumers' connection tasks, which drain their outboxes.
 
-pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod cert_login;
@@ -51,6 +52,7 @@ pub mod frontend;
 pub mod logging;
 pub mod message;
 pub mod permissions;
+pub mod policy;
 pub mod queue;
 pub mod rate;
 pub mod retained;

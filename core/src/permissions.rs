@@ -8,8 +8,10 @@
 //!   and topic exchange, a *write* regex over routing keys (checked on publish) and a *read* regex
 //!   over binding keys (checked on bind). `{username}` and `{vhost}` stand for the connection's.
 //!   No entry for an exchange: no restriction on it.
-//! - **The MQTT ACL** ([`Acl`]) on the MQTT exchanges: an AMQP connection publishing to or binding
-//!   on an exchange MQTT clients use is held to the same topic ACL as an MQTT client of that user.
+//! - **A frontend's topic policy** ([`TopicPolicy`], the MQTT frontend's ACL) on the MQTT
+//!   exchanges: an AMQP connection publishing to, binding on or routing into an exchange MQTT
+//!   clients use is held to the same rules as an MQTT client of that user, and only a user the
+//!   policy lets read everything may touch the MQTT frontend's own queues.
 //!
 //! A connection works with a [`Grant`]: the policy resolved for its user and vhost, with topic
 //! templates expanded and compiled once. [`AccessPolicy`] is swapped whole on a reload; a
@@ -25,7 +27,7 @@ use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
-use crate::acl::{binding_key_filter, routing_key_topic, Acl, MQTT_QUEUE_PREFIXES};
+use crate::policy::{Open, TopicPolicy};
 
 /// A compiled pattern may use at most this much memory (a config with absurd repetitions is
 /// refused instead of slowing every check).
@@ -147,7 +149,7 @@ fn expand(template: &str, user: &str, vhost: &str) -> String {
     template.replace("{username}", &regex::escape(user)).replace("{vhost}", &regex::escape(vhost))
 }
 
-/// An MQTT exchange: where MQTT clients publish, so where the ACL applies.
+/// An MQTT exchange: where MQTT clients publish, so where the [`TopicPolicy`] applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttExchange {
     pub vhost: String,
@@ -156,15 +158,27 @@ pub struct MqttExchange {
 
 /// Everything the authorization checks read; the server builds it from the config and swaps it
 /// on a reload ([`Broker::set_access`](crate::Broker::set_access)).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AccessPolicy {
     /// Empty: everyone may do everything (no `[[permissions]]` configured).
     pub permissions: Vec<VhostPermissions>,
     pub topic_permissions: Vec<TopicPermissions>,
-    /// The MQTT topic ACL (`[[acl]]`).
-    pub acl: Arc<Acl>,
-    /// The exchanges the ACL covers for AMQP connections.
+    /// The MQTT frontend's rules (its `[[acl]]` and its own queues); [`Open`] until the server
+    /// installs them.
+    pub topic_policy: Arc<dyn TopicPolicy>,
+    /// The exchanges the topic policy covers for AMQP connections.
     pub mqtt_exchanges: Vec<MqttExchange>,
+}
+
+impl Default for AccessPolicy {
+    fn default() -> AccessPolicy {
+        AccessPolicy {
+            permissions: Vec::new(),
+            topic_permissions: Vec::new(),
+            topic_policy: Arc::new(Open),
+            mqtt_exchanges: Vec::new(),
+        }
+    }
 }
 
 /// A refused check, with RabbitMQ's text.
@@ -201,7 +215,7 @@ impl AccessPolicy {
                 Some(TopicGrant { exchange: t.exchange.clone(), write, read })
             })
             .collect();
-        let acl_exchanges = if self.acl.is_empty() {
+        let acl_exchanges = if !self.topic_policy.restricts() {
             Vec::new()
         } else {
             self.mqtt_exchanges.iter().filter(|m| m.vhost == vhost).map(|m| m.exchange.clone()).collect()
@@ -235,7 +249,7 @@ pub struct Grant {
     /// `None`: no vhost permissions configured, everything allowed.
     resources: Option<VhostPermissions>,
     topics: Vec<TopicGrant>,
-    /// Exchanges of this vhost the MQTT ACL covers (empty when the ACL is).
+    /// Exchanges of this vhost the topic policy covers (empty when it restricts nothing).
     acl_exchanges: Vec<String>,
 }
 
@@ -266,11 +280,12 @@ impl Grant {
             ))
         };
         // The MQTT frontend's own queues hold what MQTT subscriptions (other clients') let
-        // through: under the ACL, only a user who may read everything may touch them.
+        // through: under its policy, only a user who may read everything may touch them.
+        let topics = &self.policy.topic_policy;
         if resource == Resource::Queue
             && !self.acl_exchanges.is_empty()
-            && MQTT_QUEUE_PREFIXES.iter().any(|p| name.starts_with(p))
-            && !self.policy.acl.can_subscribe(self.acl_user(), "", "#")
+            && topics.reserves_queue(name.as_bytes())
+            && !topics.may_read_everything(self.acl_user())
         {
             return Err(denied());
         }
@@ -281,20 +296,20 @@ impl Grant {
         Err(denied())
     }
 
-    /// The user as the ACL sees it (`None`: anonymous).
+    /// The user as the topic policy sees it (`None`: anonymous).
     fn acl_user(&self) -> Option<&str> {
         (!self.anonymous).then_some(self.user.as_str())
     }
 
     /// May messages be routed into the MQTT exchange `destination` with keys matching `key`
     /// (an exchange-to-exchange binding, an alternate or a dead-letter exchange, `#` for
-    /// whatever key a message has)? Under the ACL that is publishing to every topic `key` can
-    /// match; other destinations are not the ACL's business.
+    /// whatever key a message has)? Under the topic policy that is publishing with every key
+    /// `key` can match; other destinations are not its business.
     pub fn check_route_into(&self, destination: &str, key: &str) -> Result<(), Denied> {
         if !self.acl_exchanges.iter().any(|e| e == destination) {
             return Ok(());
         }
-        if self.policy.acl.can_write_all(self.acl_user(), "", &binding_key_filter(key)) {
+        if self.policy.topic_policy.may_publish_matching(self.acl_user(), key) {
             return Ok(());
         }
         Err(Denied(format!(
@@ -305,8 +320,8 @@ impl Grant {
 
     /// May the user publish with `routing_key` to (`Write`), or bind with the binding key
     /// `routing_key` on (`Read`), the exchange `exchange`? Topic permissions apply to topic
-    /// exchanges (`is_topic`, asked only when a topic permission names the exchange); the MQTT
-    /// ACL to the MQTT exchanges, whatever their type.
+    /// exchanges (`is_topic`, asked only when a topic permission names the exchange); the topic
+    /// policy to the MQTT exchanges, whatever their type.
     pub fn check_topic(
         &self,
         permission: Permission,
@@ -330,16 +345,10 @@ impl Grant {
         }
         if self.acl_exchanges.iter().any(|e| e == exchange) {
             let user = self.acl_user();
-            let acl = &self.policy.acl;
+            let topics = &self.policy.topic_policy;
             let allowed = match permission {
-                Permission::Read => {
-                    let filter = binding_key_filter(routing_key);
-                    // An AMQP `#` or `*` first word also matches `$`-topics ($SYS), which an
-                    // MQTT wildcard does not: such a binding needs read on `$SYS/#` as well.
-                    let dollar = filter.starts_with('#') || filter.starts_with('+');
-                    acl.can_subscribe(user, "", &filter) && (!dollar || acl.can_subscribe(user, "", "$SYS/#"))
-                }
-                _ => acl.can_write(user, "", &routing_key_topic(routing_key)),
+                Permission::Read => topics.may_read_matching(user, routing_key),
+                _ => topics.may_publish(user, routing_key),
             };
             if !allowed {
                 return Err(denied());
@@ -352,7 +361,7 @@ impl Grant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acl::{Access, AclEntry};
+    use crate::policy::testing::OwnKeys;
 
     fn perms(user: &str, configure: &str, write: &str, read: &str) -> VhostPermissions {
         VhostPermissions {
@@ -425,71 +434,41 @@ mod tests {
     }
 
     #[test]
-    fn the_mqtt_acl_covers_amqp_on_mqtt_exchanges() {
-        let acl = Acl::new(vec![
-            AclEntry { user: Some("alice".into()), topic: "sensors/#".into(), access: Access::ReadWrite },
-            AclEntry { user: None, topic: "public/+".into(), access: Access::Read },
-            AclEntry { user: None, topic: "c/%c".into(), access: Access::Write },
-        ]);
+    fn the_topic_policy_covers_amqp_on_the_mqtt_exchanges_only() {
         let policy = Arc::new(AccessPolicy {
-            acl: Arc::new(acl),
-            mqtt_exchanges: vec![MqttExchange { vhost: "/".into(), exchange: "amq.topic".into() }],
-            ..AccessPolicy::default()
-        });
-        let g = policy.grant("alice", false, "/").unwrap();
-        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "sensors.t1").is_ok());
-        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "public.x").is_err());
-        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "sensors.*").is_ok());
-        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "public.*").is_ok());
-        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "public.#").is_err());
-        assert!(g.check_topic(Permission::Write, "amq.topic", || true, "c.").is_err(), "%c never matches AMQP");
-        assert!(g.check_topic(Permission::Write, "other", || true, "public.x").is_ok());
-        let anon = policy.grant("alice", true, "/").unwrap();
-        assert!(anon.check_topic(Permission::Write, "amq.topic", || true, "sensors.t1").is_err());
-        assert!(policy.grant("alice", false, "/v2").unwrap().unrestricted());
-    }
-
-    #[test]
-    fn under_the_acl_amqp_cannot_route_around_it_nor_read_mqtt_queues_or_sys() {
-        let acl = Acl::new(vec![
-            AclEntry { user: Some("alice".into()), topic: "alice/#".into(), access: Access::ReadWrite },
-            AclEntry { user: Some("admin".into()), topic: "#".into(), access: Access::ReadWrite },
-            AclEntry { user: Some("admin".into()), topic: "$SYS/#".into(), access: Access::Read },
-        ]);
-        let policy = Arc::new(AccessPolicy {
-            acl: Arc::new(acl),
+            topic_policy: Arc::new(OwnKeys),
             mqtt_exchanges: vec![MqttExchange { vhost: "/".into(), exchange: "amq.topic".into() }],
             ..AccessPolicy::default()
         });
         let alice = policy.grant("alice", false, "/").unwrap();
+        assert!(!alice.unrestricted());
+        assert!(alice.check_topic(Permission::Write, "amq.topic", || true, "alice.t").is_ok());
+        assert_eq!(
+            alice.check_topic(Permission::Write, "amq.topic", || true, "bob.t").unwrap_err().0,
+            "write access to topic 'bob.t' in exchange 'amq.topic' in vhost '/' refused for user 'alice'"
+        );
+        assert!(alice.check_topic(Permission::Read, "amq.topic", || true, "alice.#").is_ok());
+        assert!(alice.check_topic(Permission::Read, "amq.topic", || true, "#").is_err());
+        assert!(alice.check_topic(Permission::Write, "other", || true, "bob.t").is_ok(), "not an MQTT exchange");
         // Routing into the MQTT exchange from elsewhere is publishing there.
         assert!(alice.check_route_into("amq.topic", "alice.#").is_ok());
         assert_eq!(
             alice.check_route_into("amq.topic", "#").unwrap_err().0,
             "write access to topic '#' in exchange 'amq.topic' in vhost '/' refused for user 'alice'"
         );
-        assert!(alice.check_route_into("amq.topic", "secret.t").is_err());
         assert!(alice.check_route_into("other", "#").is_ok(), "not an MQTT exchange");
-        // The MQTT frontend's queues: only for who may read everything.
-        for q in ["mqtt-session.bob", "mqtt-shared.g.a/b"] {
-            assert!(alice.check(Permission::Read, Resource::Queue, q).is_err(), "{q}");
-        }
+        // The frontend's own queues: only for who may read everything.
+        assert!(alice.check(Permission::Read, Resource::Queue, "own.bob").is_err());
         assert!(alice.check(Permission::Read, Resource::Queue, "alice.q").is_ok());
-        // A leading AMQP wildcard also matches $SYS, which MQTT wildcards do not.
-        assert!(alice.check_topic(Permission::Read, "amq.topic", || true, "alice.#").is_ok());
-        let admin = policy.grant("admin", false, "/").unwrap();
-        assert!(admin.check(Permission::Read, Resource::Queue, "mqtt-session.bob").is_ok());
-        assert!(admin.check_route_into("amq.topic", "#").is_ok());
-        assert!(admin.check_topic(Permission::Read, "amq.topic", || true, "#").is_ok());
-        let no_sys = Arc::new(AccessPolicy {
-            acl: Arc::new(Acl::new(vec![AclEntry { user: None, topic: "#".into(), access: Access::Read }])),
-            mqtt_exchanges: vec![MqttExchange { vhost: "/".into(), exchange: "amq.topic".into() }],
-            ..AccessPolicy::default()
-        });
-        let g = no_sys.grant("u", false, "/").unwrap();
-        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "#").is_err(), "# would take $SYS too");
-        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "*.x").is_err());
-        assert!(g.check_topic(Permission::Read, "amq.topic", || true, "a.#").is_ok());
+        let root = policy.grant("root", false, "/").unwrap();
+        assert!(root.check(Permission::Read, Resource::Queue, "own.bob").is_ok());
+        // An anonymous client is no user to the policy, whatever its name.
+        let anon = policy.grant("alice", true, "/").unwrap();
+        assert!(anon.check_topic(Permission::Write, "amq.topic", || true, "alice.t").is_err());
+        // Other vhosts' exchanges are not covered; a policy that restricts nothing covers none.
+        assert!(policy.grant("alice", false, "/v2").unwrap().unrestricted());
+        let open = Arc::new(AccessPolicy { topic_policy: Arc::new(Open), ..(*policy).clone() });
+        assert!(open.grant("alice", false, "/").unwrap().unrestricted());
     }
 
     #[test]

@@ -11,9 +11,12 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use arc_swap::ArcSwap;
+
 use crate::error::CoreError;
 use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, Owner, SinkRef};
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
+use crate::permissions::AccessPolicy;
 use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
 use crate::retained::RetainedStore;
 use crate::sink::{Cookies, DirectSink, Offer, Outbox, SinkDelivery, SinkId};
@@ -99,6 +102,9 @@ pub struct VHost {
     stats: VHostStats,
     /// The broker's timer, armed with the deadlines queues report (message TTL, `x-expires`).
     timer: Arc<Timer>,
+    /// The broker's access policy, whose topic policy names the queues the default exchange
+    /// does not route into (a frontend's own).
+    access: Arc<ArcSwap<AccessPolicy>>,
 }
 
 impl fmt::Debug for VHost {
@@ -234,7 +240,15 @@ impl VHost {
             retained: RetainedStore::new(),
             stats: VHostStats::default(),
             timer,
+            access: Arc::new(ArcSwap::from_pointee(AccessPolicy::default())),
         }
+    }
+
+    /// The vhost reading the broker's access policy (swapped on a reload) for the queues a
+    /// frontend reserves.
+    pub fn with_access(mut self, access: Arc<ArcSwap<AccessPolicy>>) -> VHost {
+        self.access = access;
+        self
     }
 
     /// The timer this vhost's queues arm.
@@ -908,10 +922,10 @@ impl VHost {
         visited.push(x.name().clone());
         let before = targets.len();
         if x.name().is_empty() {
-            // The default exchange: every queue is bound under its own name, except the MQTT
-            // frontend's own, which only MQTT subscriptions fill (`acl::mqtt_queue_refusal`).
+            // The default exchange: every queue is bound under its own name, except a frontend's
+            // own, which only its subscriptions fill (`TopicPolicy::queue_refusal`).
             if let Some(q) = self.queues.read().unwrap_or_else(lock_err).get(&message.routing_key) {
-                if !crate::acl::is_mqtt_queue(message.routing_key.as_bytes()) {
+                if !self.access.load().topic_policy.reserves_queue(message.routing_key.as_bytes()) {
                     targets.add_queue(q);
                 }
             }

@@ -321,7 +321,7 @@ async fn establish(
         }
     };
     // Each connection takes the ACL current at its CONNECT (a reload swaps the broker's).
-    let acl = ctx.broker.access().acl.clone();
+    let acl = crate::acl::MqttPolicy::acl_of(&ctx.broker.access());
     let user = (!identity.anonymous).then(|| identity.user.clone());
     if let Some(w) = &connect.will {
         // Mosquitto refuses a CONNECT whose will it could not publish.

@@ -17,11 +17,14 @@
 //! and holds the one table that chooses its MQTT 5.0 reason code and its 3.1.1 / 3.1 answer
 //! among the codec's wire values (`codec::reason`, `codec::return_code`).
 //!
+//! [`acl`] is the topic ACL (`[[acl]]`) the session checks, and [`acl::MqttPolicy`], the
+//! frontend's [`TopicPolicy`](ferry_core::policy::TopicPolicy): the ACL in routing keys and the
+//! frontend's own queues, installed by the server in the broker's access policy so the AMQP
+//! side is held to the ACL on MQTT exchanges and kept out of those queues.
+//!
 //! [`sys`] publishes `$SYS/broker/...` statistics.
 
-/// The topic ACL lives in the core (AMQP connections are held to it on MQTT exchanges too);
-/// the broker's [`AccessPolicy`](ferry_core::permissions::AccessPolicy) carries it.
-pub use ferry_core::acl;
+pub mod acl;
 pub mod codec;
 pub mod driver;
 pub mod errors;

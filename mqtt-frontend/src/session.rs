@@ -339,7 +339,7 @@ pub fn ensure_exchange(vhost: &VHost, name: &ShortString) -> Result<(), CoreErro
 pub const PUMP_BATCH: usize = 64 * 1024;
 
 pub(crate) fn session_queue_name(client_id: &str) -> QueueName {
-    QueueName::from(format!("mqtt-session.{client_id}"))
+    QueueName::from(format!("{}{client_id}", crate::acl::SESSION_QUEUE_PREFIX))
 }
 
 /// Encodes a CONNACK refusal into `out` (what a CONNECT gets when it is refused); nothing when

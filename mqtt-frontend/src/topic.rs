@@ -16,10 +16,15 @@ use ferry_core::topic::{Level, Pattern};
 pub const MAX_LEVELS: usize = 201;
 
 /// Swaps `/` and `.` (topic → routing key, and back: the function is an involution). The one
-/// copy lives in the core for now, because the MQTT ACL the AMQP side consults is still there
-/// (issue 15 moves both here, behind a core trait).
+/// copy in the workspace: the ACL's checks of AMQP routing keys and the load generator use it.
 pub fn swap_separators(s: &str) -> String {
-    ferry_core::acl::routing_key_topic(s)
+    s.chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
 }
 
 /// Why a topic name or filter is refused.
@@ -161,7 +166,7 @@ impl Filter {
 
     /// The name of the queue shared by a group's members: `mqtt-shared.<group>.<filter>`.
     pub fn shared_queue_name(&self) -> Option<String> {
-        self.share_group.as_ref().map(|g| format!("mqtt-shared.{g}.{}", self.topic_filter))
+        self.share_group.as_ref().map(|g| format!("{}{g}.{}", crate::acl::SHARED_QUEUE_PREFIX, self.topic_filter))
     }
 }
 

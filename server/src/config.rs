@@ -88,7 +88,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// The authorization policy this config describes. The ACL covers AMQP connections on the
+    /// The authorization policy this config describes, with the MQTT frontend's topic policy
+    /// (the ACL, and its own queues) installed: the ACL covers AMQP connections on the
     /// exchanges MQTT listeners publish to.
     pub fn access_policy(&self) -> AccessPolicy {
         let mut mqtt_exchanges: Vec<MqttExchange> = Vec::new();
@@ -102,7 +103,9 @@ impl Config {
         AccessPolicy {
             permissions: self.permissions.clone(),
             topic_permissions: self.topic_permissions.clone(),
-            acl: std::sync::Arc::new(ferry_mqtt::acl::Acl::new(self.acl.clone())),
+            topic_policy: std::sync::Arc::new(ferry_mqtt::acl::MqttPolicy::new(ferry_mqtt::acl::Acl::new(
+                self.acl.clone(),
+            ))),
             mqtt_exchanges,
         }
     }

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use ferry_core::acl::QueueUse;
 use ferry_core::message::{now_millis, FieldTable, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
+use ferry_core::policy::QueueUse;
 use ferry_core::queue::{ConsumerSpec, Queue, QueueOptions};
 use ferry_core::vhost::QueueDeclare;
 
@@ -54,7 +54,7 @@ impl Connection {
             if self.restricted() {
                 self.authorize(Permission::Read, Resource::Queue, &q)?;
             }
-            self.guard_mqtt_queue(&q, QueueUse::Consume)?;
+            self.guard_reserved_queue(&q, QueueUse::Consume)?;
             q
         };
         let tag = if c.consumer_tag.is_empty() { consumer_tag() } else { c.consumer_tag };
@@ -157,7 +157,7 @@ impl Connection {
             self.authorize_topic(Permission::Write, &p.exchange, &p.routing_key)?;
         }
         if p.exchange.is_empty() {
-            self.guard_mqtt_queue(&p.routing_key, QueueUse::Publish)?;
+            self.guard_reserved_queue(&p.routing_key, QueueUse::Publish)?;
         }
         self.channel(ch).content =
             Some(PartialPublish { method: p, header: None, body: None, body_buf: BytesMut::new() });
@@ -170,7 +170,7 @@ impl Connection {
         if self.restricted() {
             self.authorize(Permission::Read, Resource::Queue, &qname)?;
         }
-        self.guard_mqtt_queue(&qname, QueueUse::Consume)?;
+        self.guard_reserved_queue(&qname, QueueUse::Consume)?;
         let q = self.vhost().queue_for(&qname, conn)?;
         let owner = self.channel(ch).owner;
         let (got, effects) = q.get(owner, g.no_ack, now);

@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use ferry_core::acl::QueueUse;
 use ferry_core::auth::{AuthError, Identity};
 use ferry_core::exchange::ExchangeKind;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
+use ferry_core::policy::QueueUse;
 use ferry_core::sink::Outbox;
 use ferry_core::vhost::VHost;
 use ferry_core::{log_limited, Broker};
@@ -723,11 +723,13 @@ impl Connection {
         }
     }
 
-    /// The MQTT frontend's own queues are not for AMQP verbs, whoever asks
-    /// ([`ferry_core::acl::mqtt_queue_refusal`]): 403 ACCESS_REFUSED, a channel error.
-    fn guard_mqtt_queue(&self, name: &ShortString, what: QueueUse) -> Result<(), AmqpError> {
-        let vhost = self.vhost.as_ref().map(|v| v.name().to_string()).unwrap_or_default();
-        match ferry_core::acl::mqtt_queue_refusal(&vhost, &name.to_string_lossy(), what) {
+    /// The queues another frontend keeps for its own clients (the MQTT frontend's sessions and
+    /// shared subscriptions) are not for AMQP verbs, whoever asks
+    /// ([`TopicPolicy::queue_refusal`](ferry_core::policy::TopicPolicy::queue_refusal)): 403
+    /// ACCESS_REFUSED, a channel error.
+    fn guard_reserved_queue(&self, name: &ShortString, what: QueueUse) -> Result<(), AmqpError> {
+        let vhost = self.vhost.as_ref().map_or("", |v| v.name());
+        match self.broker.reserved_queue_refusal(vhost, name.as_bytes(), what) {
             Some(why) => Err(AmqpError::new(reply_code::ACCESS_REFUSED, why)),
             None => Ok(()),
         }

@@ -1,10 +1,10 @@
 //! The queue class: queue.declare (with direct reply-to's pseudo-queue), bind, unbind, purge,
 //! delete.
 
-use ferry_core::acl::QueueUse;
 use ferry_core::exchange::BindingKey;
 use ferry_core::message::{FieldTable, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
+use ferry_core::policy::QueueUse;
 use ferry_core::queue::QueueOptions;
 use ferry_core::vhost::{generated_queue_name, QueueDeclare};
 
@@ -37,7 +37,7 @@ impl Connection {
             }
         }
         if !d.passive {
-            self.guard_mqtt_queue(&name, QueueUse::Declare)?;
+            self.guard_reserved_queue(&name, QueueUse::Declare)?;
         }
         let options = QueueOptions {
             durable: d.durable,
@@ -119,7 +119,7 @@ impl Connection {
             self.authorize(Permission::Read, Resource::Exchange, exchange)?;
             self.authorize_topic(Permission::Read, exchange, &routing_key)?;
         }
-        self.guard_mqtt_queue(&q, what)?;
+        self.guard_reserved_queue(&q, what)?;
         Ok((q, BindingKey::new(routing_key).with_arguments(arguments)))
     }
 
@@ -129,7 +129,7 @@ impl Connection {
         if self.restricted() {
             self.authorize(Permission::Read, Resource::Queue, &q)?;
         }
-        self.guard_mqtt_queue(&q, QueueUse::Purge)?;
+        self.guard_reserved_queue(&q, QueueUse::Purge)?;
         let n = self.vhost().purge_queue(&q, conn, now)?;
         if !p.nowait {
             self.send(ch, Method::QueuePurgeOk(QueuePurgeOk { message_count: n }));
@@ -143,7 +143,7 @@ impl Connection {
         if self.restricted() {
             self.authorize(Permission::Configure, Resource::Queue, &q)?;
         }
-        self.guard_mqtt_queue(&q, QueueUse::Delete)?;
+        self.guard_reserved_queue(&q, QueueUse::Delete)?;
         let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty)?;
         if !d.nowait {
             self.send(ch, Method::QueueDeleteOk(QueueDeleteOk { message_count: n }));

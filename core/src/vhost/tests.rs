@@ -108,6 +108,32 @@ fn default_exchange_routes_by_queue_name_and_refuses_binding() {
 }
 
 #[test]
+fn default_exchange_skips_the_queues_the_installed_policy_reserves() {
+    let b = Broker::new(Arc::new(MemoryStore::new()));
+    let v = b.vhost("/").unwrap();
+    v.declare_queue(queue("own.c1"), 0).unwrap();
+    v.declare_queue(queue("jobs"), 0).unwrap();
+    assert_eq!(publish(&v, "", msg("own.c1", "a")).routed, 1, "nothing reserved before a policy is installed");
+    // Installed after the vhost exists, as the server does after recovery (and on a reload).
+    b.set_access(crate::permissions::AccessPolicy {
+        topic_policy: Arc::new(crate::policy::testing::OwnKeys),
+        ..crate::permissions::AccessPolicy::default()
+    });
+    assert_eq!(publish(&v, "", msg("own.c1", "b")).routed, 0);
+    assert_eq!(publish(&v, "", msg("jobs", "c")).routed, 1);
+    assert_eq!(ready(&v, "own.c1"), 1);
+    // Other verbs ask the broker, which answers with the policy's text.
+    assert_eq!(
+        b.reserved_queue_refusal("/", b"own.c1", crate::policy::QueueUse::Publish).as_deref(),
+        Some("cannot publish to 'own.c1' in '/'")
+    );
+    assert_eq!(b.reserved_queue_refusal("/", b"jobs", crate::policy::QueueUse::Publish), None);
+    let created_after = b.add_vhost("other");
+    created_after.declare_queue(queue("own.c2"), 0).unwrap();
+    assert_eq!(publish(&created_after, "", msg("own.c2", "d")).routed, 0);
+}
+
+#[test]
 fn amq_prefix_is_reserved_but_predeclared_ones_may_be_redeclared() {
     let v = vhost();
     assert!(matches!(v.declare_exchange(exchange("amq.custom", "direct")).unwrap_err(), CoreError::AccessRefused(_)));
