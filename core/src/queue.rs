@@ -5,6 +5,27 @@
 //! caller (the vhost) to carry out after the queue's lock is released — dead letters to route,
 //! persistent messages to forget in the store, a request to delete the queue. Deliveries are
 //! pushed into each consumer's [`ConsumerSink`], which never blocks.
+//!
+//! # Locks
+//!
+//! How the core's locks nest, outermost first; a lock is never taken while a later one in this
+//! list is held, and none is held across an `.await`:
+//!
+//! 1. The vhost's `exchanges` / `queues` maps and the broker's `vhosts` (`RwLock`): held to look
+//!    up or clone an `Arc`, and by the default exchange while it checks the installed
+//!    `TopicPolicy` (an `ArcSwap` load, no lock). Nothing else is taken under them.
+//! 2. An exchange's binding `table` (`RwLock`, read to route): the router collects targets
+//!    under it and takes no other lock; the deliveries happen after it is released.
+//! 3. A queue's `state` (`Mutex`, this module): at most one queue's at a time. Dead letters and
+//!    deletions come out as [`Effects`], carried out after it is released. Under it the queue
+//!    asks consumers [`ConsumerSink::has_room`] — lock-free in both frontends' sinks (an
+//!    atomic mirror of the outbox length, channel credit in atomics), so choosing a consumer
+//!    for a message takes no other lock — and hands deliveries to [`ConsumerSink::deliver`].
+//! 4. An outbox's `items` (`Mutex`, `sink.rs`): a leaf, taken by `deliver` / `offer` to push and
+//!    by its owner to drain; released before the owner's [`crate::signal::Signal`] is
+//!    notified.
+//! 5. Leaves, never held with another: an outbox's `lag`, a `Signal`'s state (wakers are woken
+//!    after it is released), the retained store's map, the login throttle's table.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::task::{Context, Poll};
@@ -34,6 +34,9 @@ use crate::signal::Signal;
 /// go (coalesced writes).
 pub struct Outbox<T> {
     items: Mutex<VecDeque<T>>,
+    /// `items.len()`, written under its lock, read without: a queue asks [`Outbox::has_room`]
+    /// of its consumers under its own lock for every message, and takes no outbox lock for it.
+    len: AtomicUsize,
     capacity: usize,
     notify: Signal,
     /// Woken when the owner drains: publishers held back by a full outbox wait on it.
@@ -80,6 +83,7 @@ impl<T> Outbox<T> {
     pub fn new(capacity: usize) -> Outbox<T> {
         Outbox {
             items: Mutex::new(VecDeque::new()),
+            len: AtomicUsize::new(0),
             capacity: capacity.max(1),
             notify: Signal::new(),
             drained: Notify::new(),
@@ -91,8 +95,9 @@ impl<T> Outbox<T> {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+    /// Lock-free: the length as of the last push or drain.
     pub fn len(&self) -> usize {
-        self.items.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.len.load(Ordering::SeqCst)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -101,19 +106,21 @@ impl<T> Outbox<T> {
         self.len() < self.capacity
     }
     /// [`Outbox::has_room`] for a producer that stops when it is full and waits to be prompted
-    /// (a queue delivering to a consumer): a `false` is remembered, under the same lock the
-    /// owner drains with, so the owner cannot miss it.
+    /// (a queue delivering to a consumer): a `false` is remembered so the owner cannot miss it.
+    /// No lock: the producer marks itself starved, then looks at the length again; the owner
+    /// drains (the length drops), then takes the mark ([`Outbox::take_starved`]). All four in
+    /// one total order (SeqCst): either the second look sees the drain (room: the producer goes
+    /// on, and the owner may prompt once for nothing), or the owner's take sees the mark.
     pub fn has_room_or_starve(&self) -> bool {
-        let q = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        let room = q.len() < self.capacity;
-        if !room {
-            self.starved.store(true, Ordering::Relaxed);
+        if self.len() < self.capacity {
+            return true;
         }
-        room
+        self.starved.store(true, Ordering::SeqCst);
+        self.len() < self.capacity
     }
     /// Whether a producer went without room since the last call (call after draining).
     pub fn take_starved(&self) -> bool {
-        self.starved.swap(false, Ordering::Relaxed)
+        self.starved.swap(false, Ordering::SeqCst)
     }
     /// Adds an item, or gives it back when the outbox is full.
     pub fn try_push(&self, item: T) -> Result<(), T> {
@@ -123,6 +130,7 @@ impl<T> Outbox<T> {
         }
         let was_empty = q.is_empty();
         q.push_back(item);
+        self.len.store(q.len(), Ordering::SeqCst);
         drop(q);
         if was_empty {
             self.notify.notify();
@@ -136,6 +144,7 @@ impl<T> Outbox<T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let was_empty = q.is_empty();
         q.push_back(item);
+        self.len.store(q.len(), Ordering::SeqCst);
         drop(q);
         if was_empty {
             self.notify.notify();
@@ -147,6 +156,7 @@ impl<T> Outbox<T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let n = q.len();
         out.extend(q.drain(..));
+        self.len.store(0, Ordering::SeqCst);
         drop(q);
         if n > 0 {
             self.drained_some();
@@ -162,6 +172,7 @@ impl<T> Outbox<T> {
             return Vec::new();
         }
         let items: Vec<T> = q.drain(..).collect();
+        self.len.store(0, Ordering::SeqCst);
         drop(q);
         self.drained_some();
         items
@@ -436,6 +447,39 @@ mod tests {
         ob.drain_into(&mut out);
         assert!(ob.take_starved());
         assert!(!ob.take_starved());
+    }
+
+    /// A producer that stops when turned away and an owner that prompts it after draining, on
+    /// two threads, many times: the lock-free mark is never missed (a miss leaves the producer
+    /// waiting for a prompt that never comes).
+    #[test]
+    fn a_producer_turned_away_is_never_forgotten_across_threads() {
+        use std::sync::mpsc;
+        const ITEMS: u32 = 20_000;
+        let ob: Arc<Outbox<u32>> = Arc::new(Outbox::new(2));
+        let (prompt, prompted) = mpsc::channel::<()>();
+        let producer = {
+            let ob = ob.clone();
+            std::thread::spawn(move || {
+                for n in 0..ITEMS {
+                    while !ob.has_room_or_starve() {
+                        prompted.recv_timeout(Duration::from_secs(5)).expect("a starved producer was not prompted");
+                    }
+                    ob.push(n);
+                }
+            })
+        };
+        let mut got = Vec::new();
+        // As a connection does: the mark is looked at only after a drain that took something.
+        while got.len() < ITEMS as usize && !producer.is_finished() {
+            if ob.drain_into(&mut got) > 0 && ob.take_starved() {
+                let _ = prompt.send(());
+            }
+            std::thread::yield_now();
+        }
+        producer.join().unwrap();
+        ob.drain_into(&mut got);
+        assert!(got.iter().copied().eq(0..ITEMS));
     }
 
     #[tokio::test]
