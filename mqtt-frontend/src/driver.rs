@@ -12,8 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferry_core::auth::AuthError;
-use ferry_core::auth::ANONYMOUS_USER;
+use ferry_core::auth::{AuthError, ANONYMOUS_USER};
 use ferry_core::broker::Broker;
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, ListenerSettings, Transport};
 use ferry_core::log_limited;
@@ -30,11 +29,11 @@ use ferry_core::store::StoreOp;
 use ferry_core::vhost::VHost;
 
 use crate::codec::{Connect, DecodeError, Decoder, Packet, ProtocolVersion};
+use crate::connect::{self, ClientId};
 use crate::errors::MqttError;
 use crate::registry::{Kick, Kicked};
 use crate::session::{publish_will, refuse, session_queue_name, Close, Session, SUBSCRIBE_SLICE};
 use crate::session_store::encode_session;
-use crate::topic::check_topic_name;
 use crate::Shared;
 
 /// While this many acknowledgements wait for the store, the connection stops reading (the
@@ -268,7 +267,6 @@ async fn establish(
         Ok(Err(e)) => return protocol_refusal(ctx.id, peer, format!("bad CONNECT: {e}")),
     };
     let version = connect.version;
-    let v5 = version == ProtocolVersion::V5;
     let mut out = BytesMut::new();
 
     // Over a connection limit (the listener's or the broker's): refused before anything else,
@@ -282,32 +280,15 @@ async fn establish(
     }
 
     // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
-    if v5 && connect.properties.authentication_method.is_some() {
-        refuse(version, MqttError::BadAuthenticationMethod, &mut out);
-        let _ = stream.write_all(&out).await;
-        return protocol_refusal(ctx.id, peer, "unsupported authentication method".into());
-    }
-    if let Some(w) = &connect.will {
-        if check_topic_name(w.topic.as_str()).is_err() {
-            refuse(version, MqttError::WillTopicInvalid, &mut out);
-            if v5 {
+    let ClientId { id: client_id, assigned } = match connect::admit(&connect, assigned_client_id) {
+        Ok(c) => c,
+        Err(r) => {
+            if r.answer {
+                refuse(version, r.why, &mut out);
                 let _ = stream.write_all(&out).await;
             }
-            return protocol_refusal(ctx.id, peer, format!("invalid will topic {:?}", w.topic.as_str()));
+            return protocol_refusal(ctx.id, peer, r.detail);
         }
-    }
-    let (client_id, assigned) = if connect.client_id.is_empty() {
-        // 3.1 §3.1 requires 1 to 23 characters (no assigned ids before 3.1.1); 3.1.1
-        // §3.1.3-8: an empty id needs clean session 1. Longer 3.1 ids are accepted, as
-        // Mosquitto, EMQX and RabbitMQ do (docs/conformance.md).
-        if version == ProtocolVersion::V31 || (!v5 && !connect.clean_start) {
-            refuse(version, MqttError::ClientIdentifierNotValid, &mut out);
-            let _ = stream.write_all(&out).await;
-            return protocol_refusal(ctx.id, peer, format!("empty client id in MQTT {}", version.name()));
-        }
-        (assigned_client_id(), true)
-    } else {
-        (connect.client_id.as_str().to_string(), false)
     };
 
     // Who the client is (§3.1.4: the server may check the credentials and refuse). The check
@@ -333,14 +314,7 @@ async fn establish(
     let identity = match result {
         Ok(identity) => identity,
         Err(e) => {
-            let why = match e {
-                AuthError::BadCredentials => MqttError::BadUserNameOrPassword,
-                AuthError::NotAllowed(_) => MqttError::NotAuthorized,
-                AuthError::Busy => MqttError::ServerBusy,
-                // The address failed too often.
-                AuthError::Throttled(_) => MqttError::ConnectionRateExceeded,
-            };
-            refuse(version, why, &mut out);
+            refuse(version, connect::login_refusal(&e), &mut out);
             let _ = stream.write_all(&out).await;
             log_limited!(info, "MQTT login refused", conn = %ctx.id, %peer, client_id, user = username.as_deref().unwrap_or(""), "MQTT login refused: {e}");
             return Err(Err(ConnectionError::Protocol(format!("login refused: {e}"))));
@@ -349,14 +323,11 @@ async fn establish(
     // Each connection takes the ACL current at its CONNECT (a reload swaps the broker's).
     let acl = crate::acl::MqttPolicy::acl_of(&ctx.broker.access());
     let user = (!identity.anonymous).then(|| identity.user.clone());
-    if let Some(w) = &connect.will {
-        // Mosquitto refuses a CONNECT whose will it could not publish.
-        if !acl.can_write(user.as_deref(), &client_id, w.topic.as_str()) {
-            refuse(version, MqttError::NotAuthorized, &mut out);
-            let _ = stream.write_all(&out).await;
-            log_limited!(info, "MQTT CONNECT refused", conn = %ctx.id, %peer, client_id, user = %identity.user, "MQTT CONNECT refused: will topic not authorized");
-            return Err(Err(ConnectionError::Protocol("will topic not authorized".into())));
-        }
+    if let Err(r) = connect::check_will(&connect, &acl, user.as_deref(), &client_id) {
+        refuse(version, r.why, &mut out);
+        let _ = stream.write_all(&out).await;
+        log_limited!(info, "MQTT CONNECT refused", conn = %ctx.id, %peer, client_id, user = %identity.user, "MQTT CONNECT refused: {}", r.detail);
+        return Err(Err(ConnectionError::Protocol(r.detail)));
     }
     let vhost_name = ctx.listener.vhost.clone();
     let vhost = match ctx.broker.vhost(&vhost_name) {
@@ -415,7 +386,7 @@ async fn establish(
     shared.ensure_sys(&vhost);
 
     let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));
-    session.set_disk_alarm(ctx.broker.disk().subscribe());
+    session.set_disk_alarm(ctx.broker.disk().is_raised());
     let publish_rate = limits.max_publish_rate;
     let deadline = keep_alive.map(|k| Instant::now() + k);
     claim.kick.set_deadline(deadline);
@@ -565,6 +536,7 @@ impl Conn {
     /// holds them back), acks whose commits are done, deliveries; then one write.
     async fn work(&mut self) -> Result<(), Close> {
         if self.undecoded && self.throttled_until.is_none() && !self.held() {
+            self.session.set_disk_alarm(self.broker.disk().is_raised());
             let mut heard = false;
             loop {
                 match self.decoder.decode(&mut self.buf) {

@@ -10,7 +10,8 @@
 //!    sink or of the session's queue, shared subscriptions as shared queues), and keeps its
 //!    subscriptions indexed by filter, cookie, queue and pattern (`subscriptions`). [`topic`] converts
 //!    topics and filters, [`mapping`] converts PUBLISH ↔ core message, [`registry`] holds client
-//!    ids (takeover) and persistent session state between connections.
+//!    ids (takeover) and persistent session state between connections. [`connect`] decides a
+//!    CONNECT before the session starts (client id rules, will topic, login outcome, will ACL).
 //! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced.
 //!
 //! [`errors`] names what the session and the driver refuse or close for ([`errors::MqttError`])
@@ -26,6 +27,7 @@
 
 pub mod acl;
 pub mod codec;
+pub mod connect;
 pub mod driver;
 pub mod errors;
 pub mod mapping;

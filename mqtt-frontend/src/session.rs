@@ -275,8 +275,9 @@ pub struct Session {
     pub out: BytesMut,
     /// Counters for `$SYS`.
     pub stats: SessionStats,
-    /// The broker's disk alarm: while it is up, 5.0 QoS 1/2 publishes get 0x97.
-    disk_alarm: tokio::sync::watch::Receiver<bool>,
+    /// The broker's disk alarm, as the driver last saw it: while it is up, 5.0 QoS 1/2
+    /// publishes get 0x97.
+    disk_alarm: bool,
 }
 
 /// Per-session counters the driver adds into the frontend's totals.
@@ -488,7 +489,7 @@ impl Session {
             out: BytesMut::new(),
             stats: SessionStats::default(),
             settings,
-            disk_alarm: tokio::sync::watch::channel(false).1,
+            disk_alarm: false,
         };
 
         let mut ack = ConnAck { session_present, code: reason::SUCCESS, properties: Default::default() };
@@ -540,9 +541,9 @@ impl Session {
         Ok(s)
     }
 
-    /// Watches the broker's disk alarm (set by the driver).
-    pub fn set_disk_alarm(&mut self, alarm: tokio::sync::watch::Receiver<bool>) {
-        self.disk_alarm = alarm;
+    /// Whether the broker's disk alarm is up (the driver tells before each batch of packets).
+    pub fn set_disk_alarm(&mut self, raised: bool) {
+        self.disk_alarm = raised;
     }
 
     /// Whether this session's state is kept in the store.
@@ -832,7 +833,7 @@ impl Session {
             }
             return Ok(());
         }
-        if v5 && p.qos > QoS::AtMostOnce && *self.disk_alarm.borrow() {
+        if v5 && p.qos > QoS::AtMostOnce && self.disk_alarm {
             // The disk alarm: refused, not routed (QoS 0 is never stored, so it still goes).
             let packet = PubResp {
                 packet_id: id,
