@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
+use crate::connections::Connections;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
 use crate::permissions::AccessPolicy;
@@ -187,6 +188,8 @@ pub struct Broker {
     access: arc_swap::ArcSwap<AccessPolicy>,
     /// Queue deadlines of every vhost (see [`crate::timer`]).
     timer: Arc<Timer>,
+    /// Every live connection (see [`crate::connections`]).
+    connections: Arc<Connections>,
 }
 
 impl Broker {
@@ -202,6 +205,7 @@ impl Broker {
             auth: Authenticator::default(),
             access: Default::default(),
             timer: Arc::new(Timer::new()),
+            connections: Connections::new(),
         };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
@@ -226,6 +230,7 @@ impl Broker {
             auth: Authenticator::default(),
             access: Default::default(),
             timer: Arc::new(Timer::new()),
+            connections: Connections::new(),
         };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
@@ -344,6 +349,12 @@ impl Broker {
     /// Sets the memory high watermark in bytes of queued message bodies (0 = off).
     pub fn set_memory_limit(&self, bytes: u64) {
         self.memory.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Every live connection: what management and metrics list, and where a connection is
+    /// closed from outside.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     /// The timer the queues' deadlines arm.
