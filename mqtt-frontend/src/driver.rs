@@ -102,12 +102,14 @@ impl ReadSizer {
     }
 }
 
-/// Reads the CONNECT (bounded by the listener's handshake timeout).
+/// Reads the CONNECT (bounded by the listener's handshake timeout), adding the bytes read to
+/// `read`.
 async fn read_connect(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     sizer: &mut ReadSizer,
     decoder: &mut Decoder,
+    read: &mut u64,
 ) -> Result<Option<Connect>, DecodeError> {
     loop {
         if let Some(p) = decoder.decode(buf)? {
@@ -119,7 +121,10 @@ async fn read_connect(
         let room = sizer.prepare(buf);
         match stream.read_buf(buf).await {
             Ok(0) | Err(_) => return Ok(None),
-            Ok(n) => sizer.read(n, room),
+            Ok(n) => {
+                *read += n as u64;
+                sizer.read(n, room);
+            }
         }
     }
 }
@@ -220,9 +225,10 @@ async fn establish(
     let mut buf = BytesMut::new();
     let mut sizer = ReadSizer::new();
     let mut decoder = Decoder::new(limits.max_frame_size);
+    let mut read = 0;
     let connect = match tokio::time::timeout(
         limits.handshake_timeout,
-        read_connect(&mut stream, &mut buf, &mut sizer, &mut decoder),
+        read_connect(&mut stream, &mut buf, &mut sizer, &mut decoder, &mut read),
     )
     .await
     {
@@ -267,6 +273,7 @@ async fn establish(
         tls: stream.tls.as_deref().map(|t| Box::new(TlsInfo::of(t))),
         connected_at: now_millis(),
     });
+    handle.counters.add_bytes_in(read);
 
     // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
     if v5 && connect.properties.authentication_method.is_some() {
@@ -408,7 +415,6 @@ async fn establish(
     let deadline = keep_alive.map(|k| Instant::now() + k);
     claim.kick.set_deadline(deadline);
     let undecoded = !buf.is_empty();
-    handle.counters.add_bytes_in(buf.len() as u64);
     sizer.drained(&mut buf);
     Ok(Box::new(Conn {
         deadline,
@@ -617,6 +623,10 @@ impl Conn {
             }
         }
         self.session.pump(now_millis());
+        // The session counts its messages; the registry gets its totals once per wake-up, before
+        // the write, so a client sees its PUBACK only once its publish is counted.
+        let stats = &self.session.stats;
+        self.conn.counters.set_messages(stats.messages_in, stats.messages_out);
         if !self.session.out.is_empty() {
             let n = self.session.out.len();
             if let Err(e) = self.stream.write_all(&self.session.out).await {
@@ -632,9 +642,6 @@ impl Conn {
             self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             self.conn.counters.add_bytes_out(n as u64);
         }
-        // The session counts its messages; the registry gets its totals once per wake-up.
-        let stats = &self.session.stats;
-        self.conn.counters.set_messages(stats.messages_in, stats.messages_out);
         Ok(())
     }
 
