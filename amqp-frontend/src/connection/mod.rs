@@ -984,6 +984,7 @@ mod tests {
             assert_eq!(c.take_publishes(), 1);
         }
         assert_eq!(c.take_publishes(), 0);
+        assert_eq!(c.messages_in, 2, "the registry's running total is not taken by the rate limit");
         assert!(c.is_open());
     }
 }
