@@ -606,6 +606,24 @@ mod tests {
     }
 
     #[test]
+    fn tls_info_keeps_the_client_certificate_subject_not_the_chain() {
+        let mut params = rcgen::CertificateParams::new(vec!["client".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, "Acme");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "sensor-7");
+        let der = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().der().to_vec();
+        let identity = TlsIdentity {
+            peer_certificates: vec![der],
+            server_name: Some("broker".into()),
+            alpn: Some(b"mqtt".to_vec()),
+        };
+        let tls = TlsInfo::of(&identity);
+        assert_eq!(tls.peer_subject.as_deref(), Some("CN=sensor-7,O=Acme"));
+        assert_eq!((tls.server_name.as_deref(), tls.alpn.as_deref()), (Some("broker"), Some("mqtt")));
+        assert_eq!(TlsInfo::of(&TlsIdentity::default()), TlsInfo::default(), "no certificate, no subject");
+    }
+
+    #[test]
     fn an_entry_stays_small() {
         // Issue 18 wants an idle MQTT connection under 1 KiB in all; this is the registry's part
         // of it (plus the login strings and a map slot). 248 bytes on x86_64 when written: info
