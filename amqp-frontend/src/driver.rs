@@ -7,25 +7,34 @@
 //! bucket; one token per completed publish — frames after the one that ran into debt stay in
 //! the buffer until the wait is over). Our heartbeats go on meanwhile, and the time not
 //! reading does not count against the client's heartbeats.
+//!
+//! The connection is in the core's connection registry from its protocol header to its end
+//! (unless it is only to be refused): bytes counted per read and per write, messages, channels
+//! and the login handed over once per wake-up, and a close from outside answered with
+//! connection.close 320 CONNECTION_FORCED and its reason, then close-ok awaited as for any
+//! connection error.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_core::connections::{ConnectionHandle, ConnectionInfo, Login, TlsInfo};
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::log_limited;
-use ferry_core::message::now_millis;
+use ferry_core::message::{now_millis, Protocol};
 use ferry_core::rate::TokenBucket;
 use ferry_core::store::StoreError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::channel::PendingConfirm;
+use crate::codec::reply_code;
 use crate::codec::{
     check_protocol_header, encode_heartbeat, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER,
 };
 use crate::connection::{Connection, Flow, Settings};
+use crate::errors::AmqpError;
 
 /// How long a client has to answer our connection.close with close-ok.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
@@ -83,6 +92,22 @@ async fn serve(
     if let Some(refusal) = &ctx.refusal {
         conn.refuse(refusal);
     }
+    // A connection only to be refused is not one to list.
+    let handle = ctx.refusal.is_none().then(|| {
+        ctx.broker.connections().register(ConnectionInfo {
+            id: ctx.id,
+            protocol: Protocol::Amqp,
+            version: "0-9-1",
+            peer,
+            local: stream.local,
+            listener: Some(ctx.listener.clone()),
+            tls: stream.tls.as_deref().map(|t| Box::new(TlsInfo::of(t))),
+            connected_at: now_millis(),
+        })
+    });
+    let mut logged_in = false;
+    // Set once a close from outside was taken up.
+    let mut closed_from_outside = false;
     if let Some(from) = ctx.listener.auth.cert_login {
         let certificates = stream.tls.as_ref().map(|t| t.peer_certificates.as_slice()).unwrap_or_default();
         conn.offer_external(ferry_core::cert_login::certificate_identity(certificates, from));
@@ -112,6 +137,9 @@ async fn serve(
     let mut paused_since: Option<Instant> = None;
 
     loop {
+        if let Some(h) = &handle {
+            registry_update(h, conn, &mut logged_in);
+        }
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
         conn.take_ready_confirms();
         if waiting.is_none() {
@@ -140,6 +168,9 @@ async fn serve(
                 conn.ended(format!("connection lost: {e}"));
                 conn.release_all(now_millis());
                 return Ok(());
+            }
+            if let Some(h) = &handle {
+                h.counters.add_bytes_out(conn.out.len() as u64);
             }
             conn.out.clear();
             last_write = Instant::now();
@@ -205,7 +236,12 @@ async fn serve(
                         conn.release_all(now_millis());
                         return Ok(());
                     }
-                    Ok(_) => last_read = Instant::now(),
+                    Ok(n) => {
+                        last_read = Instant::now();
+                        if let Some(h) = &handle {
+                            h.counters.add_bytes_in(n as u64);
+                        }
+                    }
                 }
                 decode = true;
             }
@@ -249,6 +285,13 @@ async fn serve(
             _ = shutdown.wait(), if !shutting_down => {
                 shutting_down = true;
                 conn.shutdown();
+            }
+            // Closed from outside (management): the client is told why, like RabbitMQ's
+            // "CONNECTION_FORCED - Closed via management plugin", and has CLOSE_OK_WAIT to answer.
+            reason = closed(handle.as_ref()), if !closed_from_outside => {
+                closed_from_outside = true;
+                tracing::debug!(conn = %ctx.id, reason, "AMQP connection closed from outside");
+                conn.close_with(&AmqpError::new(reply_code::CONNECTION_FORCED, reason));
             }
         }
         if decode {
@@ -307,6 +350,31 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Hands what the state machine counts to the connection's registry entry (once per wake-up:
+/// a few relaxed stores), and its login once connection.open succeeded.
+fn registry_update(h: &ConnectionHandle, conn: &Connection, logged_in: &mut bool) {
+    h.counters.set_messages(conn.messages_in, conn.messages_out);
+    h.set_channels(conn.channel_count() as u32);
+    if !*logged_in {
+        if let Some(vhost) = conn.vhost_name() {
+            *logged_in = true;
+            h.set_login(Login {
+                user: conn.user.clone().unwrap_or_default(),
+                vhost: vhost.to_string(),
+                client_id: conn.client_name.clone(),
+            });
+        }
+    }
+}
+
+/// The reason a close from outside gives; never, for a connection not in the registry.
+async fn closed(handle: Option<&ConnectionHandle>) -> &str {
+    match handle {
+        Some(h) => h.closed().await,
+        None => std::future::pending().await,
     }
 }
 

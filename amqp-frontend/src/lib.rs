@@ -16,7 +16,8 @@
 //!   prefetch credit); [`access`] checks permissions; [`errors`] maps core errors to reply codes
 //!   in one table.
 //! - [`driver`]: the tokio task per connection: protocol header, reads, heartbeats, coalesced
-//!   writes.
+//!   writes; the connection's entry in the core's registry (`ferry_core::connections`): its
+//!   counters, channels and login, and connection.close 320 when it is closed from outside.
 //!
 //! Bytes flow: socket → `BytesMut` → [`codec::FrameDecoder::decode`] → [`codec::Frame`] →
 //! [`codec::Method::decode_payload`] / [`codec::ContentHeader::decode`] →

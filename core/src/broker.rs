@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
+use crate::connections::Connections;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
 use crate::permissions::AccessPolicy;
@@ -189,6 +190,8 @@ pub struct Broker {
     access: Arc<arc_swap::ArcSwap<AccessPolicy>>,
     /// Queue deadlines of every vhost (see [`crate::timer`]).
     timer: Arc<Timer>,
+    /// Every live connection (see [`crate::connections`]).
+    connections: Arc<Connections>,
 }
 
 impl Broker {
@@ -204,6 +207,7 @@ impl Broker {
             auth: Authenticator::default(),
             access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
             timer: Arc::new(Timer::new()),
+            connections: Connections::new(),
         };
         b.add_vhost(DEFAULT_VHOST);
         Arc::new(b)
@@ -228,6 +232,7 @@ impl Broker {
             auth: Authenticator::default(),
             access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
             timer: Arc::new(Timer::new()),
+            connections: Connections::new(),
         };
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
@@ -360,6 +365,12 @@ impl Broker {
     /// Sets the memory high watermark in bytes of queued message bodies (0 = off).
     pub fn set_memory_limit(&self, bytes: u64) {
         self.memory.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Every live connection: what management and metrics list, and where a connection is
+    /// closed from outside.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     /// The timer the queues' deadlines arm.

@@ -19,6 +19,9 @@
 //!   to the store.
 //! - [`broker`]: the vhosts, the store and the authenticator; what a connection gets a handle to.
 //!   Its housekeeping task expires messages and idle queues when the [`timer`] says.
+//! - [`connections`]: the connection registry: every live connection with its protocol, peer,
+//!   login and counters, and the close-with-a-reason both frontends obey; what management and
+//!   metrics read, and what the MQTT client-id registry wakes a taken-over connection through.
 //! - [`timer`]: the one broker-wide timer queues arm with their next deadline (head message TTL,
 //!   `x-expires`), re-armed only when a deadline comes earlier.
 //! - [`auth`]: users, password hashes (argon2id; Mosquitto and RabbitMQ formats for migration)
@@ -46,6 +49,7 @@
 pub mod auth;
 pub mod broker;
 pub mod cert_login;
+pub mod connections;
 pub mod error;
 pub mod exchange;
 pub mod frontend;

@@ -14,9 +14,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ferry_core::auth::{AuthError, ANONYMOUS_USER};
 use ferry_core::broker::Broker;
+use ferry_core::connections::{ConnectionHandle, ConnectionInfo, Login, TlsInfo};
 use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, ListenerSettings, Transport};
 use ferry_core::log_limited;
-use ferry_core::message::{now_millis, Millis};
+use ferry_core::message::{now_millis, Millis, Protocol};
 use ferry_core::rate::TokenBucket;
 use ferry_core::sink::{Outbox, SinkDelivery};
 use ferry_core::store::StoreError;
@@ -100,12 +101,14 @@ impl ReadSizer {
     }
 }
 
-/// Reads the CONNECT (bounded by the listener's handshake timeout).
+/// Reads the CONNECT (bounded by the listener's handshake timeout), adding the bytes read to
+/// `read`.
 async fn read_connect(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     sizer: &mut ReadSizer,
     decoder: &mut Decoder,
+    read: &mut u64,
 ) -> Result<Option<Connect>, DecodeError> {
     loop {
         if let Some(p) = decoder.decode(buf)? {
@@ -117,7 +120,10 @@ async fn read_connect(
         let room = sizer.prepare(buf);
         match stream.read_buf(buf).await {
             Ok(0) | Err(_) => return Ok(None),
-            Ok(n) => sizer.read(n, room),
+            Ok(n) => {
+                *read += n as u64;
+                sizer.read(n, room);
+            }
         }
     }
 }
@@ -143,7 +149,7 @@ pub fn run(
             Err(ended) => return ended,
         };
         let mut close = conn.serve().await;
-        if matches!(close, Close::TakenOver | Close::Lost) {
+        if matches!(close, Close::TakenOver | Close::Lost | Close::Administrative { .. }) {
             if let Some(sent) = Box::pin(conn.drain()).await {
                 close = sent;
             }
@@ -168,11 +174,14 @@ struct Conn {
     /// it changes.
     keep_alive: Option<Duration>,
     deadline: Option<Instant>,
-    /// How the registry tells the connection to go: takeover, shutdown, keep alive.
+    /// How the registry tells the connection to go: takeover, shutdown, keep alive, and a
+    /// close from outside (through `conn`'s wake-up, which the kick shares).
     kick: Arc<Kick>,
+    /// The connection's entry in the core registry (peer, connected-since, counters); dropped
+    /// with the connection, which unregisters it.
+    conn: ConnectionHandle,
     /// The oldest ack whose commit is not done yet.
     waiting: Option<CommitWait>,
-    bytes_in: u64,
     // The listener's `max_publish_rate`: one token per PUBLISH. A PUBLISH taken on credit is
     // served, then the connection stops reading (and decoding what it has read) until the debt
     // is paid: the client's further packets wait in `buf` and in the kernel's buffers, so TCP
@@ -190,9 +199,6 @@ struct Conn {
     /// [`Conn::work`]).
     yielded: bool,
     generation: u64,
-    /// For the disconnect line: who the client is and since when it was connected.
-    peer: SocketAddr,
-    connected_at: Millis,
 }
 
 /// How many connections are handling a SUBSCRIBE at this moment, across the process. A
@@ -244,9 +250,10 @@ async fn establish(
     let mut buf = BytesMut::new();
     let mut sizer = ReadSizer::new();
     let mut decoder = Decoder::new(limits.max_frame_size);
+    let mut read = 0;
     let connect = match tokio::time::timeout(
         limits.handshake_timeout,
-        read_connect(&mut stream, &mut buf, &mut sizer, &mut decoder),
+        read_connect(&mut stream, &mut buf, &mut sizer, &mut decoder, &mut read),
     )
     .await
     {
@@ -278,6 +285,19 @@ async fn establish(
         debug!(conn = %ctx.id, %peer, client_id = connect.client_id.as_str(), ?version, "MQTT CONNECT refused: {refusal}");
         return Err(Ok(()));
     }
+    // In the core registry from its CONNECT (when its version is known) until its task ends;
+    // user, vhost and client id once the session starts.
+    let handle = ctx.broker.connections().register(ConnectionInfo {
+        id: ctx.id,
+        protocol: Protocol::Mqtt,
+        version: version.name(),
+        peer,
+        local: stream.local,
+        listener: Some(ctx.listener.clone()),
+        tls: stream.tls.as_deref().map(|t| Box::new(TlsInfo::of(t))),
+        connected_at: now_millis(),
+    });
+    handle.counters.add_bytes_in(read);
 
     // CONNECT checks the session cannot make (§3.1.2, §3.1.3).
     let ClientId { id: client_id, assigned } = match connect::admit(&connect, assigned_client_id) {
@@ -336,7 +356,7 @@ async fn establish(
     };
     let group = shared.group(&ctx.shutdown);
     let resume = !connect.clean_start;
-    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, ctx.id, group, resume)).await;
+    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, handle.entry(), group, resume)).await;
     if claim.expired {
         // The session expired while its client was away and its timer has not ended it yet: a
         // queue left behind would be resumed as if the session were present.
@@ -384,6 +404,7 @@ async fn establish(
     );
     shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
     shared.ensure_sys(&vhost);
+    handle.set_login(Login { user: identity.user.clone(), vhost: vhost_name, client_id: Some(client_id) });
 
     let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));
     session.set_disk_alarm(ctx.broker.disk().is_raised());
@@ -396,8 +417,8 @@ async fn establish(
         deadline,
         keep_alive,
         kick: claim.kick,
+        conn: handle,
         waiting: None,
-        bytes_in: buf.len() as u64,
         publish_bucket: (publish_rate > 0)
             .then(|| Box::new(TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std()))),
         throttled_until: None,
@@ -405,8 +426,6 @@ async fn establish(
         undecoded,
         yielded: false,
         generation: claim.generation,
-        peer,
-        connected_at: now,
         stream: stream.into_io(),
         id: ctx.id,
         broker: ctx.broker,
@@ -459,7 +478,7 @@ impl Conn {
                 // Deliveries left for the next write (see `Session::pump`); a kick is still
                 // heard between batches.
                 if let Poll::Ready(why) = std::future::poll_fn(|cx| Poll::Ready(self.kick.poll_kicked(cx))).await {
-                    return kicked(why);
+                    return kicked(why, &self.conn);
                 }
                 continue;
             }
@@ -519,7 +538,7 @@ impl Conn {
             if ready == 0 {
                 return None;
             }
-            self.bytes_in += ready as u64;
+            self.conn.counters.add_bytes_in(ready as u64);
             budget -= ready;
             self.buf.extend_from_slice(&chunk[..ready]);
         }
@@ -613,6 +632,10 @@ impl Conn {
             }
         }
         self.session.pump(now_millis());
+        // The session counts its messages; the registry gets its totals once per wake-up, before
+        // the write, so a client sees its PUBACK only once its publish is counted.
+        let stats = &self.session.stats;
+        self.conn.counters.set_messages(stats.messages_in, stats.messages_out);
         if !self.session.out.is_empty() {
             let n = self.session.out.len();
             if let Err(e) = self.stream.write_all(&self.session.out).await {
@@ -626,6 +649,7 @@ impl Conn {
                 self.session.out = BytesMut::new();
             }
             self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+            self.conn.counters.add_bytes_out(n as u64);
         }
         Ok(())
     }
@@ -650,7 +674,7 @@ impl Conn {
                 Some(Close::Lost)
             }
             Ok(n) => {
-                self.bytes_in += n as u64;
+                self.conn.counters.add_bytes_in(n as u64);
                 self.sizer.read(n, room);
                 self.yielded = false;
                 // The keep alive is reset by whole packets (see `Conn::work`), not by bytes: a
@@ -668,7 +692,7 @@ impl Conn {
     /// read (see [`Conn::work`]).
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Close>> {
         if let Poll::Ready(why) = self.kick.poll_kicked(cx) {
-            return Poll::Ready(Some(kicked(why)));
+            return Poll::Ready(Some(kicked(why, &self.conn)));
         }
         // Both polled, so both wakers are registered whichever is ready.
         let sink = self.session.sink_outbox().poll_notified(cx).is_ready();
@@ -738,30 +762,17 @@ impl Conn {
                     return Some(c);
                 }
             }
-            why = self.kick.kicked() => return Some(kicked(why)),
+            why = self.kick.kicked() => return Some(kicked(why, &self.conn)),
         }
         None
     }
 
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
-        let Conn {
-            mut stream,
-            id,
-            broker,
-            listener,
-            shared,
-            mut session,
-            mut waiting,
-            bytes_in,
-            generation,
-            peer,
-            connected_at,
-            kick,
-            ..
-        } = *self;
-        shared.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-        log_disconnect(id, peer, &session, &close, connected_at);
+        let Conn { mut stream, id, broker, listener, shared, mut session, mut waiting, generation, kick, conn, .. } =
+            *self;
+        shared.stats.bytes_in.fetch_add(conn.counters.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
+        log_disconnect(id, conn.info().peer, &session, &close, conn.info().connected_at);
         // Say why, to 5.0 clients.
         match &close {
             Close::Violation { reason: r, detail } => session.send_disconnect(*r, detail),
@@ -769,6 +780,9 @@ impl Conn {
                 session.send_disconnect(MqttError::SessionTakenOver.reason(), "another connection took this client id")
             }
             Close::Shutdown => session.send_disconnect(MqttError::ServerShuttingDown.reason(), "server shutting down"),
+            Close::Administrative { reason } => {
+                session.send_disconnect(MqttError::AdministrativeAction.reason(), reason)
+            }
             Close::ClientDisconnect { .. } | Close::Lost => {}
         }
         // Acks still waiting for commits are sent if they complete promptly.
@@ -798,7 +812,7 @@ impl Conn {
             // client id came before the connection closed). A session that ends here (expiry
             // 0, or the new connection starts clean) publishes it.
             Close::TakenOver => !(session_expiry > 0 && kick.resumed()),
-            Close::Lost | Close::Violation { .. } | Close::Shutdown => true,
+            Close::Lost | Close::Violation { .. } | Close::Shutdown | Close::Administrative { .. } => true,
         };
         let will = will.filter(|_| publish);
         let delay = will_delay.min(session_expiry);
@@ -867,15 +881,23 @@ fn log_disconnect(id: ConnectionId, peer: SocketAddr, session: &Session, close: 
         Close::Lost => "connection lost",
         Close::TakenOver => "taken over by another connection",
         Close::Shutdown => "server shutting down",
+        Close::Administrative { reason } => {
+            info!(
+                conn = %id, %peer, protocol = "MQTT", version, client_id, user, ?duration,
+                reason = %format_args!("closed from outside: {reason}"), "MQTT client disconnected"
+            );
+            return;
+        }
     };
     info!(conn = %id, %peer, protocol = "MQTT", version, client_id, user, ?duration, reason, "MQTT client disconnected");
 }
 
-fn kicked(why: Kicked) -> Close {
+fn kicked(why: Kicked, conn: &ConnectionHandle) -> Close {
     match why {
         Kicked::TakenOver => Close::TakenOver,
         Kicked::Shutdown => Close::Shutdown,
         Kicked::KeepAlive => MqttError::KeepAliveTimeout.close("keep alive timeout"),
+        Kicked::Closed => Close::Administrative { reason: conn.close_reason().unwrap_or_default().to_string() },
     }
 }
 

@@ -27,6 +27,7 @@
 //! | `KeepAliveTimeout` | 0x8D DISCONNECT | close |
 //! | `SessionTakenOver` | 0x8E DISCONNECT | close |
 //! | `ServerShuttingDown` | 0x8B DISCONNECT | close |
+//! | `AdministrativeAction` | 0x98 DISCONNECT | close |
 //! | `StoreFailed` | 0x83 PUBACK / PUBREC | close |
 //! | `PublishNotAuthorized` | 0x87 PUBACK / PUBREC | acknowledged (0x00) |
 //! | `PublishQuotaExceeded` | 0x97 PUBACK / PUBREC | acknowledged (0x97 kept, not sent) |
@@ -89,6 +90,9 @@ pub enum MqttError {
     SessionTakenOver,
     #[error("server shutting down")]
     ServerShuttingDown,
+    /// Closed from outside (management, `ferry ctl`) through the core's connection registry.
+    #[error("administrative action")]
+    AdministrativeAction,
     /// A publish could not be stored.
     #[error("a publish could not be stored")]
     StoreFailed,
@@ -164,6 +168,8 @@ impl MqttError {
             KeepAliveTimeout => (reason::KEEP_ALIVE_TIMEOUT, Close),
             SessionTakenOver => (reason::SESSION_TAKEN_OVER, Close),
             ServerShuttingDown => (reason::SERVER_SHUTTING_DOWN, Close),
+            // 5.0 §3.14.2.1 0x98 Administrative action; 3.1.1 has no server DISCONNECT.
+            AdministrativeAction => (reason::ADMINISTRATIVE_ACTION, Close),
             // 3.1.1 has no negative PUBACK: the client resends what was not acknowledged.
             StoreFailed => (reason::IMPLEMENTATION_SPECIFIC_ERROR, Close),
             // Mosquitto's behaviour: 3.1.1 QoS 1/2 publishes are acknowledged all the same.
@@ -228,7 +234,7 @@ mod tests {
     use super::*;
     use MqttError::*;
 
-    const ALL: [MqttError; 29] = [
+    const ALL: [MqttError; 30] = [
         MalformedPacket,
         ProtocolError,
         TopicTooDeep,
@@ -249,6 +255,7 @@ mod tests {
         KeepAliveTimeout,
         SessionTakenOver,
         ServerShuttingDown,
+        AdministrativeAction,
         StoreFailed,
         PublishNotAuthorized,
         PublishQuotaExceeded,
@@ -295,6 +302,8 @@ mod tests {
         assert_eq!(PublishNotAuthorized.code(ProtocolVersion::V311), Some(0));
         assert_eq!(SubscribeNotAuthorized.code(ProtocolVersion::V311), Some(0x80));
         assert_eq!(ServerShuttingDown.reason(), 0x8B);
+        assert_eq!(AdministrativeAction.reason(), 0x98);
+        assert_eq!(AdministrativeAction.code(ProtocolVersion::V311), None);
         assert_eq!(PacketIdentifierNotFound.code(ProtocolVersion::V311), None);
     }
 }

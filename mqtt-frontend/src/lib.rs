@@ -10,9 +10,13 @@
 //!    sink or of the session's queue, shared subscriptions as shared queues), and keeps its
 //!    subscriptions indexed by filter, cookie, queue and pattern (`subscriptions`). [`topic`] converts
 //!    topics and filters, [`mapping`] converts PUBLISH ↔ core message, [`registry`] holds client
-//!    ids (takeover) and persistent session state between connections. [`connect`] decides a
-//!    CONNECT before the session starts (client id rules, will topic, login outcome, will ACL).
-//! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced.
+//!    ids (takeover) and persistent session state between connections, on top of the core's
+//!    connection registry (`ferry_core::connections`), through which it kicks connections.
+//!    [`connect`] decides a CONNECT before the session starts (client id rules, will topic,
+//!    login outcome, will ACL).
+//! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced;
+//!    registers the connection in the core's registry at its CONNECT and counts its traffic
+//!    there, and obeys a close from outside (5.0 DISCONNECT 0x98, 3.x a plain close).
 //!
 //! [`errors`] names what the session and the driver refuse or close for ([`errors::MqttError`])
 //! and holds the one table that chooses its MQTT 5.0 reason code and its 3.1.1 / 3.1 answer

@@ -19,14 +19,20 @@
 //! ([`Registry::shut_down`]) and when a client's keep alive runs out ([`Registry::sweep`], run
 //! a few times a second). Each connection then needs neither a timer nor a shutdown future of
 //! its own, only its [`Kick`], which it polls while idle.
+//!
+//! It builds on the core's connection registry ([`ferry_core::connections`]): a claim is made
+//! with the connection's core entry, which is how the registry knows the connection (its id)
+//! and how it wakes it. A kick records its reason here and wakes the task through the entry's
+//! one wake-up, the same one a close from outside (management) uses, so a connection polls one
+//! signal for every reason to go ([`Kicked::Closed`] is the close from outside).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ferry_core::connections::ConnectionEntry;
 use ferry_core::message::ConnectionId;
-use ferry_core::signal::Signal;
 use tokio::sync::Notify;
 
 use crate::codec::SubOptions;
@@ -85,6 +91,9 @@ pub enum Kicked {
     Shutdown,
     /// Nothing was heard from the client within 1.5 × its keep alive.
     KeepAlive,
+    /// Closed from outside through the core registry ([`ConnectionEntry::close`]), with the
+    /// reason the entry holds.
+    Closed,
 }
 
 /// Signals to a live connection from the registry: another connection taking its client id
@@ -93,7 +102,9 @@ pub enum Kicked {
 /// without a future.
 #[derive(Debug)]
 pub struct Kick {
-    kicked: Signal,
+    /// The connection's core entry: its id, and the wake-up a kick goes through (shared with a
+    /// close from outside).
+    conn: std::sync::Arc<ConnectionEntry>,
     /// 0 until kicked, then the first reason (a [`Kicked`] + 1).
     why: AtomicU8,
     /// The keep alive deadline the connection keeps here, in ms of [`ticks`]; `u64::MAX`: none.
@@ -109,9 +120,9 @@ pub struct Kick {
 }
 
 impl Kick {
-    fn new(group: usize) -> Kick {
+    fn new(conn: std::sync::Arc<ConnectionEntry>, group: usize) -> Kick {
         Kick {
-            kicked: Signal::new(),
+            conn,
             why: AtomicU8::new(0),
             deadline: AtomicU64::new(u64::MAX),
             group,
@@ -123,14 +134,20 @@ impl Kick {
     /// Tells the connection to go; the first reason given is the one it sees.
     fn kick(&self, why: Kicked) {
         let _ = self.why.compare_exchange(0, why as u8 + 1, Ordering::AcqRel, Ordering::Acquire);
-        self.kicked.notify();
+        self.conn.wake();
     }
     fn reason(&self) -> Kicked {
         match self.why.load(Ordering::Acquire) {
+            1 => Kicked::TakenOver,
             2 => Kicked::Shutdown,
             3 => Kicked::KeepAlive,
-            _ => Kicked::TakenOver,
+            // Woken with no reason of ours: only a close from outside does that.
+            _ => Kicked::Closed,
         }
+    }
+    /// The connection this kick is for.
+    pub fn connection(&self) -> ConnectionId {
+        self.conn.id()
     }
     /// Resolves when the connection is to go, with why.
     pub async fn kicked(&self) -> Kicked {
@@ -138,7 +155,7 @@ impl Kick {
     }
     /// [`Kick::kicked`] without a future.
     pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Kicked> {
-        self.kicked.poll(cx).map(|()| self.reason())
+        self.conn.poll_wake(cx).map(|()| self.reason())
     }
     /// After a takeover: whether the new connection resumes this session (see the field).
     pub fn resumed(&self) -> bool {
@@ -174,9 +191,9 @@ pub(crate) fn ticks(at: tokio::time::Instant) -> u64 {
     at.saturating_duration_since(epoch).as_millis() as u64
 }
 
+/// The connection holding a client id: its kick, which knows the connection's core entry.
 #[derive(Debug)]
 struct Live {
-    connection: ConnectionId,
     kick: std::sync::Arc<Kick>,
 }
 
@@ -250,10 +267,11 @@ impl Registry {
         &self,
         vhost: &str,
         client_id: &str,
-        connection: ConnectionId,
+        conn: &std::sync::Arc<ConnectionEntry>,
         group: usize,
         resume: bool,
     ) -> Claim {
+        let connection = conn.id();
         let key = slot_key(vhost, client_id);
         let mut took_over = false;
         for _ in 0..2 {
@@ -261,8 +279,8 @@ impl Registry {
                 let mut slots = self.slots();
                 let slot = slots.entry(key.clone()).or_default();
                 match &slot.live {
-                    Some(l) if l.connection != connection => l.kick.clone(),
-                    _ => return self.take(slot, connection, took_over, group),
+                    Some(l) if l.kick.connection() != connection => l.kick.clone(),
+                    _ => return self.take(slot, conn, took_over, group),
                 }
             };
             took_over = true;
@@ -279,18 +297,18 @@ impl Registry {
         if slot.live.take().is_some() {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        self.take(slot, connection, took_over, group)
+        self.take(slot, conn, took_over, group)
     }
 
-    fn take(&self, slot: &mut Slot, connection: ConnectionId, took_over: bool, group: usize) -> Claim {
-        let kick = std::sync::Arc::new(Kick::new(group));
+    fn take(&self, slot: &mut Slot, conn: &std::sync::Arc<ConnectionEntry>, took_over: bool, group: usize) -> Claim {
+        let kick = std::sync::Arc::new(Kick::new(conn.clone(), group));
         if self.down.lock().unwrap_or_else(|e| e.into_inner()).contains(&group) {
             kick.kick(Kicked::Shutdown);
         }
         if slot.live.is_none() {
             self.connected.fetch_add(1, Ordering::Relaxed);
         }
-        slot.live = Some(Live { connection, kick: kick.clone() });
+        slot.live = Some(Live { kick: kick.clone() });
         slot.generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         let mut stored = slot.stored.take();
         let released_at = slot.released_at.take();
@@ -336,7 +354,7 @@ impl Registry {
         let key = slot_key(vhost, client_id);
         let Some(slot) = slots.get_mut(&key) else { return };
         match &slot.live {
-            Some(l) if l.connection == connection => {
+            Some(l) if l.kick.connection() == connection => {
                 let kick = slot.live.take().map(|l| l.kick);
                 self.connected.fetch_sub(1, Ordering::Relaxed);
                 slot.stored = stored.map(Box::new);
@@ -432,12 +450,30 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::connections::{ConnectionInfo, Connections};
+    use ferry_core::message::Protocol;
     use std::sync::Arc;
+
+    /// A core entry for connection `id` (registered in a registry of its own, which the test
+    /// does not look at).
+    fn conn(id: u64) -> Arc<ConnectionEntry> {
+        let info = ConnectionInfo {
+            id: ConnectionId(id),
+            protocol: Protocol::Mqtt,
+            version: "5.0",
+            peer: "127.0.0.1:50000".parse().unwrap(),
+            local: "127.0.0.1:1883".parse().unwrap(),
+            listener: None,
+            tls: None,
+            connected_at: 0,
+        };
+        Connections::new().register(info).entry().clone()
+    }
 
     #[tokio::test]
     async fn a_second_claim_kicks_the_first_and_gets_its_state() {
         let r = Arc::new(Registry::new());
-        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let first = r.claim("/", "c", &conn(1), 0, false).await;
         assert!(first.stored.is_none());
         assert_eq!(r.connected(), 1);
         let r2 = r.clone();
@@ -446,8 +482,7 @@ mod tests {
             let stored = StoredSession { expiry: 60, ..Default::default() };
             r2.release("/", "c", ConnectionId(1), Some(stored));
         });
-        let second =
-            tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", ConnectionId(2), 0, false)).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", &conn(2), 0, false)).await.unwrap();
         holder.await.unwrap();
         assert!(second.took_over);
         assert_eq!(second.stored.unwrap().expiry, 60);
@@ -458,7 +493,7 @@ mod tests {
     #[tokio::test]
     async fn release_by_a_stale_connection_is_ignored() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let _c = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(9), None);
         assert!(r.is_live("/", "c"));
         r.release("/", "c", ConnectionId(1), None);
@@ -469,28 +504,28 @@ mod tests {
     #[tokio::test]
     async fn a_stored_session_past_its_expiry_is_not_resumed() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let _c = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 0, ..Default::default() }));
-        let again = r.claim("/", "c", ConnectionId(2), 0, false).await;
+        let again = r.claim("/", "c", &conn(2), 0, false).await;
         assert!(again.stored.is_none() && again.expired);
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: u32::MAX, ..Default::default() }));
-        let never = r.claim("/", "c", ConnectionId(3), 0, false).await;
+        let never = r.claim("/", "c", &conn(3), 0, false).await;
         assert!(never.stored.is_some() && !never.expired);
     }
 
     #[tokio::test]
     async fn expire_ends_only_a_session_nobody_resumed() {
         let r = Registry::new();
-        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let first = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 60, ..Default::default() }));
-        let second = r.claim("/", "c", ConnectionId(2), 0, false).await;
+        let second = r.claim("/", "c", &conn(2), 0, false).await;
         assert!(r.claimed_since("/", "c", first.generation));
         assert!(r.expire("/", "c", first.generation, || panic!("resumed: must not end")).is_none());
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: 60, ..Default::default() }));
         let mut ended = false;
         assert!(r.expire("/", "c", second.generation, || ended = true).is_some());
         assert!(ended && !r.claimed_since("/", "c", second.generation));
-        let third = r.claim("/", "c", ConnectionId(3), 0, false).await;
+        let third = r.claim("/", "c", &conn(3), 0, false).await;
         assert!(third.stored.is_none());
         assert!(third.generation > second.generation, "claim numbers never repeat");
     }
@@ -498,8 +533,8 @@ mod tests {
     #[tokio::test]
     async fn ids_are_per_vhost() {
         let r = Registry::new();
-        let a = r.claim("/", "c", ConnectionId(1), 0, false).await;
-        let b = r.claim("other", "c", ConnectionId(2), 0, false).await;
+        let a = r.claim("/", "c", &conn(1), 0, false).await;
+        let b = r.claim("other", "c", &conn(2), 0, false).await;
         assert!(!a.took_over && !b.took_over);
         assert_eq!(r.connected(), 2);
     }
@@ -521,7 +556,7 @@ mod tests {
     #[tokio::test]
     async fn a_delayed_will_is_taken_once_when_nobody_came() {
         let r = Registry::new();
-        let c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let c = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(60)));
         let (due, st) = r.take_will("/", "c", c.generation).expect("due");
         assert_eq!(due.will.topic.as_str(), "w");
@@ -536,17 +571,17 @@ mod tests {
         // then leaves with session expiry 0, which removes the client id's slot: the old will
         // must not come at its deadline [MQTT-3.1.3-9].
         let r = Registry::new();
-        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let first = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(60)));
-        let second = r.claim("/", "c", ConnectionId(2), 0, false).await;
+        let second = r.claim("/", "c", &conn(2), 0, false).await;
         assert!(second.stored.is_some_and(|st| st.will.is_some()), "the new connection drops it");
         r.release("/", "c", ConnectionId(2), None);
         assert!(r.take_will("/", "c", first.generation).is_none());
         assert!(r.expire("/", "c", first.generation, || panic!("nothing to end")).is_none());
         // And one resumed and stored again: the old will is not in it any more.
-        let third = r.claim("/", "c", ConnectionId(3), 0, false).await;
+        let third = r.claim("/", "c", &conn(3), 0, false).await;
         r.release("/", "c", ConnectionId(3), Some(with_will(60)));
-        let fourth = r.claim("/", "c", ConnectionId(4), 0, true).await;
+        let fourth = r.claim("/", "c", &conn(4), 0, true).await;
         r.release("/", "c", ConnectionId(4), Some(StoredSession { expiry: 60, ..Default::default() }));
         assert!(r.take_will("/", "c", third.generation).is_none());
         assert!(r.take_will("/", "c", fourth.generation).is_none(), "no will was left");
@@ -555,14 +590,14 @@ mod tests {
     #[tokio::test]
     async fn the_session_end_publishes_a_will_still_waiting() {
         let r = Registry::new();
-        let c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let c = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(5)));
         // The expiry timer ran before the will's (both due at the same time): it takes the will.
         let ended = r.expire("/", "c", c.generation, || {}).expect("ended");
         assert_eq!(ended.expect("the will").will.topic.as_str(), "w");
         assert!(r.take_will("/", "c", c.generation).is_none(), "not twice");
         // The will's timer first: the expiry finds none.
-        let c = r.claim("/", "c", ConnectionId(2), 0, false).await;
+        let c = r.claim("/", "c", &conn(2), 0, false).await;
         r.release("/", "c", ConnectionId(2), Some(with_will(5)));
         assert!(r.take_will("/", "c", c.generation).is_some());
         assert!(r.expire("/", "c", c.generation, || {}).expect("ended").is_none());
@@ -571,9 +606,9 @@ mod tests {
     #[tokio::test]
     async fn a_claim_after_the_expiry_gets_the_will_that_was_due() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let _c = r.claim("/", "c", &conn(1), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(0)));
-        let again = r.claim("/", "c", ConnectionId(2), 0, true).await;
+        let again = r.claim("/", "c", &conn(2), 0, true).await;
         assert!(again.expired && again.stored.is_none());
         assert_eq!(again.ended_will.expect("due").will.topic.as_str(), "w");
     }
@@ -582,7 +617,7 @@ mod tests {
     async fn a_takeover_tells_the_old_connection_whether_the_session_goes_on() {
         for resume in [false, true] {
             let r = Arc::new(Registry::new());
-            let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+            let first = r.claim("/", "c", &conn(1), 0, false).await;
             assert!(!first.kick.resumed());
             let r2 = r.clone();
             let holder = tokio::spawn(async move {
@@ -591,7 +626,8 @@ mod tests {
                 r2.release("/", "c", ConnectionId(1), None);
                 resumed
             });
-            let second = r.claim("/", "c", ConnectionId(2), 0, resume);
+            let entry = conn(2);
+            let second = r.claim("/", "c", &entry, 0, resume);
             let second = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap();
             assert!(second.took_over);
             assert_eq!(holder.await.unwrap(), resume);
@@ -599,12 +635,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_close_from_outside_kicks_the_holder_through_the_same_wake_up() {
+        let r = Registry::new();
+        let entry = conn(1);
+        let c = r.claim("/", "c", &entry, 0, false).await;
+        assert_eq!(c.kick.connection(), ConnectionId(1));
+        entry.close("maintenance");
+        let why = tokio::time::timeout(Duration::from_secs(5), c.kick.kicked()).await.expect("woken");
+        assert_eq!(why, Kicked::Closed);
+        assert_eq!(entry.close_reason(), Some("maintenance"));
+        // A reason of the registry's own is told as that, whatever woke the task.
+        r.shut_down(0);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), c.kick.kicked()).await.unwrap(), Kicked::Shutdown);
+    }
+
+    #[tokio::test]
     async fn a_claim_waits_for_the_old_connection_to_release() {
         let r = Arc::new(Registry::new());
-        let first = r.claim("/", "c", ConnectionId(1), 0, false).await;
+        let first = r.claim("/", "c", &conn(1), 0, false).await;
         let claiming = tokio::spawn({
             let r = r.clone();
-            async move { r.claim("/", "c", ConnectionId(2), 0, true).await }
+            async move { r.claim("/", "c", &conn(2), 0, true).await }
         });
         first.kick.kicked().await;
         // Kicked, not yet released: the claim is still waiting, and the old connection's last

@@ -144,6 +144,9 @@ pub enum Close {
     TakenOver,
     /// The server is shutting down.
     Shutdown,
+    /// Closed from outside (the core connection registry) with this reason: 5.0 clients get
+    /// DISCONNECT 0x98 with it as the reason string, then the will.
+    Administrative { reason: String },
 }
 
 /// The receiving end of a queue consumer: deliveries land in the connection's outbox.

@@ -199,6 +199,8 @@ impl Connection {
                     self.frame_max,
                 ) {
                     tracing::warn!(conn = %self.id, error = %e, "get-ok not encodable");
+                } else {
+                    self.messages_out += 1;
                 }
             }
         }
@@ -378,6 +380,7 @@ impl Connection {
                         frame_max,
                     ) {
                         Ok(()) => {
+                            self.messages_out += 1;
                             if let Some(q) = acked_by {
                                 let unacked =
                                     crate::channel::Unacked { queue: q, seq: delivery.seq, counts_credit: true };

@@ -105,6 +105,7 @@ impl Connection {
         let c = self.channel(ch);
         let Some(p) = c.content.take() else { return Ok(()) };
         self.publishes = self.publishes.saturating_add(1);
+        self.messages_in += 1;
         let header = p.header.unwrap_or_default();
         let body = match p.body {
             Some(b) => b,

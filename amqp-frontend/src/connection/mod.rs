@@ -145,6 +145,13 @@ pub struct Connection {
     /// Publishes completed since the driver last asked ([`Connection::take_publishes`]), for
     /// the listener's publish rate limit.
     publishes: u32,
+    /// Messages published by the client and delivered to it (deliver and get-ok), since the
+    /// connection began: the driver hands them to the core's connection registry.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// The name the client gave its connection (`connection_name` in its client properties,
+    /// RabbitMQ's "user-provided name").
+    pub client_name: Option<String>,
     /// The client's address, for log lines (set by the driver; `None` in tests).
     peer: Option<SocketAddr>,
     /// When connection.open succeeded: the connection's connect line was written and a
@@ -265,6 +272,9 @@ impl Connection {
             published: false,
             refusal: None,
             publishes: 0,
+            messages_in: 0,
+            messages_out: 0,
+            client_name: None,
             peer: None,
             opened_at: None,
             end: None,
@@ -324,6 +334,14 @@ impl Connection {
 
     pub fn outbox(&self) -> &Arc<Outbox<Outgoing>> {
         &self.outbox
+    }
+    /// The vhost, once connection.open succeeded.
+    pub fn vhost_name(&self) -> Option<&str> {
+        self.vhost.as_ref().map(|v| v.name())
+    }
+    /// Open channels (closing ones included until their close-ok).
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
     }
     pub fn is_open(&self) -> bool {
         self.state == State::Open
@@ -581,6 +599,8 @@ impl Connection {
                         Some(FieldValue::Table(t)) if t.get(name).and_then(FieldValue::as_bool) == Some(true)
                     )
                 };
+                self.client_name =
+                    ok.client_properties.get("connection_name").and_then(FieldValue::as_str).map(str::to_string);
                 self.blocked_capable = capability("connection.blocked");
                 self.auth_failure_close = capability("authentication_failure_close");
                 if external {
@@ -966,6 +986,7 @@ mod tests {
             assert_eq!(c.take_publishes(), 1);
         }
         assert_eq!(c.take_publishes(), 0);
+        assert_eq!(c.messages_in, 2, "the registry's running total is not taken by the rate limit");
         assert!(c.is_open());
     }
 }
