@@ -635,7 +635,8 @@ fn message_ref(op: &StoreOp) -> Option<MessageRef<'_>> {
 /// work. The publisher's confirm still waits for this commit; RabbitMQ likewise confirms a
 /// persistent message that was consumed and acked before it reached the disk without writing
 /// it. Only a message with exactly one put and one delete in the group counts (a second put of
-/// the same key is left to the usual path).
+/// the same key is left to the usual path); its delete still removes a copy an earlier group
+/// stored under the same key (`Writer::write`).
 /// The delete must come after the put: a delete before its put is a tombstone that cancels the
 /// put, whatever comes between (a vhost deleted and the put made again in a new one: found by
 /// the `recovers_what_the_memory_store_holds` proptest).
@@ -810,6 +811,16 @@ impl Writer {
             for (ops, _) in group {
                 for op in ops {
                     if !settled.is_empty() && message_ref(op).is_some_and(|id| settled.contains(&id)) {
+                        // Its put and mark are not written. The delete still removes what an
+                        // earlier commit stored under the same key (a second put of a key: the
+                        // proptest found it), without leaving a tombstone when there is none.
+                        if let StoreOp::DeleteMessage { vhost, queue, seq } = op {
+                            let k = codec::message_key(vhost, queue, *seq);
+                            let removed = tables.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
+                            if let Some(id) = removed {
+                                tables.unref(id & !DELIVERED)?;
+                            }
+                        }
                         continue;
                     }
                     self.apply(&mut tables, op, &mut bodies, undo)?;
