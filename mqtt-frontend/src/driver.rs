@@ -33,7 +33,7 @@ use crate::codec::{Connect, DecodeError, Decoder, Packet, ProtocolVersion};
 use crate::connect::{self, ClientId};
 use crate::errors::MqttError;
 use crate::registry::{Kick, Kicked};
-use crate::session::{publish_will, refuse, session_queue_name, Close, Session, SUBSCRIBE_SLICE};
+use crate::session::{publish_will, refuse, session_queue_name, Close, Session, WillOnClose, SUBSCRIBE_SLICE};
 use crate::session_store::encode_session;
 use crate::Shared;
 
@@ -802,20 +802,7 @@ impl Conn {
         let vhost = session.vhost().clone();
         // Wills go to the listener's exchange, as publishes do.
         let exchange = session.exchange().clone();
-        let will = session.will.take().map(|w| *w);
-        let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
-        let session_expiry = session.session_expiry;
-        let publish = match close {
-            Close::ClientDisconnect { with_will } => with_will,
-            // Taken over by a connection that resumes the session: it goes on, and the will is
-            // not due (Mosquitto's 07-will-takeover; 5.0 §3.1.2.5: a new connection for the
-            // client id came before the connection closed). A session that ends here (expiry
-            // 0, or the new connection starts clean) publishes it.
-            Close::TakenOver => !(session_expiry > 0 && kick.resumed()),
-            Close::Lost | Close::Violation { .. } | Close::Shutdown | Close::Administrative { .. } => true,
-        };
-        let will = will.filter(|_| publish);
-        let delay = will_delay.min(session_expiry);
+        let WillOnClose { will, delay } = session.will_on_close(&close, kick.resumed());
         // A will whose delay is still running is stored with the session, so a restart meanwhile
         // does not lose it.
         let delayed_will = will.clone().filter(|_| delay > 0);

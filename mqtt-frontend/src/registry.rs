@@ -490,6 +490,32 @@ mod tests {
         assert!(second.generation > first.generation);
     }
 
+    /// Keep alive on injected time: the sweep kicks a connection only once its deadline
+    /// (1.5 × the keep alive after its last whole packet, set by the driver) has passed.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_kicks_a_connection_only_past_its_keep_alive_deadline() {
+        let r = Registry::new();
+        let quiet = r.claim("/", "quiet", &conn(1), 0, false).await;
+        let talking = r.claim("/", "talking", &conn(2), 0, false).await;
+        let unlimited = r.claim("/", "unlimited", &conn(3), 0, false).await;
+        let start = tokio::time::Instant::now();
+        quiet.kick.set_deadline(Some(start + Duration::from_secs(90)));
+        talking.kick.set_deadline(Some(start + Duration::from_secs(90)));
+        unlimited.kick.set_deadline(None); // keep alive 0
+        r.sweep(0, ticks(start + Duration::from_secs(89)));
+        for c in [&quiet, &talking, &unlimited] {
+            assert!(tokio::time::timeout(Duration::from_millis(1), c.kick.kicked()).await.is_err());
+        }
+        // A packet from `talking` moves its deadline on; `quiet` says nothing.
+        talking.kick.set_deadline(Some(start + Duration::from_secs(150)));
+        r.sweep(0, ticks(start + Duration::from_secs(90)));
+        assert_eq!(quiet.kick.kicked().await, Kicked::KeepAlive);
+        assert!(tokio::time::timeout(Duration::from_millis(1), talking.kick.kicked()).await.is_err());
+        r.sweep(0, ticks(start + Duration::from_secs(3600)));
+        assert_eq!(talking.kick.kicked().await, Kicked::KeepAlive);
+        assert!(tokio::time::timeout(Duration::from_millis(1), unlimited.kick.kicked()).await.is_err());
+    }
+
     #[tokio::test]
     async fn release_by_a_stale_connection_is_ignored() {
         let r = Registry::new();

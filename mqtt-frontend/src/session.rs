@@ -149,6 +149,16 @@ pub enum Close {
     Administrative { reason: String },
 }
 
+/// What becomes of the will when a connection closes ([`Session::will_on_close`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WillOnClose {
+    /// The will to publish, if it is due at all.
+    pub will: Option<Will>,
+    /// Seconds to wait first: the will delay, cut to the session expiry (§3.1.3.2.2: the will
+    /// goes when the delay has passed or the session ends, whichever comes first); 0: now.
+    pub delay: u32,
+}
+
 /// The receiving end of a queue consumer: deliveries land in the connection's outbox.
 #[derive(Debug)]
 pub struct QueueSink {
@@ -547,6 +557,24 @@ impl Session {
     /// Whether the broker's disk alarm is up (the driver tells before each batch of packets).
     pub fn set_disk_alarm(&mut self, raised: bool) {
         self.disk_alarm = raised;
+    }
+
+    /// Takes the will out of the session and says whether and when it is published, now that
+    /// the connection ends for `close`. `resumed`: for a takeover, whether the new connection
+    /// resumes this session.
+    pub fn will_on_close(&mut self, close: &Close, resumed: bool) -> WillOnClose {
+        let will = self.will.take().map(|w| *w);
+        let will_delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
+        let publish = match close {
+            Close::ClientDisconnect { with_will } => *with_will,
+            // Taken over by a connection that resumes the session: it goes on, and the will is
+            // not due (Mosquitto's 07-will-takeover; 5.0 §3.1.2.5: a new connection for the
+            // client id came before the connection closed). A session that ends here (expiry
+            // 0, or the new connection starts clean) publishes it.
+            Close::TakenOver => !(self.session_expiry > 0 && resumed),
+            Close::Lost | Close::Violation { .. } | Close::Shutdown | Close::Administrative { .. } => true,
+        };
+        WillOnClose { will: will.filter(|_| publish), delay: will_delay.min(self.session_expiry) }
     }
 
     /// Whether this session's state is kept in the store.
@@ -1585,6 +1613,7 @@ pub fn publish_will(vhost: &VHost, exchange: &ShortString, will: &Will, connecti
 mod tests {
     use super::*;
     use crate::codec::{Decoder, Properties};
+    use bytes::Bytes;
     use ferry_core::store::MemoryStore;
 
     const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -1623,6 +1652,83 @@ mod tests {
             Session::start(connect, client_id, false, ConnectionId(id), vhost.clone(), settings, None, 0).unwrap();
         assert!(matches!(packets(&mut s)[..], [Packet::ConnAck(_)]));
         s
+    }
+
+    /// A 5.0 session with a will delayed `will_delay` seconds and a session expiry of `expiry`.
+    fn with_will(vhost: &Arc<VHost>, id: u64, will_delay: u32, expiry: u32) -> Session {
+        let properties = Properties { session_expiry_interval: (expiry > 0).then_some(expiry), ..Default::default() };
+        let will_properties =
+            Properties { will_delay_interval: (will_delay > 0).then_some(will_delay), ..Default::default() };
+        let connect = Connect {
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: Str::from(format!("w{id}").as_str()),
+            will: Some(Will {
+                topic: Str::from("status"),
+                payload: Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: will_properties,
+            }),
+            username: None,
+            password: None,
+            properties,
+        };
+        let mut s = Session::start(
+            connect,
+            format!("w{id}"),
+            false,
+            ConnectionId(id),
+            vhost.clone(),
+            Settings::default(),
+            None,
+            0,
+        )
+        .unwrap();
+        packets(&mut s);
+        s
+    }
+
+    #[test]
+    fn the_will_goes_for_every_close_but_a_normal_disconnect() {
+        let vhost = vhost();
+        let closes = [
+            (Close::ClientDisconnect { with_will: false }, false),
+            (Close::ClientDisconnect { with_will: true }, true),
+            (Close::Lost, true),
+            (Close::Violation { reason: reason::PROTOCOL_ERROR, detail: "x".into() }, true),
+            (Close::Shutdown, true),
+            (Close::Administrative { reason: "ops".into() }, true),
+        ];
+        for (n, (close, due)) in closes.into_iter().enumerate() {
+            let mut s = with_will(&vhost, n as u64, 0, 0);
+            let w = s.will_on_close(&close, false);
+            assert_eq!((w.will.is_some(), w.delay), (due, 0), "{close:?}");
+            // Taken once: the session holds it no more.
+            assert!(s.will_on_close(&close, false).will.is_none());
+        }
+    }
+
+    #[test]
+    fn a_takeover_publishes_the_will_only_when_the_session_ends() {
+        let vhost = vhost();
+        // Expiry 0: the session ends with this connection, whatever the new one asks.
+        assert!(with_will(&vhost, 1, 0, 0).will_on_close(&Close::TakenOver, true).will.is_some());
+        // A session that outlives the connection and is resumed goes on: no will.
+        assert!(with_will(&vhost, 2, 0, 60).will_on_close(&Close::TakenOver, true).will.is_none());
+        // The new connection starts clean: this session ends, its will is due.
+        assert!(with_will(&vhost, 3, 0, 60).will_on_close(&Close::TakenOver, false).will.is_some());
+    }
+
+    #[test]
+    fn the_will_waits_for_its_delay_or_the_sessions_end_whichever_comes_first() {
+        let vhost = vhost();
+        for (will_delay, expiry, delay) in [(30, 10, 10), (5, 60, 5), (5, 0, 0), (0, 60, 0)] {
+            let w = with_will(&vhost, 1, will_delay, expiry).will_on_close(&Close::Lost, false);
+            assert_eq!(w.delay, delay, "will delay {will_delay}, expiry {expiry}");
+            assert_eq!(w.will.unwrap().payload, Bytes::from_static(b"gone"));
+        }
     }
 
     /// What the session wrote since the last call.
