@@ -27,6 +27,9 @@
 //! - [`permissions`]: RabbitMQ's vhost and topic permissions and the per-connection
 //!   [`Grant`](permissions::Grant) the frontends check operations against.
 //! - [`acl`]: the Mosquitto-style MQTT topic ACL (MQTT clients, and AMQP ones on MQTT exchanges).
+//! - [`flow`]: publisher flow control for every frontend, sans-I/O: when a publisher stops
+//!   reading and decoding (publish rate, congested targets, alarms, acks waiting for the store),
+//!   the pause accounting, and the commit-ordered acknowledgement queue.
 //! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
 //! - [`logging`]: [`log_limited!`] for log lines a client can trigger at will (bad logins,
 //!   refused connections, protocol errors): a burst per second per call site, then a count.
@@ -47,6 +50,7 @@ pub mod broker;
 pub mod cert_login;
 pub mod error;
 pub mod exchange;
+pub mod flow;
 pub mod frontend;
 pub mod logging;
 pub mod message;
