@@ -16,7 +16,8 @@
 //!   prefetch credit); [`access`] checks permissions; [`errors`] maps core errors to reply codes
 //!   in one table.
 //! - [`driver`]: the tokio task per connection: protocol header, reads, heartbeats, coalesced
-//!   writes.
+//!   writes; when to stop reading and decoding, and the order confirms leave in, are the core's
+//!   (`ferry_core::flow`: `PublisherFlow`, `AckQueue`), shared with the MQTT driver.
 //!
 //! Bytes flow: socket → `BytesMut` → [`codec::FrameDecoder::decode`] → [`codec::Frame`] →
 //! [`codec::Method::decode_payload`] / [`codec::ContentHeader::decode`] →

@@ -12,6 +12,8 @@
 //!    topics and filters, [`mapping`] converts PUBLISH ↔ core message, [`registry`] holds client
 //!    ids (takeover) and persistent session state between connections.
 //! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced.
+//!    When to stop reading and decoding, and the order acks leave in, are the core's
+//!    (`ferry_core::flow`: `PublisherFlow`, `AckQueue`), shared with the AMQP driver.
 //!
 //! [`errors`] names what the session and the driver refuse or close for ([`errors::MqttError`])
 //! and holds the one table that chooses its MQTT 5.0 reason code and its 3.1.1 / 3.1 answer
