@@ -267,9 +267,11 @@ async fn decode(
                 // Over the publish rate, or a subscriber this publish went to is congested:
                 // the rest of the buffer waits, as for an MQTT publisher.
                 let publishes = conn.take_publishes();
-                let congested = conn.congested.drain(..);
-                if flow.after_publish(publishes, congested, Instant::now().into_std()) == Decode::Stop {
-                    return Ok(true);
+                if publishes > 0 || !conn.congested.is_empty() {
+                    let congested = conn.congested.drain(..);
+                    if flow.after_publish(publishes, congested, Instant::now().into_std()) == Decode::Stop {
+                        return Ok(true);
+                    }
                 }
             }
             Ok(None) => return Ok(false),

@@ -551,10 +551,11 @@ impl Conn {
                         }
                         // Over the publish rate, or a subscriber this went to is congested: the
                         // rest of what was read waits (see `ferry_core::flow`).
-                        let congested = self.session.congested.drain(..);
-                        let now = Instant::now().into_std();
-                        if self.flow.after_publish(publish as u32, congested, now) == Decode::Stop {
-                            break;
+                        if publish {
+                            let congested = self.session.congested.drain(..);
+                            if self.flow.after_publish(1, congested, Instant::now().into_std()) == Decode::Stop {
+                                break;
+                            }
                         }
                     }
                     Ok(None) => {
