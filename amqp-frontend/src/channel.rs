@@ -116,13 +116,13 @@ pub enum TxOp {
     Reject { tag: u64, multiple: bool, requeue: bool },
 }
 
-/// A publisher confirm waiting for its commit.
-#[derive(Debug)]
+/// A publisher confirm (or, with `seq` 0, a tx.commit-ok) to send once its commit resolves
+/// (see [`ferry_core::flow::AckQueue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingConfirm {
     pub channel: u16,
     pub seq: u64,
     pub nack: bool,
-    pub commit: ferry_core::store::Commit,
 }
 
 /// One open channel.

@@ -2,11 +2,13 @@
 //! feeds frames to the [`Connection`], drains deliveries, and writes everything produced in one
 //! write per wake-up. Heartbeats both ways; the handshake is bounded in time.
 //!
-//! Reading pauses while the connection is held back: the memory or disk alarm (a publisher),
-//! a congested subscriber it publishes to, or its publish rate (`max_publish_rate`, a token
-//! bucket; one token per completed publish — frames after the one that ran into debt stay in
-//! the buffer until the wait is over). Our heartbeats go on meanwhile, and the time not
-//! reading does not count against the client's heartbeats.
+//! Reading and decoding pause while the connection is held back ([`ferry_core::flow`], as for
+//! MQTT): the memory or disk alarm (a publisher), a congested subscriber it publishes to, its
+//! publish rate (`max_publish_rate`, one token per completed publish), or too many confirms
+//! waiting for the store. Decoding stops at the publish that ran into debt or found a
+//! subscriber congested; the frames after it stay in the buffer, in order, until the hold is
+//! over. Our heartbeats go on meanwhile, and the time not reading does not count against the
+//! client's heartbeats.
 //!
 //! The connection is in the core's connection registry from its protocol header to its end
 //! (unless it is only to be refused): bytes counted per read and per write, messages, channels
@@ -14,21 +16,17 @@
 //! connection.close 320 CONNECTION_FORCED and its reason, then close-ok awaited as for any
 //! connection error.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_core::connections::{ConnectionHandle, ConnectionInfo, Login, TlsInfo};
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError};
+use ferry_core::flow::{Decode, Pause, PublisherFlow};
+use ferry_core::frontend::{sleep_until, ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::log_limited;
 use ferry_core::message::{now_millis, Protocol};
-use ferry_core::rate::TokenBucket;
-use ferry_core::store::StoreError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::channel::PendingConfirm;
 use crate::codec::reply_code;
 use crate::codec::{
     check_protocol_header, encode_heartbeat, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER,
@@ -38,8 +36,6 @@ use crate::errors::AmqpError;
 
 /// How long a client has to answer our connection.close with close-ok.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
-
-type ConfirmWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, PendingConfirm)> + Send>>;
 
 /// Serves one AMQP connection to its end; an opened one ends with its disconnect line.
 pub async fn run(stream: ClientStream, ctx: ConnectionContext, settings: Settings) -> Result<(), ConnectionError> {
@@ -117,7 +113,6 @@ async fn serve(
     let outbox = conn.outbox().clone();
     let mut scratch = Vec::new();
     let mut shutdown = ctx.shutdown.clone();
-    let mut waiting: Option<ConfirmWait> = None;
     let mut last_read = Instant::now();
     let mut last_write = Instant::now();
     let mut shutting_down = false;
@@ -128,13 +123,12 @@ async fn serve(
     let mut told_blocked = false;
     // Set once we sent connection.close: the client gets CLOSE_OK_WAIT to answer close-ok.
     let mut closing_deadline: Option<Instant> = None;
-    // The publish rate: one token per publish; in debt, reading stops until `throttled_until`.
-    let mut publish_rate = (limits.max_publish_rate > 0)
-        .then(|| TokenBucket::new(limits.max_publish_rate, limits.max_publish_rate, Instant::now().into_std()));
-    let mut throttled_until: Option<Instant> = None;
-    // Since when reading is paused (alarm, congestion, publish rate): that time is added to
+    // When reading and decoding pause (ferry_core::flow): the time paused is added to
     // `last_read` when reading resumes, so our pause does not look like a silent client.
-    let mut paused_since: Option<Instant> = None;
+    let mut flow = PublisherFlow::new(limits.max_publish_rate, true, Instant::now().into_std());
+    // `buf` holds frames not decoded yet: pipelined behind the protocol header, or left when
+    // the connection was held back.
+    let mut undecoded = !buf.is_empty();
 
     loop {
         if let Some(h) = &handle {
@@ -142,17 +136,6 @@ async fn serve(
         }
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
         conn.take_ready_confirms();
-        if waiting.is_none() {
-            if let Some(p) = conn.pending.pop_front() {
-                waiting = Some(Box::pin(async move {
-                    // The commit is moved into the future; the pending entry carries no commit
-                    // any more, so a done one stands in for it.
-                    let mut p = p;
-                    let commit = std::mem::replace(&mut p.commit, ferry_core::store::Commit::done(Ok(())));
-                    (commit.wait().await, p)
-                }));
-            }
-        }
         // A queue that found the outbox full stopped; prompt it. What it delivers now lands in
         // the (just drained) outbox, whose first push wakes this loop again, and the next pass
         // checks for starvation again — draining twice here would lose that check.
@@ -193,24 +176,30 @@ async fn serve(
             closing_deadline = Some(deadline);
         }
 
-        conn.congested.retain(|o| !o.has_room());
-        let congested = conn.congested.first().cloned();
         let alarm_up = *alarm.borrow();
-        if alarm_up != told_blocked && (conn.published || !alarm_up) {
+        if alarm_up != told_blocked && (flow.is_publisher() || !alarm_up) {
             conn.send_blocked(alarm_up);
             told_blocked = alarm_up;
             continue;
         }
-        let held = alarm_up && conn.published;
-        let reading = congested.is_none() && !held && throttled_until.is_none();
-        match (reading, paused_since) {
-            (false, None) => paused_since = Some(Instant::now()),
-            (true, Some(since)) => {
-                last_read += since.elapsed();
-                paused_since = None;
-            }
-            _ => {}
+        flow.set_alarms(ctx.broker.memory().is_raised(), ctx.broker.disk().is_raised());
+        flow.set_acks_waiting(conn.pending.len());
+        if let Some(Pause::Ended(paused)) = flow.update(Instant::now().into_std(), now_millis()) {
+            last_read += paused;
         }
+        let reading = flow.should_read();
+        if reading && undecoded {
+            // Frames left at a hold that is over go first.
+            match decode(&mut decoder, &mut buf, &mut stream, ctx, handshake_deadline, conn, &mut flow).await {
+                Ok(more) => undecoded = more,
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        // A hold that ends with time (the publish rate's debt, a congestion pause), and the
+        // congested subscriber we wait for: it may drain first.
+        let wake = flow.next_wakeup().map(Instant::from_std);
+        let congested = flow.congested_target().cloned();
         let dead_at = if let Some(d) = closing_deadline {
             Some(d)
         } else if conn.is_open() {
@@ -220,8 +209,6 @@ async fn serve(
             Some(handshake_deadline)
         };
 
-        // Whether to decode what is in the buffer after the select.
-        let mut decode = false;
         tokio::select! {
             _ = alarm.changed() => {}
             r = stream.read_buf(&mut buf), if reading => {
@@ -243,25 +230,12 @@ async fn serve(
                         }
                     }
                 }
-                decode = true;
+                undecoded = true;
             }
-            // The publish rate's wait is over: go on with the frames left in the buffer.
-            _ = sleep_until(throttled_until), if throttled_until.is_some() => {
-                throttled_until = None;
-                decode = true;
-            }
+            _ = sleep_until(wake), if wake.is_some() => {}
             _ = outbox.notified() => {}
-            // A subscriber we publish to is full: hold this publisher back, at most
-            // CONGESTION_PAUSE; one that does not keep up is lagging and holds nobody back any
-            // more (ferry_core::sink).
-            _ = async { ferry_core::sink::wait_for_room(congested.as_deref().expect("guarded")).await },
-                if congested.is_some() => {
-                conn.congested.clear();
-            }
-            (result, p) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
-                waiting = None;
-                conn.confirm_done(p, result.is_ok());
-            }
+            _ = async { congested.as_deref().expect("guarded").room().await }, if congested.is_some() => {}
+            _ = conn.pending.ready(), if !conn.pending.is_empty() => {}
             _ = sleep_until(send_at), if send_at.is_some() => {
                 encode_heartbeat(&mut conn.out);
             }
@@ -294,60 +268,67 @@ async fn serve(
                 conn.close_with(&AmqpError::new(reply_code::CONNECTION_FORCED, reason));
             }
         }
-        if decode {
-            loop {
-                match decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => {
-                        if conn.handle(frame, now_millis()) == Flow::Close {
-                            break;
-                        }
-                        if let Some((user, password, mechanism)) = conn.take_pending_login() {
-                            // Checked on the blocking pool, bounded; within the handshake time.
-                            let login = ctx.broker.auth().login(
-                                &ctx.listener.auth,
-                                stream.peer.ip(),
-                                Some(&user),
-                                Some(&password),
-                            );
-                            let result = tokio::time::timeout_at(handshake_deadline, login)
-                                .await
-                                .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
-                            conn.login_done(&mechanism, result);
-                            // Nothing the client pipelined before the answer counts.
-                            if conn.is_closed() || conn.is_closing() {
-                                break;
-                            }
-                        }
-                        // A tune-ok in this batch raises the limit for the frames after it:
-                        // a client may pipeline open and a large publish behind tune-ok.
-                        if conn.frame_max != 0 {
-                            decoder.max_frame_size = conn.frame_max;
-                        }
-                        // Over the publish rate: the rest of the buffer waits.
-                        if let Some(bucket) = &mut publish_rate {
-                            let n = conn.take_publishes();
-                            if n > 0 {
-                                if let Some(wait) = bucket.take(n, Instant::now().into_std()) {
-                                    throttled_until = Some(Instant::now() + wait);
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let err = crate::errors::AmqpError {
-                            code: e.reply_code(),
-                            text: e.reply_text().to_string_lossy(),
-                            class_id: 0,
-                            method_id: 0,
-                        };
-                        conn.close_with(&err);
-                        // The stream cannot be read any further: flush the close and go.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
-                        return Err(ConnectionError::Protocol(err.text));
+    }
+}
+
+/// Decodes and handles what is in `buf` until it runs out (`Ok(false)`), or the connection is
+/// held back by its publisher flow control, closes, or waits for its login answer
+/// (`Ok(true)`: frames may be left).
+async fn decode(
+    decoder: &mut FrameDecoder,
+    buf: &mut BytesMut,
+    stream: &mut ClientStream,
+    ctx: &ConnectionContext,
+    handshake_deadline: Instant,
+    conn: &mut Connection,
+    flow: &mut PublisherFlow,
+) -> Result<bool, ConnectionError> {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Some(frame)) => {
+                if conn.handle(frame, now_millis()) == Flow::Close {
+                    return Ok(true);
+                }
+                if let Some((user, password, mechanism)) = conn.take_pending_login() {
+                    // Checked on the blocking pool, bounded; within the handshake time.
+                    let login =
+                        ctx.broker.auth().login(&ctx.listener.auth, stream.peer.ip(), Some(&user), Some(&password));
+                    let result = tokio::time::timeout_at(handshake_deadline, login)
+                        .await
+                        .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
+                    conn.login_done(&mechanism, result);
+                    // Nothing the client pipelined before the answer counts.
+                    if conn.is_closed() || conn.is_closing() {
+                        return Ok(true);
                     }
                 }
+                // A tune-ok in this batch raises the limit for the frames after it:
+                // a client may pipeline open and a large publish behind tune-ok.
+                if conn.frame_max != 0 {
+                    decoder.max_frame_size = conn.frame_max;
+                }
+                // Over the publish rate, or a subscriber this publish went to is congested:
+                // the rest of the buffer waits, as for an MQTT publisher.
+                let publishes = conn.take_publishes();
+                if publishes > 0 || !conn.congested.is_empty() {
+                    let congested = conn.congested.drain(..);
+                    if flow.after_publish(publishes, congested, Instant::now().into_std()) == Decode::Stop {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                let err = crate::errors::AmqpError {
+                    code: e.reply_code(),
+                    text: e.reply_text().to_string_lossy(),
+                    class_id: 0,
+                    method_id: 0,
+                };
+                conn.close_with(&err);
+                // The stream cannot be read any further: flush the close and go.
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
+                return Err(ConnectionError::Protocol(err.text));
             }
         }
     }
@@ -374,13 +355,6 @@ fn registry_update(h: &ConnectionHandle, conn: &Connection, logged_in: &mut bool
 async fn closed(handle: Option<&ConnectionHandle>) -> &str {
     match handle {
         Some(h) => h.closed().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

@@ -17,7 +17,9 @@
 //!   in one table.
 //! - [`driver`]: the tokio task per connection: protocol header, reads, heartbeats, coalesced
 //!   writes; the connection's entry in the core's registry (`ferry_core::connections`): its
-//!   counters, channels and login, and connection.close 320 when it is closed from outside.
+//!   counters, channels and login, and connection.close 320 when it is closed from outside;
+//!   when to stop reading and decoding, and the order confirms leave in, are the core's
+//!   (`ferry_core::flow`: `PublisherFlow`, `AckQueue`), shared with the MQTT driver.
 //!
 //! Bytes flow: socket → `BytesMut` → [`codec::FrameDecoder::decode`] → [`codec::Frame`] →
 //! [`codec::Method::decode_payload`] / [`codec::ContentHeader::decode`] →

@@ -234,3 +234,12 @@ pub trait Frontend: Send + Sync + 'static {
     /// Serves one connection until it closes. Must return promptly after `ctx.shutdown` fires.
     fn serve(&self, stream: ClientStream, ctx: ConnectionContext) -> Serving;
 }
+
+/// Sleeps until `deadline`, or forever without one: for a `select!` branch that waits on a
+/// deadline a connection may not have (a heartbeat, the end of a publisher's hold).
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -32,6 +32,9 @@
 //! - [`policy`]: the [`TopicPolicy`](policy::TopicPolicy) trait, a frontend's rules over its
 //!   exchanges' routing keys and its own queues (the MQTT frontend's ACL implements it), which
 //!   the permission checks and the default exchange ask.
+//! - [`flow`]: publisher flow control for every frontend, sans-I/O: when a publisher stops
+//!   reading and decoding (publish rate, congested targets, alarms, acks waiting for the store),
+//!   the pause accounting, and the commit-ordered acknowledgement queue.
 //! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
 //! - [`logging`]: [`log_limited!`] for log lines a client can trigger at will (bad logins,
 //!   refused connections, protocol errors): a burst per second per call site, then a count.
@@ -52,6 +55,7 @@ pub mod cert_login;
 pub mod connections;
 pub mod error;
 pub mod exchange;
+pub mod flow;
 pub mod frontend;
 pub mod logging;
 pub mod message;

@@ -6,7 +6,7 @@
 //!
 //! **One slow subscriber does not slow a publisher for everyone else.** A subscriber whose
 //! outbox is full is *congested*: its publishers stop reading for a moment
-//! ([`wait_for_room`]), which is all a subscriber that keeps up needs to lose nothing in a
+//! ([`crate::flow::PublisherFlow`]), which is all a subscriber that keeps up needs to lose nothing in a
 //! burst. One that does not drain within [`CONGESTION_PAUSE`], or drains less often than every
 //! [`SLOW_DRAIN`] while a publisher waits, is *lagging* ([`Outbox::waited`]): for a while (1 s, doubling with every
 //! further time up to 64 s, and in any case until it drains again) it no longer holds anyone
@@ -280,21 +280,11 @@ pub struct SinkDelivery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Accepted,
-    /// Accepted over capacity: the publisher should wait for room ([`wait_for_room`]).
+    /// Accepted over capacity: the publisher should wait for room ([`crate::flow`]).
     Congested,
     /// Dropped: a transient message met a full outbox, or any message met a lagging
     /// subscriber's full one.
     Dropped,
-}
-
-/// Waits (at most [`CONGESTION_PAUSE`]) for a congested subscriber's outbox to have room, and
-/// tells it how long that took ([`Outbox::waited`]): what a publisher does when an offer said
-/// [`Offer::Congested`], whatever its protocol. Returns whether the subscriber is now lagging.
-pub async fn wait_for_room<T>(outbox: &Outbox<T>) -> bool {
-    let started = std::time::Instant::now();
-    let drains = outbox.drains();
-    let got_room = tokio::time::timeout(CONGESTION_PAUSE, outbox.room()).await.is_ok();
-    outbox.waited(got_room, started.elapsed(), outbox.drains() - drains, crate::message::now_millis())
 }
 
 /// A broker-wide unique sink number.
@@ -346,7 +336,7 @@ impl DirectSink {
         &self.outbox
     }
     /// Offers a message at `now_ms`. Past the outbox's capacity the sink is *congested*: the
-    /// message goes in and the publisher is told to wait for room ([`wait_for_room`]), so a
+    /// message goes in and the publisher is told to wait for room ([`crate::flow`]), so a
     /// fast publisher is slowed rather than its messages lost. A transient message (MQTT QoS 0)
     /// is dropped and counted past twice the capacity (many publishers at once, or one that
     /// does not wait); a persistent one (QoS 1/2) is not. Once the subscriber is lagging (see

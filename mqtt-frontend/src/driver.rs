@@ -15,12 +15,12 @@ use bytes::BytesMut;
 use ferry_core::auth::{AuthError, ANONYMOUS_USER};
 use ferry_core::broker::Broker;
 use ferry_core::connections::{ConnectionHandle, ConnectionInfo, Login, TlsInfo};
-use ferry_core::frontend::{ClientStream, ConnectionContext, ConnectionError, ListenerSettings, Transport};
+use ferry_core::flow::{Decode, Pause, PublisherFlow};
+use ferry_core::frontend::{
+    sleep_until, ClientStream, ConnectionContext, ConnectionError, ListenerSettings, Transport,
+};
 use ferry_core::log_limited;
 use ferry_core::message::{now_millis, Millis, Protocol};
-use ferry_core::rate::TokenBucket;
-use ferry_core::sink::{Outbox, SinkDelivery};
-use ferry_core::store::StoreError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -37,15 +37,9 @@ use crate::session::{publish_will, refuse, session_queue_name, Close, Session, W
 use crate::session_store::encode_session;
 use crate::Shared;
 
-/// While this many acknowledgements wait for the store, the connection stops reading (the
-/// publisher is slowed instead of buffered).
-const MAX_PENDING_ACKS: usize = 1024;
-
 /// How much a connection ending for a reason of ours still reads of what its client sent (see
 /// [`Conn::drain`]): a DISCONNECT after a few packets, not a backlog.
 const DRAIN_MAX: usize = 64 * 1024;
-
-type CommitWait = Pin<Box<dyn Future<Output = (Result<(), StoreError>, Packet)> + Send>>;
 
 fn assigned_client_id() -> String {
     // Unique per process (connection numbers never repeat) and across restarts (time).
@@ -66,7 +60,7 @@ const READ_MIN: usize = 512;
 /// The most write buffer a connection keeps between bursts.
 const OUT_KEEP: usize = 64 * 1024;
 // A publisher stops decoding at the first publish that finds a subscriber congested (see
-// `Conn::work`), so the size of a read does not decide how far it can overrun a subscriber.
+// `ferry_core::flow`), so the size of a read does not decide how far it can overrun a subscriber.
 const READ_MAX: usize = 64 * 1024;
 
 impl ReadSizer {
@@ -180,20 +174,15 @@ struct Conn {
     /// The connection's entry in the core registry (peer, connected-since, counters); dropped
     /// with the connection, which unregisters it.
     conn: ConnectionHandle,
-    /// The oldest ack whose commit is not done yet.
-    waiting: Option<CommitWait>,
-    // The listener's `max_publish_rate`: one token per PUBLISH. A PUBLISH taken on credit is
-    // served, then the connection stops reading (and decoding what it has read) until the debt
-    // is paid: the client's further packets wait in `buf` and in the kernel's buffers, so TCP
-    // slows the publisher down; nothing is dropped. Deliveries to the client go on meanwhile.
-    publish_bucket: Option<Box<TokenBucket>>,
-    throttled_until: Option<Instant>,
-    // Since when we have not been reading (publish rate, alarms, congestion, acks waiting for
-    // the store): our pause, not the client's silence, so the keep alive deadline moves on by as
-    // long (the client's packets meanwhile, PINGREQ too, wait unread and reset it once read).
-    paused_since: Option<Instant>,
+    // When the connection stops reading and decoding (the listener's `max_publish_rate`, one
+    // token per PUBLISH; alarms; congested subscribers; acks waiting for the store): the
+    // client's further packets wait in `buf` and in the kernel's buffers, so TCP slows the
+    // publisher down; nothing is dropped. Deliveries to the client go on meanwhile. Our pause is
+    // not the client's silence, so the keep alive deadline moves on by as long (the client's
+    // packets meanwhile, PINGREQ too, wait unread and reset it once read).
+    flow: PublisherFlow,
     // `buf` may hold whole packets not decoded yet: those that came with the CONNECT, or those
-    // left when the publish rate or an alarm paused the connection.
+    // left when the connection was held back.
     undecoded: bool,
     /// Whether this read's packets have already let the tasks woken with it go first (see
     /// [`Conn::work`]).
@@ -418,11 +407,8 @@ async fn establish(
         keep_alive,
         kick: claim.kick,
         conn: handle,
-        waiting: None,
-        publish_bucket: (publish_rate > 0)
-            .then(|| Box::new(TokenBucket::new(publish_rate, publish_rate, Instant::now().into_std()))),
-        throttled_until: None,
-        paused_since: None,
+        // 5.0 clients are answered 0x97 at the disk alarm instead of being held back.
+        flow: PublisherFlow::new(publish_rate, !session.is_v5(), Instant::now().into_std()),
         undecoded,
         yielded: false,
         generation: claim.generation,
@@ -449,27 +435,8 @@ impl Conn {
             if let Err(close) = self.work().await {
                 return close;
             }
-            self.session.congested.retain(|o| !o.has_room());
-            let congested = self.session.congested.first().cloned();
-            let held = self.held();
-            let reading = self.session.pending_acks.len() < MAX_PENDING_ACKS
-                && congested.is_none()
-                && !held
-                && self.throttled_until.is_none();
-            match (reading, self.paused_since) {
-                (false, None) => {
-                    self.paused_since = Some(Instant::now());
-                    self.kick.set_deadline(None);
-                }
-                (true, Some(since)) => {
-                    if let Some(d) = self.deadline.as_mut() {
-                        *d += since.elapsed();
-                    }
-                    self.paused_since = None;
-                    self.kick.set_deadline(self.deadline);
-                }
-                _ => {}
-            }
+            self.update_flow();
+            let reading = self.flow.should_read();
             if reading && self.undecoded {
                 // Packets read and left undecoded at a congestion that is over: they go first.
                 continue;
@@ -482,10 +449,10 @@ impl Conn {
                 }
                 continue;
             }
-            let closed = if reading && self.waiting.is_none() {
+            let closed = if reading && self.session.acks.is_empty() {
                 std::future::poll_fn(|cx| self.poll_idle(cx)).await
             } else {
-                Box::pin(self.wait_busy(reading, held, congested)).await
+                Box::pin(self.wait_busy(reading)).await
             };
             if let Some(close) = closed {
                 return close;
@@ -544,17 +511,33 @@ impl Conn {
         }
     }
 
-    /// The memory alarm holds back clients that publish (subscribers keep draining); so does
-    /// the disk alarm for 3.1.1 clients (5.0 clients are answered 0x97 instead).
-    fn held(&self) -> bool {
-        self.session.published
-            && (self.broker.memory().is_raised() || (self.broker.disk().is_raised() && !self.session.is_v5()))
+    /// Tells the publisher flow control how things stand (alarms, acks waiting) and moves the
+    /// keep alive deadline by our pauses. The memory alarm holds back clients that publish
+    /// (subscribers keep draining); so does the disk alarm for 3.1.1 clients (5.0 clients are
+    /// answered 0x97 instead).
+    fn update_flow(&mut self) {
+        self.flow.set_alarms(self.broker.memory().is_raised(), self.broker.disk().is_raised());
+        self.flow.set_acks_waiting(self.session.acks.len());
+        match self.flow.update(Instant::now().into_std(), now_millis()) {
+            Some(Pause::Started) => self.kick.set_deadline(None),
+            Some(Pause::Ended(paused)) => {
+                if let Some(d) = self.deadline.as_mut() {
+                    *d += paused;
+                }
+                self.kick.set_deadline(self.deadline);
+            }
+            None => {}
+        }
     }
 
-    /// Everything ready: packets read and not yet handled (unless the publish rate or an alarm
-    /// holds them back), acks whose commits are done, deliveries; then one write.
+    /// Everything ready: packets read and not yet handled (unless the connection is held back,
+    /// see [`ferry_core::flow`]), acks whose commits are done, deliveries; then one write.
     async fn work(&mut self) -> Result<(), Close> {
-        if self.undecoded && self.throttled_until.is_none() && !self.held() {
+        if self.undecoded {
+            // An alarm raised since the last look holds back what was just read.
+            self.update_flow();
+        }
+        if self.undecoded && self.flow.should_read() {
             self.session.set_disk_alarm(self.broker.disk().is_raised());
             let mut heard = false;
             loop {
@@ -594,18 +577,13 @@ impl Conn {
                             tokio::task::yield_now().await;
                             self.session.resume(now_millis())?;
                         }
-                        if let (true, Some(bucket)) = (publish, self.publish_bucket.as_mut()) {
-                            let now = Instant::now();
-                            if let Some(wait) = bucket.take(1, now.into_std()) {
-                                self.throttled_until = Some(now + wait);
+                        // Over the publish rate, or a subscriber this went to is congested: the
+                        // rest of what was read waits (see `ferry_core::flow`).
+                        if publish {
+                            let congested = self.session.congested.drain(..);
+                            if self.flow.after_publish(1, congested, Instant::now().into_std()) == Decode::Stop {
                                 break;
                             }
-                        }
-                        // A subscriber this went to is congested: the rest of what was read
-                        // waits until it drains (see `serve`), so a read, however large, cannot
-                        // overrun it past the point where QoS 0 is dropped.
-                        if publish && !self.session.congested.is_empty() {
-                            break;
                         }
                     }
                     Ok(None) => {
@@ -619,17 +597,13 @@ impl Conn {
             // §3.1.2.10: a whole control packet within 1.5 × the keep alive.
             if let (true, Some(k)) = (heard, self.keep_alive) {
                 self.deadline = Some(Instant::now() + k);
-                if self.paused_since.is_none() {
+                if self.flow.paused_since().is_none() {
                     self.kick.set_deadline(self.deadline);
                 }
             }
         }
-        while self.waiting.is_none() {
-            let Some(p) = self.session.pending_acks.pop_front() else { break };
-            match p.commit.try_result() {
-                Some(result) => self.session.commit_done(p.packet, result.is_ok())?,
-                None => self.waiting = Some(Box::pin(async move { (p.commit.wait().await, p.packet) })),
-            }
+        while let Some((packet, result)) = self.session.acks.take_ready() {
+            self.session.commit_done(packet, result.is_ok())?;
         }
         self.session.pump(now_millis());
         // The session counts its messages; the registry gets its totals once per wake-up, before
@@ -723,45 +697,35 @@ impl Conn {
     }
 
     /// Waiting for anything else: a commit, a congested subscriber, an alarm to clear, the
-    /// publish rate. Boxed by the caller, so that its room is taken only while it waits.
-    async fn wait_busy(
-        &mut self,
-        reading: bool,
-        held: bool,
-        congested: Option<Arc<Outbox<SinkDelivery>>>,
-    ) -> Option<Close> {
+    /// publish rate. Boxed by the caller, so that its room is taken only while it waits. Whatever
+    /// ends the wait, the next [`Conn::update_flow`] takes stock.
+    async fn wait_busy(&mut self, reading: bool) -> Option<Close> {
         // The alarms' receivers are made for this wait (they are 32 bytes a connection kept
         // otherwise); one that changed before it was made is caught by looking again.
         let mut alarm = self.broker.memory().subscribe();
         let mut disk_alarm = self.broker.disk().subscribe();
-        if self.held() != held {
+        if self.flow.would_hold(self.broker.memory().is_raised(), self.broker.disk().is_raised())
+            != self.flow.alarm_holds()
+        {
             return None;
         }
         let room = if reading { self.sizer.prepare(&mut self.buf) } else { 0 };
-        let sink_outbox = self.session.sink_outbox();
-        let queue_outbox = self.session.queue_outbox();
+        let sink_outbox = self.session.sink_outbox().clone();
+        let queue_outbox = self.session.queue_outbox().cloned();
+        // A hold that ends with time (the publish rate's debt, a congestion pause), and the
+        // congested subscriber we wait for: it may drain first (ferry_core::flow).
+        let wake = self.flow.next_wakeup().map(Instant::from_std);
+        let congested = self.flow.congested_target().cloned();
+        let acks = &mut self.session.acks;
         tokio::select! {
             r = self.stream.read_buf(&mut self.buf), if reading => return self.on_read(r, room),
-            // The publish rate's pause is over.
-            _ = sleep_until(self.throttled_until), if self.throttled_until.is_some() => {
-                self.throttled_until = None;
-            }
+            _ = sleep_until(wake), if wake.is_some() => {}
             _ = sink_outbox.notified() => {}
             _ = alarm.changed() => {}
             _ = disk_alarm.changed() => {}
-            // A subscriber we publish to is full: wait for it to drain, but at most
-            // CONGESTION_PAUSE; one that does not keep up is lagging and holds nobody back any
-            // more (ferry_core::sink).
-            _ = wait_room(congested.as_deref()), if congested.is_some() => {
-                self.session.congested.clear();
-            }
-            _ = async { queue_outbox.expect("guarded").notified().await }, if queue_outbox.is_some() => {}
-            (result, packet) = async { self.waiting.as_mut().expect("guarded").await }, if self.waiting.is_some() => {
-                self.waiting = None;
-                if let Err(c) = self.session.commit_done(packet, result.is_ok()) {
-                    return Some(c);
-                }
-            }
+            _ = async { congested.as_deref().expect("guarded").room().await }, if congested.is_some() => {}
+            _ = async { queue_outbox.as_deref().expect("guarded").notified().await }, if queue_outbox.is_some() => {}
+            _ = acks.ready(), if !acks.is_empty() => {}
             why = self.kick.kicked() => return Some(kicked(why, &self.conn)),
         }
         None
@@ -769,8 +733,7 @@ impl Conn {
 
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
-        let Conn { mut stream, id, broker, listener, shared, mut session, mut waiting, generation, kick, conn, .. } =
-            *self;
+        let Conn { mut stream, id, broker, listener, shared, mut session, generation, kick, conn, .. } = *self;
         shared.stats.bytes_in.fetch_add(conn.counters.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
         log_disconnect(id, conn.info().peer, &session, &close, conn.info().connected_at);
         // Say why, to 5.0 clients.
@@ -786,11 +749,20 @@ impl Conn {
             Close::ClientDisconnect { .. } | Close::Lost => {}
         }
         // Acks still waiting for commits are sent if they complete promptly.
-        if let Some(w) = waiting.take() {
-            if let Ok((r, p)) = tokio::time::timeout(Duration::from_secs(1), w).await {
-                let _ = session.commit_done(p, r.is_ok());
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                while let Some((packet, result)) = session.acks.take_ready() {
+                    if session.commit_done(packet, result.is_ok()).is_err() {
+                        return;
+                    }
+                }
+                if session.acks.is_empty() {
+                    return;
+                }
+                session.acks.ready().await;
             }
-        }
+        })
+        .await;
         if !session.out.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
         }
@@ -931,21 +903,6 @@ pub(crate) fn spawn_will(shared: Arc<Shared>, vhost: Arc<VHost>, client_id: Stri
             state: encode_session(&st),
         }]);
     });
-}
-
-async fn wait_room(outbox: Option<&Outbox<SinkDelivery>>) {
-    if let Some(o) = outbox {
-        if ferry_core::sink::wait_for_room(o).await {
-            debug!(len = o.len(), "a subscriber is lagging: its QoS 0 past its outbox is dropped");
-        }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

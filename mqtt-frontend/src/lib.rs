@@ -16,7 +16,9 @@
 //!    login outcome, will ACL).
 //! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced;
 //!    registers the connection in the core's registry at its CONNECT and counts its traffic
-//!    there, and obeys a close from outside (5.0 DISCONNECT 0x98, 3.x a plain close).
+//!    there, and obeys a close from outside (5.0 DISCONNECT 0x98, 3.x a plain close). When to
+//!    stop reading and decoding, and the order acks leave in, are the core's
+//!    (`ferry_core::flow`: `PublisherFlow`, `AckQueue`), shared with the AMQP driver.
 //!
 //! [`errors`] names what the session and the driver refuse or close for ([`errors::MqttError`])
 //! and holds the one table that chooses its MQTT 5.0 reason code and its 3.1.1 / 3.1 answer

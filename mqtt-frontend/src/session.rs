@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
+use ferry_core::flow::AckQueue;
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
@@ -210,13 +211,6 @@ enum Pending {
     Queue(Delivery),
 }
 
-/// A PUBACK/PUBREC waiting for its store commit.
-#[derive(Debug)]
-pub struct PendingAck {
-    pub commit: Commit,
-    pub packet: Packet,
-}
-
 /// See [`Session::extras`].
 #[derive(Default)]
 struct Extras {
@@ -268,10 +262,8 @@ pub struct Session {
     /// [`Session::pump`] stopped with deliveries ready because [`Session::out`] is full enough
     /// for one write: the driver writes, then pumps again before it waits for anything.
     pub more: bool,
-    /// Acks waiting for store commits, in order.
-    pub pending_acks: VecDeque<PendingAck>,
-    /// The client has published: the memory alarm holds it back.
-    pub published: bool,
+    /// Acks (PUBACK, PUBREC, and what must follow them) waiting for store commits, in order.
+    pub acks: AckQueue<Packet>,
     /// While sending a SUBSCRIBE's retained messages: a packet goes behind the acks waiting
     /// for commits (the SUBACK among them) instead of straight out.
     after_acks: bool,
@@ -492,9 +484,8 @@ impl Session {
             queue_outbox,
             backlog: VecDeque::new(),
             more: false,
-            pending_acks: VecDeque::new(),
+            acks: AckQueue::new(),
             congested: Vec::new(),
-            published: false,
             after_acks: false,
             connack_withheld: false,
             quiet: false,
@@ -847,7 +838,6 @@ impl Session {
             return Ok(());
         }
         self.stats.messages_in += 1;
-        self.published = true;
         if server_only(p.topic.as_str())
             || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str())
         {
@@ -906,7 +896,7 @@ impl Session {
     }
 
     fn unacked_inbound(&self) -> usize {
-        self.pending_acks.len() + self.extras.as_ref().map_or(0, |e| e.incoming_qos2.len())
+        self.acks.len() + self.extras.as_ref().map_or(0, |e| e.incoming_qos2.len())
     }
 
     /// Publishes into the core (and the retained store). Returns (routed, rejected, commit).
@@ -944,10 +934,10 @@ impl Session {
     }
 
     fn queue_ack(&mut self, commit: Commit, packet: Packet) {
-        if commit.is_done() && self.pending_acks.is_empty() {
+        if commit.is_done() && self.acks.is_empty() {
             self.send(packet);
         } else {
-            self.pending_acks.push_back(PendingAck { commit, packet });
+            self.acks.push(packet, commit);
         }
     }
 
@@ -1499,9 +1489,9 @@ impl Session {
                 self.inflight.insert(id, Inflight::AwaitingPubRec(src));
             }
         }
-        if self.after_acks && !self.pending_acks.is_empty() {
+        if self.after_acks && !self.acks.is_empty() {
             // A retained message behind a SUBACK still waiting for its commit.
-            self.pending_acks.push_back(PendingAck { commit: Commit::done(Ok(())), packet });
+            self.acks.push(packet, Commit::done(Ok(())));
         } else {
             self.send(packet);
         }
@@ -1935,13 +1925,13 @@ mod tests {
         p.handle(publish_packet("r/1", QoS::AtMostOnce, 0, true), 0).unwrap();
         let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
         // An ack already waiting for a commit puts the SUBACK behind it.
-        s.pending_acks.push_back(PendingAck { commit: Commit::done(Ok(())), packet: Packet::PingResp });
+        s.acks.push(Packet::PingResp, Commit::done(Ok(())));
         s.handle(subscribe_packet(7, &["r/#".to_string()], None), 0).unwrap();
         assert!(packets(&mut s).is_empty());
         let order: Vec<&str> = s
-            .pending_acks
+            .acks
             .iter()
-            .map(|a| match a.packet {
+            .map(|a| match a {
                 Packet::PingResp => "ping",
                 Packet::SubAck(_) => "suback",
                 Packet::Publish(_) => "publish",

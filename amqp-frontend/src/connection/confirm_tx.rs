@@ -53,7 +53,7 @@ impl Connection {
             commit = commit.join(c);
         }
         let commit = commit.join(self.vhost().store().flush());
-        self.pending.push_back(PendingConfirm { channel: ch, seq: 0, nack: false, commit });
+        self.pending.push(PendingConfirm { channel: ch, seq: 0, nack: false }, commit);
         Ok(())
     }
 
@@ -90,12 +90,11 @@ impl Connection {
         }
     }
 
-    /// A commit that is already resolved is handled without waiting.
+    /// Sends the confirms whose commits have resolved, in order: one whose commit is done
+    /// waits for those before it.
     pub fn take_ready_confirms(&mut self) {
-        while self.pending.front().is_some_and(|p| p.commit.is_done()) {
-            let p = self.pending.pop_front().expect("checked");
-            let ok = matches!(p.commit.try_result(), Some(Ok(())));
-            self.confirm_done(p, ok);
+        while let Some((p, result)) = self.pending.take_ready() {
+            self.confirm_done(p, result.is_ok());
         }
     }
 }

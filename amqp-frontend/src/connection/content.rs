@@ -160,7 +160,6 @@ impl Connection {
     ) -> Result<ferry_core::store::Commit, AmqpError> {
         let exchange = message.exchange.clone();
         let returned = mandatory.then(|| message.clone());
-        self.published = true;
         let outcome = self.vhost().publish(&exchange, message, now)?;
         self.congested.extend(outcome.congested.iter().cloned());
         if outcome.routed == 0 {
@@ -184,12 +183,7 @@ impl Connection {
         if let Some(seq) = c.confirm_seq.as_mut() {
             let n = *seq;
             *seq += 1;
-            self.pending.push_back(PendingConfirm {
-                channel: ch,
-                seq: n,
-                nack: outcome.rejected,
-                commit: outcome.commit,
-            });
+            self.pending.push(PendingConfirm { channel: ch, seq: n, nack: outcome.rejected }, outcome.commit);
             return Ok(ferry_core::store::Commit::done(Ok(())));
         }
         Ok(outcome.commit)

@@ -11,7 +11,7 @@
 //! (header and body assembly, the publish into the core). Reply codes come from the one table in
 //! [`crate::errors`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use ferry_core::auth::{AuthError, Identity};
 use ferry_core::exchange::ExchangeKind;
+use ferry_core::flow::AckQueue;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::policy::QueueUse;
@@ -131,13 +132,12 @@ pub struct Connection {
     /// (`authentication_failure_close`); others just see the socket close, as with RabbitMQ.
     auth_failure_close: bool,
     /// Confirms whose commits are pending, across channels, in order.
-    pub pending: VecDeque<PendingConfirm>,
+    pub pending: AckQueue<PendingConfirm>,
     /// The client understands connection.blocked (its capabilities say so).
     pub blocked_capable: bool,
-    /// The connection has published: the memory and disk alarms hold it back.
-    pub published: bool,
     /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity: the
-    /// driver pauses reading until they have room.
+    /// driver hands them to its publisher flow control, which stops decoding at once and
+    /// pauses reading until they have room (`ferry_core::flow`).
     pub congested: Vec<Arc<Outbox<ferry_core::sink::SinkDelivery>>>,
     /// The connection is only to be refused (over a connection limit): start-ok is answered
     /// with connection.close 530 and this text, credentials unchecked.
@@ -266,10 +266,9 @@ impl Connection {
             pending_login: None,
             external: None,
             auth_failure_close: false,
-            pending: VecDeque::new(),
+            pending: AckQueue::new(),
             congested: Vec::new(),
             blocked_capable: false,
-            published: false,
             refusal: None,
             publishes: 0,
             messages_in: 0,

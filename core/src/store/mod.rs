@@ -10,7 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -208,6 +211,43 @@ impl Commit {
             CommitState::Done(r) => Some(r.clone()),
             CommitState::Pending(_) | CommitState::Both(..) => None,
         }
+    }
+    /// Looks, without waiting, whether it has resolved since it was made; a resolved commit
+    /// becomes a done one ([`Commit::try_result`] then answers).
+    pub fn try_resolve(&mut self) -> bool {
+        self.resolve(None).is_ready()
+    }
+    /// [`Commit::try_resolve`] for a task that waits: `Pending` registers the task to be woken
+    /// when the store resolves it.
+    pub fn poll_resolve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.resolve(Some(cx))
+    }
+    fn resolve(&mut self, mut cx: Option<&mut Context<'_>>) -> Poll<()> {
+        let result = match &mut self.0 {
+            CommitState::Done(_) => return Poll::Ready(()),
+            CommitState::Pending(rx) => match &mut cx {
+                Some(cx) => match Pin::new(rx).poll(cx) {
+                    Poll::Ready(r) => r.unwrap_or(Err(StoreError::Closed)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                None => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(oneshot::error::TryRecvError::Empty) => return Poll::Pending,
+                    Err(oneshot::error::TryRecvError::Closed) => Err(StoreError::Closed),
+                },
+            },
+            CommitState::Both(a, b) => {
+                // Both looked at, so a waiting task is woken by whichever resolves last.
+                let (ra, rb) = (a.resolve(cx.as_deref_mut()), b.resolve(cx));
+                if ra.is_pending() || rb.is_pending() {
+                    return Poll::Pending;
+                }
+                let (a, b) = (a.try_result().expect("resolved"), b.try_result().expect("resolved"));
+                a.and(b)
+            }
+        };
+        self.0 = CommitState::Done(result);
+        Poll::Ready(())
     }
     /// Waits until the batch is durable (or failed).
     pub async fn wait(self) -> Result<(), StoreError> {

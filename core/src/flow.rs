@@ -1,0 +1,497 @@
+//! Publisher flow control, written once for every frontend, without I/O and without a clock.
+//!
+//! A connection that publishes is held back — stops reading its socket *and* stops decoding
+//! what it has already read — while any of these holds:
+//!
+//! - **its publish rate** (`max_publish_rate`, a [`TokenBucket`], one token per publish): a
+//!   publish taken on credit is served, then the connection waits until the debt is paid;
+//! - **a congested target**: a subscriber it published to took the message over its outbox's
+//!   capacity ([`Offer::Congested`](crate::sink::Offer)); the connection waits for that outbox
+//!   to have room, at most [`CONGESTION_PAUSE`], and tells it how long that took
+//!   ([`Outbox::waited`]), so one that does not keep up is found lagging and holds nobody back
+//!   any more (see [`crate::sink`]);
+//! - **an alarm** (memory, or disk where the protocol has no better answer), once the
+//!   connection has published at all: consumers keep draining;
+//! - **acknowledgements waiting for the store**: [`MAX_PENDING_ACKS`] of them.
+//!
+//! The rule for when decoding stops is the same for every protocol: at the first publish that
+//! runs into debt or finds a target congested ([`Decode::Stop`]). The rest of what was read stays
+//! in the connection's buffer, in order, and is decoded once the hold is over: however large a
+//! read, a publisher cannot overrun a congested subscriber past the point where it drops
+//! messages.
+//!
+//! [`PublisherFlow`] is fed events and the time (`now`) by the connection's task, which owns
+//! the waiting: it sleeps until [`PublisherFlow::next_wakeup`], waits for
+//! [`PublisherFlow::congested_target`] to have room, watches the alarms, then calls
+//! [`PublisherFlow::update`] again. The pause accounting ([`Pause`]) tells the driver when it
+//! stops reading and, when it starts again, for how long it did not, so that its own silence
+//! does not count against the client's keep alive or heartbeats.
+//!
+//! [`AckQueue`] is the other half: a publish's acknowledgement (PUBACK, PUBREC, a publisher
+//! confirm) leaves only after its store commit, and in the order the publishes came, whatever
+//! order their commits finish in.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use crate::message::Millis;
+use crate::rate::TokenBucket;
+use crate::sink::{Outbox, SinkDelivery};
+use crate::store::{Commit, StoreError};
+
+pub use crate::sink::CONGESTION_PAUSE;
+
+/// While this many acknowledgements wait for the store, the connection stops reading (the
+/// publisher is slowed instead of buffered).
+pub const MAX_PENDING_ACKS: usize = 1024;
+
+/// A subscriber's outbox a publish went to.
+pub type Target = Arc<Outbox<SinkDelivery>>;
+
+/// Whether to go on decoding what has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    Go,
+    /// The connection is held back: what is left in the buffer waits.
+    Stop,
+}
+
+/// A change in whether the connection reads, for the driver's keep alive or heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Reading stopped now.
+    Started,
+    /// Reading goes on after a pause this long.
+    Ended(Duration),
+}
+
+/// The congested target being waited for.
+#[derive(Debug)]
+struct Hold {
+    target: Target,
+    since: Instant,
+    /// The target's drain count when the wait started ([`Outbox::drains`]).
+    drains: u64,
+}
+
+/// One connection's publisher flow control (see the module's documentation).
+#[derive(Debug)]
+pub struct PublisherFlow {
+    /// `None`: no publish rate limit. Boxed, as `hold` is: most connections have neither, and
+    /// every connection carries this struct (at 10,000 idle connections, bytes count).
+    bucket: Option<Box<TokenBucket>>,
+    /// In debt to the bucket until then.
+    throttled_until: Option<Instant>,
+    /// Targets found congested since the last wait for one ended.
+    congested: Vec<Target>,
+    hold: Option<Box<Hold>>,
+    /// Whether an alarm at the disk holds this connection back (an MQTT 5.0 client is refused
+    /// QoS 1/2 publishes with 0x97 instead, and goes on reading).
+    disk_holds: bool,
+    memory_alarm: bool,
+    disk_alarm: bool,
+    /// The connection has published: alarms hold it back.
+    publisher: bool,
+    /// Saturated at `u32::MAX` (the limit is far below).
+    acks_waiting: u32,
+    /// Since when the connection has not been reading. (No running total is kept: no driver
+    /// reports one, and every connection carries this struct.)
+    paused_since: Option<Instant>,
+}
+
+impl PublisherFlow {
+    /// `max_publish_rate`: publishes per second (and the burst), 0 for no limit. `disk_holds`:
+    /// whether the disk alarm holds this connection back (see [`PublisherFlow::alarm_holds`]).
+    pub fn new(max_publish_rate: u32, disk_holds: bool, now: Instant) -> PublisherFlow {
+        PublisherFlow {
+            bucket: (max_publish_rate > 0).then(|| Box::new(TokenBucket::new(max_publish_rate, max_publish_rate, now))),
+            throttled_until: None,
+            congested: Vec::new(),
+            hold: None,
+            disk_holds,
+            memory_alarm: false,
+            disk_alarm: false,
+            publisher: false,
+            acks_waiting: 0,
+            paused_since: None,
+        }
+    }
+
+    /// A frame or packet was handled: it completed `publishes` publishes (0 for anything else),
+    /// whose routing found `congested` targets congested. Says whether to decode the next one.
+    pub fn after_publish(
+        &mut self,
+        publishes: u32,
+        congested: impl IntoIterator<Item = Target>,
+        now: Instant,
+    ) -> Decode {
+        let before = self.congested.len();
+        self.congested.extend(congested);
+        if publishes == 0 && self.congested.len() == before {
+            return Decode::Go;
+        }
+        self.publisher |= publishes > 0;
+        if let (Some(bucket), true) = (self.bucket.as_mut(), publishes > 0) {
+            if let Some(wait) = bucket.take(publishes, now) {
+                self.throttled_until = Some(self.throttled_until.map_or(now + wait, |t| t.max(now + wait)));
+            }
+        }
+        if self.throttled_until.is_some() || !self.congested.is_empty() {
+            Decode::Stop
+        } else {
+            Decode::Go
+        }
+    }
+
+    /// The alarms as they are now.
+    pub fn set_alarms(&mut self, memory: bool, disk: bool) {
+        self.memory_alarm = memory;
+        self.disk_alarm = disk;
+    }
+
+    /// How many acknowledgements wait for the store ([`AckQueue::len`]).
+    pub fn set_acks_waiting(&mut self, n: usize) {
+        self.acks_waiting = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+
+    /// Whether the connection has published (the alarms hold only publishers).
+    pub fn is_publisher(&self) -> bool {
+        self.publisher
+    }
+
+    /// Whether an alarm holds this connection back now.
+    pub fn alarm_holds(&self) -> bool {
+        self.publisher && (self.memory_alarm || (self.disk_alarm && self.disk_holds))
+    }
+
+    /// Whether an alarm in this state would hold this connection back (for a driver checking
+    /// that an alarm did not change before it started watching it).
+    pub fn would_hold(&self, memory: bool, disk: bool) -> bool {
+        self.publisher && (memory || (disk && self.disk_holds))
+    }
+
+    /// Takes stock at `now` (`now_ms`: the same moment on the clock the sinks' lag is kept
+    /// in, [`crate::message::now_millis`]): a paid debt ends the rate hold; a congested target
+    /// that has room, or whose pause is over, ends the congestion hold, and is told how long it
+    /// made us wait; the next congested target (if it still has no room) starts one. Returns a
+    /// change in whether the connection reads.
+    pub fn update(&mut self, now: Instant, now_ms: Millis) -> Option<Pause> {
+        if self.throttled_until.is_some_and(|t| t <= now) {
+            self.throttled_until = None;
+        }
+        if let Some(h) = &self.hold {
+            let room = h.target.has_room();
+            let waited = now.saturating_duration_since(h.since);
+            if room || waited >= CONGESTION_PAUSE {
+                let drains = h.target.drains() - h.drains;
+                if h.target.waited(room, waited, drains, now_ms) {
+                    tracing::debug!(
+                        len = h.target.len(),
+                        "a subscriber is lagging: its QoS 0 past its outbox is dropped"
+                    );
+                }
+                self.hold = None;
+                // The wait was for all of them (as long as the longest allowed): those still
+                // full are found again by the next publish that goes to them.
+                self.congested.clear();
+            }
+        }
+        if self.hold.is_none() {
+            self.congested.retain(|o| !o.has_room());
+            if let Some(target) = self.congested.first() {
+                self.hold = Some(Box::new(Hold { target: target.clone(), since: now, drains: target.drains() }));
+            }
+        }
+        let reading = self.should_read();
+        match (reading, self.paused_since) {
+            (false, None) => {
+                self.paused_since = Some(now);
+                Some(Pause::Started)
+            }
+            (true, Some(since)) => {
+                let paused = now.saturating_duration_since(since);
+                self.paused_since = None;
+                Some(Pause::Ended(paused))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether to read the socket and decode what was read (as of the last
+    /// [`PublisherFlow::update`] for the holds that end with time).
+    pub fn should_read(&self) -> bool {
+        self.throttled_until.is_none()
+            && self.hold.is_none()
+            && self.congested.is_empty()
+            && !self.alarm_holds()
+            && (self.acks_waiting as usize) < MAX_PENDING_ACKS
+    }
+
+    /// When a hold ends with time (the rate's debt is paid, a congestion pause is over): the
+    /// driver calls [`PublisherFlow::update`] then.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let pause_over = self.hold.as_ref().map(|h| h.since + CONGESTION_PAUSE);
+        match (self.throttled_until, pause_over) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The congested target being waited for: the driver calls [`PublisherFlow::update`] when
+    /// it has room ([`Outbox::room`]).
+    pub fn congested_target(&self) -> Option<&Target> {
+        self.hold.as_ref().map(|h| &h.target)
+    }
+
+    /// Whether the publish rate holds the connection back.
+    pub fn is_throttled(&self) -> bool {
+        self.throttled_until.is_some()
+    }
+
+    /// Since when the connection has not been reading.
+    pub fn paused_since(&self) -> Option<Instant> {
+        self.paused_since
+    }
+}
+
+/// Acknowledgements waiting for their store commits, released in the order they were pushed
+/// (see the module's documentation). `A` is what the protocol sends: a packet, a confirm's
+/// channel and sequence number.
+#[derive(Debug)]
+pub struct AckQueue<A> {
+    entries: VecDeque<(A, Commit)>,
+}
+
+impl<A> Default for AckQueue<A> {
+    fn default() -> AckQueue<A> {
+        AckQueue { entries: VecDeque::new() }
+    }
+}
+
+impl<A> AckQueue<A> {
+    pub fn new() -> AckQueue<A> {
+        AckQueue::default()
+    }
+
+    /// `ack` leaves once `commit` has resolved and every ack pushed before it has left.
+    pub fn push(&mut self, ack: A, commit: Commit) {
+        self.entries.push_back((ack, commit));
+    }
+
+    /// The next ack that may leave, with its commit's result (an ack whose commit failed is
+    /// still the protocol's to answer: a nack, a failure code, a closed connection).
+    pub fn take_ready(&mut self) -> Option<(A, Result<(), StoreError>)> {
+        let (_, commit) = self.entries.front_mut()?;
+        if !commit.try_resolve() {
+            return None;
+        }
+        let (ack, commit) = self.entries.pop_front().expect("looked at");
+        let result = commit.try_result().expect("resolved");
+        Some((ack, result))
+    }
+
+    /// `Ready` when the first ack may leave ([`AckQueue::take_ready`]); otherwise the task is
+    /// woken when its commit resolves. Never ready when empty.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.entries.front_mut() {
+            Some((_, commit)) => commit.poll_resolve(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Resolves when the first ack may leave (never when empty).
+    pub async fn ready(&mut self) {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The acks waiting, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &A> {
+        self.entries.iter().map(|(a, _)| a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{ConnectionId, Message};
+    use crate::sink::{Cookies, DirectSink, Offer};
+    use bytes::Bytes;
+
+    fn none() -> Vec<Target> {
+        Vec::new()
+    }
+
+    /// A sink with a one-message outbox, full and congested.
+    fn congested_sink() -> Arc<DirectSink> {
+        let sink = DirectSink::new(ConnectionId(9), Arc::new(Outbox::new(1)));
+        let d = || SinkDelivery {
+            message: Arc::new(Message::new("", "k", Bytes::from_static(b"x"))),
+            cookies: Cookies::One(1),
+        };
+        assert_eq!(sink.offer(d(), 0), Offer::Accepted);
+        assert_eq!(sink.offer(d(), 0), Offer::Congested);
+        sink
+    }
+
+    fn ms(d: Duration) -> Millis {
+        d.as_millis() as Millis
+    }
+
+    #[test]
+    fn a_publish_on_credit_stops_decoding_until_the_debt_is_paid() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(10, true, t0);
+        for _ in 0..10 {
+            assert_eq!(f.after_publish(1, none(), t0), Decode::Go);
+        }
+        // The 11th is served on credit: a tenth of a second to pay.
+        assert_eq!(f.after_publish(1, none(), t0), Decode::Stop);
+        assert_eq!(f.update(t0, 0), Some(Pause::Started));
+        assert!(!f.should_read() && f.is_throttled());
+        let wake = f.next_wakeup().expect("the debt's end");
+        assert_eq!(wake - t0, Duration::from_millis(100));
+        assert_eq!(f.update(wake - Duration::from_millis(1), 99), None, "not yet");
+        assert!(!f.should_read());
+        assert_eq!(f.update(wake, 100), Some(Pause::Ended(Duration::from_millis(100))));
+        assert!(f.should_read() && f.next_wakeup().is_none());
+        // Paid, but the bucket is empty: the next one is on credit again.
+        assert_eq!(f.after_publish(1, none(), wake), Decode::Stop);
+    }
+
+    #[test]
+    fn no_rate_limit_never_throttles() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        for _ in 0..100_000 {
+            assert_eq!(f.after_publish(1, none(), t0), Decode::Go);
+        }
+        assert_eq!(f.update(t0, 0), None);
+        assert!(f.should_read());
+    }
+
+    #[test]
+    fn a_congested_target_holds_until_it_has_room() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        let sink = congested_sink();
+        assert_eq!(f.after_publish(1, [sink.outbox().clone()], t0), Decode::Stop, "stop at that publish");
+        assert_eq!(f.update(t0, 0), Some(Pause::Started));
+        assert!(Arc::ptr_eq(f.congested_target().expect("waiting for it"), sink.outbox()));
+        assert_eq!(f.next_wakeup(), Some(t0 + CONGESTION_PAUSE));
+        // Something else woke the driver: still no room, still held, the same deadline.
+        let t1 = t0 + Duration::from_millis(10);
+        assert_eq!(f.update(t1, 10), None);
+        assert_eq!(f.next_wakeup(), Some(t0 + CONGESTION_PAUSE), "other wake-ups do not extend the pause");
+        // It drains: the hold ends, and a quick drain is not lagging.
+        sink.outbox().drain_all();
+        let t2 = t0 + Duration::from_millis(20);
+        assert_eq!(f.update(t2, 20), Some(Pause::Ended(Duration::from_millis(20))));
+        assert!(f.should_read() && f.congested_target().is_none());
+        assert!(!sink.outbox().is_lagging(20));
+    }
+
+    #[test]
+    fn a_target_that_does_not_drain_within_the_pause_is_released_and_lags() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        let sink = congested_sink();
+        assert_eq!(f.after_publish(1, [sink.outbox().clone()], t0), Decode::Stop);
+        f.update(t0, 0);
+        let end = f.next_wakeup().unwrap();
+        assert_eq!(f.update(end, ms(CONGESTION_PAUSE)), Some(Pause::Ended(CONGESTION_PAUSE)));
+        assert!(f.should_read());
+        assert!(sink.outbox().is_lagging(ms(CONGESTION_PAUSE)), "it holds nobody back any more");
+        // Its next offer is not congested, so the publisher is not held again.
+        let d = SinkDelivery { message: Arc::new(Message::new("", "k", Bytes::new())), cookies: Cookies::One(1) };
+        assert_eq!(sink.offer(d, ms(CONGESTION_PAUSE)), Offer::Dropped);
+    }
+
+    #[test]
+    fn a_target_that_found_room_before_the_wait_does_not_hold() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        let sink = congested_sink();
+        assert_eq!(f.after_publish(1, [sink.outbox().clone()], t0), Decode::Stop);
+        sink.outbox().drain_all();
+        assert_eq!(f.update(t0, 0), None);
+        assert!(f.should_read() && f.next_wakeup().is_none());
+    }
+
+    #[test]
+    fn alarms_hold_only_publishers_and_the_disk_alarm_only_where_it_holds() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        f.set_alarms(true, false);
+        assert_eq!(f.update(t0, 0), None, "a consumer goes on");
+        assert!(f.should_read());
+        f.after_publish(1, none(), t0);
+        assert_eq!(f.update(t0, 0), Some(Pause::Started));
+        assert!(f.alarm_holds() && f.next_wakeup().is_none(), "an alarm ends when it is cleared, not with time");
+        let t1 = t0 + Duration::from_secs(3);
+        f.set_alarms(false, true);
+        assert_eq!(f.update(t1, 0), None, "the disk alarm holds too");
+        f.set_alarms(false, false);
+        assert_eq!(f.update(t1, 0), Some(Pause::Ended(Duration::from_secs(3))));
+
+        // A connection answered otherwise at the disk alarm (MQTT 5.0) is not held by it.
+        let mut v5 = PublisherFlow::new(0, false, t0);
+        v5.after_publish(1, none(), t0);
+        v5.set_alarms(false, true);
+        assert_eq!(v5.update(t0, 0), None);
+        assert!(v5.should_read() && v5.would_hold(true, false) && !v5.would_hold(false, true));
+    }
+
+    #[test]
+    fn too_many_acks_waiting_stop_reading() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        f.set_acks_waiting(MAX_PENDING_ACKS);
+        assert_eq!(f.update(t0, 0), Some(Pause::Started));
+        f.set_acks_waiting(MAX_PENDING_ACKS - 1);
+        assert_eq!(f.update(t0 + Duration::from_millis(5), 0), Some(Pause::Ended(Duration::from_millis(5))));
+    }
+
+    #[test]
+    fn acks_leave_in_order_when_commits_finish_out_of_order() {
+        let mut q: AckQueue<u32> = AckQueue::new();
+        let (tx1, c1) = Commit::pending();
+        let (tx2, c2) = Commit::pending();
+        q.push(1, c1);
+        q.push(2, c2);
+        q.push(3, Commit::done(Ok(())));
+        assert!(q.take_ready().is_none(), "1 is not committed");
+        tx2.send(Ok(())).unwrap();
+        assert!(q.take_ready().is_none(), "2 is, but it waits for 1");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(q.poll_ready(&mut cx).is_pending());
+        tx1.send(Err(StoreError::Full)).unwrap();
+        assert!(q.poll_ready(&mut cx).is_ready());
+        assert_eq!(q.take_ready(), Some((1, Err(StoreError::Full))), "a failed commit is answered too");
+        assert_eq!(q.take_ready(), Some((2, Ok(()))));
+        assert_eq!(q.take_ready(), Some((3, Ok(()))));
+        assert!(q.take_ready().is_none() && q.is_empty());
+        assert!(q.poll_ready(&mut cx).is_pending(), "empty: nothing to wait for");
+    }
+
+    #[test]
+    fn a_joined_commit_is_ready_when_both_halves_are() {
+        let mut q: AckQueue<&str> = AckQueue::new();
+        let (ta, a) = Commit::pending();
+        let (tb, b) = Commit::pending();
+        q.push("both", a.join(b));
+        ta.send(Ok(())).unwrap();
+        assert!(q.take_ready().is_none());
+        drop(tb); // the store went away
+        assert_eq!(q.take_ready(), Some(("both", Err(StoreError::Closed))));
+    }
+}
