@@ -22,9 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::channel::PendingConfirm;
-use crate::codec::{
-    check_protocol_header, encode_heartbeat, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER,
-};
+use crate::codec::{check_protocol_header, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER};
 use crate::connection::{Connection, Flow, Settings};
 
 /// How long a client has to answer our connection.close with close-ok.
@@ -87,14 +85,12 @@ async fn serve(
         let certificates = stream.tls.as_ref().map(|t| t.peer_certificates.as_slice()).unwrap_or_default();
         conn.offer_external(ferry_core::cert_login::certificate_identity(certificates, from));
     }
-    conn.start();
+    conn.start(Instant::now().into_std());
     let mut decoder = FrameDecoder::new(FRAME_MIN_SIZE);
     let outbox = conn.outbox().clone();
     let mut scratch = Vec::new();
     let mut shutdown = ctx.shutdown.clone();
     let mut waiting: Option<ConfirmWait> = None;
-    let mut last_read = Instant::now();
-    let mut last_write = Instant::now();
     let mut shutting_down = false;
     // The memory and disk alarms: while either is up, connections that publish are not read
     // (RabbitMQ's behaviour); clients that support it are told with connection.blocked /
@@ -107,13 +103,10 @@ async fn serve(
     let mut publish_rate = (limits.max_publish_rate > 0)
         .then(|| TokenBucket::new(limits.max_publish_rate, limits.max_publish_rate, Instant::now().into_std()));
     let mut throttled_until: Option<Instant> = None;
-    // Since when reading is paused (alarm, congestion, publish rate): that time is added to
-    // `last_read` when reading resumes, so our pause does not look like a silent client.
-    let mut paused_since: Option<Instant> = None;
 
     loop {
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
-        conn.take_ready_confirms();
+        conn.take_ready_confirms(now_millis());
         if waiting.is_none() {
             if let Some(p) = conn.pending.pop_front() {
                 waiting = Some(Box::pin(async move {
@@ -128,7 +121,7 @@ async fn serve(
         // A queue that found the outbox full stopped; prompt it. What it delivers now lands in
         // the (just drained) outbox, whose first push wakes this loop again, and the next pass
         // checks for starvation again — draining twice here would lose that check.
-        if conn.is_open() && conn.pump(&mut scratch) {
+        if conn.is_open() && conn.pump(&mut scratch, now_millis()) {
             conn.pump_all(now_millis());
         }
         if conn.frame_max != 0 {
@@ -142,17 +135,13 @@ async fn serve(
                 return Ok(());
             }
             conn.out.clear();
-            last_write = Instant::now();
+            conn.sent(Instant::now().into_std());
         }
         if conn.is_closed() {
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
             return Ok(());
         }
 
-        let heartbeat = (conn.heartbeat > 0).then(|| Duration::from_secs(conn.heartbeat as u64));
-        // Send a heartbeat when we have been quiet for half the interval; give up on the
-        // client after two intervals of silence (RabbitMQ's rule).
-        let send_at = heartbeat.map(|h| last_write + h / 2);
         if conn.is_closing() && closing_deadline.is_none() {
             let mut deadline = Instant::now() + CLOSE_OK_WAIT;
             if ctx.refusal.is_some() {
@@ -172,22 +161,11 @@ async fn serve(
         }
         let held = alarm_up && conn.published;
         let reading = congested.is_none() && !held && throttled_until.is_none();
-        match (reading, paused_since) {
-            (false, None) => paused_since = Some(Instant::now()),
-            (true, Some(since)) => {
-                last_read += since.elapsed();
-                paused_since = None;
-            }
-            _ => {}
-        }
-        let dead_at = if let Some(d) = closing_deadline {
-            Some(d)
-        } else if conn.is_open() {
-            // Not while we are the ones not reading.
-            heartbeat.filter(|_| reading).map(|h| last_read + h * 2)
-        } else {
-            Some(handshake_deadline)
-        };
+        // Our pause does not look like a silent client (the connection's heartbeat clock).
+        conn.set_reading(reading, Instant::now().into_std());
+        // Heartbeats both ways: ours when we are quiet, and the client's silence.
+        let heartbeat_at = conn.poll_timeout().map(Instant::from_std);
+        let dead_at = closing_deadline.or((!conn.is_open()).then_some(handshake_deadline));
 
         // Whether to decode what is in the buffer after the select.
         let mut decode = false;
@@ -205,7 +183,7 @@ async fn serve(
                         conn.release_all(now_millis());
                         return Ok(());
                     }
-                    Ok(_) => last_read = Instant::now(),
+                    Ok(_) => conn.received(Instant::now().into_std()),
                 }
                 decode = true;
             }
@@ -224,21 +202,16 @@ async fn serve(
             }
             (result, p) = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
                 waiting = None;
-                conn.confirm_done(p, result.is_ok());
+                conn.confirm_done(p, result.is_ok(), now_millis());
             }
-            _ = sleep_until(send_at), if send_at.is_some() => {
-                encode_heartbeat(&mut conn.out);
+            // A heartbeat to send, or the client missed two: it is then closed, and the next
+            // pass sees it.
+            _ = sleep_until(heartbeat_at), if heartbeat_at.is_some() => {
+                conn.handle_timeout(Instant::now().into_std(), now_millis());
             }
             _ = sleep_until(dead_at), if dead_at.is_some() => {
                 if conn.is_closing() {
                     tracing::debug!(conn = %ctx.id, "no close-ok from the client; dropping the connection");
-                    return Ok(());
-                }
-                if conn.is_open() {
-                    // The disconnect line says it.
-                    tracing::debug!(conn = %ctx.id, "missed heartbeats from the client; closing");
-                    conn.ended("missed heartbeats from the client");
-                    conn.release_all(now_millis());
                     return Ok(());
                 }
                 let timeout = limits.handshake_timeout;
@@ -248,7 +221,7 @@ async fn serve(
             }
             _ = shutdown.wait(), if !shutting_down => {
                 shutting_down = true;
-                conn.shutdown();
+                conn.shutdown(now_millis());
             }
         }
         if decode {
@@ -269,7 +242,7 @@ async fn serve(
                             let result = tokio::time::timeout_at(handshake_deadline, login)
                                 .await
                                 .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
-                            conn.login_done(&mechanism, result);
+                            conn.login_done(&mechanism, result, now_millis());
                             // Nothing the client pipelined before the answer counts.
                             if conn.is_closed() || conn.is_closing() {
                                 break;
@@ -299,7 +272,7 @@ async fn serve(
                             class_id: 0,
                             method_id: 0,
                         };
-                        conn.close_with(&err);
+                        conn.close_with(&err, now_millis());
                         // The stream cannot be read any further: flush the close and go.
                         let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
                         return Err(ConnectionError::Protocol(err.text));

@@ -11,12 +11,15 @@
 //!   directly. `connection/mod.rs` holds [`connection::Connection`], its entry points, the
 //!   connection class (handshake, login, close) and the dispatch of channel methods to one file
 //!   per class: `channel.rs`, `exchange.rs`, `queue.rs`, `basic.rs` (with deliveries),
-//!   `confirm_tx.rs` (confirms, transactions) and `content.rs` (header and body assembly, the
-//!   publish into the core). [`channel`] holds per-channel state (consumers, delivery tags,
+//!   `confirm_tx.rs` (confirms, transactions), `content.rs` (header and body assembly, the
+//!   publish into the core) and `heartbeat.rs` (both directions' heartbeats, driven by
+//!   `poll_timeout` / `handle_timeout`). It reads no clock: wall-clock `Millis` (message TTLs)
+//!   and monotonic `Instant`s (heartbeats) come in as arguments, and `time_tests.rs` drives it
+//!   with frames and time alone. [`channel`] holds per-channel state (consumers, delivery tags,
 //!   prefetch credit); [`access`] checks permissions; [`errors`] maps core errors to reply codes
 //!   in one table.
-//! - [`driver`]: the tokio task per connection: protocol header, reads, heartbeats, coalesced
-//!   writes.
+//! - [`driver`]: the tokio task per connection: protocol header, reads, the clock (the one
+//!   place that reads it and passes the time in), coalesced writes.
 //!
 //! Bytes flow: socket → `BytesMut` → [`codec::FrameDecoder::decode`] → [`codec::Frame`] →
 //! [`codec::Method::decode_payload`] / [`codec::ContentHeader::decode`] →

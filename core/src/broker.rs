@@ -300,10 +300,10 @@ impl Broker {
     }
 
     /// A connection closed: its exclusive queues go.
-    pub fn connection_closed(&self, connection: ConnectionId) {
+    pub fn connection_closed(&self, connection: ConnectionId, now: Millis) {
         let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for v in all {
-            v.connection_closed(connection);
+            v.connection_closed(connection, now);
         }
     }
 

@@ -1,7 +1,7 @@
 //! Publisher confirms (confirm.select) and transactions (tx.select, commit, rollback), and
 //! the confirm or commit-ok sent once a store commit resolves.
 
-use ferry_core::message::{now_millis, Millis};
+use ferry_core::message::Millis;
 
 use super::Connection;
 use crate::channel::{PendingConfirm, TxOp};
@@ -70,7 +70,7 @@ impl Connection {
     /// store could not write: a full or failing disk) is a basic.nack, or for tx.commit the
     /// channel error RabbitMQ gives a transaction that did not complete (406 "partial tx
     /// completion").
-    pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool) {
+    pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool, now: Millis) {
         if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
             return;
         }
@@ -79,7 +79,7 @@ impl Connection {
                 self.send(p.channel, Method::TxCommitOk(TxCommitOk {}));
             } else {
                 let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "partial tx completion").on(90, 20);
-                self.close_channel(p.channel, &e, now_millis());
+                self.close_channel(p.channel, &e, now);
             }
             return;
         }
@@ -91,11 +91,11 @@ impl Connection {
     }
 
     /// A commit that is already resolved is handled without waiting.
-    pub fn take_ready_confirms(&mut self) {
+    pub fn take_ready_confirms(&mut self, now: Millis) {
         while self.pending.front().is_some_and(|p| p.commit.is_done()) {
             let p = self.pending.pop_front().expect("checked");
             let ok = matches!(p.commit.try_result(), Some(Ok(())));
-            self.confirm_done(p, ok);
+            self.confirm_done(p, ok, now);
         }
     }
 }

@@ -379,13 +379,13 @@ fn exclusive_queues_are_locked_to_their_connection_and_go_with_it() {
     other.options.exclusive = Some(C2);
     assert!(locked(v.declare_queue(other, 0).map(|_| ())));
     assert!(locked(v.bind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C2)));
-    assert!(locked(v.delete_queue(&s("mine"), C2, false, false).map(|_| ())));
+    assert!(locked(v.delete_queue(&s("mine"), C2, false, false, 0).map(|_| ())));
     assert!(locked(v.purge_queue(&s("mine"), C2, 0).map(|_| ())));
     assert!(locked(v.consume(&s("mine"), consumer(Arc::default(), C2), 0).map(|_| ())));
     v.bind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C1).unwrap();
-    v.connection_closed(C2);
+    v.connection_closed(C2, 0);
     assert!(v.queue("mine").is_some());
-    v.connection_closed(C1);
+    v.connection_closed(C1, 0);
     assert!(v.queue("mine").is_none());
     assert_eq!(publish(&v, "amq.direct", msg("k", "x")).routed, 0, "its bindings went with it");
 }
@@ -395,14 +395,14 @@ fn queue_delete_if_empty_and_if_unused_and_missing_queue_is_fine() {
     let v = vhost();
     v.declare_queue(queue("q"), 0).unwrap();
     publish(&v, "", msg("q", "x"));
-    assert!(matches!(v.delete_queue(&s("q"), C1, false, true).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert!(matches!(v.delete_queue(&s("q"), C1, false, true, 0).unwrap_err(), CoreError::PreconditionFailed(_)));
     v.purge_queue(&s("q"), C1, 0).unwrap();
     let sink = Arc::new(Collect::default());
     v.consume(&s("q"), consumer(sink.clone(), C1), 0).unwrap();
-    assert!(matches!(v.delete_queue(&s("q"), C1, true, false).unwrap_err(), CoreError::PreconditionFailed(_)));
-    assert_eq!(v.delete_queue(&s("q"), C1, false, false).unwrap(), 0);
+    assert!(matches!(v.delete_queue(&s("q"), C1, true, false, 0).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false, 0).unwrap(), 0);
     assert!(sink.cancelled.load(Ordering::SeqCst), "consumer told of the deletion");
-    assert_eq!(v.delete_queue(&s("q"), C1, false, false).unwrap(), 0);
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false, 0).unwrap(), 0);
 }
 
 #[test]
@@ -431,7 +431,7 @@ fn auto_delete_exchange_goes_with_its_last_binding() {
     v.bind_queue(&s("q2"), &s("ad"), BindingKey::new("k"), C1).unwrap();
     v.unbind_queue(&s("q1"), &s("ad"), BindingKey::new("k"), C1).unwrap();
     assert!(v.exchange("ad").is_some());
-    v.delete_queue(&s("q2"), C1, false, false).unwrap();
+    v.delete_queue(&s("q2"), C1, false, false, 0).unwrap();
     assert!(v.exchange("ad").is_none(), "deleting the last bound queue removes it");
 }
 
