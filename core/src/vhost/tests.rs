@@ -489,6 +489,32 @@ fn message_ttl_dead_letters_on_tick() {
     assert_eq!((ready(&v, "delay"), ready(&v, "expired")), (0, 1));
 }
 
+#[test]
+fn a_ttl_that_ran_out_while_the_broker_was_down_dead_letters_at_the_first_expiry() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+    {
+        let b = Broker::new(store.clone());
+        let v = b.vhost("/").unwrap();
+        v.declare_queue(queue("expired"), 0).unwrap();
+        let mut d = queue("ttl");
+        d.options.arguments =
+            arguments(&[("x-message-ttl", FieldValue::I32(2000)), ("x-dead-letter-exchange", FieldValue::string(""))]);
+        d.options.arguments.insert("x-dead-letter-routing-key", FieldValue::string("expired"));
+        v.declare_queue(d, 0).unwrap();
+        v.publish(&s(""), persistent("ttl", "gone").at(1_000), 1_000).unwrap();
+        v.publish(&s(""), persistent("ttl", "left").at(2_000), 2_000).unwrap();
+    }
+    // Down from 2 000 to 3 500: "gone" (deadline 3 000) ran out meanwhile, "left" has 500 ms.
+    let b = Broker::recover(store, 3_500).unwrap();
+    let v = b.vhost("/").unwrap();
+    assert_eq!(b.expire(3_500), Some(4_000), "the survivor's deadline counts from its publish");
+    assert_eq!((ready(&v, "ttl"), ready(&v, "expired")), (1, 1));
+    assert_eq!(b.expire(3_999), Some(4_000));
+    assert_eq!(ready(&v, "ttl"), 1);
+    b.expire(4_000);
+    assert_eq!((ready(&v, "ttl"), ready(&v, "expired")), (0, 2));
+}
+
 fn sink_ref(sink: &Arc<DirectSink>, cookie: u64) -> SinkRef {
     SinkRef { sink: sink.clone(), cookie }
 }
@@ -579,7 +605,7 @@ fn durable_objects_come_back_after_a_restart() {
         v.bind_queue(&s("tmp"), &s("orders"), BindingKey::new("#"), C1).unwrap();
         v.set_retained(&s("a.b"), Arc::new(msg("a.b", "r")));
     }
-    let b = Broker::recover(store).unwrap();
+    let b = Broker::recover(store, 1_000).unwrap();
     let v = b.vhost("/").unwrap();
     assert!(v.exchange("orders").is_some());
     assert!(v.exchange("scratch").is_none());
@@ -610,7 +636,7 @@ fn persistent_messages_come_back_in_order_those_delivered_marked_redelivered() {
         assert_eq!(&got.unwrap().0.message.payload[..], b"2");
         v.settle(&q, effects, 0);
     }
-    let b = Broker::recover(store).unwrap();
+    let b = Broker::recover(store, 1_000).unwrap();
     let v = b.vhost("/").unwrap();
     let q = v.queue("q").unwrap();
     assert_eq!(q.stats().ready, 2);
