@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_core::connections::{ConnectionHandle, ConnectionInfo, Login, TlsInfo};
-use ferry_core::flow::{Decode, Pause, PublisherFlow};
+use ferry_core::flow::{Decode, PublisherFlow};
 use ferry_core::frontend::{sleep_until, ClientStream, ConnectionContext, ConnectionError};
 use ferry_core::log_limited;
 use ferry_core::message::{now_millis, Protocol};
@@ -28,9 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::codec::reply_code;
-use crate::codec::{
-    check_protocol_header, encode_heartbeat, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER,
-};
+use crate::codec::{check_protocol_header, FrameDecoder, ProtocolHeader, FRAME_MIN_SIZE, PROTOCOL_HEADER};
 use crate::connection::{Connection, Flow, Settings};
 use crate::errors::AmqpError;
 
@@ -108,13 +106,11 @@ async fn serve(
         let certificates = stream.tls.as_ref().map(|t| t.peer_certificates.as_slice()).unwrap_or_default();
         conn.offer_external(ferry_core::cert_login::certificate_identity(certificates, from));
     }
-    conn.start();
+    conn.start(Instant::now().into_std());
     let mut decoder = FrameDecoder::new(FRAME_MIN_SIZE);
     let outbox = conn.outbox().clone();
     let mut scratch = Vec::new();
     let mut shutdown = ctx.shutdown.clone();
-    let mut last_read = Instant::now();
-    let mut last_write = Instant::now();
     let mut shutting_down = false;
     // The memory and disk alarms: while either is up, connections that publish are not read
     // (RabbitMQ's behaviour); clients that support it are told with connection.blocked /
@@ -123,8 +119,8 @@ async fn serve(
     let mut told_blocked = false;
     // Set once we sent connection.close: the client gets CLOSE_OK_WAIT to answer close-ok.
     let mut closing_deadline: Option<Instant> = None;
-    // When reading and decoding pause (ferry_core::flow): the time paused is added to
-    // `last_read` when reading resumes, so our pause does not look like a silent client.
+    // When reading and decoding pause (ferry_core::flow); the connection's heartbeat clock is
+    // told, so our pause does not look like a silent client.
     let mut flow = PublisherFlow::new(limits.max_publish_rate, true, Instant::now().into_std());
     // `buf` holds frames not decoded yet: pipelined behind the protocol header, or left when
     // the connection was held back.
@@ -135,11 +131,11 @@ async fn serve(
             registry_update(h, conn, &mut logged_in);
         }
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
-        conn.take_ready_confirms();
+        conn.take_ready_confirms(now_millis());
         // A queue that found the outbox full stopped; prompt it. What it delivers now lands in
         // the (just drained) outbox, whose first push wakes this loop again, and the next pass
         // checks for starvation again — draining twice here would lose that check.
-        if conn.is_open() && conn.pump(&mut scratch) {
+        if conn.is_open() && conn.pump(&mut scratch, now_millis()) {
             conn.pump_all(now_millis());
         }
         if conn.frame_max != 0 {
@@ -156,17 +152,13 @@ async fn serve(
                 h.counters.add_bytes_out(conn.out.len() as u64);
             }
             conn.out.clear();
-            last_write = Instant::now();
+            conn.sent(Instant::now().into_std());
         }
         if conn.is_closed() {
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
             return Ok(());
         }
 
-        let heartbeat = (conn.heartbeat > 0).then(|| Duration::from_secs(conn.heartbeat as u64));
-        // Send a heartbeat when we have been quiet for half the interval; give up on the
-        // client after two intervals of silence (RabbitMQ's rule).
-        let send_at = heartbeat.map(|h| last_write + h / 2);
         if conn.is_closing() && closing_deadline.is_none() {
             let mut deadline = Instant::now() + CLOSE_OK_WAIT;
             if ctx.refusal.is_some() {
@@ -184,10 +176,10 @@ async fn serve(
         }
         flow.set_alarms(ctx.broker.memory().is_raised(), ctx.broker.disk().is_raised());
         flow.set_acks_waiting(conn.pending.len());
-        if let Some(Pause::Ended(paused)) = flow.update(Instant::now().into_std(), now_millis()) {
-            last_read += paused;
-        }
+        flow.update(Instant::now().into_std(), now_millis());
         let reading = flow.should_read();
+        // Our pause does not look like a silent client (the connection's heartbeat clock).
+        conn.set_reading(reading, Instant::now().into_std());
         if reading && undecoded {
             // Frames left at a hold that is over go first.
             match decode(&mut decoder, &mut buf, &mut stream, ctx, handshake_deadline, conn, &mut flow).await {
@@ -200,14 +192,9 @@ async fn serve(
         // congested subscriber we wait for: it may drain first.
         let wake = flow.next_wakeup().map(Instant::from_std);
         let congested = flow.congested_target().cloned();
-        let dead_at = if let Some(d) = closing_deadline {
-            Some(d)
-        } else if conn.is_open() {
-            // Not while we are the ones not reading.
-            heartbeat.filter(|_| reading).map(|h| last_read + h * 2)
-        } else {
-            Some(handshake_deadline)
-        };
+        // Heartbeats both ways: ours when we are quiet, and the client's silence.
+        let heartbeat_at = conn.poll_timeout().map(Instant::from_std);
+        let dead_at = closing_deadline.or((!conn.is_open()).then_some(handshake_deadline));
 
         tokio::select! {
             _ = alarm.changed() => {}
@@ -224,7 +211,7 @@ async fn serve(
                         return Ok(());
                     }
                     Ok(n) => {
-                        last_read = Instant::now();
+                        conn.received(Instant::now().into_std());
                         if let Some(h) = &handle {
                             h.counters.add_bytes_in(n as u64);
                         }
@@ -236,19 +223,14 @@ async fn serve(
             _ = outbox.notified() => {}
             _ = async { congested.as_deref().expect("guarded").room().await }, if congested.is_some() => {}
             _ = conn.pending.ready(), if !conn.pending.is_empty() => {}
-            _ = sleep_until(send_at), if send_at.is_some() => {
-                encode_heartbeat(&mut conn.out);
+            // A heartbeat to send, or the client missed two: it is then closed, and the next
+            // pass sees it.
+            _ = sleep_until(heartbeat_at), if heartbeat_at.is_some() => {
+                conn.handle_timeout(Instant::now().into_std(), now_millis());
             }
             _ = sleep_until(dead_at), if dead_at.is_some() => {
                 if conn.is_closing() {
                     tracing::debug!(conn = %ctx.id, "no close-ok from the client; dropping the connection");
-                    return Ok(());
-                }
-                if conn.is_open() {
-                    // The disconnect line says it.
-                    tracing::debug!(conn = %ctx.id, "missed heartbeats from the client; closing");
-                    conn.ended("missed heartbeats from the client");
-                    conn.release_all(now_millis());
                     return Ok(());
                 }
                 let timeout = limits.handshake_timeout;
@@ -258,14 +240,14 @@ async fn serve(
             }
             _ = shutdown.wait(), if !shutting_down => {
                 shutting_down = true;
-                conn.shutdown();
+                conn.shutdown(now_millis());
             }
             // Closed from outside (management): the client is told why, like RabbitMQ's
             // "CONNECTION_FORCED - Closed via management plugin", and has CLOSE_OK_WAIT to answer.
             reason = closed(handle.as_ref()), if !closed_from_outside => {
                 closed_from_outside = true;
                 tracing::debug!(conn = %ctx.id, reason, "AMQP connection closed from outside");
-                conn.close_with(&AmqpError::new(reply_code::CONNECTION_FORCED, reason));
+                conn.close_with(&AmqpError::new(reply_code::CONNECTION_FORCED, reason), now_millis());
             }
         }
     }
@@ -296,7 +278,7 @@ async fn decode(
                     let result = tokio::time::timeout_at(handshake_deadline, login)
                         .await
                         .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
-                    conn.login_done(&mechanism, result);
+                    conn.login_done(&mechanism, result, now_millis());
                     // Nothing the client pipelined before the answer counts.
                     if conn.is_closed() || conn.is_closing() {
                         return Ok(true);
@@ -325,7 +307,7 @@ async fn decode(
                     class_id: 0,
                     method_id: 0,
                 };
-                conn.close_with(&err);
+                conn.close_with(&err, now_millis());
                 // The stream cannot be read any further: flush the close and go.
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&conn.out)).await;
                 return Err(ConnectionError::Protocol(err.text));

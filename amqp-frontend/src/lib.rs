@@ -11,15 +11,19 @@
 //!   directly. `connection/mod.rs` holds [`connection::Connection`], its entry points, the
 //!   connection class (handshake, login, close) and the dispatch of channel methods to one file
 //!   per class: `channel.rs`, `exchange.rs`, `queue.rs`, `basic.rs` (with deliveries),
-//!   `confirm_tx.rs` (confirms, transactions) and `content.rs` (header and body assembly, the
-//!   publish into the core). [`channel`] holds per-channel state (consumers, delivery tags,
+//!   `confirm_tx.rs` (confirms, transactions), `content.rs` (header and body assembly, the
+//!   publish into the core) and `heartbeat.rs` (both directions' heartbeats, driven by
+//!   `poll_timeout` / `handle_timeout`). It reads no clock: wall-clock `Millis` (message TTLs)
+//!   and monotonic `Instant`s (heartbeats) come in as arguments, and `time_tests.rs` drives it
+//!   with frames and time alone. [`channel`] holds per-channel state (consumers, delivery tags,
 //!   prefetch credit); [`access`] checks permissions; [`errors`] maps core errors to reply codes
 //!   in one table.
-//! - [`driver`]: the tokio task per connection: protocol header, reads, heartbeats, coalesced
-//!   writes; the connection's entry in the core's registry (`ferry_core::connections`): its
-//!   counters, channels and login, and connection.close 320 when it is closed from outside;
-//!   when to stop reading and decoding, and the order confirms leave in, are the core's
-//!   (`ferry_core::flow`: `PublisherFlow`, `AckQueue`), shared with the MQTT driver.
+//! - [`driver`]: the tokio task per connection: protocol header, reads, the clock (the one
+//!   place that reads it and passes the time in), coalesced writes; the connection's entry in
+//!   the core's registry (`ferry_core::connections`): its counters, channels and login, and
+//!   connection.close 320 when it is closed from outside; when to stop reading and decoding,
+//!   and the order confirms leave in, are the core's (`ferry_core::flow`: `PublisherFlow`,
+//!   `AckQueue`), shared with the MQTT driver.
 //!
 //! Bytes flow: socket → `BytesMut` → [`codec::FrameDecoder::decode`] → [`codec::Frame`] →
 //! [`codec::Method::decode_payload`] / [`codec::ContentHeader::decode`] →

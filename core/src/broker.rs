@@ -215,8 +215,10 @@ impl Broker {
 
     /// A broker rebuilt from what `store` holds: vhosts, durable exchanges, queues (with their
     /// persistent messages), bindings and retained messages. Frontend sessions wait in
-    /// [`Broker::take_recovered_sessions`].
-    pub fn recover(store: Arc<dyn Store>) -> Result<Arc<Broker>, StoreError> {
+    /// [`Broker::take_recovered_sessions`]. `now` is the time of the restart: a message's TTL
+    /// counts from its publish before it, so one that ran out while the broker was down goes at
+    /// the first expiry.
+    pub fn recover(store: Arc<dyn Store>, now: Millis) -> Result<Arc<Broker>, StoreError> {
         let started = std::time::Instant::now();
         let mut snapshot = store.recover()?;
         let read = started.elapsed();
@@ -238,7 +240,6 @@ impl Broker {
         for v in &snapshot.vhosts {
             b.add_vhost(v);
         }
-        let now = now_millis();
         for v in b.vhosts.read().unwrap_or_else(|e| e.into_inner()).values() {
             v.restore(&snapshot, now);
         }
@@ -305,10 +306,10 @@ impl Broker {
     }
 
     /// A connection closed: its exclusive queues go.
-    pub fn connection_closed(&self, connection: ConnectionId) {
+    pub fn connection_closed(&self, connection: ConnectionId, now: Millis) {
         let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for v in all {
-            v.connection_closed(connection);
+            v.connection_closed(connection, now);
         }
     }
 

@@ -19,6 +19,15 @@ pub fn now_millis() -> Millis {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
+/// A random number drawn once per process, for names that must not repeat across restarts
+/// (generated queue names, consumer tags) without reading a clock: std's hash keys are seeded
+/// from the operating system's randomness.
+pub fn process_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish())
+}
+
 /// Which protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {

@@ -1861,6 +1861,35 @@ mod tests {
     }
 
     #[test]
+    fn a_message_is_live_until_the_millisecond_before_its_deadline_and_expired_at_it() {
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(1000))]);
+        put(&q, msg("a"), 5_000);
+        put(&q, msg("b"), 5_000);
+        assert_eq!(get_body(&q, 5_999).as_deref(), Some("a"), "just before the deadline: delivered");
+        let (got, fx) = q.get(OwnerId(99), true, 6_000);
+        assert!(got.is_none(), "at the deadline: expired");
+        assert_eq!(fx.dead_letters.len(), 1);
+        assert_eq!(header_str(&fx.dead_letters[0].message, "x-first-death-reason").as_deref(), Some("expired"));
+    }
+
+    #[test]
+    fn a_restored_message_counts_its_ttl_from_its_publish_before_the_restart() {
+        // Published at 1 000 into a queue with a 2 s TTL; the broker was down until 3 500.
+        let stamped = |text: &str| Arc::new((*msg(text)).clone().at(1_000));
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(2000))]);
+        q.restore(1, stamped("gone"), false, 3_500);
+        let (fx, next) = q.tick(3_500);
+        assert_eq!(fx.dead_letters.len(), 1, "expired at the first tick after the restart");
+        assert_eq!(next, None);
+
+        // Back by 2 500: it has 500 ms left, not 2 s.
+        let q = dlx_queue(vec![("x-message-ttl", FieldValue::I32(2000))]);
+        q.restore(1, stamped("left"), false, 2_500);
+        assert_eq!(q.tick(2_500).1, Some(3_000));
+        assert_eq!(get_body(&q, 2_999).as_deref(), Some("left"));
+    }
+
+    #[test]
     fn per_message_ttl_and_queue_ttl_take_the_smaller() {
         let q = queue(vec![("x-message-ttl", FieldValue::I32(1000))]);
         put(&q, with_expiration("short", "200"), 0);

@@ -195,12 +195,12 @@ fn describe_arg(v: Option<&FieldValue>) -> String {
 
 /// A server-generated queue name, `amq.gen-` and 22 URL-safe base64 characters as RabbitMQ
 /// makes them. Unique within the process (a counter) and unlikely to repeat across restarts
-/// (mixed with the start time).
+/// (mixed with a random seed drawn at start, [`process_seed`](crate::message::process_seed)).
 pub fn generated_queue_name() -> ShortString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let seed =
-        crate::message::now_millis() ^ (COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        crate::message::process_seed() ^ (COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     // SplitMix64 twice gives 128 bits; 22 base64 characters use 132 bits, so the last one
     // repeats a few bits, which does no harm.
     let mut state = seed;
@@ -616,14 +616,15 @@ impl VHost {
         connection: ConnectionId,
         if_unused: bool,
         if_empty: bool,
+        now: Millis,
     ) -> Result<u32, CoreError> {
         let Some(q) = self.queue(&name.to_string_lossy()) else { return Ok(0) };
         self.check_exclusive(&q, connection)?;
         q.check_delete(if_unused, if_empty)?;
-        Ok(self.remove_queue(&q))
+        Ok(self.remove_queue(&q, now))
     }
 
-    fn remove_queue(&self, q: &Arc<Queue>) -> u32 {
+    fn remove_queue(&self, q: &Arc<Queue>, now: Millis) -> u32 {
         let removed = {
             let mut map = self.queues.write().unwrap_or_else(lock_err);
             match map.get(q.name()) {
@@ -642,13 +643,7 @@ impl VHost {
         // Messages still held are dropped with the queue (RabbitMQ does not dead-letter them).
         // The store dropped the queue's messages with it; nothing else to forget.
         let mut ops = Vec::new();
-        self.carry_out(
-            q,
-            Effects { forgotten: Vec::new(), delivered: Vec::new(), ..effects },
-            crate::message::now_millis(),
-            0,
-            &mut ops,
-        );
+        self.carry_out(q, Effects { forgotten: Vec::new(), delivered: Vec::new(), ..effects }, now, 0, &mut ops);
         self.submit(ops);
         count
     }
@@ -662,7 +657,7 @@ impl VHost {
     }
 
     /// Deletes the exclusive queues of a connection that closed.
-    pub fn connection_closed(&self, connection: ConnectionId) {
+    pub fn connection_closed(&self, connection: ConnectionId, now: Millis) {
         let owned: Vec<Arc<Queue>> = self
             .queues
             .read()
@@ -672,7 +667,7 @@ impl VHost {
             .cloned()
             .collect();
         for q in owned {
-            self.remove_queue(&q);
+            self.remove_queue(&q, now);
         }
     }
 
@@ -878,7 +873,7 @@ impl VHost {
             let name = queue.name().clone();
             let vhost = self.name.clone();
             tracing::debug!(%vhost, queue = %name, "queue deleted (auto-delete or x-expires)");
-            self.remove_queue(queue);
+            self.remove_queue(queue, now);
         }
     }
 

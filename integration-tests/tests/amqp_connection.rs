@@ -274,7 +274,10 @@ async fn open_of_a_vhost_that_does_not_exist_closes_with_530_raw() {
     assert_eq!((close.class_id, close.method_id), (10, 40), "names connection.open");
 }
 
-#[tokio::test]
+// On tokio's paused clock: the broker's heartbeat timers are tokio timers, so the two seconds
+// pass in virtual time (the state machine's own deadlines are unit-tested in
+// ferry-amqp's connection/time_tests.rs). Client and broker share this one-thread runtime.
+#[tokio::test(start_paused = true)]
 async fn silent_client_with_a_1s_heartbeat_gets_heartbeats_then_is_disconnected() {
     let server = TestServer::amqp().await;
     let (mut c, _) = RawClient::start(server.amqp_addr()).await;
@@ -286,7 +289,7 @@ async fn silent_client_with_a_1s_heartbeat_gets_heartbeats_then_is_disconnected(
     )
     .await;
     c.open_vhost("/").await;
-    let opened = Instant::now();
+    let opened = tokio::time::Instant::now();
     assert!(matches!(c.recv_method().await, (0, Method::ConnectionOpenOk(_))));
     let mut heartbeats = 0;
     loop {
@@ -297,12 +300,13 @@ async fn silent_client_with_a_1s_heartbeat_gets_heartbeats_then_is_disconnected(
         }
     }
     let silent_for = opened.elapsed();
-    assert!(heartbeats >= 1, "the server sends heartbeats while it waits");
-    // Two missed intervals (RabbitMQ's rule): not before ~2 s, and well within the test timeout.
-    assert!(silent_for >= Duration::from_millis(1500), "disconnected after only {silent_for:?}");
+    assert!(heartbeats >= 3, "the server sends heartbeats while it waits ({heartbeats})");
+    // Two missed intervals (RabbitMQ's rule): not before 2 s, and not much after.
+    assert!(silent_for >= Duration::from_secs(2), "disconnected after only {silent_for:?}");
+    assert!(silent_for < Duration::from_millis(2100), "disconnected only after {silent_for:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn client_sending_heartbeats_stays_connected() {
     let server = TestServer::amqp().await;
     let (mut c, _) = RawClient::start(server.amqp_addr()).await;
@@ -315,10 +319,10 @@ async fn client_sending_heartbeats_stays_connected() {
     .await;
     c.open_vhost("/").await;
     assert!(matches!(c.recv_method().await, (0, Method::ConnectionOpenOk(_))));
-    // Answer each server heartbeat with one of ours for 3 s (three heartbeat intervals, past
-    // the 2 s after which a silent client is dropped).
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
+    // Answer each server heartbeat with one of ours for 5 s of the paused clock (five
+    // heartbeat intervals, past the 2 s after which a silent client is dropped).
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
         match c.next_frame().await {
             Some(Frame::Heartbeat) => c.send_bytes(&[8, 0, 0, 0, 0, 0, 0, 0xCE]).await,
             other => panic!("expected a heartbeat, got {other:?}"),
@@ -331,9 +335,12 @@ async fn client_sending_heartbeats_stays_connected() {
 async fn lapin_with_a_1s_heartbeat_stays_connected_while_idle() {
     let server = TestServer::amqp().await;
     let conn = lapin_uri(&server.amqp_uri("?heartbeat=1")).await;
-    // Idle for three heartbeat intervals: a broker that missed lapin's heartbeats, or sent none,
-    // would have dropped the connection by then. This is a bounded "nothing happens" wait.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Idle for two and a half heartbeat intervals: a broker that missed lapin's heartbeats, or
+    // sent none, would have dropped the connection after two. This is a bounded "nothing
+    // happens" wait, on the real clock: lapin runs its own I/O threads, which a paused tokio
+    // clock would not wait for. The only end-to-end check with a third-party client; the
+    // deadlines themselves are unit-tested (ferry-amqp connection/time_tests.rs).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(conn.status().connected());
     let ch = within("channel after idling", conn.create_channel()).await.unwrap();
     within("declare", ch.queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default()))

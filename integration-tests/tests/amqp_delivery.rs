@@ -595,8 +595,11 @@ async fn ttl_round_trip(ch: &Channel, dead: &mut Consumer, queue: &str, props: B
 }
 
 fn assert_on_time(what: &str, took: Duration) {
+    // From 99 ms: a TTL counts in whole milliseconds of the broker's wall clock, from the
+    // millisecond the publish arrived in, so it can end up to 1 ms before 100 ms have passed on
+    // this test's clock (seen: 99.985 ms, once in about seven runs).
     assert!(
-        (Duration::from_millis(100)..Duration::from_millis(400)).contains(&took),
+        (Duration::from_millis(99)..Duration::from_millis(400)).contains(&took),
         "{what}: a 100 ms TTL reached the dead-letter consumer after {took:?}"
     );
 }

@@ -661,6 +661,12 @@ async fn a_priority_queue_keeps_priority_order_after_a_restart() {
     assert_eq!(bodies(&ch, "prio").await, ["h", "c", "f", "b", "e", "g", "a", "d"]);
 }
 
+/// The TTL the two tests below let run out while the broker is down. Wall-clock time on
+/// purpose: a message's TTL counts from its publish in `Millis` stored with it, which no paused
+/// tokio clock moves. These are the end-to-end checks; the logic at exact deadlines is unit
+/// tested on injected time (ferry-core's `a_restored_message_counts_its_ttl_from_its_publish_before_the_restart`).
+const TTL: std::time::Duration = std::time::Duration::from_millis(1000);
+
 /// Stops the broker, lets `down` pass, and starts it again on the same directory.
 async fn restart_after(server: TestServer, down: std::time::Duration) -> (TestServer, Connection, Channel) {
     let dir = server.stop().await;
@@ -677,7 +683,7 @@ async fn a_queue_message_ttl_keeps_counting_while_the_broker_is_down() {
     let (_conn, ch) = lapin_channel(&server).await;
     durable_queue(&ch, "ttl-dead").await;
     let ttl_args = args(&[
-        ("x-message-ttl", AMQPValue::LongInt(2000)),
+        ("x-message-ttl", AMQPValue::LongInt(TTL.as_millis() as i32)),
         ("x-dead-letter-exchange", s("")),
         ("x-dead-letter-routing-key", s("ttl-dead")),
     ]);
@@ -685,8 +691,8 @@ async fn a_queue_message_ttl_keeps_counting_while_the_broker_is_down() {
     publish(&ch, "", "ttl-q", b"queue-ttl", persistent()).await;
     assert_eq!(count(&ch, "ttl-q").await, 1);
 
-    // The 2 s TTL runs out while the broker is down.
-    let (_server, _conn, ch) = restart_after(server, std::time::Duration::from_millis(2500)).await;
+    // The TTL runs out while the broker is down.
+    let (_server, _conn, ch) = restart_after(server, TTL + std::time::Duration::from_millis(100)).await;
 
     // Straight after the start, well before a TTL counted afresh from the restart would end.
     let started = std::time::Instant::now();
@@ -697,7 +703,7 @@ async fn a_queue_message_ttl_keeps_counting_while_the_broker_is_down() {
     let headers = d.properties.headers().clone().expect("headers");
     assert_eq!(x_death(&headers), ("ttl-q".to_string(), "expired".to_string()));
     assert!(
-        started.elapsed() < std::time::Duration::from_millis(1500),
+        started.elapsed() < TTL * 3 / 4,
         "dead-lettered at once, not after a TTL counted from the restart ({:?})",
         started.elapsed()
     );
@@ -708,12 +714,12 @@ async fn a_per_message_expiration_keeps_counting_while_the_broker_is_down() {
     let server = TestServer::amqp().await;
     let (_conn, ch) = lapin_channel(&server).await;
     durable_queue(&ch, "exp-q").await;
-    publish(&ch, "", "exp-q", b"expires", persistent().with_expiration("2000".into())).await;
+    publish(&ch, "", "exp-q", b"expires", persistent().with_expiration(TTL.as_millis().to_string().into())).await;
     publish(&ch, "", "exp-q", b"keeps", persistent().with_expiration("600000".into())).await;
     assert_eq!(count(&ch, "exp-q").await, 2);
 
-    // The 2 s expiration runs out while the broker is down.
-    let (_server, _conn, ch) = restart_after(server, std::time::Duration::from_millis(2500)).await;
+    // The expiration runs out while the broker is down.
+    let (_server, _conn, ch) = restart_after(server, TTL + std::time::Duration::from_millis(100)).await;
 
     assert_eq!(bodies(&ch, "exp-q").await, ["keeps"], "the expired message is not delivered");
 }

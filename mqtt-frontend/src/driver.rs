@@ -349,7 +349,7 @@ async fn establish(
     if claim.expired {
         // The session expired while its client was away and its timer has not ended it yet: a
         // queue left behind would be resumed as if the session were present.
-        end_session(&vhost, &client_id, ctx.id);
+        end_session(&vhost, &client_id, ctx.id, now_millis());
     }
     if let Some(due) = &claim.ended_will {
         // That session ended before this connection came: its will was due.
@@ -800,7 +800,7 @@ impl Conn {
                 Duration::from_secs(secs as u64),
             );
         }
-        broker.connection_closed(id);
+        broker.connection_closed(id, now_millis());
         // Close the socket only now: once a client sees the close, its session no longer takes
         // deliveries and is stored for the next connection (a QoS 0 message published after that
         // is not caught by the old consumer and requeued as if queued offline).
@@ -861,8 +861,8 @@ fn kicked(why: Kicked, conn: &ConnectionHandle) -> Close {
 }
 
 /// Ends a stored session: its queue and its stored state go.
-pub(crate) fn end_session(vhost: &Arc<VHost>, client_id: &str, connection: ConnectionId) {
-    let _ = vhost.delete_queue(&session_queue_name(client_id), connection, false, false);
+pub(crate) fn end_session(vhost: &Arc<VHost>, client_id: &str, connection: ConnectionId, now: Millis) {
+    let _ = vhost.delete_queue(&session_queue_name(client_id), connection, false, false, now);
     vhost
         .store()
         .submit(vec![StoreOp::DeleteSession { vhost: vhost.name().to_string(), client_id: client_id.to_string() }]);
@@ -882,7 +882,7 @@ pub(crate) fn spawn_expiry(
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
         let ended = shared.registry.expire(vhost.name(), &client_id, generation, || {
-            end_session(&vhost, &client_id, ConnectionId(0));
+            end_session(&vhost, &client_id, ConnectionId(0), now_millis());
         });
         if let Some(Some(due)) = ended {
             publish_will(&vhost, &due.exchange.as_str().into(), &due.will, ConnectionId(0), now_millis());

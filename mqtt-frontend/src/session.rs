@@ -400,7 +400,7 @@ impl Session {
                     client_id: client_id.clone(),
                 }]);
             }
-            vhost.delete_queue(&queue_name, connection, false, false)?;
+            vhost.delete_queue(&queue_name, connection, false, false, now)?;
         }
         let existing = vhost.queue(&queue_name.to_string_lossy());
         let session_present = !connect.clean_start && (existing.is_some() || stored.is_some());
@@ -1544,7 +1544,7 @@ impl Session {
                 let (vhost, client_id) = (this.vhost.name().to_string(), this.client_id.clone());
                 if !keep {
                     this.vhost.store().submit(vec![StoreOp::DeleteSession { vhost, client_id }]);
-                    let _ = this.vhost.delete_queue(queue.name(), this.connection, false, false);
+                    let _ = this.vhost.delete_queue(queue.name(), this.connection, false, false, now);
                     return None;
                 }
                 this.vhost.store().submit(vec![StoreOp::PutSession {

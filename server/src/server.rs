@@ -302,7 +302,7 @@ impl ServerBuilder {
             tokio::task::spawn_blocking(move || -> Result<Arc<Broker>, StoreError> {
                 if let Some(store) = given_store {
                     info!("store: the one given to the server ({} not opened)", path.display());
-                    return Broker::recover(store);
+                    return Broker::recover(store, ferry_core::message::now_millis());
                 }
                 let started = std::time::Instant::now();
                 let store = Arc::new(RedbStore::open(&path)?);
@@ -315,7 +315,7 @@ impl ServerBuilder {
                     started.elapsed().as_millis()
                 );
                 let store: Arc<dyn Store> = store;
-                Broker::recover(store)
+                Broker::recover(store, ferry_core::message::now_millis())
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Io(format!("recovery task failed: {e}"))))

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use ferry_core::message::{now_millis, FieldTable, Millis, ShortString};
+use ferry_core::message::{process_seed, FieldTable, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::policy::QueueUse;
 use ferry_core::queue::{ConsumerSpec, Queue, QueueOptions};
@@ -121,7 +121,7 @@ impl Connection {
         static N: AtomicU64 = AtomicU64::new(1);
         let name = ShortString::from(format!(
             "{REPLY_TO}.g{:x}{:x}.{}",
-            now_millis(),
+            process_seed(),
             N.fetch_add(1, Ordering::Relaxed),
             self.id.0
         ));
@@ -344,7 +344,7 @@ impl Connection {
 
     /// Encodes deliveries waiting in the outbox; returns whether a queue found it full and
     /// stopped (the caller then prompts the queues with [`Connection::pump_all`]).
-    pub fn pump(&mut self, scratch: &mut Vec<Outgoing>) -> bool {
+    pub fn pump(&mut self, scratch: &mut Vec<Outgoing>, now: Millis) -> bool {
         self.outbox.drain_into(scratch);
         let was_full = self.outbox.take_starved();
         let mut undeliverable: Vec<(Arc<Queue>, u64)> = Vec::new();
@@ -408,7 +408,6 @@ impl Connection {
             }
         }
         if !undeliverable.is_empty() {
-            let now = now_millis();
             for (q, seq) in undeliverable {
                 if let Ok(effects) = q.ack(seq, now) {
                     self.vhost().settle(&q, effects, now);

@@ -113,6 +113,6 @@ impl Connection {
             self.release_channel(ch, now);
         }
         self.channels.clear();
-        self.broker.connection_closed(self.id);
+        self.broker.connection_closed(self.id, now);
     }
 }

@@ -1,7 +1,7 @@
 //! Publisher confirms (confirm.select) and transactions (tx.select, commit, rollback), and
 //! the confirm or commit-ok sent once a store commit resolves.
 
-use ferry_core::message::{now_millis, Millis};
+use ferry_core::message::Millis;
 
 use super::Connection;
 use crate::channel::{PendingConfirm, TxOp};
@@ -70,7 +70,7 @@ impl Connection {
     /// store could not write: a full or failing disk) is a basic.nack, or for tx.commit the
     /// channel error RabbitMQ gives a transaction that did not complete (406 "partial tx
     /// completion").
-    pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool) {
+    pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool, now: Millis) {
         if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
             return;
         }
@@ -79,7 +79,7 @@ impl Connection {
                 self.send(p.channel, Method::TxCommitOk(TxCommitOk {}));
             } else {
                 let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "partial tx completion").on(90, 20);
-                self.close_channel(p.channel, &e, now_millis());
+                self.close_channel(p.channel, &e, now);
             }
             return;
         }
@@ -92,9 +92,9 @@ impl Connection {
 
     /// Sends the confirms whose commits have resolved, in order: one whose commit is done
     /// waits for those before it.
-    pub fn take_ready_confirms(&mut self) {
+    pub fn take_ready_confirms(&mut self, now: Millis) {
         while let Some((p, result)) = self.pending.take_ready() {
-            self.confirm_done(p, result.is_ok());
+            self.confirm_done(p, result.is_ok(), now);
         }
     }
 }

@@ -7,8 +7,10 @@
 //! methods to one file per class, each an `impl Connection` block:
 //! `channel.rs` (channel.open / close / flow, releasing a channel), `exchange.rs`, `queue.rs`,
 //! `basic.rs` (qos, consume, cancel, get, acks, recover, the publish method, deliveries),
-//! `confirm_tx.rs` (confirm.select, tx.*, confirms once a commit resolves) and `content.rs`
-//! (header and body assembly, the publish into the core). Reply codes come from the one table in
+//! `confirm_tx.rs` (confirm.select, tx.*, confirms once a commit resolves), `content.rs`
+//! (header and body assembly, the publish into the core) and `heartbeat.rs` (our heartbeats and
+//! the client's, on the time the driver passes in). Nothing here reads a clock: every entry point
+//! that needs the time takes it. Reply codes come from the one table in
 //! [`crate::errors`].
 
 use std::collections::HashMap;
@@ -20,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use ferry_core::auth::{AuthError, Identity};
 use ferry_core::exchange::ExchangeKind;
 use ferry_core::flow::AckQueue;
-use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Millis, ShortString};
+use ferry_core::message::{process_seed, ConnectionId, FieldTable, FieldValue, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::policy::QueueUse;
 use ferry_core::sink::Outbox;
@@ -37,6 +39,7 @@ mod channel;
 mod confirm_tx;
 mod content;
 mod exchange;
+mod heartbeat;
 mod queue;
 
 /// Server limits proposed in connection.tune.
@@ -96,9 +99,11 @@ pub enum Flow {
 /// RabbitMQ's direct reply-to pseudo-queue.
 pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
+/// A server-generated consumer tag: a counter makes it unique in the process, and a seed drawn
+/// at start keeps it from repeating a tag of an earlier run (no clock read).
 fn consumer_tag() -> ShortString {
     static N: AtomicU64 = AtomicU64::new(1);
-    ShortString::from(format!("amq.ctag-{:x}-{}", now_millis(), N.fetch_add(1, Ordering::Relaxed)))
+    ShortString::from(format!("amq.ctag-{:x}-{}", process_seed(), N.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// One AMQP connection.
@@ -162,6 +167,8 @@ pub struct Connection {
     /// The server closed the connection for an error (not for a shutdown or the client's own
     /// close).
     closed_for_error: bool,
+    /// The heartbeat clock, from [`Connection::start`] on (see `heartbeat.rs`).
+    heartbeats: Option<heartbeat::Heartbeats>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -278,6 +285,7 @@ impl Connection {
             opened_at: None,
             end: None,
             closed_for_error: false,
+            heartbeats: None,
             settings,
         }
     }
@@ -366,8 +374,9 @@ impl Connection {
         self.external = Some(identity);
     }
 
-    /// Writes connection.start (after the client's protocol header).
-    pub fn start(&mut self) {
+    /// Writes connection.start (after the client's protocol header, which came at `now`).
+    pub fn start(&mut self, now: std::time::Instant) {
+        self.heartbeats = Some(heartbeat::Heartbeats::new(now));
         let mechanisms: &'static [u8] =
             if self.external.is_some() { b"PLAIN AMQPLAIN EXTERNAL" } else { b"PLAIN AMQPLAIN" };
         self.send(
@@ -391,7 +400,7 @@ impl Connection {
     /// The outcome of the login: tune on success; on failure 403 ACCESS_REFUSED in a
     /// connection.close for clients that asked for it (`authentication_failure_close`), a
     /// plain close of the socket for the others (RabbitMQ's behaviour).
-    pub fn login_done(&mut self, mechanism: &ShortString, result: Result<Identity, AuthError>) {
+    pub fn login_done(&mut self, mechanism: &ShortString, result: Result<Identity, AuthError>, now: Millis) {
         if self.state != State::Authenticating {
             return;
         }
@@ -418,7 +427,7 @@ impl Connection {
                 };
                 log_limited!(info, "AMQP login refused", conn = %self.id, peer = self.peer.map(tracing::field::display), mechanism = %mechanism, "AMQP login refused: {e}");
                 if self.auth_failure_close {
-                    self.close_with(&AmqpError::new(reply_code::ACCESS_REFUSED, text));
+                    self.close_with(&AmqpError::new(reply_code::ACCESS_REFUSED, text), now);
                 } else {
                     self.state = State::Closed;
                 }
@@ -426,7 +435,7 @@ impl Connection {
         }
     }
 
-    pub fn close_with(&mut self, e: &AmqpError) {
+    pub fn close_with(&mut self, e: &AmqpError, now: Millis) {
         if matches!(self.state, State::Closing | State::Closed) {
             return;
         }
@@ -445,7 +454,7 @@ impl Connection {
             );
         }
         self.send_close(e);
-        self.release_all(now_millis());
+        self.release_all(now);
     }
 
     /// Writes connection.close; close-ok is awaited next.
@@ -476,11 +485,11 @@ impl Connection {
     }
 
     /// The server is shutting down: 320 CONNECTION_FORCED.
-    pub fn shutdown(&mut self) {
-        self.close_with(&AmqpError::new(
-            reply_code::CONNECTION_FORCED,
-            "broker forced connection closure with reason 'shutdown'",
-        ));
+    pub fn shutdown(&mut self, now: Millis) {
+        self.close_with(
+            &AmqpError::new(reply_code::CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"),
+            now,
+        );
     }
 
     // ----- frames ----------------------------------------------------------------------------
@@ -502,7 +511,7 @@ impl Connection {
             Frame::Body { channel, payload } => self.on_body(channel, payload, now),
         };
         if let Err(e) = result {
-            self.close_with(&e);
+            self.close_with(&e, now);
         }
         if self.state == State::Closed {
             Flow::Close
@@ -607,7 +616,7 @@ impl Connection {
                     // authorization identity some clients send) is not looked at, as in RabbitMQ.
                     let result = self.external.take().expect("offered");
                     self.state = State::Authenticating;
-                    self.login_done(&ok.mechanism, result);
+                    self.login_done(&ok.mechanism, result, now);
                     return Ok(());
                 }
                 let Some((user, password)) = parse_credentials(&ok.mechanism, &ok.response) else {
@@ -675,7 +684,7 @@ impl Connection {
             (_, Method::ConnectionClose(c)) => {
                 tracing::debug!(conn = %self.id, code = c.reply_code, text = %c.reply_text, "client closed the connection");
                 self.ended(format!("client closed the connection: {} {}", c.reply_code, c.reply_text));
-                self.release_all(now_millis());
+                self.release_all(now);
                 self.send(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
                 self.state = State::Closed;
                 Ok(())
@@ -784,7 +793,7 @@ impl Connection {
             Method::QueueBind(b) => self.on_queue_bind(ch, b),
             Method::QueueUnbind(b) => self.on_queue_unbind(ch, b),
             Method::QueuePurge(p) => self.on_queue_purge(ch, p, now),
-            Method::QueueDelete(d) => self.on_queue_delete(ch, d),
+            Method::QueueDelete(d) => self.on_queue_delete(ch, d, now),
 
             Method::BasicQos(q) => self.on_basic_qos(ch, q, now),
             Method::BasicConsume(c) => self.on_basic_consume(ch, c, now),
@@ -807,30 +816,49 @@ impl Connection {
 }
 
 #[cfg(test)]
+mod time_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use ferry_core::store::MemoryStore;
+    use std::time::Instant;
 
-    fn connection(settings: Settings) -> Connection {
+    /// The wall-clock time (for message TTLs) the tests run at: any fixed value, nothing here
+    /// reads the clock.
+    pub(super) const T0: Millis = 1_700_000_000_000;
+
+    /// The monotonic time (for heartbeats) connections start at; the tests add to it. An
+    /// `Instant` can only be had from the clock, so this is its one read: an origin.
+    pub(super) fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    pub(super) fn connection(settings: Settings) -> Connection {
         let broker = Broker::new(Arc::new(MemoryStore::default()));
         Connection::new(ConnectionId::next(), broker, "/".to_string(), settings)
     }
 
-    fn frames(encode: impl FnOnce(&mut BytesMut)) -> Vec<Frame> {
+    pub(super) fn frames(encode: impl FnOnce(&mut BytesMut)) -> Vec<Frame> {
         let mut buf = BytesMut::new();
         encode(&mut buf);
         let decoder = FrameDecoder::new(1 << 20);
         std::iter::from_fn(|| decoder.decode(&mut buf).expect("well-formed")).collect()
     }
 
-    fn feed(c: &mut Connection, ch: u16, m: Method) {
+    pub(super) fn feed(c: &mut Connection, ch: u16, m: Method) {
+        feed_at(c, ch, m, T0);
+    }
+
+    pub(super) fn feed_at(c: &mut Connection, ch: u16, m: Method, now: Millis) {
         for f in frames(|out| encode_method_frame(ch, &m, out).expect("encode")) {
-            c.handle(f, now_millis());
+            c.handle(f, now);
         }
     }
 
     /// The methods the connection wrote since the last call.
-    fn sent(c: &mut Connection) -> Vec<(u16, Method)> {
+    pub(super) fn sent(c: &mut Connection) -> Vec<(u16, Method)> {
         let mut out = c.out.split();
         let decoder = FrameDecoder::new(1 << 20);
         std::iter::from_fn(|| decoder.decode(&mut out).expect("well-formed"))
@@ -851,17 +879,18 @@ mod tests {
 
     /// A connection through the handshake (the login accepted as the driver would) with
     /// channel 1 open.
-    fn open(settings: Settings) -> Connection {
+    pub(super) fn open(settings: Settings) -> Connection {
+        open_with_heartbeat(settings, 0)
+    }
+
+    /// [`open`] with `heartbeat` seconds in tune-ok, started at [`origin`].
+    pub(super) fn open_with_heartbeat(settings: Settings, heartbeat: u16) -> Connection {
         let mut c = connection(settings);
-        c.start();
+        c.start(origin());
         feed(&mut c, 0, start_ok("guest", "guest"));
         let (_, _, mechanism) = c.take_pending_login().expect("credentials to check");
-        c.login_done(&mechanism, Ok(Identity { user: "guest".into(), anonymous: false }));
-        feed(
-            &mut c,
-            0,
-            Method::ConnectionTuneOk(ConnectionTuneOk { channel_max: 0, frame_max: 131_072, heartbeat: 0 }),
-        );
+        c.login_done(&mechanism, Ok(Identity { user: "guest".into(), anonymous: false }), T0);
+        feed(&mut c, 0, Method::ConnectionTuneOk(ConnectionTuneOk { channel_max: 0, frame_max: 131_072, heartbeat }));
         feed(
             &mut c,
             0,
@@ -881,7 +910,7 @@ mod tests {
     fn a_refused_connection_gets_530_at_start_ok_without_a_login() {
         let mut c = connection(Settings::default());
         c.refuse("connection limit (2) of the listener is reached");
-        c.start();
+        c.start(origin());
         assert!(matches!(sent(&mut c).as_slice(), [(0, Method::ConnectionStart(_))]));
         // Credentials that would be refused, and a mechanism that is not offered: neither counts.
         feed(&mut c, 0, start_ok("nobody", "wrong"));
@@ -980,7 +1009,7 @@ mod tests {
                 encode_header_frame(1, &header, out).expect("encode");
                 encode_body_frames(out, 1, body, 4);
             }) {
-                c.handle(f, now_millis());
+                c.handle(f, T0);
             }
             assert_eq!(c.take_publishes(), 1);
         }

@@ -137,14 +137,14 @@ impl Connection {
         Ok(())
     }
 
-    pub(super) fn on_queue_delete(&mut self, ch: u16, d: codec::QueueDelete) -> Result<(), AmqpError> {
+    pub(super) fn on_queue_delete(&mut self, ch: u16, d: codec::QueueDelete, now: Millis) -> Result<(), AmqpError> {
         let conn = self.id;
         let q = self.queue_name(ch, d.queue)?;
         if self.restricted() {
             self.authorize(Permission::Configure, Resource::Queue, &q)?;
         }
         self.guard_reserved_queue(&q, QueueUse::Delete)?;
-        let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty)?;
+        let n = self.vhost().delete_queue(&q, conn, d.if_unused, d.if_empty, now)?;
         if !d.nowait {
             self.send(ch, Method::QueueDeleteOk(QueueDeleteOk { message_count: n }));
         }

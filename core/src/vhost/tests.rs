@@ -379,13 +379,13 @@ fn exclusive_queues_are_locked_to_their_connection_and_go_with_it() {
     other.options.exclusive = Some(C2);
     assert!(locked(v.declare_queue(other, 0).map(|_| ())));
     assert!(locked(v.bind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C2)));
-    assert!(locked(v.delete_queue(&s("mine"), C2, false, false).map(|_| ())));
+    assert!(locked(v.delete_queue(&s("mine"), C2, false, false, 0).map(|_| ())));
     assert!(locked(v.purge_queue(&s("mine"), C2, 0).map(|_| ())));
     assert!(locked(v.consume(&s("mine"), consumer(Arc::default(), C2), 0).map(|_| ())));
     v.bind_queue(&s("mine"), &s("amq.direct"), BindingKey::new("k"), C1).unwrap();
-    v.connection_closed(C2);
+    v.connection_closed(C2, 0);
     assert!(v.queue("mine").is_some());
-    v.connection_closed(C1);
+    v.connection_closed(C1, 0);
     assert!(v.queue("mine").is_none());
     assert_eq!(publish(&v, "amq.direct", msg("k", "x")).routed, 0, "its bindings went with it");
 }
@@ -395,14 +395,14 @@ fn queue_delete_if_empty_and_if_unused_and_missing_queue_is_fine() {
     let v = vhost();
     v.declare_queue(queue("q"), 0).unwrap();
     publish(&v, "", msg("q", "x"));
-    assert!(matches!(v.delete_queue(&s("q"), C1, false, true).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert!(matches!(v.delete_queue(&s("q"), C1, false, true, 0).unwrap_err(), CoreError::PreconditionFailed(_)));
     v.purge_queue(&s("q"), C1, 0).unwrap();
     let sink = Arc::new(Collect::default());
     v.consume(&s("q"), consumer(sink.clone(), C1), 0).unwrap();
-    assert!(matches!(v.delete_queue(&s("q"), C1, true, false).unwrap_err(), CoreError::PreconditionFailed(_)));
-    assert_eq!(v.delete_queue(&s("q"), C1, false, false).unwrap(), 0);
+    assert!(matches!(v.delete_queue(&s("q"), C1, true, false, 0).unwrap_err(), CoreError::PreconditionFailed(_)));
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false, 0).unwrap(), 0);
     assert!(sink.cancelled.load(Ordering::SeqCst), "consumer told of the deletion");
-    assert_eq!(v.delete_queue(&s("q"), C1, false, false).unwrap(), 0);
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false, 0).unwrap(), 0);
 }
 
 #[test]
@@ -431,7 +431,7 @@ fn auto_delete_exchange_goes_with_its_last_binding() {
     v.bind_queue(&s("q2"), &s("ad"), BindingKey::new("k"), C1).unwrap();
     v.unbind_queue(&s("q1"), &s("ad"), BindingKey::new("k"), C1).unwrap();
     assert!(v.exchange("ad").is_some());
-    v.delete_queue(&s("q2"), C1, false, false).unwrap();
+    v.delete_queue(&s("q2"), C1, false, false, 0).unwrap();
     assert!(v.exchange("ad").is_none(), "deleting the last bound queue removes it");
 }
 
@@ -487,6 +487,32 @@ fn message_ttl_dead_letters_on_tick() {
     assert_eq!(v.tick(1_050), Some(1_100));
     v.tick(1_100);
     assert_eq!((ready(&v, "delay"), ready(&v, "expired")), (0, 1));
+}
+
+#[test]
+fn a_ttl_that_ran_out_while_the_broker_was_down_dead_letters_at_the_first_expiry() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+    {
+        let b = Broker::new(store.clone());
+        let v = b.vhost("/").unwrap();
+        v.declare_queue(queue("expired"), 0).unwrap();
+        let mut d = queue("ttl");
+        d.options.arguments =
+            arguments(&[("x-message-ttl", FieldValue::I32(2000)), ("x-dead-letter-exchange", FieldValue::string(""))]);
+        d.options.arguments.insert("x-dead-letter-routing-key", FieldValue::string("expired"));
+        v.declare_queue(d, 0).unwrap();
+        v.publish(&s(""), persistent("ttl", "gone").at(1_000), 1_000).unwrap();
+        v.publish(&s(""), persistent("ttl", "left").at(2_000), 2_000).unwrap();
+    }
+    // Down from 2 000 to 3 500: "gone" (deadline 3 000) ran out meanwhile, "left" has 500 ms.
+    let b = Broker::recover(store, 3_500).unwrap();
+    let v = b.vhost("/").unwrap();
+    assert_eq!(b.expire(3_500), Some(4_000), "the survivor's deadline counts from its publish");
+    assert_eq!((ready(&v, "ttl"), ready(&v, "expired")), (1, 1));
+    assert_eq!(b.expire(3_999), Some(4_000));
+    assert_eq!(ready(&v, "ttl"), 1);
+    b.expire(4_000);
+    assert_eq!((ready(&v, "ttl"), ready(&v, "expired")), (0, 2));
 }
 
 fn sink_ref(sink: &Arc<DirectSink>, cookie: u64) -> SinkRef {
@@ -579,7 +605,7 @@ fn durable_objects_come_back_after_a_restart() {
         v.bind_queue(&s("tmp"), &s("orders"), BindingKey::new("#"), C1).unwrap();
         v.set_retained(&s("a.b"), Arc::new(msg("a.b", "r")));
     }
-    let b = Broker::recover(store).unwrap();
+    let b = Broker::recover(store, 1_000).unwrap();
     let v = b.vhost("/").unwrap();
     assert!(v.exchange("orders").is_some());
     assert!(v.exchange("scratch").is_none());
@@ -610,7 +636,7 @@ fn persistent_messages_come_back_in_order_those_delivered_marked_redelivered() {
         assert_eq!(&got.unwrap().0.message.payload[..], b"2");
         v.settle(&q, effects, 0);
     }
-    let b = Broker::recover(store).unwrap();
+    let b = Broker::recover(store, 1_000).unwrap();
     let v = b.vhost("/").unwrap();
     let q = v.queue("q").unwrap();
     assert_eq!(q.stats().ready, 2);
