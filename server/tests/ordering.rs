@@ -18,6 +18,12 @@ use common::{Serving, PATIENCE};
 
 /// The gap between the SUBSCRIBE and the PUBLISH leaving the test.
 const GAP: Duration = Duration::from_micros(300);
+
+/// [`GAP`], or `GAP_US` microseconds from the environment (for comparing builds at other gaps,
+/// with `FERRY_BIN` naming the binary: see docs/mapping.md).
+fn gap() -> Duration {
+    std::env::var("GAP_US").ok().and_then(|v| v.parse().ok()).map(Duration::from_micros).unwrap_or(GAP)
+}
 const ROUNDS: usize = 200;
 
 fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
@@ -109,18 +115,27 @@ fn missed_rounds(port: u16, v5: bool) -> Vec<usize> {
 
         subscriber.write_all(&sub).unwrap();
         let sent = Instant::now();
-        while sent.elapsed() < GAP {
-            std::hint::spin_loop();
-        }
+        // The gap is the scenario (an interoperability suite's client publishing right after
+        // another subscribed), not a wait for an outcome: slept, so the core is free for the
+        // broker (a busy wait took it: with 2 cores, the broker then often handled the
+        // SUBSCRIBE only once the test stopped spinning, whatever the gap).
+        std::thread::sleep(gap());
         publisher.write_all(&publish).unwrap();
-        let (first, _) = read_packet(&mut publisher).expect("PUBACK");
+        let t_pub = sent.elapsed();
+        let (first, puback) = read_packet(&mut publisher).expect("PUBACK");
+        let t_puback = sent.elapsed();
         assert_eq!(first, 0x40, "PUBACK");
+        let code = puback.get(2).copied().unwrap_or(0);
         // The SUBACK, then the message; a round that missed it has its SUBACK only.
         subscriber.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let (mut suback, mut delivered) = (false, false);
+        let mut t_suback = None;
         while !(suback && delivered) {
             match read_packet(&mut subscriber) {
-                Ok((0x90, _)) => suback = true,
+                Ok((0x90, _)) => {
+                    suback = true;
+                    t_suback = Some(sent.elapsed());
+                }
                 Ok((first, _)) if first >> 4 == 3 => delivered = true,
                 Ok((first, _)) => panic!("round {round}: unexpected packet {first:#04x}"),
                 Err(_) if suback => break,
@@ -128,6 +143,10 @@ fn missed_rounds(port: u16, v5: bool) -> Vec<usize> {
             }
         }
         if !delivered {
+            // Whether the PUBLISH found no subscriber (5.0 PUBACK 0x10) and when the SUBACK came.
+            eprintln!(
+                "round {round}: PUBACK {code:#04x}; PUBLISH sent after {t_pub:?}, PUBACK after {t_puback:?}, SUBACK after {t_suback:?}"
+            );
             missed.push(round);
         }
     }

@@ -35,7 +35,8 @@ pub struct Serving {
 
 impl Serving {
     pub fn start(dir: &Path, args: &[&str]) -> Serving {
-        let mut child = Command::new(FERRY)
+        // `FERRY_BIN` runs another build (a release one, an older one) under the same test.
+        let mut child = Command::new(std::env::var("FERRY_BIN").unwrap_or(FERRY.to_string()))
             .args(args)
             .current_dir(dir)
             .env_remove("RUST_LOG")
