@@ -294,7 +294,7 @@ async fn decode(
                 let publishes = conn.take_publishes();
                 if publishes > 0 || !conn.congested.is_empty() {
                     let congested = conn.congested.drain(..);
-                    if flow.after_publish(publishes, congested, Instant::now().into_std()) == Decode::Stop {
+                    if flow.after_publish(publishes, congested, || Instant::now().into_std()) == Decode::Stop {
                         return Ok(true);
                     }
                 }

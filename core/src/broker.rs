@@ -188,6 +188,8 @@ pub struct Broker {
     /// Permissions, topic permissions and the frontends' topic policy; swapped whole on a
     /// reload. The vhosts share it: the default exchange asks which queues are reserved.
     access: Arc<arc_swap::ArcSwap<AccessPolicy>>,
+    /// Bumped after each swap of `access` (see `VHost::with_access`).
+    access_epoch: Arc<AtomicU64>,
     /// Queue deadlines of every vhost (see [`crate::timer`]).
     timer: Arc<Timer>,
     /// Every live connection (see [`crate::connections`]).
@@ -206,6 +208,7 @@ impl Broker {
             recovered_sessions: Default::default(),
             auth: Authenticator::default(),
             access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
+            access_epoch: Arc::new(AtomicU64::new(0)),
             timer: Arc::new(Timer::new()),
             connections: Connections::new(),
         };
@@ -233,6 +236,7 @@ impl Broker {
             recovered_sessions: std::sync::Mutex::new(std::mem::take(&mut snapshot.sessions)),
             auth: Authenticator::default(),
             access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
+            access_epoch: Arc::new(AtomicU64::new(0)),
             timer: Arc::new(Timer::new()),
             connections: Connections::new(),
         };
@@ -275,8 +279,10 @@ impl Broker {
         if let Some(v) = map.get(name) {
             return v.clone();
         }
-        let v =
-            Arc::new(VHost::with_timer(name, self.store.clone(), self.timer.clone()).with_access(self.access.clone()));
+        let v = Arc::new(
+            VHost::with_timer(name, self.store.clone(), self.timer.clone())
+                .with_access(self.access.clone(), self.access_epoch.clone()),
+        );
         map.insert(name.to_string(), v.clone());
         drop(map);
         self.store.submit(vec![StoreOp::PutVhost(name.to_string())]);
@@ -333,6 +339,7 @@ impl Broker {
     /// [`TopicPolicy`](crate::policy::TopicPolicy) in it.
     pub fn set_access(&self, policy: AccessPolicy) {
         self.access.store(Arc::new(policy));
+        self.access_epoch.fetch_add(1, Ordering::Release);
     }
 
     /// Why another protocol's client may not `what` the queue `name` of `vhost`: it is one a

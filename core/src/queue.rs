@@ -555,6 +555,11 @@ pub struct Queue {
     options: QueueOptions,
     args: QueueArgs,
     state: Mutex<QueueState>,
+    /// Whether the installed `TopicPolicy` reserves this queue for a frontend, as last asked:
+    /// `(policy epoch << 1) | reserved`, `u64::MAX` when not asked yet. Lets the default
+    /// exchange skip the policy (an `ArcSwap` load, 2 % of an AMQP publisher's broker CPU) on
+    /// every publish ([`Queue::reserved_as_of`]).
+    reserved: AtomicU64,
 }
 
 impl Queue {
@@ -577,7 +582,18 @@ impl Queue {
             timed: args.message_ttl.is_some(),
             armed: None,
         };
-        Ok(Queue { name, options, args, state: Mutex::new(state) })
+        Ok(Queue { name, options, args, state: Mutex::new(state), reserved: AtomicU64::new(u64::MAX) })
+    }
+    /// Whether the policy of `epoch` reserves this queue, asking `policy` only when this queue
+    /// has not been asked under that epoch yet. A name's answer never changes under one policy.
+    pub fn reserved_as_of(&self, epoch: u64, policy: impl FnOnce() -> bool) -> bool {
+        let cached = self.reserved.load(Ordering::Relaxed);
+        if cached != u64::MAX && cached >> 1 == epoch {
+            return cached & 1 == 1;
+        }
+        let reserved = policy();
+        self.reserved.store(epoch << 1 | reserved as u64, Ordering::Relaxed);
+        reserved
     }
     pub fn name(&self) -> &QueueName {
         &self.name
@@ -1251,6 +1267,16 @@ mod tests {
             Err(CoreError::PreconditionFailed(text)) => text,
             other => panic!("expected PreconditionFailed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn whether_a_queue_is_reserved_is_asked_once_per_policy_epoch() {
+        let q = queue(vec![]);
+        assert!(q.reserved_as_of(0, || true));
+        assert!(q.reserved_as_of(0, || panic!("cached under epoch 0")));
+        // A new policy (a reload) is asked again.
+        assert!(!q.reserved_as_of(1, || false));
+        assert!(!q.reserved_as_of(1, || panic!("cached under epoch 1")));
     }
 
     fn queue(pairs: Vec<(&str, FieldValue)>) -> Queue {

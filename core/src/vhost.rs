@@ -105,6 +105,9 @@ pub struct VHost {
     /// The broker's access policy, whose topic policy names the queues the default exchange
     /// does not route into (a frontend's own).
     access: Arc<ArcSwap<AccessPolicy>>,
+    /// Bumped by the broker after each swap of `access`, so a queue's cached answer to "is this
+    /// one reserved" is asked again under a new policy.
+    access_epoch: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for VHost {
@@ -241,13 +244,16 @@ impl VHost {
             stats: VHostStats::default(),
             timer,
             access: Arc::new(ArcSwap::from_pointee(AccessPolicy::default())),
+            access_epoch: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The vhost reading the broker's access policy (swapped on a reload) for the queues a
     /// frontend reserves.
-    pub fn with_access(mut self, access: Arc<ArcSwap<AccessPolicy>>) -> VHost {
+    /// `epoch` grows after each swap (queues cache their answer per epoch).
+    pub fn with_access(mut self, access: Arc<ArcSwap<AccessPolicy>>, epoch: Arc<AtomicU64>) -> VHost {
         self.access = access;
+        self.access_epoch = epoch;
         self
     }
 
@@ -920,7 +926,12 @@ impl VHost {
             // The default exchange: every queue is bound under its own name, except a frontend's
             // own, which only its subscriptions fill (`TopicPolicy::queue_refusal`).
             if let Some(q) = self.queues.read().unwrap_or_else(lock_err).get(&message.routing_key) {
-                if !self.access.load().topic_policy.reserves_queue(message.routing_key.as_bytes()) {
+                // Acquire: a policy swapped before the epoch was bumped is the one loaded.
+                let epoch = self.access_epoch.load(Ordering::Acquire);
+                let reserved = q.reserved_as_of(epoch, || {
+                    self.access.load().topic_policy.reserves_queue(message.routing_key.as_bytes())
+                });
+                if !reserved {
                     targets.add_queue(q);
                 }
             }

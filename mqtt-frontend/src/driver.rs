@@ -581,7 +581,7 @@ impl Conn {
                         // rest of what was read waits (see `ferry_core::flow`).
                         if publish {
                             let congested = self.session.congested.drain(..);
-                            if self.flow.after_publish(1, congested, Instant::now().into_std()) == Decode::Stop {
+                            if self.flow.after_publish(1, congested, || Instant::now().into_std()) == Decode::Stop {
                                 break;
                             }
                         }
