@@ -317,52 +317,15 @@ async fn a_persistent_session_resumes_its_subscriptions_without_resubscribing() 
     assert_eq!((p.topic.as_str(), &p.payload[..]), ("resume/now", &b"live"[..]));
 }
 
+// Which session expiry applies (the DISCONNECT's over the CONNECT's, a resuming connection's over
+// the stored one) is decided without a clock and checked by
+// `ferry_mqtt::session::tests::the_session_expiry_is_the_latest_one_given`; the tests here wait
+// out a real expiry end to end.
+
 /// Publishes one QoS 1 message on `topic` from a throwaway client.
 async fn publish_one(server: &TestServer, topic: &str, payload: &[u8]) {
     let mut publisher = RawClient::connect_ok(server.mqtt_addr(), V5, "one-shot", true).await;
     publisher.publish(publish_packet(topic, QoS::AtLeastOnce, 1, payload)).await;
-}
-
-#[tokio::test]
-async fn v5_session_expiry_set_on_disconnect_replaces_the_one_from_connect() {
-    let server = TestServer::mqtt().await;
-    let mut connect = connect_packet(V5, "extended", true);
-    connect.properties.session_expiry_interval = Some(1);
-    let (mut c, _) = RawClient::connect(server.mqtt_addr(), connect.clone()).await;
-    c.subscribe(1, "ext/#", sub_options(QoS::AtLeastOnce)).await;
-    let props = Properties { session_expiry_interval: Some(60), ..Properties::default() };
-    c.send(&Packet::Disconnect(Disconnect { reason: 0, properties: props })).await;
-    c.expect_close(None).await;
-    publish_one(&server, "ext/x", b"kept for 60 s").await;
-
-    // The behaviour under test is the passing of time itself (no event to wait for).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    connect.clean_start = false;
-    let (mut c, ack) = RawClient::connect(server.mqtt_addr(), connect).await;
-    assert!(ack.session_present, "the session expiry from DISCONNECT (60 s) applies");
-    assert_eq!(&c.recv_publish().await.payload[..], b"kept for 60 s");
-}
-
-#[tokio::test]
-async fn v5_session_expiry_of_the_latest_connection_applies() {
-    let server = TestServer::mqtt().await;
-    let mut connect = connect_packet(V5, "relonged", true);
-    connect.properties.session_expiry_interval = Some(1);
-    let (mut c, _) = RawClient::connect(server.mqtt_addr(), connect.clone()).await;
-    c.subscribe(1, "rel/#", sub_options(QoS::AtLeastOnce)).await;
-    c.drop_connection();
-    connect.clean_start = false;
-    connect.properties.session_expiry_interval = Some(60);
-    let (c, ack) = RawClient::connect(server.mqtt_addr(), connect.clone()).await;
-    assert!(ack.session_present);
-    c.drop_connection();
-    publish_one(&server, "rel/x", b"kept for 60 s").await;
-
-    // The behaviour under test is the passing of time itself (no event to wait for).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (mut c, ack) = RawClient::connect(server.mqtt_addr(), connect).await;
-    assert!(ack.session_present, "the second connection's expiry (60 s) applies");
-    assert_eq!(&c.recv_publish().await.payload[..], b"kept for 60 s");
 }
 
 #[tokio::test]

@@ -1680,6 +1680,63 @@ mod tests {
         s
     }
 
+    fn disconnect_with_expiry(expiry: Option<u32>) -> Packet {
+        let properties = Properties { session_expiry_interval: expiry, ..Default::default() };
+        Packet::Disconnect(crate::codec::Disconnect { reason: 0, properties })
+    }
+
+    /// The session expiry a stored session is kept for, decided with no clock: the one the
+    /// DISCONNECT gives replaces the CONNECT's, and a resumed session takes its new
+    /// connection's (5.0 §3.1.2.11.2, §3.14.2.2.2). `mqtt_session.rs` checks the expiry itself
+    /// end to end.
+    #[test]
+    fn the_session_expiry_is_the_latest_one_given() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 1, settings(0, 0));
+        assert!(matches!(
+            s.handle(disconnect_with_expiry(Some(60)), 0),
+            Err(Close::ClientDisconnect { with_will: false })
+        ));
+        let stored = s.finish(0, None).expect("kept");
+        assert_eq!(stored.expiry, 60, "DISCONNECT's expiry replaces CONNECT's");
+
+        // Resumed by a connection asking for 5 s: the stored 60 s no longer applies.
+        let connect = Connect {
+            version: V5,
+            clean_start: false,
+            keep_alive: 0,
+            client_id: Str::from("c1"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties { session_expiry_interval: Some(5), ..Default::default() },
+        };
+        let mut again = Session::start(
+            connect,
+            "c1".into(),
+            false,
+            ConnectionId(2),
+            vhost.clone(),
+            settings(0, 0),
+            Some(stored),
+            0,
+        )
+        .unwrap();
+        packets(&mut again);
+        assert_eq!(again.finish(0, None).expect("kept").expiry, 5);
+
+        // Set to 0 on DISCONNECT: the session ends with the connection.
+        let mut ending = start(&vhost, V5, 3, 60, settings(0, 0));
+        let _ = ending.handle(disconnect_with_expiry(Some(0)), 0);
+        assert!(ending.finish(0, None).is_none());
+        // A session that had 0 at CONNECT may not get one at DISCONNECT.
+        let mut clean = start(&vhost, V5, 4, 0, settings(0, 0));
+        assert!(matches!(
+            clean.handle(disconnect_with_expiry(Some(60)), 0),
+            Err(Close::Violation { reason: reason::PROTOCOL_ERROR, .. })
+        ));
+    }
+
     #[test]
     fn the_will_goes_for_every_close_but_a_normal_disconnect() {
         let vhost = vhost();
