@@ -568,9 +568,11 @@ impl Conn {
                                 tokio::task::yield_now().await;
                             }
                         }
-                        let subscribe = matches!(p, Packet::Subscribe(_));
-                        let _making = subscribe.then(SubscribeInProgress::start);
+                        // Counted only while its first slice is handled: a client flooding
+                        // SUBSCRIBEs, however large, holds publishers back a few turns at most.
+                        let making = matches!(p, Packet::Subscribe(_)).then(SubscribeInProgress::start);
                         self.session.handle(p, now_millis())?;
+                        drop(making);
                         // A large SUBSCRIBE is worked through in slices, other tasks running
                         // between them (this one's deliveries wait in its outboxes).
                         while self.session.is_subscribing() {
