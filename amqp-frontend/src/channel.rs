@@ -121,6 +121,10 @@ pub enum TxOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingConfirm {
     pub channel: u16,
+    /// The channel's [`Channel::owner`], unique to this opening of the channel number: a
+    /// confirm for a channel closed and opened again before its commit resolved is not sent on
+    /// the new one.
+    pub owner: OwnerId,
     pub seq: u64,
     pub nack: bool,
 }

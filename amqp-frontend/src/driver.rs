@@ -177,7 +177,10 @@ async fn serve(
         flow.set_alarms(ctx.broker.memory().is_raised(), ctx.broker.disk().is_raised());
         flow.set_acks_waiting(conn.pending.len());
         flow.update(Instant::now().into_std(), now_millis());
-        let reading = flow.should_read();
+        // Once closing, the client's close-ok is read whatever holds a publisher (an alarm
+        // would otherwise make a close from outside or a shutdown wait out CLOSE_OK_WAIT);
+        // what else it sends is ignored in that state.
+        let reading = flow.should_read() || conn.is_closing();
         // Our pause does not look like a silent client (the connection's heartbeat clock).
         conn.set_reading(reading, Instant::now().into_std());
         if reading && undecoded {

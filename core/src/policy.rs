@@ -86,7 +86,10 @@ pub trait TopicPolicy: Send + Sync + fmt::Debug + 'static {
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
-/// No frontend rules: everything allowed, no queue reserved.
+/// No frontend rules: everything allowed, no queue reserved. The default of a broker nobody
+/// installed a policy in (a test, an embedding): there, the default exchange also reaches the
+/// MQTT frontend's session queues. The server installs the frontends' policy
+/// (`Broker::set_access`) before it accepts a connection or starts housekeeping.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Open;
 

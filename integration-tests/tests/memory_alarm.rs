@@ -71,3 +71,36 @@ async fn a_publisher_past_the_watermark_is_blocked_then_unblocked_when_consumers
     })
     .await;
 }
+
+/// A publisher held back by the alarm still reads its close-ok once it is being closed (from
+/// outside here; a shutdown likewise), instead of being dropped when the 5 s for close-ok run
+/// out.
+#[tokio::test]
+async fn a_blocked_publisher_closed_from_outside_has_its_close_ok_read() {
+    let server = TestServer::amqp().await;
+    server.server.broker().set_memory_limit(1000);
+    let mut publisher = connect_capable(&server).await;
+    publisher.open_channel(1).await;
+    publisher
+        .send_method(1, Method::QueueDeclare(QueueDeclare { queue: ShortString::from("held"), ..Default::default() }))
+        .await;
+    assert!(matches!(publisher.recv_method().await, (1, Method::QueueDeclareOk(_))));
+    for _ in 0..3 {
+        publisher.publish(1, "", "held", &[7u8; 500]).await;
+    }
+    let (_, m) = within("connection.blocked", publisher.recv_method()).await;
+    assert!(matches!(m, Method::ConnectionBlocked(_)), "{m:?}");
+
+    let connections = server.server.broker().connections();
+    let [c] = &connections.list()[..] else { panic!("one connection expected") };
+    assert!(connections.close(c.id, "maintenance"));
+    let (ch, m) = within("connection.close", publisher.recv_method()).await;
+    let Method::ConnectionClose(close) = m else { panic!("expected connection.close, got {m:?}") };
+    assert_eq!((ch, close.reply_code), (0, 320));
+    publisher.send_method(0, Method::ConnectionCloseOk(ferry_amqp::codec::ConnectionCloseOk {})).await;
+    // Read at once: well before the 5 s the broker gives a client to answer.
+    tokio::time::timeout(std::time::Duration::from_secs(2), connections.gone(c.id))
+        .await
+        .expect("the close-ok was not read while the alarm holds the publisher");
+    publisher.expect_eof().await;
+}

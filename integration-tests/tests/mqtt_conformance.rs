@@ -3,7 +3,7 @@
 //! properties and filters, SUBACK before retained messages, `$SYS` and `$share` topics, wrong
 //! acknowledgements, and the reason codes Ferry now picks (docs/conformance.md).
 
-use ferry_integration_tests::mqtt::{connect_packet, RawClient};
+use ferry_integration_tests::mqtt::{connect_packet, will, RawClient};
 use ferry_integration_tests::{within, TestServer};
 use ferry_mqtt::codec::{Packet, ProtocolVersion, PubResp, Publish, QoS, Str, SubOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -216,4 +216,21 @@ async fn a_payload_format_indicator_is_forwarded_whatever_its_value() {
         )
         .await;
     assert_eq!(pfi, Some(0xED));
+}
+
+#[tokio::test]
+async fn a_will_on_sys_refuses_the_connect() {
+    // Otherwise a client could overwrite `$SYS/broker/uptime` by going away (Mosquitto refuses
+    // it too); a Mosquitto bridge's notification will on its state topic is accepted.
+    let server = TestServer::mqtt().await;
+    for (version, refused) in [(V5, 0x87), (V311, 5)] {
+        let mut c = connect_packet(version, "sys-will", true);
+        c.will = Some(will("$SYS/broker/uptime", b"0", QoS::AtMostOnce, true));
+        let (_, ack) = RawClient::connect(server.mqtt_addr(), c).await;
+        assert_eq!(ack.code, refused, "{version:?}");
+    }
+    let mut c = connect_packet(V311, "edge-1", true);
+    c.will = Some(will("$SYS/broker/connection/edge-1/state", b"0", QoS::AtLeastOnce, true));
+    let (_, ack) = RawClient::connect(server.mqtt_addr(), c).await;
+    assert_eq!(ack.code, 0);
 }

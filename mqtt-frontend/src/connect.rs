@@ -9,7 +9,7 @@ use ferry_core::auth::AuthError;
 use crate::acl::Acl;
 use crate::codec::{Connect, ProtocolVersion};
 use crate::errors::MqttError;
-use crate::topic::check_topic_name;
+use crate::topic::{check_topic_name, server_only};
 
 /// Why a CONNECT is refused, and how the client learns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,10 +80,15 @@ pub fn login_refusal(e: &AuthError) -> MqttError {
     }
 }
 
-/// A will the ACL would not let the client publish refuses the CONNECT (as Mosquitto does):
-/// otherwise it would be accepted and then silently never published.
+/// A will the client could not publish refuses the CONNECT (as Mosquitto does): one the ACL
+/// forbids (it would be accepted and then silently never published), or one on a topic that
+/// is the server's (`$SYS/...`: a will there would overwrite `$SYS/broker/uptime` when the
+/// client goes; a Mosquitto bridge's `$SYS/broker/connection/<id>/state` will is allowed).
 pub fn check_will(connect: &Connect, acl: &Acl, user: Option<&str>, client_id: &str) -> Result<(), Refusal> {
     match &connect.will {
+        Some(w) if server_only(w.topic.as_str()) => {
+            Err(Refusal::new(MqttError::NotAuthorized, format!("will topic {:?} is the server's", w.topic.as_str())))
+        }
         Some(w) if !acl.can_write(user, client_id, w.topic.as_str()) => {
             Err(Refusal::new(MqttError::NotAuthorized, "will topic not authorized"))
         }
@@ -182,5 +187,15 @@ mod tests {
         let r = check_will(&with_will(connect(V311, "dev-1", true), "status/other"), &acl, None, "dev-1").unwrap_err();
         assert_eq!((r.why, r.answer), (MqttError::NotAuthorized, true));
         assert!(check_will(&connect(V311, "dev-1", true), &acl, None, "dev-1").is_ok(), "no will");
+    }
+
+    #[test]
+    fn a_will_on_the_servers_topics_refuses_the_connect_whatever_the_acl() {
+        let open = Acl::new(Vec::new());
+        let r = check_will(&with_will(connect(V5, "c", true), "$SYS/broker/uptime"), &open, None, "c").unwrap_err();
+        assert_eq!((r.why, r.answer), (MqttError::NotAuthorized, true));
+        // A Mosquitto bridge's notification will.
+        let bridge = with_will(connect(V311, "edge-1", true), "$SYS/broker/connection/edge-1/state");
+        assert!(check_will(&bridge, &open, None, "edge-1").is_ok());
     }
 }

@@ -53,7 +53,8 @@ impl Connection {
             commit = commit.join(c);
         }
         let commit = commit.join(self.vhost().store().flush());
-        self.pending.push(PendingConfirm { channel: ch, seq: 0, nack: false }, commit);
+        let owner = self.channel(ch).owner;
+        self.pending.push(PendingConfirm { channel: ch, owner, seq: 0, nack: false }, commit);
         Ok(())
     }
 
@@ -71,7 +72,7 @@ impl Connection {
     /// channel error RabbitMQ gives a transaction that did not complete (406 "partial tx
     /// completion").
     pub fn confirm_done(&mut self, p: PendingConfirm, ok: bool, now: Millis) {
-        if self.channels.get(&p.channel).is_none_or(|c| c.closing) {
+        if self.channels.get(&p.channel).is_none_or(|c| c.closing || c.owner != p.owner) {
             return;
         }
         if p.seq == 0 {

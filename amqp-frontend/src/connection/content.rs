@@ -180,10 +180,11 @@ impl Connection {
             }
         }
         let c = self.channel(ch);
+        let owner = c.owner;
         if let Some(seq) = c.confirm_seq.as_mut() {
             let n = *seq;
             *seq += 1;
-            self.pending.push(PendingConfirm { channel: ch, seq: n, nack: outcome.rejected }, outcome.commit);
+            self.pending.push(PendingConfirm { channel: ch, owner, seq: n, nack: outcome.rejected }, outcome.commit);
             return Ok(ferry_core::store::Commit::done(Ok(())));
         }
         Ok(outcome.commit)

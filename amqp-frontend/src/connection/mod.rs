@@ -968,6 +968,27 @@ mod tests {
         assert!(c.is_closing());
     }
 
+    /// A confirm whose commit resolves after its channel was closed and the number opened
+    /// again is not sent on the new channel (its delivery tags are the new channel's).
+    #[test]
+    fn a_confirm_for_a_closed_channel_does_not_reach_its_reopened_number() {
+        let mut c = open(Settings::default());
+        let (resolve, commit) = ferry_core::store::Commit::pending();
+        let owner = c.channels[&1].owner;
+        c.pending.push(PendingConfirm { channel: 1, owner, seq: 1, nack: false }, commit);
+        let (resolve_new, commit_new) = ferry_core::store::Commit::pending();
+        feed(&mut c, 1, Method::ChannelClose(ChannelClose { reply_code: 200, ..ChannelClose::default() }));
+        feed(&mut c, 1, Method::ChannelOpen(ChannelOpen::default()));
+        assert!(matches!(sent(&mut c).as_slice(), [(1, Method::ChannelCloseOk(_)), (1, Method::ChannelOpenOk(_))]));
+        let owner = c.channels[&1].owner;
+        c.pending.push(PendingConfirm { channel: 1, owner, seq: 1, nack: false }, commit_new);
+        resolve.send(Ok(())).unwrap();
+        resolve_new.send(Ok(())).unwrap();
+        c.take_ready_confirms(T0);
+        // One ack: the new channel's publish 1, not the old one's.
+        assert!(matches!(sent(&mut c).as_slice(), [(1, Method::BasicAck(a))] if a.delivery_tag == 1));
+    }
+
     #[test]
     fn channel_max_counts_open_channels_whatever_their_numbers() {
         let mut c = open(Settings { channel_max: 3, ..Settings::default() });
