@@ -135,6 +135,7 @@ impl Bridges {
                 queue,
                 state: StateCell::new(),
                 counters: Counters::default(),
+                changes: watch::Sender::new(0),
             });
             ready.push((link, vhost));
         }
@@ -152,32 +153,51 @@ impl Bridges {
 
     /// A snapshot of every bridge, in config order.
     pub fn status(&self) -> Vec<BridgeStatus> {
-        self.links
-            .iter()
-            .map(|l| {
-                let (state, last_error) = l.state.get();
-                let stats = l.queue.as_ref().map(|q| q.stats()).unwrap_or_default();
-                let c = &l.counters;
-                BridgeStatus {
-                    name: l.config.name.clone(),
-                    remote: l.config.address.clone(),
-                    state,
-                    last_error,
-                    queued: u64::from(stats.ready),
-                    queued_bytes: stats.ready_bytes,
-                    in_flight: u64::from(stats.unacked),
-                    forwarded_out: Counters::get(&c.forwarded_out),
-                    forwarded_in: Counters::get(&c.forwarded_in),
-                    dropped_overflow: stats.dropped_overflow,
-                    rejected_overflow: stats.rejected_overflow,
-                    dropped_max_hops: Counters::get(&c.dropped_max_hops),
-                    dropped_loop: Counters::get(&c.dropped_loop),
-                    dropped_no_rule: Counters::get(&c.dropped_no_rule),
-                    dropped_refused: Counters::get(&c.dropped_refused),
-                    connects: Counters::get(&c.connects),
-                }
-            })
-            .collect()
+        self.links.iter().map(|l| Bridges::status_of(l)).collect()
+    }
+
+    /// Waits until bridge `name`'s status satisfies `pred` (checked now, then whenever its state
+    /// or its link's counters change) and returns it; `None` if there is no such bridge or its
+    /// task ended first. Queue counts (`queued`) move without a wake-up: wait on the link's own
+    /// counters.
+    pub async fn wait_for(&self, name: &str, pred: impl Fn(&BridgeStatus) -> bool) -> Option<BridgeStatus> {
+        let link = self.links.iter().find(|l| l.config.name == name)?;
+        let mut states = link.state.subscribe();
+        let mut changes = link.changes.subscribe();
+        loop {
+            let status = Bridges::status_of(link);
+            if pred(&status) {
+                return Some(status);
+            }
+            tokio::select! {
+                r = states.changed() => r.ok()?,
+                r = changes.changed() => r.ok()?,
+            }
+        }
+    }
+
+    fn status_of(l: &Link) -> BridgeStatus {
+        let (state, last_error) = l.state.get();
+        let stats = l.queue.as_ref().map(|q| q.stats()).unwrap_or_default();
+        let c = &l.counters;
+        BridgeStatus {
+            name: l.config.name.clone(),
+            remote: l.config.address.clone(),
+            state,
+            last_error,
+            queued: u64::from(stats.ready),
+            queued_bytes: stats.ready_bytes,
+            in_flight: u64::from(stats.unacked),
+            forwarded_out: Counters::get(&c.forwarded_out),
+            forwarded_in: Counters::get(&c.forwarded_in),
+            dropped_overflow: stats.dropped_overflow,
+            rejected_overflow: stats.rejected_overflow,
+            dropped_max_hops: Counters::get(&c.dropped_max_hops),
+            dropped_loop: Counters::get(&c.dropped_loop),
+            dropped_no_rule: Counters::get(&c.dropped_no_rule),
+            dropped_refused: Counters::get(&c.dropped_refused),
+            connects: Counters::get(&c.connects),
+        }
     }
 
     /// The state of bridge `name` as a watch: `wait_for` on it to wait for a state.

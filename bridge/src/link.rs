@@ -86,6 +86,8 @@ pub(crate) struct Link {
     pub queue: Option<Arc<Queue>>,
     pub state: StateCell,
     pub counters: Counters,
+    /// Bumped when counters move, for [`Bridges::wait_for`](crate::Bridges::wait_for).
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Deliveries from the bridge's queue land here.
@@ -105,6 +107,7 @@ impl ConsumerSink for QueueSink {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // named for the packets awaited
 enum Stage {
     /// QoS 1 sent, PUBACK awaited.
     PubAck,
@@ -209,6 +212,10 @@ fn refusal(version: ProtocolVersion, code: u8) -> String {
 }
 
 impl Link {
+    pub(crate) fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Runs the bridge until `shutdown`.
     pub(crate) async fn run(self: Arc<Self>, vhost: Arc<VHost>, mut shutdown: Shutdown, seed: u64) {
         let window = u32::from(self.config.max_inflight.max(1));
@@ -281,7 +288,9 @@ impl Link {
                 Ok(effects) => {
                     vhost.settle(queue, effects, now);
                 }
-                Err(e) => warn!(bridge = %self.config.name, "bridge {}: ack of local message {seq}: {e}", self.config.name),
+                Err(e) => {
+                    warn!(bridge = %self.config.name, "bridge {}: ack of local message {seq}: {e}", self.config.name)
+                }
             }
         }
     }
@@ -359,14 +368,12 @@ impl Conn<'_> {
         let remote_max = connack.properties.receive_maximum.unwrap_or(u16::MAX);
         let limit = usize::from(config.max_inflight.min(remote_max).max(1));
         self.link.counters.connects.fetch_add(1, Ordering::Relaxed);
-        info!(
-            bridge = %name,
+        let up_line = format!(
             "bridge {name}: up, connected to {} (MQTT {}, session present: {})",
             config.address,
             config.version.name(),
             connack.session_present
         );
-        self.link.state.set(LinkState::Up, None);
         backoff.reset();
 
         let (mut reader, writer) = stream.into_split();
@@ -410,10 +417,17 @@ impl Conn<'_> {
                 (Str::from(r.remote_filter()), options)
             })
             .collect();
-        if !filters.is_empty() {
+        // The link counts as up once the remote has answered the subscriptions (at once
+        // without `in` rules), so that a message published there from then on is bridged.
+        let mut subscribing = None;
+        if filters.is_empty() {
+            info!(bridge = %name, "{up_line}");
+            self.link.state.set(LinkState::Up, None);
+        } else {
             let pid = self.carry.next_pid();
             let sub = Subscribe { packet_id: pid, properties: Properties::default(), filters };
             self.encode(&Packet::Subscribe(sub), &mut out);
+            subscribing = Some(pid);
         }
 
         let keep_alive = Duration::from_secs(u64::from(config.keep_alive));
@@ -422,7 +436,9 @@ impl Conn<'_> {
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
-            self.pump_out(limit, &mut out);
+            if self.pump_out(limit, &mut out) {
+                self.link.changed();
+            }
             if !out.is_empty() {
                 if tx.send(out.split().freeze()).is_err() {
                     return Err(writer_ended(write_task.await));
@@ -440,8 +456,18 @@ impl Conn<'_> {
                     }
                     last_heard = Instant::now();
                     while let Some(packet) = decoder.decode(&mut rx).map_err(LinkError::Decode)? {
+                        let suback = match &packet {
+                            Packet::SubAck(a) => Some(a.packet_id),
+                            _ => None,
+                        };
                         self.on_packet(packet, &mut acks, &mut out)?;
+                        if suback.is_some() && suback == subscribing {
+                            subscribing = None;
+                            info!(bridge = %name, "{up_line}");
+                            self.link.state.set(LinkState::Up, None);
+                        }
                     }
+                    self.link.changed();
                 }
                 _ = self.outbox.notified() => {}
                 _ = acks.ready(), if !acks.is_empty() => {
@@ -467,8 +493,10 @@ impl Conn<'_> {
         }
     }
 
-    /// Sends what waits in the outbox and the pending list while the remote has room.
-    fn pump_out(&mut self, limit: usize, out: &mut BytesMut) {
+    /// Sends what waits in the outbox and the pending list while the remote has room; whether
+    /// a counter moved.
+    fn pump_out(&mut self, limit: usize, out: &mut BytesMut) -> bool {
+        let mut moved = false;
         let mut fresh = Vec::new();
         self.outbox.drain_into(&mut fresh);
         self.carry.pending.extend(fresh);
@@ -494,6 +522,7 @@ impl Conn<'_> {
                 let seq = d.seq;
                 self.carry.pending.pop_front();
                 link.settle_local(self.vhost, self.consumer, seq);
+                moved = true;
                 continue;
             };
             let qos = rule.qos.min(mapping::message_qos(m));
@@ -510,6 +539,7 @@ impl Conn<'_> {
                 codec::encode(&Packet::Publish(p), config.version, out);
                 link.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
                 link.settle_local(self.vhost, self.consumer, d.seq);
+                moved = true;
             } else {
                 let pid = self.carry.next_pid();
                 p.packet_id = Some(pid);
@@ -518,6 +548,7 @@ impl Conn<'_> {
                 self.carry.inflight.push_back(OutFlight { pid, seq: d.seq, publish: p, stage });
             }
         }
+        moved
     }
 
     fn on_packet(&mut self, packet: Packet, acks: &mut AckQueue<Packet>, out: &mut BytesMut) -> Result<(), LinkError> {
@@ -546,7 +577,8 @@ impl Conn<'_> {
             Packet::SubAck(ack) => {
                 let refused: Vec<u8> = ack.reasons.iter().copied().filter(|c| *c >= 0x80).collect();
                 if !refused.is_empty() {
-                    let e = format!("the remote refused {} of the bridge's subscriptions ({refused:02x?})", refused.len());
+                    let e =
+                        format!("the remote refused {} of the bridge's subscriptions ({refused:02x?})", refused.len());
                     warn!(bridge = %link.config.name, "bridge {}: {e}", link.config.name);
                     link.state.set_error(e);
                 }
@@ -562,7 +594,10 @@ impl Conn<'_> {
     /// outgoing message: it leaves the local queue either way, counted.
     fn done_out(&mut self, r: PubResp, expected: Stage) -> Result<(), LinkError> {
         let Some(i) = self.carry.inflight.iter().position(|f| f.pid == r.packet_id && f.stage == expected) else {
-            return Err(LinkError::Protocol(format!("{expected:?} acknowledgement for unknown packet id {}", r.packet_id)));
+            return Err(LinkError::Protocol(format!(
+                "{expected:?} acknowledgement for unknown packet id {}",
+                r.packet_id
+            )));
         };
         let f = self.carry.inflight.remove(i).expect("found");
         let counters = &self.link.counters;

@@ -1601,7 +1601,10 @@ mod tests {
         let got = sink.take();
         assert_eq!(bodies(&got), ["a", "b"]);
         assert_eq!((got[0].seq, got[0].consumer.is_some(), got[0].queue.clone()), (1, true, "q".into()));
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 2, consumers: 1, ready_bytes: 0, ..QueueStats::default() });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 2, consumers: 1, ready_bytes: 0, ..QueueStats::default() }
+        );
     }
 
     #[test]
@@ -1854,9 +1857,15 @@ mod tests {
         put(&q, msg("a"), 0);
         let seq = sink.take()[0].seq;
         q.cancel(id, 0);
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() }
+        );
         q.release_owner(OwnerId(5), 0);
-        assert_eq!(q.stats(), QueueStats { ready: 1, unacked: 0, consumers: 0, ready_bytes: 1, ..QueueStats::default() });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 1, unacked: 0, consumers: 0, ready_bytes: 1, ..QueueStats::default() }
+        );
         let (d, _) = q.get(OwnerId(6), false, 0).0.unwrap();
         assert_eq!((d.seq, d.redelivered), (seq, true));
     }
@@ -2177,7 +2186,17 @@ mod tests {
         put(&q, msg("bbb"), 0);
         assert_eq!(q.stats().ready_bytes, 5);
         put(&q, msg("c"), 0);
-        assert_eq!(q.stats(), QueueStats { ready: 2, unacked: 0, consumers: 0, ready_bytes: 4, dropped_overflow: 1, rejected_overflow: 0 });
+        assert_eq!(
+            q.stats(),
+            QueueStats {
+                ready: 2,
+                unacked: 0,
+                consumers: 0,
+                ready_bytes: 4,
+                dropped_overflow: 1,
+                rejected_overflow: 0
+            }
+        );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);
     }
 
@@ -2334,7 +2353,10 @@ mod tests {
         put(&q, msg("c"), 0);
         let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
         assert_eq!(q.purge(0).0, 2);
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() }
+        );
         q.ack(d.seq, 0).unwrap();
     }
 
@@ -2407,7 +2429,10 @@ mod tests {
         for p in producers {
             p.join().unwrap();
         }
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0, ..QueueStats::default() });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0, ..QueueStats::default() }
+        );
     }
 
     #[test]

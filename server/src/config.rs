@@ -744,7 +744,9 @@ impl Validator<'_> {
             match raw.protocol_version.as_deref() {
                 None | Some("5") | Some("5.0") => b.version = ferry_mqtt::codec::ProtocolVersion::V5,
                 Some("3.1.1") => b.version = ferry_mqtt::codec::ProtocolVersion::V311,
-                Some(other) => self.report(key("protocol_version"), format!("{other:?}: expected \"5.0\" or \"3.1.1\"")),
+                Some(other) => {
+                    self.report(key("protocol_version"), format!("{other:?}: expected \"5.0\" or \"3.1.1\""))
+                }
             }
             if let Some(id) = raw.client_id {
                 if id.is_empty() || id.len() > 65_535 {
@@ -758,9 +760,9 @@ impl Validator<'_> {
                     self.report(key("password_file"), "give password_file or password_env, not both");
                     None
                 }
-                (Some(file), None) => self
-                    .check(self.resolve(&key("password_file"), file))
-                    .map(ferry_bridge::PasswordSource::File),
+                (Some(file), None) => {
+                    self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
+                }
                 (None, Some(var)) if var.is_empty() => {
                     self.report(key("password_env"), "must not be empty");
                     None
@@ -809,7 +811,10 @@ impl Validator<'_> {
                         self.report(tkey(k), "must not contain wildcards");
                     }
                 }
-                for text in [format!("{}{}", rule.local_prefix, rule.pattern), format!("{}{}", rule.remote_prefix, rule.pattern)] {
+                for text in [
+                    format!("{}{}", rule.local_prefix, rule.pattern),
+                    format!("{}{}", rule.remote_prefix, rule.pattern),
+                ] {
                     if let Err(e) = ferry_mqtt::topic::check_filter(&text) {
                         self.report(tkey("pattern"), format!("{text:?}: {e}"));
                     } else if text.starts_with("$share/") {
@@ -836,7 +841,9 @@ impl Validator<'_> {
             match raw.overflow.as_deref() {
                 None | Some("drop-oldest") => b.overflow = ferry_bridge::Overflow::DropOldest,
                 Some("block") => b.overflow = ferry_bridge::Overflow::Block,
-                Some(other) => self.report(key("overflow"), format!("{other:?}: expected \"drop-oldest\" or \"block\"")),
+                Some(other) => {
+                    self.report(key("overflow"), format!("{other:?}: expected \"drop-oldest\" or \"block\""))
+                }
             }
             if let Some(m) = raw.max_inflight {
                 if m == 0 {
@@ -1884,5 +1891,76 @@ mod tests {
         let err = Config::load(Path::new("/nonexistent/ferry.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
         assert!(err.to_string().starts_with("/nonexistent/ferry.toml: cannot read: "), "{err}");
+    }
+
+    const BRIDGE: &str = "[[bridges]]\nname = \"up\"\naddress = \"central.example:1883\"\n";
+
+    #[test]
+    fn a_bridge_is_read_with_its_rules_and_defaults() {
+        let c = parse(&format!(
+            "{MINIMAL}{BRIDGE}protocol_version = \"3.1.1\"\nusername = \"edge\"\npassword_env = \"BRIDGE_PW\"\n\
+             clean_session = false\nmax_queued_messages = 10\noverflow = \"block\"\n\
+             topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 2, local_prefix = \"edge/\", remote_prefix = \"site/\" }},\
+             {{ pattern = \"cmd/+\", direction = \"in\" }}]\n"
+        ))
+        .unwrap();
+        let b = &c.bridges[0];
+        assert_eq!((b.name.as_str(), b.address.as_str()), ("up", "central.example:1883"));
+        assert_eq!(b.version, ferry_mqtt::codec::ProtocolVersion::V311);
+        assert_eq!(b.password, Some(ferry_bridge::PasswordSource::Env("BRIDGE_PW".into())));
+        assert!(!b.clean_session);
+        assert_eq!((b.max_queued_messages, b.overflow), (10, ferry_bridge::Overflow::Block));
+        assert_eq!(b.max_hops, 1);
+        assert_eq!(b.client_id, "ferry-bridge-up");
+        assert_eq!(b.topics.len(), 2);
+        assert_eq!(b.topics[0].local_filter(), "edge/s/#");
+        assert_eq!(b.topics[0].remote_filter(), "site/s/#");
+        assert_eq!(b.topics[0].qos, ferry_mqtt::codec::QoS::ExactlyOnce);
+        assert_eq!(b.topics[1].direction, ferry_bridge::Direction::In);
+        assert_eq!(b.topics[1].qos, ferry_mqtt::codec::QoS::AtLeastOnce, "QoS 1 unless said");
+    }
+
+    #[test]
+    fn bad_bridges_are_refused_naming_the_key() {
+        let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}colour = 1\n"));
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}topics = [{{ pattern = \"#\", direction = \"out\", prio = 1 }}]\n"));
+        assert!(msg.contains("unknown field `prio`"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}"));
+        assert!(msg.contains("bridges[0].topics: at least one topic rule is required"), "{msg}");
+        let msg = error(&format!(
+            "{MINIMAL}[[bridges]]\nname = \"a b\"\naddress = \"nowhere\"\n{rule}\
+             password_file = \"pw\"\npassword_env = \"PW\"\nmax_hops = 0\noverflow = \"spill\"\n\
+             reconnect_initial_ms = 5000\nreconnect_max_ms = 1000\n"
+        ));
+        for expected in [
+            "bridges[0].name: must be",
+            "bridges[0].address: \"nowhere\" is not host:port",
+            "bridges[0].password_file: give password_file or password_env, not both",
+            "bridges[0].max_hops: must be at least 1",
+            "bridges[0].overflow: \"spill\"",
+            "bridges[0].reconnect_max_ms: must not be below",
+        ] {
+            assert!(msg.contains(expected), "{expected:?} not in {msg}");
+        }
+        let msg = error(&format!(
+            "{MINIMAL}{BRIDGE}topics = [{{ pattern = \"a/#/b\", direction = \"sideways\" }}, \
+             {{ pattern = \"a/#/b\", direction = \"in\", qos = 3 }}, {{ pattern = \"x/#/y\", direction = \"in\" }}]\n"
+        ));
+        assert!(msg.contains("bridges[0].topics[0].direction: \"sideways\""), "{msg}");
+        assert!(msg.contains("bridges[0].topics[1].qos: must be 0, 1 or 2"), "{msg}");
+        assert!(msg.contains("bridges[0].topics[2].pattern: \"x/#/y\""), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}{BRIDGE}{rule}"));
+        assert!(msg.contains("bridges[1].name: \"up\" is already bridges[0]"), "{msg}");
+    }
+
+    #[test]
+    fn a_bridge_password_file_is_resolved_against_the_config_directory() {
+        let c = parse(&format!(
+            "{MINIMAL}{BRIDGE}password_file = \"secrets/pw\"\ntopics = [{{ pattern = \"#\", direction = \"in\" }}]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.bridges[0].password, Some(ferry_bridge::PasswordSource::File("/etc/ferry/secrets/pw".into())));
     }
 }
