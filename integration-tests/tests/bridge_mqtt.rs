@@ -297,8 +297,7 @@ async fn a_refused_login_is_reported_and_retried() {
     std::fs::write(dir.path().join("pw"), "wrong\n").expect("write password");
     let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
     let extra = format!("username = \"edge\"\npassword_file = \"{}\"\n", dir.path().join("pw").display());
-    let local =
-        TestServer::start(&bridged_toml(0, remote.mqtt_addr(), "5.0", rule, &extra), &[mqtt_frontend()]).await;
+    let local = TestServer::start(&bridged_toml(0, remote.mqtt_addr(), "5.0", rule, &extra), &[mqtt_frontend()]).await;
     let st = status_when(&local, "refused", |s| s.state == LinkState::BackingOff && s.last_error.is_some()).await;
     let error = st.last_error.unwrap();
     assert!(error.contains("bad user name or password"), "{error}");
@@ -396,7 +395,9 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
+            ),
         )
         .expect("write mosquitto.conf");
         let spawned = std::process::Command::new("mosquitto")
