@@ -433,6 +433,7 @@ impl Conn<'_> {
         let keep_alive = Duration::from_secs(u64::from(config.keep_alive));
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
+        let mut last_ping = Instant::now();
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
@@ -445,7 +446,10 @@ impl Conn<'_> {
                 }
                 last_sent = Instant::now();
             }
-            let ping_at = if keep_alive.is_zero() { last_sent + far } else { last_sent + keep_alive };
+            // A ping when we have been silent, or have heard nothing (an out link that only
+            // sends QoS 0 gets no answers otherwise), for a keep alive period.
+            let quiet_since = last_sent.min(last_heard).max(last_ping);
+            let ping_at = if keep_alive.is_zero() { last_sent + far } else { quiet_since + keep_alive };
             let dead_at = if keep_alive.is_zero() { last_heard + far } else { last_heard + keep_alive * 2 };
             tokio::select! {
                 read = reader.read_buf(&mut rx) => {
@@ -477,7 +481,11 @@ impl Conn<'_> {
                         self.encode(&packet, &mut out);
                     }
                 }
-                _ = tokio::time::sleep_until(ping_at) => self.encode(&Packet::PingReq, &mut out),
+                _ = tokio::time::sleep_until(ping_at) => {
+                    self.encode(&Packet::PingReq, &mut out);
+                    // Once per period, not on every turn until the answer.
+                    last_ping = Instant::now();
+                }
                 _ = tokio::time::sleep_until(dead_at) => return Err(LinkError::KeepAlive(keep_alive * 2)),
                 ended = &mut write_task => return Err(writer_ended(ended)),
                 _ = shutdown.wait() => {
