@@ -108,6 +108,17 @@ impl PasswordSource {
     }
 }
 
+/// TLS towards the remote: whom to trust, what to present, which name to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeTls {
+    /// PEM certificates the remote's chain must lead to.
+    pub ca: PathBuf,
+    /// A client certificate chain (PEM) and its private key, for a remote that asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name the remote's certificate must be valid for (default: the host of `address`).
+    pub server_name: Option<String>,
+}
+
 /// One MQTT bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeConfig {
@@ -115,6 +126,8 @@ pub struct BridgeConfig {
     pub name: String,
     /// `host:port` of the remote broker (resolved at each connect).
     pub address: String,
+    /// TLS to the remote; plain TCP when `None`.
+    pub tls: Option<BridgeTls>,
     /// 3.1.1 or 5.0.
     pub version: ProtocolVersion,
     pub client_id: String,
@@ -153,6 +166,7 @@ impl BridgeConfig {
         BridgeConfig {
             name: name.to_string(),
             address: address.to_string(),
+            tls: None,
             version: ProtocolVersion::V5,
             client_id: format!("ferry-bridge-{name}"),
             username: None,
@@ -175,6 +189,12 @@ impl BridgeConfig {
     /// The local durable queue that holds what waits to go out.
     pub fn queue_name(&self) -> String {
         format!("{QUEUE_PREFIX}{}", self.name)
+    }
+
+    /// The host part of `address` (brackets of an IPv6 literal removed).
+    pub fn host(&self) -> &str {
+        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
     }
 
     pub fn has_out_rules(&self) -> bool {

@@ -1,6 +1,6 @@
 //! Ferry's bridges: outbound links to other brokers, with store and forward on the core's
 //! durable queues (DESIGN.md, "Services beside the frontends"). This first slice has MQTT
-//! bridges (to MQTT 3.1.1 and 5.0 brokers over TCP); AMQP shovels come later.
+//! bridges (to MQTT 3.1.1 and 5.0 brokers over TCP or TLS); AMQP shovels come later.
 //!
 //! # Layout
 //!
@@ -8,6 +8,7 @@
 //!   server's config module parses and validates the TOML into it.
 //! - [`rules`]: which topic rule a topic falls under and its name on the other side.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
+//! - [`tls`]: a bridge's `tls` table → a rustls `ClientConfig` and the name to check.
 //! - `link`: one task per bridge. `out` rules: the core routes matching messages into the
 //!   bridge's durable queue `ferry-bridge.<name>` (bound to the rules' exchange like an MQTT
 //!   persistent session's queue), the task consumes it with a prefetch window, publishes to the
@@ -24,6 +25,7 @@ pub mod config;
 mod link;
 pub mod rules;
 pub mod status;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -38,7 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use config::{BridgeConfig, Direction, Overflow, PasswordSource, TopicRule};
+pub use config::{BridgeConfig, BridgeTls, Direction, Overflow, PasswordSource, TopicRule};
 pub use link::{LinkError, HOPS};
 pub use status::{BridgeStatus, LinkState};
 
@@ -197,6 +199,7 @@ impl Bridges {
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
             dropped_refused: Counters::get(&c.dropped_refused),
             connects: Counters::get(&c.connects),
+            attempts: Counters::get(&c.attempts),
         }
     }
 

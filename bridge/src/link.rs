@@ -28,7 +28,7 @@ use ferry_mqtt::codec::{
     SubOptions, Subscribe,
 };
 use ferry_mqtt::mapping;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -57,6 +57,10 @@ pub enum LinkError {
     Refused(String),
     #[error("{0}")]
     Password(#[from] crate::config::PasswordError),
+    #[error("{0}")]
+    TlsConfig(#[from] crate::tls::TlsError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("connection lost: {0}")]
     Io(std::io::Error),
     #[error("the remote closed the connection")]
@@ -74,6 +78,10 @@ pub enum LinkError {
     #[error("local store failed: {0}")]
     Store(String),
 }
+
+/// TCP or TLS, one type to the rest of the link.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// The bridge as the status API and the task see it.
 #[derive(Debug)]
@@ -247,6 +255,7 @@ impl Link {
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
         info!(bridge = %self.config.name, "bridge {}: connecting to {}", self.config.name, self.config.address);
         loop {
+            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
             let mut conn = Conn { link: &self, vhost: &vhost, outbox: &outbox, consumer: &consumer, carry: &mut carry };
             let ended = conn.serve(&mut shutdown, &mut backoff).await;
@@ -315,10 +324,21 @@ impl Conn<'_> {
     }
 
     /// TCP connect, CONNECT, CONNACK.
-    async fn connect(&self, rx: &mut BytesMut, decoder: &mut Decoder) -> Result<(TcpStream, ConnAck), LinkError> {
+    async fn connect(&self, rx: &mut BytesMut, decoder: &mut Decoder) -> Result<(Box<dyn Stream>, ConnAck), LinkError> {
         let config = self.config();
-        let mut stream = TcpStream::connect(config.address.as_str()).await.map_err(LinkError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        // The TLS files are read before the socket is opened: a bad file is reported as such.
+        let tls = match &config.tls {
+            Some(t) => Some((crate::tls::client_config(t)?, crate::tls::server_name(config, t)?)),
+            None => None,
+        };
+        let tcp = TcpStream::connect(config.address.as_str()).await.map_err(LinkError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let mut stream: Box<dyn Stream> = match tls {
+            Some((client, name)) => {
+                Box::new(tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.map_err(LinkError::Tls)?)
+            }
+            None => Box::new(tcp),
+        };
         let password = match &config.password {
             Some(source) => Some(Bytes::from(source.read()?)),
             None => None,
@@ -376,7 +396,7 @@ impl Conn<'_> {
         );
         backoff.reset();
 
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, writer) = tokio::io::split(stream);
         let (tx, wrx) = mpsc::unbounded_channel::<Bytes>();
         let mut write_task = tokio::spawn(write_loop(writer, wrx));
         let mut out = BytesMut::new();
@@ -684,7 +704,7 @@ fn writer_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> L
 
 /// Writes what the connection hands over, coalescing what is queued into one write.
 async fn write_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut writer: impl AsyncWrite + Unpin,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::new();

@@ -64,6 +64,8 @@ pub struct BridgeStatus {
     pub dropped_refused: u64,
     /// Connections established since the start.
     pub connects: u64,
+    /// Connection attempts since the start, failed ones included.
+    pub attempts: u64,
 }
 
 /// The link's counters; relaxed atomics, read for [`BridgeStatus`].
@@ -76,6 +78,7 @@ pub(crate) struct Counters {
     pub dropped_no_rule: AtomicU64,
     pub dropped_refused: AtomicU64,
     pub connects: AtomicU64,
+    pub attempts: AtomicU64,
 }
 
 impl Counters {

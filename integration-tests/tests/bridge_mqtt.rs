@@ -301,6 +301,7 @@ async fn a_refused_login_is_reported_and_retried() {
     let st = status_when(&local, "refused", |s| s.state == LinkState::BackingOff && s.last_error.is_some()).await;
     let error = st.last_error.unwrap();
     assert!(error.contains("bad user name or password"), "{error}");
+    assert_eq!(st.connects, 0);
     assert!(!error.contains("wrong"), "the password is never shown: {error}");
     // The password is read at each attempt: the right one gets the link up.
     std::fs::write(dir.path().join("pw"), "right\n").expect("write password");
@@ -473,4 +474,103 @@ async fn mosquitto_v5_remote_both_directions() {
 #[tokio::test]
 async fn mosquitto_v311_remote_both_directions() {
     mosquitto_round_trip("3.1.1").await;
+}
+
+// ----- TLS --------------------------------------------------------------------------------------
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM files in `dir`:
+/// ca.pem, server.pem, server.key, client.pem, client.key.
+fn write_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, "bridge test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
+    };
+    let (server, server_key) = leaf(vec!["localhost".into()], "remote");
+    let (client, client_key) = leaf(vec!["edge".into()], "edge");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), client.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+}
+
+/// A remote with a plain MQTT listener (0) and a TLS one that requires a client certificate (1).
+async fn tls_remote() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    write_pki(dir.path());
+    let toml = format!(
+        "{MQTT_LISTENER}[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         tls = {{ cert = \"server.pem\", key = \"server.key\", client_ca = \"ca.pem\", require_client_cert = true }}\n"
+    );
+    TestServer::start_in(dir, &toml, &[mqtt_frontend()]).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn tls_table(remote: &TestServer, server_name: &str) -> String {
+    let d = remote.dir.path();
+    format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\", server_name = \"{server_name}\" }}\n",
+        d.join("ca.pem").display(),
+        d.join("client.pem").display(),
+        d.join("client.key").display()
+    )
+}
+
+#[tokio::test]
+async fn a_bridge_over_tls_with_a_client_certificate_forwards() {
+    let remote = tls_remote().await;
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("s/#", V5Q1).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote.addr(1), "5.0", rule, &tls_table(&remote, "localhost"));
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("s/1", V5Q1, false, b"over TLS").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "over TLS");
+}
+
+#[tokio::test]
+async fn a_tls_name_mismatch_is_reported_and_retried_without_harm() {
+    let remote = tls_remote().await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote.addr(1), "5.0", rule, &tls_table(&remote, "wrong.example"));
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let st = status_when(&local, "refused", |s| s.state == LinkState::BackingOff && s.last_error.is_some()).await;
+    let error = st.last_error.unwrap();
+    assert!(error.contains("TLS handshake failed") && error.contains("not valid for name"), "{error}");
+    let st = status_when(&local, "tried again", |s| s.attempts >= 3).await;
+    assert_eq!((st.connects, st.forwarded_out), (0, 0), "{st:?}");
+    // The broker itself goes on serving.
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("s/1", V5Q1, false, b"kept").await;
+    assert_eq!(local.server.bridges().status()[0].queued + local.server.bridges().status()[0].in_flight, 1);
+}
+
+// ----- check-config -----------------------------------------------------------------------------
+
+#[test]
+fn check_config_loads_a_bridges_password_file_and_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.toml");
+    let toml = format!(
+        "{MQTT_LISTENER}[[bridges]]\nname = \"b\"\naddress = \"localhost:1883\"\nusername = \"u\"\n\
+         password_file = \"missing.pw\"\ntls = {{ ca = \"missing-ca.pem\" }}\n\
+         topics = [{{ pattern = \"#\", direction = \"out\" }}]\n"
+    );
+    std::fs::write(&path, &toml).unwrap();
+    let msg = ferry_server::check_file(&path).unwrap_err().to_string();
+    assert!(msg.contains("bridges[0].password_file: ") && msg.contains("missing.pw"), "{msg}");
+    assert!(msg.contains("bridges[0].tls.ca: cannot read ") && msg.contains("missing-ca.pem"), "{msg}");
+    write_pki(dir.path());
+    std::fs::write(dir.path().join("missing.pw"), "secret\n").unwrap();
+    std::fs::write(&path, toml.replace("missing-ca.pem", "ca.pem")).unwrap();
+    ferry_server::check_file(&path).unwrap_or_else(|e| panic!("{e}"));
 }

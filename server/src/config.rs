@@ -493,6 +493,7 @@ struct RawConfig {
 struct RawBridge {
     name: String,
     address: String,
+    tls: Option<RawBridgeTls>,
     protocol_version: Option<String>,
     client_id: Option<String>,
     username: Option<String>,
@@ -511,6 +512,15 @@ struct RawBridge {
     reconnect_initial_ms: Option<u64>,
     reconnect_max_ms: Option<u64>,
     connect_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBridgeTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -753,6 +763,29 @@ impl Validator<'_> {
                     self.report(key("client_id"), "must not be empty");
                 }
                 b.client_id = id;
+            }
+            if let Some(t) = raw.tls {
+                let ca = self.check(self.resolve(&key("tls.ca"), t.ca));
+                let client_cert = match (t.cert, t.key) {
+                    (None, None) => None,
+                    (Some(cert), Some(k)) => {
+                        let cert = self.check(self.resolve(&key("tls.cert"), cert));
+                        let k = self.check(self.resolve(&key("tls.key"), k));
+                        cert.zip(k)
+                    }
+                    (Some(_), None) => {
+                        self.report(key("tls.key"), "a client certificate needs its key");
+                        None
+                    }
+                    (None, Some(_)) => {
+                        self.report(key("tls.cert"), "a key needs its client certificate");
+                        None
+                    }
+                };
+                if t.server_name.as_deref() == Some("") {
+                    self.report(key("tls.server_name"), "must not be empty");
+                }
+                b.tls = ca.map(|ca| ferry_bridge::BridgeTls { ca, client_cert, server_name: t.server_name });
             }
             b.username = raw.username;
             b.password = match (raw.password_file, raw.password_env) {
@@ -1962,5 +1995,22 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.bridges[0].password, Some(ferry_bridge::PasswordSource::File("/etc/ferry/secrets/pw".into())));
+    }
+
+    #[test]
+    fn a_bridge_tls_table_is_resolved_and_a_half_client_certificate_refused() {
+        let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let c =
+            parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"c.key\" }}\n"))
+                .unwrap();
+        let tls = c.bridges[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, Path::new("/etc/ferry/ca.pem"));
+        assert_eq!(tls.client_cert, Some(("/etc/ferry/c.pem".into(), "/etc/ferry/c.key".into())));
+        assert_eq!(tls.server_name, None, "the host of the address is checked");
+        assert_eq!(c.bridges[0].host(), "central.example");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\" }}\n"));
+        assert!(msg.contains("bridges[0].tls.key: a client certificate needs its key"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", verify = false }}\n"));
+        assert!(msg.contains("unknown field `verify`"), "{msg}");
     }
 }

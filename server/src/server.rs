@@ -55,6 +55,9 @@ pub enum StartProblem {
     Store { path: PathBuf, error: StoreError },
     #[error("{0}")]
     Bridge(#[from] ferry_bridge::BridgeError),
+    /// A bridge's TLS files do not load, or its server name is not one.
+    #[error("bridges[{index}].{error}")]
+    BridgeTls { index: usize, error: ferry_bridge::tls::TlsError },
     /// A bridge's `password_file` cannot be read (the value is never shown).
     #[error("bridges[{index}].password_file: {error}")]
     BridgePassword { index: usize, error: ferry_bridge::config::PasswordError },
@@ -144,15 +147,19 @@ fn tls_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
         .map(StartProblem::from)
 }
 
-/// The bridges whose `password_file` cannot be read now (an environment variable is read at
+/// The bridges whose `password_file` or TLS files cannot be read now (an environment variable is read at
 /// each connect, and may be set only for the running server).
 fn bridge_password_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
-    config.bridges.iter().enumerate().filter_map(|(index, b)| match &b.password {
+    let passwords = config.bridges.iter().enumerate().filter_map(|(index, b)| match &b.password {
         Some(source @ ferry_bridge::PasswordSource::File(_)) => {
             source.read().err().map(|error| StartProblem::BridgePassword { index, error })
         }
         _ => None,
-    })
+    });
+    let tls = config.bridges.iter().enumerate().filter_map(|(index, b)| {
+        ferry_bridge::tls::check(b).err().map(|error| StartProblem::BridgeTls { index, error })
+    });
+    passwords.chain(tls)
 }
 
 /// Why `ferry check-config` refused a file: every problem found, the file's values first, then
