@@ -305,6 +305,13 @@ impl Link {
     }
 }
 
+/// What the remote's CONNACK allows.
+#[derive(Debug, Clone, Copy)]
+struct Remote {
+    max_qos: QoS,
+    retain_available: bool,
+}
+
 /// One connection to the remote.
 struct Conn<'a> {
     link: &'a Arc<Link>,
@@ -386,6 +393,12 @@ impl Conn<'_> {
         };
         let (stream, connack) = connected.map_err(|_| LinkError::ConnectTimeout(config.connect_timeout))??;
         let remote_max = connack.properties.receive_maximum.unwrap_or(u16::MAX);
+        // A 5.0 remote may cap QoS and refuse RETAIN (§3.2.2.3.4, §3.2.2.3.5): sending more is
+        // a protocol error there, so messages go within what it allows.
+        let remote = Remote {
+            max_qos: connack.properties.maximum_qos.and_then(QoS::from_u8).unwrap_or(QoS::ExactlyOnce),
+            retain_available: connack.properties.retain_available != Some(0),
+        };
         let limit = usize::from(config.max_inflight.min(remote_max).max(1));
         self.link.counters.connects.fetch_add(1, Ordering::Relaxed);
         let up_line = format!(
@@ -457,7 +470,7 @@ impl Conn<'_> {
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
-            if self.pump_out(limit, &mut out) {
+            if self.pump_out(limit, &remote, &mut out) {
                 self.link.changed();
             }
             if !out.is_empty() {
@@ -523,7 +536,7 @@ impl Conn<'_> {
 
     /// Sends what waits in the outbox and the pending list while the remote has room; whether
     /// a counter moved.
-    fn pump_out(&mut self, limit: usize, out: &mut BytesMut) -> bool {
+    fn pump_out(&mut self, limit: usize, remote: &Remote, out: &mut BytesMut) -> bool {
         let mut moved = false;
         let mut fresh = Vec::new();
         self.outbox.drain_into(&mut fresh);
@@ -553,11 +566,12 @@ impl Conn<'_> {
                 moved = true;
                 continue;
             };
-            let qos = rule.qos.min(mapping::message_qos(m));
+            let qos = rule.qos.min(mapping::message_qos(m)).min(remote.max_qos);
             if qos > QoS::AtMostOnce && self.carry.inflight.len() >= limit {
                 break;
             }
-            let mut p = mapping::to_publish(m, qos, mapping::message_retain(m), v5, now_millis());
+            let retain = mapping::message_retain(m) && remote.retain_available;
+            let mut p = mapping::to_publish(m, qos, retain, v5, now_millis());
             p.topic = Str::from(remote_topic);
             if v5 {
                 set_publish_hops(&mut p, hops + 1);

@@ -389,15 +389,16 @@ impl Drop for Mosquitto {
 }
 
 impl Mosquitto {
-    /// `None` (with the reason printed) when `mosquitto` is not installed.
-    async fn start() -> Option<Mosquitto> {
+    /// `None` (with the reason printed) when `mosquitto` is not installed. `extra` is appended
+    /// to its configuration.
+    async fn start(extra: &str) -> Option<Mosquitto> {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -439,7 +440,7 @@ impl Mosquitto {
 }
 
 async fn mosquitto_round_trip(version: &str) {
-    let Some(mosquitto) = Mosquitto::start().await else { return };
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
     let rules = r#"{ pattern = "up/#", direction = "out", qos = 1, remote_prefix = "edge/" },
                    { pattern = "down/#", direction = "in", qos = 2 }"#;
     let local = bridged(mosquitto.addr(), version, rules).await;
@@ -573,4 +574,21 @@ fn check_config_loads_a_bridges_password_file_and_tls_files() {
     std::fs::write(dir.path().join("missing.pw"), "secret\n").unwrap();
     std::fs::write(&path, toml.replace("missing-ca.pem", "ca.pem")).unwrap();
     ferry_server::check_file(&path).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_v5_remote_that_caps_qos_and_refuses_retain_gets_what_it_allows() {
+    let Some(mosquitto) = Mosquitto::start("max_qos 1\nretain_available false\n").await else { return };
+    let local = bridged(mosquitto.addr(), "5.0", r##"{ pattern = "#", direction = "out", qos = 2 }"##).await;
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("t/#", V5Q1).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t/1", V5Q2, true, b"capped").await;
+    let p = remote_client.publish_received().await;
+    assert_eq!((text(&p.payload), p.qos, p.retain), ("capped", V5Q1, false));
+    let st = status_when(&local, "acknowledged", |s| s.forwarded_out == 1).await;
+    assert_eq!(st.connects, 1, "the remote never had to close the link: {st:?}");
 }
