@@ -134,6 +134,7 @@ impl Bridges {
             let link = Arc::new(Link {
                 config: config.clone(),
                 id,
+                connections: broker.connections().clone(),
                 queue,
                 state: StateCell::new(),
                 counters: Counters::default(),

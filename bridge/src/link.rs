@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use ferry_core::connections::{ConnectionInfo, Connections, Login};
 use ferry_core::flow::AckQueue;
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Message, Origin, Protocol, ShortString};
@@ -65,6 +66,8 @@ pub enum LinkError {
     Io(std::io::Error),
     #[error("the remote closed the connection")]
     Closed,
+    #[error("closed from the connection registry: {0}")]
+    ClosedLocally(String),
     #[error("the remote sent DISCONNECT (reason 0x{0:02x})")]
     Disconnected(u8),
     #[error("malformed packet from the remote: {0}")]
@@ -79,6 +82,16 @@ pub enum LinkError {
     Store(String),
 }
 
+/// Both ends of the TCP connection.
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+    /// Bytes of the CONNECT and of what was read up to the CONNACK.
+    sent: u64,
+    received: u64,
+}
+
 /// TCP or TLS, one type to the rest of the link.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -90,6 +103,8 @@ pub(crate) struct Link {
     /// The link's connection id in the core: the origin of what it publishes locally, so that
     /// an `out` rule does not send a message straight back where it came from.
     pub id: ConnectionId,
+    /// The broker's connection registry, where the link is listed while connected.
+    pub connections: Arc<Connections>,
     /// The local queue for `out` rules (none without them).
     pub queue: Option<Arc<Queue>>,
     pub state: StateCell,
@@ -331,7 +346,11 @@ impl Conn<'_> {
     }
 
     /// TCP connect, CONNECT, CONNACK.
-    async fn connect(&self, rx: &mut BytesMut, decoder: &mut Decoder) -> Result<(Box<dyn Stream>, ConnAck), LinkError> {
+    async fn connect(
+        &self,
+        rx: &mut BytesMut,
+        decoder: &mut Decoder,
+    ) -> Result<(Box<dyn Stream>, ConnAck, Addrs), LinkError> {
         let config = self.config();
         // The TLS files are read before the socket is opened: a bad file is reported as such.
         let tls = match &config.tls {
@@ -340,6 +359,12 @@ impl Conn<'_> {
         };
         let tcp = TcpStream::connect(config.address.as_str()).await.map_err(LinkError::Connect)?;
         let _ = tcp.set_nodelay(true);
+        let mut addrs = Addrs {
+            peer: tcp.peer_addr().map_err(LinkError::Connect)?,
+            local: tcp.local_addr().map_err(LinkError::Connect)?,
+            sent: 0,
+            received: 0,
+        };
         let mut stream: Box<dyn Stream> = match tls {
             Some((client, name)) => {
                 Box::new(tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.map_err(LinkError::Tls)?)
@@ -368,16 +393,18 @@ impl Conn<'_> {
         let mut out = BytesMut::new();
         self.encode(&Packet::Connect(Box::new(connect)), &mut out);
         stream.write_all(&out).await.map_err(LinkError::Io)?;
+        addrs.sent = out.len() as u64;
         loop {
             if let Some(packet) = decoder.decode(rx).map_err(LinkError::Decode)? {
                 return match packet {
-                    Packet::ConnAck(ack) if ack.code == 0 => Ok((stream, ack)),
+                    Packet::ConnAck(ack) if ack.code == 0 => Ok((stream, ack, addrs)),
                     Packet::ConnAck(ack) => Err(LinkError::Refused(refusal(config.version, ack.code))),
                     other => Err(LinkError::Protocol(format!("expected CONNACK, got {other:?}"))),
                 };
             }
-            if stream.read_buf(rx).await.map_err(LinkError::Io)? == 0 {
-                return Err(LinkError::Closed);
+            match stream.read_buf(rx).await.map_err(LinkError::Io)? {
+                0 => return Err(LinkError::Closed),
+                n => addrs.received += n as u64,
             }
         }
     }
@@ -391,7 +418,29 @@ impl Conn<'_> {
             r = tokio::time::timeout(config.connect_timeout, self.connect(&mut rx, &mut decoder)) => r,
             _ = shutdown.wait() => return Ok(()),
         };
-        let (stream, connack) = connected.map_err(|_| LinkError::ConnectTimeout(config.connect_timeout))??;
+        let (stream, connack, addrs) = connected.map_err(|_| LinkError::ConnectTimeout(config.connect_timeout))??;
+        // In the core's connection registry while connected, as every connection is: listed by
+        // management, counted, and closable from outside (the link then reconnects).
+        let handle = self.link.connections.register(ConnectionInfo {
+            id: self.link.id,
+            protocol: Protocol::Mqtt,
+            version: config.version.name(),
+            peer: addrs.peer,
+            local: addrs.local,
+            listener: None,
+            tls: None,
+            connected_at: now_millis(),
+        });
+        handle.set_login(Login {
+            user: config.username.clone().unwrap_or_default(),
+            vhost: config.vhost.clone(),
+            client_id: Some(config.client_id.clone()),
+        });
+        handle.counters.add_bytes_out(addrs.sent);
+        handle.counters.add_bytes_in(addrs.received);
+        let counters = &self.link.counters;
+        let (in_at_start, out_at_start) =
+            (counters.forwarded_in.load(Ordering::Relaxed), counters.forwarded_out.load(Ordering::Relaxed));
         let remote_max = connack.properties.receive_maximum.unwrap_or(u16::MAX);
         // A 5.0 remote may cap QoS and refuse RETAIN (§3.2.2.3.4, §3.2.2.3.5): sending more is
         // a protocol error there, so messages go within what it allows.
@@ -473,7 +522,13 @@ impl Conn<'_> {
             if self.pump_out(limit, &remote, &mut out) {
                 self.link.changed();
             }
+            let counters = &self.link.counters;
+            handle.counters.set_messages(
+                counters.forwarded_in.load(Ordering::Relaxed) - in_at_start,
+                counters.forwarded_out.load(Ordering::Relaxed) - out_at_start,
+            );
             if !out.is_empty() {
+                handle.counters.add_bytes_out(out.len() as u64);
                 if tx.send(out.split().freeze()).is_err() {
                     return Err(writer_ended(write_task.await));
                 }
@@ -488,7 +543,7 @@ impl Conn<'_> {
                 read = reader.read_buf(&mut rx) => {
                     match read {
                         Ok(0) => return Err(LinkError::Closed),
-                        Ok(_) => {}
+                        Ok(n) => handle.counters.add_bytes_in(n as u64),
                         Err(e) => return Err(LinkError::Io(e)),
                     }
                     last_heard = Instant::now();
@@ -521,6 +576,7 @@ impl Conn<'_> {
                 }
                 _ = tokio::time::sleep_until(dead_at) => return Err(LinkError::KeepAlive(keep_alive * 2)),
                 ended = &mut write_task => return Err(writer_ended(ended)),
+                reason = handle.entry().closed() => return Err(LinkError::ClosedLocally(reason.to_string())),
                 _ = shutdown.wait() => {
                     let mut bye = BytesMut::new();
                     self.encode(&Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() }), &mut bye);

@@ -592,3 +592,29 @@ async fn a_v5_remote_that_caps_qos_and_refuses_retain_gets_what_it_allows() {
     let st = status_when(&local, "acknowledged", |s| s.forwarded_out == 1).await;
     assert_eq!(st.connects, 1, "the remote never had to close the link: {st:?}");
 }
+
+// ----- the connection registry ------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_link_is_listed_in_the_connection_registry_and_reconnects_when_closed_there() {
+    let remote = TestServer::mqtt().await;
+    let local = bridged(remote.mqtt_addr(), "5.0", r##"{ pattern = "#", direction = "out", qos = 1 }"##).await;
+    up(&local).await;
+    let connections = local.server.broker().connections();
+    let link = connections.list().into_iter().find(|c| c.client_id.as_deref() == Some("ferry-bridge-b"));
+    let link = link.expect("the link is listed");
+    assert_eq!((link.listener.as_deref(), link.peer, link.version), (None, remote.mqtt_addr(), "5.0"));
+    assert!(link.bytes_out > 0 && link.bytes_in > 0, "{link:?}");
+
+    assert!(connections.close(link.id, "maintenance"));
+    let st = status_when(&local, "reconnected", |s| s.connects == 2 && s.state == LinkState::Up).await;
+    assert!(st.last_error.is_none(), "cleared once up again: {st:?}");
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("t", V5Q1).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t", V5Q1, false, b"after").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "after");
+    status_when(&local, "forwarded", |s| s.forwarded_out == 1).await;
+    let link = connections.list().into_iter().find(|c| c.id == link.id).expect("listed again");
+    assert_eq!((link.messages_out, link.messages_in), (1, 0), "{link:?}");
+}
