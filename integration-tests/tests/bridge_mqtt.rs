@@ -344,6 +344,36 @@ async fn two_ferrys_bridged_both_ways_on_everything_deliver_once_and_never_loop(
 }
 
 #[tokio::test]
+async fn a_ring_of_three_with_max_hops_2_delivers_once_everywhere_and_never_comes_back() {
+    let ports = [free_port(), free_port(), free_port()];
+    let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let toml = bridged_toml(ports[i], addr(ports[(i + 1) % 3]), "5.0", rule, "max_hops = 2\n");
+        nodes.push(TestServer::start(&toml, &[mqtt_frontend()]).await);
+    }
+    let mut subs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        up(node).await;
+        let mut sub = v5::connect(node, &format!("sub-{i}")).await;
+        sub.subscribe("t/#", V5Q1).await;
+        subs.push(sub);
+    }
+    let mut publisher = v5::connect(&nodes[0], "pub").await;
+    publisher.publish("t/1", V5Q1, false, b"round").await;
+    // A → B (1 hop) → C (2 hops); C holds it back instead of sending it to A again.
+    for (i, hops) in [(0, None), (1, Some("1")), (2, Some("2"))] {
+        let p = subs[i].publish_received().await;
+        assert_eq!((text(&p.payload), hops_v5(&p).as_deref()), ("round", hops), "node {i}");
+    }
+    status_when(&nodes[2], "C holds it back", |s| s.dropped_max_hops == 1).await;
+    for sub in &mut subs {
+        sub.no_publish().await;
+    }
+}
+
+#[tokio::test]
 async fn one_bridge_both_ways_on_everything_does_not_echo() {
     let remote = TestServer::mqtt().await;
     let local = bridged(remote.mqtt_addr(), "5.0", r##"{ pattern = "#", direction = "both", qos = 1 }"##).await;
