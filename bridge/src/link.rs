@@ -512,7 +512,9 @@ impl Conn<'_> {
             subscribing = Some(pid);
         }
 
-        let keep_alive = Duration::from_secs(u64::from(config.keep_alive));
+        // A 5.0 remote may set the keep alive itself (§3.2.2.3.14).
+        let keep_alive = connack.properties.server_keep_alive.unwrap_or(config.keep_alive);
+        let keep_alive = Duration::from_secs(u64::from(keep_alive));
         let mut last_sent = Instant::now();
         let mut last_heard = Instant::now();
         let mut last_ping = Instant::now();
