@@ -27,6 +27,14 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A remote that takes TCP connections (in the kernel's backlog) and never answers: the link
+/// stays down, and no other test's broker can be given its port while the listener is held.
+fn silent_remote() -> (std::net::TcpListener, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
 /// A config with one MQTT listener (on `port`, 0 for any) and bridge `b` to `remote`.
 fn bridged_toml(port: u16, remote: SocketAddr, version: &str, rules: &str, extra: &str) -> String {
     format!(
@@ -256,7 +264,7 @@ async fn a_backlog_survives_a_restart_of_the_bridging_broker() {
 
 #[tokio::test]
 async fn drop_oldest_keeps_the_newest_max_queued_messages_and_counts_the_rest() {
-    let remote_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (_silent, remote_addr) = silent_remote();
     let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
     let toml = bridged_toml(0, remote_addr, "5.0", rule, "max_queued_messages = 5\nmax_inflight = 1\n");
     let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
@@ -271,7 +279,7 @@ async fn drop_oldest_keeps_the_newest_max_queued_messages_and_counts_the_rest() 
 
 #[tokio::test]
 async fn block_refuses_publishes_past_max_queued_messages_and_counts_them() {
-    let remote_addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (_silent, remote_addr) = silent_remote();
     let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
     let extra = "max_queued_messages = 3\nmax_inflight = 1\noverflow = \"block\"\n";
     let local = TestServer::start(&bridged_toml(0, remote_addr, "5.0", rule, extra), &[mqtt_frontend()]).await;
