@@ -656,3 +656,40 @@ async fn a_link_is_listed_in_the_connection_registry_and_reconnects_when_closed_
     let link = connections.list().into_iter().find(|c| c.id == link.id).expect("listed again");
     assert_eq!((link.messages_out, link.messages_in), (1, 0), "{link:?}");
 }
+
+// ----- keep alive -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_remote_that_goes_silent_is_pinged_then_dropped_and_reconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A 3.1.1 "broker" that accepts the CONNECT and then answers nothing, not even PINGREQ.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pinged_tx, pinged) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 256];
+        let _connect = s.read(&mut buf).await.unwrap();
+        s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if seen.windows(2).any(|w| w == [0xC0, 0x00]) {
+                let _ = pinged_tx.send(());
+                break;
+            }
+        }
+        // Hold the socket open and silent until the bridge gives up on it.
+        let _ = s.read(&mut buf).await;
+    });
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, addr, "3.1.1", rule, "keep_alive = 1\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    within("PINGREQ after a keep alive period of silence", pinged).await.expect("pinged");
+    let st = status_when(&local, "dropped for silence", |s| s.state == LinkState::BackingOff).await;
+    assert!(st.last_error.as_deref().unwrap_or("").contains("keep alive"), "{st:?}");
+}
