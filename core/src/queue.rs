@@ -396,6 +396,11 @@ pub struct QueueStats {
     pub unacked: u32,
     pub consumers: u32,
     pub ready_bytes: u64,
+    /// Messages dropped from the head by `x-max-length`(-bytes) with `drop-head`, since the
+    /// queue was made (not kept across a restart).
+    pub dropped_overflow: u64,
+    /// Publishes refused by `x-max-length`(-bytes) with `reject-publish`(-dlx), likewise.
+    pub rejected_overflow: u64,
 }
 
 /// A message in the queue (ready, or unacked inside [`Unacked`]).
@@ -463,6 +468,9 @@ struct QueueState {
     cycle_warned: bool,
     /// A message with an expiry has entered (so the heads are worth looking at for deadlines).
     timed: bool,
+    /// Counted for [`QueueStats::dropped_overflow`] and [`QueueStats::rejected_overflow`].
+    dropped_overflow: u64,
+    rejected_overflow: u64,
     /// The deadline last reported to the broker's timer (in [`Effects::deadline`] or by
     /// [`Queue::tick`]); only an earlier one is reported again.
     armed: Option<Millis>,
@@ -580,6 +588,8 @@ impl Queue {
             closed: false,
             cycle_warned: false,
             timed: args.message_ttl.is_some(),
+            dropped_overflow: 0,
+            rejected_overflow: 0,
             armed: None,
         };
         Ok(Queue { name, options, args, state: Mutex::new(state), reserved: AtomicU64::new(u64::MAX) })
@@ -708,6 +718,7 @@ impl Queue {
                 break;
             };
             if let Some(e) = st.pop_level(level) {
+                st.dropped_overflow += 1;
                 self.discard(st, e, DeadLetterReason::MaxLen, now, fx);
             }
         }
@@ -911,6 +922,7 @@ impl Queue {
                 if self.args.overflow == Overflow::RejectPublishDlx {
                     self.dead_letter(st, &entry.message, DeadLetterReason::MaxLen, now, fx);
                 }
+                st.rejected_overflow += 1;
                 return EnqueueOutcome::Rejected;
             }
         }
@@ -1163,6 +1175,8 @@ impl Queue {
             unacked: u32::try_from(st.unacked.len()).unwrap_or(u32::MAX),
             consumers: u32::try_from(st.consumers.len()).unwrap_or(u32::MAX),
             ready_bytes: st.ready_bytes,
+            dropped_overflow: st.dropped_overflow,
+            rejected_overflow: st.rejected_overflow,
         }
     }
 }
@@ -1587,7 +1601,10 @@ mod tests {
         let got = sink.take();
         assert_eq!(bodies(&got), ["a", "b"]);
         assert_eq!((got[0].seq, got[0].consumer.is_some(), got[0].queue.clone()), (1, true, "q".into()));
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 2, consumers: 1, ready_bytes: 0 });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 2, consumers: 1, ready_bytes: 0, ..QueueStats::default() }
+        );
     }
 
     #[test]
@@ -1840,9 +1857,15 @@ mod tests {
         put(&q, msg("a"), 0);
         let seq = sink.take()[0].seq;
         q.cancel(id, 0);
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0 });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() }
+        );
         q.release_owner(OwnerId(5), 0);
-        assert_eq!(q.stats(), QueueStats { ready: 1, unacked: 0, consumers: 0, ready_bytes: 1 });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 1, unacked: 0, consumers: 0, ready_bytes: 1, ..QueueStats::default() }
+        );
         let (d, _) = q.get(OwnerId(6), false, 0).0.unwrap();
         assert_eq!((d.seq, d.redelivered), (seq, true));
     }
@@ -2148,13 +2171,32 @@ mod tests {
     }
 
     #[test]
+    fn reject_publish_counts_refused_messages() {
+        let q = queue(vec![("x-max-length", FieldValue::I32(1)), ("x-overflow", s("reject-publish"))]);
+        put(&q, msg("a"), 0);
+        assert!(matches!(q.enqueue(msg("b"), 0).0, EnqueueOutcome::Rejected));
+        assert!(matches!(q.enqueue(msg("c"), 0).0, EnqueueOutcome::Rejected));
+        assert_eq!((q.stats().rejected_overflow, q.stats().dropped_overflow), (2, 0));
+    }
+
+    #[test]
     fn max_length_bytes_counts_body_bytes() {
         let q = queue(vec![("x-max-length-bytes", FieldValue::I32(5))]);
         put(&q, msg("aa"), 0);
         put(&q, msg("bbb"), 0);
         assert_eq!(q.stats().ready_bytes, 5);
         put(&q, msg("c"), 0);
-        assert_eq!(q.stats(), QueueStats { ready: 2, unacked: 0, consumers: 0, ready_bytes: 4 });
+        assert_eq!(
+            q.stats(),
+            QueueStats {
+                ready: 2,
+                unacked: 0,
+                consumers: 0,
+                ready_bytes: 4,
+                dropped_overflow: 1,
+                rejected_overflow: 0
+            }
+        );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);
     }
 
@@ -2311,7 +2353,10 @@ mod tests {
         put(&q, msg("c"), 0);
         let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
         assert_eq!(q.purge(0).0, 2);
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0 });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() }
+        );
         q.ack(d.seq, 0).unwrap();
     }
 
@@ -2384,7 +2429,10 @@ mod tests {
         for p in producers {
             p.join().unwrap();
         }
-        assert_eq!(q.stats(), QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0 });
+        assert_eq!(
+            q.stats(),
+            QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0, ..QueueStats::default() }
+        );
     }
 
     #[test]

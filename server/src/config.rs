@@ -85,6 +85,8 @@ pub struct Config {
     pub permissions: Vec<VhostPermissions>,
     /// The `[[topic_permissions]]` tables: per user, vhost and topic exchange.
     pub topic_permissions: Vec<TopicPermissions>,
+    /// The `[[bridges]]` tables: links to other brokers (docs/bridges.md).
+    pub bridges: Vec<ferry_bridge::BridgeConfig>,
 }
 
 impl Config {
@@ -422,6 +424,7 @@ impl Config {
             acl: Vec::new(),
             permissions: Vec::new(),
             topic_permissions: Vec::new(),
+            bridges: Vec::new(),
         }
     }
 
@@ -481,6 +484,55 @@ struct RawConfig {
     permissions: Vec<RawPermissions>,
     #[serde(default)]
     topic_permissions: Vec<RawTopicPermissions>,
+    #[serde(default)]
+    bridges: Vec<RawBridge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBridge {
+    name: String,
+    address: String,
+    tls: Option<RawBridgeTls>,
+    protocol_version: Option<String>,
+    client_id: Option<String>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    keep_alive: Option<u16>,
+    clean_session: Option<bool>,
+    vhost: Option<String>,
+    exchange: Option<String>,
+    #[serde(default)]
+    topics: Vec<RawTopicRule>,
+    max_hops: Option<u32>,
+    max_queued_messages: Option<u32>,
+    overflow: Option<String>,
+    max_inflight: Option<u16>,
+    reconnect_initial_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+    connect_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBridgeTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopicRule {
+    pattern: String,
+    direction: String,
+    qos: Option<u8>,
+    #[serde(default)]
+    local_prefix: String,
+    #[serde(default)]
+    remote_prefix: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -665,6 +717,7 @@ impl Validator<'_> {
         let acl = self.acl(raw.acl, &users, certificates);
         let permissions = self.permissions(raw.permissions, &users, certificates);
         let topic_permissions = self.topic_permissions(raw.topic_permissions, &users, certificates);
+        let bridges = self.bridges(raw.bridges);
         Config {
             source: ConfigSource::File(self.path.to_path_buf()),
             broker,
@@ -675,7 +728,185 @@ impl Validator<'_> {
             acl,
             permissions,
             topic_permissions,
+            bridges,
         }
+    }
+
+    /// The `[[bridges]]` tables; a refused bridge is left out.
+    fn bridges(&self, raw: Vec<RawBridge>) -> Vec<ferry_bridge::BridgeConfig> {
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (index, raw) in raw.into_iter().enumerate() {
+            let before = self.problems.borrow().len();
+            let key = |k: &str| format!("bridges[{index}].{k}");
+            let name_ok = !raw.name.is_empty()
+                && raw.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !name_ok {
+                self.report(key("name"), "must be non-empty letters, digits, '-', '_' or '.'");
+            } else if let Some(first) = names.insert(raw.name.clone(), index) {
+                self.report(key("name"), format!("{:?} is already bridges[{first}]", raw.name));
+            }
+            let mut b = ferry_bridge::BridgeConfig::new(&raw.name, &raw.address);
+            match raw.address.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => self.report(key("address"), format!("{:?} is not host:port", raw.address)),
+            }
+            match raw.protocol_version.as_deref() {
+                None | Some("5") | Some("5.0") => b.version = ferry_mqtt::codec::ProtocolVersion::V5,
+                Some("3.1.1") => b.version = ferry_mqtt::codec::ProtocolVersion::V311,
+                Some(other) => {
+                    self.report(key("protocol_version"), format!("{other:?}: expected \"5.0\" or \"3.1.1\""))
+                }
+            }
+            if let Some(id) = raw.client_id {
+                if id.is_empty() || id.len() > 65_535 {
+                    self.report(key("client_id"), "must not be empty");
+                }
+                b.client_id = id;
+            }
+            if let Some(t) = raw.tls {
+                let ca = self.check(self.resolve(&key("tls.ca"), t.ca));
+                let client_cert = match (t.cert, t.key) {
+                    (None, None) => None,
+                    (Some(cert), Some(k)) => {
+                        let cert = self.check(self.resolve(&key("tls.cert"), cert));
+                        let k = self.check(self.resolve(&key("tls.key"), k));
+                        cert.zip(k)
+                    }
+                    (Some(_), None) => {
+                        self.report(key("tls.key"), "a client certificate needs its key");
+                        None
+                    }
+                    (None, Some(_)) => {
+                        self.report(key("tls.cert"), "a key needs its client certificate");
+                        None
+                    }
+                };
+                if t.server_name.as_deref() == Some("") {
+                    self.report(key("tls.server_name"), "must not be empty");
+                }
+                b.tls = ca.map(|ca| ferry_bridge::BridgeTls { ca, client_cert, server_name: t.server_name });
+            }
+            b.username = raw.username;
+            b.password = match (raw.password_file, raw.password_env) {
+                (Some(_), Some(_)) => {
+                    self.report(key("password_file"), "give password_file or password_env, not both");
+                    None
+                }
+                (Some(file), None) => {
+                    self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
+                }
+                (None, Some(var)) if var.is_empty() => {
+                    self.report(key("password_env"), "must not be empty");
+                    None
+                }
+                (None, Some(var)) => Some(ferry_bridge::PasswordSource::Env(var)),
+                (None, None) => None,
+            };
+            if b.password.is_some() && b.username.is_none() && !b.version.is_v5() {
+                self.report(key("username"), "MQTT 3.1.1 sends a password only with a user name");
+            }
+            if let Some(k) = raw.keep_alive {
+                b.keep_alive = k;
+            }
+            if let Some(c) = raw.clean_session {
+                b.clean_session = c;
+            }
+            if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
+                b.vhost = v;
+            }
+            if let Some(x) = raw.exchange {
+                if x.is_empty() {
+                    self.report(key("exchange"), "must not be empty");
+                }
+                b.exchange = x;
+            }
+            if raw.topics.is_empty() {
+                self.report(key("topics"), "at least one topic rule is required");
+            }
+            for (t, rule) in raw.topics.into_iter().enumerate() {
+                let tkey = |k: &str| format!("bridges[{index}].topics[{t}].{k}");
+                let direction = match rule.direction.as_str() {
+                    "out" => ferry_bridge::Direction::Out,
+                    "in" => ferry_bridge::Direction::In,
+                    "both" => ferry_bridge::Direction::Both,
+                    other => {
+                        self.report(tkey("direction"), format!("{other:?}: expected \"out\", \"in\" or \"both\""));
+                        continue;
+                    }
+                };
+                let Some(qos) = ferry_mqtt::codec::QoS::from_u8(rule.qos.unwrap_or(1)) else {
+                    self.report(tkey("qos"), "must be 0, 1 or 2");
+                    continue;
+                };
+                for (k, prefix) in [("local_prefix", &rule.local_prefix), ("remote_prefix", &rule.remote_prefix)] {
+                    if prefix.contains(['+', '#']) {
+                        self.report(tkey(k), "must not contain wildcards");
+                    }
+                }
+                for text in [
+                    format!("{}{}", rule.local_prefix, rule.pattern),
+                    format!("{}{}", rule.remote_prefix, rule.pattern),
+                ] {
+                    if let Err(e) = ferry_mqtt::topic::check_filter(&text) {
+                        self.report(tkey("pattern"), format!("{text:?}: {e}"));
+                    } else if text.starts_with("$share/") {
+                        self.report(tkey("pattern"), format!("{text:?}: shared subscriptions cannot be bridged"));
+                    }
+                }
+                b.topics.push(ferry_bridge::TopicRule {
+                    pattern: rule.pattern,
+                    direction,
+                    qos,
+                    local_prefix: rule.local_prefix,
+                    remote_prefix: rule.remote_prefix,
+                });
+            }
+            if let Some(h) = raw.max_hops {
+                if h == 0 {
+                    self.report(key("max_hops"), "must be at least 1 (0 would forward nothing)");
+                }
+                b.max_hops = h;
+            }
+            if let Some(m) = raw.max_queued_messages {
+                b.max_queued_messages = m;
+            }
+            match raw.overflow.as_deref() {
+                None | Some("drop-oldest") => b.overflow = ferry_bridge::Overflow::DropOldest,
+                Some("block") => b.overflow = ferry_bridge::Overflow::Block,
+                Some(other) => {
+                    self.report(key("overflow"), format!("{other:?}: expected \"drop-oldest\" or \"block\""))
+                }
+            }
+            if let Some(m) = raw.max_inflight {
+                if m == 0 {
+                    self.report(key("max_inflight"), "must be at least 1");
+                }
+                b.max_inflight = m;
+            }
+            if let Some(ms) = raw.reconnect_initial_ms {
+                if ms == 0 {
+                    self.report(key("reconnect_initial_ms"), "must be at least 1");
+                }
+                b.backoff_initial = Duration::from_millis(ms);
+            }
+            if let Some(ms) = raw.reconnect_max_ms {
+                b.backoff_max = Duration::from_millis(ms);
+            }
+            if b.backoff_max < b.backoff_initial {
+                self.report(key("reconnect_max_ms"), "must not be below reconnect_initial_ms");
+            }
+            if let Some(s) = raw.connect_timeout_secs {
+                if s == 0 {
+                    self.report(key("connect_timeout_secs"), "must be at least 1");
+                }
+                b.connect_timeout = Duration::from_secs(s);
+            }
+            if self.problems.borrow().len() == before {
+                out.push(b);
+            }
+        }
+        out
     }
 
     /// A permission or an ACL entry must name a user that can log in: a configured one, `guest`
@@ -1693,5 +1924,93 @@ mod tests {
         let err = Config::load(Path::new("/nonexistent/ferry.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
         assert!(err.to_string().starts_with("/nonexistent/ferry.toml: cannot read: "), "{err}");
+    }
+
+    const BRIDGE: &str = "[[bridges]]\nname = \"up\"\naddress = \"central.example:1883\"\n";
+
+    #[test]
+    fn a_bridge_is_read_with_its_rules_and_defaults() {
+        let c = parse(&format!(
+            "{MINIMAL}{BRIDGE}protocol_version = \"3.1.1\"\nusername = \"edge\"\npassword_env = \"BRIDGE_PW\"\n\
+             clean_session = false\nmax_queued_messages = 10\noverflow = \"block\"\n\
+             topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 2, local_prefix = \"edge/\", remote_prefix = \"site/\" }},\
+             {{ pattern = \"cmd/+\", direction = \"in\" }}]\n"
+        ))
+        .unwrap();
+        let b = &c.bridges[0];
+        assert_eq!((b.name.as_str(), b.address.as_str()), ("up", "central.example:1883"));
+        assert_eq!(b.version, ferry_mqtt::codec::ProtocolVersion::V311);
+        assert_eq!(b.password, Some(ferry_bridge::PasswordSource::Env("BRIDGE_PW".into())));
+        assert!(!b.clean_session);
+        assert_eq!((b.max_queued_messages, b.overflow), (10, ferry_bridge::Overflow::Block));
+        assert_eq!(b.max_hops, 1);
+        assert_eq!(b.client_id, "ferry-bridge-up");
+        assert_eq!(b.topics.len(), 2);
+        assert_eq!(b.topics[0].local_filter(), "edge/s/#");
+        assert_eq!(b.topics[0].remote_filter(), "site/s/#");
+        assert_eq!(b.topics[0].qos, ferry_mqtt::codec::QoS::ExactlyOnce);
+        assert_eq!(b.topics[1].direction, ferry_bridge::Direction::In);
+        assert_eq!(b.topics[1].qos, ferry_mqtt::codec::QoS::AtLeastOnce, "QoS 1 unless said");
+    }
+
+    #[test]
+    fn bad_bridges_are_refused_naming_the_key() {
+        let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}colour = 1\n"));
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}topics = [{{ pattern = \"#\", direction = \"out\", prio = 1 }}]\n"));
+        assert!(msg.contains("unknown field `prio`"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}"));
+        assert!(msg.contains("bridges[0].topics: at least one topic rule is required"), "{msg}");
+        let msg = error(&format!(
+            "{MINIMAL}[[bridges]]\nname = \"a b\"\naddress = \"nowhere\"\n{rule}\
+             password_file = \"pw\"\npassword_env = \"PW\"\nmax_hops = 0\noverflow = \"spill\"\n\
+             reconnect_initial_ms = 5000\nreconnect_max_ms = 1000\n"
+        ));
+        for expected in [
+            "bridges[0].name: must be",
+            "bridges[0].address: \"nowhere\" is not host:port",
+            "bridges[0].password_file: give password_file or password_env, not both",
+            "bridges[0].max_hops: must be at least 1",
+            "bridges[0].overflow: \"spill\"",
+            "bridges[0].reconnect_max_ms: must not be below",
+        ] {
+            assert!(msg.contains(expected), "{expected:?} not in {msg}");
+        }
+        let msg = error(&format!(
+            "{MINIMAL}{BRIDGE}topics = [{{ pattern = \"a/#/b\", direction = \"sideways\" }}, \
+             {{ pattern = \"a/#/b\", direction = \"in\", qos = 3 }}, {{ pattern = \"x/#/y\", direction = \"in\" }}]\n"
+        ));
+        assert!(msg.contains("bridges[0].topics[0].direction: \"sideways\""), "{msg}");
+        assert!(msg.contains("bridges[0].topics[1].qos: must be 0, 1 or 2"), "{msg}");
+        assert!(msg.contains("bridges[0].topics[2].pattern: \"x/#/y\""), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}{BRIDGE}{rule}"));
+        assert!(msg.contains("bridges[1].name: \"up\" is already bridges[0]"), "{msg}");
+    }
+
+    #[test]
+    fn a_bridge_password_file_is_resolved_against_the_config_directory() {
+        let c = parse(&format!(
+            "{MINIMAL}{BRIDGE}password_file = \"secrets/pw\"\ntopics = [{{ pattern = \"#\", direction = \"in\" }}]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.bridges[0].password, Some(ferry_bridge::PasswordSource::File("/etc/ferry/secrets/pw".into())));
+    }
+
+    #[test]
+    fn a_bridge_tls_table_is_resolved_and_a_half_client_certificate_refused() {
+        let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let c =
+            parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"c.key\" }}\n"))
+                .unwrap();
+        let tls = c.bridges[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, Path::new("/etc/ferry/ca.pem"));
+        assert_eq!(tls.client_cert, Some(("/etc/ferry/c.pem".into(), "/etc/ferry/c.key".into())));
+        assert_eq!(tls.server_name, None, "the host of the address is checked");
+        assert_eq!(c.bridges[0].host(), "central.example");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\" }}\n"));
+        assert!(msg.contains("bridges[0].tls.key: a client certificate needs its key"), "{msg}");
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", verify = false }}\n"));
+        assert!(msg.contains("unknown field `verify`"), "{msg}");
     }
 }

@@ -53,6 +53,14 @@ pub enum StartProblem {
     DataDir { path: PathBuf, error: io::Error },
     #[error("broker.data_dir: cannot open the store {}: {error}", path.display())]
     Store { path: PathBuf, error: StoreError },
+    #[error("{0}")]
+    Bridge(#[from] ferry_bridge::BridgeError),
+    /// A bridge's TLS files do not load, or its server name is not one.
+    #[error("bridges[{index}].{error}")]
+    BridgeTls { index: usize, error: ferry_bridge::tls::TlsError },
+    /// A bridge's `password_file` cannot be read (the value is never shown).
+    #[error("bridges[{index}].password_file: {error}")]
+    BridgePassword { index: usize, error: ferry_bridge::config::PasswordError },
 }
 
 /// Why the server did not start: every problem found, each named with the config's source.
@@ -120,6 +128,7 @@ pub struct BoundListener {
 pub fn check(config: &Config) -> Result<(), StartError> {
     let mut problems = unauthenticated(config);
     problems.extend(tls_problems(config));
+    problems.extend(bridge_password_problems(config));
     if problems.is_empty() {
         Ok(())
     } else {
@@ -136,6 +145,21 @@ fn tls_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
         .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
         .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
         .map(StartProblem::from)
+}
+
+/// The bridges whose `password_file` or TLS files cannot be read now (an environment variable is read at
+/// each connect, and may be set only for the running server).
+fn bridge_password_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
+    let passwords = config.bridges.iter().enumerate().filter_map(|(index, b)| match &b.password {
+        Some(source @ ferry_bridge::PasswordSource::File(_)) => {
+            source.read().err().map(|error| StartProblem::BridgePassword { index, error })
+        }
+        _ => None,
+    });
+    let tls = config.bridges.iter().enumerate().filter_map(|(index, b)| {
+        ferry_bridge::tls::check(b).err().map(|error| StartProblem::BridgeTls { index, error })
+    });
+    passwords.chain(tls)
 }
 
 /// Why `ferry check-config` refused a file: every problem found, the file's values first, then
@@ -175,6 +199,7 @@ pub fn check_file(path: &std::path::Path) -> Result<(), CheckError> {
     let users_refused = problems.iter().any(|p| p.key.starts_with("users["));
     let mut start = if users_refused { Vec::new() } else { unauthenticated(&config) };
     start.extend(tls_problems(&config));
+    start.extend(bridge_password_problems(&config));
     if problems.is_empty() && start.is_empty() {
         return Ok(());
     }
@@ -359,6 +384,12 @@ impl ServerBuilder {
         broker.set_memory_limit(watermark);
         info!("memory alarm at {} of queued messages ({} of memory)", ByteSize(watermark), ByteSize(total));
         let (shutdown_tx, shutdown) = Shutdown::channel();
+        // The bridges' queues and bindings are declared before anything is served, so that no
+        // message published from the first connection on misses them.
+        let bridges = match ferry_bridge::Bridges::start(&broker, &config.bridges, shutdown.clone()) {
+            Ok(b) => b,
+            Err(e) => return Err(StartError { config: config.source.clone(), problems: vec![e.into()] }),
+        };
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());
         let mut tasks = Vec::with_capacity(ready.len());
@@ -433,8 +464,9 @@ impl ServerBuilder {
             mqtt: config.mqtt.clone(),
             amqp: config.amqp.clone(),
             listeners: config.listeners,
+            bridges: config.bridges,
         };
-        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace })
+        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, bridges })
     }
 }
 
@@ -452,6 +484,7 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Drained>>,
     grace: Duration,
+    bridges: ferry_bridge::Bridges,
 }
 
 impl Server {
@@ -474,6 +507,11 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// The running bridges (`[[bridges]]`): their state and counters.
+    pub fn bridges(&self) -> &ferry_bridge::Bridges {
+        &self.bridges
     }
 
     /// Applies what can change while running from a freshly loaded `config` (the caller reads
@@ -531,6 +569,9 @@ impl Server {
         if config.amqp != self.running.amqp {
             report.needs_restart.push("[amqp] changed".to_string());
         }
+        if config.bridges != self.running.bridges {
+            report.needs_restart.push("[[bridges]] changed".to_string());
+        }
         let locked_out = unauthenticated_with(running, &config.users);
         if locked_out.is_empty() {
             self.broker.auth().replace_users(config.users.clone());
@@ -557,9 +598,12 @@ impl Server {
     /// Stops accepting, tells every connection to close, waits up to the grace period for them,
     /// aborts the rest, and flushes the store.
     pub async fn shutdown(self) -> Result<ShutdownReport, ShutdownError> {
-        let Server { broker, shutdown_tx, tasks, grace, .. } = self;
+        let Server { broker, shutdown_tx, tasks, grace, mut bridges, .. } = self;
         info!("shutdown: stopping listeners and closing connections (grace {grace:?})");
         shutdown_tx.send_replace(true);
+        // Each bridge sends DISCONNECT and hands what the remote has not acknowledged back to
+        // its queue, where the store keeps it.
+        bridges.stopped().await;
         let mut report = ShutdownReport::default();
         for task in tasks {
             match task.await {
@@ -590,6 +634,7 @@ struct Running {
     mqtt: MqttConfig,
     amqp: AmqpConfig,
     listeners: Vec<ListenerConfig>,
+    bridges: Vec<ferry_bridge::BridgeConfig>,
 }
 
 /// What [`Server::reload`] applied, and what it left for a restart. Names no secret.

@@ -1,0 +1,206 @@
+//! What one `[[bridges]]` table says, validated (the server's config module parses the TOML).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_mqtt::codec::{ProtocolVersion, QoS};
+
+/// Which way a topic rule carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Local messages go to the remote.
+    Out,
+    /// Remote messages come into the local broker.
+    In,
+    Both,
+}
+
+impl Direction {
+    pub fn is_out(self) -> bool {
+        matches!(self, Direction::Out | Direction::Both)
+    }
+    pub fn is_in(self) -> bool {
+        matches!(self, Direction::In | Direction::Both)
+    }
+}
+
+/// One topic rule, as Mosquitto's `topic <pattern> <out|in|both> <qos> <local-prefix> <remote-prefix>`:
+/// a message on local topic `local_prefix + t` (with `t` matching `pattern`) goes out as
+/// `remote_prefix + t`, and the other way round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRule {
+    /// An MQTT filter (`+`, `#`), without the prefixes.
+    pub pattern: String,
+    pub direction: Direction,
+    /// The highest QoS used: out, a message goes with the lower of its own QoS and this one;
+    /// in, the remote subscription asks for this QoS.
+    pub qos: QoS,
+    pub local_prefix: String,
+    pub remote_prefix: String,
+}
+
+impl TopicRule {
+    /// The filter on the local side.
+    pub fn local_filter(&self) -> String {
+        format!("{}{}", self.local_prefix, self.pattern)
+    }
+    /// The filter on the remote side.
+    pub fn remote_filter(&self) -> String {
+        format!("{}{}", self.remote_prefix, self.pattern)
+    }
+}
+
+/// What happens when the bridge's local queue holds `max_queued_messages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// The oldest queued message is dropped (the queue's `x-overflow = drop-head`).
+    #[default]
+    DropOldest,
+    /// New messages are refused (`x-overflow = reject-publish`): a local QoS 1/2 publisher is
+    /// told so in its PUBACK (5.0) or the message is not taken.
+    Block,
+}
+
+/// Where the remote password comes from: never the config file itself, never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// The file's contents, without a trailing newline.
+    File(PathBuf),
+    /// The environment variable's value.
+    Env(String),
+}
+
+impl fmt::Debug for PasswordSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PasswordSource::File(p) => write!(f, "File({})", p.display()),
+            PasswordSource::Env(v) => write!(f, "Env({v})"),
+        }
+    }
+}
+
+/// Why a password could not be read. Names where it was looked for, never the value.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error("password_file {}: {error}", path.display())]
+    File { path: PathBuf, error: std::io::Error },
+    #[error("password_env {name}: not set or not UTF-8")]
+    Env { name: String },
+}
+
+impl PasswordSource {
+    /// Reads the password now (at each connect, so a rotated secret is picked up).
+    pub fn read(&self) -> Result<Vec<u8>, PasswordError> {
+        match self {
+            PasswordSource::File(path) => {
+                let mut bytes =
+                    std::fs::read(path).map_err(|error| PasswordError::File { path: path.clone(), error })?;
+                while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+                    bytes.pop();
+                }
+                Ok(bytes)
+            }
+            PasswordSource::Env(name) => {
+                std::env::var(name).map(String::into_bytes).map_err(|_| PasswordError::Env { name: name.clone() })
+            }
+        }
+    }
+}
+
+/// TLS towards the remote: whom to trust, what to present, which name to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeTls {
+    /// PEM certificates the remote's chain must lead to.
+    pub ca: PathBuf,
+    /// A client certificate chain (PEM) and its private key, for a remote that asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name the remote's certificate must be valid for (default: the host of `address`).
+    pub server_name: Option<String>,
+}
+
+/// One MQTT bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// Unique among the bridges; names the local queue (`ferry-bridge.<name>`) and the logs.
+    pub name: String,
+    /// `host:port` of the remote broker (resolved at each connect).
+    pub address: String,
+    /// TLS to the remote; plain TCP when `None`.
+    pub tls: Option<BridgeTls>,
+    /// 3.1.1 or 5.0.
+    pub version: ProtocolVersion,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<PasswordSource>,
+    /// Seconds; 0 turns keep alive off.
+    pub keep_alive: u16,
+    /// Start a clean remote session at each connect; `false` asks the remote to keep the
+    /// session (and queue for the `in` rules) while the link is down.
+    pub clean_session: bool,
+    /// The local vhost and exchange the rules route on (the MQTT listeners' defaults).
+    pub vhost: String,
+    pub exchange: String,
+    pub topics: Vec<TopicRule>,
+    /// Bridges a message may have crossed and still be forwarded across this one.
+    pub max_hops: u32,
+    /// The local queue's `x-max-length` (0: unbounded).
+    pub max_queued_messages: u32,
+    pub overflow: Overflow,
+    /// QoS 1/2 messages sent and not yet acknowledged by the remote, at most; also the local
+    /// consumer's prefetch.
+    pub max_inflight: u16,
+    /// Reconnect back-off: the first delay, doubled after each failure up to the maximum,
+    /// with jitter.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long a TCP connect plus CONNACK may take.
+    pub connect_timeout: Duration,
+}
+
+impl BridgeConfig {
+    /// A bridge with Ferry's defaults: MQTT 5.0, client id `ferry-bridge-<name>`, keep alive
+    /// 60 s, clean session, vhost `/`, exchange `amq.topic`, no rules, `max_hops` 1,
+    /// 100,000 queued messages dropping the oldest, 32 in flight, back-off 1 s to 60 s.
+    pub fn new(name: &str, address: &str) -> BridgeConfig {
+        BridgeConfig {
+            name: name.to_string(),
+            address: address.to_string(),
+            tls: None,
+            version: ProtocolVersion::V5,
+            client_id: format!("ferry-bridge-{name}"),
+            username: None,
+            password: None,
+            keep_alive: 60,
+            clean_session: true,
+            vhost: ferry_core::broker::DEFAULT_VHOST.to_string(),
+            exchange: "amq.topic".to_string(),
+            topics: Vec::new(),
+            max_hops: 1,
+            max_queued_messages: 100_000,
+            overflow: Overflow::DropOldest,
+            max_inflight: 32,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The local durable queue that holds what waits to go out.
+    pub fn queue_name(&self) -> String {
+        format!("{QUEUE_PREFIX}{}", self.name)
+    }
+
+    /// The host part of `address` (brackets of an IPv6 literal removed).
+    pub fn host(&self) -> &str {
+        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    pub fn has_out_rules(&self) -> bool {
+        self.topics.iter().any(|t| t.direction.is_out())
+    }
+}
+
+/// Bridge queues are named with this prefix and the bridge's name.
+pub const QUEUE_PREFIX: &str = "ferry-bridge.";

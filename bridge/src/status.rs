@@ -1,0 +1,120 @@
+//! What a bridge reports about itself: [`BridgeStatus`], read through
+//! [`Bridges::status`](crate::Bridges::status).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::watch;
+
+/// Where a bridge's link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Connecting (TCP, CONNECT, CONNACK).
+    Connecting,
+    /// Connected: messages flow.
+    Up,
+    /// The last attempt or connection failed ([`BridgeStatus::last_error`]); waiting to retry.
+    BackingOff,
+    /// Not running (shut down, or the local queue could not be consumed).
+    Stopped,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Up => "up",
+            LinkState::BackingOff => "backing off",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A snapshot of one bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeStatus {
+    pub name: String,
+    /// The remote's `host:port`, as configured.
+    pub remote: String,
+    pub state: LinkState,
+    /// Why the link last went down or a connect failed; cleared when it comes up (a refused
+    /// subscription sets it while up).
+    pub last_error: Option<String>,
+    /// Messages waiting in the local queue (not yet handed to the link).
+    pub queued: u64,
+    /// Bytes of message bodies waiting in the local queue.
+    pub queued_bytes: u64,
+    /// Messages handed to the link and not yet acknowledged by the remote.
+    pub in_flight: u64,
+    /// Sent to the remote and acknowledged by it (QoS 0: written).
+    pub forwarded_out: u64,
+    /// Received from the remote and published locally.
+    pub forwarded_in: u64,
+    /// Dropped from the local queue by `max_queued_messages` (`drop-oldest`).
+    pub dropped_overflow: u64,
+    /// Refused by the local queue at `max_queued_messages` (`block`).
+    pub rejected_overflow: u64,
+    /// Not forwarded: they had crossed `max_hops` bridges already.
+    pub dropped_max_hops: u64,
+    /// Not forwarded: they came in over this link (an `out` rule overlapping an `in` rule).
+    pub dropped_loop: u64,
+    /// Not forwarded: no rule covers their topic any more (a rule removed from the config
+    /// leaves its binding until the queue is deleted).
+    pub dropped_no_rule: u64,
+    /// Refused by the remote (an MQTT 5.0 PUBACK / PUBREC reason code 0x80 or above).
+    pub dropped_refused: u64,
+    /// Connections established since the start.
+    pub connects: u64,
+    /// Connection attempts since the start, failed ones included.
+    pub attempts: u64,
+}
+
+/// The link's counters; relaxed atomics, read for [`BridgeStatus`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub forwarded_out: AtomicU64,
+    pub forwarded_in: AtomicU64,
+    pub dropped_max_hops: AtomicU64,
+    pub dropped_loop: AtomicU64,
+    pub dropped_no_rule: AtomicU64,
+    pub dropped_refused: AtomicU64,
+    pub connects: AtomicU64,
+    pub attempts: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// The state and last error, in a watch channel so that a caller can wait for a change.
+#[derive(Debug)]
+pub(crate) struct StateCell(watch::Sender<(LinkState, Option<String>)>);
+
+impl StateCell {
+    pub fn new() -> StateCell {
+        StateCell(watch::Sender::new((LinkState::Connecting, None)))
+    }
+
+    /// Sets the state; an error replaces the last one, `None` keeps it unless the link is up.
+    pub fn set(&self, state: LinkState, error: Option<String>) {
+        self.0.send_modify(|g| {
+            g.0 = state;
+            if error.is_some() || state == LinkState::Up {
+                g.1 = error;
+            }
+        });
+    }
+
+    pub fn set_error(&self, error: String) {
+        self.0.send_modify(|g| g.1 = Some(error));
+    }
+
+    pub fn get(&self) -> (LinkState, Option<String>) {
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<(LinkState, Option<String>)> {
+        self.0.subscribe()
+    }
+}

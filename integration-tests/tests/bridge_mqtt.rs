@@ -1,0 +1,695 @@
+//! MQTT bridges (`[[bridges]]`, the ferry-bridge crate) end to end: a local Ferry bridged to a
+//! remote Ferry (another server in this process) or to a real Mosquitto, with rumqttc clients
+//! publishing and subscribing on either side. Out and in rules, QoS 1 and 2, 5.0 and 3.1.1
+//! remotes, a remote outage and a local restart with a backlog, and two Ferrys bridged both
+//! ways without a loop.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use ferry_bridge::{BridgeStatus, LinkState};
+use ferry_integration_tests::mqtt::{text, v311, v5, MQTT_LISTENER};
+use ferry_integration_tests::{within, TestServer};
+use std::io::BufRead;
+
+const Q1: rumqttc::QoS = rumqttc::QoS::AtLeastOnce;
+const Q2: rumqttc::QoS = rumqttc::QoS::ExactlyOnce;
+const V5Q1: v5::QoSOf = v5::QoSOf::AtLeastOnce;
+const V5Q2: v5::QoSOf = v5::QoSOf::ExactlyOnce;
+
+fn mqtt_frontend() -> Arc<dyn ferry_core::frontend::Frontend> {
+    Arc::new(ferry_mqtt::MqttFrontend::default())
+}
+
+/// A port nobody listens on now (the OS's pick), for a server that must come back on it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A remote that takes TCP connections (in the kernel's backlog) and never answers: the link
+/// stays down, and no other test's broker can be given its port while the listener is held.
+fn silent_remote() -> (std::net::TcpListener, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// A config with one MQTT listener (on `port`, 0 for any) and bridge `b` to `remote`.
+fn bridged_toml(port: u16, remote: SocketAddr, version: &str, rules: &str, extra: &str) -> String {
+    format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n\
+         [[bridges]]\nname = \"b\"\naddress = \"{remote}\"\nprotocol_version = \"{version}\"\n\
+         reconnect_initial_ms = 50\nreconnect_max_ms = 400\n{extra}topics = [{rules}]\n"
+    )
+}
+
+/// A Ferry with an MQTT listener and bridge `b` to `remote` with `rules`.
+async fn bridged(remote: SocketAddr, version: &str, rules: &str) -> TestServer {
+    TestServer::start(&bridged_toml(0, remote, version, rules, ""), &[mqtt_frontend()]).await
+}
+
+/// A Ferry with one MQTT listener on `port`.
+async fn ferry_on(port: u16) -> TestServer {
+    TestServer::start(&format!("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\n"), &[mqtt_frontend()])
+        .await
+}
+
+async fn status_when(server: &TestServer, what: &str, pred: impl Fn(&BridgeStatus) -> bool) -> BridgeStatus {
+    let bridges = server.server.bridges();
+    within(what, bridges.wait_for("b", pred)).await.expect("bridge b is running")
+}
+
+async fn up(server: &TestServer) {
+    status_when(server, "bridge up", |s| s.state == LinkState::Up).await;
+}
+
+fn hops_v5(p: &rumqttc::v5::mqttbytes::v5::Publish) -> Option<String> {
+    let props = p.properties.as_ref()?;
+    props.user_properties.iter().find(|(k, _)| k == ferry_bridge::HOPS).map(|(_, v)| v.clone())
+}
+
+fn topic_v5(p: &rumqttc::v5::mqttbytes::v5::Publish) -> &str {
+    std::str::from_utf8(&p.topic).expect("UTF-8 topic")
+}
+
+// ----- out rules --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn out_rule_forwards_qos1_to_a_v5_remote_in_order_with_prefixes_and_the_hop_count() {
+    let remote = TestServer::mqtt().await;
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("site/#", V5Q1).await;
+    let rule = r#"{ pattern = "s/#", direction = "out", qos = 1, local_prefix = "edge/", remote_prefix = "site/" }"#;
+    let local = bridged(remote.mqtt_addr(), "5.0", rule).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..20 {
+        publisher.publish("edge/s/temp", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    // Not covered by the rule: stays local.
+    publisher.publish("other/x", V5Q1, false, b"no").await;
+    for i in 0..20 {
+        let p = sub.publish_received().await;
+        assert_eq!((topic_v5(&p), text(&p.payload)), ("site/s/temp", format!("m{i}").as_str()));
+        assert_eq!(p.qos, V5Q1);
+        assert_eq!(hops_v5(&p).as_deref(), Some("1"), "one bridge crossed");
+    }
+    sub.no_publish().await;
+    let st = status_when(&local, "20 acknowledged by the remote", |s| s.forwarded_out == 20).await;
+    assert_eq!((st.queued, st.in_flight, st.dropped_no_rule), (0, 0, 0), "{st:?}");
+    assert_eq!(st.remote, remote.mqtt_addr().to_string());
+}
+
+#[tokio::test]
+async fn out_rule_forwards_qos2_to_a_v311_remote_in_order() {
+    let remote = TestServer::mqtt().await;
+    let mut sub = v311::connect(&remote, "remote-sub").await;
+    sub.subscribe("s/#", Q2).await;
+    let local = bridged(remote.mqtt_addr(), "3.1.1", r##"{ pattern = "s/#", direction = "out", qos = 2 }"##).await;
+    up(&local).await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    for i in 0..20 {
+        publisher.publish("s/1", Q2, false, format!("m{i}").as_bytes()).await;
+    }
+    for i in 0..20 {
+        let p = sub.publish_received().await;
+        assert_eq!((p.topic.as_str(), text(&p.payload)), ("s/1", format!("m{i}").as_str()));
+        assert_eq!(p.qos, Q2, "QoS 2 end to end");
+    }
+    sub.no_publish().await;
+    let st = status_when(&local, "20 completed (PUBCOMP)", |s| s.forwarded_out == 20).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_message_goes_out_at_the_lower_of_its_qos_and_the_rules() {
+    let remote = TestServer::mqtt().await;
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("#", V5Q2).await;
+    let local = bridged(remote.mqtt_addr(), "5.0", r##"{ pattern = "#", direction = "out", qos = 1 }"##).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("a", V5Q2, false, b"two").await;
+    let p = sub.publish_received().await;
+    assert_eq!((text(&p.payload), p.qos), ("two", V5Q1));
+}
+
+// ----- in rules ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn in_rule_brings_qos1_from_a_v5_remote_in_order() {
+    let remote = TestServer::mqtt().await;
+    let rule = r#"{ pattern = "cmd/#", direction = "in", qos = 1, local_prefix = "here/", remote_prefix = "there/" }"#;
+    let local = bridged(remote.mqtt_addr(), "5.0", rule).await;
+    let mut sub = v5::connect(&local, "local-sub").await;
+    sub.subscribe("here/#", V5Q1).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&remote, "remote-pub").await;
+    for i in 0..20 {
+        publisher.publish("there/cmd/7", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    publisher.publish("elsewhere/cmd/7", V5Q1, false, b"no").await;
+    for i in 0..20 {
+        let p = sub.publish_received().await;
+        assert_eq!((topic_v5(&p), text(&p.payload)), ("here/cmd/7", format!("m{i}").as_str()));
+        assert_eq!(p.qos, V5Q1);
+        assert_eq!(hops_v5(&p).as_deref(), Some("1"), "the local message carries its hop count");
+    }
+    sub.no_publish().await;
+    let st = status_when(&local, "20 in", |s| s.forwarded_in == 20).await;
+    assert_eq!(st.dropped_no_rule, 0, "the remote sends only what the bridge subscribed to");
+}
+
+#[tokio::test]
+async fn in_rule_brings_qos2_from_a_v311_remote_in_order() {
+    let remote = TestServer::mqtt().await;
+    let local = bridged(remote.mqtt_addr(), "3.1.1", r##"{ pattern = "cmd/#", direction = "in", qos = 2 }"##).await;
+    let mut sub = v311::connect(&local, "local-sub").await;
+    sub.subscribe("cmd/#", Q2).await;
+    up(&local).await;
+    let mut publisher = v311::connect(&remote, "remote-pub").await;
+    for i in 0..20 {
+        publisher.publish("cmd/1", Q2, false, format!("m{i}").as_bytes()).await;
+    }
+    for i in 0..20 {
+        let p = sub.publish_received().await;
+        assert_eq!((p.topic.as_str(), text(&p.payload)), ("cmd/1", format!("m{i}").as_str()));
+        assert_eq!(p.qos, Q2);
+    }
+    sub.no_publish().await;
+}
+
+// ----- outages and restarts ---------------------------------------------------------------------
+
+/// A persistent 3.1.1 subscription to `filter` at QoS 1 on `server`, left disconnected.
+async fn persistent_subscriber(server: &TestServer, id: &str, filter: &str) {
+    let mut o = v311::options(server, id);
+    o.set_clean_session(false);
+    let (mut c, _) = v311::Client::connect(o).await;
+    c.subscribe(filter, Q1).await;
+    c.disconnect().await;
+}
+
+/// Reconnects that persistent subscriber and reads `n` messages.
+async fn read_persistent(server: &TestServer, id: &str, n: usize) -> Vec<String> {
+    let mut o = v311::options(server, id);
+    o.set_clean_session(false);
+    let (mut c, ack) = v311::Client::connect(o).await;
+    assert!(ack.session_present);
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        got.push(text(&c.publish_received().await.payload).to_string());
+    }
+    c.no_publish().await;
+    got
+}
+
+#[tokio::test]
+async fn a_remote_outage_loses_nothing_and_keeps_the_order() {
+    const N: usize = 50;
+    let port = free_port();
+    let remote = ferry_on(port).await;
+    persistent_subscriber(&remote, "remote-sub", "s/#").await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let local = TestServer::start(&bridged_toml(0, remote.mqtt_addr(), "3.1.1", rule, ""), &[mqtt_frontend()]).await;
+    up(&local).await;
+
+    let remote_dir = remote.stop().await;
+    let st = status_when(&local, "the bridge notices the outage", |s| s.state != LinkState::Up).await;
+    assert!(st.state == LinkState::Connecting || st.state == LinkState::BackingOff, "{st:?}");
+    let mut publisher = v311::connect(&local, "pub").await;
+    for i in 0..N {
+        publisher.publish("s/1", Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let st = status_when(&local, "backing off with a cause", |s| s.state == LinkState::BackingOff).await;
+    assert_eq!(st.queued + st.in_flight, N as u64, "{st:?}");
+    assert!(st.last_error.is_some(), "{st:?}");
+
+    let remote = TestServer::resume(remote_dir).await;
+    assert_eq!(remote.mqtt_addr().port(), port);
+    let st = status_when(&local, "the backlog forwarded", |s| s.forwarded_out == N as u64).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+    assert!(st.connects >= 2, "{st:?}");
+    let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", N).await, expected);
+}
+
+#[tokio::test]
+async fn a_backlog_survives_a_restart_of_the_bridging_broker() {
+    const N: usize = 30;
+    let port = free_port();
+    let remote = ferry_on(port).await;
+    persistent_subscriber(&remote, "remote-sub", "s/#").await;
+    let remote_dir = remote.stop().await;
+
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let remote_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let local = TestServer::start(&bridged_toml(0, remote_addr, "5.0", rule, ""), &[mqtt_frontend()]).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..N {
+        publisher.publish("s/1", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    drop(publisher);
+    // The backlog is in the bridge's durable queue: a restart finds it in the store.
+    let local = local.restart().await;
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!(st.queued + st.in_flight, N as u64, "{st:?}");
+
+    let remote = TestServer::resume(remote_dir).await;
+    status_when(&local, "the backlog forwarded", |s| s.forwarded_out == N as u64).await;
+    let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", N).await, expected);
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_the_newest_max_queued_messages_and_counts_the_rest() {
+    let (_silent, remote_addr) = silent_remote();
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote_addr, "5.0", rule, "max_queued_messages = 5\nmax_inflight = 1\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..12 {
+        publisher.publish("a", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let st = local.server.bridges().status().remove(0);
+    // One message sits with the link (its prefetch window of 1) and five in the queue.
+    assert_eq!((st.in_flight, st.queued, st.dropped_overflow), (1, 5, 6), "{st:?}");
+}
+
+#[tokio::test]
+async fn block_refuses_publishes_past_max_queued_messages_and_counts_them() {
+    let (_silent, remote_addr) = silent_remote();
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let extra = "max_queued_messages = 3\nmax_inflight = 1\noverflow = \"block\"\n";
+    let local = TestServer::start(&bridged_toml(0, remote_addr, "5.0", rule, extra), &[mqtt_frontend()]).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..6 {
+        publisher.publish("a", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.in_flight, st.queued, st.rejected_overflow, st.dropped_overflow), (1, 3, 2, 0), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_refused_login_is_reported_and_retried() {
+    let remote = TestServer::start(
+        &format!(
+            "{MQTT_LISTENER}[[users]]\nname = \"edge\"\npassword_hash = \"{}\"\n",
+            ferry_core::auth::PasswordHash::argon2id(b"right")
+        ),
+        &[mqtt_frontend()],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pw"), "wrong\n").expect("write password");
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let extra = format!("username = \"edge\"\npassword_file = \"{}\"\n", dir.path().join("pw").display());
+    let local = TestServer::start(&bridged_toml(0, remote.mqtt_addr(), "5.0", rule, &extra), &[mqtt_frontend()]).await;
+    let st = status_when(&local, "refused", |s| s.state == LinkState::BackingOff && s.last_error.is_some()).await;
+    let error = st.last_error.unwrap();
+    assert!(error.contains("bad user name or password"), "{error}");
+    assert_eq!(st.connects, 0);
+    assert!(!error.contains("wrong"), "the password is never shown: {error}");
+    // The password is read at each attempt: the right one gets the link up.
+    std::fs::write(dir.path().join("pw"), "right\n").expect("write password");
+    up(&local).await;
+}
+
+// ----- loops ------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_ferrys_bridged_both_ways_on_everything_deliver_once_and_never_loop() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let a = TestServer::start(&bridged_toml(port_a, addr(port_b), "5.0", rule, ""), &[mqtt_frontend()]).await;
+    let b = TestServer::start(&bridged_toml(port_b, addr(port_a), "5.0", rule, ""), &[mqtt_frontend()]).await;
+    up(&a).await;
+    up(&b).await;
+    let mut sub_a = v5::connect(&a, "sub-a").await;
+    sub_a.subscribe("t/#", V5Q1).await;
+    let mut sub_b = v5::connect(&b, "sub-b").await;
+    sub_b.subscribe("t/#", V5Q1).await;
+
+    let mut pub_a = v5::connect(&a, "pub-a").await;
+    pub_a.publish("t/1", V5Q1, false, b"from a").await;
+    assert_eq!(text(&sub_a.publish_received().await.payload), "from a");
+    let p = sub_b.publish_received().await;
+    assert_eq!((text(&p.payload), hops_v5(&p).as_deref()), ("from a", Some("1")));
+    // On B the message is at max_hops: B's bridge does not send it back.
+    status_when(&b, "B holds it back", |s| s.dropped_max_hops == 1).await;
+    sub_a.no_publish().await;
+    sub_b.no_publish().await;
+
+    let mut pub_b = v5::connect(&b, "pub-b").await;
+    pub_b.publish("t/2", V5Q1, false, b"from b").await;
+    assert_eq!(text(&sub_b.publish_received().await.payload), "from b");
+    assert_eq!(text(&sub_a.publish_received().await.payload), "from b");
+    status_when(&a, "A holds it back", |s| s.dropped_max_hops == 1).await;
+    sub_a.no_publish().await;
+    sub_b.no_publish().await;
+}
+
+#[tokio::test]
+async fn a_ring_of_three_with_max_hops_2_delivers_once_everywhere_and_never_comes_back() {
+    let ports = [free_port(), free_port(), free_port()];
+    let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let toml = bridged_toml(ports[i], addr(ports[(i + 1) % 3]), "5.0", rule, "max_hops = 2\n");
+        nodes.push(TestServer::start(&toml, &[mqtt_frontend()]).await);
+    }
+    let mut subs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        up(node).await;
+        let mut sub = v5::connect(node, &format!("sub-{i}")).await;
+        sub.subscribe("t/#", V5Q1).await;
+        subs.push(sub);
+    }
+    let mut publisher = v5::connect(&nodes[0], "pub").await;
+    publisher.publish("t/1", V5Q1, false, b"round").await;
+    // A → B (1 hop) → C (2 hops); C holds it back instead of sending it to A again.
+    for (i, hops) in [(0, None), (1, Some("1")), (2, Some("2"))] {
+        let p = subs[i].publish_received().await;
+        assert_eq!((text(&p.payload), hops_v5(&p).as_deref()), ("round", hops), "node {i}");
+    }
+    status_when(&nodes[2], "C holds it back", |s| s.dropped_max_hops == 1).await;
+    for sub in &mut subs {
+        sub.no_publish().await;
+    }
+}
+
+#[tokio::test]
+async fn one_bridge_both_ways_on_everything_does_not_echo() {
+    let remote = TestServer::mqtt().await;
+    let local = bridged(remote.mqtt_addr(), "5.0", r##"{ pattern = "#", direction = "both", qos = 1 }"##).await;
+    up(&local).await;
+    let mut sub_l = v5::connect(&local, "sub-l").await;
+    sub_l.subscribe("t/#", V5Q1).await;
+    let mut sub_r = v5::connect(&remote, "sub-r").await;
+    sub_r.subscribe("t/#", V5Q1).await;
+
+    let mut pub_l = v5::connect(&local, "pub-l").await;
+    pub_l.publish("t/1", V5Q1, false, b"local").await;
+    assert_eq!(text(&sub_l.publish_received().await.payload), "local");
+    assert_eq!(text(&sub_r.publish_received().await.payload), "local");
+    sub_l.no_publish().await;
+    sub_r.no_publish().await;
+
+    let mut pub_r = v5::connect(&remote, "pub-r").await;
+    pub_r.publish("t/2", V5Q1, false, b"remote").await;
+    assert_eq!(text(&sub_r.publish_received().await.payload), "remote");
+    assert_eq!(text(&sub_l.publish_received().await.payload), "remote");
+    // Routed into the bridge's own queue by the `#` out rule, and held back there.
+    status_when(&local, "held back", |s| s.dropped_loop + s.dropped_max_hops == 1).await;
+    sub_l.no_publish().await;
+    sub_r.no_publish().await;
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.forwarded_out, st.forwarded_in), (1, 1), "{st:?}");
+}
+
+// ----- a real Mosquitto -------------------------------------------------------------------------
+
+/// A Mosquitto broker on a free loopback port, killed on drop.
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Mosquitto {
+    /// `None` (with the reason printed) when `mosquitto` is not installed. `extra` is appended
+    /// to its configuration.
+    async fn start(extra: &str) -> Option<Mosquitto> {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n{extra}"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let spawned = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED: mosquitto is not on PATH ({e}); `apt-get install -y mosquitto` runs this test");
+                return None;
+            }
+        };
+        // Its log, read on a thread of its own (to the end, so that it never blocks on a full
+        // pipe); the line saying it listens is the event waited for.
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Opening ipv4 listen socket") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        let mosquitto = Mosquitto { child, port, _dir: dir };
+        within("mosquitto listening", rx).await.expect("mosquitto exited before listening");
+        Some(mosquitto)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+}
+
+async fn mosquitto_round_trip(version: &str) {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    let rules = r#"{ pattern = "up/#", direction = "out", qos = 1, remote_prefix = "edge/" },
+                   { pattern = "down/#", direction = "in", qos = 2 }"#;
+    let local = bridged(mosquitto.addr(), version, rules).await;
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("edge/#", V5Q1).await;
+    let mut local_client = v5::connect(&local, "local").await;
+    local_client.subscribe("down/#", V5Q2).await;
+    up(&local).await;
+
+    for i in 0..10 {
+        local_client.publish("up/t", V5Q1, false, format!("u{i}").as_bytes()).await;
+        remote_client.publish("down/t", V5Q2, false, format!("d{i}").as_bytes()).await;
+    }
+    for i in 0..10 {
+        let p = remote_client.publish_received().await;
+        assert_eq!((topic_v5(&p), text(&p.payload)), ("edge/up/t", format!("u{i}").as_str()));
+        let p = local_client.publish_received().await;
+        assert_eq!((topic_v5(&p), text(&p.payload), p.qos), ("down/t", format!("d{i}").as_str(), V5Q2));
+    }
+    let st = status_when(&local, "all acknowledged", |s| s.forwarded_out == 10 && s.forwarded_in == 10).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+    drop(mosquitto);
+}
+
+#[tokio::test]
+async fn mosquitto_v5_remote_both_directions() {
+    mosquitto_round_trip("5.0").await;
+}
+
+#[tokio::test]
+async fn mosquitto_v311_remote_both_directions() {
+    mosquitto_round_trip("3.1.1").await;
+}
+
+// ----- TLS --------------------------------------------------------------------------------------
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM files in `dir`:
+/// ca.pem, server.pem, server.key, client.pem, client.key.
+fn write_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, "bridge test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
+    };
+    let (server, server_key) = leaf(vec!["localhost".into()], "remote");
+    let (client, client_key) = leaf(vec!["edge".into()], "edge");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), client.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+}
+
+/// A remote with a plain MQTT listener (0) and a TLS one that requires a client certificate (1).
+async fn tls_remote() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    write_pki(dir.path());
+    let toml = format!(
+        "{MQTT_LISTENER}[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         tls = {{ cert = \"server.pem\", key = \"server.key\", client_ca = \"ca.pem\", require_client_cert = true }}\n"
+    );
+    TestServer::start_in(dir, &toml, &[mqtt_frontend()]).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn tls_table(remote: &TestServer, server_name: &str) -> String {
+    let d = remote.dir.path();
+    format!(
+        "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\", server_name = \"{server_name}\" }}\n",
+        d.join("ca.pem").display(),
+        d.join("client.pem").display(),
+        d.join("client.key").display()
+    )
+}
+
+#[tokio::test]
+async fn a_bridge_over_tls_with_a_client_certificate_forwards() {
+    let remote = tls_remote().await;
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("s/#", V5Q1).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote.addr(1), "5.0", rule, &tls_table(&remote, "localhost"));
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("s/1", V5Q1, false, b"over TLS").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "over TLS");
+}
+
+#[tokio::test]
+async fn a_tls_name_mismatch_is_reported_and_retried_without_harm() {
+    let remote = tls_remote().await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote.addr(1), "5.0", rule, &tls_table(&remote, "wrong.example"));
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let st = status_when(&local, "refused", |s| s.state == LinkState::BackingOff && s.last_error.is_some()).await;
+    let error = st.last_error.unwrap();
+    assert!(error.contains("TLS handshake failed") && error.contains("not valid for name"), "{error}");
+    let st = status_when(&local, "tried again", |s| s.attempts >= 3).await;
+    assert_eq!((st.connects, st.forwarded_out), (0, 0), "{st:?}");
+    // The broker itself goes on serving.
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("s/1", V5Q1, false, b"kept").await;
+    assert_eq!(local.server.bridges().status()[0].queued + local.server.bridges().status()[0].in_flight, 1);
+}
+
+// ----- check-config -----------------------------------------------------------------------------
+
+#[test]
+fn check_config_loads_a_bridges_password_file_and_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.toml");
+    let toml = format!(
+        "{MQTT_LISTENER}[[bridges]]\nname = \"b\"\naddress = \"localhost:1883\"\nusername = \"u\"\n\
+         password_file = \"missing.pw\"\ntls = {{ ca = \"missing-ca.pem\" }}\n\
+         topics = [{{ pattern = \"#\", direction = \"out\" }}]\n"
+    );
+    std::fs::write(&path, &toml).unwrap();
+    let msg = ferry_server::check_file(&path).unwrap_err().to_string();
+    assert!(msg.contains("bridges[0].password_file: ") && msg.contains("missing.pw"), "{msg}");
+    assert!(msg.contains("bridges[0].tls.ca: cannot read ") && msg.contains("missing-ca.pem"), "{msg}");
+    write_pki(dir.path());
+    std::fs::write(dir.path().join("missing.pw"), "secret\n").unwrap();
+    std::fs::write(&path, toml.replace("missing-ca.pem", "ca.pem")).unwrap();
+    ferry_server::check_file(&path).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
+async fn a_v5_remote_that_caps_qos_and_refuses_retain_gets_what_it_allows() {
+    let Some(mosquitto) = Mosquitto::start("max_qos 1\nretain_available false\n").await else { return };
+    let local = bridged(mosquitto.addr(), "5.0", r##"{ pattern = "#", direction = "out", qos = 2 }"##).await;
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("t/#", V5Q1).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t/1", V5Q2, true, b"capped").await;
+    let p = remote_client.publish_received().await;
+    assert_eq!((text(&p.payload), p.qos, p.retain), ("capped", V5Q1, false));
+    let st = status_when(&local, "acknowledged", |s| s.forwarded_out == 1).await;
+    assert_eq!(st.connects, 1, "the remote never had to close the link: {st:?}");
+}
+
+// ----- the connection registry ------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_link_is_listed_in_the_connection_registry_and_reconnects_when_closed_there() {
+    let remote = TestServer::mqtt().await;
+    let local = bridged(remote.mqtt_addr(), "5.0", r##"{ pattern = "#", direction = "out", qos = 1 }"##).await;
+    up(&local).await;
+    let connections = local.server.broker().connections();
+    let link = connections.list().into_iter().find(|c| c.client_id.as_deref() == Some("ferry-bridge-b"));
+    let link = link.expect("the link is listed");
+    assert_eq!((link.listener.as_deref(), link.peer, link.version), (None, remote.mqtt_addr(), "5.0"));
+    assert!(link.bytes_out > 0 && link.bytes_in > 0, "{link:?}");
+
+    assert!(connections.close(link.id, "maintenance"));
+    let st = status_when(&local, "reconnected", |s| s.connects == 2 && s.state == LinkState::Up).await;
+    assert!(st.last_error.is_none(), "cleared once up again: {st:?}");
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("t", V5Q1).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t", V5Q1, false, b"after").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "after");
+    status_when(&local, "forwarded", |s| s.forwarded_out == 1).await;
+    let link = connections.list().into_iter().find(|c| c.id == link.id).expect("listed again");
+    assert_eq!((link.messages_out, link.messages_in), (1, 0), "{link:?}");
+}
+
+// ----- keep alive -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_remote_that_goes_silent_is_pinged_then_dropped_and_reconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A 3.1.1 "broker" that accepts the CONNECT and then answers nothing, not even PINGREQ.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pinged_tx, pinged) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 256];
+        let _connect = s.read(&mut buf).await.unwrap();
+        s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if seen.windows(2).any(|w| w == [0xC0, 0x00]) {
+                let _ = pinged_tx.send(());
+                break;
+            }
+        }
+        // Hold the socket open and silent until the bridge gives up on it.
+        let _ = s.read(&mut buf).await;
+    });
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, addr, "3.1.1", rule, "keep_alive = 1\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    within("PINGREQ after a keep alive period of silence", pinged).await.expect("pinged");
+    let st = status_when(&local, "dropped for silence", |s| s.state == LinkState::BackingOff).await;
+    assert!(st.last_error.as_deref().unwrap_or("").contains("keep alive"), "{st:?}");
+}

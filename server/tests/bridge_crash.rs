@@ -1,0 +1,156 @@
+//! A bridge's backlog survives a SIGKILL of the bridging broker (issue 16): the `ferry` binary
+//! bridges to a second `ferry` that is down, takes N QoS 1 messages for it, is killed with
+//! SIGKILL, and restarted on the same data directory once the remote is up; the remote's
+//! subscriber gets every one, in order (duplicates of messages that were in flight allowed).
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+
+use bytes::BytesMut;
+use common::{Serving, PATIENCE};
+use ferry_mqtt::codec::{
+    encode, Connect, Decoder, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, Str, SubOptions, Subscribe,
+};
+
+const N: usize = 200;
+const V: ProtocolVersion = ProtocolVersion::V311;
+
+/// A blocking MQTT 3.1.1 client on Ferry's own codec.
+struct Client {
+    stream: TcpStream,
+    rx: BytesMut,
+    decoder: Decoder,
+}
+
+impl Client {
+    fn connect(port: u16, id: &str, clean: bool) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut c = Client { stream, rx: BytesMut::new(), decoder: Decoder::with_version(1 << 20, V) };
+        c.send(&Packet::Connect(Box::new(Connect {
+            version: V,
+            clean_start: clean,
+            keep_alive: 60,
+            client_id: Str::from(id),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })));
+        match c.recv() {
+            Packet::ConnAck(a) => assert_eq!(a.code, 0, "CONNACK"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        c
+    }
+
+    fn send(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        encode(p, V, &mut out);
+        self.stream.write_all(&out).expect("write");
+    }
+
+    fn recv(&mut self) -> Packet {
+        loop {
+            if let Some(p) = self.decoder.decode(&mut self.rx).expect("decode") {
+                return p;
+            }
+            let mut buf = [0u8; 4096];
+            let n = self.stream.read(&mut buf).expect("read (timed out?)");
+            assert!(n > 0, "the broker closed the connection");
+            self.rx.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start(dir: &Path, toml: &str) -> Serving {
+    std::fs::write(dir.join("ferry.toml"), toml).unwrap();
+    let mut ferry = Serving::start(dir, &["--config", "ferry.toml"]);
+    ferry.wait_for("ferry ready", |l| l.contains("ferry ready").then_some(()));
+    ferry
+}
+
+#[test]
+fn a_bridge_backlog_survives_sigkill_and_arrives_in_order() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let toml_a = format!(
+        "[broker]\ndata_dir = \"data\"\n[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:{port_a}\"\n\
+         [[bridges]]\nname = \"b\"\naddress = \"127.0.0.1:{port_b}\"\nprotocol_version = \"3.1.1\"\n\
+         reconnect_initial_ms = 50\nreconnect_max_ms = 400\n\
+         topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 1 }}]\n"
+    );
+    let toml_b =
+        format!("[broker]\ndata_dir = \"data\"\n[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:{port_b}\"\n");
+
+    // The remote is down: every message waits in the bridge's queue.
+    let a = start(dir_a.path(), &toml_a);
+    let mut publisher = Client::connect(port_a, "pub", true);
+    for i in 0..N {
+        let id = (i + 1) as u16;
+        publisher.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: Str::from("s/1"),
+            packet_id: Some(id),
+            properties: Properties::default(),
+            payload: format!("m{i}").into_bytes().into(),
+        }));
+        match publisher.recv() {
+            Packet::PubAck(a) => assert_eq!(a.packet_id, id),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    // Every PUBACK came after its commit; now the crash.
+    let killed = Command::new("kill").args(["-KILL", &a.pid().to_string()]).status().unwrap();
+    assert!(killed.success());
+    drop(a);
+    drop(publisher);
+
+    let b = start(dir_b.path(), &toml_b);
+    let mut subscriber = Client::connect(port_b, "sub", false);
+    subscriber.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![(Str::from("s/#"), SubOptions { qos: QoS::AtLeastOnce, ..SubOptions::default() })],
+    }));
+    assert!(matches!(subscriber.recv(), Packet::SubAck(_)));
+
+    let a = start(dir_a.path(), &toml_a);
+    let mut seen = HashSet::new();
+    let mut order = Vec::with_capacity(N);
+    let mut duplicates = 0;
+    while seen.len() < N {
+        match subscriber.recv() {
+            Packet::Publish(p) => {
+                let body = String::from_utf8(p.payload.to_vec()).unwrap();
+                if seen.insert(body.clone()) {
+                    order.push(body);
+                } else {
+                    duplicates += 1;
+                }
+                if let Some(id) = p.packet_id {
+                    subscriber.send(&Packet::PubAck(PubResp::ok(id)));
+                }
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(order, expected, "all {N}, in order");
+    eprintln!("{N} delivered after SIGKILL, {duplicates} duplicate(s)");
+    let (status, _) = a.stop();
+    assert!(status.success());
+    let (status, _) = b.stop();
+    assert!(status.success());
+}
