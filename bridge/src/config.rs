@@ -203,4 +203,4 @@ impl BridgeConfig {
 }
 
 /// Bridge queues are named with this prefix and the bridge's name.
-pub const QUEUE_PREFIX: &str = "ferry-bridge.";
+pub const QUEUE_PREFIX: &str = ferry_mqtt::acl::BRIDGE_QUEUE_PREFIX;

@@ -103,16 +103,28 @@ impl Bridges {
                     options,
                     connection: id,
                 };
-                let queue = match vhost.declare_queue(decl, now) {
+                let queue = match vhost.declare_queue(decl.clone(), now) {
                     Ok(d) => d.queue,
                     Err(CoreError::PreconditionFailed(why)) => {
-                        // Made with other limits by an earlier config: a queue's arguments do
-                        // not change, and deleting it would lose the backlog.
-                        warn!(
-                            "bridge {name}: queue {queue_name} keeps the limits it was made with ({why}); \
-                             delete it when empty to apply max_queued_messages / overflow"
-                        );
-                        vhost.queue(&queue_name).ok_or_else(|| qerr(CoreError::NotFound(queue_name.clone())))?
+                        // Made with other limits by an earlier config. A queue's arguments do
+                        // not change: an empty one is made again with the new limits; one
+                        // holding a backlog keeps its limits (deleting it would lose the
+                        // backlog) until a start finds it empty.
+                        let old =
+                            vhost.queue(&queue_name).ok_or_else(|| qerr(CoreError::NotFound(queue_name.clone())))?;
+                        let stats = old.stats();
+                        if stats.ready == 0 && stats.unacked == 0 {
+                            vhost.delete_queue(&decl.name, id, false, true, now).map_err(qerr)?;
+                            info!("bridge {name}: queue {queue_name} made again with the new limits ({why})");
+                            vhost.declare_queue(decl, now).map_err(qerr)?.queue
+                        } else {
+                            warn!(
+                                "bridge {name}: queue {queue_name} keeps the limits it was made with ({why}) while it \
+                                 holds {} messages; the new max_queued_messages / overflow apply at a start that finds it empty",
+                                stats.ready
+                            );
+                            old
+                        }
                     }
                     Err(e) => return Err(qerr(e)),
                 };

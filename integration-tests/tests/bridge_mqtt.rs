@@ -693,3 +693,75 @@ async fn a_remote_that_goes_silent_is_pinged_then_dropped_and_reconnected() {
     let st = status_when(&local, "dropped for silence", |s| s.state == LinkState::BackingOff).await;
     assert!(st.last_error.as_deref().unwrap_or("").contains("keep alive"), "{st:?}");
 }
+
+/// A bridge's backlog is the bridge's: an AMQP client, even the unrestricted default user, can
+/// neither consume, get, purge nor delete it, nor publish or bind into it (a 403 each), so the
+/// messages the bridge owes its remote stay there.
+#[tokio::test]
+async fn amqp_clients_cannot_touch_a_bridges_backlog() {
+    use ferry_integration_tests::amqp::{assert_code, lapin_uri, AMQP_LISTENER};
+    use lapin::options::{
+        BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        QueuePurgeOptions,
+    };
+    use lapin::types::FieldTable;
+
+    let (_silent, remote_addr) = silent_remote();
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let toml = format!("{AMQP_LISTENER}{}", bridged_toml(0, remote_addr, "5.0", rule, "max_inflight = 1\n"));
+    let frontends = ferry_server::frontends::builtin(&Default::default());
+    let local = TestServer::start(&toml, &frontends).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..3 {
+        publisher.publish("a", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let queue = "ferry-bridge.b";
+    let conn = lapin_uri(&format!("amqp://guest:guest@{}/%2f", local.amqp_addr())).await;
+    let ch = conn.create_channel().await.unwrap();
+    let consumed = ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default());
+    assert_code(within("consume", consumed).await, 403);
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(within("get", ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })).await, 403);
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(within("purge", ch.queue_purge(queue.into(), QueuePurgeOptions::default())).await, 403);
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(within("delete", ch.queue_delete(queue.into(), QueueDeleteOptions::default())).await, 403);
+    let ch = conn.create_channel().await.unwrap();
+    let bound =
+        ch.queue_bind(queue.into(), "amq.topic".into(), "#".into(), QueueBindOptions::default(), FieldTable::default());
+    assert_code(within("bind", bound).await, 403);
+    // Nothing was taken: one message with the link (its window of 1), two in the queue.
+    let ch = conn.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    let q = within("passive declare", ch.queue_declare(queue.into(), passive, FieldTable::default())).await.unwrap();
+    assert_eq!(q.message_count(), 2);
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.in_flight, st.queued), (1, 2), "{st:?}");
+}
+
+/// A queue's limits do not change once made: a start with other limits makes an empty backlog
+/// queue again with them, and keeps one that holds messages (with a warning) rather than lose
+/// them.
+#[tokio::test]
+async fn new_queue_limits_apply_to_an_empty_backlog_and_never_cost_a_queued_message() {
+    let (_silent, remote_addr) = silent_remote();
+    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let limits =
+        |n: u32| bridged_toml(0, remote_addr, "5.0", rule, &format!("max_queued_messages = {n}\nmax_inflight = 1\n"));
+    let local = TestServer::start(&limits(5), &[mqtt_frontend()]).await;
+    // Empty: made again with the new limit of 3.
+    let dir = local.stop().await;
+    let local = TestServer::start_in(dir, &limits(3), &[mqtt_frontend()]).await.expect("restart");
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..6 {
+        publisher.publish("a", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    drop(publisher);
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.in_flight, st.queued, st.dropped_overflow), (1, 3, 2), "{st:?}");
+    // Holding messages: the old limit stays, and nothing is lost.
+    let dir = local.stop().await;
+    let local = TestServer::start_in(dir, &limits(10), &[mqtt_frontend()]).await.expect("restart");
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!(st.queued + st.in_flight, 4, "{st:?}");
+}

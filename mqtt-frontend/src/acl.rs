@@ -146,10 +146,13 @@ pub const SESSION_QUEUE_PREFIX: &str = "mqtt-session.";
 /// The prefix of a shared subscription's queue: `mqtt-shared.<group>.<filter>`.
 pub const SHARED_QUEUE_PREFIX: &str = "mqtt-shared.";
 
-/// The queues the frontend keeps for persistent sessions and shared subscriptions: what MQTT
-/// clients' subscriptions fill, so AMQP connections held to the ACL may touch them only with
-/// read access to everything.
-const QUEUE_PREFIXES: [&str; 2] = [SESSION_QUEUE_PREFIX, SHARED_QUEUE_PREFIX];
+/// The prefix of an MQTT bridge's backlog: `ferry-bridge.<bridge name>` (the `ferry-bridge`
+/// crate names its queues with it). Only the bridge consumes it.
+pub const BRIDGE_QUEUE_PREFIX: &str = "ferry-bridge.";
+
+/// The queues the frontend keeps for persistent sessions, shared subscriptions and bridges:
+/// what MQTT subscriptions and bridge rules fill, so other protocols' clients are kept out.
+const QUEUE_PREFIXES: [&str; 3] = [SESSION_QUEUE_PREFIX, SHARED_QUEUE_PREFIX, BRIDGE_QUEUE_PREFIX];
 
 /// The MQTT frontend's [`TopicPolicy`]: the ACL in routing keys, and its own queues.
 #[derive(Debug, Clone, Default)]
@@ -213,6 +216,14 @@ impl TopicPolicy for MqttPolicy {
     /// is the one exception: AMQP consumers may join a group as its MQTT members do (under the
     /// same read checks). A passive declare, which changes nothing, is not asked about.
     fn queue_refusal(&self, vhost: &str, name: &str, what: QueueUse) -> Option<String> {
+        if name.starts_with(BRIDGE_QUEUE_PREFIX) {
+            // A bridge's backlog: whoever else consumed, purged or deleted it would take the
+            // messages the bridge owes its remote.
+            return Some(format!(
+                "cannot {} queue '{name}' in vhost '{vhost}': it holds an MQTT bridge's backlog and only the bridge consumes it",
+                what.verb()
+            ));
+        }
         let session = name.starts_with(SESSION_QUEUE_PREFIX);
         if !session && !name.starts_with(SHARED_QUEUE_PREFIX) {
             return None;
@@ -463,6 +474,11 @@ mod tests {
             .unwrap()
             .contains("an MQTT shared subscription"));
         assert!(p.queue_refusal("/", "work", QueueUse::Delete).is_none());
+        // A bridge's backlog, for every use, consuming included.
+        assert!(p.reserves_queue(b"ferry-bridge.central"));
+        for what in [QueueUse::Publish, QueueUse::Bind, QueueUse::Consume, QueueUse::Purge, QueueUse::Delete] {
+            assert!(p.queue_refusal("/", "ferry-bridge.central", what).is_some(), "{what:?}");
+        }
     }
 
     #[test]
