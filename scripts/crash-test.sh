@@ -2,12 +2,16 @@
 # Crash test for durable storage (issue 6): runs the `ferry` binary as a child process, publishes
 # persistent messages with AMQP confirms (pika) and MQTT QoS 1 (paho-mqtt), SIGKILLs the broker at
 # random moments, restarts it on the same data directory and checks that every confirmed message
-# is still there (then one round with a clean SIGTERM shutdown). The logic, what counts as a
+# is still there (then one round with a clean SIGTERM shutdown). In the same rounds it bridges
+# (a `[[bridges]]` out rule, QoS 1) to a second `ferry` that is never killed and checks that
+# every PUBACKed bridged message reaches it at least once (issue 16). The logic, what counts as a
 # failure and the environment knobs (CRASH_ROUNDS, CRASH_SEED, CRASH_NO_KILL, CRASH_TIMEOUT,
 # CRASH_KEEP) are in scripts/crash_test.py.
 #
-# Ends with one line "crash-test: N rounds, X confirmed, M missing, D duplicates, ..."; exits
-# non-zero on any missing message or any round that could not run.
+# Ends with "bridge round ..." lines, a "crash-test bridge: ..." line, then one line
+# "crash-test: N rounds, X confirmed, M missing, D duplicates, ..."; exits non-zero on any
+# missing message (also one bridged message missing at the remote) or any round that could not
+# run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

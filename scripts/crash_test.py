@@ -46,6 +46,23 @@ Allowed and only counted: duplicates (an id seen twice in one place), "unconfirm
 (published, confirm not received before the kill, yet stored), nacked publishes, and "late"
 (an unconfirmed id of an earlier round first seen in a later round).
 
+The bridge scenario (issue 16), in the same rounds: a second Ferry, the remote, runs on its own
+ports and data directory and is never killed; the Ferry under test has a `[[bridges]]` entry
+`crash-remote` with one `out` rule `crash/bridge/#` QoS 1 to it. Each round a third MQTT 3.1.1
+QoS 1 publisher (10 in flight; topic `crash/bridge/0`, bodies `b<round>-0-<n>`) publishes with
+the others and is killed with them (each PUBACKed id is "accepted"); a subscriber on the remote
+(`crash/bridge/#`, QoS 1, connected for the whole run) records what arrives. So that the bridge
+has a backlog when the Ferry under test is killed, the remote is frozen (SIGSTOP) for the second
+half of each round's publishing and resumed (SIGCONT) right after the kill: what was accepted
+then waits in the bridge's queue, up to `max_inflight` (32) of it sent and not acknowledged.
+After the last round, once every accepted id has arrived (or after BRIDGE_WAIT s without that),
+one line per round `bridge round <r>: accepted N; backlog at the kill B; missing M; duplicates D;
+unaccepted present U` (B: accepted, not yet at the remote's subscriber at the kill), then
+`crash-test bridge: ...`. FAILS when an accepted id never reached the remote, when an id that
+was never published arrives, or when no bridged publish was accepted in a round. Allowed and only
+counted: duplicates (the bridge resends what the remote had not acknowledged before the kill)
+and unaccepted ids that arrived anyway.
+
 Output: one line per round, then `crash-test: N rounds, X confirmed, M missing, D duplicates, ...`;
 exit status 0 only when no round failed.
 """
@@ -83,6 +100,11 @@ START_WAIT = 30.0  # broker start (recovery included)
 IDLE = 1.5  # a drain ends after this long without a message
 DRAIN_CAP = 60.0  # ... or after this long in all
 GRACE = 5  # the broker's shutdown_grace_secs
+BRIDGE_NAME = "crash-remote"
+BRIDGE_FILTER = "crash/bridge/#"
+BRIDGE_WINDOWS = (10,)  # the bridged MQTT publisher
+BRIDGE_WAIT = 60.0  # after the last round: at most this long for the backlog to reach the remote
+BRIDGE_RE = re.compile(r"^b(\d+)-(\d+)-(\d+)$")
 ID_RE = re.compile(r"^([am])(\d+)-(\d+)-(\d+)$")
 
 logging.getLogger("pika").setLevel(logging.CRITICAL + 10)  # connection losses are expected
@@ -137,9 +159,11 @@ def port_open(port):
 
 
 class Broker:
-    def __init__(self, exe, work):
+    def __init__(self, exe, work, bridge_to=None, name="ferry"):
         self.exe = exe
         self.work = work
+        self.bridge_to = bridge_to  # a callable giving the remote's MQTT port, or None
+        self.name = name
         self.data = os.path.join(work, "data")
         self.config = os.path.join(work, "ferry.toml")
         self.proc = None
@@ -168,8 +192,20 @@ class Broker:
                 'protocol = "amqp"\n'
                 f'bind = "{HOST}:{self.amqp_port}"\n'
             )
+            if self.bridge_to is not None:
+                # QoS 1 out rule to the remote; fast reconnects so that a restart resumes at once;
+                # no queue limit, so that nothing is dropped by design.
+                f.write(
+                    "\n[[bridges]]\n"
+                    f'name = "{BRIDGE_NAME}"\n'
+                    f'address = "{HOST}:{self.bridge_to()}"\n'
+                    "max_queued_messages = 0\n"
+                    "reconnect_initial_ms = 100\n"
+                    "reconnect_max_ms = 1000\n"
+                    f'topics = [{{ pattern = "{BRIDGE_FILTER}", direction = "out", qos = 1 }}]\n'
+                )
         self.starts += 1
-        self.log = os.path.join(self.work, f"ferry-{self.starts}.log")
+        self.log = os.path.join(self.work, f"{self.name}-{self.starts}.log")
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(
                 [self.exe, "--config", self.config],
@@ -184,15 +220,24 @@ class Broker:
             rc = self.proc.poll()
             if rc is not None:
                 self.proc = None
-                raise RoundError(f"ferry exited with status {rc} while starting (start {self.starts})")
+                raise RoundError(f"{self.name} exited with status {rc} while starting (start {self.starts})")
             if port_open(self.mqtt_port) and port_open(self.amqp_port):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > START_WAIT:
-                raise RoundError(f"ferry did not open its ports within {START_WAIT:.0f} s (start {self.starts})")
+                raise RoundError(f"{self.name} did not open its ports within {START_WAIT:.0f} s (start {self.starts})")
             time.sleep(0.05)
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
+
+    def freeze(self):
+        """SIGSTOP (the bridge's remote: it stops answering without closing anything)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self):
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self):
         if self.proc is None:
@@ -236,9 +281,9 @@ class Ledger:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.sent = {"amqp": set(), "mqtt": set()}
-        self.confirmed = {"amqp": set(), "mqtt": set()}
-        self.nacked = {"amqp": set(), "mqtt": set()}
+        self.sent = {"amqp": set(), "mqtt": set(), "bridge": set()}
+        self.confirmed = {"amqp": set(), "mqtt": set(), "bridge": set()}
+        self.nacked = {"amqp": set(), "mqtt": set(), "bridge": set()}
 
     def add(self, what, kind, mid):
         with self.lock:
@@ -373,9 +418,12 @@ class MqttPublisher(threading.Thread):
     """paho-mqtt 3.1.1 QoS 1, its network loop driven by this thread (no automatic reconnect)."""
 
     kind = "mqtt"
+    topic_base = "crash/mqtt"
+    prefix = "m"
+    client_prefix = "crash-pub"
 
     def __init__(self, port, rnd, idx, window, ledger):
-        super().__init__(name=f"mqtt-pub-{idx}", daemon=True)
+        super().__init__(name=f"{self.kind}-pub-{idx}", daemon=True)
         self.port, self.rnd, self.idx, self.window, self.ledger = port, rnd, idx, window, ledger
         self.ready = threading.Event()
         self.go = threading.Event()
@@ -396,12 +444,12 @@ class MqttPublisher(threading.Thread):
     def _on_publish(self, client, userdata, packet_id, reason_code, properties):
         mid = self.pending.pop(packet_id, None)
         if mid is not None:
-            self.ledger.add("confirmed", "mqtt", mid)
+            self.ledger.add("confirmed", self.kind, mid)
 
     def run(self):
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"crash-pub-{self.rnd}-{self.idx}",
+            client_id=f"{self.client_prefix}-{self.rnd}-{self.idx}",
             protocol=mqtt.MQTTv311,
             clean_session=True,
         )
@@ -425,12 +473,12 @@ class MqttPublisher(threading.Thread):
                 if self.stop_evt.is_set():
                     return
             n = 0
-            topic = f"crash/mqtt/{self.idx}"
+            topic = f"{self.topic_base}/{self.idx}"
             while not self.stop_evt.is_set() and not self.lost:
                 while len(self.pending) < self.window and not self.stop_evt.is_set():
                     n += 1
-                    mid = f"m{self.rnd}-{self.idx}-{n}"
-                    self.ledger.add("sent", "mqtt", mid)
+                    mid = f"{self.prefix}{self.rnd}-{self.idx}-{n}"
+                    self.ledger.add("sent", self.kind, mid)
                     info = c.publish(topic, mid.encode(), qos=1)
                     if info.rc != ok:
                         self.lost = True
@@ -460,6 +508,64 @@ class MqttPublisher(threading.Thread):
                 c.socket() and c.socket().close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+class BridgePublisher(MqttPublisher):
+    """The same QoS 1 publisher on the bridged topic: each PUBACKed id is "accepted"."""
+
+    kind = "bridge"
+    topic_base = "crash/bridge"
+    prefix = "b"
+    client_prefix = "crash-bridge-pub"
+
+
+class RemoteSubscriber:
+    """An MQTT 3.1.1 subscriber on the remote Ferry (never killed), connected for the whole run,
+    subscribed to the bridged topics at QoS 1; records every body that arrives."""
+
+    def __init__(self, port):
+        self.port = port
+        self.lock = threading.Lock()
+        self.bodies = []
+        self.last = time.monotonic()
+        self.suback = threading.Event()
+        self.granted = None
+        self.disconnected = False
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id="crash-remote-sub", protocol=mqtt.MQTTv311, clean_session=True
+        )
+        self.c.on_connect = lambda cl, ud, flags, rc, props: cl.subscribe(BRIDGE_FILTER, qos=1)
+        self.c.on_subscribe = self._on_subscribe
+        self.c.on_message = self._on_message
+        self.c.on_disconnect = lambda *a: setattr(self, "disconnected", True)
+
+    def _on_subscribe(self, cl, ud, mid, rcs, props):
+        self.granted = rcs[0]
+        self.suback.set()
+
+    def _on_message(self, cl, ud, msg):
+        with self.lock:
+            self.bodies.append(msg.payload.decode("utf-8", "replace"))
+            self.last = time.monotonic()
+
+    def start(self):
+        self.c.connect(HOST, self.port, keepalive=30)
+        self.c.loop_start()
+        if not self.suback.wait(WAIT):
+            raise RoundError("the subscriber on the remote Ferry got no SUBACK")
+        if self.granted.is_failure or self.granted.value != 1:
+            raise RoundError(f"the subscriber on the remote Ferry: subscription refused or downgraded: {self.granted}")
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.bodies), self.last
+
+    def stop(self):
+        try:
+            self.c.disconnect()
+            self.c.loop_stop()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 # --- setup and drains ----------------------------------------------------------------------------
@@ -615,7 +721,12 @@ class CrashTest:
         self.delays = [rng.uniform(KILL_MIN + i * width, KILL_MIN + (i + 1) * width) for i in range(n)]
         rng.shuffle(self.delays)
         self.work = tempfile.mkdtemp(prefix="ferry-crash-")
-        self.broker = Broker(exe, self.work)
+        # The bridge's remote: a second Ferry on its own ports and data directory, never killed.
+        os.makedirs(os.path.join(self.work, "remote"))
+        self.remote = Broker(exe, os.path.join(self.work, "remote"), name="remote")
+        self.remote_sub = None
+        self.broker = Broker(exe, self.work, bridge_to=lambda: self.remote.mqtt_port)
+        self.bridge_rounds = []  # (round, sent, accepted) of the bridged publisher
         self.acked = {AMQP_Q: set(), MQTT_Q: set(), SUB_ID: set()}  # ids consumed and acked so far
         self.totals = collections.Counter()
         self.failed_rounds = []
@@ -627,6 +738,7 @@ class CrashTest:
         setup_queues(b.amqp_port)
         pubs = [AmqpPublisher(b.amqp_port, r, i, w, ledger) for i, w in enumerate(AMQP_WINDOWS)]
         pubs += [MqttPublisher(b.mqtt_port, r, i, w, ledger) for i, w in enumerate(MQTT_WINDOWS)]
+        pubs += [BridgePublisher(b.mqtt_port, r, i, w, ledger) for i, w in enumerate(BRIDGE_WINDOWS)]
         for p in pubs:
             p.start()
         for p in pubs:
@@ -638,24 +750,38 @@ class CrashTest:
         t0 = time.monotonic()
         for p in pubs:
             p.begin()
+        frozen = False
         while time.monotonic() - t0 < delay:
+            if not frozen and time.monotonic() - t0 >= delay / 2:
+                # The remote stops answering for the second half: the bridge has a backlog (and
+                # up to max_inflight messages sent but not acknowledged) when ferry is killed.
+                self.remote.freeze()
+                frozen = True
             if not b.alive():
+                self.remote.thaw()
                 rc = b.proc.poll() if b.proc else None
                 b.proc = None
                 raise RoundError(f"ferry died on its own (status {rc}) {time.monotonic() - t0:.2f} s into publishing")
             time.sleep(min(0.02, max(0.0, delay - (time.monotonic() - t0))))
         elapsed = time.monotonic() - t0
         notes, fails = [], []
+        # what the remote's subscriber had at the kill: the rest of what is accepted is the backlog
+        at_kill = None
 
         if mode == "kill":
             b.kill()
+            at_kill = set(self.remote_sub.snapshot()[0])
+            self.remote.thaw()
             how = f"killed after {elapsed:.2f} s"
         elif mode == "term":
+            at_kill = set(self.remote_sub.snapshot()[0])
+            self.remote.thaw()
             rc, took = b.terminate()
             how = f"SIGTERM after {elapsed:.2f} s, exit {rc if rc is not None else 'none (killed)'} in {took:.2f} s"
             if rc != 0:
                 fails.append(f"ferry did not shut down cleanly on SIGTERM (exit status {rc})")
         else:
+            self.remote.thaw()
             how = f"publishers stopped after {elapsed:.2f} s (no kill)"
 
         for p in pubs:
@@ -673,6 +799,8 @@ class CrashTest:
             if errs:
                 raise RoundError("publisher errors without a kill: " + "; ".join(errs))
         sent, confirmed, nacked = ledger.snapshot()
+        self.bridge_rounds.append((r, sent.pop("bridge"), confirmed.pop("bridge"), at_kill))
+        nacked.pop("bridge")
 
         if mode != "none":
             b.start()
@@ -799,6 +927,9 @@ class CrashTest:
         )
         aborted = None
         try:
+            self.remote.start()
+            self.remote_sub = RemoteSubscriber(self.remote.mqtt_port)
+            self.remote_sub.start()
             self.broker.start()
             setup_queues(self.broker.amqp_port)
             out = {}
@@ -829,14 +960,22 @@ class CrashTest:
                     print(f"  tail of the previous broker log ({os.path.basename(prev)}):", flush=True)
                     print("\n".join(f"    | {x}" for x in lines), flush=True)
 
+        bridge_failed = False
+        if aborted is None and self.bridge_rounds:
+            bridge_failed = self.check_bridge()
+        elif self.bridge_rounds:
+            print("crash-test bridge: not checked (a round could not run)", flush=True)
+
         t = self.totals
-        ok = aborted is None and not self.failed_rounds
+        ok = aborted is None and not self.failed_rounds and not bridge_failed
         verdict = "ok" if ok else "FAILED"
         why = []
         if self.failed_rounds:
             why.append(f"rounds {', '.join(map(str, self.failed_rounds))} failed")
         if aborted is not None:
             why.append("setup could not run" if aborted[0] == 0 else f"round {aborted[0]} could not run")
+        if bridge_failed:
+            why.append("the bridge check failed")
         print(
             f"crash-test: {t['rounds']} rounds, {t['confirmed']} confirmed, {t['missing']} missing,"
             f" {t['duplicates']} duplicates, {t['unconfirmed']} unconfirmed present, {t['resurrected']} resurrected"
@@ -846,7 +985,75 @@ class CrashTest:
         )
         return 0 if ok else 1
 
+    def check_bridge(self):
+        """After the last round: waits (at most BRIDGE_WAIT s) until every accepted bridged id has
+        reached the remote, then IDLE more for late duplicates; prints one line per round and a
+        summary. Returns True when it failed."""
+        accepted = set().union(*(a for _r, _s, a, _k in self.bridge_rounds))
+        sent = set().union(*(s for _r, s, _a, _k in self.bridge_rounds))
+        t0 = time.monotonic()
+        while True:
+            bodies, last = self.remote_sub.snapshot()
+            seen = set(bodies)
+            now = time.monotonic()
+            if accepted <= seen and now - last >= IDLE:
+                break
+            if now - t0 > BRIDGE_WAIT:
+                break
+            time.sleep(0.1)
+        waited = time.monotonic() - t0
+        counts = collections.Counter(bodies)
+        failed = False
+        tot = collections.Counter()
+        unknown = [mid for mid in counts if mid not in sent]
+        for r, s, a, at_kill in self.bridge_rounds:
+            mine = {mid: n for mid, n in counts.items() if mid in s}
+            missing = sorted(a - mine.keys(), key=bridge_order)
+            dups = sum(n - 1 for n in mine.values())
+            unaccepted = sum(1 for mid in mine if mid not in a)
+            fails = []
+            if missing:
+                fails.append(
+                    f"missing at the remote: {len(missing)} of {len(a)} accepted ids, e.g. {', '.join(missing[:10])}"
+                )
+            if not a:
+                fails.append("no bridged publish was accepted in this round")
+            # accepted, not yet at the remote's subscriber when the broker was killed (or stopped)
+            backlog = len(a - at_kill) if at_kill is not None else 0
+            print(
+                f"bridge round {r}: accepted {len(a)}; backlog at the kill {backlog}; missing {len(missing)};"
+                f" duplicates {dups}; unaccepted present {unaccepted}" + ("  <-- FAILED" if fails else ""),
+                flush=True,
+            )
+            for f in fails:
+                print(f"  FAIL {f}", flush=True)
+            failed = failed or bool(fails)
+            tot.update(accepted=len(a), backlog=backlog, missing=len(missing), duplicates=dups, unaccepted=unaccepted)
+        if unknown:
+            print(f"  FAIL at the remote but never published: {len(unknown)} ids, e.g. {', '.join(unknown[:10])}")
+            failed = True
+        if self.remote_sub.disconnected:
+            print("  note the subscriber on the remote was disconnected during the run", flush=True)
+        print(
+            f"crash-test bridge: {len(self.bridge_rounds)} rounds, {tot['accepted']} accepted,"
+            f" {tot['backlog']} in the backlog at the kills, {tot['missing']} missing,"
+            f" {tot['duplicates']} duplicates, {tot['unaccepted']} unaccepted present"
+            + (
+                f" (backlog drained {waited:.1f} s after the last round)"
+                if accepted <= seen
+                else f" (backlog not drained within {BRIDGE_WAIT:.0f} s)"
+            )
+            + f": {'FAILED' if failed else 'ok'}",
+            flush=True,
+        )
+        return failed
+
     def cleanup(self):
+        if self.remote_sub is not None:
+            self.remote_sub.stop()
+        if self.remote.alive():
+            self.remote.thaw()
+            self.remote.kill()
         if self.broker.alive():
             self.broker.kill()
         if env_flag("CRASH_KEEP"):
@@ -858,6 +1065,11 @@ class CrashTest:
 def id_order(mid):
     m = ID_RE.match(mid)
     return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else (mid, 0, 0, 0)
+
+
+def bridge_order(mid):
+    m = BRIDGE_RE.match(mid)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (0, 0, 0)
 
 
 def main():
