@@ -20,7 +20,7 @@ use ferry_core::connections::{ConnectionInfo, Connections, Login};
 use ferry_core::flow::AckQueue;
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Message, Origin, Protocol, ShortString};
-use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue};
+use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue};
 use ferry_core::sink::Outbox;
 use ferry_core::store::Commit;
 use ferry_core::vhost::VHost;
@@ -111,22 +111,6 @@ pub(crate) struct Link {
     pub counters: Counters,
     /// Bumped when counters move, for [`Bridges::wait_for`](crate::Bridges::wait_for).
     pub changes: tokio::sync::watch::Sender<u64>,
-}
-
-/// Deliveries from the bridge's queue land here.
-#[derive(Debug)]
-struct QueueSink {
-    outbox: Arc<Outbox<Delivery>>,
-}
-
-impl ConsumerSink for QueueSink {
-    fn has_room(&self) -> bool {
-        self.outbox.has_room()
-    }
-    fn deliver(&self, delivery: Delivery) {
-        // Bounded by the consumer's prefetch, which is below the outbox's capacity.
-        self.outbox.push(delivery)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +237,9 @@ impl Link {
                     no_ack: false,
                     exclusive: false,
                     priority: 0,
-                    sink: Arc::new(QueueSink { outbox: outbox.clone() }),
+                    // Deliveries land in the outbox (ferry_core::sink); the prefetch, below its
+                    // capacity, bounds them.
+                    sink: outbox.clone(),
                 };
                 match vhost.consume(q.name(), spec, now_millis()) {
                     Ok(c) => Some(c),

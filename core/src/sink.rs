@@ -245,6 +245,18 @@ impl<T> Outbox<T> {
     }
 }
 
+/// A connection's outbox is itself a queue consumer's receiving end: deliveries land in it, for
+/// consumers bounded by their prefetch (an MQTT session's queue, a bridge's backlog). The
+/// prefetch keeps them under the outbox's capacity, so none is dropped.
+impl crate::queue::ConsumerSink for Outbox<crate::queue::Delivery> {
+    fn has_room(&self) -> bool {
+        Outbox::has_room(self)
+    }
+    fn deliver(&self, delivery: crate::queue::Delivery) {
+        self.push(delivery)
+    }
+}
+
 /// Which bindings of a sink matched a message. Most messages match one binding, so that case
 /// allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
 use ferry_core::flow::AckQueue;
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
-use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
+use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
 use ferry_core::store::{Commit, StoreOp};
 use ferry_core::vhost::{ExchangeDeclare, QueueDeclare, VHost};
@@ -158,22 +158,6 @@ pub struct WillOnClose {
     /// Seconds to wait first: the will delay, cut to the session expiry (§3.1.3.2.2: the will
     /// goes when the delay has passed or the session ends, whichever comes first); 0: now.
     pub delay: u32,
-}
-
-/// The receiving end of a queue consumer: deliveries land in the connection's outbox.
-#[derive(Debug)]
-pub struct QueueSink {
-    outbox: Arc<Outbox<Delivery>>,
-}
-
-impl ConsumerSink for QueueSink {
-    fn has_room(&self) -> bool {
-        self.outbox.has_room()
-    }
-    fn deliver(&self, delivery: Delivery) {
-        // Bounded by the consumer's prefetch (the inflight window), so never dropped.
-        self.outbox.push(delivery)
-    }
 }
 
 /// Where an outbound QoS 1/2 delivery came from, to settle it when the client acknowledges.
@@ -443,9 +427,8 @@ impl Session {
                 no_ack: false,
                 exclusive: false,
                 priority: 0,
-                sink: Arc::new(QueueSink {
-                    outbox: queue_outbox.get_or_insert_with(|| Arc::new(Outbox::new(settings.outbox_capacity))).clone(),
-                }),
+                // The outbox is the sink (ferry_core::sink); the inflight window bounds it.
+                sink: queue_outbox.get_or_insert_with(|| Arc::new(Outbox::new(settings.outbox_capacity))).clone(),
             };
             let (queue, consumer) = vhost.consume(queue.name(), spec, now)?;
             Mode::Persistent { queue, consumer }
@@ -1181,12 +1164,10 @@ impl Session {
                 no_ack: false,
                 exclusive: false,
                 priority: 0,
-                sink: Arc::new(QueueSink {
-                    outbox: self
-                        .queue_outbox
-                        .get_or_insert_with(|| Arc::new(Outbox::new(self.settings.outbox_capacity)))
-                        .clone(),
-                }),
+                sink: self
+                    .queue_outbox
+                    .get_or_insert_with(|| Arc::new(Outbox::new(self.settings.outbox_capacity)))
+                    .clone(),
             };
             let (q, consumer) = self.vhost.consume(q.name(), spec, now)?;
             shared = Some((q, consumer));
