@@ -1,6 +1,6 @@
 //! Ferry's bridges: outbound links to other brokers, with store and forward on the core's
 //! durable queues (DESIGN.md, "Services beside the frontends"). This first slice has MQTT
-//! bridges (to MQTT 3.1.1 and 5.0 brokers over TCP or TLS); AMQP shovels come later.
+//! bridges (to MQTT 3.1.1 and 5.0 brokers over TCP or TLS) and AMQP shovels ([`shovel`]).
 //!
 //! # Layout
 //!
@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod config;
 mod link;
 pub mod rules;
+pub mod shovel;
 pub mod status;
 pub mod tls;
 
@@ -42,6 +43,7 @@ use tracing::{info, warn};
 
 pub use config::{BridgeConfig, BridgeTls, Direction, Overflow, PasswordSource, TopicRule};
 pub use link::{LinkError, HOPS};
+pub use shovel::{AckMode, AmqpUri, ShovelConfig, ShovelDirection};
 pub use status::{BridgeStatus, LinkState};
 
 use crate::link::Link;
@@ -56,6 +58,8 @@ pub enum BridgeError {
     BadFilter { index: usize, name: String, filter: String, reason: String },
     #[error("bridges[{index}] ({name}): local queue {queue}: {error}")]
     Queue { index: usize, name: String, queue: String, error: CoreError },
+    #[error("shovels[{index}] ({name}): {reason}")]
+    Shovel { index: usize, name: String, reason: String },
 }
 
 /// The running bridges.
@@ -63,6 +67,8 @@ pub enum BridgeError {
 pub struct Bridges {
     links: Vec<Arc<Link>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The AMQP shovels (`[[shovels]]`), after the bridges in [`Bridges::status`].
+    shovels: Vec<Arc<shovel::Shovel>>,
 }
 
 impl Bridges {
@@ -166,9 +172,28 @@ impl Bridges {
         Ok(bridges)
     }
 
-    /// A snapshot of every bridge, in config order.
+    /// Starts the MQTT bridges and the AMQP shovels: the one entry point the server uses.
+    /// Each shovel's local queue and bindings are set up first; nothing is started when one
+    /// bridge or shovel cannot be set up.
+    pub fn start_with_shovels(
+        broker: &Arc<Broker>,
+        configs: &[BridgeConfig],
+        shovels: &[ShovelConfig],
+        shutdown: Shutdown,
+    ) -> Result<Bridges, BridgeError> {
+        let ready = shovel::prepare(broker, shovels)?;
+        let mut bridges = Bridges::start(broker, configs, shutdown.clone())?;
+        bridges.shovels = shovel::spawn(ready, &shutdown, &mut bridges.tasks);
+        if !bridges.shovels.is_empty() {
+            info!("{} shovel(s) started", bridges.shovels.len());
+        }
+        Ok(bridges)
+    }
+
+    /// A snapshot of every bridge, in config order, then every shovel.
     pub fn status(&self) -> Vec<BridgeStatus> {
-        self.links.iter().map(|l| Bridges::status_of(l)).collect()
+        let shovels = self.shovels.iter().map(|s| s.status());
+        self.links.iter().map(|l| Bridges::status_of(l)).chain(shovels).collect()
     }
 
     /// Waits until bridge `name`'s status satisfies `pred` (checked now, then whenever its state
@@ -176,6 +201,9 @@ impl Bridges {
     /// task ended first. Queue counts (`queued`) move without a wake-up: wait on the link's own
     /// counters.
     pub async fn wait_for(&self, name: &str, pred: impl Fn(&BridgeStatus) -> bool) -> Option<BridgeStatus> {
+        if let Some(s) = self.shovels.iter().find(|s| s.config.name == name) {
+            return s.wait_for(pred).await;
+        }
         let link = self.links.iter().find(|l| l.config.name == name)?;
         let mut states = link.state.subscribe();
         let mut changes = link.changes.subscribe();
@@ -211,6 +239,7 @@ impl Bridges {
             dropped_loop: Counters::get(&c.dropped_loop),
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
             dropped_refused: Counters::get(&c.dropped_refused),
+            nacked: Counters::get(&c.nacked),
             connects: Counters::get(&c.connects),
             attempts: Counters::get(&c.attempts),
         }
@@ -218,11 +247,12 @@ impl Bridges {
 
     /// The state of bridge `name` as a watch: `wait_for` on it to wait for a state.
     pub fn watch(&self, name: &str) -> Option<watch::Receiver<(LinkState, Option<String>)>> {
-        self.links.iter().find(|l| l.config.name == name).map(|l| l.state.subscribe())
+        let shovel = || self.shovels.iter().find(|s| s.config.name == name).map(|s| s.state.subscribe());
+        self.links.iter().find(|l| l.config.name == name).map(|l| l.state.subscribe()).or_else(shovel)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.links.is_empty()
+        self.links.is_empty() && self.shovels.is_empty()
     }
 
     /// Waits for every bridge task to end (after the shutdown signal): each sends DISCONNECT

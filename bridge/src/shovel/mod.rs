@@ -1,0 +1,135 @@
+//! AMQP shovels: move messages between the local broker and a remote AMQP 0-9-1 broker
+//! (RabbitMQ, another Ferry), with store and forward on the core's durable queues.
+//!
+//! - [`config`]: one `[[shovels]]` table as values ([`ShovelConfig`], [`AmqpUri`]).
+//! - [`client`]: the AMQP client as a sans-I/O state machine on ferry-amqp's codec.
+//! - `link`: one task per shovel (connect, set up, move messages, back off).
+//!
+//! Data flows: out, local publisher → exchange → local queue (redb) → shovel → remote
+//! basic.publish → publisher confirm → local ack; in, remote basic.deliver → local vhost
+//! publish → store commit → remote basic.ack.
+
+pub mod client;
+pub mod config;
+mod link;
+
+use std::sync::Arc;
+
+use ferry_core::error::CoreError;
+use ferry_core::exchange::BindingKey;
+use ferry_core::frontend::Shutdown;
+use ferry_core::message::{now_millis, ConnectionId, FieldTable, ShortString};
+use ferry_core::queue::QueueOptions;
+use ferry_core::vhost::{QueueDeclare, VHost};
+use ferry_core::Broker;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{AckMode, AmqpUri, Destination, ShovelConfig, ShovelDirection, Source, UriError};
+pub use link::{ShovelError, SHOVELLED};
+
+pub(crate) use link::Shovel;
+
+use crate::status::{Counters, StateCell};
+use crate::BridgeError;
+
+/// Declares each shovel's local queue and bindings (`out` shovels) and checks its local
+/// destination exchange (`in` shovels); nothing is started yet.
+pub(crate) fn prepare(
+    broker: &Arc<Broker>,
+    configs: &[ShovelConfig],
+) -> Result<Vec<(Arc<Shovel>, Arc<VHost>)>, BridgeError> {
+    let now = now_millis();
+    let mut ready = Vec::with_capacity(configs.len());
+    for (index, config) in configs.iter().enumerate() {
+        let name = config.name.clone();
+        let err = |reason: String| BridgeError::Shovel { index, name: name.clone(), reason };
+        let vhost = broker.add_vhost(&config.vhost);
+        let id = ConnectionId::next();
+        let queue = match config.direction {
+            ShovelDirection::Out => {
+                let queue_name = config.local_queue();
+                let queue = match vhost.queue(&queue_name) {
+                    Some(q) => q,
+                    None => {
+                        let options = QueueOptions {
+                            durable: true,
+                            exclusive: None,
+                            auto_delete: false,
+                            arguments: FieldTable::new(),
+                        };
+                        let decl = QueueDeclare {
+                            name: ShortString::from(queue_name.as_str()),
+                            passive: false,
+                            options,
+                            connection: id,
+                        };
+                        vhost
+                            .declare_queue(decl, now)
+                            .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
+                            .queue
+                    }
+                };
+                if let Source::Exchange { exchange, key } = &config.source {
+                    if vhost.exchange(exchange).is_none() {
+                        return Err(err(format!(
+                            "src_exchange {exchange:?} does not exist in vhost {:?}",
+                            config.vhost
+                        )));
+                    }
+                    vhost
+                        .bind_queue(
+                            queue.name(),
+                            &ShortString::from(exchange.as_str()),
+                            BindingKey::new(key.as_str()),
+                            id,
+                        )
+                        .map_err(|e| err(format!("binding {queue_name} to {exchange}: {e}")))?;
+                }
+                Some(queue)
+            }
+            ShovelDirection::In => {
+                match &config.destination {
+                    Destination::Exchange { exchange, .. } if vhost.exchange(exchange).is_none() => {
+                        return Err(err(format!(
+                            "dest_exchange {exchange:?} does not exist in vhost {:?}",
+                            config.vhost
+                        )));
+                    }
+                    Destination::Queue(q) if vhost.queue(q).is_none() => {
+                        return Err(err(format!("dest_queue {q:?} does not exist in vhost {:?}", config.vhost)));
+                    }
+                    _ => {}
+                }
+                None
+            }
+        };
+        let shovel = Arc::new(Shovel {
+            config: config.clone(),
+            id,
+            connections: broker.connections().clone(),
+            queue,
+            state: StateCell::new(),
+            counters: Counters::default(),
+            changes: watch::Sender::new(0),
+        });
+        ready.push((shovel, vhost));
+    }
+    Ok(ready)
+}
+
+/// Starts one task per prepared shovel.
+pub(crate) fn spawn(
+    ready: Vec<(Arc<Shovel>, Arc<VHost>)>,
+    shutdown: &Shutdown,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Vec<Arc<Shovel>> {
+    let now = now_millis();
+    let mut shovels = Vec::with_capacity(ready.len());
+    for (i, (shovel, vhost)) in ready.into_iter().enumerate() {
+        let seed = now ^ ((i as u64) << 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ shovel.id.0;
+        tasks.push(tokio::spawn(shovel.clone().run(vhost, shutdown.clone(), seed)));
+        shovels.push(shovel);
+    }
+    shovels
+}
