@@ -386,7 +386,12 @@ impl ServerBuilder {
         let (shutdown_tx, shutdown) = Shutdown::channel();
         // The bridges' queues and bindings are declared before anything is served, so that no
         // message published from the first connection on misses them.
-        let bridges = match ferry_bridge::Bridges::start(&broker, &config.bridges, shutdown.clone()) {
+        let bridges = match ferry_bridge::Bridges::start_with_shovels(
+            &broker,
+            &config.bridges,
+            &config.shovels,
+            shutdown.clone(),
+        ) {
             Ok(b) => b,
             Err(e) => return Err(StartError { config: config.source.clone(), problems: vec![e.into()] }),
         };
@@ -465,6 +470,7 @@ impl ServerBuilder {
             amqp: config.amqp.clone(),
             listeners: config.listeners,
             bridges: config.bridges,
+            shovels: config.shovels,
         };
         Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, bridges })
     }
@@ -572,6 +578,9 @@ impl Server {
         if config.bridges != self.running.bridges {
             report.needs_restart.push("[[bridges]] changed".to_string());
         }
+        if config.shovels != self.running.shovels {
+            report.needs_restart.push("[[shovels]] changed".to_string());
+        }
         let locked_out = unauthenticated_with(running, &config.users);
         if locked_out.is_empty() {
             self.broker.auth().replace_users(config.users.clone());
@@ -635,6 +644,7 @@ struct Running {
     amqp: AmqpConfig,
     listeners: Vec<ListenerConfig>,
     bridges: Vec<ferry_bridge::BridgeConfig>,
+    shovels: Vec<ferry_bridge::ShovelConfig>,
 }
 
 /// What [`Server::reload`] applied, and what it left for a restart. Names no secret.
