@@ -396,6 +396,54 @@ async fn a_rabbitmq_queue_is_shovelled_into_ferry_and_emptied() {
     }
 }
 
+#[tokio::test]
+async fn a_delivery_is_acked_to_rabbitmq_only_after_the_local_commit() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (_rc, rch) = rabbit.channel().await;
+    let orders = unique("commit");
+    declare(&rch, &orders).await;
+    let store = ferry_integration_tests::FailingStore::new();
+    let toml = shovel_toml(&format!(
+        "src_uri = \"{}\"\nsrc_queue = \"{orders}\"\ndest_uri = \"local\"\n\
+         dest_exchange = \"amq.direct\"\ndest_exchange_key = \"orders\"\n",
+        rabbit.uri()
+    ));
+    let local = TestServer::start_with_store(&toml, &frontends(), store.clone()).await;
+    up(&local).await;
+    let (_lc, lch) = ferry_integration_tests::amqp::lapin_channel(&local).await;
+    declare(&lch, "kept").await;
+    within(
+        "bind",
+        lch.queue_bind(
+            "kept".into(),
+            "amq.direct".into(),
+            "orders".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    // The local disk fails: persistent messages cannot be committed.
+    store.set_failing(true);
+    within("confirms", rch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    for i in 0..5 {
+        publish(&rch, "", &orders, format!("p{i}").as_bytes(), BasicProperties::default().with_delivery_mode(2)).await;
+    }
+    let st = status_when(&local, "the commit failure ends the link", |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("local store failed"))
+    })
+    .await;
+    assert!(st.forwarded_in >= 1, "{st:?}");
+    local.stop().await;
+    // Nothing was acked on RabbitMQ: all five are there again.
+    let (_rc2, rch2) = rabbit.channel().await;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let ok =
+        within("declare", rch2.queue_declare(orders.as_str().into(), passive, FieldTable::default())).await.unwrap();
+    assert_eq!(ok.message_count(), 5, "every message still on RabbitMQ");
+}
+
 // ----- failures ------------------------------------------------------------------------------
 
 /// A TCP proxy in front of the remote that the test can cut (connections dropped, the port
@@ -545,4 +593,64 @@ async fn two_ferrys_shovelling_both_ways_on_one_exchange_do_not_loop() {
     sub_b.no_publish().await;
     let st = status_when(&a, "a sent one", |s| s.forwarded_out == 1).await;
     assert_eq!(st.dropped_max_hops, 0);
+}
+
+// ----- amqps:// --------------------------------------------------------------------------------
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM files in `dir`.
+fn write_pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, "shovel test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
+    };
+    let (server, server_key) = leaf(vec!["localhost".into()], "remote");
+    let (client, client_key) = leaf(vec!["edge".into()], "edge");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), client.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+}
+
+#[tokio::test]
+async fn amqps_to_a_ferry_tls_listener_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pki(dir.path());
+    let toml = "[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+                [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+                tls = { cert = \"server.pem\", key = \"server.key\", client_ca = \"ca.pem\", require_client_cert = true }\n";
+    let remote = TestServer::start_in(dir, toml, &frontends()).await.unwrap_or_else(|e| panic!("{e}"));
+    let (_rc, rch) = ferry_integration_tests::amqp::lapin_channel(&remote).await;
+    declare(&rch, "secure").await;
+    let d = remote.dir.path();
+    let tls = |name: &str| {
+        format!(
+            "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\", server_name = \"{name}\" }}\n",
+            d.join("ca.pem").display(),
+            d.join("client.pem").display(),
+            d.join("client.key").display()
+        )
+    };
+    let uri = format!("amqps://127.0.0.1:{}", remote.addr(1).port());
+    let local = ferry(&out_to(&uri, "dest_queue = \"secure\"", &tls("localhost"))).await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    mqtt.publish("telemetry/tls", Q1, false, b"over TLS").await;
+    let mut c = consume(&rch, "secure").await;
+    assert_eq!(next(&mut c).await.0, "over TLS");
+    status_when(&local, "confirmed", |s| s.forwarded_out == 1).await;
+    // A certificate not valid for the name asked: a clear error, retried, nothing sent.
+    let wrong = ferry(&out_to(&uri, "dest_queue = \"secure\"", &tls("wrong.example"))).await;
+    let st = status_when(&wrong, "refused", |s| s.state == LinkState::BackingOff && s.attempts >= 2).await;
+    let e = st.last_error.unwrap();
+    assert!(e.contains("TLS handshake failed") && e.contains("not valid for name"), "{e}");
+    assert_eq!(st.connects, 0);
 }
