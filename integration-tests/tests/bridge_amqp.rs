@@ -654,3 +654,21 @@ async fn amqps_to_a_ferry_tls_listener_with_a_client_certificate() {
     assert!(e.contains("TLS handshake failed") && e.contains("not valid for name"), "{e}");
     assert_eq!(st.connects, 0);
 }
+
+#[test]
+fn check_config_loads_a_shovels_password_file_and_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ferry.toml");
+    let toml = shovel_toml(
+        "src_uri = \"local\"\nsrc_queue = \"q\"\ndest_uri = \"amqps://ferry@localhost\"\n\
+         password_file = \"missing.pw\"\ntls = { ca = \"missing-ca.pem\" }\n",
+    );
+    std::fs::write(&path, &toml).unwrap();
+    let msg = ferry_server::check_file(&path).unwrap_err().to_string();
+    assert!(msg.contains("shovels[0].password_file: ") && msg.contains("missing.pw"), "{msg}");
+    assert!(msg.contains("shovels[0].tls.ca: cannot read ") && msg.contains("missing-ca.pem"), "{msg}");
+    write_pki(dir.path());
+    std::fs::write(dir.path().join("missing.pw"), "secret\n").unwrap();
+    std::fs::write(&path, toml.replace("missing-ca.pem", "ca.pem")).unwrap();
+    ferry_server::check_file(&path).unwrap_or_else(|e| panic!("{e}"));
+}

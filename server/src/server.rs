@@ -61,6 +61,12 @@ pub enum StartProblem {
     /// A bridge's `password_file` cannot be read (the value is never shown).
     #[error("bridges[{index}].password_file: {error}")]
     BridgePassword { index: usize, error: ferry_bridge::config::PasswordError },
+    /// A shovel's TLS files do not load, or its server name is not one.
+    #[error("shovels[{index}].{error}")]
+    ShovelTls { index: usize, error: ferry_bridge::tls::TlsError },
+    /// A shovel's `password_file` cannot be read (the value is never shown).
+    #[error("shovels[{index}].password_file: {error}")]
+    ShovelPassword { index: usize, error: ferry_bridge::config::PasswordError },
 }
 
 /// Why the server did not start: every problem found, each named with the config's source.
@@ -159,7 +165,16 @@ fn bridge_password_problems(config: &Config) -> impl Iterator<Item = StartProble
     let tls = config.bridges.iter().enumerate().filter_map(|(index, b)| {
         ferry_bridge::tls::check(b).err().map(|error| StartProblem::BridgeTls { index, error })
     });
-    passwords.chain(tls)
+    let shovel_passwords = config.shovels.iter().enumerate().filter_map(|(index, s)| match &s.password {
+        Some(source @ ferry_bridge::PasswordSource::File(_)) => {
+            source.read().err().map(|error| StartProblem::ShovelPassword { index, error })
+        }
+        _ => None,
+    });
+    let shovel_tls = config.shovels.iter().enumerate().filter_map(|(index, s)| {
+        ferry_bridge::shovel::check_tls(s).err().map(|error| StartProblem::ShovelTls { index, error })
+    });
+    passwords.chain(tls).chain(shovel_passwords).chain(shovel_tls)
 }
 
 /// Why `ferry check-config` refused a file: every problem found, the file's values first, then

@@ -401,12 +401,7 @@ impl Conn<'_> {
     async fn connect(&self) -> Result<(Wire, Client), ShovelError> {
         let config = self.config();
         let tls = match &config.tls {
-            Some(t) => {
-                let name = t.server_name.clone().unwrap_or_else(|| config.remote.host.clone());
-                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-                    .map_err(|_| crate::tls::TlsError::ServerName(name))?;
-                Some((crate::tls::client_config(t)?, server_name))
-            }
+            Some(t) => Some((crate::tls::client_config(t)?, super::server_name(config)?)),
             None => None,
         };
         let password = match &config.password {

@@ -33,6 +33,22 @@ pub(crate) use link::Shovel;
 use crate::status::{Counters, StateCell};
 use crate::BridgeError;
 
+/// The name a shovel's remote certificate must be valid for: `tls.server_name`, else the
+/// URI's host.
+pub fn server_name(config: &ShovelConfig) -> Result<rustls::pki_types::ServerName<'static>, crate::tls::TlsError> {
+    let name = config.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| config.remote.host.clone());
+    rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| crate::tls::TlsError::ServerName(name))
+}
+
+/// Everything the shovel's TLS needs loads, for `ferry check-config` and the start.
+pub fn check_tls(config: &ShovelConfig) -> Result<(), crate::tls::TlsError> {
+    if let Some(tls) = &config.tls {
+        crate::tls::client_config(tls)?;
+        server_name(config)?;
+    }
+    Ok(())
+}
+
 /// Declares each shovel's local queue and bindings (`out` shovels) and checks its local
 /// destination exchange (`in` shovels); nothing is started yet.
 pub(crate) fn prepare(
