@@ -70,8 +70,8 @@ pub enum Event {
     Ready,
     /// A synchronous reply on channel 1 (to a [`Client::call`]).
     Reply(Method),
-    /// A whole delivery.
-    Delivery(Incoming),
+    /// A whole delivery (boxed: the other events are small).
+    Delivery(Box<Incoming>),
     /// A publisher confirm: `ack` false is a basic.nack.
     Confirm { tag: u64, multiple: bool, ack: bool },
     /// connection.blocked (`Some(reason)`) / unblocked (`None`): the remote holds publishes.
@@ -311,14 +311,14 @@ impl Client {
         // A basic.return's content (no deliver) is dropped: the shovel does not publish
         // mandatory messages, so none is expected.
         if let Some(d) = a.deliver {
-            events.push(Event::Delivery(Incoming {
+            events.push(Event::Delivery(Box::new(Incoming {
                 delivery_tag: d.delivery_tag,
                 redelivered: d.redelivered,
                 exchange: d.exchange,
                 routing_key: d.routing_key,
                 properties: header.properties,
                 body: a.body.freeze(),
-            }));
+            })));
         }
     }
 

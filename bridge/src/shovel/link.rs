@@ -648,7 +648,7 @@ impl Conn<'_> {
         let shovel = self.shovel.clone();
         let name = &shovel.config.name;
         match event {
-            Event::Delivery(d) => self.on_delivery(d, acks)?,
+            Event::Delivery(d) => self.on_delivery(*d, acks)?,
             Event::Confirm { tag, multiple, ack } => {
                 let confirmed = |f: &Flight| if multiple { f.remote_seq <= tag } else { f.remote_seq == tag };
                 if !ack {

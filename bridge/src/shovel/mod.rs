@@ -49,12 +49,12 @@ pub fn check_tls(config: &ShovelConfig) -> Result<(), crate::tls::TlsError> {
     Ok(())
 }
 
+/// A shovel set up and the local vhost it works in, ready to start.
+pub(crate) type Prepared = (Arc<Shovel>, Arc<VHost>);
+
 /// Declares each shovel's local queue and bindings (`out` shovels) and checks its local
 /// destination exchange (`in` shovels); nothing is started yet.
-pub(crate) fn prepare(
-    broker: &Arc<Broker>,
-    configs: &[ShovelConfig],
-) -> Result<Vec<(Arc<Shovel>, Arc<VHost>)>, BridgeError> {
+pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<Vec<Prepared>, BridgeError> {
     let now = now_millis();
     let mut ready = Vec::with_capacity(configs.len());
     for (index, config) in configs.iter().enumerate() {
@@ -135,11 +135,7 @@ pub(crate) fn prepare(
 }
 
 /// Starts one task per prepared shovel.
-pub(crate) fn spawn(
-    ready: Vec<(Arc<Shovel>, Arc<VHost>)>,
-    shutdown: &Shutdown,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Vec<Arc<Shovel>> {
+pub(crate) fn spawn(ready: Vec<Prepared>, shutdown: &Shutdown, tasks: &mut Vec<JoinHandle<()>>) -> Vec<Arc<Shovel>> {
     let now = now_millis();
     let mut shovels = Vec::with_capacity(ready.len());
     for (i, (shovel, vhost)) in ready.into_iter().enumerate() {
