@@ -48,6 +48,8 @@ fn unique(prefix: &str) -> String {
 /// beam process outlives `cargo test`.
 struct Rabbit {
     port: u16,
+    /// Its HOME (the Erlang cookie), for rabbitmqctl.
+    dir: std::path::PathBuf,
     _guard: std::process::ChildStdin,
 }
 
@@ -118,10 +120,22 @@ async fn start_rabbit() -> Option<Rabbit> {
     tokio::time::timeout(std::time::Duration::from_secs(60), ready)
         .await
         .unwrap_or_else(|_| panic!("RabbitMQ not up within 60 s; see {}/rabbitmq.log", dir.display()));
-    Some(Rabbit { port, _guard: guard })
+    Some(Rabbit { port, dir, _guard: guard })
 }
 
 impl Rabbit {
+    /// Runs `rabbitmqctl` against this node.
+    fn ctl(&self, args: &[&str]) {
+        let out = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .arg("-n")
+            .arg(format!("ferrytest{}@localhost", self.port))
+            .args(args)
+            .env("HOME", &self.dir)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     fn uri(&self) -> String {
         format!("amqp://127.0.0.1:{}/%2f", self.port)
     }
@@ -546,6 +560,34 @@ async fn a_wrong_password_is_a_clear_error_and_rabbitmq_is_unaffected() {
     // RabbitMQ goes on serving others.
     let (_rc, rch) = rabbit.channel().await;
     declare(&rch, &unique("fine")).await;
+}
+
+#[tokio::test]
+async fn a_user_allowed_only_to_write_the_default_exchange_can_shovel_into_a_queue() {
+    // As docs/bridges.md's example sets the user up: no configure, no read, write on
+    // amq.default only.
+    let Some(rabbit) = rabbit().await else { return };
+    let user = unique("edge");
+    rabbit.ctl(&["add_user", &user, "edge-secret"]);
+    rabbit.ctl(&["set_permissions", "-p", "/", &user, "^$", "^amq\\.default$", "^$"]);
+    let (_rc, rch) = rabbit.channel().await;
+    let work = unique("minimal");
+    declare(&rch, &work).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "edge-secret\n").unwrap();
+    let uri = format!("amqp://{user}@127.0.0.1:{}/%2f", rabbit.port);
+    let extra = format!("password_file = \"{}\"\nadd_forward_headers = true\n", dir.path().join("pw").display());
+    let local = ferry(&out_to(&uri, &format!("dest_queue = \"{work}\""), &extra)).await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    for i in 0..3 {
+        mqtt.publish("telemetry/site7/t1", Q1, false, format!("21.{i}").as_bytes()).await;
+    }
+    let mut c = consume(&rch, &work).await;
+    for i in 0..3 {
+        assert_eq!(next(&mut c).await.0, format!("21.{i}"));
+    }
+    status_when(&local, "confirmed", |s| s.forwarded_out == 3).await;
 }
 
 #[tokio::test]

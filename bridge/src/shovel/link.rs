@@ -632,7 +632,28 @@ impl Conn<'_> {
                 ended = &mut write_task => return Err(writer_ended(ended)),
                 reason = handle.entry().closed() => return Err(ShovelError::ClosedLocally(reason.to_string())),
                 _ = shutdown.wait() => {
+                    // Deliveries already published locally are acked once committed (within a
+                    // second), so that the remote does not deliver them again after a restart.
                     let mut bye = BytesMut::new();
+                    let drain = async {
+                        while !acks.is_empty() {
+                            acks.ready().await;
+                            let mut last = None;
+                            while let Some((tag, result)) = acks.take_ready() {
+                                if result.is_err() {
+                                    return last;
+                                }
+                                last = Some(tag);
+                            }
+                            if let Some(tag) = last {
+                                let _ = client.ack(tag, true, &mut bye);
+                            }
+                        }
+                        None
+                    };
+                    if let Ok(Some(tag)) = tokio::time::timeout(Duration::from_secs(1), drain).await {
+                        let _ = client.ack(tag, true, &mut bye);
+                    }
                     let _ = client.close(&mut bye);
                     let _ = tx.send(bye.freeze());
                     drop(tx);
