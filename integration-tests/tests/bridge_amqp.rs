@@ -714,3 +714,104 @@ fn check_config_loads_a_shovels_password_file_and_tls_files() {
     std::fs::write(&path, toml.replace("missing-ca.pem", "ca.pem")).unwrap();
     ferry_server::check_file(&path).unwrap_or_else(|e| panic!("{e}"));
 }
+
+// ----- throughput ------------------------------------------------------------------------------
+
+/// Not a benchmark (debug build, one machine shared with the broker): a backlog of 5000
+/// messages each way, in order, with the rate printed (`--nocapture`) for the record.
+#[tokio::test]
+async fn a_backlog_of_5000_goes_each_way_in_order() {
+    let Some(rabbit) = rabbit().await else { return };
+    let n: u64 = 5000;
+    let (_rc, rch) = rabbit.channel().await;
+    // Out: the backlog is made while the remote is cut off, then sent at once.
+    let work = unique("bulk-out");
+    declare(&rch, &work).await;
+    let mut proxy = Proxy::start(rabbit.addr()).await;
+    proxy.cut().await;
+    let local = ferry(&out_to(&proxy.uri(), &format!("dest_queue = \"{work}\""), "")).await;
+    let (_lc, lch) = ferry_integration_tests::amqp::lapin_channel(&local).await;
+    within("confirms", lch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        let body = format!("m{i}");
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let c = lch.basic_publish(
+            "amq.topic".into(),
+            "telemetry.bulk".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        );
+        confirms.push(within("publish", c).await.expect("publish"));
+    }
+    for c in confirms {
+        within("confirm", c).await.expect("confirmed");
+    }
+    status_when(&local, "backlog queued", |s| s.queued + s.in_flight == n).await;
+    let started = std::time::Instant::now();
+    proxy.restore().await;
+    status_when(&local, "backlog confirmed", |s| s.forwarded_out == n).await;
+    let out_secs = started.elapsed().as_secs_f64();
+    let mut c = consume(&rch, &work).await;
+    for i in 0..n {
+        let d = within("delivery", c.next()).await.expect("open").expect("delivery");
+        assert_eq!(d.data, format!("m{i}").into_bytes());
+        within("ack", d.acker.ack(BasicAckOptions::default())).await.unwrap();
+    }
+    // In: a backlog on RabbitMQ, shovelled into a durable local queue.
+    let orders = unique("bulk-in");
+    declare(&rch, &orders).await;
+    within("confirms", rch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        let body = format!("m{i}");
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let c = rch.basic_publish(
+            "".into(),
+            orders.as_str().into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        );
+        confirms.push(within("publish", c).await.expect("publish"));
+    }
+    for c in confirms {
+        within("confirm", c).await.expect("confirmed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+         [[shovels]]\nname = \"s\"\nsrc_uri = \"{}\"\nsrc_queue = \"{orders}\"\ndest_uri = \"local\"\n\
+         dest_queue = \"kept\"\n",
+        rabbit.uri()
+    );
+    // The local destination queue exists before the shovel starts: made by a first start.
+    let first = TestServer::start_in(dir, "[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n", &frontends())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_c1, ch1) = ferry_integration_tests::amqp::lapin_channel(&first).await;
+    declare(&ch1, "kept").await;
+    drop((_c1, ch1));
+    let dir = first.stop().await;
+    std::fs::write(dir.path().join("ferry.toml"), &toml).unwrap();
+    let started = std::time::Instant::now();
+    let local = TestServer::resume(dir).await;
+    status_when(&local, "backlog in", |s| s.forwarded_in == n).await;
+    let in_secs = started.elapsed().as_secs_f64();
+    let (_c2, ch2) = ferry_integration_tests::amqp::lapin_channel(&local).await;
+    let mut c = consume(&ch2, "kept").await;
+    for i in 0..n {
+        let d = within("delivery", c.next()).await.expect("open").expect("delivery");
+        assert_eq!(d.data, format!("m{i}").into_bytes());
+        within("ack", d.acker.ack(BasicAckOptions::default())).await.unwrap();
+    }
+    eprintln!(
+        "shovel backlog of {n} persistent messages: out (Ferry → RabbitMQ, on-confirm) {:.2} s = {:.0} msg/s; \
+         in (RabbitMQ → Ferry durable queue, on-confirm) {:.2} s = {:.0} msg/s",
+        out_secs,
+        n as f64 / out_secs,
+        in_secs,
+        n as f64 / in_secs
+    );
+}
