@@ -411,6 +411,38 @@ async fn a_rabbitmq_queue_is_shovelled_into_ferry_and_emptied() {
 }
 
 #[tokio::test]
+async fn a_rabbitmq_exchange_is_shovelled_through_a_server_named_queue_and_hops_are_kept() {
+    let Some(rabbit) = rabbit().await else { return };
+    let key_prefix = unique("site").replace('-', "_");
+    let local = ferry(&format!(
+        "src_uri = \"{}\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"{key_prefix}.#\"\n\
+         dest_uri = \"local\"\ndest_exchange = \"amq.topic\"\n",
+        rabbit.uri()
+    ))
+    .await;
+    // Up means the queue is bound on RabbitMQ: what is published there from now on comes.
+    up(&local).await;
+    let mut sub = v311::connect(&local, "sub").await;
+    sub.subscribe(&format!("{key_prefix}/#"), Q1).await;
+    let (_rc, rch) = rabbit.channel().await;
+    within("confirms", rch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    publish(&rch, "amq.topic", &format!("{key_prefix}.a"), b"first", BasicProperties::default()).await;
+    // One that has crossed a shovel already: max_hops 1 stops it (acked on RabbitMQ, not
+    // published here).
+    let mut h = FieldTable::default();
+    h.insert(ferry_bridge::HOPS.into(), AMQPValue::LongLongInt(1));
+    publish(&rch, "amq.topic", &format!("{key_prefix}.b"), b"looped", BasicProperties::default().with_headers(h)).await;
+    publish(&rch, "amq.topic", &format!("{key_prefix}.c"), b"last", BasicProperties::default()).await;
+    let got = sub.publish_received().await;
+    assert_eq!((got.topic.clone(), text(&got.payload).to_string()), (format!("{key_prefix}/a"), "first".to_string()));
+    let got = sub.publish_received().await;
+    assert_eq!((got.topic.clone(), text(&got.payload).to_string()), (format!("{key_prefix}/c"), "last".to_string()));
+    let st = status_when(&local, "one dropped", |s| s.dropped_max_hops == 1 && s.forwarded_in == 2).await;
+    assert_eq!(st.forwarded_out, 0, "{st:?}");
+    sub.no_publish().await;
+}
+
+#[tokio::test]
 async fn a_delivery_is_acked_to_rabbitmq_only_after_the_local_commit() {
     let Some(rabbit) = rabbit().await else { return };
     let (_rc, rch) = rabbit.channel().await;
