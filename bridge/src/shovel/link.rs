@@ -529,13 +529,16 @@ impl Conn<'_> {
             (counters.forwarded_in.load(Ordering::Relaxed), counters.forwarded_out.load(Ordering::Relaxed));
         counters.connects.fetch_add(1, Ordering::Relaxed);
         backoff.reset();
+        let (src_uri, dest_uri) = config.uris();
+        let source = match &config.source {
+            Source::Queue(q) => format!("queue {q}"),
+            Source::Exchange { exchange, key } => format!("exchange {exchange} ({key})"),
+        };
         info!(
             shovel = %name,
-            "shovel {name}: up, connected to {} ({}; {} {}, ack mode {})",
+            "shovel {name}: up, connected to {} ({}): {src_uri} {source} → {dest_uri}, ack mode {}",
             config.remote,
             client.server_product(),
-            match config.direction { ShovelDirection::Out => "local →", ShovelDirection::In => "→ local" },
-            match &config.source { Source::Queue(q) => format!("queue {q}"), Source::Exchange { exchange, key } => format!("exchange {exchange} key {key}") },
             config.ack_mode.as_str()
         );
         self.shovel.state.set(LinkState::Up, None);
