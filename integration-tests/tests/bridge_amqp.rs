@@ -623,6 +623,42 @@ async fn a_user_allowed_only_to_write_the_default_exchange_can_shovel_into_a_que
 }
 
 #[tokio::test]
+async fn a_nack_from_a_full_rabbitmq_queue_is_retried_until_there_is_room() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (_rc, rch) = rabbit.channel().await;
+    let tight = unique("tight");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let opts = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    within("declare", rch.queue_declare(tight.as_str().into(), opts, args)).await.unwrap();
+    let local = ferry(&out_to(&rabbit.uri(), &format!("dest_queue = \"{tight}\""), "")).await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    for i in 0..3 {
+        mqtt.publish("telemetry/n", Q1, false, format!("n{i}").as_bytes()).await;
+    }
+    // The queue holds one; the next is nacked and kept, tried again after each back-off.
+    let st = status_when(&local, "nacked", |s| s.nacked >= 1).await;
+    assert!(st.last_error.as_deref().is_some_and(|e| e.contains("basic.nack")), "{st:?}");
+    assert_eq!(st.forwarded_out, 1, "{st:?}");
+    let mut c = consume(&rch, &tight).await;
+    for i in 0..3 {
+        assert_eq!(next(&mut c).await.0, format!("n{i}"), "in order, none lost");
+    }
+    status_when(&local, "all confirmed", |s| s.forwarded_out == 3 && s.queued == 0 && s.in_flight == 0).await;
+}
+
+#[tokio::test]
+async fn a_remote_that_never_answers_times_out() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("amqp://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let local = ferry(&out_to(&uri, "dest_queue = \"q\"", "connect_timeout_secs = 1\n")).await;
+    let st = status_when(&local, "timed out", |s| s.state == LinkState::BackingOff).await;
+    assert_eq!(st.last_error.as_deref(), Some("no AMQP handshake within 1s"), "{st:?}");
+}
+
+#[tokio::test]
 async fn a_missing_remote_queue_is_named_in_the_error() {
     let Some(rabbit) = rabbit().await else { return };
     let missing = unique("missing");
