@@ -639,8 +639,10 @@ async fn a_nack_from_a_full_rabbitmq_queue_is_retried_until_there_is_room() {
         mqtt.publish("telemetry/n", Q1, false, format!("n{i}").as_bytes()).await;
     }
     // The queue holds one; the next is nacked and kept, tried again after each back-off.
-    let st = status_when(&local, "nacked", |s| s.nacked >= 1).await;
-    assert!(st.last_error.as_deref().is_some_and(|e| e.contains("basic.nack")), "{st:?}");
+    let st = status_when(&local, "nacked, the first confirmed", |s| {
+        s.nacked >= 1 && s.last_error.as_deref().is_some_and(|e| e.contains("basic.nack"))
+    })
+    .await;
     assert_eq!(st.forwarded_out, 1, "{st:?}");
     let mut c = consume(&rch, &tight).await;
     for i in 0..3 {

@@ -104,7 +104,13 @@ pub(crate) struct Shovel {
 struct Flight {
     remote_seq: u64,
     delivery: Delivery,
+    /// The remote refused it (basic.nack): it goes again on the next connection.
+    nacked: bool,
 }
+
+/// After a basic.nack, how long the confirms of what was sent before it are awaited before the
+/// connection is ended anyway.
+const NACK_WAIT: Duration = Duration::from_secs(5);
 
 /// What outlives one connection.
 #[derive(Debug, Default)]
@@ -224,6 +230,7 @@ impl Shovel {
                 consumer: &consumer,
                 carry: &mut carry,
                 node: &node,
+                nack_deadline: None,
             };
             let ended = conn.serve(&mut shutdown, &mut backoff).await;
             match ended {
@@ -324,6 +331,9 @@ struct Conn<'a> {
     consumer: &'a Option<(Arc<Queue>, ConsumerId)>,
     carry: &'a mut Carry,
     node: &'a str,
+    /// Set by a basic.nack: the connection ends once every message sent is confirmed or
+    /// refused, or at this instant.
+    nack_deadline: Option<Instant>,
 }
 
 /// The socket and what was read but not yet decoded.
@@ -615,6 +625,9 @@ impl Conn<'_> {
                         self.on_event(e, &mut client, &mut acks)?;
                     }
                     self.shovel.changed();
+                    if self.nack_deadline.is_some() && self.carry.inflight.iter().all(|f| f.nacked) {
+                        return Err(ShovelError::Nacked);
+                    }
                 }
                 _ = self.outbox.notified() => {}
                 _ = acks.ready(), if !acks.is_empty() => {
@@ -632,6 +645,9 @@ impl Conn<'_> {
                     client.heartbeat_frame(&mut out);
                 }
                 _ = tokio::time::sleep_until(dead_at) => return Err(ShovelError::Heartbeat(heartbeat * 2)),
+                _ = tokio::time::sleep_until(self.nack_deadline.unwrap_or(dead_at)), if self.nack_deadline.is_some() => {
+                    return Err(ShovelError::Nacked);
+                }
                 ended = &mut write_task => return Err(writer_ended(ended)),
                 reason = handle.entry().closed() => return Err(ShovelError::ClosedLocally(reason.to_string())),
                 _ = shutdown.wait() => {
@@ -676,11 +692,19 @@ impl Conn<'_> {
             Event::Confirm { tag, multiple, ack } => {
                 let confirmed = |f: &Flight| if multiple { f.remote_seq <= tag } else { f.remote_seq == tag };
                 if !ack {
-                    let n = self.carry.inflight.iter().filter(|f| confirmed(f)).count() as u64;
-                    shovel.counters.nacked.fetch_add(n.max(1), Ordering::Relaxed);
-                    return Err(ShovelError::Nacked);
+                    // Nothing more is sent; the confirms of what went before are awaited (a
+                    // remote may nack at once and ack persistent messages after its fsync),
+                    // then the connection ends and the refused messages go again, in order.
+                    let mut n = 0;
+                    for f in self.carry.inflight.iter_mut().filter(|f| !f.nacked && confirmed(f)) {
+                        f.nacked = true;
+                        n += 1;
+                    }
+                    shovel.counters.nacked.fetch_add(n, Ordering::Relaxed);
+                    self.nack_deadline.get_or_insert(Instant::now() + NACK_WAIT);
+                    return Ok(());
                 }
-                while let Some(i) = self.carry.inflight.iter().position(confirmed) {
+                while let Some(i) = self.carry.inflight.iter().position(|f| !f.nacked && confirmed(f)) {
                     let f = self.carry.inflight.remove(i).expect("found");
                     shovel.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
                     shovel.settle_local(self.vhost, self.consumer, f.delivery.seq);
@@ -736,7 +760,7 @@ impl Conn<'_> {
     /// numbers to settle once the bytes are handed to the writer (`on-publish`).
     fn pump_out(&mut self, window: usize, client: &mut Client, out: &mut BytesMut) -> Result<Vec<u64>, ShovelError> {
         let mut after_write = Vec::new();
-        if self.consumer.is_none() {
+        if self.consumer.is_none() || self.nack_deadline.is_some() {
             return Ok(after_write);
         }
         let mut fresh = Vec::new();
@@ -780,7 +804,9 @@ impl Conn<'_> {
                 }
             };
             match config.ack_mode {
-                AckMode::OnConfirm => self.carry.inflight.push_back(Flight { remote_seq: seq, delivery: d }),
+                AckMode::OnConfirm => {
+                    self.carry.inflight.push_back(Flight { remote_seq: seq, delivery: d, nacked: false })
+                }
                 AckMode::OnPublish => after_write.push(d.seq),
                 AckMode::NoAck => {
                     shovel.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
