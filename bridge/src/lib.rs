@@ -16,6 +16,9 @@
 //!   the task subscribes on the remote, publishes what arrives into the local vhost and
 //!   acknowledges the remote after the local store commit.
 //! - [`status`]: [`BridgeStatus`], what [`Bridges::status`] reports per bridge.
+//! - [`shovel`]: AMQP shovels (`[[shovels]]`): [`ShovelConfig`], a sans-I/O AMQP 0-9-1 client
+//!   on ferry-amqp's codec, and one task per shovel, with the same store and forward and the
+//!   same [`BridgeStatus`]. [`Bridges::start_with_shovels`] starts bridges and shovels.
 //!
 //! Data flows: local publisher → exchange → `ferry-bridge.<name>` (redb) → link → remote;
 //! remote → link → vhost publish → store commit → PUBACK/PUBREC to the remote.
