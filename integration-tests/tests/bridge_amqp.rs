@@ -341,7 +341,8 @@ async fn a_rabbitmq_queue_is_shovelled_into_ferry_and_emptied() {
         declare(&rch, &orders).await;
         let local = ferry(&format!(
             "src_uri = \"{}\"\nsrc_queue = \"{orders}\"\ndest_uri = \"local\"\n\
-             dest_exchange = \"amq.direct\"\ndest_exchange_key = \"orders\"\nack_mode = \"{mode}\"\nprefetch_count = 7\n",
+             dest_exchange = \"amq.direct\"\ndest_exchange_key = \"orders\"\nack_mode = \"{mode}\"\nprefetch_count = 7\n\
+             add_forward_headers = true\n",
             rabbit.uri()
         ))
         .await;
@@ -372,6 +373,21 @@ async fn a_rabbitmq_queue_is_shovelled_into_ferry_and_emptied() {
             assert_eq!(body, format!("order {i}"), "{mode}");
             assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some(format!("o{i}").as_str()));
             assert_eq!(hops(&p), Some(1));
+            // Federation's x-received-from and RabbitMQ's x-shovelled name where it came from.
+            let Some(AMQPValue::FieldArray(from)) = header(&p, ferry_bridge::shovel::RECEIVED_FROM) else {
+                panic!("{p:?}")
+            };
+            let Some(AMQPValue::FieldTable(from)) = from.as_slice().first() else { panic!("{from:?}") };
+            let text = |t: &FieldTable, k: &str| match t.inner().get(k) {
+                Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => panic!("{k}: {other:?}"),
+            };
+            assert_eq!((text(from, "uri"), text(from, "exchange")), (rabbit.uri(), String::new()));
+            assert!(text(from, "cluster-name").starts_with("ferrytest"), "{from:?}");
+            assert_eq!(from.inner().get("redelivered"), Some(&AMQPValue::Boolean(false)));
+            let Some(AMQPValue::FieldArray(by)) = header(&p, ferry_bridge::shovel::SHOVELLED) else { panic!("{p:?}") };
+            let Some(AMQPValue::FieldTable(by)) = by.as_slice().first() else { panic!("{by:?}") };
+            assert_eq!((text(by, "src-queue"), text(by, "dest-uri")), (orders.clone(), "local".to_string()));
         }
         status_when(&local, "all in", |s| s.forwarded_in == n).await;
         // Acked on RabbitMQ: once the shovel's acks are there, the queue is empty (it has the

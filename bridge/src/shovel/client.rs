@@ -180,6 +180,11 @@ impl Client {
         format!("{} {}", get("product"), get("version"))
     }
 
+    /// A text property of the remote's connection.start (`cluster_name`, `product`...).
+    pub fn server_property(&self, key: &str) -> Option<String> {
+        self.server_properties.get(key).and_then(|v| v.as_str()).map(str::to_string)
+    }
+
     /// Whether the handshake got as far as the login (start-ok sent, tune not yet seen): a
     /// connection closed there is almost always a refused login.
     pub fn in_login(&self) -> bool {

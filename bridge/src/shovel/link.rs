@@ -47,6 +47,10 @@ use crate::status::{BridgeStatus, Counters, LinkState, StateCell};
 /// RabbitMQ's header listing the shovels a message went through.
 pub const SHOVELLED: &str = "x-shovelled";
 
+/// Federation's header listing the upstreams a message was received from (added by `in`
+/// shovels with `add_forward_headers`).
+pub const RECEIVED_FROM: &str = "x-received-from";
+
 /// Why a shovel's connection ended (logged once, and the status's last error).
 #[derive(Debug, thiserror::Error)]
 pub enum ShovelError {
@@ -231,6 +235,7 @@ impl Shovel {
                 carry: &mut carry,
                 node: &node,
                 nack_deadline: None,
+                cluster: None,
             };
             let ended = conn.serve(&mut shutdown, &mut backoff).await;
             match ended {
@@ -308,9 +313,17 @@ impl Shovel {
 
     /// The properties a message crosses with: the hop count raised, `x-shovelled` added when
     /// asked for; everything else as it was.
-    fn crossing(&self, mut p: Properties, hops: u32, node: &str) -> Properties {
+    fn crossing(&self, mut p: Properties, hops: u32, node: &str, received_from: Option<FieldValue>) -> Properties {
         let headers = p.headers.get_or_insert_with(FieldTable::new);
         headers.insert(HOPS, FieldValue::I64(i64::from(hops) + 1));
+        if let (true, Some(entry)) = (self.config.add_forward_headers, received_from) {
+            let mut list = match headers.remove(RECEIVED_FROM) {
+                Some(FieldValue::Array(a)) => a,
+                _ => Vec::new(),
+            };
+            list.push(entry);
+            headers.insert(RECEIVED_FROM, FieldValue::Array(list));
+        }
         if self.config.add_forward_headers {
             let entry = self.shovelled_entry(node);
             let mut list = match headers.remove(SHOVELLED) {
@@ -334,6 +347,8 @@ struct Conn<'a> {
     /// Set by a basic.nack: the connection ends once every message sent is confirmed or
     /// refused, or at this instant.
     nack_deadline: Option<Instant>,
+    /// The remote's `cluster_name` (from connection.start), for `x-received-from`.
+    cluster: Option<String>,
 }
 
 /// The socket and what was read but not yet decoded.
@@ -517,6 +532,7 @@ impl Conn<'_> {
             _ = shutdown.wait() => return Ok(()),
         };
         let (wire, mut client, early) = connected.map_err(|_| ShovelError::ConnectTimeout(timeout))??;
+        self.cluster = client.server_property("cluster_name");
         let handle = self.shovel.connections.register(ConnectionInfo {
             id: self.shovel.id,
             protocol: Protocol::Amqp,
@@ -721,6 +737,18 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Federation's `x-received-from` entry for a delivery from the remote.
+    fn received_from(&self, d: &Incoming) -> FieldValue {
+        let mut t = FieldTable::new();
+        t.insert("uri", FieldValue::string(&self.shovel.config.remote.to_string()));
+        t.insert("exchange", FieldValue::LongString(d.exchange.bytes().clone()));
+        t.insert("redelivered", FieldValue::Bool(d.redelivered));
+        if let Some(cluster) = &self.cluster {
+            t.insert("cluster-name", FieldValue::string(cluster));
+        }
+        FieldValue::Table(t)
+    }
+
     /// A message from the remote: published into the local vhost; acked per the ack mode.
     fn on_delivery(&mut self, d: Incoming, acks: &mut AckQueue<u64>) -> Result<(), ShovelError> {
         let shovel = self.shovel.clone();
@@ -732,10 +760,11 @@ impl Conn<'_> {
         } else {
             let now = now_millis();
             let (exchange, key) = config.destination.route_bytes(&d.exchange, &d.routing_key);
+            let received_from = self.received_from(&d);
             let message = Message {
                 exchange: exchange.clone(),
                 routing_key: key,
-                properties: shovel.crossing(d.properties, hops, self.node),
+                properties: shovel.crossing(d.properties, hops, self.node, Some(received_from)),
                 payload: d.body,
                 origin: Origin { protocol: Protocol::Amqp, connection: shovel.id },
                 published_at: now,
@@ -791,7 +820,7 @@ impl Conn<'_> {
             let exchange = m.exchange.to_string_lossy();
             let routing_key = m.routing_key.to_string_lossy();
             let (x, key) = config.destination.route(&exchange, &routing_key);
-            let properties = shovel.crossing(m.properties.clone(), hops, self.node);
+            let properties = shovel.crossing(m.properties.clone(), hops, self.node, None);
             let seq = match client.publish(x, key, properties, &m.payload, out) {
                 Ok(seq) => seq,
                 Err(e) => {

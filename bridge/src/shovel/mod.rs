@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{AckMode, AmqpUri, Destination, ShovelConfig, ShovelDirection, Source, UriError};
-pub use link::{ShovelError, SHOVELLED};
+pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED};
 
 pub(crate) use link::Shovel;
 
