@@ -367,6 +367,7 @@ impl Conn<'_> {
             properties.session_expiry_interval = Some(u32::MAX);
         }
         let connect = Connect {
+            bridge: false,
             version: config.version,
             clean_start: config.clean_session,
             keep_alive: config.keep_alive,

@@ -33,6 +33,7 @@ impl Client {
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         let mut c = Client { stream, rx: BytesMut::new(), decoder: Decoder::with_version(1 << 20, V) };
         c.send(&Packet::Connect(Box::new(Connect {
+            bridge: false,
             version: V,
             clean_start: clean,
             keep_alive: 60,
