@@ -15,6 +15,7 @@
 //!   remote with ferry-mqtt's codec and acks the queue when the remote acknowledged. `in` rules:
 //!   the task subscribes on the remote, publishes what arrives into the local vhost and
 //!   acknowledges the remote after the local store commit.
+//! - [`overflow`]: the queue's overflow counters → one log line per overflow episode.
 //! - [`status`]: [`BridgeStatus`], what [`Bridges::status`] reports per bridge.
 //!
 //! Data flows: local publisher → exchange → `ferry-bridge.<name>` (redb) → link → remote;
@@ -23,6 +24,7 @@
 pub mod backoff;
 pub mod config;
 mod link;
+pub mod overflow;
 pub mod rules;
 pub mod status;
 pub mod tls;
@@ -90,6 +92,12 @@ impl Bridges {
                 let mut arguments = FieldTable::new();
                 if config.max_queued_messages > 0 {
                     arguments.insert("x-max-length", FieldValue::I64(i64::from(config.max_queued_messages)));
+                }
+                if config.max_queued_bytes > 0 {
+                    let bytes = i64::try_from(config.max_queued_bytes).unwrap_or(i64::MAX);
+                    arguments.insert("x-max-length-bytes", FieldValue::I64(bytes));
+                }
+                if config.max_queued_messages > 0 || config.max_queued_bytes > 0 {
                     let overflow = match config.overflow {
                         Overflow::DropOldest => "drop-head",
                         Overflow::Block => "reject-publish",
@@ -120,7 +128,7 @@ impl Bridges {
                         } else {
                             warn!(
                                 "bridge {name}: queue {queue_name} keeps the limits it was made with ({why}) while it \
-                                 holds {} messages; the new max_queued_messages / overflow apply at a start that finds it empty",
+                                 holds {} messages; the new max_queued_messages / max_queued_bytes / overflow apply at a start that finds it empty",
                                 stats.ready
                             );
                             old
@@ -157,6 +165,10 @@ impl Bridges {
         let mut bridges = Bridges::default();
         for (i, (link, vhost)) in ready.into_iter().enumerate() {
             let seed = now ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ link.id.0;
+            if let Some(queue) = &link.queue {
+                let watch = overflow::watch(link.config.name.clone(), queue.clone(), shutdown.clone());
+                bridges.tasks.push(tokio::spawn(watch));
+            }
             bridges.tasks.push(tokio::spawn(link.clone().run(vhost, shutdown.clone(), seed)));
             bridges.links.push(link);
         }

@@ -291,6 +291,89 @@ async fn block_refuses_publishes_past_max_queued_messages_and_counts_them() {
     assert_eq!((st.in_flight, st.queued, st.rejected_overflow, st.dropped_overflow), (1, 3, 2, 0), "{st:?}");
 }
 
+/// A remote Ferry on `port` with a persistent subscriber to `s/#` ("remote-sub"), stopped: the
+/// bridge backs off until it is resumed, and the subscriber then gets what was forwarded.
+async fn remote_down_with_a_subscriber(port: u16) -> tempfile::TempDir {
+    let remote = ferry_on(port).await;
+    persistent_subscriber(&remote, "remote-sub", "s/#").await;
+    remote.stop().await
+}
+
+/// Ten bytes each, so that a bytes limit counts messages exactly.
+fn ten_bytes(i: usize) -> String {
+    format!("m{i:02}-------")
+}
+
+#[tokio::test]
+async fn drop_oldest_by_max_queued_bytes_keeps_the_newest_and_the_remote_gets_them_in_order() {
+    let port = free_port();
+    let remote_dir = remote_down_with_a_subscriber(port).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    // Bytes only: 50 bytes hold five messages of ten.
+    let extra = "max_queued_messages = 0
+max_queued_bytes = 50
+max_inflight = 1
+";
+    let local =
+        TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra), &[mqtt_frontend()])
+            .await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..12 {
+        publisher.publish("s/1", V5Q1, false, ten_bytes(i).as_bytes()).await;
+    }
+    let st = local.server.bridges().status().remove(0);
+    // m00 sits with the link (its window of 1); m07..m11 are the newest 50 bytes.
+    assert_eq!((st.in_flight, st.queued, st.queued_bytes, st.dropped_overflow), (1, 5, 50, 6), "{st:?}");
+    assert_eq!(st.rejected_overflow, 0, "{st:?}");
+
+    let remote = TestServer::resume(remote_dir).await;
+    let st = status_when(&local, "the window forwarded", |s| s.forwarded_out == 6).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+    let expected: Vec<String> = [0, 7, 8, 9, 10, 11].into_iter().map(ten_bytes).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 6).await, expected);
+}
+
+#[tokio::test]
+async fn block_by_max_queued_bytes_refuses_local_publishers_and_the_remote_gets_exactly_the_window() {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    use rumqttc::v5::Incoming;
+    let port = free_port();
+    let remote_dir = remote_down_with_a_subscriber(port).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let extra = "max_queued_messages = 0
+max_queued_bytes = 50
+max_inflight = 1
+overflow = \"block\"\n";
+    let local =
+        TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra), &[mqtt_frontend()])
+            .await;
+    // A 5.0 publisher is told: PUBACK 0x97 (quota exceeded) once the 50 bytes are queued.
+    let mut publisher = v5::connect(&local, "pub5").await;
+    let mut reasons = Vec::new();
+    for i in 0..8 {
+        publisher.client.publish("s/1", V5Q1, false, ten_bytes(i).into_bytes()).await.expect("publish request");
+        let reason =
+            publisher.expect("PUBACK", |p| if let Incoming::PubAck(a) = p { Some(a.reason) } else { None }).await;
+        reasons.push(reason);
+    }
+    // m00 goes to the link (its window of 1), m01..m05 fill the 50 bytes, m06 and m07 are refused.
+    let mut expected = vec![PubAckReason::Success; 6];
+    expected.extend([PubAckReason::QuotaExceeded; 2]);
+    assert_eq!(reasons, expected);
+    // A 3.1.1 publisher cannot be told (its PUBACK has no reason code): acknowledged, not taken.
+    let mut old = v311::connect(&local, "pub311").await;
+    old.publish("s/1", Q1, false, b"x-3.1.1-no").await;
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.in_flight, st.queued, st.queued_bytes), (1, 5, 50), "{st:?}");
+    assert_eq!((st.rejected_overflow, st.dropped_overflow), (3, 0), "counted, nothing dropped: {st:?}");
+
+    let remote = TestServer::resume(remote_dir).await;
+    let st = status_when(&local, "the window forwarded", |s| s.forwarded_out == 6).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+    let expected: Vec<String> = (0..6).map(ten_bytes).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 6).await, expected, "the oldest, in order, nothing refused");
+}
+
 #[tokio::test]
 async fn a_refused_login_is_reported_and_retried() {
     let remote = TestServer::start(

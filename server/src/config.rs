@@ -507,6 +507,7 @@ struct RawBridge {
     topics: Vec<RawTopicRule>,
     max_hops: Option<u32>,
     max_queued_messages: Option<u32>,
+    max_queued_bytes: Option<u64>,
     overflow: Option<String>,
     max_inflight: Option<u16>,
     reconnect_initial_ms: Option<u64>,
@@ -870,6 +871,9 @@ impl Validator<'_> {
             }
             if let Some(m) = raw.max_queued_messages {
                 b.max_queued_messages = m;
+            }
+            if let Some(m) = raw.max_queued_bytes {
+                b.max_queued_bytes = m;
             }
             match raw.overflow.as_deref() {
                 None | Some("drop-oldest") => b.overflow = ferry_bridge::Overflow::DropOldest,
@@ -1932,7 +1936,7 @@ mod tests {
     fn a_bridge_is_read_with_its_rules_and_defaults() {
         let c = parse(&format!(
             "{MINIMAL}{BRIDGE}protocol_version = \"3.1.1\"\nusername = \"edge\"\npassword_env = \"BRIDGE_PW\"\n\
-             clean_session = false\nmax_queued_messages = 10\noverflow = \"block\"\n\
+             clean_session = false\nmax_queued_messages = 10\nmax_queued_bytes = 65536\noverflow = \"block\"\n\
              topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 2, local_prefix = \"edge/\", remote_prefix = \"site/\" }},\
              {{ pattern = \"cmd/+\", direction = \"in\" }}]\n"
         ))
@@ -1942,7 +1946,7 @@ mod tests {
         assert_eq!(b.version, ferry_mqtt::codec::ProtocolVersion::V311);
         assert_eq!(b.password, Some(ferry_bridge::PasswordSource::Env("BRIDGE_PW".into())));
         assert!(!b.clean_session);
-        assert_eq!((b.max_queued_messages, b.overflow), (10, ferry_bridge::Overflow::Block));
+        assert_eq!((b.max_queued_messages, b.max_queued_bytes, b.overflow), (10, 65536, ferry_bridge::Overflow::Block));
         assert_eq!(b.max_hops, 1);
         assert_eq!(b.client_id, "ferry-bridge-up");
         assert_eq!(b.topics.len(), 2);
