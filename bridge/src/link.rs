@@ -190,6 +190,14 @@ fn set_publish_hops(p: &mut Publish, hops: u32) {
     p.properties.user_properties.push((Str::from(HOPS), Str::from(hops.to_string())));
 }
 
+/// How long a connection must have stayed up for the reconnect back-off to start again from
+/// its first delay: half the maximum delay, at most 30 s. Shorter-lived connections count as
+/// failures, so a remote that accepts and then drops the link (a broker that closes at once,
+/// a proxy in front of a dead one) makes the bridge back off up to the maximum.
+pub(crate) fn stable_after(config: &BridgeConfig) -> Duration {
+    (config.backoff_max / 2).min(Duration::from_secs(30))
+}
+
 /// A CONNACK refusal in words, for the log.
 fn refusal(version: ProtocolVersion, code: u8) -> String {
     let text = if version.is_v5() {
@@ -259,7 +267,14 @@ impl Link {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
             let mut conn = Conn { link: &self, vhost: &vhost, outbox: &outbox, consumer: &consumer, carry: &mut carry };
-            let ended = conn.serve(&mut shutdown, &mut backoff).await;
+            let mut up_at = None;
+            let ended = conn.serve(&mut shutdown, &mut up_at).await;
+            // The back-off starts again from its first delay only after a connection that
+            // stayed up: a remote that takes the CONNACK and closes at once (or every second)
+            // is retried ever more slowly, not in a tight loop.
+            if up_at.is_some_and(|t: Instant| t.elapsed() >= stable_after(&self.config)) {
+                backoff.reset();
+            }
             match ended {
                 Ok(()) => break,
                 Err(e) if shutdown.is_shutting_down() => {
@@ -395,7 +410,8 @@ impl Conn<'_> {
         }
     }
 
-    async fn serve(&mut self, shutdown: &mut Shutdown, backoff: &mut Backoff) -> Result<(), LinkError> {
+    /// One connection, until it ends; `up_at` is set when the CONNACK came.
+    async fn serve(&mut self, shutdown: &mut Shutdown, up_at: &mut Option<Instant>) -> Result<(), LinkError> {
         let config = self.config().clone();
         let name = config.name.as_str();
         let mut rx = BytesMut::with_capacity(8 * 1024);
@@ -442,7 +458,7 @@ impl Conn<'_> {
             config.version.name(),
             connack.session_present
         );
-        backoff.reset();
+        *up_at = Some(Instant::now());
 
         let (mut reader, writer) = tokio::io::split(stream);
         let (tx, wrx) = mpsc::unbounded_channel::<Bytes>();
