@@ -223,6 +223,7 @@ impl Bridges {
             dropped_loop: Counters::get(&c.dropped_loop),
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
             dropped_refused: Counters::get(&c.dropped_refused),
+            dropped_too_large: Counters::get(&c.dropped_too_large),
             connects: Counters::get(&c.connects),
             attempts: Counters::get(&c.attempts),
         }

@@ -65,6 +65,12 @@ fn start(config: BridgeConfig) -> (Bridges, tokio::sync::watch::Sender<bool>) {
     let broker = Broker::new(Arc::new(MemoryStore::new()));
     let (stop, shutdown) = Shutdown::channel();
     let bridges = Bridges::start(&broker, &[config], shutdown).expect("bridge starts");
+    // One message for the remote, in flight at every connection.
+    let vhost = broker.vhost("/").expect("default vhost");
+    let mut m = ferry_core::message::Message::new("amq.topic", "a", bytes::Bytes::from_static(b"keep me"));
+    // Persistent: QoS 1 towards the remote.
+    m.properties.delivery_mode = Some(ferry_core::message::DeliveryMode::Persistent);
+    vhost.publish(&"amq.topic".into(), m, ferry_core::message::now_millis()).expect("published");
     (bridges, stop)
 }
 
@@ -96,6 +102,9 @@ async fn a_remote_that_closes_after_the_connack_is_retried_ever_more_slowly() {
     .expect("status")
     .expect("bridge");
     assert!(st.connects >= 7, "every attempt got its CONNACK: {st:?}");
+    // The remote closed with the message in flight each time, but never answered the probe's
+    // PINGREQ: a flapping remote is no reason to drop it.
+    assert_eq!((st.in_flight, st.dropped_too_large), (1, 0), "{st:?}");
     assert!(st.last_error.as_deref().is_some_and(|e| e.contains("closed the connection")), "the cause is kept: {st:?}");
 }
 

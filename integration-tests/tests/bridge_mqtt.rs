@@ -714,6 +714,46 @@ async fn a_v5_remote_that_caps_qos_and_refuses_retain_gets_what_it_allows() {
     assert_eq!(st.connects, 1, "the remote never had to close the link: {st:?}");
 }
 
+// ----- messages larger than the remote accepts ----------------------------------------------------
+
+/// Mosquitto with `max_packet_size 200`: a 5.0 link learns it from the CONNACK and never sends
+/// a larger PUBLISH; a 3.1.1 link cannot know, Mosquitto closes the connection on it, and the
+/// bridge finds the culprit by probing it alone. Either way the message is dropped (counted,
+/// acked locally) and what follows it still goes, in order: the link is not wedged.
+async fn mosquitto_too_large(version: &str) -> Option<BridgeStatus> {
+    let mosquitto = Mosquitto::start("max_packet_size 200\n").await?;
+    let local = bridged(mosquitto.addr(), version, r##"{ pattern = "t/#", direction = "out", qos = 1 }"##).await;
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("t/#", V5Q1).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t/1", V5Q1, false, b"first").await;
+    status_when(&local, "the first acknowledged", |s| s.forwarded_out == 1).await;
+    publisher.publish("t/1", V5Q1, false, &[b'x'; 500]).await;
+    publisher.publish("t/1", V5Q1, false, b"second").await;
+    assert_eq!(text(&remote_client.publish_received().await.payload), "first");
+    assert_eq!(text(&remote_client.publish_received().await.payload), "second");
+    let st = status_when(&local, "the second acknowledged", |s| s.forwarded_out == 2).await;
+    assert_eq!((st.dropped_too_large, st.queued, st.in_flight), (1, 0, 0), "{st:?}");
+    remote_client.no_publish().await;
+    Some(st)
+}
+
+#[tokio::test]
+async fn a_message_over_a_v5_remotes_maximum_packet_size_is_dropped_and_the_link_goes_on() {
+    let Some(st) = mosquitto_too_large("5.0").await else { return };
+    assert_eq!(st.connects, 1, "never sent, so the remote never had to close: {st:?}");
+}
+
+#[tokio::test]
+async fn a_message_a_v311_remote_closes_the_link_on_is_dropped_after_probing_and_the_link_goes_on() {
+    let Some(st) = mosquitto_too_large("3.1.1").await else { return };
+    // Closed on it with the window, then twice when it was probed alone.
+    assert_eq!(st.connects, 4, "{st:?}");
+}
+
 // ----- the connection registry ------------------------------------------------------------------
 
 #[tokio::test]
