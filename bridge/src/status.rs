@@ -57,8 +57,8 @@ pub struct BridgeStatus {
     pub dropped_max_hops: u64,
     /// Not forwarded: they came in over this link (an `out` rule overlapping an `in` rule).
     pub dropped_loop: u64,
-    /// Not forwarded: no rule covers their topic any more (a rule removed from the config
-    /// leaves its binding until the queue is deleted).
+    /// Not forwarded: no rule covers their topic any more (queued under a rule that a later
+    /// config removed; its binding goes at that start, what it queued before is dropped).
     pub dropped_no_rule: u64,
     /// Refused by the remote (an MQTT 5.0 PUBACK / PUBREC reason code 0x80 or above).
     pub dropped_refused: u64,

@@ -399,6 +399,49 @@ async fn a_refused_login_is_reported_and_retried() {
     up(&local).await;
 }
 
+/// Bindings on the bridge's queue, as routing keys, sorted.
+fn queue_bindings(server: &TestServer) -> Vec<String> {
+    let vhost = server.server.broker().vhost("/").expect("vhost");
+    let x = vhost.exchange("amq.topic").expect("amq.topic");
+    let mut keys: Vec<String> = x
+        .bindings()
+        .into_iter()
+        .filter(|b| b.destination.describe() == "queue 'ferry-bridge.b'")
+        .map(|b| b.key.routing_key.to_string_lossy())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn a_rule_removed_from_the_config_takes_its_binding_with_it_at_the_next_start() {
+    let (_silent, remote_addr) = silent_remote();
+    let a = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let b = r##"{ pattern = "r/#", direction = "out", qos = 1 }"##;
+    let toml = |rules: &str| bridged_toml(0, remote_addr, "5.0", rules, "max_inflight = 1\n");
+    let local = TestServer::start(&toml(&format!("{a}, {b}")), &[mqtt_frontend()]).await;
+    assert_eq!(queue_bindings(&local), ["r.#", "s.#"]);
+    let local = TestServer::start_in(local.stop().await, &toml(a), &[mqtt_frontend()]).await.expect("restart");
+    assert_eq!(queue_bindings(&local), ["s.#"], "B's binding is gone");
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("r/1", V5Q1, false, b"B: not for the bridge any more").await;
+    publisher.publish("s/1", V5Q1, false, b"A").await;
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.queued + st.in_flight, st.dropped_no_rule), (1, 0), "only A's message is queued: {st:?}");
+    drop(publisher);
+    // With B back, its binding is made again; a config without any out rule unbinds the queue
+    // and keeps what it holds.
+    let local = TestServer::start_in(local.stop().await, &toml(&format!("{a}, {b}")), &[mqtt_frontend()])
+        .await
+        .expect("restart");
+    assert_eq!(queue_bindings(&local), ["r.#", "s.#"]);
+    let in_only = r##"{ pattern = "c/#", direction = "in", qos = 1 }"##;
+    let local = TestServer::start_in(local.stop().await, &toml(in_only), &[mqtt_frontend()]).await.expect("restart");
+    assert_eq!(queue_bindings(&local), Vec::<String>::new());
+    let q = local.server.broker().vhost("/").unwrap().queue("ferry-bridge.b").expect("the queue is kept");
+    assert_eq!(q.stats().ready, 1, "with its message");
+}
+
 // ----- loops ------------------------------------------------------------------------------------
 
 #[tokio::test]
