@@ -139,7 +139,6 @@ struct Carry {
     pending: VecDeque<Delivery>,
     /// Sent and not acknowledged, in send order.
     inflight: VecDeque<OutFlight>,
-    next_pid: u16,
     /// QoS 2 PUBLISHes from the remote already published locally and PUBREC'd, awaiting PUBREL:
     /// a resend of one (DUP) is answered without publishing it again.
     incoming_qos2: HashSet<u16>,
@@ -168,16 +167,26 @@ impl Carry {
     fn head_publish(&self) -> Option<&OutFlight> {
         self.inflight.front().filter(|f| f.stage != Stage::PubComp)
     }
+}
 
-    fn next_pid(&mut self) -> u16 {
-        loop {
-            self.next_pid = self.next_pid.wrapping_add(1).max(1);
-            let pid = self.next_pid;
-            if !self.inflight.iter().any(|f| f.pid == pid) {
-                return pid;
-            }
-        }
-    }
+/// The packet id of the bridge's SUBSCRIBE (one per connection, at its start); never a
+/// PUBLISH's.
+const SUBSCRIBE_PID: u16 = 1;
+
+/// How many packet ids PUBLISHes cycle through: 2 to 65,535.
+const PID_SPAN: u64 = 65_534;
+
+/// The packet id a local message is published with: a function of its sequence number in the
+/// bridge's durable queue, which the store keeps across restarts. So a message resent after a
+/// restart of Ferry carries the id it had before, and a remote that kept the session (and
+/// still holds that id from a PUBREC) takes it as the resend it is, while a new message never
+/// gets an id the remote may still hold: those belong to messages still in the queue (a
+/// message leaves it only once the remote has completed it). The same scheme needs nothing
+/// stored beyond the queue itself; Mosquitto's bridge gets the same effect by persisting its
+/// in-flight messages with their ids.
+fn packet_id(seq: u64) -> u16 {
+    // Sequence numbers start at 1; 1 is the SUBSCRIBE's.
+    (seq.wrapping_sub(1) % PID_SPAN + 2) as u16
 }
 
 /// The hop count of a local message (0 when it has none).
@@ -552,7 +561,7 @@ impl Conn<'_> {
             info!(bridge = %name, "{up_line}");
             self.link.state.set(LinkState::Up, None);
         } else {
-            let pid = self.carry.next_pid();
+            let pid = SUBSCRIBE_PID;
             let sub = Subscribe { packet_id: pid, properties: Properties::default(), filters };
             self.encode(&Packet::Subscribe(sub), &mut out);
             subscribing = Some(pid);
@@ -785,6 +794,15 @@ impl Conn<'_> {
             if qos > QoS::AtMostOnce && self.carry.inflight.len() >= limit {
                 break;
             }
+            let pid = packet_id(d.seq);
+            if qos > QoS::AtMostOnce
+                && self.carry.inflight.front().is_some_and(|f| d.seq.saturating_sub(f.seq) >= PID_SPAN)
+                && self.carry.inflight.iter().any(|f| f.pid == pid)
+            {
+                // A message 65,534 sequence numbers older still holds this id: wait for it.
+                break;
+            }
+            let redelivered = d.redelivered;
             let retain = mapping::message_retain(m) && remote.retain_available;
             let mut p = mapping::to_publish(m, qos, retain, v5, now_millis());
             p.topic = Str::from(remote_topic);
@@ -793,7 +811,9 @@ impl Conn<'_> {
             }
             let d = self.carry.pending.pop_front().expect("looked at");
             if qos > QoS::AtMostOnce {
-                p.packet_id = Some(self.carry.next_pid());
+                p.packet_id = Some(pid);
+                // Perhaps sent before a restart, with this same id.
+                p.dup = redelivered;
             }
             let mark = out.len();
             let packet = Packet::Publish(p);
@@ -812,7 +832,6 @@ impl Conn<'_> {
                 link.settle_local(self.vhost, self.consumer, d.seq);
                 moved = true;
             } else {
-                let pid = p.packet_id.expect("set above");
                 let stage = if qos == QoS::ExactlyOnce { Stage::PubRec } else { Stage::PubAck };
                 self.carry.inflight.push_back(OutFlight { pid, seq: d.seq, publish: p, stage });
             }
@@ -992,20 +1011,14 @@ mod tests {
     }
 
     #[test]
-    fn packet_ids_skip_those_in_flight_and_zero() {
-        let mut c = Carry { next_pid: u16::MAX - 1, ..Carry::default() };
-        let p = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: Str::from("t"),
-            packet_id: Some(1),
-            properties: Properties::default(),
-            payload: Bytes::new(),
-        };
-        c.inflight.push_back(OutFlight { pid: 1, seq: 1, publish: p, stage: Stage::PubAck });
-        assert_eq!(c.next_pid(), u16::MAX);
-        assert_eq!(c.next_pid(), 2, "0 is not a packet id and 1 is in flight");
+    fn packet_ids_follow_the_queue_sequence_and_never_take_the_subscribes() {
+        assert_eq!(packet_id(1), 2);
+        assert_eq!(packet_id(2), 3);
+        assert_eq!(packet_id(PID_SPAN), u16::MAX);
+        assert_eq!(packet_id(PID_SPAN + 1), 2, "wraps past 0 and SUBSCRIBE_PID");
+        let ids: HashSet<u16> = (1..=3 * PID_SPAN).map(packet_id).collect();
+        assert_eq!(ids.len() as u64, PID_SPAN);
+        assert!(!ids.contains(&0) && !ids.contains(&SUBSCRIBE_PID));
     }
 
     #[test]

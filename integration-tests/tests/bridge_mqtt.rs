@@ -543,6 +543,8 @@ struct Mosquitto {
     child: std::process::Child,
     port: u16,
     _dir: tempfile::TempDir,
+    /// Its log lines so far.
+    log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Mosquitto {
@@ -583,6 +585,8 @@ impl Mosquitto {
         // pipe); the line saying it listens is the event waited for.
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -591,15 +595,20 @@ impl Mosquitto {
                         let _ = tx.send(());
                     }
                 }
+                lines.lock().unwrap().push(line);
             }
         });
-        let mosquitto = Mosquitto { child, port, _dir: dir };
+        let mosquitto = Mosquitto { child, port, _dir: dir, log };
         within("mosquitto listening", rx).await.expect("mosquitto exited before listening");
         Some(mosquitto)
     }
 
     fn addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], self.port).into()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 }
 
@@ -795,6 +804,137 @@ async fn a_message_a_v311_remote_closes_the_link_on_is_dropped_after_probing_and
     let Some(st) = mosquitto_too_large("3.1.1").await else { return };
     // Closed on it with the window, then twice when it was probed alone.
     assert_eq!(st.connects, 4, "{st:?}");
+}
+
+// ----- QoS 2 packet ids across a restart of Ferry ---------------------------------------------------
+
+/// A TCP proxy between the bridge and its remote that, while `hold_pubrel` is set, swallows
+/// the bridge's PUBRELs (reporting each): the remote is left holding the packet id of a QoS 2
+/// message it has PUBREC'd, as when Ferry stops between PUBREC and PUBCOMP.
+async fn pubrel_swallowing_proxy(
+    remote: SocketAddr,
+    hold_pubrel: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (swallowed_tx, swallowed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(remote).await else { return };
+            let (mut from_remote, mut to_remote) = server.into_split();
+            let (mut from_bridge, mut to_bridge) = client.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_remote, &mut to_bridge).await;
+            });
+            let (hold, swallowed_tx) = (hold_pubrel.clone(), swallowed_tx.clone());
+            tokio::spawn(async move {
+                // Whole packets: fixed header byte, remaining length (varint), body.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match from_bridge.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        let (mut len, mut shift, mut i) = (0usize, 0, 1);
+                        let complete = loop {
+                            let Some(&b) = buf.get(i) else { break false };
+                            len |= usize::from(b & 0x7f) << shift;
+                            shift += 7;
+                            i += 1;
+                            if b & 0x80 == 0 {
+                                break buf.len() >= i + len;
+                            }
+                        };
+                        if !complete {
+                            break;
+                        }
+                        let packet: Vec<u8> = buf.drain(..i + len).collect();
+                        if packet[0] >> 4 == 6 && hold.load(std::sync::atomic::Ordering::SeqCst) {
+                            let _ = swallowed_tx.send(());
+                            continue;
+                        }
+                        if to_remote.write_all(&packet).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, swallowed)
+}
+
+/// Ferry stops after the remote PUBREC'd QoS 2 message m1 and before it got the PUBREL; m1 is
+/// still in the bridge's queue and the remote (a persistent session) still holds m1's packet
+/// id. After the restart m1 must go with that id (so that the remote completes it, once), and
+/// no new message may get it (the remote would take it for m1's resend). What `remote_client`
+/// (subscribed to `t/#` at QoS 2 on the remote) received, in order.
+async fn qos2_across_a_restart(remote: SocketAddr, remote_client: &mut v5::Client) -> Vec<String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hold = Arc::new(AtomicBool::new(false));
+    let (proxy, mut swallowed) = pubrel_swallowing_proxy(remote, hold.clone()).await;
+    let rule = r##"{ pattern = "t/#", direction = "out", qos = 2 }"##;
+    let toml = bridged_toml(0, proxy, "5.0", rule, "clean_session = false\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for m in ["m0", "m0b"] {
+        publisher.publish("t/1", V5Q2, false, m.as_bytes()).await;
+    }
+    status_when(&local, "two completed", |s| s.forwarded_out == 2).await;
+    hold.store(true, Ordering::SeqCst);
+    publisher.publish("t/1", V5Q2, false, b"m1").await;
+    within("m1's PUBREL swallowed", swallowed.recv()).await.expect("proxy running");
+    drop(publisher);
+
+    let dir = local.stop().await;
+    hold.store(false, Ordering::SeqCst);
+    let local = TestServer::start_in(dir, &toml, &[mqtt_frontend()]).await.expect("restart");
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!(st.queued + st.in_flight, 1, "m1 waits in the queue: {st:?}");
+    let mut publisher = v5::connect(&local, "pub").await;
+    for m in ["m2", "m3", "m4"] {
+        publisher.publish("t/1", V5Q2, false, m.as_bytes()).await;
+    }
+    status_when(&local, "all completed", |s| s.forwarded_out == 4).await;
+    let mut got = Vec::new();
+    // Six if all is well; a seventh would be a duplicate.
+    for _ in 0..6 {
+        got.push(text(&remote_client.publish_received().await.payload).to_string());
+    }
+    remote_client.no_publish().await;
+    got
+}
+
+/// Another Ferry as the remote: its session keeps the ids of the QoS 2 messages it PUBREC'd
+/// (and published), and a PUBLISH with one of them is answered as a resend.
+#[tokio::test]
+async fn qos2_packet_ids_survive_a_restart_of_ferry_with_a_persistent_remote_session() {
+    let remote = TestServer::mqtt().await;
+    let mut remote_client = v5::connect(&remote, "remote-sub").await;
+    remote_client.subscribe("t/#", V5Q2).await;
+    let got = qos2_across_a_restart(remote.mqtt_addr(), &mut remote_client).await;
+    assert_eq!(got, ["m0", "m0b", "m1", "m2", "m3", "m4"], "each once, in order");
+}
+
+/// Mosquitto as the remote. It also compares contents: a held id reused for another message
+/// is "Reused message ID … detected. Clearing from storage." (the held message then dropped),
+/// so the ids must match for m1 to be completed as the resend it is.
+#[tokio::test]
+async fn qos2_packet_ids_survive_a_restart_of_ferry_with_a_persistent_mosquitto_session() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("t/#", V5Q2).await;
+    let got = qos2_across_a_restart(mosquitto.addr(), &mut remote_client).await;
+    assert_eq!(got, ["m0", "m0b", "m1", "m2", "m3", "m4"], "each once, in order");
+    let reused: Vec<String> = mosquitto.log().into_iter().filter(|l| l.contains("Reused message ID")).collect();
+    assert!(reused.is_empty(), "no held id was given to another message: {reused:?}");
 }
 
 // ----- the connection registry ------------------------------------------------------------------
