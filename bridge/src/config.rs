@@ -112,8 +112,10 @@ impl PasswordSource {
 /// TLS towards the remote: whom to trust, what to present, which name to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeTls {
-    /// PEM certificates the remote's chain must lead to.
-    pub ca: PathBuf,
+    /// PEM certificates the remote's chain must lead to; `None`: the system's trusted CAs
+    /// (Debian: /etc/ssl/certs, from the ca-certificates package; `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` override).
+    pub ca: Option<PathBuf>,
     /// A client certificate chain (PEM) and its private key, for a remote that asks for one.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The name the remote's certificate must be valid for (default: the host of `address`).

@@ -518,7 +518,7 @@ struct RawBridge {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBridgeTls {
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     server_name: Option<String>,
@@ -766,7 +766,8 @@ impl Validator<'_> {
                 b.client_id = id;
             }
             if let Some(t) = raw.tls {
-                let ca = self.check(self.resolve(&key("tls.ca"), t.ca));
+                // No `ca`: the system's trusted CAs. A `ca` that does not resolve is reported.
+                let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
                 let client_cert = match (t.cert, t.key) {
                     (None, None) => None,
                     (Some(cert), Some(k)) => {
@@ -786,7 +787,13 @@ impl Validator<'_> {
                 if t.server_name.as_deref() == Some("") {
                     self.report(key("tls.server_name"), "must not be empty");
                 }
-                b.tls = ca.map(|ca| ferry_bridge::BridgeTls { ca, client_cert, server_name: t.server_name });
+                b.tls = match ca {
+                    Some(None) => None,
+                    Some(Some(ca)) => {
+                        Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
+                    }
+                    None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
+                };
             }
             b.username = raw.username;
             b.password = match (raw.password_file, raw.password_env) {
@@ -2008,7 +2015,7 @@ mod tests {
             parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"c.key\" }}\n"))
                 .unwrap();
         let tls = c.bridges[0].tls.as_ref().unwrap();
-        assert_eq!(tls.ca, Path::new("/etc/ferry/ca.pem"));
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/ferry/ca.pem")));
         assert_eq!(tls.client_cert, Some(("/etc/ferry/c.pem".into(), "/etc/ferry/c.key".into())));
         assert_eq!(tls.server_name, None, "the host of the address is checked");
         assert_eq!(c.bridges[0].host(), "central.example");
@@ -2016,5 +2023,8 @@ mod tests {
         assert!(msg.contains("bridges[0].tls.key: a client certificate needs its key"), "{msg}");
         let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", verify = false }}\n"));
         assert!(msg.contains("unknown field `verify`"), "{msg}");
+        let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ server_name = \"central.example.net\" }}\n")).unwrap();
+        let tls = c.bridges[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, None, "no ca: the system's trusted CAs");
     }
 }
