@@ -310,10 +310,7 @@ async fn drop_oldest_by_max_queued_bytes_keeps_the_newest_and_the_remote_gets_th
     let remote_dir = remote_down_with_a_subscriber(port).await;
     let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
     // Bytes only: 50 bytes hold five messages of ten.
-    let extra = "max_queued_messages = 0
-max_queued_bytes = 50
-max_inflight = 1
-";
+    let extra = "max_queued_messages = 0\nmax_queued_bytes = 50\nmax_inflight = 1\n";
     let local =
         TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra), &[mqtt_frontend()])
             .await;
@@ -335,18 +332,17 @@ max_inflight = 1
 
 #[tokio::test]
 async fn block_by_max_queued_bytes_refuses_local_publishers_and_the_remote_gets_exactly_the_window() {
+    use ferry_integration_tests::amqp::{lapin_uri, AMQP_LISTENER};
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::BasicProperties;
     use rumqttc::v5::mqttbytes::v5::PubAckReason;
     use rumqttc::v5::Incoming;
     let port = free_port();
     let remote_dir = remote_down_with_a_subscriber(port).await;
     let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
-    let extra = "max_queued_messages = 0
-max_queued_bytes = 50
-max_inflight = 1
-overflow = \"block\"\n";
-    let local =
-        TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra), &[mqtt_frontend()])
-            .await;
+    let extra = "max_queued_messages = 0\nmax_queued_bytes = 50\nmax_inflight = 1\noverflow = \"block\"\n";
+    let toml = format!("{AMQP_LISTENER}{}", bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra));
+    let local = TestServer::start(&toml, &ferry_server::frontends::builtin(&Default::default())).await;
     // A 5.0 publisher is told: PUBACK 0x97 (quota exceeded) once the 50 bytes are queued.
     let mut publisher = v5::connect(&local, "pub5").await;
     let mut reasons = Vec::new();
@@ -360,12 +356,27 @@ overflow = \"block\"\n";
     let mut expected = vec![PubAckReason::Success; 6];
     expected.extend([PubAckReason::QuotaExceeded; 2]);
     assert_eq!(reasons, expected);
-    // A 3.1.1 publisher cannot be told (its PUBACK has no reason code): acknowledged, not taken.
+    // A 3.1.1 publisher cannot be told (its PUBACK has no reason code): acknowledged, not taken
+    // (MQTT-3.3.5-2 allows that or closing the connection; Ferry acknowledges, as for any
+    // full queue).
     let mut old = v311::connect(&local, "pub311").await;
     old.publish("s/1", Q1, false, b"x-3.1.1-no").await;
+    // An AMQP publisher with confirms gets a basic.nack.
+    let conn = lapin_uri(&format!("amqp://guest:guest@{}/%2f", local.amqp_addr())).await;
+    let ch = conn.create_channel().await.unwrap();
+    within("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    let confirm = within("basic.publish", async {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        ch.basic_publish("amq.topic".into(), "s.1".into(), BasicPublishOptions::default(), b"amqp-no---", props)
+            .await?
+            .await
+    })
+    .await
+    .unwrap();
+    assert!(confirm.is_nack(), "{confirm:?}");
     let st = local.server.bridges().status().remove(0);
     assert_eq!((st.in_flight, st.queued, st.queued_bytes), (1, 5, 50), "{st:?}");
-    assert_eq!((st.rejected_overflow, st.dropped_overflow), (3, 0), "counted, nothing dropped: {st:?}");
+    assert_eq!((st.rejected_overflow, st.dropped_overflow), (4, 0), "counted, nothing dropped: {st:?}");
 
     let remote = TestServer::resume(remote_dir).await;
     let st = status_when(&local, "the window forwarded", |s| s.forwarded_out == 6).await;
