@@ -2026,5 +2026,7 @@ mod tests {
         let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ server_name = \"central.example.net\" }}\n")).unwrap();
         let tls = c.bridges[0].tls.as_ref().unwrap();
         assert_eq!(tls.ca, None, "no ca: the system's trusted CAs");
+        let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{}}\n")).unwrap();
+        assert_eq!(c.bridges[0].tls.as_ref().map(|t| t.ca.clone()), Some(None), "tls = {{}}: TLS, system CAs");
     }
 }
