@@ -569,7 +569,19 @@ impl Mosquitto {
     /// `None` (with the reason printed) when `mosquitto` is not installed. `extra` is appended
     /// to its configuration.
     async fn start(extra: &str) -> Option<Mosquitto> {
-        let port = free_port();
+        // The port is free when picked, but another test may take it before Mosquitto binds
+        // it; Mosquitto then exits ("Address already in use") and another port is tried.
+        for _ in 0..5 {
+            match Mosquitto::start_on(free_port(), extra).await {
+                Ok(m) => return m,
+                Err(log) => eprintln!("mosquitto did not start, trying another port:\n{}", log.join("\n")),
+            }
+        }
+        panic!("mosquitto did not start on any of 5 ports");
+    }
+
+    /// `Ok(None)`: not installed; `Err(log)`: it exited before it was running.
+    async fn start_on(port: u16, extra: &str) -> Result<Option<Mosquitto>, Vec<String>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
@@ -589,11 +601,12 @@ impl Mosquitto {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("SKIPPED: mosquitto is not on PATH ({e}); `apt-get install -y mosquitto` runs this test");
-                return None;
+                return Ok(None);
             }
         };
         // Its log, read on a thread of its own (to the end, so that it never blocks on a full
-        // pipe); the line saying it listens is the event waited for.
+        // pipe); "… running", logged once every listener is bound, is the event waited for (it
+        // logs "Opening … listen socket" before binding).
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = tokio::sync::oneshot::channel();
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -601,17 +614,21 @@ impl Mosquitto {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("Opening ipv4 listen socket") {
+                let running = line.contains("mosquitto version") && line.ends_with(" running");
+                lines.lock().unwrap().push(line);
+                if running {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(());
                     }
                 }
-                lines.lock().unwrap().push(line);
             }
         });
         let mosquitto = Mosquitto { child, port, _dir: dir, log };
-        within("mosquitto listening", rx).await.expect("mosquitto exited before listening");
-        Some(mosquitto)
+        match within("mosquitto running", rx).await {
+            Ok(()) => Ok(Some(mosquitto)),
+            // Its log ended without it: it exited.
+            Err(_) => Err(mosquitto.log()),
+        }
     }
 
     fn addr(&self) -> SocketAddr {
