@@ -746,7 +746,8 @@ impl Conn<'_> {
                 self.carry.inflight.pop_front();
                 self.carry.probe = None;
                 let why = format!(
-                    "refused by the remote: it closed the connection on it {strikes} times, each time right after                      answering a PINGREQ (larger than it accepts?)"
+                    "refused by the remote: it closed the connection on it {strikes} times, each time right after \
+                     answering a PINGREQ (larger than it accepts?)"
                 );
                 self.drop_too_large(seq, topic.as_str(), size, &why);
             }
