@@ -5,6 +5,7 @@
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use crate::within;
 
@@ -14,6 +15,8 @@ pub struct Mosquitto {
     child: std::process::Child,
     pub port: u16,
     _dir: tempfile::TempDir,
+    /// Its log lines so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Mosquitto {
@@ -26,9 +29,22 @@ impl Drop for Mosquitto {
 impl Mosquitto {
     /// `None` (with the reason printed) when `mosquitto` is not installed. `extra` is appended
     /// to its configuration (a listener on its port, anonymous clients, no persistence, the
-    /// whole log to stderr). `on_log` sees each log line, on the thread that reads them.
-    pub async fn start_logging(extra: &str, on_log: impl FnMut(&str) + Send + 'static) -> Option<Mosquitto> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    /// whole log to stderr).
+    pub async fn start(extra: &str) -> Option<Mosquitto> {
+        // The port is free when picked, but another test may take it before Mosquitto binds
+        // it; Mosquitto then exits ("Address already in use") and another port is tried.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            match Mosquitto::start_on(port, extra).await {
+                Ok(m) => return m,
+                Err(log) => eprintln!("mosquitto did not start, trying another port:\n{}", log.join("\n")),
+            }
+        }
+        panic!("mosquitto did not start on any of 5 ports");
+    }
+
+    /// `Ok(None)`: not installed; `Err(log)`: it exited before it was running.
+    async fn start_on(port: u16, extra: &str) -> Result<Option<Mosquitto>, Vec<String>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
@@ -48,37 +64,43 @@ impl Mosquitto {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("SKIPPED: mosquitto is not on PATH ({e}); `apt-get install -y mosquitto` runs this test");
-                return None;
+                return Ok(None);
             }
         };
         // Its log, read on a thread of its own (to the end, so that it never blocks on a full
-        // pipe); the line saying it listens is the event waited for.
+        // pipe); "… running", logged once every listener is bound, is the event waited for (it
+        // logs "Opening … listen socket" before binding).
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut on_log = on_log;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                on_log(&line);
-                if line.contains("Opening ipv4 listen socket") {
+                let running = line.contains("mosquitto version") && line.ends_with(" running");
+                lines.lock().unwrap().push(line);
+                if running {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(());
                     }
                 }
             }
         });
-        let mosquitto = Mosquitto { child, port, _dir: dir };
-        within("mosquitto listening", rx).await.expect("mosquitto exited before listening");
-        Some(mosquitto)
-    }
-
-    /// [`Mosquitto::start_logging`] without looking at the log.
-    pub async fn start(extra: &str) -> Option<Mosquitto> {
-        Mosquitto::start_logging(extra, |_| {}).await
+        let mosquitto = Mosquitto { child, port, _dir: dir, log };
+        match within("mosquitto running", rx).await {
+            Ok(()) => Ok(Some(mosquitto)),
+            // Its log ended without it: it exited.
+            Err(_) => Err(mosquitto.log()),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// Its log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     /// Options for a rumqttc 3.1.1 client of this broker (keep alive 30 s).

@@ -4,7 +4,7 @@
 //! *retain as published*, so a `both` rule does not echo and retained messages stay retained on
 //! the edge.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ferry_integration_tests::mosquitto::Mosquitto;
 use ferry_integration_tests::mqtt::{text, v311, v5, MQTT_LISTENER};
@@ -15,7 +15,7 @@ const V5Q1: v5::QoSOf = v5::QoSOf::AtLeastOnce;
 
 /// Ferry with one MQTT listener, and an edge Mosquitto bridged into it with `topic # both 1 ""
 /// edge7/`, up: its state notification has reached Ferry. `None` without mosquitto.
-async fn edge_bridged_into_ferry(log: Arc<Mutex<Vec<String>>>) -> Option<(TestServer, Mosquitto)> {
+async fn edge_bridged_into_ferry() -> Option<(TestServer, Mosquitto)> {
     let ferry = TestServer::start(MQTT_LISTENER, &[Arc::new(ferry_mqtt::MqttFrontend::default())]).await;
     let mut watcher = v5::connect(&ferry, "watcher").await;
     watcher.subscribe("$SYS/broker/connection/edge-7/state", V5Q1).await;
@@ -24,7 +24,7 @@ async fn edge_bridged_into_ferry(log: Arc<Mutex<Vec<String>>>) -> Option<(TestSe
         "connection ferry\naddress {addr}\nremote_clientid edge-7\nbridge_protocol_version mqttv311\n\
          restart_timeout 1\ntopic # both 1 \"\" edge7/\n"
     );
-    let mosquitto = Mosquitto::start_logging(&conf, move |line| log.lock().unwrap().push(line.to_string())).await?;
+    let mosquitto = Mosquitto::start(&conf).await?;
     // Mosquitto publishes "1" there (retained) once Ferry has accepted the bridge's CONNECT.
     loop {
         let p = watcher.publish_received().await;
@@ -37,14 +37,10 @@ async fn edge_bridged_into_ferry(log: Arc<Mutex<Vec<String>>>) -> Option<(TestSe
 
 #[tokio::test]
 async fn an_edge_mosquitto_bridges_in_on_its_defaults_without_echo_and_keeps_retained_messages() {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let Some((ferry, mosquitto)) = edge_bridged_into_ferry(log.clone()).await else { return };
+    let Some((ferry, mosquitto)) = edge_bridged_into_ferry().await else { return };
     // The first CONNECT was taken: Mosquitto did not have to fall back to a plain client.
-    assert!(
-        !log.lock().unwrap().iter().any(|l| l.contains("Connection Refused") || l.contains("unacceptable protocol")),
-        "{:?}",
-        log.lock().unwrap()
-    );
+    let log = mosquitto.log();
+    assert!(!log.iter().any(|l| l.contains("Connection Refused") || l.contains("unacceptable protocol")), "{log:?}");
 
     let mut central = v5::connect(&ferry, "central").await;
     central.subscribe("edge7/#", V5Q1).await;
