@@ -51,7 +51,8 @@ impl TopicRule {
     }
 }
 
-/// What happens when the bridge's local queue holds `max_queued_messages`.
+/// What happens when the bridge's local queue holds `max_queued_messages` or
+/// `max_queued_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overflow {
     /// The oldest queued message is dropped (the queue's `x-overflow = drop-head`).
@@ -111,8 +112,10 @@ impl PasswordSource {
 /// TLS towards the remote: whom to trust, what to present, which name to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeTls {
-    /// PEM certificates the remote's chain must lead to.
-    pub ca: PathBuf,
+    /// PEM certificates the remote's chain must lead to; `None`: the system's trusted CAs
+    /// (Debian: /etc/ssl/certs, from the ca-certificates package; `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` override).
+    pub ca: Option<PathBuf>,
     /// A client certificate chain (PEM) and its private key, for a remote that asks for one.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The name the remote's certificate must be valid for (default: the host of `address`).
@@ -146,6 +149,8 @@ pub struct BridgeConfig {
     pub max_hops: u32,
     /// The local queue's `x-max-length` (0: unbounded).
     pub max_queued_messages: u32,
+    /// The local queue's `x-max-length-bytes`: body bytes waiting, at most (0: unbounded).
+    pub max_queued_bytes: u64,
     pub overflow: Overflow,
     /// QoS 1/2 messages sent and not yet acknowledged by the remote, at most; also the local
     /// consumer's prefetch.
@@ -161,7 +166,7 @@ pub struct BridgeConfig {
 impl BridgeConfig {
     /// A bridge with Ferry's defaults: MQTT 5.0, client id `ferry-bridge-<name>`, keep alive
     /// 60 s, clean session, vhost `/`, exchange `amq.topic`, no rules, `max_hops` 1,
-    /// 100,000 queued messages dropping the oldest, 32 in flight, back-off 1 s to 60 s.
+    /// 100,000 queued messages (no bytes limit) dropping the oldest, 32 in flight, back-off 1 s to 60 s.
     pub fn new(name: &str, address: &str) -> BridgeConfig {
         BridgeConfig {
             name: name.to_string(),
@@ -178,6 +183,7 @@ impl BridgeConfig {
             topics: Vec::new(),
             max_hops: 1,
             max_queued_messages: 100_000,
+            max_queued_bytes: 0,
             overflow: Overflow::DropOldest,
             max_inflight: 32,
             backoff_initial: Duration::from_secs(1),

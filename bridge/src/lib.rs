@@ -15,6 +15,7 @@
 //!   remote with ferry-mqtt's codec and acks the queue when the remote acknowledged. `in` rules:
 //!   the task subscribes on the remote, publishes what arrives into the local vhost and
 //!   acknowledges the remote after the local store commit.
+//! - [`overflow`]: the queue's overflow counters → one log line per overflow episode.
 //! - [`status`]: [`BridgeStatus`], what [`Bridges::status`] reports per bridge.
 //! - [`shovel`]: AMQP shovels (`[[shovels]]`): [`ShovelConfig`], a sans-I/O AMQP 0-9-1 client
 //!   on ferry-amqp's codec, and one task per shovel, with the same store and forward and the
@@ -26,6 +27,7 @@
 pub mod backoff;
 pub mod config;
 mod link;
+pub mod overflow;
 pub mod rules;
 pub mod shovel;
 pub mod status;
@@ -34,11 +36,11 @@ pub mod tls;
 use std::sync::Arc;
 
 use ferry_core::error::CoreError;
-use ferry_core::exchange::BindingKey;
+use ferry_core::exchange::{BindingKey, Destination};
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, ShortString};
-use ferry_core::queue::QueueOptions;
-use ferry_core::vhost::QueueDeclare;
+use ferry_core::queue::{Queue, QueueOptions};
+use ferry_core::vhost::{QueueDeclare, VHost};
 use ferry_core::Broker;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -63,6 +65,36 @@ pub enum BridgeError {
     Queue { index: usize, name: String, queue: String, error: CoreError },
     #[error("shovels[{index}] ({name}): {reason}")]
     Shovel { index: usize, name: String, reason: String },
+}
+
+/// Removes the bindings of bridge queue `queue` that no configured `out` rule makes (a rule
+/// removed from the config, or the rules' exchange changed): the queue is the bridge's alone,
+/// so every binding on it is one the bridge made. `wanted` are the routing keys of the rules'
+/// bindings on `exchange`.
+fn unbind_stale(
+    vhost: &VHost,
+    queue: &Arc<Queue>,
+    exchange: &ShortString,
+    wanted: &[ShortString],
+    name: &str,
+    id: ConnectionId,
+) -> Result<(), CoreError> {
+    for x in vhost.exchange_names() {
+        let Some(source) = vhost.exchange(&x.to_string_lossy()) else { continue };
+        for binding in source.bindings() {
+            let ours = matches!(&binding.destination, Destination::Queue(q) if Arc::ptr_eq(q, queue));
+            if !ours || (&x == exchange && wanted.contains(&binding.key.routing_key)) {
+                continue;
+            }
+            info!(
+                "bridge {name}: binding {:?} from exchange {x:?} to queue {} removed: no out rule makes it any more",
+                binding.key.routing_key.to_string_lossy(),
+                queue.name()
+            );
+            vhost.unbind_queue(queue.name(), &x, binding.key, id)?;
+        }
+    }
+    Ok(())
 }
 
 /// The running bridges.
@@ -99,6 +131,12 @@ impl Bridges {
                 let mut arguments = FieldTable::new();
                 if config.max_queued_messages > 0 {
                     arguments.insert("x-max-length", FieldValue::I64(i64::from(config.max_queued_messages)));
+                }
+                if config.max_queued_bytes > 0 {
+                    let bytes = i64::try_from(config.max_queued_bytes).unwrap_or(i64::MAX);
+                    arguments.insert("x-max-length-bytes", FieldValue::I64(bytes));
+                }
+                if config.max_queued_messages > 0 || config.max_queued_bytes > 0 {
                     let overflow = match config.overflow {
                         Overflow::DropOldest => "drop-head",
                         Overflow::Block => "reject-publish",
@@ -129,7 +167,7 @@ impl Bridges {
                         } else {
                             warn!(
                                 "bridge {name}: queue {queue_name} keeps the limits it was made with ({why}) while it \
-                                 holds {} messages; the new max_queued_messages / overflow apply at a start that finds it empty",
+                                 holds {} messages; the new max_queued_messages / max_queued_bytes / overflow apply at a start that finds it empty",
                                 stats.ready
                             );
                             old
@@ -137,6 +175,7 @@ impl Bridges {
                     }
                     Err(e) => return Err(qerr(e)),
                 };
+                let mut wanted = Vec::new();
                 for rule in config.topics.iter().filter(|r| r.direction.is_out()) {
                     let text = rule.local_filter();
                     let filter = ferry_mqtt::topic::Filter::parse(&text).map_err(|e| BridgeError::BadFilter {
@@ -146,10 +185,29 @@ impl Bridges {
                         reason: e.to_string(),
                     })?;
                     let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
+                    wanted.push(key.routing_key.clone());
                     vhost.bind_queue(queue.name(), &exchange, key, id).map_err(qerr)?;
                 }
+                unbind_stale(&vhost, &queue, &exchange, &wanted, &name, id).map_err(qerr)?;
                 Some(queue)
             } else {
+                // No `out` rule any more: a queue left from an earlier config gets nothing new.
+                if let Some(old) = vhost.queue(&config.queue_name()) {
+                    unbind_stale(&vhost, &old, &exchange, &[], &name, id).map_err(|error| BridgeError::Queue {
+                        index,
+                        name: name.clone(),
+                        queue: config.queue_name(),
+                        error,
+                    })?;
+                    let held = old.stats().ready;
+                    if held > 0 {
+                        warn!(
+                            "bridge {name}: queue {} holds {held} messages from an earlier config with out rules; \
+                             they wait there until an out rule is configured again",
+                            config.queue_name()
+                        );
+                    }
+                }
                 None
             };
             let link = Arc::new(Link {
@@ -166,6 +224,10 @@ impl Bridges {
         let mut bridges = Bridges::default();
         for (i, (link, vhost)) in ready.into_iter().enumerate() {
             let seed = now ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ link.id.0;
+            if let Some(queue) = &link.queue {
+                let watch = overflow::watch(link.config.name.clone(), queue.clone(), shutdown.clone());
+                bridges.tasks.push(tokio::spawn(watch));
+            }
             bridges.tasks.push(tokio::spawn(link.clone().run(vhost, shutdown.clone(), seed)));
             bridges.links.push(link);
         }
@@ -243,6 +305,7 @@ impl Bridges {
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
             dropped_refused: Counters::get(&c.dropped_refused),
             nacked: Counters::get(&c.nacked),
+            dropped_too_large: Counters::get(&c.dropped_too_large),
             connects: Counters::get(&c.connects),
             attempts: Counters::get(&c.attempts),
         }

@@ -57,14 +57,17 @@ pub struct BridgeStatus {
     pub dropped_max_hops: u64,
     /// Not forwarded: they came in over this link (an `out` rule overlapping an `in` rule).
     pub dropped_loop: u64,
-    /// Not forwarded: no rule covers their topic any more (a rule removed from the config
-    /// leaves its binding until the queue is deleted).
+    /// Not forwarded: no rule covers their topic any more (queued under a rule that a later
+    /// config removed; its binding goes at that start, what it queued before is dropped).
     pub dropped_no_rule: u64,
     /// Refused by the remote (an MQTT 5.0 PUBACK / PUBREC reason code 0x80 or above).
     pub dropped_refused: u64,
-    /// Publishes the remote refused with a basic.nack (AMQP shovels): each ends the connection
-    /// and the message goes again after the back-off.
+    /// Publishes the remote refused with a basic.nack (AMQP shovels): they go again, in order,
+    /// on the next connection.
     pub nacked: u64,
+    /// Not forwarded: larger than the remote accepts (a 5.0 remote's Maximum Packet Size), or
+    /// a message the remote closed the link on, again and again (see docs/bridges.md).
+    pub dropped_too_large: u64,
     /// Connections established since the start.
     pub connects: u64,
     /// Connection attempts since the start, failed ones included.
@@ -81,6 +84,7 @@ pub(crate) struct Counters {
     pub dropped_no_rule: AtomicU64,
     pub dropped_refused: AtomicU64,
     pub nacked: AtomicU64,
+    pub dropped_too_large: AtomicU64,
     pub connects: AtomicU64,
     pub attempts: AtomicU64,
 }

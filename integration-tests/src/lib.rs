@@ -30,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod amqp;
 pub mod cross;
+pub mod mosquitto;
 pub mod mqtt;
 
 /// How long any single awaited event may take before a test fails (generous: debug builds on a

@@ -54,6 +54,7 @@ impl TestServer {
 /// A CONNECT with keep alive 30 s and no will.
 pub fn connect_packet(version: ProtocolVersion, client_id: &str, clean: bool) -> Connect {
     Connect {
+        bridge: false,
         version,
         clean_start: clean,
         keep_alive: 30,

@@ -538,6 +538,7 @@ struct RawBridge {
     topics: Vec<RawTopicRule>,
     max_hops: Option<u32>,
     max_queued_messages: Option<u32>,
+    max_queued_bytes: Option<u64>,
     overflow: Option<String>,
     max_inflight: Option<u16>,
     reconnect_initial_ms: Option<u64>,
@@ -548,7 +549,7 @@ struct RawBridge {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBridgeTls {
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     server_name: Option<String>,
@@ -894,7 +895,8 @@ impl Validator<'_> {
             };
             match (raw.tls, s.remote.tls) {
                 (Some(t), true) => {
-                    let ca = self.check(self.resolve(&key("tls.ca"), t.ca));
+                    // No `ca`: the system's trusted CAs, as for bridges.
+                    let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
                     let client_cert = match (t.cert, t.key) {
                         (None, None) => None,
                         (Some(cert), Some(k)) => {
@@ -914,10 +916,19 @@ impl Validator<'_> {
                     if t.server_name.as_deref() == Some("") {
                         self.report(key("tls.server_name"), "must not be empty");
                     }
-                    s.tls = ca.map(|ca| ferry_bridge::BridgeTls { ca, client_cert, server_name: t.server_name });
+                    s.tls = match ca {
+                        Some(None) => None,
+                        Some(Some(ca)) => {
+                            Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
+                        }
+                        None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
+                    };
                 }
                 (Some(_), false) => self.report(key("tls"), "is for an amqps:// remote; this one is amqp://"),
-                (None, true) => self.report(key("tls"), "an amqps:// remote needs a tls table (at least ca)"),
+                // amqps:// without a table: the system's trusted CAs, no client certificate.
+                (None, true) => {
+                    s.tls = Some(ferry_bridge::BridgeTls { ca: None, client_cert: None, server_name: None })
+                }
                 (None, false) => {}
             }
             if let Some(h) = raw.heartbeat_secs {
@@ -981,7 +992,8 @@ impl Validator<'_> {
                 b.client_id = id;
             }
             if let Some(t) = raw.tls {
-                let ca = self.check(self.resolve(&key("tls.ca"), t.ca));
+                // No `ca`: the system's trusted CAs. A `ca` that does not resolve is reported.
+                let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
                 let client_cert = match (t.cert, t.key) {
                     (None, None) => None,
                     (Some(cert), Some(k)) => {
@@ -1001,7 +1013,13 @@ impl Validator<'_> {
                 if t.server_name.as_deref() == Some("") {
                     self.report(key("tls.server_name"), "must not be empty");
                 }
-                b.tls = ca.map(|ca| ferry_bridge::BridgeTls { ca, client_cert, server_name: t.server_name });
+                b.tls = match ca {
+                    Some(None) => None,
+                    Some(Some(ca)) => {
+                        Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
+                    }
+                    None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
+                };
             }
             b.username = raw.username;
             b.password = match (raw.password_file, raw.password_env) {
@@ -1086,6 +1104,9 @@ impl Validator<'_> {
             }
             if let Some(m) = raw.max_queued_messages {
                 b.max_queued_messages = m;
+            }
+            if let Some(m) = raw.max_queued_bytes {
+                b.max_queued_bytes = m;
             }
             match raw.overflow.as_deref() {
                 None | Some("drop-oldest") => b.overflow = ferry_bridge::Overflow::DropOldest,
@@ -2148,7 +2169,7 @@ mod tests {
     fn a_bridge_is_read_with_its_rules_and_defaults() {
         let c = parse(&format!(
             "{MINIMAL}{BRIDGE}protocol_version = \"3.1.1\"\nusername = \"edge\"\npassword_env = \"BRIDGE_PW\"\n\
-             clean_session = false\nmax_queued_messages = 10\noverflow = \"block\"\n\
+             clean_session = false\nmax_queued_messages = 10\nmax_queued_bytes = 65536\noverflow = \"block\"\n\
              topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 2, local_prefix = \"edge/\", remote_prefix = \"site/\" }},\
              {{ pattern = \"cmd/+\", direction = \"in\" }}]\n"
         ))
@@ -2158,7 +2179,7 @@ mod tests {
         assert_eq!(b.version, ferry_mqtt::codec::ProtocolVersion::V311);
         assert_eq!(b.password, Some(ferry_bridge::PasswordSource::Env("BRIDGE_PW".into())));
         assert!(!b.clean_session);
-        assert_eq!((b.max_queued_messages, b.overflow), (10, ferry_bridge::Overflow::Block));
+        assert_eq!((b.max_queued_messages, b.max_queued_bytes, b.overflow), (10, 65536, ferry_bridge::Overflow::Block));
         assert_eq!(b.max_hops, 1);
         assert_eq!(b.client_id, "ferry-bridge-up");
         assert_eq!(b.topics.len(), 2);
@@ -2220,7 +2241,7 @@ mod tests {
             parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"c.key\" }}\n"))
                 .unwrap();
         let tls = c.bridges[0].tls.as_ref().unwrap();
-        assert_eq!(tls.ca, Path::new("/etc/ferry/ca.pem"));
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/ferry/ca.pem")));
         assert_eq!(tls.client_cert, Some(("/etc/ferry/c.pem".into(), "/etc/ferry/c.key".into())));
         assert_eq!(tls.server_name, None, "the host of the address is checked");
         assert_eq!(c.bridges[0].host(), "central.example");
@@ -2228,6 +2249,11 @@ mod tests {
         assert!(msg.contains("bridges[0].tls.key: a client certificate needs its key"), "{msg}");
         let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", verify = false }}\n"));
         assert!(msg.contains("unknown field `verify`"), "{msg}");
+        let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ server_name = \"central.example.net\" }}\n")).unwrap();
+        let tls = c.bridges[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, None, "no ca: the system's trusted CAs");
+        let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{}}\n")).unwrap();
+        assert_eq!(c.bridges[0].tls.as_ref().map(|t| t.ca.clone()), Some(None), "tls = {{}}: TLS, system CAs");
     }
 
     const SHOVEL: &str = "[[shovels]]\nname = \"telemetry\"\n";

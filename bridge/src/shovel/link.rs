@@ -168,6 +168,7 @@ impl Shovel {
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
             dropped_refused: Counters::get(&c.dropped_refused),
             nacked: Counters::get(&c.nacked),
+            dropped_too_large: Counters::get(&c.dropped_too_large),
             connects: Counters::get(&c.connects),
             attempts: Counters::get(&c.attempts),
         }
@@ -825,7 +826,7 @@ impl Conn<'_> {
                 Ok(seq) => seq,
                 Err(e) => {
                     warn!(shovel = %config.name, "shovel {}: a message cannot be sent ({e}); dropped", config.name);
-                    shovel.counters.dropped_refused.fetch_add(1, Ordering::Relaxed);
+                    shovel.counters.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                     if config.ack_mode != AckMode::NoAck {
                         shovel.settle_local(self.vhost, self.consumer, d.seq);
                     }
