@@ -1082,3 +1082,25 @@ async fn a_remote_that_refuses_the_bridge_mark_is_connected_to_without_it() {
     let st = status_when(&local, "up without the mark", |s| s.state == LinkState::Up).await;
     assert_eq!((st.attempts, st.connects), (2, 1), "{st:?}");
 }
+
+#[tokio::test]
+async fn a_remote_name_that_does_not_resolve_is_reported_and_retried_while_clients_are_served() {
+    let rule = r##"{ pattern = "a/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, "127.0.0.1:1".parse().unwrap(), "5.0", rule, "")
+        .replace("address = \"127.0.0.1:1\"", "address = \"no-such-host.invalid:1883\"");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let st = status_when(&local, "two failed attempts", |s| s.attempts >= 2 && s.state == LinkState::BackingOff).await;
+    let error = st.last_error.expect("an error");
+    assert!(error.starts_with("cannot connect"), "{error}");
+    assert_eq!((st.connects, st.remote.as_str()), (0, "no-such-host.invalid:1883"));
+    // The rest of the broker does not notice; what the rule takes waits in the backlog.
+    let mut sub = v5::connect(&local, "sub").await;
+    sub.subscribe("a/#", V5Q1).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("a/1", V5Q1, false, b"kept").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "kept");
+    // Routed to the subscriber and into the backlog in one step (taken into the link's window
+    // while it is down, so counted in flight).
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.queued + st.in_flight, st.forwarded_out, st.state), (1, 0, LinkState::BackingOff), "{st:?}");
+}
