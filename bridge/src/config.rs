@@ -141,6 +141,11 @@ pub struct BridgeConfig {
     /// Start a clean remote session at each connect; `false` asks the remote to keep the
     /// session (and queue for the `in` rules) while the link is down.
     pub clean_session: bool,
+    /// 3.1.1 remotes: mark the CONNECT as a bridge's (protocol level 0x84, Mosquitto's
+    /// `try_private`), so that a remote that knows the mark (Mosquitto, Ferry) gives the
+    /// bridge's subscriptions *no local* and *retain as published*. A remote that refuses it
+    /// (CONNACK 1) is connected to again without it. Not used for 5.0 remotes.
+    pub try_private: bool,
     /// The local vhost and exchange the rules route on (the MQTT listeners' defaults).
     pub vhost: String,
     pub exchange: String,
@@ -178,6 +183,7 @@ impl BridgeConfig {
             password: None,
             keep_alive: 60,
             clean_session: true,
+            try_private: true,
             vhost: ferry_core::broker::DEFAULT_VHOST.to_string(),
             exchange: "amq.topic".to_string(),
             topics: Vec::new(),

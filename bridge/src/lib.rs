@@ -218,6 +218,7 @@ impl Bridges {
                 state: StateCell::new(),
                 counters: Counters::default(),
                 changes: watch::Sender::new(0),
+                private_refused: Default::default(),
             });
             ready.push((link, vhost));
         }

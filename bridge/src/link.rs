@@ -111,6 +111,9 @@ pub(crate) struct Link {
     pub counters: Counters,
     /// Bumped when counters move, for [`Bridges::wait_for`](crate::Bridges::wait_for).
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// The remote refused the bridge mark on a 3.1.1 CONNECT (`try_private`): later connects
+    /// go without it.
+    pub private_refused: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,8 +438,11 @@ impl Conn<'_> {
             // The session outlives the link for as long as the remote allows.
             properties.session_expiry_interval = Some(u32::MAX);
         }
+        let private = config.try_private
+            && !config.version.is_v5()
+            && !self.link.private_refused.load(std::sync::atomic::Ordering::Relaxed);
         let connect = Connect {
-            bridge: false,
+            bridge: private,
             version: config.version,
             clean_start: config.clean_session,
             keep_alive: config.keep_alive,
@@ -454,6 +460,16 @@ impl Conn<'_> {
             if let Some(packet) = decoder.decode(rx).map_err(LinkError::Decode)? {
                 return match packet {
                     Packet::ConnAck(ack) if ack.code == 0 => Ok((stream, ack, addrs)),
+                    // 1: unacceptable protocol version, the answer of a remote that does not
+                    // know the bridge mark. As Mosquitto's bridges do, the next attempt goes
+                    // without it.
+                    Packet::ConnAck(ack) if ack.code == 1 && private => {
+                        self.link.private_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Err(LinkError::Refused(format!(
+                            "{}; the remote does not take the bridge mark (try_private), the next attempt goes without it",
+                            refusal(config.version, ack.code)
+                        )))
+                    }
                     Packet::ConnAck(ack) => Err(LinkError::Refused(refusal(config.version, ack.code))),
                     other => Err(LinkError::Protocol(format!("expected CONNACK, got {other:?}"))),
                 };

@@ -1007,3 +1007,100 @@ async fn new_queue_limits_apply_to_an_empty_backlog_and_never_cost_a_queued_mess
     let st = local.server.bridges().status().remove(0);
     assert_eq!(st.queued + st.in_flight, 4, "{st:?}");
 }
+
+// ----- the bridge mark on 3.1.1 (try_private) -----------------------------------------------------
+
+/// A 3.1.1 bridge marks its CONNECT (level 0x84): a Mosquitto remote then gives its
+/// subscription *no local*, so a `both` rule on `#` does not bring the bridge's own messages
+/// back (3.1.1 carries no hop count to catch them by).
+async fn v311_both_ways_without_echo(remote: std::net::SocketAddr, remote_port: u16) {
+    let local = bridged(remote, "3.1.1", r##"{ pattern = "#", direction = "both", qos = 1 }"##).await;
+    up(&local).await;
+    let mut sub_l = v5::connect(&local, "sub-l").await;
+    sub_l.subscribe("t/#", V5Q1).await;
+    let (mut sub_r, _) = v311::Client::connect(rumqttc::MqttOptions::new("sub-r", "127.0.0.1", remote_port)).await;
+    sub_r.subscribe("t/#", Q1).await;
+    let mut pub_l = v5::connect(&local, "pub-l").await;
+    pub_l.publish("t/1", V5Q1, false, b"local").await;
+    assert_eq!(text(&sub_r.publish_received().await.payload), "local");
+    // Published on the remote after it had the local message: an echo of that message would
+    // come back over the link before this one.
+    let (mut pub_r, _) = v311::Client::connect(rumqttc::MqttOptions::new("pub-r", "127.0.0.1", remote_port)).await;
+    pub_r.publish("t/2", Q1, false, b"remote").await;
+    assert_eq!(text(&sub_l.publish_received().await.payload), "local");
+    assert_eq!(text(&sub_l.publish_received().await.payload), "remote", "the local message came back");
+    let st = status_when(&local, "in and out", |s| s.forwarded_out == 1 && s.forwarded_in == 1).await;
+    assert_eq!(st.dropped_loop, 1, "the remote's message is not sent back to it: {st:?}");
+}
+
+#[tokio::test]
+async fn a_v311_bridge_marks_its_connect_so_a_mosquitto_remote_does_not_echo() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    v311_both_ways_without_echo(mosquitto.addr(), mosquitto.port).await;
+    assert!(mosquitto.log().iter().any(|l| l.contains("New bridge connected")), "{:?}", mosquitto.log());
+}
+
+#[tokio::test]
+async fn a_v311_bridge_marks_its_connect_so_a_ferry_remote_does_not_echo() {
+    let remote = TestServer::mqtt().await;
+    v311_both_ways_without_echo(remote.mqtt_addr(), remote.mqtt_addr().port()).await;
+}
+
+#[tokio::test]
+async fn a_remote_that_refuses_the_bridge_mark_is_connected_to_without_it() {
+    use ferry_mqtt::codec::{Decoder, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A 3.1.1 broker that does not know the mark: CONNACK 1 (unacceptable protocol version) to
+    // a CONNECT at level 0x84, and a session to one at level 4.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (marks_tx, mut marks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut decoder = Decoder::new(1 << 20);
+            let mut buf = bytes::BytesMut::new();
+            let connect = loop {
+                if let Ok(Some(Packet::Connect(c))) = decoder.decode(&mut buf) {
+                    break c;
+                }
+                if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            };
+            let _ = marks_tx.send(connect.bridge);
+            let code = if connect.bridge { 1 } else { 0 };
+            let _ = s.write_all(&[0x20, 2, 0, code]).await;
+            if code == 0 {
+                held.push(s); // up: the link stays connected
+            }
+        }
+    });
+    let local = bridged(addr, "3.1.1", r##"{ pattern = "a/#", direction = "out", qos = 1 }"##).await;
+    assert_eq!(within("first CONNECT", marks.recv()).await, Some(true));
+    assert_eq!(within("second CONNECT", marks.recv()).await, Some(false));
+    let st = status_when(&local, "up without the mark", |s| s.state == LinkState::Up).await;
+    assert_eq!((st.attempts, st.connects), (2, 1), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_remote_name_that_does_not_resolve_is_reported_and_retried_while_clients_are_served() {
+    let rule = r##"{ pattern = "a/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, "127.0.0.1:1".parse().unwrap(), "5.0", rule, "")
+        .replace("address = \"127.0.0.1:1\"", "address = \"no-such-host.invalid:1883\"");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let st = status_when(&local, "two failed attempts", |s| s.attempts >= 2 && s.state == LinkState::BackingOff).await;
+    let error = st.last_error.expect("an error");
+    assert!(error.starts_with("cannot connect"), "{error}");
+    assert_eq!((st.connects, st.remote.as_str()), (0, "no-such-host.invalid:1883"));
+    // The rest of the broker does not notice; what the rule takes waits in the backlog.
+    let mut sub = v5::connect(&local, "sub").await;
+    sub.subscribe("a/#", V5Q1).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("a/1", V5Q1, false, b"kept").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "kept");
+    // Routed to the subscriber and into the backlog in one step (taken into the link's window
+    // while it is down, so counted in flight).
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.queued + st.in_flight, st.forwarded_out, st.state), (1, 0, LinkState::BackingOff), "{st:?}");
+}

@@ -532,6 +532,7 @@ struct RawBridge {
     password_env: Option<String>,
     keep_alive: Option<u16>,
     clean_session: Option<bool>,
+    try_private: Option<bool>,
     vhost: Option<String>,
     exchange: Option<String>,
     #[serde(default)]
@@ -1045,6 +1046,9 @@ impl Validator<'_> {
             }
             if let Some(c) = raw.clean_session {
                 b.clean_session = c;
+            }
+            if let Some(t) = raw.try_private {
+                b.try_private = t;
             }
             if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
                 b.vhost = v;
@@ -2169,7 +2173,7 @@ mod tests {
     fn a_bridge_is_read_with_its_rules_and_defaults() {
         let c = parse(&format!(
             "{MINIMAL}{BRIDGE}protocol_version = \"3.1.1\"\nusername = \"edge\"\npassword_env = \"BRIDGE_PW\"\n\
-             clean_session = false\nmax_queued_messages = 10\nmax_queued_bytes = 65536\noverflow = \"block\"\n\
+             clean_session = false\ntry_private = false\nmax_queued_messages = 10\nmax_queued_bytes = 65536\noverflow = \"block\"\n\
              topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 2, local_prefix = \"edge/\", remote_prefix = \"site/\" }},\
              {{ pattern = \"cmd/+\", direction = \"in\" }}]\n"
         ))
@@ -2178,7 +2182,7 @@ mod tests {
         assert_eq!((b.name.as_str(), b.address.as_str()), ("up", "central.example:1883"));
         assert_eq!(b.version, ferry_mqtt::codec::ProtocolVersion::V311);
         assert_eq!(b.password, Some(ferry_bridge::PasswordSource::Env("BRIDGE_PW".into())));
-        assert!(!b.clean_session);
+        assert!(!b.clean_session && !b.try_private);
         assert_eq!((b.max_queued_messages, b.max_queued_bytes, b.overflow), (10, 65536, ferry_bridge::Overflow::Block));
         assert_eq!(b.max_hops, 1);
         assert_eq!(b.client_id, "ferry-bridge-up");
