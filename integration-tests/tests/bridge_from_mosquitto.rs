@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+
 use ferry_integration_tests::mosquitto::Mosquitto;
 use ferry_integration_tests::mqtt::{text, v311, v5, MQTT_LISTENER};
 use ferry_integration_tests::{within, TestServer};
@@ -90,4 +92,94 @@ async fn an_edge_mosquitto_bridges_in_on_its_defaults_without_echo_and_keeps_ret
     let listed = ferry.server.broker().connections().list();
     assert!(listed.iter().any(|c| c.client_id.as_deref() == Some("edge-7")), "{listed:?}");
     within("edge client gone", edge_pub.disconnect()).await;
+}
+
+/// The worked example in docs/bridges.md as written: Ferry with users and an ACL, the edge's
+/// bridge logging in as `edge-7` with `sensors/# out` and `cmd/# in` under `edge7/`, and an AMQP
+/// consumer of the readings. Without the ACL entry for the bridge's state topic (which is also
+/// its will), Ferry would refuse the bridge's CONNECT, as Mosquitto does.
+#[tokio::test]
+async fn the_worked_example_with_a_login_an_acl_and_an_amqp_consumer() {
+    use ferry_core::auth::PasswordHash;
+    let hash = |p: &[u8]| PasswordHash::argon2id(p);
+    let ferry_toml = format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+         [[users]]\nname = \"edge-7\"\npassword_hash = \"{}\"\n\
+         [[users]]\nname = \"backend\"\npassword_hash = \"{}\"\n\
+         [[permissions]]\nuser = \"backend\"\nconfigure = \".*\"\nwrite = \".*\"\nread = \".*\"\n\
+         [[acl]]\nuser = \"edge-7\"\ntopic = \"edge7/#\"\naccess = \"readwrite\"\n\
+         [[acl]]\nuser = \"edge-7\"\ntopic = \"$SYS/broker/connection/%c/state\"\naccess = \"write\"\n\
+         [[acl]]\nuser = \"backend\"\ntopic = \"edge7/#\"\naccess = \"readwrite\"\n\
+         [[acl]]\nuser = \"backend\"\ntopic = \"$SYS/broker/connection/+/state\"\naccess = \"read\"\n",
+        hash(b"edge-secret"),
+        hash(b"backend-secret"),
+    );
+    let frontends: Vec<Arc<dyn ferry_core::frontend::Frontend>> =
+        vec![Arc::new(ferry_mqtt::MqttFrontend::default()), Arc::new(ferry_amqp::AmqpFrontend::default())];
+    let ferry = TestServer::start(&ferry_toml, &frontends).await;
+
+    // The backend's queue is bound before anything is published.
+    let amqp = lapin::Connection::connect(
+        &format!("amqp://backend:backend-secret@{}/%2f", ferry.addr_of(ferry_core::Protocol::Amqp)),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("AMQP login");
+    let ch = amqp.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare("readings".into(), lapin::options::QueueDeclareOptions::default(), Default::default())
+        .await
+        .expect("declare");
+    ch.queue_bind(
+        q.name().clone(),
+        "amq.topic".into(),
+        "edge7.sensors.#".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind");
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "backend".into(),
+            lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .expect("consume");
+
+    let mut central = {
+        let mut o = v5::options(&ferry, "central");
+        o.set_credentials("backend", "backend-secret");
+        v5::Client::connect(o).await.0
+    };
+    central.subscribe("$SYS/broker/connection/edge-7/state", V5Q1).await;
+    let conf = format!(
+        "connection central\naddress {}\nremote_clientid edge-7\nremote_username edge-7\nremote_password edge-secret\n\
+         cleansession false\nrestart_timeout 1\ntopic sensors/# out 1 \"\" edge7/\ntopic cmd/# in 1 \"\" edge7/\n",
+        ferry.mqtt_addr()
+    );
+    let Some(mosquitto) = Mosquitto::start(&conf).await else { return };
+    // Mosquitto reports the link's state there (retained) once Ferry has taken its CONNECT.
+    loop {
+        let p = central.publish_received().await;
+        if text(&p.payload) == "1" {
+            break;
+        }
+    }
+
+    // A reading on the edge reaches the AMQP queue under edge7.
+    let (mut edge_pub, _) = v311::Client::connect(mosquitto.v311_options("sensor-1")).await;
+    edge_pub.publish("sensors/t1", Q1, false, b"21.5").await;
+    let got = within("the reading in the AMQP queue", consumer.next()).await.expect("a delivery").expect("delivery");
+    assert_eq!((got.routing_key.as_str(), &got.data[..]), ("edge7.sensors.t1", &b"21.5"[..]));
+
+    // A command from the centre reaches the edge without the prefix.
+    let (mut edge_sub, _) = v311::Client::connect(mosquitto.v311_options("actuator-1")).await;
+    edge_sub.subscribe("cmd/#", Q1).await;
+    central.publish("edge7/cmd/fan", V5Q1, false, b"on").await;
+    let p = edge_sub.publish_received().await;
+    assert_eq!((p.topic.as_str(), text(&p.payload)), ("cmd/fan", "on"));
 }
