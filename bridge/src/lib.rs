@@ -24,6 +24,7 @@
 //! Data flows: local publisher → exchange → `ferry-bridge.<name>` (redb) → link → remote;
 //! remote → link → vhost publish → store commit → PUBACK/PUBREC to the remote.
 
+pub mod backlog;
 pub mod backoff;
 pub mod config;
 mod link;
@@ -38,9 +39,9 @@ use std::sync::Arc;
 use ferry_core::error::CoreError;
 use ferry_core::exchange::{BindingKey, Destination};
 use ferry_core::frontend::Shutdown;
-use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, ShortString};
-use ferry_core::queue::{Queue, QueueOptions};
-use ferry_core::vhost::{QueueDeclare, VHost};
+use ferry_core::message::{now_millis, ConnectionId, ShortString};
+use ferry_core::queue::Queue;
+use ferry_core::vhost::VHost;
 use ferry_core::Broker;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -128,53 +129,13 @@ impl Bridges {
             let queue = if config.has_out_rules() {
                 let queue_name = config.queue_name();
                 let qerr = |error| BridgeError::Queue { index, name: name.clone(), queue: queue_name.clone(), error };
-                let mut arguments = FieldTable::new();
-                if config.max_queued_messages > 0 {
-                    arguments.insert("x-max-length", FieldValue::I64(i64::from(config.max_queued_messages)));
-                }
-                if config.max_queued_bytes > 0 {
-                    let bytes = i64::try_from(config.max_queued_bytes).unwrap_or(i64::MAX);
-                    arguments.insert("x-max-length-bytes", FieldValue::I64(bytes));
-                }
-                if config.max_queued_messages > 0 || config.max_queued_bytes > 0 {
-                    let overflow = match config.overflow {
-                        Overflow::DropOldest => "drop-head",
-                        Overflow::Block => "reject-publish",
-                    };
-                    arguments.insert("x-overflow", FieldValue::LongString(overflow.as_bytes().to_vec().into()));
-                }
-                let options = QueueOptions { durable: true, exclusive: None, auto_delete: false, arguments };
-                let decl = QueueDeclare {
-                    name: ShortString::from(queue_name.as_str()),
-                    passive: false,
-                    options,
-                    connection: id,
+                let limits = backlog::Limits {
+                    max_messages: config.max_queued_messages,
+                    max_bytes: config.max_queued_bytes,
+                    overflow: config.overflow,
                 };
-                let queue = match vhost.declare_queue(decl.clone(), now) {
-                    Ok(d) => d.queue,
-                    Err(CoreError::PreconditionFailed(why)) => {
-                        // Made with other limits by an earlier config. A queue's arguments do
-                        // not change: an empty one is made again with the new limits; one
-                        // holding a backlog keeps its limits (deleting it would lose the
-                        // backlog) until a start finds it empty.
-                        let old =
-                            vhost.queue(&queue_name).ok_or_else(|| qerr(CoreError::NotFound(queue_name.clone())))?;
-                        let stats = old.stats();
-                        if stats.ready == 0 && stats.unacked == 0 {
-                            vhost.delete_queue(&decl.name, id, false, true, now).map_err(qerr)?;
-                            info!("bridge {name}: queue {queue_name} made again with the new limits ({why})");
-                            vhost.declare_queue(decl, now).map_err(qerr)?.queue
-                        } else {
-                            warn!(
-                                "bridge {name}: queue {queue_name} keeps the limits it was made with ({why}) while it \
-                                 holds {} messages; the new max_queued_messages / max_queued_bytes / overflow apply at a start that finds it empty",
-                                stats.ready
-                            );
-                            old
-                        }
-                    }
-                    Err(e) => return Err(qerr(e)),
-                };
+                let queue =
+                    backlog::declare(&vhost, &queue_name, limits, id, &format!("bridge {name}"), now).map_err(qerr)?;
                 let mut wanted = Vec::new();
                 for rule in config.topics.iter().filter(|r| r.direction.is_out()) {
                     let text = rule.local_filter();
@@ -226,7 +187,7 @@ impl Bridges {
         for (i, (link, vhost)) in ready.into_iter().enumerate() {
             let seed = now ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ link.id.0;
             if let Some(queue) = &link.queue {
-                let watch = overflow::watch(link.config.name.clone(), queue.clone(), shutdown.clone());
+                let watch = overflow::watch(format!("bridge {}", link.config.name), queue.clone(), shutdown.clone());
                 bridges.tasks.push(tokio::spawn(watch));
             }
             bridges.tasks.push(tokio::spawn(link.clone().run(vhost, shutdown.clone(), seed)));

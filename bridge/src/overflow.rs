@@ -82,7 +82,7 @@ impl OverflowWatch {
 }
 
 /// Samples `queue` every [`SAMPLE`] and logs its overflow episodes, until `shutdown`.
-pub(crate) async fn watch(name: String, queue: Arc<Queue>, mut shutdown: Shutdown) {
+pub(crate) async fn watch(who: String, queue: Arc<Queue>, mut shutdown: Shutdown) {
     let args = queue.args();
     let (max_messages, max_bytes) = (args.max_length, args.max_length_bytes);
     if max_messages.is_none() && max_bytes.is_none() {
@@ -104,15 +104,15 @@ pub(crate) async fn watch(name: String, queue: Arc<Queue>, mut shutdown: Shutdow
         }
         match w.observe(&queue.stats()) {
             Some(OverflowEvent::Started { dropped, rejected, queued, queued_bytes }) => warn!(
-                bridge = %name,
-                "bridge {name}: local queue {} full ({queued} messages, {queued_bytes} bytes; limit {limits}): \
+                bridge = %who,
+                "{who}: local queue {} full ({queued} messages, {queued_bytes} bytes; limit {limits}): \
                  {} (so far {dropped} dropped, {rejected} refused)",
                 queue.name(),
                 if rejected > 0 { "refusing new messages (overflow = block)" } else { "dropping the oldest" },
             ),
             Some(OverflowEvent::Ended { dropped, rejected }) => info!(
-                bridge = %name,
-                "bridge {name}: local queue {} has room again; the overflow dropped {dropped} and refused {rejected} messages",
+                bridge = %who,
+                "{who}: local queue {} has room again; the overflow dropped {dropped} and refused {rejected} messages",
                 queue.name(),
             ),
             None => {}

@@ -901,3 +901,38 @@ async fn a_backlog_of_5000_goes_each_way_in_order() {
         n as f64 / in_secs
     );
 }
+
+// ----- the backlog's limits --------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_full_backlog_drops_the_oldest_and_the_remote_gets_the_newest_in_order() {
+    let pb = free_port();
+    let local = ferry(&format!(
+        "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"t.#\"\n\
+         dest_uri = \"amqp://127.0.0.1:{pb}\"\ndest_queue = \"work\"\nmax_queued_messages = 5\nprefetch_count = 2\n"
+    ))
+    .await;
+    status_when(&local, "remote down", |s| s.state == LinkState::BackingOff).await;
+    let mut p = v311::connect(&local, "pub").await;
+    for i in 0..8 {
+        p.publish("t/1", Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    // The first two wait in the shovel's window (prefetch), the newest five in the queue; the
+    // one between was dropped when the sixth waiting message came.
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.queued, st.in_flight, st.dropped_overflow), (5, 2, 1), "{st:?}");
+    // The remote comes up with the queue the shovel delivers to.
+    let remote =
+        TestServer::start(&format!("[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:{pb}\"\n"), &frontends())
+            .await;
+    let conn = within("lapin", Connection::connect(&remote.amqp_uri(""), ConnectionProperties::default()))
+        .await
+        .expect("lapin connects");
+    let ch = within("channel", conn.create_channel()).await.expect("channel");
+    declare(&ch, "work").await;
+    status_when(&local, "drained", |s| s.forwarded_out == 7).await;
+    let mut c = consume(&ch, "work").await;
+    for i in [0, 1, 3, 4, 5, 6, 7] {
+        assert_eq!(next(&mut c).await.0, format!("m{i}"));
+    }
+}

@@ -493,6 +493,15 @@ struct RawConfig {
     shovels: Vec<RawShovel>,
 }
 
+/// A bridge's or shovel's `overflow` value.
+fn overflow(value: &str) -> Option<ferry_bridge::Overflow> {
+    match value {
+        "drop-oldest" => Some(ferry_bridge::Overflow::DropOldest),
+        "block" => Some(ferry_bridge::Overflow::Block),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShovel {
@@ -509,6 +518,9 @@ struct RawShovel {
     prefetch_count: Option<u16>,
     add_forward_headers: Option<bool>,
     max_hops: Option<u32>,
+    max_queued_messages: Option<u32>,
+    max_queued_bytes: Option<u64>,
+    overflow: Option<String>,
     vhost: Option<String>,
     password_file: Option<PathBuf>,
     password_env: Option<String>,
@@ -876,6 +888,34 @@ impl Validator<'_> {
                 }
                 s.max_hops = h;
             }
+            // The limits are those of the shovel's own backlog; a source queue has its own.
+            let own_backlog = matches!(s.source, ferry_bridge::shovel::Source::Exchange { .. })
+                && s.direction == ferry_bridge::ShovelDirection::Out;
+            for (k, set) in [
+                ("max_queued_messages", raw.max_queued_messages.is_some()),
+                ("max_queued_bytes", raw.max_queued_bytes.is_some()),
+                ("overflow", raw.overflow.is_some()),
+            ] {
+                if set && !own_backlog {
+                    self.report(
+                        key(k),
+                        "limits the backlog of a shovel from a local exchange (src_uri = \"local\", src_exchange); \
+                         a source queue keeps its own limits (x-max-length)",
+                    );
+                }
+            }
+            if let Some(m) = raw.max_queued_messages {
+                s.max_queued_messages = m;
+            }
+            if let Some(m) = raw.max_queued_bytes {
+                s.max_queued_bytes = m;
+            }
+            if let Some(o) = raw.overflow.as_deref() {
+                match overflow(o) {
+                    Some(o) => s.overflow = o,
+                    None => self.report(key("overflow"), format!("{o:?}: expected \"drop-oldest\" or \"block\"")),
+                }
+            }
             if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
                 s.vhost = v;
             }
@@ -1112,11 +1152,10 @@ impl Validator<'_> {
             if let Some(m) = raw.max_queued_bytes {
                 b.max_queued_bytes = m;
             }
-            match raw.overflow.as_deref() {
-                None | Some("drop-oldest") => b.overflow = ferry_bridge::Overflow::DropOldest,
-                Some("block") => b.overflow = ferry_bridge::Overflow::Block,
-                Some(other) => {
-                    self.report(key("overflow"), format!("{other:?}: expected \"drop-oldest\" or \"block\""))
+            if let Some(o) = raw.overflow.as_deref() {
+                match overflow(o) {
+                    Some(o) => b.overflow = o,
+                    None => self.report(key("overflow"), format!("{o:?}: expected \"drop-oldest\" or \"block\"")),
                 }
             }
             if let Some(m) = raw.max_inflight {
@@ -2261,6 +2300,37 @@ mod tests {
     }
 
     const SHOVEL: &str = "[[shovels]]\nname = \"telemetry\"\n";
+
+    #[test]
+    fn a_shovels_limits_apply_to_its_own_backlog_only() {
+        let out =
+            "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"s.#\"\ndest_uri = \"amqp://r\"\n";
+        let c = parse(&format!(
+            "{MINIMAL}{SHOVEL}{out}max_queued_messages = 10\nmax_queued_bytes = 4096\noverflow = \"block\"\n"
+        ))
+        .unwrap();
+        let s = &c.shovels[0];
+        assert_eq!((s.max_queued_messages, s.max_queued_bytes, s.overflow), (10, 4096, ferry_bridge::Overflow::Block));
+        let d = parse(&format!("{MINIMAL}{SHOVEL}{out}")).unwrap();
+        let s = &d.shovels[0];
+        assert_eq!(
+            (s.max_queued_messages, s.max_queued_bytes, s.overflow),
+            (100_000, 0, ferry_bridge::Overflow::DropOldest)
+        );
+        // A source queue keeps its own arguments; an in shovel has no backlog of its own.
+        let msg = parse(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\ndest_uri = \"amqp://r\"\nmax_queued_messages = 5\n\
+             [[shovels]]\nname = \"in\"\nsrc_uri = \"amqp://r\"\nsrc_queue = \"q\"\ndest_uri = \"local\"\noverflow = \"spill\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("shovels[0].max_queued_messages: limits the backlog of a shovel from a local exchange"),
+            "{msg}"
+        );
+        assert!(msg.contains("shovels[1].overflow: limits the backlog"), "{msg}");
+        assert!(msg.contains("shovels[1].overflow: \"spill\": expected"), "{msg}");
+    }
 
     #[test]
     fn a_shovel_is_read_with_its_defaults() {

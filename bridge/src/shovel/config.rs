@@ -243,6 +243,11 @@ pub struct ShovelConfig {
     pub add_forward_headers: bool,
     /// Bridges and shovels a message may have crossed and still be shovelled.
     pub max_hops: u32,
+    /// Limits of the shovel's own backlog (`ferry-bridge.<name>`, an `out` shovel whose source
+    /// is an exchange); a source queue keeps its own arguments.
+    pub max_queued_messages: u32,
+    pub max_queued_bytes: u64,
+    pub overflow: crate::config::Overflow,
     /// Heartbeat asked for, in seconds (0: none); the remote may ask for less.
     pub heartbeat: u16,
     pub backoff_initial: Duration,
@@ -253,8 +258,9 @@ pub struct ShovelConfig {
 
 impl ShovelConfig {
     /// A shovel with Ferry's defaults: vhost `/`, ack mode on-confirm, prefetch 1000 (as
-    /// RabbitMQ's), no forward headers, max hops 1, heartbeat 60 s, back-off 1 s to 60 s,
-    /// connect timeout 10 s.
+    /// RabbitMQ's), no forward headers, max hops 1, a backlog of at most 100,000 messages
+    /// dropping the oldest (as a bridge's), heartbeat 60 s, back-off 1 s to 60 s, connect
+    /// timeout 10 s.
     pub fn new(name: &str, direction: ShovelDirection, remote: AmqpUri, source: Source) -> ShovelConfig {
         ShovelConfig {
             name: name.to_string(),
@@ -269,6 +275,9 @@ impl ShovelConfig {
             prefetch: 1000,
             add_forward_headers: false,
             max_hops: 1,
+            max_queued_messages: 100_000,
+            max_queued_bytes: 0,
+            overflow: crate::config::Overflow::DropOldest,
             heartbeat: 60,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),

@@ -65,26 +65,39 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
         let queue = match config.direction {
             ShovelDirection::Out => {
                 let queue_name = config.local_queue();
-                let queue = match vhost.queue(&queue_name) {
-                    Some(q) => q,
-                    None => {
-                        let options = QueueOptions {
-                            durable: true,
-                            exclusive: None,
-                            auto_delete: false,
-                            arguments: FieldTable::new(),
+                let queue = match &config.source {
+                    // The shovel's own backlog, with its limits.
+                    Source::Exchange { .. } => {
+                        let limits = crate::backlog::Limits {
+                            max_messages: config.max_queued_messages,
+                            max_bytes: config.max_queued_bytes,
+                            overflow: config.overflow,
                         };
-                        let decl = QueueDeclare {
-                            name: ShortString::from(queue_name.as_str()),
-                            passive: false,
-                            options,
-                            connection: id,
-                        };
-                        vhost
-                            .declare_queue(decl, now)
+                        crate::backlog::declare(&vhost, &queue_name, limits, id, &format!("shovel {name}"), now)
                             .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
-                            .queue
                     }
+                    // A queue of the user's: taken as it is (declared plain if it does not exist).
+                    Source::Queue(_) => match vhost.queue(&queue_name) {
+                        Some(q) => q,
+                        None => {
+                            let options = QueueOptions {
+                                durable: true,
+                                exclusive: None,
+                                auto_delete: false,
+                                arguments: FieldTable::new(),
+                            };
+                            let decl = QueueDeclare {
+                                name: ShortString::from(queue_name.as_str()),
+                                passive: false,
+                                options,
+                                connection: id,
+                            };
+                            vhost
+                                .declare_queue(decl, now)
+                                .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
+                                .queue
+                        }
+                    },
                 };
                 if let Source::Exchange { exchange, key } = &config.source {
                     if vhost.exchange(exchange).is_none() {
@@ -140,6 +153,10 @@ pub(crate) fn spawn(ready: Vec<Prepared>, shutdown: &Shutdown, tasks: &mut Vec<J
     let mut shovels = Vec::with_capacity(ready.len());
     for (i, (shovel, vhost)) in ready.into_iter().enumerate() {
         let seed = now ^ ((i as u64) << 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ shovel.id.0;
+        if let (Some(queue), Source::Exchange { .. }) = (&shovel.queue, &shovel.config.source) {
+            let who = format!("shovel {}", shovel.config.name);
+            tasks.push(tokio::spawn(crate::overflow::watch(who, queue.clone(), shutdown.clone())));
+        }
         tasks.push(tokio::spawn(shovel.clone().run(vhost, shutdown.clone(), seed)));
         shovels.push(shovel);
     }
