@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use ferry_core::error::CoreError;
+use ferry_core::exchange::Destination;
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Millis, ShortString};
 use ferry_core::queue::{Queue, QueueOptions};
 use ferry_core::vhost::{QueueDeclare, VHost};
@@ -77,4 +78,34 @@ pub fn declare(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Removes the bindings of backlog `queue` that the config no longer makes (a bridge's `out`
+/// rule removed, a shovel's `src_exchange_key` changed, the exchange changed): the queue is the
+/// bridge's or shovel's alone, so every binding on it is one it made. `wanted` are the routing
+/// keys of the bindings the config makes on `exchange`.
+pub(crate) fn unbind_stale(
+    vhost: &VHost,
+    queue: &Arc<Queue>,
+    exchange: &ShortString,
+    wanted: &[ShortString],
+    who: &str,
+    id: ConnectionId,
+) -> Result<(), CoreError> {
+    for x in vhost.exchange_names() {
+        let Some(source) = vhost.exchange(&x.to_string_lossy()) else { continue };
+        for binding in source.bindings() {
+            let ours = matches!(&binding.destination, Destination::Queue(q) if Arc::ptr_eq(q, queue));
+            if !ours || (&x == exchange && wanted.contains(&binding.key.routing_key)) {
+                continue;
+            }
+            info!(
+                "{who}: binding {:?} from exchange {x:?} to queue {} removed: the config no longer makes it",
+                binding.key.routing_key.to_string_lossy(),
+                queue.name()
+            );
+            vhost.unbind_queue(queue.name(), &x, binding.key, id)?;
+        }
+    }
+    Ok(())
 }

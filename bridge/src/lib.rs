@@ -37,11 +37,9 @@ pub mod tls;
 use std::sync::Arc;
 
 use ferry_core::error::CoreError;
-use ferry_core::exchange::{BindingKey, Destination};
+use ferry_core::exchange::BindingKey;
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, ShortString};
-use ferry_core::queue::Queue;
-use ferry_core::vhost::VHost;
 use ferry_core::Broker;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -66,36 +64,6 @@ pub enum BridgeError {
     Queue { index: usize, name: String, queue: String, error: CoreError },
     #[error("shovels[{index}] ({name}): {reason}")]
     Shovel { index: usize, name: String, reason: String },
-}
-
-/// Removes the bindings of bridge queue `queue` that no configured `out` rule makes (a rule
-/// removed from the config, or the rules' exchange changed): the queue is the bridge's alone,
-/// so every binding on it is one the bridge made. `wanted` are the routing keys of the rules'
-/// bindings on `exchange`.
-fn unbind_stale(
-    vhost: &VHost,
-    queue: &Arc<Queue>,
-    exchange: &ShortString,
-    wanted: &[ShortString],
-    name: &str,
-    id: ConnectionId,
-) -> Result<(), CoreError> {
-    for x in vhost.exchange_names() {
-        let Some(source) = vhost.exchange(&x.to_string_lossy()) else { continue };
-        for binding in source.bindings() {
-            let ours = matches!(&binding.destination, Destination::Queue(q) if Arc::ptr_eq(q, queue));
-            if !ours || (&x == exchange && wanted.contains(&binding.key.routing_key)) {
-                continue;
-            }
-            info!(
-                "bridge {name}: binding {:?} from exchange {x:?} to queue {} removed: no out rule makes it any more",
-                binding.key.routing_key.to_string_lossy(),
-                queue.name()
-            );
-            vhost.unbind_queue(queue.name(), &x, binding.key, id)?;
-        }
-    }
-    Ok(())
 }
 
 /// The running bridges.
@@ -149,17 +117,15 @@ impl Bridges {
                     wanted.push(key.routing_key.clone());
                     vhost.bind_queue(queue.name(), &exchange, key, id).map_err(qerr)?;
                 }
-                unbind_stale(&vhost, &queue, &exchange, &wanted, &name, id).map_err(qerr)?;
+                backlog::unbind_stale(&vhost, &queue, &exchange, &wanted, &format!("bridge {name}"), id)
+                    .map_err(qerr)?;
                 Some(queue)
             } else {
                 // No `out` rule any more: a queue left from an earlier config gets nothing new.
                 if let Some(old) = vhost.queue(&config.queue_name()) {
-                    unbind_stale(&vhost, &old, &exchange, &[], &name, id).map_err(|error| BridgeError::Queue {
-                        index,
-                        name: name.clone(),
-                        queue: config.queue_name(),
-                        error,
-                    })?;
+                    backlog::unbind_stale(&vhost, &old, &exchange, &[], &format!("bridge {name}"), id).map_err(
+                        |error| BridgeError::Queue { index, name: name.clone(), queue: config.queue_name(), error },
+                    )?;
                     let held = old.stats().ready;
                     if held > 0 {
                         warn!(

@@ -936,3 +936,34 @@ async fn a_full_backlog_drops_the_oldest_and_the_remote_gets_the_newest_in_order
         assert_eq!(next(&mut c).await.0, format!("m{i}"));
     }
 }
+
+#[tokio::test]
+async fn a_changed_src_exchange_key_takes_the_old_binding_away_at_the_next_start() {
+    let toml = |key: &str| {
+        shovel_toml(&format!(
+            "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"{key}\"\n\
+             dest_uri = \"amqp://127.0.0.1:{}\"\ndest_queue = \"work\"\nprefetch_count = 1\n",
+            free_port()
+        ))
+    };
+    let bindings = |server: &TestServer| {
+        let x = server.server.broker().vhost("/").expect("vhost").exchange("amq.topic").expect("amq.topic");
+        let mut keys: Vec<String> = x
+            .bindings()
+            .into_iter()
+            .filter(|b| b.destination.describe() == "queue 'ferry-bridge.s'")
+            .map(|b| b.key.routing_key.to_string_lossy())
+            .collect();
+        keys.sort();
+        keys
+    };
+    let local = TestServer::start(&toml("old.#"), &frontends()).await;
+    assert_eq!(bindings(&local), ["old.#"]);
+    let local = TestServer::start_in(local.stop().await, &toml("new.#"), &frontends()).await.expect("restart");
+    assert_eq!(bindings(&local), ["new.#"], "the old key's binding is gone");
+    let mut p = v311::connect(&local, "pub").await;
+    p.publish("old/1", Q1, false, b"not for the shovel any more").await;
+    p.publish("new/1", Q1, false, b"for the shovel").await;
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!(st.queued + st.in_flight, 1, "only the new key's message is queued: {st:?}");
+}

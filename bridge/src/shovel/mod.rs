@@ -114,6 +114,17 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
                             id,
                         )
                         .map_err(|e| err(format!("binding {queue_name} to {exchange}: {e}")))?;
+                    let wanted = [ShortString::from(key.as_str())];
+                    let who = format!("shovel {name}");
+                    crate::backlog::unbind_stale(
+                        &vhost,
+                        &queue,
+                        &ShortString::from(exchange.as_str()),
+                        &wanted,
+                        &who,
+                        id,
+                    )
+                    .map_err(|e| err(format!("unbinding {queue_name}: {e}")))?;
                 }
                 Some(queue)
             }
