@@ -33,6 +33,7 @@ pub mod rules;
 pub mod shovel;
 pub mod status;
 pub mod tls;
+pub mod writer;
 
 use std::sync::Arc;
 

@@ -31,7 +31,6 @@ use ferry_mqtt::codec::{
 use ferry_mqtt::mapping;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -533,8 +532,7 @@ impl Conn<'_> {
         *up_at = Some(Instant::now());
 
         let (mut reader, writer) = tokio::io::split(stream);
-        let (tx, wrx) = mpsc::unbounded_channel::<Bytes>();
-        let mut write_task = tokio::spawn(write_loop(writer, wrx));
+        let (tx, unwritten, mut write_task) = crate::writer::spawn(writer);
         let mut out = BytesMut::new();
 
         // What was in flight when the last connection ended goes again, in order (§4.4).
@@ -593,7 +591,7 @@ impl Conn<'_> {
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
-            if self.pump_out(limit, &remote, &mut out) {
+            if self.pump_out(limit, &remote, &unwritten, &mut out) {
                 self.link.changed();
             }
             let counters = &self.link.counters;
@@ -636,6 +634,7 @@ impl Conn<'_> {
                     self.link.changed();
                 }
                 _ = self.outbox.notified() => {}
+                _ = unwritten.drained(), if unwritten.is_full() => {}
                 _ = acks.ready(), if !acks.is_empty() => {
                     while let Some((packet, result)) = acks.take_ready() {
                         // Unanswered, the remote sends it again after the reconnect.
@@ -774,7 +773,13 @@ impl Conn<'_> {
 
     /// Sends what waits in the outbox and the pending list while the remote has room; whether
     /// a counter moved.
-    fn pump_out(&mut self, limit: usize, remote: &Remote, out: &mut BytesMut) -> bool {
+    fn pump_out(
+        &mut self,
+        limit: usize,
+        remote: &Remote,
+        unwritten: &crate::writer::Unwritten,
+        out: &mut BytesMut,
+    ) -> bool {
         let mut moved = false;
         let mut fresh = Vec::new();
         self.outbox.drain_into(&mut fresh);
@@ -787,6 +792,11 @@ impl Conn<'_> {
         let config = &link.config;
         let v5 = config.version.is_v5();
         while let Some(d) = self.carry.pending.front() {
+            // QoS 0 is settled once handed to the writer: what the socket has not taken yet
+            // bounds how far ahead it goes.
+            if unwritten.is_full_with(out) {
+                break;
+            }
             let m = &d.message;
             let topic = ferry_mqtt::topic::swap_separators(&m.routing_key.to_string_lossy());
             let hops = message_hops(m);
@@ -991,24 +1001,6 @@ fn writer_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> L
         Ok(Ok(())) => LinkError::Closed,
         Err(e) => LinkError::Protocol(format!("writer task failed: {e}")),
     }
-}
-
-/// Writes what the connection hands over, coalescing what is queued into one write.
-async fn write_loop(
-    mut writer: impl AsyncWrite + Unpin,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        buf.extend_from_slice(&first);
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(&more);
-        }
-        writer.write_all(&buf).await?;
-        buf.clear();
-    }
-    let _ = writer.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]

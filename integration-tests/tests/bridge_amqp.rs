@@ -967,3 +967,45 @@ async fn a_changed_src_exchange_key_takes_the_old_binding_away_at_the_next_start
     let st = local.server.bridges().status().remove(0);
     assert_eq!(st.queued + st.in_flight, 1, "only the new key's message is queued: {st:?}");
 }
+
+#[tokio::test]
+async fn a_stalled_remote_leaves_the_backlog_in_the_queue_not_in_memory_even_on_publish() {
+    let remote = TestServer::start("[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n", &frontends()).await;
+    let conn = within("lapin", Connection::connect(&remote.amqp_uri(""), ConnectionProperties::default()))
+        .await
+        .expect("lapin connects");
+    let ch = within("channel", conn.create_channel()).await.expect("channel");
+    declare(&ch, "work").await;
+    let (port, stall) = ferry_integration_tests::stalling_proxy(remote.amqp_addr()).await;
+    let local = ferry(&format!(
+        "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"t.#\"\n\
+         dest_uri = \"amqp://127.0.0.1:{port}\"\ndest_queue = \"work\"\nack_mode = \"on-publish\"\nheartbeat_secs = 0\n"
+    ))
+    .await;
+    up(&local).await;
+    stall.send_replace(true);
+    let n = 500;
+    let body = vec![b'x'; 64 * 1024];
+    let lc = within("lapin", Connection::connect(&local.amqp_uri(""), ConnectionProperties::default()))
+        .await
+        .expect("lapin connects");
+    let lch = within("channel", lc.create_channel()).await.expect("channel");
+    for i in 0..n {
+        let mut m = format!("{i:04}").into_bytes();
+        m.extend_from_slice(&body);
+        publish(&lch, "amq.topic", "t.1", &m, BasicProperties::default().with_delivery_mode(2)).await;
+    }
+    // The remote stays stalled for a while: the scenario itself.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // What was settled left the local queue for good: at most what the socket buffers and the
+    // shovel's 1 MiB writer backlog hold (a few hundred KiB to ~10 MiB of 64 KiB messages),
+    // not all 32 MiB.
+    let st = local.server.bridges().status().remove(0);
+    assert!(st.forwarded_out < 300 && st.queued + st.in_flight > 0, "{st:?}");
+    stall.send_replace(false);
+    status_when(&local, "all sent", |s| s.forwarded_out == n).await;
+    let mut c = consume(&ch, "work").await;
+    for i in 0..n {
+        assert_eq!(&next(&mut c).await.0[..4], format!("{i:04}"));
+    }
+}

@@ -1104,3 +1104,32 @@ async fn a_remote_name_that_does_not_resolve_is_reported_and_retried_while_clien
     let st = local.server.bridges().status().remove(0);
     assert_eq!((st.queued + st.in_flight, st.forwarded_out, st.state), (1, 0, LinkState::BackingOff), "{st:?}");
 }
+
+#[tokio::test]
+async fn a_stalled_remote_leaves_qos0_messages_in_the_bounded_queue_not_in_memory() {
+    let remote = TestServer::mqtt().await;
+    let (port, stall) = ferry_integration_tests::stalling_proxy(remote.mqtt_addr()).await;
+    let rule = r##"{ pattern = "t/#", direction = "out", qos = 0 }"##;
+    let local = TestServer::start(
+        &bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, "keep_alive = 0\nmax_queued_messages = 100\n"),
+        &[mqtt_frontend()],
+    )
+    .await;
+    up(&local).await;
+    stall.send_replace(true);
+    let n = 2_000;
+    let body = vec![b'x'; 8 * 1024];
+    let mut p = v5::connect(&local, "pub").await;
+    for _ in 0..n {
+        p.publish("t/1", v5::QoSOf::AtMostOnce, false, &body).await;
+    }
+    // Known to have reached the queue: a QoS 1 message behind them, acknowledged after routing.
+    p.publish("x/1", V5Q1, false, b"marker").await;
+    // The remote stays stalled for a while: the scenario itself.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Settled (handed to the writer) at most what the socket buffers and the 1 MiB writer
+    // backlog hold: the rest stayed in the queue, bounded by max_queued_messages (drop-oldest).
+    let st = local.server.bridges().status().remove(0);
+    assert!(st.forwarded_out < 1_500 && st.dropped_overflow > 0, "{st:?}");
+    assert!(st.queued <= 100, "{st:?}");
+}

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use ferry_amqp::codec::{
     BasicConsume, BasicQos, ConfirmSelect, FrameDecoder, Method, QueueBind, QueueDeclare as AmqpQueueDeclare,
 };
@@ -34,7 +34,7 @@ use ferry_core::store::Commit;
 use ferry_core::vhost::VHost;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -572,8 +572,7 @@ impl Conn<'_> {
 
         let Wire { stream, mut rx, .. } = wire;
         let (mut reader, writer) = tokio::io::split(stream);
-        let (tx, wrx) = mpsc::unbounded_channel::<Bytes>();
-        let mut write_task = tokio::spawn(write_loop(writer, wrx));
+        let (tx, unwritten, mut write_task) = crate::writer::spawn(writer);
         let mut out = BytesMut::new();
         let mut acks: AckQueue<u64> = AckQueue::new();
         for e in early {
@@ -586,7 +585,7 @@ impl Conn<'_> {
         let window = usize::from(config.prefetch.max(1));
         let mut events = Vec::new();
         loop {
-            let published = self.pump_out(window, &mut client, &mut out)?;
+            let published = self.pump_out(window, &unwritten, &mut client, &mut out)?;
             let moved = !published.is_empty() || !out.is_empty();
             handle.counters.set_messages(
                 counters.forwarded_in.load(Ordering::Relaxed) - in_at_start,
@@ -647,6 +646,7 @@ impl Conn<'_> {
                     }
                 }
                 _ = self.outbox.notified() => {}
+                _ = unwritten.drained(), if unwritten.is_full() => {}
                 _ = acks.ready(), if !acks.is_empty() => {
                     let mut last = None;
                     while let Some((tag, result)) = acks.take_ready() {
@@ -788,7 +788,13 @@ impl Conn<'_> {
 
     /// Publishes what waits locally while the window has room. Returns the local sequence
     /// numbers to settle once the bytes are handed to the writer (`on-publish`).
-    fn pump_out(&mut self, window: usize, client: &mut Client, out: &mut BytesMut) -> Result<Vec<u64>, ShovelError> {
+    fn pump_out(
+        &mut self,
+        window: usize,
+        unwritten: &crate::writer::Unwritten,
+        client: &mut Client,
+        out: &mut BytesMut,
+    ) -> Result<Vec<u64>, ShovelError> {
         let mut after_write = Vec::new();
         if self.consumer.is_none() || self.nack_deadline.is_some() {
             return Ok(after_write);
@@ -798,7 +804,10 @@ impl Conn<'_> {
         self.carry.pending.extend(fresh);
         let shovel = self.shovel.clone();
         let config = &shovel.config;
-        while self.carry.inflight.len() < window {
+        // The window bounds what waits for confirms; the writer's backlog bounds what waits
+        // for the socket (on-publish and no-ack settle before the bytes leave: without it a
+        // slow remote would pull the local queue into memory).
+        while self.carry.inflight.len() < window && !unwritten.is_full_with(out) {
             let Some(d) = self.carry.pending.pop_front() else { break };
             let m = &d.message;
             let hops = hops_of(&m.properties);
@@ -853,23 +862,6 @@ fn writer_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> S
         Ok(Ok(())) => ShovelError::Closed,
         Err(e) => ShovelError::Client(ClientError::Protocol(format!("writer task failed: {e}"))),
     }
-}
-
-async fn write_loop(
-    mut writer: impl AsyncWrite + Unpin,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        buf.extend_from_slice(&first);
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(&more);
-        }
-        writer.write_all(&buf).await?;
-        buf.clear();
-    }
-    let _ = writer.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]
