@@ -130,7 +130,7 @@ impl Bridges {
                 if config.max_queued_messages > 0 || config.max_queued_bytes > 0 {
                     let overflow = match config.overflow {
                         Overflow::DropOldest => "drop-head",
-                        Overflow::Block => "reject-publish",
+                        Overflow::Block => "block",
                     };
                     arguments.insert("x-overflow", FieldValue::LongString(overflow.as_bytes().to_vec().into()));
                 }

@@ -940,7 +940,13 @@ impl Conn<'_> {
                 let mut m = mapping::to_message(&p, &local_topic, &exchange, origin, now);
                 set_message_hops(&mut m, hops + 1);
                 let retained = p.retain.then(|| (m.routing_key.clone(), Arc::new(m.clone())));
-                let outcome = self.vhost.publish(&exchange, m, now).map_err(|e| LinkError::Local(e.to_string()))?;
+                // A QoS 1/2 message is acknowledged to the remote after the local commit: a
+                // `block` queue at its limits holds that acknowledgement.
+                let waits = p.qos != QoS::AtMostOnce;
+                let outcome = self
+                    .vhost
+                    .publish_waiting(&exchange, m, now, waits)
+                    .map_err(|e| LinkError::Local(e.to_string()))?;
                 let mut commit = outcome.commit;
                 if let Some((key, message)) = retained {
                     commit = commit.join(self.vhost.set_retained(&key, message));

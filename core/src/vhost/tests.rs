@@ -654,7 +654,8 @@ fn persistent_messages_come_back_in_order_those_delivered_marked_redelivered() {
 fn a_block_queue_holds_the_commit_of_a_waiting_publisher_and_refuses_one_that_waits_for_nothing() {
     let v = vhost();
     let mut d = queue("q");
-    d.options.arguments = arguments(&[("x-max-length", FieldValue::I32(1)), ("x-overflow", FieldValue::string("block"))]);
+    d.options.arguments =
+        arguments(&[("x-max-length", FieldValue::I32(1)), ("x-overflow", FieldValue::string("block"))]);
     v.declare_queue(d, 0).unwrap();
     let first = v.publish_waiting(&s(""), persistent("q", "1"), 0, true).unwrap();
     assert!(!first.rejected);
@@ -674,7 +675,8 @@ fn a_block_queue_holds_the_commit_of_a_waiting_publisher_and_refuses_one_that_wa
 fn deleting_a_block_queue_releases_its_held_publishers() {
     let v = vhost();
     let mut d = queue("q");
-    d.options.arguments = arguments(&[("x-max-length", FieldValue::I32(0)), ("x-overflow", FieldValue::string("block"))]);
+    d.options.arguments =
+        arguments(&[("x-max-length", FieldValue::I32(0)), ("x-overflow", FieldValue::string("block"))]);
     v.declare_queue(d, 0).unwrap();
     let mut held = v.publish_waiting(&s(""), msg("q", "1"), 0, true).unwrap();
     assert!(!held.commit.try_resolve());
