@@ -441,6 +441,9 @@ pub struct QueueStats {
     /// Publishes refused by `x-max-length`(-bytes) with `reject-publish`(-dlx), or with `block`
     /// from a publisher that waits for no acknowledgement, likewise.
     pub rejected_overflow: u64,
+    /// Publishes an `x-overflow = block` queue took past its limits, their acknowledgement
+    /// withheld until it had room again, likewise.
+    pub held_overflow: u64,
 }
 
 /// A message in the queue (ready, or unacked inside [`Unacked`]).
@@ -511,6 +514,7 @@ struct QueueState {
     /// Counted for [`QueueStats::dropped_overflow`] and [`QueueStats::rejected_overflow`].
     dropped_overflow: u64,
     rejected_overflow: u64,
+    held_overflow: u64,
     /// `x-overflow = block`: the publishers whose acknowledgement waits for the queue to be back
     /// within its limits, oldest first; all released together when it is
     /// ([`Queue::release_waiters`]). Waiters whose publisher went away are pruned as it grows.
@@ -634,6 +638,7 @@ impl Queue {
             timed: args.message_ttl.is_some(),
             dropped_overflow: 0,
             rejected_overflow: 0,
+            held_overflow: 0,
             waiters: VecDeque::new(),
             armed: None,
         };
@@ -1018,6 +1023,7 @@ impl Queue {
         }
         let (tx, commit) = Commit::pending();
         st.waiters.push_back(Waiter(Some(tx)));
+        st.held_overflow += 1;
         commit
     }
 
@@ -1280,6 +1286,7 @@ impl Queue {
             ready_bytes: st.ready_bytes,
             dropped_overflow: st.dropped_overflow,
             rejected_overflow: st.rejected_overflow,
+            held_overflow: st.held_overflow,
         }
     }
 }
@@ -2308,7 +2315,7 @@ mod tests {
         let mut c = put_waiting(&q, msg("c"), true).expect("held at the limit");
         let mut d = put_waiting(&q, msg("d"), true).expect("held past the limit");
         assert_eq!(q.stats().ready, 4);
-        assert_eq!(q.stats().rejected_overflow, 0, "a held publish is not a refused one");
+        assert_eq!((q.stats().rejected_overflow, q.stats().held_overflow), (0, 2), "held, not refused");
         assert_eq!(get_body(&q, 0).as_deref(), Some("a"));
         assert_eq!((released(&mut c), released(&mut d)), (None, None), "3 ready, still over 2");
         assert_eq!(get_body(&q, 0).as_deref(), Some("b"));
@@ -2416,7 +2423,8 @@ mod tests {
                 consumers: 0,
                 ready_bytes: 4,
                 dropped_overflow: 1,
-                rejected_overflow: 0
+                rejected_overflow: 0,
+                held_overflow: 0,
             }
         );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);

@@ -291,6 +291,7 @@ async fn block_refuses_qos0_publishes_past_max_queued_messages_and_counts_them()
     publisher.publish("elsewhere", Q1, false, b"sync").await;
     let st = local.server.bridges().status().remove(0);
     assert_eq!((st.in_flight, st.queued, st.rejected_overflow, st.dropped_overflow), (1, 3, 2, 0), "{st:?}");
+    assert_eq!(st.held_overflow, 0, "{st:?}");
 }
 
 /// Reads `n` PUBACKs (3.1.1 client).
@@ -317,7 +318,8 @@ async fn block_withholds_the_pubacks_of_a_3_1_1_publisher_until_the_remote_drain
     // are taken past the limit, their PUBACKs withheld.
     pubacks_311(&mut publisher, 6).await;
     let st = status_when(&local, "all eight taken", |s| s.queued + s.in_flight == 8).await;
-    assert_eq!((st.in_flight, st.queued, st.rejected_overflow, st.dropped_overflow), (1, 7, 0, 0), "{st:?}");
+    assert_eq!((st.in_flight, st.queued, st.held_overflow), (1, 7, 2), "{st:?}");
+    assert_eq!((st.rejected_overflow, st.dropped_overflow), (0, 0), "{st:?}");
     publisher.none_of("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_))).await;
 
     // The remote comes back, the queue drains: the withheld PUBACKs come, nothing was lost.
@@ -415,6 +417,7 @@ async fn block_by_max_queued_bytes_holds_local_publishers_and_the_remote_gets_ev
     old.publish("s/1", rumqttc::QoS::AtMostOnce, false, b"x-qos0-no-").await;
     let st = status_when(&local, "the QoS 0 publish refused", |s| s.rejected_overflow == 1).await;
     assert_eq!((st.in_flight, st.queued, st.queued_bytes, st.dropped_overflow), (1, 9, 90, 0), "{st:?}");
+    assert_eq!(st.held_overflow, 4, "m06, m07, the 3.1.1 and the AMQP publish: {st:?}");
 
     // The remote comes back and the queue drains: every withheld acknowledgement comes.
     let remote = TestServer::resume(remote_dir).await;
