@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferry_core::connections::{ConnectionInfo, Connections, Login};
-use ferry_core::flow::AckQueue;
+use ferry_core::flow::{AckQueue, MAX_PENDING_ACKS};
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Message, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue};
@@ -434,6 +434,12 @@ impl Conn<'_> {
         if config.version.is_v5() && !config.clean_session {
             // The session outlives the link for as long as the remote allows.
             properties.session_expiry_interval = Some(u32::MAX);
+        }
+        if config.version.is_v5() {
+            // What the remote may have unacknowledged towards us: acknowledgements wait for
+            // the local commit, and for room in a local `x-overflow = block` queue, so this
+            // bounds how many such a queue holds past its limit for this link.
+            properties.receive_maximum = Some(u16::try_from(MAX_PENDING_ACKS).unwrap_or(u16::MAX));
         }
         let connect = Connect {
             bridge: false,

@@ -434,6 +434,28 @@ async fn block_by_max_queued_bytes_holds_local_publishers_and_the_remote_gets_ev
 }
 
 #[tokio::test]
+async fn a_v5_link_announces_a_receive_maximum_bounding_what_a_remote_can_have_held() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let rule = r##"{ pattern = "#", direction = "in", qos = 1 }"##;
+    let _local = bridged(listener.local_addr().expect("addr"), "5.0", rule).await;
+    let (mut stream, _) = within("the link connects", listener.accept()).await.expect("accept");
+    let mut decoder = ferry_mqtt::codec::Decoder::new(u32::MAX);
+    let mut buf = bytes::BytesMut::new();
+    let first = within("CONNECT", async {
+        loop {
+            if let Some(p) = decoder.decode(&mut buf).expect("a decodable packet") {
+                return p;
+            }
+            assert!(stream.read_buf(&mut buf).await.expect("read") > 0, "closed before CONNECT");
+        }
+    })
+    .await;
+    let ferry_mqtt::codec::Packet::Connect(c) = first else { panic!("expected CONNECT, got {first:?}") };
+    assert_eq!(c.properties.receive_maximum, Some(ferry_core::flow::MAX_PENDING_ACKS as u16));
+}
+
+#[tokio::test]
 async fn a_refused_login_is_reported_and_retried() {
     let remote = TestServer::start(
         &format!(
