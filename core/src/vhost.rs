@@ -73,10 +73,12 @@ pub struct QueueDeclared {
 pub struct PublishOutcome {
     /// Queues and sinks the message was routed to (0 means unroutable, for `mandatory`).
     pub routed: usize,
-    /// A queue refused it (`x-overflow = reject-publish`): a confirming publisher gets a nack.
+    /// A queue refused it (`x-overflow = reject-publish`, or `block` for a publisher that waits
+    /// for no acknowledgement): a confirming publisher gets a nack.
     pub rejected: bool,
-    /// Resolves when the message is durable in every durable queue it reached. A confirm or
-    /// PUBACK waits on it.
+    /// Resolves when the message is durable in every durable queue it reached and, for a
+    /// publisher that waits ([`VHost::publish_waiting`]), when every `x-overflow = block` queue
+    /// that took it past its limits has room again. A confirm or PUBACK waits on it.
     pub commit: Commit,
     /// Outboxes of direct sinks that took a persistent message over capacity: the publisher
     /// stops reading until each has room ([`Outbox::room`]). Usually empty (no allocation).
