@@ -36,7 +36,7 @@ impl Limits {
         if self.max_messages > 0 || self.max_bytes > 0 {
             let overflow = match self.overflow {
                 Overflow::DropOldest => "drop-head",
-                Overflow::Block => "reject-publish",
+                Overflow::Block => "block",
             };
             arguments.insert("x-overflow", FieldValue::LongString(overflow.as_bytes().to_vec().into()));
         }

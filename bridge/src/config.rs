@@ -58,8 +58,9 @@ pub enum Overflow {
     /// The oldest queued message is dropped (the queue's `x-overflow = drop-head`).
     #[default]
     DropOldest,
-    /// New messages are refused (`x-overflow = reject-publish`): a local QoS 1/2 publisher is
-    /// told so in its PUBACK (5.0) or the message is not taken.
+    /// The local publishers are held back (`x-overflow = block`): a QoS 1/2 publisher's message
+    /// is taken, its PUBACK / PUBREC (an AMQP publisher's confirm) withheld until the queue is
+    /// back within its limits; a QoS 0 message (AMQP without confirms) is refused and counted.
     Block,
 }
 

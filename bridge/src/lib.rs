@@ -229,6 +229,7 @@ impl Bridges {
             forwarded_in: Counters::get(&c.forwarded_in),
             dropped_overflow: stats.dropped_overflow,
             rejected_overflow: stats.rejected_overflow,
+            held_overflow: stats.held_overflow,
             dropped_max_hops: Counters::get(&c.dropped_max_hops),
             dropped_loop: Counters::get(&c.dropped_loop),
             dropped_no_rule: Counters::get(&c.dropped_no_rule),

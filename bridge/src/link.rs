@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferry_core::connections::{ConnectionInfo, Connections, Login};
-use ferry_core::flow::AckQueue;
+use ferry_core::flow::{AckQueue, MAX_PENDING_ACKS};
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Message, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue};
@@ -436,6 +436,12 @@ impl Conn<'_> {
         if config.version.is_v5() && !config.clean_session {
             // The session outlives the link for as long as the remote allows.
             properties.session_expiry_interval = Some(u32::MAX);
+        }
+        if config.version.is_v5() {
+            // What the remote may have unacknowledged towards us: acknowledgements wait for
+            // the local commit, and for room in a local `x-overflow = block` queue, so this
+            // bounds how many such a queue holds past its limit for this link.
+            properties.receive_maximum = Some(u16::try_from(MAX_PENDING_ACKS).unwrap_or(u16::MAX));
         }
         let private = config.try_private
             && !config.version.is_v5()
@@ -966,7 +972,13 @@ impl Conn<'_> {
                 let mut m = mapping::to_message(&p, &local_topic, &exchange, origin, now);
                 set_message_hops(&mut m, hops + 1);
                 let retained = p.retain.then(|| (m.routing_key.clone(), Arc::new(m.clone())));
-                let outcome = self.vhost.publish(&exchange, m, now).map_err(|e| LinkError::Local(e.to_string()))?;
+                // A QoS 1/2 message is acknowledged to the remote after the local commit: a
+                // `block` queue at its limits holds that acknowledgement.
+                let waits = p.qos != QoS::AtMostOnce;
+                let outcome = self
+                    .vhost
+                    .publish_waiting(&exchange, m, now, waits)
+                    .map_err(|e| LinkError::Local(e.to_string()))?;
                 let mut commit = outcome.commit;
                 if let Some((key, message)) = retained {
                     commit = commit.join(self.vhost.set_retained(&key, message));

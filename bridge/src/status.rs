@@ -51,8 +51,12 @@ pub struct BridgeStatus {
     pub forwarded_in: u64,
     /// Dropped from the local queue by `max_queued_messages` (`drop-oldest`).
     pub dropped_overflow: u64,
-    /// Refused by the local queue at `max_queued_messages` (`block`).
+    /// Refused by the local queue at its limits (`block`, publishers that wait for no
+    /// acknowledgement: MQTT QoS 0, AMQP without confirms).
     pub rejected_overflow: u64,
+    /// Taken by the local queue past its limits with the publisher's acknowledgement withheld
+    /// until it had room (`block`, MQTT QoS 1/2, AMQP with confirms).
+    pub held_overflow: u64,
     /// Not forwarded: they had crossed `max_hops` bridges already.
     pub dropped_max_hops: u64,
     /// Not forwarded: they came in over this link (an `out` rule overlapping an `in` rule).

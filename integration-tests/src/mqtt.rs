@@ -428,6 +428,29 @@ macro_rules! rumqttc_client {
                 }
             }
 
+            /// Asserts no incoming packet `pick` accepts arrives within [`QUIET`] (others are
+            /// kept): a bounded check that something withheld stays withheld.
+            pub async fn none_of(&mut self, what: &str, pick: impl Fn(&Incoming) -> bool) {
+                if let Some(p) = self.stash.iter().find(|p| pick(p)) {
+                    panic!("expected no {what}, got {p:?}");
+                }
+                let quiet = tokio::time::timeout(QUIET, async {
+                    loop {
+                        match self.events.recv().await {
+                            Some(Ok($m::Event::Incoming(p))) if pick(&p) => return p,
+                            Some(Ok($m::Event::Incoming(p))) => self.stash.push_back(p),
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => panic!("connection error: {e:?}"),
+                            None => panic!("event loop ended"),
+                        }
+                    }
+                })
+                .await;
+                if let Ok(p) = quiet {
+                    panic!("expected no {what}, got {p:?}");
+                }
+            }
+
             /// The connection error that ends the event loop.
             pub async fn error(&mut self) -> $m::ConnectionError {
                 loop {

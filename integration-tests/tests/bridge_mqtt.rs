@@ -277,17 +277,58 @@ async fn drop_oldest_keeps_the_newest_max_queued_messages_and_counts_the_rest() 
 }
 
 #[tokio::test]
-async fn block_refuses_publishes_past_max_queued_messages_and_counts_them() {
+async fn block_refuses_qos0_publishes_past_max_queued_messages_and_counts_them() {
     let (_silent, remote_addr) = silent_remote();
-    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
     let extra = "max_queued_messages = 3\nmax_inflight = 1\noverflow = \"block\"\n";
     let local = TestServer::start(&bridged_toml(0, remote_addr, "5.0", rule, extra), &[mqtt_frontend()]).await;
-    let mut publisher = v5::connect(&local, "pub").await;
+    // QoS 0: nobody waits for an acknowledgement, so there is nothing to hold; refused.
+    let mut publisher = v311::connect(&local, "pub").await;
     for i in 0..6 {
-        publisher.publish("a", V5Q1, false, format!("m{i}").as_bytes()).await;
+        publisher.publish("s/1", rumqttc::QoS::AtMostOnce, false, format!("m{i}").as_bytes()).await;
     }
+    // Handled in order: once this one (not bridged) is acknowledged, the six were handled.
+    publisher.publish("elsewhere", Q1, false, b"sync").await;
     let st = local.server.bridges().status().remove(0);
     assert_eq!((st.in_flight, st.queued, st.rejected_overflow, st.dropped_overflow), (1, 3, 2, 0), "{st:?}");
+    assert_eq!(st.held_overflow, 0, "{st:?}");
+}
+
+/// Reads `n` PUBACKs (3.1.1 client).
+async fn pubacks_311(c: &mut v311::Client, n: usize) {
+    for _ in 0..n {
+        c.expect("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_)).then_some(())).await;
+    }
+}
+
+#[tokio::test]
+async fn block_withholds_the_pubacks_of_a_3_1_1_publisher_until_the_remote_drains_the_queue() {
+    let port = free_port();
+    let remote_dir = remote_down_with_a_subscriber(port).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let extra = "max_queued_messages = 5\nmax_inflight = 1\noverflow = \"block\"\n";
+    let local =
+        TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "3.1.1", rule, extra), &[mqtt_frontend()])
+            .await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    for i in 0..8 {
+        publisher.client.publish("s/1", Q1, false, format!("m{i}").into_bytes()).await.expect("publish request");
+    }
+    // m0 sits with the link (its window of 1), m1..m5 fill the queue: six PUBACKs. m6 and m7
+    // are taken past the limit, their PUBACKs withheld.
+    pubacks_311(&mut publisher, 6).await;
+    let st = status_when(&local, "all eight taken", |s| s.queued + s.in_flight == 8).await;
+    assert_eq!((st.in_flight, st.queued, st.held_overflow), (1, 7, 2), "{st:?}");
+    assert_eq!((st.rejected_overflow, st.dropped_overflow), (0, 0), "{st:?}");
+    publisher.none_of("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_))).await;
+
+    // The remote comes back, the queue drains: the withheld PUBACKs come, nothing was lost.
+    let remote = TestServer::resume(remote_dir).await;
+    pubacks_311(&mut publisher, 2).await;
+    let st = status_when(&local, "all forwarded", |s| s.forwarded_out == 8).await;
+    assert_eq!((st.queued, st.in_flight, st.rejected_overflow, st.dropped_overflow), (0, 0, 0, 0), "{st:?}");
+    let expected: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 8).await, expected);
 }
 
 /// A remote Ferry on `port` with a persistent subscriber to `s/#` ("remote-sub"), stopped: the
@@ -330,8 +371,8 @@ async fn drop_oldest_by_max_queued_bytes_keeps_the_newest_and_the_remote_gets_th
 }
 
 #[tokio::test]
-async fn block_by_max_queued_bytes_refuses_local_publishers_and_the_remote_gets_exactly_the_window() {
-    use ferry_integration_tests::amqp::{lapin_uri, AMQP_LISTENER};
+async fn block_by_max_queued_bytes_holds_local_publishers_and_the_remote_gets_everything_taken() {
+    use ferry_integration_tests::amqp::{lapin_uri, AMQP_LISTENER, QUIET};
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     use lapin::BasicProperties;
     use rumqttc::v5::mqttbytes::v5::PubAckReason;
@@ -342,46 +383,76 @@ async fn block_by_max_queued_bytes_refuses_local_publishers_and_the_remote_gets_
     let extra = "max_queued_messages = 0\nmax_queued_bytes = 50\nmax_inflight = 1\noverflow = \"block\"\n";
     let toml = format!("{AMQP_LISTENER}{}", bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra));
     let local = TestServer::start(&toml, &ferry_server::frontends::builtin(&Default::default())).await;
-    // A 5.0 publisher is told: PUBACK 0x97 (quota exceeded) once the 50 bytes are queued.
+    let puback = |p: &Incoming| if let Incoming::PubAck(a) = p { Some(a.reason) } else { None };
+    // A 5.0 publisher: m00 goes to the link (its window of 1), m01..m05 fill the 50 bytes and
+    // are acknowledged; m06 and m07 are taken past the limit, their PUBACKs withheld.
     let mut publisher = v5::connect(&local, "pub5").await;
-    let mut reasons = Vec::new();
     for i in 0..8 {
         publisher.client.publish("s/1", V5Q1, false, ten_bytes(i).into_bytes()).await.expect("publish request");
-        let reason =
-            publisher.expect("PUBACK", |p| if let Incoming::PubAck(a) = p { Some(a.reason) } else { None }).await;
-        reasons.push(reason);
     }
-    // m00 goes to the link (its window of 1), m01..m05 fill the 50 bytes, m06 and m07 are refused.
-    let mut expected = vec![PubAckReason::Success; 6];
-    expected.extend([PubAckReason::QuotaExceeded; 2]);
-    assert_eq!(reasons, expected);
-    // A 3.1.1 publisher cannot be told (its PUBACK has no reason code): acknowledged, not taken
-    // (MQTT-3.3.5-2 allows that or closing the connection; Ferry acknowledges, as for any
-    // full queue).
+    for _ in 0..6 {
+        assert_eq!(publisher.expect("PUBACK", puback).await, PubAckReason::Success);
+    }
+    status_when(&local, "all eight taken", |s| s.queued + s.in_flight == 8).await;
+    // A 3.1.1 publisher is held the same way (it has no negative PUBACK to be told with).
     let mut old = v311::connect(&local, "pub311").await;
-    old.publish("s/1", Q1, false, b"x-3.1.1-no").await;
-    // An AMQP publisher with confirms gets a basic.nack.
+    old.client.publish("s/1", Q1, false, b"x-3.1.1---".to_vec()).await.expect("publish request");
+    status_when(&local, "the 3.1.1 publish taken", |s| s.queued + s.in_flight == 9).await;
+    // An AMQP publisher with confirms: its confirm is withheld.
     let conn = lapin_uri(&format!("amqp://guest:guest@{}/%2f", local.amqp_addr())).await;
     let ch = conn.create_channel().await.unwrap();
     within("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
-    let confirm = within("basic.publish", async {
-        let props = BasicProperties::default().with_delivery_mode(2);
-        ch.basic_publish("amq.topic".into(), "s.1".into(), BasicPublishOptions::default(), b"amqp-no---", props)
-            .await?
-            .await
-    })
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut confirm = within(
+        "basic.publish",
+        ch.basic_publish("amq.topic".into(), "s.1".into(), BasicPublishOptions::default(), b"amqp------", props),
+    )
     .await
     .unwrap();
-    assert!(confirm.is_nack(), "{confirm:?}");
-    let st = local.server.bridges().status().remove(0);
-    assert_eq!((st.in_flight, st.queued, st.queued_bytes), (1, 5, 50), "{st:?}");
-    assert_eq!((st.rejected_overflow, st.dropped_overflow), (4, 0), "counted, nothing dropped: {st:?}");
+    status_when(&local, "the AMQP publish taken", |s| s.queued + s.in_flight == 10).await;
+    assert!(tokio::time::timeout(QUIET, &mut confirm).await.is_err(), "the confirm is withheld");
+    publisher.none_of("PUBACK", |p| matches!(p, Incoming::PubAck(_))).await;
+    old.none_of("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_))).await;
+    // QoS 0 waits for nothing: refused, counted.
+    old.publish("s/1", rumqttc::QoS::AtMostOnce, false, b"x-qos0-no-").await;
+    let st = status_when(&local, "the QoS 0 publish refused", |s| s.rejected_overflow == 1).await;
+    assert_eq!((st.in_flight, st.queued, st.queued_bytes, st.dropped_overflow), (1, 9, 90, 0), "{st:?}");
+    assert_eq!(st.held_overflow, 4, "m06, m07, the 3.1.1 and the AMQP publish: {st:?}");
 
+    // The remote comes back and the queue drains: every withheld acknowledgement comes.
     let remote = TestServer::resume(remote_dir).await;
-    let st = status_when(&local, "the window forwarded", |s| s.forwarded_out == 6).await;
-    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
-    let expected: Vec<String> = (0..6).map(ten_bytes).collect();
-    assert_eq!(read_persistent(&remote, "remote-sub", 6).await, expected, "the oldest, in order, nothing refused");
+    for _ in 0..2 {
+        assert_eq!(publisher.expect("PUBACK", puback).await, PubAckReason::Success);
+    }
+    old.published(Q1).await;
+    assert!(within("the confirm", confirm).await.unwrap().is_ack());
+    let st = status_when(&local, "all ten forwarded", |s| s.forwarded_out == 10).await;
+    assert_eq!((st.queued, st.in_flight, st.rejected_overflow), (0, 0, 1), "{st:?}");
+    let mut expected: Vec<String> = (0..8).map(ten_bytes).collect();
+    expected.extend(["x-3.1.1---".to_string(), "amqp------".to_string()]);
+    assert_eq!(read_persistent(&remote, "remote-sub", 10).await, expected, "everything taken, in order");
+}
+
+#[tokio::test]
+async fn a_v5_link_announces_a_receive_maximum_bounding_what_a_remote_can_have_held() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let rule = r##"{ pattern = "#", direction = "in", qos = 1 }"##;
+    let _local = bridged(listener.local_addr().expect("addr"), "5.0", rule).await;
+    let (mut stream, _) = within("the link connects", listener.accept()).await.expect("accept");
+    let mut decoder = ferry_mqtt::codec::Decoder::new(u32::MAX);
+    let mut buf = bytes::BytesMut::new();
+    let first = within("CONNECT", async {
+        loop {
+            if let Some(p) = decoder.decode(&mut buf).expect("a decodable packet") {
+                return p;
+            }
+            assert!(stream.read_buf(&mut buf).await.expect("read") > 0, "closed before CONNECT");
+        }
+    })
+    .await;
+    let ferry_mqtt::codec::Packet::Connect(c) = first else { panic!("expected CONNECT, got {first:?}") };
+    assert_eq!(c.properties.receive_maximum, Some(ferry_core::flow::MAX_PENDING_ACKS as u16));
 }
 
 #[tokio::test]

@@ -902,7 +902,10 @@ impl Session {
         } else {
             None
         };
-        match self.vhost.publish(&exchange, message, now) {
+        // A QoS 1/2 publisher waits for its PUBACK / PUBREC: a `block` queue at its limits holds
+        // that instead of refusing the message.
+        let waits = p.qos != QoS::AtMostOnce;
+        match self.vhost.publish_waiting(&exchange, message, now, waits) {
             Ok(o) => {
                 // Our own outbox is drained by this very task; waiting on it would deadlock.
                 let own = &self.sink_outbox;

@@ -163,6 +163,7 @@ impl Shovel {
             forwarded_in: Counters::get(&c.forwarded_in),
             dropped_overflow: stats.dropped_overflow,
             rejected_overflow: stats.rejected_overflow,
+            held_overflow: stats.held_overflow,
             dropped_max_hops: Counters::get(&c.dropped_max_hops),
             dropped_loop: Counters::get(&c.dropped_loop),
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
@@ -770,7 +771,13 @@ impl Conn<'_> {
                 origin: Origin { protocol: Protocol::Amqp, connection: shovel.id },
                 published_at: now,
             };
-            let outcome = self.vhost.publish(&exchange, message, now).map_err(|e| ShovelError::Local(e.to_string()))?;
+            // on-confirm acks the remote after the local commit: a local `x-overflow = block`
+            // queue at its limit holds that ack (and so the remote's prefetch window).
+            let waits = config.ack_mode == AckMode::OnConfirm;
+            let outcome = self
+                .vhost
+                .publish_waiting(&exchange, message, now, waits)
+                .map_err(|e| ShovelError::Local(e.to_string()))?;
             if outcome.rejected {
                 return Err(ShovelError::Local("a local queue is full (x-overflow reject-publish)".into()));
             }
