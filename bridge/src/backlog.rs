@@ -109,3 +109,41 @@ pub(crate) fn unbind_stale(
     }
     Ok(())
 }
+
+/// Backlogs (`ferry-bridge.<name>` in any vhost) of bridges and shovels no longer configured
+/// (`configured` holds the names of those that are): an empty one is deleted; one that still
+/// holds messages loses its bindings, so it takes nothing new, and is kept with them (a
+/// warning says how many) until a bridge or shovel of that name forwards them, or an operator
+/// deletes it.
+pub fn retire_orphans(broker: &ferry_core::Broker, configured: &[&str], now: Millis) {
+    let id = ConnectionId::next();
+    for vhost_name in broker.vhost_names() {
+        let Some(vhost) = broker.vhost(&vhost_name) else { continue };
+        for queue_name in vhost.queue_names() {
+            let text = queue_name.to_string_lossy();
+            let Some(name) = text.strip_prefix(crate::config::QUEUE_PREFIX) else { continue };
+            if configured.contains(&name) {
+                continue;
+            }
+            let Some(queue) = vhost.queue(&text) else { continue };
+            let who = format!("{name} (no longer configured)");
+            let stats = queue.stats();
+            let outcome = if stats.ready == 0 && stats.unacked == 0 {
+                vhost.delete_queue(&queue_name, id, false, true, now).map(|_| {
+                    info!("bridge or shovel {who}: its empty queue {text} in vhost {vhost_name:?} deleted");
+                })
+            } else {
+                unbind_stale(&vhost, &queue, &ShortString::from(""), &[], &who, id).map(|()| {
+                    warn!(
+                        "bridge or shovel {who}: its queue {text} in vhost {vhost_name:?} holds {} messages; it takes \
+                         nothing new, and they wait there until a bridge or shovel named {name:?} is configured again",
+                        stats.ready
+                    );
+                })
+            };
+            if let Err(e) = outcome {
+                warn!("bridge or shovel {who}: queue {text} in vhost {vhost_name:?}: {e}");
+            }
+        }
+    }
+}

@@ -177,6 +177,9 @@ impl Bridges {
     ) -> Result<Bridges, BridgeError> {
         let ready = shovel::prepare(broker, shovels)?;
         let mut bridges = Bridges::start(broker, configs, shutdown.clone())?;
+        let names: Vec<&str> =
+            configs.iter().map(|c| c.name.as_str()).chain(shovels.iter().map(|s| s.name.as_str())).collect();
+        backlog::retire_orphans(broker, &names, now_millis());
         bridges.shovels = shovel::spawn(ready, &shutdown, &mut bridges.tasks);
         if !bridges.shovels.is_empty() {
             info!("{} shovel(s) started", bridges.shovels.len());

@@ -1204,3 +1204,30 @@ async fn a_stalled_remote_leaves_qos0_messages_in_the_bounded_queue_not_in_memor
     assert!(st.forwarded_out < 1_500 && st.dropped_overflow > 0, "{st:?}");
     assert!(st.queued <= 100, "{st:?}");
 }
+
+#[tokio::test]
+async fn a_bridge_removed_from_the_config_leaves_no_queue_taking_messages() {
+    let (_silent, remote_addr) = silent_remote();
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote_addr, "5.0", rule, "max_inflight = 1\n");
+    let without = MQTT_LISTENER.to_string();
+    let backlog = |s: &TestServer| s.server.broker().vhost("/").unwrap().queue("ferry-bridge.b");
+    // Empty: deleted once the bridge is gone.
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    assert!(backlog(&local).is_some());
+    let local = TestServer::start_in(local.stop().await, &without, &[mqtt_frontend()]).await.expect("restart");
+    assert!(backlog(&local).is_none(), "the empty queue of a removed bridge is deleted");
+    // Holding messages: kept with them, unbound.
+    let local = TestServer::start_in(local.stop().await, &toml, &[mqtt_frontend()]).await.expect("restart");
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..3 {
+        publisher.publish("s/1", V5Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    drop(publisher);
+    let local = TestServer::start_in(local.stop().await, &without, &[mqtt_frontend()]).await.expect("restart");
+    assert_eq!(queue_bindings(&local), Vec::<String>::new(), "it takes nothing new");
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("s/1", V5Q1, false, b"after").await;
+    let q = backlog(&local).expect("kept while it holds messages");
+    assert_eq!(q.stats().ready, 3, "with exactly its backlog");
+}
