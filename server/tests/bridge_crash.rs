@@ -197,7 +197,7 @@ fn a_bridge_overflow_is_logged_once_per_episode() {
     burst(20);
     let b = start(dir_b.path(), &toml_b);
     let summary = a.wait_for("the end of the episode", |l| l.contains("has room again").then(|| l.to_string()));
-    assert!(summary.contains("dropped 34 and refused 0"), "{summary}");
+    assert!(summary.contains("dropped 34, refused 0 and held 0"), "{summary}");
     let (status, lines) = a.stop();
     assert!(status.success());
     let full = lines.iter().filter(|l| l.contains("full (")).count();
