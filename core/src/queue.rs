@@ -401,6 +401,13 @@ pub struct QueueStats {
     pub dropped_overflow: u64,
     /// Publishes refused by `x-max-length`(-bytes) with `reject-publish`(-dlx), likewise.
     pub rejected_overflow: u64,
+    /// Messages offered to the queue (accepted or not), since it was made: what management's
+    /// `publish` rate is computed from.
+    pub published: u64,
+    /// Messages handed to consumers or `get`, redeliveries included (`deliver_get`).
+    pub delivered: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
 }
 
 /// A message in the queue (ready, or unacked inside [`Unacked`]).
@@ -471,6 +478,11 @@ struct QueueState {
     /// Counted for [`QueueStats::dropped_overflow`] and [`QueueStats::rejected_overflow`].
     dropped_overflow: u64,
     rejected_overflow: u64,
+    /// For [`QueueStats::published`], [`QueueStats::delivered`] and [`QueueStats::acked`]:
+    /// counted under the lock the operation holds anyway, so they cost no atomic.
+    published: u64,
+    delivered: u64,
+    acked: u64,
     /// The deadline last reported to the broker's timer (in [`Effects::deadline`] or by
     /// [`Queue::tick`]); only an earlier one is reported again.
     armed: Option<Millis>,
@@ -590,6 +602,9 @@ impl Queue {
             timed: args.message_ttl.is_some(),
             dropped_overflow: 0,
             rejected_overflow: 0,
+            published: 0,
+            delivered: 0,
+            acked: 0,
             armed: None,
         };
         Ok(Queue { name, options, args, state: Mutex::new(state), reserved: AtomicU64::new(u64::MAX) })
@@ -663,6 +678,7 @@ impl Queue {
     /// Hands a message to consumer `i`.
     fn deliver_to(&self, st: &mut QueueState, i: usize, entry: Entry, fx: &mut Effects) {
         st.serve_clock += 1;
+        st.delivered += 1;
         let clock = st.serve_clock;
         let c = &mut st.consumers[i];
         c.last_served = clock;
@@ -870,6 +886,7 @@ impl Queue {
         let mut fx = Effects::default();
         let mut guard = self.lock();
         let st = &mut *guard;
+        st.published += 1;
         let outcome = self.enqueue_locked(st, message, now, &mut fx);
         self.rearm(st, &mut fx);
         (outcome, fx)
@@ -1010,6 +1027,7 @@ impl Queue {
         let Some(entry) = entry else {
             return (None, fx);
         };
+        st.delivered += 1;
         let delivery = Delivery {
             queue: self.name.clone(),
             consumer: None,
@@ -1035,6 +1053,7 @@ impl Queue {
         let mut guard = self.lock();
         let st = &mut *guard;
         let u = st.take_unacked(seq)?;
+        st.acked += 1;
         self.forget(&u.entry.message, u.entry.seq, &mut fx);
         self.pump_locked(st, now, &mut fx);
         self.rearm(st, &mut fx);
@@ -1177,6 +1196,9 @@ impl Queue {
             ready_bytes: st.ready_bytes,
             dropped_overflow: st.dropped_overflow,
             rejected_overflow: st.rejected_overflow,
+            published: st.published,
+            delivered: st.delivered,
+            acked: st.acked,
         }
     }
 }
@@ -2171,6 +2193,18 @@ mod tests {
     }
 
     #[test]
+    fn publishes_deliveries_and_acks_are_counted() {
+        let q = queue(vec![]);
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        let (got, _) = q.get(OwnerId(1), false, 0);
+        let (delivery, _) = got.expect("a message");
+        q.ack(delivery.seq, 0).unwrap();
+        let st = q.stats();
+        assert_eq!((st.published, st.delivered, st.acked), (2, 1, 1));
+    }
+
+    #[test]
     fn reject_publish_counts_refused_messages() {
         let q = queue(vec![("x-max-length", FieldValue::I32(1)), ("x-overflow", s("reject-publish"))]);
         put(&q, msg("a"), 0);
@@ -2194,7 +2228,10 @@ mod tests {
                 consumers: 0,
                 ready_bytes: 4,
                 dropped_overflow: 1,
-                rejected_overflow: 0
+                rejected_overflow: 0,
+                published: 3,
+                delivered: 0,
+                acked: 0,
             }
         );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);
