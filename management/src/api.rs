@@ -435,6 +435,82 @@ async fn close_connection(
 
 // ----- queues --------------------------------------------------------------------------------
 
+#[derive(serde::Serialize)]
+struct Rate {
+    rate: f64,
+}
+
+#[derive(serde::Serialize)]
+struct QueueMessageStats {
+    publish: u64,
+    publish_details: Rate,
+    deliver_get: u64,
+    deliver_get_details: Rate,
+    ack: u64,
+    ack_details: Rate,
+}
+
+/// A queue as the API shows it ([`queue_json`]'s fields), serialized without building a JSON
+/// value first: what keeps a list of 10,000 queues fast.
+#[derive(serde::Serialize)]
+struct QueueItem<'a> {
+    name: String,
+    vhost: &'a str,
+    durable: bool,
+    auto_delete: bool,
+    exclusive: bool,
+    exclusive_consumer_tag: Option<()>,
+    arguments: Value,
+    node: &'static str,
+    state: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    policy: Option<()>,
+    messages: u64,
+    messages_details: Rate,
+    messages_ready: u32,
+    messages_ready_details: Rate,
+    messages_unacknowledged: u32,
+    messages_unacknowledged_details: Rate,
+    message_bytes_ready: u64,
+    consumers: u32,
+    message_stats: QueueMessageStats,
+}
+
+fn queue_item<'a>(vhost: &'a str, q: &Queue, st: &QueueStats, r: &PerSecond) -> QueueItem<'a> {
+    let o = q.options();
+    QueueItem {
+        name: q.name().to_string_lossy(),
+        vhost,
+        durable: o.durable,
+        auto_delete: o.auto_delete,
+        exclusive: o.exclusive.is_some(),
+        exclusive_consumer_tag: None,
+        arguments: if o.arguments.is_empty() { Value::Object(Map::new()) } else { table_json(&o.arguments) },
+        node: node(),
+        state: "running",
+        kind: "classic",
+        policy: None,
+        messages: st.ready as u64 + st.unacked as u64,
+        messages_details: Rate { rate: r.messages },
+        messages_ready: st.ready,
+        messages_ready_details: Rate { rate: r.ready },
+        messages_unacknowledged: st.unacked,
+        messages_unacknowledged_details: Rate { rate: r.unacked },
+        message_bytes_ready: st.ready_bytes,
+        consumers: st.consumers,
+        message_stats: QueueMessageStats {
+            publish: st.published,
+            publish_details: Rate { rate: r.published },
+            deliver_get: st.delivered,
+            deliver_get_details: Rate { rate: r.delivered },
+            ack: st.acked,
+            ack_details: Rate { rate: r.acked },
+        },
+    }
+}
+
+#[cfg(test)]
 fn queue_json(vhost: &str, q: &Queue, st: &QueueStats, r: &PerSecond) -> Value {
     let o = q.options();
     json!({
@@ -468,8 +544,9 @@ fn queue_json(vhost: &str, q: &Queue, st: &QueueStats, r: &PerSecond) -> Value {
     })
 }
 
-/// Every queue of `vhosts` that passes the name filter, by vhost and name, as JSON.
-fn queue_list(shared: &Shared, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Value, ApiError> {
+/// Every queue of `vhosts` that passes the name filter, by vhost and name, as JSON bytes. Without
+/// `columns` or `sort`, only the page sent is built, and serialized straight from structs.
+fn queue_list(shared: &Shared, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Vec<u8>, ApiError> {
     let mut rows: Vec<(&str, Arc<Queue>)> = Vec::new();
     let mut total = 0;
     for v in vhosts {
@@ -478,9 +555,24 @@ fn queue_list(shared: &Shared, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<V
         live.sort_by(|a, b| a.name().cmp(b.name()));
         rows.extend(live.into_iter().filter(|x| q.matches(&x.name().to_string_lossy())).map(|x| (v.name(), x)));
     }
-    let rates = shared.rates.queues(rows.iter().map(|(v, x)| (*v, x.name())));
-    let items = rows.iter().zip(&rates).map(|((v, x), r)| queue_json(v, x, &x.stats(), r)).collect();
-    q.finish(items, total)
+    let items = |range: std::ops::Range<usize>| {
+        let rows = &rows[range];
+        let rates = shared.rates.queues(rows.iter().map(|(v, x)| (*v, x.name())));
+        rows.iter().zip(&rates).map(|((v, x), r)| queue_item(v, x, &x.stats(), r)).collect::<Vec<_>>()
+    };
+    if !q.needs_values() {
+        return q.finish_typed(rows.len(), total, items);
+    }
+    let values = items(0..rows.len())
+        .iter()
+        .map(|i| serde_json::to_value(i).map_err(|e| ApiError::internal(format!("JSON: {e}"))))
+        .collect::<Result<Vec<Value>, ApiError>>()?;
+    let body = q.finish(values, total)?;
+    serde_json::to_vec(&body).map_err(|e| ApiError::internal(format!("JSON: {e}")))
+}
+
+fn json_bytes(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn queues_all(State(state): State<AppState>, caller: Caller, Query(params): Params) -> ApiResult {
@@ -490,7 +582,7 @@ async fn queues_all(State(state): State<AppState>, caller: Caller, Query(params)
         queue_list(shared, &vhosts, &q)
     })
     .await??;
-    Ok(json_response(body))
+    Ok(json_bytes(body))
 }
 
 async fn queues_of_vhost(
@@ -502,7 +594,7 @@ async fn queues_of_vhost(
     let q = ListQuery::parse(&params)?;
     let v = visible_vhost(&state.shared, &caller, &vhost)?;
     let body = render(&state, move |shared| queue_list(shared, &[v], &q)).await??;
-    Ok(json_response(body))
+    Ok(json_bytes(body))
 }
 
 async fn queue_one(
@@ -515,7 +607,9 @@ async fn queue_one(
     let v = visible_vhost(&state.shared, &caller, &vhost)?;
     let queue = v.queue(&name).ok_or_else(ApiError::not_found)?;
     let r = state.shared.rates.queue(&vhost, queue.name());
-    Ok(json_response(q.pick(queue_json(&vhost, &queue, &queue.stats(), &r))))
+    let item = serde_json::to_value(queue_item(&vhost, &queue, &queue.stats(), &r))
+        .map_err(|e| ApiError::internal(format!("JSON: {e}")))?;
+    Ok(json_response(q.pick(item)))
 }
 
 /// Management is not a connection: it owns no exclusive queue (connection ids start at 1).
@@ -714,5 +808,24 @@ async fn alarms(State(state): State<AppState>, _caller: Caller) -> Response {
     } else {
         let body = json!({"status": "failed", "reason": "There are alarms in effect in the cluster", "alarms": alarms});
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::queue::{QueueName, QueueOptions};
+
+    #[test]
+    fn a_typed_queue_item_serializes_as_the_json_shape() {
+        let mut options = QueueOptions { durable: true, ..QueueOptions::default() };
+        options.arguments.insert("x-max-length", FieldValue::I32(10));
+        let q = Queue::new(QueueName::from("orders"), options, 0).unwrap();
+        let st = QueueStats { ready: 3, unacked: 1, consumers: 2, published: 9, ..QueueStats::default() };
+        let r = PerSecond { published: 1.5, ..PerSecond::default() };
+        let typed = serde_json::to_value(queue_item("/", &q, &st, &r)).unwrap();
+        assert_eq!(typed, queue_json("/", &q, &st, &r));
+        assert_eq!(typed["arguments"], json!({"x-max-length": 10}));
+        assert_eq!(typed["message_stats"]["publish_details"]["rate"], 1.5);
     }
 }

@@ -118,6 +118,55 @@ impl ListQuery {
         }))
     }
 
+    /// Whether the answer needs every item as a JSON value first (to pick columns or sort by
+    /// one); otherwise [`ListQuery::finish_typed`] serializes only what it sends.
+    pub fn needs_values(&self) -> bool {
+        self.columns.is_some() || self.sort.is_some()
+    }
+
+    /// The answer for `len` items (already filtered, in their order) without `columns` or
+    /// `sort`: `make(range)` builds the items to send, which are serialized directly (a list,
+    /// or the page object). Only the page's items are built.
+    pub fn finish_typed<T: serde::Serialize>(
+        &self,
+        len: usize,
+        total: usize,
+        make: impl FnOnce(std::ops::Range<usize>) -> Vec<T>,
+    ) -> Result<Vec<u8>, ApiError> {
+        let encode = |v: &dyn erased::Encode| v.encode().map_err(|e| ApiError::internal(format!("JSON: {e}")));
+        let Some((page, size)) = self.page else {
+            let mut items = make(0..len);
+            if self.sort_reverse {
+                items.reverse();
+            }
+            return encode(&items);
+        };
+        let page_count = len.div_ceil(size).max(1);
+        if page > page_count {
+            return Err(ApiError::bad_request(format!("page: {page} is past the last page ({page_count})")));
+        }
+        let start = ((page - 1) * size).min(len);
+        let end = (start + size).min(len);
+        // Reversed order: the page counts from the end.
+        let range = if self.sort_reverse { len - end..len - start } else { start..end };
+        let mut items = make(range);
+        if self.sort_reverse {
+            items.reverse();
+        }
+        #[derive(serde::Serialize)]
+        struct Page<T> {
+            filtered_count: usize,
+            item_count: usize,
+            items: Vec<T>,
+            page: usize,
+            page_count: usize,
+            page_size: usize,
+            total_count: usize,
+        }
+        let item_count = items.len();
+        encode(&Page { filtered_count: len, item_count, items, page, page_count, page_size: size, total_count: total })
+    }
+
     /// Keeps only the requested columns (dotted paths into nested objects).
     pub fn pick(&self, item: Value) -> Value {
         let Some(columns) = &self.columns else { return item };
@@ -128,6 +177,18 @@ impl ListQuery {
             }
         }
         Value::Object(out)
+    }
+}
+
+/// `serde_json::to_vec` behind a trait object (the closure above takes lists and pages).
+mod erased {
+    pub trait Encode {
+        fn encode(&self) -> serde_json::Result<Vec<u8>>;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> serde_json::Result<Vec<u8>> {
+            serde_json::to_vec(self)
+        }
     }
 }
 
@@ -187,6 +248,21 @@ mod tests {
         assert_eq!(page["items"], json!([{"name": "q2"}, {"name": "q3"}]));
         assert_eq!((page["page_count"].as_u64(), page["filtered_count"].as_u64()), (Some(3), Some(5)));
         assert_eq!(page["total_count"].as_u64(), Some(7));
+    }
+
+    #[test]
+    fn typed_pages_build_only_their_items_and_count_from_the_end_when_reversed() {
+        let names = ["a", "b", "c", "d", "e"];
+        let make = |r: std::ops::Range<usize>| names[r].iter().map(|n| json!({ "name": n })).collect::<Vec<_>>();
+        let page = q(&[("page", "2"), ("page_size", "2")]).unwrap().finish_typed(5, 6, make).unwrap();
+        let page: Value = serde_json::from_slice(&page).unwrap();
+        assert_eq!(page["items"], json!([{"name": "c"}, {"name": "d"}]));
+        assert_eq!((page["page_count"].as_u64(), page["total_count"].as_u64()), (Some(3), Some(6)));
+        let rev = q(&[("page", "1"), ("page_size", "2"), ("sort_reverse", "true")]).unwrap().finish_typed(5, 5, make);
+        let rev: Value = serde_json::from_slice(&rev.unwrap()).unwrap();
+        assert_eq!(rev["items"], json!([{"name": "e"}, {"name": "d"}]));
+        let all: Value = serde_json::from_slice(&q(&[]).unwrap().finish_typed(5, 5, make).unwrap()).unwrap();
+        assert_eq!(all.as_array().unwrap().len(), 5);
     }
 
     #[test]
