@@ -397,6 +397,14 @@ if wait_port 15672 10; then
     rc=$?
     [ $rc -eq 0 ] && grep -Eq '\| interop.admin +\| 1 ' <<<"$out" && ok "rabbitmqadmin list queues" ||
       bad "rabbitmqadmin list queues: rc=$rc $out"
+    if "${ra[@]}" declare queue name=interop.declared durable=false >/dev/null 2>&1 &&
+      "${ra[@]}" list queues name durable 2>&1 | grep -Eq '\| interop.declared +\| False ' &&
+      "${ra[@]}" delete queue name=interop.declared >/dev/null 2>&1 &&
+      ! "${ra[@]}" list queues name 2>&1 | grep -q 'interop.declared'; then
+      ok "rabbitmqadmin declare queue, delete queue"
+    else
+      bad "rabbitmqadmin declare / delete queue"
+    fi
     out=$("${ra[@]}" show overview 2>&1)
     rc=$?
     [ $rc -eq 0 ] && grep -q 'rabbitmq_version' <<<"$out" && grep -q 'ferry@' <<<"$out" &&

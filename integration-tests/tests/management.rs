@@ -255,6 +255,29 @@ async fn lists_filter_page_sort_and_pick_columns() {
 }
 
 #[tokio::test]
+async fn an_administrator_declares_a_queue_and_a_monitoring_user_cannot() {
+    let server = server().await;
+    let client = reqwest::Client::new();
+    let put = |user: &'static str, path: &'static str, body: &'static str| {
+        let request = client.put(url(&server, path)).basic_auth(user, Some(PASSWORD)).body(body);
+        async move { within("PUT", request.send()).await.unwrap() }
+    };
+    let body = r#"{"durable": true, "auto_delete": false, "arguments": {"x-max-length": 5}}"#;
+    assert_eq!(put("watcher", "/api/queues/%2F/made", body).await.status(), 401);
+    assert!(server.server.broker().vhost("/").unwrap().queue("made").is_none());
+    assert_eq!(put("admin", "/api/queues/%2F/made", body).await.status(), 201);
+    assert_eq!(put("admin", "/api/queues/%2F/made", body).await.status(), 204, "the same again");
+    let q = get_json(&server, "/api/queues/%2F/made").await;
+    assert_eq!((q["durable"].as_bool(), q["arguments"]["x-max-length"].as_i64()), (Some(true), Some(5)));
+    let other = put("admin", "/api/queues/%2F/made", r#"{"arguments": {"x-max-length": 6}}"#).await;
+    assert_eq!(other.status(), 400, "a redeclare with other arguments");
+    let bad = put("admin", "/api/queues/%2F/x", "{not json").await;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.json::<Value>().await.unwrap()["error"], "bad_request");
+    assert_eq!(put("admin", "/api/queues/nope/x", "{}").await.status(), 404, "no such vhost");
+}
+
+#[tokio::test]
 async fn deleting_a_connection_closes_mqtt_5_with_0x98_and_amqp_with_320() {
     let server = server().await;
     let mut options = v5::options(&server, "five");

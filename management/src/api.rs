@@ -25,6 +25,7 @@ use ferry_core::policy::QueueUse;
 use ferry_core::queue::{Queue, QueueStats};
 use ferry_core::vhost::VHost;
 use ferry_core::{ConnectionId, FieldTable, FieldValue, Protocol, ShortString};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
@@ -56,7 +57,7 @@ pub(crate) fn router(shared: Arc<Shared>, settings: &HttpSettings) -> Router {
         .route("/api/connections/{name}", get(connection_one).delete(close_connection))
         .route("/api/queues", get(queues_all))
         .route("/api/queues/{vhost}", get(queues_of_vhost))
-        .route("/api/queues/{vhost}/{name}", get(queue_one).delete(delete_queue))
+        .route("/api/queues/{vhost}/{name}", get(queue_one).put(declare_queue).delete(delete_queue))
         .route("/api/queues/{vhost}/{name}/contents", delete(purge_queue))
         .route("/api/exchanges", get(exchanges_all))
         .route("/api/exchanges/{vhost}", get(exchanges_of_vhost))
@@ -648,6 +649,88 @@ async fn delete_queue(
     v.delete_queue(&ShortString::from(name.as_str()), MANAGEMENT_CONNECTION, if_unused, if_empty, now_millis())
         .map_err(core_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A JSON value as an AMQP field value (integers as `l`, other numbers as `d`, strings as `S`,
+/// objects as tables), for arguments given through the API.
+fn json_field(v: &Value) -> FieldValue {
+    match v {
+        Value::Null => FieldValue::Void,
+        Value::Bool(b) => FieldValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => FieldValue::I64(i),
+            None => FieldValue::F64(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => FieldValue::string(s),
+        Value::Array(a) => FieldValue::Array(a.iter().map(json_field).collect()),
+        Value::Object(o) => FieldValue::Table(json_table(o)),
+    }
+}
+
+fn json_table(o: &Map<String, Value>) -> FieldTable {
+    o.iter().map(|(k, v)| (ShortString::from(k.as_str()), json_field(v))).collect()
+}
+
+/// The body of `PUT /api/queues/{vhost}/{name}` (RabbitMQ's: durable by default). Other keys
+/// (rabbitmqadmin repeats `name` and `vhost`, and sends `node`) are ignored, as RabbitMQ does.
+#[derive(Debug, serde::Deserialize)]
+struct QueueBody {
+    #[serde(default = "yes", deserialize_with = "flag")]
+    durable: bool,
+    #[serde(default, deserialize_with = "flag")]
+    auto_delete: bool,
+    #[serde(default)]
+    arguments: Map<String, Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A boolean as RabbitMQ takes it: `true`, or the string `"true"` (what rabbitmqadmin sends).
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Bool(b) => Ok(b),
+        Value::String(s) if s == "true" => Ok(true),
+        Value::String(s) if s == "false" => Ok(false),
+        other => Err(D::Error::custom(format!("expected true or false, not {other}"))),
+    }
+}
+
+/// Declares a queue as `queue.declare` would (administrator): `201` when made, `204` when it
+/// existed with the same settings, `400` when it exists with others.
+async fn declare_queue(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    caller.require_admin()?;
+    let v = visible_vhost(&state.shared, &caller, &vhost)?;
+    if name.is_empty() || name.len() > ShortString::MAX_LEN {
+        return Err(ApiError::bad_request(format!("queue names are 1 to {} bytes", ShortString::MAX_LEN)));
+    }
+    let body: QueueBody = if body.is_empty() {
+        QueueBody { durable: true, auto_delete: false, arguments: Map::new() }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body: {e}")))?
+    };
+    refuse_reserved(&state, &vhost, &name, QueueUse::Declare)?;
+    let options = ferry_core::queue::QueueOptions {
+        durable: body.durable,
+        exclusive: None,
+        auto_delete: body.auto_delete,
+        arguments: json_table(&body.arguments),
+    };
+    let decl = ferry_core::vhost::QueueDeclare {
+        name: ShortString::from(name.as_str()),
+        passive: false,
+        options,
+        connection: MANAGEMENT_CONNECTION,
+    };
+    let declared = v.declare_queue(decl, now_millis()).map_err(core_error)?;
+    Ok(if declared.created { StatusCode::CREATED } else { StatusCode::NO_CONTENT }.into_response())
 }
 
 async fn purge_queue(
