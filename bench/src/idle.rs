@@ -385,6 +385,7 @@ async fn handshake(addr: SocketAddr, client_id: &str, keep_alive: u16) -> anyhow
     let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
     stream.set_nodelay(true)?;
     let connect = Connect {
+        bridge: false,
         version: ProtocolVersion::V311,
         clean_start: true,
         keep_alive,

@@ -407,6 +407,7 @@ impl Conn {
             properties.session_expiry_interval = Some(3600);
         }
         let connect = Connect {
+            bridge: false,
             version,
             clean_start: clean,
             keep_alive: 0,

@@ -30,7 +30,8 @@ impl Backoff {
         half + Duration::from_nanos(jitter)
     }
 
-    /// After a connection that came up: the next failure starts from the initial delay again.
+    /// After a connection that stayed up (see `link::stable_after`): the next failure starts
+    /// from the initial delay again.
     pub fn reset(&mut self) {
         self.current = self.initial;
     }

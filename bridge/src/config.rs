@@ -51,14 +51,16 @@ impl TopicRule {
     }
 }
 
-/// What happens when the bridge's local queue holds `max_queued_messages`.
+/// What happens when the bridge's local queue holds `max_queued_messages` or
+/// `max_queued_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overflow {
     /// The oldest queued message is dropped (the queue's `x-overflow = drop-head`).
     #[default]
     DropOldest,
-    /// New messages are refused (`x-overflow = reject-publish`): a local QoS 1/2 publisher is
-    /// told so in its PUBACK (5.0) or the message is not taken.
+    /// The local publishers are held back (`x-overflow = block`): a QoS 1/2 publisher's message
+    /// is taken, its PUBACK / PUBREC (an AMQP publisher's confirm) withheld until the queue is
+    /// back within its limits; a QoS 0 message (AMQP without confirms) is refused and counted.
     Block,
 }
 
@@ -111,8 +113,10 @@ impl PasswordSource {
 /// TLS towards the remote: whom to trust, what to present, which name to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeTls {
-    /// PEM certificates the remote's chain must lead to.
-    pub ca: PathBuf,
+    /// PEM certificates the remote's chain must lead to; `None`: the system's trusted CAs
+    /// (Debian: /etc/ssl/certs, from the ca-certificates package; `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` override).
+    pub ca: Option<PathBuf>,
     /// A client certificate chain (PEM) and its private key, for a remote that asks for one.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The name the remote's certificate must be valid for (default: the host of `address`).
@@ -138,6 +142,11 @@ pub struct BridgeConfig {
     /// Start a clean remote session at each connect; `false` asks the remote to keep the
     /// session (and queue for the `in` rules) while the link is down.
     pub clean_session: bool,
+    /// 3.1.1 remotes: mark the CONNECT as a bridge's (protocol level 0x84, Mosquitto's
+    /// `try_private`), so that a remote that knows the mark (Mosquitto, Ferry) gives the
+    /// bridge's subscriptions *no local* and *retain as published*. A remote that refuses it
+    /// (CONNACK 1) is connected to again without it. Not used for 5.0 remotes.
+    pub try_private: bool,
     /// The local vhost and exchange the rules route on (the MQTT listeners' defaults).
     pub vhost: String,
     pub exchange: String,
@@ -146,6 +155,8 @@ pub struct BridgeConfig {
     pub max_hops: u32,
     /// The local queue's `x-max-length` (0: unbounded).
     pub max_queued_messages: u32,
+    /// The local queue's `x-max-length-bytes`: body bytes waiting, at most (0: unbounded).
+    pub max_queued_bytes: u64,
     pub overflow: Overflow,
     /// QoS 1/2 messages sent and not yet acknowledged by the remote, at most; also the local
     /// consumer's prefetch.
@@ -161,7 +172,7 @@ pub struct BridgeConfig {
 impl BridgeConfig {
     /// A bridge with Ferry's defaults: MQTT 5.0, client id `ferry-bridge-<name>`, keep alive
     /// 60 s, clean session, vhost `/`, exchange `amq.topic`, no rules, `max_hops` 1,
-    /// 100,000 queued messages dropping the oldest, 32 in flight, back-off 1 s to 60 s.
+    /// 100,000 queued messages (no bytes limit) dropping the oldest, 32 in flight, back-off 1 s to 60 s.
     pub fn new(name: &str, address: &str) -> BridgeConfig {
         BridgeConfig {
             name: name.to_string(),
@@ -173,11 +184,13 @@ impl BridgeConfig {
             password: None,
             keep_alive: 60,
             clean_session: true,
+            try_private: true,
             vhost: ferry_core::broker::DEFAULT_VHOST.to_string(),
             exchange: "amq.topic".to_string(),
             topics: Vec::new(),
             max_hops: 1,
             max_queued_messages: 100_000,
+            max_queued_bytes: 0,
             overflow: Overflow::DropOldest,
             max_inflight: 32,
             backoff_initial: Duration::from_secs(1),

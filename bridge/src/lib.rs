@@ -1,6 +1,6 @@
 //! Ferry's bridges: outbound links to other brokers, with store and forward on the core's
 //! durable queues (DESIGN.md, "Services beside the frontends"). This first slice has MQTT
-//! bridges (to MQTT 3.1.1 and 5.0 brokers over TCP or TLS); AMQP shovels come later.
+//! bridges (to MQTT 3.1.1 and 5.0 brokers over TCP or TLS) and AMQP shovels ([`shovel`]).
 //!
 //! # Layout
 //!
@@ -15,26 +15,32 @@
 //!   remote with ferry-mqtt's codec and acks the queue when the remote acknowledged. `in` rules:
 //!   the task subscribes on the remote, publishes what arrives into the local vhost and
 //!   acknowledges the remote after the local store commit.
+//! - [`overflow`]: the queue's overflow counters → one log line per overflow episode.
 //! - [`status`]: [`BridgeStatus`], what [`Bridges::status`] reports per bridge.
+//! - [`shovel`]: AMQP shovels (`[[shovels]]`): [`ShovelConfig`], a sans-I/O AMQP 0-9-1 client
+//!   on ferry-amqp's codec, and one task per shovel, with the same store and forward and the
+//!   same [`BridgeStatus`]. [`Bridges::start_with_shovels`] starts bridges and shovels.
 //!
 //! Data flows: local publisher → exchange → `ferry-bridge.<name>` (redb) → link → remote;
 //! remote → link → vhost publish → store commit → PUBACK/PUBREC to the remote.
 
+pub mod backlog;
 pub mod backoff;
 pub mod config;
 mod link;
+pub mod overflow;
 pub mod rules;
+pub mod shovel;
 pub mod status;
 pub mod tls;
+pub mod writer;
 
 use std::sync::Arc;
 
 use ferry_core::error::CoreError;
 use ferry_core::exchange::BindingKey;
 use ferry_core::frontend::Shutdown;
-use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, ShortString};
-use ferry_core::queue::QueueOptions;
-use ferry_core::vhost::QueueDeclare;
+use ferry_core::message::{now_millis, ConnectionId, ShortString};
 use ferry_core::Broker;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -42,6 +48,7 @@ use tracing::{info, warn};
 
 pub use config::{BridgeConfig, BridgeTls, Direction, Overflow, PasswordSource, TopicRule};
 pub use link::{LinkError, HOPS};
+pub use shovel::{AckMode, AmqpUri, ShovelConfig, ShovelDirection};
 pub use status::{BridgeStatus, LinkState};
 
 use crate::link::Link;
@@ -56,6 +63,8 @@ pub enum BridgeError {
     BadFilter { index: usize, name: String, filter: String, reason: String },
     #[error("bridges[{index}] ({name}): local queue {queue}: {error}")]
     Queue { index: usize, name: String, queue: String, error: CoreError },
+    #[error("shovels[{index}] ({name}): {reason}")]
+    Shovel { index: usize, name: String, reason: String },
 }
 
 /// The running bridges.
@@ -63,6 +72,8 @@ pub enum BridgeError {
 pub struct Bridges {
     links: Vec<Arc<Link>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The AMQP shovels (`[[shovels]]`), after the bridges in [`Bridges::status`].
+    shovels: Vec<Arc<shovel::Shovel>>,
 }
 
 impl Bridges {
@@ -87,47 +98,14 @@ impl Bridges {
             let queue = if config.has_out_rules() {
                 let queue_name = config.queue_name();
                 let qerr = |error| BridgeError::Queue { index, name: name.clone(), queue: queue_name.clone(), error };
-                let mut arguments = FieldTable::new();
-                if config.max_queued_messages > 0 {
-                    arguments.insert("x-max-length", FieldValue::I64(i64::from(config.max_queued_messages)));
-                    let overflow = match config.overflow {
-                        Overflow::DropOldest => "drop-head",
-                        Overflow::Block => "reject-publish",
-                    };
-                    arguments.insert("x-overflow", FieldValue::LongString(overflow.as_bytes().to_vec().into()));
-                }
-                let options = QueueOptions { durable: true, exclusive: None, auto_delete: false, arguments };
-                let decl = QueueDeclare {
-                    name: ShortString::from(queue_name.as_str()),
-                    passive: false,
-                    options,
-                    connection: id,
+                let limits = backlog::Limits {
+                    max_messages: config.max_queued_messages,
+                    max_bytes: config.max_queued_bytes,
+                    overflow: config.overflow,
                 };
-                let queue = match vhost.declare_queue(decl.clone(), now) {
-                    Ok(d) => d.queue,
-                    Err(CoreError::PreconditionFailed(why)) => {
-                        // Made with other limits by an earlier config. A queue's arguments do
-                        // not change: an empty one is made again with the new limits; one
-                        // holding a backlog keeps its limits (deleting it would lose the
-                        // backlog) until a start finds it empty.
-                        let old =
-                            vhost.queue(&queue_name).ok_or_else(|| qerr(CoreError::NotFound(queue_name.clone())))?;
-                        let stats = old.stats();
-                        if stats.ready == 0 && stats.unacked == 0 {
-                            vhost.delete_queue(&decl.name, id, false, true, now).map_err(qerr)?;
-                            info!("bridge {name}: queue {queue_name} made again with the new limits ({why})");
-                            vhost.declare_queue(decl, now).map_err(qerr)?.queue
-                        } else {
-                            warn!(
-                                "bridge {name}: queue {queue_name} keeps the limits it was made with ({why}) while it \
-                                 holds {} messages; the new max_queued_messages / overflow apply at a start that finds it empty",
-                                stats.ready
-                            );
-                            old
-                        }
-                    }
-                    Err(e) => return Err(qerr(e)),
-                };
+                let queue =
+                    backlog::declare(&vhost, &queue_name, limits, id, &format!("bridge {name}"), now).map_err(qerr)?;
+                let mut wanted = Vec::new();
                 for rule in config.topics.iter().filter(|r| r.direction.is_out()) {
                     let text = rule.local_filter();
                     let filter = ferry_mqtt::topic::Filter::parse(&text).map_err(|e| BridgeError::BadFilter {
@@ -137,10 +115,27 @@ impl Bridges {
                         reason: e.to_string(),
                     })?;
                     let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
+                    wanted.push(key.routing_key.clone());
                     vhost.bind_queue(queue.name(), &exchange, key, id).map_err(qerr)?;
                 }
+                backlog::unbind_stale(&vhost, &queue, &exchange, &wanted, &format!("bridge {name}"), id)
+                    .map_err(qerr)?;
                 Some(queue)
             } else {
+                // No `out` rule any more: a queue left from an earlier config gets nothing new.
+                if let Some(old) = vhost.queue(&config.queue_name()) {
+                    backlog::unbind_stale(&vhost, &old, &exchange, &[], &format!("bridge {name}"), id).map_err(
+                        |error| BridgeError::Queue { index, name: name.clone(), queue: config.queue_name(), error },
+                    )?;
+                    let held = old.stats().ready;
+                    if held > 0 {
+                        warn!(
+                            "bridge {name}: queue {} holds {held} messages from an earlier config with out rules; \
+                             they wait there until an out rule is configured again",
+                            config.queue_name()
+                        );
+                    }
+                }
                 None
             };
             let link = Arc::new(Link {
@@ -151,12 +146,17 @@ impl Bridges {
                 state: StateCell::new(),
                 counters: Counters::default(),
                 changes: watch::Sender::new(0),
+                private_refused: Default::default(),
             });
             ready.push((link, vhost));
         }
         let mut bridges = Bridges::default();
         for (i, (link, vhost)) in ready.into_iter().enumerate() {
             let seed = now ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ link.id.0;
+            if let Some(queue) = &link.queue {
+                let watch = overflow::watch(format!("bridge {}", link.config.name), queue.clone(), shutdown.clone());
+                bridges.tasks.push(tokio::spawn(watch));
+            }
             bridges.tasks.push(tokio::spawn(link.clone().run(vhost, shutdown.clone(), seed)));
             bridges.links.push(link);
         }
@@ -166,15 +166,34 @@ impl Bridges {
         Ok(bridges)
     }
 
-    /// A snapshot of every bridge, in config order.
+    /// Starts the MQTT bridges and the AMQP shovels: the one entry point the server uses.
+    /// Each shovel's local queue and bindings are set up first; nothing is started when one
+    /// bridge or shovel cannot be set up.
+    pub fn start_with_shovels(
+        broker: &Arc<Broker>,
+        configs: &[BridgeConfig],
+        shovels: &[ShovelConfig],
+        shutdown: Shutdown,
+    ) -> Result<Bridges, BridgeError> {
+        let ready = shovel::prepare(broker, shovels)?;
+        let mut bridges = Bridges::start(broker, configs, shutdown.clone())?;
+        bridges.shovels = shovel::spawn(ready, &shutdown, &mut bridges.tasks);
+        if !bridges.shovels.is_empty() {
+            info!("{} shovel(s) started", bridges.shovels.len());
+        }
+        Ok(bridges)
+    }
+
+    /// A snapshot of every bridge, in config order, then every shovel.
     pub fn status(&self) -> Vec<BridgeStatus> {
-        self.links.iter().map(|l| Bridges::status_of(l)).collect()
+        let shovels = self.shovels.iter().map(|s| s.status());
+        self.links.iter().map(|l| Bridges::status_of(l)).chain(shovels).collect()
     }
 
     /// A handle that reads [`Bridges::status`] from elsewhere (the HTTP listener's metrics)
     /// while the server keeps the bridges themselves.
     pub fn status_reader(&self) -> StatusReader {
-        StatusReader { links: self.links.clone() }
+        StatusReader { links: self.links.clone(), shovels: self.shovels.clone() }
     }
 
     /// Waits until bridge `name`'s status satisfies `pred` (checked now, then whenever its state
@@ -182,6 +201,9 @@ impl Bridges {
     /// task ended first. Queue counts (`queued`) move without a wake-up: wait on the link's own
     /// counters.
     pub async fn wait_for(&self, name: &str, pred: impl Fn(&BridgeStatus) -> bool) -> Option<BridgeStatus> {
+        if let Some(s) = self.shovels.iter().find(|s| s.config.name == name) {
+            return s.wait_for(pred).await;
+        }
         let link = self.links.iter().find(|l| l.config.name == name)?;
         let mut states = link.state.subscribe();
         let mut changes = link.changes.subscribe();
@@ -213,10 +235,13 @@ impl Bridges {
             forwarded_in: Counters::get(&c.forwarded_in),
             dropped_overflow: stats.dropped_overflow,
             rejected_overflow: stats.rejected_overflow,
+            held_overflow: stats.held_overflow,
             dropped_max_hops: Counters::get(&c.dropped_max_hops),
             dropped_loop: Counters::get(&c.dropped_loop),
             dropped_no_rule: Counters::get(&c.dropped_no_rule),
             dropped_refused: Counters::get(&c.dropped_refused),
+            nacked: Counters::get(&c.nacked),
+            dropped_too_large: Counters::get(&c.dropped_too_large),
             connects: Counters::get(&c.connects),
             attempts: Counters::get(&c.attempts),
         }
@@ -224,11 +249,12 @@ impl Bridges {
 
     /// The state of bridge `name` as a watch: `wait_for` on it to wait for a state.
     pub fn watch(&self, name: &str) -> Option<watch::Receiver<(LinkState, Option<String>)>> {
-        self.links.iter().find(|l| l.config.name == name).map(|l| l.state.subscribe())
+        let shovel = || self.shovels.iter().find(|s| s.config.name == name).map(|s| s.state.subscribe());
+        self.links.iter().find(|l| l.config.name == name).map(|l| l.state.subscribe()).or_else(shovel)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.links.is_empty()
+        self.links.is_empty() && self.shovels.is_empty()
     }
 
     /// Waits for every bridge task to end (after the shutdown signal): each sends DISCONNECT
@@ -246,11 +272,13 @@ impl Bridges {
 #[derive(Debug, Clone, Default)]
 pub struct StatusReader {
     links: Vec<Arc<Link>>,
+    shovels: Vec<Arc<shovel::Shovel>>,
 }
 
 impl StatusReader {
-    /// A snapshot of every bridge, in config order.
+    /// A snapshot of every bridge, then every shovel, in config order ([`Bridges::status`]).
     pub fn status(&self) -> Vec<BridgeStatus> {
-        self.links.iter().map(|l| Bridges::status_of(l)).collect()
+        let shovels = self.shovels.iter().map(|s| s.status());
+        self.links.iter().map(|l| Bridges::status_of(l)).chain(shovels).collect()
     }
 }

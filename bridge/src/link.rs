@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferry_core::connections::{ConnectionInfo, Connections, Login};
-use ferry_core::flow::AckQueue;
+use ferry_core::flow::{AckQueue, MAX_PENDING_ACKS};
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Message, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue};
@@ -31,7 +31,6 @@ use ferry_mqtt::codec::{
 use ferry_mqtt::mapping;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -111,6 +110,9 @@ pub(crate) struct Link {
     pub counters: Counters,
     /// Bumped when counters move, for [`Bridges::wait_for`](crate::Bridges::wait_for).
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// The remote refused the bridge mark on a 3.1.1 CONNECT (`try_private`): later connects
+    /// go without it.
+    pub private_refused: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,22 +141,54 @@ struct Carry {
     pending: VecDeque<Delivery>,
     /// Sent and not acknowledged, in send order.
     inflight: VecDeque<OutFlight>,
-    next_pid: u16,
     /// QoS 2 PUBLISHes from the remote already published locally and PUBREC'd, awaiting PUBREL:
     /// a resend of one (DUP) is answered without publishing it again.
     incoming_qos2: HashSet<u16>,
+    /// The oldest message in flight when the remote closed the link: it may be what the remote
+    /// closes on (a packet larger than it accepts, which a 3.1.1 remote cannot announce).
+    probe: Option<Probe>,
 }
 
+/// A message under suspicion. The next connections send it alone, right after a PINGREQ: a
+/// remote that answers the PINGREQ and then closes without acknowledging the message closed
+/// on it. After [`PROBE_STRIKES`] such closes it is dropped (`dropped_too_large`), so that one
+/// message the remote will never take cannot wedge the link; a remote that is merely going
+/// down (no PINGRESP) or that takes it ends the probe without harm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    /// The local message's sequence number.
+    seq: u64,
+    strikes: u8,
+}
+
+/// Closes on a probed message (PINGRESP received, then the close) before it is dropped.
+const PROBE_STRIKES: u8 = 2;
+
 impl Carry {
-    fn next_pid(&mut self) -> u16 {
-        loop {
-            self.next_pid = self.next_pid.wrapping_add(1).max(1);
-            let pid = self.next_pid;
-            if !self.inflight.iter().any(|f| f.pid == pid) {
-                return pid;
-            }
-        }
+    /// The first in-flight message if it is still to be PUBLISHed (not at PUBREL).
+    fn head_publish(&self) -> Option<&OutFlight> {
+        self.inflight.front().filter(|f| f.stage != Stage::PubComp)
     }
+}
+
+/// The packet id of the bridge's SUBSCRIBE (one per connection, at its start); never a
+/// PUBLISH's.
+const SUBSCRIBE_PID: u16 = 1;
+
+/// How many packet ids PUBLISHes cycle through: 2 to 65,535.
+const PID_SPAN: u64 = 65_534;
+
+/// The packet id a local message is published with: a function of its sequence number in the
+/// bridge's durable queue, which the store keeps across restarts. So a message resent after a
+/// restart of Ferry carries the id it had before, and a remote that kept the session (and
+/// still holds that id from a PUBREC) takes it as the resend it is, while a new message never
+/// gets an id the remote may still hold: those belong to messages still in the queue (a
+/// message leaves it only once the remote has completed it). The same scheme needs nothing
+/// stored beyond the queue itself; Mosquitto's bridge gets the same effect by persisting its
+/// in-flight messages with their ids.
+fn packet_id(seq: u64) -> u16 {
+    // Sequence numbers start at 1; 1 is the SUBSCRIBE's.
+    (seq.wrapping_sub(1) % PID_SPAN + 2) as u16
 }
 
 /// The hop count of a local message (0 when it has none).
@@ -188,6 +222,14 @@ fn set_message_hops(m: &mut Message, hops: u32) {
 fn set_publish_hops(p: &mut Publish, hops: u32) {
     p.properties.user_properties.retain(|(k, _)| k.as_str() != HOPS);
     p.properties.user_properties.push((Str::from(HOPS), Str::from(hops.to_string())));
+}
+
+/// How long a connection must have stayed up for the reconnect back-off to start again from
+/// its first delay: half the maximum delay, at most 30 s. Shorter-lived connections count as
+/// failures, so a remote that accepts and then drops the link (a broker that closes at once,
+/// a proxy in front of a dead one) makes the bridge back off up to the maximum.
+pub(crate) fn stable_after(config: &BridgeConfig) -> Duration {
+    (config.backoff_max / 2).min(Duration::from_secs(30))
 }
 
 /// A CONNACK refusal in words, for the log.
@@ -258,8 +300,29 @@ impl Link {
         loop {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
-            let mut conn = Conn { link: &self, vhost: &vhost, outbox: &outbox, consumer: &consumer, carry: &mut carry };
-            let ended = conn.serve(&mut shutdown, &mut backoff).await;
+            let mut conn = Conn {
+                link: &self,
+                vhost: &vhost,
+                outbox: &outbox,
+                consumer: &consumer,
+                carry: &mut carry,
+                session_present: false,
+                probing: false,
+                probe_pinged: false,
+            };
+            let mut up_at = None;
+            let ended = conn.serve(&mut shutdown, &mut up_at).await;
+            if let Err(e) = &ended {
+                if up_at.is_some() && !shutdown.is_shutting_down() {
+                    conn.judge_close(e);
+                }
+            }
+            // The back-off starts again from its first delay only after a connection that
+            // stayed up: a remote that takes the CONNACK and closes at once (or every second)
+            // is retried ever more slowly, not in a tight loop.
+            if up_at.is_some_and(|t: Instant| t.elapsed() >= stable_after(&self.config)) {
+                backoff.reset();
+            }
             match ended {
                 Ok(()) => break,
                 Err(e) if shutdown.is_shutting_down() => {
@@ -311,6 +374,8 @@ impl Link {
 struct Remote {
     max_qos: QoS,
     retain_available: bool,
+    /// A 5.0 remote's Maximum Packet Size (§3.2.2.3.6): larger packets must not be sent.
+    max_packet: Option<u32>,
 }
 
 /// One connection to the remote.
@@ -320,6 +385,12 @@ struct Conn<'a> {
     outbox: &'a Arc<Outbox<Delivery>>,
     consumer: &'a Option<(Arc<Queue>, ConsumerId)>,
     carry: &'a mut Carry,
+    /// The CONNACK said the remote kept the session.
+    session_present: bool,
+    /// This connection sent only the probed message (after a PINGREQ) and holds the rest.
+    probing: bool,
+    /// The PINGRESP to the probe's PINGREQ came: the remote was reading up to the message.
+    probe_pinged: bool,
 }
 
 impl Conn<'_> {
@@ -366,7 +437,17 @@ impl Conn<'_> {
             // The session outlives the link for as long as the remote allows.
             properties.session_expiry_interval = Some(u32::MAX);
         }
+        if config.version.is_v5() {
+            // What the remote may have unacknowledged towards us: acknowledgements wait for
+            // the local commit, and for room in a local `x-overflow = block` queue, so this
+            // bounds how many such a queue holds past its limit for this link.
+            properties.receive_maximum = Some(u16::try_from(MAX_PENDING_ACKS).unwrap_or(u16::MAX));
+        }
+        let private = config.try_private
+            && !config.version.is_v5()
+            && !self.link.private_refused.load(std::sync::atomic::Ordering::Relaxed);
         let connect = Connect {
+            bridge: private,
             version: config.version,
             clean_start: config.clean_session,
             keep_alive: config.keep_alive,
@@ -384,6 +465,16 @@ impl Conn<'_> {
             if let Some(packet) = decoder.decode(rx).map_err(LinkError::Decode)? {
                 return match packet {
                     Packet::ConnAck(ack) if ack.code == 0 => Ok((stream, ack, addrs)),
+                    // 1: unacceptable protocol version, the answer of a remote that does not
+                    // know the bridge mark. As Mosquitto's bridges do, the next attempt goes
+                    // without it.
+                    Packet::ConnAck(ack) if ack.code == 1 && private => {
+                        self.link.private_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Err(LinkError::Refused(format!(
+                            "{}; the remote does not take the bridge mark (try_private), the next attempt goes without it",
+                            refusal(config.version, ack.code)
+                        )))
+                    }
                     Packet::ConnAck(ack) => Err(LinkError::Refused(refusal(config.version, ack.code))),
                     other => Err(LinkError::Protocol(format!("expected CONNACK, got {other:?}"))),
                 };
@@ -395,7 +486,8 @@ impl Conn<'_> {
         }
     }
 
-    async fn serve(&mut self, shutdown: &mut Shutdown, backoff: &mut Backoff) -> Result<(), LinkError> {
+    /// One connection, until it ends; `up_at` is set when the CONNACK came.
+    async fn serve(&mut self, shutdown: &mut Shutdown, up_at: &mut Option<Instant>) -> Result<(), LinkError> {
         let config = self.config().clone();
         let name = config.name.as_str();
         let mut rx = BytesMut::with_capacity(8 * 1024);
@@ -433,6 +525,7 @@ impl Conn<'_> {
         let remote = Remote {
             max_qos: connack.properties.maximum_qos.and_then(QoS::from_u8).unwrap_or(QoS::ExactlyOnce),
             retain_available: connack.properties.retain_available != Some(0),
+            max_packet: connack.properties.maximum_packet_size.filter(|_| config.version.is_v5()),
         };
         let limit = usize::from(config.max_inflight.min(remote_max).max(1));
         self.link.counters.connects.fetch_add(1, Ordering::Relaxed);
@@ -442,32 +535,29 @@ impl Conn<'_> {
             config.version.name(),
             connack.session_present
         );
-        backoff.reset();
+        *up_at = Some(Instant::now());
 
         let (mut reader, writer) = tokio::io::split(stream);
-        let (tx, wrx) = mpsc::unbounded_channel::<Bytes>();
-        let mut write_task = tokio::spawn(write_loop(writer, wrx));
+        let (tx, unwritten, mut write_task) = crate::writer::spawn(writer);
         let mut out = BytesMut::new();
 
         // What was in flight when the last connection ended goes again, in order (§4.4).
+        self.session_present = connack.session_present;
         if !connack.session_present {
             self.carry.incoming_qos2.clear();
         }
-        for i in 0..self.carry.inflight.len() {
-            let f = &mut self.carry.inflight[i];
-            let packet = match f.stage {
-                Stage::PubComp if connack.session_present => Packet::PubRel(PubResp::ok(f.pid)),
-                stage => {
-                    if stage == Stage::PubComp {
-                        // The remote forgot the exchange: the message goes again from the start.
-                        f.stage = Stage::PubRec;
-                    }
-                    let mut p = f.publish.clone();
-                    p.dup = true;
-                    Packet::Publish(p)
-                }
-            };
-            codec::encode(&packet, config.version, &mut out);
+        self.drop_oversized_inflight(&remote);
+        if self.carry.probe.is_some() && self.carry.head_publish().map(|f| f.seq) != self.carry.probe.map(|p| p.seq) {
+            // The suspect left (acknowledged, or dropped above).
+            self.carry.probe = None;
+        }
+        if self.carry.probe.is_some() {
+            // The suspect alone, after a PINGREQ; the rest waits for its acknowledgement.
+            self.probing = true;
+            self.encode(&Packet::PingReq, &mut out);
+            self.resend(0..1, &mut out);
+        } else {
+            self.resend(0..self.carry.inflight.len(), &mut out);
         }
         // The remote subscriptions of the `in` rules.
         let filters: Vec<(Str, SubOptions)> = config
@@ -492,7 +582,7 @@ impl Conn<'_> {
             info!(bridge = %name, "{up_line}");
             self.link.state.set(LinkState::Up, None);
         } else {
-            let pid = self.carry.next_pid();
+            let pid = SUBSCRIBE_PID;
             let sub = Subscribe { packet_id: pid, properties: Properties::default(), filters };
             self.encode(&Packet::Subscribe(sub), &mut out);
             subscribing = Some(pid);
@@ -507,7 +597,7 @@ impl Conn<'_> {
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
-            if self.pump_out(limit, &remote, &mut out) {
+            if self.pump_out(limit, &remote, &unwritten, &mut out) {
                 self.link.changed();
             }
             let counters = &self.link.counters;
@@ -550,6 +640,7 @@ impl Conn<'_> {
                     self.link.changed();
                 }
                 _ = self.outbox.notified() => {}
+                _ = unwritten.drained(), if unwritten.is_full() => {}
                 _ = acks.ready(), if !acks.is_empty() => {
                     while let Some((packet, result)) = acks.take_ready() {
                         // Unanswered, the remote sends it again after the reconnect.
@@ -578,17 +669,140 @@ impl Conn<'_> {
         }
     }
 
+    /// Sends in-flight messages `range` again (DUP), or their PUBREL where the remote kept the
+    /// session and had answered PUBREC.
+    fn resend(&mut self, range: std::ops::Range<usize>, out: &mut BytesMut) {
+        let version = self.config().version;
+        for i in range {
+            let f = &mut self.carry.inflight[i];
+            let packet = match f.stage {
+                Stage::PubComp if self.session_present => Packet::PubRel(PubResp::ok(f.pid)),
+                stage => {
+                    if stage == Stage::PubComp {
+                        // The remote forgot the exchange: the message goes again from the start.
+                        f.stage = Stage::PubRec;
+                    }
+                    let mut p = f.publish.clone();
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+            };
+            codec::encode(&packet, version, out);
+        }
+    }
+
+    /// A message the remote will not take leaves the local queue, counted and logged.
+    fn drop_too_large(&self, seq: u64, topic: &str, size: usize, why: &str) {
+        let link = self.link;
+        link.counters.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            bridge = %link.config.name,
+            "bridge {}: a message on {topic} ({size} bytes as a PUBLISH) is {why}; dropped",
+            link.config.name
+        );
+        link.settle_local(self.vhost, self.consumer, seq);
+        link.changed();
+    }
+
+    /// In-flight messages larger than a 5.0 remote's Maximum Packet Size (which may have
+    /// shrunk since they were sent) are dropped rather than sent.
+    fn drop_oversized_inflight(&mut self, remote: &Remote) {
+        let Some(max) = remote.max_packet else { return };
+        let version = self.config().version;
+        let mut i = 0;
+        while i < self.carry.inflight.len() {
+            let f = &self.carry.inflight[i];
+            let size =
+                if f.stage == Stage::PubComp { 0 } else { encoded_len(&Packet::Publish(f.publish.clone()), version) };
+            if size > max as usize {
+                let f = self.carry.inflight.remove(i).expect("looked at");
+                let why = format!("larger than the remote accepts (maximum packet size {max})");
+                self.drop_too_large(f.seq, f.publish.topic.as_str(), size, &why);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The probed message was answered: the rest of what is in flight goes now.
+    fn end_probe(&mut self, out: &mut BytesMut) {
+        let Some(probe) = self.carry.probe.filter(|_| self.probing) else { return };
+        if self.carry.head_publish().map(|f| f.seq) == Some(probe.seq) {
+            return;
+        }
+        self.probing = false;
+        self.carry.probe = None;
+        // What was in flight behind it was not sent on this connection (the probe itself may
+        // still be first, at PUBREL, which went already).
+        let from = usize::from(self.carry.inflight.front().is_some_and(|f| f.seq == probe.seq));
+        self.resend(from..self.carry.inflight.len(), out);
+    }
+
+    /// The remote ended a connection that was up: decides whether the oldest message in flight
+    /// is to be suspected, struck, or dropped (see [`Probe`]).
+    fn judge_close(&mut self, e: &LinkError) {
+        if !matches!(e, LinkError::Closed | LinkError::Io(_) | LinkError::Disconnected(_)) {
+            // Keep alive, closed locally, a protocol error: not the remote refusing a packet.
+            return;
+        }
+        let Some(head) = self.carry.head_publish() else {
+            self.carry.probe = None;
+            return;
+        };
+        let (seq, topic, size) = (
+            head.seq,
+            head.publish.topic.clone(),
+            encoded_len(&Packet::Publish(head.publish.clone()), self.config().version),
+        );
+        match self.carry.probe {
+            Some(p) if p.seq == seq && self.probing => {
+                if !self.probe_pinged {
+                    // Gone before answering the PINGREQ: not the message's doing.
+                    return;
+                }
+                let strikes = p.strikes + 1;
+                if strikes < PROBE_STRIKES {
+                    self.carry.probe = Some(Probe { seq, strikes });
+                    return;
+                }
+                self.carry.inflight.pop_front();
+                self.carry.probe = None;
+                let why = format!(
+                    "refused by the remote: it closed the connection on it {strikes} times, each time right after \
+                     answering a PINGREQ (larger than it accepts?)"
+                );
+                self.drop_too_large(seq, topic.as_str(), size, &why);
+            }
+            _ => self.carry.probe = Some(Probe { seq, strikes: 0 }),
+        }
+    }
+
     /// Sends what waits in the outbox and the pending list while the remote has room; whether
     /// a counter moved.
-    fn pump_out(&mut self, limit: usize, remote: &Remote, out: &mut BytesMut) -> bool {
+    fn pump_out(
+        &mut self,
+        limit: usize,
+        remote: &Remote,
+        unwritten: &crate::writer::Unwritten,
+        out: &mut BytesMut,
+    ) -> bool {
         let mut moved = false;
         let mut fresh = Vec::new();
         self.outbox.drain_into(&mut fresh);
         self.carry.pending.extend(fresh);
+        if self.probing {
+            // Nothing new before the remote has answered the probed message.
+            return false;
+        }
         let link = self.link.clone();
         let config = &link.config;
         let v5 = config.version.is_v5();
         while let Some(d) = self.carry.pending.front() {
+            // QoS 0 is settled once handed to the writer: what the socket has not taken yet
+            // bounds how far ahead it goes.
+            if unwritten.is_full_with(out) {
+                break;
+            }
             let m = &d.message;
             let topic = ferry_mqtt::topic::swap_separators(&m.routing_key.to_string_lossy());
             let hops = message_hops(m);
@@ -614,6 +828,15 @@ impl Conn<'_> {
             if qos > QoS::AtMostOnce && self.carry.inflight.len() >= limit {
                 break;
             }
+            let pid = packet_id(d.seq);
+            if qos > QoS::AtMostOnce
+                && self.carry.inflight.front().is_some_and(|f| d.seq.saturating_sub(f.seq) >= PID_SPAN)
+                && self.carry.inflight.iter().any(|f| f.pid == pid)
+            {
+                // A message 65,534 sequence numbers older still holds this id: wait for it.
+                break;
+            }
+            let redelivered = d.redelivered;
             let retain = mapping::message_retain(m) && remote.retain_available;
             let mut p = mapping::to_publish(m, qos, retain, v5, now_millis());
             p.topic = Str::from(remote_topic);
@@ -621,15 +844,28 @@ impl Conn<'_> {
                 set_publish_hops(&mut p, hops + 1);
             }
             let d = self.carry.pending.pop_front().expect("looked at");
+            if qos > QoS::AtMostOnce {
+                p.packet_id = Some(pid);
+                // Perhaps sent before a restart, with this same id.
+                p.dup = redelivered;
+            }
+            let mark = out.len();
+            let packet = Packet::Publish(p);
+            codec::encode(&packet, config.version, out);
+            let Packet::Publish(p) = packet else { unreachable!("built above") };
+            if let Some(max) = remote.max_packet.filter(|m| out.len() - mark > *m as usize) {
+                let size = out.len() - mark;
+                out.truncate(mark);
+                let why = format!("larger than the remote accepts (maximum packet size {max})");
+                self.drop_too_large(d.seq, p.topic.as_str(), size, &why);
+                moved = true;
+                continue;
+            }
             if qos == QoS::AtMostOnce {
-                codec::encode(&Packet::Publish(p), config.version, out);
                 link.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
                 link.settle_local(self.vhost, self.consumer, d.seq);
                 moved = true;
             } else {
-                let pid = self.carry.next_pid();
-                p.packet_id = Some(pid);
-                codec::encode(&Packet::Publish(p.clone()), config.version, out);
                 let stage = if qos == QoS::ExactlyOnce { Stage::PubRec } else { Stage::PubAck };
                 self.carry.inflight.push_back(OutFlight { pid, seq: d.seq, publish: p, stage });
             }
@@ -641,7 +877,10 @@ impl Conn<'_> {
         let link = self.link.clone();
         match packet {
             Packet::Publish(p) => self.on_publish(p, acks)?,
-            Packet::PubAck(r) => self.done_out(r, Stage::PubAck)?,
+            Packet::PubAck(r) => {
+                self.done_out(r, Stage::PubAck)?;
+                self.end_probe(out);
+            }
             Packet::PubRec(r) => {
                 let Some(i) = self.carry.inflight.iter().position(|f| f.pid == r.packet_id) else {
                     return Err(LinkError::Protocol(format!("PUBREC for unknown packet id {}", r.packet_id)));
@@ -649,10 +888,12 @@ impl Conn<'_> {
                 if self.carry.inflight[i].stage == Stage::PubRec && r.reason < 0x80 {
                     self.carry.inflight[i].stage = Stage::PubComp;
                     self.encode(&Packet::PubRel(PubResp::ok(r.packet_id)), out);
+                    self.end_probe(out);
                 } else if self.carry.inflight[i].stage == Stage::PubComp {
                     self.encode(&Packet::PubRel(PubResp::ok(r.packet_id)), out);
                 } else {
                     self.done_out(r, Stage::PubRec)?;
+                    self.end_probe(out);
                 }
             }
             Packet::PubComp(r) => self.done_out(r, Stage::PubComp)?,
@@ -669,7 +910,8 @@ impl Conn<'_> {
                     link.state.set_error(e);
                 }
             }
-            Packet::PingResp | Packet::UnsubAck(_) => {}
+            Packet::PingResp => self.probe_pinged |= self.probing,
+            Packet::UnsubAck(_) => {}
             Packet::Disconnect(d) => return Err(LinkError::Disconnected(d.reason)),
             other => return Err(LinkError::Protocol(format!("unexpected packet from the remote: {other:?}"))),
         }
@@ -730,7 +972,13 @@ impl Conn<'_> {
                 let mut m = mapping::to_message(&p, &local_topic, &exchange, origin, now);
                 set_message_hops(&mut m, hops + 1);
                 let retained = p.retain.then(|| (m.routing_key.clone(), Arc::new(m.clone())));
-                let outcome = self.vhost.publish(&exchange, m, now).map_err(|e| LinkError::Local(e.to_string()))?;
+                // A QoS 1/2 message is acknowledged to the remote after the local commit: a
+                // `block` queue at its limits holds that acknowledgement.
+                let waits = p.qos != QoS::AtMostOnce;
+                let outcome = self
+                    .vhost
+                    .publish_waiting(&exchange, m, now, waits)
+                    .map_err(|e| LinkError::Local(e.to_string()))?;
                 let mut commit = outcome.commit;
                 if let Some((key, message)) = retained {
                     commit = commit.join(self.vhost.set_retained(&key, message));
@@ -751,6 +999,13 @@ impl Conn<'_> {
     }
 }
 
+/// A packet's size on the wire.
+fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
+    let mut buf = BytesMut::new();
+    codec::encode(packet, version, &mut buf);
+    buf.len()
+}
+
 /// Why the writer stopped.
 fn writer_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> LinkError {
     match ended {
@@ -758,24 +1013,6 @@ fn writer_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> L
         Ok(Ok(())) => LinkError::Closed,
         Err(e) => LinkError::Protocol(format!("writer task failed: {e}")),
     }
-}
-
-/// Writes what the connection hands over, coalescing what is queued into one write.
-async fn write_loop(
-    mut writer: impl AsyncWrite + Unpin,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        buf.extend_from_slice(&first);
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(&more);
-        }
-        writer.write_all(&buf).await?;
-        buf.clear();
-    }
-    let _ = writer.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -796,20 +1033,14 @@ mod tests {
     }
 
     #[test]
-    fn packet_ids_skip_those_in_flight_and_zero() {
-        let mut c = Carry { next_pid: u16::MAX - 1, ..Carry::default() };
-        let p = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: Str::from("t"),
-            packet_id: Some(1),
-            properties: Properties::default(),
-            payload: Bytes::new(),
-        };
-        c.inflight.push_back(OutFlight { pid: 1, seq: 1, publish: p, stage: Stage::PubAck });
-        assert_eq!(c.next_pid(), u16::MAX);
-        assert_eq!(c.next_pid(), 2, "0 is not a packet id and 1 is in flight");
+    fn packet_ids_follow_the_queue_sequence_and_never_take_the_subscribes() {
+        assert_eq!(packet_id(1), 2);
+        assert_eq!(packet_id(2), 3);
+        assert_eq!(packet_id(PID_SPAN), u16::MAX);
+        assert_eq!(packet_id(PID_SPAN + 1), 2, "wraps past 0 and SUBSCRIBE_PID");
+        let ids: HashSet<u16> = (1..=3 * PID_SPAN).map(packet_id).collect();
+        assert_eq!(ids.len() as u64, PID_SPAN);
+        assert!(!ids.contains(&0) && !ids.contains(&SUBSCRIBE_PID));
     }
 
     #[test]

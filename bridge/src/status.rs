@@ -51,17 +51,27 @@ pub struct BridgeStatus {
     pub forwarded_in: u64,
     /// Dropped from the local queue by `max_queued_messages` (`drop-oldest`).
     pub dropped_overflow: u64,
-    /// Refused by the local queue at `max_queued_messages` (`block`).
+    /// Refused by the local queue at its limits (`block`, publishers that wait for no
+    /// acknowledgement: MQTT QoS 0, AMQP without confirms).
     pub rejected_overflow: u64,
+    /// Taken by the local queue past its limits with the publisher's acknowledgement withheld
+    /// until it had room (`block`, MQTT QoS 1/2, AMQP with confirms).
+    pub held_overflow: u64,
     /// Not forwarded: they had crossed `max_hops` bridges already.
     pub dropped_max_hops: u64,
     /// Not forwarded: they came in over this link (an `out` rule overlapping an `in` rule).
     pub dropped_loop: u64,
-    /// Not forwarded: no rule covers their topic any more (a rule removed from the config
-    /// leaves its binding until the queue is deleted).
+    /// Not forwarded: no rule covers their topic any more (queued under a rule that a later
+    /// config removed; its binding goes at that start, what it queued before is dropped).
     pub dropped_no_rule: u64,
     /// Refused by the remote (an MQTT 5.0 PUBACK / PUBREC reason code 0x80 or above).
     pub dropped_refused: u64,
+    /// Publishes the remote refused with a basic.nack (AMQP shovels): they go again, in order,
+    /// on the next connection.
+    pub nacked: u64,
+    /// Not forwarded: larger than the remote accepts (a 5.0 remote's Maximum Packet Size), or
+    /// a message the remote closed the link on, again and again (see docs/bridges.md).
+    pub dropped_too_large: u64,
     /// Connections established since the start.
     pub connects: u64,
     /// Connection attempts since the start, failed ones included.
@@ -77,6 +87,8 @@ pub(crate) struct Counters {
     pub dropped_loop: AtomicU64,
     pub dropped_no_rule: AtomicU64,
     pub dropped_refused: AtomicU64,
+    pub nacked: AtomicU64,
+    pub dropped_too_large: AtomicU64,
     pub connects: AtomicU64,
     pub attempts: AtomicU64,
 }

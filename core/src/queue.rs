@@ -21,6 +21,8 @@
 //!    asks consumers [`ConsumerSink::has_room`] — lock-free in both frontends' sinks (an
 //!    atomic mirror of the outbox length, channel credit in atomics), so choosing a consumer
 //!    for a message takes no other lock — and hands deliveries to [`ConsumerSink::deliver`].
+//!    Publishers held back by an `x-overflow = block` queue are released through the
+//!    [`Effects`] too: each is told when the effects are dropped, after the lock is released.
 //! 4. An outbox's `items` (`Mutex`, `sink.rs`): a leaf, taken by `deliver` / `offer` to push and
 //!    by its owner to drain; released before the owner's [`crate::signal::Signal`] is
 //!    notified.
@@ -33,9 +35,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use crate::error::CoreError;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
+use crate::store::{Commit, StoreError};
 
 /// Queue names are short strings.
 pub type QueueName = ShortString;
@@ -73,6 +77,11 @@ pub enum Overflow {
     RejectPublish,
     /// Refuse the new message and dead-letter it.
     RejectPublishDlx,
+    /// `block` (Ferry's own; RabbitMQ has no such value): a publisher that waits for an
+    /// acknowledgement has its message taken past the limit, and its acknowledgement held until
+    /// the queue is back within its limits ([`Queue::enqueue_waiting`]); a publisher that
+    /// waits for nothing is refused, as with `reject-publish`.
+    Block,
 }
 
 /// The queue arguments the core understands, parsed and validated from the declare arguments.
@@ -218,6 +227,7 @@ impl QueueArgs {
                 b"drop-head" => Overflow::DropHead,
                 b"reject-publish" => Overflow::RejectPublish,
                 b"reject-publish-dlx" => Overflow::RejectPublishDlx,
+                b"block" => Overflow::Block,
                 _ => return Err(r.invalid("x-overflow", "invalid_overflow")),
             },
         };
@@ -357,6 +367,33 @@ pub struct Effects {
     /// The queue's next deadline (its head message's TTL, `x-expires`) is now earlier than the
     /// one it last reported: the caller arms the broker's [`Timer`](crate::timer::Timer) for it.
     pub deadline: Option<Millis>,
+    /// Publishers an `x-overflow = block` queue held back, released because it is back within
+    /// its limits (or purged, or deleted). Each is told when these effects are dropped — after
+    /// the queue's lock is released, since the effects outlive it — so nothing is ever woken
+    /// under a queue's lock and nothing the caller forgets to carry out holds a publisher.
+    pub(crate) released: Vec<Waiter>,
+}
+
+/// A publisher held back by an `x-overflow = block` queue: the sending half of the pending
+/// [`Commit`] its acknowledgement waits behind. Dropping it releases the publisher with `Ok`:
+/// the message was enqueued (the store's own commit, joined with this one, says whether it is
+/// durable), so there is never anything to refuse here, only a wait to end. A publisher that
+/// went away meanwhile (a dropped receiver) is simply not told.
+#[derive(Debug)]
+pub(crate) struct Waiter(Option<oneshot::Sender<Result<(), StoreError>>>);
+
+impl Waiter {
+    fn is_gone(&self) -> bool {
+        self.0.as_ref().is_none_or(|tx| tx.is_closed())
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Ok(()));
+        }
+    }
 }
 
 impl Effects {
@@ -372,6 +409,7 @@ impl Effects {
         self.forgotten.extend(other.forgotten);
         self.delivered.extend(other.delivered);
         self.delete_queue |= other.delete_queue;
+        self.released.extend(other.released);
         self.deadline = match (self.deadline, other.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -384,8 +422,8 @@ impl Effects {
 pub enum EnqueueOutcome {
     /// The queue took it (it may already have been delivered).
     Accepted { seq: u64 },
-    /// `x-overflow = reject-publish(-dlx)` and the queue is full: a confirming publisher gets a
-    /// nack.
+    /// `x-overflow = reject-publish(-dlx)` and the queue is full, or `block` and the publisher
+    /// waits for no acknowledgement: a confirming publisher gets a nack.
     Rejected,
 }
 
@@ -399,7 +437,8 @@ pub struct QueueStats {
     /// Messages dropped from the head by `x-max-length`(-bytes) with `drop-head`, since the
     /// queue was made (not kept across a restart).
     pub dropped_overflow: u64,
-    /// Publishes refused by `x-max-length`(-bytes) with `reject-publish`(-dlx), likewise.
+    /// Publishes refused by `x-max-length`(-bytes) with `reject-publish`(-dlx), or with `block`
+    /// from a publisher that waits for no acknowledgement, likewise.
     pub rejected_overflow: u64,
     /// Messages offered to the queue (accepted or not), since it was made: what management's
     /// `publish` rate is computed from.
@@ -408,6 +447,9 @@ pub struct QueueStats {
     pub delivered: u64,
     /// Deliveries acknowledged.
     pub acked: u64,
+    /// Publishes an `x-overflow = block` queue took past its limits, their acknowledgement
+    /// withheld until it had room again, likewise.
+    pub held_overflow: u64,
 }
 
 /// A message in the queue (ready, or unacked inside [`Unacked`]).
@@ -483,6 +525,11 @@ struct QueueState {
     published: u64,
     delivered: u64,
     acked: u64,
+    held_overflow: u64,
+    /// `x-overflow = block`: the publishers whose acknowledgement waits for the queue to be back
+    /// within its limits, oldest first; all released together when it is
+    /// ([`Queue::release_waiters`]). Waiters whose publisher went away are pruned as it grows.
+    waiters: VecDeque<Waiter>,
     /// The deadline last reported to the broker's timer (in [`Effects::deadline`] or by
     /// [`Queue::tick`]); only an earlier one is reported again.
     armed: Option<Millis>,
@@ -605,6 +652,8 @@ impl Queue {
             published: 0,
             delivered: 0,
             acked: 0,
+            held_overflow: 0,
+            waiters: VecDeque::new(),
             armed: None,
         };
         Ok(Queue { name, options, args, state: Mutex::new(state), reserved: AtomicU64::new(u64::MAX) })
@@ -776,6 +825,7 @@ impl Queue {
             };
             self.deliver_to(st, i, entry, fx);
         }
+        self.release_waiters(st, fx);
     }
 
     /// Builds the dead-lettered copy of `message` and adds it to the effects (or drops it when
@@ -881,15 +931,35 @@ impl Queue {
         });
     }
 
-    /// Offers a message; delivers at once to a consumer with room, or keeps it ready.
+    /// Offers a message from a publisher that waits for no acknowledgement; delivers at once to
+    /// a consumer with room, or keeps it ready.
     pub fn enqueue(&self, message: Arc<Message>, now: Millis) -> (EnqueueOutcome, Effects) {
+        let (outcome, _held, fx) = self.enqueue_waiting(message, now, false);
+        (outcome, fx)
+    }
+
+    /// [`Queue::enqueue`], saying whether the publisher waits for an acknowledgement (an MQTT
+    /// QoS 1/2 publish, an AMQP channel in confirm mode) that the caller holds behind a commit.
+    ///
+    /// Only `x-overflow = block` makes a difference: when the queue is at its limits, a waiting
+    /// publisher's message is taken anyway (the limit is soft for it) and the returned commit
+    /// resolves once the queue is back within its limits (or is purged or deleted); the caller
+    /// joins it with the store's commit, so the acknowledgement is held until then. A publisher
+    /// that waits for nothing is refused (`Rejected`, counted in `rejected_overflow`).
+    pub fn enqueue_waiting(
+        &self,
+        message: Arc<Message>,
+        now: Millis,
+        waits: bool,
+    ) -> (EnqueueOutcome, Option<Commit>, Effects) {
         let mut fx = Effects::default();
         let mut guard = self.lock();
         let st = &mut *guard;
         st.published += 1;
-        let outcome = self.enqueue_locked(st, message, now, &mut fx);
+        let (outcome, held) = self.enqueue_locked(st, message, now, waits, &mut fx);
+        self.release_waiters(st, &mut fx);
         self.rearm(st, &mut fx);
-        (outcome, fx)
+        (outcome, held, fx)
     }
 
     fn enqueue_locked(
@@ -897,10 +967,11 @@ impl Queue {
         st: &mut QueueState,
         message: Arc<Message>,
         now: Millis,
+        waits: bool,
         fx: &mut Effects,
-    ) -> EnqueueOutcome {
+    ) -> (EnqueueOutcome, Option<Commit>) {
         if st.closed {
-            return EnqueueOutcome::Rejected;
+            return (EnqueueOutcome::Rejected, None);
         }
         let level = self.level_of(&message);
         let expires_at = self.expiry_of(&message, now);
@@ -918,29 +989,34 @@ impl Queue {
             if !st.ready_at_or_above(level) {
                 if let Some(i) = st.pick_consumer(self.args.single_active_consumer) {
                     self.deliver_to(st, i, entry, fx);
-                    return EnqueueOutcome::Accepted { seq };
+                    return (EnqueueOutcome::Accepted { seq }, None);
                 }
             }
         }
         // Nobody to take a transient message now, and the queue was asked not to keep those.
         if self.args.transient_needs_consumer && st.consumers.is_empty() && !entry.message.is_persistent() {
-            return EnqueueOutcome::Accepted { seq };
+            return (EnqueueOutcome::Accepted { seq }, None);
         }
         // TTL 0: only a consumer ready at once would have got it.
         if entry.is_expired(now) {
             self.discard(st, entry, DeadLetterReason::Expired, now, fx);
-            return EnqueueOutcome::Accepted { seq };
+            return (EnqueueOutcome::Accepted { seq }, None);
         }
         let size = entry.message.body_size() as u64;
         if self.args.overflow != Overflow::DropHead && self.over_limits(st, 1, size) {
             self.expire_heads(st, now, fx);
             if self.over_limits(st, 1, size) {
+                if self.args.overflow == Overflow::Block && waits {
+                    // Taken past the limit; the publisher's acknowledgement waits for room.
+                    st.push_ready(level, entry);
+                    return (EnqueueOutcome::Accepted { seq }, Some(self.hold(st)));
+                }
                 // Never entered the queue: nothing for the store to forget.
                 if self.args.overflow == Overflow::RejectPublishDlx {
                     self.dead_letter(st, &entry.message, DeadLetterReason::MaxLen, now, fx);
                 }
                 st.rejected_overflow += 1;
-                return EnqueueOutcome::Rejected;
+                return (EnqueueOutcome::Rejected, None);
             }
         }
         st.push_ready(level, entry);
@@ -948,7 +1024,31 @@ impl Queue {
             self.expire_heads(st, now, fx);
             self.drop_head_to_limits(st, now, fx);
         }
-        EnqueueOutcome::Accepted { seq }
+        (EnqueueOutcome::Accepted { seq }, None)
+    }
+
+    /// `block`: adds a waiter for a publisher whose message went in past the limits and returns
+    /// the commit its acknowledgement waits behind. Waiters whose publisher went away (its
+    /// connection closed) are pruned each time the list reaches a power of two from 64 on:
+    /// amortized O(1) per held publish, and the dead ones cannot pile up while the queue stays
+    /// over its limits.
+    fn hold(&self, st: &mut QueueState) -> Commit {
+        let n = st.waiters.len();
+        if n >= 64 && n.is_power_of_two() {
+            st.waiters.retain(|w| !w.is_gone());
+        }
+        let (tx, commit) = Commit::pending();
+        st.waiters.push_back(Waiter(Some(tx)));
+        st.held_overflow += 1;
+        commit
+    }
+
+    /// `block`: once the queue is within its limits again, every held publisher goes (their
+    /// waiters move to the effects, told when those are dropped, outside the lock).
+    fn release_waiters(&self, st: &mut QueueState, fx: &mut Effects) {
+        if !st.waiters.is_empty() && (st.closed || !self.over_limits(st, 0, 0)) {
+            fx.released.extend(st.waiters.drain(..));
+        }
     }
 
     /// Puts back a message recovered from the store at start-up, at its place by `seq`, marked
@@ -1023,6 +1123,7 @@ impl Queue {
         let st = &mut *guard;
         st.last_used = now;
         let entry = self.pop_live(st, now, &mut fx);
+        self.release_waiters(st, &mut fx);
         self.rearm(st, &mut fx);
         let Some(entry) = entry else {
             return (None, fx);
@@ -1113,6 +1214,7 @@ impl Queue {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.expire_heads(st, now, &mut fx);
+        self.release_waiters(st, &mut fx);
         let mut next = self.next_deadline(st);
         if let Some(expires) = self.args.expires {
             if st.consumers.is_empty() && !st.closed && now >= st.last_used.saturating_add(expires) {
@@ -1150,6 +1252,7 @@ impl Queue {
         }
         st.ready_count = 0;
         st.ready_bytes = 0;
+        self.release_waiters(&mut st, &mut fx);
         (count, fx)
     }
 
@@ -1168,8 +1271,9 @@ impl Queue {
     /// Tears the queue down: cancels every consumer (notifying their sinks) and returns the
     /// number of messages it held.
     ///
-    /// The count is of ready messages (AMQP delete-ok's `message-count`). The effects are empty:
-    /// the store's queue deletion removes every message of the queue at once. Afterwards the
+    /// The count is of ready messages (AMQP delete-ok's `message-count`). The effects hold only
+    /// the publishers a `block` queue held back, released: the store's queue deletion removes
+    /// every message of the queue at once. Afterwards the
     /// queue refuses messages (`Rejected`) and consumers (`NotFound`).
     pub fn shutdown(&self) -> (u32, Effects) {
         let mut st = self.lock();
@@ -1184,7 +1288,11 @@ impl Queue {
         st.ready_count = 0;
         st.ready_bytes = 0;
         st.closed = true;
-        (count, Effects::default())
+        // Held publishers go: their messages went with the queue, as everyone else's did.
+        let mut fx = Effects::default();
+        self.release_waiters(&mut st, &mut fx);
+        drop(st);
+        (count, fx)
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -1199,6 +1307,7 @@ impl Queue {
             published: st.published,
             delivered: st.delivered,
             acked: st.acked,
+            held_overflow: st.held_overflow,
         }
     }
 }
@@ -1484,11 +1593,12 @@ mod tests {
     }
 
     #[test]
-    fn overflow_takes_the_three_rabbitmq_values() {
+    fn overflow_takes_the_three_rabbitmq_values_and_ferrys_block() {
         for (text, want) in [
             ("drop-head", Overflow::DropHead),
             ("reject-publish", Overflow::RejectPublish),
             ("reject-publish-dlx", Overflow::RejectPublishDlx),
+            ("block", Overflow::Block),
         ] {
             assert_eq!(parse(vec![("x-overflow", s(text))]).unwrap().overflow, want);
         }
@@ -2218,6 +2328,124 @@ mod tests {
         assert_eq!((q.stats().rejected_overflow, q.stats().dropped_overflow), (2, 0));
     }
 
+    // ---- x-overflow = block ----
+
+    fn block_queue(max_length: i32) -> Queue {
+        queue(vec![("x-max-length", FieldValue::I32(max_length)), ("x-overflow", s("block"))])
+    }
+
+    /// A publish that must be taken; returns its held commit, if any.
+    fn put_waiting(q: &Queue, m: Arc<Message>, waits: bool) -> Option<Commit> {
+        let (outcome, held, _fx) = q.enqueue_waiting(m, 0, waits);
+        assert!(matches!(outcome, EnqueueOutcome::Accepted { .. }), "a waiting publisher's message is taken");
+        held
+    }
+    fn released(c: &mut Commit) -> Option<Result<(), StoreError>> {
+        c.try_resolve();
+        c.try_result()
+    }
+
+    #[test]
+    fn block_takes_a_waiting_publish_past_the_limit_and_holds_it_until_deliveries_make_room() {
+        let q = block_queue(2);
+        assert!(put_waiting(&q, msg("a"), true).is_none());
+        assert!(put_waiting(&q, msg("b"), true).is_none());
+        let mut c = put_waiting(&q, msg("c"), true).expect("held at the limit");
+        let mut d = put_waiting(&q, msg("d"), true).expect("held past the limit");
+        assert_eq!(q.stats().ready, 4);
+        assert_eq!((q.stats().rejected_overflow, q.stats().held_overflow), (0, 2), "held, not refused");
+        assert_eq!(get_body(&q, 0).as_deref(), Some("a"));
+        assert_eq!((released(&mut c), released(&mut d)), (None, None), "3 ready, still over 2");
+        assert_eq!(get_body(&q, 0).as_deref(), Some("b"));
+        assert_eq!((released(&mut c), released(&mut d)), (Some(Ok(())), Some(Ok(()))));
+        assert_eq!(drain(&q, 0), ["c", "d"]);
+    }
+
+    #[test]
+    fn block_releases_when_a_consumer_takes_the_backlog() {
+        let q = block_queue(1);
+        put_waiting(&q, msg("a"), true);
+        let mut held = put_waiting(&q, msg("b"), true).expect("held");
+        let sink = TestSink::new();
+        let (_, fx) = q.consume(spec(&sink, 1), 0).unwrap();
+        assert_eq!(released(&mut held), None, "told only when the effects are dropped");
+        drop(fx);
+        assert_eq!(released(&mut held), Some(Ok(())));
+        assert_eq!(sink.bodies(), ["a", "b"]);
+    }
+
+    #[test]
+    fn block_refuses_a_publisher_that_waits_for_nothing_and_counts_it() {
+        let q = block_queue(1);
+        put(&q, msg("a"), 0);
+        let (outcome, held, _) = q.enqueue_waiting(msg("b"), 0, false);
+        assert_eq!((outcome, held.is_none()), (EnqueueOutcome::Rejected, true));
+        assert_eq!(q.enqueue(msg("c"), 0).0, EnqueueOutcome::Rejected);
+        assert!(put_waiting(&q, msg("d"), true).is_some());
+        assert_eq!(q.stats().rejected_overflow, 2);
+        assert_eq!(drain(&q, 0), ["a", "d"]);
+    }
+
+    #[test]
+    fn block_by_bytes_holds_a_message_larger_than_the_limit_until_it_is_delivered() {
+        let q = queue(vec![("x-max-length-bytes", FieldValue::I32(3)), ("x-overflow", s("block"))]);
+        let mut held = put_waiting(&q, msg("abcd"), true).expect("over the byte limit alone");
+        assert_eq!(released(&mut held), None);
+        assert_eq!(drain(&q, 0), ["abcd"]);
+        assert_eq!(released(&mut held), Some(Ok(())));
+    }
+
+    #[test]
+    fn block_releases_held_publishers_on_purge() {
+        let q = block_queue(1);
+        put_waiting(&q, msg("a"), true);
+        let mut held = put_waiting(&q, msg("b"), true).expect("held");
+        let (count, fx) = q.purge(0);
+        assert_eq!(count, 2);
+        drop(fx);
+        assert_eq!(released(&mut held), Some(Ok(())));
+    }
+
+    #[test]
+    fn block_releases_held_publishers_on_delete() {
+        let q = block_queue(0);
+        let mut held = put_waiting(&q, msg("a"), true).expect("held");
+        let (_, fx) = q.shutdown();
+        assert_eq!(released(&mut held), None, "told only when the effects are dropped");
+        drop(fx);
+        assert_eq!(released(&mut held), Some(Ok(())));
+    }
+
+    #[test]
+    fn block_releases_when_messages_expire() {
+        let q = queue(vec![
+            ("x-max-length", FieldValue::I32(1)),
+            ("x-overflow", s("block")),
+            ("x-message-ttl", FieldValue::I32(10)),
+        ]);
+        put_waiting(&q, msg("a"), true);
+        let mut held = put_waiting(&q, msg("b"), true).expect("held");
+        let (fx, _) = q.tick(5);
+        drop(fx);
+        assert_eq!(released(&mut held), None);
+        let (fx, _) = q.tick(10);
+        drop(fx);
+        assert_eq!(released(&mut held), Some(Ok(())));
+    }
+
+    #[test]
+    fn block_forgets_publishers_that_went_away() {
+        let q = block_queue(0);
+        for i in 0..1_000 {
+            // The publisher's connection closed: its commit (the receiver) is gone.
+            drop(put_waiting(&q, msg(&i.to_string()), true).expect("held"));
+            assert!(q.lock().waiters.len() <= 64, "dead waiters are pruned");
+        }
+        let mut live = put_waiting(&q, msg("live"), true).expect("held");
+        assert_eq!(q.purge(0).0, 1_001);
+        assert_eq!(released(&mut live), Some(Ok(())));
+    }
+
     #[test]
     fn max_length_bytes_counts_body_bytes() {
         let q = queue(vec![("x-max-length-bytes", FieldValue::I32(5))]);
@@ -2237,6 +2465,7 @@ mod tests {
                 published: 3,
                 delivered: 0,
                 acked: 0,
+                held_overflow: 0,
             }
         );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);

@@ -73,10 +73,12 @@ pub struct QueueDeclared {
 pub struct PublishOutcome {
     /// Queues and sinks the message was routed to (0 means unroutable, for `mandatory`).
     pub routed: usize,
-    /// A queue refused it (`x-overflow = reject-publish`): a confirming publisher gets a nack.
+    /// A queue refused it (`x-overflow = reject-publish`, or `block` for a publisher that waits
+    /// for no acknowledgement): a confirming publisher gets a nack.
     pub rejected: bool,
-    /// Resolves when the message is durable in every durable queue it reached. A confirm or
-    /// PUBACK waits on it.
+    /// Resolves when the message is durable in every durable queue it reached and, for a
+    /// publisher that waits ([`VHost::publish_waiting`]), when every `x-overflow = block` queue
+    /// that took it past its limits has room again. A confirm or PUBACK waits on it.
     pub commit: Commit,
     /// Outboxes of direct sinks that took a persistent message over capacity: the publisher
     /// stops reading until each has room ([`Outbox::room`]). Usually empty (no allocation).
@@ -923,8 +925,9 @@ impl VHost {
                 Arc::new(m)
             };
             let targets = self.targets(&x, &message);
-            // No publisher to hold back here: a congested sink just takes it.
-            self.deliver(&targets, &message, now, depth + 1, ops, &mut Vec::new());
+            // No publisher to hold back here: a congested sink just takes it, a `block` queue at
+            // its limits refuses it.
+            self.deliver(&targets, &message, now, depth + 1, ops, &mut Vec::new(), None);
         }
         if effects.delete_queue {
             // Deleting takes the queue map lock; no queue lock is held here.
@@ -937,8 +940,24 @@ impl VHost {
 
     // ----- publishing ------------------------------------------------------------------------
 
-    /// Publishes a message to an exchange (`""` is the default exchange).
+    /// Publishes a message to an exchange (`""` is the default exchange) for a publisher that
+    /// waits for no acknowledgement (MQTT QoS 0, AMQP without confirms, the broker's own).
     pub fn publish(&self, exchange: &ShortString, message: Message, now: Millis) -> Result<PublishOutcome, CoreError> {
+        self.publish_waiting(exchange, message, now, false)
+    }
+
+    /// [`VHost::publish`], saying whether the publisher waits for an acknowledgement held behind
+    /// [`PublishOutcome::commit`] (MQTT QoS 1/2, an AMQP channel in confirm mode, a bridge's
+    /// incoming QoS 1/2). A queue with `x-overflow = block` at its limits takes such a message
+    /// and holds the commit until it has room again ([`Queue::enqueue_waiting`]); it refuses one
+    /// from a publisher that waits for nothing.
+    pub fn publish_waiting(
+        &self,
+        exchange: &ShortString,
+        message: Message,
+        now: Millis,
+        waits: bool,
+    ) -> Result<PublishOutcome, CoreError> {
         let x = self.exchange_or_404(exchange)?;
         if x.options().internal {
             return Err(CoreError::AccessRefused(format!(
@@ -955,8 +974,13 @@ impl VHost {
         }
         let mut ops = Vec::new();
         let mut congested = Vec::new();
-        let rejected = self.deliver(&targets, &message, now, 0, &mut ops, &mut congested);
-        Ok(PublishOutcome { routed: targets.len(), rejected, commit: self.submit(ops), congested })
+        let mut held = waits.then(|| Commit::done(Ok(())));
+        let rejected = self.deliver(&targets, &message, now, 0, &mut ops, &mut congested, held.as_mut());
+        let mut commit = self.submit(ops);
+        if let Some(held) = held {
+            commit = commit.join(held);
+        }
+        Ok(PublishOutcome { routed: targets.len(), rejected, commit, congested })
     }
 
     /// Every destination of a message published to `x`, following exchange-to-exchange bindings
@@ -1011,7 +1035,10 @@ impl VHost {
         }
     }
 
-    /// Offers the message to every target; returns whether some queue rejected it.
+    /// Offers the message to every target; returns whether some queue rejected it. `held` is
+    /// given when the publisher waits for an acknowledgement: what `block` queues at their
+    /// limits hold it behind is joined into it.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &self,
         targets: &Targets,
@@ -1020,10 +1047,14 @@ impl VHost {
         depth: usize,
         ops: &mut Vec<StoreOp>,
         congested: &mut Vec<Arc<Outbox<SinkDelivery>>>,
+        mut held: Option<&mut Commit>,
     ) -> bool {
         let mut rejected = false;
         for q in &targets.queues {
-            let (outcome, effects) = q.enqueue(message.clone(), now);
+            let (outcome, hold, effects) = q.enqueue_waiting(message.clone(), now, held.is_some());
+            if let (Some(hold), Some(held)) = (hold, held.as_deref_mut()) {
+                *held = std::mem::replace(held, Commit::done(Ok(()))).join(hold);
+            }
             match outcome {
                 EnqueueOutcome::Accepted { seq } => {
                     if q.stores_messages() && message.is_persistent() {

@@ -30,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod amqp;
 pub mod cross;
+pub mod mosquitto;
 pub mod mqtt;
 
 /// How long any single awaited event may take before a test fails (generous: debug builds on a
@@ -308,4 +309,43 @@ pub fn write_config(dir: &Path, toml: &str) -> Config {
     let mut config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     config.broker.data_dir = dir.join("data");
     config
+}
+
+/// A TCP proxy to `target` on a loopback port, whose client-to-target direction can be stalled
+/// (`true` sent on the returned watch): it stops reading what the client sends, while the
+/// target keeps talking to the client. For bridges and shovels facing a remote that does not
+/// read.
+pub async fn stalling_proxy(target: std::net::SocketAddr) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stall, stalled) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { continue };
+            let (mut from_shovel, mut to_shovel) = inbound.into_split();
+            let (mut from_remote, mut to_remote) = outbound.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_remote, &mut to_shovel).await;
+            });
+            let mut stalled = stalled.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                loop {
+                    if stalled.wait_for(|s| !*s).await.is_err() {
+                        return;
+                    }
+                    match from_shovel.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if to_remote.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, stall)
 }

@@ -54,6 +54,7 @@ impl TestServer {
 /// A CONNECT with keep alive 30 s and no will.
 pub fn connect_packet(version: ProtocolVersion, client_id: &str, clean: bool) -> Connect {
     Connect {
+        bridge: false,
         version,
         clean_start: clean,
         keep_alive: 30,
@@ -424,6 +425,29 @@ macro_rules! rumqttc_client {
                 .await;
                 if let Ok(p) = quiet {
                     panic!("expected no PUBLISH, got {p:?}");
+                }
+            }
+
+            /// Asserts no incoming packet `pick` accepts arrives within [`QUIET`] (others are
+            /// kept): a bounded check that something withheld stays withheld.
+            pub async fn none_of(&mut self, what: &str, pick: impl Fn(&Incoming) -> bool) {
+                if let Some(p) = self.stash.iter().find(|p| pick(p)) {
+                    panic!("expected no {what}, got {p:?}");
+                }
+                let quiet = tokio::time::timeout(QUIET, async {
+                    loop {
+                        match self.events.recv().await {
+                            Some(Ok($m::Event::Incoming(p))) if pick(&p) => return p,
+                            Some(Ok($m::Event::Incoming(p))) => self.stash.push_back(p),
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => panic!("connection error: {e:?}"),
+                            None => panic!("event loop ended"),
+                        }
+                    }
+                })
+                .await;
+                if let Ok(p) = quiet {
+                    panic!("expected no {what}, got {p:?}");
                 }
             }
 

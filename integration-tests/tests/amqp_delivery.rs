@@ -373,6 +373,40 @@ async fn publisher_confirms_ack_routed_messages_and_nack_reject_publish_overflow
 }
 
 #[tokio::test]
+async fn x_overflow_block_withholds_confirms_until_there_is_room_and_refuses_unconfirmed_publishes() {
+    let server = TestServer::amqp().await;
+    let (conn, ch) = lapin_channel(&server).await;
+    queue_with(&ch, "held", args(&[("x-max-length", AMQPValue::LongInt(1)), ("x-overflow", s("block"))])).await;
+    within("confirm", ch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    assert!(publish(&ch, "held", b"1").await.is_ack());
+    // Past the limit: taken, its confirm withheld.
+    let mut confirm = within(
+        "basic.publish",
+        ch.basic_publish("".into(), "held".into(), BasicPublishOptions::default(), b"2", BasicProperties::default()),
+    )
+    .await
+    .unwrap();
+    assert!(tokio::time::timeout(QUIET, &mut confirm).await.is_err(), "the confirm is withheld");
+    // A channel without confirms waits for nothing: refused.
+    let other = within("channel", conn.create_channel()).await.unwrap();
+    within(
+        "basic.publish",
+        other.basic_publish("".into(), "held".into(), BasicPublishOptions::default(), b"3", BasicProperties::default()),
+    )
+    .await
+    .unwrap();
+    // Taking one makes room (handled after the publish: same channel, in order).
+    let get = |ch: Channel| async move {
+        let m = within("get", ch.basic_get("held".into(), BasicGetOptions { no_ack: true })).await.unwrap();
+        m.map(|m| m.delivery.data.clone())
+    };
+    assert_eq!(get(other.clone()).await.as_deref(), Some(&b"1"[..]));
+    assert!(within("the confirm", confirm).await.unwrap().is_ack(), "acked once there is room");
+    assert_eq!(get(other.clone()).await.as_deref(), Some(&b"2"[..]));
+    assert_eq!(get(other).await, None, "the unconfirmed publish past the limit was refused");
+}
+
+#[tokio::test]
 async fn tx_commit_publishes_and_rollback_discards() {
     let server = TestServer::amqp().await;
     let (_conn, ch) = lapin_channel(&server).await;

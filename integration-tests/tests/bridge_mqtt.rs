@@ -5,13 +5,12 @@
 //! ways without a loop.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use ferry_bridge::{BridgeStatus, LinkState};
+use ferry_integration_tests::mosquitto::Mosquitto;
 use ferry_integration_tests::mqtt::{text, v311, v5, MQTT_LISTENER};
 use ferry_integration_tests::{within, TestServer};
-use std::io::BufRead;
 
 const Q1: rumqttc::QoS = rumqttc::QoS::AtLeastOnce;
 const Q2: rumqttc::QoS = rumqttc::QoS::ExactlyOnce;
@@ -278,17 +277,182 @@ async fn drop_oldest_keeps_the_newest_max_queued_messages_and_counts_the_rest() 
 }
 
 #[tokio::test]
-async fn block_refuses_publishes_past_max_queued_messages_and_counts_them() {
+async fn block_refuses_qos0_publishes_past_max_queued_messages_and_counts_them() {
     let (_silent, remote_addr) = silent_remote();
-    let rule = r##"{ pattern = "#", direction = "out", qos = 1 }"##;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
     let extra = "max_queued_messages = 3\nmax_inflight = 1\noverflow = \"block\"\n";
     let local = TestServer::start(&bridged_toml(0, remote_addr, "5.0", rule, extra), &[mqtt_frontend()]).await;
-    let mut publisher = v5::connect(&local, "pub").await;
+    // QoS 0: nobody waits for an acknowledgement, so there is nothing to hold; refused.
+    let mut publisher = v311::connect(&local, "pub").await;
     for i in 0..6 {
-        publisher.publish("a", V5Q1, false, format!("m{i}").as_bytes()).await;
+        publisher.publish("s/1", rumqttc::QoS::AtMostOnce, false, format!("m{i}").as_bytes()).await;
     }
+    // Handled in order: once this one (not bridged) is acknowledged, the six were handled.
+    publisher.publish("elsewhere", Q1, false, b"sync").await;
     let st = local.server.bridges().status().remove(0);
     assert_eq!((st.in_flight, st.queued, st.rejected_overflow, st.dropped_overflow), (1, 3, 2, 0), "{st:?}");
+    assert_eq!(st.held_overflow, 0, "{st:?}");
+}
+
+/// Reads `n` PUBACKs (3.1.1 client).
+async fn pubacks_311(c: &mut v311::Client, n: usize) {
+    for _ in 0..n {
+        c.expect("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_)).then_some(())).await;
+    }
+}
+
+#[tokio::test]
+async fn block_withholds_the_pubacks_of_a_3_1_1_publisher_until_the_remote_drains_the_queue() {
+    let port = free_port();
+    let remote_dir = remote_down_with_a_subscriber(port).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let extra = "max_queued_messages = 5\nmax_inflight = 1\noverflow = \"block\"\n";
+    let local =
+        TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "3.1.1", rule, extra), &[mqtt_frontend()])
+            .await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    for i in 0..8 {
+        publisher.client.publish("s/1", Q1, false, format!("m{i}").into_bytes()).await.expect("publish request");
+    }
+    // m0 sits with the link (its window of 1), m1..m5 fill the queue: six PUBACKs. m6 and m7
+    // are taken past the limit, their PUBACKs withheld.
+    pubacks_311(&mut publisher, 6).await;
+    let st = status_when(&local, "all eight taken", |s| s.queued + s.in_flight == 8).await;
+    assert_eq!((st.in_flight, st.queued, st.held_overflow), (1, 7, 2), "{st:?}");
+    assert_eq!((st.rejected_overflow, st.dropped_overflow), (0, 0), "{st:?}");
+    publisher.none_of("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_))).await;
+
+    // The remote comes back, the queue drains: the withheld PUBACKs come, nothing was lost.
+    let remote = TestServer::resume(remote_dir).await;
+    pubacks_311(&mut publisher, 2).await;
+    let st = status_when(&local, "all forwarded", |s| s.forwarded_out == 8).await;
+    assert_eq!((st.queued, st.in_flight, st.rejected_overflow, st.dropped_overflow), (0, 0, 0, 0), "{st:?}");
+    let expected: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 8).await, expected);
+}
+
+/// A remote Ferry on `port` with a persistent subscriber to `s/#` ("remote-sub"), stopped: the
+/// bridge backs off until it is resumed, and the subscriber then gets what was forwarded.
+async fn remote_down_with_a_subscriber(port: u16) -> tempfile::TempDir {
+    let remote = ferry_on(port).await;
+    persistent_subscriber(&remote, "remote-sub", "s/#").await;
+    remote.stop().await
+}
+
+/// Ten bytes each, so that a bytes limit counts messages exactly.
+fn ten_bytes(i: usize) -> String {
+    format!("m{i:02}-------")
+}
+
+#[tokio::test]
+async fn drop_oldest_by_max_queued_bytes_keeps_the_newest_and_the_remote_gets_them_in_order() {
+    let port = free_port();
+    let remote_dir = remote_down_with_a_subscriber(port).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    // Bytes only: 50 bytes hold five messages of ten.
+    let extra = "max_queued_messages = 0\nmax_queued_bytes = 50\nmax_inflight = 1\n";
+    let local =
+        TestServer::start(&bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra), &[mqtt_frontend()])
+            .await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..12 {
+        publisher.publish("s/1", V5Q1, false, ten_bytes(i).as_bytes()).await;
+    }
+    let st = local.server.bridges().status().remove(0);
+    // m00 sits with the link (its window of 1); m07..m11 are the newest 50 bytes.
+    assert_eq!((st.in_flight, st.queued, st.queued_bytes, st.dropped_overflow), (1, 5, 50, 6), "{st:?}");
+    assert_eq!(st.rejected_overflow, 0, "{st:?}");
+
+    let remote = TestServer::resume(remote_dir).await;
+    let st = status_when(&local, "the window forwarded", |s| s.forwarded_out == 6).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+    let expected: Vec<String> = [0, 7, 8, 9, 10, 11].into_iter().map(ten_bytes).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 6).await, expected);
+}
+
+#[tokio::test]
+async fn block_by_max_queued_bytes_holds_local_publishers_and_the_remote_gets_everything_taken() {
+    use ferry_integration_tests::amqp::{lapin_uri, AMQP_LISTENER, QUIET};
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::BasicProperties;
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    use rumqttc::v5::Incoming;
+    let port = free_port();
+    let remote_dir = remote_down_with_a_subscriber(port).await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let extra = "max_queued_messages = 0\nmax_queued_bytes = 50\nmax_inflight = 1\noverflow = \"block\"\n";
+    let toml = format!("{AMQP_LISTENER}{}", bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, extra));
+    let local = TestServer::start(&toml, &ferry_server::frontends::builtin(&Default::default())).await;
+    let puback = |p: &Incoming| if let Incoming::PubAck(a) = p { Some(a.reason) } else { None };
+    // A 5.0 publisher: m00 goes to the link (its window of 1), m01..m05 fill the 50 bytes and
+    // are acknowledged; m06 and m07 are taken past the limit, their PUBACKs withheld.
+    let mut publisher = v5::connect(&local, "pub5").await;
+    for i in 0..8 {
+        publisher.client.publish("s/1", V5Q1, false, ten_bytes(i).into_bytes()).await.expect("publish request");
+    }
+    for _ in 0..6 {
+        assert_eq!(publisher.expect("PUBACK", puback).await, PubAckReason::Success);
+    }
+    status_when(&local, "all eight taken", |s| s.queued + s.in_flight == 8).await;
+    // A 3.1.1 publisher is held the same way (it has no negative PUBACK to be told with).
+    let mut old = v311::connect(&local, "pub311").await;
+    old.client.publish("s/1", Q1, false, b"x-3.1.1---".to_vec()).await.expect("publish request");
+    status_when(&local, "the 3.1.1 publish taken", |s| s.queued + s.in_flight == 9).await;
+    // An AMQP publisher with confirms: its confirm is withheld.
+    let conn = lapin_uri(&format!("amqp://guest:guest@{}/%2f", local.amqp_addr())).await;
+    let ch = conn.create_channel().await.unwrap();
+    within("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut confirm = within(
+        "basic.publish",
+        ch.basic_publish("amq.topic".into(), "s.1".into(), BasicPublishOptions::default(), b"amqp------", props),
+    )
+    .await
+    .unwrap();
+    status_when(&local, "the AMQP publish taken", |s| s.queued + s.in_flight == 10).await;
+    assert!(tokio::time::timeout(QUIET, &mut confirm).await.is_err(), "the confirm is withheld");
+    publisher.none_of("PUBACK", |p| matches!(p, Incoming::PubAck(_))).await;
+    old.none_of("PUBACK", |p| matches!(p, v311::Incoming::PubAck(_))).await;
+    // QoS 0 waits for nothing: refused, counted.
+    old.publish("s/1", rumqttc::QoS::AtMostOnce, false, b"x-qos0-no-").await;
+    let st = status_when(&local, "the QoS 0 publish refused", |s| s.rejected_overflow == 1).await;
+    assert_eq!((st.in_flight, st.queued, st.queued_bytes, st.dropped_overflow), (1, 9, 90, 0), "{st:?}");
+    assert_eq!(st.held_overflow, 4, "m06, m07, the 3.1.1 and the AMQP publish: {st:?}");
+
+    // The remote comes back and the queue drains: every withheld acknowledgement comes.
+    let remote = TestServer::resume(remote_dir).await;
+    for _ in 0..2 {
+        assert_eq!(publisher.expect("PUBACK", puback).await, PubAckReason::Success);
+    }
+    old.published(Q1).await;
+    assert!(within("the confirm", confirm).await.unwrap().is_ack());
+    let st = status_when(&local, "all ten forwarded", |s| s.forwarded_out == 10).await;
+    assert_eq!((st.queued, st.in_flight, st.rejected_overflow), (0, 0, 1), "{st:?}");
+    let mut expected: Vec<String> = (0..8).map(ten_bytes).collect();
+    expected.extend(["x-3.1.1---".to_string(), "amqp------".to_string()]);
+    assert_eq!(read_persistent(&remote, "remote-sub", 10).await, expected, "everything taken, in order");
+}
+
+#[tokio::test]
+async fn a_v5_link_announces_a_receive_maximum_bounding_what_a_remote_can_have_held() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let rule = r##"{ pattern = "#", direction = "in", qos = 1 }"##;
+    let _local = bridged(listener.local_addr().expect("addr"), "5.0", rule).await;
+    let (mut stream, _) = within("the link connects", listener.accept()).await.expect("accept");
+    let mut decoder = ferry_mqtt::codec::Decoder::new(u32::MAX);
+    let mut buf = bytes::BytesMut::new();
+    let first = within("CONNECT", async {
+        loop {
+            if let Some(p) = decoder.decode(&mut buf).expect("a decodable packet") {
+                return p;
+            }
+            assert!(stream.read_buf(&mut buf).await.expect("read") > 0, "closed before CONNECT");
+        }
+    })
+    .await;
+    let ferry_mqtt::codec::Packet::Connect(c) = first else { panic!("expected CONNECT, got {first:?}") };
+    assert_eq!(c.properties.receive_maximum, Some(ferry_core::flow::MAX_PENDING_ACKS as u16));
 }
 
 #[tokio::test]
@@ -314,6 +478,49 @@ async fn a_refused_login_is_reported_and_retried() {
     // The password is read at each attempt: the right one gets the link up.
     std::fs::write(dir.path().join("pw"), "right\n").expect("write password");
     up(&local).await;
+}
+
+/// Bindings on the bridge's queue, as routing keys, sorted.
+fn queue_bindings(server: &TestServer) -> Vec<String> {
+    let vhost = server.server.broker().vhost("/").expect("vhost");
+    let x = vhost.exchange("amq.topic").expect("amq.topic");
+    let mut keys: Vec<String> = x
+        .bindings()
+        .into_iter()
+        .filter(|b| b.destination.describe() == "queue 'ferry-bridge.b'")
+        .map(|b| b.key.routing_key.to_string_lossy())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn a_rule_removed_from_the_config_takes_its_binding_with_it_at_the_next_start() {
+    let (_silent, remote_addr) = silent_remote();
+    let a = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let b = r##"{ pattern = "r/#", direction = "out", qos = 1 }"##;
+    let toml = |rules: &str| bridged_toml(0, remote_addr, "5.0", rules, "max_inflight = 1\n");
+    let local = TestServer::start(&toml(&format!("{a}, {b}")), &[mqtt_frontend()]).await;
+    assert_eq!(queue_bindings(&local), ["r.#", "s.#"]);
+    let local = TestServer::start_in(local.stop().await, &toml(a), &[mqtt_frontend()]).await.expect("restart");
+    assert_eq!(queue_bindings(&local), ["s.#"], "B's binding is gone");
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("r/1", V5Q1, false, b"B: not for the bridge any more").await;
+    publisher.publish("s/1", V5Q1, false, b"A").await;
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.queued + st.in_flight, st.dropped_no_rule), (1, 0), "only A's message is queued: {st:?}");
+    drop(publisher);
+    // With B back, its binding is made again; a config without any out rule unbinds the queue
+    // and keeps what it holds.
+    let local = TestServer::start_in(local.stop().await, &toml(&format!("{a}, {b}")), &[mqtt_frontend()])
+        .await
+        .expect("restart");
+    assert_eq!(queue_bindings(&local), ["r.#", "s.#"]);
+    let in_only = r##"{ pattern = "c/#", direction = "in", qos = 1 }"##;
+    let local = TestServer::start_in(local.stop().await, &toml(in_only), &[mqtt_frontend()]).await.expect("restart");
+    assert_eq!(queue_bindings(&local), Vec::<String>::new());
+    let q = local.server.broker().vhost("/").unwrap().queue("ferry-bridge.b").expect("the queue is kept");
+    assert_eq!(q.stats().ready, 1, "with its message");
 }
 
 // ----- loops ------------------------------------------------------------------------------------
@@ -411,71 +618,6 @@ async fn one_bridge_both_ways_on_everything_does_not_echo() {
 }
 
 // ----- a real Mosquitto -------------------------------------------------------------------------
-
-/// A Mosquitto broker on a free loopback port, killed on drop.
-struct Mosquitto {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Mosquitto {
-    /// `None` (with the reason printed) when `mosquitto` is not installed. `extra` is appended
-    /// to its configuration.
-    async fn start(extra: &str) -> Option<Mosquitto> {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type all\n{extra}"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let spawned = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("SKIPPED: mosquitto is not on PATH ({e}); `apt-get install -y mosquitto` runs this test");
-                return None;
-            }
-        };
-        // Its log, read on a thread of its own (to the end, so that it never blocks on a full
-        // pipe); the line saying it listens is the event waited for.
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("Opening ipv4 listen socket") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        let mosquitto = Mosquitto { child, port, _dir: dir };
-        within("mosquitto listening", rx).await.expect("mosquitto exited before listening");
-        Some(mosquitto)
-    }
-
-    fn addr(&self) -> SocketAddr {
-        ([127, 0, 0, 1], self.port).into()
-    }
-}
 
 async fn mosquitto_round_trip(version: &str) {
     let Some(mosquitto) = Mosquitto::start("").await else { return };
@@ -631,6 +773,177 @@ async fn a_v5_remote_that_caps_qos_and_refuses_retain_gets_what_it_allows() {
     assert_eq!(st.connects, 1, "the remote never had to close the link: {st:?}");
 }
 
+// ----- messages larger than the remote accepts ----------------------------------------------------
+
+/// Mosquitto with `max_packet_size 200`: a 5.0 link learns it from the CONNACK and never sends
+/// a larger PUBLISH; a 3.1.1 link cannot know, Mosquitto closes the connection on it, and the
+/// bridge finds the culprit by probing it alone. Either way the message is dropped (counted,
+/// acked locally) and what follows it still goes, in order: the link is not wedged.
+async fn mosquitto_too_large(version: &str) -> Option<BridgeStatus> {
+    let mosquitto = Mosquitto::start("max_packet_size 200\n").await?;
+    let local = bridged(mosquitto.addr(), version, r##"{ pattern = "t/#", direction = "out", qos = 1 }"##).await;
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("t/#", V5Q1).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t/1", V5Q1, false, b"first").await;
+    status_when(&local, "the first acknowledged", |s| s.forwarded_out == 1).await;
+    publisher.publish("t/1", V5Q1, false, &[b'x'; 500]).await;
+    publisher.publish("t/1", V5Q1, false, b"second").await;
+    assert_eq!(text(&remote_client.publish_received().await.payload), "first");
+    assert_eq!(text(&remote_client.publish_received().await.payload), "second");
+    let st = status_when(&local, "the second acknowledged", |s| s.forwarded_out == 2).await;
+    assert_eq!((st.dropped_too_large, st.queued, st.in_flight), (1, 0, 0), "{st:?}");
+    remote_client.no_publish().await;
+    Some(st)
+}
+
+#[tokio::test]
+async fn a_message_over_a_v5_remotes_maximum_packet_size_is_dropped_and_the_link_goes_on() {
+    let Some(st) = mosquitto_too_large("5.0").await else { return };
+    assert_eq!(st.connects, 1, "never sent, so the remote never had to close: {st:?}");
+}
+
+#[tokio::test]
+async fn a_message_a_v311_remote_closes_the_link_on_is_dropped_after_probing_and_the_link_goes_on() {
+    let Some(st) = mosquitto_too_large("3.1.1").await else { return };
+    // Closed on it with the window, then twice when it was probed alone.
+    assert_eq!(st.connects, 4, "{st:?}");
+}
+
+// ----- QoS 2 packet ids across a restart of Ferry ---------------------------------------------------
+
+/// A TCP proxy between the bridge and its remote that, while `hold_pubrel` is set, swallows
+/// the bridge's PUBRELs (reporting each): the remote is left holding the packet id of a QoS 2
+/// message it has PUBREC'd, as when Ferry stops between PUBREC and PUBCOMP.
+async fn pubrel_swallowing_proxy(
+    remote: SocketAddr,
+    hold_pubrel: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (swallowed_tx, swallowed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(remote).await else { return };
+            let (mut from_remote, mut to_remote) = server.into_split();
+            let (mut from_bridge, mut to_bridge) = client.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_remote, &mut to_bridge).await;
+            });
+            let (hold, swallowed_tx) = (hold_pubrel.clone(), swallowed_tx.clone());
+            tokio::spawn(async move {
+                // Whole packets: fixed header byte, remaining length (varint), body.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match from_bridge.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        let (mut len, mut shift, mut i) = (0usize, 0, 1);
+                        let complete = loop {
+                            let Some(&b) = buf.get(i) else { break false };
+                            len |= usize::from(b & 0x7f) << shift;
+                            shift += 7;
+                            i += 1;
+                            if b & 0x80 == 0 {
+                                break buf.len() >= i + len;
+                            }
+                        };
+                        if !complete {
+                            break;
+                        }
+                        let packet: Vec<u8> = buf.drain(..i + len).collect();
+                        if packet[0] >> 4 == 6 && hold.load(std::sync::atomic::Ordering::SeqCst) {
+                            let _ = swallowed_tx.send(());
+                            continue;
+                        }
+                        if to_remote.write_all(&packet).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, swallowed)
+}
+
+/// Ferry stops after the remote PUBREC'd QoS 2 message m1 and before it got the PUBREL; m1 is
+/// still in the bridge's queue and the remote (a persistent session) still holds m1's packet
+/// id. After the restart m1 must go with that id (so that the remote completes it, once), and
+/// no new message may get it (the remote would take it for m1's resend). What `remote_client`
+/// (subscribed to `t/#` at QoS 2 on the remote) received, in order.
+async fn qos2_across_a_restart(remote: SocketAddr, remote_client: &mut v5::Client) -> Vec<String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hold = Arc::new(AtomicBool::new(false));
+    let (proxy, mut swallowed) = pubrel_swallowing_proxy(remote, hold.clone()).await;
+    let rule = r##"{ pattern = "t/#", direction = "out", qos = 2 }"##;
+    let toml = bridged_toml(0, proxy, "5.0", rule, "clean_session = false\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for m in ["m0", "m0b"] {
+        publisher.publish("t/1", V5Q2, false, m.as_bytes()).await;
+    }
+    status_when(&local, "two completed", |s| s.forwarded_out == 2).await;
+    hold.store(true, Ordering::SeqCst);
+    publisher.publish("t/1", V5Q2, false, b"m1").await;
+    within("m1's PUBREL swallowed", swallowed.recv()).await.expect("proxy running");
+    drop(publisher);
+
+    let dir = local.stop().await;
+    hold.store(false, Ordering::SeqCst);
+    let local = TestServer::start_in(dir, &toml, &[mqtt_frontend()]).await.expect("restart");
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!(st.queued + st.in_flight, 1, "m1 waits in the queue: {st:?}");
+    let mut publisher = v5::connect(&local, "pub").await;
+    for m in ["m2", "m3", "m4"] {
+        publisher.publish("t/1", V5Q2, false, m.as_bytes()).await;
+    }
+    status_when(&local, "all completed", |s| s.forwarded_out == 4).await;
+    let mut got = Vec::new();
+    // Six if all is well; a seventh would be a duplicate.
+    for _ in 0..6 {
+        got.push(text(&remote_client.publish_received().await.payload).to_string());
+    }
+    remote_client.no_publish().await;
+    got
+}
+
+/// Another Ferry as the remote: its session keeps the ids of the QoS 2 messages it PUBREC'd
+/// (and published), and a PUBLISH with one of them is answered as a resend.
+#[tokio::test]
+async fn qos2_packet_ids_survive_a_restart_of_ferry_with_a_persistent_remote_session() {
+    let remote = TestServer::mqtt().await;
+    let mut remote_client = v5::connect(&remote, "remote-sub").await;
+    remote_client.subscribe("t/#", V5Q2).await;
+    let got = qos2_across_a_restart(remote.mqtt_addr(), &mut remote_client).await;
+    assert_eq!(got, ["m0", "m0b", "m1", "m2", "m3", "m4"], "each once, in order");
+}
+
+/// Mosquitto as the remote. It also compares contents: a held id reused for another message
+/// is "Reused message ID … detected. Clearing from storage." (the held message then dropped),
+/// so the ids must match for m1 to be completed as the resend it is.
+#[tokio::test]
+async fn qos2_packet_ids_survive_a_restart_of_ferry_with_a_persistent_mosquitto_session() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut remote_client, _) = v5::Client::connect(o).await;
+    remote_client.subscribe("t/#", V5Q2).await;
+    let got = qos2_across_a_restart(mosquitto.addr(), &mut remote_client).await;
+    assert_eq!(got, ["m0", "m0b", "m1", "m2", "m3", "m4"], "each once, in order");
+    let reused: Vec<String> = mosquitto.log().into_iter().filter(|l| l.contains("Reused message ID")).collect();
+    assert!(reused.is_empty(), "no held id was given to another message: {reused:?}");
+}
+
 // ----- the connection registry ------------------------------------------------------------------
 
 #[tokio::test]
@@ -764,4 +1077,130 @@ async fn new_queue_limits_apply_to_an_empty_backlog_and_never_cost_a_queued_mess
     let local = TestServer::start_in(dir, &limits(10), &[mqtt_frontend()]).await.expect("restart");
     let st = local.server.bridges().status().remove(0);
     assert_eq!(st.queued + st.in_flight, 4, "{st:?}");
+}
+
+// ----- the bridge mark on 3.1.1 (try_private) -----------------------------------------------------
+
+/// A 3.1.1 bridge marks its CONNECT (level 0x84): a Mosquitto remote then gives its
+/// subscription *no local*, so a `both` rule on `#` does not bring the bridge's own messages
+/// back (3.1.1 carries no hop count to catch them by).
+async fn v311_both_ways_without_echo(remote: std::net::SocketAddr, remote_port: u16) {
+    let local = bridged(remote, "3.1.1", r##"{ pattern = "#", direction = "both", qos = 1 }"##).await;
+    up(&local).await;
+    let mut sub_l = v5::connect(&local, "sub-l").await;
+    sub_l.subscribe("t/#", V5Q1).await;
+    let (mut sub_r, _) = v311::Client::connect(rumqttc::MqttOptions::new("sub-r", "127.0.0.1", remote_port)).await;
+    sub_r.subscribe("t/#", Q1).await;
+    let mut pub_l = v5::connect(&local, "pub-l").await;
+    pub_l.publish("t/1", V5Q1, false, b"local").await;
+    assert_eq!(text(&sub_r.publish_received().await.payload), "local");
+    // Published on the remote after it had the local message: an echo of that message would
+    // come back over the link before this one.
+    let (mut pub_r, _) = v311::Client::connect(rumqttc::MqttOptions::new("pub-r", "127.0.0.1", remote_port)).await;
+    pub_r.publish("t/2", Q1, false, b"remote").await;
+    assert_eq!(text(&sub_l.publish_received().await.payload), "local");
+    assert_eq!(text(&sub_l.publish_received().await.payload), "remote", "the local message came back");
+    let st = status_when(&local, "in and out", |s| s.forwarded_out == 1 && s.forwarded_in == 1).await;
+    assert_eq!(st.dropped_loop, 1, "the remote's message is not sent back to it: {st:?}");
+}
+
+#[tokio::test]
+async fn a_v311_bridge_marks_its_connect_so_a_mosquitto_remote_does_not_echo() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    v311_both_ways_without_echo(mosquitto.addr(), mosquitto.port).await;
+    assert!(mosquitto.log().iter().any(|l| l.contains("New bridge connected")), "{:?}", mosquitto.log());
+}
+
+#[tokio::test]
+async fn a_v311_bridge_marks_its_connect_so_a_ferry_remote_does_not_echo() {
+    let remote = TestServer::mqtt().await;
+    v311_both_ways_without_echo(remote.mqtt_addr(), remote.mqtt_addr().port()).await;
+}
+
+#[tokio::test]
+async fn a_remote_that_refuses_the_bridge_mark_is_connected_to_without_it() {
+    use ferry_mqtt::codec::{Decoder, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A 3.1.1 broker that does not know the mark: CONNACK 1 (unacceptable protocol version) to
+    // a CONNECT at level 0x84, and a session to one at level 4.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (marks_tx, mut marks) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut decoder = Decoder::new(1 << 20);
+            let mut buf = bytes::BytesMut::new();
+            let connect = loop {
+                if let Ok(Some(Packet::Connect(c))) = decoder.decode(&mut buf) {
+                    break c;
+                }
+                if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            };
+            let _ = marks_tx.send(connect.bridge);
+            let code = if connect.bridge { 1 } else { 0 };
+            let _ = s.write_all(&[0x20, 2, 0, code]).await;
+            if code == 0 {
+                held.push(s); // up: the link stays connected
+            }
+        }
+    });
+    let local = bridged(addr, "3.1.1", r##"{ pattern = "a/#", direction = "out", qos = 1 }"##).await;
+    assert_eq!(within("first CONNECT", marks.recv()).await, Some(true));
+    assert_eq!(within("second CONNECT", marks.recv()).await, Some(false));
+    let st = status_when(&local, "up without the mark", |s| s.state == LinkState::Up).await;
+    assert_eq!((st.attempts, st.connects), (2, 1), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_remote_name_that_does_not_resolve_is_reported_and_retried_while_clients_are_served() {
+    let rule = r##"{ pattern = "a/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, "127.0.0.1:1".parse().unwrap(), "5.0", rule, "")
+        .replace("address = \"127.0.0.1:1\"", "address = \"no-such-host.invalid:1883\"");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let st = status_when(&local, "two failed attempts", |s| s.attempts >= 2 && s.state == LinkState::BackingOff).await;
+    let error = st.last_error.expect("an error");
+    assert!(error.starts_with("cannot connect"), "{error}");
+    assert_eq!((st.connects, st.remote.as_str()), (0, "no-such-host.invalid:1883"));
+    // The rest of the broker does not notice; what the rule takes waits in the backlog.
+    let mut sub = v5::connect(&local, "sub").await;
+    sub.subscribe("a/#", V5Q1).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("a/1", V5Q1, false, b"kept").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "kept");
+    // Routed to the subscriber and into the backlog in one step (taken into the link's window
+    // while it is down, so counted in flight).
+    let st = local.server.bridges().status().remove(0);
+    assert_eq!((st.queued + st.in_flight, st.forwarded_out, st.state), (1, 0, LinkState::BackingOff), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_stalled_remote_leaves_qos0_messages_in_the_bounded_queue_not_in_memory() {
+    let remote = TestServer::mqtt().await;
+    let (port, stall) = ferry_integration_tests::stalling_proxy(remote.mqtt_addr()).await;
+    let rule = r##"{ pattern = "t/#", direction = "out", qos = 0 }"##;
+    let local = TestServer::start(
+        &bridged_toml(0, ([127, 0, 0, 1], port).into(), "5.0", rule, "keep_alive = 0\nmax_queued_messages = 100\n"),
+        &[mqtt_frontend()],
+    )
+    .await;
+    up(&local).await;
+    stall.send_replace(true);
+    let n = 2_000;
+    let body = vec![b'x'; 8 * 1024];
+    let mut p = v5::connect(&local, "pub").await;
+    for _ in 0..n {
+        p.publish("t/1", v5::QoSOf::AtMostOnce, false, &body).await;
+    }
+    // Known to have reached the queue: a QoS 1 message behind them, acknowledged after routing.
+    p.publish("x/1", V5Q1, false, b"marker").await;
+    // The remote stays stalled for a while: the scenario itself.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Settled (handed to the writer) at most what the socket buffers and the 1 MiB writer
+    // backlog hold: the rest stayed in the queue, bounded by max_queued_messages (drop-oldest).
+    let st = local.server.bridges().status().remove(0);
+    assert!(st.forwarded_out < 1_500 && st.dropped_overflow > 0, "{st:?}");
+    assert!(st.queued <= 100, "{st:?}");
 }

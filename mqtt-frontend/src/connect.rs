@@ -108,6 +108,7 @@ mod tests {
 
     fn connect(version: ProtocolVersion, client_id: &str, clean: bool) -> Connect {
         Connect {
+            bridge: false,
             version,
             clean_start: clean,
             keep_alive: 60,

@@ -389,7 +389,7 @@ async fn establish(
     info!(
         conn = %ctx.id, %peer, protocol = "MQTT", version = version.name(), client_id, user = %identity.user,
         keep_alive = keep_alive_requested, persistent = session.is_persistent(), took_over = claim.took_over,
-        "MQTT client connected"
+        bridge = session.is_bridge(), "MQTT client connected"
     );
     shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
     shared.ensure_sys(&vhost);

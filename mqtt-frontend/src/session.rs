@@ -237,6 +237,9 @@ pub struct Session {
     client_alias_max: u16,
     client_max_packet: u32,
     problem_info: bool,
+    /// A 3.1 / 3.1.1 bridge (`Connect::bridge`): its subscriptions get *no local* and *retain
+    /// as published*.
+    bridge: bool,
     /// Original packet ids of queue deliveries unacked at the last disconnect.
     sink_outbox: Arc<Outbox<SinkDelivery>>,
     /// Deliveries from queues (the session's own, shared subscriptions'); made with the first
@@ -445,6 +448,7 @@ impl Session {
         };
         let mut s = Session {
             version: connect.version,
+            bridge: connect.bridge && connect.version != ProtocolVersion::V5,
             client_id: client_id.clone(),
             connection,
             owner,
@@ -898,7 +902,10 @@ impl Session {
         } else {
             None
         };
-        match self.vhost.publish(&exchange, message, now) {
+        // A QoS 1/2 publisher waits for its PUBACK / PUBREC: a `block` queue at its limits holds
+        // that instead of refusing the message.
+        let waits = p.qos != QoS::AtMostOnce;
+        match self.vhost.publish_waiting(&exchange, message, now, waits) {
             Ok(o) => {
                 // Our own outbox is drained by this very task; waiting on it would deadlock.
                 let own = &self.sink_outbox;
@@ -1103,6 +1110,14 @@ impl Session {
             // 5.0 §3.8.3.1: No Local on a shared subscription is a protocol error.
             return Err(MqttError::ProtocolError.close("No Local on a shared subscription"));
         }
+        // A 3.1.1 bridge (Mosquitto's `try_private`): what it publishes does not come back to
+        // it, and retained messages keep their RETAIN flag, as Mosquitto serves bridges. Not on
+        // a shared subscription: skipping its own messages there would take them from the group.
+        let options = if self.bridge && filter.share_group.is_none() {
+            SubOptions { no_local: true, retain_as_published: true, ..options }
+        } else {
+            options
+        };
         let limit = self.settings.max_subscriptions_per_client as usize;
         if limit > 0 {
             let (count, existing) = self.subs.as_ref().map_or((0, false), |s| (s.len(), s.get(&filter.text).is_some()));
@@ -1539,6 +1554,11 @@ impl Session {
     }
 
     /// Whether this session keeps state after the connection (for logs).
+    /// A 3.1 / 3.1.1 client that marked itself a bridge (`Connect::bridge`).
+    pub fn is_bridge(&self) -> bool {
+        self.bridge
+    }
+
     pub fn is_persistent(&self) -> bool {
         self.persistent
     }
@@ -1609,6 +1629,7 @@ mod tests {
             properties.session_expiry_interval = Some(expiry);
         }
         let connect = Connect {
+            bridge: false,
             version,
             clean_start: expiry == 0,
             keep_alive: 0,
@@ -1631,6 +1652,7 @@ mod tests {
         let will_properties =
             Properties { will_delay_interval: (will_delay > 0).then_some(will_delay), ..Default::default() };
         let connect = Connect {
+            bridge: false,
             version: V5,
             clean_start: true,
             keep_alive: 0,
@@ -1683,6 +1705,7 @@ mod tests {
 
         // Resumed by a connection asking for 5 s: the stored 60 s no longer applies.
         let connect = Connect {
+            bridge: false,
             version: V5,
             clean_start: false,
             keep_alive: 0,
@@ -2049,6 +2072,7 @@ mod tests {
         let vhost = vhost();
         let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
         let connect = Connect {
+            bridge: false,
             version: V5,
             clean_start: true,
             keep_alive: 0,
@@ -2122,6 +2146,7 @@ mod tests {
         let vhost = vhost();
         let properties = Properties { maximum_packet_size: Some(2), ..Default::default() };
         let connect = Connect {
+            bridge: false,
             version: V5,
             clean_start: true,
             keep_alive: 0,
@@ -2143,6 +2168,7 @@ mod tests {
     fn mqtt31_connack_has_no_session_present_flag() {
         let vhost = vhost();
         let connect = |clean| Connect {
+            bridge: false,
             version: ProtocolVersion::V31,
             clean_start: clean,
             keep_alive: 0,

@@ -69,6 +69,7 @@ pub fn encode_session(st: &StoredSession) -> Bytes {
         None => out.put_u8(0),
         Some(w) => {
             let connect = Connect {
+                bridge: false,
                 version: ProtocolVersion::V5,
                 clean_start: false,
                 keep_alive: 0,

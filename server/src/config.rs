@@ -90,6 +90,8 @@ pub struct Config {
     /// The `[[listeners]]` tables with `protocol = "http"`: Prometheus `/metrics` and the
     /// management API (docs/management.md), in file order.
     pub http: Vec<HttpListenerConfig>,
+    /// The `[[shovels]]` tables: AMQP shovels to or from other brokers (docs/bridges.md).
+    pub shovels: Vec<ferry_bridge::ShovelConfig>,
 }
 
 impl Config {
@@ -472,6 +474,7 @@ impl Config {
             bridges: Vec::new(),
             // RabbitMQ's management listener: on by default, on loopback.
             http: vec![HttpListenerConfig::new(2, SocketAddr::from((localhost, DEFAULT_HTTP_PORT)))],
+            shovels: Vec::new(),
         }
     }
 
@@ -533,6 +536,46 @@ struct RawConfig {
     topic_permissions: Vec<RawTopicPermissions>,
     #[serde(default)]
     bridges: Vec<RawBridge>,
+    #[serde(default)]
+    shovels: Vec<RawShovel>,
+}
+
+/// A bridge's or shovel's `overflow` value.
+fn overflow(value: &str) -> Option<ferry_bridge::Overflow> {
+    match value {
+        "drop-oldest" => Some(ferry_bridge::Overflow::DropOldest),
+        "block" => Some(ferry_bridge::Overflow::Block),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShovel {
+    name: String,
+    src_uri: String,
+    dest_uri: String,
+    src_queue: Option<String>,
+    src_exchange: Option<String>,
+    src_exchange_key: Option<String>,
+    dest_queue: Option<String>,
+    dest_exchange: Option<String>,
+    dest_exchange_key: Option<String>,
+    ack_mode: Option<String>,
+    prefetch_count: Option<u16>,
+    add_forward_headers: Option<bool>,
+    max_hops: Option<u32>,
+    max_queued_messages: Option<u32>,
+    max_queued_bytes: Option<u64>,
+    overflow: Option<String>,
+    vhost: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    tls: Option<RawBridgeTls>,
+    heartbeat_secs: Option<u16>,
+    reconnect_initial_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+    connect_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -548,12 +591,14 @@ struct RawBridge {
     password_env: Option<String>,
     keep_alive: Option<u16>,
     clean_session: Option<bool>,
+    try_private: Option<bool>,
     vhost: Option<String>,
     exchange: Option<String>,
     #[serde(default)]
     topics: Vec<RawTopicRule>,
     max_hops: Option<u32>,
     max_queued_messages: Option<u32>,
+    max_queued_bytes: Option<u64>,
     overflow: Option<String>,
     max_inflight: Option<u16>,
     reconnect_initial_ms: Option<u64>,
@@ -564,7 +609,7 @@ struct RawBridge {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBridgeTls {
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     server_name: Option<String>,
@@ -774,6 +819,7 @@ impl Validator<'_> {
         let permissions = self.permissions(raw.permissions, &users, certificates);
         let topic_permissions = self.topic_permissions(raw.topic_permissions, &users, certificates);
         let bridges = self.bridges(raw.bridges);
+        let shovels = self.shovels(raw.shovels, &bridges);
         Config {
             source: ConfigSource::File(self.path.to_path_buf()),
             broker,
@@ -786,7 +832,229 @@ impl Validator<'_> {
             topic_permissions,
             bridges,
             http,
+            shovels,
         }
+    }
+
+    /// The `[[shovels]]` tables; a refused shovel is left out. Names are unique among bridges
+    /// and shovels (both name a local queue `ferry-bridge.<name>`).
+    fn shovels(&self, raw: Vec<RawShovel>, bridges: &[ferry_bridge::BridgeConfig]) -> Vec<ferry_bridge::ShovelConfig> {
+        use ferry_bridge::shovel::{AckMode, AmqpUri, Destination, ShovelConfig, ShovelDirection, Source};
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (index, raw) in raw.into_iter().enumerate() {
+            let before = self.problems.borrow().len();
+            let key = |k: &str| format!("shovels[{index}].{k}");
+            let name_ok = !raw.name.is_empty()
+                && raw.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !name_ok {
+                self.report(key("name"), "must be non-empty letters, digits, '-', '_' or '.'");
+            } else if let Some(first) = names.insert(raw.name.clone(), index) {
+                self.report(key("name"), format!("{:?} is already shovels[{first}]", raw.name));
+            } else if let Some(b) = bridges.iter().position(|b| b.name == raw.name) {
+                self.report(key("name"), format!("{:?} is already bridges[{b}]", raw.name));
+            }
+            let uri = |k: &str, text: &str| match AmqpUri::parse(text) {
+                Ok(u) => Some(u),
+                // A URI holding a password is not repeated (the password would be in the log).
+                Err(e @ ferry_bridge::shovel::UriError::Password) => {
+                    self.report(key(k), format!("the URI {e}"));
+                    None
+                }
+                Err(e) => {
+                    self.report(key(k), format!("{text:?} {e}"));
+                    None
+                }
+            };
+            let (direction, remote) = match (raw.src_uri.as_str(), raw.dest_uri.as_str()) {
+                ("local", "local") => {
+                    self.report(key("dest_uri"), "one side must be a remote amqp:// or amqps:// URI");
+                    (ShovelDirection::Out, None)
+                }
+                ("local", dest) => (ShovelDirection::Out, uri("dest_uri", dest)),
+                (src, "local") => (ShovelDirection::In, uri("src_uri", src)),
+                _ => {
+                    self.report(key("src_uri"), "one side must be \"local\" (this broker)");
+                    (ShovelDirection::Out, None)
+                }
+            };
+            let source = match (raw.src_queue, raw.src_exchange) {
+                (Some(q), None) if !q.is_empty() => {
+                    if raw.src_exchange_key.is_some() {
+                        self.report(key("src_exchange_key"), "goes with src_exchange, not src_queue");
+                    }
+                    Some(Source::Queue(q))
+                }
+                (None, Some(x)) => {
+                    Some(Source::Exchange { exchange: x, key: raw.src_exchange_key.unwrap_or_else(|| "#".into()) })
+                }
+                (Some(_), Some(_)) => {
+                    self.report(key("src_queue"), "give src_queue or src_exchange, not both");
+                    None
+                }
+                (Some(_), None) => {
+                    self.report(key("src_queue"), "must not be empty");
+                    None
+                }
+                (None, None) => {
+                    self.report(key("src_queue"), "give src_queue or src_exchange (with src_exchange_key)");
+                    None
+                }
+            };
+            let destination = match (raw.dest_queue, raw.dest_exchange) {
+                (Some(_), Some(_)) => {
+                    self.report(key("dest_queue"), "give dest_queue or dest_exchange, not both");
+                    Destination::AsPublished
+                }
+                (Some(q), None) => {
+                    if raw.dest_exchange_key.is_some() {
+                        self.report(key("dest_exchange_key"), "goes with dest_exchange, not dest_queue");
+                    }
+                    Destination::Queue(q)
+                }
+                (None, Some(x)) => Destination::Exchange { exchange: x, key: raw.dest_exchange_key },
+                (None, None) => {
+                    if raw.dest_exchange_key.is_some() {
+                        self.report(key("dest_exchange_key"), "goes with dest_exchange");
+                    }
+                    Destination::AsPublished
+                }
+            };
+            let (Some(remote), Some(source)) = (remote, source) else { continue };
+            let mut s = ShovelConfig::new(&raw.name, direction, remote, source);
+            s.destination = destination;
+            if let Some(m) = raw.ack_mode {
+                match AckMode::parse(&m) {
+                    Some(m) => s.ack_mode = m,
+                    None => self.report(
+                        key("ack_mode"),
+                        format!("{m:?}: expected \"on-confirm\", \"on-publish\" or \"no-ack\""),
+                    ),
+                }
+            }
+            if let Some(p) = raw.prefetch_count {
+                if p == 0 {
+                    self.report(key("prefetch_count"), "must be at least 1");
+                }
+                s.prefetch = p;
+            }
+            s.add_forward_headers = raw.add_forward_headers.unwrap_or(false);
+            if let Some(h) = raw.max_hops {
+                if h == 0 {
+                    self.report(key("max_hops"), "must be at least 1 (0 would shovel nothing)");
+                }
+                s.max_hops = h;
+            }
+            // The limits are those of the shovel's own backlog; a source queue has its own.
+            let own_backlog = matches!(s.source, ferry_bridge::shovel::Source::Exchange { .. })
+                && s.direction == ferry_bridge::ShovelDirection::Out;
+            for (k, set) in [
+                ("max_queued_messages", raw.max_queued_messages.is_some()),
+                ("max_queued_bytes", raw.max_queued_bytes.is_some()),
+                ("overflow", raw.overflow.is_some()),
+            ] {
+                if set && !own_backlog {
+                    self.report(
+                        key(k),
+                        "limits the backlog of a shovel from a local exchange (src_uri = \"local\", src_exchange); \
+                         a source queue keeps its own limits (x-max-length)",
+                    );
+                }
+            }
+            if let Some(m) = raw.max_queued_messages {
+                s.max_queued_messages = m;
+            }
+            if let Some(m) = raw.max_queued_bytes {
+                s.max_queued_bytes = m;
+            }
+            if let Some(o) = raw.overflow.as_deref() {
+                match overflow(o) {
+                    Some(o) => s.overflow = o,
+                    None => self.report(key("overflow"), format!("{o:?}: expected \"drop-oldest\" or \"block\"")),
+                }
+            }
+            if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
+                s.vhost = v;
+            }
+            s.password = match (raw.password_file, raw.password_env) {
+                (Some(_), Some(_)) => {
+                    self.report(key("password_file"), "give password_file or password_env, not both");
+                    None
+                }
+                (Some(file), None) => {
+                    self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
+                }
+                (None, Some(var)) if var.is_empty() => {
+                    self.report(key("password_env"), "must not be empty");
+                    None
+                }
+                (None, Some(var)) => Some(ferry_bridge::PasswordSource::Env(var)),
+                (None, None) => None,
+            };
+            match (raw.tls, s.remote.tls) {
+                (Some(t), true) => {
+                    // No `ca`: the system's trusted CAs, as for bridges.
+                    let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
+                    let client_cert = match (t.cert, t.key) {
+                        (None, None) => None,
+                        (Some(cert), Some(k)) => {
+                            let cert = self.check(self.resolve(&key("tls.cert"), cert));
+                            let k = self.check(self.resolve(&key("tls.key"), k));
+                            cert.zip(k)
+                        }
+                        (Some(_), None) => {
+                            self.report(key("tls.key"), "a client certificate needs its key");
+                            None
+                        }
+                        (None, Some(_)) => {
+                            self.report(key("tls.cert"), "a key needs its client certificate");
+                            None
+                        }
+                    };
+                    if t.server_name.as_deref() == Some("") {
+                        self.report(key("tls.server_name"), "must not be empty");
+                    }
+                    s.tls = match ca {
+                        Some(None) => None,
+                        Some(Some(ca)) => {
+                            Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
+                        }
+                        None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
+                    };
+                }
+                (Some(_), false) => self.report(key("tls"), "is for an amqps:// remote; this one is amqp://"),
+                // amqps:// without a table: the system's trusted CAs, no client certificate.
+                (None, true) => {
+                    s.tls = Some(ferry_bridge::BridgeTls { ca: None, client_cert: None, server_name: None })
+                }
+                (None, false) => {}
+            }
+            if let Some(h) = raw.heartbeat_secs {
+                s.heartbeat = h;
+            }
+            if let Some(ms) = raw.reconnect_initial_ms {
+                if ms == 0 {
+                    self.report(key("reconnect_initial_ms"), "must be at least 1");
+                }
+                s.backoff_initial = Duration::from_millis(ms);
+            }
+            if let Some(ms) = raw.reconnect_max_ms {
+                s.backoff_max = Duration::from_millis(ms);
+            }
+            if s.backoff_max < s.backoff_initial {
+                self.report(key("reconnect_max_ms"), "must not be below reconnect_initial_ms");
+            }
+            if let Some(secs) = raw.connect_timeout_secs {
+                if secs == 0 {
+                    self.report(key("connect_timeout_secs"), "must be at least 1");
+                }
+                s.connect_timeout = Duration::from_secs(secs);
+            }
+            if self.problems.borrow().len() == before {
+                out.push(s);
+            }
+        }
+        out
     }
 
     /// The `[[bridges]]` tables; a refused bridge is left out.
@@ -822,7 +1090,8 @@ impl Validator<'_> {
                 b.client_id = id;
             }
             if let Some(t) = raw.tls {
-                let ca = self.check(self.resolve(&key("tls.ca"), t.ca));
+                // No `ca`: the system's trusted CAs. A `ca` that does not resolve is reported.
+                let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
                 let client_cert = match (t.cert, t.key) {
                     (None, None) => None,
                     (Some(cert), Some(k)) => {
@@ -842,7 +1111,13 @@ impl Validator<'_> {
                 if t.server_name.as_deref() == Some("") {
                     self.report(key("tls.server_name"), "must not be empty");
                 }
-                b.tls = ca.map(|ca| ferry_bridge::BridgeTls { ca, client_cert, server_name: t.server_name });
+                b.tls = match ca {
+                    Some(None) => None,
+                    Some(Some(ca)) => {
+                        Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
+                    }
+                    None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
+                };
             }
             b.username = raw.username;
             b.password = match (raw.password_file, raw.password_env) {
@@ -868,6 +1143,9 @@ impl Validator<'_> {
             }
             if let Some(c) = raw.clean_session {
                 b.clean_session = c;
+            }
+            if let Some(t) = raw.try_private {
+                b.try_private = t;
             }
             if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
                 b.vhost = v;
@@ -928,11 +1206,13 @@ impl Validator<'_> {
             if let Some(m) = raw.max_queued_messages {
                 b.max_queued_messages = m;
             }
-            match raw.overflow.as_deref() {
-                None | Some("drop-oldest") => b.overflow = ferry_bridge::Overflow::DropOldest,
-                Some("block") => b.overflow = ferry_bridge::Overflow::Block,
-                Some(other) => {
-                    self.report(key("overflow"), format!("{other:?}: expected \"drop-oldest\" or \"block\""))
+            if let Some(m) = raw.max_queued_bytes {
+                b.max_queued_bytes = m;
+            }
+            if let Some(o) = raw.overflow.as_deref() {
+                match overflow(o) {
+                    Some(o) => b.overflow = o,
+                    None => self.report(key("overflow"), format!("{o:?}: expected \"drop-oldest\" or \"block\"")),
                 }
             }
             if let Some(m) = raw.max_inflight {
@@ -2097,7 +2377,7 @@ mod tests {
     fn a_bridge_is_read_with_its_rules_and_defaults() {
         let c = parse(&format!(
             "{MINIMAL}{BRIDGE}protocol_version = \"3.1.1\"\nusername = \"edge\"\npassword_env = \"BRIDGE_PW\"\n\
-             clean_session = false\nmax_queued_messages = 10\noverflow = \"block\"\n\
+             clean_session = false\ntry_private = false\nmax_queued_messages = 10\nmax_queued_bytes = 65536\noverflow = \"block\"\n\
              topics = [{{ pattern = \"s/#\", direction = \"out\", qos = 2, local_prefix = \"edge/\", remote_prefix = \"site/\" }},\
              {{ pattern = \"cmd/+\", direction = \"in\" }}]\n"
         ))
@@ -2106,8 +2386,8 @@ mod tests {
         assert_eq!((b.name.as_str(), b.address.as_str()), ("up", "central.example:1883"));
         assert_eq!(b.version, ferry_mqtt::codec::ProtocolVersion::V311);
         assert_eq!(b.password, Some(ferry_bridge::PasswordSource::Env("BRIDGE_PW".into())));
-        assert!(!b.clean_session);
-        assert_eq!((b.max_queued_messages, b.overflow), (10, ferry_bridge::Overflow::Block));
+        assert!(!b.clean_session && !b.try_private);
+        assert_eq!((b.max_queued_messages, b.max_queued_bytes, b.overflow), (10, 65536, ferry_bridge::Overflow::Block));
         assert_eq!(b.max_hops, 1);
         assert_eq!(b.client_id, "ferry-bridge-up");
         assert_eq!(b.topics.len(), 2);
@@ -2169,7 +2449,7 @@ mod tests {
             parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", cert = \"c.pem\", key = \"c.key\" }}\n"))
                 .unwrap();
         let tls = c.bridges[0].tls.as_ref().unwrap();
-        assert_eq!(tls.ca, Path::new("/etc/ferry/ca.pem"));
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/ferry/ca.pem")));
         assert_eq!(tls.client_cert, Some(("/etc/ferry/c.pem".into(), "/etc/ferry/c.key".into())));
         assert_eq!(tls.server_name, None, "the host of the address is checked");
         assert_eq!(c.bridges[0].host(), "central.example");
@@ -2177,5 +2457,113 @@ mod tests {
         assert!(msg.contains("bridges[0].tls.key: a client certificate needs its key"), "{msg}");
         let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ ca = \"ca.pem\", verify = false }}\n"));
         assert!(msg.contains("unknown field `verify`"), "{msg}");
+        let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{ server_name = \"central.example.net\" }}\n")).unwrap();
+        let tls = c.bridges[0].tls.as_ref().unwrap();
+        assert_eq!(tls.ca, None, "no ca: the system's trusted CAs");
+        let c = parse(&format!("{MINIMAL}{BRIDGE}{rule}tls = {{}}\n")).unwrap();
+        assert_eq!(c.bridges[0].tls.as_ref().map(|t| t.ca.clone()), Some(None), "tls = {{}}: TLS, system CAs");
+    }
+
+    const SHOVEL: &str = "[[shovels]]\nname = \"telemetry\"\n";
+
+    #[test]
+    fn a_shovels_limits_apply_to_its_own_backlog_only() {
+        let out =
+            "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"s.#\"\ndest_uri = \"amqp://r\"\n";
+        let c = parse(&format!(
+            "{MINIMAL}{SHOVEL}{out}max_queued_messages = 10\nmax_queued_bytes = 4096\noverflow = \"block\"\n"
+        ))
+        .unwrap();
+        let s = &c.shovels[0];
+        assert_eq!((s.max_queued_messages, s.max_queued_bytes, s.overflow), (10, 4096, ferry_bridge::Overflow::Block));
+        let d = parse(&format!("{MINIMAL}{SHOVEL}{out}")).unwrap();
+        let s = &d.shovels[0];
+        assert_eq!(
+            (s.max_queued_messages, s.max_queued_bytes, s.overflow),
+            (100_000, 0, ferry_bridge::Overflow::DropOldest)
+        );
+        // A source queue keeps its own arguments; an in shovel has no backlog of its own.
+        let msg = parse(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\ndest_uri = \"amqp://r\"\nmax_queued_messages = 5\n\
+             [[shovels]]\nname = \"in\"\nsrc_uri = \"amqp://r\"\nsrc_queue = \"q\"\ndest_uri = \"local\"\noverflow = \"spill\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("shovels[0].max_queued_messages: limits the backlog of a shovel from a local exchange"),
+            "{msg}"
+        );
+        assert!(msg.contains("shovels[1].overflow: limits the backlog"), "{msg}");
+        assert!(msg.contains("shovels[1].overflow: \"spill\": expected"), "{msg}");
+    }
+
+    #[test]
+    fn a_shovel_is_read_with_its_defaults() {
+        let c = parse(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"sensors.#\"\n\
+             dest_uri = \"amqp://ferry@rabbit.example:5673/prod\"\ndest_queue = \"work\"\npassword_env = \"RABBIT_PW\"\n\
+             [[shovels]]\nname = \"orders\"\nsrc_uri = \"amqp://rabbit.example\"\nsrc_queue = \"orders\"\n\
+             dest_uri = \"local\"\ndest_exchange = \"amq.direct\"\ndest_exchange_key = \"o\"\nack_mode = \"no-ack\"\n\
+             prefetch_count = 10\nadd_forward_headers = true\nmax_hops = 2\n"
+        ))
+        .unwrap();
+        let [out, inn] = &c.shovels[..] else { panic!("{:?}", c.shovels) };
+        assert_eq!(out.direction, ferry_bridge::ShovelDirection::Out);
+        assert_eq!(out.remote.address(), "rabbit.example:5673");
+        assert_eq!((out.remote.user.as_deref(), out.remote.vhost.as_str()), (Some("ferry"), "prod"));
+        assert_eq!(
+            out.source,
+            ferry_bridge::shovel::Source::Exchange { exchange: "amq.topic".into(), key: "sensors.#".into() }
+        );
+        assert_eq!(out.destination, ferry_bridge::shovel::Destination::Queue("work".into()));
+        assert_eq!(out.password, Some(ferry_bridge::PasswordSource::Env("RABBIT_PW".into())));
+        assert_eq!((out.ack_mode, out.prefetch, out.max_hops), (ferry_bridge::AckMode::OnConfirm, 1000, 1));
+        assert!(!out.add_forward_headers);
+        assert_eq!(out.local_queue(), "ferry-bridge.telemetry");
+        assert_eq!(inn.direction, ferry_bridge::ShovelDirection::In);
+        assert_eq!(inn.source, ferry_bridge::shovel::Source::Queue("orders".into()));
+        assert_eq!(
+            inn.destination,
+            ferry_bridge::shovel::Destination::Exchange { exchange: "amq.direct".into(), key: Some("o".into()) }
+        );
+        assert_eq!((inn.ack_mode, inn.prefetch, inn.max_hops), (ferry_bridge::AckMode::NoAck, 10, 2));
+        assert!(inn.add_forward_headers);
+        assert_eq!(inn.remote.to_string(), "amqp://rabbit.example:5672/%2f");
+    }
+
+    #[test]
+    fn bad_shovels_are_refused_naming_the_key() {
+        let msg = error(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\ndest_uri = \"amqp://u:pw@h\"\nsrc_queue = \"q\"\n\
+             [[shovels]]\nname = \"b\"\nsrc_uri = \"amqp://h\"\ndest_uri = \"amqp://h2\"\nsrc_queue = \"q\"\n\
+             [[shovels]]\nname = \"c\"\nsrc_uri = \"local\"\ndest_uri = \"amqps://h\"\n\
+             [[shovels]]\nname = \"d\"\nsrc_uri = \"amqp://h\"\ndest_uri = \"local\"\nsrc_queue = \"q\"\n\
+             dest_queue = \"x\"\ndest_exchange = \"y\"\nack_mode = \"sometimes\"\nprefetch_count = 0\nmax_hops = 0\n\
+             tls = {{ ca = \"ca.pem\" }}\n\
+             [[shovels]]\nname = \"d\"\nsrc_uri = \"amqp://h\"\ndest_uri = \"local\"\nsrc_queue = \"q\"\n\
+             [[shovels]]\nname = \"e\"\nsrc_uri = \"ftp://h\"\ndest_uri = \"local\"\nsrc_queue = \"q\"\n\
+             src_exchange = \"x\"\n"
+        ));
+        for expected in [
+            "shovels[0].dest_uri: the URI holds a password: give it with password_file or password_env",
+            "shovels[1].src_uri: one side must be \"local\"",
+            "shovels[2].src_queue: give src_queue or src_exchange",
+            "shovels[3].dest_queue: give dest_queue or dest_exchange, not both",
+            "shovels[3].ack_mode: \"sometimes\": expected \"on-confirm\", \"on-publish\" or \"no-ack\"",
+            "shovels[3].prefetch_count: must be at least 1",
+            "shovels[3].max_hops: must be at least 1",
+            "shovels[3].tls: is for an amqps:// remote",
+            "shovels[4].name: \"d\" is already shovels[3]",
+            "shovels[5].src_uri: \"ftp://h\" must start with amqp:// or amqps://",
+            "shovels[5].src_queue: give src_queue or src_exchange, not both",
+        ] {
+            assert!(msg.contains(expected), "missing {expected:?} in:\n{msg}");
+        }
+        assert!(!msg.contains("pw@"), "the password is not repeated: {msg}");
+        let msg = error(&format!(
+            "{MINIMAL}{BRIDGE}topics = [{{ pattern = \"#\", direction = \"out\" }}]\n\
+             [[shovels]]\nname = \"up\"\nsrc_uri = \"local\"\ndest_uri = \"amqp://h\"\nsrc_queue = \"q\"\n"
+        ));
+        assert!(msg.contains("shovels[0].name: \"up\" is already bridges[0]"), "{msg}");
     }
 }

@@ -70,6 +70,12 @@ pub enum StartProblem {
     /// A bridge's `password_file` cannot be read (the value is never shown).
     #[error("bridges[{index}].password_file: {error}")]
     BridgePassword { index: usize, error: ferry_bridge::config::PasswordError },
+    /// A shovel's TLS files do not load, or its server name is not one.
+    #[error("shovels[{index}].{error}")]
+    ShovelTls { index: usize, error: ferry_bridge::tls::TlsError },
+    /// A shovel's `password_file` cannot be read (the value is never shown).
+    #[error("shovels[{index}].password_file: {error}")]
+    ShovelPassword { index: usize, error: ferry_bridge::config::PasswordError },
 }
 
 /// Why the server did not start: every problem found, each named with the config's source.
@@ -170,7 +176,16 @@ fn bridge_password_problems(config: &Config) -> impl Iterator<Item = StartProble
     let tls = config.bridges.iter().enumerate().filter_map(|(index, b)| {
         ferry_bridge::tls::check(b).err().map(|error| StartProblem::BridgeTls { index, error })
     });
-    passwords.chain(tls)
+    let shovel_passwords = config.shovels.iter().enumerate().filter_map(|(index, s)| match &s.password {
+        Some(source @ ferry_bridge::PasswordSource::File(_)) => {
+            source.read().err().map(|error| StartProblem::ShovelPassword { index, error })
+        }
+        _ => None,
+    });
+    let shovel_tls = config.shovels.iter().enumerate().filter_map(|(index, s)| {
+        ferry_bridge::shovel::check_tls(s).err().map(|error| StartProblem::ShovelTls { index, error })
+    });
+    passwords.chain(tls).chain(shovel_passwords).chain(shovel_tls)
 }
 
 /// Why `ferry check-config` refused a file: every problem found, the file's values first, then
@@ -433,7 +448,12 @@ impl ServerBuilder {
         let (shutdown_tx, shutdown) = Shutdown::channel();
         // The bridges' queues and bindings are declared before anything is served, so that no
         // message published from the first connection on misses them.
-        let bridges = match ferry_bridge::Bridges::start(&broker, &config.bridges, shutdown.clone()) {
+        let bridges = match ferry_bridge::Bridges::start_with_shovels(
+            &broker,
+            &config.bridges,
+            &config.shovels,
+            shutdown.clone(),
+        ) {
             Ok(b) => b,
             Err(e) => return Err(StartError { config: config.source.clone(), problems: vec![e.into()] }),
         };
@@ -549,6 +569,7 @@ impl ServerBuilder {
             listeners: config.listeners,
             bridges: config.bridges,
             http: config.http,
+            shovels: config.shovels,
         };
         Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, bridges, http, tasks_http })
     }
@@ -664,6 +685,9 @@ impl Server {
         if config.bridges != self.running.bridges {
             report.needs_restart.push("[[bridges]] changed".to_string());
         }
+        if config.shovels != self.running.shovels {
+            report.needs_restart.push("[[shovels]] changed".to_string());
+        }
         if config.http != self.running.http {
             report.needs_restart.push("http listeners changed".to_string());
         }
@@ -737,6 +761,7 @@ struct Running {
     listeners: Vec<ListenerConfig>,
     bridges: Vec<ferry_bridge::BridgeConfig>,
     http: Vec<HttpListenerConfig>,
+    shovels: Vec<ferry_bridge::ShovelConfig>,
 }
 
 /// What [`Server::reload`] applied, and what it left for a restart. Names no secret.

@@ -160,7 +160,10 @@ impl Connection {
     ) -> Result<ferry_core::store::Commit, AmqpError> {
         let exchange = message.exchange.clone();
         let returned = mandatory.then(|| message.clone());
-        let outcome = self.vhost().publish(&exchange, message, now)?;
+        // A channel in confirm mode waits for its confirm: a `block` queue at its limits holds
+        // that instead of refusing the message.
+        let waits = self.channel(ch).confirm_seq.is_some();
+        let outcome = self.vhost().publish_waiting(&exchange, message, now, waits)?;
         self.congested.extend(outcome.congested.iter().cloned());
         if outcome.routed == 0 {
             if let Some(m) = returned {

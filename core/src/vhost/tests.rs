@@ -649,3 +649,38 @@ fn persistent_messages_come_back_in_order_those_delivered_marked_redelivered() {
     let (d, _) = q.get(OwnerId(1), true, 0).0.unwrap();
     assert_eq!(&d.message.payload[..], b"4");
 }
+
+#[test]
+fn a_block_queue_holds_the_commit_of_a_waiting_publisher_and_refuses_one_that_waits_for_nothing() {
+    let v = vhost();
+    let mut d = queue("q");
+    d.options.arguments =
+        arguments(&[("x-max-length", FieldValue::I32(1)), ("x-overflow", FieldValue::string("block"))]);
+    v.declare_queue(d, 0).unwrap();
+    let first = v.publish_waiting(&s(""), persistent("q", "1"), 0, true).unwrap();
+    assert!(!first.rejected);
+    assert_eq!(first.commit.try_result(), Some(Ok(())), "within the limit: only the store's commit");
+    let mut held = v.publish_waiting(&s(""), persistent("q", "2"), 0, true).unwrap();
+    assert!(!held.rejected, "taken past the limit");
+    assert!(!held.commit.try_resolve(), "its acknowledgement waits for room");
+    let refused = v.publish(&s(""), persistent("q", "3"), 0).unwrap();
+    assert!(refused.rejected, "a publisher that waits for nothing is refused");
+    assert_eq!((ready(&v, "q"), v.queue("q").unwrap().stats().rejected_overflow), (2, 1));
+    v.purge_queue(&s("q"), C1, 0).unwrap();
+    assert!(held.commit.try_resolve());
+    assert_eq!(held.commit.try_result(), Some(Ok(())));
+}
+
+#[test]
+fn deleting_a_block_queue_releases_its_held_publishers() {
+    let v = vhost();
+    let mut d = queue("q");
+    d.options.arguments =
+        arguments(&[("x-max-length", FieldValue::I32(0)), ("x-overflow", FieldValue::string("block"))]);
+    v.declare_queue(d, 0).unwrap();
+    let mut held = v.publish_waiting(&s(""), msg("q", "1"), 0, true).unwrap();
+    assert!(!held.commit.try_resolve());
+    assert_eq!(v.delete_queue(&s("q"), C1, false, false, 0).unwrap(), 1);
+    assert!(held.commit.try_resolve());
+    assert_eq!(held.commit.try_result(), Some(Ok(())));
+}

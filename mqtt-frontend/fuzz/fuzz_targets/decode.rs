@@ -9,6 +9,7 @@ use libfuzzer_sys::fuzz_target;
 
 fn connect(version: ProtocolVersion) -> BytesMut {
     let c = Connect {
+        bridge: false,
         version,
         clean_start: true,
         keep_alive: 30,

@@ -185,10 +185,12 @@ fn check_topic_name(topic: &Str) -> Result<(), DecodeError> {
 fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
     let name = r.binary("protocol name")?;
     let level = r.u8("protocol level")?;
-    let version = match (&name[..], level) {
+    // 0x80 on a 3.1 / 3.1.1 level marks a bridge (`Connect::bridge`); 5.0 has no such mark.
+    let bridge = level & 0x80 != 0;
+    let version = match (&name[..], level & 0x7F) {
         (b"MQIsdp", 3) => ProtocolVersion::V31,
         (b"MQTT", 4) => ProtocolVersion::V311,
-        (b"MQTT", 5) => ProtocolVersion::V5,
+        (b"MQTT", 5) if !bridge => ProtocolVersion::V5,
         _ => return Err(DecodeError::UnsupportedProtocol { name: String::from_utf8_lossy(&name).into_owned(), level }),
     };
     let flags = r.u8("connect flags")?;
@@ -230,7 +232,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
     let username = if username_flag { Some(r.string("user name")?) } else { None };
     let password = if password_flag { Some(r.binary("password")?) } else { None };
     r.finish("CONNECT")?;
-    Ok(Connect { version, clean_start, keep_alive, client_id, will, username, password, properties })
+    Ok(Connect { version, bridge, clean_start, keep_alive, client_id, will, username, password, properties })
 }
 
 fn decode_connack(r: &mut Reader<'_>, v: ProtocolVersion) -> Result<ConnAck, DecodeError> {

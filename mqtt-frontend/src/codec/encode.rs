@@ -185,7 +185,8 @@ fn write_connect(c: &Connect, version: ProtocolVersion, out: &mut BytesMut) {
     let (rl, plen, wlen) = connect_len(c, version);
     header(out, 0x10, rl);
     put_bin(out, version.protocol_name());
-    out.put_u8(version.level());
+    let bridge = if c.bridge && version != V5 { 0x80 } else { 0 };
+    out.put_u8(version.level() | bridge);
     let mut flags = u8::from(c.clean_start) << 1;
     if let Some(w) = &c.will {
         flags |= 0x04 | (w.qos as u8) << 3 | u8::from(w.retain) << 5;

@@ -191,6 +191,12 @@ pub struct Will {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
     pub version: ProtocolVersion,
+    /// 3.1 / 3.1.1 only: the protocol level has its top bit set (`0x83`, `0x84`), the mark a
+    /// Mosquitto bridge (`try_private`, on by default) and other brokers' bridges put on their
+    /// CONNECT. The server then gives the bridge's subscriptions *no local* and *retain as
+    /// published*, as Mosquitto does, so that 3.1.1 bridges do not echo and keep RETAIN.
+    /// Ignored for 5.0, which has those options per subscription.
+    pub bridge: bool,
     /// "Clean session" in 3.1.1, "clean start" in 5.0.
     pub clean_start: bool,
     /// Seconds; 0 disables keepalive.

@@ -87,6 +87,7 @@ mod golden {
     #[test]
     fn connect_311_with_will_username_and_password() {
         let p = Packet::Connect(Box::new(Connect {
+            bridge: false,
             version: V311,
             clean_start: true,
             keep_alive: 60,
@@ -120,6 +121,7 @@ mod golden {
     #[test]
     fn connect_5_with_properties_will_properties_and_password_only() {
         let p = Packet::Connect(Box::new(Connect {
+            bridge: false,
             version: V5,
             clean_start: true,
             keep_alive: 10,
@@ -447,6 +449,7 @@ mod incremental {
 
     fn connect_5_bytes() -> Vec<u8> {
         let p = Packet::Connect(Box::new(Connect {
+            bridge: false,
             version: V5,
             clean_start: false,
             keep_alive: 30,
@@ -514,6 +517,7 @@ mod incremental {
         let mut buf = BytesMut::from(&connect_5_bytes()[..]);
         d.decode(&mut buf).unwrap();
         let c311 = Packet::Connect(Box::new(Connect {
+            bridge: false,
             version: V311,
             clean_start: true,
             keep_alive: 0,
@@ -683,6 +687,7 @@ mod connect {
         // Issue 14: 3.1 is supported (it was refused as unsupported before).
         let bytes = [0x10, 15, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 0, 0, 1, b'c'];
         let p = Packet::Connect(Box::new(Connect {
+            bridge: false,
             version: ProtocolVersion::V31,
             clean_start: true,
             keep_alive: 0,
@@ -712,6 +717,46 @@ mod connect {
         assert_eq!(dec(v31, &[0x6A, 2, 0, 1]).unwrap(), Some(Packet::PubRel(PubResp::ok(1))));
         assert!(is_malformed(Some(V311), &[0x6A, 2, 0, 1]));
         assert!(is_malformed(v31, &[0x6B, 2, 0, 1]));
+    }
+
+    #[test]
+    fn the_bridge_bit_on_31_and_311_levels_marks_a_bridge_and_round_trips() {
+        // Mosquitto's bridges (try_private) send 0x84 for 3.1.1 and 0x83 for 3.1.
+        for (name, level, version) in [(&b"MQTT"[..], 4u8, V311), (&b"MQIsdp"[..], 3, ProtocolVersion::V31)] {
+            let mut bytes = vec![0x10, 0, 0, name.len() as u8];
+            bytes.extend_from_slice(name);
+            bytes.extend_from_slice(&[level | 0x80, 0x02, 0, 60, 0, 1, b'b']);
+            bytes[1] = (bytes.len() - 2) as u8;
+            let p = Packet::Connect(Box::new(Connect {
+                bridge: true,
+                version,
+                clean_start: true,
+                keep_alive: 60,
+                client_id: s("b"),
+                will: None,
+                username: None,
+                password: None,
+                properties: Properties::default(),
+            }));
+            golden(&p, version, &bytes);
+        }
+        // 5.0 has no bridge mark: 0x85 is not a version, and `bridge` is not written for 5.0.
+        assert_eq!(
+            err(None, &connect(0x85, 0x02, &[0, 0, 0])),
+            DecodeError::UnsupportedProtocol { name: "MQTT".into(), level: 0x85 }
+        );
+        let v5 = Connect {
+            bridge: true,
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: s("b"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        assert_eq!(enc(&Packet::Connect(Box::new(v5)), V5)[8], 5);
     }
 
     #[test]
@@ -1154,6 +1199,7 @@ mod properties {
                     username = Some(Str::default());
                 }
                 Packet::Connect(Box::new(Connect {
+                    bridge: false,
                     version: v,
                     clean_start,
                     keep_alive,

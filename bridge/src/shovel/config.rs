@@ -1,0 +1,369 @@
+//! What one `[[shovels]]` table says, validated (the server's config module parses the TOML):
+//! an AMQP 0-9-1 shovel between the local broker and a remote one, modelled on RabbitMQ's
+//! shovel plugin (`src-uri`, `src-queue`, `src-exchange`, `dest-exchange`, `ack-mode`...).
+
+use std::fmt;
+use std::time::Duration;
+
+use ferry_core::message::ShortString;
+
+use crate::config::{BridgeTls, PasswordSource, QUEUE_PREFIX};
+
+/// When a message leaves the source (RabbitMQ's `ack-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckMode {
+    /// Acknowledged at the source once the destination has confirmed it: a publisher confirm
+    /// from a remote destination, the store commit at a local one. Nothing is lost.
+    #[default]
+    OnConfirm,
+    /// Acknowledged at the source once it has been handed to the destination (written to the
+    /// remote's socket; published into the local vhost), without waiting for a confirmation.
+    OnPublish,
+    /// Acknowledged at the source as soon as the shovel has it (a remote source is consumed
+    /// with `no-ack`). The fastest and the least safe.
+    NoAck,
+}
+
+impl AckMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::OnConfirm => "on-confirm",
+            AckMode::OnPublish => "on-publish",
+            AckMode::NoAck => "no-ack",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AckMode> {
+        Some(match s {
+            "on-confirm" => AckMode::OnConfirm,
+            "on-publish" => AckMode::OnPublish,
+            "no-ack" => AckMode::NoAck,
+            _ => return None,
+        })
+    }
+}
+
+/// Which way the shovel carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShovelDirection {
+    /// Local source, remote destination (`src_uri = "local"`).
+    Out,
+    /// Remote source, local destination (`dest_uri = "local"`).
+    In,
+}
+
+/// Where messages are taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A named queue (declared durable when it does not exist locally; on a remote it must
+    /// exist).
+    Queue(String),
+    /// An exchange and a binding key: a queue bound to it is made (locally the durable
+    /// `ferry-bridge.<name>`, on a remote a server-named exclusive one).
+    Exchange { exchange: String, key: String },
+}
+
+/// Where messages are published to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Destination {
+    /// To an exchange, with `key` or, when `None`, the message's own routing key.
+    Exchange { exchange: String, key: Option<String> },
+    /// To a queue (through the default exchange).
+    Queue(String),
+    /// The message's own exchange and routing key.
+    #[default]
+    AsPublished,
+}
+
+impl Destination {
+    /// The exchange and routing key a message published with `routing_key` goes to.
+    pub fn route<'a>(&'a self, exchange: &'a str, routing_key: &'a str) -> (&'a str, &'a str) {
+        match self {
+            Destination::Exchange { exchange, key } => (exchange.as_str(), key.as_deref().unwrap_or(routing_key)),
+            Destination::Queue(q) => ("", q.as_str()),
+            Destination::AsPublished => (exchange, routing_key),
+        }
+    }
+
+    /// [`Destination::route`] for a delivery's own short strings.
+    pub fn route_bytes(&self, exchange: &ShortString, routing_key: &ShortString) -> (ShortString, ShortString) {
+        match self {
+            Destination::Exchange { exchange, key } => (
+                ShortString::from(exchange.as_str()),
+                key.as_deref().map(ShortString::from).unwrap_or_else(|| routing_key.clone()),
+            ),
+            Destination::Queue(q) => (ShortString::default(), ShortString::from(q.as_str())),
+            Destination::AsPublished => (exchange.clone(), routing_key.clone()),
+        }
+    }
+}
+
+/// A remote broker's address as an AMQP URI says it: `amqp[s]://[user@]host[:port][/vhost]`.
+/// The password is never part of it (`password_file` / `password_env`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpUri {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub vhost: String,
+}
+
+/// Why an AMQP URI was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("must start with amqp:// or amqps://")]
+    Scheme,
+    #[error("has no host")]
+    NoHost,
+    #[error("port {0:?} is not a number from 1 to 65535")]
+    Port(String),
+    #[error("holds a password: give it with password_file or password_env, never in the URI")]
+    Password,
+    #[error("bad percent-encoding in {0:?}")]
+    Percent(String),
+    #[error("query parameters ({0:?}) are not supported; use the shovel's own keys")]
+    Query(String),
+}
+
+fn percent_decode(s: &str) -> Result<String, UriError> {
+    let bad = || UriError::Percent(s.to_string());
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+impl AmqpUri {
+    /// Parses `amqp[s]://[user@]host[:port][/vhost]`. The vhost is percent-decoded (`%2f` is
+    /// `/`); without a path, or with an empty one, it is `/`.
+    pub fn parse(uri: &str) -> Result<AmqpUri, UriError> {
+        let (tls, rest) = if let Some(r) = uri.strip_prefix("amqps://") {
+            (true, r)
+        } else if let Some(r) = uri.strip_prefix("amqp://") {
+            (false, r)
+        } else {
+            return Err(UriError::Scheme);
+        };
+        if let Some((_, q)) = rest.split_once('?') {
+            return Err(UriError::Query(q.to_string()));
+        }
+        let (authority, path) = match rest.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (rest, None),
+        };
+        let (user, hostport) = match authority.rsplit_once('@') {
+            Some((userinfo, hp)) => {
+                if userinfo.contains(':') {
+                    return Err(UriError::Password);
+                }
+                (Some(percent_decode(userinfo)?), hp)
+            }
+            None => (None, authority),
+        };
+        let default_port = if tls { 5671 } else { 5672 };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or(UriError::NoHost)?;
+            match after.strip_prefix(':') {
+                Some(p) => (h.to_string(), Some(p)),
+                None if after.is_empty() => (h.to_string(), None),
+                None => return Err(UriError::Port(after.to_string())),
+            }
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(UriError::NoHost);
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| UriError::Port(p.to_string()))?,
+        };
+        let vhost = match path {
+            None | Some("") => "/".to_string(),
+            Some(p) => percent_decode(p)?,
+        };
+        Ok(AmqpUri { tls, host, port, user, vhost })
+    }
+
+    /// `host:port` to connect to (an IPv6 literal in brackets).
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for AmqpUri {
+    /// The URI again, for logs and headers: never a password (there is none in it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        let user = self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+        let vhost = if self.vhost == "/" { "%2f".to_string() } else { self.vhost.replace('/', "%2f") };
+        write!(f, "{scheme}://{user}{}/{vhost}", self.address())
+    }
+}
+
+/// One AMQP shovel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShovelConfig {
+    /// Unique among bridges and shovels; names the local queue (`ferry-bridge.<name>`).
+    pub name: String,
+    pub direction: ShovelDirection,
+    /// The remote broker.
+    pub remote: AmqpUri,
+    /// Its password, read at each connect.
+    pub password: Option<PasswordSource>,
+    /// TLS for an `amqps://` remote (required then).
+    pub tls: Option<BridgeTls>,
+    /// The local vhost (the remote's is in the URI).
+    pub vhost: String,
+    pub source: Source,
+    pub destination: Destination,
+    pub ack_mode: AckMode,
+    /// Messages taken from the source and not yet settled, at most (the consumer's prefetch).
+    pub prefetch: u16,
+    /// Add RabbitMQ's `x-shovelled` header (where the message was shovelled from and to).
+    pub add_forward_headers: bool,
+    /// Bridges and shovels a message may have crossed and still be shovelled.
+    pub max_hops: u32,
+    /// Limits of the shovel's own backlog (`ferry-bridge.<name>`, an `out` shovel whose source
+    /// is an exchange); a source queue keeps its own arguments.
+    pub max_queued_messages: u32,
+    pub max_queued_bytes: u64,
+    pub overflow: crate::config::Overflow,
+    /// Heartbeat asked for, in seconds (0: none); the remote may ask for less.
+    pub heartbeat: u16,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long the TCP connect plus the AMQP handshake may take.
+    pub connect_timeout: Duration,
+}
+
+impl ShovelConfig {
+    /// A shovel with Ferry's defaults: vhost `/`, ack mode on-confirm, prefetch 1000 (as
+    /// RabbitMQ's), no forward headers, max hops 1, a backlog of at most 100,000 messages
+    /// dropping the oldest (as a bridge's), heartbeat 60 s, back-off 1 s to 60 s, connect
+    /// timeout 10 s.
+    pub fn new(name: &str, direction: ShovelDirection, remote: AmqpUri, source: Source) -> ShovelConfig {
+        ShovelConfig {
+            name: name.to_string(),
+            direction,
+            remote,
+            password: None,
+            tls: None,
+            vhost: ferry_core::broker::DEFAULT_VHOST.to_string(),
+            source,
+            destination: Destination::AsPublished,
+            ack_mode: AckMode::OnConfirm,
+            prefetch: 1000,
+            add_forward_headers: false,
+            max_hops: 1,
+            max_queued_messages: 100_000,
+            max_queued_bytes: 0,
+            overflow: crate::config::Overflow::DropOldest,
+            heartbeat: 60,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The local durable queue of an `out` shovel whose source is an exchange.
+    pub fn queue_name(&self) -> String {
+        format!("{QUEUE_PREFIX}{}", self.name)
+    }
+
+    /// The local queue an `out` shovel consumes.
+    pub fn local_queue(&self) -> String {
+        match &self.source {
+            Source::Queue(q) => q.clone(),
+            Source::Exchange { .. } => self.queue_name(),
+        }
+    }
+
+    /// The source and destination as URIs (`local` for this broker's side).
+    pub fn uris(&self) -> (String, String) {
+        let remote = self.remote.to_string();
+        match self.direction {
+            ShovelDirection::Out => ("local".to_string(), remote),
+            ShovelDirection::In => (remote, "local".to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_with_defaults() {
+        let u = AmqpUri::parse("amqp://rabbit.example").unwrap();
+        assert_eq!(u, AmqpUri { tls: false, host: "rabbit.example".into(), port: 5672, user: None, vhost: "/".into() });
+        let u = AmqpUri::parse("amqps://ferry@rabbit.example/").unwrap();
+        assert_eq!((u.tls, u.port, u.user.as_deref(), u.vhost.as_str()), (true, 5671, Some("ferry"), "/"));
+        let u = AmqpUri::parse("amqp://a%40b@10.0.0.1:5673/%2fprod").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.user.as_deref(), u.vhost.as_str()),
+            ("10.0.0.1", 5673, Some("a@b"), "/prod")
+        );
+        let u = AmqpUri::parse("amqp://[::1]:5999/site7").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.vhost.as_str()), ("::1", 5999, "site7"));
+        assert_eq!(u.address(), "[::1]:5999");
+        assert_eq!(AmqpUri::parse("amqp://h/%2f").unwrap().vhost, "/");
+    }
+
+    #[test]
+    fn bad_uris_are_refused_with_the_reason() {
+        assert_eq!(AmqpUri::parse("http://h"), Err(UriError::Scheme));
+        assert_eq!(AmqpUri::parse("amqp://"), Err(UriError::NoHost));
+        assert_eq!(AmqpUri::parse("amqp://user@:5672"), Err(UriError::NoHost));
+        assert_eq!(AmqpUri::parse("amqp://h:0"), Err(UriError::Port("0".into())));
+        assert_eq!(AmqpUri::parse("amqp://h:99999"), Err(UriError::Port("99999".into())));
+        assert_eq!(AmqpUri::parse("amqp://u:secret@h"), Err(UriError::Password));
+        assert_eq!(AmqpUri::parse("amqp://h/%zz"), Err(UriError::Percent("%zz".into())));
+        assert_eq!(AmqpUri::parse("amqp://h/v?heartbeat=5"), Err(UriError::Query("heartbeat=5".into())));
+        assert!(!UriError::Password.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn a_uri_prints_without_a_password_and_with_its_vhost_encoded() {
+        let u = AmqpUri::parse("amqp://ferry@h:5672").unwrap();
+        assert_eq!(u.to_string(), "amqp://ferry@h:5672/%2f");
+        assert_eq!(AmqpUri::parse(&u.to_string()).unwrap(), u);
+    }
+
+    #[test]
+    fn destinations_route_as_configured() {
+        let x = Destination::Exchange { exchange: "work".into(), key: Some("k".into()) };
+        assert_eq!(x.route("amq.topic", "a.b"), ("work", "k"));
+        let x = Destination::Exchange { exchange: "work".into(), key: None };
+        assert_eq!(x.route("amq.topic", "a.b"), ("work", "a.b"));
+        assert_eq!(Destination::Queue("q".into()).route("amq.topic", "a.b"), ("", "q"));
+        assert_eq!(Destination::AsPublished.route("amq.topic", "a.b"), ("amq.topic", "a.b"));
+    }
+
+    #[test]
+    fn ack_modes_parse_by_their_rabbitmq_names() {
+        for m in [AckMode::OnConfirm, AckMode::OnPublish, AckMode::NoAck] {
+            assert_eq!(AckMode::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(AckMode::parse("on_confirm"), None);
+    }
+}

@@ -1,0 +1,175 @@
+//! AMQP shovels: move messages between the local broker and a remote AMQP 0-9-1 broker
+//! (RabbitMQ, another Ferry), with store and forward on the core's durable queues.
+//!
+//! - [`config`]: one `[[shovels]]` table as values ([`ShovelConfig`], [`AmqpUri`]).
+//! - [`client`]: the AMQP client as a sans-I/O state machine on ferry-amqp's codec.
+//! - `link`: one task per shovel (connect, set up, move messages, back off).
+//!
+//! Data flows: out, local publisher → exchange → local queue (redb) → shovel → remote
+//! basic.publish → publisher confirm → local ack; in, remote basic.deliver → local vhost
+//! publish → store commit → remote basic.ack.
+
+pub mod client;
+pub mod config;
+mod link;
+
+use std::sync::Arc;
+
+use ferry_core::error::CoreError;
+use ferry_core::exchange::BindingKey;
+use ferry_core::frontend::Shutdown;
+use ferry_core::message::{now_millis, ConnectionId, FieldTable, ShortString};
+use ferry_core::queue::QueueOptions;
+use ferry_core::vhost::{QueueDeclare, VHost};
+use ferry_core::Broker;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{AckMode, AmqpUri, Destination, ShovelConfig, ShovelDirection, Source, UriError};
+pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED};
+
+pub(crate) use link::Shovel;
+
+use crate::status::{Counters, StateCell};
+use crate::BridgeError;
+
+/// The name a shovel's remote certificate must be valid for: `tls.server_name`, else the
+/// URI's host.
+pub fn server_name(config: &ShovelConfig) -> Result<rustls::pki_types::ServerName<'static>, crate::tls::TlsError> {
+    let name = config.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| config.remote.host.clone());
+    rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| crate::tls::TlsError::ServerName(name))
+}
+
+/// Everything the shovel's TLS needs loads, for `ferry check-config` and the start.
+pub fn check_tls(config: &ShovelConfig) -> Result<(), crate::tls::TlsError> {
+    if let Some(tls) = &config.tls {
+        crate::tls::client_config(tls)?;
+        server_name(config)?;
+    }
+    Ok(())
+}
+
+/// A shovel set up and the local vhost it works in, ready to start.
+pub(crate) type Prepared = (Arc<Shovel>, Arc<VHost>);
+
+/// Declares each shovel's local queue and bindings (`out` shovels) and checks its local
+/// destination exchange (`in` shovels); nothing is started yet.
+pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<Vec<Prepared>, BridgeError> {
+    let now = now_millis();
+    let mut ready = Vec::with_capacity(configs.len());
+    for (index, config) in configs.iter().enumerate() {
+        let name = config.name.clone();
+        let err = |reason: String| BridgeError::Shovel { index, name: name.clone(), reason };
+        let vhost = broker.add_vhost(&config.vhost);
+        let id = ConnectionId::next();
+        let queue = match config.direction {
+            ShovelDirection::Out => {
+                let queue_name = config.local_queue();
+                let queue = match &config.source {
+                    // The shovel's own backlog, with its limits.
+                    Source::Exchange { .. } => {
+                        let limits = crate::backlog::Limits {
+                            max_messages: config.max_queued_messages,
+                            max_bytes: config.max_queued_bytes,
+                            overflow: config.overflow,
+                        };
+                        crate::backlog::declare(&vhost, &queue_name, limits, id, &format!("shovel {name}"), now)
+                            .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
+                    }
+                    // A queue of the user's: taken as it is (declared plain if it does not exist).
+                    Source::Queue(_) => match vhost.queue(&queue_name) {
+                        Some(q) => q,
+                        None => {
+                            let options = QueueOptions {
+                                durable: true,
+                                exclusive: None,
+                                auto_delete: false,
+                                arguments: FieldTable::new(),
+                            };
+                            let decl = QueueDeclare {
+                                name: ShortString::from(queue_name.as_str()),
+                                passive: false,
+                                options,
+                                connection: id,
+                            };
+                            vhost
+                                .declare_queue(decl, now)
+                                .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
+                                .queue
+                        }
+                    },
+                };
+                if let Source::Exchange { exchange, key } = &config.source {
+                    if vhost.exchange(exchange).is_none() {
+                        return Err(err(format!(
+                            "src_exchange {exchange:?} does not exist in vhost {:?}",
+                            config.vhost
+                        )));
+                    }
+                    vhost
+                        .bind_queue(
+                            queue.name(),
+                            &ShortString::from(exchange.as_str()),
+                            BindingKey::new(key.as_str()),
+                            id,
+                        )
+                        .map_err(|e| err(format!("binding {queue_name} to {exchange}: {e}")))?;
+                    let wanted = [ShortString::from(key.as_str())];
+                    let who = format!("shovel {name}");
+                    crate::backlog::unbind_stale(
+                        &vhost,
+                        &queue,
+                        &ShortString::from(exchange.as_str()),
+                        &wanted,
+                        &who,
+                        id,
+                    )
+                    .map_err(|e| err(format!("unbinding {queue_name}: {e}")))?;
+                }
+                Some(queue)
+            }
+            ShovelDirection::In => {
+                match &config.destination {
+                    Destination::Exchange { exchange, .. } if vhost.exchange(exchange).is_none() => {
+                        return Err(err(format!(
+                            "dest_exchange {exchange:?} does not exist in vhost {:?}",
+                            config.vhost
+                        )));
+                    }
+                    Destination::Queue(q) if vhost.queue(q).is_none() => {
+                        return Err(err(format!("dest_queue {q:?} does not exist in vhost {:?}", config.vhost)));
+                    }
+                    _ => {}
+                }
+                None
+            }
+        };
+        let shovel = Arc::new(Shovel {
+            config: config.clone(),
+            id,
+            connections: broker.connections().clone(),
+            queue,
+            state: StateCell::new(),
+            counters: Counters::default(),
+            changes: watch::Sender::new(0),
+        });
+        ready.push((shovel, vhost));
+    }
+    Ok(ready)
+}
+
+/// Starts one task per prepared shovel.
+pub(crate) fn spawn(ready: Vec<Prepared>, shutdown: &Shutdown, tasks: &mut Vec<JoinHandle<()>>) -> Vec<Arc<Shovel>> {
+    let now = now_millis();
+    let mut shovels = Vec::with_capacity(ready.len());
+    for (i, (shovel, vhost)) in ready.into_iter().enumerate() {
+        let seed = now ^ ((i as u64) << 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ shovel.id.0;
+        if let (Some(queue), Source::Exchange { .. }) = (&shovel.queue, &shovel.config.source) {
+            let who = format!("shovel {}", shovel.config.name);
+            tasks.push(tokio::spawn(crate::overflow::watch(who, queue.clone(), shutdown.clone())));
+        }
+        tasks.push(tokio::spawn(shovel.clone().run(vhost, shutdown.clone(), seed)));
+        shovels.push(shovel);
+    }
+    shovels
+}
