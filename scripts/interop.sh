@@ -367,6 +367,55 @@ else
   authpid=""
 fi
 
+# --- management API: RabbitMQ's rabbitmqadmin and curl against the default HTTP listener --------
+# `ferry` with no file serves HTTP on 127.0.0.1:15672, where the loopback guest is an
+# administrator (as RabbitMQ's). rabbitmqadmin ships in Debian's rabbitmq-server package.
+if wait_port 15672 10; then
+  code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:15672/api/overview)
+  [ "$code" = 401 ] && ok "management API: no credentials -> 401" || bad "management API without credentials: $code"
+  if curl -sf -u guest:guest http://127.0.0.1:15672/metrics | grep -q '^ferry_connections{protocol="amqp"}'; then
+    ok "curl /metrics (Prometheus text)"
+  else
+    bad "curl /metrics"
+  fi
+  if command -v rabbitmqadmin >/dev/null 2>&1; then
+    ra=(timeout 20 rabbitmqadmin -H 127.0.0.1 -P 15672 -u guest -p guest)
+    timeout 10 stdbuf -oL mosquitto_sub -h 127.0.0.1 -p 1883 -i interop-admin -t interop/admin -d >"$work/admin.sub" 2>&1 &
+    asp=$!
+    sub_ready "$work/admin.sub"
+    out=$("${ra[@]}" list connections 2>&1)
+    rc=$?
+    [ $rc -eq 0 ] && grep -q '127.0.0.1:[0-9]* -> 127.0.0.1:1883 | anonymous' <<<"$out" &&
+      ok "rabbitmqadmin list connections shows the MQTT client" || bad "rabbitmqadmin list connections: rc=$rc $out"
+    kill "$asp" 2>/dev/null
+    wait "$asp" 2>/dev/null
+    if command -v amqp-declare-queue >/dev/null 2>&1; then
+      timeout 10 amqp-declare-queue --url amqp://guest:guest@127.0.0.1:5672 -q interop.admin >/dev/null &&
+        timeout 10 amqp-publish --url amqp://guest:guest@127.0.0.1:5672 -r interop.admin -b one
+    fi
+    out=$("${ra[@]}" list queues 2>&1)
+    rc=$?
+    [ $rc -eq 0 ] && grep -Eq '\| interop.admin +\| 1 ' <<<"$out" && ok "rabbitmqadmin list queues" ||
+      bad "rabbitmqadmin list queues: rc=$rc $out"
+    if "${ra[@]}" declare queue name=interop.declared durable=false >/dev/null 2>&1 &&
+      "${ra[@]}" list queues name durable 2>&1 | grep -Eq '\| interop.declared +\| False ' &&
+      "${ra[@]}" delete queue name=interop.declared >/dev/null 2>&1 &&
+      ! "${ra[@]}" list queues name 2>&1 | grep -q 'interop.declared'; then
+      ok "rabbitmqadmin declare queue, delete queue"
+    else
+      bad "rabbitmqadmin declare / delete queue"
+    fi
+    out=$("${ra[@]}" show overview 2>&1)
+    rc=$?
+    [ $rc -eq 0 ] && grep -q 'rabbitmq_version' <<<"$out" && grep -q 'ferry@' <<<"$out" &&
+      ok "rabbitmqadmin show overview" || bad "rabbitmqadmin show overview: rc=$rc $out"
+  else
+    echo "SKIPPED rabbitmqadmin (install rabbitmq-server for it)"
+  fi
+else
+  bad "ferry with no arguments serves HTTP on 15672"
+fi
+
 # --- configuration errors -----------------------------------------------------------------------
 printf '[broker]\ndata_dir = "d"\ncolour = "blue"\n[[listeners]]\nprotocol = "mqtt"\nbind = "127.0.0.1:1"\n' >"$work/bad.toml"
 out=$("$ferry" check-config "$work/bad.toml" 2>&1)

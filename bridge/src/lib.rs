@@ -193,6 +193,12 @@ impl Bridges {
         self.links.iter().map(|l| Bridges::status_of(l)).chain(shovels).collect()
     }
 
+    /// A handle that reads [`Bridges::status`] from elsewhere (the HTTP listener's metrics)
+    /// while the server keeps the bridges themselves.
+    pub fn status_reader(&self) -> StatusReader {
+        StatusReader { links: self.links.clone(), shovels: self.shovels.clone() }
+    }
+
     /// Waits until bridge `name`'s status satisfies `pred` (checked now, then whenever its state
     /// or its link's counters change) and returns it; `None` if there is no such bridge or its
     /// task ended first. Queue counts (`queued`) move without a wake-up: wait on the link's own
@@ -262,5 +268,20 @@ impl Bridges {
                 warn!("a bridge task failed: {e}");
             }
         }
+    }
+}
+
+/// Reads the bridges' status ([`Bridges::status_reader`]); cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct StatusReader {
+    links: Vec<Arc<Link>>,
+    shovels: Vec<Arc<shovel::Shovel>>,
+}
+
+impl StatusReader {
+    /// A snapshot of every bridge, then every shovel, in config order ([`Bridges::status`]).
+    pub fn status(&self) -> Vec<BridgeStatus> {
+        let shovels = self.shovels.iter().map(|s| s.status());
+        self.links.iter().map(|l| Bridges::status_of(l)).chain(shovels).collect()
     }
 }

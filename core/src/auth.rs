@@ -303,6 +303,24 @@ fn parse_rabbit(b64: &str, len: usize, name: &str) -> Result<([u8; 4], Vec<u8>),
 pub struct User {
     pub name: String,
     pub hash: PasswordHash,
+    /// RabbitMQ's user tags (`administrator`, `monitoring`, `management`, …): what the HTTP
+    /// management API lets the user see and do. The protocols ignore them.
+    pub tags: Vec<String>,
+}
+
+impl User {
+    /// A user without tags.
+    pub fn new(name: impl Into<String>, hash: PasswordHash) -> User {
+        User { name: name.into(), hash, tags: Vec::new() }
+    }
+}
+
+/// A configured user as the authenticator holds it: what a caller that caches logins checks a
+/// cached answer against (the same `hash` allocation means the user was not replaced since).
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub hash: Arc<PasswordHash>,
+    pub tags: Arc<[String]>,
 }
 
 /// An argon2id hash of a password nobody knows, with the parameters of
@@ -319,7 +337,7 @@ fn dummy_hash() -> &'static PasswordHash {
 /// Checks logins. Users can be replaced at run time (reload): logins in progress finish with the
 /// users they started with.
 pub struct Authenticator {
-    users: ArcSwap<HashMap<String, Arc<PasswordHash>>>,
+    users: ArcSwap<HashMap<String, Account>>,
     /// The checking threads, started with the first login that needs one.
     pool: OnceLock<pool::Pool>,
     workers: usize,
@@ -380,6 +398,11 @@ impl Authenticator {
         self.users.load().len()
     }
 
+    /// The configured user called `name`, as of now.
+    pub fn account(&self, name: &str) -> Option<Account> {
+        self.users.load().get(name).cloned()
+    }
+
     /// The failure scores of the addresses logins come from.
     pub fn throttle(&self) -> &LoginThrottle {
         &self.throttle
@@ -412,7 +435,7 @@ impl Authenticator {
                 Err(AuthError::NotAllowed("this listener does not accept anonymous clients".into()))
             };
         };
-        let known = self.users.load().get(name).cloned();
+        let known = self.users.load().get(name).map(|a| a.hash.clone());
         if known.is_none() && policy.guest && name == GUEST_USER && password == Some(GUEST_USER.as_bytes()) {
             return Ok(Identity { user: GUEST_USER.to_string(), anonymous: false });
         }
@@ -469,8 +492,8 @@ impl Authenticator {
     }
 }
 
-fn index(users: Vec<User>) -> HashMap<String, Arc<PasswordHash>> {
-    users.into_iter().map(|u| (u.name, Arc::new(u.hash))).collect()
+fn index(users: Vec<User>) -> HashMap<String, Account> {
+    users.into_iter().map(|u| (u.name, Account { hash: Arc::new(u.hash), tags: u.tags.into() })).collect()
 }
 
 #[cfg(test)]
@@ -490,7 +513,7 @@ mod tests {
         "rabbitmq-sha512:kI3GChuNuIYf8lRbCCxZjgjKwsY19ns6+uFO0zcXRBGA/XGJPYD8OWMy7EB8TaOmAzjP2azv84GbINYwX2cDWb4DHnc=";
 
     fn user(name: &str, password: &str) -> User {
-        User { name: name.into(), hash: PasswordHash::parse(&PasswordHash::argon2id(password.as_bytes())).unwrap() }
+        User::new(name, PasswordHash::parse(&PasswordHash::argon2id(password.as_bytes())).unwrap())
     }
 
     /// A new client address for each login, so the tests of the rules are not throttled.
@@ -579,7 +602,7 @@ mod tests {
     #[test]
     fn debug_does_not_show_the_hash() {
         let phc = PasswordHash::argon2id(b"pw");
-        let u = User { name: "alice".into(), hash: PasswordHash::parse(&phc).unwrap() };
+        let u = User::new("alice", PasswordHash::parse(&phc).unwrap());
         let debug = format!("{u:?}");
         assert!(debug.contains("alice") && debug.contains("argon2id"), "{debug}");
         let tail = phc.rsplit('$').next().unwrap();
@@ -612,7 +635,7 @@ mod tests {
         assert_eq!(auth.login(&OPEN, addr(), Some("alice"), None).await, Err(AuthError::BadCredentials));
         assert_eq!(auth.login(&OPEN, addr(), Some("bob"), Some(b"wonder")).await, Err(AuthError::BadCredentials));
         // Migrated hashes log in the same way.
-        let rabbit = User { name: "svc".into(), hash: PasswordHash::parse(RABBIT_SHA256).unwrap() };
+        let rabbit = User::new("svc", PasswordHash::parse(RABBIT_SHA256).unwrap());
         auth.replace_users(vec![rabbit]);
         assert_eq!(auth.user_count(), 1);
         assert_eq!(auth.login(&CLOSED, addr(), Some("alice"), Some(b"wonder")).await, Err(AuthError::BadCredentials));

@@ -319,9 +319,47 @@ pub struct ConnectionSnapshot {
     pub closing: Option<String>,
 }
 
+/// Traffic totals of one protocol's connections, closed ones included ([`Connections::totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProtocolTotals {
+    /// Connections registered since the start.
+    pub opened: u64,
+    /// Connections open now.
+    pub open: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// What the closed connections of one protocol counted; added to when one unregisters.
+#[derive(Debug, Default)]
+struct Retired {
+    opened: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// The protocols [`Connections::totals`] reports, in its order.
+pub const PROTOCOLS: [Protocol; 3] = [Protocol::Mqtt, Protocol::Amqp, Protocol::Internal];
+
+fn protocol_index(p: Protocol) -> usize {
+    match p {
+        Protocol::Mqtt => 0,
+        Protocol::Amqp => 1,
+        Protocol::Internal => 2,
+    }
+}
+
 /// Every live connection, by id. Owned by the [`Broker`](crate::Broker).
 pub struct Connections {
     entries: Mutex<HashMap<ConnectionId, Arc<ConnectionEntry>>>,
+    /// Per protocol ([`PROTOCOLS`] order): what closed connections counted. Added to under the
+    /// `entries` lock as an entry leaves, so that [`Connections::totals`] (which reads under
+    /// it) counts every connection exactly once and its sums never go down.
+    retired: [Retired; 3],
     /// How many are registered; changes wake [`Connections::gone`] (and whoever counts).
     count: watch::Sender<usize>,
 }
@@ -334,7 +372,7 @@ impl fmt::Debug for Connections {
 
 impl Default for Connections {
     fn default() -> Connections {
-        Connections { entries: Mutex::new(HashMap::new()), count: watch::Sender::new(0) }
+        Connections { entries: Mutex::new(HashMap::new()), retired: Default::default(), count: watch::Sender::new(0) }
     }
 }
 
@@ -353,6 +391,7 @@ impl Connections {
         let entry = Arc::new(ConnectionEntry::new(info));
         let mut entries = self.entries();
         entries.insert(entry.id(), entry.clone());
+        self.retired[protocol_index(entry.info.protocol)].opened.fetch_add(1, Ordering::Relaxed);
         self.count.send_replace(entries.len());
         drop(entries);
         ConnectionHandle { entry, registry: self.clone() }
@@ -362,6 +401,12 @@ impl Connections {
         let mut entries = self.entries();
         // Only this entry: not one registered later under the same id.
         if entries.get(&entry.id()).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            let r = &self.retired[protocol_index(entry.info.protocol)];
+            let c = &entry.counters;
+            r.messages_in.fetch_add(c.messages_in.load(Ordering::Relaxed), Ordering::Relaxed);
+            r.messages_out.fetch_add(c.messages_out.load(Ordering::Relaxed), Ordering::Relaxed);
+            r.bytes_in.fetch_add(c.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
+            r.bytes_out.fetch_add(c.bytes_out.load(Ordering::Relaxed), Ordering::Relaxed);
             entries.remove(&entry.id());
             self.count.send_replace(entries.len());
         }
@@ -390,6 +435,31 @@ impl Connections {
         let mut all: Vec<Arc<ConnectionEntry>> = self.entries().values().cloned().collect();
         all.sort_by_key(|e| e.id());
         all
+    }
+
+    /// Per protocol ([`PROTOCOLS`] order), the traffic of every connection since the start:
+    /// closed ones and the live ones, read under the registry's lock (relaxed loads only, no
+    /// allocation), so that each connection counts once and no sum goes down between calls.
+    pub fn totals(&self) -> [ProtocolTotals; 3] {
+        let entries = self.entries();
+        let mut out = [ProtocolTotals::default(); 3];
+        for (t, r) in out.iter_mut().zip(&self.retired) {
+            t.opened = r.opened.load(Ordering::Relaxed);
+            t.messages_in = r.messages_in.load(Ordering::Relaxed);
+            t.messages_out = r.messages_out.load(Ordering::Relaxed);
+            t.bytes_in = r.bytes_in.load(Ordering::Relaxed);
+            t.bytes_out = r.bytes_out.load(Ordering::Relaxed);
+        }
+        for e in entries.values() {
+            let t = &mut out[protocol_index(e.info.protocol)];
+            let c = &e.counters;
+            t.open += 1;
+            t.messages_in += c.messages_in.load(Ordering::Relaxed);
+            t.messages_out += c.messages_out.load(Ordering::Relaxed);
+            t.bytes_in += c.bytes_in.load(Ordering::Relaxed);
+            t.bytes_out += c.bytes_out.load(Ordering::Relaxed);
+        }
+        out
     }
 
     /// Every live connection as plain values, by id.
@@ -495,6 +565,25 @@ mod tests {
         assert_eq!(*reg.subscribe().borrow(), 1);
         drop(b);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn totals_keep_what_closed_connections_counted() {
+        let reg = Connections::new();
+        let a = reg.register(info(1, Protocol::Mqtt));
+        let b = reg.register(info(2, Protocol::Mqtt));
+        let c = reg.register(info(3, Protocol::Amqp));
+        a.counters.set_messages(5, 7);
+        a.counters.add_bytes_in(100);
+        b.counters.set_messages(1, 0);
+        c.counters.add_bytes_out(9);
+        let before = reg.totals();
+        assert_eq!((before[0].opened, before[0].open, before[0].messages_in, before[0].messages_out), (2, 2, 6, 7));
+        drop(a);
+        let after = reg.totals();
+        assert_eq!(after[0], ProtocolTotals { open: 1, ..before[0] }, "a closed connection's counts stay");
+        assert_eq!((after[1].opened, after[1].open, after[1].bytes_out), (1, 1, 9));
+        drop((b, c));
     }
 
     #[test]

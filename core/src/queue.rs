@@ -440,6 +440,13 @@ pub struct QueueStats {
     /// Publishes refused by `x-max-length`(-bytes) with `reject-publish`(-dlx), or with `block`
     /// from a publisher that waits for no acknowledgement, likewise.
     pub rejected_overflow: u64,
+    /// Messages offered to the queue (accepted or not), since it was made: what management's
+    /// `publish` rate is computed from.
+    pub published: u64,
+    /// Messages handed to consumers or `get`, redeliveries included (`deliver_get`).
+    pub delivered: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
     /// Publishes an `x-overflow = block` queue took past its limits, their acknowledgement
     /// withheld until it had room again, likewise.
     pub held_overflow: u64,
@@ -513,6 +520,11 @@ struct QueueState {
     /// Counted for [`QueueStats::dropped_overflow`] and [`QueueStats::rejected_overflow`].
     dropped_overflow: u64,
     rejected_overflow: u64,
+    /// For [`QueueStats::published`], [`QueueStats::delivered`] and [`QueueStats::acked`]:
+    /// counted under the lock the operation holds anyway, so they cost no atomic.
+    published: u64,
+    delivered: u64,
+    acked: u64,
     held_overflow: u64,
     /// `x-overflow = block`: the publishers whose acknowledgement waits for the queue to be back
     /// within its limits, oldest first; all released together when it is
@@ -637,6 +649,9 @@ impl Queue {
             timed: args.message_ttl.is_some(),
             dropped_overflow: 0,
             rejected_overflow: 0,
+            published: 0,
+            delivered: 0,
+            acked: 0,
             held_overflow: 0,
             waiters: VecDeque::new(),
             armed: None,
@@ -712,6 +727,7 @@ impl Queue {
     /// Hands a message to consumer `i`.
     fn deliver_to(&self, st: &mut QueueState, i: usize, entry: Entry, fx: &mut Effects) {
         st.serve_clock += 1;
+        st.delivered += 1;
         let clock = st.serve_clock;
         let c = &mut st.consumers[i];
         c.last_served = clock;
@@ -939,6 +955,7 @@ impl Queue {
         let mut fx = Effects::default();
         let mut guard = self.lock();
         let st = &mut *guard;
+        st.published += 1;
         let (outcome, held) = self.enqueue_locked(st, message, now, waits, &mut fx);
         self.release_waiters(st, &mut fx);
         self.rearm(st, &mut fx);
@@ -1111,6 +1128,7 @@ impl Queue {
         let Some(entry) = entry else {
             return (None, fx);
         };
+        st.delivered += 1;
         let delivery = Delivery {
             queue: self.name.clone(),
             consumer: None,
@@ -1136,6 +1154,7 @@ impl Queue {
         let mut guard = self.lock();
         let st = &mut *guard;
         let u = st.take_unacked(seq)?;
+        st.acked += 1;
         self.forget(&u.entry.message, u.entry.seq, &mut fx);
         self.pump_locked(st, now, &mut fx);
         self.rearm(st, &mut fx);
@@ -1285,6 +1304,9 @@ impl Queue {
             ready_bytes: st.ready_bytes,
             dropped_overflow: st.dropped_overflow,
             rejected_overflow: st.rejected_overflow,
+            published: st.published,
+            delivered: st.delivered,
+            acked: st.acked,
             held_overflow: st.held_overflow,
         }
     }
@@ -1441,6 +1463,11 @@ mod tests {
             priority: 0,
             sink: sink.clone(),
         }
+    }
+
+    /// The queue's depths and overflow counts, without its traffic counters.
+    fn depths(q: &Queue) -> QueueStats {
+        QueueStats { published: 0, delivered: 0, acked: 0, ..q.stats() }
     }
 
     fn put(q: &Queue, m: Arc<Message>, now: Millis) -> u64 {
@@ -1712,7 +1739,7 @@ mod tests {
         assert_eq!(bodies(&got), ["a", "b"]);
         assert_eq!((got[0].seq, got[0].consumer.is_some(), got[0].queue.clone()), (1, true, "q".into()));
         assert_eq!(
-            q.stats(),
+            depths(&q),
             QueueStats { ready: 0, unacked: 2, consumers: 1, ready_bytes: 0, ..QueueStats::default() }
         );
     }
@@ -1905,7 +1932,7 @@ mod tests {
         ] {
             assert_eq!(header_str(&dl.message, key).as_deref(), Some(value), "{key}");
         }
-        assert_eq!(q.stats(), QueueStats::default());
+        assert_eq!(depths(&q), QueueStats::default());
     }
 
     #[test]
@@ -1926,7 +1953,7 @@ mod tests {
         let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
         let fx = q.reject(d.seq, false, 0).unwrap();
         assert!(fx.is_empty());
-        assert_eq!(q.stats(), QueueStats::default());
+        assert_eq!(depths(&q), QueueStats::default());
     }
 
     #[test]
@@ -1968,12 +1995,12 @@ mod tests {
         let seq = sink.take()[0].seq;
         q.cancel(id, 0);
         assert_eq!(
-            q.stats(),
+            depths(&q),
             QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() }
         );
         q.release_owner(OwnerId(5), 0);
         assert_eq!(
-            q.stats(),
+            depths(&q),
             QueueStats { ready: 1, unacked: 0, consumers: 0, ready_bytes: 1, ..QueueStats::default() }
         );
         let (d, _) = q.get(OwnerId(6), false, 0).0.unwrap();
@@ -2281,6 +2308,18 @@ mod tests {
     }
 
     #[test]
+    fn publishes_deliveries_and_acks_are_counted() {
+        let q = queue(vec![]);
+        put(&q, msg("a"), 0);
+        put(&q, msg("b"), 0);
+        let (got, _) = q.get(OwnerId(1), false, 0);
+        let (delivery, _) = got.expect("a message");
+        q.ack(delivery.seq, 0).unwrap();
+        let st = q.stats();
+        assert_eq!((st.published, st.delivered, st.acked), (2, 1, 1));
+    }
+
+    #[test]
     fn reject_publish_counts_refused_messages() {
         let q = queue(vec![("x-max-length", FieldValue::I32(1)), ("x-overflow", s("reject-publish"))]);
         put(&q, msg("a"), 0);
@@ -2423,6 +2462,9 @@ mod tests {
                 ready_bytes: 4,
                 dropped_overflow: 1,
                 rejected_overflow: 0,
+                published: 3,
+                delivered: 0,
+                acked: 0,
                 held_overflow: 0,
             }
         );
@@ -2583,7 +2625,7 @@ mod tests {
         let (d, _) = q.get(OwnerId(1), false, 0).0.unwrap();
         assert_eq!(q.purge(0).0, 2);
         assert_eq!(
-            q.stats(),
+            depths(&q),
             QueueStats { ready: 0, unacked: 1, consumers: 0, ready_bytes: 0, ..QueueStats::default() }
         );
         q.ack(d.seq, 0).unwrap();
@@ -2616,7 +2658,7 @@ mod tests {
         assert!(fx.is_empty());
         assert_eq!(*a.cancelled.lock().unwrap(), [ida]);
         assert_eq!(*b.cancelled.lock().unwrap(), [idb]);
-        assert_eq!(q.stats(), QueueStats::default());
+        assert_eq!(depths(&q), QueueStats::default());
         assert_eq!(q.enqueue(msg("late"), 0).0, EnqueueOutcome::Rejected);
     }
 
@@ -2659,7 +2701,7 @@ mod tests {
             p.join().unwrap();
         }
         assert_eq!(
-            q.stats(),
+            depths(&q),
             QueueStats { ready: 0, unacked: 0, consumers: 1, ready_bytes: 0, ..QueueStats::default() }
         );
     }

@@ -92,6 +92,42 @@ pub struct VHostStats {
     pub bytes_in: AtomicU64,
     pub unroutable: AtomicU64,
     pub dropped_at_sinks: AtomicU64,
+    /// The counters of the queues deleted so far ([`QueueStats`]'s), so that totals over the
+    /// vhost's queues never go down when one is deleted. Added to under the queue map's write
+    /// lock; read with the queue list ([`VHost::queues_and_retired`]).
+    pub retired: RetiredQueues,
+}
+
+/// What the queues deleted from a vhost had counted ([`VHostStats::retired`]).
+#[derive(Debug, Default)]
+pub struct RetiredQueues {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub dropped_overflow: AtomicU64,
+    pub rejected_overflow: AtomicU64,
+}
+
+impl RetiredQueues {
+    fn add(&self, st: &QueueStats) {
+        self.published.fetch_add(st.published, Ordering::Relaxed);
+        self.delivered.fetch_add(st.delivered, Ordering::Relaxed);
+        self.acked.fetch_add(st.acked, Ordering::Relaxed);
+        self.dropped_overflow.fetch_add(st.dropped_overflow, Ordering::Relaxed);
+        self.rejected_overflow.fetch_add(st.rejected_overflow, Ordering::Relaxed);
+    }
+
+    /// The counters as a [`QueueStats`] (the depths are 0).
+    pub fn totals(&self) -> QueueStats {
+        QueueStats {
+            published: self.published.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            dropped_overflow: self.dropped_overflow.load(Ordering::Relaxed),
+            rejected_overflow: self.rejected_overflow.load(Ordering::Relaxed),
+            ..QueueStats::default()
+        }
+    }
 }
 
 /// One namespace of exchanges and queues.
@@ -289,6 +325,18 @@ impl VHost {
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
         self.queues.read().unwrap_or_else(lock_err).get(&ShortString::from(name)).cloned()
     }
+    /// Every queue (unordered) and, read at the same moment, what the deleted ones counted: a
+    /// queue is in exactly one of the two, so sums over both never go down between two calls.
+    pub fn queues_and_retired(&self) -> (Vec<Arc<Queue>>, QueueStats) {
+        let map = self.queues.read().unwrap_or_else(lock_err);
+        let retired = self.stats.retired.totals();
+        (map.values().cloned().collect(), retired)
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().unwrap_or_else(lock_err).len()
+    }
+
     pub fn queue_names(&self) -> Vec<ShortString> {
         let mut v: Vec<_> = self.queues.read().unwrap_or_else(lock_err).keys().cloned().collect();
         v.sort();
@@ -636,7 +684,11 @@ impl VHost {
         let removed = {
             let mut map = self.queues.write().unwrap_or_else(lock_err);
             match map.get(q.name()) {
-                Some(cur) if Arc::ptr_eq(cur, q) => map.remove(q.name()).is_some(),
+                Some(cur) if Arc::ptr_eq(cur, q) => {
+                    // Lock order: the queue map, then the queue (only here and only to read).
+                    self.stats.retired.add(&q.stats());
+                    map.remove(q.name()).is_some()
+                }
                 _ => false,
             }
         };

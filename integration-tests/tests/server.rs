@@ -127,6 +127,9 @@ async fn defaults_on_free_ports() -> (Server, tempfile::TempDir) {
     for l in &mut config.listeners {
         l.bind.set_port(0);
     }
+    for h in &mut config.http {
+        h.bind.set_port(0);
+    }
     let server = Server::builder(config).start().await.unwrap();
     assert!(server.listeners().iter().all(|l| !l.served));
     (server, dir)

@@ -87,6 +87,9 @@ pub struct Config {
     pub topic_permissions: Vec<TopicPermissions>,
     /// The `[[bridges]]` tables: links to other brokers (docs/bridges.md).
     pub bridges: Vec<ferry_bridge::BridgeConfig>,
+    /// The `[[listeners]]` tables with `protocol = "http"`: Prometheus `/metrics` and the
+    /// management API (docs/management.md), in file order.
+    pub http: Vec<HttpListenerConfig>,
     /// The `[[shovels]]` tables: AMQP shovels to or from other brokers (docs/bridges.md).
     pub shovels: Vec<ferry_bridge::ShovelConfig>,
 }
@@ -352,6 +355,48 @@ fn is_loopback(bind: SocketAddr) -> bool {
     bind.ip().to_canonical().is_loopback()
 }
 
+/// RabbitMQ's management listener port, where the embedded defaults serve HTTP.
+pub const DEFAULT_HTTP_PORT: u16 = 15672;
+/// Open HTTP connections one HTTP listener serves at once (monitoring and a few operators, not
+/// clients: RabbitMQ's management listener has no limit, Ferry keeps one).
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 256;
+/// Queues `/metrics` lists one by one (RabbitMQ's per-object metrics get slow past a few
+/// thousand); the rest are counted in `ferry_queues_omitted`.
+pub const DEFAULT_METRICS_MAX_QUEUES: usize = 1000;
+/// How long an HTTP client has to send a request's headers.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One `[[listeners]]` table with `protocol = "http"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpListenerConfig {
+    /// Where the table is in the file's `[[listeners]]` (for messages).
+    pub index: usize,
+    pub bind: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub max_connections: usize,
+    /// `handshake_timeout_secs`: the time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// `metrics_max_queues`: queues listed one by one in `/metrics`.
+    pub metrics_max_queues: usize,
+}
+
+impl HttpListenerConfig {
+    pub fn new(index: usize, bind: SocketAddr) -> HttpListenerConfig {
+        HttpListenerConfig {
+            index,
+            bind,
+            tls: None,
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            metrics_max_queues: DEFAULT_METRICS_MAX_QUEUES,
+        }
+    }
+
+    pub fn is_loopback(&self) -> bool {
+        is_loopback(self.bind)
+    }
+}
+
 /// A listener's `tls` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
@@ -427,6 +472,8 @@ impl Config {
             permissions: Vec::new(),
             topic_permissions: Vec::new(),
             bridges: Vec::new(),
+            // RabbitMQ's management listener: on by default, on loopback.
+            http: vec![HttpListenerConfig::new(2, SocketAddr::from((localhost, DEFAULT_HTTP_PORT)))],
             shovels: Vec::new(),
         }
     }
@@ -613,6 +660,8 @@ struct RawAcl {
 struct RawUser {
     name: String,
     password_hash: String,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 /// Names the user only: the hash stays out of debug output.
@@ -662,6 +711,7 @@ struct RawBroker {
 enum RawProtocol {
     Mqtt,
     Amqp,
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -688,6 +738,7 @@ struct RawListener {
     tls: Option<RawTls>,
     allow_anonymous: Option<bool>,
     cert_login: Option<String>,
+    metrics_max_queues: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -742,19 +793,24 @@ impl Validator<'_> {
             self.report("listeners", "at least one [[listeners]] table is required");
         }
         let mut listeners = Vec::with_capacity(raw_listeners.len());
+        let mut http = Vec::new();
         let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
         for (index, raw) in raw_listeners.into_iter().enumerate() {
-            let listener = self.listener(index, raw);
+            let bind = raw.bind;
+            if matches!(raw.protocol, RawProtocol::Http) {
+                http.push(self.http_listener(index, raw));
+            } else {
+                listeners.push(self.listener(index, raw));
+            }
             // Port 0 asks the OS for a fresh port each time, so it never clashes.
-            if listener.bind.port() != 0 {
-                if let Some(first) = binds.insert(listener.bind, index) {
+            if bind.port() != 0 {
+                if let Some(first) = binds.insert(bind, index) {
                     self.report(
                         format!("listeners[{index}].bind"),
-                        format!("{} is already used by listeners[{first}]", listener.bind),
+                        format!("{bind} is already used by listeners[{first}]"),
                     );
                 }
             }
-            listeners.push(listener);
         }
         let users = self.users(raw.users);
         // With a cert_login listener any name may be a certificate's, which [[users]] never lists.
@@ -775,6 +831,7 @@ impl Validator<'_> {
             permissions,
             topic_permissions,
             bridges,
+            http,
             shovels,
         }
     }
@@ -1314,7 +1371,7 @@ impl Validator<'_> {
     fn users(&self, raw: Vec<RawUser>) -> Vec<User> {
         let mut users = Vec::with_capacity(raw.len());
         let mut names: HashMap<String, usize> = HashMap::new();
-        for (index, RawUser { name, password_hash }) in raw.into_iter().enumerate() {
+        for (index, RawUser { name, password_hash, tags }) in raw.into_iter().enumerate() {
             let mut ok = true;
             if name.is_empty() {
                 self.report(format!("users[{index}].name"), "must not be empty");
@@ -1328,8 +1385,19 @@ impl Validator<'_> {
                 PasswordHash::parse(&password_hash)
                     .map_err(|reason| self.invalid(format!("users[{index}].password_hash"), reason)),
             );
+            for tag in &tags {
+                if tag.is_empty() || !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                    self.report(
+                        format!("users[{index}].tags"),
+                        format!(
+                            "{tag:?}: a tag is letters, digits, '_' or '-' (administrator, monitoring, management…)"
+                        ),
+                    );
+                    ok = false;
+                }
+            }
             if let (true, Some(hash)) = (ok, hash) {
-                users.push(User { name, hash });
+                users.push(User { name, hash, tags });
             }
         }
         users
@@ -1487,7 +1555,11 @@ impl Validator<'_> {
         let protocol = match raw.protocol {
             RawProtocol::Mqtt => Protocol::Mqtt,
             RawProtocol::Amqp => Protocol::Amqp,
+            RawProtocol::Http => unreachable!("http listeners are read by Validator::http_listener"),
         };
+        if raw.metrics_max_queues.is_some() {
+            self.report(key("metrics_max_queues"), format!("only valid with protocol = \"http\", not \"{protocol}\""));
+        }
         let mut listener = ListenerConfig::new(protocol, raw.bind);
         let client_ca_given = raw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if let Some(transport) = self.check(self.transport(index, protocol, raw.transport, raw.path)) {
@@ -1571,6 +1643,59 @@ impl Validator<'_> {
     }
 }
 
+impl Validator<'_> {
+    /// A `protocol = "http"` listener; keys that only a protocol listener has are refused.
+    fn http_listener(&self, index: usize, raw: RawListener) -> HttpListenerConfig {
+        let key = |name: &str| format!("listeners[{index}].{name}");
+        let mut http = HttpListenerConfig::new(index, raw.bind);
+        let not_http = [
+            ("transport", raw.transport.is_some()),
+            ("path", raw.path.is_some()),
+            ("vhost", raw.vhost.is_some()),
+            ("mqtt_exchange", raw.mqtt_exchange.is_some()),
+            ("max_connection_rate", raw.max_connection_rate.is_some()),
+            ("max_publish_rate", raw.max_publish_rate.is_some()),
+            ("max_frame_size", raw.max_frame_size.is_some()),
+            ("allow_anonymous", raw.allow_anonymous.is_some()),
+            ("cert_login", raw.cert_login.is_some()),
+        ];
+        for (name, given) in not_http {
+            if given {
+                self.report(
+                    key(name),
+                    "not valid with protocol = \"http\" (the management API always asks for a user)",
+                );
+            }
+        }
+        if let Some(n) = raw.max_connections {
+            if n == 0 || n > MAX_CONNECTIONS_CEILING {
+                self.report(key("max_connections"), format!("must be between 1 and {MAX_CONNECTIONS_CEILING}"));
+            } else {
+                http.max_connections = n;
+            }
+        }
+        match raw.handshake_timeout_secs {
+            Some(0) => self.report(key("handshake_timeout_secs"), "must be at least 1"),
+            Some(secs) => http.header_timeout = Duration::from_secs(secs),
+            None => {}
+        }
+        if let Some(n) = raw.metrics_max_queues {
+            http.metrics_max_queues = n;
+        }
+        if let Some(tls) = raw.tls {
+            if tls.client_ca.is_some() || tls.require_client_cert {
+                self.report(key("tls.client_ca"), "client certificates are not used by the HTTP listener");
+            }
+            let cert = self.check(self.resolve(&key("tls.cert"), tls.cert));
+            let tls_key = self.check(self.resolve(&key("tls.key"), tls.key));
+            if let (Some(cert), Some(key)) = (cert, tls_key) {
+                http.tls = Some(TlsConfig { cert, key, client_ca: None, require_client_cert: false });
+            }
+        }
+        http
+    }
+}
+
 /// An MQTT listener's exchange: a name an AMQP client could declare (or `amq.topic`), since
 /// MQTT sessions declare it as a durable topic exchange when it does not exist yet.
 fn check_mqtt_exchange(protocol: Protocol, name: &str) -> Result<(), String> {
@@ -1629,6 +1754,46 @@ mod tests {
         let binds: Vec<_> = c.listeners.iter().map(|l| (l.protocol, l.bind.to_string())).collect();
         assert_eq!(binds, vec![(Protocol::Mqtt, "127.0.0.1:1883".into()), (Protocol::Amqp, "127.0.0.1:5672".into())]);
         assert!(c.listeners.iter().all(|l| l.tls.is_none() && l.vhost == "/"));
+    }
+
+    #[test]
+    fn embedded_defaults_serve_http_on_rabbitmqs_management_port() {
+        let c = Config::embedded_defaults();
+        let http: Vec<_> = c.http.iter().map(|h| h.bind.to_string()).collect();
+        assert_eq!(http, ["127.0.0.1:15672"]);
+        assert_eq!(c.http[0].metrics_max_queues, DEFAULT_METRICS_MAX_QUEUES);
+    }
+
+    #[test]
+    fn an_http_listener_and_user_tags_are_read() {
+        let c = parse(&format!(
+            "{MINIMAL}[[listeners]]\nprotocol = \"http\"\nbind = \"127.0.0.1:15672\"\nmetrics_max_queues = 50\n\
+             max_connections = 8\nhandshake_timeout_secs = 3\n\
+             [[users]]\nname = \"ops\"\npassword_hash = \"{}\"\ntags = [\"administrator\", \"monitoring\"]\n",
+            PasswordHash::argon2id(b"pw")
+        ))
+        .unwrap();
+        assert_eq!(c.listeners.len(), 1, "http listeners are kept apart");
+        let h = &c.http[0];
+        assert_eq!((h.index, h.bind.port(), h.metrics_max_queues, h.max_connections), (1, 15672, 50, 8));
+        assert_eq!(h.header_timeout, Duration::from_secs(3));
+        assert_eq!(c.users[0].tags, ["administrator", "monitoring"]);
+    }
+
+    #[test]
+    fn keys_of_the_other_listener_kind_are_refused() {
+        let msg =
+            error(&format!("{MINIMAL}[[listeners]]\nprotocol = \"http\"\nbind = \"127.0.0.1:1\"\nvhost = \"v\"\n"));
+        assert!(msg.contains("listeners[1].vhost: not valid with protocol = \"http\""), "{msg}");
+        let msg = error(&format!("{MINIMAL}metrics_max_queues = 5\n"));
+        assert!(msg.contains("listeners[0].metrics_max_queues: only valid with protocol = \"http\""), "{msg}");
+        let msg = error(&format!("{MINIMAL}[[listeners]]\nprotocol = \"http\"\nbind = \"127.0.0.1:1883\"\n"));
+        assert!(msg.contains("listeners[1].bind: 127.0.0.1:1883 is already used by listeners[0]"), "{msg}");
+        let msg = error(&format!(
+            "{MINIMAL}[[users]]\nname = \"u\"\npassword_hash = \"{}\"\ntags = [\"a b\"]\n",
+            PasswordHash::argon2id(b"pw")
+        ));
+        assert!(msg.contains("users[0].tags: \"a b\""), "{msg}");
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //! - `unserved`: what a default listener whose protocol has no frontend yet answers (AMQP's
 //!   protocol header, MQTT's CONNACK "server unavailable").
 //! - [`signals`]: SIGINT / SIGTERM (shut down), SIGHUP (reload: [`Server::reload`]).
+//! - `protocol = "http"` listeners are served by the `ferry-management` crate (Prometheus
+//!   `/metrics` and the management API), started beside the protocol listeners.
 //!
 //! A connection flows: `TcpListener::accept` (listener) → TLS (tls) → WebSocket (websocket) →
 //! `ClientStream` + `ConnectionContext` → `Frontend::serve` (a protocol crate) → the broker core.
@@ -37,7 +39,7 @@ pub mod tls;
 mod unserved;
 mod websocket;
 
-pub use config::{Config, ConfigError, ConfigSource, ListenerConfig, TlsConfig, Transport};
+pub use config::{Config, ConfigError, ConfigSource, HttpListenerConfig, ListenerConfig, TlsConfig, Transport};
 pub use server::{
     check, check_file, BoundListener, CheckError, ReloadError, ReloadReport, Server, ServerBuilder, ShutdownError,
     ShutdownReport, StartError, StartProblem,

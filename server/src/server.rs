@@ -27,7 +27,8 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::config::{
-    AmqpConfig, BrokerConfig, Config, ConfigError, ConfigSource, ListenerConfig, MqttConfig, Transport,
+    AmqpConfig, BrokerConfig, Config, ConfigError, ConfigSource, HttpListenerConfig, ListenerConfig, MqttConfig,
+    Transport,
 };
 use crate::listener::{Drained, Handler, Listener};
 use crate::tls::{self, TlsError};
@@ -49,6 +50,14 @@ pub enum StartProblem {
     NoAuthentication { index: usize, protocol: Protocol, addr: SocketAddr },
     #[error("listeners[{index}] ({protocol} {addr}): cannot bind: {error}")]
     Bind { index: usize, protocol: Protocol, addr: SocketAddr, error: io::Error },
+    /// The HTTP API off loopback with no user to log in as (it has no anonymous access).
+    #[error(
+        "listeners[{index}] (http {addr}): not on loopback and no way to authenticate: add [[users]] \
+         with tags = [\"administrator\"] or [\"monitoring\"] (see `ferry passwd`)"
+    )]
+    HttpNoAuthentication { index: usize, addr: SocketAddr },
+    #[error("listeners[{index}] (http {addr}): cannot bind: {error}")]
+    HttpBind { index: usize, addr: SocketAddr, error: io::Error },
     #[error("broker.data_dir: cannot create {}: {error}", path.display())]
     DataDir { path: PathBuf, error: io::Error },
     #[error("broker.data_dir: cannot open the store {}: {error}", path.display())]
@@ -133,6 +142,7 @@ pub struct BoundListener {
 /// users. Binds nothing.
 pub fn check(config: &Config) -> Result<(), StartError> {
     let mut problems = unauthenticated(config);
+    problems.extend(http_unauthenticated(&config.http, &config.users));
     problems.extend(tls_problems(config));
     problems.extend(bridge_password_problems(config));
     if problems.is_empty() {
@@ -149,6 +159,7 @@ fn tls_problems(config: &Config) -> impl Iterator<Item = StartProblem> + '_ {
         .iter()
         .enumerate()
         .filter_map(|(index, l)| l.tls.as_ref().map(|t| (index, t)))
+        .chain(config.http.iter().filter_map(|h| h.tls.as_ref().map(|t| (h.index, t))))
         .filter_map(|(index, t)| tls::server_config(t, &format!("listeners[{index}].tls")).err())
         .map(StartProblem::from)
 }
@@ -213,6 +224,9 @@ pub fn check_file(path: &std::path::Path) -> Result<(), CheckError> {
     // With a user refused, "no way to authenticate" may only be its consequence.
     let users_refused = problems.iter().any(|p| p.key.starts_with("users["));
     let mut start = if users_refused { Vec::new() } else { unauthenticated(&config) };
+    if !users_refused {
+        start.extend(http_unauthenticated(&config.http, &config.users));
+    }
     start.extend(tls_problems(&config));
     start.extend(bridge_password_problems(&config));
     if problems.is_empty() && start.is_empty() {
@@ -241,6 +255,18 @@ fn unauthenticated_with(listeners: &[ListenerConfig], users: &[User]) -> Vec<Sta
         // A listener that takes client certificates as identities has a way in without users.
         .filter(|(_, l)| !l.is_loopback() && !l.allow_anonymous && l.cert_login.is_none())
         .map(|(index, l)| StartProblem::NoAuthentication { index, protocol: l.protocol, addr: l.bind })
+        .collect()
+}
+
+/// The HTTP listeners off loopback while no user is configured: the API takes no anonymous
+/// requests, and the loopback-only guest does not count there.
+fn http_unauthenticated(http: &[HttpListenerConfig], users: &[User]) -> Vec<StartProblem> {
+    if !users.is_empty() {
+        return Vec::new();
+    }
+    http.iter()
+        .filter(|h| !h.is_loopback())
+        .map(|h| StartProblem::HttpNoAuthentication { index: h.index, addr: h.bind })
         .collect()
 }
 
@@ -319,6 +345,27 @@ impl ServerBuilder {
                     }
                     if let Err(error) = bound {
                         problems.push(StartProblem::Bind { index, protocol: l.protocol, addr: l.bind, error });
+                    }
+                }
+            }
+        }
+        problems.extend(http_unauthenticated(&config.http, &config.users));
+        let mut http_ready = Vec::new();
+        for h in &config.http {
+            let tls = match &h.tls {
+                None => Ok(None),
+                Some(t) => tls::server_config(t, &format!("listeners[{}].tls", h.index))
+                    .map(|c| Some(Arc::new(ArcSwap::new(c)))),
+            };
+            let bound = bind(h.bind).and_then(|tcp| Ok((tcp.local_addr()?, tcp)));
+            match (tls, bound) {
+                (Ok(tls), Ok((addr, tcp))) => http_ready.push((h, tls, addr, tcp)),
+                (tls, bound) => {
+                    if let Err(e) = tls {
+                        problems.push(e.into());
+                    }
+                    if let Err(error) = bound {
+                        problems.push(StartProblem::HttpBind { index: h.index, addr: h.bind, error });
                     }
                 }
             }
@@ -413,6 +460,7 @@ impl ServerBuilder {
         let grace = config.broker.shutdown_grace;
         let mut listeners = Vec::with_capacity(ready.len());
         let mut tasks = Vec::with_capacity(ready.len());
+        let mut tasks_http = Vec::new();
         let broker_connections = Arc::new(tokio::sync::Semaphore::new(config.broker.max_connections));
         let mut tls_slots = Vec::with_capacity(ready.len());
         for (l, tls, handler, addr, tcp) in ready {
@@ -475,6 +523,41 @@ impl ServerBuilder {
             };
             tasks.push(tokio::spawn(listener.run(broker.clone(), shutdown.clone(), grace)));
         }
+        // The HTTP listeners (metrics and the management API) share one sampler and login cache.
+        let mut http = Vec::with_capacity(http_ready.len());
+        if !http_ready.is_empty() {
+            let infos = listeners
+                .iter()
+                .map(|l| {
+                    let mut protocol = l.protocol.to_string();
+                    if l.transport.is_websocket() {
+                        protocol = format!("http/web-{protocol}");
+                    } else if l.tls {
+                        protocol.push_str("/ssl");
+                    }
+                    ferry_management::ListenerInfo { protocol, addr: l.addr }
+                })
+                .chain(http_ready.iter().map(|(_, tls, addr, _)| ferry_management::ListenerInfo {
+                    protocol: if tls.is_some() { "https" } else { "http" }.to_string(),
+                    addr: *addr,
+                }))
+                .collect();
+            let management =
+                ferry_management::Management::start(broker.clone(), bridges.status_reader(), infos, shutdown.clone());
+            for (h, tls, addr, tcp) in http_ready {
+                let settings = ferry_management::HttpSettings {
+                    name: format!("http {addr}"),
+                    max_connections: h.max_connections,
+                    header_timeout: h.header_timeout,
+                    metrics_max_queues: h.metrics_max_queues,
+                    // RabbitMQ's guest / guest, on loopback only.
+                    auth: ferry_core::auth::AuthPolicy { anonymous: false, guest: h.is_loopback(), cert_login: None },
+                    grace,
+                };
+                http.push(addr);
+                tasks_http.push(management.serve(tcp, tls, settings, shutdown.clone()));
+            }
+        }
         // Message TTL and idle-queue expiry run on the broker's own timer; it ends with the
         // shutdown signal.
         tokio::spawn(broker.clone().run_housekeeping(shutdown.clone()));
@@ -485,9 +568,10 @@ impl ServerBuilder {
             amqp: config.amqp.clone(),
             listeners: config.listeners,
             bridges: config.bridges,
+            http: config.http,
             shovels: config.shovels,
         };
-        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, bridges })
+        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, bridges, http, tasks_http })
     }
 }
 
@@ -506,6 +590,9 @@ pub struct Server {
     tasks: Vec<JoinHandle<Drained>>,
     grace: Duration,
     bridges: ferry_bridge::Bridges,
+    /// The HTTP listeners' addresses (config order) and their tasks.
+    http: Vec<SocketAddr>,
+    tasks_http: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -528,6 +615,11 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// The addresses the `protocol = "http"` listeners are bound to, in config order.
+    pub fn http_addrs(&self) -> &[SocketAddr] {
+        &self.http
     }
 
     /// The running bridges (`[[bridges]]`): their state and counters.
@@ -596,7 +688,11 @@ impl Server {
         if config.shovels != self.running.shovels {
             report.needs_restart.push("[[shovels]] changed".to_string());
         }
-        let locked_out = unauthenticated_with(running, &config.users);
+        if config.http != self.running.http {
+            report.needs_restart.push("http listeners changed".to_string());
+        }
+        let mut locked_out = unauthenticated_with(running, &config.users);
+        locked_out.extend(http_unauthenticated(&self.running.http, &config.users));
         if locked_out.is_empty() {
             self.broker.auth().replace_users(config.users.clone());
             report.users = Some(config.users.len());
@@ -622,12 +718,17 @@ impl Server {
     /// Stops accepting, tells every connection to close, waits up to the grace period for them,
     /// aborts the rest, and flushes the store.
     pub async fn shutdown(self) -> Result<ShutdownReport, ShutdownError> {
-        let Server { broker, shutdown_tx, tasks, grace, mut bridges, .. } = self;
+        let Server { broker, shutdown_tx, tasks, grace, mut bridges, tasks_http, .. } = self;
         info!("shutdown: stopping listeners and closing connections (grace {grace:?})");
         shutdown_tx.send_replace(true);
         // Each bridge sends DISCONNECT and hands what the remote has not acknowledged back to
         // its queue, where the store keeps it.
         bridges.stopped().await;
+        for task in tasks_http {
+            if let Err(e) = task.await {
+                error!("shutdown: an http listener task failed: {e}");
+            }
+        }
         let mut report = ShutdownReport::default();
         for task in tasks {
             match task.await {
@@ -659,6 +760,7 @@ struct Running {
     amqp: AmqpConfig,
     listeners: Vec<ListenerConfig>,
     bridges: Vec<ferry_bridge::BridgeConfig>,
+    http: Vec<HttpListenerConfig>,
     shovels: Vec<ferry_bridge::ShovelConfig>,
 }
 

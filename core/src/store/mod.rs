@@ -262,6 +262,55 @@ impl Commit {
     }
 }
 
+/// Upper bounds of [`CommitStats`]' latency buckets, in seconds (Prometheus' default buckets
+/// from 0.5 ms, where an fsync on an SSD lands, to 2.5 s, a disk in trouble).
+pub const COMMIT_LATENCY_BOUNDS: [f64; 12] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// How many commits a store made and how long their fsync took: a histogram of relaxed
+/// atomics, recorded once per commit by the writer (never per message).
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    count: std::sync::atomic::AtomicU64,
+    sum_micros: std::sync::atomic::AtomicU64,
+    /// Per bucket of [`COMMIT_LATENCY_BOUNDS`] (not cumulative); slower ones count only in `count`.
+    buckets: [std::sync::atomic::AtomicU64; COMMIT_LATENCY_BOUNDS.len()],
+}
+
+/// [`CommitStats`] read at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommitSnapshot {
+    pub count: u64,
+    pub sum_seconds: f64,
+    /// Cumulative: commits that took at most the bound of the same index in [`COMMIT_LATENCY_BOUNDS`].
+    pub cumulative: [u64; COMMIT_LATENCY_BOUNDS.len()],
+}
+
+impl CommitStats {
+    pub fn record(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let secs = took.as_secs_f64();
+        if let Some(i) = COMMIT_LATENCY_BOUNDS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+        // Last: a reader that sees the count sees the bucket (give or take a commit in flight).
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CommitSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut cumulative = [0; COMMIT_LATENCY_BOUNDS.len()];
+        let mut running = 0;
+        for (c, b) in cumulative.iter_mut().zip(&self.buckets) {
+            running += b.load(Relaxed);
+            *c = running;
+        }
+        let count = self.count.load(Relaxed).max(running);
+        CommitSnapshot { count, sum_seconds: self.sum_micros.load(Relaxed) as f64 / 1e6, cumulative }
+    }
+}
+
 /// Durable storage for the broker's state.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Queues a batch of operations, applied atomically and in submission order.
@@ -277,6 +326,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Commits what was submitted and releases the storage (the file); later submits fail
     /// with [`StoreError::Closed`]. A server calls it last in its shutdown.
     fn close(&self) {}
+    /// Commit counts and fsync latency, for a store that writes to disk (`None`: it does not).
+    fn commit_stats(&self) -> Option<std::sync::Arc<CommitStats>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -113,6 +113,7 @@ pub struct RedbStore {
     compactions: Arc<AtomicU64>,
     /// The file, when the store is one (its length is what `file_stats` reports).
     path: Option<std::path::PathBuf>,
+    commit_stats: Arc<super::CommitStats>,
 }
 
 impl fmt::Debug for RedbStore {
@@ -156,6 +157,7 @@ impl RedbStore {
         let transactions = Arc::new(AtomicU64::new(0));
         let failing = Arc::new(AtomicBool::new(false));
         let compactions = Arc::new(AtomicU64::new(0));
+        let commit_stats = Arc::new(super::CommitStats::default());
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
         let writer = Writer {
             db: Some(db),
@@ -166,6 +168,7 @@ impl RedbStore {
             transactions: transactions.clone(),
             failing: failing.clone(),
             compactions: compactions.clone(),
+            commit_stats: commit_stats.clone(),
             next_body,
             tombstones: Tombstones::default(),
         };
@@ -177,6 +180,7 @@ impl RedbStore {
             failing,
             compactions,
             path,
+            commit_stats,
         })
     }
 
@@ -333,6 +337,10 @@ impl Store for RedbStore {
 
     fn close(&self) {
         self.shut();
+    }
+
+    fn commit_stats(&self) -> Option<Arc<super::CommitStats>> {
+        Some(self.commit_stats.clone())
     }
 
     /// Resolves after every batch submitted before it is committed (the channel is FIFO and the
@@ -611,6 +619,7 @@ struct Writer {
     transactions: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
     compactions: Arc<AtomicU64>,
+    commit_stats: Arc<super::CommitStats>,
     /// The next body id; ids are never reused (one lost to a failed transaction is skipped).
     next_body: u64,
     tombstones: Tombstones,
@@ -827,7 +836,9 @@ impl Writer {
                 }
             }
         }
+        let started = Instant::now();
         txn.commit().map_err(io)?;
+        self.commit_stats.record(started.elapsed());
         self.transactions.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
