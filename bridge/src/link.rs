@@ -143,6 +143,10 @@ struct Carry {
     /// QoS 2 PUBLISHes from the remote already published locally and PUBREC'd, awaiting PUBREL:
     /// a resend of one (DUP) is answered without publishing it again.
     incoming_qos2: HashSet<u16>,
+    /// Local messages done with (acknowledged by the remote, or not to be sent), acked in the
+    /// local queue together once per turn of the loop: one store request for all of them
+    /// instead of one per message.
+    to_ack: Vec<u64>,
 }
 
 impl Carry {
@@ -260,6 +264,8 @@ impl Link {
             self.state.set(LinkState::Connecting, None);
             let mut conn = Conn { link: &self, vhost: &vhost, outbox: &outbox, consumer: &consumer, carry: &mut carry };
             let ended = conn.serve(&mut shutdown, &mut backoff).await;
+            // What the remote acknowledged before the connection ended leaves the queue.
+            self.settle_local(&vhost, &consumer, &mut carry.to_ack);
             match ended {
                 Ok(()) => break,
                 Err(e) if shutdown.is_shutting_down() => {
@@ -290,19 +296,28 @@ impl Link {
         self.state.set(LinkState::Stopped, None);
     }
 
-    /// Acks a local message the remote has taken (or that is not to be sent).
-    fn settle_local(&self, vhost: &VHost, consumer: &Option<(Arc<Queue>, ConsumerId)>, seq: u64) {
-        if let Some((queue, _)) = consumer {
-            let now = now_millis();
+    /// Acks the local messages the remote has taken (or that are not to be sent), emptying
+    /// `seqs`: their effects (the store's deletes, the deliveries the freed window lets through)
+    /// are carried out together.
+    fn settle_local(&self, vhost: &VHost, consumer: &Option<(Arc<Queue>, ConsumerId)>, seqs: &mut Vec<u64>) {
+        let Some((queue, _)) = consumer else {
+            seqs.clear();
+            return;
+        };
+        if seqs.is_empty() {
+            return;
+        }
+        let now = now_millis();
+        let mut all = ferry_core::queue::Effects::default();
+        for seq in seqs.drain(..) {
             match queue.ack(seq, now) {
-                Ok(effects) => {
-                    vhost.settle(queue, effects, now);
-                }
+                Ok(effects) => all.merge(effects),
                 Err(e) => {
                     warn!(bridge = %self.config.name, "bridge {}: ack of local message {seq}: {e}", self.config.name)
                 }
             }
         }
+        vhost.settle(queue, all, now);
     }
 }
 
@@ -507,9 +522,12 @@ impl Conn<'_> {
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
+            // Acks first: the window they free is filled in the same turn.
+            self.link.settle_local(self.vhost, self.consumer, &mut self.carry.to_ack);
             if self.pump_out(limit, &remote, &mut out) {
                 self.link.changed();
             }
+            self.link.settle_local(self.vhost, self.consumer, &mut self.carry.to_ack);
             let counters = &self.link.counters;
             handle.counters.set_messages(
                 counters.forwarded_in.load(Ordering::Relaxed) - in_at_start,
@@ -604,9 +622,8 @@ impl Conn<'_> {
             let Some((rule, remote_topic)) = route.filter(|_| skip.is_none()) else {
                 let counter = skip.unwrap_or(&link.counters.dropped_no_rule);
                 counter.fetch_add(1, Ordering::Relaxed);
-                let seq = d.seq;
+                self.carry.to_ack.push(d.seq);
                 self.carry.pending.pop_front();
-                link.settle_local(self.vhost, self.consumer, seq);
                 moved = true;
                 continue;
             };
@@ -624,7 +641,7 @@ impl Conn<'_> {
             if qos == QoS::AtMostOnce {
                 codec::encode(&Packet::Publish(p), config.version, out);
                 link.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
-                link.settle_local(self.vhost, self.consumer, d.seq);
+                self.carry.to_ack.push(d.seq);
                 moved = true;
             } else {
                 let pid = self.carry.next_pid();
@@ -699,7 +716,7 @@ impl Conn<'_> {
         } else {
             counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
         }
-        self.link.settle_local(self.vhost, self.consumer, f.seq);
+        self.carry.to_ack.push(f.seq);
         Ok(())
     }
 
