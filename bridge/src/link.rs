@@ -147,6 +147,10 @@ struct Carry {
     /// local queue together once per turn of the loop: one store request for all of them
     /// instead of one per message.
     to_ack: Vec<u64>,
+    /// The last local routing key mapped by the `out` rules, and what it mapped to (the rule's
+    /// QoS and the remote topic; none without a rule): a backlog is mostly runs of one topic,
+    /// and mapping one costs two conversions and an allocation or three.
+    last_route: Option<(ShortString, Option<(QoS, Str)>)>,
 }
 
 impl Carry {
@@ -608,7 +612,6 @@ impl Conn<'_> {
         let v5 = config.version.is_v5();
         while let Some(d) = self.carry.pending.front() {
             let m = &d.message;
-            let topic = ferry_mqtt::topic::swap_separators(&m.routing_key.to_string_lossy());
             let hops = message_hops(m);
             let skip = if m.origin.connection == link.id {
                 // Came in over this very link.
@@ -618,8 +621,16 @@ impl Conn<'_> {
             } else {
                 None
             };
-            let route = rules::outbound(&config.topics, &topic);
-            let Some((rule, remote_topic)) = route.filter(|_| skip.is_none()) else {
+            let route = match &self.carry.last_route {
+                Some((key, route)) if *key == m.routing_key => route.clone(),
+                _ => {
+                    let topic = ferry_mqtt::topic::swap_separators(&m.routing_key.to_string_lossy());
+                    let route = rules::outbound(&config.topics, &topic).map(|(rule, t)| (rule.qos, Str::from(t)));
+                    self.carry.last_route = Some((m.routing_key.clone(), route.clone()));
+                    route
+                }
+            };
+            let Some((rule_qos, remote_topic)) = route.filter(|_| skip.is_none()) else {
                 let counter = skip.unwrap_or(&link.counters.dropped_no_rule);
                 counter.fetch_add(1, Ordering::Relaxed);
                 self.carry.to_ack.push(d.seq);
@@ -627,13 +638,12 @@ impl Conn<'_> {
                 moved = true;
                 continue;
             };
-            let qos = rule.qos.min(mapping::message_qos(m)).min(remote.max_qos);
+            let qos = rule_qos.min(mapping::message_qos(m)).min(remote.max_qos);
             if qos > QoS::AtMostOnce && self.carry.inflight.len() >= limit {
                 break;
             }
             let retain = mapping::message_retain(m) && remote.retain_available;
-            let mut p = mapping::to_publish(m, qos, retain, v5, now_millis());
-            p.topic = Str::from(remote_topic);
+            let mut p = mapping::to_publish_on(m, remote_topic, qos, retain, v5, now_millis());
             if v5 {
                 set_publish_hops(&mut p, hops + 1);
             }
