@@ -39,7 +39,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::histogram::{Histogram, Latency};
+use crate::histogram::{CpuMeter, Histogram, Latency};
 use crate::mqtt::{disconnect_error, Conn, Ids, Template};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,6 +173,8 @@ pub struct Report {
     pub window_received: Option<u64>,
     pub rate: Option<f64>,
     pub cpu: Vec<ProcCpu>,
+    /// `rate`: the generator's own CPU microseconds per message arrived, over the window.
+    pub generator_cpu_us_per_msg: Option<f64>,
     pub latency_us: Option<Latency>,
     pub timed_out: bool,
     pub errors: Vec<String>,
@@ -209,6 +211,9 @@ impl Report {
         for c in &self.cpu {
             let per = c.cpu_us_per_msg.map(|u| format!(" = {u:.2} us/msg")).unwrap_or_default();
             println!("  cpu:     pid {} {:.3} s{per}", c.pid, c.cpu_secs);
+        }
+        if let Some(g) = self.generator_cpu_us_per_msg {
+            println!("  cpu:     generator {g:.2} us/msg");
         }
         if let Some(l) = &self.latency_us {
             let us = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
@@ -551,11 +556,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
                 let t0 = Instant::now();
                 let n0 = win_ctx.received.load(Ordering::Acquire);
                 let c0: Vec<Option<f64>> = pids.iter().map(|p| proc_cpu_secs(*p)).collect();
+                let own = CpuMeter::start();
                 sleep_until(stop_at).await;
+                let own = own.stop().secs;
                 let t1 = Instant::now();
                 let n1 = win_ctx.received.load(Ordering::Acquire);
                 let c1: Vec<Option<f64>> = pids.iter().map(|p| proc_cpu_secs(*p)).collect();
-                (t1.duration_since(t0).as_secs_f64(), n1 - n0, pids, c0, c1)
+                (t1.duration_since(t0).as_secs_f64(), n1 - n0, pids, c0, c1, own)
             });
             let mut st = PubState::default();
             let w = Some(u64::from(args.window));
@@ -569,7 +576,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
             // `settle` seconds without a delivery.
             target.store(st.acked, Ordering::Release);
             pubs_done.send_replace(true);
-            let (win_secs, win_n, pids, c0, c1) = window.await.context("window task")?;
+            let (win_secs, win_n, pids, c0, c1, own) = window.await.context("window task")?;
             let (sub, sst) = match subscriber.await {
                 Ok((sub, sst, r)) => {
                     match r {
@@ -601,6 +608,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
             report.window_secs = Some(win_secs);
             report.window_received = Some(win_n);
             report.rate = Some(win_n as f64 / win_secs);
+            report.generator_cpu_us_per_msg = (win_n > 0).then(|| own * 1e6 / win_n as f64);
             report.cpu = pids
                 .iter()
                 .zip(c0.iter().zip(c1.iter()))
