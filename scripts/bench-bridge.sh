@@ -404,6 +404,17 @@ if rate:
                    f"{u(med(cpus)) if cpus else '–'} ({spread(cpus, u)}) | {cratio} | {u(med(rcpus)) if rcpus else '–'} | "
                    f"{u(med(gcpus)) if gcpus else '–'} | "
                    f"{sum(r['lost'] for r in rs)} | {sum(r['duplicates'] for r in rs)} | {sum(r['out_of_order'] for r in rs)} |")
+    # What the rest of the setup leaves for the bridging broker: the remote and the generator share
+    # the same cores, so their CPU per message bounds the rate whatever the bridging broker does.
+    others = [r["cpu"][1]["cpu_us_per_msg"] + r["generator_cpu_us_per_msg"] for r in base
+              if len(r.get("cpu", [])) > 1 and r["cpu"][1]["cpu_us_per_msg"] and r.get("generator_cpu_us_per_msg")]
+    if others and base_rate:
+        ceiling = int(meta.get("nproc", "1")) * 1e6 / med(others)
+        out.append("")
+        out.append(f"The remote Mosquitto and the generator alone use {med(others):.1f} µs of CPU per message (median of "
+                   f"the Mosquitto rounds), on the same {meta.get('nproc')} cores: even a bridging broker that cost "
+                   f"nothing could not forward more than about {ceiling / 1000:.0f}k msgs/s here, "
+                   f"{ceiling / base_rate:.1f}× Mosquitto's rate.")
     out.append("")
     out.append("Per round (rate, bridging broker µs/msg, load average at the start of the run): " + "; ".join(
         f"{r['setup']}→{r.get('remote', 'mosquitto')} #{r['round']}: {r['rate'] / 1000:.1f}k/s, "
