@@ -19,7 +19,10 @@
 # counts what arrives at a subscriber on the remote, closed loop: at most INFLIGHT PUBLISHes
 # unacknowledged by the bridging broker and at most WINDOW messages sent and not yet arrived
 # (below Mosquitto's 1000 queued + its in-flight window, so that neither side drops or drowns
-# in a backlog). WARMUP seconds, then the measure window (MEASURE seconds): rate = messages
+# in a backlog). INFLIGHT defaults to WINDOW: a smaller one holds a broker that acknowledges
+# only after its commit (Ferry: fsync'd) to INFLIGHT / commit latency, which measures the
+# publisher's window rather than the bridge (with 100: Ferry at about 0.6x Mosquitto's rate
+# with its bridge idle half the time, 2026-12-06). WARMUP seconds, then the measure window (MEASURE seconds): rate = messages
 # arrived in it / its length; CPU per message = the bridging broker's utime + stime
 # (/proc/<pid>/stat) over the same window / messages arrived; the remote's too. Then the
 # publisher stops and every PUBACKed message must arrive: lost, duplicates and reordering are
@@ -34,7 +37,7 @@
 # directory; what arrives is counted. A control round per setup does the same without the SIGKILL (a plain remote outage),
 # so that a loss is seen to be the crash's and not the outage's.
 #
-# Environment: ROUNDS (5), WARMUP (3), MEASURE (10), INFLIGHT (100), WINDOW (500), SIZE (64),
+# Environment: ROUNDS (5), WARMUP (3), MEASURE (10), INFLIGHT (500), WINDOW (500), SIZE (64),
 # BRIDGE_INFLIGHT (Ferry's max_inflight; unset: Ferry's default), MOSQ_INFLIGHT (default: the
 # window Ferry's bridge uses), CRASH_ROUNDS (2), CRASH_MESSAGES (1000), FERRY_REMOTE (1: also a
 # Ferry -> Ferry round in part 1, for reference), PARTS ("rate crash"), DOCS (1: write the
@@ -51,7 +54,7 @@ done
 ROUNDS=${ROUNDS:-5}
 WARMUP=${WARMUP:-3}
 MEASURE=${MEASURE:-10}
-INFLIGHT=${INFLIGHT:-100}
+INFLIGHT=${INFLIGHT:-500}
 WINDOW=${WINDOW:-500}
 SIZE=${SIZE:-64}
 BRIDGE_INFLIGHT=${BRIDGE_INFLIGHT:-}
