@@ -128,9 +128,6 @@ impl Bridges {
                     }
                     Err(e) => return Err(qerr(e)),
                 };
-                // The link never reads `redelivered` (a message resent after a restart goes
-                // under a new packet id): no store write per delivery to record it.
-                queue.skip_delivery_marks();
                 for rule in config.topics.iter().filter(|r| r.direction.is_out()) {
                     let text = rule.local_filter();
                     let filter = ferry_mqtt::topic::Filter::parse(&text).map_err(|e| BridgeError::BadFilter {

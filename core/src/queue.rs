@@ -29,7 +29,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -568,10 +568,6 @@ pub struct Queue {
     /// exchange skip the policy (an `ArcSwap` load, 2 % of an AMQP publisher's broker CPU) on
     /// every publish ([`Queue::reserved_as_of`]).
     reserved: AtomicU64,
-    /// Whether a persistent message's first delivery is recorded in the store (so that it comes
-    /// back `redelivered` after a restart). True but for queues whose only consumer has no use
-    /// for the flag ([`Queue::skip_delivery_marks`]).
-    marks_deliveries: AtomicBool,
 }
 
 impl Queue {
@@ -596,29 +592,7 @@ impl Queue {
             rejected_overflow: 0,
             armed: None,
         };
-        Ok(Queue {
-            name,
-            options,
-            args,
-            state: Mutex::new(state),
-            reserved: AtomicU64::new(u64::MAX),
-            marks_deliveries: AtomicBool::new(true),
-        })
-    }
-    /// From now on, deliveries of this queue's persistent messages are not recorded in the
-    /// store: after a restart every message comes back with `redelivered` false. For a queue
-    /// whose consumer never reads the flag (a bridge's backlog: a message resent after a
-    /// restart goes under a new packet id anyway), this saves a store write (a B-tree lookup
-    /// and update) per message. Not kept across restarts: the owner says it again.
-    pub fn skip_delivery_marks(&self) {
-        self.marks_deliveries.store(false, Ordering::Relaxed);
-    }
-
-    fn marks_delivery(&self, redelivered: bool, message: &Message) -> bool {
-        !redelivered
-            && self.stores_messages()
-            && message.is_persistent()
-            && self.marks_deliveries.load(Ordering::Relaxed)
+        Ok(Queue { name, options, args, state: Mutex::new(state), reserved: AtomicU64::new(u64::MAX) })
     }
     /// Whether the policy of `epoch` reserves this queue, asking `policy` only when this queue
     /// has not been asked under that epoch yet. A name's answer never changes under one policy.
@@ -700,7 +674,7 @@ impl Queue {
         } else {
             c.unacked += 1;
             let owner = c.spec.owner;
-            if self.marks_delivery(redelivered, &entry.message) {
+            if !redelivered && self.stores_messages() && entry.message.is_persistent() {
                 fx.delivered.push(seq);
             }
             let message = entry.message.clone();
@@ -1046,7 +1020,7 @@ impl Queue {
         if no_ack {
             self.forget(&entry.message, entry.seq, &mut fx);
         } else {
-            if self.marks_delivery(entry.redelivered, &entry.message) {
+            if !entry.redelivered && self.stores_messages() && entry.message.is_persistent() {
                 fx.delivered.push(entry.seq);
             }
             st.unacked.insert(entry.seq, Unacked { entry, owner, consumer: None });
@@ -1738,19 +1712,6 @@ mod tests {
         assert_eq!((fx1.forgotten, fx2.forgotten), (vec![1], vec![2]));
         assert_eq!(q.stats().unacked, 0);
         assert!(q.ack(1, 0).is_err());
-    }
-
-    #[test]
-    fn first_deliveries_of_persistent_messages_are_marked_unless_the_queue_skips_marks() {
-        let marked = durable_queue(vec![]);
-        let unmarked = durable_queue(vec![]);
-        unmarked.skip_delivery_marks();
-        for (q, expected) in [(&marked, vec![1]), (&unmarked, vec![])] {
-            q.enqueue(persistent("a"), 0);
-            let (got, fx) = q.get(OwnerId(1), false, 0);
-            assert_eq!(got.map(|(d, _)| d.seq), Some(1));
-            assert_eq!(fx.delivered, expected);
-        }
     }
 
     #[test]
