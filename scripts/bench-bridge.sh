@@ -22,7 +22,7 @@
 # in a backlog). INFLIGHT defaults to WINDOW: a smaller one holds a broker that acknowledges
 # only after its commit (Ferry: fsync'd) to INFLIGHT / commit latency, which measures the
 # publisher's window rather than the bridge (with 100: Ferry at 0.57x Mosquitto's rate, median
-# of 5 rounds, 2026-12-06; with 500, 0.66x). WARMUP seconds, then the measure window (MEASURE seconds): rate = messages
+# of 5 rounds, 2026-12-06; with 500 the same build reached 0.66x). WARMUP seconds, then the measure window (MEASURE seconds): rate = messages
 # arrived in it / its length; CPU per message = the bridging broker's utime + stime
 # (/proc/<pid>/stat) over the same window / messages arrived; the remote's too. Then the
 # publisher stops and every PUBACKed message must arrive: lost, duplicates and reordering are
