@@ -5,6 +5,7 @@
 //! `--backlog`) and large stores (`--consumers 0`) (see docs/benchmarks.md).
 
 mod amqp;
+mod bridge;
 mod cross;
 mod histogram;
 mod idle;
@@ -43,6 +44,12 @@ enum Command {
     /// routing key. Exit code 0 when complete (or QoS 0), 1 on a shortfall or a connection error
     /// during the run, 2 when setting up failed.
     Cross(cross::Args),
+    /// QoS 1 through a bridge: a publisher on the bridging broker, a subscriber on the remote,
+    /// sequence numbers counting losses, duplicates and reordering exactly; `--mode rate` (the
+    /// forwarding rate in a steady-state window, closed loop), `publish` (a backlog of N,
+    /// PUBACKed) or `receive` (count N). Exit code 0 without errors (losses are reported, not
+    /// errors), 1 on a connection error during the run, 2 when setting up failed.
+    Bridge(bridge::Args),
 }
 
 /// What `run` needs from a scenario's report.
@@ -78,6 +85,15 @@ impl Report for idle::Report {
     }
 }
 
+impl Report for bridge::Report {
+    fn print_text(&self) {
+        bridge::Report::print_text(self)
+    }
+    fn exit_code(&self) -> u8 {
+        bridge::Report::exit_code(self)
+    }
+}
+
 impl Report for cross::Report {
     fn print_text(&self) {
         cross::Report::print_text(self)
@@ -94,6 +110,7 @@ fn main() -> ExitCode {
         Command::Amqp(args) => run(args.threads, args.json, amqp::run(&args)),
         Command::Idle(args) => run(args.threads, args.json, idle::run(&args)),
         Command::Cross(args) => run(args.threads, args.json, cross::run(&args)),
+        Command::Bridge(args) => run(args.threads, args.json, bridge::run(&args)),
     }
 }
 

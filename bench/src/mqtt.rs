@@ -383,7 +383,7 @@ impl Conn {
 
     /// Connects; with `clean` false the session persists (5.0: expiry 3600 s). Returns the
     /// CONNACK's properties and session-present flag.
-    async fn open_session(
+    pub(crate) async fn open_session(
         addr: SocketAddr,
         version: ProtocolVersion,
         client_id: String,
@@ -425,7 +425,7 @@ impl Conn {
         }
     }
 
-    async fn send(&mut self, p: &Packet) -> anyhow::Result<()> {
+    pub(crate) async fn send(&mut self, p: &Packet) -> anyhow::Result<()> {
         self.wbuf.clear();
         encode(p, self.version, &mut self.wbuf);
         self.flush().await
@@ -449,7 +449,7 @@ impl Conn {
         }
     }
 
-    async fn next(&mut self) -> anyhow::Result<Packet> {
+    pub(crate) async fn next(&mut self) -> anyhow::Result<Packet> {
         loop {
             if let Some(p) = self.dec.decode(&mut self.rbuf).map_err(|e| anyhow!("decode: {e}"))? {
                 return Ok(p);

@@ -147,6 +147,14 @@ struct Carry {
     /// The oldest message in flight when the remote closed the link: it may be what the remote
     /// closes on (a packet larger than it accepts, which a 3.1.1 remote cannot announce).
     probe: Option<Probe>,
+    /// Local messages done with (acknowledged by the remote, or not to be sent), acked in the
+    /// local queue together once per turn of the loop: one store request for all of them
+    /// instead of one per message.
+    to_ack: Vec<u64>,
+    /// The last local routing key mapped by the `out` rules, and what it mapped to (the rule's
+    /// QoS and the remote topic; none without a rule): a backlog is mostly runs of one topic,
+    /// and mapping one costs two conversions and an allocation or three.
+    last_route: Option<(ShortString, Option<(QoS, Str)>)>,
 }
 
 /// A message under suspicion. The next connections send it alone, right after a PINGREQ: a
@@ -323,6 +331,8 @@ impl Link {
             if up_at.is_some_and(|t: Instant| t.elapsed() >= stable_after(&self.config)) {
                 backoff.reset();
             }
+            // What the remote acknowledged before the connection ended leaves the queue.
+            self.settle_local(&vhost, &consumer, &mut carry.to_ack);
             match ended {
                 Ok(()) => break,
                 Err(e) if shutdown.is_shutting_down() => {
@@ -353,19 +363,28 @@ impl Link {
         self.state.set(LinkState::Stopped, None);
     }
 
-    /// Acks a local message the remote has taken (or that is not to be sent).
-    fn settle_local(&self, vhost: &VHost, consumer: &Option<(Arc<Queue>, ConsumerId)>, seq: u64) {
-        if let Some((queue, _)) = consumer {
-            let now = now_millis();
+    /// Acks the local messages the remote has taken (or that are not to be sent), emptying
+    /// `seqs`: their effects (the store's deletes, the deliveries the freed window lets through)
+    /// are carried out together.
+    fn settle_local(&self, vhost: &VHost, consumer: &Option<(Arc<Queue>, ConsumerId)>, seqs: &mut Vec<u64>) {
+        let Some((queue, _)) = consumer else {
+            seqs.clear();
+            return;
+        };
+        if seqs.is_empty() {
+            return;
+        }
+        let now = now_millis();
+        let mut all = ferry_core::queue::Effects::default();
+        for seq in seqs.drain(..) {
             match queue.ack(seq, now) {
-                Ok(effects) => {
-                    vhost.settle(queue, effects, now);
-                }
+                Ok(effects) => all.merge(effects),
                 Err(e) => {
                     warn!(bridge = %self.config.name, "bridge {}: ack of local message {seq}: {e}", self.config.name)
                 }
             }
         }
+        vhost.settle(queue, all, now);
     }
 }
 
@@ -597,9 +616,12 @@ impl Conn<'_> {
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
         loop {
+            // Acks first: the window they free is filled in the same turn.
+            self.link.settle_local(self.vhost, self.consumer, &mut self.carry.to_ack);
             if self.pump_out(limit, &remote, &unwritten, &mut out) {
                 self.link.changed();
             }
+            self.link.settle_local(self.vhost, self.consumer, &mut self.carry.to_ack);
             let counters = &self.link.counters;
             handle.counters.set_messages(
                 counters.forwarded_in.load(Ordering::Relaxed) - in_at_start,
@@ -700,7 +722,7 @@ impl Conn<'_> {
             "bridge {}: a message on {topic} ({size} bytes as a PUBLISH) is {why}; dropped",
             link.config.name
         );
-        link.settle_local(self.vhost, self.consumer, seq);
+        link.settle_local(self.vhost, self.consumer, &mut vec![seq]);
         link.changed();
     }
 
@@ -804,7 +826,6 @@ impl Conn<'_> {
                 break;
             }
             let m = &d.message;
-            let topic = ferry_mqtt::topic::swap_separators(&m.routing_key.to_string_lossy());
             let hops = message_hops(m);
             let skip = if m.origin.connection == link.id {
                 // Came in over this very link.
@@ -814,17 +835,24 @@ impl Conn<'_> {
             } else {
                 None
             };
-            let route = rules::outbound(&config.topics, &topic);
-            let Some((rule, remote_topic)) = route.filter(|_| skip.is_none()) else {
+            let route = match &self.carry.last_route {
+                Some((key, route)) if *key == m.routing_key => route.clone(),
+                _ => {
+                    let topic = ferry_mqtt::topic::swap_separators(&m.routing_key.to_string_lossy());
+                    let route = rules::outbound(&config.topics, &topic).map(|(rule, t)| (rule.qos, Str::from(t)));
+                    self.carry.last_route = Some((m.routing_key.clone(), route.clone()));
+                    route
+                }
+            };
+            let Some((rule_qos, remote_topic)) = route.filter(|_| skip.is_none()) else {
                 let counter = skip.unwrap_or(&link.counters.dropped_no_rule);
                 counter.fetch_add(1, Ordering::Relaxed);
-                let seq = d.seq;
+                self.carry.to_ack.push(d.seq);
                 self.carry.pending.pop_front();
-                link.settle_local(self.vhost, self.consumer, seq);
                 moved = true;
                 continue;
             };
-            let qos = rule.qos.min(mapping::message_qos(m)).min(remote.max_qos);
+            let qos = rule_qos.min(mapping::message_qos(m)).min(remote.max_qos);
             if qos > QoS::AtMostOnce && self.carry.inflight.len() >= limit {
                 break;
             }
@@ -838,8 +866,7 @@ impl Conn<'_> {
             }
             let redelivered = d.redelivered;
             let retain = mapping::message_retain(m) && remote.retain_available;
-            let mut p = mapping::to_publish(m, qos, retain, v5, now_millis());
-            p.topic = Str::from(remote_topic);
+            let mut p = mapping::to_publish_on(m, remote_topic, qos, retain, v5, now_millis());
             if v5 {
                 set_publish_hops(&mut p, hops + 1);
             }
@@ -863,7 +890,7 @@ impl Conn<'_> {
             }
             if qos == QoS::AtMostOnce {
                 link.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
-                link.settle_local(self.vhost, self.consumer, d.seq);
+                self.carry.to_ack.push(d.seq);
                 moved = true;
             } else {
                 let stage = if qos == QoS::ExactlyOnce { Stage::PubRec } else { Stage::PubAck };
@@ -941,7 +968,7 @@ impl Conn<'_> {
         } else {
             counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
         }
-        self.link.settle_local(self.vhost, self.consumer, f.seq);
+        self.carry.to_ack.push(f.seq);
         Ok(())
     }
 

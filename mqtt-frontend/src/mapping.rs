@@ -133,7 +133,12 @@ fn header_text(v: &FieldValue) -> Option<Str> {
 /// The PUBLISH for delivering `m` (without packet id, topic alias or subscription ids, which
 /// the session sets). `v5` selects whether properties are filled in.
 pub fn to_publish(m: &Message, qos: QoS, retain: bool, v5: bool, now: Millis) -> Publish {
-    let topic = Str::from(swap_separators(&m.routing_key.to_string_lossy()));
+    to_publish_on(m, Str::from(swap_separators(&m.routing_key.to_string_lossy())), qos, retain, v5, now)
+}
+
+/// [`to_publish`] on a topic the caller has already worked out (a bridge maps the topic by its
+/// rules, and keeps the last one it mapped).
+pub fn to_publish_on(m: &Message, topic: Str, qos: QoS, retain: bool, v5: bool, now: Millis) -> Publish {
     let mut properties = codec::Properties::default();
     if v5 {
         let mp = &m.properties;
