@@ -223,31 +223,7 @@ impl Bridges {
     }
 
     fn status_of(l: &Link) -> BridgeStatus {
-        let (state, last_error) = l.state.get();
-        let stats = l.queue.as_ref().map(|q| q.stats()).unwrap_or_default();
-        let c = &l.counters;
-        BridgeStatus {
-            name: l.config.name.clone(),
-            remote: l.config.address.clone(),
-            state,
-            last_error,
-            queued: u64::from(stats.ready),
-            queued_bytes: stats.ready_bytes,
-            in_flight: u64::from(stats.unacked),
-            forwarded_out: Counters::get(&c.forwarded_out),
-            forwarded_in: Counters::get(&c.forwarded_in),
-            dropped_overflow: stats.dropped_overflow,
-            rejected_overflow: stats.rejected_overflow,
-            held_overflow: stats.held_overflow,
-            dropped_max_hops: Counters::get(&c.dropped_max_hops),
-            dropped_loop: Counters::get(&c.dropped_loop),
-            dropped_no_rule: Counters::get(&c.dropped_no_rule),
-            dropped_refused: Counters::get(&c.dropped_refused),
-            nacked: Counters::get(&c.nacked),
-            dropped_too_large: Counters::get(&c.dropped_too_large),
-            connects: Counters::get(&c.connects),
-            attempts: Counters::get(&c.attempts),
-        }
+        status::snapshot(&l.config.name, l.config.address.clone(), &l.state, l.queue.as_ref(), &l.counters)
     }
 
     /// The state of bridge `name` as a watch: `wait_for` on it to wait for a state.

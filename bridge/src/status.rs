@@ -130,3 +130,38 @@ impl StateCell {
         self.0.subscribe()
     }
 }
+
+/// A bridge's or shovel's status now: its state cell, its backlog's stats (none without a
+/// local queue) and its counters.
+pub(crate) fn snapshot(
+    name: &str,
+    remote: String,
+    cell: &StateCell,
+    queue: Option<&std::sync::Arc<ferry_core::queue::Queue>>,
+    c: &Counters,
+) -> BridgeStatus {
+    let (state, last_error) = cell.get();
+    let stats = queue.map(|q| q.stats()).unwrap_or_default();
+    BridgeStatus {
+        name: name.to_string(),
+        remote,
+        state,
+        last_error,
+        queued: u64::from(stats.ready),
+        queued_bytes: stats.ready_bytes,
+        in_flight: u64::from(stats.unacked),
+        forwarded_out: Counters::get(&c.forwarded_out),
+        forwarded_in: Counters::get(&c.forwarded_in),
+        dropped_overflow: stats.dropped_overflow,
+        rejected_overflow: stats.rejected_overflow,
+        held_overflow: stats.held_overflow,
+        dropped_max_hops: Counters::get(&c.dropped_max_hops),
+        dropped_loop: Counters::get(&c.dropped_loop),
+        dropped_no_rule: Counters::get(&c.dropped_no_rule),
+        dropped_refused: Counters::get(&c.dropped_refused),
+        nacked: Counters::get(&c.nacked),
+        dropped_too_large: Counters::get(&c.dropped_too_large),
+        connects: Counters::get(&c.connects),
+        attempts: Counters::get(&c.attempts),
+    }
+}

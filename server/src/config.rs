@@ -782,6 +782,60 @@ impl Validator<'_> {
         Ok(if p.is_absolute() { p } else { self.base.join(p) })
     }
 
+    /// A bridge's or shovel's password source: a file or an environment variable, not both.
+    fn remote_password(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        file: Option<PathBuf>,
+        env: Option<String>,
+    ) -> Option<ferry_bridge::PasswordSource> {
+        match (file, env) {
+            (Some(_), Some(_)) => {
+                self.report(key("password_file"), "give password_file or password_env, not both");
+                None
+            }
+            (Some(file), None) => {
+                self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
+            }
+            (None, Some(var)) if var.is_empty() => {
+                self.report(key("password_env"), "must not be empty");
+                None
+            }
+            (None, Some(var)) => Some(ferry_bridge::PasswordSource::Env(var)),
+            (None, None) => None,
+        }
+    }
+
+    /// A bridge's or shovel's `tls` table. No `ca`: the system's trusted CAs; a `ca` that does
+    /// not resolve is reported (and leaves TLS unconfigured).
+    fn remote_tls(&self, key: &dyn Fn(&str) -> String, t: RawBridgeTls) -> Option<ferry_bridge::BridgeTls> {
+        let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
+        let client_cert = match (t.cert, t.key) {
+            (None, None) => None,
+            (Some(cert), Some(k)) => {
+                let cert = self.check(self.resolve(&key("tls.cert"), cert));
+                let k = self.check(self.resolve(&key("tls.key"), k));
+                cert.zip(k)
+            }
+            (Some(_), None) => {
+                self.report(key("tls.key"), "a client certificate needs its key");
+                None
+            }
+            (None, Some(_)) => {
+                self.report(key("tls.cert"), "a key needs its client certificate");
+                None
+            }
+        };
+        if t.server_name.as_deref() == Some("") {
+            self.report(key("tls.server_name"), "must not be empty");
+        }
+        match ca {
+            Some(None) => None,
+            Some(Some(ca)) => Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name }),
+            None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
+        }
+    }
+
     /// The configuration, with what was refused left at its default (a listener without the
     /// bad key, a user or an ACL entry left out); the problems are in `self.problems`.
     fn config(&self, raw: RawConfig) -> Config {
@@ -976,52 +1030,9 @@ impl Validator<'_> {
             if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
                 s.vhost = v;
             }
-            s.password = match (raw.password_file, raw.password_env) {
-                (Some(_), Some(_)) => {
-                    self.report(key("password_file"), "give password_file or password_env, not both");
-                    None
-                }
-                (Some(file), None) => {
-                    self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
-                }
-                (None, Some(var)) if var.is_empty() => {
-                    self.report(key("password_env"), "must not be empty");
-                    None
-                }
-                (None, Some(var)) => Some(ferry_bridge::PasswordSource::Env(var)),
-                (None, None) => None,
-            };
+            s.password = self.remote_password(&key, raw.password_file, raw.password_env);
             match (raw.tls, s.remote.tls) {
-                (Some(t), true) => {
-                    // No `ca`: the system's trusted CAs, as for bridges.
-                    let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
-                    let client_cert = match (t.cert, t.key) {
-                        (None, None) => None,
-                        (Some(cert), Some(k)) => {
-                            let cert = self.check(self.resolve(&key("tls.cert"), cert));
-                            let k = self.check(self.resolve(&key("tls.key"), k));
-                            cert.zip(k)
-                        }
-                        (Some(_), None) => {
-                            self.report(key("tls.key"), "a client certificate needs its key");
-                            None
-                        }
-                        (None, Some(_)) => {
-                            self.report(key("tls.cert"), "a key needs its client certificate");
-                            None
-                        }
-                    };
-                    if t.server_name.as_deref() == Some("") {
-                        self.report(key("tls.server_name"), "must not be empty");
-                    }
-                    s.tls = match ca {
-                        Some(None) => None,
-                        Some(Some(ca)) => {
-                            Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
-                        }
-                        None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
-                    };
-                }
+                (Some(t), true) => s.tls = self.remote_tls(&key, t),
                 (Some(_), false) => self.report(key("tls"), "is for an amqps:// remote; this one is amqp://"),
                 // amqps:// without a table: the system's trusted CAs, no client certificate.
                 (None, true) => {
@@ -1090,51 +1101,10 @@ impl Validator<'_> {
                 b.client_id = id;
             }
             if let Some(t) = raw.tls {
-                // No `ca`: the system's trusted CAs. A `ca` that does not resolve is reported.
-                let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
-                let client_cert = match (t.cert, t.key) {
-                    (None, None) => None,
-                    (Some(cert), Some(k)) => {
-                        let cert = self.check(self.resolve(&key("tls.cert"), cert));
-                        let k = self.check(self.resolve(&key("tls.key"), k));
-                        cert.zip(k)
-                    }
-                    (Some(_), None) => {
-                        self.report(key("tls.key"), "a client certificate needs its key");
-                        None
-                    }
-                    (None, Some(_)) => {
-                        self.report(key("tls.cert"), "a key needs its client certificate");
-                        None
-                    }
-                };
-                if t.server_name.as_deref() == Some("") {
-                    self.report(key("tls.server_name"), "must not be empty");
-                }
-                b.tls = match ca {
-                    Some(None) => None,
-                    Some(Some(ca)) => {
-                        Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name })
-                    }
-                    None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
-                };
+                b.tls = self.remote_tls(&key, t);
             }
             b.username = raw.username;
-            b.password = match (raw.password_file, raw.password_env) {
-                (Some(_), Some(_)) => {
-                    self.report(key("password_file"), "give password_file or password_env, not both");
-                    None
-                }
-                (Some(file), None) => {
-                    self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
-                }
-                (None, Some(var)) if var.is_empty() => {
-                    self.report(key("password_env"), "must not be empty");
-                    None
-                }
-                (None, Some(var)) => Some(ferry_bridge::PasswordSource::Env(var)),
-                (None, None) => None,
-            };
+            b.password = self.remote_password(&key, raw.password_file, raw.password_env);
             if b.password.is_some() && b.username.is_none() && !b.version.is_v5() {
                 self.report(key("username"), "MQTT 3.1.1 sends a password only with a user name");
             }

@@ -148,31 +148,8 @@ impl Shovel {
     }
 
     pub(crate) fn status(&self) -> BridgeStatus {
-        let (state, last_error) = self.state.get();
-        let stats = self.queue.as_ref().map(|q| q.stats()).unwrap_or_default();
-        let c = &self.counters;
-        BridgeStatus {
-            name: self.config.name.clone(),
-            remote: self.config.remote.to_string(),
-            state,
-            last_error,
-            queued: u64::from(stats.ready),
-            queued_bytes: stats.ready_bytes,
-            in_flight: u64::from(stats.unacked),
-            forwarded_out: Counters::get(&c.forwarded_out),
-            forwarded_in: Counters::get(&c.forwarded_in),
-            dropped_overflow: stats.dropped_overflow,
-            rejected_overflow: stats.rejected_overflow,
-            held_overflow: stats.held_overflow,
-            dropped_max_hops: Counters::get(&c.dropped_max_hops),
-            dropped_loop: Counters::get(&c.dropped_loop),
-            dropped_no_rule: Counters::get(&c.dropped_no_rule),
-            dropped_refused: Counters::get(&c.dropped_refused),
-            nacked: Counters::get(&c.nacked),
-            dropped_too_large: Counters::get(&c.dropped_too_large),
-            connects: Counters::get(&c.connects),
-            attempts: Counters::get(&c.attempts),
-        }
+        let remote = self.config.remote.to_string();
+        crate::status::snapshot(&self.config.name, remote, &self.state, self.queue.as_ref(), &self.counters)
     }
 
     pub(crate) async fn wait_for(&self, pred: impl Fn(&BridgeStatus) -> bool) -> Option<BridgeStatus> {
