@@ -349,3 +349,28 @@ pub async fn stalling_proxy(target: std::net::SocketAddr) -> (u16, tokio::sync::
     });
     (port, stall)
 }
+
+/// A CA, a server certificate for `localhost` and a client certificate (CN `edge`), as PEM files
+/// in `dir`: ca.pem, server.pem, server.key, client.pem, client.key. For bridges and shovels
+/// over TLS.
+pub fn write_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, "ferry test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, &ca, &ca_key).unwrap(), key)
+    };
+    let (server, server_key) = leaf(vec!["localhost".into()], "remote");
+    let (client, client_key) = leaf(vec!["edge".into()], "edge");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), client.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+}
