@@ -60,8 +60,8 @@ async fn subscribers_that_never_read_hold_back_neither_the_publisher_nor_other_s
     delivery_rate(&publisher, &mut healthy, next, 3 * WINDOW).await;
     next += 3 * WINDOW;
     let mut during = 0f64;
-    // Best of two windows, against the better of the windows before and after.
-    for _ in 0..2 {
+    // Best of four windows, against the better of the windows before and after.
+    for _ in 0..4 {
         during = during.max(delivery_rate(&publisher, &mut healthy, next, WINDOW).await);
         next += WINDOW;
     }
@@ -74,8 +74,12 @@ async fn subscribers_that_never_read_hold_back_neither_the_publisher_nor_other_s
     println!(
         "healthy subscriber: {before:.0} msgs/s before, {during:.0} with stalled subscribers ({dropped} dropped for them), {after:.0} after them"
     );
+    // The failure this guards against is a collapse (stalled subscribers held their publisher
+    // to ~2 messages a second; a held publish waits up to 250 ms). Windows of ~0.1 s on a
+    // shared 2-core machine move by up to a third with no change in the broker (1 run in 5
+    // missed 0.9 here), so the bar is half the baseline: far above a collapse, clear of noise.
     assert!(
-        during >= 0.9 * baseline,
+        during >= 0.5 * baseline,
         "the healthy subscriber's rate fell from {baseline:.0} to {during:.0} msgs/s with stalled subscribers"
     );
 }
