@@ -274,6 +274,29 @@ fn sighup_reloads_the_config_file_and_never_stops_the_server() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+#[test]
+fn data_dir_on_the_command_line_wins_over_the_file_and_survives_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "ferry.toml",
+        "[broker]\ndata_dir = \"from-file\"\n[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n",
+    );
+    let mut ferry = Serving::start(dir.path(), &["--config", &file, "--data-dir", "from-cli"]);
+    let pid = ferry.pid().to_string();
+    ferry.wait_for("ferry ready", |l| l.contains("ferry ready").then_some(()));
+    assert!(dir.path().join("from-cli/ferry.redb").is_file(), "the store is not in --data-dir");
+    assert!(!dir.path().join("from-file").exists(), "the file's data_dir was used");
+
+    // A reload compares the file with the running settings: --data-dir applies to it too, so
+    // the unchanged file is not reported as a changed [broker].
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    ferry.wait_for("reload done", |l| l.contains("reload done").then_some(()));
+    let (status, lines) = ferry.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!lines.iter().any(|l| l.contains("needs a restart")), "{lines:#?}");
+}
+
 /// A password's hash, from `ferry passwd`.
 fn hash(dir: &Path, password: &str) -> String {
     let out = ferry_with_input(dir, &["passwd"], format!("{password}\n").as_bytes());
