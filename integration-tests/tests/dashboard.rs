@@ -7,9 +7,10 @@
 //!   exception and no failed request; a bad login is refused on the form; after the login the
 //!   queues a test created are listed (one named like HTML, shown as text and never run), the
 //!   filter narrows the list, the rate chart moves while an AMQP client publishes, an
-//!   administrator closes a connection, and the tabs for endpoints this broker may not have
+//!   administrator closes a connection, the tabs for endpoints this broker may not have
 //!   (`/api/mqtt/sessions`, `/api/bridges`, `/api/shovels`) settle on their data or on "not
-//!   available".
+//!   available"; after logging out, a monitoring user sees connections without a Close
+//!   button; credentials that stop working bring the login form back.
 //!
 //! The browser test needs a `chromium` (Debian's package; `.ci/run` installs it). Without one
 //! it prints SKIPPED and passes, except under `CI=true`, where it fails: CI must run it.
@@ -28,14 +29,21 @@ use lapin::{BasicProperties, Event};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+/// The password of `watcher`, a `monitoring` user.
+const WATCHER_PASSWORD: &str = "w4tch";
+
 /// An MQTT listener (0), an AMQP listener (1) and an HTTP listener (2), on loopback, where
-/// `guest` / `guest` is an administrator of the HTTP API.
+/// `guest` / `guest` is an administrator of the HTTP API; and `watcher`, a monitoring user.
 async fn server() -> TestServer {
-    let toml = "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
-                [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
-                [[listeners]]\nprotocol = \"http\"\nbind = \"127.0.0.1:0\"\n";
+    let hash = ferry_core::auth::PasswordHash::argon2id(WATCHER_PASSWORD.as_bytes());
+    let toml = format!(
+        "[[users]]\nname = \"watcher\"\npassword_hash = \"{hash}\"\ntags = [\"monitoring\"]\n\
+         [[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nprotocol = \"http\"\nbind = \"127.0.0.1:0\"\n"
+    );
     let frontends = ferry_server::frontends::builtin(&Default::default());
-    TestServer::start(toml, &frontends).await
+    TestServer::start(&toml, &frontends).await
 }
 
 #[tokio::test]
@@ -538,4 +546,41 @@ async fn the_dashboard_in_chromium_lists_queues_charts_rates_and_closes_connecti
     }
     let problems = browser.problems(&optional);
     assert!(problems.is_empty(), "after the login: {problems:#?}");
+    browser.forget_events();
+
+    // Logging out forgets the credentials; a monitoring user sees connections but gets no
+    // Close button.
+    let _watched = amqp(server.addr(1), "dashboard-watched").await;
+    browser.eval("document.getElementById('logout').click(), true").await;
+    browser.wait_for("the login form again", "!document.getElementById('login').hidden").await;
+    assert_eq!(browser.eval("sessionStorage.length").await, 0);
+    browser.set_value("login-user", "watcher").await;
+    browser.set_value("login-password", WATCHER_PASSWORD).await;
+    browser.eval("document.getElementById('login-form').requestSubmit(), true").await;
+    browser.wait_for("the monitoring user's login", "document.body.dataset.user === 'watcher'").await;
+    browser.eval("location.hash = '#connections', true").await;
+    let watched =
+        "[...document.querySelectorAll('#connection-list tbody tr')].find((r) => r.textContent.includes('dashboard-watched'))";
+    browser
+        .wait_for(
+            "the watched connection",
+            &format!(
+                "{watched} && document.getElementById('tabs').querySelector('.active').dataset.tab === 'connections'"
+            ),
+        )
+        .await;
+    let buttons = browser.eval("document.querySelectorAll('#connection-list button').length").await;
+    assert_eq!(buttons, 0, "a monitoring user may not close connections");
+    let problems = browser.problems(&optional);
+    assert!(problems.is_empty(), "as a monitoring user: {problems:#?}");
+
+    // Credentials the API no longer accepts (a password changed, say): back to the login form.
+    browser.eval("sessionStorage.setItem('ferry.authorization', 'Basic d2F0Y2hlcjpvbGQ='), true").await;
+    let why = browser
+        .wait_for(
+            "the login form after a 401",
+            "!document.getElementById('login').hidden && document.getElementById('login-error').textContent",
+        )
+        .await;
+    assert!(why.as_str().unwrap().starts_with("Logged out"), "{why}");
 }
