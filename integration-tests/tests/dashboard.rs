@@ -502,9 +502,16 @@ async fn the_dashboard_in_chromium_lists_queues_charts_rates_and_closes_connecti
     let name = "[...document.querySelectorAll('#connection-list tbody tr')].find((r) => r.textContent.includes('dashboard-publisher'))";
     browser.eval("location.hash = '#connections', true").await;
     browser.wait_for("the publisher's connection", name).await;
-    browser.eval(&format!("{name}.querySelector('button').click(), true")).await;
+    browser.eval(&format!("(window.__ferry_first = {name}.querySelector('button')).click(), true")).await;
+    // The confirmation outlives the table's refresh (a new button, still asking to confirm).
     browser
-        .wait_for("the confirmation", &format!("{name}.querySelector('button').textContent === 'Confirm close'"))
+        .wait_for(
+            "the confirmation after a refresh",
+            &format!(
+                "{name}.querySelector('button') !== window.__ferry_first
+                 && {name}.querySelector('button').textContent === 'Confirm close'"
+            ),
+        )
         .await;
     browser.eval(&format!("{name}.querySelector('button').click(), true")).await;
     browser

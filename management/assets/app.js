@@ -322,9 +322,16 @@
     tab: 'overview',
     timer: null,
     refreshing: false,
-    queues: { page: 1, name: '', regex: false },
-    connections: { page: 1, name: '' },
+    // `seq` numbers the requests of a list, so that an older answer arriving after a newer
+    // one (a filter typed during a refresh) is not shown.
+    queues: { page: 1, name: '', regex: false, seq: 0 },
+    // `armed`: the connection whose Close button awaits its confirming click, until `armedUntil`
+    // (kept here, as the table is redrawn at every refresh).
+    connections: { page: 1, name: '', seq: 0, armed: null, armedUntil: 0 },
   };
+
+  /** How long a first click on Close waits for the confirming one. */
+  const CONFIRM_MS = 10000;
 
   let rates = null;
   let queued = null;
@@ -525,10 +532,13 @@
     }
     const url = '/api/queues?' + params;
     const container = $('queue-list');
+    const seq = ++q.seq;
     let page;
     try {
       page = pageOf(await api('GET', url));
+      if (seq !== q.seq) return;
     } catch (e) {
+      if (seq !== q.seq) return;
       if (e instanceof ApiError && e.status === 400) {
         replace(container, el('p', { class: 'error', text: e.message }));
         container.dataset.state = 'error';
@@ -579,10 +589,13 @@
     const params = new URLSearchParams({ page: String(c.page), page_size: String(PAGE_SIZE) });
     if (c.name) params.set('name', c.name);
     const container = $('connection-list');
+    const seq = ++c.seq;
     let page;
     try {
       page = pageOf(await api('GET', '/api/connections?' + params));
+      if (seq !== c.seq) return;
     } catch (e) {
+      if (seq !== c.seq) return;
       showFailure(container, '/api/connections', e);
       return;
     }
@@ -618,17 +631,24 @@
     container.dataset.state = 'loaded';
   }
 
-  /** Close, then a second click to confirm (no modal dialog). */
+  /** Close, then a second click within CONFIRM_MS to confirm (no modal dialog). */
   function closeButton(name) {
-    const button = el('button', { type: 'button', class: 'danger', text: 'Close' });
-    let armed = false;
+    const c = state.connections;
+    const armed = () => c.armed === name && Date.now() < c.armedUntil;
+    const button = el('button', { type: 'button', class: 'danger' });
+    const show = () => {
+      button.textContent = armed() ? 'Confirm close' : 'Close';
+      button.classList.toggle('armed', armed());
+    };
+    show();
     button.addEventListener('click', async () => {
-      if (!armed) {
-        armed = true;
-        button.textContent = 'Confirm close';
-        button.classList.add('armed');
+      if (!armed()) {
+        c.armed = name;
+        c.armedUntil = Date.now() + CONFIRM_MS;
+        show();
         return;
       }
+      c.armed = null;
       button.disabled = true;
       try {
         await api('DELETE', '/api/connections/' + encodeURIComponent(name), {
