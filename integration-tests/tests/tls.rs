@@ -235,7 +235,7 @@ async fn bad_tls_material_and_missing_frontend_are_all_reported() {
     assert!(matches!(err.problems[1], StartProblem::NoFrontend { index: 1, protocol: Protocol::Amqp }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("ferry.toml: listeners[0].tls.cert: no certificate found in "), "{msg}");
-    assert!(msg.contains("ferry.toml: listeners[1].protocol: no amqp frontend is built into this ferry yet"), "{msg}");
+    assert!(msg.contains("ferry.toml: listeners[1].protocol: no amqp frontend is built into this ferry"), "{msg}");
 }
 
 // ----- client certificates as identities (`cert_login`) ------------------------------------------

@@ -66,9 +66,11 @@ pub(crate) fn router(shared: Arc<Shared>, settings: &HttpSettings) -> Router {
         .route("/api/bindings/{vhost}", get(bindings_of_vhost))
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(crate::dashboard::no_challenge_for_scripts))
         .with_state(state)
 }
 

@@ -16,6 +16,8 @@
 //! - `metrics`: the Prometheus text exposition, under Ferry's names or RabbitMQ's.
 //! - `api`: the JSON endpoints, in RabbitMQ's shapes; `query` holds what lists share
 //!   (`columns`, `sort`, `page`, `name` + `use_regex`); `error` the JSON errors.
+//! - `dashboard`: the web dashboard at `/` (HTML, JS and CSS from `assets/`, embedded), which
+//!   reads the API from the browser.
 //!
 //! A request flows: accept (http) → hyper → axum router → `login::Caller` extractor → a handler
 //! in `api` or `metrics`, which reads the broker (off the async workers when it walks every
@@ -34,6 +36,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 mod api;
+mod dashboard;
 mod error;
 mod http;
 mod login;

@@ -30,6 +30,11 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
 
+    /// The data directory (the store), instead of the config's broker.data_dir or the default
+    /// ./ferry-data. Relative to the working directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -78,6 +83,14 @@ mod tests {
         let cli = Cli::try_parse_from(["ferry"]).unwrap();
         assert_eq!((cli.log_format, cli.log_file), (None, None));
         assert!(Cli::try_parse_from(["ferry", "--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn data_dir_parses_and_is_optional() {
+        let cli = Cli::try_parse_from(["ferry", "--data-dir", "/var/lib/ferry", "-c", "f.toml"]).unwrap();
+        assert_eq!(cli.data_dir.as_deref(), Some(Path::new("/var/lib/ferry")));
+        assert_eq!(Cli::try_parse_from(["ferry"]).unwrap().data_dir, None);
+        assert!(Cli::try_parse_from(["ferry", "--data-dir"]).is_err());
     }
 
     #[test]

@@ -56,10 +56,11 @@ fn passwd(name: Option<&str>) -> ExitCode {
 
 fn run(cli: &Cli) -> ExitCode {
     let config_file = cli.config.as_deref();
-    let config = match config_file.map(Config::load).unwrap_or_else(|| Ok(Config::embedded_defaults())) {
+    let mut config = match config_file.map(Config::load).unwrap_or_else(|| Ok(Config::embedded_defaults())) {
         Ok(config) => config,
         Err(e) => return refused(e.into()),
     };
+    override_from_command_line(cli, &mut config);
     let output = logging::LogOutput::choose(
         cli.log_format,
         cli.log_file.as_deref(),
@@ -70,7 +71,7 @@ fn run(cli: &Cli) -> ExitCode {
         return refused(e.into());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-    let result = runtime.context("starting the tokio runtime").and_then(|rt| rt.block_on(serve(config, config_file)));
+    let result = runtime.context("starting the tokio runtime").and_then(|rt| rt.block_on(serve(config, cli)));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -80,7 +81,15 @@ fn run(cli: &Cli) -> ExitCode {
     }
 }
 
-async fn serve(config: Config, config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+/// What the command line sets over the file (and again over each reloaded file, so that a
+/// reload does not see the command line's choice as a change of the file).
+fn override_from_command_line(cli: &Cli, config: &mut Config) {
+    if let Some(dir) = &cli.data_dir {
+        config.broker.data_dir.clone_from(dir);
+    }
+}
+
+async fn serve(config: Config, cli: &Cli) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install().context("installing signal handlers")?;
     let frontends = ferry_server::frontends::builtin_with(&config.mqtt, &config.amqp);
     let mut builder = Server::builder(config);
@@ -95,7 +104,7 @@ async fn serve(config: Config, config_file: Option<&Path>) -> anyhow::Result<Exi
     let signal = loop {
         match signals.recv().await {
             Request::Shutdown(signal) => break signal,
-            Request::Reload => reload(&server, config_file),
+            Request::Reload => reload(&server, cli),
         }
     };
     info!("received {signal}; shutting down");
@@ -107,19 +116,20 @@ async fn serve(config: Config, config_file: Option<&Path>) -> anyhow::Result<Exi
 /// SIGHUP: loads the config file again and applies what can change while running. Never stops
 /// the server: a file that no longer loads, or TLS material that does not, is logged and the
 /// running settings stay.
-fn reload(server: &Server, config_file: Option<&Path>) {
-    let Some(path) = config_file else {
+fn reload(server: &Server, cli: &Cli) {
+    let Some(path) = cli.config.as_deref() else {
         info!("received SIGHUP; running on the built-in defaults, nothing to reload");
         return;
     };
     info!("received SIGHUP; reloading {}", path.display());
-    let config = match Config::load(path) {
+    let mut config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
             error!("reload refused, nothing changed: {e}");
             return;
         }
     };
+    override_from_command_line(cli, &mut config);
     let report = match server.reload(&config) {
         Ok(report) => report,
         Err(e) => {

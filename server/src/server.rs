@@ -39,7 +39,7 @@ use crate::websocket::Upgrade;
 pub enum StartProblem {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("listeners[{index}].protocol: no {protocol} frontend is built into this ferry yet")]
+    #[error("listeners[{index}].protocol: no {protocol} frontend is built into this ferry")]
     NoFrontend { index: usize, protocol: Protocol },
     /// Mosquitto 2's and RabbitMQ's safe default: a listener other machines can reach needs a
     /// way to tell clients apart, or an explicit `allow_anonymous = true`.

@@ -274,6 +274,86 @@ fn sighup_reloads_the_config_file_and_never_stops_the_server() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+#[test]
+fn data_dir_on_the_command_line_wins_over_the_file_and_survives_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "ferry.toml",
+        "[broker]\ndata_dir = \"from-file\"\n[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n",
+    );
+    let mut ferry = Serving::start(dir.path(), &["--config", &file, "--data-dir", "from-cli"]);
+    let pid = ferry.pid().to_string();
+    ferry.wait_for("ferry ready", |l| l.contains("ferry ready").then_some(()));
+    assert!(dir.path().join("from-cli/ferry.redb").is_file(), "the store is not in --data-dir");
+    assert!(!dir.path().join("from-file").exists(), "the file's data_dir was used");
+
+    // A reload compares the file with the running settings: --data-dir applies to it too, so
+    // the unchanged file is not reported as a changed [broker].
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    ferry.wait_for("reload done", |l| l.contains("reload done").then_some(()));
+    let (status, lines) = ferry.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!lines.iter().any(|l| l.contains("needs a restart")), "{lines:#?}");
+}
+
+#[test]
+fn the_packaged_sample_config_is_accepted_by_check_config() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/ferry.toml");
+    let out = ferry(sample.parent().unwrap(), &["check-config", "ferry.toml"]);
+    assert!(out.status.success(), "dist/ferry.toml refused:\n{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ferry.toml: ok\n");
+}
+
+/// The sample with every example line (`#` directly followed by TOML, as opposed to `# ` prose)
+/// uncommented: the examples must be valid too, and together cover every section.
+#[test]
+fn every_example_in_the_packaged_sample_config_is_valid() {
+    let sample = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/ferry.toml")).unwrap();
+    let text: String = sample
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if !rest.is_empty() && !rest.starts_with([' ', '#']) => format!("{rest}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let table: toml::Table = text.parse().unwrap_or_else(|e| panic!("uncommented sample is not TOML: {e}\n{text}"));
+    for section in [
+        "broker",
+        "mqtt",
+        "amqp",
+        "listeners",
+        "users",
+        "acl",
+        "permissions",
+        "topic_permissions",
+        "bridges",
+        "shovels",
+    ] {
+        assert!(table.contains_key(section), "the sample has no [{section}] example");
+    }
+    let listeners = table["listeners"].as_array().unwrap();
+    let has = |f: &dyn Fn(&toml::Table) -> bool| listeners.iter().any(|l| f(l.as_table().unwrap()));
+    for protocol in ["mqtt", "amqp", "http"] {
+        assert!(
+            has(&|l| l["protocol"].as_str() == Some(protocol) && l.contains_key("tls")),
+            "no {protocol} TLS example"
+        );
+    }
+    assert!(has(&|l| l.get("transport").and_then(|t| t.as_str()) == Some("websocket")), "no WebSocket example");
+
+    // Its TLS files, relative to the file (tls/ beside it), made up for the check.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("tls/server.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls/ca.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls/server.key"), certified.key_pair.serialize_pem()).unwrap();
+    let file = write(dir.path(), "ferry.toml", &text);
+    let out = ferry(dir.path(), &["check-config", &file]);
+    assert!(out.status.success(), "the sample's examples are refused:\n{}", stderr(&out));
+}
+
 /// A password's hash, from `ferry passwd`.
 fn hash(dir: &Path, password: &str) -> String {
     let out = ferry_with_input(dir, &["passwd"], format!("{password}\n").as_bytes());
