@@ -544,6 +544,11 @@ impl ServerBuilder {
                 .collect();
             let management =
                 ferry_management::Management::start(broker.clone(), bridges.status_reader(), infos, shutdown.clone());
+            if let Some(mqtt) =
+                frontends.get(&Protocol::Mqtt).and_then(|f| f.as_any()?.downcast_ref::<ferry_mqtt::MqttFrontend>())
+            {
+                management.set_mqtt(mqtt.shared().clone());
+            }
             for (h, tls, addr, tcp) in http_ready {
                 let settings = ferry_management::HttpSettings {
                     name: format!("http {addr}"),
