@@ -124,6 +124,28 @@ pub(crate) fn visible_vhosts(shared: &Shared, caller: &Caller) -> Vec<Arc<VHost>
         .collect()
 }
 
+/// A list over the vhosts `caller` sees (`vhost`: only that one, if it may see it), made by
+/// `list` on the blocking pool: what the `/api/x` and `/api/x/{vhost}` lists share.
+pub(crate) async fn vhost_list(
+    state: &AppState,
+    caller: Caller,
+    vhost: Option<String>,
+    params: &HashMap<String, String>,
+    list: impl FnOnce(&Shared, &Caller, &[Arc<VHost>], &ListQuery) -> Result<Value, ApiError> + Send + 'static,
+) -> ApiResult {
+    let q = ListQuery::parse(params)?;
+    let one = vhost.map(|v| visible_vhost(&state.shared, &caller, &v)).transpose()?;
+    let body = render(state, move |shared| {
+        let vhosts = match one {
+            Some(v) => vec![v],
+            None => visible_vhosts(shared, &caller),
+        };
+        list(shared, &caller, &vhosts, &q)
+    })
+    .await??;
+    Ok(json_response(body))
+}
+
 /// The vhost named in a path, if `caller` may see it.
 pub(crate) fn visible_vhost(shared: &Shared, caller: &Caller, name: &str) -> Result<Arc<VHost>, ApiError> {
     let v = shared.broker.vhost(name).ok_or_else(ApiError::not_found)?;

@@ -6,8 +6,9 @@
 //!   to hold a persistent message, and answers `{"routed": bool}`. While a memory or disk alarm
 //!   blocks publishers it answers `503` rather than holding the request.
 //! - `POST /api/queues/{vhost}/{name}/get` takes up to [`MAX_GET_COUNT`] messages (RabbitMQ has
-//!   no limit; each one is held in the answer), then acknowledges, requeues or rejects them
-//!   all, as `ackmode` says. Requeued messages go back to their places (their order is kept)
+//!   no limit; each one is held in the answer), and stops early once their payloads (after
+//!   `truncate`) reach [`MAX_GET_BYTES`]; then it acknowledges, requeues or rejects them all,
+//!   as `ackmode` says. Requeued messages go back to their places (their order is kept)
 //!   and are redelivered next time.
 //! - `GET /api/aliveness-test/{vhost}` declares the queue `aliveness-test`, publishes a
 //!   message to it through the default exchange and gets it back, as RabbitMQ does.
@@ -44,6 +45,9 @@ use crate::topology::{authorize, authorize_topic, exchange_name, parse_body};
 
 /// The most messages one get takes (RabbitMQ has no limit).
 pub const MAX_GET_COUNT: usize = 1000;
+/// A get stops taking messages once their payloads reach this many bytes (at least one message
+/// is taken), so that one answer stays bounded whatever the queue holds.
+pub const MAX_GET_BYTES: usize = 16 * 1024 * 1024;
 /// How long a publish waits for the store to hold a persistent message.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
 /// RabbitMQ's aliveness queue and message.
@@ -308,11 +312,16 @@ fn take(v: &VHost, q: &std::sync::Arc<Queue>, req: &GetRequest) -> Vec<Value> {
     let owner = OwnerId::next();
     let mut out = Vec::new();
     let mut seqs = Vec::new();
+    let mut bytes = 0usize;
     for _ in 0..req.count {
+        if bytes >= MAX_GET_BYTES {
+            break;
+        }
         let now = now_millis();
         let (got, effects) = q.get(owner, false, now);
         v.settle(q, effects, now);
         let Some((d, left)) = got else { break };
+        bytes += req.truncate.map_or(d.message.payload.len(), |t| t.min(d.message.payload.len()));
         out.push(message_json(&d.message, d.redelivered, left, req));
         seqs.push(d.seq);
     }
@@ -426,6 +435,36 @@ mod tests {
         assert!(properties(json!({"nope": 1}).as_object().unwrap()).is_err());
         assert!(properties(json!({"delivery_mode": 3}).as_object().unwrap()).is_err());
         assert!(properties(json!({"expiration": "soon"}).as_object().unwrap()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_get_stops_at_its_byte_bound_and_requeues_in_order() {
+        let v = VHost::new("/", std::sync::Arc::new(ferry_core::store::MemoryStore::new()));
+        let decl = QueueDeclare {
+            name: ShortString::from("big"),
+            passive: false,
+            options: ferry_core::queue::QueueOptions::default(),
+            connection: MANAGEMENT_CONNECTION,
+        };
+        let q = v.declare_queue(decl, 0).unwrap().queue;
+        let nine_mib = Bytes::from(vec![b'x'; 9 * 1024 * 1024]);
+        for i in 0..3u8 {
+            let mut payload = nine_mib.to_vec();
+            payload[0] = b'0' + i;
+            v.publish(&ShortString::from(""), Message::new("", "big", Bytes::from(payload)), 0).unwrap();
+        }
+        let req = GetRequest { count: 3, ackmode: AckMode::Requeue, encoding: Encoding::Auto, truncate: Some(1) };
+        // Truncated, all three fit.
+        let all = take(&v, &q, &req);
+        let firsts: Vec<&str> = all.iter().map(|m| m["payload"].as_str().unwrap()).collect();
+        assert_eq!(firsts, ["0", "1", "2"]);
+        // Whole, the first two reach 16 MiB: the third stays, the order is kept.
+        let whole = GetRequest { truncate: None, ..req };
+        let got = take(&v, &q, &whole);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0]["redelivered"], true);
+        assert_eq!(&got[1]["payload"].as_str().unwrap()[..1], "1");
+        assert_eq!(q.stats().ready, 3);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use ferry_mqtt::registry::SessionInfo;
 use ferry_mqtt::topic::swap_separators;
 use serde_json::{json, Value};
 
-use crate::api::{json_response, render, visible_vhost, visible_vhosts, x_reason, ApiResult, AppState, Params};
+use crate::api::{vhost_list, visible_vhost, x_reason, ApiResult, AppState, Params};
 use crate::error::ApiError;
 use crate::login::Caller;
 use crate::query::ListQuery;
@@ -104,13 +104,7 @@ fn session_list(shared: &Shared, caller: &Caller, vhosts: &[Arc<VHost>], q: &Lis
 }
 
 async fn sessions_all(State(state): State<AppState>, caller: Caller, Query(params): Params) -> ApiResult {
-    let q = ListQuery::parse(&params)?;
-    let body = render(&state, move |shared| {
-        let vhosts = visible_vhosts(shared, &caller);
-        session_list(shared, &caller, &vhosts, &q)
-    })
-    .await??;
-    Ok(json_response(body))
+    vhost_list(&state, caller, None, &params, session_list).await
 }
 
 async fn sessions_of_vhost(
@@ -119,10 +113,7 @@ async fn sessions_of_vhost(
     Path(vhost): Path<String>,
     Query(params): Params,
 ) -> ApiResult {
-    let q = ListQuery::parse(&params)?;
-    let v = visible_vhost(&state.shared, &caller, &vhost)?;
-    let body = render(&state, move |shared| session_list(shared, &caller, &[v], &q)).await??;
-    Ok(json_response(body))
+    vhost_list(&state, caller, Some(vhost), &params, session_list).await
 }
 
 async fn delete_session(
@@ -157,7 +148,7 @@ fn retained_json(vhost: &str, key: &str, m: &Message) -> Value {
     })
 }
 
-fn retained_list(vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Value, ApiError> {
+fn retained_list(_: &Shared, _: &Caller, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Value, ApiError> {
     // `#` without MQTT's `$` rule: every key, `$SYS` ones too.
     let everything = Pattern { levels: vec![Level::Many], dollar_rule: false };
     let mut items = Vec::new();
@@ -175,9 +166,7 @@ fn retained_list(vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Value, ApiError
 }
 
 async fn retained_all(State(state): State<AppState>, caller: Caller, Query(params): Params) -> ApiResult {
-    let q = ListQuery::parse(&params)?;
-    let body = render(&state, move |shared| retained_list(&visible_vhosts(shared, &caller), &q)).await??;
-    Ok(json_response(body))
+    vhost_list(&state, caller, None, &params, retained_list).await
 }
 
 async fn retained_of_vhost(
@@ -186,10 +175,7 @@ async fn retained_of_vhost(
     Path(vhost): Path<String>,
     Query(params): Params,
 ) -> ApiResult {
-    let q = ListQuery::parse(&params)?;
-    let v = visible_vhost(&state.shared, &caller, &vhost)?;
-    let body = render(&state, move |_| retained_list(&[v], &q)).await??;
-    Ok(json_response(body))
+    vhost_list(&state, caller, Some(vhost), &params, retained_list).await
 }
 
 async fn delete_retained(

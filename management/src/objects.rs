@@ -29,8 +29,8 @@ use ferry_core::ConnectionId;
 use serde_json::{json, Value};
 
 use crate::api::{
-    connection_name, json_response, node, render, visible_connections, visible_vhost, visible_vhosts, ApiResult,
-    AppState, Params,
+    connection_name, json_response, node, render, vhost_list, visible_connections, visible_vhost, ApiResult, AppState,
+    Params,
 };
 use crate::error::ApiError;
 use crate::login::Caller;
@@ -223,13 +223,7 @@ fn consumer_list(shared: &Shared, caller: &Caller, vhosts: &[Arc<VHost>], q: &Li
 }
 
 async fn consumers_all(State(state): State<AppState>, caller: Caller, Query(params): Params) -> ApiResult {
-    let q = ListQuery::parse(&params)?;
-    let body = render(&state, move |shared| {
-        let vhosts = visible_vhosts(shared, &caller);
-        consumer_list(shared, &caller, &vhosts, &q)
-    })
-    .await??;
-    Ok(json_response(body))
+    vhost_list(&state, caller, None, &params, consumer_list).await
 }
 
 async fn consumers_of_vhost(
@@ -238,10 +232,7 @@ async fn consumers_of_vhost(
     Path(vhost): Path<String>,
     Query(params): Params,
 ) -> ApiResult {
-    let q = ListQuery::parse(&params)?;
-    let v = visible_vhost(&state.shared, &caller, &vhost)?;
-    let body = render(&state, move |shared| consumer_list(shared, &caller, &[v], &q)).await??;
-    Ok(json_response(body))
+    vhost_list(&state, caller, Some(vhost), &params, consumer_list).await
 }
 
 // ----- users -------------------------------------------------------------------------------------
