@@ -254,6 +254,10 @@ async fn messages_are_published_and_got_with_each_ackmode() {
     assert_eq!(post(&server, "admin", "/api/exchanges/%2F/amq.default/publish", bad).await.status(), 400);
     let wrong_property = json!({"routing_key": "jobs", "payload": "x", "properties": {"delivery_mode": 7}});
     assert_eq!(post(&server, "admin", "/api/exchanges/%2F/amq.default/publish", wrong_property).await.status(), 400);
+    let huge = json!({"routing_key": "jobs", "payload": "x".repeat(2 << 20)});
+    let r = post(&server, "admin", "/api/exchanges/%2F/amq.default/publish", huge).await;
+    assert_eq!(r.status(), 413, "past the 1 MiB body limit");
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
     let someone_else = json!({"routing_key": "jobs", "payload": "x", "properties": {"user_id": "bob"}});
     assert_eq!(post(&server, "admin", "/api/exchanges/%2F/amq.default/publish", someone_else).await.status(), 400);
     let r = post(&server, "watcher", "/api/exchanges/%2F/amq.default/publish", publish_body("jobs", "x")).await;

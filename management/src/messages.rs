@@ -41,7 +41,7 @@ use crate::api::{
 };
 use crate::error::ApiError;
 use crate::login::Caller;
-use crate::topology::{authorize, authorize_topic, exchange_name, parse_body};
+use crate::topology::{authorize, authorize_topic, exchange_name, parse_body, Body};
 
 /// The most messages one get takes (RabbitMQ has no limit).
 pub const MAX_GET_COUNT: usize = 1000;
@@ -157,12 +157,12 @@ async fn publish(
     State(state): State<AppState>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&state.shared, &caller, &vhost)?;
     let exchange = exchange_name(&name).to_string();
     authorize(&state, &caller, &vhost, Permission::Write, Resource::Exchange, &exchange)?;
-    let body: PublishBody = parse_body(&body)?;
+    let body: PublishBody = parse_body(body)?;
     let routing_key = body.routing_key.clone().ok_or_else(|| ApiError::bad_request("routing_key: required"))?;
     if routing_key.len() > ShortString::MAX_LEN {
         return Err(ApiError::bad_request(format!("routing_key: longer than {} bytes", ShortString::MAX_LEN)));
@@ -347,11 +347,11 @@ async fn get_messages(
     State(state): State<AppState>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&state.shared, &caller, &vhost)?;
     authorize(&state, &caller, &vhost, Permission::Read, Resource::Queue, &name)?;
-    let body: Map<String, Value> = parse_body(&body)?;
+    let body: Map<String, Value> = parse_body(body)?;
     let req = get_request(&body)?;
     refuse_reserved(&state, &vhost, &name, QueueUse::Consume)?;
     let q = v.queue_for(&ShortString::from(name.as_str()), MANAGEMENT_CONNECTION).map_err(core_error)?;

@@ -92,9 +92,16 @@ pub(crate) fn authorize_topic(
     grant.check_topic(permission, exchange, is_topic, routing_key).map_err(|d| ApiError::not_allowed(d.0))
 }
 
-/// An empty body is `{}`; otherwise JSON, or a 400 saying why not.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+/// A request body, or why it could not be read (too large: past [`MAX_BODY_BYTES`]).
+///
+/// [`MAX_BODY_BYTES`]: crate::MAX_BODY_BYTES
+pub(crate) type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
+
+/// An empty body is `{}`; otherwise JSON, or an error in RabbitMQ's shape saying why not (`413`
+/// for a body past the limit, `400` otherwise).
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = body.map_err(|r| ApiError { status: r.status(), error: "bad_request", reason: r.body_text() })?;
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { &body[..] };
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("body: {e}")))
 }
 
@@ -131,13 +138,13 @@ async fn declare_exchange(
     State(state): State<AppState>,
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&state.shared, &caller, &vhost)?;
     let name = exchange_name(&name);
     check_name("exchange", name)?;
     authorize(&state, &caller, &vhost, Permission::Configure, Resource::Exchange, name)?;
-    let body: ExchangeBody = parse_body(&body)?;
+    let body: ExchangeBody = parse_body(body)?;
     let kind = body.kind.ok_or_else(|| ApiError::bad_request("type: the exchange type is required"))?;
     let arguments = json_table(&body.arguments);
     if let Some(ae) = arguments.get("alternate-exchange").and_then(|a| a.as_str()) {
@@ -296,12 +303,12 @@ async fn bind(
     State(state): State<AppState>,
     caller: Caller,
     Path((vhost, source, kind, destination)): BindingPath,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult {
     let v = visible_vhost(&state.shared, &caller, &vhost)?;
     let kind = destination_kind(&kind)?;
     let source = exchange_name(&source).to_string();
-    let body: BindBody = parse_body(&body)?;
+    let body: BindBody = parse_body(body)?;
     check_name("routing key", &body.routing_key)?;
     let resource = if kind == "queue" { Resource::Queue } else { Resource::Exchange };
     authorize(&state, &caller, &vhost, Permission::Write, resource, &destination)?;
