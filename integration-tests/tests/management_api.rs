@@ -391,6 +391,11 @@ async fn mqtt_sessions_and_retained_messages_are_listed_and_deleted() {
     );
     let one = get_json(&server, "/api/mqtt/sessions/%2F?name=keep").await;
     assert_eq!(one.as_array().unwrap().len(), 1);
+    // A management user sees only its own connected sessions (these are admin's).
+    let own: Value = get_as(&server, "owner", "/api/mqtt/sessions").await.json().await.unwrap();
+    assert_eq!(own, json!([]));
+    let watched: Value = get_as(&server, "watcher", "/api/mqtt/sessions").await.json().await.unwrap();
+    assert_eq!(watched.as_array().unwrap().len(), 2, "monitoring sees them all");
 
     let retained = get_json(&server, "/api/mqtt/retained?sort=topic&name=plant").await;
     assert_eq!(
