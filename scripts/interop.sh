@@ -409,6 +409,34 @@ if wait_port 15672 10; then
     rc=$?
     [ $rc -eq 0 ] && grep -q 'rabbitmq_version' <<<"$out" && grep -q 'ferry@' <<<"$out" &&
       ok "rabbitmqadmin show overview" || bad "rabbitmqadmin show overview: rc=$rc $out"
+    # publish and get through the API: via the default exchange into a queue, and via amq.topic to
+    # an MQTT subscriber under the topic mapping (interop.api -> interop/api)
+    if "${ra[@]}" declare queue name=interop.msgs durable=false >/dev/null 2>&1; then
+      out=$("${ra[@]}" publish routing_key=interop.msgs payload=hello-from-rabbitmqadmin 2>&1)
+      rc=$?
+      [ $rc -eq 0 ] && grep -q 'Message published' <<<"$out" && ! grep -q 'NOT routed' <<<"$out" &&
+        ok "rabbitmqadmin publish (routed)" || bad "rabbitmqadmin publish: rc=$rc $out"
+      out=$("${ra[@]}" get queue=interop.msgs count=1 ackmode=ack_requeue_true 2>&1)
+      rc=$?
+      [ $rc -eq 0 ] && grep -q 'hello-from-rabbitmqadmin' <<<"$out" &&
+        ok "rabbitmqadmin get (requeued)" || bad "rabbitmqadmin get: rc=$rc $out"
+      out=$("${ra[@]}" get queue=interop.msgs count=5 ackmode=ack_requeue_false 2>&1)
+      rc=$?
+      [ $rc -eq 0 ] && grep -q 'hello-from-rabbitmqadmin' <<<"$out" && grep -q 'True' <<<"$out" &&
+        "${ra[@]}" list queues name messages 2>&1 | grep -Eq '\| interop.msgs +\| 0 ' &&
+        ok "rabbitmqadmin get (redelivered, acknowledged)" || bad "rabbitmqadmin get ack: rc=$rc $out"
+      "${ra[@]}" delete queue name=interop.msgs >/dev/null 2>&1
+    else
+      bad "rabbitmqadmin declare queue interop.msgs"
+    fi
+    timeout 10 stdbuf -oL mosquitto_sub -h 127.0.0.1 -p 1883 -i interop-api -t interop/api -C 1 -d >"$work/api.sub" 2>&1 &
+    asp=$!
+    sub_ready "$work/api.sub"
+    out=$("${ra[@]}" publish exchange=amq.topic routing_key=interop.api payload=from-the-api 2>&1)
+    wait "$asp" 2>/dev/null
+    grep -q 'from-the-api' "$work/api.sub" && ! grep -q 'NOT routed' <<<"$out" &&
+      ok "rabbitmqadmin publish reaches an MQTT subscriber (interop/api)" ||
+      bad "rabbitmqadmin publish to MQTT: $out $(cat "$work/api.sub")"
   else
     echo "SKIPPED rabbitmqadmin (install rabbitmq-server for it)"
   fi

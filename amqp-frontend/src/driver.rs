@@ -100,6 +100,8 @@ async fn serve(
         })
     });
     let mut logged_in = false;
+    // The channel list handed to the registry, reused across wake-ups.
+    let mut channel_infos = Vec::new();
     // Set once a close from outside was taken up.
     let mut closed_from_outside = false;
     if let Some(from) = ctx.listener.auth.cert_login {
@@ -128,7 +130,7 @@ async fn serve(
 
     loop {
         if let Some(h) = &handle {
-            registry_update(h, conn, &mut logged_in);
+            registry_update(h, conn, &mut logged_in, &mut channel_infos);
         }
         // Everything ready: confirms whose commits resolved, deliveries, then one write.
         conn.take_ready_confirms(now_millis());
@@ -320,10 +322,18 @@ async fn decode(
 }
 
 /// Hands what the state machine counts to the connection's registry entry (once per wake-up:
-/// a few relaxed stores), and its login once connection.open succeeded.
-fn registry_update(h: &ConnectionHandle, conn: &Connection, logged_in: &mut bool) {
+/// a few relaxed stores, and the channel list, copied only when it changed), and its login
+/// once connection.open succeeded.
+fn registry_update(
+    h: &ConnectionHandle,
+    conn: &Connection,
+    logged_in: &mut bool,
+    channels: &mut Vec<ferry_core::connections::ChannelInfo>,
+) {
     h.counters.set_messages(conn.messages_in, conn.messages_out);
     h.set_channels(conn.channel_count() as u32);
+    conn.channel_infos(channels);
+    h.set_channel_list(channels);
     if !*logged_in {
         if let Some(vhost) = conn.vhost_name() {
             *logged_in = true;

@@ -403,6 +403,13 @@ impl Authenticator {
         self.users.load().get(name).cloned()
     }
 
+    /// Every configured user with its account, by name (what the management API lists).
+    pub fn accounts(&self) -> Vec<(String, Account)> {
+        let mut all: Vec<(String, Account)> = self.users.load().iter().map(|(n, a)| (n.clone(), a.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The failure scores of the addresses logins come from.
     pub fn throttle(&self) -> &LoginThrottle {
         &self.throttle

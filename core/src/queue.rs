@@ -310,6 +310,24 @@ pub struct ConsumerSpec {
     pub sink: Arc<dyn ConsumerSink>,
 }
 
+/// A consumer as listings show it ([`Queue::consumers`]).
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    pub id: ConsumerId,
+    pub tag: ShortString,
+    pub owner: OwnerId,
+    pub connection: ConnectionId,
+    pub prefetch: u32,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub priority: i32,
+    /// Unacked deliveries to it.
+    pub unacked: u32,
+    /// Whether the queue serves it: always, except the waiting ones of a single active
+    /// consumer queue.
+    pub active: bool,
+}
+
 /// A message handed to a consumer or returned by [`Queue::get`].
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -1114,6 +1132,28 @@ impl Queue {
         // The last consumer leaving starts `x-expires`.
         self.rearm(st, &mut fx);
         fx
+    }
+
+    /// The consumers, in the order they came.
+    pub fn consumers(&self) -> Vec<ConsumerInfo> {
+        let st = self.lock();
+        let single = self.args.single_active_consumer;
+        st.consumers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ConsumerInfo {
+                id: c.id,
+                tag: c.spec.tag.clone(),
+                owner: c.spec.owner,
+                connection: c.spec.connection,
+                prefetch: c.spec.prefetch,
+                no_ack: c.spec.no_ack,
+                exclusive: c.spec.exclusive,
+                priority: c.spec.priority,
+                unacked: c.unacked,
+                active: !single || i == 0,
+            })
+            .collect()
     }
 
     /// Takes one ready message (AMQP basic.get), with the count of messages left.

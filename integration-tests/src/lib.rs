@@ -16,6 +16,8 @@
 //! - [`amqp`]: [`TestServer::amqp`], lapin and amqprs connections, and a raw AMQP client.
 //! - [`cross`]: [`TestServer::both`] (one MQTT and one AMQP listener on one broker) and the
 //!   lapin / rumqttc 5 helpers the cross-protocol tests share.
+//! - [`management`]: a server with an HTTP listener and a user of each RabbitMQ tag, and the
+//!   reqwest / lapin helpers the management API tests share.
 
 use std::future::Future;
 use std::path::Path;
@@ -30,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod amqp;
 pub mod cross;
+pub mod management;
 pub mod mosquitto;
 pub mod mqtt;
 

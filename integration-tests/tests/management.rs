@@ -4,103 +4,18 @@
 //! rumqttc 5.0 and lapin clients see closed in their protocol's terms, and `/metrics` checked
 //! by `promtool check metrics` under both prefixes (SKIPPED when promtool is not installed).
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_core::auth::PasswordHash;
 use ferry_integration_tests::amqp::reply_code;
+use ferry_integration_tests::management::{
+    amqp, declare, encode, get_as, get_json, poll_until, publish, server, server_with, url, PASSWORD,
+};
 use ferry_integration_tests::mqtt::v5;
 use ferry_integration_tests::{within, TestServer};
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Event};
+use lapin::Event;
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
 use serde_json::Value;
-
-const PASSWORD: &str = "s3cret";
-
-/// Users `admin` (administrator), `watcher` (monitoring), `owner` (management) and `plain` (no
-/// tag); an MQTT listener (0), an AMQP listener (1) and an HTTP listener, on loopback.
-async fn server_with(http_keys: &str) -> TestServer {
-    let hash = PasswordHash::argon2id(PASSWORD.as_bytes());
-    let user = |name: &str, tags: &str| format!("[[users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n{tags}");
-    let toml = format!(
-        "{}{}{}{}\
-         [[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
-         [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
-         [[listeners]]\nprotocol = \"http\"\nbind = \"127.0.0.1:0\"\n{http_keys}",
-        user("admin", "tags = [\"administrator\"]\n"),
-        user("watcher", "tags = [\"monitoring\"]\n"),
-        user("owner", "tags = [\"management\"]\n"),
-        user("plain", ""),
-    );
-    let frontends = ferry_server::frontends::builtin(&Default::default());
-    TestServer::start(&toml, &frontends).await
-}
-
-async fn server() -> TestServer {
-    server_with("").await
-}
-
-fn http(server: &TestServer) -> SocketAddr {
-    server.server.http_addrs()[0]
-}
-
-fn url(server: &TestServer, path: &str) -> String {
-    format!("http://{}{path}", http(server))
-}
-
-/// Every byte but letters and digits percent-encoded (a path segment).
-fn encode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
-}
-
-async fn get_as(server: &TestServer, user: &str, path: &str) -> reqwest::Response {
-    let client = reqwest::Client::new();
-    within(path, client.get(url(server, path)).basic_auth(user, Some(PASSWORD)).send()).await.expect("GET")
-}
-
-/// GETs `path` as `admin`, expecting 200 and JSON.
-async fn get_json(server: &TestServer, path: &str) -> Value {
-    let r = get_as(server, "admin", path).await;
-    assert_eq!(r.status(), 200, "GET {path}");
-    within("body", r.json::<Value>()).await.expect("JSON")
-}
-
-async fn amqp(server: &TestServer, name: &str) -> lapin::Connection {
-    let uri = format!("amqp://admin:{PASSWORD}@{}/%2f", server.addr(1));
-    let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
-    within("lapin connects", lapin::Connection::connect(&uri, properties)).await.expect("connect")
-}
-
-async fn declare(ch: &lapin::Channel, queue: &str) {
-    within("declare", ch.queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default()))
-        .await
-        .expect("queue.declare");
-}
-
-async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
-    within(
-        "publish",
-        ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, BasicProperties::default()),
-    )
-    .await
-    .expect("basic.publish");
-}
-
-/// Polls `path` (as admin) until `done` holds for its JSON, for at most `limit`.
-async fn poll_until(server: &TestServer, path: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let v = get_json(server, path).await;
-        if done(&v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "GET {path}: not as expected within {limit:?}; last answer:\n{v:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test]
 async fn no_credentials_get_401_with_the_basic_challenge() {

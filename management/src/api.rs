@@ -42,8 +42,8 @@ pub(crate) struct AppState {
     pub settings: Arc<HttpSettings>,
 }
 
-type Params = Query<HashMap<String, String>>;
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type Params = Query<HashMap<String, String>>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 pub(crate) fn router(shared: Arc<Shared>, settings: &HttpSettings) -> Router {
     let state = AppState { shared, settings: Arc::new(settings.clone()) };
@@ -67,6 +67,7 @@ pub(crate) fn router(shared: Arc<Shared>, settings: &HttpSettings) -> Router {
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
         .merge(crate::dashboard::routes())
+        .merge(crate::objects::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -87,7 +88,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// `ferry@<host name>`: RabbitMQ's node name shape.
-fn node() -> &'static str {
+pub(crate) fn node() -> &'static str {
     static NODE: OnceLock<String> = OnceLock::new();
     NODE.get_or_init(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -99,12 +100,12 @@ fn node() -> &'static str {
     })
 }
 
-fn json_response(v: Value) -> Response {
+pub(crate) fn json_response(v: Value) -> Response {
     Json(v).into_response()
 }
 
 /// Runs `f` on the blocking pool within the render limit.
-async fn render<T: Send + 'static>(
+pub(crate) async fn render<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Shared) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -114,7 +115,7 @@ async fn render<T: Send + 'static>(
 }
 
 /// The vhosts `caller` may see, sorted.
-fn visible_vhosts(shared: &Shared, caller: &Caller) -> Vec<Arc<VHost>> {
+pub(crate) fn visible_vhosts(shared: &Shared, caller: &Caller) -> Vec<Arc<VHost>> {
     let mut names = shared.broker.vhost_names();
     names.sort();
     let access = shared.broker.access();
@@ -125,8 +126,30 @@ fn visible_vhosts(shared: &Shared, caller: &Caller) -> Vec<Arc<VHost>> {
         .collect()
 }
 
+/// A list over the vhosts `caller` sees (`vhost`: only that one, if it may see it), made by
+/// `list` on the blocking pool: what the `/api/x` and `/api/x/{vhost}` lists share.
+pub(crate) async fn vhost_list(
+    state: &AppState,
+    caller: Caller,
+    vhost: Option<String>,
+    params: &HashMap<String, String>,
+    list: impl FnOnce(&Shared, &Caller, &[Arc<VHost>], &ListQuery) -> Result<Value, ApiError> + Send + 'static,
+) -> ApiResult {
+    let q = ListQuery::parse(params)?;
+    let one = vhost.map(|v| visible_vhost(&state.shared, &caller, &v)).transpose()?;
+    let body = render(state, move |shared| {
+        let vhosts = match one {
+            Some(v) => vec![v],
+            None => visible_vhosts(shared, &caller),
+        };
+        list(shared, &caller, &vhosts, &q)
+    })
+    .await??;
+    Ok(json_response(body))
+}
+
 /// The vhost named in a path, if `caller` may see it.
-fn visible_vhost(shared: &Shared, caller: &Caller, name: &str) -> Result<Arc<VHost>, ApiError> {
+pub(crate) fn visible_vhost(shared: &Shared, caller: &Caller, name: &str) -> Result<Arc<VHost>, ApiError> {
     let v = shared.broker.vhost(name).ok_or_else(ApiError::not_found)?;
     if caller.sees_all() || shared.broker.access().grant(&caller.user, false, name).is_ok() {
         Ok(v)
@@ -161,7 +184,7 @@ async fn metrics(State(state): State<AppState>, caller: Caller, Query(params): P
 
 // ----- field tables ------------------------------------------------------------------------------
 
-fn field_json(v: &FieldValue) -> Value {
+pub(crate) fn field_json(v: &FieldValue) -> Value {
     match v {
         FieldValue::Bool(b) => json!(b),
         FieldValue::F32(f) => json!(f),
@@ -177,11 +200,11 @@ fn field_json(v: &FieldValue) -> Value {
     }
 }
 
-fn table_json(t: &FieldTable) -> Value {
+pub(crate) fn table_json(t: &FieldTable) -> Value {
     Value::Object(t.iter().map(|(k, v)| (k.to_string_lossy(), field_json(v))).collect::<Map<_, _>>())
 }
 
-fn rate(r: f64) -> Value {
+pub(crate) fn rate(r: f64) -> Value {
     json!({ "rate": r })
 }
 
@@ -328,11 +351,11 @@ async fn vhost_one(State(state): State<AppState>, caller: Caller, Path(name): Pa
 // ----- connections ---------------------------------------------------------------------------
 
 /// RabbitMQ's connection name: `peer -> local`.
-fn connection_name(c: &ConnectionSnapshot) -> String {
+pub(crate) fn connection_name(c: &ConnectionSnapshot) -> String {
     format!("{} -> {}", c.peer, c.local)
 }
 
-fn visible_connections(shared: &Shared, caller: &Caller) -> Vec<ConnectionSnapshot> {
+pub(crate) fn visible_connections(shared: &Shared, caller: &Caller) -> Vec<ConnectionSnapshot> {
     let mut all = shared.broker.connections().list();
     if !caller.sees_all() {
         all.retain(|c| c.user.as_deref() == Some(caller.user.as_str()));
@@ -405,6 +428,21 @@ async fn connection_one(State(state): State<AppState>, caller: Caller, Path(name
 /// The longest close reason passed on (an AMQP reply text is a short string).
 const MAX_REASON: usize = 200;
 
+/// RabbitMQ's `X-Reason` header (or `default`), cut to [`MAX_REASON`] bytes: the reason a
+/// client told to go sees.
+pub(crate) fn x_reason(headers: &HeaderMap, default: &str) -> String {
+    let mut reason =
+        headers.get("x-reason").and_then(|v| v.to_str().ok()).filter(|r| !r.is_empty()).unwrap_or(default).to_string();
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
+
 /// Closes a connection with the reason its client sees (MQTT 5.0 DISCONNECT 0x98, AMQP
 /// connection.close 320): RabbitMQ's `X-Reason` header, or its default text.
 async fn close_connection(
@@ -415,19 +453,7 @@ async fn close_connection(
 ) -> ApiResult {
     caller.require_admin()?;
     let c = find_connection(&state.shared, &caller, &name)?;
-    let mut reason = headers
-        .get("x-reason")
-        .and_then(|v| v.to_str().ok())
-        .filter(|r| !r.is_empty())
-        .unwrap_or("Closed via management plugin")
-        .to_string();
-    if reason.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
+    let reason = x_reason(&headers, "Closed via management plugin");
     tracing::info!(user = %caller.user, connection = %name, "management: closing connection: {reason}");
     if state.shared.broker.connections().close(c.id, reason) {
         Ok(StatusCode::NO_CONTENT.into_response())
@@ -574,7 +600,7 @@ fn queue_list(shared: &Shared, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<V
     serde_json::to_vec(&body).map_err(|e| ApiError::internal(format!("JSON: {e}")))
 }
 
-fn json_bytes(body: Vec<u8>) -> Response {
+pub(crate) fn json_bytes(body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -616,9 +642,9 @@ async fn queue_one(
 }
 
 /// Management is not a connection: it owns no exclusive queue (connection ids start at 1).
-const MANAGEMENT_CONNECTION: ConnectionId = ConnectionId(0);
+pub(crate) const MANAGEMENT_CONNECTION: ConnectionId = ConnectionId(0);
 
-fn core_error(e: ferry_core::CoreError) -> ApiError {
+pub(crate) fn core_error(e: ferry_core::CoreError) -> ApiError {
     use ferry_core::CoreError as E;
     match e {
         E::NotFound(_) => ApiError::not_found(),
@@ -629,7 +655,7 @@ fn core_error(e: ferry_core::CoreError) -> ApiError {
 }
 
 /// A queue a frontend or a bridge keeps for itself is not the API's to delete or purge.
-fn refuse_reserved(state: &AppState, vhost: &str, name: &str, what: QueueUse) -> Result<(), ApiError> {
+pub(crate) fn refuse_reserved(state: &AppState, vhost: &str, name: &str, what: QueueUse) -> Result<(), ApiError> {
     match state.shared.broker.reserved_queue_refusal(vhost, name.as_bytes(), what) {
         Some(why) => Err(ApiError::not_allowed(why)),
         None => Ok(()),
@@ -655,7 +681,7 @@ async fn delete_queue(
 
 /// A JSON value as an AMQP field value (integers as `l`, other numbers as `d`, strings as `S`,
 /// objects as tables), for arguments given through the API.
-fn json_field(v: &Value) -> FieldValue {
+pub(crate) fn json_field(v: &Value) -> FieldValue {
     match v {
         Value::Null => FieldValue::Void,
         Value::Bool(b) => FieldValue::Bool(*b),
@@ -669,7 +695,7 @@ fn json_field(v: &Value) -> FieldValue {
     }
 }
 
-fn json_table(o: &Map<String, Value>) -> FieldTable {
+pub(crate) fn json_table(o: &Map<String, Value>) -> FieldTable {
     o.iter().map(|(k, v)| (ShortString::from(k.as_str()), json_field(v))).collect()
 }
 
@@ -685,12 +711,12 @@ struct QueueBody {
     arguments: Map<String, Value>,
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 
 /// A boolean as RabbitMQ takes it: `true`, or the string `"true"` (what rabbitmqadmin sends).
-fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+pub(crate) fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     use serde::de::Error;
     match Value::deserialize(d)? {
         Value::Bool(b) => Ok(b),
@@ -810,7 +836,7 @@ async fn exchange_one(
 
 /// RabbitMQ's `properties_key`: the routing key, with `~` and a digest of the arguments when
 /// there are any.
-fn properties_key(routing_key: &str, arguments: &FieldTable) -> String {
+pub(crate) fn properties_key(routing_key: &str, arguments: &FieldTable) -> String {
     if arguments.is_empty() {
         return routing_key.to_string();
     }
@@ -824,38 +850,43 @@ fn properties_key(routing_key: &str, arguments: &FieldTable) -> String {
 }
 
 fn binding_list(vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Value, ApiError> {
-    let mut items = Vec::new();
-    for v in vhosts {
-        // The default exchange's implicit binding of every queue under its own name.
-        let (mut live, _) = v.queues_and_retired();
-        live.sort_by(|a, b| a.name().cmp(b.name()));
-        for queue in &live {
-            let name = queue.name().to_string_lossy();
-            items.push(json!({
-                "source": "", "vhost": v.name(), "destination": name, "destination_type": "queue",
-                "routing_key": name, "arguments": {}, "properties_key": name,
-            }));
-        }
-        for xname in v.exchange_names() {
-            let Some(x) = v.exchange(&xname.to_string_lossy()) else { continue };
-            for b in x.bindings() {
-                let (destination, kind) = match &b.destination {
-                    Destination::Queue(queue) => (queue.name().to_string_lossy(), "queue"),
-                    Destination::Exchange(e) => (e.to_string_lossy(), "exchange"),
-                    // MQTT subscribers that keep no queue are not RabbitMQ bindings.
-                    Destination::Sink(_) => continue,
-                };
-                let key = b.key.routing_key.to_string_lossy();
-                items.push(json!({
-                    "source": xname.to_string_lossy(), "vhost": v.name(), "destination": destination,
-                    "destination_type": kind, "routing_key": key, "arguments": table_json(&b.key.arguments),
-                    "properties_key": properties_key(&key, &b.key.arguments),
-                }));
-            }
-        }
-    }
+    let items: Vec<Value> = vhosts.iter().flat_map(|v| vhost_bindings(v)).collect();
     let total = items.len();
     q.finish(items, total)
+}
+
+/// Every binding of a vhost as the API shows it: the default exchange's implicit binding of
+/// each queue first, then each exchange's.
+pub(crate) fn vhost_bindings(v: &VHost) -> Vec<Value> {
+    let mut items = Vec::new();
+    // The default exchange's implicit binding of every queue under its own name.
+    let (mut live, _) = v.queues_and_retired();
+    live.sort_by(|a, b| a.name().cmp(b.name()));
+    for queue in &live {
+        let name = queue.name().to_string_lossy();
+        items.push(json!({
+            "source": "", "vhost": v.name(), "destination": name, "destination_type": "queue",
+            "routing_key": name, "arguments": {}, "properties_key": name,
+        }));
+    }
+    for xname in v.exchange_names() {
+        let Some(x) = v.exchange(&xname.to_string_lossy()) else { continue };
+        for b in x.bindings() {
+            let (destination, kind) = match &b.destination {
+                Destination::Queue(queue) => (queue.name().to_string_lossy(), "queue"),
+                Destination::Exchange(e) => (e.to_string_lossy(), "exchange"),
+                // MQTT subscribers that keep no queue are not RabbitMQ bindings.
+                Destination::Sink(_) => continue,
+            };
+            let key = b.key.routing_key.to_string_lossy();
+            items.push(json!({
+                "source": xname.to_string_lossy(), "vhost": v.name(), "destination": destination,
+                "destination_type": kind, "routing_key": key, "arguments": table_json(&b.key.arguments),
+                "properties_key": properties_key(&key, &b.key.arguments),
+            }));
+        }
+    }
+    items
 }
 
 async fn bindings_all(State(state): State<AppState>, caller: Caller, Query(params): Params) -> ApiResult {

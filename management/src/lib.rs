@@ -15,7 +15,10 @@
 //!   counters) every few seconds, so message rates need no stats database.
 //! - `metrics`: the Prometheus text exposition, under Ferry's names or RabbitMQ's.
 //! - `api`: the JSON endpoints, in RabbitMQ's shapes; `query` holds what lists share
-//!   (`columns`, `sort`, `page`, `name` + `use_regex`); `error` the JSON errors.
+//!   (`columns`, `sort`, `page`, `name` + `use_regex`); `error` the JSON errors. Beside it:
+//!   `objects` (channels, consumers, users, permissions), `topology` (declaring and deleting
+//!   exchanges, bindings), `messages` (publish, get, aliveness test) and `mqtt` (MQTT
+//!   sessions and retained messages).
 //! - `dashboard`: the web dashboard at `/` (HTML, JS and CSS from `assets/`, embedded), which
 //!   reads the API from the browser.
 //!
@@ -40,9 +43,13 @@ mod dashboard;
 mod error;
 mod http;
 mod login;
+mod messages;
 mod metrics;
+mod mqtt;
+mod objects;
 mod query;
 mod rates;
+mod topology;
 
 /// The RabbitMQ management API version whose shapes Ferry's answers follow (checked against
 /// the rabbitmq-server 3.10.8 package's `api/index.html` and `rabbitmqadmin`).
@@ -99,6 +106,8 @@ pub(crate) struct Shared {
     pub logins: login::LoginCache,
     pub started: Instant,
     pub renders: Semaphore,
+    /// The MQTT frontend's sessions, once the server hands them over ([`Management::set_mqtt`]).
+    pub mqtt: std::sync::OnceLock<Arc<ferry_mqtt::Shared>>,
 }
 
 impl Management {
@@ -128,9 +137,16 @@ impl Management {
             logins: login::LoginCache::new(),
             started: Instant::now(),
             renders: Semaphore::new(MAX_CONCURRENT_RENDERS),
+            mqtt: std::sync::OnceLock::new(),
         });
         tokio::spawn(rates::run(Arc::downgrade(&shared), interval, shutdown));
         Management { shared }
+    }
+
+    /// Lets `/api/mqtt/sessions` list and delete the MQTT frontend's sessions (without it
+    /// they answer `503`). The first call counts.
+    pub fn set_mqtt(&self, mqtt: Arc<ferry_mqtt::Shared>) {
+        let _ = self.shared.mqtt.set(mqtt);
     }
 
     /// Serves one HTTP listener until `shutdown`; `tls` is swapped by a reload for new

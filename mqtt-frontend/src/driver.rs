@@ -400,6 +400,7 @@ async fn establish(
     let publish_rate = limits.max_publish_rate;
     let deadline = keep_alive.map(|k| Instant::now() + k);
     claim.kick.set_deadline(deadline);
+    session.attach_listing(claim.kick.clone(), !resume);
     let undecoded = !buf.is_empty();
     sizer.drained(&mut buf);
     Ok(Box::new(Conn {

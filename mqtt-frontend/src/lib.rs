@@ -11,7 +11,10 @@
 //!    subscriptions indexed by filter, cookie, queue and pattern (`subscriptions`). [`topic`] converts
 //!    topics and filters, [`mapping`] converts PUBLISH ↔ core message, [`registry`] holds client
 //!    ids (takeover) and persistent session state between connections, on top of the core's
-//!    connection registry (`ferry_core::connections`), through which it kicks connections.
+//!    connection registry (`ferry_core::connections`), through which it kicks connections; it
+//!    also lists sessions for the management API ([`Shared::sessions`], each connected
+//!    session keeping a small view of its subscriptions there) and ends one from outside
+//!    ([`Shared::delete_session`]).
 //!    [`connect`] decides a CONNECT before the session starts (client id rules, will topic,
 //!    login outcome, will ACL).
 //! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced;
@@ -79,6 +82,58 @@ pub struct Shared {
     /// The shutdown signals of the connections served so far; a connection's group in the
     /// registry is its signal's index here.
     shutdowns: Mutex<Vec<Shutdown>>,
+}
+
+/// How long [`Shared::delete_session`] waits for a connected client to let its session go.
+const DELETE_WAIT: Duration = Duration::from_secs(5);
+
+/// What [`Shared::delete_session`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionDeleted {
+    /// There was no such session.
+    NotFound,
+    /// It ended (its client, if connected, was disconnected first).
+    Deleted,
+    /// Its connection did not let it go in time.
+    Busy,
+}
+
+impl Shared {
+    /// Every session, connected or kept while its client is away (for the management API).
+    pub fn sessions(&self) -> Vec<registry::SessionInfo> {
+        self.registry.sessions()
+    }
+
+    /// Ends a session from outside (the management API): a connected client is disconnected
+    /// first through the core registry, with `reason` (MQTT 5.0 DISCONNECT 0x98, administrative
+    /// action); then whatever the session kept — its state, its queue with what waited there,
+    /// its subscriptions — goes, and a will it still held is published, as at its expiry.
+    pub async fn delete_session(&self, broker: &Broker, vhost: &str, client_id: &str, reason: &str) -> SessionDeleted {
+        let mut found = false;
+        if let Some(conn) = self.registry.live_connection(vhost, client_id) {
+            found = true;
+            broker.connections().close(conn, reason);
+            if !self.registry.wait_released(vhost, client_id, conn, DELETE_WAIT).await {
+                return SessionDeleted::Busy;
+            }
+        }
+        let Some(v) = broker.vhost(vhost) else {
+            return if found { SessionDeleted::Deleted } else { SessionDeleted::NotFound };
+        };
+        let ended = self.registry.end_stored(vhost, client_id, || {
+            driver::end_session(&v, client_id, ConnectionId(0), now_millis());
+        });
+        match ended {
+            Some(will) => {
+                if let Some(due) = will {
+                    session::publish_will(&v, &due.exchange.as_str().into(), &due.will, ConnectionId(0), now_millis());
+                }
+                SessionDeleted::Deleted
+            }
+            None if found => SessionDeleted::Deleted,
+            None => SessionDeleted::NotFound,
+        }
+    }
 }
 
 /// How often the registry looks for clients whose keep alive ran out: a client is closed up to

@@ -117,6 +117,72 @@ pub struct Kick {
     resumed: AtomicBool,
     released: AtomicBool,
     on_release: Notify,
+    /// What the management API shows of the session while this connection holds it.
+    view: SessionView,
+}
+
+/// A session's subscriptions as its view keeps them: filter → options and identifier.
+type ViewSubscriptions = std::collections::BTreeMap<String, (SubOptions, Option<u32>)>;
+
+/// A connected session as listings show it ([`Registry::sessions`]): the session keeps it
+/// current when its subscriptions or expiry change (rare events; never per message).
+#[derive(Debug, Default)]
+pub struct SessionView {
+    /// Filter → options and identifier; made with the first subscription (most connections
+    /// never subscribe, and pay 16 bytes for it).
+    subscriptions: std::sync::OnceLock<Box<Mutex<ViewSubscriptions>>>,
+    expiry: std::sync::atomic::AtomicU32,
+    clean_start: AtomicBool,
+}
+
+impl SessionView {
+    fn subs(&self) -> std::sync::MutexGuard<'_, ViewSubscriptions> {
+        self.subscriptions.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn subscribed(&self, filter: &str, options: SubOptions, identifier: Option<u32>) {
+        self.subs().insert(filter.to_string(), (options, identifier));
+    }
+    pub fn unsubscribed(&self, filter: &str) {
+        if self.subscriptions.get().is_some() {
+            self.subs().remove(filter);
+        }
+    }
+    pub fn set_session(&self, clean_start: bool, expiry: u32) {
+        self.clean_start.store(clean_start, Ordering::Relaxed);
+        self.set_expiry(expiry);
+    }
+    pub fn set_expiry(&self, expiry: u32) {
+        self.expiry.store(expiry, Ordering::Relaxed);
+    }
+    fn subscriptions(&self) -> Vec<StoredSubscription> {
+        match self.subscriptions.get() {
+            None => Vec::new(),
+            Some(_) => self
+                .subs()
+                .iter()
+                .map(|(f, (o, i))| StoredSubscription { filter: f.clone(), options: *o, identifier: *i })
+                .collect(),
+        }
+    }
+}
+
+/// A session as the management API lists it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub vhost: String,
+    pub client_id: String,
+    /// The connection holding it, if its client is connected.
+    pub connection: Option<ConnectionId>,
+    /// The connection's user; `None` for a session kept while its client is away.
+    pub user: Option<String>,
+    /// The CONNECT's clean start (clean session); a session kept while its client is away
+    /// was not.
+    pub clean_start: bool,
+    /// Seconds (`u32::MAX` never).
+    pub expiry: u32,
+    pub subscriptions: Vec<StoredSubscription>,
+    /// When its client went away (ms since the epoch); 0 while connected.
+    pub disconnected_at: u64,
 }
 
 impl Kick {
@@ -129,7 +195,12 @@ impl Kick {
             resumed: AtomicBool::new(false),
             released: AtomicBool::new(false),
             on_release: Notify::new(),
+            view: SessionView::default(),
         }
+    }
+    /// What the session keeps current for listings.
+    pub fn view(&self) -> &SessionView {
+        &self.view
     }
     /// Tells the connection to go; the first reason given is the one it sees.
     fn kick(&self, why: Kicked) {
@@ -244,6 +315,13 @@ pub struct Registry {
 /// 48 bytes in every entry, and two allocations), length-prefixed so that no two pairs meet.
 fn slot_key(vhost: &str, client_id: &str) -> Box<str> {
     format!("{}:{vhost}{client_id}", vhost.len()).into_boxed_str()
+}
+
+/// [`slot_key`] back into the vhost and the client id.
+fn split_key(key: &str) -> Option<(&str, &str)> {
+    let (len, rest) = key.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    rest.is_char_boundary(len).then(|| rest.split_at(len))
 }
 
 /// How long a takeover waits for the old connection to hand its session over.
@@ -439,6 +517,78 @@ impl Registry {
     /// Whether a connection currently holds the client id.
     pub fn is_live(&self, vhost: &str, client_id: &str) -> bool {
         self.slots().get(&slot_key(vhost, client_id)).is_some_and(|s| s.live.is_some())
+    }
+
+    /// Every session, connected or kept while its client is away, by vhost and client id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let slots = self.slots();
+        let mut out: Vec<SessionInfo> = slots
+            .iter()
+            .filter_map(|(key, slot)| {
+                let (vhost, client_id) = split_key(key)?;
+                let (vhost, client_id) = (vhost.to_string(), client_id.to_string());
+                if let Some(live) = &slot.live {
+                    let k = &live.kick;
+                    return Some(SessionInfo {
+                        vhost,
+                        client_id,
+                        connection: Some(k.connection()),
+                        user: k.conn.user().map(str::to_string),
+                        clean_start: k.view.clean_start.load(Ordering::Relaxed),
+                        expiry: k.view.expiry.load(Ordering::Relaxed),
+                        subscriptions: k.view.subscriptions(),
+                        disconnected_at: 0,
+                    });
+                }
+                let st = slot.stored.as_ref()?;
+                Some(SessionInfo {
+                    vhost,
+                    client_id,
+                    connection: None,
+                    user: None,
+                    clean_start: false,
+                    expiry: st.expiry,
+                    subscriptions: st.subscriptions.clone(),
+                    disconnected_at: st.disconnected_at,
+                })
+            })
+            .collect();
+        drop(slots);
+        out.sort_by(|a, b| (&a.vhost, &a.client_id).cmp(&(&b.vhost, &b.client_id)));
+        out
+    }
+
+    /// The connection holding a client id, if one does.
+    pub fn live_connection(&self, vhost: &str, client_id: &str) -> Option<ConnectionId> {
+        self.slots().get(&slot_key(vhost, client_id)).and_then(|s| s.live.as_ref()).map(|l| l.kick.connection())
+    }
+
+    /// Waits (up to `limit`) until `connection` no longer holds the client id; whether it let go.
+    pub async fn wait_released(&self, vhost: &str, client_id: &str, connection: ConnectionId, limit: Duration) -> bool {
+        let kick = {
+            let slots = self.slots();
+            match slots.get(&slot_key(vhost, client_id)).and_then(|s| s.live.as_ref()) {
+                Some(l) if l.kick.connection() == connection => l.kick.clone(),
+                _ => return true,
+            }
+        };
+        tokio::time::timeout(limit, kick.released()).await.is_ok()
+    }
+
+    /// Ends a session kept while its client is away (deleted through the management API):
+    /// forgets its state and runs `end` (which deletes its queue) under the registry lock, as
+    /// [`Registry::expire`] does. `None` when there is no such session or a connection holds
+    /// it; otherwise the will it still held, which its end makes due.
+    pub fn end_stored(&self, vhost: &str, client_id: &str, end: impl FnOnce()) -> Option<Option<DueWill>> {
+        let mut slots = self.slots();
+        let key = slot_key(vhost, client_id);
+        let slot = slots.get(&key)?;
+        if slot.live.is_some() || slot.stored.is_none() {
+            return None;
+        }
+        let will = slots.remove(&key).and_then(|s| s.stored).and_then(|mut st| st.take_will());
+        end();
+        Some(will)
     }
 
     /// Connected clients.

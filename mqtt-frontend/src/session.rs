@@ -270,6 +270,9 @@ pub struct Session {
     /// The broker's disk alarm, as the driver last saw it: while it is up, 5.0 QoS 1/2
     /// publishes get 0x97.
     disk_alarm: bool,
+    /// The registry's view of this session, kept current for the management API when
+    /// subscriptions or the expiry change ([`Session::attach_listing`]).
+    listing: Option<Arc<crate::registry::Kick>>,
 }
 
 /// Per-session counters the driver adds into the frontend's totals.
@@ -481,6 +484,7 @@ impl Session {
             stats: SessionStats::default(),
             settings,
             disk_alarm: false,
+            listing: None,
         };
 
         let mut ack = ConnAck { session_present, code: reason::SUCCESS, properties: Default::default() };
@@ -766,6 +770,9 @@ impl Session {
                                 .close("session expiry cannot be set on DISCONNECT when it was 0 at CONNECT"));
                         }
                         self.session_expiry = e;
+                        if let Some(kick) = &self.listing {
+                            kick.view().set_expiry(e);
+                        }
                     }
                 }
                 Err(Close::ClientDisconnect { with_will: d.reason == reason::DISCONNECT_WITH_WILL })
@@ -1210,6 +1217,9 @@ impl Session {
         let retain_handling = options.retain_handling;
         let is_shared = filter.share_group.is_some();
         let pattern = filter.pattern();
+        if let Some(kick) = &self.listing {
+            kick.view().subscribed(&filter.text, options, identifier);
+        }
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
         subs.insert(Subscription { filter, options, identifier, cookie, shared });
         // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only for a new
@@ -1230,6 +1240,9 @@ impl Session {
             }
             let code = match self.subs.as_mut().and_then(|s| s.remove(f.as_str())) {
                 Some(sub) => {
+                    if let Some(kick) = &self.listing {
+                        kick.view().unsubscribed(f.as_str());
+                    }
                     self.drop_subscription(sub, now);
                     reason::SUCCESS
                 }
@@ -1561,6 +1574,17 @@ impl Session {
 
     pub fn is_persistent(&self) -> bool {
         self.persistent
+    }
+
+    /// Starts keeping `kick`'s view current (the subscriptions the session resumed with go in
+    /// now); `clean_start` is the CONNECT's.
+    pub fn attach_listing(&mut self, kick: Arc<crate::registry::Kick>, clean_start: bool) {
+        let view = kick.view();
+        view.set_session(clean_start, self.session_expiry);
+        for sub in self.subs.iter().flat_map(|s| s.values()) {
+            view.subscribed(&sub.filter.text, sub.options, sub.identifier);
+        }
+        self.listing = Some(kick);
     }
 }
 

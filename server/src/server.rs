@@ -544,6 +544,11 @@ impl ServerBuilder {
                 .collect();
             let management =
                 ferry_management::Management::start(broker.clone(), bridges.status_reader(), infos, shutdown.clone());
+            if let Some(mqtt) =
+                frontends.get(&Protocol::Mqtt).and_then(|f| f.as_any()?.downcast_ref::<ferry_mqtt::MqttFrontend>())
+            {
+                management.set_mqtt(mqtt.shared().clone());
+            }
             for (h, tls, addr, tcp) in http_ready {
                 let settings = ferry_management::HttpSettings {
                     name: format!("http {addr}"),
@@ -571,7 +576,23 @@ impl ServerBuilder {
             http: config.http,
             shovels: config.shovels,
         };
-        Ok(Server { broker, listeners, running, tls: tls_slots, shutdown_tx, tasks, grace, bridges, http, tasks_http })
+        let mqtt = frontends
+            .get(&Protocol::Mqtt)
+            .and_then(|f| f.as_any()?.downcast_ref::<ferry_mqtt::MqttFrontend>())
+            .map(|m| m.shared().clone());
+        Ok(Server {
+            broker,
+            listeners,
+            running,
+            tls: tls_slots,
+            shutdown_tx,
+            tasks,
+            grace,
+            bridges,
+            http,
+            tasks_http,
+            mqtt,
+        })
     }
 }
 
@@ -590,6 +611,8 @@ pub struct Server {
     tasks: Vec<JoinHandle<Drained>>,
     grace: Duration,
     bridges: ferry_bridge::Bridges,
+    /// The MQTT frontend's shared state (its sessions), when it is the built-in one.
+    mqtt: Option<Arc<ferry_mqtt::Shared>>,
     /// The HTTP listeners' addresses (config order) and their tasks.
     http: Vec<SocketAddr>,
     tasks_http: Vec<JoinHandle<()>>,
@@ -625,6 +648,12 @@ impl Server {
     /// The running bridges (`[[bridges]]`): their state and counters.
     pub fn bridges(&self) -> &ferry_bridge::Bridges {
         &self.bridges
+    }
+
+    /// The built-in MQTT frontend's shared state (its sessions), as the management API reads
+    /// it; `None` without that frontend.
+    pub fn mqtt(&self) -> Option<&Arc<ferry_mqtt::Shared>> {
+        self.mqtt.as_ref()
     }
 
     /// Applies what can change while running from a freshly loaded `config` (the caller reads

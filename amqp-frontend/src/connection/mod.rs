@@ -350,6 +350,22 @@ impl Connection {
     pub fn channel_count(&self) -> usize {
         self.channels.len()
     }
+    /// The channels as the registry lists them, into `out` (cleared first; reused across
+    /// wake-ups so that it allocates only when the connection opens more channels).
+    pub fn channel_infos(&self, out: &mut Vec<ferry_core::connections::ChannelInfo>) {
+        out.clear();
+        out.extend(self.channels.values().map(|c| ferry_core::connections::ChannelInfo {
+            number: c.id,
+            owner: c.owner,
+            prefetch_count: c.consumer_prefetch,
+            global_prefetch_count: c.credit.limit.load(std::sync::atomic::Ordering::Relaxed),
+            confirm: c.confirm_seq.is_some(),
+            transactional: c.tx.is_some(),
+            consumers: c.consumers.len() as u32,
+            unacked: c.unacked.len() as u32,
+        }));
+        out.sort_unstable_by_key(|c| c.number);
+    }
     pub fn is_open(&self) -> bool {
         self.state == State::Open
     }
