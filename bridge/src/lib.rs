@@ -29,6 +29,7 @@ pub mod backoff;
 pub mod config;
 mod link;
 pub mod overflow;
+mod qos2_ids;
 pub mod rules;
 pub mod shovel;
 pub mod status;
@@ -147,6 +148,7 @@ impl Bridges {
                 counters: Counters::default(),
                 changes: watch::Sender::new(0),
                 private_refused: Default::default(),
+                recovered_qos2: std::sync::Mutex::new(qos2_ids::recover(broker, &config.vhost, &name)),
             });
             ready.push((link, vhost));
         }
@@ -160,6 +162,8 @@ impl Bridges {
             bridges.tasks.push(tokio::spawn(link.clone().run(vhost, shutdown.clone(), seed)));
             bridges.links.push(link);
         }
+        // What is left of stored QoS 2 ids belongs to bridges no longer configured.
+        qos2_ids::forget_others(broker);
         if !bridges.links.is_empty() {
             info!("{} bridge(s) started", bridges.links.len());
         }

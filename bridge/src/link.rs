@@ -113,6 +113,9 @@ pub(crate) struct Link {
     /// The remote refused the bridge mark on a 3.1.1 CONNECT (`try_private`): later connects
     /// go without it.
     pub private_refused: std::sync::atomic::AtomicBool,
+    /// The QoS 2 ids received and not yet released when Ferry last stopped (`qos2_ids`), taken
+    /// by the link's task when it starts.
+    pub recovered_qos2: std::sync::Mutex<HashSet<u16>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,7 +305,10 @@ impl Link {
             }
             None => None,
         };
-        let mut carry = Carry::default();
+        let mut carry = Carry {
+            incoming_qos2: std::mem::take(&mut *self.recovered_qos2.lock().unwrap_or_else(|e| e.into_inner())),
+            ..Carry::default()
+        };
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
         info!(bridge = %self.config.name, "bridge {}: connecting to {}", self.config.name, self.config.address);
         loop {
@@ -562,8 +568,9 @@ impl Conn<'_> {
 
         // What was in flight when the last connection ended goes again, in order (§4.4).
         self.session_present = connack.session_present;
-        if !connack.session_present {
-            self.carry.incoming_qos2.clear();
+        if !connack.session_present && !self.carry.incoming_qos2.is_empty() {
+            let name = &self.link.config.name;
+            crate::qos2_ids::forget(self.vhost, name, self.carry.incoming_qos2.drain());
         }
         self.drop_oversized_inflight(&remote);
         if self.carry.probe.is_some() && self.carry.head_publish().map(|f| f.seq) != self.carry.probe.map(|p| p.seq) {
@@ -925,8 +932,13 @@ impl Conn<'_> {
             }
             Packet::PubComp(r) => self.done_out(r, Stage::PubComp)?,
             Packet::PubRel(r) => {
-                self.carry.incoming_qos2.remove(&r.packet_id);
-                acks.push(Packet::PubComp(PubResp::ok(r.packet_id)), Commit::done(Ok(())));
+                // The id's record goes before the PUBCOMP: the remote may reuse the id at once.
+                let commit = if self.carry.incoming_qos2.remove(&r.packet_id) {
+                    crate::qos2_ids::release(self.vhost, &self.link.config.name, r.packet_id)
+                } else {
+                    Commit::done(Ok(()))
+                };
+                acks.push(Packet::PubComp(PubResp::ok(r.packet_id)), commit);
             }
             Packet::SubAck(ack) => {
                 let refused: Vec<u8> = ack.reasons.iter().copied().filter(|c| *c >= 0x80).collect();
@@ -1019,6 +1031,9 @@ impl Conn<'_> {
             QoS::AtLeastOnce => acks.push(Packet::PubAck(PubResp::ok(pid)), commit),
             QoS::ExactlyOnce => {
                 self.carry.incoming_qos2.insert(pid);
+                // Recorded in the store behind the message, before the PUBREC (see qos2_ids): a
+                // resend after a restart of Ferry is not published again.
+                let commit = crate::qos2_ids::record(self.vhost, &config.name, pid, commit);
                 acks.push(Packet::PubRec(PubResp::ok(pid)), commit);
             }
         }

@@ -791,12 +791,15 @@ async fn a_message_a_v311_remote_closes_the_link_on_is_dropped_after_probing_and
 
 // ----- QoS 2 packet ids across a restart of Ferry ---------------------------------------------------
 
-/// A TCP proxy between the bridge and its remote that, while `hold_pubrel` is set, swallows
-/// the bridge's PUBRELs (reporting each): the remote is left holding the packet id of a QoS 2
-/// message it has PUBREC'd, as when Ferry stops between PUBREC and PUBCOMP.
-async fn pubrel_swallowing_proxy(
+/// A TCP proxy between the bridge and its remote that, while `hold` is set, swallows the
+/// bridge's packets of type `packet_type` (reporting each). PUBREL (6): the remote is left
+/// holding the packet id of a QoS 2 message it has PUBREC'd, as when Ferry stops between PUBREC
+/// and PUBCOMP. PUBREC (5): the remote never learns that Ferry took its QoS 2 message, as when
+/// Ferry stops right after taking it.
+async fn swallowing_proxy(
     remote: SocketAddr,
-    hold_pubrel: Arc<std::sync::atomic::AtomicBool>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    packet_type: u8,
 ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -810,7 +813,7 @@ async fn pubrel_swallowing_proxy(
             tokio::spawn(async move {
                 let _ = tokio::io::copy(&mut from_remote, &mut to_bridge).await;
             });
-            let (hold, swallowed_tx) = (hold_pubrel.clone(), swallowed_tx.clone());
+            let (hold, swallowed_tx) = (hold.clone(), swallowed_tx.clone());
             tokio::spawn(async move {
                 // Whole packets: fixed header byte, remaining length (varint), body.
                 let mut buf = Vec::new();
@@ -836,7 +839,7 @@ async fn pubrel_swallowing_proxy(
                             break;
                         }
                         let packet: Vec<u8> = buf.drain(..i + len).collect();
-                        if packet[0] >> 4 == 6 && hold.load(std::sync::atomic::Ordering::SeqCst) {
+                        if packet[0] >> 4 == packet_type && hold.load(std::sync::atomic::Ordering::SeqCst) {
                             let _ = swallowed_tx.send(());
                             continue;
                         }
@@ -859,7 +862,7 @@ async fn pubrel_swallowing_proxy(
 async fn qos2_across_a_restart(remote: SocketAddr, remote_client: &mut v5::Client) -> Vec<String> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let hold = Arc::new(AtomicBool::new(false));
-    let (proxy, mut swallowed) = pubrel_swallowing_proxy(remote, hold.clone()).await;
+    let (proxy, mut swallowed) = swallowing_proxy(remote, hold.clone(), 6).await;
     let rule = r##"{ pattern = "t/#", direction = "out", qos = 2 }"##;
     let toml = bridged_toml(0, proxy, "5.0", rule, "clean_session = false\n");
     let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
@@ -918,6 +921,68 @@ async fn qos2_packet_ids_survive_a_restart_of_ferry_with_a_persistent_mosquitto_
     assert_eq!(got, ["m0", "m0b", "m1", "m2", "m3", "m4"], "each once, in order");
     let reused: Vec<String> = mosquitto.log().into_iter().filter(|l| l.contains("Reused message ID")).collect();
     assert!(reused.is_empty(), "no held id was given to another message: {reused:?}");
+}
+
+/// A QoS 2 message from the remote that Ferry published locally and PUBREC'd, but whose PUBREC
+/// the remote never got before Ferry stopped: after the restart the remote (keeping the session)
+/// sends it again with DUP and the same packet id, and Ferry must know the id from its store and
+/// not publish the message a second time (fails without `qos2_ids`: m1 twice). Its PUBREL then
+/// frees the id, and a second restart finds nothing held: later messages all arrive.
+#[tokio::test]
+async fn a_qos2_message_from_the_remote_is_published_once_across_a_restart_of_ferry() {
+    use ferry_integration_tests::amqp::{lapin_uri, AMQP_LISTENER};
+    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let remote = TestServer::mqtt().await;
+    let hold = Arc::new(AtomicBool::new(false));
+    let (proxy, mut swallowed) = swallowing_proxy(remote.mqtt_addr(), hold.clone(), 5).await;
+    let rule = r##"{ pattern = "t/#", direction = "in", qos = 2 }"##;
+    let toml = format!("{AMQP_LISTENER}{}", bridged_toml(0, proxy, "5.0", rule, "clean_session = false\n"));
+    let frontends = ferry_server::frontends::builtin(&Default::default());
+    let local = TestServer::start(&toml, &frontends).await;
+    up(&local).await;
+    // What arrives locally lands in a durable queue, kept across the restarts.
+    let conn = lapin_uri(&format!("amqp://guest:guest@{}/%2f", local.amqp_addr())).await;
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("seen".into(), durable, FieldTable::default()).await.unwrap();
+    let bind = ch.queue_bind(
+        "seen".into(),
+        "amq.topic".into(),
+        "t.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    );
+    bind.await.unwrap();
+    drop(conn);
+
+    let mut remote_publisher = v5::connect(&remote, "remote-pub").await;
+    hold.store(true, Ordering::SeqCst);
+    remote_publisher.publish("t/1", V5Q2, false, b"m1").await;
+    within("m1's PUBREC swallowed", swallowed.recv()).await.expect("proxy running");
+
+    let dir = local.stop().await;
+    hold.store(false, Ordering::SeqCst);
+    let local = TestServer::start_in(dir, &toml, &frontends).await.expect("restart");
+    up(&local).await;
+    // The remote resends m1 first, on taking up the session; m2 comes after it.
+    remote_publisher.publish("t/1", V5Q2, false, b"m2").await;
+    status_when(&local, "m2 taken", |s| s.forwarded_in >= 1).await;
+    let dir = local.stop().await;
+    let local = TestServer::start_in(dir, &toml, &frontends).await.expect("second restart");
+    up(&local).await;
+    remote_publisher.publish("t/1", V5Q2, false, b"m3").await;
+    status_when(&local, "m3 taken", |s| s.forwarded_in >= 1).await;
+
+    let conn = lapin_uri(&format!("amqp://guest:guest@{}/%2f", local.amqp_addr())).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = within("get", ch.basic_get("seen".into(), BasicGetOptions { no_ack: true })).await.unwrap() {
+        got.push(String::from_utf8_lossy(&m.delivery.data).to_string());
+    }
+    assert_eq!(got, ["m1", "m2", "m3"], "each once, in order");
 }
 
 // ----- the connection registry ------------------------------------------------------------------

@@ -224,7 +224,9 @@ impl Frontend for MqttFrontend {
     /// registry holds the state for the client's return, and the expiry and will timers run
     /// again from when the client went away (a client connected at the crash went away now).
     fn recover(&self, broker: &Arc<Broker>) {
-        let records = broker.take_recovered_sessions(|_| true);
+        // Records of the broker's own parts (a bridge's QoS 2 ids) are theirs to take.
+        let records =
+            broker.take_recovered_sessions(|r| !r.client_id.starts_with(ferry_core::store::INTERNAL_SESSION_PREFIX));
         let now = now_millis();
         let mut restored = 0usize;
         for r in records {

@@ -147,6 +147,11 @@ pub struct StoredMessage {
     pub delivered: bool,
 }
 
+/// A session record whose client id starts with this character belongs to a part of the broker
+/// itself (a bridge's QoS 2 receive ids), not to a frontend's client: U+0000 cannot occur in an
+/// MQTT client id (MQTT 3.1.1 §1.5.3, 5.0 §1.5.4), so no client's session shares its key.
+pub const INTERNAL_SESSION_PREFIX: char = '\0';
+
 /// A frontend's stored session (see [`StoreOp::PutSession`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
