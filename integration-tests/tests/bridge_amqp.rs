@@ -753,6 +753,42 @@ async fn amqps_to_a_ferry_tls_listener_with_a_client_certificate() {
     assert_eq!(st.connects, 0);
 }
 
+/// RabbitMQ's way of saying it all in the URI: the TLS files, the name and
+/// `auth_mechanism=external`, so that the client certificate is the login (the remote Ferry's
+/// `cert_login`, as RabbitMQ's `rabbitmq_auth_mechanism_ssl`): no password anywhere.
+#[tokio::test]
+async fn amqps_with_external_login_and_tls_files_in_the_uri_query() {
+    let dir = tempfile::tempdir().unwrap();
+    ferry_integration_tests::write_pki(dir.path());
+    let toml = "[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\n\
+                [[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\ncert_login = \"common_name\"\n\
+                tls = { cert = \"server.pem\", key = \"server.key\", client_ca = \"ca.pem\", require_client_cert = true }\n";
+    let remote = TestServer::start_in(dir, toml, &frontends()).await.unwrap_or_else(|e| panic!("{e}"));
+    let (_rc, rch) = ferry_integration_tests::amqp::lapin_channel(&remote).await;
+    declare(&rch, "secure").await;
+    let d = remote.dir.path();
+    let file = |f: &str| d.join(f).display().to_string().replace('/', "%2F");
+    let uri = format!(
+        "amqps://127.0.0.1:{}/%2f?auth_mechanism=external&cacertfile={}&certfile={}&keyfile={}\
+         &server_name_indication=localhost&verify=verify_peer&heartbeat=30",
+        remote.addr(1).port(),
+        file("ca.pem"),
+        file("client.pem"),
+        file("client.key")
+    );
+    let local = ferry(&out_to(&uri, "dest_queue = \"secure\"", "")).await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    mqtt.publish("telemetry/tls", Q1, false, b"as edge").await;
+    let mut c = consume(&rch, "secure").await;
+    assert_eq!(next(&mut c).await.0, "as edge");
+    status_when(&local, "confirmed", |s| s.forwarded_out == 1).await;
+    let connections = remote.server.broker().connections().list();
+    let shovel = connections.iter().find(|c| c.client_id.as_deref() == Some("Ferry shovel s"));
+    let shovel = shovel.unwrap_or_else(|| panic!("the shovel's connection: {connections:?}"));
+    assert_eq!(shovel.user.as_deref(), Some("edge"), "logged in as the certificate's CN: {shovel:?}");
+}
+
 #[test]
 fn check_config_loads_a_shovels_password_file_and_tls_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -1031,7 +1031,24 @@ impl Validator<'_> {
                 s.vhost = v;
             }
             s.password = self.remote_password(&key, raw.password_file, raw.password_env);
-            match (raw.tls, s.remote.tls) {
+            // RabbitMQ's URI carries TLS files in its query; Ferry's `tls` table is the other way
+            // to say them, not both.
+            let q = s.remote.query.clone();
+            let uri_key = if s.direction == ferry_bridge::ShovelDirection::Out { "dest_uri" } else { "src_uri" };
+            let uri_tls = q.has_tls().then(|| RawBridgeTls {
+                ca: q.cacertfile.map(PathBuf::from),
+                cert: q.certfile.map(PathBuf::from),
+                key: q.keyfile.map(PathBuf::from),
+                server_name: q.server_name_indication,
+            });
+            let raw_tls = match (raw.tls, uri_tls) {
+                (Some(_), Some(_)) => {
+                    self.report(key("tls"), format!("the {uri_key} query gives TLS files too: give them in one place"));
+                    None
+                }
+                (t, u) => t.or(u),
+            };
+            match (raw_tls, s.remote.tls) {
                 (Some(t), true) => s.tls = self.remote_tls(&key, t),
                 (Some(_), false) => self.report(key("tls"), "is for an amqps:// remote; this one is amqp://"),
                 // amqps:// without a table: the system's trusted CAs, no client certificate.
@@ -1041,7 +1058,19 @@ impl Validator<'_> {
                 (None, false) => {}
             }
             if let Some(h) = raw.heartbeat_secs {
+                if s.remote.query.heartbeat.is_some_and(|u| u != h) {
+                    self.report(key("heartbeat_secs"), format!("the {uri_key} query says another heartbeat"));
+                }
                 s.heartbeat = h;
+            }
+            if s.auth_mechanisms.contains(&ferry_bridge::shovel::AuthMechanism::External)
+                && s.tls.as_ref().is_none_or(|t| t.client_cert.is_none())
+            {
+                self.report(
+                    key(uri_key),
+                    "auth_mechanism=external logs in with a TLS client certificate: an amqps:// remote and a \
+                     certificate (tls.cert / tls.key, or certfile / keyfile in the query)",
+                );
             }
             if let Some(ms) = raw.reconnect_initial_ms {
                 if ms == 0 {
@@ -1056,6 +1085,12 @@ impl Validator<'_> {
                 self.report(key("reconnect_max_ms"), "must not be below reconnect_initial_ms");
             }
             if let Some(secs) = raw.connect_timeout_secs {
+                if s.remote.query.connection_timeout.is_some_and(|u| u != Duration::from_secs(secs)) {
+                    self.report(
+                        key("connect_timeout_secs"),
+                        format!("the {uri_key} query says another connection_timeout"),
+                    );
+                }
                 if secs == 0 {
                     self.report(key("connect_timeout_secs"), "must be at least 1");
                 }
@@ -2499,6 +2534,34 @@ mod tests {
         assert_eq!((inn.ack_mode, inn.prefetch, inn.max_hops), (ferry_bridge::AckMode::NoAck, 10, 2));
         assert!(inn.add_forward_headers);
         assert_eq!(inn.remote.to_string(), "amqp://rabbit.example:5672/%2f");
+    }
+
+    #[test]
+    fn a_shovel_uri_query_sets_what_rabbitmq_puts_there_and_conflicts_are_refused() {
+        let c = parse(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\n\
+             dest_uri = \"amqps://h/%2f?heartbeat=15&connection_timeout=2500&cacertfile=%2Fca.pem&server_name_indication=rabbit\"\n"
+        ))
+        .unwrap();
+        let s = &c.shovels[0];
+        assert_eq!((s.heartbeat, s.connect_timeout), (15, Duration::from_millis(2500)));
+        let tls = s.tls.as_ref().unwrap();
+        assert_eq!((tls.ca.as_deref(), tls.server_name.as_deref()), (Some(Path::new("/ca.pem")), Some("rabbit")));
+        assert_eq!(s.auth_mechanisms, [ferry_bridge::shovel::AuthMechanism::Plain]);
+        let msg = error(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\n\
+             dest_uri = \"amqps://h?cacertfile=%2Fca.pem&heartbeat=5\"\ntls = {{ ca = \"/ca.pem\" }}\nheartbeat_secs = 6\n\
+             [[shovels]]\nname = \"x\"\nsrc_uri = \"amqps://h?auth_mechanism=external\"\ndest_uri = \"local\"\nsrc_queue = \"q\"\n\
+             [[shovels]]\nname = \"y\"\nsrc_uri = \"amqp://h?verify=verify_none\"\ndest_uri = \"local\"\nsrc_queue = \"q\"\n"
+        ));
+        for expected in [
+            "shovels[0].tls: the dest_uri query gives TLS files too: give them in one place",
+            "shovels[0].heartbeat_secs: the dest_uri query says another heartbeat",
+            "shovels[1].src_uri: auth_mechanism=external logs in with a TLS client certificate",
+            "shovels[2].src_uri: \"amqp://h?verify=verify_none\" query parameter verify=verify_none: Ferry always verifies",
+        ] {
+            assert!(msg.contains(expected), "missing {expected:?} in:\n{msg}");
+        }
     }
 
     #[test]

@@ -21,6 +21,8 @@ use ferry_amqp::codec::{
 };
 use ferry_core::message::{FieldTable, FieldValue, Properties, ShortString};
 
+use super::config::AuthMechanism;
+
 /// The one channel a shovel uses.
 pub const CHANNEL: u16 = 1;
 
@@ -40,6 +42,10 @@ pub struct ClientParams {
     pub heartbeat: u16,
     /// Shown in RabbitMQ's management as the connection's name.
     pub connection_name: String,
+    /// SASL mechanisms in order of preference: the first the remote offers is used.
+    pub mechanisms: Vec<AuthMechanism>,
+    /// An upper bound on the frame size (the URI's `frame_max`).
+    pub frame_max: Option<u32>,
 }
 
 impl std::fmt::Debug for ClientParams {
@@ -351,20 +357,31 @@ impl Client {
                     )));
                 }
                 let offered = String::from_utf8_lossy(&s.mechanisms).to_string();
-                if !offered.split(' ').any(|m| m == "PLAIN") {
+                let Some(mechanism) =
+                    self.params.mechanisms.iter().copied().find(|m| offered.split(' ').any(|o| o == m.as_str()))
+                else {
+                    let ours: Vec<&str> = self.params.mechanisms.iter().map(|m| m.as_str()).collect();
                     return Err(ClientError::Protocol(format!(
-                        "the remote does not offer PLAIN login (offers {offered})"
+                        "the remote does not offer {} login (offers {offered})",
+                        ours.join(" or ")
                     )));
-                }
+                };
                 self.server_properties = s.server_properties;
-                let mut response = Vec::with_capacity(self.params.user.len() + self.params.password.len() + 2);
-                response.push(0);
-                response.extend_from_slice(self.params.user.as_bytes());
-                response.push(0);
-                response.extend_from_slice(&self.params.password);
+                let response = match mechanism {
+                    AuthMechanism::Plain => {
+                        let mut r = Vec::with_capacity(self.params.user.len() + self.params.password.len() + 2);
+                        r.push(0);
+                        r.extend_from_slice(self.params.user.as_bytes());
+                        r.push(0);
+                        r.extend_from_slice(&self.params.password);
+                        r
+                    }
+                    // The identity is the client certificate the TLS handshake presented.
+                    AuthMechanism::External => Vec::new(),
+                };
                 let start_ok = ConnectionStartOk {
                     client_properties: self.client_properties(),
-                    mechanism: ShortString::from("PLAIN"),
+                    mechanism: ShortString::from(mechanism.as_str()),
                     response: Bytes::from(response),
                     locale: ShortString::from("en_US"),
                 };
@@ -374,9 +391,10 @@ impl Client {
             }
             (Phase::Tune, Method::ConnectionTune(t)) => {
                 // 0 is "no limit" for the frame max and "none" for the heartbeat.
+                let ours = self.params.frame_max.map_or(FRAME_MAX, |f| f.min(FRAME_MAX));
                 let frame_max = match t.frame_max {
-                    0 => FRAME_MAX,
-                    n => n.min(FRAME_MAX),
+                    0 => ours,
+                    n => n.min(ours),
                 };
                 if frame_max < ferry_amqp::codec::FRAME_MIN_SIZE {
                     return Err(ClientError::Protocol(format!("the remote's frame max {frame_max} is below 4096")));
@@ -415,7 +433,7 @@ impl Client {
                 Ok(())
             }
             (Phase::Tune, Method::ConnectionSecure(_)) => {
-                Err(ClientError::Protocol("the remote asked for a SASL challenge; only PLAIN is supported".into()))
+                Err(ClientError::Protocol("the remote asked for a SASL challenge; PLAIN and EXTERNAL have none".into()))
             }
             (phase, m) => Err(ClientError::Protocol(format!("unexpected {} (handshake at {phase:?})", m.name()))),
         }
@@ -527,6 +545,8 @@ mod tests {
             vhost: "/prod".into(),
             heartbeat: 30,
             connection_name: "shovel t".into(),
+            mechanisms: vec![AuthMechanism::Plain],
+            frame_max: None,
         }
     }
 
@@ -624,7 +644,44 @@ mod tests {
         let start =
             ConnectionStart { mechanisms: Bytes::from_static(b"AMQPLAIN EXTERNAL"), ..ConnectionStart::default() };
         let e = c.handle(frame(0, Method::ConnectionStart(start)), &mut BytesMut::new(), &mut Vec::new()).unwrap_err();
-        assert!(e.to_string().contains("does not offer PLAIN"), "{e}");
+        assert!(e.to_string().contains("does not offer PLAIN login (offers AMQPLAIN EXTERNAL)"), "{e}");
+    }
+
+    #[test]
+    fn external_logs_in_with_an_empty_response_and_falls_back_in_order() {
+        let start = |offers: &'static [u8]| {
+            // ConnectionStart's default offers PLAIN only.
+            frame(
+                0,
+                Method::ConnectionStart(ConnectionStart {
+                    mechanisms: Bytes::from_static(offers),
+                    ..ConnectionStart::default()
+                }),
+            )
+        };
+        let chosen = |mechanisms: Vec<AuthMechanism>, offers: &'static [u8]| {
+            let mut c = Client::new(ClientParams { mechanisms, ..params() });
+            let mut out = BytesMut::new();
+            c.handle(start(offers), &mut out, &mut Vec::new()).map(|_| {
+                let m = sent(&mut out);
+                let Method::ConnectionStartOk(ok) = &m[0].1 else { panic!("{m:?}") };
+                (ok.mechanism.as_str().unwrap_or_default().to_string(), ok.response.clone())
+            })
+        };
+        use AuthMechanism::{External, Plain};
+        let (m, r) = chosen(vec![External], b"PLAIN AMQPLAIN EXTERNAL").unwrap();
+        assert_eq!((m.as_str(), &r[..]), ("EXTERNAL", &b""[..]));
+        let (m, r) = chosen(vec![External, Plain], b"PLAIN AMQPLAIN").unwrap();
+        assert_eq!((m.as_str(), &r[..]), ("PLAIN", &b"\0ferry\0s3cret"[..]), "the next one the remote offers");
+        let e = chosen(vec![External], b"PLAIN AMQPLAIN").unwrap_err();
+        assert!(e.to_string().contains("does not offer EXTERNAL login"), "{e}");
+    }
+
+    #[test]
+    fn the_uri_frame_max_bounds_the_agreed_one() {
+        let mut c = Client::new(ClientParams { frame_max: Some(8192), ..params() });
+        handshake(&mut c, ConnectionTune { channel_max: 0, frame_max: 131_072, heartbeat: 0 });
+        assert_eq!(c.decoder().max_frame_size, 8192);
     }
 
     #[test]

@@ -98,8 +98,9 @@ impl Destination {
     }
 }
 
-/// A remote broker's address as an AMQP URI says it: `amqp[s]://[user@]host[:port][/vhost]`.
-/// The password is never part of it (`password_file` / `password_env`).
+/// A remote broker's address as an AMQP URI says it:
+/// `amqp[s]://[user@]host[:port][/vhost][?query]`. The password is never part of it
+/// (`password_file` / `password_env`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpUri {
     pub tls: bool,
@@ -107,6 +108,100 @@ pub struct AmqpUri {
     pub port: u16,
     pub user: Option<String>,
     pub vhost: String,
+    /// The query parameters of RabbitMQ's URI spec that Ferry takes.
+    pub query: UriQuery,
+}
+
+/// A SASL mechanism the shovel can log in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMechanism {
+    /// User name and password.
+    Plain,
+    /// The TLS client certificate is the identity (RabbitMQ's `rabbitmq_auth_mechanism_ssl`,
+    /// Ferry's `cert_login`); needs `amqps://` with a client certificate.
+    External,
+}
+
+impl AuthMechanism {
+    /// The mechanism's name in `connection.start` / `start-ok`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::External => "EXTERNAL",
+        }
+    }
+}
+
+/// The query parameters of RabbitMQ's AMQP URI spec (its `amqp_uri` module, as shovel URIs use
+/// them) that Ferry takes. Others are refused by name rather than ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UriQuery {
+    /// `heartbeat`: seconds.
+    pub heartbeat: Option<u16>,
+    /// `connection_timeout`: milliseconds.
+    pub connection_timeout: Option<Duration>,
+    /// `auth_mechanism` (repeatable: tried in order against what the remote offers).
+    pub auth_mechanisms: Vec<AuthMechanism>,
+    /// `cacertfile`, `certfile`, `keyfile`: TLS files (paths as given).
+    pub cacertfile: Option<String>,
+    pub certfile: Option<String>,
+    pub keyfile: Option<String>,
+    /// `server_name_indication`: the name the remote's certificate must be valid for.
+    pub server_name_indication: Option<String>,
+    /// `frame_max`: an upper bound on the frame size agreed with the remote.
+    pub frame_max: Option<u32>,
+}
+
+impl UriQuery {
+    /// Whether any TLS file or name is given.
+    pub fn has_tls(&self) -> bool {
+        self.cacertfile.is_some()
+            || self.certfile.is_some()
+            || self.keyfile.is_some()
+            || self.server_name_indication.is_some()
+    }
+
+    fn parse(query: &str) -> Result<UriQuery, UriError> {
+        let mut q = UriQuery::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let (k, v) = (percent_decode(k)?, percent_decode(v)?);
+            let bad = |why: &str| UriError::Query(format!("{k}={v}: {why}"));
+            match k.as_str() {
+                "heartbeat" => q.heartbeat = Some(v.parse().map_err(|_| bad("seconds from 0 to 65535"))?),
+                "connection_timeout" => {
+                    let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| bad("milliseconds, above 0"))?;
+                    q.connection_timeout = Some(Duration::from_millis(ms));
+                }
+                "auth_mechanism" => q.auth_mechanisms.push(match v.to_ascii_lowercase().as_str() {
+                    "plain" => AuthMechanism::Plain,
+                    "external" => AuthMechanism::External,
+                    _ => return Err(bad("Ferry's shovel logs in with plain or external")),
+                }),
+                "cacertfile" => q.cacertfile = Some(v),
+                "certfile" => q.certfile = Some(v),
+                "keyfile" => q.keyfile = Some(v),
+                "server_name_indication" if v == "disable" => {
+                    return Err(bad("Ferry always checks the remote's certificate against a name"))
+                }
+                "server_name_indication" => q.server_name_indication = Some(v),
+                "verify" if v == "verify_peer" => {}
+                "verify" => return Err(bad("Ferry always verifies the remote's certificate (verify_peer)")),
+                "frame_max" => q.frame_max = Some(v.parse().map_err(|_| bad("a number of bytes"))?),
+                // The shovel uses one channel; any limit the URI sets leaves room for it.
+                "channel_max" => {
+                    v.parse::<u16>().map_err(|_| bad("a number of channels"))?;
+                }
+                _ => {
+                    return Err(UriError::Query(format!(
+                        "{k}: not a parameter Ferry takes (heartbeat, connection_timeout, auth_mechanism, \
+                         cacertfile, certfile, keyfile, server_name_indication, verify, frame_max, channel_max)"
+                    )))
+                }
+            }
+        }
+        Ok(q)
+    }
 }
 
 /// Why an AMQP URI was refused.
@@ -122,7 +217,7 @@ pub enum UriError {
     Password,
     #[error("bad percent-encoding in {0:?}")]
     Percent(String),
-    #[error("query parameters ({0:?}) are not supported; use the shovel's own keys")]
+    #[error("query parameter {0}")]
     Query(String),
 }
 
@@ -146,8 +241,8 @@ fn percent_decode(s: &str) -> Result<String, UriError> {
 }
 
 impl AmqpUri {
-    /// Parses `amqp[s]://[user@]host[:port][/vhost]`. The vhost is percent-decoded (`%2f` is
-    /// `/`); without a path, or with an empty one, it is `/`.
+    /// Parses `amqp[s]://[user@]host[:port][/vhost][?query]`. The vhost is percent-decoded
+    /// (`%2f` is `/`); without a path, or with an empty one, it is `/`. The query: [`UriQuery`].
     pub fn parse(uri: &str) -> Result<AmqpUri, UriError> {
         let (tls, rest) = if let Some(r) = uri.strip_prefix("amqps://") {
             (true, r)
@@ -156,9 +251,10 @@ impl AmqpUri {
         } else {
             return Err(UriError::Scheme);
         };
-        if let Some((_, q)) = rest.split_once('?') {
-            return Err(UriError::Query(q.to_string()));
-        }
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, UriQuery::parse(q)?),
+            None => (rest, UriQuery::default()),
+        };
         let (authority, path) = match rest.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (rest, None),
@@ -197,7 +293,7 @@ impl AmqpUri {
             None | Some("") => "/".to_string(),
             Some(p) => percent_decode(p)?,
         };
-        Ok(AmqpUri { tls, host, port, user, vhost })
+        Ok(AmqpUri { tls, host, port, user, vhost, query })
     }
 
     /// `host:port` to connect to (an IPv6 literal in brackets).
@@ -211,7 +307,8 @@ impl AmqpUri {
 }
 
 impl fmt::Display for AmqpUri {
-    /// The URI again, for logs and headers: never a password (there is none in it).
+    /// The URI again, for logs and headers, without its query: never a password (there is none
+    /// in it).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "amqps" } else { "amqp" };
         let user = self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
@@ -254,14 +351,21 @@ pub struct ShovelConfig {
     pub backoff_max: Duration,
     /// How long the TCP connect plus the AMQP handshake may take.
     pub connect_timeout: Duration,
+    /// SASL mechanisms to log in with, the first the remote offers (default: PLAIN).
+    pub auth_mechanisms: Vec<AuthMechanism>,
+    /// An upper bound on the frame size agreed with the remote (`frame_max` in the URI).
+    pub frame_max: Option<u32>,
 }
 
 impl ShovelConfig {
     /// A shovel with Ferry's defaults: vhost `/`, ack mode on-confirm, prefetch 1000 (as
     /// RabbitMQ's), no forward headers, max hops 1, a backlog of at most 100,000 messages
     /// dropping the oldest (as a bridge's), heartbeat 60 s, back-off 1 s to 60 s, connect
-    /// timeout 10 s.
+    /// timeout 10 s, PLAIN login — or what the URI's query says for the heartbeat, the connect
+    /// timeout, the login mechanisms and the frame size (its TLS files are the caller's to
+    /// resolve into [`ShovelConfig::tls`]).
     pub fn new(name: &str, direction: ShovelDirection, remote: AmqpUri, source: Source) -> ShovelConfig {
+        let q = remote.query.clone();
         ShovelConfig {
             name: name.to_string(),
             direction,
@@ -278,10 +382,12 @@ impl ShovelConfig {
             max_queued_messages: 100_000,
             max_queued_bytes: 0,
             overflow: crate::config::Overflow::DropOldest,
-            heartbeat: 60,
+            heartbeat: q.heartbeat.unwrap_or(60),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: q.connection_timeout.unwrap_or(Duration::from_secs(10)),
+            auth_mechanisms: if q.auth_mechanisms.is_empty() { vec![AuthMechanism::Plain] } else { q.auth_mechanisms },
+            frame_max: q.frame_max,
         }
     }
 
@@ -315,7 +421,17 @@ mod tests {
     #[test]
     fn uris_parse_with_defaults() {
         let u = AmqpUri::parse("amqp://rabbit.example").unwrap();
-        assert_eq!(u, AmqpUri { tls: false, host: "rabbit.example".into(), port: 5672, user: None, vhost: "/".into() });
+        assert_eq!(
+            u,
+            AmqpUri {
+                tls: false,
+                host: "rabbit.example".into(),
+                port: 5672,
+                user: None,
+                vhost: "/".into(),
+                query: UriQuery::default()
+            }
+        );
         let u = AmqpUri::parse("amqps://ferry@rabbit.example/").unwrap();
         assert_eq!((u.tls, u.port, u.user.as_deref(), u.vhost.as_str()), (true, 5671, Some("ferry"), "/"));
         let u = AmqpUri::parse("amqp://a%40b@10.0.0.1:5673/%2fprod").unwrap();
@@ -338,8 +454,38 @@ mod tests {
         assert_eq!(AmqpUri::parse("amqp://h:99999"), Err(UriError::Port("99999".into())));
         assert_eq!(AmqpUri::parse("amqp://u:secret@h"), Err(UriError::Password));
         assert_eq!(AmqpUri::parse("amqp://h/%zz"), Err(UriError::Percent("%zz".into())));
-        assert_eq!(AmqpUri::parse("amqp://h/v?heartbeat=5"), Err(UriError::Query("heartbeat=5".into())));
+        let refused = |uri: &str| match AmqpUri::parse(uri) {
+            Err(UriError::Query(why)) => why,
+            other => panic!("{uri}: {other:?}"),
+        };
+        assert!(refused("amqp://h/v?heartbeat=-1").contains("heartbeat=-1: seconds"));
+        assert!(refused("amqp://h/v?connection_timeout=0").contains("milliseconds"));
+        assert!(refused("amqps://h/v?verify=verify_none").contains("always verifies"));
+        assert!(refused("amqps://h/v?server_name_indication=disable").contains("always checks"));
+        assert!(refused("amqp://h/v?auth_mechanism=amqplain").contains("plain or external"));
+        assert!(refused("amqp://h/v?password=x").starts_with("password: not a parameter Ferry takes"));
         assert!(!UriError::Password.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn rabbitmq_uri_query_parameters_are_taken() {
+        let u = AmqpUri::parse(
+            "amqps://shovel@rabbit.example/%2f?heartbeat=10&connection_timeout=5000&auth_mechanism=external\
+             &auth_mechanism=plain&cacertfile=%2Fetc%2Fca.pem&certfile=/etc/c.pem&keyfile=/etc/k.pem\
+             &server_name_indication=rabbit.internal&verify=verify_peer&frame_max=131072&channel_max=8",
+        )
+        .unwrap();
+        let q = &u.query;
+        assert_eq!((q.heartbeat, q.connection_timeout), (Some(10), Some(Duration::from_secs(5))));
+        assert_eq!(q.auth_mechanisms, [AuthMechanism::External, AuthMechanism::Plain]);
+        assert_eq!(
+            (q.cacertfile.as_deref(), q.certfile.as_deref(), q.keyfile.as_deref()),
+            (Some("/etc/ca.pem"), Some("/etc/c.pem"), Some("/etc/k.pem"))
+        );
+        assert_eq!((q.server_name_indication.as_deref(), q.frame_max), (Some("rabbit.internal"), Some(131072)));
+        assert!(q.has_tls());
+        assert_eq!((u.vhost.as_str(), u.to_string().as_str()), ("/", "amqps://shovel@rabbit.example:5671/%2f"));
+        assert_eq!(AmqpUri::parse("amqp://h?").unwrap().query, UriQuery::default());
     }
 
     #[test]

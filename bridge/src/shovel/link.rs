@@ -430,6 +430,8 @@ impl Conn<'_> {
             vhost: config.remote.vhost.clone(),
             heartbeat: config.heartbeat,
             connection_name: format!("Ferry shovel {}", config.name),
+            mechanisms: config.auth_mechanisms.clone(),
+            frame_max: config.frame_max,
         });
         let mut out = BytesMut::new();
         client.start(&mut out);

@@ -25,7 +25,9 @@ use ferry_core::Broker;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{AckMode, AmqpUri, Destination, ShovelConfig, ShovelDirection, Source, UriError};
+pub use config::{
+    AckMode, AmqpUri, AuthMechanism, Destination, ShovelConfig, ShovelDirection, Source, UriError, UriQuery,
+};
 pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED};
 
 pub(crate) use link::Shovel;
