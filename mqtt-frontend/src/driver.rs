@@ -392,7 +392,7 @@ async fn establish(
         bridge = session.is_bridge(), "MQTT client connected"
     );
     shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-    shared.ensure_sys(&vhost);
+    shared.ensure_sys(&ctx.broker, &vhost);
     handle.set_login(Login { user: identity.user.clone(), vhost: vhost_name, client_id: Some(client_id) });
 
     let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));

@@ -68,6 +68,9 @@ pub struct Settings {
     pub acl: Arc<crate::acl::Acl>,
     /// The logged-in user (`None`: anonymous), for the ACL.
     pub user: Option<String>,
+    /// How often `$SYS/broker/...` is brought up to date (Mosquitto's `sys_interval`); zero:
+    /// no `$SYS` tree.
+    pub sys_interval: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -88,6 +91,7 @@ impl Default for Settings {
             max_subscriptions_per_packet: DEFAULT_MAX_SUBSCRIPTIONS_PER_PACKET,
             acl: Arc::default(),
             user: None,
+            sys_interval: crate::sys::SYS_INTERVAL,
         }
     }
 }
