@@ -5,6 +5,9 @@
 //! as `ferry` builds them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_core::frontend::Frontend;
 
 use ferry_integration_tests::amqp::{lapin_channel, AMQP_LISTENER};
 use ferry_integration_tests::cross::{bound_queue, consume, next_delivery, MQTT_EXCHANGE};
@@ -13,11 +16,17 @@ use ferry_integration_tests::{within, write_config, TestServer, TIMEOUT};
 
 /// A server with an MQTT and an AMQP listener and `[mqtt] sys_interval = interval`.
 async fn server(interval: u32) -> TestServer {
+    server_and_frontends(interval).await.0
+}
+
+async fn server_and_frontends(interval: u32) -> (TestServer, Vec<Arc<dyn Frontend>>) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let toml = format!("[mqtt]\nsys_interval = {interval}\n{MQTT_LISTENER}{AMQP_LISTENER}");
     let config = write_config(dir.path(), &toml);
     let frontends = ferry_server::frontends::builtin_with(&config.mqtt, &config.amqp);
-    TestServer::start_in(dir, &toml, &frontends).await.unwrap_or_else(|e| panic!("server did not start:\n{e}"))
+    let server =
+        TestServer::start_in(dir, &toml, &frontends).await.unwrap_or_else(|e| panic!("server did not start:\n{e}"));
+    (server, frontends)
 }
 
 /// The next `$SYS` publish as (topic, payload, retain flag).
@@ -187,4 +196,22 @@ async fn sys_interval_zero_publishes_nothing() {
     // With any other interval the retained tree would be there at once (it is published when
     // the first client connects).
     watcher.no_publish().await;
+}
+
+#[tokio::test]
+async fn a_frontend_served_by_a_new_broker_publishes_the_tree_there() {
+    let (server, frontends) = server_and_frontends(1).await;
+    drop(v311::connect(&server, "before").await);
+    let dir = server.stop().await;
+    // The same frontend instances on the restarted broker (the store kept the old retained
+    // tree, which comes first): the rounds go on for the new broker.
+    let server = TestServer::resume_with(dir, &frontends).await;
+    let mut watcher = v311::connect(&server, "watcher").await;
+    watcher.subscribe("$SYS/broker/clients/connected", rumqttc::QoS::AtMostOnce).await;
+    let mut fresh = v311::connect(&server, "fresh").await;
+    fresh.subscribe("$SYS/broker/uptime", rumqttc::QoS::AtMostOnce).await;
+    within("a live $SYS round", async { while next(&mut fresh).await.2 {} }).await;
+    // And the new broker's count: the watcher and `fresh`.
+    let mut latest = HashMap::new();
+    until(&mut watcher, &mut latest, "$SYS/broker/clients/connected", |v| v == "2").await;
 }

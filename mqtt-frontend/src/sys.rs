@@ -368,15 +368,29 @@ struct Rounds {
     own_bytes: u64,
     /// When the first round ran (the task runs from then on); loads are timed from it.
     since: Option<tokio::time::Instant>,
+    /// The broker the rounds read. A frontend served by another broker (a test restarting
+    /// one in-process) starts over, and the old task ends.
+    broker: Weak<Broker>,
 }
 
 impl Rounds {
     /// Reads the counters and publishes what changed into every vhost.
     fn round(&mut self, shared: &Shared, broker: &Broker, since: tokio::time::Instant) {
-        let changed = self.tree.update(&sample(shared, broker, self.own_bytes), since.elapsed().as_secs_f64());
+        let sample = sample(shared, broker, self.own_bytes);
+        self.publish(shared, &sample, since);
+    }
+
+    /// Publishes what changed with `sample` into every vhost.
+    fn publish(&mut self, shared: &Shared, sample: &Sample, since: tokio::time::Instant) {
+        let changed = self.tree.update(sample, since.elapsed().as_secs_f64());
         for vhost in &self.vhosts {
             self.own_bytes += publish(vhost, &shared.settings.exchange, &changed);
         }
+    }
+
+    /// Whether these are the rounds a task started at `since` for `broker` runs.
+    fn current(&self, broker: &Arc<Broker>, since: tokio::time::Instant) -> bool {
+        Weak::ptr_eq(&self.broker, &Arc::downgrade(broker)) && self.since == Some(since)
     }
 }
 
@@ -392,10 +406,15 @@ impl Joiner {
             return;
         }
         let mut st = shared.sys.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if st.vhosts.iter().any(|v| v.name() == vhost.name()) {
-            return;
+        if !Weak::ptr_eq(&st.broker, &Arc::downgrade(broker)) {
+            *st = Rounds { broker: Arc::downgrade(broker), ..Rounds::default() };
         }
-        st.vhosts.push(vhost.clone());
+        match st.vhosts.iter().position(|v| v.name() == vhost.name()) {
+            Some(i) if Arc::ptr_eq(&st.vhosts[i], vhost) => return,
+            // Deleted and made again: the new one gets the tree.
+            Some(i) => st.vhosts[i] = vhost.clone(),
+            None => st.vhosts.push(vhost.clone()),
+        }
         match st.since {
             Some(_) => {
                 let all = st.tree.all();
@@ -418,7 +437,28 @@ async fn run(shared: Weak<Shared>, broker: Weak<Broker>, since: tokio::time::Ins
     loop {
         tick.tick().await;
         let (Some(shared), Some(broker)) = (shared.upgrade(), broker.upgrade()) else { return };
-        shared.sys.inner.lock().unwrap_or_else(|e| e.into_inner()).round(&shared, &broker, since);
+        // A round walks every queue and client id: off the workers that serve the clients.
+        // The counters are read without the lock, which a CONNECT to a new vhost takes.
+        let round = tokio::task::spawn_blocking(move || {
+            let lock = || shared.sys.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let own_bytes = {
+                let st = lock();
+                if !st.current(&broker, since) {
+                    return false;
+                }
+                st.own_bytes
+            };
+            let sample = sample(&shared, &broker, own_bytes);
+            let mut st = lock();
+            let current = st.current(&broker, since);
+            if current {
+                st.publish(&shared, &sample, since);
+            }
+            current
+        });
+        if !matches!(round.await, Ok(true)) {
+            return;
+        }
     }
 }
 
