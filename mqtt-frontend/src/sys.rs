@@ -312,24 +312,24 @@ pub fn sample(shared: &Shared, broker: &Broker, own_bytes: u64) -> Sample {
             s.publish_dropped += st.dropped_overflow + st.rejected_overflow;
         }
         if let Some(x) = v.exchange(&shared.settings.exchange.to_string_lossy()) {
-            for b in x.bindings() {
+            x.for_each_binding(|b| {
                 // Bindings from MQTT filters carry their parsed pattern; AMQP ones do not.
                 if b.key.pattern.is_none() {
-                    continue;
+                    return;
                 }
                 match &b.destination {
                     Destination::Sink(_) => s.subscriptions += 1,
                     Destination::Queue(q) => {
-                        let qname = q.name().to_string_lossy();
-                        if qname.starts_with(SHARED_QUEUE_PREFIX) {
+                        let qname = q.name().as_bytes();
+                        if qname.starts_with(SHARED_QUEUE_PREFIX.as_bytes()) {
                             s.shared_subscriptions += 1;
-                        } else if !qname.starts_with(BRIDGE_QUEUE_PREFIX) {
+                        } else if !qname.starts_with(BRIDGE_QUEUE_PREFIX.as_bytes()) {
                             s.subscriptions += 1;
                         }
                     }
                     Destination::Exchange(_) => {}
                 }
-            }
+            });
         }
     }
     s.stored += s.retained;
