@@ -93,6 +93,7 @@ async fn the_tree_is_retained_and_follows_clients_and_messages() {
         "publish/messages/sent",
         "publish/messages/dropped",
         "publish/bytes/received",
+        "publish/bytes/sent",
         "bytes/received",
         "bytes/sent",
         "subscriptions/count",
@@ -116,6 +117,7 @@ async fn the_tree_is_retained_and_follows_clients_and_messages() {
     assert!(["1", "2"].contains(&tree["$SYS/broker/clients/connected"].as_str()), "{tree:?}");
     assert!(tree["$SYS/broker/heap/current"].parse::<u64>().unwrap() > 1_000_000, "RSS in bytes: {tree:?}");
     let received: u64 = tree["$SYS/broker/messages/received"].parse().unwrap();
+    let payload_sent: u64 = tree["$SYS/broker/publish/bytes/sent"].parse().unwrap();
 
     // Another client, a persistent session that goes away, and a message: the counts follow.
     let mut options = v5::options(&server, "sensor");
@@ -130,6 +132,9 @@ async fn the_tree_is_retained_and_follows_clients_and_messages() {
     until(&mut watcher, &mut tree, "$SYS/broker/publish/messages/received", |v| v.parse::<u64>().unwrap() > received)
         .await;
     until(&mut watcher, &mut tree, "$SYS/broker/load/publish/received/1min", |v| v.parse::<f64>().unwrap() > 0.0).await;
+    // The sensor's own message came back to it (and the watcher gets the tree).
+    until(&mut watcher, &mut tree, "$SYS/broker/publish/bytes/sent", |v| v.parse::<u64>().unwrap() > payload_sent + 4)
+        .await;
     sensor.disconnect().await;
     until(&mut watcher, &mut tree, "$SYS/broker/clients/disconnected", |v| v == "1").await;
     until(&mut watcher, &mut tree, "$SYS/broker/clients/connected", |v| v == "2").await;

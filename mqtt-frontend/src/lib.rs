@@ -65,6 +65,8 @@ pub struct Stats {
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Payload bytes of the PUBLISHes sent to clients, added once per wake-up.
+    pub publish_bytes_out: AtomicU64,
 }
 
 /// State shared by every connection of the frontend.

@@ -282,6 +282,8 @@ pub struct SessionStats {
     pub messages_in: u64,
     pub messages_out: u64,
     pub dropped_out: u64,
+    /// Payload bytes of the PUBLISHes sent (`$SYS/broker/publish/bytes/sent`).
+    pub payload_out: u64,
 }
 
 impl fmt::Debug for Session {
@@ -1467,6 +1469,7 @@ impl Session {
             p.packet_id = Some(id);
             p.dup = redelivered;
         }
+        let payload = p.payload.len() as u64;
         let packet = Packet::Publish(p);
         if encoded_len(&packet, self.version) > self.client_max_packet as usize {
             // §3.1.2.11.4: never send a packet above the client's limit; discard as if sent.
@@ -1478,6 +1481,7 @@ impl Session {
             self.extras().outbound_aliases.insert(topic, alias);
         }
         self.stats.messages_out += 1;
+        self.stats.payload_out += payload;
         match qos {
             QoS::AtMostOnce => self.settle(src, now),
             QoS::AtLeastOnce => {

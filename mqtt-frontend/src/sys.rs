@@ -49,6 +49,8 @@ pub struct Sample {
     pub publish_dropped: u64,
     /// Payload bytes of the messages published into the vhosts (not `$SYS`'s own).
     pub publish_bytes_received: u64,
+    /// Payload bytes of the PUBLISHes sent to MQTT clients.
+    pub publish_bytes_sent: u64,
     /// Bytes read from / written to clients, all protocols.
     pub bytes_received: u64,
     pub bytes_sent: u64,
@@ -218,6 +220,7 @@ impl Tree {
             ("$SYS/broker/publish/messages/received", s.messages_received),
             ("$SYS/broker/publish/messages/sent", s.messages_sent),
             ("$SYS/broker/publish/bytes/received", s.publish_bytes_received),
+            ("$SYS/broker/publish/bytes/sent", s.publish_bytes_sent),
             ("$SYS/broker/bytes/received", s.bytes_received),
             ("$SYS/broker/bytes/sent", s.bytes_sent),
         ] {
@@ -286,6 +289,7 @@ pub fn sample(shared: &Shared, broker: &Broker, own_bytes: u64) -> Sample {
         connected: shared.registry.connected() as u64,
         disconnected: shared.registry.disconnected() as u64,
         expired: shared.registry.expired(),
+        publish_bytes_sent: shared.stats.publish_bytes_out.load(Ordering::Relaxed),
         heap: Heap::read(),
         ..Sample::default()
     };
