@@ -393,7 +393,6 @@ async fn establish(
         keep_alive = keep_alive_requested, persistent = session.is_persistent(), took_over = claim.took_over,
         bridge = session.is_bridge(), "MQTT client connected"
     );
-    shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
     shared.ensure_sys(&ctx.broker, &vhost);
     handle.set_login(Login { user: identity.user.clone(), vhost: vhost_name, client_id: Some(client_id) });
 
@@ -632,7 +631,6 @@ impl Conn {
             if self.session.out.capacity() > OUT_KEEP {
                 self.session.out = BytesMut::new();
             }
-            self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             self.conn.counters.add_bytes_out(n as u64);
         }
         Ok(())
@@ -756,7 +754,6 @@ impl Conn {
             payload_reported,
             ..
         } = *self;
-        shared.stats.bytes_in.fetch_add(conn.counters.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
         log_disconnect(id, conn.info().peer, &session, &close, conn.info().connected_at);
         // Say why, to 5.0 clients.
         match &close {
@@ -790,8 +787,6 @@ impl Conn {
         }
 
         let stats = session.stats;
-        shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
-        shared.stats.messages_out.fetch_add(stats.messages_out, Ordering::Relaxed);
         shared.stats.publish_bytes_out.fetch_add(stats.payload_out.saturating_sub(payload_reported), Ordering::Relaxed);
         let client_id = session.client_id.clone();
         let vhost = session.vhost().clone();

@@ -57,14 +57,10 @@ use ferry_core::Broker;
 
 pub use session::Settings;
 
-/// Totals across connections, for `$SYS`.
+/// Totals across the frontend's connections that the core's connection registry does not
+/// keep, for `$SYS` (which reads connections, messages and bytes from the registry).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections_total: AtomicU64,
-    pub messages_in: AtomicU64,
-    pub messages_out: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
     /// Payload bytes of the PUBLISHes sent to clients, added once per wake-up.
     pub publish_bytes_out: AtomicU64,
 }
