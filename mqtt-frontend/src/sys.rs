@@ -358,6 +358,9 @@ fn publish(vhost: &VHost, exchange: &ShortString, values: &[(&'static str, Strin
 }
 
 /// The tree's state and the vhosts it is published into.
+///
+/// Lock order: this lock, then the vhosts' (a round publishes under it; the counters are read
+/// before it is taken, except in the first round). Nothing in the core calls back into it.
 #[derive(Debug, Default)]
 pub struct Joiner {
     inner: Mutex<Rounds>,
