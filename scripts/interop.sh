@@ -145,6 +145,14 @@ if command -v mosquitto_pub >/dev/null 2>&1; then
   wait "$wp"
   grep -q '^gone' "$work/will.out" && ok "mosquitto: the will of a killed client is published" ||
     bad "mosquitto will: $(cat "$work/will.out")"
+
+  # $SYS (Mosquitto's tree, retained; its first round ran when the first client connected).
+  got=$(msub -t '$SYS/broker/clients/connected' -C 1)
+  [[ "$got" =~ ^[0-9]+$ ]] && ok "mosquitto_sub: \$SYS/broker/clients/connected is retained ($got)" ||
+    bad "mosquitto_sub \$SYS/broker/clients/connected: '$got'"
+  got=$(msub -t '$SYS/broker/version' -C 1)
+  [[ "$got" == "ferry version "* ]] && ok "mosquitto_sub: \$SYS/broker/version is '$got'" ||
+    bad "mosquitto_sub \$SYS/broker/version: '$got'"
 else
   bad "mosquitto clients not installed"
 fi
@@ -440,6 +448,30 @@ if wait_port 15672 10; then
   else
     echo "SKIPPED rabbitmqadmin (install rabbitmq-server for it)"
   fi
+  # ferry ctl: the same API through Ferry's own CLI (the loopback guest by default).
+  fc=(timeout 20 "$ferry" ctl)
+  if command -v amqp-declare-queue >/dev/null 2>&1; then
+    timeout 10 amqp-declare-queue --url amqp://guest:guest@127.0.0.1:5672 -q interop.ctl >/dev/null &&
+      timeout 10 amqp-publish --url amqp://guest:guest@127.0.0.1:5672 -r interop.ctl -b one
+    out=$("${fc[@]}" list queues 2>&1)
+    rc=$?
+    [ $rc -eq 0 ] && grep -Eq '\| interop.ctl +\| 1 ' <<<"$out" && ok "ferry ctl list queues" ||
+      bad "ferry ctl list queues: rc=$rc $out"
+    if "${fc[@]}" purge queue interop.ctl >/dev/null 2>&1 &&
+      "${fc[@]}" -f json list queues 2>/dev/null | python3 -c 'import json, sys
+q = [x for x in json.load(sys.stdin) if x["name"] == "interop.ctl"]
+sys.exit(0 if q and q[0]["messages"] == 0 else 1)' &&
+      "${fc[@]}" delete queue interop.ctl >/dev/null 2>&1 &&
+      ! "${fc[@]}" list queues 2>&1 | grep -q 'interop.ctl'; then
+      ok "ferry ctl purge queue, list queues as JSON, delete queue"
+    else
+      bad "ferry ctl purge / delete queue"
+    fi
+  fi
+  out=$("${fc[@]}" --user guest --password wrong list queues 2>&1)
+  rc=$?
+  [ $rc -eq 1 ] && grep -q 'login refused for user "guest"' <<<"$out" && ok "ferry ctl: a wrong password exits 1" ||
+    bad "ferry ctl with a wrong password: rc=$rc $out"
 else
   bad "ferry with no arguments serves HTTP on 15672"
 fi

@@ -492,6 +492,14 @@ impl Exchange {
         table.index.iter().cloned().collect()
     }
 
+    /// Calls `f` with every binding of this exchange (as source), in no particular order,
+    /// under the table's read lock and without copying them: for counts over many bindings
+    /// (`$SYS`'s subscriptions), where [`Exchange::bindings`] would clone each one.
+    pub fn for_each_binding(&self, mut f: impl FnMut(&Binding)) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table.index.iter().for_each(&mut f);
+    }
+
     pub fn binding_count(&self) -> usize {
         self.table.read().unwrap_or_else(|e| e.into_inner()).index.len
     }
@@ -607,6 +615,12 @@ mod tests {
         assert!(names(&x, &msg("farm.7")).is_empty());
         // Same routing key text, different pattern: two bindings.
         assert_eq!(x.binding_count(), 2);
+        let (mut all, mut parsed) = (0, 0);
+        x.for_each_binding(|b| {
+            all += 1;
+            parsed += usize::from(b.key.pattern.is_some());
+        });
+        assert_eq!((all, parsed), (2, 1), "every binding once, the MQTT one with its pattern");
     }
 
     #[test]

@@ -188,6 +188,8 @@ struct Conn {
     /// [`Conn::work`]).
     yielded: bool,
     generation: u64,
+    /// The session's `payload_out` already added into the frontend's totals.
+    payload_reported: u64,
 }
 
 /// How many connections are handling a SUBSCRIBE at this moment, across the process. A
@@ -391,8 +393,7 @@ async fn establish(
         keep_alive = keep_alive_requested, persistent = session.is_persistent(), took_over = claim.took_over,
         bridge = session.is_bridge(), "MQTT client connected"
     );
-    shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-    shared.ensure_sys(&vhost);
+    shared.ensure_sys(&ctx.broker, &vhost);
     handle.set_login(Login { user: identity.user.clone(), vhost: vhost_name, client_id: Some(client_id) });
 
     let keep_alive = (session.keep_alive > 0).then(|| Duration::from_millis(session.keep_alive as u64 * 1500));
@@ -413,6 +414,7 @@ async fn establish(
         undecoded,
         yielded: false,
         generation: claim.generation,
+        payload_reported: 0,
         stream: stream.into_io(),
         id: ctx.id,
         broker: ctx.broker,
@@ -613,6 +615,11 @@ impl Conn {
         // the write, so a client sees its PUBACK only once its publish is counted.
         let stats = &self.session.stats;
         self.conn.counters.set_messages(stats.messages_in, stats.messages_out);
+        if stats.payload_out != self.payload_reported {
+            let sent = stats.payload_out.saturating_sub(self.payload_reported);
+            self.shared.stats.publish_bytes_out.fetch_add(sent, Ordering::Relaxed);
+            self.payload_reported = stats.payload_out;
+        }
         if !self.session.out.is_empty() {
             let n = self.session.out.len();
             if let Err(e) = self.stream.write_all(&self.session.out).await {
@@ -625,7 +632,6 @@ impl Conn {
             if self.session.out.capacity() > OUT_KEEP {
                 self.session.out = BytesMut::new();
             }
-            self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             self.conn.counters.add_bytes_out(n as u64);
         }
         Ok(())
@@ -736,8 +742,19 @@ impl Conn {
 
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
-        let Conn { mut stream, id, broker, listener, shared, mut session, generation, kick, conn, .. } = *self;
-        shared.stats.bytes_in.fetch_add(conn.counters.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
+        let Conn {
+            mut stream,
+            id,
+            broker,
+            listener,
+            shared,
+            mut session,
+            generation,
+            kick,
+            conn,
+            payload_reported,
+            ..
+        } = *self;
         log_disconnect(id, conn.info().peer, &session, &close, conn.info().connected_at);
         // Say why, to 5.0 clients.
         match &close {
@@ -771,8 +788,7 @@ impl Conn {
         }
 
         let stats = session.stats;
-        shared.stats.messages_in.fetch_add(stats.messages_in, Ordering::Relaxed);
-        shared.stats.messages_out.fetch_add(stats.messages_out, Ordering::Relaxed);
+        shared.stats.publish_bytes_out.fetch_add(stats.payload_out.saturating_sub(payload_reported), Ordering::Relaxed);
         let client_id = session.client_id.clone();
         let vhost = session.vhost().clone();
         // Wills go to the listener's exchange, as publishes do.

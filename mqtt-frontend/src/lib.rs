@@ -32,7 +32,7 @@
 //! frontend's own queues, installed by the server in the broker's access policy so the AMQP
 //! side is held to the ACL on MQTT exchanges and kept out of those queues.
 //!
-//! [`sys`] publishes `$SYS/broker/...` statistics.
+//! [`sys`] publishes Mosquitto's `$SYS/broker/...` tree every `sys_interval`, only what changed.
 
 pub mod acl;
 pub mod codec;
@@ -47,7 +47,6 @@ mod subscriptions;
 pub mod sys;
 pub mod topic;
 
-use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,14 +60,12 @@ use ferry_core::Broker;
 
 pub use session::Settings;
 
-/// Totals across connections, for `$SYS`.
+/// Totals across the frontend's connections that the core's connection registry does not
+/// keep, for `$SYS` (which reads connections, messages and bytes from the registry).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections_total: AtomicU64,
-    pub messages_in: AtomicU64,
-    pub messages_out: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    /// Payload bytes of the PUBLISHes sent to clients, added once per wake-up.
+    pub publish_bytes_out: AtomicU64,
 }
 
 /// State shared by every connection of the frontend.
@@ -78,7 +75,8 @@ pub struct Shared {
     pub registry: Arc<registry::Registry>,
     pub stats: Stats,
     started: std::time::Instant,
-    sys_vhosts: Mutex<HashSet<String>>,
+    /// Where `$SYS` is published.
+    sys: sys::Joiner,
     /// The shutdown signals of the connections served so far; a connection's group in the
     /// registry is its signal's index here.
     shutdowns: Mutex<Vec<Shutdown>>,
@@ -141,12 +139,9 @@ impl Shared {
 const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(250);
 
 impl Shared {
-    /// Starts the `$SYS` publisher for a vhost the first time a client connects to it.
-    fn ensure_sys(self: &Arc<Self>, vhost: &Arc<VHost>) {
-        let mut seen = self.sys_vhosts.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.insert(vhost.name().to_string()) {
-            tokio::spawn(sys::run(Arc::downgrade(self), vhost.clone()));
-        }
+    /// Publishes `$SYS` into a vhost from the first time a client connects to it.
+    fn ensure_sys(self: &Arc<Self>, broker: &Arc<Broker>, vhost: &Arc<VHost>) {
+        sys::Joiner::join(self, broker, vhost);
     }
 
     /// The registry group of connections ended by `shutdown`. The first connection of a signal
@@ -190,7 +185,7 @@ impl MqttFrontend {
                 registry: Arc::new(registry::Registry::new()),
                 stats: Stats::default(),
                 started: std::time::Instant::now(),
-                sys_vhosts: Mutex::new(HashSet::new()),
+                sys: sys::Joiner::default(),
                 shutdowns: Mutex::new(Vec::new()),
             }),
         }

@@ -303,6 +303,8 @@ pub struct Claim {
 pub struct Registry {
     slots: Mutex<HashMap<Box<str>, Slot>>,
     connected: AtomicUsize,
+    /// Stored sessions ended by their expiry interval since the start (`$SYS/broker/clients/expired`).
+    expired: AtomicU64,
     /// Claim numbers are unique across client ids, so a slot removed and made again never
     /// repeats one (a delayed will or expiry timer must not mistake a new claim for its own).
     next_generation: AtomicU64,
@@ -500,6 +502,7 @@ impl Registry {
             return None;
         }
         let will = slots.remove(&key).and_then(|s| s.stored).and_then(|mut st| st.take_will());
+        self.expired.fetch_add(1, Ordering::Relaxed);
         end();
         Some(will)
     }
@@ -594,6 +597,17 @@ impl Registry {
     /// Connected clients.
     pub fn connected(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Persistent sessions kept while their client is away (Mosquitto's disconnected clients).
+    /// Walks every client id under the lock: for `$SYS`, once per `sys_interval`.
+    pub fn disconnected(&self) -> usize {
+        self.slots().values().filter(|s| s.live.is_none() && s.stored.is_some()).count()
+    }
+
+    /// Stored sessions ended by their expiry interval since the start.
+    pub fn expired(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
     }
 }
 

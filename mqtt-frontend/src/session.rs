@@ -68,6 +68,9 @@ pub struct Settings {
     pub acl: Arc<crate::acl::Acl>,
     /// The logged-in user (`None`: anonymous), for the ACL.
     pub user: Option<String>,
+    /// How often `$SYS/broker/...` is brought up to date (Mosquitto's `sys_interval`); zero:
+    /// no `$SYS` tree.
+    pub sys_interval: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -88,6 +91,7 @@ impl Default for Settings {
             max_subscriptions_per_packet: DEFAULT_MAX_SUBSCRIPTIONS_PER_PACKET,
             acl: Arc::default(),
             user: None,
+            sys_interval: crate::sys::SYS_INTERVAL,
         }
     }
 }
@@ -281,6 +285,8 @@ pub struct SessionStats {
     pub messages_in: u64,
     pub messages_out: u64,
     pub dropped_out: u64,
+    /// Payload bytes of the PUBLISHes sent (`$SYS/broker/publish/bytes/sent`).
+    pub payload_out: u64,
 }
 
 impl fmt::Debug for Session {
@@ -1476,6 +1482,7 @@ impl Session {
             p.packet_id = Some(id);
             p.dup = redelivered;
         }
+        let payload = p.payload.len() as u64;
         let packet = Packet::Publish(p);
         if encoded_len(&packet, self.version) > self.client_max_packet as usize {
             // §3.1.2.11.4: never send a packet above the client's limit; discard as if sent.
@@ -1487,6 +1494,7 @@ impl Session {
             self.extras().outbound_aliases.insert(topic, alias);
         }
         self.stats.messages_out += 1;
+        self.stats.payload_out += payload;
         match qos {
             QoS::AtMostOnce => self.settle(src, now),
             QoS::AtLeastOnce => {

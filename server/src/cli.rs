@@ -54,6 +54,10 @@ pub enum Command {
         #[arg(value_name = "NAME")]
         name: Option<String>,
     },
+    /// Look at and act on a running Ferry through its management API (docs/management.md):
+    /// list queues, connections, sessions…, purge or delete a queue, close a connection,
+    /// export or import the definitions. Exits with 1 on any error.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[cfg(test)]
@@ -107,5 +111,25 @@ mod tests {
         let cli = Cli::try_parse_from(["ferry", "passwd", "alice"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Passwd { name: Some(n) }) if n == "alice"));
         assert!(Cli::try_parse_from(["ferry", "passwd", "alice", "hunter2"]).is_err());
+    }
+
+    #[test]
+    fn ctl_takes_its_options_before_or_after_the_command() {
+        use crate::ctl::{CtlCommand, Format, Kind, QueueTarget};
+        let cli = Cli::try_parse_from(["ferry", "ctl", "list", "queues", "--format", "json", "--url", "https://b:1"])
+            .unwrap();
+        let Some(Command::Ctl(args)) = cli.command else { panic!("not ctl") };
+        assert_eq!((args.format, args.url.as_str(), args.timeout), (Format::Json, "https://b:1", 10));
+        assert!(matches!(args.command, CtlCommand::List { kind: Kind::Queues, vhost: None }));
+        let cli =
+            Cli::try_parse_from(["ferry", "ctl", "-u", "ops", "purge", "queue", "orders", "--vhost", "iot"]).unwrap();
+        let Some(Command::Ctl(args)) = cli.command else { panic!("not ctl") };
+        assert_eq!(args.user.as_deref(), Some("ops"));
+        assert!(
+            matches!(args.command, CtlCommand::Purge { target: QueueTarget::Queue { name, vhost } } if name == "orders" && vhost == "iot")
+        );
+        assert!(Cli::try_parse_from(["ferry", "ctl", "list", "widgets"]).is_err());
+        assert!(Cli::try_parse_from(["ferry", "ctl", "purge", "exchange", "x"]).is_err());
+        assert!(Cli::try_parse_from(["ferry", "ctl", "--timeout", "0", "list", "queues"]).is_err());
     }
 }

@@ -145,6 +145,8 @@ pub struct MqttConfig {
     pub max_subscriptions_per_client: u32,
     /// Topic filters one SUBSCRIBE may carry; the ones past it get the same refusal. 0: no limit.
     pub max_subscriptions_per_packet: u32,
+    /// Seconds between updates of `$SYS/broker/...` (Mosquitto's `sys_interval`); 0: none.
+    pub sys_interval: u32,
 }
 
 /// The `[amqp]` table: settings of the AMQP frontend, for every AMQP listener.
@@ -184,6 +186,7 @@ impl Default for MqttConfig {
             max_queued_messages: d.max_queued_messages,
             max_subscriptions_per_client: d.max_subscriptions_per_client,
             max_subscriptions_per_packet: d.max_subscriptions_per_packet,
+            sys_interval: d.sys_interval.as_secs() as u32,
         }
     }
 }
@@ -682,6 +685,7 @@ struct RawMqtt {
     max_queued_messages: Option<u32>,
     max_subscriptions_per_client: Option<u32>,
     max_subscriptions_per_packet: Option<u32>,
+    sys_interval: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1440,6 +1444,9 @@ impl Validator<'_> {
         if let Some(v) = raw.max_subscriptions_per_packet {
             m.max_subscriptions_per_packet = v;
         }
+        if let Some(v) = raw.sys_interval {
+            m.sys_interval = v;
+        }
         m
     }
 
@@ -1884,7 +1891,7 @@ mod tests {
     fn the_mqtt_table_sets_the_frontend() {
         let c = parse(&format!(
             "[mqtt]\nqueue_qos0_offline = true\nmax_inflight = 20\nreceive_maximum = 50\ntopic_alias_maximum = 0\nmax_keep_alive = 300\nmax_queued_messages = 0\n\
-             max_subscriptions_per_client = 50\nmax_subscriptions_per_packet = 0\n{MINIMAL}"
+             max_subscriptions_per_client = 50\nmax_subscriptions_per_packet = 0\nsys_interval = 0\n{MINIMAL}"
         ))
         .unwrap();
         assert_eq!(
@@ -1898,9 +1905,11 @@ mod tests {
                 max_queued_messages: 0,
                 max_subscriptions_per_client: 50,
                 max_subscriptions_per_packet: 0,
+                sys_interval: 0,
             }
         );
         assert_eq!(parse(MINIMAL).unwrap().mqtt, MqttConfig::default());
+        assert_eq!(MqttConfig::default().sys_interval, 10, "Mosquitto's default");
         assert!(error(&format!("[mqtt]\nreceive_maximum = 0\n{MINIMAL}")).contains("mqtt.receive_maximum"));
         assert!(error(&format!("[mqtt]\nqos0 = true\n{MINIMAL}")).contains("qos0"));
     }

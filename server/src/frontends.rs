@@ -23,6 +23,7 @@ pub fn builtin_with(mqtt: &MqttConfig, amqp: &AmqpConfig) -> Vec<Arc<dyn Fronten
         max_queued_messages: mqtt.max_queued_messages,
         max_subscriptions_per_client: mqtt.max_subscriptions_per_client,
         max_subscriptions_per_packet: mqtt.max_subscriptions_per_packet,
+        sys_interval: std::time::Duration::from_secs(mqtt.sys_interval.into()),
         ..ferry_mqtt::Settings::default()
     };
     let amqp = ferry_amqp::connection::Settings {

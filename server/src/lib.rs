@@ -3,10 +3,12 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line (`ferry`, `ferry --config FILE`, `ferry check-config FILE`,
-//!   `ferry passwd`).
+//!   `ferry passwd`, `ferry ctl …`).
 //! - [`config`]: the TOML file → a validated [`Config`] (or the embedded defaults), refusing bad
 //!   input with the file, the key and the reason.
 //! - [`passwd`]: `ferry passwd`: a password from the terminal or stdin → an argon2id hash.
+//! - [`ctl`]: `ferry ctl`: a blocking client of a running Ferry's management API (lists as
+//!   tables or JSON, purge, delete, close, definitions export / import).
 //! - [`logging`]: the `tracing` subscriber; `--log-level` > `RUST_LOG` > `broker.log_level`.
 //! - [`tls`]: a listener's `tls` table → a rustls `ServerConfig`; a session → `TlsIdentity`.
 //! - [`server`]: [`Server::builder`] takes a [`Config`] and the frontends,
@@ -29,6 +31,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod frontends;
 mod listener;
 pub mod logging;

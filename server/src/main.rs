@@ -1,8 +1,9 @@
 //! `ferry`: parse the command line, load the configuration, run until SIGINT or SIGTERM; SIGHUP
 //! reloads the configuration file (TLS certificates and keys, users, ACL and permissions).
 //!
-//! Exit codes: 0 after a clean shutdown or a good `check-config`; 2 when the configuration or
-//! start-up is refused (and for command-line errors, from clap); 1 for anything else.
+//! Exit codes: 0 after a clean shutdown, a good `check-config` or a `ctl` command done; 2 when
+//! the configuration or start-up is refused (and for command-line errors, from clap); 1 for
+//! anything else (a `ctl` command that failed).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,6 +22,13 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Passwd { name }) => passwd(name.as_deref()),
+        Some(Command::Ctl(args)) => match ferry_server::ctl::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry ctl: {e}");
+                ExitCode::FAILURE
+            }
+        },
         None => run(&cli),
     }
 }
