@@ -350,7 +350,7 @@ impl Broker {
 
     /// Replaces the authorization policy (at start-up and on a reload), with the frontends'
     /// [`TopicPolicy`](crate::policy::TopicPolicy) in it. The run-time permissions
-    /// ([`Broker::put_permission`]) are merged in; on a (user, vhost) both name, the policy's
+    /// ([`Broker::put_runtime`]) are merged in; on a (user, vhost) both name, the policy's
     /// entry wins.
     pub fn set_access(&self, policy: AccessPolicy) {
         let runtime = self.runtime();

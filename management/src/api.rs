@@ -66,6 +66,7 @@ pub(crate) fn router(shared: Arc<Shared>, settings: &HttpSettings) -> Router {
         .route("/api/bindings/{vhost}", get(bindings_of_vhost))
         .route("/api/health/checks/alarms", get(alarms))
         .route("/api/health/checks/local-alarms", get(alarms))
+        .merge(crate::definitions::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -102,7 +103,7 @@ fn json_response(v: Value) -> Response {
 }
 
 /// Runs `f` on the blocking pool within the render limit.
-async fn render<T: Send + 'static>(
+pub(crate) async fn render<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Shared) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -175,7 +176,7 @@ fn field_json(v: &FieldValue) -> Value {
     }
 }
 
-fn table_json(t: &FieldTable) -> Value {
+pub(crate) fn table_json(t: &FieldTable) -> Value {
     Value::Object(t.iter().map(|(k, v)| (k.to_string_lossy(), field_json(v))).collect::<Map<_, _>>())
 }
 
@@ -614,9 +615,9 @@ async fn queue_one(
 }
 
 /// Management is not a connection: it owns no exclusive queue (connection ids start at 1).
-const MANAGEMENT_CONNECTION: ConnectionId = ConnectionId(0);
+pub(crate) const MANAGEMENT_CONNECTION: ConnectionId = ConnectionId(0);
 
-fn core_error(e: ferry_core::CoreError) -> ApiError {
+pub(crate) fn core_error(e: ferry_core::CoreError) -> ApiError {
     use ferry_core::CoreError as E;
     match e {
         E::NotFound(_) => ApiError::not_found(),
@@ -667,7 +668,7 @@ fn json_field(v: &Value) -> FieldValue {
     }
 }
 
-fn json_table(o: &Map<String, Value>) -> FieldTable {
+pub(crate) fn json_table(o: &Map<String, Value>) -> FieldTable {
     o.iter().map(|(k, v)| (ShortString::from(k.as_str()), json_field(v))).collect()
 }
 
@@ -683,12 +684,12 @@ struct QueueBody {
     arguments: Map<String, Value>,
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 
 /// A boolean as RabbitMQ takes it: `true`, or the string `"true"` (what rabbitmqadmin sends).
-fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+pub(crate) fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     use serde::de::Error;
     match Value::deserialize(d)? {
         Value::Bool(b) => Ok(b),
