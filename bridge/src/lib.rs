@@ -260,4 +260,14 @@ impl StatusReader {
         let shovels = self.shovels.iter().map(|s| s.status());
         self.links.iter().map(|l| Bridges::status_of(l)).chain(shovels).collect()
     }
+
+    /// Each MQTT bridge's configuration with a snapshot of its status, in config order.
+    pub fn bridges(&self) -> Vec<(&BridgeConfig, BridgeStatus)> {
+        self.links.iter().map(|l| (&l.config, Bridges::status_of(l))).collect()
+    }
+
+    /// Each AMQP shovel's configuration with a snapshot of its status, in config order.
+    pub fn shovels(&self) -> Vec<(&ShovelConfig, BridgeStatus)> {
+        self.shovels.iter().map(|s| (&s.config, s.status())).collect()
+    }
 }

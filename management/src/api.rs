@@ -86,7 +86,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// `ferry@<host name>`: RabbitMQ's node name shape.
-fn node() -> &'static str {
+pub(crate) fn node() -> &'static str {
     static NODE: OnceLock<String> = OnceLock::new();
     NODE.get_or_init(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

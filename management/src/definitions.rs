@@ -51,6 +51,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/definitions", get(export_all).post(import_all))
         .route("/api/definitions/{vhost}", get(export_vhost).post(import_vhost))
         .merge(crate::users::routes())
+        .merge(crate::bridges::routes())
 }
 
 // ----- export ------------------------------------------------------------------------------------

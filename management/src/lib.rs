@@ -16,7 +16,8 @@
 //! - `metrics`: the Prometheus text exposition, under Ferry's names or RabbitMQ's.
 //! - `users`: users and permissions made at run time (`PUT|DELETE /api/users/…`,
 //!   `/api/permissions/…`), the broker's run-time layer; `definitions`: RabbitMQ's definitions
-//!   export and import (`/api/definitions`).
+//!   export and import (`/api/definitions`); `bridges`: the bridges' and shovels' status
+//!   (`/api/bridges`, `/api/shovels`).
 //! - `api`: the JSON endpoints, in RabbitMQ's shapes; `query` holds what lists share
 //!   (`columns`, `sort`, `page`, `name` + `use_regex`); `error` the JSON errors.
 //!
@@ -37,6 +38,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 mod api;
+mod bridges;
 mod definitions;
 mod error;
 mod http;
