@@ -359,6 +359,8 @@ async fn bad_definitions_are_refused_whole_with_reasons() {
     let md5 =
         json!({"users": [{"name": "u", "password_hash": "abc", "hashing_algorithm": "rabbit_password_hashing_md5"}]});
     assert!(reason(post(md5).await).contains("too weak"));
+    let many: Vec<Value> = (0..101).map(|i| json!({"name": format!("u{i}"), "password": "p"})).collect();
+    assert!(reason(post(json!({ "users": many })).await).contains("at most 100 per import"));
     let dangling = json!({"bindings": [{"source": "amq.direct", "vhost": "/", "destination": "nope", "destination_type": "queue", "routing_key": "k"}]});
     assert!(reason(post(dangling).await).contains("no queue 'nope'"));
     let internal = json!({"queues": [{"name": "mqtt-session.x", "vhost": "/", "durable": true}]});

@@ -43,6 +43,10 @@ use crate::login::Caller;
 use crate::users::{committed, hash_for_export, PermissionBody, UserBody, UserSpec, MAX_NAME_BYTES};
 use crate::{Shared, RABBITMQ_API_VERSION};
 
+/// Users given with a plain `password` (not a hash) in one import, at most: each costs an
+/// argon2id hash (tens of milliseconds of CPU and 19 MiB).
+const MAX_PLAIN_PASSWORDS: usize = 100;
+
 /// Problems listed at most in one refusal (the rest are counted).
 const MAX_LISTED_PROBLEMS: usize = 20;
 
@@ -338,7 +342,7 @@ fn short(what: &str, name: &str) -> Result<ShortString, String> {
 }
 
 /// Checks everything; `forced_vhost` is the path's vhost of `POST /api/definitions/{vhost}`.
-fn plan(shared: &Shared, defs: Definitions, forced_vhost: Option<&str>) -> Result<Plan, ApiError> {
+fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> Result<Plan, ApiError> {
     let broker = &shared.broker;
     let mut problems = Problems::default();
     let mut plan = Plan::default();
@@ -525,6 +529,14 @@ fn plan(shared: &Shared, defs: Definitions, forced_vhost: Option<&str>) -> Resul
     let mut skipped: Vec<String> = Vec::new();
     let current: BTreeMap<String, ferry_core::auth::User> =
         broker.auth().users().into_iter().map(|(u, _)| (u.name.clone(), u)).collect();
+    let plain = defs.users.iter().filter(|u| u.password.is_some()).count();
+    if plain > MAX_PLAIN_PASSWORDS {
+        problems.add(format!(
+            "{plain} users with a plain password: at most {MAX_PLAIN_PASSWORDS} per import (each takes an argon2id \
+             hash to check or make); give password_hash for the others"
+        ));
+        defs.users.clear();
+    }
     for u in defs.users {
         let Some(name) = u.name.clone() else {
             problems.add("a user without a name");
