@@ -334,6 +334,27 @@ async fn rabbitmqadmin_exports_what_was_defined_and_imports_it_into_another_ferr
     let reason = body["reason"].as_str().unwrap();
     assert!(reason.contains("inequivalent arg 'x-max-length' for queue 'orders'"), "{reason}");
     assert_eq!(admin(&b, reqwest::Method::GET, "/api/queues/%2F/extra", None).await.0, 404, "nothing applied");
+
+    // rabbitmqadmin's own user and permission commands.
+    let ok = |out: Option<std::process::Output>| {
+        let out = out.expect("rabbitmqadmin is installed");
+        assert!(
+            out.status.success(),
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(rabbitmqadmin(&b, &["declare", "user", "name=erin", "password=erin-pw", "tags=monitoring"]).await);
+    ok(rabbitmqadmin(&b, &["declare", "permission", "vhost=/", "user=erin", "configure=^erin", "write=.*", "read=.*"])
+        .await);
+    let (status, me) = call(&b, reqwest::Method::GET, "/api/whoami", ("erin", "erin-pw"), None).await;
+    assert_eq!((status, me), (200, json!({"name": "erin", "tags": ["monitoring"]})));
+    let (_, exported) = admin(&b, reqwest::Method::GET, "/api/definitions", None).await;
+    assert_eq!(exported["permissions"][0]["configure"], "^erin", "{exported:#}");
+    ok(rabbitmqadmin(&b, &["delete", "user", "name=erin"]).await);
+    let (status, _) = call(&b, reqwest::Method::GET, "/api/whoami", ("erin", "erin-pw"), None).await;
+    assert_eq!(status, 401);
     drop(sensor);
 }
 
@@ -354,6 +375,15 @@ async fn bad_definitions_are_refused_whole_with_reasons() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    let huge = reqwest::Client::new()
+        .post(url(&server, "/api/definitions"))
+        .basic_auth("admin", Some(PASSWORD))
+        .body(vec![b' '; 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 413);
+    assert_eq!(huge.json::<Value>().await.unwrap()["error"], "payload_too_large");
     assert!(reason(post(json!({"policies": [{"name": "p"}]})).await).contains("no policies"));
     assert!(reason(post(json!({"parameters": [{"component": "shovel"}]})).await).contains("runtime parameters"));
     let md5 =

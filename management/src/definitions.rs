@@ -43,6 +43,9 @@ use crate::login::Caller;
 use crate::users::{committed, hash_for_export, PermissionBody, UserBody, UserSpec, MAX_NAME_BYTES};
 use crate::{Shared, RABBITMQ_API_VERSION};
 
+/// A body as read, or why it could not be.
+type RawBody = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
+
 /// Users given with a plain `password` (not a hash) in one import, at most: each costs an
 /// argon2id hash (tens of milliseconds of CPU and 19 MiB).
 const MAX_PLAIN_PASSWORDS: usize = 100;
@@ -639,13 +642,9 @@ fn apply(shared: &Shared, plan: Plan) -> Result<ferry_core::store::Commit, ApiEr
     Ok(commit)
 }
 
-async fn import(
-    state: AppState,
-    caller: Caller,
-    body: axum::body::Bytes,
-    vhost: Option<String>,
-) -> Result<Response, ApiError> {
+async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<String>) -> Result<Response, ApiError> {
     caller.require_admin()?;
+    let body = crate::users::body_of(body)?;
     let mut defs: Definitions =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("definitions: {e}")))?;
     if let Some(v) = &vhost {
@@ -670,11 +669,7 @@ async fn import(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn import_all(
-    State(state): State<AppState>,
-    caller: Caller,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+async fn import_all(State(state): State<AppState>, caller: Caller, body: RawBody) -> Result<Response, ApiError> {
     import(state, caller, body, None).await
 }
 
@@ -682,7 +677,7 @@ async fn import_vhost(
     State(state): State<AppState>,
     caller: Caller,
     Path(vhost): Path<String>,
-    body: axum::body::Bytes,
+    body: RawBody,
 ) -> Result<Response, ApiError> {
     import(state, caller, body, Some(vhost)).await
 }

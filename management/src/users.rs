@@ -213,6 +213,18 @@ impl PermissionBody {
     }
 }
 
+/// A request body, or RabbitMQ's JSON error when it could not be read (over the 1 MiB limit:
+/// `413`).
+pub(crate) fn body_of(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|r| ApiError {
+        status: r.status(),
+        error: if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" },
+        reason: r.body_text(),
+    })
+}
+
 /// Waits until `commit` is durable: the answer is sent only then.
 pub(crate) async fn committed(commit: Commit) -> Result<(), ApiError> {
     commit.wait().await.map_err(|e| ApiError::unavailable(format!("not stored: {e}")))
@@ -233,10 +245,10 @@ async fn put_user(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let spec = parse_body::<UserBody>(&body)?.check(&name).map_err(ApiError::bad_request)?;
+    let spec = parse_body::<UserBody>(&body_of(body)?)?.check(&name).map_err(ApiError::bad_request)?;
     let broker = &state.shared.broker;
     if broker.auth().is_configured(&name) {
         return Err(configured_refusal(&name));
@@ -284,12 +296,13 @@ async fn put_permission(
     State(state): State<AppState>,
     caller: Caller,
     Path((vhost, user)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let broker = &state.shared.broker;
     broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    let permission = parse_body::<PermissionBody>(&body)?.check(&vhost, &user).map_err(ApiError::bad_request)?;
+    let permission =
+        parse_body::<PermissionBody>(&body_of(body)?)?.check(&vhost, &user).map_err(ApiError::bad_request)?;
     if !user_exists(&state, &user) {
         return Err(ApiError::bad_request(format!("no user '{user}'")));
     }
