@@ -196,7 +196,7 @@ pub struct Broker {
     /// merged in.
     configured_access: std::sync::Mutex<AccessPolicy>,
     /// Users, permissions and other definitions made at run time ([`crate::runtime`]).
-    /// Lock order: this, then the authenticator's layers.
+    /// Lock order: this, then `configured_access`, then the authenticator's layers.
     runtime: std::sync::Mutex<RuntimeDefinitions>,
     /// Queue deadlines of every vhost (see [`crate::timer`]).
     timer: Arc<Timer>,
