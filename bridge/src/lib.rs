@@ -6,6 +6,8 @@
 //!
 //! - [`config`]: one `[[bridges]]` table as values ([`BridgeConfig`], [`TopicRule`]); the
 //!   server's config module parses and validates the TOML into it.
+//! - [`spec`]: a `[[bridges]]` table as written (TOML, or JSON through the management API) and
+//!   its checks, one set for both.
 //! - [`rules`]: which topic rule a topic falls under and its name on the other side.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - [`tls`]: a bridge's `tls` table → a rustls `ClientConfig` and the name to check.
@@ -31,6 +33,7 @@ mod link;
 pub mod overflow;
 pub mod rules;
 pub mod shovel;
+pub mod spec;
 pub mod status;
 pub mod tls;
 pub mod writer;
