@@ -104,12 +104,159 @@ async fn a_bridge_to_mosquitto_is_listed_up_with_what_it_forwarded() {
     assert_eq!(get(&local, "owner", "/api/bridges/edge").await.0, 404);
     assert_eq!(get(&local, "admin", "/api/bridges/nope").await.0, 404);
     assert_eq!(get(&local, "admin", "/api/shovels").await.1, Value::Array(Vec::new()));
+    // The file's bridge is not the API's to change.
+    let body = serde_json::json!({"address": "127.0.0.1:1", "topics": [{"pattern": "#", "direction": "out"}]});
+    let (status, refused) = send(&local, reqwest::Method::PUT, "/api/bridges/edge", Some(body)).await;
+    assert_eq!(status, 405, "{refused}");
+    assert!(refused["reason"].as_str().unwrap().contains("configured in the server's file"), "{refused}");
+    assert_eq!(send(&local, reqwest::Method::DELETE, "/api/bridges/edge", None).await.0, 405);
 
     // The remote goes away: the state says so, with the reason.
     drop(mosquitto);
     within("bridge down", local.server.bridges().wait_for("edge", |s| s.state != LinkState::Up)).await.unwrap();
     let down = poll(&local, "/api/bridges/edge", |b| !b["last_error"].is_null()).await;
     assert_ne!(down["state"], "up", "{down}");
+}
+
+/// `method path` as admin with an optional JSON body: the status and the JSON answer (`Null`
+/// when empty).
+async fn send(server: &TestServer, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let url = format!("http://{}{path}", server.server.http_addrs()[0]);
+    let mut r = reqwest::Client::new().request(method, url).basic_auth("admin", Some(PASSWORD));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = within(path, r.send()).await.expect("request");
+    let status = r.status().as_u16();
+    let bytes = within("body", r.bytes()).await.expect("body");
+    (status, if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON") })
+}
+
+/// The next message the remote subscriber gets: topic and payload.
+async fn forwarded(remote: &mut v5::Client) -> (String, String) {
+    let p = remote.publish_received().await;
+    (text(&p.topic).to_string(), text(&p.payload).to_string())
+}
+
+async fn up(server: &TestServer, name: &str) {
+    within("bridge up", server.server.bridges().wait_for(name, |s| s.state == LinkState::Up))
+        .await
+        .unwrap_or_else(|| panic!("no bridge {name}"));
+}
+
+#[tokio::test]
+async fn a_bridge_put_through_the_api_forwards_changes_survives_a_restart_and_is_removed() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    let local = ferry("").await;
+    let table = |prefix: &str| {
+        serde_json::json!({
+            "address": mosquitto.addr().to_string(),
+            "protocol_version": "5.0",
+            "reconnect_initial_ms": 50,
+            "reconnect_max_ms": 400,
+            "topics": [{"pattern": "up/#", "direction": "out", "qos": 1, "remote_prefix": prefix}],
+        })
+    };
+    // Checked as the file's tables are, every problem named.
+    let (status, bad) =
+        send(&local, reqwest::Method::PUT, "/api/bridges/b1", Some(serde_json::json!({"address": "x"}))).await;
+    assert_eq!(status, 400, "{bad}");
+    let reason = bad["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("address: \"x\" is not host:port") && reason.contains("at least one topic rule"),
+        "{reason}"
+    );
+    let mut unknown = table("api/");
+    unknown["colour"] = "red".into();
+    let (status, bad) = send(&local, reqwest::Method::PUT, "/api/bridges/b1", Some(unknown)).await;
+    assert!(status == 400 && bad["reason"].as_str().unwrap().contains("colour"), "{bad}");
+    let mut relative = table("api/");
+    relative["password_file"] = "pw.txt".into();
+    relative["username"] = "u".into();
+    let (status, bad) = send(&local, reqwest::Method::PUT, "/api/bridges/b1", Some(relative)).await;
+    assert!(status == 400 && bad["reason"].as_str().unwrap().contains("absolute"), "{bad}");
+    let (status, _) = send(
+        &local,
+        reqwest::Method::PUT,
+        "/api/bridges/other-name",
+        Some({
+            let mut t = table("api/");
+            t["name"] = "b1".into();
+            t
+        }),
+    )
+    .await;
+    assert_eq!(status, 400, "the name in the body must be the path's");
+    let mut elsewhere = table("api/");
+    elsewhere["vhost"] = "nowhere".into();
+    let (status, bad) = send(&local, reqwest::Method::PUT, "/api/bridges/b1", Some(elsewhere)).await;
+    assert!(status == 400 && bad["reason"].as_str().unwrap().contains("vhost \"nowhere\" does not exist"), "{bad}");
+    assert_eq!(send(&local, reqwest::Method::GET, "/api/bridges/b1", None).await.0, 404, "nothing made");
+    let url = format!("http://{}/api/bridges/b1", local.server.http_addrs()[0]);
+    let r =
+        reqwest::Client::new().put(url).basic_auth("owner", Some(PASSWORD)).json(&table("api/")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "administrators only");
+
+    let mut o = rumqttc::v5::MqttOptions::new("mosq-client", "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (mut remote, _) = v5::Client::connect(o).await;
+    remote.subscribe("#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await;
+
+    assert_eq!(send(&local, reqwest::Method::PUT, "/api/bridges/b1", Some(table("api/"))).await.0, 201);
+    up(&local, "b1").await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    publisher.publish("up/1", rumqttc::QoS::AtLeastOnce, false, b"one").await;
+    assert_eq!(forwarded(&mut remote).await, ("api/up/1".to_string(), "one".to_string()));
+    let (_, listed) = send(&local, reqwest::Method::GET, "/api/bridges/b1", None).await;
+    assert_eq!(listed["source"], "api");
+    assert_eq!(listed["definition"]["topics"][0]["remote_prefix"], "api/");
+
+    // Part of the definitions, under Ferry's own key: exported, imported again as it is, and
+    // into another Ferry.
+    let (_, defs) = send(&local, reqwest::Method::GET, "/api/definitions", None).await;
+    assert_eq!(defs["ferry_bridges"][0]["name"], "b1", "{defs:#}");
+    let (status, again) = send(&local, reqwest::Method::POST, "/api/definitions", Some(defs.clone())).await;
+    assert_eq!(status, 204, "{again}");
+    let mut other_settings = defs.clone();
+    other_settings["ferry_bridges"][0]["max_hops"] = 3.into();
+    let (status, refused) = send(&local, reqwest::Method::POST, "/api/definitions", Some(other_settings)).await;
+    assert!(status == 400 && refused["reason"].as_str().unwrap().contains("bridge 'b1' exists with other settings"));
+    let other = ferry("").await;
+    let mut renamed = defs.clone();
+    renamed["ferry_bridges"][0]["name"] = "b9".into();
+    renamed["users"] = Value::Array(Vec::new());
+    assert_eq!(send(&other, reqwest::Method::POST, "/api/definitions", Some(renamed)).await.0, 204);
+    up(&other, "b9").await;
+    let mut other_publisher = v311::connect(&other, "pub9").await;
+    other_publisher.publish("up/9", rumqttc::QoS::AtLeastOnce, false, b"nine").await;
+    assert_eq!(forwarded(&mut remote).await, ("api/up/9".to_string(), "nine".to_string()));
+    drop(other_publisher);
+    drop(other);
+
+    // Changed: the new rules apply.
+    assert_eq!(send(&local, reqwest::Method::PUT, "/api/bridges/b1", Some(table("api2/"))).await.0, 204);
+    up(&local, "b1").await;
+    publisher.publish("up/2", rumqttc::QoS::AtLeastOnce, false, b"two").await;
+    assert_eq!(forwarded(&mut remote).await, ("api2/up/2".to_string(), "two".to_string()));
+
+    // A restart starts it again, as changed.
+    drop(publisher);
+    let local = local.restart().await;
+    up(&local, "b1").await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    publisher.publish("up/3", rumqttc::QoS::AtLeastOnce, false, b"three").await;
+    assert_eq!(forwarded(&mut remote).await, ("api2/up/3".to_string(), "three".to_string()));
+
+    // Removed: gone, with its queue, and it does not come back.
+    assert_eq!(send(&local, reqwest::Method::DELETE, "/api/bridges/b1", None).await.0, 204);
+    assert_eq!(send(&local, reqwest::Method::GET, "/api/bridges/b1", None).await.0, 404);
+    assert_eq!(send(&local, reqwest::Method::DELETE, "/api/bridges/b1", None).await.0, 404);
+    assert_eq!(send(&local, reqwest::Method::GET, "/api/queues/%2F/ferry-bridge.b1", None).await.0, 404);
+    publisher.publish("up/4", rumqttc::QoS::AtLeastOnce, false, b"four").await;
+    drop(publisher);
+    let local = local.restart().await;
+    assert_eq!(send(&local, reqwest::Method::GET, "/api/bridges", None).await.1, Value::Array(Vec::new()));
+    remote.no_publish().await;
 }
 
 #[tokio::test]

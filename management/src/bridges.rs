@@ -1,5 +1,7 @@
 //! The bridges' and shovels' status: `GET /api/bridges` (+ `/{name}`), Ferry's MQTT bridges
-//! with their counters, and `GET /api/shovels` (+ `/{vhost}`), the AMQP shovels in the shape of
+//! with their counters; `PUT|DELETE /api/bridges/{name}` (administrator), bridges made, changed
+//! and removed while the server runs (`ferry_bridge::runtime`: the `[[bridges]]` keys as JSON,
+//! checked as the file's, kept in the store); and `GET /api/shovels` (+ `/{vhost}`), the AMQP shovels in the shape of
 //! RabbitMQ's shovel management plugin (`name`, `vhost`, `type`, `state`, `src_uri`, `dest_uri`
 //! without passwords, `timestamp`), with Ferry's counters beside.
 //!
@@ -7,11 +9,13 @@
 //! shovel; a `management` user those of the vhosts it may open.
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use ferry_bridge::runtime::ChangeError;
 use ferry_bridge::shovel::{Destination, Source};
-use ferry_bridge::{BridgeConfig, BridgeStatus, Direction, LinkState, ShovelConfig, ShovelDirection};
+use ferry_bridge::{BridgeEntry, BridgeStatus, Direction, LinkState, ShovelConfig, ShovelDirection};
 use serde_json::{json, Value};
 
 use crate::api::AppState;
@@ -21,7 +25,7 @@ use crate::login::Caller;
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/bridges", get(bridges))
-        .route("/api/bridges/{name}", get(bridge_one))
+        .route("/api/bridges/{name}", get(bridge_one).put(put_bridge).delete(delete_bridge))
         .route("/api/shovels", get(shovels_all))
         .route("/api/shovels/{vhost}", get(shovels_of_vhost))
 }
@@ -70,7 +74,8 @@ fn counters(s: &BridgeStatus) -> Value {
     })
 }
 
-fn bridge_json(c: &BridgeConfig, s: &BridgeStatus) -> Value {
+fn bridge_json(entry: &BridgeEntry, definition: Option<Value>) -> Value {
+    let (c, s) = (&entry.config, &entry.status);
     let topics: Vec<Value> = c
         .topics
         .iter()
@@ -102,8 +107,16 @@ fn bridge_json(c: &BridgeConfig, s: &BridgeStatus) -> Value {
         "since": timestamp(s.since),
         "last_error": s.last_error,
         "ferry": counters(s),
-        "source": "config",
+        "source": if entry.runtime { "api" } else { "config" },
+        "definition": definition,
     })
+}
+
+/// What a bridge made through the API was given (administrators only: it may name files).
+fn definition(state: &AppState, caller: &Caller, entry: &BridgeEntry) -> Option<Value> {
+    (entry.runtime && caller.require_admin().is_ok())
+        .then(|| state.shared.bridges.runtime_table(&entry.config.name))
+        .flatten()
 }
 
 async fn bridges(State(state): State<AppState>, caller: Caller) -> Response {
@@ -112,8 +125,8 @@ async fn bridges(State(state): State<AppState>, caller: Caller) -> Response {
         .bridges
         .bridges()
         .iter()
-        .filter(|(c, _)| may_see(&state, &caller, &c.vhost))
-        .map(|(c, s)| bridge_json(c, s))
+        .filter(|b| may_see(&state, &caller, &b.config.vhost))
+        .map(|b| bridge_json(b, definition(&state, &caller, b)))
         .collect();
     Json(Value::Array(list)).into_response()
 }
@@ -124,11 +137,53 @@ async fn bridge_one(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let all = state.shared.bridges.bridges();
-    let (c, s) = all.iter().find(|(c, _)| c.name == name).ok_or_else(ApiError::not_found)?;
-    if !may_see(&state, &caller, &c.vhost) {
+    let b = all.iter().find(|b| b.config.name == name).ok_or_else(ApiError::not_found)?;
+    if !may_see(&state, &caller, &b.config.vhost) {
         return Err(ApiError::not_found());
     }
-    Ok(Json(bridge_json(c, s)).into_response())
+    Ok(Json(bridge_json(b, definition(&state, &caller, b))).into_response())
+}
+
+fn change_error(e: ChangeError) -> ApiError {
+    match e {
+        ChangeError::NotFound(_) => ApiError::not_found(),
+        ChangeError::Store(_) | ChangeError::ShuttingDown => ApiError::unavailable(e.to_string()),
+        ChangeError::Configured(name) => ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            error: "method_not_allowed",
+            reason: format!(
+                "bridge or shovel {name:?} is configured in the server's file ([[bridges]] / [[shovels]]); \
+                 change it there"
+            ),
+        },
+        other => ApiError::bad_request(other.to_string()),
+    }
+}
+
+/// `201` when made, `204` when it replaced one.
+async fn put_bridge(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let body = crate::users::body_of(body)?;
+    let table: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
+    let replaced = state.shared.bridges.put_bridge(&name, table).await.map_err(change_error)?;
+    tracing::info!(user = %caller.user, "management: bridge {name:?} {}", if replaced { "changed" } else { "added" });
+    Ok(if replaced { StatusCode::NO_CONTENT } else { StatusCode::CREATED }.into_response())
+}
+
+async fn delete_bridge(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    state.shared.bridges.delete_bridge(&name).await.map_err(change_error)?;
+    tracing::info!(user = %caller.user, "management: bridge {name:?} removed");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// RabbitMQ's shovel states: `running` while the link is up, `starting` while it connects,

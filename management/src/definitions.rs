@@ -43,6 +43,10 @@ use crate::login::Caller;
 use crate::users::{committed, hash_for_export, PermissionBody, UserBody, UserSpec, MAX_NAME_BYTES};
 use crate::{Shared, RABBITMQ_API_VERSION};
 
+/// Ferry's key for the MQTT bridges made through the API (`[[bridges]]` tables as JSON, as
+/// `PUT /api/bridges/{name}` takes them); RabbitMQ's import ignores it.
+const FERRY_BRIDGES: &str = "ferry_bridges";
+
 /// A body as read, or why it could not be.
 type RawBody = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 
@@ -195,6 +199,15 @@ fn export(shared: &Shared, only: Option<&Arc<VHost>>) -> Value {
                 }
             }
             m.insert("global_parameters".into(), json!([]));
+            // Ferry's own: the bridges made through the API, as they were given.
+            let bridges: Vec<Value> = shared
+                .bridges
+                .bridges()
+                .iter()
+                .filter(|b| b.runtime)
+                .filter_map(|b| shared.bridges.runtime_table(&b.config.name))
+                .collect();
+            m.insert(FERRY_BRIDGES.into(), json!(bridges));
         }
     }
     m.insert("parameters".into(), json!([]));
@@ -248,6 +261,8 @@ struct Definitions {
     exchanges: Vec<ExchangeBody>,
     #[serde(default)]
     bindings: Vec<BindingBody>,
+    #[serde(default)]
+    ferry_bridges: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +330,8 @@ struct Plan {
     bindings: Vec<(String, BindingBody)>,
     users: Vec<UserSpec>,
     permissions: Vec<VhostPermissions>,
+    /// Bridges to make through `ferry_bridge::runtime`: (name, table).
+    bridges: Vec<(String, Value)>,
 }
 
 #[derive(Default)]
@@ -569,7 +586,11 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
         };
         let what = format!("permissions of '{user}' in vhost '{given_vhost}'");
         let Some(vhost) = vhost_of(&Some(given_vhost), &what, &mut problems) else { continue };
-        if !current.contains_key(&user) && !user_names.contains(&user) {
+        if broker.permission_is_configured(&vhost, &user) {
+            skipped.push(what);
+            continue;
+        }
+        if !crate::users::may_hold_permissions(broker, &user) && !user_names.contains(&user) {
             problems.add(format!("{what}: no user '{user}'"));
             continue;
         }
@@ -580,10 +601,6 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
                 continue;
             }
         };
-        if broker.permission_is_configured(&vhost, &user) {
-            skipped.push(what);
-            continue;
-        }
         match access.permissions.iter().find(|e| e.user == user && e.vhost == vhost) {
             Some(existing) if *existing == wanted => {}
             Some(_) => problems.add(format!("{what}: exist with other patterns")),
@@ -594,6 +611,40 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
     if broker.runtime_permissions().len() + plan.permissions.len() > crate::users::MAX_RUNTIME_PERMISSIONS {
         problems.add(format!("more than {} permissions set through the API", crate::users::MAX_RUNTIME_PERMISSIONS));
     }
+    // Bridges made through the API, checked as `PUT /api/bridges/{name}` checks them.
+    for table in defs.ferry_bridges {
+        let Some(name) = table.get("name").and_then(Value::as_str).map(str::to_string) else {
+            problems.add("a bridge without a name");
+            continue;
+        };
+        if shared.bridges.is_configured(&name) {
+            skipped.push(format!("bridge '{name}'"));
+            continue;
+        }
+        let (config, table) = match ferry_bridge::runtime::parse(&name, table) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                problems.add(e.to_string());
+                continue;
+            }
+        };
+        if !vhosts.contains(&config.vhost) {
+            problems.add(format!("bridge '{name}': vhost '{}' does not exist", config.vhost));
+            continue;
+        }
+        let exchange_there = broker.vhost(&config.vhost).is_some_and(|v| v.exchange(&config.exchange).is_some())
+            || new_exchanges.contains(&(config.vhost.clone(), ShortString::from(config.exchange.as_str())));
+        if !exchange_there {
+            problems.add(format!("bridge '{name}': no exchange '{}' in vhost '{}'", config.exchange, config.vhost));
+            continue;
+        }
+        match shared.bridges.runtime_table(&name) {
+            Some(existing) if existing == table => {}
+            Some(_) => problems.add(format!("bridge '{name}' exists with other settings")),
+            None if plan.bridges.iter().all(|(n, _)| *n != name) => plan.bridges.push((name, table)),
+            None => {}
+        }
+    }
     problems.into_result()?;
     if !skipped.is_empty() {
         tracing::info!("definitions import: left as the server's file has them: {}", skipped.join(", "));
@@ -602,7 +653,10 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
 }
 
 /// Makes what `plan` holds; what fails now (a race with a client) is reported.
-fn apply(shared: &Shared, plan: Plan) -> Result<ferry_core::store::Commit, ApiError> {
+/// The store commit to wait for, and the bridges to make then (they start asynchronously).
+type Applied = (ferry_core::store::Commit, Vec<(String, Value)>);
+
+fn apply(shared: &Shared, plan: Plan) -> Result<Applied, ApiError> {
     let broker = &shared.broker;
     let now = now_millis();
     let mut problems = Problems::default();
@@ -639,7 +693,7 @@ fn apply(shared: &Shared, plan: Plan) -> Result<ferry_core::store::Commit, ApiEr
         let reason = problems.0.join("; ");
         return Err(ApiError::bad_request(format!("definitions imported in part: {reason}")));
     }
-    Ok(commit)
+    Ok((commit, plan.bridges))
 }
 
 async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<String>) -> Result<Response, ApiError> {
@@ -653,14 +707,23 @@ async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<St
         defs.users.clear();
         defs.vhosts.clear();
         defs.permissions.clear();
+        defs.ferry_bridges.clear();
     }
     let (vhosts, users) = (defs.vhosts.len(), defs.users.len());
     let (queues, exchanges, bindings) = (defs.queues.len(), defs.exchanges.len(), defs.bindings.len());
     // Planning redeclares and applying hashes passwords: both off the async workers.
-    let commit =
+    let (commit, bridges) =
         crate::api::render(&state, move |shared| plan(shared, defs, vhost.as_deref()).and_then(|p| apply(shared, p)))
             .await??;
     committed(commit).await?;
+    for (name, table) in bridges {
+        state
+            .shared
+            .bridges
+            .put_bridge(&name, table)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("definitions imported in part: bridge '{name}': {e}")))?;
+    }
     committed(state.shared.broker.store().flush()).await?;
     tracing::info!(
         user = %caller.user,

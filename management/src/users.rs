@@ -287,9 +287,12 @@ async fn delete_user(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Whether a user called `name` exists (configured or made at run time).
-pub(crate) fn user_exists(state: &AppState, name: &str) -> bool {
-    state.shared.broker.auth().account(name).is_some()
+/// Whether permissions may name `name`: a user (configured or made at run time), or `guest`
+/// or `anonymous`, as `[[permissions]]` in the file may.
+pub(crate) fn may_hold_permissions(broker: &ferry_core::Broker, name: &str) -> bool {
+    broker.auth().account(name).is_some()
+        || name == ferry_core::auth::GUEST_USER
+        || name == ferry_core::auth::ANONYMOUS_USER
 }
 
 async fn put_permission(
@@ -303,7 +306,7 @@ async fn put_permission(
     broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let permission =
         parse_body::<PermissionBody>(&body_of(body)?)?.check(&vhost, &user).map_err(ApiError::bad_request)?;
-    if !user_exists(&state, &user) {
+    if !may_hold_permissions(broker, &user) {
         return Err(ApiError::bad_request(format!("no user '{user}'")));
     }
     if broker.permission_is_configured(&vhost, &user) {
