@@ -226,10 +226,27 @@ impl RuntimeBridges {
             .wait()
             .await
             .map_err(|e| ChangeError::Store(e.to_string()))?;
-        if replacing {
-            self.stop(name).await;
+        let old = if replacing { self.stop(name).await } else { None };
+        if let Err(e) = self.launch(&broker, &shutdown, config, table) {
+            // Put back what was there (in the store and running), so a failed change changes
+            // nothing.
+            let restored = match old {
+                Some(old) => {
+                    let bytes = Bytes::from(serde_json::to_vec(&old).unwrap_or_default());
+                    let _ = broker.put_setting(&format!("{SETTING_PREFIX}{name}"), Some(bytes)).wait().await;
+                    parse(name, old).and_then(|(c, t)| self.launch(&broker, &shutdown, c, t))
+                }
+                None => broker
+                    .put_setting(&format!("{SETTING_PREFIX}{name}"), None)
+                    .wait()
+                    .await
+                    .map_err(|e| ChangeError::Store(e.to_string())),
+            };
+            if let Err(r) = restored {
+                warn!("bridge {name}: the change failed ({e}) and what was there could not be put back: {r}");
+            }
+            return Err(e);
         }
-        self.launch(&broker, &shutdown, config, table)?;
         info!("bridge {name}: {} through the API", if replacing { "changed" } else { "added" });
         Ok(replacing)
     }
@@ -255,15 +272,16 @@ impl RuntimeBridges {
         Ok(())
     }
 
-    /// Stops run-time bridge `name` and waits for its tasks.
-    async fn stop(&self, name: &str) {
-        let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(name) else { return };
+    /// Stops run-time bridge `name`, waits for its tasks, and gives back its table.
+    async fn stop(&self, name: &str) -> Option<serde_json::Value> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(name)?;
         let _ = running.stop.send(true);
         for task in running.tasks {
             if let Err(e) = task.await {
                 warn!("bridge {name}: its task failed: {e}");
             }
         }
+        Some(running.table)
     }
 
     /// The tasks of every run-time bridge, to wait for at shutdown.
