@@ -116,34 +116,49 @@ pub(crate) fn unbind_stale(
 /// warning says how many) until a bridge or shovel of that name forwards them, or an operator
 /// deletes it.
 pub fn retire_orphans(broker: &ferry_core::Broker, configured: &[&str], now: Millis) {
-    let id = ConnectionId::next();
     for vhost_name in broker.vhost_names() {
         let Some(vhost) = broker.vhost(&vhost_name) else { continue };
         for queue_name in vhost.queue_names() {
             let text = queue_name.to_string_lossy();
             let Some(name) = text.strip_prefix(crate::config::QUEUE_PREFIX) else { continue };
-            if configured.contains(&name) {
-                continue;
-            }
-            let Some(queue) = vhost.queue(&text) else { continue };
-            let who = format!("{name} (no longer configured)");
-            let stats = queue.stats();
-            let outcome = if stats.ready == 0 && stats.unacked == 0 {
-                vhost.delete_queue(&queue_name, id, false, true, now).map(|_| {
-                    info!("bridge or shovel {who}: its empty queue {text} in vhost {vhost_name:?} deleted");
-                })
-            } else {
-                unbind_stale(&vhost, &queue, &ShortString::from(""), &[], &who, id).map(|()| {
-                    warn!(
-                        "bridge or shovel {who}: its queue {text} in vhost {vhost_name:?} holds {} messages; it takes \
-                         nothing new, and they wait there until a bridge or shovel named {name:?} is configured again",
-                        stats.ready
-                    );
-                })
-            };
-            if let Err(e) = outcome {
-                warn!("bridge or shovel {who}: queue {text} in vhost {vhost_name:?}: {e}");
+            if !configured.contains(&name) {
+                retire_queue(&vhost, name, now);
             }
         }
+    }
+}
+
+/// The backlog of bridge or shovel `name` (in any vhost), retired as [`retire_orphans`] does:
+/// when it is removed at run time.
+pub fn retire(broker: &ferry_core::Broker, name: &str, now: Millis) {
+    for vhost_name in broker.vhost_names() {
+        if let Some(vhost) = broker.vhost(&vhost_name) {
+            retire_queue(&vhost, name, now);
+        }
+    }
+}
+
+fn retire_queue(vhost: &VHost, name: &str, now: Millis) {
+    let id = ConnectionId::next();
+    let vhost_name = vhost.name();
+    let text = format!("{}{name}", crate::config::QUEUE_PREFIX);
+    let Some(queue) = vhost.queue(&text) else { return };
+    let who = format!("{name} (no longer configured)");
+    let stats = queue.stats();
+    let outcome = if stats.ready == 0 && stats.unacked == 0 {
+        vhost.delete_queue(queue.name(), id, false, true, now).map(|_| {
+            info!("bridge or shovel {who}: its empty queue {text} in vhost {vhost_name:?} deleted");
+        })
+    } else {
+        unbind_stale(vhost, &queue, &ShortString::from(""), &[], &who, id).map(|()| {
+            warn!(
+                "bridge or shovel {who}: its queue {text} in vhost {vhost_name:?} holds {} messages; it takes \
+                 nothing new, and they wait there until a bridge or shovel named {name:?} is configured again",
+                stats.ready
+            );
+        })
+    };
+    if let Err(e) = outcome {
+        warn!("bridge or shovel {who}: queue {text} in vhost {vhost_name:?}: {e}");
     }
 }

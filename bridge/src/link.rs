@@ -114,7 +114,7 @@ pub(crate) struct Link {
     /// go without it.
     pub private_refused: std::sync::atomic::AtomicBool,
     /// The QoS 2 ids received and not yet released when Ferry last stopped (`qos2_ids`), taken
-    /// by the link's task when it starts.
+    /// by the link's task when it starts; given back when it stops.
     pub recovered_qos2: std::sync::Mutex<HashSet<u16>>,
 }
 
@@ -366,6 +366,8 @@ impl Link {
             // Unacked messages (pending or in flight) go back to the queue, in order.
             vhost.cancel(queue, *consumer, now_millis());
         }
+        // For whoever stops the bridge for good (a run-time bridge removed or changed).
+        *self.recovered_qos2.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut carry.incoming_qos2);
         self.state.set(LinkState::Stopped, None);
     }
 

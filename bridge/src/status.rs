@@ -36,6 +36,8 @@ pub struct BridgeStatus {
     /// The remote's `host:port`, as configured.
     pub remote: String,
     pub state: LinkState,
+    /// When it entered that state (ms since the epoch).
+    pub since: u64,
     /// Why the link last went down or a connect failed; cleared when it comes up (a refused
     /// subscription sets it while up).
     pub last_error: Option<String>,
@@ -99,18 +101,22 @@ impl Counters {
     }
 }
 
-/// The state and last error, in a watch channel so that a caller can wait for a change.
+/// The state and last error, in a watch channel so that a caller can wait for a change, and
+/// when the state last changed (ms since the epoch).
 #[derive(Debug)]
-pub(crate) struct StateCell(watch::Sender<(LinkState, Option<String>)>);
+pub(crate) struct StateCell(watch::Sender<(LinkState, Option<String>)>, AtomicU64);
 
 impl StateCell {
     pub fn new() -> StateCell {
-        StateCell(watch::Sender::new((LinkState::Connecting, None)))
+        StateCell(watch::Sender::new((LinkState::Connecting, None)), AtomicU64::new(ferry_core::message::now_millis()))
     }
 
     /// Sets the state; an error replaces the last one, `None` keeps it unless the link is up.
     pub fn set(&self, state: LinkState, error: Option<String>) {
         self.0.send_modify(|g| {
+            if g.0 != state {
+                self.1.store(ferry_core::message::now_millis(), Ordering::Relaxed);
+            }
             g.0 = state;
             if error.is_some() || state == LinkState::Up {
                 g.1 = error;
@@ -124,6 +130,11 @@ impl StateCell {
 
     pub fn get(&self) -> (LinkState, Option<String>) {
         self.0.borrow().clone()
+    }
+
+    /// When the state last changed (ms since the epoch).
+    pub fn since(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<(LinkState, Option<String>)> {
@@ -146,6 +157,7 @@ pub(crate) fn snapshot(
         name: name.to_string(),
         remote,
         state,
+        since: cell.since(),
         last_error,
         queued: u64::from(stats.ready),
         queued_bytes: stats.ready_bytes,

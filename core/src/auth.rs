@@ -198,6 +198,23 @@ impl PasswordHash {
             .to_string()
     }
 
+    /// The hash as [`PasswordHash::parse`] reads it back (the form a configuration file and a
+    /// definitions export carry).
+    pub fn to_stored(&self) -> String {
+        match self {
+            PasswordHash::Argon2id(phc) => phc.clone(),
+            PasswordHash::Pbkdf2Sha512 { iterations, salt, hash } => {
+                format!("$7${iterations}${}${}", BASE64.encode(salt), BASE64.encode(hash))
+            }
+            PasswordHash::RabbitSha256 { salt, hash } => {
+                format!("{RABBITMQ_SHA256_PREFIX}{}", BASE64.encode([&salt[..], hash].concat()))
+            }
+            PasswordHash::RabbitSha512 { salt, hash } => {
+                format!("{RABBITMQ_SHA512_PREFIX}{}", BASE64.encode([&salt[..], hash].concat()))
+            }
+        }
+    }
+
     /// The format's name, for logs and `Debug`: `argon2id`, `mosquitto-pbkdf2-sha512`,
     /// `rabbitmq-sha256`, `rabbitmq-sha512`.
     pub fn scheme(&self) -> &'static str {
@@ -326,7 +343,7 @@ pub struct Account {
 /// An argon2id hash of a password nobody knows, with the parameters of
 /// [`PasswordHash::argon2id`]: what a login with an unknown user name is checked against, so that
 /// it costs what a wrong password costs.
-const DUMMY_ARGON2ID: &str =
+pub(crate) const DUMMY_ARGON2ID: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$p9SK88tHuRI5dj6IHt1Chg$WtT9rdVBFc6k9P0PWYnog5e4rswn0e8JBhutj9TUqco";
 
 fn dummy_hash() -> &'static PasswordHash {
@@ -336,8 +353,14 @@ fn dummy_hash() -> &'static PasswordHash {
 
 /// Checks logins. Users can be replaced at run time (reload): logins in progress finish with the
 /// users they started with.
+///
+/// Users come in two layers: the configuration's (`[[users]]`, replaced whole by a reload) and
+/// the run-time ones (made through the management API, persisted by the broker,
+/// [`crate::runtime`]). Logins see both merged; on a name in both, the configuration's wins.
 pub struct Authenticator {
     users: ArcSwap<HashMap<String, Account>>,
+    /// The two layers the merged `users` is made from: (configured, run-time).
+    layers: std::sync::Mutex<(Vec<User>, Vec<User>)>,
     /// The checking threads, started with the first login that needs one.
     pool: OnceLock<pool::Pool>,
     workers: usize,
@@ -380,7 +403,8 @@ impl Authenticator {
 
     fn with_limits(users: Vec<User>, concurrent: usize, waiting: usize) -> Authenticator {
         Authenticator {
-            users: ArcSwap::from_pointee(index(users)),
+            users: ArcSwap::from_pointee(index(users.clone())),
+            layers: std::sync::Mutex::new((users, Vec::new())),
             pool: OnceLock::new(),
             workers: concurrent,
             admitted: Arc::new(AtomicUsize::new(0)),
@@ -389,9 +413,43 @@ impl Authenticator {
         }
     }
 
-    /// Replaces every user at once (a reload). Of two users with one name the last one counts.
+    /// Replaces every configured user at once (a reload). Of two users with one name the last
+    /// one counts. Run-time users stay.
     pub fn replace_users(&self, users: Vec<User>) {
-        self.users.store(Arc::new(index(users)));
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        layers.0 = users;
+        self.install(&layers);
+    }
+
+    /// Replaces the run-time users (those the management API made).
+    pub fn replace_runtime_users(&self, users: Vec<User>) {
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        layers.1 = users;
+        self.install(&layers);
+    }
+
+    /// Whether the configuration names a user `name` (the API may not change it).
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.layers.lock().unwrap_or_else(|e| e.into_inner()).0.iter().any(|u| u.name == name)
+    }
+
+    /// Every user in force (configured, then run-time ones the configuration does not shadow),
+    /// with whether it is configured, sorted by name.
+    pub fn users(&self) -> Vec<(User, bool)> {
+        let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_name: std::collections::BTreeMap<&str, (User, bool)> = std::collections::BTreeMap::new();
+        for u in &layers.1 {
+            by_name.insert(&u.name, (u.clone(), false));
+        }
+        for u in &layers.0 {
+            by_name.insert(&u.name, (u.clone(), true));
+        }
+        by_name.into_values().collect()
+    }
+
+    fn install(&self, layers: &(Vec<User>, Vec<User>)) {
+        // Run-time users first, so that a configured user of the same name replaces its entry.
+        self.users.store(Arc::new(index(layers.1.iter().chain(&layers.0).cloned().collect())));
     }
 
     pub fn user_count(&self) -> usize {
@@ -663,6 +721,31 @@ mod tests {
         auth.replace_users(vec![user("guest", "s3cret")]);
         assert_eq!(auth.login(&loopback, addr(), Some("guest"), Some(b"guest")).await, Err(AuthError::BadCredentials));
         assert!(auth.login(&loopback, addr(), Some("guest"), Some(b"s3cret")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn run_time_users_survive_a_reload_and_the_configured_one_wins_a_clash() {
+        let auth = Authenticator::new(vec![user("cfg", "one")]);
+        auth.replace_runtime_users(vec![user("rt", "two"), user("cfg", "other")]);
+        assert!(auth.login(&CLOSED, addr(), Some("rt"), Some(b"two")).await.is_ok());
+        assert!(auth.login(&CLOSED, addr(), Some("cfg"), Some(b"one")).await.is_ok());
+        assert_eq!(auth.login(&CLOSED, addr(), Some("cfg"), Some(b"other")).await, Err(AuthError::BadCredentials));
+        assert!(auth.is_configured("cfg") && !auth.is_configured("rt"));
+        let listed: Vec<(String, bool)> = auth.users().into_iter().map(|(u, c)| (u.name, c)).collect();
+        assert_eq!(listed, vec![("cfg".to_string(), true), ("rt".to_string(), false)]);
+        // A reload replaces the configured layer only.
+        auth.replace_users(Vec::new());
+        assert!(auth.login(&CLOSED, addr(), Some("rt"), Some(b"two")).await.is_ok());
+        assert!(auth.login(&CLOSED, addr(), Some("cfg"), Some(b"other")).await.is_ok(), "unshadowed now");
+        auth.replace_runtime_users(Vec::new());
+        assert_eq!(auth.login(&CLOSED, addr(), Some("rt"), Some(b"two")).await, Err(AuthError::BadCredentials));
+    }
+
+    #[test]
+    fn every_hash_format_is_stored_as_it_parses() {
+        for s in [DUMMY_ARGON2ID, MOSQUITTO, RABBIT_SHA256, RABBIT_SHA512] {
+            assert_eq!(PasswordHash::parse(s).unwrap().to_stored(), s);
+        }
     }
 
     /// On the current-thread runtime every spawned login is first polled (and so admitted or

@@ -6,16 +6,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, User};
 use crate::connections::Connections;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
-use crate::permissions::AccessPolicy;
+use crate::permissions::{AccessPolicy, VhostPermissions};
 use crate::policy::QueueUse;
+use crate::runtime::RuntimeDefinitions;
 use crate::size::ByteSize;
-use crate::store::{SessionRecord, Store, StoreError, StoreOp};
+use crate::store::{Commit, SessionRecord, Store, StoreError, StoreOp};
 use crate::timer::Timer;
 use crate::vhost::VHost;
 
@@ -190,6 +192,12 @@ pub struct Broker {
     access: Arc<arc_swap::ArcSwap<AccessPolicy>>,
     /// Bumped after each swap of `access` (see `VHost::with_access`).
     access_epoch: Arc<AtomicU64>,
+    /// The policy the server set (the configuration's), before the run-time permissions are
+    /// merged in.
+    configured_access: std::sync::Mutex<AccessPolicy>,
+    /// Users, permissions and other definitions made at run time ([`crate::runtime`]).
+    /// Lock order: this, then `configured_access`, then the authenticator's layers.
+    runtime: std::sync::Mutex<RuntimeDefinitions>,
     /// Queue deadlines of every vhost (see [`crate::timer`]).
     timer: Arc<Timer>,
     /// Every live connection (see [`crate::connections`]).
@@ -209,6 +217,8 @@ impl Broker {
             auth: Authenticator::default(),
             access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
             access_epoch: Arc::new(AtomicU64::new(0)),
+            configured_access: Default::default(),
+            runtime: Default::default(),
             timer: Arc::new(Timer::new()),
             connections: Connections::new(),
         };
@@ -237,9 +247,12 @@ impl Broker {
             auth: Authenticator::default(),
             access: Arc::new(arc_swap::ArcSwap::from_pointee(AccessPolicy::default())),
             access_epoch: Arc::new(AtomicU64::new(0)),
+            configured_access: Default::default(),
+            runtime: std::sync::Mutex::new(RuntimeDefinitions::restore(std::mem::take(&mut snapshot.settings))),
             timer: Arc::new(Timer::new()),
             connections: Connections::new(),
         };
+        b.install_runtime(&b.runtime());
         b.add_vhost(DEFAULT_VHOST);
         for v in &snapshot.vhosts {
             b.add_vhost(v);
@@ -336,10 +349,128 @@ impl Broker {
     }
 
     /// Replaces the authorization policy (at start-up and on a reload), with the frontends'
-    /// [`TopicPolicy`](crate::policy::TopicPolicy) in it.
+    /// [`TopicPolicy`](crate::policy::TopicPolicy) in it. The run-time permissions
+    /// ([`Broker::put_runtime`]) are merged in; on a (user, vhost) both name, the policy's
+    /// entry wins.
     pub fn set_access(&self, policy: AccessPolicy) {
+        let runtime = self.runtime();
+        *self.configured_access.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+        self.install_runtime(&runtime);
+    }
+
+    // ----- run-time definitions ([`crate::runtime`]) -------------------------------------------
+
+    fn runtime(&self) -> std::sync::MutexGuard<'_, RuntimeDefinitions> {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the run-time layer to the authenticator and merges its permissions into the
+    /// configured policy. Called with the run-time lock held, so installs happen in the order
+    /// of the changes.
+    fn install_runtime(&self, runtime: &RuntimeDefinitions) {
+        self.auth.replace_runtime_users(runtime.users.values().cloned().collect());
+        let mut policy = self.configured_access.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let extra: Vec<VhostPermissions> = runtime
+            .permissions
+            .values()
+            .filter(|p| !policy.permissions.iter().any(|c| c.user == p.user && c.vhost == p.vhost))
+            .cloned()
+            .collect();
+        policy.permissions.extend(extra);
         self.access.store(Arc::new(policy));
         self.access_epoch.fetch_add(1, Ordering::Release);
+    }
+
+    /// The run-time users, by name.
+    pub fn runtime_users(&self) -> Vec<User> {
+        self.runtime().users.values().cloned().collect()
+    }
+
+    /// The run-time permissions, by vhost and user.
+    pub fn runtime_permissions(&self) -> Vec<VhostPermissions> {
+        self.runtime().permissions.values().cloned().collect()
+    }
+
+    /// Whether the configuration gives `user` a permission entry on `vhost`.
+    pub fn permission_is_configured(&self, vhost: &str, user: &str) -> bool {
+        let policy = self.configured_access.lock().unwrap_or_else(|e| e.into_inner());
+        policy.permissions.iter().any(|p| p.user == user && p.vhost == vhost)
+    }
+
+    /// Adds or replaces run-time users and permissions, in force at once and durable when the
+    /// returned commit resolves (one store batch).
+    pub fn put_runtime(&self, users: Vec<User>, permissions: Vec<VhostPermissions>) -> Commit {
+        let mut runtime = self.runtime();
+        let mut ops = Vec::with_capacity(users.len() + permissions.len());
+        for u in users {
+            ops.push(StoreOp::PutSetting {
+                key: crate::runtime::user_key(&u.name),
+                value: crate::runtime::encode_user(&u),
+            });
+            runtime.users.insert(u.name.clone(), u);
+        }
+        for p in permissions {
+            ops.push(StoreOp::PutSetting {
+                key: crate::runtime::permission_key(&p.vhost, &p.user),
+                value: crate::runtime::encode_permission(&p),
+            });
+            runtime.permissions.insert((p.vhost.clone(), p.user.clone()), p);
+        }
+        self.install_runtime(&runtime);
+        self.store.submit(ops)
+    }
+
+    /// Deletes a run-time user and its run-time permissions (as RabbitMQ deletes a user's
+    /// permissions with it). `None`: there is no such run-time user.
+    pub fn delete_runtime_user(&self, name: &str) -> Option<Commit> {
+        let mut runtime = self.runtime();
+        runtime.users.remove(name)?;
+        let mut ops = vec![StoreOp::DeleteSetting { key: crate::runtime::user_key(name) }];
+        let gone: Vec<(String, String)> = runtime.permissions.keys().filter(|(_, u)| u == name).cloned().collect();
+        for (vhost, user) in gone {
+            ops.push(StoreOp::DeleteSetting { key: crate::runtime::permission_key(&vhost, &user) });
+            runtime.permissions.remove(&(vhost, user));
+        }
+        self.install_runtime(&runtime);
+        Some(self.store.submit(ops))
+    }
+
+    /// Deletes a run-time permission. `None`: there is no such run-time permission.
+    pub fn delete_runtime_permission(&self, vhost: &str, user: &str) -> Option<Commit> {
+        let mut runtime = self.runtime();
+        runtime.permissions.remove(&(vhost.to_string(), user.to_string()))?;
+        self.install_runtime(&runtime);
+        Some(self.store.submit(vec![StoreOp::DeleteSetting { key: crate::runtime::permission_key(vhost, user) }]))
+    }
+
+    /// Other services' run-time definitions whose key starts with `prefix`, by key.
+    pub fn settings(&self, prefix: &str) -> Vec<(String, Bytes)> {
+        self.runtime()
+            .settings
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Stores (`Some`) or deletes (`None`) another service's run-time definition under `key`
+    /// (which must not start with the prefixes of [`crate::runtime`]).
+    pub fn put_setting(&self, key: &str, value: Option<Bytes>) -> Commit {
+        debug_assert!(
+            !key.starts_with(crate::runtime::USER_PREFIX) && !key.starts_with(crate::runtime::PERMISSION_PREFIX)
+        );
+        let mut runtime = self.runtime();
+        let op = match value {
+            Some(value) => {
+                runtime.settings.insert(key.to_string(), value.clone());
+                StoreOp::PutSetting { key: key.to_string(), value }
+            }
+            None => {
+                runtime.settings.remove(key);
+                StoreOp::DeleteSetting { key: key.to_string() }
+            }
+        };
+        self.store.submit(vec![op])
     }
 
     /// Why another protocol's client may not `what` the queue `name` of `vhost`: it is one a

@@ -27,6 +27,8 @@
 //! - [`auth`]: users, password hashes (argon2id; Mosquitto and RabbitMQ formats for migration)
 //!   and the bounded, off-the-workers login check every frontend calls.
 //! - [`cert_login`]: the user name a verified client certificate stands for.
+//! - [`runtime`]: users and permissions made at run time (the management API), persisted as
+//!   store settings and merged under the configuration's.
 //! - [`permissions`]: RabbitMQ's vhost and topic permissions and the per-connection
 //!   [`Grant`](permissions::Grant) the frontends check operations against.
 //! - [`policy`]: the [`TopicPolicy`](policy::TopicPolicy) trait, a frontend's rules over its
@@ -64,6 +66,7 @@ pub mod policy;
 pub mod queue;
 pub mod rate;
 pub mod retained;
+pub mod runtime;
 pub mod signal;
 pub mod sink;
 pub mod size;

@@ -14,6 +14,8 @@
 //! - [`mqtt`]: [`TestServer::mqtt`] (the real MQTT frontend), rumqttc 3.1.1 / 5.0 clients driven
 //!   from their own tasks, and a raw client for malformed input.
 //! - [`amqp`]: [`TestServer::amqp`], lapin and amqprs connections, and a raw AMQP client.
+//! - [`rabbitmq`]: a real RabbitMQ started once per test binary (shovels, definitions), or
+//!   `None` where it is not installed.
 //! - [`cross`]: [`TestServer::both`] (one MQTT and one AMQP listener on one broker) and the
 //!   lapin / rumqttc 5 helpers the cross-protocol tests share.
 //! - [`management`]: a server with an HTTP listener and a user of each RabbitMQ tag, and the
@@ -35,6 +37,7 @@ pub mod cross;
 pub mod management;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod rabbitmq;
 
 /// How long any single awaited event may take before a test fails (generous: debug builds on a
 /// shared machine).

@@ -5,13 +5,12 @@
 //! header, and two Ferrys shovelling both ways without a loop.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use ferry_bridge::{BridgeStatus, LinkState};
 use ferry_integration_tests::mqtt::{text, v311};
+use ferry_integration_tests::rabbitmq::rabbit;
 use ferry_integration_tests::{within, TestServer};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -20,11 +19,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::OnceCell;
 
 const Q1: rumqttc::QoS = rumqttc::QoS::AtLeastOnce;
-const RABBITMQ: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
 fn frontends() -> Vec<Arc<dyn ferry_core::frontend::Frontend>> {
     vec![Arc::new(ferry_mqtt::MqttFrontend::default()), Arc::new(ferry_amqp::AmqpFrontend::default())]
@@ -38,118 +34,6 @@ fn free_port() -> u16 {
 fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-// ----- RabbitMQ ------------------------------------------------------------------------------
-
-/// The RabbitMQ of this test binary. It runs under a small shell that holds the read end of a
-/// pipe whose write end only this process has: when the test process exits (however it ends)
-/// the shell reads EOF, stops RabbitMQ's whole process group and removes its directory, so no
-/// beam process outlives `cargo test`.
-struct Rabbit {
-    port: u16,
-    /// Its HOME (the Erlang cookie), for rabbitmqctl.
-    dir: std::path::PathBuf,
-    _guard: std::process::ChildStdin,
-}
-
-static RABBIT: OnceCell<Option<Rabbit>> = OnceCell::const_new();
-
-/// The shared RabbitMQ, started on first use; `None` (SKIPPED printed) when not installed.
-async fn rabbit() -> Option<&'static Rabbit> {
-    RABBIT.get_or_init(start_rabbit).await.as_ref()
-}
-
-async fn start_rabbit() -> Option<Rabbit> {
-    if !Path::new(RABBITMQ).exists() {
-        eprintln!("SKIPPED: {RABBITMQ} is not installed; `apt-get install -y rabbitmq-server` runs this test");
-        return None;
-    }
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    let (port, dist) = (free_port(), free_port());
-    std::fs::write(dir.join(".erlang.cookie"), "FERRYSHOVELTESTCOOKIE").expect("cookie");
-    let mut perms = std::fs::metadata(dir.join(".erlang.cookie")).expect("cookie").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o400);
-    std::fs::set_permissions(dir.join(".erlang.cookie"), perms).expect("cookie mode");
-    std::fs::write(dir.join("rabbitmq.conf"), "disk_free_limit.absolute = 1MB\nloopback_users = none\n")
-        .expect("rabbitmq.conf");
-    std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
-    // RabbitMQ starts in the background of the shell; `read` waits for this process to end.
-    let script = format!(
-        "{RABBITMQ} </dev/null >\"$D/rabbitmq.log\" 2>&1 & pid=$!\n\
-         trap '' TERM\n\
-         read _\n\
-         kill -TERM 0\n\
-         wait $pid\n\
-         rm -rf \"$D\"\n"
-    );
-    let mut cmd = std::process::Command::new("sh");
-    cmd.arg("-c").arg(script);
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let d = dir.display().to_string();
-    cmd.env("D", &d)
-        .env("HOME", &d)
-        .env("RABBITMQ_NODENAME", format!("ferrytest{port}@localhost"))
-        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_NODE_PORT", port.to_string())
-        .env("RABBITMQ_DIST_PORT", dist.to_string())
-        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-        .env("RABBITMQ_LOG_BASE", dir.join("log"))
-        .env("RABBITMQ_LOGS", "-")
-        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
-        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn sh for rabbitmq-server");
-    let guard = child.stdin.take().expect("stdin pipe");
-    // Ready when it answers the protocol header with connection.start (startup takes seconds).
-    let ready = async {
-        loop {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                let _ = s.write_all(b"AMQP\x00\x00\x09\x01").await;
-                let mut b = [0u8; 1];
-                if matches!(s.read(&mut b).await, Ok(1)) && b[0] == 1 {
-                    return;
-                }
-            }
-            assert!(child.try_wait().expect("wait").is_none(), "rabbitmq-server exited; see {d}/rabbitmq.log");
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(60), ready)
-        .await
-        .unwrap_or_else(|_| panic!("RabbitMQ not up within 60 s; see {}/rabbitmq.log", dir.display()));
-    Some(Rabbit { port, dir, _guard: guard })
-}
-
-impl Rabbit {
-    /// Runs `rabbitmqctl` against this node.
-    fn ctl(&self, args: &[&str]) {
-        let out = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
-            .arg("-n")
-            .arg(format!("ferrytest{}@localhost", self.port))
-            .args(args)
-            .env("HOME", &self.dir)
-            .output()
-            .expect("rabbitmqctl");
-        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn uri(&self) -> String {
-        format!("amqp://127.0.0.1:{}/%2f", self.port)
-    }
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-    async fn channel(&self) -> (Connection, Channel) {
-        let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port);
-        let conn = within("lapin to RabbitMQ", Connection::connect(&uri, ConnectionProperties::default()))
-            .await
-            .expect("lapin connects to RabbitMQ");
-        let ch = within("channel", conn.create_channel()).await.expect("channel");
-        (conn, ch)
-    }
 }
 
 // ----- helpers -------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ pub(crate) fn router(shared: Arc<Shared>, settings: &HttpSettings) -> Router {
         .route("/api/health/checks/local-alarms", get(alarms))
         .merge(crate::dashboard::routes())
         .merge(crate::objects::routes())
+        .merge(crate::definitions::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -14,6 +14,10 @@
 //! - `rates`: samples the counters the core keeps in place (vhost, queue and connection
 //!   counters) every few seconds, so message rates need no stats database.
 //! - `metrics`: the Prometheus text exposition, under Ferry's names or RabbitMQ's.
+//! - `users`: users and permissions made at run time (`PUT|DELETE /api/users/…`,
+//!   `/api/permissions/…`), the broker's run-time layer; `definitions`: RabbitMQ's definitions
+//!   export and import (`/api/definitions`); `bridges`: the bridges' and shovels' status
+//!   (`/api/bridges`, `/api/shovels`).
 //! - `api`: the JSON endpoints, in RabbitMQ's shapes; `query` holds what lists share
 //!   (`columns`, `sort`, `page`, `name` + `use_regex`); `error` the JSON errors. Beside it:
 //!   `objects` (channels, consumers, users, permissions), `topology` (declaring and deleting
@@ -39,7 +43,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 mod api;
+mod bridges;
 mod dashboard;
+mod definitions;
 mod error;
 mod http;
 mod login;
@@ -50,6 +56,7 @@ mod objects;
 mod query;
 mod rates;
 mod topology;
+mod users;
 
 /// The RabbitMQ management API version whose shapes Ferry's answers follow (checked against
 /// the rabbitmq-server 3.10.8 package's `api/index.html` and `rabbitmqadmin`).

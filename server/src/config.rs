@@ -543,14 +543,7 @@ struct RawConfig {
     shovels: Vec<RawShovel>,
 }
 
-/// A bridge's or shovel's `overflow` value.
-fn overflow(value: &str) -> Option<ferry_bridge::Overflow> {
-    match value {
-        "drop-oldest" => Some(ferry_bridge::Overflow::DropOldest),
-        "block" => Some(ferry_bridge::Overflow::Block),
-        _ => None,
-    }
-}
+use ferry_bridge::spec::{overflow, remote_password, remote_tls, RawBridge, RawBridgeTls};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -579,55 +572,6 @@ struct RawShovel {
     reconnect_initial_ms: Option<u64>,
     reconnect_max_ms: Option<u64>,
     connect_timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBridge {
-    name: String,
-    address: String,
-    tls: Option<RawBridgeTls>,
-    protocol_version: Option<String>,
-    client_id: Option<String>,
-    username: Option<String>,
-    password_file: Option<PathBuf>,
-    password_env: Option<String>,
-    keep_alive: Option<u16>,
-    clean_session: Option<bool>,
-    try_private: Option<bool>,
-    vhost: Option<String>,
-    exchange: Option<String>,
-    #[serde(default)]
-    topics: Vec<RawTopicRule>,
-    max_hops: Option<u32>,
-    max_queued_messages: Option<u32>,
-    max_queued_bytes: Option<u64>,
-    overflow: Option<String>,
-    max_inflight: Option<u16>,
-    reconnect_initial_ms: Option<u64>,
-    reconnect_max_ms: Option<u64>,
-    connect_timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBridgeTls {
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    server_name: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTopicRule {
-    pattern: String,
-    direction: String,
-    qos: Option<u8>,
-    #[serde(default)]
-    local_prefix: String,
-    #[serde(default)]
-    remote_prefix: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -764,6 +708,18 @@ struct Validator<'a> {
     problems: RefCell<Vec<Problem>>,
 }
 
+impl ferry_bridge::spec::Checker for Validator<'_> {
+    fn report_problem(&self, key: String, reason: String) {
+        self.report(key, reason);
+    }
+    fn path(&self, key: &str, p: PathBuf) -> Option<PathBuf> {
+        self.check(self.resolve(key, p))
+    }
+    fn vhost(&self, key: String, vhost: Option<String>) -> Option<String> {
+        Validator::vhost(self, key, vhost)
+    }
+}
+
 impl Validator<'_> {
     fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> Problem {
         Problem { key: key.into(), reason: reason.into() }
@@ -784,60 +740,6 @@ impl Validator<'_> {
             return Err(self.invalid(key, "must not be empty"));
         }
         Ok(if p.is_absolute() { p } else { self.base.join(p) })
-    }
-
-    /// A bridge's or shovel's password source: a file or an environment variable, not both.
-    fn remote_password(
-        &self,
-        key: &dyn Fn(&str) -> String,
-        file: Option<PathBuf>,
-        env: Option<String>,
-    ) -> Option<ferry_bridge::PasswordSource> {
-        match (file, env) {
-            (Some(_), Some(_)) => {
-                self.report(key("password_file"), "give password_file or password_env, not both");
-                None
-            }
-            (Some(file), None) => {
-                self.check(self.resolve(&key("password_file"), file)).map(ferry_bridge::PasswordSource::File)
-            }
-            (None, Some(var)) if var.is_empty() => {
-                self.report(key("password_env"), "must not be empty");
-                None
-            }
-            (None, Some(var)) => Some(ferry_bridge::PasswordSource::Env(var)),
-            (None, None) => None,
-        }
-    }
-
-    /// A bridge's or shovel's `tls` table. No `ca`: the system's trusted CAs; a `ca` that does
-    /// not resolve is reported (and leaves TLS unconfigured).
-    fn remote_tls(&self, key: &dyn Fn(&str) -> String, t: RawBridgeTls) -> Option<ferry_bridge::BridgeTls> {
-        let ca = t.ca.map(|ca| self.check(self.resolve(&key("tls.ca"), ca)));
-        let client_cert = match (t.cert, t.key) {
-            (None, None) => None,
-            (Some(cert), Some(k)) => {
-                let cert = self.check(self.resolve(&key("tls.cert"), cert));
-                let k = self.check(self.resolve(&key("tls.key"), k));
-                cert.zip(k)
-            }
-            (Some(_), None) => {
-                self.report(key("tls.key"), "a client certificate needs its key");
-                None
-            }
-            (None, Some(_)) => {
-                self.report(key("tls.cert"), "a key needs its client certificate");
-                None
-            }
-        };
-        if t.server_name.as_deref() == Some("") {
-            self.report(key("tls.server_name"), "must not be empty");
-        }
-        match ca {
-            Some(None) => None,
-            Some(Some(ca)) => Some(ferry_bridge::BridgeTls { ca: Some(ca), client_cert, server_name: t.server_name }),
-            None => Some(ferry_bridge::BridgeTls { ca: None, client_cert, server_name: t.server_name }),
-        }
     }
 
     /// The configuration, with what was refused left at its default (a listener without the
@@ -1034,7 +936,7 @@ impl Validator<'_> {
             if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
                 s.vhost = v;
             }
-            s.password = self.remote_password(&key, raw.password_file, raw.password_env);
+            s.password = remote_password(self, &key, raw.password_file, raw.password_env);
             // RabbitMQ's URI carries TLS files in its query; Ferry's `tls` table is the other way
             // to say them, not both.
             let q = s.remote.query.clone();
@@ -1053,7 +955,7 @@ impl Validator<'_> {
                 (t, u) => t.or(u),
             };
             match (raw_tls, s.remote.tls) {
-                (Some(t), true) => s.tls = self.remote_tls(&key, t),
+                (Some(t), true) => s.tls = remote_tls(self, &key, t),
                 (Some(_), false) => self.report(key("tls"), "is for an amqps:// remote; this one is amqp://"),
                 // amqps:// without a table: the system's trusted CAs, no client certificate.
                 (None, true) => {
@@ -1107,147 +1009,18 @@ impl Validator<'_> {
         out
     }
 
-    /// The `[[bridges]]` tables; a refused bridge is left out.
+    /// The `[[bridges]]` tables (checked by `ferry_bridge::spec`, as the management API's);
+    /// a refused bridge is left out.
     fn bridges(&self, raw: Vec<RawBridge>) -> Vec<ferry_bridge::BridgeConfig> {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (index, raw) in raw.into_iter().enumerate() {
             let before = self.problems.borrow().len();
             let key = |k: &str| format!("bridges[{index}].{k}");
-            let name_ok = !raw.name.is_empty()
-                && raw.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-            if !name_ok {
-                self.report(key("name"), "must be non-empty letters, digits, '-', '_' or '.'");
-            } else if let Some(first) = names.insert(raw.name.clone(), index) {
+            if let Some(first) = names.insert(raw.name.clone(), index) {
                 self.report(key("name"), format!("{:?} is already bridges[{first}]", raw.name));
             }
-            let mut b = ferry_bridge::BridgeConfig::new(&raw.name, &raw.address);
-            match raw.address.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-                _ => self.report(key("address"), format!("{:?} is not host:port", raw.address)),
-            }
-            match raw.protocol_version.as_deref() {
-                None | Some("5") | Some("5.0") => b.version = ferry_mqtt::codec::ProtocolVersion::V5,
-                Some("3.1.1") => b.version = ferry_mqtt::codec::ProtocolVersion::V311,
-                Some(other) => {
-                    self.report(key("protocol_version"), format!("{other:?}: expected \"5.0\" or \"3.1.1\""))
-                }
-            }
-            if let Some(id) = raw.client_id {
-                if id.is_empty() || id.len() > 65_535 {
-                    self.report(key("client_id"), "must not be empty");
-                }
-                b.client_id = id;
-            }
-            if let Some(t) = raw.tls {
-                b.tls = self.remote_tls(&key, t);
-            }
-            b.username = raw.username;
-            b.password = self.remote_password(&key, raw.password_file, raw.password_env);
-            if b.password.is_some() && b.username.is_none() && !b.version.is_v5() {
-                self.report(key("username"), "MQTT 3.1.1 sends a password only with a user name");
-            }
-            if let Some(k) = raw.keep_alive {
-                b.keep_alive = k;
-            }
-            if let Some(c) = raw.clean_session {
-                b.clean_session = c;
-            }
-            if let Some(t) = raw.try_private {
-                b.try_private = t;
-            }
-            if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
-                b.vhost = v;
-            }
-            if let Some(x) = raw.exchange {
-                if x.is_empty() {
-                    self.report(key("exchange"), "must not be empty");
-                }
-                b.exchange = x;
-            }
-            if raw.topics.is_empty() {
-                self.report(key("topics"), "at least one topic rule is required");
-            }
-            for (t, rule) in raw.topics.into_iter().enumerate() {
-                let tkey = |k: &str| format!("bridges[{index}].topics[{t}].{k}");
-                let direction = match rule.direction.as_str() {
-                    "out" => ferry_bridge::Direction::Out,
-                    "in" => ferry_bridge::Direction::In,
-                    "both" => ferry_bridge::Direction::Both,
-                    other => {
-                        self.report(tkey("direction"), format!("{other:?}: expected \"out\", \"in\" or \"both\""));
-                        continue;
-                    }
-                };
-                let Some(qos) = ferry_mqtt::codec::QoS::from_u8(rule.qos.unwrap_or(1)) else {
-                    self.report(tkey("qos"), "must be 0, 1 or 2");
-                    continue;
-                };
-                for (k, prefix) in [("local_prefix", &rule.local_prefix), ("remote_prefix", &rule.remote_prefix)] {
-                    if prefix.contains(['+', '#']) {
-                        self.report(tkey(k), "must not contain wildcards");
-                    }
-                }
-                for text in [
-                    format!("{}{}", rule.local_prefix, rule.pattern),
-                    format!("{}{}", rule.remote_prefix, rule.pattern),
-                ] {
-                    if let Err(e) = ferry_mqtt::topic::check_filter(&text) {
-                        self.report(tkey("pattern"), format!("{text:?}: {e}"));
-                    } else if text.starts_with("$share/") {
-                        self.report(tkey("pattern"), format!("{text:?}: shared subscriptions cannot be bridged"));
-                    }
-                }
-                b.topics.push(ferry_bridge::TopicRule {
-                    pattern: rule.pattern,
-                    direction,
-                    qos,
-                    local_prefix: rule.local_prefix,
-                    remote_prefix: rule.remote_prefix,
-                });
-            }
-            if let Some(h) = raw.max_hops {
-                if h == 0 {
-                    self.report(key("max_hops"), "must be at least 1 (0 would forward nothing)");
-                }
-                b.max_hops = h;
-            }
-            if let Some(m) = raw.max_queued_messages {
-                b.max_queued_messages = m;
-            }
-            if let Some(m) = raw.max_queued_bytes {
-                b.max_queued_bytes = m;
-            }
-            if let Some(o) = raw.overflow.as_deref() {
-                match overflow(o) {
-                    Some(o) => b.overflow = o,
-                    None => self.report(key("overflow"), format!("{o:?}: expected \"drop-oldest\" or \"block\"")),
-                }
-            }
-            if let Some(m) = raw.max_inflight {
-                if m == 0 {
-                    self.report(key("max_inflight"), "must be at least 1");
-                }
-                b.max_inflight = m;
-            }
-            if let Some(ms) = raw.reconnect_initial_ms {
-                if ms == 0 {
-                    self.report(key("reconnect_initial_ms"), "must be at least 1");
-                }
-                b.backoff_initial = Duration::from_millis(ms);
-            }
-            if let Some(ms) = raw.reconnect_max_ms {
-                b.backoff_max = Duration::from_millis(ms);
-            }
-            if b.backoff_max < b.backoff_initial {
-                self.report(key("reconnect_max_ms"), "must not be below reconnect_initial_ms");
-            }
-            if let Some(s) = raw.connect_timeout_secs {
-                if s == 0 {
-                    self.report(key("connect_timeout_secs"), "must be at least 1");
-                }
-                b.connect_timeout = Duration::from_secs(s);
-            }
+            let b = ferry_bridge::spec::bridge(self, &key, raw);
             if self.problems.borrow().len() == before {
                 out.push(b);
             }

@@ -29,6 +29,7 @@ struct MemoryState {
     messages: BTreeMap<(String, ShortString), QueueMessages>,
     retained: BTreeMap<(String, ShortString), Arc<Message>>,
     sessions: BTreeMap<(String, String), bytes::Bytes>,
+    settings: BTreeMap<String, bytes::Bytes>,
     /// Operations applied, for tests that check what reached the store.
     ops_applied: u64,
     /// Deletes that came before their put (see [`StoreOp::DeleteMessage`]).
@@ -114,6 +115,12 @@ impl MemoryState {
             StoreOp::DeleteSession { vhost, client_id } => {
                 self.sessions.remove(&(vhost, client_id));
             }
+            StoreOp::PutSetting { key, value } => {
+                self.settings.insert(key, value);
+            }
+            StoreOp::DeleteSetting { key } => {
+                self.settings.remove(&key);
+            }
             StoreOp::PutRetained { vhost, key, message } => {
                 self.retained.insert((vhost, key), message);
             }
@@ -157,6 +164,7 @@ impl Store for MemoryStore {
                 .iter()
                 .map(|((v, c), state)| SessionRecord { vhost: v.clone(), client_id: c.clone(), state: state.clone() })
                 .collect(),
+            settings: st.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
     }
 

@@ -135,6 +135,16 @@ pub enum StoreOp {
         vhost: String,
         client_id: String,
     },
+    /// A definition an operator made at run time (users, permissions, bridges through the
+    /// management API), opaque to the store: the owner encodes it and namespaces the key
+    /// (`user/<name>`, …). Replaces what was stored under the same key.
+    PutSetting {
+        key: String,
+        value: Bytes,
+    },
+    DeleteSetting {
+        key: String,
+    },
 }
 
 /// A persistent message of a durable queue, as read back.
@@ -174,6 +184,8 @@ pub struct Snapshot {
     pub messages: StoredMessages,
     pub retained: Vec<(String, ShortString, Arc<Message>)>,
     pub sessions: Vec<SessionRecord>,
+    /// Run-time definitions ([`StoreOp::PutSetting`]), sorted by key.
+    pub settings: Vec<(String, Bytes)>,
 }
 
 /// Resolves when a submitted batch is durable.

@@ -46,6 +46,8 @@ const BODY_REFS: TableDefinition<u64, u64> = TableDefinition::new("body_refs");
 const RETAINED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retained");
 /// `key(vhost, client id)` → a frontend's session state (opaque; MQTT encodes its own).
 const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+/// Run-time definitions (`StoreOp::PutSetting`): key (UTF-8) → the owner's encoding.
+const SETTINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("settings");
 
 /// The top bit of a `MESSAGES` value: delivered, not acked (body ids never reach 2^63).
 const DELIVERED: u64 = 1 << 63;
@@ -457,6 +459,11 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         r.finish()?;
         snap.sessions.push(SessionRecord { vhost, client_id, state: bytes::Bytes::copy_from_slice(v.value()) });
     }
+    for item in txn.open_table(SETTINGS).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let key = String::from_utf8(k.value().to_vec()).map_err(|_| StoreError::Corrupt("a setting key".into()))?;
+        snap.settings.push((key, bytes::Bytes::copy_from_slice(v.value())));
+    }
     Ok(snap)
 }
 
@@ -537,6 +544,7 @@ struct Tables<'t> {
     body_refs: Table<'t, u64, u64>,
     retained: Table<'t, &'static [u8], &'static [u8]>,
     sessions: Table<'t, &'static [u8], &'static [u8]>,
+    settings: Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -551,6 +559,7 @@ impl<'t> Tables<'t> {
             body_refs: txn.open_table(BODY_REFS).map_err(io)?,
             retained: txn.open_table(RETAINED).map_err(io)?,
             sessions: txn.open_table(SESSIONS).map_err(io)?,
+            settings: txn.open_table(SETTINGS).map_err(io)?,
         })
     }
 
@@ -1023,6 +1032,12 @@ impl Writer {
             StoreOp::DeleteSession { vhost, client_id } => {
                 t.sessions.remove(codec::key(&[vhost.as_bytes(), client_id.as_bytes()]).as_slice()).map_err(io)?;
             }
+            StoreOp::PutSetting { key, value } => {
+                t.settings.insert(key.as_bytes(), value.as_ref()).map_err(io)?;
+            }
+            StoreOp::DeleteSetting { key } => {
+                t.settings.remove(key.as_bytes()).map_err(io)?;
+            }
             StoreOp::PutRetained { vhost, key, message } => {
                 let k = codec::key(&[vhost.as_bytes(), key.as_bytes()]);
                 t.retained.insert(k.as_slice(), codec::encode_message(message).as_slice()).map_err(io)?;
@@ -1144,6 +1159,25 @@ mod tests {
         assert_eq!(snap.retained.len(), 1);
         assert_eq!((snap.retained[0].0.as_str(), &snap.retained[0].1), ("/", &ShortString::from("t/1")));
         assert_eq!(*snap.retained[0].2, *r);
+    }
+
+    #[tokio::test]
+    async fn settings_are_replaced_deleted_and_survive_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |k: &str, v: &'static [u8]| StoreOp::PutSetting { key: k.into(), value: Bytes::from_static(v) };
+        {
+            let s = reopen(&dir);
+            commit(&s, vec![put("user/a", b"1"), put("user/b", b"2"), put("permission/a", b"3")]).await;
+            commit(&s, vec![put("user/a", b"one"), StoreOp::DeleteSetting { key: "user/b".into() }]).await;
+        }
+        let snap = reopen(&dir).recover().unwrap();
+        assert_eq!(
+            snap.settings,
+            vec![
+                ("permission/a".to_string(), Bytes::from_static(b"3")),
+                ("user/a".to_string(), Bytes::from_static(b"one"))
+            ]
+        );
     }
 
     #[tokio::test]
@@ -1553,6 +1587,7 @@ mod tests {
             parts.extend(s.bindings.iter().map(|x| format!("{x:?}")));
             parts.extend(s.retained.iter().map(|x| format!("{x:?}")));
             parts.extend(s.sessions.iter().map(|x| format!("{x:?}")));
+            parts.extend(s.settings.iter().map(|x| format!("{x:?}")));
             parts.sort();
             // Messages last and in their own order: the order within a queue matters. (The memory
             // store keeps an empty list for a queue whose messages all went.)
@@ -1591,6 +1626,7 @@ mod tests {
                 client_id: r.client_id,
                 state: r.state,
             }));
+            ops.extend(s.settings.into_iter().map(|(key, value)| StoreOp::PutSetting { key, value }));
             let fresh = MemoryStore::new();
             fresh.submit(ops);
             fresh
