@@ -7,17 +7,18 @@
 # otherwise, the loopback guest, a fresh data directory) with QUEUES idle non-durable queues
 # (declared through the API, one message in every tenth), so that each scrape has per-queue
 # series to render (the default `metrics_max_queues` lists 1,000). Then ROUNDS rounds of two
-# runs, alternating: *off* (no scraper) and *on* (`curl` of /metrics every INTERVAL s in the
+# runs, alternating (off, on, on, off, off, on, ...): *off* (no scraper) and *on* (`curl` of /metrics every INTERVAL s in the
 # background, from the start of the run to its end). Each run is `ferry-bench mqtt` QoS 0, one
 # publisher, one subscriber, SIZE-byte payloads, unpaced, as many messages as it can send;
 # WARMUP s after it starts, the measure window of MEASURE s: deliveries from the broker's own
 # counter (`ferry_messages_delivered_total{protocol="mqtt"}`, read from /metrics at both ends
 # of the window, in both arms) over the window's length, and the broker's CPU (utime + stime,
 # /proc/<pid>/stat) over the window per delivery. Then the generator is stopped (it would stop
-# by itself at its --timeout) and the next run starts once the broker is idle again.
+# by itself at its --timeout) and the next run starts once the broker is idle again. At the
+# end, IDLE_SCRAPES scrapes back to back without load: the broker's CPU per scrape.
 #
-# Environment: ROUNDS (5), WARMUP (3), MEASURE (10), QUEUES (1000), INTERVAL (1), SIZE (64),
-# BENCH_THREADS (generator threads, 1), DOCS (1: write the section into DOC_FILE,
+# Environment: ROUNDS (6: an even number balances the order), WARMUP (3), MEASURE (10), QUEUES (1000), INTERVAL (1), SIZE (64),
+# BENCH_THREADS (generator threads, 1), IDLE_SCRAPES (200), DOCS (1: write the section into DOC_FILE,
 # docs/benchmarks.md), KEEP (1: keep the work directory). FERRY_BIN and BENCH_BIN, both set, use
 # those binaries instead of a release build.
 set -uo pipefail
@@ -27,13 +28,14 @@ cmdline="scripts/bench-scrape.sh${*:+ $*}"
 for v in ROUNDS WARMUP MEASURE QUEUES INTERVAL SIZE BENCH_THREADS; do
   [ -n "${!v:-}" ] && cmdline="$v=${!v} $cmdline"
 done
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-6}
 WARMUP=${WARMUP:-3}
 MEASURE=${MEASURE:-10}
 QUEUES=${QUEUES:-1000}
 INTERVAL=${INTERVAL:-1}
 SIZE=${SIZE:-64}
 BENCH_THREADS=${BENCH_THREADS:-1}
+IDLE_SCRAPES=${IDLE_SCRAPES:-200}
 DOCS=${DOCS:-1}
 DOC_FILE=${DOC_FILE:-$root/docs/benchmarks.md}
 CLK_TCK=$(getconf CLK_TCK)
@@ -150,10 +152,22 @@ PY
   sleep 2
 }
 
+# ABBA: off first in odd rounds, on first in even ones, so that neither arm always follows the other.
 for r in $(seq "$ROUNDS"); do
-  run off "$r"
-  run on "$r"
+  if [ $((r % 2)) = 1 ]; then
+    run off "$r"
+    run on "$r"
+  else
+    run on "$r"
+    run off "$r"
+  fi
 done
+# What one scrape costs the broker, without load: IDLE_SCRAPES requests one after the other,
+# the broker's CPU over them (10 ms ticks: many requests for a fine figure).
+c0=$(cpu_ticks "$fpid")
+for _ in $(seq "$IDLE_SCRAPES"); do curl -s -o /dev/null -u guest:guest "$metrics_url"; done
+c1=$(cpu_ticks "$fpid")
+echo "idle_scrape_ms=$(python3 -c "print(($c1 - $c0) * 1000 / $CLK_TCK / $IDLE_SCRAPES)")" >>"$work/meta.env"
 echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$work/meta.env"
 
 python3 - "$work" >"$work/section.md" <<'PY'
@@ -178,7 +192,7 @@ out.append(f"- **Ferry:** {meta['ferry']}, commit {meta['ferry_commit']}, releas
            "listener, defaults otherwise; the queues exist and are idle (per-queue series for 1,000 of them "
            "in each scrape, the default `metrics_max_queues`).")
 out.append("- **Runs:** `ferry-bench mqtt` QoS 0, 1 publisher → 1 subscriber, unpaced; *off* and *on* "
-           "alternate (off, on, off, on, …) against the same broker. *On*: `curl` of `/metrics` every "
+           "alternate (off, on, on, off, off, on, …) against the same broker. *On*: `curl` of `/metrics` every "
            "second in the background for the whole run. Rate: MQTT deliveries in the measure window (the "
            "broker's `ferry_messages_delivered_total`, read at both ends of the window in both arms) / its "
            "length; CPU: the broker's utime + stime over the window per delivery.")
@@ -207,6 +221,13 @@ if arm["off"] and arm["on"]:
         size = max(r["scrape_bytes"] or 0 for r in arm["on"])
         out.append(f"Each scrape: {len(scr)} in all, {size / 1000:.0f} KB, answered in {med(scr):.1f} ms median "
                    f"({min(scr):.1f}–{max(scr):.1f} ms) while the load ran.")
+    if meta.get("idle_scrape_ms"):
+        per = float(meta["idle_scrape_ms"])
+        busy = med([r["cpu_secs"] / r["secs"] for r in arm["off"]])
+        out.append(f"The broker's CPU per scrape, without load (scrapes back to back): {per:.2f} ms; at one "
+                   f"scrape a second that is {per / 10:.2f} % of a core, {per / 10 / busy:.2f} % of the "
+                   f"{busy * 100:.0f} % of a core the broker spent on the QoS 0 load (median of the *off* runs): "
+                   "the most a scrape can take from a CPU-bound message path.")
     out.append("")
     out.append("Per run (deliveries/s, broker µs per delivery, load average at its start): " + "; ".join(
         f"{r['arm']} #{r['round']}: {r['rate'] / 1000:.0f}k/s, {r['cpu_us_per_msg']:.3f} µs, load {r['load_start']}"
