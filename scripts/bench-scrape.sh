@@ -65,6 +65,7 @@ machine_meta >"$work/meta.env"
 {
   echo "cmdline=$cmdline"
   echo "ferry=$("$ferry_bin" --version 2>/dev/null)"
+  echo "ferry_bin_given=$([ -n "${FERRY_BIN:-}" ] && echo 1 || echo 0)"
   echo "settings=ROUNDS=$ROUNDS WARMUP=$WARMUP MEASURE=$MEASURE QUEUES=$QUEUES INTERVAL=$INTERVAL SIZE=$SIZE BENCH_THREADS=$BENCH_THREADS"
 } >>"$work/meta.env"
 echo "machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -188,8 +189,9 @@ out.append(f"Written by `scripts/bench-scrape.sh` on {meta['date']}; the script 
            f"at the start, {meta['load_end']} at the end.")
 out.append("")
 out.append(f"- **Command:** `{meta['cmdline']}` ({meta['settings']}).")
-out.append(f"- **Ferry:** {meta['ferry']}, commit {meta['ferry_commit']}, release build; an MQTT and an HTTP "
-           "listener, defaults otherwise; the queues exist and are idle (per-queue series for 1,000 of them "
+built = ("the binary FERRY_BIN names, the repository at commit " if meta.get("ferry_bin_given") == "1" else "commit ") + meta["ferry_commit"]
+out.append(f"- **Ferry:** {meta['ferry']}, release build ({built}); an MQTT and an HTTP "
+           "listener, defaults otherwise; the queues exist and are idle (per-queue series for up to 1,000 of them "
            "in each scrape, the default `metrics_max_queues`).")
 out.append("- **Runs:** `ferry-bench mqtt` QoS 0, 1 publisher → 1 subscriber, unpaced; *off* and *on* "
            "alternate (off, on, on, off, off, on, …) against the same broker. *On*: `curl` of `/metrics` every "
