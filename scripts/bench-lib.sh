@@ -221,3 +221,63 @@ rss_sampler() {
     sleep "$every"
   done
 }
+
+# --- added for scripts/bench-scrape.sh and scripts/bench-management.sh --------------------------
+
+# machine_meta: the lines `date=`, `nproc=`, `cpu=`, `mem=`, `kernel=`, `load_start=` and
+# `ferry_commit=` (the repository's HEAD, "with local changes" when dirty) for a run's meta.env.
+machine_meta() {
+  local commit
+  commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo "?")
+  [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit with local changes"
+  echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "nproc=$(nproc)"
+  echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+  echo "mem=$(awk '/MemTotal/ {printf "%.0f GB", $2 / 1048576}' /proc/meminfo)"
+  echo "kernel=$(uname -sr)"
+  echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "ferry_commit=$commit"
+}
+
+# write_section FILE NAME SECTION: replaces what is between `<!-- NAME:begin -->` and
+# `<!-- NAME:end -->` in FILE with the text of the file SECTION (appends both markers when
+# missing).
+write_section() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys
+path, name, section = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
+begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+doc = open(path).read()
+if begin in doc and end in doc:
+    doc = doc[: doc.index(begin) + len(begin)] + "\n" + section + doc[doc.index(end):]
+else:
+    doc = doc.rstrip("\n") + "\n\n" + begin + "\n" + section + end + "\n"
+open(path, "w").write(doc)
+PY
+}
+
+# make_queues PORT COUNT EVERY [USER:PASSWORD]: declares COUNT queues q.00000, q.00001, ...
+# (non-durable) through the management API on 127.0.0.1:PORT (Ferry's or RabbitMQ's: the same
+# requests) and publishes one message to every EVERY-th of them (0: none), over one kept-alive
+# HTTP connection. Fails on the first answer that is not 2xx.
+make_queues() {
+  python3 - "$@" <<'PY'
+import base64, http.client, json, sys
+port, count, every = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cred = sys.argv[4] if len(sys.argv) > 4 else "guest:guest"
+head = {"Authorization": "Basic " + base64.b64encode(cred.encode()).decode(), "Content-Type": "application/json"}
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+def call(method, path, body):
+    c.request(method, path, json.dumps(body), head)
+    r = c.getresponse()
+    data = r.read()
+    if r.status >= 300:
+        sys.exit(f"make_queues: {method} {path}: {r.status} {data[:200]!r}")
+for i in range(count):
+    name = f"q.{i:05d}"
+    call("PUT", f"/api/queues/%2F/{name}", {"durable": False, "auto_delete": False, "arguments": {}})
+    if every and i % every == 0:
+        call("POST", "/api/exchanges/%2F/amq.default/publish",
+             {"properties": {}, "routing_key": name, "payload": "x", "payload_encoding": "string"})
+PY
+}

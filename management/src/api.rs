@@ -575,7 +575,8 @@ fn queue_json(vhost: &str, q: &Queue, st: &QueueStats, r: &PerSecond) -> Value {
 }
 
 /// Every queue of `vhosts` that passes the name filter, by vhost and name, as JSON bytes. Without
-/// `columns` or `sort`, only the page sent is built, and serialized straight from structs.
+/// `sort`, only the page sent is built; items are serialized straight from structs, and
+/// `columns` and `sort` read only the fields they name (no JSON value per queue).
 fn queue_list(shared: &Shared, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<Vec<u8>, ApiError> {
     let mut rows: Vec<(&str, Arc<Queue>)> = Vec::new();
     let mut total = 0;
@@ -593,12 +594,7 @@ fn queue_list(shared: &Shared, vhosts: &[Arc<VHost>], q: &ListQuery) -> Result<V
     if !q.needs_values() {
         return q.finish_typed(rows.len(), total, items);
     }
-    let values = items(0..rows.len())
-        .iter()
-        .map(|i| serde_json::to_value(i).map_err(|e| ApiError::internal(format!("JSON: {e}"))))
-        .collect::<Result<Vec<Value>, ApiError>>()?;
-    let body = q.finish(values, total)?;
-    serde_json::to_vec(&body).map_err(|e| ApiError::internal(format!("JSON: {e}")))
+    q.finish_projected(rows.len(), total, items)
 }
 
 pub(crate) fn json_bytes(body: Vec<u8>) -> Response {

@@ -118,8 +118,9 @@ impl ListQuery {
         }))
     }
 
-    /// Whether the answer needs every item as a JSON value first (to pick columns or sort by
-    /// one); otherwise [`ListQuery::finish_typed`] serializes only what it sends.
+    /// Whether the answer picks columns or sorts by one ([`ListQuery::finish_projected`] for
+    /// typed items, [`ListQuery::finish`] for JSON values); otherwise
+    /// [`ListQuery::finish_typed`] serializes only what it sends.
     pub fn needs_values(&self) -> bool {
         self.columns.is_some() || self.sort.is_some()
     }
@@ -167,6 +168,36 @@ impl ListQuery {
         encode(&Page { filtered_count: len, item_count, items, page, page_count, page_size: size, total_count: total })
     }
 
+    /// The answer for typed items with `columns` and/or `sort`, giving the same JSON as
+    /// [`ListQuery::finish`] over the items' JSON values, without building one: the sort keys
+    /// and the columns come from the requested top-level fields only ([`fields::top`]), items
+    /// sent whole are serialized straight from their structs. `make(range)` builds items (in
+    /// their order, already filtered); with `sort` all `len` are built, else only the page's.
+    pub fn finish_projected<T: serde::Serialize>(
+        &self,
+        len: usize,
+        total: usize,
+        make: impl FnOnce(std::ops::Range<usize>) -> Vec<T>,
+    ) -> Result<Vec<u8>, ApiError> {
+        let Some(key) = &self.sort else {
+            return self.finish_typed(len, total, |range| {
+                make(range).into_iter().map(|item| Projected::of(item, self.columns.as_deref())).collect::<Vec<_>>()
+            });
+        };
+        let items = make(0..len);
+        let keys: Vec<Option<Value>> = items.iter().map(|i| fields::lookup_in(i, key)).collect();
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        // Stable, as `finish`'s sort of the values; then reversed whole, as there.
+        order.sort_by(|&a, &b| compare(keys[a].as_ref(), keys[b].as_ref()));
+        if self.sort_reverse {
+            order.reverse();
+        }
+        let in_order = ListQuery { page: self.page, ..ListQuery::default() };
+        in_order.finish_typed(order.len(), total, |range| {
+            order[range].iter().map(|&i| Projected::of(&items[i], self.columns.as_deref())).collect::<Vec<_>>()
+        })
+    }
+
     /// Keeps only the requested columns (dotted paths into nested objects).
     pub fn pick(&self, item: Value) -> Value {
         let Some(columns) = &self.columns else { return item };
@@ -188,6 +219,169 @@ mod erased {
     impl<T: serde::Serialize> Encode for T {
         fn encode(&self) -> serde_json::Result<Vec<u8>> {
             serde_json::to_vec(self)
+        }
+    }
+}
+
+/// An item as sent: whole (serialized from its struct) or cut down to the `columns`.
+enum Projected<T> {
+    Whole(T),
+    Picked(Map<String, Value>),
+}
+
+impl<T: serde::Serialize> Projected<T> {
+    fn of(item: T, columns: Option<&[Vec<String>]>) -> Projected<T> {
+        let Some(columns) = columns else { return Projected::Whole(item) };
+        let mut names: Vec<&str> = Vec::new();
+        for c in columns {
+            if let Some(first) = c.first().filter(|f| !names.contains(&f.as_str())) {
+                names.push(first);
+            }
+        }
+        let values = fields::top(&item, &names);
+        let mut out = Map::new();
+        for col in columns {
+            let Some((first, rest)) = col.split_first() else { continue };
+            let at = names.iter().position(|n| n == first);
+            if let Some(v) = at.and_then(|i| values[i].as_ref()).and_then(|v| lookup(v, rest)) {
+                insert_path(&mut out, col, v.clone());
+            }
+        }
+        Projected::Picked(out)
+    }
+}
+
+impl<T: serde::Serialize> serde::Serialize for Projected<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Projected::Whole(item) => item.serialize(s),
+            Projected::Picked(map) => map.serialize(s),
+        }
+    }
+}
+
+/// Top-level fields of a serialized struct, as JSON values, for the names asked: what `columns`
+/// and `sort` need of an item, without a JSON value for all of it. A serializer that accepts
+/// only a struct and converts the fields asked for; anything else (a map, a flattened struct)
+/// falls back to the item's whole JSON value.
+mod fields {
+    use serde::ser::{self, Impossible, Serialize, Serializer};
+    use serde_json::Value;
+
+    /// The values of `names` (top-level fields) in `item`; `None` for a field it does not have.
+    pub fn top<T: Serialize + ?Sized>(item: &T, names: &[&str]) -> Vec<Option<Value>> {
+        let mut picker = Picker { names, values: vec![None; names.len()] };
+        match item.serialize(&mut picker) {
+            Ok(()) => picker.values,
+            Err(_) => {
+                let whole = serde_json::to_value(item).unwrap_or(Value::Null);
+                names.iter().map(|n| whole.get(n).cloned()).collect()
+            }
+        }
+    }
+
+    /// The value at a dotted `path` in `item`, as `super::lookup` finds it in the item's JSON.
+    pub fn lookup_in<T: Serialize + ?Sized>(item: &T, path: &[String]) -> Option<Value> {
+        let (first, rest) = path.split_first()?;
+        let top = top(item, &[first.as_str()]).pop().flatten()?;
+        super::lookup(&top, rest).cloned()
+    }
+
+    struct Picker<'n> {
+        names: &'n [&'n str],
+        values: Vec<Option<Value>>,
+    }
+
+    fn not_a_struct() -> serde_json::Error {
+        ser::Error::custom("not a struct")
+    }
+
+    macro_rules! refuse {
+        ($($f:ident($($t:ty),*);)*) => {
+            $(fn $f(self, $(_: $t),*) -> Result<(), serde_json::Error> { Err(not_a_struct()) })*
+        };
+    }
+
+    impl<'a, 'n> Serializer for &'a mut Picker<'n> {
+        type Ok = ();
+        type Error = serde_json::Error;
+        type SerializeSeq = Impossible<(), serde_json::Error>;
+        type SerializeTuple = Impossible<(), serde_json::Error>;
+        type SerializeTupleStruct = Impossible<(), serde_json::Error>;
+        type SerializeTupleVariant = Impossible<(), serde_json::Error>;
+        type SerializeMap = Impossible<(), serde_json::Error>;
+        type SerializeStruct = Self;
+        type SerializeStructVariant = Impossible<(), serde_json::Error>;
+
+        refuse! {
+            serialize_bool(bool); serialize_i8(i8); serialize_i16(i16); serialize_i32(i32);
+            serialize_i64(i64); serialize_u8(u8); serialize_u16(u16); serialize_u32(u32);
+            serialize_u64(u64); serialize_f32(f32); serialize_f64(f64); serialize_char(char);
+            serialize_str(&str); serialize_bytes(&[u8]); serialize_none(); serialize_unit();
+            serialize_unit_struct(&'static str); serialize_unit_variant(&'static str, u32, &'static str);
+        }
+
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, v: &T) -> Result<(), Self::Error> {
+            v.serialize(self)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeTupleStruct, Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeTupleVariant, Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Self::Error> {
+            Err(not_a_struct())
+        }
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Self::Error> {
+            Ok(self)
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self::SerializeStructVariant, Self::Error> {
+            Err(not_a_struct())
+        }
+    }
+
+    impl ser::SerializeStruct for &mut Picker<'_> {
+        type Ok = ();
+        type Error = serde_json::Error;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Result<(), Self::Error> {
+            if let Some(i) = self.names.iter().position(|n| *n == key) {
+                self.values[i] = Some(serde_json::to_value(v)?);
+            }
+            Ok(())
+        }
+        fn end(self) -> Result<(), Self::Error> {
+            Ok(())
         }
     }
 }
@@ -281,6 +475,70 @@ mod tests {
         assert!(sub.matches("orders") && !sub.matches("invoices"));
         let re = q(&[("name", "^ord.*s$"), ("use_regex", "true")]).unwrap();
         assert!(re.matches("orders") && !re.matches("reorders"));
+    }
+
+    /// Typed items through `finish_projected` give what their JSON values give through
+    /// `finish`: columns with dotted paths, sort by a top-level or nested field (ties keep
+    /// their order), sort_reverse, pages.
+    #[test]
+    fn projected_typed_items_answer_as_their_json_values() {
+        #[derive(serde::Serialize, Clone)]
+        struct Stats {
+            publish: u64,
+            publish_details: Rate,
+        }
+        #[derive(serde::Serialize, Clone)]
+        struct Rate {
+            rate: f64,
+        }
+        #[derive(serde::Serialize, Clone)]
+        struct Item {
+            name: String,
+            messages: u64,
+            durable: bool,
+            policy: Option<()>,
+            arguments: Value,
+            message_stats: Stats,
+        }
+        let items: Vec<Item> = (0..23u64)
+            .map(|i| Item {
+                name: format!("q{:02}", (i * 7) % 23),
+                messages: i % 4,
+                durable: i % 3 == 0,
+                policy: None,
+                arguments: if i % 5 == 0 { json!({"x-max-length": i}) } else { json!({}) },
+                message_stats: Stats { publish: 100 - i, publish_details: Rate { rate: (i % 6) as f64 / 2.0 } },
+            })
+            .collect();
+        let queries: &[&[(&str, &str)]] = &[
+            &[("columns", "name,messages")],
+            &[("columns", "name,message_stats.publish_details.rate,arguments.x-max-length,nope,name.x")],
+            &[("columns", "message_stats,policy")],
+            &[("sort", "messages")],
+            &[("sort", "name"), ("sort_reverse", "true")],
+            &[("sort", "message_stats.publish_details.rate"), ("columns", "name,message_stats.publish_details")],
+            &[("sort", "message_stats.publish_details.rate"), ("sort_reverse", "true"), ("columns", "name")],
+            &[("sort", "arguments.x-max-length"), ("columns", "name,arguments")],
+            &[("sort", "missing"), ("columns", "name")],
+            &[("sort", "durable"), ("page", "2"), ("page_size", "5"), ("columns", "name,durable")],
+            &[("sort", "messages"), ("sort_reverse", "true"), ("page", "3"), ("page_size", "4")],
+            &[("page", "5"), ("page_size", "5"), ("columns", "name"), ("sort_reverse", "true")],
+            &[("page", "1"), ("page_size", "100"), ("sort", "messages")],
+        ];
+        for pairs in queries {
+            let query = q(pairs).unwrap();
+            let values: Vec<Value> = items.iter().map(|i| serde_json::to_value(i).unwrap()).collect();
+            let expected = query.finish(values, 30).unwrap();
+            let made = query.finish_projected(items.len(), 30, |r| items[r].to_vec()).unwrap();
+            let got: Value = serde_json::from_slice(&made).unwrap();
+            assert_eq!(got, expected, "{pairs:?}");
+        }
+        let past = q(&[("page", "9"), ("page_size", "5"), ("sort", "name")]).unwrap();
+        assert!(past.finish_projected(items.len(), 30, |r| items[r].to_vec()).is_err());
+        // Not a struct: the fields come from the item's JSON value.
+        let maps = [json!({"name": "b", "n": 1}), json!({"name": "a", "n": 2})];
+        let made = q(&[("sort", "name"), ("columns", "n")]).unwrap().finish_projected(2, 2, |r| maps[r].to_vec());
+        assert_eq!(serde_json::from_slice::<Value>(&made.unwrap()).unwrap(), json!([{"n": 2}, {"n": 1}]));
     }
 
     #[test]
