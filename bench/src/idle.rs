@@ -1,6 +1,8 @@
-//! `ferry-bench idle`: N idle MQTT 3.1.1 connections, to measure what a connection costs the broker.
+//! `ferry-bench idle`: N idle MQTT connections, to measure what a connection costs the broker.
 //!
-//! Opens N connections (clean session, client ids `<prefix>-<n>`, default prefix `idle`), at most
+//! Opens N connections (MQTT 3.1.1, or 5.0 with `--mqtt-version 5`; clean session, client ids
+//! `<prefix>-<n>`, default prefix `idle`; with `--subscribe`, each then subscribes at QoS 1 to its
+//! own command topic `devices/<client id>/cmd` and waits for the SUBACK, as a real device does), at most
 //! `--rate` new ones per second so that neither the broker's accept-rate limit nor the kernel's
 //! listen backlog decides the outcome, and waits for every CONNACK (or error). Then it prints one
 //! line `ready <connected>` on stdout (flushed), for a script to sample the broker's memory, holds
@@ -12,20 +14,25 @@
 //! connection is the task, the socket and its timer (well under a kilobyte).
 //!
 //! At start the process's RLIMIT_NOFILE soft limit is raised to the hard limit; a run that needs
-//! more descriptors than that fails before it connects anything.
+//! more descriptors than that fails before it connects anything. One source address gives at
+//! most as many connections to one broker port as `net.ipv4.ip_local_port_range` has ports
+//! (28,232 by default): `--sources K` spreads the connections over the loopback source
+//! addresses 127.0.0.1 … 127.0.0.K.
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::BytesMut;
-use ferry_mqtt::codec::{encode, Connect, Packet, Properties, ProtocolVersion, Str};
+use ferry_mqtt::codec::{
+    encode, Connect, Decoder, Packet, Properties, ProtocolVersion, QoS, Str, SubOptions, Subscribe,
+};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -62,6 +69,17 @@ pub struct Args {
     /// Client ids are `<prefix>-<n>`, n from 0.
     #[arg(long, default_value = "idle")]
     pub client_id_prefix: String,
+    /// MQTT version: 3 (3.1.1) or 5.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=5))]
+    pub mqtt_version: u8,
+    /// After the CONNACK, subscribe at QoS 1 to `devices/<client id>/cmd` and wait for the SUBACK
+    /// (a connection counts as connected once subscribed).
+    #[arg(long)]
+    pub subscribe: bool,
+    /// Spread the connections over the source addresses 127.0.0.1 … 127.0.0.K (round robin),
+    /// for more connections than one address has ephemeral ports. 1: let the kernel choose.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub sources: u8,
     /// Tokio worker threads of the generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub threads: u32,
@@ -75,6 +93,11 @@ pub struct Args {
 pub struct Report {
     pub broker: String,
     pub connections: u32,
+    /// 3 (3.1.1) or 5.
+    pub mqtt_version: u8,
+    /// Each connection subscribed to `devices/<client id>/cmd` at QoS 1.
+    pub subscribe: bool,
+    pub sources: u8,
     pub keep_alive: u16,
     /// --rate (None: unpaced).
     pub rate: Option<u32>,
@@ -84,7 +107,7 @@ pub struct Report {
     pub nofile_limit: Option<u64>,
     /// CONNACK 0 received.
     pub connected: u64,
-    /// CONNACK with a non-zero return code.
+    /// CONNACK with a non-zero return code (or a SUBACK refusing the subscription).
     pub refused: u64,
     /// Connection failed, timed out or closed before a CONNACK.
     pub errors: u64,
@@ -115,9 +138,11 @@ impl Report {
     pub fn print_text(&self) {
         let rate = self.rate.map(|r| format!("{r}/s")).unwrap_or_else(|| "unpaced".into());
         println!(
-            "idle {}: {} connection(s), keep-alive {} s, connect rate {rate}, hold {} s, {} thread(s), nofile {}",
+            "idle {}: {} MQTT {} connection(s){}, keep-alive {} s, connect rate {rate}, hold {} s, {} thread(s), nofile {}",
             self.broker,
             self.connections,
+            if self.mqtt_version == 5 { "5.0" } else { "3.1.1" },
+            if self.subscribe { " with one subscription each" } else { "" },
             self.keep_alive,
             self.hold_secs,
             self.threads,
@@ -189,6 +214,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     if !args.host.is_loopback() {
         bail!("--host {}: only loopback addresses are allowed", args.host);
     }
+    if args.mqtt_version == 4 {
+        bail!("--mqtt-version must be 3 (3.1.1) or 5");
+    }
+    if args.sources > 1 && args.host != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        bail!("--sources needs --host 127.0.0.1");
+    }
     if args.client_id_prefix.is_empty() || args.client_id_prefix.len() > 100 {
         bail!("--client-id-prefix must be 1 to 100 bytes");
     }
@@ -203,6 +234,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     }
     let addr = SocketAddr::new(args.host, args.port);
     let n = args.connections;
+    let version = if args.mqtt_version == 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+    let sources = args.sources;
     let hold = Arc::new(Hold::default());
     let (close_tx, close_rx) = watch::channel(false);
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
@@ -218,7 +251,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         };
         while spawned < due {
             let client_id = format!("{}-{spawned}", args.client_id_prefix);
-            tasks.spawn(connection(addr, client_id, args.keep_alive, tx.clone(), close_rx.clone(), hold.clone()));
+            let source =
+                (sources > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (spawned % u32::from(sources)) as u8)));
+            let how = How { addr, source, version, keep_alive: args.keep_alive, subscribe: args.subscribe };
+            tasks.spawn(connection(how, client_id, tx.clone(), close_rx.clone(), hold.clone()));
             spawned += 1;
         }
         if spawned < n {
@@ -278,6 +314,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     Ok(Report {
         broker: addr.to_string(),
         connections: n,
+        mqtt_version: args.mqtt_version,
+        subscribe: args.subscribe,
+        sources: args.sources,
         keep_alive: args.keep_alive,
         rate: (args.rate > 0).then_some(args.rate),
         hold_secs: args.hold,
@@ -298,16 +337,27 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
+/// How to connect.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    addr: SocketAddr,
+    /// Source address to bind (None: the kernel's choice).
+    source: Option<IpAddr>,
+    version: ProtocolVersion,
+    keep_alive: u16,
+    subscribe: bool,
+}
+
 /// Connects, reports the outcome, then (if connected) holds the connection until `close`.
 async fn connection(
-    addr: SocketAddr,
+    how: How,
     client_id: String,
-    keep_alive: u16,
     tx: mpsc::UnboundedSender<Outcome>,
     mut close: watch::Receiver<bool>,
     hold: Arc<Hold>,
 ) {
-    let mut stream = match timeout(HANDSHAKE_TIMEOUT, handshake(addr, &client_id, keep_alive)).await {
+    let keep_alive = how.keep_alive;
+    let mut stream = match timeout(HANDSHAKE_TIMEOUT, handshake(how, &client_id)).await {
         Ok(Ok(Ok(stream))) => {
             let _ = tx.send(Outcome::Connected);
             stream
@@ -380,36 +430,80 @@ async fn connection(
     let _ = stream.shutdown().await;
 }
 
-/// TCP connect, CONNECT, CONNACK: the stream when accepted, `Err(code)` when refused.
-async fn handshake(addr: SocketAddr, client_id: &str, keep_alive: u16) -> anyhow::Result<Result<TcpStream, u8>> {
-    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+/// TCP connect, CONNECT, CONNACK (and SUBSCRIBE, SUBACK): the stream when accepted, `Err(code)`
+/// when refused.
+async fn handshake(how: How, client_id: &str) -> anyhow::Result<Result<TcpStream, u8>> {
+    let addr = how.addr;
+    let mut stream = match how.source {
+        None => TcpStream::connect(addr).await,
+        Some(src) => {
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(src, 0)).with_context(|| format!("bind {src}"))?;
+            socket.connect(addr).await
+        }
+    }
+    .with_context(|| format!("connect to {addr}"))?;
     stream.set_nodelay(true)?;
+    let version = how.version;
     let connect = Connect {
         bridge: false,
-        version: ProtocolVersion::V311,
+        version,
         clean_start: true,
-        keep_alive,
+        keep_alive: how.keep_alive,
         client_id: Str::from(client_id),
         will: None,
         username: None,
         password: None,
         properties: Properties::default(),
     };
-    let mut out = BytesMut::with_capacity(32 + client_id.len());
-    encode(&Packet::Connect(Box::new(connect)), ProtocolVersion::V311, &mut out);
+    let mut out = BytesMut::with_capacity(64 + client_id.len());
+    encode(&Packet::Connect(Box::new(connect)), version, &mut out);
     stream.write_all(&out).await.context("write CONNECT")?;
-    drop(out);
-    // A 3.1.1 CONNACK is exactly 20 02 <flags> <code>.
-    let mut ack = [0u8; 4];
-    stream.read_exact(&mut ack).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => anyhow!("closed by the broker before CONNACK"),
-        _ => anyhow!("read CONNACK: {e}"),
-    })?;
-    if ack[..2] != [0x20, 0x02] {
-        bail!("expected CONNACK, got bytes {:02X?}", ack);
+    let mut dec = Decoder::with_version(64 * 1024, version);
+    let mut inb = BytesMut::with_capacity(64);
+    match read_packet(&mut stream, &mut dec, &mut inb).await.context("CONNACK")? {
+        Packet::ConnAck(ack) if ack.code == 0 => {}
+        Packet::ConnAck(ack) => return Ok(Err(ack.code)),
+        p => bail!("expected CONNACK, got {p:?}"),
     }
-    Ok(match ack[3] {
-        0 => Ok(stream),
-        code => Err(code),
-    })
+    if how.subscribe {
+        out.clear();
+        let sub = Subscribe {
+            packet_id: 1,
+            properties: Properties::default(),
+            filters: vec![(
+                Str::from(format!("devices/{client_id}/cmd").as_str()),
+                SubOptions { qos: QoS::AtLeastOnce, ..SubOptions::default() },
+            )],
+        };
+        encode(&Packet::Subscribe(sub), version, &mut out);
+        stream.write_all(&out).await.context("write SUBSCRIBE")?;
+        match read_packet(&mut stream, &mut dec, &mut inb).await.context("SUBACK")? {
+            Packet::SubAck(ack) => match ack.reasons.first() {
+                Some(&r) if r < 0x80 => {}
+                Some(&r) => return Ok(Err(r)),
+                None => bail!("SUBACK without a reason code"),
+            },
+            p => bail!("expected SUBACK, got {p:?}"),
+        }
+    }
+    if !inb.is_empty() {
+        bail!("{} unexpected bytes after the handshake", inb.len());
+    }
+    Ok(Ok(stream))
+}
+
+/// Reads until one whole packet is decoded.
+async fn read_packet(stream: &mut TcpStream, dec: &mut Decoder, buf: &mut BytesMut) -> anyhow::Result<Packet> {
+    loop {
+        if let Some(p) = dec.decode(buf).map_err(|e| anyhow!("decode: {e}"))? {
+            return Ok(p);
+        }
+        buf.reserve(64);
+        match stream.read_buf(buf).await {
+            Ok(0) => bail!("closed by the broker"),
+            Ok(_) => {}
+            Err(e) => bail!("read: {e}"),
+        }
+    }
 }

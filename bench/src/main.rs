@@ -36,7 +36,7 @@ enum Command {
     /// Exit code 0 when every message was sent, received (and confirmed with --confirm), 1 on a
     /// shortfall, a nack or a connection error during the run, 2 when setting up failed.
     Amqp(amqp::Args),
-    /// N idle MQTT 3.1.1 connections held for a while (prints `ready <connected>` once all are
+    /// N idle MQTT connections (3.1.1 or 5.0, optionally one subscription each) held for a while (prints `ready <connected>` once all are
     /// connected, for sampling the broker's memory). Exit code 0 when all connected and held, 1
     /// otherwise, 2 when setting up failed (e.g. RLIMIT_NOFILE too low).
     Idle(idle::Args),

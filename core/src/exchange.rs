@@ -234,8 +234,102 @@ impl Bucket {
 struct BindingIndex {
     /// Random keys: a client picks its filters, so it must not be able to pick collisions.
     hasher: RandomState,
-    owners: HashMap<Owner, HashMap<u64, Bucket>>,
+    owners: HashMap<Owner, OwnBindings>,
     len: usize,
+}
+
+/// Up to this many bindings an owner keeps them in a list searched linearly.
+const FEW_BINDINGS: usize = 4;
+
+/// One owner's bindings by fingerprint: a short list while there are few (an MQTT device's
+/// direct sink usually has one binding, and a hash map for one is a table of four), a hash map
+/// past [`FEW_BINDINGS`].
+#[derive(Debug)]
+enum OwnBindings {
+    Few(Vec<(u64, Bucket)>),
+    /// Boxed: the map with its hasher is 48 bytes, the list 24.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<u64, Bucket>>),
+}
+
+impl Default for OwnBindings {
+    fn default() -> Self {
+        OwnBindings::Few(Vec::new())
+    }
+}
+
+impl OwnBindings {
+    fn len(&self) -> usize {
+        match self {
+            OwnBindings::Few(v) => v.len(),
+            OwnBindings::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, fp: u64) -> Option<&Bucket> {
+        match self {
+            OwnBindings::Few(v) => v.iter().find(|(f, _)| *f == fp).map(|(_, b)| b),
+            OwnBindings::Many(m) => m.get(&fp),
+        }
+    }
+
+    fn get_mut(&mut self, fp: u64) -> Option<&mut Bucket> {
+        match self {
+            OwnBindings::Few(v) => v.iter_mut().find(|(f, _)| *f == fp).map(|(_, b)| b),
+            OwnBindings::Many(m) => m.get_mut(&fp),
+        }
+    }
+
+    fn remove(&mut self, fp: u64) -> Option<Bucket> {
+        match self {
+            OwnBindings::Few(v) => {
+                let i = v.iter().position(|(f, _)| *f == fp)?;
+                let (_, b) = v.swap_remove(i);
+                if v.is_empty() {
+                    *v = Vec::new();
+                }
+                Some(b)
+            }
+            OwnBindings::Many(m) => m.remove(&fp),
+        }
+    }
+
+    /// Adds a bucket under a fingerprint not there.
+    fn insert(&mut self, fp: u64, bucket: Bucket) {
+        if let OwnBindings::Few(v) = self {
+            if v.len() == FEW_BINDINGS {
+                *self = OwnBindings::Many(Box::new(std::mem::take(v).into_iter().collect()));
+            }
+        }
+        match self {
+            OwnBindings::Few(v) => {
+                // Grow one at a time: most owners keep one binding.
+                v.reserve_exact(1);
+                v.push((fp, bucket));
+            }
+            OwnBindings::Many(m) => {
+                m.insert(fp, bucket);
+            }
+        }
+    }
+
+    fn values(&self) -> Box<dyn Iterator<Item = &Bucket> + '_> {
+        match self {
+            OwnBindings::Few(v) => Box::new(v.iter().map(|(_, b)| b)),
+            OwnBindings::Many(m) => Box::new(m.values()),
+        }
+    }
+
+    fn into_values(self) -> Vec<Bucket> {
+        match self {
+            OwnBindings::Few(v) => v.into_iter().map(|(_, b)| b).collect(),
+            OwnBindings::Many(m) => m.into_values().collect(),
+        }
+    }
 }
 
 impl BindingIndex {
@@ -249,7 +343,7 @@ impl BindingIndex {
 
     fn contains(&self, key: &BindingKey, destination: &Destination) -> bool {
         let Some(own) = self.owners.get(&destination.owner()) else { return false };
-        own.get(&self.fingerprint(key, destination))
+        own.get(self.fingerprint(key, destination))
             .is_some_and(|b| b.as_slice().iter().any(|x| x.destination == *destination && x.key.same(key)))
     }
 
@@ -257,14 +351,14 @@ impl BindingIndex {
     fn insert(&mut self, binding: Binding) {
         let fp = self.fingerprint(&binding.key, &binding.destination);
         let own = self.owners.entry(binding.destination.owner()).or_default();
-        match own.remove(&fp) {
+        match own.remove(fp) {
             None => own.insert(fp, Bucket::One(binding)),
             Some(Bucket::One(first)) => own.insert(fp, Bucket::Many(vec![first, binding])),
             Some(Bucket::Many(mut v)) => {
                 v.push(binding);
                 own.insert(fp, Bucket::Many(v))
             }
-        };
+        }
         self.len += 1;
     }
 
@@ -274,13 +368,13 @@ impl BindingIndex {
         let owner = destination.owner();
         let fp = self.fingerprint(key, destination);
         let own = self.owners.get_mut(&owner)?;
-        let bucket = own.get_mut(&fp)?;
+        let bucket = own.get_mut(fp)?;
         let (removed, twin) = match bucket {
             Bucket::One(b) => {
                 if !(b.destination == *destination && b.key.same(key)) {
                     return None;
                 }
-                match own.remove(&fp) {
+                match own.remove(fp) {
                     Some(Bucket::One(b)) => (b, false),
                     _ => return None,
                 }
@@ -294,7 +388,7 @@ impl BindingIndex {
                         && x.key.pattern == b.key.pattern
                 });
                 if v.is_empty() {
-                    own.remove(&fp);
+                    own.remove(fp);
                 }
                 (b, twin)
             }

@@ -107,8 +107,8 @@ fn match_levels(pattern: &[Level], words: &[&str]) -> bool {
 ///
 /// # Structure
 ///
-/// A trie with one edge per pattern level. Each node keeps its literal children in a
-/// `HashMap<Arc<str>, Node>` and separate slots for the `One` and `Many` children, plus the
+/// A trie with one edge per pattern level. Each node keeps its literal children in a short list
+/// (up to [`FEW_LITERALS`], searched linearly), or past it a `HashMap<Arc<str>, Node>`, and separate slots for the `One` and `Many` children, plus the
 /// entries (`value`, `dollar_rule`) whose pattern ends at that node. Insert and remove walk one
 /// node per level; remove prunes nodes left empty, so subscribe/unsubscribe churn frees memory.
 ///
@@ -136,7 +136,7 @@ pub struct TopicTrie<T> {
 
 #[derive(Debug, Clone)]
 struct Node<T> {
-    literal: HashMap<Arc<str>, Node<T>>,
+    literal: Literals<T>,
     one: Option<Box<Node<T>>>,
     many: Option<Box<Node<T>>>,
     /// Entries whose pattern ends here. Usually 0 or 1 long; a Vec keeps the node small.
@@ -151,7 +151,104 @@ struct Entry<T> {
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { literal: HashMap::new(), one: None, many: None, entries: Vec::new() }
+        Node { literal: Literals::Few(Vec::new()), one: None, many: None, entries: Vec::new() }
+    }
+}
+
+/// Up to this many literal children a node keeps them in a list: with one MQTT device per
+/// subscription (`devices/<id>/cmd`) most nodes have one child, and a hash map for one child is
+/// a table of four (about 440 bytes; the list of one, about 100).
+const FEW_LITERALS: usize = 4;
+
+/// A node's literal children.
+#[derive(Debug, Clone)]
+enum Literals<T> {
+    /// At most [`FEW_LITERALS`], searched linearly (cheaper than hashing the word).
+    Few(Vec<(Arc<str>, Node<T>)>),
+    /// Boxed: the map with its hasher is 48 bytes, the list 24, and every node holds one.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<Arc<str>, Node<T>>>),
+}
+
+impl<T> Literals<T> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Literals::Few(v) => v.is_empty(),
+            Literals::Many(m) => m.is_empty(),
+        }
+    }
+
+    fn get(&self, word: &str) -> Option<&Node<T>> {
+        match self {
+            Literals::Few(v) => v.iter().find(|(w, _)| **w == *word).map(|(_, n)| n),
+            Literals::Many(m) => m.get(word),
+        }
+    }
+
+    fn get_mut(&mut self, word: &str) -> Option<&mut Node<T>> {
+        match self {
+            Literals::Few(v) => v.iter_mut().find(|(w, _)| **w == *word).map(|(_, n)| n),
+            Literals::Many(m) => m.get_mut(word),
+        }
+    }
+
+    fn get_or_insert(&mut self, word: &Arc<str>) -> &mut Node<T> {
+        if let Literals::Few(v) = self {
+            if v.len() == FEW_LITERALS && !v.iter().any(|(w, _)| *w == *word) {
+                *self = Literals::Many(Box::new(std::mem::take(v).into_iter().collect()));
+            }
+        }
+        match self {
+            Literals::Few(v) => {
+                let i = match v.iter().position(|(w, _)| *w == *word) {
+                    Some(i) => i,
+                    None => {
+                        // Grow one at a time: most nodes keep one child.
+                        v.reserve_exact(1);
+                        v.push((word.clone(), Node::default()));
+                        v.len() - 1
+                    }
+                };
+                &mut v[i].1
+            }
+            Literals::Many(m) => {
+                // Look up by `&str` first so the common "already there" case does not touch the
+                // Arc's refcount (`entry` wants an owned key).
+                if !m.contains_key(&**word) {
+                    m.insert(word.clone(), Node::default());
+                }
+                m.get_mut(&**word).expect("just inserted")
+            }
+        }
+    }
+
+    fn remove(&mut self, word: &str) {
+        match self {
+            Literals::Few(v) => {
+                if let Some(i) = v.iter().position(|(w, _)| **w == *word) {
+                    v.swap_remove(i);
+                    if v.is_empty() {
+                        *v = Vec::new();
+                    }
+                }
+            }
+            Literals::Many(m) => {
+                m.remove(word);
+                // A map that once held many children keeps its table otherwise; give it back
+                // once it is mostly empty (amortised: only after shrinking by 4x).
+                if m.capacity() > 16 && m.len() * 4 <= m.capacity() {
+                    m.shrink_to_fit();
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> Box<dyn Iterator<Item = &Node<T>> + '_> {
+        match self {
+            Literals::Few(v) => Box::new(v.iter().map(|(_, n)| n)),
+            Literals::Many(m) => Box::new(m.values()),
+        }
     }
 }
 
@@ -177,14 +274,7 @@ impl<T> Node<T> {
 impl<T: PartialEq> Node<T> {
     fn descend_or_create(&mut self, level: &Level) -> &mut Node<T> {
         match level {
-            Level::Literal(w) => {
-                // Look up by `&str` first so the common "already there" case does not touch the
-                // Arc's refcount (`entry` wants an owned key).
-                if !self.literal.contains_key(&**w) {
-                    self.literal.insert(w.clone(), Node::default());
-                }
-                self.literal.get_mut(&**w).expect("just inserted")
-            }
+            Level::Literal(w) => self.literal.get_or_insert(w),
             Level::One => self.one.get_or_insert_with(Box::default),
             Level::Many => self.many.get_or_insert_with(Box::default),
         }
@@ -197,26 +287,23 @@ impl<T: PartialEq> Node<T> {
                 return false;
             };
             self.entries.swap_remove(i);
-            if self.entries.capacity() > 4 && self.entries.len() * 4 <= self.entries.capacity() {
+            if self.entries.is_empty() {
+                self.entries = Vec::new();
+            } else if self.entries.capacity() > 4 && self.entries.len() * 4 <= self.entries.capacity() {
                 self.entries.shrink_to_fit();
             }
             return true;
         };
         match first {
             Level::Literal(w) => {
-                let Some(child) = self.literal.get_mut(&**w) else {
+                let Some(child) = self.literal.get_mut(w) else {
                     return false;
                 };
                 if !child.remove(rest, entry) {
                     return false;
                 }
                 if child.is_empty() {
-                    self.literal.remove(&**w);
-                    // A map that once held many children keeps its table otherwise; give it back
-                    // once it is mostly empty (amortised: only after shrinking by 4x).
-                    if self.literal.capacity() > 16 && self.literal.len() * 4 <= self.literal.capacity() {
-                        self.literal.shrink_to_fit();
-                    }
+                    self.literal.remove(w);
                 }
                 true
             }
@@ -264,6 +351,10 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
         let entry = Entry { value, dollar_rule: pattern.dollar_rule };
         if node.entries.contains(&entry) {
             return false;
+        }
+        if node.entries.is_empty() {
+            // Usually the only one: a list of one, not Vec's default of four.
+            node.entries.reserve_exact(1);
         }
         node.entries.push(entry);
         self.len += 1;
@@ -418,6 +509,34 @@ mod tests {
 
     fn hits(pattern: Pattern, key: &str) -> usize {
         matched(&trie_of(&[pattern]), key).len()
+    }
+
+    #[test]
+    fn literal_children_move_to_a_map_past_a_few() {
+        let patterns: Vec<Pattern> = (0..(FEW_LITERALS * 3)).map(|i| amqp(&format!("d.{i}.cmd"))).collect();
+        let mut t = trie_of(&patterns);
+        assert!(matches!(t.root.literal.get("d").unwrap().literal, Literals::Many(_)));
+        for (i, p) in patterns.iter().enumerate() {
+            assert_eq!(matched(&t, &format!("d.{i}.cmd")), vec![i]);
+            let leaf =
+                t.root.literal.get("d").unwrap().literal.get(&i.to_string()).unwrap().literal.get("cmd").unwrap();
+            assert_eq!(leaf.entries.capacity(), 1);
+            assert!(t.remove(p, &i));
+            assert!(matched(&t, &format!("d.{i}.cmd")).is_empty());
+        }
+        assert!(t.root.is_empty());
+        assert_eq!(t.root.count(), 1);
+    }
+
+    #[test]
+    fn a_node_stays_small() {
+        // One per level of every binding pattern; it was 88 bytes with a HashMap for the
+        // literal children (docs/benchmarks.md, idle connections with a subscription).
+        assert!(std::mem::size_of::<Node<u64>>() <= 64, "{}", std::mem::size_of::<Node<u64>>());
+        let mut t = TopicTrie::new();
+        t.insert(&amqp("devices.d1.cmd"), 1u64);
+        let d1 = t.root.literal.get("devices").unwrap();
+        assert!(matches!(&d1.literal, Literals::Few(v) if v.capacity() == 1));
     }
 
     #[test]

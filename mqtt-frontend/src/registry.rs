@@ -121,8 +121,74 @@ pub struct Kick {
     view: SessionView,
 }
 
-/// A session's subscriptions as its view keeps them: filter → options and identifier.
-type ViewSubscriptions = std::collections::BTreeMap<String, (SubOptions, Option<u32>)>;
+/// A session's subscriptions as its view keeps them: filter → options and identifier. A list of
+/// a few (searched linearly; a device has one subscription, and a B-tree's first node has room
+/// for 11), a B-tree past [`VIEW_FEW`].
+#[derive(Debug)]
+enum ViewSubscriptions {
+    Few(Vec<(Box<str>, SubOptions, Option<u32>)>),
+    Many(std::collections::BTreeMap<Box<str>, (SubOptions, Option<u32>)>),
+}
+
+const VIEW_FEW: usize = 8;
+
+impl Default for ViewSubscriptions {
+    fn default() -> Self {
+        ViewSubscriptions::Few(Vec::new())
+    }
+}
+
+impl ViewSubscriptions {
+    fn insert(&mut self, filter: &str, options: SubOptions, identifier: Option<u32>) {
+        if let ViewSubscriptions::Few(v) = self {
+            if let Some(e) = v.iter_mut().find(|e| *e.0 == *filter) {
+                e.1 = options;
+                e.2 = identifier;
+                return;
+            }
+            if v.len() < VIEW_FEW {
+                v.reserve_exact(1);
+                v.push((filter.into(), options, identifier));
+                return;
+            }
+            let map = std::mem::take(v).into_iter().map(|(f, o, i)| (f, (o, i))).collect();
+            *self = ViewSubscriptions::Many(map);
+        }
+        if let ViewSubscriptions::Many(m) = self {
+            m.insert(filter.into(), (options, identifier));
+        }
+    }
+
+    fn remove(&mut self, filter: &str) {
+        match self {
+            ViewSubscriptions::Few(v) => {
+                v.retain(|e| *e.0 != *filter);
+                if v.is_empty() {
+                    *v = Vec::new();
+                }
+            }
+            ViewSubscriptions::Many(m) => {
+                m.remove(filter);
+            }
+        }
+    }
+
+    /// Sorted by filter.
+    fn list(&self) -> Vec<StoredSubscription> {
+        let mut out: Vec<StoredSubscription> = match self {
+            ViewSubscriptions::Few(v) => v
+                .iter()
+                .map(|(f, o, i)| StoredSubscription { filter: f.to_string(), options: *o, identifier: *i })
+                .collect(),
+            ViewSubscriptions::Many(m) => m
+                .iter()
+                .map(|(f, (o, i))| StoredSubscription { filter: f.to_string(), options: *o, identifier: *i })
+                .collect(),
+        };
+        out.sort_by(|a, b| a.filter.cmp(&b.filter));
+        out
+    }
+}
 
 /// A connected session as listings show it ([`Registry::sessions`]): the session keeps it
 /// current when its subscriptions or expiry change (rare events; never per message).
@@ -140,7 +206,7 @@ impl SessionView {
         self.subscriptions.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
     }
     pub fn subscribed(&self, filter: &str, options: SubOptions, identifier: Option<u32>) {
-        self.subs().insert(filter.to_string(), (options, identifier));
+        self.subs().insert(filter, options, identifier);
     }
     pub fn unsubscribed(&self, filter: &str) {
         if self.subscriptions.get().is_some() {
@@ -157,11 +223,7 @@ impl SessionView {
     fn subscriptions(&self) -> Vec<StoredSubscription> {
         match self.subscriptions.get() {
             None => Vec::new(),
-            Some(_) => self
-                .subs()
-                .iter()
-                .map(|(f, (o, i))| StoredSubscription { filter: f.clone(), options: *o, identifier: *i })
-                .collect(),
+            Some(_) => self.subs().list(),
         }
     }
 }
@@ -620,6 +682,29 @@ mod tests {
 
     /// A core entry for connection `id` (registered in a registry of its own, which the test
     /// does not look at).
+    #[test]
+    fn a_view_lists_subscriptions_sorted_few_or_many() {
+        let view = SessionView::default();
+        assert!(view.subscriptions().is_empty());
+        let o = SubOptions::default();
+        view.subscribed("devices/d1/cmd", o, None);
+        assert!(matches!(&*view.subs(), ViewSubscriptions::Few(v) if v.capacity() == 1));
+        view.subscribed("devices/d1/cmd", o, Some(3));
+        assert_eq!(view.subscriptions().len(), 1);
+        assert_eq!(view.subscriptions()[0].identifier, Some(3));
+        for i in (0..(VIEW_FEW + 4)).rev() {
+            view.subscribed(&format!("t/{i:02}"), o, None);
+        }
+        assert!(matches!(&*view.subs(), ViewSubscriptions::Many(_)));
+        view.unsubscribed("t/03");
+        let listed: Vec<String> = view.subscriptions().into_iter().map(|s| s.filter).collect();
+        let mut sorted = listed.clone();
+        sorted.sort();
+        assert_eq!(listed, sorted);
+        assert_eq!(listed.len(), VIEW_FEW + 4);
+        assert!(!listed.contains(&"t/03".to_string()));
+    }
+
     fn conn(id: u64) -> Arc<ConnectionEntry> {
         let info = ConnectionInfo {
             id: ConnectionId(id),

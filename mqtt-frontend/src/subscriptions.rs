@@ -28,16 +28,49 @@ pub(crate) struct Subscription {
     pub shared: Option<(Arc<Queue>, ConsumerId)>,
 }
 
+/// Up to this many subscriptions a session keeps them in one list searched linearly (one
+/// allocation: a device subscribed to its command topic holds one subscription, and three hash
+/// maps for it cost more than the rest of its session); past it, in the indexes.
+const SMALL: usize = 8;
+
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
-    by_cookie: HashMap<u64, Subscription>,
-    by_filter: HashMap<String, u64>,
-    /// Shared subscriptions by the name of their group's queue.
-    by_queue: HashMap<QueueName, u64>,
+    /// Every subscription while there are at most [`SMALL`] (and `index` is `None`).
+    small: Vec<Subscription>,
+    index: Option<Box<Index>>,
     /// Patterns of the subscriptions that are not shared, for a persistent session (a transient
     /// one receives cookies).
     patterns: Option<TopicTrie<u64>>,
     last_cookie: u64,
+}
+
+/// The subscriptions of a session with more than [`SMALL`] of them.
+#[derive(Debug, Default)]
+struct Index {
+    by_cookie: HashMap<u64, Subscription>,
+    by_filter: HashMap<String, u64>,
+    /// Shared subscriptions by the name of their group's queue.
+    by_queue: HashMap<QueueName, u64>,
+}
+
+impl Index {
+    fn insert(&mut self, sub: Subscription) {
+        let cookie = sub.cookie;
+        self.by_filter.insert(sub.filter.text.clone(), cookie);
+        if let Some((q, _)) = &sub.shared {
+            self.by_queue.insert(q.name().clone(), cookie);
+        }
+        self.by_cookie.insert(cookie, sub);
+    }
+
+    fn remove(&mut self, filter: &str) -> Option<Subscription> {
+        let cookie = self.by_filter.remove(filter)?;
+        let sub = self.by_cookie.remove(&cookie).expect("indexed by filter, so by cookie");
+        if let Some((q, _)) = &sub.shared {
+            self.by_queue.remove(q.name());
+        }
+        Some(sub)
+    }
 }
 
 impl Subscriptions {
@@ -47,15 +80,24 @@ impl Subscriptions {
     }
 
     pub fn len(&self) -> usize {
-        self.by_cookie.len()
+        match &self.index {
+            Some(ix) => ix.by_cookie.len(),
+            None => self.small.len(),
+        }
     }
 
     pub fn get(&self, filter: &str) -> Option<&Subscription> {
-        self.by_filter.get(filter).and_then(|c| self.by_cookie.get(c))
+        match &self.index {
+            Some(ix) => ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get(c)),
+            None => self.small.iter().find(|s| s.filter.text == filter),
+        }
     }
 
     pub fn get_mut(&mut self, filter: &str) -> Option<&mut Subscription> {
-        self.by_filter.get(filter).and_then(|c| self.by_cookie.get_mut(c))
+        match &mut self.index {
+            Some(ix) => ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get_mut(c)),
+            None => self.small.iter_mut().find(|s| s.filter.text == filter),
+        }
     }
 
     /// A cookie never used by this session (one that named a removed subscription could still
@@ -70,32 +112,44 @@ impl Subscriptions {
         if let Some(old) = self.remove(&sub.filter.text) {
             debug_assert_eq!(old.cookie, sub.cookie, "a replacement keeps its binding's cookie");
         }
-        let cookie = sub.cookie;
-        self.by_filter.insert(sub.filter.text.clone(), cookie);
-        match &sub.shared {
-            Some((q, _)) => {
-                self.by_queue.insert(q.name().clone(), cookie);
-            }
-            None => {
-                if let Some(trie) = &mut self.patterns {
-                    trie.insert(&sub.filter.pattern(), cookie);
-                }
+        if sub.shared.is_none() {
+            if let Some(trie) = &mut self.patterns {
+                trie.insert(&sub.filter.pattern(), sub.cookie);
             }
         }
-        self.by_cookie.insert(cookie, sub);
+        match &mut self.index {
+            Some(ix) => ix.insert(sub),
+            None if self.small.len() < SMALL => {
+                // The first one gets a list of one, not Vec's default of four.
+                self.small.reserve_exact(1);
+                self.small.push(sub);
+            }
+            None => {
+                let mut ix = Box::<Index>::default();
+                for s in std::mem::take(&mut self.small) {
+                    ix.insert(s);
+                }
+                ix.insert(sub);
+                self.index = Some(ix);
+            }
+        }
     }
 
     pub fn remove(&mut self, filter: &str) -> Option<Subscription> {
-        let cookie = self.by_filter.remove(filter)?;
-        let sub = self.by_cookie.remove(&cookie).expect("indexed by filter, so by cookie");
-        match &sub.shared {
-            Some((q, _)) => {
-                self.by_queue.remove(q.name());
-            }
+        let sub = match &mut self.index {
+            Some(ix) => ix.remove(filter)?,
             None => {
-                if let Some(trie) = &mut self.patterns {
-                    trie.remove(&sub.filter.pattern(), &cookie);
+                let i = self.small.iter().position(|s| s.filter.text == filter)?;
+                let sub = self.small.swap_remove(i);
+                if self.small.is_empty() {
+                    self.small = Vec::new();
                 }
+                sub
+            }
+        };
+        if sub.shared.is_none() {
+            if let Some(trie) = &mut self.patterns {
+                trie.remove(&sub.filter.pattern(), &sub.cookie);
             }
         }
         Some(sub)
@@ -103,18 +157,27 @@ impl Subscriptions {
 
     /// Removes up to `n` subscriptions (any of them) and returns them.
     pub fn take_some(&mut self, n: usize) -> Vec<Subscription> {
-        let filters: Vec<String> = self.by_filter.keys().take(n).cloned().collect();
+        let filters: Vec<String> = match &self.index {
+            Some(ix) => ix.by_filter.keys().take(n).cloned().collect(),
+            None => self.small.iter().take(n).map(|s| s.filter.text.clone()).collect(),
+        };
         filters.iter().filter_map(|f| self.remove(f)).collect()
     }
 
     /// The subscription whose binding has this cookie.
     pub fn by_cookie(&self, cookie: u64) -> Option<&Subscription> {
-        self.by_cookie.get(&cookie)
+        match &self.index {
+            Some(ix) => ix.by_cookie.get(&cookie),
+            None => self.small.iter().find(|s| s.cookie == cookie),
+        }
     }
 
     /// The shared subscription consuming this queue.
     pub fn by_queue(&self, queue: &QueueName) -> Option<&Subscription> {
-        self.by_queue.get(queue).and_then(|c| self.by_cookie.get(c))
+        match &self.index {
+            Some(ix) => ix.by_queue.get(queue).and_then(|c| ix.by_cookie.get(c)),
+            None => self.small.iter().find(|s| s.shared.as_ref().is_some_and(|(q, _)| q.name() == queue)),
+        }
     }
 
     /// Calls `f` with each subscription that is not shared and whose pattern matches
@@ -122,7 +185,7 @@ impl Subscriptions {
     pub fn matching(&self, routing_key: &str, mut f: impl FnMut(&Subscription)) {
         if let Some(trie) = &self.patterns {
             trie.for_each_match(routing_key, |c| {
-                if let Some(sub) = self.by_cookie.get(c) {
+                if let Some(sub) = self.by_cookie(*c) {
                     f(sub)
                 }
             });
@@ -130,11 +193,19 @@ impl Subscriptions {
     }
 
     pub fn values(&self) -> impl Iterator<Item = &Subscription> {
-        self.by_cookie.values()
+        let (small, index) = match &self.index {
+            Some(ix) => (None, Some(ix.by_cookie.values())),
+            None => (Some(self.small.iter()), None),
+        };
+        small.into_iter().flatten().chain(index.into_iter().flatten())
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Subscription> {
-        self.by_cookie.values_mut()
+        let (small, index) = match &mut self.index {
+            Some(ix) => (None, Some(ix.by_cookie.values_mut())),
+            None => (Some(self.small.iter_mut()), None),
+        };
+        small.into_iter().flatten().chain(index.into_iter().flatten())
     }
 }
 
@@ -224,5 +295,39 @@ mod tests {
         assert_eq!(subs.take_some(100).len(), 6);
         assert_eq!(subs.len(), 0);
         assert!(matched(&subs, "t.1").is_empty());
+    }
+
+    #[test]
+    fn past_the_small_list_the_indexes_take_over() {
+        let mut subs = Subscriptions::new(true);
+        let mut cookies = Vec::new();
+        for i in 0..(SMALL + 3) {
+            let s = sub(&mut subs, &format!("t/{i}"));
+            cookies.push(s.cookie);
+            subs.insert(s);
+            assert_eq!(subs.len(), i + 1);
+            assert_eq!(subs.index.is_some(), i + 1 > SMALL);
+        }
+        for (i, c) in cookies.iter().enumerate() {
+            assert_eq!(subs.by_cookie(*c).unwrap().filter.text, format!("t/{i}"));
+            assert_eq!(subs.get(&format!("t/{i}")).unwrap().cookie, *c);
+        }
+        assert_eq!(subs.values().count(), SMALL + 3);
+        assert_eq!(matched(&subs, "t.4"), vec!["t/4"]);
+        assert_eq!(subs.remove("t/4").unwrap().cookie, cookies[4]);
+        assert!(matched(&subs, "t.4").is_empty());
+        assert_eq!(subs.values_mut().count(), SMALL + 2);
+    }
+
+    #[test]
+    fn one_subscription_is_one_small_allocation() {
+        let mut subs = Subscriptions::new(false);
+        let a = sub(&mut subs, "devices/d1/cmd");
+        subs.insert(a);
+        assert_eq!(subs.small.capacity(), 1);
+        assert!(subs.index.is_none());
+        assert_eq!(subs.values().count(), 1);
+        subs.remove("devices/d1/cmd").unwrap();
+        assert_eq!(subs.small.capacity(), 0);
     }
 }
