@@ -29,11 +29,13 @@ use crate::codec::{
     SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use crate::errors::MqttError;
-use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_publish};
+use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_message_keyed, to_publish_on};
 use crate::registry::{StoredSession, StoredSubscription};
 use crate::session_store::encode_session;
 use crate::subscriptions::{Subscription, Subscriptions};
-use crate::topic::{check_filter, check_topic_name, server_only, Filter, TopicError};
+use crate::topic::{
+    check_filter, check_topic_name, server_only, swap_separators, swap_separators_in, Filter, TopicError,
+};
 
 /// Frontend-wide MQTT settings.
 #[derive(Debug, Clone)]
@@ -265,6 +267,9 @@ pub struct Session {
     pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
     /// Bytes to write to the socket.
     pub out: BytesMut,
+    /// Where topics become routing keys and back (`topic::swap_separators_in`): one buffer
+    /// reused from message to message instead of a string per message.
+    topics: BytesMut,
     /// Counters for `$SYS`.
     pub stats: SessionStats,
     /// The broker's disk alarm, as the driver last saw it: while it is up, 5.0 QoS 1/2
@@ -481,6 +486,7 @@ impl Session {
             quiet: false,
             // Grows with what is written at once; an idle connection keeps next to nothing.
             out: BytesMut::new(),
+            topics: BytesMut::new(),
             stats: SessionStats::default(),
             settings,
             disk_alarm: false,
@@ -901,7 +907,8 @@ impl Session {
         } else {
             self.settings.exchange.clone()
         };
-        let message = to_message(p, topic, &exchange, origin, now);
+        let key = ShortString::from_bytes(swap_separators_in(topic.as_bytes(), &mut self.topics));
+        let message = to_message_keyed(p, key, &exchange, origin, now);
         let retained_commit = if p.retain {
             let key = message.routing_key.clone();
             // The retained copy is delivered later with RETAIN set; its header says so already.
@@ -1316,11 +1323,10 @@ impl Session {
                     Pending::Queue(d) => self.deliver_from_queue(d, now),
                 }
             }
-            let queued = self.queue_outbox.as_ref().map(|o| o.drain_all()).unwrap_or_default();
-            let sunk = self.sink_outbox.drain_all();
-            let drained = queued.len() + sunk.len();
-            self.backlog.extend(queued.into_iter().map(Pending::Queue));
-            self.backlog.extend(sunk.into_iter().map(Pending::Sink));
+            // Straight into the backlog: no vector per drain.
+            let queued = self.queue_outbox.as_ref().map_or(0, |o| o.drain_with(&mut self.backlog, Pending::Queue));
+            let sunk = self.sink_outbox.drain_with(&mut self.backlog, Pending::Sink);
+            let drained = queued + sunk;
             if drained == 0 {
                 return;
             }
@@ -1433,7 +1439,13 @@ impl Session {
             return;
         }
         let v5 = self.is_v5();
-        let mut p = to_publish(m, qos, retain, v5, now);
+        let topic = if m.routing_key.as_str().is_some() {
+            Str::from_validated(swap_separators_in(m.routing_key.as_bytes(), &mut self.topics))
+        } else {
+            // Not UTF-8 (an AMQP publisher's key): its lossy text, as `to_publish` gives.
+            Str::from(swap_separators(&m.routing_key.to_string_lossy()))
+        };
+        let mut p = to_publish_on(m, topic, qos, retain, v5, now);
         // Read access is checked on delivery too (Mosquitto does): a reload may have taken away
         // what a subscription was granted.
         if !self.settings.acl.is_empty()
