@@ -5,9 +5,10 @@
 //! stays a literal. Routing keys are split on `.`; an empty routing key has zero levels, as in
 //! RabbitMQ.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+
+use crate::hash::{FastSet, KeyedMap};
 
 /// One level of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,7 +137,7 @@ pub struct TopicTrie<T> {
 
 #[derive(Debug, Clone)]
 struct Node<T> {
-    literal: HashMap<Arc<str>, Node<T>>,
+    literal: KeyedMap<Arc<str>, Node<T>>,
     one: Option<Box<Node<T>>>,
     many: Option<Box<Node<T>>>,
     /// Entries whose pattern ends here. Usually 0 or 1 long; a Vec keeps the node small.
@@ -151,7 +152,7 @@ struct Entry<T> {
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { literal: HashMap::new(), one: None, many: None, entries: Vec::new() }
+        Node { literal: KeyedMap::default(), one: None, many: None, entries: Vec::new() }
     }
 }
 
@@ -320,7 +321,7 @@ struct Walk<'k, F> {
     f: F,
     /// (node address, position) pairs already visited below two or more `Many` levels. Created
     /// only when such a pattern is reached, so ordinary lookups neither hash nor allocate.
-    seen: Option<HashSet<(usize, usize)>>,
+    seen: Option<FastSet<(usize, usize)>>,
 }
 
 impl<F> Walk<'_, F> {
@@ -341,7 +342,8 @@ impl<F> Walk<'_, F> {
     {
         // With at most one `Many` on the path, (node, pos) is reached at most once (the `Many`
         // absorbs a determined number of words), so only deeper nodes need the seen set.
-        if manys >= 2 && !self.seen.get_or_insert_with(HashSet::new).insert((node as *const Node<T> as usize, pos)) {
+        if manys >= 2 && !self.seen.get_or_insert_with(FastSet::default).insert((node as *const Node<T> as usize, pos))
+        {
             return;
         }
         if pos == self.end {

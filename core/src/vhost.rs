@@ -6,7 +6,6 @@
 //! each queue's lock is taken in turn to enqueue. Effects a queue returns (dead letters, a
 //! request to delete it) are carried out after its lock is released.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -16,6 +15,7 @@ use smallvec::SmallVec;
 
 use crate::error::CoreError;
 use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, Owner, SinkRef};
+use crate::hash::KeyedMap;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::permissions::AccessPolicy;
 use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
@@ -135,8 +135,8 @@ impl RetiredQueues {
 pub struct VHost {
     name: String,
     store: Arc<dyn Store>,
-    exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
-    queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    exchanges: RwLock<KeyedMap<ShortString, Arc<Exchange>>>,
+    queues: RwLock<KeyedMap<ShortString, Arc<Queue>>>,
     retained: RetainedStore,
     stats: VHostStats,
     /// The broker's timer, armed with the deadlines queues report (message TTL, `x-expires`).
@@ -284,7 +284,7 @@ impl VHost {
             name: name.to_string(),
             store,
             exchanges: RwLock::new(exchanges),
-            queues: RwLock::new(HashMap::new()),
+            queues: RwLock::new(KeyedMap::default()),
             retained: RetainedStore::new(),
             stats: VHostStats::default(),
             timer,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
 use ferry_core::flow::AckQueue;
+use ferry_core::hash::FastMap;
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
@@ -234,7 +235,7 @@ pub struct Session {
     extras: Option<Box<Extras>>,
     // Outbound state.
     window: u16,
-    inflight: HashMap<u16, Inflight>,
+    inflight: FastMap<u16, Inflight>,
     next_packet_id: u16,
     client_alias_max: u16,
     client_max_packet: u32,
@@ -470,7 +471,7 @@ impl Session {
             persistent,
             extras: None,
             window: window.max(1),
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             next_packet_id: 1,
             client_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
             client_max_packet: if v5 { p.maximum_packet_size.unwrap_or(u32::MAX) } else { u32::MAX },

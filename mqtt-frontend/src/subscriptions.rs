@@ -8,9 +8,9 @@
 //!   which binding matched, so the routing key is matched again, in a trie of the session's
 //!   patterns rather than against each filter.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use ferry_core::hash::{FastMap, KeyedMap};
 use ferry_core::queue::{ConsumerId, Queue, QueueName};
 use ferry_core::topic::TopicTrie;
 
@@ -30,10 +30,10 @@ pub(crate) struct Subscription {
 
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
-    by_cookie: HashMap<u64, Subscription>,
-    by_filter: HashMap<String, u64>,
+    by_cookie: FastMap<u64, Subscription>,
+    by_filter: KeyedMap<String, u64>,
     /// Shared subscriptions by the name of their group's queue.
-    by_queue: HashMap<QueueName, u64>,
+    by_queue: KeyedMap<QueueName, u64>,
     /// Patterns of the subscriptions that are not shared, for a persistent session (a transient
     /// one receives cookies).
     patterns: Option<TopicTrie<u64>>,
