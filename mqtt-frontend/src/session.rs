@@ -816,7 +816,9 @@ impl Session {
                 self.extras().inbound_aliases.insert(alias, p.topic.clone());
             }
         }
-        match check_topic_name(p.topic.as_str()) {
+        // The decoder checked the topic's UTF-8; `as_str` checks it again, so once here.
+        let topic = p.topic.as_str();
+        match check_topic_name(topic) {
             // `$share/...` is refused below, as not authorized (Mosquitto's answer), and the
             // connection stays.
             Ok(()) | Err(TopicError::SharedName) => {}
@@ -839,12 +841,10 @@ impl Session {
             return Ok(());
         }
         self.stats.messages_in += 1;
-        if server_only(p.topic.as_str())
-            || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str())
-        {
+        if server_only(topic) || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, topic) {
             // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
             // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
-            tracing::debug!(client_id = %self.client_id, topic = %p.topic.as_str(), "publish denied by the ACL");
+            tracing::debug!(client_id = %self.client_id, topic = %topic, "publish denied by the ACL");
             let code = MqttError::PublishNotAuthorized.ack_code(self.version);
             let packet = PubResp { packet_id: id, reason: code, properties: Default::default() };
             match p.qos {
@@ -866,7 +866,7 @@ impl Session {
             self.queue_ack(Commit::done(Ok(())), packet);
             return Ok(());
         }
-        let (routed, rejected, mut commit) = self.route(&p, p.topic.as_str(), now);
+        let (routed, rejected, mut commit) = self.route(&p, topic, now);
         let code = if rejected {
             MqttError::PublishQuotaExceeded.ack_code(self.version)
         } else if routed == 0 && v5 && p.qos == QoS::AtLeastOnce {
