@@ -5,6 +5,8 @@
 //! alternate exchanges, removes duplicates and delivers.
 
 use std::collections::HashMap;
+
+use crate::hash::KeyedMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
@@ -422,7 +424,7 @@ impl BindingIndex {
 /// How an exchange finds the destinations of a message (its bindings are in the index).
 #[derive(Debug)]
 enum Routes {
-    Direct(HashMap<ShortString, Vec<Destination>>),
+    Direct(KeyedMap<ShortString, Vec<Destination>>),
     Fanout(Vec<Destination>),
     Topic(TopicTrie<Destination>),
     Headers(Vec<HeadersBinding>),
@@ -507,7 +509,7 @@ impl Exchange {
     pub fn new(name: impl Into<ShortString>, kind: ExchangeKind, options: ExchangeOptions) -> Exchange {
         let alternate = options.arguments.get("alternate-exchange").and_then(|v| v.as_str()).map(ShortString::from);
         let routes = match kind {
-            ExchangeKind::Direct => Routes::Direct(HashMap::new()),
+            ExchangeKind::Direct => Routes::Direct(KeyedMap::default()),
             ExchangeKind::Fanout => Routes::Fanout(Vec::new()),
             ExchangeKind::Topic => Routes::Topic(TopicTrie::new()),
             ExchangeKind::Headers => Routes::Headers(Vec::new()),

@@ -40,6 +40,8 @@
 //! - [`rate`]: the token bucket behind the connection-accept and publish rate limits.
 //! - [`logging`]: [`log_limited!`] for log lines a client can trigger at will (bad logins,
 //!   refused connections, protocol errors): a burst per second per call site, then a count.
+//! - [`hash`]: hash maps by who chooses their keys: keyed foldhash for clients' strings, fixed
+//!   foldhash for the broker's own ids (std's SipHash is not used on the message path).
 //! - [`size`]: [`ByteSize`](size::ByteSize), byte counts in log lines and errors ("128 KiB").
 //! - [`store`]: the [`Store`](store::Store) trait (shaped for group commit), the in-memory store and
 //!   the redb store (`store::RedbStore`, the server's).
@@ -59,6 +61,7 @@ pub mod error;
 pub mod exchange;
 pub mod flow;
 pub mod frontend;
+pub mod hash;
 pub mod logging;
 pub mod message;
 pub mod permissions;

@@ -116,6 +116,14 @@ impl ShortString {
     }
 }
 
+/// Maps keyed by `ShortString` are looked up by `&[u8]` (or a `&str`'s bytes) without building
+/// a key: `Bytes` hashes and compares as its slice.
+impl std::borrow::Borrow<[u8]> for ShortString {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl From<&str> for ShortString {
     fn from(s: &str) -> Self {
         ShortString(Bytes::copy_from_slice(s.as_bytes()))

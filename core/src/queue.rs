@@ -29,7 +29,7 @@
 //! 5. Leaves, never held with another: an outbox's `lag`, a `Signal`'s state (wakers are woken
 //!    after it is released), the retained store's map, the login throttle's table.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +38,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::error::CoreError;
+use crate::hash::FastMap;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::store::{Commit, StoreError};
 
@@ -520,7 +521,7 @@ struct QueueState {
     levels: Vec<VecDeque<Entry>>,
     ready_count: u64,
     ready_bytes: u64,
-    unacked: HashMap<u64, Unacked>,
+    unacked: FastMap<u64, Unacked>,
     /// In registration order (the first is the single active consumer).
     consumers: Vec<Consumer>,
     next_seq: u64,
@@ -656,7 +657,7 @@ impl Queue {
             levels,
             ready_count: 0,
             ready_bytes: 0,
-            unacked: HashMap::new(),
+            unacked: FastMap::default(),
             consumers: Vec::new(),
             next_seq: 1,
             serve_clock: 0,

@@ -163,6 +163,20 @@ impl<T> Outbox<T> {
         }
         n
     }
+    /// Moves every ready item into `out` through `f` (an owner's own backlog, wrapped in its
+    /// own type); returns how many. Nothing is allocated once `out` has grown to its working size.
+    pub fn drain_with<U>(&self, out: &mut impl Extend<U>, f: impl FnMut(T) -> U) -> usize {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let n = q.len();
+        if n == 0 {
+            return 0;
+        }
+        out.extend(q.drain(..).map(f));
+        self.len.store(0, Ordering::SeqCst);
+        drop(q);
+        self.drained_some();
+        n
+    }
     /// Every ready item, in a vector made for them (none when there are none): for an owner
     /// that keeps no scratch vector. The lock is held only for the copy, not while the owner
     /// handles them (producers contend for it: 50 publishers feeding one subscriber).

@@ -5,9 +5,10 @@
 //! stays a literal. Routing keys are split on `.`; an empty routing key has zero levels, as in
 //! RabbitMQ.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+
+use crate::hash::{FastSet, KeyedMap};
 
 /// One level of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -167,7 +168,7 @@ enum Literals<T> {
     Few(Vec<(Arc<str>, Node<T>)>),
     /// Boxed: the map with its hasher is 48 bytes, the list 24, and every node holds one.
     #[allow(clippy::box_collection)]
-    Many(Box<HashMap<Arc<str>, Node<T>>>),
+    Many(Box<KeyedMap<Arc<str>, Node<T>>>),
 }
 
 impl<T> Literals<T> {
@@ -411,7 +412,7 @@ struct Walk<'k, F> {
     f: F,
     /// (node address, position) pairs already visited below two or more `Many` levels. Created
     /// only when such a pattern is reached, so ordinary lookups neither hash nor allocate.
-    seen: Option<HashSet<(usize, usize)>>,
+    seen: Option<FastSet<(usize, usize)>>,
 }
 
 impl<F> Walk<'_, F> {
@@ -432,7 +433,8 @@ impl<F> Walk<'_, F> {
     {
         // With at most one `Many` on the path, (node, pos) is reached at most once (the `Many`
         // absorbs a determined number of words), so only deeper nodes need the seen set.
-        if manys >= 2 && !self.seen.get_or_insert_with(HashSet::new).insert((node as *const Node<T> as usize, pos)) {
+        if manys >= 2 && !self.seen.get_or_insert_with(FastSet::default).insert((node as *const Node<T> as usize, pos))
+        {
             return;
         }
         if pos == self.end {

@@ -6,15 +6,16 @@
 //! each queue's lock is taken in turn to enqueue. Effects a queue returns (dead letters, a
 //! request to delete it) are carried out after its lock is released.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
+use smallvec::SmallVec;
 
 use crate::error::CoreError;
 use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, Owner, SinkRef};
+use crate::hash::KeyedMap;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::permissions::AccessPolicy;
 use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
@@ -134,8 +135,8 @@ impl RetiredQueues {
 pub struct VHost {
     name: String,
     store: Arc<dyn Store>,
-    exchanges: RwLock<HashMap<ShortString, Arc<Exchange>>>,
-    queues: RwLock<HashMap<ShortString, Arc<Queue>>>,
+    exchanges: RwLock<KeyedMap<ShortString, Arc<Exchange>>>,
+    queues: RwLock<KeyedMap<ShortString, Arc<Queue>>>,
     retained: RetainedStore,
     stats: VHostStats,
     /// The broker's timer, armed with the deadlines queues report (message TTL, `x-expires`).
@@ -156,10 +157,12 @@ impl fmt::Debug for VHost {
 
 /// Destinations of one publish, without duplicates: a queue gets one copy however many of its
 /// bindings match; a sink gets one copy with every matching binding's cookie.
+///
+/// Inline up to two of each: a publish to one subscriber or one queue allocates no list.
 #[derive(Default)]
 struct Targets {
-    queues: Vec<Arc<Queue>>,
-    sinks: Vec<(Arc<DirectSink>, Cookies)>,
+    queues: SmallVec<[Arc<Queue>; 2]>,
+    sinks: SmallVec<[(Arc<DirectSink>, Cookies); 2]>,
 }
 
 impl Targets {
@@ -181,6 +184,10 @@ impl Targets {
         }
     }
 }
+
+/// Exchanges a publish went through (cycles stop at the second visit). Inline: an ordinary
+/// publish visits one exchange, and allocates nothing for this.
+type Visited = SmallVec<[Arc<Exchange>; 4]>;
 
 fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
     e.into_inner()
@@ -277,7 +284,7 @@ impl VHost {
             name: name.to_string(),
             store,
             exchanges: RwLock::new(exchanges),
-            queues: RwLock::new(HashMap::new()),
+            queues: RwLock::new(KeyedMap::default()),
             retained: RetainedStore::new(),
             stats: VHostStats::default(),
             timer,
@@ -314,7 +321,11 @@ impl VHost {
     }
 
     pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
-        self.exchanges.read().unwrap_or_else(lock_err).get(&ShortString::from(name)).cloned()
+        self.exchange_by_bytes(name.as_bytes())
+    }
+    /// [`VHost::exchange`] by the name's bytes (what routing has): no key is built.
+    fn exchange_by_bytes(&self, name: &[u8]) -> Option<Arc<Exchange>> {
+        self.exchanges.read().unwrap_or_else(lock_err).get(name).cloned()
     }
     pub fn exchange_names(&self) -> Vec<ShortString> {
         let mut v: Vec<_> = self.exchanges.read().unwrap_or_else(lock_err).keys().cloned().collect();
@@ -323,7 +334,7 @@ impl VHost {
     }
     /// The queue, whoever owns it (management, tests). Frontends use [`VHost::queue_for`].
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
-        self.queues.read().unwrap_or_else(lock_err).get(&ShortString::from(name)).cloned()
+        self.queues.read().unwrap_or_else(lock_err).get(name.as_bytes()).cloned()
     }
     /// Every queue (unordered) and, read at the same moment, what the deleted ones counted: a
     /// queue is in exactly one of the two, so sums over both never go down between two calls.
@@ -987,16 +998,16 @@ impl VHost {
     /// and alternate exchanges, without cycles.
     fn targets(&self, x: &Arc<Exchange>, message: &Message) -> Targets {
         let mut targets = Targets::default();
-        let mut visited: Vec<ShortString> = Vec::new();
+        let mut visited: Visited = SmallVec::new();
         self.route_into(x, message, &mut targets, &mut visited);
         targets
     }
 
-    fn route_into(&self, x: &Arc<Exchange>, message: &Message, targets: &mut Targets, visited: &mut Vec<ShortString>) {
-        if visited.contains(x.name()) {
+    fn route_into(&self, x: &Arc<Exchange>, message: &Message, targets: &mut Targets, visited: &mut Visited) {
+        if visited.iter().any(|v| v.name() == x.name()) {
             return;
         }
-        visited.push(x.name().clone());
+        visited.push(x.clone());
         let before = targets.len();
         if x.name().is_empty() {
             // The default exchange: every queue is bound under its own name, except a frontend's
@@ -1023,13 +1034,13 @@ impl VHost {
                 }
             });
             for n in next {
-                if let Some(child) = self.exchange(&n.to_string_lossy()) {
+                if let Some(child) = self.exchange_by_bytes(n.as_bytes()) {
                     self.route_into(&child, message, targets, visited);
                 }
             }
         }
         if targets.len() == before {
-            if let Some(ae) = x.alternate().and_then(|n| self.exchange(&n.to_string_lossy())) {
+            if let Some(ae) = x.alternate().and_then(|n| self.exchange_by_bytes(n.as_bytes())) {
                 self.route_into(&ae, message, targets, visited);
             }
         }

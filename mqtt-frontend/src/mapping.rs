@@ -30,6 +30,18 @@ fn reserved(key: &[u8]) -> bool {
 
 /// Builds the core message for a PUBLISH on `topic` (already resolved from a topic alias).
 pub fn to_message(p: &Publish, topic: &str, exchange: &ShortString, origin: Origin, now: Millis) -> Message {
+    to_message_keyed(p, ShortString::from(swap_separators(topic)), exchange, origin, now)
+}
+
+/// [`to_message`] with the routing key already worked out from the topic (a session swaps the
+/// separators into its own buffer: `topic::swap_separators_in`).
+pub fn to_message_keyed(
+    p: &Publish,
+    routing_key: ShortString,
+    exchange: &ShortString,
+    origin: Origin,
+    now: Millis,
+) -> Message {
     // The delivery mode is set both ways, so AMQP consumers see 1 or 2 as from an AMQP publisher.
     let mode = if p.qos > QoS::AtMostOnce { DeliveryMode::Persistent } else { DeliveryMode::Transient };
     let mut props = Properties { delivery_mode: Some(mode), ..Properties::default() };
@@ -83,10 +95,7 @@ pub fn to_message(p: &Publish, topic: &str, exchange: &ShortString, origin: Orig
     }
     props.headers = headers;
     props.expiration = mp.message_expiry_interval.map(|s| ShortString::from((s as u64 * 1000).to_string()));
-    Message::new(exchange.clone(), swap_separators(topic), p.payload.clone())
-        .with_properties(props)
-        .with_origin(origin)
-        .at(now)
+    Message::new(exchange.clone(), routing_key, p.payload.clone()).with_properties(props).with_origin(origin).at(now)
 }
 
 /// The QoS a message was published with: the `x-mqtt-qos` header, else 1 for persistent and

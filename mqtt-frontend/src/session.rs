@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
 use ferry_core::flow::AckQueue;
+use ferry_core::hash::FastMap;
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
 use ferry_core::sink::{DirectSink, Outbox, SinkDelivery};
@@ -29,11 +30,13 @@ use crate::codec::{
     SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use crate::errors::MqttError;
-use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_publish};
+use crate::mapping::{message_qos, message_retain, remaining_expiry, to_message, to_message_keyed, to_publish_on};
 use crate::registry::{StoredSession, StoredSubscription};
 use crate::session_store::encode_session;
 use crate::subscriptions::{Subscription, Subscriptions};
-use crate::topic::{check_filter, check_topic_name, server_only, Filter, TopicError};
+use crate::topic::{
+    check_filter, check_topic_name, server_only, swap_separators, swap_separators_in, Filter, TopicError,
+};
 
 /// Frontend-wide MQTT settings.
 #[derive(Debug, Clone)]
@@ -236,7 +239,7 @@ pub struct Session {
     extras: Option<Box<Extras>>,
     // Outbound state.
     window: u16,
-    inflight: HashMap<u16, Inflight>,
+    inflight: FastMap<u16, Inflight>,
     next_packet_id: u16,
     client_alias_max: u16,
     client_max_packet: u32,
@@ -269,6 +272,9 @@ pub struct Session {
     pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
     /// Bytes to write to the socket.
     pub out: BytesMut,
+    /// Where topics become routing keys and back (`topic::swap_separators_in`): one buffer
+    /// reused from message to message instead of a string per message.
+    topics: BytesMut,
     /// Counters for `$SYS`.
     pub stats: SessionStats,
     /// The broker's disk alarm, as the driver last saw it: while it is up, 5.0 QoS 1/2
@@ -471,7 +477,7 @@ impl Session {
             persistent,
             extras: None,
             window: window.max(1),
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
             next_packet_id: 1,
             client_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
             client_max_packet: if v5 { p.maximum_packet_size.unwrap_or(u32::MAX) } else { u32::MAX },
@@ -487,6 +493,7 @@ impl Session {
             quiet: false,
             // Grows with what is written at once; an idle connection keeps next to nothing.
             out: BytesMut::new(),
+            topics: BytesMut::new(),
             stats: SessionStats::default(),
             settings,
             disk_alarm: false,
@@ -815,7 +822,9 @@ impl Session {
                 self.extras().inbound_aliases.insert(alias, p.topic.clone());
             }
         }
-        match check_topic_name(p.topic.as_str()) {
+        // The decoder checked the topic's UTF-8; `as_str` checks it again, so once here.
+        let topic = p.topic.as_str();
+        match check_topic_name(topic) {
             // `$share/...` is refused below, as not authorized (Mosquitto's answer), and the
             // connection stays.
             Ok(()) | Err(TopicError::SharedName) => {}
@@ -838,12 +847,10 @@ impl Session {
             return Ok(());
         }
         self.stats.messages_in += 1;
-        if server_only(p.topic.as_str())
-            || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, p.topic.as_str())
-        {
+        if server_only(topic) || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, topic) {
             // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
             // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
-            tracing::debug!(client_id = %self.client_id, topic = %p.topic.as_str(), "publish denied by the ACL");
+            tracing::debug!(client_id = %self.client_id, topic = %topic, "publish denied by the ACL");
             let code = MqttError::PublishNotAuthorized.ack_code(self.version);
             let packet = PubResp { packet_id: id, reason: code, properties: Default::default() };
             match p.qos {
@@ -865,7 +872,7 @@ impl Session {
             self.queue_ack(Commit::done(Ok(())), packet);
             return Ok(());
         }
-        let (routed, rejected, mut commit) = self.route(&p, p.topic.as_str(), now);
+        let (routed, rejected, mut commit) = self.route(&p, topic, now);
         let code = if rejected {
             MqttError::PublishQuotaExceeded.ack_code(self.version)
         } else if routed == 0 && v5 && p.qos == QoS::AtLeastOnce {
@@ -907,7 +914,8 @@ impl Session {
         } else {
             self.settings.exchange.clone()
         };
-        let message = to_message(p, topic, &exchange, origin, now);
+        let key = ShortString::from_bytes(swap_separators_in(topic.as_bytes(), &mut self.topics));
+        let message = to_message_keyed(p, key, &exchange, origin, now);
         let retained_commit = if p.retain {
             let key = message.routing_key.clone();
             // The retained copy is delivered later with RETAIN set; its header says so already.
@@ -1322,11 +1330,10 @@ impl Session {
                     Pending::Queue(d) => self.deliver_from_queue(d, now),
                 }
             }
-            let queued = self.queue_outbox.as_ref().map(|o| o.drain_all()).unwrap_or_default();
-            let sunk = self.sink_outbox.drain_all();
-            let drained = queued.len() + sunk.len();
-            self.backlog.extend(queued.into_iter().map(Pending::Queue));
-            self.backlog.extend(sunk.into_iter().map(Pending::Sink));
+            // Straight into the backlog: no vector per drain.
+            let queued = self.queue_outbox.as_ref().map_or(0, |o| o.drain_with(&mut self.backlog, Pending::Queue));
+            let sunk = self.sink_outbox.drain_with(&mut self.backlog, Pending::Sink);
+            let drained = queued + sunk;
             if drained == 0 {
                 return;
             }
@@ -1439,7 +1446,13 @@ impl Session {
             return;
         }
         let v5 = self.is_v5();
-        let mut p = to_publish(m, qos, retain, v5, now);
+        let topic = if m.routing_key.as_str().is_some() {
+            Str::from_validated(swap_separators_in(m.routing_key.as_bytes(), &mut self.topics))
+        } else {
+            // Not UTF-8 (an AMQP publisher's key): its lossy text, as `to_publish` gives.
+            Str::from(swap_separators(&m.routing_key.to_string_lossy()))
+        };
+        let mut p = to_publish_on(m, topic, qos, retain, v5, now);
         // Read access is checked on delivery too (Mosquitto does): a reload may have taken away
         // what a subscription was granted.
         if !self.settings.acl.is_empty()

@@ -8,9 +8,9 @@
 //!   which binding matched, so the routing key is matched again, in a trie of the session's
 //!   patterns rather than against each filter.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use ferry_core::hash::{FastMap, KeyedMap};
 use ferry_core::queue::{ConsumerId, Queue, QueueName};
 use ferry_core::topic::TopicTrie;
 
@@ -47,10 +47,10 @@ pub(crate) struct Subscriptions {
 /// The subscriptions of a session with more than [`SMALL`] of them.
 #[derive(Debug, Default)]
 struct Index {
-    by_cookie: HashMap<u64, Subscription>,
-    by_filter: HashMap<String, u64>,
+    by_cookie: FastMap<u64, Subscription>,
+    by_filter: KeyedMap<String, u64>,
     /// Shared subscriptions by the name of their group's queue.
-    by_queue: HashMap<QueueName, u64>,
+    by_queue: KeyedMap<QueueName, u64>,
 }
 
 impl Index {

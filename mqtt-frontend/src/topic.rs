@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
+
 use ferry_core::topic::{Level, Pattern};
 
 /// Topics and filters deeper than this are refused: the trie and the matcher recurse per level,
@@ -18,13 +20,37 @@ pub const MAX_LEVELS: usize = 201;
 /// Swaps `/` and `.` (topic → routing key, and back: the function is an involution). The one
 /// copy in the workspace: the ACL's checks of AMQP routing keys and the load generator use it.
 pub fn swap_separators(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '/' => '.',
-            '.' => '/',
-            c => c,
-        })
-        .collect()
+    // One allocation of the final size (collecting chars grows the string several times).
+    let mut out = String::with_capacity(s.len());
+    out.extend(s.chars().map(|c| match c {
+        '/' => '.',
+        '.' => '/',
+        c => c,
+    }));
+    out
+}
+
+/// Bytes a [`swap_separators_in`] arena grows by when it has no room: about ten topics of
+/// ordinary length. A connection that never publishes keeps none.
+pub const TOPIC_ARENA: usize = 512;
+
+/// [`swap_separators`] on bytes, written into `arena` and handed out as a slice of it: the
+/// per-message path (topic → routing key on publish, and back on delivery). Once the slices
+/// handed out earlier are dropped, `arena` reuses its buffer and nothing is allocated. `/` and
+/// `.` are ASCII, so swapping bytes keeps valid UTF-8 valid (no UTF-8 check is needed here).
+pub fn swap_separators_in(s: &[u8], arena: &mut BytesMut) -> Bytes {
+    if arena.capacity() < s.len() {
+        arena.reserve(s.len().max(TOPIC_ARENA));
+    }
+    arena.extend_from_slice(s);
+    for b in arena.iter_mut() {
+        *b = match *b {
+            b'/' => b'.',
+            b'.' => b'/',
+            b => b,
+        };
+    }
+    arena.split().freeze()
 }
 
 /// Why a topic name or filter is refused.
