@@ -13,7 +13,7 @@ use crate::auth::{Authenticator, User};
 use crate::connections::Connections;
 use crate::frontend::Shutdown;
 use crate::message::{now_millis, ConnectionId, Millis};
-use crate::permissions::{AccessPolicy, VhostPermissions};
+use crate::permissions::{AccessPolicy, TopicPermissions, VhostPermissions};
 use crate::policy::QueueUse;
 use crate::runtime::RuntimeDefinitions;
 use crate::size::ByteSize;
@@ -377,6 +377,18 @@ impl Broker {
             .cloned()
             .collect();
         policy.permissions.extend(extra);
+        let topics: Vec<TopicPermissions> = runtime
+            .topic_permissions
+            .values()
+            .filter(|t| {
+                !policy
+                    .topic_permissions
+                    .iter()
+                    .any(|c| c.user == t.user && c.vhost == t.vhost && c.exchange == t.exchange)
+            })
+            .cloned()
+            .collect();
+        policy.topic_permissions.extend(topics);
         self.access.store(Arc::new(policy));
         self.access_epoch.fetch_add(1, Ordering::Release);
     }
@@ -389,6 +401,56 @@ impl Broker {
     /// The run-time permissions, by vhost and user.
     pub fn runtime_permissions(&self) -> Vec<VhostPermissions> {
         self.runtime().permissions.values().cloned().collect()
+    }
+
+    /// The run-time topic permissions, by vhost, user and exchange.
+    pub fn runtime_topic_permissions(&self) -> Vec<TopicPermissions> {
+        self.runtime().topic_permissions.values().cloned().collect()
+    }
+
+    /// Whether the configuration gives `user` a topic permission entry on `vhost` for
+    /// `exchange` (it wins over a run-time one).
+    pub fn topic_permission_is_configured(&self, vhost: &str, user: &str, exchange: &str) -> bool {
+        let policy = self.configured_access.lock().unwrap_or_else(|e| e.into_inner());
+        policy.topic_permissions.iter().any(|t| t.user == user && t.vhost == vhost && t.exchange == exchange)
+    }
+
+    /// Adds or replaces a run-time topic permission (the templates validated by the caller), in
+    /// force at once and durable when the returned commit resolves.
+    pub fn put_runtime_topic_permission(&self, t: TopicPermissions) -> Commit {
+        let mut runtime = self.runtime();
+        let op = StoreOp::PutSetting {
+            key: crate::runtime::topic_permission_key(&t.vhost, &t.user, &t.exchange),
+            value: crate::runtime::encode_topic_permission(&t),
+        };
+        runtime.topic_permissions.insert((t.vhost.clone(), t.user.clone(), t.exchange.clone()), t);
+        self.install_runtime(&runtime);
+        self.store.submit(vec![op])
+    }
+
+    /// Deletes the run-time topic permissions of `user` on `vhost` (for every exchange, as
+    /// RabbitMQ's `DELETE /api/topic-permissions/{vhost}/{user}`). `None`: there were none.
+    pub fn delete_runtime_topic_permissions(&self, vhost: &str, user: &str) -> Option<Commit> {
+        let mut runtime = self.runtime();
+        let ops = Self::take_topic_permissions(&mut runtime, |v, u| v == vhost && u == user);
+        if ops.is_empty() {
+            return None;
+        }
+        self.install_runtime(&runtime);
+        Some(self.store.submit(ops))
+    }
+
+    /// Removes the run-time topic permissions `which` names; the store operations that delete
+    /// them.
+    fn take_topic_permissions(runtime: &mut RuntimeDefinitions, which: impl Fn(&str, &str) -> bool) -> Vec<StoreOp> {
+        let gone: Vec<(String, String, String)> =
+            runtime.topic_permissions.keys().filter(|(v, u, _)| which(v, u)).cloned().collect();
+        gone.into_iter()
+            .map(|k| {
+                runtime.topic_permissions.remove(&k);
+                StoreOp::DeleteSetting { key: crate::runtime::topic_permission_key(&k.0, &k.1, &k.2) }
+            })
+            .collect()
     }
 
     /// Whether the configuration gives `user` a permission entry on `vhost`.
@@ -431,6 +493,7 @@ impl Broker {
             ops.push(StoreOp::DeleteSetting { key: crate::runtime::permission_key(&vhost, &user) });
             runtime.permissions.remove(&(vhost, user));
         }
+        ops.extend(Self::take_topic_permissions(&mut runtime, |_, u| u == name));
         self.install_runtime(&runtime);
         Some(self.store.submit(ops))
     }
@@ -457,7 +520,9 @@ impl Broker {
     /// (which must not start with the prefixes of [`crate::runtime`]).
     pub fn put_setting(&self, key: &str, value: Option<Bytes>) -> Commit {
         debug_assert!(
-            !key.starts_with(crate::runtime::USER_PREFIX) && !key.starts_with(crate::runtime::PERMISSION_PREFIX)
+            !key.starts_with(crate::runtime::USER_PREFIX)
+                && !key.starts_with(crate::runtime::PERMISSION_PREFIX)
+                && !key.starts_with(crate::runtime::TOPIC_PERMISSION_PREFIX)
         );
         let mut runtime = self.runtime();
         let op = match value {

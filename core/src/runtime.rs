@@ -13,14 +13,15 @@
 //!
 //! Stored encodings (the store's [`codec`](crate::store::codec) primitives, a version byte
 //! first): a user is `1, name, hash (as `PasswordHash::parse` reads it), tag count, tags`; a
-//! permission is `1, user, vhost, configure, write, read`.
+//! permission is `1, user, vhost, configure, write, read`; a topic permission is
+//! `1, user, vhost, exchange, write, read` (the templates as given).
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
 use crate::auth::{PasswordHash, User};
-use crate::permissions::{Pattern, VhostPermissions};
+use crate::permissions::{Pattern, TopicPermissions, VhostPermissions};
 use crate::store::codec::{Reader, Writer};
 use crate::store::StoreError;
 
@@ -29,6 +30,9 @@ pub const USER_PREFIX: &str = "user/";
 /// Key prefix of a run-time permission: `permission/<vhost>/<user>` (each part length-prefixed,
 /// see [`permission_key`]).
 pub const PERMISSION_PREFIX: &str = "permission/";
+/// Key prefix of a run-time topic permission: `topic-permission/<vhost>/<user>/<exchange>`
+/// (length-prefixed, see [`topic_permission_key`]).
+pub const TOPIC_PERMISSION_PREFIX: &str = "topic-permission/";
 
 const VERSION: u8 = 1;
 
@@ -38,6 +42,8 @@ pub struct RuntimeDefinitions {
     pub users: BTreeMap<String, User>,
     /// By (vhost, user).
     pub permissions: BTreeMap<(String, String), VhostPermissions>,
+    /// By (vhost, user, exchange).
+    pub topic_permissions: BTreeMap<(String, String, String), TopicPermissions>,
     /// Everything else stored as a setting, by key (other services' definitions).
     pub settings: BTreeMap<String, Bytes>,
 }
@@ -54,6 +60,13 @@ impl RuntimeDefinitions {
                         defs.users.insert(u.name.clone(), u);
                     }
                     Err(e) => tracing::warn!("stored run-time user {key:?} left out: {e}"),
+                }
+            } else if key.starts_with(TOPIC_PERMISSION_PREFIX) {
+                match decode_topic_permission(&value) {
+                    Ok(t) => {
+                        defs.topic_permissions.insert((t.vhost.clone(), t.user.clone(), t.exchange.clone()), t);
+                    }
+                    Err(e) => tracing::warn!("stored run-time topic permission {key:?} left out: {e}"),
                 }
             } else if key.starts_with(PERMISSION_PREFIX) {
                 match decode_permission(&value) {
@@ -77,6 +90,41 @@ pub fn user_key(name: &str) -> String {
 /// Unambiguous whatever `/` the names hold: the vhost's length comes first.
 pub fn permission_key(vhost: &str, user: &str) -> String {
     format!("{PERMISSION_PREFIX}{}/{vhost}/{user}", vhost.len())
+}
+
+/// Unambiguous whatever `/` the names hold: the vhost's and the user's lengths come first.
+pub fn topic_permission_key(vhost: &str, user: &str, exchange: &str) -> String {
+    format!("{TOPIC_PERMISSION_PREFIX}{}/{}/{vhost}/{user}/{exchange}", vhost.len(), user.len())
+}
+
+pub(crate) fn encode_topic_permission(t: &TopicPermissions) -> Bytes {
+    let mut w = Writer::value();
+    w.u8(VERSION)
+        .bytes(t.user.as_bytes())
+        .bytes(t.vhost.as_bytes())
+        .bytes(t.exchange.as_bytes())
+        .bytes(t.write.as_bytes())
+        .bytes(t.read.as_bytes());
+    Bytes::from(w.into_vec())
+}
+
+fn decode_topic_permission(buf: &[u8]) -> Result<TopicPermissions, StoreError> {
+    let mut r = Reader::value(buf)?;
+    if r.u8()? != VERSION {
+        return Err(StoreError::Corrupt("unknown run-time topic permission version".into()));
+    }
+    let t = TopicPermissions {
+        user: r.string()?,
+        vhost: r.string()?,
+        exchange: r.string()?,
+        write: r.string()?,
+        read: r.string()?,
+    };
+    r.finish()?;
+    for template in [&t.write, &t.read] {
+        TopicPermissions::validate(template).map_err(StoreError::Corrupt)?;
+    }
+    Ok(t)
 }
 
 pub(crate) fn encode_user(u: &User) -> Bytes {
@@ -153,6 +201,26 @@ mod tests {
         assert_eq!(defs.settings.keys().collect::<Vec<_>>(), vec!["bridge/x"]);
         assert!(defs.users["a/b"].hash.verify(b"test12"));
         assert_ne!(permission_key("a/b", "c"), permission_key("a", "b/c"));
+    }
+
+    #[test]
+    fn topic_permissions_round_trip_and_a_bad_template_is_left_out() {
+        let t = TopicPermissions {
+            user: "a/b".into(),
+            vhost: "/".into(),
+            exchange: "amq.topic".into(),
+            write: "^sensors\\.{username}\\.".into(),
+            read: ".*".into(),
+        };
+        let bad = TopicPermissions { write: "(".into(), exchange: "x".into(), ..t.clone() };
+        let defs = RuntimeDefinitions::restore(vec![
+            (topic_permission_key("/", "a/b", "amq.topic"), encode_topic_permission(&t)),
+            (topic_permission_key("/", "a/b", "x"), encode_topic_permission(&bad)),
+        ]);
+        assert_eq!(defs.topic_permissions.values().collect::<Vec<_>>(), vec![&t]);
+        assert!(defs.settings.is_empty() && defs.permissions.is_empty());
+        assert_ne!(topic_permission_key("a/b", "c", "x"), topic_permission_key("a", "b/c", "x"));
+        assert_ne!(topic_permission_key("v", "u/x", "y"), topic_permission_key("v", "u", "x/y"));
     }
 
     #[test]

@@ -195,6 +195,86 @@ async fn permissions_set_through_the_api_apply_and_with_their_user_survive_a_res
     assert_eq!(admin(&server, reqwest::Method::DELETE, "/api/permissions/%2F/carol", None).await.0, 404);
 }
 
+/// RabbitMQ's `PUT|GET|DELETE /api/topic-permissions/{vhost}/{user}`: a topic permission set
+/// through the API is enforced on an AMQP publish to the topic exchange at once and after a
+/// restart, is listed and exported, and is gone once deleted.
+#[tokio::test]
+async fn topic_permissions_set_through_the_api_apply_survive_a_restart_and_are_deleted() {
+    use lapin::options::ConfirmSelectOptions;
+    let server = server().await;
+    let hash = "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR"; // RabbitMQ's example: test12
+    let body = json!({"password_hash": hash, "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []});
+    assert_eq!(admin(&server, reqwest::Method::PUT, "/api/users/dave", Some(body)).await.0, 201);
+    let path = "/api/topic-permissions/%2F/dave";
+    let topic = json!({"exchange": "amq.topic", "write": "^sensors\\.{username}\\.", "read": ".*"});
+    assert_eq!(admin(&server, reqwest::Method::PUT, path, Some(topic.clone())).await.0, 201);
+    assert_eq!(admin(&server, reqwest::Method::PUT, path, Some(topic)).await.0, 204);
+    let (status, body) =
+        admin(&server, reqwest::Method::PUT, path, Some(json!({"exchange": "amq.topic", "write": "(", "read": ""})))
+            .await;
+    assert_eq!(status, 400, "{body}");
+    let nobody = json!({"exchange": "amq.topic", "write": "", "read": ""});
+    assert_eq!(admin(&server, reqwest::Method::PUT, "/api/topic-permissions/%2F/nobody", Some(nobody)).await.0, 400);
+    let watcher = call(&server, reqwest::Method::GET, "/api/topic-permissions", ("watcher", PASSWORD), None).await;
+    assert_eq!(watcher.0, 200, "monitoring may read");
+    assert_eq!(
+        watcher.1,
+        json!([{"user": "dave", "vhost": "/", "exchange": "amq.topic", "write": "^sensors\\.{username}\\.", "read": ".*"}])
+    );
+    let (status, _) = call(&server, reqwest::Method::DELETE, path, ("watcher", PASSWORD), None).await;
+    assert_eq!(status, 401, "monitoring may not change");
+
+    // `allowed`: whether dave's publish with `key` is confirmed (else the channel is closed 403).
+    let publish = |server: &TestServer, key: &'static str| {
+        let addr = server.addr(1);
+        async move {
+            let conn = within(
+                "lapin",
+                lapin::Connection::connect(&format!("amqp://dave:test12@{addr}/%2f"), Default::default()),
+            )
+            .await
+            .expect("dave logs in");
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+            let confirm = ch
+                .basic_publish(
+                    "amq.topic".into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    b"x",
+                    BasicProperties::default(),
+                )
+                .await;
+            match confirm {
+                Ok(c) => match within("confirm", c).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        assert_eq!(reply_code(&e), Some(403), "{e:?}");
+                        false
+                    }
+                },
+                Err(e) => {
+                    assert_eq!(reply_code(&e), Some(403), "{e:?}");
+                    false
+                }
+            }
+        }
+    };
+    assert!(publish(&server, "sensors.dave.t").await);
+    assert!(!publish(&server, "sensors.eve.t").await, "another user's topic is refused");
+    let server = server.restart().await;
+    assert!(publish(&server, "sensors.dave.t").await);
+    assert!(!publish(&server, "sensors.eve.t").await, "still refused after a restart");
+    let (status, defs) = admin(&server, reqwest::Method::GET, "/api/definitions", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(defs["topic_permissions"][0]["user"], "dave", "{defs}");
+
+    assert_eq!(admin(&server, reqwest::Method::DELETE, path, None).await.0, 204);
+    assert!(publish(&server, "sensors.eve.t").await, "no topic permission left: open");
+    assert_eq!(admin(&server, reqwest::Method::DELETE, path, None).await.0, 404);
+    assert_eq!(admin(&server, reqwest::Method::GET, path, None).await.0, 404);
+}
+
 /// The interesting parts of a definitions file: names of users, queues, exchanges, bindings.
 fn names(defs: &Value, key: &str, field: &str) -> Vec<String> {
     let mut v: Vec<String> = defs[key]

@@ -40,7 +40,9 @@ use serde_json::{json, Map, Value};
 use crate::api::{core_error, flag, json_table, table_json, yes, AppState, MANAGEMENT_CONNECTION};
 use crate::error::ApiError;
 use crate::login::Caller;
-use crate::users::{committed, hash_for_export, PermissionBody, UserBody, UserSpec, MAX_NAME_BYTES};
+use crate::users::{
+    committed, hash_for_export, PermissionBody, TopicPermissionBody, UserBody, UserSpec, MAX_NAME_BYTES,
+};
 use crate::{Shared, RABBITMQ_API_VERSION};
 
 /// Ferry's key for the MQTT bridges made through the API (`[[bridges]]` tables as JSON, as
@@ -248,7 +250,7 @@ struct Definitions {
     #[serde(default)]
     permissions: Vec<PermissionBody>,
     #[serde(default)]
-    topic_permissions: Vec<Value>,
+    topic_permissions: Vec<TopicPermissionBody>,
     #[serde(default)]
     parameters: Vec<Value>,
     #[serde(default)]
@@ -330,6 +332,7 @@ struct Plan {
     bindings: Vec<(String, BindingBody)>,
     users: Vec<UserSpec>,
     permissions: Vec<VhostPermissions>,
+    topic_permissions: Vec<ferry_core::permissions::TopicPermissions>,
     /// Bridges to make through `ferry_bridge::runtime`: (name, table).
     bridges: Vec<(String, Value)>,
 }
@@ -382,12 +385,6 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
     }
     for g in defs.global_parameters.iter().filter(|g| !IGNORED_GLOBAL_PARAMETERS.contains(&g.name.as_str())) {
         problems.add(format!("global parameter '{}': not supported", g.name));
-    }
-    if !defs.topic_permissions.is_empty() {
-        problems.add(format!(
-            "{} topic permissions: configure them in the server's file ([[topic_permissions]])",
-            defs.topic_permissions.len()
-        ));
     }
 
     // Vhosts: those that exist, and those the import makes.
@@ -608,6 +605,47 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
             None => {}
         }
     }
+    let mut seen_topics = BTreeSet::new();
+    for t in defs.topic_permissions {
+        let (Some(user), Some(given_vhost)) = (t.user.clone(), t.vhost.clone()) else {
+            problems.add("a topic permission without user or vhost");
+            continue;
+        };
+        let what = format!("topic permissions of '{user}' in vhost '{given_vhost}' on '{}'", t.exchange);
+        let Some(vhost) = vhost_of(&Some(given_vhost), &what, &mut problems) else { continue };
+        if broker.topic_permission_is_configured(&vhost, &user, &t.exchange) {
+            skipped.push(what);
+            continue;
+        }
+        if !crate::users::may_hold_permissions(broker, &user) && !user_names.contains(&user) {
+            problems.add(format!("{what}: no user '{user}'"));
+            continue;
+        }
+        let wanted = match t.check(&vhost, &user) {
+            Ok(w) => w,
+            Err(e) => {
+                problems.add(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let same = |e: &&ferry_core::permissions::TopicPermissions| {
+            e.user == user && e.vhost == vhost && e.exchange == wanted.exchange
+        };
+        match access.topic_permissions.iter().find(same) {
+            Some(existing) if *existing == wanted => {}
+            Some(_) => problems.add(format!("{what}: exist with other templates")),
+            None if seen_topics.insert((vhost, user, wanted.exchange.clone())) => plan.topic_permissions.push(wanted),
+            None => {}
+        }
+    }
+    if broker.runtime_topic_permissions().len() + plan.topic_permissions.len()
+        > crate::users::MAX_RUNTIME_TOPIC_PERMISSIONS
+    {
+        problems.add(format!(
+            "more than {} topic permissions set through the API",
+            crate::users::MAX_RUNTIME_TOPIC_PERMISSIONS
+        ));
+    }
     if broker.runtime_permissions().len() + plan.permissions.len() > crate::users::MAX_RUNTIME_PERMISSIONS {
         problems.add(format!("more than {} permissions set through the API", crate::users::MAX_RUNTIME_PERMISSIONS));
     }
@@ -688,7 +726,10 @@ fn apply(shared: &Shared, plan: Plan) -> Result<Applied, ApiError> {
         }
     }
     let users = plan.users.into_iter().map(UserSpec::finish).collect();
-    let commit = broker.put_runtime(users, plan.permissions);
+    let mut commit = broker.put_runtime(users, plan.permissions);
+    for t in plan.topic_permissions {
+        commit = commit.join(broker.put_runtime_topic_permission(t));
+    }
     if !problems.0.is_empty() {
         let reason = problems.0.join("; ");
         return Err(ApiError::bad_request(format!("definitions imported in part: {reason}")));
@@ -707,6 +748,7 @@ async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<St
         defs.users.clear();
         defs.vhosts.clear();
         defs.permissions.clear();
+        defs.topic_permissions.clear();
         defs.ferry_bridges.clear();
     }
     let (vhosts, users) = (defs.vhosts.len(), defs.users.len());

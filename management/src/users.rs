@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::Router;
 use ferry_core::auth::{PasswordHash, User};
-use ferry_core::permissions::{Pattern, VhostPermissions};
+use ferry_core::permissions::{Pattern, TopicPermissions, VhostPermissions};
 use ferry_core::store::Commit;
 use serde::Deserialize;
 use serde_json::Value;
@@ -42,6 +42,11 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/users/{name}", put(put_user).delete(delete_user))
         .route("/api/permissions/{vhost}/{user}", put(put_permission).delete(delete_permission))
+        .route("/api/topic-permissions", axum::routing::get(topic_permissions_all))
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            axum::routing::get(topic_permissions_of).put(put_topic_permission).delete(delete_topic_permissions),
+        )
 }
 
 /// A user as RabbitMQ's API and definitions carry it.
@@ -341,6 +346,123 @@ async fn delete_permission(
         )));
     }
     let commit = broker.delete_runtime_permission(&vhost, &user).ok_or_else(ApiError::not_found)?;
+    committed(commit).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- topic permissions ---------------------------------------------------------------------
+
+/// A topic permission as RabbitMQ's API and definitions carry it: the exchange and the `write`
+/// and `read` templates (`{username}` and `{vhost}` filled per connection).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct TopicPermissionBody {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub vhost: Option<String>,
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+}
+
+impl TopicPermissionBody {
+    pub fn check(&self, vhost: &str, user: &str) -> Result<TopicPermissions, String> {
+        if self.exchange.is_empty() {
+            return Err("exchange: must name a topic exchange".into());
+        }
+        for (what, t) in [("write", &self.write), ("read", &self.read)] {
+            TopicPermissions::validate(t).map_err(|e| format!("{what} {t:?}: {e}"))?;
+        }
+        Ok(TopicPermissions {
+            user: user.to_string(),
+            vhost: vhost.to_string(),
+            exchange: self.exchange.clone(),
+            write: self.write.clone(),
+            read: self.read.clone(),
+        })
+    }
+}
+
+/// Run-time topic permissions at most (each is a regex pair compiled per connection).
+pub const MAX_RUNTIME_TOPIC_PERMISSIONS: usize = 10_000;
+
+fn topic_permission_json(t: &TopicPermissions) -> Value {
+    serde_json::json!({"user": t.user, "vhost": t.vhost, "exchange": t.exchange, "write": t.write, "read": t.read})
+}
+
+/// The topic permissions in force (the file's and the run-time ones), `keep` choosing.
+fn topic_permission_list(state: &AppState, keep: impl Fn(&TopicPermissions) -> bool) -> Vec<Value> {
+    let access = state.shared.broker.access();
+    let mut all: Vec<&TopicPermissions> = access.topic_permissions.iter().filter(|t| keep(t)).collect();
+    all.sort_by(|a, b| (&a.user, &a.vhost, &a.exchange).cmp(&(&b.user, &b.vhost, &b.exchange)));
+    all.into_iter().map(topic_permission_json).collect()
+}
+
+async fn topic_permissions_all(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    if !caller.sees_all() {
+        return Err(ApiError::not_allowed("Not administrator user"));
+    }
+    Ok(axum::Json(topic_permission_list(&state, |_| true)).into_response())
+}
+
+async fn topic_permissions_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    if !caller.sees_all() {
+        return Err(ApiError::not_allowed("Not administrator user"));
+    }
+    let list = topic_permission_list(&state, |t| t.vhost == vhost && t.user == user);
+    if list.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    Ok(axum::Json(list).into_response())
+}
+
+/// RabbitMQ's `PUT /api/topic-permissions/{vhost}/{user}`: one exchange's templates, added or
+/// replaced.
+async fn put_topic_permission(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let broker = &state.shared.broker;
+    broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let t = parse_body::<TopicPermissionBody>(&body_of(body)?)?.check(&vhost, &user).map_err(ApiError::bad_request)?;
+    if !may_hold_permissions(broker, &user) {
+        return Err(ApiError::bad_request(format!("no user '{user}'")));
+    }
+    if broker.topic_permission_is_configured(&vhost, &user, &t.exchange) {
+        return Err(ApiError::bad_request(format!(
+            "the topic permissions of user '{user}' in vhost '{vhost}' on exchange '{}' are configured in the \
+             server's file ([[topic_permissions]]); change them there and reload",
+            t.exchange
+        )));
+    }
+    let existing = broker.runtime_topic_permissions();
+    let exists = existing.iter().any(|e| e.vhost == vhost && e.user == user && e.exchange == t.exchange);
+    if !exists && existing.len() >= MAX_RUNTIME_TOPIC_PERMISSIONS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_RUNTIME_TOPIC_PERMISSIONS} topic permissions can be set through the API"
+        )));
+    }
+    tracing::info!(user = %caller.user, "management: topic permissions of {user:?} in vhost {vhost:?} on {:?} set", t.exchange);
+    committed(broker.put_runtime_topic_permission(t)).await?;
+    Ok(if exists { StatusCode::NO_CONTENT } else { StatusCode::CREATED }.into_response())
+}
+
+/// RabbitMQ's `DELETE /api/topic-permissions/{vhost}/{user}`: every exchange's (the run-time
+/// ones; the file's stay the file's).
+async fn delete_topic_permissions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let commit = state.shared.broker.delete_runtime_topic_permissions(&vhost, &user).ok_or_else(ApiError::not_found)?;
     committed(commit).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
