@@ -29,7 +29,8 @@ pub const DEFAULT_VHOST: &str = "/";
 /// at the deadline.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
-/// The memory alarm: when the message bodies held in queues pass the high watermark, the
+/// The memory alarm: when what the messages held in queues cost in memory (bodies plus
+/// [`crate::queue::MESSAGE_MEMORY`] each) passes the high watermark, the
 /// alarm goes up and the frontends stop reading from publishing connections (AMQP clients are
 /// told with connection.blocked) until consumers bring the total back under it — RabbitMQ's
 /// memory alarm, measured on what actually grows with a backlog.
@@ -37,7 +38,7 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 pub struct MemoryAlarm {
     /// Bytes; 0 turns the alarm off.
     limit: AtomicU64,
-    /// Queued body bytes at the last check.
+    /// What queued messages cost at the last check.
     used: AtomicU64,
     raised: watch::Sender<bool>,
 }
@@ -566,7 +567,7 @@ impl Broker {
         self.publishers_blocked.subscribe()
     }
 
-    /// Sets the memory high watermark in bytes of queued message bodies (0 = off).
+    /// Sets the memory high watermark in bytes of what queued messages cost (0 = off).
     pub fn set_memory_limit(&self, bytes: u64) {
         self.memory.limit.store(bytes, Ordering::Relaxed);
     }
@@ -593,7 +594,7 @@ impl Broker {
     pub fn tick(&self, now: Millis) -> Option<Millis> {
         let next = self.expire(now);
         let all: Vec<Arc<VHost>> = self.vhosts.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        self.memory.update(all.iter().map(|v| v.ready_bytes()).sum());
+        self.memory.update(all.iter().map(|v| v.queued_memory()).sum());
         let failing = self.store.is_failing();
         if failing {
             // Nothing persistent is submitted while the alarm is up, so a small idempotent write
@@ -645,30 +646,72 @@ mod tests {
     use crate::vhost::QueueDeclare;
     use bytes::Bytes;
 
-    #[test]
-    fn the_memory_alarm_follows_queued_bytes() {
-        let b = Broker::new(Arc::new(MemoryStore::new()));
-        b.set_memory_limit(100);
-        let mut alarm = b.memory().subscribe();
-        let v = b.vhost("/").unwrap();
+    fn declare(v: &VHost, name: &str) {
         let decl = QueueDeclare {
-            name: "q".into(),
+            name: name.into(),
             passive: false,
             options: QueueOptions::default(),
             connection: ConnectionId(1),
         };
         v.declare_queue(decl, 0).unwrap();
+    }
+
+    #[test]
+    fn the_memory_alarm_follows_what_queued_messages_cost() {
+        let b = Broker::new(Arc::new(MemoryStore::new()));
+        let one = crate::queue::MESSAGE_MEMORY + 60;
+        b.set_memory_limit(one + 1);
+        let mut alarm = b.memory().subscribe();
+        let v = b.vhost("/").unwrap();
+        declare(&v, "q");
         v.publish(&"".into(), Message::new("", "q", Bytes::from(vec![0u8; 60])), 0).unwrap();
         b.tick(0);
         assert!(!b.memory().is_raised());
+        assert_eq!(b.memory().used(), one);
         v.publish(&"".into(), Message::new("", "q", Bytes::from(vec![0u8; 60])), 0).unwrap();
         b.tick(0);
         assert!(b.memory().is_raised() && alarm.has_changed().unwrap());
-        assert_eq!(b.memory().used(), 120);
+        assert_eq!(b.memory().used(), 2 * one);
         alarm.mark_unchanged();
         v.purge_queue(&"q".into(), ConnectionId(1), 0).unwrap();
         b.tick(0);
         assert!(!b.memory().is_raised() && alarm.has_changed().unwrap());
+    }
+
+    #[test]
+    fn tiny_messages_raise_the_memory_alarm_by_their_count() {
+        // 2 M empty bodies once counted as 0 bytes, while the broker held ~1.3 GB for them.
+        let b = Broker::new(Arc::new(MemoryStore::new()));
+        b.set_memory_limit(1_000 * crate::queue::MESSAGE_MEMORY);
+        let v = b.vhost("/").unwrap();
+        declare(&v, "q");
+        for _ in 0..1_000 {
+            v.publish(&"".into(), Message::new("", "q", Bytes::new()), 0).unwrap();
+        }
+        b.tick(0);
+        assert!(!b.memory().is_raised());
+        v.publish(&"".into(), Message::new("", "q", Bytes::new()), 0).unwrap();
+        b.tick(0);
+        assert!(b.memory().is_raised(), "1,001 empty messages are over a limit of 1,000 messages' cost");
+    }
+
+    #[test]
+    fn unacked_messages_count_until_they_are_acknowledged() {
+        let b = Broker::new(Arc::new(MemoryStore::new()));
+        let v = b.vhost("/").unwrap();
+        declare(&v, "q");
+        let q = v.queue("q").unwrap();
+        v.publish(&"".into(), Message::new("", "q", Bytes::from(vec![0u8; 10])), 0).unwrap();
+        let (got, _) = q.get(crate::queue::OwnerId(7), false, 0);
+        let (delivery, _) = got.expect("one ready");
+        let stats = q.stats();
+        assert_eq!((stats.ready, stats.unacked, stats.unacked_bytes), (0, 1, 10));
+        b.tick(0);
+        assert_eq!(b.memory().used(), crate::queue::MESSAGE_MEMORY + 10);
+        q.ack(delivery.seq, 0).unwrap();
+        assert_eq!(q.stats().unacked_bytes, 0);
+        b.tick(0);
+        assert_eq!(b.memory().used(), 0);
     }
 
     #[test]

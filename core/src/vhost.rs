@@ -1112,9 +1112,10 @@ impl VHost {
 
     // ----- time ------------------------------------------------------------------------------
 
-    /// Body bytes of the ready messages in every queue (what the memory alarm watches).
-    pub fn ready_bytes(&self) -> u64 {
-        self.queues.read().unwrap_or_else(lock_err).values().map(|q| q.stats().ready_bytes).sum()
+    /// What the messages held by every queue of the vhost cost in memory (ready and unacked,
+    /// [`crate::queue::QueueStats::memory`]): what the memory alarm watches.
+    pub fn queued_memory(&self) -> u64 {
+        self.queues.read().unwrap_or_else(lock_err).values().map(|q| q.stats().memory()).sum()
     }
 
     /// Expires messages and idle queues; returns the earliest next deadline.

@@ -1,4 +1,4 @@
-//! The memory alarm: once queued message bodies pass the high watermark, publishing
+//! The memory alarm: once what queued messages cost in memory passes the high watermark, publishing
 //! connections are not read (AMQP clients that support it get connection.blocked), and they
 //! resume (connection.unblocked) when consumers bring the backlog down.
 

@@ -502,7 +502,11 @@ struct QueueItem<'a> {
     messages_ready_details: Rate,
     messages_unacknowledged: u32,
     messages_unacknowledged_details: Rate,
+    message_bytes: u64,
     message_bytes_ready: u64,
+    message_bytes_unacknowledged: u64,
+    /// What the queue's messages cost in memory as the memory alarm counts it.
+    memory: u64,
     consumers: u32,
     message_stats: QueueMessageStats,
 }
@@ -527,7 +531,10 @@ fn queue_item<'a>(vhost: &'a str, q: &Queue, st: &QueueStats, r: &PerSecond) -> 
         messages_ready_details: Rate { rate: r.ready },
         messages_unacknowledged: st.unacked,
         messages_unacknowledged_details: Rate { rate: r.unacked },
+        message_bytes: st.ready_bytes + st.unacked_bytes,
         message_bytes_ready: st.ready_bytes,
+        message_bytes_unacknowledged: st.unacked_bytes,
+        memory: st.memory(),
         consumers: st.consumers,
         message_stats: QueueMessageStats {
             publish: st.published,
@@ -561,7 +568,10 @@ fn queue_json(vhost: &str, q: &Queue, st: &QueueStats, r: &PerSecond) -> Value {
         "messages_ready_details": rate(r.ready),
         "messages_unacknowledged": st.unacked,
         "messages_unacknowledged_details": rate(r.unacked),
+        "message_bytes": st.ready_bytes + st.unacked_bytes,
         "message_bytes_ready": st.ready_bytes,
+        "message_bytes_unacknowledged": st.unacked_bytes,
+        "memory": st.memory(),
         "consumers": st.consumers,
         "message_stats": {
             "publish": st.published,

@@ -247,7 +247,7 @@ impl Snapshot {
         o.family(
             "ferry_queued_message_bytes",
             "gauge",
-            "Message bytes held in queues (what the memory alarm measures).",
+            "What the messages held in queues cost in memory: bodies plus per-message bookkeeping (what the memory alarm measures).",
         );
         o.sample("ferry_queued_message_bytes", &[], self.memory_used);
         o.family("ferry_memory_limit_bytes", "gauge", "The memory alarm's watermark (0: off).");
