@@ -8,7 +8,7 @@ use ferry_amqp::codec::{
     encode_body_frames, encode_deliver, encode_header_frame, encode_method_frame, BasicPublish, ContentHeader, Frame,
     FrameDecoder, Method,
 };
-use ferry_core::message::{DeliveryMode, FieldTable, FieldValue, Properties, ShortString};
+use ferry_core::message::{DeliveryMode, FieldTable, FieldValue, MoreProperties, Properties, ShortString};
 
 fn properties() -> Properties {
     let mut headers = FieldTable::new();
@@ -18,9 +18,9 @@ fn properties() -> Properties {
         content_type: Some("application/json".into()),
         delivery_mode: Some(DeliveryMode::Persistent),
         headers: Some(headers),
-        message_id: Some("m-1".into()),
         ..Default::default()
     }
+    .with_more(MoreProperties { message_id: Some("m-1".into()), ..Default::default() })
 }
 
 fn publish_wire(body: &[u8]) -> Bytes {

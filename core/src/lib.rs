@@ -80,4 +80,6 @@ pub mod vhost;
 
 pub use broker::Broker;
 pub use error::CoreError;
-pub use message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Properties, Protocol, ShortString};
+pub use message::{
+    ConnectionId, FieldTable, FieldValue, Message, Millis, MoreProperties, Origin, Properties, Protocol, ShortString,
+};

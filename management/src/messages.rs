@@ -101,7 +101,7 @@ fn properties(map: &Map<String, Value>) -> Result<Properties, ApiError> {
     for (k, v) in map {
         match k.as_str() {
             "content_type" => p.content_type = Some(short(k, v)?),
-            "content_encoding" => p.content_encoding = Some(short(k, v)?),
+            "content_encoding" => p.more_mut().content_encoding = Some(short(k, v)?),
             "headers" => match v {
                 Value::Object(o) => p.headers = Some(json_table(o)),
                 other => {
@@ -120,21 +120,21 @@ fn properties(map: &Map<String, Value>) -> Result<Properties, ApiError> {
                 p.priority =
                     Some(u8::try_from(n).map_err(|_| ApiError::bad_request("properties.priority: at most 255"))?);
             }
-            "correlation_id" => p.correlation_id = Some(short(k, v)?),
-            "reply_to" => p.reply_to = Some(short(k, v)?),
+            "correlation_id" => p.more_mut().correlation_id = Some(short(k, v)?),
+            "reply_to" => p.more_mut().reply_to = Some(short(k, v)?),
             "expiration" => {
                 let e = short(k, v)?;
                 if !ferry_core::message::valid_expiration(&e) {
                     return Err(ApiError::bad_request(format!("invalid expiration '{e}'")));
                 }
-                p.expiration = Some(e);
+                p.more_mut().expiration = Some(e);
             }
-            "message_id" => p.message_id = Some(short(k, v)?),
+            "message_id" => p.more_mut().message_id = Some(short(k, v)?),
             "timestamp" => p.timestamp = Some(integer(k, v)?),
-            "type" => p.kind = Some(short(k, v)?),
-            "user_id" => p.user_id = Some(short(k, v)?),
-            "app_id" => p.app_id = Some(short(k, v)?),
-            "cluster_id" => p.cluster_id = Some(short(k, v)?),
+            "type" => p.more_mut().kind = Some(short(k, v)?),
+            "user_id" => p.more_mut().user_id = Some(short(k, v)?),
+            "app_id" => p.more_mut().app_id = Some(short(k, v)?),
+            "cluster_id" => p.more_mut().cluster_id = Some(short(k, v)?),
             other => return Err(ApiError::bad_request(format!("properties: unknown property '{other}'"))),
         }
     }
@@ -173,7 +173,7 @@ async fn publish(
     }
     let properties = properties(&body.properties)?;
     // RabbitMQ's validated user id: the publisher may only claim itself.
-    if let Some(user_id) = &properties.user_id {
+    if let Some(user_id) = &properties.more().user_id {
         if user_id.as_bytes() != caller.user.as_bytes() {
             return Err(ApiError::bad_request(format!(
                 "user_id property set to '{user_id}' but authenticated user was '{}'",
@@ -269,19 +269,19 @@ fn properties_json(p: &Properties) -> Value {
     };
     let s = |v: &Option<ShortString>| v.as_ref().map(|s| json!(s.to_string_lossy()));
     put("content_type", s(&p.content_type));
-    put("content_encoding", s(&p.content_encoding));
+    put("content_encoding", s(&p.more().content_encoding));
     put("headers", p.headers.as_ref().map(|h: &FieldTable| table_json(h)));
     put("delivery_mode", p.delivery_mode.map(|d| json!(if d == DeliveryMode::Persistent { 2 } else { 1 })));
     put("priority", p.priority.map(|n| json!(n)));
-    put("correlation_id", s(&p.correlation_id));
-    put("reply_to", s(&p.reply_to));
-    put("expiration", s(&p.expiration));
-    put("message_id", s(&p.message_id));
+    put("correlation_id", s(&p.more().correlation_id));
+    put("reply_to", s(&p.more().reply_to));
+    put("expiration", s(&p.more().expiration));
+    put("message_id", s(&p.more().message_id));
     put("timestamp", p.timestamp.map(|n| json!(n)));
-    put("type", s(&p.kind));
-    put("user_id", s(&p.user_id));
-    put("app_id", s(&p.app_id));
-    put("cluster_id", s(&p.cluster_id));
+    put("type", s(&p.more().kind));
+    put("user_id", s(&p.more().user_id));
+    put("app_id", s(&p.more().app_id));
+    put("cluster_id", s(&p.more().cluster_id));
     Value::Object(m)
 }
 

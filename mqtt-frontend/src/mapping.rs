@@ -59,7 +59,7 @@ pub fn to_message_keyed(
     }
     if let Some(cd) = &mp.correlation_data {
         if cd.len() <= ShortString::MAX_LEN && std::str::from_utf8(cd).is_ok() {
-            props.correlation_id = Some(ShortString::from_bytes(cd.clone()));
+            props.more_mut().correlation_id = Some(ShortString::from_bytes(cd.clone()));
         } else {
             header(H_CORRELATION, FieldValue::Bytes(cd.clone()));
         }
@@ -73,7 +73,7 @@ pub fn to_message_keyed(
     }
     if let Some(rt) = &mp.response_topic {
         if rt.len() <= ShortString::MAX_LEN {
-            props.reply_to = Some(ShortString::from(swap_separators(rt.as_str())));
+            props.more_mut().reply_to = Some(ShortString::from(swap_separators(rt.as_str())));
         } else {
             header(H_RESPONSE_TOPIC, FieldValue::LongString(rt.bytes().clone()));
         }
@@ -94,7 +94,9 @@ pub fn to_message_keyed(
         }
     }
     props.headers = headers;
-    props.expiration = mp.message_expiry_interval.map(|s| ShortString::from((s as u64 * 1000).to_string()));
+    if let Some(s) = mp.message_expiry_interval {
+        props.more_mut().expiration = Some(ShortString::from((s as u64 * 1000).to_string()));
+    }
     Message::new(exchange.clone(), routing_key, p.payload.clone()).with_properties(props).with_origin(origin).at(now)
 }
 
@@ -153,8 +155,8 @@ pub fn to_publish_on(m: &Message, topic: Str, qos: QoS, retain: bool, v5: bool, 
         let mp = &m.properties;
         properties.content_type = mp.content_type.as_ref().and_then(|c| c.as_str()).map(Str::from);
         properties.response_topic =
-            mp.reply_to.as_ref().and_then(|r| r.as_str()).map(|r| Str::from(swap_separators(r)));
-        properties.correlation_data = mp.correlation_id.as_ref().map(|c| c.bytes().clone());
+            mp.more().reply_to.as_ref().and_then(|r| r.as_str()).map(|r| Str::from(swap_separators(r)));
+        properties.correlation_data = mp.more().correlation_id.as_ref().map(|c| c.bytes().clone());
         properties.message_expiry_interval = remaining_expiry(m, now);
         if let Some(h) = &mp.headers {
             for (k, v) in h.iter() {
@@ -250,8 +252,8 @@ mod tests {
             ..Default::default()
         };
         let m = to_message(&publish(QoS::AtLeastOnce, props.clone()), "t", &"amq.topic".into(), origin(), 1_000);
-        assert_eq!(m.properties.reply_to.as_ref().unwrap(), "reply.to/me");
-        assert_eq!(m.properties.expiration.as_ref().unwrap(), "60000");
+        assert_eq!(m.properties.more().reply_to.as_ref().unwrap(), "reply.to/me");
+        assert_eq!(m.properties.more().expiration.as_ref().unwrap(), "60000");
         let back = to_publish(&m, QoS::AtLeastOnce, false, true, 11_000);
         assert_eq!(back.properties.message_expiry_interval, Some(50), "remaining interval");
         assert_eq!(back.properties.content_type, props.content_type);
@@ -272,7 +274,7 @@ mod tests {
         let cd = Bytes::from(vec![7u8; 300]);
         let props = codec::Properties { correlation_data: Some(cd.clone()), ..Default::default() };
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
-        assert!(m.properties.correlation_id.is_none());
+        assert!(m.properties.more().correlation_id.is_none());
         assert_eq!(to_publish(&m, QoS::AtMostOnce, false, true, 0).properties.correlation_data, Some(cd));
     }
 
@@ -305,7 +307,7 @@ mod tests {
         let cd = Bytes::from_static(&[0, 159, 255]);
         let props = codec::Properties { correlation_data: Some(cd.clone()), ..Default::default() };
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
-        assert!(m.properties.correlation_id.is_none(), "not UTF-8: AMQP clients could not read it");
+        assert!(m.properties.more().correlation_id.is_none(), "not UTF-8: AMQP clients could not read it");
         assert_eq!(m.properties.header(H_CORRELATION), Some(&FieldValue::Bytes(cd.clone())));
         assert_eq!(to_publish(&m, QoS::AtMostOnce, false, true, 0).properties.correlation_data, Some(cd));
     }
@@ -319,7 +321,7 @@ mod tests {
             ..Default::default()
         };
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
-        assert!(m.properties.content_type.is_none() && m.properties.reply_to.is_none());
+        assert!(m.properties.content_type.is_none() && m.properties.more().reply_to.is_none());
         let back = to_publish(&m, QoS::AtMostOnce, false, true, 0);
         assert_eq!(back.properties.content_type.as_ref().map(Str::as_str), Some(long.as_str()));
         assert_eq!(back.properties.response_topic.as_ref().map(Str::as_str), Some(long.as_str()));

@@ -9,7 +9,7 @@
 //! so bit 0 or the unused bit 1 set is a syntax error.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use ferry_core::message::{DeliveryMode, Properties, ShortString};
+use ferry_core::message::{DeliveryMode, MoreProperties, Properties, ShortString};
 
 use super::constants::{BASIC_CLASS_ID, FRAME_HEADER};
 use super::error::{EncodeError, HeaderError, SyntaxError};
@@ -115,22 +115,23 @@ fn read_properties(r: &mut Reader) -> Result<Properties, SyntaxError> {
     let user_id = short(r, USER_ID, "user-id")?;
     let app_id = short(r, APP_ID, "app-id")?;
     let cluster_id = short(r, CLUSTER_ID, "cluster-id")?;
-    Ok(Properties {
-        content_type,
-        content_encoding,
-        headers,
-        delivery_mode,
-        priority,
-        correlation_id,
-        reply_to,
-        expiration,
-        message_id,
-        timestamp,
-        kind,
-        user_id,
-        app_id,
-        cluster_id,
-    })
+    const MORE: u16 =
+        CONTENT_ENCODING | CORRELATION_ID | REPLY_TO | EXPIRATION | MESSAGE_ID | TYPE | USER_ID | APP_ID | CLUSTER_ID;
+    // Most messages carry none of the less common ones: no allocation for them.
+    let more = (flags & MORE != 0).then(|| {
+        Box::new(MoreProperties {
+            content_encoding,
+            correlation_id,
+            reply_to,
+            expiration,
+            message_id,
+            kind,
+            user_id,
+            app_id,
+            cluster_id,
+        })
+    });
+    Ok(Properties { content_type, headers, delivery_mode, priority, timestamp, more })
 }
 
 /// Writes the flags word and the present properties. On error `out` may hold a partial
@@ -142,20 +143,21 @@ pub(crate) fn write_properties(out: &mut BytesMut, p: &Properties) -> Result<(),
             flags |= bit;
         }
     };
+    let more = p.more();
     flag(p.content_type.is_some(), CONTENT_TYPE);
-    flag(p.content_encoding.is_some(), CONTENT_ENCODING);
+    flag(more.content_encoding.is_some(), CONTENT_ENCODING);
     flag(p.headers.is_some(), HEADERS);
     flag(p.delivery_mode.is_some(), DELIVERY_MODE);
     flag(p.priority.is_some(), PRIORITY);
-    flag(p.correlation_id.is_some(), CORRELATION_ID);
-    flag(p.reply_to.is_some(), REPLY_TO);
-    flag(p.expiration.is_some(), EXPIRATION);
-    flag(p.message_id.is_some(), MESSAGE_ID);
+    flag(more.correlation_id.is_some(), CORRELATION_ID);
+    flag(more.reply_to.is_some(), REPLY_TO);
+    flag(more.expiration.is_some(), EXPIRATION);
+    flag(more.message_id.is_some(), MESSAGE_ID);
     flag(p.timestamp.is_some(), TIMESTAMP);
-    flag(p.kind.is_some(), TYPE);
-    flag(p.user_id.is_some(), USER_ID);
-    flag(p.app_id.is_some(), APP_ID);
-    flag(p.cluster_id.is_some(), CLUSTER_ID);
+    flag(more.kind.is_some(), TYPE);
+    flag(more.user_id.is_some(), USER_ID);
+    flag(more.app_id.is_some(), APP_ID);
+    flag(more.cluster_id.is_some(), CLUSTER_ID);
     out.put_u16(flags);
 
     fn short(out: &mut BytesMut, s: &Option<ShortString>, field: &'static str) -> Result<(), EncodeError> {
@@ -165,7 +167,7 @@ pub(crate) fn write_properties(out: &mut BytesMut, p: &Properties) -> Result<(),
         }
     }
     short(out, &p.content_type, "content-type")?;
-    short(out, &p.content_encoding, "content-encoding")?;
+    short(out, &more.content_encoding, "content-encoding")?;
     if let Some(h) = &p.headers {
         write_table(out, h, "headers")?;
     }
@@ -178,17 +180,17 @@ pub(crate) fn write_properties(out: &mut BytesMut, p: &Properties) -> Result<(),
     if let Some(priority) = p.priority {
         out.put_u8(priority);
     }
-    short(out, &p.correlation_id, "correlation-id")?;
-    short(out, &p.reply_to, "reply-to")?;
-    short(out, &p.expiration, "expiration")?;
-    short(out, &p.message_id, "message-id")?;
+    short(out, &more.correlation_id, "correlation-id")?;
+    short(out, &more.reply_to, "reply-to")?;
+    short(out, &more.expiration, "expiration")?;
+    short(out, &more.message_id, "message-id")?;
     if let Some(ts) = p.timestamp {
         out.put_u64(ts);
     }
-    short(out, &p.kind, "type")?;
-    short(out, &p.user_id, "user-id")?;
-    short(out, &p.app_id, "app-id")?;
-    short(out, &p.cluster_id, "cluster-id")?;
+    short(out, &more.kind, "type")?;
+    short(out, &more.user_id, "user-id")?;
+    short(out, &more.app_id, "app-id")?;
+    short(out, &more.cluster_id, "cluster-id")?;
     Ok(())
 }
 
@@ -245,9 +247,9 @@ pub(crate) mod tests {
             headers: Some(headers),
             delivery_mode: Some(DeliveryMode::Persistent),
             timestamp: Some(0x0102),
-            cluster_id: Some("c".into()),
             ..Default::default()
-        };
+        }
+        .with_more(MoreProperties { cluster_id: Some("c".into()), ..Default::default() });
         let mut out = BytesMut::new();
         ContentHeader::basic(5, p.clone()).encode(&mut out).unwrap();
         let mut expected = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
@@ -326,21 +328,20 @@ pub(crate) mod tests {
                     (correlation_id, reply_to, expiration, message_id),
                     timestamp,
                     (kind, user_id, app_id, cluster_id),
-                )| Properties {
-                    content_type,
-                    content_encoding,
-                    headers,
-                    delivery_mode,
-                    priority,
-                    correlation_id,
-                    reply_to,
-                    expiration,
-                    message_id,
-                    timestamp,
-                    kind,
-                    user_id,
-                    app_id,
-                    cluster_id,
+                )| {
+                    Properties { content_type, headers, delivery_mode, priority, timestamp, more: None }.with_more(
+                        MoreProperties {
+                            content_encoding,
+                            correlation_id,
+                            reply_to,
+                            expiration,
+                            message_id,
+                            kind,
+                            user_id,
+                            app_id,
+                            cluster_id,
+                        },
+                    )
                 },
             )
     }

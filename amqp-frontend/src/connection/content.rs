@@ -112,9 +112,9 @@ impl Connection {
             None => p.body_buf.freeze(),
         };
         let mut properties = header.properties;
-        if properties.reply_to.as_ref().is_some_and(|r| *r == REPLY_TO) {
+        if properties.more().reply_to.as_ref().is_some_and(|r| *r == REPLY_TO) {
             match &self.channel(ch).reply_to {
-                Some(q) => properties.reply_to = Some(q.clone()),
+                Some(q) => properties.more_mut().reply_to = Some(q.clone()),
                 None => {
                     let e = AmqpError::new(reply_code::PRECONDITION_FAILED, "fast reply consumer does not exist")
                         .on(60, 40);
@@ -127,7 +127,7 @@ impl Connection {
             .with_properties(properties)
             .with_origin(Origin { protocol: Protocol::Amqp, connection: self.id })
             .at(now);
-        if let Some(exp) = &message.properties.expiration {
+        if let Some(exp) = &message.properties.more().expiration {
             if !valid_expiration(exp) {
                 let e =
                     AmqpError::new(reply_code::PRECONDITION_FAILED, format!("invalid expiration '{exp}'")).on(60, 40);

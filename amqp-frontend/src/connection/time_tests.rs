@@ -137,7 +137,8 @@ fn declare(c: &mut Connection, name: &str, arguments: FieldTable, now: Millis) {
 
 fn publish(c: &mut Connection, queue: &str, body: &str, expiration: Option<&str>, now: Millis) {
     let publish = BasicPublish { routing_key: ShortString::from(queue), ..Default::default() };
-    let properties = Properties { expiration: expiration.map(ShortString::from), ..Default::default() };
+    let properties = Properties::default()
+        .with_more(ferry_core::MoreProperties { expiration: expiration.map(ShortString::from), ..Default::default() });
     let header = ContentHeader::basic(body.len() as u64, properties);
     let mut all = frames(|out| encode_method_frame(1, &Method::BasicPublish(publish), out).expect("encode"));
     all.extend(frames(|out| {

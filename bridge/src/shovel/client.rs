@@ -699,7 +699,8 @@ mod tests {
         };
         c.handle(frame(CHANNEL, Method::BasicDeliver(deliver)), &mut out, &mut ev).unwrap();
         let body = vec![b'z'; 5000];
-        let props = Properties { message_id: Some(ShortString::from("m1")), ..Properties::default() };
+        let props = Properties::default()
+            .with_more(ferry_core::MoreProperties { message_id: Some(ShortString::from("m1")), ..Default::default() });
         let mut wire = BytesMut::new();
         encode_header_frame(CHANNEL, &ContentHeader::basic(body.len() as u64, props.clone()), &mut wire).unwrap();
         encode_body_frames(&mut wire, CHANNEL, &body, 4096);

@@ -14,7 +14,8 @@ use bytes::Bytes;
 
 use super::{BindingRecord, StoreError};
 use crate::message::{
-    ConnectionId, Decimal, DeliveryMode, FieldTable, FieldValue, Message, Origin, Properties, Protocol, ShortString,
+    ConnectionId, Decimal, DeliveryMode, FieldTable, FieldValue, Message, MoreProperties, Origin, Properties, Protocol,
+    ShortString,
 };
 use crate::queue::QueueOptions;
 
@@ -313,7 +314,8 @@ pub(crate) fn encode_message(m: &Message) -> Vec<u8> {
     w.u8(FORMAT);
     w.bytes(m.exchange.as_bytes()).bytes(m.routing_key.as_bytes());
     let p = &m.properties;
-    w.opt_short(&p.content_type).opt_short(&p.content_encoding);
+    let more = p.more();
+    w.opt_short(&p.content_type).opt_short(&more.content_encoding);
     match &p.headers {
         None => w.u8(0),
         Some(t) => w.u8(1).table(t),
@@ -327,12 +329,12 @@ pub(crate) fn encode_message(m: &Message) -> Vec<u8> {
         None => w.u8(0),
         Some(v) => w.u8(1).u8(v),
     };
-    w.opt_short(&p.correlation_id).opt_short(&p.reply_to).opt_short(&p.expiration).opt_short(&p.message_id);
+    w.opt_short(&more.correlation_id).opt_short(&more.reply_to).opt_short(&more.expiration).opt_short(&more.message_id);
     match p.timestamp {
         None => w.u8(0),
         Some(v) => w.u8(1).u64(v),
     };
-    w.opt_short(&p.kind).opt_short(&p.user_id).opt_short(&p.app_id).opt_short(&p.cluster_id);
+    w.opt_short(&more.kind).opt_short(&more.user_id).opt_short(&more.app_id).opt_short(&more.cluster_id);
     w.bytes(&m.payload);
     w.u8(match m.origin.protocol {
         Protocol::Mqtt => 0,
@@ -379,22 +381,18 @@ pub(crate) fn decode_message(buf: &[u8]) -> Result<Message, StoreError> {
     Ok(Message {
         exchange,
         routing_key,
-        properties: Properties {
-            content_type,
-            content_encoding,
-            headers,
-            delivery_mode,
-            priority,
-            correlation_id,
-            reply_to,
-            expiration,
-            message_id,
-            timestamp,
-            kind,
-            user_id,
-            app_id,
-            cluster_id,
-        },
+        properties: Properties { content_type, headers, delivery_mode, priority, timestamp, ..Properties::default() }
+            .with_more(MoreProperties {
+                content_encoding,
+                correlation_id,
+                reply_to,
+                expiration,
+                message_id,
+                kind,
+                user_id,
+                app_id,
+                cluster_id,
+            }),
         payload,
         origin: Origin { protocol, connection },
         published_at,
@@ -496,8 +494,9 @@ mod tests {
             message_id in opt_short(), timestamp in proptest::option::of(any::<u64>()),
             kind in opt_short(), user_id in opt_short(), app_id in opt_short(), cluster_id in opt_short(),
         ) -> Properties {
-            Properties { content_type, content_encoding, headers, delivery_mode, priority, correlation_id,
-                reply_to, expiration, message_id, timestamp, kind, user_id, app_id, cluster_id }
+            Properties { content_type, headers, delivery_mode, priority, timestamp, ..Properties::default() }
+                .with_more(MoreProperties { content_encoding, correlation_id, reply_to, expiration, message_id,
+                    kind, user_id, app_id, cluster_id })
         }
     }
 

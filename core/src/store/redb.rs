@@ -1074,9 +1074,9 @@ mod tests {
         let props = Properties {
             headers: Some(headers),
             delivery_mode: Some(crate::message::DeliveryMode::Persistent),
-            message_id: Some("id".into()),
             ..Default::default()
-        };
+        }
+        .with_more(crate::message::MoreProperties { message_id: Some("id".into()), ..Default::default() });
         Arc::new(Message::new("amq.topic", "a.b", Bytes::from_static(body)).with_properties(props).at(1234))
     }
 
