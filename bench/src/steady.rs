@@ -399,7 +399,8 @@ mod tests {
         add(&got, 50);
         let m = task.await.unwrap();
         assert_eq!((m.sent, m.delivered), (1000, 1000));
-        assert!(m.window_secs >= 0.6, "{}", m.window_secs);
+        // Both ends wake on a 1 ms timer, each possibly late.
+        assert!(m.window_secs > 0.5, "{}", m.window_secs);
         assert!(m.broker_cpu_us_per_msg.is_none() && m.broker_cpu.is_empty());
     }
 }
