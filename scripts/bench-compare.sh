@@ -306,7 +306,10 @@ run_one_measured() {
   if [ $(($(date +%s) - runs_started + RUN_TIMEOUT + 15)) -gt "$BUDGET" ]; then
     printf '{"error": "skipped: the %s s time budget is spent"}\n' "$BUDGET" >"$out"
   elif ! kill -0 "$pid" 2>/dev/null; then
-    printf '{"error": "broker process %s is gone"}\n' "$pid" >"$out"
+    # How it ended (a child of this shell: 128 + the signal when killed, e.g. 143 SIGTERM, 137 SIGKILL).
+    local status=""
+    [ "$pid" = "$fpid" ] && { wait "$pid" 2>/dev/null; status=", exit status $?"; }
+    printf '{"error": "broker process %s is gone%s"}\n' "$pid" "$status" >"$out"
   else
     c0=$(cpu_ticks "$pid")
     t0=$(date +%s%N)
