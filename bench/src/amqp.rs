@@ -336,7 +336,10 @@ impl Report {
         match self.steady {
             Some(_) => println!("  publish:    {} sent in all (warm-up, window, drain)", self.sent),
             None => {
-                println!("  publish:    {} sent in {:.3} s = {:.0} msgs/s", self.sent, self.publish_secs, self.publish_rate)
+                println!(
+                    "  publish:    {} sent in {:.3} s = {:.0} msgs/s",
+                    self.sent, self.publish_secs, self.publish_rate
+                )
             }
         }
         if self.confirm_window.is_some() {
@@ -1520,8 +1523,11 @@ fn steady_report(report: &mut Report, m: &Measured, ctx: &Ctx, pubs: &[PubResult
         report.expected_deliveries = report.sent * copies;
         report.lost = report.expected_deliveries.saturating_sub(report.deliveries);
     }
-    report.loss_pct =
-        if report.expected_deliveries > 0 { report.lost as f64 * 100.0 / report.expected_deliveries as f64 } else { 0.0 };
+    report.loss_pct = if report.expected_deliveries > 0 {
+        report.lost as f64 * 100.0 / report.expected_deliveries as f64
+    } else {
+        0.0
+    };
     report.complete = report.lost == 0;
 }
 

@@ -292,7 +292,10 @@ impl Report {
         match self.steady {
             Some(_) => println!("  publish:    {} sent in all (warm-up, window, drain)", self.sent),
             None => {
-                println!("  publish:    {} sent in {:.3} s = {:.0} msgs/s", self.sent, self.publish_secs, self.publish_rate)
+                println!(
+                    "  publish:    {} sent in {:.3} s = {:.0} msgs/s",
+                    self.sent, self.publish_secs, self.publish_rate
+                )
             }
         }
         if self.qos > 0 {
@@ -799,8 +802,7 @@ async fn publish_windowed(
         }
         // Paced (--rate) with room in the window: also wake when the next message is due (if
         // that is before the deadline).
-        let paced =
-            !stopped && seq < ctx.messages && seq >= limit && inflight < window && ctx.due(seq) < ctx.deadline;
+        let paced = !stopped && seq < ctx.messages && seq >= limit && inflight < window && ctx.due(seq) < ctx.deadline;
         let stop_at = ctx.window.map_or(ctx.deadline, |w| w.stop_at);
         tokio::select! {
             r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
@@ -1198,8 +1200,11 @@ fn steady_report(report: &mut Report, m: &Measured, pubs: &[PubResult], subs: &[
         report.lost = lost;
         report.missing_sample = sample;
     }
-    report.loss_pct =
-        if report.expected_deliveries > 0 { report.lost as f64 * 100.0 / report.expected_deliveries as f64 } else { 0.0 };
+    report.loss_pct = if report.expected_deliveries > 0 {
+        report.lost as f64 * 100.0 / report.expected_deliveries as f64
+    } else {
+        0.0
+    };
     report.complete = report.lost == 0;
 }
 
@@ -1224,7 +1229,8 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
     let delivery_secs = secs(first_send, last_delivery);
     let deliveries: u64 = subs.iter().map(|s| s.received).sum();
     let stalled = args.stall_subscribers;
-    let expected = if stalled { 0 } else { ctx.expected.load(Ordering::Acquire).saturating_mul(u64::from(args.subscribers)) };
+    let expected =
+        if stalled { 0 } else { ctx.expected.load(Ordering::Acquire).saturating_mul(u64::from(args.subscribers)) };
     let lost = expected.saturating_sub(deliveries);
     let mut latency = Histogram::new();
     for s in subs {

@@ -101,7 +101,11 @@ impl Window {
 /// Connects over TCP with no Nagle delay and, with `sndbuf`, SO_SNDBUF set before the connect
 /// (so that the window TCP negotiates agrees with it). Returns the stream and the send buffer
 /// the kernel granted (what `getsockopt` reports, i.e. doubled), when one was set.
-pub async fn connect(addr: SocketAddr, sndbuf: Option<u32>, limit: Duration) -> anyhow::Result<(TcpStream, Option<u32>)> {
+pub async fn connect(
+    addr: SocketAddr,
+    sndbuf: Option<u32>,
+    limit: Duration,
+) -> anyhow::Result<(TcpStream, Option<u32>)> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.context("socket")?;
     let mut granted = None;
     if let Some(n) = sndbuf {
