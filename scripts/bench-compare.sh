@@ -52,7 +52,7 @@
 # default), DOCS (1: write the section into DOC_FILE, docs/benchmarks.md; 0: print only),
 # KEEP=1 keeps the work directory (configs, logs, the per-run JSON and index.tsv).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 root=$(pwd)
 cmdline="ROUNDS=${ROUNDS:-2} scripts/bench-compare.sh${*:+ $*}"
 
@@ -108,7 +108,7 @@ bench_need_python
 case " $PARTS " in *" mqtt "*) bench_need_mosquitto ;; esac
 case " $PARTS " in *" amqp "*) bench_need_rabbitmq ;; esac
 bench_build
-[ -x "$ferry_bin" ] && [ -x "$bench_bin" ] || { echo "bench: no binaries ($ferry_bin, $bench_bin)"; exit 1; }
+if [ ! -x "$ferry_bin" ] || [ ! -x "$bench_bin" ]; then echo "bench: no binaries ($ferry_bin, $bench_bin)"; exit 1; fi
 
 # File descriptors: 10,000 idle connections need as many in the broker and in the generator.
 if [ "$(id -u)" = 0 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt 65536 ]; then
@@ -265,6 +265,7 @@ mosquitto_stop() {
 }
 rabbitmq_start() {
   rabbit_start "[]"
+  # shellcheck disable=SC2119 # rabbit_wait takes no arguments here
   rabbit_wait || exit 1
   {
     echo "rabbitmq=RabbitMQ ${rabbit_version:-?}, Erlang $(rabbit_env timeout 20 "$RABBIT_BIN/rabbitmqctl" -q -n "$NODE" eval 'erlang:system_info(otp_release).' 2>/dev/null | tr -d '"')"
@@ -297,7 +298,8 @@ run_one() {
 
 run_one_measured() {
   local part=$1 key=$2 kind=$3 round=$4 broker=$5 portargs=$6 args=$7 pid
-  local out="$work/results/$(printf %03d $index)-$part-$key-$broker-$round.json"
+  local out
+  out="$work/results/$(printf %03d "$index")-$part-$key-$broker-$round.json"
   index=$((index + 1))
   local t0 t1 c0 c1 rss0="" rss1="" rss2="" peak="" rc
   local cmd=${args%% *} rest=${args#* }
@@ -358,6 +360,7 @@ run_one_measured() {
     esac
     t1=$(date +%s%N)
     c1=$(cpu_ticks "$pid")
+    # shellcheck disable=SC1003 # tr deletes double quotes and backslashes
     [ -s "$out" ] || printf '{"error": "ferry-bench exited with %s: %s"}\n' "$rc" \
       "$(tr -d '"\\' <"$out.err" | tr '\n' ' ' | cut -c1-300)" >"$out"
     # The broker's CPU time over the run, and the wall time it is divided by.
