@@ -581,7 +581,7 @@ BRK = ("broker CPU", lambda r: cpu_pct(r, "broker"), fmt_pct)
 metrics_for = {
     "steady": [WRATE, WPUB, CPUMSG, P50, P99, LOSS, GEN, BRK],
     "run": [FRATE, CPUMSG, P50, P99, LOSS, GEN, BRK],
-    "latency": [P50, P99, P999, RATE, GEN, BRK],
+    "latency": [P50, P99, P999, RATE, CPUMSG, GEN, BRK],
     "idle": [("RSS with the connections open", idle_rss_kb, fmt_kb),
              ("RSS per idle connection, bytes", per_conn, fmt_int),
              ("RSS 1 s after they closed", lambda r: r.get("compare", {}).get("rss_after_kb"), fmt_kb),
