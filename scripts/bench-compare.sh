@@ -2,15 +2,25 @@
 # Ferry against its peers on this machine, one script, one table per protocol, written into
 # docs/benchmarks.md (between <!-- bench-compare:begin --> and <!-- bench-compare:end -->):
 #
-#   MQTT vs Mosquitto: QoS 0, 1 and 2 1->1; fan-out QoS 0 1->50; fan-in QoS 0 50->1; 4 KiB QoS 1
-#     1->1; latency at a fixed 10,000 msgs/s (QoS 1); 10,000 idle connections (RSS per
-#     connection); a subscriber that never reads while 1,000,000 QoS 0 messages are published (the
-#     broker's RSS ceiling, sampled every 200 ms).
-#   AMQP 0-9-1 vs RabbitMQ: auto-ack 1->1; manual ack + confirms + persistent to a durable queue;
-#     fanout to 10 queues; latency at a fixed 10,000 msgs/s.
+#   MQTT vs Mosquitto, in steady state (below): QoS 0, 1 and 2 1->1; fan-out QoS 0 1->50; fan-in
+#     QoS 0 50->1; 4 KiB QoS 1 1->1; QoS 0 1->1 with the publisher's socket buffer left to the
+#     system's autotuning (what the old method did); the same as floods (a fixed number of messages
+#     as fast as possible, timed from the first write to the last delivery: the old method);
+#     latency at a fixed 10,000 msgs/s (QoS 1); 10,000 idle connections (RSS per connection); a
+#     subscriber that never reads while 1,000,000 QoS 0 messages are published (the broker's RSS
+#     ceiling, sampled every 200 ms).
+#   AMQP 0-9-1 vs RabbitMQ, in steady state and as floods: auto-ack 1->1; manual ack + confirms +
+#     persistent to a durable queue; fanout to 10 queues; and latency at a fixed 10,000 msgs/s.
 #   Cross-protocol, Ferry only (MQTT publisher -> AMQP consumer, QoS 1): no peer does it without
 #     a bridge (RabbitMQ's MQTT plugin is not enabled here).
 #   And each broker's RSS right after start, without clients.
+#
+# Steady state (`ferry-bench --warmup WARMUP --measure MEASURE --pid <broker>`, issue 18):
+# publishers send continuously over sockets with a 256 KiB SO_SNDBUF (the kernel doubles it);
+# what counts is what was delivered during the MEASURE-second window after WARMUP seconds, the
+# broker's CPU time over that window per delivered message, and the latencies of the messages
+# received in it; then the publishers stop, the run drains, and every acknowledged QoS 1/2 or
+# confirmed message is checked off at every subscriber (a loss is an anomaly under the table).
 #
 # Every scenario runs against Ferry and its peer alternately (ferry, peer, ferry, peer: ROUNDS
 # rounds), each run bounded (the generator's --timeout plus timeout(1)), all runs sharing a time
@@ -33,23 +43,26 @@
 # Installs mosquitto and rabbitmq-server when missing (apt-get, as root), builds `ferry` and
 # `ferry-bench` in release (FERRY_BIN and BENCH_BIN, both set, use those binaries instead).
 # Scenarios the generator does not support yet (checked with `ferry-bench <cmd> --help`) are
-# skipped with a message. Everything started is stopped on exit. About 10 minutes with ROUNDS=2.
+# skipped with a message. Everything started is stopped on exit. About 15 minutes with ROUNDS=2.
 #
 # Environment: ROUNDS (2), BENCH_THREADS (generator threads, nproc), RUN_TIMEOUT (seconds per run,
-# 30), BUDGET (seconds for all runs, 720), SETTLE (generator --settle, 2), PARTS (which parts to
+# 30), BUDGET (seconds for all runs, 1500), SETTLE (generator --settle, 2), WARMUP and MEASURE
+# (steady state, 1 and 5 s), PARTS (which parts to
 # run, "mqtt amqp cross"), SCENARIOS (keys of the scenarios to run, e.g. "qos1 idle"; all by
 # default), DOCS (1: write the section into DOC_FILE, docs/benchmarks.md; 0: print only),
 # KEEP=1 keeps the work directory (configs, logs, the per-run JSON and index.tsv).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 root=$(pwd)
 cmdline="ROUNDS=${ROUNDS:-2} scripts/bench-compare.sh${*:+ $*}"
 
 ROUNDS=${ROUNDS:-2}
 BENCH_THREADS=${BENCH_THREADS:-$(nproc)}
 RUN_TIMEOUT=${RUN_TIMEOUT:-30}
-BUDGET=${BUDGET:-720}
+BUDGET=${BUDGET:-1500}
 SETTLE=${SETTLE:-2}
+WARMUP=${WARMUP:-1}
+MEASURE=${MEASURE:-5}
 PARTS=${PARTS:-mqtt amqp cross}
 DOCS=${DOCS:-1}
 DOC_FILE=${DOC_FILE:-$root/docs/benchmarks.md}
@@ -58,21 +71,32 @@ IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 CLK_TCK=$(getconf CLK_TCK)
 
 # Scenarios: part|key|label|kind|arguments (plus --port/--threads/--timeout/--settle/--json).
-# kind: run (a plain generator run), idle (idle connections, RSS per connection), stall (RSS
-# sampled every 200 ms); "ferry-only" after the kind: no peer run.
+# kind: steady (a steady-state run: --warmup/--measure/--pid added), run (a plain generator run:
+# a flood, or paced), idle (idle connections, RSS per connection), stall (RSS sampled every
+# 200 ms); "ferry-only" after the kind: no peer run.
 scenarios=(
-  "mqtt|qos0|QoS 0, 1→1, 200k × 64 B|run|mqtt --qos 0 --publishers 1 --subscribers 1 --messages 200000 --size 64"
-  "mqtt|qos1|QoS 1, 1→1, 50k × 64 B|run|mqtt --qos 1 --publishers 1 --subscribers 1 --messages 50000 --size 64 --inflight 100"
-  "mqtt|qos2|QoS 2, 1→1, 20k × 64 B|run|mqtt --qos 2 --publishers 1 --subscribers 1 --messages 20000 --size 64 --inflight 100"
-  "mqtt|fanout|fan-out QoS 0, 1→50, 10k × 64 B|run|mqtt --qos 0 --publishers 1 --subscribers 50 --messages 10000 --size 64"
-  "mqtt|fanin|fan-in QoS 0, 50→1, 50 × 4k × 64 B|run|mqtt --qos 0 --publishers 50 --subscribers 1 --messages 4000 --size 64"
-  "mqtt|qos1-4k|QoS 1, 1→1, 20k × 4 KiB|run|mqtt --qos 1 --publishers 1 --subscribers 1 --messages 20000 --size 4096 --inflight 100"
+  "mqtt|qos0|QoS 0, 1→1, 64 B|steady|mqtt --qos 0 --publishers 1 --subscribers 1 --size 64"
+  "mqtt|qos1|QoS 1, 1→1, 64 B|steady|mqtt --qos 1 --publishers 1 --subscribers 1 --size 64 --inflight 100"
+  "mqtt|qos2|QoS 2, 1→1, 64 B|steady|mqtt --qos 2 --publishers 1 --subscribers 1 --size 64 --inflight 100"
+  "mqtt|fanin|fan-in QoS 0, 50→1, 64 B|steady|mqtt --qos 0 --publishers 50 --subscribers 1 --size 64"
+  "mqtt|fanout|fan-out QoS 0, 1→50, 64 B|steady|mqtt --qos 0 --publishers 1 --subscribers 50 --size 64"
+  "mqtt|qos1-4k|QoS 1, 1→1, 4 KiB|steady|mqtt --qos 1 --publishers 1 --subscribers 1 --size 4096 --inflight 100"
+  "mqtt|qos0-autobuf|QoS 0, 1→1, 64 B, publisher's SO_SNDBUF autotuned (--sndbuf 0, as the old method)|steady|mqtt --qos 0 --publishers 1 --subscribers 1 --size 64 --sndbuf 0"
+  "mqtt|qos0-flood|QoS 0, 1→1, flood (200k × 64 B as fast as possible)|run|mqtt --qos 0 --publishers 1 --subscribers 1 --messages 200000 --size 64"
+  "mqtt|qos1-flood|QoS 1, 1→1, flood (50k × 64 B as fast as possible)|run|mqtt --qos 1 --publishers 1 --subscribers 1 --messages 50000 --size 64 --inflight 100"
+  "mqtt|qos2-flood|QoS 2, 1→1, flood (20k × 64 B as fast as possible)|run|mqtt --qos 2 --publishers 1 --subscribers 1 --messages 20000 --size 64 --inflight 100"
+  "mqtt|fanin-flood|fan-in QoS 0, 50→1, flood (50 × 4k × 64 B as fast as possible)|run|mqtt --qos 0 --publishers 50 --subscribers 1 --messages 4000 --size 64"
+  "mqtt|fanout-flood|fan-out QoS 0, 1→50, flood (10k × 64 B as fast as possible)|run|mqtt --qos 0 --publishers 1 --subscribers 50 --messages 10000 --size 64"
+  "mqtt|qos1-4k-flood|QoS 1, 1→1, flood (20k × 4 KiB as fast as possible)|run|mqtt --qos 1 --publishers 1 --subscribers 1 --messages 20000 --size 4096 --inflight 100"
   "mqtt|latency|latency, QoS 1 at 10k msgs/s, 50k × 64 B|run|mqtt --qos 1 --publishers 1 --subscribers 1 --messages 50000 --size 64 --inflight 100 --rate 10000"
   "mqtt|stall|stalled subscriber, QoS 0, 1M × 64 B|stall|mqtt --qos 0 --publishers 1 --subscribers 1 --messages 1000000 --size 64 --stall-subscribers"
   "mqtt|idle|${IDLE_CONNECTIONS} idle connections, held 5 s|idle|idle --connections $IDLE_CONNECTIONS --hold 5"
-  "amqp|autoack|auto-ack, 1→1, 200k × 64 B|run|amqp --publishers 1 --consumers 1 --messages 200000 --size 64"
-  "amqp|persistent|manual ack + confirms + persistent (durable queue), 1→1, 50k × 64 B|run|amqp --publishers 1 --consumers 1 --messages 50000 --size 64 --manual-ack --confirm --persistent"
-  "amqp|fanout|fanout to 10 queues, 20k × 64 B|run|amqp --publishers 1 --messages 20000 --size 64 --fanout-queues 10"
+  "amqp|autoack|auto-ack, 1→1, 64 B|steady|amqp --publishers 1 --consumers 1 --size 64"
+  "amqp|persistent|manual ack + confirms + persistent (durable queue), 1→1, 64 B|steady|amqp --publishers 1 --consumers 1 --size 64 --manual-ack --confirm --persistent"
+  "amqp|fanout|fanout to 10 queues, confirms, 64 B|steady|amqp --publishers 1 --size 64 --fanout-queues 10 --confirm"
+  "amqp|autoack-flood|auto-ack, 1→1, flood (200k × 64 B as fast as possible)|run|amqp --publishers 1 --consumers 1 --messages 200000 --size 64"
+  "amqp|persistent-flood|manual ack + confirms + persistent, 1→1, flood (50k × 64 B as fast as possible)|run|amqp --publishers 1 --consumers 1 --messages 50000 --size 64 --manual-ack --confirm --persistent"
+  "amqp|fanout-flood|fanout to 10 queues, flood (20k × 64 B as fast as possible)|run|amqp --publishers 1 --messages 20000 --size 64 --fanout-queues 10"
   "amqp|latency|latency, auto-ack at 10k msgs/s, 50k × 64 B|run|amqp --publishers 1 --consumers 1 --messages 50000 --size 64 --rate 10000"
   "cross|cross|MQTT QoS 1 → AMQP consumer, 50k × 64 B (Ferry only)|run ferry-only|cross --qos 1 --messages 50000 --size 64"
 )
@@ -84,7 +108,7 @@ bench_need_python
 case " $PARTS " in *" mqtt "*) bench_need_mosquitto ;; esac
 case " $PARTS " in *" amqp "*) bench_need_rabbitmq ;; esac
 bench_build
-[ -x "$ferry_bin" ] && [ -x "$bench_bin" ] || { echo "bench: no binaries ($ferry_bin, $bench_bin)"; exit 1; }
+if [ ! -x "$ferry_bin" ] || [ ! -x "$bench_bin" ]; then echo "bench: no binaries ($ferry_bin, $bench_bin)"; exit 1; fi
 
 # File descriptors: 10,000 idle connections need as many in the broker and in the generator.
 if [ "$(id -u)" = 0 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt 65536 ]; then
@@ -112,6 +136,13 @@ missing_feature() {
         grep -q -- "$opt" <<<"$help_amqp" || { echo "this ferry-bench amqp has no $opt"; return; } ;;
     esac
   done
+  # Steady-state runs need --measure (and --sndbuf) in this generator.
+  if [ "${2:-}" = steady ] || [[ " $1 " == *" --sndbuf "* ]]; then
+    case $cmd in
+      mqtt) grep -q -- --measure <<<"$help_mqtt" || echo "this ferry-bench mqtt has no --measure" ;;
+      amqp) grep -q -- --measure <<<"$help_amqp" || echo "this ferry-bench amqp has no --measure" ;;
+    esac
+  fi
 }
 
 # --- work directory, clean-up -----------------------------------------------------------------
@@ -148,7 +179,8 @@ mem=$(awk '/MemTotal/ {printf "%.0f GB", $2 / 1048576}' /proc/meminfo)
   echo "kernel=$(uname -sr)"
   echo "ferry=$("$ferry_bin" --version 2>/dev/null), commit $ferry_commit"
   echo "cmdline=$cmdline"
-  echo "settings=ROUNDS=$ROUNDS, generator $BENCH_THREADS thread(s), --timeout $RUN_TIMEOUT --settle $SETTLE, ulimit -n $nofile"
+  echo "settings=ROUNDS=$ROUNDS, generator $BENCH_THREADS thread(s), --timeout $RUN_TIMEOUT --settle $SETTLE, steady state --warmup $WARMUP --measure $MEASURE, ulimit -n $nofile"
+  echo "load_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$work/meta.env"
 echo "machine: $(nproc) CPUs, $cpu_model, $mem RAM, $(uname -sr)"
 echo "ferry: $("$ferry_bin" --version 2>/dev/null), commit $ferry_commit; ulimit -n $nofile"
@@ -233,6 +265,7 @@ mosquitto_stop() {
 }
 rabbitmq_start() {
   rabbit_start "[]"
+  # shellcheck disable=SC2119 # rabbit_wait takes no arguments here
   rabbit_wait || exit 1
   {
     echo "rabbitmq=RabbitMQ ${rabbit_version:-?}, Erlang $(rabbit_env timeout 20 "$RABBIT_BIN/rabbitmqctl" -q -n "$NODE" eval 'erlang:system_info(otp_release).' 2>/dev/null | tr -d '"')"
@@ -265,7 +298,8 @@ run_one() {
 
 run_one_measured() {
   local part=$1 key=$2 kind=$3 round=$4 broker=$5 portargs=$6 args=$7 pid
-  local out="$work/results/$(printf %03d $index)-$part-$key-$broker-$round.json"
+  local out
+  out="$work/results/$(printf %03d "$index")-$part-$key-$broker-$round.json"
   index=$((index + 1))
   local t0 t1 c0 c1 rss0="" rss1="" rss2="" peak="" rc
   local cmd=${args%% *} rest=${args#* }
@@ -274,7 +308,10 @@ run_one_measured() {
   if [ $(($(date +%s) - runs_started + RUN_TIMEOUT + 15)) -gt "$BUDGET" ]; then
     printf '{"error": "skipped: the %s s time budget is spent"}\n' "$BUDGET" >"$out"
   elif ! kill -0 "$pid" 2>/dev/null; then
-    printf '{"error": "broker process %s is gone"}\n' "$pid" >"$out"
+    # How it ended (a child of this shell: 128 + the signal when killed, e.g. 143 SIGTERM, 137 SIGKILL).
+    local status=""
+    [ "$pid" = "$fpid" ] && { wait "$pid" 2>/dev/null; status=", exit status $?"; }
+    printf '{"error": "broker process %s is gone%s"}\n' "$pid" "$status" >"$out"
   else
     c0=$(cpu_ticks "$pid")
     t0=$(date +%s%N)
@@ -306,8 +343,10 @@ run_one_measured() {
           rss_sampler "$pid" "$out.peak" 0.2 &
           spid=$!
         fi
+        local steady=""
+        [ "$kind" = steady ] && steady="--warmup $WARMUP --measure $MEASURE --pid $pid"
         # shellcheck disable=SC2086
-        timeout $((RUN_TIMEOUT + 30)) "$bench_bin" $cmd $portargs $rest --threads "$BENCH_THREADS" \
+        timeout $((RUN_TIMEOUT + 30)) "$bench_bin" $cmd $portargs $rest $steady --threads "$BENCH_THREADS" \
           --timeout "$RUN_TIMEOUT" --settle "$SETTLE" --json >"$out" 2>"$out.err"
         rc=$?
         if [ -n "$spid" ]; then
@@ -321,6 +360,7 @@ run_one_measured() {
     esac
     t1=$(date +%s%N)
     c1=$(cpu_ticks "$pid")
+    # shellcheck disable=SC1003 # tr deletes double quotes and backslashes
     [ -s "$out" ] || printf '{"error": "ferry-bench exited with %s: %s"}\n' "$rc" \
       "$(tr -d '"\\' <"$out.err" | tr '\n' ' ' | cut -c1-300)" >"$out"
     # The broker's CPU time over the run, and the wall time it is divided by.
@@ -347,7 +387,12 @@ c = r.get("compare", {})
 if "error" in r:
     print(r["error"][:200]); sys.exit()
 parts = []
-if r.get("delivery_rate") is not None:
+s = r.get("steady")
+if s:
+    parts.append("%.0f deliveries/s in the window" % s["delivery_rate"])
+    if s.get("broker_cpu_us_per_msg") is not None:
+        parts.append("broker %.2f us/msg" % s["broker_cpu_us_per_msg"])
+elif r.get("delivery_rate") is not None:
     parts.append("%.0f deliveries/s" % r["delivery_rate"])
 lat = r.get("latency_us") or {}
 if lat.get("p50") is not None:
@@ -376,8 +421,8 @@ run_part() {
     [ "${entry%%|*}" = "$part" ] || continue
     IFS='|' read -r _ key label kind args <<<"$entry"
     if [ -n "$SCENARIOS" ]; then case " $SCENARIOS " in *" $key "*) ;; *) continue ;; esac; fi
-    printf '%s\t%s\n' "$key" "$label" >>"$work/labels-$part.tsv"
-    why=$(missing_feature "$args")
+    printf '%s\t%s\t%s\n' "$key" "${kind%% *}" "$label" >>"$work/labels-$part.tsv"
+    why=$(missing_feature "$args" "${kind%% *}")
     if [ -n "$why" ]; then
       echo "  $part $key: SKIPPED: $why"
       printf '%s\t%s\t%s\n' "$part" "$key" "$why" >>"$work/skipped.tsv"
@@ -421,6 +466,8 @@ ferry_alive=1
 kill -0 "$fpid" 2>/dev/null || { ferry_alive=0; echo "ferry died during the runs; last log lines:"; tail -20 "$work/ferry.log"; }
 echo "ferry_alive=$ferry_alive" >>"$work/meta.env"
 echo "runs took $(($(date +%s) - runs_started)) s"
+echo "load_after=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$work/meta.env"
+echo "date_end=$(date -u '+%H:%M UTC')" >>"$work/meta.env"
 
 # --- tables -----------------------------------------------------------------------------------
 echo
@@ -442,17 +489,23 @@ for line in open(os.path.join(work, "index.tsv")):
         r = {"error": f"unreadable result: {e}"}
     runs.setdefault((part, key), {}).setdefault(broker, {})[int(rnd)] = r
 labels = {}
+kinds = {}
 for part in ("mqtt", "amqp", "cross"):
     p = os.path.join(work, f"labels-{part}.tsv")
     if os.path.exists(p):
         for line in open(p):
-            k, label = line.rstrip("\n").split("\t", 1)
+            k, kind, label = line.rstrip("\n").split("\t", 2)
             labels[(part, k)] = label
+            kinds[(part, k)] = kind
 skipped = [line.rstrip("\n").split("\t") for line in open(os.path.join(work, "skipped.tsv")) if line.strip()]
 
 
 def cpu_pct(r, who):
-    """CPU % over the generator's measuring window (its CPU s / CPU %), else the run's wall time."""
+    """CPU % over the steady-state window; else over the generator's run (its CPU s / CPU %), else
+    the run's wall time."""
+    s = r.get("steady")
+    if s:
+        return s.get("generator_cpu_pct") if who == "generator" else s.get("broker_cpu_pct")
     c = r.get("compare", {})
     gs, gp = r.get("generator_cpu_secs"), r.get("generator_cpu_pct")
     window = gs * 100 / gp if gs and gp else c.get("wall_secs")
@@ -464,6 +517,19 @@ def cpu_pct(r, who):
 
 def lat(r, q):
     return (r.get("latency_us") or {}).get(q)
+
+
+def cpu_per_msg(r):
+    """Broker CPU µs per delivered message: over the window in steady state, else over the run."""
+    s = r.get("steady")
+    if s:
+        return s.get("broker_cpu_us_per_msg")
+    b, n = r.get("compare", {}).get("broker_cpu_secs"), r.get("deliveries")
+    return b * 1e6 / n if b is not None and n else None
+
+
+def fmt_us(v):
+    return "–" if v is None else f"{v:.2f}"
 
 
 def idle_rss_kb(r):
@@ -501,14 +567,21 @@ def fmt_pct(v):
 
 # metric name, getter, formatter, "higher is better"
 RATE = ("deliveries/s", lambda r: r.get("delivery_rate"), fmt_int)
+WRATE = ("deliveries/s in the window", lambda r: (r.get("steady") or {}).get("delivery_rate"), fmt_int)
+WPUB = ("publishes/s in the window", lambda r: (r.get("steady") or {}).get("publish_rate"), fmt_int)
+FRATE = ("deliveries/s, first write → last delivery", lambda r: r.get("delivery_rate"), fmt_int)
+CPUMSG = ("broker CPU µs / delivery", cpu_per_msg, fmt_us)
+LOSS = ("lost, % (QoS 0: of sent; QoS 1/2, confirms: of acknowledged)", lambda r: r.get("loss_pct"),
+        lambda v: "–" if v is None else f"{v:.2f}")
 P50 = ("p50 latency, µs", lambda r: lat(r, "p50"), fmt_int)
 P99 = ("p99 latency, µs", lambda r: lat(r, "p99"), fmt_int)
 P999 = ("p99.9 latency, µs", lambda r: lat(r, "p999"), fmt_int)
 GEN = ("generator CPU", lambda r: cpu_pct(r, "generator"), fmt_pct)
 BRK = ("broker CPU", lambda r: cpu_pct(r, "broker"), fmt_pct)
 metrics_for = {
-    "run": [RATE, P50, P99, GEN, BRK],
-    "latency": [P50, P99, P999, RATE, GEN, BRK],
+    "steady": [WRATE, WPUB, CPUMSG, P50, P99, LOSS, GEN, BRK],
+    "run": [FRATE, CPUMSG, P50, P99, LOSS, GEN, BRK],
+    "latency": [P50, P99, P999, RATE, CPUMSG, GEN, BRK],
     "idle": [("RSS with the connections open", idle_rss_kb, fmt_kb),
              ("RSS per idle connection, bytes", per_conn, fmt_int),
              ("RSS 1 s after they closed", lambda r: r.get("compare", {}).get("rss_after_kb"), fmt_kb),
@@ -560,36 +633,97 @@ def table(part, peer, peer_name):
         if p != part:
             continue
         label = labels.get((p, key), key)
-        kind = "latency" if key == "latency" else key if key in ("idle", "stall") else "run"
+        kind = "latency" if key == "latency" else kinds.get((p, key), "run")
         rounds = sorted(set(by.get("ferry", {})) | set(by.get(peer, {}) if peer else set()))
         for broker, rs in by.items():
             for rnd in sorted(rs):
                 for n in notes_of("Ferry" if broker == "ferry" else peer_name, rs[rnd]):
                     notes.append(f"{label}, round {rnd}: {n}")
-        first = True
-        for name, get, fmt in metrics_for[kind]:
-            fv = {rnd: get(r) for rnd, r in by.get("ferry", {}).items() if "error" not in r}
-            fv = {k: v for k, v in fv.items() if v is not None}
-            if peer:
-                pv = {rnd: get(r) for rnd, r in by.get(peer, {}).items() if "error" not in r}
-                pv = {k: v for k, v in pv.items() if v is not None}
-            else:
-                pv = {}
-            if not fv and not pv:
-                continue
-            fm = statistics.median(fv.values()) if fv else None
-            scen = label if first else ""
-            first = False
-            if peer:
-                pm = statistics.median(pv.values()) if pv else None
-                ratios = [fv[k] / pv[k] for k in rounds if k in fv and k in pv and pv[k]]
-                rm = f"{statistics.median(ratios):.2f}" if ratios else "–"
-                per = ", ".join(f"{x:.2f}" for x in ratios)
-                lines.append(f"| {scen} | {name} | {fmt(fm)} | {fmt(pm)} | {rm} | {per} |")
-            else:
-                per = ", ".join(fmt(fv[k]) for k in sorted(fv))
-                lines.append(f"| {scen} | {name} | {fmt(fm)} | {per} |")
+        groups = [(label, metrics_for[kind])]
+        if (p, key) == ("mqtt", "qos0"):
+            groups.append(("QoS 0, 1→1, p99 latency while saturated (the same steady runs: unpaced, "
+                           "latency of the messages received in the window)", [P99, P999]))
+        for label, metrics in groups:
+            rows(lines, label, metrics, by, rounds, peer)
     return lines, notes
+
+
+def rows(lines, label, metrics, by, rounds, peer):
+    first = True
+    for name, get, fmt in metrics:
+        fv = {rnd: get(r) for rnd, r in by.get("ferry", {}).items() if "error" not in r}
+        fv = {k: v for k, v in fv.items() if v is not None}
+        if peer:
+            pv = {rnd: get(r) for rnd, r in by.get(peer, {}).items() if "error" not in r}
+            pv = {k: v for k, v in pv.items() if v is not None}
+        else:
+            pv = {}
+        if not fv and not pv:
+            continue
+        fm = statistics.median(fv.values()) if fv else None
+        scen = label if first else ""
+        first = False
+        if peer:
+            pm = statistics.median(pv.values()) if pv else None
+            ratios = [fv[k] / pv[k] for k in rounds if k in fv and k in pv and pv[k]]
+            rm = f"{statistics.median(ratios):.2f}" if ratios else "–"
+            per = ", ".join(f"{x:.2f}" for x in ratios)
+            lines.append(f"| {scen} | {name} | {fmt(fm)} | {fmt(pm)} | {rm} | {per} |")
+        else:
+            per = ", ".join(fmt(fv[k]) for k in sorted(fv))
+            lines.append(f"| {scen} | {name} | {fmt(fm)} | {per} |")
+
+
+def ratio(part, key, get, peer):
+    """The median over rounds of Ferry/peer for one metric, or None."""
+    by = runs.get((part, key), {})
+    fv = {k: get(r) for k, r in by.get("ferry", {}).items() if "error" not in r}
+    pv = {k: get(r) for k, r in by.get(peer, {}).items() if "error" not in r}
+    rs = [fv[k] / pv[k] for k in fv if k in pv and fv[k] is not None and pv[k]]
+    return statistics.median(rs) if rs else None
+
+
+def targets():
+    """Where issue 18's targets stand, from the steady-state rows of this run."""
+    out = ["| target (issue 18) | measured, Ferry/peer (median of rounds) | met |", "|---|---|---|"]
+    for part, key, peer, name, want in (
+            ("mqtt", "qos0", "mosquitto", "MQTT QoS 0 1→1 ≥ 5× Mosquitto", 5),
+            ("mqtt", "fanin", "mosquitto", "MQTT fan-in 50→1 ≥ 5× Mosquitto", 5),
+            ("mqtt", "qos1", "mosquitto", "MQTT QoS 1 1→1 ≥ 5× Mosquitto", 5),
+            ("mqtt", "fanout", "mosquitto", "MQTT fan-out 1→50 ≥ 15× Mosquitto", 15),
+            ("amqp", "autoack", "rabbitmq", "AMQP auto-ack 1→1 ≥ 10× RabbitMQ", 10),
+            ("amqp", "persistent", "rabbitmq", "AMQP confirms + persistent + manual ack ≥ 5× RabbitMQ", 5),
+            ("amqp", "fanout", "rabbitmq", "AMQP fanout to 10 queues ≥ 15× RabbitMQ", 15)):
+        if (part, key) not in runs:
+            continue
+        r = ratio(part, key, WRATE[1], peer)
+        out.append(f"| {name} | {'–' if r is None else f'{r:.2f}×'} | {'–' if r is None else 'yes' if r >= want else 'no'} |")
+    cpu = []
+    for (part, key), kind in kinds.items():
+        if kind != "steady" or (part, key) not in runs:
+            continue
+        peer = "mosquitto" if part == "mqtt" else "rabbitmq"
+        r = ratio(part, key, cpu_per_msg, peer)
+        if r is not None:
+            cpu.append((part, key, r))
+    if cpu:
+        met = [f"{k} {r:.2f}" for _, k, r in cpu if r <= 0.5]
+        missed = [f"{k} {r:.2f}" for _, k, r in cpu if r > 0.5]
+        out.append("| broker CPU per delivery ≤ ½ the peer's, every steady row | "
+                   + ("; ".join(f"{p}/{k}: {r:.2f}" for p, k, r in cpu)) + f" | {'yes' if not missed else 'no: ' + ', '.join(missed)} |")
+    losses = []
+    checked = 0
+    for (part, key), by in runs.items():
+        for rnd, r in by.get("ferry", {}).items():
+            if "error" in r or r.get("stall_subscribers"):
+                continue
+            if r.get("qos", 0) > 0 or r.get("confirm_window"):
+                checked += 1
+                if r.get("lost") or r.get("nacked") or r.get("unconfirmed"):
+                    losses.append(f"{part}/{key} round {rnd}: {r.get('lost')} lost")
+    out.append(f"| no QoS 1/2 or confirmed message lost (Ferry, {checked} runs checked message by message) | "
+               f"{'; '.join(losses) if losses else 'none lost'} | {'no' if losses else 'yes'} |")
+    return out
 
 
 out = []
@@ -601,10 +735,16 @@ out.append(f"Written by `scripts/bench-compare.sh` on {meta.get('date')}; the sc
            "driven by `ferry-bench`, the broker not measured stopped (SIGSTOP) during each run so that its "
            "background work does not take CPU from the other; each figure is the median over the rounds, and the ratio is the median of "
            "the per-round ratios Ferry/peer (above 1: Ferry higher, which is better for rates and worse for "
-           "latency, memory and CPU). CPU %: user + system time over the generator's run, from its first "
-           "connection to its end, settle time included (100 % = one core busy): the generator's its own, the "
-           "broker's from `/proc/<pid>/stat` read before and after the run; generator and broker share the "
-           "machine. RSS is VmRSS from `/proc/<pid>/status`: per idle connection is (RSS with all connected, read "
+           "latency, memory and CPU). **Steady-state rows** (issue 18; see \"Steady state against floods\" "
+           "below): the publishers send continuously, unpaced, over sockets with SO_SNDBUF 256 KiB (the kernel "
+           "grants 512 KiB), and the figures are those of a measure window after a warm-up: deliveries and "
+           "publishes completed in it, latencies of the messages received in it, the broker's CPU time over it "
+           "(`/proc/<pid>/stat`) per delivery, CPU % over it; afterwards the publishers stop, the run drains "
+           "and every acknowledged QoS 1/2 or confirmed message is checked off at every subscriber. **Flood "
+           "rows** are the old method: N messages as fast as possible with the system's autotuned socket "
+           "buffers, the rate is deliveries / (last delivery − first write), CPU % over the generator's whole "
+           "run, settle time included, CPU per delivery over the run. 100 % CPU = one core busy; generator and "
+           "broker share the machine. RSS is VmRSS from `/proc/<pid>/status`: per idle connection is (RSS with all connected, read "
            "0.5 s after the generator printed `ready N`, − RSS before connecting) / N; the stalled subscriber's "
            "figure is the largest of samples taken every 200 ms during the run. Losses, errors and time-outs "
            "are listed under the tables; at QoS 0 losses are allowed, and Mosquitto's default "
@@ -620,9 +760,17 @@ if meta.get("rabbitmq"):
 out.append("- **Versions:** " + "; ".join(vers) + ".")
 out.append("- **Ferry's configuration:** defaults, plus `max_connection_rate = 0` on its MQTT and AMQP listeners "
            "and a fresh data directory.")
-out.append(f"- **Command:** `{meta.get('cmdline')}` ({meta.get('settings')}).")
+out.append(f"- **Command:** `{meta.get('cmdline')}` ({meta.get('settings')}), from {meta.get('date')} to "
+           f"{meta.get('date_end')}; load average (1, 5, 15 min) {meta.get('load_before')} before, "
+           f"{meta.get('load_after')} after, on {meta.get('nproc')} CPUs: above about 1, other work on the machine took CPU "
+           "from the runs and the figures are noisy.")
 if meta.get("ferry_alive") == "0":
     out.append("- **Ferry died during the runs** (see the script's output).")
+if any(k == "steady" for k in kinds.values()):
+    out.append("")
+    out.append("### Issue 18's targets, steady state")
+    out.append("")
+    out += targets()
 all_notes = []
 for part, peer, peer_name, title in (("mqtt", "mosquitto", "Mosquitto", "MQTT 3.1.1: Ferry vs Mosquitto"),
                                      ("amqp", "rabbitmq", "RabbitMQ", "AMQP 0-9-1: Ferry vs RabbitMQ"),

@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034,SC2154 # sets variables the sourcing script reads; $root and $work are its
 # Shared by scripts/bench-amqp.sh and scripts/bench-persistence.sh: sourced, not run.
 #
 # What it gives: `bench_need_rabbitmq` (installs rabbitmq-server with apt-get when missing, as
@@ -81,10 +83,10 @@ reset_peak_rss() { [ -n "${1:-}" ] && { echo 5 >"/proc/$1/clear_refs"; } 2>/dev/
 # The RabbitMQ tools, as root but with this run's own cookie ($HOME) and node.
 rabbit_env() {
   env HOME="$work/rabbit/home" \
-    RABBITMQ_NODENAME=$NODE \
+    RABBITMQ_NODENAME="$NODE" \
     RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-    RABBITMQ_NODE_PORT=$RABBIT_PORT \
-    RABBITMQ_DIST_PORT=$RABBIT_DIST_PORT \
+    RABBITMQ_NODE_PORT="$RABBIT_PORT" \
+    RABBITMQ_DIST_PORT="$RABBIT_DIST_PORT" \
     RABBITMQ_MNESIA_BASE="$work/rabbit/mnesia" \
     RABBITMQ_LOG_BASE="$work/rabbit/log" \
     RABBITMQ_CONFIG_FILE="$work/rabbit/rabbitmq.conf" \
@@ -144,7 +146,7 @@ rabbit_stop() {
   rabbit_env timeout 30 "$RABBIT_BIN/rabbitmqctl" -q -n "$NODE" stop >/dev/null 2>&1
   # `stop` returns while the VM halts; give it 10 s before forcing it.
   for _ in $(seq 20); do
-    [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null || break
+    if [ -z "$beam" ] || ! kill -0 "$beam" 2>/dev/null; then break; fi
     sleep 0.5
   done
   [ -n "$beam" ] && kill -9 "$beam" 2>/dev/null

@@ -34,6 +34,14 @@
 //! messages are not yet received, so they start once the queue holds N and then follow the
 //! publishers. Once every publisher is done the consumers drain the rest.
 //!
+//! Steady state (`--measure S`, see `steady.rs`): publishers send continuously (or at `--rate`)
+//! through `--warmup` and the window, over sockets with a bounded send buffer (`--sndbuf`), then
+//! stop (with `--confirm`: once their window is confirmed). Rates, latencies and CPU figures
+//! (`--pid`) are those of the window. The consumers then drain until they have every message
+//! sent, or `--settle` seconds pass without a delivery; with `--confirm`, every confirmed message
+//! is checked off (per queue with `--fanout-queues`): one missing is a loss. Per-publisher
+//! sequence numbers are tracked up to 2^28 bits over all publishers and queues (32 MB).
+//!
 //! Fan-out: `--fanout-queues K` publishes to the fanout exchange [`FANOUT_EXCHANGE`] (declared
 //! non-durable and auto-delete by the setup connection) instead of the default exchange; each of
 //! K consumers declares its own server-named exclusive queue, binds it there and consumes it, so
@@ -66,6 +74,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use crate::histogram::{CpuMeter, Histogram, Latency};
 use crate::mqtt::missing_ranges;
 use crate::pacing::{paced_allowed, paced_due};
+use crate::steady::{self, Measured, Seen, SteadyArgs, Window, STEADY_CAP};
 
 /// Bytes of publishes an unconfirmed publisher encodes before it writes them.
 pub const BATCH_BYTES: usize = 64 * 1024;
@@ -79,6 +88,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const CH: u16 = 1;
 /// Duplicate tracking needs one bit per message; above this many messages it is off.
 const MAX_TRACKED: u64 = 1 << 30;
+/// Steady state: bits of sequence-number tracking over all publishers and queues (32 MB,
+/// allocated up front): a publisher may send 2^28 / (publishers x queues) messages, 26 M with
+/// ten queues, more than a 7 s run at the fastest rate measured here.
+const STEADY_TRACKED: u64 = 1 << 28;
 /// With `--fanout-queues`: the exchange the publishers send to.
 pub const FANOUT_EXCHANGE: &str = "bench.fanout";
 
@@ -144,6 +157,8 @@ pub struct Args {
     /// Seconds without a delivery, once every publisher is done, after which the rest counts as lost.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub settle: u64,
+    #[command(flatten)]
+    pub steady: SteadyArgs,
     /// Tokio worker threads of the generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub threads: u32,
@@ -153,6 +168,15 @@ pub struct Args {
 }
 
 impl Args {
+    /// Messages per publisher: --messages, or in steady state what the tracking allows.
+    fn messages(&self) -> u32 {
+        if self.steady.measure.is_none() {
+            return self.messages;
+        }
+        let copies = u64::from(self.fanout_queues.max(1));
+        (STEADY_TRACKED / (u64::from(self.publishers) * copies)).min(u64::from(STEADY_CAP)) as u32
+    }
+
     fn check(&self) -> anyhow::Result<()> {
         if !self.host.is_loopback() {
             bail!("--host {}: only loopback addresses are allowed", self.host);
@@ -165,6 +189,15 @@ impl Args {
         }
         if self.backlog.is_some() && self.fanout_queues > 0 {
             bail!("--backlog cannot be combined with --fanout-queues");
+        }
+        self.steady.check()?;
+        if self.steady.measure.is_some() {
+            if self.size < 16 {
+                bail!("--measure needs --size 16 or more (the loss check needs sequence numbers)");
+            }
+            if self.backlog.is_some() || self.consumer_count() == 0 {
+                bail!("--measure needs consumers and no --backlog");
+            }
         }
         Ok(())
     }
@@ -237,7 +270,10 @@ pub struct Report {
     pub publish_rate: f64,
     pub delivery_secs: Option<f64>,
     pub delivery_rate: Option<f64>,
+    /// Steady state: of the messages received in the window only.
     pub latency_us: Latency,
+    /// Steady state: what the window measured (`None`: a fixed-count run).
+    pub steady: Option<Measured>,
     pub per_consumer_min: Option<u64>,
     pub per_consumer_max: Option<u64>,
     /// A few runs of missing messages, when bodies are 16 B or more.
@@ -278,12 +314,15 @@ impl Report {
             Some(n) => format!("manual ack (multiple, every {n})"),
             None => "no-ack".to_string(),
         });
+        let n = match self.steady {
+            Some(_) => "steady".to_string(),
+            None => format!("{} msgs", self.messages_per_publisher),
+        };
         println!(
-            "amqp {} ({}): {} publisher(s) x {} msgs -> {} consumer(s) on {}, {} B body, {}, prefetch {}, {} thread(s)",
+            "amqp {} ({}): {} publisher(s) x {n} -> {} consumer(s) on {}, {} B body, {}, prefetch {}, {} thread(s)",
             self.broker,
             self.server,
             self.publishers,
-            self.messages_per_publisher,
             self.consumers,
             match self.fanout_queues {
                 Some(k) => format!("{k} queue(s) of fanout exchange {FANOUT_EXCHANGE}"),
@@ -294,14 +333,28 @@ impl Report {
             self.prefetch,
             self.threads
         );
-        println!("  publish:    {} sent in {:.3} s = {:.0} msgs/s", self.sent, self.publish_secs, self.publish_rate);
+        match self.steady {
+            Some(_) => println!("  publish:    {} sent in all (warm-up, window, drain)", self.sent),
+            None => {
+                println!(
+                    "  publish:    {} sent in {:.3} s = {:.0} msgs/s",
+                    self.sent, self.publish_secs, self.publish_rate
+                )
+            }
+        }
         if self.confirm_window.is_some() {
             println!(
                 "  confirms:   {} acked, {} nacked, {} unconfirmed",
                 self.confirmed, self.nacked, self.unconfirmed
             );
         }
+        if let Some(m) = &self.steady {
+            m.print_text();
+        }
         match (self.delivery_secs, self.delivery_rate) {
+            _ if self.steady.is_some() => {
+                println!("  delivery:   {} of {} in all", self.deliveries, self.expected_deliveries)
+            }
             (Some(s), Some(r)) => {
                 println!(
                     "  delivery:   {} of {} in {s:.3} s = {r:.0} msgs/s",
@@ -312,10 +365,12 @@ impl Report {
         }
         let us = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "  latency:    p50 {} us, p99 {} us, max {} us",
+            "  latency:    p50 {} us, p99 {} us, p99.9 {} us, max {} us{}",
             us(self.latency_us.p50),
             us(self.latency_us.p99),
-            us(self.latency_us.max)
+            us(self.latency_us.p999),
+            us(self.latency_us.max),
+            if self.steady.is_some() { " (received in the window)" } else { "" }
         );
         println!("  per cons:   min {}, max {}", us(self.per_consumer_min), us(self.per_consumer_max));
         println!(
@@ -374,6 +429,15 @@ pub(crate) struct Ctx {
     pubs_done_ns: AtomicU64,
     /// Publishers still sending; the last one to finish flips `pubs_done`.
     sending: AtomicUsize,
+    /// Steady state: the measure window; publishers stop at its end.
+    window: Option<Window>,
+    /// basic.publish written, over all publishers.
+    sent: AtomicU64,
+    /// Copies of each message expected (queues with --fanout-queues, else 1; 0: no consumers).
+    copies: u32,
+    /// Deliveries after which the consumers are done: `expected`, or in steady state unknown
+    /// (u64::MAX) until the publishers are done, then every message written x `copies`.
+    target: AtomicU64,
     pubs_done: watch::Sender<bool>,
     /// Flipped by the consumer that receives the last expected message.
     all_received: watch::Sender<bool>,
@@ -413,6 +477,10 @@ impl Ctx {
             last_delivery_ns: AtomicU64::new(0),
             pubs_done_ns: AtomicU64::new(0),
             sending: AtomicUsize::new(publishers as usize),
+            window: None,
+            sent: AtomicU64::new(0),
+            copies,
+            target: AtomicU64::new(expected),
             pubs_done: watch::channel(false).0,
             all_received: watch::channel(false).0,
             subs_done: watch::channel(false).0,
@@ -425,8 +493,25 @@ impl Ctx {
     pub(crate) fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
     }
+    /// Steady state: measure over `window` (the target is set when the publishers are done).
+    fn with_window(self, window: Option<Window>) -> Ctx {
+        let target = AtomicU64::new(if window.is_some() { u64::MAX } else { self.expected });
+        Ctx { window, target, ..self }
+    }
+    /// Steady state: the window is over, publishers stop.
+    fn stopping(&self) -> bool {
+        self.window.is_some_and(|w| w.over(Instant::now()))
+    }
     pub(crate) fn publisher_finished(&self) {
         if self.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if self.window.is_some() {
+                // SeqCst with `record`'s: either it sees the target or this sees its delivery.
+                let target = self.sent.load(Ordering::SeqCst) * u64::from(self.copies);
+                self.target.store(target, Ordering::SeqCst);
+                if self.received.load(Ordering::SeqCst) >= target {
+                    self.all_received.send_replace(true);
+                }
+            }
             self.pubs_done_ns.store(self.now_ns(), Ordering::Release);
             self.pubs_done.send_replace(true);
         }
@@ -493,11 +578,13 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) async fn open(addr: SocketAddr, name: &str) -> anyhow::Result<Conn> {
-        let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow!("connect to {addr}: timed out"))?
-            .with_context(|| format!("connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+        Conn::open_with(addr, name, None).await.map(|(c, _)| c)
+    }
+
+    /// [`Conn::open`] with SO_SNDBUF set to `sndbuf` before connecting; also returns the send
+    /// buffer the kernel granted.
+    async fn open_with(addr: SocketAddr, name: &str, sndbuf: Option<u32>) -> anyhow::Result<(Conn, Option<u32>)> {
+        let (stream, granted) = steady::connect(addr, sndbuf, HANDSHAKE_TIMEOUT).await?;
         let mut conn = Conn {
             stream,
             dec: FrameDecoder::new(FRAME_MIN_SIZE),
@@ -509,7 +596,7 @@ impl Conn {
         conn.wbuf.extend_from_slice(&PROTOCOL_HEADER);
         conn.flush().await?;
         timeout(HANDSHAKE_TIMEOUT, conn.handshake(name)).await.map_err(|_| anyhow!("handshake: timed out"))??;
-        Ok(conn)
+        Ok((conn, granted))
     }
 
     async fn handshake(&mut self, name: &str) -> anyhow::Result<()> {
@@ -741,20 +828,22 @@ struct Confirms {
     base: u64,
     done: std::collections::VecDeque<bool>,
     pending: u64,
+    /// The sequence numbers confirmed by basic.ack (delivery tag `t` is sequence `t - 1`).
+    acked: Seen,
 }
 
 impl Confirms {
     fn new() -> Confirms {
-        Confirms { base: 1, done: std::collections::VecDeque::new(), pending: 0 }
+        Confirms { base: 1, done: std::collections::VecDeque::new(), pending: 0, acked: Seen::default() }
     }
     /// Registers the next publish.
     fn push(&mut self) {
         self.done.push_back(false);
         self.pending += 1;
     }
-    /// Settles `tag` (and with `multiple` every earlier tag); returns how many messages it settled.
-    /// An error for a tag never published.
-    fn settle(&mut self, tag: u64, multiple: bool) -> anyhow::Result<u64> {
+    /// Settles `tag` (and with `multiple` every earlier tag), by basic.ack when `ack`, else by
+    /// basic.nack; returns how many messages it settled. An error for a tag never published.
+    fn settle(&mut self, tag: u64, multiple: bool, ack: bool) -> anyhow::Result<u64> {
         let end = self.base + self.done.len() as u64;
         if tag >= end || (tag < self.base && !multiple) || tag == 0 {
             bail!("confirm for delivery tag {tag}, outstanding are {}..{end}", self.base);
@@ -769,6 +858,10 @@ impl Confirms {
             if !*state {
                 *state = true;
                 settled += 1;
+                if ack {
+                    // Tags count from 1 per channel, one per publish; fewer than 2^32 here.
+                    self.acked.insert((t - 1) as u32);
+                }
             }
         }
         while self.done.front() == Some(&true) {
@@ -786,6 +879,8 @@ struct PubResult {
     last_send: Option<Instant>,
     sent: u64,
     confirmed: u64,
+    /// With confirms: the sequence numbers confirmed by basic.ack.
+    acked: Seen,
     nacked: u64,
     unconfirmed: u64,
     timed_out: bool,
@@ -818,6 +913,9 @@ async fn publish_unconfirmed(
 ) -> anyhow::Result<()> {
     let mut seq = 0u32;
     while seq < ctx.messages {
+        if ctx.stopping() {
+            return Ok(());
+        }
         if Instant::now() >= ctx.deadline {
             res.timed_out = true;
             break;
@@ -862,8 +960,18 @@ async fn publish_unconfirmed(
             }
         }
         res.sent += u64::from(batch);
+        steady::add(&ctx.sent, u64::from(batch));
         ctx.published(u64::from(batch));
         res.last_send = Some(Instant::now());
+    }
+    cap_reached(ctx, seq)
+}
+
+/// Steady state: a publisher that sent its last allowed message before the window ended did not
+/// measure what it was asked to.
+fn cap_reached(ctx: &Ctx, seq: u32) -> anyhow::Result<()> {
+    if ctx.window.is_some() && seq >= ctx.messages && !ctx.stopping() {
+        bail!("sent the steady-state cap of {} messages before the window ended", ctx.messages);
     }
     Ok(())
 }
@@ -885,7 +993,8 @@ async fn publish_confirmed(
     let result = async {
         loop {
             let mut wrote = false;
-            let limit = ctx.allowed();
+            let stopped = ctx.stopping();
+            let limit = if stopped { seq } else { ctx.allowed() };
             while seq < limit && confirms.pending < u64::from(window) && conn.wbuf.len() < BATCH_BYTES {
                 tpl.write(&mut conn.wbuf, ctx.now_ns(), index, seq);
                 confirms.push();
@@ -901,6 +1010,7 @@ async fn publish_confirmed(
                         return Ok(());
                     }
                 }
+                steady::add(&ctx.sent, u64::from(seq) - res.sent);
                 res.sent = u64::from(seq);
                 res.last_send = Some(Instant::now());
                 // The window may still have room (a write is capped at BATCH_BYTES).
@@ -908,14 +1018,16 @@ async fn publish_confirmed(
                     continue;
                 }
             }
-            if seq == ctx.messages && confirms.pending == 0 {
+            if confirms.pending == 0 && (seq == ctx.messages || stopped) {
                 return Ok(());
             }
             // Paced (--rate) with room in the window: also wake when the next message is due.
-            let paced = seq < ctx.messages && seq >= limit && confirms.pending < u64::from(window);
+            let paced = !stopped && seq < ctx.messages && seq >= limit && confirms.pending < u64::from(window);
+            let stop_at = ctx.window.map_or(ctx.deadline, |w| w.stop_at);
             tokio::select! {
                 r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
                 _ = sleep_until(ctx.due(seq).min(ctx.deadline)), if paced => continue,
+                _ = sleep_until(stop_at), if !stopped && ctx.window.is_some() => continue,
                 _ = sleep_until(ctx.deadline) => {
                     res.timed_out = true;
                     return Ok(());
@@ -929,12 +1041,12 @@ async fn publish_confirmed(
                 };
                 match Method::decode_payload(payload).map_err(|e| anyhow!("method: {e}"))? {
                     Method::BasicAck(a) if channel == CH => {
-                        let n = confirms.settle(a.delivery_tag, a.multiple)?;
+                        let n = confirms.settle(a.delivery_tag, a.multiple, true)?;
                         res.confirmed += n;
                         ctx.published(n);
                     }
                     Method::BasicNack(n) if channel == CH => {
-                        res.nacked += confirms.settle(n.delivery_tag, n.multiple)?;
+                        res.nacked += confirms.settle(n.delivery_tag, n.multiple, false)?;
                     }
                     m => return Err(unexpected(channel, &m)),
                 }
@@ -943,7 +1055,9 @@ async fn publish_confirmed(
     }
     .await;
     res.unconfirmed = confirms.pending;
-    result
+    res.acked = std::mem::take(&mut confirms.acked);
+    result?;
+    cap_reached(ctx, seq)
 }
 
 #[derive(Debug)]
@@ -1150,8 +1264,10 @@ fn record(ctx: &Ctx, res: &mut SubResult, mut head: &[u8], now_ns: u64) -> anyho
     }
     if fresh {
         res.received += 1;
-        res.latency.record(now_ns.saturating_sub(sent) / 1000);
-        if ctx.received.fetch_add(1, Ordering::AcqRel) + 1 == ctx.expected {
+        if ctx.window.is_none_or(|w| w.contains(ctx.base + Duration::from_nanos(now_ns))) {
+            res.latency.record(now_ns.saturating_sub(sent) / 1000);
+        }
+        if ctx.received.fetch_add(1, Ordering::SeqCst) + 1 >= ctx.target.load(Ordering::SeqCst) {
             ctx.all_received.send_replace(true);
         }
     } else {
@@ -1293,14 +1409,19 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     subs.sort_by_key(|(i, _)| *i);
 
     let mut setup = JoinSet::new();
+    let sndbuf = args.steady.sndbuf();
     for i in 0..args.publishers {
         setup.spawn(async move {
-            let conn = Conn::open(addr, &format!("fb{pid}-p{i}")).await.with_context(|| format!("publisher {i}"))?;
-            Ok((i, conn))
+            let (conn, granted) = Conn::open_with(addr, &format!("fb{pid}-p{i}"), sndbuf)
+                .await
+                .with_context(|| format!("publisher {i}"))?;
+            Ok((i, conn, granted))
         });
     }
-    let mut pubs = join_all(setup).await.context("setting up publishers")?;
-    pubs.sort_by_key(|(i, _)| *i);
+    let mut pubs: Vec<(u32, Conn, Option<u32>)> = join_all(setup).await.context("setting up publishers")?;
+    pubs.sort_by_key(|(i, _, _)| *i);
+    let granted = pubs.first().and_then(|p| p.2);
+    let pubs: Vec<(u32, Conn)> = pubs.into_iter().map(|(i, c, _)| (i, c)).collect();
     // Every connection negotiated the same frame max with the same server.
     let frame_max = pubs.first().map_or(FRAME_MIN_SIZE, |(_, c)| c.frame_max);
     let tpl = Arc::new(match fanout {
@@ -1311,10 +1432,23 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let copies = if fanout { args.fanout_queues } else { u32::from(args.consumers > 0) };
     let cpu = CpuMeter::start();
     let base = Instant::now();
-    let deadline = base + Duration::from_secs(args.timeout);
+    let window = args.steady.window(base);
+    let deadline = window.map_or(base, |w| w.stop_at) + Duration::from_secs(args.timeout);
     let settle = Duration::from_secs(args.settle);
-    let ctx = Ctx::new(base, deadline, settle, args.publishers, args.messages, copies, size).with_rate(args.rate);
+    let ctx = Ctx::new(base, deadline, settle, args.publishers, args.messages(), copies, size)
+        .with_rate(args.rate)
+        .with_window(window);
     let ctx = Arc::new(Ctx { backlog: args.backlog, ..ctx });
+    let measuring = window.map(|w| {
+        let (c1, c2) = (ctx.clone(), ctx.clone());
+        tokio::spawn(steady::measure(
+            w,
+            args.steady.pids.clone(),
+            move || c1.sent.load(Ordering::Acquire),
+            move || c2.received.load(Ordering::Acquire),
+            args.steady.warmup,
+        ))
+    });
 
     let mut sub_tasks = JoinSet::new();
     for (i, conn) in subs {
@@ -1340,10 +1474,61 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let mut report = report(args, server, &ctx, &pub_results, &sub_results);
     report.generator_cpu_secs = cpu.secs;
     report.generator_cpu_pct = cpu.pct;
+    if let Some(task) = measuring {
+        let mut m = task.await.context("window task")?;
+        m.sndbuf_granted = granted;
+        steady_report(&mut report, &m, &ctx, &pub_results, args.confirm);
+        report.steady = Some(m);
+    }
     if report.lost > 0 && !fanout {
         report.left_in_queue = queue_depth(addr, &args.queue).await.ok();
     }
     Ok(report)
+}
+
+/// Steady state: the window's rates, and the loss check: with confirms, every confirmed message
+/// of every publisher must have reached every queue (message by message); without, the count
+/// delivered against the count written.
+fn steady_report(report: &mut Report, m: &Measured, ctx: &Ctx, pubs: &[PubResult], confirm: bool) {
+    report.publish_secs = m.window_secs;
+    report.publish_rate = m.publish_rate;
+    report.delivery_secs = Some(m.window_secs);
+    report.delivery_rate = Some(m.delivery_rate);
+    let copies = u64::from(ctx.copies);
+    if confirm {
+        report.expected_deliveries = report.confirmed * copies;
+        let mut lost = 0;
+        let mut sample = Vec::new();
+        for (pi, p) in pubs.iter().enumerate() {
+            for c in 0..copies {
+                let offset = c * ctx.copy_bits + pi as u64 * u64::from(ctx.messages);
+                let has = |q: u32| match &ctx.seen {
+                    Some(seen) => {
+                        let bit = offset + u64::from(q);
+                        seen.get((bit / 64) as usize)
+                            .is_some_and(|w| w.load(Ordering::Relaxed) & (1u64 << (bit % 64)) != 0)
+                    }
+                    None => false,
+                };
+                let (n, runs) = steady::unreceived(&p.acked, has, 4);
+                lost += n;
+                for (from, to) in runs.into_iter().take(4usize.saturating_sub(sample.len())) {
+                    sample.push(format!("queue {c} publisher {pi} seq {from}..={to} (confirmed)"));
+                }
+            }
+        }
+        report.lost = lost;
+        report.missing_sample = sample;
+    } else {
+        report.expected_deliveries = report.sent * copies;
+        report.lost = report.expected_deliveries.saturating_sub(report.deliveries);
+    }
+    report.loss_pct = if report.expected_deliveries > 0 {
+        report.lost as f64 * 100.0 / report.expected_deliveries as f64
+    } else {
+        0.0
+    };
+    report.complete = report.lost == 0;
 }
 
 /// The queue's message count, by a passive queue.declare on a connection of its own.
@@ -1387,7 +1572,8 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
     let mut errors: Vec<String> = pubs.iter().filter_map(|p| p.error.clone()).collect();
     errors.extend(subs.iter().filter_map(|s| s.error.clone()));
     let missing_sample = match &ctx.seen {
-        Some(seen) if lost > 0 => {
+        // Steady state: `steady_report` checks against what was confirmed instead.
+        Some(seen) if lost > 0 && ctx.window.is_none() => {
             let bits: Vec<u64> = seen.iter().map(|w| w.load(Ordering::Relaxed)).collect();
             let copies = if ctx.copy_bits > 0 { args.fanout_queues } else { 1 };
             missing_ranges(&bits, ctx.publishers * copies, ctx.messages, 4)
@@ -1433,6 +1619,7 @@ fn report(args: &Args, server: String, ctx: &Ctx, pubs: &[PubResult], subs: &[Su
         delivery_secs,
         delivery_rate: delivery_secs.map(|s| deliveries as f64 / s),
         latency_us: latency.summary(),
+        steady: None,
         per_consumer_min: subs.iter().map(|s| s.received).min(),
         per_consumer_max: subs.iter().map(|s| s.received).max(),
         missing_sample,
@@ -1503,20 +1690,23 @@ mod tests {
         for _ in 0..10 {
             c.push();
         }
-        assert_eq!(c.settle(3, false).unwrap(), 1);
+        assert_eq!(c.settle(3, false, true).unwrap(), 1);
         assert_eq!(c.pending, 9);
         assert_eq!(c.base, 1);
-        assert_eq!(c.settle(5, true).unwrap(), 4); // 1, 2, 4, 5
+        assert_eq!(c.settle(5, true, false).unwrap(), 4); // 1, 2, 4, 5 nacked
         assert_eq!(c.base, 6);
-        assert_eq!(c.settle(5, true).unwrap(), 0); // already settled: harmless
-        assert!(c.settle(5, false).is_err());
-        assert!(c.settle(11, false).is_err());
-        assert!(c.settle(0, true).is_err());
-        assert_eq!(c.settle(10, true).unwrap(), 5);
+        assert_eq!(c.settle(5, true, true).unwrap(), 0); // already settled: harmless
+        assert!(c.settle(5, false, true).is_err());
+        assert!(c.settle(11, false, true).is_err());
+        assert!(c.settle(0, true, true).is_err());
+        assert_eq!(c.settle(10, true, true).unwrap(), 5);
         assert_eq!(c.pending, 0);
         assert!(c.done.is_empty());
         c.push();
-        assert_eq!(c.settle(11, false).unwrap(), 1);
+        assert_eq!(c.settle(11, false, true).unwrap(), 1);
+        // Acked: tag 3 and 6..=11, i.e. sequence numbers 2 and 5..=10; the nacked ones are not.
+        let acked: Vec<u32> = (0..12).filter(|q| c.acked.has(*q)).collect();
+        assert_eq!(acked, vec![2, 5, 6, 7, 8, 9, 10]);
     }
 
     #[test]

@@ -41,6 +41,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::histogram::{CpuMeter, Histogram, Latency};
 use crate::mqtt::{disconnect_error, Conn, Ids, Template};
+use crate::steady::{proc_cpu_secs, ProcCpu, Seen};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PACKET: u32 = 1 << 20;
@@ -135,15 +136,6 @@ impl Args {
     }
 }
 
-/// CPU time of one process over the measure window.
-#[derive(Debug, Serialize)]
-pub struct ProcCpu {
-    pub pid: u32,
-    pub cpu_secs: f64,
-    /// CPU microseconds per message that arrived in the window.
-    pub cpu_us_per_msg: Option<f64>,
-}
-
 /// What one run measured.
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
@@ -225,59 +217,6 @@ impl Report {
         for e in &self.errors {
             println!("  error:   {e}");
         }
-    }
-}
-
-/// utime + stime of a process in seconds, from /proc/<pid>/stat.
-fn proc_cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // Linux reports these in USER_HZ, 100 on every architecture Linux supports today.
-    Some(ticks as f64 / 100.0)
-}
-
-/// Sequence numbers seen, one bit each, growing as needed.
-#[derive(Debug, Default)]
-struct Seen {
-    bits: Vec<u64>,
-    /// Highest sequence number seen + 1.
-    top: u64,
-}
-
-impl Seen {
-    /// Whether `seq` is new.
-    fn insert(&mut self, seq: u32) -> bool {
-        let (word, mask) = ((seq / 64) as usize, 1u64 << (seq % 64));
-        if word >= self.bits.len() {
-            self.bits.resize(word + 1024, 0);
-        }
-        let fresh = self.bits[word] & mask == 0;
-        self.bits[word] |= mask;
-        self.top = self.top.max(u64::from(seq) + 1);
-        fresh
-    }
-    fn has(&self, seq: u32) -> bool {
-        self.bits.get((seq / 64) as usize).is_some_and(|w| w & (1u64 << (seq % 64)) != 0)
-    }
-    /// Up to `limit` runs of sequence numbers below `n` not seen.
-    fn missing(&self, n: u32, limit: usize) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut seq = 0;
-        while seq < n && out.len() < limit {
-            if self.has(seq) {
-                seq += 1;
-                continue;
-            }
-            let from = seq;
-            while seq < n && !self.has(seq) {
-                seq += 1;
-            }
-            out.push(format!("seq {from}..={}", seq - 1));
-        }
-        out
     }
 }
 
@@ -631,24 +570,7 @@ fn fill_sub(report: &mut Report, st: &SubState, expected: u32) {
     report.duplicates = st.duplicates;
     report.out_of_order = st.out_of_order;
     report.lost = u64::from(expected).saturating_sub((0..expected).filter(|s| st.seen.has(*s)).count() as u64);
-    report.missing_sample = st.seen.missing(expected, 4);
+    report.missing_sample =
+        st.seen.missing(expected, 4).into_iter().map(|(from, to)| format!("seq {from}..={to}")).collect();
     report.latency_us = Some(st.latency.summary());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seen_counts_fresh_and_lists_gaps() {
-        let mut s = Seen::default();
-        assert!(s.insert(0));
-        assert!(s.insert(5));
-        assert!(!s.insert(5));
-        assert!(s.insert(70_000));
-        assert_eq!(s.top, 70_001);
-        assert!(s.has(5) && !s.has(4));
-        assert_eq!(s.missing(8, 4), vec!["seq 1..=4", "seq 6..=7"]);
-        assert_eq!(s.missing(8, 1), vec!["seq 1..=4"]);
-    }
 }

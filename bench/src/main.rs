@@ -3,6 +3,11 @@
 //! `scripts/bench-amqp.sh` the AMQP one against Ferry and RabbitMQ, side by side, and
 //! `scripts/bench-persistence.sh` both with persistent messages, a steady backlog (`--rate`,
 //! `--backlog`) and large stores (`--consumers 0`) (see docs/benchmarks.md).
+//!
+//! Layout: `mqtt.rs`, `amqp.rs`, `idle.rs`, `cross.rs`, `bridge.rs` one scenario each;
+//! `steady.rs` the steady-state window (`--warmup`, `--measure`, `--sndbuf`, `--pid`) and the
+//! loss check shared by `mqtt`, `amqp` and `bridge`; `histogram.rs` latency histograms and the
+//! generator's CPU meter; `pacing.rs` the `--rate` schedule.
 
 mod amqp;
 mod bridge;
@@ -11,6 +16,7 @@ mod histogram;
 mod idle;
 mod mqtt;
 mod pacing;
+mod steady;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -28,11 +34,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// P publishers send N messages each to one topic; S subscribers receive them all.
+    /// P publishers send N messages each to one topic; S subscribers receive them all. With
+    /// --measure: steady state, publishers send through --warmup and the window, then stop.
     /// Exit code 0 when complete (or QoS 0, where loss is reported but allowed), 1 on a QoS 1/2
     /// shortfall or a connection error during the run, 2 when setting up failed.
     Mqtt(mqtt::Args),
-    /// P publishers send N messages each to one queue; C competing consumers receive them.
+    /// P publishers send N messages each to one queue; C competing consumers receive them. With
+    /// --measure: steady state, publishers send through --warmup and the window, then stop.
     /// Exit code 0 when every message was sent, received (and confirmed with --confirm), 1 on a
     /// shortfall, a nack or a connection error during the run, 2 when setting up failed.
     Amqp(amqp::Args),

@@ -31,6 +31,16 @@
 //! Nothing is delivered to count, so the report counts only what was written: a broker's memory
 //! ceiling with consumers that do not read (the caller samples its RSS meanwhile).
 //!
+//! Steady state (`--measure S`, see `steady.rs`): publishers send continuously (or at `--rate`)
+//! through `--warmup` and the window, each over a socket with a bounded send buffer (`--sndbuf`),
+//! then stop (QoS 1/2: once their window is acknowledged). The rates, the latencies and the CPU
+//! figures (`--pid`) are those of the window: publishes written and deliveries received in it,
+//! latencies of the messages received in it. Then the subscribers drain until they have every
+//! message sent, or `--settle` seconds pass without a delivery, and each subscriber's messages
+//! are checked against each publisher's acknowledged ones (PUBACK, PUBCOMP): at QoS 1/2 any of
+//! those missing is a loss and the exit code 1; at QoS 0 the shortfall against what was sent is
+//! reported. `--timeout` then counts from the end of the window.
+//!
 //! Persistent sessions (`--clean-session false`): each subscriber first connects with a clean
 //! session under its client id (`<prefix>-s<i>`) and disconnects, which discards whatever an
 //! earlier run left in that session, then connects again with clean session off (3.1.1) or clean
@@ -38,7 +48,7 @@
 //! the broker's store for persistent sessions. Publishers always use clean sessions.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +68,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
 use crate::histogram::{CpuMeter, Histogram, Latency};
 use crate::pacing::{paced_allowed, paced_due};
+use crate::steady::{self, Measured, Seen, SteadyArgs, Window, STEADY_CAP};
 
 /// Bytes of PUBLISH a QoS 0 publisher encodes before it writes them.
 pub const BATCH_BYTES: usize = 16 * 1024;
@@ -121,6 +132,8 @@ pub struct Args {
     /// seconds after the publishers are done. Deliveries and losses are not counted.
     #[arg(long)]
     pub stall_subscribers: bool,
+    #[command(flatten)]
+    pub steady: SteadyArgs,
     /// Tokio worker threads of the generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub threads: u32,
@@ -130,6 +143,14 @@ pub struct Args {
 }
 
 impl Args {
+    /// Messages per publisher: --messages, or in steady state the cap.
+    fn messages(&self) -> u32 {
+        if self.steady.measure.is_some() {
+            STEADY_CAP
+        } else {
+            self.messages
+        }
+    }
     fn protocol_version(&self) -> ProtocolVersion {
         if self.version == 5 {
             ProtocolVersion::V5
@@ -149,6 +170,13 @@ impl Args {
         }
         if self.client_id_prefix.as_ref().is_some_and(|p| p.is_empty() || p.len() > 100) {
             bail!("--client-id-prefix must be 1 to 100 bytes");
+        }
+        self.steady.check()?;
+        if self.steady.measure.is_some() && self.size < 16 {
+            bail!("--measure needs --size 16 or more (the loss check needs sequence numbers)");
+        }
+        if self.steady.measure.is_some() && self.stall_subscribers {
+            bail!("--measure cannot be combined with --stall-subscribers");
         }
         Ok(())
     }
@@ -178,25 +206,36 @@ pub struct Report {
     pub stall_subscribers: bool,
     /// PUBLISH packets written.
     pub sent: u64,
+    /// QoS 1/2: publishes the broker acknowledged (PUBACK, PUBCOMP) without refusing them.
+    pub acked: u64,
     /// QoS 1/2: publishes the broker refused (reason code >= 0x80).
     pub rejected: u64,
     /// QoS 1/2: publishes still unacknowledged at the end.
     pub unacked: u64,
+    /// Fixed count: publishers x messages x subscribers. Steady state: QoS 0 sent x subscribers,
+    /// QoS 1/2 acked x subscribers.
     pub expected_deliveries: u64,
     /// Distinct messages received, over all subscribers.
     pub deliveries: u64,
     pub duplicates: u64,
+    /// Expected and not received, over all subscribers (steady state, QoS 1/2: acknowledged
+    /// messages some subscriber never received, checked message by message).
     pub lost: u64,
     pub loss_pct: f64,
     /// Every subscriber got every message (with --stall-subscribers: every message was written).
     pub complete: bool,
     /// The run hit `--timeout`.
     pub timed_out: bool,
+    /// Fixed count: first write to last write. Steady state: the window.
     pub publish_secs: f64,
     pub publish_rate: f64,
+    /// Fixed count: first write to last delivery. Steady state: the window.
     pub delivery_secs: Option<f64>,
     pub delivery_rate: Option<f64>,
+    /// Steady state: of the messages received in the window only.
     pub latency_us: Latency,
+    /// Steady state: what the window measured (`None`: a fixed-count run).
+    pub steady: Option<Measured>,
     pub per_subscriber_min: Option<u64>,
     pub per_subscriber_max: Option<u64>,
     /// A few runs of missing messages (first subscribers with a loss), when payloads are 16 B or more.
@@ -211,9 +250,14 @@ pub struct Report {
 
 impl Report {
     /// 0: complete (or QoS 0, where loss is allowed and reported; or --stall-subscribers, where a
-    /// broker's back-pressure is a result); 1: QoS 1/2 shortfall or errors.
+    /// broker's back-pressure is a result; or in steady state every acknowledged message
+    /// received); 1: QoS 1/2 shortfall or errors.
     pub fn exit_code(&self) -> u8 {
-        if self.errors.is_empty() && (self.complete || self.qos == 0 || self.stall_subscribers) {
+        let ok = match self.steady {
+            Some(_) => self.qos == 0 || self.lost == 0,
+            None => self.complete || self.qos == 0 || self.stall_subscribers,
+        };
+        if self.errors.is_empty() && ok {
             0
         } else {
             1
@@ -230,21 +274,35 @@ impl Report {
             Some(r) => format!("{w}, {r} msgs/s"),
             None => w,
         };
+        let n = match self.steady {
+            Some(_) => "steady".to_string(),
+            None => format!("{} msgs", self.messages_per_publisher),
+        };
         println!(
-            "mqtt {} v{} qos {}: {} publisher(s) x {} msgs -> {} subscriber(s){session}, {} B payload, topic {}{w}, {} thread(s)",
+            "mqtt {} v{} qos {}: {} publisher(s) x {n} -> {} subscriber(s){session}, {} B payload, topic {}{w}, {} thread(s)",
             self.broker,
             self.version,
             self.qos,
             self.publishers,
-            self.messages_per_publisher,
             self.subscribers,
             self.size,
             self.topic,
             self.threads
         );
-        println!("  publish:    {} sent in {:.3} s = {:.0} msgs/s", self.sent, self.publish_secs, self.publish_rate);
+        match self.steady {
+            Some(_) => println!("  publish:    {} sent in all (warm-up, window, drain)", self.sent),
+            None => {
+                println!(
+                    "  publish:    {} sent in {:.3} s = {:.0} msgs/s",
+                    self.sent, self.publish_secs, self.publish_rate
+                )
+            }
+        }
         if self.qos > 0 {
-            println!("  acks:       {} rejected, {} unacked", self.rejected, self.unacked);
+            println!("  acks:       {} acked, {} rejected, {} unacked", self.acked, self.rejected, self.unacked);
+        }
+        if let Some(m) = &self.steady {
+            m.print_text();
         }
         let cpu = format!("{:.3} s CPU = {:.1} % (200 % = 2 cores)", self.generator_cpu_secs, self.generator_cpu_pct);
         if self.stall_subscribers {
@@ -263,6 +321,9 @@ impl Report {
             return;
         }
         match (self.delivery_secs, self.delivery_rate) {
+            _ if self.steady.is_some() => {
+                println!("  delivery:   {} of {} in all", self.deliveries, self.expected_deliveries)
+            }
             (Some(s), Some(r)) => {
                 println!(
                     "  delivery:   {} of {} in {s:.3} s = {r:.0} msgs/s",
@@ -279,7 +340,12 @@ impl Report {
             us(self.latency_us.p99),
             us(self.latency_us.p999),
             us(self.latency_us.max),
-            if self.rate.is_some() { " (from the due time)" } else { "" }
+            match (self.rate.is_some(), self.steady.is_some()) {
+                (true, true) => " (from the due time, received in the window)",
+                (true, false) => " (from the due time)",
+                (false, true) => " (received in the window)",
+                (false, false) => "",
+            }
         );
         println!("  per sub:    min {}, max {}", us(self.per_subscriber_min), us(self.per_subscriber_max));
         let note = if self.qos == 0 && self.lost > 0 { " (QoS 0: loss allowed)" } else { "" };
@@ -309,8 +375,15 @@ struct Ctx {
     qos: QoS,
     version: ProtocolVersion,
     messages: u32,
-    /// Per subscriber.
-    expected: u64,
+    /// Per subscriber: fixed count, publishers x messages; steady state, unknown (u64::MAX)
+    /// until the publishers are done, then every message written.
+    expected: AtomicU64,
+    /// Steady state: the measure window; publishers stop at its end.
+    window: Option<Window>,
+    /// PUBLISHes written, over all publishers.
+    sent_total: AtomicU64,
+    /// Distinct deliveries, over all subscribers.
+    received_total: AtomicU64,
     /// Sequence numbers in payloads (size >= 16).
     tracked: bool,
     publishers: u32,
@@ -355,8 +428,19 @@ impl Ctx {
     }
     fn publisher_finished(&self) {
         if self.sending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if self.window.is_some() {
+                self.expected.store(self.sent_total.load(Ordering::Acquire), Ordering::Release);
+            }
             self.pubs_done.send_replace(true);
         }
+    }
+    /// Steady state: the window is over, publishers stop.
+    fn stopping(&self) -> bool {
+        self.window.is_some_and(|w| w.over(Instant::now()))
+    }
+    /// Whether a delivery at `now` counts in the latencies: all of them in a fixed-count run.
+    fn measured(&self, now: Instant) -> bool {
+        self.window.is_none_or(|w| w.contains(now))
     }
 }
 
@@ -390,11 +474,21 @@ impl Conn {
         max_packet: u32,
         clean: bool,
     ) -> anyhow::Result<(Conn, Properties, bool)> {
-        let stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow!("connect to {addr}: timed out"))?
-            .with_context(|| format!("connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+        let (conn, props, present, _) = Conn::open_with(addr, version, client_id, max_packet, clean, None).await?;
+        Ok((conn, props, present))
+    }
+
+    /// [`Conn::open_session`] with SO_SNDBUF set to `sndbuf` before connecting; also returns
+    /// the send buffer the kernel granted.
+    pub(crate) async fn open_with(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: String,
+        max_packet: u32,
+        clean: bool,
+        sndbuf: Option<u32>,
+    ) -> anyhow::Result<(Conn, Properties, bool, Option<u32>)> {
+        let (stream, granted) = steady::connect(addr, sndbuf, HANDSHAKE_TIMEOUT).await?;
         let mut conn = Conn {
             stream,
             dec: Decoder::with_version(max_packet, version),
@@ -419,7 +513,7 @@ impl Conn {
         };
         conn.send(&Packet::Connect(Box::new(connect))).await?;
         match timeout(HANDSHAKE_TIMEOUT, conn.next()).await.map_err(|_| anyhow!("CONNACK: timed out"))?? {
-            Packet::ConnAck(ack) if ack.code == 0 => Ok((conn, ack.properties, ack.session_present)),
+            Packet::ConnAck(ack) if ack.code == 0 => Ok((conn, ack.properties, ack.session_present, granted)),
             Packet::ConnAck(ack) => bail!("CONNACK refused with code 0x{:02X}", ack.code),
             other => bail!("expected CONNACK, got {}", name(&other)),
         }
@@ -577,6 +671,8 @@ struct PubResult {
     first_send: Option<Instant>,
     last_send: Option<Instant>,
     sent: u64,
+    /// QoS 1/2: the sequence numbers acknowledged without a refusal.
+    acked: Seen,
     rejected: u64,
     unacked: u64,
     window: u32,
@@ -613,6 +709,9 @@ async fn publish_qos0(
     let tpl = Template::new(topic, QoS::AtMostOnce, ctx.version, size);
     let mut seq = 0u32;
     while seq < ctx.messages {
+        if ctx.stopping() {
+            return Ok(());
+        }
         if Instant::now() >= ctx.deadline {
             res.timed_out = true;
             break;
@@ -639,7 +738,17 @@ async fn publish_qos0(
             }
         }
         res.sent += u64::from(batch);
+        steady::add(&ctx.sent_total, u64::from(batch));
         res.last_send = Some(Instant::now());
+    }
+    cap_reached(ctx, seq)
+}
+
+/// Steady state: a publisher that sent its last allowed message before the window ended did not
+/// measure what it was asked to.
+fn cap_reached(ctx: &Ctx, seq: u32) -> anyhow::Result<()> {
+    if ctx.window.is_some() && seq >= ctx.messages && !ctx.stopping() {
+        bail!("sent the steady-state cap of {} messages before the window ended", ctx.messages);
     }
     Ok(())
 }
@@ -655,14 +764,18 @@ async fn publish_windowed(
 ) -> anyhow::Result<()> {
     let tpl = Template::new(topic, ctx.qos, ctx.version, size);
     let mut ids = Ids::new();
+    // The sequence number each packet identifier in flight carries.
+    let mut seq_of = vec![0u32; 65536];
     let mut seq = 0u32;
     let mut inflight = 0u32;
-    let mut completed = 0u32;
     loop {
         let mut wrote_publishes = false;
-        let limit = ctx.allowed(seq);
+        let stopped = ctx.stopping();
+        let limit = if stopped { seq } else { ctx.allowed(seq) };
         while seq < limit && inflight < window {
-            tpl.write(&mut conn.wbuf, ctx.stamp(seq), index, seq, ids.take());
+            let id = ids.take();
+            seq_of[usize::from(id)] = seq;
+            tpl.write(&mut conn.wbuf, ctx.stamp(seq), index, seq, id);
             seq += 1;
             inflight += 1;
             wrote_publishes = true;
@@ -679,19 +792,22 @@ async fn publish_windowed(
                 }
             }
             if wrote_publishes {
+                steady::add(&ctx.sent_total, u64::from(seq) - res.sent);
                 res.sent = u64::from(seq);
                 res.last_send = Some(Instant::now());
             }
         }
-        if completed == ctx.messages {
+        if inflight == 0 && (seq == ctx.messages || stopped) {
             break;
         }
         // Paced (--rate) with room in the window: also wake when the next message is due (if
         // that is before the deadline).
-        let paced = seq < ctx.messages && seq >= limit && inflight < window && ctx.due(seq) < ctx.deadline;
+        let paced = !stopped && seq < ctx.messages && seq >= limit && inflight < window && ctx.due(seq) < ctx.deadline;
+        let stop_at = ctx.window.map_or(ctx.deadline, |w| w.stop_at);
         tokio::select! {
             r = Conn::read(&mut conn.stream, &mut conn.rbuf) => r?,
             _ = sleep_until(ctx.due(seq)), if paced => continue,
+            _ = sleep_until(stop_at), if !stopped && ctx.window.is_some() => continue,
             _ = sleep_until(ctx.deadline) => {
                 res.timed_out = true;
                 break;
@@ -704,8 +820,11 @@ async fn publish_windowed(
                         bail!("PUBACK for packet id {} not in flight", r.packet_id);
                     }
                     inflight -= 1;
-                    completed += 1;
-                    res.rejected += u64::from(r.reason >= 0x80);
+                    if r.reason >= 0x80 {
+                        res.rejected += 1;
+                    } else {
+                        res.acked.insert(seq_of[usize::from(r.packet_id)]);
+                    }
                 }
                 Packet::PubRec(r) if ctx.qos == QoS::ExactlyOnce => {
                     if r.reason >= 0x80 {
@@ -713,7 +832,6 @@ async fn publish_windowed(
                             bail!("PUBREC for packet id {} not in flight", r.packet_id);
                         }
                         inflight -= 1;
-                        completed += 1;
                         res.rejected += 1;
                     } else {
                         encode(&Packet::PubRel(PubResp::ok(r.packet_id)), ctx.version, &mut conn.wbuf);
@@ -724,7 +842,7 @@ async fn publish_windowed(
                         bail!("PUBCOMP for packet id {} not in flight", r.packet_id);
                     }
                     inflight -= 1;
-                    completed += 1;
+                    res.acked.insert(seq_of[usize::from(r.packet_id)]);
                 }
                 Packet::PingResp => {}
                 other => return Err(disconnect_error(&other)),
@@ -732,7 +850,7 @@ async fn publish_windowed(
         }
     }
     res.unacked = u64::from(inflight);
-    Ok(())
+    cap_reached(ctx, seq)
 }
 
 /// Up to `limit` runs of messages missing from `seen`, as (publisher, first seq, last seq).
@@ -764,6 +882,8 @@ pub(crate) fn missing_ranges(seen: &[u64], publishers: u32, messages: u32, limit
 struct SubResult {
     /// A few runs of missing messages, for diagnosis.
     missing: Vec<String>,
+    /// Per publisher, the sequence numbers received (empty when payloads carry none).
+    seen: Vec<Seen>,
     /// Distinct messages (all messages when payloads carry no sequence number).
     received: u64,
     duplicates: u64,
@@ -776,6 +896,7 @@ struct SubResult {
 async fn subscriber(mut conn: Conn, ctx: Arc<Ctx>, index: u32) -> SubResult {
     let mut res = SubResult {
         missing: Vec::new(),
+        seen: Vec::new(),
         received: 0,
         duplicates: 0,
         latency: Histogram::new(),
@@ -783,14 +904,21 @@ async fn subscriber(mut conn: Conn, ctx: Arc<Ctx>, index: u32) -> SubResult {
         timed_out: false,
         error: None,
     };
-    let mut seen = if ctx.tracked { vec![0u64; (ctx.expected as usize).div_ceil(64)] } else { Vec::new() };
+    let mut seen: Vec<Seen> = if ctx.tracked { vec![Seen::default(); ctx.publishers as usize] } else { Vec::new() };
     if let Err(e) = receive(&mut conn, &ctx, &mut res, &mut seen).await {
         res.error = Some(format!("subscriber {index}: {e:#}"));
     }
-    res.missing = missing_ranges(&seen, ctx.publishers, ctx.messages, 4)
-        .into_iter()
-        .map(|(p, from, to)| format!("subscriber {index} publisher {p} seq {from}..={to}"))
-        .collect();
+    if ctx.window.is_none() {
+        // Steady state: `run` checks against what was acknowledged instead.
+        res.missing = seen
+            .iter()
+            .enumerate()
+            .flat_map(|(p, s)| s.missing(ctx.messages, 4).into_iter().map(move |r| (p, r)))
+            .take(4)
+            .map(|(p, (from, to))| format!("subscriber {index} publisher {p} seq {from}..={to}"))
+            .collect();
+    }
+    res.seen = seen;
     conn.close().await;
     res
 }
@@ -804,6 +932,7 @@ async fn stalled_subscriber(conn: Conn, ctx: Arc<Ctx>) -> SubResult {
     drop(conn);
     SubResult {
         missing: Vec::new(),
+        seen: Vec::new(),
         received: 0,
         duplicates: 0,
         latency: Histogram::new(),
@@ -813,12 +942,12 @@ async fn stalled_subscriber(conn: Conn, ctx: Arc<Ctx>) -> SubResult {
     }
 }
 
-/// `seen`: one bit per (publisher, sequence) when payloads carry them, else empty.
-async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, seen: &mut [u64]) -> anyhow::Result<()> {
+/// `seen`: per publisher, the sequence numbers received, when payloads carry them, else empty.
+async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, seen: &mut [Seen]) -> anyhow::Result<()> {
     let mut pubs_done = ctx.pubs_done.subscribe();
     let mut quiet_since: Option<Instant> = None;
     let mut pending_rel = 0u64;
-    while res.received < ctx.expected || pending_rel > 0 {
+    while res.received < ctx.expected.load(Ordering::Acquire) || pending_rel > 0 {
         let wake = match quiet_since {
             Some(t) => (t + ctx.settle).min(ctx.deadline),
             None => ctx.deadline,
@@ -839,6 +968,8 @@ async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, seen: &mut [u6
         if quiet_since.is_some() {
             quiet_since = Some(now);
         }
+        let measured = ctx.measured(now);
+        let before = res.received;
         while let Some(p) = conn.dec.decode(&mut conn.rbuf).map_err(|e| anyhow!("decode: {e}"))? {
             match p {
                 Packet::Publish(p) => {
@@ -854,14 +985,13 @@ async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, seen: &mut [u6
                         if publisher >= ctx.publishers || seq >= ctx.messages {
                             bail!("PUBLISH from publisher {publisher} seq {seq}: not from this run");
                         }
-                        let bit = u64::from(publisher) * u64::from(ctx.messages) + u64::from(seq);
-                        let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
-                        fresh = seen[word] & mask == 0;
-                        seen[word] |= mask;
+                        fresh = seen[publisher as usize].insert(seq);
                     }
                     if fresh {
                         res.received += 1;
-                        res.latency.record(now_ns.saturating_sub(sent) / 1000);
+                        if measured {
+                            res.latency.record(now_ns.saturating_sub(sent) / 1000);
+                        }
                         res.last_delivery = Some(now);
                     } else {
                         res.duplicates += 1;
@@ -885,6 +1015,7 @@ async fn receive(conn: &mut Conn, ctx: &Ctx, res: &mut SubResult, seen: &mut [u6
                 other => return Err(disconnect_error(&other)),
             }
         }
+        steady::add(&ctx.received_total, res.received - before);
         if !conn.wbuf.is_empty() {
             match timeout_at(ctx.deadline, conn.flush()).await {
                 Ok(r) => r?,
@@ -950,28 +1081,39 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     subs.sort_by_key(|(i, _)| *i);
 
     let mut setup = JoinSet::new();
+    let sndbuf = args.steady.sndbuf();
     for i in 0..args.publishers {
         let client_id = format!("{prefix}-p{i}");
         setup.spawn(async move {
-            let (conn, props) =
-                Conn::open(addr, version, client_id, max_packet).await.with_context(|| format!("publisher {i}"))?;
-            Ok((i, conn, props.receive_maximum))
+            let (conn, props, _, granted) = Conn::open_with(addr, version, client_id, max_packet, true, sndbuf)
+                .await
+                .with_context(|| format!("publisher {i}"))?;
+            Ok((i, conn, props.receive_maximum, granted))
         });
     }
     let mut pubs = join_all(setup).await.context("setting up publishers")?;
-    pubs.sort_by_key(|(i, _, _)| *i);
+    pubs.sort_by_key(|(i, _, _, _)| *i);
+    let granted = pubs.first().and_then(|p| p.3);
 
     let pace = (args.rate > 0).then(|| f64::from(args.rate) / f64::from(args.publishers));
     let cpu = CpuMeter::start();
     let base = Instant::now();
+    let window = args.steady.window(base);
+    let messages = args.messages();
     let ctx = Arc::new(Ctx {
         base,
-        deadline: base + Duration::from_secs(args.timeout),
+        deadline: window.map_or(base, |w| w.stop_at) + Duration::from_secs(args.timeout),
         settle: Duration::from_secs(args.settle),
         qos,
         version,
-        messages: args.messages,
-        expected: u64::from(args.publishers) * u64::from(args.messages),
+        messages,
+        expected: AtomicU64::new(match window {
+            Some(_) => u64::MAX,
+            None => u64::from(args.publishers) * u64::from(args.messages),
+        }),
+        window,
+        sent_total: AtomicU64::new(0),
+        received_total: AtomicU64::new(0),
         tracked: size >= 16,
         publishers: args.publishers,
         pace,
@@ -989,8 +1131,18 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
             sub_tasks.spawn(subscriber(conn, ctx.clone(), i));
         }
     }
+    let measuring = window.map(|w| {
+        let (c1, c2) = (ctx.clone(), ctx.clone());
+        tokio::spawn(steady::measure(
+            w,
+            args.steady.pids.clone(),
+            move || c1.sent_total.load(Ordering::Acquire),
+            move || c2.received_total.load(Ordering::Acquire),
+            args.steady.warmup,
+        ))
+    });
     let mut pub_tasks = JoinSet::new();
-    for (i, conn, receive_max) in pubs {
+    for (i, conn, receive_max, _) in pubs {
         let window = u32::from(args.inflight.min(receive_max.unwrap_or(u16::MAX)).min(u16::MAX - 1));
         pub_tasks.spawn(publisher(conn, ctx.clone(), i, args.topic.clone(), size, window));
     }
@@ -1009,7 +1161,51 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     let mut report = report(args, &ctx, &pub_results, &sub_results);
     report.generator_cpu_secs = cpu.secs;
     report.generator_cpu_pct = cpu.pct;
+    if let Some(task) = measuring {
+        let mut m = task.await.context("window task")?;
+        m.sndbuf_granted = granted;
+        steady_report(&mut report, &m, &pub_results, &sub_results);
+        report.steady = Some(m);
+    }
     Ok(report)
+}
+
+/// Steady state: the window's rates, and the loss check of every subscriber against every
+/// publisher's acknowledged messages (QoS 1/2) or the count written (QoS 0).
+fn steady_report(report: &mut Report, m: &Measured, pubs: &[PubResult], subs: &[SubResult]) {
+    report.publish_secs = m.window_secs;
+    report.publish_rate = m.publish_rate;
+    report.delivery_secs = Some(m.window_secs);
+    report.delivery_rate = Some(m.delivery_rate);
+    let n_subs = subs.len() as u64;
+    if report.qos == 0 {
+        report.expected_deliveries = report.sent * n_subs;
+        report.lost = report.expected_deliveries.saturating_sub(report.deliveries);
+    } else {
+        report.expected_deliveries = report.acked * n_subs;
+        let mut lost = 0;
+        let mut sample = Vec::new();
+        for (si, sub) in subs.iter().enumerate() {
+            for (pi, p) in pubs.iter().enumerate() {
+                let (n, runs) = match sub.seen.get(pi) {
+                    Some(seen) => steady::unreceived(&p.acked, |q| seen.has(q), 4),
+                    None => steady::unreceived(&p.acked, |_| false, 4),
+                };
+                lost += n;
+                for (from, to) in runs.into_iter().take(4usize.saturating_sub(sample.len())) {
+                    sample.push(format!("subscriber {si} publisher {pi} seq {from}..={to} (acknowledged)"));
+                }
+            }
+        }
+        report.lost = lost;
+        report.missing_sample = sample;
+    }
+    report.loss_pct = if report.expected_deliveries > 0 {
+        report.lost as f64 * 100.0 / report.expected_deliveries as f64
+    } else {
+        0.0
+    };
+    report.complete = report.lost == 0;
 }
 
 async fn join_all<T: 'static>(mut set: JoinSet<anyhow::Result<T>>) -> anyhow::Result<Vec<T>> {
@@ -1033,7 +1229,8 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
     let delivery_secs = secs(first_send, last_delivery);
     let deliveries: u64 = subs.iter().map(|s| s.received).sum();
     let stalled = args.stall_subscribers;
-    let expected = if stalled { 0 } else { ctx.expected * u64::from(args.subscribers) };
+    let expected =
+        if stalled { 0 } else { ctx.expected.load(Ordering::Acquire).saturating_mul(u64::from(args.subscribers)) };
     let lost = expected.saturating_sub(deliveries);
     let mut latency = Histogram::new();
     for s in subs {
@@ -1056,6 +1253,7 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
         rate: (args.rate > 0).then_some(args.rate),
         stall_subscribers: stalled,
         sent,
+        acked: pubs.iter().map(|p| p.acked.count()).sum(),
         rejected: pubs.iter().map(|p| p.rejected).sum(),
         unacked: pubs.iter().map(|p| p.unacked).sum(),
         expected_deliveries: expected,
@@ -1070,6 +1268,7 @@ fn report(args: &Args, ctx: &Ctx, pubs: &[PubResult], subs: &[SubResult]) -> Rep
         delivery_secs,
         delivery_rate: delivery_secs.map(|s| deliveries as f64 / s),
         latency_us: latency.summary(),
+        steady: None,
         per_subscriber_min: subs.iter().map(|s| s.received).min().filter(|_| !stalled),
         per_subscriber_max: subs.iter().map(|s| s.received).max().filter(|_| !stalled),
         missing_sample: subs.iter().flat_map(|s| s.missing.iter().cloned()).take(4).collect(),
