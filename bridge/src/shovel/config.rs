@@ -355,6 +355,11 @@ pub struct ShovelConfig {
     pub auth_mechanisms: Vec<AuthMechanism>,
     /// An upper bound on the frame size agreed with the remote (`frame_max` in the URI).
     pub frame_max: Option<u32>,
+    /// Made through the management API (RabbitMQ's dynamic shovel): the vhost of its
+    /// parameter. `None`: the server's file's (`static`).
+    pub dynamic: Option<String>,
+    /// Add RabbitMQ's `x-shovelled-timestamp` header (`dest-add-timestamp-header`).
+    pub add_timestamp_header: bool,
 }
 
 impl ShovelConfig {
@@ -388,6 +393,8 @@ impl ShovelConfig {
             connect_timeout: q.connection_timeout.unwrap_or(Duration::from_secs(10)),
             auth_mechanisms: if q.auth_mechanisms.is_empty() { vec![AuthMechanism::Plain] } else { q.auth_mechanisms },
             frame_max: q.frame_max,
+            dynamic: None,
+            add_timestamp_header: false,
         }
     }
 

@@ -47,6 +47,9 @@ use crate::status::{BridgeStatus, Counters, LinkState, StateCell};
 /// RabbitMQ's header listing the shovels a message went through.
 pub const SHOVELLED: &str = "x-shovelled";
 
+/// RabbitMQ's header with the time a message was shovelled (`dest-add-timestamp-header`).
+pub const SHOVELLED_TIMESTAMP: &str = "x-shovelled-timestamp";
+
 /// Federation's header listing the upstreams a message was received from (added by `in`
 /// shovels with `add_forward_headers`).
 pub const RECEIVED_FROM: &str = "x-received-from";
@@ -265,8 +268,8 @@ impl Shovel {
         let (src_uri, dest_uri) = c.uris();
         let mut t = FieldTable::new();
         t.insert("shovel-name", FieldValue::string(&c.name));
-        t.insert("shovel-type", FieldValue::string("static"));
-        t.insert("shovel-vhost", FieldValue::string(&c.vhost));
+        t.insert("shovel-type", FieldValue::string(if c.dynamic.is_some() { "dynamic" } else { "static" }));
+        t.insert("shovel-vhost", FieldValue::string(c.dynamic.as_deref().unwrap_or(&c.vhost)));
         t.insert("shovelled-by", FieldValue::string(node));
         t.insert("src-uri", FieldValue::string(&src_uri));
         match &c.source {
@@ -311,6 +314,11 @@ impl Shovel {
             };
             list.push(entry);
             headers.insert(SHOVELLED, FieldValue::Array(list));
+        }
+        if self.config.add_timestamp_header {
+            // RabbitMQ's shovel stamps seconds since the epoch (rabbit_amqp091_shovel.erl,
+            // `add_timestamp_header`).
+            headers.insert(SHOVELLED_TIMESTAMP, FieldValue::I64((now_millis() / 1000) as i64));
         }
         p
     }

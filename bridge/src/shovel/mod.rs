@@ -2,6 +2,9 @@
 //! (RabbitMQ, another Ferry), with store and forward on the core's durable queues.
 //!
 //! - [`config`]: one `[[shovels]]` table as values ([`ShovelConfig`], [`AmqpUri`]).
+//! - [`spec`]: a `[[shovels]]` table as written and its checks, for the file and the API.
+//! - [`dynamic`]: RabbitMQ's dynamic shovel parameter (`src-uri`, `dest-queue`...) mapped onto
+//!   a `[[shovels]]` table; [`runtime`]: the dynamic shovels, kept in the store.
 //! - [`client`]: the AMQP client as a sans-I/O state machine on ferry-amqp's codec.
 //! - `link`: one task per shovel (connect, set up, move messages, back off).
 //!
@@ -11,7 +14,10 @@
 
 pub mod client;
 pub mod config;
+pub mod dynamic;
 mod link;
+pub mod runtime;
+pub mod spec;
 
 use std::sync::Arc;
 
@@ -28,7 +34,7 @@ use tokio::task::JoinHandle;
 pub use config::{
     AckMode, AmqpUri, AuthMechanism, Destination, ShovelConfig, ShovelDirection, Source, UriError, UriQuery,
 };
-pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED};
+pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED, SHOVELLED_TIMESTAMP};
 
 pub(crate) use link::Shovel;
 
