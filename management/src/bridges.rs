@@ -3,7 +3,9 @@
 //! and removed while the server runs (`ferry_bridge::runtime`: the `[[bridges]]` keys as JSON,
 //! checked as the file's, kept in the store); and `GET /api/shovels` (+ `/{vhost}`), the AMQP shovels in the shape of
 //! RabbitMQ's shovel management plugin (`name`, `vhost`, `type`, `state`, `src_uri`, `dest_uri`
-//! without passwords, `timestamp`), with Ferry's counters beside.
+//! without passwords, `timestamp`), with Ferry's counters beside: the file's (`"type":
+//! "static"`) and the dynamic ones made through `/api/parameters/shovel` (`"dynamic"`,
+//! `parameters`).
 //!
 //! Who sees what: users who see everything (`administrator`, `monitoring`) see every bridge and
 //! shovel; a `management` user those of the vhosts it may open.
@@ -144,7 +146,7 @@ async fn bridge_one(
     Ok(Json(bridge_json(b, definition(&state, &caller, b))).into_response())
 }
 
-fn change_error(e: ChangeError) -> ApiError {
+pub(crate) fn change_error(e: ChangeError) -> ApiError {
     match e {
         ChangeError::NotFound(_) => ApiError::not_found(),
         ChangeError::Store(_) | ChangeError::ShuttingDown => ApiError::unavailable(e.to_string()),
@@ -156,6 +158,7 @@ fn change_error(e: ChangeError) -> ApiError {
                  change it there"
             ),
         },
+        ChangeError::Taken(_) => ApiError { status: StatusCode::CONFLICT, error: "conflict", reason: e.to_string() },
         other => ApiError::bad_request(other.to_string()),
     }
 }
@@ -207,8 +210,9 @@ fn shovel_json(c: &ShovelConfig, s: &BridgeStatus) -> Value {
         "node": crate::api::node(),
         "timestamp": timestamp(s.since),
         "name": c.name,
-        "vhost": c.vhost,
-        "type": "static",
+        // A dynamic shovel is listed under its parameter's vhost (its local end may be another).
+        "vhost": c.dynamic.as_deref().unwrap_or(&c.vhost),
+        "type": if c.dynamic.is_some() { "dynamic" } else { "static" },
         "state": shovel_state(s),
         "src_uri": src_uri,
         "src_protocol": "amqp091",
@@ -243,13 +247,18 @@ fn shovel_json(c: &ShovelConfig, s: &BridgeStatus) -> Value {
     o
 }
 
+/// The file's shovels, then the dynamic ones.
 fn shovel_list(state: &AppState, caller: &Caller, vhost: Option<&str>) -> Vec<Value> {
-    state
-        .shared
-        .bridges
-        .shovels()
-        .iter()
-        .filter(|(c, _)| vhost.is_none_or(|v| c.vhost == v) && may_see(state, caller, &c.vhost))
+    let dynamic = state.shared.bridges.dynamic_shovels();
+    let file = state.shared.bridges.shovels();
+    let dynamic = dynamic.iter().map(|d| (&d.config, &d.status));
+    file.iter()
+        .map(|(c, s)| (*c, s))
+        .chain(dynamic)
+        .filter(|(c, _)| {
+            let listed = c.dynamic.as_deref().unwrap_or(&c.vhost);
+            vhost.is_none_or(|v| listed == v) && may_see(state, caller, listed)
+        })
         .map(|(c, s)| shovel_json(c, s))
         .collect()
 }
