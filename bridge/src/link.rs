@@ -280,11 +280,13 @@ impl Link {
     pub(crate) async fn run(self: Arc<Self>, vhost: Arc<VHost>, mut shutdown: Shutdown, seed: u64) {
         let window = u32::from(self.config.max_inflight.max(1));
         let outbox = Arc::new(Outbox::new(window as usize + 1));
+        // Owns what the consumer takes: released back to the queue when the task ends.
+        let owner = OwnerId::next();
         let consumer = match &self.queue {
             Some(q) => {
                 let spec = ConsumerSpec {
                     tag: ShortString::from(format!("bridge-{}", self.config.name)),
-                    owner: OwnerId::next(),
+                    owner,
                     connection: self.id,
                     prefetch: window,
                     no_ack: false,
@@ -363,8 +365,12 @@ impl Link {
             }
         }
         if let (Some((queue, consumer)), Some(_)) = (&consumer, &self.queue) {
-            // Unacked messages (pending or in flight) go back to the queue, in order.
-            vhost.cancel(queue, *consumer, now_millis());
+            // Unacked messages (pending or in flight) go back to the queue, in order: cancelling
+            // leaves them with their owner (as basic.cancel does), releasing it requeues them
+            // for the link that may follow (a run-time bridge changed).
+            let now = now_millis();
+            vhost.cancel(queue, *consumer, now);
+            vhost.settle(queue, queue.release_owner(owner, now), now);
         }
         // For whoever stops the bridge for good (a run-time bridge removed or changed).
         *self.recovered_qos2.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut carry.incoming_qos2);

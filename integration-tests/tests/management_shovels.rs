@@ -429,3 +429,46 @@ async fn rabbitmqadmin_declares_lists_and_deletes_a_shovel_parameter() {
     assert!(deleted.contains("parameter deleted"), "{deleted}");
     assert_eq!(get(&local, "admin", "/api/parameters").await.1, json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_shovel_hands_what_the_remote_did_not_confirm_back_to_the_source() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (src, dest) = (unique("src"), unique("dest"));
+    let (_rc, rch) = rabbit.channel().await;
+    declare(&rch, &dest).await;
+    // RabbitMQ behind a proxy that stops passing what the shovel sends: nothing is confirmed.
+    let (port, stall) = ferry_integration_tests::stalling_proxy(rabbit.addr()).await;
+    let local = ferry("").await;
+    let mut value = to_rabbit(rabbit, &src, &dest);
+    value["dest-uri"] = json!(format!("amqp://guest:{RABBIT_PASSWORD}@127.0.0.1:{port}/%2f"));
+    assert_eq!(put(&local, "held", value).await.0, 201);
+    up(&local, "held").await;
+    stall.send(true).expect("stall");
+    // The proxy had a read pending when it was stalled: what the shovel sends first still
+    // passes. A first message takes that read.
+    let (_fc, fch) = ferry_channel(&local).await;
+    publish(&fch, &src, "first", 1).await;
+    until(&local, |s| s["ferry"]["forwarded"]["out"] == 1).await;
+    publish(&fch, &src, "held", 5).await;
+    // Taken from the source, sent, never confirmed.
+    until(&local, |s| s["ferry"]["in_flight"] == 5).await;
+    let (status, body) =
+        send(&local, Some("admin"), reqwest::Method::DELETE, "/api/parameters/shovel/%2F/held", None).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(declare(&fch, &src).await, 5, "every unconfirmed message is back in the source queue");
+    assert_eq!(declare(&rch, &dest).await, 1, "and only the first reached RabbitMQ");
+}
+
+/// Polls the first shovel of `/api/shovels` until `done` holds (queue counts move without an
+/// event to wait on).
+async fn until(server: &TestServer, done: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, shovels) = get(server, "admin", "/api/shovels").await;
+        if done(&shovels[0]) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "not as expected: {shovels}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -175,11 +175,13 @@ impl Shovel {
         let name = self.config.name.clone();
         let window = u32::from(self.config.prefetch.max(1));
         let outbox = Arc::new(Outbox::new(window as usize + 1));
+        // Owns what the consumer takes: released back to the queue when the task ends.
+        let owner = OwnerId::next();
         let consumer = match &self.queue {
             Some(q) => {
                 let spec = ConsumerSpec {
                     tag: ShortString::from(format!("shovel-{name}")),
-                    owner: OwnerId::next(),
+                    owner,
                     connection: self.id,
                     prefetch: window,
                     no_ack: false,
@@ -243,7 +245,12 @@ impl Shovel {
             }
         }
         if let Some((queue, consumer)) = &consumer {
-            vhost.cancel(queue, *consumer, now_millis());
+            // Cancelling leaves the consumer's unacked messages with their owner (as
+            // basic.cancel does); releasing the owner hands them back to the queue, in order,
+            // for whoever consumes it next (the shovel started again after a change).
+            let now = now_millis();
+            vhost.cancel(queue, *consumer, now);
+            vhost.settle(queue, queue.release_owner(owner, now), now);
         }
         self.state.set(LinkState::Stopped, None);
     }
