@@ -40,7 +40,6 @@ fn setting(vhost: &str, name: &str) -> String {
 }
 
 /// A running dynamic shovel.
-#[derive(Debug)]
 struct Running {
     shovel: Arc<Shovel>,
     /// The parameter's vhost.
@@ -52,7 +51,7 @@ struct Running {
 }
 
 /// A dynamic shovel as the management API lists it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DynamicShovel {
     pub vhost: String,
     pub name: String,
@@ -60,6 +59,26 @@ pub struct DynamicShovel {
     pub value: Value,
     pub config: ShovelConfig,
     pub status: BridgeStatus,
+}
+
+// Printed without the value: it holds the URIs' passwords.
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("shovel", &self.shovel).field("vhost", &self.vhost).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DynamicShovel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = super::dynamic::redact(&self.value);
+        f.debug_struct("DynamicShovel")
+            .field("vhost", &self.vhost)
+            .field("name", &self.name)
+            .field("value", &value)
+            .field("config", &self.config)
+            .field("status", &self.status)
+            .finish()
+    }
 }
 
 /// The dynamic shovels, shared by the server's `Bridges` and the management API.
