@@ -259,7 +259,7 @@ impl DynamicShovels {
     pub async fn delete(&self, vhost: &str, name: &str) -> Result<(), ChangeError> {
         let _one = self.changes.lock().await;
         let (broker, _) = self.context()?;
-        if !self.running().get(name).is_some_and(|r| r.vhost == vhost) {
+        if self.running().get(name).is_none_or(|r| r.vhost != vhost) {
             return Err(ChangeError::NotFound(name.to_string()));
         }
         broker.put_setting(&setting(vhost, name), None).wait().await.map_err(|e| ChangeError::Store(e.to_string()))?;
@@ -273,7 +273,7 @@ impl DynamicShovels {
     pub async fn restart(&self, vhost: &str, name: &str) -> Result<(), ChangeError> {
         let _one = self.changes.lock().await;
         let (broker, shutdown) = self.context()?;
-        if !self.running().get(name).is_some_and(|r| r.vhost == vhost) {
+        if self.running().get(name).is_none_or(|r| r.vhost != vhost) {
             return Err(ChangeError::NotFound(name.to_string()));
         }
         let Some(value) = self.stop(name).await else { return Err(ChangeError::NotFound(name.to_string())) };
