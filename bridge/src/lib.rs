@@ -171,6 +171,7 @@ impl Bridges {
             None
         };
         let link = Arc::new(Link {
+            owner: ferry_core::queue::OwnerId::next(),
             config: config.clone(),
             id,
             connections: broker.connections().clone(),

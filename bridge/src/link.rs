@@ -98,6 +98,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// The bridge as the status API and the task see it.
 #[derive(Debug)]
 pub(crate) struct Link {
+    /// Owns what its consumer takes from the queue ([`Link::release`]).
+    pub owner: OwnerId,
     pub config: BridgeConfig,
     /// The link's connection id in the core: the origin of what it publishes locally, so that
     /// an `out` rule does not send a message straight back where it came from.
@@ -272,6 +274,17 @@ fn refusal(version: ProtocolVersion, code: u8) -> String {
 }
 
 impl Link {
+    /// Hands what the stopped link took and the remote had not acknowledged back to its queue,
+    /// in order and marked redelivered, for the link that may follow (a run-time bridge
+    /// changed or removed). Not at the server's shutdown: the store keeps them unacked for the
+    /// next start, where a full drop-oldest queue would otherwise drop one now.
+    pub(crate) fn release(&self, vhost: &VHost) {
+        if let Some(queue) = &self.queue {
+            let now = now_millis();
+            vhost.settle(queue, queue.release_owner(self.owner, now), now);
+        }
+    }
+
     pub(crate) fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -280,13 +293,11 @@ impl Link {
     pub(crate) async fn run(self: Arc<Self>, vhost: Arc<VHost>, mut shutdown: Shutdown, seed: u64) {
         let window = u32::from(self.config.max_inflight.max(1));
         let outbox = Arc::new(Outbox::new(window as usize + 1));
-        // Owns what the consumer takes: released back to the queue when the task ends.
-        let owner = OwnerId::next();
         let consumer = match &self.queue {
             Some(q) => {
                 let spec = ConsumerSpec {
                     tag: ShortString::from(format!("bridge-{}", self.config.name)),
-                    owner,
+                    owner: self.owner,
                     connection: self.id,
                     prefetch: window,
                     no_ack: false,
@@ -365,12 +376,11 @@ impl Link {
             }
         }
         if let (Some((queue, consumer)), Some(_)) = (&consumer, &self.queue) {
-            // Unacked messages (pending or in flight) go back to the queue, in order: cancelling
-            // leaves them with their owner (as basic.cancel does), releasing it requeues them
-            // for the link that may follow (a run-time bridge changed).
-            let now = now_millis();
-            vhost.cancel(queue, *consumer, now);
-            vhost.settle(queue, queue.release_owner(owner, now), now);
+            // Unacked messages (pending or in flight) stay with the consumer's owner (as after
+            // basic.cancel): at the server's shutdown the store keeps them for the next start
+            // (requeued now, a full drop-oldest queue would drop one); a run-time bridge
+            // stopped on its own is released by whoever stopped it (`release`).
+            vhost.cancel(queue, *consumer, now_millis());
         }
         // For whoever stops the bridge for good (a run-time bridge removed or changed).
         *self.recovered_qos2.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut carry.incoming_qos2);

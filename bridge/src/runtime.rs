@@ -291,6 +291,7 @@ impl RuntimeBridges {
         let ids = std::mem::take(&mut *running.link.recovered_qos2.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(vhost) = self.context().ok().and_then(|(broker, _)| broker.vhost(&running.link.config.vhost)) {
             crate::qos2_ids::forget(&vhost, name, ids.into_iter());
+            running.link.release(&vhost);
         }
         Some(running.table)
     }

@@ -95,6 +95,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// A shovel as the status API and its task see it.
 #[derive(Debug)]
 pub(crate) struct Shovel {
+    /// Owns what its consumer takes from the local queue ([`Shovel::release`]).
+    pub owner: OwnerId,
     pub config: ShovelConfig,
     /// Its connection id in the core: the origin of what it publishes locally.
     pub id: ConnectionId,
@@ -146,6 +148,16 @@ fn node_name() -> String {
 }
 
 impl Shovel {
+    /// Hands what the stopped shovel took and the remote had not confirmed back to its source
+    /// queue, in order and marked redelivered (a dynamic shovel changed, restarted or deleted).
+    /// Not at the server's shutdown: the store keeps them unacked for the next start.
+    pub(crate) fn release(&self, vhost: &VHost) {
+        if let Some(queue) = &self.queue {
+            let now = now_millis();
+            vhost.settle(queue, queue.release_owner(self.owner, now), now);
+        }
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -175,13 +187,11 @@ impl Shovel {
         let name = self.config.name.clone();
         let window = u32::from(self.config.prefetch.max(1));
         let outbox = Arc::new(Outbox::new(window as usize + 1));
-        // Owns what the consumer takes: released back to the queue when the task ends.
-        let owner = OwnerId::next();
         let consumer = match &self.queue {
             Some(q) => {
                 let spec = ConsumerSpec {
                     tag: ShortString::from(format!("shovel-{name}")),
-                    owner,
+                    owner: self.owner,
                     connection: self.id,
                     prefetch: window,
                     no_ack: false,
@@ -245,12 +255,10 @@ impl Shovel {
             }
         }
         if let Some((queue, consumer)) = &consumer {
-            // Cancelling leaves the consumer's unacked messages with their owner (as
-            // basic.cancel does); releasing the owner hands them back to the queue, in order,
-            // for whoever consumes it next (the shovel started again after a change).
-            let now = now_millis();
-            vhost.cancel(queue, *consumer, now);
-            vhost.settle(queue, queue.release_owner(owner, now), now);
+            // The consumer's unacked messages stay with its owner (as after basic.cancel): at
+            // the server's shutdown the store keeps them for the next start; a shovel stopped
+            // on its own (changed, deleted) is released by whoever stopped it (`release`).
+            vhost.cancel(queue, *consumer, now_millis());
         }
         self.state.set(LinkState::Stopped, None);
     }

@@ -153,6 +153,7 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
             }
         };
         let shovel = Arc::new(Shovel {
+            owner: ferry_core::queue::OwnerId::next(),
             config: config.clone(),
             id,
             connections: broker.connections().clone(),

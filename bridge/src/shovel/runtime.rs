@@ -292,6 +292,10 @@ impl DynamicShovels {
                 warn!("shovel {name}: its task failed: {e}");
             }
         }
+        let local = self.context.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(b, _)| b.clone());
+        if let Some(vhost) = local.and_then(|b| b.vhost(&running.shovel.config.vhost)) {
+            running.shovel.release(&vhost);
+        }
         Some(running.value)
     }
 
