@@ -290,7 +290,11 @@ async fn bad_shovels_are_refused_with_the_reason_and_nothing_starts() {
             "dest-uri: \"amqp://guest@127.0.0.1:0/%2f\" port \"0\"",
         ),
         (with("dest-uri", json!("http://h")), 400, "dest-uri: \"http://h\" must start with amqp://"),
-        (with("src-delete-after", json!("queue-length")), 400, "src-delete-after: \"queue-length\""),
+        (
+            with("src-delete-after", json!("soon")),
+            400,
+            "src-delete-after: \"soon\": \"never\", \"queue-length\" or a number",
+        ),
         (with("ack-mode", json!("sometimes")), 400, "ack-mode: \"sometimes\": expected"),
         (with("dest-protocol", json!("amqp10")), 400, "dest-protocol: \"amqp10\""),
         (with("dest-uri", json!("amqp://")), 400, "both ends are this broker"),
@@ -475,4 +479,49 @@ async fn until(server: &TestServer, done: impl Fn(&Value) -> bool) {
         assert!(std::time::Instant::now() < deadline, "not as expected: {shovels}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Polls `/api/parameters` until the shovels have deleted themselves.
+async fn until_no_parameters(server: &TestServer) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, list) = get(server, "admin", "/api/parameters").await;
+        if list == json!([]) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still there: {list}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn src_delete_after_moves_that_many_messages_then_deletes_the_shovel() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (src, dest) = (unique("src"), unique("dest"));
+    let (_rc, rch) = rabbit.channel().await;
+    declare(&rch, &dest).await;
+    let local = ferry("").await;
+    let (_fc, fch) = ferry_channel(&local).await;
+    declare(&fch, &src).await;
+    publish(&fch, &src, "m", 10).await;
+
+    // A number: four messages, then the shovel deletes itself; the rest stay at the source.
+    let mut value = to_rabbit(rabbit, &src, &dest);
+    value["src-delete-after"] = json!(4);
+    assert_eq!(put(&local, "four", value).await.0, 201);
+    let mut at_rabbit = consume(&rch, &dest).await;
+    assert_eq!(receive(&mut at_rabbit, 4).await, bodies("m", 4));
+    until_no_parameters(&local).await;
+    assert_eq!(get(&local, "admin", "/api/shovels").await.1, json!([]));
+    assert_eq!(declare(&fch, &src).await, 6, "what the shovel took past its count went back");
+
+    // queue-length: what the source held when the shovel started.
+    let mut value = to_rabbit(rabbit, &src, &dest);
+    value["src-delete-after"] = json!("queue-length");
+    assert_eq!(put(&local, "the-rest", value).await.0, 201);
+    let rest: Vec<String> = (4..10).map(|i| format!("m-{i}")).collect();
+    assert_eq!(receive(&mut at_rabbit, 6).await, rest);
+    until_no_parameters(&local).await;
+    publish(&fch, &src, "after", 2).await;
+    assert_eq!(declare(&fch, &src).await, 2, "published after it was done: not shovelled");
 }

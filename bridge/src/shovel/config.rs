@@ -43,6 +43,16 @@ impl AckMode {
     }
 }
 
+/// When a shovel has done its work (RabbitMQ's `src-delete-after`): it stops, and a dynamic
+/// shovel is deleted. Counted from each start of the shovel, as RabbitMQ counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteAfter {
+    /// After this many messages taken from the source.
+    Messages(u64),
+    /// After as many messages as the source queue held when the shovel started.
+    QueueLength,
+}
+
 /// Which way the shovel carries messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShovelDirection {
@@ -360,6 +370,8 @@ pub struct ShovelConfig {
     pub dynamic: Option<String>,
     /// Add RabbitMQ's `x-shovelled-timestamp` header (`dest-add-timestamp-header`).
     pub add_timestamp_header: bool,
+    /// `src-delete-after` (dynamic shovels from a local queue); `None`: never.
+    pub delete_after: Option<DeleteAfter>,
 }
 
 impl ShovelConfig {
@@ -395,6 +407,7 @@ impl ShovelConfig {
             frame_max: q.frame_max,
             dynamic: None,
             add_timestamp_header: false,
+            delete_after: None,
         }
     }
 

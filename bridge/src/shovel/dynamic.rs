@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::spec::RawShovel;
-use super::ShovelConfig;
+use super::{DeleteAfter, ShovelConfig};
 use crate::config::PasswordSource;
 use crate::spec::Checker;
 
@@ -286,11 +286,18 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
         ),
         _ => {}
     }
-    if let Some(after) = o.get("src-delete-after") {
-        if after != "never" {
-            p.add("src-delete-after", format!("{after}: Ferry's shovels run until deleted (only \"never\" is taken)"));
-        }
-    }
+    let delete_after = match o.get("src-delete-after") {
+        None => None,
+        Some(v) if v == "never" => None,
+        Some(v) if v == "queue-length" => Some(DeleteAfter::QueueLength),
+        Some(v) => match v.as_u64() {
+            Some(n) => Some(DeleteAfter::Messages(n)),
+            None => {
+                p.add("src-delete-after", format!("{v}: \"never\", \"queue-length\" or a number of messages"));
+                None
+            }
+        },
+    };
     match o.get("dest-publish-properties") {
         None => {}
         Some(Value::Object(m)) if m.is_empty() => {}
@@ -364,6 +371,14 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
             s.dynamic = Some(vhost.to_string());
             s.password = password.map(PasswordSource::Inline);
             s.add_timestamp_header = timestamp.unwrap_or(false);
+            if delete_after.is_some() && s.direction != super::ShovelDirection::Out {
+                // Ferry counts what it takes from a local queue; a remote source's deliveries
+                // past the count would have to be handed back one connection later.
+                return Err("src-delete-after: Ferry stops a shovel after a count only when its source is this \
+                            broker (src-uri amqp://); give \"never\""
+                    .into());
+            }
+            s.delete_after = delete_after;
             if let Some(d) = reconnect {
                 // RabbitMQ waits `reconnect-delay` between attempts, always the same.
                 s.backoff_initial = d;
@@ -425,9 +440,19 @@ mod tests {
             refused(json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://h", "dest-protocol": "amqp10"}));
         assert!(why.contains("dest-protocol: \"amqp10\""), "{why}");
         let why = refused(
-            json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://h", "src-delete-after": "queue-length"}),
+            json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://h", "src-delete-after": "soon"}),
         );
-        assert!(why.contains("src-delete-after: \"queue-length\""), "{why}");
+        assert!(why.contains("src-delete-after: \"soon\": \"never\""), "{why}");
+        let why =
+            refused(json!({"src-uri": "amqp://h", "src-queue": "q", "dest-uri": "amqp://", "src-delete-after": 5}));
+        assert!(why.starts_with("src-delete-after: Ferry stops a shovel after a count only"), "{why}");
+        let ok = |after: Value| {
+            let v = json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://h", "src-delete-after": after});
+            parse("/", "s", &v).unwrap().delete_after
+        };
+        assert_eq!(ok(json!("never")), None);
+        assert_eq!(ok(json!("queue-length")), Some(DeleteAfter::QueueLength));
+        assert_eq!(ok(json!(7)), Some(DeleteAfter::Messages(7)));
         let why = refused(json!({"src-uri": "amqp://", "dest-uri": "amqp://h"}));
         assert!(why.contains("src-queue: give src-queue or src-exchange"), "{why}");
         let why = refused(json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp:///x"}));

@@ -106,6 +106,8 @@ pub(crate) struct Shovel {
     pub state: StateCell,
     pub counters: Counters,
     pub changes: watch::Sender<u64>,
+    /// Set when the shovel has done what `src-delete-after` asked and stopped.
+    pub finished: watch::Sender<bool>,
 }
 
 /// Sent to the remote, its confirm awaited.
@@ -128,6 +130,18 @@ struct Carry {
     pending: VecDeque<Delivery>,
     /// Sent and not confirmed, in send order.
     inflight: VecDeque<Flight>,
+    /// `src-delete-after`: messages to take from the source in all (`None`: no end).
+    limit: Option<u64>,
+    /// Messages taken from the source so far (counted against `limit`). What the consumer
+    /// delivers past it is left unacked, and handed back to the queue when the shovel stops.
+    taken: u64,
+}
+
+impl Carry {
+    /// Whether `src-delete-after`'s count is taken and settled.
+    fn done(&self) -> bool {
+        self.limit.is_some_and(|l| self.taken >= l) && self.pending.is_empty() && self.inflight.is_empty()
+    }
 }
 
 /// The hop count in a message's headers (0 without one).
@@ -210,11 +224,22 @@ impl Shovel {
             }
             None => None,
         };
-        let mut carry = Carry::default();
+        let limit = match (self.config.delete_after, &consumer) {
+            (Some(super::config::DeleteAfter::Messages(n)), _) => Some(n),
+            (Some(super::config::DeleteAfter::QueueLength), Some((q, _))) => {
+                let st = q.stats();
+                Some(u64::from(st.ready) + u64::from(st.unacked))
+            }
+            _ => None,
+        };
+        let mut carry = Carry { limit, ..Carry::default() };
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
         let node = node_name();
         info!(shovel = %name, "shovel {name}: connecting to {}", self.config.remote);
         loop {
+            if carry.done() {
+                break;
+            }
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
             // What was sent and not confirmed goes again first, in order.
@@ -253,6 +278,16 @@ impl Shovel {
                     }
                 }
             }
+        }
+        if carry.done() {
+            let n = carry.taken;
+            info!(shovel = %name, "shovel {name}: done after {n} message(s) (src-delete-after)");
+            if let Some((queue, consumer)) = &consumer {
+                vhost.cancel(queue, *consumer, now_millis());
+            }
+            self.state.set(LinkState::Stopped, Some(format!("done after {n} message(s) (src-delete-after)")));
+            let _ = self.finished.send(true);
+            return;
         }
         if let Some((queue, consumer)) = &consumer {
             // The consumer's unacked messages stay with its owner (as after basic.cancel): at
@@ -609,6 +644,14 @@ impl Conn<'_> {
             if moved {
                 self.shovel.changed();
             }
+            if self.carry.done() {
+                // src-delete-after's count is confirmed: close the connection and stop.
+                let _ = client.close(&mut out);
+                let _ = tx.send(out.split().freeze());
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+                return Ok(());
+            }
             let beat_at = if heartbeat.is_zero() { last_sent + far } else { last_sent + heartbeat / 2 };
             let dead_at = if heartbeat.is_zero() { last_heard + far } else { last_heard + heartbeat * 2 };
             tokio::select! {
@@ -810,6 +853,12 @@ impl Conn<'_> {
         }
         let mut fresh = Vec::new();
         self.outbox.drain_into(&mut fresh);
+        if let Some(limit) = self.carry.limit {
+            // Past `src-delete-after`'s count: left unacked, handed back when the shovel stops.
+            let room = usize::try_from(limit.saturating_sub(self.carry.taken)).unwrap_or(usize::MAX);
+            fresh.truncate(room);
+        }
+        self.carry.taken += fresh.len() as u64;
         self.carry.pending.extend(fresh);
         let shovel = self.shovel.clone();
         let config = &shovel.config;

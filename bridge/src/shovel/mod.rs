@@ -32,7 +32,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{
-    AckMode, AmqpUri, AuthMechanism, Destination, ShovelConfig, ShovelDirection, Source, UriError, UriQuery,
+    AckMode, AmqpUri, AuthMechanism, DeleteAfter, Destination, ShovelConfig, ShovelDirection, Source, UriError,
+    UriQuery,
 };
 pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED, SHOVELLED_TIMESTAMP};
 
@@ -161,6 +162,7 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
             state: StateCell::new(),
             counters: Counters::default(),
             changes: watch::Sender::new(0),
+            finished: watch::Sender::new(false),
         });
         ready.push((shovel, vhost));
     }

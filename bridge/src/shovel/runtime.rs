@@ -98,7 +98,13 @@ impl DynamicShovels {
 
     /// Starts the stored dynamic shovels (after the file's, whose names are `configured`;
     /// `taken`: the run-time bridges').
-    pub fn start(&self, broker: &Arc<Broker>, configured: Vec<String>, taken: &[String], shutdown: &Shutdown) {
+    pub fn start(
+        self: &Arc<Self>,
+        broker: &Arc<Broker>,
+        configured: Vec<String>,
+        taken: &[String],
+        shutdown: &Shutdown,
+    ) {
         *self.context.lock().unwrap_or_else(|e| e.into_inner()) = Some((broker.clone(), shutdown.clone()));
         *self.configured.lock().unwrap_or_else(|e| e.into_inner()) = configured.clone();
         for (key, bytes) in broker.settings(SETTING_PREFIX) {
@@ -158,7 +164,7 @@ impl DynamicShovels {
     }
 
     fn launch(
-        &self,
+        self: &Arc<Self>,
         broker: &Arc<Broker>,
         shutdown: &Shutdown,
         vhost: &str,
@@ -190,13 +196,34 @@ impl DynamicShovels {
         let mut shovels = super::spawn(ready, &own, &mut tasks);
         let shovel = shovels.pop().ok_or_else(|| ChangeError::Setup("not started".into()))?;
         let name = config.name.clone();
+        if config.delete_after.is_some() {
+            // Done (src-delete-after): the shovel is deleted, as RabbitMQ deletes it. Not one
+            // of its tasks: the deletion waits for those.
+            let (me, mut done, mut stopped) = (self.clone(), shovel.finished.subscribe(), own.clone());
+            let (vhost, name, id) = (vhost.to_string(), name.clone(), shovel.id);
+            tokio::spawn(async move {
+                let is_done = tokio::select! {
+                    r = done.wait_for(|d| *d) => r.is_ok(),
+                    _ = stopped.wait() => false,
+                };
+                if is_done {
+                    me.finished(&vhost, &name, id).await;
+                }
+            });
+        }
         self.running().insert(name, Running { shovel, vhost: vhost.to_string(), value, stop, tasks });
         Ok(())
     }
 
     /// Adds or replaces dynamic shovel `name` of `vhost`, stored before it starts; `taken`:
     /// whether a run-time bridge has the name. `Ok(true)`: it replaced one.
-    pub async fn put(&self, vhost: &str, name: &str, value: Value, taken: bool) -> Result<bool, ChangeError> {
+    pub async fn put(
+        self: &Arc<Self>,
+        vhost: &str,
+        name: &str,
+        value: Value,
+        taken: bool,
+    ) -> Result<bool, ChangeError> {
         let config = super::dynamic::parse(vhost, name, &value).map_err(ChangeError::Invalid)?;
         let _one = self.changes.lock().await;
         let (broker, shutdown) = self.context()?;
@@ -270,7 +297,7 @@ impl DynamicShovels {
     }
 
     /// Stops dynamic shovel `name` of `vhost` and starts it again from its stored value.
-    pub async fn restart(&self, vhost: &str, name: &str) -> Result<(), ChangeError> {
+    pub async fn restart(self: &Arc<Self>, vhost: &str, name: &str) -> Result<(), ChangeError> {
         let _one = self.changes.lock().await;
         let (broker, shutdown) = self.context()?;
         if self.running().get(name).is_none_or(|r| r.vhost != vhost) {
@@ -281,6 +308,22 @@ impl DynamicShovels {
         self.launch(&broker, &shutdown, vhost, config, value)?;
         info!("shovel {name} (vhost {vhost}): restarted through the API");
         Ok(())
+    }
+
+    /// Deletes dynamic shovel `name` of `vhost` once it is done (`src-delete-after`), unless it
+    /// was changed or deleted meanwhile (`id`: the shovel that finished).
+    async fn finished(&self, vhost: &str, name: &str, id: ferry_core::message::ConnectionId) {
+        let _one = self.changes.lock().await;
+        let Ok((broker, _)) = self.context() else { return };
+        if self.running().get(name).is_none_or(|r| r.vhost != vhost || r.shovel.id != id) {
+            return;
+        }
+        if let Err(e) = broker.put_setting(&setting(vhost, name), None).wait().await {
+            warn!("shovel {name} (vhost {vhost}): done (src-delete-after), but not deleted from the store: {e}");
+        }
+        self.stop(name).await;
+        crate::backlog::retire(&broker, name, now_millis());
+        info!("shovel {name} (vhost {vhost}): done (src-delete-after), deleted");
     }
 
     /// Stops dynamic shovel `name`, waits for its tasks, and gives back its value.
