@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::{json, Value};
 
@@ -317,6 +317,23 @@ async fn bad_shovels_are_refused_with_the_reason_and_nothing_starts() {
     let (status, body) = put(&local, "filed", good.clone()).await;
     assert_eq!(status, 405, "{body}");
     assert!(body["reason"].as_str().unwrap().contains("configured in the server's file"), "{body}");
+    // A name a bridge made through the API has, and the other way round: 409.
+    let bridge = json!({"address": "127.0.0.1:1", "topics": [{"pattern": "#", "direction": "out"}]});
+    assert_eq!(
+        send(&local, Some("admin"), reqwest::Method::PUT, "/api/bridges/clash", Some(bridge.clone())).await.0,
+        201
+    );
+    let (status, body) = put(&local, "clash", good.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("is a bridge made through the API"), "{body}");
+    assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, "/api/bridges/clash", None).await.0, 204);
+    // A policymaker of the vhost may make and delete one; then the bridge name is the shovel's.
+    let path = "/api/parameters/shovel/%2F/clash";
+    let (status, body) = send(&local, Some("maker"), reqwest::Method::PUT, path, Some(json!({"value": good}))).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = send(&local, Some("admin"), reqwest::Method::PUT, "/api/bridges/clash", Some(bridge)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(send(&local, Some("maker"), reqwest::Method::DELETE, path, None).await.0, 204);
     let (status, _) = send(
         &local,
         Some("admin"),
@@ -508,9 +525,34 @@ async fn src_delete_after_moves_that_many_messages_then_deletes_the_shovel() {
     // A number: four messages, then the shovel deletes itself; the rest stay at the source.
     let mut value = to_rabbit(rabbit, &src, &dest);
     value["src-delete-after"] = json!(4);
+    value["dest-add-timestamp-header"] = json!(true);
     assert_eq!(put(&local, "four", value).await.0, 201);
     let mut at_rabbit = consume(&rch, &dest).await;
-    assert_eq!(receive(&mut at_rabbit, 4).await, bodies("m", 4));
+    // RabbitMQ's headers: x-shovelled says a dynamic shovel of vhost /, with a timestamp.
+    let d = within("a shovelled message", at_rabbit.next()).await.expect("open").expect("delivery");
+    within("ack", d.acker.ack(BasicAckOptions::default())).await.expect("ack");
+    let headers = d.properties.headers().clone().expect("headers");
+    let headers = headers.inner();
+    let Some(AMQPValue::FieldArray(shovelled)) = headers.get("x-shovelled") else { panic!("{headers:?}") };
+    let AMQPValue::FieldTable(entry) = &shovelled.as_slice()[0] else { panic!("{shovelled:?}") };
+    let text = |k: &str| match entry.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(
+        (text("shovel-type"), text("shovel-vhost"), text("shovel-name")),
+        ("dynamic".into(), "/".into(), "four".into())
+    );
+    assert!(!text("dest-uri").contains(&format!(":{RABBIT_PASSWORD}@")), "{entry:?}");
+    let stamped = match headers.get("x-shovelled-timestamp") {
+        Some(AMQPValue::LongLongInt(t)) => *t,
+        other => panic!("x-shovelled-timestamp: {other:?}"),
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now - 60..=now).contains(&stamped), "{stamped} vs {now}");
+    let mut got = vec![String::from_utf8_lossy(&d.data).into_owned()];
+    got.extend(receive(&mut at_rabbit, 3).await);
+    assert_eq!(got, bodies("m", 4));
     until_no_parameters(&local).await;
     assert_eq!(get(&local, "admin", "/api/shovels").await.1, json!([]));
     assert_eq!(declare(&fch, &src).await, 6, "what the shovel took past its count went back");
