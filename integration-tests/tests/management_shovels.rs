@@ -272,7 +272,9 @@ async fn bad_shovels_are_refused_with_the_reason_and_nothing_starts() {
         "[[shovels]]\nname = \"filed\"\nsrc_uri = \"local\"\nsrc_queue = \"fq\"\ndest_uri = \"amqp://127.0.0.1:{}/%2f\"\ndest_queue = \"fq\"\n",
         rabbit.port
     );
-    let local = ferry(&file).await;
+    // A listener in vhost `other` makes that vhost.
+    let other = "[[listeners]]\nprotocol = \"amqp\"\nbind = \"127.0.0.1:0\"\nvhost = \"other\"\n";
+    let local = ferry(&format!("{file}{other}")).await;
     let good = to_rabbit(rabbit, "q", "q");
     let with = |k: &str, v: Value| {
         let mut g = good.clone();
@@ -327,6 +329,17 @@ async fn bad_shovels_are_refused_with_the_reason_and_nothing_starts() {
     assert_eq!(status, 409, "{body}");
     assert!(body["reason"].as_str().unwrap().contains("is a bridge made through the API"), "{body}");
     assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, "/api/bridges/clash", None).await.0, 204);
+    // The local end in another vhost: it must exist, and the status names it.
+    let (status, body) = put(&local, "elsewhere", with("src-uri", json!("amqp:///nowhere"))).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["reason"], "vhost \"nowhere\" does not exist");
+    assert_eq!(put(&local, "elsewhere", with("src-uri", json!("amqp:///other"))).await.0, 201);
+    let (_, shovels) = get(&local, "admin", "/api/shovels/%2F").await;
+    let s = shovels.as_array().unwrap().iter().find(|s| s["name"] == "elsewhere").expect("listed").clone();
+    assert_eq!((s["vhost"].as_str(), s["src_uri"].as_str()), (Some("/"), Some("amqp:///other")));
+    assert_eq!(get(&local, "admin", "/api/shovels/other").await.1, json!([]));
+    let path = "/api/parameters/shovel/%2F/elsewhere";
+    assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, path, None).await.0, 204);
     // A policymaker of the vhost may make and delete one; then the bridge name is the shovel's.
     let path = "/api/parameters/shovel/%2F/clash";
     let (status, body) = send(&local, Some("maker"), reqwest::Method::PUT, path, Some(json!({"value": good}))).await;

@@ -199,9 +199,24 @@ fn shovel_state(s: &BridgeStatus) -> &'static str {
     }
 }
 
+/// A vhost as a URI path segment (`/` is `%2f`, as in RabbitMQ's URIs).
+fn encode_vhost(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02x}"),
+        })
+        .collect()
+}
+
 fn shovel_json(c: &ShovelConfig, s: &BridgeStatus) -> Value {
-    // RabbitMQ names a shovel's local end `amqp://` (its direct connection).
-    let (local, remote) = ("amqp://".to_string(), c.remote.to_string());
+    // RabbitMQ names a shovel's local end `amqp://` (its direct connection), with the vhost
+    // in the path when a dynamic shovel's local end is not in its parameter's vhost.
+    let local = match c.dynamic.as_deref() {
+        Some(listed) if listed != c.vhost => format!("amqp:///{}", encode_vhost(&c.vhost)),
+        _ => "amqp://".to_string(),
+    };
+    let remote = c.remote.to_string();
     let (src_uri, dest_uri) = match c.direction {
         ShovelDirection::Out => (local, remote),
         ShovelDirection::In => (remote, local),
@@ -279,6 +294,12 @@ async fn shovels_of_vhost(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vhost_is_percent_encoded_in_a_local_uri() {
+        assert_eq!(encode_vhost("/"), "%2f");
+        assert_eq!(encode_vhost("site-7/a b"), "site-7%2fa%20b");
+    }
 
     #[test]
     fn timestamps_are_rabbitmq_s_utc_date_and_time() {
