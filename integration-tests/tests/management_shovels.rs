@@ -580,3 +580,33 @@ async fn src_delete_after_moves_that_many_messages_then_deletes_the_shovel() {
     publish(&fch, &src, "after", 2).await;
     assert_eq!(declare(&fch, &src).await, 2, "published after it was done: not shovelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamic_shovel_brings_messages_from_rabbitmq_into_a_local_queue() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (remote_q, local_q) = (unique("remote"), unique("local"));
+    let (_rc, rch) = rabbit.channel().await;
+    declare(&rch, &remote_q).await;
+    within("confirm.select", rch.confirm_select(ConfirmSelectOptions::default())).await.expect("confirms");
+    publish(&rch, &remote_q, "in", 6).await;
+    let local = ferry("").await;
+    let (_fc, fch) = ferry_channel(&local).await;
+    declare(&fch, &local_q).await;
+    // RabbitMQ's form: the source a list of URIs (the first is used), the local end amqp://.
+    let value = json!({"src-uri": [rabbit_uri(rabbit), "amqp://unused.example"], "src-queue": remote_q,
+                       "dest-uri": "amqp://", "dest-queue": local_q, "ack-mode": "on-confirm"});
+    assert_eq!(put(&local, "inbound", value).await.0, 201);
+    up(&local, "inbound").await;
+    let mut here = consume(&fch, &local_q).await;
+    assert_eq!(receive(&mut here, 6).await, bodies("in", 6));
+    let (_, shovels) = get(&local, "watcher", "/api/shovels").await;
+    assert_eq!(
+        (shovels[0]["src_uri"].as_str(), shovels[0]["dest_uri"].as_str()),
+        (Some(rabbit.uri().replace("127.0.0.1", "guest@127.0.0.1").as_str()), Some("amqp://"))
+    );
+    // Acknowledged to RabbitMQ once stored here: nothing is left there.
+    until(&local, |s| s["ferry"]["forwarded"]["in"] == 6).await;
+    let path = "/api/parameters/shovel/%2F/inbound";
+    assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, path, None).await.0, 204);
+    assert_eq!(declare(&rch, &remote_q).await, 0);
+}
