@@ -610,3 +610,34 @@ async fn a_dynamic_shovel_brings_messages_from_rabbitmq_into_a_local_queue() {
     assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, path, None).await.0, 204);
     assert_eq!(declare(&rch, &remote_q).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_shovel_whose_name_the_file_takes_is_not_started_and_can_be_deleted() {
+    let Some(rabbit) = rabbit().await else { return };
+    let local = ferry("").await;
+    assert_eq!(put(&local, "taken", to_rabbit(rabbit, "q1", "q1")).await.0, 201);
+    let dir = local.stop().await;
+    // The file now has a shovel of that name: it is the file's.
+    let file = format!(
+        "[[shovels]]\nname = \"taken\"\nsrc_uri = \"local\"\nsrc_queue = \"q2\"\ndest_uri = \"amqp://127.0.0.1:{}/%2f\"\ndest_queue = \"q2\"\n",
+        rabbit.port
+    );
+    let toml = std::fs::read_to_string(dir.path().join("ferry.toml")).expect("ferry.toml");
+    std::fs::write(dir.path().join("ferry.toml"), format!("{toml}{file}")).expect("ferry.toml");
+    let local = TestServer::resume(dir).await;
+    let (_, shovels) = get(&local, "admin", "/api/shovels").await;
+    let listed: Vec<(&str, &str)> = shovels
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["type"].as_str().unwrap(), s["src_queue"].as_str().unwrap()))
+        .collect();
+    assert_eq!(listed, [("static", "q2")]);
+    assert_eq!(get(&local, "admin", "/api/parameters").await.1, json!([]));
+    // The stored one is forgotten by a DELETE; a second is 404.
+    let path = "/api/parameters/shovel/%2F/taken";
+    assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, path, None).await.0, 204);
+    assert_eq!(send(&local, Some("admin"), reqwest::Method::DELETE, path, None).await.0, 404);
+    let local = local.restart().await;
+    assert_eq!(get(&local, "admin", "/api/shovels").await.1.as_array().map(Vec::len), Some(1));
+}

@@ -287,7 +287,15 @@ impl DynamicShovels {
         let _one = self.changes.lock().await;
         let (broker, _) = self.context()?;
         if self.running().get(name).is_none_or(|r| r.vhost != vhost) {
-            return Err(ChangeError::NotFound(name.to_string()));
+            // Stored but not started at the server's start (its vhost gone, its name taken by
+            // the file): deleting forgets it.
+            let key = setting(vhost, name);
+            if !broker.settings(&key).iter().any(|(k, _)| *k == key) {
+                return Err(ChangeError::NotFound(name.to_string()));
+            }
+            broker.put_setting(&key, None).wait().await.map_err(|e| ChangeError::Store(e.to_string()))?;
+            info!("shovel {name} (vhost {vhost}): removed through the API (it was not running)");
+            return Ok(());
         }
         broker.put_setting(&setting(vhost, name), None).wait().await.map_err(|e| ChangeError::Store(e.to_string()))?;
         self.stop(name).await;
