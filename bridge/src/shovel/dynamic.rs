@@ -91,11 +91,12 @@ fn end(uri: &str, vhost: &str) -> Result<End, String> {
         let path = path.strip_prefix('/').unwrap_or(path);
         return Ok(End::Local(if path.is_empty() { vhost.to_string() } else { decode(path) }));
     }
-    match authority.rsplit_once('@') {
+    // The user info ends at the last `@` before the query (as in `redact_uri`): a password
+    // with an unescaped `/` or `@` is still taken out whole, never left in the URI.
+    let head = &rest[..rest.find('?').unwrap_or(rest.len())];
+    match head.rfind('@').map(|at| rest.split_at(at)) {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, password)) => {
-                Ok(End::Remote(format!("{scheme}://{user}@{host}{after}"), Some(decode(password))))
-            }
+            Some((user, password)) => Ok(End::Remote(format!("{scheme}://{user}{host}"), Some(decode(password)))),
             None => Ok(End::Remote(uri.to_string(), None)),
         },
         None => Ok(End::Remote(uri.to_string(), None)),
@@ -103,13 +104,14 @@ fn end(uri: &str, vhost: &str) -> Result<End, String> {
 }
 
 /// `uri` with the password of its user info replaced by `***` (RabbitMQ's status hides it).
+/// Taken up to the last `@` before the query, so that a password with an unescaped `/` or `@`
+/// (a URI the parser then refuses) is hidden too; at worst more than the password is.
 pub fn redact_uri(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else { return uri.to_string() };
-    let cut = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, after) = rest.split_at(cut);
-    match authority.rsplit_once('@') {
+    let head = &rest[..rest.find('?').unwrap_or(rest.len())];
+    match head.rfind('@').map(|at| rest.split_at(at)) {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{after}"),
+            Some((user, _)) => format!("{scheme}://{user}:***{host}"),
             None => uri.to_string(),
         },
         None => uri.to_string(),
@@ -460,6 +462,8 @@ mod tests {
         let why = refused(json!({"src-uri": "ftp://u:pw@h", "src-queue": "q", "dest-uri": "amqp://"}));
         assert!(why.contains("src-uri: \"ftp://u:***@h\" must start with amqp://"), "{why}");
         assert!(!why.contains("pw"), "{why}");
+        let why = refused(json!({"src-uri": "amqp://u:p/w@h:99999", "src-queue": "q", "dest-uri": "amqp://"}));
+        assert!(why.contains("src-uri: \"amqp://u@h:99999\" port") && !why.contains("p/w"), "{why}");
         let why = refused(json!({"src-uri": "amqp://u:pw@h:99999", "src-queue": "q", "dest-uri": "amqp://"}));
         assert!(why.contains("src-uri: ") && !why.contains("pw"), "{why}");
         let why =
@@ -476,6 +480,9 @@ mod tests {
         assert_eq!(redact_uri("amqp://u:secret@h:5672/v?heartbeat=5"), "amqp://u:***@h:5672/v?heartbeat=5");
         assert_eq!(redact_uri("amqp://u@h"), "amqp://u@h");
         assert_eq!(redact_uri("amqp://"), "amqp://");
+        assert_eq!(redact_uri("amqp://u:pa/ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact_uri("amqp://u:p@ss@h"), "amqp://u:***@h");
+        assert_eq!(redact_uri("amqp://h/v?x=a@b"), "amqp://h/v?x=a@b");
         let v = redact(&json!({"src-uri": ["amqp://a:b@h", "amqp://c:d@h2"], "dest-uri": "amqp://"}));
         assert_eq!(v, json!({"src-uri": ["amqp://a:***@h", "amqp://c:***@h2"], "dest-uri": "amqp://"}));
     }
