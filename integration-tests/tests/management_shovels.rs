@@ -641,3 +641,37 @@ async fn a_stored_shovel_whose_name_the_file_takes_is_not_started_and_can_be_del
     let local = local.restart().await;
     assert_eq!(get(&local, "admin", "/api/shovels").await.1.as_array().map(Vec::len), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shovel_from_a_local_exchange_keeps_a_backlog_retired_when_it_no_longer_needs_it() {
+    let Some(rabbit) = rabbit().await else { return };
+    let dest = unique("dest");
+    let (_rc, rch) = rabbit.channel().await;
+    declare(&rch, &dest).await;
+    let local = ferry("").await;
+    let value = json!({"src-uri": "amqp://", "src-exchange": "amq.direct", "src-exchange-key": "orders",
+                       "dest-uri": rabbit_uri(rabbit), "dest-queue": dest});
+    assert_eq!(put(&local, "from-x", value).await.0, 201);
+    up(&local, "from-x").await;
+    let backlog = "/api/queues/%2F/ferry-bridge.from-x";
+    assert_eq!(get(&local, "admin", backlog).await.0, 200);
+    let (_fc, fch) = ferry_channel(&local).await;
+    for i in 0..3 {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let body = format!("x-{i}");
+        let opts = BasicPublishOptions::default();
+        let confirm =
+            within("publish", fch.basic_publish("amq.direct".into(), "orders".into(), opts, body.as_bytes(), props))
+                .await
+                .expect("publish");
+        within("confirm", confirm).await.expect("confirmed");
+    }
+    let mut at_rabbit = consume(&rch, &dest).await;
+    assert_eq!(receive(&mut at_rabbit, 3).await, bodies("x", 3));
+    // Changed to a queue source: the backlog, empty, goes.
+    until(&local, |s| s["ferry"]["forwarded"]["out"] == 3 && s["ferry"]["in_flight"] == 0).await;
+    let value =
+        json!({"src-uri": "amqp://", "src-queue": unique("src"), "dest-uri": rabbit_uri(rabbit), "dest-queue": dest});
+    assert_eq!(put(&local, "from-x", value).await.0, 204);
+    assert_eq!(get(&local, "admin", backlog).await.0, 404);
+}

@@ -112,7 +112,11 @@ impl DynamicShovels {
             let Some((vhost, name)) = key[SETTING_PREFIX.len()..].rsplit_once('/') else { continue };
             let (vhost, name) = (vhost.to_string(), name.to_string());
             if configured.contains(&name) || taken.contains(&name) {
-                warn!("shovel {name}: made through the API, but a bridge or shovel of the server's file has that name; not started");
+                warn!("shovel {name}: made through the API, but a bridge or shovel of the server's file, or a bridge made through the API, has that name; not started");
+                continue;
+            }
+            if let Some(r) = self.running().get(&name) {
+                warn!("shovel {name} (vhost {vhost}): made through the API, but vhost {:?} has one of that name; not started", r.vhost);
                 continue;
             }
             let started = serde_json::from_slice::<Value>(&bytes)
@@ -257,6 +261,8 @@ impl DynamicShovels {
             .await
             .map_err(|e| ChangeError::Store(e.to_string()))?;
         let old = if replacing { self.stop(name).await } else { None };
+        let own_backlog =
+            matches!(config.source, super::Source::Exchange { .. }) && config.direction == super::ShovelDirection::Out;
         if let Err(e) = self.launch(&broker, &shutdown, vhost, config, value) {
             // Put back what was there, so a failed change changes nothing.
             let restored = match old {
@@ -277,6 +283,10 @@ impl DynamicShovels {
                 warn!("shovel {name}: the change failed ({e}) and what was there could not be put back: {r}");
             }
             return Err(e);
+        }
+        if replacing && !own_backlog {
+            // A backlog the shovel had (from a local exchange) gets nothing new now.
+            crate::backlog::retire(&broker, name, now_millis());
         }
         info!("shovel {name} (vhost {vhost}): {} through the API", if replacing { "changed" } else { "added" });
         Ok(replacing)
