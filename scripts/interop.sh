@@ -445,6 +445,36 @@ if wait_port 15672 10; then
     grep -q 'from-the-api' "$work/api.sub" && ! grep -q 'NOT routed' <<<"$out" &&
       ok "rabbitmqadmin publish reaches an MQTT subscriber (interop/api)" ||
       bad "rabbitmqadmin publish to MQTT: $out $(cat "$work/api.sub")"
+    # A dynamic shovel (RabbitMQ's shovel parameter) from a local queue to this same broker over
+    # AMQP: out through the shovel's client, in through the AMQP listener.
+    value='{"src-uri": "amqp://", "src-queue": "interop.shovel.src", "dest-uri": "amqp://guest:guest@127.0.0.1:5672/%2f", "dest-queue": "interop.shovel.dest", "ack-mode": "on-confirm"}'
+    if "${ra[@]}" declare queue name=interop.shovel.dest durable=true >/dev/null 2>&1 &&
+      out=$("${ra[@]}" declare parameter component=shovel name=interop-shovel value="$value" 2>&1) &&
+      grep -q 'parameter declared' <<<"$out"; then
+      ok "rabbitmqadmin declare parameter component=shovel"
+      "${ra[@]}" publish routing_key=interop.shovel.src payload=shovelled-by-ferry >/dev/null 2>&1
+      got=""
+      for ((i = 0; i < 50; i++)); do
+        got=$("${ra[@]}" get queue=interop.shovel.dest count=1 ackmode=ack_requeue_false 2>&1)
+        grep -q 'shovelled-by-ferry' <<<"$got" && break
+        sleep 0.1
+      done
+      grep -q 'shovelled-by-ferry' <<<"$got" && ok "the dynamic shovel moves a message" ||
+        bad "the dynamic shovel did not move the message: $got"
+      out=$("${ra[@]}" list parameters 2>&1)
+      grep -q 'interop-shovel' <<<"$out" && grep -q 'interop.shovel.dest' <<<"$out" &&
+        ok "rabbitmqadmin list parameters" || bad "rabbitmqadmin list parameters: $out"
+      out=$(curl -s -u guest:guest http://127.0.0.1:15672/api/shovels)
+      grep -q '"type":"dynamic"' <<<"$out" && ! grep -q 'guest:guest' <<<"$out" &&
+        ok "/api/shovels lists it dynamic, without the password" || bad "/api/shovels: $out"
+      out=$("${ra[@]}" delete parameter component=shovel name=interop-shovel 2>&1)
+      grep -q 'parameter deleted' <<<"$out" && ! "${ra[@]}" list parameters 2>&1 | grep -q 'interop-shovel' &&
+        ok "rabbitmqadmin delete parameter" || bad "rabbitmqadmin delete parameter: $out"
+    else
+      bad "rabbitmqadmin declare parameter component=shovel: $out"
+    fi
+    "${ra[@]}" delete queue name=interop.shovel.dest >/dev/null 2>&1
+    "${ra[@]}" delete queue name=interop.shovel.src >/dev/null 2>&1
   else
     echo "SKIPPED rabbitmqadmin (install rabbitmq-server for it)"
   fi

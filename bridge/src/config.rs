@@ -71,6 +71,9 @@ pub enum PasswordSource {
     File(PathBuf),
     /// The environment variable's value.
     Env(String),
+    /// Given with the shovel itself: the password of a dynamic shovel's URI (RabbitMQ's
+    /// `amqp://user:password@host`), kept in the store as given. Never printed.
+    Inline(String),
 }
 
 impl fmt::Debug for PasswordSource {
@@ -78,6 +81,7 @@ impl fmt::Debug for PasswordSource {
         match self {
             PasswordSource::File(p) => write!(f, "File({})", p.display()),
             PasswordSource::Env(v) => write!(f, "Env({v})"),
+            PasswordSource::Inline(_) => write!(f, "Inline(<redacted>)"),
         }
     }
 }
@@ -106,6 +110,7 @@ impl PasswordSource {
             PasswordSource::Env(name) => {
                 std::env::var(name).map(String::into_bytes).map_err(|_| PasswordError::Env { name: name.clone() })
             }
+            PasswordSource::Inline(p) => Ok(p.clone().into_bytes()),
         }
     }
 }

@@ -23,7 +23,9 @@
 //! - [`status`]: [`BridgeStatus`], what [`Bridges::status`] reports per bridge.
 //! - [`shovel`]: AMQP shovels (`[[shovels]]`): [`ShovelConfig`], a sans-I/O AMQP 0-9-1 client
 //!   on ferry-amqp's codec, and one task per shovel, with the same store and forward and the
-//!   same [`BridgeStatus`]. [`Bridges::start_with_shovels`] starts bridges and shovels.
+//!   same [`BridgeStatus`]; RabbitMQ's dynamic shovels made through the management API
+//!   (`shovel::dynamic`, `shovel::runtime`). [`Bridges::start_with_shovels`] starts bridges
+//!   and shovels.
 //!
 //! Data flows: local publisher → exchange → `ferry-bridge.<name>` (redb) → link → remote;
 //! remote → link → vhost publish → store commit → PUBACK/PUBREC to the remote.
@@ -83,6 +85,8 @@ pub struct Bridges {
     shovels: Vec<Arc<shovel::Shovel>>,
     /// Bridges made through the management API, after the file's in [`Bridges::status`].
     runtime: Arc<runtime::RuntimeBridges>,
+    /// Shovels made through the management API (RabbitMQ's dynamic shovels), last.
+    dynamic: Arc<shovel::runtime::DynamicShovels>,
 }
 
 impl Bridges {
@@ -167,6 +171,7 @@ impl Bridges {
             None
         };
         let link = Arc::new(Link {
+            owner: ferry_core::queue::OwnerId::next(),
             config: config.clone(),
             id,
             connections: broker.connections().clone(),
@@ -215,7 +220,9 @@ impl Bridges {
         // What is left of stored QoS 2 ids belongs to bridges no longer configured.
         qos2_ids::forget_others(broker);
         let runtime = bridges.runtime.names();
-        let names: Vec<&str> = configured.iter().chain(&runtime).map(String::as_str).collect();
+        bridges.dynamic.start(broker, configured.clone(), &runtime, &shutdown);
+        let dynamic = bridges.dynamic.names();
+        let names: Vec<&str> = configured.iter().chain(&runtime).chain(&dynamic).map(String::as_str).collect();
         backlog::retire_orphans(broker, &names, now_millis());
         bridges.shovels = shovel::spawn(ready, &shutdown, &mut bridges.tasks);
         if !bridges.shovels.is_empty() {
@@ -233,7 +240,12 @@ impl Bridges {
     /// A handle that reads [`Bridges::status`] from elsewhere (the HTTP listener's metrics)
     /// while the server keeps the bridges themselves.
     pub fn status_reader(&self) -> StatusReader {
-        StatusReader { links: self.links.clone(), shovels: self.shovels.clone(), runtime: self.runtime.clone() }
+        StatusReader {
+            links: self.links.clone(),
+            shovels: self.shovels.clone(),
+            runtime: self.runtime.clone(),
+            dynamic: self.dynamic.clone(),
+        }
     }
 
     /// Waits until bridge `name`'s status satisfies `pred` (checked now, then whenever its state
@@ -243,6 +255,9 @@ impl Bridges {
     pub async fn wait_for(&self, name: &str, pred: impl Fn(&BridgeStatus) -> bool) -> Option<BridgeStatus> {
         if let Some(s) = self.shovels.iter().find(|s| s.config.name == name) {
             return s.wait_for(pred).await;
+        }
+        if self.dynamic.names().iter().any(|n| n == name) {
+            return self.dynamic.wait_for(name, pred).await;
         }
         let link = self.link(name)?;
         let link = &link;
@@ -278,14 +293,18 @@ impl Bridges {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.links.is_empty() && self.shovels.is_empty() && self.runtime.names().is_empty()
+        self.links.is_empty()
+            && self.shovels.is_empty()
+            && self.runtime.names().is_empty()
+            && self.dynamic.names().is_empty()
     }
 
     /// Waits for every bridge task to end (after the shutdown signal): each sends DISCONNECT
     /// and hands its unacknowledged messages back to its queue.
     pub async fn stopped(&mut self) {
         let runtime = self.runtime.take_tasks();
-        for task in self.tasks.drain(..).chain(runtime) {
+        let dynamic = self.dynamic.take_tasks();
+        for task in self.tasks.drain(..).chain(runtime).chain(dynamic) {
             if let Err(e) = task.await {
                 warn!("a bridge task failed: {e}");
             }
@@ -299,6 +318,7 @@ pub struct StatusReader {
     links: Vec<Arc<Link>>,
     shovels: Vec<Arc<shovel::Shovel>>,
     runtime: Arc<runtime::RuntimeBridges>,
+    dynamic: Arc<shovel::runtime::DynamicShovels>,
 }
 
 /// A bridge as [`StatusReader::bridges`] lists it.
@@ -312,10 +332,11 @@ pub struct BridgeEntry {
 
 impl StatusReader {
     /// A snapshot of every bridge (the file's, then those made through the API), then every
-    /// shovel ([`Bridges::status`]).
+    /// shovel (the file's, then the dynamic ones) ([`Bridges::status`]).
     pub fn status(&self) -> Vec<BridgeStatus> {
         let shovels = self.shovels.iter().map(|s| s.status());
-        self.bridges().into_iter().map(|b| b.status).chain(shovels).collect()
+        let dynamic = self.dynamic.list().into_iter().map(|d| d.status);
+        self.bridges().into_iter().map(|b| b.status).chain(shovels).chain(dynamic).collect()
     }
 
     /// Each MQTT bridge's configuration with a snapshot of its status: the file's in its order,
@@ -342,6 +363,9 @@ impl StatusReader {
     /// Adds or replaces bridge `name` from its `[[bridges]]` keys as JSON (checked as the
     /// file's), kept in the store; `Ok(true)` when it replaced one ([`runtime`]).
     pub async fn put_bridge(&self, name: &str, table: serde_json::Value) -> Result<bool, runtime::ChangeError> {
+        if self.dynamic.names().iter().any(|n| n == name) {
+            return Err(runtime::ChangeError::Taken(format!("{name:?} is a shovel made through the API")));
+        }
         self.runtime.put(name, table).await
     }
 
@@ -350,8 +374,37 @@ impl StatusReader {
         self.runtime.delete(name).await
     }
 
-    /// Each AMQP shovel's configuration with a snapshot of its status, in config order.
+    /// Each AMQP shovel of the server's file, its configuration with a snapshot of its status,
+    /// in config order.
     pub fn shovels(&self) -> Vec<(&ShovelConfig, BridgeStatus)> {
         self.shovels.iter().map(|s| (&s.config, s.status())).collect()
+    }
+
+    /// The dynamic shovels (RabbitMQ's shovel parameters), by name.
+    pub fn dynamic_shovels(&self) -> Vec<shovel::runtime::DynamicShovel> {
+        self.dynamic.list()
+    }
+
+    /// Adds or replaces dynamic shovel `name` of `vhost` from RabbitMQ's parameter value
+    /// (checked as the file's shovels are), kept in the store; `Ok(true)` when it replaced one
+    /// ([`shovel::runtime`]).
+    pub async fn put_shovel(
+        &self,
+        vhost: &str,
+        name: &str,
+        value: serde_json::Value,
+    ) -> Result<bool, runtime::ChangeError> {
+        let taken = self.runtime.names().iter().any(|n| n == name);
+        self.dynamic.put(vhost, name, value, taken).await
+    }
+
+    /// Removes dynamic shovel `name` of `vhost`.
+    pub async fn delete_shovel(&self, vhost: &str, name: &str) -> Result<(), runtime::ChangeError> {
+        self.dynamic.delete(vhost, name).await
+    }
+
+    /// Stops dynamic shovel `name` of `vhost` and starts it again.
+    pub async fn restart_shovel(&self, vhost: &str, name: &str) -> Result<(), runtime::ChangeError> {
+        self.dynamic.restart(vhost, name).await
     }
 }

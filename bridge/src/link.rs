@@ -98,6 +98,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// The bridge as the status API and the task see it.
 #[derive(Debug)]
 pub(crate) struct Link {
+    /// Owns what its consumer takes from the queue ([`Link::release`]).
+    pub owner: OwnerId,
     pub config: BridgeConfig,
     /// The link's connection id in the core: the origin of what it publishes locally, so that
     /// an `out` rule does not send a message straight back where it came from.
@@ -272,6 +274,17 @@ fn refusal(version: ProtocolVersion, code: u8) -> String {
 }
 
 impl Link {
+    /// Hands what the stopped link took and the remote had not acknowledged back to its queue,
+    /// in order and marked redelivered, for the link that may follow (a run-time bridge
+    /// changed or removed). Not at the server's shutdown: the store keeps them unacked for the
+    /// next start, where a full drop-oldest queue would otherwise drop one now.
+    pub(crate) fn release(&self, vhost: &VHost) {
+        if let Some(queue) = &self.queue {
+            let now = now_millis();
+            vhost.settle(queue, queue.release_owner(self.owner, now), now);
+        }
+    }
+
     pub(crate) fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -284,7 +297,7 @@ impl Link {
             Some(q) => {
                 let spec = ConsumerSpec {
                     tag: ShortString::from(format!("bridge-{}", self.config.name)),
-                    owner: OwnerId::next(),
+                    owner: self.owner,
                     connection: self.id,
                     prefetch: window,
                     no_ack: false,
@@ -363,7 +376,10 @@ impl Link {
             }
         }
         if let (Some((queue, consumer)), Some(_)) = (&consumer, &self.queue) {
-            // Unacked messages (pending or in flight) go back to the queue, in order.
+            // Unacked messages (pending or in flight) stay with the consumer's owner (as after
+            // basic.cancel): at the server's shutdown the store keeps them for the next start
+            // (requeued now, a full drop-oldest queue would drop one); a run-time bridge
+            // stopped on its own is released by whoever stopped it (`release`).
             vhost.cancel(queue, *consumer, now_millis());
         }
         // For whoever stops the bridge for good (a run-time bridge removed or changed).

@@ -56,8 +56,12 @@ pub enum ChangeError {
     Configured(String),
     #[error("no bridge {0:?} made through the API")]
     NotFound(String),
-    #[error("at most {MAX_RUNTIME_BRIDGES} bridges can be made through the API")]
+    #[error("at most {MAX_RUNTIME_BRIDGES} bridges (and as many shovels) can be made through the API")]
     TooMany,
+    /// Another bridge or shovel made through the API has the name (each names its backlog
+    /// queue `ferry-bridge.<name>`).
+    #[error("{0}: names are unique among bridges and shovels")]
+    Taken(String),
     /// Its queue or bindings could not be set up.
     #[error("{0}")]
     Setup(String),
@@ -287,6 +291,7 @@ impl RuntimeBridges {
         let ids = std::mem::take(&mut *running.link.recovered_qos2.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(vhost) = self.context().ok().and_then(|(broker, _)| broker.vhost(&running.link.config.vhost)) {
             crate::qos2_ids::forget(&vhost, name, ids.into_iter());
+            running.link.release(&vhost);
         }
         Some(running.table)
     }

@@ -465,7 +465,12 @@ async fn bad_definitions_are_refused_whole_with_reasons() {
     assert_eq!(huge.status(), 413);
     assert_eq!(huge.json::<Value>().await.unwrap()["error"], "payload_too_large");
     assert!(reason(post(json!({"policies": [{"name": "p"}]})).await).contains("no policies"));
-    assert!(reason(post(json!({"parameters": [{"component": "shovel"}]})).await).contains("runtime parameters"));
+    // Shovel parameters are imported (tests/management_shovels.rs); others are not.
+    assert!(reason(post(json!({"parameters": [{"component": "shovel"}]})).await)
+        .contains("a runtime parameter without component or name"));
+    let federation =
+        json!({"parameters": [{"component": "federation-upstream", "name": "u", "vhost": "/", "value": {}}]});
+    assert!(reason(post(federation).await).contains("only runtime parameter component is 'shovel'"));
     let md5 =
         json!({"users": [{"name": "u", "password_hash": "abc", "hashing_algorithm": "rabbit_password_hashing_md5"}]});
     assert!(reason(post(md5).await).contains("too weak"));

@@ -3,7 +3,9 @@
 //! and removed while the server runs (`ferry_bridge::runtime`: the `[[bridges]]` keys as JSON,
 //! checked as the file's, kept in the store); and `GET /api/shovels` (+ `/{vhost}`), the AMQP shovels in the shape of
 //! RabbitMQ's shovel management plugin (`name`, `vhost`, `type`, `state`, `src_uri`, `dest_uri`
-//! without passwords, `timestamp`), with Ferry's counters beside.
+//! without passwords, `timestamp`), with Ferry's counters beside: the file's (`"type":
+//! "static"`) and the dynamic ones made through `/api/parameters/shovel` (`"dynamic"`,
+//! `parameters`).
 //!
 //! Who sees what: users who see everything (`administrator`, `monitoring`) see every bridge and
 //! shovel; a `management` user those of the vhosts it may open.
@@ -144,7 +146,7 @@ async fn bridge_one(
     Ok(Json(bridge_json(b, definition(&state, &caller, b))).into_response())
 }
 
-fn change_error(e: ChangeError) -> ApiError {
+pub(crate) fn change_error(e: ChangeError) -> ApiError {
     match e {
         ChangeError::NotFound(_) => ApiError::not_found(),
         ChangeError::Store(_) | ChangeError::ShuttingDown => ApiError::unavailable(e.to_string()),
@@ -156,6 +158,7 @@ fn change_error(e: ChangeError) -> ApiError {
                  change it there"
             ),
         },
+        ChangeError::Taken(_) => ApiError { status: StatusCode::CONFLICT, error: "conflict", reason: e.to_string() },
         other => ApiError::bad_request(other.to_string()),
     }
 }
@@ -196,9 +199,24 @@ fn shovel_state(s: &BridgeStatus) -> &'static str {
     }
 }
 
+/// A vhost as a URI path segment (`/` is `%2f`, as in RabbitMQ's URIs).
+fn encode_vhost(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02x}"),
+        })
+        .collect()
+}
+
 fn shovel_json(c: &ShovelConfig, s: &BridgeStatus) -> Value {
-    // RabbitMQ names a shovel's local end `amqp://` (its direct connection).
-    let (local, remote) = ("amqp://".to_string(), c.remote.to_string());
+    // RabbitMQ names a shovel's local end `amqp://` (its direct connection), with the vhost
+    // in the path when a dynamic shovel's local end is not in its parameter's vhost.
+    let local = match c.dynamic.as_deref() {
+        Some(listed) if listed != c.vhost => format!("amqp:///{}", encode_vhost(&c.vhost)),
+        _ => "amqp://".to_string(),
+    };
+    let remote = c.remote.to_string();
     let (src_uri, dest_uri) = match c.direction {
         ShovelDirection::Out => (local, remote),
         ShovelDirection::In => (remote, local),
@@ -207,8 +225,9 @@ fn shovel_json(c: &ShovelConfig, s: &BridgeStatus) -> Value {
         "node": crate::api::node(),
         "timestamp": timestamp(s.since),
         "name": c.name,
-        "vhost": c.vhost,
-        "type": "static",
+        // A dynamic shovel is listed under its parameter's vhost (its local end may be another).
+        "vhost": c.dynamic.as_deref().unwrap_or(&c.vhost),
+        "type": if c.dynamic.is_some() { "dynamic" } else { "static" },
         "state": shovel_state(s),
         "src_uri": src_uri,
         "src_protocol": "amqp091",
@@ -243,13 +262,18 @@ fn shovel_json(c: &ShovelConfig, s: &BridgeStatus) -> Value {
     o
 }
 
+/// The file's shovels, then the dynamic ones.
 fn shovel_list(state: &AppState, caller: &Caller, vhost: Option<&str>) -> Vec<Value> {
-    state
-        .shared
-        .bridges
-        .shovels()
-        .iter()
-        .filter(|(c, _)| vhost.is_none_or(|v| c.vhost == v) && may_see(state, caller, &c.vhost))
+    let dynamic = state.shared.bridges.dynamic_shovels();
+    let file = state.shared.bridges.shovels();
+    let dynamic = dynamic.iter().map(|d| (&d.config, &d.status));
+    file.iter()
+        .map(|(c, s)| (*c, s))
+        .chain(dynamic)
+        .filter(|(c, _)| {
+            let listed = c.dynamic.as_deref().unwrap_or(&c.vhost);
+            vhost.is_none_or(|v| listed == v) && may_see(state, caller, listed)
+        })
         .map(|(c, s)| shovel_json(c, s))
         .collect()
 }
@@ -270,6 +294,12 @@ async fn shovels_of_vhost(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vhost_is_percent_encoded_in_a_local_uri() {
+        assert_eq!(encode_vhost("/"), "%2f");
+        assert_eq!(encode_vhost("site-7/a b"), "site-7%2fa%20b");
+    }
 
     #[test]
     fn timestamps_are_rabbitmq_s_utc_date_and_time() {

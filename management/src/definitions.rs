@@ -7,13 +7,14 @@
 //! other than the default and `amq.*` ones; durable queues other than the ones the MQTT frontend
 //! and the bridges keep for themselves (MQTT sessions' and shared subscriptions' queues, bridge
 //! backlogs); and the bindings among what is exported (with those of `amq.*` exchanges to
-//! exported queues). `parameters`, `global_parameters` and `policies` are empty: Ferry has none.
+//! exported queues); `parameters`: the dynamic shovels (component `shovel`, their values as
+//! given, passwords included). `global_parameters` and `policies` are empty: Ferry has none.
 //!
 //! **Import** only adds, and is checked whole before anything is applied: an object that exists
 //! with the same settings is left as it is; one that exists with other settings fails the
 //! import with RabbitMQ's "inequivalent arg" reason (RabbitMQ's import fails the same way on
 //! queues and exchanges; it would overwrite users and permissions, Ferry refuses instead), as
-//! does anything Ferry cannot hold (policies, runtime parameters, topic permissions, a hash it
+//! does anything Ferry cannot hold (policies, runtime parameters other than shovels, a hash it
 //! cannot verify), and nothing is applied. Then vhosts, exchanges, queues, bindings, and users
 //! with their permissions (one store batch) are made and the store is flushed before the `204`.
 //! Users and permissions the server's file configures are left as the file has them (the
@@ -65,6 +66,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/definitions/{vhost}", get(export_vhost).post(import_vhost))
         .merge(crate::users::routes())
         .merge(crate::bridges::routes())
+        .merge(crate::parameters::routes())
 }
 
 // ----- export ------------------------------------------------------------------------------------
@@ -212,7 +214,16 @@ fn export(shared: &Shared, only: Option<&Arc<VHost>>) -> Value {
             m.insert(FERRY_BRIDGES.into(), json!(bridges));
         }
     }
-    m.insert("parameters".into(), json!([]));
+    // RabbitMQ's runtime parameters: the dynamic shovels, as given (passwords included, as
+    // RabbitMQ exports them; only administrators export).
+    let parameters: Vec<Value> = shared
+        .bridges
+        .dynamic_shovels()
+        .iter()
+        .filter(|d| only.is_none_or(|v| v.name() == d.vhost.as_str()))
+        .map(|d| crate::parameters::parameter_json(d, true))
+        .collect();
+    m.insert("parameters".into(), json!(parameters));
     m.insert("policies".into(), json!([]));
     let [queues, exchanges, bindings] = objects;
     m.insert("queues".into(), json!(queues));
@@ -335,6 +346,8 @@ struct Plan {
     topic_permissions: Vec<ferry_core::permissions::TopicPermissions>,
     /// Bridges to make through `ferry_bridge::runtime`: (name, table).
     bridges: Vec<(String, Value)>,
+    /// Dynamic shovels to make: (vhost, name, value).
+    shovels: Vec<(String, String, Value)>,
 }
 
 #[derive(Default)]
@@ -375,12 +388,6 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
         problems.add(format!(
             "{} policies: Ferry has no policies (give queues their x- arguments instead)",
             defs.policies.len()
-        ));
-    }
-    if !defs.parameters.is_empty() {
-        problems.add(format!(
-            "{} runtime parameters (shovels, federation): not supported through definitions",
-            defs.parameters.len()
         ));
     }
     for g in defs.global_parameters.iter().filter(|g| !IGNORED_GLOBAL_PARAMETERS.contains(&g.name.as_str())) {
@@ -683,6 +690,57 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
             None => {}
         }
     }
+    // Runtime parameters: dynamic shovels, checked as `PUT /api/parameters/shovel/…` checks them.
+    let dynamic = shared.bridges.dynamic_shovels();
+    for p in defs.parameters {
+        let text = |k: &str| p.get(k).and_then(Value::as_str).map(str::to_string);
+        let (Some(component), Some(name)) = (text("component"), text("name")) else {
+            problems.add("a runtime parameter without component or name");
+            continue;
+        };
+        let what = format!("parameter '{name}' of component '{component}'");
+        if component != crate::parameters::SHOVEL {
+            problems.add(format!("{what}: Ferry's only runtime parameter component is 'shovel'"));
+            continue;
+        }
+        let Some(vhost) = vhost_of(&text("vhost"), &what, &mut problems) else { continue };
+        let Some(value) = p.get("value").cloned() else {
+            problems.add(format!("{what}: no value"));
+            continue;
+        };
+        let config = match ferry_bridge::shovel::dynamic::parse(&vhost, &name, &value) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.add(format!("shovel '{name}': {e}"));
+                continue;
+            }
+        };
+        if !vhosts.contains(&config.vhost) {
+            problems.add(format!("shovel '{name}': vhost '{}' does not exist", config.vhost));
+            continue;
+        }
+        if shared.bridges.is_configured(&name) {
+            problems.add(format!("shovel '{name}': a bridge or shovel of the server's file has that name"));
+            continue;
+        }
+        if plan.bridges.iter().any(|(n, _)| *n == name) || shared.bridges.runtime_table(&name).is_some() {
+            problems.add(format!("shovel '{name}': a bridge made through the API has that name"));
+            continue;
+        }
+        match dynamic.iter().find(|d| d.name == name) {
+            Some(d) if d.vhost == vhost && d.value == value => {}
+            Some(d) if d.vhost == vhost => problems.add(format!("shovel '{name}' exists with other settings")),
+            Some(d) => problems.add(format!("shovel '{name}': a shovel of vhost '{}' has that name", d.vhost)),
+            None if plan.shovels.iter().all(|(_, n, _)| *n != name) => plan.shovels.push((vhost, name, value)),
+            None => problems.add(format!("shovel '{name}': given twice")),
+        }
+    }
+    if dynamic.len() + plan.shovels.len() > ferry_bridge::shovel::runtime::MAX_DYNAMIC_SHOVELS {
+        problems.add(format!(
+            "more than {} shovels made through the API",
+            ferry_bridge::shovel::runtime::MAX_DYNAMIC_SHOVELS
+        ));
+    }
     problems.into_result()?;
     if !skipped.is_empty() {
         tracing::info!("definitions import: left as the server's file has them: {}", skipped.join(", "));
@@ -691,8 +749,9 @@ fn plan(shared: &Shared, mut defs: Definitions, forced_vhost: Option<&str>) -> R
 }
 
 /// Makes what `plan` holds; what fails now (a race with a client) is reported.
-/// The store commit to wait for, and the bridges to make then (they start asynchronously).
-type Applied = (ferry_core::store::Commit, Vec<(String, Value)>);
+/// The store commit to wait for, and the bridges and shovels to make then (they start
+/// asynchronously).
+type Applied = (ferry_core::store::Commit, Vec<(String, Value)>, Vec<(String, String, Value)>);
 
 fn apply(shared: &Shared, plan: Plan) -> Result<Applied, ApiError> {
     let broker = &shared.broker;
@@ -734,7 +793,7 @@ fn apply(shared: &Shared, plan: Plan) -> Result<Applied, ApiError> {
         let reason = problems.0.join("; ");
         return Err(ApiError::bad_request(format!("definitions imported in part: {reason}")));
     }
-    Ok((commit, plan.bridges))
+    Ok((commit, plan.bridges, plan.shovels))
 }
 
 async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<String>) -> Result<Response, ApiError> {
@@ -754,7 +813,7 @@ async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<St
     let (vhosts, users) = (defs.vhosts.len(), defs.users.len());
     let (queues, exchanges, bindings) = (defs.queues.len(), defs.exchanges.len(), defs.bindings.len());
     // Planning redeclares and applying hashes passwords: both off the async workers.
-    let (commit, bridges) =
+    let (commit, bridges, shovels) =
         crate::api::render(&state, move |shared| plan(shared, defs, vhost.as_deref()).and_then(|p| apply(shared, p)))
             .await??;
     committed(commit).await?;
@@ -765,6 +824,14 @@ async fn import(state: AppState, caller: Caller, body: RawBody, vhost: Option<St
             .put_bridge(&name, table)
             .await
             .map_err(|e| ApiError::bad_request(format!("definitions imported in part: bridge '{name}': {e}")))?;
+    }
+    for (vhost, name, value) in shovels {
+        state
+            .shared
+            .bridges
+            .put_shovel(&vhost, &name, value)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("definitions imported in part: shovel '{name}': {e}")))?;
     }
     committed(state.shared.broker.store().flush()).await?;
     tracing::info!(

@@ -17,7 +17,8 @@
 //! - `users`: users and permissions made at run time (`PUT|DELETE /api/users/…`,
 //!   `/api/permissions/…`), the broker's run-time layer; `definitions`: RabbitMQ's definitions
 //!   export and import (`/api/definitions`); `bridges`: the bridges' and shovels' status
-//!   (`/api/bridges`, `/api/shovels`).
+//!   (`/api/bridges`, `/api/shovels`); `parameters`: RabbitMQ's runtime parameters, the
+//!   dynamic shovels (`/api/parameters/shovel/…`).
 //! - `api`: the JSON endpoints, in RabbitMQ's shapes; `query` holds what lists share
 //!   (`columns`, `sort`, `page`, `name` + `use_regex`); `error` the JSON errors. Beside it:
 //!   `objects` (channels, consumers, users, permissions), `topology` (declaring and deleting
@@ -53,6 +54,7 @@ mod messages;
 mod metrics;
 mod mqtt;
 mod objects;
+mod parameters;
 mod query;
 mod rates;
 mod topology;

@@ -543,36 +543,8 @@ struct RawConfig {
     shovels: Vec<RawShovel>,
 }
 
-use ferry_bridge::spec::{overflow, remote_password, remote_tls, RawBridge, RawBridgeTls};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawShovel {
-    name: String,
-    src_uri: String,
-    dest_uri: String,
-    src_queue: Option<String>,
-    src_exchange: Option<String>,
-    src_exchange_key: Option<String>,
-    dest_queue: Option<String>,
-    dest_exchange: Option<String>,
-    dest_exchange_key: Option<String>,
-    ack_mode: Option<String>,
-    prefetch_count: Option<u16>,
-    add_forward_headers: Option<bool>,
-    max_hops: Option<u32>,
-    max_queued_messages: Option<u32>,
-    max_queued_bytes: Option<u64>,
-    overflow: Option<String>,
-    vhost: Option<String>,
-    password_file: Option<PathBuf>,
-    password_env: Option<String>,
-    tls: Option<RawBridgeTls>,
-    heartbeat_secs: Option<u16>,
-    reconnect_initial_ms: Option<u64>,
-    reconnect_max_ms: Option<u64>,
-    connect_timeout_secs: Option<u64>,
-}
+use ferry_bridge::shovel::spec::RawShovel;
+use ferry_bridge::spec::RawBridge;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -796,213 +768,22 @@ impl Validator<'_> {
         }
     }
 
-    /// The `[[shovels]]` tables; a refused shovel is left out. Names are unique among bridges
-    /// and shovels (both name a local queue `ferry-bridge.<name>`).
+    /// The `[[shovels]]` tables (checked by `ferry_bridge::shovel::spec`, as the management
+    /// API's); a refused shovel is left out. Names are unique among bridges and shovels (both
+    /// name a local queue `ferry-bridge.<name>`).
     fn shovels(&self, raw: Vec<RawShovel>, bridges: &[ferry_bridge::BridgeConfig]) -> Vec<ferry_bridge::ShovelConfig> {
-        use ferry_bridge::shovel::{AckMode, AmqpUri, Destination, ShovelConfig, ShovelDirection, Source};
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (index, raw) in raw.into_iter().enumerate() {
             let before = self.problems.borrow().len();
             let key = |k: &str| format!("shovels[{index}].{k}");
-            let name_ok = !raw.name.is_empty()
-                && raw.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-            if !name_ok {
-                self.report(key("name"), "must be non-empty letters, digits, '-', '_' or '.'");
-            } else if let Some(first) = names.insert(raw.name.clone(), index) {
+            if let Some(first) = names.insert(raw.name.clone(), index) {
                 self.report(key("name"), format!("{:?} is already shovels[{first}]", raw.name));
             } else if let Some(b) = bridges.iter().position(|b| b.name == raw.name) {
                 self.report(key("name"), format!("{:?} is already bridges[{b}]", raw.name));
             }
-            let uri = |k: &str, text: &str| match AmqpUri::parse(text) {
-                Ok(u) => Some(u),
-                // A URI holding a password is not repeated (the password would be in the log).
-                Err(e @ ferry_bridge::shovel::UriError::Password) => {
-                    self.report(key(k), format!("the URI {e}"));
-                    None
-                }
-                Err(e) => {
-                    self.report(key(k), format!("{text:?} {e}"));
-                    None
-                }
-            };
-            let (direction, remote) = match (raw.src_uri.as_str(), raw.dest_uri.as_str()) {
-                ("local", "local") => {
-                    self.report(key("dest_uri"), "one side must be a remote amqp:// or amqps:// URI");
-                    (ShovelDirection::Out, None)
-                }
-                ("local", dest) => (ShovelDirection::Out, uri("dest_uri", dest)),
-                (src, "local") => (ShovelDirection::In, uri("src_uri", src)),
-                _ => {
-                    self.report(key("src_uri"), "one side must be \"local\" (this broker)");
-                    (ShovelDirection::Out, None)
-                }
-            };
-            let source = match (raw.src_queue, raw.src_exchange) {
-                (Some(q), None) if !q.is_empty() => {
-                    if raw.src_exchange_key.is_some() {
-                        self.report(key("src_exchange_key"), "goes with src_exchange, not src_queue");
-                    }
-                    Some(Source::Queue(q))
-                }
-                (None, Some(x)) => {
-                    Some(Source::Exchange { exchange: x, key: raw.src_exchange_key.unwrap_or_else(|| "#".into()) })
-                }
-                (Some(_), Some(_)) => {
-                    self.report(key("src_queue"), "give src_queue or src_exchange, not both");
-                    None
-                }
-                (Some(_), None) => {
-                    self.report(key("src_queue"), "must not be empty");
-                    None
-                }
-                (None, None) => {
-                    self.report(key("src_queue"), "give src_queue or src_exchange (with src_exchange_key)");
-                    None
-                }
-            };
-            let destination = match (raw.dest_queue, raw.dest_exchange) {
-                (Some(_), Some(_)) => {
-                    self.report(key("dest_queue"), "give dest_queue or dest_exchange, not both");
-                    Destination::AsPublished
-                }
-                (Some(q), None) => {
-                    if raw.dest_exchange_key.is_some() {
-                        self.report(key("dest_exchange_key"), "goes with dest_exchange, not dest_queue");
-                    }
-                    Destination::Queue(q)
-                }
-                (None, Some(x)) => Destination::Exchange { exchange: x, key: raw.dest_exchange_key },
-                (None, None) => {
-                    if raw.dest_exchange_key.is_some() {
-                        self.report(key("dest_exchange_key"), "goes with dest_exchange");
-                    }
-                    Destination::AsPublished
-                }
-            };
-            let (Some(remote), Some(source)) = (remote, source) else { continue };
-            let mut s = ShovelConfig::new(&raw.name, direction, remote, source);
-            s.destination = destination;
-            if let Some(m) = raw.ack_mode {
-                match AckMode::parse(&m) {
-                    Some(m) => s.ack_mode = m,
-                    None => self.report(
-                        key("ack_mode"),
-                        format!("{m:?}: expected \"on-confirm\", \"on-publish\" or \"no-ack\""),
-                    ),
-                }
-            }
-            if let Some(p) = raw.prefetch_count {
-                if p == 0 {
-                    self.report(key("prefetch_count"), "must be at least 1");
-                }
-                s.prefetch = p;
-            }
-            s.add_forward_headers = raw.add_forward_headers.unwrap_or(false);
-            if let Some(h) = raw.max_hops {
-                if h == 0 {
-                    self.report(key("max_hops"), "must be at least 1 (0 would shovel nothing)");
-                }
-                s.max_hops = h;
-            }
-            // The limits are those of the shovel's own backlog; a source queue has its own.
-            let own_backlog = matches!(s.source, ferry_bridge::shovel::Source::Exchange { .. })
-                && s.direction == ferry_bridge::ShovelDirection::Out;
-            for (k, set) in [
-                ("max_queued_messages", raw.max_queued_messages.is_some()),
-                ("max_queued_bytes", raw.max_queued_bytes.is_some()),
-                ("overflow", raw.overflow.is_some()),
-            ] {
-                if set && !own_backlog {
-                    self.report(
-                        key(k),
-                        "limits the backlog of a shovel from a local exchange (src_uri = \"local\", src_exchange); \
-                         a source queue keeps its own limits (x-max-length)",
-                    );
-                }
-            }
-            if let Some(m) = raw.max_queued_messages {
-                s.max_queued_messages = m;
-            }
-            if let Some(m) = raw.max_queued_bytes {
-                s.max_queued_bytes = m;
-            }
-            if let Some(o) = raw.overflow.as_deref() {
-                match overflow(o) {
-                    Some(o) => s.overflow = o,
-                    None => self.report(key("overflow"), format!("{o:?}: expected \"drop-oldest\" or \"block\"")),
-                }
-            }
-            if let Some(v) = self.vhost(key("vhost"), raw.vhost) {
-                s.vhost = v;
-            }
-            s.password = remote_password(self, &key, raw.password_file, raw.password_env);
-            // RabbitMQ's URI carries TLS files in its query; Ferry's `tls` table is the other way
-            // to say them, not both.
-            let q = s.remote.query.clone();
-            let uri_key = if s.direction == ferry_bridge::ShovelDirection::Out { "dest_uri" } else { "src_uri" };
-            let uri_tls = q.has_tls().then(|| RawBridgeTls {
-                ca: q.cacertfile.map(PathBuf::from),
-                cert: q.certfile.map(PathBuf::from),
-                key: q.keyfile.map(PathBuf::from),
-                server_name: q.server_name_indication,
-            });
-            let raw_tls = match (raw.tls, uri_tls) {
-                (Some(_), Some(_)) => {
-                    self.report(key("tls"), format!("the {uri_key} query gives TLS files too: give them in one place"));
-                    None
-                }
-                (t, u) => t.or(u),
-            };
-            match (raw_tls, s.remote.tls) {
-                (Some(t), true) => s.tls = remote_tls(self, &key, t),
-                (Some(_), false) => self.report(key("tls"), "is for an amqps:// remote; this one is amqp://"),
-                // amqps:// without a table: the system's trusted CAs, no client certificate.
-                (None, true) => {
-                    s.tls = Some(ferry_bridge::BridgeTls { ca: None, client_cert: None, server_name: None })
-                }
-                (None, false) => {}
-            }
-            if let Some(h) = raw.heartbeat_secs {
-                if s.remote.query.heartbeat.is_some_and(|u| u != h) {
-                    self.report(key("heartbeat_secs"), format!("the {uri_key} query says another heartbeat"));
-                }
-                s.heartbeat = h;
-            }
-            if s.auth_mechanisms.contains(&ferry_bridge::shovel::AuthMechanism::External)
-                && s.tls.as_ref().is_none_or(|t| t.client_cert.is_none())
-            {
-                self.report(
-                    key(uri_key),
-                    "auth_mechanism=external logs in with a TLS client certificate: an amqps:// remote and a \
-                     certificate (tls.cert / tls.key, or certfile / keyfile in the query)",
-                );
-            }
-            if let Some(ms) = raw.reconnect_initial_ms {
-                if ms == 0 {
-                    self.report(key("reconnect_initial_ms"), "must be at least 1");
-                }
-                s.backoff_initial = Duration::from_millis(ms);
-            }
-            if let Some(ms) = raw.reconnect_max_ms {
-                s.backoff_max = Duration::from_millis(ms);
-            }
-            if s.backoff_max < s.backoff_initial {
-                self.report(key("reconnect_max_ms"), "must not be below reconnect_initial_ms");
-            }
-            if let Some(secs) = raw.connect_timeout_secs {
-                if s.remote.query.connection_timeout.is_some_and(|u| u != Duration::from_secs(secs)) {
-                    self.report(
-                        key("connect_timeout_secs"),
-                        format!("the {uri_key} query says another connection_timeout"),
-                    );
-                }
-                if secs == 0 {
-                    self.report(key("connect_timeout_secs"), "must be at least 1");
-                }
-                s.connect_timeout = Duration::from_secs(secs);
-            }
-            if self.problems.borrow().len() == before {
+            let s = ferry_bridge::shovel::spec::shovel(self, &key, raw);
+            if let (Some(s), true) = (s, self.problems.borrow().len() == before) {
                 out.push(s);
             }
         }

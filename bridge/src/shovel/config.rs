@@ -43,6 +43,16 @@ impl AckMode {
     }
 }
 
+/// When a shovel has done its work (RabbitMQ's `src-delete-after`): it stops, and a dynamic
+/// shovel is deleted. Counted from each start of the shovel, as RabbitMQ counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteAfter {
+    /// After this many messages taken from the source.
+    Messages(u64),
+    /// After as many messages as the source queue held when the shovel started.
+    QueueLength,
+}
+
 /// Which way the shovel carries messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShovelDirection {
@@ -355,6 +365,13 @@ pub struct ShovelConfig {
     pub auth_mechanisms: Vec<AuthMechanism>,
     /// An upper bound on the frame size agreed with the remote (`frame_max` in the URI).
     pub frame_max: Option<u32>,
+    /// Made through the management API (RabbitMQ's dynamic shovel): the vhost of its
+    /// parameter. `None`: the server's file's (`static`).
+    pub dynamic: Option<String>,
+    /// Add RabbitMQ's `x-shovelled-timestamp` header (`dest-add-timestamp-header`).
+    pub add_timestamp_header: bool,
+    /// `src-delete-after` (dynamic shovels from a local queue); `None`: never.
+    pub delete_after: Option<DeleteAfter>,
 }
 
 impl ShovelConfig {
@@ -388,6 +405,9 @@ impl ShovelConfig {
             connect_timeout: q.connection_timeout.unwrap_or(Duration::from_secs(10)),
             auth_mechanisms: if q.auth_mechanisms.is_empty() { vec![AuthMechanism::Plain] } else { q.auth_mechanisms },
             frame_max: q.frame_max,
+            dynamic: None,
+            add_timestamp_header: false,
+            delete_after: None,
         }
     }
 

@@ -47,6 +47,9 @@ use crate::status::{BridgeStatus, Counters, LinkState, StateCell};
 /// RabbitMQ's header listing the shovels a message went through.
 pub const SHOVELLED: &str = "x-shovelled";
 
+/// RabbitMQ's header with the time a message was shovelled (`dest-add-timestamp-header`).
+pub const SHOVELLED_TIMESTAMP: &str = "x-shovelled-timestamp";
+
 /// Federation's header listing the upstreams a message was received from (added by `in`
 /// shovels with `add_forward_headers`).
 pub const RECEIVED_FROM: &str = "x-received-from";
@@ -92,6 +95,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// A shovel as the status API and its task see it.
 #[derive(Debug)]
 pub(crate) struct Shovel {
+    /// Owns what its consumer takes from the local queue ([`Shovel::release`]).
+    pub owner: OwnerId,
     pub config: ShovelConfig,
     /// Its connection id in the core: the origin of what it publishes locally.
     pub id: ConnectionId,
@@ -101,6 +106,8 @@ pub(crate) struct Shovel {
     pub state: StateCell,
     pub counters: Counters,
     pub changes: watch::Sender<u64>,
+    /// Set when the shovel has done what `src-delete-after` asked and stopped.
+    pub finished: watch::Sender<bool>,
 }
 
 /// Sent to the remote, its confirm awaited.
@@ -123,6 +130,18 @@ struct Carry {
     pending: VecDeque<Delivery>,
     /// Sent and not confirmed, in send order.
     inflight: VecDeque<Flight>,
+    /// `src-delete-after`: messages to take from the source in all (`None`: no end).
+    limit: Option<u64>,
+    /// Messages taken from the source so far (counted against `limit`). What the consumer
+    /// delivers past it is left unacked, and handed back to the queue when the shovel stops.
+    taken: u64,
+}
+
+impl Carry {
+    /// Whether `src-delete-after`'s count is taken and settled.
+    fn done(&self) -> bool {
+        self.limit.is_some_and(|l| self.taken >= l) && self.pending.is_empty() && self.inflight.is_empty()
+    }
 }
 
 /// The hop count in a message's headers (0 without one).
@@ -143,6 +162,16 @@ fn node_name() -> String {
 }
 
 impl Shovel {
+    /// Hands what the stopped shovel took and the remote had not confirmed back to its source
+    /// queue, in order and marked redelivered (a dynamic shovel changed, restarted or deleted).
+    /// Not at the server's shutdown: the store keeps them unacked for the next start.
+    pub(crate) fn release(&self, vhost: &VHost) {
+        if let Some(queue) = &self.queue {
+            let now = now_millis();
+            vhost.settle(queue, queue.release_owner(self.owner, now), now);
+        }
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -176,7 +205,7 @@ impl Shovel {
             Some(q) => {
                 let spec = ConsumerSpec {
                     tag: ShortString::from(format!("shovel-{name}")),
-                    owner: OwnerId::next(),
+                    owner: self.owner,
                     connection: self.id,
                     prefetch: window,
                     no_ack: false,
@@ -195,11 +224,22 @@ impl Shovel {
             }
             None => None,
         };
-        let mut carry = Carry::default();
+        let limit = match (self.config.delete_after, &consumer) {
+            (Some(super::config::DeleteAfter::Messages(n)), _) => Some(n),
+            (Some(super::config::DeleteAfter::QueueLength), Some((q, _))) => {
+                let st = q.stats();
+                Some(u64::from(st.ready) + u64::from(st.unacked))
+            }
+            _ => None,
+        };
+        let mut carry = Carry { limit, ..Carry::default() };
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
         let node = node_name();
         info!(shovel = %name, "shovel {name}: connecting to {}", self.config.remote);
         loop {
+            if carry.done() {
+                break;
+            }
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
             // What was sent and not confirmed goes again first, in order.
@@ -239,7 +279,20 @@ impl Shovel {
                 }
             }
         }
+        if carry.done() {
+            let n = carry.taken;
+            info!(shovel = %name, "shovel {name}: done after {n} message(s) (src-delete-after)");
+            if let Some((queue, consumer)) = &consumer {
+                vhost.cancel(queue, *consumer, now_millis());
+            }
+            self.state.set(LinkState::Stopped, Some(format!("done after {n} message(s) (src-delete-after)")));
+            let _ = self.finished.send(true);
+            return;
+        }
         if let Some((queue, consumer)) = &consumer {
+            // The consumer's unacked messages stay with its owner (as after basic.cancel): at
+            // the server's shutdown the store keeps them for the next start; a shovel stopped
+            // on its own (changed, deleted) is released by whoever stopped it (`release`).
             vhost.cancel(queue, *consumer, now_millis());
         }
         self.state.set(LinkState::Stopped, None);
@@ -265,8 +318,8 @@ impl Shovel {
         let (src_uri, dest_uri) = c.uris();
         let mut t = FieldTable::new();
         t.insert("shovel-name", FieldValue::string(&c.name));
-        t.insert("shovel-type", FieldValue::string("static"));
-        t.insert("shovel-vhost", FieldValue::string(&c.vhost));
+        t.insert("shovel-type", FieldValue::string(if c.dynamic.is_some() { "dynamic" } else { "static" }));
+        t.insert("shovel-vhost", FieldValue::string(c.dynamic.as_deref().unwrap_or(&c.vhost)));
         t.insert("shovelled-by", FieldValue::string(node));
         t.insert("src-uri", FieldValue::string(&src_uri));
         match &c.source {
@@ -311,6 +364,11 @@ impl Shovel {
             };
             list.push(entry);
             headers.insert(SHOVELLED, FieldValue::Array(list));
+        }
+        if self.config.add_timestamp_header {
+            // RabbitMQ's shovel stamps seconds since the epoch (rabbit_amqp091_shovel.erl,
+            // `add_timestamp_header`).
+            headers.insert(SHOVELLED_TIMESTAMP, FieldValue::I64((now_millis() / 1000) as i64));
         }
         p
     }
@@ -586,6 +644,14 @@ impl Conn<'_> {
             if moved {
                 self.shovel.changed();
             }
+            if self.carry.done() {
+                // src-delete-after's count is confirmed: close the connection and stop.
+                let _ = client.close(&mut out);
+                let _ = tx.send(out.split().freeze());
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+                return Ok(());
+            }
             let beat_at = if heartbeat.is_zero() { last_sent + far } else { last_sent + heartbeat / 2 };
             let dead_at = if heartbeat.is_zero() { last_heard + far } else { last_heard + heartbeat * 2 };
             tokio::select! {
@@ -787,6 +853,12 @@ impl Conn<'_> {
         }
         let mut fresh = Vec::new();
         self.outbox.drain_into(&mut fresh);
+        if let Some(limit) = self.carry.limit {
+            // Past `src-delete-after`'s count: left unacked, handed back when the shovel stops.
+            let room = usize::try_from(limit.saturating_sub(self.carry.taken)).unwrap_or(usize::MAX);
+            fresh.truncate(room);
+        }
+        self.carry.taken += fresh.len() as u64;
         self.carry.pending.extend(fresh);
         let shovel = self.shovel.clone();
         let config = &shovel.config;

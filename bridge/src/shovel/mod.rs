@@ -2,6 +2,9 @@
 //! (RabbitMQ, another Ferry), with store and forward on the core's durable queues.
 //!
 //! - [`config`]: one `[[shovels]]` table as values ([`ShovelConfig`], [`AmqpUri`]).
+//! - [`spec`]: a `[[shovels]]` table as written and its checks, for the file and the API.
+//! - [`dynamic`]: RabbitMQ's dynamic shovel parameter (`src-uri`, `dest-queue`...) mapped onto
+//!   a `[[shovels]]` table; [`runtime`]: the dynamic shovels, kept in the store.
 //! - [`client`]: the AMQP client as a sans-I/O state machine on ferry-amqp's codec.
 //! - `link`: one task per shovel (connect, set up, move messages, back off).
 //!
@@ -11,7 +14,10 @@
 
 pub mod client;
 pub mod config;
+pub mod dynamic;
 mod link;
+pub mod runtime;
+pub mod spec;
 
 use std::sync::Arc;
 
@@ -26,9 +32,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{
-    AckMode, AmqpUri, AuthMechanism, Destination, ShovelConfig, ShovelDirection, Source, UriError, UriQuery,
+    AckMode, AmqpUri, AuthMechanism, DeleteAfter, Destination, ShovelConfig, ShovelDirection, Source, UriError,
+    UriQuery,
 };
-pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED};
+pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED, SHOVELLED_TIMESTAMP};
 
 pub(crate) use link::Shovel;
 
@@ -147,6 +154,7 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
             }
         };
         let shovel = Arc::new(Shovel {
+            owner: ferry_core::queue::OwnerId::next(),
             config: config.clone(),
             id,
             connections: broker.connections().clone(),
@@ -154,6 +162,7 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
             state: StateCell::new(),
             counters: Counters::default(),
             changes: watch::Sender::new(0),
+            finished: watch::Sender::new(false),
         });
         ready.push((shovel, vhost));
     }
