@@ -270,10 +270,21 @@ async fn decode(
     conn: &mut Connection,
     flow: &mut PublisherFlow,
 ) -> Result<bool, ConnectionError> {
+    // The wall clock is read once per CLOCK_FRAMES frames, not per frame: a publish is three
+    // frames, and reading it per frame took 7 % of the broker's CPU for AMQP auto-ack 1->1
+    // (perf, 2026-12-06). Times are kept in milliseconds, and a batch of frames is decoded in
+    // well under one.
+    const CLOCK_FRAMES: u32 = 64;
+    let mut now = now_millis();
+    let mut frames = 0u32;
     loop {
         match decoder.decode(buf) {
             Ok(Some(frame)) => {
-                if conn.handle(frame, now_millis()) == Flow::Close {
+                frames += 1;
+                if frames % CLOCK_FRAMES == 0 {
+                    now = now_millis();
+                }
+                if conn.handle(frame, now) == Flow::Close {
                     return Ok(true);
                 }
                 if let Some((user, password, mechanism)) = conn.take_pending_login() {
@@ -283,7 +294,8 @@ async fn decode(
                     let result = tokio::time::timeout_at(handshake_deadline, login)
                         .await
                         .unwrap_or(Err(ferry_core::auth::AuthError::Busy));
-                    conn.login_done(&mechanism, result, now_millis());
+                    now = now_millis();
+                    conn.login_done(&mechanism, result, now);
                     // Nothing the client pipelined before the answer counts.
                     if conn.is_closed() || conn.is_closing() {
                         return Ok(true);

@@ -13,7 +13,6 @@
 //! that needs the time takes it. Reply codes come from the one table in
 //! [`crate::errors`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use ferry_core::auth::{AuthError, Identity};
 use ferry_core::exchange::ExchangeKind;
 use ferry_core::flow::AckQueue;
+use ferry_core::hash::KeyedMap;
 use ferry_core::message::{process_seed, ConnectionId, FieldTable, FieldValue, Millis, ShortString};
 use ferry_core::permissions::{Permission, Resource};
 use ferry_core::policy::QueueUse;
@@ -118,7 +118,10 @@ pub struct Connection {
     pub channel_max: u16,
     /// Negotiated heartbeat, seconds (0 = off).
     pub heartbeat: u16,
-    channels: HashMap<u16, Channel>,
+    /// Looked up several times per publish: foldhash, not SipHash (3.7 % of the broker's CPU
+    /// for AMQP auto-ack 1->1 went to hashing, mostly here). Keyed per process: the client
+    /// picks the numbers, at most `channel_max` of them.
+    channels: KeyedMap<u16, Channel>,
     outbox: Arc<Outbox<Outgoing>>,
     /// Bytes to write.
     pub out: BytesMut,
@@ -264,7 +267,7 @@ impl Connection {
             frame_max: FRAME_MIN_SIZE,
             channel_max: settings.channel_max,
             heartbeat: 0,
-            channels: HashMap::new(),
+            channels: KeyedMap::default(),
             outbox: Arc::new(Outbox::new(settings.outbox_capacity)),
             out: BytesMut::with_capacity(8 * 1024),
             user: None,
