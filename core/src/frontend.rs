@@ -131,8 +131,8 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             outbox_capacity: 1000,
             outbox_bytes: DEFAULT_OUTBOX_BYTES,
-            socket_send_buffer: DEFAULT_SOCKET_BUFFER,
-            socket_recv_buffer: DEFAULT_SOCKET_BUFFER,
+            socket_send_buffer: 0,
+            socket_recv_buffer: 0,
             max_publish_rate: 0,
         }
     }
@@ -145,15 +145,17 @@ impl Default for Limits {
 /// were 16 MB waiting in front of one subscriber (docs/benchmarks.md, issue 18).
 pub const DEFAULT_OUTBOX_BYTES: usize = 1 << 20;
 
-/// The default SO_SNDBUF / SO_RCVBUF: 64 KiB, which the kernel doubles to 128 KiB, the size a
-/// Linux TCP socket starts with (`tcp_rmem` default 131072) but no longer autotuned. With the
-/// kernel's autotuning a publisher held back for a Python subscriber parked 2.2 MB in Ferry's
-/// receive buffer and the subscriber's messages 3.1 MB in its send buffer (`ss -tmi`), and
-/// QoS 0 p99 was 188-230 ms; with this, 32-65 ms, with the same deliveries/s and CPU per message
-/// and the same 1->1 throughput when Ferry is the bottleneck (docs/benchmarks.md, issue 18).
-/// The cost: one connection's window is at most 128 KiB, ~2.6 MB/s per connection at 50 ms of
-/// round trip; `0` restores autotuning for links with a large bandwidth-delay product.
-pub const DEFAULT_SOCKET_BUFFER: usize = 64 * 1024;
+/// The default SO_SNDBUF / SO_RCVBUF of MQTT listeners (AMQP listeners leave the kernel's
+/// autotuning: measured with 64 KiB, 16 AMQP publishers into one queue cost 20 % more CPU per
+/// message and their p99 did not improve): 256 KiB, which the kernel doubles to 512 KiB, no longer
+/// autotuned. With the kernel's autotuning a publisher held back for a Python subscriber parked
+/// 2.2 MB in Ferry's receive buffer and the subscriber's messages 3.1 MB in its send buffer
+/// (`ss -tmi`), and QoS 0 p99 was 50-130 ms; with 64 KiB it was 22-65 ms, but 4 KiB messages
+/// cost 14-29 % more broker CPU each when Ferry is the bottleneck (more, smaller writes); with
+/// 256 KiB the CPU per message is main's (docs/benchmarks.md, issue 18). The cost: one
+/// connection's window is at most ~512 KiB, ~10 MB/s per connection at 50 ms of round trip;
+/// `0` restores autotuning for links with a larger bandwidth-delay product.
+pub const DEFAULT_SOCKET_BUFFER: usize = 256 * 1024;
 
 /// What a listener tells the frontend about where a connection belongs.
 #[derive(Debug, Clone)]

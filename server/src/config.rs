@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ferry_core::auth::{AuthPolicy, PasswordHash, User, ANONYMOUS_USER, GUEST_USER};
 use ferry_core::cert_login::CertLogin;
-use ferry_core::frontend::Limits;
+use ferry_core::frontend::{Limits, DEFAULT_SOCKET_BUFFER};
 use ferry_core::permissions::{AccessPolicy, MqttExchange, Pattern, TopicPermissions, VhostPermissions};
 use ferry_core::size::ByteSize;
 use ferry_core::Protocol;
@@ -321,6 +321,8 @@ impl ListenerConfig {
         // MQTT packets carry a whole message (AMQP splits bodies into frames), so MQTT gets a
         // larger default: 1 MiB, EMQX's default `max_packet_size`.
         let max_frame_size = if protocol == Protocol::Mqtt { MQTT_DEFAULT_MAX_PACKET } else { limits.max_frame_size };
+        // Bounded for MQTT only, where it was measured to help (see the constant).
+        let socket_buffer = if protocol == Protocol::Mqtt { DEFAULT_SOCKET_BUFFER } else { 0 };
         ListenerConfig {
             protocol,
             bind,
@@ -331,8 +333,8 @@ impl ListenerConfig {
             max_connection_rate: DEFAULT_MAX_CONNECTION_RATE,
             max_publish_rate: 0,
             outbox_bytes: limits.outbox_bytes,
-            socket_send_buffer: limits.socket_send_buffer,
-            socket_recv_buffer: limits.socket_recv_buffer,
+            socket_send_buffer: socket_buffer,
+            socket_recv_buffer: socket_buffer,
             max_frame_size,
             handshake_timeout: limits.handshake_timeout,
             tls: None,
@@ -1407,7 +1409,9 @@ impl Validator<'_> {
             ("socket_recv_buffer", raw.socket_recv_buffer, &mut listener.socket_recv_buffer),
         ] {
             match given {
-                Some(n) if n != 0 && n < 4096 => self.report(key(name), "must be 0 (the kernel's autotuning) or at least 4096"),
+                Some(n) if n != 0 && n < 4096 => {
+                    self.report(key(name), "must be 0 (the kernel's autotuning) or at least 4096")
+                }
                 Some(n) => *set = n,
                 None => {}
             }
@@ -1632,7 +1636,15 @@ mod tests {
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
         assert_eq!(l.tls, None);
         assert_eq!(l.transport, Transport::Tcp);
-        assert_eq!(l.limits(), Limits { max_frame_size: MQTT_DEFAULT_MAX_PACKET, ..Limits::default() });
+        assert_eq!(
+            l.limits(),
+            Limits {
+                max_frame_size: MQTT_DEFAULT_MAX_PACKET,
+                socket_send_buffer: DEFAULT_SOCKET_BUFFER,
+                socket_recv_buffer: DEFAULT_SOCKET_BUFFER,
+                ..Limits::default()
+            }
+        );
         assert_eq!(ListenerConfig::new(Protocol::Amqp, l.bind).max_frame_size, Limits::default().max_frame_size);
     }
 
@@ -1761,11 +1773,11 @@ mod tests {
     #[test]
     fn outbox_bytes_and_socket_buffers_are_listener_keys_with_bounds() {
         let d = parse(MINIMAL).unwrap().listeners[0].limits();
-        assert_eq!((d.outbox_bytes, d.socket_send_buffer, d.socket_recv_buffer), (1 << 20, 65_536, 65_536));
-        let c = parse(&format!(
-            "{MINIMAL}outbox_bytes = 4096\nsocket_send_buffer = 0\nsocket_recv_buffer = 262144\n"
-        ))
-        .unwrap();
+        assert_eq!((d.outbox_bytes, d.socket_send_buffer, d.socket_recv_buffer), (1 << 20, 262_144, 262_144));
+        let amqp = ListenerConfig::new(Protocol::Amqp, "127.0.0.1:5672".parse().unwrap()).limits();
+        assert_eq!((amqp.socket_send_buffer, amqp.socket_recv_buffer), (0, 0), "AMQP keeps autotuning");
+        let c = parse(&format!("{MINIMAL}outbox_bytes = 4096\nsocket_send_buffer = 0\nsocket_recv_buffer = 262144\n"))
+            .unwrap();
         let l = c.listeners[0].limits();
         assert_eq!((l.outbox_bytes, l.socket_send_buffer, l.socket_recv_buffer), (4096, 0, 262_144));
         for (text, key) in [
