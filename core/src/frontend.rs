@@ -104,6 +104,17 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Deliveries waiting in one connection's outbox before the sender is held back.
     pub outbox_capacity: usize,
+    /// Bytes of direct deliveries (payload and routing key) waiting in one connection's outbox
+    /// before the sender is held back, whichever of this and `outbox_capacity` comes first.
+    pub outbox_bytes: usize,
+    /// SO_SNDBUF and SO_RCVBUF the listener sets on each accepted TCP socket, in bytes (the
+    /// kernel doubles them for its bookkeeping, as socket(7) says); 0 leaves the kernel's
+    /// autotuning, which lets each grow to `tcp_wmem` / `tcp_rmem` max (4 MiB and 6 MiB by
+    /// default, 32 MiB on some distributions). What the kernel holds for a connection is
+    /// latency for everything behind it: a publisher held back for a slow subscriber parks its
+    /// messages in Ferry's receive buffer, and a subscriber's in Ferry's send buffer.
+    pub socket_send_buffer: usize,
+    pub socket_recv_buffer: usize,
     /// Messages one connection may publish per second (a token bucket holding one second's
     /// worth); past it the frontend stops reading from the connection until the bucket refills.
     /// 0: no limit.
@@ -119,10 +130,32 @@ impl Default for Limits {
             max_frame_size: 131_072,
             handshake_timeout: Duration::from_secs(10),
             outbox_capacity: 1000,
+            outbox_bytes: DEFAULT_OUTBOX_BYTES,
+            socket_send_buffer: 0,
+            socket_recv_buffer: 0,
             max_publish_rate: 0,
         }
     }
 }
+
+/// The default byte bound of a connection's outbox. 1,000 deliveries of up to 1 KiB each (the
+/// count bound, Mosquitto's `max_queued_messages`) stay within it, so small messages are held
+/// as before; larger ones are held by bytes, at most 1 MiB, a quarter of what the kernel's
+/// send buffer may autotune to (`tcp_wmem` max, 4 MiB by default): 1,000 messages of 16 KiB
+/// were 16 MB waiting in front of one subscriber (docs/benchmarks.md, issue 18).
+pub const DEFAULT_OUTBOX_BYTES: usize = 1 << 20;
+
+/// The default SO_SNDBUF / SO_RCVBUF of MQTT listeners (AMQP listeners leave the kernel's
+/// autotuning: measured with 64 KiB, 16 AMQP publishers into one queue cost 20 % more CPU per
+/// message and their p99 did not improve): 256 KiB, which the kernel doubles to 512 KiB, no longer
+/// autotuned. With the kernel's autotuning a publisher held back for a Python subscriber parked
+/// 2.2 MB in Ferry's receive buffer and the subscriber's messages 3.1 MB in its send buffer
+/// (`ss -tmi`), and QoS 0 p99 was 50-130 ms; with 64 KiB it was 22-65 ms, but 4 KiB messages
+/// cost 14-29 % more broker CPU each when Ferry is the bottleneck (more, smaller writes); with
+/// 256 KiB the CPU per message is main's (docs/benchmarks.md, issue 18). The cost: one
+/// connection's window is at most ~512 KiB, ~10 MB/s per connection at 50 ms of round trip;
+/// `0` restores autotuning for links with a larger bandwidth-delay product.
+pub const DEFAULT_SOCKET_BUFFER: usize = 256 * 1024;
 
 /// What a listener tells the frontend about where a connection belongs.
 #[derive(Debug, Clone)]

@@ -12,7 +12,8 @@
 //! - [`exchange`]: exchange kinds and their binding tables (direct, fanout, topic, headers).
 //! - [`queue`]: queues, consumers with credit, acks, TTL, limits, dead-lettering.
 //! - [`sink`]: direct sinks (queue-less destinations for transient subscribers) and the bounded
-//!   [`Outbox`](sink::Outbox) every connection drains.
+//!   [`Outbox`](sink::Outbox) every connection drains (bounded by count, and by bytes for a
+//!   transient subscriber's).
 //! - [`retained`]: retained messages with wildcard lookup.
 //! - [`vhost`]: one namespace of exchanges and queues; routes a publish to its destinations,
 //!   carries out the effects queues return (dead letters, deletions) and writes durable changes

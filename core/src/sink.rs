@@ -31,13 +31,22 @@ use crate::signal::Signal;
 /// A bounded multi-producer, single-consumer mailbox for one connection's task. Producers
 /// never block: [`Outbox::try_push`] hands the item back when full. The owner waits with
 /// [`Outbox::notified`] (or polls [`Outbox::poll_notified`]) and drains everything ready in one
-/// go (coalesced writes).
+/// go (coalesced writes), or as much as it is about to write ([`Outbox::drain_budget`]).
+///
+/// Full means `capacity` items or, for an outbox made with [`Outbox::bounded`], `max_bytes` of
+/// them ([`Weigh`]): a count alone lets 1,000 messages of 128 KiB hold 128 MB in front of one
+/// subscriber, and every byte held is latency for the messages behind it.
 pub struct Outbox<T> {
     items: Mutex<VecDeque<T>>,
     /// `items.len()`, written under its lock, read without: a queue asks [`Outbox::has_room`]
     /// of its consumers under its own lock for every message, and takes no outbox lock for it.
     len: AtomicUsize,
     capacity: usize,
+    /// The items' [`Weigh::weight`] summed, kept like `len`; always 0 without a byte bound.
+    bytes: AtomicUsize,
+    /// `usize::MAX`: no byte bound.
+    max_bytes: usize,
+    weigh: fn(&T) -> usize,
     notify: Signal,
     /// Woken when the owner drains: publishers held back by a full outbox wait on it.
     drained: Notify,
@@ -75,16 +84,49 @@ struct Lag {
 
 impl<T> fmt::Debug for Outbox<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Outbox").field("len", &self.len()).field("capacity", &self.capacity).finish()
+        f.debug_struct("Outbox")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity)
+            .field("bytes", &self.bytes())
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
+}
+
+/// What an item costs against an outbox's byte bound ([`Outbox::bounded`]).
+pub trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+/// A message's payload and routing key: what it puts on the wire, give or take a header. The
+/// `Arc<Message>` is shared with the other destinations of a fan-out, but each subscriber's
+/// socket carries the bytes again, and the time they take is what waits behind them.
+impl Weigh for SinkDelivery {
+    fn weight(&self) -> usize {
+        self.message.payload.len() + self.message.routing_key.len()
     }
 }
 
 impl<T> Outbox<T> {
+    /// An outbox bounded by count only.
     pub fn new(capacity: usize) -> Outbox<T> {
+        Outbox::with_weigh(capacity, usize::MAX, |_| 0)
+    }
+    /// An outbox full at `capacity` items or `max_bytes` of them, whichever comes first.
+    pub fn bounded(capacity: usize, max_bytes: usize) -> Outbox<T>
+    where
+        T: Weigh,
+    {
+        Outbox::with_weigh(capacity, max_bytes, T::weight)
+    }
+    fn with_weigh(capacity: usize, max_bytes: usize, weigh: fn(&T) -> usize) -> Outbox<T> {
         Outbox {
             items: Mutex::new(VecDeque::new()),
             len: AtomicUsize::new(0),
             capacity: capacity.max(1),
+            bytes: AtomicUsize::new(0),
+            max_bytes: max_bytes.max(1),
+            weigh,
             notify: Signal::new(),
             drained: Notify::new(),
             starved: std::sync::atomic::AtomicBool::new(false),
@@ -95,6 +137,22 @@ impl<T> Outbox<T> {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+    /// The byte bound (`usize::MAX`: none).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+    /// Lock-free: the items' weight as of the last push or drain (0 without a byte bound).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+    /// Whether the outbox holds `times` × its capacity, or `times` × its byte bound in at least
+    /// `times` items: an item heavier than the bound fills an empty outbox alone, and a second
+    /// one is still within twice (a publisher told to wait adds no more than that one).
+    fn holds(&self, times: usize) -> bool {
+        let len = self.len();
+        len >= self.capacity.saturating_mul(times)
+            || (len >= times && self.bytes() >= self.max_bytes.saturating_mul(times))
+    }
     /// Lock-free: the length as of the last push or drain.
     pub fn len(&self) -> usize {
         self.len.load(Ordering::SeqCst)
@@ -103,7 +161,7 @@ impl<T> Outbox<T> {
         self.len() == 0
     }
     pub fn has_room(&self) -> bool {
-        self.len() < self.capacity
+        !self.holds(1)
     }
     /// [`Outbox::has_room`] for a producer that stops when it is full and waits to be prompted
     /// (a queue delivering to a consumer): a `false` is remembered so the owner cannot miss it.
@@ -112,11 +170,11 @@ impl<T> Outbox<T> {
     /// one total order (SeqCst): either the second look sees the drain (room: the producer goes
     /// on, and the owner may prompt once for nothing), or the owner's take sees the mark.
     pub fn has_room_or_starve(&self) -> bool {
-        if self.len() < self.capacity {
+        if self.has_room() {
             return true;
         }
         self.starved.store(true, Ordering::SeqCst);
-        self.len() < self.capacity
+        self.has_room()
     }
     /// Whether a producer went without room since the last call (call after draining).
     pub fn take_starved(&self) -> bool {
@@ -125,10 +183,11 @@ impl<T> Outbox<T> {
     /// Adds an item, or gives it back when the outbox is full.
     pub fn try_push(&self, item: T) -> Result<(), T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= self.capacity {
+        if q.len() >= self.capacity || self.bytes.load(Ordering::SeqCst) >= self.max_bytes {
             return Err(item);
         }
         let was_empty = q.is_empty();
+        self.bytes.fetch_add((self.weigh)(&item), Ordering::SeqCst);
         q.push_back(item);
         self.len.store(q.len(), Ordering::SeqCst);
         drop(q);
@@ -143,6 +202,7 @@ impl<T> Outbox<T> {
     pub fn push(&self, item: T) {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let was_empty = q.is_empty();
+        self.bytes.fetch_add((self.weigh)(&item), Ordering::SeqCst);
         q.push_back(item);
         self.len.store(q.len(), Ordering::SeqCst);
         drop(q);
@@ -157,6 +217,7 @@ impl<T> Outbox<T> {
         let n = q.len();
         out.extend(q.drain(..));
         self.len.store(0, Ordering::SeqCst);
+        self.bytes.store(0, Ordering::SeqCst);
         drop(q);
         if n > 0 {
             self.drained_some();
@@ -173,6 +234,33 @@ impl<T> Outbox<T> {
         }
         out.extend(q.drain(..).map(f));
         self.len.store(0, Ordering::SeqCst);
+        self.bytes.store(0, Ordering::SeqCst);
+        drop(q);
+        self.drained_some();
+        n
+    }
+    /// [`Outbox::drain_with`] for an owner that takes only what it is about to write: items
+    /// from the front while their weight stays within `budget` bytes (at least one); the rest
+    /// stays in the outbox, where it counts against the bound and holds publishers back. An
+    /// owner that drained everything into a backlog of its own would hold up to twice the
+    /// outbox's worth beside it, unbounded by it. Returns how many.
+    pub fn drain_budget<U>(&self, out: &mut impl Extend<U>, budget: usize, mut f: impl FnMut(T) -> U) -> usize {
+        let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut n, mut taken) = (0, 0);
+        while let Some(item) = q.front() {
+            let w = (self.weigh)(item);
+            if n > 0 && taken + w > budget {
+                break;
+            }
+            taken += w;
+            n += 1;
+            out.extend(q.pop_front().map(&mut f));
+        }
+        if n == 0 {
+            return 0;
+        }
+        self.len.store(q.len(), Ordering::SeqCst);
+        self.bytes.fetch_sub(taken, Ordering::SeqCst);
         drop(q);
         self.drained_some();
         n
@@ -187,6 +275,7 @@ impl<T> Outbox<T> {
         }
         let items: Vec<T> = q.drain(..).collect();
         self.len.store(0, Ordering::SeqCst);
+        self.bytes.store(0, Ordering::SeqCst);
         drop(q);
         self.drained_some();
         items
@@ -361,7 +450,8 @@ impl DirectSink {
     pub fn outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
         &self.outbox
     }
-    /// Offers a message at `now_ms`. Past the outbox's capacity the sink is *congested*: the
+    /// Offers a message at `now_ms`. Past the outbox's capacity (its count or its bytes, see
+    /// [`Outbox::bounded`]) the sink is *congested*: the
     /// message goes in and the publisher is told to wait for room ([`crate::flow`]), so a
     /// fast publisher is slowed rather than its messages lost. A transient message (MQTT QoS 0)
     /// is dropped and counted past twice the capacity (many publishers at once, or one that
@@ -370,14 +460,14 @@ impl DirectSink {
     /// a persistent one past `max_queued` are dropped and counted.
     pub fn offer(&self, delivery: SinkDelivery, now_ms: u64) -> Offer {
         let len = self.outbox.len();
-        let capacity = self.outbox.capacity();
+        let full = self.outbox.holds(1);
         let persistent = delivery.message.is_persistent();
-        let over = if len < capacity {
+        let over = if !full {
             false
         } else if self.outbox.is_lagging(now_ms) {
             !persistent || (self.max_queued > 0 && len >= self.max_queued)
         } else {
-            !persistent && len >= capacity.saturating_mul(2)
+            !persistent && self.outbox.holds(2)
         };
         if over {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -385,7 +475,7 @@ impl DirectSink {
         }
         self.outbox.push(delivery);
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        if len >= capacity && !self.outbox.is_lagging(now_ms) {
+        if full && !self.outbox.is_lagging(now_ms) {
             Offer::Congested
         } else {
             Offer::Accepted
@@ -444,6 +534,77 @@ mod tests {
         let mut out = Vec::new();
         sink.outbox().drain_into(&mut out);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("room after a drain").unwrap();
+    }
+
+    fn sized(n: u8, payload: usize, persistent: bool) -> SinkDelivery {
+        let mut m = Message::new("", "k", Bytes::from(vec![n; payload]));
+        if persistent {
+            m = m.with_properties(crate::message::Properties {
+                delivery_mode: Some(crate::message::DeliveryMode::Persistent),
+                ..Default::default()
+            });
+        }
+        SinkDelivery { message: Arc::new(m), cookies: Cookies::One(7) }
+    }
+
+    #[test]
+    fn a_sink_is_congested_by_bytes_long_before_its_count() {
+        // Room for 1,000 messages but 100 bytes: each weighs 40 + 1 (payload and key).
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::bounded(1000, 100)));
+        for n in 0..3 {
+            assert_eq!(sink.offer(sized(n, 40, false), 0), Offer::Accepted);
+        }
+        assert_eq!(sink.outbox().bytes(), 123);
+        assert!(!sink.outbox().has_room());
+        assert_eq!(sink.offer(sized(3, 40, false), 0), Offer::Congested, "past the bytes: the publisher waits");
+        assert_eq!(sink.offer(sized(4, 40, false), 0), Offer::Congested);
+        assert_eq!(sink.offer(sized(5, 40, false), 0), Offer::Dropped, "past twice the bytes QoS 0 is dropped");
+        assert_eq!(sink.offer(sized(6, 40, true), 0), Offer::Congested, "QoS 1/2 never is");
+        assert_eq!((sink.outbox().len(), sink.dropped()), (6, 1));
+        let mut out = Vec::new();
+        sink.outbox().drain_into(&mut out);
+        assert_eq!((sink.outbox().bytes(), out.len()), (0, 6));
+        assert_eq!(sink.offer(sized(7, 40, false), 0), Offer::Accepted);
+    }
+
+    #[test]
+    fn a_message_heavier_than_the_bound_still_goes_into_an_empty_outbox() {
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::bounded(10, 100)));
+        assert_eq!(sink.offer(sized(1, 500, false), 0), Offer::Accepted);
+        assert_eq!(sink.offer(sized(2, 500, false), 0), Offer::Congested, "the next waits, it is not dropped");
+        assert_eq!(sink.offer(sized(3, 500, false), 0), Offer::Dropped, "past two of them it is");
+        let ob: Outbox<SinkDelivery> = Outbox::bounded(10, 100);
+        assert!(ob.try_push(sized(1, 500, false)).is_ok());
+        assert!(ob.try_push(sized(2, 1, false)).is_err(), "it fills the outbox alone");
+        let mut out = Vec::new();
+        assert_eq!(ob.drain_budget(&mut out, 100, |d| d), 1, "one at least, whatever the budget");
+        assert!(ob.try_push(sized(3, 1, false)).is_ok());
+    }
+
+    #[test]
+    fn a_budgeted_drain_takes_what_fits_and_leaves_the_rest_counted() {
+        let ob: Outbox<SinkDelivery> = Outbox::bounded(100, 1_000);
+        for n in 0..10 {
+            ob.push(sized(n, 99, false)); // 100 bytes each
+        }
+        assert!(!ob.has_room());
+        let mut out: Vec<u8> = Vec::new();
+        assert_eq!(ob.drain_budget(&mut out, 350, |d| d.message.payload[0]), 3);
+        assert_eq!(out, [0, 1, 2], "from the front, in order");
+        assert_eq!((ob.len(), ob.bytes()), (7, 700));
+        assert!(ob.has_room(), "what was taken made room");
+        assert_eq!(ob.drains(), 1);
+        assert_eq!(ob.drain_budget(&mut out, usize::MAX, |d| d.message.payload[0]), 7);
+        assert_eq!((ob.len(), ob.bytes()), (0, 0));
+        assert_eq!(ob.drain_budget(&mut out, 10, |d| d.message.payload[0]), 0);
+    }
+
+    #[test]
+    fn an_outbox_without_a_byte_bound_counts_no_bytes() {
+        let ob: Outbox<SinkDelivery> = Outbox::new(2);
+        ob.push(sized(1, 1 << 20, false));
+        assert_eq!(ob.bytes(), 0);
+        assert!(ob.has_room());
     }
 
     #[test]

@@ -365,6 +365,7 @@ async fn establish(
     settings.acl = acl;
     settings.user = user;
     settings.outbox_capacity = limits.outbox_capacity;
+    settings.outbox_bytes = limits.outbox_bytes;
     let now = now_millis();
     let keep_alive_requested = connect.keep_alive;
     let mut session = match Session::start(

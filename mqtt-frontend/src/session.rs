@@ -55,6 +55,9 @@ pub struct Settings {
     pub max_keep_alive: u16,
     /// Deliveries waiting for one connection before QoS 0 ones are dropped.
     pub outbox_capacity: usize,
+    /// Bytes (payload and topic) of direct deliveries waiting for one connection before its
+    /// publishers are held back, as `outbox_capacity` counts them (see `Outbox::bounded`).
+    pub outbox_bytes: usize,
     /// Keep QoS 0 messages for a persistent session while its client is away (Mosquitto's
     /// `queue_qos0_messages`, off by default there and here).
     pub queue_qos0_offline: bool,
@@ -88,6 +91,7 @@ impl Default for Settings {
             topic_alias_maximum: 10,
             max_keep_alive: 0,
             outbox_capacity: 1000,
+            outbox_bytes: ferry_core::frontend::DEFAULT_OUTBOX_BYTES,
             queue_qos0_offline: false,
             max_queued_messages: 1000,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
@@ -389,7 +393,7 @@ impl Session {
         ensure_exchange(&vhost, &settings.exchange)?;
         let owner = OwnerId::next();
         let queue_name = session_queue_name(&client_id);
-        let sink_outbox = Arc::new(Outbox::new(settings.outbox_capacity));
+        let sink_outbox = Arc::new(Outbox::bounded(settings.outbox_capacity, settings.outbox_bytes));
         let mut queue_outbox = None;
         let window = if v5 { p.receive_maximum.unwrap_or(u16::MAX) } else { settings.max_inflight };
 
@@ -1332,7 +1336,12 @@ impl Session {
             }
             // Straight into the backlog: no vector per drain.
             let queued = self.queue_outbox.as_ref().map_or(0, |o| o.drain_with(&mut self.backlog, Pending::Queue));
-            let sunk = self.sink_outbox.drain_with(&mut self.backlog, Pending::Sink);
+            // Only what this write will carry: the rest stays in the outbox, where it counts
+            // against its bounds and holds the publishers back (a queue's deliveries are
+            // bounded by the inflight window instead). Draining it all made a backlog of up to
+            // twice the outbox beside it, and latency behind it (docs/benchmarks.md).
+            let budget = PUMP_BATCH.saturating_sub(self.out.len());
+            let sunk = self.sink_outbox.drain_budget(&mut self.backlog, budget, Pending::Sink);
             let drained = queued + sunk;
             if drained == 0 {
                 return;

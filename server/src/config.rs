@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ferry_core::auth::{AuthPolicy, PasswordHash, User, ANONYMOUS_USER, GUEST_USER};
 use ferry_core::cert_login::CertLogin;
-use ferry_core::frontend::Limits;
+use ferry_core::frontend::{Limits, DEFAULT_SOCKET_BUFFER};
 use ferry_core::permissions::{AccessPolicy, MqttExchange, Pattern, TopicPermissions, VhostPermissions};
 use ferry_core::size::ByteSize;
 use ferry_core::Protocol;
@@ -297,6 +297,13 @@ pub struct ListenerConfig {
     pub max_connection_rate: u32,
     /// Messages one connection may publish per second; 0: no limit.
     pub max_publish_rate: u32,
+    /// Bytes of direct deliveries waiting for one connection before its publishers are held
+    /// back (see `Limits::outbox_bytes`).
+    pub outbox_bytes: usize,
+    /// SO_SNDBUF / SO_RCVBUF of accepted sockets (see `Limits::socket_send_buffer`); 0: the
+    /// kernel's autotuning.
+    pub socket_send_buffer: usize,
+    pub socket_recv_buffer: usize,
     pub max_frame_size: u32,
     pub handshake_timeout: Duration,
     pub tls: Option<TlsConfig>,
@@ -314,6 +321,8 @@ impl ListenerConfig {
         // MQTT packets carry a whole message (AMQP splits bodies into frames), so MQTT gets a
         // larger default: 1 MiB, EMQX's default `max_packet_size`.
         let max_frame_size = if protocol == Protocol::Mqtt { MQTT_DEFAULT_MAX_PACKET } else { limits.max_frame_size };
+        // Bounded for MQTT only, where it was measured to help (see the constant).
+        let socket_buffer = if protocol == Protocol::Mqtt { DEFAULT_SOCKET_BUFFER } else { 0 };
         ListenerConfig {
             protocol,
             bind,
@@ -323,6 +332,9 @@ impl ListenerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connection_rate: DEFAULT_MAX_CONNECTION_RATE,
             max_publish_rate: 0,
+            outbox_bytes: limits.outbox_bytes,
+            socket_send_buffer: socket_buffer,
+            socket_recv_buffer: socket_buffer,
             max_frame_size,
             handshake_timeout: limits.handshake_timeout,
             tls: None,
@@ -349,6 +361,9 @@ impl ListenerConfig {
             max_frame_size: self.max_frame_size,
             handshake_timeout: self.handshake_timeout,
             max_publish_rate: self.max_publish_rate,
+            outbox_bytes: self.outbox_bytes,
+            socket_send_buffer: self.socket_send_buffer,
+            socket_recv_buffer: self.socket_recv_buffer,
             ..Limits::default()
         }
     }
@@ -653,6 +668,9 @@ struct RawListener {
     max_connections: Option<usize>,
     max_connection_rate: Option<u32>,
     max_publish_rate: Option<u32>,
+    outbox_bytes: Option<usize>,
+    socket_send_buffer: Option<usize>,
+    socket_recv_buffer: Option<usize>,
     max_frame_size: Option<u32>,
     handshake_timeout_secs: Option<u64>,
     tls: Option<RawTls>,
@@ -1157,6 +1175,28 @@ impl Validator<'_> {
         if let Some(rate) = raw.max_publish_rate {
             listener.max_publish_rate = rate;
         }
+        if let Some(bytes) = raw.outbox_bytes {
+            // Below one packet's worth it would hold every message alone; 0 would mean none.
+            if bytes < 1024 {
+                self.report(key("outbox_bytes"), "must be at least 1024");
+            } else {
+                listener.outbox_bytes = bytes;
+            }
+        }
+        // The kernel clamps what is asked to net.core.wmem_max / rmem_max; below 4 KiB a
+        // buffer holds less than one full-sized segment.
+        for (name, given, set) in [
+            ("socket_send_buffer", raw.socket_send_buffer, &mut listener.socket_send_buffer),
+            ("socket_recv_buffer", raw.socket_recv_buffer, &mut listener.socket_recv_buffer),
+        ] {
+            match given {
+                Some(n) if n != 0 && n < 4096 => {
+                    self.report(key(name), "must be 0 (the kernel's autotuning) or at least 4096")
+                }
+                Some(n) => *set = n,
+                None => {}
+            }
+        }
         if let Some(size) = raw.max_frame_size {
             let min = if protocol == Protocol::Amqp { AMQP_FRAME_MIN_SIZE } else { 1 };
             if size < min {
@@ -1221,6 +1261,9 @@ impl Validator<'_> {
             ("mqtt_exchange", raw.mqtt_exchange.is_some()),
             ("max_connection_rate", raw.max_connection_rate.is_some()),
             ("max_publish_rate", raw.max_publish_rate.is_some()),
+            ("outbox_bytes", raw.outbox_bytes.is_some()),
+            ("socket_send_buffer", raw.socket_send_buffer.is_some()),
+            ("socket_recv_buffer", raw.socket_recv_buffer.is_some()),
             ("max_frame_size", raw.max_frame_size.is_some()),
             ("allow_anonymous", raw.allow_anonymous.is_some()),
             ("cert_login", raw.cert_login.is_some()),
@@ -1374,7 +1417,15 @@ mod tests {
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
         assert_eq!(l.tls, None);
         assert_eq!(l.transport, Transport::Tcp);
-        assert_eq!(l.limits(), Limits { max_frame_size: MQTT_DEFAULT_MAX_PACKET, ..Limits::default() });
+        assert_eq!(
+            l.limits(),
+            Limits {
+                max_frame_size: MQTT_DEFAULT_MAX_PACKET,
+                socket_send_buffer: DEFAULT_SOCKET_BUFFER,
+                socket_recv_buffer: DEFAULT_SOCKET_BUFFER,
+                ..Limits::default()
+            }
+        );
         assert_eq!(ListenerConfig::new(Protocol::Amqp, l.bind).max_frame_size, Limits::default().max_frame_size);
     }
 
@@ -1498,6 +1549,26 @@ mod tests {
                 .unwrap();
         assert_eq!(c.broker.max_connections, 5);
         assert_eq!((c.listeners[0].max_connection_rate, c.listeners[0].limits().max_publish_rate), (0, 50));
+    }
+
+    #[test]
+    fn outbox_bytes_and_socket_buffers_are_listener_keys_with_bounds() {
+        let d = parse(MINIMAL).unwrap().listeners[0].limits();
+        assert_eq!((d.outbox_bytes, d.socket_send_buffer, d.socket_recv_buffer), (1 << 20, 262_144, 262_144));
+        let amqp = ListenerConfig::new(Protocol::Amqp, "127.0.0.1:5672".parse().unwrap()).limits();
+        assert_eq!((amqp.socket_send_buffer, amqp.socket_recv_buffer), (0, 0), "AMQP keeps autotuning");
+        let c = parse(&format!("{MINIMAL}outbox_bytes = 4096\nsocket_send_buffer = 0\nsocket_recv_buffer = 262144\n"))
+            .unwrap();
+        let l = c.listeners[0].limits();
+        assert_eq!((l.outbox_bytes, l.socket_send_buffer, l.socket_recv_buffer), (4096, 0, 262_144));
+        for (text, key) in [
+            ("outbox_bytes = 100\n", "outbox_bytes"),
+            ("socket_send_buffer = 100\n", "socket_send_buffer"),
+            ("socket_recv_buffer = 1\n", "socket_recv_buffer"),
+        ] {
+            let msg = error(&format!("{MINIMAL}{text}"));
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
     }
 
     #[test]

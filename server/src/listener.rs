@@ -274,6 +274,18 @@ async fn start(
     if let Err(e) = socket.set_nodelay(true) {
         debug!("set_nodelay: {e}");
     }
+    // Set before the first byte, so that the window the peer is told never exceeds them.
+    let limits = &ctx.listener.limits;
+    if limits.socket_send_buffer > 0 {
+        if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&socket, limits.socket_send_buffer) {
+            debug!("SO_SNDBUF: {e}");
+        }
+    }
+    if limits.socket_recv_buffer > 0 {
+        if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, limits.socket_recv_buffer) {
+            debug!("SO_RCVBUF: {e}");
+        }
+    }
     let stream = transport(socket, peer, local, handshakes, &mut ctx).await?;
     Some(match handler {
         Handler::Frontend(frontend) => frontend.serve(stream, ctx),
