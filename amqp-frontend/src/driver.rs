@@ -281,7 +281,7 @@ async fn decode(
         match decoder.decode(buf) {
             Ok(Some(frame)) => {
                 frames += 1;
-                if frames % CLOCK_FRAMES == 0 {
+                if frames.is_multiple_of(CLOCK_FRAMES) {
                     now = now_millis();
                 }
                 if conn.handle(frame, now) == Flow::Close {

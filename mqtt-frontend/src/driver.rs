@@ -555,7 +555,7 @@ impl Conn {
                     Ok(Some(p)) => {
                         heard = true;
                         packets += 1;
-                        if packets % CLOCK_PACKETS == 0 {
+                        if packets.is_multiple_of(CLOCK_PACKETS) {
                             now = now_millis();
                         }
                         let publish = matches!(p, Packet::Publish(_));
