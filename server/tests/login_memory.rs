@@ -76,8 +76,12 @@ fn rss_after_many_logins_stays_where_it_was() {
     }
     let after = rss_kib(pid);
     println!("RSS {before} KiB before {LOGINS} logins, peak {peak} KiB, {after} KiB after");
+    // Less than half of one check's 19 MiB: one working set kept would fail it. What remains is
+    // the allocator's caches warmed up by the first logins, not growth per login: with jemalloc
+    // (the broker's allocator since issue 18) 200 logins left 2.4-4.1 MiB, 800 logins 2.7 MiB
+    // (2026-12-06); the old bound of 4 MiB failed once in CI at 4,104 KiB.
     assert!(
-        after <= before + 4 * 1024,
+        after <= before + 8 * 1024,
         "RSS grew from {before} KiB to {after} KiB over {LOGINS} logins (peak {peak} KiB)"
     );
     // While checking, no more than the checks running at once (2 × 19 MiB) and their clients.
