@@ -95,3 +95,34 @@ pub async fn poll_until(server: &TestServer, path: &str, limit: Duration, done: 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The `rabbitmqadmin` script of Debian's rabbitmq-server package (RabbitMQ 3.10.8).
+pub const RABBITMQADMIN: &str =
+    "/usr/lib/rabbitmq/lib/rabbitmq_server-3.10.8/plugins/rabbitmq_management-3.10.8/priv/www/cli/rabbitmqadmin";
+
+/// Runs RabbitMQ's `rabbitmqadmin` against `server`'s first HTTP listener as `user` /
+/// `password`, off the runtime's threads (the server is in this process); `None` when it is not
+/// installed.
+pub async fn rabbitmqadmin(
+    server: &TestServer,
+    user: &str,
+    password: &str,
+    args: &[&str],
+) -> Option<std::process::Output> {
+    if !std::path::Path::new(RABBITMQADMIN).exists() {
+        eprintln!("SKIPPED: {RABBITMQADMIN} is not installed (`apt-get install -y rabbitmq-server`)");
+        return None;
+    }
+    let port = server.server.http_addrs()[0].port().to_string();
+    let login: Vec<String> = ["-H", "127.0.0.1", "-P", &port, "-u", user, "-p", password].map(String::from).into();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(RABBITMQADMIN)
+            .args(&login)
+            .args(&args)
+            .output()
+            .expect("run rabbitmqadmin")
+    });
+    Some(within("rabbitmqadmin", run).await.expect("rabbitmqadmin task"))
+}

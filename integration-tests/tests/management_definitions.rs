@@ -4,8 +4,6 @@
 //! SKIPPED when it is not installed), and an export made by a real RabbitMQ with `rabbitmqctl
 //! export_definitions` (SKIPPED when RabbitMQ is not installed).
 
-use std::path::Path;
-
 use ferry_core::auth::PasswordHash;
 use ferry_integration_tests::amqp::reply_code;
 use ferry_integration_tests::mqtt::{connect_packet, v5, RawClient};
@@ -21,8 +19,6 @@ use lapin::{BasicProperties, Event, ExchangeKind};
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "s3cret";
-const RABBITMQADMIN: &str =
-    "/usr/lib/rabbitmq/lib/rabbitmq_server-3.10.8/plugins/rabbitmq_management-3.10.8/priv/www/cli/rabbitmqadmin";
 
 /// Users `admin` (administrator) and `watcher` (monitoring); MQTT (0), AMQP (1) and HTTP
 /// listeners on loopback.
@@ -287,24 +283,9 @@ fn names(defs: &Value, key: &str, field: &str) -> Vec<String> {
     v
 }
 
-/// Runs rabbitmqadmin against `server` as admin (off the runtime's thread: the server is in
-/// this process); `None` when it is not installed.
+/// Runs rabbitmqadmin against `server` as `admin`; `None` when it is not installed.
 async fn rabbitmqadmin(server: &TestServer, args: &[&str]) -> Option<std::process::Output> {
-    if !Path::new(RABBITMQADMIN).exists() {
-        eprintln!("SKIPPED: {RABBITMQADMIN} is not installed (`apt-get install -y rabbitmq-server`)");
-        return None;
-    }
-    let port = server.server.http_addrs()[0].port().to_string();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(RABBITMQADMIN)
-            .args(["-H", "127.0.0.1", "-P", &port, "-u", "admin", "-p", PASSWORD])
-            .args(&args)
-            .output()
-            .expect("run rabbitmqadmin")
-    });
-    Some(within("rabbitmqadmin", run).await.expect("rabbitmqadmin task"))
+    ferry_integration_tests::management::rabbitmqadmin(server, "admin", PASSWORD, args).await
 }
 
 #[tokio::test]

@@ -6,7 +6,6 @@
 //! deleted, refused when bad, hidden from who may not see passwords, and carried to another
 //! Ferry by a definitions export and import. SKIPPED (printed) when RabbitMQ is not installed.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ferry_bridge::LinkState;
@@ -24,8 +23,6 @@ use serde_json::{json, Value};
 const PASSWORD: &str = "s3cret";
 /// The password of RabbitMQ's `guest`, as it appears in the shovels' URIs.
 const RABBIT_PASSWORD: &str = "guest";
-const RABBITMQADMIN: &str =
-    "/usr/lib/rabbitmq/lib/rabbitmq_server-3.10.8/plugins/rabbitmq_management-3.10.8/priv/www/cli/rabbitmqadmin";
 
 /// A name no other test in this binary uses (they share one RabbitMQ).
 fn unique(prefix: &str) -> String {
@@ -412,23 +409,9 @@ async fn definitions_carry_a_dynamic_shovel_to_another_ferry_where_it_runs() {
     assert!(body["reason"].as_str().unwrap().contains("only runtime parameter component is 'shovel'"), "{body}");
 }
 
-/// Runs RabbitMQ's rabbitmqadmin against `server` as `admin`; `None` when it is not installed.
+/// Runs rabbitmqadmin against `server` as `admin`; `None` when it is not installed.
 async fn rabbitmqadmin(server: &TestServer, args: &[&str]) -> Option<std::process::Output> {
-    if !Path::new(RABBITMQADMIN).exists() {
-        eprintln!("SKIPPED: {RABBITMQADMIN} is not installed (`apt-get install -y rabbitmq-server`)");
-        return None;
-    }
-    let port = server.server.http_addrs()[0].port().to_string();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(RABBITMQADMIN)
-            .args(["-H", "127.0.0.1", "-P", &port, "-u", "admin", "-p", PASSWORD])
-            .args(&args)
-            .output()
-            .expect("run rabbitmqadmin")
-    });
-    Some(within("rabbitmqadmin", run).await.expect("rabbitmqadmin task"))
+    ferry_integration_tests::management::rabbitmqadmin(server, "admin", PASSWORD, args).await
 }
 
 fn ok(out: &std::process::Output) -> String {
