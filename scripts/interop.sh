@@ -405,13 +405,16 @@ if wait_port 15672 10; then
     rc=$?
     [ $rc -eq 0 ] && grep -Eq '\| interop.admin +\| 1 ' <<<"$out" && ok "rabbitmqadmin list queues" ||
       bad "rabbitmqadmin list queues: rc=$rc $out"
-    if "${ra[@]}" declare queue name=interop.declared durable=false >/dev/null 2>&1 &&
-      "${ra[@]}" list queues name durable 2>&1 | grep -Eq '\| interop.declared +\| False ' &&
-      "${ra[@]}" delete queue name=interop.declared >/dev/null 2>&1 &&
-      ! "${ra[@]}" list queues name 2>&1 | grep -q 'interop.declared'; then
+    # Each step's output is kept for the failure line (this case failed once in CI, 2026-12-06,
+    # and passed on every rerun; the next failure should say which step and what it printed).
+    declared=$("${ra[@]}" declare queue name=interop.declared durable=false 2>&1) &&
+      listed=$("${ra[@]}" list queues name durable 2>&1) && grep -Eq '\| interop.declared +\| False ' <<<"$listed" &&
+      deleted=$("${ra[@]}" delete queue name=interop.declared 2>&1) &&
+      after=$("${ra[@]}" list queues name 2>&1) && ! grep -q 'interop.declared' <<<"$after"
+    if [ $? -eq 0 ]; then
       ok "rabbitmqadmin declare queue, delete queue"
     else
-      bad "rabbitmqadmin declare / delete queue"
+      bad "rabbitmqadmin declare / delete queue: declare: ${declared:-} | list: ${listed:-} | delete: ${deleted:-} | list after: ${after:-}"
     fi
     out=$("${ra[@]}" show overview 2>&1)
     rc=$?
@@ -430,9 +433,10 @@ if wait_port 15672 10; then
         ok "rabbitmqadmin get (requeued)" || bad "rabbitmqadmin get: rc=$rc $out"
       out=$("${ra[@]}" get queue=interop.msgs count=5 ackmode=ack_requeue_false 2>&1)
       rc=$?
+      listed=$("${ra[@]}" list queues name messages 2>&1)
       [ $rc -eq 0 ] && grep -q 'hello-from-rabbitmqadmin' <<<"$out" && grep -q 'True' <<<"$out" &&
-        "${ra[@]}" list queues name messages 2>&1 | grep -Eq '\| interop.msgs +\| 0 ' &&
-        ok "rabbitmqadmin get (redelivered, acknowledged)" || bad "rabbitmqadmin get ack: rc=$rc $out"
+        grep -Eq '\| interop.msgs +\| 0 ' <<<"$listed" &&
+        ok "rabbitmqadmin get (redelivered, acknowledged)" || bad "rabbitmqadmin get ack: rc=$rc $out | list: $listed"
       "${ra[@]}" delete queue name=interop.msgs >/dev/null 2>&1
     else
       bad "rabbitmqadmin declare queue interop.msgs"
