@@ -7,9 +7,11 @@
 //! Ferry by a definitions export and import. SKIPPED (printed) when RabbitMQ is not installed.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use ferry_bridge::LinkState;
 use ferry_core::auth::PasswordHash;
+use ferry_integration_tests::management::poll_until;
 use ferry_integration_tests::rabbitmq::{rabbit, Rabbit};
 use ferry_integration_tests::{within, TestServer};
 use futures_util::StreamExt;
@@ -480,31 +482,15 @@ async fn deleting_a_shovel_hands_what_the_remote_did_not_confirm_back_to_the_sou
     assert_eq!(declare(&rch, &dest).await, 1, "and only the first reached RabbitMQ");
 }
 
-/// Polls the first shovel of `/api/shovels` until `done` holds (queue counts move without an
-/// event to wait on).
+/// Waits (at most 10 s) until the first shovel of `/api/shovels` satisfies `done`: queue
+/// counters move without an event to wait on, so the library's poll asks the API.
 async fn until(server: &TestServer, done: impl Fn(&Value) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, shovels) = get(server, "admin", "/api/shovels").await;
-        if done(&shovels[0]) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "not as expected: {shovels}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    poll_until(server, "/api/shovels", Duration::from_secs(10), |v| done(&v[0])).await;
 }
 
-/// Polls `/api/parameters` until the shovels have deleted themselves.
+/// Waits (at most 10 s) until the shovels have deleted their parameters.
 async fn until_no_parameters(server: &TestServer) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, list) = get(server, "admin", "/api/parameters").await;
-        if list == json!([]) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "still there: {list}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    poll_until(server, "/api/parameters", Duration::from_secs(10), |v| *v == json!([])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
