@@ -554,13 +554,68 @@ async fn a_remote_that_never_answers_times_out() {
 }
 
 #[tokio::test]
-async fn a_missing_remote_queue_is_named_in_the_error() {
+async fn a_missing_predeclared_remote_queue_is_named_in_the_error() {
     let Some(rabbit) = rabbit().await else { return };
     let missing = unique("missing");
-    let local = ferry(&out_to(&rabbit.uri(), &format!("dest_queue = \"{missing}\""), "")).await;
+    let local =
+        ferry(&out_to(&rabbit.uri(), &format!("dest_queue = \"{missing}\""), "dest_predeclared = true\n")).await;
     let st = status_when(&local, "refused", |s| s.state == LinkState::BackingOff).await;
     let e = st.last_error.expect("an error");
     assert!(e.contains("404") && e.contains(&missing), "{e}");
+}
+
+/// As RabbitMQ's shovels do: a named queue that is not there is declared durable with the side's
+/// queue arguments, on the remote (the destination of an `out` shovel, the source of an `in`
+/// one) and locally (the destination of an `in` shovel).
+#[tokio::test]
+async fn missing_queues_are_declared_durable_with_their_arguments_on_either_side() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (_rc, rch) = rabbit.channel().await;
+    // Out: RabbitMQ's destination queue, at most 3 messages.
+    let dest = unique("declared-dest");
+    let local = ferry(&out_to(
+        &rabbit.uri(),
+        &format!("dest_queue = \"{dest}\"\ndest_queue_args = {{ \"x-max-length\" = 3 }}"),
+        "",
+    ))
+    .await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    for i in 0..5 {
+        mqtt.publish("telemetry/n", Q1, false, format!("n{i}").as_bytes()).await;
+    }
+    status_when(&local, "all confirmed", |s| s.forwarded_out == 5).await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(3));
+    // Declaring it again durable with the same argument is accepted (another would be a 406).
+    let opts = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let ok = within("declare", rch.queue_declare(dest.as_str().into(), opts, args)).await.unwrap();
+    assert_eq!(ok.message_count(), 3, "x-max-length 3 kept the newest three");
+    let mut c = consume(&rch, &dest).await;
+    for i in 2..5 {
+        assert_eq!(next(&mut c).await.0, format!("n{i}"));
+    }
+
+    // In: RabbitMQ's source queue and Ferry's destination queue, neither there yet.
+    let (src, kept) = (unique("declared-src"), unique("declared-local"));
+    let local = ferry(&format!(
+        "src_uri = \"{}\"\nsrc_queue = \"{src}\"\nsrc_queue_args = {{ \"x-message-ttl\" = 600000 }}\n\
+         dest_uri = \"local\"\ndest_queue = \"{kept}\"\ndest_queue_args = {{ \"x-max-length\" = 10 }}\n",
+        rabbit.uri()
+    ))
+    .await;
+    up(&local).await;
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(600_000));
+    let opts = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    within("declare", rch.queue_declare(src.as_str().into(), opts, args)).await.expect("the shovel declared it so");
+    publish(&rch, "", &src, b"from rabbit", BasicProperties::default()).await;
+    let (_lc, lch) = ferry_integration_tests::amqp::lapin_channel(&local).await;
+    let mut c = consume(&lch, &kept).await;
+    assert_eq!(next(&mut c).await.0, "from rabbit");
+    let q = local.server.broker().vhost("/").unwrap().queue(&kept).expect("declared locally");
+    assert!(q.options().durable, "durable");
+    assert_eq!(q.args().max_length, Some(10));
 }
 
 // ----- Ferry ↔ Ferry -------------------------------------------------------------------------

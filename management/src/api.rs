@@ -686,25 +686,9 @@ async fn delete_queue(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// A JSON value as an AMQP field value (integers as `l`, other numbers as `d`, strings as `S`,
-/// objects as tables), for arguments given through the API.
-pub(crate) fn json_field(v: &Value) -> FieldValue {
-    match v {
-        Value::Null => FieldValue::Void,
-        Value::Bool(b) => FieldValue::Bool(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => FieldValue::I64(i),
-            None => FieldValue::F64(n.as_f64().unwrap_or(0.0)),
-        },
-        Value::String(s) => FieldValue::string(s),
-        Value::Array(a) => FieldValue::Array(a.iter().map(json_field).collect()),
-        Value::Object(o) => FieldValue::Table(json_table(o)),
-    }
-}
-
-pub(crate) fn json_table(o: &Map<String, Value>) -> FieldTable {
-    o.iter().map(|(k, v)| (ShortString::from(k.as_str()), json_field(v))).collect()
-}
+/// JSON arguments as field tables: the shovels' conversion, so a queue argument means the same
+/// through the API as in a shovel's `src-queue-args`.
+pub(crate) use ferry_bridge::shovel::args::json_table;
 
 /// The body of `PUT /api/queues/{vhost}/{name}` (RabbitMQ's: durable by default). Other keys
 /// (rabbitmqadmin repeats `name` and `vhost`, and sends `node`) are ignored, as RabbitMQ does.

@@ -86,6 +86,9 @@ pub enum Event {
     Cancelled,
     /// The remote answered our connection.close.
     Closed,
+    /// A [`Client::probe`] found nothing (the remote closed the channel with 404): the channel
+    /// is being opened again, and [`Event::Ready`] follows once it is.
+    NotFound,
 }
 
 /// Why the connection cannot go on.
@@ -112,6 +115,8 @@ impl From<EncodeError> for ClientError {
 enum Phase {
     /// Protocol header sent, connection.start awaited.
     Start,
+    /// channel.open sent again after a probe's 404 ([`Client::probe`]).
+    Reopen,
     /// start-ok sent, connection.tune awaited.
     Tune,
     /// connection.open sent.
@@ -142,6 +147,8 @@ pub struct Client {
     /// The sequence number the next publish gets once confirms are on (0: off).
     next_publish: u64,
     server_properties: FieldTable,
+    /// A [`Client::probe`] is waiting for its reply: a 404 channel.close answers it.
+    probing: bool,
 }
 
 fn close_error(what: &'static str, code: u16, text: &ShortString) -> ClientError {
@@ -158,6 +165,7 @@ impl Client {
             content: None,
             next_publish: 0,
             server_properties: FieldTable::new(),
+            probing: false,
         }
     }
 
@@ -207,6 +215,16 @@ impl Client {
         if matches!(method, Method::ConfirmSelect(_)) {
             self.next_publish = 1;
         }
+        self.send(CHANNEL, method, out)
+    }
+
+    /// Sends a method that may be answered by a 404 channel.close (a passive `queue.declare`):
+    /// its reply comes as [`Event::Reply`] when the object exists; when it does not, the client
+    /// answers the close, opens the channel again and reports [`Event::NotFound`], then
+    /// [`Event::Ready`]. Any other close still ends the connection. Only before confirms or a
+    /// consumer are set up (they would be lost with the channel).
+    pub fn probe(&mut self, method: Method, out: &mut BytesMut) -> Result<(), ClientError> {
+        self.probing = true;
         self.send(CHANNEL, method, out)
     }
 
@@ -449,12 +467,21 @@ impl Client {
             return Err(ClientError::Protocol(format!("{} in the middle of a message's content", method.name())));
         }
         match (self.phase, method) {
+            (Phase::Ready, Method::ChannelClose(c)) if self.probing && c.reply_code == 404 => {
+                self.probing = false;
+                self.content = None;
+                self.send(CHANNEL, Method::ChannelCloseOk(ChannelCloseOk {}), out)?;
+                self.send(CHANNEL, Method::ChannelOpen(ChannelOpen::default()), out)?;
+                self.phase = Phase::Reopen;
+                events.push(Event::NotFound);
+                Ok(())
+            }
             (_, Method::ChannelClose(c)) => {
                 let _ = self.send(CHANNEL, Method::ChannelCloseOk(ChannelCloseOk {}), out);
                 Err(close_error("channel", c.reply_code, &c.reply_text))
             }
             (Phase::Closing, _) => Ok(()),
-            (Phase::Channel, Method::ChannelOpenOk(_)) => {
+            (Phase::Channel | Phase::Reopen, Method::ChannelOpenOk(_)) => {
                 self.phase = Phase::Ready;
                 events.push(Event::Ready);
                 Ok(())
@@ -492,6 +519,7 @@ impl Client {
                 | Method::BasicConsumeOk(_)
                 | Method::ExchangeDeclareOk(_)),
             ) => {
+                self.probing = false;
                 events.push(Event::Reply(m));
                 Ok(())
             }
@@ -787,5 +815,45 @@ mod tests {
         let mut ev = Vec::new();
         c.handle(frame(0, Method::ConnectionCloseOk(ConnectionCloseOk {})), &mut out, &mut ev).unwrap();
         assert_eq!(ev, vec![Event::Closed]);
+    }
+
+    #[test]
+    fn a_probe_answered_with_404_reopens_the_channel_and_any_other_close_still_ends_the_link() {
+        use ferry_amqp::codec::{QueueDeclare, QueueDeclareOk};
+        let mut c = Client::new(params());
+        handshake(&mut c, ConnectionTune { channel_max: 0, frame_max: 4096, heartbeat: 0 });
+        let (mut out, mut ev) = (BytesMut::new(), Vec::new());
+        let passive = || Method::QueueDeclare(QueueDeclare { queue: "q".into(), passive: true, ..Default::default() });
+        // Found: an ordinary reply.
+        c.probe(passive(), &mut out).unwrap();
+        out.clear();
+        let ok = Method::QueueDeclareOk(QueueDeclareOk { queue: "q".into(), message_count: 0, consumer_count: 0 });
+        c.handle(frame(CHANNEL, ok.clone()), &mut out, &mut ev).unwrap();
+        assert_eq!(ev, vec![Event::Reply(ok)]);
+        // Not found: close-ok, the channel opened again, then ready.
+        ev.clear();
+        c.probe(passive(), &mut out).unwrap();
+        out.clear();
+        c.handle(frame(CHANNEL, channel_close(404, "NOT_FOUND - no queue 'q'")), &mut out, &mut ev).unwrap();
+        assert_eq!(ev, vec![Event::NotFound]);
+        assert_eq!(
+            sent(&mut out),
+            vec![
+                (CHANNEL, Method::ChannelCloseOk(ChannelCloseOk {})),
+                (CHANNEL, Method::ChannelOpen(ChannelOpen::default()))
+            ]
+        );
+        assert!(!c.is_ready());
+        c.handle(frame(CHANNEL, Method::ChannelOpenOk(ChannelOpenOk::default())), &mut out, &mut ev).unwrap();
+        assert_eq!(ev, vec![Event::NotFound, Event::Ready]);
+        assert!(c.is_ready());
+        // A 404 that answers no probe, or a probe answered with 403, ends the link as before.
+        let e = c.handle(frame(CHANNEL, channel_close(404, "NOT_FOUND")), &mut out, &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("404"), "{e}");
+        let mut c = Client::new(params());
+        handshake(&mut c, ConnectionTune { channel_max: 0, frame_max: 4096, heartbeat: 0 });
+        c.probe(passive(), &mut out).unwrap();
+        let e = c.handle(frame(CHANNEL, channel_close(403, "ACCESS_REFUSED")), &mut out, &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("403"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use ferry_core::message::ShortString;
+use ferry_core::message::{FieldTable, ShortString};
 
 use crate::config::{BridgeTls, PasswordSource, QUEUE_PREFIX};
 
@@ -65,8 +65,8 @@ pub enum ShovelDirection {
 /// Where messages are taken from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// A named queue (declared durable when it does not exist locally; on a remote it must
-    /// exist).
+    /// A named queue, declared durable (with `src_queue_args`) where it does not exist, on
+    /// either side, unless `src_predeclared`.
     Queue(String),
     /// An exchange and a binding key: a queue bound to it is made (locally the durable
     /// `ferry-bridge.<name>`, on a remote a server-named exclusive one).
@@ -328,7 +328,7 @@ impl fmt::Display for AmqpUri {
 }
 
 /// One AMQP shovel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShovelConfig {
     /// Unique among bridges and shovels; names the local queue (`ferry-bridge.<name>`).
     pub name: String,
@@ -343,6 +343,14 @@ pub struct ShovelConfig {
     pub vhost: String,
     pub source: Source,
     pub destination: Destination,
+    /// The arguments a missing source / destination queue is declared with (RabbitMQ's
+    /// `src-queue-args` / `dest-queue-args`; an existing queue is taken as it is).
+    pub src_queue_args: FieldTable,
+    pub dest_queue_args: FieldTable,
+    /// The source / destination queue must exist: it is looked up, never declared (RabbitMQ's
+    /// `src-predeclared` / `dest-predeclared`).
+    pub src_predeclared: bool,
+    pub dest_predeclared: bool,
     pub ack_mode: AckMode,
     /// Messages taken from the source and not yet settled, at most (the consumer's prefetch).
     pub prefetch: u16,
@@ -392,6 +400,10 @@ impl ShovelConfig {
             vhost: ferry_core::broker::DEFAULT_VHOST.to_string(),
             source,
             destination: Destination::AsPublished,
+            src_queue_args: FieldTable::new(),
+            dest_queue_args: FieldTable::new(),
+            src_predeclared: false,
+            dest_predeclared: false,
             ack_mode: AckMode::OnConfirm,
             prefetch: 1000,
             add_forward_headers: false,

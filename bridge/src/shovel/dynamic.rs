@@ -30,11 +30,15 @@ pub const KEYS: &[&str] = &[
     "src-exchange-key",
     "src-prefetch-count",
     "src-delete-after",
+    "src-queue-args",
+    "src-predeclared",
     "dest-uri",
     "dest-protocol",
     "dest-queue",
     "dest-exchange",
     "dest-exchange-key",
+    "dest-queue-args",
+    "dest-predeclared",
     "dest-add-forward-headers",
     "add-forward-headers",
     "dest-add-timestamp-header",
@@ -139,8 +143,12 @@ pub fn redact(value: &Value) -> Value {
     v
 }
 
-/// The file's keys as RabbitMQ names them, longest first (for [`parse`]'s reasons).
+/// The file's keys as RabbitMQ names them, each before the keys it contains (for [`parse`]'s reasons).
 const FILE_KEYS: &[(&str, &str)] = &[
+    ("src_queue_args", "src-queue-args"),
+    ("dest_queue_args", "dest-queue-args"),
+    ("src_predeclared", "src-predeclared"),
+    ("dest_predeclared", "dest-predeclared"),
     ("src_exchange_key", "src-exchange-key"),
     ("dest_exchange_key", "dest-exchange-key"),
     ("src_exchange", "src-exchange"),
@@ -211,6 +219,16 @@ fn boolean(o: &Map<String, Value>, k: &str, p: &Problems) -> Option<bool> {
         Value::Bool(b) => Some(*b),
         other => {
             p.add(k, format!("{other} is not true or false"));
+            None
+        }
+    }
+}
+
+fn object(o: &Map<String, Value>, k: &str, p: &Problems) -> Option<Map<String, Value>> {
+    match o.get(k)? {
+        Value::Object(m) => Some(m.clone()),
+        other => {
+            p.add(k, format!("{other} is not a JSON object (queue arguments)"));
             None
         }
     }
@@ -349,6 +367,10 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
         dest_queue: string(o, "dest-queue", &p),
         dest_exchange: string(o, "dest-exchange", &p),
         dest_exchange_key: string(o, "dest-exchange-key", &p),
+        src_queue_args: object(o, "src-queue-args", &p),
+        dest_queue_args: object(o, "dest-queue-args", &p),
+        src_predeclared: boolean(o, "src-predeclared", &p),
+        dest_predeclared: boolean(o, "dest-predeclared", &p),
         ack_mode: string(o, "ack-mode", &p),
         prefetch_count: prefetch,
         add_forward_headers: forward,
@@ -485,5 +507,24 @@ mod tests {
         assert_eq!(redact_uri("amqp://h/v?x=a@b"), "amqp://h/v?x=a@b");
         let v = redact(&json!({"src-uri": ["amqp://a:b@h", "amqp://c:d@h2"], "dest-uri": "amqp://"}));
         assert_eq!(v, json!({"src-uri": ["amqp://a:***@h", "amqp://c:***@h2"], "dest-uri": "amqp://"}));
+    }
+
+    #[test]
+    fn queue_arguments_and_predeclared_map_onto_the_named_queues() {
+        let v = json!({"src-uri": "amqp://", "src-queue": "q", "src-queue-args": {"x-max-length": 5},
+                       "dest-uri": "amqp://h", "dest-queue": "d", "dest-queue-args": {"x-queue-mode": "lazy"},
+                       "dest-predeclared": true});
+        let s = parse("/", "s", &v).unwrap();
+        assert_eq!(s.src_queue_args.get("x-max-length"), Some(&ferry_core::message::FieldValue::I64(5)));
+        assert_eq!(s.dest_queue_args.get("x-queue-mode"), Some(&ferry_core::message::FieldValue::string("lazy")));
+        assert!(s.dest_predeclared && !s.src_predeclared);
+        let refused = |v: Value| parse("/", "s", &v).unwrap_err();
+        let why =
+            refused(json!({"src-uri": "amqp://", "src-queue": "q", "src-queue-args": [1], "dest-uri": "amqp://h"}));
+        assert!(why.contains("src-queue-args: [1] is not a JSON object"), "{why}");
+        let why = refused(json!({"src-uri": "amqp://", "src-exchange": "x", "src-queue-args": {},
+                                 "dest-uri": "amqp://h", "dest-exchange": "y", "dest-predeclared": true}));
+        assert!(why.contains("src-queue-args: goes with src-queue"), "{why}");
+        assert!(why.contains("dest-predeclared: goes with dest-queue"), "{why}");
     }
 }

@@ -452,6 +452,63 @@ impl Wire {
             }
         }
     }
+
+    /// [`Wire::call`] for a passive declare ([`Client::probe`]): `Some(reply)` when the object
+    /// exists, `None` when the remote said 404 (once the channel is open again).
+    async fn probe(
+        &mut self,
+        client: &mut Client,
+        method: Method,
+        early: &mut Vec<Event>,
+    ) -> Result<Option<Method>, ShovelError> {
+        let mut out = BytesMut::new();
+        client.probe(method, &mut out)?;
+        self.write(&mut out).await?;
+        let (mut missing, mut reopened, mut reply) = (false, false, None);
+        loop {
+            for e in self.events(client, &mut out).await? {
+                match e {
+                    Event::Reply(m) if !missing && reply.is_none() => reply = Some(m),
+                    Event::NotFound => missing = true,
+                    Event::Ready if missing => reopened = true,
+                    other => early.push(other),
+                }
+            }
+            if reply.is_some() || reopened {
+                return Ok(reply);
+            }
+        }
+    }
+}
+
+/// A shovel's named queue on the remote, as RabbitMQ's shovels have it: looked up (a passive
+/// declare) and, when it is not there, declared durable with `arguments` (`src-queue-args` /
+/// `dest-queue-args`) — unless the shovel says it is `predeclared`, when a missing queue is the
+/// remote's 404 and the link backs off. An existing queue is taken as it is, whatever its
+/// arguments (RabbitMQ 3.10 declared it again and failed on a queue with other arguments;
+/// RabbitMQ 4 looks first, as this does).
+async fn remote_queue(
+    wire: &mut Wire,
+    client: &mut Client,
+    queue: &str,
+    predeclared: bool,
+    arguments: &FieldTable,
+    early: &mut Vec<Event>,
+) -> Result<(), ShovelError> {
+    let name = ShortString::from(queue);
+    let check = AmqpQueueDeclare { queue: name.clone(), passive: true, ..Default::default() };
+    if predeclared {
+        // A queue that is not there would make every message unroutable (and confirmed):
+        // refuse instead, the remote names the problem (404).
+        wire.call(client, Method::QueueDeclare(check), early).await?;
+        return Ok(());
+    }
+    if wire.probe(client, Method::QueueDeclare(check), early).await?.is_none() {
+        let declare =
+            AmqpQueueDeclare { queue: name, durable: true, arguments: arguments.clone(), ..Default::default() };
+        wire.call(client, Method::QueueDeclare(declare), early).await?;
+    }
+    Ok(())
 }
 
 impl Conn<'_> {
@@ -510,11 +567,7 @@ impl Conn<'_> {
         match config.direction {
             ShovelDirection::Out => {
                 if let super::config::Destination::Queue(q) = &config.destination {
-                    // A queue that is not there would make every message unroutable (and
-                    // confirmed): refuse instead, the remote names the problem (404).
-                    let check =
-                        AmqpQueueDeclare { queue: ShortString::from(q.as_str()), passive: true, ..Default::default() };
-                    wire.call(client, Method::QueueDeclare(check), &mut early).await?;
+                    remote_queue(wire, client, q, config.dest_predeclared, &config.dest_queue_args, &mut early).await?;
                 }
                 if config.ack_mode == AckMode::OnConfirm {
                     wire.call(client, Method::ConfirmSelect(ConfirmSelect::default()), &mut early).await?;
@@ -526,7 +579,11 @@ impl Conn<'_> {
                     wire.call(client, Method::BasicQos(qos), &mut early).await?;
                 }
                 let queue = match &config.source {
-                    Source::Queue(q) => ShortString::from(q.as_str()),
+                    Source::Queue(q) => {
+                        remote_queue(wire, client, q, config.src_predeclared, &config.src_queue_args, &mut early)
+                            .await?;
+                        ShortString::from(q.as_str())
+                    }
                     Source::Exchange { exchange, key } => {
                         let decl = AmqpQueueDeclare { exclusive: true, auto_delete: true, ..Default::default() };
                         let Method::QueueDeclareOk(ok) =
@@ -778,7 +835,7 @@ impl Conn<'_> {
             }
             Event::Blocked(None) => info!(shovel = %name, "shovel {name}: the remote takes publishes again"),
             Event::Cancelled => return Err(ShovelError::Cancelled),
-            Event::Ready | Event::Reply(_) | Event::Closed => {}
+            Event::Ready | Event::Reply(_) | Event::Closed | Event::NotFound => {}
         }
         let _ = client;
         Ok(())

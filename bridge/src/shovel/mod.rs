@@ -12,6 +12,7 @@
 //! basic.publish → publisher confirm → local ack; in, remote basic.deliver → local vhost
 //! publish → store commit → remote basic.ack.
 
+pub mod args;
 pub mod client;
 pub mod config;
 pub mod dynamic;
@@ -24,8 +25,8 @@ use std::sync::Arc;
 use ferry_core::error::CoreError;
 use ferry_core::exchange::BindingKey;
 use ferry_core::frontend::Shutdown;
-use ferry_core::message::{now_millis, ConnectionId, FieldTable, ShortString};
-use ferry_core::queue::QueueOptions;
+use ferry_core::message::{now_millis, ConnectionId, ShortString};
+use ferry_core::queue::{Queue, QueueOptions};
 use ferry_core::vhost::{QueueDeclare, VHost};
 use ferry_core::Broker;
 use tokio::sync::watch;
@@ -85,28 +86,9 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
                         crate::backlog::declare(&vhost, &queue_name, limits, id, &format!("shovel {name}"), now)
                             .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
                     }
-                    // A queue of the user's: taken as it is (declared plain if it does not exist).
-                    Source::Queue(_) => match vhost.queue(&queue_name) {
-                        Some(q) => q,
-                        None => {
-                            let options = QueueOptions {
-                                durable: true,
-                                exclusive: None,
-                                auto_delete: false,
-                                arguments: FieldTable::new(),
-                            };
-                            let decl = QueueDeclare {
-                                name: ShortString::from(queue_name.as_str()),
-                                passive: false,
-                                options,
-                                connection: id,
-                            };
-                            vhost
-                                .declare_queue(decl, now)
-                                .map_err(|e: CoreError| err(format!("local queue {queue_name}: {e}")))?
-                                .queue
-                        }
-                    },
+                    // A queue of the user's: taken as it is, declared durable with
+                    // `src_queue_args` if it does not exist (unless `src_predeclared`).
+                    Source::Queue(_) => local_queue(&vhost, config, &queue_name, id, now).map_err(err)?,
                 };
                 if let Source::Exchange { exchange, key } = &config.source {
                     if vhost.exchange(exchange).is_none() {
@@ -145,8 +127,8 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
                             config.vhost
                         )));
                     }
-                    Destination::Queue(q) if vhost.queue(q).is_none() => {
-                        return Err(err(format!("dest_queue {q:?} does not exist in vhost {:?}", config.vhost)));
+                    Destination::Queue(q) => {
+                        local_queue(&vhost, config, q, id, now).map_err(err)?;
                     }
                     _ => {}
                 }
@@ -167,6 +149,31 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
         ready.push((shovel, vhost));
     }
     Ok(ready)
+}
+
+/// A shovel's named local queue (its source for `out`, its destination for `in`): taken as it
+/// is when it exists; otherwise declared durable with the side's queue arguments, as
+/// RabbitMQ's shovels declare theirs, unless the shovel says it is predeclared.
+fn local_queue(
+    vhost: &Arc<VHost>,
+    config: &ShovelConfig,
+    name: &str,
+    id: ConnectionId,
+    now: u64,
+) -> Result<Arc<Queue>, String> {
+    if let Some(q) = vhost.queue(name) {
+        return Ok(q);
+    }
+    let (key, arguments, predeclared) = match config.direction {
+        ShovelDirection::Out => ("src_queue", &config.src_queue_args, config.src_predeclared),
+        ShovelDirection::In => ("dest_queue", &config.dest_queue_args, config.dest_predeclared),
+    };
+    if predeclared {
+        return Err(format!("{key} {name:?} does not exist in vhost {:?} (predeclared)", config.vhost));
+    }
+    let options = QueueOptions { durable: true, exclusive: None, auto_delete: false, arguments: arguments.clone() };
+    let decl = QueueDeclare { name: ShortString::from(name), passive: false, options, connection: id };
+    vhost.declare_queue(decl, now).map(|d| d.queue).map_err(|e: CoreError| format!("local queue {name}: {e}"))
 }
 
 /// Starts one task per prepared shovel.

@@ -28,6 +28,11 @@ pub struct RawShovel {
     pub dest_queue: Option<String>,
     pub dest_exchange: Option<String>,
     pub dest_exchange_key: Option<String>,
+    /// RabbitMQ's `src-queue-args` / `dest-queue-args`: a TOML table (or JSON object).
+    pub src_queue_args: Option<serde_json::Map<String, serde_json::Value>>,
+    pub dest_queue_args: Option<serde_json::Map<String, serde_json::Value>>,
+    pub src_predeclared: Option<bool>,
+    pub dest_predeclared: Option<bool>,
     pub ack_mode: Option<String>,
     pub prefetch_count: Option<u16>,
     pub add_forward_headers: Option<bool>,
@@ -120,9 +125,29 @@ pub fn shovel(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawShovel) -> 
             Destination::AsPublished
         }
     };
+    // Queue arguments and `predeclared` are about a named queue.
+    let src_named = matches!(source, Some(Source::Queue(_)));
+    let dest_named = matches!(destination, Destination::Queue(_));
+    for (k, set, named, goes) in [
+        ("src_queue_args", raw.src_queue_args.is_some(), src_named, "src_queue"),
+        ("src_predeclared", raw.src_predeclared.is_some(), src_named, "src_queue"),
+        ("dest_queue_args", raw.dest_queue_args.is_some(), dest_named, "dest_queue"),
+        ("dest_predeclared", raw.dest_predeclared.is_some(), dest_named, "dest_queue"),
+    ] {
+        if set && !named {
+            report(c, key(k), format!("goes with {goes}"));
+        }
+    }
     let (Some(remote), Some(source)) = (remote, source) else { return None };
     let mut s = ShovelConfig::new(&raw.name, direction, remote, source);
     s.destination = destination;
+    let args = |m: Option<serde_json::Map<String, serde_json::Value>>| {
+        m.map(|m| super::args::json_table(&m)).unwrap_or_default()
+    };
+    s.src_queue_args = args(raw.src_queue_args);
+    s.dest_queue_args = args(raw.dest_queue_args);
+    s.src_predeclared = raw.src_predeclared.unwrap_or(false);
+    s.dest_predeclared = raw.dest_predeclared.unwrap_or(false);
     if let Some(m) = raw.ack_mode {
         match AckMode::parse(&m) {
             Some(m) => s.ack_mode = m,
