@@ -618,6 +618,21 @@ async fn missing_queues_are_declared_durable_with_their_arguments_on_either_side
     assert_eq!(q.args().max_length, Some(10));
 }
 
+#[tokio::test]
+async fn a_shovel_logs_in_to_rabbitmq_with_amqplain() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (_rc, rch) = rabbit.channel().await;
+    let work = unique("amqplain");
+    declare(&rch, &work).await;
+    let uri = format!("{}?auth_mechanism=amqplain", rabbit.uri());
+    let local = ferry(&out_to(&uri, &format!("dest_queue = \"{work}\""), "")).await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    mqtt.publish("telemetry/a", Q1, false, b"logged in").await;
+    let mut c = consume(&rch, &work).await;
+    assert_eq!(next(&mut c).await.0, "logged in");
+}
+
 // ----- Ferry ↔ Ferry -------------------------------------------------------------------------
 
 #[tokio::test]

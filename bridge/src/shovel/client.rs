@@ -15,9 +15,10 @@
 
 use bytes::{Bytes, BytesMut};
 use ferry_amqp::codec::{
-    encode_body_frames, encode_header_frame, encode_heartbeat, encode_method_frame, BasicAck, BasicDeliver,
-    BasicPublish, ChannelClose, ChannelCloseOk, ChannelOpen, ConnectionClose, ConnectionCloseOk, ConnectionOpen,
-    ConnectionStartOk, ConnectionTuneOk, ContentHeader, EncodeError, Frame, FrameDecoder, Method, PROTOCOL_HEADER,
+    encode_body_frames, encode_field_table, encode_header_frame, encode_heartbeat, encode_method_frame, BasicAck,
+    BasicDeliver, BasicPublish, ChannelClose, ChannelCloseOk, ChannelOpen, ConnectionClose, ConnectionCloseOk,
+    ConnectionOpen, ConnectionStartOk, ConnectionTuneOk, ContentHeader, EncodeError, Frame, FrameDecoder, Method,
+    PROTOCOL_HEADER,
 };
 use ferry_core::message::{FieldTable, FieldValue, Properties, ShortString};
 
@@ -394,6 +395,15 @@ impl Client {
                         r.extend_from_slice(&self.params.password);
                         r
                     }
+                    AuthMechanism::AmqPlain => {
+                        // A field table without its 32-bit size prefix.
+                        let mut t = FieldTable::new();
+                        t.insert("LOGIN", FieldValue::string(&self.params.user));
+                        t.insert("PASSWORD", FieldValue::LongString(Bytes::copy_from_slice(&self.params.password)));
+                        let mut framed = BytesMut::new();
+                        encode_field_table(&t, &mut framed)?;
+                        framed.split_off(4).to_vec()
+                    }
                     // The identity is the client certificate the TLS handshake presented.
                     AuthMechanism::External => Vec::new(),
                 };
@@ -703,6 +713,12 @@ mod tests {
         assert_eq!((m.as_str(), &r[..]), ("PLAIN", &b"\0ferry\0s3cret"[..]), "the next one the remote offers");
         let e = chosen(vec![External], b"PLAIN AMQPLAIN").unwrap_err();
         assert!(e.to_string().contains("does not offer EXTERNAL login"), "{e}");
+        // AMQPLAIN: LOGIN and PASSWORD in a field table without its size.
+        let (m, r) = chosen(vec![AuthMechanism::AmqPlain], b"AMQPLAIN").unwrap();
+        assert_eq!(m, "AMQPLAIN");
+        let t = ferry_amqp::codec::decode_field_table(r.clone()).unwrap();
+        assert_eq!(t.get("LOGIN").and_then(|v| v.as_str()), Some("ferry"));
+        assert_eq!(t.get("PASSWORD"), Some(&FieldValue::LongString(Bytes::from_static(b"s3cret"))));
     }
 
     #[test]

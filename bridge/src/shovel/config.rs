@@ -127,6 +127,9 @@ pub struct AmqpUri {
 pub enum AuthMechanism {
     /// User name and password.
     Plain,
+    /// User name and password in a field table (`LOGIN`, `PASSWORD`): RabbitMQ's older
+    /// mechanism, which some brokers offer without PLAIN.
+    AmqPlain,
     /// The TLS client certificate is the identity (RabbitMQ's `rabbitmq_auth_mechanism_ssl`,
     /// Ferry's `cert_login`); needs `amqps://` with a client certificate.
     External,
@@ -137,6 +140,7 @@ impl AuthMechanism {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::AmqPlain => "AMQPLAIN",
             AuthMechanism::External => "EXTERNAL",
         }
     }
@@ -185,8 +189,9 @@ impl UriQuery {
                 }
                 "auth_mechanism" => q.auth_mechanisms.push(match v.to_ascii_lowercase().as_str() {
                     "plain" => AuthMechanism::Plain,
+                    "amqplain" => AuthMechanism::AmqPlain,
                     "external" => AuthMechanism::External,
-                    _ => return Err(bad("Ferry's shovel logs in with plain or external")),
+                    _ => return Err(bad("Ferry's shovel logs in with plain, amqplain or external")),
                 }),
                 "cacertfile" => q.cacertfile = Some(v),
                 "certfile" => q.certfile = Some(v),
@@ -494,7 +499,9 @@ mod tests {
         assert!(refused("amqp://h/v?connection_timeout=0").contains("milliseconds"));
         assert!(refused("amqps://h/v?verify=verify_none").contains("always verifies"));
         assert!(refused("amqps://h/v?server_name_indication=disable").contains("always checks"));
-        assert!(refused("amqp://h/v?auth_mechanism=amqplain").contains("plain or external"));
+        assert!(refused("amqp://h/v?auth_mechanism=cram-md5").contains("plain, amqplain or external"));
+        let q = AmqpUri::parse("amqp://h/v?auth_mechanism=amqplain&auth_mechanism=plain").unwrap().query;
+        assert_eq!(q.auth_mechanisms, vec![AuthMechanism::AmqPlain, AuthMechanism::Plain]);
         assert!(refused("amqp://h/v?password=x").starts_with("password: not a parameter Ferry takes"));
         assert!(!UriError::Password.to_string().contains("secret"));
     }
