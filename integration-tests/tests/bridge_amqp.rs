@@ -618,6 +618,28 @@ async fn missing_queues_are_declared_durable_with_their_arguments_on_either_side
     assert_eq!(q.args().max_length, Some(10));
 }
 
+/// A cluster's nodes as a list (RabbitMQ's `src-uri` / `dest-uri` lists): a node that is down
+/// is left for another after its failure, and the status names the node connected to.
+#[tokio::test]
+async fn a_list_of_remote_uris_fails_over_to_a_node_that_is_up() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (_rc, rch) = rabbit.channel().await;
+    let work = unique("failover");
+    declare(&rch, &work).await;
+    let down = format!("amqp://127.0.0.1:{}/%2f", free_port());
+    let dest = format!("dest_uri = [\"{down}\", \"{}\"]\ndest_queue = \"{work}\"\n", rabbit.uri());
+    let local = ferry(&format!(
+        "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"telemetry.#\"\n{dest}"
+    ))
+    .await;
+    let st = up(&local).await;
+    assert_eq!(st.remote, rabbit.uri(), "{st:?}");
+    let mut mqtt = v311::connect(&local, "pub").await;
+    mqtt.publish("telemetry/a", Q1, false, b"via the live node").await;
+    let mut c = consume(&rch, &work).await;
+    assert_eq!(next(&mut c).await.0, "via the live node");
+}
+
 #[tokio::test]
 async fn a_shovel_logs_in_to_rabbitmq_with_amqplain() {
     let Some(rabbit) = rabbit().await else { return };

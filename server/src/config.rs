@@ -2171,6 +2171,34 @@ mod tests {
     }
 
     #[test]
+    fn a_shovel_remote_may_be_a_list_of_uris_of_one_scheme_and_query() {
+        let c = parse(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\n\
+             dest_uri = [\"amqp://fred@host1/v\", \"amqp://john@host2:5673/v\"]\npassword_env = \"PW\"\n"
+        ))
+        .unwrap();
+        let s = &c.shovels[0];
+        assert_eq!(s.remote_count(), 2);
+        let (second, pw) = s.remote_at(1);
+        assert_eq!((second.address(), second.user.as_deref()), ("host2:5673".to_string(), Some("john")));
+        assert_eq!(pw, Some(&ferry_bridge::PasswordSource::Env("PW".into())), "the shovel's password for every URI");
+        assert_eq!(s.remote_at(0).0.address(), "host1:5672");
+        let msg = error(&format!(
+            "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\n\
+             dest_uri = [\"amqp://host1\", \"amqps://host2\"]\n\
+             [[shovels]]\nname = \"x\"\nsrc_uri = [\"amqp://h1?heartbeat=5\", \"amqp://h2\"]\ndest_uri = \"local\"\nsrc_queue = \"q\"\n\
+             [[shovels]]\nname = \"y\"\nsrc_uri = []\ndest_uri = \"local\"\nsrc_queue = \"q\"\n"
+        ));
+        for expected in [
+            "shovels[0].dest_uri: the URIs of a list must have the same scheme and query",
+            "shovels[1].src_uri: the URIs of a list must have the same scheme and query",
+            "shovels[2].src_uri: an empty list",
+        ] {
+            assert!(msg.contains(expected), "missing {expected:?} in:\n{msg}");
+        }
+    }
+
+    #[test]
     fn a_shovel_uri_query_sets_what_rabbitmq_puts_there_and_conflicts_are_refused() {
         let c = parse(&format!(
             "{MINIMAL}{SHOVEL}src_uri = \"local\"\nsrc_queue = \"q\"\n\

@@ -332,16 +332,29 @@ impl fmt::Display for AmqpUri {
     }
 }
 
+/// Another URI of a shovel's remote (see [`ShovelConfig::alternates`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternate {
+    pub uri: AmqpUri,
+    /// Its own password (a dynamic shovel's URI carries one); `None`: the shovel's.
+    pub password: Option<PasswordSource>,
+}
+
 /// One AMQP shovel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShovelConfig {
     /// Unique among bridges and shovels; names the local queue (`ferry-bridge.<name>`).
     pub name: String,
     pub direction: ShovelDirection,
-    /// The remote broker.
+    /// The remote broker: the first URI of its list.
     pub remote: AmqpUri,
     /// Its password, read at each connect.
     pub password: Option<PasswordSource>,
+    /// The other URIs of the remote's list (RabbitMQ's `src-uri` / `dest-uri` may be lists, the
+    /// nodes of a cluster): each connect picks one of the list at random, and after a failure
+    /// one other than the one that failed. Same scheme and query as `remote` (they share the
+    /// TLS files, heartbeat and login); host, port, user, vhost and password may differ.
+    pub alternates: Vec<Alternate>,
     /// TLS for an `amqps://` remote (required then).
     pub tls: Option<BridgeTls>,
     /// The local vhost (the remote's is in the URI).
@@ -401,6 +414,7 @@ impl ShovelConfig {
             direction,
             remote,
             password: None,
+            alternates: Vec::new(),
             tls: None,
             vhost: ferry_core::broker::DEFAULT_VHOST.to_string(),
             source,
@@ -442,8 +456,38 @@ impl ShovelConfig {
     }
 
     /// The source and destination as URIs (`local` for this broker's side).
+    /// How many URIs the remote's list has.
+    pub fn remote_count(&self) -> usize {
+        1 + self.alternates.len()
+    }
+
+    /// The `i`th URI of the remote's list (0: [`ShovelConfig::remote`]) and its password.
+    pub fn remote_at(&self, i: usize) -> (&AmqpUri, Option<&PasswordSource>) {
+        match i.checked_sub(1).and_then(|j| self.alternates.get(j)) {
+            Some(a) => (&a.uri, a.password.as_ref().or(self.password.as_ref())),
+            None => (&self.remote, self.password.as_ref()),
+        }
+    }
+
+    /// The URI to connect to next, `seed` a random number: any of the list, or after a failure
+    /// of `failed` any other.
+    pub fn pick_remote(&self, seed: u64, failed: Option<usize>) -> usize {
+        let n = self.remote_count() as u64;
+        match failed {
+            Some(f) if n > 1 => ((f as u64 + 1 + seed % (n - 1)) % n) as usize,
+            _ => (seed % n) as usize,
+        }
+    }
+
+    /// The source and destination URIs as RabbitMQ shows them (`local` for this broker), with
+    /// the first URI of the remote's list.
     pub fn uris(&self) -> (String, String) {
-        let remote = self.remote.to_string();
+        self.uris_at(0)
+    }
+
+    /// [`ShovelConfig::uris`] with the `i`th URI of the remote's list.
+    pub fn uris_at(&self, i: usize) -> (String, String) {
+        let remote = self.remote_at(i).0.to_string();
         match self.direction {
             ShovelDirection::Out => ("local".to_string(), remote),
             ShovelDirection::In => (remote, "local".to_string()),
@@ -550,5 +594,28 @@ mod tests {
             assert_eq!(AckMode::parse(m.as_str()), Some(m));
         }
         assert_eq!(AckMode::parse("on_confirm"), None);
+    }
+
+    #[test]
+    fn a_connect_picks_any_uri_of_the_list_and_after_a_failure_another() {
+        let mut s = ShovelConfig::new(
+            "s",
+            ShovelDirection::Out,
+            AmqpUri::parse("amqp://a").unwrap(),
+            Source::Queue("q".into()),
+        );
+        assert!((0..10).all(|seed| s.pick_remote(seed, None) == 0 && s.pick_remote(seed, Some(0)) == 0));
+        for h in ["b", "c"] {
+            s.alternates.push(Alternate { uri: AmqpUri::parse(&format!("amqp://{h}")).unwrap(), password: None });
+        }
+        let firsts: std::collections::BTreeSet<usize> = (0..30).map(|seed| s.pick_remote(seed, None)).collect();
+        assert_eq!(firsts.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        for failed in 0..3 {
+            let next: std::collections::BTreeSet<usize> =
+                (0..30).map(|seed| s.pick_remote(seed, Some(failed))).collect();
+            assert!(!next.contains(&failed), "never the one that failed");
+            assert_eq!(next.len(), 2, "either other");
+        }
+        assert_eq!(s.remote_at(2).0.host, "c");
     }
 }

@@ -7,7 +7,8 @@
 //! RabbitMQ's do; it is taken out of the URI into [`PasswordSource::Inline`] and never printed
 //! (the stored value keeps it as given). A URI without a host (`amqp://`, `amqp:///vhost`) is
 //! the local broker, in the vhost of its path or else the parameter's. `src-uri` and `dest-uri`
-//! may be lists, as RabbitMQ allows: the first URI is used and the others are not tried.
+//! may be lists, as RabbitMQ allows (a cluster's nodes): each URI keeps its own password, and each
+//! connect picks one (see [`ShovelConfig::alternates`]).
 //! Keys and values Ferry does not take are refused by name, never ignored.
 
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::spec::RawShovel;
+use super::spec::{RawShovel, RawUri};
 use super::{DeleteAfter, ShovelConfig};
 use crate::config::PasswordSource;
 use crate::spec::Checker;
@@ -234,21 +235,17 @@ fn object(o: &Map<String, Value>, k: &str, p: &Problems) -> Option<Map<String, V
     }
 }
 
-/// `src-uri` / `dest-uri`: a string, or a non-empty list of them (the first is used).
-fn uri(o: &Map<String, Value>, k: &str, p: &Problems) -> Option<String> {
+/// `src-uri` / `dest-uri`: a string, or a non-empty list of them.
+fn uri(o: &Map<String, Value>, k: &str, p: &Problems) -> Option<Vec<String>> {
     match o.get(k) {
         None => {
             p.add(k, "is required");
             None
         }
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(list)) => match list.first() {
-            Some(Value::String(s)) if list.iter().all(Value::is_string) => Some(s.clone()),
-            _ => {
-                p.add(k, "a URI or a non-empty list of URIs");
-                None
-            }
-        },
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(Value::Array(list)) if !list.is_empty() && list.iter().all(Value::is_string) => {
+            Some(list.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        }
         Some(_) => {
             p.add(k, "a URI or a non-empty list of URIs");
             None
@@ -273,34 +270,45 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
             }
         }
     }
-    let src = uri(o, "src-uri", &p).map(|u| (end(&u, vhost), u));
-    let dest = uri(o, "dest-uri", &p).map(|u| (end(&u, vhost), u));
+    let src = uri(o, "src-uri", &p);
+    let dest = uri(o, "dest-uri", &p);
     let mut local_vhost = None;
-    let mut password = None;
-    let mut side = |k: &str, e: Option<(Result<End, String>, String)>| -> Option<String> {
-        match e? {
-            (Ok(End::Local(v)), _) => {
-                local_vhost = Some(v);
-                Some("local".to_string())
-            }
-            (Ok(End::Remote(u, pw)), _) => {
-                password = pw;
-                Some(u)
-            }
-            (Err(why), u) => {
-                p.add(k, format!("{:?} {why}", redact_uri(&u)));
-                None
+    // The remote's URIs' passwords, in the list's order.
+    let mut passwords = Vec::new();
+    let mut side = |k: &str, list: Option<Vec<String>>| -> Option<RawUri> {
+        let list = list?;
+        let mut remotes = Vec::new();
+        for u in &list {
+            match end(u, vhost) {
+                Ok(End::Local(v)) if list.len() == 1 => {
+                    local_vhost = Some(v);
+                    return Some(RawUri::from("local"));
+                }
+                Ok(End::Local(_)) => {
+                    p.add(k, "this broker (a URI without a host) cannot be one of a list of remotes");
+                    return None;
+                }
+                Ok(End::Remote(u, pw)) => {
+                    passwords.push(pw);
+                    remotes.push(u);
+                }
+                Err(why) => {
+                    p.add(k, format!("{:?} {why}", redact_uri(u)));
+                    return None;
+                }
             }
         }
+        Some(if remotes.len() == 1 { RawUri::One(remotes.remove(0)) } else { RawUri::Many(remotes) })
     };
     let (src_uri, dest_uri) = (side("src-uri", src), side("dest-uri", dest));
-    match (src_uri.as_deref(), dest_uri.as_deref()) {
-        (Some("local"), Some("local")) => p.add(
+    let local = |u: &Option<RawUri>| u.as_ref().map(|u| *u == RawUri::from("local"));
+    match (local(&src_uri), local(&dest_uri)) {
+        (Some(true), Some(true)) => p.add(
             "dest-uri",
             "both ends are this broker: Ferry's shovels move messages between this broker and another one \
              (one of src-uri and dest-uri must name a remote host)",
         ),
-        (Some(s), Some(d)) if s != "local" && d != "local" => p.add(
+        (Some(false), Some(false)) => p.add(
             "src-uri",
             "both ends are other brokers: one of src-uri and dest-uri must be this broker (amqp:// without a host)",
         ),
@@ -359,8 +367,8 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
     let timestamp = boolean(o, "dest-add-timestamp-header", &p);
     let raw = RawShovel {
         name: name.to_string(),
-        src_uri: src_uri.unwrap_or_default(),
-        dest_uri: dest_uri.unwrap_or_default(),
+        src_uri: src_uri.unwrap_or_else(|| RawUri::from("")),
+        dest_uri: dest_uri.unwrap_or_else(|| RawUri::from("")),
         src_queue: string(o, "src-queue", &p),
         src_exchange: string(o, "src-exchange", &p),
         src_exchange_key: string(o, "src-exchange-key", &p),
@@ -393,7 +401,11 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
     match config {
         Some(mut s) if problems.is_empty() => {
             s.dynamic = Some(vhost.to_string());
-            s.password = password.map(PasswordSource::Inline);
+            let mut passwords = passwords.into_iter().map(|pw| pw.map(PasswordSource::Inline));
+            s.password = passwords.next().flatten();
+            for (a, pw) in s.alternates.iter_mut().zip(passwords) {
+                a.password = pw;
+            }
             s.add_timestamp_header = timestamp.unwrap_or(false);
             if delete_after.is_some() && s.direction != super::ShovelDirection::Out {
                 // Ferry counts what it takes from a local queue; a remote source's deliveries
@@ -526,5 +538,21 @@ mod tests {
                                  "dest-uri": "amqp://h", "dest-exchange": "y", "dest-predeclared": true}));
         assert!(why.contains("src-queue-args: goes with src-queue"), "{why}");
         assert!(why.contains("dest-predeclared: goes with dest-queue"), "{why}");
+    }
+
+    #[test]
+    fn a_list_of_uris_keeps_each_password_and_may_not_hold_this_broker() {
+        let v = json!({"src-uri": ["amqp://fred:one@host1/v", "amqp://john:two@host2/v"], "src-queue": "q",
+                       "dest-uri": "amqp://"});
+        let s = parse("/", "s", &v).unwrap();
+        assert_eq!(s.remote_count(), 2);
+        let (u, pw) = s.remote_at(1);
+        assert_eq!((u.host.as_str(), u.user.as_deref()), ("host2", Some("john")));
+        assert_eq!(pw, Some(&PasswordSource::Inline("two".into())));
+        assert_eq!(s.remote_at(0).1, Some(&PasswordSource::Inline("one".into())));
+        let v = json!({"src-uri": ["amqp://u:s3cretA@h", "amqp://"], "src-queue": "q", "dest-uri": "amqp://"});
+        let why = parse("/", "s", &v).unwrap_err();
+        assert!(why.contains("cannot be one of a list of remotes"), "{why}");
+        assert!(!why.contains("s3cretA"), "{why}");
     }
 }

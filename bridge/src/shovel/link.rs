@@ -108,6 +108,8 @@ pub(crate) struct Shovel {
     pub changes: watch::Sender<u64>,
     /// Set when the shovel has done what `src-delete-after` asked and stopped.
     pub finished: watch::Sender<bool>,
+    /// Which URI of the remote's list it connects to, or last did ([`ShovelConfig::remote_at`]).
+    pub current: std::sync::atomic::AtomicUsize,
 }
 
 /// Sent to the remote, its confirm awaited.
@@ -176,8 +178,13 @@ impl Shovel {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// The URI of the remote's list it connects to, or last did.
+    fn remote(&self) -> &super::AmqpUri {
+        self.config.remote_at(self.current.load(Ordering::Relaxed)).0
+    }
+
     pub(crate) fn status(&self) -> BridgeStatus {
-        let remote = self.config.remote.to_string();
+        let remote = self.remote().to_string();
         crate::status::snapshot(&self.config.name, remote, &self.state, self.queue.as_ref(), &self.counters)
     }
 
@@ -235,10 +242,20 @@ impl Shovel {
         let mut carry = Carry { limit, ..Carry::default() };
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
         let node = node_name();
-        info!(shovel = %name, "shovel {name}: connecting to {}", self.config.remote);
+        // Which URI of the remote's list: any at first, another after a failure.
+        let mut rng = seed | 1;
+        let mut failed = None;
         loop {
             if carry.done() {
                 break;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let at = self.config.pick_remote(rng, failed);
+            self.current.store(at, Ordering::Relaxed);
+            if failed.is_none() || self.config.remote_count() > 1 {
+                info!(shovel = %name, "shovel {name}: connecting to {}", self.remote());
             }
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
@@ -264,11 +281,12 @@ impl Shovel {
                     break;
                 }
                 Err(e) => {
+                    failed = Some(at);
                     let delay = backoff.next_delay();
                     warn!(
                         shovel = %name,
                         "shovel {name} to {}: {e}; reconnecting in {:.1} s",
-                        self.config.remote,
+                        self.remote(),
                         delay.as_secs_f64()
                     );
                     self.state.set(LinkState::BackingOff, Some(e.to_string()));
@@ -315,7 +333,7 @@ impl Shovel {
     /// RabbitMQ's `x-shovelled` entry for this shovel.
     fn shovelled_entry(&self, node: &str) -> FieldValue {
         let c = &self.config;
-        let (src_uri, dest_uri) = c.uris();
+        let (src_uri, dest_uri) = c.uris_at(self.current.load(Ordering::Relaxed));
         let mut t = FieldTable::new();
         t.insert("shovel-name", FieldValue::string(&c.name));
         t.insert("shovel-type", FieldValue::string(if c.dynamic.is_some() { "dynamic" } else { "static" }));
@@ -519,16 +537,17 @@ impl Conn<'_> {
     /// TCP (and TLS) connect and the AMQP handshake up to an open channel.
     async fn connect(&self) -> Result<(Wire, Client), ShovelError> {
         let config = self.config();
+        let (remote, password) = config.remote_at(self.shovel.current.load(Ordering::Relaxed));
         let tls = match &config.tls {
-            Some(t) => Some((crate::tls::client_config(t)?, super::server_name(config)?)),
+            Some(t) => Some((crate::tls::client_config(t)?, super::server_name_for(config, remote)?)),
             None => None,
         };
-        let password = match &config.password {
+        let password = match password {
             Some(source) => source.read()?,
-            None if config.remote.user.is_none() => b"guest".to_vec(),
+            None if remote.user.is_none() => b"guest".to_vec(),
             None => Vec::new(),
         };
-        let tcp = TcpStream::connect(config.remote.address()).await.map_err(ShovelError::Connect)?;
+        let tcp = TcpStream::connect(remote.address()).await.map_err(ShovelError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let peer = tcp.peer_addr().map_err(ShovelError::Connect)?;
         let local = tcp.local_addr().map_err(ShovelError::Connect)?;
@@ -540,9 +559,9 @@ impl Conn<'_> {
         };
         let mut wire = Wire { stream, rx: BytesMut::with_capacity(16 * 1024), peer, local, sent: 0, received: 0 };
         let mut client = Client::new(ClientParams {
-            user: config.remote.user.clone().unwrap_or_else(|| "guest".to_string()),
+            user: remote.user.clone().unwrap_or_else(|| "guest".to_string()),
             password,
-            vhost: config.remote.vhost.clone(),
+            vhost: remote.vhost.clone(),
             heartbeat: config.heartbeat,
             connection_name: format!("Ferry shovel {}", config.name),
             mechanisms: config.auth_mechanisms.clone(),
@@ -640,7 +659,7 @@ impl Conn<'_> {
             connected_at: now_millis(),
         });
         handle.set_login(Login {
-            user: config.remote.user.clone().unwrap_or_else(|| "guest".into()),
+            user: self.shovel.remote().user.clone().unwrap_or_else(|| "guest".into()),
             vhost: config.vhost.clone(),
             client_id: Some(format!("shovel {name}")),
         });
@@ -651,7 +670,7 @@ impl Conn<'_> {
             (counters.forwarded_in.load(Ordering::Relaxed), counters.forwarded_out.load(Ordering::Relaxed));
         counters.connects.fetch_add(1, Ordering::Relaxed);
         backoff.reset();
-        let (src_uri, dest_uri) = config.uris();
+        let (src_uri, dest_uri) = config.uris_at(self.shovel.current.load(Ordering::Relaxed));
         let source = match &config.source {
             Source::Queue(q) => format!("queue {q}"),
             Source::Exchange { exchange, key } => format!("exchange {exchange} ({key})"),
@@ -659,7 +678,7 @@ impl Conn<'_> {
         info!(
             shovel = %name,
             "shovel {name}: up, connected to {} ({}): {src_uri} {source} → {dest_uri}, ack mode {}",
-            config.remote,
+            self.shovel.remote(),
             client.server_product(),
             config.ack_mode.as_str()
         );
@@ -844,7 +863,7 @@ impl Conn<'_> {
     /// Federation's `x-received-from` entry for a delivery from the remote.
     fn received_from(&self, d: &Incoming) -> FieldValue {
         let mut t = FieldTable::new();
-        t.insert("uri", FieldValue::string(&self.shovel.config.remote.to_string()));
+        t.insert("uri", FieldValue::string(&self.shovel.remote().to_string()));
         t.insert("exchange", FieldValue::LongString(d.exchange.bytes().clone()));
         t.insert("redelivered", FieldValue::Bool(d.redelivered));
         if let Some(cluster) = &self.cluster {

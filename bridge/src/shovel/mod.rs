@@ -33,8 +33,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{
-    AckMode, AmqpUri, AuthMechanism, DeleteAfter, Destination, ShovelConfig, ShovelDirection, Source, UriError,
-    UriQuery,
+    AckMode, Alternate, AmqpUri, AuthMechanism, DeleteAfter, Destination, ShovelConfig, ShovelDirection, Source,
+    UriError, UriQuery,
 };
 pub use link::{ShovelError, RECEIVED_FROM, SHOVELLED, SHOVELLED_TIMESTAMP};
 
@@ -46,7 +46,15 @@ use crate::BridgeError;
 /// The name a shovel's remote certificate must be valid for: `tls.server_name`, else the
 /// URI's host.
 pub fn server_name(config: &ShovelConfig) -> Result<rustls::pki_types::ServerName<'static>, crate::tls::TlsError> {
-    let name = config.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| config.remote.host.clone());
+    server_name_for(config, &config.remote)
+}
+
+/// [`server_name`] for one URI of the remote's list.
+pub fn server_name_for(
+    config: &ShovelConfig,
+    remote: &AmqpUri,
+) -> Result<rustls::pki_types::ServerName<'static>, crate::tls::TlsError> {
+    let name = config.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| remote.host.clone());
     rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| crate::tls::TlsError::ServerName(name))
 }
 
@@ -54,7 +62,9 @@ pub fn server_name(config: &ShovelConfig) -> Result<rustls::pki_types::ServerNam
 pub fn check_tls(config: &ShovelConfig) -> Result<(), crate::tls::TlsError> {
     if let Some(tls) = &config.tls {
         crate::tls::client_config(tls)?;
-        server_name(config)?;
+        for i in 0..config.remote_count() {
+            server_name_for(config, config.remote_at(i).0)?;
+        }
     }
     Ok(())
 }
@@ -145,6 +155,7 @@ pub(crate) fn prepare(broker: &Arc<Broker>, configs: &[ShovelConfig]) -> Result<
             counters: Counters::default(),
             changes: watch::Sender::new(0),
             finished: watch::Sender::new(false),
+            current: std::sync::atomic::AtomicUsize::new(0),
         });
         ready.push((shovel, vhost));
     }

@@ -16,12 +16,38 @@ fn report(c: &dyn Checker, key: impl Into<String>, reason: impl Into<String>) {
     c.report_problem(key.into(), reason.into());
 }
 
+/// `src_uri` / `dest_uri`: one URI, or the remote's list (the nodes of a cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawUri {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RawUri {
+    fn is_local(&self) -> bool {
+        matches!(self, RawUri::One(s) if s == "local")
+    }
+    fn list(&self) -> Vec<&str> {
+        match self {
+            RawUri::One(s) => vec![s.as_str()],
+            RawUri::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl From<&str> for RawUri {
+    fn from(s: &str) -> RawUri {
+        RawUri::One(s.to_string())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawShovel {
     pub name: String,
-    pub src_uri: String,
-    pub dest_uri: String,
+    pub src_uri: RawUri,
+    pub dest_uri: RawUri,
     pub src_queue: Option<String>,
     pub src_exchange: Option<String>,
     pub src_exchange_key: Option<String>,
@@ -71,17 +97,39 @@ pub fn shovel(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawShovel) -> 
             None
         }
     };
-    let (direction, remote) = match (raw.src_uri.as_str(), raw.dest_uri.as_str()) {
-        ("local", "local") => {
+    let (direction, remote_key, uris) = match (raw.src_uri.is_local(), raw.dest_uri.is_local()) {
+        (true, true) => {
             report(c, key("dest_uri"), "one side must be a remote amqp:// or amqps:// URI");
-            (ShovelDirection::Out, None)
+            (ShovelDirection::Out, "dest_uri", Vec::new())
         }
-        ("local", dest) => (ShovelDirection::Out, uri("dest_uri", dest)),
-        (src, "local") => (ShovelDirection::In, uri("src_uri", src)),
-        _ => {
+        (true, false) => (ShovelDirection::Out, "dest_uri", raw.dest_uri.list()),
+        (false, true) => (ShovelDirection::In, "src_uri", raw.src_uri.list()),
+        (false, false) => {
             report(c, key("src_uri"), "one side must be \"local\" (this broker)");
-            (ShovelDirection::Out, None)
+            (ShovelDirection::Out, "src_uri", Vec::new())
         }
+    };
+    // The remote: one URI or a list, all of one scheme and one query (they share the TLS
+    // files, the heartbeat and the login).
+    let one_remote = raw.src_uri.is_local() != raw.dest_uri.is_local();
+    if one_remote && uris.is_empty() {
+        report(c, key(remote_key), "an empty list: give the remote's URI, or a list of them");
+    }
+    let parsed: Vec<Option<AmqpUri>> = uris.iter().map(|text| uri(remote_key, text)).collect();
+    let (remote, alternates) = match parsed.split_first() {
+        Some((Some(first), rest)) if rest.iter().all(Option::is_some) => {
+            let rest: Vec<AmqpUri> = rest.iter().flatten().cloned().collect();
+            if rest.iter().any(|u| u.tls != first.tls || u.query != first.query) {
+                report(
+                    c,
+                    key(remote_key),
+                    "the URIs of a list must have the same scheme and query (they share the TLS files, \
+                     the heartbeat and the login); host, port, user and vhost may differ",
+                );
+            }
+            (Some(first.clone()), rest)
+        }
+        _ => (None, Vec::new()),
     };
     let source = match (raw.src_queue, raw.src_exchange) {
         (Some(q), None) if !q.is_empty() => {
@@ -140,6 +188,7 @@ pub fn shovel(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawShovel) -> 
     }
     let (Some(remote), Some(source)) = (remote, source) else { return None };
     let mut s = ShovelConfig::new(&raw.name, direction, remote, source);
+    s.alternates = alternates.into_iter().map(|uri| super::Alternate { uri, password: None }).collect();
     s.destination = destination;
     let args = |m: Option<serde_json::Map<String, serde_json::Value>>| {
         m.map(|m| super::args::json_table(&m)).unwrap_or_default()
