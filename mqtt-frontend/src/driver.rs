@@ -551,7 +551,36 @@ impl Conn {
             let mut now = now_millis();
             let mut packets = 0u32;
             loop {
-                match self.decoder.decode(&mut self.buf) {
+                if !self.yielded && self.decoder.whole_publish_next(&self.buf) {
+                    // What arrived first should take effect first, across connections too: a
+                    // SUBSCRIBE that reached the broker just before this PUBLISH, on another
+                    // connection, handled before it is routed. Tasks woken by one poll of the
+                    // I/O driver do not run in that order (tokio runs the last one woken first,
+                    // from its LIFO slot), so with the SUBSCRIBE sent 0-300 µs before, the
+                    // PUBLISH was routed first in 424 of 1,200 rounds; with one yield per read,
+                    // which lets the tasks woken before this one go first, in 53 (issue 14). Not
+                    // a guarantee: two workers may still run the two connections at once. A
+                    // publisher reading many packets at once pays it once.
+                    //
+                    // Done before the PUBLISH is decoded, so that no decoded packet is kept
+                    // across the yields: a `Packet` in this future's state made the task of
+                    // every connection, idle ones too, about 1 KB larger (docs/benchmarks.md).
+                    self.yielded = true;
+                    tokio::task::yield_now().await;
+                    // The other case: the SUBSCRIBE is being handled on the other worker right
+                    // now. Wait for it, a bounded number of turns (with a 300 µs gap on a loaded
+                    // machine this saved about 1 round in 70; the rounds still lost are those
+                    // whose SUBSCRIBE was not read yet).
+                    let mut turns = 0;
+                    while SUBSCRIBING.load(Ordering::Acquire) > 0 && turns < MAX_SUBSCRIBE_TURNS {
+                        turns += 1;
+                        tokio::task::yield_now().await;
+                    }
+                    now = now_millis();
+                }
+                // The packet is handled within this statement: nothing awaited below keeps it
+                // (or the decoder's result) in this future's state.
+                let publish = match self.decoder.decode(&mut self.buf) {
                     Ok(Some(p)) => {
                         heard = true;
                         packets += 1;
@@ -559,50 +588,12 @@ impl Conn {
                             now = now_millis();
                         }
                         let publish = matches!(p, Packet::Publish(_));
-                        if publish && !self.yielded {
-                            // What arrived first should take effect first, across connections
-                            // too: a SUBSCRIBE that reached the broker just before this PUBLISH,
-                            // on another connection, handled before it is routed. Tasks woken by
-                            // one poll of the I/O driver do not run in that order (tokio runs the
-                            // last one woken first, from its LIFO slot), so with the SUBSCRIBE
-                            // sent 0-300 µs before, the PUBLISH was routed first in 424 of 1,200
-                            // rounds; with one yield per read, which lets the tasks woken before
-                            // this one go first, in 53 (issue 14). Not a guarantee: two workers
-                            // may still run the two connections at once. A publisher reading
-                            // many packets at once pays it once.
-                            self.yielded = true;
-                            tokio::task::yield_now().await;
-                            // The other case: the SUBSCRIBE is being handled on the other
-                            // worker right now. Wait for it, a bounded number of turns (with a
-                            // 300 µs gap on a loaded machine this saved about 1 round in 70; the
-                            // rounds still lost are those whose SUBSCRIBE was not read yet).
-                            let mut turns = 0;
-                            while SUBSCRIBING.load(Ordering::Acquire) > 0 && turns < MAX_SUBSCRIBE_TURNS {
-                                turns += 1;
-                                tokio::task::yield_now().await;
-                            }
-                            now = now_millis();
-                        }
                         // Counted only while its first slice is handled: a client flooding
                         // SUBSCRIBEs, however large, holds publishers back a few turns at most.
                         let making = matches!(p, Packet::Subscribe(_)).then(SubscribeInProgress::start);
                         self.session.handle(p, now)?;
                         drop(making);
-                        // A large SUBSCRIBE is worked through in slices, other tasks running
-                        // between them (this one's deliveries wait in its outboxes).
-                        while self.session.is_subscribing() {
-                            tokio::task::yield_now().await;
-                            now = now_millis();
-                            self.session.resume(now)?;
-                        }
-                        // Over the publish rate, or a subscriber this went to is congested: the
-                        // rest of what was read waits (see `ferry_core::flow`).
-                        if publish {
-                            let congested = self.session.congested.drain(..);
-                            if self.flow.after_publish(1, congested, || Instant::now().into_std()) == Decode::Stop {
-                                break;
-                            }
-                        }
+                        publish
                     }
                     Ok(None) => {
                         self.undecoded = false;
@@ -610,6 +601,21 @@ impl Conn {
                         break;
                     }
                     Err(e) => return Err(self.undecodable(e)),
+                };
+                // A large SUBSCRIBE is worked through in slices, other tasks running between them
+                // (this one's deliveries wait in its outboxes).
+                while self.session.is_subscribing() {
+                    tokio::task::yield_now().await;
+                    now = now_millis();
+                    self.session.resume(now)?;
+                }
+                // Over the publish rate, or a subscriber this went to is congested: the rest of
+                // what was read waits (see `ferry_core::flow`).
+                if publish {
+                    let congested = self.session.congested.drain(..);
+                    if self.flow.after_publish(1, congested, || Instant::now().into_std()) == Decode::Stop {
+                        break;
+                    }
                 }
             }
             // §3.1.2.10: a whole control packet within 1.5 × the keep alive.
@@ -971,5 +977,19 @@ mod tests {
         let kept = buf.capacity();
         sizer.drained(&mut buf);
         assert_eq!(buf.capacity(), kept);
+    }
+
+    /// The size of `F`, the future a function of three arguments returns, without calling it.
+    fn returned_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_connection_task_stays_small() {
+        // `run`'s future is boxed by the frontend and kept for the connection's whole life,
+        // idle or not. A decoded `Packet` (472 bytes) kept across an await in `Conn::work` made
+        // it 1,088 bytes; without it, 136 (debug build, x86_64).
+        let size = returned_size(run);
+        assert!(size <= 256, "the connection's future is {size} bytes");
     }
 }

@@ -67,6 +67,19 @@ impl Decoder {
         self.max_packet_size = max;
     }
 
+    /// Whether `buf` starts with a whole PUBLISH (its type and length; nothing else checked,
+    /// nothing consumed): what [`Decoder::decode`] will return next is that PUBLISH or an error.
+    /// Lets a caller act before decoding it, so that no decoded packet is kept across a wait.
+    pub fn whole_publish_next(&self, buf: &[u8]) -> bool {
+        match buf.first() {
+            Some(&first) if first >> 4 == 3 => match read_varint(&buf[1..]) {
+                Varint::Done(v, n) => buf.len() >= 1 + n + v as usize,
+                Varint::Incomplete | Varint::TooLong => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Ok(None) = need more bytes (cheap: no allocation, nothing consumed). On Ok(Some) exactly the
     /// packet's bytes are consumed.
     /// Before a CONNECT has been decoded, any other packet type is
