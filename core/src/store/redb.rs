@@ -55,6 +55,11 @@ const DELIVERED: u64 = 1 << 63;
 /// Batches that may wait for the writer before `submit` blocks. A full channel means the disk
 /// is behind by over a thousand batches; blocking the submitter briefly is the backpressure.
 const CHANNEL_BOUND: usize = 1024;
+/// A lazy batch ([`Store::submit_lazy`]: acks, delivered marks) waits at most this long for a
+/// commit someone waits for before it is committed by itself. At 5,000 msgs/s with confirms the
+/// publisher's commits carry them and the bound is never reached; with no publisher it makes
+/// acks cost at most 50 commits a second.
+pub const LAZY_BOUND: std::time::Duration = std::time::Duration::from_millis(20);
 /// At most this many operations in one transaction, so one commit's latency stays bounded.
 pub const MAX_GROUP_OPS: usize = 10_000;
 /// At most about this many payload bytes in one transaction (4 MiB), for the same reason.
@@ -74,7 +79,9 @@ const COMPACT_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// 1 GiB would only grow the process.
 const CACHE_BYTES: usize = 64 << 20;
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// Where a batch's result goes: `None` for a lazy batch ([`Store::submit_lazy`]), which no one
+/// waits for.
+type Reply = Option<oneshot::Sender<Result<(), StoreError>>>;
 
 /// Work for the writer thread, which owns the database.
 enum Request {
@@ -135,7 +142,22 @@ impl RedbStore {
             let path = path.clone();
             move || create(&path)
         };
-        RedbStore::start(db, Box::new(reopen), Some(path))
+        RedbStore::start(db, Box::new(reopen), Some(path), LAZY_BOUND)
+    }
+
+    /// [`RedbStore::open`] with another bound for lazy batches (tests).
+    #[cfg(test)]
+    pub(crate) fn open_with_lazy_bound(
+        path: impl AsRef<Path>,
+        lazy_bound: std::time::Duration,
+    ) -> Result<RedbStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let db = Database::builder().create(&path).map_err(io)?;
+        let reopen = {
+            let path = path.clone();
+            move || Database::builder().create(&path).map_err(io)
+        };
+        RedbStore::start(db, Box::new(reopen), Some(path), lazy_bound)
     }
 
     /// Opens the store over any redb storage backend (tests inject failing disks this way).
@@ -143,10 +165,15 @@ impl RedbStore {
     pub(crate) fn with_backend(backend: impl ::redb::StorageBackend + Clone) -> Result<RedbStore, StoreError> {
         let db = Database::builder().create_with_backend(backend.clone()).map_err(io)?;
         let reopen = move || Database::builder().create_with_backend(backend.clone()).map_err(io);
-        RedbStore::start(db, Box::new(reopen), None)
+        RedbStore::start(db, Box::new(reopen), None, LAZY_BOUND)
     }
 
-    fn start(db: Database, reopen: Reopen, path: Option<std::path::PathBuf>) -> Result<RedbStore, StoreError> {
+    fn start(
+        db: Database,
+        reopen: Reopen,
+        path: Option<std::path::PathBuf>,
+        lazy_bound: std::time::Duration,
+    ) -> Result<RedbStore, StoreError> {
         // Create every table, so readers never meet a missing one, and find the next body id.
         let txn = db.begin_write().map_err(io)?;
         let next_body = {
@@ -173,6 +200,7 @@ impl RedbStore {
             commit_stats: commit_stats.clone(),
             next_body,
             tombstones: Tombstones::default(),
+            lazy_bound,
         };
         let handle = std::thread::Builder::new().name("ferry-store".into()).spawn(move || writer.run()).map_err(io)?;
         Ok(RedbStore {
@@ -245,7 +273,7 @@ impl RedbStore {
         let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
         let Some(sender) = sender.as_ref() else { return Commit::done(Err(StoreError::Closed)) };
         let (reply, commit) = Commit::pending();
-        match sender.send(Request::Batch { ops, reply }) {
+        match sender.send(Request::Batch { ops, reply: Some(reply) }) {
             Ok(()) => commit,
             Err(_) => Commit::done(Err(StoreError::Closed)),
         }
@@ -360,6 +388,18 @@ impl Store for RedbStore {
 
     fn commit_stats(&self) -> Option<Arc<super::CommitStats>> {
         Some(self.commit_stats.clone())
+    }
+
+    /// Held by the writer until the next batch someone waits for, a read, a flush or the close,
+    /// and at most [`LAZY_BOUND`]; then committed with them, in submission order.
+    fn submit_lazy(&self, ops: Vec<StoreOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = sender.as_ref() {
+            let _ = sender.send(Request::Batch { ops, reply: None });
+        }
     }
 
     /// Resolves after every batch submitted before it is committed (the channel is FIFO and the
@@ -661,6 +701,8 @@ struct Writer {
     /// The next body id; ids are never reused (one lost to a failed transaction is skipped).
     next_body: u64,
     tombstones: Tombstones,
+    /// [`LAZY_BOUND`], but for tests.
+    lazy_bound: std::time::Duration,
 }
 
 /// The message an operation on a queued message names.
@@ -761,9 +803,26 @@ impl Writer {
         let mut since_check = 0u64;
         // Checked once after start-up too: a backlog drained before a restart leaves free pages.
         let mut check_due = true;
+        // Lazy batches held for the next commit (see `LAZY_BOUND`), and when the first of them
+        // must be committed at the latest.
+        let mut held: Vec<(Vec<StoreOp>, Reply)> = Vec::new();
+        let mut held_until = Instant::now();
         loop {
             let first = match carried.take() {
                 Some(r) => r,
+                None if !held.is_empty() => {
+                    match self.receiver.recv_timeout(held_until.saturating_duration_since(Instant::now())) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.commit_and_reply(std::mem::take(&mut held));
+                            since_check += 1;
+                            if e == mpsc::RecvTimeoutError::Disconnected {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
                 None if check_due => match self.receiver.recv_timeout(COMPACT_IDLE) {
                     Ok(r) => r,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -781,6 +840,11 @@ impl Writer {
             };
             let (ops0, reply0) = match first {
                 Request::Read(f) => {
+                    // A read sees every batch submitted before it, lazy ones too.
+                    if !held.is_empty() {
+                        self.commit_and_reply(std::mem::take(&mut held));
+                        since_check += 1;
+                    }
                     // Dropping `f` unanswered tells the caller the store is closed.
                     if let Ok(db) = self.db() {
                         f(db);
@@ -789,9 +853,11 @@ impl Writer {
                 }
                 Request::Batch { ops, reply } => (ops, reply),
             };
-            let mut ops = ops0.len();
-            let mut bytes = weight(&ops0);
-            let mut group = vec![(ops0, reply0)];
+            let was_holding = !held.is_empty();
+            let mut group = std::mem::take(&mut held);
+            group.push((ops0, reply0));
+            let mut ops: usize = group.iter().map(|(o, _)| o.len()).sum();
+            let mut bytes: usize = group.iter().map(|(o, _)| weight(o)).sum();
             while ops < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
                 match self.receiver.try_recv() {
                     Ok(Request::Batch { ops: o, reply }) => {
@@ -807,27 +873,50 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // A group of flushes only has nothing to write: what came before is committed.
-            let result = if ops == 0 { Ok(()) } else { self.commit(&group) };
-            match &result {
-                Err(e) => {
-                    if !self.failing.swap(true, Ordering::Relaxed) {
-                        tracing::error!(error = %e, batches = group.len(), "store commit failed");
-                    }
+            // Only lazy batches, room for more and time left: hold them for the next commit
+            // someone waits for (or the bound). Commits stay a prefix of what was submitted.
+            if carried.is_none()
+                && ops < MAX_GROUP_OPS
+                && bytes < MAX_GROUP_BYTES
+                && group.iter().all(|(_, reply)| reply.is_none())
+            {
+                if !was_holding {
+                    held_until = Instant::now() + self.lazy_bound;
                 }
-                Ok(()) if ops > 0 => {
-                    if self.failing.swap(false, Ordering::Relaxed) {
-                        tracing::info!("store commits succeed again");
-                    }
+                if Instant::now() < held_until {
+                    held = group;
+                    continue;
                 }
-                Ok(()) => {}
             }
-            for (_, reply) in group {
-                let _ = reply.send(result.clone());
-            }
+            self.commit_and_reply(group);
             since_check += 1;
             if since_check >= COMPACT_CHECK_EVERY {
                 check_due = true;
+            }
+        }
+    }
+
+    /// Commits a group (nothing to write for a group of flushes only: what came before is
+    /// committed) and resolves its batches' commits.
+    fn commit_and_reply(&mut self, group: Vec<(Vec<StoreOp>, Reply)>) {
+        let ops: usize = group.iter().map(|(o, _)| o.len()).sum();
+        let result = if ops == 0 { Ok(()) } else { self.commit(&group) };
+        match &result {
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, batches = group.len(), "store commit failed");
+                }
+            }
+            Ok(()) if ops > 0 => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("store commits succeed again");
+                }
+            }
+            Ok(()) => {}
+        }
+        for (_, reply) in group {
+            if let Some(reply) = reply {
+                let _ = reply.send(result.clone());
             }
         }
     }
@@ -1361,13 +1450,12 @@ mod tests {
         // One batch: `a` is put in two queues and acked in one; `b` is put and marked only.
         commit(&s, vec![put("q", 1, &a), put("r", 1, &a), mark("q", 1), put("q", 2, &b), mark("q", 2), del("q", 1)])
             .await;
-        let group =
-            [(vec![put("q", 1, &a), mark("q", 1), del("q", 1), put("q", 2, &b), mark("q", 2)], oneshot::channel().0)];
+        let group = [(vec![put("q", 1, &a), mark("q", 1), del("q", 1), put("q", 2, &b), mark("q", 2)], None)];
         let plan = GroupPlan::of(&group);
         assert_eq!((plan.settled.len(), plan.marked.len()), (1, 1), "q 1 settled, q 2 marked with its put");
         // A delete before its put is a tombstone, not a settled message; a mark before its put
         // is not written with it.
-        let group = [(vec![del("q", 1), put("q", 1, &a), mark("q", 2), put("q", 2, &b)], oneshot::channel().0)];
+        let group = [(vec![del("q", 1), put("q", 1, &a), mark("q", 2), put("q", 2, &b)], None)];
         let plan = GroupPlan::of(&group);
         assert!(plan.settled.is_empty() && plan.marked.is_empty());
         // Put and delete in different groups take the usual path.
@@ -1434,6 +1522,46 @@ mod tests {
         let snap = reopen(&dir).recover().unwrap();
         assert_eq!(snap.queues.len(), 1);
         assert_eq!(seqs(&snap, "q"), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_batch_waits_for_the_next_waited_commit_and_is_durable_after_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.redb");
+        let m = msg(b"lazy");
+        let s = RedbStore::open_with_lazy_bound(&path, Duration::from_secs(3600)).unwrap();
+        s.submit_lazy(vec![put("q", 1, &m)]);
+        s.submit_lazy(vec![put("q", 2, &m), del("q", 1)]);
+        // Nothing waits for them: no commit of their own (a store that committed them at once
+        // would have by now).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.transactions(), 0);
+        // They ride with the next commit someone waits for, in submission order.
+        commit(&s, vec![put("q", 3, &m)]).await;
+        assert_eq!(s.transactions(), 1);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![2, 3]);
+        assert_eq!(s.transactions(), 1, "nothing was left to commit for the read");
+        // One left held at the close is committed by it.
+        s.submit_lazy(vec![del("q", 2)]);
+        drop(s);
+        let s = reopen(&dir);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_batch_alone_is_committed_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        s.submit_lazy(vec![put("q", 1, &(msg(b"alone")))]);
+        // No other submit, read or flush comes: only the bound commits it.
+        tokio::time::timeout(WAIT, async {
+            while s.transactions() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the lazy batch was never committed by itself");
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1]);
     }
 
     #[tokio::test]
@@ -1637,14 +1765,14 @@ mod tests {
             #[test]
             fn recovers_what_the_memory_store_holds(
                 batches in proptest::collection::vec(
-                    proptest::collection::vec(op(vec![msg(b"one"), msg(b"two")]), 1..8), 1..6),
+                    (proptest::collection::vec(op(vec![msg(b"one"), msg(b"two")]), 1..8), any::<bool>()), 1..6),
                 reopen_after in 0..6usize,
             ) {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 let dir = tempfile::tempdir().unwrap();
                 let mut memory = MemoryStore::new();
                 let mut disk = Some(super::reopen(&dir));
-                for (i, batch) in batches.into_iter().enumerate() {
+                for (i, (batch, lazy)) in batches.into_iter().enumerate() {
                     if i == reopen_after {
                         // Tombstones live in the writer, so a reopen forgets them: the model
                         // forgets its own the same way.
@@ -1653,6 +1781,11 @@ mod tests {
                         memory = rebuilt(&memory);
                     }
                     memory.submit(batch.clone());
+                    if lazy {
+                        // Held by the writer; the next batch, the reopen or the last close commits it.
+                        disk.as_ref().unwrap().submit_lazy(batch);
+                        continue;
+                    }
                     let commit = disk.as_ref().unwrap().submit(batch);
                     rt.block_on(async { tokio::time::timeout(WAIT, commit.wait()).await }).unwrap().unwrap();
                 }
