@@ -38,6 +38,12 @@ const BINDINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bindings")
 /// `key(vhost, queue) ++ seq (u64 BE)` → body id, with [`DELIVERED`] set once the message was
 /// handed to a consumer that must ack it. Sorted by sequence within a queue.
 const MESSAGES: TableDefinition<&[u8], u64> = TableDefinition::new("messages");
+/// `key(vhost, queue) ++ seq (u64 BE)`, as `MESSAGES` → a flags byte ([`QUEUED_DELIVERED`])
+/// then the encoded message: a message held by one queue (the usual case), whose put and delete
+/// then touch this one table. A message put in several queues in one group (a fan-out) uses
+/// `MESSAGES`, `BODIES` and `BODY_REFS` instead; a key is in one of the two tables, never both.
+/// Files written before this table hold every message in `MESSAGES`.
+const QUEUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queued");
 /// Body id → encoded message, stored once however many queues hold it.
 const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
 /// Body id → how many `MESSAGES` entries point at it. A body goes when its count reaches 0.
@@ -51,6 +57,8 @@ const SETTINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("settings")
 
 /// The top bit of a `MESSAGES` value: delivered, not acked (body ids never reach 2^63).
 const DELIVERED: u64 = 1 << 63;
+/// Bit of a `QUEUED` value's flags byte: delivered, not acked.
+const QUEUED_DELIVERED: u8 = 1;
 
 /// Batches that may wait for the writer before `submit` blocks. A full channel means the disk
 /// is behind by over a thousand batches; blocking the submitter briefly is the backpressure.
@@ -279,6 +287,7 @@ impl RedbStore {
         }
     }
 
+    /// Stored copies of message bodies: `BODIES` entries and `QUEUED` entries (tests).
     #[cfg(test)]
     fn body_count(&self) -> u64 {
         self.read(|db| {
@@ -303,7 +312,14 @@ impl RedbStore {
                 let id = item.unwrap().0.value();
                 assert!(bodies.get(id).unwrap().is_some(), "a count for a missing body {id}");
             }
-            Ok(n)
+            // A key is in one layout only.
+            let queued = txn.open_table(QUEUED).unwrap();
+            let messages = txn.open_table(MESSAGES).unwrap();
+            for item in queued.iter().unwrap() {
+                let k = item.unwrap().0;
+                assert!(messages.get(k.value()).unwrap().is_none(), "a key in both layouts");
+            }
+            Ok(n + queued.len().unwrap())
         })
         .unwrap()
     }
@@ -486,6 +502,43 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
     if let Some((_, name, list)) = run {
         snap.messages.insert(name, list);
     }
+    // Messages held by one queue, in the same key order; merged by sequence with the queue's
+    // messages of the other layout (a file may hold both).
+    let mut run: Option<QueueRun> = None;
+    let mut queued = Vec::new();
+    for item in txn.open_table(QUEUED).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let key = k.value();
+        let Some(prefix) = key.len().checked_sub(8).map(|n| &key[..n]) else {
+            return Err(StoreError::Corrupt("a message key is too short".into()));
+        };
+        if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
+            let (vhost, queue, _) = codec::decode_message_key(key)?;
+            queued.extend(run.replace((prefix.to_vec(), (vhost, queue), Vec::new())));
+        }
+        let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
+        let Some((&flags, encoded)) = v.value().split_first() else {
+            return Err(StoreError::Corrupt("an empty queued message".into()));
+        };
+        let message = Arc::new(codec::decode_message(encoded)?);
+        if let Some((_, _, list)) = run.as_mut() {
+            list.push(StoredMessage { seq, message, delivered: flags & QUEUED_DELIVERED != 0 });
+        }
+    }
+    queued.extend(run);
+    for (_, name, list) in queued {
+        match snap.messages.entry(name) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(list);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let mut both = std::mem::take(e.get_mut());
+                both.extend(list);
+                both.sort_by_key(|m| m.seq);
+                *e.get_mut() = both;
+            }
+        }
+    }
 
     for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
@@ -580,6 +633,7 @@ struct Tables<'t> {
     queues: Table<'t, &'static [u8], &'static [u8]>,
     bindings: Table<'t, &'static [u8], &'static [u8]>,
     messages: Table<'t, &'static [u8], u64>,
+    queued: Table<'t, &'static [u8], &'static [u8]>,
     bodies: Table<'t, u64, &'static [u8]>,
     body_refs: Table<'t, u64, u64>,
     retained: Table<'t, &'static [u8], &'static [u8]>,
@@ -595,6 +649,7 @@ impl<'t> Tables<'t> {
             queues: txn.open_table(QUEUES).map_err(io)?,
             bindings: txn.open_table(BINDINGS).map_err(io)?,
             messages: txn.open_table(MESSAGES).map_err(io)?,
+            queued: txn.open_table(QUEUED).map_err(io)?,
             bodies: txn.open_table(BODIES).map_err(io)?,
             body_refs: txn.open_table(BODY_REFS).map_err(io)?,
             retained: txn.open_table(RETAINED).map_err(io)?,
@@ -629,6 +684,7 @@ impl<'t> Tables<'t> {
 
     /// Removes every message of the keys starting with `prefix`, with their body references.
     fn remove_messages(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
+        remove_prefix(&mut self.queued, prefix)?;
         let mut gone = Vec::new();
         for item in self.messages.range::<&[u8]>(prefix..).map_err(io)? {
             let (k, v) = item.map_err(io)?;
@@ -642,6 +698,21 @@ impl<'t> Tables<'t> {
             self.unref(id & !DELIVERED)?;
         }
         Ok(())
+    }
+
+    /// Removes the message stored under `k`, in either layout; whether there was one.
+    fn remove_message(&mut self, k: &[u8]) -> Result<bool, StoreError> {
+        if self.queued.remove(k).map_err(io)?.is_some() {
+            return Ok(true);
+        }
+        let removed = self.messages.remove(k).map_err(io)?.map(|g| g.value());
+        match removed {
+            Some(id) => {
+                self.unref(id & !DELIVERED)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Removes the bindings of `vhost` that `drop` selects.
@@ -741,6 +812,10 @@ fn message_ref(op: &StoreOp) -> Option<MessageRef<'_>> {
 struct GroupPlan<'a> {
     settled: Refs<'a>,
     marked: Refs<'a>,
+    /// Messages (by `Arc` pointer) put, and not settled, in more than one place in the group:
+    /// a fan-out, stored once in `BODIES` with a reference count. Every other put goes in
+    /// `QUEUED`.
+    shared: HashSet<*const Message, foldhash::fast::RandomState>,
 }
 
 type Refs<'a> = HashSet<MessageRef<'a>, foldhash::fast::RandomState>;
@@ -770,6 +845,18 @@ impl<'a> GroupPlan<'a> {
             seen.insert(id, next);
         }
         let mut plan = GroupPlan::default();
+        let mut puts: HashMap<*const Message, bool, foldhash::fast::RandomState> = HashMap::default();
+        for op in group.iter().flat_map(|(ops, _)| ops) {
+            if let StoreOp::PutMessage { vhost, queue, seq, message } = op {
+                if seen.get(&(vhost.as_str(), queue, *seq)) == Some(&Seen::PutThenDeleted) {
+                    continue;
+                }
+                let ptr = Arc::as_ptr(message);
+                if puts.insert(ptr, true).is_some() {
+                    plan.shared.insert(ptr);
+                }
+            }
+        }
         for (id, n) in seen {
             match n {
                 Seen::PutThenDeleted => {
@@ -982,11 +1069,7 @@ impl Writer {
                         // earlier commit stored under the same key (a second put of a key: the
                         // proptest found it), without leaving a tombstone when there is none.
                         if let StoreOp::DeleteMessage { vhost, queue, seq } = op {
-                            let k = codec::message_key(vhost, queue, *seq);
-                            let removed = tables.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
-                            if let Some(id) = removed {
-                                tables.unref(id & !DELIVERED)?;
-                            }
+                            tables.remove_message(&codec::message_key(vhost, queue, *seq))?;
                         }
                         continue;
                     }
@@ -995,7 +1078,7 @@ impl Writer {
                         // Written with its put.
                         continue;
                     }
-                    self.apply(&mut tables, op, &mut bodies, undo, marked)?;
+                    self.apply(&mut tables, op, &mut bodies, &plan, undo, marked)?;
                 }
             }
         }
@@ -1011,6 +1094,7 @@ impl Writer {
         t: &mut Tables<'_>,
         op: &StoreOp,
         bodies: &mut HashMap<*const Message, u64, foldhash::fast::RandomState>,
+        plan: &GroupPlan<'_>,
         undo: &mut Vec<Undo>,
         delivered: bool,
     ) -> Result<(), StoreError> {
@@ -1065,10 +1149,21 @@ impl Writer {
                         return Ok(());
                     }
                 }
+                let k = codec::message_key(vhost, queue, *seq);
                 let ptr = Arc::as_ptr(message);
-                // A body with one reference has no `BODY_REFS` entry (see `Tables::unref`): the
-                // usual message, in one queue, costs one B-tree insert fewer to put and one
-                // fewer to delete.
+                if !plan.shared.contains(&ptr) {
+                    // Held by this queue alone: the message goes in its entry, one table. A copy
+                    // stored earlier under the same key in the other layout goes.
+                    let flags = if delivered { QUEUED_DELIVERED } else { 0 };
+                    let value = codec::encode_message_after(message, &[flags]);
+                    t.queued.insert(k.as_slice(), value.as_slice()).map_err(io)?;
+                    let old = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
+                    if let Some(old) = old {
+                        t.unref(old & !DELIVERED)?;
+                    }
+                    return Ok(());
+                }
+                // A body with one reference has no `BODY_REFS` entry (see `Tables::unref`).
                 let body = match bodies.get(&ptr).copied() {
                     Some(id) if t.bodies.get(id).map_err(io)?.is_some() => {
                         let n = t.body_refs.get(id).map_err(io)?.map_or(1, |g| g.value());
@@ -1086,19 +1181,18 @@ impl Writer {
                         id
                     }
                 };
-                let k = codec::message_key(vhost, queue, *seq);
                 let value = if delivered { body | DELIVERED } else { body };
                 let replaced = t.messages.insert(k.as_slice(), value).map_err(io)?.map(|g| g.value());
                 if let Some(old) = replaced {
                     t.unref(old & !DELIVERED)?;
                 }
+                t.queued.remove(k.as_slice()).map_err(io)?;
             }
             StoreOp::DeleteMessage { vhost, queue, seq } => {
                 let k = codec::message_key(vhost, queue, *seq);
-                let removed = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
-                match removed {
-                    Some(id) => t.unref(id & !DELIVERED)?,
-                    None => {
+                match t.remove_message(&k)? {
+                    true => {}
+                    false => {
                         let id = (vhost.clone(), queue.clone(), *seq);
                         if !self.tombstones.by_id.contains_key(&id) {
                             self.tombstones.insert(id.clone());
@@ -1109,6 +1203,17 @@ impl Writer {
             }
             StoreOp::MarkDelivered { vhost, queue, seq } => {
                 let k = codec::message_key(vhost, queue, *seq);
+                let inline = t.queued.get(k.as_slice()).map_err(io)?.map(|g| {
+                    let v = g.value();
+                    (v.first().is_some_and(|f| f & QUEUED_DELIVERED == 0)).then(|| v.to_vec())
+                });
+                if let Some(value) = inline {
+                    if let Some(mut value) = value {
+                        value[0] |= QUEUED_DELIVERED;
+                        t.queued.insert(k.as_slice(), value.as_slice()).map_err(io)?;
+                    }
+                    return Ok(());
+                }
                 let current = t.messages.get(k.as_slice()).map_err(io)?.map(|g| g.value());
                 if let Some(id) = current.filter(|id| id & DELIVERED == 0) {
                     t.messages.insert(k.as_slice(), id | DELIVERED).map_err(io)?;
@@ -1562,6 +1667,94 @@ mod tests {
         .await
         .expect("the lazy batch was never committed by itself");
         assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1]);
+    }
+
+    /// Entries in `MESSAGES`, `QUEUED` and `BODIES`.
+    fn table_lens(s: &RedbStore) -> (u64, u64, u64) {
+        s.read(|db| {
+            use ::redb::ReadableTableMetadata;
+            let txn = db.begin_read().unwrap();
+            Ok((
+                txn.open_table(MESSAGES).unwrap().len().unwrap(),
+                txn.open_table(QUEUED).unwrap().len().unwrap(),
+                txn.open_table(BODIES).unwrap().len().unwrap(),
+            ))
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_message_of_one_queue_is_stored_in_its_entry_and_a_fan_out_shares_a_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let (one, fan) = (msg(b"one"), msg(b"fan"));
+        commit(&s, vec![put("q", 1, &one), put("q", 2, &fan), put("r", 1, &fan)]).await;
+        // `one` in `QUEUED` alone; `fan` twice in `MESSAGES` over one body.
+        assert_eq!(table_lens(&s), (2, 1, 1));
+        let mark = StoreOp::MarkDelivered { vhost: "/".into(), queue: "q".into(), seq: 1 };
+        commit(&s, vec![mark]).await;
+        drop(s);
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let q = &snap.messages[&("/".to_string(), "q".into())];
+        assert_eq!((q[0].seq, q[0].delivered, &q[0].message), (1, true, &one));
+        assert_eq!((q[1].seq, q[1].delivered, &q[1].message), (2, false, &fan));
+        assert!(Arc::ptr_eq(&q[1].message, &snap.messages[&("/".to_string(), "r".into())][0].message));
+        commit(&s, vec![del("q", 1), del("q", 2)]).await;
+        assert_eq!(table_lens(&s), (1, 0, 1));
+        commit(&s, vec![del("r", 1)]).await;
+        assert_eq!(table_lens(&s), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_file_in_the_old_layout_recovers_exactly_and_takes_new_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (msg(b"a"), msg(b"b"), msg(b"c"));
+        {
+            // Every message in `MESSAGES` over `BODIES`, as files before `QUEUED` were; `b`'s
+            // count of 1 as files before the no-entry-for-one rule hold them.
+            let db = Database::create(dir.path().join("ferry.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut messages = txn.open_table(MESSAGES).unwrap();
+                let mut bodies = txn.open_table(BODIES).unwrap();
+                let mut refs = txn.open_table(BODY_REFS).unwrap();
+                bodies.insert(1, codec::encode_message(&a).as_slice()).unwrap();
+                bodies.insert(2, codec::encode_message(&b).as_slice()).unwrap();
+                refs.insert(1, 2).unwrap();
+                refs.insert(2, 1).unwrap();
+                let k = |q: &str, seq| codec::message_key("/", &q.into(), seq);
+                messages.insert(k("q", 1).as_slice(), 1).unwrap();
+                messages.insert(k("r", 1).as_slice(), 1).unwrap();
+                messages.insert(k("q", 2).as_slice(), 2 | DELIVERED).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let q = &snap.messages[&("/".to_string(), "q".into())];
+        let r = &snap.messages[&("/".to_string(), "r".into())];
+        assert_eq!(q.len(), 2);
+        assert_eq!((q[0].seq, q[0].delivered, &q[0].message), (1, false, &a));
+        assert_eq!((q[1].seq, q[1].delivered, &q[1].message), (2, true, &b));
+        assert_eq!((r.len(), r[0].seq, r[0].delivered), (1, 1, false));
+        assert!(Arc::ptr_eq(&q[0].message, &r[0].message), "a shared body comes back shared");
+        // New messages go in the new layout, between and after the old ones in sequence order;
+        // marks and deletes find the old entries.
+        let mark = |q: &str, seq| StoreOp::MarkDelivered { vhost: "/".into(), queue: q.into(), seq };
+        commit(&s, vec![put("q", 3, &c), put("r", 0, &msg(b"d")), mark("q", 1), del("r", 1)]).await;
+        assert_eq!(table_lens(&s), (2, 2, 2));
+        drop(s);
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let q = &snap.messages[&("/".to_string(), "q".into())];
+        let seen: Vec<(u64, bool)> = q.iter().map(|m| (m.seq, m.delivered)).collect();
+        assert_eq!(seen, vec![(1, true), (2, true), (3, false)]);
+        assert_eq!(q[2].message, c);
+        assert_eq!(seqs(&snap, "r"), vec![0]);
+        assert_eq!(s.body_count(), 4);
+        commit(&s, vec![del("q", 1), del("q", 2), del("q", 3), del("r", 0)]).await;
+        assert_eq!(s.body_count(), 0);
     }
 
     #[tokio::test]
