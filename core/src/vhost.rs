@@ -885,15 +885,30 @@ impl VHost {
     }
 
     /// Removes a consumer (an auto-delete queue may go with its last consumer).
-    pub fn cancel(&self, queue: &Arc<Queue>, consumer: ConsumerId, now: Millis) -> Commit {
+    pub fn cancel(&self, queue: &Arc<Queue>, consumer: ConsumerId, now: Millis) {
         let effects = queue.cancel(consumer, now);
         self.settle(queue, effects, now)
     }
 
     /// Carries out what a queue operation returned (ack, reject, get, release, pump…): routes
     /// dead letters, deletes forgotten messages from the store, deletes the queue if it asked.
-    /// The commit resolves when those store changes are durable.
-    pub fn settle(&self, queue: &Arc<Queue>, effects: Effects, now: Millis) -> Commit {
+    /// Its store changes are submitted lazily ([`Store::submit_lazy`]): no one waits for them,
+    /// and a crash before they are committed only brings messages back, flagged redelivered.
+    /// A caller that must answer only once they are durable uses [`VHost::settle_waited`].
+    pub fn settle(&self, queue: &Arc<Queue>, effects: Effects, now: Millis) {
+        if effects.is_empty() {
+            return;
+        }
+        let mut ops = Vec::new();
+        self.carry_out(queue, effects, now, 0, &mut ops);
+        if !ops.is_empty() {
+            self.store.submit_lazy(ops);
+        }
+    }
+
+    /// [`VHost::settle`] for a caller that waits (a `tx.commit`): the commit resolves when its
+    /// store changes are durable.
+    pub fn settle_waited(&self, queue: &Arc<Queue>, effects: Effects, now: Millis) -> Commit {
         if effects.is_empty() {
             return Commit::done(Ok(()));
         }

@@ -262,7 +262,8 @@ impl Connection {
         requeue: Option<bool>,
         now: Millis,
     ) -> Result<(), AmqpError> {
-        self.settle_commit(ch, tag, multiple, requeue, now).map(drop)
+        // No one waits for an ack's store changes: they go lazily (`VHost::settle`).
+        self.settle_inner(ch, tag, multiple, requeue, now, false).map(drop)
     }
 
     /// [`Connection::settle`], returning the commit of what it changed in the store.
@@ -273,6 +274,18 @@ impl Connection {
         multiple: bool,
         requeue: Option<bool>,
         now: Millis,
+    ) -> Result<ferry_core::store::Commit, AmqpError> {
+        self.settle_inner(ch, tag, multiple, requeue, now, true)
+    }
+
+    fn settle_inner(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+        now: Millis,
+        waited: bool,
     ) -> Result<ferry_core::store::Commit, AmqpError> {
         let mut commit = ferry_core::store::Commit::done(Ok(()));
         let c = self.channel(ch);
@@ -290,7 +303,8 @@ impl Connection {
                 Some(rq) => u.queue.reject(u.seq, rq, now),
             };
             match r {
-                Ok(effects) => commit = commit.join(vhost.settle(&u.queue, effects, now)),
+                Ok(effects) if waited => commit = commit.join(vhost.settle_waited(&u.queue, effects, now)),
+                Ok(effects) => vhost.settle(&u.queue, effects, now),
                 Err(e) => tracing::debug!(conn = %self.id, error = %e, "settling a delivery the queue no longer holds"),
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {

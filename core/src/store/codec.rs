@@ -307,10 +307,17 @@ pub(crate) fn decode_binding_key(k: &[u8]) -> Result<BindingRecord, StoreError> 
 
 /// Encodes a message: every field, properties and headers included.
 pub(crate) fn encode_message(m: &Message) -> Vec<u8> {
+    encode_message_after(m, &[])
+}
+
+/// [`encode_message`] after the bytes `lead` (a `queued` entry's flags byte).
+pub(crate) fn encode_message_after(m: &Message, lead: &[u8]) -> Vec<u8> {
     // Room for the fixed fields, the names and the payload; properties and headers beyond that
     // grow it once.
-    let mut w =
-        Writer::with_capacity(128 + m.exchange.as_bytes().len() + m.routing_key.as_bytes().len() + m.payload.len());
+    let mut w = Writer::with_capacity(
+        128 + lead.len() + m.exchange.as_bytes().len() + m.routing_key.as_bytes().len() + m.payload.len(),
+    );
+    w.0.extend_from_slice(lead);
     w.u8(FORMAT);
     w.bytes(m.exchange.as_bytes()).bytes(m.routing_key.as_bytes());
     let p = &m.properties;

@@ -332,6 +332,15 @@ impl CommitStats {
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Queues a batch of operations, applied atomically and in submission order.
     fn submit(&self, ops: Vec<StoreOp>) -> Commit;
+    /// Queues a batch that no one waits for: changes whose loss in a crash could only bring
+    /// a message back, flagged redelivered (acks and rejects, delivered marks, and what they
+    /// carry out: dead letters, requeues). A disk store may hold it and commit it with the next
+    /// batch someone waits for (or a flush, a read, the close), or by itself after a short
+    /// bound ([`RedbStore`]: `LAZY_BOUND`, 20 ms); it stays in submission order, so what is on
+    /// disk after a crash is still everything submitted up to some point.
+    fn submit_lazy(&self, ops: Vec<StoreOp>) {
+        drop(self.submit(ops));
+    }
     /// Reads back everything durable (start-up).
     fn recover(&self) -> Result<Snapshot, StoreError>;
     /// Resolves once everything submitted so far is durable (shutdown).

@@ -38,6 +38,12 @@ const BINDINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bindings")
 /// `key(vhost, queue) ++ seq (u64 BE)` → body id, with [`DELIVERED`] set once the message was
 /// handed to a consumer that must ack it. Sorted by sequence within a queue.
 const MESSAGES: TableDefinition<&[u8], u64> = TableDefinition::new("messages");
+/// `key(vhost, queue) ++ seq (u64 BE)`, as `MESSAGES` → a flags byte ([`QUEUED_DELIVERED`])
+/// then the encoded message: a message held by one queue (the usual case), whose put and delete
+/// then touch this one table. A message put in several queues in one group (a fan-out) uses
+/// `MESSAGES`, `BODIES` and `BODY_REFS` instead; a key is in one of the two tables, never both.
+/// Files written before this table hold every message in `MESSAGES`.
+const QUEUED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("queued");
 /// Body id → encoded message, stored once however many queues hold it.
 const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
 /// Body id → how many `MESSAGES` entries point at it. A body goes when its count reaches 0.
@@ -51,10 +57,17 @@ const SETTINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("settings")
 
 /// The top bit of a `MESSAGES` value: delivered, not acked (body ids never reach 2^63).
 const DELIVERED: u64 = 1 << 63;
+/// Bit of a `QUEUED` value's flags byte: delivered, not acked.
+const QUEUED_DELIVERED: u8 = 1;
 
 /// Batches that may wait for the writer before `submit` blocks. A full channel means the disk
 /// is behind by over a thousand batches; blocking the submitter briefly is the backpressure.
 const CHANNEL_BOUND: usize = 1024;
+/// A lazy batch ([`Store::submit_lazy`]: acks, delivered marks) waits at most this long for a
+/// commit someone waits for before it is committed by itself. At 5,000 msgs/s with confirms the
+/// publisher's commits carry them and the bound is never reached; with no publisher it makes
+/// acks cost at most 50 commits a second.
+pub const LAZY_BOUND: std::time::Duration = std::time::Duration::from_millis(20);
 /// At most this many operations in one transaction, so one commit's latency stays bounded.
 pub const MAX_GROUP_OPS: usize = 10_000;
 /// At most about this many payload bytes in one transaction (4 MiB), for the same reason.
@@ -74,7 +87,9 @@ const COMPACT_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// 1 GiB would only grow the process.
 const CACHE_BYTES: usize = 64 << 20;
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// Where a batch's result goes: `None` for a lazy batch ([`Store::submit_lazy`]), which no one
+/// waits for.
+type Reply = Option<oneshot::Sender<Result<(), StoreError>>>;
 
 /// Work for the writer thread, which owns the database.
 enum Request {
@@ -135,7 +150,22 @@ impl RedbStore {
             let path = path.clone();
             move || create(&path)
         };
-        RedbStore::start(db, Box::new(reopen), Some(path))
+        RedbStore::start(db, Box::new(reopen), Some(path), LAZY_BOUND)
+    }
+
+    /// [`RedbStore::open`] with another bound for lazy batches (tests).
+    #[cfg(test)]
+    pub(crate) fn open_with_lazy_bound(
+        path: impl AsRef<Path>,
+        lazy_bound: std::time::Duration,
+    ) -> Result<RedbStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let db = Database::builder().create(&path).map_err(io)?;
+        let reopen = {
+            let path = path.clone();
+            move || Database::builder().create(&path).map_err(io)
+        };
+        RedbStore::start(db, Box::new(reopen), Some(path), lazy_bound)
     }
 
     /// Opens the store over any redb storage backend (tests inject failing disks this way).
@@ -143,10 +173,15 @@ impl RedbStore {
     pub(crate) fn with_backend(backend: impl ::redb::StorageBackend + Clone) -> Result<RedbStore, StoreError> {
         let db = Database::builder().create_with_backend(backend.clone()).map_err(io)?;
         let reopen = move || Database::builder().create_with_backend(backend.clone()).map_err(io);
-        RedbStore::start(db, Box::new(reopen), None)
+        RedbStore::start(db, Box::new(reopen), None, LAZY_BOUND)
     }
 
-    fn start(db: Database, reopen: Reopen, path: Option<std::path::PathBuf>) -> Result<RedbStore, StoreError> {
+    fn start(
+        db: Database,
+        reopen: Reopen,
+        path: Option<std::path::PathBuf>,
+        lazy_bound: std::time::Duration,
+    ) -> Result<RedbStore, StoreError> {
         // Create every table, so readers never meet a missing one, and find the next body id.
         let txn = db.begin_write().map_err(io)?;
         let next_body = {
@@ -173,6 +208,7 @@ impl RedbStore {
             commit_stats: commit_stats.clone(),
             next_body,
             tombstones: Tombstones::default(),
+            lazy_bound,
         };
         let handle = std::thread::Builder::new().name("ferry-store".into()).spawn(move || writer.run()).map_err(io)?;
         Ok(RedbStore {
@@ -245,12 +281,13 @@ impl RedbStore {
         let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
         let Some(sender) = sender.as_ref() else { return Commit::done(Err(StoreError::Closed)) };
         let (reply, commit) = Commit::pending();
-        match sender.send(Request::Batch { ops, reply }) {
+        match sender.send(Request::Batch { ops, reply: Some(reply) }) {
             Ok(()) => commit,
             Err(_) => Commit::done(Err(StoreError::Closed)),
         }
     }
 
+    /// Stored copies of message bodies: `BODIES` entries and `QUEUED` entries (tests).
     #[cfg(test)]
     fn body_count(&self) -> u64 {
         self.read(|db| {
@@ -275,7 +312,14 @@ impl RedbStore {
                 let id = item.unwrap().0.value();
                 assert!(bodies.get(id).unwrap().is_some(), "a count for a missing body {id}");
             }
-            Ok(n)
+            // A key is in one layout only.
+            let queued = txn.open_table(QUEUED).unwrap();
+            let messages = txn.open_table(MESSAGES).unwrap();
+            for item in queued.iter().unwrap() {
+                let k = item.unwrap().0;
+                assert!(messages.get(k.value()).unwrap().is_none(), "a key in both layouts");
+            }
+            Ok(n + queued.len().unwrap())
         })
         .unwrap()
     }
@@ -362,6 +406,18 @@ impl Store for RedbStore {
         Some(self.commit_stats.clone())
     }
 
+    /// Held by the writer until the next batch someone waits for, a read, a flush or the close,
+    /// and at most [`LAZY_BOUND`]; then committed with them, in submission order.
+    fn submit_lazy(&self, ops: Vec<StoreOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = sender.as_ref() {
+            let _ = sender.send(Request::Batch { ops, reply: None });
+        }
+    }
+
     /// Resolves after every batch submitted before it is committed (the channel is FIFO and the
     /// writer resolves groups in order).
     fn flush(&self) -> Commit {
@@ -445,6 +501,43 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
     }
     if let Some((_, name, list)) = run {
         snap.messages.insert(name, list);
+    }
+    // Messages held by one queue, in the same key order; merged by sequence with the queue's
+    // messages of the other layout (a file may hold both).
+    let mut run: Option<QueueRun> = None;
+    let mut queued = Vec::new();
+    for item in txn.open_table(QUEUED).map_err(io)?.iter().map_err(io)? {
+        let (k, v) = item.map_err(io)?;
+        let key = k.value();
+        let Some(prefix) = key.len().checked_sub(8).map(|n| &key[..n]) else {
+            return Err(StoreError::Corrupt("a message key is too short".into()));
+        };
+        if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
+            let (vhost, queue, _) = codec::decode_message_key(key)?;
+            queued.extend(run.replace((prefix.to_vec(), (vhost, queue), Vec::new())));
+        }
+        let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
+        let Some((&flags, encoded)) = v.value().split_first() else {
+            return Err(StoreError::Corrupt("an empty queued message".into()));
+        };
+        let message = Arc::new(codec::decode_message(encoded)?);
+        if let Some((_, _, list)) = run.as_mut() {
+            list.push(StoredMessage { seq, message, delivered: flags & QUEUED_DELIVERED != 0 });
+        }
+    }
+    queued.extend(run);
+    for (_, name, list) in queued {
+        match snap.messages.entry(name) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(list);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                let mut both = std::mem::take(e.get_mut());
+                both.extend(list);
+                both.sort_by_key(|m| m.seq);
+                *e.get_mut() = both;
+            }
+        }
     }
 
     for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
@@ -540,6 +633,7 @@ struct Tables<'t> {
     queues: Table<'t, &'static [u8], &'static [u8]>,
     bindings: Table<'t, &'static [u8], &'static [u8]>,
     messages: Table<'t, &'static [u8], u64>,
+    queued: Table<'t, &'static [u8], &'static [u8]>,
     bodies: Table<'t, u64, &'static [u8]>,
     body_refs: Table<'t, u64, u64>,
     retained: Table<'t, &'static [u8], &'static [u8]>,
@@ -555,6 +649,7 @@ impl<'t> Tables<'t> {
             queues: txn.open_table(QUEUES).map_err(io)?,
             bindings: txn.open_table(BINDINGS).map_err(io)?,
             messages: txn.open_table(MESSAGES).map_err(io)?,
+            queued: txn.open_table(QUEUED).map_err(io)?,
             bodies: txn.open_table(BODIES).map_err(io)?,
             body_refs: txn.open_table(BODY_REFS).map_err(io)?,
             retained: txn.open_table(RETAINED).map_err(io)?,
@@ -589,6 +684,7 @@ impl<'t> Tables<'t> {
 
     /// Removes every message of the keys starting with `prefix`, with their body references.
     fn remove_messages(&mut self, prefix: &[u8]) -> Result<(), StoreError> {
+        remove_prefix(&mut self.queued, prefix)?;
         let mut gone = Vec::new();
         for item in self.messages.range::<&[u8]>(prefix..).map_err(io)? {
             let (k, v) = item.map_err(io)?;
@@ -602,6 +698,21 @@ impl<'t> Tables<'t> {
             self.unref(id & !DELIVERED)?;
         }
         Ok(())
+    }
+
+    /// Removes the message stored under `k`, in either layout; whether there was one.
+    fn remove_message(&mut self, k: &[u8]) -> Result<bool, StoreError> {
+        if self.queued.remove(k).map_err(io)?.is_some() {
+            return Ok(true);
+        }
+        let removed = self.messages.remove(k).map_err(io)?.map(|g| g.value());
+        match removed {
+            Some(id) => {
+                self.unref(id & !DELIVERED)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Removes the bindings of `vhost` that `drop` selects.
@@ -661,6 +772,8 @@ struct Writer {
     /// The next body id; ids are never reused (one lost to a failed transaction is skipped).
     next_body: u64,
     tombstones: Tombstones,
+    /// [`LAZY_BOUND`], but for tests.
+    lazy_bound: std::time::Duration,
 }
 
 /// The message an operation on a queued message names.
@@ -699,6 +812,10 @@ fn message_ref(op: &StoreOp) -> Option<MessageRef<'_>> {
 struct GroupPlan<'a> {
     settled: Refs<'a>,
     marked: Refs<'a>,
+    /// Messages (by `Arc` pointer) put, and not settled, in more than one place in the group:
+    /// a fan-out, stored once in `BODIES` with a reference count. Every other put goes in
+    /// `QUEUED`.
+    shared: HashSet<*const Message, foldhash::fast::RandomState>,
 }
 
 type Refs<'a> = HashSet<MessageRef<'a>, foldhash::fast::RandomState>;
@@ -728,6 +845,18 @@ impl<'a> GroupPlan<'a> {
             seen.insert(id, next);
         }
         let mut plan = GroupPlan::default();
+        let mut puts: HashMap<*const Message, bool, foldhash::fast::RandomState> = HashMap::default();
+        for op in group.iter().flat_map(|(ops, _)| ops) {
+            if let StoreOp::PutMessage { vhost, queue, seq, message } = op {
+                if seen.get(&(vhost.as_str(), queue, *seq)) == Some(&Seen::PutThenDeleted) {
+                    continue;
+                }
+                let ptr = Arc::as_ptr(message);
+                if puts.insert(ptr, true).is_some() {
+                    plan.shared.insert(ptr);
+                }
+            }
+        }
         for (id, n) in seen {
             match n {
                 Seen::PutThenDeleted => {
@@ -761,9 +890,26 @@ impl Writer {
         let mut since_check = 0u64;
         // Checked once after start-up too: a backlog drained before a restart leaves free pages.
         let mut check_due = true;
+        // Lazy batches held for the next commit (see `LAZY_BOUND`), and when the first of them
+        // must be committed at the latest.
+        let mut held: Vec<(Vec<StoreOp>, Reply)> = Vec::new();
+        let mut held_until = Instant::now();
         loop {
             let first = match carried.take() {
                 Some(r) => r,
+                None if !held.is_empty() => {
+                    match self.receiver.recv_timeout(held_until.saturating_duration_since(Instant::now())) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.commit_and_reply(std::mem::take(&mut held));
+                            since_check += 1;
+                            if e == mpsc::RecvTimeoutError::Disconnected {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
                 None if check_due => match self.receiver.recv_timeout(COMPACT_IDLE) {
                     Ok(r) => r,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -781,6 +927,11 @@ impl Writer {
             };
             let (ops0, reply0) = match first {
                 Request::Read(f) => {
+                    // A read sees every batch submitted before it, lazy ones too.
+                    if !held.is_empty() {
+                        self.commit_and_reply(std::mem::take(&mut held));
+                        since_check += 1;
+                    }
                     // Dropping `f` unanswered tells the caller the store is closed.
                     if let Ok(db) = self.db() {
                         f(db);
@@ -789,9 +940,11 @@ impl Writer {
                 }
                 Request::Batch { ops, reply } => (ops, reply),
             };
-            let mut ops = ops0.len();
-            let mut bytes = weight(&ops0);
-            let mut group = vec![(ops0, reply0)];
+            let was_holding = !held.is_empty();
+            let mut group = std::mem::take(&mut held);
+            group.push((ops0, reply0));
+            let mut ops: usize = group.iter().map(|(o, _)| o.len()).sum();
+            let mut bytes: usize = group.iter().map(|(o, _)| weight(o)).sum();
             while ops < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
                 match self.receiver.try_recv() {
                     Ok(Request::Batch { ops: o, reply }) => {
@@ -807,27 +960,50 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // A group of flushes only has nothing to write: what came before is committed.
-            let result = if ops == 0 { Ok(()) } else { self.commit(&group) };
-            match &result {
-                Err(e) => {
-                    if !self.failing.swap(true, Ordering::Relaxed) {
-                        tracing::error!(error = %e, batches = group.len(), "store commit failed");
-                    }
+            // Only lazy batches, room for more and time left: hold them for the next commit
+            // someone waits for (or the bound). Commits stay a prefix of what was submitted.
+            if carried.is_none()
+                && ops < MAX_GROUP_OPS
+                && bytes < MAX_GROUP_BYTES
+                && group.iter().all(|(_, reply)| reply.is_none())
+            {
+                if !was_holding {
+                    held_until = Instant::now() + self.lazy_bound;
                 }
-                Ok(()) if ops > 0 => {
-                    if self.failing.swap(false, Ordering::Relaxed) {
-                        tracing::info!("store commits succeed again");
-                    }
+                if Instant::now() < held_until {
+                    held = group;
+                    continue;
                 }
-                Ok(()) => {}
             }
-            for (_, reply) in group {
-                let _ = reply.send(result.clone());
-            }
+            self.commit_and_reply(group);
             since_check += 1;
             if since_check >= COMPACT_CHECK_EVERY {
                 check_due = true;
+            }
+        }
+    }
+
+    /// Commits a group (nothing to write for a group of flushes only: what came before is
+    /// committed) and resolves its batches' commits.
+    fn commit_and_reply(&mut self, group: Vec<(Vec<StoreOp>, Reply)>) {
+        let ops: usize = group.iter().map(|(o, _)| o.len()).sum();
+        let result = if ops == 0 { Ok(()) } else { self.commit(&group) };
+        match &result {
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, batches = group.len(), "store commit failed");
+                }
+            }
+            Ok(()) if ops > 0 => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("store commits succeed again");
+                }
+            }
+            Ok(()) => {}
+        }
+        for (_, reply) in group {
+            if let Some(reply) = reply {
+                let _ = reply.send(result.clone());
             }
         }
     }
@@ -893,11 +1069,7 @@ impl Writer {
                         // earlier commit stored under the same key (a second put of a key: the
                         // proptest found it), without leaving a tombstone when there is none.
                         if let StoreOp::DeleteMessage { vhost, queue, seq } = op {
-                            let k = codec::message_key(vhost, queue, *seq);
-                            let removed = tables.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
-                            if let Some(id) = removed {
-                                tables.unref(id & !DELIVERED)?;
-                            }
+                            tables.remove_message(&codec::message_key(vhost, queue, *seq))?;
                         }
                         continue;
                     }
@@ -906,7 +1078,7 @@ impl Writer {
                         // Written with its put.
                         continue;
                     }
-                    self.apply(&mut tables, op, &mut bodies, undo, marked)?;
+                    self.apply(&mut tables, op, &mut bodies, &plan, undo, marked)?;
                 }
             }
         }
@@ -922,6 +1094,7 @@ impl Writer {
         t: &mut Tables<'_>,
         op: &StoreOp,
         bodies: &mut HashMap<*const Message, u64, foldhash::fast::RandomState>,
+        plan: &GroupPlan<'_>,
         undo: &mut Vec<Undo>,
         delivered: bool,
     ) -> Result<(), StoreError> {
@@ -976,10 +1149,21 @@ impl Writer {
                         return Ok(());
                     }
                 }
+                let k = codec::message_key(vhost, queue, *seq);
                 let ptr = Arc::as_ptr(message);
-                // A body with one reference has no `BODY_REFS` entry (see `Tables::unref`): the
-                // usual message, in one queue, costs one B-tree insert fewer to put and one
-                // fewer to delete.
+                if !plan.shared.contains(&ptr) {
+                    // Held by this queue alone: the message goes in its entry, one table. A copy
+                    // stored earlier under the same key in the other layout goes.
+                    let flags = if delivered { QUEUED_DELIVERED } else { 0 };
+                    let value = codec::encode_message_after(message, &[flags]);
+                    t.queued.insert(k.as_slice(), value.as_slice()).map_err(io)?;
+                    let old = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
+                    if let Some(old) = old {
+                        t.unref(old & !DELIVERED)?;
+                    }
+                    return Ok(());
+                }
+                // A body with one reference has no `BODY_REFS` entry (see `Tables::unref`).
                 let body = match bodies.get(&ptr).copied() {
                     Some(id) if t.bodies.get(id).map_err(io)?.is_some() => {
                         let n = t.body_refs.get(id).map_err(io)?.map_or(1, |g| g.value());
@@ -997,19 +1181,18 @@ impl Writer {
                         id
                     }
                 };
-                let k = codec::message_key(vhost, queue, *seq);
                 let value = if delivered { body | DELIVERED } else { body };
                 let replaced = t.messages.insert(k.as_slice(), value).map_err(io)?.map(|g| g.value());
                 if let Some(old) = replaced {
                     t.unref(old & !DELIVERED)?;
                 }
+                t.queued.remove(k.as_slice()).map_err(io)?;
             }
             StoreOp::DeleteMessage { vhost, queue, seq } => {
                 let k = codec::message_key(vhost, queue, *seq);
-                let removed = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
-                match removed {
-                    Some(id) => t.unref(id & !DELIVERED)?,
-                    None => {
+                match t.remove_message(&k)? {
+                    true => {}
+                    false => {
                         let id = (vhost.clone(), queue.clone(), *seq);
                         if !self.tombstones.by_id.contains_key(&id) {
                             self.tombstones.insert(id.clone());
@@ -1020,6 +1203,17 @@ impl Writer {
             }
             StoreOp::MarkDelivered { vhost, queue, seq } => {
                 let k = codec::message_key(vhost, queue, *seq);
+                let inline = t.queued.get(k.as_slice()).map_err(io)?.map(|g| {
+                    let v = g.value();
+                    (v.first().is_some_and(|f| f & QUEUED_DELIVERED == 0)).then(|| v.to_vec())
+                });
+                if let Some(value) = inline {
+                    if let Some(mut value) = value {
+                        value[0] |= QUEUED_DELIVERED;
+                        t.queued.insert(k.as_slice(), value.as_slice()).map_err(io)?;
+                    }
+                    return Ok(());
+                }
                 let current = t.messages.get(k.as_slice()).map_err(io)?.map(|g| g.value());
                 if let Some(id) = current.filter(|id| id & DELIVERED == 0) {
                     t.messages.insert(k.as_slice(), id | DELIVERED).map_err(io)?;
@@ -1361,13 +1555,12 @@ mod tests {
         // One batch: `a` is put in two queues and acked in one; `b` is put and marked only.
         commit(&s, vec![put("q", 1, &a), put("r", 1, &a), mark("q", 1), put("q", 2, &b), mark("q", 2), del("q", 1)])
             .await;
-        let group =
-            [(vec![put("q", 1, &a), mark("q", 1), del("q", 1), put("q", 2, &b), mark("q", 2)], oneshot::channel().0)];
+        let group = [(vec![put("q", 1, &a), mark("q", 1), del("q", 1), put("q", 2, &b), mark("q", 2)], None)];
         let plan = GroupPlan::of(&group);
         assert_eq!((plan.settled.len(), plan.marked.len()), (1, 1), "q 1 settled, q 2 marked with its put");
         // A delete before its put is a tombstone, not a settled message; a mark before its put
         // is not written with it.
-        let group = [(vec![del("q", 1), put("q", 1, &a), mark("q", 2), put("q", 2, &b)], oneshot::channel().0)];
+        let group = [(vec![del("q", 1), put("q", 1, &a), mark("q", 2), put("q", 2, &b)], None)];
         let plan = GroupPlan::of(&group);
         assert!(plan.settled.is_empty() && plan.marked.is_empty());
         // Put and delete in different groups take the usual path.
@@ -1434,6 +1627,134 @@ mod tests {
         let snap = reopen(&dir).recover().unwrap();
         assert_eq!(snap.queues.len(), 1);
         assert_eq!(seqs(&snap, "q"), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_batch_waits_for_the_next_waited_commit_and_is_durable_after_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.redb");
+        let m = msg(b"lazy");
+        let s = RedbStore::open_with_lazy_bound(&path, Duration::from_secs(3600)).unwrap();
+        s.submit_lazy(vec![put("q", 1, &m)]);
+        s.submit_lazy(vec![put("q", 2, &m), del("q", 1)]);
+        // Nothing waits for them: no commit of their own (a store that committed them at once
+        // would have by now).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.transactions(), 0);
+        // They ride with the next commit someone waits for, in submission order.
+        commit(&s, vec![put("q", 3, &m)]).await;
+        assert_eq!(s.transactions(), 1);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![2, 3]);
+        assert_eq!(s.transactions(), 1, "nothing was left to commit for the read");
+        // One left held at the close is committed by it.
+        s.submit_lazy(vec![del("q", 2)]);
+        drop(s);
+        let s = reopen(&dir);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_lazy_batch_alone_is_committed_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        s.submit_lazy(vec![put("q", 1, &(msg(b"alone")))]);
+        // No other submit, read or flush comes: only the bound commits it.
+        tokio::time::timeout(WAIT, async {
+            while s.transactions() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the lazy batch was never committed by itself");
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1]);
+    }
+
+    /// Entries in `MESSAGES`, `QUEUED` and `BODIES`.
+    fn table_lens(s: &RedbStore) -> (u64, u64, u64) {
+        s.read(|db| {
+            use ::redb::ReadableTableMetadata;
+            let txn = db.begin_read().unwrap();
+            Ok((
+                txn.open_table(MESSAGES).unwrap().len().unwrap(),
+                txn.open_table(QUEUED).unwrap().len().unwrap(),
+                txn.open_table(BODIES).unwrap().len().unwrap(),
+            ))
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_message_of_one_queue_is_stored_in_its_entry_and_a_fan_out_shares_a_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let (one, fan) = (msg(b"one"), msg(b"fan"));
+        commit(&s, vec![put("q", 1, &one), put("q", 2, &fan), put("r", 1, &fan)]).await;
+        // `one` in `QUEUED` alone; `fan` twice in `MESSAGES` over one body.
+        assert_eq!(table_lens(&s), (2, 1, 1));
+        let mark = StoreOp::MarkDelivered { vhost: "/".into(), queue: "q".into(), seq: 1 };
+        commit(&s, vec![mark]).await;
+        drop(s);
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let q = &snap.messages[&("/".to_string(), "q".into())];
+        assert_eq!((q[0].seq, q[0].delivered, &q[0].message), (1, true, &one));
+        assert_eq!((q[1].seq, q[1].delivered, &q[1].message), (2, false, &fan));
+        assert!(Arc::ptr_eq(&q[1].message, &snap.messages[&("/".to_string(), "r".into())][0].message));
+        commit(&s, vec![del("q", 1), del("q", 2)]).await;
+        assert_eq!(table_lens(&s), (1, 0, 1));
+        commit(&s, vec![del("r", 1)]).await;
+        assert_eq!(table_lens(&s), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_file_in_the_old_layout_recovers_exactly_and_takes_new_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (msg(b"a"), msg(b"b"), msg(b"c"));
+        {
+            // Every message in `MESSAGES` over `BODIES`, as files before `QUEUED` were; `b`'s
+            // count of 1 as files before the no-entry-for-one rule hold them.
+            let db = Database::create(dir.path().join("ferry.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut messages = txn.open_table(MESSAGES).unwrap();
+                let mut bodies = txn.open_table(BODIES).unwrap();
+                let mut refs = txn.open_table(BODY_REFS).unwrap();
+                bodies.insert(1, codec::encode_message(&a).as_slice()).unwrap();
+                bodies.insert(2, codec::encode_message(&b).as_slice()).unwrap();
+                refs.insert(1, 2).unwrap();
+                refs.insert(2, 1).unwrap();
+                let k = |q: &str, seq| codec::message_key("/", &q.into(), seq);
+                messages.insert(k("q", 1).as_slice(), 1).unwrap();
+                messages.insert(k("r", 1).as_slice(), 1).unwrap();
+                messages.insert(k("q", 2).as_slice(), 2 | DELIVERED).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let q = &snap.messages[&("/".to_string(), "q".into())];
+        let r = &snap.messages[&("/".to_string(), "r".into())];
+        assert_eq!(q.len(), 2);
+        assert_eq!((q[0].seq, q[0].delivered, &q[0].message), (1, false, &a));
+        assert_eq!((q[1].seq, q[1].delivered, &q[1].message), (2, true, &b));
+        assert_eq!((r.len(), r[0].seq, r[0].delivered), (1, 1, false));
+        assert!(Arc::ptr_eq(&q[0].message, &r[0].message), "a shared body comes back shared");
+        // New messages go in the new layout, between and after the old ones in sequence order;
+        // marks and deletes find the old entries.
+        let mark = |q: &str, seq| StoreOp::MarkDelivered { vhost: "/".into(), queue: q.into(), seq };
+        commit(&s, vec![put("q", 3, &c), put("r", 0, &msg(b"d")), mark("q", 1), del("r", 1)]).await;
+        assert_eq!(table_lens(&s), (2, 2, 2));
+        drop(s);
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let q = &snap.messages[&("/".to_string(), "q".into())];
+        let seen: Vec<(u64, bool)> = q.iter().map(|m| (m.seq, m.delivered)).collect();
+        assert_eq!(seen, vec![(1, true), (2, true), (3, false)]);
+        assert_eq!(q[2].message, c);
+        assert_eq!(seqs(&snap, "r"), vec![0]);
+        assert_eq!(s.body_count(), 4);
+        commit(&s, vec![del("q", 1), del("q", 2), del("q", 3), del("r", 0)]).await;
+        assert_eq!(s.body_count(), 0);
     }
 
     #[tokio::test]
@@ -1637,14 +1958,14 @@ mod tests {
             #[test]
             fn recovers_what_the_memory_store_holds(
                 batches in proptest::collection::vec(
-                    proptest::collection::vec(op(vec![msg(b"one"), msg(b"two")]), 1..8), 1..6),
+                    (proptest::collection::vec(op(vec![msg(b"one"), msg(b"two")]), 1..8), any::<bool>()), 1..6),
                 reopen_after in 0..6usize,
             ) {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 let dir = tempfile::tempdir().unwrap();
                 let mut memory = MemoryStore::new();
                 let mut disk = Some(super::reopen(&dir));
-                for (i, batch) in batches.into_iter().enumerate() {
+                for (i, (batch, lazy)) in batches.into_iter().enumerate() {
                     if i == reopen_after {
                         // Tombstones live in the writer, so a reopen forgets them: the model
                         // forgets its own the same way.
@@ -1653,6 +1974,11 @@ mod tests {
                         memory = rebuilt(&memory);
                     }
                     memory.submit(batch.clone());
+                    if lazy {
+                        // Held by the writer; the next batch, the reopen or the last close commits it.
+                        disk.as_ref().unwrap().submit_lazy(batch);
+                        continue;
+                    }
                     let commit = disk.as_ref().unwrap().submit(batch);
                     rt.block_on(async { tokio::time::timeout(WAIT, commit.wait()).await }).unwrap().unwrap();
                 }
