@@ -226,7 +226,7 @@ async fn serve(
             }
             _ = sleep_until(wake), if wake.is_some() => {}
             _ = outbox.notified() => {}
-            _ = async { congested.as_deref().expect("guarded").room().await }, if congested.is_some() => {}
+            _ = async { congested.as_ref().expect("guarded").room().await }, if congested.is_some() => {}
             _ = conn.pending.ready(), if !conn.pending.is_empty() => {}
             // A heartbeat to send, or the client missed two: it is then closed, and the next
             // pass sees it.
