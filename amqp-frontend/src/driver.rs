@@ -311,8 +311,11 @@ async fn decode(
                 let publishes = conn.take_publishes();
                 if publishes > 0 || !conn.congested.is_empty() {
                     let congested = conn.congested.drain(..);
-                    if flow.after_publish(publishes, congested, || Instant::now().into_std()) == Decode::Stop {
-                        return Ok(true);
+                    match flow.after_publish(publishes, congested, || Instant::now().into_std()) {
+                        Decode::Stop => return Ok(true),
+                        // Held by a queue before: the queue's other publishers get their turn.
+                        Decode::Yield => tokio::task::yield_now().await,
+                        Decode::Go => {}
                     }
                 }
             }

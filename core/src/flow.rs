@@ -100,7 +100,18 @@ pub enum Decode {
     Go,
     /// The connection is held back: what is left in the buffer waits.
     Stop,
+    /// Go on, after letting the other tasks run: the connection publishes into a queue that
+    /// held it back, and shares the room the queue makes with that queue's other publishers
+    /// ([`FAIR_BATCH`]).
+    Yield,
 }
+
+/// A connection that a queue has held back yields to the other tasks after this many publishes
+/// decoded in a row ([`Decode::Yield`]). When a queue lets its publishers go, the first to run
+/// would otherwise decode all it has buffered and take all the room the queue made (2,048
+/// messages), and the others would wait for the next round: with 16 publishers into one queue
+/// that made the latency of the unlucky ones' messages several rounds long.
+pub const FAIR_BATCH: u16 = 32;
 
 /// A change in whether the connection reads, for the driver's keep alive or heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +151,10 @@ pub struct PublisherFlow {
     publisher: bool,
     /// Saturated at `u32::MAX` (the limit is far below).
     acks_waiting: u32,
+    /// A queue has held this connection back: it yields every [`FAIR_BATCH`] publishes.
+    queue_paced: bool,
+    /// Publishes decoded since the last yield (while `queue_paced`).
+    batch: u16,
     /// Since when the connection has not been reading. (No running total is kept: no driver
     /// reports one, and every connection carries this struct.)
     paused_since: Option<Instant>,
@@ -159,6 +174,8 @@ impl PublisherFlow {
             disk_alarm: false,
             publisher: false,
             acks_waiting: 0,
+            queue_paced: false,
+            batch: 0,
             paused_since: None,
         }
     }
@@ -187,7 +204,16 @@ impl PublisherFlow {
             }
         }
         if self.throttled_until.is_some() || !self.congested.is_empty() {
+            self.batch = 0;
             Decode::Stop
+        } else if self.queue_paced && publishes > 0 {
+            self.batch = self.batch.saturating_add(u16::try_from(publishes).unwrap_or(u16::MAX));
+            if self.batch >= FAIR_BATCH {
+                self.batch = 0;
+                Decode::Yield
+            } else {
+                Decode::Go
+            }
         } else {
             Decode::Go
         }
@@ -255,6 +281,7 @@ impl PublisherFlow {
         if self.hold.is_none() {
             self.congested.retain(|o| !o.has_room());
             if let Some(target) = self.congested.first() {
+                self.queue_paced |= matches!(target, Target::Queue(_));
                 self.hold = Some(Box::new(Hold { target: target.clone(), since: now, drains: target.drains() }));
             }
         }
@@ -533,6 +560,25 @@ mod tests {
         drop(q2.cancel(id2, 0));
         assert_eq!(g.update(t0 + Duration::from_millis(1), 1), Some(Pause::Ended(Duration::from_millis(1))));
         drop(q.cancel(id, 0));
+    }
+
+    #[test]
+    fn a_connection_a_queue_held_yields_every_fair_batch() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        for _ in 0..FAIR_BATCH {
+            assert_eq!(f.after_publish(1, none(), || t0), Decode::Go, "never held by a queue: no yield");
+        }
+        let (q, id) = congested_queue();
+        assert_eq!(f.after_publish(1, [Target::Queue(q.clone())], || t0), Decode::Stop);
+        f.update(t0, 0);
+        drop(q.cancel(id, 0));
+        assert_eq!(f.update(t0, 0), Some(Pause::Ended(Duration::ZERO)));
+        let decoded: Vec<Decode> = (0..2 * FAIR_BATCH).map(|_| f.after_publish(1, none(), || t0)).collect();
+        let yields: Vec<usize> =
+            decoded.iter().enumerate().filter(|(_, d)| **d == Decode::Yield).map(|(i, _)| i).collect();
+        assert_eq!(yields, [FAIR_BATCH as usize - 1, 2 * FAIR_BATCH as usize - 1]);
+        assert_eq!(f.after_publish(0, none(), || t0), Decode::Go, "other frames count for nothing");
     }
 
     #[test]
