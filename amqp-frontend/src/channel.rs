@@ -87,6 +87,11 @@ impl ConsumerSink for AmqpConsumerSink {
     fn cancelled(&self, _queue: &QueueName, _consumer: ConsumerId) {
         self.outbox.push(Outgoing::Cancelled { channel: self.channel, consumer_tag: self.consumer_tag.clone() });
     }
+    /// A queue an AMQP client consumes from holds its publishers to the client's pace when it
+    /// falls behind (RabbitMQ's credit flow; `ferry_core::queue`).
+    fn paces_publishers(&self) -> bool {
+        true
+    }
 }
 
 /// A delivery waiting for the client's ack.

@@ -226,7 +226,7 @@ async fn serve(
             }
             _ = sleep_until(wake), if wake.is_some() => {}
             _ = outbox.notified() => {}
-            _ = async { congested.as_deref().expect("guarded").room().await }, if congested.is_some() => {}
+            _ = async { congested.as_ref().expect("guarded").room().await }, if congested.is_some() => {}
             _ = conn.pending.ready(), if !conn.pending.is_empty() => {}
             // A heartbeat to send, or the client missed two: it is then closed, and the next
             // pass sees it.
@@ -311,8 +311,11 @@ async fn decode(
                 let publishes = conn.take_publishes();
                 if publishes > 0 || !conn.congested.is_empty() {
                     let congested = conn.congested.drain(..);
-                    if flow.after_publish(publishes, congested, || Instant::now().into_std()) == Decode::Stop {
-                        return Ok(true);
+                    match flow.after_publish(publishes, congested, || Instant::now().into_std()) {
+                        Decode::Stop => return Ok(true),
+                        // Held by a queue before: the queue's other publishers get their turn.
+                        Decode::Yield => tokio::task::yield_now().await,
+                        Decode::Go => {}
                     }
                 }
             }

@@ -5,11 +5,12 @@
 //!
 //! - **its publish rate** (`max_publish_rate`, a [`TokenBucket`], one token per publish): a
 //!   publish taken on credit is served, then the connection waits until the debt is paid;
-//! - **a congested target**: a subscriber it published to took the message over its outbox's
-//!   capacity ([`Offer::Congested`](crate::sink::Offer)); the connection waits for that outbox
-//!   to have room, at most [`CONGESTION_PAUSE`], and tells it how long that took
-//!   ([`Outbox::waited`]), so one that does not keep up is found lagging and holds nobody back
-//!   any more (see [`crate::sink`]);
+//! - **a congested target** ([`Target`]): a subscriber it published to took the message over its
+//!   outbox's capacity ([`Offer::Congested`](crate::sink::Offer)), or a queue it published to
+//!   falls behind its consumers ([`Effects::congested`](crate::queue::Effects)); the connection
+//!   waits for that target to have room, at most [`CONGESTION_PAUSE`], and tells it how long
+//!   that took ([`Outbox::waited`], [`Queue::waited`]), so one that does not keep up is found
+//!   lagging and holds nobody back any more (see [`crate::sink`] and [`crate::queue`]);
 //! - **an alarm** (memory, or disk where the protocol has no better answer), once the
 //!   connection has published at all: consumers keep draining;
 //! - **acknowledgements waiting for the store**: [`MAX_PENDING_ACKS`] of them.
@@ -37,6 +38,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::message::Millis;
+use crate::queue::Queue;
 use crate::rate::TokenBucket;
 use crate::sink::{Outbox, SinkDelivery};
 use crate::store::{Commit, StoreError};
@@ -47,8 +49,50 @@ pub use crate::sink::CONGESTION_PAUSE;
 /// publisher is slowed instead of buffered).
 pub const MAX_PENDING_ACKS: usize = 1024;
 
-/// A subscriber's outbox a publish went to.
-pub type Target = Arc<Outbox<SinkDelivery>>;
+/// What a publish went to that holds its publisher back until it has room: the same pause, the
+/// same lagging rule, for both.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A direct sink's outbox past its capacity ([`crate::sink`]).
+    Outbox(Arc<Outbox<SinkDelivery>>),
+    /// A queue past its backlog mark with consumers that pace publishers ([`crate::queue`]).
+    Queue(Arc<Queue>),
+}
+
+impl Target {
+    pub fn has_room(&self) -> bool {
+        match self {
+            Target::Outbox(o) => o.has_room(),
+            Target::Queue(q) => q.has_room(),
+        }
+    }
+    /// How many times it has drained something (a queue: deliveries).
+    pub fn drains(&self) -> u64 {
+        match self {
+            Target::Outbox(o) => o.drains(),
+            Target::Queue(q) => q.drains(),
+        }
+    }
+    /// A publisher waited this long for it: whether it is lagging now
+    /// ([`Outbox::waited`], [`Queue::waited`]).
+    pub fn waited(&self, got_room: bool, waited: Duration, drains: u64, now_ms: Millis) -> bool {
+        match self {
+            Target::Outbox(o) => o.waited(got_room, waited, drains, now_ms),
+            Target::Queue(q) => q.waited(got_room, waited, drains, now_ms),
+        }
+    }
+    /// Resolves once it has room.
+    pub async fn room(&self) {
+        match self {
+            Target::Outbox(o) => o.room().await,
+            Target::Queue(q) => q.room().await,
+        }
+    }
+    /// Whether this is `outbox`.
+    pub fn is_outbox(&self, outbox: &Arc<Outbox<SinkDelivery>>) -> bool {
+        matches!(self, Target::Outbox(o) if Arc::ptr_eq(o, outbox))
+    }
+}
 
 /// Whether to go on decoding what has been read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +100,18 @@ pub enum Decode {
     Go,
     /// The connection is held back: what is left in the buffer waits.
     Stop,
+    /// Go on, after letting the other tasks run: the connection publishes into a queue that
+    /// held it back, and shares the room the queue makes with that queue's other publishers
+    /// ([`FAIR_BATCH`]).
+    Yield,
 }
+
+/// A connection that a queue has held back yields to the other tasks after this many publishes
+/// decoded in a row ([`Decode::Yield`]). When a queue lets its publishers go, the first to run
+/// would otherwise decode all it has buffered and take all the room the queue made (2,048
+/// messages), and the others would wait for the next round: with 16 publishers into one queue
+/// that made the latency of the unlucky ones' messages several rounds long.
+pub const FAIR_BATCH: u16 = 32;
 
 /// A change in whether the connection reads, for the driver's keep alive or heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +151,10 @@ pub struct PublisherFlow {
     publisher: bool,
     /// Saturated at `u32::MAX` (the limit is far below).
     acks_waiting: u32,
+    /// A queue has held this connection back: it yields every [`FAIR_BATCH`] publishes.
+    queue_paced: bool,
+    /// Publishes decoded since the last yield (while `queue_paced`).
+    batch: u16,
     /// Since when the connection has not been reading. (No running total is kept: no driver
     /// reports one, and every connection carries this struct.)
     paused_since: Option<Instant>,
@@ -115,6 +174,8 @@ impl PublisherFlow {
             disk_alarm: false,
             publisher: false,
             acks_waiting: 0,
+            queue_paced: false,
+            batch: 0,
             paused_since: None,
         }
     }
@@ -143,7 +204,16 @@ impl PublisherFlow {
             }
         }
         if self.throttled_until.is_some() || !self.congested.is_empty() {
+            self.batch = 0;
             Decode::Stop
+        } else if self.queue_paced && publishes > 0 {
+            self.batch = self.batch.saturating_add(u16::try_from(publishes).unwrap_or(u16::MAX));
+            if self.batch >= FAIR_BATCH {
+                self.batch = 0;
+                Decode::Yield
+            } else {
+                Decode::Go
+            }
         } else {
             Decode::Go
         }
@@ -191,10 +261,16 @@ impl PublisherFlow {
             if room || waited >= CONGESTION_PAUSE {
                 let drains = h.target.drains() - h.drains;
                 if h.target.waited(room, waited, drains, now_ms) {
-                    tracing::debug!(
-                        len = h.target.len(),
-                        "a subscriber is lagging: its QoS 0 past its outbox is dropped"
-                    );
+                    match &h.target {
+                        Target::Outbox(o) => tracing::debug!(
+                            len = o.len(),
+                            "a subscriber is lagging: its QoS 0 past its outbox is dropped"
+                        ),
+                        Target::Queue(q) => tracing::debug!(
+                            queue = %q.name(),
+                            "a queue's consumers are lagging: it holds no publisher back for a while"
+                        ),
+                    }
                 }
                 self.hold = None;
                 // The wait was for all of them (as long as the longest allowed): those still
@@ -205,6 +281,7 @@ impl PublisherFlow {
         if self.hold.is_none() {
             self.congested.retain(|o| !o.has_room());
             if let Some(target) = self.congested.first() {
+                self.queue_paced |= matches!(target, Target::Queue(_));
                 self.hold = Some(Box::new(Hold { target: target.clone(), since: now, drains: target.drains() }));
             }
         }
@@ -244,7 +321,7 @@ impl PublisherFlow {
     }
 
     /// The congested target being waited for: the driver calls [`PublisherFlow::update`] when
-    /// it has room ([`Outbox::room`]).
+    /// it has room ([`Target::room`]).
     pub fn congested_target(&self) -> Option<&Target> {
         self.hold.as_ref().map(|h| &h.target)
     }
@@ -388,9 +465,13 @@ mod tests {
         let t0 = Instant::now();
         let mut f = PublisherFlow::new(0, true, t0);
         let sink = congested_sink();
-        assert_eq!(f.after_publish(1, [sink.outbox().clone()], || t0), Decode::Stop, "stop at that publish");
+        assert_eq!(
+            f.after_publish(1, [Target::Outbox(sink.outbox().clone())], || t0),
+            Decode::Stop,
+            "stop at that publish"
+        );
         assert_eq!(f.update(t0, 0), Some(Pause::Started));
-        assert!(Arc::ptr_eq(f.congested_target().expect("waiting for it"), sink.outbox()));
+        assert!(f.congested_target().expect("waiting for it").is_outbox(sink.outbox()));
         assert_eq!(f.next_wakeup(), Some(t0 + CONGESTION_PAUSE));
         // Something else woke the driver: still no room, still held, the same deadline.
         let t1 = t0 + Duration::from_millis(10);
@@ -409,7 +490,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = PublisherFlow::new(0, true, t0);
         let sink = congested_sink();
-        assert_eq!(f.after_publish(1, [sink.outbox().clone()], || t0), Decode::Stop);
+        assert_eq!(f.after_publish(1, [Target::Outbox(sink.outbox().clone())], || t0), Decode::Stop);
         f.update(t0, 0);
         let end = f.next_wakeup().unwrap();
         assert_eq!(f.update(end, ms(CONGESTION_PAUSE)), Some(Pause::Ended(CONGESTION_PAUSE)));
@@ -420,12 +501,92 @@ mod tests {
         assert_eq!(sink.offer(d, ms(CONGESTION_PAUSE)), Offer::Dropped);
     }
 
+    /// A queue past its backlog mark, with a consumer that paces publishers but takes nothing.
+    fn congested_queue() -> (Arc<Queue>, crate::queue::ConsumerId) {
+        #[derive(Debug)]
+        struct Stalled;
+        impl crate::queue::ConsumerSink for Stalled {
+            fn has_room(&self) -> bool {
+                false
+            }
+            fn deliver(&self, _: crate::queue::Delivery) {
+                unreachable!("never has room")
+            }
+            fn paces_publishers(&self) -> bool {
+                true
+            }
+        }
+        let q = Arc::new(Queue::new("q".into(), Default::default(), 0).unwrap());
+        let spec = crate::queue::ConsumerSpec {
+            tag: "c".into(),
+            owner: crate::queue::OwnerId(1),
+            connection: ConnectionId(1),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+            sink: Arc::new(Stalled),
+        };
+        let (id, _) = q.consume(spec, 0).unwrap();
+        let mut congested = false;
+        for _ in 0..crate::queue::BACKLOG_HIGH {
+            congested = q.enqueue(Arc::new(Message::new("", "q", Bytes::new())), 0).1.congested;
+        }
+        assert!(congested);
+        (q, id)
+    }
+
+    #[test]
+    fn a_queue_falling_behind_holds_like_an_outbox_and_lags_by_the_same_rule() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        let (q, id) = congested_queue();
+        assert_eq!(f.after_publish(1, [Target::Queue(q.clone())], || t0), Decode::Stop);
+        assert_eq!(f.update(t0, 0), Some(Pause::Started));
+        assert!(matches!(f.congested_target(), Some(Target::Queue(_))));
+        assert_eq!(f.next_wakeup(), Some(t0 + CONGESTION_PAUSE));
+        // Nothing delivered within the pause: released, and the queue lags.
+        let end = t0 + CONGESTION_PAUSE;
+        assert_eq!(f.update(end, ms(CONGESTION_PAUSE)), Some(Pause::Ended(CONGESTION_PAUSE)));
+        assert!(f.should_read() && q.has_room());
+        let more = q.enqueue(Arc::new(Message::new("", "q", Bytes::new())), ms(CONGESTION_PAUSE));
+        assert!(!more.1.congested, "a lagging queue holds nobody");
+
+        // Another queue: its last consumer leaves while a publisher waits, which ends the hold.
+        let (q2, id2) = congested_queue();
+        let mut g = PublisherFlow::new(0, true, t0);
+        g.after_publish(1, [Target::Queue(q2.clone())], || t0);
+        assert_eq!(g.update(t0, 0), Some(Pause::Started));
+        drop(q2.cancel(id2, 0));
+        assert_eq!(g.update(t0 + Duration::from_millis(1), 1), Some(Pause::Ended(Duration::from_millis(1))));
+        drop(q.cancel(id, 0));
+    }
+
+    #[test]
+    fn a_connection_a_queue_held_yields_every_fair_batch() {
+        let t0 = Instant::now();
+        let mut f = PublisherFlow::new(0, true, t0);
+        for _ in 0..FAIR_BATCH {
+            assert_eq!(f.after_publish(1, none(), || t0), Decode::Go, "never held by a queue: no yield");
+        }
+        let (q, id) = congested_queue();
+        assert_eq!(f.after_publish(1, [Target::Queue(q.clone())], || t0), Decode::Stop);
+        f.update(t0, 0);
+        drop(q.cancel(id, 0));
+        assert_eq!(f.update(t0, 0), Some(Pause::Ended(Duration::ZERO)));
+        let decoded: Vec<Decode> = (0..2 * FAIR_BATCH).map(|_| f.after_publish(1, none(), || t0)).collect();
+        let yields: Vec<usize> =
+            decoded.iter().enumerate().filter(|(_, d)| **d == Decode::Yield).map(|(i, _)| i).collect();
+        assert_eq!(yields, [FAIR_BATCH as usize - 1, 2 * FAIR_BATCH as usize - 1]);
+        assert_eq!(f.after_publish(0, none(), || t0), Decode::Go, "other frames count for nothing");
+    }
+
     #[test]
     fn a_target_that_found_room_before_the_wait_does_not_hold() {
         let t0 = Instant::now();
         let mut f = PublisherFlow::new(0, true, t0);
         let sink = congested_sink();
-        assert_eq!(f.after_publish(1, [sink.outbox().clone()], || t0), Decode::Stop);
+        assert_eq!(f.after_publish(1, [Target::Outbox(sink.outbox().clone())], || t0), Decode::Stop);
         sink.outbox().drain_all();
         assert_eq!(f.update(t0, 0), None);
         assert!(f.should_read() && f.next_wakeup().is_none());

@@ -28,11 +28,26 @@
 //!    notified.
 //! 5. Leaves, never held with another: an outbox's `lag`, a `Signal`'s state (wakers are woken
 //!    after it is released), the retained store's map, the login throttle's table.
+//!
+//! # Publishers held back by a queue that falls behind
+//!
+//! A queue whose consumers do not keep up holds its publishers back, as a congested outbox
+//! does ([`crate::flow`]): past [`BACKLOG_HIGH`] ready messages (or [`BACKLOG_HIGH_BYTES`]) it
+//! tells each publish it takes ([`Effects::congested`]), and the publisher's connection stops
+//! reading until the queue is back to half of that ([`Queue::room`]), at most
+//! [`crate::flow::CONGESTION_PAUSE`]. This is RabbitMQ's credit flow in effect: 16 publishers
+//! into one queue are held to its consumer's pace instead of growing it until the memory alarm.
+//! Only consumers that ask for it count ([`ConsumerSink::paces_publishers`]: AMQP's; MQTT
+//! sessions and bridges keep their own bounds), so a queue nobody consumes from (a work queue
+//! filling overnight) holds nobody and grows until the memory alarm, as in RabbitMQ. A queue
+//! whose consumers did not drain within the pause, or drained slowly, is *lagging* by the
+//! outbox's rule ([`Queue::waited`]) and holds nobody for a while. A publisher is never held by
+//! a queue its own connection consumes from: that would hold back its acks too.
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -40,7 +55,19 @@ use tokio::sync::oneshot;
 use crate::error::CoreError;
 use crate::hash::FastMap;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
+use crate::sink::Lag;
 use crate::store::{Commit, StoreError};
+
+/// A queue with consumers that holds this many ready messages holds its publishers back (see
+/// the module's documentation), until it is down to [`BACKLOG_LOW`]. At 45,000 deliveries a
+/// second (one AMQP consumer of persistent messages on 2 CPUs) this is ~90 ms of waiting.
+pub const BACKLOG_HIGH: u64 = 4_096;
+/// Where a queue that held its publishers back lets them go again.
+pub const BACKLOG_LOW: u64 = BACKLOG_HIGH / 2;
+/// [`BACKLOG_HIGH`] in body bytes: large messages are held back by their bytes first.
+pub const BACKLOG_HIGH_BYTES: u64 = 8 << 20;
+/// [`BACKLOG_LOW`] in body bytes.
+pub const BACKLOG_LOW_BYTES: u64 = BACKLOG_HIGH_BYTES / 2;
 
 /// Queue names are short strings.
 pub type QueueName = ShortString;
@@ -292,6 +319,11 @@ pub trait ConsumerSink: Send + Sync + fmt::Debug {
     /// The broker cancelled this consumer (its queue was deleted): AMQP's consumer cancel
     /// notification.
     fn cancelled(&self, _queue: &QueueName, _consumer: ConsumerId) {}
+    /// Whether the queue holds its publishers back to this consumer's pace when it falls behind
+    /// (see the module's documentation). Asked once, when it starts consuming.
+    fn paces_publishers(&self) -> bool {
+        false
+    }
 }
 
 /// A consumer subscribing to a queue.
@@ -391,6 +423,22 @@ pub struct Effects {
     /// the queue's lock is released, since the effects outlive it — so nothing is ever woken
     /// under a queue's lock and nothing the caller forgets to carry out holds a publisher.
     pub(crate) released: Vec<Waiter>,
+    /// The queue took the message but falls behind its consumers: its publisher should stop
+    /// reading until it has room ([`Queue::room`]; see the module's documentation).
+    pub congested: bool,
+    /// The publishers waiting for this queue to have room ([`Queue::room`]) go: woken when these
+    /// effects are dropped, like `released`.
+    pub(crate) unheld: Option<Unheld>,
+}
+
+/// Wakes the publishers waiting for a queue to have room when dropped (see [`Effects`]).
+#[derive(Debug)]
+pub(crate) struct Unheld(Arc<tokio::sync::Notify>);
+
+impl Drop for Unheld {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
 }
 
 /// A publisher held back by an `x-overflow = block` queue: the sending half of the pending
@@ -429,6 +477,10 @@ impl Effects {
         self.delivered.extend(other.delivered);
         self.delete_queue |= other.delete_queue;
         self.released.extend(other.released);
+        self.congested |= other.congested;
+        if self.unheld.is_none() {
+            self.unheld = other.unheld;
+        }
         self.deadline = match (self.deadline, other.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -471,6 +523,9 @@ pub struct QueueStats {
     /// Publishes an `x-overflow = block` queue took past its limits, their acknowledgement
     /// withheld until it had room again, likewise.
     pub held_overflow: u64,
+    /// Publishes told to wait because the queue fell behind its consumers
+    /// ([`Effects::congested`]), likewise.
+    pub held_publishers: u64,
 }
 
 /// What one message held by a queue costs in memory besides its body: the shared `Message`
@@ -540,6 +595,8 @@ struct Consumer {
     /// When it was last served (a queue-local counter): among consumers of equal priority the
     /// least recently served goes next, which is round-robin.
     last_served: u64,
+    /// [`ConsumerSink::paces_publishers`], asked once.
+    paces: bool,
 }
 
 impl Consumer {
@@ -581,6 +638,7 @@ struct QueueState {
     delivered: u64,
     acked: u64,
     held_overflow: u64,
+    held_publishers: u64,
     /// `x-overflow = block`: the publishers whose acknowledgement waits for the queue to be back
     /// within its limits, oldest first; all released together when it is
     /// ([`Queue::release_waiters`]). Waiters whose publisher went away are pruned as it grows.
@@ -588,6 +646,9 @@ struct QueueState {
     /// The deadline last reported to the broker's timer (in [`Effects::deadline`] or by
     /// [`Queue::tick`]); only an earlier one is reported again.
     armed: Option<Millis>,
+    /// Whether the consumers are treated as slow: the queue then holds no publisher back
+    /// ([`Queue::waited`]).
+    lag: Lag,
 }
 
 impl QueueState {
@@ -683,6 +744,11 @@ pub struct Queue {
     /// exchange skip the policy (an `ArcSwap` load, 2 % of an AMQP publisher's broker CPU) on
     /// every publish ([`Queue::reserved_as_of`]).
     reserved: AtomicU64,
+    /// The queue holds its publishers back (see the module's documentation). Written under the
+    /// state's lock, read without it by the publishers waiting ([`Queue::has_room`]).
+    holding: AtomicBool,
+    /// Wakes the publishers waiting for room; made the first time the queue holds any.
+    unheld: OnceLock<Arc<tokio::sync::Notify>>,
 }
 
 impl Queue {
@@ -710,10 +776,20 @@ impl Queue {
             delivered: 0,
             acked: 0,
             held_overflow: 0,
+            held_publishers: 0,
             waiters: VecDeque::new(),
             armed: None,
+            lag: Lag::default(),
         };
-        Ok(Queue { name, options, args, state: Mutex::new(state), reserved: AtomicU64::new(u64::MAX) })
+        Ok(Queue {
+            name,
+            options,
+            args,
+            state: Mutex::new(state),
+            reserved: AtomicU64::new(u64::MAX),
+            holding: AtomicBool::new(false),
+            unheld: OnceLock::new(),
+        })
     }
     /// Whether the policy of `epoch` reserves this queue, asking `policy` only when this queue
     /// has not been asked under that epoch yet. A name's answer never changes under one policy.
@@ -785,6 +861,7 @@ impl Queue {
     fn deliver_to(&self, st: &mut QueueState, i: usize, entry: Entry, fx: &mut Effects) {
         st.serve_clock += 1;
         st.delivered += 1;
+        st.lag.drained();
         let clock = st.serve_clock;
         let c = &mut st.consumers[i];
         c.last_served = clock;
@@ -1014,8 +1091,12 @@ impl Queue {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.published += 1;
+        let from = message.origin.connection;
         let (outcome, held) = self.enqueue_locked(st, message, now, waits, &mut fx);
         self.release_waiters(st, &mut fx);
+        if matches!(outcome, EnqueueOutcome::Accepted { .. }) {
+            self.hold_publisher(st, from, now, &mut fx);
+        }
         self.rearm(st, &mut fx);
         (outcome, held, fx)
     }
@@ -1107,6 +1188,97 @@ impl Queue {
         if !st.waiters.is_empty() && (st.closed || !self.over_limits(st, 0, 0)) {
             fx.released.extend(st.waiters.drain(..));
         }
+        self.release_held(st, fx);
+    }
+
+    /// After a message was taken: past [`BACKLOG_HIGH`] with a consumer that paces its
+    /// publishers, and not lagging, the queue holds publishers back; this one is told to wait
+    /// unless its own connection consumes from the queue (its acks would wait too).
+    fn hold_publisher(&self, st: &mut QueueState, from: ConnectionId, now: Millis, fx: &mut Effects) {
+        if !self.holding.load(Ordering::Relaxed) {
+            if st.ready_count < BACKLOG_HIGH && st.ready_bytes < BACKLOG_HIGH_BYTES {
+                return;
+            }
+            if !st.consumers.iter().any(|c| c.paces) || st.lag.is_lagging(now) {
+                return;
+            }
+            self.unheld.get_or_init(|| Arc::new(tokio::sync::Notify::new()));
+            self.holding.store(true, Ordering::SeqCst);
+        }
+        fx.congested = !st.consumers.iter().any(|c| c.spec.connection == from);
+        st.held_publishers += u64::from(fx.congested);
+    }
+
+    /// Lets the publishers held back go once the queue is down to [`BACKLOG_LOW`], has no
+    /// consumer that paces them any more, or is closed.
+    fn release_held(&self, st: &QueueState, fx: &mut Effects) {
+        if self.holding.load(Ordering::Relaxed)
+            && (st.closed
+                || (st.ready_count <= BACKLOG_LOW && st.ready_bytes <= BACKLOG_LOW_BYTES)
+                || !st.consumers.iter().any(|c| c.paces))
+        {
+            self.unhold(fx);
+        }
+    }
+
+    fn unhold(&self, fx: &mut Effects) {
+        self.holding.store(false, Ordering::SeqCst);
+        fx.unheld = self.unheld.get().map(|n| Unheld(n.clone()));
+    }
+
+    /// Whether the queue lets its publishers read (it is not holding them back).
+    pub fn has_room(&self) -> bool {
+        !self.holding.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the queue lets its publishers read again (at once if it does): for a
+    /// publisher told the queue is congested ([`Effects::congested`]).
+    pub async fn room(&self) {
+        loop {
+            let Some(notify) = self.unheld.get() else {
+                return;
+            };
+            let unheld = notify.notified();
+            tokio::pin!(unheld);
+            // Register before checking, so a release in between is not missed.
+            unheld.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            unheld.await;
+        }
+    }
+
+    /// Messages handed to consumers (or `get`) so far: how a waiting publisher sees whether
+    /// the queue drains ([`Queue::waited`]).
+    pub fn drains(&self) -> u64 {
+        self.lock().delivered
+    }
+
+    /// [`crate::sink::Outbox::waited`] for a queue: a publisher waited `waited` for it, and got
+    /// room or not, while it delivered `drains` messages. Consumers that delivered nothing within
+    /// the pause, or less than one message every [`crate::sink::SLOW_DRAIN`], are lagging by the
+    /// outbox's rule (1 s, doubling, and until they take something): the queue then holds nobody
+    /// back and the other publishers waiting for it go. Found once per lagging period, however
+    /// many publishers waited. Returns whether it is lagging.
+    pub fn waited(&self, got_room: bool, waited: std::time::Duration, drains: u64, now_ms: Millis) -> bool {
+        let mut fx = Effects::default();
+        let lagging = {
+            let mut st = self.lock();
+            if st.lag.is_lagging(now_ms) {
+                true
+            } else if st.lag.waited(got_room, waited, drains, now_ms) {
+                if self.holding.load(Ordering::Relaxed) {
+                    self.unhold(&mut fx);
+                }
+                true
+            } else {
+                false
+            }
+        };
+        // The other publishers waiting are woken here, after the lock.
+        drop(fx);
+        lagging
     }
 
     /// Puts back a message recovered from the store at start-up, at its place by `seq`, marked
@@ -1145,7 +1317,8 @@ impl Queue {
         let id = ConsumerId::next();
         // A newcomer queues behind the consumers already there for round-robin.
         st.serve_clock += 1;
-        st.consumers.push(Consumer { id, spec, unacked: 0, last_served: st.serve_clock });
+        let paces = spec.sink.paces_publishers();
+        st.consumers.push(Consumer { id, spec, unacked: 0, last_served: st.serve_clock, paces });
         st.had_consumer = true;
         st.last_used = now;
         self.pump_locked(st, now, &mut fx);
@@ -1165,6 +1338,8 @@ impl Queue {
         st.last_used = now;
         if st.consumers.is_empty() {
             fx.delete_queue = self.options.auto_delete && st.had_consumer;
+            // Nobody consumes: it holds nobody back.
+            self.release_held(st, &mut fx);
         } else {
             // With single active consumer the next one may just have become active.
             self.pump_locked(st, now, &mut fx);
@@ -1209,6 +1384,7 @@ impl Queue {
             return (None, fx);
         };
         st.delivered += 1;
+        st.lag.drained();
         let delivery = Delivery {
             queue: self.name.clone(),
             consumer: None,
@@ -1391,6 +1567,7 @@ impl Queue {
             delivered: st.delivered,
             acked: st.acked,
             held_overflow: st.held_overflow,
+            held_publishers: st.held_publishers,
         }
     }
 }
@@ -1426,6 +1603,7 @@ mod tests {
     use super::*;
     use crate::message::{DeliveryMode, MoreProperties, Properties};
     use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
 
     const UNLIMITED: usize = usize::MAX;
 
@@ -1435,6 +1613,8 @@ mod tests {
         room: AtomicUsize,
         got: Mutex<Vec<Delivery>>,
         cancelled: Mutex<Vec<ConsumerId>>,
+        /// [`ConsumerSink::paces_publishers`] (an AMQP consumer's sink says yes).
+        paces: bool,
     }
 
     impl TestSink {
@@ -1446,6 +1626,16 @@ mod tests {
                 room: AtomicUsize::new(room),
                 got: Mutex::new(Vec::new()),
                 cancelled: Mutex::new(Vec::new()),
+                paces: false,
+            })
+        }
+        /// A consumer that paces its publishers, taking `room` deliveries.
+        fn pacing(room: usize) -> Arc<TestSink> {
+            Arc::new(TestSink {
+                room: AtomicUsize::new(room),
+                got: Mutex::new(Vec::new()),
+                cancelled: Mutex::new(Vec::new()),
+                paces: true,
             })
         }
         fn set_room(&self, room: usize) {
@@ -1471,6 +1661,9 @@ mod tests {
         }
         fn cancelled(&self, _queue: &QueueName, consumer: ConsumerId) {
             self.cancelled.lock().unwrap().push(consumer);
+        }
+        fn paces_publishers(&self) -> bool {
+            self.paces
         }
     }
 
@@ -2571,6 +2764,7 @@ mod tests {
                 delivered: 0,
                 acked: 0,
                 held_overflow: 0,
+                held_publishers: 0,
             }
         );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);
@@ -2841,5 +3035,121 @@ mod tests {
         assert!(matches!(q.enqueue(transient, 0).0, EnqueueOutcome::Accepted { .. }));
         q.enqueue(persistent, 0);
         assert_eq!(q.stats().ready, 1, "only the persistent message is kept while nobody consumes");
+    }
+
+    // ----- publishers held back by a queue that falls behind ----------------------------------
+
+    /// Enqueues `n` messages from connection 0 (the internal origin); returns whether the last
+    /// one was told to wait.
+    fn fill(q: &Queue, n: u64, now: Millis) -> bool {
+        let mut congested = false;
+        for i in 0..n {
+            congested = q.enqueue(msg(&i.to_string()), now).1.congested;
+        }
+        congested
+    }
+
+    #[tokio::test]
+    async fn a_queue_falling_behind_its_consumer_holds_publishers_until_down_to_the_low_mark() {
+        let q = Arc::new(queue(vec![]));
+        let sink = TestSink::pacing(0);
+        q.consume(spec(&sink, 1), 0).unwrap();
+        assert!(!fill(&q, BACKLOG_HIGH - 1, 0), "below the mark nobody waits");
+        assert!(q.has_room());
+        assert!(fill(&q, 1, 0), "at the mark the publisher is told to wait");
+        assert!(!q.has_room());
+        assert!(fill(&q, 1, 0), "and every publish after it, while it holds");
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.room().await }
+        });
+        // The consumer takes all but BACKLOG_LOW + 1: still held.
+        let before = q.drains();
+        sink.set_room((BACKLOG_HIGH + 1 - BACKLOG_LOW - 1) as usize);
+        drop(q.pump(0));
+        assert_eq!(depths(&q).ready as u64, BACKLOG_LOW + 1);
+        assert!(!q.has_room() && !waiter.is_finished());
+        assert_eq!(q.drains() - before, BACKLOG_HIGH - BACKLOG_LOW);
+        // One more: at the low mark the publishers go.
+        sink.set_room(1);
+        drop(q.pump(0));
+        assert!(q.has_room());
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        assert!(!q.waited(true, Duration::from_millis(3), BACKLOG_HIGH, 0), "it drained: not lagging");
+        assert!(!fill(&q, 1, 0), "between the marks a queue that let go holds nobody");
+    }
+
+    #[test]
+    fn a_queue_without_consumers_holds_nobody() {
+        let q = queue(vec![]);
+        assert!(!fill(&q, 2 * BACKLOG_HIGH, 0));
+        assert!(q.has_room());
+        // Nor does one whose consumers keep their own bounds (MQTT sessions, bridges).
+        let sink = TestSink::with_room(0);
+        q.consume(spec(&sink, 1), 0).unwrap();
+        assert!(!fill(&q, 1, 0));
+    }
+
+    #[test]
+    fn a_queue_holds_by_bytes_too() {
+        let q = queue(vec![]);
+        q.consume(spec(&TestSink::pacing(0), 1), 0).unwrap();
+        let big = Arc::new(Message::new("ex", "rk", Bytes::from(vec![0u8; 1 << 20])));
+        let n = BACKLOG_HIGH_BYTES >> 20;
+        for _ in 0..n - 1 {
+            assert!(!q.enqueue(big.clone(), 0).1.congested);
+        }
+        assert!(q.enqueue(big, 0).1.congested, "{n} MiB in {n} messages");
+    }
+
+    #[test]
+    fn a_publisher_is_not_held_by_a_queue_its_own_connection_consumes_from() {
+        let q = queue(vec![]);
+        q.consume(spec(&TestSink::pacing(0), 1), 0).unwrap();
+        fill(&q, BACKLOG_HIGH, 0);
+        assert!(!q.has_room());
+        let own = Message::new("ex", "rk", Bytes::from_static(b"x")).with_origin(crate::message::Origin {
+            protocol: crate::message::Protocol::Amqp,
+            connection: ConnectionId(1),
+        });
+        assert!(!q.enqueue(Arc::new(own), 0).1.congested, "its acks would wait behind its publishes");
+        assert!(fill(&q, 1, 0), "another connection is held");
+    }
+
+    #[tokio::test]
+    async fn consumers_that_drain_nothing_within_the_pause_lag_and_hold_nobody() {
+        let q = Arc::new(queue(vec![]));
+        let sink = TestSink::pacing(0);
+        q.consume(spec(&sink, 1), 0).unwrap();
+        assert!(fill(&q, BACKLOG_HIGH, 0));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.room().await }
+        });
+        let pause = crate::sink::CONGESTION_PAUSE;
+        assert!(q.waited(false, pause, 0, 250), "nothing delivered during the pause: lagging");
+        assert!(q.has_room(), "it holds nobody back any more");
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("the others go too").unwrap();
+        assert!(q.waited(false, pause, 0, 250), "a second publisher finds it lagging");
+        assert!(!fill(&q, 100, 10_000), "lagging until it delivers, however long");
+        // It delivers one: lagging 1 s from when it was found, then it holds again.
+        sink.set_room(1);
+        drop(q.pump(10_000));
+        assert!(fill(&q, 1, 10_000));
+    }
+
+    #[tokio::test]
+    async fn the_last_pacing_consumer_leaving_lets_the_publishers_go() {
+        let q = Arc::new(queue(vec![]));
+        let (id, _) = q.consume(spec(&TestSink::pacing(0), 1), 0).unwrap();
+        assert!(fill(&q, BACKLOG_HIGH, 0));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.room().await }
+        });
+        drop(q.cancel(id, 0));
+        assert!(q.has_room());
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        assert!(!fill(&q, 1, 0), "a work queue without consumers grows");
     }
 }

@@ -69,10 +69,10 @@ const MAX_LAG_DOUBLINGS: u32 = 6;
 /// A subscriber that has not been found slow for this long starts again from [`FIRST_LAG`].
 const LAG_MEMORY: u64 = 300_000;
 
-/// Whether (and until when) an outbox's subscriber is treated as slow, in milliseconds of the
-/// caller's clock.
+/// Whether (and until when) an outbox's subscriber (or a queue's consumers, see
+/// [`crate::queue::Queue::waited`]) is treated as slow, in milliseconds of the caller's clock.
 #[derive(Debug, Default, Clone, Copy)]
-struct Lag {
+pub(crate) struct Lag {
     /// Lagging until then at least.
     until: u64,
     /// It did not drain at all within a pause: lagging until it drains something.
@@ -80,6 +80,39 @@ struct Lag {
     /// Times found slow, and when last.
     strikes: u32,
     last: u64,
+}
+
+impl Lag {
+    /// Whether it is treated as slow at `now_ms`.
+    pub(crate) fn is_lagging(&self, now_ms: u64) -> bool {
+        self.stuck || now_ms < self.until
+    }
+
+    /// It drained something: a lag for not draining at all is over.
+    pub(crate) fn drained(&mut self) {
+        self.stuck = false;
+    }
+
+    /// The rule of [`Outbox::waited`]: a publisher waited `waited` for room, and got it or not,
+    /// while the owner drained `drains` times. Returns whether it is now lagging.
+    pub(crate) fn waited(&mut self, got_room: bool, waited: Duration, drains: u64, now_ms: u64) -> bool {
+        // Many publishers may wait on one subscriber and race for the room each drain makes: a
+        // publisher that lost a few races waited long although the subscriber kept draining. So
+        // the subscriber is judged by how often it drained meanwhile.
+        let slow = match drains {
+            0 => waited >= SLOW_DRAIN,
+            n => waited / n.min(u32::MAX as u64) as u32 >= SLOW_DRAIN,
+        };
+        if !slow {
+            return false;
+        }
+        self.strikes = if now_ms.saturating_sub(self.last) > LAG_MEMORY { 1 } else { self.strikes.saturating_add(1) };
+        self.last = now_ms;
+        let hold = FIRST_LAG << (self.strikes - 1).min(MAX_LAG_DOUBLINGS);
+        self.until = self.until.max(now_ms + hold);
+        self.stuck |= !got_room && drains == 0;
+        true
+    }
 }
 
 impl<T> fmt::Debug for Outbox<T> {
@@ -281,7 +314,7 @@ impl<T> Outbox<T> {
         items
     }
     fn drained_some(&self) {
-        self.lag.lock().unwrap_or_else(|e| e.into_inner()).stuck = false;
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).drained();
         self.drains.fetch_add(1, Ordering::Relaxed);
         self.drained.notify_waiters();
     }
@@ -293,8 +326,7 @@ impl<T> Outbox<T> {
 
     /// Whether the outbox's owner is treated as slow at `now_ms` (see the module's doc).
     pub fn is_lagging(&self, now_ms: u64) -> bool {
-        let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
-        lag.stuck || now_ms < lag.until
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).is_lagging(now_ms)
     }
 
     /// A publisher waited `waited` for room, and got it or not, while the owner drained `drains`
@@ -303,23 +335,7 @@ impl<T> Outbox<T> {
     /// each further time (up to 64 s), and (if it did not drain at all) until it drains.
     /// Returns whether it is now lagging.
     pub fn waited(&self, got_room: bool, waited: Duration, drains: u64, now_ms: u64) -> bool {
-        // Many publishers may wait on one subscriber and race for the room each drain makes: a
-        // publisher that lost a few races waited long although the subscriber kept draining. So
-        // the subscriber is judged by how often it drained meanwhile.
-        let slow = match drains {
-            0 => waited >= SLOW_DRAIN,
-            n => waited / n.min(u32::MAX as u64) as u32 >= SLOW_DRAIN,
-        };
-        if !slow {
-            return false;
-        }
-        let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
-        lag.strikes = if now_ms.saturating_sub(lag.last) > LAG_MEMORY { 1 } else { lag.strikes.saturating_add(1) };
-        lag.last = now_ms;
-        let hold = FIRST_LAG << (lag.strikes - 1).min(MAX_LAG_DOUBLINGS);
-        lag.until = lag.until.max(now_ms + hold);
-        lag.stuck |= !got_room && drains == 0;
-        true
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).waited(got_room, waited, drains, now_ms)
     }
 
     /// Resolves once the outbox has room (at once if it has). For publishers that were told a

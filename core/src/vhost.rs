@@ -15,12 +15,13 @@ use smallvec::SmallVec;
 
 use crate::error::CoreError;
 use crate::exchange::{Binding, BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, Owner, SinkRef};
+use crate::flow::Target;
 use crate::hash::KeyedMap;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::permissions::AccessPolicy;
 use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
 use crate::retained::RetainedStore;
-use crate::sink::{Cookies, DirectSink, Offer, Outbox, SinkDelivery, SinkId};
+use crate::sink::{Cookies, DirectSink, Offer, SinkDelivery, SinkId};
 use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
 use crate::timer::Timer;
 
@@ -81,9 +82,10 @@ pub struct PublishOutcome {
     /// publisher that waits ([`VHost::publish_waiting`]), when every `x-overflow = block` queue
     /// that took it past its limits has room again. A confirm or PUBACK waits on it.
     pub commit: Commit,
-    /// Outboxes of direct sinks that took a persistent message over capacity: the publisher
-    /// stops reading until each has room ([`Outbox::room`]). Usually empty (no allocation).
-    pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
+    /// Outboxes of direct sinks that took a message over capacity, and queues that took it
+    /// while falling behind their consumers: the publisher stops reading until each has room
+    /// ([`Target::room`]). Usually empty (no allocation).
+    pub congested: Vec<Target>,
 }
 
 /// Counters for statistics (`$SYS`, management).
@@ -1072,7 +1074,7 @@ impl VHost {
         now: Millis,
         depth: usize,
         ops: &mut Vec<StoreOp>,
-        congested: &mut Vec<Arc<Outbox<SinkDelivery>>>,
+        congested: &mut Vec<Target>,
         mut held: Option<&mut Commit>,
     ) -> bool {
         let mut rejected = false;
@@ -1094,6 +1096,9 @@ impl VHost {
                 }
                 EnqueueOutcome::Rejected => rejected = true,
             }
+            if effects.congested {
+                congested.push(Target::Queue(q.clone()));
+            }
             if !effects.is_empty() {
                 self.carry_out(q, effects, now, depth, ops);
             }
@@ -1101,7 +1106,7 @@ impl VHost {
         for (sink, cookies) in &targets.sinks {
             match sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }, now) {
                 Offer::Accepted => {}
-                Offer::Congested => congested.push(sink.outbox().clone()),
+                Offer::Congested => congested.push(Target::Outbox(sink.outbox().clone())),
                 Offer::Dropped => {
                     self.stats.dropped_at_sinks.fetch_add(1, Ordering::Relaxed);
                 }

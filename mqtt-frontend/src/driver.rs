@@ -751,7 +751,7 @@ impl Conn {
             _ = sink_outbox.notified() => {}
             _ = alarm.changed() => {}
             _ = disk_alarm.changed() => {}
-            _ = async { congested.as_deref().expect("guarded").room().await }, if congested.is_some() => {}
+            _ = async { congested.as_ref().expect("guarded").room().await }, if congested.is_some() => {}
             _ = async { queue_outbox.as_deref().expect("guarded").notified().await }, if queue_outbox.is_some() => {}
             _ = acks.ready(), if !acks.is_empty() => {}
             why = self.kick.kicked() => return Some(kicked(why, &self.conn)),

@@ -271,9 +271,10 @@ pub struct Session {
     /// The connection closes without a DISCONNECT (a second CONNECT, a server packet from the
     /// client, a withheld CONNACK).
     quiet: bool,
-    /// Outboxes of subscribers that took our QoS 1/2 messages over capacity: the driver stops
-    /// reading this client until they have room (or briefly, see the driver).
-    pub congested: Vec<Arc<Outbox<SinkDelivery>>>,
+    /// Outboxes of subscribers that took our QoS 1/2 messages over capacity, and queues that
+    /// took them while falling behind their consumers: the driver stops reading this client
+    /// until they have room (or briefly, see the driver).
+    pub congested: Vec<ferry_core::flow::Target>,
     /// Bytes to write to the socket.
     pub out: BytesMut,
     /// Where topics become routing keys and back (`topic::swap_separators_in`): one buffer
@@ -934,7 +935,7 @@ impl Session {
             Ok(o) => {
                 // Our own outbox is drained by this very task; waiting on it would deadlock.
                 let own = &self.sink_outbox;
-                self.congested.extend(o.congested.into_iter().filter(|c| !Arc::ptr_eq(c, own)));
+                self.congested.extend(o.congested.into_iter().filter(|c| !c.is_outbox(own)));
                 let commit = match retained_commit {
                     Some(rc) => rc.join(o.commit),
                     None => o.commit,

@@ -143,10 +143,11 @@ pub struct Connection {
     pub pending: AckQueue<PendingConfirm>,
     /// The client understands connection.blocked (its capabilities say so).
     pub blocked_capable: bool,
-    /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity: the
-    /// driver hands them to its publisher flow control, which stops decoding at once and
-    /// pauses reading until they have room (`ferry_core::flow`).
-    pub congested: Vec<Arc<Outbox<ferry_core::sink::SinkDelivery>>>,
+    /// Outboxes of (MQTT) subscribers that took our persistent messages over capacity, and
+    /// queues that took them while falling behind their consumers: the driver hands them to its
+    /// publisher flow control, which stops decoding at once and pauses reading until they have
+    /// room (`ferry_core::flow`).
+    pub congested: Vec<ferry_core::flow::Target>,
     /// The connection is only to be refused (over a connection limit): start-ok is answered
     /// with connection.close 530 and this text, credentials unchecked.
     refusal: Option<String>,
