@@ -254,7 +254,7 @@ impl Frontend for MqttFrontend {
             for sub in &st.subscriptions {
                 let Ok(filter) = topic::Filter::parse(&sub.filter) else { continue };
                 // Shared subscriptions consume their group's queue per connection.
-                if filter.share_group.is_some() {
+                if filter.share_group().is_some() {
                     continue;
                 }
                 let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());

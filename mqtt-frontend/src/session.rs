@@ -608,7 +608,7 @@ impl Session {
                 .iter()
                 .flat_map(|s| s.values())
                 .map(|s| StoredSubscription {
-                    filter: s.filter.text.clone(),
+                    filter: s.filter.text().to_string(),
                     options: s.options,
                     identifier: s.identifier,
                 })
@@ -1127,28 +1127,29 @@ impl Session {
             Err(e) => return Err(malformed_filter(&text, e)),
             Ok(filter) => filter,
         };
-        if !self.settings.acl.can_subscribe(self.settings.user.as_deref(), &self.client_id, &filter.topic_filter) {
-            tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe denied by the ACL");
+        if !self.settings.acl.can_subscribe(self.settings.user.as_deref(), &self.client_id, filter.topic_filter()) {
+            tracing::debug!(client_id = %self.client_id, filter = %filter.text(), "subscribe denied by the ACL");
             return Ok(self.suback_refusal(MqttError::SubscribeNotAuthorized));
         }
-        if self.is_v5() && filter.share_group.is_some() && options.no_local {
+        if self.is_v5() && filter.share_group().is_some() && options.no_local {
             // 5.0 §3.8.3.1: No Local on a shared subscription is a protocol error.
             return Err(MqttError::ProtocolError.close("No Local on a shared subscription"));
         }
         // A 3.1.1 bridge (Mosquitto's `try_private`): what it publishes does not come back to
         // it, and retained messages keep their RETAIN flag, as Mosquitto serves bridges. Not on
         // a shared subscription: skipping its own messages there would take them from the group.
-        let options = if self.bridge && filter.share_group.is_none() {
+        let options = if self.bridge && filter.share_group().is_none() {
             SubOptions { no_local: true, retain_as_published: true, ..options }
         } else {
             options
         };
         let limit = self.settings.max_subscriptions_per_client as usize;
         if limit > 0 {
-            let (count, existing) = self.subs.as_ref().map_or((0, false), |s| (s.len(), s.get(&filter.text).is_some()));
+            let (count, existing) =
+                self.subs.as_ref().map_or((0, false), |s| (s.len(), s.get(filter.text()).is_some()));
             // A resubscription replaces the subscription: it does not count.
             if !existing && count >= limit {
-                tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe over max_subscriptions_per_client");
+                tracing::debug!(client_id = %self.client_id, filter = %filter.text(), "subscribe over max_subscriptions_per_client");
                 return Ok(self.suback_refusal(MqttError::SubscriptionQuotaExceeded));
             }
         }
@@ -1175,12 +1176,12 @@ impl Session {
         let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
         let persistent = matches!(self.mode, Mode::Persistent { .. });
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
-        let existing = subs.get(&filter.text).map(|old| old.cookie);
+        let existing = subs.get(filter.text()).map(|old| old.cookie);
         let existed = existing.is_some();
         let cookie = existing.unwrap_or_else(|| subs.next_cookie());
         let mut shared = None;
         if let Some(qname) = filter.shared_queue_name() {
-            if let Some(old) = subs.get_mut(&filter.text) {
+            if let Some(old) = subs.get_mut(filter.text()) {
                 // Same group and filter: only the options change.
                 old.options = options;
                 old.identifier = identifier;
@@ -1233,10 +1234,10 @@ impl Session {
             }
         }
         let retain_handling = options.retain_handling;
-        let is_shared = filter.share_group.is_some();
+        let is_shared = filter.share_group().is_some();
         let pattern = filter.pattern();
         if let Some(kick) = &self.listing {
-            kick.view().subscribed(&filter.text, options, identifier);
+            kick.view().subscribed(filter.text(), options, identifier);
         }
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
         subs.insert(Subscription { filter, options, identifier, cookie, shared });
@@ -1612,7 +1613,7 @@ impl Session {
         let view = kick.view();
         view.set_session(clean_start, self.session_expiry);
         for sub in self.subs.iter().flat_map(|s| s.values()) {
-            view.subscribed(&sub.filter.text, sub.options, sub.identifier);
+            view.subscribed(sub.filter.text(), sub.options, sub.identifier);
         }
         self.listing = Some(kick);
     }
