@@ -80,6 +80,9 @@ pub struct Shared {
     /// The shutdown signals of the connections served so far; a connection's group in the
     /// registry is its signal's index here.
     shutdowns: Mutex<Vec<Shutdown>>,
+    /// The settings sessions hold, one `Arc` for each listener's combination in use
+    /// ([`Shared::session_settings`]).
+    session_settings: Mutex<Vec<Arc<Settings>>>,
 }
 
 /// How long [`Shared::delete_session`] waits for a connected client to let its session go.
@@ -139,6 +142,21 @@ impl Shared {
 const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(250);
 
 impl Shared {
+    /// The frontend's settings as a listener changes them, shared by all the sessions that see
+    /// the same (issue 18: a copy in each session was 128 bytes of every connection). Those no
+    /// session holds any more are dropped when another is added; a listener or two and the ACL
+    /// in force make a handful at most.
+    fn session_settings(&self, wanted: Settings) -> Arc<Settings> {
+        let mut all = self.session_settings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.iter().find(|s| s.same_as(&wanted)) {
+            return s.clone();
+        }
+        all.retain(|s| Arc::strong_count(s) > 1);
+        let s = Arc::new(wanted);
+        all.push(s.clone());
+        s
+    }
+
     /// Publishes `$SYS` into a vhost from the first time a client connects to it.
     fn ensure_sys(self: &Arc<Self>, broker: &Arc<Broker>, vhost: &Arc<VHost>) {
         sys::Joiner::join(self, broker, vhost);
@@ -187,6 +205,7 @@ impl MqttFrontend {
                 started: std::time::Instant::now(),
                 sys: sys::Joiner::default(),
                 shutdowns: Mutex::new(Vec::new()),
+                session_settings: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -254,7 +273,7 @@ impl Frontend for MqttFrontend {
             for sub in &st.subscriptions {
                 let Ok(filter) = topic::Filter::parse(&sub.filter) else { continue };
                 // Shared subscriptions consume their group's queue per connection.
-                if filter.share_group.is_some() {
+                if filter.share_group().is_some() {
                     continue;
                 }
                 let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
@@ -281,5 +300,32 @@ impl Frontend for MqttFrontend {
         if restored > 0 {
             tracing::info!(sessions = restored, "MQTT persistent sessions recovered");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_share_their_listeners_settings() {
+        let frontend = MqttFrontend::new(Settings::default());
+        let shared = &frontend.shared;
+        let a = shared.session_settings(Settings::default());
+        let b = shared.session_settings(Settings::default());
+        assert!(Arc::ptr_eq(&a, &b), "the same settings, one Arc");
+        let other = Settings { exchange: "amq.other".into(), ..Settings::default() };
+        let c = shared.session_settings(other.clone());
+        assert!(!Arc::ptr_eq(&a, &c));
+        let entry = acl::AclEntry { user: None, topic: "a/#".into(), access: acl::Access::Read };
+        let acl = Settings { acl: Arc::new(acl::Acl::new(vec![entry])), ..Settings::default() };
+        assert!(!Arc::ptr_eq(&a, &shared.session_settings(acl)), "another ACL, other settings");
+        // Those no session holds go when another is added.
+        drop(c);
+        let _d = shared.session_settings(Settings { max_packet_size: 1024, ..Settings::default() });
+        let kept = shared.session_settings.lock().unwrap().len();
+        assert_eq!(kept, 2, "the default's and the last one's");
+        assert!(Arc::ptr_eq(&a, &shared.session_settings(Settings::default())));
+        assert!(!Arc::ptr_eq(&shared.session_settings(other), &a));
     }
 }

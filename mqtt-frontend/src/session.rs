@@ -72,11 +72,46 @@ pub struct Settings {
     pub max_subscriptions_per_packet: u32,
     /// The topic ACL this connection is checked against.
     pub acl: Arc<crate::acl::Acl>,
-    /// The logged-in user (`None`: anonymous), for the ACL.
-    pub user: Option<String>,
     /// How often `$SYS/broker/...` is brought up to date (Mosquitto's `sys_interval`); zero:
     /// no `$SYS` tree.
     pub sys_interval: std::time::Duration,
+}
+
+impl Settings {
+    /// The same settings: every field equal, the ACL too (the same `Arc` or the same entries:
+    /// with no MQTT policy each connection is given an empty ACL of its own).
+    pub fn same_as(&self, other: &Settings) -> bool {
+        let Settings {
+            exchange,
+            max_packet_size,
+            receive_maximum,
+            max_inflight,
+            topic_alias_maximum,
+            max_keep_alive,
+            outbox_capacity,
+            outbox_bytes,
+            queue_qos0_offline,
+            max_queued_messages,
+            max_subscriptions_per_client,
+            max_subscriptions_per_packet,
+            acl,
+            sys_interval,
+        } = self;
+        *exchange == other.exchange
+            && *max_packet_size == other.max_packet_size
+            && *receive_maximum == other.receive_maximum
+            && *max_inflight == other.max_inflight
+            && *topic_alias_maximum == other.topic_alias_maximum
+            && *max_keep_alive == other.max_keep_alive
+            && *outbox_capacity == other.outbox_capacity
+            && *outbox_bytes == other.outbox_bytes
+            && *queue_qos0_offline == other.queue_qos0_offline
+            && *max_queued_messages == other.max_queued_messages
+            && *max_subscriptions_per_client == other.max_subscriptions_per_client
+            && *max_subscriptions_per_packet == other.max_subscriptions_per_packet
+            && (Arc::ptr_eq(acl, &other.acl) || **acl == *other.acl)
+            && *sys_interval == other.sys_interval
+    }
 }
 
 impl Default for Settings {
@@ -97,7 +132,6 @@ impl Default for Settings {
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_subscriptions_per_packet: DEFAULT_MAX_SUBSCRIPTIONS_PER_PACKET,
             acl: Arc::default(),
-            user: None,
             sys_interval: crate::sys::SYS_INTERVAL,
         }
     }
@@ -224,7 +258,10 @@ pub struct Session {
     connection: ConnectionId,
     owner: OwnerId,
     vhost: Arc<VHost>,
-    settings: Settings,
+    /// Shared by the connections of a listener (issue 18: a copy was 128 bytes of each).
+    settings: Arc<Settings>,
+    /// The logged-in user (`None`: anonymous), for the ACL.
+    user: Option<Box<str>>,
     mode: Mode,
     /// Made with the first subscription (most idle clients never subscribe).
     subs: Option<Box<Subscriptions>>,
@@ -377,7 +414,8 @@ impl Session {
         assigned_id: bool,
         connection: ConnectionId,
         vhost: Arc<VHost>,
-        settings: Settings,
+        settings: Arc<Settings>,
+        user: Option<String>,
         stored: Option<StoredSession>,
         now: Millis,
     ) -> Result<Session, CoreError> {
@@ -501,6 +539,7 @@ impl Session {
             topics: BytesMut::new(),
             stats: SessionStats::default(),
             settings,
+            user: user.map(String::into_boxed_str),
             disk_alarm: false,
             listing: None,
         };
@@ -609,7 +648,7 @@ impl Session {
                 .iter()
                 .flat_map(|s| s.values())
                 .map(|s| StoredSubscription {
-                    filter: s.filter.text.clone(),
+                    filter: s.filter.text().to_string(),
                     options: s.options,
                     identifier: s.identifier,
                 })
@@ -661,7 +700,7 @@ impl Session {
 
     /// The user the client logged in as; `None` for an anonymous client.
     pub fn user(&self) -> Option<&str> {
-        self.settings.user.as_deref()
+        self.user.as_deref()
     }
 
     fn send(&mut self, packet: Packet) {
@@ -852,7 +891,7 @@ impl Session {
             return Ok(());
         }
         self.stats.messages_in += 1;
-        if server_only(topic) || !self.settings.acl.can_write(self.settings.user.as_deref(), &self.client_id, topic) {
+        if server_only(topic) || !self.settings.acl.can_write(self.user.as_deref(), &self.client_id, topic) {
             // Not authorized (Mosquitto's behaviour): 5.0 QoS 1/2 get 0x87; QoS 0 and 3.1.1
             // publishes are dropped, 3.1.1 QoS 1/2 still acknowledged.
             tracing::debug!(client_id = %self.client_id, topic = %topic, "publish denied by the ACL");
@@ -1128,28 +1167,29 @@ impl Session {
             Err(e) => return Err(malformed_filter(&text, e)),
             Ok(filter) => filter,
         };
-        if !self.settings.acl.can_subscribe(self.settings.user.as_deref(), &self.client_id, &filter.topic_filter) {
-            tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe denied by the ACL");
+        if !self.settings.acl.can_subscribe(self.user.as_deref(), &self.client_id, filter.topic_filter()) {
+            tracing::debug!(client_id = %self.client_id, filter = %filter.text(), "subscribe denied by the ACL");
             return Ok(self.suback_refusal(MqttError::SubscribeNotAuthorized));
         }
-        if self.is_v5() && filter.share_group.is_some() && options.no_local {
+        if self.is_v5() && filter.share_group().is_some() && options.no_local {
             // 5.0 §3.8.3.1: No Local on a shared subscription is a protocol error.
             return Err(MqttError::ProtocolError.close("No Local on a shared subscription"));
         }
         // A 3.1.1 bridge (Mosquitto's `try_private`): what it publishes does not come back to
         // it, and retained messages keep their RETAIN flag, as Mosquitto serves bridges. Not on
         // a shared subscription: skipping its own messages there would take them from the group.
-        let options = if self.bridge && filter.share_group.is_none() {
+        let options = if self.bridge && filter.share_group().is_none() {
             SubOptions { no_local: true, retain_as_published: true, ..options }
         } else {
             options
         };
         let limit = self.settings.max_subscriptions_per_client as usize;
         if limit > 0 {
-            let (count, existing) = self.subs.as_ref().map_or((0, false), |s| (s.len(), s.get(&filter.text).is_some()));
+            let (count, existing) =
+                self.subs.as_ref().map_or((0, false), |s| (s.len(), s.get(filter.text()).is_some()));
             // A resubscription replaces the subscription: it does not count.
             if !existing && count >= limit {
-                tracing::debug!(client_id = %self.client_id, filter = %filter.text, "subscribe over max_subscriptions_per_client");
+                tracing::debug!(client_id = %self.client_id, filter = %filter.text(), "subscribe over max_subscriptions_per_client");
                 return Ok(self.suback_refusal(MqttError::SubscriptionQuotaExceeded));
             }
         }
@@ -1176,12 +1216,12 @@ impl Session {
         let key = BindingKey::new(filter.binding_key()).with_pattern(filter.pattern());
         let persistent = matches!(self.mode, Mode::Persistent { .. });
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
-        let existing = subs.get(&filter.text).map(|old| old.cookie);
+        let existing = subs.get(filter.text()).map(|old| old.cookie);
         let existed = existing.is_some();
         let cookie = existing.unwrap_or_else(|| subs.next_cookie());
         let mut shared = None;
         if let Some(qname) = filter.shared_queue_name() {
-            if let Some(old) = subs.get_mut(&filter.text) {
+            if let Some(old) = subs.get_mut(filter.text()) {
                 // Same group and filter: only the options change.
                 old.options = options;
                 old.identifier = identifier;
@@ -1234,10 +1274,10 @@ impl Session {
             }
         }
         let retain_handling = options.retain_handling;
-        let is_shared = filter.share_group.is_some();
+        let is_shared = filter.share_group().is_some();
         let pattern = filter.pattern();
         if let Some(kick) = &self.listing {
-            kick.view().subscribed(&filter.text, options, identifier);
+            kick.view().subscribed(filter.text(), options, identifier);
         }
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
         subs.insert(Subscription { filter, options, identifier, cookie, shared });
@@ -1466,7 +1506,7 @@ impl Session {
         // Read access is checked on delivery too (Mosquitto does): a reload may have taken away
         // what a subscription was granted.
         if !self.settings.acl.is_empty()
-            && !self.settings.acl.can_read(self.settings.user.as_deref(), &self.client_id, p.topic.as_str())
+            && !self.settings.acl.can_read(self.user.as_deref(), &self.client_id, p.topic.as_str())
         {
             self.settle(src, now);
             return;
@@ -1613,7 +1653,7 @@ impl Session {
         let view = kick.view();
         view.set_session(clean_start, self.session_expiry);
         for sub in self.subs.iter().flat_map(|s| s.values()) {
-            view.subscribed(&sub.filter.text, sub.options, sub.identifier);
+            view.subscribed(sub.filter.text(), sub.options, sub.identifier);
         }
         self.listing = Some(kick);
     }
@@ -1695,8 +1735,18 @@ mod tests {
             properties,
         };
         let client_id = format!("c{id}");
-        let mut s =
-            Session::start(connect, client_id, false, ConnectionId(id), vhost.clone(), settings, None, 0).unwrap();
+        let mut s = Session::start(
+            connect,
+            client_id,
+            false,
+            ConnectionId(id),
+            vhost.clone(),
+            Arc::new(settings),
+            None,
+            None,
+            0,
+        )
+        .unwrap();
         assert!(matches!(packets(&mut s)[..], [Packet::ConnAck(_)]));
         s
     }
@@ -1729,7 +1779,8 @@ mod tests {
             false,
             ConnectionId(id),
             vhost.clone(),
-            Settings::default(),
+            Arc::default(),
+            None,
             None,
             0,
         )
@@ -1776,7 +1827,8 @@ mod tests {
             false,
             ConnectionId(2),
             vhost.clone(),
-            settings(0, 0),
+            Arc::new(settings(0, 0)),
+            None,
             Some(stored),
             0,
         )
@@ -2211,8 +2263,9 @@ mod tests {
             password: None,
             properties,
         };
-        let mut s = Session::start(connect, "tiny".into(), false, ConnectionId(1), vhost, Settings::default(), None, 0)
-            .unwrap();
+        let mut s =
+            Session::start(connect, "tiny".into(), false, ConnectionId(1), vhost, Arc::default(), None, None, 0)
+                .unwrap();
         assert!(s.connack_withheld);
         assert!(s.out.is_empty());
         s.send_disconnect(reason::PACKET_TOO_LARGE, "x");
@@ -2239,15 +2292,25 @@ mod tests {
             false,
             ConnectionId(1),
             vhost.clone(),
-            Settings::default(),
+            Arc::default(),
+            None,
             None,
             0,
         )
         .unwrap();
         let stored = s.finish(0, None);
-        let mut s =
-            Session::start(connect(false), "old".into(), false, ConnectionId(2), vhost, Settings::default(), stored, 0)
-                .unwrap();
+        let mut s = Session::start(
+            connect(false),
+            "old".into(),
+            false,
+            ConnectionId(2),
+            vhost,
+            Arc::default(),
+            None,
+            stored,
+            0,
+        )
+        .unwrap();
         // The raw CONNACK: flags byte 0 although the session was resumed.
         assert_eq!(&s.out[..], &[0x20, 2, 0, 0]);
         s.out.clear();

@@ -133,14 +133,15 @@ pub fn check_filter(filter: &str) -> Result<(), TopicError> {
 }
 
 /// A subscription filter as the broker sees it.
+///
+/// One string: the shared form's group and filter are slices of the text, not copies of it
+/// (a device's one subscription held its filter twice, issue 18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     /// The filter text as the client sent it (the subscription's key in the session).
-    pub text: String,
-    /// `Some(group)` for `$share/<group>/<filter>`.
-    pub share_group: Option<String>,
-    /// The filter without the `$share/<group>/` prefix.
-    pub topic_filter: String,
+    text: Box<str>,
+    /// Where the filter without the `$share/<group>/` prefix starts in `text` (0: not shared).
+    start: u32,
 }
 
 impl Filter {
@@ -152,21 +153,37 @@ impl Filter {
                 return Err(TopicError::BadShare);
             }
             check_filter(filter)?;
-            return Ok(Filter {
-                text: text.to_string(),
-                share_group: Some(group.to_string()),
-                topic_filter: filter.to_string(),
-            });
+            // The packet's length field bounds a filter to 65,535 bytes.
+            let start = u32::try_from(text.len() - filter.len()).map_err(|_| TopicError::TooDeep)?;
+            return Ok(Filter { text: text.into(), start });
         }
         check_filter(text)?;
-        Ok(Filter { text: text.to_string(), share_group: None, topic_filter: text.to_string() })
+        Ok(Filter { text: text.into(), start: 0 })
+    }
+
+    /// The filter text as the client sent it.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// `Some(group)` for `$share/<group>/<filter>`.
+    pub fn share_group(&self) -> Option<&str> {
+        match self.start {
+            0 => None,
+            start => Some(&self.text["$share/".len()..start as usize - 1]),
+        }
+    }
+
+    /// The filter without the `$share/<group>/` prefix.
+    pub fn topic_filter(&self) -> &str {
+        &self.text[self.start as usize..]
     }
 
     /// The core pattern: levels split on `/`, literals with `.` swapped to `/` (as routing keys
     /// carry them), and MQTT's `$` rule on.
     pub fn pattern(&self) -> Pattern {
         let levels = self
-            .topic_filter
+            .topic_filter()
             .split('/')
             .map(|l| match l {
                 "+" => Level::One,
@@ -179,7 +196,7 @@ impl Filter {
 
     /// The routing-key text of the binding, as AMQP tools list it (`+` shown as `*`).
     pub fn binding_key(&self) -> String {
-        self.topic_filter
+        self.topic_filter()
             .split('/')
             .map(|l| match l {
                 "+" => "*".to_string(),
@@ -192,7 +209,7 @@ impl Filter {
 
     /// The name of the queue shared by a group's members: `mqtt-shared.<group>.<filter>`.
     pub fn shared_queue_name(&self) -> Option<String> {
-        self.share_group.as_ref().map(|g| format!("{}{g}.{}", crate::acl::SHARED_QUEUE_PREFIX, self.topic_filter))
+        self.share_group().map(|g| format!("{}{g}.{}", crate::acl::SHARED_QUEUE_PREFIX, self.topic_filter()))
     }
 }
 
@@ -247,8 +264,11 @@ mod tests {
     #[test]
     fn shared_filters_split_group_and_filter() {
         let f = Filter::parse("$share/g1/farm/+/soil").unwrap();
-        assert_eq!(f.share_group.as_deref(), Some("g1"));
-        assert_eq!(f.topic_filter, "farm/+/soil");
+        assert_eq!(f.share_group(), Some("g1"));
+        assert_eq!(f.topic_filter(), "farm/+/soil");
+        assert_eq!(f.text(), "$share/g1/farm/+/soil");
+        let plain = Filter::parse("farm/+/soil").unwrap();
+        assert_eq!((plain.share_group(), plain.topic_filter()), (None, "farm/+/soil"));
         assert_eq!(f.shared_queue_name().unwrap(), "mqtt-shared.g1.farm/+/soil");
         for bad in ["$share/", "$share//a", "$share/g", "$share/g/", "$share/g+/a", "$share/g/a/#/b"] {
             assert!(Filter::parse(bad).is_err(), "{bad}");

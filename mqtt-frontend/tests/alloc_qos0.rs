@@ -18,7 +18,7 @@ use ferry_core::message::ConnectionId;
 use ferry_core::store::MemoryStore;
 use ferry_core::vhost::VHost;
 use ferry_mqtt::codec::{encode, Connect, Decoder, Packet, ProtocolVersion, Publish, QoS, Str, SubOptions, Subscribe};
-use ferry_mqtt::session::{Session, Settings};
+use ferry_mqtt::session::Session;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -40,7 +40,7 @@ fn start(vhost: &Arc<VHost>, id: u64) -> Session {
         properties: Default::default(),
     };
     let mut s =
-        Session::start(connect, client_id, false, ConnectionId(id), vhost.clone(), Settings::default(), None, 0)
+        Session::start(connect, client_id, false, ConnectionId(id), vhost.clone(), Default::default(), None, None, 0)
             .unwrap();
     s.out.clear();
     s
