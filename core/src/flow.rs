@@ -111,7 +111,7 @@ pub enum Decode {
 /// would otherwise decode all it has buffered and take all the room the queue made (2,048
 /// messages), and the others would wait for the next round: with 16 publishers into one queue
 /// that made the latency of the unlucky ones' messages several rounds long.
-pub const FAIR_BATCH: u16 = 32;
+pub const FAIR_BATCH: u8 = 32;
 
 /// A change in whether the connection reads, for the driver's keep alive or heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,12 +149,14 @@ pub struct PublisherFlow {
     disk_alarm: bool,
     /// The connection has published: alarms hold it back.
     publisher: bool,
-    /// Saturated at `u32::MAX` (the limit is far below).
-    acks_waiting: u32,
+    /// Saturated at `u16::MAX` (the limit, [`MAX_PENDING_ACKS`], is far below). Small, like
+    /// `batch`: with them the struct stays 80 bytes, and every MQTT connection's state fits
+    /// jemalloc's 640-byte class (`mqtt-frontend`'s `the_connection_state_fits_jemallocs_640_class`).
+    acks_waiting: u16,
     /// A queue has held this connection back: it yields every [`FAIR_BATCH`] publishes.
     queue_paced: bool,
     /// Publishes decoded since the last yield (while `queue_paced`).
-    batch: u16,
+    batch: u8,
     /// Since when the connection has not been reading. (No running total is kept: no driver
     /// reports one, and every connection carries this struct.)
     paused_since: Option<Instant>,
@@ -207,7 +209,7 @@ impl PublisherFlow {
             self.batch = 0;
             Decode::Stop
         } else if self.queue_paced && publishes > 0 {
-            self.batch = self.batch.saturating_add(u16::try_from(publishes).unwrap_or(u16::MAX));
+            self.batch = self.batch.saturating_add(u8::try_from(publishes).unwrap_or(u8::MAX));
             if self.batch >= FAIR_BATCH {
                 self.batch = 0;
                 Decode::Yield
@@ -227,7 +229,7 @@ impl PublisherFlow {
 
     /// How many acknowledgements wait for the store ([`AckQueue::len`]).
     pub fn set_acks_waiting(&mut self, n: usize) {
-        self.acks_waiting = u32::try_from(n).unwrap_or(u32::MAX);
+        self.acks_waiting = u16::try_from(n).unwrap_or(u16::MAX);
     }
 
     /// Whether the connection has published (the alarms hold only publishers).
@@ -614,6 +616,13 @@ mod tests {
         v5.set_alarms(false, true);
         assert_eq!(v5.update(t0, 0), None);
         assert!(v5.should_read() && v5.would_hold(true, false) && !v5.would_hold(false, true));
+    }
+
+    #[test]
+    fn the_flow_state_stays_80_bytes() {
+        // Every connection carries it (inside the MQTT connection's state, which must fit
+        // jemalloc's 640-byte class).
+        assert!(std::mem::size_of::<PublisherFlow>() <= 80, "{}", std::mem::size_of::<PublisherFlow>());
     }
 
     #[test]
