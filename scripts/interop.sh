@@ -381,10 +381,14 @@ fi
 if wait_port 15672 10; then
   code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:15672/api/overview)
   [ "$code" = 401 ] && ok "management API: no credentials -> 401" || bad "management API without credentials: $code"
-  if curl -sf -u guest:guest http://127.0.0.1:15672/metrics | grep -q '^ferry_connections{protocol="amqp"}'; then
+  # The output is captured before it is searched: with pipefail, `curl | grep -q` fails when grep
+  # stops at its match and curl, still writing a large page, gets EPIPE (exit 23).
+  metrics=$(curl -sS -f -u guest:guest http://127.0.0.1:15672/metrics 2>&1)
+  rc=$?
+  if [ $rc -eq 0 ] && grep -q '^ferry_connections{protocol="amqp"}' <<<"$metrics"; then
     ok "curl /metrics (Prometheus text)"
   else
-    bad "curl /metrics"
+    bad "curl /metrics: rc=$rc, ${#metrics} bytes: $(head -c 300 <<<"$metrics")"
   fi
   if command -v rabbitmqadmin >/dev/null 2>&1; then
     ra=(timeout 20 rabbitmqadmin -H 127.0.0.1 -P 15672 -u guest -p guest)
@@ -472,7 +476,8 @@ if wait_port 15672 10; then
       grep -q '"type":"dynamic"' <<<"$out" && ! grep -q 'guest:guest' <<<"$out" &&
         ok "/api/shovels lists it dynamic, without the password" || bad "/api/shovels: $out"
       out=$("${ra[@]}" delete parameter component=shovel name=interop-shovel 2>&1)
-      grep -q 'parameter deleted' <<<"$out" && ! "${ra[@]}" list parameters 2>&1 | grep -q 'interop-shovel' &&
+      listed=$("${ra[@]}" list parameters 2>&1)
+      grep -q 'parameter deleted' <<<"$out" && ! grep -q 'interop-shovel' <<<"$listed" &&
         ok "rabbitmqadmin delete parameter" || bad "rabbitmqadmin delete parameter: $out"
     else
       bad "rabbitmqadmin declare parameter component=shovel: $out"
@@ -496,7 +501,7 @@ if wait_port 15672 10; then
 q = [x for x in json.load(sys.stdin) if x["name"] == "interop.ctl"]
 sys.exit(0 if q and q[0]["messages"] == 0 else 1)' &&
       "${fc[@]}" delete queue interop.ctl >/dev/null 2>&1 &&
-      ! "${fc[@]}" list queues 2>&1 | grep -q 'interop.ctl'; then
+      listed=$("${fc[@]}" list queues 2>&1) && ! grep -q 'interop.ctl' <<<"$listed"; then
       ok "ferry ctl purge queue, list queues as JSON, delete queue"
     else
       bad "ferry ctl purge / delete queue"
