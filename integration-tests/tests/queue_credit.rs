@@ -48,16 +48,21 @@ async fn publish(ch: &Channel, queue: &str, n: u64) {
     }
 }
 
+/// A manual-ack consumer on `queue` with a prefetch of 100.
+async fn start_consumer(ch: &Channel, queue: &str) -> lapin::Consumer {
+    within("basic.qos", ch.basic_qos(100, BasicQosOptions::default())).await.unwrap();
+    within(
+        "basic.consume",
+        ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()),
+    )
+    .await
+    .unwrap()
+}
+
 /// Consumes `n` messages from `queue` with manual acks (prefetch 100, `multiple` every 50),
 /// checking they come in order, stopping for [`PAUSE`] every [`BATCH`] when `paced`.
 async fn consume(ch: Channel, queue: String, n: u64, paced: bool) {
-    within("basic.qos", ch.basic_qos(100, BasicQosOptions::default())).await.unwrap();
-    let mut consumer = within(
-        "basic.consume",
-        ch.basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()),
-    )
-    .await
-    .unwrap();
+    let mut consumer = start_consumer(&ch, &queue).await;
     for i in 0..n {
         let d = within("a delivery", consumer.next()).await.expect("consumer open").expect("delivery");
         assert_eq!(d.data, i.to_be_bytes(), "in order");
@@ -70,7 +75,8 @@ async fn consume(ch: Channel, queue: String, n: u64, paced: bool) {
     }
 }
 
-/// Samples the queue's ready messages until `done`; returns the largest seen.
+/// Samples the queue's ready messages every millisecond until `done`; returns the largest seen
+/// (a sampler: the queue gives no event for its depth).
 fn watch_depth(queue: Arc<Queue>, done: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
     let max = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
@@ -132,6 +138,7 @@ async fn pace_round(server: &TestServer, round: u32) -> u64 {
     // Once the slow queue holds its publishers, another publisher to another queue, with
     // confirms, and its consumer: fewer messages than the mark, so that queue holds nobody
     // whatever the speeds, and the publisher is not held by the slow one.
+    // Polled within a bound: the queue gives no event for the moment it starts holding.
     within("the slow queue holds its publishers", async {
         while slow.has_room() {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -161,13 +168,7 @@ async fn pace_round(server: &TestServer, round: u32) -> u64 {
 
 /// [`consume`], paced, for two publishers' interleaved sequences (each in order).
 async fn consume_two(ch: Channel, queue: String, per_publisher: u64) {
-    within("basic.qos", ch.basic_qos(100, BasicQosOptions::default())).await.unwrap();
-    let mut consumer = within(
-        "basic.consume",
-        ch.basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()),
-    )
-    .await
-    .unwrap();
+    let mut consumer = start_consumer(&ch, &queue).await;
     // The next number expected from each publisher: a message is the next of one of them.
     let mut next = [0u64; 2];
     let total = 2 * per_publisher;

@@ -482,16 +482,13 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
     for item in txn.open_table(MESSAGES).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
         let key = k.value();
-        let Some(prefix) = key.len().checked_sub(8).map(|n| &key[..n]) else {
-            return Err(StoreError::Corrupt("a message key is too short".into()));
-        };
+        let (prefix, seq) = split_message_key(key)?;
         if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
             let (vhost, queue, _) = codec::decode_message_key(key)?;
             if let Some((_, name, list)) = run.replace((prefix.to_vec(), (vhost, queue), Vec::new())) {
                 snap.messages.insert(name, list);
             }
         }
-        let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
         let delivered = v.value() & DELIVERED != 0;
         let id = v.value() & !DELIVERED;
         let message = body(id)?;
@@ -509,14 +506,11 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
     for item in txn.open_table(QUEUED).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
         let key = k.value();
-        let Some(prefix) = key.len().checked_sub(8).map(|n| &key[..n]) else {
-            return Err(StoreError::Corrupt("a message key is too short".into()));
-        };
+        let (prefix, seq) = split_message_key(key)?;
         if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
             let (vhost, queue, _) = codec::decode_message_key(key)?;
             queued.extend(run.replace((prefix.to_vec(), (vhost, queue), Vec::new())));
         }
-        let seq = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
         let Some((&flags, encoded)) = v.value().split_first() else {
             return Err(StoreError::Corrupt("an empty queued message".into()));
         };
@@ -880,6 +874,15 @@ fn weight(ops: &[StoreOp]) -> usize {
             _ => 64,
         })
         .sum()
+}
+
+/// A `messages` / `queued` key as its queue's prefix (`key(vhost, queue)`) and its sequence.
+fn split_message_key(key: &[u8]) -> Result<(&[u8], u64), StoreError> {
+    let Some(n) = key.len().checked_sub(8) else {
+        return Err(StoreError::Corrupt("a message key is too short".into()));
+    };
+    let (prefix, seq) = key.split_at(n);
+    Ok((prefix, u64::from_be_bytes(seq.try_into().expect("8 bytes"))))
 }
 
 impl Writer {
