@@ -133,8 +133,25 @@ pub struct BridgeTls {
 pub struct BridgeConfig {
     /// Unique among the bridges; names the local queue (`ferry-bridge.<name>`) and the logs.
     pub name: String,
-    /// `host:port` of the remote broker (resolved at each connect).
+    /// `host:port` of the remote broker (resolved at each connect); with [`alternates`], the
+    /// first of the remote's addresses (Mosquitto's `address a b c`), the *main* one unless
+    /// [`round_robin`].
+    ///
+    /// [`alternates`]: BridgeConfig::alternates
+    /// [`round_robin`]: BridgeConfig::round_robin
     pub address: String,
+    /// The remote's other addresses (`host:port`), tried in turn after `address`: a connect
+    /// that fails, or a connection that ends, moves the link to the next one (wrapping).
+    pub alternates: Vec<String>,
+    /// Mosquitto's `round_robin`: `false` (its default) treats `address` as the main remote:
+    /// while connected to an alternate, the link tries a TCP connect to `address` every
+    /// [`primary_retry`](BridgeConfig::primary_retry) and, once one succeeds, leaves the
+    /// alternate for it. `true`: all addresses are equals; the link stays where it is until
+    /// that connection ends.
+    pub round_robin: bool,
+    /// How often a link on an alternate checks whether `address` is back (without
+    /// `round_robin`).
+    pub primary_retry: Duration,
     /// TLS to the remote; plain TCP when `None`.
     pub tls: Option<BridgeTls>,
     /// 3.1.1 or 5.0.
@@ -182,6 +199,9 @@ impl BridgeConfig {
         BridgeConfig {
             name: name.to_string(),
             address: address.to_string(),
+            alternates: Vec::new(),
+            round_robin: false,
+            primary_retry: Duration::from_secs(5),
             tls: None,
             version: ProtocolVersion::V5,
             client_id: format!("ferry-bridge-{name}"),
@@ -211,8 +231,26 @@ impl BridgeConfig {
 
     /// The host part of `address` (brackets of an IPv6 literal removed).
     pub fn host(&self) -> &str {
-        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']')
+        host_of(&self.address)
+    }
+
+    /// How many addresses the remote has: `address` and the alternates.
+    pub fn address_count(&self) -> usize {
+        1 + self.alternates.len()
+    }
+
+    /// Whether a link on address `i` should leave it for the main address once that answers
+    /// (Mosquitto's `round_robin false`).
+    pub fn leaves_for_main(&self, i: usize) -> bool {
+        !self.round_robin && !i.is_multiple_of(self.address_count())
+    }
+
+    /// Address `i` (0: `address`; wraps around).
+    pub fn address_at(&self, i: usize) -> &str {
+        match (i % self.address_count()).checked_sub(1) {
+            None => &self.address,
+            Some(j) => &self.alternates[j],
+        }
     }
 
     pub fn has_out_rules(&self) -> bool {
@@ -220,5 +258,46 @@ impl BridgeConfig {
     }
 }
 
+/// The host part of a `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Bridge queues are named with this prefix and the bridge's name.
 pub const QUEUE_PREFIX: &str = ferry_mqtt::acl::BRIDGE_QUEUE_PREFIX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(addresses: &[&str], round_robin: bool) -> BridgeConfig {
+        let mut b = BridgeConfig::new("b", addresses[0]);
+        b.alternates = addresses[1..].iter().map(|a| a.to_string()).collect();
+        b.round_robin = round_robin;
+        b
+    }
+
+    #[test]
+    fn addresses_wrap_round_main_first() {
+        let b = with(&["a:1", "b:2", "c:3"], false);
+        let order: Vec<&str> = (0..5).map(|i| b.address_at(i)).collect();
+        assert_eq!(order, ["a:1", "b:2", "c:3", "a:1", "b:2"]);
+        assert_eq!(with(&["a:1"], false).address_at(7), "a:1");
+    }
+
+    #[test]
+    fn only_a_link_on_an_alternate_without_round_robin_goes_back_to_the_main_address() {
+        let b = with(&["a:1", "b:2", "c:3"], false);
+        assert_eq!((0..4).map(|i| b.leaves_for_main(i)).collect::<Vec<_>>(), [false, true, true, false]);
+        let rr = with(&["a:1", "b:2"], true);
+        assert!(!(0..3).any(|i| rr.leaves_for_main(i)), "round_robin: every address is as good");
+        assert!(!with(&["a:1"], false).leaves_for_main(0));
+    }
+
+    #[test]
+    fn the_host_of_an_address_drops_the_port_and_ipv6_brackets() {
+        assert_eq!(host_of("central.example:8883"), "central.example");
+        assert_eq!(host_of("[::1]:1883"), "::1");
+    }
+}

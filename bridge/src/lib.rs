@@ -181,6 +181,7 @@ impl Bridges {
             changes: watch::Sender::new(0),
             private_refused: Default::default(),
             recovered_qos2: std::sync::Mutex::new(qos2_ids::recover(broker, &config.vhost, &config.name)),
+            current: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok((link, vhost))
     }
@@ -276,7 +277,7 @@ impl Bridges {
     }
 
     fn status_of(l: &Link) -> BridgeStatus {
-        status::snapshot(&l.config.name, l.config.address.clone(), &l.state, l.queue.as_ref(), &l.counters)
+        status::snapshot(&l.config.name, l.address().to_string(), &l.state, l.queue.as_ref(), &l.counters)
     }
 
     /// The state of bridge `name` as a watch: `wait_for` on it to wait for a state.

@@ -79,6 +79,8 @@ pub enum LinkError {
     Local(String),
     #[error("local store failed: {0}")]
     Store(String),
+    #[error("the main address {0} answers again; leaving this one for it")]
+    MainBack(String),
 }
 
 /// Both ends of the TCP connection.
@@ -118,6 +120,8 @@ pub(crate) struct Link {
     /// The QoS 2 ids received and not yet released when Ferry last stopped (`qos2_ids`), taken
     /// by the link's task when it starts; given back when it stops.
     pub recovered_qos2: std::sync::Mutex<HashSet<u16>>,
+    /// Which of the remote's addresses the link uses ([`BridgeConfig::address_at`]).
+    pub current: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +289,17 @@ impl Link {
         }
     }
 
+    /// The remote's address the link uses now.
+    pub(crate) fn address(&self) -> &str {
+        self.config.address_at(self.current.load(Ordering::Relaxed))
+    }
+
+    /// Whether the link is on an alternate it should leave for the main address once that
+    /// answers (Mosquitto's `round_robin false`).
+    fn off_main(&self) -> bool {
+        self.config.leaves_for_main(self.current.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -323,7 +338,7 @@ impl Link {
             ..Carry::default()
         };
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
-        info!(bridge = %self.config.name, "bridge {}: connecting to {}", self.config.name, self.config.address);
+        info!(bridge = %self.config.name, "bridge {}: connecting to {}", self.config.name, self.address());
         loop {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
@@ -358,15 +373,24 @@ impl Link {
                     info!(bridge = %self.config.name, "bridge {}: stopped ({e})", self.config.name);
                     break;
                 }
+                Err(LinkError::MainBack(main)) => {
+                    // Not a failure: straight back to the main address, no back-off.
+                    self.current.store(0, Ordering::Relaxed);
+                    info!(bridge = %self.config.name, "bridge {}: the main address {main} answers again; moving to it", self.config.name);
+                }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(
-                        bridge = %self.config.name,
-                        "bridge {} to {}: {e}; reconnecting in {:.1} s",
-                        self.config.name,
-                        self.config.address,
-                        delay.as_secs_f64()
-                    );
+                    let failed = self.address().to_string();
+                    // The next attempt goes to the remote's next address (Mosquitto does the
+                    // same, whether the connect failed or an established connection ended).
+                    let next = self.current.load(Ordering::Relaxed).wrapping_add(1) % self.config.address_count();
+                    self.current.store(next, Ordering::Relaxed);
+                    let then = if self.config.address_count() > 1 {
+                        format!("; trying {} in {:.1} s", self.address(), delay.as_secs_f64())
+                    } else {
+                        format!("; reconnecting in {:.1} s", delay.as_secs_f64())
+                    };
+                    warn!(bridge = %self.config.name, "bridge {} to {failed}: {e}{then}", self.config.name);
                     self.state.set(LinkState::BackingOff, Some(e.to_string()));
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -412,6 +436,37 @@ impl Link {
     }
 }
 
+/// While the link is on an alternate address (without `round_robin`): a task that tries a TCP
+/// connect to the main address every `primary_retry` and says when one succeeded, as
+/// Mosquitto's bridges do. Stopped when dropped.
+struct MainWatch {
+    task: tokio::task::JoinHandle<()>,
+    answered: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl MainWatch {
+    fn spawn(config: &BridgeConfig) -> MainWatch {
+        let (tx, answered) = tokio::sync::oneshot::channel();
+        let (address, every, timeout) = (config.address.clone(), config.primary_retry, config.connect_timeout);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Ok(Ok(_probe)) = tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
+                    let _ = tx.send(());
+                    return;
+                }
+            }
+        });
+        MainWatch { task, answered }
+    }
+}
+
+impl Drop for MainWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What the remote's CONNACK allows.
 #[derive(Debug, Clone, Copy)]
 struct Remote {
@@ -454,10 +509,10 @@ impl Conn<'_> {
         let config = self.config();
         // The TLS files are read before the socket is opened: a bad file is reported as such.
         let tls = match &config.tls {
-            Some(t) => Some((crate::tls::client_config(t)?, crate::tls::server_name(config, t)?)),
+            Some(t) => Some((crate::tls::client_config(t)?, crate::tls::server_name(self.link.address(), t)?)),
             None => None,
         };
-        let tcp = TcpStream::connect(config.address.as_str()).await.map_err(LinkError::Connect)?;
+        let tcp = TcpStream::connect(self.link.address()).await.map_err(LinkError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let mut addrs = Addrs {
             peer: tcp.peer_addr().map_err(LinkError::Connect)?,
@@ -574,7 +629,7 @@ impl Conn<'_> {
         self.link.counters.connects.fetch_add(1, Ordering::Relaxed);
         let up_line = format!(
             "bridge {name}: up, connected to {} (MQTT {}, session present: {})",
-            config.address,
+            self.link.address(),
             config.version.name(),
             connack.session_present
         );
@@ -640,6 +695,8 @@ impl Conn<'_> {
         let mut last_ping = Instant::now();
         let mut acks: AckQueue<Packet> = AckQueue::new();
         let far = Duration::from_secs(86_400 * 365);
+        // On an alternate without `round_robin`: back to the main address once it answers.
+        let mut main_watch = self.link.off_main().then(|| MainWatch::spawn(&config));
         loop {
             // Acks first: the window they free is filled in the same turn.
             self.link.settle_local(self.vhost, self.consumer, &mut self.carry.to_ack);
@@ -703,17 +760,31 @@ impl Conn<'_> {
                 _ = tokio::time::sleep_until(dead_at) => return Err(LinkError::KeepAlive(keep_alive * 2)),
                 ended = &mut write_task => return Err(writer_ended(ended)),
                 reason = handle.entry().closed() => return Err(LinkError::ClosedLocally(reason.to_string())),
+                answered = async { (&mut main_watch.as_mut().expect("guarded").answered).await }, if main_watch.is_some() => {
+                    if answered.is_err() {
+                        main_watch = None;
+                        continue;
+                    }
+                    // What is in flight goes again on the main address, as after any reconnect.
+                    self.disconnect(tx, write_task).await;
+                    return Err(LinkError::MainBack(config.address.clone()));
+                }
                 _ = shutdown.wait() => {
-                    let mut bye = BytesMut::new();
-                    self.encode(&Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() }), &mut bye);
-                    let _ = tx.send(bye.freeze());
-                    drop(tx);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+                    self.disconnect(tx, write_task).await;
                     info!(bridge = %name, "bridge {name}: disconnected (shutdown)");
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// A DISCONNECT (normal) as the last packet, given a second to be written.
+    async fn disconnect(&self, tx: crate::writer::Writer, write_task: tokio::task::JoinHandle<std::io::Result<()>>) {
+        let mut bye = BytesMut::new();
+        self.encode(&Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() }), &mut bye);
+        let _ = tx.send(bye.freeze());
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
     }
 
     /// Sends in-flight messages `range` again (DUP), or their PUBREL where the remote kept the

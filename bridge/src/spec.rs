@@ -38,7 +38,9 @@ pub fn overflow(value: &str) -> Option<Overflow> {
 #[serde(deny_unknown_fields)]
 pub struct RawBridge {
     pub name: String,
-    pub address: String,
+    pub address: RawAddress,
+    pub round_robin: Option<bool>,
+    pub primary_retry_ms: Option<u64>,
     pub tls: Option<RawBridgeTls>,
     pub protocol_version: Option<String>,
     pub client_id: Option<String>,
@@ -60,6 +62,23 @@ pub struct RawBridge {
     pub reconnect_initial_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
     pub connect_timeout_secs: Option<u64>,
+}
+
+/// `address`: one `host:port`, or the remote's list (Mosquitto's `address a:1883 b:1883`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawAddress {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RawAddress {
+    fn list(&self) -> Vec<&str> {
+        match self {
+            RawAddress::One(s) => vec![s.as_str()],
+            RawAddress::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,10 +162,33 @@ pub fn bridge(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawBridge) -> 
     if !name_ok {
         report(c, key("name"), "must be non-empty letters, digits, '-', '_' or '.'");
     }
-    let mut b = crate::BridgeConfig::new(&raw.name, &raw.address);
-    match raw.address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-        _ => report(c, key("address"), format!("{:?} is not host:port", raw.address)),
+    let addresses = raw.address.list();
+    let mut b = crate::BridgeConfig::new(&raw.name, addresses.first().copied().unwrap_or_default());
+    if addresses.is_empty() {
+        report(c, key("address"), "at least one host:port is required");
+    }
+    for (i, a) in addresses.iter().enumerate() {
+        let akey = || match raw.address {
+            RawAddress::One(_) => key("address"),
+            RawAddress::Many(_) => key(&format!("address[{i}]")),
+        };
+        match a.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => report(c, akey(), format!("{a:?} is not host:port")),
+        }
+        if addresses[..i].contains(a) {
+            report(c, akey(), format!("{a:?} is listed twice"));
+        }
+    }
+    b.alternates = addresses.iter().skip(1).map(|a| a.to_string()).collect();
+    if let Some(r) = raw.round_robin {
+        b.round_robin = r;
+    }
+    if let Some(ms) = raw.primary_retry_ms {
+        if ms == 0 {
+            report(c, key("primary_retry_ms"), "must be at least 1");
+        }
+        b.primary_retry = Duration::from_millis(ms);
     }
     match raw.protocol_version.as_deref() {
         None | Some("5") | Some("5.0") => b.version = ferry_mqtt::codec::ProtocolVersion::V5,

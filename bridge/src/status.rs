@@ -33,7 +33,8 @@ impl LinkState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeStatus {
     pub name: String,
-    /// The remote's `host:port`, as configured.
+    /// The remote's `host:port` in use (connected, or being tried), as configured: one of
+    /// the bridge's addresses.
     pub remote: String,
     pub state: LinkState,
     /// When it entered that state (ms since the epoch).

@@ -91,9 +91,10 @@ pub fn client_config(tls: &BridgeTls) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// The name the remote's certificate is checked against.
-pub fn server_name(config: &BridgeConfig, tls: &BridgeTls) -> Result<ServerName<'static>, TlsError> {
-    let name = tls.server_name.clone().unwrap_or_else(|| config.host().to_string());
+/// The name the remote's certificate is checked against when connecting to `address` (one of
+/// the bridge's): `tls.server_name`, else the host of `address`.
+pub fn server_name(address: &str, tls: &BridgeTls) -> Result<ServerName<'static>, TlsError> {
+    let name = tls.server_name.clone().unwrap_or_else(|| crate::config::host_of(address).to_string());
     ServerName::try_from(name.clone()).map_err(|_| TlsError::ServerName(name))
 }
 
@@ -101,7 +102,9 @@ pub fn server_name(config: &BridgeConfig, tls: &BridgeTls) -> Result<ServerName<
 pub fn check(config: &BridgeConfig) -> Result<(), TlsError> {
     if let Some(tls) = &config.tls {
         client_config(tls)?;
-        server_name(config, tls)?;
+        for i in 0..config.address_count() {
+            server_name(config.address_at(i), tls)?;
+        }
     }
     Ok(())
 }

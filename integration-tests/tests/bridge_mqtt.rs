@@ -1272,3 +1272,78 @@ async fn a_bridge_removed_from_the_config_leaves_no_queue_taking_messages() {
     let q = backlog(&local).expect("kept while it holds messages");
     assert_eq!(q.stats().ready, 3, "with exactly its backlog");
 }
+
+// ----- more than one address ----------------------------------------------------------------------
+
+/// A bridge whose main address is down connects to the next one; once the main one answers, it
+/// leaves the alternate for it (Mosquitto's `round_robin false`), and nothing is lost on the way.
+#[tokio::test]
+async fn a_bridge_falls_back_to_its_next_address_and_returns_to_the_main_one_when_it_answers() {
+    let main_port = free_port();
+    let alternate = ferry_on(0).await;
+    persistent_subscriber(&alternate, "alt-sub", "s/#").await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let addresses = format!("address = [\"127.0.0.1:{main_port}\", \"{}\"]\n", alternate.mqtt_addr());
+    let toml = format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[[bridges]]\nname = \"b\"\n{addresses}\
+         protocol_version = \"3.1.1\"\nreconnect_initial_ms = 50\nreconnect_max_ms = 400\nprimary_retry_ms = 100\n\
+         topics = [{rule}]\n"
+    );
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let alt = alternate.mqtt_addr().to_string();
+    let st = status_when(&local, "up on the alternate", |s| s.state == LinkState::Up && s.remote == alt).await;
+    assert!(st.attempts >= 2, "the main address was tried first: {st:?}");
+    let mut publisher = v311::connect(&local, "pub").await;
+    for i in 0..10 {
+        publisher.publish("s/1", Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let first: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&alternate, "alt-sub", 10).await, first);
+
+    // The main broker comes up: the link moves there by itself.
+    let main = ferry_on(main_port).await;
+    persistent_subscriber(&main, "main-sub", "s/#").await;
+    let main_addr = format!("127.0.0.1:{main_port}");
+    status_when(&local, "back on the main address", |s| s.state == LinkState::Up && s.remote == main_addr).await;
+    for i in 10..20 {
+        publisher.publish("s/1", Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let second: Vec<String> = (10..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&main, "main-sub", 10).await, second);
+    let st = status_when(&local, "all forwarded", |s| s.forwarded_out >= 20).await;
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+}
+
+/// With `round_robin`, a link that loses its remote goes on to the next address in the list
+/// (here wrapping round to the first), not back to a main one.
+#[tokio::test]
+async fn with_round_robin_a_lost_remote_moves_the_link_to_the_next_address() {
+    let first = ferry_on(0).await;
+    let second_port = free_port();
+    persistent_subscriber(&first, "first-sub", "s/#").await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[[bridges]]\nname = \"b\"\n\
+         address = [\"127.0.0.1:{second_port}\", \"{}\"]\nround_robin = true\nprotocol_version = \"3.1.1\"\n\
+         reconnect_initial_ms = 50\nreconnect_max_ms = 400\nprimary_retry_ms = 50\ntopics = [{rule}]\n",
+        first.mqtt_addr()
+    );
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let first_addr = first.mqtt_addr().to_string();
+    status_when(&local, "up on the second address listed", |s| s.state == LinkState::Up && s.remote == first_addr)
+        .await;
+    // The first address listed comes up; with round_robin the link stays, and moves only when
+    // its remote goes away.
+    let second = ferry_on(second_port).await;
+    persistent_subscriber(&second, "second-sub", "s/#").await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    publisher.publish("s/1", Q1, false, b"before").await;
+    assert_eq!(read_persistent(&first, "first-sub", 1).await, ["before"]);
+    let st = local.server.bridges().status().into_iter().find(|s| s.name == "b").expect("bridge b");
+    assert_eq!(st.remote, first_addr, "round_robin does not go back to the first address listed: {st:?}");
+    let _first_dir = first.stop().await;
+    let second_addr = format!("127.0.0.1:{second_port}");
+    status_when(&local, "moved on to the next address", |s| s.state == LinkState::Up && s.remote == second_addr).await;
+    publisher.publish("s/1", Q1, false, b"after").await;
+    assert_eq!(read_persistent(&second, "second-sub", 1).await, ["after"]);
+}

@@ -78,6 +78,8 @@ async fn a_bridge_to_mosquitto_is_listed_up_with_what_it_forwarded() {
     assert_eq!(b["name"], "edge");
     assert_eq!(b["state"], "up");
     assert_eq!(b["remote"], mosquitto.addr().to_string());
+    assert_eq!(b["addresses"], serde_json::json!([mosquitto.addr().to_string()]));
+    assert_eq!(b["round_robin"], false);
     assert_eq!(b["protocol"], "MQTT 5.0");
     assert_eq!(b["source"], "config");
     assert_eq!(b["topics"][0]["pattern"], "up/#");

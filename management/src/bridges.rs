@@ -95,7 +95,9 @@ fn bridge_json(entry: &BridgeEntry, definition: Option<Value>) -> Value {
         "name": c.name,
         "vhost": c.vhost,
         "exchange": c.exchange,
-        "remote": c.address,
+        "remote": s.remote,
+        "addresses": std::iter::once(&c.address).chain(&c.alternates).collect::<Vec<_>>(),
+        "round_robin": c.round_robin,
         "protocol": match c.version {
             ferry_mqtt::codec::ProtocolVersion::V31 => "MQTT 3.1",
             ferry_mqtt::codec::ProtocolVersion::V311 => "MQTT 3.1.1",

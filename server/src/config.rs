@@ -2073,6 +2073,39 @@ mod tests {
     }
 
     #[test]
+    fn a_bridge_takes_a_list_of_addresses_main_first() {
+        let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let c = parse(&format!(
+            "{MINIMAL}[[bridges]]\nname = \"up\"\naddress = [\"a.example:1883\", \"[::1]:1884\", \"c.example:1885\"]\n\
+             round_robin = true\nprimary_retry_ms = 250\n{rule}"
+        ))
+        .unwrap();
+        let b = &c.bridges[0];
+        assert_eq!(b.address, "a.example:1883");
+        assert_eq!(b.alternates, ["[::1]:1884", "c.example:1885"]);
+        assert_eq!((b.address_count(), b.address_at(1), b.address_at(3)), (3, "[::1]:1884", "a.example:1883"));
+        assert_eq!(ferry_bridge::config::host_of(b.address_at(1)), "::1");
+        assert!(b.round_robin);
+        assert_eq!(b.primary_retry, std::time::Duration::from_millis(250));
+        let one = parse(&format!("{MINIMAL}{BRIDGE}{rule}")).unwrap();
+        let b = &one.bridges[0];
+        assert!(b.alternates.is_empty() && !b.round_robin, "one address, and the first is the main one");
+        assert_eq!(b.primary_retry, std::time::Duration::from_secs(5), "Mosquitto's interval");
+        let msg = error(&format!(
+            "{MINIMAL}[[bridges]]\nname = \"up\"\naddress = [\"a:1\", \"b\", \"a:1\"]\nprimary_retry_ms = 0\n{rule}"
+        ));
+        for expected in [
+            "bridges[0].address[1]: \"b\" is not host:port",
+            "bridges[0].address[2]: \"a:1\" is listed twice",
+            "bridges[0].primary_retry_ms: must be at least 1",
+        ] {
+            assert!(msg.contains(expected), "{expected:?} not in {msg}");
+        }
+        let msg = error(&format!("{MINIMAL}[[bridges]]\nname = \"up\"\naddress = []\n{rule}"));
+        assert!(msg.contains("bridges[0].address: at least one host:port is required"), "{msg}");
+    }
+
+    #[test]
     fn a_bridge_password_file_is_resolved_against_the_config_directory() {
         let c = parse(&format!(
             "{MINIMAL}{BRIDGE}password_file = \"secrets/pw\"\ntopics = [{{ pattern = \"#\", direction = \"in\" }}]\n"
