@@ -183,6 +183,13 @@ pub struct BridgeConfig {
     /// QoS 1/2 messages sent and not yet acknowledged by the remote, at most; also the local
     /// consumer's prefetch.
     pub max_inflight: u16,
+    /// Mosquitto's `notifications`: the link's state, `1` (up) or `0` (down), published
+    /// retained on [`notification_topic`](BridgeConfig::notification_topic) locally and, unless
+    /// `notifications_local_only`, on the remote (with a will of `0` for a link that dies).
+    pub notifications: bool,
+    pub notifications_local_only: bool,
+    /// `None`: `$SYS/broker/connection/<client_id>/state`, as Mosquitto.
+    pub notification_topic: Option<String>,
     /// Reconnect back-off: the first delay, doubled after each failure up to the maximum,
     /// with jitter.
     pub backoff_initial: Duration,
@@ -218,6 +225,9 @@ impl BridgeConfig {
             max_queued_bytes: 0,
             overflow: Overflow::DropOldest,
             max_inflight: 32,
+            notifications: true,
+            notifications_local_only: false,
+            notification_topic: None,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
@@ -232,6 +242,14 @@ impl BridgeConfig {
     /// The host part of `address` (brackets of an IPv6 literal removed).
     pub fn host(&self) -> &str {
         host_of(&self.address)
+    }
+
+    /// Where the link's state is published (see [`BridgeConfig::notifications`]).
+    pub fn state_topic(&self) -> String {
+        match &self.notification_topic {
+            Some(t) => t.clone(),
+            None => format!("$SYS/broker/connection/{}/state", self.client_id),
+        }
     }
 
     /// How many addresses the remote has: `address` and the alternates.

@@ -182,6 +182,7 @@ impl Bridges {
             private_refused: Default::default(),
             recovered_qos2: std::sync::Mutex::new(qos2_ids::recover(broker, &config.vhost, &config.name)),
             current: std::sync::atomic::AtomicUsize::new(0),
+            will_refused: std::sync::atomic::AtomicBool::new(false),
         });
         Ok((link, vhost))
     }

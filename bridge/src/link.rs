@@ -26,7 +26,7 @@ use ferry_core::store::Commit;
 use ferry_core::vhost::VHost;
 use ferry_mqtt::codec::{
     self, ConnAck, Connect, Decoder, Disconnect, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, Str,
-    SubOptions, Subscribe,
+    SubOptions, Subscribe, Will,
 };
 use ferry_mqtt::mapping;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -122,6 +122,9 @@ pub(crate) struct Link {
     pub recovered_qos2: std::sync::Mutex<HashSet<u16>>,
     /// Which of the remote's addresses the link uses ([`BridgeConfig::address_at`]).
     pub current: std::sync::atomic::AtomicUsize,
+    /// A 5.0 remote refused the retained will of the state notification (CONNACK 0x9A, retain
+    /// not supported): later connects go without it.
+    pub will_refused: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +292,37 @@ impl Link {
         }
     }
 
+    /// The link's state as a retained PUBLISH on its notification topic (`1`: up, `0`: down).
+    fn state_publish(&self, up: bool, qos: QoS) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            retain: true,
+            topic: Str::from(self.config.state_topic().as_str()),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from_static(if up { b"1" } else { b"0" }),
+        }
+    }
+
+    /// Publishes the link's state locally, retained (Mosquitto's `notifications`).
+    fn notify_local(&self, vhost: &VHost, up: bool) {
+        if !self.config.notifications {
+            return;
+        }
+        let p = self.state_publish(up, QoS::AtLeastOnce);
+        let now = now_millis();
+        let exchange = ShortString::from(self.config.exchange.as_str());
+        let origin = Origin { protocol: Protocol::Mqtt, connection: self.id };
+        let m = mapping::to_message(&p, p.topic.as_str(), &exchange, origin, now);
+        // Nobody waits for these commits: a state lost in a crash is published again at the
+        // next start (`0`) and connect (`1`).
+        let _ = vhost.set_retained(&m.routing_key.clone(), Arc::new(m.clone()));
+        if let Err(e) = vhost.publish_waiting(&exchange, m, now, false) {
+            warn!(bridge = %self.config.name, "bridge {}: state notification not published: {e}", self.config.name);
+        }
+    }
+
     /// The remote's address the link uses now.
     pub(crate) fn address(&self) -> &str {
         self.config.address_at(self.current.load(Ordering::Relaxed))
@@ -338,6 +372,7 @@ impl Link {
             ..Carry::default()
         };
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max, seed);
+        self.notify_local(&vhost, false);
         info!(bridge = %self.config.name, "bridge {}: connecting to {}", self.config.name, self.address());
         loop {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
@@ -367,6 +402,9 @@ impl Link {
             }
             // What the remote acknowledged before the connection ended leaves the queue.
             self.settle_local(&vhost, &consumer, &mut carry.to_ack);
+            if up_at.is_some() {
+                self.notify_local(&vhost, false);
+            }
             match ended {
                 Ok(()) => break,
                 Err(e) if shutdown.is_shutting_down() => {
@@ -467,6 +505,9 @@ impl Drop for MainWatch {
     }
 }
 
+/// CONNACK reason code 0x9A (5.0, §3.2.2.2): the server does not support retained messages.
+const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
+
 /// What the remote's CONNACK allows.
 #[derive(Debug, Clone, Copy)]
 struct Remote {
@@ -498,6 +539,14 @@ impl Conn<'_> {
 
     fn encode(&self, packet: &Packet, out: &mut BytesMut) {
         codec::encode(packet, self.config().version, out);
+    }
+
+    /// Whether the CONNECT carries the state notification's will (`0`, retained).
+    fn sends_will(&self) -> bool {
+        let config = self.config();
+        config.notifications
+            && !config.notifications_local_only
+            && !self.link.will_refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// TCP connect, CONNECT, CONNACK.
@@ -550,7 +599,11 @@ impl Conn<'_> {
             clean_start: config.clean_session,
             keep_alive: config.keep_alive,
             client_id: Str::from(config.client_id.as_str()),
-            will: None,
+            // The remote publishes `0` on the state topic if the link dies without a word.
+            will: self.sends_will().then(|| {
+                let p = self.link.state_publish(false, QoS::AtLeastOnce);
+                Will { topic: p.topic, payload: p.payload, qos: p.qos, retain: true, properties: Properties::default() }
+            }),
             username: config.username.as_deref().map(Str::from),
             password,
             properties,
@@ -570,6 +623,13 @@ impl Conn<'_> {
                         self.link.private_refused.store(true, std::sync::atomic::Ordering::Relaxed);
                         Err(LinkError::Refused(format!(
                             "{}; the remote does not take the bridge mark (try_private), the next attempt goes without it",
+                            refusal(config.version, ack.code)
+                        )))
+                    }
+                    Packet::ConnAck(ack) if ack.code == RETAIN_NOT_SUPPORTED && self.sends_will() => {
+                        self.link.will_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Err(LinkError::Refused(format!(
+                            "{}; the remote does not keep the retained state notification, the next attempt goes without it",
                             refusal(config.version, ack.code)
                         )))
                     }
@@ -638,6 +698,15 @@ impl Conn<'_> {
         let (mut reader, writer) = tokio::io::split(stream);
         let (tx, unwritten, mut write_task) = crate::writer::spawn(writer);
         let mut out = BytesMut::new();
+        if config.notifications {
+            // Up: `1` on the remote (replacing the will's `0`; QoS 0, so that it takes no packet
+            // id from the queue's messages: a link that dies before it is read leaves the will)
+            // and locally.
+            if !config.notifications_local_only && remote.retain_available {
+                self.encode(&Packet::Publish(self.link.state_publish(true, QoS::AtMostOnce)), &mut out);
+            }
+            self.link.notify_local(self.vhost, true);
+        }
 
         // What was in flight when the last connection ended goes again, in order (§4.4).
         self.session_present = connack.session_present;
@@ -766,11 +835,11 @@ impl Conn<'_> {
                         continue;
                     }
                     // What is in flight goes again on the main address, as after any reconnect.
-                    self.disconnect(tx, write_task).await;
+                    self.disconnect(tx, write_task, &remote).await;
                     return Err(LinkError::MainBack(config.address.clone()));
                 }
                 _ = shutdown.wait() => {
-                    self.disconnect(tx, write_task).await;
+                    self.disconnect(tx, write_task, &remote).await;
                     info!(bridge = %name, "bridge {name}: disconnected (shutdown)");
                     return Ok(());
                 }
@@ -778,9 +847,20 @@ impl Conn<'_> {
         }
     }
 
-    /// A DISCONNECT (normal) as the last packet, given a second to be written.
-    async fn disconnect(&self, tx: crate::writer::Writer, write_task: tokio::task::JoinHandle<std::io::Result<()>>) {
+    /// A DISCONNECT (normal) as the last packet, after the state notification's `0`, given a
+    /// second to be written.
+    async fn disconnect(
+        &self,
+        tx: crate::writer::Writer,
+        write_task: tokio::task::JoinHandle<std::io::Result<()>>,
+        remote: &Remote,
+    ) {
         let mut bye = BytesMut::new();
+        let config = self.config();
+        if config.notifications && !config.notifications_local_only && remote.retain_available {
+            // A DISCONNECT discards the will: the remote is told `0` first.
+            self.encode(&Packet::Publish(self.link.state_publish(false, QoS::AtMostOnce)), &mut bye);
+        }
         self.encode(&Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() }), &mut bye);
         let _ = tx.send(bye.freeze());
         drop(tx);

@@ -55,6 +55,9 @@ pub struct RawBridge {
     #[serde(default)]
     pub topics: Vec<RawTopicRule>,
     pub max_hops: Option<u32>,
+    pub notifications: Option<bool>,
+    pub notifications_local_only: Option<bool>,
+    pub notification_topic: Option<String>,
     pub max_queued_messages: Option<u32>,
     pub max_queued_bytes: Option<u64>,
     pub overflow: Option<String>,
@@ -272,6 +275,18 @@ pub fn bridge(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawBridge) -> 
             report(c, key("max_hops"), "must be at least 1 (0 would forward nothing)");
         }
         b.max_hops = h;
+    }
+    if let Some(n) = raw.notifications {
+        b.notifications = n;
+    }
+    if let Some(n) = raw.notifications_local_only {
+        b.notifications_local_only = n;
+    }
+    if let Some(t) = raw.notification_topic {
+        if let Err(e) = ferry_mqtt::topic::check_topic_name(&t) {
+            report(c, key("notification_topic"), format!("{t:?}: {e}"));
+        }
+        b.notification_topic = Some(t);
     }
     if let Some(m) = raw.max_queued_messages {
         b.max_queued_messages = m;

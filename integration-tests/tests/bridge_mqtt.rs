@@ -1347,3 +1347,82 @@ async fn with_round_robin_a_lost_remote_moves_the_link_to_the_next_address() {
     publisher.publish("s/1", Q1, false, b"after").await;
     assert_eq!(read_persistent(&second, "second-sub", 1).await, ["after"]);
 }
+
+// ----- state notifications (Mosquitto's `notifications`) -------------------------------------------
+
+const STATE_TOPIC: &str = "$SYS/broker/connection/ferry-bridge-b/state";
+
+/// A subscriber to the state topic on Mosquitto, and the next state it hears.
+async fn mosquitto_state_watcher(mosquitto: &Mosquitto, id: &str) -> v5::Client {
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", mosquitto.port);
+    o.set_keep_alive(std::time::Duration::from_secs(30));
+    let (mut c, _) = v5::Client::connect(o).await;
+    c.subscribe(STATE_TOPIC, V5Q1).await;
+    c
+}
+
+async fn next_state(c: &mut v5::Client) -> (String, bool) {
+    let p = c.publish_received().await;
+    assert_eq!(topic_v5(&p), STATE_TOPIC);
+    (text(&p.payload).to_string(), p.retain)
+}
+
+/// On by default, as in Mosquitto: `1` retained on the remote once the link is up, the will's `0`
+/// when the link dies without a DISCONNECT, `1` again after the reconnect, `0` before a clean
+/// DISCONNECT at shutdown; and the same states retained locally.
+#[tokio::test]
+async fn the_links_state_is_published_retained_on_a_mosquitto_remote_and_locally() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    let local = bridged(mosquitto.addr(), "3.1.1", r##"{ pattern = "t/#", direction = "out", qos = 1 }"##).await;
+    up(&local).await;
+    // Retained: a subscriber that comes after the link is up gets `1`.
+    let mut remote_watch = mosquitto_state_watcher(&mosquitto, "watch-1").await;
+    assert_eq!(next_state(&mut remote_watch).await, ("1".to_string(), true));
+    let mut local_watch = v5::connect(&local, "local-watch").await;
+    local_watch.subscribe(STATE_TOPIC, V5Q1).await;
+    assert_eq!(next_state(&mut local_watch).await, ("1".to_string(), true));
+
+    // The link dropped without a DISCONNECT: Mosquitto publishes the will.
+    let connections = local.server.broker().connections();
+    let link = connections.list().into_iter().find(|c| c.client_id.as_deref() == Some("ferry-bridge-b")).expect("link");
+    assert!(connections.close(link.id, "maintenance"));
+    assert_eq!(next_state(&mut remote_watch).await.0, "0", "the will");
+    assert_eq!(next_state(&mut local_watch).await.0, "0");
+    assert_eq!(next_state(&mut remote_watch).await.0, "1", "up again");
+    assert_eq!(next_state(&mut local_watch).await.0, "1");
+
+    // A clean stop: `0` before the DISCONNECT (which discards the will).
+    let _dir = local.stop().await;
+    assert_eq!(next_state(&mut remote_watch).await.0, "0");
+    let mut later = mosquitto_state_watcher(&mosquitto, "watch-2").await;
+    assert_eq!(next_state(&mut later).await, ("0".to_string(), true), "retained on the remote");
+}
+
+/// `notifications = false` publishes nothing and sends no will; `notifications_local_only`
+/// keeps the states local; `notification_topic` moves them.
+#[tokio::test]
+async fn notifications_can_be_turned_off_kept_local_or_moved() {
+    let Some(mosquitto) = Mosquitto::start("").await else { return };
+    let rule = r##"{ pattern = "t/#", direction = "out", qos = 1 }"##;
+    let mut remote_watch = mosquitto_state_watcher(&mosquitto, "watch").await;
+    remote_watch.subscribe("bridges/#", V5Q1).await;
+
+    let extra = "notifications = false\n";
+    let off = TestServer::start(&bridged_toml(0, mosquitto.addr(), "3.1.1", rule, extra), &[mqtt_frontend()]).await;
+    up(&off).await;
+    let mut local_watch = v5::connect(&off, "local-watch").await;
+    local_watch.subscribe("$SYS/broker/connection/#", V5Q1).await;
+    local_watch.no_publish().await;
+    let _ = off.stop().await;
+
+    let extra = "notifications_local_only = true\nnotification_topic = \"bridges/b/up\"\n";
+    let local_only =
+        TestServer::start(&bridged_toml(0, mosquitto.addr(), "3.1.1", rule, extra), &[mqtt_frontend()]).await;
+    up(&local_only).await;
+    let mut local_watch = v5::connect(&local_only, "local-watch").await;
+    local_watch.subscribe("bridges/b/up", V5Q1).await;
+    let p = local_watch.publish_received().await;
+    assert_eq!((topic_v5(&p), text(&p.payload), p.retain), ("bridges/b/up", "1", true));
+    let _ = local_only.stop().await;
+    remote_watch.no_publish().await;
+}

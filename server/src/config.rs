@@ -2106,6 +2106,23 @@ mod tests {
     }
 
     #[test]
+    fn bridge_notifications_default_to_mosquittos_and_can_be_moved_or_turned_off() {
+        let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let b = &parse(&format!("{MINIMAL}{BRIDGE}{rule}")).unwrap().bridges[0];
+        assert!(b.notifications && !b.notifications_local_only);
+        assert_eq!(b.state_topic(), "$SYS/broker/connection/ferry-bridge-up/state");
+        let c = parse(&format!(
+            "{MINIMAL}{BRIDGE}{rule}notifications_local_only = true\nnotification_topic = \"edge/link\"\n"
+        ))
+        .unwrap();
+        assert!(c.bridges[0].notifications_local_only);
+        assert_eq!(c.bridges[0].state_topic(), "edge/link");
+        assert!(!parse(&format!("{MINIMAL}{BRIDGE}{rule}notifications = false\n")).unwrap().bridges[0].notifications);
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{rule}notification_topic = \"edge/+\"\n"));
+        assert!(msg.contains("bridges[0].notification_topic: \"edge/+\""), "{msg}");
+    }
+
+    #[test]
     fn a_bridge_password_file_is_resolved_against_the_config_directory() {
         let c = parse(&format!(
             "{MINIMAL}{BRIDGE}password_file = \"secrets/pw\"\ntopics = [{{ pattern = \"#\", direction = \"in\" }}]\n"
