@@ -183,6 +183,13 @@ pub struct BridgeConfig {
     /// QoS 1/2 messages sent and not yet acknowledged by the remote, at most; also the local
     /// consumer's prefetch.
     pub max_inflight: u16,
+    /// When the link connects (Mosquitto's `start_type`).
+    pub start_type: StartType,
+    /// `lazy`: connect once this many messages wait in the local queue (Mosquitto's `threshold`).
+    pub threshold: u32,
+    /// `lazy`: disconnect after this long without a message either way (Mosquitto's
+    /// `idle_timeout`).
+    pub idle_timeout: Duration,
     /// Mosquitto's `notifications`: the link's state, `1` (up) or `0` (down), published
     /// retained on [`notification_topic`](BridgeConfig::notification_topic) locally and, unless
     /// `notifications_local_only`, on the remote (with a will of `0` for a link that dies).
@@ -225,6 +232,9 @@ impl BridgeConfig {
             max_queued_bytes: 0,
             overflow: Overflow::DropOldest,
             max_inflight: 32,
+            start_type: StartType::Automatic,
+            threshold: 10,
+            idle_timeout: Duration::from_secs(60),
             notifications: true,
             notifications_local_only: false,
             notification_topic: None,
@@ -274,6 +284,18 @@ impl BridgeConfig {
     pub fn has_out_rules(&self) -> bool {
         self.topics.iter().any(|t| t.direction.is_out())
     }
+}
+
+/// When a bridge's link connects, as Mosquitto's `start_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartType {
+    /// At start, and again after every failure (with back-off).
+    Automatic,
+    /// When `threshold` messages wait for the remote; disconnected again after `idle_timeout`
+    /// without traffic (a metered or on-demand link).
+    Lazy,
+    /// At start; a failure stops the bridge for good (until a restart of Ferry).
+    Once,
 }
 
 /// The host part of a `host:port` (brackets of an IPv6 literal removed).

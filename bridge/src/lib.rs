@@ -55,7 +55,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use config::{BridgeConfig, BridgeTls, Direction, Overflow, PasswordSource, TopicRule};
+pub use config::{BridgeConfig, BridgeTls, Direction, Overflow, PasswordSource, StartType, TopicRule};
 pub use link::{LinkError, HOPS};
 pub use shovel::{AckMode, AmqpUri, ShovelConfig, ShovelDirection};
 pub use status::{BridgeStatus, LinkState};

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::BridgeConfig;
+use crate::config::{BridgeConfig, StartType};
 use crate::rules;
 use crate::status::{Counters, LinkState, StateCell};
 
@@ -81,6 +81,8 @@ pub enum LinkError {
     Store(String),
     #[error("the main address {0} answers again; leaving this one for it")]
     MainBack(String),
+    #[error("idle for {0:?} (start_type lazy)")]
+    Idle(Duration),
 }
 
 /// Both ends of the TCP connection.
@@ -323,6 +325,35 @@ impl Link {
         }
     }
 
+    /// Messages waiting for the remote: in the local queue, and taken by the link and not
+    /// acknowledged yet.
+    fn waiting(&self) -> u64 {
+        self.queue.as_ref().map_or(0, |q| {
+            let st = q.stats();
+            u64::from(st.ready) + u64::from(st.unacked)
+        })
+    }
+
+    /// `start_type = "lazy"`: idle until `threshold` messages wait (checked every 100 ms, a
+    /// lock of the queue each time); `false` at shutdown.
+    async fn wait_for_threshold(&self, shutdown: &mut Shutdown) -> bool {
+        if self.waiting() >= u64::from(self.config.threshold) {
+            return true;
+        }
+        self.state.set(LinkState::Idle, None);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if self.waiting() >= u64::from(self.config.threshold) {
+                        return true;
+                    }
+                }
+                _ = shutdown.wait() => return false,
+            }
+        }
+    }
+
     /// The remote's address the link uses now.
     pub(crate) fn address(&self) -> &str {
         self.config.address_at(self.current.load(Ordering::Relaxed))
@@ -375,6 +406,9 @@ impl Link {
         self.notify_local(&vhost, false);
         info!(bridge = %self.config.name, "bridge {}: connecting to {}", self.config.name, self.address());
         loop {
+            if self.config.start_type == StartType::Lazy && !self.wait_for_threshold(&mut shutdown).await {
+                break;
+            }
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.state.set(LinkState::Connecting, None);
             let mut conn = Conn {
@@ -409,6 +443,20 @@ impl Link {
                 Ok(()) => break,
                 Err(e) if shutdown.is_shutting_down() => {
                     info!(bridge = %self.config.name, "bridge {}: stopped ({e})", self.config.name);
+                    break;
+                }
+                Err(LinkError::Idle(idle)) => {
+                    info!(
+                        bridge = %self.config.name,
+                        "bridge {}: no messages for {} s; disconnected until {} wait (start_type lazy)",
+                        self.config.name,
+                        idle.as_secs(),
+                        self.config.threshold
+                    );
+                }
+                Err(e) if self.config.start_type == StartType::Once && !matches!(e, LinkError::MainBack(_)) => {
+                    warn!(bridge = %self.config.name, "bridge {} to {}: {e}; not restarted (start_type once)", self.config.name, self.address());
+                    self.state.set(LinkState::Stopped, Some(e.to_string()));
                     break;
                 }
                 Err(LinkError::MainBack(main)) => {
@@ -766,6 +814,10 @@ impl Conn<'_> {
         let far = Duration::from_secs(86_400 * 365);
         // On an alternate without `round_robin`: back to the main address once it answers.
         let mut main_watch = self.link.off_main().then(|| MainWatch::spawn(&config));
+        // `start_type = "lazy"`: when a message last went either way (or one was in flight).
+        let lazy = config.start_type == StartType::Lazy;
+        let mut traffic = (u64::MAX, u64::MAX);
+        let mut last_traffic = Instant::now();
         loop {
             // Acks first: the window they free is filled in the same turn.
             self.link.settle_local(self.vhost, self.consumer, &mut self.carry.to_ack);
@@ -787,6 +839,15 @@ impl Conn<'_> {
             }
             // A ping when we have been silent, or have heard nothing (an out link that only
             // sends QoS 0 gets no answers otherwise), for a keep alive period.
+            if lazy {
+                let now_traffic =
+                    (counters.forwarded_in.load(Ordering::Relaxed), counters.forwarded_out.load(Ordering::Relaxed));
+                if now_traffic != traffic || !self.carry.inflight.is_empty() || !self.carry.pending.is_empty() {
+                    traffic = now_traffic;
+                    last_traffic = Instant::now();
+                }
+            }
+            let idle_at = if lazy { last_traffic + config.idle_timeout } else { last_sent + far };
             let quiet_since = last_sent.min(last_heard).max(last_ping);
             let ping_at = if keep_alive.is_zero() { last_sent + far } else { quiet_since + keep_alive };
             let dead_at = if keep_alive.is_zero() { last_heard + far } else { last_heard + keep_alive * 2 };
@@ -827,6 +888,13 @@ impl Conn<'_> {
                     last_ping = Instant::now();
                 }
                 _ = tokio::time::sleep_until(dead_at) => return Err(LinkError::KeepAlive(keep_alive * 2)),
+                _ = tokio::time::sleep_until(idle_at), if lazy => {
+                    if self.carry.inflight.is_empty() && self.carry.pending.is_empty() && self.outbox.is_empty() {
+                        self.disconnect(tx, write_task, &remote).await;
+                        return Err(LinkError::Idle(config.idle_timeout));
+                    }
+                    last_traffic = Instant::now();
+                }
                 ended = &mut write_task => return Err(writer_ended(ended)),
                 reason = handle.entry().closed() => return Err(LinkError::ClosedLocally(reason.to_string())),
                 answered = async { (&mut main_watch.as_mut().expect("guarded").answered).await }, if main_watch.is_some() => {

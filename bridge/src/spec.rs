@@ -55,6 +55,9 @@ pub struct RawBridge {
     #[serde(default)]
     pub topics: Vec<RawTopicRule>,
     pub max_hops: Option<u32>,
+    pub start_type: Option<String>,
+    pub threshold: Option<u32>,
+    pub idle_timeout: Option<u64>,
     pub notifications: Option<bool>,
     pub notifications_local_only: Option<bool>,
     pub notification_topic: Option<String>,
@@ -275,6 +278,31 @@ pub fn bridge(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawBridge) -> 
             report(c, key("max_hops"), "must be at least 1 (0 would forward nothing)");
         }
         b.max_hops = h;
+    }
+    match raw.start_type.as_deref() {
+        None | Some("automatic") => {}
+        Some("lazy") => b.start_type = crate::StartType::Lazy,
+        Some("once") => b.start_type = crate::StartType::Once,
+        Some(other) => report(c, key("start_type"), format!("{other:?}: expected \"automatic\", \"lazy\" or \"once\"")),
+    }
+    if let Some(t) = raw.threshold {
+        if t == 0 {
+            report(c, key("threshold"), "must be at least 1");
+        }
+        b.threshold = t;
+    }
+    if let Some(s) = raw.idle_timeout {
+        if s == 0 {
+            report(c, key("idle_timeout"), "must be at least 1");
+        }
+        b.idle_timeout = Duration::from_secs(s);
+    }
+    if b.start_type == crate::StartType::Lazy && !b.topics.iter().any(|t| t.direction.is_out()) {
+        report(
+            c,
+            key("start_type"),
+            "a lazy bridge connects when messages wait to go out: it needs an \"out\" or \"both\" rule",
+        );
     }
     if let Some(n) = raw.notifications {
         b.notifications = n;

@@ -14,8 +14,11 @@ pub enum LinkState {
     Up,
     /// The last attempt or connection failed ([`BridgeStatus::last_error`]); waiting to retry.
     BackingOff,
-    /// Not running (shut down, or the local queue could not be consumed).
+    /// Not running (shut down, a `start_type = "once"` link that failed, or the local queue
+    /// could not be consumed).
     Stopped,
+    /// A `start_type = "lazy"` link, disconnected until enough messages wait.
+    Idle,
 }
 
 impl LinkState {
@@ -25,6 +28,7 @@ impl LinkState {
             LinkState::Up => "up",
             LinkState::BackingOff => "backing off",
             LinkState::Stopped => "stopped",
+            LinkState::Idle => "idle",
         }
     }
 }

@@ -1426,3 +1426,49 @@ async fn notifications_can_be_turned_off_kept_local_or_moved() {
     let _ = local_only.stop().await;
     remote_watch.no_publish().await;
 }
+
+// ----- start types (Mosquitto's `start_type`) -------------------------------------------------------
+
+/// `start_type = "lazy"`: no connection until `threshold` messages wait; then everything goes,
+/// and after `idle_timeout` without traffic the link disconnects until the threshold is reached
+/// again.
+#[tokio::test]
+async fn a_lazy_bridge_connects_at_its_threshold_and_leaves_when_idle() {
+    let remote = TestServer::mqtt().await;
+    persistent_subscriber(&remote, "remote-sub", "s/#").await;
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let extra = "start_type = \"lazy\"\nthreshold = 5\nidle_timeout = 1\n";
+    let local = TestServer::start(&bridged_toml(0, remote.mqtt_addr(), "3.1.1", rule, extra), &[mqtt_frontend()]).await;
+    let mut publisher = v311::connect(&local, "pub").await;
+    for i in 0..4 {
+        publisher.publish("s/1", Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let st =
+        status_when(&local, "idle below the threshold", |s| s.state == LinkState::Idle && s.queued + s.in_flight == 4)
+            .await;
+    assert_eq!((st.attempts, st.connects), (0, 0), "{st:?}");
+    publisher.publish("s/1", Q1, false, b"m4").await;
+    let first: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 5).await, first);
+    let st = status_when(&local, "disconnected when idle", |s| s.state == LinkState::Idle && s.connects == 1).await;
+    assert_eq!((st.forwarded_out, st.queued, st.in_flight), (5, 0, 0), "{st:?}");
+    for i in 5..10 {
+        publisher.publish("s/1", Q1, false, format!("m{i}").as_bytes()).await;
+    }
+    let second: Vec<String> = (5..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_persistent(&remote, "remote-sub", 5).await, second);
+    let st = status_when(&local, "all forwarded", |s| s.forwarded_out == 10).await;
+    assert_eq!(st.connects, 2, "{st:?}");
+}
+
+/// `start_type = "once"`: a failed connect is not retried.
+#[tokio::test]
+async fn a_once_bridge_stops_after_its_first_failure() {
+    let dead = free_port();
+    let rule = r##"{ pattern = "s/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, format!("127.0.0.1:{dead}").parse().unwrap(), "3.1.1", rule, "start_type = \"once\"\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    let st = status_when(&local, "stopped", |s| s.state == LinkState::Stopped).await;
+    assert_eq!((st.attempts, st.connects), (1, 0), "{st:?}");
+    assert!(st.last_error.as_deref().is_some_and(|e| e.contains("cannot connect")), "{st:?}");
+}

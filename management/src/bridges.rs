@@ -195,7 +195,7 @@ async fn delete_bridge(
 /// `terminated` (with a `reason`) when it failed and waits to retry, or stopped.
 fn shovel_state(s: &BridgeStatus) -> &'static str {
     match s.state {
-        LinkState::Up => "running",
+        LinkState::Up | LinkState::Idle => "running",
         LinkState::Connecting => "starting",
         LinkState::BackingOff | LinkState::Stopped => "terminated",
     }

@@ -2106,6 +2106,31 @@ mod tests {
     }
 
     #[test]
+    fn bridge_start_types_are_mosquittos() {
+        let out = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
+        let b = &parse(&format!("{MINIMAL}{BRIDGE}{out}")).unwrap().bridges[0];
+        assert_eq!((b.start_type, b.threshold, b.idle_timeout.as_secs()), (ferry_bridge::StartType::Automatic, 10, 60));
+        let c =
+            parse(&format!("{MINIMAL}{BRIDGE}{out}start_type = \"lazy\"\nthreshold = 3\nidle_timeout = 5\n")).unwrap();
+        let b = &c.bridges[0];
+        assert_eq!((b.start_type, b.threshold, b.idle_timeout.as_secs()), (ferry_bridge::StartType::Lazy, 3, 5));
+        let once = parse(&format!("{MINIMAL}{BRIDGE}{out}start_type = \"once\"\n")).unwrap();
+        assert_eq!(once.bridges[0].start_type, ferry_bridge::StartType::Once);
+        let msg = error(&format!(
+            "{MINIMAL}{BRIDGE}topics = [{{ pattern = \"#\", direction = \"in\" }}]\nstart_type = \"lazy\"\nthreshold = 0\nidle_timeout = 0\n"
+        ));
+        for expected in [
+            "bridges[0].start_type: a lazy bridge connects when messages wait to go out",
+            "bridges[0].threshold: must be at least 1",
+            "bridges[0].idle_timeout: must be at least 1",
+        ] {
+            assert!(msg.contains(expected), "{expected:?} not in {msg}");
+        }
+        let msg = error(&format!("{MINIMAL}{BRIDGE}{out}start_type = \"manual\"\n"));
+        assert!(msg.contains("bridges[0].start_type: \"manual\""), "{msg}");
+    }
+
+    #[test]
     fn bridge_notifications_default_to_mosquittos_and_can_be_moved_or_turned_off() {
         let rule = "topics = [{ pattern = \"#\", direction = \"out\" }]\n";
         let b = &parse(&format!("{MINIMAL}{BRIDGE}{rule}")).unwrap().bridges[0];
