@@ -1207,6 +1207,7 @@ impl Conn<'_> {
         let counters = &self.link.counters;
         if r.reason >= 0x80 {
             counters.dropped_refused.fetch_add(1, Ordering::Relaxed);
+            *counters.refused_by_reason.lock().unwrap_or_else(|e| e.into_inner()).entry(r.reason).or_default() += 1;
             warn!(
                 bridge = %self.link.config.name,
                 "bridge {}: the remote refused a message on {} (reason 0x{:02x}); dropped",

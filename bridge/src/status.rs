@@ -73,6 +73,9 @@ pub struct BridgeStatus {
     pub dropped_no_rule: u64,
     /// Refused by the remote (an MQTT 5.0 PUBACK / PUBREC reason code 0x80 or above).
     pub dropped_refused: u64,
+    /// `dropped_refused` by the remote's reason code, lowest code first (0x87 not authorized,
+    /// 0x97 quota exceeded, 0x99 payload format invalid, …).
+    pub dropped_refused_by_reason: Vec<(u8, u64)>,
     /// Publishes the remote refused with a basic.nack (AMQP shovels): they go again, in order,
     /// on the next connection.
     pub nacked: u64,
@@ -94,6 +97,8 @@ pub(crate) struct Counters {
     pub dropped_loop: AtomicU64,
     pub dropped_no_rule: AtomicU64,
     pub dropped_refused: AtomicU64,
+    /// `dropped_refused` by reason code (at most the 128 codes from 0x80).
+    pub refused_by_reason: std::sync::Mutex<std::collections::BTreeMap<u8, u64>>,
     pub nacked: AtomicU64,
     pub dropped_too_large: AtomicU64,
     pub connects: AtomicU64,
@@ -176,6 +181,13 @@ pub(crate) fn snapshot(
         dropped_loop: Counters::get(&c.dropped_loop),
         dropped_no_rule: Counters::get(&c.dropped_no_rule),
         dropped_refused: Counters::get(&c.dropped_refused),
+        dropped_refused_by_reason: c
+            .refused_by_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(code, n)| (*code, *n))
+            .collect(),
         nacked: Counters::get(&c.nacked),
         dropped_too_large: Counters::get(&c.dropped_too_large),
         connects: Counters::get(&c.connects),

@@ -1472,3 +1472,25 @@ async fn a_once_bridge_stops_after_its_first_failure() {
     assert_eq!((st.attempts, st.connects), (1, 0), "{st:?}");
     assert!(st.last_error.as_deref().is_some_and(|e| e.contains("cannot connect")), "{st:?}");
 }
+
+/// A message a 5.0 remote refuses (PUBACK reason 0x80 or above: here Ferry refusing a client's
+/// publish under `$SYS/`, 0x87) leaves the queue counted by its reason code, and the link goes on.
+#[tokio::test]
+async fn messages_a_v5_remote_refuses_are_counted_by_reason_code() {
+    let remote = TestServer::mqtt().await;
+    let rules = r##"{ pattern = "s/#", direction = "out", qos = 1, remote_prefix = "$SYS/" },
+                    { pattern = "ok/#", direction = "out", qos = 1 }"##;
+    let local = bridged(remote.mqtt_addr(), "5.0", rules).await;
+    let mut sub = v5::connect(&remote, "remote-sub").await;
+    sub.subscribe("ok/#", V5Q1).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    for i in 0..3 {
+        publisher.publish("s/1", V5Q1, false, format!("r{i}").as_bytes()).await;
+    }
+    publisher.publish("ok/1", V5Q1, false, b"after").await;
+    assert_eq!(text(&sub.publish_received().await.payload), "after", "the link is not wedged");
+    let st = status_when(&local, "refused and forwarded", |s| s.dropped_refused == 3 && s.forwarded_out == 1).await;
+    assert_eq!(st.dropped_refused_by_reason, [(0x87, 3)], "{st:?}");
+    assert_eq!((st.queued, st.in_flight), (0, 0), "{st:?}");
+}

@@ -67,6 +67,11 @@ fn counters(s: &BridgeStatus) -> Value {
             "loop": s.dropped_loop,
             "no_rule": s.dropped_no_rule,
             "refused": s.dropped_refused,
+            "refused_by_reason": s
+                .dropped_refused_by_reason
+                .iter()
+                .map(|(code, n)| (format!("0x{code:02x}"), json!(n)))
+                .collect::<serde_json::Map<String, Value>>(),
             "too_large": s.dropped_too_large,
         },
         "held_overflow": s.held_overflow,

@@ -306,6 +306,17 @@ impl Snapshot {
                 o.sample("ferry_bridge_dropped_messages_total", &[("bridge", &b.name), ("reason", reason)], n);
             }
         }
+        o.family(
+            "ferry_bridge_refused_messages_total",
+            "counter",
+            "Messages a bridge's remote refused (MQTT 5.0 reason code 0x80 or above), by reason code.",
+        );
+        for b in &self.bridges {
+            for (code, n) in &b.dropped_refused_by_reason {
+                let code = format!("0x{code:02x}");
+                o.sample("ferry_bridge_refused_messages_total", &[("bridge", &b.name), ("reason_code", &code)], *n);
+            }
+        }
         o.family("ferry_bridge_connects_total", "counter", "Connections the bridge established.");
         for b in &self.bridges {
             o.sample("ferry_bridge_connects_total", &[("bridge", &b.name)], b.connects);
