@@ -214,6 +214,29 @@ async fn x_shovelled_is_added_when_asked() {
     assert!(!get("dest-uri").contains("guest:"), "no password in the header");
 }
 
+/// RabbitMQ's `dest-publish-properties`: what it names replaces the message's own properties
+/// (here an MQTT QoS 0 publish, transient, made persistent), headers are merged, the rest kept.
+#[tokio::test]
+async fn dest_publish_properties_are_laid_over_the_messages() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (_rc, rch) = rabbit.channel().await;
+    let work = unique("props");
+    declare(&rch, &work).await;
+    let extra =
+        "dest_publish_properties = { delivery_mode = 2, app_id = \"edge-7\", headers = { site = \"north\" } }\n";
+    let local = ferry(&out_to(&rabbit.uri(), &format!("dest_queue = \"{work}\""), extra)).await;
+    up(&local).await;
+    let mut mqtt = v311::connect(&local, "pub").await;
+    mqtt.publish("telemetry/a", rumqttc::QoS::AtMostOnce, false, b"x").await;
+    let mut c = consume(&rch, &work).await;
+    let (body, p) = next(&mut c).await;
+    assert_eq!(body, "x");
+    assert_eq!(*p.delivery_mode(), Some(2), "{p:?}");
+    assert_eq!(p.app_id().as_ref().map(|s| s.as_str()), Some("edge-7"));
+    assert!(matches!(header(&p, "site"), Some(AMQPValue::LongString(s)) if s.as_bytes() == b"north"), "{p:?}");
+    assert_eq!(hops(&p), Some(1), "the shovel's own header is still there");
+}
+
 // ----- RabbitMQ → Ferry ----------------------------------------------------------------------
 
 #[tokio::test]

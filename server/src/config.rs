@@ -2181,6 +2181,25 @@ mod tests {
     const SHOVEL: &str = "[[shovels]]\nname = \"telemetry\"\n";
 
     #[test]
+    fn a_shovels_dest_publish_properties_are_checked_by_name_and_type() {
+        let out =
+            "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"s.#\"\ndest_uri = \"amqp://r\"\n";
+        let c = parse(&format!("{MINIMAL}{SHOVEL}{out}dest_publish_properties = {{ delivery_mode = 2 }}\n")).unwrap();
+        let p = c.shovels[0].publish_properties.as_ref().expect("set");
+        assert_eq!(p.delivery_mode, Some(ferry_core::message::DeliveryMode::Persistent));
+        assert!(parse(&format!("{MINIMAL}{SHOVEL}{out}")).unwrap().shovels[0].publish_properties.is_none());
+        let msg = error(&format!(
+            "{MINIMAL}{SHOVEL}{out}dest_publish_properties = {{ delivery_mode = 3, colour = \"red\" }}\n"
+        ));
+        for expected in [
+            "shovels[0].dest_publish_properties: delivery_mode: 3 is not 1 or 2",
+            "shovels[0].dest_publish_properties: \"colour\" is not a basic property",
+        ] {
+            assert!(msg.contains(expected), "{expected:?} not in {msg}");
+        }
+    }
+
+    #[test]
     fn a_shovels_limits_apply_to_its_own_backlog_only() {
         let out =
             "src_uri = \"local\"\nsrc_exchange = \"amq.topic\"\nsrc_exchange_key = \"s.#\"\ndest_uri = \"amqp://r\"\n";

@@ -396,6 +396,9 @@ pub struct ShovelConfig {
     pub dynamic: Option<String>,
     /// Add RabbitMQ's `x-shovelled-timestamp` header (`dest-add-timestamp-header`).
     pub add_timestamp_header: bool,
+    /// RabbitMQ's `dest-publish-properties`: properties laid over each message's on the way out
+    /// ([`super::args::overlay`]); `None`: the message's own.
+    pub publish_properties: Option<ferry_core::message::Properties>,
     /// `src-delete-after` (dynamic shovels from a local queue); `None`: never.
     pub delete_after: Option<DeleteAfter>,
 }
@@ -438,6 +441,7 @@ impl ShovelConfig {
             frame_max: q.frame_max,
             dynamic: None,
             add_timestamp_header: false,
+            publish_properties: None,
             delete_after: None,
         }
     }

@@ -146,6 +146,7 @@ pub fn redact(value: &Value) -> Value {
 
 /// The file's keys as RabbitMQ names them, each before the keys it contains (for [`parse`]'s reasons).
 const FILE_KEYS: &[(&str, &str)] = &[
+    ("dest_publish_properties", "dest-publish-properties"),
     ("src_queue_args", "src-queue-args"),
     ("dest_queue_args", "dest-queue-args"),
     ("src_predeclared", "src-predeclared"),
@@ -229,7 +230,7 @@ fn object(o: &Map<String, Value>, k: &str, p: &Problems) -> Option<Map<String, V
     match o.get(k)? {
         Value::Object(m) => Some(m.clone()),
         other => {
-            p.add(k, format!("{other} is not a JSON object (queue arguments)"));
+            p.add(k, format!("{other} is not a JSON object"));
             None
         }
     }
@@ -326,14 +327,6 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
             }
         },
     };
-    match o.get("dest-publish-properties") {
-        None => {}
-        Some(Value::Object(m)) if m.is_empty() => {}
-        Some(other) => p.add(
-            "dest-publish-properties",
-            format!("{other}: Ferry's shovels forward the message's own properties (only {{}} is taken)"),
-        ),
-    }
     let prefetch = match o.get("src-prefetch-count") {
         None => None,
         Some(v) => match v.as_u64().and_then(|n| u16::try_from(n).ok()) {
@@ -377,6 +370,7 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
         dest_exchange_key: string(o, "dest-exchange-key", &p),
         src_queue_args: object(o, "src-queue-args", &p),
         dest_queue_args: object(o, "dest-queue-args", &p),
+        dest_publish_properties: object(o, "dest-publish-properties", &p),
         src_predeclared: boolean(o, "src-predeclared", &p),
         dest_predeclared: boolean(o, "dest-predeclared", &p),
         ack_mode: string(o, "ack-mode", &p),

@@ -362,7 +362,7 @@ impl Shovel {
     }
 
     /// The properties a message crosses with: the hop count raised, `x-shovelled` added when
-    /// asked for; everything else as it was.
+    /// asked for, `dest-publish-properties` laid over; everything else as it was.
     fn crossing(&self, mut p: Properties, hops: u32, node: &str, received_from: Option<FieldValue>) -> Properties {
         let headers = p.headers.get_or_insert_with(FieldTable::new);
         headers.insert(HOPS, FieldValue::I64(i64::from(hops) + 1));
@@ -387,6 +387,9 @@ impl Shovel {
             // RabbitMQ's shovel stamps seconds since the epoch (rabbit_amqp091_shovel.erl,
             // `add_timestamp_header`).
             headers.insert(SHOVELLED_TIMESTAMP, FieldValue::I64((now_millis() / 1000) as i64));
+        }
+        if let Some(over) = &self.config.publish_properties {
+            super::args::overlay(&mut p, over);
         }
         p
     }

@@ -59,6 +59,8 @@ pub struct RawShovel {
     pub dest_queue_args: Option<serde_json::Map<String, serde_json::Value>>,
     pub src_predeclared: Option<bool>,
     pub dest_predeclared: Option<bool>,
+    /// RabbitMQ's `dest-publish-properties`: a TOML table (or JSON object).
+    pub dest_publish_properties: Option<serde_json::Map<String, serde_json::Value>>,
     pub ack_mode: Option<String>,
     pub prefetch_count: Option<u16>,
     pub add_forward_headers: Option<bool>,
@@ -195,6 +197,17 @@ pub fn shovel(c: &dyn Checker, key: &dyn Fn(&str) -> String, raw: RawShovel) -> 
     };
     s.src_queue_args = args(raw.src_queue_args);
     s.dest_queue_args = args(raw.dest_queue_args);
+    if let Some(m) = raw.dest_publish_properties {
+        match super::args::publish_properties(&m) {
+            Ok(_) if m.is_empty() => {}
+            Ok(p) => s.publish_properties = Some(p),
+            Err(problems) => {
+                for problem in problems {
+                    report(c, key("dest_publish_properties"), problem);
+                }
+            }
+        }
+    }
     s.src_predeclared = raw.src_predeclared.unwrap_or(false);
     s.dest_predeclared = raw.dest_predeclared.unwrap_or(false);
     if let Some(m) = raw.ack_mode {
