@@ -10,6 +10,12 @@
 //! submission order in ONE write transaction with [`Durability::Immediate`] (fsync), commits,
 //! and only then resolves every batch's commit — or fails them all with [`StoreError::Io`]. So
 //! the more connections wait on the disk, the more each fsync carries.
+//!
+//! When a waited batch was submitted while the last commit ran (a stream: a lone synchronous
+//! publisher only submits in answer to a commit), the writer gathers: it waits for more until
+//! the group's waited batches hold [`GATHER_OPS`] operations, none came for [`GATHER_GAP`], or
+//! the first of them may have waited [`GATHER_BOUND`] ([`decide`]); a flush or a read ends it at
+//! once, and a gather that ended by the gap pauses gathering ([`GATHER_PAUSE`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -75,6 +81,33 @@ pub const MAX_GROUP_BYTES: usize = 4 << 20;
 /// Early deletes remembered at most (see [`Tombstones`]).
 pub const MAX_TOMBSTONES: usize = 100_000;
 
+/// Gathering (see [`decide`] and docs/storage.md, "Gathering"): a group whose waited batches
+/// hold this many operations is committed at once. A commit writes about 8 pages (32 KiB)
+/// whatever it holds, so 16 messages bring that to 2 KiB each; a windowed publisher fills it
+/// at once, so its rate is not held to one group per [`GATHER_BOUND`].
+pub const GATHER_OPS: usize = 32;
+/// ... or this many bytes ([`weight`]): past it the group's own pages outweigh the fixed ones.
+pub const GATHER_BYTES: usize = 64 << 10;
+/// ... or when no waited batch came for this long: the stream paused. Longer than the 1 ms
+/// between the bursts of a publisher paced by a millisecond timer (tokio's, ferry-bench's).
+pub const GATHER_GAP: std::time::Duration = std::time::Duration::from_micros(1500);
+/// ... or when the group's first waited batch may have waited this long (counted from before
+/// the previous commit, when the writer last saw the channel empty): the hard bound a gathered
+/// publisher's confirm is delayed by.
+pub const GATHER_BOUND: std::time::Duration = std::time::Duration::from_millis(3);
+/// A gather that ended by the gap waited for nothing at its end: the stream paused, or it is a
+/// closed loop (every publisher of the "stream" waits for this commit: a few synchronous ones, or
+/// a window smaller than [`GATHER_OPS`]). After one, gathering waits for new evidence of a
+/// stream; after this many in a row (no gather filled or reached the bound in between: a
+/// closed loop, not a stream that hiccupped) it stops for [`GATHER_PAUSE`].
+pub const GATHER_GAPS_TO_PAUSE: u32 = 3;
+/// How long gathering stops after [`GATHER_GAPS_TO_PAUSE`] gathers ended by the gap in a row;
+/// doubled each time it happens again up to [`GATHER_PAUSE_MAX`], and back at this after a gather
+/// that filled or reached the bound. A closed loop thus pays [`GATHER_GAP`] three times per
+/// pause, at most 9 % of its time at the first pause and under 0.3 % at the longest.
+pub const GATHER_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+pub const GATHER_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(1600);
+
 /// Compaction pays when this many bytes of the file are free pages (and more than are in use).
 pub const COMPACT_MIN_FREE_BYTES: u64 = 64 << 20;
 /// The writer looks at the file's free space after this many commits, once it has been idle for
@@ -131,6 +164,8 @@ pub struct RedbStore {
     /// The file, when the store is one (its length is what `file_stats` reports).
     path: Option<std::path::PathBuf>,
     commit_stats: Arc<super::CommitStats>,
+    /// Waited batches (and flushes) sent to the writer: see `Writer::submitted`.
+    submitted: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for RedbStore {
@@ -150,7 +185,7 @@ impl RedbStore {
             let path = path.clone();
             move || create(&path)
         };
-        RedbStore::start(db, Box::new(reopen), Some(path), LAZY_BOUND)
+        RedbStore::start(db, Box::new(reopen), Some(path), LAZY_BOUND, GATHER)
     }
 
     /// [`RedbStore::open`] with another bound for lazy batches (tests).
@@ -159,21 +194,40 @@ impl RedbStore {
         path: impl AsRef<Path>,
         lazy_bound: std::time::Duration,
     ) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with(path, lazy_bound, GATHER)
+    }
+
+    /// [`RedbStore::open`] with other timings (tests).
+    #[cfg(test)]
+    fn open_with(
+        path: impl AsRef<Path>,
+        lazy_bound: std::time::Duration,
+        gather: GatherRules,
+    ) -> Result<RedbStore, StoreError> {
         let path = path.as_ref().to_path_buf();
         let db = Database::builder().create(&path).map_err(io)?;
         let reopen = {
             let path = path.clone();
             move || Database::builder().create(&path).map_err(io)
         };
-        RedbStore::start(db, Box::new(reopen), Some(path), lazy_bound)
+        RedbStore::start(db, Box::new(reopen), Some(path), lazy_bound, gather)
     }
 
     /// Opens the store over any redb storage backend (tests inject failing disks this way).
     #[cfg(test)]
     pub(crate) fn with_backend(backend: impl ::redb::StorageBackend + Clone) -> Result<RedbStore, StoreError> {
+        RedbStore::with_backend_and(backend, GATHER)
+    }
+
+    /// [`RedbStore::with_backend`] with other gathering rules (tests).
+    #[cfg(test)]
+    fn with_backend_and(
+        backend: impl ::redb::StorageBackend + Clone,
+        gather: GatherRules,
+    ) -> Result<RedbStore, StoreError> {
         let db = Database::builder().create_with_backend(backend.clone()).map_err(io)?;
         let reopen = move || Database::builder().create_with_backend(backend.clone()).map_err(io);
-        RedbStore::start(db, Box::new(reopen), None, LAZY_BOUND)
+        RedbStore::start(db, Box::new(reopen), None, LAZY_BOUND, gather)
     }
 
     fn start(
@@ -181,6 +235,7 @@ impl RedbStore {
         reopen: Reopen,
         path: Option<std::path::PathBuf>,
         lazy_bound: std::time::Duration,
+        gather: GatherRules,
     ) -> Result<RedbStore, StoreError> {
         // Create every table, so readers never meet a missing one, and find the next body id.
         let txn = db.begin_write().map_err(io)?;
@@ -195,6 +250,7 @@ impl RedbStore {
         let failing = Arc::new(AtomicBool::new(false));
         let compactions = Arc::new(AtomicU64::new(0));
         let commit_stats = Arc::new(super::CommitStats::default());
+        let submitted = Arc::new(AtomicU64::new(0));
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
         let writer = Writer {
             db: Some(db),
@@ -209,6 +265,9 @@ impl RedbStore {
             next_body,
             tombstones: Tombstones::default(),
             lazy_bound,
+            gatherer: Gatherer::new(gather),
+            submitted: submitted.clone(),
+            taken: 0,
         };
         let handle = std::thread::Builder::new().name("ferry-store".into()).spawn(move || writer.run()).map_err(io)?;
         Ok(RedbStore {
@@ -219,6 +278,7 @@ impl RedbStore {
             compactions,
             path,
             commit_stats,
+            submitted,
         })
     }
 
@@ -281,6 +341,8 @@ impl RedbStore {
         let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
         let Some(sender) = sender.as_ref() else { return Commit::done(Err(StoreError::Closed)) };
         let (reply, commit) = Commit::pending();
+        // Counted before it is sent, so the writer never sees a batch it was not told of.
+        self.submitted.fetch_add(1, Ordering::Relaxed);
         match sender.send(Request::Batch { ops, reply: Some(reply) }) {
             Ok(()) => commit,
             Err(_) => Commit::done(Err(StoreError::Closed)),
@@ -768,6 +830,14 @@ struct Writer {
     tombstones: Tombstones,
     /// [`LAZY_BOUND`], but for tests.
     lazy_bound: std::time::Duration,
+    gatherer: Gatherer,
+    /// Waited batches submitted ([`RedbStore::send`] counts them before sending), and taken
+    /// into groups that were committed: when, as a commit's replies are about to go out, more
+    /// were submitted than taken, one was submitted while the commit ran — not in answer to it,
+    /// which is all a lone synchronous publisher does. That is the evidence of a stream that
+    /// gathering needs ([`Gatherer::evidence`]).
+    submitted: Arc<AtomicU64>,
+    taken: u64,
 }
 
 /// The message an operation on a queued message names.
@@ -876,6 +946,126 @@ fn weight(ops: &[StoreOp]) -> usize {
         .sum()
 }
 
+/// When a group that could be committed now waits for more (the constants, or other values in
+/// tests).
+#[derive(Debug, Clone, Copy)]
+struct GatherRules {
+    ops: usize,
+    bytes: usize,
+    gap: std::time::Duration,
+    bound: std::time::Duration,
+    pause: std::time::Duration,
+    pause_max: std::time::Duration,
+}
+
+const GATHER: GatherRules = GatherRules {
+    ops: GATHER_OPS,
+    bytes: GATHER_BYTES,
+    gap: GATHER_GAP,
+    bound: GATHER_BOUND,
+    pause: GATHER_PAUSE,
+    pause_max: GATHER_PAUSE_MAX,
+};
+
+/// A group being gathered, as [`decide`] sees it.
+#[derive(Debug, Clone, Copy)]
+struct Gathering {
+    /// No waited batch of the group was submitted before this: the writer last saw the channel
+    /// empty then.
+    since: Instant,
+    /// When the writer last received a waited batch (or began gathering).
+    last: Instant,
+    /// Operations and [`weight`] of the group's waited batches.
+    ops: usize,
+    bytes: usize,
+}
+
+/// Why a gather ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Big enough ([`GATHER_OPS`], [`GATHER_BYTES`], or a group's maximum).
+    Full,
+    /// The first waiter reached [`GATHER_BOUND`].
+    Bound,
+    /// No waited batch for [`GATHER_GAP`].
+    Gap,
+    /// A flush or a read came, or the store closed: they do not wait for gathering.
+    Asked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Commit(Ended),
+    /// Wait for another batch until then at the latest.
+    Wait(Instant),
+}
+
+/// Whether a gathered group is committed at `now`, or until when it waits for more.
+fn decide(rules: &GatherRules, g: &Gathering, now: Instant) -> Decision {
+    if g.ops >= rules.ops || g.bytes >= rules.bytes {
+        return Decision::Commit(Ended::Full);
+    }
+    let bound = g.since + rules.bound;
+    if now >= bound {
+        return Decision::Commit(Ended::Bound);
+    }
+    let gap = g.last + rules.gap;
+    if now >= gap {
+        return Decision::Commit(Ended::Gap);
+    }
+    Decision::Wait(bound.min(gap))
+}
+
+/// Whether the writer gathers: from the evidence of a stream (a waited batch submitted while a
+/// commit ran, which a lone synchronous publisher never gives) until a gather ends by the gap,
+/// and then not for a while.
+#[derive(Debug)]
+struct Gatherer {
+    rules: GatherRules,
+    streaming: bool,
+    /// Gathers ended by the gap in a row.
+    gaps: u32,
+    paused_until: Option<Instant>,
+    /// The next pause.
+    pause: std::time::Duration,
+}
+
+impl Gatherer {
+    fn new(rules: GatherRules) -> Gatherer {
+        Gatherer { rules, streaming: false, gaps: 0, paused_until: None, pause: rules.pause }
+    }
+
+    /// A waited batch was submitted while a commit ran.
+    fn evidence(&mut self) {
+        self.streaming = true;
+    }
+
+    /// Whether a group holding a waited batch waits for more.
+    fn may_gather(&self, now: Instant) -> bool {
+        self.streaming && self.paused_until.is_none_or(|t| now >= t)
+    }
+
+    fn ended(&mut self, why: Ended, now: Instant) {
+        match why {
+            Ended::Gap => {
+                self.streaming = false;
+                self.gaps += 1;
+                if self.gaps >= GATHER_GAPS_TO_PAUSE {
+                    self.gaps = 0;
+                    self.paused_until = Some(now + self.pause);
+                    self.pause = (self.pause * 2).min(self.rules.pause_max);
+                }
+            }
+            Ended::Full | Ended::Bound => {
+                self.gaps = 0;
+                self.paused_until = None;
+                self.pause = self.rules.pause;
+            }
+            Ended::Asked => {}
+        }
+    }
+}
+
 /// A `messages` / `queued` key as its queue's prefix (`key(vhost, queue)`) and its sequence.
 fn split_message_key(key: &[u8]) -> Result<(&[u8], u64), StoreError> {
     let Some(n) = key.len().checked_sub(8) else {
@@ -897,12 +1087,19 @@ impl Writer {
         // must be committed at the latest.
         let mut held: Vec<(Vec<StoreOp>, Reply)> = Vec::new();
         let mut held_until = Instant::now();
+        // When the writer last saw the channel empty: what it takes later was submitted after.
+        let mut empty_at = Instant::now();
         loop {
-            let first = match carried.take() {
+            // No waited batch of the group was submitted before this (see `Gathering::since`).
+            let mut since = empty_at;
+            let first = match carried.take().map_or_else(|| self.receiver.try_recv().ok(), Some) {
                 Some(r) => r,
                 None if !held.is_empty() => {
                     match self.receiver.recv_timeout(held_until.saturating_duration_since(Instant::now())) {
-                        Ok(r) => r,
+                        Ok(r) => {
+                            since = Instant::now();
+                            r
+                        }
                         Err(e) => {
                             self.commit_and_reply(std::mem::take(&mut held));
                             since_check += 1;
@@ -914,7 +1111,10 @@ impl Writer {
                     }
                 }
                 None if check_due => match self.receiver.recv_timeout(COMPACT_IDLE) {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        since = Instant::now();
+                        r
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         check_due = false;
                         since_check = 0;
@@ -924,7 +1124,10 @@ impl Writer {
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 },
                 None => match self.receiver.recv() {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        since = Instant::now();
+                        r
+                    }
                     Err(_) => return,
                 },
             };
@@ -945,22 +1148,29 @@ impl Writer {
             };
             let was_holding = !held.is_empty();
             let mut group = std::mem::take(&mut held);
-            group.push((ops0, reply0));
             let mut ops: usize = group.iter().map(|(o, _)| o.len()).sum();
             let mut bytes: usize = group.iter().map(|(o, _)| weight(o)).sum();
-            while ops < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+            // The waited batches' operations and weight, and whether one is a flush.
+            let (mut waited_ops, mut waited_bytes, mut flush) = (0, 0, false);
+            let mut next = Some((ops0, reply0));
+            while let Some((o, reply)) = next.take() {
+                let w = weight(&o);
+                if reply.is_some() {
+                    flush |= o.is_empty();
+                    waited_ops += o.len();
+                    waited_bytes += w;
+                }
+                ops += o.len();
+                bytes += w;
+                group.push((o, reply));
+                if ops >= MAX_GROUP_OPS || bytes >= MAX_GROUP_BYTES {
+                    break;
+                }
                 match self.receiver.try_recv() {
-                    Ok(Request::Batch { ops: o, reply }) => {
-                        ops += o.len();
-                        bytes += weight(&o);
-                        group.push((o, reply));
-                    }
+                    Ok(Request::Batch { ops: o, reply }) => next = Some((o, reply)),
                     // A read waits for the group before it, so it sees what was submitted first.
-                    Ok(read) => {
-                        carried = Some(read);
-                        break;
-                    }
-                    Err(_) => break,
+                    Ok(read) => carried = Some(read),
+                    Err(_) => empty_at = Instant::now(),
                 }
             }
             // Only lazy batches, room for more and time left: hold them for the next commit
@@ -978,10 +1188,67 @@ impl Writer {
                     continue;
                 }
             }
+            // A stream of waited batches: wait for more while [`decide`] says so, unless a read
+            // or a flush asks for what is there.
+            if waited_ops > 0 && !flush && carried.is_none() && ops < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+                let now = Instant::now();
+                if self.gatherer.may_gather(now) {
+                    let g = Gathering { since, last: now, ops: waited_ops, bytes: waited_bytes };
+                    let why = self.gather(&mut group, &mut carried, g, (ops, bytes), &mut empty_at);
+                    self.gatherer.ended(why, Instant::now());
+                }
+            }
             self.commit_and_reply(group);
             since_check += 1;
             if since_check >= COMPACT_CHECK_EVERY {
                 check_due = true;
+            }
+        }
+    }
+
+    /// Adds the batches that come to `group` until [`decide`] commits it, a flush or a read
+    /// comes (a read is left in `carried`, after the group), the group is at its maximum or the
+    /// store is closed. `(ops, bytes)` are the whole group's so far.
+    fn gather(
+        &mut self,
+        group: &mut Vec<(Vec<StoreOp>, Reply)>,
+        carried: &mut Option<Request>,
+        mut g: Gathering,
+        (mut ops, mut bytes): (usize, usize),
+        empty_at: &mut Instant,
+    ) -> Ended {
+        loop {
+            let now = Instant::now();
+            let until = match decide(&self.gatherer.rules, &g, now) {
+                Decision::Commit(why) => return why,
+                Decision::Wait(until) => until,
+            };
+            match self.receiver.recv_timeout(until.saturating_duration_since(now)) {
+                Ok(Request::Batch { ops: o, reply }) => {
+                    let w = weight(&o);
+                    let waited = reply.is_some();
+                    let flush = waited && o.is_empty();
+                    ops += o.len();
+                    bytes += w;
+                    if waited {
+                        g.ops += o.len();
+                        g.bytes += w;
+                        g.last = Instant::now();
+                    }
+                    group.push((o, reply));
+                    if flush {
+                        return Ended::Asked;
+                    }
+                    if ops >= MAX_GROUP_OPS || bytes >= MAX_GROUP_BYTES {
+                        return Ended::Full;
+                    }
+                }
+                Ok(read) => {
+                    *carried = Some(read);
+                    return Ended::Asked;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => *empty_at = Instant::now(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ended::Asked,
             }
         }
     }
@@ -1003,6 +1270,11 @@ impl Writer {
                 }
             }
             Ok(()) => {}
+        }
+        // Before the replies go out: nothing submitted by now answers this commit.
+        self.taken += group.iter().filter(|(_, reply)| reply.is_some()).count() as u64;
+        if self.submitted.load(Ordering::Relaxed) > self.taken {
+            self.gatherer.evidence();
         }
         for (_, reply) in group {
             if let Some(reply) = reply {
@@ -1844,6 +2116,231 @@ mod tests {
         assert!(!s.is_failing());
         assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1, 30]);
         drop(s);
+    }
+
+    /// An in-memory disk whose next sync can be held, so a test can submit while a commit runs.
+    #[derive(Debug, Clone, Default)]
+    struct GatedDisk {
+        inner: Arc<::redb::backends::InMemoryBackend>,
+        gate: Arc<(Mutex<Gate>, std::sync::Condvar)>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Gate {
+        armed: bool,
+        entered: bool,
+    }
+
+    impl GatedDisk {
+        /// The next sync waits for [`GatedDisk::release`].
+        fn arm(&self) {
+            *self.gate.0.lock().unwrap() = Gate { armed: true, entered: false };
+        }
+        /// Returns once a commit is held in its sync (panics after [`WAIT`]).
+        fn wait_entered(&self) {
+            let (lock, cv) = &*self.gate;
+            let (_g, t) = cv.wait_timeout_while(lock.lock().unwrap(), WAIT, |g| !g.entered).unwrap();
+            assert!(!t.timed_out(), "no commit reached its sync");
+        }
+        fn release(&self) {
+            self.gate.0.lock().unwrap().armed = false;
+            self.gate.1.notify_all();
+        }
+    }
+
+    impl StorageBackend for GatedDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            let (lock, cv) = &*self.gate;
+            let mut g = lock.lock().unwrap();
+            if g.armed {
+                g.entered = true;
+                cv.notify_all();
+                drop(cv.wait_while(g, |g| g.armed).unwrap());
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// Gathering that ends only when the group is full ([`GATHER_OPS`]) or asked to: timings
+    /// cannot decide these tests.
+    fn patient() -> GatherRules {
+        let hour = Duration::from_secs(3600);
+        GatherRules { bytes: usize::MAX, gap: hour, bound: hour, pause: hour, pause_max: hour, ..GATHER }
+    }
+
+    /// Commits put 0, and submits puts 1, 2 and 3 while that commit runs: a stream. Returns
+    /// their commits once put 0's has resolved.
+    async fn a_stream_of_three(s: &RedbStore, disk: &GatedDisk, m: &Arc<Message>) -> Vec<Commit> {
+        disk.arm();
+        let first = s.submit(vec![put("q", 0, m)]);
+        disk.wait_entered();
+        let commits = (1..4).map(|i| s.submit(vec![put("q", i, m)])).collect();
+        disk.release();
+        tokio::time::timeout(WAIT, first.wait()).await.unwrap().unwrap();
+        commits
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_waited_batches_is_gathered_into_fewer_commits() {
+        let disk = GatedDisk::default();
+        let s = RedbStore::with_backend_and(disk.clone(), patient()).unwrap();
+        let m = msg(b"stream");
+        let mut commits = a_stream_of_three(&s, &disk, &m).await;
+        // A writer that did not gather would have committed the three by now.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.transactions(), 1, "the stream's first batches were committed without gathering");
+        // The stream goes on: the group is committed once it holds GATHER_OPS operations.
+        commits.extend((4..4 + GATHER_OPS as u64 - 3).map(|i| s.submit(vec![put("q", i, &m)])));
+        for c in commits {
+            tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
+        }
+        assert_eq!(s.transactions(), 2, "{} batches took more than one commit", GATHER_OPS);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), (0..=GATHER_OPS as u64).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_lone_synchronous_publisher_is_never_gathered() {
+        // Gathering would hold each batch for an hour: each is committed on its own at once.
+        let disk = GatedDisk::default();
+        let s = RedbStore::with_backend_and(disk, patient()).unwrap();
+        let m = msg(b"lone");
+        for i in 0..50 {
+            commit(&s, vec![put("q", i, &m)]).await;
+        }
+        assert_eq!(s.transactions(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_flush_a_read_or_the_close_ends_a_gather_at_once() {
+        let m = msg(b"asked");
+        // Each on a new store: the first gathered group of a patient store never ends by itself.
+        let fresh = || {
+            let disk = GatedDisk::default();
+            (RedbStore::with_backend_and(disk.clone(), patient()).unwrap(), disk)
+        };
+        // A flush: the gathered batches are committed with it.
+        let (s, disk) = fresh();
+        let commits = a_stream_of_three(&s, &disk, &m).await;
+        tokio::time::timeout(WAIT, s.flush().wait()).await.unwrap().unwrap();
+        for mut c in commits {
+            assert!(c.try_resolve(), "flushed before the gathered batches");
+            assert_eq!(c.try_result(), Some(Ok(())));
+        }
+        // A read sees them.
+        let (s, disk) = fresh();
+        let commits = a_stream_of_three(&s, &disk, &m).await;
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![0, 1, 2, 3]);
+        for c in commits {
+            tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
+        }
+        // The close commits them.
+        let (s, disk) = fresh();
+        let commits = a_stream_of_three(&s, &disk, &m).await;
+        drop(s);
+        for c in commits {
+            tokio::time::timeout(WAIT, c.wait()).await.unwrap().unwrap();
+        }
+        let s = RedbStore::with_backend(disk).unwrap();
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_gathered_group_waits_no_longer_than_the_bound() {
+        let since = Instant::now();
+        // A batch every 100 µs (well within the gap), never enough to fill the group.
+        let mut g = Gathering { since, last: since + Duration::from_micros(300), ops: 1, bytes: 64 };
+        let mut now = g.last;
+        loop {
+            match decide(&GATHER, &g, now) {
+                Decision::Wait(until) => {
+                    assert!(until > now && until <= since + GATHER_BOUND, "waits past the bound");
+                }
+                Decision::Commit(why) => {
+                    assert_eq!(why, Ended::Bound);
+                    assert!(now >= since + GATHER_BOUND);
+                    assert!(now < since + GATHER_BOUND + Duration::from_micros(100));
+                    break;
+                }
+            }
+            now += Duration::from_micros(100);
+            g.last = now;
+        }
+        // Full: at once, however young.
+        let full = Gathering { ops: GATHER_OPS, ..g };
+        assert_eq!(decide(&GATHER, &full, since), Decision::Commit(Ended::Full));
+        let heavy = Gathering { bytes: GATHER_BYTES, ..g };
+        assert_eq!(decide(&GATHER, &heavy, since), Decision::Commit(Ended::Full));
+        // Nothing came for the gap: commit.
+        let quiet = Gathering { since, last: since, ops: 1, bytes: 64 };
+        assert_eq!(decide(&GATHER, &quiet, since), Decision::Wait(since + GATHER_GAP));
+        assert_eq!(decide(&GATHER, &quiet, since + GATHER_GAP), Decision::Commit(Ended::Gap));
+    }
+
+    #[test]
+    fn gathers_ended_by_the_gap_in_a_row_pause_gathering_longer_each_time() {
+        let us = Duration::from_micros(1);
+        let mut g = Gatherer::new(GATHER);
+        let t = Instant::now();
+        assert!(!g.may_gather(t), "no stream seen yet");
+        g.evidence();
+        assert!(g.may_gather(t));
+        // One ended by the gap: gathering waits for new evidence of a stream, no pause.
+        g.ended(Ended::Gap, t);
+        assert!(!g.may_gather(t));
+        g.evidence();
+        assert!(g.may_gather(t));
+        // A stream that hiccupped: one that reaches the bound clears the count.
+        g.ended(Ended::Bound, t);
+        for _ in 1..GATHER_GAPS_TO_PAUSE {
+            g.ended(Ended::Gap, t);
+            g.evidence();
+            assert!(g.may_gather(t));
+        }
+        // That many in a row: a closed loop. Paused.
+        g.ended(Ended::Gap, t);
+        g.evidence();
+        assert!(!g.may_gather(t + GATHER_PAUSE - us));
+        let t = t + GATHER_PAUSE;
+        assert!(g.may_gather(t));
+        // Again: twice as long.
+        for _ in 0..GATHER_GAPS_TO_PAUSE {
+            g.ended(Ended::Gap, t);
+        }
+        g.evidence();
+        assert!(!g.may_gather(t + 2 * GATHER_PAUSE - us));
+        let t = t + 2 * GATHER_PAUSE;
+        assert!(g.may_gather(t));
+        // And bounded.
+        for _ in 0..10 * GATHER_GAPS_TO_PAUSE {
+            g.ended(Ended::Gap, t);
+        }
+        g.evidence();
+        assert!(!g.may_gather(t + GATHER_PAUSE_MAX - us));
+        let t = t + GATHER_PAUSE_MAX;
+        assert!(g.may_gather(t), "the pause is bounded");
+        // A flush or a read says nothing about the stream.
+        g.ended(Ended::Asked, t);
+        assert!(g.may_gather(t));
+        // One that filled up: the stream goes on, and the pause is short again.
+        g.ended(Ended::Full, t);
+        for _ in 0..GATHER_GAPS_TO_PAUSE {
+            g.ended(Ended::Gap, t);
+        }
+        g.evidence();
+        assert!(!g.may_gather(t + GATHER_PAUSE - us));
+        assert!(g.may_gather(t + GATHER_PAUSE));
     }
 
     mod against_the_memory_store {
