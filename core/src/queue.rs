@@ -72,6 +72,23 @@ pub const BACKLOG_LOW_BYTES: u64 = BACKLOG_HIGH_BYTES / 2;
 /// Queue names are short strings.
 pub type QueueName = ShortString;
 
+/// A queue that pages ([`pages`]) keeps at most this many ready messages in memory (or
+/// [`PAGE_WINDOW_BYTES`]); the ones after them wait in its tail on disk. [`BACKLOG_HIGH`] again:
+/// a queue whose consumers keep up never reaches it, so it never pages.
+pub const PAGE_WINDOW: u64 = 4_096;
+/// [`PAGE_WINDOW`] in body bytes.
+pub const PAGE_WINDOW_BYTES: u64 = 4 << 20;
+
+/// Whether a queue declared so pages its ready messages to disk past [`PAGE_WINDOW`]: a durable,
+/// non-exclusive queue (the store holds it) with one priority level. A priority queue does not
+/// (its levels would each need a tail, and a message's place depends on its priority, not on
+/// its sequence), nor a queue the store does not hold (non-durable or exclusive).
+pub fn pages(name: &QueueName, options: &QueueOptions) -> bool {
+    options.durable
+        && options.exclusive.is_none()
+        && QueueArgs::from_table_for(name, &options.arguments).is_ok_and(|a| a.max_priority.is_none())
+}
+
 /// A broker-wide unique consumer number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(pub u64);

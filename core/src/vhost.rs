@@ -28,6 +28,8 @@ use crate::timer::Timer;
 /// Dead letters can feed queues that dead-letter again; the queue's cycle rule stops true
 /// cycles, and this bounds any remaining chain within one operation.
 const MAX_DEAD_LETTER_HOPS: usize = 32;
+/// Messages read back per store read when recovery brings a queue's whole tail into memory.
+const RESTORE_SLICE: usize = 4_096;
 
 /// Exchanges every vhost has, as in RabbitMQ.
 pub const PREDECLARED: &[(&str, ExchangeKind)] = &[
@@ -1214,6 +1216,35 @@ impl VHost {
             };
             for m in messages {
                 q.restore(m.seq, m.message.clone(), m.delivered, now);
+            }
+        }
+        for ((vhost, queue), tail) in &snapshot.tails {
+            if *vhost != self.name {
+                continue;
+            }
+            let Some(q) = self.queue(&queue.to_string_lossy()).filter(|q| q.stores_messages()) else {
+                if !snapshot.messages.contains_key(&(vhost.clone(), queue.clone())) {
+                    tracing::warn!(vhost = %self.name, queue = %queue, count = tail.count, "stored messages of a missing queue; deleted");
+                    self.submit(vec![StoreOp::DeleteQueue { vhost: self.name.clone(), name: queue.clone() }]);
+                }
+                continue;
+            };
+            // Read back in slices of the window.
+            let mut from = tail.first_seq;
+            while from <= tail.last_seq {
+                let range = self.store.read_range(vhost, queue, from, RESTORE_SLICE, u64::MAX);
+                let slice = match range.blocking_wait() {
+                    Ok(slice) => slice,
+                    Err(e) => {
+                        tracing::error!(vhost = %self.name, queue = %queue, error = %e, "reading a queue's stored messages failed");
+                        break;
+                    }
+                };
+                let Some(last) = slice.last() else { break };
+                from = last.seq + 1;
+                for m in slice {
+                    q.restore(m.seq, m.message, m.delivered, now);
+                }
             }
         }
         for (vhost, key, message) in &snapshot.retained {

@@ -684,3 +684,28 @@ fn deleting_a_block_queue_releases_its_held_publishers() {
     assert!(held.commit.try_resolve());
     assert_eq!(held.commit.try_result(), Some(Ok(())));
 }
+
+#[test]
+fn a_queue_longer_than_the_recovery_window_comes_back_whole_and_in_order() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::new());
+    let n = crate::store::RECOVER_WINDOW as usize + 100;
+    {
+        let b = Broker::new(store.clone());
+        let v = b.vhost("/").unwrap();
+        v.declare_queue(queue("q"), 0).unwrap();
+        for _ in 0..n {
+            publish(&v, "", persistent("q", "m"));
+        }
+    }
+    let b = Broker::recover(store, 1_000).unwrap();
+    let v = b.vhost("/").unwrap();
+    assert_eq!(ready(&v, "q") as usize, n);
+    let q = v.queue("q").unwrap();
+    let mut last = 0;
+    for _ in 0..n {
+        let (got, _) = q.get(OwnerId(1), true, 1_000);
+        let seq = got.expect("a message").0.seq;
+        assert!(seq > last);
+        last = seq;
+    }
+}
