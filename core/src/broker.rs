@@ -298,6 +298,7 @@ impl Broker {
             VHost::with_timer(name, self.store.clone(), self.timer.clone())
                 .with_access(self.access.clone(), self.access_epoch.clone()),
         );
+        v.attach();
         map.insert(name.to_string(), v.clone());
         drop(map);
         self.store.submit(vec![StoreOp::PutVhost(name.to_string())]);

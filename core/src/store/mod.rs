@@ -394,10 +394,26 @@ impl ReadRange {
         }
     }
     /// Waits for the answer, blocking the thread (recovery, off the async workers).
+    /// Usable on an async worker too (a `get`, which waits for the read): it parks the thread
+    /// rather than asking the runtime.
     pub fn blocking_wait(mut self) -> Result<Vec<StoredMessage>, StoreError> {
-        match self.try_take() {
-            Some(r) => r,
-            None => self.0.blocking_recv().unwrap_or(Err(StoreError::Closed)),
+        if let Some(r) = self.try_take() {
+            return r;
+        }
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut rx = Pin::new(&mut self.0);
+        loop {
+            if let Poll::Ready(r) = rx.as_mut().poll(&mut cx) {
+                return r.unwrap_or(Err(StoreError::Closed));
+            }
+            std::thread::park();
         }
     }
     /// Waits for the answer.
