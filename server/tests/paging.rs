@@ -18,8 +18,10 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-/// More than the window (4,096), so most of them wait on disk.
-const N: u32 = 10_000;
+/// More than the window (16,384), so some of them wait on disk.
+const N: u32 = 30_000;
+/// `ferry_core::queue::PAGE_WINDOW`.
+const WINDOW: u64 = 16_384;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -117,7 +119,7 @@ async fn a_backlog_larger_than_the_window_survives_sigkill_complete_and_in_order
     assert_eq!(declare(&ch, "big").await, N);
     // Recovery read the window back; the rest stays on disk until the consumer gets there.
     if let Some(paged) = paged_out(http, "big") {
-        assert_eq!(paged, u64::from(N) - 4_096);
+        assert_eq!(paged, u64::from(N) - WINDOW);
     }
     let got = consume(&ch, "big", N).await;
     assert_eq!(got, (0..N).collect::<Vec<u32>>(), "every confirmed message, once, in order");
@@ -133,7 +135,7 @@ async fn a_consumer_drains_a_tail_while_the_publisher_keeps_publishing() {
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     publish(&ch, "live", 0, N).await;
     if let Some(paged) = paged_out(http, "live") {
-        assert_eq!(paged, u64::from(N) - 4_096);
+        assert_eq!(paged, u64::from(N) - WINDOW);
     }
     // The consumer starts on the backlog while the publisher adds as much again.
     let (_cconn, cch) = channel(amqp).await;

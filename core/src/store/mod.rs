@@ -489,9 +489,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// paged out.
     fn recover(&self) -> Result<Snapshot, StoreError>;
     /// Reads a durable queue's stored messages with `seq >= from_seq`, in sequence order: at most
-    /// `max_count`, and no more once `max_bytes` of body are read (at least one). It sees every
-    /// batch submitted before it (a disk store runs it after them), so a message missing from
-    /// a sequence the queue expects is one whose put was not submitted yet.
+    /// `max_count`, and no more once `max_bytes` of body are read (at least one). It sees at
+    /// least every batch that was committed before it was called (a disk store reads the last
+    /// commit while its writer goes on), so a message missing from a sequence the queue expects
+    /// is one whose put is not written yet: the queue asks again a little later.
     fn read_range(
         &self,
         vhost: &str,
