@@ -236,7 +236,8 @@ impl Broker {
         let started = std::time::Instant::now();
         let mut snapshot = store.recover()?;
         let read = started.elapsed();
-        let messages: usize = snapshot.messages.values().map(Vec::len).sum();
+        let messages: usize = snapshot.messages.values().map(Vec::len).sum::<usize>()
+            + snapshot.tails.values().map(|t| t.count as usize).sum::<usize>();
         let (queues, sessions, retained) = (snapshot.queues.len(), snapshot.sessions.len(), snapshot.retained.len());
         let b = Broker {
             vhosts: RwLock::new(HashMap::new()),
@@ -297,6 +298,7 @@ impl Broker {
             VHost::with_timer(name, self.store.clone(), self.timer.clone())
                 .with_access(self.access.clone(), self.access_epoch.clone()),
         );
+        v.attach();
         map.insert(name.to_string(), v.clone());
         drop(map);
         self.store.submit(vec![StoreOp::PutVhost(name.to_string())]);

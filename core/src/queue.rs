@@ -72,6 +72,30 @@ pub const BACKLOG_LOW_BYTES: u64 = BACKLOG_HIGH_BYTES / 2;
 /// Queue names are short strings.
 pub type QueueName = ShortString;
 
+/// A queue that pages ([`pages`]) keeps at most this many ready messages in memory (or
+/// [`PAGE_WINDOW_BYTES`]); the ones after them wait in its tail on disk, read back half a window
+/// at a time. Above [`BACKLOG_HIGH`]: a queue whose consumers keep up (and pace its publishers)
+/// never gets there, so it never pages. Chosen by measurement (docs/benchmarks.md, "Queues larger
+/// than memory"): with 4,096 a consumer draining a tail of 1 KiB messages sometimes waited for
+/// the loads (59–118k msgs/s over two runs), with 16,384 it did not (107–111k), at the same CPU
+/// per message; 16 MiB of 1 KiB messages in memory is the price.
+pub const PAGE_WINDOW: u64 = 16_384;
+/// [`PAGE_WINDOW`] in body bytes.
+pub const PAGE_WINDOW_BYTES: u64 = 16 << 20;
+
+/// Whether a queue declared so pages its ready messages to disk past [`PAGE_WINDOW`]: a durable,
+/// non-exclusive queue (the store holds it) with one priority level. A priority queue does not
+/// (its levels would each need a tail, and a message's place depends on its priority, not on
+/// its sequence), nor a queue the store does not hold (non-durable or exclusive).
+pub fn pages(name: &QueueName, options: &QueueOptions) -> bool {
+    // (The tail's messages are counted against `x-max-length` and dropped from the head by
+    // `drop-head` once they are back in memory, so length limits and dead-lettering do not stop a
+    // queue from paging.)
+    options.durable
+        && options.exclusive.is_none()
+        && QueueArgs::from_table_for(name, &options.arguments).is_ok_and(|a| a.max_priority.is_none())
+}
+
 /// A broker-wide unique consumer number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(pub u64);
@@ -429,6 +453,58 @@ pub struct Effects {
     /// The publishers waiting for this queue to have room ([`Queue::room`]) go: woken when these
     /// effects are dropped, like `released`.
     pub(crate) unheld: Option<Unheld>,
+    /// The message just enqueued went to the queue's tail on disk ([`pages`]): the store must
+    /// hold it even if it is transient (the queue keeps nothing of it in memory).
+    pub paged: bool,
+    /// The queue asks for messages of its tail to be read back ([`crate::store::Store::read_range`])
+    /// and handed to [`Queue::loaded`].
+    pub load: Option<Load>,
+    /// A range of sequence numbers whose stored messages left for good (a purge of the tail): the
+    /// store deletes them with one `DeleteRange`.
+    pub forgotten_range: Option<(u64, u64)>,
+}
+
+/// A page-in request of a queue's tail ([`Effects::load`]): read up to `max_count` messages /
+/// `max_bytes` of body from `from_seq` and give them to [`Queue::loaded`] with this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub from_seq: u64,
+    pub max_count: usize,
+    pub max_bytes: u64,
+    /// How many loads in a row found the next message missing (its put not submitted yet): the
+    /// caller waits a little before reading again.
+    pub retry: u32,
+    /// Which request this is (0: one made for `get`, which the queue does not track).
+    id: u64,
+    /// The tail's generation: a purge starts a new one and the answer to an older load is ignored.
+    epoch: u64,
+}
+
+/// A queue's messages on disk (see [`pages`]): sequence numbers `first_seq..=last_seq`, every
+/// one of them a stored message except the known holes (seqs allocated to messages that never
+/// entered the tail) and, up to `gaps_upto`, seqs of messages gone before a restart. No memory
+/// per message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Tail {
+    first_seq: u64,
+    last_seq: u64,
+    count: u64,
+    /// Body bytes. Exact: each message's size is added when it enters and taken off when it is
+    /// read back.
+    bytes: u64,
+    /// Seqs up to this may be missing for good (what recovery found; nothing is in flight there).
+    gaps_upto: u64,
+}
+
+impl Tail {
+    fn push(&mut self, seq: u64, bytes: u64) {
+        if self.count == 0 {
+            self.first_seq = seq;
+        }
+        self.last_seq = seq;
+        self.count += 1;
+        self.bytes += bytes;
+    }
 }
 
 /// Wakes the publishers waiting for a queue to have room when dropped (see [`Effects`]).
@@ -470,6 +546,8 @@ impl Effects {
             && self.delivered.is_empty()
             && !self.delete_queue
             && self.deadline.is_none()
+            && self.load.is_none()
+            && self.forgotten_range.is_none()
     }
     pub fn merge(&mut self, other: Effects) {
         self.dead_letters.extend(other.dead_letters);
@@ -478,6 +556,9 @@ impl Effects {
         self.delete_queue |= other.delete_queue;
         self.released.extend(other.released);
         self.congested |= other.congested;
+        self.paged |= other.paged;
+        self.load = self.load.or(other.load);
+        self.forgotten_range = self.forgotten_range.or(other.forgotten_range);
         if self.unheld.is_none() {
             self.unheld = other.unheld;
         }
@@ -526,6 +607,11 @@ pub struct QueueStats {
     /// Publishes told to wait because the queue fell behind its consumers
     /// ([`Effects::congested`]), likewise.
     pub held_publishers: u64,
+    /// Of `ready`, the messages in the queue's tail on disk ([`pages`]; RabbitMQ's
+    /// `messages_paged_out`): they cost no memory.
+    pub paged_out: u32,
+    /// Of `ready_bytes`, the body bytes of the tail (`message_bytes_paged_out`).
+    pub paged_out_bytes: u64,
 }
 
 /// What one message held by a queue costs in memory besides its body: the shared `Message`
@@ -556,7 +642,9 @@ impl QueueStats {
     /// it: their bodies plus [`MESSAGE_MEMORY`] each. A message routed to several queues is
     /// counted in each (it is shared, so this errs on the side of raising the alarm early).
     pub fn memory(&self) -> u64 {
-        (u64::from(self.ready) + u64::from(self.unacked)) * MESSAGE_MEMORY + self.ready_bytes + self.unacked_bytes
+        let ready = u64::from(self.ready.saturating_sub(self.paged_out));
+        let ready_bytes = self.ready_bytes.saturating_sub(self.paged_out_bytes);
+        (ready + u64::from(self.unacked)) * MESSAGE_MEMORY + ready_bytes + self.unacked_bytes
     }
 }
 
@@ -569,6 +657,9 @@ struct Entry {
     /// a requeue does not give it more time.
     expires_at: Option<Millis>,
     redelivered: bool,
+    /// A transient message the store holds all the same: it was paged out to the tail and read
+    /// back. It is deleted from the store when it leaves, like a persistent one.
+    stored: bool,
 }
 
 impl Entry {
@@ -649,6 +740,16 @@ struct QueueState {
     /// Whether the consumers are treated as slow: the queue then holds no publisher back
     /// ([`Queue::waited`]).
     lag: Lag,
+    /// The ready messages on disk, after every ready message in memory ([`pages`]).
+    tail: Tail,
+    /// Seqs in the tail's range that were allocated to a message that did not enter it (refused,
+    /// expired at once, dropped): a load skips them instead of waiting for their put.
+    holes: std::collections::BTreeSet<u64>,
+    /// The load in flight ([`Load::id`]), if any.
+    loading: Option<u64>,
+    last_load: u64,
+    /// The tail's generation ([`Load::epoch`]).
+    epoch: u64,
 }
 
 impl QueueState {
@@ -682,6 +783,14 @@ impl QueueState {
             }
         }
         best
+    }
+
+    /// Ready messages, in memory and in the tail.
+    fn total_count(&self) -> u64 {
+        self.ready_count + self.tail.count
+    }
+    fn total_bytes(&self) -> u64 {
+        self.ready_bytes + self.tail.bytes
     }
 
     fn push_ready(&mut self, level: usize, entry: Entry) {
@@ -749,6 +858,8 @@ pub struct Queue {
     holding: AtomicBool,
     /// Wakes the publishers waiting for room; made the first time the queue holds any.
     unheld: OnceLock<Arc<tokio::sync::Notify>>,
+    /// [`pages`], asked once.
+    pages: bool,
 }
 
 impl Queue {
@@ -780,7 +891,13 @@ impl Queue {
             waiters: VecDeque::new(),
             armed: None,
             lag: Lag::default(),
+            tail: Tail::default(),
+            holes: std::collections::BTreeSet::new(),
+            loading: None,
+            last_load: 0,
+            epoch: 0,
         };
+        let pages = pages(&name, &options);
         Ok(Queue {
             name,
             options,
@@ -789,6 +906,7 @@ impl Queue {
             reserved: AtomicU64::new(u64::MAX),
             holding: AtomicBool::new(false),
             unheld: OnceLock::new(),
+            pages,
         })
     }
     /// Whether the policy of `epoch` reserves this queue, asking `policy` only when this queue
@@ -833,8 +951,164 @@ impl Queue {
     }
 
     fn over_limits(&self, st: &QueueState, extra_count: u64, extra_bytes: u64) -> bool {
-        self.args.max_length.is_some_and(|m| st.ready_count + extra_count > m)
-            || self.args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
+        self.args.max_length.is_some_and(|m| st.total_count() + extra_count > m)
+            || self.args.max_length_bytes.is_some_and(|m| st.total_bytes() + extra_bytes > m)
+    }
+
+    /// Whether this queue pages its ready messages to disk past [`PAGE_WINDOW`] ([`pages`]).
+    pub fn pages(&self) -> bool {
+        self.pages
+    }
+
+    /// Keeps a ready message: in memory, or in the tail on disk when the tail is not empty (FIFO)
+    /// or memory holds the window already. A message in the tail is dropped here: the store's
+    /// put (built by the caller, told through [`Effects::paged`]) holds it until it is written.
+    fn keep(&self, st: &mut QueueState, level: usize, entry: Entry, fx: &mut Effects) {
+        let size = entry.message.body_size() as u64;
+        let to_tail = self.pages
+            && (st.tail.count > 0
+                || (st.ready_count > 0
+                    && (st.ready_count >= PAGE_WINDOW || st.ready_bytes + size > PAGE_WINDOW_BYTES)));
+        if to_tail {
+            st.tail.push(entry.seq, size);
+            fx.paged = true;
+        } else {
+            st.push_ready(level, entry);
+        }
+    }
+
+    /// Asks for the tail's head to be read back when memory holds half the window or less and no
+    /// load is in flight (or, with `retry`, again after a load that found nothing to take).
+    fn want_load(&self, st: &mut QueueState, fx: &mut Effects, retry: u32) {
+        if st.tail.count == 0 || st.closed || (st.loading.is_some() && retry == 0) {
+            return;
+        }
+        if st.ready_count > PAGE_WINDOW / 2 || st.ready_bytes > PAGE_WINDOW_BYTES / 2 {
+            return;
+        }
+        st.last_load += 1;
+        st.loading = Some(st.last_load);
+        fx.load = Some(Load {
+            from_seq: st.tail.first_seq,
+            max_count: (PAGE_WINDOW - st.ready_count.min(PAGE_WINDOW)).max(1) as usize,
+            max_bytes: (PAGE_WINDOW_BYTES - st.ready_bytes.min(PAGE_WINDOW_BYTES)).max(1),
+            retry,
+            id: st.last_load,
+            epoch: st.epoch,
+        });
+    }
+
+    /// A load of the tail's head for `get`, which waits for it (the queue does not track it:
+    /// whichever answer comes first is taken, the other finds its messages taken already).
+    pub fn load_for_get(&self) -> Option<Load> {
+        let st = self.lock();
+        (st.tail.count > 0 && !st.closed).then(|| Load {
+            from_seq: st.tail.first_seq,
+            max_count: (PAGE_WINDOW / 2) as usize,
+            max_bytes: PAGE_WINDOW_BYTES / 2,
+            retry: 0,
+            id: 0,
+            epoch: st.epoch,
+        })
+    }
+
+    /// Messages in the tail on disk.
+    pub fn paged_out(&self) -> u64 {
+        self.lock().tail.count
+    }
+
+    /// What a recovered queue holds on disk beyond the messages restored into memory
+    /// ([`crate::store::Snapshot::tails`]). Seqs in it may be missing (messages that went before
+    /// the restart); later enqueues get higher ones.
+    pub fn restore_tail(&self, tail: crate::store::TailSummary) {
+        let mut st = self.lock();
+        st.next_seq = st.next_seq.max(tail.last_seq.saturating_add(1));
+        st.tail = Tail {
+            first_seq: tail.first_seq,
+            last_seq: tail.last_seq,
+            count: tail.count,
+            bytes: tail.bytes,
+            gaps_upto: tail.last_seq,
+        };
+    }
+
+    /// Takes the answer to a [`Load`]: the contiguous run of the tail's head it holds goes to
+    /// memory (a seq missing that is no hole is a put not submitted yet: the rest waits for the
+    /// next load), then deliveries are pumped. An answer to an older generation (the tail was
+    /// purged since) is ignored.
+    pub fn loaded(
+        &self,
+        load: Load,
+        result: Result<Vec<crate::store::StoredMessage>, StoreError>,
+        now: Millis,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if load.id != 0 && st.loading == Some(load.id) {
+            st.loading = None;
+        }
+        if load.epoch != st.epoch || st.closed {
+            return fx;
+        }
+        let mut took = 0u64;
+        match result {
+            Err(StoreError::Closed) => {
+                // The broker is shutting down: no more loads (a load "in flight" for ever).
+                st.loading = Some(u64::MAX);
+                return fx;
+            }
+            Err(e) => {
+                if load.retry == 0 {
+                    tracing::warn!(queue = %self.name, error = %e, "reading the queue's messages on disk failed; retrying");
+                }
+            }
+            Ok(batch) => {
+                let mut expected = st.tail.first_seq;
+                for m in batch {
+                    if st.tail.count == 0 || m.seq > st.tail.last_seq {
+                        break;
+                    }
+                    if m.seq < st.tail.first_seq {
+                        // Taken by another load already.
+                        continue;
+                    }
+                    while expected < m.seq && (expected <= st.tail.gaps_upto || st.holes.contains(&expected)) {
+                        expected += 1;
+                    }
+                    if m.seq != expected {
+                        break;
+                    }
+                    expected = m.seq + 1;
+                    let size = m.message.body_size() as u64;
+                    st.tail.first_seq = m.seq + 1;
+                    st.tail.count -= 1;
+                    st.tail.bytes = st.tail.bytes.saturating_sub(size);
+                    let entered = if m.message.published_at == 0 { now } else { m.message.published_at.min(now) };
+                    let expires_at = self.expiry_of(&m.message, entered);
+                    st.timed |= expires_at.is_some();
+                    let stored = !m.message.is_persistent();
+                    st.push_ready(
+                        0,
+                        Entry { seq: m.seq, message: m.message, expires_at, redelivered: m.delivered, stored },
+                    );
+                    took += 1;
+                }
+                if st.tail.count == 0 {
+                    st.tail = Tail::default();
+                    st.holes.clear();
+                } else if !st.holes.is_empty() {
+                    st.holes = st.holes.split_off(&st.tail.first_seq);
+                }
+            }
+        }
+        self.pump_locked(st, now, &mut fx);
+        self.drop_head_to_limits(st, now, &mut fx);
+        if took == 0 {
+            self.want_load(st, &mut fx, load.retry.saturating_add(1));
+        }
+        self.rearm(st, &mut fx);
+        fx
     }
 
     /// Whether the store holds this queue and its persistent messages: durable and not
@@ -844,16 +1118,16 @@ impl Queue {
     }
 
     /// Records a message that left the queue for good, for the store.
-    fn forget(&self, message: &Message, seq: u64, fx: &mut Effects) {
-        if self.stores_messages() && message.is_persistent() {
-            fx.forgotten.push(seq);
+    fn forget(&self, entry: &Entry, fx: &mut Effects) {
+        if self.stores_messages() && (entry.stored || entry.message.is_persistent()) {
+            fx.forgotten.push(entry.seq);
         }
     }
 
     /// A message leaves for good with a dead-letter reason: dead-lettered if the queue has a
     /// dead-letter exchange, dropped otherwise.
     fn discard(&self, st: &mut QueueState, entry: Entry, reason: DeadLetterReason, now: Millis, fx: &mut Effects) {
-        self.forget(&entry.message, entry.seq, fx);
+        self.forget(&entry, fx);
         self.dead_letter(st, &entry.message, reason, now, fx);
     }
 
@@ -867,7 +1141,7 @@ impl Queue {
         c.last_served = clock;
         let (seq, redelivered, consumer) = (entry.seq, entry.redelivered, Some(c.id));
         if c.spec.no_ack {
-            self.forget(&entry.message, seq, fx);
+            self.forget(&entry, fx);
             let delivery = Delivery { queue: self.name.clone(), consumer, seq, message: entry.message, redelivered };
             c.spec.sink.deliver(delivery);
         } else {
@@ -941,7 +1215,15 @@ impl Queue {
 
     /// After an operation: reports the next deadline in `fx` when it is earlier than the one
     /// last reported (a later one needs nothing: the timer fires early and finds it).
+    /// Also asks for a load of the tail when there is room for one: every operation ends here,
+    /// and whatever took ready messages may have made room.
     fn rearm(&self, st: &mut QueueState, fx: &mut Effects) {
+        self.want_load(st, fx, 0);
+        self.rearm_deadline(st, fx);
+    }
+
+    /// [`Queue::rearm`]'s deadline part alone.
+    fn rearm_deadline(&self, st: &mut QueueState, fx: &mut Effects) {
         if let Some(d) = self.next_deadline(st) {
             if st.armed.is_none_or(|a| d < a) {
                 st.armed = Some(d);
@@ -1117,10 +1399,31 @@ impl Queue {
         st.timed |= expires_at.is_some();
         let seq = st.next_seq;
         st.next_seq += 1;
-        let entry = Entry { seq, message, expires_at, redelivered: false };
+        let entry = Entry { seq, message, expires_at, redelivered: false, stored: false };
+        // Older messages wait on disk: this one goes behind them (or is refused), never past.
+        let behind_tail = st.tail.count > 0;
+        let (outcome, held) = self.enqueue_entry(st, level, entry, now, waits, behind_tail, fx);
+        if behind_tail && !fx.paged {
+            // Its seq never reaches the store: a load must not wait for it.
+            st.holes.insert(seq);
+        }
+        (outcome, held)
+    }
 
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_entry(
+        &self,
+        st: &mut QueueState,
+        level: usize,
+        entry: Entry,
+        now: Millis,
+        waits: bool,
+        behind_tail: bool,
+        fx: &mut Effects,
+    ) -> (EnqueueOutcome, Option<Commit>) {
+        let seq = entry.seq;
         // Straight to a consumer when nothing is ahead of it and one can take it now.
-        if !st.consumers.is_empty() {
+        if !st.consumers.is_empty() && !behind_tail {
             if st.ready_at_or_above(level) {
                 // Credit may have come back without a pump: let the older messages go first.
                 self.pump_locked(st, now, fx);
@@ -1147,7 +1450,7 @@ impl Queue {
             if self.over_limits(st, 1, size) {
                 if self.args.overflow == Overflow::Block && waits {
                     // Taken past the limit; the publisher's acknowledgement waits for room.
-                    st.push_ready(level, entry);
+                    self.keep(st, level, entry, fx);
                     return (EnqueueOutcome::Accepted { seq }, Some(self.hold(st)));
                 }
                 // Never entered the queue: nothing for the store to forget.
@@ -1158,7 +1461,7 @@ impl Queue {
                 return (EnqueueOutcome::Rejected, None);
             }
         }
-        st.push_ready(level, entry);
+        self.keep(st, level, entry, fx);
         if self.over_limits(st, 0, 0) {
             self.expire_heads(st, now, fx);
             self.drop_head_to_limits(st, now, fx);
@@ -1196,7 +1499,7 @@ impl Queue {
     /// unless its own connection consumes from the queue (its acks would wait too).
     fn hold_publisher(&self, st: &mut QueueState, from: ConnectionId, now: Millis, fx: &mut Effects) {
         if !self.holding.load(Ordering::Relaxed) {
-            if st.ready_count < BACKLOG_HIGH && st.ready_bytes < BACKLOG_HIGH_BYTES {
+            if st.total_count() < BACKLOG_HIGH && st.total_bytes() < BACKLOG_HIGH_BYTES {
                 return;
             }
             if !st.consumers.iter().any(|c| c.paces) || st.lag.is_lagging(now) {
@@ -1214,7 +1517,7 @@ impl Queue {
     fn release_held(&self, st: &QueueState, fx: &mut Effects) {
         if self.holding.load(Ordering::Relaxed)
             && (st.closed
-                || (st.ready_count <= BACKLOG_LOW && st.ready_bytes <= BACKLOG_LOW_BYTES)
+                || (st.total_count() <= BACKLOG_LOW && st.total_bytes() <= BACKLOG_LOW_BYTES)
                 || !st.consumers.iter().any(|c| c.paces))
         {
             self.unhold(fx);
@@ -1293,7 +1596,7 @@ impl Queue {
         let expires_at = self.expiry_of(&message, entered);
         st.timed |= expires_at.is_some();
         st.next_seq = st.next_seq.max(seq.saturating_add(1));
-        st.requeue(level, Entry { seq, message, expires_at, redelivered: true });
+        st.requeue(level, Entry { seq, message, expires_at, redelivered: true, stored: false });
         if !delivered {
             // `requeue` marks it redelivered; a message never handed out is not.
             if let Some(e) = st.levels[level].iter_mut().rev().find(|e| e.seq == seq) {
@@ -1393,7 +1696,7 @@ impl Queue {
             redelivered: entry.redelivered,
         };
         if no_ack {
-            self.forget(&entry.message, entry.seq, &mut fx);
+            self.forget(&entry, &mut fx);
         } else {
             if !entry.redelivered && self.stores_messages() && entry.message.is_persistent() {
                 fx.delivered.push(entry.seq);
@@ -1401,7 +1704,7 @@ impl Queue {
             st.unacked_bytes += entry.message.body_size() as u64;
             st.unacked.insert(entry.seq, Unacked { entry, owner, consumer: None });
         }
-        let left = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
+        let left = u32::try_from(st.total_count()).unwrap_or(u32::MAX);
         (Some((delivery, left)), fx)
     }
 
@@ -1412,7 +1715,7 @@ impl Queue {
         let st = &mut *guard;
         let u = st.take_unacked(seq)?;
         st.acked += 1;
-        self.forget(&u.entry.message, u.entry.seq, &mut fx);
+        self.forget(&u.entry, &mut fx);
         self.pump_locked(st, now, &mut fx);
         self.rearm(st, &mut fx);
         Ok(fx)
@@ -1472,6 +1775,7 @@ impl Queue {
         let st = &mut *guard;
         self.expire_heads(st, now, &mut fx);
         self.release_waiters(st, &mut fx);
+        self.want_load(st, &mut fx, 0);
         let mut next = self.next_deadline(st);
         if let Some(expires) = self.args.expires {
             if st.consumers.is_empty() && !st.closed && now >= st.last_used.saturating_add(expires) {
@@ -1488,7 +1792,8 @@ impl Queue {
     /// with `x-expires`).
     pub fn arm(&self) -> Option<Millis> {
         let mut fx = Effects::default();
-        self.rearm(&mut self.lock(), &mut fx);
+        // Not `rearm`: these effects are dropped, and a load asked for here would never run.
+        self.rearm_deadline(&mut self.lock(), &mut fx);
         fx.deadline
     }
 
@@ -1501,14 +1806,22 @@ impl Queue {
     pub fn purge(&self, _now: Millis) -> (u32, Effects) {
         let mut fx = Effects::default();
         let mut st = self.lock();
-        let count = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
+        let count = u32::try_from(st.total_count()).unwrap_or(u32::MAX);
         for level in st.levels.iter_mut() {
             for e in level.drain(..) {
-                self.forget(&e.message, e.seq, &mut fx);
+                self.forget(&e, &mut fx);
             }
         }
         st.ready_count = 0;
         st.ready_bytes = 0;
+        if st.tail.count > 0 {
+            fx.forgotten_range = Some((st.tail.first_seq, st.tail.last_seq));
+        }
+        // A load in flight finds a new generation and is ignored.
+        st.tail = Tail::default();
+        st.holes.clear();
+        st.loading = None;
+        st.epoch += 1;
         self.release_waiters(&mut st, &mut fx);
         (count, fx)
     }
@@ -1519,7 +1832,7 @@ impl Queue {
         if if_unused && !st.consumers.is_empty() {
             return Err(CoreError::PreconditionFailed(format!("queue '{}' in use", self.name)));
         }
-        if if_empty && st.ready_count > 0 {
+        if if_empty && st.total_count() > 0 {
             return Err(CoreError::PreconditionFailed(format!("queue '{}' not empty", self.name)));
         }
         Ok(())
@@ -1534,7 +1847,10 @@ impl Queue {
     /// queue refuses messages (`Rejected`) and consumers (`NotFound`).
     pub fn shutdown(&self) -> (u32, Effects) {
         let mut st = self.lock();
-        let count = u32::try_from(st.ready_count).unwrap_or(u32::MAX);
+        let count = u32::try_from(st.total_count()).unwrap_or(u32::MAX);
+        st.tail = Tail::default();
+        st.holes.clear();
+        st.epoch += 1;
         for c in st.consumers.drain(..) {
             c.spec.sink.cancelled(&self.name, c.id);
         }
@@ -1556,10 +1872,12 @@ impl Queue {
     pub fn stats(&self) -> QueueStats {
         let st = self.lock();
         QueueStats {
-            ready: u32::try_from(st.ready_count).unwrap_or(u32::MAX),
+            ready: u32::try_from(st.total_count()).unwrap_or(u32::MAX),
             unacked: u32::try_from(st.unacked.len()).unwrap_or(u32::MAX),
             consumers: u32::try_from(st.consumers.len()).unwrap_or(u32::MAX),
-            ready_bytes: st.ready_bytes,
+            ready_bytes: st.total_bytes(),
+            paged_out: u32::try_from(st.tail.count).unwrap_or(u32::MAX),
+            paged_out_bytes: st.tail.bytes,
             unacked_bytes: st.unacked_bytes,
             dropped_overflow: st.dropped_overflow,
             rejected_overflow: st.rejected_overflow,
@@ -1957,6 +2275,268 @@ mod tests {
     }
 
     // ---- ready messages ----
+
+    // ----- paging: the tail on disk -------------------------------------------------------------
+
+    /// The store's side of a paging queue in these tests: what was paged out, by seq.
+    #[derive(Default)]
+    struct Disk(std::collections::BTreeMap<u64, Arc<Message>>);
+
+    impl Disk {
+        /// Enqueues like the vhost does: a message paged out goes to the disk.
+        fn put(&mut self, q: &Queue, m: Arc<Message>) -> (u64, Effects) {
+            let (outcome, fx) = q.enqueue(m.clone(), 0);
+            let EnqueueOutcome::Accepted { seq } = outcome else { panic!("refused") };
+            if fx.paged {
+                self.0.insert(seq, m);
+            }
+            (seq, fx)
+        }
+        /// Answers every load the effects ask for (and the loads those answers ask for).
+        fn serve(&self, q: &Queue, mut fx: Effects) {
+            while let Some(load) = fx.load.take() {
+                fx = q.loaded(load, Ok(self.read(load)), 0);
+            }
+        }
+        fn read(&self, load: Load) -> Vec<crate::store::StoredMessage> {
+            self.0
+                .range(load.from_seq..)
+                .take(load.max_count)
+                .map(|(seq, m)| crate::store::StoredMessage { seq: *seq, message: m.clone(), delivered: false })
+                .collect()
+        }
+        /// `get` until empty, serving loads: the bodies in the order they came.
+        fn drain(&self, q: &Queue) -> Vec<String> {
+            let mut out = Vec::new();
+            loop {
+                let (got, fx) = q.get(OwnerId(1), true, 0);
+                match got {
+                    Some((d, _)) => {
+                        out.push(body(&d));
+                        self.serve(q, fx);
+                    }
+                    None if fx.load.is_some() => self.serve(q, fx),
+                    None => return out,
+                }
+            }
+        }
+    }
+
+    const W: u64 = PAGE_WINDOW;
+
+    #[test]
+    fn a_durable_queue_pages_messages_past_the_window_and_serves_them_in_order() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        let n = W + 100;
+        for i in 0..n {
+            let (_, fx) = disk.put(&q, persistent(&i.to_string()));
+            assert_eq!(fx.paged, i >= W, "message {i}");
+        }
+        let st = q.stats();
+        assert_eq!((st.ready, st.paged_out), (n as u32, 100));
+        assert_eq!(st.paged_out_bytes, (W..n).map(|i| i.to_string().len() as u64).sum::<u64>());
+        // What the memory alarm counts leaves the tail out.
+        let in_memory =
+            QueueStats { ready: W as u32, ready_bytes: st.ready_bytes - st.paged_out_bytes, ..QueueStats::default() };
+        assert_eq!(st.memory(), in_memory.memory());
+        let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        assert_eq!(disk.drain(&q), want);
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn while_the_tail_is_not_empty_new_messages_go_behind_it_even_with_a_consumer_waiting() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        for i in 0..W + 3 {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        let sink = TestSink::new();
+        let (_, fx) = q.consume(ConsumerSpec { no_ack: true, ..spec(&sink, 1) }, 0).unwrap();
+        // The consumer took the window; the tail's load is asked for. A message published now
+        // must not overtake the tail.
+        assert!(fx.load.is_some());
+        let (_, fx2) = disk.put(&q, persistent("new"));
+        assert!(fx2.paged);
+        disk.serve(&q, fx);
+        let got = sink.bodies();
+        assert_eq!(got.len() as u64, W + 4);
+        let w = W as usize;
+        assert_eq!(got[w..], [w.to_string(), (w + 1).to_string(), (w + 2).to_string(), "new".into()]);
+    }
+
+    #[test]
+    fn a_requeued_message_goes_back_before_the_tail() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        for i in 0..W + 2 {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        let (got, fx) = q.get(OwnerId(1), false, 0);
+        let first = got.unwrap().0;
+        disk.serve(&q, fx);
+        // Take everything in memory but one, so the tail's head is loaded behind it.
+        for _ in 0..W - 1 {
+            let (got, fx) = q.get(OwnerId(2), true, 0);
+            assert!(got.is_some());
+            disk.serve(&q, fx);
+        }
+        let fx = q.reject(first.seq, true, 0).unwrap();
+        disk.serve(&q, fx);
+        assert_eq!(disk.drain(&q), ["0".to_string(), W.to_string(), (W + 1).to_string()]);
+    }
+
+    #[test]
+    fn a_load_takes_only_the_contiguous_head_and_asks_again_for_a_missing_put() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        for i in 0..W + 3 {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        // The put of the tail's second message has not reached the store yet.
+        let missing = *disk.0.keys().nth(1).unwrap();
+        let late = disk.0.remove(&missing).unwrap();
+        // The load is asked for once memory is down to half the window.
+        let mut load = None;
+        for _ in 0..W {
+            let (got, fx) = q.get(OwnerId(1), true, 0);
+            assert!(got.is_some());
+            load = load.or(fx.load);
+        }
+        let load = load.expect("a load of the tail");
+        let fx = q.loaded(load, Ok(disk.read(load)), 0);
+        assert_eq!(q.stats().paged_out, 2);
+        let retry = fx.load.expect("asks again");
+        assert_eq!((retry.from_seq, retry.retry), (missing, 0));
+        // Nothing new yet: asked again, with a retry count (the caller waits a little).
+        let fx = q.loaded(retry, Ok(disk.read(retry)), 0);
+        let again = fx.load.expect("asks again");
+        assert_eq!(again.retry, 1);
+        disk.0.insert(missing, late);
+        disk.serve(&q, Effects { load: Some(again), ..Effects::default() });
+        assert_eq!(disk.drain(&q), [W.to_string(), (W + 1).to_string(), (W + 2).to_string()]);
+    }
+
+    #[test]
+    fn seqs_refused_behind_the_tail_are_holes_a_load_skips() {
+        let q =
+            durable_queue(vec![("x-max-length", FieldValue::I32((W + 3) as i32)), ("x-overflow", s("reject-publish"))]);
+        let mut disk = Disk::default();
+        for i in 0..W + 1 {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        disk.put(&q, persistent("a"));
+        disk.put(&q, persistent("b"));
+        // Refused: its seq is never stored.
+        let (outcome, _) = q.enqueue(persistent("refused"), 0);
+        assert_eq!(outcome, EnqueueOutcome::Rejected);
+        assert_eq!(q.stats().rejected_overflow, 1);
+        let (got, _) = q.get(OwnerId(1), true, 0);
+        assert!(got.is_some());
+        disk.put(&q, persistent("c"));
+        let got = disk.drain(&q);
+        assert_eq!(got[got.len() - 4..], [W.to_string(), "a".into(), "b".into(), "c".into()]);
+    }
+
+    #[test]
+    fn purge_removes_the_tail_with_one_range_and_ignores_a_load_answered_after_it() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        for i in 0..W + 10 {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        let sink = TestSink::new();
+        let (id, fx) = q.consume(ConsumerSpec { no_ack: true, ..spec(&sink, 1) }, 0).unwrap();
+        let stale = fx.load.expect("a load");
+        q.cancel(id, 0);
+        let (count, fx) = q.purge(0);
+        assert_eq!(count, 10);
+        assert_eq!(fx.forgotten_range, Some((W + 1, W + 10)));
+        let fx = q.loaded(stale, Ok(disk.read(stale)), 0);
+        assert!(fx.load.is_none());
+        assert_eq!(q.stats().ready, 0);
+        // It pages again from an empty tail.
+        let (_, fx) = disk.put(&q, persistent("after"));
+        assert!(!fx.paged);
+        assert_eq!(disk.drain(&q), ["after"]);
+    }
+
+    #[test]
+    fn max_length_counts_the_tail_and_drop_head_drops_from_memory_in_order() {
+        let q = durable_queue(vec![("x-max-length", FieldValue::I32((W + 10) as i32))]);
+        let mut disk = Disk::default();
+        for i in 0..W + 20 {
+            let (_, fx) = disk.put(&q, persistent(&i.to_string()));
+            disk.serve(&q, fx);
+        }
+        let st = q.stats();
+        assert_eq!((st.ready as u64, st.dropped_overflow, st.paged_out), (W + 10, 10, 20));
+        let got = disk.drain(&q);
+        let want: Vec<String> = (10..W + 20).map(|i| i.to_string()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_transient_message_past_the_window_is_paged_and_forgotten_like_a_persistent_one() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        for i in 0..W {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        let (seq, fx) = disk.put(&q, msg("transient"));
+        assert!(fx.paged);
+        for _ in 0..W {
+            let (_, fx) = q.get(OwnerId(1), true, 0);
+            disk.serve(&q, fx);
+        }
+        let (got, fx) = q.get(OwnerId(1), false, 0);
+        assert_eq!(body(&got.unwrap().0), "transient");
+        // Not marked delivered (it does not outlive a restart), but deleted when acked.
+        assert!(!fx.delivered.contains(&seq));
+        let fx = q.ack(seq, 0).unwrap();
+        assert_eq!(fx.forgotten, [seq]);
+    }
+
+    #[test]
+    fn a_priority_queue_and_a_non_durable_queue_do_not_page() {
+        for q in [durable_queue(vec![("x-max-priority", FieldValue::I32(3))]), queue(vec![])] {
+            assert!(!q.pages());
+            for i in 0..W + 1 {
+                let (_, fx) = q.enqueue(persistent(&i.to_string()), 0);
+                assert!(!fx.paged);
+            }
+            assert_eq!(q.stats().paged_out, 0);
+        }
+    }
+
+    #[test]
+    fn a_tail_message_with_a_ttl_expires_when_it_comes_back() {
+        let q = durable_queue(vec![]);
+        let mut disk = Disk::default();
+        for i in 0..W {
+            disk.put(&q, persistent(&i.to_string()));
+        }
+        let m = Arc::new(
+            Message::new("ex", "rk", Bytes::from_static(b"ttl"))
+                .with_properties(
+                    Properties { delivery_mode: Some(DeliveryMode::Persistent), ..Default::default() }
+                        .with_more(MoreProperties { expiration: Some("10".into()), ..Default::default() }),
+                )
+                .at(0),
+        );
+        disk.put(&q, m);
+        disk.put(&q, persistent("live"));
+        for _ in 0..W {
+            let (_, fx) = q.get(OwnerId(1), true, 0);
+            disk.serve(&q, fx);
+        }
+        assert_eq!(q.stats().paged_out, 0);
+        // Its expiry came back with it (published at 0, 10 ms): at 1,000 ms it is gone.
+        let (got, fx) = q.get(OwnerId(1), true, 1_000);
+        assert_eq!(body(&got.unwrap().0), "live");
+        assert_eq!(fx.forgotten.len(), 2, "the expired one and the one taken");
+    }
 
     #[test]
     fn ready_messages_come_out_in_fifo_order() {
@@ -2765,6 +3345,8 @@ mod tests {
                 acked: 0,
                 held_overflow: 0,
                 held_publishers: 0,
+                paged_out: 0,
+                paged_out_bytes: 0,
             }
         );
         assert_eq!(drain(&q, 0), ["bbb", "c"]);

@@ -19,7 +19,9 @@ use crate::flow::Target;
 use crate::hash::KeyedMap;
 use crate::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, ShortString};
 use crate::permissions::AccessPolicy;
-use crate::queue::{ConsumerId, ConsumerSpec, Effects, EnqueueOutcome, Queue, QueueOptions, QueueStats};
+use crate::queue::{
+    ConsumerId, ConsumerSpec, Delivery, Effects, EnqueueOutcome, Load, OwnerId, Queue, QueueOptions, QueueStats,
+};
 use crate::retained::RetainedStore;
 use crate::sink::{Cookies, DirectSink, Offer, SinkDelivery, SinkId};
 use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
@@ -28,6 +30,8 @@ use crate::timer::Timer;
 /// Dead letters can feed queues that dead-letter again; the queue's cycle rule stops true
 /// cycles, and this bounds any remaining chain within one operation.
 const MAX_DEAD_LETTER_HOPS: usize = 32;
+/// Messages read back per store read when recovery brings a queue's whole tail into memory.
+const RESTORE_SLICE: usize = 4_096;
 
 /// Exchanges every vhost has, as in RabbitMQ.
 pub const PREDECLARED: &[(&str, ExchangeKind)] = &[
@@ -149,6 +153,10 @@ pub struct VHost {
     /// Bumped by the broker after each swap of `access`, so a queue's cached answer to "is this
     /// one reserved" is asked again under a new policy.
     access_epoch: Arc<AtomicU64>,
+    /// This vhost, for the tasks that read a queue's tail back ([`VHost::start_load`]); set by
+    /// the broker ([`VHost::attach`]). Without it a load that does not answer at once is waited
+    /// for on the calling thread.
+    me: std::sync::OnceLock<std::sync::Weak<VHost>>,
 }
 
 impl fmt::Debug for VHost {
@@ -292,7 +300,14 @@ impl VHost {
             timer,
             access: Arc::new(ArcSwap::from_pointee(AccessPolicy::default())),
             access_epoch: Arc::new(AtomicU64::new(0)),
+            me: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets the vhost hand itself to the tasks that page queues' tails in (the broker calls it
+    /// once the vhost is in its `Arc`).
+    pub fn attach(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
     }
 
     /// The vhost reading the broker's access policy (swapped on a reload) for the queues a
@@ -716,7 +731,9 @@ impl VHost {
         // Messages still held are dropped with the queue (RabbitMQ does not dead-letter them).
         // The store dropped the queue's messages with it; nothing else to forget.
         let mut ops = Vec::new();
-        self.carry_out(q, Effects { forgotten: Vec::new(), delivered: Vec::new(), ..effects }, now, 0, &mut ops);
+        let effects =
+            Effects { forgotten: Vec::new(), delivered: Vec::new(), load: None, forgotten_range: None, ..effects };
+        self.carry_out(q, effects, now, 0, &mut ops);
         self.submit(ops);
         count
     }
@@ -935,6 +952,17 @@ impl VHost {
                 queue: queue.name().clone(),
                 seq,
             }));
+            if let Some((from_seq, to_seq)) = effects.forgotten_range {
+                ops.push(StoreOp::DeleteRange {
+                    vhost: self.name.clone(),
+                    queue: queue.name().clone(),
+                    from_seq,
+                    to_seq,
+                });
+            }
+        }
+        if let Some(load) = effects.load {
+            self.start_load(queue, load, now);
         }
         for dl in effects.dead_letters {
             if depth >= MAX_DEAD_LETTER_HOPS {
@@ -964,6 +992,63 @@ impl VHost {
             tracing::debug!(%vhost, queue = %name, "queue deleted (auto-delete or x-expires)");
             self.remove_queue(queue, now);
         }
+    }
+
+    // ----- paging ----------------------------------------------------------------------------
+
+    /// Reads a queue's tail back ([`Effects::load`]): at once when the store answers at once (the
+    /// memory store), else in a task that hands the answer to the queue when the store's writer
+    /// has run the read. A load that found the next message missing (its put not submitted yet)
+    /// waits `retry` ms first (at most 100).
+    fn start_load(&self, queue: &Arc<Queue>, load: Load, now: Millis) {
+        let me = self.me.get().and_then(std::sync::Weak::upgrade);
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if let (Some(me), Some(runtime)) = (me, runtime) {
+            let queue = queue.clone();
+            runtime.spawn(async move {
+                if load.retry > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(u64::from(load.retry.min(100)))).await;
+                }
+                let range = me.store.read_range(&me.name, queue.name(), load.from_seq, load.max_count, load.max_bytes);
+                let result = range.wait().await;
+                let now = crate::message::now_millis();
+                let effects = queue.loaded(load, result, now);
+                me.settle(&queue, effects, now);
+            });
+            return;
+        }
+        if load.retry > 0 {
+            // No task to wait in (a vhost outside a broker, tests): a put that is not there yet
+            // is being submitted by another thread right now.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let range = self.store.read_range(&self.name, queue.name(), load.from_seq, load.max_count, load.max_bytes);
+        let effects = queue.loaded(load, range.blocking_wait(), now);
+        self.settle(queue, effects, now);
+    }
+
+    /// Takes one ready message (AMQP basic.get), with the count left: [`Queue::get`], and when
+    /// memory holds none but the queue's tail on disk does, reads the tail's head back first
+    /// (waiting on this thread for the store's read: a get never answers empty while the queue
+    /// holds messages). Its effects are settled.
+    pub fn get(&self, queue: &Arc<Queue>, owner: OwnerId, no_ack: bool, now: Millis) -> Option<(Delivery, u32)> {
+        // Each round takes the tail's head or finds it missing (a put in flight); bounded so a
+        // store that fails cannot hold the caller for ever.
+        for round in 0..100u64 {
+            let (got, effects) = queue.get(owner, no_ack, now);
+            self.settle(queue, effects, now);
+            if got.is_some() {
+                return got;
+            }
+            let load = queue.load_for_get()?;
+            if round > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(round.min(10)));
+            }
+            let range = self.store.read_range(&self.name, queue.name(), load.from_seq, load.max_count, load.max_bytes);
+            let effects = queue.loaded(load, range.blocking_wait(), now);
+            self.settle(queue, effects, now);
+        }
+        None
     }
 
     // ----- publishing ------------------------------------------------------------------------
@@ -1085,7 +1170,8 @@ impl VHost {
             }
             match outcome {
                 EnqueueOutcome::Accepted { seq } => {
-                    if q.stores_messages() && message.is_persistent() {
+                    // A transient message the queue paged out is stored too.
+                    if q.stores_messages() && (message.is_persistent() || effects.paged) {
                         ops.push(StoreOp::PutMessage {
                             vhost: self.name.clone(),
                             queue: q.name().clone(),
@@ -1214,6 +1300,40 @@ impl VHost {
             };
             for m in messages {
                 q.restore(m.seq, m.message.clone(), m.delivered, now);
+            }
+        }
+        for ((vhost, queue), tail) in &snapshot.tails {
+            if *vhost != self.name {
+                continue;
+            }
+            let Some(q) = self.queue(&queue.to_string_lossy()).filter(|q| q.stores_messages()) else {
+                if !snapshot.messages.contains_key(&(vhost.clone(), queue.clone())) {
+                    tracing::warn!(vhost = %self.name, queue = %queue, count = tail.count, "stored messages of a missing queue; deleted");
+                    self.submit(vec![StoreOp::DeleteQueue { vhost: self.name.clone(), name: queue.clone() }]);
+                }
+                continue;
+            };
+            if q.pages() {
+                // Stays on disk; read back as the queue drains.
+                q.restore_tail(*tail);
+                continue;
+            }
+            // A queue that does not page (the store thought it did): read it back whole.
+            let mut from = tail.first_seq;
+            while from <= tail.last_seq {
+                let range = self.store.read_range(vhost, queue, from, RESTORE_SLICE, u64::MAX);
+                let slice = match range.blocking_wait() {
+                    Ok(slice) => slice,
+                    Err(e) => {
+                        tracing::error!(vhost = %self.name, queue = %queue, error = %e, "reading a queue's stored messages failed");
+                        break;
+                    }
+                };
+                let Some(last) = slice.last() else { break };
+                from = last.seq + 1;
+                for m in slice {
+                    q.restore(m.seq, m.message, m.delivered, now);
+                }
             }
         }
         for (vhost, key, message) in &snapshot.retained {

@@ -189,6 +189,16 @@ impl ferry_core::store::Store for FailingStore {
     fn flush(&self) -> ferry_core::store::Commit {
         self.inner.flush()
     }
+    fn read_range(
+        &self,
+        vhost: &str,
+        queue: &ferry_core::message::ShortString,
+        from_seq: u64,
+        max_count: usize,
+        max_bytes: u64,
+    ) -> ferry_core::store::ReadRange {
+        self.inner.read_range(vhost, queue, from_seq, max_count, max_bytes)
+    }
     fn is_failing(&self) -> bool {
         self.failing.load(std::sync::atomic::Ordering::SeqCst)
     }

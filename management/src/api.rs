@@ -505,6 +505,9 @@ struct QueueItem<'a> {
     message_bytes: u64,
     message_bytes_ready: u64,
     message_bytes_unacknowledged: u64,
+    /// Of the ready messages, those only on disk (the queue's tail), as RabbitMQ names them.
+    messages_paged_out: u32,
+    message_bytes_paged_out: u64,
     /// What the queue's messages cost in memory as the memory alarm counts it.
     memory: u64,
     consumers: u32,
@@ -534,6 +537,8 @@ fn queue_item<'a>(vhost: &'a str, q: &Queue, st: &QueueStats, r: &PerSecond) -> 
         message_bytes: st.ready_bytes + st.unacked_bytes,
         message_bytes_ready: st.ready_bytes,
         message_bytes_unacknowledged: st.unacked_bytes,
+        messages_paged_out: st.paged_out,
+        message_bytes_paged_out: st.paged_out_bytes,
         memory: st.memory(),
         consumers: st.consumers,
         message_stats: QueueMessageStats {
@@ -571,6 +576,8 @@ fn queue_json(vhost: &str, q: &Queue, st: &QueueStats, r: &PerSecond) -> Value {
         "message_bytes": st.ready_bytes + st.unacked_bytes,
         "message_bytes_ready": st.ready_bytes,
         "message_bytes_unacknowledged": st.unacked_bytes,
+        "messages_paged_out": st.paged_out,
+        "message_bytes_paged_out": st.paged_out_bytes,
         "memory": st.memory(),
         "consumers": st.consumers,
         "message_stats": {

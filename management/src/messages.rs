@@ -318,9 +318,7 @@ fn take(v: &VHost, q: &std::sync::Arc<Queue>, req: &GetRequest) -> Vec<Value> {
             break;
         }
         let now = now_millis();
-        let (got, effects) = q.get(owner, false, now);
-        v.settle(q, effects, now);
-        let Some((d, left)) = got else { break };
+        let Some((d, left)) = v.get(q, owner, false, now) else { break };
         bytes += req.truncate.map_or(d.message.payload.len(), |t| t.min(d.message.payload.len()));
         out.push(message_json(&d.message, d.redelivered, left, req));
         seqs.push(d.seq);
@@ -388,9 +386,7 @@ async fn aliveness(State(state): State<AppState>, caller: Caller, Path(vhost): P
     // Anything else in the queue (left by an earlier test that failed half way) goes first.
     for _ in 0..MAX_GET_COUNT {
         let now = now_millis();
-        let (got, effects) = q.get(OwnerId::next(), true, now);
-        v.settle(&q, effects, now);
-        match got {
+        match v.get(&q, OwnerId::next(), true, now) {
             Some((d, _)) if &d.message.payload[..] == ALIVENESS_MESSAGE => {
                 return Ok(json_response(json!({"status": "ok"})));
             }

@@ -212,12 +212,16 @@ impl Snapshot {
         );
 
         type QueueField = fn(&QueueStats) -> u64;
-        let per_queue: [(&str, &str, QueueField); 4] = [
+        let per_queue: [(&str, &str, QueueField); 6] = [
             ("ferry_queue_messages_ready", "Messages ready in the queue.", |s| s.ready as u64),
             ("ferry_queue_messages_unacked", "Messages delivered from the queue, not yet acknowledged.", |s| {
                 s.unacked as u64
             }),
             ("ferry_queue_messages_ready_bytes", "Body bytes of the ready messages.", |s| s.ready_bytes),
+            ("ferry_queue_messages_paged_out", "Of the ready messages, those on disk only (the queue's tail).", |s| {
+                s.paged_out as u64
+            }),
+            ("ferry_queue_messages_paged_out_bytes", "Body bytes of the messages on disk only.", |s| s.paged_out_bytes),
             ("ferry_queue_consumers", "Consumers of the queue.", |s| s.consumers as u64),
         ];
         for (name, help, f) in per_queue {

@@ -173,8 +173,8 @@ impl Connection {
         self.guard_reserved_queue(&qname, QueueUse::Consume)?;
         let q = self.vhost().queue_for(&qname, conn)?;
         let owner = self.channel(ch).owner;
-        let (got, effects) = q.get(owner, g.no_ack, now);
-        self.vhost().settle(&q, effects, now);
+        // Through the vhost: a queue whose messages are on disk reads them back first.
+        let got = self.vhost().get(&q, owner, g.no_ack, now);
         match got {
             None => self.send(ch, Method::BasicGetEmpty(BasicGetEmpty { cluster_id: ShortString::default() })),
             Some((d, count)) => {

@@ -5,8 +5,10 @@
 //! broker *submits* a batch of operations and gets a [`Commit`] back at once; the store may
 //! gather many batches from many connections into one fsync'd transaction and resolve all
 //! their commits together. A frontend sends its acknowledgement (publisher confirm, PUBACK)
-//! only after the commit resolves. Transient messages and non-durable queues are never
-//! submitted.
+//! only after the commit resolves. Non-durable queues are never submitted; a transient message
+//! is submitted only when a durable queue pages it out (it enters the queue's on-disk tail, see
+//! `docs/core.md`, "Queues larger than memory"): the store flags it transient and recovery
+//! deletes it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -91,7 +93,9 @@ pub enum StoreOp {
     },
     PutBinding(BindingRecord),
     DeleteBinding(BindingRecord),
-    /// A persistent message entering a durable queue at `seq`.
+    /// A message entering a durable queue at `seq`: a persistent one, or a transient one the queue
+    /// pages out to disk (its tail). A store flags the latter transient (from the message's
+    /// delivery mode) and deletes it at recovery instead of restoring it.
     PutMessage {
         vhost: String,
         queue: ShortString,
@@ -106,6 +110,17 @@ pub enum StoreOp {
         vhost: String,
         queue: ShortString,
         seq: u64,
+    },
+    /// Every message of a durable queue with `from_seq <= seq <= to_seq`, in either layout: a
+    /// purge of a queue's on-disk tail, whose sequence numbers the queue knows only as a range.
+    /// Like a `DeleteMessage` it may arrive before some of its puts (a publisher enqueued into
+    /// the tail and had not submitted its batch yet): a store drops those puts too (it keeps the
+    /// range as a tombstone, bounded like the early deletes).
+    DeleteRange {
+        vhost: String,
+        queue: ShortString,
+        from_seq: u64,
+        to_seq: u64,
     },
     /// A message of a durable queue was handed to a consumer that must ack it: after a restart
     /// it comes back with the redelivered flag. A mark for a message the store does not hold
@@ -173,6 +188,77 @@ pub struct SessionRecord {
 /// The messages of each durable queue, keyed by `(vhost, queue)`, in sequence order.
 pub type StoredMessages = BTreeMap<(String, ShortString), Vec<StoredMessage>>;
 
+/// A queue's messages on disk that recovery did not read into memory: every stored message of
+/// the queue after its window ([`Snapshot::messages`]), known only by its sequence numbers and
+/// totals. The queue pages them in with [`Store::read_range`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TailSummary {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub count: u64,
+    /// Body bytes.
+    pub bytes: u64,
+}
+
+/// The on-disk tails of durable queues, keyed by `(vhost, queue)`.
+pub type StoredTails = BTreeMap<(String, ShortString), TailSummary>;
+
+/// How much of a queue that pages ([`crate::queue::pages`]) recovery reads into memory: its
+/// lowest sequence numbers up to this many messages or [`RECOVER_WINDOW_BYTES`] (at least one);
+/// the rest is its [`TailSummary`]. The queue's own window ([`crate::queue::PAGE_WINDOW`]).
+pub const RECOVER_WINDOW: u64 = crate::queue::PAGE_WINDOW;
+/// [`RECOVER_WINDOW`] in body bytes.
+pub const RECOVER_WINDOW_BYTES: u64 = crate::queue::PAGE_WINDOW_BYTES;
+
+/// Splits one queue's stored messages, in sequence order, into what recovery returns: the
+/// window (all of them for a queue that does not page) and the tail's summary. Used by both
+/// stores, so they return the same shapes.
+#[derive(Debug)]
+pub(crate) struct WindowSplit {
+    pages: bool,
+    window_count: u64,
+    window_bytes: u64,
+    tail: Option<TailSummary>,
+}
+
+impl WindowSplit {
+    pub(crate) fn new(pages: bool) -> WindowSplit {
+        WindowSplit { pages, window_count: 0, window_bytes: 0, tail: None }
+    }
+    /// Whether the next message (`seq`, `bytes` of body) goes in the window; if not it is
+    /// counted in the tail.
+    pub(crate) fn take(&mut self, seq: u64, bytes: u64) -> bool {
+        let full = self.pages
+            && (self.tail.is_some()
+                || (self.window_count > 0
+                    && (self.window_count >= RECOVER_WINDOW || self.window_bytes + bytes > RECOVER_WINDOW_BYTES)));
+        if !full {
+            self.window_count += 1;
+            self.window_bytes += bytes;
+            return true;
+        }
+        let t = self.tail.get_or_insert(TailSummary { first_seq: seq, ..TailSummary::default() });
+        t.last_seq = seq;
+        t.count += 1;
+        t.bytes += bytes;
+        false
+    }
+    pub(crate) fn tail(&self) -> Option<TailSummary> {
+        self.tail
+    }
+}
+
+/// Which stored queues page: those whose record says so ([`crate::queue::pages`]), and those
+/// with no record (their messages are deleted at recovery, so none is read into memory).
+pub(crate) fn paging_queues(queues: &[QueueRecord]) -> impl Fn(&str, &ShortString) -> bool + '_ {
+    move |vhost, name| {
+        queues
+            .iter()
+            .find(|r| r.vhost == vhost && r.name == *name)
+            .is_none_or(|r| crate::queue::pages(&r.name, &r.options))
+    }
+}
+
 /// Everything durable, as read back at start-up.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -180,8 +266,12 @@ pub struct Snapshot {
     pub exchanges: Vec<ExchangeRecord>,
     pub queues: Vec<QueueRecord>,
     pub bindings: Vec<BindingRecord>,
-    /// Per `(vhost, queue)`, messages in sequence order.
+    /// Per `(vhost, queue)`, messages in sequence order: all of them for a queue that does not
+    /// page, the window (the lowest sequence numbers) for one that does.
     pub messages: StoredMessages,
+    /// Per `(vhost, queue)` that pages, what is stored beyond its window. Transient messages a
+    /// queue paged out are not in either: recovery deletes them.
+    pub tails: StoredTails,
     pub retained: Vec<(String, ShortString, Arc<Message>)>,
     pub sessions: Vec<SessionRecord>,
     /// Run-time definitions ([`StoreOp::PutSetting`]), sorted by key.
@@ -279,6 +369,59 @@ impl Commit {
     }
 }
 
+/// The answer to [`Store::read_range`]: resolves with the messages read.
+#[derive(Debug)]
+pub struct ReadRange(oneshot::Receiver<Result<Vec<StoredMessage>, StoreError>>);
+
+impl ReadRange {
+    /// An answer that is there already (the memory store).
+    pub fn done(result: Result<Vec<StoredMessage>, StoreError>) -> ReadRange {
+        let (tx, range) = ReadRange::pending();
+        let _ = tx.send(result);
+        range
+    }
+    /// An answer a store gives later through the returned sender.
+    pub fn pending() -> (oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>, ReadRange) {
+        let (tx, rx) = oneshot::channel();
+        (tx, ReadRange(rx))
+    }
+    /// The answer, if it is there, without waiting.
+    pub fn try_take(&mut self) -> Option<Result<Vec<StoredMessage>, StoreError>> {
+        match self.0.try_recv() {
+            Ok(r) => Some(r),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(StoreError::Closed)),
+        }
+    }
+    /// Waits for the answer, blocking the thread (recovery, off the async workers).
+    /// Usable on an async worker too (a `get`, which waits for the read): it parks the thread
+    /// rather than asking the runtime.
+    pub fn blocking_wait(mut self) -> Result<Vec<StoredMessage>, StoreError> {
+        if let Some(r) = self.try_take() {
+            return r;
+        }
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut rx = Pin::new(&mut self.0);
+        loop {
+            if let Poll::Ready(r) = rx.as_mut().poll(&mut cx) {
+                return r.unwrap_or(Err(StoreError::Closed));
+            }
+            std::thread::park();
+        }
+    }
+    /// Waits for the answer.
+    pub async fn wait(self) -> Result<Vec<StoredMessage>, StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
 /// Upper bounds of [`CommitStats`]' latency buckets, in seconds (Prometheus' default buckets
 /// from 0.5 ms, where an fsync on an SSD lands, to 2.5 s, a disk in trouble).
 pub const COMMIT_LATENCY_BOUNDS: [f64; 12] =
@@ -341,8 +484,26 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn submit_lazy(&self, ops: Vec<StoreOp>) {
         drop(self.submit(ops));
     }
-    /// Reads back everything durable (start-up).
+    /// Reads back everything durable (start-up), but of each queue that pages only its window
+    /// and its tail's summary ([`Snapshot::tails`]); deletes the transient messages queues had
+    /// paged out.
     fn recover(&self) -> Result<Snapshot, StoreError>;
+    /// Reads a durable queue's stored messages with `seq >= from_seq`, in sequence order: at most
+    /// `max_count`, and no more once `max_bytes` of body are read (at least one). It sees at
+    /// least every batch that was committed before it was called (a disk store reads the last
+    /// commit while its writer goes on), so a message missing from a sequence the queue expects
+    /// is one whose put is not written yet: the queue asks again a little later.
+    fn read_range(
+        &self,
+        vhost: &str,
+        queue: &ShortString,
+        from_seq: u64,
+        max_count: usize,
+        max_bytes: u64,
+    ) -> ReadRange {
+        let _ = (vhost, queue, from_seq, max_count, max_bytes);
+        ReadRange::done(Err(StoreError::Io("this store does not read ranges".into())))
+    }
     /// Resolves once everything submitted so far is durable (shutdown).
     fn flush(&self) -> Commit;
     /// Whether the last commit failed (a full or failing disk); the disk alarm watches this.

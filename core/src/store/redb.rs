@@ -30,7 +30,10 @@ use ::redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, Table
 use tokio::sync::oneshot;
 
 use super::codec::{self, Reader};
-use super::{Commit, ExchangeRecord, QueueRecord, SessionRecord, Snapshot, Store, StoreError, StoreOp, StoredMessage};
+use super::{
+    Commit, ExchangeRecord, QueueRecord, ReadRange, SessionRecord, Snapshot, Store, StoreError, StoreOp, StoredMessage,
+    WindowSplit,
+};
 use crate::message::{Message, ShortString};
 
 /// `key(vhost)` → empty.
@@ -61,10 +64,22 @@ const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions")
 /// Run-time definitions (`StoreOp::PutSetting`): key (UTF-8) → the owner's encoding.
 const SETTINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("settings");
 
-/// The top bit of a `MESSAGES` value: delivered, not acked (body ids never reach 2^63).
+/// The top bit of a `MESSAGES` value: delivered, not acked (body ids never reach 2^62).
 const DELIVERED: u64 = 1 << 63;
+/// The next bit of a `MESSAGES` value: a transient message a queue paged out (see
+/// [`QUEUED_TRANSIENT`]).
+const TRANSIENT: u64 = 1 << 62;
+/// The body id in a `MESSAGES` value.
+const ID_MASK: u64 = !(DELIVERED | TRANSIENT);
 /// Bit of a `QUEUED` value's flags byte: delivered, not acked.
 const QUEUED_DELIVERED: u8 = 1;
+/// Bit of a `QUEUED` value's flags byte: a transient message, stored only because its queue
+/// paged it out to disk (its tail). Recovery deletes it; it is never restored.
+const QUEUED_TRANSIENT: u8 = 2;
+/// Range deletes ([`StoreOp::DeleteRange`]) remembered per queue for the puts in their range
+/// still to come; past it the oldest is forgotten (the cost: a purged message comes back after
+/// a restart, never a loss).
+const MAX_RANGE_TOMBSTONES: usize = 64;
 
 /// Batches that may wait for the writer before `submit` blocks. A full channel means the disk
 /// is behind by over a thousand batches; blocking the submitter briefly is the backpressure.
@@ -131,8 +146,21 @@ enum Request {
         reply: Reply,
     },
     /// A read (recovery, statistics) run on the writer thread between groups.
-    Read(Box<dyn FnOnce(&mut Database) + Send>),
+    Read(Box<dyn FnOnce(&Database) + Send>),
+    /// Work that needs the database to itself (a compaction): run once no reader holds it.
+    Exclusive(Box<dyn FnOnce(&mut Database) + Send>),
 }
+
+/// The open database as readers on other threads share it ([`Store::read_range`]): `None` while
+/// the writer has it to itself (a compaction), after a failed commit and once closed; readers
+/// then go through the writer's queue.
+type Shared = Arc<RwLock<Option<Arc<Database>>>>;
+
+/// A read for the reader thread.
+type ReadJob = Box<dyn FnOnce() + Send>;
+
+/// Reads queued for the reader thread before `read_range` waits for room (each is one page-in).
+const READS_BOUND: usize = 256;
 
 /// What the store's file holds, for logs and the compaction decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,6 +184,12 @@ fn io(e: impl fmt::Display) -> StoreError {
 pub struct RedbStore {
     /// `None` once closed.
     sender: RwLock<Option<SyncSender<Request>>>,
+    /// The database for reads off the writer thread.
+    shared: Shared,
+    /// The reader thread's queue ([`Store::read_range`] off the writer thread); `None` once closed.
+    /// One thread, not tokio's blocking pool: the messages it decodes come from one allocator
+    /// arena (the pool's many threads left some 200 MB more RSS behind a drained tail).
+    reads: Mutex<Option<SyncSender<ReadJob>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     transactions: Arc<AtomicU64>,
     /// Set while commits fail (the disk alarm watches it); cleared by the next good commit.
@@ -252,8 +286,11 @@ impl RedbStore {
         let commit_stats = Arc::new(super::CommitStats::default());
         let submitted = Arc::new(AtomicU64::new(0));
         let (sender, receiver) = mpsc::sync_channel(CHANNEL_BOUND);
+        let db = Arc::new(db);
+        let shared: Shared = Arc::new(RwLock::new(Some(db.clone())));
         let writer = Writer {
             db: Some(db),
+            shared: shared.clone(),
             reopen,
             path: path.clone(),
             compact_floor: COMPACT_MIN_FREE_BYTES,
@@ -264,14 +301,26 @@ impl RedbStore {
             commit_stats: commit_stats.clone(),
             next_body,
             tombstones: Tombstones::default(),
+            ranges: HashMap::new(),
             lazy_bound,
             gatherer: Gatherer::new(gather),
             submitted: submitted.clone(),
             taken: 0,
         };
         let handle = std::thread::Builder::new().name("ferry-store".into()).spawn(move || writer.run()).map_err(io)?;
+        let (reads, jobs) = mpsc::sync_channel::<ReadJob>(READS_BOUND);
+        std::thread::Builder::new()
+            .name("ferry-store-read".into())
+            .spawn(move || {
+                while let Ok(job) = jobs.recv() {
+                    job();
+                }
+            })
+            .map_err(io)?;
         Ok(RedbStore {
             sender: RwLock::new(Some(sender)),
+            shared,
+            reads: Mutex::new(Some(reads)),
             writer: Mutex::new(Some(handle)),
             transactions,
             failing,
@@ -289,7 +338,7 @@ impl RedbStore {
 
     /// The file's size and how much of it is in use.
     pub fn file_stats(&self) -> Result<FileStats, StoreError> {
-        let mut st = self.read(|db| file_stats(db))?;
+        let mut st = self.read(file_stats)?;
         if let Some(len) = self.path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()) {
             st.file_bytes = len;
         }
@@ -302,14 +351,23 @@ impl RedbStore {
     pub fn compact(&self, min_free_bytes: u64) -> Result<bool, StoreError> {
         let compactions = self.compactions.clone();
         let path = self.path.clone();
-        self.read(move |db| Ok(compact_if_it_pays(db, min_free_bytes, path.as_deref(), &compactions).is_some()))
+        let (tx, rx) = mpsc::sync_channel(1);
+        let request = Request::Exclusive(Box::new(move |db| {
+            let _ = tx.send(Ok(compact_if_it_pays(db, min_free_bytes, path.as_deref(), &compactions).is_some()));
+        }));
+        {
+            let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
+            let Some(sender) = sender.as_ref() else { return Err(StoreError::Closed) };
+            sender.send(request).map_err(|_| StoreError::Closed)?;
+        }
+        rx.recv().unwrap_or(Err(StoreError::Closed))
     }
 
     /// Runs `f` on the writer thread (which owns the database), after everything submitted
     /// before it.
     fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Database) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let request = Request::Read(Box::new(move |db| {
@@ -326,6 +384,8 @@ impl RedbStore {
     /// Commits everything submitted, stops the writer and closes the file. Later submits fail
     /// with [`StoreError::Closed`].
     fn shut(&self) {
+        // The reader thread ends once its queue is drained (the writer waits for its reads).
+        drop(self.reads.lock().unwrap_or_else(|e| e.into_inner()).take());
         drop(self.sender.write().unwrap_or_else(|e| e.into_inner()).take());
         if let Some(handle) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = handle.join();
@@ -361,7 +421,7 @@ impl RedbStore {
             // one), and every count belongs to a body.
             let mut pointing: HashMap<u64, u64> = HashMap::new();
             for item in txn.open_table(MESSAGES).unwrap().iter().unwrap() {
-                *pointing.entry(item.unwrap().1.value() & !DELIVERED).or_default() += 1;
+                *pointing.entry(item.unwrap().1.value() & ID_MASK).or_default() += 1;
             }
             let refs = txn.open_table(BODY_REFS).unwrap();
             for item in bodies.iter().unwrap() {
@@ -453,7 +513,50 @@ impl Store for RedbStore {
     }
 
     fn recover(&self) -> Result<Snapshot, StoreError> {
-        self.read(|db| read_snapshot(db))
+        self.read(|db| {
+            let (snap, transient) = read_snapshot(db)?;
+            if !transient.is_empty() {
+                delete_transient(db, &transient)?;
+            }
+            Ok(snap)
+        })
+    }
+
+    /// Runs on the writer thread after everything submitted before it (a `Read` request), so it
+    /// sees every put submitted before it.
+    fn read_range(
+        &self,
+        vhost: &str,
+        queue: &ShortString,
+        from_seq: u64,
+        max_count: usize,
+        max_bytes: u64,
+    ) -> ReadRange {
+        let (tx, range) = ReadRange::pending();
+        let prefix = codec::key(&[vhost.as_bytes(), queue.as_bytes()]);
+        let shared = self.shared.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(db) = shared {
+            // Off the writer thread, which goes on committing meanwhile: a read transaction sees
+            // the last commit (what is not committed yet reads as missing, and is asked again).
+            let read: ReadJob = Box::new(move || {
+                let _ = tx.send(read_range(&db, &prefix, from_seq, max_count, max_bytes));
+            });
+            let reads = self.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            // A failed send drops the job and its `tx`: the range answers `Closed`.
+            if let Some(reads) = reads {
+                let _ = reads.send(read);
+            }
+            return range;
+        }
+        let request = Request::Read(Box::new(move |db| {
+            let _ = tx.send(read_range(db, &prefix, from_seq, max_count, max_bytes));
+        }));
+        let sender = self.sender.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = sender.as_ref() {
+            // A failed send drops `tx`: the range answers `Closed`.
+            let _ = sender.send(request);
+        }
+        range
     }
 
     fn is_failing(&self) -> bool {
@@ -487,9 +590,15 @@ impl Store for RedbStore {
     }
 }
 
-fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
+/// A key of `QUEUED` or `MESSAGES`.
+type StoredKey = Vec<u8>;
+
+/// Everything durable, with each paging queue's window and tail summary; also the keys of the
+/// transient messages queues paged out, which recovery deletes.
+fn read_snapshot(db: &Database) -> Result<(Snapshot, Vec<StoredKey>), StoreError> {
     let txn = db.begin_read().map_err(io)?;
     let mut snap = Snapshot::default();
+    let mut transient = Vec::new();
 
     for item in txn.open_table(VHOSTS).map_err(io)?.iter().map_err(io)? {
         let (k, _) = item.map_err(io)?;
@@ -513,88 +622,7 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         snap.bindings.push(codec::decode_binding_key(k.value())?);
     }
 
-    // Bodies first, in one sequential scan, into a vector sorted by id (the table's order); one
-    // `Arc<Message>` per body, so a recovered fan-out shares its message again. A queue's
-    // messages mostly point at increasing body ids, so the lookup below tries the next slot
-    // before a binary search (a hash map of millions of bodies was a third of recovery's time).
-    let decoded: Vec<(u64, Arc<Message>)> = {
-        use ::redb::ReadableTableMetadata;
-        let bodies = txn.open_table(BODIES).map_err(io)?;
-        let mut list = Vec::with_capacity(bodies.len().map_err(io)? as usize);
-        for item in bodies.iter().map_err(io)? {
-            let (k, v) = item.map_err(io)?;
-            list.push((k.value(), Arc::new(codec::decode_message(v.value())?)));
-        }
-        list
-    };
-    let mut hint = 0usize;
-    let mut body = |id: u64| -> Result<Arc<Message>, StoreError> {
-        let at = match decoded.get(hint) {
-            Some((i, _)) if *i == id => hint,
-            _ => decoded
-                .binary_search_by_key(&id, |(i, _)| *i)
-                .map_err(|_| StoreError::Corrupt(format!("message body {id} is missing")))?,
-        };
-        hint = at + 1;
-        Ok(decoded[at].1.clone())
-    };
-    // Keys sort by (vhost, queue, seq): each queue's messages come in one run, in order, so the
-    // queue's name is decoded once per run rather than once per message.
-    let mut run: Option<QueueRun> = None;
-    for item in txn.open_table(MESSAGES).map_err(io)?.iter().map_err(io)? {
-        let (k, v) = item.map_err(io)?;
-        let key = k.value();
-        let (prefix, seq) = split_message_key(key)?;
-        if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
-            let (vhost, queue, _) = codec::decode_message_key(key)?;
-            if let Some((_, name, list)) = run.replace((prefix.to_vec(), (vhost, queue), Vec::new())) {
-                snap.messages.insert(name, list);
-            }
-        }
-        let delivered = v.value() & DELIVERED != 0;
-        let id = v.value() & !DELIVERED;
-        let message = body(id)?;
-        if let Some((_, _, list)) = run.as_mut() {
-            list.push(StoredMessage { seq, message, delivered });
-        }
-    }
-    if let Some((_, name, list)) = run {
-        snap.messages.insert(name, list);
-    }
-    // Messages held by one queue, in the same key order; merged by sequence with the queue's
-    // messages of the other layout (a file may hold both).
-    let mut run: Option<QueueRun> = None;
-    let mut queued = Vec::new();
-    for item in txn.open_table(QUEUED).map_err(io)?.iter().map_err(io)? {
-        let (k, v) = item.map_err(io)?;
-        let key = k.value();
-        let (prefix, seq) = split_message_key(key)?;
-        if run.as_ref().is_none_or(|(p, _, _)| p.as_slice() != prefix) {
-            let (vhost, queue, _) = codec::decode_message_key(key)?;
-            queued.extend(run.replace((prefix.to_vec(), (vhost, queue), Vec::new())));
-        }
-        let Some((&flags, encoded)) = v.value().split_first() else {
-            return Err(StoreError::Corrupt("an empty queued message".into()));
-        };
-        let message = Arc::new(codec::decode_message(encoded)?);
-        if let Some((_, _, list)) = run.as_mut() {
-            list.push(StoredMessage { seq, message, delivered: flags & QUEUED_DELIVERED != 0 });
-        }
-    }
-    queued.extend(run);
-    for (_, name, list) in queued {
-        match snap.messages.entry(name) {
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(list);
-            }
-            std::collections::btree_map::Entry::Occupied(mut e) => {
-                let mut both = std::mem::take(e.get_mut());
-                both.extend(list);
-                both.sort_by_key(|m| m.seq);
-                *e.get_mut() = both;
-            }
-        }
-    }
+    read_messages(&txn, &mut snap, &mut transient)?;
 
     for item in txn.open_table(RETAINED).map_err(io)?.iter().map_err(io)? {
         let (k, v) = item.map_err(io)?;
@@ -613,7 +641,207 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let key = String::from_utf8(k.value().to_vec()).map_err(|_| StoreError::Corrupt("a setting key".into()))?;
         snap.settings.push((key, bytes::Bytes::copy_from_slice(v.value())));
     }
-    Ok(snap)
+    Ok((snap, transient))
+}
+
+/// One queue's messages while recovery reads them: the key prefix, the queue, the window read,
+/// and where the tail starts.
+struct QueueRun {
+    prefix: Vec<u8>,
+    name: (String, ShortString),
+    window: Vec<StoredMessage>,
+    split: WindowSplit,
+}
+
+impl QueueRun {
+    fn finish(self, snap: &mut Snapshot) {
+        if let Some(t) = self.split.tail() {
+            snap.tails.insert(self.name.clone(), t);
+        }
+        if !self.window.is_empty() {
+            snap.messages.insert(self.name, self.window);
+        }
+    }
+}
+
+/// A stored message as the merge of `QUEUED` and `MESSAGES` meets it.
+enum Stored<'a> {
+    /// Flags byte, encoded message.
+    Queued(u8, &'a [u8]),
+    /// A `MESSAGES` value (body id and flag bits).
+    Shared(u64),
+}
+
+/// Walks `QUEUED` and `MESSAGES` together in key order — (vhost, queue, seq): a queue's messages
+/// in sequence order, whichever table holds each (files from before `QUEUED` hold them all in
+/// `MESSAGES`) — and calls `f` with each key and value.
+fn merge_messages<'a>(
+    queued: ::redb::Range<'a, &'static [u8], &'static [u8]>,
+    messages: ::redb::Range<'a, &'static [u8], u64>,
+    mut f: impl FnMut(&[u8], Stored<'_>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let (mut qi, mut mi) = (queued, messages);
+    let mut qn = qi.next().transpose().map_err(io)?;
+    let mut mn = mi.next().transpose().map_err(io)?;
+    loop {
+        let from_queued = match (&qn, &mn) {
+            (None, None) => return Ok(()),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((qk, _)), Some((mk, _))) => qk.value() <= mk.value(),
+        };
+        let more = if from_queued {
+            let (k, v) = qn.take().expect("checked");
+            let Some((&flags, encoded)) = v.value().split_first() else {
+                return Err(StoreError::Corrupt("an empty queued message".into()));
+            };
+            let more = f(k.value(), Stored::Queued(flags, encoded))?;
+            qn = qi.next().transpose().map_err(io)?;
+            more
+        } else {
+            let (k, v) = mn.take().expect("checked");
+            let more = f(k.value(), Stored::Shared(v.value()))?;
+            mn = mi.next().transpose().map_err(io)?;
+            more
+        };
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads each queue's window into `snap.messages` and the rest of it into `snap.tails`, in one
+/// pass over the two message tables; a tail message is not decoded (its body size is read in
+/// place). Bodies shared by a fan-out are decoded once (one `Arc<Message>` again).
+fn read_messages(
+    txn: &::redb::ReadTransaction,
+    snap: &mut Snapshot,
+    transient: &mut Vec<StoredKey>,
+) -> Result<(), StoreError> {
+    let bodies = txn.open_table(BODIES).map_err(io)?;
+    let mut shared: HashMap<u64, Arc<Message>> = HashMap::new();
+    let queues = std::mem::take(&mut snap.queues);
+    let pages = super::paging_queues(&queues);
+    let mut run: Option<QueueRun> = None;
+    let queued = txn.open_table(QUEUED).map_err(io)?;
+    let messages = txn.open_table(MESSAGES).map_err(io)?;
+    merge_messages(queued.iter().map_err(io)?, messages.iter().map_err(io)?, |key, stored| {
+        let (prefix, seq) = split_message_key(key)?;
+        if run.as_ref().is_none_or(|r| r.prefix.as_slice() != prefix) {
+            let (vhost, queue, _) = codec::decode_message_key(key)?;
+            let split = WindowSplit::new(pages(&vhost, &queue));
+            let next = QueueRun { prefix: prefix.to_vec(), name: (vhost, queue), window: Vec::new(), split };
+            if let Some(done) = run.replace(next) {
+                done.finish(snap);
+            }
+        }
+        let r = run.as_mut().expect("set above");
+        match stored {
+            Stored::Queued(flags, _) if flags & QUEUED_TRANSIENT != 0 => transient.push(key.to_vec()),
+            Stored::Shared(v) if v & TRANSIENT != 0 => transient.push(key.to_vec()),
+            Stored::Queued(flags, encoded) => {
+                if r.split.take(seq, codec::payload_len(encoded)?) {
+                    let message = Arc::new(codec::decode_message(encoded)?);
+                    r.window.push(StoredMessage { seq, message, delivered: flags & QUEUED_DELIVERED != 0 });
+                }
+            }
+            Stored::Shared(v) => {
+                let id = v & ID_MASK;
+                let body = bodies.get(id).map_err(io)?;
+                let Some(body) = body else {
+                    return Err(StoreError::Corrupt(format!("message body {id} is missing")));
+                };
+                if r.split.take(seq, codec::payload_len(body.value())?) {
+                    let message = match shared.get(&id) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = Arc::new(codec::decode_message(body.value())?);
+                            shared.insert(id, m.clone());
+                            m
+                        }
+                    };
+                    r.window.push(StoredMessage { seq, message, delivered: v & DELIVERED != 0 });
+                }
+            }
+        }
+        Ok(true)
+    })?;
+    if let Some(done) = run {
+        done.finish(snap);
+    }
+    drop(pages);
+    snap.queues = queues;
+    Ok(())
+}
+
+/// Deletes the transient messages recovery found (queues paged them out before the restart),
+/// in one transaction.
+fn delete_transient(db: &Database, keys: &[StoredKey]) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(io)?;
+    txn.set_durability(Durability::Immediate).map_err(io)?;
+    {
+        let mut t = Tables::open(&txn)?;
+        for k in keys {
+            t.remove_message(k)?;
+        }
+    }
+    txn.commit().map_err(io)?;
+    tracing::info!(count = keys.len(), "deleted the transient messages queues had paged out");
+    Ok(())
+}
+
+/// [`Store::read_range`] on the writer thread.
+fn read_range(
+    db: &Database,
+    prefix: &[u8],
+    from_seq: u64,
+    max_count: usize,
+    max_bytes: u64,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let txn = db.begin_read().map_err(io)?;
+    let bodies = txn.open_table(BODIES).map_err(io)?;
+    let queued = txn.open_table(QUEUED).map_err(io)?;
+    let messages = txn.open_table(MESSAGES).map_err(io)?;
+    let mut start = prefix.to_vec();
+    start.extend_from_slice(&from_seq.to_be_bytes());
+    let mut out: Vec<StoredMessage> = Vec::new();
+    let mut bytes = 0u64;
+    let mut shared: HashMap<u64, Arc<Message>> = HashMap::new();
+    merge_messages(
+        queued.range::<&[u8]>(start.as_slice()..).map_err(io)?,
+        messages.range::<&[u8]>(start.as_slice()..).map_err(io)?,
+        |key, stored| {
+            let (p, seq) = split_message_key(key)?;
+            if p != prefix || out.len() >= max_count || (!out.is_empty() && bytes >= max_bytes) {
+                return Ok(false);
+            }
+            let (message, delivered) = match stored {
+                Stored::Queued(flags, encoded) => {
+                    (Arc::new(codec::decode_message(encoded)?), flags & QUEUED_DELIVERED != 0)
+                }
+                Stored::Shared(v) => {
+                    let id = v & ID_MASK;
+                    let m = match shared.get(&id) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let body = bodies.get(id).map_err(io)?;
+                            let Some(body) = body else {
+                                return Err(StoreError::Corrupt(format!("message body {id} is missing")));
+                            };
+                            let m = Arc::new(codec::decode_message(body.value())?);
+                            shared.insert(id, m.clone());
+                            m
+                        }
+                    };
+                    (m, v & DELIVERED != 0)
+                }
+            };
+            bytes += message.body_size() as u64;
+            out.push(StoredMessage { seq, message, delivered });
+            Ok(true)
+        },
+    )?;
+    Ok(out)
 }
 
 fn decode_pair(k: &[u8]) -> Result<(String, ShortString), StoreError> {
@@ -622,9 +850,6 @@ fn decode_pair(k: &[u8]) -> Result<(String, ShortString), StoreError> {
     r.finish()?;
     Ok(out)
 }
-
-/// One queue's messages while recovery reads them: the key prefix, the queue, the messages.
-type QueueRun = (Vec<u8>, (String, ShortString), Vec<StoredMessage>);
 
 /// A message's identity in the store.
 type MessageId = (String, ShortString, u64);
@@ -681,6 +906,10 @@ impl Tombstones {
 enum Undo {
     Added(MessageId),
     Removed(MessageId),
+    /// A range tombstone added to the queue's list (the last one).
+    RangeAdded((String, ShortString)),
+    /// A queue's range tombstones removed (its queue or vhost was deleted).
+    RangesRemoved((String, ShortString), Vec<(u64, u64)>),
 }
 
 struct Tables<'t> {
@@ -751,7 +980,7 @@ impl<'t> Tables<'t> {
         }
         for (k, id) in gone {
             self.messages.remove(k.as_slice()).map_err(io)?;
-            self.unref(id & !DELIVERED)?;
+            self.unref(id & ID_MASK)?;
         }
         Ok(())
     }
@@ -764,7 +993,7 @@ impl<'t> Tables<'t> {
         let removed = self.messages.remove(k).map_err(io)?.map(|g| g.value());
         match removed {
             Some(id) => {
-                self.unref(id & !DELIVERED)?;
+                self.unref(id & ID_MASK)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -814,7 +1043,9 @@ type Reopen = Box<dyn FnMut() -> Result<Database, StoreError> + Send>;
 
 struct Writer {
     /// `None` after a failed commit: the next request reopens it (redb's repair runs then).
-    db: Option<Database>,
+    db: Option<Arc<Database>>,
+    /// `db` for readers on other threads ([`Shared`]).
+    shared: Shared,
     reopen: Reopen,
     path: Option<std::path::PathBuf>,
     /// Free bytes a compaction needs to be tried: [`COMPACT_MIN_FREE_BYTES`], raised after one
@@ -828,6 +1059,9 @@ struct Writer {
     /// The next body id; ids are never reused (one lost to a failed transaction is skipped).
     next_body: u64,
     tombstones: Tombstones,
+    /// Range deletes kept for the puts in their range still to come ([`StoreOp::DeleteRange`]),
+    /// per queue, newest last, at most [`MAX_RANGE_TOMBSTONES`] each.
+    ranges: HashMap<(String, ShortString), Vec<(u64, u64)>>,
     /// [`LAZY_BOUND`], but for tests.
     lazy_bound: std::time::Duration,
     gatherer: Gatherer,
@@ -1077,6 +1311,18 @@ fn split_message_key(key: &[u8]) -> Result<(&[u8], u64), StoreError> {
 
 impl Writer {
     fn run(mut self) {
+        self.serve();
+        // Release the file: no new reader, and the ones in flight (a few milliseconds) end first.
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(db) = self.db.take() {
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while Arc::strong_count(&db) > 1 && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn serve(&mut self) {
         // `recv` fails once the store is closed and the channel drained: every batch submitted
         // before the close is committed first.
         let mut carried: Option<Request> = None;
@@ -1142,6 +1388,17 @@ impl Writer {
                     if let Ok(db) = self.db() {
                         f(db);
                     }
+                    continue;
+                }
+                Request::Exclusive(f) => {
+                    if !held.is_empty() {
+                        self.commit_and_reply(std::mem::take(&mut held));
+                        since_check += 1;
+                    }
+                    if let Some(db) = self.db_mut() {
+                        f(db);
+                    }
+                    self.publish();
                     continue;
                 }
                 Request::Batch { ops, reply } => (ops, reply),
@@ -1286,8 +1543,13 @@ impl Writer {
     /// The idle check: compacts when it pays, backing off when it did not shrink the file.
     fn maybe_compact(&mut self) {
         let (floor, compactions, path) = (self.compact_floor, self.compactions.clone(), self.path.clone());
-        let Ok(db) = self.db() else { return };
-        match compact_if_it_pays(db, floor, path.as_deref(), &compactions) {
+        let Some(db) = self.db_mut() else {
+            self.publish();
+            return;
+        };
+        let compacted = compact_if_it_pays(db, floor, path.as_deref(), &compactions);
+        self.publish();
+        match compacted {
             Some((before, after)) if after > before - before / 4 => {
                 // Hardly smaller: the pages in use are spread over the file. Wait for twice the
                 // free space before trying again.
@@ -1299,13 +1561,32 @@ impl Writer {
     }
 
     /// The database, opened again if a failure closed it.
-    fn db(&mut self) -> Result<&mut Database, StoreError> {
+    fn db(&mut self) -> Result<&Database, StoreError> {
         if self.db.is_none() {
             let db = (self.reopen)()?;
             tracing::info!("store reopened after a failed commit");
-            self.db = Some(db);
+            self.db = Some(Arc::new(db));
+            self.publish();
         }
-        Ok(self.db.as_mut().expect("just opened"))
+        Ok(self.db.as_deref().expect("just opened"))
+    }
+
+    /// The database to itself (a compaction): readers on other threads are turned away (they go
+    /// through the writer meanwhile) and the ones in flight are waited for. [`Writer::publish`]
+    /// lets them in again.
+    fn db_mut(&mut self) -> Option<&mut Database> {
+        self.db().ok()?;
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = None;
+        let db = self.db.as_mut()?;
+        while Arc::strong_count(db) > 1 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Arc::get_mut(db)
+    }
+
+    /// Shares the open database with readers on other threads again.
+    fn publish(&self) {
+        *self.shared.write().unwrap_or_else(|e| e.into_inner()) = self.db.clone();
     }
 
     /// Writes a group in one fsync'd transaction; on failure nothing of it is applied.
@@ -1316,12 +1597,21 @@ impl Writer {
             // After an I/O error redb refuses everything until it is reopened: close it now, the
             // next request reopens it (and redb repairs what the failed commit left).
             self.db = None;
+            self.publish();
             for u in undo.into_iter().rev() {
                 match u {
                     Undo::Added(id) => {
                         self.tombstones.remove(&id);
                     }
                     Undo::Removed(id) => self.tombstones.insert(id),
+                    Undo::RangeAdded(q) => {
+                        if let Some(r) = self.ranges.get_mut(&q) {
+                            r.pop();
+                        }
+                    }
+                    Undo::RangesRemoved(q, r) => {
+                        self.ranges.insert(q, r);
+                    }
                 }
             }
         }
@@ -1388,6 +1678,12 @@ impl Writer {
                 remove_prefix(&mut t.sessions, &prefix)?;
                 t.remove_messages(&prefix)?;
                 undo.extend(self.tombstones.remove_where(|(vh, _, _)| vh == v).into_iter().map(Undo::Removed));
+                let gone: Vec<(String, ShortString)> = self.ranges.keys().filter(|(vh, _)| vh == v).cloned().collect();
+                for q in gone {
+                    if let Some(r) = self.ranges.remove(&q) {
+                        undo.push(Undo::RangesRemoved(q, r));
+                    }
+                }
             }
             StoreOp::PutExchange(r) => {
                 let k = codec::key(&[r.vhost.as_bytes(), r.name.as_bytes()]);
@@ -1409,6 +1705,10 @@ impl Writer {
                 t.remove_messages(&k)?;
                 let gone = self.tombstones.remove_where(|(v, q, _)| v == vhost && q == name);
                 undo.extend(gone.into_iter().map(Undo::Removed));
+                let q = (vhost.clone(), name.clone());
+                if let Some(r) = self.ranges.remove(&q) {
+                    undo.push(Undo::RangesRemoved(q, r));
+                }
             }
             StoreOp::PutBinding(r) => {
                 t.bindings.insert(codec::binding_key(r).as_slice(), EMPTY).map_err(io)?;
@@ -1424,17 +1724,28 @@ impl Writer {
                         return Ok(());
                     }
                 }
+                if !self.ranges.is_empty()
+                    && self
+                        .ranges
+                        .get(&(vhost.clone(), queue.clone()))
+                        .is_some_and(|r| r.iter().any(|&(a, b)| a <= *seq && *seq <= b))
+                {
+                    // Purged before it came (see `StoreOp::DeleteRange`).
+                    return Ok(());
+                }
                 let k = codec::message_key(vhost, queue, *seq);
                 let ptr = Arc::as_ptr(message);
+                let transient = !message.is_persistent();
                 if !plan.shared.contains(&ptr) {
                     // Held by this queue alone: the message goes in its entry, one table. A copy
                     // stored earlier under the same key in the other layout goes.
-                    let flags = if delivered { QUEUED_DELIVERED } else { 0 };
+                    let flags =
+                        if delivered { QUEUED_DELIVERED } else { 0 } | if transient { QUEUED_TRANSIENT } else { 0 };
                     let value = codec::encode_message_after(message, &[flags]);
                     t.queued.insert(k.as_slice(), value.as_slice()).map_err(io)?;
                     let old = t.messages.remove(k.as_slice()).map_err(io)?.map(|g| g.value());
                     if let Some(old) = old {
-                        t.unref(old & !DELIVERED)?;
+                        t.unref(old & ID_MASK)?;
                     }
                     return Ok(());
                 }
@@ -1456,10 +1767,10 @@ impl Writer {
                         id
                     }
                 };
-                let value = if delivered { body | DELIVERED } else { body };
+                let value = body | if delivered { DELIVERED } else { 0 } | if transient { TRANSIENT } else { 0 };
                 let replaced = t.messages.insert(k.as_slice(), value).map_err(io)?.map(|g| g.value());
                 if let Some(old) = replaced {
-                    t.unref(old & !DELIVERED)?;
+                    t.unref(old & ID_MASK)?;
                 }
                 t.queued.remove(k.as_slice()).map_err(io)?;
             }
@@ -1475,6 +1786,35 @@ impl Writer {
                         }
                     }
                 }
+            }
+            StoreOp::DeleteRange { vhost, queue, from_seq, to_seq } => {
+                let (from, to) =
+                    (codec::message_key(vhost, queue, *from_seq), codec::message_key(vhost, queue, *to_seq));
+                let mut gone = Vec::new();
+                for item in t.queued.range::<&[u8]>(from.as_slice()..=to.as_slice()).map_err(io)? {
+                    gone.push(item.map_err(io)?.0.value().to_vec());
+                }
+                for k in gone {
+                    t.queued.remove(k.as_slice()).map_err(io)?;
+                }
+                let mut gone = Vec::new();
+                for item in t.messages.range::<&[u8]>(from.as_slice()..=to.as_slice()).map_err(io)? {
+                    let (k, v) = item.map_err(io)?;
+                    gone.push((k.value().to_vec(), v.value()));
+                }
+                for (k, v) in gone {
+                    t.messages.remove(k.as_slice()).map_err(io)?;
+                    t.unref(v & ID_MASK)?;
+                }
+                let q = (vhost.clone(), queue.clone());
+                let ranges = self.ranges.entry(q.clone()).or_default();
+                if ranges.len() >= MAX_RANGE_TOMBSTONES {
+                    // Forgotten for good (not undone with a failed transaction: at worst a purged
+                    // message comes back after a restart).
+                    ranges.remove(0);
+                }
+                ranges.push((*from_seq, *to_seq));
+                undo.push(Undo::RangeAdded(q));
             }
             StoreOp::MarkDelivered { vhost, queue, seq } => {
                 let k = codec::message_key(vhost, queue, *seq);
@@ -1547,6 +1887,11 @@ mod tests {
         }
         .with_more(crate::message::MoreProperties { message_id: Some("id".into()), ..Default::default() });
         Arc::new(Message::new("amq.topic", "a.b", Bytes::from_static(body)).with_properties(props).at(1234))
+    }
+
+    /// A transient message, as a queue pages one out.
+    fn transient(body: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message::new("", "q", Bytes::from_static(body)).at(1234))
     }
 
     fn put(q: &str, seq: u64, m: &Arc<Message>) -> StoreOp {
@@ -2343,6 +2688,148 @@ mod tests {
         assert!(g.may_gather(t + GATHER_PAUSE));
     }
 
+    fn paging_queue(name: &str) -> QueueRecord {
+        QueueRecord {
+            vhost: "/".into(),
+            name: name.into(),
+            options: QueueOptions { durable: true, ..Default::default() },
+        }
+    }
+
+    fn range_seqs(s: &RedbStore, q: &str, from: u64, count: usize, bytes: u64) -> Vec<u64> {
+        s.read_range("/", &q.into(), from, count, bytes).blocking_wait().unwrap().iter().map(|m| m.seq).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn read_range_reads_both_layouts_in_order_bounded_by_count_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let (a, shared) = (msg(b"0123456789"), msg(b"fan"));
+        // Seqs 1, 3, 5 in `queued`, 2 and 4 a fan-out (in `messages`, with q2), 6 in another queue.
+        commit(&s, vec![put("q", 1, &a), put("q", 2, &shared), put("q2", 2, &shared), put("q", 3, &a)]).await;
+        commit(&s, vec![put("q", 4, &shared), put("q2", 4, &shared), put("q", 5, &a), put("r", 6, &a)]).await;
+        commit(&s, vec![StoreOp::MarkDelivered { vhost: "/".into(), queue: "q".into(), seq: 3 }]).await;
+        let s2 = Arc::new(s);
+        let st = s2.clone();
+        tokio::task::spawn_blocking(move || {
+            assert_eq!(range_seqs(&st, "q", 0, 100, u64::MAX), vec![1, 2, 3, 4, 5]);
+            assert_eq!(range_seqs(&st, "q", 2, 2, u64::MAX), vec![2, 3]);
+            // 10 + 3 bytes reach 12: no third one.
+            assert_eq!(range_seqs(&st, "q", 1, 100, 12), vec![1, 2]);
+            // At least one, however large.
+            assert_eq!(range_seqs(&st, "q", 1, 100, 1), vec![1]);
+            assert_eq!(range_seqs(&st, "q", 6, 100, u64::MAX), Vec::<u64>::new());
+            let got = st.read_range("/", &"q".into(), 3, 2, u64::MAX).blocking_wait().unwrap();
+            assert!(got[0].delivered && !got[1].delivered);
+            assert_eq!(got[1].message, shared);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn read_range_reads_off_the_writer_thread_and_during_a_compaction_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(reopen(&dir));
+        let m = msg(b"x");
+        commit(&s, vec![put("q", 1, &m), put("q", 2, &m)]).await;
+        // A reader holds the shared database: the read answers without the writer.
+        assert!(s.shared.read().unwrap().is_some());
+        let st = s.clone();
+        let seqs = tokio::task::spawn_blocking(move || range_seqs(&st, "q", 1, 10, u64::MAX)).await.unwrap();
+        assert_eq!(seqs, vec![1, 2]);
+        // While the writer has it to itself, reads go through it (and still answer).
+        let taken = s.shared.write().unwrap().take();
+        let st = s.clone();
+        let seqs = tokio::task::spawn_blocking(move || range_seqs(&st, "q", 2, 10, u64::MAX)).await.unwrap();
+        assert_eq!(seqs, vec![2]);
+        *s.shared.write().unwrap() = taken;
+        // A compaction waits for readers and shares the database again afterwards.
+        let st = s.clone();
+        tokio::task::spawn_blocking(move || st.compact(0).unwrap()).await.unwrap();
+        // (The writer shares it again right after answering: a flush comes after that.)
+        s.flush().wait().await.unwrap();
+        assert!(s.shared.read().unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn delete_range_removes_both_layouts_frees_bodies_and_drops_a_later_put_in_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        // One `Arc` each, but for the fan-out: those alone go in `queued`.
+        let (a, shared) = (|| msg(b"a"), msg(b"fan"));
+        commit(
+            &s,
+            vec![put("q", 1, &a()), put("q", 2, &shared), put("q2", 2, &shared), put("q", 3, &a()), put("q", 9, &a())],
+        )
+        .await;
+        let range = |from_seq, to_seq| StoreOp::DeleteRange { vhost: "/".into(), queue: "q".into(), from_seq, to_seq };
+        commit(&s, vec![range(2, 5)]).await;
+        // A put of the purged range that comes after the purge (its publisher was late) is dropped;
+        // one outside the range is kept.
+        commit(&s, vec![put("q", 4, &a()), put("q", 6, &a())]).await;
+        let snap = s.recover().unwrap();
+        assert_eq!(seqs(&snap, "q"), vec![1, 6, 9]);
+        assert_eq!(seqs(&snap, "q2"), vec![2]);
+        // The shared body lost one of its two references; q2 still reads it.
+        s.body_count();
+        commit(&s, vec![StoreOp::DeleteMessage { vhost: "/".into(), queue: "q2".into(), seq: 2 }]).await;
+        assert_eq!(table_lens(&s).2, 0);
+        drop(s);
+        let s = reopen(&dir);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1, 6, 9]);
+    }
+
+    #[tokio::test]
+    async fn recovery_returns_a_paging_queues_window_and_its_tail_and_all_of_a_priority_queue() {
+        use crate::store::{TailSummary, RECOVER_WINDOW};
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let mut prio = paging_queue("p");
+        prio.options.arguments.insert("x-max-priority", FieldValue::I32(5));
+        commit(&s, vec![StoreOp::PutQueue(paging_queue("q")), StoreOp::PutQueue(prio)]).await;
+        let m = msg(b"12345");
+        let n = RECOVER_WINDOW + 10;
+        let ops: Vec<StoreOp> = (1..=n).flat_map(|seq| [put("q", seq, &m), put("p", seq, &m)]).collect();
+        commit(&s, ops).await;
+        drop(s);
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        let window = seqs(&snap, "q");
+        assert_eq!(window, (1..=RECOVER_WINDOW).collect::<Vec<u64>>());
+        let tail = snap.tails[&("/".to_string(), "q".into())];
+        assert_eq!(tail, TailSummary { first_seq: RECOVER_WINDOW + 1, last_seq: n, count: 10, bytes: 50 });
+        assert_eq!(seqs(&snap, "p").len() as u64, n);
+        assert!(!snap.tails.contains_key(&("/".to_string(), "p".into())));
+    }
+
+    #[tokio::test]
+    async fn recovery_deletes_transient_messages_a_queue_paged_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        let (p, t) = (|| msg(b"kept"), transient(b"paged"));
+        commit(
+            &s,
+            vec![
+                StoreOp::PutQueue(paging_queue("q")),
+                put("q", 1, &p()),
+                put("q", 2, &transient(b"x")),
+                put("q", 3, &p()),
+            ],
+        )
+        .await;
+        // A transient fan-out (in `messages`) too.
+        commit(&s, vec![put("q", 4, &t), put("q2", 4, &t)]).await;
+        drop(s);
+        let s = reopen(&dir);
+        let snap = s.recover().unwrap();
+        assert_eq!(seqs(&snap, "q"), vec![1, 3]);
+        assert!(!snap.messages.contains_key(&("/".to_string(), "q2".into())));
+        // Deleted from the file, bodies included, not just left out.
+        assert_eq!(table_lens(&s), (0, 2, 0));
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1, 3]);
+    }
+
     mod against_the_memory_store {
         use super::*;
         use crate::store::MemoryStore;
@@ -2379,6 +2866,12 @@ mod tests {
                     vhost: v.into(),
                     queue: q.into(),
                     seq
+                }),
+                1 => (vhost(), name(), 0..4u64, 0..4u64).prop_map(|(v, q, a, b)| StoreOp::DeleteRange {
+                    vhost: v.into(),
+                    queue: q.into(),
+                    from_seq: a.min(b),
+                    to_seq: a.max(b),
                 }),
                 1 => (vhost(), name(), m).prop_map(|(v, k, message)| StoreOp::PutRetained {
                     vhost: v.into(),
@@ -2458,7 +2951,7 @@ mod tests {
             #[test]
             fn recovers_what_the_memory_store_holds(
                 batches in proptest::collection::vec(
-                    (proptest::collection::vec(op(vec![msg(b"one"), msg(b"two")]), 1..8), any::<bool>()), 1..6),
+                    (proptest::collection::vec(op(vec![msg(b"one"), msg(b"two"), transient(b"paged")]), 1..8), any::<bool>()), 1..6),
                 reopen_after in 0..6usize,
             ) {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -2471,6 +2964,8 @@ mod tests {
                         // forgets its own the same way.
                         drop(disk.take());
                         disk = Some(super::reopen(&dir));
+                        // A restart recovers (deleting the transient messages paged out).
+                        disk.as_ref().unwrap().recover().unwrap();
                         memory = rebuilt(&memory);
                     }
                     memory.submit(batch.clone());
