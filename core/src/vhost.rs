@@ -1029,20 +1029,29 @@ impl VHost {
 
     /// Takes one ready message (AMQP basic.get), with the count left: [`Queue::get`], and when
     /// memory holds none but the queue's tail on disk does, reads the tail's head back first
-    /// (waiting on this thread for the store's read: a get never answers empty while the queue
-    /// holds messages). Its effects are settled.
+    /// (waiting on this thread for the store's read: a get does not answer empty while the queue
+    /// holds messages, unless the store cannot give them within a few milliseconds). Its effects
+    /// are settled.
     pub fn get(&self, queue: &Arc<Queue>, owner: OwnerId, no_ack: bool, now: Millis) -> Option<(Delivery, u32)> {
-        // Each round takes the tail's head or finds it missing (a put in flight); bounded so a
-        // store that fails cannot hold the caller for ever.
-        for round in 0..100u64 {
+        // Each round takes the tail's head or finds it missing: its put is not committed yet
+        // (page-in reads see the last commit), so the second round first has the store commit
+        // everything submitted (a flush ends a gathering writer's wait at once); a put not even
+        // submitted yet (its publisher is between the enqueue and the submit) gets a moment per
+        // round after that. Bounded, so that a failing store holds this thread (an async
+        // worker) for a few milliseconds at most, not for ever.
+        for round in 0..8u64 {
             let (got, effects) = queue.get(owner, no_ack, now);
             self.settle(queue, effects, now);
             if got.is_some() {
                 return got;
             }
             let load = queue.load_for_get()?;
-            if round > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(round.min(10)));
+            match round {
+                0 => {}
+                1 => {
+                    let _ = self.store.flush().blocking_wait();
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
             let range = self.store.read_range(&self.name, queue.name(), load.from_seq, load.max_count, load.max_bytes);
             let effects = queue.loaded(load, range.blocking_wait(), now);

@@ -290,6 +290,12 @@ enum CommitState {
 }
 
 impl Commit {
+    /// Waits for the commit, blocking the thread ([`ReadRange::blocking_wait`]'s way).
+    pub fn blocking_wait(mut self) -> Result<(), StoreError> {
+        park_until(|cx| self.poll_resolve(cx));
+        self.try_result().unwrap_or(Err(StoreError::Closed))
+    }
+
     /// A commit that is already done (nothing to write, or an in-memory store).
     pub fn done(result: Result<(), StoreError>) -> Commit {
         Commit(CommitState::Done(result))
@@ -400,25 +406,31 @@ impl ReadRange {
         if let Some(r) = self.try_take() {
             return r;
         }
-        struct Unpark(std::thread::Thread);
-        impl std::task::Wake for Unpark {
-            fn wake(self: Arc<Self>) {
-                self.0.unpark();
-            }
-        }
-        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-        let mut cx = Context::from_waker(&waker);
         let mut rx = Pin::new(&mut self.0);
-        loop {
-            if let Poll::Ready(r) = rx.as_mut().poll(&mut cx) {
-                return r.unwrap_or(Err(StoreError::Closed));
-            }
-            std::thread::park();
-        }
+        park_until(|cx| rx.as_mut().poll(cx)).unwrap_or(Err(StoreError::Closed))
     }
     /// Waits for the answer.
     pub async fn wait(self) -> Result<Vec<StoredMessage>, StoreError> {
         self.0.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+/// Polls `poll` until it is ready, parking the thread in between (woken by the waker it is
+/// given): a wait that does not need an async runtime, nor blocks one's scheduler.
+fn park_until<T>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(r) = poll(&mut cx) {
+            return r;
+        }
+        std::thread::park();
     }
 }
 
