@@ -43,6 +43,27 @@ async fn start_rabbit() -> Option<Rabbit> {
         eprintln!("SKIPPED: {RABBITMQ} is not installed; `apt-get install -y rabbitmq-server` runs this test");
         return None;
     }
+    // The ports are free when picked, but another test of this binary may bind one (or the
+    // Erlang distribution port) before RabbitMQ does; RabbitMQ then stops, and the start is
+    // tried again on other ports, as `Mosquitto::start` does. A node that neither comes up nor
+    // stops within the limit (a machine busy compiling) gets another try too.
+    let mut logs = Vec::new();
+    for _ in 0..3 {
+        match start_rabbit_once().await {
+            Ok(rabbit) => return Some(rabbit),
+            Err(log) => {
+                eprintln!("RabbitMQ did not start, trying other ports:\n{log}");
+                logs.push(log);
+            }
+        }
+    }
+    panic!("RabbitMQ did not start in 3 tries:\n{}", logs.join("\n---\n"));
+}
+
+/// One start on fresh ports: the node once it answers the AMQP header with connection.start,
+/// or the tail of its log when it stopped or did not answer within 60 s (its process group is
+/// then stopped and its directory removed).
+async fn start_rabbit_once() -> Result<Rabbit, String> {
     let dir = tempfile::tempdir().expect("tempdir").keep();
     let (port, dist) = (free_port(), free_port());
     std::fs::write(dir.join(".erlang.cookie"), "FERRYSHOVELTESTCOOKIE").expect("cookie");
@@ -52,9 +73,10 @@ async fn start_rabbit() -> Option<Rabbit> {
     std::fs::write(dir.join("rabbitmq.conf"), "disk_free_limit.absolute = 1MB\nloopback_users = none\n")
         .expect("rabbitmq.conf");
     std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
-    // RabbitMQ starts in the background of the shell; `read` waits for this process to end.
+    // RabbitMQ starts in the background of the shell (in a subshell that leaves `exited` behind
+    // when the server stops); `read` waits for this process to end.
     let script = format!(
-        "{RABBITMQ} </dev/null >\"$D/rabbitmq.log\" 2>&1 & pid=$!\n\
+        "( {RABBITMQ} </dev/null >\"$D/rabbitmq.log\" 2>&1; touch \"$D/exited\" ) & pid=$!\n\
          trap '' TERM\n\
          read _\n\
          kill -TERM 0\n\
@@ -81,6 +103,7 @@ async fn start_rabbit() -> Option<Rabbit> {
         .stderr(Stdio::null());
     let mut child = cmd.spawn().expect("spawn sh for rabbitmq-server");
     let guard = child.stdin.take().expect("stdin pipe");
+    let exited = dir.join("exited");
     // Ready when it answers the protocol header with connection.start (startup takes seconds).
     let ready = async {
         loop {
@@ -88,17 +111,26 @@ async fn start_rabbit() -> Option<Rabbit> {
                 let _ = s.write_all(b"AMQP\x00\x00\x09\x01").await;
                 let mut b = [0u8; 1];
                 if matches!(s.read(&mut b).await, Ok(1)) && b[0] == 1 {
-                    return;
+                    return true;
                 }
             }
-            assert!(child.try_wait().expect("wait").is_none(), "rabbitmq-server exited; see {d}/rabbitmq.log");
+            if exited.exists() || !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(60), ready)
-        .await
-        .unwrap_or_else(|_| panic!("RabbitMQ not up within 60 s; see {}/rabbitmq.log", dir.display()));
-    Some(Rabbit { port, dir, _guard: guard })
+    let up = tokio::time::timeout(std::time::Duration::from_secs(60), ready).await;
+    if up == Ok(true) {
+        return Ok(Rabbit { port, dir, _guard: guard });
+    }
+    let log = std::fs::read_to_string(dir.join("rabbitmq.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    let why = if up.is_err() { "not up within 60 s" } else { "stopped" };
+    // Closing the pipe stops the node's process group and removes its directory.
+    drop(guard);
+    let _ = child.wait();
+    Err(format!("{why} (ports {port}, {dist}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
 }
 
 impl Rabbit {
