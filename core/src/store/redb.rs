@@ -522,8 +522,9 @@ impl Store for RedbStore {
         })
     }
 
-    /// Runs on the writer thread after everything submitted before it (a `Read` request), so it
-    /// sees every put submitted before it.
+    /// Runs on the store's reader thread over a read transaction of the last commit, while the
+    /// writer goes on (during a compaction, through the writer): a put not committed yet reads
+    /// as missing, and the queue asks again ([`Store::read_range`]).
     fn read_range(
         &self,
         vhost: &str,
