@@ -20,7 +20,7 @@ use ferry_core::connections::{ConnectionInfo, Connections, Login};
 use ferry_core::flow::{AckQueue, MAX_PENDING_ACKS};
 use ferry_core::frontend::Shutdown;
 use ferry_core::message::{now_millis, ConnectionId, FieldTable, FieldValue, Message, Origin, Protocol, ShortString};
-use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue};
+use ferry_core::queue::{ConsumerId, ConsumerSink, ConsumerSpec, Delivery, OwnerId, Queue};
 use ferry_core::sink::Outbox;
 use ferry_core::store::Commit;
 use ferry_core::vhost::VHost;
@@ -385,7 +385,7 @@ impl Link {
                     priority: 0,
                     // Deliveries land in the outbox (ferry_core::sink); the prefetch, below its
                     // capacity, bounds them.
-                    sink: outbox.clone(),
+                    sink: Arc::new(LinkSink(outbox.clone())),
                 };
                 match vhost.consume(q.name(), spec, now_millis()) {
                     Ok(c) => Some(c),
@@ -1292,6 +1292,27 @@ fn writer_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> L
         Ok(Err(e)) => LinkError::Io(e),
         Ok(Ok(())) => LinkError::Closed,
         Err(e) => LinkError::Protocol(format!("writer task failed: {e}")),
+    }
+}
+
+/// The link's end of its queue: the outbox, without delivered marks in the store. The link's
+/// only use of `redelivered` is DUP ("perhaps sent before", MQTT 3.3.1.1), and the queue flags
+/// every message restored at start-up redelivered for a consumer that keeps no marks
+/// ([`ConsumerSink::records_deliveries`]), which is what DUP needs: a message in the backlog at
+/// a restart may have gone out before it. That saves the store a B-tree update per forwarded
+/// message where the put was committed before the link took it.
+#[derive(Debug)]
+struct LinkSink(Arc<Outbox<Delivery>>);
+
+impl ConsumerSink for LinkSink {
+    fn has_room(&self) -> bool {
+        self.0.has_room()
+    }
+    fn deliver(&self, delivery: Delivery) {
+        self.0.push(delivery)
+    }
+    fn records_deliveries(&self) -> bool {
+        false
     }
 }
 

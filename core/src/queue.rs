@@ -348,6 +348,14 @@ pub trait ConsumerSink: Send + Sync + fmt::Debug {
     fn paces_publishers(&self) -> bool {
         false
     }
+    /// Whether a message handed to this consumer is marked delivered in the store, so that after
+    /// a restart it comes back flagged redelivered (asked once, when it starts consuming). A
+    /// consumer that says no (a bridge's link: its only use of the flag is MQTT's DUP, which
+    /// means "perhaps sent before") saves the store a write per message, and gets every message
+    /// restored at start-up flagged redelivered instead: it may have had any of them before.
+    fn records_deliveries(&self) -> bool {
+        true
+    }
 }
 
 /// A consumer subscribing to a queue.
@@ -688,6 +696,8 @@ struct Consumer {
     last_served: u64,
     /// [`ConsumerSink::paces_publishers`], asked once.
     paces: bool,
+    /// [`ConsumerSink::records_deliveries`], asked once.
+    marks: bool,
 }
 
 impl Consumer {
@@ -709,6 +719,9 @@ struct QueueState {
     /// In registration order (the first is the single active consumer).
     consumers: Vec<Consumer>,
     next_seq: u64,
+    /// The highest seq restored at start-up (in memory or in the tail): a message at or below
+    /// it may have been handed out before the restart ([`ConsumerSink::records_deliveries`]).
+    restored_through: u64,
     serve_clock: u64,
     /// For `x-expires`: creation, consume, cancel, get, touch.
     last_used: Millis,
@@ -875,6 +888,7 @@ impl Queue {
             unacked_bytes: 0,
             consumers: Vec::new(),
             next_seq: 1,
+            restored_through: 0,
             serve_clock: 0,
             last_used: now,
             had_consumer: false,
@@ -1023,6 +1037,7 @@ impl Queue {
     pub fn restore_tail(&self, tail: crate::store::TailSummary) {
         let mut st = self.lock();
         st.next_seq = st.next_seq.max(tail.last_seq.saturating_add(1));
+        st.restored_through = st.restored_through.max(tail.last_seq);
         st.tail = Tail {
             first_seq: tail.first_seq,
             last_seq: tail.last_seq,
@@ -1137,9 +1152,11 @@ impl Queue {
         st.delivered += 1;
         st.lag.drained();
         let clock = st.serve_clock;
+        let restored = entry.seq <= st.restored_through;
         let c = &mut st.consumers[i];
         c.last_served = clock;
-        let (seq, redelivered, consumer) = (entry.seq, entry.redelivered, Some(c.id));
+        let (seq, consumer) = (entry.seq, Some(c.id));
+        let redelivered = entry.redelivered || (!c.marks && restored);
         if c.spec.no_ack {
             self.forget(&entry, fx);
             let delivery = Delivery { queue: self.name.clone(), consumer, seq, message: entry.message, redelivered };
@@ -1147,7 +1164,7 @@ impl Queue {
         } else {
             c.unacked += 1;
             let owner = c.spec.owner;
-            if !redelivered && self.stores_messages() && entry.message.is_persistent() {
+            if !redelivered && c.marks && self.stores_messages() && entry.message.is_persistent() {
                 fx.delivered.push(seq);
             }
             let message = entry.message.clone();
@@ -1596,6 +1613,7 @@ impl Queue {
         let expires_at = self.expiry_of(&message, entered);
         st.timed |= expires_at.is_some();
         st.next_seq = st.next_seq.max(seq.saturating_add(1));
+        st.restored_through = st.restored_through.max(seq);
         st.requeue(level, Entry { seq, message, expires_at, redelivered: true, stored: false });
         if !delivered {
             // `requeue` marks it redelivered; a message never handed out is not.
@@ -1620,8 +1638,8 @@ impl Queue {
         let id = ConsumerId::next();
         // A newcomer queues behind the consumers already there for round-robin.
         st.serve_clock += 1;
-        let paces = spec.sink.paces_publishers();
-        st.consumers.push(Consumer { id, spec, unacked: 0, last_served: st.serve_clock, paces });
+        let (paces, marks) = (spec.sink.paces_publishers(), spec.sink.records_deliveries());
+        st.consumers.push(Consumer { id, spec, unacked: 0, last_served: st.serve_clock, paces, marks });
         st.had_consumer = true;
         st.last_used = now;
         self.pump_locked(st, now, &mut fx);
@@ -1933,6 +1951,8 @@ mod tests {
         cancelled: Mutex<Vec<ConsumerId>>,
         /// [`ConsumerSink::paces_publishers`] (an AMQP consumer's sink says yes).
         paces: bool,
+        /// [`ConsumerSink::records_deliveries`] (a bridge link's sink says no).
+        marks: bool,
     }
 
     impl TestSink {
@@ -1945,6 +1965,7 @@ mod tests {
                 got: Mutex::new(Vec::new()),
                 cancelled: Mutex::new(Vec::new()),
                 paces: false,
+                marks: true,
             })
         }
         /// A consumer that paces its publishers, taking `room` deliveries.
@@ -1954,6 +1975,7 @@ mod tests {
                 got: Mutex::new(Vec::new()),
                 cancelled: Mutex::new(Vec::new()),
                 paces: true,
+                marks: true,
             })
         }
         fn set_room(&self, room: usize) {
@@ -1982,6 +2004,9 @@ mod tests {
         }
         fn paces_publishers(&self) -> bool {
             self.paces
+        }
+        fn records_deliveries(&self) -> bool {
+            self.marks
         }
     }
 
@@ -3563,6 +3588,34 @@ mod tests {
             std::iter::from_fn(|| q.get(OwnerId(1), true, 0).0.map(|(d, _)| (body(&d), d.seq, d.redelivered)))
                 .collect();
         assert_eq!(got, [("a".to_string(), 3, true), ("b".to_string(), 7, false), ("c".to_string(), 8, false)]);
+    }
+
+    #[test]
+    fn a_consumer_that_keeps_no_marks_gets_every_restored_message_redelivered_and_no_mark_is_stored() {
+        let unmarked = Arc::new(TestSink { marks: false, ..Arc::into_inner(TestSink::with_room(UNLIMITED)).unwrap() });
+        let q = durable_queue(vec![]);
+        q.restore(3, persistent("a"), true, 0);
+        q.restore(4, persistent("b"), false, 0);
+        let (_, fx) = q.consume(spec(&unmarked, 1), 0).unwrap();
+        assert!(fx.delivered.is_empty(), "no mark for a consumer that keeps none: {:?}", fx.delivered);
+        let got: Vec<(u64, bool)> = unmarked.take().iter().map(|d| (d.seq, d.redelivered)).collect();
+        assert_eq!(got, [(3, true), (4, true)], "both may have gone out before the restart");
+        assert_eq!(put(&q, persistent("c"), 0), 5);
+        let (_, fx) = q.enqueue(persistent("d"), 0);
+        assert!(fx.delivered.is_empty());
+        let got: Vec<(u64, bool)> = unmarked.take().iter().map(|d| (d.seq, d.redelivered)).collect();
+        assert_eq!(got, [(5, false), (6, false)], "new since the restart: not redelivered");
+        // The tail's seqs, restored on disk and loaded later, count as restored too.
+        let q = durable_queue(vec![]);
+        q.restore_tail(crate::store::TailSummary { first_seq: 5, last_seq: 9, count: 5, bytes: 5 });
+        assert_eq!(q.lock().restored_through, 9);
+        // A consumer that keeps marks is marked and not flagged, as before.
+        let sink = TestSink::with_room(UNLIMITED);
+        let q = durable_queue(vec![]);
+        q.restore(4, persistent("b"), false, 0);
+        let (_, fx) = q.consume(spec(&sink, 1), 0).unwrap();
+        assert_eq!(fx.delivered, [4]);
+        assert_eq!(sink.take().iter().map(|d| d.redelivered).collect::<Vec<_>>(), [false]);
     }
 
     #[test]
