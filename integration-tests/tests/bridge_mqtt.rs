@@ -985,6 +985,110 @@ async fn a_qos2_message_from_the_remote_is_published_once_across_a_restart_of_fe
     assert_eq!(got, ["m1", "m2", "m3"], "each once, in order");
 }
 
+/// A remote that speaks just enough MQTT 3.1.1 to record what a bridge sends: it answers
+/// CONNECT and PINGREQ, records each PUBLISH's DUP flag and payload, and PUBACKs them only while
+/// `ack` is set.
+async fn recording_remote(
+    ack: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(bool, String)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (ack, tx) = (ack.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        let (mut len, mut shift, mut i) = (0usize, 0, 1);
+                        let complete = loop {
+                            let Some(&b) = buf.get(i) else { break false };
+                            len |= usize::from(b & 0x7f) << shift;
+                            shift += 7;
+                            i += 1;
+                            if b & 0x80 == 0 {
+                                break buf.len() >= i + len;
+                            }
+                        };
+                        if !complete {
+                            break;
+                        }
+                        let packet: Vec<u8> = buf.drain(..i + len).collect();
+                        let body = &packet[i..];
+                        let reply: &[u8] = match packet[0] >> 4 {
+                            1 => &[0x20, 2, 0, 0],
+                            12 => &[0xd0, 0],
+                            3 => {
+                                let (dup, qos) = (packet[0] & 0x08 != 0, (packet[0] >> 1) & 3);
+                                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                                let mut at = 2 + topic_len;
+                                let id = (qos > 0).then(|| [body[at], body[at + 1]]);
+                                if qos > 0 {
+                                    at += 2;
+                                }
+                                let _ = tx.send((dup, String::from_utf8_lossy(&body[at..]).to_string()));
+                                match id {
+                                    Some([a, b]) if ack.load(std::sync::atomic::Ordering::SeqCst) => {
+                                        if conn.write_all(&[0x40, 2, a, b]).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    _ => {}
+                                }
+                                continue;
+                            }
+                            _ => continue,
+                        };
+                        if conn.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The link keeps no delivered marks in the store: a message in the bridge's queue at a restart
+/// may have gone out before it, so it goes with DUP; one published after the restart goes
+/// without (fails without `restored_through`: m1 without DUP; and with every message flagged,
+/// m2 with it).
+#[tokio::test]
+async fn a_message_restored_at_a_restart_goes_with_dup_and_a_new_one_without() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let ack = Arc::new(AtomicBool::new(false));
+    let (remote, mut sent) = recording_remote(ack.clone()).await;
+    let rule = r##"{ pattern = "t/#", direction = "out", qos = 1 }"##;
+    let toml = bridged_toml(0, remote, "3.1.1", rule, "notifications = false\n");
+    let local = TestServer::start(&toml, &[mqtt_frontend()]).await;
+    up(&local).await;
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t/1", V5Q1, false, b"m1").await;
+    let first = within("m1 sent", sent.recv()).await.expect("remote running");
+    assert_eq!(first, (false, "m1".to_string()), "first sent without DUP");
+    drop(publisher);
+    let dir = local.stop().await;
+    ack.store(true, Ordering::SeqCst);
+    let local = TestServer::start_in(dir, &toml, &[mqtt_frontend()]).await.expect("restart");
+    up(&local).await;
+    let again = within("m1 sent again", sent.recv()).await.expect("remote running");
+    assert_eq!(again, (true, "m1".to_string()), "perhaps sent before the restart: DUP");
+    let mut publisher = v5::connect(&local, "pub").await;
+    publisher.publish("t/1", V5Q1, false, b"m2").await;
+    let new = within("m2 sent", sent.recv()).await.expect("remote running");
+    assert_eq!(new, (false, "m2".to_string()), "new since the restart: no DUP");
+    status_when(&local, "both acked", |s| s.queued + s.in_flight == 0).await;
+}
+
 // ----- the connection registry ------------------------------------------------------------------
 
 #[tokio::test]
