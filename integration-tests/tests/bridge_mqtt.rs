@@ -1035,13 +1035,10 @@ async fn recording_remote(
                                     at += 2;
                                 }
                                 let _ = tx.send((dup, String::from_utf8_lossy(&body[at..]).to_string()));
-                                match id {
-                                    Some([a, b]) if ack.load(std::sync::atomic::Ordering::SeqCst) => {
-                                        if conn.write_all(&[0x40, 2, a, b]).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    _ => {}
+                                let acking = ack.load(std::sync::atomic::Ordering::SeqCst);
+                                let Some([a, b]) = id.filter(|_| acking) else { continue };
+                                if conn.write_all(&[0x40, 2, a, b]).await.is_err() {
+                                    return;
                                 }
                                 continue;
                             }
