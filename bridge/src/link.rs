@@ -509,14 +509,10 @@ impl Link {
             return;
         }
         let now = now_millis();
-        let mut all = ferry_core::queue::Effects::default();
-        for seq in seqs.drain(..) {
-            match queue.ack(seq, now) {
-                Ok(effects) => all.merge(effects),
-                Err(e) => {
-                    warn!(bridge = %self.config.name, "bridge {}: ack of local message {seq}: {e}", self.config.name)
-                }
-            }
+        let (all, failed) = queue.ack_all(seqs, now);
+        seqs.clear();
+        for (seq, e) in failed {
+            warn!(bridge = %self.config.name, "bridge {}: ack of local message {seq}: {e}", self.config.name)
         }
         vhost.settle(queue, all, now);
     }

@@ -1739,6 +1739,28 @@ impl Queue {
         Ok(fx)
     }
 
+    /// [`Queue::ack`] of several messages under one lock, pumping once after them all (a
+    /// bridge's link acks what its remote acknowledged in one turn). Those not unacked here are
+    /// returned with their error; the others are acked whatever they are.
+    pub fn ack_all(&self, seqs: &[u64], now: Millis) -> (Effects, Vec<(u64, CoreError)>) {
+        let mut fx = Effects::default();
+        let mut failed = Vec::new();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for &seq in seqs {
+            match st.take_unacked(seq) {
+                Ok(u) => {
+                    st.acked += 1;
+                    self.forget(&u.entry, &mut fx);
+                }
+                Err(e) => failed.push((seq, e)),
+            }
+        }
+        self.pump_locked(st, now, &mut fx);
+        self.rearm(st, &mut fx);
+        (fx, failed)
+    }
+
     /// Rejects an unacked message: back to its place in the queue (redelivered) or dead-lettered.
     pub fn reject(&self, seq: u64, requeue: bool, now: Millis) -> Result<Effects, CoreError> {
         let mut fx = Effects::default();
@@ -3616,6 +3638,23 @@ mod tests {
         let (_, fx) = q.consume(spec(&sink, 1), 0).unwrap();
         assert_eq!(fx.delivered, [4]);
         assert_eq!(sink.take().iter().map(|d| d.redelivered).collect::<Vec<_>>(), [false]);
+    }
+
+    #[test]
+    fn ack_all_acks_each_under_one_lock_reports_the_unknown_and_pumps_once_for_all() {
+        let q = durable_queue(vec![]);
+        let sink = TestSink::with_room(UNLIMITED);
+        q.consume(ConsumerSpec { prefetch: 3, ..spec(&sink, 1) }, 0).unwrap();
+        for i in 1..=6 {
+            put(&q, persistent(&format!("m{i}")), 0);
+        }
+        assert_eq!(sink.bodies(), ["m1", "m2", "m3"], "the prefetch holds the rest");
+        let (fx, failed) = q.ack_all(&[1, 2, 99, 3], 0);
+        assert_eq!(failed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [99]);
+        assert_eq!(fx.forgotten, [1, 2, 3], "each acked one leaves the store");
+        assert_eq!(sink.bodies(), ["m4", "m5", "m6"], "and the room they left is filled");
+        let st = q.stats();
+        assert_eq!((st.acked, st.unacked, st.ready), (3, 3, 0));
     }
 
     #[test]
