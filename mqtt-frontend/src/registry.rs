@@ -109,6 +109,9 @@ pub struct Kick {
     why: AtomicU8,
     /// The keep alive deadline the connection keeps here, in ms of [`ticks`]; `u64::MAX`: none.
     deadline: AtomicU64,
+    /// The connection is not reading (its flow control paused it): the deadline does not
+    /// count meanwhile ([`Kick::hold_deadline`]).
+    held: AtomicBool,
     /// Which shutdown signal ends this connection ([`Registry::shut_down`]).
     group: usize,
     /// Set with a takeover: whether the new connection resumes the session (clean start 0).
@@ -253,6 +256,7 @@ impl Kick {
             conn,
             why: AtomicU8::new(0),
             deadline: AtomicU64::new(u64::MAX),
+            held: AtomicBool::new(false),
             group,
             resumed: AtomicBool::new(false),
             released: AtomicBool::new(false),
@@ -297,6 +301,22 @@ impl Kick {
     /// The connection's keep alive deadline (`None`: none, or not counting while it pauses).
     pub fn set_deadline(&self, deadline: Option<tokio::time::Instant>) {
         self.deadline.store(deadline.map_or(u64::MAX, ticks), Ordering::Relaxed);
+    }
+    /// The connection stopped reading for a reason of ours: its client's silence meanwhile
+    /// does not count (its packets wait unread).
+    pub fn hold_deadline(&self) {
+        self.held.store(true, Ordering::Relaxed);
+    }
+    /// The connection reads again after pausing for `paused`: the deadline moves on by as long.
+    pub fn release_deadline(&self, paused: Duration) {
+        let by = u64::try_from(paused.as_millis()).unwrap_or(u64::MAX);
+        // Only the connection's task writes the deadline: no update is lost between the two.
+        let d = self.deadline.load(Ordering::Relaxed);
+        if d != u64::MAX {
+            self.deadline.store(d.saturating_add(by).min(u64::MAX - 1), Ordering::Relaxed);
+        }
+        // Release, with the sweep's Acquire: a sweep that sees it reading sees the new deadline.
+        self.held.store(false, Ordering::Release);
     }
     fn release(&self) {
         self.released.store(true, Ordering::Release);
@@ -484,7 +504,9 @@ impl Registry {
     pub fn sweep(&self, group: usize, now: u64) {
         let slots = self.slots();
         for live in slots.values().filter_map(|s| s.live.as_ref()) {
-            if live.kick.group == group && live.kick.deadline.load(Ordering::Relaxed) <= now {
+            let kick = &live.kick;
+            if kick.group == group && !kick.held.load(Ordering::Acquire) && kick.deadline.load(Ordering::Relaxed) <= now
+            {
                 live.kick.kick(Kicked::KeepAlive);
             }
         }
@@ -763,6 +785,25 @@ mod tests {
         r.sweep(0, ticks(start + Duration::from_secs(3600)));
         assert_eq!(talking.kick.kicked().await, Kicked::KeepAlive);
         assert!(tokio::time::timeout(Duration::from_millis(1), unlimited.kick.kicked()).await.is_err());
+    }
+
+    /// While a connection's flow control pauses it, its client's silence does not count, and
+    /// the deadline moves on by the pause (the driver keeps no deadline of its own).
+    #[tokio::test(start_paused = true)]
+    async fn a_held_deadline_does_not_run_out_and_moves_on_by_the_pause() {
+        let r = Registry::new();
+        let held = r.claim("/", "held", &conn(1), 0, false).await;
+        let start = tokio::time::Instant::now();
+        held.kick.set_deadline(Some(start + Duration::from_secs(90)));
+        held.kick.hold_deadline();
+        r.sweep(0, ticks(start + Duration::from_secs(100)));
+        assert!(tokio::time::timeout(Duration::from_millis(1), held.kick.kicked()).await.is_err());
+        // Paused for 30 s: due at 120 s now.
+        held.kick.release_deadline(Duration::from_secs(30));
+        r.sweep(0, ticks(start + Duration::from_secs(119)));
+        assert!(tokio::time::timeout(Duration::from_millis(1), held.kick.kicked()).await.is_err());
+        r.sweep(0, ticks(start + Duration::from_secs(120)));
+        assert_eq!(held.kick.kicked().await, Kicked::KeepAlive);
     }
 
     #[tokio::test]
