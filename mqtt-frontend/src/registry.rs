@@ -112,8 +112,10 @@ pub struct Kick {
     /// The connection is not reading (its flow control paused it): the deadline does not
     /// count meanwhile ([`Kick::hold_deadline`]).
     held: AtomicBool,
-    /// Which shutdown signal ends this connection ([`Registry::shut_down`]).
-    group: usize,
+    /// Which shutdown signal ends this connection ([`Registry::shut_down`]): one per listener,
+    /// so a `u32` is room enough, and with it the kick is 80 bytes, jemalloc's 96 class with
+    /// the `Arc`'s counts (`a_kick_stays_small`).
+    group: u32,
     /// Set with a takeover: whether the new connection resumes the session (clean start 0).
     /// The session then goes on, and the taken-over connection's will is not published (as
     /// Mosquitto does; 5.0 §3.1.2.5: a new connection came before the will was due).
@@ -124,14 +126,17 @@ pub struct Kick {
     view: SessionView,
 }
 
-/// A session's subscriptions as its view keeps them: filter → options and identifier. A list of
-/// a few (searched linearly; a device has one subscription, and a B-tree's first node has room
-/// for 11), a B-tree past [`VIEW_FEW`].
+/// A session's subscriptions as its view keeps them: filter → options and identifier. One
+/// inline (a device has one subscription: no list for it), a list of a few (searched linearly;
+/// a B-tree's first node has room for 11), a B-tree past [`VIEW_FEW`].
 #[derive(Debug)]
 enum ViewSubscriptions {
-    Few(Vec<(Box<str>, SubOptions, Option<u32>)>),
+    One(ViewEntry),
+    Few(Vec<ViewEntry>),
     Many(std::collections::BTreeMap<Box<str>, (SubOptions, Option<u32>)>),
 }
+
+type ViewEntry = (Box<str>, SubOptions, Option<u32>);
 
 const VIEW_FEW: usize = 8;
 
@@ -143,6 +148,23 @@ impl Default for ViewSubscriptions {
 
 impl ViewSubscriptions {
     fn insert(&mut self, filter: &str, options: SubOptions, identifier: Option<u32>) {
+        match self {
+            ViewSubscriptions::Few(v) if v.is_empty() => {
+                *self = ViewSubscriptions::One((filter.into(), options, identifier));
+                return;
+            }
+            ViewSubscriptions::One(e) if *e.0 == *filter => {
+                e.1 = options;
+                e.2 = identifier;
+                return;
+            }
+            ViewSubscriptions::One(_) => {
+                if let ViewSubscriptions::One(first) = std::mem::take(self) {
+                    *self = ViewSubscriptions::Few(vec![first]);
+                }
+            }
+            _ => {}
+        }
         if let ViewSubscriptions::Few(v) = self {
             if let Some(e) = v.iter_mut().find(|e| *e.0 == *filter) {
                 e.1 = options;
@@ -164,6 +186,11 @@ impl ViewSubscriptions {
 
     fn remove(&mut self, filter: &str) {
         match self {
+            ViewSubscriptions::One(e) => {
+                if *e.0 == *filter {
+                    *self = ViewSubscriptions::default();
+                }
+            }
             ViewSubscriptions::Few(v) => {
                 v.retain(|e| *e.0 != *filter);
                 if v.is_empty() {
@@ -179,6 +206,9 @@ impl ViewSubscriptions {
     /// Sorted by filter.
     fn list(&self) -> Vec<StoredSubscription> {
         let mut out: Vec<StoredSubscription> = match self {
+            ViewSubscriptions::One((f, o, i)) => {
+                vec![StoredSubscription { filter: f.to_string(), options: *o, identifier: *i }]
+            }
             ViewSubscriptions::Few(v) => v
                 .iter()
                 .map(|(f, o, i)| StoredSubscription { filter: f.to_string(), options: *o, identifier: *i })
@@ -257,7 +287,8 @@ impl Kick {
             why: AtomicU8::new(0),
             deadline: AtomicU64::new(u64::MAX),
             held: AtomicBool::new(false),
-            group,
+            // One group per shutdown signal, a handful per process.
+            group: u32::try_from(group).unwrap_or(u32::MAX),
             resumed: AtomicBool::new(false),
             released: AtomicBool::new(false),
             on_release: Notify::new(),
@@ -493,7 +524,7 @@ impl Registry {
         let slots = self.slots();
         self.down.lock().unwrap_or_else(|e| e.into_inner()).push(group);
         for live in slots.values().filter_map(|s| s.live.as_ref()) {
-            if live.kick.group == group {
+            if live.kick.group as usize == group {
                 live.kick.kick(Kicked::Shutdown);
             }
         }
@@ -505,7 +536,9 @@ impl Registry {
         let slots = self.slots();
         for live in slots.values().filter_map(|s| s.live.as_ref()) {
             let kick = &live.kick;
-            if kick.group == group && !kick.held.load(Ordering::Acquire) && kick.deadline.load(Ordering::Relaxed) <= now
+            if kick.group as usize == group
+                && !kick.held.load(Ordering::Acquire)
+                && kick.deadline.load(Ordering::Relaxed) <= now
             {
                 live.kick.kick(Kicked::KeepAlive);
             }
@@ -710,7 +743,7 @@ mod tests {
         assert!(view.subscriptions().is_empty());
         let o = SubOptions::default();
         view.subscribed("devices/d1/cmd", o, None);
-        assert!(matches!(&*view.subs(), ViewSubscriptions::Few(v) if v.capacity() == 1));
+        assert!(matches!(&*view.subs(), ViewSubscriptions::One(_)));
         view.subscribed("devices/d1/cmd", o, Some(3));
         assert_eq!(view.subscriptions().len(), 1);
         assert_eq!(view.subscriptions()[0].identifier, Some(3));
@@ -759,6 +792,36 @@ mod tests {
         assert_eq!(second.stored.unwrap().expiry, 60);
         assert_eq!(r.connected(), 1);
         assert!(second.generation > first.generation);
+    }
+
+    /// The registry's part of every idle MQTT connection (issue 18): 88 bytes with the group
+    /// as a `usize`, jemalloc's 112 class with the `Arc`'s counts; now the 96 class.
+    #[test]
+    fn a_kick_stays_small() {
+        let size = std::mem::size_of::<Kick>();
+        assert!(size + 16 <= 96, "Kick is {size} bytes");
+    }
+
+    /// A device's one subscription is kept without a list (a list of one was an allocation of
+    /// 32 bytes more); a second makes the list, and the listing is the same either way.
+    #[test]
+    fn the_view_keeps_one_subscription_inline() {
+        let o = SubOptions::default();
+        let mut v = ViewSubscriptions::default();
+        v.insert("devices/a/cmd", o, None);
+        assert!(matches!(v, ViewSubscriptions::One(_)));
+        v.insert("devices/a/cmd", o, Some(7));
+        assert!(matches!(v, ViewSubscriptions::One(_)));
+        assert_eq!(v.list()[0].identifier, Some(7));
+        v.insert("a/#", o, None);
+        let filters = |v: &ViewSubscriptions| v.list().into_iter().map(|s| s.filter).collect::<Vec<_>>();
+        assert_eq!(filters(&v), ["a/#", "devices/a/cmd"]);
+        v.remove("a/#");
+        v.remove("devices/a/cmd");
+        assert!(v.list().is_empty());
+        v.insert("x", o, None);
+        v.remove("x");
+        assert!(matches!(v, ViewSubscriptions::Few(ref l) if l.is_empty()));
     }
 
     /// Keep alive on injected time: the sweep kicks a connection only once its deadline
