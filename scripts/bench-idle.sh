@@ -16,6 +16,7 @@
 #   scripts/bench-idle.sh                                    # COUNTS="10000 100000" VERSIONS="3 5"
 #   COUNTS=10000 VERSIONS=3 BROKERS=ferry scripts/bench-idle.sh
 #   FERRY_BIN=... BENCH_BIN=... scripts/bench-idle.sh        # binaries to use instead of building
+#   PORT=32110 scripts/bench-idle.sh                         # first port to try (default 28931)
 #   MALLOC_ARENA_MAX=2 scripts/bench-idle.sh                 # passed on to both brokers
 #
 # Connections per loopback source address are bounded by net.ipv4.ip_local_port_range; the
@@ -67,7 +68,7 @@ free_port() {
   while port_busy "$p"; do p=$((p + 1)); done
   echo "$p"
 }
-MQTT_PORT=$(free_port 28931)
+MQTT_PORT=$(free_port "${PORT:-28931}")
 AMQP_PORT=$(free_port $((MQTT_PORT + 1)))
 
 {

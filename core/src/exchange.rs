@@ -60,10 +60,14 @@ pub struct SinkRef {
 }
 
 /// Where a binding leads.
+///
+/// 24 bytes (`a_destination_stays_small`): every binding holds one in the exchange's index and
+/// one in its routes (the topic trie's entry), one per MQTT subscription. The exchange's name
+/// is boxed for it: inline, its 32 bytes made every destination 40.
 #[derive(Debug, Clone)]
 pub enum Destination {
     Queue(Arc<Queue>),
-    Exchange(ShortString),
+    Exchange(Box<ShortString>),
     Sink(SinkRef),
 }
 
@@ -203,7 +207,7 @@ impl Destination {
     pub fn owner(&self) -> Owner {
         match self {
             Destination::Queue(q) => Owner::Queue(q.name().clone()),
-            Destination::Exchange(x) => Owner::Exchange(x.clone()),
+            Destination::Exchange(x) => Owner::Exchange((**x).clone()),
             Destination::Sink(s) => Owner::Sink(s.sink.id()),
         }
     }
@@ -236,7 +240,11 @@ impl Bucket {
 struct BindingIndex {
     /// Random keys: a client picks its filters, so it must not be able to pick collisions.
     hasher: RandomState,
+    /// Queues' and exchanges' bindings.
     owners: HashMap<Owner, OwnBindings>,
+    /// Direct sinks' bindings, apart: an MQTT device's sink is an owner per subscribed
+    /// connection, and keyed by its number a slot is 32 bytes, keyed by an [`Owner`] 64.
+    sinks: HashMap<SinkId, OwnBindings>,
     len: usize,
 }
 
@@ -344,7 +352,7 @@ impl BindingIndex {
     }
 
     fn contains(&self, key: &BindingKey, destination: &Destination) -> bool {
-        let Some(own) = self.owners.get(&destination.owner()) else { return false };
+        let Some(own) = self.own(&destination.owner()) else { return false };
         own.get(self.fingerprint(key, destination))
             .is_some_and(|b| b.as_slice().iter().any(|x| x.destination == *destination && x.key.same(key)))
     }
@@ -352,7 +360,10 @@ impl BindingIndex {
     /// Adds a binding known not to be there.
     fn insert(&mut self, binding: Binding) {
         let fp = self.fingerprint(&binding.key, &binding.destination);
-        let own = self.owners.entry(binding.destination.owner()).or_default();
+        let own = match binding.destination.owner() {
+            Owner::Sink(id) => self.sinks.entry(id).or_default(),
+            owner => self.owners.entry(owner).or_default(),
+        };
         match own.remove(fp) {
             None => own.insert(fp, Bucket::One(binding)),
             Some(Bucket::One(first)) => own.insert(fp, Bucket::Many(vec![first, binding])),
@@ -369,7 +380,10 @@ impl BindingIndex {
     fn remove(&mut self, key: &BindingKey, destination: &Destination) -> Option<(Binding, bool)> {
         let owner = destination.owner();
         let fp = self.fingerprint(key, destination);
-        let own = self.owners.get_mut(&owner)?;
+        let own = match &owner {
+            Owner::Sink(id) => self.sinks.get_mut(id)?,
+            owner => self.owners.get_mut(owner)?,
+        };
         let bucket = own.get_mut(fp)?;
         let (removed, twin) = match bucket {
             Bucket::One(b) => {
@@ -396,7 +410,7 @@ impl BindingIndex {
             }
         };
         if own.is_empty() {
-            self.owners.remove(&owner);
+            self.take_owner(&owner);
         }
         self.len -= 1;
         Some((removed, twin))
@@ -404,7 +418,7 @@ impl BindingIndex {
 
     /// Removes and returns every binding of `owner`.
     fn remove_owner(&mut self, owner: &Owner) -> Vec<Binding> {
-        let Some(own) = self.owners.remove(owner) else { return Vec::new() };
+        let Some(own) = self.take_owner(owner) else { return Vec::new() };
         let mut out = Vec::with_capacity(own.len());
         for bucket in own.into_values() {
             match bucket {
@@ -417,7 +431,21 @@ impl BindingIndex {
     }
 
     fn iter(&self) -> impl Iterator<Item = &Binding> {
-        self.owners.values().flat_map(|own| own.values()).flat_map(|b| b.as_slice())
+        self.owners.values().chain(self.sinks.values()).flat_map(|own| own.values()).flat_map(|b| b.as_slice())
+    }
+
+    fn own(&self, owner: &Owner) -> Option<&OwnBindings> {
+        match owner {
+            Owner::Sink(id) => self.sinks.get(id),
+            owner => self.owners.get(owner),
+        }
+    }
+
+    fn take_owner(&mut self, owner: &Owner) -> Option<OwnBindings> {
+        match owner {
+            Owner::Sink(id) => self.sinks.remove(id),
+            owner => self.owners.remove(owner),
+        }
     }
 }
 
@@ -532,7 +560,7 @@ impl Exchange {
 
     /// Adds a binding; returns false when an identical one exists (binding is idempotent).
     pub fn bind(&self, key: BindingKey, destination: Destination) -> Result<bool, CoreError> {
-        let binding = Binding { key, destination };
+        let mut binding = Binding { key, destination };
         // Parsed before the lock: a bad `x-match` is refused without touching the table.
         let headers = match self.kind {
             ExchangeKind::Headers => Some(HeadersBinding::parse(binding.clone())?),
@@ -550,7 +578,13 @@ impl Exchange {
             Routes::Fanout(list) => list.push(binding.destination.clone()),
             Routes::Topic(trie) => {
                 // False when a binding differing only in its arguments holds the entry already.
-                trie.insert(&pattern.expect("topic"), binding.destination.clone());
+                let mut pattern = pattern.expect("topic");
+                trie.insert_sharing(&mut pattern, binding.destination.clone());
+                // The binding keeps the trie's words: one `devices` for every device's
+                // `devices/<id>/cmd`, not one each.
+                if binding.key.pattern.is_some() {
+                    binding.key.pattern = Some(pattern);
+                }
             }
             Routes::Headers(list) => list.push(headers.expect("headers")),
         }
@@ -805,6 +839,51 @@ mod tests {
         let removed = x.unbind_owner(&Owner::Sink(sink.id()));
         assert_eq!(removed.len(), 2);
         assert_eq!(names(&x, &msg("a.b")), vec!["queue 'q'"]);
+    }
+
+    /// A direct sink's bindings are indexed by its number, apart from queues' and exchanges'
+    /// (a slot of 32 bytes instead of 64, one per subscribed MQTT connection); both are listed,
+    /// counted and removed by owner as one index.
+    #[test]
+    fn sinks_bindings_are_kept_apart_and_listed_with_the_others() {
+        let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
+        x.bind(BindingKey::new("a.*"), d(1)).unwrap();
+        x.bind(BindingKey::new("a.#"), queue("q")).unwrap();
+        {
+            let table = x.table.read().unwrap();
+            assert_eq!((table.index.sinks.len(), table.index.owners.len()), (1, 1));
+        }
+        assert_eq!(x.bindings().len(), 2);
+        assert!(!x.bind(BindingKey::new("a.*"), d(1)).unwrap());
+        assert!(x.unbind(&BindingKey::new("a.*"), &d(1)));
+        assert!(x.table.read().unwrap().index.sinks.is_empty());
+        assert_eq!(names(&x, &msg("a.b")), vec!["queue 'q'"]);
+    }
+
+    /// Every binding keeps a destination in the index and one in the routes: 40 bytes each
+    /// while the exchange variant held its name inline.
+    #[test]
+    fn a_destination_stays_small() {
+        assert!(std::mem::size_of::<Destination>() <= 24, "{}", std::mem::size_of::<Destination>());
+    }
+
+    /// A topic binding with a parsed pattern keeps the trie's words, not its own copies.
+    #[test]
+    fn a_topic_binding_shares_the_tries_words() {
+        let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
+        for (i, q) in ["q1", "q2"].into_iter().enumerate() {
+            let key = format!("devices.{i}.cmd");
+            x.bind(BindingKey::new(key.as_str()).with_pattern(Pattern::parse_amqp(&key)), queue(q)).unwrap();
+        }
+        let bindings = x.bindings();
+        let word = |b: &Binding| match &b.key.pattern.as_ref().unwrap().levels[0] {
+            crate::topic::Level::Literal(w) => w.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(Arc::ptr_eq(&word(&bindings[0]), &word(&bindings[1])));
+        assert_eq!(names(&x, &msg("devices.1.cmd")), vec!["queue 'q2'"]);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::task::{Context, Poll};
@@ -40,12 +40,15 @@ pub struct Outbox<T> {
     items: Mutex<VecDeque<T>>,
     /// `items.len()`, written under its lock, read without: a queue asks [`Outbox::has_room`]
     /// of its consumers under its own lock for every message, and takes no outbox lock for it.
-    len: AtomicUsize,
-    capacity: usize,
+    /// `u32`, as `capacity` and `max_bytes` (saturated: pushes past the capacity are bounded
+    /// by it anyway): with them an outbox is 176 bytes, jemalloc's 192 class with the `Arc`'s
+    /// counts instead of 224 (`an_outbox_stays_small`); every MQTT session makes one.
+    len: AtomicU32,
+    capacity: u32,
     /// The items' [`Weigh::weight`] summed, kept like `len`; always 0 without a byte bound.
     bytes: AtomicUsize,
-    /// `usize::MAX`: no byte bound.
-    max_bytes: usize,
+    /// `u32::MAX`: no byte bound (a bound of 4 GiB or more is none either).
+    max_bytes: u32,
     weigh: fn(&T) -> usize,
     notify: Signal,
     /// Woken when the owner drains: publishers held back by a full outbox wait on it.
@@ -155,10 +158,10 @@ impl<T> Outbox<T> {
     fn with_weigh(capacity: usize, max_bytes: usize, weigh: fn(&T) -> usize) -> Outbox<T> {
         Outbox {
             items: Mutex::new(VecDeque::new()),
-            len: AtomicUsize::new(0),
-            capacity: capacity.max(1),
+            len: AtomicU32::new(0),
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX).max(1),
             bytes: AtomicUsize::new(0),
-            max_bytes: max_bytes.max(1),
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX).max(1),
             weigh,
             notify: Signal::new(),
             drained: Notify::new(),
@@ -168,11 +171,18 @@ impl<T> Outbox<T> {
         }
     }
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity as usize
+    }
+    /// Records `items.len()` (under the items' lock).
+    fn set_len(&self, n: usize) {
+        self.len.store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::SeqCst);
     }
     /// The byte bound (`usize::MAX`: none).
     pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        match self.max_bytes {
+            u32::MAX => usize::MAX,
+            m => m as usize,
+        }
     }
     /// Lock-free: the items' weight as of the last push or drain (0 without a byte bound).
     pub fn bytes(&self) -> usize {
@@ -183,12 +193,12 @@ impl<T> Outbox<T> {
     /// one is still within twice (a publisher told to wait adds no more than that one).
     fn holds(&self, times: usize) -> bool {
         let len = self.len();
-        len >= self.capacity.saturating_mul(times)
-            || (len >= times && self.bytes() >= self.max_bytes.saturating_mul(times))
+        len >= self.capacity().saturating_mul(times)
+            || (len >= times && self.bytes() >= self.max_bytes().saturating_mul(times))
     }
     /// Lock-free: the length as of the last push or drain.
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::SeqCst)
+        self.len.load(Ordering::SeqCst) as usize
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -216,13 +226,13 @@ impl<T> Outbox<T> {
     /// Adds an item, or gives it back when the outbox is full.
     pub fn try_push(&self, item: T) -> Result<(), T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= self.capacity || self.bytes.load(Ordering::SeqCst) >= self.max_bytes {
+        if q.len() >= self.capacity() || self.bytes.load(Ordering::SeqCst) >= self.max_bytes() {
             return Err(item);
         }
         let was_empty = q.is_empty();
         self.bytes.fetch_add((self.weigh)(&item), Ordering::SeqCst);
         q.push_back(item);
-        self.len.store(q.len(), Ordering::SeqCst);
+        self.set_len(q.len());
         drop(q);
         if was_empty {
             self.notify.notify();
@@ -237,7 +247,7 @@ impl<T> Outbox<T> {
         let was_empty = q.is_empty();
         self.bytes.fetch_add((self.weigh)(&item), Ordering::SeqCst);
         q.push_back(item);
-        self.len.store(q.len(), Ordering::SeqCst);
+        self.set_len(q.len());
         drop(q);
         if was_empty {
             self.notify.notify();
@@ -249,7 +259,7 @@ impl<T> Outbox<T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let n = q.len();
         out.extend(q.drain(..));
-        self.len.store(0, Ordering::SeqCst);
+        self.set_len(0);
         self.bytes.store(0, Ordering::SeqCst);
         drop(q);
         if n > 0 {
@@ -266,7 +276,7 @@ impl<T> Outbox<T> {
             return 0;
         }
         out.extend(q.drain(..).map(f));
-        self.len.store(0, Ordering::SeqCst);
+        self.set_len(0);
         self.bytes.store(0, Ordering::SeqCst);
         drop(q);
         self.drained_some();
@@ -292,7 +302,7 @@ impl<T> Outbox<T> {
         if n == 0 {
             return 0;
         }
-        self.len.store(q.len(), Ordering::SeqCst);
+        self.set_len(q.len());
         self.bytes.fetch_sub(taken, Ordering::SeqCst);
         drop(q);
         self.drained_some();
@@ -307,7 +317,7 @@ impl<T> Outbox<T> {
             return Vec::new();
         }
         let items: Vec<T> = q.drain(..).collect();
-        self.len.store(0, Ordering::SeqCst);
+        self.set_len(0);
         self.bytes.store(0, Ordering::SeqCst);
         drop(q);
         self.drained_some();
@@ -513,6 +523,14 @@ mod tests {
 
     fn delivery(n: u8) -> SinkDelivery {
         SinkDelivery { message: Arc::new(Message::new("", "k", Bytes::from(vec![n]))), cookies: Cookies::One(7) }
+    }
+
+    /// Every MQTT session makes an outbox for its direct sink at its start: 192 bytes with the
+    /// length and the capacity as `usize`, jemalloc's 224 class with the `Arc`'s counts.
+    #[test]
+    fn an_outbox_stays_small() {
+        let size = std::mem::size_of::<Outbox<SinkDelivery>>();
+        assert!(size + 16 <= 192, "Outbox is {size} bytes");
     }
 
     #[test]

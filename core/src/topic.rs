@@ -193,7 +193,9 @@ impl<T> Literals<T> {
         }
     }
 
-    fn get_or_insert(&mut self, word: &Arc<str>) -> &mut Node<T> {
+    /// The child for `word`, made if missing, with the word as the trie keeps it (a bind, not
+    /// the hot path: the refcount bump is of no account).
+    fn get_or_insert(&mut self, word: &Arc<str>) -> (Arc<str>, &mut Node<T>) {
         if let Literals::Few(v) = self {
             if v.len() == FEW_LITERALS && !v.iter().any(|(w, _)| *w == *word) {
                 *self = Literals::Many(Box::new(std::mem::take(v).into_iter().collect()));
@@ -210,15 +212,20 @@ impl<T> Literals<T> {
                         v.len() - 1
                     }
                 };
-                &mut v[i].1
+                let (w, n) = &mut v[i];
+                (w.clone(), n)
             }
             Literals::Many(m) => {
                 // Look up by `&str` first so the common "already there" case does not touch the
                 // Arc's refcount (`entry` wants an owned key).
-                if !m.contains_key(&**word) {
-                    m.insert(word.clone(), Node::default());
-                }
-                m.get_mut(&**word).expect("just inserted")
+                let key = match m.get_key_value(&**word) {
+                    Some((k, _)) => k.clone(),
+                    None => {
+                        m.insert(word.clone(), Node::default());
+                        word.clone()
+                    }
+                };
+                (key.clone(), m.get_mut(&*key).expect("just inserted"))
             }
         }
     }
@@ -273,9 +280,17 @@ impl<T> Node<T> {
 }
 
 impl<T: PartialEq> Node<T> {
-    fn descend_or_create(&mut self, level: &Level) -> &mut Node<T> {
+    /// The child for `level`, made if missing; a literal level is made to share the word the
+    /// trie keeps.
+    fn descend_or_create(&mut self, level: &mut Level) -> &mut Node<T> {
         match level {
-            Level::Literal(w) => self.literal.get_or_insert(w),
+            Level::Literal(w) => {
+                let (kept, child) = self.literal.get_or_insert(w);
+                if !Arc::ptr_eq(&kept, w) {
+                    *w = kept;
+                }
+                child
+            }
             Level::One => self.one.get_or_insert_with(Box::default),
             Level::Many => self.many.get_or_insert_with(Box::default),
         }
@@ -345,8 +360,15 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
 
     /// Adds `value` under `pattern`; false if that exact pair is already there.
     pub fn insert(&mut self, pattern: &Pattern, value: T) -> bool {
+        self.insert_sharing(&mut pattern.clone(), value)
+    }
+
+    /// [`TopicTrie::insert`], and `pattern`'s literal words are then the trie's own (one
+    /// allocation of `devices` for every `devices/<id>/cmd` an exchange's bindings keep, not
+    /// one per subscription).
+    pub fn insert_sharing(&mut self, pattern: &mut Pattern, value: T) -> bool {
         let mut node = if Self::is_guarded(pattern) { &mut self.guarded } else { &mut self.root };
-        for level in &pattern.levels {
+        for level in &mut pattern.levels {
             node = node.descend_or_create(level);
         }
         let entry = Entry { value, dollar_rule: pattern.dollar_rule };
@@ -528,6 +550,23 @@ mod tests {
         }
         assert!(t.root.is_empty());
         assert_eq!(t.root.count(), 1);
+    }
+
+    #[test]
+    fn insert_sharing_gives_the_pattern_the_tries_words() {
+        let mut t = TopicTrie::new();
+        let (mut a, mut b) = (amqp("devices.a.cmd"), amqp("devices.b.cmd"));
+        assert!(t.insert_sharing(&mut a, 1));
+        assert!(t.insert_sharing(&mut b, 2));
+        let word = |p: &Pattern, i: usize| match &p.levels[i] {
+            Level::Literal(w) => w.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(Arc::ptr_eq(&word(&a, 0), &word(&b, 0)));
+        assert!(!Arc::ptr_eq(&word(&a, 2), &word(&b, 2)), "different nodes keep their own `cmd`");
+        assert_eq!(b, amqp("devices.b.cmd"));
+        assert!(t.remove(&amqp("devices.a.cmd"), &1));
+        assert_eq!(matched(&t, "devices.b.cmd"), vec![2]);
     }
 
     #[test]

@@ -578,7 +578,7 @@ impl VHost {
                 if !durable {
                     return None;
                 }
-                (true, n.clone())
+                (true, (**n).clone())
             }
             _ => return None,
         };
@@ -821,7 +821,7 @@ impl VHost {
             return Err(default_exchange_refused());
         }
         self.exchange_or_404(destination)?;
-        self.bind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) })
+        self.bind(&x, Binding { key, destination: Destination::Exchange(Box::new(destination.clone())) })
     }
 
     /// Removes an exchange-to-exchange binding. As [`VHost::unbind_queue`]: a missing source or
@@ -842,7 +842,7 @@ impl VHost {
         if self.exchange_or_404(destination).is_err() {
             return Ok(());
         }
-        self.unbind(&x, Binding { key, destination: Destination::Exchange(destination.clone()) });
+        self.unbind(&x, Binding { key, destination: Destination::Exchange(Box::new(destination.clone())) });
         Ok(())
     }
 
@@ -1140,7 +1140,7 @@ impl VHost {
                 Destination::Sink(s) => targets.add_sink(s),
                 Destination::Exchange(n) => {
                     if !next.contains(n) {
-                        next.push(n.clone())
+                        next.push((**n).clone())
                     }
                 }
             });
@@ -1286,7 +1286,7 @@ impl VHost {
         for b in snapshot.bindings.iter().filter(|b| b.vhost == self.name) {
             let Some(x) = self.exchange(&b.source.to_string_lossy()) else { continue };
             let destination = if b.to_exchange {
-                Destination::Exchange(b.destination.clone())
+                Destination::Exchange(Box::new(b.destination.clone()))
             } else {
                 match self.queue(&b.destination.to_string_lossy()) {
                     Some(q) => Destination::Queue(q),

@@ -141,7 +141,7 @@ fn objects_of(shared: &Shared, v: &VHost, with_vhost: bool, out: &mut [Vec<Value
         for b in x.bindings() {
             let (destination, kind) = match &b.destination {
                 Destination::Queue(q) if queues.contains(q.name()) => (q.name().to_string_lossy(), "queue"),
-                Destination::Exchange(e) if exchanges.contains(e) => (e.to_string_lossy(), "exchange"),
+                Destination::Exchange(e) if exchanges.contains(&**e) => (e.to_string_lossy(), "exchange"),
                 _ => continue,
             };
             rows.push(put_vhost(json!({

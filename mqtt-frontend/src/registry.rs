@@ -109,8 +109,13 @@ pub struct Kick {
     why: AtomicU8,
     /// The keep alive deadline the connection keeps here, in ms of [`ticks`]; `u64::MAX`: none.
     deadline: AtomicU64,
-    /// Which shutdown signal ends this connection ([`Registry::shut_down`]).
-    group: usize,
+    /// The connection is not reading (its flow control paused it): the deadline does not
+    /// count meanwhile ([`Kick::hold_deadline`]).
+    held: AtomicBool,
+    /// Which shutdown signal ends this connection ([`Registry::shut_down`]): one per listener,
+    /// so a `u32` is room enough, and with it the kick is 80 bytes, jemalloc's 96 class with
+    /// the `Arc`'s counts (`a_kick_stays_small`).
+    group: u32,
     /// Set with a takeover: whether the new connection resumes the session (clean start 0).
     /// The session then goes on, and the taken-over connection's will is not published (as
     /// Mosquitto does; 5.0 §3.1.2.5: a new connection came before the will was due).
@@ -121,14 +126,17 @@ pub struct Kick {
     view: SessionView,
 }
 
-/// A session's subscriptions as its view keeps them: filter → options and identifier. A list of
-/// a few (searched linearly; a device has one subscription, and a B-tree's first node has room
-/// for 11), a B-tree past [`VIEW_FEW`].
+/// A session's subscriptions as its view keeps them: filter → options and identifier. One
+/// inline (a device has one subscription: no list for it), a list of a few (searched linearly;
+/// a B-tree's first node has room for 11), a B-tree past [`VIEW_FEW`].
 #[derive(Debug)]
 enum ViewSubscriptions {
-    Few(Vec<(Box<str>, SubOptions, Option<u32>)>),
+    One(ViewEntry),
+    Few(Vec<ViewEntry>),
     Many(std::collections::BTreeMap<Box<str>, (SubOptions, Option<u32>)>),
 }
+
+type ViewEntry = (Box<str>, SubOptions, Option<u32>);
 
 const VIEW_FEW: usize = 8;
 
@@ -140,6 +148,23 @@ impl Default for ViewSubscriptions {
 
 impl ViewSubscriptions {
     fn insert(&mut self, filter: &str, options: SubOptions, identifier: Option<u32>) {
+        match self {
+            ViewSubscriptions::Few(v) if v.is_empty() => {
+                *self = ViewSubscriptions::One((filter.into(), options, identifier));
+                return;
+            }
+            ViewSubscriptions::One(e) if *e.0 == *filter => {
+                e.1 = options;
+                e.2 = identifier;
+                return;
+            }
+            ViewSubscriptions::One(_) => {
+                if let ViewSubscriptions::One(first) = std::mem::take(self) {
+                    *self = ViewSubscriptions::Few(vec![first]);
+                }
+            }
+            _ => {}
+        }
         if let ViewSubscriptions::Few(v) = self {
             if let Some(e) = v.iter_mut().find(|e| *e.0 == *filter) {
                 e.1 = options;
@@ -161,6 +186,11 @@ impl ViewSubscriptions {
 
     fn remove(&mut self, filter: &str) {
         match self {
+            ViewSubscriptions::One(e) => {
+                if *e.0 == *filter {
+                    *self = ViewSubscriptions::default();
+                }
+            }
             ViewSubscriptions::Few(v) => {
                 v.retain(|e| *e.0 != *filter);
                 if v.is_empty() {
@@ -176,6 +206,9 @@ impl ViewSubscriptions {
     /// Sorted by filter.
     fn list(&self) -> Vec<StoredSubscription> {
         let mut out: Vec<StoredSubscription> = match self {
+            ViewSubscriptions::One((f, o, i)) => {
+                vec![StoredSubscription { filter: f.to_string(), options: *o, identifier: *i }]
+            }
             ViewSubscriptions::Few(v) => v
                 .iter()
                 .map(|(f, o, i)| StoredSubscription { filter: f.to_string(), options: *o, identifier: *i })
@@ -253,7 +286,9 @@ impl Kick {
             conn,
             why: AtomicU8::new(0),
             deadline: AtomicU64::new(u64::MAX),
-            group,
+            held: AtomicBool::new(false),
+            // One group per shutdown signal, a handful per process.
+            group: u32::try_from(group).unwrap_or(u32::MAX),
             resumed: AtomicBool::new(false),
             released: AtomicBool::new(false),
             on_release: Notify::new(),
@@ -297,6 +332,22 @@ impl Kick {
     /// The connection's keep alive deadline (`None`: none, or not counting while it pauses).
     pub fn set_deadline(&self, deadline: Option<tokio::time::Instant>) {
         self.deadline.store(deadline.map_or(u64::MAX, ticks), Ordering::Relaxed);
+    }
+    /// The connection stopped reading for a reason of ours: its client's silence meanwhile
+    /// does not count (its packets wait unread).
+    pub fn hold_deadline(&self) {
+        self.held.store(true, Ordering::Relaxed);
+    }
+    /// The connection reads again after pausing for `paused`: the deadline moves on by as long.
+    pub fn release_deadline(&self, paused: Duration) {
+        let by = u64::try_from(paused.as_millis()).unwrap_or(u64::MAX);
+        // Only the connection's task writes the deadline: no update is lost between the two.
+        let d = self.deadline.load(Ordering::Relaxed);
+        if d != u64::MAX {
+            self.deadline.store(d.saturating_add(by).min(u64::MAX - 1), Ordering::Relaxed);
+        }
+        // Release, with the sweep's Acquire: a sweep that sees it reading sees the new deadline.
+        self.held.store(false, Ordering::Release);
     }
     fn release(&self) {
         self.released.store(true, Ordering::Release);
@@ -473,7 +524,7 @@ impl Registry {
         let slots = self.slots();
         self.down.lock().unwrap_or_else(|e| e.into_inner()).push(group);
         for live in slots.values().filter_map(|s| s.live.as_ref()) {
-            if live.kick.group == group {
+            if live.kick.group as usize == group {
                 live.kick.kick(Kicked::Shutdown);
             }
         }
@@ -484,7 +535,11 @@ impl Registry {
     pub fn sweep(&self, group: usize, now: u64) {
         let slots = self.slots();
         for live in slots.values().filter_map(|s| s.live.as_ref()) {
-            if live.kick.group == group && live.kick.deadline.load(Ordering::Relaxed) <= now {
+            let kick = &live.kick;
+            if kick.group as usize == group
+                && !kick.held.load(Ordering::Acquire)
+                && kick.deadline.load(Ordering::Relaxed) <= now
+            {
                 live.kick.kick(Kicked::KeepAlive);
             }
         }
@@ -688,7 +743,7 @@ mod tests {
         assert!(view.subscriptions().is_empty());
         let o = SubOptions::default();
         view.subscribed("devices/d1/cmd", o, None);
-        assert!(matches!(&*view.subs(), ViewSubscriptions::Few(v) if v.capacity() == 1));
+        assert!(matches!(&*view.subs(), ViewSubscriptions::One(_)));
         view.subscribed("devices/d1/cmd", o, Some(3));
         assert_eq!(view.subscriptions().len(), 1);
         assert_eq!(view.subscriptions()[0].identifier, Some(3));
@@ -739,6 +794,36 @@ mod tests {
         assert!(second.generation > first.generation);
     }
 
+    /// The registry's part of every idle MQTT connection (issue 18): 88 bytes with the group
+    /// as a `usize`, jemalloc's 112 class with the `Arc`'s counts; now the 96 class.
+    #[test]
+    fn a_kick_stays_small() {
+        let size = std::mem::size_of::<Kick>();
+        assert!(size + 16 <= 96, "Kick is {size} bytes");
+    }
+
+    /// A device's one subscription is kept without a list (a list of one was an allocation of
+    /// 32 bytes more); a second makes the list, and the listing is the same either way.
+    #[test]
+    fn the_view_keeps_one_subscription_inline() {
+        let o = SubOptions::default();
+        let mut v = ViewSubscriptions::default();
+        v.insert("devices/a/cmd", o, None);
+        assert!(matches!(v, ViewSubscriptions::One(_)));
+        v.insert("devices/a/cmd", o, Some(7));
+        assert!(matches!(v, ViewSubscriptions::One(_)));
+        assert_eq!(v.list()[0].identifier, Some(7));
+        v.insert("a/#", o, None);
+        let filters = |v: &ViewSubscriptions| v.list().into_iter().map(|s| s.filter).collect::<Vec<_>>();
+        assert_eq!(filters(&v), ["a/#", "devices/a/cmd"]);
+        v.remove("a/#");
+        v.remove("devices/a/cmd");
+        assert!(v.list().is_empty());
+        v.insert("x", o, None);
+        v.remove("x");
+        assert!(matches!(v, ViewSubscriptions::Few(ref l) if l.is_empty()));
+    }
+
     /// Keep alive on injected time: the sweep kicks a connection only once its deadline
     /// (1.5 × the keep alive after its last whole packet, set by the driver) has passed.
     #[tokio::test(start_paused = true)]
@@ -763,6 +848,25 @@ mod tests {
         r.sweep(0, ticks(start + Duration::from_secs(3600)));
         assert_eq!(talking.kick.kicked().await, Kicked::KeepAlive);
         assert!(tokio::time::timeout(Duration::from_millis(1), unlimited.kick.kicked()).await.is_err());
+    }
+
+    /// While a connection's flow control pauses it, its client's silence does not count, and
+    /// the deadline moves on by the pause (the driver keeps no deadline of its own).
+    #[tokio::test(start_paused = true)]
+    async fn a_held_deadline_does_not_run_out_and_moves_on_by_the_pause() {
+        let r = Registry::new();
+        let held = r.claim("/", "held", &conn(1), 0, false).await;
+        let start = tokio::time::Instant::now();
+        held.kick.set_deadline(Some(start + Duration::from_secs(90)));
+        held.kick.hold_deadline();
+        r.sweep(0, ticks(start + Duration::from_secs(100)));
+        assert!(tokio::time::timeout(Duration::from_millis(1), held.kick.kicked()).await.is_err());
+        // Paused for 30 s: due at 120 s now.
+        held.kick.release_deadline(Duration::from_secs(30));
+        r.sweep(0, ticks(start + Duration::from_secs(119)));
+        assert!(tokio::time::timeout(Duration::from_millis(1), held.kick.kicked()).await.is_err());
+        r.sweep(0, ticks(start + Duration::from_secs(120)));
+        assert_eq!(held.kick.kicked().await, Kicked::KeepAlive);
     }
 
     #[tokio::test]

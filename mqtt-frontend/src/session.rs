@@ -240,6 +240,22 @@ enum Pending {
     Queue(Delivery),
 }
 
+/// See [`Session::traffic`].
+#[derive(Default)]
+struct Traffic {
+    inflight: FastMap<u16, Inflight>,
+    /// Deliveries taken from the outboxes and not sent yet (the inflight window was full, or
+    /// the write is full enough, see [`Session::pump`]).
+    backlog: VecDeque<Pending>,
+    /// Outboxes of subscribers that took our QoS 1/2 messages over capacity, and queues that
+    /// took them while falling behind their consumers: the driver stops reading this client
+    /// until they have room (or briefly, see the driver; [`Session::take_congested`]).
+    congested: Vec<ferry_core::flow::Target>,
+    /// Where topics become routing keys and back (`topic::swap_separators_in`): one buffer
+    /// reused from message to message instead of a string per message.
+    topics: BytesMut,
+}
+
 /// See [`Session::extras`].
 #[derive(Default)]
 struct Extras {
@@ -280,7 +296,11 @@ pub struct Session {
     extras: Option<Box<Extras>>,
     // Outbound state.
     window: u16,
-    inflight: FastMap<u16, Inflight>,
+    /// What a session needs once messages flow (inflight window, backlog, the topic buffer,
+    /// congested subscribers), made on first use: a device that only waits for its commands
+    /// does without it (issue 18: 112 bytes of every idle connection, which took `Conn` from
+    /// jemalloc's 640-byte class to 512).
+    traffic: Option<Box<Traffic>>,
     next_packet_id: u16,
     client_alias_max: u16,
     client_max_packet: u32,
@@ -288,12 +308,11 @@ pub struct Session {
     /// A 3.1 / 3.1.1 bridge (`Connect::bridge`): its subscriptions get *no local* and *retain
     /// as published*.
     bridge: bool,
-    /// Original packet ids of queue deliveries unacked at the last disconnect.
+    /// Where the session's direct sink delivers (`ferry_core::sink`).
     sink_outbox: Arc<Outbox<SinkDelivery>>,
     /// Deliveries from queues (the session's own, shared subscriptions'); made with the first
     /// consumer, as most clean sessions have none.
     queue_outbox: Option<Arc<Outbox<Delivery>>>,
-    backlog: VecDeque<Pending>,
     /// [`Session::pump`] stopped with deliveries ready because [`Session::out`] is full enough
     /// for one write: the driver writes, then pumps again before it waits for anything.
     pub more: bool,
@@ -308,15 +327,8 @@ pub struct Session {
     /// The connection closes without a DISCONNECT (a second CONNECT, a server packet from the
     /// client, a withheld CONNACK).
     quiet: bool,
-    /// Outboxes of subscribers that took our QoS 1/2 messages over capacity, and queues that
-    /// took them while falling behind their consumers: the driver stops reading this client
-    /// until they have room (or briefly, see the driver).
-    pub congested: Vec<ferry_core::flow::Target>,
     /// Bytes to write to the socket.
     pub out: BytesMut,
-    /// Where topics become routing keys and back (`topic::swap_separators_in`): one buffer
-    /// reused from message to message instead of a string per message.
-    topics: BytesMut,
     /// Counters for `$SYS`.
     pub stats: SessionStats,
     /// The broker's disk alarm, as the driver last saw it: while it is up, 5.0 QoS 1/2
@@ -520,23 +532,20 @@ impl Session {
             persistent,
             extras: None,
             window: window.max(1),
-            inflight: FastMap::default(),
+            traffic: None,
             next_packet_id: 1,
             client_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
             client_max_packet: if v5 { p.maximum_packet_size.unwrap_or(u32::MAX) } else { u32::MAX },
             problem_info: p.request_problem_information.unwrap_or(1) == 1,
             sink_outbox,
             queue_outbox,
-            backlog: VecDeque::new(),
             more: false,
             acks: AckQueue::new(),
-            congested: Vec::new(),
             after_acks: false,
             connack_withheld: false,
             quiet: false,
             // Grows with what is written at once; an idle connection keeps next to nothing.
             out: BytesMut::new(),
-            topics: BytesMut::new(),
             stats: SessionStats::default(),
             settings,
             user: user.map(String::into_boxed_str),
@@ -583,7 +592,7 @@ impl Session {
                 }
             }
             for id in st.outgoing_pubrel {
-                s.inflight.insert(id, Inflight::AwaitingPubComp);
+                s.traffic().inflight.insert(id, Inflight::AwaitingPubComp);
                 s.send(Packet::PubRel(PubResp::ok(id)));
             }
         }
@@ -629,7 +638,7 @@ impl Session {
             Mode::Persistent { queue, .. } => Some(queue),
             Mode::Transient { .. } => None,
         };
-        for (id, i) in &self.inflight {
+        for (id, i) in self.traffic.iter().flat_map(|t| &t.inflight) {
             match i {
                 Inflight::AwaitingPubAck(Source::Queue { queue: q, seq })
                 | Inflight::AwaitingPubRec(Source::Queue { queue: q, seq })
@@ -768,7 +777,7 @@ impl Session {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
-            if !self.inflight.contains_key(&id) {
+            if !self.is_inflight(id) {
                 return id;
             }
         }
@@ -802,9 +811,9 @@ impl Session {
                 self.queue_ack(commit, packet);
                 Ok(())
             }
-            Packet::PubComp(r) => match self.inflight.get(&r.packet_id) {
+            Packet::PubComp(r) => match self.traffic.as_ref().and_then(|t| t.inflight.get(&r.packet_id)) {
                 Some(Inflight::AwaitingPubComp) => {
-                    self.inflight.remove(&r.packet_id);
+                    self.take_inflight(r.packet_id);
                     self.persist();
                     Ok(())
                 }
@@ -958,7 +967,7 @@ impl Session {
         } else {
             self.settings.exchange.clone()
         };
-        let key = ShortString::from_bytes(swap_separators_in(topic.as_bytes(), &mut self.topics));
+        let key = ShortString::from_bytes(swap_separators_in(topic.as_bytes(), &mut self.traffic().topics));
         let message = to_message_keyed(p, key, &exchange, origin, now);
         let retained_commit = if p.retain {
             let key = message.routing_key.clone();
@@ -973,8 +982,11 @@ impl Session {
         match self.vhost.publish_waiting(&exchange, message, now, waits) {
             Ok(o) => {
                 // Our own outbox is drained by this very task; waiting on it would deadlock.
-                let own = &self.sink_outbox;
-                self.congested.extend(o.congested.into_iter().filter(|c| !c.is_outbox(own)));
+                if !o.congested.is_empty() {
+                    let own = &self.sink_outbox;
+                    let traffic = self.traffic.get_or_insert_with(Default::default);
+                    traffic.congested.extend(o.congested.into_iter().filter(|c| !c.is_outbox(own)));
+                }
                 let commit = match retained_commit {
                     Some(rc) => rc.join(o.commit),
                     None => o.commit,
@@ -1022,13 +1034,13 @@ impl Session {
     }
 
     fn on_puback(&mut self, r: PubResp, now: Millis) -> Result<(), Close> {
-        match self.inflight.remove(&r.packet_id) {
+        match self.take_inflight(r.packet_id) {
             Some(Inflight::AwaitingPubAck(src)) => {
                 self.settle(src, now);
                 Ok(())
             }
             Some(other) => {
-                self.inflight.insert(r.packet_id, other);
+                self.traffic().inflight.insert(r.packet_id, other);
                 Err(self.wrong_ack("PUBACK for a QoS 2 message"))
             }
             // An ack for an id we do not know: ignore it (a duplicate after reconnect).
@@ -1037,22 +1049,22 @@ impl Session {
     }
 
     fn on_pubrec(&mut self, r: PubResp, now: Millis) -> Result<(), Close> {
-        match self.inflight.remove(&r.packet_id) {
+        match self.take_inflight(r.packet_id) {
             Some(Inflight::AwaitingPubRec(src)) => {
                 // The client owns the message now: settle it, then finish the handshake.
                 self.settle(src, now);
                 if r.reason < 0x80 {
-                    self.inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
+                    self.traffic().inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
                     self.persist();
                     self.send(Packet::PubRel(PubResp::ok(r.packet_id)));
                 }
             }
             Some(Inflight::AwaitingPubComp) => {
-                self.inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
+                self.traffic().inflight.insert(r.packet_id, Inflight::AwaitingPubComp);
                 self.send(Packet::PubRel(PubResp::ok(r.packet_id)));
             }
             Some(other) => {
-                self.inflight.insert(r.packet_id, other);
+                self.traffic().inflight.insert(r.packet_id, other);
                 return Err(self.wrong_ack("PUBREC for a QoS 1 message"));
             }
             None => {
@@ -1328,7 +1340,9 @@ impl Session {
             let effects = q.release_owner(self.owner, now);
             self.vhost.settle(&q, effects, now);
             // Our unacked deliveries from it went back to the group.
-            self.inflight.retain(|_, i| !matches!(i, Inflight::AwaitingPubAck(Source::Queue { queue, .. }) | Inflight::AwaitingPubRec(Source::Queue { queue, .. }) if Arc::ptr_eq(queue, &q)));
+            if let Some(t) = &mut self.traffic {
+                t.inflight.retain(|_, i| !matches!(i, Inflight::AwaitingPubAck(Source::Queue { queue, .. }) | Inflight::AwaitingPubRec(Source::Queue { queue, .. }) if Arc::ptr_eq(queue, &q)));
+            }
             return;
         }
         let result = match &self.mode {
@@ -1359,15 +1373,22 @@ impl Session {
     /// lagging, see `ferry_core::sink`).
     pub fn pump(&mut self, now: Millis) {
         self.more = false;
+        // Nothing has flowed yet and nothing waits: no `Traffic` to make.
+        if self.traffic.is_none()
+            && self.sink_outbox.is_empty()
+            && self.queue_outbox.as_ref().is_none_or(|o| o.is_empty())
+        {
+            return;
+        }
         loop {
-            while let Some(p) = self.backlog.pop_front() {
+            while let Some(p) = self.traffic().backlog.pop_front() {
                 if self.out.len() >= PUMP_BATCH {
-                    self.backlog.push_front(p);
+                    self.traffic().backlog.push_front(p);
                     self.more = true;
                     return;
                 }
-                if self.inflight.len() >= self.window as usize && self.would_need_window(&p) {
-                    self.backlog.push_front(p);
+                if self.traffic().inflight.len() >= self.window as usize && self.would_need_window(&p) {
+                    self.traffic().backlog.push_front(p);
                     return;
                 }
                 match p {
@@ -1376,13 +1397,14 @@ impl Session {
                 }
             }
             // Straight into the backlog: no vector per drain.
-            let queued = self.queue_outbox.as_ref().map_or(0, |o| o.drain_with(&mut self.backlog, Pending::Queue));
+            let traffic = self.traffic.get_or_insert_with(Default::default);
+            let queued = self.queue_outbox.as_ref().map_or(0, |o| o.drain_with(&mut traffic.backlog, Pending::Queue));
             // Only what this write will carry: the rest stays in the outbox, where it counts
             // against its bounds and holds the publishers back (a queue's deliveries are
             // bounded by the inflight window instead). Draining it all made a backlog of up to
             // twice the outbox beside it, and latency behind it (docs/benchmarks.md).
             let budget = PUMP_BATCH.saturating_sub(self.out.len());
-            let sunk = self.sink_outbox.drain_budget(&mut self.backlog, budget, Pending::Sink);
+            let sunk = self.sink_outbox.drain_budget(&mut traffic.backlog, budget, Pending::Sink);
             let drained = queued + sunk;
             if drained == 0 {
                 return;
@@ -1396,7 +1418,26 @@ impl Session {
 
     /// Whether there are deliveries waiting for the inflight window.
     pub fn has_backlog(&self) -> bool {
-        !self.backlog.is_empty()
+        self.traffic.as_ref().is_some_and(|t| !t.backlog.is_empty())
+    }
+
+    /// The session's [`Traffic`], made on first use.
+    fn traffic(&mut self) -> &mut Traffic {
+        self.traffic.get_or_insert_with(Default::default)
+    }
+
+    fn is_inflight(&self, id: u16) -> bool {
+        self.traffic.as_ref().is_some_and(|t| t.inflight.contains_key(&id))
+    }
+
+    fn take_inflight(&mut self, id: u16) -> Option<Inflight> {
+        self.traffic.as_mut()?.inflight.remove(&id)
+    }
+
+    /// The subscribers and queues found congested by this client's publishes since the last
+    /// call (see [`Traffic::congested`]).
+    pub fn take_congested(&mut self) -> impl Iterator<Item = ferry_core::flow::Target> + '_ {
+        self.traffic.iter_mut().flat_map(|t| t.congested.drain(..))
     }
 
     fn would_need_window(&self, p: &Pending) -> bool {
@@ -1497,7 +1538,7 @@ impl Session {
         }
         let v5 = self.is_v5();
         let topic = if m.routing_key.as_str().is_some() {
-            Str::from_validated(swap_separators_in(m.routing_key.as_bytes(), &mut self.topics))
+            Str::from_validated(swap_separators_in(m.routing_key.as_bytes(), &mut self.traffic().topics))
         } else {
             // Not UTF-8 (an AMQP publisher's key): its lossy text, as `to_publish` gives.
             Str::from(swap_separators(&m.routing_key.to_string_lossy()))
@@ -1539,7 +1580,7 @@ impl Session {
                 _ => None,
             };
             let id = match original {
-                Some(id) if !self.inflight.contains_key(&id) => id,
+                Some(id) if !self.is_inflight(id) => id,
                 _ => self.next_id(),
             };
             p.packet_id = Some(id);
@@ -1562,11 +1603,11 @@ impl Session {
             QoS::AtMostOnce => self.settle(src, now),
             QoS::AtLeastOnce => {
                 let id = packet_id(&packet);
-                self.inflight.insert(id, Inflight::AwaitingPubAck(src));
+                self.traffic().inflight.insert(id, Inflight::AwaitingPubAck(src));
             }
             QoS::ExactlyOnce => {
                 let id = packet_id(&packet);
-                self.inflight.insert(id, Inflight::AwaitingPubRec(src));
+                self.traffic().inflight.insert(id, Inflight::AwaitingPubRec(src));
             }
         }
         if self.after_acks && !self.acks.is_empty() {
