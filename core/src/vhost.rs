@@ -731,8 +731,14 @@ impl VHost {
         // Messages still held are dropped with the queue (RabbitMQ does not dead-letter them).
         // The store dropped the queue's messages with it; nothing else to forget.
         let mut ops = Vec::new();
-        let effects =
-            Effects { forgotten: Vec::new(), delivered: Vec::new(), load: None, forgotten_range: None, ..effects };
+        let effects = Effects {
+            forgotten: Vec::new(),
+            delivered: Vec::new(),
+            load: None,
+            forgotten_range: None,
+            forgotten_runs: Vec::new(),
+            ..effects
+        };
         self.carry_out(q, effects, now, 0, &mut ops);
         self.submit(ops);
         count
@@ -951,6 +957,12 @@ impl VHost {
                 vhost: self.name.clone(),
                 queue: queue.name().clone(),
                 seq,
+            }));
+            ops.extend(effects.forgotten_runs.into_iter().map(|(from_seq, to_seq)| StoreOp::DeleteRun {
+                vhost: self.name.clone(),
+                queue: queue.name().clone(),
+                from_seq,
+                to_seq,
             }));
             if let Some((from_seq, to_seq)) = effects.forgotten_range {
                 ops.push(StoreOp::DeleteRange {

@@ -1,7 +1,9 @@
 //! Queues larger than memory (issue 18), through the `ferry` binary and lapin: a durable queue
 //! holding more persistent messages than its window in memory (`ferry_core::queue::PAGE_WINDOW`)
-//! keeps the rest on disk. Every confirmed message is there, in order, after a SIGKILL; and a
-//! consumer draining a tail while a publisher keeps publishing gets every message once, in order.
+//! keeps the rest on disk. Every confirmed message is there, in order, after a SIGKILL; a tail
+//! consumed in part and acked in order (its deletes go in runs, `StoreOp::DeleteRun`) comes back
+//! after a SIGKILL as exactly what was not acked; and a consumer draining a tail while a publisher keeps
+//! publishing gets every message once, in order.
 
 mod common;
 
@@ -123,6 +125,57 @@ async fn a_backlog_larger_than_the_window_survives_sigkill_complete_and_in_order
     }
     let got = consume(&ch, "big", N).await;
     assert_eq!(got, (0..N).collect::<Vec<u32>>(), "every confirmed message, once, in order");
+}
+
+/// Consumes `count` messages (prefetch 1,000), acking them in order with `multiple` every 500
+/// and at the end: their numbers, in arrival order. Unacked deliveries past `count` stay unacked.
+async fn consume_acking_in_order(ch: &Channel, q: &str, count: u32) -> Vec<u32> {
+    ch.basic_qos(1_000, BasicQosOptions::default()).await.unwrap();
+    let mut consumer =
+        ch.basic_consume(q.into(), "m".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut got = Vec::new();
+    while (got.len() as u32) < count {
+        let d = tokio::time::timeout(PATIENCE, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {} of {count}", got.len()))
+            .expect("a delivery")
+            .unwrap();
+        got.push(u32::from_be_bytes(d.data[..].try_into().unwrap()));
+        if got.len() % 500 == 0 || got.len() as u32 == count {
+            d.ack(BasicAckOptions { multiple: true }).await.unwrap();
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_acked_in_part_in_order_comes_back_after_sigkill_as_what_was_not_acked() {
+    // Past the window, so that part of what is consumed was read back from the tail.
+    const TAKEN: u32 = 25_000;
+    let (amqp, http) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let ferry = start(dir.path(), amqp, http);
+    {
+        let (_conn, ch) = channel(amqp).await;
+        declare(&ch, "part").await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publish(&ch, "part", 0, N).await;
+        let (_cconn, cch) = channel(amqp).await;
+        assert_eq!(consume_acking_in_order(&cch, "part", TAKEN).await, (0..TAKEN).collect::<Vec<u32>>());
+        // What was delivered past TAKEN goes back to the queue.
+        cch.close(200, "done".into()).await.unwrap();
+        // A confirmed publish after the acks: their deletes were submitted before it, so its
+        // commit holds them (the store commits in submission order).
+        publish(&ch, "part", N, N + 1).await;
+    }
+    assert!(Command::new("kill").args(["-KILL", &ferry.pid().to_string()]).status().unwrap().success());
+    drop(ferry);
+
+    let _ferry = start(dir.path(), amqp, http);
+    let (_conn, ch) = channel(amqp).await;
+    assert_eq!(declare(&ch, "part").await, N + 1 - TAKEN, "nothing acked came back, nothing else went");
+    let got = consume(&ch, "part", N + 1 - TAKEN).await;
+    assert_eq!(got, (TAKEN..=N).collect::<Vec<u32>>(), "the rest, once, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -297,6 +297,9 @@ impl Connection {
         credit.release(counted);
         let vhost = self.vhost().clone();
         let mut touched: Vec<Arc<Queue>> = Vec::new();
+        // One settle per run of items of one queue: a multiple ack of messages read back from a
+        // queue's tail then deletes them as one run (`Effects::forgotten_runs`).
+        let mut pending: Option<(Arc<Queue>, ferry_core::queue::Effects)> = None;
         for u in items {
             let r = match requeue {
                 None => u.queue.ack(u.seq, now),
@@ -304,12 +307,22 @@ impl Connection {
             };
             match r {
                 Ok(effects) if waited => commit = commit.join(vhost.settle_waited(&u.queue, effects, now)),
-                Ok(effects) => vhost.settle(&u.queue, effects, now),
+                Ok(effects) => match &mut pending {
+                    Some((q, fx)) if Arc::ptr_eq(q, &u.queue) => fx.merge(effects),
+                    _ => {
+                        if let Some((q, fx)) = pending.replace((u.queue.clone(), effects)) {
+                            vhost.settle(&q, fx, now);
+                        }
+                    }
+                },
                 Err(e) => tracing::debug!(conn = %self.id, error = %e, "settling a delivery the queue no longer holds"),
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
                 touched.push(u.queue);
             }
+        }
+        if let Some((q, fx)) = pending {
+            vhost.settle(&q, fx, now);
         }
         if counted > 0 {
             self.pump_channel_queues(ch, now);

@@ -122,6 +122,15 @@ impl MemoryState {
                     ranges.remove(0);
                 }
             }
+            StoreOp::DeleteRun { vhost, queue, from_seq, to_seq } => {
+                // One `DeleteMessage` per seq: a missing one leaves its tombstone.
+                let key = (vhost, queue);
+                for seq in from_seq..=to_seq {
+                    if self.messages.get_mut(&key).and_then(|m| m.remove(&seq)).is_none() {
+                        self.early_deletes.insert((key.0.clone(), key.1.clone(), seq));
+                    }
+                }
+            }
             StoreOp::DeleteMessage { vhost, queue, seq } => {
                 let removed =
                     self.messages.get_mut(&(vhost.clone(), queue.clone())).and_then(|m| m.remove(&seq)).is_some();
@@ -284,6 +293,19 @@ mod tests {
         let snap = s.recover().unwrap();
         let seqs: Vec<u64> = snap.messages[&("/".to_string(), "q".into())].iter().map(|m| m.seq).collect();
         assert_eq!(seqs, vec![1, 7]);
+    }
+
+    #[test]
+    fn delete_run_deletes_like_one_delete_per_seq_and_leaves_a_tombstone_per_missing_one() {
+        let s = MemoryStore::new();
+        let m = persistent(b"x");
+        drop(s.submit([1, 2, 3, 5, 6].into_iter().map(|seq| put("q", seq, &m)).collect()));
+        drop(s.submit(vec![StoreOp::DeleteRun { vhost: "/".into(), queue: "q".into(), from_seq: 2, to_seq: 5 }]));
+        // 4 was missing: its late put is dropped; 3 was there: a new put of it is kept.
+        drop(s.submit(vec![put("q", 4, &m), put("q", 3, &m)]));
+        let snap = s.recover().unwrap();
+        let seqs: Vec<u64> = snap.messages[&("/".to_string(), "q".into())].iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![1, 3, 6]);
     }
 
     #[test]

@@ -111,6 +111,18 @@ pub enum StoreOp {
         queue: ShortString,
         seq: u64,
     },
+    /// The messages `from_seq..=to_seq` of a durable queue left it for good: exactly what one
+    /// `DeleteMessage` per sequence number in the range does (one missing leaves its tombstone),
+    /// in one walk over the leaves that hold the range instead of a descent from the root per
+    /// message. A queue sends it for messages whose puts are committed (read back from its tail,
+    /// or recovered), forgotten in order: a tail drained to no-ack consumers, or acked in order
+    /// ([`crate::queue::Effects::forgotten_runs`]).
+    DeleteRun {
+        vhost: String,
+        queue: ShortString,
+        from_seq: u64,
+        to_seq: u64,
+    },
     /// Every message of a durable queue with `from_seq <= seq <= to_seq`, in either layout: a
     /// purge of a queue's on-disk tail, whose sequence numbers the queue knows only as a range.
     /// Like a `DeleteMessage` it may arrive before some of its puts (a publisher enqueued into

@@ -990,6 +990,35 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
+    /// Removes the messages stored under the keys `from..=to` (one queue's, so `from` and `to`
+    /// differ only in their last 8 bytes, the seq), in either layout, with their body
+    /// references; `removed` gets each seq taken, in key order per table. One walk over the
+    /// leaves that hold the range per table (redb's `retain_in`), where a `remove` per key
+    /// descends from the root and rewrites the leaf and its branches each time: that was most of
+    /// the writer's work while a queue drained its tail (docs/benchmarks.md, "Queues larger than
+    /// memory").
+    fn remove_message_range(&mut self, from: &[u8], to: &[u8], removed: &mut Vec<u64>) -> Result<(), StoreError> {
+        let seq_of = |k: &[u8]| split_message_key(k).map_or(0, |(_, seq)| seq);
+        self.queued
+            .retain_in::<&[u8], _>(from..=to, |k, _| {
+                removed.push(seq_of(k));
+                false
+            })
+            .map_err(io)?;
+        let mut ids = Vec::new();
+        self.messages
+            .retain_in::<&[u8], _>(from..=to, |k, v| {
+                removed.push(seq_of(k));
+                ids.push(v & ID_MASK);
+                false
+            })
+            .map_err(io)?;
+        for id in ids {
+            self.unref(id)?;
+        }
+        Ok(())
+    }
+
     /// Removes the message stored under `k`, in either layout; whether there was one.
     fn remove_message(&mut self, k: &[u8]) -> Result<bool, StoreError> {
         if self.queued.remove(k).map_err(io)?.is_some() {
@@ -1792,25 +1821,29 @@ impl Writer {
                     }
                 }
             }
+            StoreOp::DeleteRun { vhost, queue, from_seq, to_seq } => {
+                let (from, to) =
+                    (codec::message_key(vhost, queue, *from_seq), codec::message_key(vhost, queue, *to_seq));
+                let mut removed = Vec::new();
+                t.remove_message_range(&from, &to, &mut removed)?;
+                if (removed.len() as u64) <= to_seq.saturating_sub(*from_seq) {
+                    // Some were not there: a tombstone each, as a `DeleteMessage` leaves.
+                    removed.sort_unstable();
+                    for seq in *from_seq..=*to_seq {
+                        if removed.binary_search(&seq).is_err() {
+                            let id = (vhost.clone(), queue.clone(), seq);
+                            if !self.tombstones.by_id.contains_key(&id) {
+                                self.tombstones.insert(id.clone());
+                                undo.push(Undo::Added(id));
+                            }
+                        }
+                    }
+                }
+            }
             StoreOp::DeleteRange { vhost, queue, from_seq, to_seq } => {
                 let (from, to) =
                     (codec::message_key(vhost, queue, *from_seq), codec::message_key(vhost, queue, *to_seq));
-                let mut gone = Vec::new();
-                for item in t.queued.range::<&[u8]>(from.as_slice()..=to.as_slice()).map_err(io)? {
-                    gone.push(item.map_err(io)?.0.value().to_vec());
-                }
-                for k in gone {
-                    t.queued.remove(k.as_slice()).map_err(io)?;
-                }
-                let mut gone = Vec::new();
-                for item in t.messages.range::<&[u8]>(from.as_slice()..=to.as_slice()).map_err(io)? {
-                    let (k, v) = item.map_err(io)?;
-                    gone.push((k.value().to_vec(), v.value()));
-                }
-                for (k, v) in gone {
-                    t.messages.remove(k.as_slice()).map_err(io)?;
-                    t.unref(v & ID_MASK)?;
-                }
+                t.remove_message_range(&from, &to, &mut Vec::new())?;
                 let q = (vhost.clone(), queue.clone());
                 let ranges = self.ranges.entry(q.clone()).or_default();
                 if ranges.len() >= MAX_RANGE_TOMBSTONES {
@@ -2786,6 +2819,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn delete_run_removes_both_layouts_frees_bodies_and_leaves_a_tombstone_per_missing_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = reopen(&dir);
+        // One `Arc` each, but for the fan-out: those alone go in `queued`.
+        let (a, shared) = (|| msg(b"a"), msg(b"fan"));
+        commit(
+            &s,
+            vec![
+                put("q", 1, &a()),
+                put("q", 2, &shared),
+                put("q2", 2, &shared),
+                put("q", 3, &a()),
+                put("q", 5, &a()),
+                put("q", 6, &a()),
+            ],
+        )
+        .await;
+        let run = |from_seq, to_seq| StoreOp::DeleteRun { vhost: "/".into(), queue: "q".into(), from_seq, to_seq };
+        commit(&s, vec![run(2, 5)]).await;
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1, 6]);
+        // 4 was not there: its put, late, is dropped as after a `DeleteMessage`; a put in the
+        // run's range that was there (3) is not (no range tombstone: it is a new message).
+        commit(&s, vec![put("q", 4, &a()), put("q", 3, &a())]).await;
+        let snap = s.recover().unwrap();
+        assert_eq!(seqs(&snap, "q"), vec![1, 3, 6]);
+        assert_eq!(seqs(&snap, "q2"), vec![2]);
+        // The shared body lost one of its two references; q2 still reads it.
+        commit(&s, vec![StoreOp::DeleteMessage { vhost: "/".into(), queue: "q2".into(), seq: 2 }]).await;
+        assert_eq!(table_lens(&s).2, 0);
+        drop(s);
+        let s = reopen(&dir);
+        assert_eq!(seqs(&s.recover().unwrap(), "q"), vec![1, 3, 6]);
+    }
+
+    #[tokio::test]
     async fn recovery_returns_a_paging_queues_window_and_its_tail_and_all_of_a_priority_queue() {
         use crate::store::{TailSummary, RECOVER_WINDOW};
         let dir = tempfile::tempdir().unwrap();
@@ -2871,6 +2939,12 @@ mod tests {
                     vhost: v.into(),
                     queue: q.into(),
                     seq
+                }),
+                1 => (vhost(), name(), 0..4u64, 0..4u64).prop_map(|(v, q, a, b)| StoreOp::DeleteRun {
+                    vhost: v.into(),
+                    queue: q.into(),
+                    from_seq: a.min(b),
+                    to_seq: a.max(b),
                 }),
                 1 => (vhost(), name(), 0..4u64, 0..4u64).prop_map(|(v, q, a, b)| StoreOp::DeleteRange {
                     vhost: v.into(),
