@@ -791,6 +791,22 @@ async fn a_message_a_v311_remote_closes_the_link_on_is_dropped_after_probing_and
 
 // ----- QoS 2 packet ids across a restart of Ferry ---------------------------------------------------
 
+/// The first whole MQTT packet in `buf` (fixed header byte, remaining length as a varint, body),
+/// taken out of it, with the length of its fixed header.
+fn next_packet(buf: &mut Vec<u8>) -> Option<(Vec<u8>, usize)> {
+    let (mut len, mut shift, mut i) = (0usize, 0, 1);
+    loop {
+        let &b = buf.get(i)?;
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    (buf.len() >= i + len).then(|| (buf.drain(..i + len).collect(), i))
+}
+
 /// A TCP proxy between the bridge and its remote that, while `hold` is set, swallows the
 /// bridge's packets of type `packet_type` (reporting each). PUBREL (6): the remote is left
 /// holding the packet id of a QoS 2 message it has PUBREC'd, as when Ferry stops between PUBREC
@@ -824,21 +840,7 @@ async fn swallowing_proxy(
                         Ok(n) => n,
                     };
                     buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let (mut len, mut shift, mut i) = (0usize, 0, 1);
-                        let complete = loop {
-                            let Some(&b) = buf.get(i) else { break false };
-                            len |= usize::from(b & 0x7f) << shift;
-                            shift += 7;
-                            i += 1;
-                            if b & 0x80 == 0 {
-                                break buf.len() >= i + len;
-                            }
-                        };
-                        if !complete {
-                            break;
-                        }
-                        let packet: Vec<u8> = buf.drain(..i + len).collect();
+                    while let Some((packet, _)) = next_packet(&mut buf) {
                         if packet[0] >> 4 == packet_type && hold.load(std::sync::atomic::Ordering::SeqCst) {
                             let _ = swallowed_tx.send(());
                             continue;
@@ -1007,21 +1009,7 @@ async fn recording_remote(
                         Ok(n) => n,
                     };
                     buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let (mut len, mut shift, mut i) = (0usize, 0, 1);
-                        let complete = loop {
-                            let Some(&b) = buf.get(i) else { break false };
-                            len |= usize::from(b & 0x7f) << shift;
-                            shift += 7;
-                            i += 1;
-                            if b & 0x80 == 0 {
-                                break buf.len() >= i + len;
-                            }
-                        };
-                        if !complete {
-                            break;
-                        }
-                        let packet: Vec<u8> = buf.drain(..i + len).collect();
+                    while let Some((packet, i)) = next_packet(&mut buf) {
                         let body = &packet[i..];
                         let reply: &[u8] = match packet[0] >> 4 {
                             1 => &[0x20, 2, 0, 0],
