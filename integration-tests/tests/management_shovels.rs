@@ -550,6 +550,49 @@ async fn src_delete_after_moves_that_many_messages_then_deletes_the_shovel() {
     assert_eq!(declare(&fch, &src).await, 2, "published after it was done: not shovelled");
 }
 
+/// `src-delete-after` with a remote source, as RabbitMQ's shovels have it: a count of messages
+/// taken from RabbitMQ's queue (acknowledged there once stored here), then the shovel deletes
+/// itself and what its consumer was sent past the count goes back to RabbitMQ's queue; or
+/// `queue-length`, what that queue held when the shovel connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn src_delete_after_counts_what_a_remote_source_gives_then_deletes_the_shovel() {
+    let Some(rabbit) = rabbit().await else { return };
+    let (remote_q, local_q) = (unique("remote"), unique("local"));
+    let (_rc, rch) = rabbit.channel().await;
+    declare(&rch, &remote_q).await;
+    within("confirm.select", rch.confirm_select(ConfirmSelectOptions::default())).await.expect("confirms");
+    publish(&rch, &remote_q, "in", 10).await;
+    let local = ferry("").await;
+    let (_fc, fch) = ferry_channel(&local).await;
+    declare(&fch, &local_q).await;
+    let inbound = |after: Value| {
+        json!({"src-uri": rabbit_uri(rabbit), "src-queue": remote_q, "dest-uri": "amqp://", "dest-queue": local_q,
+               "ack-mode": "on-confirm", "src-prefetch-count": 3, "src-delete-after": after})
+    };
+    assert_eq!(put(&local, "four", inbound(json!(4))).await.0, 201);
+    let mut here = consume(&fch, &local_q).await;
+    assert_eq!(receive(&mut here, 4).await, bodies("in", 4));
+    until_no_parameters(&local).await;
+    assert_eq!(get(&local, "admin", "/api/shovels").await.1, json!([]));
+    // RabbitMQ hands back the deliveries past the count when the channel closes.
+    let mut left = 0;
+    for _ in 0..50 {
+        left = declare(&rch, &remote_q).await;
+        if left == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 6, "what the shovel was sent past its count went back");
+
+    assert_eq!(put(&local, "the-rest", inbound(json!("queue-length"))).await.0, 201);
+    let rest: Vec<String> = (4..10).map(|i| format!("in-{i}")).collect();
+    assert_eq!(receive(&mut here, 6).await, rest);
+    until_no_parameters(&local).await;
+    publish(&rch, &remote_q, "after", 2).await;
+    assert_eq!(declare(&rch, &remote_q).await, 2, "published after it was done: not shovelled");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dynamic_shovel_brings_messages_from_rabbitmq_into_a_local_queue() {
     let Some(rabbit) = rabbit().await else { return };

@@ -401,12 +401,14 @@ pub fn parse(vhost: &str, name: &str, value: &Value) -> Result<ShovelConfig, Str
                 a.password = pw;
             }
             s.add_timestamp_header = timestamp.unwrap_or(false);
-            if delete_after.is_some() && s.direction != super::ShovelDirection::Out {
-                // Ferry counts what it takes from a local queue; a remote source's deliveries
-                // past the count would have to be handed back one connection later.
-                return Err("src-delete-after: Ferry stops a shovel after a count only when its source is this \
-                            broker (src-uri amqp://); give \"never\""
-                    .into());
+            if delete_after == Some(DeleteAfter::QueueLength)
+                && s.direction == super::ShovelDirection::In
+                && !matches!(s.source, super::Source::Queue(_))
+            {
+                // The remote's queue for an exchange source is made afresh: always empty.
+                return Err(
+                    "src-delete-after: \"queue-length\" needs a source queue (src-queue), not an exchange".into()
+                );
             }
             s.delete_after = delete_after;
             if let Some(d) = reconnect {
@@ -473,9 +475,15 @@ mod tests {
             json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://h", "src-delete-after": "soon"}),
         );
         assert!(why.contains("src-delete-after: \"soon\": \"never\""), "{why}");
-        let why =
-            refused(json!({"src-uri": "amqp://h", "src-queue": "q", "dest-uri": "amqp://", "src-delete-after": 5}));
-        assert!(why.starts_with("src-delete-after: Ferry stops a shovel after a count only"), "{why}");
+        let remote = |after: Value| {
+            let v = json!({"src-uri": "amqp://h", "src-queue": "q", "dest-uri": "amqp://", "src-delete-after": after});
+            parse("/", "s", &v).unwrap().delete_after
+        };
+        assert_eq!(remote(json!(5)), Some(DeleteAfter::Messages(5)), "a remote source counts too");
+        assert_eq!(remote(json!("queue-length")), Some(DeleteAfter::QueueLength));
+        let why = refused(json!({"src-uri": "amqp://h", "src-exchange": "x", "dest-uri": "amqp://",
+                                 "src-delete-after": "queue-length"}));
+        assert!(why.starts_with("src-delete-after: \"queue-length\" needs a source queue"), "{why}");
         let ok = |after: Value| {
             let v = json!({"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://h", "src-delete-after": after});
             parse("/", "s", &v).unwrap().delete_after

@@ -137,6 +137,10 @@ struct Carry {
     /// Messages taken from the source so far (counted against `limit`). What the consumer
     /// delivers past it is left unacked, and handed back to the queue when the shovel stops.
     taken: u64,
+    /// From a remote source: messages acknowledged to it (or delivered without acks). At each
+    /// connection `taken` starts again from here: what was taken and not acknowledged, the
+    /// remote delivers again.
+    settled: u64,
 }
 
 impl Carry {
@@ -515,21 +519,26 @@ async fn remote_queue(
     predeclared: bool,
     arguments: &FieldTable,
     early: &mut Vec<Event>,
-) -> Result<(), ShovelError> {
+) -> Result<Option<u32>, ShovelError> {
     let name = ShortString::from(queue);
     let check = AmqpQueueDeclare { queue: name.clone(), passive: true, ..Default::default() };
+    let count = |m: Method| match m {
+        Method::QueueDeclareOk(ok) => Some(ok.message_count),
+        _ => None,
+    };
     if predeclared {
         // A queue that is not there would make every message unroutable (and confirmed):
         // refuse instead, the remote names the problem (404).
-        wire.call(client, Method::QueueDeclare(check), early).await?;
-        return Ok(());
+        return Ok(count(wire.call(client, Method::QueueDeclare(check), early).await?));
     }
-    if wire.probe(client, Method::QueueDeclare(check), early).await?.is_none() {
-        let declare =
-            AmqpQueueDeclare { queue: name, durable: true, arguments: arguments.clone(), ..Default::default() };
-        wire.call(client, Method::QueueDeclare(declare), early).await?;
+    match wire.probe(client, Method::QueueDeclare(check), early).await? {
+        Some(m) => Ok(count(m)),
+        None => {
+            let declare =
+                AmqpQueueDeclare { queue: name, durable: true, arguments: arguments.clone(), ..Default::default() };
+            Ok(count(wire.call(client, Method::QueueDeclare(declare), early).await?))
+        }
     }
-    Ok(())
 }
 
 impl Conn<'_> {
@@ -582,10 +591,12 @@ impl Conn<'_> {
     }
 
     /// The channel set-up: confirms for an `out` shovel; qos, the source queue and the
-    /// consumer for an `in` one. Returns deliveries that arrived with the last reply.
-    async fn set_up(&self, wire: &mut Wire, client: &mut Client) -> Result<Vec<Event>, ShovelError> {
+    /// consumer for an `in` one. Returns deliveries that arrived with the last reply, and the
+    /// messages the remote source queue held (for `src-delete-after` `queue-length`).
+    async fn set_up(&self, wire: &mut Wire, client: &mut Client) -> Result<(Vec<Event>, Option<u32>), ShovelError> {
         let config = self.config();
         let mut early = Vec::new();
+        let mut held = None;
         match config.direction {
             ShovelDirection::Out => {
                 if let super::config::Destination::Queue(q) = &config.destination {
@@ -602,8 +613,9 @@ impl Conn<'_> {
                 }
                 let queue = match &config.source {
                     Source::Queue(q) => {
-                        remote_queue(wire, client, q, config.src_predeclared, &config.src_queue_args, &mut early)
-                            .await?;
+                        held =
+                            remote_queue(wire, client, q, config.src_predeclared, &config.src_queue_args, &mut early)
+                                .await?;
                         ShortString::from(q.as_str())
                     }
                     Source::Exchange { exchange, key } => {
@@ -634,7 +646,7 @@ impl Conn<'_> {
                 wire.call(client, Method::BasicConsume(consume), &mut early).await?;
             }
         }
-        Ok(early)
+        Ok((early, held))
     }
 
     async fn serve(&mut self, shutdown: &mut Shutdown, backoff: &mut Backoff) -> Result<(), ShovelError> {
@@ -649,7 +661,15 @@ impl Conn<'_> {
             }) => r,
             _ = shutdown.wait() => return Ok(()),
         };
-        let (wire, mut client, early) = connected.map_err(|_| ShovelError::ConnectTimeout(timeout))??;
+        let (wire, mut client, (early, held)) = connected.map_err(|_| ShovelError::ConnectTimeout(timeout))??;
+        if config.direction == ShovelDirection::In {
+            // What was taken and not acknowledged comes again from the remote.
+            self.carry.taken = self.carry.settled;
+            if config.delete_after == Some(super::config::DeleteAfter::QueueLength) && self.carry.limit.is_none() {
+                // As many as the source queue held when the shovel first connected.
+                self.carry.limit = Some(u64::from(held.unwrap_or(0)));
+            }
+        }
         self.cluster = client.server_property("cluster_name");
         let handle = self.shovel.connections.register(ConnectionInfo {
             id: self.shovel.id,
@@ -723,8 +743,10 @@ impl Conn<'_> {
             if moved {
                 self.shovel.changed();
             }
-            if self.carry.done() {
-                // src-delete-after's count is confirmed: close the connection and stop.
+            if self.carry.done() && acks.is_empty() {
+                // src-delete-after's count is confirmed (from a remote source: acknowledged to
+                // it): close the connection and stop. What the remote delivered past the count
+                // goes back to its queue with the channel.
                 let _ = client.close(&mut out);
                 let _ = tx.send(out.split().freeze());
                 drop(tx);
@@ -778,6 +800,7 @@ impl Conn<'_> {
                         // Unacked, the remote delivers it again after the reconnect.
                         result.map_err(|e| ShovelError::Store(e.to_string()))?;
                         last = Some(tag);
+                        self.carry.settled += 1;
                     }
                     if let Some(tag) = last {
                         client.ack(tag, true, &mut out)?;
@@ -879,6 +902,16 @@ impl Conn<'_> {
     fn on_delivery(&mut self, d: Incoming, acks: &mut AckQueue<u64>) -> Result<(), ShovelError> {
         let shovel = self.shovel.clone();
         let config = &shovel.config;
+        if self.carry.limit.is_some_and(|l| self.carry.taken >= l) && config.ack_mode != AckMode::NoAck {
+            // Past src-delete-after's count: left unacknowledged, it goes back to the remote's
+            // queue when the shovel closes its channel. (Without acks the remote counts it
+            // delivered already: it is published rather than lost.)
+            return Ok(());
+        }
+        self.carry.taken += 1;
+        if config.ack_mode == AckMode::NoAck {
+            self.carry.settled += 1;
+        }
         let hops = hops_of(&d.properties);
         let commit = if hops >= config.max_hops {
             shovel.counters.dropped_max_hops.fetch_add(1, Ordering::Relaxed);
