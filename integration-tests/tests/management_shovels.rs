@@ -574,20 +574,19 @@ async fn src_delete_after_counts_what_a_remote_source_gives_then_deletes_the_sho
     assert_eq!(receive(&mut here, 4).await, bodies("in", 4));
     until_no_parameters(&local).await;
     assert_eq!(get(&local, "admin", "/api/shovels").await.1, json!([]));
-    // RabbitMQ hands back the deliveries past the count when the channel closes.
-    let mut left = 0;
-    for _ in 0..50 {
-        left = declare(&rch, &remote_q).await;
-        if left == 6 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(left, 6, "what the shovel was sent past its count went back");
-
-    assert_eq!(put(&local, "the-rest", inbound(json!("queue-length"))).await.0, 201);
+    // RabbitMQ hands back the deliveries past the count when the channel closes: a consumer
+    // there gets all six, in order.
+    let (_rc2, rch2) = rabbit.channel().await;
+    let mut there = consume(&rch2, &remote_q).await;
     let rest: Vec<String> = (4..10).map(|i| format!("in-{i}")).collect();
-    assert_eq!(receive(&mut here, 6).await, rest);
+    assert_eq!(receive(&mut there, 6).await, rest, "what the shovel was sent past its count went back");
+    drop(there);
+    within("close", rch2.close(200, "bye".into())).await.expect("channel closed");
+
+    // queue-length: what RabbitMQ's queue held when the shovel connected.
+    publish(&rch, &remote_q, "more", 3).await;
+    assert_eq!(put(&local, "the-rest", inbound(json!("queue-length"))).await.0, 201);
+    assert_eq!(receive(&mut here, 3).await, bodies("more", 3));
     until_no_parameters(&local).await;
     publish(&rch, &remote_q, "after", 2).await;
     assert_eq!(declare(&rch, &remote_q).await, 2, "published after it was done: not shovelled");
