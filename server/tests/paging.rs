@@ -83,11 +83,22 @@ async fn publish(ch: &Channel, q: &str, from: u32, to: u32) {
     }
 }
 
-/// Consumes `count` messages with manual acks (prefetch 200): their numbers, in arrival order.
+/// Consumes `count` messages with manual acks (prefetch 200, each acked): their numbers, in
+/// arrival order.
 async fn consume(ch: &Channel, q: &str, count: u32) -> Vec<u32> {
-    ch.basic_qos(200, BasicQosOptions::default()).await.unwrap();
-    let mut consumer =
-        ch.basic_consume(q.into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    consume_with(ch, q, count, 200, 1).await
+}
+
+/// Consumes `count` messages with manual acks, `prefetch` at a time, acking in order with
+/// `multiple` every `ack_every` deliveries and at the end (1: each alone): their numbers, in
+/// arrival order. Unacked deliveries past `count` stay unacked.
+async fn consume_with(ch: &Channel, q: &str, count: u32, prefetch: u16, ack_every: usize) -> Vec<u32> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await.unwrap();
+    let tag = format!("c{prefetch}-{ack_every}");
+    let mut consumer = ch
+        .basic_consume(q.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
     let mut got = Vec::new();
     while (got.len() as u32) < count {
         let d = tokio::time::timeout(PATIENCE, consumer.next())
@@ -96,7 +107,9 @@ async fn consume(ch: &Channel, q: &str, count: u32) -> Vec<u32> {
             .expect("a delivery")
             .unwrap();
         got.push(u32::from_be_bytes(d.data[..].try_into().unwrap()));
-        d.ack(BasicAckOptions::default()).await.unwrap();
+        if got.len() % ack_every == 0 || got.len() as u32 == count {
+            d.ack(BasicAckOptions { multiple: ack_every > 1 }).await.unwrap();
+        }
     }
     got
 }
@@ -127,27 +140,6 @@ async fn a_backlog_larger_than_the_window_survives_sigkill_complete_and_in_order
     assert_eq!(got, (0..N).collect::<Vec<u32>>(), "every confirmed message, once, in order");
 }
 
-/// Consumes `count` messages (prefetch 1,000), acking them in order with `multiple` every 500
-/// and at the end: their numbers, in arrival order. Unacked deliveries past `count` stay unacked.
-async fn consume_acking_in_order(ch: &Channel, q: &str, count: u32) -> Vec<u32> {
-    ch.basic_qos(1_000, BasicQosOptions::default()).await.unwrap();
-    let mut consumer =
-        ch.basic_consume(q.into(), "m".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
-    let mut got = Vec::new();
-    while (got.len() as u32) < count {
-        let d = tokio::time::timeout(PATIENCE, consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("stalled after {} of {count}", got.len()))
-            .expect("a delivery")
-            .unwrap();
-        got.push(u32::from_be_bytes(d.data[..].try_into().unwrap()));
-        if got.len() % 500 == 0 || got.len() as u32 == count {
-            d.ack(BasicAckOptions { multiple: true }).await.unwrap();
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_acked_in_part_in_order_comes_back_after_sigkill_as_what_was_not_acked() {
     // Past the window, so that part of what is consumed was read back from the tail.
@@ -161,7 +153,7 @@ async fn a_tail_acked_in_part_in_order_comes_back_after_sigkill_as_what_was_not_
         ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         publish(&ch, "part", 0, N).await;
         let (_cconn, cch) = channel(amqp).await;
-        assert_eq!(consume_acking_in_order(&cch, "part", TAKEN).await, (0..TAKEN).collect::<Vec<u32>>());
+        assert_eq!(consume_with(&cch, "part", TAKEN, 1_000, 500).await, (0..TAKEN).collect::<Vec<u32>>());
         // What was delivered past TAKEN goes back to the queue.
         cch.close(200, "done".into()).await.unwrap();
         // A confirmed publish after the acks: their deletes were submitted before it, so its
