@@ -550,6 +550,29 @@ async fn src_delete_after_moves_that_many_messages_then_deletes_the_shovel() {
     assert_eq!(declare(&fch, &src).await, 2, "published after it was done: not shovelled");
 }
 
+/// The two ends of a shovel from RabbitMQ: a queue there holding `n` messages (`in-0`, …)
+/// published with confirms, and a Ferry with an empty local queue; the connections kept open.
+struct FromRabbit {
+    remote_q: String,
+    local_q: String,
+    rch: Channel,
+    fch: Channel,
+    local: TestServer,
+    _conns: (Connection, Connection),
+}
+
+async fn from_rabbit(rabbit: &Rabbit, n: usize) -> FromRabbit {
+    let (remote_q, local_q) = (unique("remote"), unique("local"));
+    let (rc, rch) = rabbit.channel().await;
+    declare(&rch, &remote_q).await;
+    within("confirm.select", rch.confirm_select(ConfirmSelectOptions::default())).await.expect("confirms");
+    publish(&rch, &remote_q, "in", n).await;
+    let local = ferry("").await;
+    let (fc, fch) = ferry_channel(&local).await;
+    declare(&fch, &local_q).await;
+    FromRabbit { remote_q, local_q, rch, fch, local, _conns: (rc, fc) }
+}
+
 /// `src-delete-after` with a remote source, as RabbitMQ's shovels have it: a count of messages
 /// taken from RabbitMQ's queue (acknowledged there once stored here), then the shovel deletes
 /// itself and what its consumer was sent past the count goes back to RabbitMQ's queue; or
@@ -557,14 +580,7 @@ async fn src_delete_after_moves_that_many_messages_then_deletes_the_shovel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn src_delete_after_counts_what_a_remote_source_gives_then_deletes_the_shovel() {
     let Some(rabbit) = rabbit().await else { return };
-    let (remote_q, local_q) = (unique("remote"), unique("local"));
-    let (_rc, rch) = rabbit.channel().await;
-    declare(&rch, &remote_q).await;
-    within("confirm.select", rch.confirm_select(ConfirmSelectOptions::default())).await.expect("confirms");
-    publish(&rch, &remote_q, "in", 10).await;
-    let local = ferry("").await;
-    let (_fc, fch) = ferry_channel(&local).await;
-    declare(&fch, &local_q).await;
+    let FromRabbit { remote_q, local_q, rch, fch, local, _conns } = from_rabbit(rabbit, 10).await;
     let inbound = |after: Value| {
         json!({"src-uri": rabbit_uri(rabbit), "src-queue": remote_q, "dest-uri": "amqp://", "dest-queue": local_q,
                "ack-mode": "on-confirm", "src-prefetch-count": 3, "src-delete-after": after})
@@ -595,14 +611,7 @@ async fn src_delete_after_counts_what_a_remote_source_gives_then_deletes_the_sho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dynamic_shovel_brings_messages_from_rabbitmq_into_a_local_queue() {
     let Some(rabbit) = rabbit().await else { return };
-    let (remote_q, local_q) = (unique("remote"), unique("local"));
-    let (_rc, rch) = rabbit.channel().await;
-    declare(&rch, &remote_q).await;
-    within("confirm.select", rch.confirm_select(ConfirmSelectOptions::default())).await.expect("confirms");
-    publish(&rch, &remote_q, "in", 6).await;
-    let local = ferry("").await;
-    let (_fc, fch) = ferry_channel(&local).await;
-    declare(&fch, &local_q).await;
+    let FromRabbit { remote_q, local_q, rch, fch, local, _conns } = from_rabbit(rabbit, 6).await;
     // RabbitMQ's form: the source a list of URIs (the first is used), the local end amqp://.
     let value = json!({"src-uri": [rabbit_uri(rabbit), "amqp://unused.example"], "src-queue": remote_q,
                        "dest-uri": "amqp://", "dest-queue": local_q, "ack-mode": "on-confirm"});
