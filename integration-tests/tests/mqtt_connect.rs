@@ -72,7 +72,7 @@ async fn v5_empty_client_id_gets_an_assigned_client_identifier() {
     let server = TestServer::mqtt().await;
     let (_c, ack) = RawClient::connect(server.mqtt_addr(), connect_packet(V5, "", true)).await;
     assert_eq!(ack.code, 0);
-    let assigned = ack.properties.assigned_client_identifier.expect("Assigned Client Identifier");
+    let assigned = ack.properties.assigned_client_identifier.clone().expect("Assigned Client Identifier");
     assert!(!assigned.is_empty());
     let (_d, ack2) = RawClient::connect(server.mqtt_addr(), connect_packet(V5, "", true)).await;
     assert_ne!(ack2.properties.assigned_client_identifier, Some(assigned), "identifiers are unique");

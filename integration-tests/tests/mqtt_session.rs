@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_integration_tests::mqtt::{connect_packet, publish_packet, sub_options, v311, will, RawClient};
 use ferry_integration_tests::{within, TestServer};
-use ferry_mqtt::codec::{Disconnect, Packet, Properties, ProtocolVersion, PubResp, QoS, Str};
+use ferry_mqtt::codec::{Disconnect, Packet, Properties, PropertyValues, ProtocolVersion, PubResp, QoS, Str};
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
 const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -62,14 +62,15 @@ async fn v5_will_properties_reach_a_v5_subscriber() {
     let mut w = watcher(&server, "wills/#").await;
     let mut connect = connect_packet(V5, "props", true);
     let mut wl = will("wills/props", b"{\"state\":\"lost\"}", QoS::AtMostOnce, false);
-    wl.properties = Properties {
+    wl.properties = PropertyValues {
         payload_format_indicator: Some(1),
         content_type: Some(Str::from("application/json")),
         response_topic: Some(Str::from("replies/props")),
         correlation_data: Some(Bytes::from_static(b"\x00\x01corr")),
         user_properties: vec![(Str::from("site"), Str::from("plant-7"))],
-        ..Properties::default()
-    };
+        ..PropertyValues::default()
+    }
+    .into();
     connect.will = Some(wl);
     let (c, _) = RawClient::connect(server.mqtt_addr(), connect).await;
     c.drop_connection();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use ferry_integration_tests::mqtt::{connect_packet, publish_packet, sub_options, v5, RawClient};
 use ferry_integration_tests::TestServer;
 use ferry_mqtt::codec::{
-    Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, Str, SubOptions, Subscribe, Unsubscribe,
+    Packet, Properties, PropertyValues, ProtocolVersion, PubResp, Publish, QoS, Str, SubOptions, Subscribe, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
@@ -20,7 +20,11 @@ const V5: ProtocolVersion = ProtocolVersion::V5;
 fn subscribe_with_id(id: u16, filter: &str, options: SubOptions, sub_id: Option<u32>) -> Subscribe {
     Subscribe {
         packet_id: id,
-        properties: Properties { subscription_identifiers: sub_id.into_iter().collect(), ..Properties::default() },
+        properties: PropertyValues {
+            subscription_identifiers: sub_id.into_iter().collect(),
+            ..PropertyValues::default()
+        }
+        .into(),
         filters: vec![(Str::from(filter), options)],
     }
 }
@@ -366,7 +370,7 @@ async fn retained_messages_carry_the_subscription_identifier() {
     let mut c = RawClient::connect_ok(server.mqtt_addr(), V5, "rid", true).await;
     c.subscribe_with(subscribe_with_id(1, "rid/#", sub_options(QoS::AtMostOnce), Some(42))).await;
     let p = c.recv_publish().await;
-    assert_eq!((p.retain, p.properties.subscription_identifiers), (true, vec![42]));
+    assert_eq!((p.retain, p.properties.subscription_identifiers.clone()), (true, vec![42]));
 }
 
 #[tokio::test]
@@ -423,7 +427,8 @@ async fn shared_subscriptions_get_no_retained_messages() {
 async fn session_expiry_on_disconnect_after_zero_at_connect_is_a_protocol_error() {
     let server = TestServer::mqtt().await;
     let mut c = RawClient::connect_ok(server.mqtt_addr(), V5, "zero", true).await;
-    let properties = Properties { session_expiry_interval: Some(30), ..Properties::default() };
+    let properties: Properties =
+        PropertyValues { session_expiry_interval: Some(30), ..PropertyValues::default() }.into();
     c.send(&Packet::Disconnect(ferry_mqtt::codec::Disconnect { reason: 0, properties })).await;
     c.expect_close(Some(0x82)).await;
 }

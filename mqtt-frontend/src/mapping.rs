@@ -152,12 +152,21 @@ pub fn to_publish(m: &Message, qos: QoS, retain: bool, v5: bool, now: Millis) ->
 pub fn to_publish_on(m: &Message, topic: Str, qos: QoS, retain: bool, v5: bool, now: Millis) -> Publish {
     let mut properties = codec::Properties::default();
     if v5 {
+        // Each property is written only when present: a write makes the properties' box
+        // (`codec::Properties`), which a message without any should not cost.
         let mp = &m.properties;
-        properties.content_type = mp.content_type.as_ref().and_then(|c| c.as_str()).map(Str::from);
-        properties.response_topic =
-            mp.more().reply_to.as_ref().and_then(|r| r.as_str()).map(|r| Str::from(swap_separators(r)));
-        properties.correlation_data = mp.more().correlation_id.as_ref().map(|c| c.bytes().clone());
-        properties.message_expiry_interval = remaining_expiry(m, now);
+        if let Some(c) = mp.content_type.as_ref().and_then(|c| c.as_str()) {
+            properties.content_type = Some(Str::from(c));
+        }
+        if let Some(r) = mp.more().reply_to.as_ref().and_then(|r| r.as_str()) {
+            properties.response_topic = Some(Str::from(swap_separators(r)));
+        }
+        if let Some(c) = &mp.more().correlation_id {
+            properties.correlation_data = Some(c.bytes().clone());
+        }
+        if let Some(e) = remaining_expiry(m, now) {
+            properties.message_expiry_interval = Some(e);
+        }
         if let Some(h) = &mp.headers {
             for (k, v) in h.iter() {
                 match k.as_bytes() {
@@ -238,7 +247,7 @@ mod tests {
 
     #[test]
     fn v5_properties_round_trip() {
-        let props = codec::Properties {
+        let props: codec::Properties = codec::PropertyValues {
             payload_format_indicator: Some(1),
             message_expiry_interval: Some(60),
             content_type: Some(Str::from("application/json")),
@@ -250,7 +259,8 @@ mod tests {
                 (Str::from("a"), Str::from("3")),
             ],
             ..Default::default()
-        };
+        }
+        .into();
         let m = to_message(&publish(QoS::AtLeastOnce, props.clone()), "t", &"amq.topic".into(), origin(), 1_000);
         assert_eq!(m.properties.more().reply_to.as_ref().unwrap(), "reply.to/me");
         assert_eq!(m.properties.more().expiration.as_ref().unwrap(), "60000");
@@ -272,7 +282,8 @@ mod tests {
     #[test]
     fn long_correlation_data_travels_in_a_header() {
         let cd = Bytes::from(vec![7u8; 300]);
-        let props = codec::Properties { correlation_data: Some(cd.clone()), ..Default::default() };
+        let props: codec::Properties =
+            codec::PropertyValues { correlation_data: Some(cd.clone()), ..Default::default() }.into();
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
         assert!(m.properties.more().correlation_id.is_none());
         assert_eq!(to_publish(&m, QoS::AtMostOnce, false, true, 0).properties.correlation_data, Some(cd));
@@ -280,7 +291,8 @@ mod tests {
 
     #[test]
     fn expired_messages_report_zero_seconds_left() {
-        let props = codec::Properties { message_expiry_interval: Some(1), ..Default::default() };
+        let props: codec::Properties =
+            codec::PropertyValues { message_expiry_interval: Some(1), ..Default::default() }.into();
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
         assert_eq!(remaining_expiry(&m, 500), Some(1));
         assert_eq!(remaining_expiry(&m, 1_000), Some(0));
@@ -305,7 +317,8 @@ mod tests {
     #[test]
     fn binary_correlation_data_travels_in_a_header() {
         let cd = Bytes::from_static(&[0, 159, 255]);
-        let props = codec::Properties { correlation_data: Some(cd.clone()), ..Default::default() };
+        let props: codec::Properties =
+            codec::PropertyValues { correlation_data: Some(cd.clone()), ..Default::default() }.into();
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
         assert!(m.properties.more().correlation_id.is_none(), "not UTF-8: AMQP clients could not read it");
         assert_eq!(m.properties.header(H_CORRELATION), Some(&FieldValue::Bytes(cd.clone())));
@@ -315,11 +328,12 @@ mod tests {
     #[test]
     fn long_content_type_and_response_topic_travel_in_headers() {
         let long = "x/".repeat(200);
-        let props = codec::Properties {
+        let props: codec::Properties = codec::PropertyValues {
             content_type: Some(Str::from(long.as_str())),
             response_topic: Some(Str::from(long.as_str())),
             ..Default::default()
-        };
+        }
+        .into();
         let m = to_message(&publish(QoS::AtMostOnce, props), "t", &"amq.topic".into(), origin(), 0);
         assert!(m.properties.content_type.is_none() && m.properties.more().reply_to.is_none());
         let back = to_publish(&m, QoS::AtMostOnce, false, true, 0);
@@ -330,10 +344,11 @@ mod tests {
 
     #[test]
     fn user_properties_named_like_ferry_headers_are_not_carried() {
-        let props = codec::Properties {
+        let props: codec::Properties = codec::PropertyValues {
             user_properties: vec![(Str::from(H_QOS), Str::from("0")), (Str::from("k"), Str::from("v"))],
             ..Default::default()
-        };
+        }
+        .into();
         let m = to_message(&publish(QoS::ExactlyOnce, props), "t", &"amq.topic".into(), origin(), 0);
         assert_eq!(message_qos(&m), QoS::ExactlyOnce);
         let back = to_publish(&m, QoS::ExactlyOnce, false, true, 0);

@@ -727,8 +727,10 @@ impl Session {
                 Packet::Disconnect(d) => &mut d.properties,
                 _ => return,
             };
-            props.reason_string = None;
-            props.user_properties.clear();
+            if !props.is_empty() {
+                props.reason_string = None;
+                props.user_properties.clear();
+            }
         };
         if !self.problem_info && !matches!(packet, Packet::Disconnect(_)) {
             strip(&mut packet);
@@ -1556,7 +1558,9 @@ impl Session {
         // a later packet would use an alias the client never learnt.
         let mut new_alias = None;
         if v5 {
-            p.properties.subscription_identifiers = sub_ids.to_vec();
+            if !sub_ids.is_empty() {
+                p.properties.subscription_identifiers = sub_ids.to_vec();
+            }
             if self.client_alias_max > 0 {
                 let max_aliases = self.client_alias_max as usize;
                 let aliases = &self.extras().outbound_aliases;
@@ -1794,9 +1798,16 @@ mod tests {
 
     /// A 5.0 session with a will delayed `will_delay` seconds and a session expiry of `expiry`.
     fn with_will(vhost: &Arc<VHost>, id: u64, will_delay: u32, expiry: u32) -> Session {
-        let properties = Properties { session_expiry_interval: (expiry > 0).then_some(expiry), ..Default::default() };
-        let will_properties =
-            Properties { will_delay_interval: (will_delay > 0).then_some(will_delay), ..Default::default() };
+        let properties = crate::codec::PropertyValues {
+            session_expiry_interval: (expiry > 0).then_some(expiry),
+            ..Default::default()
+        }
+        .into();
+        let will_properties = crate::codec::PropertyValues {
+            will_delay_interval: (will_delay > 0).then_some(will_delay),
+            ..Default::default()
+        }
+        .into();
         let connect = Connect {
             bridge: false,
             version: V5,
@@ -1831,7 +1842,7 @@ mod tests {
     }
 
     fn disconnect_with_expiry(expiry: Option<u32>) -> Packet {
-        let properties = Properties { session_expiry_interval: expiry, ..Default::default() };
+        let properties = crate::codec::PropertyValues { session_expiry_interval: expiry, ..Default::default() }.into();
         Packet::Disconnect(crate::codec::Disconnect { reason: 0, properties })
     }
 
@@ -1860,7 +1871,7 @@ mod tests {
             will: None,
             username: None,
             password: None,
-            properties: Properties { session_expiry_interval: Some(5), ..Default::default() },
+            properties: crate::codec::PropertyValues { session_expiry_interval: Some(5), ..Default::default() }.into(),
         };
         let mut again = Session::start(
             connect,
@@ -2088,7 +2099,7 @@ mod tests {
             let got: Vec<(String, Vec<u32>)> = packets(&mut s)
                 .into_iter()
                 .map(|p| match p {
-                    Packet::Publish(p) => (p.topic.as_str().to_string(), p.properties.subscription_identifiers),
+                    Packet::Publish(p) => (p.topic.as_str().to_string(), p.properties.subscription_identifiers.clone()),
                     other => panic!("expected PUBLISH, got {other:?}"),
                 })
                 .collect();
@@ -2292,7 +2303,7 @@ mod tests {
     #[test]
     fn a_connack_above_the_clients_maximum_packet_size_is_withheld() {
         let vhost = vhost();
-        let properties = Properties { maximum_packet_size: Some(2), ..Default::default() };
+        let properties = crate::codec::PropertyValues { maximum_packet_size: Some(2), ..Default::default() }.into();
         let connect = Connect {
             bridge: false,
             version: V5,

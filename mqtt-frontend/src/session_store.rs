@@ -199,12 +199,13 @@ mod tests {
     use crate::codec::{Properties, Will};
 
     fn sample() -> StoredSession {
-        let will_props = Properties {
+        let will_props: Properties = crate::codec::PropertyValues {
             will_delay_interval: Some(30),
             content_type: Some(Str::from("text/plain")),
             user_properties: vec![(Str::from("k"), Str::from("v"))],
             ..Default::default()
-        };
+        }
+        .into();
         StoredSession {
             subscriptions: vec![
                 StoredSubscription {

@@ -207,6 +207,7 @@ fn fixed_len<T>(v: &Option<T>, n: usize) -> usize {
 
 /// The bytes the properties take after the Property Length (which is not included).
 pub(crate) fn properties_len(p: &Properties) -> usize {
+    let Some(p) = p.values() else { return 0 };
     fixed_len(&p.payload_format_indicator, 1)
         + fixed_len(&p.message_expiry_interval, 4)
         + str_len(&p.content_type)
@@ -429,14 +430,15 @@ mod tests {
 
     #[test]
     fn every_property_is_encoded_with_its_identifier() {
-        let p = Properties {
+        let p = crate::codec::PropertyValues {
             payload_format_indicator: Some(1),
             message_expiry_interval: Some(0x0102_0304),
             content_type: Some("t".into()),
             subscription_identifiers: vec![200],
             user_properties: vec![("k".into(), "v".into())],
-            ..Properties::default()
-        };
+            ..Default::default()
+        }
+        .into();
         let bytes = encode(&p);
         #[rustfmt::skip]
         let expected = [
