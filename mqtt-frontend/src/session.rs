@@ -927,7 +927,7 @@ impl Session {
             self.queue_ack(Commit::done(Ok(())), packet);
             return Ok(());
         }
-        let (routed, rejected, mut commit) = self.route(&p, topic, now);
+        let (routed, rejected, mut commit) = self.route(&mut p, now);
         let code = if rejected {
             MqttError::PublishQuotaExceeded.ack_code(self.version)
         } else if routed == 0 && v5 && p.qos == QoS::AtLeastOnce {
@@ -962,7 +962,9 @@ impl Session {
     }
 
     /// Publishes into the core (and the retained store). Returns (routed, rejected, commit).
-    fn route(&mut self, p: &Publish, topic: &str, now: Millis) -> (usize, bool, Commit) {
+    /// Moves the payload out of `p` into the message.
+    fn route(&mut self, p: &mut Publish, now: Millis) -> (usize, bool, Commit) {
+        let topic = p.topic.as_str();
         let origin = Origin { protocol: Protocol::Mqtt, connection: self.connection };
         let exchange = if topic.starts_with(DIRECT_REPLY_TO_TOPIC) {
             ShortString::default()
@@ -970,7 +972,8 @@ impl Session {
             self.settings.exchange.clone()
         };
         let key = ShortString::from_bytes(swap_separators_in(topic.as_bytes(), &mut self.traffic().topics));
-        let message = to_message_keyed(p, key, &exchange, origin, now);
+        let payload = std::mem::take(&mut p.payload);
+        let message = to_message_keyed(p, payload, key, &exchange, origin, now);
         let retained_commit = if p.retain {
             let key = message.routing_key.clone();
             // The retained copy is delivered later with RETAIN set; its header says so already.

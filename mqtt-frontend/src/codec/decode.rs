@@ -2,7 +2,7 @@
 //! bytes are there, wait until the whole packet is buffered, split it off and parse it with
 //! strings and payload sliced from the packet's `Bytes`.
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::error::{malformed, protocol, DecodeError};
 use super::packet::*;
@@ -104,9 +104,20 @@ impl Decoder {
         if buf.len() < size {
             return Ok(None);
         }
-        let frame = buf.split_to(size).freeze();
-        let mut r = Reader::new(&frame, header_len);
+        let mut frame = buf.split_to(size).freeze();
         let packet_type = first >> 4;
+        if packet_type == 3 {
+            // A PUBLISH's payload is the frame itself, advanced past the variable header: one
+            // reference to the read buffer fewer to take and drop per message than a slice of it.
+            let v = self.version.ok_or_else(|| protocol("first packet must be CONNECT"))?;
+            let mut r = Reader::new(&frame, header_len);
+            let mut publish = decode_publish(first, &mut r, v)?;
+            let at = r.position();
+            frame.advance(at);
+            publish.payload = frame;
+            return Ok(Some(Packet::Publish(publish)));
+        }
+        let mut r = Reader::new(&frame, header_len);
         if packet_type == 1 {
             let connect = decode_connect(&mut r)?;
             self.version = Some(connect.version);
@@ -117,7 +128,6 @@ impl Decoder {
         let r = &mut r;
         let packet = match packet_type {
             2 => Packet::ConnAck(decode_connack(r, v)?),
-            3 => Packet::Publish(decode_publish(first, r, v)?),
             4 => Packet::PubAck(decode_pubresp(r, v, "PUBACK", valid_reasons::PUBACK)?),
             5 => Packet::PubRec(decode_pubresp(r, v, "PUBREC", valid_reasons::PUBACK)?),
             6 => Packet::PubRel(decode_pubresp(r, v, "PUBREL", valid_reasons::PUBREL)?),
@@ -290,8 +300,8 @@ fn decode_publish(first: u8, r: &mut Reader<'_>, v: ProtocolVersion) -> Result<P
             ProtocolVersion::V5 => {}
         }
     }
-    let payload = r.rest();
-    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
+    // The payload is the rest of the frame; `Decoder::decode` puts it in.
+    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload: Bytes::new() })
 }
 
 fn decode_pubresp(

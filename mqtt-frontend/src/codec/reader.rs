@@ -88,7 +88,12 @@ impl<'a> Reader<'a> {
         Ok(Str::from_validated(b))
     }
 
-    /// Everything up to the end (the PUBLISH payload).
+    /// Where the next read starts, from the start of the data.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Everything up to the end.
     pub(crate) fn rest(&mut self) -> Bytes {
         let b = self.data.slice(self.pos..self.end);
         self.pos = self.end;
