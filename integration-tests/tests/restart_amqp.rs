@@ -591,6 +591,39 @@ async fn unacked_deliveries_come_back_redelivered_undelivered_ones_not_and_acked
     assert_eq!(drain(&ch, "r-q").await, expected);
 }
 
+/// One multiple ack over deliveries of two queues taken in turns: the connection settles each
+/// run of one queue's deliveries in one go (`Connection::settle`); a run cut short by the other
+/// queue, or the last one, must still be settled, and in the store too.
+#[tokio::test]
+async fn a_multiple_ack_over_two_queues_taken_in_turns_stays_done_after_a_restart() {
+    let server = TestServer::amqp().await;
+    let (conn, ch) = lapin_channel(&server).await;
+    for q in ["ma-a", "ma-b"] {
+        durable_queue(&ch, q).await;
+        for i in 1..=3 {
+            publish(&ch, "", q, format!("{q}{i}").as_bytes(), persistent()).await;
+        }
+    }
+    let getter = channel(&conn).await;
+    let mut tags = Vec::new();
+    for q in ["ma-a", "ma-b", "ma-a", "ma-a", "ma-b", "ma-b"] {
+        let m = within("get", getter.basic_get(q.into(), BasicGetOptions { no_ack: false })).await.unwrap().unwrap();
+        tags.push((String::from_utf8_lossy(&m.delivery.data).into_owned(), m.delivery.delivery_tag));
+    }
+    let got: Vec<&str> = tags.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(got, ["ma-a1", "ma-b1", "ma-a2", "ma-a3", "ma-b2", "ma-b3"]);
+    // Up to ma-b2: runs a1 | b1 | a2 a3 | b2; ma-b3 stays unacked.
+    within("ack multiple", getter.basic_ack(tags[4].1, BasicAckOptions { multiple: true })).await.unwrap();
+    // A synchronous method on the getter's channel: the ack was handled.
+    assert_eq!(count(&getter, "ma-a").await, 0);
+    assert_eq!(count(&ch, "ma-b").await, 0, "ma-b3 is unacked, not ready");
+
+    let (_server, _conn2, ch) = restart(server).await;
+    drop(conn);
+    assert_eq!(drain(&ch, "ma-a").await, Vec::<(String, bool)>::new(), "every ma-a message was acked");
+    assert_eq!(drain(&ch, "ma-b").await, [("ma-b3".to_string(), true)], "only the unacked one comes back");
+}
+
 #[tokio::test]
 async fn amqprs_unacked_get_comes_back_redelivered_and_confirmed_messages_keep_their_ids() {
     let server = TestServer::amqp().await;
