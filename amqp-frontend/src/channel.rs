@@ -159,6 +159,8 @@ pub struct Channel {
     pub reply_to: Option<ShortString>,
     /// Confirms (in confirm mode) not yet sent, in order.
     pub confirms: VecDeque<PendingConfirm>,
+    /// The exchange the channel last published to (`VHost::publish_cached`).
+    pub exchange: Option<Arc<ferry_core::exchange::Exchange>>,
 }
 
 impl Channel {
@@ -178,6 +180,7 @@ impl Channel {
             last_queue: None,
             reply_to: None,
             confirms: VecDeque::new(),
+            exchange: None,
         }
     }
 

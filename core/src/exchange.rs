@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use crate::hash::KeyedMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::CoreError;
@@ -531,6 +532,8 @@ pub struct Exchange {
     /// The `alternate-exchange` argument: where messages that match no binding go.
     alternate: Option<ShortString>,
     table: RwLock<Table>,
+    /// Taken out of its vhost: a publisher that cached it must look its name up again.
+    removed: AtomicBool,
 }
 
 impl Exchange {
@@ -543,7 +546,21 @@ impl Exchange {
             ExchangeKind::Headers => Routes::Headers(Vec::new()),
         };
         let table = Table { index: BindingIndex::default(), routes };
-        Exchange { name: name.into(), kind, options, alternate, table: RwLock::new(table) }
+        Exchange {
+            name: name.into(),
+            kind,
+            options,
+            alternate,
+            table: RwLock::new(table),
+            removed: AtomicBool::new(false),
+        }
+    }
+    /// Whether it was taken out of its vhost (deleted, or replaced at recovery).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+    pub(crate) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
     }
     pub fn name(&self) -> &ShortString {
         &self.name

@@ -195,9 +195,10 @@ impl Targets {
     }
 }
 
-/// Exchanges a publish went through (cycles stop at the second visit). Inline: an ordinary
+/// Exchanges a publish went through (cycles stop at the second visit), by address: each is
+/// held by the routing frame that visits it, so no reference is taken. Inline: an ordinary
 /// publish visits one exchange, and allocates nothing for this.
-type Visited = SmallVec<[Arc<Exchange>; 4]>;
+type Visited = SmallVec<[usize; 4]>;
 
 fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
     e.into_inner()
@@ -526,10 +527,10 @@ impl VHost {
     }
 
     fn remove_exchange(&self, x: &Arc<Exchange>) {
-        let removed = self.exchanges.write().unwrap_or_else(lock_err).remove(x.name()).is_some();
-        if !removed {
-            return;
-        }
+        let removed = self.exchanges.write().unwrap_or_else(lock_err).remove(x.name());
+        let Some(removed) = removed else { return };
+        // Publishers that cached it look it up again (`publish_cached`).
+        removed.mark_removed();
         // Bindings that lead *to* it from other exchanges go too (and may empty an auto-delete
         // source).
         self.unbind_everywhere(&Owner::Exchange(x.name().clone()));
@@ -1093,16 +1094,46 @@ impl VHost {
         waits: bool,
     ) -> Result<PublishOutcome, CoreError> {
         let x = self.exchange_or_404(exchange)?;
+        self.publish_to(&x, message, now, waits)
+    }
+
+    /// [`VHost::publish_waiting`] for a publisher that keeps the exchange it last published to
+    /// in `cache`: publishing to the same one again takes no lock, no lookup and no reference
+    /// count (the lookup was 3.6 % of the broker's CPU on MQTT QoS 0 1->1). The cached one is
+    /// looked up again once it is removed from the vhost ([`Exchange::is_removed`]).
+    /// The exchange is the message's own (`Message::exchange`).
+    pub fn publish_cached(
+        &self,
+        cache: &mut Option<Arc<Exchange>>,
+        message: Message,
+        now: Millis,
+        waits: bool,
+    ) -> Result<PublishOutcome, CoreError> {
+        let x = match cache {
+            Some(x) if *x.name() == message.exchange && !x.is_removed() => x,
+            _ => cache.insert(self.exchange_or_404(&message.exchange)?),
+        };
+        self.publish_to(x, message, now, waits)
+    }
+
+    fn publish_to(
+        &self,
+        x: &Arc<Exchange>,
+        message: Message,
+        now: Millis,
+        waits: bool,
+    ) -> Result<PublishOutcome, CoreError> {
         if x.options().internal {
             return Err(CoreError::AccessRefused(format!(
                 "cannot publish to internal exchange '{}' in vhost '{}'",
-                exchange, self.name
+                x.name(),
+                self.name
             )));
         }
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(message.payload.len() as u64, Ordering::Relaxed);
         let message = Arc::new(message);
-        let targets = self.targets(&x, &message);
+        let targets = self.targets(x, &message);
         if targets.is_empty() {
             self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
         }
@@ -1127,10 +1158,11 @@ impl VHost {
     }
 
     fn route_into(&self, x: &Arc<Exchange>, message: &Message, targets: &mut Targets, visited: &mut Visited) {
-        if visited.iter().any(|v| v.name() == x.name()) {
+        let at = Arc::as_ptr(x) as usize;
+        if visited.contains(&at) {
             return;
         }
-        visited.push(x.clone());
+        visited.push(at);
         let before = targets.len();
         if x.name().is_empty() {
             // The default exchange: every queue is bound under its own name, except a frontend's
@@ -1279,7 +1311,9 @@ impl VHost {
                     internal: r.internal,
                     arguments: r.arguments.clone(),
                 };
-                map.insert(r.name.clone(), Arc::new(Exchange::new(r.name.clone(), kind, opts)));
+                if let Some(old) = map.insert(r.name.clone(), Arc::new(Exchange::new(r.name.clone(), kind, opts))) {
+                    old.mark_removed();
+                }
             }
         }
         {

@@ -247,6 +247,26 @@ async fn alternate_exchange_receives_what_the_main_exchange_cannot_route() {
     assert_eq!(get(&ch, "ae-q").await, None, "routed messages do not go to the alternate");
 }
 
+/// A channel keeps the exchange it last published to; deleted and declared again by another
+/// channel, the name must route through the new exchange's bindings, not the old one's.
+#[tokio::test]
+async fn an_exchange_deleted_and_declared_again_routes_by_its_new_bindings_on_the_same_channel() {
+    let server = TestServer::amqp().await;
+    let (conn, ch) = lapin_channel(&server).await;
+    exchange(&ch, "again-x", ExchangeKind::Fanout).await;
+    queue(&ch, "again-old").await;
+    queue(&ch, "again-new").await;
+    bind(&ch, "again-old", "again-x", "").await;
+    assert!(routed(&ch, "again-x", "k", "again-old").await);
+    let other = within("channel", conn.create_channel()).await.unwrap();
+    within("delete", other.exchange_delete("again-x".into(), ExchangeDeleteOptions::default())).await.unwrap();
+    exchange(&other, "again-x", ExchangeKind::Fanout).await;
+    bind(&other, "again-new", "again-x", "").await;
+    publish(&ch, "again-x", "k", b"after").await;
+    assert_eq!(get(&ch, "again-new").await.as_deref(), Some(&b"after"[..]), "through the new exchange");
+    assert_eq!(get(&ch, "again-old").await, None, "not through the deleted one's binding");
+}
+
 #[tokio::test]
 async fn exchange_delete_if_unused_refuses_a_bound_exchange_then_delete_works() {
     let server = TestServer::amqp().await;

@@ -254,6 +254,8 @@ struct Traffic {
     /// Where topics become routing keys and back (`topic::swap_separators_in`): one buffer
     /// reused from message to message instead of a string per message.
     topics: BytesMut,
+    /// The exchange this session last published to (`VHost::publish_cached`).
+    exchange: Option<Arc<ferry_core::exchange::Exchange>>,
 }
 
 /// See [`Session::extras`].
@@ -984,7 +986,8 @@ impl Session {
         // A QoS 1/2 publisher waits for its PUBACK / PUBREC: a `block` queue at its limits holds
         // that instead of refusing the message.
         let waits = p.qos != QoS::AtMostOnce;
-        match self.vhost.publish_waiting(&exchange, message, now, waits) {
+        let cache = &mut self.traffic.get_or_insert_with(Default::default).exchange;
+        match self.vhost.publish_cached(cache, message, now, waits) {
             Ok(o) => {
                 // Our own outbox is drained by this very task; waiting on it would deadlock.
                 if !o.congested.is_empty() {

@@ -123,10 +123,17 @@ impl Connection {
                 }
             }
         }
-        let message = Message::new(p.method.exchange.clone(), p.method.routing_key.clone(), body)
-            .with_properties(properties)
-            .with_origin(Origin { protocol: Protocol::Amqp, connection: self.id })
-            .at(now);
+        // One literal, the names moved out of the method: the builder's steps each moved the
+        // message (memmove under `Message::at` and `with_properties`, 2 % of the broker's CPU on
+        // auto-ack 1->1), and cloning the names cost two reference counts per message.
+        let message = Message {
+            exchange: p.method.exchange,
+            routing_key: p.method.routing_key,
+            properties,
+            payload: body,
+            origin: Origin { protocol: Protocol::Amqp, connection: self.id },
+            published_at: now,
+        };
         if let Some(exp) = &message.properties.more().expiration {
             if !valid_expiration(exp) {
                 let e =
@@ -158,12 +165,15 @@ impl Connection {
         mandatory: bool,
         now: Millis,
     ) -> Result<ferry_core::store::Commit, AmqpError> {
-        let exchange = message.exchange.clone();
         let returned = mandatory.then(|| message.clone());
         // A channel in confirm mode waits for its confirm: a `block` queue at its limits holds
         // that instead of refusing the message.
-        let waits = self.channel(ch).confirm_seq.is_some();
-        let outcome = self.vhost().publish_waiting(&exchange, message, now, waits)?;
+        let c = self.channel(ch);
+        let waits = c.confirm_seq.is_some();
+        let mut cache = c.exchange.take();
+        let outcome = self.vhost().publish_cached(&mut cache, message, now, waits);
+        self.channel(ch).exchange = cache;
+        let outcome = outcome?;
         self.congested.extend(outcome.congested.iter().cloned());
         if outcome.routed == 0 {
             if let Some(m) = returned {

@@ -755,3 +755,39 @@ fn a_transient_message_paged_out_is_stored_deleted_when_consumed_and_not_restore
     assert_eq!(bodies.last().unwrap(), "last");
     assert_eq!(store.message_count("/", "q"), 0);
 }
+
+fn xmsg(x: &str, key: &str, body: &'static str) -> Message {
+    Message::new(x, key, Bytes::from_static(body.as_bytes()))
+}
+
+/// A publisher's cached exchange is used while it is in the vhost, and looked up again once it
+/// is deleted: a message must not go through the removed one's bindings.
+#[test]
+fn a_cached_exchange_is_looked_up_again_once_deleted() {
+    let v = vhost();
+    for q in ["old", "new"] {
+        v.declare_queue(queue(q), 0).unwrap();
+    }
+    v.declare_exchange(exchange("x", "fanout")).unwrap();
+    v.bind_queue(&s("old"), &s("x"), BindingKey::new(""), C1).unwrap();
+    let mut cache = None;
+    let o = v.publish_cached(&mut cache, xmsg("x", "k", "1"), 1_000, false).unwrap();
+    assert_eq!((o.routed, ready(&v, "old")), (1, 1));
+    let first = cache.clone().expect("cached");
+    v.publish_cached(&mut cache, xmsg("x", "k", "2"), 1_000, false).unwrap();
+    assert!(Arc::ptr_eq(&first, cache.as_ref().unwrap()), "the same exchange, not looked up again");
+    assert_eq!(ready(&v, "old"), 2);
+
+    v.delete_exchange(&s("x"), false).unwrap();
+    assert!(first.is_removed());
+    let err = v.publish_cached(&mut cache, xmsg("x", "k", "3"), 1_000, false).unwrap_err();
+    assert!(matches!(err, CoreError::NotFound(_)), "{err:?}");
+
+    v.declare_exchange(exchange("x", "fanout")).unwrap();
+    v.bind_queue(&s("new"), &s("x"), BindingKey::new(""), C1).unwrap();
+    v.publish_cached(&mut cache, xmsg("x", "k", "4"), 1_000, false).unwrap();
+    assert_eq!((ready(&v, "old"), ready(&v, "new")), (2, 1), "through the new exchange only");
+    // Another name is looked up, not taken from the cache.
+    v.publish_cached(&mut cache, xmsg("", "old", "5"), 1_000, false).unwrap();
+    assert_eq!(ready(&v, "old"), 3);
+}
