@@ -441,7 +441,10 @@ impl<F> Walk<'_, F> {
     /// The word starting at `pos` (< end) and the position after it.
     fn word_at(&self, pos: usize) -> (&str, usize) {
         let rest = &self.key[pos..];
-        match rest.find('.') {
+        // A byte search: `str::find('.')` went through the char searcher, which called libc's
+        // `memcmp` for every candidate (with it 5 % of the broker's CPU on MQTT QoS 0 1->1).
+        // `.` is ASCII, so the index is a char boundary.
+        match rest.bytes().position(|b| b == b'.') {
             Some(i) => (&rest[..i], pos + i + 1),
             None => (rest, self.end),
         }
