@@ -320,18 +320,20 @@ impl Shovel {
         self.state.set(LinkState::Stopped, None);
     }
 
-    fn settle_local(&self, vhost: &VHost, consumer: &Option<(Arc<Queue>, ConsumerId)>, seq: u64) {
-        if let Some((queue, _)) = consumer {
-            let now = now_millis();
-            match queue.ack(seq, now) {
-                Ok(effects) => {
-                    vhost.settle(queue, effects, now);
-                }
-                Err(e) => {
-                    warn!(shovel = %self.config.name, "shovel {}: ack of local message {seq}: {e}", self.config.name)
-                }
-            }
+    /// Acks local messages the remote has taken (or that are not to be sent) in one turn of the
+    /// queue (`Queue::ack_all`, as the MQTT bridge's link does): one lock, one pump, and their
+    /// store deletes submitted together.
+    fn settle_local(&self, vhost: &VHost, consumer: &Option<(Arc<Queue>, ConsumerId)>, seqs: &[u64]) {
+        let Some((queue, _)) = consumer else { return };
+        if seqs.is_empty() {
+            return;
         }
+        let now = now_millis();
+        let (effects, failed) = queue.ack_all(seqs, now);
+        for (seq, e) in failed {
+            warn!(shovel = %self.config.name, "shovel {}: ack of local message {seq}: {e}", self.config.name)
+        }
+        vhost.settle(queue, effects, now);
     }
 
     /// RabbitMQ's `x-shovelled` entry for this shovel.
@@ -736,10 +738,8 @@ impl Conn<'_> {
                 last_sent = Instant::now();
             }
             // on-publish: settled once handed to the writer.
-            for seq in published {
-                self.shovel.settle_local(self.vhost, self.consumer, seq);
-                counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
-            }
+            self.shovel.settle_local(self.vhost, self.consumer, &published);
+            counters.forwarded_out.fetch_add(published.len() as u64, Ordering::Relaxed);
             if moved {
                 self.shovel.changed();
             }
@@ -869,11 +869,13 @@ impl Conn<'_> {
                     self.nack_deadline.get_or_insert(Instant::now() + NACK_WAIT);
                     return Ok(());
                 }
+                let mut settled = Vec::new();
                 while let Some(i) = self.carry.inflight.iter().position(|f| !f.nacked && confirmed(f)) {
                     let f = self.carry.inflight.remove(i).expect("found");
-                    shovel.counters.forwarded_out.fetch_add(1, Ordering::Relaxed);
-                    shovel.settle_local(self.vhost, self.consumer, f.delivery.seq);
+                    settled.push(f.delivery.seq);
                 }
+                shovel.counters.forwarded_out.fetch_add(settled.len() as u64, Ordering::Relaxed);
+                shovel.settle_local(self.vhost, self.consumer, &settled);
             }
             Event::Blocked(Some(reason)) => {
                 warn!(shovel = %name, "shovel {name}: the remote blocks publishing ({reason})");
@@ -990,12 +992,12 @@ impl Conn<'_> {
             };
             if let Some(counter) = skip {
                 counter.fetch_add(1, Ordering::Relaxed);
-                shovel.settle_local(self.vhost, self.consumer, d.seq);
+                shovel.settle_local(self.vhost, self.consumer, &[d.seq]);
                 continue;
             }
             if config.ack_mode == AckMode::NoAck {
                 // Gone from the local queue as soon as the shovel has it.
-                shovel.settle_local(self.vhost, self.consumer, d.seq);
+                shovel.settle_local(self.vhost, self.consumer, &[d.seq]);
             }
             let exchange = m.exchange.to_string_lossy();
             let routing_key = m.routing_key.to_string_lossy();
@@ -1007,7 +1009,7 @@ impl Conn<'_> {
                     warn!(shovel = %config.name, "shovel {}: a message cannot be sent ({e}); dropped", config.name);
                     shovel.counters.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                     if config.ack_mode != AckMode::NoAck {
-                        shovel.settle_local(self.vhost, self.consumer, d.seq);
+                        shovel.settle_local(self.vhost, self.consumer, &[d.seq]);
                     }
                     continue;
                 }
