@@ -5,6 +5,7 @@
 //! as one [`ClientStream`] — the same type whatever the transport — with a
 //! [`ConnectionContext`].
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -14,15 +15,48 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::auth::AuthPolicy;
 use crate::broker::Broker;
 use crate::message::{ConnectionId, Protocol};
 
 /// Any byte stream a listener can produce.
-pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The stream as what it is, for a frontend that treats one kind apart (the MQTT frontend
+    /// parks idle plain TCP connections, which it takes out of tokio's hands).
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+    fn as_any(&self) -> &dyn Any;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A connection's place under the connection limits: the broker's and its listener's slots (or,
+/// for a client being refused, a refusal slot), given back when this is dropped. It goes with
+/// the connection wherever the connection is kept: in its task, or in what a frontend keeps of
+/// a connection it parked without a task (the listener's shutdown waits for every slot).
+#[derive(Default)]
+pub struct ConnectionSlot {
+    _held: [Option<OwnedSemaphorePermit>; 2],
+}
+
+impl ConnectionSlot {
+    pub fn new(held: [Option<OwnedSemaphorePermit>; 2]) -> ConnectionSlot {
+        ConnectionSlot { _held: held }
+    }
+}
+
+impl fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConnectionSlot")
+    }
+}
 
 /// What TLS established about the peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +85,10 @@ impl ClientStream {
     /// TLS identity are 80 bytes).
     pub fn into_io(self) -> Box<dyn Transport> {
         self.io
+    }
+    /// Whether the byte stream is a `T` (a plain `tokio::net::TcpStream`, say).
+    pub fn is<T: Any>(&self) -> bool {
+        (*self.io).as_any().is::<T>()
     }
     pub fn new(io: impl Transport, peer: SocketAddr, local: SocketAddr, tls: Option<TlsIdentity>) -> ClientStream {
         ClientStream { io: Box::new(io), peer, local, tls: tls.map(Box::new) }
@@ -197,7 +235,7 @@ impl Shutdown {
 }
 
 /// Everything a frontend needs to serve one connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnectionContext {
     pub id: ConnectionId,
     pub broker: Arc<Broker>,
@@ -207,6 +245,10 @@ pub struct ConnectionContext {
     /// terms, after its first packet (MQTT CONNACK, AMQP connection.close at start-ok), without
     /// checking credentials or touching any state.
     pub refusal: Option<Refusal>,
+    /// The connection's place under the limits: the frontend keeps it as long as the connection
+    /// lives (dropping the context with the connection's end does; an `async move` block that
+    /// uses only some of the context's fields captures only those, and must take this one too).
+    pub slot: ConnectionSlot,
 }
 
 /// Why a connection is refused before it starts.
@@ -274,5 +316,26 @@ pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `is` looks at the stream inside the box (a `Box<dyn Transport>` is a `Transport` too,
+    /// and `as_any` on the box itself would name the box's type).
+    #[tokio::test]
+    async fn a_client_stream_knows_its_transport() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = ClientStream::new(tcp, addr, addr, None);
+        assert!(stream.is::<tokio::net::TcpStream>());
+        let io = stream.into_io();
+        assert!(io.into_any().downcast::<tokio::net::TcpStream>().is_ok());
+        let (a, _b) = tokio::io::duplex(64);
+        let stream = ClientStream::new(a, addr, addr, None);
+        assert!(!stream.is::<tokio::net::TcpStream>());
     }
 }

@@ -84,6 +84,8 @@ impl Frontend for EchoFrontend {
 
     fn serve(&self, mut stream: ClientStream, mut ctx: ConnectionContext) -> Serving {
         Box::pin(async move {
+            // Its slot is held while it lives (the block captures only the fields it uses).
+            let _slot = std::mem::take(&mut ctx.slot);
             if ctx.refusal.is_some() {
                 stream.write_all(&[EchoFrontend::REFUSED]).await?;
                 stream.shutdown().await?;
@@ -126,8 +128,10 @@ impl Frontend for DeafFrontend {
         self.protocol
     }
 
-    fn serve(&self, mut stream: ClientStream, _ctx: ConnectionContext) -> Serving {
+    fn serve(&self, mut stream: ClientStream, ctx: ConnectionContext) -> Serving {
         Box::pin(async move {
+            // Its slot is held while it lives.
+            let _slot = ctx.slot;
             stream.write_all(b"!").await?;
             let mut buf = [0u8; 64];
             while stream.read(&mut buf).await? > 0 {}

@@ -168,8 +168,10 @@ impl Frontend for PacketFrontend {
         Protocol::Mqtt
     }
 
-    fn serve(&self, mut stream: ClientStream, _ctx: ConnectionContext) -> Serving {
+    fn serve(&self, mut stream: ClientStream, ctx: ConnectionContext) -> Serving {
         Box::pin(async move {
+            // Its slot is held while it lives.
+            let _slot = ctx.slot;
             loop {
                 let mut len = [0u8; 1];
                 if stream.read(&mut len).await? == 0 {

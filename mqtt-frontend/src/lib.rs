@@ -17,7 +17,9 @@
 //!    ([`Shared::delete_session`]).
 //!    [`connect`] decides a CONNECT before the session starts (client id rules, will topic,
 //!    login outcome, will ACL).
-//! 3. [`driver`]: the tokio task per connection: reads, feeds the session, writes coalesced;
+//! 3. [`driver`]: the tokio task per connection (none while it is parked: [`park`] keeps idle
+//!    plain TCP connections without a task, their sockets in one epoll set): reads, feeds the
+//!    session, writes coalesced;
 //!    registers the connection in the core's registry at its CONNECT and counts its traffic
 //!    there, and obeys a close from outside (5.0 DISCONNECT 0x98, 3.x a plain close). When to
 //!    stop reading and decoding, and the order acks leave in, are the core's
@@ -40,6 +42,7 @@ pub mod connect;
 pub mod driver;
 pub mod errors;
 pub mod mapping;
+pub mod park;
 pub mod registry;
 pub mod session;
 pub mod session_store;
@@ -83,6 +86,8 @@ pub struct Shared {
     /// The settings sessions hold, one `Arc` for each listener's combination in use
     /// ([`Shared::session_settings`]).
     session_settings: Mutex<Vec<Arc<Settings>>>,
+    /// Where idle connections park ([`park`]), made with the first one.
+    parker: std::sync::OnceLock<Option<Arc<park::Parker>>>,
 }
 
 /// How long [`Shared::delete_session`] waits for a connected client to let its session go.
@@ -157,6 +162,18 @@ impl Shared {
         s
     }
 
+    /// The parker of idle connections, made on the first call (on the runtime that serves the
+    /// connections); `None` where no epoll set could be made.
+    pub(crate) fn parker(&self) -> Option<&Arc<park::Parker>> {
+        self.parker.get_or_init(park::Parker::start).as_ref()
+    }
+
+    /// How many connections are parked now, and how many were unparked so far (`None` before
+    /// the first parked).
+    pub fn parked_connections(&self) -> Option<(usize, usize)> {
+        self.parker.get()?.as_ref().map(|p| (p.parked(), p.unparked()))
+    }
+
     /// Publishes `$SYS` into a vhost from the first time a client connects to it.
     fn ensure_sys(self: &Arc<Self>, broker: &Arc<Broker>, vhost: &Arc<VHost>) {
         sys::Joiner::join(self, broker, vhost);
@@ -206,6 +223,7 @@ impl MqttFrontend {
                 sys: sys::Joiner::default(),
                 shutdowns: Mutex::new(Vec::new()),
                 session_settings: Mutex::new(Vec::new()),
+                parker: std::sync::OnceLock::new(),
             }),
         }
     }

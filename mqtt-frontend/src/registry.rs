@@ -112,19 +112,33 @@ pub struct Kick {
     /// The connection is not reading (its flow control paused it): the deadline does not
     /// count meanwhile ([`Kick::hold_deadline`]).
     held: AtomicBool,
+    /// How long the connection has been idle, as the sweep sees it: [`WORKED`] since the last
+    /// sweep, [`QUIET`] through one sweep, [`PARK`] through two, when the sweep asks it to park
+    /// (see `crate::park`).
+    idle: AtomicU8,
     /// Which shutdown signal ends this connection ([`Registry::shut_down`]): one per listener,
     /// so a `u32` is room enough, and with it the kick is 80 bytes, jemalloc's 96 class with
     /// the `Arc`'s counts (`a_kick_stays_small`).
     group: u32,
-    /// Set with a takeover: whether the new connection resumes the session (clean start 0).
-    /// The session then goes on, and the taken-over connection's will is not published (as
-    /// Mosquitto does; 5.0 §3.1.2.5: a new connection came before the will was due).
-    resumed: AtomicBool,
-    released: AtomicBool,
+    /// [`RESUMED`], set with a takeover: whether the new connection resumes the session (clean
+    /// start 0). The session then goes on, and the taken-over connection's will is not
+    /// published (as Mosquitto does; 5.0 §3.1.2.5: a new connection came before the will was
+    /// due). [`RELEASED`]: the connection let its client id go. One byte for both, so that the
+    /// kick stays 80 bytes with `idle`.
+    ends: AtomicU8,
     on_release: Notify,
     /// What the management API shows of the session while this connection holds it.
     view: SessionView,
 }
+
+/// [`Kick::ends`]' bits.
+const RESUMED: u8 = 1;
+const RELEASED: u8 = 2;
+
+/// [`Kick::idle`]'s states.
+const WORKED: u8 = 0;
+const QUIET: u8 = 1;
+const PARK: u8 = 2;
 
 /// A session's subscriptions as its view keeps them: filter → options and identifier. One
 /// inline (a device has one subscription: no list for it), a list of a few (searched linearly;
@@ -287,10 +301,10 @@ impl Kick {
             why: AtomicU8::new(0),
             deadline: AtomicU64::new(u64::MAX),
             held: AtomicBool::new(false),
+            idle: AtomicU8::new(WORKED),
             // One group per shutdown signal, a handful per process.
             group: u32::try_from(group).unwrap_or(u32::MAX),
-            resumed: AtomicBool::new(false),
-            released: AtomicBool::new(false),
+            ends: AtomicU8::new(0),
             on_release: Notify::new(),
             view: SessionView::default(),
         }
@@ -303,6 +317,40 @@ impl Kick {
     fn kick(&self, why: Kicked) {
         let _ = self.why.compare_exchange(0, why as u8 + 1, Ordering::AcqRel, Ordering::Acquire);
         self.conn.wake();
+    }
+    /// The connection worked (read, wrote, delivered) in this wake-up: it is not idle.
+    pub fn worked(&self) {
+        // A load first: a busy connection does not write the line at every wake-up.
+        if self.idle.load(Ordering::Relaxed) != WORKED {
+            self.idle.store(WORKED, Ordering::Relaxed);
+        }
+    }
+    /// The connection parked: the sweep does not ask it again.
+    pub fn parked(&self) {
+        self.idle.store(PARK, Ordering::Relaxed);
+    }
+    /// Wakes the connection again: a kick seen while it parked is seen again when it resumes.
+    pub fn wake_again(&self) {
+        self.conn.wake();
+    }
+    /// Whether the sweep found the connection idle through two sweeps and asked it to park.
+    pub fn park_asked(&self) -> bool {
+        self.idle.load(Ordering::Relaxed) == PARK
+    }
+    /// The sweep's look at the connection's idleness: after two sweeps with no work in between,
+    /// it is asked to park, once (a parked connection is not woken again by the sweep).
+    fn sweep_idle(&self) {
+        match self.idle.load(Ordering::Relaxed) {
+            WORKED => {
+                let _ = self.idle.compare_exchange(WORKED, QUIET, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            // Without a reason: `poll_kicked` passes it over, and the connection sees
+            // `park_asked`.
+            QUIET if self.idle.compare_exchange(QUIET, PARK, Ordering::Relaxed, Ordering::Relaxed).is_ok() => {
+                self.conn.wake();
+            }
+            _ => {}
+        }
     }
     fn reason(&self) -> Kicked {
         match self.why.load(Ordering::Acquire) {
@@ -323,11 +371,20 @@ impl Kick {
     }
     /// [`Kick::kicked`] without a future.
     pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Kicked> {
-        self.conn.poll_wake(cx).map(|()| self.reason())
+        loop {
+            if self.conn.poll_wake(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            // A wake without a reason of ours or a close from outside is the sweep's nudge to
+            // park (see `sweep_idle`), not a kick.
+            if self.why.load(Ordering::Acquire) != 0 || self.conn.close_reason().is_some() {
+                return std::task::Poll::Ready(self.reason());
+            }
+        }
     }
     /// After a takeover: whether the new connection resumes this session (see the field).
     pub fn resumed(&self) -> bool {
-        self.resumed.load(Ordering::Acquire)
+        self.ends.load(Ordering::Acquire) & RESUMED != 0
     }
     /// The connection's keep alive deadline (`None`: none, or not counting while it pauses).
     pub fn set_deadline(&self, deadline: Option<tokio::time::Instant>) {
@@ -350,7 +407,7 @@ impl Kick {
         self.held.store(false, Ordering::Release);
     }
     fn release(&self) {
-        self.released.store(true, Ordering::Release);
+        self.ends.fetch_or(RELEASED, Ordering::Release);
         self.on_release.notify_waiters();
     }
     async fn released(&self) {
@@ -359,7 +416,7 @@ impl Kick {
             tokio::pin!(notified);
             // Registered before the check, so a release in between is not missed.
             notified.as_mut().enable();
-            if self.released.load(Ordering::Acquire) {
+            if self.ends.load(Ordering::Acquire) & RELEASED != 0 {
                 return;
             }
             notified.await;
@@ -478,7 +535,11 @@ impl Registry {
             };
             took_over = true;
             // Before the kick, which publishes it (Release / Acquire on `why`).
-            old.resumed.store(resume, Ordering::Release);
+            if resume {
+                old.ends.fetch_or(RESUMED, Ordering::Release);
+            } else {
+                old.ends.fetch_and(!RESUMED, Ordering::Release);
+            }
             old.kick(Kicked::TakenOver);
             if tokio::time::timeout(TAKEOVER_WAIT, old.released()).await.is_err() {
                 tracing::warn!(client_id, "session takeover: the old connection did not hand over in time");
@@ -536,11 +597,13 @@ impl Registry {
         let slots = self.slots();
         for live in slots.values().filter_map(|s| s.live.as_ref()) {
             let kick = &live.kick;
-            if kick.group as usize == group
-                && !kick.held.load(Ordering::Acquire)
-                && kick.deadline.load(Ordering::Relaxed) <= now
-            {
+            if kick.group as usize != group {
+                continue;
+            }
+            if !kick.held.load(Ordering::Acquire) && kick.deadline.load(Ordering::Relaxed) <= now {
                 live.kick.kick(Kicked::KeepAlive);
+            } else {
+                kick.sweep_idle();
             }
         }
     }
@@ -848,6 +911,40 @@ mod tests {
         r.sweep(0, ticks(start + Duration::from_secs(3600)));
         assert_eq!(talking.kick.kicked().await, Kicked::KeepAlive);
         assert!(tokio::time::timeout(Duration::from_millis(1), unlimited.kick.kicked()).await.is_err());
+    }
+
+    /// The sweep asks a connection to park after two sweeps without work, once; the nudge
+    /// wakes it but is not a kick, and work in between starts the count again (`crate::park`).
+    #[tokio::test]
+    async fn the_sweep_asks_an_idle_connection_to_park_once_and_the_nudge_is_not_a_kick() {
+        let r = Registry::new();
+        let c = r.claim("/", "idle", &conn(1), 0, false).await;
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let now = ticks(tokio::time::Instant::now());
+        assert!(c.kick.poll_kicked(&mut cx).is_pending());
+        r.sweep(0, now);
+        assert!(!c.kick.park_asked(), "one sweep without work is not idle enough");
+        c.kick.worked();
+        r.sweep(0, now);
+        assert!(!c.kick.park_asked(), "it worked since the last sweep");
+        r.sweep(0, now);
+        assert!(c.kick.park_asked());
+        // The nudge woke it (a permit on the entry's signal), but is no reason to close.
+        assert!(c.kick.poll_kicked(&mut cx).is_pending());
+        // Parked: the sweep leaves it alone.
+        c.kick.parked();
+        r.sweep(0, now);
+        r.sweep(0, now);
+        assert!(c.kick.poll_kicked(&mut cx).is_pending());
+        // A kick while parked is seen, and seen again once the parked connection resumes.
+        c.kick.kick(Kicked::TakenOver);
+        assert!(c.kick.poll_kicked(&mut cx).is_ready());
+        c.kick.wake_again();
+        assert_eq!(c.kick.poll_kicked(&mut cx), std::task::Poll::Ready(Kicked::TakenOver));
+        // Work clears the request.
+        c.kick.worked();
+        assert!(!c.kick.park_asked());
     }
 
     /// While a connection's flow control pauses it, its client's silence does not count, and

@@ -1123,6 +1123,10 @@ impl Session {
         self.resume(now)
     }
 
+    /// Whether the session holds at least one subscription.
+    pub fn is_subscribed(&self) -> bool {
+        self.subs.as_ref().is_some_and(|s| s.len() > 0)
+    }
     /// Whether a SUBSCRIBE is being worked through: the driver yields to other tasks and
     /// calls [`Session::resume`] until it is done, before handling the next packet.
     pub fn is_subscribing(&self) -> bool {
@@ -1440,6 +1444,12 @@ impl Session {
 
     fn take_inflight(&mut self, id: u16) -> Option<Inflight> {
         self.traffic.as_mut()?.inflight.remove(&id)
+    }
+
+    /// Whether this client's publishes found a subscriber or a queue congested since the last
+    /// [`Session::take_congested`].
+    pub fn is_congested(&self) -> bool {
+        self.traffic.as_ref().is_some_and(|t| !t.congested.is_empty())
     }
 
     /// The subscribers and queues found congested by this client's publishes since the last

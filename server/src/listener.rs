@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ferry_core::frontend::{
-    ClientStream, ConnectionContext, ConnectionError, Frontend, LimitScope, ListenerSettings, Refusal, Shutdown,
-    TlsIdentity,
+    ClientStream, ConnectionContext, ConnectionError, ConnectionSlot, Frontend, LimitScope, ListenerSettings, Refusal,
+    Shutdown, TlsIdentity,
 };
 use ferry_core::logging::LogLimiter;
 use ferry_core::rate::TokenBucket;
@@ -32,7 +32,7 @@ use ferry_core::{log_limited, log_limited_by};
 use ferry_core::{Broker, ConnectionId, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -70,11 +70,6 @@ pub(crate) struct Listener {
 /// Clients over a connection limit being refused at once, per listener (each costs a task, a
 /// socket and maybe a TLS handshake for up to the handshake timeout).
 pub(crate) const MAX_REFUSING: usize = 64;
-
-/// A connection's slots: the broker's and the listener's, or a refusal slot.
-struct Slots {
-    _held: [Option<OwnedSemaphorePermit>; 2],
-}
 
 /// How a listener's connections ended once shutdown started.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +151,7 @@ impl Listener {
             let admitted = match broker_connections.clone().try_acquire_owned() {
                 Err(_) => Err(Refusal::ConnectionLimit { limit: broker_max_connections, scope: LimitScope::Broker }),
                 Ok(b) => match limit.clone().try_acquire_owned() {
-                    Ok(l) => Ok(Slots { _held: [Some(b), Some(l)] }),
+                    Ok(l) => Ok(ConnectionSlot::new([Some(b), Some(l)])),
                     Err(_) => Err(Refusal::ConnectionLimit { limit: max_connections, scope: LimitScope::Listener }),
                 },
             };
@@ -168,7 +163,7 @@ impl Listener {
                         listener = %name, %peer, "{refusal}: refusing new connections"
                     );
                     match refusing.clone().try_acquire_owned() {
-                        Ok(p) => (Slots { _held: [Some(p), None] }, Some(refusal)),
+                        Ok(p) => (ConnectionSlot::new([Some(p), None]), Some(refusal)),
                         Err(_) => {
                             // Too many being refused already: close at once.
                             debug!(listener = %name, %peer, "{refusal}; closed without an answer");
@@ -184,28 +179,39 @@ impl Listener {
                 listener: settings.clone(),
                 shutdown: shutdown.clone(),
                 refusal,
+                slot: slots,
             };
             let span = tracing::debug_span!("connection", %id, %peer, listener = %name);
             let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.load_full()));
             let transport = Handshakes { tls, websocket: websocket.clone() };
-            tasks.spawn(connection(socket, peer, slots, transport, handler.clone(), ctx).instrument(span));
+            tasks.spawn(connection(socket, peer, transport, handler.clone(), ctx).instrument(span));
         }
         // Closing the socket makes new clients see "connection refused" instead of waiting.
         drop(tcp);
-        let open = tasks.len();
+        // Every connection holds a slot, whether a task serves it or its frontend parked it
+        // without one (an idle MQTT connection, see ferry_mqtt's `park`): the slots tell how many
+        // are open, and the drain waits for all of them to be given back. (Counted when the
+        // listener sees the shutdown: a frontend that ends its connections at the same signal
+        // may have ended some a moment before, which are then counted nowhere.)
+        let open_now = || (max_connections - limit.available_permits()) + (MAX_REFUSING - refusing.available_permits());
+        let open = open_now().max(tasks.len());
         info!(listener = %name, "stopped accepting; waiting up to {grace:?} for {open} connection(s)");
         let drained = tokio::time::timeout(grace, async {
             while let Some(done) = tasks.join_next().await {
                 report(&name, done);
             }
+            // Parked connections woken by the shutdown end in tasks of their own.
+            while open_now() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         })
         .await;
-        let aborted = if drained.is_err() { tasks.len() } else { 0 };
+        let aborted = if drained.is_err() { open_now().max(tasks.len()) } else { 0 };
         if aborted > 0 {
             warn!(listener = %name, "aborting {aborted} connection(s) still open after {grace:?}");
             tasks.shutdown().await;
         }
-        Drained { closed: open - aborted, aborted }
+        Drained { closed: open.saturating_sub(aborted), aborted }
     }
 }
 
@@ -233,22 +239,21 @@ struct Handshakes {
 type Serving = Pin<Box<dyn Future<Output = Result<(), ConnectionError>> + Send>>;
 
 /// One connection: TCP options, the TLS handshake and the WebSocket upgrade if configured, then
-/// its handler. Holds its connection slot until it returns.
+/// its handler. Its connection slot is in `ctx`, which the handler keeps for as long as the
+/// connection lives.
 ///
 /// Not an `async fn`: the task would keep room for its arguments and for the handshakes for
-/// the connection's whole life. What the task holds while the handler serves is the slot and
-/// the handler's boxed future; the rest is in a boxed future that ends with the handshakes.
+/// the connection's whole life. What the task holds while the handler serves is the handler's
+/// boxed future; the rest is in a boxed future that ends with the handshakes.
 fn connection(
     socket: TcpStream,
     peer: SocketAddr,
-    slots: Slots,
     handshakes: Handshakes,
     handler: Handler,
     ctx: ConnectionContext,
 ) -> impl Future<Output = ()> + Send {
     let starting = Box::pin(start(socket, peer, handshakes, handler, ctx));
     async move {
-        let _slots = slots;
         let Some(serving) = starting.await else { return };
         if let Err(e) = serving.await {
             debug!("connection ended: {e}");
@@ -290,7 +295,7 @@ async fn start(
     Some(match handler {
         Handler::Frontend(frontend) => frontend.serve(stream, ctx),
         Handler::Unserved(protocol) => Box::pin(async move {
-            let mut shutdown = ctx.shutdown;
+            let ConnectionContext { mut shutdown, slot: _slot, .. } = ctx;
             tokio::select! {
                 r = crate::unserved::serve(protocol, stream) => r.map_err(ConnectionError::from),
                 _ = shutdown.wait() => Ok(()),

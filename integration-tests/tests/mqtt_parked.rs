@@ -1,0 +1,193 @@
+//! Idle MQTT connections parked without a task (issue 18, `ferry_mqtt::park`): a parked
+//! connection is still a connection in every way its client and the broker can see. It gets its
+//! messages, answers its PINGREQs, is closed when its keep alive runs out, is taken over, closed
+//! from outside and at shutdown (within the grace period, counted as closed), holds its place
+//! under the connection limit, and publishes its will when its client goes away; a DISCONNECT
+//! sent just before a reconnect still counts. The counts of parked and unparked connections say
+//! that the connection in each test was parked when the thing happened.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_core::frontend::Frontend;
+use ferry_integration_tests::mqtt::{connect_packet, publish_packet, sub_options, will, RawClient, MQTT_LISTENER};
+use ferry_integration_tests::{within, TestServer};
+use ferry_mqtt::codec::{Disconnect, Packet, Properties, ProtocolVersion, PubResp, QoS};
+use ferry_mqtt::{MqttFrontend, Settings};
+
+const V311: ProtocolVersion = ProtocolVersion::V311;
+const V5: ProtocolVersion = ProtocolVersion::V5;
+
+/// A server with one MQTT listener (`listener_keys` added to it) and the frontend, to read its
+/// counts from.
+async fn server(broker_keys: &str, listener_keys: &str) -> (TestServer, Arc<MqttFrontend>) {
+    let frontend = Arc::new(MqttFrontend::new(Settings::default()));
+    let as_frontend: Arc<dyn Frontend> = frontend.clone();
+    let toml = format!("{broker_keys}{MQTT_LISTENER}{listener_keys}");
+    (TestServer::start(&toml, &[as_frontend]).await, frontend)
+}
+
+/// (parked now, unparked so far).
+fn counts(frontend: &MqttFrontend) -> (usize, usize) {
+    frontend.shared().parked_connections().unwrap_or((0, 0))
+}
+
+/// Waits until `n` connections are parked (a connection that has subscribed and moved no message
+/// yet parks as soon as it is idle; any other, after two sweeps of 250 ms).
+async fn parked(frontend: &MqttFrontend, n: usize) {
+    let started = Instant::now();
+    while counts(frontend).0 != n {
+        assert!(started.elapsed() < Duration::from_secs(10), "{n} parked expected, counts {:?}", counts(frontend));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn disconnect() -> Packet {
+    Packet::Disconnect(Disconnect { reason: 0, properties: Properties::default() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_subscriber_gets_its_messages_and_parks_again() {
+    let (server, frontend) = server("", "").await;
+    let addr = server.mqtt_addr();
+    for version in [V311, V5] {
+        let mut sub = RawClient::connect_ok(addr, version, "device", true).await;
+        assert_eq!(sub.subscribe(1, "devices/device/cmd", sub_options(QoS::AtLeastOnce)).await.reasons, vec![1]);
+        parked(&frontend, 1).await;
+        let mut publisher = RawClient::connect_ok(addr, version, "backend", true).await;
+        parked(&frontend, 2).await;
+        let unparked = counts(&frontend).1;
+        for round in 0..3u16 {
+            let payload = format!("command {round}");
+            publisher
+                .publish(publish_packet("devices/device/cmd", QoS::AtLeastOnce, round + 1, payload.as_bytes()))
+                .await;
+            let p = within("the command", sub.recv_publish()).await;
+            assert_eq!(&p.payload[..], payload.as_bytes(), "{version:?}");
+            sub.send(&Packet::PubAck(PubResp::ok(p.packet_id.expect("QoS 1")))).await;
+            // Both moved a message: they park again once the sweep finds them idle.
+            parked(&frontend, 2).await;
+        }
+        assert!(counts(&frontend).1 >= unparked + 6, "each command unparked both: {:?}", counts(&frontend));
+        // A QoS 0 message too, and one to a topic it did not subscribe to does not wake it.
+        publisher.publish(publish_packet("devices/other/cmd", QoS::AtMostOnce, 0, b"not yours")).await;
+        publisher.publish(publish_packet("devices/device/cmd", QoS::AtMostOnce, 0, b"qos 0")).await;
+        assert_eq!(&within("the QoS 0 command", sub.recv_publish()).await.payload[..], b"qos 0");
+        publisher.send(&disconnect()).await;
+        publisher.expect_close(None).await;
+        sub.send(&disconnect()).await;
+        sub.expect_close(None).await;
+        parked(&frontend, 0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_answers_its_pings_and_is_closed_when_its_keep_alive_runs_out() {
+    let (server, frontend) = server("", "").await;
+    let mut c = connect_packet(V5, "pinger", true);
+    c.keep_alive = 1;
+    let (mut client, ack) = RawClient::connect(server.mqtt_addr(), c).await;
+    assert_eq!(ack.code, 0);
+    for _ in 0..3 {
+        parked(&frontend, 1).await;
+        let unparked = counts(&frontend).1;
+        within("PINGRESP", client.ping()).await;
+        assert!(counts(&frontend).1 > unparked);
+    }
+    parked(&frontend, 1).await;
+    // Silent past 1.5 × 1 s: DISCONNECT 0x8D Keep Alive timeout, parked or not.
+    let started = Instant::now();
+    client.expect_close(Some(0x8D)).await;
+    assert!(started.elapsed() >= Duration::from_millis(1000), "closed after {:?}", started.elapsed());
+    parked(&frontend, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_taken_over_and_closed_from_outside() {
+    let (server, frontend) = server("", "").await;
+    let addr = server.mqtt_addr();
+    let mut watcher = RawClient::connect_ok(addr, V5, "watcher", true).await;
+    watcher.subscribe(1, "wills/#", sub_options(QoS::AtLeastOnce)).await;
+
+    // Taken over while parked: DISCONNECT 0x8E, and its will (a new connection with a clean
+    // start ends the session).
+    let mut c = connect_packet(V5, "device", true);
+    c.will = Some(will("wills/device", b"gone", QoS::AtLeastOnce, false));
+    let (mut old, _) = RawClient::connect(addr, c).await;
+    parked(&frontend, 2).await;
+    let mut new = RawClient::connect_ok(addr, V5, "device", true).await;
+    old.expect_close(Some(0x8E)).await;
+    assert_eq!(&within("the will", watcher.recv_publish()).await.payload[..], b"gone");
+    parked(&frontend, 2).await;
+
+    // Closed from outside (the management API's close) while parked: DISCONNECT 0x98.
+    let broker = server.server.broker().clone();
+    let id = broker
+        .connections()
+        .list()
+        .into_iter()
+        .find(|c| c.client_id.as_deref() == Some("device"))
+        .expect("the device's connection")
+        .id;
+    assert!(broker.connections().close(id, "maintenance"));
+    new.expect_close(Some(0x98)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_sent_to_a_parked_connection_just_before_a_reconnect_counts() {
+    let (server, frontend) = server("", "").await;
+    let addr = server.mqtt_addr();
+    let mut watcher = RawClient::connect_ok(addr, V5, "watcher", true).await;
+    watcher.subscribe(1, "wills/#", sub_options(QoS::AtLeastOnce)).await;
+    for version in [V311, V5] {
+        for round in 0..10 {
+            let mut c = connect_packet(version, "device", true);
+            c.will = Some(will("wills/device", b"gone", QoS::AtLeastOnce, false));
+            let (mut old, ack) = RawClient::connect(addr, c).await;
+            assert_eq!(ack.code, 0);
+            parked(&frontend, 2).await;
+            // DISCONNECT, close, and connect again at once: the old connection is woken by the
+            // takeover and by its socket; the DISCONNECT must count (no will).
+            old.send(&disconnect()).await;
+            old.drop_connection();
+            let mut new = RawClient::connect_ok(addr, version, "device", true).await;
+            new.send(&disconnect()).await;
+            new.expect_close(None).await;
+            let seen = watcher.next_within(Duration::from_millis(100)).await;
+            assert!(seen.is_err(), "{version:?} round {round}: a will after a DISCONNECT: {seen:?}");
+        }
+    }
+    // Its client gone without a DISCONNECT, a parked connection publishes its will.
+    let mut c = connect_packet(V311, "device", true);
+    c.will = Some(will("wills/device", b"lost", QoS::AtLeastOnce, false));
+    let (old, _) = RawClient::connect(addr, c).await;
+    parked(&frontend, 2).await;
+    old.drop_connection();
+    assert_eq!(&within("the will", watcher.recv_publish()).await.payload[..], b"lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_holds_its_slot_and_is_closed_at_shutdown_within_the_grace() {
+    let (server, frontend) = server("[broker]\nshutdown_grace_secs = 5\n", "max_connections = 2\n").await;
+    let addr = server.mqtt_addr();
+    let mut a = RawClient::connect_ok(addr, V5, "a", true).await;
+    let mut b = RawClient::connect_ok(addr, V311, "b", true).await;
+    parked(&frontend, 2).await;
+    // Both slots are taken by parked connections: a third is refused (CONNACK 0x97).
+    let (mut c, ack) = RawClient::connect(addr, connect_packet(V5, "c", true)).await;
+    assert_eq!(ack.code, 0x97);
+    c.closed().await;
+    assert_eq!(counts(&frontend).0, 2);
+
+    let TestServer { server, dir: _dir } = server;
+    let started = Instant::now();
+    let report = within("shutdown", server.shutdown()).await.expect("shutdown");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    // None aborted. (The closed count is what was open when the listener stopped accepting:
+    // the frontend's shutdown watcher may have ended parked connections a moment before.)
+    assert_eq!(report.connections_aborted, 0);
+    assert!(report.connections_closed <= 2, "{report:?}");
+    // 5.0: DISCONNECT 0x8B Server shutting down; 3.1.1: the connection closes.
+    a.expect_close(Some(0x8B)).await;
+    b.expect_close(None).await;
+}

@@ -1,0 +1,238 @@
+//! Idle connections without a task.
+//!
+//! Most of a device fleet's connections are idle most of the time: the device subscribed to
+//! its command topic and sends a PINGREQ now and then. Served by a tokio task each, an idle
+//! connection costs the task's cell (256 bytes with jemalloc's classes), its `JoinSet` entry
+//! (56), the driver's boxed future (160) and tokio's I/O registration (`ScheduledIo`, 256) on
+//! top of its state (docs/benchmarks.md, issue 18). Mosquitto keeps one context per client and
+//! one epoll set for all of them.
+//!
+//! An idle plain TCP connection is *parked* here instead: its socket is taken out of tokio's
+//! reactor (`TcpStream::into_std`) and added to this module's own epoll set (rustix; one-shot,
+//! edge-triggered, read interest), the driver's state (`Conn`, boxed) and the connection's slot
+//! under the connection limits are kept in a slab, and its task ends. One waker per parked
+//! connection stands in for the task where the connection is woken from outside: the registry's
+//! kick (takeover, shutdown, keep alive, a close from the management API) and its two outboxes
+//! (a delivery). Whichever comes first, the socket turning readable or a wake, *unparks* it:
+//! the record leaves the slab and a new task takes the connection on (`driver::resume`), with
+//! the socket back in tokio's hands.
+//!
+//! Which connections park, and when, is the driver's choice (`Conn::serve`): a plain TCP
+//! connection with nothing read and not handled, nothing to write, nothing in flight to the
+//! store and its flow control not holding it back, once it is idle: at once while it has moved
+//! no message yet (a device after its CONNACK and its SUBACK), otherwise when the registry's
+//! sweep has found it idle twice (250-500 ms, see `Kick::park_asked`). TLS and WebSocket
+//! connections are not parked: their state is the TLS session's or the upgrade's, in the stream.
+//!
+//! The epoll set is watched by one thread of the frontend's (`watch`), which hands each
+//! connection whose socket turned readable to the runtime.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Wake, Waker};
+
+use ferry_core::frontend::ConnectionSlot;
+use rustix::event::epoll;
+use tracing::debug;
+
+use crate::driver::{self, Conn};
+
+/// A connection parked: everything it is made of while it has no task.
+pub(crate) struct Parked {
+    pub conn: Box<Conn>,
+    pub tcp: std::net::TcpStream,
+    pub slot: ConnectionSlot,
+}
+
+/// The parked connections of one frontend, and the epoll set their sockets are in.
+pub struct Parker {
+    epoll: Arc<OwnedFd>,
+    slab: Mutex<Slab>,
+    /// Where unparked connections get their new task.
+    runtime: tokio::runtime::Handle,
+    parked: AtomicUsize,
+    unparked: AtomicUsize,
+}
+
+impl std::fmt::Debug for Parker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parker").field("parked", &self.parked()).finish()
+    }
+}
+
+/// The records, by index; a token is the index and the entry's generation, so that a stale
+/// token (a waker kept by a signal after its connection was unparked, an epoll event that came
+/// late) finds nothing once the entry has been reused.
+#[derive(Default)]
+struct Slab {
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Entry {
+    generation: u32,
+    parked: Option<Parked>,
+}
+
+fn token(index: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(index)
+}
+
+impl Slab {
+    fn insert(&mut self, parked: Parked) -> u64 {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.entries.push(Entry::default());
+                u32::try_from(self.entries.len() - 1).expect("fewer than 2^32 connections")
+            }
+        };
+        let entry = &mut self.entries[index as usize];
+        entry.generation = entry.generation.wrapping_add(1);
+        entry.parked = Some(parked);
+        token(index, entry.generation)
+    }
+
+    fn get(&self, token: u64) -> Option<&Parked> {
+        let entry = self.entries.get((token & u64::from(u32::MAX)) as usize)?;
+        (entry.generation == (token >> 32) as u32).then_some(entry.parked.as_ref()).flatten()
+    }
+
+    fn take(&mut self, token: u64) -> Option<Parked> {
+        let index = (token & u64::from(u32::MAX)) as u32;
+        let entry = self.entries.get_mut(index as usize)?;
+        if entry.generation != (token >> 32) as u32 {
+            return None;
+        }
+        let parked = entry.parked.take()?;
+        self.free.push(index);
+        Some(parked)
+    }
+}
+
+/// The waker a parked connection's signals hold: waking it unparks the connection.
+struct ParkWaker {
+    parker: Weak<Parker>,
+    token: u64,
+}
+
+impl Wake for ParkWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(parker) = self.parker.upgrade() {
+            parker.unpark(self.token);
+        }
+    }
+}
+
+/// How many epoll events one look takes.
+const EVENTS: usize = 256;
+
+impl Parker {
+    /// A parker on the current runtime, with the task that watches its epoll set; `None` (and
+    /// connections are not parked) when the set cannot be made.
+    pub(crate) fn start() -> Option<Arc<Parker>> {
+        let epoll = match epoll::create(epoll::CreateFlags::CLOEXEC) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                tracing::warn!("idle MQTT connections will not be parked: epoll set: {e}");
+                return None;
+            }
+        };
+        let parker = Arc::new(Parker {
+            epoll: epoll.clone(),
+            slab: Mutex::new(Slab::default()),
+            runtime: tokio::runtime::Handle::current(),
+            parked: AtomicUsize::new(0),
+            unparked: AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&parker);
+        let watcher = std::thread::Builder::new()
+            .name("ferry-mqtt-parked".into())
+            .stack_size(64 * 1024)
+            .spawn(move || watch(weak, &epoll));
+        if let Err(e) = watcher {
+            tracing::warn!("idle MQTT connections will not be parked: watcher thread: {e}");
+            return None;
+        }
+        Some(parker)
+    }
+
+    fn slab(&self) -> MutexGuard<'_, Slab> {
+        self.slab.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections parked now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    /// Connections unparked so far (each park ends in one).
+    pub fn unparked(&self) -> usize {
+        self.unparked.load(Ordering::Relaxed)
+    }
+
+    /// Parks a connection: its socket joins the epoll set and its signals get a waker of ours.
+    /// Something that came meanwhile (a delivery, a kick, bytes) unparks it at once.
+    pub(crate) fn park(self: &Arc<Self>, parked: Parked) {
+        let mut slab = self.slab();
+        let token = slab.insert(parked);
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        let p = slab.get(token).expect("just inserted");
+        let waker = Waker::from(Arc::new(ParkWaker { parker: Arc::downgrade(self), token }));
+        // Under the slab's lock, so that a wake from another thread waits for the record to be
+        // complete; a signal wakes outside its own lock, so the two locks are never taken in
+        // the other order.
+        let ready = p.conn.poll_parked(&mut Context::from_waker(&waker));
+        // Edge-triggered and one-shot: one event at most, and one is reported at once if bytes
+        // are already there.
+        let flags =
+            epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ET | epoll::EventFlags::ONESHOT;
+        let added = epoll::add(&*self.epoll, &p.tcp, epoll::EventData::new_u64(token), flags);
+        drop(slab);
+        if let Err(e) = &added {
+            debug!(error = %e, "epoll add; the connection is not parked");
+        }
+        if ready || added.is_err() {
+            self.unpark(token);
+        }
+    }
+
+    /// Unparks the connection `token` names, if it is still parked: a new task takes it on.
+    fn unpark(&self, token: u64) {
+        let Some(parked) = self.slab().take(token) else { return };
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        self.unparked.fetch_add(1, Ordering::Relaxed);
+        // Not registered (an add that failed) is as good as deleted.
+        let _ = epoll::delete(&*self.epoll, &parked.tcp);
+        self.runtime.spawn(driver::resume(parked));
+    }
+}
+
+/// How long the watcher waits at most before it looks whether its parker is still there (a
+/// frontend dropped, in tests).
+const WATCH_TIMEOUT: rustix::event::Timespec = rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 };
+
+/// Watches the epoll set, on a thread of its own: a parked socket that turned readable (or
+/// closed) is unparked. Tokio could watch the set's descriptor instead, but its `AsyncFd` is
+/// registered only through an `unsafe` function now, and the crates forbid `unsafe`.
+fn watch(parker: Weak<Parker>, epoll: &OwnedFd) {
+    let mut events = Vec::with_capacity(EVENTS);
+    loop {
+        events.clear();
+        if let Err(e) = epoll::wait(epoll, rustix::buffer::spare_capacity(&mut events), Some(&WATCH_TIMEOUT)) {
+            if e != rustix::io::Errno::INTR {
+                tracing::error!("the parked MQTT connections' epoll set failed: {e}");
+                return;
+            }
+        }
+        let Some(parker) = parker.upgrade() else { return };
+        for event in &events {
+            parker.unpark(event.data.u64());
+        }
+    }
+}
