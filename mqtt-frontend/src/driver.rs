@@ -589,6 +589,7 @@ impl Conn {
             Ok(tcp) => {
                 // Nothing is kept for the next read: it goes through the stack.
                 self.buf = BytesMut::new();
+                self.session.shed();
                 self.kick.parked();
                 parker.park(Parked { conn: self, tcp, slot });
                 Ok(())

@@ -1446,6 +1446,24 @@ impl Session {
         self.traffic.as_mut()?.inflight.remove(&id)
     }
 
+    /// The connection parks (`crate::park`): what is kept only for traffic goes, to be made
+    /// again with the next message: the traffic state (its inflight table, its backlog's and
+    /// topic buffer's room, the cached exchange) when nothing is in flight or waiting, and the
+    /// write buffer's room. Packet ids go on from where they were (`next_packet_id` is the
+    /// session's).
+    pub fn shed(&mut self) {
+        if self
+            .traffic
+            .as_ref()
+            .is_some_and(|t| t.inflight.is_empty() && t.backlog.is_empty() && t.congested.is_empty())
+        {
+            self.traffic = None;
+        }
+        if self.out.is_empty() {
+            self.out = BytesMut::new();
+        }
+    }
+
     /// Whether this client's publishes found a subscriber or a queue congested since the last
     /// [`Session::take_congested`].
     pub fn is_congested(&self) -> bool {
@@ -2239,6 +2257,32 @@ mod tests {
             assert!(matches!(close, Close::Violation { reason: reason::PROTOCOL_ERROR, .. }), "{wrong:?}");
             s.send_disconnect(reason::PROTOCOL_ERROR, "x");
             assert!(packets(&mut s).is_empty(), "no DISCONNECT after {wrong:?}");
+        }
+    }
+
+    /// A parking connection sheds its traffic state only when nothing is in flight, and packet
+    /// ids go on after it (a reused id would be a new message to the client only once acked).
+    #[test]
+    fn a_parking_session_sheds_its_traffic_state_only_when_nothing_is_in_flight() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        assert_eq!(subscribe(&mut s, &["cmd".to_string()]), vec![1]);
+        publish(&vhost, "cmd");
+        s.pump(0);
+        let first = match &packets(&mut s)[..] {
+            [Packet::Publish(p)] => p.packet_id.expect("QoS 1"),
+            other => panic!("{other:?}"),
+        };
+        s.shed();
+        assert!(s.traffic.is_some(), "awaiting its PUBACK: kept");
+        s.handle(Packet::PubAck(PubResp::ok(first)), 0).unwrap();
+        s.shed();
+        assert!(s.traffic.is_none() && s.out.capacity() == 0, "nothing in flight: shed");
+        publish(&vhost, "cmd");
+        s.pump(0);
+        match &packets(&mut s)[..] {
+            [Packet::Publish(p)] => assert_eq!(p.packet_id, Some(first + 1)),
+            other => panic!("{other:?}"),
         }
     }
 
