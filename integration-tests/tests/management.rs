@@ -299,6 +299,12 @@ async fn metrics_pass_promtool_under_both_prefixes_and_cap_the_queues() {
             r.text().await.unwrap()
         }
     };
+    // The idle MQTT client parks once two keep alive sweeps have found it without work.
+    let started = std::time::Instant::now();
+    while !scrape("").await.contains("ferry_mqtt_connections_parked 1\n") {
+        assert!(started.elapsed() < Duration::from_secs(10), "the idle MQTT client never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ferry = scrape("").await;
     let rabbit = scrape("?prefix=rabbitmq").await;
     for line in [

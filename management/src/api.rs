@@ -172,7 +172,8 @@ async fn metrics(State(state): State<AppState>, caller: Caller, Query(params): P
     };
     let max = state.settings.metrics_max_queues;
     let text = render(&state, move |shared| {
-        let snap = Snapshot::take(&shared.broker, &shared.bridges, max, shared.started.elapsed().as_secs_f64());
+        let mqtt = shared.mqtt.get().map(|m| &**m);
+        let snap = Snapshot::take(&shared.broker, mqtt, &shared.bridges, max, shared.started.elapsed().as_secs_f64());
         if rabbitmq {
             snap.render_rabbitmq()
         } else {

@@ -50,6 +50,9 @@ pub(crate) struct Snapshot {
     disk_free: u64,
     bridges: Vec<ferry_bridge::BridgeStatus>,
     uptime_seconds: f64,
+    /// MQTT connections parked without a task (`ferry_mqtt::park`); `None` without the MQTT
+    /// frontend.
+    mqtt_parked: Option<u64>,
 }
 
 fn add(into: &mut QueueStats, st: &QueueStats) {
@@ -67,6 +70,7 @@ fn add(into: &mut QueueStats, st: &QueueStats) {
 impl Snapshot {
     pub fn take(
         broker: &Broker,
+        mqtt: Option<&ferry_mqtt::Shared>,
         bridges: &ferry_bridge::StatusReader,
         max_queues: usize,
         uptime_seconds: f64,
@@ -76,6 +80,7 @@ impl Snapshot {
             protocols: broker.connections().totals(),
             channels: broker.connections().entries_by_id().iter().map(|e| e.channels() as u64).sum(),
             uptime_seconds,
+            mqtt_parked: mqtt.map(|m| m.parked_connections().map_or(0, |(parked, _)| parked as u64)),
             ..Snapshot::default()
         };
         let mut names = broker.vhost_names();
@@ -203,6 +208,14 @@ impl Snapshot {
             v.queues.unacked as u64
         });
         per_vhost(&mut o, "ferry_retained_messages", "gauge", "MQTT retained messages.", &|v| v.retained);
+        if let Some(parked) = self.mqtt_parked {
+            o.family(
+                "ferry_mqtt_connections_parked",
+                "gauge",
+                "Idle MQTT connections parked without a task (their sockets in one epoll set).",
+            );
+            o.sample("ferry_mqtt_connections_parked", &[], parked);
+        }
         per_vhost(
             &mut o,
             "ferry_mqtt_persistent_sessions",
