@@ -88,11 +88,16 @@ async fn a_parked_connection_answers_its_pings_and_is_closed_when_its_keep_alive
     c.keep_alive = 1;
     let (mut client, ack) = RawClient::connect(server.mqtt_addr(), c).await;
     assert_eq!(ack.code, 0);
+    // Not subscribed: it parks once the sweep has found it idle twice.
     for _ in 0..3 {
         parked(&frontend, 1).await;
         let unparked = counts(&frontend).1;
         within("PINGRESP", client.ping()).await;
         assert!(counts(&frontend).1 > unparked);
+        // Not parked again at once (that takes two sweeps, 250 ms apart): PINGREQs back to
+        // back do not park and unpark it for each.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counts(&frontend).0, 0);
     }
     parked(&frontend, 1).await;
     // Silent past 1.5 × 1 s: DISCONNECT 0x8D Keep Alive timeout, parked or not.

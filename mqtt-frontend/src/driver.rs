@@ -255,6 +255,8 @@ pub(crate) struct Conn {
     yielded: bool,
     /// A plain TCP connection, which may park while idle (`crate::park`).
     parkable: bool,
+    /// It has parked before: from then on it parks only once the sweep finds it idle.
+    parked_before: bool,
     generation: u64,
     /// The session's `payload_out` already added into the frontend's totals.
     payload_reported: u64,
@@ -482,6 +484,7 @@ async fn establish(
     let parkable = stream.tls.is_none() && stream.is::<tokio::net::TcpStream>();
     Ok(Box::new(Conn {
         parkable,
+        parked_before: false,
         kick: claim.kick,
         conn: handle,
         // 5.0 clients are answered 0x97 at the disk alarm instead of being held back.
@@ -551,9 +554,11 @@ impl Conn {
 
     /// Whether the connection, idle now ([`Conn::poll_idle`] is pending), may park: a plain
     /// TCP connection with nothing read and not handled and nothing to write, which has
-    /// subscribed and moved no message yet (a device after its SUBACK, waiting for its first
-    /// command) or which the sweep found idle twice (`Kick::park_asked`). A busy connection
-    /// that pauses for a moment is not parked and woken at every message.
+    /// subscribed and moved no message yet and not parked before (a device after its SUBACK,
+    /// waiting for its first command) or which the sweep found idle twice
+    /// (`Kick::park_asked`). A busy connection that pauses for a moment is not parked and
+    /// woken at every message, and a client sending PINGREQs back to back does not make the
+    /// broker park and unpark its connection for each.
     ///
     /// Not at once after the CONNACK: what a parked connection's client sends is handled a
     /// moment later than what an active connection's does (its task is made again, on the
@@ -564,7 +569,8 @@ impl Conn {
     #[inline(never)]
     fn may_park(&self) -> bool {
         let stats = &self.session.stats;
-        let fresh_device = stats.messages_in == 0 && stats.messages_out == 0 && self.session.is_subscribed();
+        let fresh_device =
+            !self.parked_before && stats.messages_in == 0 && stats.messages_out == 0 && self.session.is_subscribed();
         self.parkable
             && self.buf.is_empty()
             && self.session.out.is_empty()
@@ -590,6 +596,7 @@ impl Conn {
                 // Nothing is kept for the next read: it goes through the stack.
                 self.buf = BytesMut::new();
                 self.session.shed();
+                self.parked_before = true;
                 self.kick.parked();
                 parker.park(Parked { conn: self, tcp, slot });
                 Ok(())
