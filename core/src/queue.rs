@@ -892,6 +892,12 @@ pub struct Queue {
     /// The queue holds its publishers back (see the module's documentation). Written under the
     /// state's lock, read without it by the publishers waiting ([`Queue::has_room`]).
     holding: AtomicBool,
+    /// The first connection held back in the current holding period (`u64::MAX`: none yet),
+    /// and whether another one was held in it too; [`Queue::was_contended`] says it of the
+    /// last period once it ended. Written under the state's lock.
+    held_first: AtomicU64,
+    contending: AtomicBool,
+    last_contended: AtomicBool,
     /// Wakes the publishers waiting for room; made the first time the queue holds any.
     unheld: OnceLock<Arc<tokio::sync::Notify>>,
     /// [`pages`], asked once.
@@ -942,6 +948,9 @@ impl Queue {
             state: Mutex::new(state),
             reserved: AtomicU64::new(u64::MAX),
             holding: AtomicBool::new(false),
+            held_first: AtomicU64::new(u64::MAX),
+            contending: AtomicBool::new(false),
+            last_contended: AtomicBool::new(false),
             unheld: OnceLock::new(),
             pages,
         })
@@ -1559,6 +1568,13 @@ impl Queue {
         }
         fx.congested = !st.consumers.iter().any(|c| c.spec.connection == from);
         st.held_publishers += u64::from(fx.congested);
+        if fx.congested {
+            match self.held_first.load(Ordering::Relaxed) {
+                u64::MAX => self.held_first.store(from.0, Ordering::Relaxed),
+                first if first != from.0 => self.contending.store(true, Ordering::Relaxed),
+                _ => {}
+            }
+        }
     }
 
     /// Lets the publishers held back go once the queue is down to [`BACKLOG_LOW`], has no
@@ -1574,8 +1590,18 @@ impl Queue {
     }
 
     fn unhold(&self, fx: &mut Effects) {
+        // Before `holding`, which the publishers read (SeqCst) before asking this.
+        self.last_contended.store(self.contending.swap(false, Ordering::Relaxed), Ordering::Relaxed);
+        self.held_first.store(u64::MAX, Ordering::Relaxed);
         self.holding.store(false, Ordering::SeqCst);
         fx.unheld = self.unheld.get().map(|n| Unheld(n.clone()));
+    }
+
+    /// Whether the last time the queue held its publishers back it held more than one
+    /// connection: they then share the room it made, a few publishes at a time
+    /// (`ferry_core::flow::FAIR_BATCH`). A queue with one publisher needs no such turns.
+    pub fn was_contended(&self) -> bool {
+        self.last_contended.load(Ordering::Relaxed)
     }
 
     /// Whether the queue lets its publishers read (it is not holding them back).
