@@ -200,10 +200,11 @@ impl Listener {
             while let Some(done) = tasks.join_next().await {
                 report(&name, done);
             }
-            // Parked connections woken by the shutdown end in tasks of their own.
-            while open_now() > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            // Parked connections woken by the shutdown end in tasks of their own: their slots
+            // come back when they end. (Refusals hold no slot of the listener's, and their tasks
+            // are all joined. A limit above 2^32 - 1, which nobody configures, waits for all
+            // but the rest.)
+            let _all = limit.acquire_many(u32::try_from(max_connections).unwrap_or(u32::MAX)).await;
         })
         .await;
         let aborted = if drained.is_err() { open_now().max(tasks.len()) } else { 0 };
