@@ -35,11 +35,14 @@ fn counts(frontend: &MqttFrontend) -> (usize, usize) {
 /// Waits until `n` connections are parked (a connection that has subscribed and moved no message
 /// yet parks as soon as it is idle; any other, after two sweeps of 250 ms).
 async fn parked(frontend: &MqttFrontend, n: usize) {
-    let started = Instant::now();
-    while counts(frontend).0 != n {
-        assert!(started.elapsed() < Duration::from_secs(10), "{n} parked expected, counts {:?}", counts(frontend));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(&format!("{n} parked (counts {:?})", counts(frontend)), frontend.shared().parked_reaches(n)).await;
+}
+
+/// A client that watches for wills.
+async fn will_watcher(addr: std::net::SocketAddr) -> RawClient {
+    let mut watcher = RawClient::connect_ok(addr, V5, "watcher", true).await;
+    watcher.subscribe(1, "wills/#", sub_options(QoS::AtLeastOnce)).await;
+    watcher
 }
 
 fn disconnect() -> Packet {
@@ -92,12 +95,13 @@ async fn a_parked_connection_answers_its_pings_and_is_closed_when_its_keep_alive
     for _ in 0..3 {
         parked(&frontend, 1).await;
         let unparked = counts(&frontend).1;
+        let pinged = Instant::now();
         within("PINGRESP", client.ping()).await;
         assert!(counts(&frontend).1 > unparked);
-        // Not parked again at once (that takes two sweeps, 250 ms apart): PINGREQs back to
-        // back do not park and unpark it for each.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(counts(&frontend).0, 0);
+        // Not parked again at once, only once two sweeps 250 ms apart found it idle: PINGREQs
+        // back to back do not park and unpark it for each.
+        parked(&frontend, 1).await;
+        assert!(pinged.elapsed() >= Duration::from_millis(200), "parked again {:?} after", pinged.elapsed());
     }
     parked(&frontend, 1).await;
     // Silent past 1.5 × 1 s: DISCONNECT 0x8D Keep Alive timeout, parked or not.
@@ -111,8 +115,7 @@ async fn a_parked_connection_answers_its_pings_and_is_closed_when_its_keep_alive
 async fn a_parked_connection_is_taken_over_and_closed_from_outside() {
     let (server, frontend) = server("", "").await;
     let addr = server.mqtt_addr();
-    let mut watcher = RawClient::connect_ok(addr, V5, "watcher", true).await;
-    watcher.subscribe(1, "wills/#", sub_options(QoS::AtLeastOnce)).await;
+    let mut watcher = will_watcher(addr).await;
 
     // Taken over while parked: DISCONNECT 0x8E, and its will (a new connection with a clean
     // start ends the session).
@@ -142,8 +145,7 @@ async fn a_parked_connection_is_taken_over_and_closed_from_outside() {
 async fn a_disconnect_sent_to_a_parked_connection_just_before_a_reconnect_counts() {
     let (server, frontend) = server("", "").await;
     let addr = server.mqtt_addr();
-    let mut watcher = RawClient::connect_ok(addr, V5, "watcher", true).await;
-    watcher.subscribe(1, "wills/#", sub_options(QoS::AtLeastOnce)).await;
+    let mut watcher = will_watcher(addr).await;
     for version in [V311, V5] {
         for round in 0..10 {
             let mut c = connect_packet(version, "device", true);

@@ -88,6 +88,8 @@ pub struct Shared {
     session_settings: Mutex<Vec<Arc<Settings>>>,
     /// Where idle connections park ([`park`]), made with the first one.
     parker: std::sync::OnceLock<Option<Arc<park::Parker>>>,
+    /// Told after every park and unpark ([`Shared::parked_reaches`]).
+    parked_changed: Arc<tokio::sync::Notify>,
 }
 
 /// How long [`Shared::delete_session`] waits for a connected client to let its session go.
@@ -165,13 +167,28 @@ impl Shared {
     /// The parker of idle connections, made on the first call (on the runtime that serves the
     /// connections); `None` where no epoll set could be made.
     pub(crate) fn parker(&self) -> Option<&Arc<park::Parker>> {
-        self.parker.get_or_init(park::Parker::start).as_ref()
+        self.parker.get_or_init(|| park::Parker::start(self.parked_changed.clone())).as_ref()
     }
 
     /// How many connections are parked now, and how many were unparked so far (`None` before
     /// the first parked).
     pub fn parked_connections(&self) -> Option<(usize, usize)> {
         self.parker.get()?.as_ref().map(|p| (p.parked(), p.unparked()))
+    }
+
+    /// Resolves once exactly `n` connections are parked (at once if they are): for a test or a
+    /// tool that waits on the parker rather than polling its counts.
+    pub async fn parked_reaches(&self, n: usize) {
+        loop {
+            let changed = self.parked_changed.notified();
+            tokio::pin!(changed);
+            // Registered before the look, so a change in between is not missed.
+            changed.as_mut().enable();
+            if self.parked_connections().map_or(0, |(parked, _)| parked) == n {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Publishes `$SYS` into a vhost from the first time a client connects to it.
@@ -224,6 +241,7 @@ impl MqttFrontend {
                 shutdowns: Mutex::new(Vec::new()),
                 session_settings: Mutex::new(Vec::new()),
                 parker: std::sync::OnceLock::new(),
+                parked_changed: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }

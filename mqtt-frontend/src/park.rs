@@ -53,6 +53,8 @@ pub struct Parker {
     runtime: tokio::runtime::Handle,
     parked: AtomicUsize,
     unparked: AtomicUsize,
+    /// Told after every park and unpark, for whoever waits on the counts (tests, tools).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Parker {
@@ -135,7 +137,7 @@ const EVENTS: usize = 256;
 impl Parker {
     /// A parker on the current runtime, with the task that watches its epoll set; `None` (and
     /// connections are not parked) when the set cannot be made.
-    pub(crate) fn start() -> Option<Arc<Parker>> {
+    pub(crate) fn start(changed: Arc<tokio::sync::Notify>) -> Option<Arc<Parker>> {
         let epoll = match epoll::create(epoll::CreateFlags::CLOEXEC) {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
@@ -149,6 +151,7 @@ impl Parker {
             runtime: tokio::runtime::Handle::current(),
             parked: AtomicUsize::new(0),
             unparked: AtomicUsize::new(0),
+            changed,
         });
         let weak = Arc::downgrade(&parker);
         let watcher = std::thread::Builder::new()
@@ -200,6 +203,7 @@ impl Parker {
         if ready || added.is_err() {
             self.unpark(token);
         }
+        self.changed.notify_waiters();
     }
 
     /// Unparks the connection `token` names, if it is still parked: a new task takes it on.
@@ -210,6 +214,7 @@ impl Parker {
         // Not registered (an add that failed) is as good as deleted.
         let _ = epoll::delete(&*self.epoll, &parked.tcp);
         self.runtime.spawn(driver::resume(parked));
+        self.changed.notify_waiters();
     }
 }
 
