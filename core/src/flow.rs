@@ -238,6 +238,25 @@ impl PublisherFlow {
         self.publisher
     }
 
+    /// The connection has published before this state was made (a driver that gave an idle
+    /// connection's state back, [`PublisherFlow::is_at_rest`], and made it again).
+    pub fn mark_publisher(&mut self) {
+        self.publisher = true;
+    }
+
+    /// Whether this state holds nothing a new one would not: no publish rate (its bucket
+    /// remembers what was spent), no hold, no congested target, no pause, no ack waiting. A
+    /// driver may then give it back and make it again when needed, keeping only
+    /// [`PublisherFlow::is_publisher`].
+    pub fn is_at_rest(&self) -> bool {
+        self.bucket.is_none()
+            && self.throttled_until.is_none()
+            && self.hold.is_none()
+            && self.congested.is_empty()
+            && self.paused_since.is_none()
+            && self.acks_waiting == 0
+    }
+
     /// Whether an alarm holds this connection back now.
     pub fn alarm_holds(&self) -> bool {
         self.publisher && (self.memory_alarm || (self.disk_alarm && self.disk_holds))
@@ -352,12 +371,17 @@ impl PublisherFlow {
 /// channel and sequence number.
 #[derive(Debug)]
 pub struct AckQueue<A> {
-    entries: VecDeque<(A, Commit)>,
+    /// Made with the first ack and kept while acks come (an ack per publish would otherwise
+    /// allocate it again and again); given back by [`AckQueue::shed`]. Every MQTT session and
+    /// AMQP channel holds a queue, and most never push to it: a `VecDeque` inline was 32 bytes
+    /// of every idle MQTT connection (issue 18).
+    #[allow(clippy::box_collection)]
+    entries: Option<Box<VecDeque<(A, Commit)>>>,
 }
 
 impl<A> Default for AckQueue<A> {
     fn default() -> AckQueue<A> {
-        AckQueue { entries: VecDeque::new() }
+        AckQueue { entries: None }
     }
 }
 
@@ -368,17 +392,18 @@ impl<A> AckQueue<A> {
 
     /// `ack` leaves once `commit` has resolved and every ack pushed before it has left.
     pub fn push(&mut self, ack: A, commit: Commit) {
-        self.entries.push_back((ack, commit));
+        self.entries.get_or_insert_with(Box::default).push_back((ack, commit));
     }
 
     /// The next ack that may leave, with its commit's result (an ack whose commit failed is
     /// still the protocol's to answer: a nack, a failure code, a closed connection).
     pub fn take_ready(&mut self) -> Option<(A, Result<(), StoreError>)> {
-        let (_, commit) = self.entries.front_mut()?;
+        let entries = self.entries.as_mut()?;
+        let (_, commit) = entries.front_mut()?;
         if !commit.try_resolve() {
             return None;
         }
-        let (ack, commit) = self.entries.pop_front().expect("looked at");
+        let (ack, commit) = entries.pop_front().expect("looked at");
         let result = commit.try_result().expect("resolved");
         Some((ack, result))
     }
@@ -386,7 +411,7 @@ impl<A> AckQueue<A> {
     /// `Ready` when the first ack may leave ([`AckQueue::take_ready`]); otherwise the task is
     /// woken when its commit resolves. Never ready when empty.
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self.entries.front_mut() {
+        match self.entries.as_mut().and_then(|e| e.front_mut()) {
             Some((_, commit)) => commit.poll_resolve(cx),
             None => Poll::Pending,
         }
@@ -398,16 +423,23 @@ impl<A> AckQueue<A> {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.as_ref().map_or(0, |e| e.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+
+    /// Gives the room back when no ack waits (an idle connection's).
+    pub fn shed(&mut self) {
+        if self.is_empty() {
+            self.entries = None;
+        }
     }
 
     /// The acks waiting, in order.
     pub fn iter(&self) -> impl Iterator<Item = &A> {
-        self.entries.iter().map(|(a, _)| a)
+        self.entries.iter().flat_map(|e| e.iter()).map(|(a, _)| a)
     }
 }
 

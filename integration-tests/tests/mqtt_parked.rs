@@ -198,3 +198,33 @@ async fn a_parked_connection_holds_its_slot_and_is_closed_at_shutdown_within_the
     a.expect_close(Some(0x8B)).await;
     b.expect_close(None).await;
 }
+
+/// A connection parks without its publisher flow control's state (made again when needed,
+/// issue 18), and still remembers that it published: an alarm raised while it is parked holds
+/// its next PUBLISH back (3.1.1: the disk alarm; no PUBACK, nothing routed) until the alarm
+/// clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_publisher_is_still_held_back_by_an_alarm() {
+    let (server, frontend) = server("", "").await;
+    let addr = server.mqtt_addr();
+    let mut sub = RawClient::connect_ok(addr, V311, "watcher", true).await;
+    sub.subscribe(1, "telemetry/#", sub_options(QoS::AtLeastOnce)).await;
+    let mut publisher = RawClient::connect_ok(addr, V311, "sensor", true).await;
+    publisher.publish(publish_packet("telemetry/sensor", QoS::AtLeastOnce, 1, b"before")).await;
+    assert_eq!(&within("before", sub.recv_publish()).await.payload[..], b"before");
+    parked(&frontend, 2).await;
+
+    let disk = server.server.broker().disk();
+    let mut alarm = disk.subscribe();
+    disk.watch_free_space(u64::MAX, Box::new(|| None));
+    within("the disk alarm", alarm.wait_for(|up| *up)).await.expect("alarm");
+    publisher.send(&Packet::Publish(publish_packet("telemetry/sensor", QoS::AtLeastOnce, 2, b"held"))).await;
+    // Not read while the alarm is up: no PUBACK, nothing routed.
+    publisher.quiet().await;
+    assert!(sub.next_within(Duration::from_millis(100)).await.is_err(), "routed while the alarm was up");
+
+    disk.watch_free_space(0, Box::new(|| None));
+    within("the alarm clears", alarm.wait_for(|up| !*up)).await.expect("alarm");
+    publisher.expect("PUBACK", |p| matches!(p, Packet::PubAck(a) if a.packet_id == 2).then_some(())).await;
+    assert_eq!(&within("held", sub.recv_publish()).await.payload[..], b"held");
+}

@@ -246,7 +246,14 @@ pub(crate) struct Conn {
     // publisher down; nothing is dropped. Deliveries to the client go on meanwhile. Our pause is
     // not the client's silence, so the keep alive deadline is held meanwhile and moves on by as
     // long (the client's packets meanwhile, PINGREQ too, wait unread and reset it once read).
-    flow: PublisherFlow,
+    //
+    // Made with the first PUBLISH or the first ack waiting for the store, and given back at a
+    // park when it holds nothing (`Conn::flow`): a device that only waits for its commands
+    // does without it (issue 18: inline it was 80 bytes of every connection's state).
+    flow: Option<Box<PublisherFlow>>,
+    /// The flow control, given back, had seen this connection publish: the alarms still hold
+    /// it back when it is made again.
+    published: bool,
     // `buf` may hold whole packets not decoded yet: those that came with the CONNECT, or those
     // left when the connection was held back.
     undecoded: bool,
@@ -258,8 +265,6 @@ pub(crate) struct Conn {
     /// It has parked before: from then on it parks only once the sweep finds it idle.
     parked_before: bool,
     generation: u64,
-    /// The session's `payload_out` already added into the frontend's totals.
-    payload_reported: u64,
 }
 
 /// How many connections are handling a SUBSCRIBE at this moment, across the process. A
@@ -476,7 +481,6 @@ async fn establish(
 
     let keep_alive = keep_alive_limit(&session);
     session.set_disk_alarm(ctx.broker.disk().is_raised());
-    let publish_rate = limits.max_publish_rate;
     claim.kick.set_deadline(keep_alive.map(|k| Instant::now() + k));
     session.attach_listing(claim.kick.clone(), !resume);
     let undecoded = !buf.is_empty();
@@ -487,12 +491,11 @@ async fn establish(
         parked_before: false,
         kick: claim.kick,
         conn: handle,
-        // 5.0 clients are answered 0x97 at the disk alarm instead of being held back.
-        flow: PublisherFlow::new(publish_rate, !session.is_v5(), Instant::now().into_std()),
+        flow: None,
+        published: false,
         undecoded,
         yielded: false,
         generation: claim.generation,
-        payload_reported: 0,
         stream: stream.into_io(),
         id: ctx.id,
         broker: ctx.broker,
@@ -520,7 +523,7 @@ impl Conn {
                 return Some(close);
             }
             self.update_flow();
-            let reading = self.flow.should_read();
+            let reading = self.should_read();
             if reading && self.undecoded {
                 // Packets read and left undecoded at a congestion that is over: they go first.
                 continue;
@@ -596,6 +599,9 @@ impl Conn {
                 // Nothing is kept for the next read: it goes through the stack.
                 self.buf = BytesMut::new();
                 self.session.shed();
+                if self.flow.as_ref().is_some_and(|f| f.is_at_rest()) {
+                    self.published |= self.flow.take().is_some_and(|f| f.is_publisher());
+                }
                 self.parked_before = true;
                 self.kick.parked();
                 parker.park(Parked { conn: self, tcp, slot });
@@ -704,14 +710,53 @@ impl Conn {
         }
     }
 
+    /// The publisher flow control's state, made when first needed (see [`Conn::flow`]'s field).
+    fn flow(&mut self) -> &mut PublisherFlow {
+        Conn::flow_of(&mut self.flow, &self.listener, &self.session, self.published)
+    }
+
+    /// [`Conn::flow`] for a caller that holds another field of the connection borrowed.
+    fn flow_of<'f>(
+        flow: &'f mut Option<Box<PublisherFlow>>,
+        listener: &ListenerSettings,
+        session: &Session,
+        published: bool,
+    ) -> &'f mut PublisherFlow {
+        flow.get_or_insert_with(|| {
+            // 5.0 clients are answered 0x97 at the disk alarm instead of being held back.
+            let mut flow =
+                PublisherFlow::new(listener.limits.max_publish_rate, !session.is_v5(), Instant::now().into_std());
+            if published {
+                flow.mark_publisher();
+            }
+            Box::new(flow)
+        })
+    }
+
+    /// Whether the flow control lets the connection read and decode (as of the last
+    /// [`Conn::update_flow`]).
+    fn should_read(&self) -> bool {
+        self.flow.as_ref().is_none_or(|f| f.should_read())
+    }
+
     /// Tells the publisher flow control how things stand (alarms, acks waiting) and moves the
     /// keep alive deadline by our pauses. The memory alarm holds back clients that publish
     /// (subscribers keep draining); so does the disk alarm for 3.1.1 clients (5.0 clients are
     /// answered 0x97 instead).
     fn update_flow(&mut self) {
-        self.flow.set_alarms(self.broker.memory().is_raised(), self.broker.disk().is_raised());
-        self.flow.set_acks_waiting(self.session.acks.len());
-        match self.flow.update(Instant::now().into_std(), now_millis()) {
+        let (memory, disk, acks) =
+            (self.broker.memory().is_raised(), self.broker.disk().is_raised(), self.session.acks.len());
+        // Without the state (nothing published since it was made, or given back at rest):
+        // made again only when something would hold the connection back, an alarm (for a
+        // connection that published) or acks waiting.
+        let alarm_holds = self.published && (memory || (disk && !self.session.is_v5()));
+        if self.flow.is_none() && acks == 0 && !alarm_holds {
+            return;
+        }
+        let flow = self.flow();
+        flow.set_alarms(memory, disk);
+        flow.set_acks_waiting(acks);
+        match flow.update(Instant::now().into_std(), now_millis()) {
             Some(Pause::Started) => self.kick.hold_deadline(),
             Some(Pause::Ended(paused)) => self.kick.release_deadline(paused),
             None => {}
@@ -726,7 +771,7 @@ impl Conn {
             // An alarm raised since the last look holds back what was just read.
             self.update_flow();
         }
-        if self.undecoded && self.flow.should_read() {
+        if self.undecoded && self.should_read() {
             self.session.set_disk_alarm(self.broker.disk().is_raised());
             let mut heard = false;
             // The wall clock is read once per CLOCK_PACKETS packets and after every yield, not
@@ -801,9 +846,10 @@ impl Conn {
                     // `extend` was 1.5-3 % of the broker's CPU at QoS 0 1→1 (perf).
                     let clock = || Instant::now().into_std();
                     let decode = if self.session.is_congested() {
-                        self.flow.after_publish(1, self.session.take_congested(), clock)
+                        let flow = Conn::flow_of(&mut self.flow, &self.listener, &self.session, self.published);
+                        flow.after_publish(1, self.session.take_congested(), clock)
                     } else {
-                        self.flow.after_publish(1, std::iter::empty(), clock)
+                        self.flow().after_publish(1, std::iter::empty(), clock)
                     };
                     if decode == Decode::Stop {
                         break;
@@ -822,12 +868,11 @@ impl Conn {
         self.session.pump(now_millis());
         // The session counts its messages; the registry gets its totals once per wake-up, before
         // the write, so a client sees its PUBACK only once its publish is counted.
-        let stats = &self.session.stats;
+        let stats = &mut self.session.stats;
         self.conn.counters.set_messages(stats.messages_in, stats.messages_out);
-        if stats.payload_out != self.payload_reported {
-            let sent = stats.payload_out.saturating_sub(self.payload_reported);
+        let sent = stats.take_payload_out();
+        if sent > 0 {
             self.shared.stats.publish_bytes_out.fetch_add(sent, Ordering::Relaxed);
-            self.payload_reported = stats.payload_out;
         }
         if !self.session.out.is_empty() {
             let n = self.session.out.len();
@@ -922,9 +967,9 @@ impl Conn {
         // otherwise); one that changed before it was made is caught by looking again.
         let mut alarm = self.broker.memory().subscribe();
         let mut disk_alarm = self.broker.disk().subscribe();
-        if self.flow.would_hold(self.broker.memory().is_raised(), self.broker.disk().is_raised())
-            != self.flow.alarm_holds()
-        {
+        let (memory, disk) = (self.broker.memory().is_raised(), self.broker.disk().is_raised());
+        let flow = self.flow();
+        if flow.would_hold(memory, disk) != flow.alarm_holds() {
             return None;
         }
         let room = if reading { self.sizer.prepare(&mut self.buf) } else { 0 };
@@ -932,8 +977,9 @@ impl Conn {
         let queue_outbox = self.session.queue_outbox().cloned();
         // A hold that ends with time (the publish rate's debt, a congestion pause), and the
         // congested subscriber we wait for: it may drain first (ferry_core::flow).
-        let wake = self.flow.next_wakeup().map(Instant::from_std);
-        let congested = self.flow.congested_target().cloned();
+        let flow = self.flow.as_deref().expect("made above");
+        let wake = flow.next_wakeup().map(Instant::from_std);
+        let congested = flow.congested_target().cloned();
         let acks = &mut self.session.acks;
         tokio::select! {
             r = self.stream.read_buf(&mut self.buf), if reading => return self.on_read(r, room),
@@ -962,19 +1008,7 @@ impl Conn {
 
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
-        let Conn {
-            mut stream,
-            id,
-            broker,
-            listener,
-            shared,
-            mut session,
-            generation,
-            kick,
-            conn,
-            payload_reported,
-            ..
-        } = *self;
+        let Conn { mut stream, id, broker, listener, shared, mut session, generation, kick, conn, .. } = *self;
         log_disconnect(id, conn.info().peer, &session, &close, conn.info().connected_at);
         // Say why, to 5.0 clients.
         match &close {
@@ -1007,9 +1041,8 @@ impl Conn {
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&session.out)).await;
         }
 
-        let stats = session.stats;
-        shared.stats.publish_bytes_out.fetch_add(stats.payload_out.saturating_sub(payload_reported), Ordering::Relaxed);
-        let client_id = session.client_id.clone();
+        shared.stats.publish_bytes_out.fetch_add(session.stats.take_payload_out(), Ordering::Relaxed);
+        let client_id = session.client_id.to_string();
         let vhost = session.vhost().clone();
         // Wills go to the listener's exchange, as publishes do.
         let exchange = session.exchange().clone();
@@ -1064,7 +1097,7 @@ impl Conn {
 fn log_disconnect(id: ConnectionId, peer: SocketAddr, session: &Session, close: &Close, connected_at: Millis) {
     let duration = Duration::from_millis(now_millis().saturating_sub(connected_at));
     let user = session.user().unwrap_or(ANONYMOUS_USER);
-    let (client_id, version) = (session.client_id.as_str(), session.version.name());
+    let (client_id, version) = (&*session.client_id, session.version.name());
     let reason = match close {
         Close::Violation { detail, .. } => {
             log_limited!(
@@ -1187,13 +1220,15 @@ mod tests {
 
     /// An idle connection's one box: `Conn` with its `Session` inline. 760 bytes, jemalloc's
     /// 768 class, while each session held its own copy of the settings (128 bytes) and the
-    /// connection its keep alive (16); 640 then, the 640 class; now 504, the 512 class, with
-    /// the session's traffic state made on first use and the keep alive deadline kept only in
-    /// the registry's `Kick` (x86_64).
+    /// connection its keep alive (16); 640 then, the 640 class; 504, the 512 class, with the
+    /// session's traffic state made on first use and the keep alive deadline kept only in the
+    /// registry's `Kick`; now 384, the 384 class, with the flow control's state (80) and the
+    /// acks' queue (32) made on first use, the client id boxed and the payload counted as a
+    /// delta (x86_64).
     #[test]
-    fn the_connection_state_fits_jemallocs_512_class() {
+    fn the_connection_state_fits_jemallocs_384_class() {
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 512, "Conn is {size} bytes");
+        assert!(size <= 384, "Conn is {size} bytes");
     }
 
     #[test]
