@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::AuthPolicy;
 use crate::broker::Broker;
@@ -41,14 +41,36 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {
 /// for a client being refused, a refusal slot), given back when this is dropped. It goes with
 /// the connection wherever the connection is kept: in its task, or in what a frontend keeps of
 /// a connection it parked without a task (the listener's shutdown waits for every slot).
+///
+/// One permit of each semaphore, kept as the semaphore itself (the permit is forgotten when
+/// taken and added back when this is dropped): 16 bytes instead of 32, in every connection's
+/// task and in every parked connection's record (issue 18).
 #[derive(Default)]
 pub struct ConnectionSlot {
-    _held: [Option<OwnedSemaphorePermit>; 2],
+    held: [Option<Arc<Semaphore>>; 2],
 }
 
 impl ConnectionSlot {
+    /// Holds these permits (one each) until dropped.
     pub fn new(held: [Option<OwnedSemaphorePermit>; 2]) -> ConnectionSlot {
-        ConnectionSlot { _held: held }
+        ConnectionSlot {
+            held: held.map(|p| {
+                p.map(|p| {
+                    debug_assert_eq!(p.num_permits(), 1, "a connection holds one slot of each limit");
+                    let semaphore = p.semaphore().clone();
+                    p.forget();
+                    semaphore
+                })
+            }),
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        for semaphore in self.held.iter().flatten() {
+            semaphore.add_permits(1);
+        }
     }
 }
 
@@ -322,6 +344,22 @@ pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_gives_its_permits_back_when_dropped_and_stays_small() {
+        let (broker, listener) = (Arc::new(Semaphore::new(2)), Arc::new(Semaphore::new(1)));
+        let slot = ConnectionSlot::new([
+            Some(broker.clone().try_acquire_owned().unwrap()),
+            Some(listener.clone().try_acquire_owned().unwrap()),
+        ]);
+        let refusal = ConnectionSlot::new([Some(broker.clone().try_acquire_owned().unwrap()), None]);
+        assert_eq!((broker.available_permits(), listener.available_permits()), (0, 0));
+        drop(slot);
+        assert_eq!((broker.available_permits(), listener.available_permits()), (1, 1));
+        drop(refusal);
+        assert_eq!(broker.available_permits(), 2);
+        assert_eq!(std::mem::size_of::<ConnectionSlot>(), 16);
+    }
 
     /// `is` looks at the stream inside the box (a `Box<dyn Transport>` is a `Transport` too,
     /// and `as_any` on the box itself would name the box's type).
