@@ -99,9 +99,32 @@ impl Destination {
 pub struct BindingKey {
     pub routing_key: ShortString,
     pub arguments: FieldTable,
-    /// A pattern parsed by the frontend (MQTT filters); `None` parses `routing_key` with AMQP
-    /// topic syntax when the exchange is a topic exchange.
-    pub pattern: Option<Pattern>,
+    /// How a topic exchange reads `routing_key` as a pattern ([`BindingKey::with_pattern`]).
+    pub pattern: KeyPattern,
+}
+
+/// How a binding's routing key is read as a topic pattern.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum KeyPattern {
+    /// AMQP's topic syntax ([`Pattern::parse_amqp`]).
+    #[default]
+    Amqp,
+    /// A pattern a frontend parsed (an MQTT filter) that the routing key spells exactly:
+    /// AMQP's syntax with MQTT's `$` rule on (`+` is bound as `*`). Nothing is kept beside the
+    /// key: a `Pattern` kept with every binding was 112 bytes of every MQTT subscription (its
+    /// level list, and 32 bytes more of the binding index's entry; issue 18).
+    Dollar,
+    /// A pattern a frontend parsed that the key does not spell (an MQTT filter with a level
+    /// that is a literal `*`, bound as the `*` a `+` is bound as too). Boxed: rare.
+    Parsed(Box<Pattern>),
+}
+
+impl KeyPattern {
+    /// Whether a frontend parsed it (MQTT's bindings are session state, not stored, and not
+    /// counted as AMQP's).
+    pub fn is_parsed(&self) -> bool {
+        !matches!(self, KeyPattern::Amqp)
+    }
 }
 
 impl BindingKey {
@@ -112,9 +135,22 @@ impl BindingKey {
         self.arguments = arguments;
         self
     }
+    /// A pattern the frontend parsed (MQTT filters), kept as [`KeyPattern::Dollar`] when the
+    /// routing key spells it.
     pub fn with_pattern(mut self, pattern: Pattern) -> BindingKey {
-        self.pattern = Some(pattern);
+        self.pattern = if pattern == dollar_pattern(&self.routing_key) {
+            KeyPattern::Dollar
+        } else {
+            KeyPattern::Parsed(Box::new(pattern))
+        };
         self
+    }
+    /// The pattern a frontend parsed; `None` for AMQP's syntax.
+    pub fn parsed_pattern(&self) -> Option<Pattern> {
+        match &self.pattern {
+            KeyPattern::Amqp => None,
+            _ => Some(topic_pattern(self)),
+        }
     }
     fn same(&self, other: &BindingKey) -> bool {
         self.routing_key == other.routing_key
@@ -597,10 +633,10 @@ impl Exchange {
                 // False when a binding differing only in its arguments holds the entry already.
                 let mut pattern = pattern.expect("topic");
                 trie.insert_sharing(&mut pattern, binding.destination.clone());
-                // The binding keeps the trie's words: one `devices` for every device's
-                // `devices/<id>/cmd`, not one each.
-                if binding.key.pattern.is_some() {
-                    binding.key.pattern = Some(pattern);
+                // A pattern the binding keeps shares the trie's words: one `devices` for every
+                // device's `devices/<id>/cmd`, not one each.
+                if let KeyPattern::Parsed(p) = &mut binding.key.pattern {
+                    **p = pattern;
                 }
             }
             Routes::Headers(list) => list.push(headers.expect("headers")),
@@ -680,9 +716,15 @@ impl Exchange {
 
 fn topic_pattern(key: &BindingKey) -> Pattern {
     match &key.pattern {
-        Some(p) => p.clone(),
-        None => Pattern::parse_amqp(&key.routing_key.to_string_lossy()),
+        KeyPattern::Amqp => Pattern::parse_amqp(&key.routing_key.to_string_lossy()),
+        KeyPattern::Dollar => dollar_pattern(&key.routing_key),
+        KeyPattern::Parsed(p) => (**p).clone(),
     }
+}
+
+/// [`KeyPattern::Dollar`]'s reading of a routing key.
+fn dollar_pattern(routing_key: &ShortString) -> Pattern {
+    Pattern::parse_amqp(&routing_key.to_string_lossy()).with_dollar_rule(true)
 }
 
 #[cfg(test)]
@@ -691,6 +733,7 @@ mod tests {
     use crate::message::{ConnectionId, Properties};
     use crate::queue::QueueOptions;
     use crate::sink::Outbox;
+    use crate::topic::Level;
     use bytes::Bytes;
 
     fn queue(name: &str) -> Destination {
@@ -765,7 +808,7 @@ mod tests {
         let (mut all, mut parsed) = (0, 0);
         x.for_each_binding(|b| {
             all += 1;
-            parsed += usize::from(b.key.pattern.is_some());
+            parsed += usize::from(b.key.pattern.is_parsed());
         });
         assert_eq!((all, parsed), (2, 1), "every binding once, the MQTT one with its pattern");
     }
@@ -895,12 +938,53 @@ mod tests {
             x.bind(BindingKey::new(key.as_str()).with_pattern(Pattern::parse_amqp(&key)), queue(q)).unwrap();
         }
         let bindings = x.bindings();
-        let word = |b: &Binding| match &b.key.pattern.as_ref().unwrap().levels[0] {
-            crate::topic::Level::Literal(w) => w.clone(),
+        let word = |b: &Binding| match &b.key.pattern {
+            KeyPattern::Parsed(p) => match &p.levels[0] {
+                crate::topic::Level::Literal(w) => w.clone(),
+                other => panic!("{other:?}"),
+            },
             other => panic!("{other:?}"),
         };
         assert!(Arc::ptr_eq(&word(&bindings[0]), &word(&bindings[1])));
         assert_eq!(names(&x, &msg("devices.1.cmd")), vec!["queue 'q2'"]);
+    }
+
+    /// An MQTT filter's pattern that its routing key spells is not kept: the key is read again
+    /// with the `$` rule when it is needed. One the key does not spell (a level that is a
+    /// literal `*`) is kept. Both route, unbind and list as before.
+    #[test]
+    fn a_pattern_the_key_spells_is_not_kept() {
+        let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
+        let mqtt =
+            |key: &str, levels: Vec<Level>| BindingKey::new(key).with_pattern(Pattern { levels, dollar_rule: true });
+        let lit = |w: &str| Level::Literal(w.into());
+        let plus = mqtt("devices.*.cmd", vec![lit("devices"), Level::One, lit("cmd")]);
+        let star = mqtt("devices.*.cmd", vec![lit("devices"), lit("*"), lit("cmd")]);
+        let all = mqtt("#", vec![Level::Many]);
+        assert_eq!(plus.pattern, KeyPattern::Dollar);
+        assert!(matches!(star.pattern, KeyPattern::Parsed(_)));
+        assert_eq!(plus.parsed_pattern().unwrap().levels, vec![lit("devices"), Level::One, lit("cmd")]);
+        assert!(x.bind(plus.clone(), queue("plus")).unwrap());
+        assert!(x.bind(star.clone(), queue("star")).unwrap());
+        assert!(x.bind(all.clone(), queue("all")).unwrap());
+        assert!(!x.bind(plus.clone(), queue("plus")).unwrap(), "the same binding again");
+        assert_eq!(names(&x, &msg("devices.7.cmd")), vec!["queue 'all'", "queue 'plus'"]);
+        assert_eq!(names(&x, &msg("devices.*.cmd")), vec!["queue 'all'", "queue 'plus'", "queue 'star'"]);
+        // MQTT's `$` rule: a wildcard first level does not match a `$` topic.
+        assert!(names(&x, &msg("$SYS.uptime")).is_empty());
+        assert!(x.unbind(&plus, &queue("plus")));
+        assert_eq!(names(&x, &msg("devices.7.cmd")), vec!["queue 'all'"]);
+        assert!(x.unbind(&star, &queue("star")));
+        assert!(x.unbind(&all, &queue("all")));
+        assert_eq!(x.binding_count(), 0);
+        assert!(names(&x, &msg("devices.*.cmd")).is_empty());
+    }
+
+    /// The binding index's entry for a binding of one: 120 bytes with a `Pattern` in every key
+    /// (jemalloc's 128 class); 104 with [`KeyPattern`] (112).
+    #[test]
+    fn a_binding_stays_small() {
+        assert!(std::mem::size_of::<(u64, Bucket)>() <= 112, "{}", std::mem::size_of::<(u64, Bucket)>());
     }
 
     #[test]

@@ -584,7 +584,7 @@ impl VHost {
             _ => return None,
         };
         // Bindings with a frontend-parsed pattern (MQTT) are session state, not stored here.
-        if b.key.pattern.is_some() {
+        if b.key.pattern.is_parsed() {
             return None;
         }
         Some(BindingRecord {
@@ -1339,7 +1339,11 @@ impl VHost {
                     None => continue,
                 }
             };
-            let key = BindingKey { routing_key: b.routing_key.clone(), arguments: b.arguments.clone(), pattern: None };
+            let key = BindingKey {
+                routing_key: b.routing_key.clone(),
+                arguments: b.arguments.clone(),
+                pattern: Default::default(),
+            };
             if let Err(e) = x.bind(key, destination) {
                 tracing::warn!(vhost = %self.name, source = %b.source, error = %e, "stored binding is invalid; skipped");
             }

@@ -318,7 +318,7 @@ pub fn sample(shared: &Shared, broker: &Broker, own_bytes: u64) -> Sample {
         if let Some(x) = v.exchange(&shared.settings.exchange.to_string_lossy()) {
             x.for_each_binding(|b| {
                 // Bindings from MQTT filters carry their parsed pattern; AMQP ones do not.
-                if b.key.pattern.is_none() {
+                if !b.key.pattern.is_parsed() {
                     return;
                 }
                 match &b.destination {
