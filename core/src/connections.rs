@@ -94,33 +94,73 @@ pub struct Login {
 }
 
 /// A [`Login`] as an entry keeps it: the three strings in one allocation (three `String`s were
-/// 72 bytes inline and three allocations, for every idle connection).
+/// 72 bytes inline and three allocations, for every idle connection), after the lengths of the
+/// first two (`<user length>:<vhost length>:<user><vhost><client id>`; with the lengths as two
+/// `u32`s beside the text the entry was 8 bytes larger).
 #[derive(Debug)]
 struct PackedLogin {
-    /// User, vhost and client id, one after the other.
     text: Box<str>,
-    user_end: u32,
-    vhost_end: u32,
 }
 
 impl PackedLogin {
     fn new(login: &Login) -> PackedLogin {
         let client_id = login.client_id.as_deref().unwrap_or_default();
-        let text = [login.user.as_str(), &login.vhost, client_id].concat().into_boxed_str();
-        // Names are bounded by the protocols (MQTT strings are at most 64 KiB, AMQP short
-        // strings 255 bytes).
-        let user_end = login.user.len() as u32;
-        PackedLogin { text, user_end, vhost_end: user_end + login.vhost.len() as u32 }
+        let lengths = format!("{}:{}:", login.user.len(), login.vhost.len());
+        PackedLogin { text: [lengths.as_str(), &login.user, &login.vhost, client_id].concat().into_boxed_str() }
+    }
+    /// User, vhost and client id.
+    fn parts(&self) -> (&str, &str, &str) {
+        let parse = |s: &str| s.parse::<usize>().unwrap_or(0);
+        let (user_len, rest) = self.text.split_once(':').unwrap_or(("0", &self.text));
+        let (vhost_len, rest) = rest.split_once(':').unwrap_or(("0", rest));
+        let (user, rest) = rest.split_at_checked(parse(user_len)).unwrap_or(("", rest));
+        let (vhost, client_id) = rest.split_at_checked(parse(vhost_len)).unwrap_or(("", rest));
+        (user, vhost, client_id)
     }
     fn user(&self) -> &str {
-        &self.text[..self.user_end as usize]
+        self.parts().0
     }
     fn vhost(&self) -> &str {
-        &self.text[self.user_end as usize..self.vhost_end as usize]
+        self.parts().1
     }
     fn client_id(&self) -> Option<&str> {
-        Some(&self.text[self.vhost_end as usize..]).filter(|c| !c.is_empty())
+        Some(self.parts().2).filter(|c| !c.is_empty())
     }
+}
+
+/// A [`ConnectionInfo`] as an entry keeps it: the version as one byte ([`version_index`]), 16
+/// bytes less of every entry.
+#[derive(Debug)]
+struct Info {
+    id: ConnectionId,
+    peer: SocketAddr,
+    local: SocketAddr,
+    listener: Option<Arc<ListenerSettings>>,
+    tls: Option<Box<TlsInfo>>,
+    connected_at: Millis,
+    protocol: Protocol,
+    version: u8,
+}
+
+/// The protocol versions connections registered with, in the order first seen: a handful
+/// (`3.1`, `3.1.1`, `5.0`, `0-9-1`).
+static VERSIONS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// `version`'s number in [`VERSIONS`] (255 past 255 of them, which no build has).
+fn version_index(version: &'static str) -> u8 {
+    let mut all = VERSIONS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = all.iter().position(|v| *v == version) {
+        return i as u8;
+    }
+    if all.len() >= usize::from(u8::MAX) {
+        return u8::MAX;
+    }
+    all.push(version);
+    (all.len() - 1) as u8
+}
+
+fn version_name(index: u8) -> &'static str {
+    VERSIONS.lock().unwrap_or_else(|e| e.into_inner()).get(usize::from(index)).copied().unwrap_or("?")
 }
 
 /// Traffic of one connection since it registered. The driver adds once per read or write
@@ -152,23 +192,25 @@ impl Counters {
 
 /// One live connection.
 pub struct ConnectionEntry {
-    info: ConnectionInfo,
+    info: Info,
     /// Unset until the login; set once (readers never lock).
     login: OnceLock<PackedLogin>,
     pub counters: Counters,
-    /// Open channels (AMQP; 0 for protocols without channels).
-    channels: AtomicU32,
     /// Wakes the connection's task: a close from outside, or its frontend's own reasons.
     wake: Signal,
     /// What most connections never need, made on first use: a close from outside, AMQP
     /// channels. Apart, their 40 bytes made the entry 264 bytes, jemalloc's 320 class with the
-    /// `Arc`'s counts; now 240 and the 256 class (`an_entry_stays_small`).
+    /// `Arc`'s counts; 240 and the 256 class with them here; now 208 and the 224 class with the
+    /// channel count here too, the version as one byte and the login's lengths in its text
+    /// (`an_entry_stays_small`, issue 18).
     rare: OnceLock<Box<Rare>>,
 }
 
 /// See [`ConnectionEntry::rare`].
 #[derive(Debug, Default)]
 struct Rare {
+    /// Open channels (AMQP; 0 for protocols without channels).
+    channels: AtomicU32,
     /// Why it was asked to close from outside; the first reason given wins.
     close_reason: OnceLock<Box<str>>,
     /// The AMQP channels as listings show them ([`ConnectionEntry::set_channel_list`]).
@@ -207,11 +249,11 @@ impl fmt::Debug for ConnectionEntry {
 
 impl ConnectionEntry {
     fn new(info: ConnectionInfo) -> ConnectionEntry {
+        let ConnectionInfo { id, protocol, version, peer, local, listener, tls, connected_at } = info;
         ConnectionEntry {
-            info,
+            info: Info { id, peer, local, listener, tls, connected_at, protocol, version: version_index(version) },
             login: OnceLock::new(),
             counters: Counters::default(),
-            channels: AtomicU32::new(0),
             wake: Signal::new(),
             rare: OnceLock::new(),
         }
@@ -225,8 +267,21 @@ impl ConnectionEntry {
         self.info.id
     }
 
-    pub fn info(&self) -> &ConnectionInfo {
-        &self.info
+    pub fn protocol(&self) -> Protocol {
+        self.info.protocol
+    }
+
+    /// The protocol version as its users write it (`3.1.1`, `0-9-1`).
+    pub fn version(&self) -> &'static str {
+        version_name(self.info.version)
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.info.peer
+    }
+
+    pub fn connected_at(&self) -> Millis {
+        self.info.connected_at
     }
 
     /// Who the connection logged in as (`None` before the login).
@@ -254,11 +309,14 @@ impl ConnectionEntry {
     }
 
     pub fn channels(&self) -> u32 {
-        self.channels.load(Ordering::Relaxed)
+        self.rare.get().map_or(0, |r| r.channels.load(Ordering::Relaxed))
     }
 
     pub fn set_channels(&self, n: u32) {
-        self.channels.store(n, Ordering::Relaxed);
+        if n == 0 && self.rare.get().is_none() {
+            return;
+        }
+        self.rare().channels.store(n, Ordering::Relaxed);
     }
 
     /// Replaces the channel list with `list` when it differs (a lock and a comparison when it
@@ -335,7 +393,7 @@ impl ConnectionEntry {
         ConnectionSnapshot {
             id: self.info.id,
             protocol: self.info.protocol,
-            version: self.info.version,
+            version: self.version(),
             peer: self.info.peer,
             local: self.info.local,
             listener: self.info.listener.as_ref().map(|l| l.name.clone()),
@@ -651,7 +709,7 @@ mod tests {
         let old = reg.register(info(7, Protocol::Mqtt));
         let new = reg.register(info(7, Protocol::Amqp));
         drop(old);
-        assert_eq!(reg.get(ConnectionId(7)).map(|e| e.info().protocol), Some(Protocol::Amqp));
+        assert_eq!(reg.get(ConnectionId(7)).map(|e| e.protocol()), Some(Protocol::Amqp));
         drop(new);
         assert!(reg.is_empty());
     }
@@ -776,10 +834,32 @@ mod tests {
         // Issue 18 wants an idle MQTT connection under 1 KiB in all; this is the registry's part
         // of it (plus the login strings and a map slot). 264 bytes on x86_64 when first written:
         // info 120, login 32, counters 32, wake signal 32, close reason 24, channel list 16,
-        // channels 4; now 240 with the close reason and the channel list in one box made on
-        // first use: with the `Arc`'s counts, jemalloc's 256 class instead of 320.
+        // channels 4; 240 with the close reason and the channel list in one box made on first
+        // use (jemalloc's 256 class with the `Arc`'s counts); now 208 and the 224 class with the
+        // channel count in that box too, the version as one byte and the login's lengths in its
+        // text.
         let size = std::mem::size_of::<ConnectionEntry>();
-        assert!(size + 16 <= 256, "ConnectionEntry is {size} bytes");
+        assert!(size + 16 <= 224, "ConnectionEntry is {size} bytes");
         assert_eq!(std::mem::size_of::<ConnectionHandle>(), 16);
+    }
+
+    #[test]
+    fn a_login_and_a_version_read_back_as_given() {
+        let reg = Arc::new(Connections::new());
+        for (user, vhost, client_id) in
+            [("", "/", None), ("12:3:", "v:h", Some("id:9")), ("ünï", "", Some("")), ("guest", "/", Some("sensor-1"))]
+        {
+            let mut i = info(1, Protocol::Mqtt);
+            i.version = "3.1.1";
+            let h = reg.register(i);
+            let login = Login { user: user.into(), vhost: vhost.into(), client_id: client_id.map(Into::into) };
+            assert!(h.set_login(login.clone()));
+            let expected = Login { client_id: login.client_id.clone().filter(|c| !c.is_empty()), ..login };
+            assert_eq!(h.login(), Some(expected));
+            assert_eq!((h.user(), h.vhost()), (Some(user), Some(vhost)));
+            assert_eq!(h.version(), "3.1.1");
+            assert_eq!(h.snapshot().version, "3.1.1");
+        }
+        assert_eq!(reg.register(info(2, Protocol::Amqp)).version(), "5.0");
     }
 }

@@ -1009,7 +1009,7 @@ impl Conn {
     /// The end: the last writes, the will, the session handed to the registry (or ended).
     async fn wind_up(self: Box<Self>, close: Close) -> Result<(), ConnectionError> {
         let Conn { mut stream, id, broker, listener, shared, mut session, generation, kick, conn, .. } = *self;
-        log_disconnect(id, conn.info().peer, &session, &close, conn.info().connected_at);
+        log_disconnect(id, conn.peer(), &session, &close, conn.connected_at());
         // Say why, to 5.0 clients.
         match &close {
             Close::Violation { reason: r, detail } => session.send_disconnect(*r, detail),
