@@ -669,7 +669,7 @@ impl Session {
                 .map(|s| StoredSubscription {
                     filter: s.filter.text().to_string(),
                     options: s.options,
-                    identifier: s.identifier,
+                    identifier: s.identifier.map(std::num::NonZeroU32::get),
                 })
                 .collect(),
             incoming_qos2: self.extras.as_ref().map(|e| e.incoming_qos2.clone()).unwrap_or_default(),
@@ -1256,7 +1256,7 @@ impl Session {
             if let Some(old) = subs.get_mut(filter.text()) {
                 // Same group and filter: only the options change.
                 old.options = options;
-                old.identifier = identifier;
+                old.identifier = identifier.and_then(std::num::NonZeroU32::new);
                 return Ok(());
             }
             let options_q =
@@ -1312,7 +1312,8 @@ impl Session {
             kick.view().subscribed(filter.text(), options, identifier);
         }
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
-        subs.insert(Subscription { filter, options, identifier, cookie, shared });
+        let id = identifier.and_then(std::num::NonZeroU32::new);
+        subs.insert(Subscription { filter, options, identifier: id, cookie, shared: shared.map(Box::new) });
         // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only for a new
         // subscription; 2 never.
         if let Some(retained) = retained {
@@ -1355,7 +1356,7 @@ impl Session {
     fn drop_subscription(&mut self, sub: Subscription, now: Millis) {
         let exchange = self.settings.exchange.clone();
         let key = BindingKey::new(sub.filter.binding_key()).with_pattern(sub.filter.pattern());
-        if let Some((q, consumer)) = sub.shared {
+        if let Some((q, consumer)) = sub.shared.map(|s| *s) {
             self.vhost.cancel(&q, consumer, now);
             let effects = q.release_owner(self.owner, now);
             self.vhost.settle(&q, effects, now);
@@ -1507,7 +1508,7 @@ impl Session {
             qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
             retain |= sub.options.retain_as_published && message_retain(&d.message);
             if let Some(id) = sub.identifier {
-                ids.push(id);
+                ids.push(id.get());
             }
         }
         let Some(sub_qos) = qos else { return };
@@ -1531,7 +1532,7 @@ impl Session {
             qos = Some(qos.map_or(sub.options.qos, |q| q.max(sub.options.qos)));
             retain |= sub.options.retain_as_published && message_retain(&d.message);
             if let Some(id) = sub.identifier {
-                ids.push(id);
+                ids.push(id.get());
             }
         };
         if let Some(subs) = &self.subs {
@@ -1562,7 +1563,7 @@ impl Session {
                 return Some(queue.clone());
             }
         }
-        self.subs.as_ref()?.by_queue(&d.queue)?.shared.as_ref().map(|(q, _)| q.clone())
+        self.subs.as_ref()?.by_queue(&d.queue)?.shared.as_deref().map(|(q, _)| q.clone())
     }
 
     /// Writes one PUBLISH for `m` at `qos`, tracking it in flight when QoS > 0.
@@ -1688,7 +1689,7 @@ impl Session {
         let mut this = self;
         // Subscriptions' shared consumers go back to their groups.
         let shared: Vec<(Arc<Queue>, ConsumerId)> =
-            this.subs.iter_mut().flat_map(|s| s.values_mut()).filter_map(|s| s.shared.take()).collect();
+            this.subs.iter_mut().flat_map(|s| s.values_mut()).filter_map(|s| s.shared.take().map(|s| *s)).collect();
         for (q, consumer) in shared {
             this.vhost.cancel(&q, consumer, now);
             let effects = q.release_owner(this.owner, now);
@@ -1740,7 +1741,7 @@ impl Session {
         let view = kick.view();
         view.set_session(clean_start, self.session_expiry);
         for sub in self.subs.iter().flat_map(|s| s.values()) {
-            view.subscribed(sub.filter.text(), sub.options, sub.identifier);
+            view.subscribed(sub.filter.text(), sub.options, sub.identifier.map(std::num::NonZeroU32::get));
         }
         self.listing = Some(kick);
     }
