@@ -133,6 +133,35 @@ pub struct TopicTrie<T> {
     /// Flagged patterns whose first level is `One` or `Many`. Only its `one`/`many` slots are used.
     guarded: Node<T>,
     len: usize,
+    /// Words this trie made keys of lately ([`TopicTrie::insert_sharing`]), so that a word new
+    /// to one node but known to another is one allocation: each device's `cmd` in
+    /// `devices/<id>/cmd` is the same `Arc` (issue 18: 32 bytes of every device's subscription).
+    /// Made by the first `insert_sharing` (exchanges'; the tries of persistent sessions do
+    /// without).
+    words: Option<Box<RecentWords>>,
+}
+
+/// A small direct-mapped cache of words by hash: a word shared by many patterns (`cmd`) stays,
+/// a word of one (`<id>`) takes a slot until another word hashes to it.
+#[derive(Debug, Clone, Default)]
+struct RecentWords([Option<Arc<str>>; RECENT_WORDS]);
+
+const RECENT_WORDS: usize = 16;
+
+impl RecentWords {
+    fn slot(word: &str) -> usize {
+        // FNV-1a: a bind, not the hot path, and the keys need not be hard to collide.
+        let h = word.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        (h % RECENT_WORDS as u64) as usize
+    }
+    /// The cached `Arc` of `word`, if there is one; otherwise `word` is cached.
+    fn share(&mut self, word: &mut Arc<str>) {
+        let slot = &mut self.0[Self::slot(word)];
+        match slot {
+            Some(w) if **w == **word => *word = w.clone(),
+            _ => *slot = Some(word.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +378,7 @@ impl<T: PartialEq> Node<T> {
 
 impl<T> Default for TopicTrie<T> {
     fn default() -> Self {
-        TopicTrie { root: Node::default(), guarded: Node::default(), len: 0 }
+        TopicTrie { root: Node::default(), guarded: Node::default(), len: 0, words: None }
     }
 }
 
@@ -365,13 +394,23 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
 
     /// Adds `value` under `pattern`; false if that exact pair is already there.
     pub fn insert(&mut self, pattern: &Pattern, value: T) -> bool {
-        self.insert_sharing(&mut pattern.clone(), value)
+        self.insert_inner(&mut pattern.clone(), value)
     }
 
     /// [`TopicTrie::insert`], and `pattern`'s literal words are then the trie's own (one
     /// allocation of `devices` for every `devices/<id>/cmd` an exchange's bindings keep, not
     /// one per subscription).
     pub fn insert_sharing(&mut self, pattern: &mut Pattern, value: T) -> bool {
+        let words = self.words.get_or_insert_with(Box::default);
+        for level in &mut pattern.levels {
+            if let Level::Literal(w) = level {
+                words.share(w);
+            }
+        }
+        self.insert_inner(pattern, value)
+    }
+
+    fn insert_inner(&mut self, pattern: &mut Pattern, value: T) -> bool {
         let mut node = if Self::is_guarded(pattern) { &mut self.guarded } else { &mut self.root };
         for level in &mut pattern.levels {
             node = node.descend_or_create(level);
@@ -571,10 +610,32 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(Arc::ptr_eq(&word(&a, 0), &word(&b, 0)));
-        assert!(!Arc::ptr_eq(&word(&a, 2), &word(&b, 2)), "different nodes keep their own `cmd`");
+        assert!(Arc::ptr_eq(&word(&a, 2), &word(&b, 2)), "different nodes share their `cmd` too");
         assert_eq!(b, amqp("devices.b.cmd"));
         assert!(t.remove(&amqp("devices.a.cmd"), &1));
         assert_eq!(matched(&t, "devices.b.cmd"), vec![2]);
+    }
+
+    /// Across a fleet, the words new to a node but known elsewhere (`cmd`) are mostly one
+    /// allocation: a device's id evicts a cached word only when it hashes to its slot.
+    #[test]
+    fn a_fleet_of_devices_mostly_shares_one_cmd() {
+        let mut t = TopicTrie::new();
+        let mut cmds: Vec<Arc<str>> = Vec::new();
+        for i in 0..1_000 {
+            let mut p = amqp(&format!("devices.device-{i}.cmd"));
+            assert!(t.insert_sharing(&mut p, i));
+            match &p.levels[2] {
+                Level::Literal(w) if !cmds.iter().any(|c| Arc::ptr_eq(c, w)) => cmds.push(w.clone()),
+                _ => {}
+            }
+        }
+        assert!(cmds.len() < 150, "{} allocations of `cmd` for 1,000 devices", cmds.len());
+        assert_eq!(matched(&t, "devices.device-999.cmd"), vec![999]);
+        // The plain insert (persistent sessions' tries) keeps no cache.
+        let mut plain = TopicTrie::new();
+        plain.insert(&amqp("a.b"), 1);
+        assert!(plain.words.is_none());
     }
 
     #[test]
