@@ -184,6 +184,17 @@ impl Counters {
     }
     /// Sets the message counts from the connection's own running totals (a state machine that
     /// counts them itself hands them over once per wake-up).
+    /// Adds messages published and delivered since the last call (a driver that counts its
+    /// own between wake-ups).
+    pub fn add_messages(&self, messages_in: u64, messages_out: u64) {
+        if messages_in > 0 {
+            self.messages_in.fetch_add(messages_in, Ordering::Relaxed);
+        }
+        if messages_out > 0 {
+            self.messages_out.fetch_add(messages_out, Ordering::Relaxed);
+        }
+    }
+
     pub fn set_messages(&self, messages_in: u64, messages_out: u64) {
         self.messages_in.store(messages_in, Ordering::Relaxed);
         self.messages_out.store(messages_out, Ordering::Relaxed);
@@ -282,6 +293,11 @@ impl ConnectionEntry {
 
     pub fn connected_at(&self) -> Millis {
         self.info.connected_at
+    }
+
+    /// The listener it came through (`None` for links the broker makes itself).
+    pub fn listener(&self) -> Option<&Arc<ListenerSettings>> {
+        self.info.listener.as_ref()
     }
 
     /// Who the connection logged in as (`None` before the login).

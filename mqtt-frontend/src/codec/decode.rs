@@ -70,7 +70,7 @@ impl Decoder {
     /// Whether `buf` starts with a whole PUBLISH (its type and length; nothing else checked,
     /// nothing consumed): what [`Decoder::decode`] will return next is that PUBLISH or an error.
     /// Lets a caller act before decoding it, so that no decoded packet is kept across a wait.
-    pub fn whole_publish_next(&self, buf: &[u8]) -> bool {
+    pub fn whole_publish_next(buf: &[u8]) -> bool {
         match buf.first() {
             Some(&first) if first >> 4 == 3 => match read_varint(&buf[1..]) {
                 Varint::Done(v, n) => buf.len() >= 1 + n + v as usize,

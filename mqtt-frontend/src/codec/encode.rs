@@ -3,6 +3,25 @@
 
 use bytes::{BufMut, BytesMut};
 
+/// Where packets are encoded: a `BytesMut`, or a `Vec<u8>` (a session's write buffer: 8 bytes
+/// smaller in every connection's state, issue 18).
+pub trait Out: BufMut {
+    /// Room for `n` more bytes.
+    fn reserve_room(&mut self, n: usize);
+}
+
+impl Out for BytesMut {
+    fn reserve_room(&mut self, n: usize) {
+        self.reserve(n);
+    }
+}
+
+impl Out for Vec<u8> {
+    fn reserve_room(&mut self, n: usize) {
+        self.reserve(n);
+    }
+}
+
 use super::packet::*;
 use super::properties::{properties_field_len, properties_len, put_bin, put_str, write_properties};
 use super::varint::{varint_len, write_varint};
@@ -17,7 +36,7 @@ const V31: ProtocolVersion = ProtocolVersion::V31;
 /// writes nothing. 3.1 is written as 3.1.1 except that CONNECT carries `MQIsdp` level 3 and
 /// CONNACK has no session present flag (its first byte is reserved there); 3.1 has no SUBACK
 /// failure code either, so the session never asks for one (it closes instead). Properties are written as given, allowed in the packet or not.
-pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) {
+pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut impl Out) {
     match packet {
         Packet::Publish(p) => write_publish(p, version, out),
         Packet::Connect(c) => write_connect(c, version, out),
@@ -126,8 +145,8 @@ pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
 }
 
 #[inline]
-fn header(out: &mut BytesMut, first: u8, remaining: usize) {
-    out.reserve(1 + varint_len(remaining) + remaining);
+fn header(out: &mut impl Out, first: u8, remaining: usize) {
+    out.reserve_room(1 + varint_len(remaining) + remaining);
     out.put_u8(first);
     write_varint(out, remaining);
 }
@@ -150,7 +169,7 @@ fn publish_len(p: &Publish, version: ProtocolVersion) -> (usize, usize) {
     (2 + p.topic.len() + id + field + p.payload.len(), plen)
 }
 
-fn write_publish(p: &Publish, version: ProtocolVersion, out: &mut BytesMut) {
+fn write_publish(p: &Publish, version: ProtocolVersion, out: &mut impl Out) {
     let (rl, plen) = publish_len(p, version);
     let first = 0x30 | u8::from(p.dup) << 3 | (p.qos as u8) << 1 | u8::from(p.retain);
     header(out, first, rl);
@@ -181,7 +200,7 @@ fn connect_len(c: &Connect, version: ProtocolVersion) -> (usize, usize, usize) {
     (rl, plen, wlen)
 }
 
-fn write_connect(c: &Connect, version: ProtocolVersion, out: &mut BytesMut) {
+fn write_connect(c: &Connect, version: ProtocolVersion, out: &mut impl Out) {
     let (rl, plen, wlen) = connect_len(c, version);
     header(out, 0x10, rl);
     put_bin(out, version.protocol_name());
@@ -234,7 +253,7 @@ fn pubresp_len(r: &PubResp, version: ProtocolVersion) -> (usize, usize) {
     }
 }
 
-fn write_pubresp(first: u8, r: &PubResp, version: ProtocolVersion, out: &mut BytesMut) {
+fn write_pubresp(first: u8, r: &PubResp, version: ProtocolVersion, out: &mut impl Out) {
     let (rl, plen) = pubresp_len(r, version);
     header(out, first, rl);
     out.put_u16(r.packet_id);
@@ -288,7 +307,7 @@ fn reason_props_len(reason: u8, p: &Properties, version: ProtocolVersion, reason
     }
 }
 
-fn write_reason_props(out: &mut BytesMut, rl: usize, reason: u8, p: &Properties, plen: usize) {
+fn write_reason_props(out: &mut impl Out, rl: usize, reason: u8, p: &Properties, plen: usize) {
     if rl > 0 {
         out.put_u8(reason);
     }

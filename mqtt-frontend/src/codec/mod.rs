@@ -16,7 +16,7 @@ mod varint;
 mod tests;
 
 pub use decode::Decoder;
-pub use encode::{encode, encoded_len};
+pub use encode::{encode, encoded_len, Out};
 pub use error::DecodeError;
 pub use packet::*;
 pub use varint::VARINT_MAX;

@@ -1,8 +1,9 @@
 //! MQTT 5.0 properties (§2.2.2): decoding with the per-packet rules of table 2-4, length and
 //! encoding. 3.1.1 has no properties; callers do not come here for it.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
+use super::encode::Out;
 use super::error::{malformed, protocol, DecodeError};
 use super::packet::{Properties, Str};
 use super::reader::Reader;
@@ -242,18 +243,18 @@ pub(crate) fn properties_field_len(content_len: usize) -> usize {
     varint_len(content_len) + content_len
 }
 
-pub(crate) fn put_str(out: &mut BytesMut, s: &Str) {
+pub(crate) fn put_str(out: &mut impl Out, s: &Str) {
     put_bin(out, s.bytes());
 }
 
-pub(crate) fn put_bin(out: &mut BytesMut, b: &[u8]) {
+pub(crate) fn put_bin(out: &mut impl Out, b: &[u8]) {
     out.put_u16(b.len() as u16);
     out.put_slice(b);
 }
 
 /// Writes the Property Length (`content_len`, from [`properties_len`]) and the properties, in
 /// identifier order. Properties are written as given, whether or not the packet allows them.
-pub(crate) fn write_properties(out: &mut BytesMut, p: &Properties, content_len: usize) {
+pub(crate) fn write_properties(out: &mut impl Out, p: &Properties, content_len: usize) {
     write_varint(out, content_len);
     if content_len == 0 {
         return;
@@ -417,7 +418,7 @@ mod tests {
     }
 
     fn encode(p: &Properties) -> Vec<u8> {
-        let mut out = BytesMut::new();
+        let mut out = bytes::BytesMut::new();
         write_properties(&mut out, p, properties_len(p));
         out.to_vec()
     }

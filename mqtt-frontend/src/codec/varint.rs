@@ -1,7 +1,7 @@
 //! Variable Byte Integer (MQTT 3.1.1 §2.2.3 "Remaining Length", 5.0 §1.5.5): 7 bits per byte,
 //! least significant group first, at most 4 bytes, so at most 268,435,455.
 
-use bytes::{BufMut, BytesMut};
+use super::encode::Out;
 
 /// The largest value a Variable Byte Integer can hold (4 bytes of 7 bits).
 pub const VARINT_MAX: u32 = 268_435_455;
@@ -50,7 +50,7 @@ pub(crate) const fn varint_len(v: usize) -> usize {
 /// Appends `v` as a varint. Values above [`VARINT_MAX`] are the caller's bug; they are
 /// truncated to 4 bytes rather than producing a fifth byte.
 #[inline]
-pub(crate) fn write_varint(out: &mut BytesMut, v: usize) {
+pub(crate) fn write_varint(out: &mut impl Out, v: usize) {
     let mut v = v;
     for _ in 0..4 {
         let mut byte = (v & 0x7F) as u8;
@@ -70,7 +70,7 @@ mod tests {
     use super::*;
 
     fn enc(v: usize) -> Vec<u8> {
-        let mut out = BytesMut::new();
+        let mut out = bytes::BytesMut::new();
         write_varint(&mut out, v);
         out.to_vec()
     }
