@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_core::connections::ConnectionEntry;
@@ -146,10 +146,12 @@ const PARK: u8 = 2;
 enum ViewSubscriptions {
     One(ViewEntry),
     Few(Vec<ViewEntry>),
-    Many(std::collections::BTreeMap<Box<str>, (SubOptions, Option<u32>)>),
+    Many(std::collections::BTreeMap<Arc<str>, (SubOptions, Option<u32>)>),
 }
 
-type ViewEntry = (Box<str>, SubOptions, Option<u32>);
+/// The filter's text is the session's own ([`crate::topic::Filter::shared_text`]): a copy was
+/// 32 bytes of every subscribed connection (issue 18).
+type ViewEntry = (Arc<str>, SubOptions, Option<u32>);
 
 const VIEW_FEW: usize = 8;
 
@@ -160,10 +162,10 @@ impl Default for ViewSubscriptions {
 }
 
 impl ViewSubscriptions {
-    fn insert(&mut self, filter: &str, options: SubOptions, identifier: Option<u32>) {
+    fn insert(&mut self, filter: Arc<str>, options: SubOptions, identifier: Option<u32>) {
         match self {
             ViewSubscriptions::Few(v) if v.is_empty() => {
-                *self = ViewSubscriptions::One((filter.into(), options, identifier));
+                *self = ViewSubscriptions::One((filter, options, identifier));
                 return;
             }
             ViewSubscriptions::One(e) if *e.0 == *filter => {
@@ -186,14 +188,14 @@ impl ViewSubscriptions {
             }
             if v.len() < VIEW_FEW {
                 v.reserve_exact(1);
-                v.push((filter.into(), options, identifier));
+                v.push((filter, options, identifier));
                 return;
             }
             let map = std::mem::take(v).into_iter().map(|(f, o, i)| (f, (o, i))).collect();
             *self = ViewSubscriptions::Many(map);
         }
         if let ViewSubscriptions::Many(m) = self {
-            m.insert(filter.into(), (options, identifier));
+            m.insert(filter, (options, identifier));
         }
     }
 
@@ -251,7 +253,7 @@ impl SessionView {
     fn subs(&self) -> std::sync::MutexGuard<'_, ViewSubscriptions> {
         self.subscriptions.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
     }
-    pub fn subscribed(&self, filter: &str, options: SubOptions, identifier: Option<u32>) {
+    pub fn subscribed(&self, filter: Arc<str>, options: SubOptions, identifier: Option<u32>) {
         self.subs().insert(filter, options, identifier);
     }
     pub fn unsubscribed(&self, filter: &str) {
@@ -820,7 +822,6 @@ mod tests {
     use super::*;
     use ferry_core::connections::{ConnectionInfo, Connections};
     use ferry_core::message::Protocol;
-    use std::sync::Arc;
 
     /// A core entry for connection `id` (registered in a registry of its own, which the test
     /// does not look at).
@@ -829,13 +830,13 @@ mod tests {
         let view = SessionView::default();
         assert!(view.subscriptions().is_empty());
         let o = SubOptions::default();
-        view.subscribed("devices/d1/cmd", o, None);
+        view.subscribed("devices/d1/cmd".into(), o, None);
         assert!(matches!(&*view.subs(), ViewSubscriptions::One(_)));
-        view.subscribed("devices/d1/cmd", o, Some(3));
+        view.subscribed("devices/d1/cmd".into(), o, Some(3));
         assert_eq!(view.subscriptions().len(), 1);
         assert_eq!(view.subscriptions()[0].identifier, Some(3));
         for i in (0..(VIEW_FEW + 4)).rev() {
-            view.subscribed(&format!("t/{i:02}"), o, None);
+            view.subscribed(format!("t/{i:02}").into(), o, None);
         }
         assert!(matches!(&*view.subs(), ViewSubscriptions::Many(_)));
         view.unsubscribed("t/03");
@@ -905,18 +906,18 @@ mod tests {
     fn the_view_keeps_one_subscription_inline() {
         let o = SubOptions::default();
         let mut v = ViewSubscriptions::default();
-        v.insert("devices/a/cmd", o, None);
+        v.insert("devices/a/cmd".into(), o, None);
         assert!(matches!(v, ViewSubscriptions::One(_)));
-        v.insert("devices/a/cmd", o, Some(7));
+        v.insert("devices/a/cmd".into(), o, Some(7));
         assert!(matches!(v, ViewSubscriptions::One(_)));
         assert_eq!(v.list()[0].identifier, Some(7));
-        v.insert("a/#", o, None);
+        v.insert("a/#".into(), o, None);
         let filters = |v: &ViewSubscriptions| v.list().into_iter().map(|s| s.filter).collect::<Vec<_>>();
         assert_eq!(filters(&v), ["a/#", "devices/a/cmd"]);
         v.remove("a/#");
         v.remove("devices/a/cmd");
         assert!(v.list().is_empty());
-        v.insert("x", o, None);
+        v.insert("x".into(), o, None);
         v.remove("x");
         assert!(matches!(v, ViewSubscriptions::Few(ref l) if l.is_empty()));
     }

@@ -1311,7 +1311,7 @@ impl Session {
         let is_shared = filter.share_group().is_some();
         let pattern = filter.pattern();
         if let Some(kick) = &self.listing {
-            kick.view().subscribed(filter.text(), options, identifier);
+            kick.view().subscribed(filter.shared_text(), options, identifier);
         }
         let subs = self.subs.get_or_insert_with(|| Box::new(Subscriptions::new(persistent)));
         let id = identifier.and_then(std::num::NonZeroU32::new);
@@ -1757,7 +1757,7 @@ impl Session {
         let view = kick.view();
         view.set_session(clean_start, self.session_expiry);
         for sub in self.subs.iter().flat_map(|s| s.values()) {
-            view.subscribed(sub.filter.text(), sub.options, sub.identifier.map(std::num::NonZeroU32::get));
+            view.subscribed(sub.filter.shared_text(), sub.options, sub.identifier.map(std::num::NonZeroU32::get));
         }
         self.listing = Some(kick);
     }

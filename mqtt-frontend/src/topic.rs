@@ -149,8 +149,9 @@ pub fn check_filter(filter: &str) -> Result<(), TopicError> {
 /// (a device's one subscription held its filter twice, issue 18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
-    /// The filter text as the client sent it (the subscription's key in the session).
-    text: Box<str>,
+    /// The filter text as the client sent it (the subscription's key in the session). Shared
+    /// with the management view's copy of the subscription ([`Filter::shared_text`]).
+    text: Arc<str>,
     /// Where the filter without the `$share/<group>/` prefix starts in `text` (0: not shared).
     start: u32,
 }
@@ -175,6 +176,11 @@ impl Filter {
     /// The filter text as the client sent it.
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// [`Filter::text`], for a holder that keeps it too.
+    pub fn shared_text(&self) -> Arc<str> {
+        self.text.clone()
     }
 
     /// `Some(group)` for `$share/<group>/<filter>`.
