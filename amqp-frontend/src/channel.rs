@@ -29,6 +29,9 @@ pub enum Outgoing {
     },
 }
 
+/// A connection's outbox is bounded by count (its consumers' prefetch bounds it).
+impl ferry_core::sink::Weigh for Outgoing {}
+
 /// Channel-wide limits a consumer's sink consults: the global prefetch (basic.qos with
 /// global=true) and channel.flow.
 #[derive(Debug, Default)]

@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -44,21 +44,19 @@ pub struct Outbox<T> {
     /// `u32`, as `capacity` and `max_bytes` (saturated: pushes past the capacity are bounded
     /// by it anyway). Every MQTT session makes an outbox: 192 bytes with these as `usize`, 176
     /// as `u32`, 112 with the wake-up under the items' lock and what only a congested outbox
-    /// needs made when one is (`congestion`): jemalloc's 128 class with the `Arc`'s counts
-    /// instead of 192 (`an_outbox_stays_small`, issue 18).
+    /// needs made when one is (`Items::congestion`), 96 with the weight from the item's type
+    /// ([`Weigh`]) and that state under the lock too: jemalloc's 112 class with the `Arc`'s
+    /// counts instead of 192 (`an_outbox_stays_small`, issue 18).
     len: AtomicU32,
     capacity: u32,
     /// The items' [`Weigh::weight`] summed, kept like `len`; always 0 without a byte bound.
     bytes: AtomicUsize,
-    /// `u32::MAX`: no byte bound (a bound of 4 GiB or more is none either).
+    /// `u32::MAX`: no byte bound (a bound of 4 GiB or more is none either), and the items are
+    /// not weighed.
     max_bytes: u32,
-    weigh: fn(&T) -> usize,
     /// A producer found the outbox full ([`Outbox::has_room_or_starve`]) and stopped; the owner
     /// must prompt it again after draining ([`Outbox::take_starved`]).
     starved: std::sync::atomic::AtomicBool,
-    /// Made by the first publisher that waits for room or asks how often the owner drained
-    /// ([`Outbox::drains`]); most outboxes never fill.
-    congestion: OnceLock<Box<Congestion>>,
 }
 
 struct Items<T> {
@@ -67,6 +65,10 @@ struct Items<T> {
     /// owner's next poll.
     permit: bool,
     waker: Option<Waker>,
+    /// Made by the first publisher that waits for room or asks how often the owner drained
+    /// ([`Outbox::drains`]); most outboxes never fill. Under the lock the owner drains under,
+    /// so a drain and the state's making are ordered.
+    congestion: Option<Arc<Congestion>>,
 }
 
 /// What a full outbox's publishers wait on, and how its owner is judged.
@@ -137,7 +139,7 @@ impl Lag {
     }
 }
 
-impl<T> fmt::Debug for Outbox<T> {
+impl<T: Weigh> fmt::Debug for Outbox<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Outbox")
             .field("len", &self.len())
@@ -148,10 +150,16 @@ impl<T> fmt::Debug for Outbox<T> {
     }
 }
 
-/// What an item costs against an outbox's byte bound ([`Outbox::bounded`]).
+/// What an item costs against an outbox's byte bound ([`Outbox::bounded`]). Items of an outbox
+/// without one are not weighed (the default: nothing).
 pub trait Weigh {
-    fn weight(&self) -> usize;
+    fn weight(&self) -> usize {
+        0
+    }
 }
+
+/// Queue deliveries go to outboxes bounded by count (their consumers' prefetch bounds them).
+impl Weigh for crate::queue::Delivery {}
 
 /// A message's payload and routing key: what it puts on the wire, give or take a header. The
 /// `Arc<Message>` is shared with the other destinations of a fan-out, but each subscriber's
@@ -162,43 +170,36 @@ impl Weigh for SinkDelivery {
     }
 }
 
-impl<T> Outbox<T> {
+impl<T: Weigh> Outbox<T> {
     /// An outbox bounded by count only.
     pub fn new(capacity: usize) -> Outbox<T> {
-        Outbox::with_weigh(capacity, usize::MAX, |_| 0)
+        Outbox::bounded(capacity, usize::MAX)
     }
     /// An outbox full at `capacity` items or `max_bytes` of them, whichever comes first.
-    pub fn bounded(capacity: usize, max_bytes: usize) -> Outbox<T>
-    where
-        T: Weigh,
-    {
-        Outbox::with_weigh(capacity, max_bytes, T::weight)
-    }
-    fn with_weigh(capacity: usize, max_bytes: usize, weigh: fn(&T) -> usize) -> Outbox<T> {
+    pub fn bounded(capacity: usize, max_bytes: usize) -> Outbox<T> {
         Outbox {
-            items: Mutex::new(Items { queue: VecDeque::new(), permit: false, waker: None }),
+            items: Mutex::new(Items { queue: VecDeque::new(), permit: false, waker: None, congestion: None }),
             len: AtomicU32::new(0),
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX).max(1),
             bytes: AtomicUsize::new(0),
             max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX).max(1),
-            weigh,
             starved: std::sync::atomic::AtomicBool::new(false),
-            congestion: OnceLock::new(),
         }
     }
     fn items(&self) -> MutexGuard<'_, Items<T>> {
         self.items.lock().unwrap_or_else(|e| e.into_inner())
     }
-    /// The congestion state, made now if it was not (by a publisher).
-    fn congestion(&self) -> &Congestion {
-        let made = self.congestion.get().is_some();
-        let c = self.congestion.get_or_init(Box::default);
-        if !made {
-            // Pairs with the fence in `drained_some`: an owner whose drain this publisher
-            // does not see (its next look at the length) sees the state made, and wakes it.
-            std::sync::atomic::fence(Ordering::SeqCst);
+    /// What `item` counts against the byte bound (nothing without one).
+    fn weigh(&self, item: &T) -> usize {
+        if self.max_bytes == u32::MAX {
+            0
+        } else {
+            item.weight()
         }
-        c
+    }
+    /// The congestion state, made now if it was not (by a publisher).
+    fn congestion(&self) -> Arc<Congestion> {
+        self.items().congestion.get_or_insert_with(Arc::default).clone()
     }
     pub fn capacity(&self) -> usize {
         self.capacity as usize
@@ -270,7 +271,7 @@ impl<T> Outbox<T> {
     /// owner's waker, woken once the lock is let go.
     fn push_locked(&self, q: &mut Items<T>, item: T) -> Option<Waker> {
         let was_empty = q.queue.is_empty();
-        self.bytes.fetch_add((self.weigh)(&item), Ordering::SeqCst);
+        self.bytes.fetch_add(self.weigh(&item), Ordering::SeqCst);
         q.queue.push_back(item);
         self.set_len(q.queue.len());
         if was_empty {
@@ -299,10 +300,9 @@ impl<T> Outbox<T> {
         out.extend(q.queue.drain(..));
         self.set_len(0);
         self.bytes.store(0, Ordering::SeqCst);
+        let congestion = if n > 0 { q.congestion.clone() } else { None };
         drop(q);
-        if n > 0 {
-            self.drained_some();
-        }
+        drained_some(congestion);
         n
     }
     /// Moves every ready item into `out` through `f` (an owner's own backlog, wrapped in its
@@ -316,8 +316,9 @@ impl<T> Outbox<T> {
         out.extend(q.queue.drain(..).map(f));
         self.set_len(0);
         self.bytes.store(0, Ordering::SeqCst);
+        let congestion = q.congestion.clone();
         drop(q);
-        self.drained_some();
+        drained_some(congestion);
         n
     }
     /// [`Outbox::drain_with`] for an owner that takes only what it is about to write: items
@@ -329,7 +330,7 @@ impl<T> Outbox<T> {
         let mut q = self.items();
         let (mut n, mut taken) = (0, 0);
         while let Some(item) = q.queue.front() {
-            let w = (self.weigh)(item);
+            let w = self.weigh(item);
             if n > 0 && taken + w > budget {
                 break;
             }
@@ -342,8 +343,9 @@ impl<T> Outbox<T> {
         }
         self.set_len(q.queue.len());
         self.bytes.fetch_sub(taken, Ordering::SeqCst);
+        let congestion = q.congestion.clone();
         drop(q);
-        self.drained_some();
+        drained_some(congestion);
         n
     }
     /// Every ready item, in a vector made for them (none when there are none): for an owner
@@ -357,20 +359,11 @@ impl<T> Outbox<T> {
         let items: Vec<T> = q.queue.drain(..).collect();
         self.set_len(0);
         self.bytes.store(0, Ordering::SeqCst);
+        let congestion = q.congestion.clone();
         drop(q);
-        self.drained_some();
+        drained_some(congestion);
         items
     }
-    fn drained_some(&self) {
-        // Pairs with the fence in `congestion`: a publisher that made the state after this
-        // looked sees this drain when it looks at the length.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let Some(c) = self.congestion.get() else { return };
-        c.lag.lock().unwrap_or_else(|e| e.into_inner()).drained();
-        c.drains.fetch_add(1, Ordering::Relaxed);
-        c.drained.notify_waiters();
-    }
-
     /// How many times the owner has drained something (counted from the first time a
     /// publisher asked: callers take differences).
     pub fn drains(&self) -> u64 {
@@ -379,7 +372,8 @@ impl<T> Outbox<T> {
 
     /// Whether the outbox's owner is treated as slow at `now_ms` (see the module's doc).
     pub fn is_lagging(&self, now_ms: u64) -> bool {
-        self.congestion.get().is_some_and(|c| c.lag.lock().unwrap_or_else(|e| e.into_inner()).is_lagging(now_ms))
+        let congestion = self.items().congestion.clone();
+        congestion.is_some_and(|c| c.lag.lock().unwrap_or_else(|e| e.into_inner()).is_lagging(now_ms))
     }
 
     /// A publisher waited `waited` for room, and got it or not, while the owner drained `drains`
@@ -425,6 +419,15 @@ impl<T> Outbox<T> {
         }
         Poll::Pending
     }
+}
+
+/// The owner drained something: a lag for not draining at all is over, and publishers waiting
+/// for room look again. Nothing to do for an outbox that never filled.
+fn drained_some(congestion: Option<Arc<Congestion>>) {
+    let Some(c) = congestion else { return };
+    c.lag.lock().unwrap_or_else(|e| e.into_inner()).drained();
+    c.drains.fetch_add(1, Ordering::Relaxed);
+    c.drained.notify_waiters();
 }
 
 /// A connection's outbox is itself a queue consumer's receiving end: deliveries land in it, for
@@ -562,6 +565,9 @@ impl DirectSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Weigh for u8 {}
+    impl Weigh for u32 {}
     use bytes::Bytes;
 
     fn delivery(n: u8) -> SinkDelivery {
@@ -576,11 +582,11 @@ mod tests {
 
     /// Every MQTT session makes an outbox for its direct sink at its start: 192 bytes with the
     /// length and the capacity as `usize`, jemalloc's 224 class with the `Arc`'s counts; 176
-    /// and the 192 class with them as `u32`; now 112 and the 128 class.
+    /// and the 192 class with them as `u32`; 112 and the 128 class; now 96 and the 112 class.
     #[test]
     fn an_outbox_stays_small() {
         let size = std::mem::size_of::<Outbox<SinkDelivery>>();
-        assert!(size + 16 <= 128, "Outbox is {size} bytes");
+        assert!(size + 16 <= 112, "Outbox is {size} bytes");
     }
 
     #[test]
