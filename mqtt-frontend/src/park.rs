@@ -72,10 +72,14 @@ struct Slab {
     free: Vec<u32>,
 }
 
+/// A `Parked`, taken apart so that the socket's descriptor and the generation fill one word:
+/// 32 bytes instead of 40 (issue 18).
 #[derive(Default)]
 struct Entry {
+    conn: Option<Box<Conn>>,
+    slot: ConnectionSlot,
+    tcp: Option<std::net::TcpStream>,
     generation: u32,
-    parked: Option<Parked>,
 }
 
 fn token(index: u32, generation: u32) -> u64 {
@@ -93,13 +97,17 @@ impl Slab {
         };
         let entry = &mut self.entries[index as usize];
         entry.generation = entry.generation.wrapping_add(1);
-        entry.parked = Some(parked);
+        let Parked { conn, tcp, slot } = parked;
+        (entry.conn, entry.tcp, entry.slot) = (Some(conn), Some(tcp), slot);
         token(index, entry.generation)
     }
 
-    fn get(&self, token: u64) -> Option<&Parked> {
+    fn get(&self, token: u64) -> Option<(&Conn, &std::net::TcpStream)> {
         let entry = self.entries.get((token & u64::from(u32::MAX)) as usize)?;
-        (entry.generation == (token >> 32) as u32).then_some(entry.parked.as_ref()).flatten()
+        if entry.generation != (token >> 32) as u32 {
+            return None;
+        }
+        Some((entry.conn.as_deref()?, entry.tcp.as_ref()?))
     }
 
     fn take(&mut self, token: u64) -> Option<Parked> {
@@ -108,9 +116,9 @@ impl Slab {
         if entry.generation != (token >> 32) as u32 {
             return None;
         }
-        let parked = entry.parked.take()?;
+        let (conn, tcp) = (entry.conn.take()?, entry.tcp.take()?);
         self.free.push(index);
-        Some(parked)
+        Some(Parked { conn, tcp, slot: std::mem::take(&mut entry.slot) })
     }
 }
 
@@ -185,17 +193,17 @@ impl Parker {
         let mut slab = self.slab();
         let token = slab.insert(parked);
         self.parked.fetch_add(1, Ordering::Relaxed);
-        let p = slab.get(token).expect("just inserted");
+        let (conn, tcp) = slab.get(token).expect("just inserted");
         let waker = Waker::from(Arc::new(ParkWaker { parker: Arc::downgrade(self), token }));
         // Under the slab's lock, so that a wake from another thread waits for the record to be
         // complete; a signal wakes outside its own lock, so the two locks are never taken in
         // the other order.
-        let ready = p.conn.poll_parked(&mut Context::from_waker(&waker));
+        let ready = conn.poll_parked(&mut Context::from_waker(&waker));
         // Edge-triggered and one-shot: one event at most, and one is reported at once if bytes
         // are already there.
         let flags =
             epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ET | epoll::EventFlags::ONESHOT;
-        let added = epoll::add(&*self.epoll, &p.tcp, epoll::EventData::new_u64(token), flags);
+        let added = epoll::add(&*self.epoll, tcp, epoll::EventData::new_u64(token), flags);
         drop(slab);
         if let Err(e) = &added {
             debug!(error = %e, "epoll add; the connection is not parked");
@@ -239,5 +247,13 @@ fn watch(parker: Weak<Parker>, epoll: &OwnedFd) {
         for event in &events {
             parker.unpark(event.data.u64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_slab_entry_stays_small() {
+        assert_eq!(std::mem::size_of::<super::Entry>(), 32);
     }
 }
