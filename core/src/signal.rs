@@ -14,13 +14,36 @@ use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
 pub struct Signal {
-    state: Mutex<State>,
+    state: Mutex<Wakeup>,
 }
 
-#[derive(Default)]
-struct State {
+/// A signal's state without its lock, for a holder that keeps it under a lock of its own (an
+/// outbox, under its items' lock).
+#[derive(Debug, Default)]
+pub(crate) struct Wakeup {
     permit: bool,
     waker: Option<Waker>,
+}
+
+impl Wakeup {
+    /// Leaves the permit; returns the waiting task's waker, to wake once the lock is let go.
+    pub(crate) fn notify(&mut self) -> Option<Waker> {
+        self.permit = true;
+        self.waker.take()
+    }
+
+    /// `Ready` (taking the permit) once notified; otherwise `cx`'s task is the one woken next.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.permit {
+            self.permit = false;
+            return Poll::Ready(());
+        }
+        match &self.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => self.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
 }
 
 impl fmt::Debug for Signal {
@@ -34,17 +57,13 @@ impl Signal {
         Signal::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Wakeup> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Wakes the waiting task, or leaves a permit for its next poll.
     pub fn notify(&self) {
-        let waker = {
-            let mut s = self.lock();
-            s.permit = true;
-            s.waker.take()
-        };
+        let waker = self.lock().notify();
         if let Some(w) = waker {
             w.wake();
         }
@@ -53,16 +72,7 @@ impl Signal {
     /// `Ready` (taking the permit) once notified; otherwise the task is woken by the next
     /// [`Signal::notify`]. One task waits on a signal: a poll from another replaces its waker.
     pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.lock();
-        if s.permit {
-            s.permit = false;
-            return Poll::Ready(());
-        }
-        match &s.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => s.waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        self.lock().poll(cx)
     }
 
     /// Resolves once notified (at once if a permit is stored).

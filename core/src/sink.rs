@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::message::{ConnectionId, Message};
+use crate::signal::Wakeup;
 
 /// A bounded multi-producer, single-consumer mailbox for one connection's task. Producers
 /// never block: [`Outbox::try_push`] hands the item back when full. The owner waits with
@@ -63,8 +64,7 @@ struct Items<T> {
     queue: VecDeque<T>,
     /// The owner's wake-up: a push into an empty outbox while nobody waited leaves it for the
     /// owner's next poll.
-    permit: bool,
-    waker: Option<Waker>,
+    wakeup: Wakeup,
     /// Made by the first publisher that waits for room or asks how often the owner drained
     /// ([`Outbox::drains`]); most outboxes never fill. Under the lock the owner drains under,
     /// so a drain and the state's making are ordered.
@@ -178,7 +178,7 @@ impl<T: Weigh> Outbox<T> {
     /// An outbox full at `capacity` items or `max_bytes` of them, whichever comes first.
     pub fn bounded(capacity: usize, max_bytes: usize) -> Outbox<T> {
         Outbox {
-            items: Mutex::new(Items { queue: VecDeque::new(), permit: false, waker: None, congestion: None }),
+            items: Mutex::new(Items { queue: VecDeque::new(), wakeup: Wakeup::default(), congestion: None }),
             len: AtomicU32::new(0),
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX).max(1),
             bytes: AtomicUsize::new(0),
@@ -275,8 +275,7 @@ impl<T: Weigh> Outbox<T> {
         q.queue.push_back(item);
         self.set_len(q.queue.len());
         if was_empty {
-            q.permit = true;
-            q.waker.take()
+            q.wakeup.notify()
         } else {
             None
         }
@@ -408,16 +407,7 @@ impl<T: Weigh> Outbox<T> {
     /// [`Outbox::notified`] without a future: `Ready` after a push into an empty outbox,
     /// otherwise the task is woken by the next one.
     pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut q = self.items();
-        if q.permit {
-            q.permit = false;
-            return Poll::Ready(());
-        }
-        match &q.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => q.waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
+        self.items().wakeup.poll(cx)
     }
 }
 
