@@ -51,10 +51,9 @@ fn assigned_client_id() -> String {
 /// The read buffer's size. Most connections are idle most of the time, and at 10,000 of them
 /// a fixed 8 KiB buffer each was most of their memory: an idle connection keeps [`READ_MIN`];
 /// one whose reads fill its buffer gets twice as much next time (up to [`READ_MAX`]), and gives
-/// the space back once it has drained and its reads are small again.
+/// the space back once it has drained and its reads are small again. The size is a power of
+/// two, kept as its exponent (one byte of every connection's state, issue 18).
 #[derive(Debug)]
-/// The next read's size: a power of two from [`READ_MIN`] to [`READ_MAX`], kept as its
-/// exponent (one byte of every connection's state, issue 18).
 struct ReadSizer {
     shift: u8,
 }

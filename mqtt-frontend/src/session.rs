@@ -1739,7 +1739,11 @@ impl Session {
 
     /// Starts keeping `kick`'s view current (the subscriptions the session resumed with go in
     /// now); `clean_start` is the CONNECT's.
-    /// The registry's kick of this session's connection ([`Session::attach_listing`]).
+    /// The registry's kick of this session's connection ([`Session::attach_listing`]): how the
+    /// registry tells the connection to go (takeover, shutdown, keep alive, a close from
+    /// outside, through the connection entry's wake-up, which the kick shares). It also keeps
+    /// the keep alive deadline, which the registry enforces (`Registry::sweep`), and the
+    /// management API's view of the session.
     ///
     /// # Panics
     /// Before `attach_listing` (a driver attaches it before serving).
