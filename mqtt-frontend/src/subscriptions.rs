@@ -37,16 +37,26 @@ pub(crate) struct Subscription {
 /// maps for it cost more than the rest of its session); past it, in the indexes.
 const SMALL: usize = 8;
 
+/// 32 bytes (jemalloc's 32 class; 48 with the index and the patterns in two fields and the list
+/// a `Vec`), boxed in every subscribed session (`a_subscription_stays_small`, issue 18).
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
-    /// Every subscription while there are at most [`SMALL`] (and `index` is `None`).
-    small: Vec<Subscription>,
+    /// Every subscription while there are at most [`SMALL`] (and there is no index); a boxed
+    /// slice, made again at each change (of at most eight).
+    small: Box<[Subscription]>,
+    more: Option<Box<More>>,
+    last_cookie: u64,
+}
+
+/// What few sessions have: the index past [`SMALL`] subscriptions, the patterns of a persistent
+/// session's.
+#[derive(Debug, Default)]
+struct More {
     index: Option<Box<Index>>,
     /// Patterns of the subscriptions that are not shared, for a persistent session (a transient
     /// one receives cookies). Boxed: inline, the trie was 136 of the 176 bytes every subscribed
-    /// session pays for this, persistent or not.
+    /// session paid for this, persistent or not.
     patterns: Option<Box<TopicTrie<u64>>>,
-    last_cookie: u64,
 }
 
 /// The subscriptions of a session with more than [`SMALL`] of them.
@@ -81,25 +91,34 @@ impl Index {
 impl Subscriptions {
     /// `match_topics`: keep the pattern index (a persistent session's queue deliveries).
     pub fn new(match_topics: bool) -> Subscriptions {
-        Subscriptions { patterns: match_topics.then(|| Box::new(TopicTrie::new())), ..Subscriptions::default() }
+        let more = match_topics.then(|| Box::new(More { index: None, patterns: Some(Box::new(TopicTrie::new())) }));
+        Subscriptions { more, ..Subscriptions::default() }
+    }
+
+    fn index(&self) -> Option<&Index> {
+        self.more.as_ref()?.index.as_deref()
+    }
+
+    fn patterns_mut(&mut self) -> Option<&mut TopicTrie<u64>> {
+        self.more.as_mut()?.patterns.as_deref_mut()
     }
 
     pub fn len(&self) -> usize {
-        match &self.index {
+        match self.index() {
             Some(ix) => ix.by_cookie.len(),
             None => self.small.len(),
         }
     }
 
     pub fn get(&self, filter: &str) -> Option<&Subscription> {
-        match &self.index {
+        match self.index() {
             Some(ix) => ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get(c)),
             None => self.small.iter().find(|s| s.filter.text() == filter),
         }
     }
 
     pub fn get_mut(&mut self, filter: &str) -> Option<&mut Subscription> {
-        match &mut self.index {
+        match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
             Some(ix) => ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get_mut(c)),
             None => self.small.iter_mut().find(|s| s.filter.text() == filter),
         }
@@ -118,16 +137,18 @@ impl Subscriptions {
             debug_assert_eq!(old.cookie, sub.cookie, "a replacement keeps its binding's cookie");
         }
         if sub.shared.is_none() {
-            if let Some(trie) = &mut self.patterns {
+            if let Some(trie) = self.patterns_mut() {
                 trie.insert(&sub.filter.pattern(), sub.cookie);
             }
         }
-        match &mut self.index {
+        match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
             Some(ix) => ix.insert(sub),
             None if self.small.len() < SMALL => {
-                // The first one gets a list of one, not Vec's default of four.
-                self.small.reserve_exact(1);
-                self.small.push(sub);
+                // Allocated to fit: a list of one for the first.
+                let mut small = std::mem::take(&mut self.small).into_vec();
+                small.reserve_exact(1);
+                small.push(sub);
+                self.small = small.into_boxed_slice();
             }
             None => {
                 let mut ix = Box::<Index>::default();
@@ -135,25 +156,24 @@ impl Subscriptions {
                     ix.insert(s);
                 }
                 ix.insert(sub);
-                self.index = Some(ix);
+                self.more.get_or_insert_with(Box::default).index = Some(ix);
             }
         }
     }
 
     pub fn remove(&mut self, filter: &str) -> Option<Subscription> {
-        let sub = match &mut self.index {
+        let sub = match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
             Some(ix) => ix.remove(filter)?,
             None => {
                 let i = self.small.iter().position(|s| s.filter.text() == filter)?;
-                let sub = self.small.swap_remove(i);
-                if self.small.is_empty() {
-                    self.small = Vec::new();
-                }
+                let mut small = std::mem::take(&mut self.small).into_vec();
+                let sub = small.swap_remove(i);
+                self.small = small.into_boxed_slice();
                 sub
             }
         };
         if sub.shared.is_none() {
-            if let Some(trie) = &mut self.patterns {
+            if let Some(trie) = self.patterns_mut() {
                 trie.remove(&sub.filter.pattern(), &sub.cookie);
             }
         }
@@ -162,7 +182,7 @@ impl Subscriptions {
 
     /// Removes up to `n` subscriptions (any of them) and returns them.
     pub fn take_some(&mut self, n: usize) -> Vec<Subscription> {
-        let filters: Vec<String> = match &self.index {
+        let filters: Vec<String> = match self.index() {
             Some(ix) => ix.by_filter.keys().take(n).cloned().collect(),
             None => self.small.iter().take(n).map(|s| s.filter.text().to_string()).collect(),
         };
@@ -171,7 +191,7 @@ impl Subscriptions {
 
     /// The subscription whose binding has this cookie.
     pub fn by_cookie(&self, cookie: u64) -> Option<&Subscription> {
-        match &self.index {
+        match self.index() {
             Some(ix) => ix.by_cookie.get(&cookie),
             None => self.small.iter().find(|s| s.cookie == cookie),
         }
@@ -179,7 +199,7 @@ impl Subscriptions {
 
     /// The shared subscription consuming this queue.
     pub fn by_queue(&self, queue: &QueueName) -> Option<&Subscription> {
-        match &self.index {
+        match self.index() {
             Some(ix) => ix.by_queue.get(queue).and_then(|c| ix.by_cookie.get(c)),
             None => self.small.iter().find(|s| s.shared.as_deref().is_some_and(|(q, _)| q.name() == queue)),
         }
@@ -188,7 +208,7 @@ impl Subscriptions {
     /// Calls `f` with each subscription that is not shared and whose pattern matches
     /// `routing_key` (persistent sessions only: none otherwise).
     pub fn matching(&self, routing_key: &str, mut f: impl FnMut(&Subscription)) {
-        if let Some(trie) = &self.patterns {
+        if let Some(trie) = self.more.as_ref().and_then(|m| m.patterns.as_deref()) {
             trie.for_each_match(routing_key, |c| {
                 if let Some(sub) = self.by_cookie(*c) {
                     f(sub)
@@ -198,7 +218,7 @@ impl Subscriptions {
     }
 
     pub fn values(&self) -> impl Iterator<Item = &Subscription> {
-        let (small, index) = match &self.index {
+        let (small, index) = match self.index() {
             Some(ix) => (None, Some(ix.by_cookie.values())),
             None => (Some(self.small.iter()), None),
         };
@@ -206,7 +226,7 @@ impl Subscriptions {
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Subscription> {
-        let (small, index) = match &mut self.index {
+        let (small, index) = match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
             Some(ix) => (None, Some(ix.by_cookie.values_mut())),
             None => (Some(self.small.iter_mut()), None),
         };
@@ -246,9 +266,9 @@ mod tests {
         assert!(size <= 48, "Subscription is {size} bytes");
         assert_eq!(std::mem::size_of::<Filter>(), 24);
         // The session's box of them: 176 bytes while the pattern trie, which only persistent
-        // sessions have, was inline.
+        // sessions have, was inline; 48 with it and the index in fields of their own.
         let all = std::mem::size_of::<Subscriptions>();
-        assert!(all <= 48, "Subscriptions is {all} bytes");
+        assert!(all <= 32, "Subscriptions is {all} bytes");
     }
 
     #[test]
@@ -326,7 +346,7 @@ mod tests {
             cookies.push(s.cookie);
             subs.insert(s);
             assert_eq!(subs.len(), i + 1);
-            assert_eq!(subs.index.is_some(), i + 1 > SMALL);
+            assert_eq!(subs.index().is_some(), i + 1 > SMALL);
         }
         for (i, c) in cookies.iter().enumerate() {
             assert_eq!(subs.by_cookie(*c).unwrap().filter.text(), format!("t/{i}"));
@@ -344,10 +364,10 @@ mod tests {
         let mut subs = Subscriptions::new(false);
         let a = sub(&mut subs, "devices/d1/cmd");
         subs.insert(a);
-        assert_eq!(subs.small.capacity(), 1);
-        assert!(subs.index.is_none());
+        assert_eq!(subs.small.len(), 1);
+        assert!(subs.more.is_none());
         assert_eq!(subs.values().count(), 1);
         subs.remove("devices/d1/cmd").unwrap();
-        assert_eq!(subs.small.capacity(), 0);
+        assert_eq!(subs.small.len(), 0);
     }
 }
