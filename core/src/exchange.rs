@@ -499,6 +499,8 @@ enum Routes {
 struct Table {
     index: BindingIndex,
     routes: Routes,
+    /// Bindings the topic trie alone keeps ([`Exchange::in_trie_only`]).
+    trie_only: usize,
 }
 
 impl Table {
@@ -581,7 +583,7 @@ impl Exchange {
             ExchangeKind::Topic => Routes::Topic(TopicTrie::new()),
             ExchangeKind::Headers => Routes::Headers(Vec::new()),
         };
-        let table = Table { index: BindingIndex::default(), routes };
+        let table = Table { index: BindingIndex::default(), routes, trie_only: 0 };
         Exchange {
             name: name.into(),
             kind,
@@ -611,8 +613,31 @@ impl Exchange {
         self.alternate.as_ref()
     }
 
+    /// Whether the topic trie alone keeps a binding: a direct sink's, whose routing key spells
+    /// its pattern ([`KeyPattern::Dollar`]: an MQTT subscription). Its routes' entry says all
+    /// there is to say (the key is the entry's path, the destination its value), so it has no
+    /// entry in the index: that entry, its routing key and the sink's slot were about 190
+    /// bytes of every subscribed MQTT device (issue 18). The trie lists such bindings
+    /// ([`Exchange::for_each_binding`]) and counts them; finding them by owner would be a
+    /// walk of the whole trie, so [`Exchange::unbind_owner`] leaves them to be unbound by key
+    /// (an MQTT session unbinds each subscription: `VHost::unbind_sink_all`). A sink's binding
+    /// keeps no arguments: a topic exchange routes without them, and no frontend gives any.
+    fn in_trie_only(&self, key: &BindingKey, destination: &Destination) -> bool {
+        self.kind == ExchangeKind::Topic
+            && key.pattern == KeyPattern::Dollar
+            && matches!(destination, Destination::Sink(_))
+    }
+
     /// Adds a binding; returns false when an identical one exists (binding is idempotent).
     pub fn bind(&self, key: BindingKey, destination: Destination) -> Result<bool, CoreError> {
+        if self.in_trie_only(&key, &destination) {
+            let mut pattern = dollar_pattern(&key.routing_key);
+            let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let Routes::Topic(trie) = &mut table.routes else { unreachable!("a topic exchange") };
+            let added = trie.insert_sharing(&mut pattern, destination);
+            table.trie_only += usize::from(added);
+            return Ok(added);
+        }
         let mut binding = Binding { key, destination };
         // Parsed before the lock: a bad `x-match` is refused without touching the table.
         let headers = match self.kind {
@@ -647,6 +672,14 @@ impl Exchange {
 
     /// Removes a binding; returns false when there was no such binding.
     pub fn unbind(&self, key: &BindingKey, destination: &Destination) -> bool {
+        if self.in_trie_only(key, destination) {
+            let pattern = dollar_pattern(&key.routing_key);
+            let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let Routes::Topic(trie) = &mut table.routes else { unreachable!("a topic exchange") };
+            let removed = trie.remove(&pattern, destination);
+            table.trie_only -= usize::from(removed);
+            return removed;
+        }
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         match table.index.remove(key, destination) {
             Some((b, shared)) => {
@@ -658,7 +691,8 @@ impl Exchange {
     }
 
     /// Removes every binding leading to `owner`'s destinations; returns them. Costs what the
-    /// owner has, not what the exchange has.
+    /// owner has, not what the exchange has. A sink's bindings that the trie alone keeps
+    /// ([`Exchange::in_trie_only`]) are not found this way: they are unbound by key.
     pub fn unbind_owner(&self, owner: &Owner) -> Vec<Binding> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         let removed = table.index.remove_owner(owner);
@@ -671,20 +705,55 @@ impl Exchange {
 
     /// Every binding of this exchange (as source), in no particular order.
     pub fn bindings(&self) -> Vec<Binding> {
-        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        table.index.iter().cloned().collect()
+        let mut out = Vec::with_capacity(self.binding_count());
+        self.for_each_binding(|b| out.push(b.clone()));
+        out
     }
 
     /// Calls `f` with every binding of this exchange (as source), in no particular order,
-    /// under the table's read lock and without copying them: for counts over many bindings
-    /// (`$SYS`'s subscriptions), where [`Exchange::bindings`] would clone each one.
+    /// under the table's read lock. The index's bindings are not copied; those the trie alone
+    /// keeps are rebuilt from it, one at a time.
     pub fn for_each_binding(&self, mut f: impl FnMut(&Binding)) {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         table.index.iter().for_each(&mut f);
+        if table.trie_only == 0 {
+            return;
+        }
+        let Routes::Topic(trie) = &table.routes else { return };
+        trie.for_each_entry(|pattern, destination| {
+            let Destination::Sink(sink) = destination else { return };
+            if !pattern.dollar_rule {
+                return;
+            }
+            let routing_key = ShortString::from(pattern.to_string());
+            // A sink's entry the index holds the binding of (a pattern its key does not spell)
+            // is listed from the index.
+            let indexed = table.index.own(&Owner::Sink(sink.sink.id())).is_some_and(|own| {
+                own.values()
+                    .flat_map(Bucket::as_slice)
+                    .any(|b| b.destination == *destination && topic_pattern(&b.key) == *pattern)
+            });
+            if indexed || dollar_pattern(&routing_key) != *pattern {
+                return;
+            }
+            let key = BindingKey { routing_key, arguments: FieldTable::new(), pattern: KeyPattern::Dollar };
+            f(&Binding { key, destination: destination.clone() });
+        });
+    }
+
+    /// Calls `f` with every binding the index holds, without copying them, and returns how
+    /// many more the trie alone keeps (sinks' bindings whose key spells their pattern: MQTT
+    /// subscriptions; [`Exchange::in_trie_only`]): for counts over many bindings (`$SYS`'s
+    /// subscriptions), where [`Exchange::for_each_binding`] would rebuild each of those.
+    pub fn for_each_indexed_binding(&self, f: impl FnMut(&Binding)) -> usize {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table.index.iter().for_each(f);
+        table.trie_only
     }
 
     pub fn binding_count(&self) -> usize {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).index.len
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table.index.len + table.trie_only
     }
 
     /// Reports the destination of every binding that matches `message` (duplicates included;
@@ -1045,6 +1114,71 @@ mod tests {
         assert_eq!(names(&x, &msg("t.7")).len(), 1);
         assert_eq!(x.unbind_owner(&Owner::Sink(sink.id())).len(), 1001);
         assert_eq!(x.binding_count(), 0);
+    }
+
+    fn mqtt_key(levels: Vec<Level>) -> BindingKey {
+        let pattern = Pattern { levels, dollar_rule: true };
+        BindingKey::new(pattern.to_string()).with_pattern(pattern)
+    }
+
+    /// An MQTT subscription's binding (a sink's, its key spelling its pattern) has no entry in
+    /// the index: the trie's entry is the binding, and it is listed, counted, found and
+    /// removed by key from there (issue 18).
+    #[test]
+    fn a_sinks_binding_whose_key_spells_its_pattern_is_kept_by_the_trie_alone() {
+        let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
+        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
+        let lit = |w: &str| Level::Literal(w.into());
+        let cmd = mqtt_key(vec![lit("devices"), lit("d1"), lit("cmd")]);
+        let all = mqtt_key(vec![Level::Many]);
+        // A literal `*` level: the key (`a.*`) does not spell the pattern, so the index keeps it.
+        let star = BindingKey::new("a.*").with_pattern(Pattern { levels: vec![lit("a"), lit("*")], dollar_rule: true });
+        assert_eq!(cmd.pattern, KeyPattern::Dollar);
+        assert!(matches!(star.pattern, KeyPattern::Parsed(_)));
+        assert!(x.bind(cmd.clone(), d(1)).unwrap());
+        assert!(x.bind(all.clone(), d(2)).unwrap());
+        assert!(x.bind(star.clone(), d(3)).unwrap());
+        assert!(x.bind(BindingKey::new("devices.*.cmd"), queue("q")).unwrap());
+        assert!(!x.bind(cmd.clone(), d(1)).unwrap(), "idempotent");
+        {
+            let table = x.table.read().unwrap();
+            assert_eq!((table.index.len, table.trie_only), (2, 2));
+            let own = table.index.own(&Owner::Sink(sink.id())).expect("the `*` one");
+            assert_eq!(own.len(), 1);
+        }
+        assert_eq!(x.binding_count(), 4);
+        let mut listed: Vec<(String, String, bool)> = x
+            .bindings()
+            .iter()
+            .map(|b| (b.key.routing_key.to_string(), b.destination.describe(), b.key.parsed_pattern().is_some()))
+            .collect();
+        listed.sort();
+        let sink_name = |_| format!("sink {}", sink.id().0);
+        assert_eq!(
+            listed,
+            vec![
+                ("#".into(), sink_name(2), true),
+                ("a.*".into(), sink_name(3), true),
+                ("devices.*.cmd".into(), "queue 'q'".into(), false),
+                ("devices.d1.cmd".into(), sink_name(1), true),
+            ]
+        );
+        // What the listing gives back unbinds.
+        let again: Vec<Binding> = x.bindings();
+        let listed_cmd = again.iter().find(|b| b.key.routing_key == "devices.d1.cmd").unwrap();
+        assert_eq!(listed_cmd.key.pattern, KeyPattern::Dollar);
+        assert_eq!(names(&x, &msg("devices.d1.cmd")).len(), 3);
+        assert_eq!(names(&x, &msg("$SYS.x")).len(), 0, "the $ rule holds");
+        // By owner: only the indexed one; the others are unbound by key.
+        assert_eq!(x.unbind_owner(&Owner::Sink(sink.id())).len(), 1);
+        assert!(x.unbind(&listed_cmd.key, &d(1)));
+        assert!(!x.unbind(&cmd, &d(1)));
+        assert!(!x.unbind(&all, &d(9)), "another cookie");
+        assert!(x.unbind(&all, &d(2)));
+        assert_eq!(x.binding_count(), 1);
+        assert_eq!(names(&x, &msg("devices.d1.cmd")), vec!["queue 'q'"]);
+        assert_eq!(x.table.read().unwrap().trie_only, 0);
     }
 
     #[test]

@@ -453,6 +453,36 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
         }
     }
 
+    /// Calls `f` with every (pattern, value) pair, the pattern rebuilt from the trie's path
+    /// (a listing, not the hot path: an exchange lists the bindings it keeps only here).
+    pub fn for_each_entry(&self, mut f: impl FnMut(&Pattern, &T)) {
+        let mut pattern = Pattern { levels: Vec::new(), dollar_rule: false };
+        Self::entries_below(&self.root, &mut pattern, &mut f);
+        Self::entries_below(&self.guarded, &mut pattern, &mut f);
+    }
+
+    fn entries_below(node: &Node<T>, pattern: &mut Pattern, f: &mut impl FnMut(&Pattern, &T)) {
+        for e in &node.entries {
+            pattern.dollar_rule = e.dollar_rule;
+            f(pattern, &e.value);
+        }
+        let mut below = |level: Level, child: &Node<T>| {
+            pattern.levels.push(level);
+            Self::entries_below(child, pattern, f);
+            pattern.levels.pop();
+        };
+        match &node.literal {
+            Literals::Few(v) => v.iter().for_each(|(w, n)| below(Level::Literal(w.clone()), n)),
+            Literals::Many(m) => m.iter().for_each(|(w, n)| below(Level::Literal(w.clone()), n)),
+        }
+        if let Some(n) = &node.one {
+            below(Level::One, n);
+        }
+        if let Some(n) = &node.many {
+            below(Level::Many, n);
+        }
+    }
+
     /// Number of (pattern, value) pairs.
     pub fn len(&self) -> usize {
         self.len
@@ -780,6 +810,17 @@ mod tests {
         assert_eq!(matched(&t, "*.#"), vec![0]);
         assert!(matched(&t, "a.b").is_empty());
         assert!(matched(&t, "*").is_empty());
+    }
+
+    #[test]
+    fn every_entry_is_listed_with_its_pattern() {
+        let patterns = [amqp("a.b"), amqp("a.*.c"), amqp("#"), flagged("#.x"), flagged("a.#"), amqp("")];
+        let trie = trie_of(&patterns);
+        let mut listed = Vec::new();
+        trie.for_each_entry(|p, v| listed.push((p.clone(), *v)));
+        listed.sort_by_key(|(_, v)| *v);
+        let expected: Vec<(Pattern, usize)> = patterns.iter().cloned().zip(0..).collect();
+        assert_eq!(listed, expected);
     }
 
     #[test]

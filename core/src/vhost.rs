@@ -23,7 +23,7 @@ use crate::queue::{
     ConsumerId, ConsumerSpec, Delivery, Effects, EnqueueOutcome, Load, OwnerId, Queue, QueueOptions, QueueStats,
 };
 use crate::retained::RetainedStore;
-use crate::sink::{Cookies, DirectSink, Offer, SinkDelivery, SinkId};
+use crate::sink::{Cookies, DirectSink, Offer, SinkDelivery};
 use crate::store::{BindingRecord, Commit, ExchangeRecord, QueueRecord, Store, StoreOp};
 use crate::timer::Timer;
 
@@ -890,9 +890,25 @@ impl VHost {
         Ok(existed)
     }
 
-    /// Removes every binding of a sink (its connection closed).
-    pub fn unbind_sink_all(&self, sink: SinkId) {
-        self.unbind_everywhere(&Owner::Sink(sink));
+    /// Removes every binding of a sink (its connection closed): `bound`, its bindings to
+    /// `exchange` by key and cookie, and whatever else it has anywhere. A sink's bindings that
+    /// the topic trie alone keeps (MQTT subscriptions) can only be found by key.
+    pub fn unbind_sink_all(
+        &self,
+        exchange: &ShortString,
+        sink: &Arc<DirectSink>,
+        bound: impl IntoIterator<Item = (BindingKey, u64)>,
+    ) {
+        if let Ok(x) = self.source_for_binding(exchange) {
+            let mut any = false;
+            for (key, cookie) in bound {
+                any |= x.unbind(&key, &Destination::Sink(SinkRef { sink: sink.clone(), cookie }));
+            }
+            if any && x.options().auto_delete && x.binding_count() == 0 {
+                self.remove_exchange(&x);
+            }
+        }
+        self.unbind_everywhere(&Owner::Sink(sink.id()));
     }
 
     // ----- consumers -------------------------------------------------------------------------

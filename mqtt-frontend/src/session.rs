@@ -1701,7 +1701,12 @@ impl Session {
         match &this.mode {
             Mode::Transient { sink } => {
                 if let Some(sink) = sink {
-                    this.vhost.unbind_sink_all(sink.id());
+                    // By key: the exchange's topic trie alone keeps them.
+                    let bound =
+                        this.subs.iter().flat_map(|s| s.values()).filter(|s| s.shared.is_none()).map(|s| {
+                            (BindingKey::new(s.filter.binding_key()).with_pattern(s.filter.pattern()), s.cookie)
+                        });
+                    this.vhost.unbind_sink_all(&this.settings.exchange, sink, bound);
                 }
                 None
             }

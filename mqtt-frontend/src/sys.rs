@@ -316,7 +316,8 @@ pub fn sample(shared: &Shared, broker: &Broker, own_bytes: u64) -> Sample {
             s.publish_dropped += st.dropped_overflow + st.rejected_overflow;
         }
         if let Some(x) = v.exchange(&shared.settings.exchange.to_string_lossy()) {
-            x.for_each_binding(|b| {
+            // Sinks' bindings that the trie alone keeps are all MQTT subscriptions.
+            s.subscriptions += x.for_each_indexed_binding(|b| {
                 // Bindings from MQTT filters carry their parsed pattern; AMQP ones do not.
                 if !b.key.pattern.is_parsed() {
                     return;
@@ -333,7 +334,7 @@ pub fn sample(shared: &Shared, broker: &Broker, own_bytes: u64) -> Sample {
                     }
                     Destination::Exchange(_) => {}
                 }
-            });
+            }) as u64;
         }
     }
     s.stored += s.retained;

@@ -534,8 +534,27 @@ fn direct_sinks_get_one_copy_with_every_matching_cookie() {
     sink.outbox().drain_into(&mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].cookies.as_slice(), &[1, 2, 3]);
-    v.unbind_sink_all(sink.id());
+    v.unbind_sink_all(&s("amq.topic"), &sink, []);
     assert_eq!(publish(&v, "amq.topic", msg("farm.7.soil", "x")).routed, 0);
+}
+
+/// A sink's bindings that the topic trie alone keeps (MQTT's, whose keys spell their
+/// patterns) go by the keys given; the indexed ones by owner, in every exchange.
+#[test]
+fn unbinding_a_sink_takes_its_keys_and_its_indexed_bindings() {
+    let v = vhost();
+    let sink = DirectSink::new(C1, Arc::new(Outbox::new(16)));
+    let spelled = |key: &str| BindingKey::new(key).with_pattern(Pattern::parse_amqp(key).with_dollar_rule(true));
+    v.bind_sink(&s("amq.topic"), spelled("devices.d1.cmd"), sink_ref(&sink, 1)).unwrap();
+    v.bind_sink(&s("amq.topic"), spelled("devices.d1.#"), sink_ref(&sink, 2)).unwrap();
+    v.bind_sink(&s("amq.fanout"), BindingKey::new(""), sink_ref(&sink, 3)).unwrap();
+    let topic = v.exchange("amq.topic").unwrap();
+    assert_eq!(topic.binding_count(), 2);
+    v.unbind_sink_all(&s("amq.topic"), &sink, [(spelled("devices.d1.cmd"), 1), (spelled("devices.d1.#"), 2)]);
+    assert_eq!(topic.binding_count(), 0);
+    assert_eq!(v.exchange("amq.fanout").unwrap().binding_count(), 0);
+    assert_eq!(publish(&v, "amq.topic", msg("devices.d1.cmd", "x")).routed, 0);
+    assert_eq!(Arc::strong_count(&sink), 1, "no route holds the sink");
 }
 
 #[test]
