@@ -169,8 +169,70 @@ struct Node<T> {
     literal: Literals<T>,
     one: Option<Box<Node<T>>>,
     many: Option<Box<Node<T>>>,
-    /// Entries whose pattern ends here. Usually 0 or 1 long; a Vec keeps the node small.
-    entries: Vec<Entry<T>>,
+    /// Entries whose pattern ends here. Usually 0 or 1 long.
+    entries: Entries<T>,
+}
+
+/// A node's entries: up to [`FEW_ENTRIES`] in a slice allocated to fit, a `Vec` past that (a
+/// pattern thousands of clients share grows amortised, not by a copy per subscriber). 16
+/// bytes, a `Vec`'s 24: with [`Literals`] at 16 a node is 48 bytes, jemalloc's 48 class (it was
+/// 64), and a list of one child with its node 64 (was 80): 32 bytes of every device under
+/// `devices/<id>/cmd` (issue 18).
+#[derive(Debug, Clone)]
+enum Entries<T> {
+    Few(Box<[Entry<T>]>),
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Entry<T>>>),
+}
+
+const FEW_ENTRIES: usize = 4;
+
+impl<T> Entries<T> {
+    fn as_slice(&self) -> &[Entry<T>] {
+        match self {
+            Entries::Few(v) => v,
+            Entries::Many(v) => v,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    fn push(&mut self, entry: Entry<T>) {
+        match self {
+            Entries::Few(v) if v.len() < FEW_ENTRIES => {
+                let mut grown = std::mem::take(v).into_vec();
+                grown.reserve_exact(1);
+                grown.push(entry);
+                *v = grown.into_boxed_slice();
+            }
+            Entries::Few(v) => {
+                let mut many = std::mem::take(v).into_vec();
+                many.push(entry);
+                *self = Entries::Many(Box::new(many));
+            }
+            Entries::Many(v) => v.push(entry),
+        }
+    }
+
+    fn swap_remove(&mut self, i: usize) {
+        match self {
+            Entries::Few(v) => {
+                let mut left = std::mem::take(v).into_vec();
+                left.swap_remove(i);
+                *v = left.into_boxed_slice();
+            }
+            Entries::Many(v) => {
+                v.swap_remove(i);
+                if v.len() <= FEW_ENTRIES {
+                    *self = Entries::Few(std::mem::take(&mut **v).into_boxed_slice());
+                } else if v.len() * 4 <= v.capacity() {
+                    v.shrink_to_fit();
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,7 +243,7 @@ struct Entry<T> {
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { literal: Literals::Few(Vec::new()), one: None, many: None, entries: Vec::new() }
+        Node { literal: Literals::Few(Box::default()), one: None, many: None, entries: Entries::Few(Box::default()) }
     }
 }
 
@@ -194,8 +256,8 @@ const FEW_LITERALS: usize = 4;
 #[derive(Debug, Clone)]
 enum Literals<T> {
     /// At most [`FEW_LITERALS`], searched linearly (cheaper than hashing the word).
-    Few(Vec<(Arc<str>, Node<T>)>),
-    /// Boxed: the map with its hasher is 48 bytes, the list 24, and every node holds one. Its
+    Few(Box<[(Arc<str>, Node<T>)]>),
+    /// Boxed: the map with its hasher is 48 bytes, the list 16, and every node holds one. Its
     /// nodes boxed too: a map's table has room for up to twice its children, and a node is 64
     /// bytes; with 10,000 devices under `devices/` a table of 16,384 entries of 80 bytes was
     /// 133 bytes per device, of 24 bytes and the boxed node 105 (issue 18). A lookup in a
@@ -231,8 +293,9 @@ impl<T> Literals<T> {
     fn get_or_insert(&mut self, word: &Arc<str>) -> (Arc<str>, &mut Node<T>) {
         if let Literals::Few(v) = self {
             if v.len() == FEW_LITERALS && !v.iter().any(|(w, _)| *w == *word) {
-                *self =
-                    Literals::Many(Box::new(std::mem::take(v).into_iter().map(|(w, n)| (w, Box::new(n))).collect()));
+                *self = Literals::Many(Box::new(
+                    std::mem::take(v).into_vec().into_iter().map(|(w, n)| (w, Box::new(n))).collect(),
+                ));
             }
         }
         match self {
@@ -241,8 +304,10 @@ impl<T> Literals<T> {
                     Some(i) => i,
                     None => {
                         // Grow one at a time: most nodes keep one child.
-                        v.reserve_exact(1);
-                        v.push((word.clone(), Node::default()));
+                        let mut grown = std::mem::take(v).into_vec();
+                        grown.reserve_exact(1);
+                        grown.push((word.clone(), Node::default()));
+                        *v = grown.into_boxed_slice();
                         v.len() - 1
                     }
                 };
@@ -268,10 +333,9 @@ impl<T> Literals<T> {
         match self {
             Literals::Few(v) => {
                 if let Some(i) = v.iter().position(|(w, _)| **w == *word) {
-                    v.swap_remove(i);
-                    if v.is_empty() {
-                        *v = Vec::new();
-                    }
+                    let mut left = std::mem::take(v).into_vec();
+                    left.swap_remove(i);
+                    *v = left.into_boxed_slice();
                 }
             }
             Literals::Many(m) => {
@@ -333,15 +397,10 @@ impl<T: PartialEq> Node<T> {
     /// Removes the entry at the end of `levels`, pruning children left empty on the way back up.
     fn remove(&mut self, levels: &[Level], entry: &Entry<T>) -> bool {
         let Some((first, rest)) = levels.split_first() else {
-            let Some(i) = self.entries.iter().position(|e| e == entry) else {
+            let Some(i) = self.entries.as_slice().iter().position(|e| e == entry) else {
                 return false;
             };
             self.entries.swap_remove(i);
-            if self.entries.is_empty() {
-                self.entries = Vec::new();
-            } else if self.entries.capacity() > 4 && self.entries.len() * 4 <= self.entries.capacity() {
-                self.entries.shrink_to_fit();
-            }
             return true;
         };
         match first {
@@ -416,12 +475,8 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
             node = node.descend_or_create(level);
         }
         let entry = Entry { value, dollar_rule: pattern.dollar_rule };
-        if node.entries.contains(&entry) {
+        if node.entries.as_slice().contains(&entry) {
             return false;
-        }
-        if node.entries.is_empty() {
-            // Usually the only one: a list of one, not Vec's default of four.
-            node.entries.reserve_exact(1);
         }
         node.entries.push(entry);
         self.len += 1;
@@ -462,7 +517,7 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
     }
 
     fn entries_below(node: &Node<T>, pattern: &mut Pattern, f: &mut impl FnMut(&Pattern, &T)) {
-        for e in &node.entries {
+        for e in node.entries.as_slice() {
             pattern.dollar_rule = e.dollar_rule;
             f(pattern, &e.value);
         }
@@ -537,7 +592,7 @@ impl<F> Walk<'_, F> {
             return;
         }
         if pos == self.end {
-            for e in &node.entries {
+            for e in node.entries.as_slice() {
                 (self.f)(&e.value);
             }
             // A trailing `#` (or `#.#`…) matches zero words.
@@ -621,7 +676,7 @@ mod tests {
             assert_eq!(matched(&t, &format!("d.{i}.cmd")), vec![i]);
             let leaf =
                 t.root.literal.get("d").unwrap().literal.get(&i.to_string()).unwrap().literal.get("cmd").unwrap();
-            assert_eq!(leaf.entries.capacity(), 1);
+            assert!(matches!(&leaf.entries, Entries::Few(v) if v.len() == 1));
             assert!(t.remove(p, &i));
             assert!(matched(&t, &format!("d.{i}.cmd")).is_empty());
         }
@@ -672,11 +727,13 @@ mod tests {
     fn a_node_stays_small() {
         // One per level of every binding pattern; it was 88 bytes with a HashMap for the
         // literal children (docs/benchmarks.md, idle connections with a subscription).
-        assert!(std::mem::size_of::<Node<u64>>() <= 64, "{}", std::mem::size_of::<Node<u64>>());
+        // 64 with a `Vec` for the entries and for the literal children.
+        assert!(std::mem::size_of::<Node<u64>>() <= 48, "{}", std::mem::size_of::<Node<u64>>());
+        assert!(std::mem::size_of::<Node<crate::exchange::Destination>>() <= 48);
         let mut t = TopicTrie::new();
         t.insert(&amqp("devices.d1.cmd"), 1u64);
         let d1 = t.root.literal.get("devices").unwrap();
-        assert!(matches!(&d1.literal, Literals::Few(v) if v.capacity() == 1));
+        assert!(matches!(&d1.literal, Literals::Few(v) if v.len() == 1));
     }
 
     #[test]
@@ -821,6 +878,31 @@ mod tests {
         listed.sort_by_key(|(_, v)| *v);
         let expected: Vec<(Pattern, usize)> = patterns.iter().cloned().zip(0..).collect();
         assert_eq!(listed, expected);
+    }
+
+    /// A pattern many subscribers share keeps them in a `Vec` past a few, and a slice again
+    /// once few are left.
+    #[test]
+    fn a_shared_patterns_entries_grow_and_shrink() {
+        let mut t = TopicTrie::new();
+        let p = amqp("sensors.#");
+        for i in 0..1000usize {
+            assert!(t.insert(&p, i));
+        }
+        let node =
+            |t: &TopicTrie<usize>| t.root.literal.get("sensors").unwrap().many.as_deref().unwrap().entries.clone();
+        assert!(matches!(node(&t), Entries::Many(_)));
+        assert_eq!(matched(&t, "sensors.a").len(), 1000);
+        for i in 0..996usize {
+            assert!(t.remove(&p, &i));
+        }
+        assert!(matches!(node(&t), Entries::Few(v) if v.len() == 4));
+        assert_eq!(matched(&t, "sensors.a"), vec![996, 997, 998, 999]);
+        for i in 996..1000usize {
+            assert!(t.remove(&p, &i));
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.node_count(), 2, "pruned");
     }
 
     #[test]
