@@ -799,7 +799,7 @@ fn dollar_pattern(routing_key: &ShortString) -> Pattern {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{ConnectionId, Properties};
+    use crate::message::Properties;
     use crate::queue::QueueOptions;
     use crate::sink::Outbox;
     use crate::topic::Level;
@@ -959,7 +959,7 @@ mod tests {
     #[test]
     fn sinks_are_bound_per_cookie_and_unbound_by_predicate() {
         let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let sink = DirectSink::new(Outbox::new(8));
         let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
         x.bind(BindingKey::new("a.*"), d(1)).unwrap();
         x.bind(BindingKey::new("a.#"), d(2)).unwrap();
@@ -976,7 +976,7 @@ mod tests {
     #[test]
     fn sinks_bindings_are_kept_apart_and_listed_with_the_others() {
         let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let sink = DirectSink::new(Outbox::new(8));
         let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
         x.bind(BindingKey::new("a.*"), d(1)).unwrap();
         x.bind(BindingKey::new("a.#"), queue("q")).unwrap();
@@ -1096,7 +1096,7 @@ mod tests {
     #[test]
     fn many_sink_bindings_are_added_and_removed_one_by_one() {
         let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let sink = DirectSink::new(Outbox::new(8));
         let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
         let key = |i: u64| BindingKey::new(format!("t.{i}"));
         for i in 0..2000 {
@@ -1127,7 +1127,7 @@ mod tests {
     #[test]
     fn a_sinks_binding_whose_key_spells_its_pattern_is_kept_by_the_trie_alone() {
         let x = Exchange::new("x", ExchangeKind::Topic, ExchangeOptions::default());
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(8)));
+        let sink = DirectSink::new(Outbox::new(8));
         let d = |cookie| Destination::Sink(SinkRef { sink: sink.clone(), cookie });
         let lit = |w: &str| Level::Literal(w.into());
         let cmd = mqtt_key(vec![lit("devices"), lit("d1"), lit("cmd")]);

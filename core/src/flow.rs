@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crate::message::Millis;
 use crate::queue::Queue;
 use crate::rate::TokenBucket;
-use crate::sink::{Outbox, SinkDelivery};
+use crate::sink::{DirectSink, Outbox, SinkDelivery};
 use crate::store::{Commit, StoreError};
 
 pub use crate::sink::CONGESTION_PAUSE;
@@ -54,7 +54,7 @@ pub const MAX_PENDING_ACKS: usize = 1024;
 #[derive(Debug, Clone)]
 pub enum Target {
     /// A direct sink's outbox past its capacity ([`crate::sink`]).
-    Outbox(Arc<Outbox<SinkDelivery>>),
+    Sink(Arc<DirectSink>),
     /// A queue past its backlog mark with consumers that pace publishers ([`crate::queue`]).
     Queue(Arc<Queue>),
 }
@@ -62,14 +62,14 @@ pub enum Target {
 impl Target {
     pub fn has_room(&self) -> bool {
         match self {
-            Target::Outbox(o) => o.has_room(),
+            Target::Sink(s) => s.outbox().has_room(),
             Target::Queue(q) => q.has_room(),
         }
     }
     /// How many times it has drained something (a queue: deliveries).
     pub fn drains(&self) -> u64 {
         match self {
-            Target::Outbox(o) => o.drains(),
+            Target::Sink(s) => s.outbox().drains(),
             Target::Queue(q) => q.drains(),
         }
     }
@@ -77,20 +77,20 @@ impl Target {
     /// ([`Outbox::waited`], [`Queue::waited`]).
     pub fn waited(&self, got_room: bool, waited: Duration, drains: u64, now_ms: Millis) -> bool {
         match self {
-            Target::Outbox(o) => o.waited(got_room, waited, drains, now_ms),
+            Target::Sink(s) => s.outbox().waited(got_room, waited, drains, now_ms),
             Target::Queue(q) => q.waited(got_room, waited, drains, now_ms),
         }
     }
     /// Resolves once it has room.
     pub async fn room(&self) {
         match self {
-            Target::Outbox(o) => o.room().await,
+            Target::Sink(s) => s.outbox().room().await,
             Target::Queue(q) => q.room().await,
         }
     }
     /// Whether this is `outbox`.
-    pub fn is_outbox(&self, outbox: &Arc<Outbox<SinkDelivery>>) -> bool {
-        matches!(self, Target::Outbox(o) if Arc::ptr_eq(o, outbox))
+    pub fn is_outbox(&self, outbox: &Outbox<SinkDelivery>) -> bool {
+        matches!(self, Target::Sink(s) if std::ptr::eq(s.outbox(), outbox))
     }
 }
 
@@ -284,8 +284,8 @@ impl PublisherFlow {
                 let drains = h.target.drains() - h.drains;
                 if h.target.waited(room, waited, drains, now_ms) {
                     match &h.target {
-                        Target::Outbox(o) => tracing::debug!(
-                            len = o.len(),
+                        Target::Sink(s) => tracing::debug!(
+                            len = s.outbox().len(),
                             "a subscriber is lagging: its QoS 0 past its outbox is dropped"
                         ),
                         Target::Queue(q) => tracing::debug!(
@@ -456,7 +456,7 @@ mod tests {
 
     /// A sink with a one-message outbox, full and congested.
     fn congested_sink() -> Arc<DirectSink> {
-        let sink = DirectSink::new(ConnectionId(9), Arc::new(Outbox::new(1)));
+        let sink = DirectSink::new(Outbox::new(1));
         let d = || SinkDelivery {
             message: Arc::new(Message::new("", "k", Bytes::from_static(b"x"))),
             cookies: Cookies::One(1),
@@ -507,11 +507,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = PublisherFlow::new(0, true, t0);
         let sink = congested_sink();
-        assert_eq!(
-            f.after_publish(1, [Target::Outbox(sink.outbox().clone())], || t0),
-            Decode::Stop,
-            "stop at that publish"
-        );
+        assert_eq!(f.after_publish(1, [Target::Sink(sink.clone())], || t0), Decode::Stop, "stop at that publish");
         assert_eq!(f.update(t0, 0), Some(Pause::Started));
         assert!(f.congested_target().expect("waiting for it").is_outbox(sink.outbox()));
         assert_eq!(f.next_wakeup(), Some(t0 + CONGESTION_PAUSE));
@@ -532,7 +528,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = PublisherFlow::new(0, true, t0);
         let sink = congested_sink();
-        assert_eq!(f.after_publish(1, [Target::Outbox(sink.outbox().clone())], || t0), Decode::Stop);
+        assert_eq!(f.after_publish(1, [Target::Sink(sink.clone())], || t0), Decode::Stop);
         f.update(t0, 0);
         let end = f.next_wakeup().unwrap();
         assert_eq!(f.update(end, ms(CONGESTION_PAUSE)), Some(Pause::Ended(CONGESTION_PAUSE)));
@@ -644,7 +640,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = PublisherFlow::new(0, true, t0);
         let sink = congested_sink();
-        assert_eq!(f.after_publish(1, [Target::Outbox(sink.outbox().clone())], || t0), Decode::Stop);
+        assert_eq!(f.after_publish(1, [Target::Sink(sink.clone())], || t0), Decode::Stop);
         sink.outbox().drain_all();
         assert_eq!(f.update(t0, 0), None);
         assert!(f.should_read() && f.next_wakeup().is_none());

@@ -10,7 +10,7 @@
 //! burst. One that does not drain within [`CONGESTION_PAUSE`], or drains less often than every
 //! [`SLOW_DRAIN`] while a publisher waits, is *lagging* ([`Outbox::waited`]): for a while (1 s, doubling with every
 //! further time up to 64 s, and in any case until it drains again) it no longer holds anyone
-//! back, QoS 0 past its outbox is dropped and counted for it ([`DirectSink::dropped`]), and
+//! back, QoS 0 past its outbox is dropped and counted (`VHostStats::dropped_at_sinks`), and
 //! QoS 1/2 past `max_queued` is dropped likewise, as Mosquitto's `max_queued_messages` does.
 //! The publisher and every other subscriber keep their rate: a subscriber that never reads
 //! costs them one pause, one that reads in slow bursts a pause per lagging period.
@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::message::{ConnectionId, Message};
+use crate::message::Message;
 use crate::signal::Wakeup;
 
 /// A bounded multi-producer, single-consumer mailbox for one connection's task. Producers
@@ -47,7 +47,8 @@ pub struct Outbox<T> {
     /// as `u32`, 112 with the wake-up under the items' lock and what only a congested outbox
     /// needs made when one is (`Items::congestion`), 96 with the weight from the item's type
     /// ([`Weigh`]) and that state under the lock too: jemalloc's 112 class with the `Arc`'s
-    /// counts instead of 192 (`an_outbox_stays_small`, issue 18).
+    /// counts instead of 192 (`an_outbox_stays_small`, issue 18). A direct sink's is inline in
+    /// the sink.
     len: AtomicU32,
     capacity: u32,
     /// The items' [`Weigh::weight`] summed, kept like `len`; always 0 without a byte bound.
@@ -478,47 +479,40 @@ pub enum Offer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SinkId(pub u64);
 
-/// A queue-less destination feeding one connection's outbox. One per subscribed MQTT session:
-/// 32 bytes, jemalloc's 48 class with the `Arc`'s counts (it kept counts of its deliveries and
-/// drops, which only tests read, 48 bytes and the 64 class, and an atomic add per delivery;
-/// the vhost counts drops, `VHostStats::dropped_at_sinks`).
+/// A queue-less destination feeding one connection's outbox, which it holds inline: one per
+/// MQTT session, made with it. 112 bytes, jemalloc's 128 class with the `Arc`'s counts; apart,
+/// the outbox was the 112 class and the sink the 48 (issue 18: 32 bytes of every subscribed
+/// device; 16 more of one that never subscribes, whose session made an outbox anyway). It kept
+/// counts of its deliveries and drops, which only tests read, and an atomic add per delivery;
+/// the vhost counts drops (`VHostStats::dropped_at_sinks`).
 #[derive(Debug)]
 pub struct DirectSink {
     id: SinkId,
-    connection: ConnectionId,
-    outbox: Arc<Outbox<SinkDelivery>>,
     /// Persistent messages a lagging subscriber may have waiting (MQTT's
     /// `max_queued_messages`); 0: no limit. Saturated at `u32::MAX`.
     max_queued: u32,
+    outbox: Outbox<SinkDelivery>,
 }
 
 impl DirectSink {
-    pub fn new(connection: ConnectionId, outbox: Arc<Outbox<SinkDelivery>>) -> Arc<DirectSink> {
-        DirectSink::with_max_queued(connection, outbox, 0)
+    pub fn new(outbox: Outbox<SinkDelivery>) -> Arc<DirectSink> {
+        DirectSink::with_max_queued(outbox, 0)
     }
     /// A sink whose lagging subscriber keeps at most `max_queued` persistent messages waiting
     /// (at least the outbox's capacity; 0: no limit).
-    pub fn with_max_queued(
-        connection: ConnectionId,
-        outbox: Arc<Outbox<SinkDelivery>>,
-        max_queued: usize,
-    ) -> Arc<DirectSink> {
+    pub fn with_max_queued(outbox: Outbox<SinkDelivery>, max_queued: usize) -> Arc<DirectSink> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let max_queued = if max_queued == 0 { 0 } else { max_queued.max(outbox.capacity()) };
         Arc::new(DirectSink {
             id: SinkId(NEXT.fetch_add(1, Ordering::Relaxed)),
-            connection,
-            outbox,
             max_queued: u32::try_from(max_queued).unwrap_or(u32::MAX),
+            outbox,
         })
     }
     pub fn id(&self) -> SinkId {
         self.id
     }
-    pub fn connection(&self) -> ConnectionId {
-        self.connection
-    }
-    pub fn outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
+    pub fn outbox(&self) -> &Outbox<SinkDelivery> {
         &self.outbox
     }
     /// Offers a message at `now_ms`. Past the outbox's capacity (its count or its bytes, see
@@ -564,10 +558,12 @@ mod tests {
         SinkDelivery { message: Arc::new(Message::new("", "k", Bytes::from(vec![n]))), cookies: Cookies::One(7) }
     }
 
-    /// One per subscribed MQTT session (see [`DirectSink`]).
+    /// One per MQTT session, its outbox inline (see [`DirectSink`]): the 128 class with the
+    /// `Arc`'s counts, where the sink apart was the 48 class and its outbox the 112.
     #[test]
     fn a_sink_stays_small() {
-        assert_eq!(std::mem::size_of::<DirectSink>() + 16, 48);
+        let size = std::mem::size_of::<DirectSink>();
+        assert!(size + 16 <= 128, "DirectSink is {size} bytes");
     }
 
     /// Every MQTT session makes an outbox for its direct sink at its start: 192 bytes with the
@@ -581,7 +577,7 @@ mod tests {
 
     #[test]
     fn a_full_sink_slows_then_drops_transient_messages_and_counts() {
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(2)));
+        let sink = DirectSink::new(Outbox::new(2));
         assert_eq!(sink.offer(delivery(1), 0), Offer::Accepted);
         assert_eq!(sink.offer(delivery(2), 0), Offer::Accepted);
         assert_eq!(sink.offer(delivery(3), 0), Offer::Congested, "over capacity: the publisher is slowed");
@@ -604,12 +600,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_sink_never_drops_persistent_messages_but_reports_congestion() {
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::new(1)));
+        let sink = DirectSink::new(Outbox::new(1));
         assert_eq!(sink.offer(persistent(1), 0), Offer::Accepted);
         assert_eq!(sink.offer(persistent(2), 0), Offer::Congested);
         assert_eq!(sink.outbox().len(), 2);
-        let outbox = sink.outbox().clone();
-        let waiter = tokio::spawn(async move { outbox.room().await });
+        let waiting = sink.clone();
+        let waiter = tokio::spawn(async move { waiting.outbox().room().await });
         let mut out = Vec::new();
         sink.outbox().drain_into(&mut out);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("room after a drain").unwrap();
@@ -629,7 +625,7 @@ mod tests {
     #[test]
     fn a_sink_is_congested_by_bytes_long_before_its_count() {
         // Room for 1,000 messages but 100 bytes: each weighs 40 + 1 (payload and key).
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::bounded(1000, 100)));
+        let sink = DirectSink::new(Outbox::bounded(1000, 100));
         for n in 0..3 {
             assert_eq!(sink.offer(sized(n, 40, false), 0), Offer::Accepted);
         }
@@ -648,7 +644,7 @@ mod tests {
 
     #[test]
     fn a_message_heavier_than_the_bound_still_goes_into_an_empty_outbox() {
-        let sink = DirectSink::new(ConnectionId(1), Arc::new(Outbox::bounded(10, 100)));
+        let sink = DirectSink::new(Outbox::bounded(10, 100));
         assert_eq!(sink.offer(sized(1, 500, false), 0), Offer::Accepted);
         assert_eq!(sink.offer(sized(2, 500, false), 0), Offer::Congested, "the next waits, it is not dropped");
         assert_eq!(sink.offer(sized(3, 500, false), 0), Offer::Dropped, "past two of them it is");
@@ -749,7 +745,7 @@ mod tests {
 
     #[test]
     fn a_subscriber_that_does_not_drain_within_the_pause_lags_until_it_drains() {
-        let sink = DirectSink::with_max_queued(ConnectionId(1), Arc::new(Outbox::new(2)), 3);
+        let sink = DirectSink::with_max_queued(Outbox::new(2), 3);
         for n in 0..2 {
             assert_eq!(sink.offer(delivery(n), 0), Offer::Accepted);
         }

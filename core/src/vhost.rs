@@ -1261,7 +1261,7 @@ impl VHost {
         for (sink, cookies) in &targets.sinks {
             match sink.offer(SinkDelivery { message: message.clone(), cookies: cookies.clone() }, now) {
                 Offer::Accepted => {}
-                Offer::Congested => congested.push(Target::Outbox(sink.outbox().clone())),
+                Offer::Congested => congested.push(Target::Sink(sink.clone())),
                 Offer::Dropped => {
                     self.stats.dropped_at_sinks.fetch_add(1, Ordering::Relaxed);
                 }

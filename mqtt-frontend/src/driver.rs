@@ -967,7 +967,7 @@ impl Conn {
             return None;
         }
         let room = if reading { self.sizer.prepare(&mut self.buf) } else { 0 };
-        let sink_outbox = self.session.sink_outbox().clone();
+        let sink = self.session.sink().clone();
         let queue_outbox = self.session.queue_outbox().cloned();
         // A hold that ends with time (the publish rate's debt, a congestion pause), and the
         // congested subscriber we wait for: it may drain first (ferry_core::flow).
@@ -979,7 +979,7 @@ impl Conn {
         tokio::select! {
             r = self.stream.read_buf(&mut self.buf), if reading => return self.on_read(r, room),
             _ = sleep_until(wake), if wake.is_some() => {}
-            _ = sink_outbox.notified() => {}
+            _ = sink.outbox().notified() => {}
             _ = alarm.changed() => {}
             _ = disk_alarm.changed() => {}
             _ = async { congested.as_ref().expect("guarded").room().await }, if congested.is_some() => {}

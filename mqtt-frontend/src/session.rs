@@ -224,9 +224,10 @@ enum Inflight {
 }
 
 enum Mode {
-    /// The sink is made with the first subscription (most idle clients never subscribe).
+    /// `bound`: the session's sink was bound with a subscription (most idle clients never
+    /// subscribe, and their end need not look for bindings).
     Transient {
-        sink: Option<Arc<DirectSink>>,
+        bound: bool,
     },
     Persistent {
         queue: Arc<Queue>,
@@ -311,8 +312,10 @@ pub struct Session {
     /// A 3.1 / 3.1.1 bridge (`Connect::bridge`): its subscriptions get *no local* and *retain
     /// as published*.
     bridge: bool,
-    /// Where the session's direct sink delivers (`ferry_core::sink`).
-    sink_outbox: Arc<Outbox<SinkDelivery>>,
+    /// The session's direct sink (`ferry_core::sink`), with the outbox it delivers to: bound
+    /// by a transient session's subscriptions; a persistent session's own deliveries (retained
+    /// messages) go to its outbox too.
+    sink: Arc<DirectSink>,
     /// Deliveries from queues (the session's own, shared subscriptions'); made with the first
     /// consumer, as most clean sessions have none.
     queue_outbox: Option<Arc<Outbox<Delivery>>>,
@@ -456,7 +459,10 @@ impl Session {
         ensure_exchange(&vhost, &settings.exchange)?;
         let owner = OwnerId::next();
         let queue_name = session_queue_name(&client_id);
-        let sink_outbox = Arc::new(Outbox::bounded(settings.outbox_capacity, settings.outbox_bytes));
+        let sink = DirectSink::with_max_queued(
+            Outbox::bounded(settings.outbox_capacity, settings.outbox_bytes),
+            settings.max_queued_messages as usize,
+        );
         let mut queue_outbox = None;
         let window = if v5 { p.receive_maximum.unwrap_or(u16::MAX) } else { settings.max_inflight };
 
@@ -518,7 +524,7 @@ impl Session {
             let (queue, consumer) = vhost.consume(queue.name(), spec, now)?;
             Mode::Persistent { queue, consumer }
         } else {
-            Mode::Transient { sink: None }
+            Mode::Transient { bound: false }
         };
 
         let keep_alive = if settings.max_keep_alive > 0
@@ -549,7 +555,7 @@ impl Session {
             client_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
             client_max_packet: if v5 { p.maximum_packet_size.unwrap_or(u32::MAX) } else { u32::MAX },
             problem_info: p.request_problem_information.unwrap_or(1) == 1,
-            sink_outbox,
+            sink,
             queue_outbox,
             more: false,
             acks: AckQueue::new(),
@@ -709,8 +715,11 @@ impl Session {
     pub fn exchange(&self) -> &ShortString {
         &self.settings.exchange
     }
-    pub fn sink_outbox(&self) -> &Arc<Outbox<SinkDelivery>> {
-        &self.sink_outbox
+    pub fn sink_outbox(&self) -> &Outbox<SinkDelivery> {
+        self.sink.outbox()
+    }
+    pub fn sink(&self) -> &Arc<DirectSink> {
+        &self.sink
     }
     pub fn queue_outbox(&self) -> Option<&Arc<Outbox<Delivery>>> {
         self.queue_outbox.as_ref()
@@ -1001,7 +1010,7 @@ impl Session {
             Ok(o) => {
                 // Our own outbox is drained by this very task; waiting on it would deadlock.
                 if !o.congested.is_empty() {
-                    let own = &self.sink_outbox;
+                    let own = self.sink.outbox();
                     let traffic = self.traffic.get_or_insert_with(Default::default);
                     traffic.congested.extend(o.congested.into_iter().filter(|c| !c.is_outbox(own)));
                 }
@@ -1288,16 +1297,10 @@ impl Session {
             shared = Some((q, consumer));
         } else {
             match &mut self.mode {
-                Mode::Transient { sink } => {
+                Mode::Transient { bound } => {
                     if !existed {
-                        let sink = sink.get_or_insert_with(|| {
-                            DirectSink::with_max_queued(
-                                self.connection,
-                                self.sink_outbox.clone(),
-                                self.settings.max_queued_messages as usize,
-                            )
-                        });
-                        let sink = SinkRef { sink: sink.clone(), cookie };
+                        *bound = true;
+                        let sink = SinkRef { sink: self.sink.clone(), cookie };
                         self.vhost.bind_sink(&exchange, key, sink)?;
                     }
                 }
@@ -1369,11 +1372,12 @@ impl Session {
             return;
         }
         let result = match &self.mode {
-            Mode::Transient { sink: Some(sink) } => {
-                self.vhost.unbind_sink(&exchange, &key, SinkRef { sink: sink.clone(), cookie: sub.cookie }).map(|_| ())
-            }
+            Mode::Transient { bound: true } => self
+                .vhost
+                .unbind_sink(&exchange, &key, SinkRef { sink: self.sink.clone(), cookie: sub.cookie })
+                .map(|_| ()),
             // Nothing was ever bound.
-            Mode::Transient { sink: None } => Ok(()),
+            Mode::Transient { bound: false } => Ok(()),
             Mode::Persistent { queue, .. } => {
                 let name = queue.name().clone();
                 self.vhost.unbind_queue(&name, &exchange, key, self.connection)
@@ -1398,7 +1402,7 @@ impl Session {
         self.more = false;
         // Nothing has flowed yet and nothing waits: no `Traffic` to make.
         if self.traffic.is_none()
-            && self.sink_outbox.is_empty()
+            && self.sink.outbox().is_empty()
             && self.queue_outbox.as_ref().is_none_or(|o| o.is_empty())
         {
             return;
@@ -1427,7 +1431,7 @@ impl Session {
             // bounded by the inflight window instead). Draining it all made a backlog of up to
             // twice the outbox beside it, and latency behind it (docs/benchmarks.md).
             let budget = PUMP_BATCH.saturating_sub(self.out.len());
-            let sunk = self.sink_outbox.drain_budget(&mut traffic.backlog, budget, Pending::Sink);
+            let sunk = self.sink.outbox().drain_budget(&mut traffic.backlog, budget, Pending::Sink);
             let drained = queued + sunk;
             if drained == 0 {
                 return;
@@ -1674,7 +1678,7 @@ impl Session {
     /// driver can yield between slices. A persistent session's bindings stay with its queue.
     pub fn wind_down(&mut self, n: usize, now: Millis) -> bool {
         self.subscribing = None;
-        if !matches!(self.mode, Mode::Transient { sink: Some(_) }) {
+        if !matches!(self.mode, Mode::Transient { bound: true }) {
             return false;
         }
         let Some(subs) = self.subs.as_mut() else { return false };
@@ -1699,14 +1703,14 @@ impl Session {
         }
         let keep = this.session_expiry > 0;
         match &this.mode {
-            Mode::Transient { sink } => {
-                if let Some(sink) = sink {
+            Mode::Transient { bound } => {
+                if *bound {
                     // By key: the exchange's topic trie alone keeps them.
                     let bound =
-                        this.subs.iter().flat_map(|s| s.values()).filter(|s| s.shared.is_none()).map(|s| {
-                            (BindingKey::new(s.filter.binding_key()).with_pattern(s.filter.pattern()), s.cookie)
-                        });
-                    this.vhost.unbind_sink_all(&this.settings.exchange, sink, bound);
+                        this.subs.iter().flat_map(|s| s.values()).filter(|s| s.filter.share_group().is_none()).map(
+                            |s| (BindingKey::new(s.filter.binding_key()).with_pattern(s.filter.pattern()), s.cookie),
+                        );
+                    this.vhost.unbind_sink_all(&this.settings.exchange, &this.sink, bound);
                 }
                 None
             }

@@ -522,7 +522,7 @@ fn sink_ref(sink: &Arc<DirectSink>, cookie: u64) -> SinkRef {
 #[test]
 fn direct_sinks_get_one_copy_with_every_matching_cookie() {
     let v = vhost();
-    let sink = DirectSink::new(C1, Arc::new(Outbox::new(16)));
+    let sink = DirectSink::new(Outbox::new(16));
     let mqtt = |levels| BindingKey::new("pattern").with_pattern(Pattern { levels, dollar_rule: true });
     let lit = |w: &str| Level::Literal(w.into());
     v.bind_sink(&s("amq.topic"), mqtt(vec![lit("farm"), Level::One, lit("soil")]), sink_ref(&sink, 1)).unwrap();
@@ -543,7 +543,7 @@ fn direct_sinks_get_one_copy_with_every_matching_cookie() {
 #[test]
 fn unbinding_a_sink_takes_its_keys_and_its_indexed_bindings() {
     let v = vhost();
-    let sink = DirectSink::new(C1, Arc::new(Outbox::new(16)));
+    let sink = DirectSink::new(Outbox::new(16));
     let spelled = |key: &str| BindingKey::new(key).with_pattern(Pattern::parse_amqp(key).with_dollar_rule(true));
     v.bind_sink(&s("amq.topic"), spelled("devices.d1.cmd"), sink_ref(&sink, 1)).unwrap();
     v.bind_sink(&s("amq.topic"), spelled("devices.d1.#"), sink_ref(&sink, 2)).unwrap();
@@ -560,7 +560,7 @@ fn unbinding_a_sink_takes_its_keys_and_its_indexed_bindings() {
 #[test]
 fn a_full_sink_reports_congestion_then_drops_and_the_vhost_counts_it() {
     let v = vhost();
-    let sink = DirectSink::new(C1, Arc::new(Outbox::new(1)));
+    let sink = DirectSink::new(Outbox::new(1));
     v.bind_sink(&s("amq.fanout"), BindingKey::new(""), sink_ref(&sink, 1)).unwrap();
     assert!(publish(&v, "amq.fanout", msg("", "1")).congested.is_empty());
     let second = publish(&v, "amq.fanout", msg("", "2"));
