@@ -9,8 +9,9 @@
 //!
 //! An idle plain TCP connection is *parked* here instead: its socket is taken out of tokio's
 //! reactor (`TcpStream::into_std`) and added to this module's own epoll set (rustix; one-shot,
-//! edge-triggered, read interest), the driver's state (`Conn`, boxed) and the connection's slot
-//! under the connection limits are kept in a slab, and its task ends. One waker per parked
+//! edge-triggered, read interest), what the driver keeps of its state (`ParkedConn`, boxed: no
+//! stream, no read buffer) and the connection's slot under the connection limits are kept in a
+//! slab, and its task ends. One waker per parked
 //! connection stands in for the task where the connection is woken from outside: the registry's
 //! kick (takeover, shutdown, keep alive, a close from the management API) and its two outboxes
 //! (a delivery). Whichever comes first, the socket turning readable or a wake, *unparks* it:
@@ -36,11 +37,11 @@ use ferry_core::frontend::ConnectionSlot;
 use rustix::event::epoll;
 use tracing::debug;
 
-use crate::driver::{self, Conn};
+use crate::driver::{self, ParkedConn};
 
 /// A connection parked: everything it is made of while it has no task.
 pub(crate) struct Parked {
-    pub conn: Box<Conn>,
+    pub conn: Box<ParkedConn>,
     pub tcp: std::net::TcpStream,
     pub slot: ConnectionSlot,
 }
@@ -76,7 +77,7 @@ struct Slab {
 /// 32 bytes instead of 40 (issue 18).
 #[derive(Default)]
 struct Entry {
-    conn: Option<Box<Conn>>,
+    conn: Option<Box<ParkedConn>>,
     slot: ConnectionSlot,
     tcp: Option<std::net::TcpStream>,
     generation: u32,
@@ -102,7 +103,7 @@ impl Slab {
         token(index, entry.generation)
     }
 
-    fn get(&self, token: u64) -> Option<(&Conn, &std::net::TcpStream)> {
+    fn get(&self, token: u64) -> Option<(&ParkedConn, &std::net::TcpStream)> {
         let entry = self.entries.get((token & u64::from(u32::MAX)) as usize)?;
         if entry.generation != (token >> 32) as u32 {
             return None;
