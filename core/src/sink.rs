@@ -325,8 +325,10 @@ impl<T: Weigh> Outbox<T> {
     /// from the front while their weight stays within `budget` bytes (at least one); the rest
     /// stays in the outbox, where it counts against the bound and holds publishers back. An
     /// owner that drained everything into a backlog of its own would hold up to twice the
-    /// outbox's worth beside it, unbounded by it. Returns how many.
-    pub fn drain_budget<U>(&self, out: &mut impl Extend<U>, budget: usize, mut f: impl FnMut(T) -> U) -> usize {
+    /// outbox's worth beside it, unbounded by it. Each item goes to `take`, which keeps it (a
+    /// push, inlined: an `Extend` of one item at a time was a call into `VecDeque::extend` per
+    /// delivery, 5 % of the broker's CPU in a fan-out's profile). Returns how many.
+    pub fn drain_budget(&self, budget: usize, mut take: impl FnMut(T)) -> usize {
         let mut q = self.items();
         let (mut n, mut taken) = (0, 0);
         while let Some(item) = q.queue.front() {
@@ -336,7 +338,9 @@ impl<T: Weigh> Outbox<T> {
             }
             taken += w;
             n += 1;
-            out.extend(q.queue.pop_front().map(&mut f));
+            if let Some(item) = q.queue.pop_front() {
+                take(item);
+            }
         }
         if n == 0 {
             return 0;
@@ -652,7 +656,7 @@ mod tests {
         assert!(ob.try_push(sized(1, 500, false)).is_ok());
         assert!(ob.try_push(sized(2, 1, false)).is_err(), "it fills the outbox alone");
         let mut out = Vec::new();
-        assert_eq!(ob.drain_budget(&mut out, 100, |d| d), 1, "one at least, whatever the budget");
+        assert_eq!(ob.drain_budget(100, |d| out.push(d)), 1, "one at least, whatever the budget");
         assert!(ob.try_push(sized(3, 1, false)).is_ok());
     }
 
@@ -666,14 +670,14 @@ mod tests {
         let mut out: Vec<u8> = Vec::new();
         // Drains are counted from the first time a publisher asks (a congested one does).
         let drains = ob.drains();
-        assert_eq!(ob.drain_budget(&mut out, 350, |d| d.message.payload[0]), 3);
+        assert_eq!(ob.drain_budget(350, |d| out.push(d.message.payload[0])), 3);
         assert_eq!(out, [0, 1, 2], "from the front, in order");
         assert_eq!((ob.len(), ob.bytes()), (7, 700));
         assert!(ob.has_room(), "what was taken made room");
         assert_eq!(ob.drains() - drains, 1);
-        assert_eq!(ob.drain_budget(&mut out, usize::MAX, |d| d.message.payload[0]), 7);
+        assert_eq!(ob.drain_budget(usize::MAX, |d| out.push(d.message.payload[0])), 7);
         assert_eq!((ob.len(), ob.bytes()), (0, 0));
-        assert_eq!(ob.drain_budget(&mut out, 10, |d| d.message.payload[0]), 0);
+        assert_eq!(ob.drain_budget(10, |d| out.push(d.message.payload[0])), 0);
     }
 
     #[test]

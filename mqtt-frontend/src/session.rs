@@ -1443,7 +1443,7 @@ impl Session {
             // bounded by the inflight window instead). Draining it all made a backlog of up to
             // twice the outbox beside it, and latency behind it (docs/benchmarks.md).
             let budget = PUMP_BATCH.saturating_sub(self.out.len());
-            let sunk = self.sink.outbox().drain_budget(&mut traffic.backlog, budget, Pending::Sink);
+            let sunk = self.sink.outbox().drain_budget(budget, |d| traffic.backlog.push_back(Pending::Sink(d)));
             let drained = queued + sunk;
             if drained == 0 {
                 return;
