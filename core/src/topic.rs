@@ -258,12 +258,67 @@ enum Literals<T> {
     /// At most [`FEW_LITERALS`], searched linearly (cheaper than hashing the word).
     Few(Box<[(Arc<str>, Node<T>)]>),
     /// Boxed: the map with its hasher is 48 bytes, the list 16, and every node holds one. Its
-    /// nodes boxed too: a map's table has room for up to twice its children, and a node is 64
-    /// bytes; with 10,000 devices under `devices/` a table of 16,384 entries of 80 bytes was
-    /// 133 bytes per device, of 24 bytes and the boxed node 105 (issue 18). A lookup in a
-    /// large map follows one pointer more.
+    /// children boxed too ([`Child`]): a map's table has room for up to twice its children;
+    /// with 10,000 devices under `devices/` a table of 16,384 entries of 80 bytes was 133 bytes
+    /// per device (issue 18). A lookup in a large map follows one pointer more.
     #[allow(clippy::box_collection)]
-    Many(Box<KeyedMap<Arc<str>, Box<Node<T>>>>),
+    Many(Box<KeyedMap<Arc<str>, Child<T>>>),
+}
+
+/// A child in a map of many: a node, or a *tail*, the rest of one pattern whose levels below
+/// the map's key are all literal words, with its one entry. A device's `devices/<id>/cmd` is
+/// then one tail under `devices/` (48 bytes, and 16 for its one word) where it was the `<id>`
+/// node (48), its list of one child `cmd` with that node (64) and the entry's list (32): about
+/// 70 bytes of every subscribed device with the map's larger slot (issue 18). A second pattern
+/// through the same key makes the tail nodes again.
+#[derive(Debug, Clone)]
+enum Child<T> {
+    Node(Box<Node<T>>),
+    Tail(Box<Tail<T>>),
+}
+
+#[derive(Debug, Clone)]
+struct Tail<T> {
+    /// The words after the map's key (none: the entry ends at the key).
+    rest: Box<[Arc<str>]>,
+    entry: Entry<T>,
+}
+
+impl<T: PartialEq> Tail<T> {
+    /// Whether `levels` are this tail's words.
+    fn spells(&self, levels: &[Level]) -> bool {
+        self.rest.len() == levels.len()
+            && self.rest.iter().zip(levels).all(|(w, l)| matches!(l, Level::Literal(x) if **x == **w))
+    }
+
+    fn into_node(self) -> Node<T> {
+        let mut node = Node::default();
+        let mut levels: Vec<Level> = self.rest.iter().cloned().map(Level::Literal).collect();
+        node.insert(&mut levels, self.entry);
+        node
+    }
+}
+
+/// `levels` as a tail's words, when they are all literal.
+fn tail_words(levels: &[Level]) -> Option<Box<[Arc<str>]>> {
+    levels
+        .iter()
+        .map(|l| match l {
+            Level::Literal(w) => Some(w.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A literal child as a lookup finds it.
+enum ChildRef<'a, T> {
+    Node(&'a Node<T>),
+    Tail(&'a Tail<T>),
+}
+
+enum ChildMut<'a, T> {
+    Node(&'a mut Node<T>),
+    Tail(&'a mut Tail<T>),
 }
 
 impl<T> Literals<T> {
@@ -274,28 +329,36 @@ impl<T> Literals<T> {
         }
     }
 
-    fn get(&self, word: &str) -> Option<&Node<T>> {
+    fn get(&self, word: &str) -> Option<ChildRef<'_, T>> {
         match self {
-            Literals::Few(v) => v.iter().find(|(w, _)| **w == *word).map(|(_, n)| n),
-            Literals::Many(m) => m.get(word).map(|n| &**n),
+            Literals::Few(v) => v.iter().find(|(w, _)| **w == *word).map(|(_, n)| ChildRef::Node(n)),
+            Literals::Many(m) => m.get(word).map(|c| match c {
+                Child::Node(n) => ChildRef::Node(n),
+                Child::Tail(t) => ChildRef::Tail(t),
+            }),
         }
     }
 
-    fn get_mut(&mut self, word: &str) -> Option<&mut Node<T>> {
+    fn get_mut(&mut self, word: &str) -> Option<ChildMut<'_, T>> {
         match self {
-            Literals::Few(v) => v.iter_mut().find(|(w, _)| **w == *word).map(|(_, n)| n),
-            Literals::Many(m) => m.get_mut(word).map(|n| &mut **n),
+            Literals::Few(v) => v.iter_mut().find(|(w, _)| **w == *word).map(|(_, n)| ChildMut::Node(n)),
+            Literals::Many(m) => m.get_mut(word).map(|c| match c {
+                Child::Node(n) => ChildMut::Node(n),
+                Child::Tail(t) => ChildMut::Tail(t),
+            }),
         }
     }
 
-    /// The child for `word`, made if missing, with the word as the trie keeps it (a bind, not
-    /// the hot path: the refcount bump is of no account).
-    fn get_or_insert(&mut self, word: &Arc<str>) -> (Arc<str>, &mut Node<T>) {
+    /// Adds `entry` under `word` then `rest` (a bind, not the hot path); `word` is made the
+    /// `Arc` the trie keeps. In a map, a new key whose `rest` is all literal gets a [`Tail`].
+    fn insert(&mut self, word: &mut Arc<str>, rest: &mut [Level], entry: Entry<T>) -> bool
+    where
+        T: PartialEq,
+    {
         if let Literals::Few(v) = self {
             if v.len() == FEW_LITERALS && !v.iter().any(|(w, _)| *w == *word) {
-                *self = Literals::Many(Box::new(
-                    std::mem::take(v).into_vec().into_iter().map(|(w, n)| (w, Box::new(n))).collect(),
-                ));
+                let children = std::mem::take(v).into_vec().into_iter();
+                *self = Literals::Many(Box::new(children.map(|(w, n)| (w, Child::Node(Box::new(n)))).collect()));
             }
         }
         match self {
@@ -311,20 +374,44 @@ impl<T> Literals<T> {
                         v.len() - 1
                     }
                 };
-                let (w, n) = &mut v[i];
-                (w.clone(), n)
+                let (kept, child) = &mut v[i];
+                if !Arc::ptr_eq(kept, word) {
+                    *word = kept.clone();
+                }
+                child.insert(rest, entry)
             }
             Literals::Many(m) => {
-                // Look up by `&str` first so the common "already there" case does not touch the
-                // Arc's refcount (`entry` wants an owned key).
-                let key = match m.get_key_value(&**word) {
-                    Some((k, _)) => k.clone(),
+                match m.get_key_value(&**word) {
+                    Some((kept, _)) if !Arc::ptr_eq(kept, word) => *word = kept.clone(),
+                    Some(_) => {}
                     None => {
-                        m.insert(word.clone(), Box::default());
-                        word.clone()
+                        let child = match tail_words(rest) {
+                            Some(rest) => Child::Tail(Box::new(Tail { rest, entry })),
+                            None => {
+                                let mut node = Node::default();
+                                node.insert(rest, entry);
+                                Child::Node(Box::new(node))
+                            }
+                        };
+                        m.insert(word.clone(), child);
+                        return true;
                     }
-                };
-                (key.clone(), &mut **m.get_mut(&*key).expect("just inserted"))
+                }
+                let child = m.get_mut(&**word).expect("found above");
+                if let Child::Tail(t) = child {
+                    if t.spells(rest) && t.entry == entry {
+                        return false;
+                    }
+                    // Another pattern through this key: the tail becomes nodes.
+                    let Child::Tail(t) = std::mem::replace(child, Child::Node(Box::default())) else {
+                        unreachable!("a tail")
+                    };
+                    *child = Child::Node(Box::new(t.into_node()));
+                }
+                match child {
+                    Child::Node(n) => n.insert(rest, entry),
+                    Child::Tail(_) => unreachable!("made a node above"),
+                }
             }
         }
     }
@@ -350,10 +437,16 @@ impl<T> Literals<T> {
     }
 
     #[cfg(test)]
-    fn values(&self) -> Box<dyn Iterator<Item = &Node<T>> + '_> {
+    fn count(&self) -> usize {
         match self {
-            Literals::Few(v) => Box::new(v.iter().map(|(_, n)| n)),
-            Literals::Many(m) => Box::new(m.values().map(|n| &**n)),
+            Literals::Few(v) => v.iter().map(|(_, n)| n.count()).sum(),
+            Literals::Many(m) => m
+                .values()
+                .map(|c| match c {
+                    Child::Node(n) => n.count(),
+                    Child::Tail(_) => 1,
+                })
+                .sum(),
         }
     }
 }
@@ -371,26 +464,27 @@ impl<T> Node<T> {
 
     #[cfg(test)]
     fn count(&self) -> usize {
-        1 + self.literal.values().map(Node::count).sum::<usize>()
+        1 + self.literal.count()
             + self.one.as_deref().map_or(0, Node::count)
             + self.many.as_deref().map_or(0, Node::count)
     }
 }
 
 impl<T: PartialEq> Node<T> {
-    /// The child for `level`, made if missing; a literal level is made to share the word the
-    /// trie keeps.
-    fn descend_or_create(&mut self, level: &mut Level) -> &mut Node<T> {
-        match level {
-            Level::Literal(w) => {
-                let (kept, child) = self.literal.get_or_insert(w);
-                if !Arc::ptr_eq(&kept, w) {
-                    *w = kept;
-                }
-                child
+    /// Adds `entry` at the end of `levels`; false if it is there. Literal levels are made to
+    /// share the words the trie keeps.
+    fn insert(&mut self, levels: &mut [Level], entry: Entry<T>) -> bool {
+        let Some((first, rest)) = levels.split_first_mut() else {
+            if self.entries.as_slice().contains(&entry) {
+                return false;
             }
-            Level::One => self.one.get_or_insert_with(Box::default),
-            Level::Many => self.many.get_or_insert_with(Box::default),
+            self.entries.push(entry);
+            return true;
+        };
+        match first {
+            Level::Literal(w) => self.literal.insert(w, rest, entry),
+            Level::One => self.one.get_or_insert_with(Box::default).insert(rest, entry),
+            Level::Many => self.many.get_or_insert_with(Box::default).insert(rest, entry),
         }
     }
 
@@ -405,13 +499,22 @@ impl<T: PartialEq> Node<T> {
         };
         match first {
             Level::Literal(w) => {
-                let Some(child) = self.literal.get_mut(w) else {
-                    return false;
+                let prune = match self.literal.get_mut(w) {
+                    None => return false,
+                    Some(ChildMut::Tail(t)) => {
+                        if !(t.spells(rest) && t.entry == *entry) {
+                            return false;
+                        }
+                        true
+                    }
+                    Some(ChildMut::Node(child)) => {
+                        if !child.remove(rest, entry) {
+                            return false;
+                        }
+                        child.is_empty()
+                    }
                 };
-                if !child.remove(rest, entry) {
-                    return false;
-                }
-                if child.is_empty() {
+                if prune {
                     self.literal.remove(w);
                 }
                 true
@@ -470,17 +573,10 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
     }
 
     fn insert_inner(&mut self, pattern: &mut Pattern, value: T) -> bool {
-        let mut node = if Self::is_guarded(pattern) { &mut self.guarded } else { &mut self.root };
-        for level in &mut pattern.levels {
-            node = node.descend_or_create(level);
-        }
-        let entry = Entry { value, dollar_rule: pattern.dollar_rule };
-        if node.entries.as_slice().contains(&entry) {
-            return false;
-        }
-        node.entries.push(entry);
-        self.len += 1;
-        true
+        let root = if Self::is_guarded(pattern) { &mut self.guarded } else { &mut self.root };
+        let added = root.insert(&mut pattern.levels, Entry { value, dollar_rule: pattern.dollar_rule });
+        self.len += usize::from(added);
+        added
     }
 
     /// Removes `value` from `pattern`; false if it was not there.
@@ -521,20 +617,35 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
             pattern.dollar_rule = e.dollar_rule;
             f(pattern, &e.value);
         }
-        let mut below = |level: Level, child: &Node<T>| {
-            pattern.levels.push(level);
+        let depth = pattern.levels.len();
+        let literal = |w: &Arc<str>, child: &Node<T>, pattern: &mut Pattern, f: &mut _| {
+            pattern.levels.push(Level::Literal(w.clone()));
             Self::entries_below(child, pattern, f);
-            pattern.levels.pop();
+            pattern.levels.truncate(depth);
         };
         match &node.literal {
-            Literals::Few(v) => v.iter().for_each(|(w, n)| below(Level::Literal(w.clone()), n)),
-            Literals::Many(m) => m.iter().for_each(|(w, n)| below(Level::Literal(w.clone()), n)),
+            Literals::Few(v) => v.iter().for_each(|(w, n)| literal(w, n, pattern, f)),
+            Literals::Many(m) => {
+                for (w, child) in m.iter() {
+                    match child {
+                        Child::Node(n) => literal(w, n, pattern, f),
+                        Child::Tail(t) => {
+                            pattern.levels.push(Level::Literal(w.clone()));
+                            pattern.levels.extend(t.rest.iter().cloned().map(Level::Literal));
+                            pattern.dollar_rule = t.entry.dollar_rule;
+                            f(pattern, &t.entry.value);
+                            pattern.levels.truncate(depth);
+                        }
+                    }
+                }
+            }
         }
-        if let Some(n) = &node.one {
-            below(Level::One, n);
-        }
-        if let Some(n) = &node.many {
-            below(Level::Many, n);
+        for (level, child) in [(Level::One, &node.one), (Level::Many, &node.many)] {
+            if let Some(n) = child {
+                pattern.levels.push(level);
+                Self::entries_below(n, pattern, f);
+                pattern.levels.truncate(depth);
+            }
         }
     }
 
@@ -602,14 +713,36 @@ impl<F> Walk<'_, F> {
             return;
         }
         let (word, next) = self.word_at(pos);
-        if let Some(child) = node.literal.get(word) {
-            self.node(child, next, manys);
+        match node.literal.get(word) {
+            Some(ChildRef::Node(child)) => self.node(child, next, manys),
+            Some(ChildRef::Tail(tail)) => self.tail(tail, next),
+            None => {}
         }
         if let Some(child) = node.one.as_deref() {
             self.node(child, next, manys);
         }
         if let Some(many) = node.many.as_deref() {
             self.many(many, pos, manys + 1);
+        }
+    }
+
+    /// Reports a tail's entry when the words from `pos` to the end are its words.
+    fn tail<T>(&mut self, tail: &Tail<T>, mut pos: usize)
+    where
+        F: FnMut(&T),
+    {
+        for w in tail.rest.iter() {
+            if pos == self.end {
+                return;
+            }
+            let (word, next) = self.word_at(pos);
+            if word != &**w {
+                return;
+            }
+            pos = next;
+        }
+        if pos == self.end {
+            (self.f)(&tail.entry.value);
         }
     }
 
@@ -667,16 +800,33 @@ mod tests {
         matched(&trie_of(&[pattern]), key).len()
     }
 
+    /// The literal child `word` of `node`, which must be a node (not a [`Tail`]).
+    fn child<'a, T>(node: &'a Node<T>, word: &str) -> &'a Node<T> {
+        match node.literal.get(word) {
+            Some(ChildRef::Node(n)) => n,
+            Some(ChildRef::Tail(_)) => panic!("{word}: a tail"),
+            None => panic!("{word}: none"),
+        }
+    }
+
     #[test]
     fn literal_children_move_to_a_map_past_a_few() {
         let patterns: Vec<Pattern> = (0..(FEW_LITERALS * 3)).map(|i| amqp(&format!("d.{i}.cmd"))).collect();
         let mut t = trie_of(&patterns);
-        assert!(matches!(t.root.literal.get("d").unwrap().literal, Literals::Many(_)));
+        assert!(matches!(child(&t.root, "d").literal, Literals::Many(_)));
         for (i, p) in patterns.iter().enumerate() {
             assert_eq!(matched(&t, &format!("d.{i}.cmd")), vec![i]);
-            let leaf =
-                t.root.literal.get("d").unwrap().literal.get(&i.to_string()).unwrap().literal.get("cmd").unwrap();
-            assert!(matches!(&leaf.entries, Entries::Few(v) if v.len() == 1));
+            // The first few were nodes before the map was made; the rest are tails.
+            match child(&t.root, "d").literal.get(&i.to_string()).unwrap() {
+                ChildRef::Node(n) => {
+                    assert!(i < FEW_LITERALS);
+                    assert!(matches!(&child(n, "cmd").entries, Entries::Few(v) if v.len() == 1));
+                }
+                ChildRef::Tail(tail) => {
+                    assert!(i >= FEW_LITERALS);
+                    assert_eq!(&*tail.rest, [Arc::<str>::from("cmd")]);
+                }
+            }
             assert!(t.remove(p, &i));
             assert!(matched(&t, &format!("d.{i}.cmd")).is_empty());
         }
@@ -732,8 +882,79 @@ mod tests {
         assert!(std::mem::size_of::<Node<crate::exchange::Destination>>() <= 48);
         let mut t = TopicTrie::new();
         t.insert(&amqp("devices.d1.cmd"), 1u64);
-        let d1 = t.root.literal.get("devices").unwrap();
-        assert!(matches!(&d1.literal, Literals::Few(v) if v.len() == 1));
+        assert!(matches!(&child(&t.root, "devices").literal, Literals::Few(v) if v.len() == 1));
+        let tail = std::mem::size_of::<Tail<crate::exchange::Destination>>();
+        assert!(tail <= 48, "a tail is {tail} bytes");
+    }
+
+    /// A device's pattern under a map of many is one tail; a second pattern through the same
+    /// key (its own, or one with a wildcard after it) makes the tail nodes, and the matches
+    /// stay those of the reference matcher throughout.
+    #[test]
+    fn a_device_under_a_map_of_many_is_one_tail_until_another_pattern_shares_its_key() {
+        let mut t = TopicTrie::new();
+        let mut patterns: Vec<(Pattern, u32)> = (0..20).map(|i| (amqp(&format!("devices.d{i}.cmd")), i)).collect();
+        for (p, v) in &patterns {
+            assert!(t.insert(p, *v));
+        }
+        assert!(!t.insert(&amqp("devices.d7.cmd"), 7), "the same pattern and value");
+        let tail =
+            |t: &TopicTrie<u32>, id: &str| matches!(child(&t.root, "devices").literal.get(id), Some(ChildRef::Tail(_)));
+        assert!(tail(&t, "d7"));
+        patterns.push((amqp("devices.d7.cmd"), 100)); // another value: the tail goes
+        patterns.push((amqp("devices.d8.status"), 101));
+        patterns.push((amqp("devices.d9.#"), 102));
+        patterns.push((amqp("devices.d10"), 103));
+        patterns.push((flagged("devices.d11.cmd"), 104)); // the flag is part of the entry
+        patterns.push((amqp("devices.d12.cmd.x"), 105));
+        patterns.push((amqp("devices.new.a.b"), 106)); // a new key, a tail of two words
+        for (p, v) in &patterns[20..] {
+            assert!(t.insert(p, *v), "{p}");
+        }
+        for id in ["d7", "d8", "d9", "d10", "d11", "d12"] {
+            assert!(!tail(&t, id), "{id}");
+        }
+        assert!(tail(&t, "d6") && tail(&t, "new"));
+        let keys = [
+            "devices.d7.cmd",
+            "devices.d8.cmd",
+            "devices.d8.status",
+            "devices.d9",
+            "devices.d9.a.b",
+            "devices.d10",
+            "devices.d10.cmd",
+            "devices.d11.cmd",
+            "devices.d12.cmd",
+            "devices.d12.cmd.x",
+            "devices.new.a.b",
+            "devices.new.a",
+            "devices.new",
+            "devices.d3.cmd.",
+            "devices.d3",
+            "devices..cmd",
+        ];
+        let check = |t: &TopicTrie<u32>, patterns: &[(Pattern, u32)]| {
+            for key in keys {
+                let mut expected: Vec<u32> = patterns.iter().filter(|(p, _)| p.matches(key)).map(|(_, v)| *v).collect();
+                expected.sort();
+                assert_eq!(matched(t, key), expected, "{key}");
+            }
+            let mut listed = Vec::new();
+            t.for_each_entry(|p, v| listed.push((p.clone(), *v)));
+            listed.sort_by_key(|(_, v)| *v);
+            let mut all = patterns.to_vec();
+            all.sort_by_key(|(_, v)| *v);
+            assert_eq!(listed, all);
+        };
+        check(&t, &patterns);
+        assert!(!t.remove(&amqp("devices.d6.cmd.x"), &6), "not the tail's words");
+        assert!(!t.remove(&amqp("devices.d6.cmd"), &7), "not the tail's value");
+        while let Some((p, v)) = patterns.pop() {
+            assert!(t.remove(&p, &v), "{p}");
+            check(&t, &patterns);
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.node_count(), 2, "pruned");
     }
 
     #[test]
@@ -889,8 +1110,7 @@ mod tests {
         for i in 0..1000usize {
             assert!(t.insert(&p, i));
         }
-        let node =
-            |t: &TopicTrie<usize>| t.root.literal.get("sensors").unwrap().many.as_deref().unwrap().entries.clone();
+        let node = |t: &TopicTrie<usize>| child(&t.root, "sensors").many.as_deref().unwrap().entries.clone();
         assert!(matches!(node(&t), Entries::Many(_)));
         assert_eq!(matched(&t, "sensors.a").len(), 1000);
         for i in 0..996usize {
@@ -983,7 +1203,8 @@ mod tests {
 
     // ---- property tests -------------------------------------------------------------------
 
-    const WORDS: [&str; 5] = ["a", "b", "$s", "", "*"];
+    /// More than [`FEW_LITERALS`] words, so that maps of many (and their tails) are made.
+    const WORDS: [&str; 8] = ["a", "b", "$s", "", "*", "c", "d", "e"];
 
     fn level() -> impl Strategy<Value = Level> {
         prop_oneof![
