@@ -504,6 +504,14 @@ struct Table {
 }
 
 impl Table {
+    /// A topic exchange's trie (where [`Exchange::in_trie_only`] bindings are kept).
+    fn trie_mut(&mut self) -> &mut TopicTrie<Destination> {
+        match &mut self.routes {
+            Routes::Topic(trie) => trie,
+            _ => unreachable!("only a topic exchange keeps bindings in its trie alone"),
+        }
+    }
+
     /// Takes `binding` (already in the index: `shared` tells whether another binding of the
     /// same destination and pattern is, which keeps the trie entry) out of the routes.
     fn unroute(&mut self, binding: &Binding, shared: bool) {
@@ -633,8 +641,7 @@ impl Exchange {
         if self.in_trie_only(&key, &destination) {
             let mut pattern = dollar_pattern(&key.routing_key);
             let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-            let Routes::Topic(trie) = &mut table.routes else { unreachable!("a topic exchange") };
-            let added = trie.insert_sharing(&mut pattern, destination);
+            let added = table.trie_mut().insert_sharing(&mut pattern, destination);
             table.trie_only += usize::from(added);
             return Ok(added);
         }
@@ -675,8 +682,7 @@ impl Exchange {
         if self.in_trie_only(key, destination) {
             let pattern = dollar_pattern(&key.routing_key);
             let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-            let Routes::Topic(trie) = &mut table.routes else { unreachable!("a topic exchange") };
-            let removed = trie.remove(&pattern, destination);
+            let removed = table.trie_mut().remove(&pattern, destination);
             table.trie_only -= usize::from(removed);
             return removed;
         }
