@@ -166,8 +166,10 @@ impl Shared {
 
     /// The parker of idle connections, made on the first call (on the runtime that serves the
     /// connections); `None` where no epoll set could be made.
-    pub(crate) fn parker(&self) -> Option<&Arc<park::Parker>> {
-        self.parker.get_or_init(|| park::Parker::start(self.parked_changed.clone())).as_ref()
+    pub(crate) fn parker<'a>(this: &'a Arc<Shared>, broker: &Arc<Broker>) -> Option<&'a Arc<park::Parker>> {
+        this.parker
+            .get_or_init(|| park::Parker::start(this.parked_changed.clone(), broker.clone(), Arc::downgrade(this)))
+            .as_ref()
     }
 
     /// How many connections are parked now, and how many were unparked so far (`None` before
