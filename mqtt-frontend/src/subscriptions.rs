@@ -37,10 +37,20 @@ pub(crate) struct Subscription {
 /// maps for it cost more than the rest of its session); past it, in the indexes.
 const SMALL: usize = 8;
 
-/// 32 bytes (jemalloc's 32 class; 48 with the index and the patterns in two fields and the list
-/// a `Vec`), boxed in every subscribed session (`a_subscription_stays_small`, issue 18).
+/// A session's subscriptions, boxed in every subscribed session. A device's one subscription
+/// is the box ([`Subscriptions::One`]: 48 bytes, jemalloc's 48 class), where it was a list of
+/// one in a box of the list (48 and 32, issue 18; `a_subscription_stays_small`).
+#[derive(Debug)]
+pub(crate) enum Subscriptions {
+    /// One subscription, whose cookie is the last the session gave, in a transient session
+    /// (no pattern index).
+    One(Subscription),
+    List(List),
+}
+
+/// 32 bytes (48 with the index and the patterns in two fields and the list a `Vec`).
 #[derive(Debug, Default)]
-pub(crate) struct Subscriptions {
+pub(crate) struct List {
     /// Every subscription while there are at most [`SMALL`] (and there is no index); a boxed
     /// slice, made again at each change (of at most eight).
     small: Box<[Subscription]>,
@@ -92,43 +102,93 @@ impl Subscriptions {
     /// `match_topics`: keep the pattern index (a persistent session's queue deliveries).
     pub fn new(match_topics: bool) -> Subscriptions {
         let more = match_topics.then(|| Box::new(More { index: None, patterns: Some(Box::new(TopicTrie::new())) }));
-        Subscriptions { more, ..Subscriptions::default() }
+        Subscriptions::List(List { more, ..List::default() })
+    }
+
+    /// The list, made of the one subscription if need be.
+    fn list(&mut self) -> &mut List {
+        if let Subscriptions::One(_) = self {
+            let Subscriptions::One(one) = std::mem::replace(self, Subscriptions::List(List::default())) else {
+                unreachable!("one")
+            };
+            let last_cookie = one.cookie;
+            *self = Subscriptions::List(List { small: Box::new([one]), more: None, last_cookie });
+        }
+        match self {
+            Subscriptions::List(list) => list,
+            Subscriptions::One(_) => unreachable!("made a list above"),
+        }
+    }
+
+    /// The subscriptions kept in a list searched linearly (all of them without an index).
+    fn small(&self) -> &[Subscription] {
+        match self {
+            Subscriptions::One(one) => std::slice::from_ref(one),
+            Subscriptions::List(list) => &list.small,
+        }
+    }
+
+    fn small_mut(&mut self) -> &mut [Subscription] {
+        match self {
+            Subscriptions::One(one) => std::slice::from_mut(one),
+            Subscriptions::List(list) => &mut list.small,
+        }
+    }
+
+    fn more(&self) -> Option<&More> {
+        match self {
+            Subscriptions::One(_) => None,
+            Subscriptions::List(list) => list.more.as_deref(),
+        }
+    }
+
+    fn more_mut(&mut self) -> Option<&mut More> {
+        match self {
+            Subscriptions::One(_) => None,
+            Subscriptions::List(list) => list.more.as_deref_mut(),
+        }
     }
 
     fn index(&self) -> Option<&Index> {
-        self.more.as_ref()?.index.as_deref()
+        self.more()?.index.as_deref()
+    }
+
+    fn index_mut(&mut self) -> Option<&mut Index> {
+        self.more_mut()?.index.as_deref_mut()
     }
 
     fn patterns_mut(&mut self) -> Option<&mut TopicTrie<u64>> {
-        self.more.as_mut()?.patterns.as_deref_mut()
+        self.more_mut()?.patterns.as_deref_mut()
     }
 
     pub fn len(&self) -> usize {
         match self.index() {
             Some(ix) => ix.by_cookie.len(),
-            None => self.small.len(),
+            None => self.small().len(),
         }
     }
 
     pub fn get(&self, filter: &str) -> Option<&Subscription> {
         match self.index() {
             Some(ix) => ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get(c)),
-            None => self.small.iter().find(|s| s.filter.text() == filter),
+            None => self.small().iter().find(|s| s.filter.text() == filter),
         }
     }
 
     pub fn get_mut(&mut self, filter: &str) -> Option<&mut Subscription> {
-        match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
-            Some(ix) => ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get_mut(c)),
-            None => self.small.iter_mut().find(|s| s.filter.text() == filter),
+        if self.index().is_some() {
+            let ix = self.index_mut().expect("looked at");
+            return ix.by_filter.get(filter).and_then(|c| ix.by_cookie.get_mut(c));
         }
+        self.small_mut().iter_mut().find(|s| s.filter.text() == filter)
     }
 
     /// A cookie never used by this session (one that named a removed subscription could still
     /// be on deliveries waiting in the outbox).
     pub fn next_cookie(&mut self) -> u64 {
-        self.last_cookie += 1;
-        self.last_cookie
+        let list = self.list();
+        list.last_cookie += 1;
+        list.last_cookie
     }
 
     /// Adds a subscription, replacing one with the same filter text.
@@ -141,34 +201,41 @@ impl Subscriptions {
                 trie.insert(&sub.filter.pattern(), sub.cookie);
             }
         }
-        match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
+        let list = self.list();
+        if list.small.is_empty() && list.more.is_none() && list.last_cookie == sub.cookie {
+            // The box is the subscription: a device's one.
+            *self = Subscriptions::One(sub);
+            return;
+        }
+        match list.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
             Some(ix) => ix.insert(sub),
-            None if self.small.len() < SMALL => {
-                // Allocated to fit: a list of one for the first.
-                let mut small = std::mem::take(&mut self.small).into_vec();
+            None if list.small.len() < SMALL => {
+                // Allocated to fit.
+                let mut small = std::mem::take(&mut list.small).into_vec();
                 small.reserve_exact(1);
                 small.push(sub);
-                self.small = small.into_boxed_slice();
+                list.small = small.into_boxed_slice();
             }
             None => {
                 let mut ix = Box::<Index>::default();
-                for s in std::mem::take(&mut self.small) {
+                for s in std::mem::take(&mut list.small) {
                     ix.insert(s);
                 }
                 ix.insert(sub);
-                self.more.get_or_insert_with(Box::default).index = Some(ix);
+                list.more.get_or_insert_with(Box::default).index = Some(ix);
             }
         }
     }
 
     pub fn remove(&mut self, filter: &str) -> Option<Subscription> {
-        let sub = match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
+        let sub = match self.index_mut() {
             Some(ix) => ix.remove(filter)?,
             None => {
-                let i = self.small.iter().position(|s| s.filter.text() == filter)?;
-                let mut small = std::mem::take(&mut self.small).into_vec();
+                let i = self.small().iter().position(|s| s.filter.text() == filter)?;
+                let list = self.list();
+                let mut small = std::mem::take(&mut list.small).into_vec();
                 let sub = small.swap_remove(i);
-                self.small = small.into_boxed_slice();
+                list.small = small.into_boxed_slice();
                 sub
             }
         };
@@ -184,7 +251,7 @@ impl Subscriptions {
     pub fn take_some(&mut self, n: usize) -> Vec<Subscription> {
         let filters: Vec<String> = match self.index() {
             Some(ix) => ix.by_filter.keys().take(n).cloned().collect(),
-            None => self.small.iter().take(n).map(|s| s.filter.text().to_string()).collect(),
+            None => self.small().iter().take(n).map(|s| s.filter.text().to_string()).collect(),
         };
         filters.iter().filter_map(|f| self.remove(f)).collect()
     }
@@ -193,7 +260,7 @@ impl Subscriptions {
     pub fn by_cookie(&self, cookie: u64) -> Option<&Subscription> {
         match self.index() {
             Some(ix) => ix.by_cookie.get(&cookie),
-            None => self.small.iter().find(|s| s.cookie == cookie),
+            None => self.small().iter().find(|s| s.cookie == cookie),
         }
     }
 
@@ -201,14 +268,14 @@ impl Subscriptions {
     pub fn by_queue(&self, queue: &QueueName) -> Option<&Subscription> {
         match self.index() {
             Some(ix) => ix.by_queue.get(queue).and_then(|c| ix.by_cookie.get(c)),
-            None => self.small.iter().find(|s| s.shared.as_deref().is_some_and(|(q, _)| q.name() == queue)),
+            None => self.small().iter().find(|s| s.shared.as_deref().is_some_and(|(q, _)| q.name() == queue)),
         }
     }
 
     /// Calls `f` with each subscription that is not shared and whose pattern matches
     /// `routing_key` (persistent sessions only: none otherwise).
     pub fn matching(&self, routing_key: &str, mut f: impl FnMut(&Subscription)) {
-        if let Some(trie) = self.more.as_ref().and_then(|m| m.patterns.as_deref()) {
+        if let Some(trie) = self.more().and_then(|m| m.patterns.as_deref()) {
             trie.for_each_match(routing_key, |c| {
                 if let Some(sub) = self.by_cookie(*c) {
                     f(sub)
@@ -220,15 +287,20 @@ impl Subscriptions {
     pub fn values(&self) -> impl Iterator<Item = &Subscription> {
         let (small, index) = match self.index() {
             Some(ix) => (None, Some(ix.by_cookie.values())),
-            None => (Some(self.small.iter()), None),
+            None => (Some(self.small().iter()), None),
         };
         small.into_iter().flatten().chain(index.into_iter().flatten())
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Subscription> {
-        let (small, index) = match self.more.as_mut().and_then(|m| m.index.as_deref_mut()) {
-            Some(ix) => (None, Some(ix.by_cookie.values_mut())),
-            None => (Some(self.small.iter_mut()), None),
+        let (small, index) = match self {
+            Subscriptions::One(one) => (Some(std::slice::from_mut(one).iter_mut()), None),
+            Subscriptions::List(List { small, more, .. }) => {
+                match more.as_deref_mut().and_then(|m| m.index.as_deref_mut()) {
+                    Some(ix) => (None, Some(ix.by_cookie.values_mut())),
+                    None => (Some(small.iter_mut()), None),
+                }
+            }
         };
         small.into_iter().flatten().chain(index.into_iter().flatten())
     }
@@ -266,9 +338,11 @@ mod tests {
         assert!(size <= 48, "Subscription is {size} bytes");
         assert_eq!(std::mem::size_of::<Filter>(), 24);
         // The session's box of them: 176 bytes while the pattern trie, which only persistent
-        // sessions have, was inline; 48 with it and the index in fields of their own.
+        // sessions have, was inline; 48 with it and the index in fields of their own, and a
+        // list of one beside it; now 48 with the one subscription in it.
+        assert!(std::mem::size_of::<List>() <= 32);
         let all = std::mem::size_of::<Subscriptions>();
-        assert!(all <= 32, "Subscriptions is {all} bytes");
+        assert!(all <= 48, "Subscriptions is {all} bytes");
     }
 
     #[test]
@@ -360,14 +434,47 @@ mod tests {
     }
 
     #[test]
-    fn one_subscription_is_one_small_allocation() {
+    fn one_subscription_is_the_box() {
         let mut subs = Subscriptions::new(false);
         let a = sub(&mut subs, "devices/d1/cmd");
+        let first = a.cookie;
         subs.insert(a);
-        assert_eq!(subs.small.len(), 1);
-        assert!(subs.more.is_none());
+        assert!(matches!(subs, Subscriptions::One(_)));
         assert_eq!(subs.values().count(), 1);
+        assert_eq!(subs.values_mut().count(), 1);
+        assert_eq!(subs.by_cookie(first).unwrap().filter.text(), "devices/d1/cmd");
+        subs.get_mut("devices/d1/cmd").unwrap().identifier = NonZeroU32::new(3);
+        assert_eq!(subs.get("devices/d1/cmd").unwrap().identifier, NonZeroU32::new(3));
+        // A replacement keeps it one.
+        let mut again = sub(&mut Subscriptions::new(false), "devices/d1/cmd");
+        again.cookie = first;
+        subs.insert(again);
+        assert!(matches!(subs, Subscriptions::One(_)));
+        // A second makes a list, with cookies still new.
+        let b = sub(&mut subs, "devices/d1/other");
+        assert!(b.cookie > first);
+        subs.insert(b);
+        assert!(matches!(&subs, Subscriptions::List(l) if l.small.len() == 2));
         subs.remove("devices/d1/cmd").unwrap();
-        assert_eq!(subs.small.len(), 0);
+        subs.remove("devices/d1/other").unwrap();
+        assert_eq!(subs.len(), 0);
+        // Emptied, it does not give an old cookie again, nor become one with an old cookie.
+        let c = sub(&mut subs, "x");
+        assert!(c.cookie > first + 1);
+        subs.insert(c);
+        assert!(matches!(subs, Subscriptions::One(_)));
+        subs.remove("x").unwrap();
+        assert!(matches!(&subs, Subscriptions::List(l) if l.small.is_empty()));
+        assert!(subs.next_cookie() > first + 2);
+    }
+
+    /// A persistent session keeps its pattern index: never the one-subscription box.
+    #[test]
+    fn a_persistent_sessions_one_subscription_stays_in_the_list() {
+        let mut subs = Subscriptions::new(true);
+        let a = sub(&mut subs, "a/+");
+        subs.insert(a);
+        assert!(matches!(subs, Subscriptions::List(_)));
+        assert_eq!(matched(&subs, "a.b"), vec!["a/+"]);
     }
 }
