@@ -8,7 +8,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::hash::{FastSet, KeyedMap};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use crate::hash::{FastSet, KeyedState};
 
 /// One level of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -257,57 +261,136 @@ const FEW_LITERALS: usize = 4;
 enum Literals<T> {
     /// At most [`FEW_LITERALS`], searched linearly (cheaper than hashing the word).
     Few(Box<[(Arc<str>, Node<T>)]>),
-    /// Boxed: the map with its hasher is 48 bytes, the list 16, and every node holds one. Its
-    /// children boxed too ([`Child`]): a map's table has room for up to twice its children;
-    /// with 10,000 devices under `devices/` a table of 16,384 entries of 80 bytes was 133 bytes
-    /// per device (issue 18). A lookup in a large map follows one pointer more.
-    #[allow(clippy::box_collection)]
-    Many(Box<KeyedMap<Arc<str>, Child<T>>>),
+    /// Boxed: the map with its hasher is 48 bytes, the list 16, and every node holds one.
+    Many(Box<Children<T>>),
 }
 
-/// A child in a map of many: a node, or a *tail*, the rest of one pattern whose levels below
-/// the map's key are all literal words, with its one entry. A device's `devices/<id>/cmd` is
-/// then one tail under `devices/` (48 bytes, and 16 for its one word) where it was the `<id>`
-/// node (48), its list of one child `cmd` with that node (64) and the entry's list (32): about
-/// 70 bytes of every subscribed device with the map's larger slot (issue 18). A second pattern
-/// through the same key makes the tail nodes again.
+/// A map of many literal children, each keeping its own word ([`Child::word`]): a table of
+/// children, 16 bytes a slot, where a map from the word to the child was 32 (the word's `Arc`
+/// beside the child). A map's table has room for up to twice its children: with 10,000 devices
+/// under `devices/` its 16,384 slots were 54 bytes of every device, and are 27 (issue 18).
+/// Looked up by the word's hash, keyed per map (a client chooses the words, see
+/// [`crate::hash`]).
+#[derive(Debug, Clone)]
+struct Children<T> {
+    hasher: KeyedState,
+    table: HashTable<Child<T>>,
+}
+
+impl<T> Children<T> {
+    fn new() -> Children<T> {
+        Children { hasher: KeyedState::default(), table: HashTable::new() }
+    }
+
+    fn get(&self, word: &str) -> Option<&Child<T>> {
+        self.table.find(self.hasher.hash_one(word), |c| c.word() == word)
+    }
+
+    fn get_mut(&mut self, word: &str) -> Option<&mut Child<T>> {
+        let hash = self.hasher.hash_one(word);
+        self.table.find_mut(hash, |c| c.word() == word)
+    }
+
+    /// Adds a child whose word is not in the map yet.
+    fn insert_new(&mut self, child: Child<T>) {
+        let hasher = &self.hasher;
+        self.table.insert_unique(hasher.hash_one(child.word()), child, |c| hasher.hash_one(c.word()));
+    }
+
+    fn remove(&mut self, word: &str) {
+        let hash = self.hasher.hash_one(word);
+        if let Ok(found) = self.table.find_entry(hash, |c| c.word() == word) {
+            found.remove();
+        }
+        // A map that once held many children keeps its table otherwise; give it back once it
+        // is mostly empty (amortised: only after shrinking by 4x).
+        if self.table.capacity() > 16 && self.table.len() * 4 <= self.table.capacity() {
+            let hasher = &self.hasher;
+            self.table.shrink_to_fit(|c| hasher.hash_one(c.word()));
+        }
+    }
+}
+
+/// A child in a map of many: a node with its word, or a *tail*, the rest of one pattern whose
+/// levels from the map's key on are all literal words, with its one entry. A device's
+/// `devices/<id>/cmd` is then one tail under `devices/` (48 bytes, and its words' text) where
+/// it was the `<id>` node (48), its list of one child `cmd` with that node (64) and the entry's
+/// list (32), issue 18. A second pattern through the same key makes the tail nodes again.
 #[derive(Debug, Clone)]
 enum Child<T> {
-    Node(Box<Node<T>>),
+    Node(Box<WordNode<T>>),
     Tail(Box<Tail<T>>),
+}
+
+impl<T> Child<T> {
+    /// The word the map finds this child by.
+    fn word(&self) -> &str {
+        match self {
+            Child::Node(n) => &n.word,
+            Child::Tail(t) => t.word(),
+        }
+    }
+}
+
+/// A node in a map of many, with its word.
+#[derive(Debug, Clone)]
+struct WordNode<T> {
+    word: Arc<str>,
+    node: Node<T>,
 }
 
 #[derive(Debug, Clone)]
 struct Tail<T> {
-    /// The words after the map's key (none: the entry ends at the key).
-    rest: Box<[Arc<str>]>,
+    /// The map's key and the words after it, joined with `.` as a routing key spells them (a
+    /// word holds no `.`: [`tail_text`]): a tail matches a key whose rest is this text. One
+    /// allocation, where the key's `Arc` and a list of the words' `Arc`s were two or more (32
+    /// and 16 bytes for `<id>` and `cmd`, issue 18).
+    text: Box<str>,
     entry: Entry<T>,
 }
 
+impl<T> Tail<T> {
+    /// The map's key: the text's first word.
+    fn word(&self) -> &str {
+        self.text.split('.').next().unwrap_or_default()
+    }
+}
+
 impl<T: PartialEq> Tail<T> {
-    /// Whether `levels` are this tail's words.
+    /// Whether `levels` are this tail's words after its key.
     fn spells(&self, levels: &[Level]) -> bool {
-        self.rest.len() == levels.len()
-            && self.rest.iter().zip(levels).all(|(w, l)| matches!(l, Level::Literal(x) if **x == **w))
+        let mut words = self.text.split('.').skip(1);
+        levels.iter().all(|l| matches!((l, words.next()), (Level::Literal(x), Some(w)) if **x == *w))
+            && words.next().is_none()
     }
 
+    /// The tail as a node under its key.
     fn into_node(self) -> Node<T> {
         let mut node = Node::default();
-        let mut levels: Vec<Level> = self.rest.iter().cloned().map(Level::Literal).collect();
+        let mut levels: Vec<Level> = self.text.split('.').skip(1).map(|w| Level::Literal(Arc::from(w))).collect();
         node.insert(&mut levels, self.entry);
         node
     }
 }
 
-/// `levels` as a tail's words, when they are all literal.
-fn tail_words(levels: &[Level]) -> Option<Box<[Arc<str>]>> {
-    levels
-        .iter()
-        .map(|l| match l {
-            Level::Literal(w) => Some(w.clone()),
-            _ => None,
-        })
-        .collect()
+/// The text of a tail for `word` then `levels`, when they are all literal words. A word with a
+/// `.` (none is made so: words are a routing key's, or an MQTT filter's levels with `.` swapped
+/// to `/`) would not split back into itself, and gets nodes.
+fn tail_text(word: &str, levels: &[Level]) -> Option<Box<str>> {
+    if word.contains('.') {
+        return None;
+    }
+    let mut text = String::from(word);
+    for level in levels {
+        match level {
+            Level::Literal(w) if !w.contains('.') => {
+                text.push('.');
+                text.push_str(w);
+            }
+            _ => return None,
+        }
+    }
+    Some(text.into_boxed_str())
 }
 
 /// A literal child as a lookup finds it.
@@ -325,7 +408,7 @@ impl<T> Literals<T> {
     fn is_empty(&self) -> bool {
         match self {
             Literals::Few(v) => v.is_empty(),
-            Literals::Many(m) => m.is_empty(),
+            Literals::Many(m) => m.table.is_empty(),
         }
     }
 
@@ -333,7 +416,7 @@ impl<T> Literals<T> {
         match self {
             Literals::Few(v) => v.iter().find(|(w, _)| **w == *word).map(|(_, n)| ChildRef::Node(n)),
             Literals::Many(m) => m.get(word).map(|c| match c {
-                Child::Node(n) => ChildRef::Node(n),
+                Child::Node(n) => ChildRef::Node(&n.node),
                 Child::Tail(t) => ChildRef::Tail(t),
             }),
         }
@@ -343,7 +426,7 @@ impl<T> Literals<T> {
         match self {
             Literals::Few(v) => v.iter_mut().find(|(w, _)| **w == *word).map(|(_, n)| ChildMut::Node(n)),
             Literals::Many(m) => m.get_mut(word).map(|c| match c {
-                Child::Node(n) => ChildMut::Node(n),
+                Child::Node(n) => ChildMut::Node(&mut n.node),
                 Child::Tail(t) => ChildMut::Tail(t),
             }),
         }
@@ -358,7 +441,11 @@ impl<T> Literals<T> {
         if let Literals::Few(v) = self {
             if v.len() == FEW_LITERALS && !v.iter().any(|(w, _)| *w == *word) {
                 let children = std::mem::take(v).into_vec().into_iter();
-                *self = Literals::Many(Box::new(children.map(|(w, n)| (w, Child::Node(Box::new(n)))).collect()));
+                let mut many = Children::new();
+                for (word, node) in children {
+                    many.insert_new(Child::Node(Box::new(WordNode { word, node })));
+                }
+                *self = Literals::Many(Box::new(many));
             }
         }
         match self {
@@ -381,35 +468,38 @@ impl<T> Literals<T> {
                 child.insert(rest, entry)
             }
             Literals::Many(m) => {
-                match m.get_key_value(&**word) {
-                    Some((kept, _)) if !Arc::ptr_eq(kept, word) => *word = kept.clone(),
-                    Some(_) => {}
-                    None => {
-                        let child = match tail_words(rest) {
-                            Some(rest) => Child::Tail(Box::new(Tail { rest, entry })),
-                            None => {
-                                let mut node = Node::default();
-                                node.insert(rest, entry);
-                                Child::Node(Box::new(node))
-                            }
-                        };
-                        m.insert(word.clone(), child);
-                        return true;
-                    }
-                }
-                let child = m.get_mut(&**word).expect("found above");
+                let Some(child) = m.get_mut(word) else {
+                    let child = match tail_text(word, rest) {
+                        Some(text) => Child::Tail(Box::new(Tail { text, entry })),
+                        None => {
+                            let mut node = Node::default();
+                            node.insert(rest, entry);
+                            Child::Node(Box::new(WordNode { word: word.clone(), node }))
+                        }
+                    };
+                    m.insert_new(child);
+                    return true;
+                };
                 if let Child::Tail(t) = child {
                     if t.spells(rest) && t.entry == entry {
                         return false;
                     }
                     // Another pattern through this key: the tail becomes nodes.
-                    let Child::Tail(t) = std::mem::replace(child, Child::Node(Box::default())) else {
+                    let node = WordNode { word: word.clone(), node: Node::default() };
+                    let Child::Tail(t) = std::mem::replace(child, Child::Node(Box::new(node))) else {
                         unreachable!("a tail")
                     };
-                    *child = Child::Node(Box::new(t.into_node()));
+                    if let Child::Node(n) = child {
+                        n.node = t.into_node();
+                    }
                 }
                 match child {
-                    Child::Node(n) => n.insert(rest, entry),
+                    Child::Node(n) => {
+                        if !Arc::ptr_eq(&n.word, word) {
+                            *word = n.word.clone();
+                        }
+                        n.node.insert(rest, entry)
+                    }
                     Child::Tail(_) => unreachable!("made a node above"),
                 }
             }
@@ -425,14 +515,7 @@ impl<T> Literals<T> {
                     *v = left.into_boxed_slice();
                 }
             }
-            Literals::Many(m) => {
-                m.remove(word);
-                // A map that once held many children keeps its table otherwise; give it back
-                // once it is mostly empty (amortised: only after shrinking by 4x).
-                if m.capacity() > 16 && m.len() * 4 <= m.capacity() {
-                    m.shrink_to_fit();
-                }
-            }
+            Literals::Many(m) => m.remove(word),
         }
     }
 
@@ -441,9 +524,10 @@ impl<T> Literals<T> {
         match self {
             Literals::Few(v) => v.iter().map(|(_, n)| n.count()).sum(),
             Literals::Many(m) => m
-                .values()
+                .table
+                .iter()
                 .map(|c| match c {
-                    Child::Node(n) => n.count(),
+                    Child::Node(n) => n.node.count(),
                     Child::Tail(_) => 1,
                 })
                 .sum(),
@@ -626,12 +710,11 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
         match &node.literal {
             Literals::Few(v) => v.iter().for_each(|(w, n)| literal(w, n, pattern, f)),
             Literals::Many(m) => {
-                for (w, child) in m.iter() {
+                for child in m.table.iter() {
                     match child {
-                        Child::Node(n) => literal(w, n, pattern, f),
+                        Child::Node(n) => literal(&n.word, &n.node, pattern, f),
                         Child::Tail(t) => {
-                            pattern.levels.push(Level::Literal(w.clone()));
-                            pattern.levels.extend(t.rest.iter().cloned().map(Level::Literal));
+                            pattern.levels.extend(t.text.split('.').map(|w| Level::Literal(Arc::from(w))));
                             pattern.dollar_rule = t.entry.dollar_rule;
                             f(pattern, &t.entry.value);
                             pattern.levels.truncate(depth);
@@ -715,7 +798,7 @@ impl<F> Walk<'_, F> {
         let (word, next) = self.word_at(pos);
         match node.literal.get(word) {
             Some(ChildRef::Node(child)) => self.node(child, next, manys),
-            Some(ChildRef::Tail(tail)) => self.tail(tail, next),
+            Some(ChildRef::Tail(tail)) => self.tail(tail, pos),
             None => {}
         }
         if let Some(child) = node.one.as_deref() {
@@ -726,22 +809,12 @@ impl<F> Walk<'_, F> {
         }
     }
 
-    /// Reports a tail's entry when the words from `pos` to the end are its words.
-    fn tail<T>(&mut self, tail: &Tail<T>, mut pos: usize)
+    /// Reports a tail's entry when the key from `pos` (its word's start) to the end is its text.
+    fn tail<T>(&mut self, tail: &Tail<T>, pos: usize)
     where
         F: FnMut(&T),
     {
-        for w in tail.rest.iter() {
-            if pos == self.end {
-                return;
-            }
-            let (word, next) = self.word_at(pos);
-            if word != &**w {
-                return;
-            }
-            pos = next;
-        }
-        if pos == self.end {
+        if self.key.get(pos..) == Some(&*tail.text) {
             (self.f)(&tail.entry.value);
         }
     }
@@ -824,7 +897,7 @@ mod tests {
                 }
                 ChildRef::Tail(tail) => {
                     assert!(i >= FEW_LITERALS);
-                    assert_eq!(&*tail.rest, [Arc::<str>::from("cmd")]);
+                    assert_eq!(&*tail.text, format!("{i}.cmd"));
                 }
             }
             assert!(t.remove(p, &i));
@@ -885,6 +958,35 @@ mod tests {
         assert!(matches!(&child(&t.root, "devices").literal, Literals::Few(v) if v.len() == 1));
         let tail = std::mem::size_of::<Tail<crate::exchange::Destination>>();
         assert!(tail <= 48, "a tail is {tail} bytes");
+    }
+
+    /// A tail's text is its words joined by `.`, so it is made only of literal words without a
+    /// `.`; empty words are words, and a key with one word more or less does not match it.
+    #[test]
+    fn a_tail_is_its_words_text() {
+        let lit = |w: &str| Level::Literal(Arc::from(w));
+        assert_eq!(tail_text("d1", &[lit("cmd")]).as_deref(), Some("d1.cmd"));
+        assert_eq!(tail_text("", &[lit(""), lit("x")]).as_deref(), Some("..x"));
+        assert_eq!(tail_text("d1", &[]).as_deref(), Some("d1"));
+        assert!(tail_text("d1", &[Level::One]).is_none());
+        assert!(tail_text("d1", &[lit("a.b")]).is_none());
+        assert!(tail_text("a.b", &[]).is_none());
+
+        let mut patterns: Vec<Pattern> = (0..(FEW_LITERALS + 2)).map(|i| amqp(&format!("d.{i}.cmd"))).collect();
+        patterns.extend([amqp("d..cmd"), amqp("d."), amqp("d.e..")]);
+        let t = trie_of(&patterns);
+        assert!(matches!(child(&t.root, "d").literal, Literals::Many(_)));
+        for (i, p) in patterns.iter().enumerate() {
+            assert_eq!(matched(&t, &p.to_string()), vec![i], "{p}");
+        }
+        for key in ["d..cmd.", "d", "d.e.", "d.e...", "d.5", "d.5.cmd.x", "d.5.cm", "d.5.cmdx"] {
+            assert!(matched(&t, key).is_empty(), "{key}");
+        }
+        let mut listed = Vec::new();
+        t.for_each_entry(|p, v| listed.push((p.to_string(), *v)));
+        listed.sort_by_key(|(_, v)| *v);
+        let expected: Vec<(String, usize)> = patterns.iter().enumerate().map(|(i, p)| (p.to_string(), i)).collect();
+        assert_eq!(listed, expected);
     }
 
     /// A device's pattern under a map of many is one tail; a second pattern through the same
