@@ -482,7 +482,13 @@ async fn establish(
     };
     let group = shared.group(&ctx.shutdown);
     let resume = !connect.clean_start;
-    let claim = Box::pin(shared.registry.claim(&vhost_name, &client_id, handle.entry(), group, resume)).await;
+    // Before the claim: the registry keys the connection's slot by its login.
+    handle.set_login(Login {
+        user: identity.user.clone(),
+        vhost: vhost_name.clone(),
+        client_id: Some(client_id.clone()),
+    });
+    let claim = Box::pin(shared.registry.claim(handle.entry(), group, resume)).await;
     if claim.expired {
         // The session expired while its client was away and its timer has not ended it yet: a
         // queue left behind would be resumed as if the session were present.
@@ -531,7 +537,6 @@ async fn establish(
         bridge = session.is_bridge(), "MQTT client connected"
     );
     shared.ensure_sys(&ctx.broker, &vhost);
-    handle.set_login(Login { user: identity.user.clone(), vhost: vhost_name, client_id: Some(client_id) });
 
     let keep_alive = keep_alive_limit(&session);
     session.set_disk_alarm(ctx.broker.disk().is_raised());

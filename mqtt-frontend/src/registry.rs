@@ -31,8 +31,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::hash::BuildHasher;
+
 use ferry_core::connections::ConnectionEntry;
+use ferry_core::hash::KeyedState;
 use ferry_core::message::ConnectionId;
+use hashbrown::hash_table::{Entry, OccupiedEntry};
+use hashbrown::HashTable;
 use tokio::sync::Notify;
 
 use crate::codec::SubOptions;
@@ -426,6 +431,9 @@ struct Live {
     kick: std::sync::Arc<Kick>,
 }
 
+/// A client id's slot. It knows its key (vhost and client id): a live one by its connection's
+/// login ([`ConnectionEntry::vhost`], [`ConnectionEntry::client_id`]), a stored one in its
+/// record ([`Released::key`]); a slot is one of the two whenever the registry's lock is let go.
 #[derive(Debug, Default)]
 struct Slot {
     live: Option<Live>,
@@ -444,6 +452,65 @@ struct Slot {
 struct Released {
     session: StoredSession,
     at: Instant,
+    /// The slot's key while no connection holds it ([`slot_key`]).
+    key: Box<str>,
+}
+
+impl Slot {
+    /// The vhost and the client id.
+    fn key(&self) -> (&str, &str) {
+        if let Some(live) = &self.live {
+            let conn = &live.kick.conn;
+            return (conn.vhost().unwrap_or_default(), conn.client_id().unwrap_or_default());
+        }
+        self.stored.as_ref().and_then(|r| split_key(&r.key)).unwrap_or_default()
+    }
+}
+
+/// The slots: a table of slots that know their own keys ([`Slot::key`]), 24 bytes a slot, where
+/// a map from the key to the slot was 40 and the key one allocation more: with 10,000 devices
+/// connected, 67 and 12 bytes of each, now 41 (issue 18). Keyed per registry (a client chooses
+/// its client id, see `ferry_core::hash`).
+#[derive(Debug, Default)]
+struct Slots {
+    hasher: KeyedState,
+    table: HashTable<Slot>,
+}
+
+impl Slots {
+    fn hash(&self, vhost: &str, client_id: &str) -> u64 {
+        self.hasher.hash_one((vhost, client_id))
+    }
+
+    fn get(&self, vhost: &str, client_id: &str) -> Option<&Slot> {
+        self.table.find(self.hash(vhost, client_id), |s| s.key() == (vhost, client_id))
+    }
+
+    fn get_mut(&mut self, vhost: &str, client_id: &str) -> Option<&mut Slot> {
+        let hash = self.hash(vhost, client_id);
+        self.table.find_mut(hash, |s| s.key() == (vhost, client_id))
+    }
+
+    /// The slot, found to change or remove it whatever becomes of its key meanwhile.
+    fn find_entry(&mut self, vhost: &str, client_id: &str) -> Option<OccupiedEntry<'_, Slot>> {
+        let hash = self.hash(vhost, client_id);
+        self.table.find_entry(hash, |s| s.key() == (vhost, client_id)).ok()
+    }
+
+    /// The slot, made empty if there is none: the caller gives it a holder or a stored session
+    /// before it lets the lock go (its key is theirs).
+    fn get_or_insert(&mut self, vhost: &str, client_id: &str) -> &mut Slot {
+        let hash = self.hash(vhost, client_id);
+        let hasher = &self.hasher;
+        match self.table.entry(hash, |s| s.key() == (vhost, client_id), |s| hasher.hash_one(s.key())) {
+            Entry::Occupied(found) => found.into_mut(),
+            Entry::Vacant(vacant) => vacant.insert(Slot::default()).into_mut(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.table.iter()
+    }
 }
 
 impl std::ops::Deref for Released {
@@ -479,7 +546,7 @@ pub struct Claim {
 /// Client ids → live connections and stored sessions, per vhost.
 #[derive(Debug, Default)]
 pub struct Registry {
-    slots: Mutex<HashMap<Box<str>, Slot>>,
+    slots: Mutex<Slots>,
     connected: AtomicUsize,
     /// Stored sessions ended by their expiry interval since the start (`$SYS/broker/clients/expired`).
     expired: AtomicU64,
@@ -517,7 +584,7 @@ impl Registry {
         Registry::default()
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Slot>> {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -526,21 +593,14 @@ impl Registry {
     /// claim gets). `group` names the shutdown signal that ends the connection
     /// ([`Registry::shut_down`]); `resume`: the new connection resumes the session (clean start
     /// 0), which a connection taken over is told ([`Kick::resumed`]).
-    pub async fn claim(
-        &self,
-        vhost: &str,
-        client_id: &str,
-        conn: &std::sync::Arc<ConnectionEntry>,
-        group: usize,
-        resume: bool,
-    ) -> Claim {
+    pub async fn claim(&self, conn: &std::sync::Arc<ConnectionEntry>, group: usize, resume: bool) -> Claim {
         let connection = conn.id();
-        let key = slot_key(vhost, client_id);
+        let (vhost, client_id) = (conn.vhost().unwrap_or_default(), conn.client_id().unwrap_or_default());
         let mut took_over = false;
         for _ in 0..2 {
             let old = {
                 let mut slots = self.slots();
-                let slot = slots.entry(key.clone()).or_default();
+                let slot = slots.get_or_insert(vhost, client_id);
                 match &slot.live {
                     Some(l) if l.kick.connection() != connection => l.kick.clone(),
                     _ => return self.take(slot, conn, took_over, group),
@@ -560,7 +620,7 @@ impl Registry {
             }
         }
         let mut slots = self.slots();
-        let slot = slots.entry(key).or_default();
+        let slot = slots.get_or_insert(vhost, client_id);
         if slot.live.take().is_some() {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
@@ -597,7 +657,7 @@ impl Registry {
     pub fn shut_down(&self, group: usize) {
         let slots = self.slots();
         self.down.lock().unwrap_or_else(|e| e.into_inner()).push(group);
-        for live in slots.values().filter_map(|s| s.live.as_ref()) {
+        for live in slots.iter().filter_map(|s| s.live.as_ref()) {
             if live.kick.group as usize == group {
                 live.kick.kick(Kicked::Shutdown);
             }
@@ -608,7 +668,7 @@ impl Registry {
     /// [`ticks`]).
     pub fn sweep(&self, group: usize, now: u64) {
         let slots = self.slots();
-        for live in slots.values().filter_map(|s| s.live.as_ref()) {
+        for live in slots.iter().filter_map(|s| s.live.as_ref()) {
             let kick = &live.kick;
             if kick.group as usize != group {
                 continue;
@@ -624,15 +684,16 @@ impl Registry {
     /// The connection is done with the client id; `stored` is kept for a persistent session.
     pub fn release(&self, vhost: &str, client_id: &str, connection: ConnectionId, stored: Option<StoredSession>) {
         let mut slots = self.slots();
-        let key = slot_key(vhost, client_id);
-        let Some(slot) = slots.get_mut(&key) else { return };
+        let Some(mut found) = slots.find_entry(vhost, client_id) else { return };
+        let slot = found.get_mut();
         match &slot.live {
             Some(l) if l.kick.connection() == connection => {
                 let kick = slot.live.take().map(|l| l.kick);
                 self.connected.fetch_sub(1, Ordering::Relaxed);
-                slot.stored = stored.map(|session| Box::new(Released { session, at: Instant::now() }));
+                let key = slot_key(vhost, client_id);
+                slot.stored = stored.map(|session| Box::new(Released { session, at: Instant::now(), key }));
                 if slot.stored.is_none() {
-                    slots.remove(&key);
+                    found.remove();
                 }
                 if let Some(k) = kick {
                     k.release();
@@ -648,8 +709,8 @@ impl Registry {
     /// released at `released_at`; returns its claim number for the expiry and will timers.
     pub fn restore(&self, vhost: &str, client_id: &str, stored: StoredSession, released_at: Instant) -> u64 {
         let mut slots = self.slots();
-        let slot = slots.entry(slot_key(vhost, client_id)).or_default();
-        slot.stored = Some(Box::new(Released { session: stored, at: released_at }));
+        let slot = slots.get_or_insert(vhost, client_id);
+        slot.stored = Some(Box::new(Released { session: stored, at: released_at, key: slot_key(vhost, client_id) }));
         slot.generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         slot.generation
     }
@@ -660,7 +721,7 @@ impl Registry {
     /// session ended and its expiry took the will.
     pub fn take_will(&self, vhost: &str, client_id: &str, generation: u64) -> Option<(DueWill, StoredSession)> {
         let mut slots = self.slots();
-        let slot = slots.get_mut(&slot_key(vhost, client_id))?;
+        let slot = slots.get_mut(vhost, client_id)?;
         if slot.generation != generation || slot.live.is_some() {
             return None;
         }
@@ -672,11 +733,11 @@ impl Registry {
     /// Forgets a stored session (clean start, or its queue expired).
     pub fn forget(&self, vhost: &str, client_id: &str) {
         let mut slots = self.slots();
-        let key = slot_key(vhost, client_id);
-        if let Some(slot) = slots.get_mut(&key) {
+        if let Some(mut found) = slots.find_entry(vhost, client_id) {
+            let slot = found.get_mut();
             slot.stored = None;
             if slot.live.is_none() {
-                slots.remove(&key);
+                found.remove();
             }
         }
     }
@@ -688,12 +749,12 @@ impl Registry {
     /// held: the session's end makes it due (5.0 §3.1.3.2.2), whichever timer runs first.
     pub fn expire(&self, vhost: &str, client_id: &str, generation: u64, end: impl FnOnce()) -> Option<Option<DueWill>> {
         let mut slots = self.slots();
-        let key = slot_key(vhost, client_id);
-        let slot = slots.get_mut(&key)?;
+        let found = slots.find_entry(vhost, client_id)?;
+        let slot = found.get();
         if slot.generation != generation || slot.live.is_some() || slot.stored.is_none() {
             return None;
         }
-        let will = slots.remove(&key).and_then(|s| s.stored).and_then(|mut st| st.take_will());
+        let will = found.remove().0.stored.and_then(|mut st| st.take_will());
         self.expired.fetch_add(1, Ordering::Relaxed);
         end();
         Some(will)
@@ -701,17 +762,17 @@ impl Registry {
 
     /// The latest claim of a client id (see [`Claim::generation`]), 0 when none is known.
     pub fn generation(&self, vhost: &str, client_id: &str) -> u64 {
-        self.slots().get(&slot_key(vhost, client_id)).map_or(0, |s| s.generation)
+        self.slots().get(vhost, client_id).map_or(0, |s| s.generation)
     }
 
     /// Whether a connection claimed the client id after claim `generation`.
     pub fn claimed_since(&self, vhost: &str, client_id: &str, generation: u64) -> bool {
-        self.slots().get(&slot_key(vhost, client_id)).is_some_and(|s| s.generation != generation)
+        self.slots().get(vhost, client_id).is_some_and(|s| s.generation != generation)
     }
 
     /// Whether a connection currently holds the client id.
     pub fn is_live(&self, vhost: &str, client_id: &str) -> bool {
-        self.slots().get(&slot_key(vhost, client_id)).is_some_and(|s| s.live.is_some())
+        self.slots().get(vhost, client_id).is_some_and(|s| s.live.is_some())
     }
 
     /// Every session, connected or kept while its client is away, by vhost and client id.
@@ -719,8 +780,8 @@ impl Registry {
         let slots = self.slots();
         let mut out: Vec<SessionInfo> = slots
             .iter()
-            .filter_map(|(key, slot)| {
-                let (vhost, client_id) = split_key(key)?;
+            .filter_map(|slot| {
+                let (vhost, client_id) = slot.key();
                 let (vhost, client_id) = (vhost.to_string(), client_id.to_string());
                 if let Some(live) = &slot.live {
                     let k = &live.kick;
@@ -755,14 +816,14 @@ impl Registry {
 
     /// The connection holding a client id, if one does.
     pub fn live_connection(&self, vhost: &str, client_id: &str) -> Option<ConnectionId> {
-        self.slots().get(&slot_key(vhost, client_id)).and_then(|s| s.live.as_ref()).map(|l| l.kick.connection())
+        self.slots().get(vhost, client_id).and_then(|s| s.live.as_ref()).map(|l| l.kick.connection())
     }
 
     /// Waits (up to `limit`) until `connection` no longer holds the client id; whether it let go.
     pub async fn wait_released(&self, vhost: &str, client_id: &str, connection: ConnectionId, limit: Duration) -> bool {
         let kick = {
             let slots = self.slots();
-            match slots.get(&slot_key(vhost, client_id)).and_then(|s| s.live.as_ref()) {
+            match slots.get(vhost, client_id).and_then(|s| s.live.as_ref()) {
                 Some(l) if l.kick.connection() == connection => l.kick.clone(),
                 _ => return true,
             }
@@ -790,12 +851,12 @@ impl Registry {
     /// it; otherwise the will it still held, which its end makes due.
     pub fn end_stored(&self, vhost: &str, client_id: &str, end: impl FnOnce()) -> Option<Option<DueWill>> {
         let mut slots = self.slots();
-        let key = slot_key(vhost, client_id);
-        let slot = slots.get(&key)?;
+        let found = slots.find_entry(vhost, client_id)?;
+        let slot = found.get();
         if slot.live.is_some() || slot.stored.is_none() {
             return None;
         }
-        let will = slots.remove(&key).and_then(|s| s.stored).and_then(|mut st| st.take_will());
+        let will = found.remove().0.stored.and_then(|mut st| st.take_will());
         end();
         Some(will)
     }
@@ -808,7 +869,7 @@ impl Registry {
     /// Persistent sessions kept while their client is away (Mosquitto's disconnected clients).
     /// Walks every client id under the lock: for `$SYS`, once per `sys_interval`.
     pub fn disconnected(&self) -> usize {
-        self.slots().values().filter(|s| s.live.is_none() && s.stored.is_some()).count()
+        self.slots().iter().filter(|s| s.live.is_none() && s.stored.is_some()).count()
     }
 
     /// Stored sessions ended by their expiry interval since the start.
@@ -820,11 +881,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_core::connections::{ConnectionInfo, Connections};
+    use ferry_core::connections::{ConnectionInfo, Connections, Login};
     use ferry_core::message::Protocol;
 
-    /// A core entry for connection `id` (registered in a registry of its own, which the test
-    /// does not look at).
     #[test]
     fn a_view_lists_subscriptions_sorted_few_or_many() {
         let view = SessionView::default();
@@ -848,7 +907,9 @@ mod tests {
         assert!(!listed.contains(&"t/03".to_string()));
     }
 
-    fn conn(id: u64) -> Arc<ConnectionEntry> {
+    /// A core entry for connection `id`, logged in to `vhost` as `client_id` (registered in a
+    /// registry of its own, which the test does not look at).
+    fn conn(id: u64, vhost: &str, client_id: &str) -> Arc<ConnectionEntry> {
         let info = ConnectionInfo {
             id: ConnectionId(id),
             protocol: Protocol::Mqtt,
@@ -859,13 +920,57 @@ mod tests {
             tls: None,
             connected_at: 0,
         };
-        Connections::new().register(info).entry().clone()
+        let entry = Connections::new().register(info).entry().clone();
+        let login = Login { user: "u".into(), vhost: vhost.into(), client_id: Some(client_id.into()) };
+        assert!(entry.set_login(login));
+        entry
+    }
+
+    /// The slots know their keys (a live one by its connection's login, a stored one in its
+    /// record): they stay found as the table grows and rehashes them, as a slot goes from live
+    /// to stored and back, and listings read the keys from them.
+    #[tokio::test]
+    async fn slots_are_found_by_the_keys_they_keep() {
+        let r = Registry::new();
+        let mut claims = Vec::new();
+        for i in 0..200u64 {
+            let vhost = if i % 2 == 0 { "/" } else { "other" };
+            claims.push(r.claim(&conn(i + 1, vhost, &format!("c{i}")), 0, false).await);
+        }
+        assert_eq!(r.connected(), 200);
+        for i in 0..200u64 {
+            let vhost = if i % 2 == 0 { "/" } else { "other" };
+            assert_eq!(r.live_connection(vhost, &format!("c{i}")), Some(ConnectionId(i + 1)));
+            let other = if i % 2 == 0 { "other" } else { "/" };
+            assert!(!r.is_live(other, &format!("c{i}")), "the vhost is part of the key");
+        }
+        // Live to stored (the key moves into the record), stored to gone, stored restored.
+        r.release("/", "c0", ConnectionId(1), Some(StoredSession { expiry: 60, ..Default::default() }));
+        r.release("other", "c1", ConnectionId(2), None);
+        let restored = r.restore("/", "kept", StoredSession { expiry: 5, ..Default::default() }, Instant::now());
+        assert!(restored > 0 && r.generation("/", "kept") == restored);
+        assert!(!r.is_live("/", "c0") && r.generation("/", "c0") > 0);
+        assert_eq!(r.generation("other", "c1"), 0, "released without a session: gone");
+        assert_eq!(r.disconnected(), 2);
+        let sessions = r.sessions();
+        assert_eq!(sessions.len(), 200);
+        let c0 = sessions.iter().find(|s| s.vhost == "/" && s.client_id == "c0").unwrap();
+        assert!(c0.connection.is_none() && c0.expiry == 60);
+        let c3 = sessions.iter().find(|s| s.vhost == "other" && s.client_id == "c3").unwrap();
+        assert_eq!((c3.connection, c3.user.as_deref()), (Some(ConnectionId(4)), Some("u")));
+        // A stored session claimed again is live again under the same key.
+        let again = r.claim(&conn(500, "/", "c0"), 0, true).await;
+        assert_eq!(again.stored.map(|s| s.expiry), Some(60));
+        assert_eq!(r.live_connection("/", "c0"), Some(ConnectionId(500)));
+        r.forget("/", "kept");
+        assert_eq!(r.generation("/", "kept"), 0);
+        assert_eq!(r.disconnected(), 0);
     }
 
     #[tokio::test]
     async fn a_second_claim_kicks_the_first_and_gets_its_state() {
         let r = Arc::new(Registry::new());
-        let first = r.claim("/", "c", &conn(1), 0, false).await;
+        let first = r.claim(&conn(1, "/", "c"), 0, false).await;
         assert!(first.stored.is_none());
         assert_eq!(r.connected(), 1);
         let r2 = r.clone();
@@ -874,7 +979,7 @@ mod tests {
             let stored = StoredSession { expiry: 60, ..Default::default() };
             r2.release("/", "c", ConnectionId(1), Some(stored));
         });
-        let second = tokio::time::timeout(Duration::from_secs(5), r.claim("/", "c", &conn(2), 0, false)).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), r.claim(&conn(2, "/", "c"), 0, false)).await.unwrap();
         holder.await.unwrap();
         assert!(second.took_over);
         assert_eq!(second.stored.unwrap().expiry, 60);
@@ -927,9 +1032,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_sweep_kicks_a_connection_only_past_its_keep_alive_deadline() {
         let r = Registry::new();
-        let quiet = r.claim("/", "quiet", &conn(1), 0, false).await;
-        let talking = r.claim("/", "talking", &conn(2), 0, false).await;
-        let unlimited = r.claim("/", "unlimited", &conn(3), 0, false).await;
+        let quiet = r.claim(&conn(1, "/", "quiet"), 0, false).await;
+        let talking = r.claim(&conn(2, "/", "talking"), 0, false).await;
+        let unlimited = r.claim(&conn(3, "/", "unlimited"), 0, false).await;
         let start = tokio::time::Instant::now();
         quiet.kick.set_deadline(Some(start + Duration::from_secs(90)));
         talking.kick.set_deadline(Some(start + Duration::from_secs(90)));
@@ -953,7 +1058,7 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_asks_an_idle_connection_to_park_once_and_the_nudge_is_not_a_kick() {
         let r = Registry::new();
-        let c = r.claim("/", "idle", &conn(1), 0, false).await;
+        let c = r.claim(&conn(1, "/", "idle"), 0, false).await;
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         let now = ticks(tokio::time::Instant::now());
@@ -987,7 +1092,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_held_deadline_does_not_run_out_and_moves_on_by_the_pause() {
         let r = Registry::new();
-        let held = r.claim("/", "held", &conn(1), 0, false).await;
+        let held = r.claim(&conn(1, "/", "held"), 0, false).await;
         let start = tokio::time::Instant::now();
         held.kick.set_deadline(Some(start + Duration::from_secs(90)));
         held.kick.hold_deadline();
@@ -1004,7 +1109,7 @@ mod tests {
     #[tokio::test]
     async fn release_by_a_stale_connection_is_ignored() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", &conn(1), 0, false).await;
+        let _c = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(9), None);
         assert!(r.is_live("/", "c"));
         r.release("/", "c", ConnectionId(1), None);
@@ -1015,28 +1120,28 @@ mod tests {
     #[tokio::test]
     async fn a_stored_session_past_its_expiry_is_not_resumed() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", &conn(1), 0, false).await;
+        let _c = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 0, ..Default::default() }));
-        let again = r.claim("/", "c", &conn(2), 0, false).await;
+        let again = r.claim(&conn(2, "/", "c"), 0, false).await;
         assert!(again.stored.is_none() && again.expired);
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: u32::MAX, ..Default::default() }));
-        let never = r.claim("/", "c", &conn(3), 0, false).await;
+        let never = r.claim(&conn(3, "/", "c"), 0, false).await;
         assert!(never.stored.is_some() && !never.expired);
     }
 
     #[tokio::test]
     async fn expire_ends_only_a_session_nobody_resumed() {
         let r = Registry::new();
-        let first = r.claim("/", "c", &conn(1), 0, false).await;
+        let first = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(StoredSession { expiry: 60, ..Default::default() }));
-        let second = r.claim("/", "c", &conn(2), 0, false).await;
+        let second = r.claim(&conn(2, "/", "c"), 0, false).await;
         assert!(r.claimed_since("/", "c", first.generation));
         assert!(r.expire("/", "c", first.generation, || panic!("resumed: must not end")).is_none());
         r.release("/", "c", ConnectionId(2), Some(StoredSession { expiry: 60, ..Default::default() }));
         let mut ended = false;
         assert!(r.expire("/", "c", second.generation, || ended = true).is_some());
         assert!(ended && !r.claimed_since("/", "c", second.generation));
-        let third = r.claim("/", "c", &conn(3), 0, false).await;
+        let third = r.claim(&conn(3, "/", "c"), 0, false).await;
         assert!(third.stored.is_none());
         assert!(third.generation > second.generation, "claim numbers never repeat");
     }
@@ -1044,8 +1149,8 @@ mod tests {
     #[tokio::test]
     async fn ids_are_per_vhost() {
         let r = Registry::new();
-        let a = r.claim("/", "c", &conn(1), 0, false).await;
-        let b = r.claim("other", "c", &conn(2), 0, false).await;
+        let a = r.claim(&conn(1, "/", "c"), 0, false).await;
+        let b = r.claim(&conn(2, "other", "c"), 0, false).await;
         assert!(!a.took_over && !b.took_over);
         assert_eq!(r.connected(), 2);
     }
@@ -1067,7 +1172,7 @@ mod tests {
     #[tokio::test]
     async fn a_delayed_will_is_taken_once_when_nobody_came() {
         let r = Registry::new();
-        let c = r.claim("/", "c", &conn(1), 0, false).await;
+        let c = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(60)));
         let (due, st) = r.take_will("/", "c", c.generation).expect("due");
         assert_eq!(due.will.topic.as_str(), "w");
@@ -1082,17 +1187,17 @@ mod tests {
         // then leaves with session expiry 0, which removes the client id's slot: the old will
         // must not come at its deadline [MQTT-3.1.3-9].
         let r = Registry::new();
-        let first = r.claim("/", "c", &conn(1), 0, false).await;
+        let first = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(60)));
-        let second = r.claim("/", "c", &conn(2), 0, false).await;
+        let second = r.claim(&conn(2, "/", "c"), 0, false).await;
         assert!(second.stored.is_some_and(|st| st.will.is_some()), "the new connection drops it");
         r.release("/", "c", ConnectionId(2), None);
         assert!(r.take_will("/", "c", first.generation).is_none());
         assert!(r.expire("/", "c", first.generation, || panic!("nothing to end")).is_none());
         // And one resumed and stored again: the old will is not in it any more.
-        let third = r.claim("/", "c", &conn(3), 0, false).await;
+        let third = r.claim(&conn(3, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(3), Some(with_will(60)));
-        let fourth = r.claim("/", "c", &conn(4), 0, true).await;
+        let fourth = r.claim(&conn(4, "/", "c"), 0, true).await;
         r.release("/", "c", ConnectionId(4), Some(StoredSession { expiry: 60, ..Default::default() }));
         assert!(r.take_will("/", "c", third.generation).is_none());
         assert!(r.take_will("/", "c", fourth.generation).is_none(), "no will was left");
@@ -1101,14 +1206,14 @@ mod tests {
     #[tokio::test]
     async fn the_session_end_publishes_a_will_still_waiting() {
         let r = Registry::new();
-        let c = r.claim("/", "c", &conn(1), 0, false).await;
+        let c = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(5)));
         // The expiry timer ran before the will's (both due at the same time): it takes the will.
         let ended = r.expire("/", "c", c.generation, || {}).expect("ended");
         assert_eq!(ended.expect("the will").will.topic.as_str(), "w");
         assert!(r.take_will("/", "c", c.generation).is_none(), "not twice");
         // The will's timer first: the expiry finds none.
-        let c = r.claim("/", "c", &conn(2), 0, false).await;
+        let c = r.claim(&conn(2, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(2), Some(with_will(5)));
         assert!(r.take_will("/", "c", c.generation).is_some());
         assert!(r.expire("/", "c", c.generation, || {}).expect("ended").is_none());
@@ -1117,9 +1222,9 @@ mod tests {
     #[tokio::test]
     async fn a_claim_after_the_expiry_gets_the_will_that_was_due() {
         let r = Registry::new();
-        let _c = r.claim("/", "c", &conn(1), 0, false).await;
+        let _c = r.claim(&conn(1, "/", "c"), 0, false).await;
         r.release("/", "c", ConnectionId(1), Some(with_will(0)));
-        let again = r.claim("/", "c", &conn(2), 0, true).await;
+        let again = r.claim(&conn(2, "/", "c"), 0, true).await;
         assert!(again.expired && again.stored.is_none());
         assert_eq!(again.ended_will.expect("due").will.topic.as_str(), "w");
     }
@@ -1128,7 +1233,7 @@ mod tests {
     async fn a_takeover_tells_the_old_connection_whether_the_session_goes_on() {
         for resume in [false, true] {
             let r = Arc::new(Registry::new());
-            let first = r.claim("/", "c", &conn(1), 0, false).await;
+            let first = r.claim(&conn(1, "/", "c"), 0, false).await;
             assert!(!first.kick.resumed());
             let r2 = r.clone();
             let holder = tokio::spawn(async move {
@@ -1137,8 +1242,8 @@ mod tests {
                 r2.release("/", "c", ConnectionId(1), None);
                 resumed
             });
-            let entry = conn(2);
-            let second = r.claim("/", "c", &entry, 0, resume);
+            let entry = conn(2, "/", "c");
+            let second = r.claim(&entry, 0, resume);
             let second = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap();
             assert!(second.took_over);
             assert_eq!(holder.await.unwrap(), resume);
@@ -1148,8 +1253,8 @@ mod tests {
     #[tokio::test]
     async fn a_close_from_outside_kicks_the_holder_through_the_same_wake_up() {
         let r = Registry::new();
-        let entry = conn(1);
-        let c = r.claim("/", "c", &entry, 0, false).await;
+        let entry = conn(1, "/", "c");
+        let c = r.claim(&entry, 0, false).await;
         assert_eq!(c.kick.connection(), ConnectionId(1));
         entry.close("maintenance");
         let why = tokio::time::timeout(Duration::from_secs(5), c.kick.kicked()).await.expect("woken");
@@ -1163,10 +1268,10 @@ mod tests {
     #[tokio::test]
     async fn a_claim_waits_for_the_old_connection_to_release() {
         let r = Arc::new(Registry::new());
-        let first = r.claim("/", "c", &conn(1), 0, false).await;
+        let first = r.claim(&conn(1, "/", "c"), 0, false).await;
         let claiming = tokio::spawn({
             let r = r.clone();
-            async move { r.claim("/", "c", &conn(2), 0, true).await }
+            async move { r.claim(&conn(2, "/", "c"), 0, true).await }
         });
         first.kick.kicked().await;
         // Kicked, not yet released: the claim is still waiting, and the old connection's last
