@@ -27,6 +27,7 @@
 //! signal for every reason to go ([`Kicked::Closed`] is the close from outside).
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -122,14 +123,14 @@ pub struct Kick {
     /// (see `crate::park`).
     idle: AtomicU8,
     /// Which shutdown signal ends this connection ([`Registry::shut_down`]): one per listener,
-    /// so a `u32` is room enough, and with it the kick is 48 bytes, jemalloc's 64 class with
+    /// so a `u32` is room enough, and with it the kick is 64 bytes, jemalloc's 80 class with
     /// the `Arc`'s counts (`a_kick_stays_small`).
     group: u32,
     /// [`RESUMED`], set with a takeover: whether the new connection resumes the session (clean
     /// start 0). The session then goes on, and the taken-over connection's will is not
     /// published (as Mosquitto does; 5.0 §3.1.2.5: a new connection came before the will was
     /// due). [`RELEASED`]: the connection let its client id go. One byte for both, so that the
-    /// kick stays 48 bytes with `idle`.
+    /// kick stays 64 bytes with `idle`.
     ends: AtomicU8,
     /// What the management API shows of the session while this connection holds it.
     view: SessionView,
@@ -145,31 +146,33 @@ const QUIET: u8 = 1;
 const PARK: u8 = 2;
 
 /// A session's subscriptions as its view keeps them: filter → options and identifier. One
-/// inline (a device has one subscription: no list for it), a list of a few (searched linearly;
-/// a B-tree's first node has room for 11), a B-tree past [`VIEW_FEW`].
-#[derive(Debug)]
+/// inline (a device has one subscription: no allocation for it, 24 bytes in the kick), a list
+/// of a few (searched linearly; a B-tree's first node has room for 11), a B-tree past
+/// [`VIEW_FEW`].
+#[derive(Debug, Default)]
 enum ViewSubscriptions {
+    #[default]
+    None,
     One(ViewEntry),
-    Few(Vec<ViewEntry>),
-    Many(std::collections::BTreeMap<Arc<str>, (SubOptions, Option<u32>)>),
+    #[allow(clippy::box_collection)] // one word in every kick, where the list is 24 bytes
+    Few(Box<Vec<ViewEntry>>),
+    Many(Box<ViewMap>),
 }
 
+/// Past [`VIEW_FEW`]: filter → options and identifier.
+type ViewMap = std::collections::BTreeMap<Arc<str>, (SubOptions, Option<NonZeroU32>)>;
+
 /// The filter's text is the session's own ([`crate::topic::Filter::shared_text`]): a copy was
-/// 32 bytes of every subscribed connection (issue 18).
-type ViewEntry = (Arc<str>, SubOptions, Option<u32>);
+/// 32 bytes of every subscribed connection (issue 18). The identifier is never 0 (5.0
+/// §3.8.2.1.2).
+type ViewEntry = (Arc<str>, SubOptions, Option<NonZeroU32>);
 
 const VIEW_FEW: usize = 8;
 
-impl Default for ViewSubscriptions {
-    fn default() -> Self {
-        ViewSubscriptions::Few(Vec::new())
-    }
-}
-
 impl ViewSubscriptions {
-    fn insert(&mut self, filter: Arc<str>, options: SubOptions, identifier: Option<u32>) {
+    fn insert(&mut self, filter: Arc<str>, options: SubOptions, identifier: Option<NonZeroU32>) {
         match self {
-            ViewSubscriptions::Few(v) if v.is_empty() => {
+            ViewSubscriptions::None => {
                 *self = ViewSubscriptions::One((filter, options, identifier));
                 return;
             }
@@ -180,7 +183,7 @@ impl ViewSubscriptions {
             }
             ViewSubscriptions::One(_) => {
                 if let ViewSubscriptions::One(first) = std::mem::take(self) {
-                    *self = ViewSubscriptions::Few(vec![first]);
+                    *self = ViewSubscriptions::Few(Box::new(vec![first]));
                 }
             }
             _ => {}
@@ -196,8 +199,8 @@ impl ViewSubscriptions {
                 v.push((filter, options, identifier));
                 return;
             }
-            let map = std::mem::take(v).into_iter().map(|(f, o, i)| (f, (o, i))).collect();
-            *self = ViewSubscriptions::Many(map);
+            let map = std::mem::take(&mut **v).into_iter().map(|(f, o, i)| (f, (o, i))).collect();
+            *self = ViewSubscriptions::Many(Box::new(map));
         }
         if let ViewSubscriptions::Many(m) = self {
             m.insert(filter, (options, identifier));
@@ -206,15 +209,16 @@ impl ViewSubscriptions {
 
     fn remove(&mut self, filter: &str) {
         match self {
+            ViewSubscriptions::None => {}
             ViewSubscriptions::One(e) => {
                 if *e.0 == *filter {
-                    *self = ViewSubscriptions::default();
+                    *self = ViewSubscriptions::None;
                 }
             }
             ViewSubscriptions::Few(v) => {
                 v.retain(|e| *e.0 != *filter);
                 if v.is_empty() {
-                    *v = Vec::new();
+                    *self = ViewSubscriptions::None;
                 }
             }
             ViewSubscriptions::Many(m) => {
@@ -225,18 +229,16 @@ impl ViewSubscriptions {
 
     /// Sorted by filter.
     fn list(&self) -> Vec<StoredSubscription> {
+        let stored = |f: &Arc<str>, o: &SubOptions, i: &Option<NonZeroU32>| StoredSubscription {
+            filter: f.to_string(),
+            options: *o,
+            identifier: i.map(NonZeroU32::get),
+        };
         let mut out: Vec<StoredSubscription> = match self {
-            ViewSubscriptions::One((f, o, i)) => {
-                vec![StoredSubscription { filter: f.to_string(), options: *o, identifier: *i }]
-            }
-            ViewSubscriptions::Few(v) => v
-                .iter()
-                .map(|(f, o, i)| StoredSubscription { filter: f.to_string(), options: *o, identifier: *i })
-                .collect(),
-            ViewSubscriptions::Many(m) => m
-                .iter()
-                .map(|(f, (o, i))| StoredSubscription { filter: f.to_string(), options: *o, identifier: *i })
-                .collect(),
+            ViewSubscriptions::None => Vec::new(),
+            ViewSubscriptions::One((f, o, i)) => vec![stored(f, o, i)],
+            ViewSubscriptions::Few(v) => v.iter().map(|(f, o, i)| stored(f, o, i)).collect(),
+            ViewSubscriptions::Many(m) => m.iter().map(|(f, (o, i))| stored(f, o, i)).collect(),
         };
         out.sort_by(|a, b| a.filter.cmp(&b.filter));
         out
@@ -247,24 +249,23 @@ impl ViewSubscriptions {
 /// current when its subscriptions or expiry change (rare events; never per message).
 #[derive(Debug, Default)]
 pub struct SessionView {
-    /// Filter → options and identifier; made with the first subscription (most connections
-    /// never subscribe, and pay 16 bytes for it).
-    subscriptions: std::sync::OnceLock<Box<Mutex<ViewSubscriptions>>>,
+    /// Filter → options and identifier, inline: a device's one subscription in a box of its
+    /// own was 48 bytes beside the kick's 64, and is 16 more of the kick's (80 with the `Arc`'s
+    /// counts; a connection that never subscribes pays those 16, issue 18).
+    subscriptions: Mutex<ViewSubscriptions>,
     expiry: std::sync::atomic::AtomicU32,
     clean_start: AtomicBool,
 }
 
 impl SessionView {
     fn subs(&self) -> std::sync::MutexGuard<'_, ViewSubscriptions> {
-        self.subscriptions.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+        self.subscriptions.lock().unwrap_or_else(|e| e.into_inner())
     }
     pub fn subscribed(&self, filter: Arc<str>, options: SubOptions, identifier: Option<u32>) {
-        self.subs().insert(filter, options, identifier);
+        self.subs().insert(filter, options, identifier.and_then(NonZeroU32::new));
     }
     pub fn unsubscribed(&self, filter: &str) {
-        if self.subscriptions.get().is_some() {
-            self.subs().remove(filter);
-        }
+        self.subs().remove(filter);
     }
     pub fn set_session(&self, clean_start: bool, expiry: u32) {
         self.clean_start.store(clean_start, Ordering::Relaxed);
@@ -274,10 +275,7 @@ impl SessionView {
         self.expiry.store(expiry, Ordering::Relaxed);
     }
     fn subscriptions(&self) -> Vec<StoredSubscription> {
-        match self.subscriptions.get() {
-            None => Vec::new(),
-            Some(_) => self.subs().list(),
-        }
+        self.subs().list()
     }
 }
 
@@ -989,11 +987,13 @@ mod tests {
 
     /// The registry's part of every idle MQTT connection (issue 18): 88 bytes with the group
     /// as a `usize`, jemalloc's 112 class with the `Arc`'s counts; 80 and the 96 class; 48
-    /// and the 64 class with one release notification for the whole registry.
+    /// and the 64 class with one release notification for the whole registry; 64 and the 80
+    /// class with a session's one subscription inline in its view (where it was a box of 48).
     #[test]
     fn a_kick_stays_small() {
         let size = std::mem::size_of::<Kick>();
-        assert!(size + 16 <= 64, "Kick is {size} bytes");
+        assert!(size + 16 <= 80, "Kick is {size} bytes");
+        assert!(std::mem::size_of::<ViewSubscriptions>() <= 24);
     }
 
     /// Every client id has a slot in the registry's map, each live connection one: 40 bytes
@@ -1013,7 +1013,7 @@ mod tests {
         let mut v = ViewSubscriptions::default();
         v.insert("devices/a/cmd".into(), o, None);
         assert!(matches!(v, ViewSubscriptions::One(_)));
-        v.insert("devices/a/cmd".into(), o, Some(7));
+        v.insert("devices/a/cmd".into(), o, NonZeroU32::new(7));
         assert!(matches!(v, ViewSubscriptions::One(_)));
         assert_eq!(v.list()[0].identifier, Some(7));
         v.insert("a/#".into(), o, None);
@@ -1024,7 +1024,7 @@ mod tests {
         assert!(v.list().is_empty());
         v.insert("x".into(), o, None);
         v.remove("x");
-        assert!(matches!(v, ViewSubscriptions::Few(ref l) if l.is_empty()));
+        assert!(matches!(v, ViewSubscriptions::None));
     }
 
     /// Keep alive on injected time: the sweep kicks a connection only once its deadline
