@@ -25,8 +25,8 @@
 //! and unregister update the count under it); nothing else is taken under either. An entry's
 //! channel list lock is taken alone.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,8 +34,12 @@ use std::task::{Context, Poll};
 
 use tokio::sync::watch;
 
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
+
 use crate::cert_login::{certificate_user, CertLogin};
 use crate::frontend::{ListenerSettings, TlsIdentity};
+use crate::hash::FastState;
 use crate::message::{ConnectionId, Millis, Protocol};
 use crate::queue::OwnerId;
 use crate::signal::Signal;
@@ -524,9 +528,52 @@ fn protocol_index(p: Protocol) -> usize {
     }
 }
 
+/// The live entries, by id: a table of entries that know their ids, 8 bytes a slot where a map
+/// from the id to the entry was 16 (14 bytes of every connection at 10,000, issue 18). The
+/// ids are the broker's: a fixed-seed hasher.
+#[derive(Default)]
+struct Entries {
+    table: HashTable<Arc<ConnectionEntry>>,
+}
+
+impl Entries {
+    fn hash(id: ConnectionId) -> u64 {
+        FastState::default().hash_one(id)
+    }
+
+    fn get(&self, id: ConnectionId) -> Option<&Arc<ConnectionEntry>> {
+        self.table.find(Self::hash(id), |e| e.id() == id)
+    }
+
+    /// Adds `entry`, replacing one with its id.
+    fn insert(&mut self, entry: Arc<ConnectionEntry>) {
+        let id = entry.id();
+        match self.table.entry(Self::hash(id), |e| e.id() == id, |e| Self::hash(e.id())) {
+            Entry::Occupied(mut found) => *found.get_mut() = entry,
+            Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: ConnectionId) {
+        if let Ok(found) = self.table.find_entry(Self::hash(id), |e| e.id() == id) {
+            found.remove();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<ConnectionEntry>> {
+        self.table.iter()
+    }
+}
+
 /// Every live connection, by id. Owned by the [`Broker`](crate::Broker).
 pub struct Connections {
-    entries: Mutex<HashMap<ConnectionId, Arc<ConnectionEntry>>>,
+    entries: Mutex<Entries>,
     /// Per protocol ([`PROTOCOLS`] order): what closed connections counted. Added to under the
     /// `entries` lock as an entry leaves, so that [`Connections::totals`] (which reads under
     /// it) counts every connection exactly once and its sums never go down.
@@ -543,7 +590,7 @@ impl fmt::Debug for Connections {
 
 impl Default for Connections {
     fn default() -> Connections {
-        Connections { entries: Mutex::new(HashMap::new()), retired: Default::default(), count: watch::Sender::new(0) }
+        Connections { entries: Mutex::default(), retired: Default::default(), count: watch::Sender::new(0) }
     }
 }
 
@@ -552,7 +599,7 @@ impl Connections {
         Arc::new(Connections::default())
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Arc<ConnectionEntry>>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -561,7 +608,7 @@ impl Connections {
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> ConnectionHandle {
         let entry = Arc::new(ConnectionEntry::new(info));
         let mut entries = self.entries();
-        entries.insert(entry.id(), entry.clone());
+        entries.insert(entry.clone());
         self.retired[protocol_index(entry.info.protocol)].opened.fetch_add(1, Ordering::Relaxed);
         self.count.send_replace(entries.len());
         drop(entries);
@@ -571,25 +618,25 @@ impl Connections {
     fn unregister(&self, entry: &Arc<ConnectionEntry>) {
         let mut entries = self.entries();
         // Only this entry: not one registered later under the same id.
-        if entries.get(&entry.id()).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+        if entries.get(entry.id()).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             let r = &self.retired[protocol_index(entry.info.protocol)];
             let c = &entry.counters;
             r.messages_in.fetch_add(c.messages_in.load(Ordering::Relaxed), Ordering::Relaxed);
             r.messages_out.fetch_add(c.messages_out.load(Ordering::Relaxed), Ordering::Relaxed);
             r.bytes_in.fetch_add(c.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
             r.bytes_out.fetch_add(c.bytes_out.load(Ordering::Relaxed), Ordering::Relaxed);
-            entries.remove(&entry.id());
+            entries.remove(entry.id());
             self.count.send_replace(entries.len());
         }
     }
 
     /// The live connection with this id.
     pub fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionEntry>> {
-        self.entries().get(&id).cloned()
+        self.entries().get(id).cloned()
     }
 
     pub fn contains(&self, id: ConnectionId) -> bool {
-        self.entries().contains_key(&id)
+        self.entries().get(id).is_some()
     }
 
     pub fn len(&self) -> usize {
