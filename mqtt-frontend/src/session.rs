@@ -1752,6 +1752,10 @@ impl Session {
             self.out = Vec::new();
         }
         self.acks.shed();
+        self.sink.outbox().shed();
+        if let Some(outbox) = &self.queue_outbox {
+            outbox.shed();
+        }
     }
 
     /// Whether this client's publishes found a subscriber or a queue congested since the last
