@@ -428,6 +428,8 @@ struct ParkedRest {
 
 impl Session {
     /// The session as a parked connection keeps it ([`ParkedSession::resume`] gives it back).
+    /// Both list every field of [`Session`] (no `..`): a field added to it must be placed here
+    /// and there, or neither compiles, so a park never drops a part of a session.
     pub(crate) fn park(self) -> ParkedSession {
         let Session {
             version,
