@@ -47,8 +47,8 @@ pub struct Outbox<T> {
     /// as `u32`, 112 with the wake-up under the items' lock and what only a congested outbox
     /// needs made when one is (`Items::congestion`), 96 with the weight from the item's type
     /// ([`Weigh`]) and that state under the lock too: jemalloc's 112 class with the `Arc`'s
-    /// counts instead of 192 (`an_outbox_stays_small`, issue 18). A direct sink's is inline in
-    /// the sink.
+    /// counts instead of 192; 64 and the 80 class with the wake-up's permit beside `starved`
+    /// (`an_outbox_stays_small`, issue 18). A direct sink's is inline in the sink.
     len: AtomicU32,
     capacity: u32,
     /// The items' [`Weigh::weight`] summed, kept like `len`; always 0 without a byte bound.
@@ -59,6 +59,8 @@ pub struct Outbox<T> {
     /// A producer found the outbox full ([`Outbox::has_room_or_starve`]) and stopped; the owner
     /// must prompt it again after draining ([`Outbox::take_starved`]).
     starved: std::sync::atomic::AtomicBool,
+    /// The items' wake-up's permit, read and written only under their lock (see [`Wakeup`]).
+    permit: std::sync::atomic::AtomicBool,
 }
 
 struct Items<T> {
@@ -214,6 +216,7 @@ impl<T: Weigh> Outbox<T> {
             bytes: AtomicUsize::new(0),
             max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX).max(1),
             starved: std::sync::atomic::AtomicBool::new(false),
+            permit: std::sync::atomic::AtomicBool::new(false),
         }
     }
     fn items(&self) -> MutexGuard<'_, Items<T>> {
@@ -305,7 +308,7 @@ impl<T: Weigh> Outbox<T> {
         q.queue.push_back(item);
         self.set_len(q.queue.len());
         if was_empty {
-            q.wakeup.notify()
+            q.wakeup.notify(&self.permit)
         } else {
             None
         }
@@ -449,7 +452,7 @@ impl<T: Weigh> Outbox<T> {
     /// [`Outbox::notified`] without a future: `Ready` after a push into an empty outbox,
     /// otherwise the task is woken by the next one.
     pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.items().wakeup.poll(cx)
+        self.items().wakeup.poll(&self.permit, cx)
     }
 }
 
@@ -521,7 +524,9 @@ pub enum Offer {
 pub struct SinkId(pub u64);
 
 /// A queue-less destination feeding one connection's outbox, which it holds inline: one per
-/// MQTT session, made with it. 112 bytes, jemalloc's 128 class with the `Arc`'s counts; apart,
+/// MQTT session, made with it. 80 bytes, jemalloc's 96 class with the `Arc`'s counts (112 and
+/// the 128 with the outbox's deque inline, 88 and the 112 with its wake-up's permit beside the
+/// waker; `an_outbox_stays_small`); apart,
 /// the outbox was the 112 class and the sink the 48 (issue 18: 32 bytes of every subscribed
 /// device; 16 more of one that never subscribes, whose session made an outbox anyway). It kept
 /// counts of its deliveries and drops, which only tests read, and an atomic add per delivery;
@@ -599,23 +604,24 @@ mod tests {
         SinkDelivery { message: Arc::new(Message::new("", "k", Bytes::from(vec![n]))), cookies: Cookies::One(7) }
     }
 
-    /// One per MQTT session, its outbox inline (see [`DirectSink`]): the 128 class with the
+    /// One per MQTT session, its outbox inline (see [`DirectSink`]): the 96 class with the
     /// `Arc`'s counts, where the sink apart was the 48 class and its outbox the 112.
     #[test]
     fn a_sink_stays_small() {
         let size = std::mem::size_of::<DirectSink>();
-        assert!(size + 16 <= 128, "DirectSink is {size} bytes");
+        assert!(size + 16 <= 96, "DirectSink is {size} bytes");
     }
 
     /// Every MQTT session makes an outbox for its direct sink at its start: 192 bytes with the
     /// length and the capacity as `usize`, jemalloc's 224 class with the `Arc`'s counts; 176
-    /// and the 192 class with them as `u32`; 112 and the 128 class; now 96 and the 112 class.
+    /// and the 192 class with them as `u32`; 112 and the 128 class; 96 and the 112 class; now 64
+    /// and the 80 (a direct sink, the outbox inline, 80 and the 96).
     #[test]
     fn an_outbox_stays_small() {
         let size = std::mem::size_of::<Outbox<SinkDelivery>>();
-        assert!(size + 16 <= 96, "Outbox is {size} bytes");
+        assert!(size + 16 <= 80, "Outbox is {size} bytes");
         let sink = std::mem::size_of::<DirectSink>();
-        assert!(sink + 16 <= 112, "DirectSink is {sink} bytes");
+        assert!(sink + 16 <= 96, "DirectSink is {sink} bytes");
     }
 
     /// The ready items' room is made with the first and given back by a shed once drained.
