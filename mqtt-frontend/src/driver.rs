@@ -230,14 +230,14 @@ impl tokio::io::AsyncWrite for NoStream {
 /// What a parked connection keeps of its [`Conn`] (`crate::park`): its session as a parked one
 /// keeps it ([`ParkedSession`]) and what serves it again. Not its stream (the parker holds the
 /// socket), its read buffer (empty at a park), the state of a read in progress, or the broker
-/// and the frontend (the parker's, the same for all its connections). 152 bytes, jemalloc's
-/// 160 class, where a `Conn` is the 320 (issue 18: it was 250 bytes and the 256 class with the
-/// session whole, the broker and the frontend; `a_parked_connection_fits_jemallocs_160_class`).
+/// and the frontend (the parker's, the same for all its connections). 120 bytes, jemalloc's
+/// 128 class, where a `Conn` is the 320 (issue 18: it was 250 bytes and the 256 class with the
+/// session whole, the broker and the frontend, then 152 and the 160 with the session's names and
+/// the flow control; `a_parked_connection_fits_jemallocs_128_class`).
 pub(crate) struct ParkedConn {
+    /// With the flow control, when it is kept (a publish rate's bucket): a rare part.
     session: ParkedSession,
     conn: ConnectionHandle,
-    /// Kept when it holds something (a publish rate's bucket).
-    flow: Option<Box<PublisherFlow>>,
     generation: u64,
     published: bool,
     sizer: ReadSizer,
@@ -249,12 +249,13 @@ impl ParkedConn {
     // The parker keeps the record boxed; it is taken apart here, not moved out of its box first.
     #[allow(clippy::boxed_local)]
     fn resume(self: Box<Self>, broker: Arc<Broker>, shared: Arc<Shared>) -> Box<Conn> {
-        let ParkedConn { session, conn, flow, generation, published, sizer } = *self;
+        let ParkedConn { session, conn, generation, published, sizer } = *self;
+        let (session, flow) = session.resume(conn.entry());
         Box::new(Conn {
             stream: Box::new(NoStream),
             broker,
             shared,
-            session: session.resume(conn.id()),
+            session,
             buf: BytesMut::new(),
             sizer,
             conn,
@@ -661,7 +662,7 @@ impl Conn {
                 // Nothing is kept for the next read (`may_park`: the buffer is empty): it goes
                 // through the stack.
                 let Conn { session, conn, flow, generation, published, sizer, .. } = *self;
-                let conn = Box::new(ParkedConn { session: session.park(), conn, flow, generation, published, sizer });
+                let conn = Box::new(ParkedConn { session: session.park(flow), conn, generation, published, sizer });
                 parker.park(Parked { conn, tcp, slot });
                 Ok(())
             }
@@ -1284,9 +1285,9 @@ mod tests {
     /// (120 bytes) and what serves it again; without the stream, the read buffer, the read's
     /// state, the broker and the frontend: half a `Conn`, two classes lower.
     #[test]
-    fn a_parked_connection_fits_jemallocs_160_class() {
+    fn a_parked_connection_fits_jemallocs_128_class() {
         let size = std::mem::size_of::<ParkedConn>();
-        assert!(size <= 160, "ParkedConn is {size} bytes");
+        assert!(size <= 128, "ParkedConn is {size} bytes");
     }
 
     #[test]

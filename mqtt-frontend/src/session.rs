@@ -15,8 +15,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use ferry_core::connections::ConnectionEntry;
 use ferry_core::exchange::{BindingKey, ExchangeKind, ExchangeOptions, SinkRef};
-use ferry_core::flow::AckQueue;
+use ferry_core::flow::{AckQueue, PublisherFlow};
 use ferry_core::hash::FastMap;
 use ferry_core::message::{ConnectionId, FieldTable, FieldValue, Message, Millis, Origin, Protocol, ShortString};
 use ferry_core::queue::{ConsumerId, ConsumerSpec, Delivery, OwnerId, Queue, QueueName, QueueOptions};
@@ -370,14 +371,15 @@ impl SessionStats {
 
 /// A session while its connection is parked (`crate::park`): what it keeps then, without what
 /// a parked session has none of (its write buffer, empty at a park; a SUBSCRIBE in progress;
-/// deliveries in flight; acks waiting for the store; counts not handed over) unless it has, in
-/// one box then ([`ParkedRest`]). Its queue side (a persistent session's queue and consumer, the
-/// outbox of its queue deliveries) is one box too, and the connection's id is its entry's. 120
-/// bytes where a [`Session`] is 200: with the driver's part the parked record is jemalloc's 160
-/// class instead of the 256, 96 bytes of every parked device (issue 18;
-/// `a_parked_session_stays_small`).
+/// deliveries in flight; acks waiting for the store; counts not handed over; the driver's
+/// publisher flow control) unless it has, in one box then ([`ParkedRest`]). Its queue side (a
+/// persistent session's queue and consumer, the outbox of its queue deliveries) is one box too;
+/// the connection's id, client id and user are its entry's (the login the driver recorded
+/// before the claim), made into the session's names again at [`ParkedSession::resume`]. 96
+/// bytes where a [`Session`] is 200: with the driver's part the parked record is jemalloc's 128
+/// class (issue 18: it was the 256 with the session whole, then the 160 with the names and the
+/// flow control in it, and the names' own allocation; `a_parked_session_stays_small`).
 pub(crate) struct ParkedSession {
-    names: Box<str>,
     vhost: Arc<VHost>,
     settings: Arc<Settings>,
     sink: Arc<DirectSink>,
@@ -389,7 +391,6 @@ pub(crate) struct ParkedSession {
     rest: Option<Box<ParkedRest>>,
     session_expiry: u32,
     client_max_packet: u32,
-    client_id_len: u16,
     keep_alive: u16,
     window: u16,
     next_packet_id: u16,
@@ -417,6 +418,8 @@ struct ParkedRest {
     subscribing: Option<Box<PendingSubscribe>>,
     extras: Option<Box<Extras>>,
     traffic: Option<Box<Traffic>>,
+    /// The driver's (`Conn::flow`), kept when it holds something (a publish rate's bucket).
+    flow: Option<Box<PublisherFlow>>,
     acks: AckQueue<Packet>,
     out: Vec<u8>,
     stats: SessionStats,
@@ -429,12 +432,14 @@ struct ParkedRest {
 impl Session {
     /// The session as a parked connection keeps it ([`ParkedSession::resume`] gives it back).
     /// Both list every field of [`Session`] (no `..`): a field added to it must be placed here
-    /// and there, or neither compiles, so a park never drops a part of a session.
-    pub(crate) fn park(self) -> ParkedSession {
+    /// and there, or neither compiles, so a park never drops a part of a session. `flow` is the
+    /// driver's publisher flow control, kept with the session's rare parts.
+    pub(crate) fn park(self, flow: Option<Box<PublisherFlow>>) -> ParkedSession {
         let Session {
             version,
-            names,
-            client_id_len,
+            // The entry's login has both ([`ParkedSession::resume`]).
+            names: _,
+            client_id_len: _,
             has_user,
             connection: _,
             owner,
@@ -476,6 +481,7 @@ impl Session {
         let rest = (subscribing.is_some()
             || extras.is_some()
             || traffic.is_some()
+            || flow.is_some()
             || !acks.is_empty()
             || !out.is_empty()
             || stats != SessionStats::default()
@@ -488,6 +494,7 @@ impl Session {
                     subscribing,
                     extras,
                     traffic,
+                    flow,
                     acks,
                     out,
                     stats,
@@ -498,7 +505,6 @@ impl Session {
                 })
             });
         ParkedSession {
-            names,
             vhost,
             settings,
             sink,
@@ -510,7 +516,6 @@ impl Session {
             rest,
             session_expiry,
             client_max_packet,
-            client_id_len,
             keep_alive,
             window,
             next_packet_id,
@@ -527,10 +532,11 @@ impl Session {
 }
 
 impl ParkedSession {
-    /// The session served again by `connection` (its own: the entry's id).
-    pub(crate) fn resume(self, connection: ConnectionId) -> Session {
+    /// The session served again by `connection`, its own entry: the entry's id, and the client
+    /// id and user of its login made into the session's names again. With the driver's flow
+    /// control, if it was kept ([`Session::park`]).
+    pub(crate) fn resume(self, connection: &ConnectionEntry) -> (Session, Option<Box<PublisherFlow>>) {
         let ParkedSession {
-            names,
             vhost,
             settings,
             sink,
@@ -542,7 +548,6 @@ impl ParkedSession {
             rest,
             session_expiry,
             client_max_packet,
-            client_id_len,
             keep_alive,
             window,
             next_packet_id,
@@ -555,6 +560,12 @@ impl ParkedSession {
             disk_alarm,
             bound,
         } = self;
+        // Recorded before the claim, so before any session is made (`driver::establish`); an
+        // entry keeps an empty client id as none.
+        let client_id = connection.client_id().unwrap_or_default();
+        let user = if has_user { connection.user().unwrap_or_default() } else { "" };
+        let client_id_len = client_id.len() as u16;
+        let names = [client_id, user].concat().into_boxed_str();
         let (mode, queue_outbox) = match queues.map(|q| *q) {
             Some(ParkedQueues { persistent: Some((queue, consumer)), outbox }) => {
                 (Mode::Persistent { queue, consumer }, outbox)
@@ -562,28 +573,40 @@ impl ParkedSession {
             Some(ParkedQueues { persistent: None, outbox }) => (Mode::Transient { bound }, outbox),
             None => (Mode::Transient { bound }, None),
         };
-        let ParkedRest { subscribing, extras, traffic, acks, out, stats, more, after_acks, connack_withheld, quiet } =
-            match rest {
-                Some(rest) => *rest,
-                None => ParkedRest {
-                    subscribing: None,
-                    extras: None,
-                    traffic: None,
-                    acks: AckQueue::new(),
-                    out: Vec::new(),
-                    stats: SessionStats::default(),
-                    more: false,
-                    after_acks: false,
-                    connack_withheld: false,
-                    quiet: false,
-                },
-            };
-        Session {
+        let ParkedRest {
+            subscribing,
+            extras,
+            traffic,
+            flow,
+            acks,
+            out,
+            stats,
+            more,
+            after_acks,
+            connack_withheld,
+            quiet,
+        } = match rest {
+            Some(rest) => *rest,
+            None => ParkedRest {
+                subscribing: None,
+                extras: None,
+                traffic: None,
+                flow: None,
+                acks: AckQueue::new(),
+                out: Vec::new(),
+                stats: SessionStats::default(),
+                more: false,
+                after_acks: false,
+                connack_withheld: false,
+                quiet: false,
+            },
+        };
+        let session = Session {
             version,
             names,
             client_id_len,
             has_user,
-            connection,
+            connection: connection.id(),
             owner,
             vhost,
             settings,
@@ -613,7 +636,8 @@ impl ParkedSession {
             stats,
             disk_alarm,
             listing,
-        }
+        };
+        (session, flow)
     }
 
     /// See [`Session::kick`].
@@ -2354,11 +2378,31 @@ mod tests {
     #[test]
     fn a_parked_session_stays_small() {
         let size = std::mem::size_of::<ParkedSession>();
-        assert!(size <= 120, "ParkedSession is {size} bytes");
+        assert!(size <= 96, "ParkedSession is {size} bytes");
+    }
+
+    /// A core entry for connection `id`, logged in as `client_id` (and `user`), as the driver
+    /// records it before its claim (registered in a registry of its own).
+    fn entry(id: u64, client_id: &str, user: &str) -> Arc<ConnectionEntry> {
+        use ferry_core::connections::{ConnectionInfo, Connections, Login};
+        let info = ConnectionInfo {
+            id: ConnectionId(id),
+            protocol: Protocol::Mqtt,
+            version: "5.0",
+            peer: "127.0.0.1:50000".parse().unwrap(),
+            local: "127.0.0.1:1883".parse().unwrap(),
+            listener: None,
+            tls: None,
+            connected_at: 0,
+        };
+        let entry = Connections::new().register(info).entry().clone();
+        assert!(entry.set_login(Login { user: user.into(), vhost: "/".into(), client_id: Some(client_id.into()) }));
+        entry
     }
 
     /// A session parked and resumed goes on where it was: a SUBSCRIBE it was working through
-    /// (kept in the parked session's rest), its subscriptions, its queue side.
+    /// (kept in the parked session's rest), its subscriptions, its queue side, the driver's
+    /// flow control; its client id and user come back from the entry's login.
     #[test]
     fn a_session_parked_and_resumed_goes_on_where_it_was() {
         let vhost = vhost();
@@ -2366,19 +2410,20 @@ mod tests {
         let n = 2 * SUBSCRIBE_SLICE + 1;
         s.handle(subscribe_packet(9, &filters("a", n), None), 0).unwrap();
         assert!(s.is_subscribing());
-        let parked = s.park();
+        let parked = s.park(None);
         assert!(parked.rest.is_some(), "a SUBSCRIBE in progress is kept");
-        let mut s = parked.resume(ConnectionId(1));
-        assert_eq!((s.client_id(), s.connection), ("c1", ConnectionId(1)));
+        let (mut s, flow) = parked.resume(&entry(1, "c1", "anonymous"));
+        assert_eq!((s.client_id(), s.user(), s.connection), ("c1", None, ConnectionId(1)));
+        assert!(flow.is_none());
         s.handle(Packet::PingReq, 0).unwrap();
         match &packets(&mut s)[..] {
             [Packet::SubAck(a), Packet::PingResp] => assert_eq!((a.packet_id, a.reasons.len()), (9, n)),
             other => panic!("expected SUBACK then PINGRESP, got {other:?}"),
         }
         s.shed();
-        let parked = s.park();
+        let parked = s.park(None);
         assert!(parked.rest.is_none() && parked.queues.is_none(), "an idle device keeps neither box");
-        let mut s = parked.resume(ConnectionId(1));
+        let (mut s, _) = parked.resume(&entry(1, "c1", "anonymous"));
         assert!(s.is_subscribed());
         assert_eq!(bindings(&vhost), n);
         publish(&vhost, "a/3");
@@ -2388,10 +2433,54 @@ mod tests {
         // A persistent session keeps its queue and its queue deliveries' outbox.
         let s = start(&vhost, V5, 2, 60, settings(0, 0));
         assert!(s.queue_outbox().is_some());
-        let parked = s.park();
+        let parked = s.park(None);
         assert!(parked.queue_outbox().is_some());
-        let s = parked.resume(ConnectionId(2));
+        let (s, _) = parked.resume(&entry(2, "c2", "anonymous"));
         assert!(matches!(s.mode, Mode::Persistent { .. }) && s.queue_outbox().is_some());
+
+        // The flow control the driver hands over is kept with the rare parts, and given back.
+        let s = start(&vhost, V311, 3, 0, settings(0, 0));
+        let flow = PublisherFlow::new(0, true, std::time::Instant::now());
+        let parked = s.park(Some(Box::new(flow)));
+        assert!(parked.rest.is_some());
+        let (_, flow) = parked.resume(&entry(3, "c3", "anonymous"));
+        assert!(flow.is_some());
+    }
+
+    /// A session with a user, or with an empty client id, gets both back from the entry.
+    #[test]
+    fn a_resumed_session_has_its_names_from_the_login() {
+        let vhost = vhost();
+        let connect = |id: &str| Connect {
+            bridge: false,
+            version: V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        for (id, user) in
+            [("dev-7", Some("alice")), ("dev-7", Some("")), ("dev-7", None), ("", Some("bob")), ("é", None)]
+        {
+            let start = Session::start(
+                connect(id),
+                id.into(),
+                false,
+                ConnectionId(4),
+                vhost.clone(),
+                Arc::default(),
+                user.map(str::to_string),
+                None,
+                0,
+            );
+            let s = start.unwrap();
+            let (s, _) = s.park(None).resume(&entry(4, id, user.unwrap_or("anonymous")));
+            assert_eq!((s.client_id(), s.user()), (id, user));
+            s.finish(0, None);
+        }
     }
 
     #[test]
