@@ -19,23 +19,26 @@
 //!
 //! Memory: an entry is one allocation of `size_of::<ConnectionEntry>()` (see the test
 //! `an_entry_stays_small`), plus one allocation for the login's three strings together, and a
-//! map slot; the task holds a 16-byte handle.
+//! table slot; the listener and our end's address are shared by the connections that came in
+//! through both (an [`Endpoint`]); the task holds a 16-byte handle.
 //!
 //! Locks: `Connections::entries` is taken alone, or before the count's `watch` lock (register
-//! and unregister update the count under it); nothing else is taken under either. An entry's
-//! channel list lock is taken alone.
+//! and unregister update the count under it); nothing else is taken under either.
+//! `Connections::endpoints` and an entry's channel list lock are taken alone.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 
 use tokio::sync::watch;
 
 use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
+use once_cell::race::OnceBox;
 
 use crate::cert_login::{certificate_user, CertLogin};
 use crate::frontend::{ListenerSettings, TlsIdentity};
@@ -133,17 +136,52 @@ impl PackedLogin {
 }
 
 /// A [`ConnectionInfo`] as an entry keeps it: the version as one byte ([`version_index`]), 16
-/// bytes less of every entry; the addresses as [`PackedAddr`]s, 24 less.
+/// bytes less of every entry; the peer's address as a [`PackedAddr`], 13 less; the listener and
+/// our end's address as a shared [`Endpoint`], 19 less; the TLS details with the rare parts
+/// ([`Rare::tls`]), 8 less.
 #[derive(Debug)]
 struct Info {
     id: ConnectionId,
     peer: PackedAddr,
-    local: PackedAddr,
-    listener: Option<Arc<ListenerSettings>>,
-    tls: Option<Box<TlsInfo>>,
+    endpoint: Arc<Endpoint>,
     connected_at: Millis,
     protocol: Protocol,
     version: u8,
+}
+
+/// Where connections came in: the listener and our end's address. One for all the connections
+/// that have both (all of a listener's, when it is bound to one address), kept by
+/// [`Connections::endpoints`] while one of them lives.
+#[derive(Debug)]
+struct Endpoint {
+    listener: Option<Arc<ListenerSettings>>,
+    local: SocketAddr,
+}
+
+/// The live [`Endpoint`]s, by our end's address and the listener (by its address in memory,
+/// which the endpoint's own `Arc` keeps from being reused while it lives). A handful: a
+/// listener's addresses are the host's; a bridge link's local port is its own, and its endpoint
+/// goes with it (dead ones are dropped as the map doubles).
+#[derive(Default)]
+struct Endpoints {
+    map: HashMap<(SocketAddr, usize), Weak<Endpoint>>,
+    prune_at: usize,
+}
+
+impl Endpoints {
+    fn get(&mut self, listener: Option<Arc<ListenerSettings>>, local: SocketAddr) -> Arc<Endpoint> {
+        let key = (local, listener.as_ref().map_or(0, |l| Arc::as_ptr(l) as usize));
+        if let Some(found) = self.map.get(&key).and_then(Weak::upgrade) {
+            return found;
+        }
+        let endpoint = Arc::new(Endpoint { listener, local });
+        self.map.insert(key, Arc::downgrade(&endpoint));
+        if self.map.len() > self.prune_at {
+            self.map.retain(|_, e| e.strong_count() > 0);
+            self.prune_at = 2 * self.map.len().max(16);
+        }
+        endpoint
+    }
 }
 
 /// A socket address in 19 bytes, where `SocketAddr` takes 32: an IPv6 address's flow info and
@@ -243,11 +281,12 @@ pub struct ConnectionEntry {
     /// Wakes the connection's task: a close from outside, or its frontend's own reasons.
     wake: Signal,
     /// What most connections never need, made on first use: a close from outside, AMQP
-    /// channels. Apart, their 40 bytes made the entry 264 bytes, jemalloc's 320 class with the
-    /// `Arc`'s counts; 240 and the 256 class with them here; now 208 and the 224 class with the
-    /// channel count here too, the version as one byte and the login's lengths in its text
-    /// (`an_entry_stays_small`, issue 18).
-    rare: OnceLock<Box<Rare>>,
+    /// channels; made with the entry over TLS. Apart, their 40 bytes made the entry 264 bytes,
+    /// jemalloc's 320 class with the `Arc`'s counts; 240 and the 256 class with them here; now
+    /// 208 and the 224 class with the channel count here too, the version as one byte and the
+    /// login's lengths in its text (`an_entry_stays_small`, issue 18). A `OnceBox` (a pointer;
+    /// two racing first uses make one each and one is dropped), where a `OnceLock` is 16 bytes.
+    rare: OnceBox<Rare>,
 }
 
 /// See [`ConnectionEntry::rare`].
@@ -259,6 +298,8 @@ struct Rare {
     close_reason: OnceLock<Box<str>>,
     /// The AMQP channels as listings show them ([`ConnectionEntry::set_channel_list`]).
     channel_list: Mutex<Vec<ChannelInfo>>,
+    /// `Some` over TLS (set when the entry is made).
+    tls: Option<Box<TlsInfo>>,
 }
 
 /// One AMQP channel as the management API lists it. The frontend hands the list over with its
@@ -292,15 +333,17 @@ impl fmt::Debug for ConnectionEntry {
 }
 
 impl ConnectionEntry {
-    fn new(info: ConnectionInfo) -> ConnectionEntry {
-        let ConnectionInfo { id, protocol, version, peer, local, listener, tls, connected_at } = info;
+    fn new(info: ConnectionInfo, endpoint: Arc<Endpoint>) -> ConnectionEntry {
+        let ConnectionInfo { id, protocol, version, peer, local: _, listener: _, tls, connected_at } = info;
+        let rare = match tls {
+            Some(tls) => OnceBox::with_value(Box::new(Rare { tls: Some(tls), ..Rare::default() })),
+            None => OnceBox::new(),
+        };
         ConnectionEntry {
             info: Info {
                 id,
                 peer: PackedAddr::new(peer),
-                local: PackedAddr::new(local),
-                listener,
-                tls,
+                endpoint,
                 connected_at,
                 protocol,
                 version: version_index(version),
@@ -308,7 +351,7 @@ impl ConnectionEntry {
             login: OnceLock::new(),
             counters: Counters::default(),
             wake: Signal::new(),
-            rare: OnceLock::new(),
+            rare,
         }
     }
 
@@ -339,7 +382,7 @@ impl ConnectionEntry {
 
     /// The listener it came through (`None` for links the broker makes itself).
     pub fn listener(&self) -> Option<&Arc<ListenerSettings>> {
-        self.info.listener.as_ref()
+        self.info.endpoint.listener.as_ref()
     }
 
     /// Who the connection logged in as (`None` before the login).
@@ -453,9 +496,9 @@ impl ConnectionEntry {
             protocol: self.info.protocol,
             version: self.version(),
             peer: self.info.peer.get(),
-            local: self.info.local.get(),
-            listener: self.info.listener.as_ref().map(|l| l.name.clone()),
-            tls: self.info.tls.as_deref().cloned(),
+            local: self.info.endpoint.local,
+            listener: self.info.endpoint.listener.as_ref().map(|l| l.name.clone()),
+            tls: self.rare.get().and_then(|r| r.tls.as_deref()).cloned(),
             connected_at: self.info.connected_at,
             user: self.user().map(str::to_string),
             vhost: self.vhost().map(str::to_string),
@@ -574,6 +617,7 @@ impl Entries {
 /// Every live connection, by id. Owned by the [`Broker`](crate::Broker).
 pub struct Connections {
     entries: Mutex<Entries>,
+    endpoints: Mutex<Endpoints>,
     /// Per protocol ([`PROTOCOLS`] order): what closed connections counted. Added to under the
     /// `entries` lock as an entry leaves, so that [`Connections::totals`] (which reads under
     /// it) counts every connection exactly once and its sums never go down.
@@ -590,7 +634,12 @@ impl fmt::Debug for Connections {
 
 impl Default for Connections {
     fn default() -> Connections {
-        Connections { entries: Mutex::default(), retired: Default::default(), count: watch::Sender::new(0) }
+        Connections {
+            entries: Mutex::default(),
+            endpoints: Mutex::default(),
+            retired: Default::default(),
+            count: watch::Sender::new(0),
+        }
     }
 }
 
@@ -606,7 +655,8 @@ impl Connections {
     /// Registers a connection until the returned handle is dropped. An id registered twice
     /// replaces the first entry (ids are unique per process, see [`ConnectionId::next`]).
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> ConnectionHandle {
-        let entry = Arc::new(ConnectionEntry::new(info));
+        let endpoint = self.endpoints.lock().unwrap_or_else(|e| e.into_inner()).get(info.listener.clone(), info.local);
+        let entry = Arc::new(ConnectionEntry::new(info, endpoint));
         let mut entries = self.entries();
         entries.insert(entry.clone());
         self.retired[protocol_index(entry.info.protocol)].opened.fetch_add(1, Ordering::Relaxed);
@@ -841,6 +891,58 @@ mod tests {
         assert_eq!(s.closing, None);
     }
 
+    /// Connections through one listener to one local address share an endpoint; another
+    /// address or listener has its own. A listing shows each its own; the TLS details (in the
+    /// rare box from the start) stay through a close from outside (which uses that box too).
+    /// Dead endpoints let go of their listener and do not pile up.
+    #[test]
+    fn connections_share_their_listener_and_local_address() {
+        let reg = Connections::new();
+        let listener = Arc::new(ListenerSettings {
+            name: "mqtt 127.0.0.1:1883".into(),
+            protocol: Protocol::Mqtt,
+            vhost: "/".into(),
+            exchange: None,
+            limits: Default::default(),
+            auth: Default::default(),
+        });
+        let on = |id: u64, local: &str, l: Option<&Arc<ListenerSettings>>, tls: Option<&str>| {
+            let tls = tls.map(|name| Box::new(TlsInfo { server_name: Some(name.into()), ..TlsInfo::default() }));
+            reg.register(ConnectionInfo {
+                local: local.parse().unwrap(),
+                listener: l.cloned(),
+                tls,
+                ..info(id, Protocol::Mqtt)
+            })
+        };
+        let a = on(1, "127.0.0.1:1883", Some(&listener), None);
+        let b = on(2, "127.0.0.1:1883", Some(&listener), Some("ferry.example"));
+        let c = on(3, "10.0.0.1:1883", Some(&listener), None);
+        let d = on(4, "127.0.0.1:1883", None, None);
+        assert!(Arc::ptr_eq(&a.info.endpoint, &b.info.endpoint));
+        assert!(!Arc::ptr_eq(&a.info.endpoint, &c.info.endpoint));
+        assert!(!Arc::ptr_eq(&a.info.endpoint, &d.info.endpoint));
+        assert!(b.close("bye"));
+        let list = reg.list();
+        let locals: Vec<SocketAddr> = list.iter().map(|s| s.local).collect();
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(locals, [at("127.0.0.1:1883"), at("127.0.0.1:1883"), at("10.0.0.1:1883"), at("127.0.0.1:1883")]);
+        let listeners: Vec<Option<&str>> = list.iter().map(|s| s.listener.as_deref()).collect();
+        let name = Some("mqtt 127.0.0.1:1883");
+        assert_eq!(listeners, [name, name, name, None]);
+        let tls: Vec<Option<&str>> =
+            list.iter().map(|s| s.tls.as_ref().and_then(|t| t.server_name.as_deref())).collect();
+        assert_eq!(tls, [None, Some("ferry.example"), None, None]);
+        assert_eq!(list[1].closing.as_deref(), Some("bye"));
+        drop((a, b, c, d));
+        assert_eq!(Arc::strong_count(&listener), 1, "the endpoints let go of the listener");
+        for i in 0..1000u16 {
+            drop(on(10 + u64::from(i), &format!("127.0.0.1:{}", 2000 + i), None, None));
+        }
+        let kept = reg.endpoints.lock().unwrap().map.len();
+        assert!(kept <= 33, "{kept} endpoints kept");
+    }
+
     #[test]
     fn a_login_without_a_client_id_reads_back_as_given() {
         let reg = Connections::new();
@@ -938,9 +1040,11 @@ mod tests {
         // channels 4; 240 with the close reason and the channel list in one box made on first
         // use (jemalloc's 256 class with the `Arc`'s counts); now 208 and the 224 class with the
         // channel count in that box too, the version as one byte and the login's lengths in its
-        // text; now 176 and the 192 class with the addresses packed (`PackedAddr`).
+        // text; 176 and the 192 class with the addresses packed (`PackedAddr`); now 144 and the
+        // 160 class with the listener and the local address shared (`Endpoint`), the TLS
+        // details in the rare box and that box a `OnceBox`.
         let size = std::mem::size_of::<ConnectionEntry>();
-        assert!(size + 16 <= 192, "ConnectionEntry is {size} bytes");
+        assert!(size + 16 <= 160, "ConnectionEntry is {size} bytes");
         assert_eq!(std::mem::size_of::<ConnectionHandle>(), 16);
     }
 
