@@ -7,6 +7,11 @@
 # subscribes at QoS 1 to its own `devices/<client id>/cmd`), holds them HOLD seconds and closes
 # them. RSS is VmRSS from /proc/<pid>/status: before connecting (2 s after the broker answered),
 # then SETTLE seconds after the generator printed `ready N`; per connection = (after − before) / N.
+# The anonymous part (RssAnon, the heap) is shown apart: the rest is mostly the code the first
+# connections ran, paged in once (about 0.9 MB for Ferry). SETTLE is 5 s: Ferry's jemalloc gives
+# freed pages back to the system after 1 s (its background threads; `.cargo/config.toml`), and
+# 1 s after the last connection the handshakes' freed memory was still counted (110 B of each
+# connection at 19,000). HOLD must exceed SETTLE, or the connections are gone when it is read.
 #
 # Ferry runs with its default listeners, MQTT and AMQP both on (LISTENERS=mqtt: MQTT only), no
 # connection-rate limit and `max_connections` raised to 1,000,000 (the default, 65,536, would
@@ -30,8 +35,8 @@ BROKERS=${BROKERS:-"ferry mosquitto"}
 SUBSCRIBE=${SUBSCRIBE:-1}
 LISTENERS=${LISTENERS:-both}
 RATE=${RATE:-5000}
-HOLD=${HOLD:-5}
-SETTLE=${SETTLE:-1}
+HOLD=${HOLD:-15}
+SETTLE=${SETTLE:-5}
 THREADS=${THREADS:-1}
 
 # shellcheck source=scripts/bench-lib.sh
@@ -48,6 +53,8 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null
 work=$(mktemp -d /tmp/bench-idle.XXXXXX)
 bpid=""
 gpid=""
+# RssAnon in kB: the heap and the stacks, without the mapped code and files.
+anon_now() { grep -s RssAnon "/proc/$1/status" | awk '{print $2}'; }
 stop() {
   [ -n "$1" ] || return 0
   kill "$1" 2>/dev/null
@@ -116,7 +123,7 @@ sub_arg=""
 echo "machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ulimit -n $(ulimit -n), ports $(tr '\t' '-' </proc/sys/net/ipv4/ip_local_port_range)"
 echo "ferry: $("$ferry_bin" --version), commit $(git -C "$root" rev-parse --short HEAD)$([ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ] && echo " with local changes"); $("$mosquitto_bin" -h 2>/dev/null | head -1)"
 echo "listeners: $LISTENERS, subscribe: $SUBSCRIBE, rate $RATE/s, hold $HOLD s, MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset}"
-printf 'broker\tversion\tconnections\tconnected\tconnect_secs\trss_before_kb\trss_held_kb\tbytes_per_conn\tload\n' >"$work/idle.tsv"
+printf 'broker\tversion\tconnections\tconnected\tconnect_secs\trss_before_kb\trss_held_kb\tbytes_per_conn\tanon_bytes_per_conn\tload\n' >"$work/idle.tsv"
 for n in $COUNTS; do
   sources=$(((n + 19999) / 20000))
   for v in $VERSIONS; do
@@ -124,6 +131,7 @@ for n in $COUNTS; do
       start_broker "$b"
       sleep 2
       rss0=$(rss_now "$bpid")
+      anon0=$(anon_now "$bpid")
       out="$work/$b-$v-$n.json"
       # shellcheck disable=SC2086 # $sub_arg is empty or one argument
       timeout $((n / RATE + HOLD + 120)) "$bench_bin" idle --port "$MQTT_PORT" --connections "$n" --hold "$HOLD" \
@@ -133,13 +141,15 @@ for n in $COUNTS; do
       while ! grep -q '^ready ' "$out" 2>/dev/null && kill -0 "$gpid" 2>/dev/null; do sleep 0.1; done
       sleep "$SETTLE"
       rss1=$(rss_now "$bpid")
+      anon1=$(anon_now "$bpid")
       load=$(cut -d' ' -f1 /proc/loadavg)
       wait "$gpid"
       gpid=""
       ready=$(awk '/^ready / {print $2}' "$out")
       secs=$(grep '^{' "$out" | python3 -c 'import json,sys; print("%.1f" % json.load(sys.stdin)["connect_secs"])' 2>/dev/null)
       per=$(( (rss1 - rss0) * 1024 / ${ready:-1} ))
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$b" "$v" "$n" "${ready:-0}" "${secs:-?}" "$rss0" "$rss1" "$per" "$load" >>"$work/idle.tsv"
+      anon=$(( (anon1 - anon0) * 1024 / ${ready:-1} ))
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$b" "$v" "$n" "${ready:-0}" "${secs:-?}" "$rss0" "$rss1" "$per" "$anon" "$load" >>"$work/idle.tsv"
       [ -s "$out.err" ] && sed 's/^/  generator: /' "$out.err" | head -5
       grep '^{' "$out" | python3 -c 'import json,sys; r=json.load(sys.stdin); [print("  error:", e) for e in r["error_sample"]]' 2>/dev/null
       stop "$bpid"
@@ -151,13 +161,14 @@ done
 python3 - "$work/idle.tsv" <<'EOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-print("| connections | MQTT | broker | connected | time to connect | RSS before | RSS held | per connection | Ferry / Mosquitto | load |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| connections | MQTT | broker | connected | time to connect | RSS before | RSS held | per connection | of which anonymous | Ferry / Mosquitto | load |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 by = {(r["connections"], r["version"], r["broker"]): r for r in rows}
 for r in rows:
     m = by.get((r["connections"], r["version"], "mosquitto"))
     ratio = "%.2f" % (int(r["bytes_per_conn"]) / int(m["bytes_per_conn"])) if r["broker"] == "ferry" and m and int(m["bytes_per_conn"]) > 0 else ""
-    print("| {:,} | {} | {} | {:,} | {} s | {:.1f} MB | {:.1f} MB | {:,} B | {} | {} |".format(
+    print("| {:,} | {} | {} | {:,} | {} s | {:.1f} MB | {:.1f} MB | {:,} B | {:,} B | {} | {} |".format(
         int(r["connections"]), "5.0" if r["version"] == "5" else "3.1.1", r["broker"].capitalize(), int(r["connected"]),
-        r["connect_secs"], int(r["rss_before_kb"]) / 1000, int(r["rss_held_kb"]) / 1000, int(r["bytes_per_conn"]), ratio, r["load"]))
+        r["connect_secs"], int(r["rss_before_kb"]) / 1000, int(r["rss_held_kb"]) / 1000, int(r["bytes_per_conn"]),
+        int(r["anon_bytes_per_conn"]), ratio, r["load"]))
 EOF

@@ -18,7 +18,8 @@ use tracing::{error, info, warn};
 // jemalloc, chosen by measurement (issue 18, docs/benchmarks.md "Global allocator"): issue 18's
 // profile had ~24 % of the broker's CPU on glibc's malloc arena lock; against glibc, jemalloc
 // took 8-16 % off the CPU per QoS 0 message for 1 MB more RSS, mimalloc as much for 10 MB more.
-// Its dirty-page decay is 1 s instead of 10 s (`.cargo/config.toml`, issue 18's drain RSS).
+// Its dirty-page decay is 1 s instead of 10 s (`.cargo/config.toml`, issue 18's drain RSS), and
+// its background threads purge while the broker is idle (there too).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
