@@ -13,6 +13,13 @@
 # 1 s after the last connection the handshakes' freed memory was still counted (110 B of each
 # connection at 19,000). HOLD must exceed SETTLE, or the connections are gone when it is read.
 #
+# WARM=N (default 0) first opens N other connections (the same kind, client ids `warm-<i>`),
+# held until the measurement is done, and reads "before" SETTLE seconds after they are up: the
+# figure is then the cost of N more connections to a broker already serving some, without what
+# the first connections cost once (Ferry: about 1 MB for its first 200, the code they run and
+# its allocator's first slabs; Mosquitto grows linearly from the first). The broker and the
+# generators need N + WARM open files.
+#
 # Ferry runs with its default listeners, MQTT and AMQP both on (LISTENERS=mqtt: MQTT only), no
 # connection-rate limit and `max_connections` raised to 1,000,000 (the default, 65,536, would
 # refuse the 100,000 run). Mosquitto 2.0.11 runs with `allow_anonymous true`, `persistence false`
@@ -38,6 +45,7 @@ RATE=${RATE:-5000}
 HOLD=${HOLD:-15}
 SETTLE=${SETTLE:-5}
 THREADS=${THREADS:-1}
+WARM=${WARM:-0}
 
 # shellcheck source=scripts/bench-lib.sh
 . "$root/scripts/bench-lib.sh"
@@ -53,6 +61,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null
 work=$(mktemp -d /tmp/bench-idle.XXXXXX)
 bpid=""
 gpid=""
+wpid=""
 # RssAnon in kB: the heap and the stacks, without the mapped code and files.
 anon_now() { grep -s RssAnon "/proc/$1/status" | awk '{print $2}'; }
 stop() {
@@ -63,6 +72,7 @@ stop() {
   wait "$1" 2>/dev/null
 }
 cleanup() {
+  stop "$wpid"
   stop "$gpid"
   stop "$bpid"
   if [ "${KEEP:-0}" = 1 ]; then echo "work directory kept: $work"; else rm -rf "$work"; fi
@@ -122,7 +132,7 @@ sub_arg=""
 [ "$SUBSCRIBE" = 1 ] && sub_arg="--subscribe"
 echo "machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ulimit -n $(ulimit -n), ports $(tr '\t' '-' </proc/sys/net/ipv4/ip_local_port_range)"
 echo "ferry: $("$ferry_bin" --version), commit $(git -C "$root" rev-parse --short HEAD)$([ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ] && echo " with local changes"); $("$mosquitto_bin" -h 2>/dev/null | head -1)"
-echo "listeners: $LISTENERS, subscribe: $SUBSCRIBE, rate $RATE/s, hold $HOLD s, MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset}"
+echo "listeners: $LISTENERS, subscribe: $SUBSCRIBE, rate $RATE/s, hold $HOLD s, settle $SETTLE s, warm $WARM, MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset}"
 printf 'broker\tversion\tconnections\tconnected\tconnect_secs\trss_before_kb\trss_held_kb\tbytes_per_conn\tanon_bytes_per_conn\tload\n' >"$work/idle.tsv"
 for n in $COUNTS; do
   sources=$(((n + 19999) / 20000))
@@ -130,6 +140,15 @@ for n in $COUNTS; do
     for b in $BROKERS; do
       start_broker "$b"
       sleep 2
+      if [ "$WARM" -gt 0 ]; then
+        # shellcheck disable=SC2086 # $sub_arg is empty or one argument
+        "$bench_bin" idle --port "$MQTT_PORT" --connections "$WARM" --client-id-prefix warm- \
+          --hold $((WARM / RATE + n / RATE + HOLD + SETTLE + 60)) --rate "$RATE" --keep-alive 60 \
+          --mqtt-version "$v" $sub_arg --threads "$THREADS" --json >"$work/warm.out" 2>&1 &
+        wpid=$!
+        while ! grep -q '^ready ' "$work/warm.out" 2>/dev/null && kill -0 "$wpid" 2>/dev/null; do sleep 0.1; done
+        sleep "$SETTLE"
+      fi
       rss0=$(rss_now "$bpid")
       anon0=$(anon_now "$bpid")
       out="$work/$b-$v-$n.json"
@@ -145,6 +164,8 @@ for n in $COUNTS; do
       load=$(cut -d' ' -f1 /proc/loadavg)
       wait "$gpid"
       gpid=""
+      stop "$wpid"
+      wpid=""
       ready=$(awk '/^ready / {print $2}' "$out")
       secs=$(grep '^{' "$out" | python3 -c 'import json,sys; print("%.1f" % json.load(sys.stdin)["connect_secs"])' 2>/dev/null)
       per=$(( (rss1 - rss0) * 1024 / ${ready:-1} ))
