@@ -82,8 +82,16 @@ impl Origin {
 /// A short string: at most 255 bytes on the AMQP wire, usually UTF-8 but not required to be
 /// (AMQP shortstr is a byte string). Backed by `Bytes`, so a codec can hand out a slice of the
 /// frame without copying.
-#[derive(Clone, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, Eq, PartialOrd, Ord, Default)]
 pub struct ShortString(Bytes);
+
+/// As its bytes (`Bytes` hashes as its slice), which keeps it in step with the equality below
+/// and with maps looked up by `&[u8]` (`Borrow<[u8]>`).
+impl std::hash::Hash for ShortString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 /// The lengths first, and two empty ones equal without a look at their bytes. An empty `Bytes`
 /// points at address 1 (`Bytes::new`, which is also what an empty slice of a frame is: the
@@ -547,7 +555,7 @@ mod tests {
     }
 
     /// Equality is the bytes' (the empty case skips the comparison, not its answer), and agrees
-    /// with the order and the comparisons with text.
+    /// with the order, the comparisons with text and the hash.
     #[test]
     fn short_strings_are_equal_when_their_bytes_are() {
         let frame = Bytes::from_static(b"xamq.directx");
@@ -565,6 +573,13 @@ mod tests {
             assert_eq!(a.cmp(&b) == std::cmp::Ordering::Equal, equal);
             assert_eq!(a == *b.as_str().unwrap(), equal);
             assert_eq!(a == b.as_str().unwrap(), equal);
+            if equal {
+                // Equal strings hash alike, and as their bytes (maps looked up by `&[u8]`).
+                use std::hash::BuildHasher;
+                let state = std::collections::hash_map::RandomState::new();
+                assert_eq!(state.hash_one(&a), state.hash_one(&b));
+                assert_eq!(state.hash_one(&a), state.hash_one(b.as_bytes()));
+            }
         }
     }
 }

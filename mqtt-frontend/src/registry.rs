@@ -876,11 +876,32 @@ impl Registry {
     }
 }
 
+/// A core entry for MQTT connection `id`, logged in to `vhost` as `client_id` and `user`, as the
+/// driver records it before its claim (registered in a registry of its own, which the tests do
+/// not look at).
+#[cfg(test)]
+pub(crate) fn logged_in_entry(id: u64, vhost: &str, client_id: &str, user: &str) -> Arc<ConnectionEntry> {
+    use ferry_core::connections::{ConnectionInfo, Connections, Login};
+    use ferry_core::message::{ConnectionId, Protocol};
+    let info = ConnectionInfo {
+        id: ConnectionId(id),
+        protocol: Protocol::Mqtt,
+        version: "5.0",
+        peer: "127.0.0.1:50000".parse().unwrap(),
+        local: "127.0.0.1:1883".parse().unwrap(),
+        listener: None,
+        tls: None,
+        connected_at: 0,
+    };
+    let entry = Connections::new().register(info).entry().clone();
+    let login = Login { user: user.into(), vhost: vhost.into(), client_id: Some(client_id.into()) };
+    assert!(entry.set_login(login));
+    entry
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_core::connections::{ConnectionInfo, Connections, Login};
-    use ferry_core::message::Protocol;
 
     #[test]
     fn a_view_lists_subscriptions_sorted_few_or_many() {
@@ -905,23 +926,8 @@ mod tests {
         assert!(!listed.contains(&"t/03".to_string()));
     }
 
-    /// A core entry for connection `id`, logged in to `vhost` as `client_id` (registered in a
-    /// registry of its own, which the test does not look at).
     fn conn(id: u64, vhost: &str, client_id: &str) -> Arc<ConnectionEntry> {
-        let info = ConnectionInfo {
-            id: ConnectionId(id),
-            protocol: Protocol::Mqtt,
-            version: "5.0",
-            peer: "127.0.0.1:50000".parse().unwrap(),
-            local: "127.0.0.1:1883".parse().unwrap(),
-            listener: None,
-            tls: None,
-            connected_at: 0,
-        };
-        let entry = Connections::new().register(info).entry().clone();
-        let login = Login { user: "u".into(), vhost: vhost.into(), client_id: Some(client_id.into()) };
-        assert!(entry.set_login(login));
-        entry
+        logged_in_entry(id, vhost, client_id, "u")
     }
 
     /// The slots know their keys (a live one by its connection's login, a stored one in its

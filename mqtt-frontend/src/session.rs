@@ -2381,23 +2381,8 @@ mod tests {
         assert!(size <= 96, "ParkedSession is {size} bytes");
     }
 
-    /// A core entry for connection `id`, logged in as `client_id` (and `user`), as the driver
-    /// records it before its claim (registered in a registry of its own).
     fn entry(id: u64, client_id: &str, user: &str) -> Arc<ConnectionEntry> {
-        use ferry_core::connections::{ConnectionInfo, Connections, Login};
-        let info = ConnectionInfo {
-            id: ConnectionId(id),
-            protocol: Protocol::Mqtt,
-            version: "5.0",
-            peer: "127.0.0.1:50000".parse().unwrap(),
-            local: "127.0.0.1:1883".parse().unwrap(),
-            listener: None,
-            tls: None,
-            connected_at: 0,
-        };
-        let entry = Connections::new().register(info).entry().clone();
-        assert!(entry.set_login(Login { user: user.into(), vhost: "/".into(), client_id: Some(client_id.into()) }));
-        entry
+        crate::registry::logged_in_entry(id, "/", client_id, user)
     }
 
     /// A session parked and resumed goes on where it was: a SUBSCRIBE it was working through
@@ -2445,42 +2430,6 @@ mod tests {
         assert!(parked.rest.is_some());
         let (_, flow) = parked.resume(&entry(3, "c3", "anonymous"));
         assert!(flow.is_some());
-    }
-
-    /// A session with a user, or with an empty client id, gets both back from the entry.
-    #[test]
-    fn a_resumed_session_has_its_names_from_the_login() {
-        let vhost = vhost();
-        let connect = |id: &str| Connect {
-            bridge: false,
-            version: V5,
-            clean_start: true,
-            keep_alive: 0,
-            client_id: id.into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        };
-        for (id, user) in
-            [("dev-7", Some("alice")), ("dev-7", Some("")), ("dev-7", None), ("", Some("bob")), ("é", None)]
-        {
-            let start = Session::start(
-                connect(id),
-                id.into(),
-                false,
-                ConnectionId(4),
-                vhost.clone(),
-                Arc::default(),
-                user.map(str::to_string),
-                None,
-                0,
-            );
-            let s = start.unwrap();
-            let (s, _) = s.park(None).resume(&entry(4, id, user.unwrap_or("anonymous")));
-            assert_eq!((s.client_id(), s.user()), (id, user));
-            s.finish(0, None);
-        }
     }
 
     #[test]
@@ -2836,7 +2785,9 @@ mod tests {
         assert!(s.out.is_empty());
     }
 
-    /// The client id and the user's name share one allocation; an empty name is a name.
+    /// The client id and the user's name share one allocation; an empty name is a name. A
+    /// parked session gets both back from the entry's login (which keeps an empty client id as
+    /// none, and a user for an anonymous client too).
     #[test]
     fn the_client_id_and_the_user_read_back_as_given() {
         let vhost = vhost();
@@ -2861,6 +2812,8 @@ mod tests {
         {
             let s = start(id, user);
             assert_eq!((s.client_id(), s.user()), (id, user));
+            let (s, _) = s.park(None).resume(&entry(1, id, user.unwrap_or("anonymous")));
+            assert_eq!((s.client_id(), s.user()), (id, user), "after a park");
             s.finish(0, None);
         }
         let long = "x".repeat(65_536);
