@@ -298,6 +298,17 @@ impl RawClient {
         }
     }
 
+    /// Publishes `x` to `topic` at QoS 1 with packet id `id` and returns its PUBACK's reason
+    /// (3.1.1: always 0). Packets that come first are kept for the next reads.
+    pub async fn puback(&mut self, topic: &str, id: u16) -> u8 {
+        self.send(&Packet::Publish(publish_packet(topic, QoS::AtLeastOnce, id, b"x"))).await;
+        self.expect("PUBACK", |p| match p {
+            Packet::PubAck(a) if a.packet_id == id => Some(a.reason),
+            _ => None,
+        })
+        .await
+    }
+
     /// A PINGREQ answered by a PINGRESP: proves the connection is alive and every packet sent
     /// before it has been handled.
     pub async fn ping(&mut self) {

@@ -62,16 +62,6 @@ async fn client(s: &TestServer, version: ProtocolVersion, id: &str, user: Option
     c
 }
 
-/// Sends a QoS 1 publish and returns the PUBACK's reason.
-async fn puback(c: &mut MqttRaw, topic: &str, id: u16) -> u8 {
-    c.send(&Packet::Publish(publish_packet(topic, QoS::AtLeastOnce, id, b"x"))).await;
-    c.expect("PUBACK", |p| match p {
-        Packet::PubAck(a) if a.packet_id == id => Some(a.reason),
-        _ => None,
-    })
-    .await
-}
-
 /// Subscribes to all `filters` in one SUBSCRIBE; returns the SUBACK's codes.
 async fn suback(c: &mut MqttRaw, id: u16, filters: &[&str]) -> Vec<u8> {
     let filters: Vec<(Str, SubOptions)> =
@@ -87,7 +77,7 @@ async fn writes_are_checked_per_user_in_each_version() {
 
     // 5.0: a denied QoS 1 / QoS 2 publish gets 0x87 and reaches nobody.
     let mut sensor = client(&s, V5, "sensor-5", Some("sensor")).await;
-    assert_eq!(puback(&mut sensor, "sensors/other/t", 1).await, reason::NOT_AUTHORIZED);
+    assert_eq!(sensor.puback("sensors/other/t", 1).await, reason::NOT_AUTHORIZED);
     sensor.send(&Packet::Publish(publish_packet("sensors/other/t", QoS::ExactlyOnce, 2, b"x"))).await;
     let rec = sensor
         .expect("PUBREC", |p| match p {
@@ -97,7 +87,7 @@ async fn writes_are_checked_per_user_in_each_version() {
         .await;
     assert_eq!(rec, reason::NOT_AUTHORIZED);
     sensor.send(&Packet::Publish(publish_packet("sensors/other/t", QoS::AtMostOnce, 0, b"x"))).await;
-    assert_eq!(puback(&mut sensor, "sensors/sensor/t", 3).await, reason::SUCCESS);
+    assert_eq!(sensor.puback("sensors/sensor/t", 3).await, reason::SUCCESS);
     let p = within("delivery", bob.recv_publish()).await;
     assert_eq!(p.topic.as_str(), "sensors/sensor/t", "only the granted publish arrives");
     if let Some(id) = p.packet_id {
@@ -105,7 +95,7 @@ async fn writes_are_checked_per_user_in_each_version() {
     }
     // Another user has no write grant there.
     let mut bob_writer = client(&s, V5, "bob-writer", Some("bob")).await;
-    assert_eq!(puback(&mut bob_writer, "sensors/sensor/t", 1).await, reason::NOT_AUTHORIZED);
+    assert_eq!(bob_writer.puback("sensors/sensor/t", 1).await, reason::NOT_AUTHORIZED);
 
     // 3.1.1: acknowledged as usual, dropped (Mosquitto).
     let mut sensor3 = client(&s, V311, "sensor-3", Some("sensor")).await;
@@ -160,12 +150,12 @@ async fn anonymous_clients_get_only_the_all_user_entries_and_c_is_the_client_id(
         suback(&mut anon, 1, &["public/#", "sensors/%u/#", "sensors/+/t", "public/a/+"]).await,
         vec![1, d, d, 1]
     );
-    assert_eq!(puback(&mut anon, "clients/dev1/out", 2).await, reason::NO_MATCHING_SUBSCRIBERS);
-    assert_eq!(puback(&mut anon, "clients/dev2/out", 3).await, d);
-    assert_eq!(puback(&mut anon, "public/x", 4).await, d, "read-only for everyone");
+    assert_eq!(anon.puback("clients/dev1/out", 2).await, reason::NO_MATCHING_SUBSCRIBERS);
+    assert_eq!(anon.puback("clients/dev2/out", 3).await, d);
+    assert_eq!(anon.puback("public/x", 4).await, d, "read-only for everyone");
     // The all-user entries apply to named users too.
     let mut bob = client(&s, V5, "bob1", Some("bob")).await;
-    assert_eq!(puback(&mut bob, "clients/bob1/out", 1).await, reason::NO_MATCHING_SUBSCRIBERS);
+    assert_eq!(bob.puback("clients/bob1/out", 1).await, reason::NO_MATCHING_SUBSCRIBERS);
     assert_eq!(suback(&mut bob, 2, &["public/#"]).await, vec![1]);
 }
 
@@ -174,7 +164,7 @@ async fn without_acl_entries_everything_is_allowed() {
     let s = server("").await;
     let mut anon = client(&s, V5, "free", None).await;
     assert_eq!(suback(&mut anon, 1, &["#", "sensors/+/t"]).await, vec![1, 1]);
-    assert_eq!(puback(&mut anon, "anything/at/all", 2).await, reason::SUCCESS);
+    assert_eq!(anon.puback("anything/at/all", 2).await, reason::SUCCESS);
     let p = within("delivery", anon.recv_publish()).await;
     assert_eq!(p.topic.as_str(), "anything/at/all");
 }

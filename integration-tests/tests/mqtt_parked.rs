@@ -232,16 +232,6 @@ async fn a_parked_publisher_is_still_held_back_by_an_alarm() {
     assert_eq!(&within("held", sub.recv_publish()).await.payload[..], b"held");
 }
 
-/// Sends a QoS 1 publish and returns the PUBACK's reason.
-async fn puback(c: &mut RawClient, topic: &str, id: u16) -> u8 {
-    c.send(&Packet::Publish(publish_packet(topic, QoS::AtLeastOnce, id, b"x"))).await;
-    c.expect("PUBACK", |p| match p {
-        Packet::PubAck(a) if a.packet_id == id => Some(a.reason),
-        _ => None,
-    })
-    .await
-}
-
 /// A parked session keeps neither its client id nor its user: both come back from the
 /// connection's login when it resumes (issue 18). The ACL's `%u` and `%c` grant and refuse after
 /// each park as before it, and its own deliveries still reach it.
@@ -265,15 +255,15 @@ async fn a_parked_connection_resumes_as_its_user_and_client_id() {
         assert_eq!(dev.subscribe(1, "clients/dev-1/out", sub_options(QoS::AtLeastOnce)).await.reasons, vec![1]);
         parked(&frontend, 1).await;
         let unparked = counts(&frontend).1;
-        assert_eq!(puback(&mut dev, "sensors/sensor/t", 2).await, unheard, "{version:?}: %u after a park");
+        assert_eq!(dev.puback("sensors/sensor/t", 2).await, unheard, "{version:?}: %u after a park");
         assert!(counts(&frontend).1 > unparked, "the publish unparked it");
-        assert_eq!(puback(&mut dev, "sensors/other/t", 3).await, denied, "{version:?}");
+        assert_eq!(dev.puback("sensors/other/t", 3).await, denied, "{version:?}");
         parked(&frontend, 1).await;
-        assert_eq!(puback(&mut dev, "clients/dev-1/out", 4).await, 0x00, "{version:?}: %c after a park");
+        assert_eq!(dev.puback("clients/dev-1/out", 4).await, 0x00, "{version:?}: %c after a park");
         let p = within("its own message", dev.recv_publish()).await;
         assert_eq!(p.topic.as_str(), "clients/dev-1/out");
         dev.send(&Packet::PubAck(PubResp::ok(p.packet_id.expect("QoS 1")))).await;
-        assert_eq!(puback(&mut dev, "clients/dev-2/out", 5).await, denied, "{version:?}");
+        assert_eq!(dev.puback("clients/dev-2/out", 5).await, denied, "{version:?}");
         dev.send(&disconnect()).await;
         dev.expect_close(None).await;
         parked(&frontend, 0).await;
