@@ -7,7 +7,7 @@
 //! frame-end octet and splits the frame off the buffer. The payload is a `Bytes` slice of the
 //! read buffer: method arguments and bodies decoded from it copy nothing.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::constants::{
     FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, FRAME_OVERHEAD, PROTOCOL_HEADER,
@@ -102,9 +102,13 @@ impl FrameDecoder {
         if end != FRAME_END {
             return Err(FrameError::BadFrameEnd(end));
         }
-        let mut frame = buf.split_to(frame_size).freeze();
-        frame.truncate(frame_size - 1);
-        let payload = frame.split_off(7);
+        // The header and the end octet are stepped over and only the payload is split off: one
+        // reference count taken per frame. Splitting the whole frame off, then its payload off
+        // that, took two and gave two back (`split_off`, then the header's drop), on each of a
+        // publish's three frames.
+        buf.advance(7);
+        let payload = buf.split_to(size as usize).freeze();
+        buf.advance(1);
         Ok(Some(match kind {
             FRAME_METHOD => Frame::Method { channel, payload },
             FRAME_HEADER => Frame::Header { channel, payload },
