@@ -6,7 +6,7 @@ use ferry_core::message::{valid_expiration, Message, Millis, Origin, Protocol, S
 use ferry_core::size::ByteSize;
 
 use super::{Connection, REPLY_TO};
-use crate::channel::{PendingConfirm, TxOp};
+use crate::channel::{PartialPublish, PendingConfirm, TxOp};
 use crate::codec::{encode_return, reply_code, ContentHeader};
 use crate::errors::AmqpError;
 
@@ -44,11 +44,12 @@ impl Connection {
             self.close_channel(ch, &e, now);
             return Ok(());
         }
-        let size = header.body_size;
-        p.header = Some(header);
-        if size == 0 {
-            return self.complete_publish(ch, now);
+        if header.body_size == 0 {
+            let mut p = c.content.take().expect("checked above");
+            p.header = Some(header);
+            return self.complete_publish(ch, p, now);
         }
+        p.header = Some(header);
         Ok(())
     }
 
@@ -96,14 +97,15 @@ impl Connection {
             p.body_buf.extend_from_slice(&payload);
         }
         if total == expected {
-            return self.complete_publish(ch, now);
+            let p = c.content.take().expect("checked above");
+            return self.complete_publish(ch, p, now);
         }
         Ok(())
     }
 
-    pub(super) fn complete_publish(&mut self, ch: u16, now: Millis) -> Result<(), AmqpError> {
-        let c = self.channel(ch);
-        let Some(p) = c.content.take() else { return Ok(()) };
+    /// A publish whose content is complete, taken off its channel by the frame that completed
+    /// it (one channel lookup for that frame, not one more here).
+    pub(super) fn complete_publish(&mut self, ch: u16, p: PartialPublish, now: Millis) -> Result<(), AmqpError> {
         self.publishes = self.publishes.saturating_add(1);
         self.messages_in += 1;
         let header = p.header.unwrap_or_default();
@@ -172,7 +174,18 @@ impl Connection {
         let waits = c.confirm_seq.is_some();
         let mut cache = c.exchange.take();
         let outcome = self.vhost().publish_cached(&mut cache, message, now, waits);
-        self.channel(ch).exchange = cache;
+        // The cache goes back and the confirm is numbered in one lookup of the channel.
+        let c = self.channel(ch);
+        c.exchange = cache;
+        let owner = c.owner;
+        let confirm = match (&outcome, c.confirm_seq.as_mut()) {
+            (Ok(_), Some(seq)) => {
+                let n = *seq;
+                *seq += 1;
+                Some(n)
+            }
+            _ => None,
+        };
         let outcome = outcome?;
         self.congested.extend(outcome.congested.iter().cloned());
         if outcome.routed == 0 {
@@ -192,11 +205,7 @@ impl Connection {
                 }
             }
         }
-        let c = self.channel(ch);
-        let owner = c.owner;
-        if let Some(seq) = c.confirm_seq.as_mut() {
-            let n = *seq;
-            *seq += 1;
+        if let Some(n) = confirm {
             self.pending.push(PendingConfirm { channel: ch, owner, seq: n, nack: outcome.rejected }, outcome.commit);
             return Ok(ferry_core::store::Commit::done(Ok(())));
         }
