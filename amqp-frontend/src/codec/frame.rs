@@ -4,8 +4,9 @@
 //! follows "check, then parse": it reads the 7-byte header, refuses a bad type or a size over
 //! the negotiated frame max at once (before a byte of payload is buffered), returns
 //! `Ok(None)` without consuming or allocating until the whole frame is there, then checks the
-//! frame-end octet and splits the frame off the buffer. The payload is a `Bytes` slice of the
-//! read buffer: method arguments and bodies decoded from it copy nothing.
+//! frame-end octet, steps over the header and splits the payload off the buffer (one reference
+//! count per frame). The payload is a `Bytes` slice of the read buffer: method arguments and
+//! bodies decoded from it copy nothing.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
