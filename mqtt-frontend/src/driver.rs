@@ -16,7 +16,10 @@ use ferry_core::auth::{AuthError, ANONYMOUS_USER};
 use ferry_core::broker::Broker;
 use ferry_core::connections::{ConnectionHandle, ConnectionInfo, Login, TlsInfo};
 use ferry_core::flow::{Decode, Pause, PublisherFlow};
-use ferry_core::frontend::{sleep_until, ClientStream, ConnectionContext, ConnectionError, ConnectionSlot, Transport};
+use ferry_core::frontend::{
+    sleep_until, ClientStream, ConnectionContext, ConnectionError, ConnectionSlot, ReadSizer, Transport, READ_MAX,
+    READ_MIN,
+};
 use ferry_core::log_limited;
 use ferry_core::message::{now_millis, Millis, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
@@ -48,58 +51,8 @@ fn assigned_client_id() -> String {
     format!("ferry-{:x}-{:x}", now_millis(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// The read buffer's size. Most connections are idle most of the time, and at 10,000 of them
-/// a fixed 8 KiB buffer each was most of their memory: an idle connection keeps [`READ_MIN`];
-/// one whose reads fill its buffer gets twice as much next time (up to [`READ_MAX`]), and gives
-/// the space back once it has drained and its reads are small again. The size is a power of
-/// two, kept as its exponent (one byte of every connection's state, issue 18).
-#[derive(Debug)]
-struct ReadSizer {
-    shift: u8,
-}
-
-const READ_MIN: usize = 512;
 /// The most write buffer a connection keeps between bursts.
 const OUT_KEEP: usize = 64 * 1024;
-// A publisher stops decoding at the first publish that finds a subscriber congested (see
-// `ferry_core::flow`), so the size of a read does not decide how far it can overrun a subscriber.
-const READ_MAX: usize = 64 * 1024;
-
-impl ReadSizer {
-    fn new() -> ReadSizer {
-        ReadSizer { shift: READ_MIN.trailing_zeros() as u8 }
-    }
-
-    fn want(&self) -> usize {
-        1 << self.shift
-    }
-
-    /// Makes room for the next read; returns the room.
-    fn prepare(&self, buf: &mut BytesMut) -> usize {
-        if buf.capacity() - buf.len() < self.want() / 2 {
-            buf.reserve(self.want());
-        }
-        buf.capacity() - buf.len()
-    }
-
-    /// A read of `n` bytes into `room`.
-    fn read(&mut self, n: usize, room: usize) {
-        if n >= room {
-            self.shift = (self.shift + 1).min(READ_MAX.trailing_zeros() as u8);
-        } else if n < self.want() / 4 {
-            self.shift = (self.shift - 1).max(READ_MIN.trailing_zeros() as u8);
-        }
-    }
-
-    /// Everything read was handled: a buffer much larger than needed now goes, and so does the
-    /// buffer of a connection whose reads are small (its next read goes through the stack, see
-    /// [`Conn::poll_idle`]).
-    fn drained(&self, buf: &mut BytesMut) {
-        if buf.is_empty() && (buf.capacity() > 2 * self.want() || self.want() == READ_MIN) {
-            *buf = BytesMut::new();
-        }
-    }
-}
 
 /// Reads the CONNECT (bounded by the listener's handshake timeout), adding the bytes read to
 /// `read`.
@@ -1228,38 +1181,6 @@ pub(crate) fn spawn_will(shared: Arc<Shared>, vhost: Arc<VHost>, client_id: Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_read_buffer_grows_with_full_reads_and_shrinks_when_idle() {
-        let mut sizer = ReadSizer::new();
-        let mut buf = BytesMut::new();
-        let room = sizer.prepare(&mut buf);
-        assert!((READ_MIN..2 * READ_MIN).contains(&room), "{room}");
-        // Reads that fill the buffer double what the next one gets, up to the maximum.
-        for _ in 0..20 {
-            let room = sizer.prepare(&mut buf);
-            buf.extend_from_slice(&vec![0u8; room]);
-            sizer.read(room, room);
-            buf.clear();
-        }
-        assert_eq!(sizer.want(), READ_MAX);
-        assert!(sizer.prepare(&mut buf) >= READ_MAX / 2);
-        // Small reads bring it back down, and a drained buffer much larger than that goes.
-        for _ in 0..20 {
-            sizer.read(10, READ_MAX);
-        }
-        assert_eq!(sizer.want(), READ_MIN);
-        sizer.drained(&mut buf);
-        assert_eq!(buf.capacity(), 0);
-        // Not while it holds a partial packet.
-        let room = sizer.prepare(&mut buf);
-        buf.extend_from_slice(&vec![1u8; room]);
-        sizer.read(room, room);
-        sizer.prepare(&mut buf);
-        let kept = buf.capacity();
-        sizer.drained(&mut buf);
-        assert_eq!(buf.capacity(), kept);
-    }
 
     /// The size of `F`, the future a function of three arguments returns, without calling it.
     fn returned_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
