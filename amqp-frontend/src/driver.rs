@@ -32,6 +32,11 @@ use crate::codec::{check_protocol_header, FrameDecoder, ProtocolHeader, FRAME_MI
 use crate::connection::{Connection, Flow, Settings};
 use crate::errors::AmqpError;
 
+/// The write buffer a connection keeps whatever it writes.
+const OUT_KEEP: usize = 4 * 1024;
+/// A write smaller than this gives back a buffer larger than [`OUT_KEEP`].
+const OUT_SMALL: usize = 512;
+
 /// How long a client has to answer our connection.close with close-ok.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
 
@@ -155,10 +160,11 @@ async fn serve(
                 conn.release_all(now_millis());
                 return Ok(());
             }
+            let written = conn.out.len();
             if let Some(h) = &handle {
-                h.counters.add_bytes_out(conn.out.len() as u64);
+                h.counters.add_bytes_out(written as u64);
             }
-            conn.out.clear();
+            written_out(&mut conn.out, written);
             conn.sent(Instant::now().into_std());
         }
         if conn.is_closed() {
@@ -346,6 +352,17 @@ async fn decode(
     }
 }
 
+/// `written` bytes of `out` went out: it is emptied, and a burst's buffer is not kept once
+/// the writes are small again (a heartbeat, a method's answer). An idle connection kept the
+/// 8 KiB it was made with, more than half of its memory (docs/benchmarks.md, "Idle AMQP
+/// connections").
+fn written_out(out: &mut BytesMut, written: usize) {
+    out.clear();
+    if written < OUT_SMALL && out.capacity() > OUT_KEEP {
+        *out = BytesMut::new();
+    }
+}
+
 /// Hands what the state machine counts to the connection's registry entry (once per wake-up:
 /// a few relaxed stores, and the channel list, copied only when it changed), and its login
 /// once connection.open succeeded.
@@ -376,5 +393,31 @@ async fn closed(handle: Option<&ConnectionHandle>) -> &str {
     match handle {
         Some(h) => h.closed().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_s_write_buffer_goes_once_the_writes_are_small_again() {
+        let mut out = BytesMut::new();
+        // A busy consumer's batches keep their buffer, whatever its size.
+        out.extend_from_slice(&vec![0u8; 100_000]);
+        written_out(&mut out, 100_000);
+        assert!(out.is_empty() && out.capacity() >= 100_000);
+        out.extend_from_slice(&[0u8; 2_000]);
+        written_out(&mut out, 2_000);
+        assert!(out.capacity() >= 100_000);
+        // A heartbeat gives it back.
+        out.extend_from_slice(&[0u8; 8]);
+        written_out(&mut out, 8);
+        assert_eq!(out.capacity(), 0);
+        // A small buffer is kept.
+        out.extend_from_slice(&[0u8; 100]);
+        let kept = out.capacity();
+        written_out(&mut out, 100);
+        assert_eq!(out.capacity(), kept);
     }
 }

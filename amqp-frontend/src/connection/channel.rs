@@ -31,7 +31,7 @@ impl Connection {
                 ),
             ));
         }
-        self.channels.insert(ch, Channel::new(ch));
+        self.channels.insert(ch, Box::new(Channel::new(ch)));
         self.send(ch, Method::ChannelOpenOk(ChannelOpenOk { channel_id: Bytes::new() }));
         Ok(())
     }
