@@ -1,6 +1,7 @@
 #!/bin/bash
-# Instructions the broker executes per message, counted by valgrind's callgrind: repeatable to
-# about ±0.5 % for one build whatever else the machine runs, so it tells small steps apart
+# Instructions the broker executes per message, counted by valgrind's callgrind: usually
+# repeatable to about ±0.5 % for one build whatever else the machine runs (now and then a run is
+# 5 % off, from how the frames fell into reads: run it twice), so it tells small steps apart
 # where timing cannot (this VM has no hardware counters; timed runs of one build differ by
 # ±5 %). It counts instructions, not cycles: atomics, cache misses and stalls cost nothing
 # here, so confirm a step with a timed A/B (scripts/bench-ab.sh) as well.
