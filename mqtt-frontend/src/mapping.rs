@@ -132,10 +132,7 @@ pub fn remaining_expiry(m: &Message, now: Millis) -> Option<u32> {
 
 fn header_text(v: &FieldValue) -> Option<Str> {
     Some(match v {
-        FieldValue::LongString(b) | FieldValue::Bytes(b) => {
-            std::str::from_utf8(b).ok()?;
-            Str::from_validated(b.clone())
-        }
+        FieldValue::LongString(b) | FieldValue::Bytes(b) => Str::from_utf8(b.clone())?,
         FieldValue::Bool(b) => Str::from(b.to_string()),
         FieldValue::Timestamp(t) => Str::from(t.to_string()),
         FieldValue::F32(f) => Str::from(f.to_string()),

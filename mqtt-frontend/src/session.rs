@@ -1893,11 +1893,11 @@ impl Session {
             return;
         }
         let v5 = self.is_v5();
-        let topic = if m.routing_key.as_str().is_some() {
-            Str::from_validated(swap_separators_in(m.routing_key.as_bytes(), &mut self.traffic().topics))
-        } else {
+        // Checked once, after the swap (which keeps UTF-8 UTF-8: it exchanges two ASCII bytes).
+        let topic = match Str::from_utf8(swap_separators_in(m.routing_key.as_bytes(), &mut self.traffic().topics)) {
+            Some(topic) => topic,
             // Not UTF-8 (an AMQP publisher's key): its lossy text, as `to_publish` gives.
-            Str::from(swap_separators(&m.routing_key.to_string_lossy()))
+            None => Str::from(swap_separators(&m.routing_key.to_string_lossy())),
         };
         let mut p = to_publish_on(m, topic, qos, retain, v5, now);
         // Read access is checked on delivery too (Mosquitto does): a reload may have taken away
@@ -2383,6 +2383,35 @@ mod tests {
 
     fn entry(id: u64, client_id: &str, user: &str) -> Arc<ConnectionEntry> {
         crate::registry::logged_in_entry(id, "/", client_id, user)
+    }
+
+    /// A routing key is made a topic once per delivery, checked once: UTF-8 keys go out as they
+    /// are with the separators swapped, a key that is not UTF-8 (an AMQP publisher's) as its
+    /// lossy text.
+    #[test]
+    fn a_routing_key_becomes_a_topic_checked_once() {
+        let vhost = vhost();
+        let mut s = start(&vhost, V5, 1, 0, settings(0, 0));
+        s.handle(subscribe_packet(1, &["#".to_string()], None), 0).unwrap();
+        packets(&mut s);
+        let exchange = ShortString::from_static("amq.topic");
+        for key in [&b"a.b/c"[..], &b"x.\xff"[..]] {
+            let m = Message::new(
+                exchange.clone(),
+                ShortString::from_bytes(bytes::Bytes::copy_from_slice(key)),
+                bytes::Bytes::new(),
+            );
+            vhost.publish(&exchange, m, 0).unwrap();
+        }
+        s.pump(0);
+        let topics: Vec<String> = packets(&mut s)
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.topic.as_str().to_string(),
+                other => panic!("expected PUBLISH, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["a/b.c", "x/\u{fffd}"]);
     }
 
     /// A session parked and resumed goes on where it was: a SUBSCRIBE it was working through

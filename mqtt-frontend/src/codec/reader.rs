@@ -84,8 +84,11 @@ impl<'a> Reader<'a> {
     /// U+0000 (3.1.1 §1.5.3, 5.0 §1.5.4).
     pub(crate) fn string(&mut self, what: &str) -> Result<Str, DecodeError> {
         let b = self.binary(what)?;
-        validate_str(&b, what)?;
-        Ok(Str::from_validated(b))
+        let s = Str::from_utf8(b).ok_or_else(|| malformed(format!("{what}: invalid UTF-8")))?;
+        if s.bytes().contains(&0) {
+            return Err(malformed(format!("{what}: contains U+0000")));
+        }
+        Ok(s)
     }
 
     /// Where the next read starts, from the start of the data.
@@ -115,14 +118,4 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
-}
-
-pub(crate) fn validate_str(b: &[u8], what: &str) -> Result<(), DecodeError> {
-    if std::str::from_utf8(b).is_err() {
-        return Err(malformed(format!("{what}: invalid UTF-8")));
-    }
-    if b.contains(&0) {
-        return Err(malformed(format!("{what}: contains U+0000")));
-    }
-    Ok(())
 }
