@@ -36,6 +36,9 @@ use crate::errors::AmqpError;
 const OUT_KEEP: usize = 4 * 1024;
 /// A write smaller than this gives back a buffer larger than [`OUT_KEEP`].
 const OUT_SMALL: usize = 512;
+/// A buffer larger than this is given back after any write of under a quarter of it (one
+/// large message does not leave its buffer with a connection that goes on with small ones).
+const OUT_BURST: usize = 64 * 1024;
 
 /// How long a client has to answer our connection.close with close-ok.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(5);
@@ -358,7 +361,8 @@ async fn decode(
 /// connections").
 fn written_out(out: &mut BytesMut, written: usize) {
     out.clear();
-    if written < OUT_SMALL && out.capacity() > OUT_KEEP {
+    let cap = out.capacity();
+    if (written < OUT_SMALL && cap > OUT_KEEP) || (cap > OUT_BURST && written < cap / 4) {
         *out = BytesMut::new();
     }
 }
@@ -407,9 +411,18 @@ mod tests {
         out.extend_from_slice(&vec![0u8; 100_000]);
         written_out(&mut out, 100_000);
         assert!(out.is_empty() && out.capacity() >= 100_000);
+        out.extend_from_slice(&vec![0u8; 30_000]);
+        written_out(&mut out, 30_000);
+        assert!(out.capacity() >= 100_000);
+        // A large message's buffer goes once the writes are a quarter of it or less.
         out.extend_from_slice(&[0u8; 2_000]);
         written_out(&mut out, 2_000);
-        assert!(out.capacity() >= 100_000);
+        assert_eq!(out.capacity(), 0);
+        out.extend_from_slice(&vec![0u8; 50_000]);
+        written_out(&mut out, 50_000);
+        out.extend_from_slice(&[0u8; 2_000]);
+        written_out(&mut out, 2_000);
+        assert!(out.capacity() >= 50_000, "under 64 KiB, only small writes give it back");
         // A heartbeat gives it back.
         out.extend_from_slice(&[0u8; 8]);
         written_out(&mut out, 8);
