@@ -73,12 +73,15 @@ pub const BACKLOG_LOW_BYTES: u64 = BACKLOG_HIGH_BYTES / 2;
 pub type QueueName = ShortString;
 
 /// A queue that pages ([`pages`]) keeps at most this many ready messages in memory (or
-/// [`PAGE_WINDOW_BYTES`]); the ones after them wait in its tail on disk, read back half a window
-/// at a time. Above [`BACKLOG_HIGH`]: a queue whose consumers keep up (and pace its publishers)
-/// never gets there, so it never pages. Chosen by measurement (docs/benchmarks.md, "Queues larger
-/// than memory"): with 4,096 a consumer draining a tail of 1 KiB messages sometimes waited for
-/// the loads (59–118k msgs/s over two runs), with 16,384 it did not (107–111k), at the same CPU
-/// per message; 16 MiB of 1 KiB messages in memory is the price.
+/// [`PAGE_WINDOW_BYTES`]); the ones after them wait in its tail on disk, read back when memory
+/// holds three quarters of the window or less (`want_load`). Above [`BACKLOG_HIGH`]: a
+/// queue whose consumers keep up (and pace its publishers) never gets there, so it never pages.
+/// Chosen by measurement (docs/benchmarks.md, "Queues larger than memory"): with 4,096 a consumer
+/// draining a tail of 1 KiB messages sometimes waited for the loads (59–118k msgs/s over two
+/// runs), with 16,384 it did not (107–111k), at the same CPU per message; 16 MiB of 1 KiB
+/// messages in memory is the price. 32,768 / 32 MiB was no better while another process flooded
+/// the disk (+9, +13 and −5 % in three rounds) and 12–14 % slower on a quiet machine at 27–29 %
+/// more CPU per message ("A reproducible busy machine"): not taken.
 pub const PAGE_WINDOW: u64 = 16_384;
 /// [`PAGE_WINDOW`] in body bytes.
 pub const PAGE_WINDOW_BYTES: u64 = 16 << 20;
