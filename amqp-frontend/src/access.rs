@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use ferry_core::permissions::{Denied, Grant, Permission, Resource};
+use ferry_core::policy::QueueUse;
 use ferry_core::Broker;
 
 use crate::codec::reply_code;
@@ -49,6 +50,13 @@ impl Access {
     /// `true` when nothing restricts the connection (the common case: no permissions configured).
     pub fn unrestricted(&mut self, broker: &Broker) -> bool {
         self.current(broker).is_ok_and(Grant::unrestricted)
+    }
+
+    /// [`Broker::reserved_queue_refusal`] under the policy the last check found in force, without
+    /// loading the broker's again: a publish to the default exchange asks right after
+    /// [`Access::unrestricted`].
+    pub fn reserved_queue_refusal(&self, vhost: &str, name: &[u8], what: QueueUse) -> Option<String> {
+        self.policy.reserved_queue_refusal(vhost, name, what)
     }
 
     /// RabbitMQ's `check_{configure,write,read}_permitted`.

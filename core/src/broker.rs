@@ -545,12 +545,7 @@ impl Broker {
     /// frontend keeps for its own clients (`None`: it may). Cheap when it is not (no
     /// allocation, no reference count): asked on every publish to the default exchange.
     pub fn reserved_queue_refusal(&self, vhost: &str, name: &[u8], what: QueueUse) -> Option<String> {
-        let access = self.access.load();
-        let topics = &access.topic_policy;
-        if !topics.reserves_queue(name) {
-            return None;
-        }
-        topics.queue_refusal(vhost, &String::from_utf8_lossy(name), what)
+        self.access.load().reserved_queue_refusal(vhost, name, what)
     }
 
     /// The memory alarm.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
-use crate::policy::{Open, TopicPolicy};
+use crate::policy::{Open, QueueUse, TopicPolicy};
 
 /// A compiled pattern may use at most this much memory (a config with absurd repetitions is
 /// refused instead of slowing every check).
@@ -192,6 +192,15 @@ impl fmt::Display for Denied {
 }
 
 impl AccessPolicy {
+    /// [`Broker::reserved_queue_refusal`](crate::Broker::reserved_queue_refusal) under this
+    /// policy, for a connection that holds the policy in force already.
+    pub fn reserved_queue_refusal(&self, vhost: &str, name: &[u8], what: QueueUse) -> Option<String> {
+        if !self.topic_policy.reserves_queue(name) {
+            return None;
+        }
+        self.topic_policy.queue_refusal(vhost, &String::from_utf8_lossy(name), what)
+    }
+
     /// Resolves the policy for `user` on `vhost`. Refused (RabbitMQ's 530 text) when vhost
     /// permissions are configured and none names this user and vhost. `anonymous`: the user
     /// is the anonymous identity (which the ACL's per-user entries never match).

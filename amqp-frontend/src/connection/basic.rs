@@ -157,7 +157,8 @@ impl Connection {
             self.authorize_topic(Permission::Write, &p.exchange, &p.routing_key)?;
         }
         if p.exchange.is_empty() {
-            self.guard_reserved_queue(&p.routing_key, QueueUse::Publish)?;
+            // Under the policy `restricted` just loaded: one load of the broker's per publish.
+            self.guard_reserved_queue_checked(&p.routing_key, QueueUse::Publish)?;
         }
         self.channel(ch).content =
             Some(PartialPublish { method: p, header: None, body: None, body_buf: BytesMut::new() });

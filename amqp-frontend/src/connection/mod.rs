@@ -785,6 +785,18 @@ impl Connection {
         }
     }
 
+    /// [`Connection::guard_reserved_queue`] right after [`Connection::restricted`], which brought
+    /// the connection's policy up to date: asked of that policy, not of the broker's again (an
+    /// atomic load and a pointer comparison less on every publish to the default exchange).
+    fn guard_reserved_queue_checked(&self, name: &ShortString, what: QueueUse) -> Result<(), AmqpError> {
+        let Some(access) = &self.access else { return self.guard_reserved_queue(name, what) };
+        let vhost = self.vhost.as_ref().map_or("", |v| v.name());
+        match access.reserved_queue_refusal(vhost, name.as_bytes(), what) {
+            Some(why) => Err(AmqpError::new(reply_code::ACCESS_REFUSED, why)),
+            None => Ok(()),
+        }
+    }
+
     /// Does anything restrict this connection? (Skips every check in the common case.)
     fn restricted(&mut self) -> bool {
         self.access.as_mut().is_some_and(|a| !a.unrestricted(&self.broker))
