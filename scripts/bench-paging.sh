@@ -28,6 +28,16 @@ start() {
 }
 rss() { awk '/VmRSS/ {print $2 / 1024 " MB"}' /proc/$pid/status; }
 diskhog=""
+hogs=()
+# The hogs stop with the script, however it ends.
+stop_hogs() {
+    rm -f "$dir/hog.on"
+    [ ${#hogs[@]} -gt 0 ] && kill "${hogs[@]}" 2>/dev/null && wait "${hogs[@]}" 2>/dev/null
+    hogs=()
+    [ -n "$diskhog" ] && wait "$diskhog" 2>/dev/null
+    diskhog=""
+}
+trap stop_hogs EXIT
 if [ "${DISK_HOG:-0}" = 1 ]; then
     touch "$dir/hog.on"
     (while [ -e "$dir/hog.on" ]; do dd if=/dev/zero of="$dir/hog" bs=1M count=1000 conv=fsync status=none; done) &
@@ -47,7 +57,6 @@ if [ "$mode" = restart ]; then
     t1=$(date +%s.%N)
     echo "[$label] ready after SIGKILL in $(echo "$t1 - $t0" | bc) s; RSS $(rss); $(grep -o 'recovered the store.*' "$dir/log2" | head -1)"
 fi
-hogs=()
 for _ in $(seq "${HOGS:-0}"); do
     timeout 3600 sh -c 'while :; do :; done' &
     hogs+=($!)
@@ -55,9 +64,8 @@ done
 [ ${#hogs[@]} -gt 0 ] && sleep 2 && echo "[$label] ${#hogs[@]} CPU hogs running, load $(cut -d' ' -f1 /proc/loadavg)"
 python3 "$here/bench-drain.py" "$port" big "$n" $pid | sed "s/^/[$label] /"
 [ ${#hogs[@]} -gt 0 ] && kill "${hogs[@]}" 2>/dev/null && wait "${hogs[@]}" 2>/dev/null
+hogs=()
 echo "[$label] $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg) RSS after the drain $(rss)"
 kill $pid; wait $pid 2>/dev/null
-if [ -n "$diskhog" ]; then
-    rm -f "$dir/hog.on"; wait "$diskhog" 2>/dev/null
-fi
+stop_hogs
 rm -rf "$dir"

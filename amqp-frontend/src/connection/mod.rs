@@ -778,20 +778,24 @@ impl Connection {
     /// ([`TopicPolicy::queue_refusal`](ferry_core::policy::TopicPolicy::queue_refusal)): 403
     /// ACCESS_REFUSED, a channel error.
     fn guard_reserved_queue(&self, name: &ShortString, what: QueueUse) -> Result<(), AmqpError> {
-        let vhost = self.vhost.as_ref().map_or("", |v| v.name());
-        match self.broker.reserved_queue_refusal(vhost, name.as_bytes(), what) {
-            Some(why) => Err(AmqpError::new(reply_code::ACCESS_REFUSED, why)),
-            None => Ok(()),
-        }
+        self.guard_reserved_queue_under(name, what, false)
     }
 
     /// [`Connection::guard_reserved_queue`] right after [`Connection::restricted`], which brought
     /// the connection's policy up to date: asked of that policy, not of the broker's again (an
     /// atomic load and a pointer comparison less on every publish to the default exchange).
     fn guard_reserved_queue_checked(&self, name: &ShortString, what: QueueUse) -> Result<(), AmqpError> {
-        let Some(access) = &self.access else { return self.guard_reserved_queue(name, what) };
+        self.guard_reserved_queue_under(name, what, true)
+    }
+
+    /// Asks the connection's own policy when `fresh` (and it has one), the broker's otherwise.
+    fn guard_reserved_queue_under(&self, name: &ShortString, what: QueueUse, fresh: bool) -> Result<(), AmqpError> {
         let vhost = self.vhost.as_ref().map_or("", |v| v.name());
-        match access.reserved_queue_refusal(vhost, name.as_bytes(), what) {
+        let refusal = match &self.access {
+            Some(access) if fresh => access.reserved_queue_refusal(vhost, name.as_bytes(), what),
+            _ => self.broker.reserved_queue_refusal(vhost, name.as_bytes(), what),
+        };
+        match refusal {
             Some(why) => Err(AmqpError::new(reply_code::ACCESS_REFUSED, why)),
             None => Ok(()),
         }
