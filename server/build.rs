@@ -1,7 +1,8 @@
 //! Links the `ferry` binary with its functions in the order of `symbol-order.txt` (issue 18,
-//! the idle broker's RSS): what start-up and an idle broker run first, then the protocols' paths,
-//! so that the code an idle broker keeps resident is 1.7 MB in one place instead of 6.5-6.9 MB of
-//! 64 KiB blocks spread over the 10 MB of text (docs/benchmarks.md, "The idle broker's code").
+//! the idle broker's RSS): what start-up and an idle broker run first, then the messages' hot
+//! paths, then the rest that the profile saw, so that the code an idle broker keeps resident is
+//! about 2 MB in one place instead of 6.5-6.9 MB of 64 KiB blocks spread over the 10 MB of text
+//! (docs/benchmarks.md, "The idle broker's code").
 //! `scripts/symbol-order.sh` writes the file.
 //!
 //! Only for x86_64-unknown-linux-gnu, where rustc (1.90 and later, the workspace's
